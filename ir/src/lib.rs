@@ -1,0 +1,29 @@
+//! Egret's intermediate representation.
+//!
+//! A graph of ops over typed values (`Graph`), the op set with shape/dtype
+//! inference and reference semantics (`op`, `ops`), dense host tensors
+//! (`Tensor`), a text format that round-trips (`text`) and a verifier.
+//!
+//! **This crate depends on no other workspace crate.** Everything above it
+//! (frontend, passes, backends, runtime) speaks in these types.
+
+mod dtype;
+mod error;
+mod graph;
+pub mod op;
+pub mod ops;
+mod tensor;
+pub mod text;
+mod verify;
+
+pub use dtype::{DType, Type};
+pub use error::IrError;
+pub use graph::{Graph, Node, NodeId, ValueData, ValueId};
+pub use op::Op;
+pub use tensor::{strides_of, Data, Elem, Tensor};
+pub use verify::verify;
+
+/// Evaluates one op with the reference semantics. Errors name the op.
+pub fn eval_op(op: &Op, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    ops::eval(op, inputs)
+}

@@ -1,0 +1,339 @@
+//! The op set.
+//!
+//! Ops carry their parameters as static, normalised attributes: axes are
+//! non-negative, shapes and pads are resolved, auto-padding is explicit. The
+//! frontend does that work once (it knows every shape), so inference, the
+//! reference semantics, the passes and the backends each read one canonical
+//! form instead of re-deriving ONNX's many spellings.
+//!
+//! The table below is the single source of truth: it generates the enum, the
+//! text-format name of each op, and the printing and parsing of attributes.
+
+use crate::dtype::DType;
+use crate::tensor::Tensor;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// A token of an attribute value in the text format.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrTok {
+    /// A number as written, so that each attribute type parses it exactly.
+    Num(String),
+    Ident(String),
+    Str(String),
+    List(Vec<AttrTok>),
+}
+
+/// A type that can be an op attribute.
+pub trait AttrValue: Sized {
+    fn write(&self, out: &mut String);
+    fn parse(tok: &AttrTok) -> Result<Self, String>;
+}
+
+impl AttrValue for f32 {
+    fn write(&self, out: &mut String) {
+        // `Debug` for floats is the shortest text that parses back to the same bits.
+        let _ = write!(out, "{self:?}");
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        match tok {
+            AttrTok::Num(s) => s.parse().map_err(|_| format!("`{s}` is not a float")),
+            AttrTok::Ident(s) if s == "inf" => Ok(f32::INFINITY),
+            AttrTok::Ident(s) if s == "NaN" => Ok(f32::NAN),
+            other => Err(format!("expected a float, found {other:?}")),
+        }
+    }
+}
+
+macro_rules! int_attr {
+    ($t:ty) => {
+        impl AttrValue for $t {
+            fn write(&self, out: &mut String) {
+                let _ = write!(out, "{self}");
+            }
+            fn parse(tok: &AttrTok) -> Result<Self, String> {
+                match tok {
+                    AttrTok::Num(s) => s.parse().map_err(|_| format!("`{s}` is not a {}", stringify!($t))),
+                    other => Err(format!("expected an integer, found {other:?}")),
+                }
+            }
+        }
+    };
+}
+int_attr!(i64);
+int_attr!(usize);
+
+impl AttrValue for bool {
+    fn write(&self, out: &mut String) {
+        let _ = write!(out, "{self}");
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        match tok {
+            AttrTok::Ident(s) if s == "true" => Ok(true),
+            AttrTok::Ident(s) if s == "false" => Ok(false),
+            other => Err(format!("expected true or false, found {other:?}")),
+        }
+    }
+}
+
+impl AttrValue for String {
+    fn write(&self, out: &mut String) {
+        let _ = write!(out, "{self:?}");
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        match tok {
+            AttrTok::Str(s) => Ok(s.clone()),
+            other => Err(format!("expected a string, found {other:?}")),
+        }
+    }
+}
+
+impl AttrValue for DType {
+    fn write(&self, out: &mut String) {
+        out.push_str(self.name());
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        match tok {
+            AttrTok::Ident(s) => s.parse(),
+            other => Err(format!("expected a dtype, found {other:?}")),
+        }
+    }
+}
+
+impl<T: AttrValue> AttrValue for Vec<T> {
+    fn write(&self, out: &mut String) {
+        out.push('[');
+        for (i, x) in self.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            x.write(out);
+        }
+        out.push(']');
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        match tok {
+            AttrTok::List(xs) => xs.iter().map(T::parse).collect(),
+            other => Err(format!("expected a list, found {other:?}")),
+        }
+    }
+}
+
+/// Declares a fieldless enum used as an attribute, written as a bare word.
+macro_rules! word_enum {
+    ($(#[$m:meta])* $Name:ident { $($Var:ident = $word:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $Name { $($Var),* }
+        impl $Name {
+            pub fn word(self) -> &'static str { match self { $($Name::$Var => $word),* } }
+        }
+        impl AttrValue for $Name {
+            fn write(&self, out: &mut String) { out.push_str(self.word()); }
+            fn parse(tok: &AttrTok) -> Result<Self, String> {
+                match tok {
+                    $(AttrTok::Ident(s) if s == $word => Ok($Name::$Var),)*
+                    other => Err(format!("expected one of {}, found {other:?}", [$($word),*].join("/"))),
+                }
+            }
+        }
+    };
+}
+
+word_enum!(
+    /// What a `reduce` op computes over its axes.
+    ReduceKind { Sum = "sum", Mean = "mean", Max = "max", Min = "min", Prod = "prod", L1 = "l1", L2 = "l2",
+                 LogSum = "log_sum", LogSumExp = "log_sum_exp", SumSquare = "sum_square" }
+);
+word_enum!(
+    /// How `pad` fills the border.
+    PadMode { Constant = "constant", Reflect = "reflect", Edge = "edge", Wrap = "wrap" }
+);
+word_enum!(
+    /// How scatter ops combine an update with the existing element.
+    Reduction { None = "none", Add = "add", Mul = "mul", Max = "max", Min = "min" }
+);
+word_enum!(
+    /// Resize interpolation.
+    ResizeMode { Nearest = "nearest", Linear = "linear", Cubic = "cubic" }
+);
+word_enum!(
+    /// How resize maps an output coordinate back to the input.
+    CoordMode { HalfPixel = "half_pixel", HalfPixelSymmetric = "half_pixel_symmetric", PytorchHalfPixel = "pytorch_half_pixel",
+                AlignCorners = "align_corners", Asymmetric = "asymmetric", TfCropAndResize = "tf_crop_and_resize" }
+);
+word_enum!(
+    /// How resize rounds a coordinate in nearest mode.
+    NearestMode { RoundPreferFloor = "round_prefer_floor", RoundPreferCeil = "round_prefer_ceil", Floor = "floor", Ceil = "ceil" }
+);
+
+/// Attributes parsed from text, consumed field by field.
+pub struct AttrMap(pub Vec<(String, AttrTok)>);
+
+impl AttrMap {
+    fn take<T: AttrValue>(&mut self, key: &str) -> Result<T, String> {
+        let pos = self.0.iter().position(|(k, _)| k == key).ok_or_else(|| format!("missing attribute `{key}`"))?;
+        let (_, tok) = self.0.remove(pos);
+        T::parse(&tok).map_err(|e| format!("attribute `{key}`: {e}"))
+    }
+}
+
+macro_rules! define_ops {
+    ($( $(#[$m:meta])* $Var:ident $({ $($field:ident : $fty:ty),* $(,)? })? = $name:literal ),* $(,)?) => {
+        /// An operation of the IR. See the module docs for the conventions.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Op {
+            /// A compile-time constant (weights, folded shapes, ...).
+            Const(Arc<Tensor>),
+            $( $(#[$m])* $Var $({ $($field: $fty),* })? ),*
+        }
+
+        impl Op {
+            /// The op's name in the text format.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    Op::Const(_) => "const",
+                    $( Op::$Var { .. } => $name, )*
+                }
+            }
+
+            /// Writes `{key=value, ...}`, or nothing for an op without attributes.
+            #[allow(unused_variables, unused_mut)]
+            pub fn write_attrs(&self, out: &mut String) {
+                let mut fields: Vec<(&str, String)> = Vec::new();
+                match self {
+                    Op::Const(_) => {}
+                    $( Op::$Var $({ $($field),* })? => {
+                        $($( let mut s = String::new(); $field.write(&mut s); fields.push((stringify!($field), s)); )*)?
+                    } )*
+                }
+                if !fields.is_empty() {
+                    out.push('{');
+                    for (i, (k, v)) in fields.iter().enumerate() {
+                        if i > 0 { out.push_str(", "); }
+                        let _ = write!(out, "{k}={v}");
+                    }
+                    out.push('}');
+                }
+            }
+
+            /// Builds an op from its text-format name and attributes (every op but `const`).
+            #[allow(unused_mut)]
+            pub fn from_text(name: &str, mut attrs: AttrMap) -> Result<Op, String> {
+                let op = match name {
+                    $( $name => Op::$Var $({ $($field: attrs.take(stringify!($field))?),* })?, )*
+                    _ => return Err(format!("unknown op `{name}`")),
+                };
+                if let Some((k, _)) = attrs.0.first() {
+                    return Err(format!("op `{name}` has no attribute `{k}`"));
+                }
+                Ok(op)
+            }
+        }
+    };
+}
+
+define_ops! {
+    /// A graph input, bound at run time.
+    Input { name: String } = "input",
+    Identity = "identity",
+    Cast { to: DType } = "cast",
+
+    // Elementwise, one input.
+    Abs = "abs", Neg = "neg", Exp = "exp", Log = "log", Sqrt = "sqrt", Reciprocal = "reciprocal",
+    Sin = "sin", Cos = "cos", Tan = "tan", Asin = "asin", Acos = "acos", Atan = "atan",
+    Sinh = "sinh", Cosh = "cosh", Asinh = "asinh", Acosh = "acosh", Atanh = "atanh",
+    Tanh = "tanh", Erf = "erf", Sigmoid = "sigmoid", Relu = "relu",
+    Floor = "floor", Ceil = "ceil", Round = "round", Sign = "sign",
+    Not = "not", IsNaN = "is_nan", Softsign = "softsign", Softplus = "softplus",
+    HardSwish = "hard_swish", Mish = "mish", BitwiseNot = "bitwise_not",
+    IsInf { detect_negative: bool, detect_positive: bool } = "is_inf",
+    Elu { alpha: f32 } = "elu",
+    Selu { alpha: f32, gamma: f32 } = "selu",
+    Celu { alpha: f32 } = "celu",
+    LeakyRelu { alpha: f32 } = "leaky_relu",
+    HardSigmoid { alpha: f32, beta: f32 } = "hard_sigmoid",
+    ThresholdedRelu { alpha: f32 } = "thresholded_relu",
+    /// GELU; `approximate_tanh` selects the tanh approximation.
+    Gelu { approximate_tanh: bool } = "gelu",
+    Shrink { bias: f32, lambd: f32 } = "shrink",
+
+    // Elementwise, two inputs, numpy broadcasting.
+    Add = "add", Sub = "sub", Mul = "mul", Div = "div", Pow = "pow",
+    /// `fmod` selects C's fmod (sign of the dividend) over Python's modulo.
+    Mod { fmod: bool } = "mod",
+    Max = "max", Min = "min",
+    And = "and", Or = "or", Xor = "xor",
+    Equal = "equal", Less = "less", LessOrEqual = "less_or_equal",
+    Greater = "greater", GreaterOrEqual = "greater_or_equal",
+    PRelu = "prelu",
+    BitShift { left: bool } = "bit_shift",
+    BitwiseAnd = "bitwise_and", BitwiseOr = "bitwise_or", BitwiseXor = "bitwise_xor",
+    /// `where(cond, x, y)`, broadcasting all three.
+    Where = "where",
+
+    /// Batched matrix product with numpy broadcasting of the batch dims.
+    MatMul = "matmul",
+    Einsum { equation: String } = "einsum",
+    /// N-d convolution. `pads` holds all begins, then all ends.
+    Conv { strides: Vec<usize>, pads: Vec<usize>, dilations: Vec<usize>, group: usize } = "conv",
+    MaxPool { kernel: Vec<usize>, strides: Vec<usize>, pads: Vec<usize>, dilations: Vec<usize>, ceil_mode: bool } = "max_pool",
+    AveragePool { kernel: Vec<usize>, strides: Vec<usize>, pads: Vec<usize>, dilations: Vec<usize>, ceil_mode: bool, count_include_pad: bool } = "average_pool",
+    Reduce { kind: ReduceKind, axes: Vec<usize>, keepdims: bool } = "reduce",
+    /// Index of the max (or min) along an axis, as i64.
+    ArgReduce { select_max: bool, axis: usize, keepdims: bool, select_last: bool } = "arg_reduce",
+    Softmax { axis: usize } = "softmax",
+    LogSoftmax { axis: usize } = "log_softmax",
+    Hardmax { axis: usize } = "hardmax",
+    /// Normalises over `axis..rank`. Outputs: y, mean, inverse std dev.
+    LayerNorm { axis: usize, epsilon: f32 } = "layer_norm",
+    /// RMS normalisation over `axis..rank`, times scale.
+    RmsNorm { axis: usize, epsilon: f32 } = "rms_norm",
+    /// Inference-mode batch norm: x, scale, bias, mean, var; channel axis 1.
+    BatchNorm { epsilon: f32 } = "batch_norm",
+    InstanceNorm { epsilon: f32 } = "instance_norm",
+
+    // Layout.
+    Reshape { shape: Vec<usize> } = "reshape",
+    Transpose { perm: Vec<usize> } = "transpose",
+    /// Per-axis start, end and step, already clamped as ONNX `Slice` specifies.
+    Slice { starts: Vec<i64>, ends: Vec<i64>, steps: Vec<i64> } = "slice",
+    Concat { axis: usize } = "concat",
+    Split { axis: usize, sizes: Vec<usize> } = "split",
+    /// Broadcasts to `shape`, which is the output shape.
+    Expand { shape: Vec<usize> } = "expand",
+    Tile { repeats: Vec<usize> } = "tile",
+    /// Begins then ends, per axis; negative pads crop. Optional 2nd input: the fill value.
+    Pad { pads: Vec<i64>, mode: PadMode } = "pad",
+    DepthToSpace { blocksize: usize, column_row_depth: bool } = "depth_to_space",
+    SpaceToDepth { blocksize: usize } = "space_to_depth",
+    /// Nearest/linear/cubic resampling to the output shape `sizes`.
+    Resize { sizes: Vec<usize>, scales: Vec<f32>, mode: ResizeMode, coord: CoordMode, nearest: NearestMode,
+             cubic_coeff_a: f32, exclude_outside: bool, extrapolation_value: f32, roi: Vec<f32> } = "resize",
+
+    // Indexing. Indices are checked: out of range is an evaluation error.
+    Gather { axis: usize } = "gather",
+    GatherElements { axis: usize } = "gather_elements",
+    GatherND { batch_dims: usize } = "gather_nd",
+    ScatterND { reduction: Reduction } = "scatter_nd",
+    ScatterElements { axis: usize, reduction: Reduction } = "scatter_elements",
+    /// The input's shape (dims `start..end`) as i64; always foldable.
+    Shape { start: usize, end: usize } = "shape",
+    Trilu { upper: bool, k: i64 } = "trilu",
+    CumSum { axis: usize, exclusive: bool, reverse: bool } = "cumsum",
+    /// Outputs: values, i64 indices.
+    TopK { axis: usize, k: usize, largest: bool, sorted: bool } = "top_k",
+    /// One-hot along `axis`: inputs indices, values [off, on]; `depth` classes.
+    OneHot { axis: usize, depth: usize } = "one_hot",
+}
+
+impl Op {
+    /// Ops whose result is the same tensor as their single input, element for element.
+    pub fn is_unary_elementwise(&self) -> bool {
+        crate::ops::elementwise::is_unary(self)
+    }
+
+    pub fn is_binary_elementwise(&self) -> bool {
+        crate::ops::elementwise::is_binary(self)
+    }
+}

@@ -1,0 +1,385 @@
+//! Contractions: matmul, einsum, convolution.
+
+use super::elementwise::Arith;
+use super::{arity, broadcast_index, broadcast_shapes, OpResult};
+use crate::dtype::Type;
+use crate::op::Op;
+use crate::tensor::{Data, Elem, Tensor};
+use crate::dispatch_num;
+
+/// Shapes of a matmul after numpy's promotion of 1-d operands:
+/// (batch shape, m, k, n, output shape).
+fn matmul_dims(a: &[usize], b: &[usize]) -> OpResult<(Vec<usize>, usize, usize, usize, Vec<usize>)> {
+    if a.is_empty() || b.is_empty() {
+        return Err("matmul operands must have rank >= 1".into());
+    }
+    let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
+    let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+    let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
+    if k != k2 {
+        return Err(format!("matmul inner dims differ: {a:?} x {b:?}"));
+    }
+    let batch = broadcast_shapes(&a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
+    let mut out = batch.clone();
+    if a.len() > 1 {
+        out.push(m);
+    }
+    if b.len() > 1 {
+        out.push(n);
+    }
+    Ok((batch, m, k, n, out))
+}
+
+pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
+    match op {
+        Op::MatMul => {
+            arity(inputs, 2, 2)?;
+            super::same_dtype(inputs[0], inputs[1], "matmul")?;
+            if inputs[0].dtype == crate::DType::Bool {
+                return Err("matmul is not defined on bool".into());
+            }
+            let (_, _, _, _, out) = matmul_dims(&inputs[0].shape, &inputs[1].shape)?;
+            Ok(vec![Type::new(inputs[0].dtype, out)])
+        }
+        Op::Einsum { equation } => {
+            let spec = EinsumSpec::parse(equation, &inputs.iter().map(|t| t.shape.clone()).collect::<Vec<_>>())?;
+            for t in inputs {
+                super::same_dtype(inputs[0], t, "einsum")?;
+            }
+            Ok(vec![Type::new(inputs[0].dtype, spec.out_shape())])
+        }
+        Op::Conv { strides, pads, dilations, group } => {
+            arity(inputs, 2, 3)?;
+            let (x, w) = (inputs[0], inputs[1]);
+            super::expect_float(x, "input")?;
+            super::same_dtype(x, w, "conv")?;
+            let sp = x.rank().checked_sub(2).ok_or("conv input needs rank >= 3")?;
+            if w.rank() != x.rank() || strides.len() != sp || dilations.len() != sp || pads.len() != 2 * sp {
+                return Err(format!("conv parameters do not match a {sp}-d convolution"));
+            }
+            let (c, m) = (x.shape[1], w.shape[0]);
+            if *group == 0 || c % group != 0 || m % group != 0 || w.shape[1] * group != c {
+                return Err(format!("weight {:?} does not fit {c} input channels in {group} groups", w.shape));
+            }
+            if let Some(b) = inputs.get(2) {
+                if b.shape != [m] {
+                    return Err(format!("bias shape {:?} must be [{m}]", b.shape));
+                }
+            }
+            let mut out = vec![x.shape[0], m];
+            for i in 0..sp {
+                out.push(pooled_len(x.shape[2 + i], w.shape[2 + i], strides[i], pads[i], pads[i + sp], dilations[i], false)?);
+            }
+            Ok(vec![Type::new(x.dtype, out)])
+        }
+        other => Err(format!("no inference rule for {}", other.name())),
+    }
+}
+
+/// Output length of a window op along one axis.
+pub fn pooled_len(n: usize, k: usize, stride: usize, pb: usize, pe: usize, dil: usize, ceil: bool) -> OpResult<usize> {
+    if stride == 0 || dil == 0 || k == 0 {
+        return Err("kernel, strides and dilations must be positive".into());
+    }
+    let span = dil * (k - 1) + 1;
+    let padded = n + pb + pe;
+    if padded < span {
+        return Err(format!("window of {span} does not fit input length {n} with pads ({pb}, {pe})"));
+    }
+    let room = padded - span;
+    let mut out = if ceil { room.div_ceil(stride) + 1 } else { room / stride + 1 };
+    // A ceil-mode window must start inside the input or its left padding.
+    if ceil && (out - 1) * stride >= n + pb {
+        out -= 1;
+    }
+    Ok(out)
+}
+
+pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
+    match op {
+        Op::MatMul => Ok(vec![matmul(inputs[0], inputs[1])?]),
+        Op::Einsum { equation } => Ok(vec![einsum(equation, inputs)?]),
+        Op::Conv { strides, pads, dilations, group } => Ok(vec![conv(inputs, strides, pads, dilations, *group)?]),
+        other => Err(format!("no evaluation rule for {}", other.name())),
+    }
+}
+
+/// `c[m, n] += a[m, k] * b[k, n]` for contiguous row-major blocks. The i-k-j
+/// order streams rows of `b` and `c`, which the compiler vectorises.
+pub fn gemm_block<T: Arith>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n: usize) {
+    for i in 0..m {
+        let crow = &mut c[i * n..(i + 1) * n];
+        for p in 0..k {
+            let aip = a[i * k + p];
+            let brow = &b[p * n..(p + 1) * n];
+            for (cj, &bj) in crow.iter_mut().zip(brow) {
+                *cj = T::add(*cj, T::mul(aip, bj));
+            }
+        }
+    }
+}
+
+fn matmul_typed<T: Arith>(a: &[T], sa: &[usize], b: &[T], sb: &[usize]) -> OpResult<Vec<T>> {
+    let (batch, m, k, n, _) = matmul_dims(sa, sb)?;
+    let a_batch: Vec<usize> = if sa.len() > 2 { sa[..sa.len() - 2].to_vec() } else { vec![] };
+    let b_batch: Vec<usize> = if sb.len() > 2 { sb[..sb.len() - 2].to_vec() } else { vec![] };
+    let ia = broadcast_index(&a_batch, &batch);
+    let ib = broadcast_index(&b_batch, &batch);
+    let nb: usize = batch.iter().product();
+    let mut out = vec![T::default(); nb * m * n];
+    for bi in 0..nb {
+        let ab = &a[ia[bi] * m * k..(ia[bi] + 1) * m * k];
+        let bb = &b[ib[bi] * k * n..(ib[bi] + 1) * k * n];
+        gemm_block(ab, bb, &mut out[bi * m * n..(bi + 1) * m * n], m, k, n);
+    }
+    Ok(out)
+}
+
+pub fn matmul(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+    let (_, _, _, _, out_shape) = matmul_dims(a.shape(), b.shape())?;
+    let data = dispatch_num!(a.data(), "matmul", x: T => {
+        let y = T::unwrap(b.data()).ok_or("matmul operands differ in dtype")?;
+        T::wrap(matmul_typed(x, a.shape(), y, b.shape())?)
+    });
+    Ok(Tensor::new(out_shape, data))
+}
+
+/// A parsed einsum equation with ellipses expanded into fresh letters.
+struct EinsumSpec {
+    inputs: Vec<Vec<char>>,
+    output: Vec<char>,
+    dims: std::collections::BTreeMap<char, usize>,
+}
+
+impl EinsumSpec {
+    fn parse(eq: &str, shapes: &[Vec<usize>]) -> OpResult<EinsumSpec> {
+        let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();
+        let (lhs, rhs) = match eq.split_once("->") {
+            Some((l, r)) => (l.to_string(), Some(r.to_string())),
+            None => (eq.clone(), None),
+        };
+        let terms: Vec<&str> = lhs.split(',').collect();
+        if terms.len() != shapes.len() {
+            return Err(format!("einsum `{eq}` has {} operands but {} inputs were given", terms.len(), shapes.len()));
+        }
+        // Ellipsis dims get letters that no equation uses.
+        let ell_letters: Vec<char> = ('A'..='Z').filter(|c| !eq.contains(*c)).collect();
+        let mut ell_rank = 0;
+        let mut inputs = Vec::new();
+        let mut dims = std::collections::BTreeMap::new();
+        for (term, shape) in terms.iter().zip(shapes) {
+            let named = term.replace("...", "").chars().count();
+            let has_ell = term.contains("...");
+            if (has_ell && named > shape.len()) || (!has_ell && named != shape.len()) {
+                return Err(format!("einsum term `{term}` does not match an operand of rank {}", shape.len()));
+            }
+            let er = if has_ell { shape.len() - named } else { 0 };
+            ell_rank = ell_rank.max(er);
+            let mut letters = Vec::new();
+            let (pre, post) = term.split_once("...").unwrap_or((term, ""));
+            letters.extend(pre.chars());
+            if has_ell {
+                letters.extend(ell_letters[ell_rank - er..ell_rank].iter().copied());
+            }
+            letters.extend(post.chars());
+            for (c, &d) in letters.iter().zip(shape) {
+                if !c.is_alphabetic() {
+                    return Err(format!("einsum `{eq}`: `{c}` is not a letter"));
+                }
+                match dims.insert(*c, d) {
+                    Some(prev) if prev != d && prev != 1 && d != 1 => {
+                        return Err(format!("einsum `{eq}`: `{c}` is both {prev} and {d}"))
+                    }
+                    Some(prev) if d == 1 => {
+                        dims.insert(*c, prev);
+                    }
+                    _ => {}
+                }
+            }
+            inputs.push(letters);
+        }
+        let ell: Vec<char> = ell_letters[..ell_rank].to_vec();
+        let output: Vec<char> = match rhs {
+            Some(r) => {
+                let (pre, post) = r.split_once("...").unwrap_or((&r, ""));
+                let mut o: Vec<char> = pre.chars().collect();
+                if r.contains("...") {
+                    o.extend(&ell);
+                }
+                o.extend(post.chars());
+                o
+            }
+            None => {
+                // Implicit output: the ellipsis, then letters used once, sorted.
+                let mut o = ell.clone();
+                let mut once: Vec<char> = dims
+                    .keys()
+                    .copied()
+                    .filter(|c| !ell.contains(c) && inputs.iter().flatten().filter(|x| *x == c).count() == 1)
+                    .collect();
+                once.sort();
+                o.extend(once);
+                o
+            }
+        };
+        for c in &output {
+            if !dims.contains_key(c) {
+                return Err(format!("einsum `{eq}`: output letter `{c}` is not in any operand"));
+            }
+        }
+        Ok(EinsumSpec { inputs, output, dims })
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        self.output.iter().map(|c| self.dims[c]).collect()
+    }
+}
+
+fn einsum(eq: &str, inputs: &[&Tensor]) -> OpResult<Tensor> {
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+    let spec = EinsumSpec::parse(eq, &shapes)?;
+    // Loop over every letter: output letters first, then the summed ones.
+    let mut letters = spec.output.clone();
+    letters.extend(spec.dims.keys().copied().filter(|c| !spec.output.contains(c)));
+    let sizes: Vec<usize> = letters.iter().map(|c| spec.dims[c]).collect();
+    let out_n: usize = spec.out_shape().iter().product();
+    let inner_n: usize = sizes[spec.output.len()..].iter().product();
+    // Each operand's flat stride per loop letter (0 for broadcast or absent letters).
+    let strides: Vec<Vec<usize>> = spec
+        .inputs
+        .iter()
+        .zip(&shapes)
+        .map(|(ls, shape)| {
+            let st = crate::tensor::strides_of(shape);
+            letters
+                .iter()
+                .map(|c| ls.iter().enumerate().filter(|(i, l)| *l == c && shape[*i] != 1).map(|(i, _)| st[i]).sum())
+                .collect()
+        })
+        .collect();
+    let data = dispatch_num!(inputs[0].data(), "einsum", _v: T => {
+        let ops: Vec<&[T]> = inputs.iter().map(|t| T::unwrap(t.data()).ok_or_else(|| "einsum operands differ in dtype".to_string())).collect::<OpResult<_>>()?;
+        let mut out = vec![T::default(); out_n];
+        let mut coord = vec![0usize; letters.len()];
+        for o in out.iter_mut() {
+            let mut acc = T::default();
+            for _ in 0..inner_n {
+                let mut prod: Option<T> = None;
+                for (k, op) in ops.iter().enumerate() {
+                    let idx: usize = coord.iter().zip(&strides[k]).map(|(c, s)| c * s).sum();
+                    prod = Some(match prod { None => op[idx], Some(p) => T::mul(p, op[idx]) });
+                }
+                acc = T::add(acc, prod.unwrap_or_default());
+                advance(&mut coord[spec.output.len()..], &sizes[spec.output.len()..]);
+            }
+            *o = acc;
+            advance(&mut coord[..spec.output.len()], &sizes[..spec.output.len()]);
+        }
+        T::wrap(out)
+    });
+    Ok(Tensor::new(spec.out_shape(), data))
+}
+
+/// Row-major odometer step.
+fn advance(coord: &mut [usize], sizes: &[usize]) {
+    for a in (0..coord.len()).rev() {
+        coord[a] += 1;
+        if coord[a] < sizes[a] {
+            return;
+        }
+        coord[a] = 0;
+    }
+}
+
+/// For each output spatial position and kernel position, the flat spatial
+/// input offset it reads, or `None` for padding. Shared by conv and pooling.
+pub fn window_offsets(
+    in_sp: &[usize],
+    out_sp: &[usize],
+    kernel: &[usize],
+    strides: &[usize],
+    pads: &[usize],
+    dilations: &[usize],
+) -> Vec<Option<usize>> {
+    let sp = in_sp.len();
+    let in_strides = crate::tensor::strides_of(in_sp);
+    let n_out: usize = out_sp.iter().product();
+    let n_k: usize = kernel.iter().product();
+    let mut res = Vec::with_capacity(n_out * n_k);
+    let mut oc = vec![0usize; sp];
+    for _ in 0..n_out {
+        let mut kc = vec![0usize; sp];
+        for _ in 0..n_k {
+            let mut off = Some(0usize);
+            for a in 0..sp {
+                let pos = (oc[a] * strides[a] + kc[a] * dilations[a]) as i64 - pads[a] as i64;
+                off = match off {
+                    Some(o) if pos >= 0 && (pos as usize) < in_sp[a] => Some(o + pos as usize * in_strides[a]),
+                    _ => None,
+                };
+            }
+            res.push(off);
+            advance(&mut kc, kernel);
+        }
+        advance(&mut oc, out_sp);
+    }
+    res
+}
+
+fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usize], group: usize) -> OpResult<Tensor> {
+    let (x, w) = (inputs[0], inputs[1]);
+    let types: Vec<Type> = inputs.iter().map(|t| t.ty()).collect();
+    let out_ty = infer(
+        &Op::Conv { strides: strides.to_vec(), pads: pads.to_vec(), dilations: dilations.to_vec(), group },
+        &types.iter().collect::<Vec<_>>(),
+    )?
+    .remove(0);
+    let (n, c) = (x.shape()[0], x.shape()[1]);
+    let m = w.shape()[0];
+    let in_sp = &x.shape()[2..];
+    let out_sp = &out_ty.shape[2..];
+    let kernel = &w.shape()[2..];
+    let offs = window_offsets(in_sp, out_sp, kernel, strides, pads, dilations);
+    let (cg, mg) = (c / group, m / group);
+    let (n_in, n_out, n_k) = (in_sp.iter().product::<usize>(), out_sp.iter().product::<usize>(), kernel.iter().product::<usize>());
+    macro_rules! go {
+        ($T:ty, $xv:expr, $wv:expr, $V:ident) => {{
+            let xv: &[$T] = $xv;
+            let wv: &[$T] = $wv;
+            let bias: Option<&[$T]> = inputs.get(2).and_then(|b| <$T>::unwrap(b.data()));
+            let mut out = vec![0 as $T; n * m * n_out];
+            // im2col per (batch, group): cols[ck, p] then a gemm with w[mg, ck].
+            let mut cols = vec![0 as $T; cg * n_k * n_out];
+            for b in 0..n {
+                for g in 0..group {
+                    for ci in 0..cg {
+                        let plane = &xv[(b * c + g * cg + ci) * n_in..][..n_in];
+                        for p in 0..n_out {
+                            for kk in 0..n_k {
+                                cols[(ci * n_k + kk) * n_out + p] = offs[p * n_k + kk].map_or(0 as $T, |o| plane[o]);
+                            }
+                        }
+                    }
+                    let wg = &wv[g * mg * cg * n_k..(g + 1) * mg * cg * n_k];
+                    let og = &mut out[(b * m + g * mg) * n_out..(b * m + (g + 1) * mg) * n_out];
+                    gemm_block(wg, &cols, og, mg, cg * n_k, n_out);
+                }
+                if let Some(bias) = bias {
+                    for mi in 0..m {
+                        for v in &mut out[(b * m + mi) * n_out..(b * m + mi + 1) * n_out] {
+                            *v += bias[mi];
+                        }
+                    }
+                }
+            }
+            Data::$V(out)
+        }};
+    }
+    let data = match (x.data(), w.data()) {
+        (Data::F32(xv), Data::F32(wv)) => go!(f32, xv, wv, F32),
+        (Data::F64(xv), Data::F64(wv)) => go!(f64, xv, wv, F64),
+        _ => return Err("conv needs f32 or f64 input and weight of one dtype".into()),
+    };
+    Ok(Tensor::new(out_ty.shape, data))
+}

@@ -1,0 +1,351 @@
+//! Dense host tensors: the values the reference semantics compute with.
+//!
+//! Storage is one `Vec` per element type behind an enum, so generic kernels are
+//! written once over the `Elem` trait and dispatched with `dispatch!`.
+
+use crate::dtype::{DType, Type};
+use std::fmt;
+
+/// Storage of a tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I8(Vec<i8>),
+    I16(Vec<i16>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    U64(Vec<u64>),
+    Bool(Vec<bool>),
+}
+
+/// Runs `$body` with `$v` bound to the typed vector inside a `Data`, for every
+/// element type. `$T` names the element type inside the body.
+#[macro_export]
+macro_rules! dispatch {
+    ($data:expr, $v:ident : $T:ident => $body:expr) => {
+        match $data {
+            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
+            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
+            $crate::Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
+            $crate::Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
+            $crate::Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
+            $crate::Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
+            $crate::Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
+            $crate::Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
+            $crate::Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
+            $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            $crate::Data::Bool($v) => { #[allow(dead_code)] type $T = bool; $body }
+        }
+    };
+}
+
+/// Like `dispatch!`, for numeric element types only: a bool tensor makes the
+/// enclosing function return `Err` naming `$what`.
+#[macro_export]
+macro_rules! dispatch_num {
+    ($data:expr, $what:expr, $v:ident : $T:ident => $body:expr) => {
+        match $data {
+            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
+            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
+            $crate::Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
+            $crate::Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
+            $crate::Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
+            $crate::Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
+            $crate::Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
+            $crate::Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
+            $crate::Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
+            $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            $crate::Data::Bool(_) => return Err(format!("{} is not defined on bool tensors", $what)),
+        }
+    };
+}
+
+/// Like `dispatch!`, for f32 and f64 only.
+#[macro_export]
+macro_rules! dispatch_float {
+    ($data:expr, $what:expr, $v:ident : $T:ident => $body:expr) => {
+        match $data {
+            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
+            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
+            other => return Err(format!("{} needs a float tensor, not {}", $what, other.dtype())),
+        }
+    };
+}
+
+/// An element type that can live in a `Data`.
+pub trait Elem: Copy + PartialEq + PartialOrd + Default + fmt::Debug + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn wrap(v: Vec<Self>) -> Data;
+    fn to_f64(self) -> f64;
+    /// Converts with ONNX `Cast` semantics: floats to ints truncate toward
+    /// zero (saturating), anything non-zero to bool is `true`.
+    fn from_f64(x: f64) -> Self;
+    fn to_i64(self) -> i64;
+    fn from_i64(x: i64) -> Self;
+    /// The typed slice inside `d`, if `d` holds this element type.
+    fn unwrap(d: &Data) -> Option<&[Self]>;
+}
+
+macro_rules! impl_elem_num {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            const DTYPE: DType = DType::$variant;
+            fn wrap(v: Vec<Self>) -> Data {
+                Data::$variant(v)
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_i64(self) -> i64 {
+                self as i64
+            }
+            fn from_i64(x: i64) -> Self {
+                x as $t
+            }
+            fn unwrap(d: &Data) -> Option<&[Self]> {
+                match d {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+impl_elem_num!(f32, F32);
+impl_elem_num!(f64, F64);
+impl_elem_num!(i8, I8);
+impl_elem_num!(i16, I16);
+impl_elem_num!(i32, I32);
+impl_elem_num!(i64, I64);
+impl_elem_num!(u8, U8);
+impl_elem_num!(u16, U16);
+impl_elem_num!(u32, U32);
+impl_elem_num!(u64, U64);
+
+impl Elem for bool {
+    const DTYPE: DType = DType::Bool;
+    fn wrap(v: Vec<Self>) -> Data {
+        Data::Bool(v)
+    }
+    fn to_f64(self) -> f64 {
+        self as u8 as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x != 0.0
+    }
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+    fn from_i64(x: i64) -> Self {
+        x != 0
+    }
+    fn unwrap(d: &Data) -> Option<&[Self]> {
+        match d {
+            Data::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl Data {
+    pub fn dtype(&self) -> DType {
+        dispatch!(self, _v: T => T::DTYPE)
+    }
+
+    pub fn len(&self) -> usize {
+        dispatch!(self, v: T => v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A zero-filled (or `false`-filled) buffer.
+    pub fn zeros(dtype: DType, len: usize) -> Data {
+        match dtype {
+            DType::F32 => Data::F32(vec![0.0; len]),
+            DType::F64 => Data::F64(vec![0.0; len]),
+            DType::I8 => Data::I8(vec![0; len]),
+            DType::I16 => Data::I16(vec![0; len]),
+            DType::I32 => Data::I32(vec![0; len]),
+            DType::I64 => Data::I64(vec![0; len]),
+            DType::U8 => Data::U8(vec![0; len]),
+            DType::U16 => Data::U16(vec![0; len]),
+            DType::U32 => Data::U32(vec![0; len]),
+            DType::U64 => Data::U64(vec![0; len]),
+            DType::Bool => Data::Bool(vec![false; len]),
+        }
+    }
+
+    /// Gathers elements by flat index: `out[i] = self[idx[i]]`. Every layout op
+    /// (transpose, slice, expand, gather, ...) reduces to this, so it is written
+    /// once for every dtype. Callers guarantee the indices are in range.
+    pub fn gather(&self, idx: &[usize]) -> Data {
+        dispatch!(self, v: T => T::wrap(idx.iter().map(|&i| v[i]).collect()))
+    }
+
+    /// Element `i` converted to f64 (bools as 0/1).
+    pub fn get_f64(&self, i: usize) -> f64 {
+        dispatch!(self, v: T => v[i].to_f64())
+    }
+
+    /// All elements converted to i64 (floats truncate).
+    pub fn to_i64_vec(&self) -> Vec<i64> {
+        dispatch!(self, v: T => v.iter().map(|x| x.to_i64()).collect())
+    }
+
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        dispatch!(self, v: T => v.iter().map(|x| x.to_f64()).collect())
+    }
+
+    /// Converts with ONNX `Cast` semantics.
+    pub fn cast(&self, to: DType) -> Data {
+        if self.dtype() == to {
+            return self.clone();
+        }
+        // Integer to integer goes through i64 so large values keep their bits;
+        // everything touching a float goes through f64.
+        let via_int = (self.dtype().is_int() || self.dtype() == DType::Bool) && !to.is_float();
+        macro_rules! conv {
+            ($U:ty) => {
+                if via_int {
+                    dispatch!(self, v: T => <$U>::wrap(v.iter().map(|x| <$U>::from_i64(x.to_i64())).collect()))
+                } else {
+                    dispatch!(self, v: T => <$U>::wrap(v.iter().map(|x| <$U>::from_f64(x.to_f64())).collect()))
+                }
+            };
+        }
+        match to {
+            DType::F32 => conv!(f32),
+            DType::F64 => conv!(f64),
+            DType::I8 => conv!(i8),
+            DType::I16 => conv!(i16),
+            DType::I32 => conv!(i32),
+            DType::I64 => conv!(i64),
+            DType::U8 => conv!(u8),
+            DType::U16 => conv!(u16),
+            DType::U32 => conv!(u32),
+            DType::U64 => conv!(u64),
+            DType::Bool => conv!(bool),
+        }
+    }
+
+    /// Builds storage of `dtype` from f64 values (used for constants and
+    /// random inputs).
+    pub fn from_f64s(dtype: DType, xs: &[f64]) -> Data {
+        Data::F64(xs.to_vec()).cast(dtype)
+    }
+
+    pub fn from_i64s(dtype: DType, xs: &[i64]) -> Data {
+        Data::I64(xs.to_vec()).cast(dtype)
+    }
+}
+
+/// A dense, row-major tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Data,
+}
+
+impl Tensor {
+    /// Builds a tensor. Panics only on a programming error inside Egret: every
+    /// caller that handles external data checks the length first (see
+    /// `try_new`).
+    pub fn new(shape: impl Into<Vec<usize>>, data: Data) -> Tensor {
+        let shape = shape.into();
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape {shape:?} does not match its data");
+        Tensor { shape, data }
+    }
+
+    pub fn try_new(shape: impl Into<Vec<usize>>, data: Data) -> Result<Tensor, String> {
+        let shape = shape.into();
+        let want: usize = shape.iter().product();
+        if want != data.len() {
+            return Err(format!("shape {shape:?} needs {want} elements but {} were given", data.len()));
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    pub fn from_vec<T: Elem>(shape: impl Into<Vec<usize>>, v: Vec<T>) -> Tensor {
+        Tensor::new(shape, T::wrap(v))
+    }
+
+    pub fn scalar<T: Elem>(x: T) -> Tensor {
+        Tensor::new(vec![], T::wrap(vec![x]))
+    }
+
+    pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Tensor {
+        let shape = shape.into();
+        let n = shape.iter().product();
+        Tensor { shape, data: Data::zeros(dtype, n) }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn ty(&self) -> Type {
+        Type::new(self.dtype(), self.shape.clone())
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    pub fn into_data(self) -> Data {
+        self.data
+    }
+
+    pub fn reshaped(self, shape: impl Into<Vec<usize>>) -> Tensor {
+        Tensor::new(shape, self.data)
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Values as i64, for shape-like tensors (axes, shapes, pads, indices).
+    pub fn to_i64_vec(&self) -> Vec<i64> {
+        self.data.to_i64_vec()
+    }
+
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.data.to_f64_vec()
+    }
+
+    pub fn cast(&self, to: DType) -> Tensor {
+        Tensor { shape: self.shape.clone(), data: self.data.cast(to) }
+    }
+}
+
+/// Row-major strides of a shape, in elements.
+pub fn strides_of(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
