@@ -1,1 +1,92 @@
+//! ONNX import: protobuf in, a verified `egret_ir::Graph` out.
+//!
+//! The importer walks the ONNX nodes in dependency order and hands each to a
+//! builder from the op registry (`registry`), which reads attributes with
+//! their ONNX defaults and emits IR ops in Egret's normalised form. Shapes are
+//! concrete: symbolic dimensions are bound from the options before any node is
+//! built, so builders can resolve axes, auto-padding and shape inputs once.
+//!
+//! Values that later ops need at compile time (a `Reshape`'s shape, a
+//! `Slice`'s starts) are tracked as *known* while importing: the output of
+//! `Shape` is known from the static type, and any small op whose inputs are
+//! all known is evaluated with the IR's reference semantics. The graph itself
+//! keeps those nodes; the canonicaliser folds them away.
 
+mod context;
+mod error;
+mod ops;
+mod registry;
+pub use registry::supported_ops;
+pub mod tensor;
+
+pub use error::ImportError;
+pub use tensor::{dtype_from_onnx, dtype_to_onnx, tensor_from_proto, tensor_to_proto};
+
+use egret_ir::{Graph, Tensor};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// The oldest and newest default-domain opsets the importer accepts. Opsets
+/// 13 to 21 are what the op registry is written against; older and newer
+/// ones are accepted because the ops a transformer uses kept their meaning,
+/// and builders check the version where it did change.
+pub const MIN_OPSET: i64 = 7;
+pub const MAX_OPSET: i64 = 28;
+
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Values of symbolic dimensions (`batch=1`).
+    pub dims: HashMap<String, usize>,
+    /// Shapes of graph inputs, for inputs whose declared shape is symbolic.
+    pub input_shapes: HashMap<String, Vec<usize>>,
+    /// Input values the caller can offer. If an op needs an input's value at
+    /// compile time (a shape given as a graph input), the importer
+    /// specialises the graph on it; the runtime then checks every call
+    /// passes that same value.
+    pub input_values: HashMap<String, Tensor>,
+}
+
+/// An imported model.
+#[derive(Clone, Debug)]
+pub struct Imported {
+    pub graph: Graph,
+    /// Graph inputs the graph was specialised on, with the value it assumes.
+    pub specialized: Vec<(String, Tensor)>,
+    pub opset: i64,
+    pub producer: String,
+}
+
+/// Reads and imports a `.onnx` file. External data resolves inside its folder.
+pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
+    let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    import_bytes(&bytes, base, path, opts)
+}
+
+/// Imports a serialised `ModelProto`. `base` is the folder external data
+/// lives in; `path` only names the model in errors.
+pub fn import_bytes(bytes: &[u8], base: Option<&Path>, path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
+    use protobuf::Message;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(bytes)
+        .map_err(|e| ImportError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    if model.graph.is_none() {
+        return Err(if bytes.is_empty() {
+            ImportError::Parse { path: path.to_path_buf(), message: "the file is empty".into() }
+        } else {
+            ImportError::NoGraph
+        });
+    }
+    // Specialise on input values only when some op asks for them, one retry per request.
+    let mut specialize: HashSet<String> = HashSet::new();
+    loop {
+        match context::Importer::run(&model, base, opts, &specialize) {
+            Err(ImportError::NeedsInputValue { inputs, node, op })
+                if inputs.iter().all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
+            {
+                let _ = (&node, &op);
+                specialize.extend(inputs);
+            }
+            other => return other,
+        }
+    }
+}

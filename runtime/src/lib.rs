@@ -1,1 +1,94 @@
+//! Egret's runtime: runs compiled graphs.
+//!
+//! A `Program` pairs a model's signature (input and output names and types,
+//! plus any input values the graph was specialised on) with an `Executable`
+//! from some backend. The signature checks every call's inputs once, for all
+//! backends, so an executable may assume its inputs have the compiled types.
+//!
+//! The `reference` backend lives here: it walks the graph in topological
+//! order with the IR's reference semantics. It is the oracle other backends
+//! are tested against.
 
+mod reference;
+
+pub use reference::ReferenceExecutable;
+
+use egret_ir::{Tensor, Type};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("missing input `{0}`")]
+    MissingInput(String),
+    #[error("the model has no input `{name}` (its inputs: {known})")]
+    UnknownInput { name: String, known: String },
+    #[error("input `{name}` should be {expected} but is {got}")]
+    WrongType { name: String, expected: Type, got: Type },
+    #[error("input `{name}` was fixed when the model was compiled (it sets a shape); this call passes a different value")]
+    SpecializedMismatch { name: String },
+    #[error("node `{node}` ({op}): {message}")]
+    Eval { node: String, op: String, message: String },
+}
+
+/// A compiled graph a backend can run on inputs of the compiled types,
+/// given positionally in the signature's input order.
+pub trait Executable: Send + Sync {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
+}
+
+#[derive(Clone, Debug)]
+pub struct Signature {
+    pub inputs: Vec<(String, Type)>,
+    pub outputs: Vec<(String, Type)>,
+    /// Inputs the graph was specialised on: each call must pass this value.
+    pub specialized: Vec<(String, Tensor)>,
+}
+
+impl Signature {
+    pub fn of(graph: &egret_ir::Graph, specialized: Vec<(String, Tensor)>) -> Signature {
+        Signature {
+            inputs: graph.inputs().iter().map(|&v| (graph.input_name(v).to_string(), graph.ty(v).clone())).collect(),
+            outputs: graph.outputs().iter().map(|(n, v)| (n.clone(), graph.ty(*v).clone())).collect(),
+            specialized,
+        }
+    }
+
+    /// Orders named inputs positionally and checks their types.
+    pub fn bind(&self, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, RunError> {
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
+        for (name, t) in named {
+            if let Some((_, want)) = self.specialized.iter().find(|(n, _)| *n == name) {
+                if *want != t {
+                    return Err(RunError::SpecializedMismatch { name });
+                }
+                if !self.inputs.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
+            }
+            let Some(i) = self.inputs.iter().position(|(n, _)| *n == name) else {
+                let known = self.inputs.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+                return Err(RunError::UnknownInput { name, known });
+            };
+            let expected = &self.inputs[i].1;
+            if t.ty() != *expected {
+                return Err(RunError::WrongType { name, expected: expected.clone(), got: t.ty() });
+            }
+            slots[i] = Some(t);
+        }
+        slots.into_iter().enumerate().map(|(i, s)| s.ok_or_else(|| RunError::MissingInput(self.inputs[i].0.clone()))).collect()
+    }
+}
+
+/// A runnable model: a signature and the backend's executable.
+pub struct Program {
+    pub signature: Signature,
+    pub executable: Box<dyn Executable>,
+}
+
+impl Program {
+    /// Runs on named inputs; returns the outputs with their names.
+    pub fn run(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, RunError> {
+        let inputs = self.signature.bind(named)?;
+        let outs = self.executable.run(inputs)?;
+        Ok(self.signature.outputs.iter().map(|(n, _)| n.clone()).zip(outs).collect())
+    }
+}

@@ -1,0 +1,486 @@
+//! The import driver and the context a builder sees for one node.
+
+use crate::registry;
+use crate::tensor::{dtype_from_onnx, tensor_from_proto};
+use crate::{ImportError, ImportOptions, Imported, MAX_OPSET, MIN_OPSET};
+use egret_ir::{Graph, Op, Tensor, Type, ValueId};
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::{AttributeProto, ModelProto, NodeProto};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Known values larger than this are not evaluated during import: they are
+/// never shape parameters, and the canonicaliser folds them later anyway.
+const KNOWN_VALUE_LIMIT: usize = 1 << 16;
+
+pub struct Importer<'a> {
+    pub graph: Graph,
+    names: HashMap<String, ValueId>,
+    known: HashMap<ValueId, Arc<Tensor>>,
+    pub opset: i64,
+    base: Option<&'a Path>,
+    specialized: Vec<(String, Tensor)>,
+}
+
+impl<'a> Importer<'a> {
+    pub fn run(model: &ModelProto, base: Option<&'a Path>, opts: &ImportOptions, specialize: &HashSet<String>) -> Result<Imported, ImportError> {
+        let g = model.graph.as_ref().ok_or(ImportError::NoGraph)?;
+        let mut opset = None;
+        for o in &model.opset_import {
+            if o.domain.is_empty() || o.domain == "ai.onnx" {
+                opset = Some(o.version);
+            }
+        }
+        // ONNX says a model without an import of the default domain uses opset 1;
+        // in practice such files predate everything we support.
+        let opset = opset.unwrap_or(MIN_OPSET);
+        if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {
+            return Err(ImportError::Opset { version: opset, min: MIN_OPSET, max: MAX_OPSET });
+        }
+        let mut imp = Importer { graph: Graph::new(), names: HashMap::new(), known: HashMap::new(), opset, base, specialized: vec![] };
+
+        for init in &g.initializer {
+            let t = tensor_from_proto(init, base)?;
+            let v = imp.graph.add_const(t.clone(), &init.name);
+            imp.known.insert(v, Arc::new(t));
+            imp.names.insert(init.name.clone(), v);
+        }
+        if !g.sparse_initializer.is_empty() {
+            return Err(ImportError::tensor("<sparse initializer>", "sparse initializers are not supported"));
+        }
+        imp.bind_inputs(g, opts, specialize)?;
+
+        for n in topo_sort(g, &imp.names)? {
+            imp.build_node(&g.node[n])?;
+        }
+
+        for out in &g.output {
+            let v = *imp.names.get(&out.name).ok_or_else(|| ImportError::UndefinedOutput { name: out.name.clone() })?;
+            check_declared(&out.name, out, imp.graph.ty(v))?;
+            imp.graph.set_output(&out.name, v);
+        }
+        if g.output.is_empty() {
+            return Err(ImportError::UndefinedOutput { name: "<none: the graph declares no outputs>".into() });
+        }
+        egret_ir::verify(&imp.graph).map_err(|e| ImportError::Node { node: e.node, op: e.op, opset, message: e.message })?;
+        Ok(Imported { graph: imp.graph, specialized: imp.specialized, opset, producer: model.producer_name.clone() })
+    }
+
+    fn bind_inputs(&mut self, g: &onnx_protobuf::GraphProto, opts: &ImportOptions, specialize: &HashSet<String>) -> Result<(), ImportError> {
+        use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
+        let mut dims = opts.dims.clone();
+        for input in &g.input {
+            if self.names.contains_key(&input.name) {
+                // Older exporters list initializers among the inputs.
+                continue;
+            }
+            let err = |m: String| ImportError::Input { input: input.name.clone(), message: m };
+            let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = input.type_.as_ref().and_then(|t| t.value.as_ref()) else {
+                return Err(err("only tensor inputs are supported (not sequences, maps or optionals)".into()));
+            };
+            let dtype = dtype_from_onnx(tt.elem_type).map_err(err)?;
+            let given: Option<Vec<usize>> = opts
+                .input_shapes
+                .get(&input.name)
+                .cloned()
+                .or_else(|| opts.input_values.get(&input.name).map(|t| t.shape().to_vec()));
+            let shape: Vec<usize> = match tt.shape.as_ref() {
+                None => given.clone().ok_or_else(|| err("the model gives no shape; pass the input or its shape".into()))?,
+                Some(sp) => {
+                    if let Some(gs) = &given {
+                        if gs.len() != sp.dim.len() {
+                            return Err(err(format!("has rank {} but the model declares rank {}", gs.len(), sp.dim.len())));
+                        }
+                    }
+                    let mut shape = Vec::new();
+                    for (i, d) in sp.dim.iter().enumerate() {
+                        let from_given = given.as_ref().map(|gs| gs[i]);
+                        let v = match &d.value {
+                            Some(Dim::DimValue(v)) if *v >= 0 => {
+                                if let Some(gv) = from_given {
+                                    if gv != *v as usize {
+                                        return Err(err(format!("has shape {:?} but the model declares dim {i} = {v}", given.as_ref().unwrap())));
+                                    }
+                                }
+                                *v as usize
+                            }
+                            Some(Dim::DimParam(p)) => match (dims.get(p), from_given) {
+                                (Some(&bound), Some(gv)) if bound != gv => {
+                                    return Err(err(format!("dim `{p}` is {gv} here but {bound} elsewhere")));
+                                }
+                                (Some(&bound), _) => bound,
+                                (None, Some(gv)) => {
+                                    dims.insert(p.clone(), gv);
+                                    gv
+                                }
+                                (None, None) => return Err(err(format!("dim {i} is symbolic (`{p}`); bind it with --dim {p}=N or pass the input"))),
+                            },
+                            _ => from_given.ok_or_else(|| err(format!("dim {i} is unknown; pass the input or its shape")))?,
+                        };
+                        shape.push(v);
+                    }
+                    shape
+                }
+            };
+            let ty = Type::new(dtype, shape);
+            let v = self.graph.add_input(&input.name, ty.clone());
+            if specialize.contains(&input.name) {
+                let t = opts.input_values[&input.name].clone();
+                if t.ty() != ty {
+                    return Err(err(format!("the value offered has type {} but the input is {ty}", t.ty())));
+                }
+                self.known.insert(v, Arc::new(t.clone()));
+                self.specialized.push((input.name.clone(), t));
+            }
+            self.names.insert(input.name.clone(), v);
+        }
+        Ok(())
+    }
+
+    fn build_node(&mut self, node: &NodeProto) -> Result<(), ImportError> {
+        let label = if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
+        let domain = if node.domain == "ai.onnx" { "" } else { node.domain.as_str() };
+        let builder = if domain.is_empty() { registry::get(&node.op_type) } else { None };
+        let Some(builder) = builder else {
+            return Err(ImportError::UnsupportedOp { op: node.op_type.clone(), domain: node.domain.clone(), opset: self.opset, node: label });
+        };
+        let mut ctx = NodeCtx { imp: self, node, label: label.clone(), used: RefCell::new(HashSet::new()) };
+        let outs = builder(&mut ctx)?;
+        for a in &node.attribute {
+            if !ctx.used.borrow().contains(&a.name) {
+                return Err(ctx.err(format!("attribute `{}` is not supported", a.name)));
+            }
+        }
+        for (name, v) in node.output.iter().zip(outs) {
+            if !name.is_empty() {
+                self.names.insert(name.clone(), v);
+            }
+        }
+        for name in &node.output {
+            if !name.is_empty() && !self.names.contains_key(name) {
+                return Err(ImportError::Node {
+                    node: label.clone(),
+                    op: node.op_type.clone(),
+                    opset: self.opset,
+                    message: format!("output `{name}` is not supported"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the value of `v` if its producer is cheap to evaluate now.
+    fn propagate_known(&mut self, outs: &[ValueId]) {
+        let Some(&first) = outs.first() else { return };
+        let node = self.graph.node(self.graph.producer(first)).clone();
+        let value = match &node.op {
+            Op::Shape { start, end } => {
+                let s = &self.graph.ty(node.inputs[0]).shape;
+                vec![Tensor::from_vec(vec![end - start], s[*start..*end].iter().map(|&d| d as i64).collect())]
+            }
+            op => {
+                let small = outs.iter().all(|&v| self.graph.ty(v).numel() <= KNOWN_VALUE_LIMIT);
+                let inputs: Option<Vec<&Tensor>> = node.inputs.iter().map(|v| self.known.get(v).map(|t| &**t)).collect();
+                match (small, inputs) {
+                    (true, Some(inputs)) => match egret_ir::eval_op(op, &inputs) {
+                        Ok(ts) => ts,
+                        Err(_) => return,
+                    },
+                    _ => return,
+                }
+            }
+        };
+        for (v, t) in outs.iter().zip(value) {
+            self.known.insert(*v, Arc::new(t));
+        }
+    }
+}
+
+/// Checks an output's declared dtype and static dims against what Egret computes.
+fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -> Result<(), ImportError> {
+    use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
+    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = info.type_.as_ref().and_then(|t| t.value.as_ref()) else {
+        return Ok(());
+    };
+    let err = |m: String| ImportError::Tensor { tensor: name.to_string(), message: m };
+    if tt.elem_type != 0 {
+        let declared = dtype_from_onnx(tt.elem_type).map_err(err)?;
+        if declared != ty.dtype {
+            return Err(err(format!("the model declares {declared} but the graph computes {}", ty.dtype)));
+        }
+    }
+    if let Some(sp) = tt.shape.as_ref() {
+        if !sp.dim.is_empty() || ty.rank() == 0 {
+            if sp.dim.len() != ty.rank() {
+                return Err(err(format!("the model declares rank {} but the graph computes {ty}", sp.dim.len())));
+            }
+            for (i, d) in sp.dim.iter().enumerate() {
+                if let Some(Dim::DimValue(v)) = d.value {
+                    if v >= 0 && v as usize != ty.shape[i] {
+                        return Err(err(format!("the model declares dim {i} = {v} but the graph computes {ty}")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Orders nodes so every node follows the producers of its inputs. ONNX
+/// requires files to be sorted already; sorting here turns a violation into a
+/// cycle error or a clear "undefined" error instead of a confusing one.
+fn topo_sort(g: &onnx_protobuf::GraphProto, defined: &HashMap<String, ValueId>) -> Result<Vec<usize>, ImportError> {
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in g.node.iter().enumerate() {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if defined.contains_key(o) || producer.insert(o, i).is_some() {
+                return Err(ImportError::Node {
+                    node: n.name.clone(),
+                    op: n.op_type.clone(),
+                    opset: 0,
+                    message: format!("output `{o}` is defined more than once"),
+                });
+            }
+        }
+    }
+    let mut dag = petgraph_lite::Dag::new(g.node.len());
+    for (i, n) in g.node.iter().enumerate() {
+        for name in n.input.iter().filter(|s| !s.is_empty()) {
+            if let Some(&p) = producer.get(name.as_str()) {
+                dag.edge(p, i);
+            } else if !defined.contains_key(name) {
+                let node = if n.name.is_empty() { n.op_type.clone() } else { n.name.clone() };
+                return Err(ImportError::Undefined { node, name: name.clone() });
+            }
+        }
+    }
+    dag.order().map_err(|i| ImportError::Cycle { node: if g.node[i].name.is_empty() { g.node[i].op_type.clone() } else { g.node[i].name.clone() } })
+}
+
+/// Kahn's algorithm over node indices, keeping the file's order among ready
+/// nodes so the IR reads like the model.
+mod petgraph_lite {
+    pub struct Dag {
+        succ: Vec<Vec<usize>>,
+        indeg: Vec<usize>,
+    }
+    impl Dag {
+        pub fn new(n: usize) -> Dag {
+            Dag { succ: vec![vec![]; n], indeg: vec![0; n] }
+        }
+        pub fn edge(&mut self, a: usize, b: usize) {
+            self.succ[a].push(b);
+            self.indeg[b] += 1;
+        }
+        /// A topological order, or a node on a cycle.
+        pub fn order(mut self) -> Result<Vec<usize>, usize> {
+            let n = self.indeg.len();
+            let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| self.indeg[i] == 0).collect();
+            let mut out = Vec::with_capacity(n);
+            while let Some(i) = ready.pop_first() {
+                out.push(i);
+                for &j in &self.succ[i].clone() {
+                    self.indeg[j] -= 1;
+                    if self.indeg[j] == 0 {
+                        ready.insert(j);
+                    }
+                }
+            }
+            if out.len() < n {
+                return Err((0..n).find(|&i| self.indeg[i] > 0).unwrap_or(0));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// What a builder sees: the node's inputs, attributes, and a way to add IR.
+pub struct NodeCtx<'i, 'a> {
+    imp: &'i mut Importer<'a>,
+    pub node: &'i NodeProto,
+    pub label: String,
+    used: RefCell<HashSet<String>>,
+}
+
+pub type BuildResult = Result<Vec<ValueId>, ImportError>;
+
+impl NodeCtx<'_, '_> {
+    pub fn opset(&self) -> i64 {
+        self.imp.opset
+    }
+
+    pub fn err(&self, message: impl Into<String>) -> ImportError {
+        ImportError::Node { node: self.label.clone(), op: self.node.op_type.clone(), opset: self.imp.opset, message: message.into() }
+    }
+
+    /// Input `i`, or `None` if absent or given as the empty name.
+    pub fn input(&self, i: usize) -> Option<ValueId> {
+        self.node.input.get(i).filter(|s| !s.is_empty()).map(|s| self.imp.names[s])
+    }
+
+    pub fn req(&self, i: usize) -> Result<ValueId, ImportError> {
+        self.input(i).ok_or_else(|| self.err(format!("input {i} is required")))
+    }
+
+    pub fn num_inputs(&self) -> usize {
+        self.node.input.len()
+    }
+
+    pub fn num_outputs(&self) -> usize {
+        self.node.output.iter().filter(|o| !o.is_empty()).count()
+    }
+
+    pub fn ty(&self, v: ValueId) -> &Type {
+        self.imp.graph.ty(v)
+    }
+
+    pub fn rank(&self, v: ValueId) -> usize {
+        self.ty(v).rank()
+    }
+
+    /// The compile-time value of input `i`, if known.
+    pub fn known(&self, i: usize) -> Option<Arc<Tensor>> {
+        self.input(i).and_then(|v| self.imp.known.get(&v).cloned())
+    }
+
+    /// The compile-time value of input `i`, which this op requires.
+    pub fn need_known(&self, i: usize, what: &str) -> Result<Arc<Tensor>, ImportError> {
+        let v = self.req(i)?;
+        if let Some(t) = self.imp.known.get(&v) {
+            return Ok(t.clone());
+        }
+        let inputs = self.graph_inputs_behind(v);
+        if !inputs.is_empty() {
+            return Err(ImportError::NeedsInputValue { node: self.label.clone(), op: self.node.op_type.clone(), inputs });
+        }
+        Err(self.err(format!("{what} (input {i}) must be known at compile time; data-dependent shapes are not supported")))
+    }
+
+    /// Names of the graph inputs `v` depends on.
+    fn graph_inputs_behind(&self, v: ValueId) -> Vec<String> {
+        let g = &self.imp.graph;
+        let mut stack = vec![v];
+        let mut seen = HashSet::new();
+        let mut names = Vec::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            let node = g.node(g.producer(v));
+            if let Op::Input { name } = &node.op {
+                names.push(name.clone());
+            }
+            stack.extend(node.inputs.iter().copied());
+        }
+        names.sort();
+        names
+    }
+
+    pub fn need_ints(&self, i: usize, what: &str) -> Result<Vec<i64>, ImportError> {
+        Ok(self.need_known(i, what)?.to_i64_vec())
+    }
+
+    fn attr(&self, name: &str) -> Option<&AttributeProto> {
+        let a = self.node.attribute.iter().find(|a| a.name == name)?;
+        self.used.borrow_mut().insert(name.to_string());
+        Some(a)
+    }
+
+    fn typed(&self, name: &str, want: AttributeType) -> Result<Option<&AttributeProto>, ImportError> {
+        match self.attr(name) {
+            None => Ok(None),
+            Some(a) if !a.ref_attr_name.is_empty() => Err(self.err(format!("attribute `{name}` refers to a function attribute"))),
+            Some(a) => {
+                let ty = a.type_.enum_value().map_err(|code| self.err(format!("attribute `{name}` has unknown type {code}")))?;
+                // Some writers leave the type undefined; trust the field then.
+                if ty != want && ty != AttributeType::UNDEFINED {
+                    return Err(self.err(format!("attribute `{name}` should be {want:?}, found {ty:?}")));
+                }
+                Ok(Some(a))
+            }
+        }
+    }
+
+    /// Marks an attribute as read without interpreting it (for attributes
+    /// whose every value means the same thing at inference).
+    pub fn ignore_attr(&self, name: &str) {
+        let _ = self.attr(name);
+    }
+
+    pub fn has_attr(&self, name: &str) -> bool {
+        self.node.attribute.iter().any(|a| a.name == name)
+    }
+
+    pub fn i(&self, name: &str, default: i64) -> Result<i64, ImportError> {
+        Ok(self.typed(name, AttributeType::INT)?.map_or(default, |a| a.i))
+    }
+
+    pub fn f(&self, name: &str, default: f32) -> Result<f32, ImportError> {
+        Ok(self.typed(name, AttributeType::FLOAT)?.map_or(default, |a| a.f))
+    }
+
+    pub fn ints(&self, name: &str) -> Result<Option<Vec<i64>>, ImportError> {
+        Ok(self.typed(name, AttributeType::INTS)?.map(|a| a.ints.clone()))
+    }
+
+    pub fn floats(&self, name: &str) -> Result<Option<Vec<f32>>, ImportError> {
+        Ok(self.typed(name, AttributeType::FLOATS)?.map(|a| a.floats.clone()))
+    }
+
+    pub fn s(&self, name: &str, default: &str) -> Result<String, ImportError> {
+        match self.typed(name, AttributeType::STRING)? {
+            None => Ok(default.to_string()),
+            Some(a) => String::from_utf8(a.s.clone()).map_err(|_| self.err(format!("attribute `{name}` is not UTF-8"))),
+        }
+    }
+
+    pub fn tensor_attr(&self, name: &str) -> Result<Option<Tensor>, ImportError> {
+        match self.typed(name, AttributeType::TENSOR)? {
+            None => Ok(None),
+            Some(a) => match a.t.as_ref() {
+                Some(t) => Ok(Some(tensor_from_proto(t, self.imp.base)?)),
+                None => Err(self.err(format!("attribute `{name}` holds no tensor"))),
+            },
+        }
+    }
+
+    /// Adds an IR node and records the known values it produces.
+    pub fn add_node(&mut self, op: Op, inputs: &[ValueId]) -> BuildResult {
+        let opset = self.imp.opset;
+        let outs = self
+            .imp
+            .graph
+            .add_node(op, inputs, &self.label)
+            .map_err(|e| ImportError::Node { node: e.node, op: self.node.op_type.clone(), opset, message: e.message })?;
+        self.imp.propagate_known(&outs);
+        Ok(outs)
+    }
+
+    pub fn add(&mut self, op: Op, inputs: &[ValueId]) -> Result<ValueId, ImportError> {
+        Ok(self.add_node(op, inputs)?[0])
+    }
+
+    pub fn constant(&mut self, t: Tensor) -> ValueId {
+        let v = self.imp.graph.add_const(t.clone(), &self.label);
+        self.imp.known.insert(v, Arc::new(t));
+        v
+    }
+
+    /// Normalises a possibly negative axis against `rank`.
+    pub fn axis(&self, axis: i64, rank: usize) -> Result<usize, ImportError> {
+        egret_ir::ops::norm_axis(axis, rank).map_err(|m| self.err(m))
+    }
+
+    pub fn axes(&self, axes: &[i64], rank: usize) -> Result<Vec<usize>, ImportError> {
+        let mut out: Vec<usize> = axes.iter().map(|&a| self.axis(a, rank)).collect::<Result<_, _>>()?;
+        let n = out.len();
+        out.sort();
+        out.dedup();
+        if out.len() != n {
+            return Err(self.err(format!("axes {axes:?} repeat an axis")));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,519 @@
+//! Array ops: shapes, slicing, indexing, resampling. Parameters that ONNX
+//! passes as tensors (shapes, axes, pads, starts) must be known at compile
+//! time; they become static attributes of the IR op.
+
+use crate::context::{BuildResult, NodeCtx};
+use crate::registry::Registry;
+use crate::ImportError;
+use egret_ir::op::{CoordMode, NearestMode, PadMode, Reduction, ResizeMode};
+use egret_ir::{DType, Data, Op, Tensor, ValueId};
+
+pub fn register(r: &mut Registry) {
+    r.insert("Reshape", reshape);
+    r.insert("Flatten", |c| {
+        let x = c.req(0)?;
+        let shape = c.ty(x).shape.clone();
+        let a = c.i("axis", 1)?;
+        let r = shape.len() as i64;
+        if a < -r || a > r {
+            return Err(c.err(format!("axis {a} out of range for rank {r}")));
+        }
+        let a = if a < 0 { a + r } else { a } as usize;
+        let to = vec![shape[..a].iter().product(), shape[a..].iter().product()];
+        c.add_node(Op::Reshape { shape: to }, &[x])
+    });
+    r.insert("Squeeze", squeeze);
+    r.insert("Unsqueeze", unsqueeze);
+    r.insert("Transpose", |c| {
+        let x = c.req(0)?;
+        let r = c.rank(x);
+        let perm = match c.ints("perm")? {
+            Some(p) => c.axes(&p, r).and_then(|_| p.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())?,
+            None => (0..r).rev().collect(),
+        };
+        c.add_node(Op::Transpose { perm }, &[x])
+    });
+    r.insert("Concat", |c| {
+        let inputs: Vec<ValueId> = (0..c.num_inputs()).filter_map(|i| c.input(i)).collect();
+        let first = *inputs.first().ok_or_else(|| c.err("needs at least one input"))?;
+        let axis = c.axis(c.i("axis", 0).and_then(|a| if c.has_attr("axis") { Ok(a) } else { Err(c.err("axis is required")) })?, c.rank(first))?;
+        c.add_node(Op::Concat { axis }, &inputs)
+    });
+    r.insert("Split", split);
+    r.insert("Slice", slice);
+    r.insert("Expand", |c| {
+        let x = c.req(0)?;
+        let shape = c.need_ints(1, "shape")?;
+        if shape.iter().any(|&d| d < 0) {
+            return Err(c.err(format!("shape {shape:?} has a negative dim")));
+        }
+        let target: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let out = egret_ir::ops::broadcast_shapes(&c.ty(x).shape, &target).map_err(|m| c.err(m))?;
+        c.add_node(Op::Expand { shape: out }, &[x])
+    });
+    r.insert("Tile", |c| {
+        let x = c.req(0)?;
+        let reps = c.need_ints(1, "repeats")?;
+        if reps.iter().any(|&r| r < 0) {
+            return Err(c.err(format!("repeats {reps:?} must not be negative")));
+        }
+        c.add_node(Op::Tile { repeats: reps.into_iter().map(|r| r as usize).collect() }, &[x])
+    });
+    r.insert("Pad", pad);
+    r.insert("Gather", |c| {
+        let (x, i) = (c.req(0)?, c.req(1)?);
+        let axis = c.axis(c.i("axis", 0)?, c.rank(x))?;
+        c.add_node(Op::Gather { axis }, &[x, i])
+    });
+    r.insert("GatherElements", |c| {
+        let (x, i) = (c.req(0)?, c.req(1)?);
+        let axis = c.axis(c.i("axis", 0)?, c.rank(x))?;
+        c.add_node(Op::GatherElements { axis }, &[x, i])
+    });
+    r.insert("GatherND", |c| {
+        let (x, i) = (c.req(0)?, c.req(1)?);
+        let batch_dims = c.i("batch_dims", 0)?;
+        if batch_dims < 0 {
+            return Err(c.err("batch_dims must not be negative"));
+        }
+        c.add_node(Op::GatherND { batch_dims: batch_dims as usize }, &[x, i])
+    });
+    r.insert("ScatterND", |c| {
+        let reduction = reduction(c)?;
+        let (x, i, u) = (c.req(0)?, c.req(1)?, c.req(2)?);
+        c.add_node(Op::ScatterND { reduction }, &[x, i, u])
+    });
+    r.insert("ScatterElements", scatter_elements);
+    r.insert("Scatter", scatter_elements);
+    r.insert("Shape", |c| {
+        let x = c.req(0)?;
+        let r = c.rank(x) as i64;
+        let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+        let start = clamp(c.i("start", 0)?);
+        let end = clamp(c.i("end", r)?).max(start);
+        c.add_node(Op::Shape { start, end }, &[x])
+    });
+    r.insert("Size", |c| {
+        let x = c.req(0)?;
+        let n = c.ty(x).numel() as i64;
+        Ok(vec![c.constant(Tensor::scalar(n))])
+    });
+    r.insert("ConstantOfShape", |c| {
+        let shape = c.need_ints(0, "shape")?;
+        if shape.iter().any(|&d| d < 0) {
+            return Err(c.err(format!("shape {shape:?} has a negative dim")));
+        }
+        let value = c.tensor_attr("value")?.unwrap_or_else(|| Tensor::from_vec(vec![1], vec![0f32]));
+        if value.numel() != 1 {
+            return Err(c.err("value must hold exactly one element"));
+        }
+        let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
+        let n: usize = shape.iter().product();
+        let data = value.data().gather(&vec![0; n]);
+        Ok(vec![c.constant(Tensor::new(shape, data))])
+    });
+    r.insert("Range", range);
+    r.insert("Trilu", |c| {
+        let x = c.req(0)?;
+        let upper = c.i("upper", 1)? != 0;
+        let k = match c.input(1) {
+            Some(_) => *c.need_ints(1, "k")?.first().ok_or_else(|| c.err("k is empty"))?,
+            None => 0,
+        };
+        c.add_node(Op::Trilu { upper, k }, &[x])
+    });
+    r.insert("CumSum", |c| {
+        let x = c.req(0)?;
+        let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
+        let axis = c.axis(axis, c.rank(x))?;
+        let exclusive = c.i("exclusive", 0)? != 0;
+        let reverse = c.i("reverse", 0)? != 0;
+        c.add_node(Op::CumSum { axis, exclusive, reverse }, &[x])
+    });
+    r.insert("TopK", |c| {
+        let x = c.req(0)?;
+        let k = if c.opset() < 10 { c.i("k", 0)? } else { *c.need_ints(1, "K")?.first().ok_or_else(|| c.err("K is empty"))? };
+        if k < 0 {
+            return Err(c.err(format!("K = {k} must not be negative")));
+        }
+        let axis = c.axis(c.i("axis", -1)?, c.rank(x))?;
+        let largest = c.i("largest", 1)? != 0;
+        let sorted = c.i("sorted", 1)? != 0;
+        c.add_node(Op::TopK { axis, k: k as usize, largest, sorted }, &[x])
+    });
+    r.insert("OneHot", |c| {
+        let (idx, vals) = (c.req(0)?, c.req(2)?);
+        let depth = c.need_known(1, "depth")?.to_f64_vec().first().copied().ok_or_else(|| c.err("depth is empty"))?;
+        if depth < 1.0 {
+            return Err(c.err(format!("depth {depth} must be positive")));
+        }
+        let axis = c.axis(c.i("axis", -1)?, c.rank(idx) + 1)?;
+        c.add_node(Op::OneHot { axis, depth: depth as usize }, &[idx, vals])
+    });
+    r.insert("DepthToSpace", |c| {
+        let x = c.req(0)?;
+        let blocksize = c.i("blocksize", 0)?;
+        let mode = c.s("mode", "DCR")?;
+        let column_row_depth = match mode.as_str() {
+            "DCR" => false,
+            "CRD" => true,
+            other => return Err(c.err(format!("mode `{other}` is not DCR or CRD"))),
+        };
+        if blocksize < 1 {
+            return Err(c.err("blocksize must be positive"));
+        }
+        c.add_node(Op::DepthToSpace { blocksize: blocksize as usize, column_row_depth }, &[x])
+    });
+    r.insert("SpaceToDepth", |c| {
+        let x = c.req(0)?;
+        let blocksize = c.i("blocksize", 0)?;
+        if blocksize < 1 {
+            return Err(c.err("blocksize must be positive"));
+        }
+        c.add_node(Op::SpaceToDepth { blocksize: blocksize as usize }, &[x])
+    });
+    r.insert("Resize", resize);
+}
+
+fn reshape(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let allowzero = c.i("allowzero", 0)? != 0;
+    let spec = c.need_ints(1, "shape")?;
+    let in_shape = c.ty(x).shape.clone();
+    let mut out = Vec::with_capacity(spec.len());
+    let mut infer_at = None;
+    for (i, &d) in spec.iter().enumerate() {
+        match d {
+            0 if !allowzero => out.push(*in_shape.get(i).ok_or_else(|| c.err(format!("shape {spec:?} copies dim {i}, which the input lacks")))?),
+            -1 if infer_at.is_none() => {
+                infer_at = Some(i);
+                out.push(1);
+            }
+            d if d >= 0 => out.push(d as usize),
+            _ => return Err(c.err(format!("shape {spec:?} is invalid"))),
+        }
+    }
+    let n: usize = in_shape.iter().product();
+    if let Some(i) = infer_at {
+        let rest: usize = out.iter().product();
+        if rest == 0 || n % rest != 0 {
+            return Err(c.err(format!("cannot reshape {in_shape:?} to {spec:?}")));
+        }
+        out[i] = n / rest;
+    }
+    if out.iter().product::<usize>() != n {
+        return Err(c.err(format!("cannot reshape {in_shape:?} ({n} elements) to {spec:?}")));
+    }
+    c.add_node(Op::Reshape { shape: out }, &[x])
+}
+
+/// Axes from the input (opset >= 13) or the attribute (older).
+fn axes_param(c: &NodeCtx) -> Result<Option<Vec<i64>>, ImportError> {
+    if c.opset() >= 13 {
+        match c.input(1) {
+            Some(_) => Ok(Some(c.need_ints(1, "axes")?)),
+            None => Ok(None),
+        }
+    } else {
+        c.ints("axes")
+    }
+}
+
+fn squeeze(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let shape = c.ty(x).shape.clone();
+    let axes = match axes_param(c)? {
+        Some(a) => c.axes(&a, shape.len())?,
+        None => (0..shape.len()).filter(|&i| shape[i] == 1).collect(),
+    };
+    if let Some(&a) = axes.iter().find(|&&a| shape[a] != 1) {
+        return Err(c.err(format!("cannot squeeze axis {a} of {shape:?}: it is not 1")));
+    }
+    let out: Vec<usize> = shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
+    c.add_node(Op::Reshape { shape: out }, &[x])
+}
+
+fn unsqueeze(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let shape = c.ty(x).shape.clone();
+    let axes = axes_param(c)?.ok_or_else(|| c.err("axes are required"))?;
+    let axes = c.axes(&axes, shape.len() + axes.len())?;
+    let mut out = Vec::with_capacity(shape.len() + axes.len());
+    let mut src = shape.iter();
+    for i in 0..shape.len() + axes.len() {
+        if axes.contains(&i) {
+            out.push(1);
+        } else {
+            out.push(*src.next().ok_or_else(|| c.err("axes do not fit the output rank"))?);
+        }
+    }
+    c.add_node(Op::Reshape { shape: out }, &[x])
+}
+
+fn split(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let shape = c.ty(x).shape.clone();
+    let axis = c.axis(c.i("axis", 0)?, shape.len())?;
+    let len = shape[axis];
+    let explicit = if c.opset() >= 13 {
+        match c.input(1) {
+            Some(_) => Some(c.need_ints(1, "split")?),
+            None => None,
+        }
+    } else {
+        c.ints("split")?
+    };
+    let n_out = if c.opset() >= 18 && c.has_attr("num_outputs") { c.i("num_outputs", 0)? as usize } else { c.node.output.len() };
+    let sizes: Vec<usize> = match explicit {
+        Some(s) => {
+            if s.iter().any(|&v| v < 0) {
+                return Err(c.err(format!("split {s:?} has a negative size")));
+            }
+            s.into_iter().map(|v| v as usize).collect()
+        }
+        None => {
+            if n_out == 0 {
+                return Err(c.err("no outputs to split into"));
+            }
+            // Equal parts; with num_outputs the last part may be smaller.
+            let part = len.div_ceil(n_out);
+            let mut sizes = vec![part; n_out];
+            let last = len.checked_sub(part * (n_out - 1)).ok_or_else(|| c.err(format!("cannot split {len} into {n_out} parts")))?;
+            sizes[n_out - 1] = last;
+            if c.opset() < 18 && len % n_out != 0 {
+                return Err(c.err(format!("cannot split {len} evenly into {n_out} parts")));
+            }
+            sizes
+        }
+    };
+    c.add_node(Op::Split { axis, sizes }, &[x])
+}
+
+fn slice(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let shape = c.ty(x).shape.clone();
+    let r = shape.len();
+    let (starts, ends, axes, steps) = if c.opset() < 10 {
+        let starts = c.ints("starts")?.ok_or_else(|| c.err("starts are required"))?;
+        let ends = c.ints("ends")?.ok_or_else(|| c.err("ends are required"))?;
+        let axes = c.ints("axes")?;
+        (starts, ends, axes, None)
+    } else {
+        let starts = c.need_ints(1, "starts")?;
+        let ends = c.need_ints(2, "ends")?;
+        let axes = if c.input(3).is_some() { Some(c.need_ints(3, "axes")?) } else { None };
+        let steps = if c.input(4).is_some() { Some(c.need_ints(4, "steps")?) } else { None };
+        (starts, ends, axes, steps)
+    };
+    let axes: Vec<i64> = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(c.err("starts, ends, axes and steps must have one length"));
+    }
+    let axes = c.axes(&axes, r).map(|_| axes.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())??;
+    let mut st = vec![0i64; r];
+    let mut en: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let mut sp = vec![1i64; r];
+    for (i, &a) in axes.iter().enumerate() {
+        let dim = shape[a] as i64;
+        let step = steps[i];
+        if step == 0 {
+            return Err(c.err("slice step cannot be 0"));
+        }
+        let norm = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (s, e) = (norm(starts[i]), norm(ends[i]));
+        if step > 0 {
+            st[a] = s.clamp(0, dim);
+            en[a] = e.clamp(0, dim);
+        } else {
+            st[a] = s.clamp(0, (dim - 1).max(0));
+            en[a] = e.clamp(-1, dim - 1);
+        }
+        sp[a] = step;
+    }
+    c.add_node(Op::Slice { starts: st, ends: en, steps: sp }, &[x])
+}
+
+fn pad(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let r = c.rank(x);
+    let mode = match c.s("mode", "constant")?.as_str() {
+        "constant" => PadMode::Constant,
+        "reflect" => PadMode::Reflect,
+        "edge" => PadMode::Edge,
+        "wrap" => PadMode::Wrap,
+        other => return Err(c.err(format!("mode `{other}` is not supported"))),
+    };
+    let dt = c.ty(x).dtype;
+    let (raw, value, axes) = if c.opset() < 11 {
+        let pads = c.ints("pads")?.ok_or_else(|| c.err("pads are required"))?;
+        let v = c.f("value", 0.0)?;
+        let value = c.constant(Tensor::scalar(v as f64).cast(dt));
+        (pads, Some(value), None)
+    } else {
+        let pads = c.need_ints(1, "pads")?;
+        let axes = if c.input(3).is_some() { Some(c.need_ints(3, "axes")?) } else { None };
+        (pads, c.input(2), axes)
+    };
+    let axes: Vec<usize> = match axes {
+        Some(a) => a.iter().map(|&v| c.axis(v, r)).collect::<Result<_, _>>()?,
+        None => (0..r).collect(),
+    };
+    if raw.len() != 2 * axes.len() {
+        return Err(c.err(format!("pads {raw:?} need 2 entries per padded axis ({})", axes.len())));
+    }
+    let mut pads = vec![0i64; 2 * r];
+    for (i, &a) in axes.iter().enumerate() {
+        pads[a] = raw[i];
+        pads[a + r] = raw[i + axes.len()];
+    }
+    let mut inputs = vec![x];
+    if mode == PadMode::Constant {
+        if let Some(v) = value {
+            let v = if c.ty(v).rank() != 0 { c.add(Op::Reshape { shape: vec![] }, &[v])? } else { v };
+            inputs.push(v);
+        }
+    }
+    c.add_node(Op::Pad { pads, mode }, &inputs)
+}
+
+fn reduction(c: &NodeCtx) -> Result<Reduction, ImportError> {
+    Ok(match c.s("reduction", "none")?.as_str() {
+        "none" => Reduction::None,
+        "add" => Reduction::Add,
+        "mul" => Reduction::Mul,
+        "max" => Reduction::Max,
+        "min" => Reduction::Min,
+        other => return Err(c.err(format!("reduction `{other}` is not supported"))),
+    })
+}
+
+fn scatter_elements(c: &mut NodeCtx) -> BuildResult {
+    let (x, i, u) = (c.req(0)?, c.req(1)?, c.req(2)?);
+    let axis = c.axis(c.i("axis", 0)?, c.rank(x))?;
+    let reduction = reduction(c)?;
+    c.add_node(Op::ScatterElements { axis, reduction }, &[x, i, u])
+}
+
+/// `Range` has a data-dependent length, so its inputs must be known; the
+/// result is a constant.
+fn range(c: &mut NodeCtx) -> BuildResult {
+    let start = c.need_known(0, "start")?;
+    let limit = c.need_known(1, "limit")?;
+    let delta = c.need_known(2, "delta")?;
+    let dt = start.dtype();
+    let (s, l, d) = (start.to_f64_vec()[0], limit.to_f64_vec()[0], delta.to_f64_vec()[0]);
+    if d == 0.0 {
+        return Err(c.err("delta cannot be 0"));
+    }
+    let n = ((l - s) / d).ceil().max(0.0) as usize;
+    let data = if dt.is_float() {
+        // Accumulate in the element type, as the ONNX reference does.
+        match dt {
+            DType::F32 => Data::F32((0..n).map(|i| s as f32 + i as f32 * d as f32).collect()),
+            _ => Data::F64((0..n).map(|i| s + i as f64 * d).collect()),
+        }
+    } else {
+        let (s, d) = (start.to_i64_vec()[0], delta.to_i64_vec()[0]);
+        Data::from_i64s(dt, &(0..n as i64).map(|i| s + i * d).collect::<Vec<_>>())
+    };
+    Ok(vec![c.constant(Tensor::new(vec![n], data))])
+}
+
+fn resize(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let in_shape = c.ty(x).shape.clone();
+    let r = in_shape.len();
+    if c.i("antialias", 0)? != 0 {
+        return Err(c.err("antialias=1 is not supported"));
+    }
+    let mode = match c.s("mode", "nearest")?.as_str() {
+        "nearest" => ResizeMode::Nearest,
+        "linear" => ResizeMode::Linear,
+        "cubic" => ResizeMode::Cubic,
+        other => return Err(c.err(format!("mode `{other}` is not supported"))),
+    };
+    let coord = match c.s("coordinate_transformation_mode", "half_pixel")?.as_str() {
+        "half_pixel" => CoordMode::HalfPixel,
+        "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
+        "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
+        "align_corners" => CoordMode::AlignCorners,
+        "asymmetric" => CoordMode::Asymmetric,
+        "tf_crop_and_resize" => CoordMode::TfCropAndResize,
+        other => return Err(c.err(format!("coordinate_transformation_mode `{other}` is not supported"))),
+    };
+    let nearest = match c.s("nearest_mode", "round_prefer_floor")?.as_str() {
+        "round_prefer_floor" => NearestMode::RoundPreferFloor,
+        "round_prefer_ceil" => NearestMode::RoundPreferCeil,
+        "floor" => NearestMode::Floor,
+        "ceil" => NearestMode::Ceil,
+        other => return Err(c.err(format!("nearest_mode `{other}` is not supported"))),
+    };
+    let cubic_coeff_a = c.f("cubic_coeff_a", -0.75)?;
+    let exclude_outside = c.i("exclude_outside", 0)? != 0;
+    let extrapolation_value = c.f("extrapolation_value", 0.0)?;
+    let policy = c.s("keep_aspect_ratio_policy", "stretch")?;
+    let axes: Vec<usize> = match c.ints("axes")? {
+        Some(a) => a.iter().map(|&v| c.axis(v, r)).collect::<Result<_, _>>()?,
+        None => (0..r).collect(),
+    };
+    // Opset 10 has (X, scales); later (X, roi, scales, sizes).
+    let (roi_in, scales_in, sizes_in) = if c.opset() < 11 { (None, Some(1), None) } else { (Some(1), Some(2), Some(3)) };
+    let present = |i: Option<usize>, c: &NodeCtx| i.filter(|&i| c.input(i).is_some_and(|v| c.ty(v).numel() > 0));
+    let mut scales = vec![1f32; r];
+    let mut sizes = in_shape.clone();
+    if let Some(i) = present(sizes_in, c) {
+        let given = c.need_ints(i, "sizes")?;
+        if given.len() != axes.len() {
+            return Err(c.err(format!("sizes {given:?} need one entry per axis in {axes:?}")));
+        }
+        let ratio = |k: usize| given[k] as f64 / in_shape[axes[k]] as f64;
+        match policy.as_str() {
+            "stretch" => {
+                for (k, &a) in axes.iter().enumerate() {
+                    sizes[a] = given[k] as usize;
+                    scales[a] = ratio(k) as f32;
+                }
+            }
+            "not_larger" | "not_smaller" => {
+                let rs = (0..axes.len()).map(ratio);
+                let s = if policy == "not_larger" { rs.fold(f64::INFINITY, f64::min) } else { rs.fold(0.0, f64::max) };
+                for &a in &axes {
+                    sizes[a] = (s * in_shape[a] as f64 + 0.5).floor() as usize;
+                    scales[a] = s as f32;
+                }
+            }
+            other => return Err(c.err(format!("keep_aspect_ratio_policy `{other}` is not supported"))),
+        }
+    } else if let Some(i) = present(scales_in, c) {
+        let given: Vec<f64> = c.need_known(i, "scales")?.to_f64_vec();
+        if given.len() != axes.len() {
+            return Err(c.err(format!("scales {given:?} need one entry per axis in {axes:?}")));
+        }
+        for (k, &a) in axes.iter().enumerate() {
+            if given[k] <= 0.0 {
+                return Err(c.err(format!("scale {} must be positive", given[k])));
+            }
+            scales[a] = given[k] as f32;
+            sizes[a] = (in_shape[a] as f64 * given[k] as f32 as f64).floor() as usize;
+        }
+    } else {
+        return Err(c.err("needs scales or sizes"));
+    }
+    let mut roi = vec![];
+    if coord == CoordMode::TfCropAndResize {
+        let given = match present(roi_in, c) {
+            Some(i) => c.need_known(i, "roi")?.to_f64_vec(),
+            None => return Err(c.err("tf_crop_and_resize needs roi")),
+        };
+        if given.len() != 2 * axes.len() {
+            return Err(c.err(format!("roi needs 2 entries per axis in {axes:?}")));
+        }
+        roi = [vec![0f32; r], vec![1f32; r]].concat();
+        for (k, &a) in axes.iter().enumerate() {
+            roi[a] = given[k] as f32;
+            roi[a + r] = given[k + axes.len()] as f32;
+        }
+    }
+    c.add_node(Op::Resize { sizes, scales, mode, coord, nearest, cubic_coeff_a, exclude_outside, extrapolation_value, roi }, &[x])
+}

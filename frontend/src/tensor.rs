@@ -1,0 +1,193 @@
+//! `TensorProto` to `Tensor`: typed fields, `raw_data`, and external data.
+
+use crate::ImportError;
+use egret_ir::{DType, Data, Tensor};
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::TensorProto;
+use std::path::{Component, Path, PathBuf};
+
+/// Maps an ONNX `TensorProto.DataType` code to a dtype, or says which type it is.
+pub fn dtype_from_onnx(code: i32) -> Result<DType, String> {
+    Ok(match code {
+        1 => DType::F32,
+        2 => DType::U8,
+        3 => DType::I8,
+        4 => DType::U16,
+        5 => DType::I16,
+        6 => DType::I32,
+        7 => DType::I64,
+        9 => DType::Bool,
+        11 => DType::F64,
+        12 => DType::U32,
+        13 => DType::U64,
+        8 => return Err("string tensors are not supported".into()),
+        10 => return Err("float16 tensors are not supported".into()),
+        16 => return Err("bfloat16 tensors are not supported".into()),
+        14 | 15 => return Err("complex tensors are not supported".into()),
+        17..=26 => return Err(format!("8-bit/4-bit float or int4 tensors (type {code}) are not supported")),
+        0 => return Err("the element type is undefined".into()),
+        other => return Err(format!("unknown element type {other}")),
+    })
+}
+
+pub fn dtype_to_onnx(d: DType) -> i32 {
+    match d {
+        DType::F32 => 1,
+        DType::U8 => 2,
+        DType::I8 => 3,
+        DType::U16 => 4,
+        DType::I16 => 5,
+        DType::I32 => 6,
+        DType::I64 => 7,
+        DType::Bool => 9,
+        DType::F64 => 11,
+        DType::U32 => 12,
+        DType::U64 => 13,
+    }
+}
+
+/// Resolves an external-data location inside `base`, refusing absolute paths
+/// and any path that climbs out of the model's folder.
+pub fn resolve_external_path(base: &Path, location: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(location);
+    if location.is_empty() {
+        return Err("external data has an empty location".into());
+    }
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err(format!("external data path `{location}` escapes the model's folder")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("external data path `{location}` is absolute; it must be relative to the model's folder"))
+            }
+        }
+    }
+    let joined = base.join(rel);
+    // A symlink inside the folder could still point outside it.
+    if let (Ok(real), Ok(real_base)) = (joined.canonicalize(), base.canonicalize()) {
+        if !real.starts_with(&real_base) {
+            return Err(format!("external data path `{location}` resolves outside the model's folder"));
+        }
+    }
+    Ok(joined)
+}
+
+fn read_external(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>, String> {
+    let mut location = None;
+    let mut offset = 0u64;
+    let mut length = None;
+    for kv in &t.external_data {
+        match kv.key.as_str() {
+            "location" => location = Some(kv.value.clone()),
+            "offset" => offset = kv.value.parse().map_err(|_| format!("bad external data offset `{}`", kv.value))?,
+            "length" => length = Some(kv.value.parse::<u64>().map_err(|_| format!("bad external data length `{}`", kv.value))?),
+            _ => {}
+        }
+    }
+    let location = location.ok_or("external data has no location")?;
+    let base = base.ok_or("external data needs the model's folder; load the model from a file")?;
+    let path = resolve_external_path(base, &location)?;
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read external data `{}`: {e}", path.display()))?;
+    let start = offset as usize;
+    let end = match length {
+        Some(l) => start.checked_add(l as usize).ok_or("external data range overflows")?,
+        None => bytes.len(),
+    };
+    if start > bytes.len() || end > bytes.len() {
+        return Err(format!("external data range {start}..{end} is past the end of `{location}` ({} bytes)", bytes.len()));
+    }
+    Ok(bytes[start..end].to_vec())
+}
+
+fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
+    let size = dtype.size_bytes();
+    if raw.len() != n * size {
+        return Err(format!("raw data has {} bytes but {n} elements of {dtype} need {}", raw.len(), n * size));
+    }
+    macro_rules! le {
+        ($T:ty, $V:ident) => {
+            Data::$V(raw.chunks_exact(size).map(|c| <$T>::from_le_bytes(c.try_into().unwrap())).collect())
+        };
+    }
+    Ok(match dtype {
+        DType::F32 => le!(f32, F32),
+        DType::F64 => le!(f64, F64),
+        DType::I8 => le!(i8, I8),
+        DType::I16 => le!(i16, I16),
+        DType::I32 => le!(i32, I32),
+        DType::I64 => le!(i64, I64),
+        DType::U8 => le!(u8, U8),
+        DType::U16 => le!(u16, U16),
+        DType::U32 => le!(u32, U32),
+        DType::U64 => le!(u64, U64),
+        DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
+    })
+}
+
+/// Decodes a `TensorProto`. `base` is the model's folder, for external data.
+pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
+    let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
+    let err = |m: String| ImportError::tensor(name, m);
+    let dtype = dtype_from_onnx(t.data_type).map_err(err)?;
+    let mut shape = Vec::with_capacity(t.dims.len());
+    for &d in &t.dims {
+        if d < 0 {
+            return Err(err(format!("negative dimension {d}")));
+        }
+        shape.push(d as usize);
+    }
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| err("shape overflows".into()))?;
+    if t.segment.is_some() {
+        return Err(err("segmented tensors are not supported".into()));
+    }
+    let external = t.data_location.enum_value() == Ok(DataLocation::EXTERNAL);
+    let data = if external {
+        let raw = read_external(t, base).map_err(err)?;
+        from_le_bytes(dtype, &raw, n).map_err(err)?
+    } else if !t.raw_data.is_empty() {
+        from_le_bytes(dtype, &t.raw_data, n).map_err(err)?
+    } else {
+        // Typed fields: which one holds the values depends on the dtype.
+        let data = match dtype {
+            DType::F32 => Data::F32(t.float_data.clone()),
+            DType::F64 => Data::F64(t.double_data.clone()),
+            DType::I64 => Data::I64(t.int64_data.clone()),
+            DType::U32 | DType::U64 => Data::from_i64s(dtype, &t.uint64_data.iter().map(|&x| x as i64).collect::<Vec<_>>()),
+            // int32_data carries every narrower integer type and bool.
+            _ => Data::from_i64s(dtype, &t.int32_data.iter().map(|&x| x as i64).collect::<Vec<_>>()),
+        };
+        if data.len() != n {
+            return Err(err(format!("holds {} values but its shape {shape:?} needs {n}", data.len())));
+        }
+        data
+    };
+    Tensor::try_new(shape, data).map_err(err)
+}
+
+/// Encodes a tensor as a `TensorProto` with `raw_data` (for `.pb` outputs and tests).
+pub fn tensor_to_proto(t: &Tensor, name: &str) -> TensorProto {
+    let mut p = TensorProto::new();
+    p.name = name.to_string();
+    p.data_type = dtype_to_onnx(t.dtype());
+    p.dims = t.shape().iter().map(|&d| d as i64).collect();
+    let mut raw = Vec::with_capacity(t.numel() * t.dtype().size_bytes());
+    egret_ir::dispatch!(t.data(), v: T => {
+        for x in v.iter() {
+            raw.extend_from_slice(&le_bytes_of(*x));
+        }
+    });
+    p.raw_data = raw;
+    p
+}
+
+fn le_bytes_of<T: egret_ir::Elem>(x: T) -> Vec<u8> {
+    match T::DTYPE {
+        DType::F32 => (x.to_f64() as f32).to_le_bytes().to_vec(),
+        DType::F64 => x.to_f64().to_le_bytes().to_vec(),
+        DType::Bool => vec![x.to_i64() as u8],
+        DType::I8 | DType::U8 => vec![x.to_i64() as u8],
+        DType::I16 | DType::U16 => (x.to_i64() as u16).to_le_bytes().to_vec(),
+        DType::I32 | DType::U32 => (x.to_i64() as u32).to_le_bytes().to_vec(),
+        DType::I64 | DType::U64 => (x.to_i64() as u64).to_le_bytes().to_vec(),
+    }
+}
