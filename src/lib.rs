@@ -1,1 +1,120 @@
+//! Egret: an ahead-of-time compiler for transformer models.
+//!
+//! `compile` is the one pipeline every entry point (the CLI, tests, benches)
+//! goes through, top to bottom:
+//!
+//! 1. `frontend`: ONNX protobuf to IR, symbolic dims bound, verified;
+//! 2. `passes`: canonicalisation (constant folding, no-ops, dead code), verified;
+//! 3. a backend turns the graph into an `Executable`, wrapped with the
+//!    model's signature into a `runtime::Program`.
 
+pub mod check;
+pub mod io;
+
+pub use egret_frontend as frontend;
+pub use egret_ir as ir;
+pub use egret_passes as passes;
+pub use egret_runtime as runtime;
+
+use egret_frontend::{ImportError, ImportOptions};
+use egret_ir::{Graph, IrError, Tensor};
+use egret_runtime::{Program, RunError};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Ir(#[from] IrError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// A problem with files or values the user passed (not with the model).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Which backend executes the compiled graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The IR's reference semantics, node by node: the oracle.
+    #[default]
+    Reference,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Reference => "reference",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    pub backend: Backend,
+    /// Values of symbolic dimensions.
+    pub dims: HashMap<String, usize>,
+    /// Shapes of inputs with symbolic dims.
+    pub input_shapes: HashMap<String, Vec<usize>>,
+    /// Input values the compiler may specialise on when an op needs one at
+    /// compile time (see `frontend::ImportOptions::input_values`).
+    pub input_values: HashMap<String, Tensor>,
+}
+
+/// Milliseconds spent in each stage of `compile`.
+#[derive(Clone, Debug, Default)]
+pub struct StageTimes {
+    pub import_ms: f64,
+    pub canonicalize_ms: f64,
+    pub backend_ms: f64,
+}
+
+/// A compiled model, ready to run.
+pub struct Model {
+    pub program: Program,
+    /// The graph after canonicalisation: what the backend compiled.
+    pub graph: Graph,
+    pub canon: egret_passes::CanonStats,
+    pub times: StageTimes,
+    pub opset: i64,
+}
+
+impl Model {
+    pub fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error> {
+        Ok(self.program.run(inputs)?)
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// The pipeline: import, canonicalise, hand to the backend.
+pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
+    let t = Instant::now();
+    let import_opts = ImportOptions { dims: opts.dims.clone(), input_shapes: opts.input_shapes.clone(), input_values: opts.input_values.clone() };
+    let imported = egret_frontend::import_file(path, &import_opts)?;
+    let import_ms = ms(t);
+
+    let t = Instant::now();
+    let (graph, canon) = egret_passes::canonicalize(&imported.graph)?;
+    let canonicalize_ms = ms(t);
+
+    let t = Instant::now();
+    let signature = egret_runtime::Signature::of(&graph, imported.specialized);
+    let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
+        Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
+    };
+    let backend_ms = ms(t);
+
+    Ok(Model {
+        program: Program { signature, executable },
+        graph,
+        canon,
+        times: StageTimes { import_ms, canonicalize_ms, backend_ms },
+        opset: imported.opset,
+    })
+}

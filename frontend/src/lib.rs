@@ -90,3 +90,9 @@ pub fn import_bytes(bytes: &[u8], base: Option<&Path>, path: &Path, opts: &Impor
         }
     }
 }
+
+/// The ONNX protobuf types and the `Message` trait, for callers that read
+/// or write `.pb` tensors without depending on protobuf themselves.
+pub mod proto {
+    pub use onnx_protobuf::{Message, TensorProto};
+}
