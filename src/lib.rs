@@ -95,7 +95,11 @@ fn ms(since: Instant) -> f64 {
 /// The pipeline: import, canonicalise, hand to the backend.
 pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let t = Instant::now();
-    let import_opts = ImportOptions { dims: opts.dims.clone(), input_shapes: opts.input_shapes.clone(), input_values: opts.input_values.clone() };
+    let import_opts = ImportOptions {
+        dims: opts.dims.clone(),
+        input_shapes: opts.input_shapes.clone(),
+        input_values: opts.input_values.clone(),
+    };
     let imported = egret_frontend::import_file(path, &import_opts)?;
     let import_ms = ms(t);
 
@@ -111,10 +115,17 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let backend_ms = ms(t);
 
     Ok(Model {
-        program: Program { signature, executable },
+        program: Program {
+            signature,
+            executable,
+        },
         graph,
         canon,
-        times: StageTimes { import_ms, canonicalize_ms, backend_ms },
+        times: StageTimes {
+            import_ms,
+            canonicalize_ms,
+            backend_ms,
+        },
         opset: imported.opset,
     })
 }

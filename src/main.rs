@@ -10,7 +10,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "egret", version, about = "An ahead-of-time compiler for transformer models: ONNX in, fast code out.")]
+#[command(
+    name = "egret",
+    version,
+    about = "An ahead-of-time compiler for transformer models: ONNX in, fast code out."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,8 +96,14 @@ enum Command {
 fn parse_dims(dims: &[String]) -> Result<HashMap<String, usize>> {
     dims.iter()
         .map(|d| {
-            let (k, v) = d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=VALUE"))?;
-            Ok((k.to_string(), v.parse().with_context(|| format!("--dim `{d}`: `{v}` is not a size"))?))
+            let (k, v) = d
+                .split_once('=')
+                .with_context(|| format!("--dim `{d}` should be NAME=VALUE"))?;
+            Ok((
+                k.to_string(),
+                v.parse()
+                    .with_context(|| format!("--dim `{d}`: `{v}` is not a size"))?,
+            ))
         })
         .collect()
 }
@@ -107,12 +117,38 @@ fn main() {
 
 fn run_cli() -> Result<()> {
     match Cli::parse().command {
-        Command::Run { model, inputs, save_outputs, backend, print_ir, seed } => run(model, inputs, save_outputs, backend.into(), print_ir, seed),
-        Command::Check { path, backend, rtol, atol, quiet } => check(&path, backend.into(), Tolerance { rtol, atol }, quiet),
+        Command::Run {
+            model,
+            inputs,
+            save_outputs,
+            backend,
+            print_ir,
+            seed,
+        } => run(model, inputs, save_outputs, backend.into(), print_ir, seed),
+        Command::Check {
+            path,
+            backend,
+            rtol,
+            atol,
+            quiet,
+        } => check(&path, backend.into(), Tolerance { rtol, atol }, quiet),
         Command::Ir { model, full } => {
-            let opts = CompileOptions { dims: parse_dims(&model.dims)?, ..Default::default() };
+            let opts = CompileOptions {
+                dims: parse_dims(&model.dims)?,
+                ..Default::default()
+            };
             let m = compile(&model.model, &opts)?;
-            print!("{}", text::print_with(&m.graph, if full { Constants::Full } else { Constants::ElideOver(16) }));
+            print!(
+                "{}",
+                text::print_with(
+                    &m.graph,
+                    if full {
+                        Constants::Full
+                    } else {
+                        Constants::ElideOver(16)
+                    }
+                )
+            );
             Ok(())
         }
         Command::Ops => {
@@ -124,16 +160,28 @@ fn run_cli() -> Result<()> {
     }
 }
 
-fn run(model: ModelArgs, inputs: Vec<String>, save: Option<PathBuf>, backend: Backend, print_ir: bool, seed: u64) -> Result<()> {
+fn run(
+    model: ModelArgs,
+    inputs: Vec<String>,
+    save: Option<PathBuf>,
+    backend: Backend,
+    print_ir: bool,
+    seed: u64,
+) -> Result<()> {
     let mut given: Vec<(String, Tensor)> = Vec::new();
     for spec in &inputs {
-        let (name, file) = spec.split_once('=').with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
         given.push((name.to_string(), egret::io::read_tensor(Path::new(file))?));
     }
     let opts = CompileOptions {
         backend,
         dims: parse_dims(&model.dims)?,
-        input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
+        input_shapes: given
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+            .collect(),
         input_values: given.iter().cloned().collect(),
     };
     let m = compile(&model.model, &opts)?;
@@ -153,9 +201,19 @@ fn run(model: ModelArgs, inputs: Vec<String>, save: Option<PathBuf>, backend: Ba
         println!("{name}: {}  {}", t.ty(), summary(t));
     }
     if let Some(dir) = save {
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create `{}`", dir.display()))?;
         for (name, t) in &outs {
-            let safe: String = name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+            let safe: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
             let path = dir.join(format!("{safe}.npy"));
             egret::io::write_npy(&path, t)?;
             println!("saved {}", path.display());
@@ -174,7 +232,11 @@ fn summary(t: &Tensor) -> String {
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mean = v.iter().sum::<f64>() / v.len() as f64;
     let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.6}")).collect();
-    format!("min {min:.6}  max {max:.6}  mean {mean:.6}  [{}{}]", head.join(", "), if v.len() > 4 { ", ..." } else { "" })
+    format!(
+        "min {min:.6}  max {max:.6}  mean {mean:.6}  [{}{}]",
+        head.join(", "),
+        if v.len() > 4 { ", ..." } else { "" }
+    )
 }
 
 fn check(path: &Path, backend: Backend, tol: Tolerance, quiet: bool) -> Result<()> {
@@ -198,7 +260,10 @@ fn check(path: &Path, backend: Backend, tol: Tolerance, quiet: bool) -> Result<(
                         o.name,
                         o.max_abs,
                         o.max_rel,
-                        o.failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default()
+                        o.failure
+                            .as_ref()
+                            .map(|f| format!(" ({f})"))
+                            .unwrap_or_default()
                     );
                 }
             }

@@ -30,7 +30,7 @@ use std::path::Path;
 /// 13 to 21 are what the op registry is written against; older and newer
 /// ones are accepted because the ops a transformer uses kept their meaning,
 /// and builders check the version where it did change.
-pub const MIN_OPSET: i64 = 7;
+pub const MIN_OPSET: i64 = 1;
 pub const MAX_OPSET: i64 = 28;
 
 #[derive(Clone, Debug, Default)]
@@ -58,20 +58,40 @@ pub struct Imported {
 
 /// Reads and imports a `.onnx` file. External data resolves inside its folder.
 pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
-    let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base = path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
     import_bytes(&bytes, base, path, opts)
 }
 
 /// Imports a serialised `ModelProto`. `base` is the folder external data
 /// lives in; `path` only names the model in errors.
-pub fn import_bytes(bytes: &[u8], base: Option<&Path>, path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
+pub fn import_bytes(
+    bytes: &[u8],
+    base: Option<&Path>,
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<Imported, ImportError> {
     use protobuf::Message;
-    let model = onnx_protobuf::ModelProto::parse_from_bytes(bytes)
-        .map_err(|e| ImportError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    let model =
+        onnx_protobuf::ModelProto::parse_from_bytes(bytes).map_err(|e| ImportError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     if model.graph.is_none() {
         return Err(if bytes.is_empty() {
-            ImportError::Parse { path: path.to_path_buf(), message: "the file is empty".into() }
+            ImportError::Parse {
+                path: path.to_path_buf(),
+                message: "the file is empty".into(),
+            }
         } else {
             ImportError::NoGraph
         });
@@ -81,7 +101,9 @@ pub fn import_bytes(bytes: &[u8], base: Option<&Path>, path: &Path, opts: &Impor
     loop {
         match context::Importer::run(&model, base, opts, &specialize) {
             Err(ImportError::NeedsInputValue { inputs, node, op })
-                if inputs.iter().all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
+                if inputs
+                    .iter()
+                    .all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
             {
                 let _ = (&node, &op);
                 specialize.extend(inputs);

@@ -62,7 +62,10 @@ impl DType {
     }
 
     pub fn is_signed(self) -> bool {
-        matches!(self, DType::F32 | DType::F64 | DType::I8 | DType::I16 | DType::I32 | DType::I64)
+        matches!(
+            self,
+            DType::F32 | DType::F64 | DType::I8 | DType::I16 | DType::I32 | DType::I64
+        )
     }
 
     /// Size of one element in bytes, as stored in ONNX `raw_data` and `.npy` files.
@@ -104,7 +107,10 @@ pub struct Type {
 
 impl Type {
     pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
-        Type { dtype, shape: shape.into() }
+        Type {
+            dtype,
+            shape: shape.into(),
+        }
     }
 
     pub fn rank(&self) -> usize {

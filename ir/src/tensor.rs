@@ -28,17 +28,61 @@ pub enum Data {
 macro_rules! dispatch {
     ($data:expr, $v:ident : $T:ident => $body:expr) => {
         match $data {
-            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
-            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
-            $crate::Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
-            $crate::Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
-            $crate::Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
-            $crate::Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
-            $crate::Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
-            $crate::Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
-            $crate::Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
-            $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
-            $crate::Data::Bool($v) => { #[allow(dead_code)] type $T = bool; $body }
+            $crate::Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            $crate::Data::I8($v) => {
+                #[allow(dead_code)]
+                type $T = i8;
+                $body
+            }
+            $crate::Data::I16($v) => {
+                #[allow(dead_code)]
+                type $T = i16;
+                $body
+            }
+            $crate::Data::I32($v) => {
+                #[allow(dead_code)]
+                type $T = i32;
+                $body
+            }
+            $crate::Data::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            $crate::Data::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            $crate::Data::U16($v) => {
+                #[allow(dead_code)]
+                type $T = u16;
+                $body
+            }
+            $crate::Data::U32($v) => {
+                #[allow(dead_code)]
+                type $T = u32;
+                $body
+            }
+            $crate::Data::U64($v) => {
+                #[allow(dead_code)]
+                type $T = u64;
+                $body
+            }
+            $crate::Data::Bool($v) => {
+                #[allow(dead_code)]
+                type $T = bool;
+                $body
+            }
         }
     };
 }
@@ -49,17 +93,59 @@ macro_rules! dispatch {
 macro_rules! dispatch_num {
     ($data:expr, $what:expr, $v:ident : $T:ident => $body:expr) => {
         match $data {
-            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
-            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
-            $crate::Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
-            $crate::Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
-            $crate::Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
-            $crate::Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
-            $crate::Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
-            $crate::Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
-            $crate::Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
-            $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
-            $crate::Data::Bool(_) => return Err(format!("{} is not defined on bool tensors", $what)),
+            $crate::Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            $crate::Data::I8($v) => {
+                #[allow(dead_code)]
+                type $T = i8;
+                $body
+            }
+            $crate::Data::I16($v) => {
+                #[allow(dead_code)]
+                type $T = i16;
+                $body
+            }
+            $crate::Data::I32($v) => {
+                #[allow(dead_code)]
+                type $T = i32;
+                $body
+            }
+            $crate::Data::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            $crate::Data::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            $crate::Data::U16($v) => {
+                #[allow(dead_code)]
+                type $T = u16;
+                $body
+            }
+            $crate::Data::U32($v) => {
+                #[allow(dead_code)]
+                type $T = u32;
+                $body
+            }
+            $crate::Data::U64($v) => {
+                #[allow(dead_code)]
+                type $T = u64;
+                $body
+            }
+            $crate::Data::Bool(_) => {
+                return Err(format!("{} is not defined on bool tensors", $what))
+            }
         }
     };
 }
@@ -69,15 +155,31 @@ macro_rules! dispatch_num {
 macro_rules! dispatch_float {
     ($data:expr, $what:expr, $v:ident : $T:ident => $body:expr) => {
         match $data {
-            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
-            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
-            other => return Err(format!("{} needs a float tensor, not {}", $what, other.dtype())),
+            $crate::Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            other => {
+                return Err(format!(
+                    "{} needs a float tensor, not {}",
+                    $what,
+                    other.dtype()
+                ))
+            }
         }
     };
 }
 
 /// An element type that can live in a `Data`.
-pub trait Elem: Copy + PartialEq + PartialOrd + Default + fmt::Debug + Send + Sync + 'static {
+pub trait Elem:
+    Copy + PartialEq + PartialOrd + Default + fmt::Debug + Send + Sync + 'static
+{
     const DTYPE: DType;
     fn wrap(v: Vec<Self>) -> Data;
     fn to_f64(self) -> f64;
@@ -261,7 +363,11 @@ impl Tensor {
     /// `try_new`).
     pub fn new(shape: impl Into<Vec<usize>>, data: Data) -> Tensor {
         let shape = shape.into();
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape {shape:?} does not match its data");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor shape {shape:?} does not match its data"
+        );
         Tensor { shape, data }
     }
 
@@ -269,7 +375,10 @@ impl Tensor {
         let shape = shape.into();
         let want: usize = shape.iter().product();
         if want != data.len() {
-            return Err(format!("shape {shape:?} needs {want} elements but {} were given", data.len()));
+            return Err(format!(
+                "shape {shape:?} needs {want} elements but {} were given",
+                data.len()
+            ));
         }
         Ok(Tensor { shape, data })
     }
@@ -285,7 +394,10 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Tensor {
         let shape = shape.into();
         let n = shape.iter().product();
-        Tensor { shape, data: Data::zeros(dtype, n) }
+        Tensor {
+            shape,
+            data: Data::zeros(dtype, n),
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -337,7 +449,10 @@ impl Tensor {
     }
 
     pub fn cast(&self, to: DType) -> Tensor {
-        Tensor { shape: self.shape.clone(), data: self.data.cast(to) }
+        Tensor {
+            shape: self.shape.clone(),
+            data: self.data.cast(to),
+        }
     }
 }
 

@@ -25,13 +25,26 @@ pub fn verify(g: &Graph) -> Result<(), IrError> {
         let inferred = crate::ops::infer(&node.op, &in_types).map_err(err)?;
         let recorded: Vec<_> = node.outputs.iter().map(|&v| g.ty(v).clone()).collect();
         if inferred != recorded {
-            let show = |ts: &[crate::Type]| ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
-            return Err(err(format!("records output types ({}) but inference gives ({})", show(&recorded), show(&inferred))));
+            let show = |ts: &[crate::Type]| {
+                ts.iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(err(format!(
+                "records output types ({}) but inference gives ({})",
+                show(&recorded),
+                show(&inferred)
+            )));
         }
     }
     for (name, v) in g.outputs() {
         if v.0 as usize >= g.value_count() || !live.contains(&g.producer(*v)) {
-            return Err(IrError::new(name, "output", format!("graph output `{name}` is {v}, which no live node produces")));
+            return Err(IrError::new(
+                name,
+                "output",
+                format!("graph output `{name}` is {v}, which no live node produces"),
+            ));
         }
     }
     Ok(())

@@ -30,7 +30,11 @@ impl ReferenceExecutable {
                 frees[step].push(ValueId(v as u32));
             }
         }
-        Ok(ReferenceExecutable { graph, order, frees })
+        Ok(ReferenceExecutable {
+            graph,
+            order,
+            frees,
+        })
     }
 }
 
@@ -47,7 +51,11 @@ impl Executable for ReferenceExecutable {
                 Op::Input { .. } => {}
                 Op::Const(t) => values[node.outputs[0].0 as usize] = Some(t.clone()),
                 op => {
-                    let args: Vec<&Tensor> = node.inputs.iter().map(|v| values[v.0 as usize].as_deref().expect("topological order")).collect();
+                    let args: Vec<&Tensor> = node
+                        .inputs
+                        .iter()
+                        .map(|v| values[v.0 as usize].as_deref().expect("topological order"))
+                        .collect();
                     let outs = egret_ir::eval_op(op, &args).map_err(|message| RunError::Eval {
                         node: node.label.clone(),
                         op: op.name().to_string(),
@@ -62,7 +70,11 @@ impl Executable for ReferenceExecutable {
                 values[v.0 as usize] = None;
             }
         }
-        let outs: Vec<Arc<Tensor>> = g.outputs().iter().map(|(_, v)| values[v.0 as usize].clone().expect("outputs are computed")).collect();
+        let outs: Vec<Arc<Tensor>> = g
+            .outputs()
+            .iter()
+            .map(|(_, v)| values[v.0 as usize].clone().expect("outputs are computed"))
+            .collect();
         // Dropping the table first lets unshared outputs move out without a copy.
         drop(values);
         Ok(outs.into_iter().map(Arc::unwrap_or_clone).collect())

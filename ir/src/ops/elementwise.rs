@@ -10,10 +10,46 @@ pub fn is_unary(op: &Op) -> bool {
     use Op::*;
     matches!(
         op,
-        Abs | Neg | Exp | Log | Sqrt | Reciprocal | Sin | Cos | Tan | Asin | Acos | Atan | Sinh | Cosh | Asinh
-            | Acosh | Atanh | Tanh | Erf | Sigmoid | Relu | Floor | Ceil | Round | Sign | Not | IsNaN | Softsign
-            | Softplus | HardSwish | Mish | BitwiseNot | IsInf { .. } | Elu { .. } | Selu { .. } | Celu { .. }
-            | LeakyRelu { .. } | HardSigmoid { .. } | ThresholdedRelu { .. } | Gelu { .. } | Shrink { .. }
+        Abs | Neg
+            | Exp
+            | Log
+            | Sqrt
+            | Reciprocal
+            | Sin
+            | Cos
+            | Tan
+            | Asin
+            | Acos
+            | Atan
+            | Sinh
+            | Cosh
+            | Asinh
+            | Acosh
+            | Atanh
+            | Tanh
+            | Erf
+            | Sigmoid
+            | Relu
+            | Floor
+            | Ceil
+            | Round
+            | Sign
+            | Not
+            | IsNaN
+            | Softsign
+            | Softplus
+            | HardSwish
+            | Mish
+            | BitwiseNot
+            | IsInf { .. }
+            | Elu { .. }
+            | Selu { .. }
+            | Celu { .. }
+            | LeakyRelu { .. }
+            | HardSigmoid { .. }
+            | ThresholdedRelu { .. }
+            | Gelu { .. }
+            | Shrink { .. }
     )
 }
 
@@ -21,8 +57,26 @@ pub fn is_binary(op: &Op) -> bool {
     use Op::*;
     matches!(
         op,
-        Add | Sub | Mul | Div | Pow | Mod { .. } | Max | Min | And | Or | Xor | Equal | Less | LessOrEqual
-            | Greater | GreaterOrEqual | PRelu | BitShift { .. } | BitwiseAnd | BitwiseOr | BitwiseXor
+        Add | Sub
+            | Mul
+            | Div
+            | Pow
+            | Mod { .. }
+            | Max
+            | Min
+            | And
+            | Or
+            | Xor
+            | Equal
+            | Less
+            | LessOrEqual
+            | Greater
+            | GreaterOrEqual
+            | PRelu
+            | BitShift { .. }
+            | BitwiseAnd
+            | BitwiseOr
+            | BitwiseXor
     )
 }
 
@@ -150,8 +204,12 @@ fn unary_f64(op: &Op, x: f64) -> f64 {
                 0.0
             }
         }
-        Op::Gelu { approximate_tanh: false } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
-        Op::Gelu { approximate_tanh: true } => {
+        Op::Gelu {
+            approximate_tanh: false,
+        } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        Op::Gelu {
+            approximate_tanh: true,
+        } => {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
         }
@@ -182,8 +240,13 @@ pub fn eval_unary(op: &Op, x: &Tensor) -> OpResult<Tensor> {
     let data = match op {
         Op::Identity => x.data().clone(),
         Op::Cast { to } => x.data().cast(*to),
-        Op::IsNaN => dispatch!(x.data(), v: T => Data::Bool(v.iter().map(|a| a.to_f64().is_nan()).collect())),
-        Op::IsInf { detect_negative, detect_positive } => dispatch!(x.data(), v: T => Data::Bool(
+        Op::IsNaN => {
+            dispatch!(x.data(), v: T => Data::Bool(v.iter().map(|a| a.to_f64().is_nan()).collect()))
+        }
+        Op::IsInf {
+            detect_negative,
+            detect_positive,
+        } => dispatch!(x.data(), v: T => Data::Bool(
             v.iter()
                 .map(|a| {
                     let f = a.to_f64();
@@ -200,7 +263,13 @@ pub fn eval_unary(op: &Op, x: &Tensor) -> OpResult<Tensor> {
         _ => match x.data() {
             Data::F32(v) => Data::F32(v.iter().map(|&a| unary_f64(op, a as f64) as f32).collect()),
             Data::F64(v) => Data::F64(v.iter().map(|&a| unary_f64(op, a)).collect()),
-            other => return Err(format!("{} needs a float tensor, not {}", op.name(), other.dtype())),
+            other => {
+                return Err(format!(
+                    "{} needs a float tensor, not {}",
+                    op.name(),
+                    other.dtype()
+                ))
+            }
         },
     };
     Ok(Tensor::new(shape, data))
@@ -232,12 +301,20 @@ fn bitwise_not(d: &Data) -> OpResult<Data> {
         Data::U16(v) => Data::U16(v.iter().map(|a| !a).collect()),
         Data::U32(v) => Data::U32(v.iter().map(|a| !a).collect()),
         Data::U64(v) => Data::U64(v.iter().map(|a| !a).collect()),
-        other => return Err(format!("bitwise_not needs an integer tensor, not {}", other.dtype())),
+        other => {
+            return Err(format!(
+                "bitwise_not needs an integer tensor, not {}",
+                other.dtype()
+            ))
+        }
     })
 }
 
 fn is_comparison(op: &Op) -> bool {
-    matches!(op, Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual)
+    matches!(
+        op,
+        Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual
+    )
 }
 
 fn is_logical(op: &Op) -> bool {
@@ -245,7 +322,10 @@ fn is_logical(op: &Op) -> bool {
 }
 
 fn is_bitwise(op: &Op) -> bool {
-    matches!(op, Op::BitShift { .. } | Op::BitwiseAnd | Op::BitwiseOr | Op::BitwiseXor)
+    matches!(
+        op,
+        Op::BitShift { .. } | Op::BitwiseAnd | Op::BitwiseOr | Op::BitwiseXor
+    )
 }
 
 pub fn infer_binary(op: &Op, a: &Type, b: &Type) -> OpResult<Type> {
@@ -267,9 +347,6 @@ pub fn infer_binary(op: &Op, a: &Type, b: &Type) -> OpResult<Type> {
     } else {
         if a.dtype == DType::Bool || b.dtype == DType::Bool {
             return Err("arithmetic on bool tensors is not defined".into());
-        }
-        if matches!(op, Op::Mod { fmod: false }) && a.dtype.is_float() {
-            return Err("mod with fmod=0 is only defined for integers".into());
         }
         a.dtype
     };
@@ -355,7 +432,14 @@ pub fn zip_broadcast<A: Copy, B: Copy, R>(
     ia.iter().zip(&ib).map(|(&i, &j)| f(a[i], b[j])).collect()
 }
 
-fn arith<T: Arith>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &[usize]) -> OpResult<Vec<T>> {
+fn arith<T: Arith>(
+    op: &Op,
+    a: &[T],
+    sa: &[usize],
+    b: &[T],
+    sb: &[usize],
+    so: &[usize],
+) -> OpResult<Vec<T>> {
     let mut failed = false;
     let out = match op {
         Op::Add => zip_broadcast(a, sa, b, sb, so, T::add),
@@ -364,7 +448,13 @@ fn arith<T: Arith>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &[
         Op::Pow => zip_broadcast(a, sa, b, sb, so, T::pow),
         Op::Max => zip_broadcast(a, sa, b, sb, so, T::max),
         Op::Min => zip_broadcast(a, sa, b, sb, so, T::min),
-        Op::PRelu => zip_broadcast(a, sa, b, sb, so, |x, s| if x < T::default() { T::mul(x, s) } else { x }),
+        Op::PRelu => zip_broadcast(a, sa, b, sb, so, |x, s| {
+            if x < T::default() {
+                T::mul(x, s)
+            } else {
+                x
+            }
+        }),
         Op::Div => zip_broadcast(a, sa, b, sb, so, |x, y| {
             T::div(x, y).unwrap_or_else(|| {
                 failed = true;
@@ -385,7 +475,14 @@ fn arith<T: Arith>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &[
     Ok(out)
 }
 
-fn compare<T: Elem>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &[usize]) -> Vec<bool> {
+fn compare<T: Elem>(
+    op: &Op,
+    a: &[T],
+    sa: &[usize],
+    b: &[T],
+    sb: &[usize],
+    so: &[usize],
+) -> Vec<bool> {
     match op {
         Op::Equal => zip_broadcast(a, sa, b, sb, so, |x, y| x == y),
         Op::Less => zip_broadcast(a, sa, b, sb, so, |x, y| x < y),
@@ -395,15 +492,34 @@ fn compare<T: Elem>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &
     }
 }
 
-fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]) -> OpResult<Data> {
+fn bitwise(
+    op: &Op,
+    a: &Data,
+    sa: &[usize],
+    b: &Data,
+    sb: &[usize],
+    so: &[usize],
+) -> OpResult<Data> {
     macro_rules! go {
         ($x:expr, $y:expr, $V:ident, $bits:expr) => {{
             let f = |x, y| match op {
                 Op::BitwiseAnd => x & y,
                 Op::BitwiseOr => x | y,
                 Op::BitwiseXor => x ^ y,
-                Op::BitShift { left: true } => if (y as u64) < $bits { x << y } else { 0 },
-                _ => if (y as u64) < $bits { x >> y } else { 0 },
+                Op::BitShift { left: true } => {
+                    if (y as u64) < $bits {
+                        x << y
+                    } else {
+                        0
+                    }
+                }
+                _ => {
+                    if (y as u64) < $bits {
+                        x >> y
+                    } else {
+                        0
+                    }
+                }
             };
             Data::$V(zip_broadcast($x, sa, $y, sb, so, f))
         }};
@@ -417,7 +533,12 @@ fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]
         (Data::I16(x), Data::I16(y)) => go!(x, y, I16, 16),
         (Data::I32(x), Data::I32(y)) => go!(x, y, I32, 32),
         (Data::I64(x), Data::I64(y)) => go!(x, y, I64, 64),
-        _ => return Err(format!("{} needs two tensors of one integer type", op.name())),
+        _ => {
+            return Err(format!(
+                "{} needs two tensors of one integer type",
+                op.name()
+            ))
+        }
     })
 }
 
@@ -433,7 +554,12 @@ pub fn eval_binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
         b
     };
     if a.dtype() != b.dtype() {
-        return Err(format!("{}: dtypes differ ({} vs {})", op.name(), a.dtype(), b.dtype()));
+        return Err(format!(
+            "{}: dtypes differ ({} vs {})",
+            op.name(),
+            a.dtype(),
+            b.dtype()
+        ));
     }
     let data = if is_comparison(op) {
         dispatch!(a.data(), x: T => Data::Bool(compare(op, x, sa, T::unwrap(b.data()).unwrap(), sb, so)))

@@ -23,17 +23,22 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     arity(inputs, 1, 1)?;
     let x = inputs[0];
     match op {
-        Op::Reduce { kind, axes, keepdims } => {
+        Op::Reduce {
+            kind,
+            axes,
+            keepdims,
+        } => {
             if let Some(a) = axes.iter().find(|&&a| a >= x.rank()) {
                 return Err(format!("axis {a} out of range for rank {}", x.rank()));
             }
-            if x.dtype == DType::Bool {
-                return Err("reductions are not defined on bool".into());
+            // On bools, max is "any" and min is "all"; nothing else is defined.
+            if x.dtype == DType::Bool && !matches!(kind, ReduceKind::Max | ReduceKind::Min) {
+                return Err(format!("reduce {} is not defined on bool", kind.word()));
             }
-            if !x.dtype.is_float() && matches!(kind, ReduceKind::LogSum | ReduceKind::LogSumExp | ReduceKind::L2 | ReduceKind::Mean) {
-                // Integer inputs are allowed by ONNX but truncate; keep them, computing in f64.
-            }
-            Ok(vec![Type::new(x.dtype, reduced_shape(&x.shape, axes, *keepdims))])
+            Ok(vec![Type::new(
+                x.dtype,
+                reduced_shape(&x.shape, axes, *keepdims),
+            )])
         }
         Op::ArgReduce { axis, keepdims, .. } => {
             if *axis >= x.rank() {
@@ -42,7 +47,10 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if x.shape[*axis] == 0 {
                 return Err("arg reduction over an empty axis".into());
             }
-            Ok(vec![Type::new(DType::I64, reduced_shape(&x.shape, &[*axis], *keepdims))])
+            Ok(vec![Type::new(
+                DType::I64,
+                reduced_shape(&x.shape, &[*axis], *keepdims),
+            )])
         }
         other => Err(format!("no inference rule for {}", other.name())),
     }
@@ -50,20 +58,34 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
 
 /// For every input element, the flat index of the output element it reduces into.
 fn reduce_index(shape: &[usize], axes: &[usize]) -> Vec<usize> {
-    let kept: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let kept: Vec<usize> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
     let ks = strides_of(&kept);
-    let strides: Vec<usize> = (0..shape.len()).map(|i| if axes.contains(&i) { 0 } else { ks[i] }).collect();
+    let strides: Vec<usize> = (0..shape.len())
+        .map(|i| if axes.contains(&i) { 0 } else { ks[i] })
+        .collect();
     super::strided_index(shape, &strides, 0)
 }
 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let x = inputs[0];
     match op {
-        Op::Reduce { kind, axes, keepdims } => {
+        Op::Reduce {
+            kind,
+            axes,
+            keepdims,
+        } => {
             let out_shape = reduced_shape(x.shape(), axes, *keepdims);
             let n_out: usize = out_shape.iter().product();
             let v = x.to_f64_vec();
+            let is_bool = x.dtype() == DType::Bool;
             let init = match kind {
+                // The identities of max and min; for bools, false and true.
+                ReduceKind::Max if is_bool => 0.0,
+                ReduceKind::Min if is_bool => 1.0,
                 ReduceKind::Max => f64::NEG_INFINITY,
                 ReduceKind::Min => f64::INFINITY,
                 ReduceKind::Prod => 1.0,
@@ -88,15 +110,39 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 let c = &mut acc[o];
                 *c = match kind {
                     ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => *c + a,
-                    ReduceKind::Max => if a.is_nan() || *c >= a { if a.is_nan() { a } else { *c } } else { a },
-                    ReduceKind::Min => if a.is_nan() || *c <= a { if a.is_nan() { a } else { *c } } else { a },
+                    ReduceKind::Max => {
+                        if a.is_nan() || *c >= a {
+                            if a.is_nan() {
+                                a
+                            } else {
+                                *c
+                            }
+                        } else {
+                            a
+                        }
+                    }
+                    ReduceKind::Min => {
+                        if a.is_nan() || *c <= a {
+                            if a.is_nan() {
+                                a
+                            } else {
+                                *c
+                            }
+                        } else {
+                            a
+                        }
+                    }
                     ReduceKind::Prod => *c * a,
                     ReduceKind::L1 => *c + a.abs(),
                     ReduceKind::L2 | ReduceKind::SumSquare => *c + a * a,
                     ReduceKind::LogSumExp => *c + (a - shift[o]).exp(),
                 };
             }
-            let count = if n_out == 0 { 1 } else { v.len() / n_out.max(1) };
+            let count = if n_out == 0 {
+                1
+            } else {
+                v.len() / n_out.max(1)
+            };
             for (o, c) in acc.iter_mut().enumerate() {
                 *c = match kind {
                     ReduceKind::Mean => *c / count as f64,
@@ -106,10 +152,17 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     _ => *c,
                 };
             }
-            // Integer max/min of an empty set has no infinity: use the type's extreme.
-            Ok(vec![Tensor::new(out_shape, Data::from_f64s(x.dtype(), &acc))])
+            Ok(vec![Tensor::new(
+                out_shape,
+                Data::from_f64s(x.dtype(), &acc),
+            )])
         }
-        Op::ArgReduce { select_max, axis, keepdims, select_last } => {
+        Op::ArgReduce {
+            select_max,
+            axis,
+            keepdims,
+            select_last,
+        } => {
             let (outer, len, inner) = super::nn::split_at_axis(x.shape(), *axis);
             let v = x.to_f64_vec();
             let mut out = Vec::with_capacity(outer * inner);
@@ -117,7 +170,10 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 for i in 0..inner {
                     let mut best = 0usize;
                     for j in 1..len {
-                        let (a, b) = (v[(o * len + j) * inner + i], v[(o * len + best) * inner + i]);
+                        let (a, b) = (
+                            v[(o * len + j) * inner + i],
+                            v[(o * len + best) * inner + i],
+                        );
                         let better = if *select_max { a > b } else { a < b };
                         if better || (*select_last && a == b) {
                             best = j;
@@ -126,7 +182,10 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     out.push(best as i64);
                 }
             }
-            Ok(vec![Tensor::new(reduced_shape(x.shape(), &[*axis], *keepdims), Data::I64(out))])
+            Ok(vec![Tensor::new(
+                reduced_shape(x.shape(), &[*axis], *keepdims),
+                Data::I64(out),
+            )])
         }
         other => Err(format!("no evaluation rule for {}", other.name())),
     }

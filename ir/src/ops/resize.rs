@@ -11,13 +11,23 @@ use crate::tensor::{strides_of, Data, Tensor};
 
 pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     arity(inputs, 1, 1)?;
-    let Op::Resize { sizes, scales, roi, .. } = op else { return Err("not a resize".into()) };
+    let Op::Resize {
+        sizes, scales, roi, ..
+    } = op
+    else {
+        return Err("not a resize".into());
+    };
     let x = inputs[0];
     if sizes.len() != x.rank() || scales.len() != x.rank() {
-        return Err(format!("sizes {sizes:?} / scales {scales:?} must have one entry per axis"));
+        return Err(format!(
+            "sizes {sizes:?} / scales {scales:?} must have one entry per axis"
+        ));
     }
     if !roi.is_empty() && roi.len() != 2 * x.rank() {
-        return Err(format!("roi must have 2 x rank entries, found {}", roi.len()));
+        return Err(format!(
+            "roi must have 2 x rank entries, found {}",
+            roi.len()
+        ));
     }
     if x.dtype == crate::DType::Bool {
         return Err("resize is not defined on bool".into());
@@ -42,11 +52,14 @@ fn axis_taps(
     (0..len_out)
         .map(|o| {
             let xo = o as f64;
-            let (li, lo) = (len_in as f64, len_out as f64);
+            let li = len_in as f64;
+            // ONNX measures the resized length as `scale * len_in`, which is
+            // fractional when scales (not sizes) were given.
+            let lo = scale * li;
             let x = match coord {
                 CoordMode::HalfPixel => (xo + 0.5) / scale - 0.5,
                 CoordMode::HalfPixelSymmetric => {
-                    let adj = lo / (scale * li);
+                    let adj = len_out as f64 / lo;
                     let center = li / 2.0;
                     let offset = center * (1.0 - adj);
                     offset + (xo + 0.5) / scale - 0.5
@@ -83,8 +96,20 @@ fn axis_taps(
                 ResizeMode::Nearest => {
                     let frac = x - x.floor();
                     let r = match nearest {
-                        NearestMode::RoundPreferFloor => if frac == 0.5 { x.floor() } else { x.round() },
-                        NearestMode::RoundPreferCeil => if frac == 0.5 { x.ceil() } else { x.round() },
+                        NearestMode::RoundPreferFloor => {
+                            if frac == 0.5 {
+                                x.floor()
+                            } else {
+                                x.round()
+                            }
+                        }
+                        NearestMode::RoundPreferCeil => {
+                            if frac == 0.5 {
+                                x.ceil()
+                            } else {
+                                x.round()
+                            }
+                        }
                         NearestMode::Floor => x.floor(),
                         NearestMode::Ceil => x.ceil(),
                     };
@@ -93,7 +118,10 @@ fn axis_taps(
                 ResizeMode::Linear => {
                     let x0 = x.floor();
                     let t = x - x0;
-                    vec![(Some(clamp(x0 as i64)), 1.0 - t), (Some(clamp(x0 as i64 + 1)), t)]
+                    vec![
+                        (Some(clamp(x0 as i64)), 1.0 - t),
+                        (Some(clamp(x0 as i64 + 1)), t),
+                    ]
                 }
                 ResizeMode::Cubic => {
                     let x0 = x.floor();
@@ -126,7 +154,18 @@ fn axis_taps(
 }
 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
-    let Op::Resize { sizes, scales, mode, coord, nearest, cubic_coeff_a, exclude_outside, extrapolation_value, roi } = op else {
+    let Op::Resize {
+        sizes,
+        scales,
+        mode,
+        coord,
+        nearest,
+        cubic_coeff_a,
+        exclude_outside,
+        extrapolation_value,
+        roi,
+    } = op
+    else {
         return Err("not a resize".into());
     };
     let x = inputs[0];
@@ -134,11 +173,25 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let r = shape.len();
     let taps: Vec<Taps> = (0..r)
         .map(|a| {
-            let roi_a = if roi.is_empty() { (0.0, 1.0) } else { (roi[a] as f64, roi[a + r] as f64) };
+            let roi_a = if roi.is_empty() {
+                (0.0, 1.0)
+            } else {
+                (roi[a] as f64, roi[a + r] as f64)
+            };
             if shape[a] == sizes[a] && scales[a] == 1.0 && *coord != CoordMode::TfCropAndResize {
                 return (0..sizes[a]).map(|o| vec![(Some(o), 1.0)]).collect();
             }
-            axis_taps(shape[a], sizes[a], scales[a] as f64, roi_a, *mode, *coord, *nearest, *cubic_coeff_a as f64, *exclude_outside)
+            axis_taps(
+                shape[a],
+                sizes[a],
+                scales[a] as f64,
+                roi_a,
+                *mode,
+                *coord,
+                *nearest,
+                *cubic_coeff_a as f64,
+                *exclude_outside,
+            )
         })
         .collect();
     let xs = strides_of(shape);

@@ -1,0 +1,403 @@
+//! Bad input gets a clear error and a non-zero exit status, never a panic.
+//! Each test writes a broken model (or input) to a temporary folder and runs
+//! the real `egret` binary on it.
+
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
+use onnx_protobuf::type_proto;
+use onnx_protobuf::{
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use protobuf::Message;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn value_info(name: &str, elem_type: i32, dims: &[i64]) -> ValueInfoProto {
+    let mut shape = TensorShapeProto::new();
+    for &d in dims {
+        let mut dim = Dimension::new();
+        dim.value = Some(dimension::Value::DimValue(d));
+        shape.dim.push(dim);
+    }
+    let mut tt = type_proto::Tensor::new();
+    tt.elem_type = elem_type;
+    tt.shape = Some(shape).into();
+    let mut ty = TypeProto::new();
+    ty.value = Some(type_proto::Value::TensorType(tt));
+    let mut v = ValueInfoProto::new();
+    v.name = name.into();
+    v.type_ = Some(ty).into();
+    v
+}
+
+fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    let mut n = NodeProto::new();
+    n.op_type = op.into();
+    n.name = format!("{op}_0");
+    n.input = inputs.iter().map(|s| s.to_string()).collect();
+    n.output = outputs.iter().map(|s| s.to_string()).collect();
+    n
+}
+
+/// `y = x + w` with x: f32[2, 3] and an initializer w: f32[3].
+fn add_model() -> ModelProto {
+    let mut g = GraphProto::new();
+    g.name = "add".into();
+    g.input.push(value_info("x", 1, &[2, 3]));
+    g.output.push(value_info("y", 1, &[2, 3]));
+    g.node.push(node("Add", &["x", "w"], &["y"]));
+    let mut w = TensorProto::new();
+    w.name = "w".into();
+    w.data_type = 1;
+    w.dims = vec![3];
+    w.float_data = vec![1.0, 2.0, 3.0];
+    g.initializer.push(w);
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    let mut opset = OperatorSetIdProto::new();
+    opset.version = 17;
+    m.opset_import.push(opset);
+    m.graph = Some(g).into();
+    m
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("egret-bad-input-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_model(dir: &Path, m: &ModelProto) -> PathBuf {
+    let p = dir.join("model.onnx");
+    std::fs::write(&p, m.write_to_bytes().unwrap()).unwrap();
+    p
+}
+
+/// Runs `egret ARGS`, expects failure, and returns stderr.
+fn egret_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "egret {args:?} should fail; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "egret {args:?} should exit with 1, not crash; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "egret {args:?} panicked: {stderr}"
+    );
+    stderr
+}
+
+fn run_fails(model: &Path) -> String {
+    egret_fails(&["run", model.to_str().unwrap()])
+}
+
+#[test]
+fn the_well_formed_model_runs() {
+    let dir = tempdir("ok");
+    let p = write_model(&dir, &add_model());
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["run", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("y: f32[2,3]"));
+}
+
+#[test]
+fn truncated_file() {
+    let dir = tempdir("truncated");
+    let bytes = add_model().write_to_bytes().unwrap();
+    let p = dir.join("model.onnx");
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let err = run_fails(&p);
+    assert!(err.contains("is not a valid ONNX model"), "{err}");
+}
+
+#[test]
+fn file_that_is_not_protobuf() {
+    let dir = tempdir("garbage");
+    let p = dir.join("model.onnx");
+    std::fs::write(&p, b"this is a text file, not a protobuf message \xff\xfe").unwrap();
+    let err = run_fails(&p);
+    assert!(err.contains("is not a valid ONNX model"), "{err}");
+}
+
+#[test]
+fn empty_file() {
+    let dir = tempdir("empty");
+    let p = dir.join("model.onnx");
+    std::fs::write(&p, b"").unwrap();
+    let err = run_fails(&p);
+    assert!(err.contains("empty"), "{err}");
+}
+
+#[test]
+fn missing_file() {
+    let err = egret_fails(&["run", "/nonexistent/model.onnx"]);
+    assert!(
+        err.contains("cannot read `/nonexistent/model.onnx`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_op() {
+    let dir = tempdir("unknown-op");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().node[0].op_type = "FrobnicateTensor".into();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("unsupported op `FrobnicateTensor`"), "{err}");
+    assert!(err.contains("opset 17") && err.contains("Add_0"), "{err}");
+}
+
+#[test]
+fn op_from_another_domain() {
+    let dir = tempdir("domain");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().node[0].domain = "com.example".into();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("domain `com.example`"), "{err}");
+}
+
+#[test]
+fn unsupported_attribute() {
+    let dir = tempdir("attr");
+    let mut m = add_model();
+    let mut a = onnx_protobuf::AttributeProto::new();
+    a.name = "frobnication".into();
+    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
+    a.i = 3;
+    m.graph.as_mut().unwrap().node[0].attribute.push(a);
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(
+        err.contains("attribute `frobnication` is not supported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_initializer() {
+    let dir = tempdir("missing-init");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().initializer.clear();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(
+        err.contains("reads `w`, which no node, initializer or graph input defines"),
+        "{err}"
+    );
+}
+
+#[test]
+fn graph_with_a_cycle() {
+    let dir = tempdir("cycle");
+    let mut m = add_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node.clear();
+    g.node.push(node("Add", &["x", "b"], &["a"]));
+    g.node.push(node("Relu", &["a"], &["b"]));
+    g.node.push(node("Relu", &["a"], &["y"]));
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("cycle"), "{err}");
+}
+
+fn external_model(location: &str) -> ModelProto {
+    let mut m = add_model();
+    let w = &mut m.graph.as_mut().unwrap().initializer[0];
+    w.float_data.clear();
+    w.data_location = DataLocation::EXTERNAL.into();
+    let mut kv = StringStringEntryProto::new();
+    kv.key = "location".into();
+    kv.value = location.into();
+    w.external_data.push(kv);
+    m
+}
+
+#[test]
+fn external_data_inside_the_folder_loads() {
+    let dir = tempdir("external-ok");
+    let bytes: Vec<u8> = [1f32, 2.0, 3.0]
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("weights.bin"), bytes).unwrap();
+    let p = write_model(&dir, &external_model("weights.bin"));
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["run", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn external_data_path_that_escapes_the_folder() {
+    let dir = tempdir("external-escape");
+    std::fs::write(dir.join("../egret-secret.bin"), [0u8; 12]).unwrap();
+    let err = run_fails(&write_model(&dir, &external_model("../egret-secret.bin")));
+    assert!(err.contains("escapes the model's folder"), "{err}");
+    let err = run_fails(&write_model(
+        &dir,
+        &external_model("sub/../../egret-secret.bin"),
+    ));
+    assert!(err.contains("escapes the model's folder"), "{err}");
+}
+
+#[test]
+fn external_data_with_an_absolute_path() {
+    let dir = tempdir("external-abs");
+    let err = run_fails(&write_model(&dir, &external_model("/etc/passwd")));
+    assert!(err.contains("is absolute"), "{err}");
+}
+
+#[test]
+fn external_data_range_past_the_end() {
+    let dir = tempdir("external-short");
+    std::fs::write(dir.join("weights.bin"), [0u8; 4]).unwrap();
+    let err = run_fails(&write_model(&dir, &external_model("weights.bin")));
+    assert!(err.contains("raw data has 4 bytes"), "{err}");
+}
+
+#[test]
+fn initializer_with_too_few_values() {
+    let dir = tempdir("short-init");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().initializer[0].float_data.pop();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(
+        err.contains("tensor `w`") && err.contains("holds 2 values"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shapes_that_do_not_broadcast() {
+    let dir = tempdir("broadcast");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().initializer[0].dims = vec![1, 3, 1];
+    m.graph.as_mut().unwrap().initializer[0].float_data = vec![1.0, 2.0, 3.0];
+    m.graph.as_mut().unwrap().input[0] = value_info("x", 1, &[2, 2]);
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(
+        err.contains("do not broadcast") && err.contains("Add_0"),
+        "{err}"
+    );
+}
+
+fn write_npy(path: &Path, t: &egret::ir::Tensor) {
+    egret::io::write_npy(path, t).unwrap();
+}
+
+#[test]
+fn input_of_the_wrong_shape() {
+    let dir = tempdir("wrong-shape");
+    let p = write_model(&dir, &add_model());
+    let x = dir.join("x.npy");
+    write_npy(&x, &egret::ir::Tensor::from_vec(vec![3, 3], vec![0f32; 9]));
+    let err = egret_fails(&[
+        "run",
+        p.to_str().unwrap(),
+        "--input",
+        &format!("x={}", x.display()),
+    ]);
+    assert!(err.contains("input `x`") && err.contains("[3, 3]"), "{err}");
+}
+
+#[test]
+fn input_of_the_wrong_dtype() {
+    let dir = tempdir("wrong-dtype");
+    let p = write_model(&dir, &add_model());
+    let x = dir.join("x.npy");
+    write_npy(&x, &egret::ir::Tensor::from_vec(vec![2, 3], vec![0i64; 6]));
+    let err = egret_fails(&[
+        "run",
+        p.to_str().unwrap(),
+        "--input",
+        &format!("x={}", x.display()),
+    ]);
+    assert!(
+        err.contains("input `x` should be f32[2,3] but is i64[2,3]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn input_that_the_model_does_not_have() {
+    let dir = tempdir("extra-input");
+    let p = write_model(&dir, &add_model());
+    let x = dir.join("z.npy");
+    write_npy(&x, &egret::ir::Tensor::from_vec(vec![2, 3], vec![0f32; 6]));
+    let err = egret_fails(&[
+        "run",
+        p.to_str().unwrap(),
+        "--input",
+        &format!("z={}", x.display()),
+    ]);
+    assert!(err.contains("no input `z`"), "{err}");
+}
+
+#[test]
+fn input_file_that_is_not_npy() {
+    let dir = tempdir("bad-npy");
+    let p = write_model(&dir, &add_model());
+    let x = dir.join("x.npy");
+    std::fs::write(&x, b"not numpy").unwrap();
+    let err = egret_fails(&[
+        "run",
+        p.to_str().unwrap(),
+        "--input",
+        &format!("x={}", x.display()),
+    ]);
+    assert!(err.contains("not a valid .npy file"), "{err}");
+}
+
+#[test]
+fn gather_index_out_of_range_is_an_error_not_a_crash() {
+    let dir = tempdir("gather-oob");
+    let mut m = add_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node.clear();
+    g.node.push(node("Gather", &["w", "i"], &["y"]));
+    g.input[0] = value_info("i", 7, &[2]);
+    g.output[0] = value_info("y", 1, &[2]);
+    let p = write_model(&dir, &m);
+    let i = dir.join("i.npy");
+    write_npy(&i, &egret::ir::Tensor::from_vec(vec![2], vec![0i64, 7]));
+    let err = egret_fails(&[
+        "run",
+        p.to_str().unwrap(),
+        "--input",
+        &format!("i={}", i.display()),
+    ]);
+    assert!(
+        err.contains("gather index 7 is out of range for an axis of length 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn opset_newer_than_supported() {
+    let dir = tempdir("opset");
+    let mut m = add_model();
+    m.opset_import[0].version = 99;
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("opset 99"), "{err}");
+}

@@ -1,0 +1,95 @@
+//! The `egret` command line, end to end.
+
+mod common;
+
+use std::process::Command;
+
+fn egret(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(args)
+        .current_dir(common::repo_root())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_reports_every_output_and_ends_with_the_tally() {
+    let (ok, out, err) = egret(&["check", "tests/data/zoo"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.lines().last(), Some("7 passed, 0 failed"));
+    assert!(out.contains("PASS last_hidden_state: max abs err"), "{out}");
+}
+
+#[test]
+fn check_fails_with_a_non_zero_status_when_an_output_differs() {
+    let dir = std::env::temp_dir().join(format!("egret-cli-check-{}", std::process::id()));
+    let case = dir.join("vit");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
+    let src = common::zoo_dir().join("vit_tiny");
+    std::fs::copy(src.join("model.onnx"), case.join("model.onnx")).unwrap();
+    std::fs::copy(
+        src.join("test_data_set_0/input_0.pb"),
+        case.join("test_data_set_0/input_0.pb"),
+    )
+    .unwrap();
+    // Scale the stored reference so that it no longer matches.
+    let (name, t) = egret::io::read_pb(&src.join("test_data_set_0/output_0.pb")).unwrap();
+    let scaled: Vec<f32> = t.as_f32().unwrap().iter().map(|x| x * 1.5 + 0.1).collect();
+    let bad = egret::ir::Tensor::from_vec(t.shape().to_vec(), scaled);
+    egret::io::write_pb(&case.join("test_data_set_0/output_0.pb"), &name, &bad).unwrap();
+    let (ok, out, _) = egret(&["check", dir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("FAIL logits"), "{out}");
+    assert_eq!(out.lines().last(), Some("0 passed, 1 failed"));
+}
+
+#[test]
+fn run_saves_outputs_that_match_check() {
+    let dir = std::env::temp_dir().join(format!("egret-cli-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let input = "tests/data/zoo/deit_tiny_distilled/test_data_set_0/input_0.pb";
+    let (ok, out, err) = egret(&[
+        "run",
+        "tests/data/zoo/deit_tiny_distilled/model.onnx",
+        "--input",
+        &format!("pixel_values={input}"),
+        "--save-outputs",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("logits: f32[1,10]"), "{out}");
+    let saved = egret::io::read_npy(&dir.join("logits.npy")).unwrap();
+    let (_, want) = egret::io::read_pb(
+        &common::zoo_dir().join("deit_tiny_distilled/test_data_set_0/output_0.pb"),
+    )
+    .unwrap();
+    let r = egret::check::compare("logits", &saved, &want, Default::default());
+    assert!(r.failure.is_none(), "{r:?}");
+}
+
+#[test]
+fn run_makes_random_inputs_within_index_ranges() {
+    // BERT's input_ids index a 1000-row embedding; random ids must stay in range.
+    let (ok, out, err) = egret(&["run", "tests/data/zoo/bert_tiny/model.onnx", "--seed", "7"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("input `input_ids` i64[1,16] is random"),
+        "{err}"
+    );
+    assert!(out.contains("pooler_output: f32[1,64]"), "{out}");
+}
+
+#[test]
+fn ir_prints_the_canonical_graph() {
+    let (ok, out, err) = egret(&["ir", "tests/data/zoo/gpt2_tiny/model.onnx"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("= input{name=\"input_ids\"}"), "{out}");
+    assert!(out.contains("= layer_norm{axis=2"), "{out}");
+    assert!(out.contains("values>"), "large constants are elided: {out}");
+}
