@@ -401,3 +401,30 @@ fn opset_newer_than_supported() {
     let err = run_fails(&write_model(&dir, &m));
     assert!(err.contains("opset 99"), "{err}");
 }
+
+#[test]
+fn constant_of_absurd_size() {
+    let dir = tempdir("huge");
+    let mut m = add_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node.clear();
+    let mut shape = TensorProto::new();
+    shape.name = "s".into();
+    shape.data_type = 7;
+    shape.dims = vec![2];
+    shape.int64_data = vec![1 << 40, 1 << 40];
+    g.initializer.push(shape);
+    g.node.push(node("ConstantOfShape", &["s"], &["y"]));
+    g.output[0] = value_info("y", 1, &[]);
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("too large"), "{err}");
+}
+
+#[test]
+fn input_of_absurd_declared_size() {
+    let dir = tempdir("huge-input");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().input[0] = value_info("x", 1, &[1 << 40, 1 << 40]);
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("too large"), "{err}");
+}

@@ -180,6 +180,9 @@ impl<'a> Importer<'a> {
                 }
             };
             let ty = Type::new(dtype, shape);
+            if ty.checked_numel().is_none() {
+                return Err(err(format!("shape {:?} is too large", ty.shape)));
+            }
             let v = self.graph.add_input(&input.name, ty.clone());
             if specialize.contains(&input.name) {
                 let t = opts.input_values[&input.name].clone();

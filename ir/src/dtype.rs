@@ -120,7 +120,20 @@ impl Type {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The element count, or `None` if it overflows or exceeds `MAX_ELEMENTS`.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= MAX_ELEMENTS)
+    }
 }
+
+/// The largest tensor Egret accepts (2^36 elements, 256 GiB of f32). A shape
+/// past it is an error at graph construction, so no later `numel` overflows
+/// and no allocation is attempted that could only abort.
+pub const MAX_ELEMENTS: usize = 1 << 36;
 
 impl fmt::Display for Type {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

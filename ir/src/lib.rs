@@ -16,7 +16,7 @@ mod tensor;
 pub mod text;
 mod verify;
 
-pub use dtype::{DType, Type};
+pub use dtype::{DType, Type, MAX_ELEMENTS};
 pub use error::IrError;
 pub use graph::{Graph, Node, NodeId, ValueData, ValueId};
 pub use op::Op;

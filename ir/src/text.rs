@@ -137,6 +137,9 @@ fn lex(line: &str) -> Result<Vec<Tok>, String> {
                                     .position(|&c| c == '}')
                                     .ok_or("bad \\u escape")?
                                     + i;
+                                if close < i + 2 {
+                                    return Err("bad \\u escape".into());
+                                }
                                 let hex: String = cs[i + 2..close].iter().collect();
                                 let code =
                                     u32::from_str_radix(&hex, 16).map_err(|_| "bad \\u escape")?;

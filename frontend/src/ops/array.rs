@@ -8,6 +8,10 @@ use crate::ImportError;
 use egret_ir::op::{CoordMode, NearestMode, PadMode, Reduction, ResizeMode};
 use egret_ir::{DType, Data, Op, Tensor, ValueId};
 
+/// Constants are materialised at compile time; past this size that is a
+/// mistake (or an attack), not a model.
+const MAX_CONSTANT_ELEMENTS: usize = 1 << 28;
+
 pub fn register(r: &mut Registry) {
     r.insert("Reshape", reshape);
     r.insert("Flatten", |c| {
@@ -135,7 +139,10 @@ pub fn register(r: &mut Registry) {
             return Err(c.err("value must hold exactly one element"));
         }
         let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
-        let n: usize = shape.iter().product();
+        let n = egret_ir::Type::new(value.dtype(), shape.clone())
+            .checked_numel()
+            .filter(|&n| n <= MAX_CONSTANT_ELEMENTS)
+            .ok_or_else(|| c.err(format!("shape {shape:?} is too large for a constant")))?;
         let data = value.data().gather(&vec![0; n]);
         Ok(vec![c.constant(Tensor::new(shape, data))])
     });
