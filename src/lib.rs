@@ -31,6 +31,8 @@ pub enum Error {
     Ir(#[from] IrError),
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error("code generation failed: {0}")]
+    Codegen(String),
     /// A problem with files or values the user passed (not with the model).
     #[error("{0}")]
     Usage(String),
@@ -42,12 +44,15 @@ pub enum Backend {
     /// The IR's reference semantics, node by node: the oracle.
     #[default]
     Reference,
+    /// Native code from the Cranelift backend.
+    Cpu,
 }
 
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Reference => "reference",
+            Backend::Cpu => "cpu",
         }
     }
 }
@@ -111,6 +116,12 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let signature = egret_runtime::Signature::of(&graph, imported.specialized);
     let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
+        Backend::Cpu => {
+            let plan = egret_backends::lower(&graph)?;
+            let compiled =
+                egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
+            Box::new(egret_runtime::CpuExecutable::new(compiled))
+        }
     };
     let backend_ms = ms(t);
 

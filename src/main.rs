@@ -24,12 +24,15 @@ struct Cli {
 enum BackendArg {
     /// The IR's reference semantics, node by node (the oracle).
     Reference,
+    /// Native code generated with Cranelift.
+    Cpu,
 }
 
 impl From<BackendArg> for Backend {
     fn from(b: BackendArg) -> Backend {
         match b {
             BackendArg::Reference => Backend::Reference,
+            BackendArg::Cpu => Backend::Cpu,
         }
     }
 }

@@ -1,6 +1,10 @@
-//! Code generators. **A backend sees only the IR (and, as they arrive,
-//! lowered kernels), never ONNX.**
+//! Code generators. **A backend sees only the kernel plan (and the IR it was
+//! lowered from), never ONNX.**
 //!
-//! Empty today: the reference backend, which needs no code generation, lives
-//! in `runtime`. The Cranelift CPU backend is the next stage to land here,
-//! then WGSL and PTX, each behind the same kernel plan.
+//! `plan` lowers a canonical graph to a backend-neutral list of kernels with
+//! a memory plan; `cpu` compiles each kernel to machine code with Cranelift.
+
+pub mod cpu;
+pub mod plan;
+
+pub use plan::{lower, Plan};

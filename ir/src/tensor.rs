@@ -464,3 +464,60 @@ pub fn strides_of(shape: &[usize]) -> Vec<usize> {
     }
     s
 }
+
+impl Tensor {
+    /// The elements as native-endian bytes (bools as 0/1), the layout the
+    /// compiled backends keep in memory.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
+            let n = std::mem::size_of_val(v);
+            // Plain numeric types with no padding: their bytes are well defined.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) }.to_vec()
+        }
+        match &self.data {
+            Data::Bool(v) => v.iter().map(|&b| b as u8).collect(),
+            Data::F32(v) => bytes_of(v),
+            Data::F64(v) => bytes_of(v),
+            Data::I8(v) => bytes_of(v),
+            Data::I16(v) => bytes_of(v),
+            Data::I32(v) => bytes_of(v),
+            Data::I64(v) => bytes_of(v),
+            Data::U8(v) => bytes_of(v),
+            Data::U16(v) => bytes_of(v),
+            Data::U32(v) => bytes_of(v),
+            Data::U64(v) => bytes_of(v),
+        }
+    }
+
+    /// The inverse of `to_bytes`. `bytes` must hold exactly the elements of `ty`.
+    pub fn from_bytes(ty: &Type, bytes: &[u8]) -> Result<Tensor, String> {
+        let n = ty.numel();
+        if bytes.len() != n * ty.dtype.size_bytes() {
+            return Err(format!("{} bytes do not hold a {ty}", bytes.len()));
+        }
+        macro_rules! read {
+            ($T:ty, $V:ident) => {
+                Data::$V(
+                    bytes
+                        .chunks_exact(std::mem::size_of::<$T>())
+                        .map(|c| <$T>::from_ne_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
+            };
+        }
+        let data = match ty.dtype {
+            DType::Bool => Data::Bool(bytes.iter().map(|&b| b != 0).collect()),
+            DType::F32 => read!(f32, F32),
+            DType::F64 => read!(f64, F64),
+            DType::I8 => read!(i8, I8),
+            DType::I16 => read!(i16, I16),
+            DType::I32 => read!(i32, I32),
+            DType::I64 => read!(i64, I64),
+            DType::U8 => read!(u8, U8),
+            DType::U16 => read!(u16, U16),
+            DType::U32 => read!(u32, U32),
+            DType::U64 => read!(u64, U64),
+        };
+        Tensor::try_new(ty.shape.clone(), data)
+    }
+}

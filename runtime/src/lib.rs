@@ -5,12 +5,15 @@
 //! from some backend. The signature checks every call's inputs once, for all
 //! backends, so an executable may assume its inputs have the compiled types.
 //!
-//! The `reference` backend lives here: it walks the graph in topological
+//! `CpuExecutable` runs a plan compiled by the Cranelift backend. The
+//! `reference` backend lives here too: it walks the graph in topological
 //! order with the IR's reference semantics. It is the oracle other backends
 //! are tested against.
 
+mod cpu;
 mod reference;
 
+pub use cpu::CpuExecutable;
 pub use reference::ReferenceExecutable;
 
 use egret_ir::{Tensor, Type};

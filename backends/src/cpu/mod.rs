@@ -1,0 +1,222 @@
+//! The Cranelift CPU backend.
+//!
+//! Every native kernel becomes one function with the ABI
+//! `extern "C" fn(args: *const *mut u8) -> i32`: `args` holds the base
+//! address of each operand's buffer, in the kernel's operand order, and the
+//! result is 0 or an error code. One ABI for every kind keeps the runtime a
+//! plain loop over function pointers, and the same functions can later be
+//! written to an object file.
+//!
+//! ISA flags come from the host (`cranelift-native` detects AVX, AVX2, FMA).
+//! Cranelift's x86-64 backend vectorises at 128 bits, so map kernels use
+//! f32x4 where every operand of the inner loop is unit-stride or broadcast.
+//! Matrix products call a tuned GEMM (the `gemm` crate) per batch.
+
+mod map;
+mod runtime_fns;
+
+use crate::plan::{KernelKind, Plan};
+use cranelift_codegen::ir::{
+    types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName,
+};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module};
+
+/// A compiled kernel.
+pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8) -> i32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    #[error("kernel {kernel} (`{label}`): {message}")]
+    Kernel {
+        kernel: usize,
+        label: String,
+        message: String,
+    },
+    #[error("cannot set up Cranelift for this host: {0}")]
+    Isa(String),
+}
+
+/// A plan with machine code for its native kernels.
+pub struct CompiledPlan {
+    pub plan: Plan,
+    /// Per kernel: its function, or `None` for reference kernels.
+    pub entries: Vec<Option<KernelFn>>,
+    /// Per kernel: the Cranelift IR it was compiled from (empty for reference kernels).
+    pub clif: Vec<String>,
+    /// Read-only tables the generated code points into (matmul batch offsets).
+    _tables: Vec<Box<[i64]>>,
+    _module: JITModule,
+}
+
+// The module's code and the tables are immutable after compilation.
+unsafe impl Send for CompiledPlan {}
+unsafe impl Sync for CompiledPlan {}
+
+fn host_isa() -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| {
+        f.set(k, v).map_err(|e| CodegenError::Isa(e.to_string()))
+    };
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "is_pic", "false")?;
+    let isa = cranelift_native::builder().map_err(|e| CodegenError::Isa(e.to_string()))?;
+    isa.finish(settings::Flags::new(flags))
+        .map_err(|e| CodegenError::Isa(e.to_string()))
+}
+
+/// The description of the host ISA the code is generated for.
+pub fn host_description() -> String {
+    match host_isa() {
+        Ok(isa) => {
+            let flags: Vec<String> = isa
+                .isa_flags()
+                .iter()
+                .filter(|f| f.as_bool() == Some(true))
+                .map(|f| f.name.to_string())
+                .collect();
+            format!("{} [{}]", isa.triple(), flags.join(", "))
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Compiles every native kernel of `plan` with Cranelift.
+pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
+    let isa = host_isa()?;
+    let mut jb = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
+    runtime_fns::register(&mut jb);
+    let mut module = JITModule::new(jb);
+    let imports =
+        runtime_fns::declare(&mut module).map_err(|m| CodegenError::Isa(m.to_string()))?;
+    let mut ctx = module.make_context();
+    let mut fbc = FunctionBuilderContext::new();
+    let mut ids: Vec<Option<FuncId>> = Vec::with_capacity(plan.kernels.len());
+    let mut clif = Vec::with_capacity(plan.kernels.len());
+    let mut tables: Vec<Box<[i64]>> = Vec::new();
+    let ptr = module.target_config().pointer_type();
+    let frontend_config = module.target_config();
+    for (i, k) in plan.kernels.iter().enumerate() {
+        let err = |m: String| CodegenError::Kernel {
+            kernel: i,
+            label: k.label.clone(),
+            message: m,
+        };
+        if matches!(k.kind, KernelKind::Reference { .. }) {
+            ids.push(None);
+            clif.push(String::new());
+            continue;
+        }
+        let mut sig = Signature::new(module.isa().default_call_conv());
+        sig.params.push(AbiParam::new(ptr));
+        sig.returns.push(AbiParam::new(types::I32));
+        ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let args = b.block_params(entry)[0];
+            let fns = imports.in_func(&mut module, b.func);
+            match &k.kind {
+                KernelKind::Map(m) => map::emit(&mut b, ptr, args, m, &fns),
+                KernelKind::MatMul(mm) => {
+                    let table: Box<[i64]> = mm
+                        .batches
+                        .iter()
+                        .flat_map(|o| o.iter().map(|&x| x as i64))
+                        .collect();
+                    emit_matmul(&mut b, ptr, args, mm, table.as_ptr() as i64, &fns);
+                    tables.push(table);
+                }
+                KernelKind::Reference { .. } => unreachable!("skipped above"),
+            }
+            let zero = b.ins().iconst(types::I32, 0);
+            b.ins().return_(&[zero]);
+            b.seal_all_blocks();
+            b.finalize(frontend_config);
+        }
+        clif.push(ctx.func.display().to_string());
+        let id = module
+            .declare_function(&format!("egret_k{i}"), Linkage::Local, &sig)
+            .map_err(|e| err(e.to_string()))?;
+        module
+            .define_function(id, &mut ctx)
+            .map_err(|e| err(format!("{e:?}")))?;
+        module.clear_context(&mut ctx);
+        ids.push(Some(id));
+    }
+    module
+        .finalize_definitions()
+        .map_err(|e| CodegenError::Isa(e.to_string()))?;
+    let entries = ids
+        .iter()
+        .map(|id| {
+            id.map(|id| {
+                let code = module.get_finalized_function(id);
+                // The function was built with exactly the `KernelFn` signature.
+                unsafe { std::mem::transmute::<*const u8, KernelFn>(code) }
+            })
+        })
+        .collect();
+    Ok(CompiledPlan {
+        plan,
+        entries,
+        clif,
+        _tables: tables,
+        _module: module,
+    })
+}
+
+/// Loops over the batch table, calling the GEMM entry point for each batch.
+fn emit_matmul(
+    b: &mut FunctionBuilder,
+    ptr: types::Type,
+    args: cranelift_codegen::ir::Value,
+    mm: &crate::plan::MatMulKernel,
+    table: i64,
+    fns: &runtime_fns::FuncRefs,
+) {
+    let flags = MemFlagsData::new().with_notrap();
+    let a = b.ins().load(ptr, flags, args, 0);
+    let bm = b.ins().load(ptr, flags, args, 8);
+    let c = b.ins().load(ptr, flags, args, 16);
+    let table = b.ins().iconst(ptr, table);
+    let (m, k, n) = (
+        b.ins().iconst(types::I64, mm.m as i64),
+        b.ins().iconst(types::I64, mm.k as i64),
+        b.ins().iconst(types::I64, mm.n as i64),
+    );
+    let count = mm.batches.len() as i64;
+    let header = b.create_block();
+    let body = b.create_block();
+    let exit = b.create_block();
+    b.append_block_param(header, types::I64);
+    let zero = b.ins().iconst(types::I64, 0);
+    b.ins().jump(header, &[zero.into()]);
+    b.switch_to_block(header);
+    let i = b.block_params(header)[0];
+    let done = b.ins().icmp_imm_s(
+        cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual,
+        i,
+        count,
+    );
+    b.ins().brif(done, exit, &[], body, &[]);
+    b.switch_to_block(body);
+    let row = b.ins().imul_imm_s(i, 24);
+    let row = b.ins().iadd(table, row);
+    let addr = |base, slot: i32, b: &mut FunctionBuilder| {
+        let off = b.ins().load(types::I64, flags, row, slot * 8);
+        let bytes = b.ins().ishl_imm_u(off, 2);
+        b.ins().iadd(base, bytes)
+    };
+    let pa = addr(a, 0, b);
+    let pb = addr(bm, 1, b);
+    let pc = addr(c, 2, b);
+    b.ins().call(fns.sgemm, &[m, k, n, pa, pb, pc]);
+    let next = b.ins().iadd_imm_s(i, 1);
+    b.ins().jump(header, &[next.into()]);
+    b.switch_to_block(exit);
+}

@@ -1,0 +1,685 @@
+//! The kernel plan: what every backend compiles.
+//!
+//! Lowering turns a canonical graph into a list of kernels of a small, closed
+//! set of kinds, each with its shapes and strides, plus a memory plan: graph
+//! inputs and constants keep their own storage, every other value lives in one
+//! arena at an offset chosen by liveness, and reshapes are aliases that cost
+//! nothing. Nothing here is specific to one backend.
+
+use egret_ir::{DType, Graph, IrError, Op, Tensor, Type, ValueId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+pub type BufferId = usize;
+
+/// Where a buffer's bytes live.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// The i-th graph input, owned by the caller.
+    Input(usize),
+    Constant(Arc<Tensor>),
+    /// A byte offset into the arena.
+    Arena {
+        offset: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    pub bytes: usize,
+    pub storage: Storage,
+}
+
+/// A strided view of a buffer, in elements of `dtype`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Operand {
+    pub buffer: BufferId,
+    pub dtype: DType,
+    pub offset: isize,
+    /// One stride per dim of the kernel's iteration space (0 broadcasts).
+    pub strides: Vec<isize>,
+}
+
+/// Scalar functions of one f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unary {
+    Neg,
+    Abs,
+    Sqrt,
+    Recip,
+    Relu,
+    Floor,
+    Ceil,
+    Round,
+    Exp,
+    Log,
+    Tanh,
+    Erf,
+    Sigmoid,
+    Sin,
+    Cos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Compare {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Logic {
+    And,
+    Or,
+    Xor,
+}
+
+/// The elementwise expression language shared by every backend: a map
+/// kernel's body and (later) prologues and epilogues of other kernels.
+/// Values are f32 or bool.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    /// The kernel's i-th input operand.
+    Input(usize),
+    F32(f32),
+    Unary(Unary, Box<Expr>),
+    Binary(Binary, Box<Expr>, Box<Expr>),
+    Compare(Compare, Box<Expr>, Box<Expr>),
+    Logic(Logic, Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+    IsNaN(Box<Expr>),
+    /// `cond ? a : b`.
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// bool to f32 (0 or 1).
+    BoolToF32(Box<Expr>),
+    /// f32 to bool (non-zero).
+    F32ToBool(Box<Expr>),
+}
+
+impl Expr {
+    pub fn unary(f: Unary, x: Expr) -> Expr {
+        Expr::Unary(f, Box::new(x))
+    }
+    pub fn binary(f: Binary, a: Expr, b: Expr) -> Expr {
+        Expr::Binary(f, Box::new(a), Box::new(b))
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Input(i) => write!(f, "in{i}"),
+            Expr::F32(x) => write!(f, "{x:?}"),
+            Expr::Unary(u, x) => write!(f, "{u:?}({x})"),
+            Expr::Binary(b, x, y) => write!(f, "{b:?}({x}, {y})"),
+            Expr::Compare(c, x, y) => write!(f, "{c:?}({x}, {y})"),
+            Expr::Logic(l, x, y) => write!(f, "{l:?}({x}, {y})"),
+            Expr::Not(x) => write!(f, "Not({x})"),
+            Expr::IsNaN(x) => write!(f, "IsNaN({x})"),
+            Expr::Select(c, x, y) => write!(f, "Select({c}, {x}, {y})"),
+            Expr::BoolToF32(x) => write!(f, "F32({x})"),
+            Expr::F32ToBool(x) => write!(f, "Bool({x})"),
+        }
+    }
+}
+
+/// `out[i] = expr(in_0[i], in_1[i], ...)` over an iteration space, every
+/// operand strided. Elementwise ops, broadcasts, transposes, slices and the
+/// pieces of concat and split are all map kernels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapKernel {
+    pub shape: Vec<usize>,
+    pub inputs: Vec<Operand>,
+    pub output: Operand,
+    pub expr: Expr,
+}
+
+/// `c[b] = a[b] @ b[b]` for each batch, f32, row-major operands with the
+/// given batch offsets (in elements).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatMulKernel {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub a: BufferId,
+    pub b: BufferId,
+    pub c: BufferId,
+    /// Per batch: element offsets of a, b and c.
+    pub batches: Vec<[usize; 3]>,
+}
+
+#[derive(Clone, Debug)]
+pub enum KernelKind {
+    Map(MapKernel),
+    MatMul(MatMulKernel),
+    /// An op with no native kernel yet: the runtime evaluates it with the
+    /// IR's reference semantics on the buffers' bytes.
+    Reference {
+        op: Op,
+        inputs: Vec<(BufferId, Type)>,
+        outputs: Vec<(BufferId, Type)>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    pub kind: KernelKind,
+    /// The graph node it came from.
+    pub label: String,
+}
+
+impl Kernel {
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            KernelKind::Map(_) => "map",
+            KernelKind::MatMul(_) => "matmul",
+            KernelKind::Reference { .. } => "reference",
+        }
+    }
+
+    /// Buffers the kernel reads, then the ones it writes.
+    pub fn buffers(&self) -> (Vec<BufferId>, Vec<BufferId>) {
+        match &self.kind {
+            KernelKind::Map(m) => (
+                m.inputs.iter().map(|o| o.buffer).collect(),
+                vec![m.output.buffer],
+            ),
+            KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
+            KernelKind::Reference {
+                inputs, outputs, ..
+            } => (
+                inputs.iter().map(|i| i.0).collect(),
+                outputs.iter().map(|o| o.0).collect(),
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<Kernel>,
+    pub arena_bytes: usize,
+    pub inputs: Vec<(BufferId, Type)>,
+    pub outputs: Vec<(BufferId, Type)>,
+}
+
+/// Arena offsets are aligned for vector loads.
+const ALIGN: usize = 64;
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    buffers: Vec<Buffer>,
+    /// Every value's buffer (reshapes share their input's).
+    of: HashMap<ValueId, BufferId>,
+    kernels: Vec<Kernel>,
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
+    egret_ir::strides_of(shape)
+        .into_iter()
+        .map(|s| s as isize)
+        .collect()
+}
+
+/// Strides of a tensor of `shape` read broadcast over `out` (numpy rules).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
+    let st = contiguous_strides(shape);
+    let off = out.len() - shape.len();
+    (0..out.len())
+        .map(|i| {
+            if i < off || shape[i - off] == 1 {
+                0
+            } else {
+                st[i - off]
+            }
+        })
+        .collect()
+}
+
+/// Dtypes map kernels compute with.
+fn mappable(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::Bool)
+}
+
+/// The expression of an elementwise op over inputs `in0, in1, ...`, if map
+/// kernels support it.
+fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
+    use Expr::Input as I;
+    let all_f32 = in_types.iter().all(|t| t.dtype == DType::F32);
+    let all_bool = in_types.iter().all(|t| t.dtype == DType::Bool);
+    let b = |x| Box::new(x);
+    let un = |f| all_f32.then(|| Expr::unary(f, I(0)));
+    let bin = |f| all_f32.then(|| Expr::binary(f, I(0), I(1)));
+    let cmp = |c| all_f32.then(|| Expr::Compare(c, b(I(0)), b(I(1))));
+    let logic = |l| all_bool.then(|| Expr::Logic(l, b(I(0)), b(I(1))));
+    match op {
+        Op::Neg => un(Unary::Neg),
+        Op::Abs => un(Unary::Abs),
+        Op::Sqrt => un(Unary::Sqrt),
+        Op::Reciprocal => un(Unary::Recip),
+        Op::Relu => un(Unary::Relu),
+        Op::Floor => un(Unary::Floor),
+        Op::Ceil => un(Unary::Ceil),
+        Op::Round => un(Unary::Round),
+        Op::Exp => un(Unary::Exp),
+        Op::Log => un(Unary::Log),
+        Op::Tanh => un(Unary::Tanh),
+        Op::Erf => un(Unary::Erf),
+        Op::Sigmoid => un(Unary::Sigmoid),
+        Op::Sin => un(Unary::Sin),
+        Op::Cos => un(Unary::Cos),
+        Op::Add => bin(Binary::Add),
+        Op::Sub => bin(Binary::Sub),
+        Op::Mul => bin(Binary::Mul),
+        Op::Div => bin(Binary::Div),
+        Op::Max => bin(Binary::Max),
+        Op::Min => bin(Binary::Min),
+        Op::Pow => bin(Binary::Pow),
+        Op::Equal => cmp(Compare::Eq),
+        Op::Less => cmp(Compare::Lt),
+        Op::LessOrEqual => cmp(Compare::Le),
+        Op::Greater => cmp(Compare::Gt),
+        Op::GreaterOrEqual => cmp(Compare::Ge),
+        Op::And => logic(Logic::And),
+        Op::Or => logic(Logic::Or),
+        Op::Xor => logic(Logic::Xor),
+        Op::Not if all_bool => Some(Expr::Not(b(I(0)))),
+        Op::IsNaN if all_f32 => Some(Expr::IsNaN(b(I(0)))),
+        Op::Where if in_types[0].dtype == DType::Bool && in_types[1].dtype == DType::F32 => {
+            Some(Expr::Select(b(I(0)), b(I(1)), b(I(2))))
+        }
+        Op::Cast { to } => match (in_types[0].dtype, to) {
+            (DType::Bool, DType::F32) => Some(Expr::BoolToF32(b(I(0)))),
+            (DType::F32, DType::Bool) => Some(Expr::F32ToBool(b(I(0)))),
+            (a, b2) if a == *b2 && mappable(a) => Some(I(0)),
+            _ => None,
+        },
+        _ => None,
+    }
+    .filter(|_| mappable(out.dtype))
+}
+
+impl<'g> Lowering<'g> {
+    fn new_buffer(&mut self, ty: &Type, storage: Storage) -> BufferId {
+        self.buffers.push(Buffer {
+            bytes: ty.numel() * ty.dtype.size_bytes(),
+            storage,
+        });
+        self.buffers.len() - 1
+    }
+
+    /// A fresh arena buffer for `v` (its offset is assigned later).
+    fn define(&mut self, v: ValueId) -> BufferId {
+        let b = self.new_buffer(&self.g.ty(v).clone(), Storage::Arena { offset: usize::MAX });
+        self.of.insert(v, b);
+        b
+    }
+
+    fn operand(&self, v: ValueId, offset: isize, strides: Vec<isize>) -> Operand {
+        Operand {
+            buffer: self.of[&v],
+            dtype: self.g.ty(v).dtype,
+            offset,
+            strides,
+        }
+    }
+
+    fn push(&mut self, kind: KernelKind, label: &str) {
+        self.kernels.push(Kernel {
+            kind,
+            label: label.to_string(),
+        });
+    }
+
+    fn map(
+        &mut self,
+        shape: Vec<usize>,
+        inputs: Vec<Operand>,
+        output: Operand,
+        expr: Expr,
+        label: &str,
+    ) {
+        let (shape, mut ops) = collapse_dims(shape, inputs.into_iter().chain([output]).collect());
+        let output = ops.pop().expect("the output operand");
+        self.push(
+            KernelKind::Map(MapKernel {
+                shape,
+                inputs: ops,
+                output,
+                expr,
+            }),
+            label,
+        );
+    }
+
+    fn lower_node(&mut self, n: egret_ir::NodeId) {
+        let g = self.g;
+        let node = g.node(n);
+        let label = node.label.as_str();
+        let in_types: Vec<&Type> = node.inputs.iter().map(|&v| g.ty(v)).collect();
+        match &node.op {
+            Op::Input { .. } => {}
+            Op::Const(t) => {
+                let b = self.new_buffer(&t.ty(), Storage::Constant(t.clone()));
+                self.of.insert(node.outputs[0], b);
+            }
+            // Same bytes, new shape: an alias.
+            Op::Reshape { .. } | Op::Identity => {
+                let src = self.of[&node.inputs[0]];
+                self.of.insert(node.outputs[0], src);
+            }
+            op => {
+                let out = node.outputs[0];
+                let out_ty = g.ty(out).clone();
+                if let Some(expr) = elementwise_expr(op, &in_types, &out_ty) {
+                    let inputs: Vec<Operand> = node
+                        .inputs
+                        .iter()
+                        .map(|&v| {
+                            self.operand(v, 0, broadcast_strides(&g.ty(v).shape, &out_ty.shape))
+                        })
+                        .collect();
+                    self.define(out);
+                    let output = self.operand(out, 0, contiguous_strides(&out_ty.shape));
+                    self.map(out_ty.shape.clone(), inputs, output, expr, label);
+                    return;
+                }
+                if self.lower_layout(op, &node.inputs, &node.outputs, label) {
+                    return;
+                }
+                if let (Op::MatMul, true) = (op, in_types.iter().all(|t| t.dtype == DType::F32)) {
+                    if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out) {
+                        self.push(KernelKind::MatMul(k), label);
+                        return;
+                    }
+                }
+                let inputs = node
+                    .inputs
+                    .iter()
+                    .map(|&v| (self.of[&v], g.ty(v).clone()))
+                    .collect();
+                let outputs = node
+                    .outputs
+                    .iter()
+                    .map(|&v| (self.define(v), g.ty(v).clone()))
+                    .collect();
+                self.push(
+                    KernelKind::Reference {
+                        op: op.clone(),
+                        inputs,
+                        outputs,
+                    },
+                    label,
+                );
+            }
+        }
+    }
+
+    /// Transpose, slice, expand, concat and split as map kernels.
+    fn lower_layout(
+        &mut self,
+        op: &Op,
+        inputs: &[ValueId],
+        outputs: &[ValueId],
+        label: &str,
+    ) -> bool {
+        let g = self.g;
+        let x = inputs[0];
+        let xt = g.ty(x).clone();
+        if !mappable(xt.dtype) {
+            return false;
+        }
+        let xs = contiguous_strides(&xt.shape);
+        match op {
+            Op::Transpose { perm } => {
+                let out = outputs[0];
+                let out_shape = g.ty(out).shape.clone();
+                let input = self.operand(x, 0, perm.iter().map(|&p| xs[p]).collect());
+                self.define(out);
+                let output = self.operand(out, 0, contiguous_strides(&out_shape));
+                self.map(out_shape, vec![input], output, Expr::Input(0), label);
+            }
+            Op::Slice { starts, steps, .. } => {
+                let out = outputs[0];
+                let out_shape = g.ty(out).shape.clone();
+                let offset: isize = starts
+                    .iter()
+                    .zip(&xs)
+                    .map(|(&s, &st)| s as isize * st)
+                    .sum();
+                let strides = steps
+                    .iter()
+                    .zip(&xs)
+                    .map(|(&s, &st)| s as isize * st)
+                    .collect();
+                let input = self.operand(x, offset, strides);
+                self.define(out);
+                let output = self.operand(out, 0, contiguous_strides(&out_shape));
+                self.map(out_shape, vec![input], output, Expr::Input(0), label);
+            }
+            Op::Expand { shape } => {
+                let out = outputs[0];
+                let input = self.operand(x, 0, broadcast_strides(&xt.shape, shape));
+                self.define(out);
+                let output = self.operand(out, 0, contiguous_strides(shape));
+                self.map(shape.clone(), vec![input], output, Expr::Input(0), label);
+            }
+            Op::Concat { axis } => {
+                let out = outputs[0];
+                let out_shape = g.ty(out).shape.clone();
+                let os = contiguous_strides(&out_shape);
+                self.define(out);
+                let mut at = 0isize;
+                for &v in inputs {
+                    let shape = g.ty(v).shape.clone();
+                    let input = self.operand(v, 0, contiguous_strides(&shape));
+                    let output = self.operand(out, at * os[*axis], os.clone());
+                    at += shape[*axis] as isize;
+                    self.map(shape, vec![input], output, Expr::Input(0), label);
+                }
+            }
+            Op::Split { axis, .. } => {
+                let mut at = 0isize;
+                for &out in outputs {
+                    let shape = g.ty(out).shape.clone();
+                    let input = self.operand(x, at * xs[*axis], xs.clone());
+                    at += shape[*axis] as isize;
+                    self.define(out);
+                    let output = self.operand(out, 0, contiguous_strides(&shape));
+                    self.map(shape, vec![input], output, Expr::Input(0), label);
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId) -> Option<MatMulKernel> {
+        let g = self.g;
+        let (sa, sb, sc) = (
+            g.ty(a).shape.clone(),
+            g.ty(b).shape.clone(),
+            g.ty(c).shape.clone(),
+        );
+        // 1-d operands are rare in transformer graphs; the reference path keeps them.
+        if sa.len() < 2 || sb.len() < 2 {
+            return None;
+        }
+        let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
+        let batch = &sc[..sc.len() - 2];
+        let a_off = broadcast_strides(&sa[..sa.len() - 2], batch);
+        let b_off = broadcast_strides(&sb[..sb.len() - 2], batch);
+        let nb: usize = batch.iter().product();
+        let mut batches = Vec::with_capacity(nb);
+        let bs = egret_ir::strides_of(batch);
+        for i in 0..nb {
+            let (mut oa, mut ob) = (0usize, 0usize);
+            for d in 0..batch.len() {
+                let idx = (i / bs[d]) % batch[d];
+                oa += idx * a_off[d] as usize;
+                ob += idx * b_off[d] as usize;
+            }
+            batches.push([oa * m * k, ob * k * n, i * m * n]);
+        }
+        let (ab, bb) = (self.of[&a], self.of[&b]);
+        let cb = self.define(c);
+        Some(MatMulKernel {
+            m,
+            k,
+            n,
+            a: ab,
+            b: bb,
+            c: cb,
+            batches,
+        })
+    }
+}
+
+/// Merges adjacent dims that every operand walks contiguously, and drops
+/// dims of size 1, so most kernels run one long inner loop.
+fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<Operand>) {
+    let keep: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != 1).collect();
+    let mut out_shape: Vec<usize> = Vec::new();
+    let mut out_strides: Vec<Vec<isize>> = vec![Vec::new(); ops.len()];
+    for &d in &keep {
+        let mergeable = !out_shape.is_empty()
+            && ops
+                .iter()
+                .enumerate()
+                .all(|(k, o)| *out_strides[k].last().unwrap() == o.strides[d] * shape[d] as isize);
+        if mergeable {
+            *out_shape.last_mut().unwrap() *= shape[d];
+            for (k, o) in ops.iter().enumerate() {
+                *out_strides[k].last_mut().unwrap() = o.strides[d];
+            }
+        } else {
+            out_shape.push(shape[d]);
+            for (k, o) in ops.iter().enumerate() {
+                out_strides[k].push(o.strides[d]);
+            }
+        }
+    }
+    for (o, s) in ops.iter_mut().zip(out_strides) {
+        o.strides = s;
+    }
+    (out_shape, ops)
+}
+
+/// Lowers a canonical, verified graph to a plan.
+pub fn lower(g: &Graph) -> Result<Plan, IrError> {
+    egret_ir::verify(g)?;
+    let mut l = Lowering {
+        g,
+        buffers: vec![],
+        of: HashMap::new(),
+        kernels: vec![],
+    };
+    let mut inputs = Vec::new();
+    for (i, &v) in g.inputs().iter().enumerate() {
+        let ty = g.ty(v).clone();
+        let b = l.new_buffer(&ty, Storage::Input(i));
+        l.of.insert(v, b);
+        inputs.push((b, ty));
+    }
+    for n in g.topo_order()? {
+        l.lower_node(n);
+    }
+    let outputs: Vec<(BufferId, Type)> = g
+        .outputs()
+        .iter()
+        .map(|(_, v)| (l.of[v], g.ty(*v).clone()))
+        .collect();
+    let mut plan = Plan {
+        buffers: l.buffers,
+        kernels: l.kernels,
+        arena_bytes: 0,
+        inputs,
+        outputs,
+    };
+    plan_memory(&mut plan);
+    Ok(plan)
+}
+
+/// Assigns arena offsets by liveness: a buffer is live from the kernel that
+/// first writes it to the last kernel that reads it (graph outputs to the
+/// end). First fit over the free intervals, every offset aligned.
+fn plan_memory(plan: &mut Plan) {
+    let n = plan.kernels.len();
+    let mut first = vec![usize::MAX; plan.buffers.len()];
+    let mut last = vec![0usize; plan.buffers.len()];
+    for (step, k) in plan.kernels.iter().enumerate() {
+        let (reads, writes) = k.buffers();
+        for b in writes {
+            first[b] = first[b].min(step);
+            last[b] = last[b].max(step);
+        }
+        for b in reads {
+            last[b] = last[b].max(step);
+        }
+    }
+    for (b, _) in &plan.outputs {
+        last[*b] = n;
+    }
+    // Live intervals in the arena: (offset, size, last step).
+    let mut live: Vec<(usize, usize, usize)> = Vec::new();
+    let mut top = 0usize;
+    for step in 0..n {
+        live.retain(|&(_, _, l)| l >= step);
+        let mut defs: Vec<BufferId> = (0..plan.buffers.len())
+            .filter(|&b| {
+                first[b] == step && matches!(plan.buffers[b].storage, Storage::Arena { .. })
+            })
+            .collect();
+        defs.sort();
+        for b in defs {
+            let size = plan.buffers[b].bytes.div_ceil(ALIGN) * ALIGN;
+            live.sort();
+            // The lowest gap between live intervals that fits.
+            let mut at = 0usize;
+            for &(o, s, _) in &live {
+                if o >= at + size {
+                    break;
+                }
+                at = at.max((o + s).div_ceil(ALIGN) * ALIGN);
+            }
+            live.push((at, size.max(ALIGN), last[b]));
+            top = top.max(at + size);
+            plan.buffers[b].storage = Storage::Arena { offset: at };
+        }
+    }
+    plan.arena_bytes = top;
+}
+
+impl Plan {
+    /// One line per kernel, for `egret explain` and snapshots.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        for (i, k) in self.kernels.iter().enumerate() {
+            let detail = match &k.kind {
+                KernelKind::Map(m) => format!("{:?} {}", m.shape, m.expr),
+                KernelKind::MatMul(mm) => {
+                    format!("{}x{}x{} x{} batches", mm.m, mm.k, mm.n, mm.batches.len())
+                }
+                KernelKind::Reference { op, .. } => op.name().to_string(),
+            };
+            s.push_str(&format!("k{i} {} {detail}  # {}\n", k.kind_name(), k.label));
+        }
+        s.push_str(&format!("arena {} bytes\n", self.arena_bytes));
+        s
+    }
+}

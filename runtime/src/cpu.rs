@@ -1,0 +1,177 @@
+//! The CPU executor: runs a Cranelift-compiled plan.
+
+use crate::{Executable, RunError};
+use egret_backends::cpu::CompiledPlan;
+use egret_backends::plan::{BufferId, KernelKind, Storage};
+use egret_ir::{Tensor, Type};
+
+/// A 64-byte-aligned byte buffer, so that every element type (and vector
+/// loads) sees natural alignment.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+struct AlignedBuf {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> AlignedBuf {
+        AlignedBuf {
+            lines: vec![Line([0; 64]); len.div_ceil(64).max(1)],
+            len,
+        }
+    }
+
+    fn from_bytes(bytes: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(bytes.len());
+        b.bytes_mut().copy_from_slice(bytes);
+        b
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // `lines` holds at least `len` bytes of plain data.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u8, self.len) }
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.lines.as_ptr() as *mut u8
+    }
+}
+
+pub struct CpuExecutable {
+    compiled: CompiledPlan,
+    /// Constant buffers, converted to bytes once at compile time.
+    constants: Vec<Option<AlignedBuf>>,
+    /// Per kernel, the buffers of its operands in ABI order.
+    operands: Vec<Vec<BufferId>>,
+}
+
+impl CpuExecutable {
+    pub fn new(compiled: CompiledPlan) -> CpuExecutable {
+        let plan = &compiled.plan;
+        let constants = plan
+            .buffers
+            .iter()
+            .map(|b| match &b.storage {
+                Storage::Constant(t) => Some(AlignedBuf::from_bytes(&t.to_bytes())),
+                _ => None,
+            })
+            .collect();
+        let operands = plan
+            .kernels
+            .iter()
+            .map(|k| {
+                let (reads, writes) = k.buffers();
+                reads.into_iter().chain(writes).collect()
+            })
+            .collect();
+        CpuExecutable {
+            compiled,
+            constants,
+            operands,
+        }
+    }
+
+    pub fn compiled(&self) -> &CompiledPlan {
+        &self.compiled
+    }
+}
+
+/// Where each buffer's bytes are during one run.
+struct Memory<'a> {
+    inputs: &'a [AlignedBuf],
+    constants: &'a [Option<AlignedBuf>],
+    arena: *mut u8,
+}
+
+impl Memory<'_> {
+    fn ptr(&self, plan: &egret_backends::Plan, b: BufferId) -> *mut u8 {
+        match &plan.buffers[b].storage {
+            Storage::Input(i) => self.inputs[*i].ptr(),
+            Storage::Constant(_) => self.constants[b]
+                .as_ref()
+                .expect("constants are converted up front")
+                .ptr(),
+            // Offsets come from the memory plan, inside the arena.
+            Storage::Arena { offset } => unsafe { self.arena.add(*offset) },
+        }
+    }
+
+    fn read(&self, plan: &egret_backends::Plan, b: BufferId, ty: &Type) -> Tensor {
+        let n = ty.numel() * ty.dtype.size_bytes();
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr(plan, b), n) };
+        Tensor::from_bytes(ty, bytes).expect("buffer sizes come from the types")
+    }
+}
+
+impl Executable for CpuExecutable {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let plan = &self.compiled.plan;
+        let inputs: Vec<AlignedBuf> = inputs
+            .iter()
+            .map(|t| AlignedBuf::from_bytes(&t.to_bytes()))
+            .collect();
+        let arena = AlignedBuf::zeroed(plan.arena_bytes);
+        let mem = Memory {
+            inputs: &inputs,
+            constants: &self.constants,
+            arena: arena.ptr(),
+        };
+        let mut args: Vec<*mut u8> = Vec::new();
+        for (i, k) in plan.kernels.iter().enumerate() {
+            match (&k.kind, self.compiled.entries[i]) {
+                (
+                    KernelKind::Reference {
+                        op,
+                        inputs,
+                        outputs,
+                    },
+                    _,
+                ) => {
+                    let ts: Vec<Tensor> = inputs
+                        .iter()
+                        .map(|(b, ty)| mem.read(plan, *b, ty))
+                        .collect();
+                    let refs: Vec<&Tensor> = ts.iter().collect();
+                    let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
+                        node: k.label.clone(),
+                        op: op.name().to_string(),
+                        message,
+                    })?;
+                    for ((b, _), t) in outputs.iter().zip(outs) {
+                        let bytes = t.to_bytes();
+                        // The arena slot was planned for exactly this type.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                bytes.as_ptr(),
+                                mem.ptr(plan, *b),
+                                bytes.len(),
+                            )
+                        };
+                    }
+                }
+                (_, Some(f)) => {
+                    args.clear();
+                    args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
+                    // The function was generated for exactly these operands.
+                    let status = unsafe { f(args.as_ptr()) };
+                    if status != 0 {
+                        return Err(RunError::Eval {
+                            node: k.label.clone(),
+                            op: k.kind_name().to_string(),
+                            message: format!("kernel failed with status {status}"),
+                        });
+                    }
+                }
+                (_, None) => unreachable!("native kernels are compiled"),
+            }
+        }
+        Ok(plan
+            .outputs
+            .iter()
+            .map(|(b, ty)| mem.read(plan, *b, ty))
+            .collect())
+    }
+}
