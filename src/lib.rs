@@ -93,6 +93,11 @@ impl Model {
     }
 }
 
+/// Sets how many threads CPU kernels may use (process-wide).
+pub fn set_threads(n: usize) {
+    egret_backends::cpu::set_threads(n);
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }

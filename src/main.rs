@@ -92,6 +92,30 @@ enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Time a model: compile once, warm up, then report median/min/max latency.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long = "input", value_name = "NAME=FILE")]
+        inputs: Vec<String>,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+        /// Timed runs after warm-up.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Worker threads (default: the number of cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also time each kernel once and print where the time goes.
+        #[arg(long)]
+        profile: bool,
+    },
     /// List the ONNX ops the importer supports.
     Ops,
 }
@@ -154,6 +178,9 @@ fn run_cli() -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile } => {
+            run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
+        }
         Command::Ops => {
             for op in egret::frontend::supported_ops() {
                 println!("{op}");
@@ -163,41 +190,110 @@ fn run_cli() -> Result<()> {
     }
 }
 
-fn run(
-    model: ModelArgs,
-    inputs: Vec<String>,
-    save: Option<PathBuf>,
-    backend: Backend,
-    print_ir: bool,
-    seed: u64,
-) -> Result<()> {
+/// Reads `--input` files, compiles, and completes the inputs with random ones.
+fn compile_with_inputs(model: &ModelArgs, inputs: &[String], backend: Backend, seed: u64) -> Result<(egret::Model, Vec<(String, Tensor)>)> {
     let mut given: Vec<(String, Tensor)> = Vec::new();
-    for spec in &inputs {
-        let (name, file) = spec
-            .split_once('=')
-            .with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
+    for spec in inputs {
+        let (name, file) = spec.split_once('=').with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
         given.push((name.to_string(), egret::io::read_tensor(Path::new(file))?));
     }
     let opts = CompileOptions {
         backend,
         dims: parse_dims(&model.dims)?,
-        input_shapes: given
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
-            .collect(),
+        input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
         input_values: given.iter().cloned().collect(),
     };
     let m = compile(&model.model, &opts)?;
-    if print_ir {
-        print!("{}", text::print_with(&m.graph, Constants::ElideOver(16)));
-    }
     let mut all = given.clone();
-    let randoms = egret::io::random_inputs(&m.graph, seed)?;
-    for (name, t) in randoms {
+    for (name, t) in egret::io::random_inputs(&m.graph, seed)? {
         if !given.iter().any(|(n, _)| *n == name) {
             eprintln!("note: input `{name}` {} is random (seed {seed})", t.ty());
             all.push((name, t));
         }
+    }
+    Ok((m, all))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_bench(
+    model: ModelArgs,
+    inputs: Vec<String>,
+    backend: Backend,
+    iters: usize,
+    warmup: usize,
+    threads: Option<usize>,
+    json: bool,
+    profile: bool,
+) -> Result<()> {
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    egret::set_threads(threads);
+    let t = std::time::Instant::now();
+    let (m, all) = compile_with_inputs(&model, &inputs, backend, 0)?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    for _ in 0..warmup {
+        m.run(all.clone())?;
+    }
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let input = all.clone();
+        let t = std::time::Instant::now();
+        m.run(input)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let (min, max) = (times[0], times[times.len() - 1]);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": model.model.display().to_string(),
+                "backend": backend.name(),
+                "threads": threads,
+                "iters": times.len(),
+                "median_ms": median,
+                "min_ms": min,
+                "max_ms": max,
+                "compile_ms": compile_ms,
+            })
+        );
+    } else {
+        println!("{} on {} ({threads} threads, {} runs after {warmup} warm-up)", model.model.display(), backend.name(), times.len());
+        println!("  median {median:.3} ms   min {min:.3} ms   max {max:.3} ms   compile {compile_ms:.1} ms");
+    }
+    if profile {
+        print_profile(&m.program.profile(all)?);
+    }
+    Ok(())
+}
+
+/// Time per kernel kind, then the ten slowest kernels.
+fn print_profile(times: &[(String, String, f64)]) {
+    let total: f64 = times.iter().map(|t| t.2).sum();
+    let mut by_kind: HashMap<&str, (usize, f64)> = HashMap::new();
+    for (kind, _, ms) in times {
+        let e = by_kind.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += ms;
+    }
+    let mut kinds: Vec<_> = by_kind.into_iter().collect();
+    kinds.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    println!("profile: {total:.3} ms in {} kernels", times.len());
+    for (kind, (n, ms)) in kinds {
+        println!("  {ms:9.3} ms {:5.1}%  {n:4} x {kind}", 100.0 * ms / total);
+    }
+    let mut slow: Vec<_> = times.iter().collect();
+    slow.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!("slowest kernels:");
+    for (kind, label, ms) in slow.into_iter().take(10) {
+        println!("  {ms:9.3} ms  {kind}  {label}");
+    }
+}
+
+fn run(model: ModelArgs, inputs: Vec<String>, save: Option<PathBuf>, backend: Backend, print_ir: bool, seed: u64) -> Result<()> {
+    let (m, all) = compile_with_inputs(&model, &inputs, backend, seed)?;
+    if print_ir {
+        print!("{}", text::print_with(&m.graph, Constants::ElideOver(16)));
     }
     let outs = m.run(all)?;
     for (name, t) in &outs {

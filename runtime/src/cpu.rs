@@ -108,6 +108,19 @@ impl Memory<'_> {
 
 impl Executable for CpuExecutable {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        self.execute(inputs, None)
+    }
+
+    fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
+        let mut times = Vec::with_capacity(self.compiled.plan.kernels.len());
+        self.execute(inputs, Some(&mut times))?;
+        Ok(times)
+    }
+}
+
+impl CpuExecutable {
+    /// Runs the plan; with `times`, records each kernel's duration.
+    fn execute(&self, inputs: Vec<Tensor>, mut times: Option<&mut Vec<(String, String, f64)>>) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
         let inputs: Vec<AlignedBuf> = inputs
             .iter()
@@ -121,6 +134,7 @@ impl Executable for CpuExecutable {
         };
         let mut args: Vec<*mut u8> = Vec::new();
         for (i, k) in plan.kernels.iter().enumerate() {
+            let start = times.as_ref().map(|_| std::time::Instant::now());
             match (&k.kind, self.compiled.entries[i]) {
                 (
                     KernelKind::Reference {
@@ -166,6 +180,13 @@ impl Executable for CpuExecutable {
                     }
                 }
                 (_, None) => unreachable!("native kernels are compiled"),
+            }
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                let kind = match &k.kind {
+                    KernelKind::Reference { op, .. } => format!("reference:{}", op.name()),
+                    _ => k.kind_name().to_string(),
+                };
+                times.push((kind, k.label.clone(), start.elapsed().as_secs_f64() * 1e3));
             }
         }
         Ok(plan

@@ -44,6 +44,14 @@ pub enum RunError {
 /// given positionally in the signature's input order.
 pub trait Executable: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
+
+    /// Runs once, timing each step: (kind, label, milliseconds) per kernel.
+    /// Backends without per-kernel steps report one entry for the whole run.
+    fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
+        let t = std::time::Instant::now();
+        self.run(inputs)?;
+        Ok(vec![("run".into(), "the whole graph".into(), t.elapsed().as_secs_f64() * 1e3)])
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +125,12 @@ pub struct Program {
 }
 
 impl Program {
+    /// Like `run`, timing each kernel.
+    pub fn profile(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, String, f64)>, RunError> {
+        let inputs = self.signature.bind(named)?;
+        self.executable.profile(inputs)
+    }
+
     /// Runs on named inputs; returns the outputs with their names.
     pub fn run(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, RunError> {
         let inputs = self.signature.bind(named)?;

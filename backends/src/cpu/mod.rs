@@ -24,6 +24,8 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module};
 
+pub use runtime_fns::set_threads;
+
 /// A compiled kernel.
 pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8) -> i32;
 

@@ -35,9 +35,19 @@ extern "C" fn egret_powf(x: f32, y: f32) -> f32 {
     x.powf(y)
 }
 
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// How many threads a GEMM may use.
+pub fn set_threads(n: usize) {
+    THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `c[m, n] = a[m, k] @ b[k, n]`, all row-major and contiguous.
 extern "C" fn egret_sgemm(m: i64, k: i64, n: i64, a: *const f32, b: *const f32, c: *mut f32) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
+    let threads = THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    // Splitting small products across threads costs more than it saves.
+    let parallelism = if threads > 1 && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // The plan guarantees the three buffers hold these matrices.
     unsafe {
         gemm::gemm(
@@ -59,7 +69,7 @@ extern "C" fn egret_sgemm(m: i64, k: i64, n: i64, a: *const f32, b: *const f32, 
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }
