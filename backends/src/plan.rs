@@ -162,10 +162,49 @@ pub struct MatMulKernel {
     pub batches: Vec<[usize; 3]>,
 }
 
+/// What a row kernel computes on each row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RowOp {
+    Softmax,
+    LogSoftmax,
+    /// `(x - mean) / sqrt(var + epsilon) * scale + bias`.
+    LayerNorm { epsilon: f32 },
+    /// `x / sqrt(mean(x^2) + epsilon) * scale (+ bias)`.
+    RmsNorm { epsilon: f32 },
+    Sum,
+    Mean,
+    Max,
+    Min,
+    SumSquare,
+    L2,
+}
+
+impl RowOp {
+    /// Whether the kernel writes one value per row rather than a whole row.
+    pub fn reduces(self) -> bool {
+        !matches!(self, RowOp::Softmax | RowOp::LogSoftmax | RowOp::LayerNorm { .. } | RowOp::RmsNorm { .. })
+    }
+}
+
+/// Independent rows of `len` contiguous f32 values: the softmax family,
+/// normalisations (with an optional per-column scale and bias) and
+/// reductions over trailing axes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowKernel {
+    pub rows: usize,
+    pub len: usize,
+    pub op: RowOp,
+    pub x: BufferId,
+    pub scale: Option<BufferId>,
+    pub bias: Option<BufferId>,
+    pub out: BufferId,
+}
+
 #[derive(Clone, Debug)]
 pub enum KernelKind {
     Map(MapKernel),
     MatMul(MatMulKernel),
+    Rows(RowKernel),
     /// An op with no native kernel yet: the runtime evaluates it with the
     /// IR's reference semantics on the buffers' bytes.
     Reference {
@@ -187,6 +226,7 @@ impl Kernel {
         match self.kind {
             KernelKind::Map(_) => "map",
             KernelKind::MatMul(_) => "matmul",
+            KernelKind::Rows(_) => "rows",
             KernelKind::Reference { .. } => "reference",
         }
     }
@@ -199,6 +239,7 @@ impl Kernel {
                 vec![m.output.buffer],
             ),
             KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
+            KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
             KernelKind::Reference {
                 inputs, outputs, ..
             } => (
@@ -402,6 +443,10 @@ impl<'g> Lowering<'g> {
                 if self.lower_layout(op, &node.inputs, &node.outputs, label) {
                     return;
                 }
+                if let Some(k) = self.rows(op, &node.inputs, &node.outputs) {
+                    self.push(KernelKind::Rows(k), label);
+                    return;
+                }
                 if let (Op::MatMul, true) = (op, in_types.iter().all(|t| t.dtype == DType::F32)) {
                     if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out) {
                         self.push(KernelKind::MatMul(k), label);
@@ -507,6 +552,58 @@ impl<'g> Lowering<'g> {
             _ => return false,
         }
         true
+    }
+
+    /// Softmax over the last axis, norms whose statistics nobody reads, and
+    /// reductions over trailing axes, on f32.
+    fn rows(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId]) -> Option<RowKernel> {
+        let g = self.g;
+        let x = inputs[0];
+        let shape = &g.ty(x).shape;
+        if g.ty(x).dtype != DType::F32 || shape.is_empty() {
+            return None;
+        }
+        let rank = shape.len();
+        // The trailing `len` elements of each row must be contiguous.
+        let split = |axis: usize| (shape[..axis].iter().product::<usize>(), shape[axis..].iter().product::<usize>());
+        let params_fit = |from: usize| {
+            inputs[1..].iter().all(|&p| g.ty(p).dtype == DType::F32 && g.ty(p).numel() == shape[from..].iter().product::<usize>())
+        };
+        let (op, axis) = match op {
+            Op::Softmax { axis } if *axis == rank - 1 => (RowOp::Softmax, *axis),
+            Op::LogSoftmax { axis } if *axis == rank - 1 => (RowOp::LogSoftmax, *axis),
+            Op::LayerNorm { axis, epsilon } if outputs[1..].iter().all(|&v| g.use_count(v) == 0) && params_fit(*axis) => {
+                (RowOp::LayerNorm { epsilon: *epsilon }, *axis)
+            }
+            Op::RmsNorm { axis, epsilon } if params_fit(*axis) => (RowOp::RmsNorm { epsilon: *epsilon }, *axis),
+            Op::Reduce { kind, axes, .. } if !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i) => {
+                use egret_ir::op::ReduceKind as K;
+                let r = match kind {
+                    K::Sum => RowOp::Sum,
+                    K::Mean => RowOp::Mean,
+                    K::Max => RowOp::Max,
+                    K::Min => RowOp::Min,
+                    K::SumSquare => RowOp::SumSquare,
+                    K::L2 => RowOp::L2,
+                    _ => return None,
+                };
+                (r, axes[0])
+            }
+            _ => return None,
+        };
+        let (rows, len) = split(axis);
+        if len == 0 {
+            return None;
+        }
+        let xb = self.of[&x];
+        let scale = inputs.get(1).map(|v| self.of[v]);
+        let bias = inputs.get(2).map(|v| self.of[v]);
+        let out = self.define(outputs[0]);
+        for &extra in &outputs[1..] {
+            // Unused statistics outputs still get (never written) storage.
+            self.define(extra);
+        }
+        Some(RowKernel { rows, len, op, x: xb, scale, bias, out })
     }
 
     fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId) -> Option<MatMulKernel> {
@@ -675,6 +772,7 @@ impl Plan {
                 KernelKind::MatMul(mm) => {
                     format!("{}x{}x{} x{} batches", mm.m, mm.k, mm.n, mm.batches.len())
                 }
+                KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
                 KernelKind::Reference { op, .. } => op.name().to_string(),
             };
             s.push_str(&format!("k{i} {} {detail}  # {}\n", k.kind_name(), k.label));

@@ -7,6 +7,7 @@
 //! a scalar loop finishes the remainder.
 
 use super::runtime_fns::FuncRefs;
+use super::vmath::VMath;
 use crate::plan::{Binary, Compare, Expr, Logic, MapKernel, Unary};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
@@ -253,11 +254,11 @@ impl Ctx<'_> {
                     Unary::Floor => b.ins().floor(x),
                     Unary::Ceil => b.ins().ceil(x),
                     Unary::Round => b.ins().nearest(x),
-                    Unary::Exp => self.call(b, self.fns.unary[0], &[x]),
+                    Unary::Exp => VMath::new(vector).exp(b, x),
                     Unary::Log => self.call(b, self.fns.unary[1], &[x]),
-                    Unary::Tanh => self.call(b, self.fns.unary[2], &[x]),
-                    Unary::Erf => self.call(b, self.fns.unary[3], &[x]),
-                    Unary::Sigmoid => self.call(b, self.fns.unary[4], &[x]),
+                    Unary::Tanh => VMath::new(vector).tanh(b, x),
+                    Unary::Erf => VMath::new(vector).erf(b, x),
+                    Unary::Sigmoid => VMath::new(vector).sigmoid(b, x),
                     Unary::Sin => self.call(b, self.fns.unary[5], &[x]),
                     Unary::Cos => self.call(b, self.fns.unary[6], &[x]),
                 }
@@ -324,23 +325,11 @@ impl Ctx<'_> {
     }
 }
 
-/// Whether an expression has an f32x4 form (no calls, no bools).
+/// Whether an expression has an f32x4 form (no libm calls, no bools).
 fn vector_safe(e: &Expr) -> bool {
     match e {
         Expr::Input(_) | Expr::F32(_) => true,
-        Expr::Unary(u, x) => {
-            matches!(
-                u,
-                Unary::Neg
-                    | Unary::Abs
-                    | Unary::Sqrt
-                    | Unary::Recip
-                    | Unary::Relu
-                    | Unary::Floor
-                    | Unary::Ceil
-                    | Unary::Round
-            ) && vector_safe(x)
-        }
+        Expr::Unary(u, x) => !matches!(u, Unary::Log | Unary::Sin | Unary::Cos) && vector_safe(x),
         Expr::Binary(op, x, y) => !matches!(op, Binary::Pow) && vector_safe(x) && vector_safe(y),
         _ => false,
     }

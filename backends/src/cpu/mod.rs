@@ -13,7 +13,9 @@
 //! Matrix products call a tuned GEMM (the `gemm` crate) per batch.
 
 mod map;
+mod rows;
 mod runtime_fns;
+mod vmath;
 
 use crate::plan::{KernelKind, Plan};
 use cranelift_codegen::ir::{
@@ -124,6 +126,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             let fns = imports.in_func(&mut module, b.func);
             match &k.kind {
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, m, &fns),
+                KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, r, &fns),
                 KernelKind::MatMul(mm) => {
                     let table: Box<[i64]> = mm
                         .batches

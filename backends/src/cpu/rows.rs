@@ -1,0 +1,276 @@
+//! Row kernels: softmax, normalisations and reductions over contiguous rows.
+//!
+//! Each pass over a row runs four lanes at a time with vector accumulators,
+//! then a scalar tail; the lanes are combined once per row.
+
+use super::runtime_fns::FuncRefs;
+use super::vmath::VMath;
+use crate::plan::{RowKernel, RowOp};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_frontend::FunctionBuilder;
+
+const LANES: i64 = 4;
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// `for i in (start..end).step_by(step)` with loop-carried values; `body`
+/// gets the index and the carried values and returns their next values.
+fn counted(
+    b: &mut FunctionBuilder,
+    start: i64,
+    end: i64,
+    step: i64,
+    carried: Vec<Value>,
+    body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
+) -> Vec<Value> {
+    if end <= start {
+        return carried;
+    }
+    let header = b.create_block();
+    let block = b.create_block();
+    let exit = b.create_block();
+    b.append_block_param(header, types::I64);
+    for &c in &carried {
+        b.append_block_param(header, b.func.dfg.value_type(c));
+    }
+    let i0 = b.ins().iconst(types::I64, start);
+    let mut args: Vec<BlockArg> = vec![i0.into()];
+    args.extend(carried.iter().map(|&c| BlockArg::from(c)));
+    b.ins().jump(header, &args);
+    b.switch_to_block(header);
+    let params = b.block_params(header).to_vec();
+    let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, params[0], end);
+    b.ins().brif(more, block, &[], exit, &[]);
+    b.switch_to_block(block);
+    let next = body(b, params[0], &params[1..]);
+    let i1 = b.ins().iadd_imm_s(params[0], step);
+    let mut args: Vec<BlockArg> = vec![i1.into()];
+    args.extend(next.iter().map(|&c| BlockArg::from(c)));
+    b.ins().jump(header, &args);
+    b.switch_to_block(exit);
+    params[1..].to_vec()
+}
+
+/// The address of element `i` (an i64 value) of an f32 row at `base`.
+fn at(b: &mut FunctionBuilder, base: Value, i: Value) -> Value {
+    let off = b.ins().ishl_imm_u(i, 2);
+    b.ins().iadd(base, off)
+}
+
+struct Row<'a> {
+    len: i64,
+    fns: &'a FuncRefs,
+}
+
+impl Row<'_> {
+    fn vector_end(&self) -> i64 {
+        self.len / LANES * LANES
+    }
+
+    /// Folds `f` over the row: vector lanes first, then the scalar tail,
+    /// then the lanes are combined with `f`. `load` turns an element address
+    /// into the value to fold (vector or scalar).
+    fn fold(
+        &self,
+        b: &mut FunctionBuilder,
+        init: f32,
+        load: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value,
+        f: &dyn Fn(&mut FunctionBuilder, Value, Value) -> Value,
+    ) -> Value {
+        let vinit = VMath::new(true).c(b, init);
+        let v = counted(b, 0, self.vector_end(), LANES, vec![vinit], &mut |b, i, acc| {
+            let x = load(b, i, true);
+            vec![f(b, acc[0], x)]
+        })[0];
+        let sinit = b.ins().f32const(init);
+        let s = counted(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
+            let x = load(b, i, false);
+            vec![f(b, acc[0], x)]
+        })[0];
+        let mut acc = s;
+        for lane in 0..4 {
+            let l = b.ins().extractlane(v, lane);
+            acc = f(b, acc, l);
+        }
+        acc
+    }
+
+    /// Writes `value(i)` to every element: vector lanes, then the tail.
+    fn each(&self, b: &mut FunctionBuilder, out: Value, value: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value) {
+        counted(b, 0, self.vector_end(), LANES, vec![], &mut |b, i, _| {
+            let v = value(b, i, true);
+            let p = at(b, out, i);
+            b.ins().store(flags(), v, p, 0);
+            vec![]
+        });
+        counted(b, self.vector_end(), self.len, 1, vec![], &mut |b, i, _| {
+            let v = value(b, i, false);
+            let p = at(b, out, i);
+            b.ins().store(flags(), v, p, 0);
+            vec![]
+        });
+    }
+}
+
+fn load(b: &mut FunctionBuilder, base: Value, i: Value, vector: bool) -> Value {
+    let p = at(b, base, i);
+    let ty: Type = if vector { types::F32X4 } else { types::F32 };
+    b.ins().load(ty, flags(), p, 0)
+}
+
+fn splat_if(b: &mut FunctionBuilder, x: Value, vector: bool) -> Value {
+    if vector {
+        b.ins().splat(types::F32X4, x)
+    } else {
+        x
+    }
+}
+
+pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, k: &RowKernel, fns: &FuncRefs) {
+    let mut slot = 0;
+    let mut next_arg = |b: &mut FunctionBuilder| {
+        let v = b.ins().load(ptr, flags(), args, slot * 8);
+        slot += 1;
+        v
+    };
+    let x = next_arg(b);
+    let scale = k.scale.map(|_| next_arg(b));
+    let bias = k.bias.map(|_| next_arg(b));
+    let out = next_arg(b);
+    let row_bytes = k.len as i64 * 4;
+    let out_step = if k.op.reduces() { 4 } else { row_bytes };
+    let row = Row { len: k.len as i64, fns };
+    counted(b, 0, k.rows as i64, 1, vec![x, out], &mut |b, _, p| {
+        emit_row(b, &row, k.op, p[0], p[1], scale, bias);
+        let nx = b.ins().iadd_imm_s(p[0], row_bytes);
+        let no = b.ins().iadd_imm_s(p[1], out_step);
+        vec![nx, no]
+    });
+}
+
+fn emit_row(b: &mut FunctionBuilder, row: &Row, op: RowOp, x: Value, out: Value, scale: Option<Value>, bias: Option<Value>) {
+    let len_f = row.len as f32;
+    let fadd = |b: &mut FunctionBuilder, a, c| b.ins().fadd(a, c);
+    let ld = move |b: &mut FunctionBuilder, i, v| load(b, x, i, v);
+    match op {
+        RowOp::Softmax | RowOp::LogSoftmax => {
+            let max = row.fold(b, f32::NEG_INFINITY, &ld, &|b, a, c| b.ins().fmax(a, c));
+            // exp(x - max) is written out and summed in one pass.
+            let vmax = b.ins().splat(types::F32X4, max);
+            let sum = {
+                let sum_v = VMath::new(true).c(b, 0.0);
+                let v = counted(b, 0, row.vector_end(), LANES, vec![sum_v], &mut |b, i, acc| {
+                    let xi = load(b, x, i, true);
+                    let d = b.ins().fsub(xi, vmax);
+                    let e = VMath::new(true).exp(b, d);
+                    let p = at(b, out, i);
+                    b.ins().store(flags(), e, p, 0);
+                    vec![b.ins().fadd(acc[0], e)]
+                })[0];
+                let zero = b.ins().f32const(0.0);
+                let mut s = counted(b, row.vector_end(), row.len, 1, vec![zero], &mut |b, i, acc| {
+                    let xi = load(b, x, i, false);
+                    let d = b.ins().fsub(xi, max);
+                    let e = VMath::new(false).exp(b, d);
+                    let p = at(b, out, i);
+                    b.ins().store(flags(), e, p, 0);
+                    vec![b.ins().fadd(acc[0], e)]
+                })[0];
+                for lane in 0..4 {
+                    let l = b.ins().extractlane(v, lane);
+                    s = b.ins().fadd(s, l);
+                }
+                s
+            };
+            if op == RowOp::Softmax {
+                let one = b.ins().f32const(1.0);
+                let inv = b.ins().fdiv(one, sum);
+                row.each(b, out, &|b, i, v| {
+                    let e = load(b, out, i, v);
+                    let s = splat_if(b, inv, v);
+                    b.ins().fmul(e, s)
+                });
+            } else {
+                let call = b.ins().call(row.fns.unary[1], &[sum]);
+                let log_sum = b.inst_results(call)[0];
+                let shift = b.ins().fadd(max, log_sum);
+                row.each(b, out, &|b, i, v| {
+                    let xi = load(b, x, i, v);
+                    let s = splat_if(b, shift, v);
+                    b.ins().fsub(xi, s)
+                });
+            }
+        }
+        RowOp::LayerNorm { epsilon } | RowOp::RmsNorm { epsilon } => {
+            let rms = matches!(op, RowOp::RmsNorm { .. });
+            let n = b.ins().f32const(len_f);
+            let mean = if rms {
+                b.ins().f32const(0.0)
+            } else {
+                let sum = row.fold(b, 0.0, &ld, &fadd);
+                b.ins().fdiv(sum, n)
+            };
+            let sq = row.fold(
+                b,
+                0.0,
+                &|b, i, v| {
+                    let xi = load(b, x, i, v);
+                    let m = splat_if(b, mean, v);
+                    let d = b.ins().fsub(xi, m);
+                    b.ins().fmul(d, d)
+                },
+                &fadd,
+            );
+            let var = b.ins().fdiv(sq, n);
+            let eps = b.ins().f32const(epsilon);
+            let var = b.ins().fadd(var, eps);
+            let sd = b.ins().sqrt(var);
+            let one = b.ins().f32const(1.0);
+            let inv = b.ins().fdiv(one, sd);
+            row.each(b, out, &|b, i, v| {
+                let xi = load(b, x, i, v);
+                let m = splat_if(b, mean, v);
+                let s = splat_if(b, inv, v);
+                let d = b.ins().fsub(xi, m);
+                let mut y = b.ins().fmul(d, s);
+                if let Some(scale) = scale {
+                    let g = load(b, scale, i, v);
+                    y = b.ins().fmul(y, g);
+                }
+                if let Some(bias) = bias {
+                    let c = load(b, bias, i, v);
+                    y = b.ins().fadd(y, c);
+                }
+                y
+            });
+        }
+        RowOp::Sum | RowOp::Mean | RowOp::Max | RowOp::Min | RowOp::SumSquare | RowOp::L2 => {
+            let v = match op {
+                RowOp::Max => row.fold(b, f32::NEG_INFINITY, &ld, &|b, a, c| b.ins().fmax(a, c)),
+                RowOp::Min => row.fold(b, f32::INFINITY, &ld, &|b, a, c| b.ins().fmin(a, c)),
+                RowOp::SumSquare | RowOp::L2 => row.fold(
+                    b,
+                    0.0,
+                    &|b, i, v| {
+                        let xi = load(b, x, i, v);
+                        b.ins().fmul(xi, xi)
+                    },
+                    &fadd,
+                ),
+                _ => row.fold(b, 0.0, &ld, &fadd),
+            };
+            let v = match op {
+                RowOp::Mean => {
+                    let n = b.ins().f32const(len_f);
+                    b.ins().fdiv(v, n)
+                }
+                RowOp::L2 => b.ins().sqrt(v),
+                _ => v,
+            };
+            b.ins().store(flags(), v, out, 0);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Transcendental functions as Cranelift instruction sequences, for f32 and
+//! f32x4 alike, so kernels using them stay vectorised instead of calling
+//! libm per element.
+//!
+//! - `exp`: Cephes `expf` (range reduction by ln 2 in two parts, a degree-5
+//!   polynomial, 2^n built in the exponent bits); about 1 ulp.
+//! - `erf`: Abramowitz & Stegun 7.1.26; absolute error below 1.5e-7.
+//! - `tanh`: `1 - 2 / (exp(2x) + 1)`, with a Taylor polynomial near 0 where
+//!   that form loses relative precision.
+//! - `sigmoid`: `1 / (1 + exp(-x))`.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_frontend::FunctionBuilder;
+
+/// Emits math on either scalars or vectors of f32.
+pub struct VMath {
+    vector: bool,
+}
+
+impl VMath {
+    pub fn new(vector: bool) -> VMath {
+        VMath { vector }
+    }
+
+    fn float_ty(&self) -> Type {
+        if self.vector {
+            types::F32X4
+        } else {
+            types::F32
+        }
+    }
+
+    fn int_ty(&self) -> Type {
+        if self.vector {
+            types::I32X4
+        } else {
+            types::I32
+        }
+    }
+
+    pub fn c(&self, b: &mut FunctionBuilder, x: f32) -> Value {
+        let s = b.ins().f32const(x);
+        if self.vector {
+            b.ins().splat(types::F32X4, s)
+        } else {
+            s
+        }
+    }
+
+    fn ci(&self, b: &mut FunctionBuilder, x: i64) -> Value {
+        let s = b.ins().iconst(types::I32, x);
+        if self.vector {
+            b.ins().splat(types::I32X4, s)
+        } else {
+            s
+        }
+    }
+
+    /// `acc * x + c` for each coefficient, highest degree first (Horner).
+    fn poly(&self, b: &mut FunctionBuilder, x: Value, coeffs: &[f32]) -> Value {
+        let mut acc = self.c(b, coeffs[0]);
+        for &k in &coeffs[1..] {
+            let m = b.ins().fmul(acc, x);
+            let kc = self.c(b, k);
+            acc = b.ins().fadd(m, kc);
+        }
+        acc
+    }
+
+    pub fn exp(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let hi = self.c(b, 88.376_26);
+        let lo = self.c(b, -88.376_26);
+        let x = b.ins().fmin(x, hi);
+        let x = b.ins().fmax(x, lo);
+        // n = round(x / ln 2); r = x - n ln 2, with ln 2 split for precision.
+        let log2e = self.c(b, std::f32::consts::LOG2_E);
+        let half = self.c(b, 0.5);
+        let t = b.ins().fmul(x, log2e);
+        let t = b.ins().fadd(t, half);
+        let n = b.ins().floor(t);
+        let c1 = self.c(b, 0.693_359_4);
+        let c2 = self.c(b, -2.121_944_4e-4);
+        let r = b.ins().fmul(n, c1);
+        let r = b.ins().fsub(x, r);
+        let r2 = b.ins().fmul(n, c2);
+        let r = b.ins().fsub(r, r2);
+        let z = b.ins().fmul(r, r);
+        let p = self.poly(b, r, &[1.987_569_2e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5]);
+        let p = b.ins().fmul(p, z);
+        let p = b.ins().fadd(p, r);
+        let one = self.c(b, 1.0);
+        let p = b.ins().fadd(p, one);
+        // 2^n from the exponent bits. NaN inputs saturate to 0 here and stay NaN in `p`.
+        let ni = b.ins().fcvt_to_sint_sat(self.int_ty(), n);
+        let bias = self.ci(b, 127);
+        let e = b.ins().iadd(ni, bias);
+        let e = b.ins().ishl_imm_u(e, 23);
+        let scale = b.ins().bitcast(self.float_ty(), MemFlagsData::new(), e);
+        b.ins().fmul(p, scale)
+    }
+
+    pub fn erf(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let ax = b.ins().fabs(x);
+        let p = self.c(b, 0.327_591_1);
+        let one = self.c(b, 1.0);
+        let t = b.ins().fmul(p, ax);
+        let t = b.ins().fadd(one, t);
+        let t = b.ins().fdiv(one, t);
+        let q = self.poly(b, t, &[1.061_405_4, -1.453_152_1, 1.421_413_8, -0.284_496_72, 0.254_829_6]);
+        let q = b.ins().fmul(q, t);
+        let x2 = b.ins().fmul(ax, ax);
+        let nx2 = b.ins().fneg(x2);
+        let e = self.exp(b, nx2);
+        let q = b.ins().fmul(q, e);
+        let y = b.ins().fsub(one, q);
+        if self.vector {
+            // No vector copysign on x86: take the sign bit (the bits of -0.0) from x.
+            let sign = self.c(b, -0.0);
+            b.ins().bitselect(sign, x, y)
+        } else {
+            b.ins().fcopysign(y, x)
+        }
+    }
+
+    pub fn tanh(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let two = self.c(b, 2.0);
+        let one = self.c(b, 1.0);
+        let x2 = b.ins().fmul(x, two);
+        let e = self.exp(b, x2);
+        let d = b.ins().fadd(e, one);
+        let q = b.ins().fdiv(two, d);
+        let far = b.ins().fsub(one, q);
+        // Near 0: x - x^3/3 + 2x^5/15 - 17x^7/315.
+        let s = b.ins().fmul(x, x);
+        let p = self.poly(b, s, &[-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0, 1.0]);
+        let near = b.ins().fmul(p, x);
+        let ax = b.ins().fabs(x);
+        let small = self.c(b, 0.125);
+        let is_near = b.ins().fcmp(FloatCC::LessThan, ax, small);
+        if self.vector {
+            // The lane mask is I32X4; bitselect wants it in the operands' type.
+            let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), is_near);
+            b.ins().bitselect(mask, near, far)
+        } else {
+            b.ins().select(is_near, near, far)
+        }
+    }
+
+    pub fn sigmoid(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let nx = b.ins().fneg(x);
+        let e = self.exp(b, nx);
+        let one = self.c(b, 1.0);
+        let d = b.ins().fadd(one, e);
+        b.ins().fdiv(one, d)
+    }
+}
