@@ -11,6 +11,7 @@
 pub mod check;
 pub mod io;
 
+pub use egret_backends as backends;
 pub use egret_frontend as frontend;
 pub use egret_ir as ir;
 pub use egret_passes as passes;

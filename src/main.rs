@@ -178,9 +178,25 @@ fn run_cli() -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile } => {
-            run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
-        }
+        Command::Bench {
+            model,
+            inputs,
+            backend,
+            iters,
+            warmup,
+            threads,
+            json,
+            profile,
+        } => run_bench(
+            model,
+            inputs,
+            backend.into(),
+            iters,
+            warmup,
+            threads,
+            json,
+            profile,
+        ),
         Command::Ops => {
             for op in egret::frontend::supported_ops() {
                 println!("{op}");
@@ -191,16 +207,26 @@ fn run_cli() -> Result<()> {
 }
 
 /// Reads `--input` files, compiles, and completes the inputs with random ones.
-fn compile_with_inputs(model: &ModelArgs, inputs: &[String], backend: Backend, seed: u64) -> Result<(egret::Model, Vec<(String, Tensor)>)> {
+fn compile_with_inputs(
+    model: &ModelArgs,
+    inputs: &[String],
+    backend: Backend,
+    seed: u64,
+) -> Result<(egret::Model, Vec<(String, Tensor)>)> {
     let mut given: Vec<(String, Tensor)> = Vec::new();
     for spec in inputs {
-        let (name, file) = spec.split_once('=').with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
         given.push((name.to_string(), egret::io::read_tensor(Path::new(file))?));
     }
     let opts = CompileOptions {
         backend,
         dims: parse_dims(&model.dims)?,
-        input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
+        input_shapes: given
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+            .collect(),
         input_values: given.iter().cloned().collect(),
     };
     let m = compile(&model.model, &opts)?;
@@ -225,7 +251,8 @@ fn run_bench(
     json: bool,
     profile: bool,
 ) -> Result<()> {
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     egret::set_threads(threads);
     let t = std::time::Instant::now();
     let (m, all) = compile_with_inputs(&model, &inputs, backend, 0)?;
@@ -258,7 +285,12 @@ fn run_bench(
             })
         );
     } else {
-        println!("{} on {} ({threads} threads, {} runs after {warmup} warm-up)", model.model.display(), backend.name(), times.len());
+        println!(
+            "{} on {} ({threads} threads, {} runs after {warmup} warm-up)",
+            model.model.display(),
+            backend.name(),
+            times.len()
+        );
         println!("  median {median:.3} ms   min {min:.3} ms   max {max:.3} ms   compile {compile_ms:.1} ms");
     }
     if profile {
@@ -290,7 +322,14 @@ fn print_profile(times: &[(String, String, f64)]) {
     }
 }
 
-fn run(model: ModelArgs, inputs: Vec<String>, save: Option<PathBuf>, backend: Backend, print_ir: bool, seed: u64) -> Result<()> {
+fn run(
+    model: ModelArgs,
+    inputs: Vec<String>,
+    save: Option<PathBuf>,
+    backend: Backend,
+    print_ir: bool,
+    seed: u64,
+) -> Result<()> {
     let (m, all) = compile_with_inputs(&model, &inputs, backend, seed)?;
     if print_ir {
         print!("{}", text::print_with(&m.graph, Constants::ElideOver(16)));

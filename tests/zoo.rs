@@ -47,3 +47,17 @@ fn shape_subgraphs_fold_away() {
         }
     }
 }
+
+#[test]
+fn every_zoo_model_passes_on_the_cpu_backend() {
+    let n = common::check_all(&common::zoo_dir(), Backend::Cpu, Tolerance::default());
+    assert_eq!(n, 7);
+}
+
+#[test]
+fn perf_models_pass_on_the_cpu_backend() {
+    let Some(dir) = common::shared_dir("perf", Some("EGRET_PERF_MODELS")) else {
+        return;
+    };
+    common::check_all(&dir, Backend::Cpu, Tolerance::default());
+}

@@ -168,9 +168,13 @@ pub enum RowOp {
     Softmax,
     LogSoftmax,
     /// `(x - mean) / sqrt(var + epsilon) * scale + bias`.
-    LayerNorm { epsilon: f32 },
+    LayerNorm {
+        epsilon: f32,
+    },
     /// `x / sqrt(mean(x^2) + epsilon) * scale (+ bias)`.
-    RmsNorm { epsilon: f32 },
+    RmsNorm {
+        epsilon: f32,
+    },
     Sum,
     Mean,
     Max,
@@ -182,7 +186,10 @@ pub enum RowOp {
 impl RowOp {
     /// Whether the kernel writes one value per row rather than a whole row.
     pub fn reduces(self) -> bool {
-        !matches!(self, RowOp::Softmax | RowOp::LogSoftmax | RowOp::LayerNorm { .. } | RowOp::RmsNorm { .. })
+        !matches!(
+            self,
+            RowOp::Softmax | RowOp::LogSoftmax | RowOp::LayerNorm { .. } | RowOp::RmsNorm { .. }
+        )
     }
 }
 
@@ -239,7 +246,10 @@ impl Kernel {
                 vec![m.output.buffer],
             ),
             KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
-            KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
+            KernelKind::Rows(r) => (
+                [Some(r.x), r.scale, r.bias].into_iter().flatten().collect(),
+                vec![r.out],
+            ),
             KernelKind::Reference {
                 inputs, outputs, ..
             } => (
@@ -565,18 +575,36 @@ impl<'g> Lowering<'g> {
         }
         let rank = shape.len();
         // The trailing `len` elements of each row must be contiguous.
-        let split = |axis: usize| (shape[..axis].iter().product::<usize>(), shape[axis..].iter().product::<usize>());
+        let split = |axis: usize| {
+            (
+                shape[..axis].iter().product::<usize>(),
+                shape[axis..].iter().product::<usize>(),
+            )
+        };
         let params_fit = |from: usize| {
-            inputs[1..].iter().all(|&p| g.ty(p).dtype == DType::F32 && g.ty(p).numel() == shape[from..].iter().product::<usize>())
+            inputs[1..].iter().all(|&p| {
+                g.ty(p).dtype == DType::F32
+                    && g.ty(p).numel() == shape[from..].iter().product::<usize>()
+            })
         };
         let (op, axis) = match op {
             Op::Softmax { axis } if *axis == rank - 1 => (RowOp::Softmax, *axis),
             Op::LogSoftmax { axis } if *axis == rank - 1 => (RowOp::LogSoftmax, *axis),
-            Op::LayerNorm { axis, epsilon } if outputs[1..].iter().all(|&v| g.use_count(v) == 0) && params_fit(*axis) => {
+            Op::LayerNorm { axis, epsilon }
+                if outputs[1..].iter().all(|&v| g.use_count(v) == 0) && params_fit(*axis) =>
+            {
                 (RowOp::LayerNorm { epsilon: *epsilon }, *axis)
             }
-            Op::RmsNorm { axis, epsilon } if params_fit(*axis) => (RowOp::RmsNorm { epsilon: *epsilon }, *axis),
-            Op::Reduce { kind, axes, .. } if !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i) => {
+            Op::RmsNorm { axis, epsilon } if params_fit(*axis) => {
+                (RowOp::RmsNorm { epsilon: *epsilon }, *axis)
+            }
+            Op::Reduce { kind, axes, .. }
+                if !axes.is_empty()
+                    && axes
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &a)| a == rank - axes.len() + i) =>
+            {
                 use egret_ir::op::ReduceKind as K;
                 let r = match kind {
                     K::Sum => RowOp::Sum,
@@ -603,7 +631,15 @@ impl<'g> Lowering<'g> {
             // Unused statistics outputs still get (never written) storage.
             self.define(extra);
         }
-        Some(RowKernel { rows, len, op, x: xb, scale, bias, out })
+        Some(RowKernel {
+            rows,
+            len,
+            op,
+            x: xb,
+            scale,
+            bias,
+            out,
+        })
     }
 
     fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId) -> Option<MatMulKernel> {

@@ -120,7 +120,11 @@ impl Executable for CpuExecutable {
 
 impl CpuExecutable {
     /// Runs the plan; with `times`, records each kernel's duration.
-    fn execute(&self, inputs: Vec<Tensor>, mut times: Option<&mut Vec<(String, String, f64)>>) -> Result<Vec<Tensor>, RunError> {
+    fn execute(
+        &self,
+        inputs: Vec<Tensor>,
+        mut times: Option<&mut Vec<(String, String, f64)>>,
+    ) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
         let inputs: Vec<AlignedBuf> = inputs
             .iter()

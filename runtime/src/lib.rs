@@ -50,7 +50,11 @@ pub trait Executable: Send + Sync {
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
         let t = std::time::Instant::now();
         self.run(inputs)?;
-        Ok(vec![("run".into(), "the whole graph".into(), t.elapsed().as_secs_f64() * 1e3)])
+        Ok(vec![(
+            "run".into(),
+            "the whole graph".into(),
+            t.elapsed().as_secs_f64() * 1e3,
+        )])
     }
 }
 
@@ -126,7 +130,10 @@ pub struct Program {
 
 impl Program {
     /// Like `run`, timing each kernel.
-    pub fn profile(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, String, f64)>, RunError> {
+    pub fn profile(
+        &self,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, String, f64)>, RunError> {
         let inputs = self.signature.bind(named)?;
         self.executable.profile(inputs)
     }

@@ -47,7 +47,11 @@ extern "C" fn egret_sgemm(m: i64, k: i64, n: i64, a: *const f32, b: *const f32, 
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let threads = THREADS.load(std::sync::atomic::Ordering::Relaxed);
     // Splitting small products across threads costs more than it saves.
-    let parallelism = if threads > 1 && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // The plan guarantees the three buffers hold these matrices.
     unsafe {
         gemm::gemm(

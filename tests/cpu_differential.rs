@@ -1,0 +1,233 @@
+//! Differential tests: small graphs of every kernel shape, on random data,
+//! through the Cranelift backend and the reference backend.
+
+use egret::ir::text::parse;
+use egret::ir::{Graph, Tensor};
+use egret::runtime::{CpuExecutable, Executable, ReferenceExecutable};
+
+/// Deterministic data in [-2, 2).
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = egret::io::SplitMix::new(seed);
+    (0..n)
+        .map(|_| (rng.next_f64() * 4.0 - 2.0) as f32)
+        .collect()
+}
+
+fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
+    g.inputs()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ty = g.ty(v);
+            match ty.dtype {
+                egret::ir::DType::F32 => {
+                    Tensor::from_vec(ty.shape.clone(), data(ty.numel(), seed + i as u64))
+                }
+                egret::ir::DType::Bool => Tensor::from_vec(
+                    ty.shape.clone(),
+                    data(ty.numel(), seed + i as u64)
+                        .iter()
+                        .map(|&x| x > 0.0)
+                        .collect::<Vec<_>>(),
+                ),
+                d => panic!("no random data for {d}"),
+            }
+        })
+        .collect()
+}
+
+/// Runs `text` on both backends and compares every output.
+fn same(text: &str) {
+    let g = parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let plan = egret::backends::lower(&g).unwrap();
+    let native = plan
+        .kernels
+        .iter()
+        .filter(|k| k.kind_name() != "reference")
+        .count();
+    assert!(
+        native > 0,
+        "nothing was compiled natively:\n{}",
+        plan.describe()
+    );
+    let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap());
+    let reference = ReferenceExecutable::new(g.clone()).unwrap();
+    for seed in [1, 2] {
+        let want = reference.run(inputs_for(&g, seed)).unwrap();
+        let got = cpu.run(inputs_for(&g, seed)).unwrap();
+        for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
+            let r = egret::check::compare(
+                name,
+                gt,
+                w,
+                egret::check::Tolerance {
+                    rtol: 1e-4,
+                    atol: 1e-5,
+                },
+            );
+            assert!(r.failure.is_none(), "{name}: {:?}\n{text}", r.failure);
+        }
+    }
+}
+
+#[test]
+fn elementwise_chains_with_broadcasting() {
+    for n in [1, 3, 4, 7, 16, 33] {
+        same(&format!(
+            "v0: f32[2,{n}] = input{{name=\"a\"}}
+v1: f32[{n}] = input{{name=\"b\"}}
+v2: f32[2,1] = input{{name=\"c\"}}
+v3: f32[2,{n}] = add v0, v1
+v4: f32[2,{n}] = mul v3, v2
+v5: f32[2,{n}] = sub v4, v0
+v6: f32[2,{n}] = div v5, v2
+v7: f32[2,{n}] = max v6, v1
+v8: f32[2,{n}] = relu v7
+v9: f32[2,{n}] = neg v8
+v10: f32[2,{n}] = abs v9
+v11: f32[2,{n}] = sqrt v10
+output \"y\" = v11
+output \"z\" = v7
+"
+        ));
+    }
+}
+
+#[test]
+fn transcendental_maps_in_vector_and_scalar_form() {
+    for n in [5, 8, 37] {
+        for op in [
+            "exp",
+            "tanh",
+            "erf",
+            "sigmoid",
+            "log",
+            "sin",
+            "cos",
+            "floor",
+            "ceil",
+            "round",
+            "reciprocal",
+        ] {
+            let x = if op == "log" {
+                format!("v2: f32[3,{n}] = abs v0\n")
+            } else {
+                format!("v2: f32[3,{n}] = identity v0\n")
+            };
+            same(&format!("v0: f32[3,{n}] = input{{name=\"a\"}}\n{x}v1: f32[3,{n}] = {op} v2\noutput \"y\" = v1\n"));
+        }
+    }
+}
+
+#[test]
+fn gelu_as_exporters_write_it() {
+    same(
+        "v0: f32[4,37] = input{name=\"x\"}
+v1: f32[] = const [1.4142135]
+v2: f32[4,37] = div v0, v1
+v3: f32[4,37] = erf v2
+v4: f32[] = const [1.0]
+v5: f32[4,37] = add v3, v4
+v6: f32[4,37] = mul v0, v5
+v7: f32[] = const [0.5]
+v8: f32[4,37] = mul v6, v7
+output \"y\" = v8
+",
+    );
+}
+
+#[test]
+fn masks_compares_selects_and_casts() {
+    same(
+        "v0: f32[2,3,9] = input{name=\"a\"}
+v1: f32[9] = input{name=\"b\"}
+v2: bool[2,3,9] = less v0, v1
+v3: bool[2,3,9] = is_nan v0
+v4: bool[2,3,9] = or v2, v3
+v5: bool[2,3,9] = not v4
+v6: f32[2,3,9] = cast{to=f32} v5
+v7: f32[] = const [-inf]
+v8: f32[2,3,9] = where v2, v0, v7
+v9: bool[2,3,9] = equal v6, v0
+v10: bool[2,3,9] = and v9, v2
+output \"y\" = v8
+output \"z\" = v6
+output \"w\" = v10
+",
+    );
+}
+
+#[test]
+fn layout_kernels() {
+    same(
+        "v0: f32[2,5,3,4] = input{name=\"a\"}
+v1: f32[2,3,4,5] = transpose{perm=[0, 2, 3, 1]} v0
+v2: f32[2,2,3,4] = slice{starts=[0, 4, 0, 0], ends=[2, 0, 3, 4], steps=[1, -2, 1, 1]} v0
+v3: f32[2,7,3,4] = concat{axis=1} v0, v2
+v4: f32[2,3,3,4], v5: f32[2,4,3,4] = split{axis=1, sizes=[3, 4]} v3
+v6: f32[3,2,5,3,4] = expand{shape=[3, 2, 5, 3, 4]} v0
+v7: f32[2,60] = reshape{shape=[2, 60]} v1
+output \"t\" = v7
+output \"s\" = v2
+output \"a\" = v4
+output \"b\" = v5
+output \"e\" = v6
+",
+    );
+}
+
+#[test]
+fn batched_and_broadcast_matmuls() {
+    same(
+        "v0: f32[2,3,5,7] = input{name=\"a\"}
+v1: f32[7,6] = input{name=\"b\"}
+v2: f32[3,6,4] = input{name=\"c\"}
+v3: f32[2,3,5,6] = matmul v0, v1
+v4: f32[2,3,5,4] = matmul v3, v2
+output \"y\" = v4
+",
+    );
+}
+
+#[test]
+fn rows_softmax_norms_reductions() {
+    for n in [1, 3, 4, 9, 64, 67] {
+        same(&format!(
+            "v0: f32[3,2,{n}] = input{{name=\"x\"}}
+v1: f32[{n}] = input{{name=\"g\"}}
+v2: f32[{n}] = input{{name=\"b\"}}
+v3: f32[3,2,{n}] = softmax{{axis=2}} v0
+v4: f32[3,2,{n}] = log_softmax{{axis=2}} v0
+v5: f32[3,2,{n}], v6: f32[3,2,1], v7: f32[3,2,1] = layer_norm{{axis=2, epsilon=1e-5}} v0, v1, v2
+v8: f32[3,2,{n}] = rms_norm{{axis=2, epsilon=1e-6}} v0, v1
+v9: f32[3,2,1] = reduce{{kind=mean, axes=[2], keepdims=true}} v0
+v10: f32[3] = reduce{{kind=max, axes=[1, 2], keepdims=false}} v0
+v11: f32[3,2] = reduce{{kind=l2, axes=[2], keepdims=false}} v0
+v12: f32[3,1,1] = reduce{{kind=sum_square, axes=[1, 2], keepdims=true}} v0
+v13: f32[3,2] = reduce{{kind=min, axes=[2], keepdims=false}} v0
+output \"softmax\" = v3
+output \"log_softmax\" = v4
+output \"ln\" = v5
+output \"rms\" = v8
+output \"mean\" = v9
+output \"max\" = v10
+output \"l2\" = v11
+output \"ss\" = v12
+output \"min\" = v13
+"
+        ));
+    }
+}
+
+#[test]
+fn softmax_with_a_fully_masked_row_matches_the_reference() {
+    same(
+        "v0: f32[2,5] = input{name=\"x\"}
+v1: bool[2,5] = const [true, true, true, true, true, false, false, false, false, false]
+v2: f32[] = const [-1e30]
+v3: f32[2,5] = where v1, v0, v2
+v4: f32[2,5] = softmax{axis=1} v3
+output \"y\" = v4
+",
+    );
+}
