@@ -17,10 +17,7 @@ pub struct Tolerance {
 
 impl Default for Tolerance {
     fn default() -> Self {
-        Tolerance {
-            rtol: 1e-4,
-            atol: 1e-5,
-        }
+        Tolerance { rtol: 1e-4, atol: 1e-5 }
     }
 }
 
@@ -56,13 +53,9 @@ pub fn discover(path: &Path) -> Result<Vec<PathBuf>, Error> {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(path)
-        .map_err(|e| Error::Usage(format!("cannot read `{}`: {e}", path.display())))?;
-    let mut dirs: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let entries =
+        std::fs::read_dir(path).map_err(|e| Error::Usage(format!("cannot read `{}`: {e}", path.display())))?;
+    let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     for d in dirs {
         out.extend(discover(&d)?);
@@ -75,11 +68,7 @@ fn data_sets(case: &Path) -> Result<Vec<PathBuf>, Error> {
         .map_err(|e| Error::Usage(format!("cannot read `{}`: {e}", case.display())))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
-        })
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_")))
         .collect();
     sets.sort();
     Ok(sets)
@@ -105,42 +94,22 @@ pub fn check_case(case: &Path, backend: Backend, tol: Tolerance) -> Vec<CaseRepo
         Ok(_) => return vec![failed(case, "no test_data_set_N folders".into())],
         Err(e) => return vec![failed(case, e.to_string())],
     };
-    sets.iter()
-        .map(|set| {
-            check_set(case, set, backend, tol).unwrap_or_else(|e| failed(set, e.to_string()))
-        })
-        .collect()
+    sets.iter().map(|set| check_set(case, set, backend, tol).unwrap_or_else(|e| failed(set, e.to_string()))).collect()
 }
 
 fn failed(case: &Path, error: String) -> CaseReport {
-    CaseReport {
-        case: case.display().to_string(),
-        outputs: vec![],
-        error: Some(error),
-    }
+    CaseReport { case: case.display().to_string(), outputs: vec![], error: Some(error) }
 }
 
-fn check_set(
-    case: &Path,
-    set: &Path,
-    backend: Backend,
-    tol: Tolerance,
-) -> Result<CaseReport, Error> {
+fn check_set(case: &Path, set: &Path, backend: Backend, tol: Tolerance) -> Result<CaseReport, Error> {
     let inputs = numbered(set, "input")?;
     let expected = numbered(set, "output")?;
     let model_path = case.join("model.onnx");
     if inputs.iter().any(|(n, _)| n.is_empty()) {
-        return Err(Error::Usage(format!(
-            "`{}`: input files without tensor names are not supported",
-            set.display()
-        )));
+        return Err(Error::Usage(format!("`{}`: input files without tensor names are not supported", set.display())));
     }
     let named = inputs;
-    let opts = CompileOptions {
-        backend,
-        input_values: named.iter().cloned().collect(),
-        ..Default::default()
-    };
+    let opts = CompileOptions { backend, input_values: named.iter().cloned().collect(), ..Default::default() };
     let model = compile(&model_path, &opts)?;
     let outs = model.run(named)?;
     if outs.len() != expected.len() {
@@ -150,27 +119,14 @@ fn check_set(
             expected.len()
         )));
     }
-    let outputs = outs
-        .iter()
-        .zip(&expected)
-        .map(|((name, got), (_, want))| compare(name, got, want, tol))
-        .collect();
-    Ok(CaseReport {
-        case: format!("{}", set.display()),
-        outputs,
-        error: None,
-    })
+    let outputs = outs.iter().zip(&expected).map(|((name, got), (_, want))| compare(name, got, want, tol)).collect();
+    Ok(CaseReport { case: format!("{}", set.display()), outputs, error: None })
 }
 
 /// Compares one output. Floats: `|got - want| <= atol + rtol * |want|`, NaN
 /// matching NaN; integers and bools exactly.
 pub fn compare(name: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputReport {
-    let mut r = OutputReport {
-        name: name.to_string(),
-        max_abs: 0.0,
-        max_rel: 0.0,
-        failure: None,
-    };
+    let mut r = OutputReport { name: name.to_string(), max_abs: 0.0, max_rel: 0.0, failure: None };
     if got.shape() != want.shape() || got.dtype() != want.dtype() {
         r.failure = Some(format!("got {} but expected {}", got.ty(), want.ty()));
         return r;
@@ -188,9 +144,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> Outpu
         if abs.is_nan() || abs > r.max_abs {
             r.max_abs = if abs.is_nan() { f64::INFINITY } else { abs };
         }
-        r.max_rel = r
-            .max_rel
-            .max(if rel.is_nan() { f64::INFINITY } else { rel });
+        r.max_rel = r.max_rel.max(if rel.is_nan() { f64::INFINITY } else { rel });
         let ok = !exact && abs <= tol.atol + tol.rtol * b.abs();
         if !ok {
             bad += 1;
@@ -198,10 +152,8 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> Outpu
         }
     }
     if let Some((i, a, b)) = first_bad {
-        r.failure = Some(format!(
-            "{bad} of {} elements differ; first at flat index {i}: got {a}, expected {b}",
-            g.len()
-        ));
+        r.failure =
+            Some(format!("{bad} of {} elements differ; first at flat index {i}: got {a}, expected {b}", g.len()));
     }
     r
 }

@@ -16,45 +16,32 @@ pub fn read_tensor(path: &Path) -> Result<Tensor, Error> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("npy") => read_npy(path),
         Some("pb") => read_pb(path).map(|(_, t)| t),
-        _ => Err(usage(format!(
-            "`{}`: input files must be .npy or .pb",
-            path.display()
-        ))),
+        _ => Err(usage(format!("`{}`: input files must be .npy or .pb", path.display()))),
     }
 }
 
 /// Reads an ONNX `TensorProto` file; returns its name (possibly empty) and value.
 pub fn read_pb(path: &Path) -> Result<(String, Tensor), Error> {
     use egret_frontend::tensor::tensor_from_proto;
-    let bytes =
-        std::fs::read(path).map_err(|e| usage(format!("cannot read `{}`: {e}", path.display())))?;
-    let proto = TensorProto::parse_from_bytes(&bytes).map_err(|e| {
-        usage(format!(
-            "`{}` is not an ONNX TensorProto: {e}",
-            path.display()
-        ))
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("cannot read `{}`: {e}", path.display())))?;
+    let proto = TensorProto::parse_from_bytes(&bytes)
+        .map_err(|e| usage(format!("`{}` is not an ONNX TensorProto: {e}", path.display())))?;
     let t = tensor_from_proto(&proto, path.parent())?;
     Ok((proto.name.clone(), t))
 }
 
 pub fn write_pb(path: &Path, name: &str, t: &Tensor) -> Result<(), Error> {
-    let bytes = egret_frontend::tensor::tensor_to_proto(t, name)
-        .write_to_bytes()
-        .map_err(|e| usage(e.to_string()))?;
-    std::fs::write(path, bytes)
-        .map_err(|e| usage(format!("cannot write `{}`: {e}", path.display())))
+    let bytes = egret_frontend::tensor::tensor_to_proto(t, name).write_to_bytes().map_err(|e| usage(e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|e| usage(format!("cannot write `{}`: {e}", path.display())))
 }
 
 pub fn read_npy(path: &Path) -> Result<Tensor, Error> {
     let err = |m: String| usage(format!("`{}`: {m}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
-        .map_err(|e| err(format!("not a valid .npy file: {e}")))?;
+    let npy =
+        npyz::NpyFile::new(std::io::BufReader::new(file)).map_err(|e| err(format!("not a valid .npy file: {e}")))?;
     if npy.order() == npyz::Order::Fortran && npy.shape().len() > 1 {
-        return Err(err(
-            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
-        ));
+        return Err(err("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into()));
     }
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let npyz::DType::Plain(ts) = npy.dtype() else {
@@ -82,8 +69,7 @@ pub fn read_npy(path: &Path) -> Result<Tensor, Error> {
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<(), Error> {
     use npyz::WriterBuilder;
     let err = |m: String| usage(format!("cannot write `{}`: {m}", path.display()));
-    let file =
-        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| err(e.to_string()))?);
+    let file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| err(e.to_string()))?);
     let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
     macro_rules! write {
         ($v:expr) => {{
@@ -93,8 +79,7 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<(), Error> {
                 .writer(file)
                 .begin_nd()
                 .map_err(|e| err(e.to_string()))?;
-            w.extend($v.iter().copied())
-                .map_err(|e| err(e.to_string()))?;
+            w.extend($v.iter().copied()).map_err(|e| err(e.to_string()))?;
             w.finish().map_err(|e| err(e.to_string()))
         }};
     }
@@ -168,18 +153,13 @@ pub fn random_inputs(g: &Graph, seed: u64) -> Result<Vec<(String, Tensor)>, Erro
         let ty = g.ty(v).clone();
         let n = ty.numel();
         let data = match ty.dtype {
-            DType::F32 | DType::F64 => Data::from_f64s(
-                ty.dtype,
-                &(0..n)
-                    .map(|_| rng.next_f64() * 2.0 - 1.0)
-                    .collect::<Vec<_>>(),
-            ),
+            DType::F32 | DType::F64 => {
+                Data::from_f64s(ty.dtype, &(0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect::<Vec<_>>())
+            }
             DType::Bool => Data::Bool((0..n).map(|_| rng.next_u64() & 1 == 1).collect()),
             dt => {
                 let vals: Vec<i64> = if let Some(b) = index_bound(g, v) {
-                    (0..n)
-                        .map(|_| (rng.next_u64() % b.max(1) as u64) as i64)
-                        .collect()
+                    (0..n).map(|_| (rng.next_u64() % b.max(1) as u64) as i64).collect()
                 } else if name.to_lowercase().contains("mask") {
                     vec![1; n]
                 } else {

@@ -124,25 +124,17 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
             let plan = egret_backends::lower(&graph)?;
-            let compiled =
-                egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
+            let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
             Box::new(egret_runtime::CpuExecutable::new(compiled))
         }
     };
     let backend_ms = ms(t);
 
     Ok(Model {
-        program: Program {
-            signature,
-            executable,
-        },
+        program: Program { signature, executable },
         graph,
         canon,
-        times: StageTimes {
-            import_ms,
-            canonicalize_ms,
-            backend_ms,
-        },
+        times: StageTimes { import_ms, canonicalize_ms, backend_ms },
         opset: imported.opset,
     })
 }

@@ -10,11 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(
-    name = "egret",
-    version,
-    about = "An ahead-of-time compiler for transformer models: ONNX in, fast code out."
-)]
+#[command(name = "egret", version, about = "An ahead-of-time compiler for transformer models: ONNX in, fast code out.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,14 +119,8 @@ enum Command {
 fn parse_dims(dims: &[String]) -> Result<HashMap<String, usize>> {
     dims.iter()
         .map(|d| {
-            let (k, v) = d
-                .split_once('=')
-                .with_context(|| format!("--dim `{d}` should be NAME=VALUE"))?;
-            Ok((
-                k.to_string(),
-                v.parse()
-                    .with_context(|| format!("--dim `{d}`: `{v}` is not a size"))?,
-            ))
+            let (k, v) = d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=VALUE"))?;
+            Ok((k.to_string(), v.parse().with_context(|| format!("--dim `{d}`: `{v}` is not a size"))?))
         })
         .collect()
 }
@@ -144,59 +134,21 @@ fn main() {
 
 fn run_cli() -> Result<()> {
     match Cli::parse().command {
-        Command::Run {
-            model,
-            inputs,
-            save_outputs,
-            backend,
-            print_ir,
-            seed,
-        } => run(model, inputs, save_outputs, backend.into(), print_ir, seed),
-        Command::Check {
-            path,
-            backend,
-            rtol,
-            atol,
-            quiet,
-        } => check(&path, backend.into(), Tolerance { rtol, atol }, quiet),
+        Command::Run { model, inputs, save_outputs, backend, print_ir, seed } => {
+            run(model, inputs, save_outputs, backend.into(), print_ir, seed)
+        }
+        Command::Check { path, backend, rtol, atol, quiet } => {
+            check(&path, backend.into(), Tolerance { rtol, atol }, quiet)
+        }
         Command::Ir { model, full } => {
-            let opts = CompileOptions {
-                dims: parse_dims(&model.dims)?,
-                ..Default::default()
-            };
+            let opts = CompileOptions { dims: parse_dims(&model.dims)?, ..Default::default() };
             let m = compile(&model.model, &opts)?;
-            print!(
-                "{}",
-                text::print_with(
-                    &m.graph,
-                    if full {
-                        Constants::Full
-                    } else {
-                        Constants::ElideOver(16)
-                    }
-                )
-            );
+            print!("{}", text::print_with(&m.graph, if full { Constants::Full } else { Constants::ElideOver(16) }));
             Ok(())
         }
-        Command::Bench {
-            model,
-            inputs,
-            backend,
-            iters,
-            warmup,
-            threads,
-            json,
-            profile,
-        } => run_bench(
-            model,
-            inputs,
-            backend.into(),
-            iters,
-            warmup,
-            threads,
-            json,
-            profile,
-        ),
+        Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile } => {
+            run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
+        }
         Command::Ops => {
             for op in egret::frontend::supported_ops() {
                 println!("{op}");
@@ -215,18 +167,13 @@ fn compile_with_inputs(
 ) -> Result<(egret::Model, Vec<(String, Tensor)>)> {
     let mut given: Vec<(String, Tensor)> = Vec::new();
     for spec in inputs {
-        let (name, file) = spec
-            .split_once('=')
-            .with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
+        let (name, file) = spec.split_once('=').with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
         given.push((name.to_string(), egret::io::read_tensor(Path::new(file))?));
     }
     let opts = CompileOptions {
         backend,
         dims: parse_dims(&model.dims)?,
-        input_shapes: given
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
-            .collect(),
+        input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
         input_values: given.iter().cloned().collect(),
     };
     let m = compile(&model.model, &opts)?;
@@ -251,8 +198,7 @@ fn run_bench(
     json: bool,
     profile: bool,
 ) -> Result<()> {
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     egret::set_threads(threads);
     let t = std::time::Instant::now();
     let (m, all) = compile_with_inputs(&model, &inputs, backend, 0)?;
@@ -339,19 +285,10 @@ fn run(
         println!("{name}: {}  {}", t.ty(), summary(t));
     }
     if let Some(dir) = save {
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
         for (name, t) in &outs {
-            let safe: String = name
-                .chars()
-                .map(|c| {
-                    if c.is_alphanumeric() || "-_.".contains(c) {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
+            let safe: String =
+                name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
             let path = dir.join(format!("{safe}.npy"));
             egret::io::write_npy(&path, t)?;
             println!("saved {}", path.display());
@@ -398,10 +335,7 @@ fn check(path: &Path, backend: Backend, tol: Tolerance, quiet: bool) -> Result<(
                         o.name,
                         o.max_abs,
                         o.max_rel,
-                        o.failure
-                            .as_ref()
-                            .map(|f| format!(" ({f})"))
-                            .unwrap_or_default()
+                        o.failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default()
                     );
                 }
             }

@@ -6,8 +6,8 @@ use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
 use onnx_protobuf::type_proto;
 use onnx_protobuf::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
 };
 use protobuf::Message;
 use std::path::{Path, PathBuf};
@@ -77,25 +77,11 @@ fn write_model(dir: &Path, m: &ModelProto) -> PathBuf {
 
 /// Runs `egret ARGS`, expects failure, and returns stderr.
 fn egret_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_egret")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "egret {args:?} should fail; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "egret {args:?} should exit with 1, not crash; stderr: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "egret {args:?} panicked: {stderr}"
-    );
+    assert!(!out.status.success(), "egret {args:?} should fail; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "egret {args:?} should exit with 1, not crash; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "egret {args:?} panicked: {stderr}");
     stderr
 }
 
@@ -107,15 +93,8 @@ fn run_fails(model: &Path) -> String {
 fn the_well_formed_model_runs() {
     let dir = tempdir("ok");
     let p = write_model(&dir, &add_model());
-    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
-        .args(["run", p.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_egret")).args(["run", p.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("y: f32[2,3]"));
 }
 
@@ -150,10 +129,7 @@ fn empty_file() {
 #[test]
 fn missing_file() {
     let err = egret_fails(&["run", "/nonexistent/model.onnx"]);
-    assert!(
-        err.contains("cannot read `/nonexistent/model.onnx`"),
-        "{err}"
-    );
+    assert!(err.contains("cannot read `/nonexistent/model.onnx`"), "{err}");
 }
 
 #[test]
@@ -185,10 +161,7 @@ fn unsupported_attribute() {
     a.i = 3;
     m.graph.as_mut().unwrap().node[0].attribute.push(a);
     let err = run_fails(&write_model(&dir, &m));
-    assert!(
-        err.contains("attribute `frobnication` is not supported"),
-        "{err}"
-    );
+    assert!(err.contains("attribute `frobnication` is not supported"), "{err}");
 }
 
 #[test]
@@ -197,10 +170,7 @@ fn missing_initializer() {
     let mut m = add_model();
     m.graph.as_mut().unwrap().initializer.clear();
     let err = run_fails(&write_model(&dir, &m));
-    assert!(
-        err.contains("reads `w`, which no node, initializer or graph input defines"),
-        "{err}"
-    );
+    assert!(err.contains("reads `w`, which no node, initializer or graph input defines"), "{err}");
 }
 
 #[test]
@@ -231,21 +201,11 @@ fn external_model(location: &str) -> ModelProto {
 #[test]
 fn external_data_inside_the_folder_loads() {
     let dir = tempdir("external-ok");
-    let bytes: Vec<u8> = [1f32, 2.0, 3.0]
-        .iter()
-        .flat_map(|f| f.to_le_bytes())
-        .collect();
+    let bytes: Vec<u8> = [1f32, 2.0, 3.0].iter().flat_map(|f| f.to_le_bytes()).collect();
     std::fs::write(dir.join("weights.bin"), bytes).unwrap();
     let p = write_model(&dir, &external_model("weights.bin"));
-    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
-        .args(["run", p.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_egret")).args(["run", p.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -254,10 +214,7 @@ fn external_data_path_that_escapes_the_folder() {
     std::fs::write(dir.join("../egret-secret.bin"), [0u8; 12]).unwrap();
     let err = run_fails(&write_model(&dir, &external_model("../egret-secret.bin")));
     assert!(err.contains("escapes the model's folder"), "{err}");
-    let err = run_fails(&write_model(
-        &dir,
-        &external_model("sub/../../egret-secret.bin"),
-    ));
+    let err = run_fails(&write_model(&dir, &external_model("sub/../../egret-secret.bin")));
     assert!(err.contains("escapes the model's folder"), "{err}");
 }
 
@@ -282,10 +239,7 @@ fn initializer_with_too_few_values() {
     let mut m = add_model();
     m.graph.as_mut().unwrap().initializer[0].float_data.pop();
     let err = run_fails(&write_model(&dir, &m));
-    assert!(
-        err.contains("tensor `w`") && err.contains("holds 2 values"),
-        "{err}"
-    );
+    assert!(err.contains("tensor `w`") && err.contains("holds 2 values"), "{err}");
 }
 
 #[test]
@@ -296,10 +250,7 @@ fn shapes_that_do_not_broadcast() {
     m.graph.as_mut().unwrap().initializer[0].float_data = vec![1.0, 2.0, 3.0];
     m.graph.as_mut().unwrap().input[0] = value_info("x", 1, &[2, 2]);
     let err = run_fails(&write_model(&dir, &m));
-    assert!(
-        err.contains("do not broadcast") && err.contains("Add_0"),
-        "{err}"
-    );
+    assert!(err.contains("do not broadcast") && err.contains("Add_0"), "{err}");
 }
 
 fn write_npy(path: &Path, t: &egret::ir::Tensor) {
@@ -312,12 +263,7 @@ fn input_of_the_wrong_shape() {
     let p = write_model(&dir, &add_model());
     let x = dir.join("x.npy");
     write_npy(&x, &egret::ir::Tensor::from_vec(vec![3, 3], vec![0f32; 9]));
-    let err = egret_fails(&[
-        "run",
-        p.to_str().unwrap(),
-        "--input",
-        &format!("x={}", x.display()),
-    ]);
+    let err = egret_fails(&["run", p.to_str().unwrap(), "--input", &format!("x={}", x.display())]);
     assert!(err.contains("input `x`") && err.contains("[3, 3]"), "{err}");
 }
 
@@ -327,16 +273,8 @@ fn input_of_the_wrong_dtype() {
     let p = write_model(&dir, &add_model());
     let x = dir.join("x.npy");
     write_npy(&x, &egret::ir::Tensor::from_vec(vec![2, 3], vec![0i64; 6]));
-    let err = egret_fails(&[
-        "run",
-        p.to_str().unwrap(),
-        "--input",
-        &format!("x={}", x.display()),
-    ]);
-    assert!(
-        err.contains("input `x` should be f32[2,3] but is i64[2,3]"),
-        "{err}"
-    );
+    let err = egret_fails(&["run", p.to_str().unwrap(), "--input", &format!("x={}", x.display())]);
+    assert!(err.contains("input `x` should be f32[2,3] but is i64[2,3]"), "{err}");
 }
 
 #[test]
@@ -345,12 +283,7 @@ fn input_that_the_model_does_not_have() {
     let p = write_model(&dir, &add_model());
     let x = dir.join("z.npy");
     write_npy(&x, &egret::ir::Tensor::from_vec(vec![2, 3], vec![0f32; 6]));
-    let err = egret_fails(&[
-        "run",
-        p.to_str().unwrap(),
-        "--input",
-        &format!("z={}", x.display()),
-    ]);
+    let err = egret_fails(&["run", p.to_str().unwrap(), "--input", &format!("z={}", x.display())]);
     assert!(err.contains("no input `z`"), "{err}");
 }
 
@@ -360,12 +293,7 @@ fn input_file_that_is_not_npy() {
     let p = write_model(&dir, &add_model());
     let x = dir.join("x.npy");
     std::fs::write(&x, b"not numpy").unwrap();
-    let err = egret_fails(&[
-        "run",
-        p.to_str().unwrap(),
-        "--input",
-        &format!("x={}", x.display()),
-    ]);
+    let err = egret_fails(&["run", p.to_str().unwrap(), "--input", &format!("x={}", x.display())]);
     assert!(err.contains("not a valid .npy file"), "{err}");
 }
 
@@ -381,16 +309,8 @@ fn gather_index_out_of_range_is_an_error_not_a_crash() {
     let p = write_model(&dir, &m);
     let i = dir.join("i.npy");
     write_npy(&i, &egret::ir::Tensor::from_vec(vec![2], vec![0i64, 7]));
-    let err = egret_fails(&[
-        "run",
-        p.to_str().unwrap(),
-        "--input",
-        &format!("i={}", i.display()),
-    ]);
-    assert!(
-        err.contains("gather index 7 is out of range for an axis of length 3"),
-        "{err}"
-    );
+    let err = egret_fails(&["run", p.to_str().unwrap(), "--input", &format!("i={}", i.display())]);
+    assert!(err.contains("gather index 7 is out of range for an axis of length 3"), "{err}");
 }
 
 #[test]

@@ -5,16 +5,8 @@ mod common;
 use std::process::Command;
 
 fn egret(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
-        .args(args)
-        .current_dir(common::repo_root())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_egret")).args(args).current_dir(common::repo_root()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[test]
@@ -33,11 +25,7 @@ fn check_fails_with_a_non_zero_status_when_an_output_differs() {
     std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
     let src = common::zoo_dir().join("vit_tiny");
     std::fs::copy(src.join("model.onnx"), case.join("model.onnx")).unwrap();
-    std::fs::copy(
-        src.join("test_data_set_0/input_0.pb"),
-        case.join("test_data_set_0/input_0.pb"),
-    )
-    .unwrap();
+    std::fs::copy(src.join("test_data_set_0/input_0.pb"), case.join("test_data_set_0/input_0.pb")).unwrap();
     // Scale the stored reference so that it no longer matches.
     let (name, t) = egret::io::read_pb(&src.join("test_data_set_0/output_0.pb")).unwrap();
     let scaled: Vec<f32> = t.as_f32().unwrap().iter().map(|x| x * 1.5 + 0.1).collect();
@@ -65,10 +53,8 @@ fn run_saves_outputs_that_match_check() {
     assert!(ok, "{err}");
     assert!(out.contains("logits: f32[1,10]"), "{out}");
     let saved = egret::io::read_npy(&dir.join("logits.npy")).unwrap();
-    let (_, want) = egret::io::read_pb(
-        &common::zoo_dir().join("deit_tiny_distilled/test_data_set_0/output_0.pb"),
-    )
-    .unwrap();
+    let (_, want) =
+        egret::io::read_pb(&common::zoo_dir().join("deit_tiny_distilled/test_data_set_0/output_0.pb")).unwrap();
     let r = egret::check::compare("logits", &saved, &want, Default::default());
     assert!(r.failure.is_none(), "{r:?}");
 }
@@ -78,10 +64,7 @@ fn run_makes_random_inputs_within_index_ranges() {
     // BERT's input_ids index a 1000-row embedding; random ids must stay in range.
     let (ok, out, err) = egret(&["run", "tests/data/zoo/bert_tiny/model.onnx", "--seed", "7"]);
     assert!(ok, "{err}");
-    assert!(
-        err.contains("input `input_ids` i64[1,16] is random"),
-        "{err}"
-    );
+    assert!(err.contains("input `input_ids` i64[1,16] is random"), "{err}");
     assert!(out.contains("pooler_output: f32[1,64]"), "{out}");
 }
 

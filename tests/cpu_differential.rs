@@ -8,9 +8,7 @@ use egret::runtime::{CpuExecutable, Executable, ReferenceExecutable};
 /// Deterministic data in [-2, 2).
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = egret::io::SplitMix::new(seed);
-    (0..n)
-        .map(|_| (rng.next_f64() * 4.0 - 2.0) as f32)
-        .collect()
+    (0..n).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect()
 }
 
 fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
@@ -20,15 +18,10 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
         .map(|(i, &v)| {
             let ty = g.ty(v);
             match ty.dtype {
-                egret::ir::DType::F32 => {
-                    Tensor::from_vec(ty.shape.clone(), data(ty.numel(), seed + i as u64))
-                }
+                egret::ir::DType::F32 => Tensor::from_vec(ty.shape.clone(), data(ty.numel(), seed + i as u64)),
                 egret::ir::DType::Bool => Tensor::from_vec(
                     ty.shape.clone(),
-                    data(ty.numel(), seed + i as u64)
-                        .iter()
-                        .map(|&x| x > 0.0)
-                        .collect::<Vec<_>>(),
+                    data(ty.numel(), seed + i as u64).iter().map(|&x| x > 0.0).collect::<Vec<_>>(),
                 ),
                 d => panic!("no random data for {d}"),
             }
@@ -40,31 +33,15 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
 fn same(text: &str) {
     let g = parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let plan = egret::backends::lower(&g).unwrap();
-    let native = plan
-        .kernels
-        .iter()
-        .filter(|k| k.kind_name() != "reference")
-        .count();
-    assert!(
-        native > 0,
-        "nothing was compiled natively:\n{}",
-        plan.describe()
-    );
+    let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
+    assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
     let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap());
     let reference = ReferenceExecutable::new(g.clone()).unwrap();
     for seed in [1, 2] {
         let want = reference.run(inputs_for(&g, seed)).unwrap();
         let got = cpu.run(inputs_for(&g, seed)).unwrap();
         for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
-            let r = egret::check::compare(
-                name,
-                gt,
-                w,
-                egret::check::Tolerance {
-                    rtol: 1e-4,
-                    atol: 1e-5,
-                },
-            );
+            let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
             assert!(r.failure.is_none(), "{name}: {:?}\n{text}", r.failure);
         }
     }
@@ -96,19 +73,7 @@ output \"z\" = v7
 #[test]
 fn transcendental_maps_in_vector_and_scalar_form() {
     for n in [5, 8, 37] {
-        for op in [
-            "exp",
-            "tanh",
-            "erf",
-            "sigmoid",
-            "log",
-            "sin",
-            "cos",
-            "floor",
-            "ceil",
-            "round",
-            "reciprocal",
-        ] {
+        for op in ["exp", "tanh", "erf", "sigmoid", "log", "sin", "cos", "floor", "ceil", "round", "reciprocal"] {
             let x = if op == "log" {
                 format!("v2: f32[3,{n}] = abs v0\n")
             } else {

@@ -26,8 +26,7 @@ fn ir_text_round_trips_on_every_zoo_model() {
     for case in egret::check::discover(&common::zoo_dir()).unwrap() {
         let m = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
         let text = egret::ir::text::print(&m.graph);
-        let parsed =
-            egret::ir::text::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        let parsed = egret::ir::text::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
         assert_eq!(egret::ir::text::print(&parsed), text, "{}", case.display());
     }
 }
@@ -39,11 +38,7 @@ fn shape_subgraphs_fold_away() {
         let m = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
         let text = egret::ir::text::print_with(&m.graph, egret::ir::text::Constants::ElideOver(0));
         for op in ["= shape{", "= identity", "= constant_of_shape"] {
-            assert!(
-                !text.contains(op),
-                "{}: `{op}` survived canonicalisation",
-                case.display()
-            );
+            assert!(!text.contains(op), "{}: `{op}` survived canonicalisation", case.display());
         }
     }
 }

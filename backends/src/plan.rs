@@ -186,10 +186,7 @@ pub enum RowOp {
 impl RowOp {
     /// Whether the kernel writes one value per row rather than a whole row.
     pub fn reduces(self) -> bool {
-        !matches!(
-            self,
-            RowOp::Softmax | RowOp::LogSoftmax | RowOp::LayerNorm { .. } | RowOp::RmsNorm { .. }
-        )
+        !matches!(self, RowOp::Softmax | RowOp::LogSoftmax | RowOp::LayerNorm { .. } | RowOp::RmsNorm { .. })
     }
 }
 
@@ -241,21 +238,12 @@ impl Kernel {
     /// Buffers the kernel reads, then the ones it writes.
     pub fn buffers(&self) -> (Vec<BufferId>, Vec<BufferId>) {
         match &self.kind {
-            KernelKind::Map(m) => (
-                m.inputs.iter().map(|o| o.buffer).collect(),
-                vec![m.output.buffer],
-            ),
+            KernelKind::Map(m) => (m.inputs.iter().map(|o| o.buffer).collect(), vec![m.output.buffer]),
             KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
-            KernelKind::Rows(r) => (
-                [Some(r.x), r.scale, r.bias].into_iter().flatten().collect(),
-                vec![r.out],
-            ),
-            KernelKind::Reference {
-                inputs, outputs, ..
-            } => (
-                inputs.iter().map(|i| i.0).collect(),
-                outputs.iter().map(|o| o.0).collect(),
-            ),
+            KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
+            KernelKind::Reference { inputs, outputs, .. } => {
+                (inputs.iter().map(|i| i.0).collect(), outputs.iter().map(|o| o.0).collect())
+            }
         }
     }
 }
@@ -281,25 +269,14 @@ struct Lowering<'g> {
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
-    egret_ir::strides_of(shape)
-        .into_iter()
-        .map(|s| s as isize)
-        .collect()
+    egret_ir::strides_of(shape).into_iter().map(|s| s as isize).collect()
 }
 
 /// Strides of a tensor of `shape` read broadcast over `out` (numpy rules).
 fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
     let st = contiguous_strides(shape);
     let off = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| {
-            if i < off || shape[i - off] == 1 {
-                0
-            } else {
-                st[i - off]
-            }
-        })
-        .collect()
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { st[i - off] }).collect()
 }
 
 /// Dtypes map kernels compute with.
@@ -367,10 +344,7 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
 
 impl<'g> Lowering<'g> {
     fn new_buffer(&mut self, ty: &Type, storage: Storage) -> BufferId {
-        self.buffers.push(Buffer {
-            bytes: ty.numel() * ty.dtype.size_bytes(),
-            storage,
-        });
+        self.buffers.push(Buffer { bytes: ty.numel() * ty.dtype.size_bytes(), storage });
         self.buffers.len() - 1
     }
 
@@ -382,40 +356,17 @@ impl<'g> Lowering<'g> {
     }
 
     fn operand(&self, v: ValueId, offset: isize, strides: Vec<isize>) -> Operand {
-        Operand {
-            buffer: self.of[&v],
-            dtype: self.g.ty(v).dtype,
-            offset,
-            strides,
-        }
+        Operand { buffer: self.of[&v], dtype: self.g.ty(v).dtype, offset, strides }
     }
 
     fn push(&mut self, kind: KernelKind, label: &str) {
-        self.kernels.push(Kernel {
-            kind,
-            label: label.to_string(),
-        });
+        self.kernels.push(Kernel { kind, label: label.to_string() });
     }
 
-    fn map(
-        &mut self,
-        shape: Vec<usize>,
-        inputs: Vec<Operand>,
-        output: Operand,
-        expr: Expr,
-        label: &str,
-    ) {
+    fn map(&mut self, shape: Vec<usize>, inputs: Vec<Operand>, output: Operand, expr: Expr, label: &str) {
         let (shape, mut ops) = collapse_dims(shape, inputs.into_iter().chain([output]).collect());
         let output = ops.pop().expect("the output operand");
-        self.push(
-            KernelKind::Map(MapKernel {
-                shape,
-                inputs: ops,
-                output,
-                expr,
-            }),
-            label,
-        );
+        self.push(KernelKind::Map(MapKernel { shape, inputs: ops, output, expr }), label);
     }
 
     fn lower_node(&mut self, n: egret_ir::NodeId) {
@@ -441,9 +392,7 @@ impl<'g> Lowering<'g> {
                     let inputs: Vec<Operand> = node
                         .inputs
                         .iter()
-                        .map(|&v| {
-                            self.operand(v, 0, broadcast_strides(&g.ty(v).shape, &out_ty.shape))
-                        })
+                        .map(|&v| self.operand(v, 0, broadcast_strides(&g.ty(v).shape, &out_ty.shape)))
                         .collect();
                     self.define(out);
                     let output = self.operand(out, 0, contiguous_strides(&out_ty.shape));
@@ -463,36 +412,15 @@ impl<'g> Lowering<'g> {
                         return;
                     }
                 }
-                let inputs = node
-                    .inputs
-                    .iter()
-                    .map(|&v| (self.of[&v], g.ty(v).clone()))
-                    .collect();
-                let outputs = node
-                    .outputs
-                    .iter()
-                    .map(|&v| (self.define(v), g.ty(v).clone()))
-                    .collect();
-                self.push(
-                    KernelKind::Reference {
-                        op: op.clone(),
-                        inputs,
-                        outputs,
-                    },
-                    label,
-                );
+                let inputs = node.inputs.iter().map(|&v| (self.of[&v], g.ty(v).clone())).collect();
+                let outputs = node.outputs.iter().map(|&v| (self.define(v), g.ty(v).clone())).collect();
+                self.push(KernelKind::Reference { op: op.clone(), inputs, outputs }, label);
             }
         }
     }
 
     /// Transpose, slice, expand, concat and split as map kernels.
-    fn lower_layout(
-        &mut self,
-        op: &Op,
-        inputs: &[ValueId],
-        outputs: &[ValueId],
-        label: &str,
-    ) -> bool {
+    fn lower_layout(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> bool {
         let g = self.g;
         let x = inputs[0];
         let xt = g.ty(x).clone();
@@ -512,16 +440,8 @@ impl<'g> Lowering<'g> {
             Op::Slice { starts, steps, .. } => {
                 let out = outputs[0];
                 let out_shape = g.ty(out).shape.clone();
-                let offset: isize = starts
-                    .iter()
-                    .zip(&xs)
-                    .map(|(&s, &st)| s as isize * st)
-                    .sum();
-                let strides = steps
-                    .iter()
-                    .zip(&xs)
-                    .map(|(&s, &st)| s as isize * st)
-                    .collect();
+                let offset: isize = starts.iter().zip(&xs).map(|(&s, &st)| s as isize * st).sum();
+                let strides = steps.iter().zip(&xs).map(|(&s, &st)| s as isize * st).collect();
                 let input = self.operand(x, offset, strides);
                 self.define(out);
                 let output = self.operand(out, 0, contiguous_strides(&out_shape));
@@ -575,17 +495,11 @@ impl<'g> Lowering<'g> {
         }
         let rank = shape.len();
         // The trailing `len` elements of each row must be contiguous.
-        let split = |axis: usize| {
-            (
-                shape[..axis].iter().product::<usize>(),
-                shape[axis..].iter().product::<usize>(),
-            )
-        };
+        let split = |axis: usize| (shape[..axis].iter().product::<usize>(), shape[axis..].iter().product::<usize>());
         let params_fit = |from: usize| {
-            inputs[1..].iter().all(|&p| {
-                g.ty(p).dtype == DType::F32
-                    && g.ty(p).numel() == shape[from..].iter().product::<usize>()
-            })
+            inputs[1..]
+                .iter()
+                .all(|&p| g.ty(p).dtype == DType::F32 && g.ty(p).numel() == shape[from..].iter().product::<usize>())
         };
         let (op, axis) = match op {
             Op::Softmax { axis } if *axis == rank - 1 => (RowOp::Softmax, *axis),
@@ -595,15 +509,9 @@ impl<'g> Lowering<'g> {
             {
                 (RowOp::LayerNorm { epsilon: *epsilon }, *axis)
             }
-            Op::RmsNorm { axis, epsilon } if params_fit(*axis) => {
-                (RowOp::RmsNorm { epsilon: *epsilon }, *axis)
-            }
+            Op::RmsNorm { axis, epsilon } if params_fit(*axis) => (RowOp::RmsNorm { epsilon: *epsilon }, *axis),
             Op::Reduce { kind, axes, .. }
-                if !axes.is_empty()
-                    && axes
-                        .iter()
-                        .enumerate()
-                        .all(|(i, &a)| a == rank - axes.len() + i) =>
+                if !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i) =>
             {
                 use egret_ir::op::ReduceKind as K;
                 let r = match kind {
@@ -631,24 +539,12 @@ impl<'g> Lowering<'g> {
             // Unused statistics outputs still get (never written) storage.
             self.define(extra);
         }
-        Some(RowKernel {
-            rows,
-            len,
-            op,
-            x: xb,
-            scale,
-            bias,
-            out,
-        })
+        Some(RowKernel { rows, len, op, x: xb, scale, bias, out })
     }
 
     fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId) -> Option<MatMulKernel> {
         let g = self.g;
-        let (sa, sb, sc) = (
-            g.ty(a).shape.clone(),
-            g.ty(b).shape.clone(),
-            g.ty(c).shape.clone(),
-        );
+        let (sa, sb, sc) = (g.ty(a).shape.clone(), g.ty(b).shape.clone(), g.ty(c).shape.clone());
         // 1-d operands are rare in transformer graphs; the reference path keeps them.
         if sa.len() < 2 || sb.len() < 2 {
             return None;
@@ -671,15 +567,7 @@ impl<'g> Lowering<'g> {
         }
         let (ab, bb) = (self.of[&a], self.of[&b]);
         let cb = self.define(c);
-        Some(MatMulKernel {
-            m,
-            k,
-            n,
-            a: ab,
-            b: bb,
-            c: cb,
-            batches,
-        })
+        Some(MatMulKernel { m, k, n, a: ab, b: bb, c: cb, batches })
     }
 }
 
@@ -691,10 +579,7 @@ fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<O
     let mut out_strides: Vec<Vec<isize>> = vec![Vec::new(); ops.len()];
     for &d in &keep {
         let mergeable = !out_shape.is_empty()
-            && ops
-                .iter()
-                .enumerate()
-                .all(|(k, o)| *out_strides[k].last().unwrap() == o.strides[d] * shape[d] as isize);
+            && ops.iter().enumerate().all(|(k, o)| *out_strides[k].last().unwrap() == o.strides[d] * shape[d] as isize);
         if mergeable {
             *out_shape.last_mut().unwrap() *= shape[d];
             for (k, o) in ops.iter().enumerate() {
@@ -716,12 +601,7 @@ fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<O
 /// Lowers a canonical, verified graph to a plan.
 pub fn lower(g: &Graph) -> Result<Plan, IrError> {
     egret_ir::verify(g)?;
-    let mut l = Lowering {
-        g,
-        buffers: vec![],
-        of: HashMap::new(),
-        kernels: vec![],
-    };
+    let mut l = Lowering { g, buffers: vec![], of: HashMap::new(), kernels: vec![] };
     let mut inputs = Vec::new();
     for (i, &v) in g.inputs().iter().enumerate() {
         let ty = g.ty(v).clone();
@@ -732,18 +612,8 @@ pub fn lower(g: &Graph) -> Result<Plan, IrError> {
     for n in g.topo_order()? {
         l.lower_node(n);
     }
-    let outputs: Vec<(BufferId, Type)> = g
-        .outputs()
-        .iter()
-        .map(|(_, v)| (l.of[v], g.ty(*v).clone()))
-        .collect();
-    let mut plan = Plan {
-        buffers: l.buffers,
-        kernels: l.kernels,
-        arena_bytes: 0,
-        inputs,
-        outputs,
-    };
+    let outputs: Vec<(BufferId, Type)> = g.outputs().iter().map(|(_, v)| (l.of[v], g.ty(*v).clone())).collect();
+    let mut plan = Plan { buffers: l.buffers, kernels: l.kernels, arena_bytes: 0, inputs, outputs };
     plan_memory(&mut plan);
     Ok(plan)
 }
@@ -774,9 +644,7 @@ fn plan_memory(plan: &mut Plan) {
     for step in 0..n {
         live.retain(|&(_, _, l)| l >= step);
         let mut defs: Vec<BufferId> = (0..plan.buffers.len())
-            .filter(|&b| {
-                first[b] == step && matches!(plan.buffers[b].storage, Storage::Arena { .. })
-            })
+            .filter(|&b| first[b] == step && matches!(plan.buffers[b].storage, Storage::Arena { .. }))
             .collect();
         defs.sort();
         for b in defs {

@@ -42,11 +42,7 @@ impl<'a> Importer<'a> {
         // in practice such files predate everything we support.
         let opset = opset.unwrap_or(MIN_OPSET);
         if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {
-            return Err(ImportError::Opset {
-                version: opset,
-                min: MIN_OPSET,
-                max: MAX_OPSET,
-            });
+            return Err(ImportError::Opset { version: opset, min: MIN_OPSET, max: MAX_OPSET });
         }
         let mut imp = Importer {
             graph: Graph::new(),
@@ -64,10 +60,7 @@ impl<'a> Importer<'a> {
             imp.names.insert(init.name.clone(), v);
         }
         if !g.sparse_initializer.is_empty() {
-            return Err(ImportError::tensor(
-                "<sparse initializer>",
-                "sparse initializers are not supported",
-            ));
+            return Err(ImportError::tensor("<sparse initializer>", "sparse initializers are not supported"));
         }
         imp.bind_inputs(g, opts, specialize)?;
 
@@ -76,19 +69,12 @@ impl<'a> Importer<'a> {
         }
 
         for out in &g.output {
-            let v = *imp
-                .names
-                .get(&out.name)
-                .ok_or_else(|| ImportError::UndefinedOutput {
-                    name: out.name.clone(),
-                })?;
+            let v = *imp.names.get(&out.name).ok_or_else(|| ImportError::UndefinedOutput { name: out.name.clone() })?;
             check_declared(&out.name, out, imp.graph.ty(v))?;
             imp.graph.set_output(&out.name, v);
         }
         if g.output.is_empty() {
-            return Err(ImportError::UndefinedOutput {
-                name: "<none: the graph declares no outputs>".into(),
-            });
+            return Err(ImportError::UndefinedOutput { name: "<none: the graph declares no outputs>".into() });
         }
         egret_ir::verify(&imp.graph).map_err(|e| ImportError::Node {
             node: e.node,
@@ -96,12 +82,7 @@ impl<'a> Importer<'a> {
             opset,
             message: e.message,
         })?;
-        Ok(Imported {
-            graph: imp.graph,
-            specialized: imp.specialized,
-            opset,
-            producer: model.producer_name.clone(),
-        })
+        Ok(Imported { graph: imp.graph, specialized: imp.specialized, opset, producer: model.producer_name.clone() })
     }
 
     fn bind_inputs(
@@ -117,28 +98,22 @@ impl<'a> Importer<'a> {
                 // Older exporters list initializers among the inputs.
                 continue;
             }
-            let err = |m: String| ImportError::Input {
-                input: input.name.clone(),
-                message: m,
-            };
+            let err = |m: String| ImportError::Input { input: input.name.clone(), message: m };
             let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) =
                 input.type_.as_ref().and_then(|t| t.value.as_ref())
             else {
-                return Err(err(
-                    "only tensor inputs are supported (not sequences, maps or optionals)".into(),
-                ));
+                return Err(err("only tensor inputs are supported (not sequences, maps or optionals)".into()));
             };
             let dtype = dtype_from_onnx(tt.elem_type).map_err(err)?;
-            let given: Option<Vec<usize>> =
-                opts.input_shapes.get(&input.name).cloned().or_else(|| {
-                    opts.input_values
-                        .get(&input.name)
-                        .map(|t| t.shape().to_vec())
-                });
+            let given: Option<Vec<usize>> = opts
+                .input_shapes
+                .get(&input.name)
+                .cloned()
+                .or_else(|| opts.input_values.get(&input.name).map(|t| t.shape().to_vec()));
             let shape: Vec<usize> = match tt.shape.as_ref() {
-                None => given.clone().ok_or_else(|| {
-                    err("the model gives no shape; pass the input or its shape".into())
-                })?,
+                None => {
+                    given.clone().ok_or_else(|| err("the model gives no shape; pass the input or its shape".into()))?
+                }
                 Some(sp) => {
                     if let Some(gs) = &given {
                         if gs.len() != sp.dim.len() {
@@ -156,7 +131,10 @@ impl<'a> Importer<'a> {
                             Some(Dim::DimValue(v)) if *v >= 0 => {
                                 if let Some(gv) = from_given {
                                     if gv != *v as usize {
-                                        return Err(err(format!("has shape {:?} but the model declares dim {i} = {v}", given.as_ref().unwrap())));
+                                        return Err(err(format!(
+                                            "has shape {:?} but the model declares dim {i} = {v}",
+                                            given.as_ref().unwrap()
+                                        )));
                                     }
                                 }
                                 *v as usize
@@ -170,9 +148,14 @@ impl<'a> Importer<'a> {
                                     dims.insert(p.clone(), gv);
                                     gv
                                 }
-                                (None, None) => return Err(err(format!("dim {i} is symbolic (`{p}`); bind it with --dim {p}=N or pass the input"))),
+                                (None, None) => {
+                                    return Err(err(format!(
+                                        "dim {i} is symbolic (`{p}`); bind it with --dim {p}=N or pass the input"
+                                    )))
+                                }
                             },
-                            _ => from_given.ok_or_else(|| err(format!("dim {i} is unknown; pass the input or its shape")))?,
+                            _ => from_given
+                                .ok_or_else(|| err(format!("dim {i} is unknown; pass the input or its shape")))?,
                         };
                         shape.push(v);
                     }
@@ -187,10 +170,7 @@ impl<'a> Importer<'a> {
             if specialize.contains(&input.name) {
                 let t = opts.input_values[&input.name].clone();
                 if t.ty() != ty {
-                    return Err(err(format!(
-                        "the value offered has type {} but the input is {ty}",
-                        t.ty()
-                    )));
+                    return Err(err(format!("the value offered has type {} but the input is {ty}", t.ty())));
                 }
                 self.known.insert(v, Arc::new(t.clone()));
                 self.specialized.push((input.name.clone(), t));
@@ -201,21 +181,10 @@ impl<'a> Importer<'a> {
     }
 
     fn build_node(&mut self, node: &NodeProto) -> Result<(), ImportError> {
-        let label = if node.name.is_empty() {
-            node.output.first().cloned().unwrap_or_default()
-        } else {
-            node.name.clone()
-        };
-        let domain = if node.domain == "ai.onnx" {
-            ""
-        } else {
-            node.domain.as_str()
-        };
-        let builder = if domain.is_empty() {
-            registry::get(&node.op_type)
-        } else {
-            None
-        };
+        let label =
+            if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
+        let domain = if node.domain == "ai.onnx" { "" } else { node.domain.as_str() };
+        let builder = if domain.is_empty() { registry::get(&node.op_type) } else { None };
         let Some(builder) = builder else {
             return Err(ImportError::UnsupportedOp {
                 op: node.op_type.clone(),
@@ -224,12 +193,7 @@ impl<'a> Importer<'a> {
                 node: label,
             });
         };
-        let mut ctx = NodeCtx {
-            imp: self,
-            node,
-            label: label.clone(),
-            used: RefCell::new(HashSet::new()),
-        };
+        let mut ctx = NodeCtx { imp: self, node, label: label.clone(), used: RefCell::new(HashSet::new()) };
         let outs = builder(&mut ctx)?;
         for a in &node.attribute {
             if !ctx.used.borrow().contains(&a.name) {
@@ -261,20 +225,12 @@ impl<'a> Importer<'a> {
         let value = match &node.op {
             Op::Shape { start, end } => {
                 let s = &self.graph.ty(node.inputs[0]).shape;
-                vec![Tensor::from_vec(
-                    vec![end - start],
-                    s[*start..*end].iter().map(|&d| d as i64).collect(),
-                )]
+                vec![Tensor::from_vec(vec![end - start], s[*start..*end].iter().map(|&d| d as i64).collect())]
             }
             op => {
-                let small = outs
-                    .iter()
-                    .all(|&v| self.graph.ty(v).numel() <= KNOWN_VALUE_LIMIT);
-                let inputs: Option<Vec<&Tensor>> = node
-                    .inputs
-                    .iter()
-                    .map(|v| self.known.get(v).map(|t| &**t))
-                    .collect();
+                let small = outs.iter().all(|&v| self.graph.ty(v).numel() <= KNOWN_VALUE_LIMIT);
+                let inputs: Option<Vec<&Tensor>> =
+                    node.inputs.iter().map(|v| self.known.get(v).map(|t| &**t)).collect();
                 match (small, inputs) {
                     (true, Some(inputs)) => match egret_ir::eval_op(op, &inputs) {
                         Ok(ts) => ts,
@@ -291,44 +247,28 @@ impl<'a> Importer<'a> {
 }
 
 /// Checks an output's declared dtype and static dims against what Egret computes.
-fn check_declared(
-    name: &str,
-    info: &onnx_protobuf::ValueInfoProto,
-    ty: &Type,
-) -> Result<(), ImportError> {
+fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -> Result<(), ImportError> {
     use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
-    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) =
-        info.type_.as_ref().and_then(|t| t.value.as_ref())
+    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = info.type_.as_ref().and_then(|t| t.value.as_ref())
     else {
         return Ok(());
     };
-    let err = |m: String| ImportError::Tensor {
-        tensor: name.to_string(),
-        message: m,
-    };
+    let err = |m: String| ImportError::Tensor { tensor: name.to_string(), message: m };
     if tt.elem_type != 0 {
         let declared = dtype_from_onnx(tt.elem_type).map_err(err)?;
         if declared != ty.dtype {
-            return Err(err(format!(
-                "the model declares {declared} but the graph computes {}",
-                ty.dtype
-            )));
+            return Err(err(format!("the model declares {declared} but the graph computes {}", ty.dtype)));
         }
     }
     if let Some(sp) = tt.shape.as_ref() {
         if !sp.dim.is_empty() || ty.rank() == 0 {
             if sp.dim.len() != ty.rank() {
-                return Err(err(format!(
-                    "the model declares rank {} but the graph computes {ty}",
-                    sp.dim.len()
-                )));
+                return Err(err(format!("the model declares rank {} but the graph computes {ty}", sp.dim.len())));
             }
             for (i, d) in sp.dim.iter().enumerate() {
                 if let Some(Dim::DimValue(v)) = d.value {
                     if v >= 0 && v as usize != ty.shape[i] {
-                        return Err(err(format!(
-                            "the model declares dim {i} = {v} but the graph computes {ty}"
-                        )));
+                        return Err(err(format!("the model declares dim {i} = {v} but the graph computes {ty}")));
                     }
                 }
             }
@@ -340,10 +280,7 @@ fn check_declared(
 /// Orders nodes so every node follows the producers of its inputs. ONNX
 /// requires files to be sorted already; sorting here turns a violation into a
 /// cycle error or a clear "undefined" error instead of a confusing one.
-fn topo_sort(
-    g: &onnx_protobuf::GraphProto,
-    defined: &HashMap<String, ValueId>,
-) -> Result<Vec<usize>, ImportError> {
+fn topo_sort(g: &onnx_protobuf::GraphProto, defined: &HashMap<String, ValueId>) -> Result<Vec<usize>, ImportError> {
     let mut producer: HashMap<&str, usize> = HashMap::new();
     for (i, n) in g.node.iter().enumerate() {
         for o in n.output.iter().filter(|o| !o.is_empty()) {
@@ -363,24 +300,13 @@ fn topo_sort(
             if let Some(&p) = producer.get(name.as_str()) {
                 dag.edge(p, i);
             } else if !defined.contains_key(name) {
-                let node = if n.name.is_empty() {
-                    n.op_type.clone()
-                } else {
-                    n.name.clone()
-                };
-                return Err(ImportError::Undefined {
-                    node,
-                    name: name.clone(),
-                });
+                let node = if n.name.is_empty() { n.op_type.clone() } else { n.name.clone() };
+                return Err(ImportError::Undefined { node, name: name.clone() });
             }
         }
     }
     dag.order().map_err(|i| ImportError::Cycle {
-        node: if g.node[i].name.is_empty() {
-            g.node[i].op_type.clone()
-        } else {
-            g.node[i].name.clone()
-        },
+        node: if g.node[i].name.is_empty() { g.node[i].op_type.clone() } else { g.node[i].name.clone() },
     })
 }
 
@@ -393,10 +319,7 @@ mod petgraph_lite {
     }
     impl Dag {
         pub fn new(n: usize) -> Dag {
-            Dag {
-                succ: vec![vec![]; n],
-                indeg: vec![0; n],
-            }
+            Dag { succ: vec![vec![]; n], indeg: vec![0; n] }
         }
         pub fn edge(&mut self, a: usize, b: usize) {
             self.succ[a].push(b);
@@ -405,8 +328,7 @@ mod petgraph_lite {
         /// A topological order, or a node on a cycle.
         pub fn order(mut self) -> Result<Vec<usize>, usize> {
             let n = self.indeg.len();
-            let mut ready: std::collections::BTreeSet<usize> =
-                (0..n).filter(|&i| self.indeg[i] == 0).collect();
+            let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| self.indeg[i] == 0).collect();
             let mut out = Vec::with_capacity(n);
             while let Some(i) = ready.pop_first() {
                 out.push(i);
@@ -451,16 +373,11 @@ impl NodeCtx<'_, '_> {
 
     /// Input `i`, or `None` if absent or given as the empty name.
     pub fn input(&self, i: usize) -> Option<ValueId> {
-        self.node
-            .input
-            .get(i)
-            .filter(|s| !s.is_empty())
-            .map(|s| self.imp.names[s])
+        self.node.input.get(i).filter(|s| !s.is_empty()).map(|s| self.imp.names[s])
     }
 
     pub fn req(&self, i: usize) -> Result<ValueId, ImportError> {
-        self.input(i)
-            .ok_or_else(|| self.err(format!("input {i} is required")))
+        self.input(i).ok_or_else(|| self.err(format!("input {i} is required")))
     }
 
     pub fn num_inputs(&self) -> usize {
@@ -498,7 +415,8 @@ impl NodeCtx<'_, '_> {
                 inputs,
             });
         }
-        Err(self.err(format!("{what} (input {i}) must be known at compile time; data-dependent shapes are not supported")))
+        Err(self
+            .err(format!("{what} (input {i}) must be known at compile time; data-dependent shapes are not supported")))
     }
 
     /// Names of the graph inputs `v` depends on.
@@ -531,25 +449,20 @@ impl NodeCtx<'_, '_> {
         Some(a)
     }
 
-    fn typed(
-        &self,
-        name: &str,
-        want: AttributeType,
-    ) -> Result<Option<&AttributeProto>, ImportError> {
+    fn typed(&self, name: &str, want: AttributeType) -> Result<Option<&AttributeProto>, ImportError> {
         match self.attr(name) {
             None => Ok(None),
             Some(a) if !a.ref_attr_name.is_empty() => {
                 Err(self.err(format!("attribute `{name}` refers to a function attribute")))
             }
             Some(a) => {
-                let ty = a.type_.enum_value().map_err(|code| {
-                    self.err(format!("attribute `{name}` has unknown type {code}"))
-                })?;
+                let ty = a
+                    .type_
+                    .enum_value()
+                    .map_err(|code| self.err(format!("attribute `{name}` has unknown type {code}")))?;
                 // Some writers leave the type undefined; trust the field then.
                 if ty != want && ty != AttributeType::UNDEFINED {
-                    return Err(self.err(format!(
-                        "attribute `{name}` should be {want:?}, found {ty:?}"
-                    )));
+                    return Err(self.err(format!("attribute `{name}` should be {want:?}, found {ty:?}")));
                 }
                 Ok(Some(a))
             }
@@ -567,34 +480,25 @@ impl NodeCtx<'_, '_> {
     }
 
     pub fn i(&self, name: &str, default: i64) -> Result<i64, ImportError> {
-        Ok(self
-            .typed(name, AttributeType::INT)?
-            .map_or(default, |a| a.i))
+        Ok(self.typed(name, AttributeType::INT)?.map_or(default, |a| a.i))
     }
 
     pub fn f(&self, name: &str, default: f32) -> Result<f32, ImportError> {
-        Ok(self
-            .typed(name, AttributeType::FLOAT)?
-            .map_or(default, |a| a.f))
+        Ok(self.typed(name, AttributeType::FLOAT)?.map_or(default, |a| a.f))
     }
 
     pub fn ints(&self, name: &str) -> Result<Option<Vec<i64>>, ImportError> {
-        Ok(self
-            .typed(name, AttributeType::INTS)?
-            .map(|a| a.ints.clone()))
+        Ok(self.typed(name, AttributeType::INTS)?.map(|a| a.ints.clone()))
     }
 
     pub fn floats(&self, name: &str) -> Result<Option<Vec<f32>>, ImportError> {
-        Ok(self
-            .typed(name, AttributeType::FLOATS)?
-            .map(|a| a.floats.clone()))
+        Ok(self.typed(name, AttributeType::FLOATS)?.map(|a| a.floats.clone()))
     }
 
     pub fn s(&self, name: &str, default: &str) -> Result<String, ImportError> {
         match self.typed(name, AttributeType::STRING)? {
             None => Ok(default.to_string()),
-            Some(a) => String::from_utf8(a.s.clone())
-                .map_err(|_| self.err(format!("attribute `{name}` is not UTF-8"))),
+            Some(a) => String::from_utf8(a.s.clone()).map_err(|_| self.err(format!("attribute `{name}` is not UTF-8"))),
         }
     }
 
@@ -611,16 +515,12 @@ impl NodeCtx<'_, '_> {
     /// Adds an IR node and records the known values it produces.
     pub fn add_node(&mut self, op: Op, inputs: &[ValueId]) -> BuildResult {
         let opset = self.imp.opset;
-        let outs = self
-            .imp
-            .graph
-            .add_node(op, inputs, &self.label)
-            .map_err(|e| ImportError::Node {
-                node: e.node,
-                op: self.node.op_type.clone(),
-                opset,
-                message: e.message,
-            })?;
+        let outs = self.imp.graph.add_node(op, inputs, &self.label).map_err(|e| ImportError::Node {
+            node: e.node,
+            op: self.node.op_type.clone(),
+            opset,
+            message: e.message,
+        })?;
         self.imp.propagate_known(&outs);
         Ok(outs)
     }
@@ -641,10 +541,7 @@ impl NodeCtx<'_, '_> {
     }
 
     pub fn axes(&self, axes: &[i64], rank: usize) -> Result<Vec<usize>, ImportError> {
-        let mut out: Vec<usize> = axes
-            .iter()
-            .map(|&a| self.axis(a, rank))
-            .collect::<Result<_, _>>()?;
+        let mut out: Vec<usize> = axes.iter().map(|&a| self.axis(a, rank)).collect::<Result<_, _>>()?;
         let n = out.len();
         out.sort();
         out.dedup();

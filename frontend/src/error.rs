@@ -5,28 +5,15 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("`{path}` is not a valid ONNX model: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("the model has no graph")]
     NoGraph,
     #[error("unsupported op `{op}` (domain `{domain}`, opset {opset}) at node `{node}`")]
-    UnsupportedOp {
-        op: String,
-        domain: String,
-        opset: i64,
-        node: String,
-    },
+    UnsupportedOp { op: String, domain: String, opset: i64, node: String },
     #[error("node `{node}` ({op}, opset {opset}): {message}")]
-    Node {
-        node: String,
-        op: String,
-        opset: i64,
-        message: String,
-    },
+    Node { node: String, op: String, opset: i64, message: String },
     #[error("tensor `{tensor}`: {message}")]
     Tensor { tensor: String, message: String },
     #[error("input `{input}`: {message}")]
@@ -42,18 +29,11 @@ pub enum ImportError {
     /// An op needs the value of these graph inputs at compile time (a shape,
     /// axes, ...). Callers that know the values can specialise on them.
     #[error("node `{node}` ({op}) needs the value of graph input(s) {} at compile time", inputs.join(", "))]
-    NeedsInputValue {
-        node: String,
-        op: String,
-        inputs: Vec<String>,
-    },
+    NeedsInputValue { node: String, op: String, inputs: Vec<String> },
 }
 
 impl ImportError {
     pub(crate) fn tensor(tensor: &str, message: impl Into<String>) -> ImportError {
-        ImportError::Tensor {
-            tensor: tensor.to_string(),
-            message: message.into(),
-        }
+        ImportError::Tensor { tensor: tensor.to_string(), message: message.into() }
     }
 }

@@ -58,17 +58,8 @@ pub struct Imported {
 
 /// Reads and imports a `.onnx` file. External data resolves inside its folder.
 pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let base = path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            p
-        }
-    });
+    let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
     import_bytes(&bytes, base, path, opts)
 }
 
@@ -81,17 +72,11 @@ pub fn import_bytes(
     opts: &ImportOptions,
 ) -> Result<Imported, ImportError> {
     use protobuf::Message;
-    let model =
-        onnx_protobuf::ModelProto::parse_from_bytes(bytes).map_err(|e| ImportError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(bytes)
+        .map_err(|e| ImportError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
     if model.graph.is_none() {
         return Err(if bytes.is_empty() {
-            ImportError::Parse {
-                path: path.to_path_buf(),
-                message: "the file is empty".into(),
-            }
+            ImportError::Parse { path: path.to_path_buf(), message: "the file is empty".into() }
         } else {
             ImportError::NoGraph
         });
@@ -101,9 +86,7 @@ pub fn import_bytes(
     loop {
         match context::Importer::run(&model, base, opts, &specialize) {
             Err(ImportError::NeedsInputValue { inputs, node, op })
-                if inputs
-                    .iter()
-                    .all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
+                if inputs.iter().all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
             {
                 let _ = (&node, &op);
                 specialize.extend(inputs);

@@ -24,11 +24,7 @@ pub fn dtype_from_onnx(code: i32) -> Result<DType, String> {
         10 => return Err("float16 tensors are not supported".into()),
         16 => return Err("bfloat16 tensors are not supported".into()),
         14 | 15 => return Err("complex tensors are not supported".into()),
-        17..=26 => {
-            return Err(format!(
-                "8-bit/4-bit float or int4 tensors (type {code}) are not supported"
-            ))
-        }
+        17..=26 => return Err(format!("8-bit/4-bit float or int4 tensors (type {code}) are not supported")),
         0 => return Err("the element type is undefined".into()),
         other => return Err(format!("unknown element type {other}")),
     })
@@ -62,7 +58,9 @@ pub fn resolve_external_path(base: &Path, location: &str) -> Result<PathBuf, Str
             Component::Normal(_) | Component::CurDir => {}
             Component::ParentDir => return Err(format!("external data path `{location}` escapes the model's folder")),
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("external data path `{location}` is absolute; it must be relative to the model's folder"))
+                return Err(format!(
+                    "external data path `{location}` is absolute; it must be relative to the model's folder"
+                ))
             }
         }
     }
@@ -70,9 +68,7 @@ pub fn resolve_external_path(base: &Path, location: &str) -> Result<PathBuf, Str
     // A symlink inside the folder could still point outside it.
     if let (Ok(real), Ok(real_base)) = (joined.canonicalize(), base.canonicalize()) {
         if !real.starts_with(&real_base) {
-            return Err(format!(
-                "external data path `{location}` resolves outside the model's folder"
-            ));
+            return Err(format!("external data path `{location}` resolves outside the model's folder"));
         }
     }
     Ok(joined)
@@ -85,18 +81,9 @@ fn read_external(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>, String
     for kv in &t.external_data {
         match kv.key.as_str() {
             "location" => location = Some(kv.value.clone()),
-            "offset" => {
-                offset = kv
-                    .value
-                    .parse()
-                    .map_err(|_| format!("bad external data offset `{}`", kv.value))?
-            }
+            "offset" => offset = kv.value.parse().map_err(|_| format!("bad external data offset `{}`", kv.value))?,
             "length" => {
-                length = Some(
-                    kv.value
-                        .parse::<u64>()
-                        .map_err(|_| format!("bad external data length `{}`", kv.value))?,
-                )
+                length = Some(kv.value.parse::<u64>().map_err(|_| format!("bad external data length `{}`", kv.value))?)
             }
             _ => {}
         }
@@ -104,13 +91,10 @@ fn read_external(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>, String
     let location = location.ok_or("external data has no location")?;
     let base = base.ok_or("external data needs the model's folder; load the model from a file")?;
     let path = resolve_external_path(base, &location)?;
-    let bytes = std::fs::read(&path)
-        .map_err(|e| format!("cannot read external data `{}`: {e}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read external data `{}`: {e}", path.display()))?;
     let start = offset as usize;
     let end = match length {
-        Some(l) => start
-            .checked_add(l as usize)
-            .ok_or("external data range overflows")?,
+        Some(l) => start.checked_add(l as usize).ok_or("external data range overflows")?,
         None => bytes.len(),
     };
     if start > bytes.len() || end > bytes.len() {
@@ -125,19 +109,11 @@ fn read_external(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>, String
 fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
     let size = dtype.size_bytes();
     if raw.len() != n * size {
-        return Err(format!(
-            "raw data has {} bytes but {n} elements of {dtype} need {}",
-            raw.len(),
-            n * size
-        ));
+        return Err(format!("raw data has {} bytes but {n} elements of {dtype} need {}", raw.len(), n * size));
     }
     macro_rules! le {
         ($T:ty, $V:ident) => {
-            Data::$V(
-                raw.chunks_exact(size)
-                    .map(|c| <$T>::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            )
+            Data::$V(raw.chunks_exact(size).map(|c| <$T>::from_le_bytes(c.try_into().unwrap())).collect())
         };
     }
     Ok(match dtype {
@@ -157,11 +133,7 @@ fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
 
 /// Decodes a `TensorProto`. `base` is the model's folder, for external data.
 pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
-    let name = if t.name.is_empty() {
-        "<unnamed>"
-    } else {
-        &t.name
-    };
+    let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
     let dtype = dtype_from_onnx(t.data_type).map_err(err)?;
     let mut shape = Vec::with_capacity(t.dims.len());
@@ -171,10 +143,7 @@ pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor,
         }
         shape.push(d as usize);
     }
-    let n = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| err("shape overflows".into()))?;
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| err("shape overflows".into()))?;
     if t.segment.is_some() {
         return Err(err("segmented tensors are not supported".into()));
     }
@@ -190,21 +159,14 @@ pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor,
             DType::F32 => Data::F32(t.float_data.clone()),
             DType::F64 => Data::F64(t.double_data.clone()),
             DType::I64 => Data::I64(t.int64_data.clone()),
-            DType::U32 | DType::U64 => Data::from_i64s(
-                dtype,
-                &t.uint64_data.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            ),
+            DType::U32 | DType::U64 => {
+                Data::from_i64s(dtype, &t.uint64_data.iter().map(|&x| x as i64).collect::<Vec<_>>())
+            }
             // int32_data carries every narrower integer type and bool.
-            _ => Data::from_i64s(
-                dtype,
-                &t.int32_data.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            ),
+            _ => Data::from_i64s(dtype, &t.int32_data.iter().map(|&x| x as i64).collect::<Vec<_>>()),
         };
         if data.len() != n {
-            return Err(err(format!(
-                "holds {} values but its shape {shape:?} needs {n}",
-                data.len()
-            )));
+            return Err(err(format!("holds {} values but its shape {shape:?} needs {n}", data.len())));
         }
         data
     };

@@ -62,10 +62,7 @@ impl DType {
     }
 
     pub fn is_signed(self) -> bool {
-        matches!(
-            self,
-            DType::F32 | DType::F64 | DType::I8 | DType::I16 | DType::I32 | DType::I64
-        )
+        matches!(self, DType::F32 | DType::F64 | DType::I8 | DType::I16 | DType::I32 | DType::I64)
     }
 
     /// Size of one element in bytes, as stored in ONNX `raw_data` and `.npy` files.
@@ -88,10 +85,7 @@ impl fmt::Display for DType {
 impl FromStr for DType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.name() == s)
-            .ok_or_else(|| format!("unknown dtype `{s}`"))
+        DType::ALL.into_iter().find(|d| d.name() == s).ok_or_else(|| format!("unknown dtype `{s}`"))
     }
 }
 
@@ -107,10 +101,7 @@ pub struct Type {
 
 impl Type {
     pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
-        Type {
-            dtype,
-            shape: shape.into(),
-        }
+        Type { dtype, shape: shape.into() }
     }
 
     pub fn rank(&self) -> usize {
@@ -123,10 +114,7 @@ impl Type {
 
     /// The element count, or `None` if it overflows or exceeds `MAX_ELEMENTS`.
     pub fn checked_numel(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&n| n <= MAX_ELEMENTS)
+        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= MAX_ELEMENTS)
     }
 }
 

@@ -10,11 +10,7 @@ pub struct IrError {
 
 impl IrError {
     pub fn new(node: &str, op: &str, message: impl Into<String>) -> IrError {
-        IrError {
-            node: node.to_string(),
-            op: op.to_string(),
-            message: message.into(),
-        }
+        IrError { node: node.to_string(), op: op.to_string(), message: message.into() }
     }
 }
 

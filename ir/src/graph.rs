@@ -68,14 +68,7 @@ impl Graph {
 
     /// Adds a graph input called `name`.
     pub fn add_input(&mut self, name: &str, ty: Type) -> ValueId {
-        let node = self.insert(
-            Op::Input {
-                name: name.to_string(),
-            },
-            vec![],
-            vec![ty],
-            name.to_string(),
-        );
+        let node = self.insert(Op::Input { name: name.to_string() }, vec![], vec![ty], name.to_string());
         let v = self.node(node).outputs[0];
         self.inputs.push(v);
         v
@@ -88,34 +81,17 @@ impl Graph {
     }
 
     /// Adds a node, inferring its output types. `label` names it in errors.
-    pub fn add_node(
-        &mut self,
-        op: Op,
-        inputs: &[ValueId],
-        label: &str,
-    ) -> Result<Vec<ValueId>, IrError> {
+    pub fn add_node(&mut self, op: Op, inputs: &[ValueId], label: &str) -> Result<Vec<ValueId>, IrError> {
         if matches!(op, Op::Input { .. }) {
-            return Err(IrError::new(
-                label,
-                op.name(),
-                "use Graph::add_input for graph inputs",
-            ));
+            return Err(IrError::new(label, op.name(), "use Graph::add_input for graph inputs"));
         }
         for &v in inputs {
             if v.0 as usize >= self.values.len() {
-                return Err(IrError::new(
-                    label,
-                    op.name(),
-                    format!("input {v} does not exist"),
-                ));
+                return Err(IrError::new(label, op.name(), format!("input {v} does not exist")));
             }
         }
-        let in_types: Vec<&Type> = inputs
-            .iter()
-            .map(|&v| &self.values[v.0 as usize].ty)
-            .collect();
-        let out_types =
-            crate::ops::infer(&op, &in_types).map_err(|msg| IrError::new(label, op.name(), msg))?;
+        let in_types: Vec<&Type> = inputs.iter().map(|&v| &self.values[v.0 as usize].ty).collect();
+        let out_types = crate::ops::infer(&op, &in_types).map_err(|msg| IrError::new(label, op.name(), msg))?;
         let node = self.insert(op, inputs.to_vec(), out_types, label.to_string());
         Ok(self.node(node).outputs.clone())
     }
@@ -125,28 +101,13 @@ impl Graph {
         Ok(self.add_node(op, inputs, label)?[0])
     }
 
-    fn insert(
-        &mut self,
-        op: Op,
-        inputs: Vec<ValueId>,
-        out_types: Vec<Type>,
-        label: String,
-    ) -> NodeId {
-        let idx = self.nodes.add_node(Node {
-            op,
-            inputs: inputs.clone(),
-            outputs: vec![],
-            label,
-        });
+    fn insert(&mut self, op: Op, inputs: Vec<ValueId>, out_types: Vec<Type>, label: String) -> NodeId {
+        let idx = self.nodes.add_node(Node { op, inputs: inputs.clone(), outputs: vec![], label });
         let id = NodeId(idx);
         let mut outs = Vec::with_capacity(out_types.len());
         for (slot, ty) in out_types.into_iter().enumerate() {
             let v = ValueId(self.values.len() as u32);
-            self.values.push(ValueData {
-                ty,
-                producer: id,
-                slot,
-            });
+            self.values.push(ValueData { ty, producer: id, slot });
             outs.push(v);
         }
         self.nodes[idx].outputs = outs;
@@ -221,20 +182,10 @@ impl Graph {
         let mut indeg: std::collections::HashMap<NodeIndex<u32>, usize> = self
             .nodes
             .node_indices()
-            .map(|n| {
-                (
-                    n,
-                    self.nodes
-                        .neighbors_directed(n, Direction::Incoming)
-                        .count(),
-                )
-            })
+            .map(|n| (n, self.nodes.neighbors_directed(n, Direction::Incoming).count()))
             .collect();
-        let mut ready: std::collections::BinaryHeap<Reverse<NodeIndex<u32>>> = indeg
-            .iter()
-            .filter(|(_, &d)| d == 0)
-            .map(|(&n, _)| Reverse(n))
-            .collect();
+        let mut ready: std::collections::BinaryHeap<Reverse<NodeIndex<u32>>> =
+            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| Reverse(n)).collect();
         let mut order = Vec::with_capacity(indeg.len());
         while let Some(Reverse(n)) = ready.pop() {
             order.push(NodeId(n));
@@ -249,28 +200,16 @@ impl Graph {
         }
         if order.len() < indeg.len() {
             let placed: std::collections::HashSet<_> = order.iter().map(|n| n.0).collect();
-            let stuck = self
-                .nodes
-                .node_indices()
-                .find(|n| !placed.contains(n))
-                .expect("a node is left");
+            let stuck = self.nodes.node_indices().find(|n| !placed.contains(n)).expect("a node is left");
             let n = &self.nodes[stuck];
-            return Err(IrError::new(
-                &n.label,
-                n.op.name(),
-                "the graph has a cycle through this node",
-            ));
+            return Err(IrError::new(&n.label, n.op.name(), "the graph has a cycle through this node"));
         }
         Ok(order)
     }
 
     /// Nodes that read any output of `n`.
     pub fn consumers(&self, n: NodeId) -> Vec<NodeId> {
-        let mut out: Vec<NodeId> = self
-            .nodes
-            .neighbors_directed(n.0, Direction::Outgoing)
-            .map(NodeId)
-            .collect();
+        let mut out: Vec<NodeId> = self.nodes.neighbors_directed(n.0, Direction::Outgoing).map(NodeId).collect();
         out.sort();
         out.dedup();
         out

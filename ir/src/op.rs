@@ -53,9 +53,7 @@ macro_rules! int_attr {
             }
             fn parse(tok: &AttrTok) -> Result<Self, String> {
                 match tok {
-                    AttrTok::Num(s) => s
-                        .parse()
-                        .map_err(|_| format!("`{s}` is not a {}", stringify!($t))),
+                    AttrTok::Num(s) => s.parse().map_err(|_| format!("`{s}` is not a {}", stringify!($t))),
                     other => Err(format!("expected an integer, found {other:?}")),
                 }
             }
@@ -174,11 +172,7 @@ pub struct AttrMap(pub Vec<(String, AttrTok)>);
 
 impl AttrMap {
     fn take<T: AttrValue>(&mut self, key: &str) -> Result<T, String> {
-        let pos = self
-            .0
-            .iter()
-            .position(|(k, _)| k == key)
-            .ok_or_else(|| format!("missing attribute `{key}`"))?;
+        let pos = self.0.iter().position(|(k, _)| k == key).ok_or_else(|| format!("missing attribute `{key}`"))?;
         let (_, tok) = self.0.remove(pos);
         T::parse(&tok).map_err(|e| format!("attribute `{key}`: {e}"))
     }

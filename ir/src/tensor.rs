@@ -143,9 +143,7 @@ macro_rules! dispatch_num {
                 type $T = u64;
                 $body
             }
-            $crate::Data::Bool(_) => {
-                return Err(format!("{} is not defined on bool tensors", $what))
-            }
+            $crate::Data::Bool(_) => return Err(format!("{} is not defined on bool tensors", $what)),
         }
     };
 }
@@ -165,21 +163,13 @@ macro_rules! dispatch_float {
                 type $T = f64;
                 $body
             }
-            other => {
-                return Err(format!(
-                    "{} needs a float tensor, not {}",
-                    $what,
-                    other.dtype()
-                ))
-            }
+            other => return Err(format!("{} needs a float tensor, not {}", $what, other.dtype())),
         }
     };
 }
 
 /// An element type that can live in a `Data`.
-pub trait Elem:
-    Copy + PartialEq + PartialOrd + Default + fmt::Debug + Send + Sync + 'static
-{
+pub trait Elem: Copy + PartialEq + PartialOrd + Default + fmt::Debug + Send + Sync + 'static {
     const DTYPE: DType;
     fn wrap(v: Vec<Self>) -> Data;
     fn to_f64(self) -> f64;
@@ -363,11 +353,7 @@ impl Tensor {
     /// `try_new`).
     pub fn new(shape: impl Into<Vec<usize>>, data: Data) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor shape {shape:?} does not match its data"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape {shape:?} does not match its data");
         Tensor { shape, data }
     }
 
@@ -375,10 +361,7 @@ impl Tensor {
         let shape = shape.into();
         let want: usize = shape.iter().product();
         if want != data.len() {
-            return Err(format!(
-                "shape {shape:?} needs {want} elements but {} were given",
-                data.len()
-            ));
+            return Err(format!("shape {shape:?} needs {want} elements but {} were given", data.len()));
         }
         Ok(Tensor { shape, data })
     }
@@ -394,10 +377,7 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Tensor {
         let shape = shape.into();
         let n = shape.iter().product();
-        Tensor {
-            shape,
-            data: Data::zeros(dtype, n),
-        }
+        Tensor { shape, data: Data::zeros(dtype, n) }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -449,10 +429,7 @@ impl Tensor {
     }
 
     pub fn cast(&self, to: DType) -> Tensor {
-        Tensor {
-            shape: self.shape.clone(),
-            data: self.data.cast(to),
-        }
+        Tensor { shape: self.shape.clone(), data: self.data.cast(to) }
     }
 }
 

@@ -39,11 +39,7 @@ pub fn print_with(g: &Graph, consts: Constants) -> String {
         Err(e) => return format!("# cannot print: {e}\n"),
     };
     let mut nodes: Vec<_> = g.inputs().iter().map(|&v| g.producer(v)).collect();
-    nodes.extend(
-        order
-            .into_iter()
-            .filter(|n| !matches!(g.node(*n).op, Op::Input { .. })),
-    );
+    nodes.extend(order.into_iter().filter(|n| !matches!(g.node(*n).op, Op::Input { .. })));
     for n in nodes {
         let node = g.node(n);
         for (i, v) in node.outputs.iter().enumerate() {
@@ -132,17 +128,12 @@ fn lex(line: &str) -> Result<Vec<Tok>, String> {
                             Some('0') => s.push('\0'),
                             Some('u') => {
                                 // `\u{hex}` as Rust's Debug writes it.
-                                let close = cs[i..]
-                                    .iter()
-                                    .position(|&c| c == '}')
-                                    .ok_or("bad \\u escape")?
-                                    + i;
+                                let close = cs[i..].iter().position(|&c| c == '}').ok_or("bad \\u escape")? + i;
                                 if close < i + 2 {
                                     return Err("bad \\u escape".into());
                                 }
                                 let hex: String = cs[i + 2..close].iter().collect();
-                                let code =
-                                    u32::from_str_radix(&hex, 16).map_err(|_| "bad \\u escape")?;
+                                let code = u32::from_str_radix(&hex, 16).map_err(|_| "bad \\u escape")?;
                                 s.push(char::from_u32(code).ok_or("bad \\u escape")?);
                                 i = close;
                             }
@@ -156,17 +147,10 @@ fn lex(line: &str) -> Result<Vec<Tok>, String> {
             }
             i += 1;
             toks.push(Tok::Str(s));
-        } else if c.is_ascii_digit()
-            || (c == '-'
-                && cs
-                    .get(i + 1)
-                    .is_some_and(|d| d.is_ascii_digit() || *d == 'i'))
-        {
+        } else if c.is_ascii_digit() || (c == '-' && cs.get(i + 1).is_some_and(|d| d.is_ascii_digit() || *d == 'i')) {
             let start = i;
             i += 1;
-            while i < cs.len()
-                && (cs[i].is_ascii_alphanumeric() || matches!(cs[i], '.' | '+' | '-' | '_'))
-            {
+            while i < cs.len() && (cs[i].is_ascii_alphanumeric() || matches!(cs[i], '.' | '+' | '-' | '_')) {
                 // A sign inside a number only follows an exponent marker.
                 if matches!(cs[i], '+' | '-') && !matches!(cs[i - 1], 'e' | 'E') {
                     break;
@@ -200,11 +184,7 @@ impl Cursor {
         self.toks.get(self.pos)
     }
     fn next(&mut self) -> Result<Tok, String> {
-        let t = self
-            .toks
-            .get(self.pos)
-            .cloned()
-            .ok_or("unexpected end of line")?;
+        let t = self.toks.get(self.pos).cloned().ok_or("unexpected end of line")?;
         self.pos += 1;
         Ok(t)
     }
@@ -277,33 +257,21 @@ pub fn parse(text: &str) -> Result<Graph, String> {
     let mut g = Graph::new();
     let mut names: HashMap<String, ValueId> = HashMap::new();
     for (lineno, line) in text.lines().enumerate() {
-        let label = line
-            .split_once("  # ")
-            .map(|(_, l)| l.trim().to_string())
-            .unwrap_or_default();
-        parse_line(&mut g, &mut names, line, label)
-            .map_err(|e| format!("line {}: {e}", lineno + 1))?;
+        let label = line.split_once("  # ").map(|(_, l)| l.trim().to_string()).unwrap_or_default();
+        parse_line(&mut g, &mut names, line, label).map_err(|e| format!("line {}: {e}", lineno + 1))?;
     }
     crate::verify::verify(&g).map_err(|e| e.to_string())?;
     Ok(g)
 }
 
-fn parse_line(
-    g: &mut Graph,
-    names: &mut HashMap<String, ValueId>,
-    line: &str,
-    label: String,
-) -> Result<(), String> {
+fn parse_line(g: &mut Graph, names: &mut HashMap<String, ValueId>, line: &str, label: String) -> Result<(), String> {
     let toks = lex(line)?;
     if toks.is_empty() {
         return Ok(());
     }
     let mut c = Cursor { toks, pos: 0 };
     let lookup = |names: &HashMap<String, ValueId>, n: &str| {
-        names
-            .get(n)
-            .copied()
-            .ok_or_else(|| format!("`{n}` is not defined"))
+        names.get(n).copied().ok_or_else(|| format!("`{n}` is not defined"))
     };
     if c.peek() == Some(&Tok::Ident("output".into())) {
         c.next()?;
@@ -370,11 +338,7 @@ fn parse_line(
 
 fn const_from_tokens(ty: &Type, items: &[AttrTok]) -> Result<Tensor, String> {
     if items.len() != ty.numel() {
-        return Err(format!(
-            "constant of type {ty} needs {} values, found {}",
-            ty.numel(),
-            items.len()
-        ));
+        return Err(format!("constant of type {ty} needs {} values, found {}", ty.numel(), items.len()));
     }
     let words: Vec<String> = items
         .iter()
@@ -388,10 +352,7 @@ fn const_from_tokens(ty: &Type, items: &[AttrTok]) -> Result<Tensor, String> {
             Data::$V(
                 words
                     .iter()
-                    .map(|w| {
-                        w.parse::<$T>()
-                            .map_err(|_| format!("`{w}` is not a {}", stringify!($T)))
-                    })
+                    .map(|w| w.parse::<$T>().map_err(|_| format!("`{w}` is not a {}", stringify!($T))))
                     .collect::<Result<_, _>>()?,
             )
         };

@@ -25,12 +25,7 @@ pub fn verify(g: &Graph) -> Result<(), IrError> {
         let inferred = crate::ops::infer(&node.op, &in_types).map_err(err)?;
         let recorded: Vec<_> = node.outputs.iter().map(|&v| g.ty(v).clone()).collect();
         if inferred != recorded {
-            let show = |ts: &[crate::Type]| {
-                ts.iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let show = |ts: &[crate::Type]| ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
             return Err(err(format!(
                 "records output types ({}) but inference gives ({})",
                 show(&recorded),

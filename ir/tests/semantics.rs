@@ -9,11 +9,7 @@ fn f32s(shape: &[usize], v: &[f32]) -> Tensor {
 #[test]
 fn slice_with_a_negative_step_walks_backwards() {
     let x = f32s(&[2, 4], &[0., 1., 2., 3., 4., 5., 6., 7.]);
-    let op = Op::Slice {
-        starts: vec![1, 3],
-        ends: vec![-1, -1],
-        steps: vec![-1, -2],
-    };
+    let op = Op::Slice { starts: vec![1, 3], ends: vec![-1, -1], steps: vec![-1, -2] };
     let y = &eval_op(&op, &[&x]).unwrap()[0];
     assert_eq!(y.shape(), &[2, 2]);
     assert_eq!(y.as_f32().unwrap(), &[7., 5., 3., 1.]);
@@ -27,36 +23,21 @@ fn out_of_range_indices_are_errors() {
     assert!(err.contains("index -4 is out of range"), "{err}");
     let idx = Tensor::from_vec(vec![1, 1], vec![3i64]);
     let upd = f32s(&[1], &[9.]);
-    assert!(eval_op(
-        &Op::ScatterND {
-            reduction: egret_ir::op::Reduction::None
-        },
-        &[&x, &idx, &upd]
-    )
-    .is_err());
+    assert!(eval_op(&Op::ScatterND { reduction: egret_ir::op::Reduction::None }, &[&x, &idx, &upd]).is_err());
 }
 
 #[test]
 fn integer_division_by_zero_is_an_error() {
     let a = Tensor::from_vec(vec![2], vec![4i32, 5]);
     let b = Tensor::from_vec(vec![2], vec![2i32, 0]);
-    assert!(eval_op(&Op::Div, &[&a, &b])
-        .unwrap_err()
-        .contains("division by zero"));
+    assert!(eval_op(&Op::Div, &[&a, &b]).unwrap_err().contains("division by zero"));
     assert!(eval_op(&Op::Mod { fmod: false }, &[&a, &b]).is_err());
 }
 
 #[test]
 fn reflect_pad_mirrors_without_repeating_the_edge() {
     let x = f32s(&[3], &[1., 2., 3.]);
-    let y = &eval_op(
-        &Op::Pad {
-            pads: vec![2, 2],
-            mode: PadMode::Reflect,
-        },
-        &[&x],
-    )
-    .unwrap()[0];
+    let y = &eval_op(&Op::Pad { pads: vec![2, 2], mode: PadMode::Reflect }, &[&x]).unwrap()[0];
     assert_eq!(y.as_f32().unwrap(), &[3., 2., 1., 2., 3., 2., 1.]);
 }
 

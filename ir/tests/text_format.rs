@@ -24,10 +24,7 @@ fn a_graph_with_attributes_round_trips() {
     let g = parse(SAMPLE).unwrap();
     let printed = print(&g);
     assert_eq!(print(&parse(&printed).unwrap()), printed);
-    assert!(
-        printed.contains("layer_norm{axis=2, epsilon=1e-5}"),
-        "{printed}"
-    );
+    assert!(printed.contains("layer_norm{axis=2, epsilon=1e-5}"), "{printed}");
     assert!(printed.contains("# encoder/ln"), "{printed}");
 }
 
@@ -43,10 +40,7 @@ fn elided_constants_print_but_do_not_parse() {
 fn type_mismatches_are_caught_by_the_verifier() {
     let bad = SAMPLE.replace("v7: f32[1,4,4] = matmul", "v7: f32[1,4,5] = matmul");
     let err = parse(&bad).unwrap_err();
-    assert!(
-        err.contains("matmul") && err.contains("inference gives"),
-        "{err}"
-    );
+    assert!(err.contains("matmul") && err.contains("inference gives"), "{err}");
 }
 
 #[test]

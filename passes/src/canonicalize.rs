@@ -59,9 +59,7 @@ fn no_op_source(g: &Graph, n: NodeId) -> Option<ValueId> {
 
 fn slice_or_tile_is_identity(op: &Op) -> bool {
     match op {
-        Op::Slice { starts, steps, .. } => {
-            starts.iter().all(|&s| s == 0) && steps.iter().all(|&s| s == 1)
-        }
+        Op::Slice { starts, steps, .. } => starts.iter().all(|&s| s == 0) && steps.iter().all(|&s| s == 1),
         Op::Tile { repeats } => repeats.iter().all(|&r| r == 1),
         _ => false,
     }
@@ -80,17 +78,10 @@ fn fold(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
     let values = match &node.op {
         Op::Shape { start, end } => {
             let s = &g.ty(node.inputs[0]).shape;
-            vec![egret_ir::Tensor::from_vec(
-                vec![end - start],
-                s[*start..*end].iter().map(|&d| d as i64).collect(),
-            )]
+            vec![egret_ir::Tensor::from_vec(vec![end - start], s[*start..*end].iter().map(|&d| d as i64).collect())]
         }
         op => {
-            let Some(inputs) = node
-                .inputs
-                .iter()
-                .map(|&v| g.const_value(v).cloned())
-                .collect::<Option<Vec<_>>>()
+            let Some(inputs) = node.inputs.iter().map(|&v| g.const_value(v).cloned()).collect::<Option<Vec<_>>>()
             else {
                 return Ok(false);
             };
@@ -168,10 +159,7 @@ output \"y\" = v3
         let (c, stats) = canonicalize(&g).unwrap();
         assert_eq!(stats.bypassed, 2);
         assert!(stats.dead >= 3);
-        assert_eq!(
-            text::print(&c),
-            "v0: f32[4] = input{name=\"x\"}\nv1: f32[4] = exp v0\noutput \"y\" = v1\n"
-        );
+        assert_eq!(text::print(&c), "v0: f32[4] = input{name=\"x\"}\nv1: f32[4] = exp v0\noutput \"y\" = v1\n");
     }
 
     #[test]

@@ -18,10 +18,7 @@ struct AlignedBuf {
 
 impl AlignedBuf {
     fn zeroed(len: usize) -> AlignedBuf {
-        AlignedBuf {
-            lines: vec![Line([0; 64]); len.div_ceil(64).max(1)],
-            len,
-        }
+        AlignedBuf { lines: vec![Line([0; 64]); len.div_ceil(64).max(1)], len }
     }
 
     fn from_bytes(bytes: &[u8]) -> AlignedBuf {
@@ -67,11 +64,7 @@ impl CpuExecutable {
                 reads.into_iter().chain(writes).collect()
             })
             .collect();
-        CpuExecutable {
-            compiled,
-            constants,
-            operands,
-        }
+        CpuExecutable { compiled, constants, operands }
     }
 
     pub fn compiled(&self) -> &CompiledPlan {
@@ -90,10 +83,7 @@ impl Memory<'_> {
     fn ptr(&self, plan: &egret_backends::Plan, b: BufferId) -> *mut u8 {
         match &plan.buffers[b].storage {
             Storage::Input(i) => self.inputs[*i].ptr(),
-            Storage::Constant(_) => self.constants[b]
-                .as_ref()
-                .expect("constants are converted up front")
-                .ptr(),
+            Storage::Constant(_) => self.constants[b].as_ref().expect("constants are converted up front").ptr(),
             // Offsets come from the memory plan, inside the arena.
             Storage::Arena { offset } => unsafe { self.arena.add(*offset) },
         }
@@ -126,32 +116,15 @@ impl CpuExecutable {
         mut times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
-        let inputs: Vec<AlignedBuf> = inputs
-            .iter()
-            .map(|t| AlignedBuf::from_bytes(&t.to_bytes()))
-            .collect();
+        let inputs: Vec<AlignedBuf> = inputs.iter().map(|t| AlignedBuf::from_bytes(&t.to_bytes())).collect();
         let arena = AlignedBuf::zeroed(plan.arena_bytes);
-        let mem = Memory {
-            inputs: &inputs,
-            constants: &self.constants,
-            arena: arena.ptr(),
-        };
+        let mem = Memory { inputs: &inputs, constants: &self.constants, arena: arena.ptr() };
         let mut args: Vec<*mut u8> = Vec::new();
         for (i, k) in plan.kernels.iter().enumerate() {
             let start = times.as_ref().map(|_| std::time::Instant::now());
             match (&k.kind, self.compiled.entries[i]) {
-                (
-                    KernelKind::Reference {
-                        op,
-                        inputs,
-                        outputs,
-                    },
-                    _,
-                ) => {
-                    let ts: Vec<Tensor> = inputs
-                        .iter()
-                        .map(|(b, ty)| mem.read(plan, *b, ty))
-                        .collect();
+                (KernelKind::Reference { op, inputs, outputs }, _) => {
+                    let ts: Vec<Tensor> = inputs.iter().map(|(b, ty)| mem.read(plan, *b, ty)).collect();
                     let refs: Vec<&Tensor> = ts.iter().collect();
                     let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
                         node: k.label.clone(),
@@ -161,13 +134,7 @@ impl CpuExecutable {
                     for ((b, _), t) in outputs.iter().zip(outs) {
                         let bytes = t.to_bytes();
                         // The arena slot was planned for exactly this type.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                bytes.as_ptr(),
-                                mem.ptr(plan, *b),
-                                bytes.len(),
-                            )
-                        };
+                        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(plan, *b), bytes.len()) };
                     }
                 }
                 (_, Some(f)) => {
@@ -193,10 +160,6 @@ impl CpuExecutable {
                 times.push((kind, k.label.clone(), start.elapsed().as_secs_f64() * 1e3));
             }
         }
-        Ok(plan
-            .outputs
-            .iter()
-            .map(|(b, ty)| mem.read(plan, *b, ty))
-            .collect())
+        Ok(plan.outputs.iter().map(|(b, ty)| mem.read(plan, *b, ty)).collect())
     }
 }

@@ -25,19 +25,13 @@ pub enum RunError {
     #[error("the model has no input `{name}` (its inputs: {known})")]
     UnknownInput { name: String, known: String },
     #[error("input `{name}` should be {expected} but is {got}")]
-    WrongType {
-        name: String,
-        expected: Type,
-        got: Type,
-    },
-    #[error("input `{name}` was fixed when the model was compiled (it sets a shape); this call passes a different value")]
+    WrongType { name: String, expected: Type, got: Type },
+    #[error(
+        "input `{name}` was fixed when the model was compiled (it sets a shape); this call passes a different value"
+    )]
     SpecializedMismatch { name: String },
     #[error("node `{node}` ({op}): {message}")]
-    Eval {
-        node: String,
-        op: String,
-        message: String,
-    },
+    Eval { node: String, op: String, message: String },
 }
 
 /// A compiled graph a backend can run on inputs of the compiled types,
@@ -50,11 +44,7 @@ pub trait Executable: Send + Sync {
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
         let t = std::time::Instant::now();
         self.run(inputs)?;
-        Ok(vec![(
-            "run".into(),
-            "the whole graph".into(),
-            t.elapsed().as_secs_f64() * 1e3,
-        )])
+        Ok(vec![("run".into(), "the whole graph".into(), t.elapsed().as_secs_f64() * 1e3)])
     }
 }
 
@@ -69,16 +59,8 @@ pub struct Signature {
 impl Signature {
     pub fn of(graph: &egret_ir::Graph, specialized: Vec<(String, Tensor)>) -> Signature {
         Signature {
-            inputs: graph
-                .inputs()
-                .iter()
-                .map(|&v| (graph.input_name(v).to_string(), graph.ty(v).clone()))
-                .collect(),
-            outputs: graph
-                .outputs()
-                .iter()
-                .map(|(n, v)| (n.clone(), graph.ty(*v).clone()))
-                .collect(),
+            inputs: graph.inputs().iter().map(|&v| (graph.input_name(v).to_string(), graph.ty(v).clone())).collect(),
+            outputs: graph.outputs().iter().map(|(n, v)| (n.clone(), graph.ty(*v).clone())).collect(),
             specialized,
         }
     }
@@ -96,21 +78,12 @@ impl Signature {
                 }
             }
             let Some(i) = self.inputs.iter().position(|(n, _)| *n == name) else {
-                let known = self
-                    .inputs
-                    .iter()
-                    .map(|(n, _)| format!("`{n}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let known = self.inputs.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
                 return Err(RunError::UnknownInput { name, known });
             };
             let expected = &self.inputs[i].1;
             if t.ty() != *expected {
-                return Err(RunError::WrongType {
-                    name,
-                    expected: expected.clone(),
-                    got: t.ty(),
-                });
+                return Err(RunError::WrongType { name, expected: expected.clone(), got: t.ty() });
             }
             slots[i] = Some(t);
         }
@@ -130,10 +103,7 @@ pub struct Program {
 
 impl Program {
     /// Like `run`, timing each kernel.
-    pub fn profile(
-        &self,
-        named: Vec<(String, Tensor)>,
-    ) -> Result<Vec<(String, String, f64)>, RunError> {
+    pub fn profile(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, String, f64)>, RunError> {
         let inputs = self.signature.bind(named)?;
         self.executable.profile(inputs)
     }
@@ -142,12 +112,6 @@ impl Program {
     pub fn run(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, RunError> {
         let inputs = self.signature.bind(named)?;
         let outs = self.executable.run(inputs)?;
-        Ok(self
-            .signature
-            .outputs
-            .iter()
-            .map(|(n, _)| n.clone())
-            .zip(outs)
-            .collect())
+        Ok(self.signature.outputs.iter().map(|(n, _)| n.clone()).zip(outs).collect())
     }
 }

@@ -30,11 +30,7 @@ impl ReferenceExecutable {
                 frees[step].push(ValueId(v as u32));
             }
         }
-        Ok(ReferenceExecutable {
-            graph,
-            order,
-            frees,
-        })
+        Ok(ReferenceExecutable { graph, order, frees })
     }
 }
 
@@ -70,11 +66,8 @@ impl Executable for ReferenceExecutable {
                 values[v.0 as usize] = None;
             }
         }
-        let outs: Vec<Arc<Tensor>> = g
-            .outputs()
-            .iter()
-            .map(|(_, v)| values[v.0 as usize].clone().expect("outputs are computed"))
-            .collect();
+        let outs: Vec<Arc<Tensor>> =
+            g.outputs().iter().map(|(_, v)| values[v.0 as usize].clone().expect("outputs are computed")).collect();
         // Dropping the table first lets unshared outputs move out without a copy.
         drop(values);
         Ok(outs.into_iter().map(Arc::unwrap_or_clone).collect())

@@ -33,11 +33,7 @@ pub fn shared_dir(name: &str, env_override: Option<&str>) -> Option<PathBuf> {
 }
 
 /// Runs every case under `dir` with `backend`, panicking with a readable list of failures.
-pub fn check_all(
-    dir: &std::path::Path,
-    backend: egret::Backend,
-    tol: egret::check::Tolerance,
-) -> usize {
+pub fn check_all(dir: &std::path::Path, backend: egret::Backend, tol: egret::check::Tolerance) -> usize {
     let cases = egret::check::discover(dir).expect("discover cases");
     assert!(!cases.is_empty(), "no cases under {}", dir.display());
     let mut failures = Vec::new();
@@ -50,19 +46,11 @@ pub fn check_all(
                     "{}: {:?} {:?}",
                     r.case,
                     r.error,
-                    r.outputs
-                        .iter()
-                        .filter_map(|o| o.failure.clone())
-                        .collect::<Vec<_>>()
+                    r.outputs.iter().filter_map(|o| o.failure.clone()).collect::<Vec<_>>()
                 ));
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {n} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {n} cases failed:\n{}", failures.len(), failures.join("\n"));
     n
 }

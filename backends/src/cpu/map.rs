@@ -32,10 +32,7 @@ struct Ctx<'a> {
 
 pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, m: &MapKernel, fns: &FuncRefs) {
     let operands: Vec<_> = m.inputs.iter().chain([&m.output]).collect();
-    let sizes: Vec<i64> = operands
-        .iter()
-        .map(|o| o.dtype.size_bytes() as i64)
-        .collect();
+    let sizes: Vec<i64> = operands.iter().map(|o| o.dtype.size_bytes() as i64).collect();
     let flags = MemFlagsData::new().with_notrap();
     let bases: Vec<Value> = operands
         .iter()
@@ -63,11 +60,7 @@ impl Ctx<'_> {
     }
 
     fn stride_bytes(&self, k: usize, d: usize) -> i64 {
-        let o = if k < self.m.inputs.len() {
-            &self.m.inputs[k]
-        } else {
-            &self.m.output
-        };
+        let o = if k < self.m.inputs.len() { &self.m.inputs[k] } else { &self.m.output };
         o.strides[d] as i64 * self.sizes[k]
     }
 
@@ -79,19 +72,13 @@ impl Ctx<'_> {
     fn level(&self, b: &mut FunctionBuilder, d: usize, addrs: Vec<Value>) {
         if d + 1 == self.rank() {
             let start = b.ins().iconst(types::I64, 0);
-            let (i, addrs) = if self.vectorizable() {
-                self.inner_loop(b, start, addrs, true)
-            } else {
-                (start, addrs)
-            };
+            let (i, addrs) = if self.vectorizable() { self.inner_loop(b, start, addrs, true) } else { (start, addrs) };
             self.inner_loop(b, i, addrs, false);
             return;
         }
         let n = self.m.shape[d] as i64;
         let zero = b.ins().iconst(types::I64, 0);
-        self.counted_loop(b, zero, addrs, n, 1, d, |cx, b, addrs| {
-            cx.level(b, d + 1, addrs.to_vec())
-        });
+        self.counted_loop(b, zero, addrs, n, 1, d, |cx, b, addrs| cx.level(b, d + 1, addrs.to_vec()));
     }
 
     /// `for i in start..n step lanes`, carrying the operand addresses, which
@@ -123,9 +110,7 @@ impl Ctx<'_> {
         let (i, cur) = (params[0], params[1..].to_vec());
         // Enter the body while i + lanes <= n.
         let last_start = n - lanes;
-        let go = b
-            .ins()
-            .icmp_imm_s(IntCC::SignedLessThanOrEqual, i, last_start);
+        let go = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, i, last_start);
         b.ins().brif(go, block, &[], exit, &[]);
         b.switch_to_block(block);
         body(self, b, &cur);
@@ -133,14 +118,7 @@ impl Ctx<'_> {
         let mut args: Vec<BlockArg> = vec![next.into()];
         for (k, &a) in cur.iter().enumerate() {
             let step = self.stride_bytes(k, d) * lanes;
-            args.push(
-                if step == 0 {
-                    a
-                } else {
-                    b.ins().iadd_imm_s(a, step)
-                }
-                .into(),
-            );
+            args.push(if step == 0 { a } else { b.ins().iadd_imm_s(a, step) }.into());
         }
         b.ins().jump(header, &args);
         b.switch_to_block(exit);
@@ -169,11 +147,7 @@ impl Ctx<'_> {
     fn vectorizable(&self) -> bool {
         let d = self.rank() - 1;
         self.m.shape[d] as i64 >= LANES
-            && self
-                .m
-                .inputs
-                .iter()
-                .all(|o| o.dtype == DType::F32 && matches!(o.strides[d], 0 | 1))
+            && self.m.inputs.iter().all(|o| o.dtype == DType::F32 && matches!(o.strides[d], 0 | 1))
             && self.m.output.dtype == DType::F32
             && self.m.output.strides[d] == 1
             && vector_safe(&self.m.expr)
@@ -222,12 +196,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn call(
-        &self,
-        b: &mut FunctionBuilder,
-        f: cranelift_codegen::ir::FuncRef,
-        args: &[Value],
-    ) -> Value {
+    fn call(&self, b: &mut FunctionBuilder, f: cranelift_codegen::ir::FuncRef, args: &[Value]) -> Value {
         let inst = b.ins().call(f, args);
         b.inst_results(inst)[0]
     }

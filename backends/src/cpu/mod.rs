@@ -18,9 +18,7 @@ mod runtime_fns;
 mod vmath;
 
 use crate::plan::{KernelKind, Plan};
-use cranelift_codegen::ir::{
-    types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName,
-};
+use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -34,11 +32,7 @@ pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8) -> i32;
 #[derive(Debug, thiserror::Error)]
 pub enum CodegenError {
     #[error("kernel {kernel} (`{label}`): {message}")]
-    Kernel {
-        kernel: usize,
-        label: String,
-        message: String,
-    },
+    Kernel { kernel: usize, label: String, message: String },
     #[error("cannot set up Cranelift for this host: {0}")]
     Isa(String),
 }
@@ -61,26 +55,19 @@ unsafe impl Sync for CompiledPlan {}
 
 fn host_isa() -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
     let mut flags = settings::builder();
-    let set = |f: &mut settings::Builder, k: &str, v: &str| {
-        f.set(k, v).map_err(|e| CodegenError::Isa(e.to_string()))
-    };
+    let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| CodegenError::Isa(e.to_string()));
     set(&mut flags, "opt_level", "speed")?;
     set(&mut flags, "is_pic", "false")?;
     let isa = cranelift_native::builder().map_err(|e| CodegenError::Isa(e.to_string()))?;
-    isa.finish(settings::Flags::new(flags))
-        .map_err(|e| CodegenError::Isa(e.to_string()))
+    isa.finish(settings::Flags::new(flags)).map_err(|e| CodegenError::Isa(e.to_string()))
 }
 
 /// The description of the host ISA the code is generated for.
 pub fn host_description() -> String {
     match host_isa() {
         Ok(isa) => {
-            let flags: Vec<String> = isa
-                .isa_flags()
-                .iter()
-                .filter(|f| f.as_bool() == Some(true))
-                .map(|f| f.name.to_string())
-                .collect();
+            let flags: Vec<String> =
+                isa.isa_flags().iter().filter(|f| f.as_bool() == Some(true)).map(|f| f.name.to_string()).collect();
             format!("{} [{}]", isa.triple(), flags.join(", "))
         }
         Err(e) => e.to_string(),
@@ -93,8 +80,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
     let mut jb = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
     runtime_fns::register(&mut jb);
     let mut module = JITModule::new(jb);
-    let imports =
-        runtime_fns::declare(&mut module).map_err(|m| CodegenError::Isa(m.to_string()))?;
+    let imports = runtime_fns::declare(&mut module).map_err(|m| CodegenError::Isa(m.to_string()))?;
     let mut ctx = module.make_context();
     let mut fbc = FunctionBuilderContext::new();
     let mut ids: Vec<Option<FuncId>> = Vec::with_capacity(plan.kernels.len());
@@ -103,11 +89,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
     let ptr = module.target_config().pointer_type();
     let frontend_config = module.target_config();
     for (i, k) in plan.kernels.iter().enumerate() {
-        let err = |m: String| CodegenError::Kernel {
-            kernel: i,
-            label: k.label.clone(),
-            message: m,
-        };
+        let err = |m: String| CodegenError::Kernel { kernel: i, label: k.label.clone(), message: m };
         if matches!(k.kind, KernelKind::Reference { .. }) {
             ids.push(None);
             clif.push(String::new());
@@ -128,11 +110,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, m, &fns),
                 KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, r, &fns),
                 KernelKind::MatMul(mm) => {
-                    let table: Box<[i64]> = mm
-                        .batches
-                        .iter()
-                        .flat_map(|o| o.iter().map(|&x| x as i64))
-                        .collect();
+                    let table: Box<[i64]> = mm.batches.iter().flat_map(|o| o.iter().map(|&x| x as i64)).collect();
                     emit_matmul(&mut b, ptr, args, mm, table.as_ptr() as i64, &fns);
                     tables.push(table);
                 }
@@ -144,18 +122,13 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             b.finalize(frontend_config);
         }
         clif.push(ctx.func.display().to_string());
-        let id = module
-            .declare_function(&format!("egret_k{i}"), Linkage::Local, &sig)
-            .map_err(|e| err(e.to_string()))?;
-        module
-            .define_function(id, &mut ctx)
-            .map_err(|e| err(format!("{e:?}")))?;
+        let id =
+            module.declare_function(&format!("egret_k{i}"), Linkage::Local, &sig).map_err(|e| err(e.to_string()))?;
+        module.define_function(id, &mut ctx).map_err(|e| err(format!("{e:?}")))?;
         module.clear_context(&mut ctx);
         ids.push(Some(id));
     }
-    module
-        .finalize_definitions()
-        .map_err(|e| CodegenError::Isa(e.to_string()))?;
+    module.finalize_definitions().map_err(|e| CodegenError::Isa(e.to_string()))?;
     let entries = ids
         .iter()
         .map(|id| {
@@ -166,13 +139,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             })
         })
         .collect();
-    Ok(CompiledPlan {
-        plan,
-        entries,
-        clif,
-        _tables: tables,
-        _module: module,
-    })
+    Ok(CompiledPlan { plan, entries, clif, _tables: tables, _module: module })
 }
 
 /// Loops over the batch table, calling the GEMM entry point for each batch.
@@ -203,11 +170,7 @@ fn emit_matmul(
     b.ins().jump(header, &[zero.into()]);
     b.switch_to_block(header);
     let i = b.block_params(header)[0];
-    let done = b.ins().icmp_imm_s(
-        cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual,
-        i,
-        count,
-    );
+    let done = b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual, i, count);
     b.ins().brif(done, exit, &[], body, &[]);
     b.switch_to_block(body);
     let row = b.ins().imul_imm_s(i, 24);

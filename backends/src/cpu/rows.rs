@@ -81,29 +81,15 @@ impl Row<'_> {
         f: &dyn Fn(&mut FunctionBuilder, Value, Value) -> Value,
     ) -> Value {
         let vinit = VMath::new(true).c(b, init);
-        let v = counted(
-            b,
-            0,
-            self.vector_end(),
-            LANES,
-            vec![vinit],
-            &mut |b, i, acc| {
-                let x = load(b, i, true);
-                vec![f(b, acc[0], x)]
-            },
-        )[0];
+        let v = counted(b, 0, self.vector_end(), LANES, vec![vinit], &mut |b, i, acc| {
+            let x = load(b, i, true);
+            vec![f(b, acc[0], x)]
+        })[0];
         let sinit = b.ins().f32const(init);
-        let s = counted(
-            b,
-            self.vector_end(),
-            self.len,
-            1,
-            vec![sinit],
-            &mut |b, i, acc| {
-                let x = load(b, i, false);
-                vec![f(b, acc[0], x)]
-            },
-        )[0];
+        let s = counted(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
+            let x = load(b, i, false);
+            vec![f(b, acc[0], x)]
+        })[0];
         let mut acc = s;
         for lane in 0..4 {
             let l = b.ins().extractlane(v, lane);
@@ -113,12 +99,7 @@ impl Row<'_> {
     }
 
     /// Writes `value(i)` to every element: vector lanes, then the tail.
-    fn each(
-        &self,
-        b: &mut FunctionBuilder,
-        out: Value,
-        value: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value,
-    ) {
+    fn each(&self, b: &mut FunctionBuilder, out: Value, value: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value) {
         counted(b, 0, self.vector_end(), LANES, vec![], &mut |b, i, _| {
             let v = value(b, i, true);
             let p = at(b, out, i);
@@ -161,10 +142,7 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, k: &RowKernel, fns:
     let out = next_arg(b);
     let row_bytes = k.len as i64 * 4;
     let out_step = if k.op.reduces() { 4 } else { row_bytes };
-    let row = Row {
-        len: k.len as i64,
-        fns,
-    };
+    let row = Row { len: k.len as i64, fns };
     counted(b, 0, k.rows as i64, 1, vec![x, out], &mut |b, _, p| {
         emit_row(b, &row, k.op, p[0], p[1], scale, bias);
         let nx = b.ins().iadd_imm_s(p[0], row_bytes);
@@ -192,37 +170,23 @@ fn emit_row(
             let vmax = b.ins().splat(types::F32X4, max);
             let sum = {
                 let sum_v = VMath::new(true).c(b, 0.0);
-                let v = counted(
-                    b,
-                    0,
-                    row.vector_end(),
-                    LANES,
-                    vec![sum_v],
-                    &mut |b, i, acc| {
-                        let xi = load(b, x, i, true);
-                        let d = b.ins().fsub(xi, vmax);
-                        let e = VMath::new(true).exp(b, d);
-                        let p = at(b, out, i);
-                        b.ins().store(flags(), e, p, 0);
-                        vec![b.ins().fadd(acc[0], e)]
-                    },
-                )[0];
+                let v = counted(b, 0, row.vector_end(), LANES, vec![sum_v], &mut |b, i, acc| {
+                    let xi = load(b, x, i, true);
+                    let d = b.ins().fsub(xi, vmax);
+                    let e = VMath::new(true).exp(b, d);
+                    let p = at(b, out, i);
+                    b.ins().store(flags(), e, p, 0);
+                    vec![b.ins().fadd(acc[0], e)]
+                })[0];
                 let zero = b.ins().f32const(0.0);
-                let mut s = counted(
-                    b,
-                    row.vector_end(),
-                    row.len,
-                    1,
-                    vec![zero],
-                    &mut |b, i, acc| {
-                        let xi = load(b, x, i, false);
-                        let d = b.ins().fsub(xi, max);
-                        let e = VMath::new(false).exp(b, d);
-                        let p = at(b, out, i);
-                        b.ins().store(flags(), e, p, 0);
-                        vec![b.ins().fadd(acc[0], e)]
-                    },
-                )[0];
+                let mut s = counted(b, row.vector_end(), row.len, 1, vec![zero], &mut |b, i, acc| {
+                    let xi = load(b, x, i, false);
+                    let d = b.ins().fsub(xi, max);
+                    let e = VMath::new(false).exp(b, d);
+                    let p = at(b, out, i);
+                    b.ins().store(flags(), e, p, 0);
+                    vec![b.ins().fadd(acc[0], e)]
+                })[0];
                 for lane in 0..4 {
                     let l = b.ins().extractlane(v, lane);
                     s = b.ins().fadd(s, l);

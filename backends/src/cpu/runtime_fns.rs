@@ -47,11 +47,8 @@ extern "C" fn egret_sgemm(m: i64, k: i64, n: i64, a: *const f32, b: *const f32, 
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let threads = THREADS.load(std::sync::atomic::Ordering::Relaxed);
     // Splitting small products across threads costs more than it saves.
-    let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism =
+        if threads > 1 && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // The plan guarantees the three buffers hold these matrices.
     unsafe {
         gemm::gemm(
@@ -134,11 +131,7 @@ pub fn declare(module: &mut JITModule) -> ModuleResult<Imports> {
 impl Imports {
     pub fn in_func(&self, module: &mut JITModule, func: &mut Function) -> FuncRefs {
         FuncRefs {
-            unary: self
-                .unary
-                .iter()
-                .map(|&id| module.declare_func_in_func(id, func))
-                .collect(),
+            unary: self.unary.iter().map(|&id| module.declare_func_in_func(id, func)).collect(),
             pow: module.declare_func_in_func(self.pow, func),
             sgemm: module.declare_func_in_func(self.sgemm, func),
         }

@@ -86,18 +86,7 @@ impl VMath {
         let r2 = b.ins().fmul(n, c2);
         let r = b.ins().fsub(r, r2);
         let z = b.ins().fmul(r, r);
-        let p = self.poly(
-            b,
-            r,
-            &[
-                1.987_569_2e-4,
-                1.398_2e-3,
-                8.333_452e-3,
-                4.166_579_6e-2,
-                0.166_666_65,
-                0.5,
-            ],
-        );
+        let p = self.poly(b, r, &[1.987_569_2e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5]);
         let p = b.ins().fmul(p, z);
         let p = b.ins().fadd(p, r);
         let one = self.c(b, 1.0);
@@ -118,17 +107,7 @@ impl VMath {
         let t = b.ins().fmul(p, ax);
         let t = b.ins().fadd(one, t);
         let t = b.ins().fdiv(one, t);
-        let q = self.poly(
-            b,
-            t,
-            &[
-                1.061_405_4,
-                -1.453_152_1,
-                1.421_413_8,
-                -0.284_496_72,
-                0.254_829_6,
-            ],
-        );
+        let q = self.poly(b, t, &[1.061_405_4, -1.453_152_1, 1.421_413_8, -0.284_496_72, 0.254_829_6]);
         let q = b.ins().fmul(q, t);
         let x2 = b.ins().fmul(ax, ax);
         let nx2 = b.ins().fneg(x2);

@@ -32,28 +32,16 @@ pub fn register(r: &mut Registry) {
         let x = c.req(0)?;
         let r = c.rank(x);
         let perm = match c.ints("perm")? {
-            Some(p) => c.axes(&p, r).and_then(|_| {
-                p.iter()
-                    .map(|&a| c.axis(a, r))
-                    .collect::<Result<Vec<_>, _>>()
-            })?,
+            Some(p) => c.axes(&p, r).and_then(|_| p.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())?,
             None => (0..r).rev().collect(),
         };
         c.add_node(Op::Transpose { perm }, &[x])
     });
     r.insert("Concat", |c| {
         let inputs: Vec<ValueId> = (0..c.num_inputs()).filter_map(|i| c.input(i)).collect();
-        let first = *inputs
-            .first()
-            .ok_or_else(|| c.err("needs at least one input"))?;
+        let first = *inputs.first().ok_or_else(|| c.err("needs at least one input"))?;
         let axis = c.axis(
-            c.i("axis", 0).and_then(|a| {
-                if c.has_attr("axis") {
-                    Ok(a)
-                } else {
-                    Err(c.err("axis is required"))
-                }
-            })?,
+            c.i("axis", 0).and_then(|a| if c.has_attr("axis") { Ok(a) } else { Err(c.err("axis is required")) })?,
             c.rank(first),
         )?;
         c.add_node(Op::Concat { axis }, &inputs)
@@ -76,12 +64,7 @@ pub fn register(r: &mut Registry) {
         if reps.iter().any(|&r| r < 0) {
             return Err(c.err(format!("repeats {reps:?} must not be negative")));
         }
-        c.add_node(
-            Op::Tile {
-                repeats: reps.into_iter().map(|r| r as usize).collect(),
-            },
-            &[x],
-        )
+        c.add_node(Op::Tile { repeats: reps.into_iter().map(|r| r as usize).collect() }, &[x])
     });
     r.insert("Pad", pad);
     r.insert("Gather", |c| {
@@ -100,12 +83,7 @@ pub fn register(r: &mut Registry) {
         if batch_dims < 0 {
             return Err(c.err("batch_dims must not be negative"));
         }
-        c.add_node(
-            Op::GatherND {
-                batch_dims: batch_dims as usize,
-            },
-            &[x, i],
-        )
+        c.add_node(Op::GatherND { batch_dims: batch_dims as usize }, &[x, i])
     });
     r.insert("ScatterND", |c| {
         let reduction = reduction(c)?;
@@ -132,9 +110,7 @@ pub fn register(r: &mut Registry) {
         if shape.iter().any(|&d| d < 0) {
             return Err(c.err(format!("shape {shape:?} has a negative dim")));
         }
-        let value = c
-            .tensor_attr("value")?
-            .unwrap_or_else(|| Tensor::from_vec(vec![1], vec![0f32]));
+        let value = c.tensor_attr("value")?.unwrap_or_else(|| Tensor::from_vec(vec![1], vec![0f32]));
         if value.numel() != 1 {
             return Err(c.err("value must hold exactly one element"));
         }
@@ -151,40 +127,25 @@ pub fn register(r: &mut Registry) {
         let x = c.req(0)?;
         let upper = c.i("upper", 1)? != 0;
         let k = match c.input(1) {
-            Some(_) => *c
-                .need_ints(1, "k")?
-                .first()
-                .ok_or_else(|| c.err("k is empty"))?,
+            Some(_) => *c.need_ints(1, "k")?.first().ok_or_else(|| c.err("k is empty"))?,
             None => 0,
         };
         c.add_node(Op::Trilu { upper, k }, &[x])
     });
     r.insert("CumSum", |c| {
         let x = c.req(0)?;
-        let axis = *c
-            .need_ints(1, "axis")?
-            .first()
-            .ok_or_else(|| c.err("axis is empty"))?;
+        let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
         let axis = c.axis(axis, c.rank(x))?;
         let exclusive = c.i("exclusive", 0)? != 0;
         let reverse = c.i("reverse", 0)? != 0;
-        c.add_node(
-            Op::CumSum {
-                axis,
-                exclusive,
-                reverse,
-            },
-            &[x],
-        )
+        c.add_node(Op::CumSum { axis, exclusive, reverse }, &[x])
     });
     r.insert("TopK", |c| {
         let x = c.req(0)?;
         let k = if c.opset() < 10 {
             c.i("k", 0)?
         } else {
-            *c.need_ints(1, "K")?
-                .first()
-                .ok_or_else(|| c.err("K is empty"))?
+            *c.need_ints(1, "K")?.first().ok_or_else(|| c.err("K is empty"))?
         };
         if k < 0 {
             return Err(c.err(format!("K = {k} must not be negative")));
@@ -192,35 +153,16 @@ pub fn register(r: &mut Registry) {
         let axis = c.axis(c.i("axis", -1)?, c.rank(x))?;
         let largest = c.i("largest", 1)? != 0;
         let sorted = c.i("sorted", 1)? != 0;
-        c.add_node(
-            Op::TopK {
-                axis,
-                k: k as usize,
-                largest,
-                sorted,
-            },
-            &[x],
-        )
+        c.add_node(Op::TopK { axis, k: k as usize, largest, sorted }, &[x])
     });
     r.insert("OneHot", |c| {
         let (idx, vals) = (c.req(0)?, c.req(2)?);
-        let depth = c
-            .need_known(1, "depth")?
-            .to_f64_vec()
-            .first()
-            .copied()
-            .ok_or_else(|| c.err("depth is empty"))?;
+        let depth = c.need_known(1, "depth")?.to_f64_vec().first().copied().ok_or_else(|| c.err("depth is empty"))?;
         if depth < 1.0 {
             return Err(c.err(format!("depth {depth} must be positive")));
         }
         let axis = c.axis(c.i("axis", -1)?, c.rank(idx) + 1)?;
-        c.add_node(
-            Op::OneHot {
-                axis,
-                depth: depth as usize,
-            },
-            &[idx, vals],
-        )
+        c.add_node(Op::OneHot { axis, depth: depth as usize }, &[idx, vals])
     });
     r.insert("DepthToSpace", |c| {
         let x = c.req(0)?;
@@ -234,13 +176,7 @@ pub fn register(r: &mut Registry) {
         if blocksize < 1 {
             return Err(c.err("blocksize must be positive"));
         }
-        c.add_node(
-            Op::DepthToSpace {
-                blocksize: blocksize as usize,
-                column_row_depth,
-            },
-            &[x],
-        )
+        c.add_node(Op::DepthToSpace { blocksize: blocksize as usize, column_row_depth }, &[x])
     });
     r.insert("SpaceToDepth", |c| {
         let x = c.req(0)?;
@@ -248,12 +184,7 @@ pub fn register(r: &mut Registry) {
         if blocksize < 1 {
             return Err(c.err("blocksize must be positive"));
         }
-        c.add_node(
-            Op::SpaceToDepth {
-                blocksize: blocksize as usize,
-            },
-            &[x],
-        )
+        c.add_node(Op::SpaceToDepth { blocksize: blocksize as usize }, &[x])
     });
     r.insert("Resize", resize);
 }
@@ -267,11 +198,11 @@ fn reshape(c: &mut NodeCtx) -> BuildResult {
     let mut infer_at = None;
     for (i, &d) in spec.iter().enumerate() {
         match d {
-            0 if !allowzero => out.push(*in_shape.get(i).ok_or_else(|| {
-                c.err(format!(
-                    "shape {spec:?} copies dim {i}, which the input lacks"
-                ))
-            })?),
+            0 if !allowzero => out.push(
+                *in_shape
+                    .get(i)
+                    .ok_or_else(|| c.err(format!("shape {spec:?} copies dim {i}, which the input lacks")))?,
+            ),
             -1 if infer_at.is_none() => {
                 infer_at = Some(i);
                 out.push(1);
@@ -289,9 +220,7 @@ fn reshape(c: &mut NodeCtx) -> BuildResult {
         out[i] = n / rest;
     }
     if out.iter().product::<usize>() != n {
-        return Err(c.err(format!(
-            "cannot reshape {in_shape:?} ({n} elements) to {spec:?}"
-        )));
+        return Err(c.err(format!("cannot reshape {in_shape:?} ({n} elements) to {spec:?}")));
     }
     c.add_node(Op::Reshape { shape: out }, &[x])
 }
@@ -318,12 +247,7 @@ fn squeeze(c: &mut NodeCtx) -> BuildResult {
     if let Some(&a) = axes.iter().find(|&&a| shape[a] != 1) {
         return Err(c.err(format!("cannot squeeze axis {a} of {shape:?}: it is not 1")));
     }
-    let out: Vec<usize> = shape
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !axes.contains(i))
-        .map(|(_, &d)| d)
-        .collect();
+    let out: Vec<usize> = shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
     c.add_node(Op::Reshape { shape: out }, &[x])
 }
 
@@ -338,10 +262,7 @@ fn unsqueeze(c: &mut NodeCtx) -> BuildResult {
         if axes.contains(&i) {
             out.push(1);
         } else {
-            out.push(
-                *src.next()
-                    .ok_or_else(|| c.err("axes do not fit the output rank"))?,
-            );
+            out.push(*src.next().ok_or_else(|| c.err("axes do not fit the output rank"))?);
         }
     }
     c.add_node(Op::Reshape { shape: out }, &[x])
@@ -397,25 +318,15 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
     let shape = c.ty(x).shape.clone();
     let r = shape.len();
     let (starts, ends, axes, steps) = if c.opset() < 10 {
-        let starts = c
-            .ints("starts")?
-            .ok_or_else(|| c.err("starts are required"))?;
+        let starts = c.ints("starts")?.ok_or_else(|| c.err("starts are required"))?;
         let ends = c.ints("ends")?.ok_or_else(|| c.err("ends are required"))?;
         let axes = c.ints("axes")?;
         (starts, ends, axes, None)
     } else {
         let starts = c.need_ints(1, "starts")?;
         let ends = c.need_ints(2, "ends")?;
-        let axes = if c.input(3).is_some() {
-            Some(c.need_ints(3, "axes")?)
-        } else {
-            None
-        };
-        let steps = if c.input(4).is_some() {
-            Some(c.need_ints(4, "steps")?)
-        } else {
-            None
-        };
+        let axes = if c.input(3).is_some() { Some(c.need_ints(3, "axes")?) } else { None };
+        let steps = if c.input(4).is_some() { Some(c.need_ints(4, "steps")?) } else { None };
         (starts, ends, axes, steps)
     };
     let axes: Vec<i64> = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
@@ -423,11 +334,7 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return Err(c.err("starts, ends, axes and steps must have one length"));
     }
-    let axes = c.axes(&axes, r).map(|_| {
-        axes.iter()
-            .map(|&a| c.axis(a, r))
-            .collect::<Result<Vec<_>, _>>()
-    })??;
+    let axes = c.axes(&axes, r).map(|_| axes.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())??;
     let mut st = vec![0i64; r];
     let mut en: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let mut sp = vec![1i64; r];
@@ -448,14 +355,7 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
         }
         sp[a] = step;
     }
-    c.add_node(
-        Op::Slice {
-            starts: st,
-            ends: en,
-            steps: sp,
-        },
-        &[x],
-    )
+    c.add_node(Op::Slice { starts: st, ends: en, steps: sp }, &[x])
 }
 
 fn pad(c: &mut NodeCtx) -> BuildResult {
@@ -476,11 +376,7 @@ fn pad(c: &mut NodeCtx) -> BuildResult {
         (pads, Some(value), None)
     } else {
         let pads = c.need_ints(1, "pads")?;
-        let axes = if c.input(3).is_some() {
-            Some(c.need_ints(3, "axes")?)
-        } else {
-            None
-        };
+        let axes = if c.input(3).is_some() { Some(c.need_ints(3, "axes")?) } else { None };
         (pads, c.input(2), axes)
     };
     let axes: Vec<usize> = match axes {
@@ -488,10 +384,7 @@ fn pad(c: &mut NodeCtx) -> BuildResult {
         None => (0..r).collect(),
     };
     if raw.len() != 2 * axes.len() {
-        return Err(c.err(format!(
-            "pads {raw:?} need 2 entries per padded axis ({})",
-            axes.len()
-        )));
+        return Err(c.err(format!("pads {raw:?} need 2 entries per padded axis ({})", axes.len())));
     }
     let mut pads = vec![0i64; 2 * r];
     for (i, &a) in axes.iter().enumerate() {
@@ -501,11 +394,7 @@ fn pad(c: &mut NodeCtx) -> BuildResult {
     let mut inputs = vec![x];
     if mode == PadMode::Constant {
         if let Some(v) = value {
-            let v = if c.ty(v).rank() != 0 {
-                c.add(Op::Reshape { shape: vec![] }, &[v])?
-            } else {
-                v
-            };
+            let v = if c.ty(v).rank() != 0 { c.add(Op::Reshape { shape: vec![] }, &[v])? } else { v };
             inputs.push(v);
         }
     }
@@ -537,11 +426,7 @@ fn range(c: &mut NodeCtx) -> BuildResult {
     let limit = c.need_known(1, "limit")?;
     let delta = c.need_known(2, "delta")?;
     let dt = start.dtype();
-    let (s, l, d) = (
-        start.to_f64_vec()[0],
-        limit.to_f64_vec()[0],
-        delta.to_f64_vec()[0],
-    );
+    let (s, l, d) = (start.to_f64_vec()[0], limit.to_f64_vec()[0], delta.to_f64_vec()[0]);
     if d == 0.0 {
         return Err(c.err("delta cannot be 0"));
     }
@@ -572,21 +457,14 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         "cubic" => ResizeMode::Cubic,
         other => return Err(c.err(format!("mode `{other}` is not supported"))),
     };
-    let coord = match c
-        .s("coordinate_transformation_mode", "half_pixel")?
-        .as_str()
-    {
+    let coord = match c.s("coordinate_transformation_mode", "half_pixel")?.as_str() {
         "half_pixel" => CoordMode::HalfPixel,
         "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
         "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
         "align_corners" => CoordMode::AlignCorners,
         "asymmetric" => CoordMode::Asymmetric,
         "tf_crop_and_resize" => CoordMode::TfCropAndResize,
-        other => {
-            return Err(c.err(format!(
-                "coordinate_transformation_mode `{other}` is not supported"
-            )))
-        }
+        other => return Err(c.err(format!("coordinate_transformation_mode `{other}` is not supported"))),
     };
     let nearest = match c.s("nearest_mode", "round_prefer_floor")?.as_str() {
         "round_prefer_floor" => NearestMode::RoundPreferFloor,
@@ -604,22 +482,15 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         None => (0..r).collect(),
     };
     // Opset 10 has (X, scales); later (X, roi, scales, sizes).
-    let (roi_in, scales_in, sizes_in) = if c.opset() < 11 {
-        (None, Some(1), None)
-    } else {
-        (Some(1), Some(2), Some(3))
-    };
-    let present = |i: Option<usize>, c: &NodeCtx| {
-        i.filter(|&i| c.input(i).is_some_and(|v| c.ty(v).numel() > 0))
-    };
+    let (roi_in, scales_in, sizes_in) =
+        if c.opset() < 11 { (None, Some(1), None) } else { (Some(1), Some(2), Some(3)) };
+    let present = |i: Option<usize>, c: &NodeCtx| i.filter(|&i| c.input(i).is_some_and(|v| c.ty(v).numel() > 0));
     let mut scales = vec![1f32; r];
     let mut sizes = in_shape.clone();
     if let Some(i) = present(sizes_in, c) {
         let given = c.need_ints(i, "sizes")?;
         if given.len() != axes.len() {
-            return Err(c.err(format!(
-                "sizes {given:?} need one entry per axis in {axes:?}"
-            )));
+            return Err(c.err(format!("sizes {given:?} need one entry per axis in {axes:?}")));
         }
         let ratio = |k: usize| given[k] as f64 / in_shape[axes[k]] as f64;
         match policy.as_str() {
@@ -631,28 +502,18 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
             }
             "not_larger" | "not_smaller" => {
                 let rs = (0..axes.len()).map(ratio);
-                let s = if policy == "not_larger" {
-                    rs.fold(f64::INFINITY, f64::min)
-                } else {
-                    rs.fold(0.0, f64::max)
-                };
+                let s = if policy == "not_larger" { rs.fold(f64::INFINITY, f64::min) } else { rs.fold(0.0, f64::max) };
                 for &a in &axes {
                     sizes[a] = (s * in_shape[a] as f64 + 0.5).floor() as usize;
                     scales[a] = s as f32;
                 }
             }
-            other => {
-                return Err(c.err(format!(
-                    "keep_aspect_ratio_policy `{other}` is not supported"
-                )))
-            }
+            other => return Err(c.err(format!("keep_aspect_ratio_policy `{other}` is not supported"))),
         }
     } else if let Some(i) = present(scales_in, c) {
         let given: Vec<f64> = c.need_known(i, "scales")?.to_f64_vec();
         if given.len() != axes.len() {
-            return Err(c.err(format!(
-                "scales {given:?} need one entry per axis in {axes:?}"
-            )));
+            return Err(c.err(format!("scales {given:?} need one entry per axis in {axes:?}")));
         }
         for (k, &a) in axes.iter().enumerate() {
             if given[k] <= 0.0 {
@@ -680,17 +541,7 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         }
     }
     c.add_node(
-        Op::Resize {
-            sizes,
-            scales,
-            mode,
-            coord,
-            nearest,
-            cubic_coeff_a,
-            exclude_outside,
-            extrapolation_value,
-            roi,
-        },
+        Op::Resize { sizes, scales, mode, coord, nearest, cubic_coeff_a, exclude_outside, extrapolation_value, roi },
         &[x],
     )
 }

@@ -55,66 +55,21 @@ pub fn register(r: &mut Registry) {
         let x = c.req(0)?;
         c.add_node(op, &[x])
     });
-    r.insert("Elu", |c| {
-        unary_with(c, |c| {
-            Ok(Op::Elu {
-                alpha: c.f("alpha", 1.0)?,
-            })
-        })
-    });
+    r.insert("Elu", |c| unary_with(c, |c| Ok(Op::Elu { alpha: c.f("alpha", 1.0)? })));
     r.insert("Selu", |c| {
-        unary_with(c, |c| {
-            Ok(Op::Selu {
-                alpha: c.f("alpha", 1.673_263_2)?,
-                gamma: c.f("gamma", 1.050_701)?,
-            })
-        })
+        unary_with(c, |c| Ok(Op::Selu { alpha: c.f("alpha", 1.673_263_2)?, gamma: c.f("gamma", 1.050_701)? }))
     });
-    r.insert("Celu", |c| {
-        unary_with(c, |c| {
-            Ok(Op::Celu {
-                alpha: c.f("alpha", 1.0)?,
-            })
-        })
-    });
-    r.insert("LeakyRelu", |c| {
-        unary_with(c, |c| {
-            Ok(Op::LeakyRelu {
-                alpha: c.f("alpha", 0.01)?,
-            })
-        })
-    });
+    r.insert("Celu", |c| unary_with(c, |c| Ok(Op::Celu { alpha: c.f("alpha", 1.0)? })));
+    r.insert("LeakyRelu", |c| unary_with(c, |c| Ok(Op::LeakyRelu { alpha: c.f("alpha", 0.01)? })));
     r.insert("HardSigmoid", |c| {
-        unary_with(c, |c| {
-            Ok(Op::HardSigmoid {
-                alpha: c.f("alpha", 0.2)?,
-                beta: c.f("beta", 0.5)?,
-            })
-        })
+        unary_with(c, |c| Ok(Op::HardSigmoid { alpha: c.f("alpha", 0.2)?, beta: c.f("beta", 0.5)? }))
     });
-    r.insert("ThresholdedRelu", |c| {
-        unary_with(c, |c| {
-            Ok(Op::ThresholdedRelu {
-                alpha: c.f("alpha", 1.0)?,
-            })
-        })
-    });
-    r.insert("Shrink", |c| {
-        unary_with(c, |c| {
-            Ok(Op::Shrink {
-                bias: c.f("bias", 0.0)?,
-                lambd: c.f("lambd", 0.5)?,
-            })
-        })
-    });
+    r.insert("ThresholdedRelu", |c| unary_with(c, |c| Ok(Op::ThresholdedRelu { alpha: c.f("alpha", 1.0)? })));
+    r.insert("Shrink", |c| unary_with(c, |c| Ok(Op::Shrink { bias: c.f("bias", 0.0)?, lambd: c.f("lambd", 0.5)? })));
     r.insert("Gelu", |c| {
         unary_with(c, |c| match c.s("approximate", "none")?.as_str() {
-            "none" => Ok(Op::Gelu {
-                approximate_tanh: false,
-            }),
-            "tanh" => Ok(Op::Gelu {
-                approximate_tanh: true,
-            }),
+            "none" => Ok(Op::Gelu { approximate_tanh: false }),
+            "tanh" => Ok(Op::Gelu { approximate_tanh: true }),
             other => Err(c.err(format!("approximate must be none or tanh, not `{other}`"))),
         })
     });
@@ -176,10 +131,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Constant", constant);
 }
 
-fn unary_with(
-    c: &mut NodeCtx,
-    make: impl Fn(&NodeCtx) -> Result<Op, crate::ImportError>,
-) -> BuildResult {
+fn unary_with(c: &mut NodeCtx, make: impl Fn(&NodeCtx) -> Result<Op, crate::ImportError>) -> BuildResult {
     let op = make(c)?;
     let x = c.req(0)?;
     c.add_node(op, &[x])
@@ -199,11 +151,7 @@ fn variadic(c: &mut NodeCtx, op: Op) -> BuildResult {
 }
 
 /// A scalar constant with the dtype of `like`.
-fn scalar_like(
-    c: &mut NodeCtx,
-    like: egret_ir::ValueId,
-    x: f64,
-) -> Result<egret_ir::ValueId, crate::ImportError> {
+fn scalar_like(c: &mut NodeCtx, like: egret_ir::ValueId, x: f64) -> Result<egret_ir::ValueId, crate::ImportError> {
     let dt = c.ty(like).dtype;
     Ok(c.constant(Tensor::scalar(x).cast(dt)))
 }
@@ -215,10 +163,7 @@ fn clip(c: &mut NodeCtx) -> BuildResult {
     let (lo, hi) = if c.opset() < 11 {
         let lo = c.f("min", f32::MIN)?;
         let hi = c.f("max", f32::MAX)?;
-        (
-            Some(c.constant(Tensor::scalar(lo as f64).cast(dt))),
-            Some(c.constant(Tensor::scalar(hi as f64).cast(dt))),
-        )
+        (Some(c.constant(Tensor::scalar(lo as f64).cast(dt))), Some(c.constant(Tensor::scalar(hi as f64).cast(dt))))
     } else {
         (c.input(1), c.input(2))
     };
@@ -246,10 +191,7 @@ fn constant(c: &mut NodeCtx) -> BuildResult {
         Tensor::scalar(c.i("value_int", 0)?)
     } else if let Some(v) = c.ints("value_ints")? {
         Tensor::from_vec(vec![v.len()], v)
-    } else if c.has_attr("sparse_value")
-        || c.has_attr("value_string")
-        || c.has_attr("value_strings")
-    {
+    } else if c.has_attr("sparse_value") || c.has_attr("value_string") || c.has_attr("value_strings") {
         c.ignore_attr("sparse_value");
         c.ignore_attr("value_string");
         c.ignore_attr("value_strings");

@@ -15,9 +15,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Gemm", gemm);
     r.insert("Einsum", |c| {
         let equation = c.s("equation", "")?;
-        let inputs: Vec<ValueId> = (0..c.num_inputs())
-            .map(|i| c.req(i))
-            .collect::<Result<_, _>>()?;
+        let inputs: Vec<ValueId> = (0..c.num_inputs()).map(|i| c.req(i)).collect::<Result<_, _>>()?;
         c.add_node(Op::Einsum { equation }, &inputs)
     });
     r.insert("Conv", conv);
@@ -26,9 +24,7 @@ pub fn register(r: &mut Registry) {
     r.insert("GlobalAveragePool", |c| global_pool(c, ReduceKind::Mean));
     r.insert("GlobalMaxPool", |c| global_pool(c, ReduceKind::Max));
     r.insert("Softmax", |c| softmax_like(c, |axis| Op::Softmax { axis }));
-    r.insert("LogSoftmax", |c| {
-        softmax_like(c, |axis| Op::LogSoftmax { axis })
-    });
+    r.insert("LogSoftmax", |c| softmax_like(c, |axis| Op::LogSoftmax { axis }));
     r.insert("Hardmax", |c| softmax_like(c, |axis| Op::Hardmax { axis }));
     r.insert("LayerNormalization", |c| norm(c, false));
     r.insert("RMSNormalization", |c| norm(c, true));
@@ -136,9 +132,7 @@ fn window(
     let dilations = to_usize(c.ints("dilations")?.unwrap_or(vec![1; sp]), "dilations")?;
     let mut pads = to_usize(c.ints("pads")?.unwrap_or(vec![0; 2 * sp]), "pads")?;
     if kernel.len() != sp || strides.len() != sp || dilations.len() != sp || pads.len() != 2 * sp {
-        return Err(c.err(format!(
-            "kernel/strides/dilations/pads do not describe a {sp}-d window"
-        )));
+        return Err(c.err(format!("kernel/strides/dilations/pads do not describe a {sp}-d window")));
     }
     if strides.contains(&0) || dilations.contains(&0) {
         return Err(c.err("strides and dilations must be positive"));
@@ -153,11 +147,7 @@ fn window(
                 let span = dilations[i] * (kernel[i] - 1) + 1;
                 let total = ((out - 1) * strides[i] + span).saturating_sub(in_sp[i]);
                 let small = total / 2;
-                let (b, e) = if auto_pad == "SAME_UPPER" {
-                    (small, total - small)
-                } else {
-                    (total - small, small)
-                };
+                let (b, e) = if auto_pad == "SAME_UPPER" { (small, total - small) } else { (total - small, small) };
                 pads[i] = b;
                 pads[i + sp] = e;
             }
@@ -172,18 +162,14 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
     let xs = c.ty(x).shape.clone();
     let ws = c.ty(w).shape.clone();
     if xs.len() < 3 || ws.len() != xs.len() {
-        return Err(c.err(format!(
-            "input {xs:?} and weight {ws:?} do not describe a convolution"
-        )));
+        return Err(c.err(format!("input {xs:?} and weight {ws:?} do not describe a convolution")));
     }
     let kernel = match c.ints("kernel_shape")? {
         Some(k) => k.into_iter().map(|v| v as usize).collect(),
         None => ws[2..].to_vec(),
     };
     if kernel != ws[2..] {
-        return Err(c.err(format!(
-            "kernel_shape {kernel:?} disagrees with weight {ws:?}"
-        )));
+        return Err(c.err(format!("kernel_shape {kernel:?} disagrees with weight {ws:?}")));
     }
     let group = c.i("group", 1)?;
     if group < 1 {
@@ -192,15 +178,7 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
     let (_, strides, pads, dilations) = window(c, &xs[2..], kernel)?;
     let mut inputs = vec![x, w];
     inputs.extend(c.input(2));
-    c.add_node(
-        Op::Conv {
-            strides,
-            pads,
-            dilations,
-            group: group as usize,
-        },
-        &inputs,
-    )
+    c.add_node(Op::Conv { strides, pads, dilations, group: group as usize }, &inputs)
 }
 
 fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
@@ -224,30 +202,11 @@ fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
         if c.i("storage_order", 0)? != 0 {
             return Err(c.err("storage_order=1 (column-major indices) is not supported"));
         }
-        let outs = c.add_node(
-            Op::MaxPool {
-                kernel,
-                strides,
-                pads,
-                dilations,
-                ceil_mode,
-            },
-            &[x],
-        )?;
+        let outs = c.add_node(Op::MaxPool { kernel, strides, pads, dilations, ceil_mode }, &[x])?;
         Ok(outs)
     } else {
         let count_include_pad = c.i("count_include_pad", 0)? != 0;
-        c.add_node(
-            Op::AveragePool {
-                kernel,
-                strides,
-                pads,
-                dilations,
-                ceil_mode,
-                count_include_pad,
-            },
-            &[x],
-        )
+        c.add_node(Op::AveragePool { kernel, strides, pads, dilations, ceil_mode, count_include_pad }, &[x])
     }
 }
 
@@ -257,14 +216,7 @@ fn global_pool(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
     if r < 3 {
         return Err(c.err("input needs rank >= 3"));
     }
-    c.add_node(
-        Op::Reduce {
-            kind,
-            axes: (2..r).collect(),
-            keepdims: true,
-        },
-        &[x],
-    )
+    c.add_node(Op::Reduce { kind, axes: (2..r).collect(), keepdims: true }, &[x])
 }
 
 /// Softmax, LogSoftmax, Hardmax. Before opset 13 they work on the input
@@ -279,12 +231,7 @@ fn softmax_like(c: &mut NodeCtx, make: fn(usize) -> Op) -> BuildResult {
     let axis = c.axis(c.i("axis", 1)?, shape.len())?;
     let rows: usize = shape[..axis].iter().product();
     let cols: usize = shape[axis..].iter().product();
-    let flat = c.add(
-        Op::Reshape {
-            shape: vec![rows, cols],
-        },
-        &[x],
-    )?;
+    let flat = c.add(Op::Reshape { shape: vec![rows, cols] }, &[x])?;
     let y = c.add(make(1), &[flat])?;
     c.add_node(Op::Reshape { shape }, &[y])
 }
@@ -323,19 +270,8 @@ fn reduce(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
     if axes.is_empty() && noop_with_empty_axes {
         return c.add_node(Op::Identity, &[x]);
     }
-    let axes = if axes.is_empty() {
-        (0..rank).collect()
-    } else {
-        c.axes(&axes, rank)?
-    };
-    c.add_node(
-        Op::Reduce {
-            kind,
-            axes,
-            keepdims,
-        },
-        &[x],
-    )
+    let axes = if axes.is_empty() { (0..rank).collect() } else { c.axes(&axes, rank)? };
+    c.add_node(Op::Reduce { kind, axes, keepdims }, &[x])
 }
 
 fn arg_reduce(c: &mut NodeCtx, select_max: bool) -> BuildResult {
@@ -343,13 +279,5 @@ fn arg_reduce(c: &mut NodeCtx, select_max: bool) -> BuildResult {
     let axis = c.axis(c.i("axis", 0)?, c.rank(x))?;
     let keepdims = c.i("keepdims", 1)? != 0;
     let select_last = c.i("select_last_index", 0)? != 0;
-    c.add_node(
-        Op::ArgReduce {
-            select_max,
-            axis,
-            keepdims,
-            select_last,
-        },
-        &[x],
-    )
+    c.add_node(Op::ArgReduce { select_max, axis, keepdims, select_last }, &[x])
 }

@@ -204,12 +204,8 @@ fn unary_f64(op: &Op, x: f64) -> f64 {
                 0.0
             }
         }
-        Op::Gelu {
-            approximate_tanh: false,
-        } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
-        Op::Gelu {
-            approximate_tanh: true,
-        } => {
+        Op::Gelu { approximate_tanh: false } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        Op::Gelu { approximate_tanh: true } => {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
         }
@@ -243,10 +239,7 @@ pub fn eval_unary(op: &Op, x: &Tensor) -> OpResult<Tensor> {
         Op::IsNaN => {
             dispatch!(x.data(), v: T => Data::Bool(v.iter().map(|a| a.to_f64().is_nan()).collect()))
         }
-        Op::IsInf {
-            detect_negative,
-            detect_positive,
-        } => dispatch!(x.data(), v: T => Data::Bool(
+        Op::IsInf { detect_negative, detect_positive } => dispatch!(x.data(), v: T => Data::Bool(
             v.iter()
                 .map(|a| {
                     let f = a.to_f64();
@@ -263,13 +256,7 @@ pub fn eval_unary(op: &Op, x: &Tensor) -> OpResult<Tensor> {
         _ => match x.data() {
             Data::F32(v) => Data::F32(v.iter().map(|&a| unary_f64(op, a as f64) as f32).collect()),
             Data::F64(v) => Data::F64(v.iter().map(|&a| unary_f64(op, a)).collect()),
-            other => {
-                return Err(format!(
-                    "{} needs a float tensor, not {}",
-                    op.name(),
-                    other.dtype()
-                ))
-            }
+            other => return Err(format!("{} needs a float tensor, not {}", op.name(), other.dtype())),
         },
     };
     Ok(Tensor::new(shape, data))
@@ -301,20 +288,12 @@ fn bitwise_not(d: &Data) -> OpResult<Data> {
         Data::U16(v) => Data::U16(v.iter().map(|a| !a).collect()),
         Data::U32(v) => Data::U32(v.iter().map(|a| !a).collect()),
         Data::U64(v) => Data::U64(v.iter().map(|a| !a).collect()),
-        other => {
-            return Err(format!(
-                "bitwise_not needs an integer tensor, not {}",
-                other.dtype()
-            ))
-        }
+        other => return Err(format!("bitwise_not needs an integer tensor, not {}", other.dtype())),
     })
 }
 
 fn is_comparison(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual
-    )
+    matches!(op, Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual)
 }
 
 fn is_logical(op: &Op) -> bool {
@@ -322,10 +301,7 @@ fn is_logical(op: &Op) -> bool {
 }
 
 fn is_bitwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::BitShift { .. } | Op::BitwiseAnd | Op::BitwiseOr | Op::BitwiseXor
-    )
+    matches!(op, Op::BitShift { .. } | Op::BitwiseAnd | Op::BitwiseOr | Op::BitwiseXor)
 }
 
 pub fn infer_binary(op: &Op, a: &Type, b: &Type) -> OpResult<Type> {
@@ -432,14 +408,7 @@ pub fn zip_broadcast<A: Copy, B: Copy, R>(
     ia.iter().zip(&ib).map(|(&i, &j)| f(a[i], b[j])).collect()
 }
 
-fn arith<T: Arith>(
-    op: &Op,
-    a: &[T],
-    sa: &[usize],
-    b: &[T],
-    sb: &[usize],
-    so: &[usize],
-) -> OpResult<Vec<T>> {
+fn arith<T: Arith>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &[usize]) -> OpResult<Vec<T>> {
     let mut failed = false;
     let out = match op {
         Op::Add => zip_broadcast(a, sa, b, sb, so, T::add),
@@ -448,13 +417,7 @@ fn arith<T: Arith>(
         Op::Pow => zip_broadcast(a, sa, b, sb, so, T::pow),
         Op::Max => zip_broadcast(a, sa, b, sb, so, T::max),
         Op::Min => zip_broadcast(a, sa, b, sb, so, T::min),
-        Op::PRelu => zip_broadcast(a, sa, b, sb, so, |x, s| {
-            if x < T::default() {
-                T::mul(x, s)
-            } else {
-                x
-            }
-        }),
+        Op::PRelu => zip_broadcast(a, sa, b, sb, so, |x, s| if x < T::default() { T::mul(x, s) } else { x }),
         Op::Div => zip_broadcast(a, sa, b, sb, so, |x, y| {
             T::div(x, y).unwrap_or_else(|| {
                 failed = true;
@@ -475,14 +438,7 @@ fn arith<T: Arith>(
     Ok(out)
 }
 
-fn compare<T: Elem>(
-    op: &Op,
-    a: &[T],
-    sa: &[usize],
-    b: &[T],
-    sb: &[usize],
-    so: &[usize],
-) -> Vec<bool> {
+fn compare<T: Elem>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &[usize]) -> Vec<bool> {
     match op {
         Op::Equal => zip_broadcast(a, sa, b, sb, so, |x, y| x == y),
         Op::Less => zip_broadcast(a, sa, b, sb, so, |x, y| x < y),
@@ -492,14 +448,7 @@ fn compare<T: Elem>(
     }
 }
 
-fn bitwise(
-    op: &Op,
-    a: &Data,
-    sa: &[usize],
-    b: &Data,
-    sb: &[usize],
-    so: &[usize],
-) -> OpResult<Data> {
+fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]) -> OpResult<Data> {
     macro_rules! go {
         ($x:expr, $y:expr, $V:ident, $bits:expr) => {{
             let f = |x, y| match op {
@@ -533,12 +482,7 @@ fn bitwise(
         (Data::I16(x), Data::I16(y)) => go!(x, y, I16, 16),
         (Data::I32(x), Data::I32(y)) => go!(x, y, I32, 32),
         (Data::I64(x), Data::I64(y)) => go!(x, y, I64, 64),
-        _ => {
-            return Err(format!(
-                "{} needs two tensors of one integer type",
-                op.name()
-            ))
-        }
+        _ => return Err(format!("{} needs two tensors of one integer type", op.name())),
     })
 }
 
@@ -554,12 +498,7 @@ pub fn eval_binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
         b
     };
     if a.dtype() != b.dtype() {
-        return Err(format!(
-            "{}: dtypes differ ({} vs {})",
-            op.name(),
-            a.dtype(),
-            b.dtype()
-        ));
+        return Err(format!("{}: dtypes differ ({} vs {})", op.name(), a.dtype(), b.dtype()));
     }
     let data = if is_comparison(op) {
         dispatch!(a.data(), x: T => Data::Bool(compare(op, x, sa, T::unwrap(b.data()).unwrap(), sb, so)))

@@ -17,9 +17,7 @@ fn expect_indices(t: &Type, what: &str) -> OpResult<()> {
 pub fn check_index(i: i64, n: usize, what: &str) -> OpResult<usize> {
     let j = if i < 0 { i + n as i64 } else { i };
     if j < 0 || j >= n as i64 {
-        return Err(format!(
-            "{what} index {i} is out of range for an axis of length {n}"
-        ));
+        return Err(format!("{what} index {i} is out of range for an axis of length {n}"));
     }
     Ok(j as usize)
 }
@@ -87,10 +85,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             }
             let mut s = x.shape.clone();
             s[*axis] = *k;
-            Ok(vec![
-                Type::new(x.dtype, s.clone()),
-                Type::new(DType::I64, s),
-            ])
+            Ok(vec![Type::new(x.dtype, s.clone()), Type::new(DType::I64, s)])
         }
         Op::OneHot { axis, depth } => {
             arity(inputs, 2, 2)?;
@@ -122,11 +117,8 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         Op::Gather { axis } => {
             let idx = inputs[1];
             let (outer, len, inner) = split_at_axis(shape, *axis);
-            let ids: Vec<usize> = idx
-                .to_i64_vec()
-                .into_iter()
-                .map(|i| check_index(i, len, "gather"))
-                .collect::<OpResult<_>>()?;
+            let ids: Vec<usize> =
+                idx.to_i64_vec().into_iter().map(|i| check_index(i, len, "gather")).collect::<OpResult<_>>()?;
             let mut flat = Vec::with_capacity(outer * ids.len() * inner);
             for o in 0..outer {
                 for &i in &ids {
@@ -150,15 +142,9 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 let mut off = 0;
                 for a in 0..ishape.len() {
                     let c = (n / is[a]) % ishape[a];
-                    let c = if a == *axis {
-                        check_index(i, shape[a], "gather_elements")?
-                    } else {
-                        c
-                    };
+                    let c = if a == *axis { check_index(i, shape[a], "gather_elements")? } else { c };
                     if c >= shape[a] {
-                        return Err(format!(
-                            "gather_elements: indices shape {ishape:?} exceeds data {shape:?}"
-                        ));
+                        return Err(format!("gather_elements: indices shape {ishape:?} exceeds data {shape:?}"));
                     }
                     off += c * xs[a];
                 }
@@ -200,10 +186,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             let ids = idx.to_i64_vec();
             let n = ids.len() / last.max(1);
             if upd.numel() != n * slice {
-                return Err(format!(
-                    "updates {:?} do not match indices {ishape:?}",
-                    upd.shape()
-                ));
+                return Err(format!("updates {:?} do not match indices {ishape:?}", upd.shape()));
             }
             let mut offs = Vec::with_capacity(n);
             for t in 0..n {
@@ -236,15 +219,9 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 let mut off = 0;
                 for a in 0..ishape.len() {
                     let c = (n / is[a]) % ishape[a];
-                    let c = if a == *axis {
-                        check_index(i, shape[a], "scatter_elements")?
-                    } else {
-                        c
-                    };
+                    let c = if a == *axis { check_index(i, shape[a], "scatter_elements")? } else { c };
                     if c >= shape[a] {
-                        return Err(format!(
-                            "scatter_elements: indices shape {ishape:?} exceeds data {shape:?}"
-                        ));
+                        return Err(format!("scatter_elements: indices shape {ishape:?} exceeds data {shape:?}"));
                     }
                     off += c * xs[a];
                 }
@@ -260,11 +237,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             });
             Ok(vec![Tensor::new(shape.to_vec(), data)])
         }
-        Op::CumSum {
-            axis,
-            exclusive,
-            reverse,
-        } => {
+        Op::CumSum { axis, exclusive, reverse } => {
             let (outer, len, inner) = split_at_axis(shape, *axis);
             let data = dispatch_num!(x.data(), "cumsum", v: T => {
                 let mut out = vec![T::default(); v.len()];
@@ -288,12 +261,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             });
             Ok(vec![Tensor::new(shape.to_vec(), data)])
         }
-        Op::TopK {
-            axis,
-            k,
-            largest,
-            sorted: _,
-        } => {
+        Op::TopK { axis, k, largest, sorted: _ } => {
             // Results are always sorted: ONNX leaves the order unspecified when
             // `sorted` is 0, so sorted output is a valid answer.
             let (outer, len, inner) = split_at_axis(shape, *axis);
@@ -306,9 +274,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     let key = |j: usize| v[(o * len + j) * inner + i];
                     // Stable sort: equal values keep the lower index first.
                     order.sort_by(|&p, &q| {
-                        let c = key(p)
-                            .partial_cmp(&key(q))
-                            .unwrap_or(std::cmp::Ordering::Equal);
+                        let c = key(p).partial_cmp(&key(q)).unwrap_or(std::cmp::Ordering::Equal);
                         if *largest {
                             c.reverse()
                         } else {
@@ -329,18 +295,12 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             }
             let mut s = shape.to_vec();
             s[*axis] = *k;
-            Ok(vec![
-                Tensor::new(s.clone(), x.data().gather(&flat)),
-                Tensor::new(s, Data::I64(ids)),
-            ])
+            Ok(vec![Tensor::new(s.clone(), x.data().gather(&flat)), Tensor::new(s, Data::I64(ids))])
         }
         Op::OneHot { axis, depth } => {
             let vals = inputs[1];
             let ids = x.to_i64_vec();
-            let (outer, inner) = (
-                shape[..*axis].iter().product::<usize>(),
-                shape[*axis..].iter().product::<usize>(),
-            );
+            let (outer, inner) = (shape[..*axis].iter().product::<usize>(), shape[*axis..].iter().product::<usize>());
             let mut pick = Vec::with_capacity(ids.len() * depth);
             for o in 0..outer {
                 for d in 0..*depth {
@@ -353,8 +313,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             }
             let mut s = shape.to_vec();
             s.insert(*axis, *depth);
-            let data =
-                dispatch!(vals.data(), v: T => T::wrap(pick.iter().map(|&p| v[p]).collect()));
+            let data = dispatch!(vals.data(), v: T => T::wrap(pick.iter().map(|&p| v[p]).collect()));
             Ok(vec![Tensor::new(s, data)])
         }
         other => Err(format!("no evaluation rule for {}", other.name())),

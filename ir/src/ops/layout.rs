@@ -57,11 +57,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         Op::Reshape { shape } => {
             arity(inputs, 1, 1)?;
             if shape.iter().product::<usize>() != x.numel() {
-                return Err(format!(
-                    "cannot reshape {} elements of shape {:?} to {shape:?}",
-                    x.numel(),
-                    x.shape
-                ));
+                return Err(format!("cannot reshape {} elements of shape {:?} to {shape:?}", x.numel(), x.shape));
             }
             same(shape.clone())
         }
@@ -69,26 +65,16 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             arity(inputs, 1, 1)?;
             same(permute(&x.shape, perm)?)
         }
-        Op::Slice {
-            starts,
-            ends,
-            steps,
-        } => {
+        Op::Slice { starts, ends, steps } => {
             arity(inputs, 1, 1)?;
             let r = x.rank();
             if starts.len() != r || ends.len() != r || steps.len() != r {
-                return Err(format!(
-                    "slice parameters must have one entry per axis (rank {r})"
-                ));
+                return Err(format!("slice parameters must have one entry per axis (rank {r})"));
             }
             if steps.contains(&0) {
                 return Err("slice step cannot be 0".into());
             }
-            same(
-                (0..r)
-                    .map(|i| slice_len(starts[i], ends[i], steps[i]))
-                    .collect(),
-            )
+            same((0..r).map(|i| slice_len(starts[i], ends[i], steps[i])).collect())
         }
         Op::Concat { axis } => {
             if inputs.is_empty() {
@@ -101,13 +87,8 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             shape[*axis] = 0;
             for t in inputs {
                 super::same_dtype(x, t, "concat")?;
-                if t.rank() != x.rank()
-                    || (0..x.rank()).any(|i| i != *axis && t.shape[i] != x.shape[i])
-                {
-                    return Err(format!(
-                        "concat inputs {:?} and {:?} differ off axis {axis}",
-                        x.shape, t.shape
-                    ));
+                if t.rank() != x.rank() || (0..x.rank()).any(|i| i != *axis && t.shape[i] != x.shape[i]) {
+                    return Err(format!("concat inputs {:?} and {:?} differ off axis {axis}", x.shape, t.shape));
                 }
                 shape[*axis] += t.shape[*axis];
             }
@@ -116,10 +97,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         Op::Split { axis, sizes } => {
             arity(inputs, 1, 1)?;
             if *axis >= x.rank() || sizes.iter().sum::<usize>() != x.shape[*axis] {
-                return Err(format!(
-                    "split sizes {sizes:?} do not add up to axis {axis} of {:?}",
-                    x.shape
-                ));
+                return Err(format!("split sizes {sizes:?} do not add up to axis {axis} of {:?}", x.shape));
             }
             Ok(sizes
                 .iter()
@@ -154,9 +132,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
                 }
             }
             let out = pad_out_shape(&x.shape, pads)?;
-            if *mode != PadMode::Constant
-                && x.shape.iter().zip(&out).any(|(&i, &o)| i == 0 && o > 0)
-            {
+            if *mode != PadMode::Constant && x.shape.iter().zip(&out).any(|(&i, &o)| i == 0 && o > 0) {
                 return Err(format!("{} padding of an empty axis", mode.word()));
             }
             same(out)
@@ -164,38 +140,20 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         Op::DepthToSpace { blocksize: b, .. } => {
             arity(inputs, 1, 1)?;
             if x.rank() != 4 || *b == 0 || x.shape[1] % (b * b) != 0 {
-                return Err(format!(
-                    "needs a 4-d input with channels divisible by {}",
-                    b * b
-                ));
+                return Err(format!("needs a 4-d input with channels divisible by {}", b * b));
             }
-            same(vec![
-                x.shape[0],
-                x.shape[1] / (b * b),
-                x.shape[2] * b,
-                x.shape[3] * b,
-            ])
+            same(vec![x.shape[0], x.shape[1] / (b * b), x.shape[2] * b, x.shape[3] * b])
         }
         Op::SpaceToDepth { blocksize: b } => {
             arity(inputs, 1, 1)?;
             if x.rank() != 4 || *b == 0 || x.shape[2] % b != 0 || x.shape[3] % b != 0 {
-                return Err(format!(
-                    "needs a 4-d input with spatial dims divisible by {b}"
-                ));
+                return Err(format!("needs a 4-d input with spatial dims divisible by {b}"));
             }
-            same(vec![
-                x.shape[0],
-                x.shape[1] * b * b,
-                x.shape[2] / b,
-                x.shape[3] / b,
-            ])
+            same(vec![x.shape[0], x.shape[1] * b * b, x.shape[2] / b, x.shape[3] / b])
         }
         Op::Shape { start, end } => {
             arity(inputs, 1, 1)?;
-            Ok(vec![Type::new(
-                DType::I64,
-                vec![end.saturating_sub(*start)],
-            )])
+            Ok(vec![Type::new(DType::I64, vec![end.saturating_sub(*start)])])
         }
         Op::Trilu { .. } => {
             arity(inputs, 1, 1)?;
@@ -226,27 +184,17 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             let out = permute(shape, perm)?;
             one(out, x.data().gather(&transpose_index(shape, perm)))
         }
-        Op::Slice {
-            starts,
-            ends,
-            steps,
-        } => {
+        Op::Slice { starts, ends, steps } => {
             let strides = strides_of(shape);
-            let out: Vec<usize> = (0..shape.len())
-                .map(|i| slice_len(starts[i], ends[i], steps[i]))
-                .collect();
+            let out: Vec<usize> = (0..shape.len()).map(|i| slice_len(starts[i], ends[i], steps[i])).collect();
             if out.contains(&0) {
                 return one(out, x.data().gather(&[]));
             }
             // Negative steps walk backwards: express them with wrapping strides
             // from the start element, which is in range whenever the slice is non-empty.
-            let base: usize = (0..shape.len())
-                .map(|i| starts[i] as usize * strides[i])
-                .sum();
+            let base: usize = (0..shape.len()).map(|i| starts[i] as usize * strides[i]).sum();
             let idx: Vec<usize> = {
-                let signed: Vec<i64> = (0..shape.len())
-                    .map(|i| steps[i] * strides[i] as i64)
-                    .collect();
+                let signed: Vec<i64> = (0..shape.len()).map(|i| steps[i] * strides[i] as i64).collect();
                 let pos: Vec<usize> = signed.iter().map(|&s| s as usize).collect();
                 strided_index(&out, &pos, base)
             };
@@ -281,14 +229,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 ends[*axis] = start + s as i64;
                 start += s as i64;
                 let steps = vec![1; shape.len()];
-                outs.extend(eval(
-                    &Op::Slice {
-                        starts,
-                        ends,
-                        steps,
-                    },
-                    &[x],
-                )?);
+                outs.extend(eval(&Op::Slice { starts, ends, steps }, &[x])?);
             }
             Ok(outs)
         }
@@ -296,17 +237,10 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         Op::Tile { repeats } => {
             let out: Vec<usize> = shape.iter().zip(repeats).map(|(d, r)| d * r).collect();
             let idx = map_index(&out, shape, |o, i| Some(o % shape[i]));
-            one(
-                out,
-                x.data()
-                    .gather(&idx.into_iter().map(|i| i.unwrap()).collect::<Vec<_>>()),
-            )
+            one(out, x.data().gather(&idx.into_iter().map(|i| i.unwrap()).collect::<Vec<_>>()))
         }
         Op::Pad { pads, mode } => pad(x, inputs.get(1).copied(), pads, *mode).map(|t| vec![t]),
-        Op::DepthToSpace {
-            blocksize: b,
-            column_row_depth,
-        } => {
+        Op::DepthToSpace { blocksize: b, column_row_depth } => {
             let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
             let c2 = c / (b * b);
             // DCR: [n, b, b, c2, h, w]; CRD: [n, c2, b, b, h, w]; then to [n, c2, h, b, w, b].
@@ -315,19 +249,13 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             } else {
                 (vec![n, *b, *b, c2, h, w], vec![0, 3, 4, 1, 5, 2])
             };
-            one(
-                vec![n, c2, h * b, w * b],
-                x.data().gather(&transpose_index(&tmp, &perm)),
-            )
+            one(vec![n, c2, h * b, w * b], x.data().gather(&transpose_index(&tmp, &perm)))
         }
         Op::SpaceToDepth { blocksize: b } => {
             let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
             let tmp = vec![n, c, h / b, *b, w / b, *b];
             let perm = vec![0, 3, 5, 1, 2, 4];
-            one(
-                vec![n, c * b * b, h / b, w / b],
-                x.data().gather(&transpose_index(&tmp, &perm)),
-            )
+            one(vec![n, c * b * b, h / b, w / b], x.data().gather(&transpose_index(&tmp, &perm)))
         }
         Op::Shape { start, end } => {
             let dims: Vec<i64> = shape[*start..*end].iter().map(|&d| d as i64).collect();
@@ -366,13 +294,8 @@ pub fn map_index(
     let n: usize = out_shape.iter().product();
     let in_strides = strides_of(in_shape);
     // Per-axis lookup tables keep the inner loop to additions.
-    let tables: Vec<Vec<Option<usize>>> = (0..r)
-        .map(|a| {
-            (0..out_shape[a])
-                .map(|o| f(o, a).map(|i| i * in_strides[a]))
-                .collect()
-        })
-        .collect();
+    let tables: Vec<Vec<Option<usize>>> =
+        (0..r).map(|a| (0..out_shape[a]).map(|o| f(o, a).map(|i| i * in_strides[a])).collect()).collect();
     let mut out = Vec::with_capacity(n);
     let mut coord = vec![0usize; r];
     for _ in 0..n {

@@ -9,23 +9,12 @@ use crate::tensor::{Data, Elem, Tensor};
 
 /// Shapes of a matmul after numpy's promotion of 1-d operands:
 /// (batch shape, m, k, n, output shape).
-fn matmul_dims(
-    a: &[usize],
-    b: &[usize],
-) -> OpResult<(Vec<usize>, usize, usize, usize, Vec<usize>)> {
+fn matmul_dims(a: &[usize], b: &[usize]) -> OpResult<(Vec<usize>, usize, usize, usize, Vec<usize>)> {
     if a.is_empty() || b.is_empty() {
         return Err("matmul operands must have rank >= 1".into());
     }
-    let a2: Vec<usize> = if a.len() == 1 {
-        vec![1, a[0]]
-    } else {
-        a.to_vec()
-    };
-    let b2: Vec<usize> = if b.len() == 1 {
-        vec![b[0], 1]
-    } else {
-        b.to_vec()
-    };
+    let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
+    let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
@@ -54,42 +43,24 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             Ok(vec![Type::new(inputs[0].dtype, out)])
         }
         Op::Einsum { equation } => {
-            let spec = EinsumSpec::parse(
-                equation,
-                &inputs.iter().map(|t| t.shape.clone()).collect::<Vec<_>>(),
-            )?;
+            let spec = EinsumSpec::parse(equation, &inputs.iter().map(|t| t.shape.clone()).collect::<Vec<_>>())?;
             for t in inputs {
                 super::same_dtype(inputs[0], t, "einsum")?;
             }
             Ok(vec![Type::new(inputs[0].dtype, spec.out_shape())])
         }
-        Op::Conv {
-            strides,
-            pads,
-            dilations,
-            group,
-        } => {
+        Op::Conv { strides, pads, dilations, group } => {
             arity(inputs, 2, 3)?;
             let (x, w) = (inputs[0], inputs[1]);
             super::expect_float(x, "input")?;
             super::same_dtype(x, w, "conv")?;
-            let sp = x
-                .rank()
-                .checked_sub(2)
-                .ok_or("conv input needs rank >= 3")?;
-            if w.rank() != x.rank()
-                || strides.len() != sp
-                || dilations.len() != sp
-                || pads.len() != 2 * sp
-            {
+            let sp = x.rank().checked_sub(2).ok_or("conv input needs rank >= 3")?;
+            if w.rank() != x.rank() || strides.len() != sp || dilations.len() != sp || pads.len() != 2 * sp {
                 return Err(format!("conv parameters do not match a {sp}-d convolution"));
             }
             let (c, m) = (x.shape[1], w.shape[0]);
             if *group == 0 || c % group != 0 || m % group != 0 || w.shape[1] * group != c {
-                return Err(format!(
-                    "weight {:?} does not fit {c} input channels in {group} groups",
-                    w.shape
-                ));
+                return Err(format!("weight {:?} does not fit {c} input channels in {group} groups", w.shape));
             }
             if let Some(b) = inputs.get(2) {
                 if b.shape != [m] {
@@ -115,31 +86,17 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
 }
 
 /// Output length of a window op along one axis.
-pub fn pooled_len(
-    n: usize,
-    k: usize,
-    stride: usize,
-    pb: usize,
-    pe: usize,
-    dil: usize,
-    ceil: bool,
-) -> OpResult<usize> {
+pub fn pooled_len(n: usize, k: usize, stride: usize, pb: usize, pe: usize, dil: usize, ceil: bool) -> OpResult<usize> {
     if stride == 0 || dil == 0 || k == 0 {
         return Err("kernel, strides and dilations must be positive".into());
     }
     let span = dil * (k - 1) + 1;
     let padded = n + pb + pe;
     if padded < span {
-        return Err(format!(
-            "window of {span} does not fit input length {n} with pads ({pb}, {pe})"
-        ));
+        return Err(format!("window of {span} does not fit input length {n} with pads ({pb}, {pe})"));
     }
     let room = padded - span;
-    let mut out = if ceil {
-        room.div_ceil(stride) + 1
-    } else {
-        room / stride + 1
-    };
+    let mut out = if ceil { room.div_ceil(stride) + 1 } else { room / stride + 1 };
     // A ceil-mode window must start inside the input or its left padding.
     if ceil && (out - 1) * stride >= n + pb {
         out -= 1;
@@ -151,12 +108,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     match op {
         Op::MatMul => Ok(vec![matmul(inputs[0], inputs[1])?]),
         Op::Einsum { equation } => Ok(vec![einsum(equation, inputs)?]),
-        Op::Conv {
-            strides,
-            pads,
-            dilations,
-            group,
-        } => Ok(vec![conv(inputs, strides, pads, dilations, *group)?]),
+        Op::Conv { strides, pads, dilations, group } => Ok(vec![conv(inputs, strides, pads, dilations, *group)?]),
         other => Err(format!("no evaluation rule for {}", other.name())),
     }
 }
@@ -178,16 +130,8 @@ pub fn gemm_block<T: Arith>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n
 
 fn matmul_typed<T: Arith>(a: &[T], sa: &[usize], b: &[T], sb: &[usize]) -> OpResult<Vec<T>> {
     let (batch, m, k, n, _) = matmul_dims(sa, sb)?;
-    let a_batch: Vec<usize> = if sa.len() > 2 {
-        sa[..sa.len() - 2].to_vec()
-    } else {
-        vec![]
-    };
-    let b_batch: Vec<usize> = if sb.len() > 2 {
-        sb[..sb.len() - 2].to_vec()
-    } else {
-        vec![]
-    };
+    let a_batch: Vec<usize> = if sa.len() > 2 { sa[..sa.len() - 2].to_vec() } else { vec![] };
+    let b_batch: Vec<usize> = if sb.len() > 2 { sb[..sb.len() - 2].to_vec() } else { vec![] };
     let ia = broadcast_index(&a_batch, &batch);
     let ib = broadcast_index(&b_batch, &batch);
     let nb: usize = batch.iter().product();
@@ -225,11 +169,7 @@ impl EinsumSpec {
         };
         let terms: Vec<&str> = lhs.split(',').collect();
         if terms.len() != shapes.len() {
-            return Err(format!(
-                "einsum `{eq}` has {} operands but {} inputs were given",
-                terms.len(),
-                shapes.len()
-            ));
+            return Err(format!("einsum `{eq}` has {} operands but {} inputs were given", terms.len(), shapes.len()));
         }
         // Ellipsis dims get letters that no equation uses.
         let ell_letters: Vec<char> = ('A'..='Z').filter(|c| !eq.contains(*c)).collect();
@@ -240,10 +180,7 @@ impl EinsumSpec {
             let named = term.replace("...", "").chars().count();
             let has_ell = term.contains("...");
             if (has_ell && named > shape.len()) || (!has_ell && named != shape.len()) {
-                return Err(format!(
-                    "einsum term `{term}` does not match an operand of rank {}",
-                    shape.len()
-                ));
+                return Err(format!("einsum term `{term}` does not match an operand of rank {}", shape.len()));
             }
             let er = if has_ell { shape.len() - named } else { 0 };
             ell_rank = ell_rank.max(er);
@@ -287,9 +224,7 @@ impl EinsumSpec {
                 let mut once: Vec<char> = dims
                     .keys()
                     .copied()
-                    .filter(|c| {
-                        !ell.contains(c) && inputs.iter().flatten().filter(|x| *x == c).count() == 1
-                    })
+                    .filter(|c| !ell.contains(c) && inputs.iter().flatten().filter(|x| *x == c).count() == 1)
                     .collect();
                 once.sort();
                 o.extend(once);
@@ -298,16 +233,10 @@ impl EinsumSpec {
         };
         for c in &output {
             if !dims.contains_key(c) {
-                return Err(format!(
-                    "einsum `{eq}`: output letter `{c}` is not in any operand"
-                ));
+                return Err(format!("einsum `{eq}`: output letter `{c}` is not in any operand"));
             }
         }
-        Ok(EinsumSpec {
-            inputs,
-            output,
-            dims,
-        })
+        Ok(EinsumSpec { inputs, output, dims })
     }
 
     fn out_shape(&self) -> Vec<usize> {
@@ -320,12 +249,7 @@ fn einsum(eq: &str, inputs: &[&Tensor]) -> OpResult<Tensor> {
     let spec = EinsumSpec::parse(eq, &shapes)?;
     // Loop over every letter: output letters first, then the summed ones.
     let mut letters = spec.output.clone();
-    letters.extend(
-        spec.dims
-            .keys()
-            .copied()
-            .filter(|c| !spec.output.contains(c)),
-    );
+    letters.extend(spec.dims.keys().copied().filter(|c| !spec.output.contains(c)));
     let sizes: Vec<usize> = letters.iter().map(|c| spec.dims[c]).collect();
     let out_n: usize = spec.out_shape().iter().product();
     let inner_n: usize = sizes[spec.output.len()..].iter().product();
@@ -338,13 +262,7 @@ fn einsum(eq: &str, inputs: &[&Tensor]) -> OpResult<Tensor> {
             let st = crate::tensor::strides_of(shape);
             letters
                 .iter()
-                .map(|c| {
-                    ls.iter()
-                        .enumerate()
-                        .filter(|(i, l)| *l == c && shape[*i] != 1)
-                        .map(|(i, _)| st[i])
-                        .sum()
-                })
+                .map(|c| ls.iter().enumerate().filter(|(i, l)| *l == c && shape[*i] != 1).map(|(i, _)| st[i]).sum())
                 .collect()
         })
         .collect();
@@ -405,9 +323,7 @@ pub fn window_offsets(
             for a in 0..sp {
                 let pos = (oc[a] * strides[a] + kc[a] * dilations[a]) as i64 - pads[a] as i64;
                 off = match off {
-                    Some(o) if pos >= 0 && (pos as usize) < in_sp[a] => {
-                        Some(o + pos as usize * in_strides[a])
-                    }
+                    Some(o) if pos >= 0 && (pos as usize) < in_sp[a] => Some(o + pos as usize * in_strides[a]),
                     _ => None,
                 };
             }
@@ -419,22 +335,11 @@ pub fn window_offsets(
     res
 }
 
-fn conv(
-    inputs: &[&Tensor],
-    strides: &[usize],
-    pads: &[usize],
-    dilations: &[usize],
-    group: usize,
-) -> OpResult<Tensor> {
+fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usize], group: usize) -> OpResult<Tensor> {
     let (x, w) = (inputs[0], inputs[1]);
     let types: Vec<Type> = inputs.iter().map(|t| t.ty()).collect();
     let out_ty = infer(
-        &Op::Conv {
-            strides: strides.to_vec(),
-            pads: pads.to_vec(),
-            dilations: dilations.to_vec(),
-            group,
-        },
+        &Op::Conv { strides: strides.to_vec(), pads: pads.to_vec(), dilations: dilations.to_vec(), group },
         &types.iter().collect::<Vec<_>>(),
     )?
     .remove(0);
@@ -445,11 +350,8 @@ fn conv(
     let kernel = &w.shape()[2..];
     let offs = window_offsets(in_sp, out_sp, kernel, strides, pads, dilations);
     let (cg, mg) = (c / group, m / group);
-    let (n_in, n_out, n_k) = (
-        in_sp.iter().product::<usize>(),
-        out_sp.iter().product::<usize>(),
-        kernel.iter().product::<usize>(),
-    );
+    let (n_in, n_out, n_k) =
+        (in_sp.iter().product::<usize>(), out_sp.iter().product::<usize>(), kernel.iter().product::<usize>());
     macro_rules! go {
         ($T:ty, $xv:expr, $wv:expr, $V:ident) => {{
             let xv: &[$T] = $xv;
@@ -464,8 +366,7 @@ fn conv(
                         let plane = &xv[(b * c + g * cg + ci) * n_in..][..n_in];
                         for p in 0..n_out {
                             for kk in 0..n_k {
-                                cols[(ci * n_k + kk) * n_out + p] =
-                                    offs[p * n_k + kk].map_or(0 as $T, |o| plane[o]);
+                                cols[(ci * n_k + kk) * n_out + p] = offs[p * n_k + kk].map_or(0 as $T, |o| plane[o]);
                             }
                         }
                     }

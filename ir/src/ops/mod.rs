@@ -76,9 +76,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     match op {
         Op::Const(t) => Ok(vec![(**t).clone()]),
         Op::Input { name } => Err(format!("input `{name}` has no value to evaluate")),
-        Op::Where => Ok(vec![elementwise::eval_where(
-            inputs[0], inputs[1], inputs[2],
-        )?]),
+        Op::Where => Ok(vec![elementwise::eval_where(inputs[0], inputs[1], inputs[2])?]),
         Op::MatMul | Op::Einsum { .. } | Op::Conv { .. } => linalg::eval(op, inputs),
         Op::MaxPool { .. }
         | Op::AveragePool { .. }
@@ -109,10 +107,7 @@ pub fn arity<T>(inputs: &[T], min: usize, max: usize) -> OpResult<()> {
         if min == max {
             return Err(format!("expects {min} input(s), got {}", inputs.len()));
         }
-        return Err(format!(
-            "expects {min} to {max} inputs, got {}",
-            inputs.len()
-        ));
+        return Err(format!("expects {min} to {max} inputs, got {}", inputs.len()));
     }
     Ok(())
 }
@@ -122,11 +117,7 @@ pub fn expect_dtype(t: &Type, allowed: &[DType], what: &str) -> OpResult<()> {
         Ok(())
     } else {
         let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
-        Err(format!(
-            "{what} must be {}, not {}",
-            names.join(" or "),
-            t.dtype
-        ))
+        Err(format!("{what} must be {}, not {}", names.join(" or "), t.dtype))
     }
 }
 
@@ -136,10 +127,7 @@ pub fn expect_float(t: &Type, what: &str) -> OpResult<()> {
 
 pub fn same_dtype(a: &Type, b: &Type, what: &str) -> OpResult<()> {
     if a.dtype != b.dtype {
-        return Err(format!(
-            "{what}: dtypes differ ({} vs {})",
-            a.dtype, b.dtype
-        ));
+        return Err(format!("{what}: dtypes differ ({} vs {})", a.dtype, b.dtype));
     }
     Ok(())
 }
@@ -149,16 +137,8 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -233,9 +213,5 @@ pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
     if axis < -r || axis >= r.max(1) {
         return Err(format!("axis {axis} is out of range for rank {rank}"));
     }
-    Ok(if axis < 0 {
-        (axis + r) as usize
-    } else {
-        axis as usize
-    })
+    Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
 }

@@ -15,71 +15,37 @@ fn pool_out_shape(
     dil: &[usize],
     ceil: bool,
 ) -> OpResult<Vec<usize>> {
-    let sp = x
-        .rank()
-        .checked_sub(2)
-        .ok_or("pooling input needs rank >= 3")?;
+    let sp = x.rank().checked_sub(2).ok_or("pooling input needs rank >= 3")?;
     if kernel.len() != sp || strides.len() != sp || dil.len() != sp || pads.len() != 2 * sp {
         return Err(format!("pooling parameters do not match a {sp}-d input"));
     }
     let mut out = x.shape[..2].to_vec();
     for i in 0..sp {
-        out.push(pooled_len(
-            x.shape[2 + i],
-            kernel[i],
-            strides[i],
-            pads[i],
-            pads[i + sp],
-            dil[i],
-            ceil,
-        )?);
+        out.push(pooled_len(x.shape[2 + i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?);
     }
     Ok(out)
 }
 
 /// `(outer, axis_len, inner)` around `axis`.
 pub fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (
-        shape[..axis].iter().product(),
-        shape[axis],
-        shape[axis + 1..].iter().product(),
-    )
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
 pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     let x = inputs.first().ok_or("expects at least one input")?;
     match op {
-        Op::MaxPool {
-            kernel,
-            strides,
-            pads,
-            dilations,
-            ceil_mode,
-        } => {
+        Op::MaxPool { kernel, strides, pads, dilations, ceil_mode } => {
             arity(inputs, 1, 1)?;
             if x.dtype == DType::Bool {
                 return Err("max_pool is not defined on bool".into());
             }
             let s = pool_out_shape(x, kernel, strides, pads, dilations, *ceil_mode)?;
-            Ok(vec![
-                Type::new(x.dtype, s.clone()),
-                Type::new(DType::I64, s),
-            ])
+            Ok(vec![Type::new(x.dtype, s.clone()), Type::new(DType::I64, s)])
         }
-        Op::AveragePool {
-            kernel,
-            strides,
-            pads,
-            dilations,
-            ceil_mode,
-            ..
-        } => {
+        Op::AveragePool { kernel, strides, pads, dilations, ceil_mode, .. } => {
             arity(inputs, 1, 1)?;
             super::expect_float(x, "input")?;
-            Ok(vec![Type::new(
-                x.dtype,
-                pool_out_shape(x, kernel, strides, pads, dilations, *ceil_mode)?,
-            )])
+            Ok(vec![Type::new(x.dtype, pool_out_shape(x, kernel, strides, pads, dilations, *ceil_mode)?)])
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Hardmax { axis } => {
             arity(inputs, 1, 1)?;
@@ -99,10 +65,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             for t in &inputs[1..] {
                 super::same_dtype(x, t, "scale/bias")?;
                 if super::broadcast_shapes(&t.shape, norm)? != norm {
-                    return Err(format!(
-                        "scale/bias {:?} does not broadcast to the normalised dims {norm:?}",
-                        t.shape
-                    ));
+                    return Err(format!("scale/bias {:?} does not broadcast to the normalised dims {norm:?}", t.shape));
                 }
             }
             if matches!(op, Op::RmsNorm { .. }) {
@@ -110,11 +73,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             }
             let mut stat = x.shape[..*axis].to_vec();
             stat.extend(std::iter::repeat_n(1, x.rank() - axis));
-            Ok(vec![
-                (*x).clone(),
-                Type::new(x.dtype, stat.clone()),
-                Type::new(x.dtype, stat),
-            ])
+            Ok(vec![(*x).clone(), Type::new(x.dtype, stat.clone()), Type::new(x.dtype, stat)])
         }
         Op::BatchNorm { .. } => {
             arity(inputs, 5, 5)?;
@@ -122,10 +81,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let c = *x.shape.get(1).ok_or("batch_norm input needs rank >= 2")?;
             for t in &inputs[1..] {
                 if t.shape != [c] {
-                    return Err(format!(
-                        "batch_norm parameters must have shape [{c}], found {:?}",
-                        t.shape
-                    ));
+                    return Err(format!("batch_norm parameters must have shape [{c}], found {:?}", t.shape));
                 }
             }
             Ok(vec![(*x).clone()])
@@ -133,16 +89,10 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         Op::InstanceNorm { .. } => {
             arity(inputs, 3, 3)?;
             super::expect_float(x, "input")?;
-            let c = *x
-                .shape
-                .get(1)
-                .ok_or("instance_norm input needs rank >= 2")?;
+            let c = *x.shape.get(1).ok_or("instance_norm input needs rank >= 2")?;
             for t in &inputs[1..] {
                 if t.shape != [c] {
-                    return Err(format!(
-                        "instance_norm scale/bias must have shape [{c}], found {:?}",
-                        t.shape
-                    ));
+                    return Err(format!("instance_norm scale/bias must have shape [{c}], found {:?}", t.shape));
                 }
             }
             Ok(vec![(*x).clone()])
@@ -156,31 +106,13 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let types: Vec<Type> = inputs.iter().map(|t| t.ty()).collect();
     let out_types = infer(op, &types.iter().collect::<Vec<_>>())?;
     match op {
-        Op::MaxPool {
-            kernel,
-            strides,
-            pads,
-            dilations,
-            ..
-        } => max_pool(x, &out_types[0].shape, kernel, strides, pads, dilations),
-        Op::AveragePool {
-            kernel,
-            strides,
-            pads,
-            dilations,
-            count_include_pad,
-            ceil_mode,
-        } => average_pool(
-            x,
-            &out_types[0].shape,
-            kernel,
-            strides,
-            pads,
-            dilations,
-            *count_include_pad,
-            *ceil_mode,
-        )
-        .map(|t| vec![t]),
+        Op::MaxPool { kernel, strides, pads, dilations, .. } => {
+            max_pool(x, &out_types[0].shape, kernel, strides, pads, dilations)
+        }
+        Op::AveragePool { kernel, strides, pads, dilations, count_include_pad, ceil_mode } => {
+            average_pool(x, &out_types[0].shape, kernel, strides, pads, dilations, *count_include_pad, *ceil_mode)
+                .map(|t| vec![t])
+        }
         Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Hardmax { axis } => {
             let (outer, len, inner) = split_at_axis(x.shape(), *axis);
             let data = dispatch_float!(x.data(), op.name(), v: T => {
@@ -227,11 +159,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             let mut inv_stds = vec![0f64; outer];
             for o in 0..outer {
                 let row = &v[o * inner..(o + 1) * inner];
-                let mean = if rms {
-                    0.0
-                } else {
-                    row.iter().sum::<f64>() / inner as f64
-                };
+                let mean = if rms { 0.0 } else { row.iter().sum::<f64>() / inner as f64 };
                 let var = row.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / inner as f64;
                 let inv = 1.0 / (var + *epsilon as f64).sqrt();
                 means[o] = mean;
@@ -244,14 +172,8 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             let dt = x.dtype();
             let mut outs = vec![Tensor::new(x.shape().to_vec(), Data::from_f64s(dt, &y))];
             if !rms {
-                outs.push(Tensor::new(
-                    out_types[1].shape.clone(),
-                    Data::from_f64s(dt, &means),
-                ));
-                outs.push(Tensor::new(
-                    out_types[2].shape.clone(),
-                    Data::from_f64s(dt, &inv_stds),
-                ));
+                outs.push(Tensor::new(out_types[1].shape.clone(), Data::from_f64s(dt, &means)));
+                outs.push(Tensor::new(out_types[2].shape.clone(), Data::from_f64s(dt, &inv_stds)));
             }
             Ok(outs)
         }
@@ -269,10 +191,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                         (p[2][ch], p[3][ch])
                     } else {
                         let m = xs.iter().sum::<f64>() / plane as f64;
-                        (
-                            m,
-                            xs.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / plane as f64,
-                        )
+                        (m, xs.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / plane as f64)
                     };
                     let inv = 1.0 / (var + *epsilon as f64).sqrt();
                     for j in 0..plane {
@@ -280,10 +199,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     }
                 }
             }
-            Ok(vec![Tensor::new(
-                x.shape().to_vec(),
-                Data::from_f64s(x.dtype(), &y),
-            )])
+            Ok(vec![Tensor::new(x.shape().to_vec(), Data::from_f64s(x.dtype(), &y))])
         }
         other => Err(format!("no evaluation rule for {}", other.name())),
     }
@@ -325,10 +241,7 @@ fn max_pool(
         }
         T::wrap(out)
     });
-    Ok(vec![
-        Tensor::new(out_shape.to_vec(), data),
-        Tensor::new(out_shape.to_vec(), Data::I64(idx_out)),
-    ])
+    Ok(vec![Tensor::new(out_shape.to_vec(), data), Tensor::new(out_shape.to_vec(), Data::I64(idx_out))])
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -376,18 +289,11 @@ fn average_pool(
                 sum += v[pl * n_in + o];
                 cnt += 1;
             }
-            let d = if count_include_pad {
-                divisors[p]
-            } else {
-                cnt as f64
-            };
+            let d = if count_include_pad { divisors[p] } else { cnt as f64 };
             out.push(if d > 0.0 { sum / d } else { 0.0 });
         }
     }
-    Ok(Tensor::new(
-        out_shape.to_vec(),
-        Data::from_f64s(x.dtype(), &out),
-    ))
+    Ok(Tensor::new(out_shape.to_vec(), Data::from_f64s(x.dtype(), &out)))
 }
 
 impl Tensor {
@@ -397,10 +303,7 @@ impl Tensor {
         if self.shape() == shape {
             return v;
         }
-        super::broadcast_index(self.shape(), shape)
-            .into_iter()
-            .map(|i| v[i])
-            .collect()
+        super::broadcast_index(self.shape(), shape).into_iter().map(|i| v[i]).collect()
     }
 }
 

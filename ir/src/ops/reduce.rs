@@ -23,11 +23,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     arity(inputs, 1, 1)?;
     let x = inputs[0];
     match op {
-        Op::Reduce {
-            kind,
-            axes,
-            keepdims,
-        } => {
+        Op::Reduce { kind, axes, keepdims } => {
             if let Some(a) = axes.iter().find(|&&a| a >= x.rank()) {
                 return Err(format!("axis {a} out of range for rank {}", x.rank()));
             }
@@ -35,10 +31,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if x.dtype == DType::Bool && !matches!(kind, ReduceKind::Max | ReduceKind::Min) {
                 return Err(format!("reduce {} is not defined on bool", kind.word()));
             }
-            Ok(vec![Type::new(
-                x.dtype,
-                reduced_shape(&x.shape, axes, *keepdims),
-            )])
+            Ok(vec![Type::new(x.dtype, reduced_shape(&x.shape, axes, *keepdims))])
         }
         Op::ArgReduce { axis, keepdims, .. } => {
             if *axis >= x.rank() {
@@ -47,10 +40,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if x.shape[*axis] == 0 {
                 return Err("arg reduction over an empty axis".into());
             }
-            Ok(vec![Type::new(
-                DType::I64,
-                reduced_shape(&x.shape, &[*axis], *keepdims),
-            )])
+            Ok(vec![Type::new(DType::I64, reduced_shape(&x.shape, &[*axis], *keepdims))])
         }
         other => Err(format!("no inference rule for {}", other.name())),
     }
@@ -58,26 +48,16 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
 
 /// For every input element, the flat index of the output element it reduces into.
 fn reduce_index(shape: &[usize], axes: &[usize]) -> Vec<usize> {
-    let kept: Vec<usize> = shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-        .collect();
+    let kept: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
     let ks = strides_of(&kept);
-    let strides: Vec<usize> = (0..shape.len())
-        .map(|i| if axes.contains(&i) { 0 } else { ks[i] })
-        .collect();
+    let strides: Vec<usize> = (0..shape.len()).map(|i| if axes.contains(&i) { 0 } else { ks[i] }).collect();
     super::strided_index(shape, &strides, 0)
 }
 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let x = inputs[0];
     match op {
-        Op::Reduce {
-            kind,
-            axes,
-            keepdims,
-        } => {
+        Op::Reduce { kind, axes, keepdims } => {
             let out_shape = reduced_shape(x.shape(), axes, *keepdims);
             let n_out: usize = out_shape.iter().product();
             let v = x.to_f64_vec();
@@ -138,11 +118,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     ReduceKind::LogSumExp => *c + (a - shift[o]).exp(),
                 };
             }
-            let count = if n_out == 0 {
-                1
-            } else {
-                v.len() / n_out.max(1)
-            };
+            let count = if n_out == 0 { 1 } else { v.len() / n_out.max(1) };
             for (o, c) in acc.iter_mut().enumerate() {
                 *c = match kind {
                     ReduceKind::Mean => *c / count as f64,
@@ -152,17 +128,9 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     _ => *c,
                 };
             }
-            Ok(vec![Tensor::new(
-                out_shape,
-                Data::from_f64s(x.dtype(), &acc),
-            )])
+            Ok(vec![Tensor::new(out_shape, Data::from_f64s(x.dtype(), &acc))])
         }
-        Op::ArgReduce {
-            select_max,
-            axis,
-            keepdims,
-            select_last,
-        } => {
+        Op::ArgReduce { select_max, axis, keepdims, select_last } => {
             let (outer, len, inner) = super::nn::split_at_axis(x.shape(), *axis);
             let v = x.to_f64_vec();
             let mut out = Vec::with_capacity(outer * inner);
@@ -170,10 +138,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 for i in 0..inner {
                     let mut best = 0usize;
                     for j in 1..len {
-                        let (a, b) = (
-                            v[(o * len + j) * inner + i],
-                            v[(o * len + best) * inner + i],
-                        );
+                        let (a, b) = (v[(o * len + j) * inner + i], v[(o * len + best) * inner + i]);
                         let better = if *select_max { a > b } else { a < b };
                         if better || (*select_last && a == b) {
                             best = j;
@@ -182,10 +147,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     out.push(best as i64);
                 }
             }
-            Ok(vec![Tensor::new(
-                reduced_shape(x.shape(), &[*axis], *keepdims),
-                Data::I64(out),
-            )])
+            Ok(vec![Tensor::new(reduced_shape(x.shape(), &[*axis], *keepdims), Data::I64(out))])
         }
         other => Err(format!("no evaluation rule for {}", other.name())),
     }

@@ -11,23 +11,15 @@ use crate::tensor::{strides_of, Data, Tensor};
 
 pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     arity(inputs, 1, 1)?;
-    let Op::Resize {
-        sizes, scales, roi, ..
-    } = op
-    else {
+    let Op::Resize { sizes, scales, roi, .. } = op else {
         return Err("not a resize".into());
     };
     let x = inputs[0];
     if sizes.len() != x.rank() || scales.len() != x.rank() {
-        return Err(format!(
-            "sizes {sizes:?} / scales {scales:?} must have one entry per axis"
-        ));
+        return Err(format!("sizes {sizes:?} / scales {scales:?} must have one entry per axis"));
     }
     if !roi.is_empty() && roi.len() != 2 * x.rank() {
-        return Err(format!(
-            "roi must have 2 x rank entries, found {}",
-            roi.len()
-        ));
+        return Err(format!("roi must have 2 x rank entries, found {}", roi.len()));
     }
     if x.dtype == crate::DType::Bool {
         return Err("resize is not defined on bool".into());
@@ -118,10 +110,7 @@ fn axis_taps(
                 ResizeMode::Linear => {
                     let x0 = x.floor();
                     let t = x - x0;
-                    vec![
-                        (Some(clamp(x0 as i64)), 1.0 - t),
-                        (Some(clamp(x0 as i64 + 1)), t),
-                    ]
+                    vec![(Some(clamp(x0 as i64)), 1.0 - t), (Some(clamp(x0 as i64 + 1)), t)]
                 }
                 ResizeMode::Cubic => {
                     let x0 = x.floor();
@@ -154,17 +143,8 @@ fn axis_taps(
 }
 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
-    let Op::Resize {
-        sizes,
-        scales,
-        mode,
-        coord,
-        nearest,
-        cubic_coeff_a,
-        exclude_outside,
-        extrapolation_value,
-        roi,
-    } = op
+    let Op::Resize { sizes, scales, mode, coord, nearest, cubic_coeff_a, exclude_outside, extrapolation_value, roi } =
+        op
     else {
         return Err("not a resize".into());
     };
@@ -173,11 +153,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let r = shape.len();
     let taps: Vec<Taps> = (0..r)
         .map(|a| {
-            let roi_a = if roi.is_empty() {
-                (0.0, 1.0)
-            } else {
-                (roi[a] as f64, roi[a + r] as f64)
-            };
+            let roi_a = if roi.is_empty() { (0.0, 1.0) } else { (roi[a] as f64, roi[a + r] as f64) };
             if shape[a] == sizes[a] && scales[a] == 1.0 && *coord != CoordMode::TfCropAndResize {
                 return (0..sizes[a]).map(|o| vec![(Some(o), 1.0)]).collect();
             }
