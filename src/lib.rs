@@ -43,9 +43,9 @@ pub enum Error {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
     /// The IR's reference semantics, node by node: the oracle.
-    #[default]
     Reference,
     /// Native code from the Cranelift backend.
+    #[default]
     Cpu,
 }
 
@@ -68,6 +68,13 @@ pub struct CompileOptions {
     /// Input values the compiler may specialise on when an op needs one at
     /// compile time (see `frontend::ImportOptions::input_values`).
     pub input_values: HashMap<String, Tensor>,
+    /// Threads the CPU backend may use; `None` means one per core.
+    pub threads: Option<usize>,
+}
+
+/// The default thread count: one per core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Milliseconds spent in each stage of `compile`.
@@ -92,11 +99,6 @@ impl Model {
     pub fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error> {
         Ok(self.program.run(inputs)?)
     }
-}
-
-/// Sets how many threads CPU kernels may use (process-wide).
-pub fn set_threads(n: usize) {
-    egret_backends::cpu::set_threads(n);
 }
 
 fn ms(since: Instant) -> f64 {
@@ -125,7 +127,9 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
         Backend::Cpu => {
             let plan = egret_backends::lower(&graph)?;
             let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
-            Box::new(egret_runtime::CpuExecutable::new(compiled))
+            let threads = opts.threads.unwrap_or_else(default_threads);
+            egret_backends::cpu::set_threads(threads);
+            Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
         }
     };
     let backend_ms = ms(t);

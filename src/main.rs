@@ -55,7 +55,7 @@ enum Command {
         /// Save each output as DIR/NAME.npy.
         #[arg(long, value_name = "DIR")]
         save_outputs: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "reference")]
+        #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
         /// Print the graph after canonicalisation before running.
         #[arg(long)]
@@ -63,12 +63,15 @@ enum Command {
         /// Seed for random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Worker threads (default: the number of cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Check models in the ONNX test layout against their stored outputs.
     Check {
         /// A folder with model.onnx and test_data_set_N/, or a folder of such folders.
         path: PathBuf,
-        #[arg(long, value_enum, default_value = "reference")]
+        #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
         /// Relative tolerance for float outputs.
         #[arg(long, default_value_t = 1e-4)]
@@ -134,8 +137,8 @@ fn main() {
 
 fn run_cli() -> Result<()> {
     match Cli::parse().command {
-        Command::Run { model, inputs, save_outputs, backend, print_ir, seed } => {
-            run(model, inputs, save_outputs, backend.into(), print_ir, seed)
+        Command::Run { model, inputs, save_outputs, backend, print_ir, seed, threads } => {
+            run(model, inputs, save_outputs, backend.into(), print_ir, seed, threads)
         }
         Command::Check { path, backend, rtol, atol, quiet } => {
             check(&path, backend.into(), Tolerance { rtol, atol }, quiet)
@@ -164,6 +167,7 @@ fn compile_with_inputs(
     inputs: &[String],
     backend: Backend,
     seed: u64,
+    threads: Option<usize>,
 ) -> Result<(egret::Model, Vec<(String, Tensor)>)> {
     let mut given: Vec<(String, Tensor)> = Vec::new();
     for spec in inputs {
@@ -175,6 +179,7 @@ fn compile_with_inputs(
         dims: parse_dims(&model.dims)?,
         input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
         input_values: given.iter().cloned().collect(),
+        threads,
     };
     let m = compile(&model.model, &opts)?;
     let mut all = given.clone();
@@ -198,10 +203,9 @@ fn run_bench(
     json: bool,
     profile: bool,
 ) -> Result<()> {
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    egret::set_threads(threads);
+    let threads = threads.unwrap_or_else(egret::default_threads);
     let t = std::time::Instant::now();
-    let (m, all) = compile_with_inputs(&model, &inputs, backend, 0)?;
+    let (m, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     for _ in 0..warmup {
         m.run(all.clone())?;
@@ -275,8 +279,9 @@ fn run(
     backend: Backend,
     print_ir: bool,
     seed: u64,
+    threads: Option<usize>,
 ) -> Result<()> {
-    let (m, all) = compile_with_inputs(&model, &inputs, backend, seed)?;
+    let (m, all) = compile_with_inputs(&model, &inputs, backend, seed, threads)?;
     if print_ir {
         print!("{}", text::print_with(&m.graph, Constants::ElideOver(16)));
     }

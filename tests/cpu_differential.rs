@@ -35,14 +35,17 @@ fn same(text: &str) {
     let plan = egret::backends::lower(&g).unwrap();
     let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
     assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
-    let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap());
     let reference = ReferenceExecutable::new(g.clone()).unwrap();
-    for seed in [1, 2] {
-        let want = reference.run(inputs_for(&g, seed)).unwrap();
-        let got = cpu.run(inputs_for(&g, seed)).unwrap();
-        for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
-            let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
-            assert!(r.failure.is_none(), "{name}: {:?}\n{text}", r.failure);
+    // One thread, and two so that big kernels are split.
+    for threads in [1, 2] {
+        let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan.clone()).unwrap(), threads);
+        for seed in [1, 2] {
+            let want = reference.run(inputs_for(&g, seed)).unwrap();
+            let got = cpu.run(inputs_for(&g, seed)).unwrap();
+            for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
+                let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
+                assert!(r.failure.is_none(), "{name} ({threads} threads): {:?}\n{text}", r.failure);
+            }
         }
     }
 }
@@ -193,6 +196,28 @@ v2: f32[] = const [-1e30]
 v3: f32[2,5] = where v1, v0, v2
 v4: f32[2,5] = softmax{axis=1} v3
 output \"y\" = v4
+",
+    );
+}
+
+#[test]
+fn kernels_split_across_threads() {
+    // Big enough to pass the parallel threshold, with odd extents so the
+    // slices are uneven.
+    same(
+        "v0: f32[67,1031] = input{name=\"a\"}
+v1: f32[1031] = input{name=\"b\"}
+v2: f32[67,1031] = add v0, v1
+v3: f32[67,1031] = tanh v2
+v4: f32[67,1031] = softmax{axis=1} v3
+v5: f32[1031,67] = transpose{perm=[1, 0]} v4
+v6: f32[67,67] = matmul v4, v5
+v7: f32[33,67,31] = input{name=\"c\"}
+v8: f32[33,31,29] = input{name=\"d\"}
+v9: f32[33,67,29] = matmul v7, v8
+output \"y\" = v6
+output \"s\" = v5
+output \"m\" = v9
 ",
     );
 }

@@ -1,7 +1,7 @@
 //! The CPU executor: runs a Cranelift-compiled plan.
 
 use crate::{Executable, RunError};
-use egret_backends::cpu::CompiledPlan;
+use egret_backends::cpu::{parallel_extent, CompiledPlan, KernelFn};
 use egret_backends::plan::{BufferId, KernelKind, Storage};
 use egret_ir::{Tensor, Type};
 
@@ -37,8 +37,14 @@ impl AlignedBuf {
     }
 }
 
+/// Kernels with less work than this (elements touched, or multiply-adds)
+/// run on one thread: waking workers would cost more than it saves.
+const PARALLEL_WORK: usize = 1 << 15;
+
 pub struct CpuExecutable {
     compiled: CompiledPlan,
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
     /// Constant buffers, converted to bytes once at compile time.
     constants: Vec<Option<AlignedBuf>>,
     /// Per kernel, the buffers of its operands in ABI order.
@@ -46,7 +52,11 @@ pub struct CpuExecutable {
 }
 
 impl CpuExecutable {
-    pub fn new(compiled: CompiledPlan) -> CpuExecutable {
+    /// Wraps a compiled plan; large kernels split across `threads` threads.
+    pub fn new(compiled: CompiledPlan, threads: usize) -> CpuExecutable {
+        let threads = threads.max(1);
+        // A pool that cannot be built (no threads left) means running on one.
+        let pool = if threads > 1 { rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok() } else { None };
         let plan = &compiled.plan;
         let constants = plan
             .buffers
@@ -64,7 +74,7 @@ impl CpuExecutable {
                 reads.into_iter().chain(writes).collect()
             })
             .collect();
-        CpuExecutable { compiled, constants, operands }
+        CpuExecutable { compiled, pool, threads, constants, operands }
     }
 
     pub fn compiled(&self) -> &CompiledPlan {
@@ -108,7 +118,50 @@ impl Executable for CpuExecutable {
     }
 }
 
+/// Operand addresses shared by the threads running one kernel. Each thread
+/// writes a disjoint slice of the output, as the plan's split guarantees.
+struct SharedArgs(*const *mut u8);
+unsafe impl Send for SharedArgs {}
+unsafe impl Sync for SharedArgs {}
+
+fn work(kind: &KernelKind) -> usize {
+    match kind {
+        KernelKind::Map(m) => m.shape.iter().product(),
+        KernelKind::Rows(r) => r.rows * r.len,
+        KernelKind::MatMul(mm) => mm.m * mm.n * mm.k * mm.batches.len(),
+        KernelKind::Reference { .. } => 0,
+    }
+}
+
 impl CpuExecutable {
+    /// Runs one native kernel, split across the pool when it is big enough.
+    fn launch(&self, f: KernelFn, args: &[*mut u8], kind: &KernelKind) -> i32 {
+        let extent = parallel_extent(kind) as i64;
+        let parts = (self.threads as i64).min(extent);
+        // A matmul with fewer batches than threads parallelises inside the GEMM instead.
+        let split = matches!(&self.pool, Some(_) if parts > 1 && work(kind) >= PARALLEL_WORK)
+            && !(matches!(kind, KernelKind::MatMul(_)) && extent < self.threads as i64);
+        let (Some(pool), true) = (&self.pool, split) else {
+            // The function was generated for exactly these operands.
+            return unsafe { f(args.as_ptr(), 0, extent) };
+        };
+        let shared = SharedArgs(args.as_ptr());
+        let status = std::sync::atomic::AtomicI32::new(0);
+        pool.scope(|s| {
+            for p in 0..parts {
+                let (begin, end) = (extent * p / parts, extent * (p + 1) / parts);
+                let (shared, status) = (&shared, &status);
+                s.spawn(move |_| {
+                    let r = unsafe { f(shared.0, begin, end) };
+                    if r != 0 {
+                        status.store(r, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        status.into_inner()
+    }
+
     /// Runs the plan; with `times`, records each kernel's duration.
     fn execute(
         &self,
@@ -137,11 +190,10 @@ impl CpuExecutable {
                         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(plan, *b), bytes.len()) };
                     }
                 }
-                (_, Some(f)) => {
+                (kind, Some(f)) => {
                     args.clear();
                     args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
-                    // The function was generated for exactly these operands.
-                    let status = unsafe { f(args.as_ptr()) };
+                    let status = self.launch(f, &args, kind);
                     if status != 0 {
                         return Err(RunError::Eval {
                             node: k.label.clone(),

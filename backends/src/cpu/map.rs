@@ -10,7 +10,7 @@ use super::runtime_fns::FuncRefs;
 use super::vmath::VMath;
 use crate::plan::{Binary, Compare, Expr, Logic, MapKernel, Unary};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{types, Block, BlockArg, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 use egret_ir::DType;
 
@@ -30,7 +30,9 @@ struct Ctx<'a> {
     sizes: Vec<i64>,
 }
 
-pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, m: &MapKernel, fns: &FuncRefs) {
+/// Emits the kernel for iterations `begin..end` of dim 0 (the whole kernel
+/// for a rank-0 iteration space, where the range is `0..1`).
+pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Value), m: &MapKernel, fns: &FuncRefs) {
     let operands: Vec<_> = m.inputs.iter().chain([&m.output]).collect();
     let sizes: Vec<i64> = operands.iter().map(|o| o.dtype.size_bytes() as i64).collect();
     let flags = MemFlagsData::new().with_notrap();
@@ -49,9 +51,22 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, m: &MapKernel, fns:
     let cx = Ctx { m, fns, sizes };
     if m.shape.is_empty() {
         cx.scalar_step(b, &bases);
-    } else {
-        cx.level(b, 0, bases);
+        return;
     }
+    // Start every operand at iteration `begin` of dim 0.
+    let bases: Vec<Value> = bases
+        .iter()
+        .enumerate()
+        .map(|(k, &a)| {
+            let step = cx.stride_bytes(k, 0);
+            if step == 0 {
+                return a;
+            }
+            let off = b.ins().imul_imm_s(range.0, step);
+            b.ins().iadd(a, off)
+        })
+        .collect();
+    cx.level(b, 0, bases, Some(range));
 }
 
 impl Ctx<'_> {
@@ -69,32 +84,22 @@ impl Ctx<'_> {
     }
 
     /// Emits the loops from dim `d` inwards, starting at operand addresses `addrs`.
-    fn level(&self, b: &mut FunctionBuilder, d: usize, addrs: Vec<Value>) {
+    /// Emits the loops from dim `d` inwards, starting at operand addresses
+    /// `addrs`; `range` bounds dim 0 when this is the outermost level.
+    fn level(&self, b: &mut FunctionBuilder, d: usize, addrs: Vec<Value>, range: Option<(Value, Value)>) {
+        let (start, end) = match range {
+            Some(r) => r,
+            None => (b.ins().iconst(types::I64, 0), b.ins().iconst(types::I64, self.m.shape[d] as i64)),
+        };
         if d + 1 == self.rank() {
-            let start = b.ins().iconst(types::I64, 0);
-            let (i, addrs) = if self.vectorizable() { self.inner_loop(b, start, addrs, true) } else { (start, addrs) };
-            self.inner_loop(b, i, addrs, false);
+            let (i, addrs) = if self.vectorizable() {
+                self.counted_loop(b, start, addrs, end, LANES, d, true)
+            } else {
+                (start, addrs)
+            };
+            self.counted_loop(b, i, addrs, end, 1, d, false);
             return;
         }
-        let n = self.m.shape[d] as i64;
-        let zero = b.ins().iconst(types::I64, 0);
-        self.counted_loop(b, zero, addrs, n, 1, d, |cx, b, addrs| cx.level(b, d + 1, addrs.to_vec()));
-    }
-
-    /// `for i in start..n step lanes`, carrying the operand addresses, which
-    /// advance by their stride at dim `d` times `lanes` per trip. Returns the
-    /// final counter and addresses.
-    #[allow(clippy::too_many_arguments)]
-    fn counted_loop(
-        &self,
-        b: &mut FunctionBuilder,
-        start: Value,
-        addrs: Vec<Value>,
-        n: i64,
-        lanes: i64,
-        d: usize,
-        body: impl Fn(&Self, &mut FunctionBuilder, &[Value]),
-    ) -> (Value, Vec<Value>) {
         let header = b.create_block();
         let block = b.create_block();
         let exit = b.create_block();
@@ -107,46 +112,79 @@ impl Ctx<'_> {
         b.ins().jump(header, &init);
         b.switch_to_block(header);
         let params = b.block_params(header).to_vec();
-        let (i, cur) = (params[0], params[1..].to_vec());
-        // Enter the body while i + lanes <= n.
-        let last_start = n - lanes;
-        let go = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, i, last_start);
+        let go = b.ins().icmp(IntCC::SignedLessThan, params[0], end);
         b.ins().brif(go, block, &[], exit, &[]);
         b.switch_to_block(block);
-        body(self, b, &cur);
+        self.level(b, d + 1, params[1..].to_vec(), None);
+        self.advance_and_loop(b, header, params[0], &params[1..], d, 1);
+        b.switch_to_block(exit);
+    }
+
+    /// Steps the counter and every operand address, and jumps back to `header`.
+    fn advance_and_loop(
+        &self,
+        b: &mut FunctionBuilder,
+        header: Block,
+        i: Value,
+        addrs: &[Value],
+        d: usize,
+        lanes: i64,
+    ) {
         let next = b.ins().iadd_imm_s(i, lanes);
         let mut args: Vec<BlockArg> = vec![next.into()];
-        for (k, &a) in cur.iter().enumerate() {
+        for (k, &a) in addrs.iter().enumerate() {
             let step = self.stride_bytes(k, d) * lanes;
             args.push(if step == 0 { a } else { b.ins().iadd_imm_s(a, step) }.into());
         }
         b.ins().jump(header, &args);
-        b.switch_to_block(exit);
-        (i, cur)
     }
 
-    fn inner_loop(
+    /// The innermost loop: `for i in start..end step lanes` while a whole
+    /// step fits, carrying the operand addresses. Returns where it stopped,
+    /// so a scalar loop can finish after a vector one.
+    #[allow(clippy::too_many_arguments)]
+    fn counted_loop(
         &self,
         b: &mut FunctionBuilder,
         start: Value,
         addrs: Vec<Value>,
+        end: Value,
+        lanes: i64,
+        d: usize,
         vector: bool,
     ) -> (Value, Vec<Value>) {
-        let d = self.rank() - 1;
-        let n = self.m.shape[d] as i64;
-        let lanes = if vector { LANES } else { 1 };
-        self.counted_loop(b, start, addrs, n, lanes, d, |cx, b, addrs| {
-            if vector {
-                cx.vector_step(b, addrs)
-            } else {
-                cx.scalar_step(b, addrs)
-            }
-        })
+        let header = b.create_block();
+        let block = b.create_block();
+        let exit = b.create_block();
+        b.append_block_param(header, types::I64);
+        for a in &addrs {
+            b.append_block_param(header, b.func.dfg.value_type(*a));
+        }
+        let last_start = b.ins().iadd_imm_s(end, -lanes);
+        let mut init: Vec<BlockArg> = vec![start.into()];
+        init.extend(addrs.iter().map(|&a| BlockArg::from(a)));
+        b.ins().jump(header, &init);
+        b.switch_to_block(header);
+        let params = b.block_params(header).to_vec();
+        let (i, cur) = (params[0], params[1..].to_vec());
+        // Enter the body while i + lanes <= end.
+        let go = b.ins().icmp(IntCC::SignedLessThanOrEqual, i, last_start);
+        b.ins().brif(go, block, &[], exit, &[]);
+        b.switch_to_block(block);
+        if vector {
+            self.vector_step(b, &cur);
+        } else {
+            self.scalar_step(b, &cur);
+        }
+        self.advance_and_loop(b, header, i, &cur, d, lanes);
+        b.switch_to_block(exit);
+        (i, cur)
     }
 
     fn vectorizable(&self) -> bool {
         let d = self.rank() - 1;
-        self.m.shape[d] as i64 >= LANES
+        // With a parallel split, dim 0 may be cut short: no length check there.
+        (d == 0 || self.m.shape[d] as i64 >= LANES)
             && self.m.inputs.iter().all(|o| o.dtype == DType::F32 && matches!(o.strides[d], 0 | 1))
             && self.m.output.dtype == DType::F32
             && self.m.output.strides[d] == 1

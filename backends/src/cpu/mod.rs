@@ -1,11 +1,12 @@
 //! The Cranelift CPU backend.
 //!
 //! Every native kernel becomes one function with the ABI
-//! `extern "C" fn(args: *const *mut u8) -> i32`: `args` holds the base
-//! address of each operand's buffer, in the kernel's operand order, and the
-//! result is 0 or an error code. One ABI for every kind keeps the runtime a
-//! plain loop over function pointers, and the same functions can later be
-//! written to an object file.
+//! `extern "C" fn(args: *const *mut u8, begin: i64, end: i64) -> i32`:
+//! `args` holds the base address of each operand's buffer, in the kernel's
+//! operand order; `begin..end` is the slice of the kernel's parallel
+//! dimension to compute, so the runtime can hand disjoint slices to threads;
+//! the result is 0 or an error code. One ABI for every kind keeps the runtime
+//! a plain loop over function pointers.
 //!
 //! ISA flags come from the host (`cranelift-native` detects AVX, AVX2, FMA).
 //! Cranelift's x86-64 backend vectorises at 128 bits, so map kernels use
@@ -26,8 +27,20 @@ use cranelift_module::{FuncId, Linkage, Module};
 
 pub use runtime_fns::set_threads;
 
-/// A compiled kernel.
-pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8) -> i32;
+/// A compiled kernel: operand base addresses, and the range of its parallel
+/// dimension to run (see `parallel_extent`).
+pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, begin: i64, end: i64) -> i32;
+
+/// The length of the dimension a kernel's work is split along across
+/// threads: dim 0 of a map, the rows of a row kernel, the batches of a matmul.
+pub fn parallel_extent(k: &KernelKind) -> usize {
+    match k {
+        KernelKind::Map(m) => m.shape.first().copied().unwrap_or(1),
+        KernelKind::Rows(r) => r.rows,
+        KernelKind::MatMul(mm) => mm.batches.len(),
+        KernelKind::Reference { .. } => 1,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodegenError {
@@ -97,6 +110,8 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
         }
         let mut sig = Signature::new(module.isa().default_call_conv());
         sig.params.push(AbiParam::new(ptr));
+        sig.params.push(AbiParam::new(types::I64));
+        sig.params.push(AbiParam::new(types::I64));
         sig.returns.push(AbiParam::new(types::I32));
         ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
         {
@@ -105,13 +120,14 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             b.append_block_params_for_function_params(entry);
             b.switch_to_block(entry);
             let args = b.block_params(entry)[0];
+            let range = (b.block_params(entry)[1], b.block_params(entry)[2]);
             let fns = imports.in_func(&mut module, b.func);
             match &k.kind {
-                KernelKind::Map(m) => map::emit(&mut b, ptr, args, m, &fns),
-                KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, r, &fns),
+                KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
+                KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, range, r, &fns),
                 KernelKind::MatMul(mm) => {
                     let table: Box<[i64]> = mm.batches.iter().flat_map(|o| o.iter().map(|&x| x as i64)).collect();
-                    emit_matmul(&mut b, ptr, args, mm, table.as_ptr() as i64, &fns);
+                    emit_matmul(&mut b, ptr, args, range, mm, table.as_ptr() as i64, &fns);
                     tables.push(table);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
@@ -147,6 +163,7 @@ fn emit_matmul(
     b: &mut FunctionBuilder,
     ptr: types::Type,
     args: cranelift_codegen::ir::Value,
+    range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
     mm: &crate::plan::MatMulKernel,
     table: i64,
     fns: &runtime_fns::FuncRefs,
@@ -161,16 +178,14 @@ fn emit_matmul(
         b.ins().iconst(types::I64, mm.k as i64),
         b.ins().iconst(types::I64, mm.n as i64),
     );
-    let count = mm.batches.len() as i64;
     let header = b.create_block();
     let body = b.create_block();
     let exit = b.create_block();
     b.append_block_param(header, types::I64);
-    let zero = b.ins().iconst(types::I64, 0);
-    b.ins().jump(header, &[zero.into()]);
+    b.ins().jump(header, &[range.0.into()]);
     b.switch_to_block(header);
     let i = b.block_params(header)[0];
-    let done = b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual, i, count);
+    let done = b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual, i, range.1);
     b.ins().brif(done, exit, &[], body, &[]);
     b.switch_to_block(body);
     let row = b.ins().imul_imm_s(i, 24);

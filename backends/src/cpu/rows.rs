@@ -29,6 +29,19 @@ fn counted(
     if end <= start {
         return carried;
     }
+    let (s, e) = (b.ins().iconst(types::I64, start), b.ins().iconst(types::I64, end));
+    counted_dyn(b, s, e, step, carried, body)
+}
+
+/// `counted` with bounds known only at run time.
+fn counted_dyn(
+    b: &mut FunctionBuilder,
+    start: Value,
+    end: Value,
+    step: i64,
+    carried: Vec<Value>,
+    body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
+) -> Vec<Value> {
     let header = b.create_block();
     let block = b.create_block();
     let exit = b.create_block();
@@ -36,13 +49,12 @@ fn counted(
     for &c in &carried {
         b.append_block_param(header, b.func.dfg.value_type(c));
     }
-    let i0 = b.ins().iconst(types::I64, start);
-    let mut args: Vec<BlockArg> = vec![i0.into()];
+    let mut args: Vec<BlockArg> = vec![start.into()];
     args.extend(carried.iter().map(|&c| BlockArg::from(c)));
     b.ins().jump(header, &args);
     b.switch_to_block(header);
     let params = b.block_params(header).to_vec();
-    let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, params[0], end);
+    let more = b.ins().icmp(IntCC::SignedLessThan, params[0], end);
     b.ins().brif(more, block, &[], exit, &[]);
     b.switch_to_block(block);
     let next = body(b, params[0], &params[1..]);
@@ -129,7 +141,8 @@ fn splat_if(b: &mut FunctionBuilder, x: Value, vector: bool) -> Value {
     }
 }
 
-pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, k: &RowKernel, fns: &FuncRefs) {
+/// Emits rows `begin..end` of the kernel.
+pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Value), k: &RowKernel, fns: &FuncRefs) {
     let mut slot = 0;
     let mut next_arg = |b: &mut FunctionBuilder| {
         let v = b.ins().load(ptr, flags(), args, slot * 8);
@@ -143,7 +156,11 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, k: &RowKernel, fns:
     let row_bytes = k.len as i64 * 4;
     let out_step = if k.op.reduces() { 4 } else { row_bytes };
     let row = Row { len: k.len as i64, fns };
-    counted(b, 0, k.rows as i64, 1, vec![x, out], &mut |b, _, p| {
+    let x_off = b.ins().imul_imm_s(range.0, row_bytes);
+    let x = b.ins().iadd(x, x_off);
+    let out_off = b.ins().imul_imm_s(range.0, out_step);
+    let out = b.ins().iadd(out, out_off);
+    counted_dyn(b, range.0, range.1, 1, vec![x, out], &mut |b, _, p| {
         emit_row(b, &row, k.op, p[0], p[1], scale, bias);
         let nx = b.ins().iadd_imm_s(p[0], row_bytes);
         let no = b.ins().iadd_imm_s(p[1], out_step);
