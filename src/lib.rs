@@ -58,7 +58,7 @@ impl Backend {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CompileOptions {
     pub backend: Backend,
     /// Values of symbolic dimensions.
@@ -70,7 +70,25 @@ pub struct CompileOptions {
     pub input_values: HashMap<String, Tensor>,
     /// Threads the CPU backend may use; `None` means one per core.
     pub threads: Option<usize>,
+    /// Optimisation level: 0 gives one kernel per op, 1 fuses elementwise chains.
+    pub opt_level: u8,
 }
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            backend: Backend::default(),
+            dims: HashMap::new(),
+            input_shapes: HashMap::new(),
+            input_values: HashMap::new(),
+            threads: None,
+            opt_level: MAX_OPT_LEVEL,
+        }
+    }
+}
+
+/// The highest `--opt` level (the default).
+pub const MAX_OPT_LEVEL: u8 = 1;
 
 /// The default thread count: one per core.
 pub fn default_threads() -> usize {
@@ -125,7 +143,8 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
-            let plan = egret_backends::lower(&graph)?;
+            let lower_opts = egret_backends::plan::LowerOptions { fuse_elementwise: opts.opt_level >= 1 };
+            let plan = egret_backends::lower(&graph, lower_opts)?;
             let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);
             egret_backends::cpu::set_threads(threads);

@@ -40,6 +40,9 @@ struct ModelArgs {
     /// Bind a symbolic dimension: --dim batch=1 (repeatable).
     #[arg(long = "dim", value_name = "NAME=VALUE")]
     dims: Vec<String>,
+    /// Optimisation level: 0 = one kernel per op, 1 = fuse elementwise chains.
+    #[arg(long = "opt", default_value_t = egret::MAX_OPT_LEVEL, value_parser = clap::value_parser!(u8).range(0..=egret::MAX_OPT_LEVEL as i64))]
+    opt: u8,
 }
 
 #[derive(Subcommand)]
@@ -144,7 +147,7 @@ fn run_cli() -> Result<()> {
             check(&path, backend.into(), Tolerance { rtol, atol }, quiet)
         }
         Command::Ir { model, full } => {
-            let opts = CompileOptions { dims: parse_dims(&model.dims)?, ..Default::default() };
+            let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
             let m = compile(&model.model, &opts)?;
             print!("{}", text::print_with(&m.graph, if full { Constants::Full } else { Constants::ElideOver(16) }));
             Ok(())
@@ -180,6 +183,7 @@ fn compile_with_inputs(
         input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
         input_values: given.iter().cloned().collect(),
         threads,
+        opt_level: model.opt,
     };
     let m = compile(&model.model, &opts)?;
     let mut all = given.clone();

@@ -32,19 +32,19 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
 /// Runs `text` on both backends and compares every output.
 fn same(text: &str) {
     let g = parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let plan = egret::backends::lower(&g).unwrap();
-    let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
-    assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
     let reference = ReferenceExecutable::new(g.clone()).unwrap();
-    // One thread, and two so that big kernels are split.
-    for threads in [1, 2] {
+    // Unfused and fused; one thread, and two so that big kernels are split.
+    for (fuse, threads) in [(false, 1), (true, 1), (true, 2)] {
+        let plan = egret::backends::lower(&g, egret::backends::plan::LowerOptions { fuse_elementwise: fuse }).unwrap();
+        let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
+        assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
         let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan.clone()).unwrap(), threads);
         for seed in [1, 2] {
             let want = reference.run(inputs_for(&g, seed)).unwrap();
             let got = cpu.run(inputs_for(&g, seed)).unwrap();
             for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
                 let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
-                assert!(r.failure.is_none(), "{name} ({threads} threads): {:?}\n{text}", r.failure);
+                assert!(r.failure.is_none(), "{name} (fuse {fuse}, {threads} threads): {:?}\n{text}", r.failure);
             }
         }
     }

@@ -260,12 +260,67 @@ pub struct Plan {
 /// Arena offsets are aligned for vector loads.
 const ALIGN: usize = 64;
 
+/// How much lowering fuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowerOptions {
+    /// Fuse chains of elementwise ops into one map kernel (`--opt 1`).
+    pub fuse_elementwise: bool,
+}
+
+impl Default for LowerOptions {
+    fn default() -> Self {
+        LowerOptions { fuse_elementwise: true }
+    }
+}
+
+/// An elementwise result not written anywhere yet: an expression over
+/// values read with the given strides, at the value's own shape. A consumer
+/// of the same shape may inline it; anything else materialises it.
+struct Pending {
+    shape: Vec<usize>,
+    inputs: Vec<(ValueId, Vec<isize>)>,
+    expr: Expr,
+    label: String,
+}
+
 struct Lowering<'g> {
     g: &'g Graph,
     buffers: Vec<Buffer>,
-    /// Every value's buffer (reshapes share their input's).
+    /// Every materialised value's buffer (reshapes share their input's).
     of: HashMap<ValueId, BufferId>,
+    pending: HashMap<ValueId, Pending>,
     kernels: Vec<Kernel>,
+    opts: LowerOptions,
+}
+
+impl Expr {
+    /// Replaces every `Input(i)` by `with[i]`.
+    fn substitute(self, with: &[Expr]) -> Expr {
+        let s = |e: Box<Expr>| Box::new(e.substitute(with));
+        match self {
+            Expr::Input(i) => with[i].clone(),
+            Expr::F32(x) => Expr::F32(x),
+            Expr::Unary(u, x) => Expr::Unary(u, s(x)),
+            Expr::Binary(f, x, y) => Expr::Binary(f, s(x), s(y)),
+            Expr::Compare(c, x, y) => Expr::Compare(c, s(x), s(y)),
+            Expr::Logic(l, x, y) => Expr::Logic(l, s(x), s(y)),
+            Expr::Not(x) => Expr::Not(s(x)),
+            Expr::IsNaN(x) => Expr::IsNaN(s(x)),
+            Expr::Select(c, x, y) => Expr::Select(s(c), s(x), s(y)),
+            Expr::BoolToF32(x) => Expr::BoolToF32(s(x)),
+            Expr::F32ToBool(x) => Expr::F32ToBool(s(x)),
+        }
+    }
+
+    /// How many ops the expression computes.
+    pub fn op_count(&self) -> usize {
+        match self {
+            Expr::Input(_) | Expr::F32(_) => 0,
+            Expr::Unary(_, x) | Expr::Not(x) | Expr::IsNaN(x) | Expr::BoolToF32(x) | Expr::F32ToBool(x) => 1 + x.op_count(),
+            Expr::Binary(_, x, y) | Expr::Compare(_, x, y) | Expr::Logic(_, x, y) => 1 + x.op_count() + y.op_count(),
+            Expr::Select(c, x, y) => 1 + c.op_count() + x.op_count() + y.op_count(),
+        }
+    }
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
@@ -355,8 +410,65 @@ impl<'g> Lowering<'g> {
         b
     }
 
-    fn operand(&self, v: ValueId, offset: isize, strides: Vec<isize>) -> Operand {
-        Operand { buffer: self.of[&v], dtype: self.g.ty(v).dtype, offset, strides }
+    /// The buffer holding `v`, writing it first if it is still pending.
+    fn buf(&mut self, v: ValueId) -> BufferId {
+        if self.pending.contains_key(&v) {
+            self.materialize(v);
+        }
+        self.of[&v]
+    }
+
+    fn operand(&mut self, v: ValueId, offset: isize, strides: Vec<isize>) -> Operand {
+        Operand { buffer: self.buf(v), dtype: self.g.ty(v).dtype, offset, strides }
+    }
+
+    /// Emits the map kernel of a pending value, reading each distinct
+    /// (value, strides) input once.
+    fn materialize(&mut self, v: ValueId) {
+        let p = self.pending.remove(&v).expect("materialize a pending value");
+        let mut distinct: Vec<(ValueId, Vec<isize>)> = Vec::new();
+        let remap: Vec<Expr> = p
+            .inputs
+            .into_iter()
+            .map(|inp| {
+                let at = distinct.iter().position(|d| *d == inp).unwrap_or_else(|| {
+                    distinct.push(inp);
+                    distinct.len() - 1
+                });
+                Expr::Input(at)
+            })
+            .collect();
+        let expr = p.expr.substitute(&remap);
+        let inputs: Vec<Operand> = distinct.into_iter().map(|(u, st)| self.operand(u, 0, st)).collect();
+        self.define(v);
+        let output = self.operand(v, 0, contiguous_strides(&p.shape));
+        self.map(p.shape, inputs, output, expr, &p.label);
+    }
+
+    /// Lowers an elementwise op to a pending expression, inlining operands
+    /// that are pending, read once, and of the same shape.
+    fn elementwise(&mut self, out: ValueId, inputs: &[ValueId], expr: Expr, label: &str) {
+        let g = self.g;
+        let shape = g.ty(out).shape.clone();
+        let mut reads: Vec<(ValueId, Vec<isize>)> = Vec::new();
+        let mut with = Vec::with_capacity(inputs.len());
+        for &v in inputs {
+            let inline = self.opts.fuse_elementwise && g.ty(v).shape == shape && g.use_count(v) == 1 && self.pending.contains_key(&v);
+            if inline {
+                let p = self.pending.remove(&v).expect("checked above");
+                let base = reads.len();
+                let shifted: Vec<Expr> = (0..p.inputs.len()).map(|i| Expr::Input(base + i)).collect();
+                reads.extend(p.inputs);
+                with.push(p.expr.substitute(&shifted));
+            } else {
+                with.push(Expr::Input(reads.len()));
+                reads.push((v, broadcast_strides(&g.ty(v).shape, &shape)));
+            }
+        }
+        self.pending.insert(out, Pending { shape, inputs: reads, expr: expr.substitute(&with), label: label.to_string() });
+        if !self.opts.fuse_elementwise {
+            self.materialize(out);
+        }
     }
 
     fn push(&mut self, kind: KernelKind, label: &str) {
@@ -382,21 +494,14 @@ impl<'g> Lowering<'g> {
             }
             // Same bytes, new shape: an alias.
             Op::Reshape { .. } | Op::Identity => {
-                let src = self.of[&node.inputs[0]];
+                let src = self.buf(node.inputs[0]);
                 self.of.insert(node.outputs[0], src);
             }
             op => {
                 let out = node.outputs[0];
                 let out_ty = g.ty(out).clone();
                 if let Some(expr) = elementwise_expr(op, &in_types, &out_ty) {
-                    let inputs: Vec<Operand> = node
-                        .inputs
-                        .iter()
-                        .map(|&v| self.operand(v, 0, broadcast_strides(&g.ty(v).shape, &out_ty.shape)))
-                        .collect();
-                    self.define(out);
-                    let output = self.operand(out, 0, contiguous_strides(&out_ty.shape));
-                    self.map(out_ty.shape.clone(), inputs, output, expr, label);
+                    self.elementwise(out, &node.inputs, expr, label);
                     return;
                 }
                 if self.lower_layout(op, &node.inputs, &node.outputs, label) {
@@ -412,7 +517,7 @@ impl<'g> Lowering<'g> {
                         return;
                     }
                 }
-                let inputs = node.inputs.iter().map(|&v| (self.of[&v], g.ty(v).clone())).collect();
+                let inputs = node.inputs.iter().map(|&v| (self.buf(v), g.ty(v).clone())).collect();
                 let outputs = node.outputs.iter().map(|&v| (self.define(v), g.ty(v).clone())).collect();
                 self.push(KernelKind::Reference { op: op.clone(), inputs, outputs }, label);
             }
@@ -531,9 +636,9 @@ impl<'g> Lowering<'g> {
         if len == 0 {
             return None;
         }
-        let xb = self.of[&x];
-        let scale = inputs.get(1).map(|v| self.of[v]);
-        let bias = inputs.get(2).map(|v| self.of[v]);
+        let xb = self.buf(x);
+        let scale = inputs.get(1).map(|&v| self.buf(v));
+        let bias = inputs.get(2).map(|&v| self.buf(v));
         let out = self.define(outputs[0]);
         for &extra in &outputs[1..] {
             // Unused statistics outputs still get (never written) storage.
@@ -565,7 +670,7 @@ impl<'g> Lowering<'g> {
             }
             batches.push([oa * m * k, ob * k * n, i * m * n]);
         }
-        let (ab, bb) = (self.of[&a], self.of[&b]);
+        let (ab, bb) = (self.buf(a), self.buf(b));
         let cb = self.define(c);
         Some(MatMulKernel { m, k, n, a: ab, b: bb, c: cb, batches })
     }
@@ -599,9 +704,9 @@ fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<O
 }
 
 /// Lowers a canonical, verified graph to a plan.
-pub fn lower(g: &Graph) -> Result<Plan, IrError> {
+pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     egret_ir::verify(g)?;
-    let mut l = Lowering { g, buffers: vec![], of: HashMap::new(), kernels: vec![] };
+    let mut l = Lowering { g, buffers: vec![], of: HashMap::new(), pending: HashMap::new(), kernels: vec![], opts };
     let mut inputs = Vec::new();
     for (i, &v) in g.inputs().iter().enumerate() {
         let ty = g.ty(v).clone();
@@ -612,7 +717,8 @@ pub fn lower(g: &Graph) -> Result<Plan, IrError> {
     for n in g.topo_order()? {
         l.lower_node(n);
     }
-    let outputs: Vec<(BufferId, Type)> = g.outputs().iter().map(|(_, v)| (l.of[v], g.ty(*v).clone())).collect();
+    let outputs: Vec<(BufferId, Type)> = g.outputs().iter().map(|(_, v)| (l.buf(*v), g.ty(*v).clone())).collect();
+    debug_assert!(l.pending.is_empty(), "every pending value is read by something");
     let mut plan = Plan { buffers: l.buffers, kernels: l.kernels, arena_bytes: 0, inputs, outputs };
     plan_memory(&mut plan);
     Ok(plan)
