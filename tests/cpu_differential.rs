@@ -221,3 +221,20 @@ output \"m\" = v9
 ",
     );
 }
+
+#[test]
+fn pow_by_small_constants() {
+    for p in ["2.0", "3.0", "0.5", "4.0", "-1.0", "1.5"] {
+        same(&format!(
+            "v0: f32[3,13] = input{{name=\"a\"}}
+v1: f32[3,13] = abs v0
+v2: f32[] = const [{p}]
+v3: f32[3,13] = pow v1, v2
+v4: f32[3,13] = pow v0, v2
+v5: f32[3,13] = add v3, v1
+output \"y\" = v5
+output \"z\" = v4
+"
+        ));
+    }
+}

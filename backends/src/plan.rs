@@ -316,7 +316,9 @@ impl Expr {
     pub fn op_count(&self) -> usize {
         match self {
             Expr::Input(_) | Expr::F32(_) => 0,
-            Expr::Unary(_, x) | Expr::Not(x) | Expr::IsNaN(x) | Expr::BoolToF32(x) | Expr::F32ToBool(x) => 1 + x.op_count(),
+            Expr::Unary(_, x) | Expr::Not(x) | Expr::IsNaN(x) | Expr::BoolToF32(x) | Expr::F32ToBool(x) => {
+                1 + x.op_count()
+            }
             Expr::Binary(_, x, y) | Expr::Compare(_, x, y) | Expr::Logic(_, x, y) => 1 + x.op_count() + y.op_count(),
             Expr::Select(c, x, y) => 1 + c.op_count() + x.op_count() + y.op_count(),
         }
@@ -337,6 +339,26 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
 /// Dtypes map kernels compute with.
 fn mappable(d: DType) -> bool {
     matches!(d, DType::F32 | DType::Bool)
+}
+
+/// `x^p` for a constant exponent with an exact cheaper form: exporters
+/// write `Pow(x, 2)` in layer norms and `Pow(x, 3)` in tanh-GELU, and a
+/// libm call would keep the whole fused kernel scalar.
+fn pow_by_constant(p: f32) -> Option<Expr> {
+    use Expr::Input as I;
+    let mul = |a, b| Expr::binary(Binary::Mul, a, b);
+    Some(match p {
+        1.0 => I(0),
+        2.0 => mul(I(0), I(0)),
+        3.0 => mul(mul(I(0), I(0)), I(0)),
+        4.0 => {
+            let sq = mul(I(0), I(0));
+            mul(sq.clone(), sq)
+        }
+        0.5 => Expr::unary(Unary::Sqrt, I(0)),
+        -1.0 => Expr::unary(Unary::Recip, I(0)),
+        _ => return None,
+    })
 }
 
 /// The expression of an elementwise op over inputs `in0, in1, ...`, if map
@@ -453,7 +475,10 @@ impl<'g> Lowering<'g> {
         let mut reads: Vec<(ValueId, Vec<isize>)> = Vec::new();
         let mut with = Vec::with_capacity(inputs.len());
         for &v in inputs {
-            let inline = self.opts.fuse_elementwise && g.ty(v).shape == shape && g.use_count(v) == 1 && self.pending.contains_key(&v);
+            let inline = self.opts.fuse_elementwise
+                && g.ty(v).shape == shape
+                && g.use_count(v) == 1
+                && self.pending.contains_key(&v);
             if inline {
                 let p = self.pending.remove(&v).expect("checked above");
                 let base = reads.len();
@@ -465,7 +490,8 @@ impl<'g> Lowering<'g> {
                 reads.push((v, broadcast_strides(&g.ty(v).shape, &shape)));
             }
         }
-        self.pending.insert(out, Pending { shape, inputs: reads, expr: expr.substitute(&with), label: label.to_string() });
+        self.pending
+            .insert(out, Pending { shape, inputs: reads, expr: expr.substitute(&with), label: label.to_string() });
         if !self.opts.fuse_elementwise {
             self.materialize(out);
         }
@@ -500,6 +526,19 @@ impl<'g> Lowering<'g> {
             op => {
                 let out = node.outputs[0];
                 let out_ty = g.ty(out).clone();
+                let pow_exponent = match op {
+                    Op::Pow => g.const_value(node.inputs[1]).filter(|t| t.numel() == 1),
+                    _ => None,
+                };
+                if let Some(p) = pow_exponent {
+                    let same_shape = g.ty(node.inputs[0]) == &out_ty;
+                    if let (true, DType::F32, Some(e)) =
+                        (same_shape, out_ty.dtype, pow_by_constant(p.to_f64_vec()[0] as f32))
+                    {
+                        self.elementwise(out, &node.inputs[..1], e, label);
+                        return;
+                    }
+                }
                 if let Some(expr) = elementwise_expr(op, &in_types, &out_ty) {
                     self.elementwise(out, &node.inputs, expr, label);
                     return;
