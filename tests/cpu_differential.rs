@@ -238,3 +238,26 @@ output \"z\" = v4
         ));
     }
 }
+
+#[test]
+fn convolutions_as_im2col_and_matmul() {
+    // Patch embedding (stride = kernel), padded, strided and dilated, 1-d and 2-d.
+    same(
+        "v0: f32[2,3,8,8] = input{name=\"x\"}
+v1: f32[5,3,4,4] = input{name=\"w\"}
+v2: f32[5] = input{name=\"b\"}
+v3: f32[2,5,2,2] = conv{strides=[4, 4], pads=[0, 0, 0, 0], dilations=[1, 1], group=1} v0, v1, v2
+v4: f32[4,3,3,3] = input{name=\"w2\"}
+v5: f32[2,4,4,4] = conv{strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1], group=1} v0, v4
+v6: f32[2,4,5,6] = conv{strides=[1, 1], pads=[1, 0, 0, 0], dilations=[2, 1], group=1} v0, v4
+v7: f32[2,3,9] = input{name=\"s\"}
+v8: f32[4,3,2] = input{name=\"w3\"}
+v9: f32[4] = input{name=\"b3\"}
+v10: f32[2,4,7] = conv{strides=[1], pads=[0, 1], dilations=[3], group=1} v7, v8, v9
+output \"patch\" = v3
+output \"padded\" = v5
+output \"dilated\" = v6
+output \"one_d\" = v10
+",
+    );
+}

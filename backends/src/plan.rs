@@ -546,6 +546,12 @@ impl<'g> Lowering<'g> {
                 if self.lower_layout(op, &node.inputs, &node.outputs, label) {
                     return;
                 }
+                if let Op::Conv { strides, pads, dilations, group: 1 } = op {
+                    if in_types.iter().all(|t| t.dtype == DType::F32) {
+                        self.conv(&node.inputs, out, strides, pads, dilations, label);
+                        return;
+                    }
+                }
                 if let Some(k) = self.rows(op, &node.inputs, &node.outputs) {
                     self.push(KernelKind::Rows(k), label);
                     return;
@@ -626,6 +632,82 @@ impl<'g> Lowering<'g> {
             _ => return false,
         }
         true
+    }
+
+    /// An arena buffer that holds no graph value (a kernel's scratch).
+    fn scratch(&mut self, dtype: DType, shape: &[usize]) -> BufferId {
+        self.new_buffer(&Type::new(dtype, shape.to_vec()), Storage::Arena { offset: usize::MAX })
+    }
+
+    /// Convolution as im2col and a matmul: zero-pad if needed (a fill and a
+    /// copy into the interior), gather the patches with one strided map
+    /// (`cols[n, c, k.., o..]`), multiply by the weights viewed as
+    /// `[M, C * prod(k)]`, and add the bias with a broadcast map.
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &mut self,
+        inputs: &[ValueId],
+        out: ValueId,
+        strides: &[usize],
+        pads: &[usize],
+        dilations: &[usize],
+        label: &str,
+    ) {
+        let g = self.g;
+        let (x, w) = (inputs[0], inputs[1]);
+        let xs = g.ty(x).shape.clone();
+        let ws = g.ty(w).shape.clone();
+        let os = g.ty(out).shape.clone();
+        let sp = xs.len() - 2;
+        let (n, c, m) = (xs[0], xs[1], ws[0]);
+        let kernel = &ws[2..];
+        let out_sp = &os[2..];
+        // The (padded) input as a buffer with its shape.
+        let (src, src_shape) = if pads.iter().all(|&p| p == 0) {
+            (self.buf(x), xs.clone())
+        } else {
+            let mut padded = xs.clone();
+            for i in 0..sp {
+                padded[2 + i] += pads[i] + pads[sp + i];
+            }
+            let pb = self.scratch(DType::F32, &padded);
+            let pst = contiguous_strides(&padded);
+            let fill = Operand { buffer: pb, dtype: DType::F32, offset: 0, strides: pst.clone() };
+            self.map(padded.clone(), vec![], fill, Expr::F32(0.0), label);
+            let interior: isize = (0..sp).map(|i| pads[i] as isize * pst[2 + i]).sum();
+            let input = self.operand(x, 0, contiguous_strides(&xs));
+            let dst = Operand { buffer: pb, dtype: DType::F32, offset: interior, strides: pst };
+            self.map(xs.clone(), vec![input], dst, Expr::Input(0), label);
+            (pb, padded)
+        };
+        let sst = contiguous_strides(&src_shape);
+        // cols[n, c, k_1..k_d, o_1..o_d] = src[n, c, o_i * stride_i + k_i * dilation_i].
+        let mut iter: Vec<usize> = vec![n, c];
+        iter.extend(kernel);
+        iter.extend(out_sp);
+        let mut read: Vec<isize> = vec![sst[0], sst[1]];
+        read.extend((0..sp).map(|i| sst[2 + i] * dilations[i] as isize));
+        read.extend((0..sp).map(|i| sst[2 + i] * strides[i] as isize));
+        let cols = self.scratch(DType::F32, &iter);
+        let patch = Operand { buffer: src, dtype: DType::F32, offset: 0, strides: read };
+        let cols_op = Operand { buffer: cols, dtype: DType::F32, offset: 0, strides: contiguous_strides(&iter) };
+        self.map(iter, vec![patch], cols_op, Expr::Input(0), label);
+        let k: usize = c * kernel.iter().product::<usize>();
+        let p: usize = out_sp.iter().product();
+        let wb = self.buf(w);
+        let bias = inputs.get(2).copied();
+        let product = if bias.is_some() { self.scratch(DType::F32, &os) } else { self.define(out) };
+        let batches = (0..n).map(|b| [0, b * k * p, b * m * p]).collect();
+        self.push(KernelKind::MatMul(MatMulKernel { m, k, n: p, a: wb, b: cols, c: product, batches }), label);
+        if let Some(bias) = bias {
+            let prod_op = Operand { buffer: product, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
+            let mut bias_strides = vec![0isize; os.len()];
+            bias_strides[1] = 1;
+            let bias_op = self.operand(bias, 0, bias_strides);
+            self.define(out);
+            let dst = self.operand(out, 0, contiguous_strides(&os));
+            self.map(os, vec![prod_op, bias_op], dst, Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1)), label);
+        }
     }
 
     /// Softmax over the last axis, norms whose statistics nobody reads, and
