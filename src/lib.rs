@@ -143,7 +143,7 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
-            let lower_opts = egret_backends::plan::LowerOptions { fuse_elementwise: opts.opt_level >= 1 };
+            let lower_opts = egret_backends::LowerOptions { fuse_elementwise: opts.opt_level >= 1 };
             let plan = egret_backends::lower(&graph, lower_opts)?;
             let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);

@@ -35,7 +35,7 @@ fn same(text: &str) {
     let reference = ReferenceExecutable::new(g.clone()).unwrap();
     // Unfused and fused; one thread, and two so that big kernels are split.
     for (fuse, threads) in [(false, 1), (true, 1), (true, 2)] {
-        let plan = egret::backends::lower(&g, egret::backends::plan::LowerOptions { fuse_elementwise: fuse }).unwrap();
+        let plan = egret::backends::lower(&g, egret::backends::LowerOptions { fuse_elementwise: fuse }).unwrap();
         let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
         assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
         let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan.clone()).unwrap(), threads);
@@ -258,6 +258,36 @@ output \"patch\" = v3
 output \"padded\" = v5
 output \"dilated\" = v6
 output \"one_d\" = v10
+",
+    );
+}
+
+#[test]
+fn attention_head_split_reads_views() {
+    // The ViT/DeiT pattern: qkv projection, reshape into heads, transpose,
+    // split, K transposed again, scaled scores, softmax, and heads merged.
+    same(
+        "v0: f32[1,7,24] = input{name=\"x\"}
+v1: f32[24,72] = input{name=\"w\"}
+v2: f32[1,7,72] = matmul v0, v1
+v3: f32[1,7,3,2,12] = reshape{shape=[1, 7, 3, 2, 12]} v2
+v4: f32[3,1,2,7,12] = transpose{perm=[2, 0, 3, 1, 4]} v3
+v5: f32[1,1,2,7,12], v6: f32[1,1,2,7,12], v7: f32[1,1,2,7,12] = split{axis=0, sizes=[1, 1, 1]} v4
+v8: f32[1,2,7,12] = reshape{shape=[1, 2, 7, 12]} v5
+v9: f32[1,2,7,12] = reshape{shape=[1, 2, 7, 12]} v6
+v10: f32[1,2,7,12] = reshape{shape=[1, 2, 7, 12]} v7
+v11: f32[1,2,12,7] = transpose{perm=[0, 1, 3, 2]} v9
+v12: f32[1] = const [0.28867513]
+v13: f32[1,2,7,12] = mul v8, v12
+v14: f32[1,2,7,7] = matmul v13, v11
+v15: f32[1,2,7,7] = softmax{axis=3} v14
+v16: f32[1,2,7,12] = matmul v15, v10
+v17: f32[1,7,2,12] = transpose{perm=[0, 2, 1, 3]} v16
+v18: f32[1,7,24] = reshape{shape=[1, 7, 24]} v17
+v19: f32[1,2,7,12] = slice{starts=[0, 0, 6, 0], ends=[1, 2, -1, 12], steps=[1, 1, -1, 1]} v16
+output \"y\" = v18
+output \"k_t\" = v11
+output \"reversed\" = v19
 ",
     );
 }

@@ -1,10 +1,14 @@
 //! Code generators. **A backend sees only the kernel plan (and the IR it was
 //! lowered from), never ONNX.**
 //!
-//! `plan` lowers a canonical graph to a backend-neutral list of kernels with
-//! a memory plan; `cpu` compiles each kernel to machine code with Cranelift.
+//! `plan` defines the backend-neutral kernel plan; `lower` lowers a canonical
+//! graph to it (with `memory` planning the arena); `cpu` compiles each kernel
+//! to machine code with Cranelift.
 
 pub mod cpu;
+mod lower;
+mod memory;
 pub mod plan;
 
-pub use plan::{lower, Plan};
+pub use lower::{lower, LowerOptions};
+pub use plan::Plan;

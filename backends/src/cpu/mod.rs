@@ -198,7 +198,9 @@ fn emit_matmul(
     let pa = addr(a, 0, b);
     let pb = addr(bm, 1, b);
     let pc = addr(c, 2, b);
-    b.ins().call(fns.sgemm, &[m, k, n, pa, pb, pc]);
+    let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
+    let [b_rs, b_cs] = mm.b_strides.map(|s| b.ins().iconst(types::I64, s as i64));
+    b.ins().call(fns.sgemm, &[m, k, n, pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
     let next = b.ins().iadd_imm_s(i, 1);
     b.ins().jump(header, &[next.into()]);
     b.switch_to_block(exit);

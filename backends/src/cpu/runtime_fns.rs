@@ -42,8 +42,21 @@ pub fn set_threads(n: usize) {
     THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// `c[m, n] = a[m, k] @ b[k, n]`, all row-major and contiguous.
-extern "C" fn egret_sgemm(m: i64, k: i64, n: i64, a: *const f32, b: *const f32, c: *mut f32) {
+/// `c[m, n] = a[m, k] @ b[k, n]`; `a` and `b` with the given row and column
+/// strides (in elements), `c` row-major.
+#[allow(clippy::too_many_arguments)]
+extern "C" fn egret_sgemm(
+    m: i64,
+    k: i64,
+    n: i64,
+    a: *const f32,
+    a_rs: i64,
+    a_cs: i64,
+    b: *const f32,
+    b_rs: i64,
+    b_cs: i64,
+    c: *mut f32,
+) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let threads = THREADS.load(std::sync::atomic::Ordering::Relaxed);
     // Splitting small products across threads costs more than it saves.
@@ -60,11 +73,11 @@ extern "C" fn egret_sgemm(m: i64, k: i64, n: i64, a: *const f32, b: *const f32, 
             n as isize,
             false,
             a,
-            1,
-            k as isize,
+            a_cs as isize,
+            a_rs as isize,
             b,
-            1,
-            n as isize,
+            b_cs as isize,
+            b_rs as isize,
             0.0,
             1.0,
             false,
@@ -116,7 +129,7 @@ pub fn declare(module: &mut JITModule) -> ModuleResult<Imports> {
     let mut f2 = f1.clone();
     f2.params.push(AbiParam::new(types::F32));
     let mut g = Signature::new(cc);
-    for _ in 0..6 {
+    for _ in 0..10 {
         g.params.push(AbiParam::new(types::I64));
     }
     let unary = UNARY

@@ -1,0 +1,703 @@
+//! Lowering: a canonical graph to a kernel plan.
+//!
+//! Values live either in a buffer of their own or as a *view* of another
+//! value's buffer (an offset and per-dim strides). Transpose, slice, split,
+//! expand and most reshapes only make views; the kernels that read them take
+//! the strides (maps any, matmuls a row and a column stride per operand), and
+//! only consumers that need dense memory (row kernels, reference ops, graph
+//! outputs) get a copy.
+//!
+//! Elementwise ops become *pending* expressions; a consumer of the same shape
+//! that is their only reader inlines them, so chains of elementwise ops run as
+//! one map kernel (`LowerOptions::fuse_elementwise`, the `--opt 1` level).
+
+use crate::memory::plan_memory;
+use crate::plan::*;
+use egret_ir::{DType, Graph, IrError, NodeId, Op, Type, ValueId};
+use std::collections::HashMap;
+
+/// How much lowering fuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowerOptions {
+    /// Fuse chains of elementwise ops into one map kernel (`--opt 1`).
+    pub fuse_elementwise: bool,
+}
+
+impl Default for LowerOptions {
+    fn default() -> Self {
+        LowerOptions { fuse_elementwise: true }
+    }
+}
+
+/// Where a value's elements are: `buffer[offset + sum(index_d * strides_d)]`.
+#[derive(Clone, Debug, PartialEq)]
+struct View {
+    buffer: BufferId,
+    offset: isize,
+    strides: Vec<isize>,
+}
+
+/// An elementwise result not written anywhere yet: an expression over
+/// operands strided over the value's own shape.
+struct Pending {
+    shape: Vec<usize>,
+    inputs: Vec<Operand>,
+    expr: Expr,
+    label: String,
+}
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    buffers: Vec<Buffer>,
+    views: HashMap<ValueId, View>,
+    pending: HashMap<ValueId, Pending>,
+    kernels: Vec<Kernel>,
+    opts: LowerOptions,
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
+    egret_ir::strides_of(shape).into_iter().map(|s| s as isize).collect()
+}
+
+/// Whether `strides` walk `shape` densely in row-major order (dims of size 1
+/// may have any stride).
+fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
+    let want = contiguous_strides(shape);
+    shape.iter().zip(strides.iter().zip(&want)).all(|(&d, (s, w))| d == 1 || s == w)
+}
+
+/// The strides a tensor of `shape` (viewed with `strides`) is read with when
+/// broadcast to `out` (numpy rules: leading and size-1 dims repeat).
+fn broadcast_view(shape: &[usize], strides: &[isize], out: &[usize]) -> Vec<isize> {
+    let off = out.len() - shape.len();
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { strides[i - off] }).collect()
+}
+
+/// Strides that view data laid out as (`old_shape`, `old_strides`) with
+/// `new_shape` without moving it, if any exist (numpy's no-copy reshape).
+fn reshape_strides(old_shape: &[usize], old_strides: &[isize], new_shape: &[usize]) -> Option<Vec<isize>> {
+    if old_shape.contains(&0) {
+        return None;
+    }
+    let old: Vec<(usize, isize)> =
+        old_shape.iter().zip(old_strides).filter(|(&d, _)| d != 1).map(|(&d, &s)| (d, s)).collect();
+    let new_nz: Vec<usize> = (0..new_shape.len()).filter(|&i| new_shape[i] != 1).collect();
+    let mut res = vec![0isize; new_shape.len()];
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() && j < new_nz.len() {
+        let (i0, j0) = (i, j);
+        let (mut po, mut pn) = (old[i].0, new_shape[new_nz[j]]);
+        while po != pn {
+            if po < pn {
+                i += 1;
+                po *= old.get(i)?.0;
+            } else {
+                j += 1;
+                pn *= new_shape[*new_nz.get(j)?];
+            }
+        }
+        // The old dims of the group must be one dense run.
+        for k in i0..i {
+            if old[k].1 != old[k + 1].1 * old[k + 1].0 as isize {
+                return None;
+            }
+        }
+        let mut st = old[i].1;
+        for k in (j0..=j).rev() {
+            res[new_nz[k]] = st;
+            st *= new_shape[new_nz[k]] as isize;
+        }
+        i += 1;
+        j += 1;
+    }
+    (i == old.len() && j == new_nz.len()).then_some(res)
+}
+
+/// Dtypes map kernels compute with.
+fn mappable(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::Bool)
+}
+
+/// `x^p` for a constant exponent with an exact cheaper form: exporters
+/// write `Pow(x, 2)` in layer norms and `Pow(x, 3)` in tanh-GELU, and a
+/// libm call would keep the whole fused kernel scalar.
+fn pow_by_constant(p: f32) -> Option<Expr> {
+    use Expr::Input as I;
+    let mul = |a, b| Expr::binary(Binary::Mul, a, b);
+    Some(match p {
+        1.0 => I(0),
+        2.0 => mul(I(0), I(0)),
+        3.0 => mul(mul(I(0), I(0)), I(0)),
+        4.0 => {
+            let sq = mul(I(0), I(0));
+            mul(sq.clone(), sq)
+        }
+        0.5 => Expr::unary(Unary::Sqrt, I(0)),
+        -1.0 => Expr::unary(Unary::Recip, I(0)),
+        _ => return None,
+    })
+}
+
+/// The expression of an elementwise op over inputs `in0, in1, ...`, if map
+/// kernels support it.
+fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
+    use Expr::Input as I;
+    let all_f32 = in_types.iter().all(|t| t.dtype == DType::F32);
+    let all_bool = in_types.iter().all(|t| t.dtype == DType::Bool);
+    let b = |x| Box::new(x);
+    let un = |f| all_f32.then(|| Expr::unary(f, I(0)));
+    let bin = |f| all_f32.then(|| Expr::binary(f, I(0), I(1)));
+    let cmp = |c| all_f32.then(|| Expr::Compare(c, b(I(0)), b(I(1))));
+    let logic = |l| all_bool.then(|| Expr::Logic(l, b(I(0)), b(I(1))));
+    match op {
+        Op::Neg => un(Unary::Neg),
+        Op::Abs => un(Unary::Abs),
+        Op::Sqrt => un(Unary::Sqrt),
+        Op::Reciprocal => un(Unary::Recip),
+        Op::Relu => un(Unary::Relu),
+        Op::Floor => un(Unary::Floor),
+        Op::Ceil => un(Unary::Ceil),
+        Op::Round => un(Unary::Round),
+        Op::Exp => un(Unary::Exp),
+        Op::Log => un(Unary::Log),
+        Op::Tanh => un(Unary::Tanh),
+        Op::Erf => un(Unary::Erf),
+        Op::Sigmoid => un(Unary::Sigmoid),
+        Op::Sin => un(Unary::Sin),
+        Op::Cos => un(Unary::Cos),
+        Op::Add => bin(Binary::Add),
+        Op::Sub => bin(Binary::Sub),
+        Op::Mul => bin(Binary::Mul),
+        Op::Div => bin(Binary::Div),
+        Op::Max => bin(Binary::Max),
+        Op::Min => bin(Binary::Min),
+        Op::Pow => bin(Binary::Pow),
+        Op::Equal => cmp(Compare::Eq),
+        Op::Less => cmp(Compare::Lt),
+        Op::LessOrEqual => cmp(Compare::Le),
+        Op::Greater => cmp(Compare::Gt),
+        Op::GreaterOrEqual => cmp(Compare::Ge),
+        Op::And => logic(Logic::And),
+        Op::Or => logic(Logic::Or),
+        Op::Xor => logic(Logic::Xor),
+        Op::Not if all_bool => Some(Expr::Not(b(I(0)))),
+        Op::IsNaN if all_f32 => Some(Expr::IsNaN(b(I(0)))),
+        Op::Where if in_types[0].dtype == DType::Bool && in_types[1].dtype == DType::F32 => {
+            Some(Expr::Select(b(I(0)), b(I(1)), b(I(2))))
+        }
+        Op::Cast { to } => match (in_types[0].dtype, to) {
+            (DType::Bool, DType::F32) => Some(Expr::BoolToF32(b(I(0)))),
+            (DType::F32, DType::Bool) => Some(Expr::F32ToBool(b(I(0)))),
+            (a, b2) if a == *b2 && mappable(a) => Some(I(0)),
+            _ => None,
+        },
+        _ => None,
+    }
+    .filter(|_| mappable(out.dtype))
+}
+
+/// Merges adjacent dims that every operand walks contiguously, and drops
+/// dims of size 1, so most kernels run one long inner loop.
+fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<Operand>) {
+    let keep: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != 1).collect();
+    let mut out_shape: Vec<usize> = Vec::new();
+    let mut out_strides: Vec<Vec<isize>> = vec![Vec::new(); ops.len()];
+    for &d in &keep {
+        let mergeable = !out_shape.is_empty()
+            && ops.iter().enumerate().all(|(k, o)| *out_strides[k].last().unwrap() == o.strides[d] * shape[d] as isize);
+        if mergeable {
+            *out_shape.last_mut().unwrap() *= shape[d];
+            for (k, o) in ops.iter().enumerate() {
+                *out_strides[k].last_mut().unwrap() = o.strides[d];
+            }
+        } else {
+            out_shape.push(shape[d]);
+            for (k, o) in ops.iter().enumerate() {
+                out_strides[k].push(o.strides[d]);
+            }
+        }
+    }
+    for (o, s) in ops.iter_mut().zip(out_strides) {
+        o.strides = s;
+    }
+    (out_shape, ops)
+}
+
+impl<'g> Lowering<'g> {
+    fn new_buffer(&mut self, ty: &Type, storage: Storage) -> BufferId {
+        self.buffers.push(Buffer { bytes: ty.numel() * ty.dtype.size_bytes(), storage });
+        self.buffers.len() - 1
+    }
+
+    /// An arena buffer (its offset is assigned by the memory plan).
+    fn scratch(&mut self, dtype: DType, shape: &[usize]) -> BufferId {
+        self.new_buffer(&Type::new(dtype, shape.to_vec()), Storage::Arena { offset: usize::MAX })
+    }
+
+    /// A fresh dense buffer for `v`.
+    fn define(&mut self, v: ValueId) -> BufferId {
+        let ty = self.g.ty(v).clone();
+        let b = self.scratch(ty.dtype, &ty.shape);
+        self.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.shape) });
+        b
+    }
+
+    /// Where `v` is, writing it first if it is still pending.
+    fn view(&mut self, v: ValueId) -> View {
+        if self.pending.contains_key(&v) {
+            self.materialize(v);
+        }
+        self.views[&v].clone()
+    }
+
+    /// `v` read broadcast to `out` (or at its own shape).
+    fn read(&mut self, v: ValueId, out: &[usize]) -> Operand {
+        let vw = self.view(v);
+        let shape = &self.g.ty(v).shape;
+        Operand {
+            buffer: vw.buffer,
+            dtype: self.g.ty(v).dtype,
+            offset: vw.offset,
+            strides: broadcast_view(shape, &vw.strides, out),
+        }
+    }
+
+    /// A dense, offset-free buffer holding `v`, copying a view if needed.
+    fn dense(&mut self, v: ValueId, label: &str) -> BufferId {
+        let vw = self.view(v);
+        let ty = self.g.ty(v).clone();
+        if vw.offset == 0 && is_dense(&ty.shape, &vw.strides) {
+            return vw.buffer;
+        }
+        let input = self.read(v, &ty.shape);
+        let b = self.define(v);
+        let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
+        self.map(ty.shape, vec![input], output, Expr::Input(0), label);
+        b
+    }
+
+    fn push(&mut self, kind: KernelKind, label: &str) {
+        self.kernels.push(Kernel { kind, label: label.to_string() });
+    }
+
+    fn map(&mut self, shape: Vec<usize>, inputs: Vec<Operand>, output: Operand, expr: Expr, label: &str) {
+        let (shape, mut ops) = collapse_dims(shape, inputs.into_iter().chain([output]).collect());
+        let output = ops.pop().expect("the output operand");
+        self.push(KernelKind::Map(MapKernel { shape, inputs: ops, output, expr }), label);
+    }
+
+    /// Emits the map kernel of a pending value, reading each distinct
+    /// operand once.
+    fn materialize(&mut self, v: ValueId) {
+        let p = self.pending.remove(&v).expect("materialize a pending value");
+        let mut distinct: Vec<Operand> = Vec::new();
+        let remap: Vec<Expr> = p
+            .inputs
+            .into_iter()
+            .map(|o| {
+                let at = distinct.iter().position(|d| *d == o).unwrap_or_else(|| {
+                    distinct.push(o);
+                    distinct.len() - 1
+                });
+                Expr::Input(at)
+            })
+            .collect();
+        let expr = p.expr.substitute(&remap);
+        let b = self.define(v);
+        let output = Operand { buffer: b, dtype: self.g.ty(v).dtype, offset: 0, strides: contiguous_strides(&p.shape) };
+        self.map(p.shape, distinct, output, expr, &p.label);
+    }
+
+    /// Lowers an elementwise op to a pending expression, inlining operands
+    /// that are pending, read only here, and of the same shape.
+    fn elementwise(&mut self, out: ValueId, inputs: &[ValueId], expr: Expr, label: &str) {
+        let g = self.g;
+        let shape = g.ty(out).shape.clone();
+        let mut reads: Vec<Operand> = Vec::new();
+        let mut with = Vec::with_capacity(inputs.len());
+        for &v in inputs {
+            let inline = self.opts.fuse_elementwise
+                && g.ty(v).shape == shape
+                && g.use_count(v) == 1
+                && self.pending.contains_key(&v);
+            if inline {
+                let p = self.pending.remove(&v).expect("checked above");
+                let base = reads.len();
+                let shifted: Vec<Expr> = (0..p.inputs.len()).map(|i| Expr::Input(base + i)).collect();
+                reads.extend(p.inputs);
+                with.push(p.expr.substitute(&shifted));
+            } else {
+                with.push(Expr::Input(reads.len()));
+                let r = self.read(v, &shape);
+                reads.push(r);
+            }
+        }
+        self.pending
+            .insert(out, Pending { shape, inputs: reads, expr: expr.substitute(&with), label: label.to_string() });
+        if !self.opts.fuse_elementwise {
+            self.materialize(out);
+        }
+    }
+
+    fn lower_node(&mut self, n: NodeId) {
+        let g = self.g;
+        let node = g.node(n);
+        let label = node.label.as_str();
+        let in_types: Vec<&Type> = node.inputs.iter().map(|&v| g.ty(v)).collect();
+        match &node.op {
+            Op::Input { .. } => {}
+            Op::Const(t) => {
+                let b = self.new_buffer(&t.ty(), Storage::Constant(t.clone()));
+                self.views
+                    .insert(node.outputs[0], View { buffer: b, offset: 0, strides: contiguous_strides(t.shape()) });
+            }
+            op => {
+                let out = node.outputs[0];
+                let out_ty = g.ty(out).clone();
+                let pow_exponent = match op {
+                    Op::Pow => g.const_value(node.inputs[1]).filter(|t| t.numel() == 1),
+                    _ => None,
+                };
+                if let Some(p) = pow_exponent {
+                    let same_shape = g.ty(node.inputs[0]) == &out_ty;
+                    if let (true, DType::F32, Some(e)) =
+                        (same_shape, out_ty.dtype, pow_by_constant(p.to_f64_vec()[0] as f32))
+                    {
+                        self.elementwise(out, &node.inputs[..1], e, label);
+                        return;
+                    }
+                }
+                if let Some(expr) = elementwise_expr(op, &in_types, &out_ty) {
+                    self.elementwise(out, &node.inputs, expr, label);
+                    return;
+                }
+                if self.layout(op, &node.inputs, &node.outputs, label) {
+                    return;
+                }
+                if let Op::Conv { strides, pads, dilations, group: 1 } = op {
+                    if in_types.iter().all(|t| t.dtype == DType::F32) {
+                        self.conv(&node.inputs, out, strides, pads, dilations, label);
+                        return;
+                    }
+                }
+                if let Some(k) = self.rows(op, &node.inputs, &node.outputs, label) {
+                    self.push(KernelKind::Rows(k), label);
+                    return;
+                }
+                if let (Op::MatMul, true) = (op, in_types.iter().all(|t| t.dtype == DType::F32)) {
+                    if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out) {
+                        self.push(KernelKind::MatMul(k), label);
+                        return;
+                    }
+                }
+                let inputs = node.inputs.iter().map(|&v| (self.dense(v, label), g.ty(v).clone())).collect();
+                let outputs = node.outputs.iter().map(|&v| (self.define(v), g.ty(v).clone())).collect();
+                self.push(KernelKind::Reference { op: op.clone(), inputs, outputs }, label);
+            }
+        }
+    }
+
+    /// Layout ops: views where possible (reshape, transpose, slice, split,
+    /// expand), map kernels for concat.
+    fn layout(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> bool {
+        let g = self.g;
+        let x = inputs[0];
+        let xt = g.ty(x).clone();
+        if !mappable(xt.dtype) {
+            return false;
+        }
+        let alias = |this: &mut Self, v: ValueId, offset: isize, strides: Vec<isize>| {
+            let buffer = this.view(x).buffer;
+            this.views.insert(v, View { buffer, offset, strides });
+        };
+        match op {
+            Op::Reshape { shape } => {
+                let vw = self.view(x);
+                match reshape_strides(&xt.shape, &vw.strides, shape) {
+                    Some(st) => alias(self, outputs[0], vw.offset, st),
+                    None => {
+                        let b = self.dense(x, label);
+                        self.views
+                            .insert(outputs[0], View { buffer: b, offset: 0, strides: contiguous_strides(shape) });
+                    }
+                }
+            }
+            Op::Identity => {
+                let vw = self.view(x);
+                alias(self, outputs[0], vw.offset, vw.strides);
+            }
+            Op::Transpose { perm } => {
+                let vw = self.view(x);
+                alias(self, outputs[0], vw.offset, perm.iter().map(|&p| vw.strides[p]).collect());
+            }
+            Op::Slice { starts, steps, .. } => {
+                let vw = self.view(x);
+                let offset = vw.offset + starts.iter().zip(&vw.strides).map(|(&s, &st)| s as isize * st).sum::<isize>();
+                alias(
+                    self,
+                    outputs[0],
+                    offset,
+                    steps.iter().zip(&vw.strides).map(|(&s, &st)| s as isize * st).collect(),
+                );
+            }
+            Op::Expand { shape } => {
+                let vw = self.view(x);
+                alias(self, outputs[0], vw.offset, broadcast_view(&xt.shape, &vw.strides, shape));
+            }
+            Op::Split { axis, .. } => {
+                let vw = self.view(x);
+                let mut at = 0isize;
+                for &out in outputs {
+                    alias(self, out, vw.offset + at * vw.strides[*axis], vw.strides.clone());
+                    at += g.ty(out).shape[*axis] as isize;
+                }
+            }
+            Op::Concat { axis } => {
+                let out = outputs[0];
+                let out_shape = g.ty(out).shape.clone();
+                let os = contiguous_strides(&out_shape);
+                let b = self.define(out);
+                let mut at = 0isize;
+                for &v in inputs {
+                    let shape = g.ty(v).shape.clone();
+                    let input = self.read(v, &shape);
+                    let output = Operand { buffer: b, dtype: xt.dtype, offset: at * os[*axis], strides: os.clone() };
+                    at += shape[*axis] as isize;
+                    self.map(shape, vec![input], output, Expr::Input(0), label);
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Convolution as im2col and a matmul: zero-pad if needed (a fill and a
+    /// copy into the interior), gather the patches with one strided map
+    /// (`cols[n, c, k.., o..]`), multiply by the weights viewed as
+    /// `[M, C * prod(k)]`, and add the bias with a broadcast map.
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &mut self,
+        inputs: &[ValueId],
+        out: ValueId,
+        strides: &[usize],
+        pads: &[usize],
+        dilations: &[usize],
+        label: &str,
+    ) {
+        let g = self.g;
+        let (x, w) = (inputs[0], inputs[1]);
+        let xs = g.ty(x).shape.clone();
+        let ws = g.ty(w).shape.clone();
+        let os = g.ty(out).shape.clone();
+        let sp = xs.len() - 2;
+        let (n, c, m) = (xs[0], xs[1], ws[0]);
+        let kernel = &ws[2..];
+        let out_sp = &os[2..];
+        // The (padded) input: a buffer, an offset and strides.
+        let (src, src_off, sst) = if pads.iter().all(|&p| p == 0) {
+            let vw = self.view(x);
+            (vw.buffer, vw.offset, vw.strides)
+        } else {
+            let mut padded = xs.clone();
+            for i in 0..sp {
+                padded[2 + i] += pads[i] + pads[sp + i];
+            }
+            let pb = self.scratch(DType::F32, &padded);
+            let pst = contiguous_strides(&padded);
+            let fill = Operand { buffer: pb, dtype: DType::F32, offset: 0, strides: pst.clone() };
+            self.map(padded.clone(), vec![], fill, Expr::F32(0.0), label);
+            let interior: isize = (0..sp).map(|i| pads[i] as isize * pst[2 + i]).sum();
+            let input = self.read(x, &xs);
+            let dst = Operand { buffer: pb, dtype: DType::F32, offset: interior, strides: pst.clone() };
+            self.map(xs.clone(), vec![input], dst, Expr::Input(0), label);
+            (pb, 0, pst)
+        };
+        // cols[n, c, k_1..k_d, o_1..o_d] = src[n, c, o_i * stride_i + k_i * dilation_i].
+        let mut iter: Vec<usize> = vec![n, c];
+        iter.extend(kernel);
+        iter.extend(out_sp);
+        let mut read: Vec<isize> = vec![sst[0], sst[1]];
+        read.extend((0..sp).map(|i| sst[2 + i] * dilations[i] as isize));
+        read.extend((0..sp).map(|i| sst[2 + i] * strides[i] as isize));
+        let cols = self.scratch(DType::F32, &iter);
+        let patch = Operand { buffer: src, dtype: DType::F32, offset: src_off, strides: read };
+        let cols_op = Operand { buffer: cols, dtype: DType::F32, offset: 0, strides: contiguous_strides(&iter) };
+        self.map(iter, vec![patch], cols_op, Expr::Input(0), label);
+        let k: usize = c * kernel.iter().product::<usize>();
+        let p: usize = out_sp.iter().product();
+        let wb = self.dense(w, label);
+        let bias = inputs.get(2).copied();
+        let product = if bias.is_some() { self.scratch(DType::F32, &os) } else { self.define(out) };
+        let batches = (0..n).map(|b| [0, (b * k * p) as isize, (b * m * p) as isize]).collect();
+        let mm = MatMulKernel {
+            m,
+            k,
+            n: p,
+            a: wb,
+            b: cols,
+            c: product,
+            a_strides: [k as isize, 1],
+            b_strides: [p as isize, 1],
+            batches,
+        };
+        self.push(KernelKind::MatMul(mm), label);
+        if let Some(bias) = bias {
+            let prod_op = Operand { buffer: product, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
+            let bvw = self.view(bias);
+            let mut bias_strides = vec![0isize; os.len()];
+            bias_strides[1] = bvw.strides[0];
+            let bias_op = Operand { buffer: bvw.buffer, dtype: DType::F32, offset: bvw.offset, strides: bias_strides };
+            let b = self.define(out);
+            let dst = Operand { buffer: b, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
+            self.map(os, vec![prod_op, bias_op], dst, Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1)), label);
+        }
+    }
+
+    /// Softmax over the last axis, norms whose statistics nobody reads, and
+    /// reductions over trailing axes, on f32.
+    fn rows(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> Option<RowKernel> {
+        let g = self.g;
+        let x = inputs[0];
+        let shape = &g.ty(x).shape;
+        if g.ty(x).dtype != DType::F32 || shape.is_empty() {
+            return None;
+        }
+        let rank = shape.len();
+        let params_fit = |from: usize| {
+            inputs[1..]
+                .iter()
+                .all(|&p| g.ty(p).dtype == DType::F32 && g.ty(p).numel() == shape[from..].iter().product::<usize>())
+        };
+        let (op, axis) = match op {
+            Op::Softmax { axis } if *axis == rank - 1 => (RowOp::Softmax, *axis),
+            Op::LogSoftmax { axis } if *axis == rank - 1 => (RowOp::LogSoftmax, *axis),
+            Op::LayerNorm { axis, epsilon }
+                if outputs[1..].iter().all(|&v| g.use_count(v) == 0) && params_fit(*axis) =>
+            {
+                (RowOp::LayerNorm { epsilon: *epsilon }, *axis)
+            }
+            Op::RmsNorm { axis, epsilon } if params_fit(*axis) => (RowOp::RmsNorm { epsilon: *epsilon }, *axis),
+            Op::Reduce { kind, axes, .. }
+                if !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i) =>
+            {
+                use egret_ir::op::ReduceKind as K;
+                let r = match kind {
+                    K::Sum => RowOp::Sum,
+                    K::Mean => RowOp::Mean,
+                    K::Max => RowOp::Max,
+                    K::Min => RowOp::Min,
+                    K::SumSquare => RowOp::SumSquare,
+                    K::L2 => RowOp::L2,
+                    _ => return None,
+                };
+                (r, axes[0])
+            }
+            _ => return None,
+        };
+        let rows = shape[..axis].iter().product::<usize>();
+        let len = shape[axis..].iter().product::<usize>();
+        if len == 0 {
+            return None;
+        }
+        let xb = self.dense(x, label);
+        let scale = inputs.get(1).map(|&v| self.dense(v, label));
+        let bias = inputs.get(2).map(|&v| self.dense(v, label));
+        let out = self.define(outputs[0]);
+        for &extra in &outputs[1..] {
+            // Unused statistics outputs still get (never written) storage.
+            self.define(extra);
+        }
+        Some(RowKernel { rows, len, op, x: xb, scale, bias, out })
+    }
+
+    /// A matmul over strided operand views; batch dims broadcast.
+    fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId) -> Option<MatMulKernel> {
+        let g = self.g;
+        let (sa, sb, sc) = (g.ty(a).shape.clone(), g.ty(b).shape.clone(), g.ty(c).shape.clone());
+        // 1-d operands are rare in transformer graphs; the reference path keeps them.
+        if sa.len() < 2 || sb.len() < 2 {
+            return None;
+        }
+        let (va, vb) = (self.view(a), self.view(b));
+        let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
+        let batch = &sc[..sc.len() - 2];
+        let a_b = broadcast_view(&sa[..sa.len() - 2], &va.strides[..sa.len() - 2], batch);
+        let b_b = broadcast_view(&sb[..sb.len() - 2], &vb.strides[..sb.len() - 2], batch);
+        let nb: usize = batch.iter().product();
+        let bs = egret_ir::strides_of(batch);
+        let batches = (0..nb)
+            .map(|i| {
+                let (mut oa, mut ob) = (va.offset, vb.offset);
+                for d in 0..batch.len() {
+                    let idx = ((i / bs[d]) % batch[d]) as isize;
+                    oa += idx * a_b[d];
+                    ob += idx * b_b[d];
+                }
+                [oa, ob, (i * m * n) as isize]
+            })
+            .collect();
+        let a_strides = [va.strides[sa.len() - 2], va.strides[sa.len() - 1]];
+        let b_strides = [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]];
+        let cb = self.define(c);
+        Some(MatMulKernel { m, k, n, a: va.buffer, b: vb.buffer, c: cb, a_strides, b_strides, batches })
+    }
+}
+
+/// Lowers a canonical, verified graph to a plan.
+pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
+    egret_ir::verify(g)?;
+    let mut l = Lowering { g, buffers: vec![], views: HashMap::new(), pending: HashMap::new(), kernels: vec![], opts };
+    let mut inputs = Vec::new();
+    for (i, &v) in g.inputs().iter().enumerate() {
+        let ty = g.ty(v).clone();
+        let b = l.new_buffer(&ty, Storage::Input(i));
+        l.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.shape) });
+        inputs.push((b, ty));
+    }
+    for n in g.topo_order()? {
+        l.lower_node(n);
+    }
+    // Outputs are dense buffers of their own: copy views, and give an output
+    // that is an input or constant (or shares a buffer with another output) a copy.
+    let mut outputs: Vec<(BufferId, Type)> = Vec::new();
+    for (name, v) in g.outputs() {
+        let mut b = l.dense(*v, name);
+        let shared = !matches!(l.buffers[b].storage, Storage::Arena { .. }) || outputs.iter().any(|(o, _)| *o == b);
+        if shared {
+            let ty = g.ty(*v).clone();
+            let input = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
+            b = l.scratch(ty.dtype, &ty.shape);
+            let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
+            if mappable(ty.dtype) {
+                l.map(ty.shape.clone(), vec![input], output, Expr::Input(0), name);
+            } else {
+                // Non-f32 outputs that alias storage are read from that storage as is.
+                b = input.buffer;
+            }
+        }
+        outputs.push((b, g.ty(*v).clone()));
+    }
+    debug_assert!(l.pending.is_empty(), "every pending value is read by something");
+    let mut plan = Plan { buffers: l.buffers, kernels: l.kernels, arena_bytes: 0, inputs, outputs };
+    plan_memory(&mut plan);
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reshape_strides;
+
+    #[test]
+    fn reshape_views_split_and_merge_dense_runs() {
+        // [2, 3, 4] dense -> [6, 4] and [2, 12]
+        assert_eq!(reshape_strides(&[2, 3, 4], &[12, 4, 1], &[6, 4]), Some(vec![4, 1]));
+        assert_eq!(reshape_strides(&[2, 3, 4], &[12, 4, 1], &[2, 3, 2, 2]), Some(vec![12, 4, 2, 1]));
+        // A transposed view [4, 3] of a [3, 4] buffer cannot merge its dims.
+        assert_eq!(reshape_strides(&[4, 3], &[1, 4], &[12]), None);
+        // ... but it can gain or lose unit dims.
+        assert_eq!(reshape_strides(&[4, 3], &[1, 4], &[4, 1, 3]), Some(vec![1, 0, 4]));
+        // Head split of a [197, 192] row into [197, 3, 64].
+        assert_eq!(reshape_strides(&[197, 192], &[192, 1], &[197, 3, 64]), Some(vec![192, 64, 1]));
+    }
+}

@@ -1,0 +1,53 @@
+//! The memory plan: arena offsets by liveness.
+
+use crate::plan::{BufferId, Plan, Storage};
+
+/// Arena offsets are aligned for vector loads.
+const ALIGN: usize = 64;
+
+/// Assigns arena offsets by liveness: a buffer is live from the kernel that
+/// first writes it to the last kernel that reads it (graph outputs to the
+/// end). First fit over the gaps between live buffers, every offset aligned.
+pub fn plan_memory(plan: &mut Plan) {
+    let n = plan.kernels.len();
+    let mut first = vec![usize::MAX; plan.buffers.len()];
+    let mut last = vec![0usize; plan.buffers.len()];
+    for (step, k) in plan.kernels.iter().enumerate() {
+        let (reads, writes) = k.buffers();
+        for b in writes {
+            first[b] = first[b].min(step);
+            last[b] = last[b].max(step);
+        }
+        for b in reads {
+            last[b] = last[b].max(step);
+        }
+    }
+    for (b, _) in &plan.outputs {
+        last[*b] = n;
+    }
+    // Live intervals in the arena: (offset, size, last step).
+    let mut live: Vec<(usize, usize, usize)> = Vec::new();
+    let mut top = 0usize;
+    for step in 0..n {
+        live.retain(|&(_, _, l)| l >= step);
+        let defs: Vec<BufferId> = (0..plan.buffers.len())
+            .filter(|&b| first[b] == step && matches!(plan.buffers[b].storage, Storage::Arena { .. }))
+            .collect();
+        for b in defs {
+            let size = plan.buffers[b].bytes.div_ceil(ALIGN).max(1) * ALIGN;
+            live.sort();
+            // The lowest gap between live intervals that fits.
+            let mut at = 0usize;
+            for &(o, s, _) in &live {
+                if o >= at + size {
+                    break;
+                }
+                at = at.max(o + s);
+            }
+            live.push((at, size, last[b]));
+            top = top.max(at + size);
+            plan.buffers[b].storage = Storage::Arena { offset: at };
+        }
+    }
+    plan.arena_bytes = top;
+}
