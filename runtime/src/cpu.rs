@@ -39,7 +39,7 @@ impl AlignedBuf {
 
 /// Kernels with less work than this (elements touched, or multiply-adds)
 /// run on one thread: waking workers would cost more than it saves.
-const PARALLEL_WORK: usize = 1 << 15;
+const PARALLEL_WORK: usize = 1 << 16;
 
 pub struct CpuExecutable {
     compiled: CompiledPlan,
@@ -108,12 +108,12 @@ impl Memory<'_> {
 
 impl Executable for CpuExecutable {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        self.execute(inputs, None)
+        self.in_pool(|| self.execute(inputs, None))
     }
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
         let mut times = Vec::with_capacity(self.compiled.plan.kernels.len());
-        self.execute(inputs, Some(&mut times))?;
+        self.in_pool(|| self.execute(inputs, Some(&mut times)))?;
         Ok(times)
     }
 }
@@ -134,20 +134,33 @@ fn work(kind: &KernelKind) -> usize {
 }
 
 impl CpuExecutable {
+    /// Runs `f` on a worker of the pool, if there is one: the whole plan then
+    /// executes inside the pool, so split kernels and the GEMM's own
+    /// parallelism share its threads instead of oversubscribing the cores.
+    fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
     /// Runs one native kernel, split across the pool when it is big enough.
     fn launch(&self, f: KernelFn, args: &[*mut u8], kind: &KernelKind) -> i32 {
         let extent = parallel_extent(kind) as i64;
         let parts = (self.threads as i64).min(extent);
         // A matmul with fewer batches than threads parallelises inside the GEMM instead.
-        let split = matches!(&self.pool, Some(_) if parts > 1 && work(kind) >= PARALLEL_WORK)
+        let split = self.pool.is_some()
+            && parts > 1
+            && work(kind) >= PARALLEL_WORK
             && !(matches!(kind, KernelKind::MatMul(_)) && extent < self.threads as i64);
-        let (Some(pool), true) = (&self.pool, split) else {
+        if !split {
             // The function was generated for exactly these operands.
             return unsafe { f(args.as_ptr(), 0, extent) };
-        };
+        }
         let shared = SharedArgs(args.as_ptr());
         let status = std::sync::atomic::AtomicI32::new(0);
-        pool.scope(|s| {
+        // `execute` runs inside the pool, so this scope uses its workers.
+        rayon::scope(|s| {
             for p in 0..parts {
                 let (begin, end) = (extent * p / parts, extent * (p + 1) / parts);
                 let (shared, status) = (&shared, &status);
