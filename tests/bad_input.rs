@@ -310,7 +310,8 @@ fn gather_index_out_of_range_is_an_error_not_a_crash() {
     let i = dir.join("i.npy");
     write_npy(&i, &egret::ir::Tensor::from_vec(vec![2], vec![0i64, 7]));
     let err = egret_fails(&["run", p.to_str().unwrap(), "--input", &format!("i={}", i.display())]);
-    assert!(err.contains("gather index 7 is out of range for an axis of length 3"), "{err}");
+    assert!(err.contains("out of range for an axis of length 3"), "{err}");
+    assert!(err.contains("Gather_0"), "{err}");
 }
 
 #[test]

@@ -291,3 +291,42 @@ output \"reversed\" = v19
 ",
     );
 }
+
+#[test]
+fn gathers_check_and_wrap_indices() {
+    same(
+        "v0: f32[5,6] = input{name=\"table\"}
+v1: i64[2,3] = const [0, 4, -1, 2, -5, 3]
+v2: f32[2,3,6] = gather{axis=0} v0, v1
+v3: i32[4] = const [5, 0, -6, 2]
+v4: f32[5,4] = gather{axis=1} v0, v3
+v5: i64[7] = const [1, 2, 3, 4, 5, 6, 7]
+v6: i64[3] = const [6, 0, -2]
+v7: i64[3] = gather{axis=0} v5, v6
+v8: f32[3] = cast{to=f32} v7
+output \"rows\" = v2
+output \"cols\" = v4
+output \"ints\" = v8
+",
+    );
+}
+
+#[test]
+fn an_out_of_range_gather_is_an_error_on_both_backends() {
+    let g = parse(
+        "v0: f32[5,6] = input{name=\"table\"}
+v1: i64[2] = const [1, 5]
+v2: f32[2,6] = gather{axis=0} v0, v1
+output \"y\" = v2
+",
+    )
+    .unwrap();
+    let x = inputs_for(&g, 0);
+    let plan = egret::backends::lower(&g, Default::default()).unwrap();
+    assert!(plan.kernels.iter().any(|k| k.kind_name() == "gather"), "{}", plan.describe());
+    let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+    let err = cpu.run(x.clone()).unwrap_err().to_string();
+    assert!(err.contains("out of range for an axis of length 5"), "{err}");
+    let err = ReferenceExecutable::new(g).unwrap().run(x).unwrap_err().to_string();
+    assert!(err.contains("index 5 is out of range for an axis of length 5"), "{err}");
+}

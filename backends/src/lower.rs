@@ -380,6 +380,11 @@ impl<'g> Lowering<'g> {
                         return;
                     }
                 }
+                if let Op::Gather { axis } = op {
+                    let k = self.gather(node.inputs[0], node.inputs[1], out, *axis, label);
+                    self.push(KernelKind::Gather(k), label);
+                    return;
+                }
                 if let Some(k) = self.rows(op, &node.inputs, &node.outputs, label) {
                     self.push(KernelKind::Rows(k), label);
                     return;
@@ -609,6 +614,25 @@ impl<'g> Lowering<'g> {
             self.define(extra);
         }
         Some(RowKernel { rows, len, op, x: xb, scale, bias, out })
+    }
+
+    fn gather(&mut self, data: ValueId, indices: ValueId, out: ValueId, axis: usize, label: &str) -> GatherKernel {
+        let g = self.g;
+        let ty = g.ty(data).clone();
+        let d = self.dense(data, label);
+        let i = self.dense(indices, label);
+        let o = self.define(out);
+        GatherKernel {
+            outer: ty.shape[..axis].iter().product(),
+            axis_len: ty.shape[axis],
+            inner: ty.shape[axis + 1..].iter().product(),
+            n_indices: g.ty(indices).numel(),
+            elem_bytes: ty.dtype.size_bytes(),
+            wide_indices: g.ty(indices).dtype == DType::I64,
+            data: d,
+            indices: i,
+            out: o,
+        }
     }
 
     /// A matmul over strided operand views; batch dims broadcast.

@@ -207,11 +207,29 @@ pub struct RowKernel {
     pub out: BufferId,
 }
 
+/// `out[o, j, :] = data[o, indices[j], :]` over `[outer, axis_len, inner]`
+/// data, any element type. Every index is checked: a negative one counts
+/// from the end, one out of range makes the kernel fail with status 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatherKernel {
+    pub outer: usize,
+    pub axis_len: usize,
+    pub inner: usize,
+    pub n_indices: usize,
+    pub elem_bytes: usize,
+    /// Whether indices are i64 (else i32).
+    pub wide_indices: bool,
+    pub data: BufferId,
+    pub indices: BufferId,
+    pub out: BufferId,
+}
+
 #[derive(Clone, Debug)]
 pub enum KernelKind {
     Map(MapKernel),
     MatMul(MatMulKernel),
     Rows(RowKernel),
+    Gather(GatherKernel),
     /// An op with no native kernel yet: the runtime evaluates it with the
     /// IR's reference semantics on the buffers' bytes.
     Reference {
@@ -234,6 +252,7 @@ impl Kernel {
             KernelKind::Map(_) => "map",
             KernelKind::MatMul(_) => "matmul",
             KernelKind::Rows(_) => "rows",
+            KernelKind::Gather(_) => "gather",
             KernelKind::Reference { .. } => "reference",
         }
     }
@@ -244,6 +263,7 @@ impl Kernel {
             KernelKind::Map(m) => (m.inputs.iter().map(|o| o.buffer).collect(), vec![m.output.buffer]),
             KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
             KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
+            KernelKind::Gather(k) => (vec![k.data, k.indices], vec![k.out]),
             KernelKind::Reference { inputs, outputs, .. } => {
                 (inputs.iter().map(|i| i.0).collect(), outputs.iter().map(|o| o.0).collect())
             }
@@ -303,6 +323,9 @@ impl Plan {
                     format!("{}x{}x{} x{} batches", mm.m, mm.k, mm.n, mm.batches.len())
                 }
                 KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
+                KernelKind::Gather(k) => {
+                    format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner)
+                }
                 KernelKind::Reference { op, .. } => op.name().to_string(),
             };
             s.push_str(&format!("k{i} {} {detail}  # {}\n", k.kind_name(), k.label));

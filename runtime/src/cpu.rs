@@ -129,6 +129,7 @@ fn work(kind: &KernelKind) -> usize {
         KernelKind::Map(m) => m.shape.iter().product(),
         KernelKind::Rows(r) => r.rows * r.len,
         KernelKind::MatMul(mm) => mm.m * mm.n * mm.k * mm.batches.len(),
+        KernelKind::Gather(k) => k.outer * k.n_indices * k.inner,
         KernelKind::Reference { .. } => 0,
     }
 }
@@ -208,11 +209,13 @@ impl CpuExecutable {
                     args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
                     let status = self.launch(f, &args, kind);
                     if status != 0 {
-                        return Err(RunError::Eval {
-                            node: k.label.clone(),
-                            op: k.kind_name().to_string(),
-                            message: format!("kernel failed with status {status}"),
-                        });
+                        let message = match (&k.kind, status) {
+                            (KernelKind::Gather(g), egret_backends::cpu::STATUS_INDEX_OUT_OF_RANGE) => {
+                                format!("gather index out of range for an axis of length {}", g.axis_len)
+                            }
+                            _ => format!("kernel failed with status {status}"),
+                        };
+                        return Err(RunError::Eval { node: k.label.clone(), op: k.kind_name().to_string(), message });
                     }
                 }
                 (_, None) => unreachable!("native kernels are compiled"),

@@ -38,6 +38,7 @@ pub fn parallel_extent(k: &KernelKind) -> usize {
         KernelKind::Map(m) => m.shape.first().copied().unwrap_or(1),
         KernelKind::Rows(r) => r.rows,
         KernelKind::MatMul(mm) => mm.batches.len(),
+        KernelKind::Gather(k) => k.outer,
         KernelKind::Reference { .. } => 1,
     }
 }
@@ -125,6 +126,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             match &k.kind {
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
                 KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, range, r, &fns),
+                KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
                 KernelKind::MatMul(mm) => {
                     let table: Box<[i64]> = mm.batches.iter().flat_map(|o| o.iter().map(|&x| x as i64)).collect();
                     emit_matmul(&mut b, ptr, args, range, mm, table.as_ptr() as i64, &fns);
@@ -156,6 +158,91 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
         })
         .collect();
     Ok(CompiledPlan { plan, entries, clif, _tables: tables, _module: module })
+}
+
+/// Status a gather kernel returns when an index is out of range.
+pub const STATUS_INDEX_OUT_OF_RANGE: i32 = 1;
+
+/// For each outer slice in the range and each index: check it, then copy
+/// one `inner`-element row. A bad index returns `STATUS_INDEX_OUT_OF_RANGE`
+/// before anything is read from it.
+fn emit_gather(
+    b: &mut FunctionBuilder,
+    ptr: types::Type,
+    args: cranelift_codegen::ir::Value,
+    range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
+    k: &crate::plan::GatherKernel,
+    config: cranelift_codegen::isa::TargetFrontendConfig,
+) {
+    use cranelift_codegen::ir::condcodes::IntCC;
+    let flags = MemFlagsData::new().with_notrap();
+    let data = b.ins().load(ptr, flags, args, 0);
+    let indices = b.ins().load(ptr, flags, args, 8);
+    let out = b.ins().load(ptr, flags, args, 16);
+    let row_bytes = (k.inner * k.elem_bytes) as i64;
+    let bad = b.create_block();
+    let done = b.create_block();
+    // for o in begin..end
+    let o_head = b.create_block();
+    let o_body = b.create_block();
+    b.append_block_param(o_head, types::I64);
+    b.ins().jump(o_head, &[range.0.into()]);
+    b.switch_to_block(o_head);
+    let o = b.block_params(o_head)[0];
+    let more = b.ins().icmp(IntCC::SignedLessThan, o, range.1);
+    b.ins().brif(more, o_body, &[], done, &[]);
+    b.switch_to_block(o_body);
+    // for j in 0..n_indices
+    let j_head = b.create_block();
+    let j_body = b.create_block();
+    let j_exit = b.create_block();
+    b.append_block_param(j_head, types::I64);
+    let zero = b.ins().iconst(types::I64, 0);
+    b.ins().jump(j_head, &[zero.into()]);
+    b.switch_to_block(j_head);
+    let j = b.block_params(j_head)[0];
+    let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, k.n_indices as i64);
+    b.ins().brif(more, j_body, &[], j_exit, &[]);
+    b.switch_to_block(j_body);
+    let idx = if k.wide_indices {
+        let at = b.ins().ishl_imm_u(j, 3);
+        let at = b.ins().iadd(indices, at);
+        b.ins().load(types::I64, flags, at, 0)
+    } else {
+        let at = b.ins().ishl_imm_u(j, 2);
+        let at = b.ins().iadd(indices, at);
+        let v = b.ins().load(types::I32, flags, at, 0);
+        b.ins().sextend(types::I64, v)
+    };
+    // Negative indices count from the end.
+    let wrapped = b.ins().iadd_imm_s(idx, k.axis_len as i64);
+    let neg = b.ins().icmp_imm_s(IntCC::SignedLessThan, idx, 0);
+    let idx = b.ins().select(neg, wrapped, idx);
+    let ok_low = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, idx, 0);
+    let ok_high = b.ins().icmp_imm_s(IntCC::SignedLessThan, idx, k.axis_len as i64);
+    let ok = b.ins().band(ok_low, ok_high);
+    let copy = b.create_block();
+    b.ins().brif(ok, copy, &[], bad, &[]);
+    b.switch_to_block(copy);
+    let src_row = b.ins().imul_imm_s(o, k.axis_len as i64);
+    let src_row = b.ins().iadd(src_row, idx);
+    let src_off = b.ins().imul_imm_s(src_row, row_bytes);
+    let src = b.ins().iadd(data, src_off);
+    let dst_row = b.ins().imul_imm_s(o, k.n_indices as i64);
+    let dst_row = b.ins().iadd(dst_row, j);
+    let dst_off = b.ins().imul_imm_s(dst_row, row_bytes);
+    let dst = b.ins().iadd(out, dst_off);
+    let size = b.ins().iconst(ptr, row_bytes);
+    b.call_memcpy(config, dst, src, size);
+    let next_j = b.ins().iadd_imm_s(j, 1);
+    b.ins().jump(j_head, &[next_j.into()]);
+    b.switch_to_block(j_exit);
+    let next_o = b.ins().iadd_imm_s(o, 1);
+    b.ins().jump(o_head, &[next_o.into()]);
+    b.switch_to_block(bad);
+    let status = b.ins().iconst(types::I32, STATUS_INDEX_OUT_OF_RANGE as i64);
+    b.ins().return_(&[status]);
+    b.switch_to_block(done);
 }
 
 /// Loops over the batch table, calling the GEMM entry point for each batch.
