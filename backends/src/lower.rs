@@ -316,6 +316,11 @@ impl<'g> Lowering<'g> {
         let mut reads: Vec<Operand> = Vec::new();
         let mut with = Vec::with_capacity(inputs.len());
         for &v in inputs {
+            // Scalar f32 constants become immediates in the expression.
+            if let Some(c) = g.const_value(v).filter(|t| t.numel() == 1 && t.dtype() == DType::F32) {
+                with.push(Expr::F32(c.as_f32().expect("an f32 constant")[0]));
+                continue;
+            }
             let inline = self.opts.fuse_elementwise
                 && g.ty(v).shape == shape
                 && g.use_count(v) == 1

@@ -58,12 +58,10 @@ pub struct CompiledPlan {
     pub entries: Vec<Option<KernelFn>>,
     /// Per kernel: the Cranelift IR it was compiled from (empty for reference kernels).
     pub clif: Vec<String>,
-    /// Read-only tables the generated code points into (matmul batch offsets).
-    _tables: Vec<Box<[i64]>>,
     _module: JITModule,
 }
 
-// The module's code and the tables are immutable after compilation.
+// The module's code and data are immutable after compilation.
 unsafe impl Send for CompiledPlan {}
 unsafe impl Sync for CompiledPlan {}
 
@@ -99,7 +97,6 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
     let mut fbc = FunctionBuilderContext::new();
     let mut ids: Vec<Option<FuncId>> = Vec::with_capacity(plan.kernels.len());
     let mut clif = Vec::with_capacity(plan.kernels.len());
-    let mut tables: Vec<Box<[i64]>> = Vec::new();
     let ptr = module.target_config().pointer_type();
     let frontend_config = module.target_config();
     for (i, k) in plan.kernels.iter().enumerate() {
@@ -128,9 +125,17 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
                 KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, range, r, &fns),
                 KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
                 KernelKind::MatMul(mm) => {
-                    let table: Box<[i64]> = mm.batches.iter().flat_map(|o| o.iter().map(|&x| x as i64)).collect();
-                    emit_matmul(&mut b, ptr, args, range, mm, table.as_ptr() as i64, &fns);
-                    tables.push(table);
+                    // The per-batch offsets live in a read-only data object beside the code.
+                    let bytes: Vec<u8> = mm.batches.iter().flatten().flat_map(|&x| (x as i64).to_le_bytes()).collect();
+                    let data = module
+                        .declare_data(&format!("egret_k{i}_batches"), Linkage::Local, false, false)
+                        .map_err(|e| err(e.to_string()))?;
+                    let mut desc = cranelift_module::DataDescription::new();
+                    desc.define(bytes.into_boxed_slice());
+                    desc.set_align(8);
+                    module.define_data(data, &desc).map_err(|e| err(e.to_string()))?;
+                    let table = module.declare_data_in_func(data, b.func);
+                    emit_matmul(&mut b, ptr, args, range, mm, table, &fns);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
             }
@@ -157,7 +162,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             })
         })
         .collect();
-    Ok(CompiledPlan { plan, entries, clif, _tables: tables, _module: module })
+    Ok(CompiledPlan { plan, entries, clif, _module: module })
 }
 
 /// Status a gather kernel returns when an index is out of range.
@@ -252,14 +257,14 @@ fn emit_matmul(
     args: cranelift_codegen::ir::Value,
     range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
     mm: &crate::plan::MatMulKernel,
-    table: i64,
+    table: cranelift_codegen::ir::GlobalValue,
     fns: &runtime_fns::FuncRefs,
 ) {
     let flags = MemFlagsData::new().with_notrap();
     let a = b.ins().load(ptr, flags, args, 0);
     let bm = b.ins().load(ptr, flags, args, 8);
     let c = b.ins().load(ptr, flags, args, 16);
-    let table = b.ins().iconst(ptr, table);
+    let table = b.ins().symbol_value(ptr, table);
     let (m, k, n) = (
         b.ins().iconst(types::I64, mm.m as i64),
         b.ins().iconst(types::I64, mm.k as i64),

@@ -1,0 +1,86 @@
+//! The Cranelift IR generated for small graphs, one per kernel kind.
+//! Snapshots live in `tests/snapshots/`; review every change to them like
+//! code (`cargo insta review`, or `INSTA_UPDATE=always` then `git diff`).
+
+use egret_backends::cpu::compile;
+use egret_backends::{lower, LowerOptions};
+
+/// The plan's kernel list, then the CLIF of every native kernel.
+fn clif(text: &str) -> String {
+    let g = egret_ir::text::parse(text).unwrap();
+    let compiled = compile(lower(&g, LowerOptions::default()).unwrap()).unwrap();
+    let mut out = compiled.plan.describe();
+    for (i, c) in compiled.clif.iter().enumerate() {
+        if !c.is_empty() {
+            out.push_str(&format!("\n; k{i}\n{c}"));
+        }
+    }
+    out
+}
+
+#[test]
+fn matmul() {
+    insta::assert_snapshot!(clif(
+        "v0: f32[2,8,16] = input{name=\"a\"}
+v1: f32[16,4] = input{name=\"b\"}
+v2: f32[2,8,4] = matmul v0, v1
+output \"c\" = v2
+"
+    ));
+}
+
+#[test]
+fn softmax() {
+    insta::assert_snapshot!(clif(
+        "v0: f32[3,10] = input{name=\"x\"}
+v1: f32[3,10] = softmax{axis=1} v0
+output \"y\" = v1
+"
+    ));
+}
+
+#[test]
+fn layer_norm() {
+    insta::assert_snapshot!(clif(
+        "v0: f32[4,6] = input{name=\"x\"}
+v1: f32[6] = input{name=\"g\"}
+v2: f32[6] = input{name=\"b\"}
+v3: f32[4,6], v4: f32[4,1], v5: f32[4,1] = layer_norm{axis=1, epsilon=1e-5} v0, v1, v2
+output \"y\" = v3
+"
+    ));
+}
+
+#[test]
+fn gather() {
+    insta::assert_snapshot!(clif(
+        "v0: f32[10,8] = input{name=\"table\"}
+v1: i64[5] = input{name=\"ids\"}
+v2: f32[5,8] = gather{axis=0} v0, v1
+output \"y\" = v2
+"
+    ));
+}
+
+#[test]
+fn elementwise_chain() {
+    // A bias add (read twice, so written once), then GELU in its erf form
+    // and a residual add fused into one map kernel with immediate constants.
+    insta::assert_snapshot!(clif(
+        "v0: f32[4,16] = input{name=\"x\"}
+v1: f32[16] = input{name=\"bias\"}
+v2: f32[4,16] = input{name=\"residual\"}
+v3: f32[4,16] = add v0, v1
+v4: f32[] = const [1.4142135]
+v5: f32[4,16] = div v3, v4
+v6: f32[4,16] = erf v5
+v7: f32[] = const [1.0]
+v8: f32[4,16] = add v6, v7
+v9: f32[4,16] = mul v3, v8
+v10: f32[] = const [0.5]
+v11: f32[4,16] = mul v9, v10
+v12: f32[4,16] = add v11, v2
+output \"y\" = v12
+"
+    ));
+}
