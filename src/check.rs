@@ -89,19 +89,25 @@ fn numbered(dir: &Path, prefix: &str) -> Result<Vec<(String, Tensor)>, Error> {
 
 /// Runs every data set of one case.
 pub fn check_case(case: &Path, backend: Backend, tol: Tolerance) -> Vec<CaseReport> {
+    check_case_with(case, &CompileOptions { backend, ..Default::default() }, tol)
+}
+
+/// `check_case` with full compile options (the stored inputs are added to
+/// `input_values`).
+pub fn check_case_with(case: &Path, opts: &CompileOptions, tol: Tolerance) -> Vec<CaseReport> {
     let sets = match data_sets(case) {
         Ok(s) if !s.is_empty() => s,
         Ok(_) => return vec![failed(case, "no test_data_set_N folders".into())],
         Err(e) => return vec![failed(case, e.to_string())],
     };
-    sets.iter().map(|set| check_set(case, set, backend, tol).unwrap_or_else(|e| failed(set, e.to_string()))).collect()
+    sets.iter().map(|set| check_set(case, set, opts, tol).unwrap_or_else(|e| failed(set, e.to_string()))).collect()
 }
 
 fn failed(case: &Path, error: String) -> CaseReport {
     CaseReport { case: case.display().to_string(), outputs: vec![], error: Some(error) }
 }
 
-fn check_set(case: &Path, set: &Path, backend: Backend, tol: Tolerance) -> Result<CaseReport, Error> {
+fn check_set(case: &Path, set: &Path, opts: &CompileOptions, tol: Tolerance) -> Result<CaseReport, Error> {
     let inputs = numbered(set, "input")?;
     let expected = numbered(set, "output")?;
     let model_path = case.join("model.onnx");
@@ -109,7 +115,7 @@ fn check_set(case: &Path, set: &Path, backend: Backend, tol: Tolerance) -> Resul
         return Err(Error::Usage(format!("`{}`: input files without tensor names are not supported", set.display())));
     }
     let named = inputs;
-    let opts = CompileOptions { backend, input_values: named.iter().cloned().collect(), ..Default::default() };
+    let opts = CompileOptions { input_values: named.iter().cloned().collect(), ..opts.clone() };
     let model = compile(&model_path, &opts)?;
     let outs = model.run(named)?;
     if outs.len() != expected.len() {

@@ -72,6 +72,8 @@ pub struct CompileOptions {
     pub threads: Option<usize>,
     /// Optimisation level: 0 gives one kernel per op, 1 fuses elementwise chains.
     pub opt_level: u8,
+    /// Force the matmul implementation instead of letting the compiler choose.
+    pub matmul: Option<egret_backends::plan::MatMulImpl>,
 }
 
 impl Default for CompileOptions {
@@ -83,6 +85,7 @@ impl Default for CompileOptions {
             input_values: HashMap::new(),
             threads: None,
             opt_level: MAX_OPT_LEVEL,
+            matmul: None,
         }
     }
 }
@@ -143,7 +146,8 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
-            let lower_opts = egret_backends::LowerOptions { fuse_elementwise: opts.opt_level >= 1 };
+            let lower_opts =
+                egret_backends::LowerOptions { fuse_elementwise: opts.opt_level >= 1, matmul: opts.matmul };
             let plan = egret_backends::lower(&graph, lower_opts)?;
             let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);

@@ -33,9 +33,14 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
 fn same(text: &str) {
     let g = parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let reference = ReferenceExecutable::new(g.clone()).unwrap();
-    // Unfused and fused; one thread, and two so that big kernels are split.
-    for (fuse, threads) in [(false, 1), (true, 1), (true, 2)] {
-        let plan = egret::backends::lower(&g, egret::backends::LowerOptions { fuse_elementwise: fuse }).unwrap();
+    // Unfused and fused; each matmul implementation; one thread, and two so
+    // that big kernels are split.
+    use egret::backends::plan::MatMulImpl::{Generated, Library};
+    for (fuse, matmul, threads) in
+        [(false, None, 1), (true, Some(Library), 1), (true, Some(Generated), 1), (true, None, 2)]
+    {
+        let opts = egret::backends::LowerOptions { fuse_elementwise: fuse, matmul };
+        let plan = egret::backends::lower(&g, opts).unwrap();
         let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
         assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
         let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan.clone()).unwrap(), threads);
@@ -44,7 +49,11 @@ fn same(text: &str) {
             let got = cpu.run(inputs_for(&g, seed)).unwrap();
             for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
                 let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
-                assert!(r.failure.is_none(), "{name} (fuse {fuse}, {threads} threads): {:?}\n{text}", r.failure);
+                assert!(
+                    r.failure.is_none(),
+                    "{name} (fuse {fuse}, {matmul:?}, {threads} threads): {:?}\n{text}",
+                    r.failure
+                );
             }
         }
     }
@@ -142,6 +151,16 @@ output \"b\" = v5
 output \"e\" = v6
 ",
     );
+}
+
+#[test]
+fn matmul_tiles_and_their_edges() {
+    // Whole 4 x 8 tiles, ragged edges on both sides, and degenerate shapes.
+    for (m, k, n) in [(4, 3, 8), (8, 5, 16), (7, 9, 13), (1, 1, 1), (3, 17, 7), (13, 2, 30)] {
+        same(&format!(
+            "v0: f32[{m},{k}] = input{{name=\"a\"}}\nv1: f32[{k},{n}] = input{{name=\"b\"}}\nv2: f32[{m},{n}] = matmul v0, v1\noutput \"c\" = v2\n"
+        ));
+    }
 }
 
 #[test]

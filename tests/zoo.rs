@@ -56,3 +56,16 @@ fn perf_models_pass_on_the_cpu_backend() {
     };
     common::check_all(&dir, Backend::Cpu, Tolerance::default());
 }
+
+/// The zoo again with every matmul that can take it on the generated
+/// register-tiled kernel instead of the GEMM library.
+#[test]
+fn every_zoo_model_passes_with_generated_matmuls() {
+    use egret::backends::plan::MatMulImpl;
+    let opts = egret::CompileOptions { matmul: Some(MatMulImpl::Generated), ..Default::default() };
+    for case in egret::check::discover(&common::zoo_dir()).unwrap() {
+        for r in egret::check::check_case_with(&case, &opts, Tolerance::default()) {
+            assert!(r.passed(), "{}: {:?} {:?}", r.case, r.error, r.outputs);
+        }
+    }
+}

@@ -16,16 +16,33 @@ use crate::plan::*;
 use egret_ir::{DType, Graph, IrError, NodeId, Op, Type, ValueId};
 use std::collections::HashMap;
 
-/// How much lowering fuses.
+/// How much lowering fuses, and which matmul implementation it may pick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LowerOptions {
     /// Fuse chains of elementwise ops into one map kernel (`--opt 1`).
     pub fuse_elementwise: bool,
+    /// Force one matmul implementation (where it applies) instead of choosing.
+    pub matmul: Option<MatMulImpl>,
 }
 
 impl Default for LowerOptions {
     fn default() -> Self {
-        LowerOptions { fuse_elementwise: true }
+        LowerOptions { fuse_elementwise: true, matmul: None }
+    }
+}
+
+/// Products smaller than this (multiply-adds per batch) run faster as
+/// generated code than through the library, whose packing and dispatch
+/// cost more than the arithmetic.
+const GENERATED_MATMUL_MAX_WORK: usize = 32 * 32 * 32;
+
+/// Picks the implementation of a matmul kernel.
+fn choose_matmul(k: &MatMulKernel, forced: Option<MatMulImpl>) -> MatMulImpl {
+    match forced {
+        Some(MatMulImpl::Generated) if k.can_generate() => MatMulImpl::Generated,
+        Some(_) => MatMulImpl::Library,
+        None if k.can_generate() && k.m * k.n * k.k <= GENERATED_MATMUL_MAX_WORK => MatMulImpl::Generated,
+        None => MatMulImpl::Library,
     }
 }
 
@@ -550,7 +567,9 @@ impl<'g> Lowering<'g> {
             a_strides: [k as isize, 1],
             b_strides: [p as isize, 1],
             batches,
+            implementation: MatMulImpl::Library,
         };
+        let mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
         self.push(KernelKind::MatMul(mm), label);
         if let Some(bias) = bias {
             let prod_op = Operand { buffer: product, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
@@ -669,7 +688,19 @@ impl<'g> Lowering<'g> {
         let a_strides = [va.strides[sa.len() - 2], va.strides[sa.len() - 1]];
         let b_strides = [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]];
         let cb = self.define(c);
-        Some(MatMulKernel { m, k, n, a: va.buffer, b: vb.buffer, c: cb, a_strides, b_strides, batches })
+        let mm = MatMulKernel {
+            m,
+            k,
+            n,
+            a: va.buffer,
+            b: vb.buffer,
+            c: cb,
+            a_strides,
+            b_strides,
+            batches,
+            implementation: MatMulImpl::Library,
+        };
+        Some(MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm })
     }
 }
 

@@ -7,8 +7,12 @@ use egret_backends::{lower, LowerOptions};
 
 /// The plan's kernel list, then the CLIF of every native kernel.
 fn clif(text: &str) -> String {
+    clif_with(text, LowerOptions::default())
+}
+
+fn clif_with(text: &str, opts: LowerOptions) -> String {
     let g = egret_ir::text::parse(text).unwrap();
-    let compiled = compile(lower(&g, LowerOptions::default()).unwrap()).unwrap();
+    let compiled = compile(lower(&g, opts).unwrap()).unwrap();
     let mut out = compiled.plan.describe();
     for (i, c) in compiled.clif.iter().enumerate() {
         if !c.is_empty() {
@@ -18,15 +22,23 @@ fn clif(text: &str) -> String {
     out
 }
 
+const MATMUL: &str = "v0: f32[2,8,16] = input{name=\"a\"}
+v1: f32[16,16] = input{name=\"b\"}
+v2: f32[2,8,16] = matmul v0, v1
+output \"c\" = v2
+";
+
+/// Small enough that the compiler picks the generated register-tiled kernel.
 #[test]
 fn matmul() {
-    insta::assert_snapshot!(clif(
-        "v0: f32[2,8,16] = input{name=\"a\"}
-v1: f32[16,4] = input{name=\"b\"}
-v2: f32[2,8,4] = matmul v0, v1
-output \"c\" = v2
-"
-    ));
+    insta::assert_snapshot!(clif(MATMUL));
+}
+
+/// The same product through the GEMM library.
+#[test]
+fn matmul_library() {
+    let opts = LowerOptions { matmul: Some(egret_backends::plan::MatMulImpl::Library), ..LowerOptions::default() };
+    insta::assert_snapshot!(clif_with(MATMUL, opts));
 }
 
 #[test]

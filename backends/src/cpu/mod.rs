@@ -11,9 +11,13 @@
 //! ISA flags come from the host (`cranelift-native` detects AVX, AVX2, FMA).
 //! Cranelift's x86-64 backend vectorises at 128 bits, so map kernels use
 //! f32x4 where every operand of the inner loop is unit-stride or broadcast.
-//! Matrix products call a tuned GEMM (the `gemm` crate) per batch.
+//! Matrix products either call a tuned GEMM (the `gemm` crate) per batch or
+//! run a register-tiled f32x4 product generated here; lowering picks one per
+//! kernel and the plan records which.
 
+mod loops;
 mod map;
+mod matmul;
 mod rows;
 mod runtime_fns;
 mod vmath;
@@ -135,7 +139,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
                     desc.set_align(8);
                     module.define_data(data, &desc).map_err(|e| err(e.to_string()))?;
                     let table = module.declare_data_in_func(data, b.func);
-                    emit_matmul(&mut b, ptr, args, range, mm, table, &fns);
+                    matmul::emit(&mut b, ptr, args, range, mm, table, &fns);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
             }
@@ -248,52 +252,4 @@ fn emit_gather(
     let status = b.ins().iconst(types::I32, STATUS_INDEX_OUT_OF_RANGE as i64);
     b.ins().return_(&[status]);
     b.switch_to_block(done);
-}
-
-/// Loops over the batch table, calling the GEMM entry point for each batch.
-fn emit_matmul(
-    b: &mut FunctionBuilder,
-    ptr: types::Type,
-    args: cranelift_codegen::ir::Value,
-    range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
-    mm: &crate::plan::MatMulKernel,
-    table: cranelift_codegen::ir::GlobalValue,
-    fns: &runtime_fns::FuncRefs,
-) {
-    let flags = MemFlagsData::new().with_notrap();
-    let a = b.ins().load(ptr, flags, args, 0);
-    let bm = b.ins().load(ptr, flags, args, 8);
-    let c = b.ins().load(ptr, flags, args, 16);
-    let table = b.ins().symbol_value(ptr, table);
-    let (m, k, n) = (
-        b.ins().iconst(types::I64, mm.m as i64),
-        b.ins().iconst(types::I64, mm.k as i64),
-        b.ins().iconst(types::I64, mm.n as i64),
-    );
-    let header = b.create_block();
-    let body = b.create_block();
-    let exit = b.create_block();
-    b.append_block_param(header, types::I64);
-    b.ins().jump(header, &[range.0.into()]);
-    b.switch_to_block(header);
-    let i = b.block_params(header)[0];
-    let done = b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual, i, range.1);
-    b.ins().brif(done, exit, &[], body, &[]);
-    b.switch_to_block(body);
-    let row = b.ins().imul_imm_s(i, 24);
-    let row = b.ins().iadd(table, row);
-    let addr = |base, slot: i32, b: &mut FunctionBuilder| {
-        let off = b.ins().load(types::I64, flags, row, slot * 8);
-        let bytes = b.ins().ishl_imm_u(off, 2);
-        b.ins().iadd(base, bytes)
-    };
-    let pa = addr(a, 0, b);
-    let pb = addr(bm, 1, b);
-    let pc = addr(c, 2, b);
-    let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
-    let [b_rs, b_cs] = mm.b_strides.map(|s| b.ins().iconst(types::I64, s as i64));
-    b.ins().call(fns.sgemm, &[m, k, n, pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
-    let next = b.ins().iadd_imm_s(i, 1);
-    b.ins().jump(header, &[next.into()]);
-    b.switch_to_block(exit);
 }

@@ -3,67 +3,17 @@
 //! Each pass over a row runs four lanes at a time with vector accumulators,
 //! then a scalar tail; the lanes are combined once per row.
 
+use super::loops::{counted, counted_dyn};
 use super::runtime_fns::FuncRefs;
 use super::vmath::VMath;
 use crate::plan::{RowKernel, RowOp};
-use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 
 const LANES: i64 = 4;
 
 fn flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
-}
-
-/// `for i in (start..end).step_by(step)` with loop-carried values; `body`
-/// gets the index and the carried values and returns their next values.
-fn counted(
-    b: &mut FunctionBuilder,
-    start: i64,
-    end: i64,
-    step: i64,
-    carried: Vec<Value>,
-    body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
-) -> Vec<Value> {
-    if end <= start {
-        return carried;
-    }
-    let (s, e) = (b.ins().iconst(types::I64, start), b.ins().iconst(types::I64, end));
-    counted_dyn(b, s, e, step, carried, body)
-}
-
-/// `counted` with bounds known only at run time.
-fn counted_dyn(
-    b: &mut FunctionBuilder,
-    start: Value,
-    end: Value,
-    step: i64,
-    carried: Vec<Value>,
-    body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
-) -> Vec<Value> {
-    let header = b.create_block();
-    let block = b.create_block();
-    let exit = b.create_block();
-    b.append_block_param(header, types::I64);
-    for &c in &carried {
-        b.append_block_param(header, b.func.dfg.value_type(c));
-    }
-    let mut args: Vec<BlockArg> = vec![start.into()];
-    args.extend(carried.iter().map(|&c| BlockArg::from(c)));
-    b.ins().jump(header, &args);
-    b.switch_to_block(header);
-    let params = b.block_params(header).to_vec();
-    let more = b.ins().icmp(IntCC::SignedLessThan, params[0], end);
-    b.ins().brif(more, block, &[], exit, &[]);
-    b.switch_to_block(block);
-    let next = body(b, params[0], &params[1..]);
-    let i1 = b.ins().iadd_imm_s(params[0], step);
-    let mut args: Vec<BlockArg> = vec![i1.into()];
-    args.extend(next.iter().map(|&c| BlockArg::from(c)));
-    b.ins().jump(header, &args);
-    b.switch_to_block(exit);
-    params[1..].to_vec()
 }
 
 /// The address of element `i` (an i64 value) of an f32 row at `base`.

@@ -1,0 +1,124 @@
+//! Matmul kernels: a loop over the batch table around either a call to the
+//! GEMM library or a register-tiled product generated here.
+//!
+//! The generated product keeps a 4 x 8 tile of `c` in eight f32x4
+//! accumulators: per step of `k` it loads two vectors of a `b` row, splats
+//! four `a` elements and issues eight fused multiply-adds. Rows and columns
+//! past the last whole tile take a scalar loop.
+
+use super::loops::{counted, counted_dyn};
+use super::runtime_fns::FuncRefs;
+use crate::plan::{MatMulImpl, MatMulKernel};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, GlobalValue, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_frontend::FunctionBuilder;
+
+const TILE_M: usize = 4;
+const TILE_N: usize = 8;
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// `base + 4 * (row * row_stride + col * col_stride)` for i64 row/col values.
+fn addr(b: &mut FunctionBuilder, base: Value, row: Value, rs: isize, col: Value, cs: isize) -> Value {
+    let r = b.ins().imul_imm_s(row, rs as i64 * 4);
+    let c = b.ins().imul_imm_s(col, cs as i64 * 4);
+    let off = b.ins().iadd(r, c);
+    b.ins().iadd(base, off)
+}
+
+pub fn emit(
+    b: &mut FunctionBuilder,
+    ptr: Type,
+    args: Value,
+    range: (Value, Value),
+    mm: &MatMulKernel,
+    table: GlobalValue,
+    fns: &FuncRefs,
+) {
+    let a = b.ins().load(ptr, flags(), args, 0);
+    let bm = b.ins().load(ptr, flags(), args, 8);
+    let c = b.ins().load(ptr, flags(), args, 16);
+    let table = b.ins().symbol_value(ptr, table);
+    counted_dyn(b, range.0, range.1, 1, vec![], &mut |b, i, _| {
+        // Row `i` of the table: element offsets of a, b and c.
+        let row = b.ins().imul_imm_s(i, 24);
+        let row = b.ins().iadd(table, row);
+        let at = |base, slot: i32, b: &mut FunctionBuilder| {
+            let off = b.ins().load(types::I64, flags(), row, slot * 8);
+            let bytes = b.ins().ishl_imm_u(off, 2);
+            b.ins().iadd(base, bytes)
+        };
+        let (pa, pb, pc) = (at(a, 0, b), at(bm, 1, b), at(c, 2, b));
+        match mm.implementation {
+            MatMulImpl::Library => {
+                let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
+                let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
+                let [b_rs, b_cs] = mm.b_strides.map(|s| b.ins().iconst(types::I64, s as i64));
+                b.ins().call(fns.sgemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
+            }
+            MatMulImpl::Generated => emit_tiled(b, mm, pa, pb, pc),
+        }
+        vec![]
+    });
+}
+
+fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, pc: Value) {
+    let (m4, n8) = ((mm.m / TILE_M * TILE_M) as i64, (mm.n / TILE_N * TILE_N) as i64);
+    let [a_rs, a_cs] = mm.a_strides;
+    let b_rs = mm.b_strides[0];
+    let n = mm.n as isize;
+    counted(b, 0, m4, TILE_M as i64, vec![], &mut |b, i, _| {
+        counted(b, 0, n8, TILE_N as i64, vec![], &mut |b, j, _| {
+            let zero = b.ins().f32const(0.0);
+            let zero = b.ins().splat(types::F32X4, zero);
+            let acc = counted(b, 0, mm.k as i64, 1, vec![zero; TILE_M * 2], &mut |b, p, acc| {
+                let brow = addr(b, pb, p, b_rs, j, 1);
+                let b0 = b.ins().load(types::F32X4, flags(), brow, 0);
+                let b1 = b.ins().load(types::F32X4, flags(), brow, 16);
+                let mut next = Vec::with_capacity(TILE_M * 2);
+                for r in 0..TILE_M {
+                    let ir = b.ins().iadd_imm_s(i, r as i64);
+                    let pa_r = addr(b, pa, ir, a_rs, p, a_cs);
+                    let x = b.ins().load(types::F32, flags(), pa_r, 0);
+                    let xv = b.ins().splat(types::F32X4, x);
+                    next.push(b.ins().fma(xv, b0, acc[2 * r]));
+                    next.push(b.ins().fma(xv, b1, acc[2 * r + 1]));
+                }
+                next
+            });
+            for r in 0..TILE_M {
+                let ir = b.ins().iadd_imm_s(i, r as i64);
+                let dst = addr(b, pc, ir, n, j, 1);
+                b.ins().store(flags(), acc[2 * r], dst, 0);
+                b.ins().store(flags(), acc[2 * r + 1], dst, 16);
+            }
+            vec![]
+        });
+        vec![]
+    });
+    // Everything outside the whole tiles, one element at a time: columns
+    // n8.. of the tiled rows, then every column of rows m4...
+    let n_end = b.ins().iconst(types::I64, mm.n as i64);
+    counted(b, 0, mm.m as i64, 1, vec![], &mut |b, i, _| {
+        let tiled_row = b.ins().icmp_imm_s(IntCC::SignedLessThan, i, m4);
+        let from_tile = b.ins().iconst(types::I64, n8);
+        let from_zero = b.ins().iconst(types::I64, 0);
+        let j0 = b.ins().select(tiled_row, from_tile, from_zero);
+        counted_dyn(b, j0, n_end, 1, vec![], &mut |b, j, _| {
+            let zero = b.ins().f32const(0.0);
+            let sum = counted(b, 0, mm.k as i64, 1, vec![zero], &mut |b, p, acc| {
+                let x = addr(b, pa, i, a_rs, p, a_cs);
+                let x = b.ins().load(types::F32, flags(), x, 0);
+                let y = addr(b, pb, p, b_rs, j, 1);
+                let y = b.ins().load(types::F32, flags(), y, 0);
+                vec![b.ins().fma(x, y, acc[0])]
+            })[0];
+            let dst = addr(b, pc, i, n, j, 1);
+            b.ins().store(flags(), sum, dst, 0);
+            vec![]
+        });
+        vec![]
+    });
+}
