@@ -349,3 +349,27 @@ output \"y\" = v2
     let err = ReferenceExecutable::new(g).unwrap().run(x).unwrap_err().to_string();
     assert!(err.contains("index 5 is out of range for an axis of length 5"), "{err}");
 }
+
+#[test]
+fn reductions_over_leading_and_middle_axes_and_int_casts() {
+    same(
+        "v0: f32[3,5,4] = input{name=\"x\"}
+v1: f32[1,5,1] = reduce{kind=mean, axes=[0, 2], keepdims=true} v0
+v2: f32[3,4] = reduce{kind=sum, axes=[1], keepdims=false} v0
+v3: f32[4] = reduce{kind=max, axes=[0, 1], keepdims=false} v0
+v4: i64[2,3] = const [1, -2, 3, 0, 7, -9]
+v5: f32[2,3] = cast{to=f32} v4
+v6: i32[3] = const [4, -5, 6]
+v7: f32[3] = cast{to=f32} v6
+v8: f32[2,3] = mul v5, v7
+v9: bool[2,3] = cast{to=bool} v4
+v10: f32[] = const [-5.0]
+v11: f32[2,3] = where v9, v8, v10
+output \"a\" = v1
+output \"b\" = v2
+output \"c\" = v3
+output \"d\" = v8
+output \"e\" = v11
+",
+    );
+}

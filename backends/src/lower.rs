@@ -205,6 +205,8 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
         Op::Cast { to } => match (in_types[0].dtype, to) {
             (DType::Bool, DType::F32) => Some(Expr::BoolToF32(b(I(0)))),
             (DType::F32, DType::Bool) => Some(Expr::F32ToBool(b(I(0)))),
+            (DType::I64 | DType::I32, DType::F32) => Some(Expr::IntToF32(b(I(0)))),
+            (DType::I64 | DType::I32, DType::Bool) => Some(Expr::IntToBool(b(I(0)))),
             (a, b2) if a == *b2 && mappable(a) => Some(I(0)),
             _ => None,
         },
@@ -607,9 +609,7 @@ impl<'g> Lowering<'g> {
                 (RowOp::LayerNorm { epsilon: *epsilon }, *axis)
             }
             Op::RmsNorm { axis, epsilon } if params_fit(*axis) => (RowOp::RmsNorm { epsilon: *epsilon }, *axis),
-            Op::Reduce { kind, axes, .. }
-                if !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i) =>
-            {
+            Op::Reduce { kind, axes, .. } if !axes.is_empty() => {
                 use egret_ir::op::ReduceKind as K;
                 let r = match kind {
                     K::Sum => RowOp::Sum,
@@ -620,7 +620,7 @@ impl<'g> Lowering<'g> {
                     K::L2 => RowOp::L2,
                     _ => return None,
                 };
-                (r, axes[0])
+                (r, rank - axes.len())
             }
             _ => return None,
         };
@@ -628,6 +628,32 @@ impl<'g> Lowering<'g> {
         let len = shape[axis..].iter().product::<usize>();
         if len == 0 {
             return None;
+        }
+        // A reduction over axes that are not the trailing ones reads a copy
+        // with those axes moved last (the kept axes keep their order, so the
+        // result's layout is unchanged).
+        if let Op::Reduce { axes, .. } = g.node(g.producer(outputs[0])).op.clone() {
+            let trailing = axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i);
+            if !trailing {
+                let mut perm: Vec<usize> = (0..rank).filter(|a| !axes.contains(a)).collect();
+                perm.extend(&axes);
+                let vw = self.view(x);
+                let moved: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+                let input = Operand {
+                    buffer: vw.buffer,
+                    dtype: DType::F32,
+                    offset: vw.offset,
+                    strides: perm.iter().map(|&p| vw.strides[p]).collect(),
+                };
+                let copy = self.scratch(DType::F32, &moved);
+                let output =
+                    Operand { buffer: copy, dtype: DType::F32, offset: 0, strides: contiguous_strides(&moved) };
+                self.map(moved.clone(), vec![input], output, Expr::Input(0), label);
+                let rows = moved[..rank - axes.len()].iter().product::<usize>();
+                let len = moved[rank - axes.len()..].iter().product::<usize>();
+                let out = self.define(outputs[0]);
+                return Some(RowKernel { rows, len, op, x: copy, scale: None, bias: None, out });
+            }
         }
         let xb = self.dense(x, label);
         let scale = inputs.get(1).map(|&v| self.dense(v, label));

@@ -107,6 +107,10 @@ pub enum Expr {
     BoolToF32(Box<Expr>),
     /// f32 to bool (non-zero).
     F32ToBool(Box<Expr>),
+    /// A signed integer operand (i32 or i64) to f32.
+    IntToF32(Box<Expr>),
+    /// A signed integer operand to bool (non-zero).
+    IntToBool(Box<Expr>),
 }
 
 impl Expr {
@@ -132,6 +136,8 @@ impl fmt::Display for Expr {
             Expr::Select(c, x, y) => write!(f, "Select({c}, {x}, {y})"),
             Expr::BoolToF32(x) => write!(f, "F32({x})"),
             Expr::F32ToBool(x) => write!(f, "Bool({x})"),
+            Expr::IntToF32(x) => write!(f, "F32({x})"),
+            Expr::IntToBool(x) => write!(f, "Bool({x})"),
         }
     }
 }
@@ -314,6 +320,8 @@ impl Expr {
             Expr::Select(c, x, y) => Expr::Select(s(c), s(x), s(y)),
             Expr::BoolToF32(x) => Expr::BoolToF32(s(x)),
             Expr::F32ToBool(x) => Expr::F32ToBool(s(x)),
+            Expr::IntToF32(x) => Expr::IntToF32(s(x)),
+            Expr::IntToBool(x) => Expr::IntToBool(s(x)),
         }
     }
 
@@ -321,9 +329,13 @@ impl Expr {
     pub fn op_count(&self) -> usize {
         match self {
             Expr::Input(_) | Expr::F32(_) => 0,
-            Expr::Unary(_, x) | Expr::Not(x) | Expr::IsNaN(x) | Expr::BoolToF32(x) | Expr::F32ToBool(x) => {
-                1 + x.op_count()
-            }
+            Expr::Unary(_, x)
+            | Expr::Not(x)
+            | Expr::IsNaN(x)
+            | Expr::BoolToF32(x)
+            | Expr::F32ToBool(x)
+            | Expr::IntToF32(x)
+            | Expr::IntToBool(x) => 1 + x.op_count(),
             Expr::Binary(_, x, y) | Expr::Compare(_, x, y) | Expr::Logic(_, x, y) => 1 + x.op_count() + y.op_count(),
             Expr::Select(c, x, y) => 1 + c.op_count() + x.op_count() + y.op_count(),
         }

@@ -19,6 +19,8 @@ const LANES: i64 = 4;
 fn elem_type(d: DType) -> Type {
     match d {
         DType::Bool => types::I8,
+        DType::I64 => types::I64,
+        DType::I32 => types::I32,
         _ => types::F32,
     }
 }
@@ -322,6 +324,14 @@ impl Ctx<'_> {
                 let x = self.eval(b, x, inputs, vector);
                 let w = b.ins().uextend(types::I32, x);
                 b.ins().fcvt_from_uint(types::F32, w)
+            }
+            Expr::IntToBool(x) => {
+                let x = self.eval(b, x, inputs, vector);
+                b.ins().icmp_imm_s(IntCC::NotEqual, x, 0)
+            }
+            Expr::IntToF32(x) => {
+                let x = self.eval(b, x, inputs, vector);
+                b.ins().fcvt_from_sint(types::F32, x)
             }
             Expr::F32ToBool(x) => {
                 let x = self.eval(b, x, inputs, vector);
