@@ -73,21 +73,29 @@ fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, 
         counted(b, 0, n8, TILE_N as i64, vec![], &mut |b, j, _| {
             let zero = b.ins().f32const(0.0);
             let zero = b.ins().splat(types::F32X4, zero);
-            let acc = counted(b, 0, mm.k as i64, 1, vec![zero; TILE_M * 2], &mut |b, p, acc| {
-                let brow = addr(b, pb, p, b_rs, j, 1);
-                let b0 = b.ins().load(types::F32X4, flags(), brow, 0);
-                let b1 = b.ins().load(types::F32X4, flags(), brow, 16);
-                let mut next = Vec::with_capacity(TILE_M * 2);
+            // The k-loop carries the accumulators and two pointers: `a[i, p]`
+            // (the tile's other rows are immediate offsets from it) and `b[p, j]`.
+            let zero_i = b.ins().iconst(types::I64, 0);
+            let a0 = addr(b, pa, i, a_rs, zero_i, a_cs);
+            let b0 = addr(b, pb, zero_i, b_rs, j, 1);
+            let mut carried = vec![zero; TILE_M * 2];
+            carried.extend([a0, b0]);
+            let out = counted(b, 0, mm.k as i64, 1, carried, &mut |b, _, c| {
+                let (acc, pa_p, pb_p) = (&c[..TILE_M * 2], c[TILE_M * 2], c[TILE_M * 2 + 1]);
+                let v0 = b.ins().load(types::F32X4, flags(), pb_p, 0);
+                let v1 = b.ins().load(types::F32X4, flags(), pb_p, 16);
+                let mut next = Vec::with_capacity(TILE_M * 2 + 2);
                 for r in 0..TILE_M {
-                    let ir = b.ins().iadd_imm_s(i, r as i64);
-                    let pa_r = addr(b, pa, ir, a_rs, p, a_cs);
-                    let x = b.ins().load(types::F32, flags(), pa_r, 0);
+                    let x = b.ins().load(types::F32, flags(), pa_p, (r as isize * a_rs * 4) as i32);
                     let xv = b.ins().splat(types::F32X4, x);
-                    next.push(b.ins().fma(xv, b0, acc[2 * r]));
-                    next.push(b.ins().fma(xv, b1, acc[2 * r + 1]));
+                    next.push(b.ins().fma(xv, v0, acc[2 * r]));
+                    next.push(b.ins().fma(xv, v1, acc[2 * r + 1]));
                 }
+                next.push(b.ins().iadd_imm_s(pa_p, a_cs as i64 * 4));
+                next.push(b.ins().iadd_imm_s(pb_p, b_rs as i64 * 4));
                 next
             });
+            let acc = &out[..TILE_M * 2];
             for r in 0..TILE_M {
                 let ir = b.ins().iadd_imm_s(i, r as i64);
                 let dst = addr(b, pc, ir, n, j, 1);
