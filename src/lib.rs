@@ -8,6 +8,7 @@
 //! 3. a backend turns the graph into an `Executable`, wrapped with the
 //!    model's signature into a `runtime::Program`.
 
+pub mod aot;
 pub mod check;
 pub mod io;
 
@@ -126,8 +127,19 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// The pipeline: import, canonicalise, hand to the backend.
-pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
+/// A model after the front half of the pipeline: imported and canonicalised.
+pub struct Canonical {
+    pub graph: Graph,
+    /// Graph inputs the graph was specialised on (see `CompileOptions::input_values`).
+    pub specialized: Vec<(String, Tensor)>,
+    pub canon: egret_passes::CanonStats,
+    pub opset: i64,
+    pub import_ms: f64,
+    pub canonicalize_ms: f64,
+}
+
+/// Import and canonicalisation, shared by every way of compiling.
+pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error> {
     let t = Instant::now();
     let import_opts = ImportOptions {
         dims: opts.dims.clone(),
@@ -136,19 +148,32 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     };
     let imported = egret_frontend::import_file(path, &import_opts)?;
     let import_ms = ms(t);
-
     let t = Instant::now();
     let (graph, canon) = egret_passes::canonicalize(&imported.graph)?;
-    let canonicalize_ms = ms(t);
+    Ok(Canonical {
+        graph,
+        specialized: imported.specialized,
+        canon,
+        opset: imported.opset,
+        import_ms,
+        canonicalize_ms: ms(t),
+    })
+}
 
+/// How lowering is configured for these options.
+pub fn lower_options(opts: &CompileOptions) -> egret_backends::LowerOptions {
+    egret_backends::LowerOptions { fuse_elementwise: opts.opt_level >= 1, matmul: opts.matmul }
+}
+
+/// The pipeline: import, canonicalise, hand to the backend.
+pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
+    let c = canonical(path, opts)?;
     let t = Instant::now();
-    let signature = egret_runtime::Signature::of(&graph, imported.specialized);
+    let signature = egret_runtime::Signature::of(&c.graph, c.specialized);
     let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
-        Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
+        Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(c.graph.clone())?),
         Backend::Cpu => {
-            let lower_opts =
-                egret_backends::LowerOptions { fuse_elementwise: opts.opt_level >= 1, matmul: opts.matmul };
-            let plan = egret_backends::lower(&graph, lower_opts)?;
+            let plan = egret_backends::lower(&c.graph, lower_options(opts))?;
             let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);
             egret_backends::cpu::set_threads(threads);
@@ -156,12 +181,11 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
         }
     };
     let backend_ms = ms(t);
-
     Ok(Model {
         program: Program { signature, executable },
-        graph,
-        canon,
-        times: StageTimes { import_ms, canonicalize_ms, backend_ms },
-        opset: imported.opset,
+        graph: c.graph,
+        canon: c.canon,
+        times: StageTimes { import_ms: c.import_ms, canonicalize_ms: c.canonicalize_ms, backend_ms },
+        opset: c.opset,
     })
 }

@@ -49,6 +49,13 @@ struct ModelArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum EmitArg {
+    So,
+    Obj,
+    Clif,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum MatMulArg {
     Auto,
     /// The tuned GEMM library.
@@ -141,6 +148,21 @@ enum Command {
         #[arg(long)]
         profile: bool,
     },
+    /// Compile a model ahead of time into a shared library and a C header.
+    Compile {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output folder.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// C name prefix and library name (default: from the model's folder or file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// What to write: a shared library and header, an object file with
+        /// the C API source and header, or Cranelift IR text.
+        #[arg(long, value_enum, default_value = "so")]
+        emit: EmitArg,
+    },
     /// List the ONNX ops the importer supports.
     Ops,
 }
@@ -182,6 +204,27 @@ fn run_cli() -> Result<()> {
         }
         Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile } => {
             run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
+        }
+        Command::Compile { model, out, name, emit } => {
+            let name = match name {
+                Some(n) => n,
+                None => {
+                    // `model.onnx` files are named after their folder.
+                    let stem = model.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+                    let folder = model.model.parent().and_then(|p| p.file_name()).and_then(|s| s.to_str());
+                    egret::aot::c_name(if stem == "model" { folder.unwrap_or(stem) } else { stem })
+                }
+            };
+            let emit = match emit {
+                EmitArg::So => egret::aot::Emit::SharedLibrary,
+                EmitArg::Obj => egret::aot::Emit::Object,
+                EmitArg::Clif => egret::aot::Emit::Clif,
+            };
+            let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+            for path in egret::aot::compile_library(&model.model, &out, &name, emit, &opts)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Command::Ops => {
             for op in egret::frontend::supported_ops() {

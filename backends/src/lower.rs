@@ -414,7 +414,7 @@ impl<'g> Lowering<'g> {
                     return;
                 }
                 if let (Op::MatMul, true) = (op, in_types.iter().all(|t| t.dtype == DType::F32)) {
-                    if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out) {
+                    if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out, label) {
                         self.push(KernelKind::MatMul(k), label);
                         return;
                     }
@@ -686,14 +686,21 @@ impl<'g> Lowering<'g> {
     }
 
     /// A matmul over strided operand views; batch dims broadcast.
-    fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId) -> Option<MatMulKernel> {
+    fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId, label: &str) -> Option<MatMulKernel> {
         let g = self.g;
         let (sa, sb, sc) = (g.ty(a).shape.clone(), g.ty(b).shape.clone(), g.ty(c).shape.clone());
         // 1-d operands are rare in transformer graphs; the reference path keeps them.
         if sa.len() < 2 || sb.len() < 2 {
             return None;
         }
-        let (va, vb) = (self.view(a), self.view(b));
+        let va = self.view(a);
+        let mut vb = self.view(b);
+        // Generated matmuls load rows of `b` as vectors: when they are forced
+        // (ahead-of-time code), give them a dense `b`.
+        if self.opts.matmul == Some(MatMulImpl::Generated) && vb.strides[sb.len() - 1] != 1 {
+            self.dense(b, label);
+            vb = self.view(b);
+        }
         let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
         let batch = &sc[..sc.len() - 2];
         let a_b = broadcast_view(&sa[..sa.len() - 2], &va.strides[..sa.len() - 2], batch);

@@ -264,12 +264,12 @@ impl Ctx<'_> {
                     Unary::Ceil => b.ins().ceil(x),
                     Unary::Round => b.ins().nearest(x),
                     Unary::Exp => VMath::new(vector).exp(b, x),
-                    Unary::Log => self.call(b, self.fns.unary[1], &[x]),
+                    Unary::Log => self.call(b, self.fns.log, &[x]),
                     Unary::Tanh => VMath::new(vector).tanh(b, x),
                     Unary::Erf => VMath::new(vector).erf(b, x),
                     Unary::Sigmoid => VMath::new(vector).sigmoid(b, x),
-                    Unary::Sin => self.call(b, self.fns.unary[5], &[x]),
-                    Unary::Cos => self.call(b, self.fns.unary[6], &[x]),
+                    Unary::Sin => self.call(b, self.fns.sin, &[x]),
+                    Unary::Cos => self.call(b, self.fns.cos, &[x]),
                 }
             }
             Expr::Binary(op, x, y) => {

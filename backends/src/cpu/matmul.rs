@@ -56,7 +56,8 @@ pub fn emit(
                 let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
                 let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let [b_rs, b_cs] = mm.b_strides.map(|s| b.ins().iconst(types::I64, s as i64));
-                b.ins().call(fns.sgemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
+                let sgemm = fns.sgemm.expect("library matmuls are only compiled where the GEMM library links");
+                b.ins().call(sgemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
             }
             MatMulImpl::Generated => emit_tiled(b, mm, pa, pb, pc),
         }

@@ -18,6 +18,7 @@
 mod loops;
 mod map;
 mod matmul;
+pub mod object;
 mod rows;
 mod runtime_fns;
 mod vmath;
@@ -69,18 +70,19 @@ pub struct CompiledPlan {
 unsafe impl Send for CompiledPlan {}
 unsafe impl Sync for CompiledPlan {}
 
-fn host_isa() -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
+/// The host's ISA with its detected features; `pic` for shared libraries.
+fn host_isa(pic: bool) -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| CodegenError::Isa(e.to_string()));
     set(&mut flags, "opt_level", "speed")?;
-    set(&mut flags, "is_pic", "false")?;
+    set(&mut flags, "is_pic", if pic { "true" } else { "false" })?;
     let isa = cranelift_native::builder().map_err(|e| CodegenError::Isa(e.to_string()))?;
     isa.finish(settings::Flags::new(flags)).map_err(|e| CodegenError::Isa(e.to_string()))
 }
 
 /// The description of the host ISA the code is generated for.
 pub fn host_description() -> String {
-    match host_isa() {
+    match host_isa(false) {
         Ok(isa) => {
             let flags: Vec<String> =
                 isa.isa_flags().iter().filter(|f| f.as_bool() == Some(true)).map(|f| f.name.to_string()).collect();
@@ -90,31 +92,65 @@ pub fn host_description() -> String {
     }
 }
 
-/// Compiles every native kernel of `plan` with Cranelift.
+/// JIT-compiles every native kernel of `plan`.
 pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
-    let isa = host_isa()?;
-    let mut jb = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
+    let mut jb = JITBuilder::with_isa(host_isa(false)?, cranelift_module::default_libcall_names());
     runtime_fns::register(&mut jb);
     let mut module = JITModule::new(jb);
-    let imports = runtime_fns::declare(&mut module).map_err(|m| CodegenError::Isa(m.to_string()))?;
+    let imports = runtime_fns::declare(&mut module, true).map_err(|m| CodegenError::Isa(m.to_string()))?;
+    let (ids, clif) = define_kernels(&mut module, &plan, &imports)?;
+    module.finalize_definitions().map_err(|e| CodegenError::Isa(e.to_string()))?;
+    let entries = ids
+        .iter()
+        .map(|id| {
+            id.map(|id| {
+                let code = module.get_finalized_function(id);
+                // The function was built with exactly the `KernelFn` signature.
+                unsafe { std::mem::transmute::<*const u8, KernelFn>(code) }
+            })
+        })
+        .collect();
+    Ok(CompiledPlan { plan, entries, clif, _module: module })
+}
+
+/// The signature every kernel has (see the module docs).
+fn kernel_signature<M: Module>(module: &M) -> Signature {
+    let ptr = module.target_config().pointer_type();
+    let mut sig = Signature::new(module.isa().default_call_conv());
+    sig.params.push(AbiParam::new(ptr));
+    sig.params.push(AbiParam::new(types::I64));
+    sig.params.push(AbiParam::new(types::I64));
+    sig.returns.push(AbiParam::new(types::I32));
+    sig
+}
+
+/// Defines one function `egret_k{i}` per native kernel in `module`; returns
+/// their ids (`None` for reference kernels) and their CLIF text.
+fn define_kernels<M: Module>(
+    module: &mut M,
+    plan: &Plan,
+    imports: &runtime_fns::Imports,
+) -> Result<(Vec<Option<FuncId>>, Vec<String>), CodegenError> {
     let mut ctx = module.make_context();
     let mut fbc = FunctionBuilderContext::new();
     let mut ids: Vec<Option<FuncId>> = Vec::with_capacity(plan.kernels.len());
     let mut clif = Vec::with_capacity(plan.kernels.len());
     let ptr = module.target_config().pointer_type();
     let frontend_config = module.target_config();
+    let sig = kernel_signature(module);
     for (i, k) in plan.kernels.iter().enumerate() {
         let err = |m: String| CodegenError::Kernel { kernel: i, label: k.label.clone(), message: m };
-        if matches!(k.kind, KernelKind::Reference { .. }) {
-            ids.push(None);
-            clif.push(String::new());
-            continue;
+        match &k.kind {
+            KernelKind::Reference { .. } => {
+                ids.push(None);
+                clif.push(String::new());
+                continue;
+            }
+            KernelKind::MatMul(mm) if mm.implementation == crate::plan::MatMulImpl::Library && !imports.has_gemm() => {
+                return Err(err("this module does not link the GEMM library; lower with generated matmuls".into()));
+            }
+            _ => {}
         }
-        let mut sig = Signature::new(module.isa().default_call_conv());
-        sig.params.push(AbiParam::new(ptr));
-        sig.params.push(AbiParam::new(types::I64));
-        sig.params.push(AbiParam::new(types::I64));
-        sig.returns.push(AbiParam::new(types::I32));
         ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
@@ -123,7 +159,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
             b.switch_to_block(entry);
             let args = b.block_params(entry)[0];
             let range = (b.block_params(entry)[1], b.block_params(entry)[2]);
-            let fns = imports.in_func(&mut module, b.func);
+            let fns = imports.in_func(module, b.func);
             match &k.kind {
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
                 KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, range, r, &fns),
@@ -155,18 +191,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
         module.clear_context(&mut ctx);
         ids.push(Some(id));
     }
-    module.finalize_definitions().map_err(|e| CodegenError::Isa(e.to_string()))?;
-    let entries = ids
-        .iter()
-        .map(|id| {
-            id.map(|id| {
-                let code = module.get_finalized_function(id);
-                // The function was built with exactly the `KernelFn` signature.
-                unsafe { std::mem::transmute::<*const u8, KernelFn>(code) }
-            })
-        })
-        .collect();
-    Ok(CompiledPlan { plan, entries, clif, _module: module })
+    Ok((ids, clif))
 }
 
 /// Status a gather kernel returns when an index is out of range.

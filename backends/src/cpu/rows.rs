@@ -169,7 +169,7 @@ fn emit_row(
                     b.ins().fmul(e, s)
                 });
             } else {
-                let call = b.ins().call(row.fns.unary[1], &[sum]);
+                let call = b.ins().call(row.fns.log, &[sum]);
                 let log_sum = b.inst_results(call)[0];
                 let shift = b.ins().fadd(max, log_sum);
                 row.each(b, out, &|b, i, v| {

@@ -1,29 +1,14 @@
 //! Functions generated code calls: scalar math Cranelift has no instruction
-//! for, and the GEMM microkernels.
+//! for (log, sin, cos, pow), and the GEMM library.
 
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, Function, Signature};
-use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_jit::JITBuilder;
 use cranelift_module::{FuncId, Linkage, Module, ModuleResult};
 
-extern "C" fn egret_expf(x: f32) -> f32 {
-    x.exp()
-}
+// Scalar math Cranelift has no instruction for, under their C names: the
+// JIT resolves these names to the functions below, an object file to libm.
 extern "C" fn egret_logf(x: f32) -> f32 {
     x.ln()
-}
-extern "C" fn egret_tanhf(x: f32) -> f32 {
-    x.tanh()
-}
-extern "C" fn egret_erff(x: f32) -> f32 {
-    libm::erff(x)
-}
-extern "C" fn egret_sigmoidf(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
 }
 extern "C" fn egret_sinf(x: f32) -> f32 {
     x.sin()
@@ -88,40 +73,38 @@ extern "C" fn egret_sgemm(
     }
 }
 
-const UNARY: [(&str, extern "C" fn(f32) -> f32); 7] = [
-    ("egret_expf", egret_expf),
-    ("egret_logf", egret_logf),
-    ("egret_tanhf", egret_tanhf),
-    ("egret_erff", egret_erff),
-    ("egret_sigmoidf", egret_sigmoidf),
-    ("egret_sinf", egret_sinf),
-    ("egret_cosf", egret_cosf),
-];
+/// The GEMM entry point's symbol (JIT only: objects use generated matmuls).
+pub const SGEMM: &str = "egret_sgemm";
 
 pub fn register(jb: &mut JITBuilder) {
-    for (name, f) in UNARY {
-        jb.symbol(name, f as *const u8);
-    }
-    jb.symbol("egret_powf", egret_powf as *const u8);
-    jb.symbol("egret_sgemm", egret_sgemm as *const u8);
+    jb.symbol("logf", egret_logf as *const u8);
+    jb.symbol("sinf", egret_sinf as *const u8);
+    jb.symbol("cosf", egret_cosf as *const u8);
+    jb.symbol("powf", egret_powf as *const u8);
+    jb.symbol(SGEMM, egret_sgemm as *const u8);
 }
 
 /// The imported functions, declared once per module.
 pub struct Imports {
-    unary: Vec<FuncId>,
+    log: FuncId,
+    sin: FuncId,
+    cos: FuncId,
     pow: FuncId,
-    sgemm: FuncId,
+    sgemm: Option<FuncId>,
 }
 
 /// The imports as seen from one function being built.
 pub struct FuncRefs {
-    /// In the order of `UNARY`: exp, log, tanh, erf, sigmoid, sin, cos.
-    pub unary: Vec<FuncRef>,
+    pub log: FuncRef,
+    pub sin: FuncRef,
+    pub cos: FuncRef,
     pub pow: FuncRef,
-    pub sgemm: FuncRef,
+    /// Absent in modules that do not link the GEMM library.
+    pub sgemm: Option<FuncRef>,
 }
 
-pub fn declare(module: &mut JITModule) -> ModuleResult<Imports> {
+/// Declares the imports; `with_gemm` adds the GEMM library's entry point.
+pub fn declare<M: Module>(module: &mut M, with_gemm: bool) -> ModuleResult<Imports> {
     let cc = module.isa().default_call_conv();
     let mut f1 = Signature::new(cc);
     f1.params.push(AbiParam::new(types::F32));
@@ -132,21 +115,27 @@ pub fn declare(module: &mut JITModule) -> ModuleResult<Imports> {
     for _ in 0..10 {
         g.params.push(AbiParam::new(types::I64));
     }
-    let unary = UNARY
-        .iter()
-        .map(|(name, _)| module.declare_function(name, Linkage::Import, &f1))
-        .collect::<ModuleResult<_>>()?;
-    let pow = module.declare_function("egret_powf", Linkage::Import, &f2)?;
-    let sgemm = module.declare_function("egret_sgemm", Linkage::Import, &g)?;
-    Ok(Imports { unary, pow, sgemm })
+    Ok(Imports {
+        log: module.declare_function("logf", Linkage::Import, &f1)?,
+        sin: module.declare_function("sinf", Linkage::Import, &f1)?,
+        cos: module.declare_function("cosf", Linkage::Import, &f1)?,
+        pow: module.declare_function("powf", Linkage::Import, &f2)?,
+        sgemm: if with_gemm { Some(module.declare_function(SGEMM, Linkage::Import, &g)?) } else { None },
+    })
 }
 
 impl Imports {
-    pub fn in_func(&self, module: &mut JITModule, func: &mut Function) -> FuncRefs {
+    pub fn has_gemm(&self) -> bool {
+        self.sgemm.is_some()
+    }
+
+    pub fn in_func<M: Module>(&self, module: &mut M, func: &mut Function) -> FuncRefs {
         FuncRefs {
-            unary: self.unary.iter().map(|&id| module.declare_func_in_func(id, func)).collect(),
+            log: module.declare_func_in_func(self.log, func),
+            sin: module.declare_func_in_func(self.sin, func),
+            cos: module.declare_func_in_func(self.cos, func),
             pow: module.declare_func_in_func(self.pow, func),
-            sgemm: module.declare_func_in_func(self.sgemm, func),
+            sgemm: self.sgemm.map(|id| module.declare_func_in_func(id, func)),
         }
     }
 }
