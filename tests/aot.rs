@@ -99,6 +99,20 @@ fn zoo_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
 }
 
 #[test]
+fn perf_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
+    let Some(perf) = common::shared_dir("perf", Some("EGRET_PERF_MODELS")) else { return };
+    if !have_cc() {
+        eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+        return;
+    }
+    let work = std::env::temp_dir().join(format!("egret-aot-perf-{}", std::process::id()));
+    for case in egret::check::discover(&perf).unwrap() {
+        check_model(&case, &work);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
 fn emit_obj_and_clif() {
     let dir = std::env::temp_dir().join(format!("egret-aot-emit-{}", std::process::id()));
     let model = common::zoo_dir().join("vit_tiny/model.onnx");
