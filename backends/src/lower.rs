@@ -595,6 +595,10 @@ impl<'g> Lowering<'g> {
             return None;
         }
         let rank = shape.len();
+        let reduce_axes = match op {
+            Op::Reduce { axes, .. } => Some(axes.clone()),
+            _ => None,
+        };
         let params_fit = |from: usize| {
             inputs[1..]
                 .iter()
@@ -632,7 +636,7 @@ impl<'g> Lowering<'g> {
         // A reduction over axes that are not the trailing ones reads a copy
         // with those axes moved last (the kept axes keep their order, so the
         // result's layout is unchanged).
-        if let Op::Reduce { axes, .. } = g.node(g.producer(outputs[0])).op.clone() {
+        if let Some(axes) = reduce_axes {
             let trailing = axes.iter().enumerate().all(|(i, &a)| a == rank - axes.len() + i);
             if !trailing {
                 let mut perm: Vec<usize> = (0..rank).filter(|a| !axes.contains(a)).collect();

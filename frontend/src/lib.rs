@@ -85,10 +85,9 @@ pub fn import_bytes(
     let mut specialize: HashSet<String> = HashSet::new();
     loop {
         match context::Importer::run(&model, base, opts, &specialize) {
-            Err(ImportError::NeedsInputValue { inputs, node, op })
+            Err(ImportError::NeedsInputValue { inputs, .. })
                 if inputs.iter().all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
             {
-                let _ = (&node, &op);
                 specialize.extend(inputs);
             }
             other => return other,

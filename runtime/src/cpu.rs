@@ -45,6 +45,9 @@ pub struct CpuExecutable {
     compiled: CompiledPlan,
     pool: Option<rayon::ThreadPool>,
     threads: usize,
+    /// Arenas of finished runs, reused: every arena byte a kernel reads was
+    /// written earlier in the same run, so they need no clearing.
+    arenas: std::sync::Mutex<Vec<AlignedBuf>>,
     /// Constant buffers, converted to bytes once at compile time.
     constants: Vec<Option<AlignedBuf>>,
     /// Per kernel, the buffers of its operands in ABI order.
@@ -74,7 +77,7 @@ impl CpuExecutable {
                 reads.into_iter().chain(writes).collect()
             })
             .collect();
-        CpuExecutable { compiled, pool, threads, constants, operands }
+        CpuExecutable { compiled, pool, threads, arenas: std::sync::Mutex::new(Vec::new()), constants, operands }
     }
 
     pub fn compiled(&self) -> &CompiledPlan {
@@ -180,12 +183,27 @@ impl CpuExecutable {
     fn execute(
         &self,
         inputs: Vec<Tensor>,
-        mut times: Option<&mut Vec<(String, String, f64)>>,
+        times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
         let inputs: Vec<AlignedBuf> = inputs.iter().map(|t| AlignedBuf::from_bytes(&t.to_bytes())).collect();
-        let arena = AlignedBuf::zeroed(plan.arena_bytes);
-        let mem = Memory { inputs: &inputs, constants: &self.constants, arena: arena.ptr() };
+        let arena =
+            self.arenas.lock().ok().and_then(|mut a| a.pop()).unwrap_or_else(|| AlignedBuf::zeroed(plan.arena_bytes));
+        let result = self.execute_in(plan, &inputs, &arena, times);
+        if let Ok(mut a) = self.arenas.lock() {
+            a.push(arena);
+        }
+        result
+    }
+
+    fn execute_in(
+        &self,
+        plan: &egret_backends::Plan,
+        inputs: &[AlignedBuf],
+        arena: &AlignedBuf,
+        mut times: Option<&mut Vec<(String, String, f64)>>,
+    ) -> Result<Vec<Tensor>, RunError> {
+        let mem = Memory { inputs, constants: &self.constants, arena: arena.ptr() };
         let mut args: Vec<*mut u8> = Vec::new();
         for (i, k) in plan.kernels.iter().enumerate() {
             let start = times.as_ref().map(|_| std::time::Instant::now());

@@ -3,7 +3,7 @@
 use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
 use crate::tensor::dtype_from_onnx;
-use egret_ir::{DType, Op, Tensor};
+use egret_ir::{Op, Tensor};
 
 pub fn register(r: &mut Registry) {
     macro_rules! unary {
@@ -199,6 +199,5 @@ fn constant(c: &mut NodeCtx) -> BuildResult {
     } else {
         return Err(c.err("has no value attribute"));
     };
-    let _ = DType::F32;
     Ok(vec![c.constant(t)])
 }

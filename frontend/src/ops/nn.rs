@@ -7,6 +7,19 @@ use crate::ImportError;
 use egret_ir::op::ReduceKind;
 use egret_ir::{Op, Tensor, ValueId};
 
+const REDUCTIONS: [(&str, ReduceKind); 10] = [
+    ("ReduceSum", ReduceKind::Sum),
+    ("ReduceMean", ReduceKind::Mean),
+    ("ReduceMax", ReduceKind::Max),
+    ("ReduceMin", ReduceKind::Min),
+    ("ReduceProd", ReduceKind::Prod),
+    ("ReduceL1", ReduceKind::L1),
+    ("ReduceL2", ReduceKind::L2),
+    ("ReduceLogSum", ReduceKind::LogSum),
+    ("ReduceLogSumExp", ReduceKind::LogSumExp),
+    ("ReduceSumSquare", ReduceKind::SumSquare),
+];
+
 pub fn register(r: &mut Registry) {
     r.insert("MatMul", |c| {
         let (a, b) = (c.req(0)?, c.req(1)?);
@@ -48,33 +61,10 @@ pub fn register(r: &mut Registry) {
         let inputs: Vec<ValueId> = (0..3).map(|i| c.req(i)).collect::<Result<_, _>>()?;
         c.add_node(Op::InstanceNorm { epsilon }, &inputs)
     });
-    for (name, kind) in [
-        ("ReduceSum", ReduceKind::Sum),
-        ("ReduceMean", ReduceKind::Mean),
-        ("ReduceMax", ReduceKind::Max),
-        ("ReduceMin", ReduceKind::Min),
-        ("ReduceProd", ReduceKind::Prod),
-        ("ReduceL1", ReduceKind::L1),
-        ("ReduceL2", ReduceKind::L2),
-        ("ReduceLogSum", ReduceKind::LogSum),
-        ("ReduceLogSumExp", ReduceKind::LogSumExp),
-        ("ReduceSumSquare", ReduceKind::SumSquare),
-    ] {
-        let _ = kind;
+    for (name, _) in REDUCTIONS {
         r.insert(name, |c| {
-            let kind = match c.node.op_type.as_str() {
-                "ReduceSum" => ReduceKind::Sum,
-                "ReduceMean" => ReduceKind::Mean,
-                "ReduceMax" => ReduceKind::Max,
-                "ReduceMin" => ReduceKind::Min,
-                "ReduceProd" => ReduceKind::Prod,
-                "ReduceL1" => ReduceKind::L1,
-                "ReduceL2" => ReduceKind::L2,
-                "ReduceLogSum" => ReduceKind::LogSum,
-                "ReduceLogSumExp" => ReduceKind::LogSumExp,
-                _ => ReduceKind::SumSquare,
-            };
-            reduce(c, kind)
+            let kind = REDUCTIONS.iter().find(|(n, _)| *n == c.node.op_type).map(|(_, k)| *k);
+            reduce(c, kind.expect("registered from REDUCTIONS"))
         });
     }
     r.insert("ArgMax", |c| arg_reduce(c, true));

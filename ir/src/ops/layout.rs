@@ -320,7 +320,6 @@ pub fn map_index(
 
 fn pad(x: &Tensor, value: Option<&Tensor>, pads: &[i64], mode: PadMode) -> OpResult<Tensor> {
     let shape = x.shape();
-    let r = shape.len();
     let out = pad_out_shape(shape, pads)?;
     let idx = map_index(&out, shape, |o, a| {
         let n = shape[a] as i64;
@@ -342,7 +341,6 @@ fn pad(x: &Tensor, value: Option<&Tensor>, pads: &[i64], mode: PadMode) -> OpRes
             }
         }
     });
-    let _ = r;
     let data = dispatch!(x.data(), v: T => {
         let fill = match value {
             Some(t) => T::unwrap(t.data()).and_then(|s| s.first().copied()).unwrap_or_default(),

@@ -109,9 +109,8 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         Op::MaxPool { kernel, strides, pads, dilations, .. } => {
             max_pool(x, &out_types[0].shape, kernel, strides, pads, dilations)
         }
-        Op::AveragePool { kernel, strides, pads, dilations, count_include_pad, ceil_mode } => {
-            average_pool(x, &out_types[0].shape, kernel, strides, pads, dilations, *count_include_pad, *ceil_mode)
-                .map(|t| vec![t])
+        Op::AveragePool { kernel, strides, pads, dilations, count_include_pad, .. } => {
+            average_pool(x, &out_types[0].shape, kernel, strides, pads, dilations, *count_include_pad).map(|t| vec![t])
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Hardmax { axis } => {
             let (outer, len, inner) = split_at_axis(x.shape(), *axis);
@@ -253,7 +252,6 @@ fn average_pool(
     pads: &[usize],
     dil: &[usize],
     count_include_pad: bool,
-    ceil_mode: bool,
 ) -> OpResult<Tensor> {
     let in_sp = &x.shape()[2..];
     let out_sp = &out_shape[2..];
@@ -266,7 +264,6 @@ fn average_pool(
         let unpadded = vec![0usize; 2 * sp];
         let offs_padded = window_offsets(&padded, out_sp, kernel, strides, &unpadded, dil);
         let n_k: usize = kernel.iter().product();
-        let _ = ceil_mode;
         (0..offs_padded.len() / n_k.max(1))
             .map(|p| offs_padded[p * n_k..(p + 1) * n_k].iter().flatten().count() as f64)
             .collect()
@@ -306,7 +303,3 @@ impl Tensor {
         super::broadcast_index(self.shape(), shape).into_iter().map(|i| v[i]).collect()
     }
 }
-
-/// Keeps the `Elem` import used by the macros above.
-#[allow(dead_code)]
-fn _elem_is_used<T: Elem>() {}
