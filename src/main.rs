@@ -308,6 +308,7 @@ fn run_bench(
                 "min_ms": min,
                 "max_ms": max,
                 "compile_ms": compile_ms,
+                "arena_bytes": m.program.executable.arena_bytes(),
             })
         );
     } else {
@@ -318,6 +319,9 @@ fn run_bench(
             times.len()
         );
         println!("  median {median:.3} ms   min {min:.3} ms   max {max:.3} ms   compile {compile_ms:.1} ms");
+        if let Some(arena) = m.program.executable.arena_bytes() {
+            println!("  arena {arena} bytes");
+        }
     }
     if profile {
         print_profile(&m.program.profile(all)?);

@@ -215,6 +215,18 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
     .filter(|_| mappable(out.dtype))
 }
 
+/// `x / c` for a constant `c` becomes `x * (1 / c)`: a multiply instead of
+/// a divide, at most one ulp away (exactly equal when `c` is a power of two).
+fn divide_by_constant_as_multiply(e: Expr) -> Expr {
+    match e {
+        Expr::Binary(Binary::Div, x, c) => match *c {
+            Expr::F32(v) if (1.0 / v).is_normal() => Expr::binary(Binary::Mul, *x, Expr::F32(1.0 / v)),
+            c => Expr::Binary(Binary::Div, x, Box::new(c)),
+        },
+        other => other,
+    }
+}
+
 /// Merges adjacent dims that every operand walks contiguously, and drops
 /// dims of size 1, so most kernels run one long inner loop.
 fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<Operand>) {
@@ -356,8 +368,8 @@ impl<'g> Lowering<'g> {
                 reads.push(r);
             }
         }
-        self.pending
-            .insert(out, Pending { shape, inputs: reads, expr: expr.substitute(&with), label: label.to_string() });
+        let expr = divide_by_constant_as_multiply(expr.substitute(&with));
+        self.pending.insert(out, Pending { shape, inputs: reads, expr, label: label.to_string() });
         if !self.opts.fuse_elementwise {
             self.materialize(out);
         }

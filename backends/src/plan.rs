@@ -281,6 +281,17 @@ impl Kernel {
         }
     }
 
+    /// The kind with its variant: `matmul:library`, `reference:softmax`, ...
+    pub fn detailed_kind(&self) -> String {
+        match &self.kind {
+            KernelKind::MatMul(mm) => {
+                format!("matmul:{}", if mm.implementation == MatMulImpl::Library { "library" } else { "generated" })
+            }
+            KernelKind::Reference { op, .. } => format!("reference:{}", op.name()),
+            _ => self.kind_name().to_string(),
+        }
+    }
+
     /// Buffers the kernel reads, then the ones it writes.
     pub fn buffers(&self) -> (Vec<BufferId>, Vec<BufferId>) {
         match &self.kind {

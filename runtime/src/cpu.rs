@@ -114,6 +114,10 @@ impl Executable for CpuExecutable {
         self.in_pool(|| self.execute(inputs, None))
     }
 
+    fn arena_bytes(&self) -> Option<usize> {
+        Some(self.compiled.plan.arena_bytes)
+    }
+
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
         let mut times = Vec::with_capacity(self.compiled.plan.kernels.len());
         self.in_pool(|| self.execute(inputs, Some(&mut times)))?;
@@ -239,10 +243,7 @@ impl CpuExecutable {
                 (_, None) => unreachable!("native kernels are compiled"),
             }
             if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
-                let kind = match &k.kind {
-                    KernelKind::Reference { op, .. } => format!("reference:{}", op.name()),
-                    _ => k.kind_name().to_string(),
-                };
+                let kind = k.detailed_kind();
                 times.push((kind, k.label.clone(), start.elapsed().as_secs_f64() * 1e3));
             }
         }

@@ -39,6 +39,11 @@ pub enum RunError {
 pub trait Executable: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
 
+    /// Bytes of working memory one run uses, where the backend plans it.
+    fn arena_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Runs once, timing each step: (kind, label, milliseconds) per kernel.
     /// Backends without per-kernel steps report one entry for the whole run.
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
