@@ -2,42 +2,57 @@
 //! reports throughput in elements per second with one "element" per
 //! floating-point operation, so `Gelem/s` reads as GFLOP/s.
 //!
-//! Both implementations are measured: the GEMM library the compiler calls
-//! for large products, and the register-tiled kernel it generates.
+//! Three variants: the GEMM library the compiler calls for large products;
+//! the register-tiled kernel it generates, reading `b` as a row-major input;
+//! and the generated kernel with `b` a constant weight matrix, which lowering
+//! packs into panels at compile time.
 //!
 //! `cargo bench --bench matmul`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use egret::ir::{text, Tensor};
+use egret::backends::plan::MatMulImpl;
+use egret::ir::{DType, Graph, Op, Tensor, Type};
 use egret::runtime::{CpuExecutable, Executable};
 
-fn matmul(c: &mut Criterion) {
-    use egret::backends::plan::MatMulImpl;
-    for (name, implementation) in [("library", MatMulImpl::Library), ("generated", MatMulImpl::Generated)] {
-        bench_impl(c, name, implementation);
-    }
+fn matrix(n: usize, modulus: usize, scale: f32) -> Tensor {
+    Tensor::from_vec(vec![n, n], (0..n * n).map(|i| (i % modulus) as f32 * scale).collect::<Vec<f32>>())
 }
 
-fn bench_impl(c: &mut Criterion, name: &str, implementation: egret::backends::plan::MatMulImpl) {
+/// `c = a @ b` with `a` an input and `b` an input or a constant.
+fn graph(n: usize, b_constant: bool) -> Graph {
+    let mut g = Graph::new();
+    let a = g.add_input("a", Type::new(DType::F32, vec![n, n]));
+    let b = if b_constant {
+        g.add_const(matrix(n, 5, 0.5), "w")
+    } else {
+        g.add_input("b", Type::new(DType::F32, vec![n, n]))
+    };
+    let c = g.add(Op::MatMul, &[a, b], "matmul").unwrap();
+    g.set_output("c", c);
+    g
+}
+
+fn bench_variant(c: &mut Criterion, name: &str, implementation: MatMulImpl, b_constant: bool) {
     let mut group = c.benchmark_group(format!("matmul_f32_1_thread_{name}"));
     for n in [64usize, 256, 512, 1024] {
-        let g = text::parse(&format!(
-            "v0: f32[{n},{n}] = input{{name=\"a\"}}\nv1: f32[{n},{n}] = input{{name=\"b\"}}\nv2: f32[{n},{n}] = matmul v0, v1\noutput \"c\" = v2\n"
-        ))
-        .unwrap();
         let opts = egret::backends::LowerOptions { matmul: Some(implementation), ..Default::default() };
-        let plan = egret::backends::lower(&g, opts).unwrap();
+        let plan = egret::backends::lower(&graph(n, b_constant), opts).unwrap();
         egret::backends::cpu::set_threads(1);
         let exe = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-        let a = Tensor::from_vec(vec![n, n], (0..n * n).map(|i| (i % 7) as f32 * 0.25).collect::<Vec<f32>>());
-        let b = Tensor::from_vec(vec![n, n], (0..n * n).map(|i| (i % 5) as f32 * 0.5).collect::<Vec<f32>>());
+        let inputs = if b_constant { vec![matrix(n, 7, 0.25)] } else { vec![matrix(n, 7, 0.25), matrix(n, 5, 0.5)] };
         group.throughput(Throughput::Elements(2 * (n as u64).pow(3)));
         group.sample_size(if n >= 512 { 20 } else { 50 });
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |bench, _| {
-            bench.iter(|| exe.run(vec![a.clone(), b.clone()]).unwrap())
+            bench.iter(|| exe.run(inputs.clone()).unwrap())
         });
     }
     group.finish();
+}
+
+fn matmul(c: &mut Criterion) {
+    bench_variant(c, "library", MatMulImpl::Library, false);
+    bench_variant(c, "generated", MatMulImpl::Generated, false);
+    bench_variant(c, "generated_packed_weights", MatMulImpl::Generated, true);
 }
 
 criterion_group!(benches, matmul);

@@ -373,3 +373,23 @@ output \"e\" = v11
 ",
     );
 }
+
+#[test]
+fn constant_weights_packed_for_the_generated_matmul() {
+    // Whole panels, ragged tails, a tail only (n < 8), and a batched left side.
+    for (m, k, n) in [(4, 5, 16), (7, 3, 13), (5, 9, 6), (9, 4, 8), (1, 1, 9)] {
+        let w: Vec<String> = data(k * n, 9).iter().map(|x| format!("{x:?}")).collect();
+        let text = format!(
+            "v0: f32[2,{m},{k}] = input{{name=\"a\"}}\nv1: f32[{k},{n}] = const [{}]\nv2: f32[2,{m},{n}] = matmul v0, v1\noutput \"c\" = v2\n",
+            w.join(", ")
+        );
+        let g = parse(&text).unwrap();
+        let opts = egret::backends::LowerOptions {
+            matmul: Some(egret::backends::plan::MatMulImpl::Generated),
+            ..Default::default()
+        };
+        let plan = egret::backends::lower(&g, opts).unwrap();
+        assert!(plan.describe().contains("b packed"), "{}", plan.describe());
+        same(&text);
+    }
+}

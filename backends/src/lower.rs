@@ -215,6 +215,23 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
     .filter(|_| mappable(out.dtype))
 }
 
+/// Lays out a row-major `[k, n]` matrix as the generated matmul reads it:
+/// for each group of 8 columns, its `k` rows of 8 values; then the last
+/// `n % 8` columns, row-major.
+fn pack_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let n8 = n / 8 * 8;
+    let mut out = Vec::with_capacity(k * n);
+    for j in (0..n8).step_by(8) {
+        for p in 0..k {
+            out.extend_from_slice(&w[p * n + j..p * n + j + 8]);
+        }
+    }
+    for p in 0..k {
+        out.extend_from_slice(&w[p * n + n8..(p + 1) * n]);
+    }
+    out
+}
+
 /// `x / c` for a constant `c` becomes `x * (1 / c)`: a multiply instead of
 /// a divide, at most one ulp away (exactly equal when `c` is a power of two).
 fn divide_by_constant_as_multiply(e: Expr) -> Expr {
@@ -582,6 +599,7 @@ impl<'g> Lowering<'g> {
             b_strides: [p as isize, 1],
             batches,
             implementation: MatMulImpl::Library,
+            b_packed: false,
         };
         let mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
         self.push(KernelKind::MatMul(mm), label);
@@ -748,8 +766,20 @@ impl<'g> Lowering<'g> {
             b_strides,
             batches,
             implementation: MatMulImpl::Library,
+            b_packed: false,
         };
-        Some(MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm })
+        let mut mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
+        // A constant weight matrix read by generated code is laid out for it
+        // once, here, instead of being walked row by row on every run.
+        if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
+            if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
+                let packed = pack_panels(w.as_f32().expect("checked f32"), k, n);
+                let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
+                mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
+                mm.b_packed = true;
+            }
+        }
+        Some(mm)
     }
 }
 

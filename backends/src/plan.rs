@@ -179,13 +179,17 @@ pub struct MatMulKernel {
     /// Per batch: element offsets of a, b and c.
     pub batches: Vec<[isize; 3]>,
     pub implementation: MatMulImpl,
+    /// `b` is a constant laid out for the generated kernel at compile time:
+    /// `[n / 8][k][8]` panels, then the last `n % 8` columns row-major
+    /// (`b_strides` then describe nothing).
+    pub b_packed: bool,
 }
 
 impl MatMulKernel {
     /// Whether the generated kernel can compute this product: it loads `b`
     /// rows as vectors, so `b` must be unit-stride along its columns.
     pub fn can_generate(&self) -> bool {
-        self.b_strides[1] == 1
+        self.b_packed || self.b_strides[1] == 1
     }
 }
 
@@ -354,6 +358,22 @@ impl Expr {
 }
 
 impl Plan {
+    /// Per buffer, whether some kernel or graph output reads or writes it
+    /// (a constant replaced by a repacked copy is not).
+    pub fn used_buffers(&self) -> Vec<bool> {
+        let mut used = vec![false; self.buffers.len()];
+        for k in &self.kernels {
+            let (reads, writes) = k.buffers();
+            for b in reads.into_iter().chain(writes) {
+                used[b] = true;
+            }
+        }
+        for (b, _) in self.outputs.iter().chain(&self.inputs) {
+            used[*b] = true;
+        }
+        used
+    }
+
     /// One line per kernel, for `egret explain` and snapshots.
     pub fn describe(&self) -> String {
         let mut s = String::new();
@@ -361,7 +381,15 @@ impl Plan {
             let detail = match &k.kind {
                 KernelKind::Map(m) => format!("{:?} {}", m.shape, m.expr),
                 KernelKind::MatMul(mm) => {
-                    format!("{}x{}x{} x{} batches ({:?})", mm.m, mm.k, mm.n, mm.batches.len(), mm.implementation)
+                    let packed = if mm.b_packed { ", b packed" } else { "" };
+                    format!(
+                        "{}x{}x{} x{} batches ({:?}{packed})",
+                        mm.m,
+                        mm.k,
+                        mm.n,
+                        mm.batches.len(),
+                        mm.implementation
+                    )
                 }
                 KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
                 KernelKind::Gather(k) => {

@@ -61,11 +61,13 @@ impl CpuExecutable {
         // A pool that cannot be built (no threads left) means running on one.
         let pool = if threads > 1 { rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok() } else { None };
         let plan = &compiled.plan;
+        let used = plan.used_buffers();
         let constants = plan
             .buffers
             .iter()
-            .map(|b| match &b.storage {
-                Storage::Constant(t) => Some(AlignedBuf::from_bytes(&t.to_bytes())),
+            .zip(used)
+            .map(|(b, used)| match (&b.storage, used) {
+                (Storage::Constant(t), true) => Some(AlignedBuf::from_bytes(&t.to_bytes())),
                 _ => None,
             })
             .collect();

@@ -28,6 +28,31 @@ fn addr(b: &mut FunctionBuilder, base: Value, row: Value, rs: isize, col: Value,
     b.ins().iadd(base, off)
 }
 
+/// The address of `b[0, j]` and the distance between rows of column `j`,
+/// for either layout of `b`.
+fn column_of_b(b: &mut FunctionBuilder, mm: &MatMulKernel, pb: Value, j: Value, n8: i64) -> (Value, Value) {
+    if !mm.b_packed {
+        let zero = b.ins().iconst(types::I64, 0);
+        let col = addr(b, pb, zero, 0, j, 1);
+        return (col, b.ins().iconst(types::I64, mm.b_strides[0] as i64 * 4));
+    }
+    let k = mm.k as i64;
+    // In a panel: (j & !7) * k + (j & 7), rows 8 apart.
+    let group = b.ins().band_imm_s(j, !7);
+    let lane = b.ins().band_imm_s(j, 7);
+    let in_panel = b.ins().imul_imm_s(group, k);
+    let in_panel = b.ins().iadd(in_panel, lane);
+    let panel_step = b.ins().iconst(types::I64, (TILE_N * 4) as i64);
+    // Past the panels: n8 * k + (j - n8), rows n - n8 apart.
+    let tail = b.ins().iadd_imm_s(j, n8 * k - n8);
+    let tail_step = b.ins().iconst(types::I64, (mm.n as i64 - n8) * 4);
+    let is_panel = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, n8);
+    let elem = b.ins().select(is_panel, in_panel, tail);
+    let step = b.ins().select(is_panel, panel_step, tail_step);
+    let bytes = b.ins().ishl_imm_u(elem, 2);
+    (b.ins().iadd(pb, bytes), step)
+}
+
 pub fn emit(
     b: &mut FunctionBuilder,
     ptr: Type,
@@ -78,7 +103,13 @@ fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, 
             // (the tile's other rows are immediate offsets from it) and `b[p, j]`.
             let zero_i = b.ins().iconst(types::I64, 0);
             let a0 = addr(b, pa, i, a_rs, zero_i, a_cs);
-            let b0 = addr(b, pb, zero_i, b_rs, j, 1);
+            // Packed: the panel of columns j..j+8 starts at j * k and its rows are 8 apart.
+            let b0 = if mm.b_packed {
+                let off = b.ins().imul_imm_s(j, (mm.k * 4) as i64);
+                b.ins().iadd(pb, off)
+            } else {
+                addr(b, pb, zero_i, b_rs, j, 1)
+            };
             let mut carried = vec![zero; TILE_M * 2];
             carried.extend([a0, b0]);
             let out = counted(b, 0, mm.k as i64, 1, carried, &mut |b, _, c| {
@@ -93,7 +124,7 @@ fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, 
                     next.push(b.ins().fma(xv, v1, acc[2 * r + 1]));
                 }
                 next.push(b.ins().iadd_imm_s(pa_p, a_cs as i64 * 4));
-                next.push(b.ins().iadd_imm_s(pb_p, b_rs as i64 * 4));
+                next.push(b.ins().iadd_imm_s(pb_p, if mm.b_packed { (TILE_N * 4) as i64 } else { b_rs as i64 * 4 }));
                 next
             });
             let acc = &out[..TILE_M * 2];
@@ -116,13 +147,16 @@ fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, 
         let from_zero = b.ins().iconst(types::I64, 0);
         let j0 = b.ins().select(tiled_row, from_tile, from_zero);
         counted_dyn(b, j0, n_end, 1, vec![], &mut |b, j, _| {
+            let (b_col, b_step) = column_of_b(b, mm, pb, j, n8);
             let zero = b.ins().f32const(0.0);
-            let sum = counted(b, 0, mm.k as i64, 1, vec![zero], &mut |b, p, acc| {
-                let x = addr(b, pa, i, a_rs, p, a_cs);
-                let x = b.ins().load(types::F32, flags(), x, 0);
-                let y = addr(b, pb, p, b_rs, j, 1);
-                let y = b.ins().load(types::F32, flags(), y, 0);
-                vec![b.ins().fma(x, y, acc[0])]
+            let zero_i = b.ins().iconst(types::I64, 0);
+            let a_row = addr(b, pa, i, a_rs, zero_i, a_cs);
+            let sum = counted(b, 0, mm.k as i64, 1, vec![zero, a_row, b_col], &mut |b, _, c| {
+                let x = b.ins().load(types::F32, flags(), c[1], 0);
+                let y = b.ins().load(types::F32, flags(), c[2], 0);
+                let next_a = b.ins().iadd_imm_s(c[1], a_cs as i64 * 4);
+                let next_b = b.ins().iadd(c[2], b_step);
+                vec![b.ins().fma(x, y, c[0]), next_a, next_b]
             })[0];
             let dst = addr(b, pc, i, n, j, 1);
             b.ins().store(flags(), sum, dst, 0);

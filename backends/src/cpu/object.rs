@@ -55,8 +55,9 @@ pub fn compile_object(plan: &Plan, prefix: &str) -> Result<ObjectCode, CodegenEr
     let (ids, kernel_clif) = define_kernels(&mut module, plan, &imports)?;
 
     let mut constants = HashMap::new();
+    let used = plan.used_buffers();
     for (b, buf) in plan.buffers.iter().enumerate() {
-        if let Storage::Constant(t) = &buf.storage {
+        if let (Storage::Constant(t), true) = (&buf.storage, used[b]) {
             let id = module
                 .declare_data(&format!("egret_c{b}"), Linkage::Local, false, false)
                 .map_err(|e| isa_err(e.to_string()))?;
