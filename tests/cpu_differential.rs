@@ -393,3 +393,74 @@ fn constant_weights_packed_for_the_generated_matmul() {
         same(&text);
     }
 }
+
+/// Random graphs: seeded sequences of ops over values that start from a few
+/// inputs broadcastable to one shape. Each candidate op goes through shape
+/// inference; ones it rejects (shapes that do not fit) are skipped.
+#[test]
+fn random_graphs_agree_with_the_reference() {
+    use egret::ir::{DType, Graph, Op, Type, ValueId};
+    let mut built = 0;
+    for seed in 0..60u64 {
+        let mut rng = egret::io::SplitMix::new(seed * 7919 + 1);
+        let mut pick = |n: usize| (rng.next_u64() % n as u64) as usize;
+        let rank = 2 + pick(2);
+        let base: Vec<usize> = (0..rank).map(|_| 1 + pick(9)).collect();
+        let mut g = Graph::new();
+        let mut values: Vec<ValueId> = Vec::new();
+        for i in 0..2 + pick(2) {
+            // Some dims broadcast (1), some leading dims dropped.
+            let drop = pick(2).min(rank - 1);
+            let shape: Vec<usize> = base[drop..].iter().map(|&d| if pick(4) == 0 { 1 } else { d }).collect();
+            values.push(g.add_input(&format!("x{i}"), Type::new(DType::F32, shape)));
+        }
+        let mut steps = 0;
+        while steps < 8 {
+            let a = values[pick(values.len())];
+            let b = values[pick(values.len())];
+            let r = g.ty(a).rank();
+            let op = match pick(12) {
+                0 => [Op::Neg, Op::Abs, Op::Exp, Op::Tanh, Op::Sigmoid, Op::Relu, Op::Erf][pick(7)].clone(),
+                1..=3 => [Op::Add, Op::Sub, Op::Mul, Op::Max, Op::Min][pick(5)].clone(),
+                4 => {
+                    let mut perm: Vec<usize> = (0..r).collect();
+                    perm.rotate_left(1 + pick(r.max(1)));
+                    Op::Transpose { perm }
+                }
+                5 if r > 0 => Op::Softmax { axis: r - 1 },
+                6 if r > 0 => {
+                    Op::Reduce { kind: egret::ir::op::ReduceKind::Mean, axes: vec![pick(r)], keepdims: pick(2) == 0 }
+                }
+                7 => Op::MatMul,
+                8 if r > 0 => {
+                    let shape = &g.ty(a).shape;
+                    let starts: Vec<i64> =
+                        shape.iter().map(|&d| (pick(d.max(1)) as i64).min(d as i64 - 1).max(0)).collect();
+                    let ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                    Op::Slice { starts, ends, steps: vec![1; r] }
+                }
+                9 => Op::Sqrt,
+                _ => Op::Add,
+            };
+            let inputs: Vec<ValueId> = match op {
+                Op::Add | Op::Sub | Op::Mul | Op::Max | Op::Min | Op::MatMul => vec![a, b],
+                Op::Sqrt => {
+                    // Keep square roots real.
+                    let Ok(abs) = g.add(Op::Abs, &[a], "abs") else { continue };
+                    vec![abs]
+                }
+                _ => vec![a],
+            };
+            if let Ok(v) = g.add(op, &inputs, &format!("step{steps}")) {
+                values.push(v);
+                steps += 1;
+            }
+        }
+        g.set_output("last", *values.last().unwrap());
+        g.set_output("other", values[values.len() / 2]);
+        let text = egret::ir::text::print(&g);
+        same(&text);
+        built += 1;
+    }
+    assert_eq!(built, 60);
+}

@@ -817,7 +817,7 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         }
         outputs.push((b, g.ty(*v).clone()));
     }
-    debug_assert!(l.pending.is_empty(), "every pending value is read by something");
+    // Pending values still here are read by nothing: dead code, never emitted.
     let mut plan = Plan { buffers: l.buffers, kernels: l.kernels, arena_bytes: 0, inputs, outputs };
     plan_memory(&mut plan);
     Ok(plan)
