@@ -71,7 +71,8 @@ pub struct CompileOptions {
     pub input_values: HashMap<String, Tensor>,
     /// Threads the CPU backend may use; `None` means one per core.
     pub threads: Option<usize>,
-    /// Optimisation level: 0 gives one kernel per op, 1 fuses elementwise chains.
+    /// Optimisation level: 0 gives one kernel per op, 1 fuses elementwise
+    /// chains, 2 also runs the e-graph optimiser.
     pub opt_level: u8,
     /// Force the matmul implementation instead of letting the compiler choose.
     pub matmul: Option<egret_backends::plan::MatMulImpl>,
@@ -92,7 +93,7 @@ impl Default for CompileOptions {
 }
 
 /// The highest `--opt` level (the default).
-pub const MAX_OPT_LEVEL: u8 = 1;
+pub const MAX_OPT_LEVEL: u8 = 2;
 
 /// The default thread count: one per core.
 pub fn default_threads() -> usize {
@@ -110,6 +111,8 @@ pub struct StageTimes {
 /// A compiled model, ready to run.
 pub struct Model {
     pub program: Program,
+    /// What the e-graph optimiser did, at `--opt 2`.
+    pub optimized: Option<egret_passes::egraph::Report>,
     /// The graph after canonicalisation: what the backend compiled.
     pub graph: Graph,
     pub canon: egret_passes::CanonStats,
@@ -130,6 +133,8 @@ fn ms(since: Instant) -> f64 {
 /// A model after the front half of the pipeline: imported and canonicalised.
 pub struct Canonical {
     pub graph: Graph,
+    /// What the e-graph optimiser did (`--opt 2`).
+    pub optimized: Option<egret_passes::egraph::Report>,
     /// Graph inputs the graph was specialised on (see `CompileOptions::input_values`).
     pub specialized: Vec<(String, Tensor)>,
     pub canon: egret_passes::CanonStats,
@@ -149,9 +154,17 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
     let imported = egret_frontend::import_file(path, &import_opts)?;
     let import_ms = ms(t);
     let t = Instant::now();
-    let (graph, canon) = egret_passes::canonicalize(&imported.graph)?;
+    let (mut graph, canon) = egret_passes::canonicalize(&imported.graph)?;
+    let mut optimized = None;
+    if opts.opt_level >= 2 {
+        let (g, report) = egret_passes::egraph::optimize(&graph, Default::default())?;
+        // Extraction leaves constants to fold and nodes nothing reads.
+        graph = egret_passes::canonicalize(&g)?.0;
+        optimized = Some(report);
+    }
     Ok(Canonical {
         graph,
+        optimized,
         specialized: imported.specialized,
         canon,
         opset: imported.opset,
@@ -183,6 +196,7 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let backend_ms = ms(t);
     Ok(Model {
         program: Program { signature, executable },
+        optimized: c.optimized,
         graph: c.graph,
         canon: c.canon,
         times: StageTimes { import_ms: c.import_ms, canonicalize_ms: c.canonicalize_ms, backend_ms },

@@ -40,7 +40,7 @@ struct ModelArgs {
     /// Bind a symbolic dimension: --dim batch=1 (repeatable).
     #[arg(long = "dim", value_name = "NAME=VALUE")]
     dims: Vec<String>,
-    /// Optimisation level: 0 = one kernel per op, 1 = fuse elementwise chains.
+    /// Optimisation level: 0 = one kernel per op, 1 = fuse elementwise chains, 2 = also the e-graph.
     #[arg(long = "opt", default_value_t = egret::MAX_OPT_LEVEL, value_parser = clap::value_parser!(u8).range(0..=egret::MAX_OPT_LEVEL as i64))]
     opt: u8,
     /// Matmul implementation: chosen per kernel by the compiler, or forced.
@@ -163,6 +163,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "so")]
         emit: EmitArg,
     },
+    /// Show what the compiler did: fusions, rules fired, kernels, memory, time per stage.
+    Explain {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the ONNX ops the importer supports.
     Ops,
 }
@@ -226,6 +234,7 @@ fn run_cli() -> Result<()> {
             }
             Ok(())
         }
+        Command::Explain { model, json } => explain(&model, json),
         Command::Ops => {
             for op in egret::frontend::supported_ops() {
                 println!("{op}");
@@ -434,6 +443,73 @@ fn check(path: &Path, backend: Backend, tol: Tolerance, quiet: bool) -> Result<(
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn explain(model: &ModelArgs, json: bool) -> Result<()> {
+    let opts = CompileOptions {
+        dims: parse_dims(&model.dims)?,
+        opt_level: model.opt,
+        matmul: model.matmul.choice(),
+        ..Default::default()
+    };
+    let c = egret::canonical(&model.model, &opts)?;
+    let t = std::time::Instant::now();
+    let plan = egret::backends::lower(&c.graph, egret::lower_options(&opts))?;
+    let lower_ms = t.elapsed().as_secs_f64() * 1e3;
+    let report = c.optimized.clone().unwrap_or_default();
+    let fusions = egret::passes::egraph::count_fused(&c.graph);
+    let mut stages = vec![("import", c.import_ms), ("canonicalize", c.canonicalize_ms)];
+    if c.optimized.is_some() {
+        stages.push(("egraph_saturate", report.saturate_ms));
+        stages.push(("egraph_extract", report.extract_ms));
+    }
+    stages.push(("lower", lower_ms));
+    if json {
+        let kernels: Vec<serde_json::Value> = plan
+            .kernels
+            .iter()
+            .map(|k| serde_json::json!({"kind": k.detailed_kind(), "label": k.label, "detail": k.detail(), "flops": k.flops()}))
+            .collect();
+        let obj = serde_json::json!({
+            "model": model.model.display().to_string(),
+            "opt": model.opt,
+            "fusions": fusions.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
+            "rules": report.rules.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
+            "kernels": kernels,
+            "arena_bytes": plan.arena_bytes,
+            "stage_ms": stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<String, f64>>(),
+            "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes},
+        });
+        println!("{obj}");
+        return Ok(());
+    }
+    println!("{} at --opt {}", model.model.display(), model.opt);
+    println!("stages:");
+    for (k, v) in &stages {
+        println!("  {k:<16} {v:8.1} ms");
+    }
+    if c.optimized.is_some() {
+        println!("e-graph: {} nodes in {} classes after saturation", report.egraph_nodes, report.egraph_classes);
+        println!("rules fired:");
+        for (r, n) in &report.rules {
+            println!("  {n:6} x {r}");
+        }
+    }
+    println!("fused ops in the graph:");
+    for (f, n) in &fusions {
+        println!("  {n:6} x {f}");
+    }
+    let total: u64 = plan.kernels.iter().map(|k| k.flops()).sum();
+    println!(
+        "kernels: {} ({:.1} MFLOP per run), arena {} bytes",
+        plan.kernels.len(),
+        total as f64 / 1e6,
+        plan.arena_bytes
+    );
+    for (i, k) in plan.kernels.iter().enumerate() {
+        println!("  k{i:<4} {:<18} {:>10} flop  {}  # {}", k.detailed_kind(), k.flops(), k.detail(), k.label);
     }
     Ok(())
 }

@@ -155,6 +155,22 @@ fn pow_by_constant(p: f32) -> Option<Expr> {
     })
 }
 
+/// GELU of `in0` in the expression language: `0.5 x (1 + erf(x / sqrt 2))`,
+/// or with tanh, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+fn gelu_expr(approximate_tanh: bool) -> Expr {
+    use Expr::{Input as I, F32};
+    let mul = |a, b| Expr::binary(Binary::Mul, a, b);
+    let add = |a, b| Expr::binary(Binary::Add, a, b);
+    let inner = if approximate_tanh {
+        let cube = mul(mul(I(0), I(0)), I(0));
+        let arg = mul(add(I(0), mul(cube, F32(0.044715))), F32(0.797_884_6));
+        Expr::unary(Unary::Tanh, arg)
+    } else {
+        Expr::unary(Unary::Erf, mul(I(0), F32(std::f32::consts::FRAC_1_SQRT_2)))
+    };
+    mul(mul(I(0), F32(0.5)), add(inner, F32(1.0)))
+}
+
 /// The expression of an elementwise op over inputs `in0, in1, ...`, if map
 /// kernels support it.
 fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
@@ -197,6 +213,7 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
         Op::And => logic(Logic::And),
         Op::Or => logic(Logic::Or),
         Op::Xor => logic(Logic::Xor),
+        Op::Gelu { approximate_tanh } if all_f32 => Some(gelu_expr(*approximate_tanh)),
         Op::Not if all_bool => Some(Expr::Not(b(I(0)))),
         Op::IsNaN if all_f32 => Some(Expr::IsNaN(b(I(0)))),
         Op::Where if in_types[0].dtype == DType::Bool && in_types[1].dtype == DType::F32 => {

@@ -296,6 +296,35 @@ impl Kernel {
         }
     }
 
+    /// Floating-point operations per run (multiply-adds count two).
+    pub fn flops(&self) -> u64 {
+        match &self.kind {
+            KernelKind::Map(m) => m.shape.iter().product::<usize>() as u64 * m.expr.op_count() as u64,
+            KernelKind::MatMul(mm) => 2 * (mm.m * mm.k * mm.n * mm.batches.len()) as u64,
+            KernelKind::Rows(r) => (r.rows * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
+            KernelKind::Gather(_) | KernelKind::Reference { .. } => 0,
+        }
+    }
+
+    /// One line of detail: shapes, expression or tiling.
+    pub fn detail(&self) -> String {
+        match &self.kind {
+            KernelKind::Map(m) => format!("{:?} {}", m.shape, m.expr),
+            KernelKind::MatMul(mm) => {
+                let tiling = match mm.implementation {
+                    MatMulImpl::Library => "library GEMM".to_string(),
+                    MatMulImpl::Generated => {
+                        format!("generated, 4x8 register tile{}", if mm.b_packed { ", b packed" } else { "" })
+                    }
+                };
+                format!("{}x{}x{} x{} batches ({tiling})", mm.m, mm.k, mm.n, mm.batches.len())
+            }
+            KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
+            KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
+            KernelKind::Reference { op, .. } => op.name().to_string(),
+        }
+    }
+
     /// Buffers the kernel reads, then the ones it writes.
     pub fn buffers(&self) -> (Vec<BufferId>, Vec<BufferId>) {
         match &self.kind {

@@ -372,3 +372,33 @@ fn const_from_tokens(ty: &Type, items: &[AttrTok]) -> Result<Tensor, String> {
     };
     Tensor::try_new(ty.shape.clone(), data)
 }
+
+/// An op's attributes as compact text (`{axis=2,epsilon=1e-5}`, or empty
+/// for an op without attributes): a single token, for e-graph leaves.
+pub fn attrs_text(op: &Op) -> String {
+    let mut s = String::new();
+    op.write_attrs(&mut s);
+    s.replace(", ", ",")
+}
+
+/// The op `name` with attributes in the form `attrs_text` writes. `const`
+/// and `input` ops carry data, not attributes, and are not built here.
+pub fn op_from_parts(name: &str, attrs: &str) -> Result<Op, String> {
+    let mut c = Cursor { toks: lex(attrs)?, pos: 0 };
+    let mut list = Vec::new();
+    if c.eat('{') && !c.eat('}') {
+        loop {
+            let k = c.ident()?;
+            c.punct('=')?;
+            list.push((k, c.attr_tok()?));
+            if c.eat('}') {
+                break;
+            }
+            c.punct(',')?;
+        }
+    }
+    if c.peek().is_some() {
+        return Err(format!("trailing text after the attributes of `{name}`"));
+    }
+    Op::from_text(name, AttrMap(list))
+}

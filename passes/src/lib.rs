@@ -5,5 +5,6 @@
 //! further stages of the pipeline in `egret::compile`.
 
 mod canonicalize;
+pub mod egraph;
 
 pub use canonicalize::{canonicalize, CanonStats};

@@ -1,0 +1,215 @@
+//! DAG-aware extraction and rebuilding a graph from it.
+//!
+//! Tree-cost extraction pays for a shared sub-expression once per user,
+//! which would make a fused kernel that recomputes a shared value look as
+//! cheap as reusing it. Here a class's cost is the sum of the node costs of
+//! the distinct classes its choice depends on (a greedy fixpoint, in the
+//! style of extraction-gym's "faster greedy DAG"), so sharing is paid once.
+
+use super::{op_of, TGraph, TNode};
+use egg::Id;
+use egret_ir::{Graph, IrError, Op, ValueId};
+use std::collections::HashMap;
+
+/// The cost of computing one e-node, in units of "one pass over its output";
+/// `None` for nodes that are not values (ill-typed, attribute leaves).
+fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
+    let name = n.op.as_str();
+    if name.starts_with("input:") || name.starts_with("const:") || name == "out" {
+        return Some(0.0);
+    }
+    if name.starts_with('{') {
+        return None;
+    }
+    let (op, first) = op_of(egraph, n)?;
+    // Every input must be a value: ill-typed nodes from rules are never chosen.
+    if n.children[first..].iter().any(|&c| egraph[c].data.ty().is_none()) {
+        return None;
+    }
+    let numel = data.ty()?.numel() as f64;
+    let input_numel =
+        |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map_or(0.0, |t| t.numel() as f64);
+    Some(
+        match op {
+            Op::Reshape { .. } | Op::Identity => 0.0,
+            // Views: free where the consumer takes strides, a copy otherwise.
+            Op::Transpose { .. } | Op::Slice { .. } | Op::Expand { .. } | Op::Split { .. } => 0.1 * numel,
+            Op::MatMul => {
+                let k = n
+                    .children
+                    .get(first)
+                    .and_then(|&c| egraph[c].data.ty())
+                    .and_then(|t| t.shape.last().copied())
+                    .unwrap_or(1);
+                numel * (1.0 + k as f64 / 16.0)
+            }
+            // Fused kernels: one pass over their output.
+            Op::Gelu { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
+            Op::Reduce { .. } => input_numel(0),
+            _ => numel,
+        } + 1.0,
+    )
+}
+
+struct Best {
+    /// Node cost of every class the choice depends on, itself included.
+    costs: HashMap<Id, f64>,
+    total: f64,
+    node: TNode,
+}
+
+/// The chosen e-node of every class reachable from `roots`.
+pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
+    let mut best: HashMap<Id, Best> = HashMap::new();
+    // Attribute leaves are not values but every op needs them as they are.
+    for class in egraph.classes() {
+        if let Some(n) = class.nodes.iter().find(|n| n.op.as_str().starts_with('{')) {
+            best.insert(class.id, Best { costs: HashMap::new(), total: 0.0, node: n.clone() });
+        }
+    }
+    // A worklist over classes: when a class's best improves, its parents
+    // are looked at again, so costs flow up however deep the graph is.
+    let mut parents: HashMap<Id, Vec<Id>> = HashMap::new();
+    for class in egraph.classes() {
+        for n in &class.nodes {
+            for c in &n.children {
+                parents.entry(egraph.find(*c)).or_default().push(class.id);
+            }
+        }
+    }
+    let mut queue: std::collections::VecDeque<Id> = egraph.classes().map(|c| c.id).collect();
+    let mut queued: std::collections::HashSet<Id> = queue.iter().copied().collect();
+    while let Some(id) = queue.pop_front() {
+        queued.remove(&id);
+        let class = &egraph[id];
+        let mut improved = false;
+        for n in &class.nodes {
+            let Some(cost) = node_cost(egraph, n, &class.data) else { continue };
+            if !n.children.iter().all(|c| best.contains_key(&egraph.find(*c))) {
+                continue;
+            }
+            let mut costs: HashMap<Id, f64> = HashMap::new();
+            for c in &n.children {
+                for (k, v) in &best[&egraph.find(*c)].costs {
+                    costs.insert(*k, *v);
+                }
+            }
+            if costs.contains_key(&id) {
+                continue; // a cycle back to this class
+            }
+            costs.insert(id, cost);
+            let total: f64 = costs.values().sum();
+            if best.get(&id).is_none_or(|b| total < b.total - 1e-9) {
+                best.insert(id, Best { costs, total, node: n.clone() });
+                improved = true;
+            }
+        }
+        if improved {
+            for &p in parents.get(&id).map(|v| v.as_slice()).unwrap_or(&[]) {
+                if queued.insert(p) {
+                    queue.push_back(p);
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
+    while let Some(c) = stack.pop() {
+        if out.contains_key(&c) {
+            continue;
+        }
+        if let Some(b) = best.get(&c) {
+            stack.extend(b.node.children.iter().map(|x| egraph.find(*x)));
+            out.insert(c, b.node.clone());
+        }
+    }
+    out
+}
+
+/// Builds the graph the choices describe. Inputs keep the original order.
+pub fn rebuild(
+    egraph: &TGraph,
+    choice: &HashMap<Id, TNode>,
+    original: &Graph,
+    roots: &[(String, Id)],
+) -> Result<Graph, IrError> {
+    let mut g = Graph::new();
+    let mut inputs: HashMap<String, ValueId> = HashMap::new();
+    for &v in original.inputs() {
+        let name = original.input_name(v).to_string();
+        inputs.insert(name.clone(), g.add_input(&name, original.ty(v).clone()));
+    }
+    let mut memo: HashMap<Id, Vec<ValueId>> = HashMap::new();
+    for (name, root) in roots {
+        let v = build(egraph, choice, &mut g, &inputs, &mut memo, egraph.find(*root))?;
+        g.set_output(name, v[0]);
+    }
+    egret_ir::verify(&g)?;
+    Ok(g)
+}
+
+fn build(
+    egraph: &TGraph,
+    choice: &HashMap<Id, TNode>,
+    g: &mut Graph,
+    inputs: &HashMap<String, ValueId>,
+    memo: &mut HashMap<Id, Vec<ValueId>>,
+    class: Id,
+) -> Result<Vec<ValueId>, IrError> {
+    if let Some(v) = memo.get(&class) {
+        return Ok(v.clone());
+    }
+    let err = |m: String| IrError::new("e-graph", "extract", m);
+    let n = choice
+        .get(&class)
+        .ok_or_else(|| {
+            let show = |c: Id| -> String {
+                let d = &egraph[c].data;
+                let ns: Vec<String> = egraph[c].nodes.iter().map(|n| n.op.to_string()).collect();
+                format!("[{c} ty={:?} nodes={}]", d.ty().map(|t| t.to_string()), ns.join("|"))
+            };
+            let nodes: Vec<String> = egraph[class]
+                .nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{}({})",
+                        n.op,
+                        n.children.iter().map(|&c| show(egraph.find(c))).collect::<Vec<_>>().join(", ")
+                    )
+                })
+                .collect();
+            err(format!("no choice for e-class {class}: {}", nodes.join(" ")))
+        })?
+        .clone();
+    let name = n.op.as_str();
+    let values = if let Some(input) = name.strip_prefix("input:") {
+        vec![*inputs.get(input).ok_or_else(|| err(format!("unknown input `{input}`")))?]
+    } else if let Some(k) = name.strip_prefix("const:") {
+        let t = k
+            .parse::<usize>()
+            .ok()
+            .and_then(|k| egraph.analysis.constants.get(k))
+            .ok_or_else(|| err(format!("bad constant `{name}`")))?;
+        vec![g.add_const((**t).clone(), egraph[class].data.label.as_deref().unwrap_or(""))]
+    } else if name == "out" {
+        let index: usize = egraph[n.children[0]]
+            .data
+            .attrs
+            .as_deref()
+            .and_then(|a| a.trim_start_matches("{index=").trim_end_matches('}').parse().ok())
+            .ok_or_else(|| err("bad output index".into()))?;
+        let all = build(egraph, choice, g, inputs, memo, egraph.find(n.children[1]))?;
+        vec![*all.get(index).ok_or_else(|| err(format!("output {index} does not exist")))?]
+    } else {
+        let (op, first) = op_of(egraph, &n).ok_or_else(|| err(format!("`{name}` is not an op")))?;
+        let mut args = Vec::new();
+        for &c in &n.children[first..] {
+            args.push(build(egraph, choice, g, inputs, memo, egraph.find(c))?[0]);
+        }
+        let label = egraph[class].data.label.clone().unwrap_or_default();
+        g.add_node(op, &args, &label)?
+    };
+    memo.insert(class, values.clone());
+    Ok(values)
+}

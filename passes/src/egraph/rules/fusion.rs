@@ -1,0 +1,104 @@
+//! Fusion: the transformer building blocks, recognised in their normalised
+//! form and replaced by single ops that have one kernel each.
+
+use super::{is_scalar, scalar, var, Rule, TGraph};
+use crate::egraph::TNode;
+use egg::{rewrite as rw, Applier, Id, PatternAst, Subst, Symbol};
+use egret_ir::op::ReduceKind;
+use egret_ir::{Op, Tensor};
+
+const SQRT_1_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+const SQRT_2_PI: f64 = 0.797_884_560_802_865_4;
+
+pub fn rules() -> Vec<Rule> {
+    vec![
+        // GELU, erf form: x * (1 + erf(x / sqrt(2))) * 0.5 = gelu(x).
+        rw!("gelu-erf";
+            "(mul (mul ?x (add (erf (mul ?x ?c)) ?one)) ?half)" => "(gelu {approximate_tanh=false} ?x)"
+            if is_scalar("?c", SQRT_1_2, 1e-5) if is_scalar("?one", 1.0, 0.0) if is_scalar("?half", 0.5, 0.0)),
+        // GELU, tanh form: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) = gelu_tanh(x).
+        rw!("gelu-tanh";
+            "(mul (mul ?x ?half) (add (tanh (mul (add ?x (mul (pow ?x ?three) ?c)) ?k)) ?one))"
+                => "(gelu {approximate_tanh=true} ?x)"
+            if is_scalar("?half", 0.5, 0.0) if is_scalar("?three", 3.0, 0.0) if is_scalar("?c", 0.044715, 1e-5)
+            if is_scalar("?k", SQRT_2_PI, 1e-5) if is_scalar("?one", 1.0, 0.0)),
+        // Layer norm with scale and bias: ((x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)) * g + b,
+        // the means over the trailing axes.
+        rw!("layer-norm-affine";
+            "(add (mul (div (sub ?x (reduce ?r ?x)) (sqrt (add (reduce ?r (pow (sub ?x (reduce ?r ?x)) ?two)) ?eps))) ?g) ?b)"
+                => { LayerNorm { affine: true } }
+            if is_scalar("?two", 2.0, 0.0)),
+        // Layer norm without scale and bias: scale 1.
+        rw!("layer-norm";
+            "(div (sub ?x (reduce ?r ?x)) (sqrt (add (reduce ?r (pow (sub ?x (reduce ?r ?x)) ?two)) ?eps)))"
+                => { LayerNorm { affine: false } }
+            if is_scalar("?two", 2.0, 0.0)),
+    ]
+}
+
+/// The trailing-axes start of a `reduce` attribute leaf that is a mean with
+/// kept dims over the last axes of a rank-`rank` tensor.
+fn trailing_mean_axis(attrs: &str, rank: usize) -> Option<usize> {
+    let Ok(Op::Reduce { kind: ReduceKind::Mean, axes, keepdims: true }) =
+        egret_ir::text::op_from_parts("reduce", attrs)
+    else {
+        return None;
+    };
+    let first = *axes.first()?;
+    let trailing = axes.iter().enumerate().all(|(i, &a)| a == first + i) && axes.last() == Some(&(rank - 1));
+    trailing.then_some(first)
+}
+
+/// Builds `layer_norm{axis, epsilon}(x, g[, b])` from a match, taking the
+/// axis from the reduction and epsilon from the added constant.
+struct LayerNorm {
+    affine: bool,
+}
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for LayerNorm {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[var("?x")];
+        let Some(xt) = egraph[x].data.ty().cloned() else { return vec![] };
+        let Some(attrs) = egraph[subst[var("?r")]].data.attrs.clone() else { return vec![] };
+        let Some(axis) = trailing_mean_axis(&attrs, xt.rank()) else { return vec![] };
+        let Some(eps) = scalar(egraph, subst, "?eps") else { return vec![] };
+        let norm: Vec<usize> = xt.shape[axis..].to_vec();
+        let (g, b) = if self.affine {
+            let (g, b) = (subst[var("?g")], subst[var("?b")]);
+            // Scale and bias must lie along the normalised dims only.
+            let fits = |id: Id| {
+                egraph[id].data.ty().is_some_and(|t| {
+                    t.dtype == xt.dtype && egret_ir::ops::broadcast_shapes(&t.shape, &norm).is_ok_and(|s| s == norm)
+                })
+            };
+            if !fits(g) || !fits(b) {
+                return vec![];
+            }
+            (g, Some(b))
+        } else {
+            let n: usize = norm.iter().product();
+            let ones = Tensor::from_vec(norm.clone(), vec![1f32; n]).cast(xt.dtype);
+            let leaf = egraph.analysis.constant_leaf(ones);
+            (egraph.add(leaf), None)
+        };
+        let op = Op::LayerNorm { axis, epsilon: eps as f32 };
+        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
+        let mut children = vec![attrs_leaf, x, g];
+        children.extend(b);
+        let ln = egraph.add(TNode { op: "layer_norm".into(), children });
+        let index = egraph.add(TNode::leaf("{index=0}"));
+        let y = egraph.add(TNode { op: "out".into(), children: vec![index, ln] });
+        if egraph.union(eclass, y) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+}

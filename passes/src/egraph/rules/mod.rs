@@ -1,0 +1,43 @@
+//! Rewrite rules, one file per topic. See `README.md` beside this file.
+
+pub mod algebra;
+pub mod fusion;
+
+use super::{TGraph, TNode, TensorAnalysis};
+use egg::{Id, Rewrite, Subst, Var};
+
+pub type Rule = Rewrite<TNode, TensorAnalysis>;
+
+/// Rule sets run in order: algebra first, so that exporter variants meet in
+/// one form, then fusion with algebra still on.
+pub fn stages() -> Vec<Vec<Rule>> {
+    let mut fuse = algebra::rules();
+    fuse.extend(fusion::rules());
+    vec![algebra::rules(), fuse]
+}
+
+/// Every rule, for tests and documentation.
+pub fn all() -> Vec<Rule> {
+    let mut r = algebra::rules();
+    r.extend(fusion::rules());
+    r
+}
+
+pub(crate) fn var(name: &str) -> Var {
+    name.parse().expect("a pattern variable")
+}
+
+/// The scalar constant a pattern variable is bound to, if any.
+pub(crate) fn scalar(egraph: &TGraph, subst: &Subst, v: &str) -> Option<f64> {
+    egraph[subst[var(v)]].data.scalar()
+}
+
+/// Side condition: `v` is a scalar constant within `tol` of `want`.
+pub(crate) fn is_scalar(v: &'static str, want: f64, tol: f64) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
+    move |g, _, s| scalar(g, s, v).is_some_and(|x| (x - want).abs() <= tol * want.abs().max(1.0))
+}
+
+/// Side condition: `v` is a floating-point scalar constant.
+pub(crate) fn is_float_scalar(v: &'static str) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
+    move |g, _, s| scalar(g, s, v).is_some() && g[s[var(v)]].data.ty().is_some_and(|t| t.dtype.is_float())
+}
