@@ -1,0 +1,193 @@
+//! Every rewrite rule keeps meaning: for each rule, a graph where it
+//! applies is optimised, the rule must fire, and the optimised graph must
+//! compute what the original does on random data (reference semantics).
+
+use egret_ir::{text, DType, Graph, Op, Tensor, ValueId};
+use egret_passes::egraph::{optimize, rules, Limits};
+use std::collections::HashMap;
+
+/// Evaluates a graph with the IR's reference semantics.
+fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
+    let mut values: HashMap<ValueId, Tensor> = HashMap::new();
+    for (&v, t) in g.inputs().iter().zip(inputs) {
+        values.insert(v, t.clone());
+    }
+    for n in g.topo_order().unwrap() {
+        let node = g.node(n);
+        if matches!(node.op, Op::Input { .. }) {
+            continue;
+        }
+        let args: Vec<&Tensor> = node.inputs.iter().map(|v| &values[v]).collect();
+        let outs = egret_ir::eval_op(&node.op, &args).unwrap();
+        for (v, t) in node.outputs.iter().zip(outs) {
+            values.insert(*v, t);
+        }
+    }
+    g.outputs().iter().map(|(_, v)| values[v].clone()).collect()
+}
+
+fn random_inputs(g: &Graph, seed: u64) -> Vec<Tensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    g.inputs()
+        .iter()
+        .map(|&v| {
+            let ty = g.ty(v);
+            assert_eq!(ty.dtype, DType::F32);
+            let data = (0..ty.numel())
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
+                })
+                .collect::<Vec<f32>>();
+            Tensor::from_vec(ty.shape.clone(), data)
+        })
+        .collect()
+}
+
+/// `start` must make `rule` fire, and the result must agree with `start`.
+fn check(rule: &str, start: &str) {
+    let g = text::parse(start).unwrap_or_else(|e| panic!("{rule}: {e}"));
+    let (out, report) = optimize(&g, Limits::default()).unwrap();
+    assert!(report.rules.iter().any(|(r, n)| r == rule && *n > 0), "{rule} did not fire: {:?}", report.rules);
+    for seed in 1..4 {
+        let x = random_inputs(&g, seed);
+        for ((a, b), (name, _)) in eval(&g, &x).iter().zip(eval(&out, &x)).zip(g.outputs()) {
+            let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
+                    "{rule}: output {name} differs: {p} vs {q}\n{}",
+                    text::print(&out)
+                );
+            }
+        }
+    }
+}
+
+/// One start graph per rule.
+const CASES: &[(&str, &str)] = &[
+    (
+        "mul-commute",
+        "v0: f32[4,5] = input{name=\"a\"}\nv1: f32[5] = input{name=\"b\"}\nv2: f32[4,5] = mul v0, v1\noutput \"y\" = v2\n",
+    ),
+    (
+        "add-commute",
+        "v0: f32[4,5] = input{name=\"a\"}\nv1: f32[1,5] = input{name=\"b\"}\nv2: f32[4,5] = add v0, v1\noutput \"y\" = v2\n",
+    ),
+    (
+        "div-by-constant",
+        "v0: f32[4,5] = input{name=\"a\"}\nv1: f32[] = const [1.4142135]\nv2: f32[4,5] = div v0, v1\noutput \"y\" = v2\n",
+    ),
+    (
+        "scalar-outward",
+        "v0: f32[4,5] = input{name=\"a\"}\nv1: f32[5] = input{name=\"b\"}\nv2: f32[] = const [0.5]\nv3: f32[4,5] = mul v0, v2\nv4: f32[4,5] = mul v3, v1\noutput \"y\" = v4\n",
+    ),
+    (
+        // BERT's spelling: x * (erf(x / sqrt 2) + 1) * 0.5.
+        "gelu-erf",
+        "v0: f32[3,8] = input{name=\"x\"}
+v1: f32[] = const [1.4142135]
+v2: f32[3,8] = div v0, v1
+v3: f32[3,8] = erf v2
+v4: f32[] = const [1.0]
+v5: f32[3,8] = add v3, v4
+v6: f32[3,8] = mul v0, v5
+v7: f32[] = const [0.5]
+v8: f32[3,8] = mul v6, v7
+output \"y\" = v8
+",
+    ),
+    (
+        // GPT-2's spelling: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+        "gelu-tanh",
+        "v0: f32[3,8] = input{name=\"x\"}
+v1: f32[] = const [0.5]
+v2: f32[3,8] = mul v0, v1
+v3: f32[] = const [3.0]
+v4: f32[3,8] = pow v0, v3
+v5: f32[] = const [0.044715]
+v6: f32[3,8] = mul v4, v5
+v7: f32[3,8] = add v0, v6
+v8: f32[] = const [0.7978846]
+v9: f32[3,8] = mul v7, v8
+v10: f32[3,8] = tanh v9
+v11: f32[] = const [1.0]
+v12: f32[3,8] = add v10, v11
+v13: f32[3,8] = mul v2, v12
+output \"y\" = v13
+",
+    ),
+    (
+        "layer-norm-affine",
+        "v0: f32[2,3,8] = input{name=\"x\"}
+v1: f32[8] = input{name=\"g\"}
+v2: f32[8] = input{name=\"b\"}
+v3: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v0
+v4: f32[2,3,8] = sub v0, v3
+v5: f32[] = const [2.0]
+v6: f32[2,3,8] = pow v4, v5
+v7: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v6
+v8: f32[] = const [1e-5]
+v9: f32[2,3,1] = add v7, v8
+v10: f32[2,3,1] = sqrt v9
+v11: f32[2,3,8] = div v4, v10
+v12: f32[2,3,8] = mul v11, v1
+v13: f32[2,3,8] = add v12, v2
+output \"y\" = v13
+",
+    ),
+    (
+        // Without scale and bias, normalising over the last two axes.
+        "layer-norm",
+        "v0: f32[2,3,4] = input{name=\"x\"}
+v1: f32[2,1,1] = reduce{kind=mean, axes=[1, 2], keepdims=true} v0
+v2: f32[2,3,4] = sub v0, v1
+v3: f32[] = const [2.0]
+v4: f32[2,3,4] = pow v2, v3
+v5: f32[2,1,1] = reduce{kind=mean, axes=[1, 2], keepdims=true} v4
+v6: f32[] = const [1e-6]
+v7: f32[2,1,1] = add v5, v6
+v8: f32[2,1,1] = sqrt v7
+v9: f32[2,3,4] = div v2, v8
+output \"y\" = v9
+",
+    ),
+];
+
+#[test]
+fn every_rule_keeps_meaning() {
+    for (rule, start) in CASES {
+        check(rule, start);
+    }
+}
+
+#[test]
+fn every_rule_has_a_case() {
+    let names: Vec<String> = rules::all().iter().map(|r| r.name.to_string()).collect();
+    for n in &names {
+        assert!(CASES.iter().any(|(r, _)| r == n), "rule `{n}` has no test case in CASES");
+    }
+}
+
+/// A layer norm whose mean is not over the trailing axes is not a layer
+/// norm: the rule must leave it alone.
+#[test]
+fn a_mean_over_a_leading_axis_is_not_a_layer_norm() {
+    let start = "v0: f32[4,3] = input{name=\"x\"}
+v1: f32[1,3] = reduce{kind=mean, axes=[0], keepdims=true} v0
+v2: f32[4,3] = sub v0, v1
+v3: f32[] = const [2.0]
+v4: f32[4,3] = pow v2, v3
+v5: f32[1,3] = reduce{kind=mean, axes=[0], keepdims=true} v4
+v6: f32[] = const [1e-5]
+v7: f32[1,3] = add v5, v6
+v8: f32[1,3] = sqrt v7
+v9: f32[4,3] = div v2, v8
+output \"y\" = v9
+";
+    let g = text::parse(start).unwrap();
+    let (out, _) = optimize(&g, Limits::default()).unwrap();
+    assert!(!text::print(&out).contains("layer_norm"), "{}", text::print(&out));
+}
