@@ -450,6 +450,12 @@ impl<'g> Lowering<'g> {
                         return;
                     }
                 }
+                if let (Op::Attention { scale, nan_to_zero }, true) =
+                    (op, in_types.iter().all(|t| t.dtype == DType::F32))
+                {
+                    self.attention(&node.inputs, out, *scale, *nan_to_zero, label);
+                    return;
+                }
                 if let Op::Gather { axis } = op {
                     let k = self.gather(node.inputs[0], node.inputs[1], out, *axis, label);
                     self.push(KernelKind::Gather(k), label);
@@ -745,13 +751,45 @@ impl<'g> Lowering<'g> {
             return None;
         }
         let va = self.view(a);
-        let mut vb = self.view(b);
-        // Generated matmuls load rows of `b` as vectors: when they are forced
-        // (ahead-of-time code), give them a dense `b`.
-        if self.opts.matmul == Some(MatMulImpl::Generated) && vb.strides[sb.len() - 1] != 1 {
-            self.dense(b, label);
-            vb = self.view(b);
+        let vb = self.generated_ready(b, label);
+        let cb = self.define(c);
+        let mut mm = self.matmul_kernel(&va, &sa, &vb, &sb, &sc, cb);
+        // A constant weight matrix read by generated code is laid out for it
+        // once, here, instead of being walked row by row on every run.
+        if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
+            if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
+                let packed = pack_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
+                let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
+                mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
+                mm.b_packed = true;
+            }
         }
+        Some(mm)
+    }
+
+    /// The view of a matmul's `b`, made dense when generated matmuls are
+    /// forced (ahead-of-time code): they load rows of `b` as vectors.
+    fn generated_ready(&mut self, b: ValueId, label: &str) -> View {
+        let vb = self.view(b);
+        let rank = self.g.ty(b).rank();
+        if self.opts.matmul == Some(MatMulImpl::Generated) && vb.strides[rank - 1] != 1 {
+            self.dense(b, label);
+            return self.view(b);
+        }
+        vb
+    }
+
+    /// `c = a @ b` for views of shapes `sa`, `sb` (rank >= 2) into the dense
+    /// buffer `cb` of shape `sc`.
+    fn matmul_kernel(
+        &self,
+        va: &View,
+        sa: &[usize],
+        vb: &View,
+        sb: &[usize],
+        sc: &[usize],
+        cb: BufferId,
+    ) -> MatMulKernel {
         let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
         let batch = &sc[..sc.len() - 2];
         let a_b = broadcast_view(&sa[..sa.len() - 2], &va.strides[..sa.len() - 2], batch);
@@ -769,9 +807,6 @@ impl<'g> Lowering<'g> {
                 [oa, ob, (i * m * n) as isize]
             })
             .collect();
-        let a_strides = [va.strides[sa.len() - 2], va.strides[sa.len() - 1]];
-        let b_strides = [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]];
-        let cb = self.define(c);
         let mm = MatMulKernel {
             m,
             k,
@@ -779,24 +814,58 @@ impl<'g> Lowering<'g> {
             a: va.buffer,
             b: vb.buffer,
             c: cb,
-            a_strides,
-            b_strides,
+            a_strides: [va.strides[sa.len() - 2], va.strides[sa.len() - 1]],
+            b_strides: [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]],
             batches,
             implementation: MatMulImpl::Library,
             b_packed: false,
         };
-        let mut mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
-        // A constant weight matrix read by generated code is laid out for it
-        // once, here, instead of being walked row by row on every run.
-        if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
-            if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
-                let packed = pack_panels(w.as_f32().expect("checked f32"), k, n);
-                let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
-                mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
-                mm.b_packed = true;
+        MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
+    }
+
+    /// Attention as kernels: the scores into a scratch buffer, scaled (and
+    /// masked) in place, a softmax over its rows in place, and the product
+    /// with v.
+    fn attention(&mut self, inputs: &[ValueId], out: ValueId, scale: f32, nan_to_zero: bool, label: &str) {
+        let g = self.g;
+        let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
+        let (sq, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
+        let mut scores =
+            egret_ir::ops::broadcast_shapes(&sq[..sq.len() - 2], &skt[..skt.len() - 2]).expect("checked by inference");
+        scores.extend([sq[sq.len() - 2], skt[skt.len() - 1]]);
+        let s = self.scratch(DType::F32, &scores);
+        let vq = self.view(q);
+        let vkt = self.generated_ready(kt, label);
+        let mm = self.matmul_kernel(&vq, &sq, &vkt, &skt, &scores, s);
+        self.push(KernelKind::MatMul(mm), label);
+        let dense = Operand { buffer: s, dtype: DType::F32, offset: 0, strides: contiguous_strides(&scores) };
+        let scaled = Expr::binary(Binary::Mul, Expr::Input(0), Expr::F32(scale));
+        match inputs.get(3) {
+            Some(&mask) => {
+                let m = self.read(mask, &scores);
+                let expr = Expr::binary(Binary::Add, scaled, Expr::Input(1));
+                self.map(scores.clone(), vec![dense.clone(), m], dense.clone(), expr, label);
             }
+            None if scale != 1.0 => self.map(scores.clone(), vec![dense.clone()], dense.clone(), scaled, label),
+            None => {}
         }
-        Some(mm)
+        let rows = scores[..scores.len() - 1].iter().product();
+        let len = scores[scores.len() - 1];
+        self.push(
+            KernelKind::Rows(RowKernel { rows, len, op: RowOp::Softmax, x: s, scale: None, bias: None, out: s }),
+            label,
+        );
+        if nan_to_zero {
+            let isnan = Expr::IsNaN(Box::new(Expr::Input(0)));
+            let expr = Expr::Select(Box::new(isnan), Box::new(Expr::F32(0.0)), Box::new(Expr::Input(0)));
+            self.map(scores.clone(), vec![dense.clone()], dense.clone(), expr, label);
+        }
+        let vview = self.generated_ready(v, label);
+        let o = self.define(out);
+        let so = g.ty(out).shape.clone();
+        let probs = View { buffer: s, offset: 0, strides: contiguous_strides(&scores) };
+        let mm = self.matmul_kernel(&probs, &scores, &vview, &sv, &so, o);
+        self.push(KernelKind::MatMul(mm), label);
     }
 }
 

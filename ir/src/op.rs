@@ -274,6 +274,13 @@ define_ops! {
 
     /// Batched matrix product with numpy broadcasting of the batch dims.
     MatMul = "matmul",
+    /// Scaled dot-product attention: `softmax(q @ kt * scale [+ mask]) @ v`
+    /// over the last axis. Inputs q `[.., Sq, D]`, kt `[.., D, Sk]` (K
+    /// transposed, however the exporter did it), v `[.., Sk, Dv]`, and an
+    /// optional additive mask broadcastable to `[.., Sq, Sk]`. With
+    /// `nan_to_zero`, NaN probabilities (a fully masked row) become 0, as the
+    /// exporters' `Where(IsNaN(p), 0, p)` guard does.
+    Attention { scale: f32, nan_to_zero: bool } = "attention",
     Einsum { equation: String } = "einsum",
     /// N-d convolution. `pads` holds all begins, then all ends.
     Conv { strides: Vec<usize>, pads: Vec<usize>, dilations: Vec<usize>, group: usize } = "conv",

@@ -51,6 +51,10 @@ fn check(rule: &str, start: &str) {
     let g = text::parse(start).unwrap_or_else(|e| panic!("{rule}: {e}"));
     let (out, report) = optimize(&g, Limits::default()).unwrap();
     assert!(report.rules.iter().any(|(r, n)| r == rule && *n > 0), "{rule} did not fire: {:?}", report.rules);
+    if rule.starts_with("attention") || rule.starts_with("gelu") || rule.starts_with("layer-norm") {
+        let fused = rule.split('-').next().unwrap().replace("layer", "layer_norm");
+        assert!(text::print(&out).contains(&format!("= {fused}")), "{rule}: not extracted\n{}", text::print(&out));
+    }
     for seed in 1..4 {
         let x = random_inputs(&g, seed);
         for ((a, b), (name, _)) in eval(&g, &x).iter().zip(eval(&out, &x)).zip(g.outputs()) {
@@ -152,6 +156,150 @@ v7: f32[2,1,1] = add v5, v6
 v8: f32[2,1,1] = sqrt v7
 v9: f32[2,3,4] = div v2, v8
 output \"y\" = v9
+",
+    ),
+    (
+        "matmul-scalar-left",
+        "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[4,5] = input{name=\"b\"}\nv2: f32[] = const [0.25]\nv3: f32[3,4] = mul v0, v2\nv4: f32[3,5] = matmul v3, v1\noutput \"y\" = v4\n",
+    ),
+    (
+        "matmul-scalar-right",
+        "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[4,5] = input{name=\"b\"}\nv2: f32[] = const [0.25]\nv3: f32[4,5] = mul v1, v2\nv4: f32[3,5] = matmul v0, v3\noutput \"y\" = v4\n",
+    ),
+    (
+        "transpose-scalar",
+        "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[] = const [0.25]\nv2: f32[3,4] = mul v0, v1\nv3: f32[4,3] = transpose{perm=[1, 0]} v2\noutput \"y\" = v3\n",
+    ),
+    (
+        "reshape-scalar",
+        "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[] = const [0.25]\nv2: f32[3,4] = mul v0, v1\nv3: f32[12] = reshape{shape=[12]} v2\noutput \"y\" = v3\n",
+    ),
+    (
+        "scalars-combine",
+        "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[] = const [0.5]\nv2: f32[] = const [3.0]\nv3: f32[3,4] = mul v0, v1\nv4: f32[3,4] = mul v3, v2\noutput \"y\" = v4\n",
+    ),
+    (
+        // ViT's spelling: q and k^T each scaled by d^-1/4, K transposed by a Transpose.
+        "attention",
+        "v0: f32[2,5,8] = input{name=\"q\"}
+v1: f32[2,6,8] = input{name=\"k\"}
+v2: f32[2,6,8] = input{name=\"v\"}
+v3: f32[] = const [0.59460356]
+v4: f32[2,5,8] = mul v0, v3
+v5: f32[2,8,6] = transpose{perm=[0, 2, 1]} v1
+v6: f32[2,8,6] = mul v5, v3
+v7: f32[2,5,6] = matmul v4, v6
+v8: f32[2,5,6] = softmax{axis=2} v7
+v9: f32[2,5,8] = matmul v8, v2
+output \"y\" = v9
+",
+    ),
+    (
+        "attention-unscaled",
+        "v0: f32[2,5,8] = input{name=\"q\"}
+v1: f32[2,8,6] = input{name=\"kt\"}
+v2: f32[2,6,4] = input{name=\"v\"}
+v3: f32[2,5,6] = matmul v0, v1
+v4: f32[2,5,6] = softmax{axis=2} v3
+v5: f32[2,5,4] = matmul v4, v2
+output \"y\" = v5
+",
+    ),
+    (
+        // BERT's spelling: scores / sqrt(d) plus an additive mask.
+        "attention-masked",
+        "v0: f32[1,2,5,8] = input{name=\"q\"}
+v1: f32[1,2,8,5] = input{name=\"kt\"}
+v2: f32[1,2,5,8] = input{name=\"v\"}
+v3: f32[1,1,1,5] = input{name=\"mask\"}
+v4: f32[1,2,5,5] = matmul v0, v1
+v5: f32[] = const [2.828427]
+v6: f32[1,2,5,5] = div v4, v5
+v7: f32[1,2,5,5] = add v6, v3
+v8: f32[1,2,5,5] = softmax{axis=3} v7
+v9: f32[1,2,5,8] = matmul v8, v2
+output \"y\" = v9
+",
+    ),
+    (
+        "attention-masked-unscaled",
+        "v0: f32[2,5,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: f32[5,5] = input{name=\"mask\"}
+v4: f32[2,5,5] = matmul v0, v1
+v5: f32[2,5,5] = add v4, v3
+v6: f32[2,5,5] = softmax{axis=2} v5
+v7: f32[2,5,8] = matmul v6, v2
+output \"y\" = v7
+",
+    ),
+    (
+        // GPT-2's spelling: scaled q and k, an additive causal mask, and the
+        // NaN guard on the probabilities.
+        "attention-guarded-masked",
+        "v0: f32[1,2,4,8] = input{name=\"q\"}
+v1: f32[1,2,8,4] = input{name=\"kt\"}
+v2: f32[1,2,4,8] = input{name=\"v\"}
+v3: f32[4,4] = const [0.0, -inf, -inf, -inf, 0.0, 0.0, -inf, -inf, 0.0, 0.0, 0.0, -inf, 0.0, 0.0, 0.0, 0.0]
+v4: f32[] = const [0.59460356]
+v5: f32[1,2,4,8] = mul v0, v4
+v6: f32[1,2,8,4] = mul v1, v4
+v7: f32[1,2,4,4] = matmul v5, v6
+v8: f32[1,2,4,4] = add v7, v3
+v9: f32[1,2,4,4] = softmax{axis=3} v8
+v10: bool[1,2,4,4] = is_nan v9
+v11: f32[] = const [0.0]
+v12: f32[1,2,4,4] = where v10, v11, v9
+v13: f32[1,2,4,8] = matmul v12, v2
+output \"y\" = v13
+",
+    ),
+    (
+        "attention-guarded",
+        "v0: f32[2,5,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: f32[] = const [0.35355338]
+v4: f32[2,5,5] = matmul v0, v1
+v5: f32[2,5,5] = mul v4, v3
+v6: f32[2,5,5] = softmax{axis=2} v5
+v7: bool[2,5,5] = is_nan v6
+v8: f32[] = const [0.0]
+v9: f32[2,5,5] = where v7, v8, v6
+v10: f32[2,5,8] = matmul v9, v2
+output \"y\" = v10
+",
+    ),
+    (
+        "attention-guarded-unscaled",
+        "v0: f32[2,5,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v4: f32[2,5,5] = matmul v0, v1
+v6: f32[2,5,5] = softmax{axis=2} v4
+v7: bool[2,5,5] = is_nan v6
+v8: f32[] = const [0.0]
+v9: f32[2,5,5] = where v7, v8, v6
+v10: f32[2,5,8] = matmul v9, v2
+output \"y\" = v10
+",
+    ),
+    (
+        // A fully masked row: the guard turns its NaNs into zeros.
+        "attention-guarded-masked-unscaled",
+        "v0: f32[2,3,8] = input{name=\"q\"}
+v1: f32[2,8,3] = input{name=\"kt\"}
+v2: f32[2,3,8] = input{name=\"v\"}
+v3: f32[3,3] = const [0.0, 0.0, 0.0, -inf, -inf, -inf, 0.0, -inf, 0.0]
+v4: f32[2,3,3] = matmul v0, v1
+v5: f32[2,3,3] = add v4, v3
+v6: f32[2,3,3] = softmax{axis=2} v5
+v7: bool[2,3,3] = is_nan v6
+v8: f32[] = const [0.0]
+v9: f32[2,3,3] = where v7, v8, v6
+v10: f32[2,3,8] = matmul v9, v2
+output \"y\" = v10
 ",
     ),
 ];

@@ -42,6 +42,26 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let (_, _, _, _, out) = matmul_dims(&inputs[0].shape, &inputs[1].shape)?;
             Ok(vec![Type::new(inputs[0].dtype, out)])
         }
+        Op::Attention { .. } => {
+            arity(inputs, 3, 4)?;
+            for t in inputs {
+                super::expect_float(t, "attention input")?;
+                super::same_dtype(inputs[0], t, "attention")?;
+            }
+            let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
+            if q.rank() < 2 || kt.rank() < 2 || v.rank() < 2 {
+                return Err("q, kt and v need rank >= 2".into());
+            }
+            let (_, _, _, _, scores) = matmul_dims(&q.shape, &kt.shape)?;
+            if let Some(mask) = inputs.get(3) {
+                let s = broadcast_shapes(&mask.shape, &scores)?;
+                if s != scores {
+                    return Err(format!("mask {:?} does not broadcast to the scores {scores:?}", mask.shape));
+                }
+            }
+            let (_, _, _, _, out) = matmul_dims(&scores, &v.shape)?;
+            Ok(vec![Type::new(q.dtype, out)])
+        }
         Op::Einsum { equation } => {
             let spec = EinsumSpec::parse(equation, &inputs.iter().map(|t| t.shape.clone()).collect::<Vec<_>>())?;
             for t in inputs {
@@ -107,6 +127,23 @@ pub fn pooled_len(n: usize, k: usize, stride: usize, pb: usize, pe: usize, dil: 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     match op {
         Op::MatMul => Ok(vec![matmul(inputs[0], inputs[1])?]),
+        Op::Attention { scale, nan_to_zero } => {
+            // The definition, step by step: scores, scale, mask, softmax, values.
+            let scores = matmul(inputs[0], inputs[1])?;
+            let s = Tensor::scalar(*scale).cast(scores.dtype());
+            let mut scores = super::elementwise::eval_binary(&Op::Mul, &scores, &s)?;
+            if let Some(mask) = inputs.get(3) {
+                scores = super::elementwise::eval_binary(&Op::Add, &scores, mask)?;
+            }
+            let axis = scores.rank() - 1;
+            let mut p = super::nn::eval(&Op::Softmax { axis }, &[&scores])?.remove(0);
+            if *nan_to_zero {
+                let zero = Tensor::scalar(0f32).cast(p.dtype());
+                let nan = super::elementwise::eval_unary(&Op::IsNaN, &p)?;
+                p = super::elementwise::eval_where(&nan, &zero, &p)?;
+            }
+            Ok(vec![matmul(&p, inputs[2])?])
+        }
         Op::Einsum { equation } => Ok(vec![einsum(equation, inputs)?]),
         Op::Conv { strides, pads, dilations, group } => Ok(vec![conv(inputs, strides, pads, dilations, *group)?]),
         other => Err(format!("no evaluation rule for {}", other.name())),

@@ -43,6 +43,17 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
                     .unwrap_or(1);
                 numel * (1.0 + k as f64 / 16.0)
             }
+            // Attention: its two products, priced as the matmuls above, but no
+            // pass over the scores (which the unfused chain writes three times).
+            Op::Attention { .. } => {
+                let dims =
+                    |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
+                let (Some(q), Some(kt)) = (dims(0), dims(1)) else { return None };
+                let (sq, d, sk) = (q[q.len() - 2] as f64, q[q.len() - 1] as f64, kt[kt.len() - 1] as f64);
+                let dv = data.ty()?.shape.last().copied().unwrap_or(1) as f64;
+                let batch = numel / (sq * dv).max(1.0);
+                batch * (sq * sk * d / 16.0 + sq * dv * sk / 16.0) + numel
+            }
             // Fused kernels: one pass over their output.
             Op::Gelu { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
             Op::Reduce { .. } => input_numel(0),

@@ -19,5 +19,16 @@ pub fn rules() -> Vec<Rule> {
         // (a * c) * b = (a * b) * c for a float scalar constant c: constants
         // move outward, so `0.5 * x * y` and `x * y * 0.5` meet.
         rw!("scalar-outward"; "(mul (mul ?a ?c) ?b)" => "(mul (mul ?a ?b) ?c)" if is_float_scalar("?c")),
+        // (a * c) @ b = (a @ b) * c for a scalar c: scales applied to q or k
+        // before the scores matmul move after it.
+        rw!("matmul-scalar-left"; "(matmul (mul ?a ?c) ?b)" => "(mul (matmul ?a ?b) ?c)" if is_float_scalar("?c")),
+        // a @ (b * c) = (a @ b) * c for a scalar c.
+        rw!("matmul-scalar-right"; "(matmul ?a (mul ?b ?c))" => "(mul (matmul ?a ?b) ?c)" if is_float_scalar("?c")),
+        // transpose(a * c) = transpose(a) * c for a scalar c.
+        rw!("transpose-scalar"; "(transpose ?p (mul ?a ?c))" => "(mul (transpose ?p ?a) ?c)" if is_float_scalar("?c")),
+        // reshape(a * c) = reshape(a) * c for a scalar c.
+        rw!("reshape-scalar"; "(reshape ?s (mul ?a ?c))" => "(mul (reshape ?s ?a) ?c)" if is_float_scalar("?c")),
+        // (x * c1) * c2 = x * (c1 * c2) for scalars: the product folds to one constant.
+        rw!("scalars-combine"; "(mul (mul ?x ?c1) ?c2)" => "(mul ?x (mul ?c1 ?c2))" if is_float_scalar("?c1") if is_float_scalar("?c2")),
     ]
 }

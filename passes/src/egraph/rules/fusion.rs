@@ -28,6 +28,29 @@ pub fn rules() -> Vec<Rule> {
             "(add (mul (div (sub ?x (reduce ?r ?x)) (sqrt (add (reduce ?r (pow (sub ?x (reduce ?r ?x)) ?two)) ?eps))) ?g) ?b)"
                 => { LayerNorm { affine: true } }
             if is_scalar("?two", 2.0, 0.0)),
+        // Attention: softmax(q @ kt * s [+ mask]) @ v over the last axis, with
+        // or without a scale and a mask; kt is whatever the exporter fed the
+        // scores matmul (a Transpose, a reshape chain, a pre-transposed K).
+        rw!("attention"; "(matmul (softmax ?ax (mul (matmul ?q ?kt) ?s)) ?v)" => { Attention::new(true, false, false) }),
+        rw!("attention-unscaled"; "(matmul (softmax ?ax (matmul ?q ?kt)) ?v)" => { Attention::new(false, false, false) }),
+        rw!("attention-masked";
+            "(matmul (softmax ?ax (add (mul (matmul ?q ?kt) ?s) ?m)) ?v)" => { Attention::new(true, true, false) }),
+        rw!("attention-masked-unscaled";
+            "(matmul (softmax ?ax (add (matmul ?q ?kt) ?m)) ?v)" => { Attention::new(false, true, false) }),
+        // The same with the exporters' guard on the probabilities,
+        // where(isnan(p), 0, p), which zeroes fully masked rows.
+        rw!("attention-guarded";
+            "(matmul (where (is_nan (softmax ?ax (mul (matmul ?q ?kt) ?s))) ?zero (softmax ?ax (mul (matmul ?q ?kt) ?s))) ?v)"
+                => { Attention::new(true, false, true) } if is_scalar("?zero", 0.0, 0.0)),
+        rw!("attention-guarded-unscaled";
+            "(matmul (where (is_nan (softmax ?ax (matmul ?q ?kt))) ?zero (softmax ?ax (matmul ?q ?kt))) ?v)"
+                => { Attention::new(false, false, true) } if is_scalar("?zero", 0.0, 0.0)),
+        rw!("attention-guarded-masked";
+            "(matmul (where (is_nan (softmax ?ax (add (mul (matmul ?q ?kt) ?s) ?m))) ?zero (softmax ?ax (add (mul (matmul ?q ?kt) ?s) ?m))) ?v)"
+                => { Attention::new(true, true, true) } if is_scalar("?zero", 0.0, 0.0)),
+        rw!("attention-guarded-masked-unscaled";
+            "(matmul (where (is_nan (softmax ?ax (add (matmul ?q ?kt) ?m))) ?zero (softmax ?ax (add (matmul ?q ?kt) ?m))) ?v)"
+                => { Attention::new(false, true, true) } if is_scalar("?zero", 0.0, 0.0)),
         // Layer norm without scale and bias: scale 1.
         rw!("layer-norm";
             "(div (sub ?x (reduce ?r ?x)) (sqrt (add (reduce ?r (pow (sub ?x (reduce ?r ?x)) ?two)) ?eps)))"
@@ -96,6 +119,73 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for LayerNorm {
         let index = egraph.add(TNode::leaf("{index=0}"));
         let y = egraph.add(TNode { op: "out".into(), children: vec![index, ln] });
         if egraph.union(eclass, y) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Builds `attention{scale, nan_to_zero}(q, kt, v[, mask])` from a match:
+/// the softmax must run over the scores' last axis, the scale must be a
+/// float scalar, and the mask must broadcast to the scores.
+struct Attention {
+    scaled: bool,
+    masked: bool,
+    guarded: bool,
+}
+
+impl Attention {
+    fn new(scaled: bool, masked: bool, guarded: bool) -> Attention {
+        Attention { scaled, masked, guarded }
+    }
+}
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for Attention {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (q, kt, v) = (subst[var("?q")], subst[var("?kt")], subst[var("?v")]);
+        let (Some(qt), Some(ktt)) = (egraph[q].data.ty().cloned(), egraph[kt].data.ty().cloned()) else {
+            return vec![];
+        };
+        if !qt.dtype.is_float() || qt.rank() < 2 || ktt.rank() < 2 {
+            return vec![];
+        }
+        let Some(axis_attrs) = egraph[subst[var("?ax")]].data.attrs.clone() else { return vec![] };
+        let Ok(Op::Softmax { axis }) = egret_ir::text::op_from_parts("softmax", &axis_attrs) else { return vec![] };
+        let scores_rank = qt.rank().max(ktt.rank());
+        if axis != scores_rank - 1 {
+            return vec![];
+        }
+        let scale = if self.scaled {
+            match scalar(egraph, subst, "?s") {
+                Some(s) if egraph[subst[var("?s")]].data.ty().is_some_and(|t| t.dtype.is_float()) => s as f32,
+                _ => return vec![],
+            }
+        } else {
+            1.0
+        };
+        let mut children = vec![q, kt, v];
+        if self.masked {
+            children.push(subst[var("?m")]);
+        }
+        // Inference decides whether shapes fit; a node it rejects is not added.
+        let types: Option<Vec<egret_ir::Type>> = children.iter().map(|&c| egraph[c].data.ty().cloned()).collect();
+        let op = Op::Attention { scale, nan_to_zero: self.guarded };
+        let fits = types.is_some_and(|ts| egret_ir::ops::infer(&op, &ts.iter().collect::<Vec<_>>()).is_ok());
+        if !fits {
+            return vec![];
+        }
+        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
+        children.insert(0, attrs_leaf);
+        let node = egraph.add(TNode { op: "attention".into(), children });
+        if egraph.union(eclass, node) {
             vec![eclass]
         } else {
             vec![]
