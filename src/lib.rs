@@ -175,7 +175,11 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
 
 /// How lowering is configured for these options.
 pub fn lower_options(opts: &CompileOptions) -> egret_backends::LowerOptions {
-    egret_backends::LowerOptions { fuse_elementwise: opts.opt_level >= 1, matmul: opts.matmul }
+    egret_backends::LowerOptions {
+        fuse_elementwise: opts.opt_level >= 1,
+        views: opts.opt_level >= 1,
+        matmul: opts.matmul,
+    }
 }
 
 /// The pipeline: import, canonicalise, hand to the backend.

@@ -147,6 +147,10 @@ enum Command {
         /// Also time each kernel once and print where the time goes.
         #[arg(long)]
         profile: bool,
+        /// Compare --opt 0 with --opt 2 (or the --opt given, if higher than 0):
+        /// both compiled, runs alternating, both medians and the speedup.
+        #[arg(long)]
+        compare: bool,
     },
     /// Compile a model ahead of time into a shared library and a C header.
     Compile {
@@ -210,8 +214,12 @@ fn run_cli() -> Result<()> {
             print!("{}", text::print_with(&m.graph, if full { Constants::Full } else { Constants::ElideOver(16) }));
             Ok(())
         }
-        Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile } => {
-            run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
+        Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile, compare } => {
+            if compare {
+                run_compare(model, inputs, backend.into(), iters, warmup, threads, json)
+            } else {
+                run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
+            }
         }
         Command::Compile { model, out, name, emit } => {
             let name = match name {
@@ -510,6 +518,61 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     );
     for (i, k) in plan.kernels.iter().enumerate() {
         println!("  k{i:<4} {:<18} {:>10} flop  {}  # {}", k.detailed_kind(), k.flops(), k.detail(), k.label);
+    }
+    Ok(())
+}
+
+/// `bench --compare`: `--opt 0` against the requested level, alternating
+/// runs so that both see the same machine noise.
+fn run_compare(
+    mut model: ModelArgs,
+    inputs: Vec<String>,
+    backend: Backend,
+    iters: usize,
+    warmup: usize,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let threads = threads.unwrap_or_else(egret::default_threads);
+    let fast = if model.opt == 0 { egret::MAX_OPT_LEVEL } else { model.opt };
+    model.opt = 0;
+    let (slow_model, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
+    model.opt = fast;
+    let (fast_model, _) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
+    for _ in 0..warmup {
+        slow_model.run(all.clone())?;
+        fast_model.run(all.clone())?;
+    }
+    let (mut slow, mut quick) = (Vec::new(), Vec::new());
+    for _ in 0..iters.max(1) {
+        for (m, times) in [(&slow_model, &mut slow), (&fast_model, &mut quick)] {
+            let input = all.clone();
+            let t = std::time::Instant::now();
+            m.run(input)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut slow), median(&mut quick));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"model": model.model.display().to_string(), "backend": backend.name(), "threads": threads,
+                "opt0_median_ms": a, "fast_opt": fast, "fast_median_ms": b, "speedup": a / b})
+        );
+    } else {
+        println!(
+            "{} on {} ({threads} threads, {} alternating runs each)",
+            model.model.display(),
+            backend.name(),
+            slow.len()
+        );
+        println!("  --opt 0: median {a:.3} ms");
+        println!("  --opt {fast}: median {b:.3} ms");
+        println!("  speedup {:.2}x", a / b);
     }
     Ok(())
 }

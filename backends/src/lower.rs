@@ -21,13 +21,17 @@ use std::collections::HashMap;
 pub struct LowerOptions {
     /// Fuse chains of elementwise ops into one map kernel (`--opt 1`).
     pub fuse_elementwise: bool,
+    /// Let transpose, slice, split and expand be strided views that the
+    /// consumer reads (`--opt 1`); without, each is a copy kernel, so
+    /// `--opt 0` is one kernel per op.
+    pub views: bool,
     /// Force one matmul implementation (where it applies) instead of choosing.
     pub matmul: Option<MatMulImpl>,
 }
 
 impl Default for LowerOptions {
     fn default() -> Self {
-        LowerOptions { fuse_elementwise: true, matmul: None }
+        LowerOptions { fuse_elementwise: true, views: true, matmul: None }
     }
 }
 
@@ -510,6 +514,7 @@ impl<'g> Lowering<'g> {
             Op::Transpose { perm } => {
                 let vw = self.view(x);
                 alias(self, outputs[0], vw.offset, perm.iter().map(|&p| vw.strides[p]).collect());
+                self.copy_unless_views(outputs, label);
             }
             Op::Slice { starts, steps, .. } => {
                 let vw = self.view(x);
@@ -524,6 +529,7 @@ impl<'g> Lowering<'g> {
             Op::Expand { shape } => {
                 let vw = self.view(x);
                 alias(self, outputs[0], vw.offset, broadcast_view(&xt.shape, &vw.strides, shape));
+                self.copy_unless_views(outputs, label);
             }
             Op::Split { axis, .. } => {
                 let vw = self.view(x);
@@ -532,6 +538,7 @@ impl<'g> Lowering<'g> {
                     alias(self, out, vw.offset + at * vw.strides[*axis], vw.strides.clone());
                     at += g.ty(out).shape[*axis] as isize;
                 }
+                self.copy_unless_views(outputs, label);
             }
             Op::Concat { axis } => {
                 let out = outputs[0];
@@ -550,6 +557,15 @@ impl<'g> Lowering<'g> {
             _ => return false,
         }
         true
+    }
+
+    /// Without views (`--opt 0`), a layout op's outputs become copies.
+    fn copy_unless_views(&mut self, outputs: &[ValueId], label: &str) {
+        if !self.opts.views {
+            for &v in outputs {
+                self.dense(v, label);
+            }
+        }
     }
 
     /// Convolution as im2col and a matmul: zero-pad if needed (a fill and a

@@ -9,7 +9,7 @@
 use super::{op_of, TGraph, TNode};
 use egg::Id;
 use egret_ir::{Graph, IrError, Op, ValueId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The cost of computing one e-node, in units of "one pass over its output";
 /// `None` for nodes that are not values (ill-typed, attribute leaves).
@@ -64,7 +64,8 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
 
 struct Best {
     /// Node cost of every class the choice depends on, itself included.
-    costs: HashMap<Id, f64>,
+    /// Ordered, so that sums (and so ties) are the same on every run.
+    costs: BTreeMap<Id, f64>,
     total: f64,
     node: TNode,
 }
@@ -75,7 +76,7 @@ pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
     // Attribute leaves are not values but every op needs them as they are.
     for class in egraph.classes() {
         if let Some(n) = class.nodes.iter().find(|n| n.op.as_str().starts_with('{')) {
-            best.insert(class.id, Best { costs: HashMap::new(), total: 0.0, node: n.clone() });
+            best.insert(class.id, Best { costs: BTreeMap::new(), total: 0.0, node: n.clone() });
         }
     }
     // A worklist over classes: when a class's best improves, its parents
@@ -99,7 +100,7 @@ pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
             if !n.children.iter().all(|c| best.contains_key(&egraph.find(*c))) {
                 continue;
             }
-            let mut costs: HashMap<Id, f64> = HashMap::new();
+            let mut costs: BTreeMap<Id, f64> = BTreeMap::new();
             for c in &n.children {
                 for (k, v) in &best[&egraph.find(*c)].costs {
                     costs.insert(*k, *v);

@@ -1,0 +1,26 @@
+//! Snapshots of the optimised IR (`--opt 2`) of every zoo model, in
+//! `tests/snapshots/`: a change in what fuses shows up in review. Large
+//! constants are elided. Re-bless with `INSTA_UPDATE=always` and read the diff.
+
+mod common;
+
+fn optimized(model: &str) -> String {
+    let path = common::zoo_dir().join(model).join("model.onnx");
+    let c = egret::canonical(&path, &Default::default()).unwrap();
+    let mut text = egret::ir::text::print_with(&c.graph, egret::ir::text::Constants::ElideOver(8));
+    let fused: Vec<String> =
+        egret::passes::egraph::count_fused(&c.graph).iter().map(|(k, n)| format!("{n} x {k}")).collect();
+    text.insert_str(0, &format!("# fused: {}\n", fused.join(", ")));
+    text
+}
+
+macro_rules! snapshot {
+    ($($name:ident),*) => {$(
+        #[test]
+        fn $name() {
+            insta::assert_snapshot!(optimized(stringify!($name)));
+        }
+    )*};
+}
+
+snapshot!(bert_tiny, deit_tiny_distilled, gpt2_tiny, perceiver, swin_micro, transformer_encdec, vit_tiny);
