@@ -49,6 +49,13 @@ struct ModelArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    /// Rendered by Graphviz `dot`.
+    Svg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum EmitArg {
     So,
     Obj,
@@ -175,6 +182,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draw the graph after canonicalisation (and optimisation, at --opt 2).
+    Graph {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum, default_value = "dot")]
+        format: GraphFormat,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// List the ONNX ops the importer supports.
     Ops,
 }
@@ -243,6 +260,7 @@ fn run_cli() -> Result<()> {
             Ok(())
         }
         Command::Explain { model, json } => explain(&model, json),
+        Command::Graph { model, format, out } => draw(&model, format, out),
         Command::Ops => {
             for op in egret::frontend::supported_ops() {
                 println!("{op}");
@@ -573,6 +591,40 @@ fn run_compare(
         println!("  --opt 0: median {a:.3} ms");
         println!("  --opt {fast}: median {b:.3} ms");
         println!("  speedup {:.2}x", a / b);
+    }
+    Ok(())
+}
+
+fn draw(model: &ModelArgs, format: GraphFormat, out: Option<PathBuf>) -> Result<()> {
+    let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+    let c = egret::canonical(&model.model, &opts)?;
+    let dot = egret::ir::to_dot(&c.graph, &format!("{} (--opt {})", model.model.display(), model.opt));
+    let bytes = match format {
+        GraphFormat::Dot => dot.into_bytes(),
+        GraphFormat::Svg => {
+            use std::io::Write;
+            let child = std::process::Command::new("dot")
+                .arg("-Tsvg")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn();
+            let mut child = match child {
+                Ok(c) => c,
+                Err(_) => bail!(
+                    "SVG output needs Graphviz's `dot`, which is not installed: install it (for example `apt-get install graphviz`), or use --format dot"
+                ),
+            };
+            child.stdin.take().expect("piped").write_all(dot.as_bytes())?;
+            let result = child.wait_with_output()?;
+            if !result.status.success() {
+                bail!("`dot` failed: {}", String::from_utf8_lossy(&result.stderr));
+            }
+            result.stdout
+        }
+    };
+    match out {
+        Some(path) => std::fs::write(&path, bytes).with_context(|| format!("cannot write `{}`", path.display()))?,
+        None => std::io::Write::write_all(&mut std::io::stdout(), &bytes)?,
     }
     Ok(())
 }

@@ -76,3 +76,47 @@ fn ir_prints_the_canonical_graph() {
     assert!(out.contains("= layer_norm{axis=2"), "{out}");
     assert!(out.contains("values>"), "large constants are elided: {out}");
 }
+
+#[test]
+fn explain_reports_fusions_kernels_and_stage_times_as_json() {
+    let (ok, out, err) = egret(&["explain", "tests/data/zoo/gpt2_tiny/model.onnx", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["fusions"]["attention"], 2, "{v}");
+    assert_eq!(v["fusions"]["gelu"], 2, "{v}");
+    assert_eq!(v["fusions"]["layer_norm"], 5, "{v}");
+    assert!(v["kernels"].as_array().is_some_and(|k| !k.is_empty()));
+    assert!(v["stage_ms"]["egraph_saturate"].as_f64().is_some(), "{v}");
+    assert!(v["arena_bytes"].as_u64().is_some_and(|a| a > 0));
+}
+
+#[test]
+fn explain_at_opt_0_runs_no_e_graph() {
+    let (ok, out, err) = egret(&["explain", "tests/data/zoo/bert_tiny/model.onnx", "--opt", "0", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["fusions"].get("attention").is_none(), "{v}");
+    assert!(v["stage_ms"].get("egraph_saturate").is_none(), "{v}");
+}
+
+#[test]
+fn graph_draws_dot_with_fused_ops_highlighted() {
+    let (ok, out, err) = egret(&["graph", "tests/data/zoo/vit_tiny/model.onnx", "--format", "dot"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("digraph egret {"), "{out}");
+    assert!(out.contains("attention{scale=") && out.contains("fillcolor=lightblue"), "{out}");
+}
+
+#[test]
+fn bench_compare_reports_both_levels() {
+    let (ok, out, err) =
+        egret(&["bench", "tests/data/zoo/vit_tiny/model.onnx", "--compare", "--iters", "3", "--warmup", "1", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    assert!(
+        v["opt0_median_ms"].as_f64().is_some()
+            && v["fast_median_ms"].as_f64().is_some()
+            && v["speedup"].as_f64().is_some(),
+        "{v}"
+    );
+}

@@ -7,6 +7,7 @@
 //! **This crate depends on no other workspace crate.** Everything above it
 //! (frontend, passes, backends, runtime) speaks in these types.
 
+mod dot;
 mod dtype;
 mod error;
 mod graph;
@@ -16,6 +17,7 @@ mod tensor;
 pub mod text;
 mod verify;
 
+pub use dot::to_dot;
 pub use dtype::{DType, Type, MAX_ELEMENTS};
 pub use error::IrError;
 pub use graph::{Graph, Node, NodeId, ValueData, ValueId};
