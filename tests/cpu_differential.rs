@@ -464,3 +464,30 @@ fn random_graphs_agree_with_the_reference() {
     }
     assert_eq!(built, 60);
 }
+
+#[test]
+fn attention_kernels() {
+    // Heads broadcast from q, a broadcast padding mask, a causal mask with a
+    // fully masked row (the NaN guard), more query rows than one tile.
+    same(
+        "v0: f32[2,3,70,8] = input{name=\"q\"}
+v1: f32[2,3,8,5] = input{name=\"kt\"}
+v2: f32[2,3,5,6] = input{name=\"v\"}
+v3: f32[2,1,1,5] = input{name=\"mask\"}
+v4: f32[2,3,70,6] = attention{scale=0.35355338, nan_to_zero=false} v0, v1, v2, v3
+v5: f32[2,3,70,6] = attention{scale=1.0, nan_to_zero=false} v0, v1, v2
+output \"masked\" = v4
+output \"plain\" = v5
+",
+    );
+    same(
+        "v0: f32[1,2,4,16] = input{name=\"q\"}
+v1: f32[1,2,4,16] = input{name=\"k\"}
+v2: f32[1,2,4,16] = input{name=\"v\"}
+v3: f32[1,2,16,4] = transpose{perm=[0, 1, 3, 2]} v1
+v4: f32[4,4] = const [0.0, -inf, -inf, -inf, -inf, -inf, -inf, -inf, 0.0, 0.0, 0.0, -inf, 0.0, 0.0, 0.0, 0.0]
+v5: f32[1,2,4,16] = attention{scale=0.25, nan_to_zero=true} v0, v3, v2, v4
+output \"guarded\" = v5
+",
+    );
+}

@@ -839,10 +839,73 @@ impl<'g> Lowering<'g> {
         MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
     }
 
+    /// Attention: one flash-style kernel where the GEMM library links (the
+    /// JIT); elsewhere (ahead-of-time code) the composite below.
+    fn attention(&mut self, inputs: &[ValueId], out: ValueId, scale: f32, nan_to_zero: bool, label: &str) {
+        if self.opts.matmul == Some(MatMulImpl::Generated) {
+            return self.attention_composite(inputs, out, scale, nan_to_zero, label);
+        }
+        let g = self.g;
+        let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
+        let (sq_shape, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
+        let so = g.ty(out).shape.clone();
+        let (sq, d, sk, dv) =
+            (sq_shape[sq_shape.len() - 2], sq_shape[sq_shape.len() - 1], skt[skt.len() - 1], so[so.len() - 1]);
+        let batch = so[..so.len() - 2].to_vec();
+        let mut scores = batch.clone();
+        scores.extend([sq, sk]);
+        let (vq, vkt, vv) = (self.view(q), self.view(kt), self.view(v));
+        let vm = inputs.get(3).map(|&m| self.read(m, &scores));
+        let o = self.define(out);
+        let nb = batch.len();
+        let bq = broadcast_view(&sq_shape[..sq_shape.len() - 2], &vq.strides[..sq_shape.len() - 2], &batch);
+        let bkt = broadcast_view(&skt[..skt.len() - 2], &vkt.strides[..skt.len() - 2], &batch);
+        let bv = broadcast_view(&sv[..sv.len() - 2], &vv.strides[..sv.len() - 2], &batch);
+        let bs = egret_ir::strides_of(&batch);
+        let batches = (0..batch.iter().product::<usize>())
+            .map(|i| {
+                let mut offs =
+                    [vq.offset, vkt.offset, vv.offset, vm.as_ref().map_or(0, |m| m.offset), (i * sq * dv) as isize];
+                for dim in 0..nb {
+                    let idx = ((i / bs[dim]) % batch[dim]) as isize;
+                    offs[0] += idx * bq[dim];
+                    offs[1] += idx * bkt[dim];
+                    offs[2] += idx * bv[dim];
+                    if let Some(m) = &vm {
+                        offs[3] += idx * m.strides[dim];
+                    }
+                }
+                offs
+            })
+            .collect();
+        let last2 = |st: &[isize]| [st[st.len() - 2], st[st.len() - 1]];
+        let kernel = AttentionKernel {
+            sq,
+            sk,
+            d,
+            dv,
+            scale,
+            nan_to_zero,
+            // A tile of at most 64 KiB of scores, so it stays in cache.
+            block: (16384 / sk.max(1)).clamp(1, 64),
+            q: vq.buffer,
+            kt: vkt.buffer,
+            v: vv.buffer,
+            mask: vm.as_ref().map(|m| m.buffer),
+            out: o,
+            q_strides: last2(&vq.strides),
+            kt_strides: last2(&vkt.strides),
+            v_strides: last2(&vv.strides),
+            mask_strides: vm.as_ref().map_or([0, 0], |m| last2(&m.strides)),
+            batches,
+        };
+        self.push(KernelKind::Attention(kernel), label);
+    }
+
     /// Attention as kernels: the scores into a scratch buffer, scaled (and
     /// masked) in place, a softmax over its rows in place, and the product
     /// with v.
-    fn attention(&mut self, inputs: &[ValueId], out: ValueId, scale: f32, nan_to_zero: bool, label: &str) {
+    fn attention_composite(&mut self, inputs: &[ValueId], out: ValueId, scale: f32, nan_to_zero: bool, label: &str) {
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
         let (sq, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());

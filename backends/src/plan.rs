@@ -252,8 +252,44 @@ pub struct GatherKernel {
     pub out: BufferId,
 }
 
+/// Attention in one kernel, flash-style: per batch and block of `block`
+/// query rows, the scores tile `q_blk @ kt` goes to a scratch tile the
+/// kernel keeps to itself, is scaled, masked and softmaxed in place, and is
+/// multiplied by `v` into the output. The full score matrix is never
+/// written to memory. Operands are strided views; the mask broadcasts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionKernel {
+    pub sq: usize,
+    pub sk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub scale: f32,
+    pub nan_to_zero: bool,
+    /// Query rows per tile.
+    pub block: usize,
+    pub q: BufferId,
+    pub kt: BufferId,
+    pub v: BufferId,
+    pub mask: Option<BufferId>,
+    pub out: BufferId,
+    /// Row and column strides (elements) of q, kt, v and the mask.
+    pub q_strides: [isize; 2],
+    pub kt_strides: [isize; 2],
+    pub v_strides: [isize; 2],
+    pub mask_strides: [isize; 2],
+    /// Per batch: element offsets of q, kt, v, the mask and the output.
+    pub batches: Vec<[isize; 5]>,
+}
+
+impl AttentionKernel {
+    pub fn blocks_per_batch(&self) -> usize {
+        self.sq.div_ceil(self.block)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum KernelKind {
+    Attention(AttentionKernel),
     Map(MapKernel),
     MatMul(MatMulKernel),
     Rows(RowKernel),
@@ -278,6 +314,7 @@ impl Kernel {
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
             KernelKind::Map(_) => "map",
+            KernelKind::Attention(_) => "attention",
             KernelKind::MatMul(_) => "matmul",
             KernelKind::Rows(_) => "rows",
             KernelKind::Gather(_) => "gather",
@@ -301,6 +338,7 @@ impl Kernel {
         match &self.kind {
             KernelKind::Map(m) => m.shape.iter().product::<usize>() as u64 * m.expr.op_count() as u64,
             KernelKind::MatMul(mm) => 2 * (mm.m * mm.k * mm.n * mm.batches.len()) as u64,
+            KernelKind::Attention(a) => (a.batches.len() * a.sq * a.sk * (2 * a.d + 2 * a.dv + 5)) as u64,
             KernelKind::Rows(r) => (r.rows * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
             KernelKind::Gather(_) | KernelKind::Reference { .. } => 0,
         }
@@ -321,6 +359,17 @@ impl Kernel {
             }
             KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
             KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
+            KernelKind::Attention(a) => format!(
+                "{} x [{}q x {}k, d {}, dv {}], tiles of {} query rows{}{}",
+                a.batches.len(),
+                a.sq,
+                a.sk,
+                a.d,
+                a.dv,
+                a.block,
+                if a.mask.is_some() { ", masked" } else { "" },
+                if a.nan_to_zero { ", NaN guard" } else { "" }
+            ),
             KernelKind::Reference { op, .. } => op.name().to_string(),
         }
     }
@@ -332,6 +381,9 @@ impl Kernel {
             KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
             KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
             KernelKind::Gather(k) => (vec![k.data, k.indices], vec![k.out]),
+            KernelKind::Attention(a) => {
+                ([Some(a.q), Some(a.kt), Some(a.v), a.mask].into_iter().flatten().collect(), vec![a.out])
+            }
             KernelKind::Reference { inputs, outputs, .. } => {
                 (inputs.iter().map(|i| i.0).collect(), outputs.iter().map(|o| o.0).collect())
             }
@@ -407,25 +459,7 @@ impl Plan {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         for (i, k) in self.kernels.iter().enumerate() {
-            let detail = match &k.kind {
-                KernelKind::Map(m) => format!("{:?} {}", m.shape, m.expr),
-                KernelKind::MatMul(mm) => {
-                    let packed = if mm.b_packed { ", b packed" } else { "" };
-                    format!(
-                        "{}x{}x{} x{} batches ({:?}{packed})",
-                        mm.m,
-                        mm.k,
-                        mm.n,
-                        mm.batches.len(),
-                        mm.implementation
-                    )
-                }
-                KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
-                KernelKind::Gather(k) => {
-                    format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner)
-                }
-                KernelKind::Reference { op, .. } => op.name().to_string(),
-            };
+            let detail = k.detail();
             s.push_str(&format!("k{i} {} {detail}  # {}\n", k.kind_name(), k.label));
         }
         s.push_str(&format!("arena {} bytes\n", self.arena_bytes));

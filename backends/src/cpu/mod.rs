@@ -15,6 +15,7 @@
 //! run a register-tiled f32x4 product generated here; lowering picks one per
 //! kernel and the plan records which.
 
+mod attention;
 mod loops;
 mod map;
 mod matmul;
@@ -44,6 +45,7 @@ pub fn parallel_extent(k: &KernelKind) -> usize {
         KernelKind::Rows(r) => r.rows,
         KernelKind::MatMul(mm) => mm.batches.len(),
         KernelKind::Gather(k) => k.outer,
+        KernelKind::Attention(a) => a.batches.len() * a.blocks_per_batch(),
         KernelKind::Reference { .. } => 1,
     }
 }
@@ -124,6 +126,23 @@ fn kernel_signature<M: Module>(module: &M) -> Signature {
     sig
 }
 
+/// Per-batch offsets as a read-only data object beside the code, and its
+/// symbol inside `func`.
+fn batch_table<M: Module>(
+    module: &mut M,
+    name: &str,
+    offsets: impl Iterator<Item = isize>,
+    func: &mut Function,
+) -> Result<cranelift_codegen::ir::GlobalValue, String> {
+    let bytes: Vec<u8> = offsets.flat_map(|x| (x as i64).to_le_bytes()).collect();
+    let data = module.declare_data(name, Linkage::Local, false, false).map_err(|e| e.to_string())?;
+    let mut desc = cranelift_module::DataDescription::new();
+    desc.define(bytes.into_boxed_slice());
+    desc.set_align(8);
+    module.define_data(data, &desc).map_err(|e| e.to_string())?;
+    Ok(module.declare_data_in_func(data, func))
+}
+
 /// Defines one function `egret_k{i}` per native kernel in `module`; returns
 /// their ids (`None` for reference kernels) and their CLIF text.
 fn define_kernels<M: Module>(
@@ -149,6 +168,9 @@ fn define_kernels<M: Module>(
             KernelKind::MatMul(mm) if mm.implementation == crate::plan::MatMulImpl::Library && !imports.has_gemm() => {
                 return Err(err("this module does not link the GEMM library; lower with generated matmuls".into()));
             }
+            KernelKind::Attention(_) if !imports.has_gemm() => {
+                return Err(err("the attention kernel calls the GEMM library, which this module does not link".into()));
+            }
             _ => {}
         }
         ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
@@ -164,17 +186,24 @@ fn define_kernels<M: Module>(
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
                 KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, range, r, &fns),
                 KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
+                KernelKind::Attention(a) => {
+                    let table = batch_table(
+                        module,
+                        &format!("egret_k{i}_batches"),
+                        a.batches.iter().flatten().copied(),
+                        b.func,
+                    )
+                    .map_err(err)?;
+                    attention::emit(&mut b, ptr, args, range, a, table, &fns);
+                }
                 KernelKind::MatMul(mm) => {
-                    // The per-batch offsets live in a read-only data object beside the code.
-                    let bytes: Vec<u8> = mm.batches.iter().flatten().flat_map(|&x| (x as i64).to_le_bytes()).collect();
-                    let data = module
-                        .declare_data(&format!("egret_k{i}_batches"), Linkage::Local, false, false)
-                        .map_err(|e| err(e.to_string()))?;
-                    let mut desc = cranelift_module::DataDescription::new();
-                    desc.define(bytes.into_boxed_slice());
-                    desc.set_align(8);
-                    module.define_data(data, &desc).map_err(|e| err(e.to_string()))?;
-                    let table = module.declare_data_in_func(data, b.func);
+                    let table = batch_table(
+                        module,
+                        &format!("egret_k{i}_batches"),
+                        mm.batches.iter().flatten().copied(),
+                        b.func,
+                    )
+                    .map_err(err)?;
                     matmul::emit(&mut b, ptr, args, range, mm, table, &fns);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),

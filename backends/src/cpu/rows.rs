@@ -22,12 +22,16 @@ fn at(b: &mut FunctionBuilder, base: Value, i: Value) -> Value {
     b.ins().iadd(base, off)
 }
 
-struct Row<'a> {
+pub(crate) struct Row<'a> {
     len: i64,
     fns: &'a FuncRefs,
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
+    pub(crate) fn new(len: usize, fns: &'a FuncRefs) -> Row<'a> {
+        Row { len: len as i64, fns }
+    }
+
     fn vector_end(&self) -> i64 {
         self.len / LANES * LANES
     }
@@ -118,7 +122,7 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
     });
 }
 
-fn emit_row(
+pub(crate) fn emit_row(
     b: &mut FunctionBuilder,
     row: &Row,
     op: RowOp,
