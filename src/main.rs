@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use egret::check::{check_case, discover, Tolerance};
+use egret::check::{check_case_with, discover, Tolerance};
 use egret::{compile, Backend, CompileOptions};
 use egret_ir::text::{self, Constants};
 use egret_ir::Tensor;
@@ -122,6 +122,9 @@ enum Command {
         /// Print only failures and the summary.
         #[arg(long, short)]
         quiet: bool,
+        /// Optimisation level: 0 = one kernel per op, 1 = fuse elementwise chains, 2 = also the e-graph.
+        #[arg(long = "opt", default_value_t = egret::MAX_OPT_LEVEL, value_parser = clap::value_parser!(u8).range(0..=egret::MAX_OPT_LEVEL as i64))]
+        opt: u8,
     },
     /// Print the graph after canonicalisation, in Egret's IR text format.
     Ir {
@@ -217,8 +220,9 @@ fn run_cli() -> Result<()> {
         Command::Run { model, inputs, save_outputs, backend, print_ir, seed, threads } => {
             run(model, inputs, save_outputs, backend.into(), print_ir, seed, threads)
         }
-        Command::Check { path, backend, rtol, atol, quiet } => {
-            check(&path, backend.into(), Tolerance { rtol, atol }, quiet)
+        Command::Check { path, backend, rtol, atol, quiet, opt } => {
+            let opts = CompileOptions { backend: backend.into(), opt_level: opt, ..Default::default() };
+            check(&path, &opts, Tolerance { rtol, atol }, quiet)
         }
         Command::Ir { model, full } => {
             let opts = CompileOptions {
@@ -434,14 +438,14 @@ fn summary(t: &Tensor) -> String {
     )
 }
 
-fn check(path: &Path, backend: Backend, tol: Tolerance, quiet: bool) -> Result<()> {
+fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Result<()> {
     let cases = discover(path)?;
     if cases.is_empty() {
         bail!("no model.onnx under `{}`", path.display());
     }
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
-        for report in check_case(case, backend, tol) {
+        for report in check_case_with(case, opts, tol) {
             let ok = report.passed();
             if !quiet || !ok {
                 println!("{} {}", if ok { "PASS" } else { "FAIL" }, report.case);

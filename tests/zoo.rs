@@ -69,3 +69,17 @@ fn every_zoo_model_passes_with_generated_matmuls() {
         }
     }
 }
+
+/// Every optimisation level computes the same model: the zoo at --opt 0 and
+/// --opt 1 (the tests above run the default, --opt 2).
+#[test]
+fn every_zoo_model_passes_at_every_opt_level() {
+    for opt_level in [0, 1] {
+        let opts = egret::CompileOptions { opt_level, ..Default::default() };
+        for case in egret::check::discover(&common::zoo_dir()).unwrap() {
+            for r in egret::check::check_case_with(&case, &opts, Tolerance::default()) {
+                assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
+            }
+        }
+    }
+}
