@@ -48,6 +48,35 @@ struct ModelArgs {
     matmul: MatMulArg,
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Timed runs after warm-up.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Worker threads (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also time each kernel once and print where the time goes.
+    #[arg(long)]
+    profile: bool,
+    /// Compare --opt 0 with --opt 2 (or the --opt given, if higher than 0):
+    /// both compiled, runs alternating, both medians and the speedup.
+    #[arg(long)]
+    compare: bool,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum GraphFormat {
     Dot,
@@ -135,33 +164,7 @@ enum Command {
         full: bool,
     },
     /// Time a model: compile once, warm up, then report median/min/max latency.
-    Bench {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long = "input", value_name = "NAME=FILE")]
-        inputs: Vec<String>,
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendArg,
-        /// Timed runs after warm-up.
-        #[arg(long, default_value_t = 20)]
-        iters: usize,
-        /// Untimed runs first.
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        /// Worker threads (default: the number of cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Also time each kernel once and print where the time goes.
-        #[arg(long)]
-        profile: bool,
-        /// Compare --opt 0 with --opt 2 (or the --opt given, if higher than 0):
-        /// both compiled, runs alternating, both medians and the speedup.
-        #[arg(long)]
-        compare: bool,
-    },
+    Bench(BenchArgs),
     /// Compile a model ahead of time into a shared library and a C header.
     Compile {
         #[command(flatten)]
@@ -235,11 +238,11 @@ fn run_cli() -> Result<()> {
             print!("{}", text::print_with(&m.graph, if full { Constants::Full } else { Constants::ElideOver(16) }));
             Ok(())
         }
-        Command::Bench { model, inputs, backend, iters, warmup, threads, json, profile, compare } => {
-            if compare {
-                run_compare(model, inputs, backend.into(), iters, warmup, threads, json)
+        Command::Bench(args) => {
+            if args.compare {
+                run_compare(args)
             } else {
-                run_bench(model, inputs, backend.into(), iters, warmup, threads, json, profile)
+                run_bench(args)
             }
         }
         Command::Compile { model, out, name, emit } => {
@@ -307,17 +310,9 @@ fn compile_with_inputs(
     Ok((m, all))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_bench(
-    model: ModelArgs,
-    inputs: Vec<String>,
-    backend: Backend,
-    iters: usize,
-    warmup: usize,
-    threads: Option<usize>,
-    json: bool,
-    profile: bool,
-) -> Result<()> {
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let BenchArgs { model, inputs, backend, iters, warmup, threads, json, profile, .. } = args;
+    let backend: Backend = backend.into();
     let threads = threads.unwrap_or_else(egret::default_threads);
     let t = std::time::Instant::now();
     let (m, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
@@ -546,15 +541,9 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
 
 /// `bench --compare`: `--opt 0` against the requested level, alternating
 /// runs so that both see the same machine noise.
-fn run_compare(
-    mut model: ModelArgs,
-    inputs: Vec<String>,
-    backend: Backend,
-    iters: usize,
-    warmup: usize,
-    threads: Option<usize>,
-    json: bool,
-) -> Result<()> {
+fn run_compare(args: BenchArgs) -> Result<()> {
+    let BenchArgs { mut model, inputs, backend, iters, warmup, threads, json, .. } = args;
+    let backend: Backend = backend.into();
     let threads = threads.unwrap_or_else(egret::default_threads);
     let fast = if model.opt == 0 { egret::MAX_OPT_LEVEL } else { model.opt };
     model.opt = 0;
