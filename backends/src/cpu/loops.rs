@@ -21,7 +21,8 @@ pub fn counted(
     counted_dyn(b, s, e, step, carried, body)
 }
 
-/// `counted` with bounds known only at run time.
+/// `counted` with bounds known only at run time (`end - start` a multiple
+/// of `step`, or `step` 1).
 pub fn counted_dyn(
     b: &mut FunctionBuilder,
     start: Value,
@@ -30,6 +31,20 @@ pub fn counted_dyn(
     carried: Vec<Value>,
     body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
 ) -> Vec<Value> {
+    while_fits(b, start, end, step, carried, body).1
+}
+
+/// `i = start; while i + step <= end { carried = body(i, carried); i += step }`.
+/// Returns the final `i` and carried values, so that a scalar loop can take
+/// over where a vector loop stopped.
+pub fn while_fits(
+    b: &mut FunctionBuilder,
+    start: Value,
+    end: Value,
+    step: i64,
+    carried: Vec<Value>,
+    body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
+) -> (Value, Vec<Value>) {
     let header = b.create_block();
     let block = b.create_block();
     let exit = b.create_block();
@@ -37,12 +52,14 @@ pub fn counted_dyn(
     for &c in &carried {
         b.append_block_param(header, b.func.dfg.value_type(c));
     }
+    let last_start = if step == 1 { end } else { b.ins().iadd_imm_s(end, 1 - step) };
     let mut args: Vec<BlockArg> = vec![start.into()];
     args.extend(carried.iter().map(|&c| BlockArg::from(c)));
     b.ins().jump(header, &args);
     b.switch_to_block(header);
     let params = b.block_params(header).to_vec();
-    let more = b.ins().icmp(IntCC::SignedLessThan, params[0], end);
+    // i + step <= end, written as i < end - step + 1.
+    let more = b.ins().icmp(IntCC::SignedLessThan, params[0], last_start);
     b.ins().brif(more, block, &[], exit, &[]);
     b.switch_to_block(block);
     let next = body(b, params[0], &params[1..]);
@@ -51,5 +68,5 @@ pub fn counted_dyn(
     args.extend(next.iter().map(|&c| BlockArg::from(c)));
     b.ins().jump(header, &args);
     b.switch_to_block(exit);
-    params[1..].to_vec()
+    (params[0], params[1..].to_vec())
 }

@@ -6,11 +6,12 @@
 //! f32, unit-stride or broadcast there, and the expression has a vector form;
 //! a scalar loop finishes the remainder.
 
+use super::loops::{counted_dyn, while_fits};
 use super::runtime_fns::FuncRefs;
 use super::vmath::VMath;
 use crate::plan::{Binary, Compare, Expr, Logic, MapKernel, Unary};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, Block, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 use egret_ir::DType;
 
@@ -85,9 +86,9 @@ impl Ctx<'_> {
         self.m.inputs.len() + 1
     }
 
-    /// Emits the loops from dim `d` inwards, starting at operand addresses `addrs`.
     /// Emits the loops from dim `d` inwards, starting at operand addresses
-    /// `addrs`; `range` bounds dim 0 when this is the outermost level.
+    /// `addrs`; `range` bounds dim 0 when this is the outermost level. The
+    /// innermost dim runs vector steps while four lanes fit, then scalars.
     fn level(&self, b: &mut FunctionBuilder, d: usize, addrs: Vec<Value>, range: Option<(Value, Value)>) {
         let (start, end) = match range {
             Some(r) => r,
@@ -95,92 +96,39 @@ impl Ctx<'_> {
         };
         if d + 1 == self.rank() {
             let (i, addrs) = if self.vectorizable() {
-                self.counted_loop(b, start, addrs, end, LANES, d, true)
+                while_fits(b, start, end, LANES, addrs, &mut |b, _, cur| {
+                    self.vector_step(b, cur);
+                    self.advance(b, cur, d, LANES)
+                })
             } else {
                 (start, addrs)
             };
-            self.counted_loop(b, i, addrs, end, 1, d, false);
+            while_fits(b, i, end, 1, addrs, &mut |b, _, cur| {
+                self.scalar_step(b, cur);
+                self.advance(b, cur, d, 1)
+            });
             return;
         }
-        let header = b.create_block();
-        let block = b.create_block();
-        let exit = b.create_block();
-        b.append_block_param(header, types::I64);
-        for a in &addrs {
-            b.append_block_param(header, b.func.dfg.value_type(*a));
-        }
-        let mut init: Vec<BlockArg> = vec![start.into()];
-        init.extend(addrs.iter().map(|&a| BlockArg::from(a)));
-        b.ins().jump(header, &init);
-        b.switch_to_block(header);
-        let params = b.block_params(header).to_vec();
-        let go = b.ins().icmp(IntCC::SignedLessThan, params[0], end);
-        b.ins().brif(go, block, &[], exit, &[]);
-        b.switch_to_block(block);
-        self.level(b, d + 1, params[1..].to_vec(), None);
-        self.advance_and_loop(b, header, params[0], &params[1..], d, 1);
-        b.switch_to_block(exit);
+        counted_dyn(b, start, end, 1, addrs, &mut |b, _, cur| {
+            self.level(b, d + 1, cur.to_vec(), None);
+            self.advance(b, cur, d, 1)
+        });
     }
 
-    /// Steps the counter and every operand address, and jumps back to `header`.
-    fn advance_and_loop(
-        &self,
-        b: &mut FunctionBuilder,
-        header: Block,
-        i: Value,
-        addrs: &[Value],
-        d: usize,
-        lanes: i64,
-    ) {
-        let next = b.ins().iadd_imm_s(i, lanes);
-        let mut args: Vec<BlockArg> = vec![next.into()];
-        for (k, &a) in addrs.iter().enumerate() {
-            let step = self.stride_bytes(k, d) * lanes;
-            args.push(if step == 0 { a } else { b.ins().iadd_imm_s(a, step) }.into());
-        }
-        b.ins().jump(header, &args);
-    }
-
-    /// The innermost loop: `for i in start..end step lanes` while a whole
-    /// step fits, carrying the operand addresses. Returns where it stopped,
-    /// so a scalar loop can finish after a vector one.
-    #[allow(clippy::too_many_arguments)]
-    fn counted_loop(
-        &self,
-        b: &mut FunctionBuilder,
-        start: Value,
-        addrs: Vec<Value>,
-        end: Value,
-        lanes: i64,
-        d: usize,
-        vector: bool,
-    ) -> (Value, Vec<Value>) {
-        let header = b.create_block();
-        let block = b.create_block();
-        let exit = b.create_block();
-        b.append_block_param(header, types::I64);
-        for a in &addrs {
-            b.append_block_param(header, b.func.dfg.value_type(*a));
-        }
-        let last_start = b.ins().iadd_imm_s(end, -lanes);
-        let mut init: Vec<BlockArg> = vec![start.into()];
-        init.extend(addrs.iter().map(|&a| BlockArg::from(a)));
-        b.ins().jump(header, &init);
-        b.switch_to_block(header);
-        let params = b.block_params(header).to_vec();
-        let (i, cur) = (params[0], params[1..].to_vec());
-        // Enter the body while i + lanes <= end.
-        let go = b.ins().icmp(IntCC::SignedLessThanOrEqual, i, last_start);
-        b.ins().brif(go, block, &[], exit, &[]);
-        b.switch_to_block(block);
-        if vector {
-            self.vector_step(b, &cur);
-        } else {
-            self.scalar_step(b, &cur);
-        }
-        self.advance_and_loop(b, header, i, &cur, d, lanes);
-        b.switch_to_block(exit);
-        (i, cur)
+    /// Every operand address moved `lanes` steps along dim `d`.
+    fn advance(&self, b: &mut FunctionBuilder, addrs: &[Value], d: usize, lanes: i64) -> Vec<Value> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(k, &a)| {
+                let step = self.stride_bytes(k, d) * lanes;
+                if step == 0 {
+                    a
+                } else {
+                    b.ins().iadd_imm_s(a, step)
+                }
+            })
+            .collect()
     }
 
     fn vectorizable(&self) -> bool {
