@@ -51,8 +51,16 @@ fn check(rule: &str, start: &str) {
     let g = text::parse(start).unwrap_or_else(|e| panic!("{rule}: {e}"));
     let (out, report) = optimize(&g, Limits::default()).unwrap();
     assert!(report.rules.iter().any(|(r, n)| r == rule && *n > 0), "{rule} did not fire: {:?}", report.rules);
-    if rule.starts_with("attention") || rule.starts_with("gelu") || rule.starts_with("layer-norm") {
-        let fused = rule.split('-').next().unwrap().replace("layer", "layer_norm");
+    if rule.starts_with("attention")
+        || rule.starts_with("gelu")
+        || rule.starts_with("layer-norm")
+        || rule.starts_with("rms-norm")
+    {
+        let fused = match rule.split('-').next().unwrap() {
+            "layer" => "layer_norm",
+            "rms" => "rms_norm",
+            other => other,
+        };
         assert!(text::print(&out).contains(&format!("= {fused}")), "{rule}: not extracted\n{}", text::print(&out));
     }
     for seed in 1..4 {
@@ -299,6 +307,55 @@ v7: bool[2,3,3] = is_nan v6
 v8: f32[] = const [0.0]
 v9: f32[2,3,3] = where v7, v8, v6
 v10: f32[2,3,8] = matmul v9, v2
+output \"y\" = v10
+",
+    ),
+    (
+        "one-over",
+        "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[] = const [1.0]\nv2: f32[3,4] = div v1, v0\noutput \"y\" = v2\n",
+    ),
+    (
+        // LLaMA's spelling: x * rsqrt(mean(x^2) + eps) * weight, rsqrt as 1 / sqrt.
+        "rms-norm-scaled",
+        "v0: f32[2,3,8] = input{name=\"x\"}
+v1: f32[8] = input{name=\"w\"}
+v2: f32[] = const [2.0]
+v3: f32[2,3,8] = pow v0, v2
+v4: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v3
+v5: f32[] = const [1e-6]
+v6: f32[2,3,1] = add v4, v5
+v7: f32[2,3,1] = sqrt v6
+v8: f32[] = const [1.0]
+v9: f32[2,3,1] = div v8, v7
+v10: f32[2,3,8] = mul v0, v9
+v11: f32[2,3,8] = mul v10, v1
+output \"y\" = v11
+",
+    ),
+    (
+        "rms-norm",
+        "v0: f32[2,3,8] = input{name=\"x\"}
+v2: f32[] = const [2.0]
+v3: f32[2,3,8] = pow v0, v2
+v4: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v3
+v5: f32[] = const [1e-6]
+v6: f32[2,3,1] = add v4, v5
+v7: f32[2,3,1] = sqrt v6
+v9: f32[2,3,1] = reciprocal v7
+v10: f32[2,3,8] = mul v0, v9
+output \"y\" = v10
+",
+    ),
+    (
+        "rms-norm-div",
+        "v0: f32[2,3,8] = input{name=\"x\"}
+v2: f32[] = const [2.0]
+v3: f32[2,3,8] = pow v0, v2
+v4: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v3
+v5: f32[] = const [1e-5]
+v6: f32[2,3,1] = add v4, v5
+v7: f32[2,3,1] = sqrt v6
+v10: f32[2,3,8] = div v0, v7
 output \"y\" = v10
 ",
     ),

@@ -28,6 +28,8 @@ pub fn rules() -> Vec<Rule> {
         rw!("transpose-scalar"; "(transpose ?p (mul ?a ?c))" => "(mul (transpose ?p ?a) ?c)" if is_float_scalar("?c")),
         // reshape(a * c) = reshape(a) * c for a scalar c.
         rw!("reshape-scalar"; "(reshape ?s (mul ?a ?c))" => "(mul (reshape ?s ?a) ?c)" if is_float_scalar("?c")),
+        // 1 / y = reciprocal(y): `Div(1, Sqrt(v))` and `Reciprocal(Sqrt(v))` meet.
+        rw!("one-over"; "(div ?one ?y)" => "(reciprocal ?y)" if super::is_scalar("?one", 1.0, 0.0)),
         // (x * c1) * c2 = x * (c1 * c2) for scalars: the product folds to one constant.
         rw!("scalars-combine"; "(mul (mul ?x ?c1) ?c2)" => "(mul ?x (mul ?c1 ?c2))" if is_float_scalar("?c1") if is_float_scalar("?c2")),
     ]

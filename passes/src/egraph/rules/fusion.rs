@@ -51,6 +51,17 @@ pub fn rules() -> Vec<Rule> {
         rw!("attention-guarded-masked-unscaled";
             "(matmul (where (is_nan (softmax ?ax (add (matmul ?q ?kt) ?m))) ?zero (softmax ?ax (add (matmul ?q ?kt) ?m))) ?v)"
                 => { Attention::new(false, true, true) } if is_scalar("?zero", 0.0, 0.0)),
+        // RMS norm: x * 1/sqrt(mean(x^2) + eps) (times a scale g), the mean
+        // over the trailing axes; x / sqrt(...) reaches the same form.
+        rw!("rms-norm-scaled";
+            "(mul (mul ?x (reciprocal (sqrt (add (reduce ?r (pow ?x ?two)) ?eps)))) ?g)" => { RmsNorm { scaled: true } }
+            if is_scalar("?two", 2.0, 0.0)),
+        rw!("rms-norm";
+            "(mul ?x (reciprocal (sqrt (add (reduce ?r (pow ?x ?two)) ?eps))))" => { RmsNorm { scaled: false } }
+            if is_scalar("?two", 2.0, 0.0)),
+        rw!("rms-norm-div";
+            "(div ?x (sqrt (add (reduce ?r (pow ?x ?two)) ?eps)))" => { RmsNorm { scaled: false } }
+            if is_scalar("?two", 2.0, 0.0)),
         // Layer norm without scale and bias: scale 1.
         rw!("layer-norm";
             "(div (sub ?x (reduce ?r ?x)) (sqrt (add (reduce ?r (pow (sub ?x (reduce ?r ?x)) ?two)) ?eps)))"
@@ -185,6 +196,52 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for Attention {
         let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
         children.insert(0, attrs_leaf);
         let node = egraph.add(TNode { op: "attention".into(), children });
+        if egraph.union(eclass, node) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Builds `rms_norm{axis, epsilon}(x, g)` (g = 1 without a scale) from a
+/// match, the axis from the reduction and epsilon from the constant.
+struct RmsNorm {
+    scaled: bool,
+}
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for RmsNorm {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[var("?x")];
+        let Some(xt) = egraph[x].data.ty().cloned() else { return vec![] };
+        let Some(attrs) = egraph[subst[var("?r")]].data.attrs.clone() else { return vec![] };
+        let Some(axis) = trailing_mean_axis(&attrs, xt.rank()) else { return vec![] };
+        let Some(eps) = scalar(egraph, subst, "?eps") else { return vec![] };
+        let norm: Vec<usize> = xt.shape[axis..].to_vec();
+        let g = if self.scaled {
+            let g = subst[var("?g")];
+            let fits = egraph[g].data.ty().is_some_and(|t| {
+                t.dtype == xt.dtype && egret_ir::ops::broadcast_shapes(&t.shape, &norm).is_ok_and(|s| s == norm)
+            });
+            if !fits {
+                return vec![];
+            }
+            g
+        } else {
+            let n: usize = norm.iter().product();
+            let leaf = egraph.analysis.constant_leaf(Tensor::from_vec(norm.clone(), vec![1f32; n]).cast(xt.dtype));
+            egraph.add(leaf)
+        };
+        let op = Op::RmsNorm { axis, epsilon: eps as f32 };
+        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
+        let node = egraph.add(TNode { op: "rms_norm".into(), children: vec![attrs_leaf, x, g] });
         if egraph.union(eclass, node) {
             vec![eclass]
         } else {
