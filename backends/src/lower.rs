@@ -218,6 +218,7 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
         Op::Or => logic(Logic::Or),
         Op::Xor => logic(Logic::Xor),
         Op::Gelu { approximate_tanh } if all_f32 => Some(gelu_expr(*approximate_tanh)),
+        Op::Silu if all_f32 => Some(Expr::binary(Binary::Mul, I(0), Expr::unary(Unary::Sigmoid, I(0)))),
         Op::Not if all_bool => Some(Expr::Not(b(I(0)))),
         Op::IsNaN if all_f32 => Some(Expr::IsNaN(b(I(0)))),
         Op::Where if in_types[0].dtype == DType::Bool && in_types[1].dtype == DType::F32 => {

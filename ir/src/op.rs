@@ -247,6 +247,8 @@ define_ops! {
     Floor = "floor", Ceil = "ceil", Round = "round", Sign = "sign",
     Not = "not", IsNaN = "is_nan", Softsign = "softsign", Softplus = "softplus",
     HardSwish = "hard_swish", Mish = "mish", BitwiseNot = "bitwise_not",
+    /// x * sigmoid(x) (SiLU, Swish); recognised by the e-graph, not imported.
+    Silu = "silu",
     IsInf { detect_negative: bool, detect_positive: bool } = "is_inf",
     Elu { alpha: f32 } = "elu",
     Selu { alpha: f32, gamma: f32 } = "selu",

@@ -359,6 +359,32 @@ v10: f32[2,3,8] = div v0, v7
 output \"y\" = v10
 ",
     ),
+    (
+        // SwiGLU: silu(gate) * up.
+        "silu",
+        "v0: f32[3,8] = input{name=\"gate\"}\nv1: f32[3,8] = input{name=\"up\"}\nv2: f32[3,8] = sigmoid v0\nv3: f32[3,8] = mul v0, v2\nv4: f32[3,8] = mul v3, v1\noutput \"y\" = v4\n",
+    ),
+    (
+        "softmax",
+        "v0: f32[3,7] = input{name=\"x\"}
+v1: f32[3,1] = reduce{kind=max, axes=[1], keepdims=true} v0
+v2: f32[3,7] = sub v0, v1
+v3: f32[3,7] = exp v2
+v4: f32[3,1] = reduce{kind=sum, axes=[1], keepdims=true} v3
+v5: f32[3,7] = div v3, v4
+output \"y\" = v5
+",
+    ),
+    (
+        // Over a middle axis, without the max shift.
+        "softmax-unshifted",
+        "v0: f32[2,5,3] = input{name=\"x\"}
+v1: f32[2,5,3] = exp v0
+v2: f32[2,1,3] = reduce{kind=sum, axes=[1], keepdims=true} v1
+v3: f32[2,5,3] = div v1, v2
+output \"y\" = v3
+",
+    ),
 ];
 
 #[test]

@@ -40,6 +40,7 @@ pub fn is_unary(op: &Op) -> bool {
             | Softplus
             | HardSwish
             | Mish
+            | Silu
             | BitwiseNot
             | IsInf { .. }
             | Elu { .. }
@@ -170,6 +171,7 @@ fn unary_f64(op: &Op, x: f64) -> f64 {
         Op::Softplus => softplus(x),
         Op::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         Op::Mish => x * softplus(x).tanh(),
+        Op::Silu => x * unary_f64(&Op::Sigmoid, x),
         Op::Elu { alpha } => {
             if x < 0.0 {
                 alpha as f64 * (x.exp() - 1.0)

@@ -55,7 +55,7 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
                 batch * (sq * sk * d / 16.0 + sq * dv * sk / 16.0) + numel
             }
             // Fused kernels: one pass over their output.
-            Op::Gelu { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
+            Op::Gelu { .. } | Op::Silu | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
             Op::Reduce { .. } => input_numel(0),
             _ => numel,
         } + 1.0,

@@ -51,6 +51,13 @@ pub fn rules() -> Vec<Rule> {
         rw!("attention-guarded-masked-unscaled";
             "(matmul (where (is_nan (softmax ?ax (add (matmul ?q ?kt) ?m))) ?zero (softmax ?ax (add (matmul ?q ?kt) ?m))) ?v)"
                 => { Attention::new(false, true, true) } if is_scalar("?zero", 0.0, 0.0)),
+        // SiLU: x * sigmoid(x) = silu(x) (SwiGLU is then silu(gate) * up).
+        rw!("silu"; "(mul ?x (sigmoid ?x))" => "(silu ?x)"),
+        // Softmax: exp(x - max(x)) / sum(exp(x - max(x))) over one axis, and
+        // the unshifted exp(x) / sum(exp(x)) (equal in exact arithmetic; the
+        // fused kernel always shifts, which only avoids overflow).
+        rw!("softmax"; "(div (exp (sub ?x (reduce ?mx ?x))) (reduce ?s (exp (sub ?x (reduce ?mx ?x)))))" => { Softmax }),
+        rw!("softmax-unshifted"; "(div (exp ?x) (reduce ?s (exp ?x)))" => { Softmax }),
         // RMS norm: x * 1/sqrt(mean(x^2) + eps) (times a scale g), the mean
         // over the trailing axes; x / sqrt(...) reaches the same form.
         rw!("rms-norm-scaled";
@@ -242,6 +249,46 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for RmsNorm {
         let op = Op::RmsNorm { axis, epsilon: eps as f32 };
         let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
         let node = egraph.add(TNode { op: "rms_norm".into(), children: vec![attrs_leaf, x, g] });
+        if egraph.union(eclass, node) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Builds `softmax{axis}(x)` from a match whose sum (and max, if bound)
+/// reduce exactly one axis with kept dims.
+struct Softmax;
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for Softmax {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[var("?x")];
+        if !egraph[x].data.ty().is_some_and(|t| t.dtype.is_float()) {
+            return vec![];
+        }
+        let one_axis = |egraph: &TGraph, v: &str, want: ReduceKind| -> Option<usize> {
+            let attrs = egraph[subst[var(v)]].data.attrs.clone()?;
+            match egret_ir::text::op_from_parts("reduce", &attrs) {
+                Ok(Op::Reduce { kind, axes, keepdims: true }) if kind == want && axes.len() == 1 => Some(axes[0]),
+                _ => None,
+            }
+        };
+        let Some(axis) = one_axis(egraph, "?s", ReduceKind::Sum) else { return vec![] };
+        let has_max = subst.get(var("?mx")).is_some();
+        if has_max && one_axis(egraph, "?mx", ReduceKind::Max) != Some(axis) {
+            return vec![];
+        }
+        let op = Op::Softmax { axis };
+        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
+        let node = egraph.add(TNode { op: "softmax".into(), children: vec![attrs_leaf, x] });
         if egraph.union(eclass, node) {
             vec![eclass]
         } else {
