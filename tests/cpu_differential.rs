@@ -491,3 +491,19 @@ output \"guarded\" = v5
 ",
     );
 }
+
+#[test]
+fn many_one_row_products_with_a_shared_weight_fold_into_one() {
+    // Perceiver's cross-attention projection: [256, 1, k] @ [k, n].
+    same(
+        "v0: f32[37,1,12] = input{name=\"a\"}
+v1: f32[12,10] = input{name=\"w\"}
+v2: f32[37,1,10] = matmul v0, v1
+v3: f32[5,4,12] = input{name=\"b\"}
+v4: f32[4,5,12] = transpose{perm=[1, 0, 2]} v3
+v5: f32[4,5,10] = matmul v4, v1
+output \"folded\" = v2
+output \"strided\" = v5
+",
+    );
+}

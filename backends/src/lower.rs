@@ -809,9 +809,31 @@ impl<'g> Lowering<'g> {
     ) -> MatMulKernel {
         let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
         let batch = &sc[..sc.len() - 2];
+        let nb: usize = batch.iter().product();
+        // A `b` shared by every batch (a weight) and an `a` whose batch dims
+        // fold into its rows make one tall product: [nb * m, k] @ [k, n].
+        let b_shared = sb[..sb.len() - 2].iter().all(|&d| d == 1);
+        let a_unbroadcast = sa[..sa.len() - 2].iter().product::<usize>() == nb;
+        if nb > 1 && b_shared && a_unbroadcast {
+            if let Some(rows) = reshape_strides(sa, &va.strides, &[nb * m, k]) {
+                let folded = MatMulKernel {
+                    m: nb * m,
+                    k,
+                    n,
+                    a: va.buffer,
+                    b: vb.buffer,
+                    c: cb,
+                    a_strides: [rows[0], rows[1]],
+                    b_strides: [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]],
+                    batches: vec![[va.offset, vb.offset, 0]],
+                    implementation: MatMulImpl::Library,
+                    b_packed: false,
+                };
+                return MatMulKernel { implementation: choose_matmul(&folded, self.opts.matmul), ..folded };
+            }
+        }
         let a_b = broadcast_view(&sa[..sa.len() - 2], &va.strides[..sa.len() - 2], batch);
         let b_b = broadcast_view(&sb[..sb.len() - 2], &vb.strides[..sb.len() - 2], batch);
-        let nb: usize = batch.iter().product();
         let bs = egret_ir::strides_of(batch);
         let batches = (0..nb)
             .map(|i| {
