@@ -385,6 +385,27 @@ v3: f32[2,5,3] = div v1, v2
 output \"y\" = v3
 ",
     ),
+    (
+        "add-constants",
+        "v0: f32[2,3,4] = input{name=\"x\"}
+v1: f32[3,4] = const [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+v2: f32[2,1,1] = const [-1.0, 1.0]
+v3: f32[2,3,4] = add v0, v1
+v4: f32[2,3,4] = add v3, v2
+output \"y\" = v4
+",
+    ),
+    (
+        // Swin's shifted windows: the mask is added with the windows split out.
+        "add-through-reshape",
+        "v0: f32[4,2,3,3] = input{name=\"scores\"}
+v1: f32[2,2,2,3,3] = reshape{shape=[2, 2, 2, 3, 3]} v0
+v2: f32[1,2,1,3,3] = input{name=\"mask\"}
+v3: f32[2,2,2,3,3] = add v1, v2
+v4: f32[4,2,3,3] = reshape{shape=[4, 2, 3, 3]} v3
+output \"y\" = v4
+",
+    ),
 ];
 
 #[test]

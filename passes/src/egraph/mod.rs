@@ -83,6 +83,8 @@ pub struct Info {
     pub attrs: Option<String>,
     /// The name of a graph node the class came from, for the rebuilt graph.
     pub label: Option<String>,
+    /// Whether the class is computed from constants alone (whatever its size).
+    pub constant: bool,
 }
 
 impl Info {
@@ -143,7 +145,7 @@ impl Analysis<TNode> for TensorAnalysis {
         if let Some(k) = name.strip_prefix("const:") {
             let t = k.parse::<usize>().ok().and_then(|k| egraph.analysis.constants.get(k).cloned());
             return match t {
-                Some(t) => Info { types: vec![t.ty()], value: Some(t), ..Info::default() },
+                Some(t) => Info { types: vec![t.ty()], value: Some(t), constant: true, ..Info::default() },
                 None => Info::default(),
             };
         }
@@ -176,7 +178,8 @@ impl Analysis<TNode> for TensorAnalysis {
         } else {
             None
         };
-        Info { types: out, value, ..Info::default() }
+        let constant = inputs.iter().all(|&c| egraph[c].data.constant);
+        Info { types: out, value, constant, ..Info::default() }
     }
 
     fn merge(&mut self, a: &mut Info, b: Info) -> DidMerge {
@@ -191,6 +194,10 @@ impl Analysis<TNode> for TensorAnalysis {
         }
         if a.label.is_none() && b.label.is_some() {
             a.label = b.label;
+        }
+        if !a.constant && b.constant {
+            a.constant = true;
+            changed_a = true;
         }
         DidMerge(changed_a, true)
     }

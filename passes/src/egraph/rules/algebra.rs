@@ -3,8 +3,11 @@
 //! Each rule states the identity it relies on; elementwise ops broadcast,
 //! and every identity here holds under broadcasting.
 
-use super::{is_float_scalar, Rule};
+use super::{is_constant, is_float_scalar, var, Rule, TGraph};
+use crate::egraph::TNode;
 use egg::rewrite as rw;
+use egg::{Applier, Id, PatternAst, Subst, Symbol};
+use egret_ir::Op;
 
 pub fn rules() -> Vec<Rule> {
     vec![
@@ -30,7 +33,53 @@ pub fn rules() -> Vec<Rule> {
         rw!("reshape-scalar"; "(reshape ?s (mul ?a ?c))" => "(mul (reshape ?s ?a) ?c)" if is_float_scalar("?c")),
         // 1 / y = reciprocal(y): `Div(1, Sqrt(v))` and `Reciprocal(Sqrt(v))` meet.
         rw!("one-over"; "(div ?one ?y)" => "(reciprocal ?y)" if super::is_scalar("?one", 1.0, 0.0)),
+        // (x + a) + b = x + (a + b) for constants a and b: two additive masks
+        // (a bias, then a window mask) become one.
+        rw!("add-constants"; "(add (add ?x ?a) ?b)" => "(add ?x (add ?a ?b))" if is_constant("?a") if is_constant("?b")),
+        // reshape_S(reshape_T(x) + m) = x + reshape_S(expand_T(m)) when the
+        // outer reshape restores x's shape: a mask added in another view of
+        // x (Swin's windows) is added in x's own.
+        rw!("add-through-reshape"; "(reshape ?s (add (reshape ?t ?x) ?m))" => { AddThroughReshape }),
         // (x * c1) * c2 = x * (c1 * c2) for scalars: the product folds to one constant.
         rw!("scalars-combine"; "(mul (mul ?x ?c1) ?c2)" => "(mul ?x (mul ?c1 ?c2))" if is_float_scalar("?c1") if is_float_scalar("?c2")),
     ]
+}
+
+/// The applier of `add-through-reshape`.
+struct AddThroughReshape;
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for AddThroughReshape {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (x, m) = (subst[var("?x")], subst[var("?m")]);
+        let (Some(xt), Some(outer)) = (egraph[x].data.ty().cloned(), egraph[eclass].data.ty().cloned()) else {
+            return vec![];
+        };
+        let Some(view) = egraph[subst[var("?t")]].data.attrs.clone() else { return vec![] };
+        let Ok(Op::Reshape { shape: t_shape }) = egret_ir::text::op_from_parts("reshape", &view) else { return vec![] };
+        let Some(mt) = egraph[m].data.ty().cloned() else { return vec![] };
+        // Only where the outer reshape undoes the inner one and m fits the inner view.
+        let fits = egret_ir::ops::broadcast_shapes(&mt.shape, &t_shape).is_ok_and(|s| s == t_shape);
+        if outer != xt || !fits || mt.dtype != xt.dtype {
+            return vec![];
+        }
+        let expand = Op::Expand { shape: t_shape };
+        let reshape = Op::Reshape { shape: xt.shape.clone() };
+        let e_attrs = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&expand)));
+        let expanded = egraph.add(TNode { op: "expand".into(), children: vec![e_attrs, m] });
+        let r_attrs = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&reshape)));
+        let mask = egraph.add(TNode { op: "reshape".into(), children: vec![r_attrs, expanded] });
+        let sum = egraph.add(TNode { op: "add".into(), children: vec![x, mask] });
+        if egraph.union(eclass, sum) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
 }

@@ -41,3 +41,8 @@ pub(crate) fn is_scalar(v: &'static str, want: f64, tol: f64) -> impl Fn(&mut TG
 pub(crate) fn is_float_scalar(v: &'static str) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
     move |g, _, s| scalar(g, s, v).is_some() && g[s[var(v)]].data.ty().is_some_and(|t| t.dtype.is_float())
 }
+
+/// Side condition: `v` is computed from constants alone.
+pub(crate) fn is_constant(v: &'static str) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
+    move |g, _, s| g[s[var(v)]].data.constant
+}
