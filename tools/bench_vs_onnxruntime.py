@@ -66,7 +66,7 @@ def main():
         sys.exit(f"{a.egret} not found: run `cargo build --release` first")
     print(f"# {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"onnxruntime {ort.__version__}")
-    print("| model | threads | onnxruntime ms | egret --opt 0 ms | egret --opt 1 ms | egret / ort | egret compile ms |")
+    print("| model | threads | onnxruntime ms | egret --opt 0 ms | egret --opt 2 ms | egret / ort | egret compile ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for model_dir in a.models:
         name = os.path.basename(os.path.normpath(model_dir))
@@ -77,7 +77,7 @@ def main():
             for _ in range(a.rounds):
                 o = min(o, ort_latency(os.path.join(model_dir, "model.onnx"), feeds, threads, a.iters, a.warmup))
                 r0 = egret_latency(a.egret, model_dir, threads, a.iters, a.warmup, 0)
-                r1 = egret_latency(a.egret, model_dir, threads, a.iters, a.warmup, 1)
+                r1 = egret_latency(a.egret, model_dir, threads, a.iters, a.warmup, 2)
                 e0 = r0 if e0 is None or r0["median_ms"] < e0["median_ms"] else e0
                 e1 = r1 if e1 is None or r1["median_ms"] < e1["median_ms"] else e1
             print(f"| {name} | {threads} | {o:.2f} | {e0['median_ms']:.2f} | {e1['median_ms']:.2f} | "
