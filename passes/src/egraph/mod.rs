@@ -219,15 +219,7 @@ pub fn to_egraph(g: &Graph) -> Result<(TGraph, Vec<(String, Id)>), IrError> {
                 let leaf = eg.analysis.constant_leaf((**t).clone());
                 eg.add(leaf)
             }
-            op => {
-                let mut children = Vec::new();
-                let attrs = egret_ir::text::attrs_text(op);
-                if !attrs.is_empty() {
-                    children.push(eg.add(TNode::leaf(&attrs)));
-                }
-                children.extend(node.inputs.iter().map(|v| class[v]));
-                eg.add(TNode { op: op.name().into(), children })
-            }
+            op => rules::add_op(&mut eg, op, node.inputs.iter().map(|v| class[v]).collect()),
         };
         if eg[id].data.label.is_none() && !node.label.is_empty() {
             eg[id].data.label = Some(node.label.clone());

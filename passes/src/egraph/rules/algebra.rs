@@ -3,7 +3,7 @@
 //! Each rule states the identity it relies on; elementwise ops broadcast,
 //! and every identity here holds under broadcasting.
 
-use super::{is_constant, is_float_scalar, var, Rule, TGraph};
+use super::{add_op, is_constant, is_float_scalar, union_result, var, Rule, TGraph};
 use crate::egraph::TNode;
 use egg::rewrite as rw;
 use egg::{Applier, Id, PatternAst, Subst, Symbol};
@@ -71,15 +71,9 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for AddThroughReshape {
         }
         let expand = Op::Expand { shape: t_shape };
         let reshape = Op::Reshape { shape: xt.shape.clone() };
-        let e_attrs = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&expand)));
-        let expanded = egraph.add(TNode { op: "expand".into(), children: vec![e_attrs, m] });
-        let r_attrs = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&reshape)));
-        let mask = egraph.add(TNode { op: "reshape".into(), children: vec![r_attrs, expanded] });
-        let sum = egraph.add(TNode { op: "add".into(), children: vec![x, mask] });
-        if egraph.union(eclass, sum) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        let expanded = add_op(egraph, &expand, vec![m]);
+        let mask = add_op(egraph, &reshape, vec![expanded]);
+        let sum = add_op(egraph, &Op::Add, vec![x, mask]);
+        union_result(egraph, eclass, sum)
     }
 }

@@ -1,7 +1,7 @@
 //! Fusion: the transformer building blocks, recognised in their normalised
 //! form and replaced by single ops that have one kernel each.
 
-use super::{is_scalar, scalar, var, Rule, TGraph};
+use super::{add_op, is_scalar, scalar, union_result, var, Rule, TGraph};
 use crate::egraph::TNode;
 use egg::{rewrite as rw, Applier, Id, PatternAst, Subst, Symbol};
 use egret_ir::op::ReduceKind;
@@ -90,6 +90,46 @@ fn trailing_mean_axis(attrs: &str, rank: usize) -> Option<usize> {
     trailing.then_some(first)
 }
 
+/// What the layer- and RMS-norm matches share: the normalised tensor, the
+/// trailing axis its mean reduces from, epsilon, and the normalised dims.
+struct NormMatch {
+    x: Id,
+    xt: egret_ir::Type,
+    axis: usize,
+    epsilon: f32,
+    norm: Vec<usize>,
+}
+
+impl NormMatch {
+    /// Reads `?x`, the mean's `?r` attributes and the `?eps` constant; `None`
+    /// when the mean is not over the trailing axes with kept dims.
+    fn from_subst(egraph: &TGraph, subst: &Subst) -> Option<NormMatch> {
+        let x = subst[var("?x")];
+        let xt = egraph[x].data.ty().cloned()?;
+        let attrs = egraph[subst[var("?r")]].data.attrs.clone()?;
+        let axis = trailing_mean_axis(&attrs, xt.rank())?;
+        let epsilon = scalar(egraph, subst, "?eps")? as f32;
+        let norm = xt.shape[axis..].to_vec();
+        Some(NormMatch { x, xt, axis, epsilon, norm })
+    }
+
+    /// A scale or bias operand fits when it has x's dtype and lies along the
+    /// normalised dims only.
+    fn fits_param(&self, egraph: &TGraph, id: Id) -> bool {
+        egraph[id].data.ty().is_some_and(|t| {
+            t.dtype == self.xt.dtype && egret_ir::ops::broadcast_shapes(&t.shape, &self.norm).is_ok_and(|s| s == self.norm)
+        })
+    }
+
+    /// A constant scale of ones over the normalised dims, for the unscaled forms.
+    fn ones(&self, egraph: &mut TGraph) -> Id {
+        let n: usize = self.norm.iter().product();
+        let ones = Tensor::from_vec(self.norm.clone(), vec![1f32; n]).cast(self.xt.dtype);
+        let leaf = egraph.analysis.constant_leaf(ones);
+        egraph.add(leaf)
+    }
+}
+
 /// Builds `layer_norm{axis, epsilon}(x, g[, b])` from a match, taking the
 /// axis from the reduction and epsilon from the added constant.
 struct LayerNorm {
@@ -105,42 +145,23 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for LayerNorm {
         _ast: Option<&PatternAst<TNode>>,
         _rule: Symbol,
     ) -> Vec<Id> {
-        let x = subst[var("?x")];
-        let Some(xt) = egraph[x].data.ty().cloned() else { return vec![] };
-        let Some(attrs) = egraph[subst[var("?r")]].data.attrs.clone() else { return vec![] };
-        let Some(axis) = trailing_mean_axis(&attrs, xt.rank()) else { return vec![] };
-        let Some(eps) = scalar(egraph, subst, "?eps") else { return vec![] };
-        let norm: Vec<usize> = xt.shape[axis..].to_vec();
-        let (g, b) = if self.affine {
+        let Some(m) = NormMatch::from_subst(egraph, subst) else { return vec![] };
+        let mut children = vec![m.x];
+        if self.affine {
             let (g, b) = (subst[var("?g")], subst[var("?b")]);
-            // Scale and bias must lie along the normalised dims only.
-            let fits = |id: Id| {
-                egraph[id].data.ty().is_some_and(|t| {
-                    t.dtype == xt.dtype && egret_ir::ops::broadcast_shapes(&t.shape, &norm).is_ok_and(|s| s == norm)
-                })
-            };
-            if !fits(g) || !fits(b) {
+            if !m.fits_param(egraph, g) || !m.fits_param(egraph, b) {
                 return vec![];
             }
-            (g, Some(b))
+            children.extend([g, b]);
         } else {
-            let n: usize = norm.iter().product();
-            let ones = Tensor::from_vec(norm.clone(), vec![1f32; n]).cast(xt.dtype);
-            let leaf = egraph.analysis.constant_leaf(ones);
-            (egraph.add(leaf), None)
-        };
-        let op = Op::LayerNorm { axis, epsilon: eps as f32 };
-        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
-        let mut children = vec![attrs_leaf, x, g];
-        children.extend(b);
-        let ln = egraph.add(TNode { op: "layer_norm".into(), children });
+            children.push(m.ones(egraph));
+        }
+        // layer_norm has three outputs in the IR (y, mean, inverse standard
+        // deviation); the matched class is output 0.
+        let ln = add_op(egraph, &Op::LayerNorm { axis: m.axis, epsilon: m.epsilon }, children);
         let index = egraph.add(TNode::leaf("{index=0}"));
         let y = egraph.add(TNode { op: "out".into(), children: vec![index, ln] });
-        if egraph.union(eclass, y) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        union_result(egraph, eclass, y)
     }
 }
 
@@ -200,14 +221,8 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for Attention {
         if !fits {
             return vec![];
         }
-        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
-        children.insert(0, attrs_leaf);
-        let node = egraph.add(TNode { op: "attention".into(), children });
-        if egraph.union(eclass, node) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        let node = add_op(egraph, &op, children);
+        union_result(egraph, eclass, node)
     }
 }
 
@@ -226,34 +241,18 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for RmsNorm {
         _ast: Option<&PatternAst<TNode>>,
         _rule: Symbol,
     ) -> Vec<Id> {
-        let x = subst[var("?x")];
-        let Some(xt) = egraph[x].data.ty().cloned() else { return vec![] };
-        let Some(attrs) = egraph[subst[var("?r")]].data.attrs.clone() else { return vec![] };
-        let Some(axis) = trailing_mean_axis(&attrs, xt.rank()) else { return vec![] };
-        let Some(eps) = scalar(egraph, subst, "?eps") else { return vec![] };
-        let norm: Vec<usize> = xt.shape[axis..].to_vec();
+        let Some(m) = NormMatch::from_subst(egraph, subst) else { return vec![] };
         let g = if self.scaled {
             let g = subst[var("?g")];
-            let fits = egraph[g].data.ty().is_some_and(|t| {
-                t.dtype == xt.dtype && egret_ir::ops::broadcast_shapes(&t.shape, &norm).is_ok_and(|s| s == norm)
-            });
-            if !fits {
+            if !m.fits_param(egraph, g) {
                 return vec![];
             }
             g
         } else {
-            let n: usize = norm.iter().product();
-            let leaf = egraph.analysis.constant_leaf(Tensor::from_vec(norm.clone(), vec![1f32; n]).cast(xt.dtype));
-            egraph.add(leaf)
+            m.ones(egraph)
         };
-        let op = Op::RmsNorm { axis, epsilon: eps as f32 };
-        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
-        let node = egraph.add(TNode { op: "rms_norm".into(), children: vec![attrs_leaf, x, g] });
-        if egraph.union(eclass, node) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        let node = add_op(egraph, &Op::RmsNorm { axis: m.axis, epsilon: m.epsilon }, vec![m.x, g]);
+        union_result(egraph, eclass, node)
     }
 }
 
@@ -286,13 +285,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for Softmax {
         if has_max && one_axis(egraph, "?mx", ReduceKind::Max) != Some(axis) {
             return vec![];
         }
-        let op = Op::Softmax { axis };
-        let attrs_leaf = egraph.add(TNode::leaf(&egret_ir::text::attrs_text(&op)));
-        let node = egraph.add(TNode { op: "softmax".into(), children: vec![attrs_leaf, x] });
-        if egraph.union(eclass, node) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        let node = add_op(egraph, &Op::Softmax { axis }, vec![x]);
+        union_result(egraph, eclass, node)
     }
 }

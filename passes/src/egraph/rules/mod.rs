@@ -5,6 +5,7 @@ pub mod fusion;
 
 use super::{TGraph, TNode, TensorAnalysis};
 use egg::{Id, Rewrite, Subst, Var};
+use egret_ir::Op;
 
 pub type Rule = Rewrite<TNode, TensorAnalysis>;
 
@@ -25,6 +26,24 @@ pub fn all() -> Vec<Rule> {
 
 pub(crate) fn var(name: &str) -> Var {
     name.parse().expect("a pattern variable")
+}
+
+/// Adds `op(children)` to the e-graph in the one form every op node has: the attribute leaf first, left out for ops without attributes.
+pub(crate) fn add_op(egraph: &mut TGraph, op: &Op, mut children: Vec<Id>) -> Id {
+    let attrs = egret_ir::text::attrs_text(op);
+    if !attrs.is_empty() {
+        children.insert(0, egraph.add(TNode::leaf(&attrs)));
+    }
+    egraph.add(TNode { op: op.name().into(), children })
+}
+
+/// An applier's result: the matched class when `node` was new to it.
+pub(crate) fn union_result(egraph: &mut TGraph, eclass: Id, node: Id) -> Vec<Id> {
+    if egraph.union(eclass, node) {
+        vec![eclass]
+    } else {
+        vec![]
+    }
 }
 
 /// The scalar constant a pattern variable is bound to, if any.
