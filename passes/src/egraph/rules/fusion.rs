@@ -117,7 +117,8 @@ impl NormMatch {
     /// normalised dims only.
     fn fits_param(&self, egraph: &TGraph, id: Id) -> bool {
         egraph[id].data.ty().is_some_and(|t| {
-            t.dtype == self.xt.dtype && egret_ir::ops::broadcast_shapes(&t.shape, &self.norm).is_ok_and(|s| s == self.norm)
+            t.dtype == self.xt.dtype
+                && egret_ir::ops::broadcast_shapes(&t.shape, &self.norm).is_ok_and(|s| s == self.norm)
         })
     }
 
