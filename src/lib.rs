@@ -72,7 +72,8 @@ pub struct CompileOptions {
     /// Threads the CPU backend may use; `None` means one per core.
     pub threads: Option<usize>,
     /// Optimisation level: 0 gives one kernel per op, 1 fuses elementwise
-    /// chains, 2 also runs the e-graph optimiser.
+    /// chains, 2 also runs the e-graph optimiser and fuses elementwise tails
+    /// into matmul epilogues.
     pub opt_level: u8,
     /// Force the matmul implementation instead of letting the compiler choose.
     pub matmul: Option<egret_backends::plan::MatMulImpl>,
@@ -179,6 +180,7 @@ pub fn lower_options(opts: &CompileOptions) -> egret_backends::LowerOptions {
         fuse_elementwise: opts.opt_level >= 1,
         views: opts.opt_level >= 1,
         matmul: opts.matmul,
+        epilogues: opts.opt_level >= 2,
     }
 }
 

@@ -39,7 +39,7 @@ fn same(text: &str) {
     for (fuse, matmul, threads) in
         [(false, None, 1), (true, Some(Library), 1), (true, Some(Generated), 1), (true, None, 2)]
     {
-        let opts = egret::backends::LowerOptions { fuse_elementwise: fuse, views: fuse, matmul };
+        let opts = egret::backends::LowerOptions { fuse_elementwise: fuse, views: fuse, matmul, epilogues: fuse };
         let plan = egret::backends::lower(&g, opts).unwrap();
         let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
         assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
@@ -490,6 +490,68 @@ v5: f32[1,2,4,16] = attention{scale=0.25, nan_to_zero=true} v0, v3, v2, v4
 output \"guarded\" = v5
 ",
     );
+}
+
+#[test]
+fn attention_over_several_key_blocks_with_sparse_masks() {
+    // 600 keys are visited in two blocks by the online softmax. Rows whose
+    // threshold is low keep few keys, so for some of them a whole key block
+    // (or every key) is masked: the running maximum starts at -inf, and a
+    // fully masked row is NaN (guarded to zeros here).
+    same(
+        "v0: f32[1,2,70,8] = input{name=\"q\"}
+v1: f32[1,2,8,600] = input{name=\"kt\"}
+v2: f32[1,2,600,4] = input{name=\"v\"}
+v3: f32[70,600] = input{name=\"x\"}
+v4: f32[70,1] = input{name=\"threshold\"}
+v5: bool[70,600] = less v3, v4
+v6: f32[] = const [0.0]
+v7: f32[] = const [-inf]
+v8: f32[70,600] = where v5, v6, v7
+v9: f32[1,2,70,4] = attention{scale=0.35355338, nan_to_zero=true} v0, v1, v2, v8
+v10: f32[1,2,70,4] = attention{scale=0.5, nan_to_zero=false} v0, v1, v2
+output \"masked\" = v9
+output \"plain\" = v10
+",
+    );
+}
+
+#[test]
+fn elementwise_tails_fold_into_matmul_epilogues() {
+    // Bias + GELU (erf and tanh), SiLU, a residual, a clamp; rows of 300
+    // (a block of 256 and a tail), a single row, and a [1, m, n] product
+    // whose tail lowering flattens to one dim.
+    for (m, k, n) in [(5, 16, 300), (1, 8, 40), (33, 24, 17)] {
+        let text = format!(
+            "v0: f32[1,{m},{k}] = input{{name=\"x\"}}
+v1: f32[{k},{n}] = input{{name=\"w\"}}
+v2: f32[{n}] = input{{name=\"bias\"}}
+v3: f32[1,{m},{n}] = input{{name=\"residual\"}}
+v4: f32[1,{m},{n}] = matmul v0, v1
+v5: f32[1,{m},{n}] = add v4, v2
+v6: f32[1,{m},{n}] = gelu{{approximate_tanh=false}} v5
+v7: f32[1,{m},{n}] = add v6, v3
+v8: f32[1,{m},{n}] = matmul v0, v1
+v9: f32[1,{m},{n}] = gelu{{approximate_tanh=true}} v8
+v10: f32[1,{m},{n}] = matmul v0, v1
+v11: f32[1,{m},{n}] = sigmoid v10
+v12: f32[1,{m},{n}] = mul v10, v11
+v13: f32[1,{m},{n}] = matmul v0, v1
+v14: f32[] = const [0.5]
+v15: f32[1,{m},{n}] = min v13, v14
+v16: f32[1,{m},{n}] = sub v15, v3
+output \"gelu\" = v7
+output \"gelu_tanh\" = v9
+output \"silu\" = v12
+output \"clamped\" = v16
+"
+        );
+        let g = parse(&text).unwrap();
+        let plan = egret::backends::lower(&g, Default::default()).unwrap();
+        let fused = plan.describe().matches("epilogue").count();
+        assert_eq!(fused, 4, "{}", plan.describe());
+        same(&text);
+    }
 }
 
 #[test]

@@ -2,10 +2,12 @@
 //! lowered from), never ONNX.**
 //!
 //! `plan` defines the backend-neutral kernel plan; `lower` lowers a canonical
-//! graph to it (with `memory` planning the arena); `cpu` compiles each kernel
-//! to machine code with Cranelift.
+//! graph to it (with `epilogue` folding elementwise tails into matmuls and
+//! `memory` planning the arena); `cpu` compiles each kernel to machine code
+//! with Cranelift.
 
 pub mod cpu;
+mod epilogue;
 mod lower;
 mod memory;
 pub mod plan;

@@ -27,11 +27,16 @@ pub struct LowerOptions {
     pub views: bool,
     /// Force one matmul implementation (where it applies) instead of choosing.
     pub matmul: Option<MatMulImpl>,
+    /// Fold an elementwise map that is the only reader of a matmul's product
+    /// into that matmul's epilogue (`--opt 2`). Epilogues run in the JIT's
+    /// kernel library, so forcing generated matmuls (as ahead-of-time code
+    /// does) turns this off.
+    pub epilogues: bool,
 }
 
 impl Default for LowerOptions {
     fn default() -> Self {
-        LowerOptions { fuse_elementwise: true, views: true, matmul: None }
+        LowerOptions { fuse_elementwise: true, views: true, matmul: None, epilogues: true }
     }
 }
 
@@ -82,7 +87,7 @@ fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
 
 /// Whether `strides` walk `shape` densely in row-major order (dims of size 1
 /// may have any stride).
-fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
+pub(crate) fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
     let want = contiguous_strides(shape);
     shape.iter().zip(strides.iter().zip(&want)).all(|(&d, (s, w))| d == 1 || s == w)
 }
@@ -640,6 +645,7 @@ impl<'g> Lowering<'g> {
             batches,
             implementation: MatMulImpl::Library,
             b_packed: false,
+            epilogue: None,
         };
         let mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
         self.push(KernelKind::MatMul(mm), label);
@@ -828,6 +834,7 @@ impl<'g> Lowering<'g> {
                     batches: vec![[va.offset, vb.offset, 0]],
                     implementation: MatMulImpl::Library,
                     b_packed: false,
+                    epilogue: None,
                 };
                 return MatMulKernel { implementation: choose_matmul(&folded, self.opts.matmul), ..folded };
             }
@@ -858,6 +865,7 @@ impl<'g> Lowering<'g> {
             batches,
             implementation: MatMulImpl::Library,
             b_packed: false,
+            epilogue: None,
         };
         MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
     }
@@ -909,8 +917,10 @@ impl<'g> Lowering<'g> {
             dv,
             scale,
             nan_to_zero,
-            // A tile of at most 64 KiB of scores, so it stays in cache.
-            block: (16384 / sk.max(1)).clamp(1, 64),
+            // Tiles of at most 64 x 512 scores (128 KiB, in L2); the keys
+            // split into equal blocks so the last is not a sliver.
+            block: sq.clamp(1, 64),
+            key_block: sk.div_ceil(sk.div_ceil(512).max(1)).max(1),
             q: vq.buffer,
             kt: vkt.buffer,
             v: vv.buffer,
@@ -1006,7 +1016,12 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         outputs.push((b, g.ty(*v).clone()));
     }
     // Pending values still here are read by nothing: dead code, never emitted.
-    let mut plan = Plan { buffers: l.buffers, kernels: l.kernels, arena_bytes: 0, inputs, outputs };
+    let mut kernels = l.kernels;
+    if opts.epilogues && opts.matmul != Some(MatMulImpl::Generated) {
+        let outs: Vec<BufferId> = outputs.iter().map(|(b, _)| *b).collect();
+        crate::epilogue::fuse_epilogues(&mut kernels, &outs);
+    }
+    let mut plan = Plan { buffers: l.buffers, kernels, arena_bytes: 0, inputs, outputs };
     plan_memory(&mut plan);
     Ok(plan)
 }

@@ -154,6 +154,46 @@ pub struct MapKernel {
 }
 
 /// How a matmul kernel computes.
+/// An elementwise tail fused into a matmul: each element of the product
+/// becomes `expr` of it (`in0`) and of `inputs` (`in1`, ...), read at the
+/// same row and column. A bias add, an activation and a residual add all
+/// fit; the product is never written out in between.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Epilogue {
+    pub expr: Expr,
+    pub inputs: Vec<EpilogueInput>,
+}
+
+/// An epilogue operand: element `(i, j)` of the `m x n` product reads
+/// `buffer[offset + i * strides[0] + j * strides[1]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpilogueInput {
+    pub buffer: BufferId,
+    pub offset: isize,
+    pub strides: [isize; 2],
+}
+
+/// The deepest expression an epilogue evaluates (its evaluation stack).
+pub const EPILOGUE_MAX_DEPTH: usize = 8;
+/// The most operands an epilogue reads besides the product.
+pub const EPILOGUE_MAX_INPUTS: usize = 8;
+
+impl Epilogue {
+    /// Whether `expr` is float arithmetic shallow enough for an epilogue.
+    pub fn supports(expr: &Expr) -> bool {
+        fn depth(e: &Expr) -> Option<usize> {
+            match e {
+                Expr::Input(_) | Expr::F32(_) => Some(1),
+                Expr::Unary(_, x) => depth(x),
+                // The left operand's value waits on the stack while the right is evaluated.
+                Expr::Binary(_, x, y) => Some(depth(x)?.max(depth(y)? + 1)),
+                _ => None,
+            }
+        }
+        depth(expr).is_some_and(|d| d <= EPILOGUE_MAX_DEPTH)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatMulImpl {
     /// A tuned GEMM library called from the generated code.
@@ -183,6 +223,8 @@ pub struct MatMulKernel {
     /// `[n / 8][k][8]` panels, then the last `n % 8` columns row-major
     /// (`b_strides` then describe nothing).
     pub b_packed: bool,
+    /// Applied to the product in place (single-batch products only).
+    pub epilogue: Option<Epilogue>,
 }
 
 impl MatMulKernel {
@@ -253,10 +295,11 @@ pub struct GatherKernel {
 }
 
 /// Attention in one kernel, flash-style: per batch and block of `block`
-/// query rows, the scores tile `q_blk @ kt` goes to a scratch tile the
-/// kernel keeps to itself, is scaled, masked and softmaxed in place, and is
-/// multiplied by `v` into the output. The full score matrix is never
-/// written to memory. Operands are strided views; the mask broadcasts.
+/// query rows, the keys are visited `key_block` at a time; each block's
+/// scores go to a scratch tile, are scaled, masked and exponentiated against
+/// a running row maximum (an online softmax), and are multiplied by that
+/// block of `v` into the output. The full score matrix is never written to
+/// memory. Operands are strided views; the mask broadcasts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionKernel {
     pub sq: usize,
@@ -267,6 +310,8 @@ pub struct AttentionKernel {
     pub nan_to_zero: bool,
     /// Query rows per tile.
     pub block: usize,
+    /// Keys per tile.
+    pub key_block: usize,
     pub q: BufferId,
     pub kt: BufferId,
     pub v: BufferId,
@@ -355,18 +400,20 @@ impl Kernel {
                         format!("generated, 4x8 register tile{}", if mm.b_packed { ", b packed" } else { "" })
                     }
                 };
-                format!("{}x{}x{} x{} batches ({tiling})", mm.m, mm.k, mm.n, mm.batches.len())
+                let epilogue = mm.epilogue.as_ref().map_or(String::new(), |e| format!(", epilogue {}", e.expr));
+                format!("{}x{}x{} x{} batches ({tiling}){epilogue}", mm.m, mm.k, mm.n, mm.batches.len())
             }
             KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
             KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
             KernelKind::Attention(a) => format!(
-                "{} x [{}q x {}k, d {}, dv {}], tiles of {} query rows{}{}",
+                "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}",
                 a.batches.len(),
                 a.sq,
                 a.sk,
                 a.d,
                 a.dv,
                 a.block,
+                a.key_block,
                 if a.mask.is_some() { ", masked" } else { "" },
                 if a.nan_to_zero { ", NaN guard" } else { "" }
             ),
@@ -378,7 +425,10 @@ impl Kernel {
     pub fn buffers(&self) -> (Vec<BufferId>, Vec<BufferId>) {
         match &self.kind {
             KernelKind::Map(m) => (m.inputs.iter().map(|o| o.buffer).collect(), vec![m.output.buffer]),
-            KernelKind::MatMul(k) => (vec![k.a, k.b], vec![k.c]),
+            KernelKind::MatMul(k) => {
+                let epilogue = k.epilogue.iter().flat_map(|e| e.inputs.iter().map(|i| i.buffer));
+                ([k.a, k.b].into_iter().chain(epilogue).collect(), vec![k.c])
+            }
             KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
             KernelKind::Gather(k) => (vec![k.data, k.indices], vec![k.out]),
             KernelKind::Attention(a) => {

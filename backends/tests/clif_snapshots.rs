@@ -96,3 +96,36 @@ output \"y\" = v12
 "
     ));
 }
+
+/// A linear layer with bias, GELU and a residual: one matmul kernel whose
+/// epilogue (the kernel library's interpreter) runs the elementwise tail.
+#[test]
+fn matmul_with_epilogue() {
+    let opts = LowerOptions { matmul: Some(egret_backends::plan::MatMulImpl::Library), ..LowerOptions::default() };
+    insta::assert_snapshot!(clif_with(
+        "v0: f32[8,16] = input{name=\"x\"}
+v1: f32[16,16] = input{name=\"w\"}
+v2: f32[16] = input{name=\"bias\"}
+v3: f32[8,16] = matmul v0, v1
+v4: f32[8,16] = add v3, v2
+v5: f32[8,16] = gelu{approximate_tanh=false} v4
+v6: f32[8,16] = add v5, v0
+output \"y\" = v6
+",
+        opts
+    ));
+}
+
+/// Attention: a stub that calls the kernel library's flash-style kernel
+/// with the kernel's parameters and batch table as data objects.
+#[test]
+fn attention() {
+    insta::assert_snapshot!(clif(
+        "v0: f32[2,10,8] = input{name=\"q\"}
+v1: f32[2,8,12] = input{name=\"kt\"}
+v2: f32[2,12,8] = input{name=\"v\"}
+v3: f32[2,10,8] = attention{scale=0.35355338, nan_to_zero=false} v0, v1, v2
+output \"y\" = v3
+"
+    ));
+}

@@ -1,5 +1,6 @@
 //! Matmul kernels: a loop over the batch table around either a call to the
-//! GEMM library or a register-tiled product generated here.
+//! GEMM library or a register-tiled product generated here, then a call to
+//! the kernel library's epilogue when one is fused in.
 //!
 //! The generated product keeps a 4 x 8 tile of `c` in eight f32x4
 //! accumulators: per step of `k` it loads two vectors of a `b` row, splats
@@ -53,6 +54,7 @@ fn column_of_b(b: &mut FunctionBuilder, mm: &MatMulKernel, pb: Value, j: Value, 
     (b.ins().iadd(pb, bytes), step)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     b: &mut FunctionBuilder,
     ptr: Type,
@@ -60,11 +62,15 @@ pub fn emit(
     range: (Value, Value),
     mm: &MatMulKernel,
     table: GlobalValue,
+    epilogue: Option<GlobalValue>,
     fns: &FuncRefs,
 ) {
     let a = b.ins().load(ptr, flags(), args, 0);
     let bm = b.ins().load(ptr, flags(), args, 8);
-    let c = b.ins().load(ptr, flags(), args, 16);
+    // The epilogue's operands come between `b` and `c`.
+    let c_slot = 2 + mm.epilogue.as_ref().map_or(0, |e| e.inputs.len());
+    let c = b.ins().load(ptr, flags(), args, (c_slot * 8) as i32);
+    let epilogue = epilogue.map(|program| b.ins().symbol_value(ptr, program));
     let table = b.ins().symbol_value(ptr, table);
     counted_dyn(b, range.0, range.1, 1, vec![], &mut |b, i, _| {
         // Row `i` of the table: element offsets of a, b and c.
@@ -85,6 +91,10 @@ pub fn emit(
                 b.ins().call(sgemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
             }
             MatMulImpl::Generated => emit_tiled(b, mm, pa, pb, pc),
+        }
+        if let Some(program) = epilogue {
+            let f = fns.epilogue.expect("epilogues are only compiled where the kernel library links");
+            b.ins().call(f, &[program, args, pc]);
         }
         vec![]
     });

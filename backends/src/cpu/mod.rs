@@ -13,9 +13,11 @@
 //! f32x4 where every operand of the inner loop is unit-stride or broadcast.
 //! Matrix products either call a tuned GEMM (the `gemm` crate) per batch or
 //! run a register-tiled f32x4 product generated here; lowering picks one per
-//! kernel and the plan records which.
+//! kernel and the plan records which. Attention calls a hand-written
+//! flash-style kernel (`kernels`), compiled by rustc for AVX-512 or AVX2.
 
 mod attention;
+pub mod kernels;
 mod loops;
 mod map;
 mod matmul;
@@ -135,6 +137,17 @@ fn batch_table<M: Module>(
     func: &mut Function,
 ) -> Result<cranelift_codegen::ir::GlobalValue, String> {
     let bytes: Vec<u8> = offsets.flat_map(|x| (x as i64).to_le_bytes()).collect();
+    data_object(module, name, bytes, func)
+}
+
+/// `bytes` as a read-only, 8-byte aligned data object, and its symbol
+/// inside `func`.
+fn data_object<M: Module>(
+    module: &mut M,
+    name: &str,
+    bytes: Vec<u8>,
+    func: &mut Function,
+) -> Result<cranelift_codegen::ir::GlobalValue, String> {
     let data = module.declare_data(name, Linkage::Local, false, false).map_err(|e| e.to_string())?;
     let mut desc = cranelift_module::DataDescription::new();
     desc.define(bytes.into_boxed_slice());
@@ -168,6 +181,9 @@ fn define_kernels<M: Module>(
             KernelKind::MatMul(mm) if mm.implementation == crate::plan::MatMulImpl::Library && !imports.has_gemm() => {
                 return Err(err("this module does not link the GEMM library; lower with generated matmuls".into()));
             }
+            KernelKind::MatMul(mm) if mm.epilogue.is_some() && !imports.has_gemm() => {
+                return Err(err("this module does not link the kernel library that runs matmul epilogues".into()));
+            }
             KernelKind::Attention(_) if !imports.has_gemm() => {
                 return Err(err("the attention kernel calls the GEMM library, which this module does not link".into()));
             }
@@ -194,7 +210,9 @@ fn define_kernels<M: Module>(
                         b.func,
                     )
                     .map_err(err)?;
-                    attention::emit(&mut b, ptr, args, range, a, table, &fns);
+                    let params = kernels::attention::AttentionParams::of(a).to_bytes();
+                    let params = data_object(module, &format!("egret_k{i}_params"), params, b.func).map_err(err)?;
+                    attention::emit(&mut b, ptr, args, range, params, table, &fns);
                 }
                 KernelKind::MatMul(mm) => {
                     let table = batch_table(
@@ -204,7 +222,14 @@ fn define_kernels<M: Module>(
                         b.func,
                     )
                     .map_err(err)?;
-                    matmul::emit(&mut b, ptr, args, range, mm, table, &fns);
+                    let epilogue = match &mm.epilogue {
+                        Some(e) => {
+                            let program = kernels::epilogue::encode(e, mm.m, mm.n, 2 + e.inputs.len(), 2);
+                            Some(data_object(module, &format!("egret_k{i}_epilogue"), program, b.func).map_err(err)?)
+                        }
+                        None => None,
+                    };
+                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, &fns);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
             }

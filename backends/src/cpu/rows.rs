@@ -22,16 +22,12 @@ fn at(b: &mut FunctionBuilder, base: Value, i: Value) -> Value {
     b.ins().iadd(base, off)
 }
 
-pub(crate) struct Row<'a> {
+struct Row<'a> {
     len: i64,
     fns: &'a FuncRefs,
 }
 
-impl<'a> Row<'a> {
-    pub(crate) fn new(len: usize, fns: &'a FuncRefs) -> Row<'a> {
-        Row { len: len as i64, fns }
-    }
-
+impl Row<'_> {
     fn vector_end(&self) -> i64 {
         self.len / LANES * LANES
     }
@@ -122,7 +118,7 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
     });
 }
 
-pub(crate) fn emit_row(
+fn emit_row(
     b: &mut FunctionBuilder,
     row: &Row,
     op: RowOp,

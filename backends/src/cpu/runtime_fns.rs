@@ -1,5 +1,6 @@
 //! Functions generated code calls: scalar math Cranelift has no instruction
-//! for (log, sin, cos, pow), and the GEMM library.
+//! for (log, sin, cos, pow), the GEMM library, and the hand-written kernels
+//! of `kernels` (JIT only: objects link libm and nothing else).
 
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, Function, Signature};
 use cranelift_jit::JITBuilder;
@@ -22,9 +23,13 @@ extern "C" fn egret_powf(x: f32, y: f32) -> f32 {
 
 static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
-/// How many threads a GEMM may use.
+/// How many threads a GEMM (or a matmul's epilogue) may use.
 pub fn set_threads(n: usize) {
     THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn threads() -> usize {
+    THREADS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `c[m, n] = a[m, k] @ b[k, n]`; `a` and `b` with the given row and column
@@ -43,7 +48,7 @@ extern "C" fn egret_sgemm(
     c: *mut f32,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
-    let threads = THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    let threads = threads();
     // Splitting small products across threads costs more than it saves.
     let parallelism =
         if threads > 1 && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -75,6 +80,10 @@ extern "C" fn egret_sgemm(
 
 /// The GEMM entry point's symbol (JIT only: objects use generated matmuls).
 pub const SGEMM: &str = "egret_sgemm";
+/// The attention kernel's symbol (JIT only: objects use the composite).
+pub const ATTENTION: &str = "egret_attention";
+/// The matmul epilogue's symbol (JIT only: objects have no epilogues).
+pub const EPILOGUE: &str = "egret_epilogue";
 
 pub fn register(jb: &mut JITBuilder) {
     jb.symbol("logf", egret_logf as *const u8);
@@ -82,6 +91,8 @@ pub fn register(jb: &mut JITBuilder) {
     jb.symbol("cosf", egret_cosf as *const u8);
     jb.symbol("powf", egret_powf as *const u8);
     jb.symbol(SGEMM, egret_sgemm as *const u8);
+    jb.symbol(ATTENTION, super::kernels::attention::egret_attention as *const u8);
+    jb.symbol(EPILOGUE, super::kernels::epilogue::egret_epilogue as *const u8);
 }
 
 /// The imported functions, declared once per module.
@@ -91,6 +102,8 @@ pub struct Imports {
     cos: FuncId,
     pow: FuncId,
     sgemm: Option<FuncId>,
+    attention: Option<FuncId>,
+    epilogue: Option<FuncId>,
 }
 
 /// The imports as seen from one function being built.
@@ -99,12 +112,18 @@ pub struct FuncRefs {
     pub sin: FuncRef,
     pub cos: FuncRef,
     pub pow: FuncRef,
-    /// Absent in modules that do not link the GEMM library.
+    /// Absent in modules that do not link the kernel library.
     pub sgemm: Option<FuncRef>,
+    /// `egret_attention(params, batch_table, args, begin, end)`; absent
+    /// where `sgemm` is.
+    pub attention: Option<FuncRef>,
+    /// `egret_epilogue(program, args, c)`; absent where `sgemm` is.
+    pub epilogue: Option<FuncRef>,
 }
 
-/// Declares the imports; `with_gemm` adds the GEMM library's entry point.
-pub fn declare<M: Module>(module: &mut M, with_gemm: bool) -> ModuleResult<Imports> {
+/// Declares the imports; `with_library` adds the GEMM library's and the
+/// hand-written kernels' entry points.
+pub fn declare<M: Module>(module: &mut M, with_library: bool) -> ModuleResult<Imports> {
     let cc = module.isa().default_call_conv();
     let mut f1 = Signature::new(cc);
     f1.params.push(AbiParam::new(types::F32));
@@ -115,12 +134,27 @@ pub fn declare<M: Module>(module: &mut M, with_gemm: bool) -> ModuleResult<Impor
     for _ in 0..10 {
         g.params.push(AbiParam::new(types::I64));
     }
+    let ptr = module.target_config().pointer_type();
+    let mut attention = Signature::new(cc);
+    attention.params.extend([ptr, ptr, ptr, types::I64, types::I64].map(AbiParam::new));
+    let mut epilogue = Signature::new(cc);
+    epilogue.params.extend([ptr, ptr, ptr].map(AbiParam::new));
     Ok(Imports {
         log: module.declare_function("logf", Linkage::Import, &f1)?,
         sin: module.declare_function("sinf", Linkage::Import, &f1)?,
         cos: module.declare_function("cosf", Linkage::Import, &f1)?,
         pow: module.declare_function("powf", Linkage::Import, &f2)?,
-        sgemm: if with_gemm { Some(module.declare_function(SGEMM, Linkage::Import, &g)?) } else { None },
+        sgemm: if with_library { Some(module.declare_function(SGEMM, Linkage::Import, &g)?) } else { None },
+        attention: if with_library {
+            Some(module.declare_function(ATTENTION, Linkage::Import, &attention)?)
+        } else {
+            None
+        },
+        epilogue: if with_library {
+            Some(module.declare_function(EPILOGUE, Linkage::Import, &epilogue)?)
+        } else {
+            None
+        },
     })
 }
 
@@ -136,6 +170,8 @@ impl Imports {
             cos: module.declare_func_in_func(self.cos, func),
             pow: module.declare_func_in_func(self.pow, func),
             sgemm: self.sgemm.map(|id| module.declare_func_in_func(id, func)),
+            attention: self.attention.map(|id| module.declare_func_in_func(id, func)),
+            epilogue: self.epilogue.map(|id| module.declare_func_in_func(id, func)),
         }
     }
 }

@@ -1,0 +1,364 @@
+//! Flash-style attention: for one block of query rows at a time, the keys
+//! are visited in blocks; each block's scores go to a small tile (GEMM),
+//! are scaled, masked and exponentiated against a running row maximum (the
+//! online softmax), and the tile times that block of `v` is added into the
+//! output rows, which are first rescaled when the maximum grew. The output
+//! is divided by the running sum at the end. Only a `block x key_block`
+//! tile of scores ever exists.
+
+use super::{exp, multiversion, LANES};
+use crate::plan::AttentionKernel;
+use std::cell::RefCell;
+
+/// An attention kernel's shape and strides, as the JIT stub hands it over:
+/// a read-only data object with this layout (eight-byte fields).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    pub sq: i64,
+    pub sk: i64,
+    pub d: i64,
+    pub dv: i64,
+    pub block: i64,
+    pub key_block: i64,
+    pub has_mask: i64,
+    pub nan_to_zero: i64,
+    pub q_strides: [i64; 2],
+    pub kt_strides: [i64; 2],
+    pub v_strides: [i64; 2],
+    pub mask_strides: [i64; 2],
+    pub scale: f64,
+}
+
+impl AttentionParams {
+    pub fn of(k: &AttentionKernel) -> AttentionParams {
+        let s = |st: [isize; 2]| st.map(|x| x as i64);
+        AttentionParams {
+            sq: k.sq as i64,
+            sk: k.sk as i64,
+            d: k.d as i64,
+            dv: k.dv as i64,
+            block: k.block as i64,
+            key_block: k.key_block as i64,
+            has_mask: k.mask.is_some() as i64,
+            nan_to_zero: k.nan_to_zero as i64,
+            q_strides: s(k.q_strides),
+            kt_strides: s(k.kt_strides),
+            v_strides: s(k.v_strides),
+            mask_strides: s(k.mask_strides),
+            scale: k.scale as f64,
+        }
+    }
+
+    /// The bytes of the data object (little-endian, this struct's layout).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let words = [
+            self.sq,
+            self.sk,
+            self.d,
+            self.dv,
+            self.block,
+            self.key_block,
+            self.has_mask,
+            self.nan_to_zero,
+            self.q_strides[0],
+            self.q_strides[1],
+            self.kt_strides[0],
+            self.kt_strides[1],
+            self.v_strides[0],
+            self.v_strides[1],
+            self.mask_strides[0],
+            self.mask_strides[1],
+            self.scale.to_bits() as i64,
+        ];
+        debug_assert_eq!(words.len() * 8, std::mem::size_of::<AttentionParams>());
+        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+}
+
+/// Per-thread scratch: the score tile and each row's running max and sum.
+#[derive(Default)]
+struct Scratch {
+    tile: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// Runs tasks `begin..end` (task = batch * blocks_per_batch + query block)
+/// of the attention kernel described by `params`; `table` holds five
+/// element offsets per batch (q, kt, v, mask, out) and `args` the operand
+/// base addresses (q, kt, v, [mask,] out).
+///
+/// # Safety
+/// The pointers describe buffers that hold every element the parameters
+/// address, as the plan guarantees.
+pub unsafe extern "C" fn egret_attention(
+    params: *const AttentionParams,
+    table: *const i64,
+    args: *const *mut u8,
+    begin: i64,
+    end: i64,
+) {
+    let p = unsafe { &*params };
+    let arg = |i: usize| unsafe { *args.add(i) as *mut f32 };
+    let (q, kt, v) = (arg(0), arg(1), arg(2));
+    let (mask, out) = if p.has_mask != 0 { (arg(3), arg(4)) } else { (std::ptr::null_mut(), arg(3)) };
+    let blocks = (p.sq + p.block - 1) / p.block;
+    let (block, key_block) = (p.block as usize, p.key_block.min(p.sk) as usize);
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = &mut *s;
+        s.tile.resize(block * key_block, 0.0);
+        s.max.resize(block, 0.0);
+        s.sum.resize(block, 0.0);
+        for task in begin..end {
+            let (batch, qb) = (task / blocks, task % blocks);
+            let row0 = qb * p.block;
+            let rows = p.block.min(p.sq - row0) as usize;
+            let offs = unsafe { std::slice::from_raw_parts(table.add(batch as usize * 5), 5) };
+            let at = |base: *mut f32, off: i64| unsafe { base.offset(off as isize) };
+            let q = at(q, offs[0] + row0 * p.q_strides[0]);
+            let kt = at(kt, offs[1]);
+            let v = at(v, offs[2]);
+            let mask = if mask.is_null() { mask } else { at(mask, offs[3] + row0 * p.mask_strides[0]) };
+            let out = at(out, offs[4] + row0 * p.dv);
+            unsafe { query_block(p, rows, q, kt, v, mask, out, s) };
+        }
+    })
+}
+
+/// One block of `rows` query rows against every key, into `out` (`rows`
+/// contiguous rows of `dv`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn query_block(
+    p: &AttentionParams,
+    rows: usize,
+    q: *const f32,
+    kt: *const f32,
+    v: *const f32,
+    mask: *const f32,
+    out: *mut f32,
+    s: &mut Scratch,
+) {
+    let (d, sk, dv) = (p.d as usize, p.sk as usize, p.dv as usize);
+    let key_block = (p.key_block as usize).min(sk);
+    s.max[..rows].fill(f32::NEG_INFINITY);
+    s.sum[..rows].fill(0.0);
+    let mut k0 = 0;
+    while k0 < sk {
+        let n = key_block.min(sk - k0);
+        let tile = s.tile.as_mut_ptr();
+        // tile[rows, n] = q[rows, d] @ kt[d, k0..k0 + n]
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                d,
+                tile,
+                1,
+                n as isize,
+                false,
+                q,
+                p.q_strides[1] as isize,
+                p.q_strides[0] as isize,
+                kt.offset(k0 as isize * p.kt_strides[1] as isize),
+                p.kt_strides[1] as isize,
+                p.kt_strides[0] as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        let mask_block =
+            if mask.is_null() { mask } else { unsafe { mask.offset(k0 as isize * p.mask_strides[1] as isize) } };
+        unsafe {
+            softmax_step(
+                p,
+                rows,
+                n,
+                k0 > 0,
+                s.tile.as_mut_ptr(),
+                mask_block,
+                s.max.as_mut_ptr(),
+                s.sum.as_mut_ptr(),
+                out,
+            )
+        };
+        // out[rows, dv] (+)= tile[rows, n] @ v[k0..k0 + n, dv]
+        unsafe {
+            gemm::gemm(
+                rows,
+                dv,
+                n,
+                out,
+                1,
+                dv as isize,
+                k0 > 0,
+                s.tile.as_ptr(),
+                1,
+                n as isize,
+                v.offset(k0 as isize * p.v_strides[0] as isize),
+                p.v_strides[1] as isize,
+                p.v_strides[0] as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        k0 += n;
+    }
+    unsafe { finish_rows(rows, dv, p.nan_to_zero != 0, s.sum.as_ptr(), out) };
+}
+
+multiversion! {
+    /// The online-softmax step for one key block: per row, scale and mask
+    /// the scores, update the running max, exponentiate in place, add to the
+    /// running sum, and rescale the output accumulated so far if the max grew.
+    unsafe fn softmax_step(
+        p: &AttentionParams,
+        rows: usize,
+        n: usize,
+        accumulated: bool,
+        tile: *mut f32,
+        mask: *const f32,
+        max: *mut f32,
+        sum: *mut f32,
+        out: *mut f32,
+    ) = softmax_step_impl;
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn softmax_step_impl<const FMA: bool>(
+    p: &AttentionParams,
+    rows: usize,
+    n: usize,
+    accumulated: bool,
+    tile: *mut f32,
+    mask: *const f32,
+    max: *mut f32,
+    sum: *mut f32,
+    out: *mut f32,
+) {
+    let scale = p.scale as f32;
+    let dv = p.dv as usize;
+    for r in 0..rows {
+        let row = unsafe { std::slice::from_raw_parts_mut(tile.add(r * n), n) };
+        if mask.is_null() {
+            for x in row.iter_mut() {
+                *x *= scale;
+            }
+        } else {
+            let m = unsafe { mask.offset(r as isize * p.mask_strides[0] as isize) };
+            let mcs = p.mask_strides[1] as isize;
+            if mcs == 1 {
+                let m = unsafe { std::slice::from_raw_parts(m, n) };
+                for (x, &mk) in row.iter_mut().zip(m) {
+                    *x = super::madd::<FMA>(*x, scale, mk);
+                }
+            } else {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = super::madd::<FMA>(*x, scale, unsafe { *m.offset(j as isize * mcs) });
+                }
+            }
+        }
+        let block_max = row_max(row);
+        let (old_max, old_sum) = unsafe { (*max.add(r), *sum.add(r)) };
+        let new_max = old_max.max(block_max);
+        if new_max == f32::NEG_INFINITY {
+            // Every score so far is masked out: no weight yet.
+            row.fill(0.0);
+            continue;
+        }
+        let block_sum = exp_and_sum::<FMA>(row, new_max);
+        let correction = exp::<FMA>(old_max - new_max);
+        unsafe {
+            *max.add(r) = new_max;
+            *sum.add(r) = old_sum * correction + block_sum;
+        }
+        if accumulated && correction != 1.0 {
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * dv), dv) };
+            for x in o {
+                *x *= correction;
+            }
+        }
+    }
+}
+
+/// The largest element (NaN-ignoring, as `f32::max`), in lanes.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    let mut m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for l in lanes {
+        m = m.max(l);
+    }
+    m
+}
+
+/// `x = e^(x - max)` in place; returns the sum.
+#[inline(always)]
+fn exp_and_sum<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let e = exp::<FMA>(c[l] - max);
+            c[l] = e;
+            lanes[l] += e;
+        }
+    }
+    let mut total = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp::<FMA>(*x - max);
+        total += *x;
+    }
+    total + lanes.iter().sum::<f32>()
+}
+
+multiversion! {
+    /// Divides each output row by its softmax sum; with the exporters' NaN
+    /// guard, a fully masked row (sum 0, a NaN softmax) becomes zeros.
+    unsafe fn finish_rows(rows: usize, dv: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) = finish_rows_impl;
+}
+
+#[inline(always)]
+unsafe fn finish_rows_impl<const FMA: bool>(rows: usize, dv: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) {
+    for r in 0..rows {
+        let total = unsafe { *sum.add(r) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * dv), dv) };
+        if total == 0.0 {
+            // exp(-inf - -inf) is NaN in the reference softmax.
+            o.fill(if nan_to_zero { 0.0 } else { f32::NAN });
+            continue;
+        }
+        let inv = 1.0 / total;
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
+        if nan_to_zero {
+            for x in o.iter_mut() {
+                if x.is_nan() {
+                    *x = 0.0;
+                }
+            }
+        }
+    }
+}

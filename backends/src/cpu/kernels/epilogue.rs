@@ -1,0 +1,357 @@
+//! Matmul epilogues: an elementwise expression of the product and of other
+//! operands (a bias row, a residual), applied to the product's rows right
+//! after the GEMM wrote them, in place.
+//!
+//! The expression arrives as a small postfix program (`encode`), kept in a
+//! data object beside the kernel's code. It is interpreted a block of
+//! `BLOCK` columns at a time: every instruction runs over a whole block of
+//! lanes, so the dispatch costs once per block and the arithmetic is
+//! vectorised like any lane loop here.
+
+use super::{erf, exp, multiversion, tanh};
+use crate::plan::{Binary, Epilogue, Expr, Unary, EPILOGUE_MAX_DEPTH};
+
+/// Columns per interpreted block: wide enough that dispatching an
+/// instruction costs little next to running it over the block.
+const BLOCK: usize = 256;
+
+// Program layout (i64 words):
+//   m, n, slot of c, number of operands,
+//   per operand: slot, offset, row stride, column stride (elements),
+//   number of instructions, then three words per instruction: kind, a, b.
+// Leaves (`b` of a push or of a binary-with-leaf) are the product, an
+// operand (its index) or a constant (its bits).
+/// Push leaf `b` of kind `a`.
+const OP_PUSH: i64 = 0;
+/// Replace the top with unary `a` of it.
+const OP_UNARY: i64 = 1;
+/// Pop the top, combine it into the new top: `below = a(below, top)`.
+const OP_BINARY: i64 = 2;
+/// `top = a(top, leaf)` for the three kinds of leaf: no push, no pop.
+const OP_BINARY_PRODUCT: i64 = 3;
+const OP_BINARY_OPERAND: i64 = 4;
+const OP_BINARY_CONST: i64 = 5;
+
+const LEAF_PRODUCT: i64 = 0;
+const LEAF_OPERAND: i64 = 1;
+const LEAF_CONST: i64 = 2;
+
+const UNARIES: [Unary; 15] = [
+    Unary::Neg,
+    Unary::Abs,
+    Unary::Sqrt,
+    Unary::Recip,
+    Unary::Relu,
+    Unary::Floor,
+    Unary::Ceil,
+    Unary::Round,
+    Unary::Exp,
+    Unary::Log,
+    Unary::Tanh,
+    Unary::Erf,
+    Unary::Sigmoid,
+    Unary::Sin,
+    Unary::Cos,
+];
+const BINARIES: [Binary; 7] =
+    [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Max, Binary::Min, Binary::Pow];
+
+/// The epilogue of an `m x n` product as the program `egret_epilogue` runs;
+/// `c_slot` is the product's operand slot in the kernel's arguments and
+/// `first_slot` that of the epilogue's first operand.
+pub fn encode(e: &Epilogue, m: usize, n: usize, c_slot: usize, first_slot: usize) -> Vec<u8> {
+    let mut w: Vec<i64> = vec![m as i64, n as i64, c_slot as i64, e.inputs.len() as i64];
+    for (i, op) in e.inputs.iter().enumerate() {
+        w.extend([(first_slot + i) as i64, op.offset as i64, op.strides[0] as i64, op.strides[1] as i64]);
+    }
+    let mut code = Vec::new();
+    postfix(&e.expr, &mut code);
+    w.push(code.len() as i64 / 3);
+    w.extend(code);
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A leaf as (kind, value), if `e` is one.
+fn leaf(e: &Expr) -> Option<(i64, i64)> {
+    match e {
+        Expr::Input(0) => Some((LEAF_PRODUCT, 0)),
+        Expr::Input(i) => Some((LEAF_OPERAND, *i as i64 - 1)),
+        Expr::F32(x) => Some((LEAF_CONST, x.to_bits() as i64)),
+        _ => None,
+    }
+}
+
+fn postfix(e: &Expr, out: &mut Vec<i64>) {
+    if let Some((kind, value)) = leaf(e) {
+        out.extend([OP_PUSH, kind, value]);
+        return;
+    }
+    match e {
+        Expr::Unary(u, x) => {
+            postfix(x, out);
+            let code = UNARIES.iter().position(|v| v == u).expect("every unary is listed");
+            out.extend([OP_UNARY, code as i64, 0]);
+        }
+        Expr::Binary(b, x, y) => {
+            let code = BINARIES.iter().position(|v| v == b).expect("every binary is listed") as i64;
+            let commutes = matches!(b, Binary::Add | Binary::Mul | Binary::Max | Binary::Min);
+            // A leaf on the right combines straight from memory; on the
+            // left of an operator that commutes, it moves to the right.
+            let (x, y) = if commutes && leaf(x).is_some() && leaf(y).is_none() { (y, x) } else { (x, y) };
+            postfix(x, out);
+            match leaf(y) {
+                Some((LEAF_PRODUCT, _)) => out.extend([OP_BINARY_PRODUCT, code, 0]),
+                Some((LEAF_OPERAND, i)) => out.extend([OP_BINARY_OPERAND, code, i]),
+                Some((_, bits)) => out.extend([OP_BINARY_CONST, code, bits]),
+                None => {
+                    postfix(y, out);
+                    out.extend([OP_BINARY, code, 0]);
+                }
+            }
+        }
+        // `Epilogue::supports` admits nothing else.
+        other => unreachable!("not an epilogue expression: {other}"),
+    }
+}
+
+/// Applies the epilogue program to the product at `c` (`m` rows of `n`,
+/// contiguous), in place.
+///
+/// # Safety
+/// `program` is what `encode` produced for this kernel, `args` its operand
+/// addresses, and every operand holds the elements the program addresses.
+pub unsafe extern "C" fn egret_epilogue(program: *const i64, args: *const *mut u8, c: *mut f32) {
+    let m = unsafe { *program } as usize;
+    let n = unsafe { *program.add(1) } as usize;
+    let threads = super::super::runtime_fns::threads();
+    let work = m * n;
+    // Splitting rows across threads pays only for big products.
+    if threads > 1 && m > 1 && work >= 1 << 15 {
+        let parts = threads.min(m);
+        let (program, args, c) = (program as usize, args as usize, c as usize);
+        rayon::scope(|s| {
+            for p in 0..parts {
+                s.spawn(move |_| unsafe {
+                    rows(
+                        program as *const i64,
+                        args as *const *mut u8,
+                        c as *mut f32,
+                        m * p / parts,
+                        m * (p + 1) / parts,
+                    )
+                });
+            }
+        });
+    } else {
+        unsafe { rows(program, args, c, 0, m) };
+    }
+}
+
+multiversion! {
+    /// Rows `r0..r1` of the epilogue.
+    unsafe fn rows(program: *const i64, args: *const *mut u8, c: *mut f32, r0: usize, r1: usize) = rows_impl;
+}
+
+/// One operand of the program: its first element and strides.
+#[derive(Clone, Copy)]
+struct Operand {
+    base: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+#[inline(always)]
+unsafe fn rows_impl<const FMA: bool>(program: *const i64, args: *const *mut u8, c: *mut f32, r0: usize, r1: usize) {
+    let word = |i: usize| unsafe { *program.add(i) };
+    let n = word(1) as usize;
+    let n_operands = word(3) as usize;
+    let mut operands = [Operand { base: std::ptr::null(), rs: 0, cs: 0 }; 8];
+    for (k, op) in operands.iter_mut().enumerate().take(n_operands.min(8)) {
+        let at = 4 + 4 * k;
+        let base = unsafe { *args.add(word(at) as usize) as *const f32 };
+        *op = Operand {
+            base: unsafe { base.offset(word(at + 1) as isize) },
+            rs: word(at + 2) as isize,
+            cs: word(at + 3) as isize,
+        };
+    }
+    let code_at = 4 + 4 * n_operands;
+    let n_code = word(code_at) as usize;
+    let code = unsafe { std::slice::from_raw_parts(program.add(code_at + 1), 3 * n_code) };
+    let mut stack = [[0f32; BLOCK]; EPILOGUE_MAX_DEPTH];
+    // A strided operand is gathered here before it is combined.
+    let mut gathered = [0f32; BLOCK];
+    for r in r0..r1 {
+        let row = unsafe { c.add(r * n) };
+        let mut j0 = 0;
+        while j0 < n {
+            let w = BLOCK.min(n - j0);
+            let product = unsafe { std::slice::from_raw_parts(row.add(j0), w) };
+            let operand = |i: i64| {
+                let op = operands[i as usize];
+                (unsafe { op.base.offset(r as isize * op.rs + j0 as isize * op.cs) }, op.cs)
+            };
+            let mut sp = 0;
+            for ins in code.chunks_exact(3) {
+                let (kind, a, b) = (ins[0], ins[1], ins[2]);
+                match kind {
+                    OP_PUSH => {
+                        let top = &mut stack[sp];
+                        match a {
+                            LEAF_PRODUCT => top[..w].copy_from_slice(product),
+                            LEAF_OPERAND => {
+                                let (start, cs) = operand(b);
+                                unsafe { load(top, start, cs, w) };
+                            }
+                            _ => top.fill(f32::from_bits(b as u32)),
+                        }
+                        sp += 1;
+                    }
+                    OP_UNARY => unary::<FMA>(UNARIES[a as usize], &mut stack[sp - 1][..w]),
+                    OP_BINARY => {
+                        let (lower, upper) = stack.split_at_mut(sp - 1);
+                        binary(BINARIES[a as usize], &mut lower[sp - 2][..w], &upper[0][..w]);
+                        sp -= 1;
+                    }
+                    OP_BINARY_PRODUCT => binary(BINARIES[a as usize], &mut stack[sp - 1][..w], product),
+                    OP_BINARY_OPERAND => {
+                        let (start, cs) = operand(b);
+                        let top = &mut stack[sp - 1][..w];
+                        match cs {
+                            1 => binary(BINARIES[a as usize], top, unsafe { std::slice::from_raw_parts(start, w) }),
+                            0 => binary_scalar(BINARIES[a as usize], top, unsafe { *start }),
+                            _ => {
+                                unsafe { load(&mut gathered, start, cs, w) };
+                                binary(BINARIES[a as usize], top, &gathered[..w]);
+                            }
+                        }
+                    }
+                    _ => binary_scalar(BINARIES[a as usize], &mut stack[sp - 1][..w], f32::from_bits(b as u32)),
+                }
+            }
+            let dst = unsafe { std::slice::from_raw_parts_mut(row.add(j0), w) };
+            dst.copy_from_slice(&stack[0][..w]);
+            j0 += w;
+        }
+    }
+}
+
+/// `w` elements `cs` apart from `start` into the block.
+#[inline(always)]
+unsafe fn load(block: &mut [f32; BLOCK], start: *const f32, cs: isize, w: usize) {
+    match cs {
+        1 => block[..w].copy_from_slice(unsafe { std::slice::from_raw_parts(start, w) }),
+        0 => block.fill(unsafe { *start }),
+        _ => {
+            for (l, x) in block[..w].iter_mut().enumerate() {
+                *x = unsafe { *start.offset(l as isize * cs) };
+            }
+        }
+    }
+}
+
+/// NaN-propagating max and min, as the generated code's `fmax`/`fmin`.
+#[inline(always)]
+fn max_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn min_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn unary<const FMA: bool>(u: Unary, x: &mut [f32]) {
+    #[inline(always)]
+    fn each(x: &mut [f32], f: impl Fn(f32) -> f32) {
+        for v in x.iter_mut() {
+            *v = f(*v);
+        }
+    }
+    match u {
+        Unary::Neg => each(x, |v| -v),
+        Unary::Abs => each(x, f32::abs),
+        Unary::Sqrt => each(x, f32::sqrt),
+        Unary::Recip => each(x, |v| 1.0 / v),
+        Unary::Relu => each(x, |v| if v > 0.0 || v.is_nan() { v } else { 0.0 }),
+        Unary::Floor => each(x, f32::floor),
+        Unary::Ceil => each(x, f32::ceil),
+        Unary::Round => each(x, f32::round_ties_even),
+        Unary::Exp => each(x, exp::<FMA>),
+        Unary::Log => each(x, f32::ln),
+        Unary::Tanh => each(x, tanh::<FMA>),
+        Unary::Erf => each(x, erf::<FMA>),
+        Unary::Sigmoid => each(x, |v| 1.0 / (1.0 + exp::<FMA>(-v))),
+        Unary::Sin => each(x, f32::sin),
+        Unary::Cos => each(x, f32::cos),
+    }
+}
+
+/// The binary operator on two floats, as the generated code computes it.
+#[inline(always)]
+fn apply(b: Binary, x: f32, y: f32) -> f32 {
+    match b {
+        Binary::Add => x + y,
+        Binary::Sub => x - y,
+        Binary::Mul => x * y,
+        Binary::Div => x / y,
+        Binary::Max => max_nan(x, y),
+        Binary::Min => min_nan(x, y),
+        Binary::Pow => x.powf(y),
+    }
+}
+
+/// `x = b(x, y)` lane by lane; one loop per operator so each vectorises.
+#[inline(always)]
+fn binary(b: Binary, x: &mut [f32], y: &[f32]) {
+    macro_rules! each {
+        ($op:expr) => {
+            for (a, &c) in x.iter_mut().zip(y) {
+                *a = apply($op, *a, c);
+            }
+        };
+    }
+    match b {
+        Binary::Add => each!(Binary::Add),
+        Binary::Sub => each!(Binary::Sub),
+        Binary::Mul => each!(Binary::Mul),
+        Binary::Div => each!(Binary::Div),
+        Binary::Max => each!(Binary::Max),
+        Binary::Min => each!(Binary::Min),
+        Binary::Pow => each!(Binary::Pow),
+    }
+}
+
+/// `x = b(x, y)` for a scalar `y`.
+#[inline(always)]
+fn binary_scalar(b: Binary, x: &mut [f32], y: f32) {
+    macro_rules! each {
+        ($op:expr) => {
+            for a in x.iter_mut() {
+                *a = apply($op, *a, y);
+            }
+        };
+    }
+    match b {
+        Binary::Add => each!(Binary::Add),
+        Binary::Sub => each!(Binary::Sub),
+        Binary::Mul => each!(Binary::Mul),
+        Binary::Div => each!(Binary::Div),
+        Binary::Max => each!(Binary::Max),
+        Binary::Min => each!(Binary::Min),
+        Binary::Pow => each!(Binary::Pow),
+    }
+}

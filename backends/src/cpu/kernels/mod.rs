@@ -1,0 +1,194 @@
+//! Hand-written kernels that JIT-compiled code calls, compiled by rustc for
+//! the widest vector unit the host has.
+//!
+//! Cranelift's x86-64 backend emits 128-bit vectors only. For the work that
+//! is bound by arithmetic rather than memory — the exponentials of
+//! attention's online softmax, the erf of a GELU epilogue — that is a
+//! quarter of what an AVX-512 core can do. These kernels are plain Rust
+//! loops over fixed-width lane arrays, written so that LLVM vectorises
+//! them, and compiled three times: for AVX-512, for AVX2 + FMA, and for the
+//! baseline ISA. `Isa::host` picks one once per process.
+//!
+//! The GEMM itself comes from the `gemm` crate (see `runtime_fns`). Ahead-of-
+//! time objects do not link these kernels; lowering gives them generated
+//! code instead.
+
+pub mod attention;
+pub mod epilogue;
+
+/// Lanes per step of the vectorised loops: one AVX-512 register of f32.
+pub const LANES: usize = 16;
+
+/// The instruction set the kernels run with on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+impl Isa {
+    /// Detected once; every later call is a load.
+    pub fn host() -> Isa {
+        static HOST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *HOST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                    return Isa::Avx512;
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Baseline
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Baseline => "baseline",
+        }
+    }
+}
+
+/// Defines `fn $name(args) -> R` that runs `$generic::<true>` compiled with
+/// AVX-512 or AVX2 + FMA when the host has them, else `$generic::<false>`
+/// (the const parameter says whether fused multiply-adds are cheap: without
+/// FMA hardware `f32::mul_add` is a library call).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $generic:ident;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    unsafe { $generic::<true>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    unsafe { $generic::<true>($($arg),*) }
+                }
+                match $crate::cpu::kernels::Isa::host() {
+                    $crate::cpu::kernels::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::cpu::kernels::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::cpu::kernels::Isa::Baseline => {}
+                }
+            }
+            unsafe { $generic::<false>($($arg),*) }
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// `a * b + c`, fused where the hardware has it.
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `p(x)` for coefficients from the highest degree down (Horner).
+#[inline(always)]
+fn poly<const FMA: bool>(x: f32, coeffs: &[f32]) -> f32 {
+    let mut acc = coeffs[0];
+    for &c in &coeffs[1..] {
+        acc = madd::<FMA>(acc, x, c);
+    }
+    acc
+}
+
+/// Below this, `exp` is 0 in f32 (flushed): the result is exactly 0, as
+/// for a masked score of -inf.
+const EXP_LOW: f32 = -87.336_55;
+const EXP_HIGH: f32 = 88.3;
+
+/// `e^x`, branch-free so it vectorises: Cephes `expf` (range reduction by
+/// ln 2 in two parts, a degree-5 polynomial, 2^n from the exponent bits),
+/// the same algorithm as the generated code's `vmath::exp`; about 1 ulp.
+#[inline(always)]
+pub fn exp<const FMA: bool>(x: f32) -> f32 {
+    // Not `clamp`: that keeps NaN, and NaN must not reach the integer
+    // conversion below (`min`/`max` map it to a bound).
+    #[allow(clippy::manual_clamp)]
+    let xc = x.min(EXP_HIGH).max(EXP_LOW);
+    // n = round(x / ln 2) by the add-and-subtract-2^23 trick (no libm call).
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    let n = madd::<FMA>(xc, std::f32::consts::LOG2_E, ROUND) - ROUND;
+    let r = madd::<FMA>(n, -0.693_359_4, xc);
+    let r = madd::<FMA>(n, 2.121_944_4e-4, r);
+    let z = r * r;
+    let p = poly::<FMA>(r, &[1.987_569_2e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5]);
+    let p = madd::<FMA>(p, z, r) + 1.0;
+    // `n` is a whole number in [-126, 127] (`xc` is clamped and never NaN),
+    // so the unchecked conversion is exact; the checked `as` would not vectorise.
+    let ni: i32 = unsafe { n.to_int_unchecked() };
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
+    let y = p * scale;
+    // NaN stays NaN (the clamp above maps it to EXP_LOW); -inf and tiny
+    // inputs give exactly 0.
+    if x.is_nan() {
+        x
+    } else if x < EXP_LOW {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `erf(x)`: Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as
+/// the generated code's `vmath::erf`.
+#[inline(always)]
+pub fn erf<const FMA: bool>(x: f32) -> f32 {
+    let ax = x.abs();
+    let t = 1.0 / madd::<FMA>(0.327_591_1, ax, 1.0);
+    let q = poly::<FMA>(t, &[1.061_405_4, -1.453_152_1, 1.421_413_8, -0.284_496_72, 0.254_829_6]) * t;
+    let y = 1.0 - q * exp::<FMA>(-ax * ax);
+    y.copysign(x)
+}
+
+/// `tanh(x)`: `1 - 2 / (e^2x + 1)`, with a Taylor polynomial near 0 where
+/// that form loses relative precision (as `vmath::tanh`).
+#[inline(always)]
+pub fn tanh<const FMA: bool>(x: f32) -> f32 {
+    let far = 1.0 - 2.0 / (exp::<FMA>(2.0 * x) + 1.0);
+    let s = x * x;
+    let near = poly::<FMA>(s, &[-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0, 1.0]) * x;
+    if x.abs() < 0.125 {
+        near
+    } else {
+        far
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_math_matches_libm() {
+        let mut worst = [0f32; 3];
+        // Where e^x is a normal f32: [-87, 88].
+        for i in -17400..17600 {
+            let x = i as f32 * 0.005;
+            let e = (exp::<true>(x) - x.exp()).abs() / x.exp();
+            worst[0] = worst[0].max(e);
+            worst[1] = worst[1].max((erf::<true>(x) - libm::erff(x)).abs());
+            worst[2] = worst[2].max((tanh::<false>(x) - x.tanh()).abs());
+        }
+        assert!(worst[0] < 1e-6 && worst[1] < 5e-7 && worst[2] < 1e-6, "{worst:?}");
+        assert_eq!(exp::<true>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp::<true>(-100.0), 0.0);
+        assert!(exp::<true>(f32::NAN).is_nan());
+        assert!((exp::<true>(88.0) - 88f32.exp()).abs() / 88f32.exp() < 1e-6);
+    }
+}

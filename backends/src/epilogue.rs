@@ -1,0 +1,159 @@
+//! Matmul epilogue fusion, a pass over the finished kernel list (before
+//! the memory plan, which then sees the fused kernels' lifetimes).
+//!
+//! A map kernel that is the only reader of a single-batch matmul's product,
+//! iterates over exactly that product, and computes float arithmetic of it
+//! (a bias add, GELU, a residual add...) is folded into the matmul: the
+//! product goes straight to the map's output buffer and the map's
+//! expression runs on it in place as the matmul's `Epilogue`.
+//!
+//! The fused kernel takes the map's place in the order. That is always
+//! sound: the matmul's operands were written before the matmul, so before
+//! the map, and the check below makes sure nothing in between rewrites them.
+
+use crate::lower::is_dense;
+use crate::plan::*;
+use std::collections::HashMap;
+
+/// A row stride that walks `strides` over `shape` (all dims but the last
+/// flattened into rows), or `None` when the leading dims do not flatten.
+fn row_stride(shape: &[usize], strides: &[isize]) -> Option<isize> {
+    let lead = shape.len().checked_sub(1)?;
+    let mut rs: Option<isize> = None;
+    let mut inner = 1isize;
+    for d in (0..lead).rev() {
+        if shape[d] == 1 {
+            continue;
+        }
+        match rs {
+            None => rs = Some(strides[d]),
+            Some(r) if strides[d] == r * inner => {}
+            Some(_) => return None,
+        }
+        inner *= shape[d] as isize;
+    }
+    Some(rs.unwrap_or(0))
+}
+
+/// The map's expression and operands as an epilogue of an `m x n` product
+/// in buffer `c` at `c_offset`, if it is one.
+fn as_epilogue(map: &MapKernel, m: usize, n: usize, c: BufferId, c_offset: isize) -> Option<Epilogue> {
+    let shape = &map.shape;
+    if shape.iter().product::<usize>() != m * n || !Epilogue::supports(&map.expr) {
+        return None;
+    }
+    let two_d = |o: &Operand| -> Option<[isize; 2]> {
+        if o.dtype != egret_ir::DType::F32 {
+            return None;
+        }
+        // Lowering flattens maps whose operands are all dense or
+        // broadcast scalars, so the map's shape need not end in `n`.
+        if is_dense(shape, &o.strides) {
+            return Some([n as isize, 1]);
+        }
+        if shape.iter().zip(&o.strides).all(|(&d, &s)| d == 1 || s == 0) {
+            return Some([0, 0]);
+        }
+        if shape.last() != Some(&n) {
+            return None;
+        }
+        Some([row_stride(shape, &o.strides)?, *o.strides.last()?])
+    };
+    // The output is dense, so the product can be written there.
+    let out = two_d(&map.output)?;
+    if out != [n as isize, 1] && !(m == 1 && out[1] == 1) {
+        return None;
+    }
+    // Map inputs: the product (read densely where it was written) is
+    // `in0`; the others follow in order.
+    let mut renumber = Vec::with_capacity(map.inputs.len());
+    let mut inputs: Vec<EpilogueInput> = Vec::new();
+    for o in &map.inputs {
+        let strides = two_d(o)?;
+        if o.buffer == c {
+            if o.offset != c_offset || (strides != [n as isize, 1] && !(m == 1 && strides[1] == 1)) {
+                return None;
+            }
+            renumber.push(0);
+        } else {
+            inputs.push(EpilogueInput { buffer: o.buffer, offset: o.offset, strides });
+            renumber.push(inputs.len());
+        }
+    }
+    if inputs.len() > EPILOGUE_MAX_INPUTS || !renumber.contains(&0) {
+        return None;
+    }
+    Some(Epilogue { expr: renumbered(&map.expr, &renumber), inputs })
+}
+
+fn renumbered(e: &Expr, to: &[usize]) -> Expr {
+    match e {
+        Expr::Input(i) => Expr::Input(to[*i]),
+        Expr::Unary(u, x) => Expr::unary(*u, renumbered(x, to)),
+        Expr::Binary(b, x, y) => Expr::binary(*b, renumbered(x, to), renumbered(y, to)),
+        other => other.clone(),
+    }
+}
+
+/// Folds every eligible map into the matmul before it (see the module docs).
+/// `outputs` are the plan's output buffers, which must stay as they are.
+pub fn fuse_epilogues(kernels: &mut Vec<Kernel>, outputs: &[BufferId]) {
+    let mut readers: HashMap<BufferId, Vec<usize>> = HashMap::new();
+    let mut writers: HashMap<BufferId, Vec<usize>> = HashMap::new();
+    for (i, k) in kernels.iter().enumerate() {
+        let (reads, writes) = k.buffers();
+        for b in reads {
+            readers.entry(b).or_default().push(i);
+        }
+        for b in writes {
+            writers.entry(b).or_default().push(i);
+        }
+    }
+    let written_between =
+        |b: BufferId, from: usize, to: usize| writers.get(&b).is_some_and(|w| w.iter().any(|&i| i > from && i < to));
+    let mut fused_away = vec![false; kernels.len()];
+    for mi in 0..kernels.len() {
+        let KernelKind::MatMul(mm) = &kernels[mi].kind else { continue };
+        if mm.batches.len() != 1 || mm.epilogue.is_some() || outputs.contains(&mm.c) {
+            continue;
+        }
+        let (Some([reader]), Some([_])) =
+            (readers.get(&mm.c).map(Vec::as_slice), writers.get(&mm.c).map(Vec::as_slice))
+        else {
+            continue;
+        };
+        let reader = *reader;
+        let KernelKind::Map(map) = &kernels[reader].kind else { continue };
+        if written_between(mm.a, mi, reader) || written_between(mm.b, mi, reader) {
+            continue;
+        }
+        let Some(epilogue) = as_epilogue(map, mm.m, mm.n, mm.c, mm.batches[0][2]) else { continue };
+        let mut fused = mm.clone();
+        fused.c = map.output.buffer;
+        fused.batches[0][2] = map.output.offset;
+        fused.epilogue = Some(epilogue);
+        kernels[reader] = Kernel { kind: KernelKind::MatMul(fused), label: kernels[mi].label.clone() };
+        fused_away[mi] = true;
+    }
+    let mut i = 0;
+    kernels.retain(|_| {
+        i += 1;
+        !fused_away[i - 1]
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_stride;
+
+    #[test]
+    fn leading_dims_flatten_into_one_row_stride() {
+        assert_eq!(row_stride(&[1, 197, 768], &[151296, 768, 1]), Some(768));
+        assert_eq!(row_stride(&[2, 3, 8], &[24, 8, 1]), Some(8));
+        // A bias broadcast over every row.
+        assert_eq!(row_stride(&[2, 3, 8], &[0, 0, 1]), Some(0));
+        // Rows of a transposed view do not flatten.
+        assert_eq!(row_stride(&[2, 3, 8], &[8, 16, 1]), None);
+        assert_eq!(row_stride(&[5], &[1]), Some(0));
+    }
+}
