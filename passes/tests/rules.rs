@@ -32,7 +32,6 @@ fn random_inputs(g: &Graph, seed: u64) -> Vec<Tensor> {
         .iter()
         .map(|&v| {
             let ty = g.ty(v);
-            assert_eq!(ty.dtype, DType::F32);
             let data = (0..ty.numel())
                 .map(|_| {
                     state ^= state << 13;
@@ -41,7 +40,11 @@ fn random_inputs(g: &Graph, seed: u64) -> Vec<Tensor> {
                     ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
                 })
                 .collect::<Vec<f32>>();
-            Tensor::from_vec(ty.shape.clone(), data)
+            match ty.dtype {
+                DType::F32 => Tensor::from_vec(ty.shape.clone(), data),
+                DType::Bool => Tensor::from_vec(ty.shape.clone(), data.iter().map(|&x| x > 0.0).collect::<Vec<_>>()),
+                d => panic!("no random data for {d}"),
+            }
         })
         .collect()
 }
@@ -68,8 +71,9 @@ fn check(rule: &str, start: &str) {
         for ((a, b), (name, _)) in eval(&g, &x).iter().zip(eval(&out, &x)).zip(g.outputs()) {
             let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
             for (p, q) in a.iter().zip(&b) {
+                // A fully masked softmax row is NaN on both sides.
                 assert!(
-                    (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
+                    (p - q).abs() <= 1e-5 + 1e-4 * q.abs() || (p.is_nan() && q.is_nan()),
                     "{rule}: output {name} differs: {p} vs {q}\n{}",
                     text::print(&out)
                 );
@@ -406,6 +410,37 @@ v4: f32[4,2,3,3] = reshape{shape=[4, 2, 3, 3]} v3
 output \"y\" = v4
 ",
     ),
+    (
+        // Attention with a boolean mask that keeps the scores where true
+        // (finfo.min elsewhere): it fuses, so the rewritten mask is what runs.
+        "where-to-additive-mask",
+        "v0: f32[2,4,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: bool[2,1,5] = input{name=\"keep\"}
+v4: f32[2,4,5] = matmul v0, v1
+v5: f32[] = const [-3.4028235e38]
+v6: f32[2,4,5] = where v3, v4, v5
+v7: f32[2,4,5] = softmax{axis=2} v6
+v8: f32[2,4,8] = matmul v7, v2
+output \"y\" = v8
+",
+    ),
+    (
+        // The same with the mask inverted (true = masked out) and -inf.
+        "where-to-additive-mask-inverted",
+        "v0: f32[2,4,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: bool[4,5] = input{name=\"masked\"}
+v4: f32[2,4,5] = matmul v0, v1
+v5: f32[] = const [-inf]
+v6: f32[2,4,5] = where v3, v5, v4
+v7: f32[2,4,5] = softmax{axis=2} v6
+v8: f32[2,4,8] = matmul v7, v2
+output \"y\" = v8
+",
+    ),
 ];
 
 #[test]
@@ -420,6 +455,18 @@ fn every_rule_has_a_case() {
     let names: Vec<String> = rules::all().iter().map(|r| r.name.to_string()).collect();
     for n in &names {
         assert!(CASES.iter().any(|(r, _)| r == n), "rule `{n}` has no test case in CASES");
+    }
+}
+
+/// Boolean (`Where`) masks reach the masked attention rules, in either
+/// polarity, so what the tests above evaluate is the rewritten mask.
+#[test]
+fn where_masked_attention_fuses() {
+    for rule in ["where-to-additive-mask", "where-to-additive-mask-inverted"] {
+        let start = CASES.iter().find(|(r, _)| *r == rule).unwrap().1;
+        let (out, _) = optimize(&text::parse(start).unwrap(), Limits::default()).unwrap();
+        let printed = text::print(&out);
+        assert!(printed.contains("= attention") && !printed.contains("softmax"), "{rule}:\n{printed}");
     }
 }
 

@@ -40,6 +40,13 @@ pub fn rules() -> Vec<Rule> {
         // outer reshape restores x's shape: a mask added in another view of
         // x (Swin's windows) is added in x's own.
         rw!("add-through-reshape"; "(reshape ?s (add (reshape ?t ?x) ?m))" => { AddThroughReshape }),
+        // where(m, s, c) = s + where(m, 0, c) for a scalar c <= -1e30 (or
+        // -inf) and finite s of magnitude below 1e22: s + c rounds to c.
+        // A boolean attention mask becomes an additive one, which the masked
+        // attention rules take.
+        rw!("where-to-additive-mask"; "(where ?m ?s ?c)" => { WhereToAdditiveMask { scores_first: true } }),
+        // where(m, c, s) = s + where(m, c, 0), the same with the mask inverted.
+        rw!("where-to-additive-mask-inverted"; "(where ?m ?c ?s)" => { WhereToAdditiveMask { scores_first: false } }),
         // (x * c1) * c2 = x * (c1 * c2) for scalars: the product folds to one constant.
         rw!("scalars-combine"; "(mul (mul ?x ?c1) ?c2)" => "(mul ?x (mul ?c1 ?c2))" if is_float_scalar("?c1") if is_float_scalar("?c2")),
     ]
@@ -74,6 +81,41 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for AddThroughReshape {
         let expanded = add_op(egraph, &expand, vec![m]);
         let mask = add_op(egraph, &reshape, vec![expanded]);
         let sum = add_op(egraph, &Op::Add, vec![x, mask]);
+        union_result(egraph, eclass, sum)
+    }
+}
+
+/// The applier of `where-to-additive-mask` (and its inverted form).
+struct WhereToAdditiveMask {
+    /// Whether the scores are the `then` branch (kept where the mask is true).
+    scores_first: bool,
+}
+
+/// Fills at or below this are "minus infinity" for a mask: adding any score
+/// of magnitude below 1e22 to them rounds back to them in f32.
+const MASK_FILL_AT_MOST: f64 = -1e30;
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for WhereToAdditiveMask {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (m, s, c) = (subst[var("?m")], subst[var("?s")], subst[var("?c")]);
+        let fill_ok = egraph[c].data.scalar().is_some_and(|x| x <= MASK_FILL_AT_MOST);
+        let (Some(st), Some(ct)) = (egraph[s].data.ty().cloned(), egraph[c].data.ty().cloned()) else { return vec![] };
+        // Constant scores would only rewrite the mask into itself.
+        if !fill_ok || st.dtype != egret_ir::DType::F32 || ct.dtype != st.dtype || egraph[s].data.constant {
+            return vec![];
+        }
+        let zero = egraph.analysis.constant_leaf(egret_ir::Tensor::from_vec(vec![], vec![0.0f32]));
+        let zero = egraph.add(zero);
+        let branches = if self.scores_first { vec![m, zero, c] } else { vec![m, c, zero] };
+        let mask = add_op(egraph, &Op::Where, branches);
+        let sum = add_op(egraph, &Op::Add, vec![s, mask]);
         union_result(egraph, eclass, sum)
     }
 }
