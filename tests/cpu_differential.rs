@@ -555,6 +555,38 @@ output \"clamped\" = v16
 }
 
 #[test]
+fn constant_weights_packed_for_the_kernel_library_gemm() {
+    // Panels of 32 columns with a zero-padded last one; a weight read
+    // transposed (as Gemm's transB gives it); row tails of every size below
+    // the 6-row tile; big enough at 2 threads to split the panels.
+    for (m, k, n, transposed) in [(1, 3, 5, false), (13, 20, 70, true), (64, 96, 200, false)] {
+        let w: Vec<String> = (0..k * n).map(|i| format!("{:.3}", ((i * 37 % 101) as f32 - 50.0) / 64.0)).collect();
+        let (w_shape, w_read) = if transposed {
+            (
+                format!("{n},{k}"),
+                format!("v3: f32[{k},{n}] = transpose{{perm=[1, 0]}} v1\nv4: f32[{m},{n}] = matmul v0, v3"),
+            )
+        } else {
+            (format!("{k},{n}"), format!("v4: f32[{m},{n}] = matmul v0, v1"))
+        };
+        let text = format!(
+            "v0: f32[{m},{k}] = input{{name=\"x\"}}
+v1: f32[{w_shape}] = const [{}]
+v2: f32[{n}] = input{{name=\"bias\"}}
+{w_read}
+v5: f32[{m},{n}] = add v4, v2
+output \"y\" = v5
+",
+            w.join(", ")
+        );
+        let g = parse(&text).unwrap();
+        let plan = egret::backends::lower(&g, Default::default()).unwrap();
+        assert!(plan.describe().contains("packed GEMM"), "{}", plan.describe());
+        same(&text);
+    }
+}
+
+#[test]
 fn many_one_row_products_with_a_shared_weight_fold_into_one() {
     // Perceiver's cross-attention projection: [256, 1, k] @ [k, n].
     same(

@@ -245,7 +245,7 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
 /// Lays out a row-major `[k, n]` matrix as the generated matmul reads it:
 /// for each group of 8 columns, its `k` rows of 8 values; then the last
 /// `n % 8` columns, row-major.
-fn pack_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     let n8 = n / 8 * 8;
     let mut out = Vec::with_capacity(k * n);
     for j in (0..n8).step_by(8) {
@@ -777,11 +777,35 @@ impl<'g> Lowering<'g> {
         let vb = self.generated_ready(b, label);
         let cb = self.define(c);
         let mut mm = self.matmul_kernel(&va, &sa, &vb, &sb, &sc, cb);
-        // A constant weight matrix read by generated code is laid out for it
-        // once, here, instead of being walked row by row on every run.
+        // A constant weight matrix is laid out once, here, for the kernel
+        // that reads it, instead of being repacked (the GEMM library) or
+        // walked row by row (generated code) on every run.
+        // The weight may be a view (a transpose, as Gemm's transB gives) of
+        // a constant's storage: read it through the view.
+        let stored = match &self.buffers[vb.buffer].storage {
+            Storage::Constant(t) => Some(t.clone()),
+            _ => None,
+        };
+        let packable = |w: &egret_ir::Tensor| {
+            sb.len() == 2 && w.dtype() == DType::F32 && vb.offset >= 0 && vb.strides.iter().all(|&s| s >= 0)
+        };
+        if let Some(w) = stored.filter(|w| packable(w)) {
+            // Chosen whenever nothing else is forced: without per-call
+            // packing it beats the generated kernel even on small products.
+            if matches!(self.opts.matmul, None | Some(MatMulImpl::Packed)) {
+                let strides = [vb.strides[0] as usize, vb.strides[1] as usize];
+                let w = w.as_f32().expect("checked f32");
+                let packed = pack_panels(w, vb.offset as usize, strides, mm.k, mm.n, PACKED_PANEL);
+                let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
+                mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
+                mm.b_packed = true;
+                mm.implementation = MatMulImpl::Packed;
+                return Some(mm);
+            }
+        }
         if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
             if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
-                let packed = pack_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
+                let packed = pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
                 let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
                 mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
                 mm.b_packed = true;

@@ -91,6 +91,12 @@ pub fn emit(
                 b.ins().call(sgemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
             }
             MatMulImpl::Generated => emit_tiled(b, mm, pa, pb, pc),
+            MatMulImpl::Packed => {
+                let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
+                let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
+                let gemm = fns.sgemm_packed.expect("packed matmuls are only compiled where the kernel library links");
+                b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc]);
+            }
         }
         if let Some(program) = epilogue {
             let f = fns.epilogue.expect("epilogues are only compiled where the kernel library links");

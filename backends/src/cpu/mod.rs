@@ -178,7 +178,9 @@ fn define_kernels<M: Module>(
                 clif.push(String::new());
                 continue;
             }
-            KernelKind::MatMul(mm) if mm.implementation == crate::plan::MatMulImpl::Library && !imports.has_gemm() => {
+            KernelKind::MatMul(mm)
+                if mm.implementation != crate::plan::MatMulImpl::Generated && !imports.has_gemm() =>
+            {
                 return Err(err("this module does not link the GEMM library; lower with generated matmuls".into()));
             }
             KernelKind::MatMul(mm) if mm.epilogue.is_some() && !imports.has_gemm() => {

@@ -84,6 +84,8 @@ pub const SGEMM: &str = "egret_sgemm";
 pub const ATTENTION: &str = "egret_attention";
 /// The matmul epilogue's symbol (JIT only: objects have no epilogues).
 pub const EPILOGUE: &str = "egret_epilogue";
+/// The packed-weight GEMM's symbol (JIT only).
+pub const SGEMM_PACKED: &str = "egret_sgemm_packed";
 
 pub fn register(jb: &mut JITBuilder) {
     jb.symbol("logf", egret_logf as *const u8);
@@ -93,6 +95,7 @@ pub fn register(jb: &mut JITBuilder) {
     jb.symbol(SGEMM, egret_sgemm as *const u8);
     jb.symbol(ATTENTION, super::kernels::attention::egret_attention as *const u8);
     jb.symbol(EPILOGUE, super::kernels::epilogue::egret_epilogue as *const u8);
+    jb.symbol(SGEMM_PACKED, super::kernels::gemm::egret_sgemm_packed as *const u8);
 }
 
 /// The imported functions, declared once per module.
@@ -104,6 +107,7 @@ pub struct Imports {
     sgemm: Option<FuncId>,
     attention: Option<FuncId>,
     epilogue: Option<FuncId>,
+    sgemm_packed: Option<FuncId>,
 }
 
 /// The imports as seen from one function being built.
@@ -119,6 +123,9 @@ pub struct FuncRefs {
     pub attention: Option<FuncRef>,
     /// `egret_epilogue(program, args, c)`; absent where `sgemm` is.
     pub epilogue: Option<FuncRef>,
+    /// `egret_sgemm_packed(m, k, n, a, a_rs, a_cs, b_packed, c)`; absent
+    /// where `sgemm` is.
+    pub sgemm_packed: Option<FuncRef>,
 }
 
 /// Declares the imports; `with_library` adds the GEMM library's and the
@@ -137,6 +144,8 @@ pub fn declare<M: Module>(module: &mut M, with_library: bool) -> ModuleResult<Im
     let ptr = module.target_config().pointer_type();
     let mut attention = Signature::new(cc);
     attention.params.extend([ptr, ptr, ptr, types::I64, types::I64].map(AbiParam::new));
+    let mut packed = Signature::new(cc);
+    packed.params.extend([types::I64; 8].map(AbiParam::new));
     let mut epilogue = Signature::new(cc);
     epilogue.params.extend([ptr, ptr, ptr].map(AbiParam::new));
     Ok(Imports {
@@ -152,6 +161,11 @@ pub fn declare<M: Module>(module: &mut M, with_library: bool) -> ModuleResult<Im
         },
         epilogue: if with_library {
             Some(module.declare_function(EPILOGUE, Linkage::Import, &epilogue)?)
+        } else {
+            None
+        },
+        sgemm_packed: if with_library {
+            Some(module.declare_function(SGEMM_PACKED, Linkage::Import, &packed)?)
         } else {
             None
         },
@@ -172,6 +186,7 @@ impl Imports {
             sgemm: self.sgemm.map(|id| module.declare_func_in_func(id, func)),
             attention: self.attention.map(|id| module.declare_func_in_func(id, func)),
             epilogue: self.epilogue.map(|id| module.declare_func_in_func(id, func)),
+            sgemm_packed: self.sgemm_packed.map(|id| module.declare_func_in_func(id, func)),
         }
     }
 }
