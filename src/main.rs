@@ -346,14 +346,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                 "max_ms": max,
                 "compile_ms": compile_ms,
                 "arena_bytes": m.program.executable.arena_bytes(),
+                "kernel_isa": egret::backends::cpu::kernels::Isa::host().name(),
             })
         );
     } else {
         println!(
-            "{} on {} ({threads} threads, {} runs after {warmup} warm-up)",
+            "{} on {} ({threads} threads, {} runs after {warmup} warm-up, kernel library {})",
             model.model.display(),
             backend.name(),
-            times.len()
+            times.len(),
+            egret::backends::cpu::kernels::Isa::host().name()
         );
         println!("  median {median:.3} ms   min {min:.3} ms   max {max:.3} ms   compile {compile_ms:.1} ms");
         if let Some(arena) = m.program.executable.arena_bytes() {

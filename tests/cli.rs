@@ -120,3 +120,20 @@ fn bench_compare_reports_both_levels() {
         "{v}"
     );
 }
+
+/// The kernel library's AVX2 and baseline builds (the host runs the widest
+/// by default) give the same answers on every zoo model.
+#[test]
+fn check_passes_with_the_narrower_kernel_builds() {
+    for isa in ["avx2", "baseline"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+            .args(["check", "tests/data/zoo"])
+            .env("EGRET_KERNEL_ISA", isa)
+            .current_dir(common::repo_root())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{isa}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(text.lines().last(), Some("7 passed, 0 failed"), "{isa}");
+    }
+}

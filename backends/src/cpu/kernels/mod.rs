@@ -20,30 +20,44 @@ pub mod gemm;
 /// Lanes per step of the vectorised loops: one AVX-512 register of f32.
 pub const LANES: usize = 16;
 
-/// The instruction set the kernels run with on this host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The instruction set the kernels run with on this host, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
-    Avx512,
-    Avx2,
     Baseline,
+    Avx2,
+    Avx512,
 }
 
+/// Caps the instruction set the kernels use (`avx2` or `baseline`), so the
+/// narrower builds can be run and tested on a wider host.
+pub const ISA_ENV: &str = "EGRET_KERNEL_ISA";
+
 impl Isa {
-    /// Detected once; every later call is a load.
+    /// Detected once (and capped by `EGRET_KERNEL_ISA`); every later call
+    /// is a load.
     pub fn host() -> Isa {
         static HOST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *HOST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-                    return Isa::Avx512;
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Baseline
+            let cap = match std::env::var(ISA_ENV).as_deref() {
+                Ok("baseline") => Isa::Baseline,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            Isa::detect().min(cap)
         })
+    }
+
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
     }
 
     pub fn name(self) -> &'static str {
