@@ -2,10 +2,11 @@
 //! reports throughput in elements per second with one "element" per
 //! floating-point operation, so `Gelem/s` reads as GFLOP/s.
 //!
-//! Three variants: the GEMM library the compiler calls for large products;
+//! Four variants: the GEMM library the compiler calls for large products;
 //! the register-tiled kernel it generates, reading `b` as a row-major input;
-//! and the generated kernel with `b` a constant weight matrix, which lowering
-//! packs into panels at compile time.
+//! the generated kernel with `b` a constant weight matrix, which lowering
+//! packs into panels at compile time; and the kernel library's GEMM over
+//! such a packed weight (what the JIT uses for every constant weight).
 //!
 //! `cargo bench --bench matmul`
 
@@ -53,6 +54,7 @@ fn matmul(c: &mut Criterion) {
     bench_variant(c, "library", MatMulImpl::Library, false);
     bench_variant(c, "generated", MatMulImpl::Generated, false);
     bench_variant(c, "generated_packed_weights", MatMulImpl::Generated, true);
+    bench_variant(c, "kernel_library_packed_weights", MatMulImpl::Packed, true);
 }
 
 criterion_group!(benches, matmul);

@@ -96,12 +96,20 @@ pub fn host_description() -> String {
     }
 }
 
-/// JIT-compiles every native kernel of `plan`.
+/// JIT-compiles every native kernel of `plan`, calling the GEMM and kernel
+/// libraries where the plan or a kernel's kind asks for them.
 pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
+    compile_with(plan, true)
+}
+
+/// As `compile`; without `kernel_library`, every kernel is generated code,
+/// as in an ahead-of-time object (the plan must not ask for the libraries:
+/// lower it with generated matmuls).
+pub fn compile_with(plan: Plan, kernel_library: bool) -> Result<CompiledPlan, CodegenError> {
     let mut jb = JITBuilder::with_isa(host_isa(false)?, cranelift_module::default_libcall_names());
     runtime_fns::register(&mut jb);
     let mut module = JITModule::new(jb);
-    let imports = runtime_fns::declare(&mut module, true).map_err(|m| CodegenError::Isa(m.to_string()))?;
+    let imports = runtime_fns::declare(&mut module, kernel_library).map_err(|m| CodegenError::Isa(m.to_string()))?;
     let (ids, clif) = define_kernels(&mut module, &plan, &imports)?;
     module.finalize_definitions().map_err(|e| CodegenError::Isa(e.to_string()))?;
     let entries = ids
@@ -202,7 +210,16 @@ fn define_kernels<M: Module>(
             let fns = imports.in_func(module, b.func);
             match &k.kind {
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
-                KernelKind::Rows(r) => rows::emit(&mut b, ptr, args, range, r, &fns),
+                KernelKind::Rows(r) => match (kernels::rows::RowParams::of(r), fns.rows) {
+                    // Norms and softmax run at full vector width where the kernel library links.
+                    (Some(params), Some(f)) => {
+                        let params = data_object(module, &format!("egret_k{i}_params"), params.to_bytes(), b.func)
+                            .map_err(err)?;
+                        let params = b.ins().symbol_value(ptr, params);
+                        b.ins().call(f, &[params, args, range.0, range.1]);
+                    }
+                    _ => rows::emit(&mut b, ptr, args, range, r, &fns),
+                },
                 KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
                 KernelKind::Attention(a) => {
                     let table = batch_table(

@@ -86,6 +86,8 @@ pub const ATTENTION: &str = "egret_attention";
 pub const EPILOGUE: &str = "egret_epilogue";
 /// The packed-weight GEMM's symbol (JIT only).
 pub const SGEMM_PACKED: &str = "egret_sgemm_packed";
+/// The norm and softmax row kernel's symbol (JIT only).
+pub const ROWS: &str = "egret_rows";
 
 pub fn register(jb: &mut JITBuilder) {
     jb.symbol("logf", egret_logf as *const u8);
@@ -96,6 +98,7 @@ pub fn register(jb: &mut JITBuilder) {
     jb.symbol(ATTENTION, super::kernels::attention::egret_attention as *const u8);
     jb.symbol(EPILOGUE, super::kernels::epilogue::egret_epilogue as *const u8);
     jb.symbol(SGEMM_PACKED, super::kernels::gemm::egret_sgemm_packed as *const u8);
+    jb.symbol(ROWS, super::kernels::rows::egret_rows as *const u8);
 }
 
 /// The imported functions, declared once per module.
@@ -108,6 +111,7 @@ pub struct Imports {
     attention: Option<FuncId>,
     epilogue: Option<FuncId>,
     sgemm_packed: Option<FuncId>,
+    rows: Option<FuncId>,
 }
 
 /// The imports as seen from one function being built.
@@ -126,6 +130,8 @@ pub struct FuncRefs {
     /// `egret_sgemm_packed(m, k, n, a, a_rs, a_cs, b_packed, c)`; absent
     /// where `sgemm` is.
     pub sgemm_packed: Option<FuncRef>,
+    /// `egret_rows(params, args, begin, end)`; absent where `sgemm` is.
+    pub rows: Option<FuncRef>,
 }
 
 /// Declares the imports; `with_library` adds the GEMM library's and the
@@ -146,6 +152,8 @@ pub fn declare<M: Module>(module: &mut M, with_library: bool) -> ModuleResult<Im
     attention.params.extend([ptr, ptr, ptr, types::I64, types::I64].map(AbiParam::new));
     let mut packed = Signature::new(cc);
     packed.params.extend([types::I64; 8].map(AbiParam::new));
+    let mut rows = Signature::new(cc);
+    rows.params.extend([ptr, ptr, types::I64, types::I64].map(AbiParam::new));
     let mut epilogue = Signature::new(cc);
     epilogue.params.extend([ptr, ptr, ptr].map(AbiParam::new));
     Ok(Imports {
@@ -169,6 +177,7 @@ pub fn declare<M: Module>(module: &mut M, with_library: bool) -> ModuleResult<Im
         } else {
             None
         },
+        rows: if with_library { Some(module.declare_function(ROWS, Linkage::Import, &rows)?) } else { None },
     })
 }
 
@@ -187,6 +196,7 @@ impl Imports {
             attention: self.attention.map(|id| module.declare_func_in_func(id, func)),
             epilogue: self.epilogue.map(|id| module.declare_func_in_func(id, func)),
             sgemm_packed: self.sgemm_packed.map(|id| module.declare_func_in_func(id, func)),
+            rows: self.rows.map(|id| module.declare_func_in_func(id, func)),
         }
     }
 }

@@ -16,6 +16,7 @@
 pub mod attention;
 pub mod epilogue;
 pub mod gemm;
+pub mod rows;
 
 /// Lanes per step of the vectorised loops: one AVX-512 register of f32.
 pub const LANES: usize = 16;

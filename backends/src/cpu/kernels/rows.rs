@@ -1,0 +1,161 @@
+//! Row kernels for the fused norms and the softmax: layer norm, RMS norm
+//! (each with an optional scale and bias) and softmax over contiguous rows,
+//! the same arithmetic as the generated `cpu::rows` code at the host's
+//! full vector width.
+
+use super::{exp, multiversion, LANES};
+use crate::plan::{RowKernel, RowOp};
+
+/// A row kernel as the JIT stub hands it over (a data object of i64 words).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowParams {
+    /// `OP_LAYER_NORM`, `OP_RMS_NORM` or `OP_SOFTMAX`.
+    pub op: i64,
+    pub len: i64,
+    pub has_scale: i64,
+    pub has_bias: i64,
+    pub epsilon: f64,
+}
+
+pub const OP_LAYER_NORM: i64 = 0;
+pub const OP_RMS_NORM: i64 = 1;
+pub const OP_SOFTMAX: i64 = 2;
+
+impl RowParams {
+    /// The parameters of `k`, if the library has its op.
+    pub fn of(k: &RowKernel) -> Option<RowParams> {
+        let (op, epsilon) = match k.op {
+            RowOp::LayerNorm { epsilon } => (OP_LAYER_NORM, epsilon),
+            RowOp::RmsNorm { epsilon } => (OP_RMS_NORM, epsilon),
+            RowOp::Softmax => (OP_SOFTMAX, 0.0),
+            _ => return None,
+        };
+        Some(RowParams {
+            op,
+            len: k.len as i64,
+            has_scale: k.scale.is_some() as i64,
+            has_bias: k.bias.is_some() as i64,
+            epsilon: epsilon as f64,
+        })
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [self.op, self.len, self.has_scale, self.has_bias, self.epsilon.to_bits() as i64]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect()
+    }
+}
+
+/// Rows `begin..end`; `args` holds x, [scale,] [bias,] out.
+///
+/// # Safety
+/// `params` came from `RowParams::to_bytes` for this kernel and the buffers
+/// hold its rows.
+pub unsafe extern "C" fn egret_rows(params: *const RowParams, args: *const *mut u8, begin: i64, end: i64) {
+    let p = unsafe { &*params };
+    let mut slot = 0;
+    let mut next = || {
+        let a = unsafe { *args.add(slot) as *mut f32 };
+        slot += 1;
+        a
+    };
+    let x = next();
+    let scale = if p.has_scale != 0 { next() } else { std::ptr::null_mut() };
+    let bias = if p.has_bias != 0 { next() } else { std::ptr::null_mut() };
+    let out = next();
+    unsafe { rows(p, x, scale, bias, out, begin as usize, end as usize) };
+}
+
+multiversion! {
+    unsafe fn rows(p: &RowParams, x: *const f32, scale: *const f32, bias: *const f32, out: *mut f32, begin: usize, end: usize) = rows_impl;
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn rows_impl<const FMA: bool>(
+    p: &RowParams,
+    x: *const f32,
+    scale: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    begin: usize,
+    end: usize,
+) {
+    let n = p.len as usize;
+    let vector = |v: *const f32| (!v.is_null()).then(|| unsafe { std::slice::from_raw_parts(v, n) });
+    let (scale, bias) = (vector(scale), vector(bias));
+    for r in begin..end {
+        let xr = unsafe { std::slice::from_raw_parts(x.add(r * n), n) };
+        let yr = unsafe { std::slice::from_raw_parts_mut(out.add(r * n), n) };
+        match p.op {
+            OP_SOFTMAX => softmax::<FMA>(xr, yr),
+            op => {
+                let rms = op == OP_RMS_NORM;
+                let mean = if rms { 0.0 } else { sum(xr, |v| v) / n as f32 };
+                let var = sum(xr, |v| (v - mean) * (v - mean)) / n as f32;
+                let inv = 1.0 / (var + p.epsilon as f32).sqrt();
+                for (j, (y, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                    let mut t = (v - mean) * inv;
+                    if let Some(g) = scale {
+                        t *= g[j];
+                    }
+                    if let Some(b) = bias {
+                        t += b[j];
+                    }
+                    *y = t;
+                }
+            }
+        }
+    }
+}
+
+/// The sum of `f` over the row, in lanes.
+#[inline(always)]
+fn sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] += f(c[l]);
+        }
+    }
+    tail + lanes.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn softmax<const FMA: bool>(x: &[f32], y: &mut [f32]) {
+    // NaN-propagating max, as the generated code's `fmax`.
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if a > b || a.is_nan() { a } else { b });
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] = if lanes[l] > c[l] || lanes[l].is_nan() { lanes[l] } else { c[l] };
+        }
+    }
+    for l in lanes {
+        max = if max > l || max.is_nan() { max } else { l };
+    }
+    let mut total = 0.0;
+    let mut lanes = [0f32; LANES];
+    let mut ys = y.chunks_exact_mut(LANES);
+    let mut xs = x.chunks_exact(LANES);
+    for (yc, xc) in (&mut ys).zip(&mut xs) {
+        for l in 0..LANES {
+            let e = exp::<FMA>(xc[l] - max);
+            yc[l] = e;
+            lanes[l] += e;
+        }
+    }
+    for (yv, &xv) in ys.into_remainder().iter_mut().zip(xs.remainder()) {
+        *yv = exp::<FMA>(xv - max);
+        total += *yv;
+    }
+    let inv = 1.0 / (total + lanes.iter().sum::<f32>());
+    for v in y.iter_mut() {
+        *v *= inv;
+    }
+}
