@@ -490,6 +490,7 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     let lower_ms = t.elapsed().as_secs_f64() * 1e3;
     let report = c.optimized.clone().unwrap_or_default();
     let fusions = egret::passes::egraph::count_fused(&c.graph);
+    let tilings = egret::passes::egraph::count_tilings(&c.graph);
     let mut stages = vec![("import", c.import_ms), ("canonicalize", c.canonicalize_ms)];
     if c.optimized.is_some() {
         stages.push(("egraph_saturate", report.saturate_ms));
@@ -506,6 +507,7 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
             "model": model.model.display().to_string(),
             "opt": model.opt,
             "fusions": fusions.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
+            "tilings": tilings.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
             "rules": report.rules.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
             "kernels": kernels,
             "arena_bytes": plan.arena_bytes,
@@ -530,6 +532,12 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     println!("fused ops in the graph:");
     for (f, n) in &fusions {
         println!("  {n:6} x {f}");
+    }
+    if !tilings.is_empty() {
+        println!("matmul tilings the cost model chose:");
+        for (t, n) in &tilings {
+            println!("  {n:6} x {t}");
+        }
     }
     let total: u64 = plan.kernels.iter().map(|k| k.flops()).sum();
     println!(

@@ -13,6 +13,7 @@
 
 use crate::memory::plan_memory;
 use crate::plan::*;
+use egret_ir::op::MatMulTiling;
 use egret_ir::{DType, Graph, IrError, NodeId, Op, Type, ValueId};
 use std::collections::HashMap;
 
@@ -475,8 +476,18 @@ impl<'g> Lowering<'g> {
                     self.push(KernelKind::Rows(k), label);
                     return;
                 }
-                if let (Op::MatMul, true) = (op, in_types.iter().all(|t| t.dtype == DType::F32)) {
-                    if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out, label) {
+                let chosen = match op {
+                    Op::MatMul => Some(None),
+                    // The e-graph's cost model chose the kernel.
+                    Op::MatMulTiled { tiling } => Some(Some(match tiling {
+                        MatMulTiling::Packed6x32 => MatMulImpl::Packed,
+                        MatMulTiling::Library => MatMulImpl::Library,
+                        MatMulTiling::Generated4x8 => MatMulImpl::Generated,
+                    })),
+                    _ => None,
+                };
+                if let (Some(preferred), true) = (chosen, in_types.iter().all(|t| t.dtype == DType::F32)) {
+                    if let Some(k) = self.matmul(node.inputs[0], node.inputs[1], out, preferred, label) {
                         self.push(KernelKind::MatMul(k), label);
                         return;
                     }
@@ -766,7 +777,17 @@ impl<'g> Lowering<'g> {
     }
 
     /// A matmul over strided operand views; batch dims broadcast.
-    fn matmul(&mut self, a: ValueId, b: ValueId, c: ValueId, label: &str) -> Option<MatMulKernel> {
+    /// `preferred` is the implementation the optimiser chose, if it did; an
+    /// implementation forced by the options (ahead-of-time code, `--matmul`)
+    /// wins over it, and one that cannot compute this product falls back.
+    fn matmul(
+        &mut self,
+        a: ValueId,
+        b: ValueId,
+        c: ValueId,
+        preferred: Option<MatMulImpl>,
+        label: &str,
+    ) -> Option<MatMulKernel> {
         let g = self.g;
         let (sa, sb, sc) = (g.ty(a).shape.clone(), g.ty(b).shape.clone(), g.ty(c).shape.clone());
         // 1-d operands are rare in transformer graphs; the reference path keeps them.
@@ -777,6 +798,10 @@ impl<'g> Lowering<'g> {
         let vb = self.generated_ready(b, label);
         let cb = self.define(c);
         let mut mm = self.matmul_kernel(&va, &sa, &vb, &sb, &sc, cb);
+        let forced = self.opts.matmul.or(preferred);
+        if preferred.is_some() && self.opts.matmul.is_none() {
+            mm.implementation = choose_matmul(&mm, forced);
+        }
         // A constant weight matrix is laid out once, here, for the kernel
         // that reads it, instead of being repacked (the GEMM library) or
         // walked row by row (generated code) on every run.
@@ -790,9 +815,9 @@ impl<'g> Lowering<'g> {
             sb.len() == 2 && w.dtype() == DType::F32 && vb.offset >= 0 && vb.strides.iter().all(|&s| s >= 0)
         };
         if let Some(w) = stored.filter(|w| packable(w)) {
-            // Chosen whenever nothing else is forced: without per-call
-            // packing it beats the generated kernel even on small products.
-            if matches!(self.opts.matmul, None | Some(MatMulImpl::Packed)) {
+            // Chosen whenever nothing else is forced or preferred: without
+            // per-call packing it beats the generated kernel even on small products.
+            if matches!(forced, None | Some(MatMulImpl::Packed)) {
                 let strides = [vb.strides[0] as usize, vb.strides[1] as usize];
                 let w = w.as_f32().expect("checked f32");
                 let packed = pack_panels(w, vb.offset as usize, strides, mm.k, mm.n, PACKED_PANEL);

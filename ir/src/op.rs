@@ -146,6 +146,15 @@ word_enum!(
                  LogSum = "log_sum", LogSumExp = "log_sum_exp", SumSquare = "sum_square" }
 );
 word_enum!(
+    /// How a matrix product is computed: the e-graph's cost model picks one
+    /// per product (the `passes` rules in `tiling.rs`), lowering follows it.
+    /// `packed_6x32`: a 6 x 32 register tile over a constant weight packed
+    /// at compile time; `library`: the tuned GEMM library, which packs both
+    /// operands on every call; `generated_4x8`: Egret's generated 4 x 8
+    /// f32x4 tile.
+    MatMulTiling { Packed6x32 = "packed_6x32", Library = "library", Generated4x8 = "generated_4x8" }
+);
+word_enum!(
     /// How `pad` fills the border.
     PadMode { Constant = "constant", Reflect = "reflect", Edge = "edge", Wrap = "wrap" }
 );
@@ -276,6 +285,8 @@ define_ops! {
 
     /// Batched matrix product with numpy broadcasting of the batch dims.
     MatMul = "matmul",
+    /// `matmul` with the kernel that computes it chosen.
+    MatMulTiled { tiling: MatMulTiling } = "matmul_tiled",
     /// Scaled dot-product attention: `softmax(q @ kt * scale [+ mask]) @ v`
     /// over the last axis. Inputs q `[.., Sq, D]`, kt `[.., D, Sk]` (K
     /// transposed, however the exporter did it), v `[.., Sk, Dv]`, and an

@@ -441,7 +441,45 @@ v8: f32[2,4,8] = matmul v7, v2
 output \"y\" = v8
 ",
     ),
+    (
+        // A product with a constant weight.
+        "tile-packed",
+        "v0: f32[3,4] = input{name=\"x\"}
+v1: f32[4,2] = const [0.5, -1.0, 2.0, 0.25, -0.5, 1.5, 1.0, -2.0]
+v2: f32[3,2] = matmul v0, v1
+output \"y\" = v2
+",
+    ),
+    ("tile-library", LARGE_PRODUCT),
+    ("tile-generated", SMALL_PRODUCT),
 ];
+
+/// Big enough that the library's per-call cost is worth paying.
+const LARGE_PRODUCT: &str = "v0: f32[2,64,96] = input{name=\"a\"}
+v1: f32[2,96,80] = input{name=\"b\"}
+v2: f32[2,64,80] = matmul v0, v1
+output \"y\" = v2
+";
+
+/// Small enough that it is not.
+const SMALL_PRODUCT: &str = "v0: f32[4,8] = input{name=\"a\"}
+v1: f32[8,4] = input{name=\"b\"}
+v2: f32[4,4] = matmul v0, v1
+output \"y\" = v2
+";
+
+/// The cost model picks the packed tile for a constant weight, the library
+/// for a large product of two activations, generated code for a small one.
+#[test]
+fn the_cost_model_picks_a_tiling_per_product() {
+    let packed = CASES.iter().find(|(r, _)| *r == "tile-packed").unwrap().1;
+    for (start, want) in [(packed, "packed_6x32"), (LARGE_PRODUCT, "tiling=library"), (SMALL_PRODUCT, "generated_4x8")]
+    {
+        let (out, _) = optimize(&text::parse(start).unwrap(), Limits::default()).unwrap();
+        let printed = text::print(&out);
+        assert!(printed.contains(want), "want {want}:\n{printed}");
+    }
+}
 
 #[test]
 fn every_rule_keeps_meaning() {

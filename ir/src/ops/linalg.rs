@@ -33,7 +33,7 @@ fn matmul_dims(a: &[usize], b: &[usize]) -> OpResult<(Vec<usize>, usize, usize, 
 
 pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     match op {
-        Op::MatMul => {
+        Op::MatMul | Op::MatMulTiled { .. } => {
             arity(inputs, 2, 2)?;
             super::same_dtype(inputs[0], inputs[1], "matmul")?;
             if inputs[0].dtype == crate::DType::Bool {
@@ -126,7 +126,7 @@ pub fn pooled_len(n: usize, k: usize, stride: usize, pb: usize, pe: usize, dil: 
 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     match op {
-        Op::MatMul => Ok(vec![matmul(inputs[0], inputs[1])?]),
+        Op::MatMul | Op::MatMulTiled { .. } => Ok(vec![matmul(inputs[0], inputs[1])?]),
         Op::Attention { scale, nan_to_zero } => {
             // The definition, step by step: scores, scale, mask, softmax, values.
             let scores = matmul(inputs[0], inputs[1])?;

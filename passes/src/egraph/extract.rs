@@ -8,8 +8,41 @@
 
 use super::{op_of, TGraph, TNode};
 use egg::Id;
+use egret_ir::op::MatMulTiling;
 use egret_ir::{Graph, IrError, Op, ValueId};
 use std::collections::{BTreeMap, HashMap};
+
+/// Multiply-adds per unit of cost (a unit is about one pass of one element)
+/// for each way to compute a product, and what each call costs besides.
+/// Calibrated by `cargo bench --bench matmul` on an AVX-512 host (see
+/// BENCHMARKS.md): the packed tile runs at about 200 GFLOP/s, the library
+/// at about 170, the generated f32x4 tile at about 38; the library packs
+/// both operands on every call and costs a few microseconds to set up.
+const PACKED_MACS_PER_UNIT: f64 = 19.0;
+const LIBRARY_MACS_PER_UNIT: f64 = 16.0;
+const GENERATED_MACS_PER_UNIT: f64 = 3.6;
+const LIBRARY_CALL_UNITS: f64 = 6000.0;
+
+/// The roofline-style cost of a product `[.., m, k] @ [.., k, n]` with
+/// `numel` output elements computed by `tiling`: its multiply-adds at the
+/// tiling's rate, one pass over the output, and for the library one call
+/// per batch plus packing both operands each time.
+fn matmul_cost(egraph: &TGraph, n: &TNode, first: usize, numel: f64, tiling: MatMulTiling) -> Option<f64> {
+    let shape = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
+    let (a, b) = (shape(0)?, shape(1)?);
+    let k = *a.last()? as f64;
+    let n_cols = if b.len() >= 2 { b[b.len() - 1] as f64 } else { 1.0 };
+    let m = if a.len() >= 2 { a[a.len() - 2] as f64 } else { 1.0 };
+    let batches = (numel / (m * n_cols).max(1.0)).max(1.0);
+    let macs = numel * k;
+    Some(match tiling {
+        MatMulTiling::Packed6x32 => numel + macs / PACKED_MACS_PER_UNIT,
+        MatMulTiling::Generated4x8 => numel + macs / GENERATED_MACS_PER_UNIT,
+        MatMulTiling::Library => {
+            numel + macs / LIBRARY_MACS_PER_UNIT + batches * (LIBRARY_CALL_UNITS + k * (m + n_cols))
+        }
+    })
+}
 
 /// The cost of computing one e-node, in units of "one pass over its output";
 /// `None` for nodes that are not values (ill-typed, attribute leaves).
@@ -34,15 +67,10 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
             Op::Reshape { .. } | Op::Identity => 0.0,
             // Views: free where the consumer takes strides, a copy otherwise.
             Op::Transpose { .. } | Op::Slice { .. } | Op::Expand { .. } | Op::Split { .. } => 0.1 * numel,
-            Op::MatMul => {
-                let k = n
-                    .children
-                    .get(first)
-                    .and_then(|&c| egraph[c].data.ty())
-                    .and_then(|t| t.shape.last().copied())
-                    .unwrap_or(1);
-                numel * (1.0 + k as f64 / 16.0)
-            }
+            // A plain product costs what the library would, plus one: where a
+            // tiled alternative exists, it wins ties.
+            Op::MatMul => matmul_cost(egraph, n, first, numel, MatMulTiling::Library)? + 1.0,
+            Op::MatMulTiled { tiling } => matmul_cost(egraph, n, first, numel, tiling)?,
             // Attention: its two products, priced as the matmuls above, but no
             // pass over the scores (which the unfused chain writes three times).
             Op::Attention { .. } => {

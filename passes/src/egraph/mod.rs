@@ -302,6 +302,17 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, Report), IrError> {
     Ok((out, report))
 }
 
+/// The tilings the cost model chose for the graph's products, with counts.
+pub fn count_tilings(g: &Graph) -> Vec<(String, usize)> {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for n in g.node_ids() {
+        if let Op::MatMulTiled { tiling } = &g.node(n).op {
+            *counts.entry(tiling.word().to_string()).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
 /// Fused op kinds in a graph, with counts.
 pub fn count_fused(g: &Graph) -> Vec<(String, usize)> {
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();

@@ -2,6 +2,7 @@
 
 pub mod algebra;
 pub mod fusion;
+pub mod tiling;
 
 use super::{TGraph, TNode, TensorAnalysis};
 use egg::{Id, Rewrite, Subst, Var};
@@ -10,17 +11,19 @@ use egret_ir::Op;
 pub type Rule = Rewrite<TNode, TensorAnalysis>;
 
 /// Rule sets run in order: algebra first, so that exporter variants meet in
-/// one form, then fusion with algebra still on.
+/// one form, then fusion with algebra still on, then tiling of the products
+/// that are left.
 pub fn stages() -> Vec<Vec<Rule>> {
     let mut fuse = algebra::rules();
     fuse.extend(fusion::rules());
-    vec![algebra::rules(), fuse]
+    vec![algebra::rules(), fuse, tiling::rules()]
 }
 
 /// Every rule, for tests and documentation.
 pub fn all() -> Vec<Rule> {
     let mut r = algebra::rules();
     r.extend(fusion::rules());
+    r.extend(tiling::rules());
     r
 }
 
