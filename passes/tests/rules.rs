@@ -508,6 +508,94 @@ fn where_masked_attention_fuses() {
     }
 }
 
+/// The attention variants transformer families write, each fused into one
+/// attention op that computes what the start graph does: grouped-query
+/// heads (LLaMA's repeat_kv: K and V expanded from 2 heads to 4), a causal
+/// mask made with Trilu and Where, a T5-style relative position bias added
+/// to unscaled scores, and cross-attention (3 queries against 7 keys).
+#[test]
+fn attention_variants_fuse() {
+    let cases = [
+        (
+            "grouped-query heads",
+            "v0: f32[1,4,5,8] = input{name=\"q\"}
+v1: f32[1,2,5,8] = input{name=\"k\"}
+v2: f32[1,2,5,8] = input{name=\"v\"}
+v3: f32[1,2,1,5,8] = reshape{shape=[1, 2, 1, 5, 8]} v1
+v4: f32[1,2,2,5,8] = expand{shape=[1, 2, 2, 5, 8]} v3
+v5: f32[1,4,5,8] = reshape{shape=[1, 4, 5, 8]} v4
+v6: f32[1,2,1,5,8] = reshape{shape=[1, 2, 1, 5, 8]} v2
+v7: f32[1,2,2,5,8] = expand{shape=[1, 2, 2, 5, 8]} v6
+v8: f32[1,4,5,8] = reshape{shape=[1, 4, 5, 8]} v7
+v9: f32[1,4,8,5] = transpose{perm=[0, 1, 3, 2]} v5
+v10: f32[1,4,5,5] = matmul v0, v9
+v11: f32[] = const [0.35355338]
+v12: f32[1,4,5,5] = mul v10, v11
+v13: f32[1,4,5,5] = softmax{axis=3} v12
+v14: f32[1,4,5,8] = matmul v13, v8
+output \"y\" = v14
+",
+        ),
+        (
+            "causal mask from trilu",
+            "v0: f32[2,6,8] = input{name=\"q\"}
+v1: f32[2,8,6] = input{name=\"kt\"}
+v2: f32[2,6,8] = input{name=\"v\"}
+v3: f32[6,6] = const [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+v4: f32[6,6] = trilu{upper=false, k=0} v3
+v5: f32[] = const [0.0]
+v6: bool[6,6] = equal v4, v5
+v7: f32[2,6,6] = matmul v0, v1
+v8: f32[] = const [-inf]
+v9: f32[2,6,6] = where v6, v8, v7
+v10: f32[2,6,6] = softmax{axis=2} v9
+v11: f32[2,6,8] = matmul v10, v2
+output \"y\" = v11
+",
+        ),
+        (
+            "relative position bias",
+            "v0: f32[1,3,5,8] = input{name=\"q\"}
+v1: f32[1,3,8,5] = input{name=\"kt\"}
+v2: f32[1,3,5,8] = input{name=\"v\"}
+v3: f32[1,3,5,5] = input{name=\"position_bias\"}
+v4: f32[1,3,5,5] = matmul v0, v1
+v5: f32[1,3,5,5] = add v4, v3
+v6: f32[1,3,5,5] = softmax{axis=3} v5
+v7: f32[1,3,5,8] = matmul v6, v2
+output \"y\" = v7
+",
+        ),
+        (
+            "cross-attention",
+            "v0: f32[2,3,8] = input{name=\"q\"}
+v1: f32[2,8,7] = input{name=\"kt\"}
+v2: f32[2,7,4] = input{name=\"v\"}
+v3: f32[2,3,7] = matmul v0, v1
+v4: f32[] = const [2.828427]
+v5: f32[2,3,7] = div v3, v4
+v6: f32[2,3,7] = softmax{axis=2} v5
+v7: f32[2,3,4] = matmul v6, v2
+output \"y\" = v7
+",
+        ),
+    ];
+    for (what, start) in cases {
+        let g = text::parse(start).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (out, _) = optimize(&g, Limits::default()).unwrap();
+        let printed = text::print(&out);
+        assert!(printed.contains("= attention") && !printed.contains("softmax"), "{what}:\n{printed}");
+        for seed in 1..4 {
+            let x = random_inputs(&g, seed);
+            for (a, b) in eval(&g, &x).iter().zip(eval(&out, &x)) {
+                for (p, q) in a.to_f64_vec().iter().zip(b.to_f64_vec()) {
+                    assert!((p - q).abs() <= 1e-5 + 1e-4 * q.abs(), "{what}: {p} vs {q}\n{printed}");
+                }
+            }
+        }
+    }
+}
+
 /// A layer norm whose mean is not over the trailing axes is not a layer
 /// norm: the rule must leave it alone.
 #[test]
