@@ -623,6 +623,27 @@ output \"y\" = v14
 }
 
 #[test]
+fn residual_norms_write_the_norm_and_the_sum() {
+    // Rows of 37 (vector lanes and a tail), layer norm with and without a
+    // bias, RMS norm; both outputs of each are graph outputs.
+    same(
+        "v0: f32[5,37] = input{name=\"x\"}
+v1: f32[5,37] = input{name=\"residual\"}
+v2: f32[37] = input{name=\"g\"}
+v3: f32[37] = input{name=\"b\"}
+v4: f32[5,37], v5: f32[5,37] = residual_norm{axis=1, epsilon=1e-5, rms=false} v0, v1, v2, v3
+v6: f32[5,37], v7: f32[5,37] = residual_norm{axis=1, epsilon=1e-5, rms=false} v5, v0, v2
+v8: f32[5,37], v9: f32[5,37] = residual_norm{axis=1, epsilon=1e-6, rms=true} v7, v1, v2
+output \"ln\" = v4
+output \"sum\" = v5
+output \"ln_no_bias\" = v6
+output \"rms\" = v8
+output \"last_sum\" = v9
+",
+    );
+}
+
+#[test]
 fn many_one_row_products_with_a_shared_weight_fold_into_one() {
     // Perceiver's cross-attention projection: [256, 1, k] @ [k, n].
     same(

@@ -686,8 +686,10 @@ impl<'g> Lowering<'g> {
             Op::Reduce { axes, .. } => Some(axes.clone()),
             _ => None,
         };
+        let is_residual = matches!(op, Op::ResidualNorm { .. });
+        let first_param = if is_residual { 2 } else { 1 };
         let params_fit = |from: usize| {
-            inputs[1..]
+            inputs[first_param..]
                 .iter()
                 .all(|&p| g.ty(p).dtype == DType::F32 && g.ty(p).numel() == shape[from..].iter().product::<usize>())
         };
@@ -700,6 +702,11 @@ impl<'g> Lowering<'g> {
                 (RowOp::LayerNorm { epsilon: *epsilon }, *axis)
             }
             Op::RmsNorm { axis, epsilon } if params_fit(*axis) => (RowOp::RmsNorm { epsilon: *epsilon }, *axis),
+            Op::ResidualNorm { axis, epsilon, rms } if params_fit(*axis) => {
+                let op =
+                    if *rms { RowOp::RmsNorm { epsilon: *epsilon } } else { RowOp::LayerNorm { epsilon: *epsilon } };
+                (op, *axis)
+            }
             Op::Reduce { kind, axes, .. } if !axes.is_empty() => {
                 use egret_ir::op::ReduceKind as K;
                 let r = match kind {
@@ -743,18 +750,29 @@ impl<'g> Lowering<'g> {
                 let rows = moved[..rank - axes.len()].iter().product::<usize>();
                 let len = moved[rank - axes.len()..].iter().product::<usize>();
                 let out = self.define(outputs[0]);
-                return Some(RowKernel { rows, len, op, x: copy, scale: None, bias: None, out });
+                return Some(RowKernel { rows, len, op, x: copy, scale: None, bias: None, out, residual: None });
             }
         }
         let xb = self.dense(x, label);
-        let scale = inputs.get(1).map(|&v| self.dense(v, label));
-        let bias = inputs.get(2).map(|&v| self.dense(v, label));
+        // residual_norm: x, residual, scale[, bias] -> y, sum.
+        let (residual, params) = match is_residual {
+            true => (Some(self.dense(inputs[1], label)), &inputs[2..]),
+            false => (None, &inputs[1..]),
+        };
+        let scale = params.first().map(|&v| self.dense(v, label));
+        let bias = params.get(1).map(|&v| self.dense(v, label));
         let out = self.define(outputs[0]);
-        for &extra in &outputs[1..] {
-            // Unused statistics outputs still get (never written) storage.
-            self.define(extra);
-        }
-        Some(RowKernel { rows, len, op, x: xb, scale, bias, out })
+        let residual = match residual {
+            Some(r) => Some((r, self.define(outputs[1]))),
+            None => {
+                for &extra in &outputs[1..] {
+                    // Unused statistics outputs still get (never written) storage.
+                    self.define(extra);
+                }
+                None
+            }
+        };
+        Some(RowKernel { rows, len, op, x: xb, scale, bias, out, residual })
     }
 
     fn gather(&mut self, data: ValueId, indices: ValueId, out: ValueId, axis: usize, label: &str) -> GatherKernel {
@@ -1013,7 +1031,16 @@ impl<'g> Lowering<'g> {
         let rows = scores[..scores.len() - 1].iter().product();
         let len = scores[scores.len() - 1];
         self.push(
-            KernelKind::Rows(RowKernel { rows, len, op: RowOp::Softmax, x: s, scale: None, bias: None, out: s }),
+            KernelKind::Rows(RowKernel {
+                rows,
+                len,
+                op: RowOp::Softmax,
+                x: s,
+                scale: None,
+                bias: None,
+                out: s,
+                residual: None,
+            }),
             label,
         );
         if nan_to_zero {

@@ -298,6 +298,9 @@ pub struct RowKernel {
     pub scale: Option<BufferId>,
     pub bias: Option<BufferId>,
     pub out: BufferId,
+    /// A residual added to `x` first (a norm only): the row kernel then
+    /// normalises `x + residual` and also writes that sum to `sum`.
+    pub residual: Option<(BufferId, BufferId)>,
 }
 
 /// `out[o, j, :] = data[o, indices[j], :]` over `[outer, axis_len, inner]`
@@ -432,7 +435,13 @@ impl Kernel {
                 let epilogue = mm.epilogue.as_ref().map_or(String::new(), |e| format!(", epilogue {}", e.expr));
                 format!("{}x{}x{} x{} batches ({tiling}){epilogue}", mm.m, mm.k, mm.n, mm.batches.len())
             }
-            KernelKind::Rows(r) => format!("{:?} {} rows of {}", r.op, r.rows, r.len),
+            KernelKind::Rows(r) => format!(
+                "{:?} {} rows of {}{}",
+                r.op,
+                r.rows,
+                r.len,
+                if r.residual.is_some() { ", residual added first" } else { "" }
+            ),
             KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
             KernelKind::Attention(a) => format!(
                 "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}",
@@ -458,7 +467,10 @@ impl Kernel {
                 let epilogue = k.epilogue.iter().flat_map(|e| e.inputs.iter().map(|i| i.buffer));
                 ([k.a, k.b].into_iter().chain(epilogue).collect(), vec![k.c])
             }
-            KernelKind::Rows(r) => ([Some(r.x), r.scale, r.bias].into_iter().flatten().collect(), vec![r.out]),
+            KernelKind::Rows(r) => (
+                [Some(r.x), r.residual.map(|(res, _)| res), r.scale, r.bias].into_iter().flatten().collect(),
+                [Some(r.out), r.residual.map(|(_, sum)| sum)].into_iter().flatten().collect(),
+            ),
             KernelKind::Gather(k) => (vec![k.data, k.indices], vec![k.out]),
             KernelKind::Attention(a) => {
                 ([Some(a.q), Some(a.kt), Some(a.v), a.mask].into_iter().flatten().collect(), vec![a.out])

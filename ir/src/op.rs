@@ -309,6 +309,11 @@ define_ops! {
     LayerNorm { axis: usize, epsilon: f32 } = "layer_norm",
     /// RMS normalisation over `axis..rank`, times scale.
     RmsNorm { axis: usize, epsilon: f32 } = "rms_norm",
+    /// A residual add fused into the norm that follows it: inputs x,
+    /// residual (x's type), scale[, bias]; outputs `y = norm(x + residual)`
+    /// (layer norm, or RMS norm with `rms`) and the sum itself, which the
+    /// residual stream reads on.
+    ResidualNorm { axis: usize, epsilon: f32, rms: bool } = "residual_norm",
     /// Inference-mode batch norm: x, scale, bias, mean, var; channel axis 1.
     BatchNorm { epsilon: f32 } = "batch_norm",
     InstanceNorm { epsilon: f32 } = "instance_norm",

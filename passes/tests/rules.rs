@@ -58,10 +58,12 @@ fn check(rule: &str, start: &str) {
         || rule.starts_with("gelu")
         || rule.starts_with("layer-norm")
         || rule.starts_with("rms-norm")
+        || rule.starts_with("residual")
     {
         let fused = match rule.split('-').next().unwrap() {
             "layer" => "layer_norm",
             "rms" => "rms_norm",
+            "residual" => "residual_norm",
             other => other,
         };
         assert!(text::print(&out).contains(&format!("= {fused}")), "{rule}: not extracted\n{}", text::print(&out));
@@ -450,6 +452,53 @@ v2: f32[3,2] = matmul v0, v1
 output \"y\" = v2
 ",
     ),
+    (
+        // A residual stream: the sum feeds the norm and is an output itself
+        // (the next block's residual); a decomposed affine layer norm.
+        "residual-layer-norm-affine",
+        "v0: f32[2,3,8] = input{name=\"x\"}
+v1: f32[2,3,8] = input{name=\"residual\"}
+v2: f32[8] = input{name=\"g\"}
+v3: f32[8] = input{name=\"b\"}
+v20: f32[2,3,8] = add v0, v1
+v4: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v20
+v5: f32[2,3,8] = sub v20, v4
+v6: f32[] = const [2.0]
+v7: f32[2,3,8] = pow v5, v6
+v8: f32[2,3,1] = reduce{kind=mean, axes=[2], keepdims=true} v7
+v9: f32[] = const [1e-5]
+v10: f32[2,3,1] = add v8, v9
+v11: f32[2,3,1] = sqrt v10
+v12: f32[2,3,8] = div v5, v11
+v13: f32[2,3,8] = mul v12, v2
+v14: f32[2,3,8] = add v13, v3
+output \"y\" = v14
+output \"stream\" = v20
+",
+    ),
+    (
+        // ONNX LayerNormalization with a scale and no bias.
+        "residual-layer-norm",
+        "v0: f32[4,6] = input{name=\"x\"}
+v1: f32[4,6] = input{name=\"residual\"}
+v2: f32[6] = input{name=\"g\"}
+v3: f32[4,6] = add v0, v1
+v4: f32[4,6], v5: f32[4,1], v6: f32[4,1] = layer_norm{axis=1, epsilon=1e-5} v3, v2
+output \"y\" = v4
+output \"stream\" = v3
+",
+    ),
+    (
+        "residual-rms-norm",
+        "v0: f32[4,6] = input{name=\"x\"}
+v1: f32[4,6] = input{name=\"residual\"}
+v2: f32[6] = input{name=\"w\"}
+v3: f32[4,6] = add v0, v1
+v4: f32[4,6] = rms_norm{axis=1, epsilon=1e-6} v3, v2
+output \"y\" = v4
+output \"stream\" = v3
+",
+    ),
     ("tile-library", LARGE_PRODUCT),
     ("tile-generated", SMALL_PRODUCT),
 ];
@@ -593,6 +642,21 @@ output \"y\" = v7
                 }
             }
         }
+    }
+}
+
+/// A residual add and the norm after it become one op computing both the
+/// norm and the sum (the stream reads the sum from it: no add is left),
+/// and an affine norm fuses once, not again through the unscaled norm
+/// inside it.
+#[test]
+fn residual_adds_fuse_into_the_norm_once() {
+    for rule in ["residual-layer-norm-affine", "residual-layer-norm", "residual-rms-norm"] {
+        let start = CASES.iter().find(|(r, _)| *r == rule).unwrap().1;
+        let (out, _) = optimize(&text::parse(start).unwrap(), Limits::default()).unwrap();
+        let printed = text::print(&out);
+        assert_eq!(printed.matches("= residual_norm").count(), 1, "{rule}:\n{printed}");
+        assert!(!printed.contains("= add"), "{rule}:\n{printed}");
     }
 }
 

@@ -99,22 +99,42 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
         slot += 1;
         v
     };
+    // Operands: x, [residual,] [scale,] [bias,] out, [sum].
     let x = next_arg(b);
+    let residual = k.residual.map(|_| next_arg(b));
     let scale = k.scale.map(|_| next_arg(b));
     let bias = k.bias.map(|_| next_arg(b));
     let out = next_arg(b);
+    let sum = k.residual.map(|_| next_arg(b));
     let row_bytes = k.len as i64 * 4;
     let out_step = if k.op.reduces() { 4 } else { row_bytes };
     let row = Row { len: k.len as i64, fns };
     let x_off = b.ins().imul_imm_s(range.0, row_bytes);
-    let x = b.ins().iadd(x, x_off);
     let out_off = b.ins().imul_imm_s(range.0, out_step);
-    let out = b.ins().iadd(out, out_off);
-    counted_dyn(b, range.0, range.1, 1, vec![x, out], &mut |b, _, p| {
-        emit_row(b, &row, k.op, p[0], p[1], scale, bias);
-        let nx = b.ins().iadd_imm_s(p[0], row_bytes);
-        let no = b.ins().iadd_imm_s(p[1], out_step);
-        vec![nx, no]
+    // Row pointers carried by the loop: x, out, then residual and sum.
+    let mut start = vec![b.ins().iadd(x, x_off), b.ins().iadd(out, out_off)];
+    if let (Some(r), Some(s)) = (residual, sum) {
+        start.push(b.ins().iadd(r, x_off));
+        start.push(b.ins().iadd(s, x_off));
+    }
+    counted_dyn(b, range.0, range.1, 1, start, &mut |b, _, p| {
+        let x = if p.len() == 4 {
+            // x + residual into the sum row, which is then normalised.
+            row.each(b, p[3], &|b, i, v| {
+                let xi = load(b, p[0], i, v);
+                let ri = load(b, p[2], i, v);
+                b.ins().fadd(xi, ri)
+            });
+            p[3]
+        } else {
+            p[0]
+        };
+        emit_row(b, &row, k.op, x, p[1], scale, bias);
+        let mut next: Vec<Value> = vec![b.ins().iadd_imm_s(p[0], row_bytes), b.ins().iadd_imm_s(p[1], out_step)];
+        for &q in &p[2..] {
+            next.push(b.ins().iadd_imm_s(q, row_bytes));
+        }
+        next
     });
 }
 

@@ -51,6 +51,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         | Op::Hardmax { .. }
         | Op::LayerNorm { .. }
         | Op::RmsNorm { .. }
+        | Op::ResidualNorm { .. }
         | Op::BatchNorm { .. }
         | Op::InstanceNorm { .. } => nn::infer(op, inputs),
         Op::Reduce { .. } | Op::ArgReduce { .. } => reduce::infer(op, inputs),
@@ -89,6 +90,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         | Op::Hardmax { .. }
         | Op::LayerNorm { .. }
         | Op::RmsNorm { .. }
+        | Op::ResidualNorm { .. }
         | Op::BatchNorm { .. }
         | Op::InstanceNorm { .. } => nn::eval(op, inputs),
         Op::Reduce { .. } | Op::ArgReduce { .. } => reduce::eval(op, inputs),

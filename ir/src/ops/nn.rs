@@ -55,6 +55,21 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             }
             Ok(vec![(*x).clone()])
         }
+        Op::ResidualNorm { axis, epsilon, rms } => {
+            arity(inputs, 3, 4)?;
+            if inputs[1] != *x {
+                return Err(format!("residual {} must have the input's type {x}", inputs[1]));
+            }
+            let mut norm_inputs = vec![*x];
+            norm_inputs.extend(&inputs[2..]);
+            let norm = if *rms {
+                Op::RmsNorm { axis: *axis, epsilon: *epsilon }
+            } else {
+                Op::LayerNorm { axis: *axis, epsilon: *epsilon }
+            };
+            let y = infer(&norm, &norm_inputs)?.swap_remove(0);
+            Ok(vec![y, (*x).clone()])
+        }
         Op::LayerNorm { axis, .. } | Op::RmsNorm { axis, .. } => {
             arity(inputs, 2, 3)?;
             super::expect_float(x, "input")?;
@@ -143,6 +158,19 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 T::wrap(out)
             });
             Ok(vec![Tensor::new(x.shape().to_vec(), data)])
+        }
+        Op::ResidualNorm { axis, epsilon, rms } => {
+            // The definition: the sum, then the norm of it.
+            let sum = super::elementwise::eval_binary(&Op::Add, x, inputs[1])?;
+            let norm = if *rms {
+                Op::RmsNorm { axis: *axis, epsilon: *epsilon }
+            } else {
+                Op::LayerNorm { axis: *axis, epsilon: *epsilon }
+            };
+            let mut norm_inputs = vec![&sum];
+            norm_inputs.extend(&inputs[2..]);
+            let y = eval(&norm, &norm_inputs)?.swap_remove(0);
+            Ok(vec![y, sum])
         }
         Op::LayerNorm { axis, epsilon } | Op::RmsNorm { axis, epsilon } => {
             let rms = matches!(op, Op::RmsNorm { .. });

@@ -84,6 +84,10 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
             }
             // Fused kernels: one pass over their output.
             Op::Gelu { .. } | Op::Silu | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
+            // It replaces the residual add and the norm (two passes): priced
+            // below the add alone, so the class of the sum picks its output 1
+            // too and the sum is not computed twice.
+            Op::ResidualNorm { .. } => 0.9 * numel,
             Op::Reduce { .. } => input_numel(0),
             _ => numel,
         } + 1.0,

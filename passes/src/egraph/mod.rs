@@ -318,7 +318,7 @@ pub fn count_fused(g: &Graph) -> Vec<(String, usize)> {
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     for n in g.node_ids() {
         let name = g.node(n).op.name();
-        if matches!(name, "attention" | "layer_norm" | "rms_norm" | "gelu" | "silu" | "softmax") {
+        if matches!(name, "attention" | "layer_norm" | "rms_norm" | "residual_norm" | "gelu" | "silu" | "softmax") {
             *counts.entry(name.to_string()).or_default() += 1;
         }
     }

@@ -15,6 +15,7 @@ pub struct RowParams {
     pub len: i64,
     pub has_scale: i64,
     pub has_bias: i64,
+    pub has_residual: i64,
     pub epsilon: f64,
 }
 
@@ -36,19 +37,20 @@ impl RowParams {
             len: k.len as i64,
             has_scale: k.scale.is_some() as i64,
             has_bias: k.bias.is_some() as i64,
+            has_residual: k.residual.is_some() as i64,
             epsilon: epsilon as f64,
         })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        [self.op, self.len, self.has_scale, self.has_bias, self.epsilon.to_bits() as i64]
+        [self.op, self.len, self.has_scale, self.has_bias, self.has_residual, self.epsilon.to_bits() as i64]
             .iter()
             .flat_map(|w| w.to_le_bytes())
             .collect()
     }
 }
 
-/// Rows `begin..end`; `args` holds x, [scale,] [bias,] out.
+/// Rows `begin..end`; `args` holds x, [residual,] [scale,] [bias,] out, [sum].
 ///
 /// # Safety
 /// `params` came from `RowParams::to_bytes` for this kernel and the buffers
@@ -62,33 +64,46 @@ pub unsafe extern "C" fn egret_rows(params: *const RowParams, args: *const *mut 
         a
     };
     let x = next();
+    let residual = if p.has_residual != 0 { next() } else { std::ptr::null_mut() };
     let scale = if p.has_scale != 0 { next() } else { std::ptr::null_mut() };
     let bias = if p.has_bias != 0 { next() } else { std::ptr::null_mut() };
     let out = next();
-    unsafe { rows(p, x, scale, bias, out, begin as usize, end as usize) };
+    let sum = if p.has_residual != 0 { next() } else { std::ptr::null_mut() };
+    let operands = Operands { x, residual, scale, bias, out, sum };
+    unsafe { rows(p, &operands, begin as usize, end as usize) };
 }
 
-multiversion! {
-    unsafe fn rows(p: &RowParams, x: *const f32, scale: *const f32, bias: *const f32, out: *mut f32, begin: usize, end: usize) = rows_impl;
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn rows_impl<const FMA: bool>(
-    p: &RowParams,
+/// A row kernel's buffers; `residual` and `sum` are null without a residual.
+struct Operands {
     x: *const f32,
+    residual: *const f32,
     scale: *const f32,
     bias: *const f32,
     out: *mut f32,
-    begin: usize,
-    end: usize,
-) {
+    sum: *mut f32,
+}
+
+multiversion! {
+    unsafe fn rows(p: &RowParams, o: &Operands, begin: usize, end: usize) = rows_impl;
+}
+
+#[inline(always)]
+unsafe fn rows_impl<const FMA: bool>(p: &RowParams, o: &Operands, begin: usize, end: usize) {
     let n = p.len as usize;
     let vector = |v: *const f32| (!v.is_null()).then(|| unsafe { std::slice::from_raw_parts(v, n) });
-    let (scale, bias) = (vector(scale), vector(bias));
+    let (scale, bias) = (vector(o.scale), vector(o.bias));
     for r in begin..end {
-        let xr = unsafe { std::slice::from_raw_parts(x.add(r * n), n) };
-        let yr = unsafe { std::slice::from_raw_parts_mut(out.add(r * n), n) };
+        let mut xr = unsafe { std::slice::from_raw_parts(o.x.add(r * n), n) };
+        if !o.residual.is_null() {
+            // Normalise x + residual, and keep the sum for the residual stream.
+            let res = unsafe { std::slice::from_raw_parts(o.residual.add(r * n), n) };
+            let sum = unsafe { std::slice::from_raw_parts_mut(o.sum.add(r * n), n) };
+            for ((s, &a), &b) in sum.iter_mut().zip(xr).zip(res) {
+                *s = a + b;
+            }
+            xr = sum;
+        }
+        let yr = unsafe { std::slice::from_raw_parts_mut(o.out.add(r * n), n) };
         match p.op {
             OP_SOFTMAX => softmax::<FMA>(xr, yr),
             op => {

@@ -69,6 +69,13 @@ pub fn rules() -> Vec<Rule> {
         rw!("rms-norm-div";
             "(div ?x (sqrt (add (reduce ?r (pow ?x ?two)) ?eps)))" => { RmsNorm { scaled: false } }
             if is_scalar("?two", 2.0, 0.0)),
+        // A residual add fused into the norm after it: norm(x + r) with x and
+        // r of one type = output 0 of residual_norm(x, r, ...), whose output 1
+        // is x + r itself (so the residual stream reads the sum from it).
+        rw!("residual-layer-norm-affine"; "(out ?i (layer_norm ?a ?s ?g ?b))"
+            => { ResidualNorm { rms: false, params: 2 } }),
+        rw!("residual-layer-norm"; "(out ?i (layer_norm ?a ?s ?g))" => { ResidualNorm { rms: false, params: 1 } }),
+        rw!("residual-rms-norm"; "(rms_norm ?a ?s ?g)" => { ResidualNorm { rms: true, params: 1 } }),
         // Layer norm without scale and bias: scale 1.
         rw!("layer-norm";
             "(div (sub ?x (reduce ?r ?x)) (sqrt (add (reduce ?r (pow (sub ?x (reduce ?r ?x)) ?two)) ?eps)))"
@@ -164,6 +171,84 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for LayerNorm {
         let y = egraph.add(TNode { op: "out".into(), children: vec![index, ln] });
         union_result(egraph, eclass, y)
     }
+}
+
+/// Builds `residual_norm{axis, epsilon, rms}(x, r, g[, b])` from a norm of
+/// a class that holds `add(x, r)` with x and r of the sum's own type (a
+/// broadcast add is not a residual).
+struct ResidualNorm {
+    rms: bool,
+    /// Scale, or scale and bias.
+    params: usize,
+}
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for ResidualNorm {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        // Layer norm's y is its output 0; the other two are statistics.
+        if !self.rms && egraph[subst[var("?i")]].data.attrs.as_deref() != Some("{index=0}") {
+            return vec![];
+        }
+        let Some(attrs) = egraph[subst[var("?a")]].data.attrs.clone() else { return vec![] };
+        let name = if self.rms { "rms_norm" } else { "layer_norm" };
+        let (Ok(Op::LayerNorm { axis, epsilon }) | Ok(Op::RmsNorm { axis, epsilon })) =
+            egret_ir::text::op_from_parts(name, &attrs)
+        else {
+            return vec![];
+        };
+        let s = subst[var("?s")];
+        let Some(st) = egraph[s].data.ty().cloned() else { return vec![] };
+        // One operand order for every match (the class holds both orders of
+        // a commuted add): every norm of this sum then builds the same node,
+        // and the sum's class and y's class can share it.
+        let residual = egraph[s].nodes.iter().find_map(|n| {
+            let same = |c: Id| egraph[c].data.ty() == Some(&st);
+            if n.op.as_str() != "add" || n.children.len() != 2 || !same(n.children[0]) || !same(n.children[1]) {
+                return None;
+            }
+            let (a, b) = (egraph.find(n.children[0]), egraph.find(n.children[1]));
+            Some((a.min(b), a.max(b)))
+        });
+        let Some((x, r)) = residual else { return vec![] };
+        // An affine norm holds an unscaled one (scale 1) inside it; fusing
+        // both would leave the sum's class and y's class on two different
+        // fused nodes, computing the sum twice. Only the outermost fuses,
+        // so a norm that really has no scale keeps its separate add.
+        if self.params == 1 && is_all_ones(egraph, subst[var("?g")]) {
+            return vec![];
+        }
+        let mut children = vec![x, r, subst[var("?g")]];
+        if self.params == 2 {
+            children.push(subst[var("?b")]);
+        }
+        let fused = add_op(egraph, &Op::ResidualNorm { axis, epsilon, rms: self.rms }, children);
+        let index = |egraph: &mut TGraph, k: usize| egraph.add(TNode::leaf(&format!("{{index={k}}}")));
+        let (i0, i1) = (index(egraph, 0), index(egraph, 1));
+        let y = egraph.add(TNode { op: "out".into(), children: vec![i0, fused] });
+        let sum = egraph.add(TNode { op: "out".into(), children: vec![i1, fused] });
+        let mut changed = union_result(egraph, eclass, y);
+        if egraph.union(s, sum) {
+            changed.push(s);
+        }
+        changed
+    }
+}
+
+/// Whether the class holds a constant whose elements are all 1.
+fn is_all_ones(egraph: &TGraph, id: Id) -> bool {
+    egraph[id].nodes.iter().any(|n| {
+        n.op.as_str()
+            .strip_prefix("const:")
+            .and_then(|k| k.parse::<usize>().ok())
+            .and_then(|k| egraph.analysis.constants.get(k))
+            .is_some_and(|t| t.to_f64_vec().iter().all(|&v| v == 1.0))
+    })
 }
 
 /// Builds `attention{scale, nan_to_zero}(q, kt, v[, mask])` from a match:
