@@ -534,7 +534,7 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
         println!("  {n:6} x {f}");
     }
     if !tilings.is_empty() {
-        println!("matmul tilings the cost model chose:");
+        println!("tilings the cost model chose:");
         for (t, n) in &tilings {
             println!("  {n:6} x {t}");
         }

@@ -86,7 +86,8 @@ fn explain_reports_fusions_kernels_and_stage_times_as_json() {
     assert_eq!(v["fusions"]["attention"], 2, "{v}");
     assert_eq!(v["fusions"]["gelu"], 2, "{v}");
     assert_eq!(v["fusions"]["residual_norm"], 5, "{v}");
-    assert_eq!(v["tilings"]["packed_6x32"], 9, "{v}");
+    assert_eq!(v["tilings"]["matmul packed_6x32"], 9, "{v}");
+    assert_eq!(v["tilings"]["attention 16x16"], 2, "{v}");
     assert!(v["kernels"].as_array().is_some_and(|k| !k.is_empty()));
     assert!(v["stage_ms"]["egraph_saturate"].as_f64().is_some(), "{v}");
     assert!(v["arena_bytes"].as_u64().is_some_and(|a| a > 0));
@@ -106,7 +107,7 @@ fn graph_draws_dot_with_fused_ops_highlighted() {
     let (ok, out, err) = egret(&["graph", "tests/data/zoo/vit_tiny/model.onnx", "--format", "dot"]);
     assert!(ok, "{err}");
     assert!(out.starts_with("digraph egret {"), "{out}");
-    assert!(out.contains("attention{scale=") && out.contains("fillcolor=lightblue"), "{out}");
+    assert!(out.contains("attention_tiled{scale=") && out.contains("fillcolor=lightblue"), "{out}");
 }
 
 #[test]

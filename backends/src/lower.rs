@@ -461,10 +461,18 @@ impl<'g> Lowering<'g> {
                         return;
                     }
                 }
-                if let (Op::Attention { scale, nan_to_zero }, true) =
-                    (op, in_types.iter().all(|t| t.dtype == DType::F32))
+                let attention = match op {
+                    Op::Attention { scale, nan_to_zero } => Some((*scale, *nan_to_zero, None)),
+                    // The e-graph's cost model chose the tiles.
+                    Op::AttentionTiled { scale, nan_to_zero, block, key_block } => {
+                        Some((*scale, *nan_to_zero, Some((*block, *key_block))))
+                    }
+                    _ => None,
+                };
+                if let (Some((scale, nan_to_zero, tiles)), true) =
+                    (attention, in_types.iter().all(|t| t.dtype == DType::F32))
                 {
-                    self.attention(&node.inputs, out, *scale, *nan_to_zero, label);
+                    self.attention(&node.inputs, out, scale, nan_to_zero, tiles, label);
                     return;
                 }
                 if let Op::Gather { axis } = op {
@@ -939,7 +947,15 @@ impl<'g> Lowering<'g> {
 
     /// Attention: one flash-style kernel where the GEMM library links (the
     /// JIT); elsewhere (ahead-of-time code) the composite below.
-    fn attention(&mut self, inputs: &[ValueId], out: ValueId, scale: f32, nan_to_zero: bool, label: &str) {
+    fn attention(
+        &mut self,
+        inputs: &[ValueId],
+        out: ValueId,
+        scale: f32,
+        nan_to_zero: bool,
+        tiles: Option<(usize, usize)>,
+        label: &str,
+    ) {
         if self.opts.matmul == Some(MatMulImpl::Generated) {
             return self.attention_composite(inputs, out, scale, nan_to_zero, label);
         }
@@ -984,10 +1000,10 @@ impl<'g> Lowering<'g> {
             dv,
             scale,
             nan_to_zero,
-            // Tiles of at most 64 x 512 scores (128 KiB, in L2); the keys
-            // split into equal blocks so the last is not a sliver.
-            block: sq.clamp(1, 64),
-            key_block: sk.div_ceil(sk.div_ceil(512).max(1)).max(1),
+            // The optimiser's tiles, or at most 64 x 512 scores (128 KiB, in
+            // L2), the keys split into equal blocks so the last is not a sliver.
+            block: tiles.map_or(64, |t| t.0).clamp(1, sq.max(1)),
+            key_block: tiles.map_or(sk.div_ceil(sk.div_ceil(512).max(1)), |t| t.1).clamp(1, sk.max(1)),
             q: vq.buffer,
             kt: vkt.buffer,
             v: vv.buffer,

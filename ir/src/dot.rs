@@ -24,8 +24,17 @@ pub fn to_dot(g: &Graph, title: &str) -> String {
             op => {
                 let mut attrs = String::new();
                 op.write_attrs(&mut attrs);
-                let fused =
-                    matches!(op, Op::Attention { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Gelu { .. });
+                let fused = matches!(
+                    op,
+                    Op::Attention { .. }
+                        | Op::AttentionTiled { .. }
+                        | Op::LayerNorm { .. }
+                        | Op::RmsNorm { .. }
+                        | Op::ResidualNorm { .. }
+                        | Op::Gelu { .. }
+                        | Op::Silu
+                        | Op::Softmax { .. }
+                );
                 (format!("{}{attrs}", op.name()), if fused { "style=filled, fillcolor=lightblue" } else { "" })
             }
         };

@@ -294,6 +294,9 @@ define_ops! {
     /// `nan_to_zero`, NaN probabilities (a fully masked row) become 0, as the
     /// exporters' `Where(IsNaN(p), 0, p)` guard does.
     Attention { scale: f32, nan_to_zero: bool } = "attention",
+    /// `attention` with the kernel's tiles chosen: `block` query rows by
+    /// `key_block` keys per scores tile (the same values).
+    AttentionTiled { scale: f32, nan_to_zero: bool, block: usize, key_block: usize } = "attention_tiled",
     Einsum { equation: String } = "einsum",
     /// N-d convolution. `pads` holds all begins, then all ends.
     Conv { strides: Vec<usize>, pads: Vec<usize>, dilations: Vec<usize>, group: usize } = "conv",

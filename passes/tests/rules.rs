@@ -499,6 +499,25 @@ output \"y\" = v4
 output \"stream\" = v3
 ",
     ),
+    (
+        "tile-attention",
+        "v0: f32[2,70,8] = input{name=\"q\"}
+v1: f32[2,8,30] = input{name=\"kt\"}
+v2: f32[2,30,8] = input{name=\"v\"}
+v3: f32[2,70,8] = attention{scale=0.35355338, nan_to_zero=false} v0, v1, v2
+output \"y\" = v3
+",
+    ),
+    (
+        "tile-attention-masked",
+        "v0: f32[2,70,8] = input{name=\"q\"}
+v1: f32[2,8,30] = input{name=\"kt\"}
+v2: f32[2,30,8] = input{name=\"v\"}
+v3: f32[70,30] = input{name=\"mask\"}
+v4: f32[2,70,8] = attention{scale=0.35355338, nan_to_zero=true} v0, v1, v2, v3
+output \"y\" = v4
+",
+    ),
     ("tile-library", LARGE_PRODUCT),
     ("tile-generated", SMALL_PRODUCT),
 ];
@@ -516,6 +535,25 @@ v1: f32[8,4] = input{name=\"b\"}
 v2: f32[4,4] = matmul v0, v1
 output \"y\" = v2
 ";
+
+/// The cost model takes the biggest attention tiles that fit (fewer tiles,
+/// less repacking; calibrated on deit_tiny), and splits a long key range.
+#[test]
+fn the_cost_model_picks_attention_tiles() {
+    for (sq, sk, want) in [(70, 30, "block=70, key_block=30"), (256, 1000, "block=128, key_block=500")] {
+        let start = format!(
+            "v0: f32[2,{sq},8] = input{{name=\"q\"}}
+v1: f32[2,8,{sk}] = input{{name=\"kt\"}}
+v2: f32[2,{sk},8] = input{{name=\"v\"}}
+v3: f32[2,{sq},8] = attention{{scale=0.35355338, nan_to_zero=false}} v0, v1, v2
+output \"y\" = v3
+"
+        );
+        let (out, _) = optimize(&text::parse(&start).unwrap(), Limits::default()).unwrap();
+        let printed = text::print(&out);
+        assert!(printed.contains(want), "want {want}:\n{printed}");
+    }
+}
 
 /// The cost model picks the packed tile for a constant weight, the library
 /// for a large product of two activations, generated code for a small one.

@@ -42,8 +42,13 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let (_, _, _, _, out) = matmul_dims(&inputs[0].shape, &inputs[1].shape)?;
             Ok(vec![Type::new(inputs[0].dtype, out)])
         }
-        Op::Attention { .. } => {
+        Op::Attention { .. } | Op::AttentionTiled { .. } => {
             arity(inputs, 3, 4)?;
+            if let Op::AttentionTiled { block, key_block, .. } = op {
+                if *block == 0 || *key_block == 0 {
+                    return Err("attention tiles need at least one query row and one key".into());
+                }
+            }
             for t in inputs {
                 super::expect_float(t, "attention input")?;
                 super::same_dtype(inputs[0], t, "attention")?;
@@ -127,7 +132,7 @@ pub fn pooled_len(n: usize, k: usize, stride: usize, pb: usize, pe: usize, dil: 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     match op {
         Op::MatMul | Op::MatMulTiled { .. } => Ok(vec![matmul(inputs[0], inputs[1])?]),
-        Op::Attention { scale, nan_to_zero } => {
+        Op::Attention { scale, nan_to_zero } | Op::AttentionTiled { scale, nan_to_zero, .. } => {
             // The definition, step by step: scores, scale, mask, softmax, values.
             let scores = matmul(inputs[0], inputs[1])?;
             let s = Tensor::scalar(*scale).cast(scores.dtype());

@@ -41,9 +41,12 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             arity(inputs, 3, 3)?;
             elementwise::infer_where(inputs)
         }
-        Op::MatMul | Op::MatMulTiled { .. } | Op::Einsum { .. } | Op::Conv { .. } | Op::Attention { .. } => {
-            linalg::infer(op, inputs)
-        }
+        Op::MatMul
+        | Op::MatMulTiled { .. }
+        | Op::Einsum { .. }
+        | Op::Conv { .. }
+        | Op::Attention { .. }
+        | Op::AttentionTiled { .. } => linalg::infer(op, inputs),
         Op::MaxPool { .. }
         | Op::AveragePool { .. }
         | Op::Softmax { .. }
@@ -80,9 +83,12 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         Op::Const(t) => Ok(vec![(**t).clone()]),
         Op::Input { name } => Err(format!("input `{name}` has no value to evaluate")),
         Op::Where => Ok(vec![elementwise::eval_where(inputs[0], inputs[1], inputs[2])?]),
-        Op::MatMul | Op::MatMulTiled { .. } | Op::Einsum { .. } | Op::Conv { .. } | Op::Attention { .. } => {
-            linalg::eval(op, inputs)
-        }
+        Op::MatMul
+        | Op::MatMulTiled { .. }
+        | Op::Einsum { .. }
+        | Op::Conv { .. }
+        | Op::Attention { .. }
+        | Op::AttentionTiled { .. } => linalg::eval(op, inputs),
         Op::MaxPool { .. }
         | Op::AveragePool { .. }
         | Op::Softmax { .. }

@@ -6,6 +6,7 @@
 //! the distinct classes its choice depends on (a greedy fixpoint, in the
 //! style of extraction-gym's "faster greedy DAG"), so sharing is paid once.
 
+use super::rules::tiling::{balanced, ATTENTION_BLOCKS, ATTENTION_KEY_BLOCKS};
 use super::{op_of, TGraph, TNode};
 use egg::Id;
 use egret_ir::op::MatMulTiling;
@@ -22,6 +23,53 @@ const PACKED_MACS_PER_UNIT: f64 = 19.0;
 const LIBRARY_MACS_PER_UNIT: f64 = 16.0;
 const GENERATED_MACS_PER_UNIT: f64 = 3.6;
 const LIBRARY_CALL_UNITS: f64 = 6000.0;
+
+/// What one tile of the attention kernel costs besides its arithmetic: two
+/// GEMM calls' setup, and packing the tile's operands (the K and V blocks,
+/// the queries and the probabilities), per element. Calibrated on
+/// deit_tiny's attention (`egret bench --profile`, one thread, 36 heads of
+/// 197 x 197 x 64): 16-row tiles cost 3.9 ms, 64-row 3.0 ms, whole-head
+/// 2.6 ms, about 3 us per extra tile, nearly all of it repacking the
+/// 197-key K and V blocks.
+const ATTENTION_TILE_UNITS: f64 = 500.0;
+const PACK_UNITS_PER_ELEMENT: f64 = 0.4;
+
+/// The cost of an attention computed in `block x key_block` tiles: its two
+/// products at the library's rate and one pass over the output (no pass
+/// over the scores: the unfused chain writes them three times), plus what
+/// these tiles cost beyond the best tiles among the candidates
+/// (`rules::tiling`): the overhead ranks the tilings against each other
+/// without making a small attention look dearer than the chain it fuses.
+fn attention_cost(
+    egraph: &TGraph,
+    n: &TNode,
+    first: usize,
+    data: &super::Info,
+    block: usize,
+    key_block: usize,
+) -> Option<f64> {
+    let dims = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
+    let (q, kt) = (dims(0)?, dims(1)?);
+    let (sq, d, sk) = (q[q.len() - 2] as f64, q[q.len() - 1] as f64, kt[kt.len() - 1] as f64);
+    let numel = data.ty()?.numel() as f64;
+    let dv = data.ty()?.shape.last().copied().unwrap_or(1) as f64;
+    let batch = numel / (sq * dv).max(1.0);
+    // Every tile's setup and packing, and the online softmax rescaling the
+    // output rows once per key block after the first.
+    let overhead = |block: usize, key_block: usize| {
+        let (block, key_block) = ((block.max(1) as f64).min(sq), (key_block.max(1) as f64).min(sk));
+        let (query_blocks, key_blocks) = ((sq / block).ceil(), (sk / key_block).ceil());
+        let per_tile = ATTENTION_TILE_UNITS + PACK_UNITS_PER_ELEMENT * ((d + dv) * key_block + block * (d + key_block));
+        batch * query_blocks * (key_blocks * per_tile + (key_blocks - 1.0) * block * dv)
+    };
+    let best = ATTENTION_BLOCKS
+        .iter()
+        .flat_map(|&b| ATTENTION_KEY_BLOCKS.iter().map(move |&k| (b, k)))
+        .map(|(b, k)| overhead(b, balanced(sk as usize, k)))
+        .fold(f64::INFINITY, f64::min);
+    let extra = (overhead(block, key_block) - best).max(0.0);
+    Some(batch * (sq * sk * d + sq * dv * sk) / LIBRARY_MACS_PER_UNIT + numel + extra)
+}
 
 /// The roofline-style cost of a product `[.., m, k] @ [.., k, n]` with
 /// `numel` output elements computed by `tiling`: its multiply-adds at the
@@ -71,17 +119,13 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
             // tiled alternative exists, it wins ties.
             Op::MatMul => matmul_cost(egraph, n, first, numel, MatMulTiling::Library)? + 1.0,
             Op::MatMulTiled { tiling } => matmul_cost(egraph, n, first, numel, tiling)?,
-            // Attention: its two products, priced as the matmuls above, but no
-            // pass over the scores (which the unfused chain writes three times).
+            // Attention as lowering tiles it by default, plus one: where tiled
+            // alternatives exist, they win ties.
             Op::Attention { .. } => {
-                let dims =
-                    |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
-                let (Some(q), Some(kt)) = (dims(0), dims(1)) else { return None };
-                let (sq, d, sk) = (q[q.len() - 2] as f64, q[q.len() - 1] as f64, kt[kt.len() - 1] as f64);
-                let dv = data.ty()?.shape.last().copied().unwrap_or(1) as f64;
-                let batch = numel / (sq * dv).max(1.0);
-                batch * (sq * sk * d / 16.0 + sq * dv * sk / 16.0) + numel
+                let sk = n.children.get(first + 1).and_then(|&c| egraph[c].data.ty())?.shape.last().copied()?;
+                attention_cost(egraph, n, first, data, 64, balanced(sk, 512))? + 1.0
             }
+            Op::AttentionTiled { block, key_block, .. } => attention_cost(egraph, n, first, data, block, key_block)?,
             // Fused kernels: one pass over their output.
             Op::Gelu { .. } | Op::Silu | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
             // It replaces the residual add and the norm (two passes): priced

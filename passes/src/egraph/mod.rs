@@ -302,12 +302,17 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, Report), IrError> {
     Ok((out, report))
 }
 
-/// The tilings the cost model chose for the graph's products, with counts.
+/// The tilings the cost model chose for the graph's products and
+/// attentions, with counts.
 pub fn count_tilings(g: &Graph) -> Vec<(String, usize)> {
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     for n in g.node_ids() {
-        if let Op::MatMulTiled { tiling } = &g.node(n).op {
-            *counts.entry(tiling.word().to_string()).or_default() += 1;
+        match &g.node(n).op {
+            Op::MatMulTiled { tiling } => *counts.entry(format!("matmul {}", tiling.word())).or_default() += 1,
+            Op::AttentionTiled { block, key_block, .. } => {
+                *counts.entry(format!("attention {block}x{key_block}")).or_default() += 1
+            }
+            _ => {}
         }
     }
     counts.into_iter().collect()
@@ -317,7 +322,11 @@ pub fn count_tilings(g: &Graph) -> Vec<(String, usize)> {
 pub fn count_fused(g: &Graph) -> Vec<(String, usize)> {
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     for n in g.node_ids() {
-        let name = g.node(n).op.name();
+        // A tiled attention is an attention with its tile sizes chosen.
+        let name = match g.node(n).op.name() {
+            "attention_tiled" => "attention",
+            other => other,
+        };
         if matches!(name, "attention" | "layer_norm" | "rms_norm" | "residual_norm" | "gelu" | "silu" | "softmax") {
             *counts.entry(name.to_string()).or_default() += 1;
         }

@@ -1,8 +1,10 @@
 //! Tiling: every f32 matrix product gets the ways it can be computed as
-//! alternatives in its class (`matmul_tiled` with a `MatMulTiling`), and
-//! extraction's cost model (`extract::matmul_cost`) picks one. Each rule
-//! relies on one identity: `matmul_tiled{tiling=t}(a, b) = matmul(a, b)`
-//! for every `t` (the tiling changes the kernel, not the value).
+//! alternatives in its class (`matmul_tiled` with a `MatMulTiling`), every
+//! attention its tile sizes (`attention_tiled` with `block` query rows by
+//! `key_block` keys), and extraction's cost model (`extract::matmul_cost`,
+//! `extract::attention_cost`) picks one. Each rule relies on one identity:
+//! the tiled op computes the same value as the plain one for every tiling
+//! (the tiling changes the kernel, not the value).
 //!
 //! These run as the last stage, after fusion: a product that became part of
 //! an attention block is no longer anybody's input, and tiling it would only
@@ -24,7 +26,63 @@ pub fn rules() -> Vec<Rule> {
         rw!("tile-library"; "(matmul ?a ?b)" => { Tile(MatMulTiling::Library) }),
         // matmul(a, b) = matmul_tiled{generated_4x8}(a, b).
         rw!("tile-generated"; "(matmul ?a ?b)" => { Tile(MatMulTiling::Generated4x8) }),
+        // attention(q, kt, v[, mask]) = attention_tiled{block, key_block}(...)
+        // for each candidate tile.
+        rw!("tile-attention"; "(attention ?a ?q ?kt ?v)" => { TileAttention }),
+        rw!("tile-attention-masked"; "(attention ?a ?q ?kt ?v ?m)" => { TileAttention }),
     ]
+}
+
+/// Query rows per tile the cost model chooses from (clamped to the queries).
+pub const ATTENTION_BLOCKS: [usize; 3] = [32, 64, 128];
+/// Keys per tile at most; the keys split into equal blocks under each.
+pub const ATTENTION_KEY_BLOCKS: [usize; 3] = [128, 256, 512];
+
+/// `n` split into equal blocks of at most `most`.
+pub fn balanced(n: usize, most: usize) -> usize {
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
+/// Adds the tiled alternatives of an attention.
+struct TileAttention;
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for TileAttention {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let Some(attrs) = egraph[subst[var("?a")]].data.attrs.clone() else { return vec![] };
+        let Ok(Op::Attention { scale, nan_to_zero }) = egret_ir::text::op_from_parts("attention", &attrs) else {
+            return vec![];
+        };
+        let (q, kt) = (subst[var("?q")], subst[var("?kt")]);
+        let (Some(qt), Some(ktt)) = (egraph[q].data.ty(), egraph[kt].data.ty()) else { return vec![] };
+        let (Some(&sq), Some(&sk)) = (qt.shape.iter().rev().nth(1), ktt.shape.last()) else { return vec![] };
+        let mut children = vec![q, kt, subst[var("?v")]];
+        if let Some(m) = subst.get(var("?m")) {
+            children.push(*m);
+        }
+        let mut tiles: Vec<(usize, usize)> = Vec::new();
+        for b in ATTENTION_BLOCKS {
+            for k in ATTENTION_KEY_BLOCKS {
+                let tile = (b.min(sq).max(1), balanced(sk, k));
+                if !tiles.contains(&tile) {
+                    tiles.push(tile);
+                }
+            }
+        }
+        let mut changed = vec![];
+        for (block, key_block) in tiles {
+            let op = Op::AttentionTiled { scale, nan_to_zero, block, key_block };
+            let tiled = add_op(egraph, &op, children.clone());
+            changed.extend(union_result(egraph, eclass, tiled));
+        }
+        changed
+    }
 }
 
 /// Adds the tiled alternative to the product's class where it applies.
