@@ -561,18 +561,28 @@ output \"clamped\" = v16
 #[test]
 fn constant_weights_packed_for_the_kernel_library_gemm() {
     // Panels of 32 columns with a zero-padded last one; a weight read
-    // transposed (as Gemm's transB gives it); row tails of every size below
-    // the 6-row tile; big enough at 2 threads to split the panels.
-    for (m, k, n, transposed) in [(1, 3, 5, false), (13, 20, 70, true), (64, 96, 200, false)] {
-        let w: Vec<String> = (0..k * n).map(|i| format!("{:.3}", ((i * 37 % 101) as f32 - 50.0) / 64.0)).collect();
-        let (w_shape, w_read) = if transposed {
-            (
+    // transposed (as Gemm's transB gives it) and one read through a slice
+    // (a view at an offset); row tails of every size below the 6-row tile;
+    // big enough at 2 threads to split the panels.
+    for (m, k, n, read) in
+        [(1, 3, 5, "plain"), (13, 20, 70, "transposed"), (7, 9, 40, "sliced"), (64, 96, 200, "plain")]
+    {
+        let (w_shape, w_read) = match read {
+            "transposed" => (
                 format!("{n},{k}"),
                 format!("v3: f32[{k},{n}] = transpose{{perm=[1, 0]}} v1\nv4: f32[{m},{n}] = matmul v0, v3"),
-            )
-        } else {
-            (format!("{k},{n}"), format!("v4: f32[{m},{n}] = matmul v0, v1"))
+            ),
+            "sliced" => (
+                format!("{k},{}", n + 4),
+                format!(
+                    "v3: f32[{k},{n}] = slice{{starts=[0, 2], ends=[{k}, {}], steps=[1, 1]}} v1\nv4: f32[{m},{n}] = matmul v0, v3",
+                    n + 2
+                ),
+            ),
+            _ => (format!("{k},{n}"), format!("v4: f32[{m},{n}] = matmul v0, v1")),
         };
+        let numel: usize = w_shape.split(',').map(|d| d.parse::<usize>().unwrap()).product();
+        let w: Vec<String> = (0..numel).map(|i| format!("{:.3}", ((i * 37 % 101) as f32 - 50.0) / 64.0)).collect();
         let text = format!(
             "v0: f32[{m},{k}] = input{{name=\"x\"}}
 v1: f32[{w_shape}] = const [{}]
@@ -585,7 +595,7 @@ output \"y\" = v5
         );
         let g = parse(&text).unwrap();
         let plan = egret::backends::lower(&g, Default::default()).unwrap();
-        assert!(plan.describe().contains("packed GEMM"), "{}", plan.describe());
+        assert!(plan.describe().contains("packed GEMM"), "{read}: {}", plan.describe());
         same(&text);
     }
 }

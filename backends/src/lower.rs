@@ -851,6 +851,11 @@ impl<'g> Lowering<'g> {
                 mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
                 mm.b_packed = true;
                 mm.implementation = MatMulImpl::Packed;
+                // The view's offset is in the packed layout already; every
+                // batch reads the one packed weight from its start.
+                for batch in &mut mm.batches {
+                    batch[1] = 0;
+                }
                 return Some(mm);
             }
         }

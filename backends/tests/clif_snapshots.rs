@@ -51,17 +51,17 @@ fn matmul_library() {
     insta::assert_snapshot!(clif_with(MATMUL, opts));
 }
 
-/// The JIT hands norms and softmax to the kernel library: a stub.
-#[test]
-fn layer_norm_in_the_kernel_library() {
-    insta::assert_snapshot!(clif(
-        "v0: f32[4,6] = input{name=\"x\"}
+const LAYER_NORM: &str = "v0: f32[4,6] = input{name=\"x\"}
 v1: f32[6] = input{name=\"g\"}
 v2: f32[6] = input{name=\"b\"}
 v3: f32[4,6], v4: f32[4,1], v5: f32[4,1] = layer_norm{axis=1, epsilon=1e-5} v0, v1, v2
 output \"y\" = v3
-"
-    ));
+";
+
+/// The JIT hands norms and softmax to the kernel library: a stub.
+#[test]
+fn layer_norm_in_the_kernel_library() {
+    insta::assert_snapshot!(clif(LAYER_NORM));
 }
 
 #[test]
@@ -76,14 +76,7 @@ output \"y\" = v1
 
 #[test]
 fn layer_norm() {
-    insta::assert_snapshot!(clif_generated(
-        "v0: f32[4,6] = input{name=\"x\"}
-v1: f32[6] = input{name=\"g\"}
-v2: f32[6] = input{name=\"b\"}
-v3: f32[4,6], v4: f32[4,1], v5: f32[4,1] = layer_norm{axis=1, epsilon=1e-5} v0, v1, v2
-output \"y\" = v3
-"
-    ));
+    insta::assert_snapshot!(clif_generated(LAYER_NORM));
 }
 
 #[test]
