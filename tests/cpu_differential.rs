@@ -225,19 +225,20 @@ output \"y\" = v4
 
 #[test]
 fn kernels_split_across_threads() {
-    // Big enough to pass the parallel threshold, with odd extents so the
+    // Big enough to pass the parallel thresholds (2^18 elements for maps and
+    // rows, 2^22 multiply-adds for products), with odd extents so the
     // slices are uneven.
     same(
-        "v0: f32[67,1031] = input{name=\"a\"}
+        "v0: f32[261,1031] = input{name=\"a\"}
 v1: f32[1031] = input{name=\"b\"}
-v2: f32[67,1031] = add v0, v1
-v3: f32[67,1031] = tanh v2
-v4: f32[67,1031] = softmax{axis=1} v3
-v5: f32[1031,67] = transpose{perm=[1, 0]} v4
-v6: f32[67,67] = matmul v4, v5
-v7: f32[33,67,31] = input{name=\"c\"}
-v8: f32[33,31,29] = input{name=\"d\"}
-v9: f32[33,67,29] = matmul v7, v8
+v2: f32[261,1031] = add v0, v1
+v3: f32[261,1031] = tanh v2
+v4: f32[261,1031] = softmax{axis=1} v3
+v5: f32[1031,261] = transpose{perm=[1, 0]} v4
+v6: f32[261,261] = matmul v4, v5
+v7: f32[33,67,61] = input{name=\"c\"}
+v8: f32[33,61,59] = input{name=\"d\"}
+v9: f32[33,67,59] = matmul v7, v8
 output \"y\" = v6
 output \"s\" = v5
 output \"m\" = v9

@@ -38,8 +38,9 @@ impl AlignedBuf {
 }
 
 /// Kernels with less work than this (elements touched, or multiply-adds)
-/// run on one thread: waking workers would cost more than it saves.
-const PARALLEL_WORK: usize = 1 << 16;
+/// run on one thread: waking workers would cost more than it saves (at
+/// 2^16 the zoo's small models ran slower on two threads than on one).
+const PARALLEL_WORK: usize = 1 << 18;
 
 pub struct CpuExecutable {
     compiled: CompiledPlan,
@@ -57,10 +58,13 @@ pub struct CpuExecutable {
 impl CpuExecutable {
     /// Wraps a compiled plan; large kernels split across `threads` threads.
     pub fn new(compiled: CompiledPlan, threads: usize) -> CpuExecutable {
-        let threads = threads.max(1);
+        let plan = &compiled.plan;
+        // A plan with no kernel big enough to split runs on the caller's
+        // thread: handing the run to a pool costs more than it saves.
+        let splits = plan.kernels.iter().any(|k| worth_splitting(&k.kind));
+        let threads = if splits { threads.max(1) } else { 1 };
         // A pool that cannot be built (no threads left) means running on one.
         let pool = if threads > 1 { rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok() } else { None };
-        let plan = &compiled.plan;
         let used = plan.used_buffers();
         let constants = plan
             .buffers
@@ -133,6 +137,15 @@ struct SharedArgs(*const *mut u8);
 unsafe impl Send for SharedArgs {}
 unsafe impl Sync for SharedArgs {}
 
+/// Whether a kernel is big enough to run on more than one thread (split by
+/// the runtime, or inside a library GEMM or epilogue).
+fn worth_splitting(kind: &KernelKind) -> bool {
+    match kind {
+        KernelKind::MatMul(_) => work(kind) >= egret_backends::cpu::MATMUL_PARALLEL_MACS,
+        _ => work(kind) >= PARALLEL_WORK,
+    }
+}
+
 fn work(kind: &KernelKind) -> usize {
     match kind {
         KernelKind::Map(m) => m.shape.iter().product(),
@@ -162,7 +175,7 @@ impl CpuExecutable {
         // A matmul with fewer batches than threads parallelises inside the GEMM instead.
         let split = self.pool.is_some()
             && parts > 1
-            && work(kind) >= PARALLEL_WORK
+            && worth_splitting(kind)
             && !(matches!(kind, KernelKind::MatMul(_)) && extent < self.threads as i64);
         if !split {
             // The function was generated for exactly these operands.

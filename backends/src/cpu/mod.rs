@@ -35,6 +35,11 @@ use cranelift_module::{FuncId, Linkage, Module};
 
 pub use runtime_fns::set_threads;
 
+/// Products with fewer multiply-adds than this run on one thread (about
+/// 20 us of work at full speed): waking a second worker costs microseconds,
+/// and the zoo's small models ran slower on two threads than on one.
+pub const MATMUL_PARALLEL_MACS: usize = 1 << 22;
+
 /// A compiled kernel: operand base addresses, and the range of its parallel
 /// dimension to run (see `parallel_extent`).
 pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, begin: i64, end: i64) -> i32;

@@ -50,8 +50,11 @@ extern "C" fn egret_sgemm(
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let threads = threads();
     // Splitting small products across threads costs more than it saves.
-    let parallelism =
-        if threads > 1 && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 && m * n * k >= super::MATMUL_PARALLEL_MACS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // The plan guarantees the three buffers hold these matrices.
     unsafe {
         gemm::gemm(

@@ -35,7 +35,7 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     let panels = n.div_ceil(NR);
     let threads = super::super::runtime_fns::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
-    if threads > 1 && m * n * k >= 1 << 18 {
+    if threads > 1 && m * n * k >= crate::cpu::MATMUL_PARALLEL_MACS {
         let (a, b, c) = (a as usize, b as usize, c as usize);
         rayon::scope(|s| {
             for t in 0..threads {
