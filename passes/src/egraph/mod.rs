@@ -228,8 +228,7 @@ pub fn to_egraph(g: &Graph) -> Result<(TGraph, Vec<(String, Id)>), IrError> {
             class.insert(node.outputs[0], id);
         } else {
             for (k, &v) in node.outputs.iter().enumerate() {
-                let index = eg.add(TNode::leaf(&format!("{{index={k}}}")));
-                class.insert(v, eg.add(TNode { op: "out".into(), children: vec![index, id] }));
+                class.insert(v, rules::add_output(&mut eg, id, k));
             }
         }
     }

@@ -6,7 +6,7 @@
 //! is divided by the running sum at the end. Only a `block x key_block`
 //! tile of scores ever exists.
 
-use super::{exp, multiversion, LANES};
+use super::{exp, exp_and_sum, multiversion, row_max};
 use crate::plan::AttentionKernel;
 use std::cell::RefCell;
 
@@ -293,44 +293,6 @@ unsafe fn softmax_step_impl<const FMA: bool>(
             }
         }
     }
-}
-
-/// The largest element (NaN-ignoring, as `f32::max`), in lanes.
-#[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..LANES {
-            lanes[l] = lanes[l].max(c[l]);
-        }
-    }
-    let mut m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    for l in lanes {
-        m = m.max(l);
-    }
-    m
-}
-
-/// `x = e^(x - max)` in place; returns the sum.
-#[inline(always)]
-fn exp_and_sum<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            let e = exp::<FMA>(c[l] - max);
-            c[l] = e;
-            lanes[l] += e;
-        }
-    }
-    let mut total = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp::<FMA>(*x - max);
-        total += *x;
-    }
-    total + lanes.iter().sum::<f32>()
 }
 
 multiversion! {

@@ -186,6 +186,42 @@ pub fn tanh<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// The largest element of a row, NaN if any is (as the generated code's
+/// `fmax`), in lanes.
+#[inline(always)]
+pub fn row_max(row: &[f32]) -> f32 {
+    let max = |a: f32, b: f32| if a > b || a.is_nan() { a } else { b };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| max(a, b));
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] = max(lanes[l], c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |a, &b| max(a, b))
+}
+
+/// `x = e^(x - max)` in place, in lanes; returns the sum.
+#[inline(always)]
+pub fn exp_and_sum<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let e = exp::<FMA>(c[l] - max);
+            c[l] = e;
+            lanes[l] += e;
+        }
+    }
+    let mut total = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp::<FMA>(*x - max);
+        total += *x;
+    }
+    total + lanes.iter().sum::<f32>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

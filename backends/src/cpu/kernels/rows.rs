@@ -3,7 +3,7 @@
 //! the same arithmetic as the generated `cpu::rows` code at the host's
 //! full vector width.
 
-use super::{exp, multiversion, LANES};
+use super::{exp_and_sum, multiversion, row_max, LANES};
 use crate::plan::{RowKernel, RowOp};
 
 /// A row kernel as the JIT stub hands it over (a data object of i64 words).
@@ -93,36 +93,59 @@ unsafe fn rows_impl<const FMA: bool>(p: &RowParams, o: &Operands, begin: usize, 
     let vector = |v: *const f32| (!v.is_null()).then(|| unsafe { std::slice::from_raw_parts(v, n) });
     let (scale, bias) = (vector(o.scale), vector(o.bias));
     for r in begin..end {
-        let mut xr = unsafe { std::slice::from_raw_parts(o.x.add(r * n), n) };
+        let mut src = unsafe { o.x.add(r * n) };
         if !o.residual.is_null() {
-            // Normalise x + residual, and keep the sum for the residual stream.
+            // Normalise x + residual, and keep the sum for the residual stream
+            // (x, the residual and the sum are three buffers).
+            let x = unsafe { std::slice::from_raw_parts(src, n) };
             let res = unsafe { std::slice::from_raw_parts(o.residual.add(r * n), n) };
             let sum = unsafe { std::slice::from_raw_parts_mut(o.sum.add(r * n), n) };
-            for ((s, &a), &b) in sum.iter_mut().zip(xr).zip(res) {
+            for ((s, &a), &b) in sum.iter_mut().zip(x).zip(res) {
                 *s = a + b;
             }
-            xr = sum;
+            src = sum.as_ptr();
         }
-        let yr = unsafe { std::slice::from_raw_parts_mut(o.out.add(r * n), n) };
+        // A softmax may run in place (the composite attention's scores):
+        // the input is then never borrowed beside the output.
+        let out = unsafe { o.out.add(r * n) };
+        let in_place = std::ptr::eq(src, out);
+        let y = unsafe { std::slice::from_raw_parts_mut(out, n) };
         match p.op {
-            OP_SOFTMAX => softmax::<FMA>(xr, yr),
-            op => {
-                let rms = op == OP_RMS_NORM;
-                let mean = if rms { 0.0 } else { sum(xr, |v| v) / n as f32 };
-                let var = sum(xr, |v| (v - mean) * (v - mean)) / n as f32;
-                let inv = 1.0 / (var + p.epsilon as f32).sqrt();
-                for (j, (y, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                    let mut t = (v - mean) * inv;
-                    if let Some(g) = scale {
-                        t *= g[j];
-                    }
-                    if let Some(b) = bias {
-                        t += b[j];
-                    }
-                    *y = t;
+            OP_SOFTMAX => {
+                if !in_place {
+                    y.copy_from_slice(unsafe { std::slice::from_raw_parts(src, n) });
                 }
+                softmax::<FMA>(y);
+            }
+            op if in_place => {
+                // Lowering never normalises in place; stay sound if it does.
+                let x = y.to_vec();
+                norm(op == OP_RMS_NORM, p.epsilon as f32, &x, scale, bias, y);
+            }
+            op => {
+                let x = unsafe { std::slice::from_raw_parts(src, n) };
+                norm(op == OP_RMS_NORM, p.epsilon as f32, x, scale, bias, y);
             }
         }
+    }
+}
+
+/// `y = (x - mean) / sqrt(var + epsilon) * scale + bias` (no mean for RMS).
+#[inline(always)]
+fn norm(rms: bool, epsilon: f32, x: &[f32], scale: Option<&[f32]>, bias: Option<&[f32]>, y: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = if rms { 0.0 } else { sum(x, |v| v) / n };
+    let var = sum(x, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + epsilon).sqrt();
+    for (j, (out, &v)) in y.iter_mut().zip(x).enumerate() {
+        let mut t = (v - mean) * inv;
+        if let Some(g) = scale {
+            t *= g[j];
+        }
+        if let Some(b) = bias {
+            t += b[j];
+        }
+        *out = t;
     }
 }
 
@@ -140,36 +163,12 @@ fn sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     tail + lanes.iter().sum::<f32>()
 }
 
+/// The row's softmax in place: exponentiated against its max, then scaled
+/// by the inverse sum.
 #[inline(always)]
-fn softmax<const FMA: bool>(x: &[f32], y: &mut [f32]) {
-    // NaN-propagating max, as the generated code's `fmax`.
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if a > b || a.is_nan() { a } else { b });
-    for c in chunks {
-        for l in 0..LANES {
-            lanes[l] = if lanes[l] > c[l] || lanes[l].is_nan() { lanes[l] } else { c[l] };
-        }
-    }
-    for l in lanes {
-        max = if max > l || max.is_nan() { max } else { l };
-    }
-    let mut total = 0.0;
-    let mut lanes = [0f32; LANES];
-    let mut ys = y.chunks_exact_mut(LANES);
-    let mut xs = x.chunks_exact(LANES);
-    for (yc, xc) in (&mut ys).zip(&mut xs) {
-        for l in 0..LANES {
-            let e = exp::<FMA>(xc[l] - max);
-            yc[l] = e;
-            lanes[l] += e;
-        }
-    }
-    for (yv, &xv) in ys.into_remainder().iter_mut().zip(xs.remainder()) {
-        *yv = exp::<FMA>(xv - max);
-        total += *yv;
-    }
-    let inv = 1.0 / (total + lanes.iter().sum::<f32>());
+fn softmax<const FMA: bool>(y: &mut [f32]) {
+    let max = row_max(y);
+    let inv = 1.0 / exp_and_sum::<FMA>(y, max);
     for v in y.iter_mut() {
         *v *= inv;
     }

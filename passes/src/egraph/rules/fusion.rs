@@ -1,7 +1,7 @@
 //! Fusion: the transformer building blocks, recognised in their normalised
 //! form and replaced by single ops that have one kernel each.
 
-use super::{add_op, is_scalar, scalar, union_result, var, Rule, TGraph};
+use super::{add_op, add_output, is_scalar, scalar, union_result, var, Rule, TGraph};
 use crate::egraph::TNode;
 use egg::{rewrite as rw, Applier, Id, PatternAst, Subst, Symbol};
 use egret_ir::op::ReduceKind;
@@ -167,8 +167,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for LayerNorm {
         // layer_norm has three outputs in the IR (y, mean, inverse standard
         // deviation); the matched class is output 0.
         let ln = add_op(egraph, &Op::LayerNorm { axis: m.axis, epsilon: m.epsilon }, children);
-        let index = egraph.add(TNode::leaf("{index=0}"));
-        let y = egraph.add(TNode { op: "out".into(), children: vec![index, ln] });
+        let y = add_output(egraph, ln, 0);
         union_result(egraph, eclass, y)
     }
 }
@@ -228,10 +227,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for ResidualNorm {
             children.push(subst[var("?b")]);
         }
         let fused = add_op(egraph, &Op::ResidualNorm { axis, epsilon, rms: self.rms }, children);
-        let index = |egraph: &mut TGraph, k: usize| egraph.add(TNode::leaf(&format!("{{index={k}}}")));
-        let (i0, i1) = (index(egraph, 0), index(egraph, 1));
-        let y = egraph.add(TNode { op: "out".into(), children: vec![i0, fused] });
-        let sum = egraph.add(TNode { op: "out".into(), children: vec![i1, fused] });
+        let (y, sum) = (add_output(egraph, fused, 0), add_output(egraph, fused, 1));
         let mut changed = union_result(egraph, eclass, y);
         if egraph.union(s, sum) {
             changed.push(s);

@@ -40,6 +40,12 @@ pub(crate) fn add_op(egraph: &mut TGraph, op: &Op, mut children: Vec<Id>) -> Id 
     egraph.add(TNode { op: op.name().into(), children })
 }
 
+/// `(out {index=k} node)`: output `k` of a multi-output op.
+pub(crate) fn add_output(egraph: &mut TGraph, node: Id, k: usize) -> Id {
+    let index = egraph.add(TNode::leaf(&format!("{{index={k}}}")));
+    egraph.add(TNode { op: "out".into(), children: vec![index, node] })
+}
+
 /// An applier's result: the matched class when `node` was new to it.
 pub(crate) fn union_result(egraph: &mut TGraph, eclass: Id, node: Id) -> Vec<Id> {
     if egraph.union(eclass, node) {
