@@ -72,7 +72,7 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Compare --opt 0 with --opt 2 (or the --opt given, if higher than 0):
-    /// both compiled, runs alternating, both medians and the speedup.
+    /// both compiled, run in alternating rounds, both medians and the speedup.
     #[arg(long)]
     compare: bool,
 }
@@ -552,8 +552,11 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Timed runs per level in each round of `bench --compare`.
+const COMPARE_ROUND: usize = 5;
+
 /// `bench --compare`: `--opt 0` against the requested level, alternating
-/// runs so that both see the same machine noise.
+/// rounds of runs so that both see the same machine noise.
 fn run_compare(args: BenchArgs) -> Result<()> {
     let BenchArgs { mut model, inputs, backend, iters, warmup, threads, json, .. } = args;
     let backend: Backend = backend.into();
@@ -567,13 +570,24 @@ fn run_compare(args: BenchArgs) -> Result<()> {
         slow_model.run(all.clone())?;
         fast_model.run(all.clone())?;
     }
+    // Rounds of COMPARE_ROUND timed runs per level, alternating, each
+    // after one untimed run: both levels see the same machine noise, and
+    // each is timed with its own weights in cache, as `bench` times one
+    // model. (Alternating single runs would time each level reloading its
+    // weights after the other evicted them: two copies of a 20 MB model's
+    // weights do not fit a 32 MB last-level cache.)
     let (mut slow, mut quick) = (Vec::new(), Vec::new());
-    for _ in 0..iters.max(1) {
+    let iters = iters.max(1);
+    for round in 0..iters.div_ceil(COMPARE_ROUND) {
+        let runs = COMPARE_ROUND.min(iters - round * COMPARE_ROUND);
         for (m, times) in [(&slow_model, &mut slow), (&fast_model, &mut quick)] {
-            let input = all.clone();
-            let t = std::time::Instant::now();
-            m.run(input)?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            m.run(all.clone())?;
+            for _ in 0..runs {
+                let input = all.clone();
+                let t = std::time::Instant::now();
+                m.run(input)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -589,7 +603,7 @@ fn run_compare(args: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "{} on {} ({threads} threads, {} alternating runs each)",
+            "{} on {} ({threads} threads, {} runs each in alternating rounds of {COMPARE_ROUND})",
             model.model.display(),
             backend.name(),
             slow.len()

@@ -564,9 +564,11 @@ fn constant_weights_packed_for_the_kernel_library_gemm() {
     // Panels of 32 columns with a zero-padded last one; a weight read
     // transposed (as Gemm's transB gives it) and one read through a slice
     // (a view at an offset); row tails of every size below the 6-row tile;
-    // big enough at 2 threads to split the panels.
+    // big enough at 2 threads to split the panels, with more columns than
+    // one epilogue group of panels (each thread applies the bias, GELU and
+    // residual epilogue to the groups it computed).
     for (m, k, n, read) in
-        [(1, 3, 5, "plain"), (13, 20, 70, "transposed"), (7, 9, 40, "sliced"), (64, 96, 200, "plain")]
+        [(1, 3, 5, "plain"), (13, 20, 70, "transposed"), (7, 9, 40, "sliced"), (48, 128, 700, "transposed")]
     {
         let (w_shape, w_read) = match read {
             "transposed" => (
@@ -588,15 +590,19 @@ fn constant_weights_packed_for_the_kernel_library_gemm() {
             "v0: f32[{m},{k}] = input{{name=\"x\"}}
 v1: f32[{w_shape}] = const [{}]
 v2: f32[{n}] = input{{name=\"bias\"}}
+v8: f32[{m},{n}] = input{{name=\"residual\"}}
 {w_read}
 v5: f32[{m},{n}] = add v4, v2
-output \"y\" = v5
+v6: f32[{m},{n}] = gelu{{approximate_tanh=true}} v5
+v7: f32[{m},{n}] = add v6, v8
+output \"y\" = v7
 ",
             w.join(", ")
         );
         let g = parse(&text).unwrap();
         let plan = egret::backends::lower(&g, Default::default()).unwrap();
         assert!(plan.describe().contains("packed GEMM"), "{read}: {}", plan.describe());
+        assert_eq!(plan.kernels.len(), 1, "the tail is not one epilogue: {}", plan.describe());
         same(&text);
     }
 }

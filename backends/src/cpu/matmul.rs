@@ -1,6 +1,7 @@
 //! Matmul kernels: a loop over the batch table around either a call to the
 //! GEMM library or a register-tiled product generated here, then a call to
-//! the kernel library's epilogue when one is fused in.
+//! the kernel library's epilogue when one is fused in (the packed GEMM
+//! takes its epilogue as an argument and applies it itself).
 //!
 //! The generated product keeps a 4 x 8 tile of `c` in eight f32x4
 //! accumulators: per step of `k` it loads two vectors of a `b` row, splats
@@ -95,10 +96,13 @@ pub fn emit(
                 let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
                 let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let gemm = fns.sgemm_packed.expect("packed matmuls are only compiled where the kernel library links");
-                b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc]);
+                // The packed GEMM runs the epilogue itself, on each
+                // thread's columns while they are still in its cache.
+                let program = epilogue.unwrap_or_else(|| b.ins().iconst(ptr, 0));
+                b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc, program, args]);
             }
         }
-        if let Some(program) = epilogue {
+        if let (Some(program), false) = (epilogue, matches!(mm.implementation, MatMulImpl::Packed)) {
             let f = fns.epilogue.expect("epilogues are only compiled where the kernel library links");
             b.ins().call(f, &[program, args, pc]);
         }

@@ -13,7 +13,7 @@ use crate::plan::{Binary, Epilogue, Expr, Unary, EPILOGUE_MAX_DEPTH};
 
 /// Columns per interpreted block: wide enough that dispatching an
 /// instruction costs little next to running it over the block.
-const BLOCK: usize = 256;
+pub const BLOCK: usize = 256;
 
 // Program layout (i64 words):
 //   m, n, slot of c, number of operands,
@@ -138,18 +138,29 @@ pub unsafe extern "C" fn egret_epilogue(program: *const i64, args: *const *mut u
                         c as *mut f32,
                         m * p / parts,
                         m * (p + 1) / parts,
+                        0,
+                        n,
                     )
                 });
             }
         });
     } else {
-        unsafe { rows(program, args, c, 0, m) };
+        unsafe { rows(program, args, c, 0, m, 0, n) };
     }
 }
 
 multiversion! {
-    /// Rows `r0..r1` of the epilogue.
-    unsafe fn rows(program: *const i64, args: *const *mut u8, c: *mut f32, r0: usize, r1: usize) = rows_impl;
+    /// Rows `r0..r1`, columns `j_begin..j_end` of the epilogue (the packed
+    /// GEMM calls this for the columns each thread computed).
+    pub unsafe fn rows(
+        program: *const i64,
+        args: *const *mut u8,
+        c: *mut f32,
+        r0: usize,
+        r1: usize,
+        j_begin: usize,
+        j_end: usize,
+    ) = rows_impl;
 }
 
 /// One operand of the program: its first element and strides.
@@ -161,7 +172,15 @@ struct Operand {
 }
 
 #[inline(always)]
-unsafe fn rows_impl<const FMA: bool>(program: *const i64, args: *const *mut u8, c: *mut f32, r0: usize, r1: usize) {
+unsafe fn rows_impl<const FMA: bool>(
+    program: *const i64,
+    args: *const *mut u8,
+    c: *mut f32,
+    r0: usize,
+    r1: usize,
+    j_begin: usize,
+    j_end: usize,
+) {
     let word = |i: usize| unsafe { *program.add(i) };
     let n = word(1) as usize;
     let n_operands = word(3) as usize;
@@ -183,9 +202,9 @@ unsafe fn rows_impl<const FMA: bool>(program: *const i64, args: *const *mut u8, 
     let mut gathered = [0f32; BLOCK];
     for r in r0..r1 {
         let row = unsafe { c.add(r * n) };
-        let mut j0 = 0;
-        while j0 < n {
-            let w = BLOCK.min(n - j0);
+        let mut j0 = j_begin;
+        while j0 < j_end {
+            let w = BLOCK.min(j_end - j0);
             let product = unsafe { std::slice::from_raw_parts(row.add(j0), w) };
             let operand = |i: i64| {
                 let op = operands[i as usize];

@@ -6,7 +6,8 @@
 //! The micro-kernel keeps an `MR x NR` tile of `c` in registers (twelve
 //! AVX-512 vectors): per step of `k` it loads one row of the panel, then
 //! broadcasts `MR` elements of `a` and issues `2 * MR` fused multiply-adds.
-//! Panels are split across threads for big products.
+//! Panels are split across threads for big products; a fused epilogue runs
+//! on the thread that computed its columns, a group of panels at a time.
 
 use super::{madd, multiversion};
 
@@ -15,8 +16,14 @@ pub const MR: usize = 6;
 /// Columns per panel (and per micro-tile): two AVX-512 vectors.
 const NR: usize = crate::plan::PACKED_PANEL;
 
+/// Panels per group: after each group the epilogue runs over its columns,
+/// so it reads a product the same thread has just written (one
+/// interpreted block of columns per group).
+const GROUP: usize = super::epilogue::BLOCK / NR;
+
 /// `c[m, n] = a[m, k] @ b` with `b` packed by `plan::pack_panels`; `a` strided, `c`
-/// row-major.
+/// row-major. A non-null `epilogue` (a program from `epilogue::encode`, with
+/// the kernel's operand addresses `args`) is applied to `c` in place.
 ///
 /// # Safety
 /// The buffers hold the matrices the arguments describe.
@@ -30,13 +37,15 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     a_cs: i64,
     b: *const f32,
     c: *mut f32,
+    epilogue: *const i64,
+    args: *const *mut u8,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let panels = n.div_ceil(NR);
     let threads = super::super::runtime_fns::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
     if threads > 1 && m * n * k >= crate::cpu::MATMUL_PARALLEL_MACS {
-        let (a, b, c) = (a as usize, b as usize, c as usize);
+        let (a, b, c, epilogue, args) = (a as usize, b as usize, c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
                 s.spawn(move |_| unsafe {
@@ -51,17 +60,19 @@ pub unsafe extern "C" fn egret_sgemm_packed(
                         c as *mut f32,
                         panels * t / threads,
                         panels * (t + 1) / threads,
+                        epilogue as *const i64,
+                        args as *const *mut u8,
                     )
                 });
             }
         });
     } else {
-        unsafe { panel_range(m, k, n, a, a_rs, a_cs, b, c, 0, panels) };
+        unsafe { panel_range(m, k, n, a, a_rs, a_cs, b, c, 0, panels, epilogue, args) };
     }
 }
 
 multiversion! {
-    /// Panels `p0..p1` of the product.
+    /// Panels `p0..p1` of the product, and the epilogue over their columns.
     unsafe fn panel_range(
         m: usize,
         k: usize,
@@ -73,6 +84,8 @@ multiversion! {
         c: *mut f32,
         p0: usize,
         p1: usize,
+        epilogue: *const i64,
+        args: *const *mut u8,
     ) = panel_range_impl;
 }
 
@@ -89,26 +102,36 @@ unsafe fn panel_range_impl<const FMA: bool>(
     c: *mut f32,
     p0: usize,
     p1: usize,
+    epilogue: *const i64,
+    args: *const *mut u8,
 ) {
-    for panel in p0..p1 {
-        let cols = NR.min(n - panel * NR);
-        let bp = unsafe { b.add(panel * k * NR) };
-        let mut i = 0;
-        while i < m {
-            let (ai, ci) = unsafe { (a.offset(i as isize * a_rs), c.add(i * n + panel * NR)) };
-            let rows = MR.min(m - i);
-            unsafe {
-                match rows {
-                    6 => tile::<6, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
-                    5 => tile::<5, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
-                    4 => tile::<4, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
-                    3 => tile::<3, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
-                    2 => tile::<2, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
-                    _ => tile::<1, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+    let mut g0 = p0;
+    while g0 < p1 {
+        let g1 = p1.min(g0 + GROUP);
+        for panel in g0..g1 {
+            let cols = NR.min(n - panel * NR);
+            let bp = unsafe { b.add(panel * k * NR) };
+            let mut i = 0;
+            while i < m {
+                let (ai, ci) = unsafe { (a.offset(i as isize * a_rs), c.add(i * n + panel * NR)) };
+                let rows = MR.min(m - i);
+                unsafe {
+                    match rows {
+                        6 => tile::<6, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+                        5 => tile::<5, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+                        4 => tile::<4, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+                        3 => tile::<3, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+                        2 => tile::<2, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+                        _ => tile::<1, FMA>(k, ai, a_rs, a_cs, bp, ci, n, cols),
+                    }
                 }
+                i += rows;
             }
-            i += rows;
         }
+        if !epilogue.is_null() {
+            unsafe { super::epilogue::rows(epilogue, args, c, 0, m, g0 * NR, n.min(g1 * NR)) };
+        }
+        g0 = g1;
     }
 }
 
@@ -181,6 +204,8 @@ mod tests {
                         1,
                         packed.as_ptr(),
                         c.as_mut_ptr(),
+                        std::ptr::null(),
+                        std::ptr::null(),
                     )
                 };
                 for i in 0..m {
