@@ -1,11 +1,14 @@
-//! Snapshots of the optimised IR (`--opt 2`) of every zoo model, in
+//! Snapshots of the optimised IR (`--opt 2`) of every zoo and synthetic model, in
 //! `tests/snapshots/`: a change in what fuses shows up in review. Large
 //! constants are elided. Re-bless with `INSTA_UPDATE=always` and read the diff.
 
 mod common;
 
 fn optimized(model: &str) -> String {
-    let path = common::zoo_dir().join(model).join("model.onnx");
+    let mut path = common::zoo_dir().join(model).join("model.onnx");
+    if !path.exists() {
+        path = common::synthetic_dir().join(model).join("model.onnx");
+    }
     let c = egret::canonical(&path, &Default::default()).unwrap();
     let mut text = egret::ir::text::print_with(&c.graph, egret::ir::text::Constants::ElideOver(8));
     let fused: Vec<String> =
@@ -23,4 +26,4 @@ macro_rules! snapshot {
     )*};
 }
 
-snapshot!(bert_tiny, deit_tiny_distilled, gpt2_tiny, perceiver, swin_micro, transformer_encdec, vit_tiny);
+snapshot!(bert_tiny, deit_tiny_distilled, gpt2_tiny, perceiver, swin_micro, transformer_encdec, vit_tiny, llama_tiny);

@@ -83,3 +83,53 @@ fn every_zoo_model_passes_at_every_opt_level() {
         }
     }
 }
+
+/// The synthetic models (a LLaMA-style decoder: RMS norms, rotary
+/// embeddings, grouped-query attention, a causal mask, SwiGLU) on both
+/// backends and at every optimisation level.
+#[test]
+fn synthetic_models_pass_everywhere() {
+    let dir = common::synthetic_dir();
+    assert_eq!(common::check_all(&dir, Backend::Reference, Tolerance::default()), 1);
+    for opt_level in [0, 1, 2] {
+        let opts = egret::CompileOptions { opt_level, ..Default::default() };
+        for case in egret::check::discover(&dir).unwrap() {
+            for r in egret::check::check_case_with(&case, &opts, Tolerance::default()) {
+                assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
+            }
+        }
+    }
+}
+
+/// What the e-graph must reach on every model: each softmax of the
+/// exported graph inside a fused attention, and no norm or GELU left as
+/// primitives (their means, square roots, powers and erfs all fold; a tanh
+/// may stay, as BERT's pooler has one).
+#[test]
+fn every_attention_norm_and_gelu_fuses() {
+    let mut dirs = vec![common::zoo_dir(), common::synthetic_dir()];
+    dirs.extend(common::shared_dir("perf", Some("EGRET_PERF_MODELS")));
+    for dir in dirs {
+        for case in egret::check::discover(&dir).unwrap() {
+            let model = case.join("model.onnx");
+            let text = |opt_level| {
+                let opts = egret::CompileOptions { opt_level, ..Default::default() };
+                let c = egret::canonical(&model, &opts).unwrap();
+                (egret::ir::text::print_with(&c.graph, egret::ir::text::Constants::ElideOver(0)), c.graph)
+            };
+            let (unfused, _) = text(0);
+            let (fused, graph) = text(2);
+            let softmaxes = unfused.matches("= softmax{").count();
+            let counts = egret::passes::egraph::count_fused(&graph);
+            let attentions = counts.iter().find(|(k, _)| k.as_str() == "attention").map_or(0, |(_, n)| *n);
+            assert!(softmaxes > 0, "{}: no attention softmax to fuse", case.display());
+            assert_eq!(attentions, softmaxes, "{}: attentions fused vs softmaxes exported", case.display());
+            // A norm's mean keeps its dims; a pooling mean (the Perceiver's
+            // head) does not and may stay.
+            for leftover in ["= softmax{", "keepdims=true} ", "= sqrt ", "= pow ", "= erf "] {
+                let line = fused.lines().find(|l| l.contains(leftover));
+                assert!(line.is_none(), "{}: left at --opt 2: {}", case.display(), line.unwrap_or_default());
+            }
+        }
+    }
+}

@@ -12,6 +12,12 @@ pub fn zoo_dir() -> PathBuf {
     repo_root().join("tests/data/zoo")
 }
 
+/// Small models of the families the zoo lacks, written by
+/// `tools/make_synthetic_models.py` with onnxruntime's outputs.
+pub fn synthetic_dir() -> PathBuf {
+    repo_root().join("tests/data/synthetic")
+}
+
 /// `../shared/<name>` beside the checkout, or `None` with a note when absent.
 pub fn shared_dir(name: &str, env_override: Option<&str>) -> Option<PathBuf> {
     if let Some(var) = env_override {
