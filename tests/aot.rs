@@ -86,13 +86,15 @@ fn check_model(case: &Path, work: &Path) {
 }
 
 #[test]
-fn zoo_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
+fn zoo_and_synthetic_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
     if !have_cc() {
         eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
         return;
     }
     let work = std::env::temp_dir().join(format!("egret-aot-{}", std::process::id()));
-    for case in egret::check::discover(&common::zoo_dir()).unwrap() {
+    let mut cases = egret::check::discover(&common::zoo_dir()).unwrap();
+    cases.extend(egret::check::discover(&common::synthetic_dir()).unwrap());
+    for case in cases {
         check_model(&case, &work);
     }
     let _ = std::fs::remove_dir_all(&work);

@@ -26,4 +26,14 @@ macro_rules! snapshot {
     )*};
 }
 
-snapshot!(bert_tiny, deit_tiny_distilled, gpt2_tiny, perceiver, swin_micro, transformer_encdec, vit_tiny, llama_tiny);
+snapshot!(
+    bert_tiny,
+    deit_tiny_distilled,
+    gpt2_tiny,
+    perceiver,
+    swin_micro,
+    transformer_encdec,
+    vit_tiny,
+    llama_tiny,
+    t5_tiny
+);

@@ -85,12 +85,13 @@ fn every_zoo_model_passes_at_every_opt_level() {
 }
 
 /// The synthetic models (a LLaMA-style decoder: RMS norms, rotary
-/// embeddings, grouped-query attention, a causal mask, SwiGLU) on both
-/// backends and at every optimisation level.
+/// embeddings, grouped-query attention, a causal mask, SwiGLU; a T5-style
+/// encoder-decoder: relative position bias, unscaled and cross attention,
+/// gated GELU) on both backends and at every optimisation level.
 #[test]
 fn synthetic_models_pass_everywhere() {
     let dir = common::synthetic_dir();
-    assert_eq!(common::check_all(&dir, Backend::Reference, Tolerance::default()), 1);
+    assert_eq!(common::check_all(&dir, Backend::Reference, Tolerance::default()), 2);
     for opt_level in [0, 1, 2] {
         let opts = egret::CompileOptions { opt_level, ..Default::default() };
         for case in egret::check::discover(&dir).unwrap() {

@@ -18,6 +18,12 @@ them:
   4 by Unsqueeze/Expand/Reshape), a causal mask from Trilu and Where, the
   scaled-dot-product decomposition that scales q and k^T by d^-1/4 each,
   and a SwiGLU MLP (x sigmoid(x) * up).
+- t5_tiny: a T5-style encoder-decoder (v1.1 flavour). RMS norms without a
+  mean, unscaled attention with a relative position bias gathered from a
+  learned table and added to the scores (with a causal mask in the
+  decoder's self-attention), cross-attention with different query and key
+  lengths, a gated GELU (tanh form, Pow for the cube) feed-forward, and the
+  tied head's d_model^-0.5 scaling.
 """
 
 import os
@@ -145,6 +151,102 @@ def llama_tiny(rng):
     return model, inputs
 
 
+def t5_attention(b, x, kv, heads, head_dim, q_len, k_len, bias):
+    """T5Attention: no 1/sqrt(d) scaling; `bias` ([1, heads, q, k]) is
+    added to the scores."""
+    hidden = heads * head_dim
+
+    def project(src, length, hint):
+        y = b.op("MatMul", [src, b.weight([hidden, hidden], hint)])
+        return b.op("Transpose", [b.op("Reshape", [y, b.ints([1, length, heads, head_dim])])], perm=[0, 2, 1, 3])
+
+    q, k, v = project(x, q_len, "q"), project(kv, k_len, "k"), project(kv, k_len, "v")
+    scores = b.op("Add", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]), bias])
+    attn = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+    attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[0, 2, 1, 3]), b.ints([1, q_len, hidden])])
+    return b.op("MatMul", [attn, b.weight([hidden, hidden], "o")])
+
+
+def relative_bias(b, heads, q_len, k_len, bidirectional):
+    """A learned [buckets, heads] table gathered by T5's bucket of each
+    (query, key) distance, as [1, heads, q, k]."""
+    buckets, max_distance = 32, 128
+    rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    n = buckets // 2 if bidirectional else buckets
+    ret = (rel > 0).astype(np.int64) * n if bidirectional else np.zeros_like(rel)
+    rel = np.abs(rel) if bidirectional else -np.minimum(rel, 0)
+    exact = n // 2
+    large = exact + (np.log(np.maximum(rel, 1) / exact) / np.log(max_distance / exact) * (n - exact)).astype(np.int64)
+    ret = ret + np.where(rel < exact, rel, np.minimum(large, n - 1))
+    table = b.weight([buckets, heads], "relative_attention_bias", 1.0)
+    bias = b.op("Gather", [table, b.const(ret, "buckets", np.int64)], axis=0)
+    return b.op("Unsqueeze", [b.op("Transpose", [bias], perm=[2, 0, 1]), b.ints([0], "axes")])
+
+
+def t5_norm(b, x, hidden):
+    # T5LayerNorm: weight * (x * rsqrt(mean(x^2) + eps)), no mean subtracted.
+    var = b.op("ReduceMean", [b.op("Pow", [x, b.const(2.0)]), b.ints([-1], "axes")], keepdims=1)
+    y = b.op("Mul", [x, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(1e-6)])])])])
+    return b.op("Mul", [b.const(1.0 + 0.1 * b.rng.standard_normal(hidden), "norm_weight"), y])
+
+
+def gated_gelu(b, x, hidden, ff):
+    # T5 v1.1's DenseGatedActDense with gelu_new: gelu_tanh(x wi_0) * (x wi_1).
+    g = b.op("MatMul", [x, b.weight([hidden, ff], "wi_0")])
+    inner = b.op("Mul", [b.op("Add", [g, b.op("Mul", [b.op("Pow", [g, b.const(3.0)]), b.const(0.044715)])]),
+                         b.const(np.sqrt(2.0 / np.pi))])
+    gelu = b.op("Mul", [b.op("Mul", [b.const(0.5), g]), b.op("Add", [b.const(1.0), b.op("Tanh", [inner])])])
+    up = b.op("MatMul", [x, b.weight([hidden, ff], "wi_1")])
+    return b.op("MatMul", [b.op("Mul", [gelu, up]), b.weight([ff, hidden], "wo")])
+
+
+def t5_tiny(rng):
+    vocab, hidden, heads, head_dim, ff, src_len, tgt_len = 128, 64, 4, 16, 96, 12, 8
+    b = Builder(rng)
+    embed = b.weight([vocab, hidden], "shared", 1.0)
+
+    x = b.op("Gather", [embed, "input_ids"], axis=0)
+    enc_bias = relative_bias(b, heads, src_len, src_len, True)
+    for _ in range(2):
+        h = t5_norm(b, x, hidden)
+        x = b.op("Add", [x, t5_attention(b, h, h, heads, head_dim, src_len, src_len, enc_bias)])
+        x = b.op("Add", [x, gated_gelu(b, t5_norm(b, x, hidden), hidden, ff)])
+    memory = t5_norm(b, x, hidden)
+
+    y = b.op("Gather", [embed, "decoder_input_ids"], axis=0)
+    # Decoder self-attention: the causal mask (finfo.min above the
+    # diagonal) added to the unidirectional position bias.
+    causal = np.triu(np.full((tgt_len, tgt_len), np.finfo(np.float32).min, dtype=np.float32), 1)
+    dec_bias = b.op("Add", [relative_bias(b, heads, tgt_len, tgt_len, False), b.const(causal, "causal")])
+    cross_bias = b.const(np.zeros((1, heads, tgt_len, src_len), dtype=np.float32), "cross_bias")
+    for _ in range(2):
+        h = t5_norm(b, y, hidden)
+        y = b.op("Add", [y, t5_attention(b, h, h, heads, head_dim, tgt_len, tgt_len, dec_bias)])
+        y = b.op("Add", [y, t5_attention(b, t5_norm(b, y, hidden), memory, heads, head_dim, tgt_len, src_len,
+                                         cross_bias)])
+        y = b.op("Add", [y, gated_gelu(b, t5_norm(b, y, hidden), hidden, ff)])
+    y = b.op("Mul", [t5_norm(b, y, hidden), b.const(hidden ** -0.5)])
+    logits = b.op("MatMul", [y, b.op("Transpose", [embed], perm=[1, 0])])
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="node_output"))
+    graph = helper.make_graph(
+        b.nodes,
+        "t5_tiny",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, src_len]),
+            helper.make_tensor_value_info("decoder_input_ids", TensorProto.INT64, [1, tgt_len]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, tgt_len, vocab])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    inputs = {
+        "input_ids": rng.integers(0, vocab, size=(1, src_len), dtype=np.int64),
+        "decoder_input_ids": rng.integers(0, vocab, size=(1, tgt_len), dtype=np.int64),
+    }
+    return model, inputs
+
+
 def write(out_dir, name, model, inputs):
     onnx.checker.check_model(model, full_check=True)
     case = os.path.join(out_dir, name)
@@ -164,6 +266,7 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "data", "synthetic")
     rng = np.random.default_rng(0)
     write(out_dir, "llama_tiny", *llama_tiny(rng))
+    write(out_dir, "t5_tiny", *t5_tiny(rng))
 
 
 if __name__ == "__main__":
