@@ -54,18 +54,23 @@ fn check(rule: &str, start: &str) {
     let g = text::parse(start).unwrap_or_else(|e| panic!("{rule}: {e}"));
     let (out, report) = optimize(&g, Limits::default()).unwrap();
     assert!(report.rules.iter().any(|(r, n)| r == rule && *n > 0), "{rule} did not fire: {:?}", report.rules);
-    if rule.starts_with("attention")
-        || rule.starts_with("gelu")
-        || rule.starts_with("layer-norm")
-        || rule.starts_with("rms-norm")
-        || rule.starts_with("residual")
-    {
-        let fused = match rule.split('-').next().unwrap() {
-            "layer" => "layer_norm",
-            "rms" => "rms_norm",
-            "residual" => "residual_norm",
-            other => other,
-        };
+    // A fusion rule's op must be extracted; so must the op an algebra rule
+    // enables in its case (else the test would compare the start with itself).
+    let fused = match rule {
+        "square" => Some("rms_norm"),
+        "power-times-base" => Some("gelu"),
+        "times-reciprocal" => Some("layer_norm"),
+        _ if ["attention", "gelu", "layer-norm", "rms-norm", "residual"].iter().any(|p| rule.starts_with(p)) => {
+            Some(match rule.split('-').next().unwrap() {
+                "layer" => "layer_norm",
+                "rms" => "rms_norm",
+                "residual" => "residual_norm",
+                other => other,
+            })
+        }
+        _ => None,
+    };
+    if let Some(fused) = fused {
         assert!(text::print(&out).contains(&format!("= {fused}")), "{rule}: not extracted\n{}", text::print(&out));
     }
     for seed in 1..4 {
@@ -191,6 +196,57 @@ output \"y\" = v9
     (
         "scalars-combine",
         "v0: f32[3,4] = input{name=\"a\"}\nv1: f32[] = const [0.5]\nv2: f32[] = const [3.0]\nv3: f32[3,4] = mul v0, v1\nv4: f32[3,4] = mul v3, v2\noutput \"y\" = v4\n",
+    ),
+    (
+        // An RMS norm with the square as a product: it fuses only through `square`.
+        "square",
+        "v0: f32[3,8] = input{name=\"x\"}
+v1: f32[3,8] = mul v0, v0
+v2: f32[3,1] = reduce{kind=mean, axes=[1], keepdims=true} v1
+v3: f32[] = const [1e-6]
+v4: f32[3,1] = add v2, v3
+v5: f32[3,1] = sqrt v4
+v6: f32[3,8] = div v0, v5
+output \"y\" = v6
+",
+    ),
+    (
+        // A tanh-GELU with the cube as x * x^2: it fuses only through `power-times-base`.
+        "power-times-base",
+        "v0: f32[3,8] = input{name=\"x\"}
+v1: f32[] = const [2.0]
+v2: f32[3,8] = pow v0, v1
+v3: f32[3,8] = mul v0, v2
+v4: f32[] = const [0.044715]
+v5: f32[3,8] = mul v3, v4
+v6: f32[3,8] = add v0, v5
+v7: f32[] = const [0.7978846]
+v8: f32[3,8] = mul v6, v7
+v9: f32[3,8] = tanh v8
+v10: f32[] = const [1.0]
+v11: f32[3,8] = add v9, v10
+v12: f32[3,8] = mul v0, v11
+v13: f32[] = const [0.5]
+v14: f32[3,8] = mul v12, v13
+output \"y\" = v14
+",
+    ),
+    (
+        // A layer norm times the reciprocal of its deviation: it fuses only through `times-reciprocal`.
+        "times-reciprocal",
+        "v0: f32[3,8] = input{name=\"x\"}
+v1: f32[3,1] = reduce{kind=mean, axes=[1], keepdims=true} v0
+v2: f32[3,8] = sub v0, v1
+v3: f32[] = const [2.0]
+v4: f32[3,8] = pow v2, v3
+v5: f32[3,1] = reduce{kind=mean, axes=[1], keepdims=true} v4
+v6: f32[] = const [1e-5]
+v7: f32[3,1] = add v5, v6
+v8: f32[3,1] = sqrt v7
+v9: f32[3,1] = reciprocal v8
+v10: f32[3,8] = mul v2, v9
+output \"y\" = v10
+",
     ),
     (
         // ViT's spelling: q and k^T each scaled by d^-1/4, K transposed by a Transpose.
@@ -717,4 +773,121 @@ output \"y\" = v9
     let g = text::parse(start).unwrap();
     let (out, _) = optimize(&g, Limits::default()).unwrap();
     assert!(!text::print(&out).contains("layer_norm"), "{}", text::print(&out));
+}
+
+/// Other exporters' spellings of GELU and the norms reach the same fused
+/// ops: the algebra rules, not one matcher per spelling, bring them to the
+/// fusion rules' form.
+#[test]
+fn exporter_spellings_fuse() {
+    let x = "v0: f32[3,8] = input{name=\"x\"}\n";
+    let cases = [
+        (
+            // torch.onnx (TorchScript) for F.gelu(approximate="tanh"):
+            // 0.5 * (x * (1 + tanh(b * (x + k * (x * (x * x)))))).
+            "gelu tanh, legacy exporter",
+            "gelu",
+            "v1: f32[3,8] = mul v0, v0
+v2: f32[3,8] = mul v0, v1
+v3: f32[] = const [0.044715]
+v4: f32[3,8] = mul v3, v2
+v5: f32[3,8] = add v0, v4
+v6: f32[] = const [0.7978846]
+v7: f32[3,8] = mul v6, v5
+v8: f32[3,8] = tanh v7
+v9: f32[] = const [1.0]
+v10: f32[3,8] = add v9, v8
+v11: f32[3,8] = mul v0, v10
+v12: f32[] = const [0.5]
+v13: f32[3,8] = mul v12, v11
+output \"y\" = v13
+",
+        ),
+        (
+            // onnxscript's aten::gelu (tanh): 0.5 * (x * (tanh(...) + 1)), Pow for the cube.
+            "gelu tanh, dynamo exporter",
+            "gelu",
+            "v1: f32[] = const [3.0]
+v2: f32[3,8] = pow v0, v1
+v3: f32[] = const [0.044715]
+v4: f32[3,8] = mul v3, v2
+v5: f32[3,8] = add v0, v4
+v6: f32[] = const [0.7978846]
+v7: f32[3,8] = mul v6, v5
+v8: f32[3,8] = tanh v7
+v9: f32[] = const [1.0]
+v10: f32[3,8] = add v8, v9
+v11: f32[3,8] = mul v0, v10
+v12: f32[] = const [0.5]
+v13: f32[3,8] = mul v12, v11
+output \"y\" = v13
+",
+        ),
+        (
+            // 0.5 * x * (1 + erf(x * 1/sqrt(2))).
+            "gelu erf, scale first",
+            "gelu",
+            "v1: f32[] = const [0.5]
+v2: f32[3,8] = mul v1, v0
+v3: f32[] = const [0.70710677]
+v4: f32[3,8] = mul v0, v3
+v5: f32[3,8] = erf v4
+v6: f32[] = const [1.0]
+v7: f32[3,8] = add v6, v5
+v8: f32[3,8] = mul v2, v7
+output \"y\" = v8
+",
+        ),
+        (
+            // x * rsqrt(mean(x * x) + eps), the square as a product.
+            "rms norm, square as a product",
+            "rms_norm",
+            "v1: f32[3,8] = mul v0, v0
+v2: f32[3,1] = reduce{kind=mean, axes=[1], keepdims=true} v1
+v3: f32[] = const [1e-6]
+v4: f32[3,1] = add v2, v3
+v5: f32[3,1] = sqrt v4
+v6: f32[] = const [1.0]
+v7: f32[3,1] = div v6, v5
+v8: f32[3,8] = mul v0, v7
+output \"y\" = v8
+",
+        ),
+        (
+            // (x - mean) * rsqrt(var + eps): multiplied by the reciprocal.
+            "layer norm, times the reciprocal",
+            "layer_norm",
+            "v1: f32[3,1] = reduce{kind=mean, axes=[1], keepdims=true} v0
+v2: f32[3,8] = sub v0, v1
+v3: f32[3,8] = mul v2, v2
+v4: f32[3,1] = reduce{kind=mean, axes=[1], keepdims=true} v3
+v5: f32[] = const [1e-5]
+v6: f32[3,1] = add v4, v5
+v7: f32[3,1] = sqrt v6
+v8: f32[3,1] = reciprocal v7
+v9: f32[3,8] = mul v2, v8
+output \"y\" = v9
+",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, fused, body) in cases {
+        let start = format!("{x}{body}");
+        let g = text::parse(&start).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (out, _) = optimize(&g, Limits::default()).unwrap();
+        let printed = text::print(&out);
+        if !printed.contains(&format!("= {fused}")) {
+            failures.push(format!("{what}: not fused\n{printed}"));
+            continue;
+        }
+        for seed in 1..4 {
+            let inputs = random_inputs(&g, seed);
+            for (a, b) in eval(&g, &inputs).iter().zip(eval(&out, &inputs)) {
+                for (p, q) in a.to_f64_vec().iter().zip(b.to_f64_vec()) {
+                    assert!((p - q).abs() <= 1e-5 + 1e-4 * q.abs(), "{what}: {p} vs {q}\n{printed}");
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

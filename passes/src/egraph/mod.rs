@@ -105,13 +105,36 @@ const FOLD_LIMIT: usize = 64;
 pub struct TensorAnalysis {
     pub inputs: HashMap<String, Type>,
     pub constants: Vec<Arc<Tensor>>,
+    /// The leaf index of each constant rules introduced, by its type and bytes.
+    introduced: HashMap<(Type, Vec<u8>), usize>,
 }
 
 impl TensorAnalysis {
-    /// The leaf of a new constant (rules that introduce constants use this).
+    /// The leaf of a new constant (the graph's own constants).
     pub fn constant_leaf(&mut self, t: Tensor) -> TNode {
         self.constants.push(Arc::new(t));
         TNode::leaf(&format!("const:{}", self.constants.len() - 1))
+    }
+
+    /// The leaf of a constant a rule introduces, the same leaf for the same
+    /// value: a rule that fires again on every iteration then adds no new
+    /// e-node, and the search can saturate.
+    pub fn introduced_leaf(&mut self, t: Tensor) -> TNode {
+        let key = (t.ty(), t.to_bytes());
+        let index = match self.introduced.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.constants.push(Arc::new(t));
+                self.introduced.insert(key, self.constants.len() - 1);
+                self.constants.len() - 1
+            }
+        };
+        TNode::leaf(&format!("const:{index}"))
+    }
+
+    /// `introduced_leaf` of an f32 scalar.
+    pub fn scalar_leaf(&mut self, x: f32) -> TNode {
+        self.introduced_leaf(Tensor::from_vec(vec![], vec![x]))
     }
 }
 

@@ -49,7 +49,50 @@ pub fn rules() -> Vec<Rule> {
         rw!("where-to-additive-mask-inverted"; "(where ?m ?c ?s)" => { WhereToAdditiveMask { scores_first: false } }),
         // (x * c1) * c2 = x * (c1 * c2) for scalars: the product folds to one constant.
         rw!("scalars-combine"; "(mul (mul ?x ?c1) ?c2)" => "(mul ?x (mul ?c1 ?c2))" if is_float_scalar("?c1") if is_float_scalar("?c2")),
+        // x * x = x^2 (floats): a variance or an RMS written with a product
+        // instead of Pow.
+        rw!("square"; "(mul ?x ?x)" => { PowerOfBase { step: false } }),
+        // x * x^n = x^(n+1) for a scalar n (floats): x * (x * x) is x^3, the
+        // cube in the TorchScript exporter's tanh-GELU.
+        rw!("power-times-base"; "(mul ?x (pow ?x ?n))" => { PowerOfBase { step: true } }),
+        // a * (1 / b) = a / b: a norm multiplied by the reciprocal of its
+        // deviation meets the one divided by it.
+        rw!("times-reciprocal"; "(mul ?a (reciprocal ?b))" => "(div ?a ?b)"),
     ]
+}
+
+/// The applier of `square` (x^2) and `power-times-base` (x^(n+1)).
+struct PowerOfBase {
+    /// Whether the match is `x * x^n` (else `x * x`).
+    step: bool,
+}
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for PowerOfBase {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[var("?x")];
+        if !egraph[x].data.ty().is_some_and(|t| t.dtype == egret_ir::DType::F32) {
+            return vec![];
+        }
+        let exponent = if self.step {
+            match super::scalar(egraph, subst, "?n") {
+                Some(n) => n + 1.0,
+                None => return vec![],
+            }
+        } else {
+            2.0
+        };
+        let n = egraph.analysis.scalar_leaf(exponent as f32);
+        let n = egraph.add(n);
+        let power = add_op(egraph, &Op::Pow, vec![x, n]);
+        union_result(egraph, eclass, power)
+    }
 }
 
 /// The applier of `add-through-reshape`.
@@ -111,7 +154,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for WhereToAdditiveMask {
         if !fill_ok || st.dtype != egret_ir::DType::F32 || ct.dtype != st.dtype || egraph[s].data.constant {
             return vec![];
         }
-        let zero = egraph.analysis.constant_leaf(egret_ir::Tensor::from_vec(vec![], vec![0.0f32]));
+        let zero = egraph.analysis.scalar_leaf(0.0);
         let zero = egraph.add(zero);
         let branches = if self.scores_first { vec![m, zero, c] } else { vec![m, c, zero] };
         let mask = add_op(egraph, &Op::Where, branches);

@@ -16,9 +16,10 @@ pub fn rules() -> Vec<Rule> {
         rw!("gelu-erf";
             "(mul (mul ?x (add (erf (mul ?x ?c)) ?one)) ?half)" => "(gelu {approximate_tanh=false} ?x)"
             if is_scalar("?c", SQRT_1_2, 1e-5) if is_scalar("?one", 1.0, 0.0) if is_scalar("?half", 0.5, 0.0)),
-        // GELU, tanh form: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) = gelu_tanh(x).
+        // GELU, tanh form: x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) * 0.5 = gelu_tanh(x)
+        // (the scalar outermost, where `scalar-outward` brings every spelling).
         rw!("gelu-tanh";
-            "(mul (mul ?x ?half) (add (tanh (mul (add ?x (mul (pow ?x ?three) ?c)) ?k)) ?one))"
+            "(mul (mul ?x (add (tanh (mul (add ?x (mul (pow ?x ?three) ?c)) ?k)) ?one)) ?half)"
                 => "(gelu {approximate_tanh=true} ?x)"
             if is_scalar("?half", 0.5, 0.0) if is_scalar("?three", 3.0, 0.0) if is_scalar("?c", 0.044715, 1e-5)
             if is_scalar("?k", SQRT_2_PI, 1e-5) if is_scalar("?one", 1.0, 0.0)),
@@ -133,7 +134,7 @@ impl NormMatch {
     fn ones(&self, egraph: &mut TGraph) -> Id {
         let n: usize = self.norm.iter().product();
         let ones = Tensor::from_vec(self.norm.clone(), vec![1f32; n]).cast(self.xt.dtype);
-        let leaf = egraph.analysis.constant_leaf(ones);
+        let leaf = egraph.analysis.introduced_leaf(ones);
         egraph.add(leaf)
     }
 }
