@@ -14,7 +14,7 @@ them:
 - llama_tiny: a LLaMA-style decoder. RMS norms written as
   Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul with the weight on the left,
   rotary position embeddings (rotate_half by Slice/Neg/Concat, cos and sin
-  computed in the graph), grouped-query attention (2 K/V heads repeated to
+  computed in the graph from an Einsum outer product), grouped-query attention (2 K/V heads repeated to
   4 by Unsqueeze/Expand/Reshape), a causal mask from Trilu and Where, the
   scaled-dot-product decomposition that scales q and k^T by d^-1/4 each,
   and a SwiGLU MLP (x sigmoid(x) * up).
@@ -88,15 +88,14 @@ def llama_tiny(rng):
     ids = "input_ids"
     x = b.op("Gather", [b.weight([vocab, hidden], "embed", 1.0), ids], axis=0)
 
-    # Rotary tables from the positions, as HF's LlamaRotaryEmbedding: the
-    # outer product of inverse frequencies and positions, duplicated.
+    # Rotary tables from the positions, as the first HF LLaMA wrote them:
+    # einsum("i,j->ij", positions, inv_freq), duplicated.
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    positions = b.const(np.arange(seq, dtype=np.float32).reshape(1, 1, seq), "positions")
-    freqs = b.op("MatMul", [b.const(inv_freq.reshape(1, head_dim // 2, 1), "inv_freq"), positions])
-    freqs = b.op("Transpose", [freqs], perm=[0, 2, 1])
+    positions = b.const(np.arange(seq, dtype=np.float32), "positions")
+    freqs = b.op("Einsum", [positions, b.const(inv_freq, "inv_freq")], equation="i,j->ij")
     emb = b.op("Concat", [freqs, freqs], axis=-1)
-    cos = b.op("Unsqueeze", [b.op("Cos", [emb]), b.ints([1], "axes")])
-    sin = b.op("Unsqueeze", [b.op("Sin", [emb]), b.ints([1], "axes")])
+    cos = b.op("Unsqueeze", [b.op("Cos", [emb]), b.ints([0, 1], "axes")])
+    sin = b.op("Unsqueeze", [b.op("Sin", [emb]), b.ints([0, 1], "axes")])
 
     # Causal mask: Trilu of ones, then 0 where allowed and -inf elsewhere.
     ones = b.const(np.ones((seq, seq), dtype=bool), "ones", bool)

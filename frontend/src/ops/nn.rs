@@ -26,11 +26,7 @@ pub fn register(r: &mut Registry) {
         c.add_node(Op::MatMul, &[a, b])
     });
     r.insert("Gemm", gemm);
-    r.insert("Einsum", |c| {
-        let equation = c.s("equation", "")?;
-        let inputs: Vec<ValueId> = (0..c.num_inputs()).map(|i| c.req(i)).collect::<Result<_, _>>()?;
-        c.add_node(Op::Einsum { equation }, &inputs)
-    });
+    r.insert("Einsum", einsum);
     r.insert("Conv", conv);
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
@@ -270,4 +266,37 @@ fn arg_reduce(c: &mut NodeCtx, select_max: bool) -> BuildResult {
     let keepdims = c.i("keepdims", 1)? != 0;
     let select_last = c.i("select_last_index", 0)? != 0;
     c.add_node(Op::ArgReduce { select_max, axis, keepdims, select_last }, &[x])
+}
+
+/// An einsum that is a batched matrix product (attention scores written as
+/// `bhid,bhjd->bhij`, a projection as `bsd,df->bsf`) becomes layout ops
+/// around a `matmul`, which the compiler fuses and tiles; any other stays
+/// an `einsum` (the reference kernel computes it).
+fn einsum(c: &mut NodeCtx) -> BuildResult {
+    let equation = c.s("equation", "")?;
+    let inputs: Vec<ValueId> = (0..c.num_inputs()).map(|i| c.req(i)).collect::<Result<_, _>>()?;
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|&v| c.ty(v).shape.clone()).collect();
+    let Some(plan) = egret_ir::ops::linalg::einsum_as_matmul(&equation, &shapes) else {
+        return c.add_node(Op::Einsum { equation }, &inputs);
+    };
+    let identity = |perm: &[usize]| perm.iter().enumerate().all(|(i, &p)| i == p);
+    // Layout ops that would change nothing are left out.
+    let reshape = |c: &mut NodeCtx, v: ValueId, shape: &[usize]| -> Result<ValueId, ImportError> {
+        if c.ty(v).shape == shape {
+            return Ok(v);
+        }
+        c.add(Op::Reshape { shape: shape.to_vec() }, &[v])
+    };
+    let layout = |c: &mut NodeCtx, v: ValueId, perm: &[usize], shape: &[usize]| -> Result<ValueId, ImportError> {
+        let v = if identity(perm) { v } else { c.add(Op::Transpose { perm: perm.to_vec() }, &[v])? };
+        reshape(c, v, shape)
+    };
+    let a = layout(c, inputs[0], &plan.perm_a, &plan.a3)?;
+    let b = layout(c, inputs[1], &plan.perm_b, &plan.b3)?;
+    let product = c.add(Op::MatMul, &[a, b])?;
+    let y = reshape(c, product, &plan.out_dims)?;
+    if identity(&plan.perm_out) {
+        return Ok(vec![y]);
+    }
+    c.add_node(Op::Transpose { perm: plan.perm_out.clone() }, &[y])
 }

@@ -195,6 +195,63 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
     Ok(Tensor::new(out_shape, data))
 }
 
+/// A two-operand einsum that is one batched matrix product, as layout ops
+/// around a `matmul`: `a` transposed by `perm_a` and reshaped to
+/// `[batch dims.., m, k]`, `b` by `perm_b` to `[batch dims.., k, n]`; the
+/// product reshaped to `out_dims` (batch letters, then `a`'s free letters,
+/// then `b`'s) and transposed by `perm_out` into the equation's output
+/// order. Batch dims stay apart, so `bhid,bhjd->bhij` is a plain matmul of
+/// `a` and `b` transposed, the form the attention rules know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EinsumAsMatmul {
+    pub perm_a: Vec<usize>,
+    pub a3: Vec<usize>,
+    pub perm_b: Vec<usize>,
+    pub b3: Vec<usize>,
+    pub out_dims: Vec<usize>,
+    pub perm_out: Vec<usize>,
+}
+
+/// The matmul form of `eq` over operands of `shapes`, when it has one: two
+/// operands, no letter repeated within an operand or the output, every
+/// letter of an operand either shared with the other or kept in the output
+/// (no letter summed within one operand), shared letters of equal sizes
+/// (no broadcasting).
+pub fn einsum_as_matmul(eq: &str, shapes: &[Vec<usize>]) -> Option<EinsumAsMatmul> {
+    let spec = EinsumSpec::parse(eq, shapes).ok()?;
+    let [a, b] = spec.inputs.as_slice() else { return None };
+    let distinct = |v: &[char]| v.iter().enumerate().all(|(i, c)| !v[..i].contains(c));
+    if !distinct(a) || !distinct(b) || !distinct(&spec.output) {
+        return None;
+    }
+    let out = &spec.output;
+    if a.iter().chain(b).any(|c| !out.contains(c) && !(a.contains(c) && b.contains(c))) {
+        return None;
+    }
+    let size_in = |letters: &[char], shape: &[usize], c: char| shape[letters.iter().position(|&x| x == c).unwrap()];
+    if a.iter().filter(|c| b.contains(c)).any(|&c| size_in(a, &shapes[0], c) != size_in(b, &shapes[1], c)) {
+        return None;
+    }
+    let batch: Vec<char> = a.iter().copied().filter(|c| b.contains(c) && out.contains(c)).collect();
+    let left: Vec<char> = a.iter().copied().filter(|c| !b.contains(c)).collect();
+    let contracted: Vec<char> = a.iter().copied().filter(|c| b.contains(c) && !out.contains(c)).collect();
+    let right: Vec<char> = b.iter().copied().filter(|c| !a.contains(c)).collect();
+    let position = |letters: &[char], c: &char| letters.iter().position(|x| x == c).unwrap();
+    let product = |cs: &[char]| cs.iter().map(|c| spec.dims[c]).product::<usize>();
+    let a_order: Vec<char> = [&batch[..], &left, &contracted].concat();
+    let b_order: Vec<char> = [&batch[..], &contracted, &right].concat();
+    let mid: Vec<char> = [&batch[..], &left, &right].concat();
+    let batch_dims: Vec<usize> = batch.iter().map(|c| spec.dims[c]).collect();
+    Some(EinsumAsMatmul {
+        perm_a: a_order.iter().map(|c| position(a, c)).collect(),
+        a3: [batch_dims.clone(), vec![product(&left), product(&contracted)]].concat(),
+        perm_b: b_order.iter().map(|c| position(b, c)).collect(),
+        b3: [batch_dims, vec![product(&contracted), product(&right)]].concat(),
+        out_dims: mid.iter().map(|c| spec.dims[c]).collect(),
+        perm_out: out.iter().map(|c| position(&mid, c)).collect(),
+    })
+}
+
 /// A parsed einsum equation with ellipses expanded into fresh letters.
 struct EinsumSpec {
     inputs: Vec<Vec<char>>,
@@ -433,4 +490,69 @@ fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usiz
         _ => return Err("conv needs f32 or f64 input and weight of one dtype".into()),
     };
     Ok(Tensor::new(out_ty.shape, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            shape.to_vec(),
+            (0..n).map(|i| ((i * 7 + seed * 13) % 17) as f32 / 4.0 - 2.0).collect::<Vec<_>>(),
+        )
+    }
+
+    fn run(op: Op, inputs: &[&Tensor]) -> Tensor {
+        crate::eval_op(&op, inputs).unwrap().remove(0)
+    }
+
+    /// The layout ops and matmul of the plan compute what the einsum does.
+    #[test]
+    fn einsums_that_are_products_become_matmuls() {
+        let cases: &[(&str, &[usize], &[usize])] = &[
+            ("bhid,bhjd->bhij", &[1, 2, 5, 4], &[1, 2, 3, 4]),
+            ("bhij,bhjd->bhid", &[2, 3, 5, 4], &[2, 3, 4, 6]),
+            ("bsd,df->bsf", &[2, 3, 4], &[4, 5]),
+            ("ij,jk->ik", &[3, 4], &[4, 2]),
+            ("bid,bjd->bji", &[2, 3, 4], &[2, 5, 4]),
+            ("i,j->ij", &[3], &[4]),
+            ("bnd,bd->bn", &[2, 3, 4], &[2, 4]),
+            ("...id,...jd->...ij", &[2, 3, 5, 4], &[2, 3, 6, 4]),
+            ("abcd,cbe->dae", &[2, 3, 4, 5], &[4, 3, 6]),
+        ];
+        for &(eq, sa, sb) in cases {
+            let (a, b) = (data(sa, 1), data(sb, 2));
+            let plan = einsum_as_matmul(eq, &[sa.to_vec(), sb.to_vec()]).unwrap_or_else(|| panic!("{eq}: no plan"));
+            let side = |t: &Tensor, perm: &[usize], shape: &[usize]| {
+                let t = run(Op::Transpose { perm: perm.to_vec() }, &[t]);
+                run(Op::Reshape { shape: shape.to_vec() }, &[&t])
+            };
+            let product = run(Op::MatMul, &[&side(&a, &plan.perm_a, &plan.a3), &side(&b, &plan.perm_b, &plan.b3)]);
+            let got = run(
+                Op::Transpose { perm: plan.perm_out.clone() },
+                &[&run(Op::Reshape { shape: plan.out_dims.clone() }, &[&product])],
+            );
+            let want = run(Op::Einsum { equation: eq.into() }, &[&a, &b]);
+            assert_eq!(got.shape(), want.shape(), "{eq}");
+            for (x, y) in got.to_f64_vec().iter().zip(want.to_f64_vec()) {
+                assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{eq}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// Einsums that are not one product keep the einsum op.
+    #[test]
+    fn other_einsums_have_no_matmul_form() {
+        let cases: &[(&str, &[usize], &[usize])] = &[
+            ("ij,jk->i", &[3, 4], &[4, 2]),           // k summed within b alone
+            ("ii,ij->ij", &[3, 3], &[3, 4]),          // a diagonal
+            ("bij,bjk->bik", &[1, 3, 4], &[2, 4, 5]), // b broadcast from 1
+        ];
+        for &(eq, sa, sb) in cases {
+            assert!(einsum_as_matmul(eq, &[sa.to_vec(), sb.to_vec()]).is_none(), "{eq}");
+        }
+        assert!(einsum_as_matmul("ij->ji", &[vec![3, 4]]).is_none(), "one operand");
+    }
 }
