@@ -63,3 +63,44 @@ fn run_listed(file: &str, backend: Backend) {
         failures.join("\n")
     );
 }
+
+/// ONNX's `Attention` op (opset 23), from node-suite cases checked into the
+/// repository (grouped-query heads, 3D inputs, a KV cache, boolean and
+/// additive masks, causal, soft cap, fully masked rows, the QK output), so
+/// the import is tested without `../shared`: each passes on both backends
+/// at `--opt 0` and `--opt 2` and becomes one fused attention (but the
+/// soft-capped one).
+#[test]
+fn the_attention_op_imports_and_fuses() {
+    let dir = common::repo_root().join("tests/data/onnx-attention");
+    let cases = egret::check::discover(&dir).unwrap();
+    assert_eq!(cases.len(), 8);
+    let tol = Tolerance { rtol: 1e-3, atol: 1e-6 };
+    for case in &cases {
+        for r in check_case(case, Backend::Reference, tol) {
+            assert!(r.passed(), "reference: {}: {:?} {:?}", r.case, r.error, r.outputs);
+        }
+        for opt_level in [0, 2] {
+            let opts = egret::CompileOptions { opt_level, ..Default::default() };
+            for r in egret::check::check_case_with(case, &opts, tol) {
+                assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
+            }
+        }
+        let c = egret::canonical(&case.join("model.onnx"), &Default::default()).unwrap();
+        let fused = egret::passes::egraph::count_fused(&c.graph);
+        // A soft cap (a tanh between the scores and the softmax) is outside
+        // the fused op: that case runs unfused, softmax recognised.
+        let want = if case.ends_with("test_attention_3d_gqa_softcap") { "softmax" } else { "attention" };
+        assert!(fused.iter().any(|(k, n)| k == want && *n == 1), "{}: {fused:?}", case.display());
+    }
+}
+
+/// What the import does not cover is refused with the attribute named.
+#[test]
+fn unsupported_attention_outputs_are_refused_by_name() {
+    let case =
+        common::repo_root().join("tests/data/onnx-attention-unsupported/test_attention_4d_with_qk_matmul_softmax");
+    let err = egret::compile(&case.join("model.onnx"), &Default::default()).err().expect("refused");
+    let text = format!("{err}");
+    assert!(text.contains("Attention") && text.contains("qk_matmul_output_mode 3"), "{text}");
+}

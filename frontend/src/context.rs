@@ -388,6 +388,12 @@ impl NodeCtx<'_, '_> {
         self.node.output.iter().filter(|o| !o.is_empty()).count()
     }
 
+    /// Whether the node names output `i` (an optional output left empty, or
+    /// past the end, is not wanted).
+    pub fn wants_output(&self, i: usize) -> bool {
+        self.node.output.get(i).is_some_and(|o| !o.is_empty())
+    }
+
     pub fn ty(&self, v: ValueId) -> &Type {
         self.imp.graph.ty(v)
     }

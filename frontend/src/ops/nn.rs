@@ -5,7 +5,7 @@ use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
 use crate::ImportError;
 use egret_ir::op::ReduceKind;
-use egret_ir::{Op, Tensor, ValueId};
+use egret_ir::{DType, Op, Tensor, ValueId};
 
 const REDUCTIONS: [(&str, ReduceKind); 10] = [
     ("ReduceSum", ReduceKind::Sum),
@@ -27,6 +27,7 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("Gemm", gemm);
     r.insert("Einsum", einsum);
+    r.insert("Attention", attention);
     r.insert("Conv", conv);
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
@@ -299,4 +300,161 @@ fn einsum(c: &mut NodeCtx) -> BuildResult {
         return Ok(vec![y]);
     }
     c.add_node(Op::Transpose { perm: plan.perm_out.clone() }, &[y])
+}
+
+/// ONNX `Attention` (opset 23): scaled dot-product attention over 4D
+/// `[batch, heads, seq, head]` or 3D `[batch, seq, heads * head]` inputs,
+/// with grouped-query K/V heads, a boolean or additive mask, a causal mask,
+/// a KV cache (past keys and values concatenated before the new ones) and a
+/// soft cap. It is imported as the primitives of its function body, in the
+/// exporters' spelling (q and k^T each scaled by sqrt(scale), a NaN guard
+/// for fully masked rows), which the e-graph fuses into one attention.
+///
+/// Not supported, with an error: `qk_matmul_output_mode` other than 0 when
+/// that output is wanted, and opset 24's `nonpad_kv_seqlen`. One difference
+/// from the function body: its guard zeroes rows whose mask is all `-inf`,
+/// this one rows whose softmax is NaN, which also takes NaN inputs.
+fn attention(c: &mut NodeCtx) -> BuildResult {
+    let (q, k, v) = (c.req(0)?, c.req(1)?, c.req(2)?);
+    let (mask, past_key, past_value) = (c.input(3), c.input(4), c.input(5));
+    if c.input(6).is_some() {
+        return Err(c.err("input `nonpad_kv_seqlen` is not supported"));
+    }
+    let is_causal = c.i("is_causal", 0)? != 0;
+    let softcap = c.f("softcap", 0.0)?;
+    let mode = c.i("qk_matmul_output_mode", 0)?;
+    c.ignore_attr("softmax_precision"); // Egret's softmax is f32 throughout.
+    if mode != 0 && c.wants_output(3) {
+        return Err(c.err(format!("qk_matmul_output_mode {mode} is not supported (only 0, the scaled QK^T)")));
+    }
+    for (v, name) in [(q, "Q"), (k, "K"), (v, "V")] {
+        if c.ty(v).dtype != DType::F32 {
+            return Err(c.err(format!("input `{name}` is {}; Attention is supported for f32", c.ty(v).dtype)));
+        }
+    }
+    let rank = c.rank(q);
+    if rank != c.rank(k) || rank != c.rank(v) || !(rank == 3 || rank == 4) {
+        return Err(c.err("Q, K and V must all be 3D or all be 4D"));
+    }
+    let (q, k, v) = if rank == 3 {
+        let q_heads = c.i("q_num_heads", 0)?;
+        let kv_heads = c.i("kv_num_heads", 0)?;
+        if q_heads <= 0 || kv_heads <= 0 {
+            return Err(c.err("3D inputs need positive `q_num_heads` and `kv_num_heads`"));
+        }
+        (
+            heads_first(c, q, q_heads as usize, "Q")?,
+            heads_first(c, k, kv_heads as usize, "K")?,
+            heads_first(c, v, kv_heads as usize, "V")?,
+        )
+    } else {
+        // The head counts come from the shapes; the attributes may repeat them.
+        c.ignore_attr("q_num_heads");
+        c.ignore_attr("kv_num_heads");
+        (q, k, v)
+    };
+    let (qs, ks, vs) = (c.ty(q).shape.clone(), c.ty(k).shape.clone(), c.ty(v).shape.clone());
+    let (batch, q_heads, q_len, head) = (qs[0], qs[1], qs[2], qs[3]);
+    let kv_heads = ks[1];
+    if ks[0] != batch || vs[0] != batch || vs[1] != kv_heads || ks[2] != vs[2] || ks[3] != head {
+        return Err(c.err(format!("Q {qs:?}, K {ks:?} and V {vs:?} do not fit one attention")));
+    }
+    if kv_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(c.err(format!("{q_heads} query heads are not a multiple of {kv_heads} key/value heads")));
+    }
+    // The cache: past keys and values before the new ones.
+    let cached = |c: &mut NodeCtx, past: Option<ValueId>, new: ValueId, name: &str| -> Result<ValueId, ImportError> {
+        let Some(past) = past else { return Ok(new) };
+        let (ps, ns) = (c.ty(past).shape.clone(), c.ty(new).shape.clone());
+        if ps.len() != 4 || ps[0] != ns[0] || ps[1] != ns[1] || ps[3] != ns[3] {
+            return Err(c.err(format!("{name} {ps:?} does not fit the new {ns:?}")));
+        }
+        c.add(Op::Concat { axis: 2 }, &[past, new])
+    };
+    let present_key = cached(c, past_key, k, "past_key")?;
+    let present_value = cached(c, past_value, v, "past_value")?;
+    let past_len = past_key.map_or(0, |p| c.ty(p).shape[2]);
+    let total = c.ty(present_key).shape[2];
+    if c.ty(present_value).shape[2] != total {
+        return Err(c.err("past_key and past_value hold different lengths"));
+    }
+    // Grouped-query heads: each K/V head serves q_heads / kv_heads query heads.
+    let (keys, values) = if q_heads == kv_heads {
+        (present_key, present_value)
+    } else {
+        let group = q_heads / kv_heads;
+        let repeat = |c: &mut NodeCtx, x: ValueId| -> Result<ValueId, ImportError> {
+            let d = c.ty(x).shape[3];
+            let x = c.add(Op::Reshape { shape: vec![batch, kv_heads, 1, total, d] }, &[x])?;
+            let x = c.add(Op::Expand { shape: vec![batch, kv_heads, group, total, d] }, &[x])?;
+            c.add(Op::Reshape { shape: vec![batch, q_heads, total, d] }, &[x])
+        };
+        (repeat(c, present_key)?, repeat(c, present_value)?)
+    };
+    let scale = c.f("scale", 1.0 / (head as f32).sqrt())?;
+    let root = c.constant(Tensor::from_vec(vec![], vec![scale.sqrt()]));
+    let q_scaled = c.add(Op::Mul, &[q, root])?;
+    let kt = c.add(Op::Transpose { perm: vec![0, 1, 3, 2] }, &[keys])?;
+    let kt_scaled = c.add(Op::Mul, &[kt, root])?;
+    let qk = c.add(Op::MatMul, &[q_scaled, kt_scaled])?;
+    let mut scores = qk;
+    if softcap > 0.0 {
+        let cap = c.constant(Tensor::from_vec(vec![], vec![softcap]));
+        let x = c.add(Op::Div, &[scores, cap])?;
+        let x = c.add(Op::Tanh, &[x])?;
+        scores = c.add(Op::Mul, &[x, cap])?;
+    }
+    let mut bias = match mask {
+        None => None,
+        Some(m) if c.ty(m).dtype == DType::Bool => {
+            let zero = c.constant(Tensor::from_vec(vec![], vec![0f32]));
+            let minus_inf = c.constant(Tensor::from_vec(vec![], vec![f32::NEG_INFINITY]));
+            Some(c.add(Op::Where, &[m, zero, minus_inf])?)
+        }
+        Some(m) if c.ty(m).dtype == DType::F32 => Some(m),
+        Some(m) => return Err(c.err(format!("attn_mask is {}; it must be bool or f32", c.ty(m).dtype))),
+    };
+    if let Some(m) = bias {
+        if c.ty(m).shape.last() != Some(&total) {
+            return Err(c.err(format!("attn_mask {:?} does not end in the {total} keys", c.ty(m).shape)));
+        }
+    }
+    if is_causal {
+        // Query i (at position past_len + i) sees keys 0..=past_len + i.
+        let causal: Vec<f32> = (0..q_len * total)
+            .map(|x| if x % total > past_len + x / total { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let causal = c.constant(Tensor::from_vec(vec![q_len, total], causal));
+        bias = Some(match bias {
+            Some(m) => c.add(Op::Add, &[m, causal])?,
+            None => causal,
+        });
+    }
+    if let Some(m) = bias {
+        scores = c.add(Op::Add, &[scores, m])?;
+    }
+    let mut probs = c.add(Op::Softmax { axis: 3 }, &[scores])?;
+    if bias.is_some() {
+        // A row with every key masked has a NaN softmax; its output is 0.
+        let nan = c.add(Op::IsNaN, &[probs])?;
+        let zero = c.constant(Tensor::from_vec(vec![], vec![0f32]));
+        probs = c.add(Op::Where, &[nan, zero, probs])?;
+    }
+    let mut y = c.add(Op::MatMul, &[probs, values])?;
+    if rank == 3 {
+        let dv = c.ty(values).shape[3];
+        let t = c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[y])?;
+        y = c.add(Op::Reshape { shape: vec![batch, q_len, q_heads * dv] }, &[t])?;
+    }
+    Ok(vec![y, present_key, present_value, qk])
+}
+
+/// `[batch, seq, heads * head]` as `[batch, heads, seq, head]`.
+fn heads_first(c: &mut NodeCtx, x: ValueId, heads: usize, name: &str) -> Result<ValueId, ImportError> {
+    let s = c.ty(x).shape.clone();
+    if s[2] % heads != 0 {
+        return Err(c.err(format!("{name} {s:?}: {} is not a multiple of {heads} heads", s[2])));
+    }
+    let x = c.add(Op::Reshape { shape: vec![s[0], s[1], heads, s[2] / heads] }, &[x])?;
+    c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[x])
 }
