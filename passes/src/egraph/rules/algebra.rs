@@ -52,8 +52,9 @@ pub fn rules() -> Vec<Rule> {
         // x * x = x^2 (floats): a variance or an RMS written with a product
         // instead of Pow.
         rw!("square"; "(mul ?x ?x)" => { PowerOfBase { step: false } }),
-        // x * x^n = x^(n+1) for a scalar n (floats): x * (x * x) is x^3, the
-        // cube in the TorchScript exporter's tanh-GELU.
+        // x * x^n = x^(n+1) for a scalar n >= 0 (floats): x * (x * x) is x^3,
+        // the cube in the TorchScript exporter's tanh-GELU. (Not for n < 0:
+        // at x = 0, 0 * 0^-1 is NaN but 0^0 is 1.)
         rw!("power-times-base"; "(mul ?x (pow ?x ?n))" => { PowerOfBase { step: true } }),
         // a * (1 / b) = a / b: a norm multiplied by the reciprocal of its
         // deviation meets the one divided by it.
@@ -82,8 +83,8 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for PowerOfBase {
         }
         let exponent = if self.step {
             match super::scalar(egraph, subst, "?n") {
-                Some(n) => n + 1.0,
-                None => return vec![],
+                Some(n) if n >= 0.0 => n + 1.0,
+                _ => return vec![],
             }
         } else {
             2.0
