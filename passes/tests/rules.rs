@@ -728,12 +728,17 @@ output \"y\" = v7
         let (out, _) = optimize(&g, Limits::default()).unwrap();
         let printed = text::print(&out);
         assert!(printed.contains("= attention") && !printed.contains("softmax"), "{what}:\n{printed}");
-        for seed in 1..4 {
-            let x = random_inputs(&g, seed);
-            for (a, b) in eval(&g, &x).iter().zip(eval(&out, &x)) {
-                for (p, q) in a.to_f64_vec().iter().zip(b.to_f64_vec()) {
-                    assert!((p - q).abs() <= 1e-5 + 1e-4 * q.abs(), "{what}: {p} vs {q}\n{printed}");
-                }
+        assert_same_values(what, &g, &out);
+    }
+}
+
+/// `out` computes what `g` does on three sets of random inputs.
+fn assert_same_values(what: &str, g: &Graph, out: &Graph) {
+    for seed in 1..4 {
+        let x = random_inputs(g, seed);
+        for (a, b) in eval(g, &x).iter().zip(eval(out, &x)) {
+            for (p, q) in a.to_f64_vec().iter().zip(b.to_f64_vec()) {
+                assert!((p - q).abs() <= 1e-5 + 1e-4 * q.abs(), "{what}: {p} vs {q}\n{}", text::print(out));
             }
         }
     }
@@ -880,14 +885,7 @@ output \"y\" = v9
             failures.push(format!("{what}: not fused\n{printed}"));
             continue;
         }
-        for seed in 1..4 {
-            let inputs = random_inputs(&g, seed);
-            for (a, b) in eval(&g, &inputs).iter().zip(eval(&out, &inputs)) {
-                for (p, q) in a.to_f64_vec().iter().zip(b.to_f64_vec()) {
-                    assert!((p - q).abs() <= 1e-5 + 1e-4 * q.abs(), "{what}: {p} vs {q}\n{printed}");
-                }
-            }
-        }
+        assert_same_values(what, &g, &out);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
