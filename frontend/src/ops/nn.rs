@@ -392,6 +392,11 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
         (repeat(c, present_key)?, repeat(c, present_value)?)
     };
     let scale = c.f("scale", 1.0 / (head as f32).sqrt())?;
+    // sqrt(scale) on each side, as the function body (onnxruntime refuses
+    // a scale that is not positive too: it has no real root).
+    if !(scale > 0.0 && scale.is_finite()) {
+        return Err(c.err(format!("scale {scale} must be a positive finite number")));
+    }
     let root = c.constant(Tensor::from_vec(vec![], vec![scale.sqrt()]));
     let q_scaled = c.add(Op::Mul, &[q, root])?;
     let kt = c.add(Op::Transpose { perm: vec![0, 1, 3, 2] }, &[keys])?;
