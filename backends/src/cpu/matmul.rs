@@ -83,15 +83,20 @@ pub fn emit(
             b.ins().iadd(base, bytes)
         };
         let (pa, pb, pc) = (at(a, 0, b), at(bm, 1, b), at(c, 2, b));
-        match mm.implementation {
+        // Whether the epilogue (if any) still has to run after the product.
+        let epilogue_after = match mm.implementation {
             MatMulImpl::Library => {
                 let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
                 let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let [b_rs, b_cs] = mm.b_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let sgemm = fns.sgemm.expect("library matmuls are only compiled where the GEMM library links");
                 b.ins().call(sgemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, b_rs, b_cs, pc]);
+                epilogue
             }
-            MatMulImpl::Generated => emit_tiled(b, mm, pa, pb, pc),
+            MatMulImpl::Generated => {
+                emit_tiled(b, mm, pa, pb, pc);
+                epilogue
+            }
             MatMulImpl::Packed => {
                 let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
                 let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
@@ -100,9 +105,10 @@ pub fn emit(
                 // thread's columns while they are still in its cache.
                 let program = epilogue.unwrap_or_else(|| b.ins().iconst(ptr, 0));
                 b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc, program, args]);
+                None
             }
-        }
-        if let (Some(program), false) = (epilogue, matches!(mm.implementation, MatMulImpl::Packed)) {
+        };
+        if let Some(program) = epilogue_after {
             let f = fns.epilogue.expect("epilogues are only compiled where the kernel library links");
             b.ins().call(f, &[program, args, pc]);
         }
