@@ -247,6 +247,37 @@ output \"m\" = v9
 }
 
 #[test]
+fn one_executable_runs_from_many_threads_at_once() {
+    // Each run keeps the pool's other workers awake while it lasts; runs
+    // started from several threads share one pool, so each must still end
+    // (a kept-awake worker may be running another run's kernel) and give
+    // the answer a lone run gives.
+    let g = parse(
+        "v0: f32[261,1031] = input{name=\"a\"}
+v1: f32[261,1031] = tanh v0
+v2: f32[1031,261] = transpose{perm=[1, 0]} v1
+v3: f32[261,261] = matmul v1, v2
+v4: f32[261,261] = softmax{axis=1} v3
+output \"y\" = v4
+",
+    )
+    .unwrap();
+    let plan = egret::backends::lower(&g, Default::default()).unwrap();
+    let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 2);
+    let alone: Vec<Vec<Tensor>> = (0..4).map(|seed| cpu.run(inputs_for(&g, seed)).unwrap()).collect();
+    std::thread::scope(|s| {
+        for seed in 0..4 {
+            let (cpu, g, want) = (&cpu, &g, &alone[seed as usize]);
+            s.spawn(move || {
+                for _ in 0..10 {
+                    assert_eq!(&cpu.run(inputs_for(g, seed)).unwrap(), want, "seed {seed}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn pow_by_small_constants() {
     for p in ["2.0", "3.0", "0.5", "4.0", "-1.0", "1.5"] {
         same(&format!(
