@@ -193,8 +193,8 @@ impl CpuExecutable {
     /// kernels in between (norms, small maps) are longer than that.
     /// Keeping them awake took 4-10% off gpt2_small4 and deit_tiny at two
     /// threads, at both levels; a worker that has found no work for
-    /// `STAY_AWAKE` goes back
-    /// to sleep, so a long single-threaded stretch does not burn a core.
+    /// `STAY_AWAKE` goes back to sleep, so a long single-threaded stretch
+    /// does not burn a core.
     fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         let Some(pool) = &self.pool else { return f() };
         pool.install(|| {
