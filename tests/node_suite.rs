@@ -104,3 +104,54 @@ fn unsupported_attention_outputs_are_refused_by_name() {
     let text = format!("{err}");
     assert!(text.contains("Attention") && text.contains("qk_matmul_output_mode 3"), "{text}");
 }
+
+/// ONNX's `RotaryEmbedding` (opset 23), `Swish` (24) and `SwiGLU` (28), from
+/// node-suite cases checked into the repository (4D and 3D inputs, with and
+/// without position ids, interleaved pairs, a partial rotary dimension;
+/// `alpha` 1 and not): each passes on both backends at `--opt 0` and
+/// `--opt 2`, and the swishes with `alpha` 1 are recognised as SiLU.
+#[test]
+fn rotary_embedding_and_swish_ops_import() {
+    let dir = common::repo_root().join("tests/data/onnx-rotary-swish");
+    let cases = egret::check::discover(&dir).unwrap();
+    assert_eq!(cases.len(), 11);
+    let tol = Tolerance { rtol: 1e-3, atol: 1e-6 };
+    for case in &cases {
+        for r in check_case(case, Backend::Reference, tol) {
+            assert!(r.passed(), "reference: {}: {:?} {:?}", r.case, r.error, r.outputs);
+        }
+        for opt_level in [0, 2] {
+            let opts = egret::CompileOptions { opt_level, ..Default::default() };
+            for r in egret::check::check_case_with(case, &opts, tol) {
+                assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
+            }
+        }
+        if case.ends_with("test_swish") || case.ends_with("test_swiglu") {
+            let c = egret::canonical(&case.join("model.onnx"), &Default::default()).unwrap();
+            let fused = egret::passes::egraph::count_fused(&c.graph);
+            assert!(fused.iter().any(|(k, n)| k == "silu" && *n == 1), "{}: {fused:?}", case.display());
+        }
+    }
+}
+
+/// A rotary dimension that is odd or larger than the head is refused by name.
+#[test]
+fn bad_rotary_dimensions_are_refused() {
+    use protobuf::Message;
+    let case = common::repo_root().join("tests/data/onnx-rotary-swish/test_rotary_embedding_with_rotary_dim");
+    let bytes = std::fs::read(case.join("model.onnx")).unwrap();
+    for dim in [3, 10] {
+        let mut model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
+        let node = &mut model.graph.as_mut().unwrap().node[0];
+        let attr = node.attribute.iter_mut().find(|a| a.name == "rotary_embedding_dim").unwrap();
+        attr.i = dim;
+        let dir = std::env::temp_dir().join(format!("egret-rotary-dim-{dim}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.onnx");
+        std::fs::write(&path, model.write_to_bytes().unwrap()).unwrap();
+        let err = egret::compile(&path, &Default::default()).err().expect("refused");
+        let text = format!("{err}");
+        assert!(text.contains("RotaryEmbedding") && text.contains(&format!("rotary_embedding_dim {dim}")), "{text}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

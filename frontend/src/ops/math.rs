@@ -73,6 +73,19 @@ pub fn register(r: &mut Registry) {
             other => Err(c.err(format!("approximate must be none or tanh, not `{other}`"))),
         })
     });
+    // Swish (opset 24) and SwiGLU (opset 28) as their function bodies:
+    // x * sigmoid(alpha * x), times `b` for SwiGLU. The e-graph recognises
+    // SiLU and the gated form in these primitives.
+    r.insert("Swish", |c| {
+        let x = c.req(0)?;
+        let y = swish(c, x)?;
+        Ok(vec![y])
+    });
+    r.insert("SwiGLU", |c| {
+        let (a, b) = (c.req(0)?, c.req(1)?);
+        let gate = swish(c, a)?;
+        c.add_node(Op::Mul, &[gate, b])
+    });
     r.insert("Max", |c| variadic(c, Op::Max));
     r.insert("Min", |c| variadic(c, Op::Min));
     r.insert("Sum", |c| variadic(c, Op::Add));
@@ -154,6 +167,19 @@ fn variadic(c: &mut NodeCtx, op: Op) -> BuildResult {
 fn scalar_like(c: &mut NodeCtx, like: egret_ir::ValueId, x: f64) -> Result<egret_ir::ValueId, crate::ImportError> {
     let dt = c.ty(like).dtype;
     Ok(c.constant(Tensor::scalar(x).cast(dt)))
+}
+
+/// `x * sigmoid(alpha * x)`, the scaling left out when `alpha` is 1.
+fn swish(c: &mut NodeCtx, x: egret_ir::ValueId) -> Result<egret_ir::ValueId, crate::ImportError> {
+    let alpha = c.f("alpha", 1.0)?;
+    let scaled = if alpha == 1.0 {
+        x
+    } else {
+        let alpha = scalar_like(c, x, alpha as f64)?;
+        c.add(Op::Mul, &[x, alpha])?
+    };
+    let gate = c.add(Op::Sigmoid, &[scaled])?;
+    c.add(Op::Mul, &[x, gate])
 }
 
 /// `Clip(x, lo, hi)` is `min(max(x, lo), hi)`; a missing bound is no bound.

@@ -28,6 +28,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Gemm", gemm);
     r.insert("Einsum", einsum);
     r.insert("Attention", attention);
+    r.insert("RotaryEmbedding", rotary_embedding);
     r.insert("Conv", conv);
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
@@ -452,6 +453,122 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
         y = c.add(Op::Reshape { shape: vec![batch, q_len, q_heads * dv] }, &[t])?;
     }
     Ok(vec![y, present_key, present_value, qk])
+}
+
+/// ONNX `RotaryEmbedding` (opset 23): rotates the first `rotary_embedding_dim`
+/// features of every head by the angles whose cosines and sines the caches
+/// hold, per batch and position (looked up by `position_ids`, or given per
+/// batch and position when there are none). Pairs are the two halves of the
+/// rotated features, or neighbours with `interleaved`. Imported as the
+/// primitives of its function body, without its transposes: the input
+/// keeps its layout, `[batch, heads, seq, head]` or `[batch, seq, heads *
+/// head]` seen as `[batch, seq, heads, head]`, and the angles broadcast over
+/// the heads.
+fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
+    let (x, cos, sin) = (c.req(0)?, c.req(1)?, c.req(2)?);
+    let position_ids = c.input(3);
+    let interleaved = c.i("interleaved", 0)? != 0;
+    for (v, name) in [(x, "input"), (cos, "cos_cache"), (sin, "sin_cache")] {
+        if c.ty(v).dtype != DType::F32 {
+            return Err(c.err(format!("`{name}` is {}; RotaryEmbedding is supported for f32", c.ty(v).dtype)));
+        }
+    }
+    let shape = c.ty(x).shape.clone();
+    // The input as [batch, heads, seq, head] or [batch, seq, heads, head],
+    // and the axis of the angles' heads (1) in the matching layout.
+    let (x4, batch, seq, heads_axis) = match shape.len() {
+        4 => {
+            c.ignore_attr("num_heads"); // The shape has the head count.
+            (x, shape[0], shape[2], 1)
+        }
+        3 => {
+            let heads = c.i("num_heads", 0)?;
+            if heads <= 0 || shape[2] % heads as usize != 0 {
+                return Err(c.err(format!("3D input {shape:?} needs `num_heads` that divides {}", shape[2])));
+            }
+            let heads = heads as usize;
+            let x4 = c.add(Op::Reshape { shape: vec![shape[0], shape[1], heads, shape[2] / heads] }, &[x])?;
+            (x4, shape[0], shape[1], 2)
+        }
+        _ => return Err(c.err(format!("input {shape:?} must be 3D or 4D"))),
+    };
+    let s4 = c.ty(x4).shape.clone();
+    let head = s4[3];
+    let rotary = match c.i("rotary_embedding_dim", 0)? {
+        0 => head,
+        d if d > 0 && d as usize <= head && d % 2 == 0 => d as usize,
+        d => return Err(c.err(format!("rotary_embedding_dim {d} must be even and at most the head size {head}"))),
+    };
+    let half = rotary / 2;
+    // The angles per batch and position, [batch, seq, >= half].
+    let angles = |c: &mut NodeCtx, cache: ValueId, name: &str| -> Result<ValueId, ImportError> {
+        let table = match position_ids {
+            Some(ids) => {
+                if c.rank(cache) != 2 || c.ty(ids).shape != [batch, seq] {
+                    return Err(c.err(format!(
+                        "{name} {:?} must be [positions, features] and position_ids {:?} [{batch}, {seq}]",
+                        c.ty(cache).shape,
+                        c.ty(ids).shape
+                    )));
+                }
+                c.add(Op::Gather { axis: 0 }, &[cache, ids])?
+            }
+            None => cache,
+        };
+        let ts = c.ty(table).shape.clone();
+        if ts.len() != 3 || ts[0] != batch || ts[1] != seq || ts[2] < half {
+            return Err(c.err(format!("{name} gives angles {ts:?}, not [{batch}, {seq}, >= {half}]")));
+        }
+        let table = if ts[2] == half { table } else { slice_last(c, table, 0, half as i64, 1)? };
+        // One angle per head: a unit axis where the input has its heads.
+        let mut broadcast = vec![batch, seq, half];
+        broadcast.insert(heads_axis, 1);
+        c.add(Op::Reshape { shape: broadcast }, &[table])
+    };
+    let (cos, sin) = (angles(c, cos, "cos_cache")?, angles(c, sin, "sin_cache")?);
+    let (first, second) = if interleaved {
+        (slice_last(c, x4, 0, rotary as i64, 2)?, slice_last(c, x4, 1, rotary as i64, 2)?)
+    } else {
+        (slice_last(c, x4, 0, half as i64, 1)?, slice_last(c, x4, half as i64, rotary as i64, 1)?)
+    };
+    let (cos_first, sin_second) = (c.add(Op::Mul, &[cos, first])?, c.add(Op::Mul, &[sin, second])?);
+    let real = c.add(Op::Sub, &[cos_first, sin_second])?;
+    let (sin_first, cos_second) = (c.add(Op::Mul, &[sin, first])?, c.add(Op::Mul, &[cos, second])?);
+    let imaginary = c.add(Op::Add, &[sin_first, cos_second])?;
+    let rotated = if interleaved {
+        // [.., half] pairs side by side as [.., half, 2], read as [.., rotary].
+        let mut pair = s4[..3].to_vec();
+        pair.extend([half, 1]);
+        let real = c.add(Op::Reshape { shape: pair.clone() }, &[real])?;
+        let imaginary = c.add(Op::Reshape { shape: pair }, &[imaginary])?;
+        let pairs = c.add(Op::Concat { axis: 4 }, &[real, imaginary])?;
+        let mut flat = s4[..3].to_vec();
+        flat.push(rotary);
+        c.add(Op::Reshape { shape: flat }, &[pairs])?
+    } else {
+        c.add(Op::Concat { axis: 3 }, &[real, imaginary])?
+    };
+    let y = if rotary == head {
+        rotated
+    } else {
+        let rest = slice_last(c, x4, rotary as i64, head as i64, 1)?;
+        c.add(Op::Concat { axis: 3 }, &[rotated, rest])?
+    };
+    if c.ty(y).shape == shape {
+        return Ok(vec![y]);
+    }
+    c.add_node(Op::Reshape { shape }, &[y])
+}
+
+/// `x[.., start..end:step]` along the last axis, the others whole.
+fn slice_last(c: &mut NodeCtx, x: ValueId, start: i64, end: i64, step: i64) -> Result<ValueId, ImportError> {
+    let shape = c.ty(x).shape.clone();
+    let mut starts = vec![0; shape.len()];
+    let mut ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let mut steps = vec![1; shape.len()];
+    let last = shape.len() - 1;
+    (starts[last], ends[last], steps[last]) = (start, end, step);
+    c.add(Op::Slice { starts, ends, steps }, &[x])
 }
 
 /// `[batch, seq, heads * head]` as `[batch, heads, seq, head]`.
