@@ -446,13 +446,37 @@ impl Tensor {
     /// The elements as native-endian bytes (bools as 0/1), the layout the
     /// compiled backends keep in memory.
     pub fn to_bytes(&self) -> Vec<u8> {
-        fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
-            let n = std::mem::size_of_val(v);
+        match (&self.data, self.native_bytes()) {
+            (Data::Bool(v), _) => v.iter().map(|&b| b as u8).collect(),
+            (_, Some(bytes)) => bytes.to_vec(),
+            (_, None) => unreachable!("every type but bool is stored as its native bytes"),
+        }
+    }
+
+    /// Writes the bytes of `to_bytes` into `dst`, which must be exactly that
+    /// long, without allocating (the runtime fills reused input buffers).
+    pub fn write_bytes(&self, dst: &mut [u8]) {
+        match (&self.data, self.native_bytes()) {
+            (Data::Bool(v), _) => {
+                assert_eq!(dst.len(), v.len(), "byte buffer does not fit the tensor");
+                for (d, &b) in dst.iter_mut().zip(v) {
+                    *d = b as u8;
+                }
+            }
+            (_, Some(bytes)) => dst.copy_from_slice(bytes),
+            (_, None) => unreachable!("every type but bool is stored as its native bytes"),
+        }
+    }
+
+    /// The elements' memory as bytes; `None` for bools, whose in-memory
+    /// representation Rust does not promise.
+    fn native_bytes(&self) -> Option<&[u8]> {
+        fn bytes_of<T: Copy>(v: &[T]) -> Option<&[u8]> {
             // Plain numeric types with no padding: their bytes are well defined.
-            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) }.to_vec()
+            Some(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) })
         }
         match &self.data {
-            Data::Bool(v) => v.iter().map(|&b| b as u8).collect(),
+            Data::Bool(_) => None,
             Data::F32(v) => bytes_of(v),
             Data::F64(v) => bytes_of(v),
             Data::I8(v) => bytes_of(v),
