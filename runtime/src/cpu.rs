@@ -56,8 +56,10 @@ pub struct CpuExecutable {
     compiled: CompiledPlan,
     pool: Option<rayon::ThreadPool>,
     threads: usize,
-    /// Memory of finished runs, reused: a fresh buffer costs a page fault
-    /// per 4 KiB on first touch (a 224x224 image is 147 pages).
+    /// Memory of finished runs, reused: no allocation, clearing or copying
+    /// through a temporary per run (and a buffer the allocator maps afresh
+    /// each time, as glibc does above its mmap threshold, costs a page
+    /// fault per 4 KiB on first touch).
     workspaces: std::sync::Mutex<Vec<Workspace>>,
     /// Constant buffers, converted to bytes once at compile time.
     constants: Vec<Option<AlignedBuf>>,
