@@ -593,10 +593,16 @@ output \"y\" = v2
 ";
 
 /// The cost model takes the biggest attention tiles that fit (fewer tiles,
-/// less repacking; calibrated on deit_tiny), and splits a long key range.
+/// less repacking; calibrated on deit_tiny), and splits long query and key
+/// ranges into equal blocks (197 queries as 99 + 98, so that threads get
+/// tiles of one size).
 #[test]
 fn the_cost_model_picks_attention_tiles() {
-    for (sq, sk, want) in [(70, 30, "block=70, key_block=30"), (256, 1000, "block=128, key_block=500")] {
+    for (sq, sk, want) in [
+        (70, 30, "block=70, key_block=30"),
+        (256, 1000, "block=128, key_block=500"),
+        (197, 197, "block=99, key_block=197"),
+    ] {
         let start = format!(
             "v0: f32[2,{sq},8] = input{{name=\"q\"}}
 v1: f32[2,8,{sk}] = input{{name=\"kt\"}}

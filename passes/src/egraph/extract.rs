@@ -65,7 +65,7 @@ fn attention_cost(
     let best = ATTENTION_BLOCKS
         .iter()
         .flat_map(|&b| ATTENTION_KEY_BLOCKS.iter().map(move |&k| (b, k)))
-        .map(|(b, k)| overhead(b, balanced(sk as usize, k)))
+        .map(|(b, k)| overhead(balanced(sq as usize, b), balanced(sk as usize, k)))
         .fold(f64::INFINITY, f64::min);
     let extra = (overhead(block, key_block) - best).max(0.0);
     Some(batch * (sq * sk * d + sq * dv * sk) / LIBRARY_MACS_PER_UNIT + numel + extra)

@@ -33,7 +33,9 @@ pub fn rules() -> Vec<Rule> {
     ]
 }
 
-/// Query rows per tile the cost model chooses from (clamped to the queries).
+/// Query rows per tile at most; the queries split into equal blocks under
+/// each, so that the tiles the runtime spreads over threads are the same
+/// size (197 queries as two blocks of 99 and 98, not 128 and 69).
 pub const ATTENTION_BLOCKS: [usize; 3] = [32, 64, 128];
 /// Keys per tile at most; the keys split into equal blocks under each.
 pub const ATTENTION_KEY_BLOCKS: [usize; 3] = [128, 256, 512];
@@ -69,7 +71,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for TileAttention {
         let mut tiles: Vec<(usize, usize)> = Vec::new();
         for b in ATTENTION_BLOCKS {
             for k in ATTENTION_KEY_BLOCKS {
-                let tile = (b.min(sq).max(1), balanced(sk, k));
+                let tile = (balanced(sq, b), balanced(sk, k));
                 if !tiles.contains(&tile) {
                     tiles.push(tile);
                 }
