@@ -77,21 +77,27 @@ fn the_attention_op_imports_and_fuses() {
     assert_eq!(cases.len(), 8);
     let tol = Tolerance { rtol: 1e-3, atol: 1e-6 };
     for case in &cases {
-        for r in check_case(case, Backend::Reference, tol) {
-            assert!(r.passed(), "reference: {}: {:?} {:?}", r.case, r.error, r.outputs);
-        }
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, ..Default::default() };
-            for r in egret::check::check_case_with(case, &opts, tol) {
-                assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
-            }
-        }
+        passes_everywhere(case, tol);
         let c = egret::canonical(&case.join("model.onnx"), &Default::default()).unwrap();
         let fused = egret::passes::egraph::count_fused(&c.graph);
         // A soft cap (a tanh between the scores and the softmax) is outside
         // the fused op: that case runs unfused, softmax recognised.
         let want = if case.ends_with("test_attention_3d_gqa_softcap") { "softmax" } else { "attention" };
         assert!(fused.iter().any(|(k, n)| k == want && *n == 1), "{}: {fused:?}", case.display());
+    }
+}
+
+/// The case passes on the reference backend and on the cpu backend at
+/// `--opt 0` and `--opt 2`.
+fn passes_everywhere(case: &std::path::Path, tol: Tolerance) {
+    for r in check_case(case, Backend::Reference, tol) {
+        assert!(r.passed(), "reference: {}: {:?} {:?}", r.case, r.error, r.outputs);
+    }
+    for opt_level in [0, 2] {
+        let opts = egret::CompileOptions { opt_level, ..Default::default() };
+        for r in egret::check::check_case_with(case, &opts, tol) {
+            assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
+        }
     }
 }
 
@@ -117,15 +123,7 @@ fn rotary_embedding_and_swish_ops_import() {
     assert_eq!(cases.len(), 11);
     let tol = Tolerance { rtol: 1e-3, atol: 1e-6 };
     for case in &cases {
-        for r in check_case(case, Backend::Reference, tol) {
-            assert!(r.passed(), "reference: {}: {:?} {:?}", r.case, r.error, r.outputs);
-        }
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, ..Default::default() };
-            for r in egret::check::check_case_with(case, &opts, tol) {
-                assert!(r.passed(), "--opt {opt_level}: {}: {:?} {:?}", r.case, r.error, r.outputs);
-            }
-        }
+        passes_everywhere(case, tol);
         if case.ends_with("test_swish") || case.ends_with("test_swiglu") {
             let c = egret::canonical(&case.join("model.onnx"), &Default::default()).unwrap();
             let fused = egret::passes::egraph::count_fused(&c.graph);
