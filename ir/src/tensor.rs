@@ -446,37 +446,26 @@ impl Tensor {
     /// The elements as native-endian bytes (bools as 0/1), the layout the
     /// compiled backends keep in memory.
     pub fn to_bytes(&self) -> Vec<u8> {
-        match (&self.data, self.native_bytes()) {
-            (Data::Bool(v), _) => v.iter().map(|&b| b as u8).collect(),
-            (_, Some(bytes)) => bytes.to_vec(),
-            (_, None) => unreachable!("every type but bool is stored as its native bytes"),
-        }
+        let mut bytes = vec![0; self.numel() * self.dtype().size_bytes()];
+        self.write_bytes(&mut bytes);
+        bytes
     }
 
     /// Writes the bytes of `to_bytes` into `dst`, which must be exactly that
     /// long, without allocating (the runtime fills reused input buffers).
     pub fn write_bytes(&self, dst: &mut [u8]) {
-        match (&self.data, self.native_bytes()) {
-            (Data::Bool(v), _) => {
+        fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+            // Plain numeric types with no padding: their bytes are well defined.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        let src = match &self.data {
+            Data::Bool(v) => {
                 assert_eq!(dst.len(), v.len(), "byte buffer does not fit the tensor");
                 for (d, &b) in dst.iter_mut().zip(v) {
                     *d = b as u8;
                 }
+                return;
             }
-            (_, Some(bytes)) => dst.copy_from_slice(bytes),
-            (_, None) => unreachable!("every type but bool is stored as its native bytes"),
-        }
-    }
-
-    /// The elements' memory as bytes; `None` for bools, whose in-memory
-    /// representation Rust does not promise.
-    fn native_bytes(&self) -> Option<&[u8]> {
-        fn bytes_of<T: Copy>(v: &[T]) -> Option<&[u8]> {
-            // Plain numeric types with no padding: their bytes are well defined.
-            Some(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) })
-        }
-        match &self.data {
-            Data::Bool(_) => None,
             Data::F32(v) => bytes_of(v),
             Data::F64(v) => bytes_of(v),
             Data::I8(v) => bytes_of(v),
@@ -487,7 +476,8 @@ impl Tensor {
             Data::U16(v) => bytes_of(v),
             Data::U32(v) => bytes_of(v),
             Data::U64(v) => bytes_of(v),
-        }
+        };
+        dst.copy_from_slice(src);
     }
 
     /// The inverse of `to_bytes`. `bytes` must hold exactly the elements of `ty`.
