@@ -552,6 +552,60 @@ output \"plain\" = v10
     );
 }
 
+/// An attention over `[1, 2, s, 8]` heads with the constant additive mask
+/// `masked(row, key)` (masked out: `low`, else 0), tiled `block x
+/// key_block`, its heads merged by the transpose and reshape exporters
+/// write after it.
+fn constant_mask_attention(
+    s: usize,
+    block: usize,
+    key_block: usize,
+    low: &str,
+    masked: impl Fn(usize, usize) -> bool,
+) -> String {
+    let mask: Vec<String> =
+        (0..s * s).map(|i| if masked(i / s, i % s) { low.to_string() } else { "0.0".to_string() }).collect();
+    format!(
+        "v0: f32[1,2,{s},8] = input{{name=\"q\"}}
+v1: f32[1,2,8,{s}] = input{{name=\"kt\"}}
+v2: f32[1,2,{s},8] = input{{name=\"v\"}}
+v3: f32[{s},{s}] = const [{}]
+v4: f32[1,2,{s},8] = attention_tiled{{scale=0.35355338, nan_to_zero=true, block={block}, key_block={key_block}}} v0, v1, v2, v3
+v5: f32[1,{s},2,8] = transpose{{perm=[0, 2, 1, 3]}} v4
+v6: f32[1,{s},16] = reshape{{shape=[1, {s}, 16]}} v5
+output \"y\" = v6
+",
+        mask.join(", ")
+    )
+}
+
+#[test]
+fn attention_skips_the_keys_a_constant_mask_removes() {
+    let fused = |text: &str| {
+        let g = parse(text).unwrap();
+        egret::backends::lower(&g, Default::default()).unwrap().describe()
+    };
+    // Causal masks as exporters write them (the lowest f32, or -inf): each
+    // block of 16 query rows visits the keys up to its last row.
+    for low in ["-3.4028235e38", "-inf"] {
+        let text = constant_mask_attention(40, 16, 32, low, |row, key| key > row);
+        let plan = fused(&text);
+        assert!(plan.contains("(32% of the scores skipped)"), "{plan}");
+        assert!(plan.contains("heads written interleaved") && !plan.contains("map"), "{plan}");
+        same(&text);
+    }
+    // A sliding window of 10 keys: spans start past key 0, over more than
+    // one key block.
+    let text = constant_mask_attention(80, 16, 20, "-inf", |row, key| key > row || key + 10 <= row);
+    assert!(fused(&text).contains("scores skipped"));
+    same(&text);
+    // A row with every key masked out: its softmax averages every key (or
+    // is NaN), so nothing is skipped.
+    let text = constant_mask_attention(40, 16, 32, "-3.4028235e38", |row, key| key > row || row == 3);
+    assert!(!fused(&text).contains("scores skipped"));
+    same(&text);
+}
+
 #[test]
 fn elementwise_tails_fold_into_matmul_epilogues() {
     // Bias + GELU (erf and tanh), SiLU, a residual, a clamp; rows of 300

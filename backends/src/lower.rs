@@ -980,7 +980,7 @@ impl<'g> Lowering<'g> {
         scores.extend([sq, sk]);
         let (vq, vkt, vv) = (self.view(q), self.view(kt), self.view(v));
         let vm = inputs.get(3).map(|&m| self.read(m, &scores));
-        let o = self.define(out);
+        let vo = self.attention_output(out);
         let nb = batch.len();
         let bq = broadcast_view(&sq_shape[..sq_shape.len() - 2], &vq.strides[..sq_shape.len() - 2], &batch);
         let bkt = broadcast_view(&skt[..skt.len() - 2], &vkt.strides[..skt.len() - 2], &batch);
@@ -988,8 +988,7 @@ impl<'g> Lowering<'g> {
         let bs = egret_ir::strides_of(&batch);
         let batches = (0..batch.iter().product::<usize>())
             .map(|i| {
-                let mut offs =
-                    [vq.offset, vkt.offset, vv.offset, vm.as_ref().map_or(0, |m| m.offset), (i * sq * dv) as isize];
+                let mut offs = [vq.offset, vkt.offset, vv.offset, vm.as_ref().map_or(0, |m| m.offset), vo.offset];
                 for dim in 0..nb {
                     let idx = ((i / bs[dim]) % batch[dim]) as isize;
                     offs[0] += idx * bq[dim];
@@ -998,11 +997,17 @@ impl<'g> Lowering<'g> {
                     if let Some(m) = &vm {
                         offs[3] += idx * m.strides[dim];
                     }
+                    offs[4] += idx * vo.strides[dim];
                 }
                 offs
             })
-            .collect();
+            .collect::<Vec<_>>();
         let last2 = |st: &[isize]| [st[st.len() - 2], st[st.len() - 1]];
+        // The optimiser's tiles, or at most 64 x 512 scores (128 KiB, in
+        // L2), the keys split into equal blocks so the last is not a sliver.
+        let block = tiles.map_or(64, |t| t.0).clamp(1, sq.max(1));
+        let key_block = tiles.map_or(sk.div_ceil(sk.div_ceil(512).max(1)), |t| t.1).clamp(1, sk.max(1));
+        let key_spans = vm.as_ref().and_then(|m| self.mask_key_spans(m, &batches, sq, sk, block));
         let kernel = AttentionKernel {
             sq,
             sk,
@@ -1010,22 +1015,89 @@ impl<'g> Lowering<'g> {
             dv,
             scale,
             nan_to_zero,
-            // The optimiser's tiles, or at most 64 x 512 scores (128 KiB, in
-            // L2), the keys split into equal blocks so the last is not a sliver.
-            block: tiles.map_or(64, |t| t.0).clamp(1, sq.max(1)),
-            key_block: tiles.map_or(sk.div_ceil(sk.div_ceil(512).max(1)), |t| t.1).clamp(1, sk.max(1)),
+            block,
+            key_block,
             q: vq.buffer,
             kt: vkt.buffer,
             v: vv.buffer,
             mask: vm.as_ref().map(|m| m.buffer),
-            out: o,
+            out: vo.buffer,
             q_strides: last2(&vq.strides),
             kt_strides: last2(&vkt.strides),
             v_strides: last2(&vv.strides),
             mask_strides: vm.as_ref().map_or([0, 0], |m| last2(&m.strides)),
+            out_row_stride: vo.strides[vo.strides.len() - 2],
             batches,
+            key_spans,
         };
         self.push(KernelKind::Attention(kernel), label);
+    }
+
+    /// Where attention writes its output. Exporters move the heads next to
+    /// the features before merging them (`transpose` `[.., heads, sq, dv]`
+    /// to `[.., sq, heads, dv]`, then `reshape`): where that transpose is
+    /// the output's only reader, the kernel writes the transposed layout
+    /// directly (rows `heads * dv` apart), the transpose reads it as a
+    /// dense view and the merge is a view too, instead of a copy of every
+    /// head. Otherwise a fresh dense buffer.
+    fn attention_output(&mut self, out: ValueId) -> View {
+        let g = self.g;
+        let ty = g.ty(out).clone();
+        let rank = ty.shape.len();
+        let readers = g.consumers(g.producer(out));
+        if let ([reader], true, 1) = (readers.as_slice(), self.opts.views, g.use_count(out)) {
+            let node = g.node(*reader);
+            if let Op::Transpose { perm } = &node.op {
+                if perm.len() == rank && perm[rank - 1] == rank - 1 {
+                    let transposed = contiguous_strides(&g.ty(node.outputs[0]).shape);
+                    let buffer = self.scratch(ty.dtype, &g.ty(node.outputs[0]).shape);
+                    // Axis `perm[j]` of the output is axis `j` of the transpose.
+                    let mut strides = vec![0; rank];
+                    for (j, &axis) in perm.iter().enumerate() {
+                        strides[axis] = transposed[j];
+                    }
+                    let view = View { buffer, offset: 0, strides };
+                    self.views.insert(out, view.clone());
+                    return view;
+                }
+            }
+        }
+        self.define(out);
+        self.views[&out].clone()
+    }
+
+    /// Each task's key span (`AttentionKernel::key_spans`) when the mask is
+    /// a constant whose masked-out keys can be skipped; `None` when it is
+    /// not a constant, nothing can be skipped, or nothing would be.
+    fn mask_key_spans(
+        &self,
+        mask: &Operand,
+        batches: &[[isize; 5]],
+        sq: usize,
+        sk: usize,
+        block: usize,
+    ) -> Option<Vec<[usize; 2]>> {
+        let Storage::Constant(t) = &self.buffers[mask.buffer].storage else { return None };
+        let values = t.as_f32()?;
+        let rank = mask.strides.len();
+        let (rs, cs) = (mask.strides[rank - 2], mask.strides[rank - 1]);
+        let mut by_offset: HashMap<isize, Vec<(usize, usize)>> = HashMap::new();
+        let mut tasks = Vec::with_capacity(batches.len() * sq.div_ceil(block));
+        for offs in batches {
+            let at = offs[3];
+            let rows = match by_offset.entry(at) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let read = |r: usize, k: usize| values[(at + r as isize * rs + k as isize * cs) as usize];
+                    e.insert(egret_ir::ops::linalg::live_key_spans(read, sq, sk)?)
+                }
+            };
+            for row0 in (0..sq).step_by(block) {
+                let (first, end) = egret_ir::ops::linalg::block_key_span(&rows[row0..sq.min(row0 + block)]);
+                tasks.push([first, end]);
+            }
+        }
+        tasks.iter().any(|&[first, end]| first > 0 || end < sk).then_some(tasks)
     }
 
     /// Attention as kernels: the scores into a scratch buffer, scaled (and

@@ -348,13 +348,35 @@ pub struct AttentionKernel {
     pub kt_strides: [isize; 2],
     pub v_strides: [isize; 2],
     pub mask_strides: [isize; 2],
+    /// Elements between consecutive rows of the output (`dv` when dense;
+    /// more when the heads write into a `[.., sq, heads, dv]` layout).
+    pub out_row_stride: isize,
     /// Per batch: element offsets of q, kt, v, the mask and the output.
     pub batches: Vec<[isize; 5]>,
+    /// With a mask known at compile time, the keys each task (batch-major,
+    /// then query block) visits, `first..end`: its rows' live spans
+    /// (`egret_ir::ops::linalg::live_key_spans`). `None`: every key.
+    pub key_spans: Option<Vec<[usize; 2]>>,
 }
 
 impl AttentionKernel {
     pub fn blocks_per_batch(&self) -> usize {
         self.sq.div_ceil(self.block)
+    }
+
+    /// Score elements (query row x key pairs) the kernel computes per run.
+    pub fn scores_computed(&self) -> usize {
+        match &self.key_spans {
+            None => self.batches.len() * self.sq * self.sk,
+            Some(spans) => spans
+                .iter()
+                .enumerate()
+                .map(|(task, &[first, end])| {
+                    let row0 = (task % self.blocks_per_batch()) * self.block;
+                    self.block.min(self.sq - row0) * (end - first)
+                })
+                .sum(),
+        }
     }
 }
 
@@ -414,7 +436,7 @@ impl Kernel {
         match &self.kind {
             KernelKind::Map(m) => m.shape.iter().product::<usize>() as u64 * m.expr.op_count() as u64,
             KernelKind::MatMul(mm) => 2 * (mm.m * mm.k * mm.n * mm.batches.len()) as u64,
-            KernelKind::Attention(a) => (a.batches.len() * a.sq * a.sk * (2 * a.d + 2 * a.dv + 5)) as u64,
+            KernelKind::Attention(a) => (a.scores_computed() * (2 * a.d + 2 * a.dv + 5)) as u64,
             KernelKind::Rows(r) => (r.rows * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
             KernelKind::Gather(_) | KernelKind::Reference { .. } => 0,
         }
@@ -444,7 +466,7 @@ impl Kernel {
             ),
             KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
             KernelKind::Attention(a) => format!(
-                "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}",
+                "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}{}{}",
                 a.batches.len(),
                 a.sq,
                 a.sk,
@@ -453,7 +475,15 @@ impl Kernel {
                 a.block,
                 a.key_block,
                 if a.mask.is_some() { ", masked" } else { "" },
-                if a.nan_to_zero { ", NaN guard" } else { "" }
+                match a.key_spans {
+                    Some(_) => format!(
+                        " ({:.0}% of the scores skipped)",
+                        100.0 * (1.0 - a.scores_computed() as f64 / (a.batches.len() * a.sq * a.sk).max(1) as f64)
+                    ),
+                    None => String::new(),
+                },
+                if a.nan_to_zero { ", NaN guard" } else { "" },
+                if a.out_row_stride != a.dv as isize { ", heads written interleaved" } else { "" }
             ),
             KernelKind::Reference { op, .. } => op.name().to_string(),
         }

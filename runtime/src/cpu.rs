@@ -187,7 +187,7 @@ fn work(kind: &KernelKind) -> usize {
         KernelKind::Rows(r) => r.rows * r.len,
         KernelKind::MatMul(mm) => mm.m * mm.n * mm.k * mm.batches.len(),
         KernelKind::Gather(k) => k.outer * k.n_indices * k.inner,
-        KernelKind::Attention(a) => a.batches.len() * a.sq * a.sk * (a.d + a.dv),
+        KernelKind::Attention(a) => a.scores_computed() * (a.d + a.dv),
         KernelKind::Reference { .. } => 0,
     }
 }

@@ -227,10 +227,11 @@ fn define_kernels<M: Module>(
                 },
                 KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
                 KernelKind::Attention(a) => {
+                    let spans = a.key_spans.iter().flatten().flatten().map(|&k| k as isize);
                     let table = batch_table(
                         module,
                         &format!("egret_k{i}_batches"),
-                        a.batches.iter().flatten().copied(),
+                        a.batches.iter().flatten().copied().chain(spans),
                         b.func,
                     )
                     .map_err(err)?;

@@ -155,6 +155,46 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     }
 }
 
+/// An additive attention mask value at or below this masks its key out:
+/// exporters write `-inf` or the dtype's lowest value (-3.4e38).
+pub const MASKED_OUT: f32 = -1e30;
+/// Mask values of the keys that are not masked out must be at least this,
+/// so that a masked key's score sits more than 1e29 below every live score
+/// of its row and its weight `exp(score - max)` is exactly zero in f32.
+const LIVE_AT_LEAST: f32 = -1e25;
+
+/// The keys each query row of an attention can give weight to, for an
+/// additive mask known at compile time (`mask(row, key)`, `sq` rows of `sk`
+/// keys): per row, the span `first..last + 1` of its keys that are not
+/// masked out. Kernels may skip the keys outside a row's span: their
+/// weights are exactly zero. `None` when nothing may be skipped: a row
+/// with every key masked out (its softmax is then uniform or NaN, and
+/// every key counts), or a value that is NaN, `+inf`, or between the two
+/// thresholds, too close to its row's live scores to call.
+pub fn live_key_spans(mask: impl Fn(usize, usize) -> f32, sq: usize, sk: usize) -> Option<Vec<(usize, usize)>> {
+    let mut spans = Vec::with_capacity(sq);
+    for row in 0..sq {
+        let mut span: Option<(usize, usize)> = None;
+        for key in 0..sk {
+            let m = mask(row, key);
+            if m <= MASKED_OUT {
+                continue;
+            }
+            if !(LIVE_AT_LEAST..f32::INFINITY).contains(&m) {
+                return None;
+            }
+            span = Some(span.map_or((key, key + 1), |(first, _)| (first, key + 1)));
+        }
+        spans.push(span?);
+    }
+    Some(spans)
+}
+
+/// The keys a block of query rows needs: the hull of its rows' spans.
+pub fn block_key_span(spans: &[(usize, usize)]) -> (usize, usize) {
+    spans.iter().fold((usize::MAX, 0), |(lo, hi), &(a, b)| (lo.min(a), hi.max(b)))
+}
+
 /// `c[m, n] += a[m, k] * b[k, n]` for contiguous row-major blocks. The i-k-j
 /// order streams rows of `b` and `c`, which the compiler vectorises.
 pub fn gemm_block<T: Arith>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n: usize) {
@@ -495,6 +535,49 @@ fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_key_spans_of_constant_masks() {
+        let spans = |m: &[f32], s: usize| live_key_spans(|r, k| m[r * s + k], s, s);
+        let low = f32::MIN;
+        // Causal, with the lowest f32 or -inf.
+        assert_eq!(spans(&[0.0, low, 0.0, 0.0], 2), Some(vec![(0, 1), (0, 2)]));
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(spans(&[inf, 0.0, -1.0, inf], 2), Some(vec![(1, 2), (0, 1)]));
+        // Masked keys inside a span stay in it.
+        assert_eq!(spans(&[0.0, inf, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 3), Some(vec![(0, 3), (0, 3), (0, 3)]));
+        // A row with no live key, a value too close to call, a NaN, +inf.
+        assert_eq!(spans(&[0.0, 0.0, low, inf], 2), None);
+        assert_eq!(spans(&[0.0, -1e28, 0.0, 0.0], 2), None);
+        assert_eq!(spans(&[0.0, f32::NAN, 0.0, 0.0], 2), None);
+        assert_eq!(spans(&[0.0, f32::INFINITY, 0.0, 0.0], 2), None);
+        assert_eq!(block_key_span(&[(3, 5), (0, 4), (2, 9)]), (0, 9));
+    }
+
+    #[test]
+    fn keys_outside_the_live_spans_have_zero_weight() {
+        // The reference attention with a causal mask of the lowest f32, and
+        // the same attention over only the keys each row's span keeps.
+        let (s, d) = (5, 3);
+        let mask: Vec<f32> = (0..s * s).map(|i| if i % s > i / s { f32::MIN } else { 0.0 }).collect();
+        let spans = live_key_spans(|r, k| mask[r * s + k], s, s).unwrap();
+        let (q, kt, v) = (data(&[s, d], 1), data(&[d, s], 2), data(&[s, d], 3));
+        let op = Op::Attention { scale: 0.5, nan_to_zero: false };
+        let m = Tensor::from_vec(vec![s, s], mask);
+        let full = eval(&op, &[&q, &kt, &v, &m]).unwrap().remove(0);
+        let (qv, ktv, vv) = (q.as_f32().unwrap(), kt.as_f32().unwrap(), v.as_f32().unwrap());
+        for (row, &(first, end)) in spans.iter().enumerate() {
+            let keys = end - first;
+            let q1 = Tensor::from_vec(vec![1, d], qv[row * d..(row + 1) * d].to_vec());
+            let kt1 = Tensor::from_vec(
+                vec![d, keys],
+                (0..d).flat_map(|i| ktv[i * s + first..i * s + end].to_vec()).collect::<Vec<_>>(),
+            );
+            let v1 = Tensor::from_vec(vec![keys, d], vv[first * d..end * d].to_vec());
+            let part = eval(&op, &[&q1, &kt1, &v1]).unwrap().remove(0);
+            assert_eq!(part.as_f32().unwrap(), &full.as_f32().unwrap()[row * d..(row + 1) * d], "row {row}");
+        }
+    }
 
     fn data(shape: &[usize], seed: usize) -> Tensor {
         let n: usize = shape.iter().product();

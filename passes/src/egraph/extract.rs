@@ -35,11 +35,13 @@ const ATTENTION_TILE_UNITS: f64 = 500.0;
 const PACK_UNITS_PER_ELEMENT: f64 = 0.4;
 
 /// The cost of an attention computed in `block x key_block` tiles: its two
-/// products at the library's rate and one pass over the output (no pass
-/// over the scores: the unfused chain writes them three times), plus what
-/// these tiles cost beyond the best tiles among the candidates
-/// (`rules::tiling`): the overhead ranks the tilings against each other
-/// without making a small attention look dearer than the chain it fuses.
+/// products at the library's rate over the scores the kernel computes (with
+/// a constant mask, only each query block's live keys) and one pass over
+/// the output (no pass over the scores: the unfused chain writes them three
+/// times), plus what these tiles cost beyond the cheapest tiles among the
+/// candidates (`rules::tiling`): the overhead ranks the tilings against
+/// each other without making a small attention look dearer than the chain
+/// it fuses.
 fn attention_cost(
     egraph: &TGraph,
     n: &TNode,
@@ -47,28 +49,107 @@ fn attention_cost(
     data: &super::Info,
     block: usize,
     key_block: usize,
+    mask_spans: &MaskSpans,
 ) -> Option<f64> {
     let dims = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
     let (q, kt) = (dims(0)?, dims(1)?);
-    let (sq, d, sk) = (q[q.len() - 2] as f64, q[q.len() - 1] as f64, kt[kt.len() - 1] as f64);
+    let (sq, d, sk) = (q[q.len() - 2], q[q.len() - 1] as f64, kt[kt.len() - 1]);
     let numel = data.ty()?.numel() as f64;
     let dv = data.ty()?.shape.last().copied().unwrap_or(1) as f64;
-    let batch = numel / (sq * dv).max(1.0);
+    let batch = numel / (sq as f64 * dv).max(1.0);
+    let spans = n.children.get(first + 3).and_then(|&m| mask_spans.get(&egraph.find(m))).filter(|s| s.len() == sq);
+    // Per query block: its rows and the keys it visits.
+    let blocks = |block: usize| -> Vec<(f64, f64)> {
+        (0..sq)
+            .step_by(block.max(1))
+            .map(|row0| {
+                let end = sq.min(row0 + block);
+                let keys = spans.map_or(sk, |s| {
+                    let (lo, hi) = egret_ir::ops::linalg::block_key_span(&s[row0..end]);
+                    hi - lo
+                });
+                ((end - row0) as f64, keys as f64)
+            })
+            .collect()
+    };
+    let scores = |block: usize| blocks(block).iter().map(|(rows, keys)| rows * keys).sum::<f64>();
     // Every tile's setup and packing, and the online softmax rescaling the
     // output rows once per key block after the first.
     let overhead = |block: usize, key_block: usize| {
-        let (block, key_block) = ((block.max(1) as f64).min(sq), (key_block.max(1) as f64).min(sk));
-        let (query_blocks, key_blocks) = ((sq / block).ceil(), (sk / key_block).ceil());
-        let per_tile = ATTENTION_TILE_UNITS + PACK_UNITS_PER_ELEMENT * ((d + dv) * key_block + block * (d + key_block));
-        batch * query_blocks * (key_blocks * per_tile + (key_blocks - 1.0) * block * dv)
+        let key_block = key_block.max(1) as f64;
+        blocks(block)
+            .iter()
+            .map(|&(rows, keys)| {
+                let key_blocks = (keys / key_block).ceil().max(1.0);
+                let tile_keys = key_block.min(keys);
+                let per_tile =
+                    ATTENTION_TILE_UNITS + PACK_UNITS_PER_ELEMENT * ((d + dv) * tile_keys + rows * (d + tile_keys));
+                batch * (key_blocks * per_tile + (key_blocks - 1.0) * rows * dv)
+            })
+            .sum::<f64>()
     };
-    let best = ATTENTION_BLOCKS
+    let least_overhead = ATTENTION_BLOCKS
         .iter()
         .flat_map(|&b| ATTENTION_KEY_BLOCKS.iter().map(move |&k| (b, k)))
-        .map(|(b, k)| overhead(balanced(sq as usize, b), balanced(sk as usize, k)))
+        .map(|(b, k)| overhead(balanced(sq, b), balanced(sk, k)))
         .fold(f64::INFINITY, f64::min);
-    let extra = (overhead(block, key_block) - best).max(0.0);
-    Some(batch * (sq * sk * d + sq * dv * sk) / LIBRARY_MACS_PER_UNIT + numel + extra)
+    let (block, key_block) = (block.clamp(1, sq.max(1)), key_block.clamp(1, sk.max(1)));
+    let arithmetic = batch * scores(block) * (d + dv) / LIBRARY_MACS_PER_UNIT;
+    Some(arithmetic + numel + (overhead(block, key_block) - least_overhead).max(0.0))
+}
+
+/// Per mask e-class: the live key span of each query row, for the constant
+/// masks whose masked-out keys the kernel can skip (`live_key_spans`, the
+/// hull over the mask's batch slices).
+type MaskSpans = HashMap<Id, Vec<(usize, usize)>>;
+
+/// The spans of every constant mask some attention reads.
+fn mask_spans(egraph: &TGraph) -> MaskSpans {
+    let mut out = MaskSpans::new();
+    for class in egraph.classes() {
+        for n in &class.nodes {
+            let Some((Op::Attention { .. } | Op::AttentionTiled { .. }, first)) = op_of(egraph, n) else { continue };
+            let (Some(&q), Some(&kt), Some(&m)) =
+                (n.children.get(first), n.children.get(first + 1), n.children.get(first + 3))
+            else {
+                continue;
+            };
+            let m = egraph.find(m);
+            if out.contains_key(&m) {
+                continue;
+            }
+            let (Some(qt), Some(ktt)) = (egraph[q].data.ty(), egraph[kt].data.ty()) else { continue };
+            let (sq, sk) = (qt.shape[qt.shape.len() - 2], ktt.shape[ktt.shape.len() - 1]);
+            if let Some(spans) = egraph[m].data.value.as_deref().and_then(|t| constant_mask_spans(t, sq, sk)) {
+                out.insert(m, spans);
+            }
+        }
+    }
+    out
+}
+
+/// Row spans of a constant f32 mask broadcast to `[.., sq, sk]`: the hull,
+/// row by row, over its leading (batch) slices.
+fn constant_mask_spans(t: &egret_ir::Tensor, sq: usize, sk: usize) -> Option<Vec<(usize, usize)>> {
+    let values = t.as_f32()?;
+    let shape = t.shape();
+    let rank = shape.len();
+    let dim = |back: usize| if rank >= back { shape[rank - back] } else { 1 };
+    let (rows, cols) = (dim(2), dim(1));
+    if (rows != 1 && rows != sq) || (cols != 1 && cols != sk) {
+        return None;
+    }
+    let slice = rows * cols;
+    let mut hull: Option<Vec<(usize, usize)>> = None;
+    for at in (0..values.len()).step_by(slice.max(1)) {
+        let read = |r: usize, k: usize| values[at + (r % rows) * cols + k % cols];
+        let spans = egret_ir::ops::linalg::live_key_spans(read, sq, sk)?;
+        hull = Some(match hull {
+            None => spans,
+            Some(h) => h.iter().zip(&spans).map(|(&(a, b), &(c, d))| (a.min(c), b.max(d))).collect(),
+        });
+    }
+    hull
 }
 
 /// The roofline-style cost of a product `[.., m, k] @ [.., k, n]` with
@@ -94,7 +175,7 @@ fn matmul_cost(egraph: &TGraph, n: &TNode, first: usize, numel: f64, tiling: Mat
 
 /// The cost of computing one e-node, in units of "one pass over its output";
 /// `None` for nodes that are not values (ill-typed, attribute leaves).
-fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
+fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info, mask_spans: &MaskSpans) -> Option<f64> {
     let name = n.op.as_str();
     if name.starts_with("input:") || name.starts_with("const:") || name == "out" {
         return Some(0.0);
@@ -123,9 +204,11 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info) -> Option<f64> {
             // alternatives exist, they win ties.
             Op::Attention { .. } => {
                 let sk = n.children.get(first + 1).and_then(|&c| egraph[c].data.ty())?.shape.last().copied()?;
-                attention_cost(egraph, n, first, data, 64, balanced(sk, 512))? + 1.0
+                attention_cost(egraph, n, first, data, 64, balanced(sk, 512), mask_spans)? + 1.0
             }
-            Op::AttentionTiled { block, key_block, .. } => attention_cost(egraph, n, first, data, block, key_block)?,
+            Op::AttentionTiled { block, key_block, .. } => {
+                attention_cost(egraph, n, first, data, block, key_block, mask_spans)?
+            }
             // Fused kernels: one pass over their output.
             Op::Gelu { .. } | Op::Silu | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => numel,
             // It replaces the residual add and the norm (two passes): priced
@@ -149,6 +232,7 @@ struct Best {
 /// The chosen e-node of every class reachable from `roots`.
 pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
     let mut best: HashMap<Id, Best> = HashMap::new();
+    let mask_spans = mask_spans(egraph);
     // Attribute leaves are not values but every op needs them as they are.
     for class in egraph.classes() {
         if let Some(n) = class.nodes.iter().find(|n| n.op.as_str().starts_with('{')) {
@@ -172,7 +256,7 @@ pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
         let class = &egraph[id];
         let mut improved = false;
         for n in &class.nodes {
-            let Some(cost) = node_cost(egraph, n, &class.data) else { continue };
+            let Some(cost) = node_cost(egraph, n, &class.data, &mask_spans) else { continue };
             if !n.children.iter().all(|c| best.contains_key(&egraph.find(*c))) {
                 continue;
             }

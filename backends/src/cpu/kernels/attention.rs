@@ -5,6 +5,12 @@
 //! output rows, which are first rescaled when the maximum grew. The output
 //! is divided by the running sum at the end. Only a `block x key_block`
 //! tile of scores ever exists.
+//!
+//! With a mask known at compile time, each query block visits only the
+//! span of keys its rows can weigh (`ir::ops::linalg::live_key_spans`): a
+//! causal mask halves the work. The output rows may be strided, so that
+//! the heads write straight into the `[.., sq, heads, dv]` layout the
+//! output projection reads.
 
 use super::{exp, exp_and_sum, multiversion, row_max};
 use crate::plan::AttentionKernel;
@@ -23,6 +29,12 @@ pub struct AttentionParams {
     pub key_block: i64,
     pub has_mask: i64,
     pub nan_to_zero: i64,
+    /// Elements between consecutive output rows (`dv` when dense).
+    pub out_rs: i64,
+    /// The number of batches; with `has_spans`, the offsets table is
+    /// followed by each task's key span (two words).
+    pub batches: i64,
+    pub has_spans: i64,
     pub q_strides: [i64; 2],
     pub kt_strides: [i64; 2],
     pub v_strides: [i64; 2],
@@ -42,6 +54,9 @@ impl AttentionParams {
             key_block: k.key_block as i64,
             has_mask: k.mask.is_some() as i64,
             nan_to_zero: k.nan_to_zero as i64,
+            out_rs: k.out_row_stride as i64,
+            batches: k.batches.len() as i64,
+            has_spans: k.key_spans.is_some() as i64,
             q_strides: s(k.q_strides),
             kt_strides: s(k.kt_strides),
             v_strides: s(k.v_strides),
@@ -61,6 +76,9 @@ impl AttentionParams {
             self.key_block,
             self.has_mask,
             self.nan_to_zero,
+            self.out_rs,
+            self.batches,
+            self.has_spans,
             self.q_strides[0],
             self.q_strides[1],
             self.kt_strides[0],
@@ -90,7 +108,8 @@ thread_local! {
 
 /// Runs tasks `begin..end` (task = batch * blocks_per_batch + query block)
 /// of the attention kernel described by `params`; `table` holds five
-/// element offsets per batch (q, kt, v, mask, out) and `args` the operand
+/// element offsets per batch (q, kt, v, mask, out), then (with
+/// `has_spans`) the first and end key of each task, and `args` the operand
 /// base addresses (q, kt, v, [mask,] out).
 ///
 /// # Safety
@@ -125,18 +144,26 @@ pub unsafe extern "C" fn egret_attention(
             let kt = at(kt, offs[1]);
             let v = at(v, offs[2]);
             let mask = if mask.is_null() { mask } else { at(mask, offs[3] + row0 * p.mask_strides[0]) };
-            let out = at(out, offs[4] + row0 * p.dv);
-            unsafe { query_block(p, rows, q, kt, v, mask, out, s) };
+            let out = at(out, offs[4] + row0 * p.out_rs);
+            let keys = if p.has_spans != 0 {
+                let span = unsafe { table.add(p.batches as usize * 5 + task as usize * 2) };
+                unsafe { (*span as usize, *span.add(1) as usize) }
+            } else {
+                (0, p.sk as usize)
+            };
+            unsafe { query_block(p, rows, keys, q, kt, v, mask, out, s) };
         }
     })
 }
 
-/// One block of `rows` query rows against every key, into `out` (`rows`
-/// contiguous rows of `dv`).
+/// One block of `rows` query rows against the keys `keys.0..keys.1` (the
+/// others have weight zero for every row), into `out` (`rows` rows of
+/// `dv`, `out_rs` apart).
 #[allow(clippy::too_many_arguments)]
 unsafe fn query_block(
     p: &AttentionParams,
     rows: usize,
+    keys: (usize, usize),
     q: *const f32,
     kt: *const f32,
     v: *const f32,
@@ -144,13 +171,14 @@ unsafe fn query_block(
     out: *mut f32,
     s: &mut Scratch,
 ) {
-    let (d, sk, dv) = (p.d as usize, p.sk as usize, p.dv as usize);
-    let key_block = (p.key_block as usize).min(sk);
+    let (d, dv, out_rs) = (p.d as usize, p.dv as usize, p.out_rs as isize);
+    let (first, end) = keys;
+    let key_block = (p.key_block as usize).min(end - first).max(1);
     s.max[..rows].fill(f32::NEG_INFINITY);
     s.sum[..rows].fill(0.0);
-    let mut k0 = 0;
-    while k0 < sk {
-        let n = key_block.min(sk - k0);
+    let mut k0 = first;
+    while k0 < end {
+        let n = key_block.min(end - k0);
         let tile = s.tile.as_mut_ptr();
         // tile[rows, n] = q[rows, d] @ kt[d, k0..k0 + n]
         unsafe {
@@ -183,7 +211,7 @@ unsafe fn query_block(
                 p,
                 rows,
                 n,
-                k0 > 0,
+                k0 > first,
                 s.tile.as_mut_ptr(),
                 mask_block,
                 s.max.as_mut_ptr(),
@@ -199,8 +227,8 @@ unsafe fn query_block(
                 n,
                 out,
                 1,
-                dv as isize,
-                k0 > 0,
+                out_rs,
+                k0 > first,
                 s.tile.as_ptr(),
                 1,
                 n as isize,
@@ -217,7 +245,7 @@ unsafe fn query_block(
         };
         k0 += n;
     }
-    unsafe { finish_rows(rows, dv, p.nan_to_zero != 0, s.sum.as_ptr(), out) };
+    unsafe { finish_rows(rows, dv, out_rs as usize, p.nan_to_zero != 0, s.sum.as_ptr(), out) };
 }
 
 multiversion! {
@@ -251,7 +279,7 @@ unsafe fn softmax_step_impl<const FMA: bool>(
     out: *mut f32,
 ) {
     let scale = p.scale as f32;
-    let dv = p.dv as usize;
+    let (dv, out_rs) = (p.dv as usize, p.out_rs as usize);
     for r in 0..rows {
         let row = unsafe { std::slice::from_raw_parts_mut(tile.add(r * n), n) };
         if mask.is_null() {
@@ -287,7 +315,7 @@ unsafe fn softmax_step_impl<const FMA: bool>(
             *sum.add(r) = old_sum * correction + block_sum;
         }
         if accumulated && correction != 1.0 {
-            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * dv), dv) };
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), dv) };
             for x in o {
                 *x *= correction;
             }
@@ -298,14 +326,21 @@ unsafe fn softmax_step_impl<const FMA: bool>(
 multiversion! {
     /// Divides each output row by its softmax sum; with the exporters' NaN
     /// guard, a fully masked row (sum 0, a NaN softmax) becomes zeros.
-    unsafe fn finish_rows(rows: usize, dv: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) = finish_rows_impl;
+    unsafe fn finish_rows(rows: usize, dv: usize, out_rs: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) = finish_rows_impl;
 }
 
 #[inline(always)]
-unsafe fn finish_rows_impl<const FMA: bool>(rows: usize, dv: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) {
+unsafe fn finish_rows_impl<const FMA: bool>(
+    rows: usize,
+    dv: usize,
+    out_rs: usize,
+    nan_to_zero: bool,
+    sum: *const f32,
+    out: *mut f32,
+) {
     for r in 0..rows {
         let total = unsafe { *sum.add(r) };
-        let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * dv), dv) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), dv) };
         if total == 0.0 {
             // exp(-inf - -inf) is NaN in the reference softmax.
             o.fill(if nan_to_zero { 0.0 } else { f32::NAN });
