@@ -617,6 +617,40 @@ output \"y\" = v3
     }
 }
 
+/// With a constant causal mask the cost model counts only the scores each
+/// query block's live keys give (the lowest f32 above the diagonal, as
+/// exporters write it): smaller query blocks skip more of them, and win.
+/// The same mask with one fully masked row cannot skip anything.
+#[test]
+fn the_cost_model_counts_the_keys_a_constant_mask_leaves() {
+    let s = 128;
+    for (dead_row, want) in [(None, "block=32, key_block=128"), (Some(5), "block=128, key_block=128")] {
+        let mask: Vec<String> = (0..s * s)
+            .map(|i| {
+                let (row, key) = (i / s, i % s);
+                if key > row || Some(row) == dead_row {
+                    "-3.4028235e38".into()
+                } else {
+                    "0.0".into()
+                }
+            })
+            .collect();
+        let start = format!(
+            "v0: f32[2,{s},8] = input{{name=\"q\"}}
+v1: f32[2,8,{s}] = input{{name=\"kt\"}}
+v2: f32[2,{s},8] = input{{name=\"v\"}}
+v3: f32[{s},{s}] = const [{}]
+v4: f32[2,{s},8] = attention{{scale=0.35355338, nan_to_zero=true}} v0, v1, v2, v3
+output \"y\" = v4
+",
+            mask.join(", ")
+        );
+        let (out, _) = optimize(&text::parse(&start).unwrap(), Limits::default()).unwrap();
+        let printed = text::print_with(&out, text::Constants::ElideOver(16));
+        assert!(printed.contains(want), "want {want}:\n{printed}");
+    }
+}
+
 /// The cost model picks the packed tile for a constant weight, the library
 /// for a large product of two activations, generated code for a small one.
 #[test]

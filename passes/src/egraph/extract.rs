@@ -38,10 +38,10 @@ const PACK_UNITS_PER_ELEMENT: f64 = 0.4;
 /// products at the library's rate over the scores the kernel computes (with
 /// a constant mask, only each query block's live keys) and one pass over
 /// the output (no pass over the scores: the unfused chain writes them three
-/// times), plus what these tiles cost beyond the cheapest tiles among the
-/// candidates (`rules::tiling`): the overhead ranks the tilings against
-/// each other without making a small attention look dearer than the chain
-/// it fuses.
+/// times), plus what these tiles' setup and packing cost beyond the least
+/// of the candidates' (`rules::tiling`): the overhead ranks the tilings
+/// against each other without making a small attention look dearer than
+/// the chain it fuses.
 fn attention_cost(
     egraph: &TGraph,
     n: &TNode,
