@@ -493,7 +493,7 @@ impl<'g> Lowering<'g> {
                     Op::MatMul => Some(None),
                     // The e-graph's cost model chose the kernel.
                     Op::MatMulTiled { tiling } => Some(Some(match tiling {
-                        MatMulTiling::Packed6x32 => MatMulImpl::Packed,
+                        MatMulTiling::Packed => MatMulImpl::Packed,
                         MatMulTiling::Library => MatMulImpl::Library,
                         MatMulTiling::Generated4x8 => MatMulImpl::Generated,
                     })),

@@ -449,7 +449,10 @@ impl Kernel {
             KernelKind::MatMul(mm) => {
                 let tiling = match mm.implementation {
                     MatMulImpl::Library => "library GEMM".to_string(),
-                    MatMulImpl::Packed => format!("packed GEMM, 6x{PACKED_PANEL} register tile"),
+                    MatMulImpl::Packed => {
+                        let (rows, cols) = crate::cpu::kernels::gemm::register_tile();
+                        format!("packed GEMM, {rows}x{cols} register tile")
+                    }
                     MatMulImpl::Generated => {
                         format!("generated, 4x8 register tile{}", if mm.b_packed { ", b packed" } else { "" })
                     }

@@ -148,11 +148,11 @@ word_enum!(
 word_enum!(
     /// How a matrix product is computed: the e-graph's cost model picks one
     /// per product (the `passes` rules in `tiling.rs`), lowering follows it.
-    /// `packed_6x32`: a 6 x 32 register tile over a constant weight packed
+    /// `packed`: a 6 x 32 register tile over a constant weight packed
     /// at compile time; `library`: the tuned GEMM library, which packs both
     /// operands on every call; `generated_4x8`: Egret's generated 4 x 8
     /// f32x4 tile.
-    MatMulTiling { Packed6x32 = "packed_6x32", Library = "library", Generated4x8 = "generated_4x8" }
+    MatMulTiling { Packed = "packed", Library = "library", Generated4x8 = "generated_4x8" }
 );
 word_enum!(
     /// How `pad` fills the border.

@@ -165,7 +165,7 @@ fn matmul_cost(egraph: &TGraph, n: &TNode, first: usize, numel: f64, tiling: Mat
     let batches = (numel / (m * n_cols).max(1.0)).max(1.0);
     let macs = numel * k;
     Some(match tiling {
-        MatMulTiling::Packed6x32 => numel + macs / PACKED_MACS_PER_UNIT,
+        MatMulTiling::Packed => numel + macs / PACKED_MACS_PER_UNIT,
         MatMulTiling::Generated4x8 => numel + macs / GENERATED_MACS_PER_UNIT,
         MatMulTiling::Library => {
             numel + macs / LIBRARY_MACS_PER_UNIT + batches * (LIBRARY_CALL_UNITS + k * (m + n_cols))

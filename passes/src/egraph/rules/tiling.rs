@@ -19,9 +19,9 @@ use egret_ir::{DType, Op};
 
 pub fn rules() -> Vec<Rule> {
     vec![
-        // matmul(a, b) = matmul_tiled{packed_6x32}(a, b), where b is a 2-d
+        // matmul(a, b) = matmul_tiled{packed}(a, b), where b is a 2-d
         // constant (a weight) that can be packed at compile time.
-        rw!("tile-packed"; "(matmul ?a ?b)" => { Tile(MatMulTiling::Packed6x32) }),
+        rw!("tile-packed"; "(matmul ?a ?b)" => { Tile(MatMulTiling::Packed) }),
         // matmul(a, b) = matmul_tiled{library}(a, b).
         rw!("tile-library"; "(matmul ?a ?b)" => { Tile(MatMulTiling::Library) }),
         // matmul(a, b) = matmul_tiled{generated_4x8}(a, b).
@@ -105,7 +105,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for Tile {
         if at.dtype != DType::F32 || bt.dtype != DType::F32 {
             return vec![];
         }
-        if self.0 == MatMulTiling::Packed6x32 && !(bt.rank() == 2 && egraph[b].data.constant) {
+        if self.0 == MatMulTiling::Packed && !(bt.rank() == 2 && egraph[b].data.constant) {
             return vec![];
         }
         let tiled = add_op(egraph, &Op::MatMulTiled { tiling: self.0 }, vec![a, b]);
