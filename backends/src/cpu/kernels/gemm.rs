@@ -3,21 +3,26 @@
 //! (`plan::pack_panels`), so no run ever repacks it (the GEMM library repacks its
 //! operands on every call).
 //!
-//! The micro-kernel keeps an `MR x NR` tile of `c` in registers, or with
-//! AVX-512 an `MR x 2NR` tile over two neighbouring panels (24 of the 32
-//! vector registers): per step of `k` it loads one row of each panel, then
-//! broadcasts `MR` elements of `a` and issues a fused multiply-add per
-//! accumulator. The wider tile loads each element of `a` once per 64
-//! columns rather than per 32, which took 5-15% off the products of the
-//! perf models at one thread. Panels are split across threads for big
-//! products; a fused epilogue runs on the thread that computed its columns,
-//! a group of panels at a time.
+//! The micro-kernel keeps an `MR x cols` tile of `c` in registers: with
+//! AVX-512 two neighbouring panels wide (24 of the 32 vector registers),
+//! with AVX2 half a panel (12 of 16), else one panel. Per step of `k` it
+//! loads a row of the tile's columns of `b`, then broadcasts `MR` elements
+//! of `a` and issues a fused multiply-add per accumulator. The AVX-512
+//! tile loads each element of `a` once per 64 columns rather than per 32;
+//! AVX2's half-panel tile ran 1.7x faster than a whole panel, whose 24
+//! accumulators spilled. The kernel prefetches the next panels, a share
+//! per row tile, and the rows of `c` the next tile stores: without that,
+//! the first tile over each panel of a weight too big for the cache
+//! (gpt2_small4's 8192-wide output projection) waited on memory.
+//!
+//! Panels are split across threads for big products; a fused epilogue runs
+//! on the thread that computed its columns, a group of panels at a time.
 
 use super::{madd, multiversion};
 
 /// Rows of `c` per micro-tile.
 pub const MR: usize = 6;
-/// Columns per panel (and per micro-tile): two AVX-512 vectors.
+/// Columns per panel: two AVX-512 vectors.
 const NR: usize = crate::plan::PACKED_PANEL;
 
 /// Panels per group: after each group the epilogue runs over its columns,
@@ -44,21 +49,48 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
-    unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, b, c, pair_panels(), epilogue, args) }
+    unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, b, c, TileShape::host(), epilogue, args) }
+}
+
+/// Half a panel's columns: the width of AVX2's tile.
+const HALF: usize = NR / 2;
+
+/// How many columns a tile spans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TileShape {
+    /// Two neighbouring panels: 24 AVX-512 accumulators.
+    TwoPanels,
+    /// One panel: 12 AVX-512 accumulators, or what a baseline build has.
+    OnePanel,
+    /// Half a panel at a time: 12 AVX2 accumulators (a whole panel's 24
+    /// would not fit AVX2's sixteen registers).
+    HalfPanel,
+}
+
+impl TileShape {
+    fn host() -> TileShape {
+        match super::Isa::host() {
+            super::Isa::Avx512 => TileShape::TwoPanels,
+            super::Isa::Avx2 => TileShape::HalfPanel,
+            super::Isa::Baseline => TileShape::OnePanel,
+        }
+    }
+
+    fn columns(self) -> usize {
+        match self {
+            TileShape::TwoPanels => 2 * NR,
+            TileShape::OnePanel => NR,
+            TileShape::HalfPanel => HALF,
+        }
+    }
 }
 
 /// The register tile the packed GEMM uses on this host: rows by columns.
 pub fn register_tile() -> (usize, usize) {
-    (MR, if pair_panels() { 2 * NR } else { NR })
+    (MR, TileShape::host().columns())
 }
 
-/// Whether a tile spans two panels: AVX-512 has the registers for it,
-/// AVX2's sixteen hold less than the one-panel tile already.
-fn pair_panels() -> bool {
-    super::Isa::host() == super::Isa::Avx512
-}
-
-/// `egret_sgemm_packed` with the tile width chosen: two panels when `pair`.
+/// `egret_sgemm_packed` with the tile shape chosen.
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm_packed(
     m: i64,
@@ -69,7 +101,7 @@ unsafe fn sgemm_packed(
     a_cs: i64,
     b: *const f32,
     c: *mut f32,
-    pair: bool,
+    shape: TileShape,
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
@@ -93,7 +125,7 @@ unsafe fn sgemm_packed(
                         c as *mut f32,
                         panels * t / threads,
                         panels * (t + 1) / threads,
-                        pair,
+                        shape,
                         epilogue as *const i64,
                         args as *const *mut u8,
                     )
@@ -101,12 +133,12 @@ unsafe fn sgemm_packed(
             }
         });
     } else {
-        unsafe { panel_range(m, k, n, a, a_rs, a_cs, b, c, 0, panels, pair, epilogue, args) };
+        unsafe { panel_range(m, k, n, a, a_rs, a_cs, b, c, 0, panels, shape, epilogue, args) };
     }
 }
 
 multiversion! {
-    /// Panels `p0..p1` of the product (two at a time when `pair`), and the
+    /// Panels `p0..p1` of the product in tiles of `shape`, and the
     /// epilogue over their columns.
     unsafe fn panel_range(
         m: usize,
@@ -119,7 +151,7 @@ multiversion! {
         c: *mut f32,
         p0: usize,
         p1: usize,
-        pair: bool,
+        shape: TileShape,
         epilogue: *const i64,
         args: *const *mut u8,
     ) = panel_range_impl;
@@ -138,7 +170,7 @@ unsafe fn panel_range_impl<const FMA: bool>(
     c: *mut f32,
     p0: usize,
     p1: usize,
-    pair: bool,
+    shape: TileShape,
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
@@ -147,7 +179,7 @@ unsafe fn panel_range_impl<const FMA: bool>(
         let g1 = p1.min(g0 + GROUP);
         let mut panel = g0;
         while panel < g1 {
-            let width = if pair && panel + 1 < g1 { 2 } else { 1 };
+            let width = if shape == TileShape::TwoPanels && panel + 1 < g1 { 2 } else { 1 };
             let cols = (width * NR).min(n - panel * NR);
             let bp = unsafe { b.add(panel * k * NR) };
             // The panels the next tiles read, fetched a share per row tile.
@@ -173,24 +205,16 @@ unsafe fn panel_range_impl<const FMA: bool>(
                 }
                 let tile = Tile { k, a: ai, a_rs, a_cs, b: bp, c: ci, ldc: n, cols };
                 unsafe {
-                    if width == 2 {
-                        match rows {
-                            6 => tile.run::<6, 2, FMA>(),
-                            5 => tile.run::<5, 2, FMA>(),
-                            4 => tile.run::<4, 2, FMA>(),
-                            3 => tile.run::<3, 2, FMA>(),
-                            2 => tile.run::<2, 2, FMA>(),
-                            _ => tile.run::<1, 2, FMA>(),
+                    match (shape, width) {
+                        (TileShape::TwoPanels, 2) => tile.rows::<2, NR, FMA>(rows),
+                        (TileShape::HalfPanel, _) => {
+                            tile.rows::<1, HALF, FMA>(rows);
+                            if cols > HALF {
+                                let rest = Tile { b: bp.add(HALF), c: ci.add(HALF), cols: cols - HALF, ..tile };
+                                rest.rows::<1, HALF, FMA>(rows);
+                            }
                         }
-                    } else {
-                        match rows {
-                            6 => tile.run::<6, 1, FMA>(),
-                            5 => tile.run::<5, 1, FMA>(),
-                            4 => tile.run::<4, 1, FMA>(),
-                            3 => tile.run::<3, 1, FMA>(),
-                            2 => tile.run::<2, 1, FMA>(),
-                            _ => tile.run::<1, 1, FMA>(),
-                        }
+                        _ => tile.rows::<1, NR, FMA>(rows),
                     }
                 }
                 i += rows;
@@ -224,6 +248,7 @@ fn prefetch(at: *const f32, len: usize) {
 
 /// One tile of `c`: rows of `a` from `a` (strided), panels of `b` from `b`
 /// (each `k * NR` elements), `cols` columns of `c` stored from `c`.
+#[derive(Clone, Copy)]
 struct Tile {
     k: usize,
     a: *const f32,
@@ -236,22 +261,39 @@ struct Tile {
 }
 
 impl Tile {
-    /// The `R x W*NR` product, kept in registers until it is stored.
+    /// The tile for `rows` (at most `MR`) rows.
     #[inline(always)]
-    unsafe fn run<const R: usize, const W: usize, const FMA: bool>(&self) {
-        let mut acc = [[[0f32; NR]; W]; R];
+    unsafe fn rows<const W: usize, const C: usize, const FMA: bool>(&self, rows: usize) {
+        unsafe {
+            match rows {
+                6 => self.run::<6, W, C, FMA>(),
+                5 => self.run::<5, W, C, FMA>(),
+                4 => self.run::<4, W, C, FMA>(),
+                3 => self.run::<3, W, C, FMA>(),
+                2 => self.run::<2, W, C, FMA>(),
+                _ => self.run::<1, W, C, FMA>(),
+            }
+        }
+    }
+
+    /// The `R x W*C` product, kept in registers until it is stored: `C`
+    /// columns of each of `W` panels (`C` is `NR`, or half of it for a
+    /// register file too small for a whole panel's row).
+    #[inline(always)]
+    unsafe fn run<const R: usize, const W: usize, const C: usize, const FMA: bool>(&self) {
+        let mut acc = [[[0f32; C]; W]; R];
         let mut a_at = self.a;
         let mut b_at = self.b;
         let panel_len = self.k * NR;
         for _ in 0..self.k {
-            let mut row = [[0f32; NR]; W];
+            let mut row = [[0f32; C]; W];
             for (w, row_w) in row.iter_mut().enumerate() {
-                *row_w = unsafe { *(b_at.add(w * panel_len) as *const [f32; NR]) };
+                *row_w = unsafe { *(b_at.add(w * panel_len) as *const [f32; C]) };
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let x = unsafe { *a_at.offset(r as isize * self.a_rs) };
                 for (acc_rw, row_w) in acc_r.iter_mut().zip(&row) {
-                    for l in 0..NR {
+                    for l in 0..C {
                         acc_rw[l] = madd::<FMA>(x, row_w[l], acc_rw[l]);
                     }
                 }
@@ -262,9 +304,9 @@ impl Tile {
         for (r, acc_r) in acc.iter().enumerate() {
             for (w, acc_rw) in acc_r.iter().enumerate() {
                 let dst = unsafe { self.c.add(r * self.ldc + w * NR) };
-                let cols = self.cols.saturating_sub(w * NR).min(NR);
-                if cols == NR {
-                    unsafe { *(dst as *mut [f32; NR]) = *acc_rw };
+                let cols = self.cols.saturating_sub(w * NR).min(C);
+                if cols == C {
+                    unsafe { *(dst as *mut [f32; C]) = *acc_rw };
                 } else {
                     for (l, &v) in acc_rw[..cols].iter().enumerate() {
                         unsafe { *dst.add(l) = v };
@@ -293,12 +335,14 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.5).collect();
             // b read transposed from storage [n, k], as Gemm with transB does.
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            for ((packed, layout), pair) in
+            for ((packed, layout), shape) in
                 [(pack(&b, 0, [n, 1], k, n), "row-major"), (pack(&bt, 0, [1, k], k, n), "transposed")]
                     .into_iter()
-                    .flat_map(|p| [(p.clone(), false), (p, true)])
+                    .flat_map(|p| {
+                        [TileShape::TwoPanels, TileShape::OnePanel, TileShape::HalfPanel].map(|s| (p.clone(), s))
+                    })
             {
-                let label = format!("{layout}, {} panel(s) per tile", if pair { 2 } else { 1 });
+                let label = format!("{layout}, {shape:?}");
                 // Guard elements after `c` catch a tile that stores past a
                 // partial panel's columns.
                 const GUARD: usize = 64;
@@ -313,7 +357,7 @@ mod tests {
                         1,
                         packed.as_ptr(),
                         c.as_mut_ptr(),
-                        pair,
+                        shape,
                         std::ptr::null(),
                         std::ptr::null(),
                     )
