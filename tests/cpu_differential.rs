@@ -430,6 +430,29 @@ fn constant_weights_packed_for_the_generated_matmul() {
     }
 }
 
+#[test]
+fn outputs_written_in_place_or_copied_out() {
+    // The product is an output that a later kernel also reads, and is
+    // named twice; an input, a constant and a bool output are copied.
+    let w: Vec<String> = data(6 * 40, 4).iter().map(|x| format!("{x:?}")).collect();
+    same(&format!(
+        "v0: f32[5,6] = input{{name=\"a\"}}
+v1: f32[6,40] = const [{}]
+v2: f32[5,40] = matmul v0, v1
+v3: f32[5,40] = tanh v2
+v4: f32[2] = const [1.5, -2.0]
+v5: bool[5,40] = less v3, v2
+output \"product\" = v2
+output \"tanh\" = v3
+output \"product again\" = v2
+output \"input\" = v0
+output \"constant\" = v4
+output \"less\" = v5
+",
+        w.join(", ")
+    ));
+}
+
 /// Random graphs: seeded sequences of ops over values that start from a few
 /// inputs broadcastable to one shape. Each candidate op goes through shape
 /// inference; ones it rejects (shapes that do not fit) are skipped.
