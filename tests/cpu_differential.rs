@@ -431,6 +431,49 @@ fn constant_weights_packed_for_the_generated_matmul() {
 }
 
 #[test]
+fn elementwise_chains_continue_through_reshapes() {
+    // As the legacy exporter writes GPT-2's MLP: a 2-d Gemm, a reshape to
+    // 3-d, the GELU, a reshape back. The bias, the GELU and the residual
+    // all become the product's epilogue. A broadcast operand that has no
+    // view in the new shape (the [4, 1] column, merged into one axis)
+    // keeps the chain apart.
+    let w1: Vec<String> = data(8 * 24, 5).iter().map(|x| format!("{x:?}")).collect();
+    let w2: Vec<String> = data(24 * 8, 6).iter().map(|x| format!("{x:?}")).collect();
+    let text = format!(
+        "v0: f32[1,4,8] = input{{name=\"x\"}}
+v1: f32[4,8] = reshape{{shape=[4, 8]}} v0
+v2: f32[8,24] = const [{}]
+v3: f32[24] = input{{name=\"bias\"}}
+v4: f32[4,24] = matmul v1, v2
+v5: f32[4,24] = add v3, v4
+v6: f32[1,4,24] = reshape{{shape=[1, 4, 24]}} v5
+v7: f32[1,4,24] = gelu{{approximate_tanh=true}} v6
+v8: f32[4,24] = reshape{{shape=[4, 24]}} v7
+v9: f32[24,8] = const [{}]
+v10: f32[4,8] = matmul v8, v9
+v11: f32[1,4,8] = reshape{{shape=[1, 4, 8]}} v10
+v12: f32[1,4,8] = add v11, v0
+v13: f32[4,1] = input{{name=\"column\"}}
+v17: f32[4,8] = input{{name=\"p\"}}
+v14: f32[4,8] = mul v17, v13
+v15: f32[32] = reshape{{shape=[32]}} v14
+v16: f32[32] = tanh v15
+output \"y\" = v12
+output \"z\" = v16
+",
+        w1.join(", "),
+        w2.join(", ")
+    );
+    let plan = egret::backends::lower(&parse(&text).unwrap(), Default::default()).unwrap();
+    let described = plan.describe();
+    let gelu = described.lines().find(|l| l.contains("Sigmoid")).unwrap_or_default();
+    assert!(gelu.contains("matmul") && gelu.contains("epilogue"), "{described}");
+    assert_eq!(described.matches("epilogue").count(), 2, "{described}");
+    assert!(described.contains("[32] Tanh(in0)"), "{described}");
+    same(&text);
+}
+
+#[test]
 fn outputs_written_in_place_or_copied_out() {
     // The product is an output that a later kernel also reads, and is
     // named twice; an input, a constant and a bool output are copied.

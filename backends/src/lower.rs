@@ -514,6 +514,32 @@ impl<'g> Lowering<'g> {
 
     /// Layout ops: views where possible (reshape, transpose, slice, split,
     /// expand), map kernels for concat.
+    /// Carries a pending elementwise expression through a reshape of it
+    /// (a reshape keeps the elements' order), so that the chain goes on
+    /// growing on the other side: an exporter's `Gemm -> Reshape -> GELU`
+    /// then becomes one map, and a matmul epilogue. Only when `x` is read
+    /// only here and every operand the expression reads has a view in the
+    /// new shape.
+    fn reshape_pending(&mut self, x: ValueId, out: ValueId, shape: &[usize]) -> bool {
+        if !self.opts.fuse_elementwise || self.g.use_count(x) != 1 {
+            return false;
+        }
+        let Some(p) = self.pending.get(&x) else { return false };
+        let Some(inputs) = p
+            .inputs
+            .iter()
+            .map(|o| reshape_strides(&p.shape, &o.strides, shape).map(|strides| Operand { strides, ..o.clone() }))
+            .collect::<Option<Vec<Operand>>>()
+        else {
+            return false;
+        };
+        let mut p = self.pending.remove(&x).expect("checked above");
+        p.shape = shape.to_vec();
+        p.inputs = inputs;
+        self.pending.insert(out, p);
+        true
+    }
+
     fn layout(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> bool {
         let g = self.g;
         let x = inputs[0];
@@ -527,6 +553,9 @@ impl<'g> Lowering<'g> {
         };
         match op {
             Op::Reshape { shape } => {
+                if self.reshape_pending(x, outputs[0], shape) {
+                    return true;
+                }
                 let vw = self.view(x);
                 match reshape_strides(&xt.shape, &vw.strides, shape) {
                     Some(st) => alias(self, outputs[0], vw.offset, st),
