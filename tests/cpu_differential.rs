@@ -474,6 +474,40 @@ output \"z\" = v16
 }
 
 #[test]
+fn rotary_embedding_parts_are_computed_into_the_concat() {
+    // rotate_half as exporters write it: concat(-x2, x1), then
+    // x * cos + rotate_half(x) * sin. The negation is computed straight
+    // into its slice of the concat; a part read twice is not.
+    let text = "v0: f32[2,5,8] = input{name=\"x\"}
+v1: f32[5,8] = input{name=\"cos\"}
+v2: f32[5,8] = input{name=\"sin\"}
+v3: f32[2,5,4] = slice{starts=[0, 0, 4], ends=[2, 5, 8], steps=[1, 1, 1]} v0
+v4: f32[2,5,4] = slice{starts=[0, 0, 0], ends=[2, 5, 4], steps=[1, 1, 1]} v0
+v5: f32[2,5,4] = neg v3
+v6: f32[2,5,8] = concat{axis=2} v5, v4
+v7: f32[2,5,8] = mul v0, v1
+v8: f32[2,5,8] = mul v6, v2
+v9: f32[2,5,8] = add v7, v8
+v10: f32[2,5,4] = exp v4
+v11: f32[2,5,8] = concat{axis=2} v10, v10
+v12: f32[2,5,8] = add v11, v9
+output \"y\" = v12
+";
+    let plan = egret::backends::lower(&parse(text).unwrap(), Default::default()).unwrap();
+    let described = plan.describe();
+    // The negation and the exponential are maps of their own; only the
+    // slice `x1` and the two halves from the exponential's one buffer are
+    // copies.
+    assert_eq!(described.matches("Neg(in0)").count(), 1, "{described}");
+    assert_eq!(
+        described.lines().filter(|l| l.ends_with(" in0  # ") || l.contains("] in0  #")).count(),
+        3,
+        "{described}"
+    );
+    same(text);
+}
+
+#[test]
 fn outputs_written_in_place_or_copied_out() {
     // The product is an output that a later kernel also reads, and is
     // named twice; an input, a constant and a bool output are copied.

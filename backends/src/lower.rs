@@ -370,6 +370,14 @@ impl<'g> Lowering<'g> {
     /// Emits the map kernel of a pending value, reading each distinct
     /// operand once.
     fn materialize(&mut self, v: ValueId) {
+        let b = self.define(v);
+        let shape = &self.pending[&v].shape;
+        let output = Operand { buffer: b, dtype: self.g.ty(v).dtype, offset: 0, strides: contiguous_strides(shape) };
+        self.materialize_into(v, output);
+    }
+
+    /// Emits the map kernel of a pending value writing to `output`.
+    fn materialize_into(&mut self, v: ValueId, output: Operand) {
         let p = self.pending.remove(&v).expect("materialize a pending value");
         let mut distinct: Vec<Operand> = Vec::new();
         let remap: Vec<Expr> = p
@@ -384,8 +392,6 @@ impl<'g> Lowering<'g> {
             })
             .collect();
         let expr = p.expr.substitute(&remap);
-        let b = self.define(v);
-        let output = Operand { buffer: b, dtype: self.g.ty(v).dtype, offset: 0, strides: contiguous_strides(&p.shape) };
         self.map(p.shape, distinct, output, expr, &p.label);
     }
 
@@ -607,9 +613,15 @@ impl<'g> Lowering<'g> {
                 let mut at = 0isize;
                 for &v in inputs {
                     let shape = g.ty(v).shape.clone();
-                    let input = self.read(v, &shape);
                     let output = Operand { buffer: b, dtype: xt.dtype, offset: at * os[*axis], strides: os.clone() };
                     at += shape[*axis] as isize;
+                    // A pending elementwise part read only here is computed
+                    // straight into its slice (rotary embeddings' `-x2`).
+                    if self.opts.fuse_elementwise && g.use_count(v) == 1 && self.pending.contains_key(&v) {
+                        self.materialize_into(v, output);
+                        continue;
+                    }
+                    let input = self.read(v, &shape);
                     self.map(shape, vec![input], output, Expr::Input(0), label);
                 }
             }
