@@ -56,9 +56,11 @@ struct BenchArgs {
     inputs: Vec<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
-    /// Timed runs after warm-up.
-    #[arg(long, default_value_t = 20)]
-    iters: usize,
+    /// Timed runs after warm-up [default: 20; with --compare, 60 per
+    /// level: twelve alternating rounds, so that a burst of machine noise
+    /// moves the medians of both levels alike]
+    #[arg(long)]
+    iters: Option<usize>,
     /// Untimed runs first.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -315,6 +317,7 @@ fn compile_with_inputs(
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     let BenchArgs { model, inputs, backend, iters, warmup, threads, json, profile, .. } = args;
+    let iters = iters.unwrap_or(BENCH_ITERS);
     let backend: Backend = backend.into();
     let threads = threads.unwrap_or_else(egret::default_threads);
     let t = std::time::Instant::now();
@@ -554,11 +557,15 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
 
 /// Timed runs per level in each round of `bench --compare`.
 const COMPARE_ROUND: usize = 5;
+/// Timed runs by default: of one model, and of each level with `--compare`.
+const BENCH_ITERS: usize = 20;
+const COMPARE_ITERS: usize = 60;
 
 /// `bench --compare`: `--opt 0` against the requested level, alternating
 /// rounds of runs so that both see the same machine noise.
 fn run_compare(args: BenchArgs) -> Result<()> {
     let BenchArgs { mut model, inputs, backend, iters, warmup, threads, json, .. } = args;
+    let iters = iters.unwrap_or(COMPARE_ITERS);
     let backend: Backend = backend.into();
     let threads = threads.unwrap_or_else(egret::default_threads);
     let fast = if model.opt == 0 { egret::MAX_OPT_LEVEL } else { model.opt };
