@@ -794,34 +794,40 @@ output \"y\" = v7
 
 #[test]
 fn grouped_query_attention_reads_shared_heads_through_views() {
-    // LLaMA's repeat_kv: 2 K/V heads expanded to 4 query heads. After the
-    // e-graph it is one attention kernel. The expanded K and V are copied
-    // once (two small maps): merging the repeated-head dim into the head dim
-    // is not a single-stride view. Reading them through the batch table
-    // instead is left for later.
-    let start = "v0: f32[1,4,9,8] = input{name=\"q\"}
-v1: f32[1,2,9,8] = input{name=\"k\"}
-v2: f32[1,2,9,8] = input{name=\"v\"}
-v3: f32[1,2,1,9,8] = reshape{shape=[1, 2, 1, 9, 8]} v1
-v4: f32[1,2,2,9,8] = expand{shape=[1, 2, 2, 9, 8]} v3
-v5: f32[1,4,9,8] = reshape{shape=[1, 4, 9, 8]} v4
-v6: f32[1,2,1,9,8] = reshape{shape=[1, 2, 1, 9, 8]} v2
-v7: f32[1,2,2,9,8] = expand{shape=[1, 2, 2, 9, 8]} v6
-v8: f32[1,4,9,8] = reshape{shape=[1, 4, 9, 8]} v7
-v9: f32[1,4,8,9] = transpose{perm=[0, 1, 3, 2]} v5
-v10: f32[1,4,9,9] = matmul v0, v9
+    // LLaMA's repeat_kv: 2 K/V heads expanded to 4 query heads, in two
+    // batches, with an additive mask. After the e-graph it is one
+    // attention kernel, which reads the 2 heads of K and V in place: the
+    // batch table gives query head h the offsets of K/V head h / 2. A K
+    // that something else also reads is repeated by a copy, as before.
+    let start = "v0: f32[2,4,9,8] = input{name=\"q\"}
+v1: f32[2,2,9,8] = input{name=\"k\"}
+v2: f32[2,2,9,8] = input{name=\"v\"}
+v15: f32[2,1,9,9] = input{name=\"mask\"}
+v3: f32[2,2,1,9,8] = reshape{shape=[2, 2, 1, 9, 8]} v1
+v4: f32[2,2,2,9,8] = expand{shape=[2, 2, 2, 9, 8]} v3
+v5: f32[2,4,9,8] = reshape{shape=[2, 4, 9, 8]} v4
+v6: f32[2,2,1,9,8] = reshape{shape=[2, 2, 1, 9, 8]} v2
+v7: f32[2,2,2,9,8] = expand{shape=[2, 2, 2, 9, 8]} v6
+v8: f32[2,4,9,8] = reshape{shape=[2, 4, 9, 8]} v7
+v9: f32[2,4,8,9] = transpose{perm=[0, 1, 3, 2]} v5
+v10: f32[2,4,9,9] = matmul v0, v9
 v11: f32[] = const [0.35355338]
-v12: f32[1,4,9,9] = mul v10, v11
-v13: f32[1,4,9,9] = softmax{axis=3} v12
-v14: f32[1,4,9,8] = matmul v13, v8
+v12: f32[2,4,9,9] = mul v10, v11
+v16: f32[2,4,9,9] = add v12, v15
+v13: f32[2,4,9,9] = softmax{axis=3} v16
+v14: f32[2,4,9,8] = matmul v13, v8
 output \"y\" = v14
 ";
-    let (optimized, _) = egret::passes::egraph::optimize(&parse(start).unwrap(), Default::default()).unwrap();
-    let text = egret::ir::text::print(&optimized);
-    let plan = egret::backends::lower(&optimized, Default::default()).unwrap();
-    let kinds: Vec<&str> = plan.kernels.iter().map(|k| k.kind_name()).collect();
-    assert_eq!(kinds, ["map", "map", "attention"], "{}", plan.describe());
-    same(&text);
+    for shared_k in [false, true] {
+        let start = if shared_k { format!("{start}output \"k repeated\" = v5\n") } else { start.to_string() };
+        let (optimized, _) = egret::passes::egraph::optimize(&parse(&start).unwrap(), Default::default()).unwrap();
+        let text = egret::ir::text::print(&optimized);
+        let plan = egret::backends::lower(&optimized, Default::default()).unwrap();
+        let kinds: Vec<&str> = plan.kernels.iter().map(|k| k.kind_name()).collect();
+        let want: &[&str] = if shared_k { &["map", "attention"] } else { &["attention"] };
+        assert_eq!(kinds, want, "{}", plan.describe());
+        same(&text);
+    }
 }
 
 #[test]

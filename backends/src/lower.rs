@@ -80,6 +80,75 @@ struct Lowering<'g> {
     pending: HashMap<ValueId, Pending>,
     kernels: Vec<Kernel>,
     opts: LowerOptions,
+    /// Attention keys and values that are another value with its heads
+    /// repeated (`repeated_heads`), and the nodes that repeat them, which
+    /// are not lowered: the attention kernel reads the source in place.
+    repeated: HashMap<ValueId, RepeatedHeads>,
+    skipped: std::collections::HashSet<NodeId>,
+}
+
+/// Keys or values of grouped-query attention as exporters write
+/// `repeat_kv`: `x[.., G, s, d]` unsqueezed to `[.., G, 1, s, d]`,
+/// expanded to `[.., G, R, s, d]` and reshaped to `[.., G * R, s, d]`
+/// (for the keys, then transposed to `[.., G * R, d, s]`). Head `h` of the
+/// result is head `h / R` of `source`.
+#[derive(Clone, Copy, Debug)]
+struct RepeatedHeads {
+    source: ValueId,
+    repeat: usize,
+    /// The last two axes are swapped after the repeat.
+    transposed: bool,
+}
+
+/// `v` as a repeat of another value's heads, and the nodes that repeat
+/// them, if every intermediate value is read only by the next node.
+fn repeated_heads(g: &Graph, v: ValueId) -> Option<(RepeatedHeads, Vec<NodeId>)> {
+    let rank = g.ty(v).shape.len();
+    if rank < 3 {
+        return None;
+    }
+    let mut nodes = Vec::new();
+    let mut at = v;
+    let mut transposed = false;
+    let producer = g.producer(at);
+    if let Op::Transpose { perm } = &g.node(producer).op {
+        let swap_last: Vec<usize> = (0..rank - 2).chain([rank - 1, rank - 2]).collect();
+        if *perm != swap_last {
+            return None;
+        }
+        transposed = true;
+        nodes.push(producer);
+        at = g.node(producer).inputs[0];
+    }
+    // at = reshape(e): [P.., G * R, s, d]
+    let (merge, e) = (g.producer(at), g.node(g.producer(at)).inputs.first().copied()?);
+    let (expand, u) = (g.producer(e), g.node(g.producer(e)).inputs.first().copied()?);
+    let (unsqueeze, x) = (g.producer(u), g.node(g.producer(u)).inputs.first().copied()?);
+    let is_reshape = |n: NodeId| matches!(g.node(n).op, Op::Reshape { .. });
+    if !(is_reshape(merge) && matches!(g.node(expand).op, Op::Expand { .. }) && is_reshape(unsqueeze)) {
+        return None;
+    }
+    if [at, e, u].iter().any(|&w| g.use_count(w) != 1) {
+        return None;
+    }
+    let (z, es, us, xs) = (&g.ty(at).shape, &g.ty(e).shape, &g.ty(u).shape, &g.ty(x).shape);
+    let lead = rank - 3;
+    let (groups, repeat) = (*es.get(lead)?, *es.get(lead + 1)?);
+    let mut want_u = es.clone();
+    want_u[lead + 1] = 1;
+    let mut want_x = es.clone();
+    want_x.remove(lead + 1);
+    let fits = es.len() == rank + 1
+        && es[..lead] == z[..lead]
+        && groups * repeat == z[lead]
+        && es[lead + 2..] == z[lead + 1..]
+        && *us == want_u
+        && *xs == want_x;
+    if !fits {
+        return None;
+    }
+    nodes.extend([merge, expand, unsqueeze]);
+    Some((RepeatedHeads { source: x, repeat, transposed }, nodes))
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
@@ -432,6 +501,9 @@ impl<'g> Lowering<'g> {
     }
 
     fn lower_node(&mut self, n: NodeId) {
+        if self.skipped.contains(&n) {
+            return;
+        }
         let g = self.g;
         let node = g.node(n);
         let label = node.label.as_str();
@@ -996,6 +1068,19 @@ impl<'g> Lowering<'g> {
         MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
     }
 
+    /// The view attention reads a key or value operand through, and how
+    /// many heads share each of its heads (1 unless `repeated_heads`): the
+    /// view then has the source's head strides.
+    fn attention_operand(&mut self, v: ValueId) -> (View, usize) {
+        let Some(r) = self.repeated.get(&v).copied() else { return (self.view(v), 1) };
+        let mut view = self.view(r.source);
+        if r.transposed {
+            let rank = view.strides.len();
+            view.strides.swap(rank - 2, rank - 1);
+        }
+        (view, r.repeat)
+    }
+
     /// Attention: one flash-style kernel where the GEMM library links (the
     /// JIT); elsewhere (ahead-of-time code) the composite below.
     fn attention(
@@ -1019,7 +1104,9 @@ impl<'g> Lowering<'g> {
         let batch = so[..so.len() - 2].to_vec();
         let mut scores = batch.clone();
         scores.extend([sq, sk]);
-        let (vq, vkt, vv) = (self.view(q), self.view(kt), self.view(v));
+        let vq = self.view(q);
+        let (vkt, kt_repeat) = self.attention_operand(kt);
+        let (vv, v_repeat) = self.attention_operand(v);
         let vm = inputs.get(3).map(|&m| self.read(m, &scores));
         let vo = self.attention_output(out);
         let nb = batch.len();
@@ -1032,9 +1119,11 @@ impl<'g> Lowering<'g> {
                 let mut offs = [vq.offset, vkt.offset, vv.offset, vm.as_ref().map_or(0, |m| m.offset), vo.offset];
                 for dim in 0..nb {
                     let idx = ((i / bs[dim]) % batch[dim]) as isize;
+                    // Heads are the last batch axis; repeated ones share.
+                    let head = |repeat: usize| if dim + 1 == nb { idx / repeat as isize } else { idx };
                     offs[0] += idx * bq[dim];
-                    offs[1] += idx * bkt[dim];
-                    offs[2] += idx * bv[dim];
+                    offs[1] += head(kt_repeat) * bkt[dim];
+                    offs[2] += head(v_repeat) * bv[dim];
                     if let Some(m) = &vm {
                         offs[3] += idx * m.strides[dim];
                     }
@@ -1199,7 +1288,36 @@ impl<'g> Lowering<'g> {
 /// Lowers a canonical, verified graph to a plan.
 pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     egret_ir::verify(g)?;
-    let mut l = Lowering { g, buffers: vec![], views: HashMap::new(), pending: HashMap::new(), kernels: vec![], opts };
+    let mut l = Lowering {
+        g,
+        buffers: vec![],
+        views: HashMap::new(),
+        pending: HashMap::new(),
+        kernels: vec![],
+        opts,
+        repeated: HashMap::new(),
+        skipped: Default::default(),
+    };
+    // Grouped-query keys and values the attention kernel reads in place:
+    // only where it is the flash kernel (the JIT) and views are on.
+    if opts.views && opts.matmul != Some(MatMulImpl::Generated) {
+        for n in g.node_ids() {
+            let node = g.node(n);
+            let is_attention = matches!(node.op, Op::Attention { .. } | Op::AttentionTiled { .. });
+            if !is_attention || node.inputs.iter().any(|&v| g.ty(v).dtype != DType::F32) {
+                continue;
+            }
+            for &v in &node.inputs[1..3] {
+                if g.use_count(v) != 1 {
+                    continue;
+                }
+                if let Some((r, nodes)) = repeated_heads(g, v) {
+                    l.repeated.insert(v, r);
+                    l.skipped.extend(nodes);
+                }
+            }
+        }
+    }
     let mut inputs = Vec::new();
     for (i, &v) in g.inputs().iter().enumerate() {
         let ty = g.ty(v).clone();
