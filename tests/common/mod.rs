@@ -12,6 +12,11 @@ pub fn zoo_dir() -> PathBuf {
     repo_root().join("tests/data/zoo")
 }
 
+/// Real exports of more of the families Egret targets (see its README).
+pub fn exports_dir() -> PathBuf {
+    repo_root().join("tests/data/exports")
+}
+
 /// Small models of the families the zoo lacks, written by
 /// `tools/make_synthetic_models.py` with onnxruntime's outputs.
 pub fn synthetic_dir() -> PathBuf {

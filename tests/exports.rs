@@ -1,0 +1,77 @@
+//! Exports of the families Egret targets beyond the zoo's, written by
+//! PyTorch's two ONNX exporters from Hugging Face models with random
+//! weights (`tests/data/exports/README.md`): each matches onnxruntime's
+//! stored outputs, and at `--opt 2` each is as fused as the zoo is.
+
+mod common;
+
+use egret::check::Tolerance;
+use egret::Backend;
+use std::process::Command;
+
+#[test]
+fn every_export_passes_on_both_backends() {
+    for backend in [Backend::Reference, Backend::Cpu] {
+        let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
+        assert_eq!(n, 4);
+    }
+}
+
+/// `egret explain --json` of one export.
+fn explain(name: &str) -> serde_json::Value {
+    let model = common::exports_dir().join(name).join("model.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_egret")).arg("explain").arg(&model).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every softmax a fused attention, every norm one row kernel, and no
+/// activation left outside a matmul's epilogue. `softmaxes` and `norms`
+/// count the exported graph's (its `meta.json` lists the op counts).
+#[test]
+fn every_attention_norm_and_activation_is_fused() {
+    for (name, softmaxes, norms) in
+        [("gpt2_legacy_gemm", 2, 5), ("llama_gqa_dynamo", 2, 5), ("hf_vit_sdpa_dynamo", 2, 5), ("t5_dynamo", 6, 12)]
+    {
+        let v = explain(name);
+        assert_eq!(v["fusions"]["attention"], softmaxes, "{name}: {}", v["fusions"]);
+        let kernels = v["kernels"].as_array().unwrap();
+        let norm_rows =
+            kernels.iter().filter(|k| k["kind"] == "rows" && k["detail"].as_str().unwrap().contains("Norm")).count();
+        assert_eq!(norm_rows, norms, "{name}");
+        for k in kernels.iter().filter(|k| k["kind"] == "map") {
+            let detail = k["detail"].as_str().unwrap();
+            for activation in ["Erf", "Tanh", "Sigmoid", "Sqrt"] {
+                assert!(!detail.contains(activation), "{name}: {activation} left in a map: {k}");
+            }
+        }
+        assert!(
+            kernels.iter().all(|k| !k["kind"].as_str().unwrap().starts_with("reference")),
+            "{name}: a kernel left to the reference evaluator"
+        );
+    }
+}
+
+/// The legacy exporter writes GPT-2's MLP as a 2-d Gemm between reshapes:
+/// the GELU still lands in the product's epilogue.
+#[test]
+fn gelu_after_a_reshaped_gemm_is_an_epilogue() {
+    let v = explain("gpt2_legacy_gemm");
+    let gelus = v["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["kind"] == "matmul:packed" && k["detail"].as_str().unwrap().contains("Sigmoid"))
+        .count();
+    assert_eq!(gelus, 2, "{}", v["kernels"]);
+}
+
+/// LLaMA's repeat_kv (2 key/value heads for 4 query heads) is read in
+/// place by the attention kernels: no kernel copies the repeated heads.
+#[test]
+fn grouped_query_heads_are_not_copied() {
+    let v = explain("llama_gqa_dynamo");
+    let kernels = v["kernels"].as_array().unwrap();
+    assert!(kernels.iter().all(|k| !k["label"].as_str().unwrap().contains("unsafe_view")), "{}", v["kernels"]);
+    assert_eq!(kernels.iter().filter(|k| k["kind"] == "attention").count(), 2);
+}
