@@ -590,8 +590,6 @@ impl<'g> Lowering<'g> {
         }
     }
 
-    /// Layout ops: views where possible (reshape, transpose, slice, split,
-    /// expand), map kernels for concat.
     /// Carries a pending elementwise expression through a reshape of it
     /// (a reshape keeps the elements' order), so that the chain goes on
     /// growing on the other side: an exporter's `Gemm -> Reshape -> GELU`
@@ -618,6 +616,8 @@ impl<'g> Lowering<'g> {
         true
     }
 
+    /// Layout ops: views where possible (reshape, transpose, slice, split,
+    /// expand), map kernels for concat.
     fn layout(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> bool {
         let g = self.g;
         let x = inputs[0];

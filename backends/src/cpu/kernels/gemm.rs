@@ -237,7 +237,7 @@ fn prefetch(at: *const f32, len: usize) {
         const LINE: usize = 16;
         let mut off = 0;
         while off < len {
-            // A prefetch never faults; the range lies inside the packed weight anyway.
+            // A prefetch never faults; every range asked for lies inside `b` or `c` anyway.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off) as *const i8) };
             off += LINE;
         }
