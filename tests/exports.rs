@@ -13,7 +13,7 @@ use std::process::Command;
 fn every_export_passes_on_both_backends() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
-        assert_eq!(n, 4);
+        assert_eq!(n, 5);
     }
 }
 
@@ -30,9 +30,13 @@ fn explain(name: &str) -> serde_json::Value {
 /// count the exported graph's (its `meta.json` lists the op counts).
 #[test]
 fn every_attention_norm_and_activation_is_fused() {
-    for (name, softmaxes, norms) in
-        [("gpt2_legacy_gemm", 2, 5), ("llama_gqa_dynamo", 2, 5), ("hf_vit_sdpa_dynamo", 2, 5), ("t5_dynamo", 6, 12)]
-    {
+    for (name, softmaxes, norms) in [
+        ("bert_sdpa_dynamo", 2, 5),
+        ("gpt2_legacy_gemm", 2, 5),
+        ("llama_gqa_dynamo", 2, 5),
+        ("hf_vit_sdpa_dynamo", 2, 5),
+        ("t5_dynamo", 6, 12),
+    ] {
         let v = explain(name);
         assert_eq!(v["fusions"]["attention"], softmaxes, "{name}: {}", v["fusions"]);
         let kernels = v["kernels"].as_array().unwrap();

@@ -3,10 +3,11 @@
 //! After it, no op reads only constants (up to a size limit), the shape
 //! arithmetic exporters write (Shape -> Gather -> Unsqueeze -> Concat ->
 //! Reshape) is gone, and Identity, same-type Cast, same-shape Reshape and
-//! identity Transpose are bypassed. Later stages can then pattern-match on
-//! the computation itself.
+//! identity Transpose are bypassed. A `GatherND` with constant indices
+//! becomes a `Gather`. Later stages can then pattern-match on the
+//! computation itself.
 
-use egret_ir::{Graph, IrError, NodeId, Op, ValueId};
+use egret_ir::{Graph, IrError, NodeId, Op, Tensor, ValueId};
 
 /// Folding a node whose output is larger than this would bloat the model
 /// (think of an `Expand` of a scalar to a large mask); such nodes stay.
@@ -17,6 +18,8 @@ pub struct CanonStats {
     pub folded: usize,
     pub bypassed: usize,
     pub dead: usize,
+    /// `GatherND`s with constant indices rewritten as `Gather`s.
+    pub gathers: usize,
 }
 
 /// Canonicalises `g`, returning a verified, compacted graph.
@@ -32,6 +35,8 @@ pub fn canonicalize(g: &Graph) -> Result<(Graph, CanonStats), IrError> {
         }
         if fold(&mut g, n)? {
             stats.folded += 1;
+        } else if gather_nd_as_gather(&mut g, n)? {
+            stats.gathers += 1;
         }
     }
     stats.dead = remove_dead(&mut g)?;
@@ -93,6 +98,46 @@ fn fold(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
         let c = g.add_const(t, &node.label);
         g.replace_all_uses(out, c);
     }
+    Ok(true)
+}
+
+/// A `GatherND` with constant indices and no batch dims (the dynamo
+/// exporter builds attention masks with one) as a `Gather` over the data
+/// with its indexed leading axes flattened into one: each index tuple
+/// becomes one flat index, checked here. Lowering has a native gather and
+/// no native GatherND.
+fn gather_nd_as_gather(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
+    let node = g.node(n).clone();
+    let Op::GatherND { batch_dims: 0 } = node.op else { return Ok(false) };
+    let (data, indices) = (node.inputs[0], node.inputs[1]);
+    let Some(idx) = g.const_value(indices).cloned() else { return Ok(false) };
+    let shape = g.ty(data).shape.clone();
+    let tuples_shape = &idx.shape()[..idx.rank().saturating_sub(1)];
+    let q = idx.shape().last().copied().unwrap_or(0);
+    if q == 0 || q > shape.len() {
+        return Ok(false);
+    }
+    let strides = egret_ir::strides_of(&shape[..q]);
+    let mut flat = Vec::with_capacity(idx.numel() / q);
+    for tuple in idx.to_i64_vec().chunks(q) {
+        let mut at = 0;
+        for (j, &i) in tuple.iter().enumerate() {
+            let len = shape[j] as i64;
+            let k = if i < 0 { i + len } else { i };
+            if !(0..len).contains(&k) {
+                let message = format!("index {i} is out of range for axis {j} of length {len}");
+                return Err(IrError::new(&node.label, node.op.name(), message));
+            }
+            at += k as usize * strides[j];
+        }
+        flat.push(at as i64);
+    }
+    let mut flat_shape = vec![shape[..q].iter().product::<usize>()];
+    flat_shape.extend(&shape[q..]);
+    let flattened = g.add(Op::Reshape { shape: flat_shape }, &[data], &node.label)?;
+    let positions = g.add_const(Tensor::from_vec(tuples_shape.to_vec(), flat), &node.label);
+    let gathered = g.add(Op::Gather { axis: 0 }, &[flattened, positions], &node.label)?;
+    g.replace_all_uses(node.outputs[0], gathered);
     Ok(true)
 }
 
@@ -160,6 +205,54 @@ output \"y\" = v3
         assert_eq!(stats.bypassed, 2);
         assert!(stats.dead >= 3);
         assert_eq!(text::print(&c), "v0: f32[4] = input{name=\"x\"}\nv1: f32[4] = exp v0\noutput \"y\" = v1\n");
+    }
+
+    #[test]
+    fn gather_nd_with_constant_indices_becomes_a_gather_of_the_same_values() {
+        // Tuples of two indices into [3, 4, 2] (one negative), in a [2, 2] grid.
+        let src = "\
+v0: f32[3,4,2] = input{name=\"x\"}
+v1: i64[2,2,2] = const [0, 1, 2, -1, 1, 0, 2, 3]
+v2: f32[2,2,2] = gather_nd{batch_dims=0} v0, v1
+output \"y\" = v2
+";
+        let g = text::parse(src).unwrap();
+        let (c, stats) = canonicalize(&g).unwrap();
+        assert_eq!(stats.gathers, 1);
+        let printed = text::print(&c);
+        assert!(!printed.contains("gather_nd") && printed.contains("gather{axis=0}"), "{printed}");
+        let x = Tensor::from_vec(vec![3, 4, 2], (0..24).map(|i| i as f32 * 0.5 - 3.0).collect::<Vec<f32>>());
+        assert_eq!(run(&c, &x), run(&g, &x));
+    }
+
+    /// The graph's one output for its one input, op by op.
+    fn run(g: &Graph, x: &Tensor) -> Tensor {
+        let mut values: std::collections::HashMap<ValueId, Tensor> = Default::default();
+        for n in g.topo_order().unwrap() {
+            let node = g.node(n);
+            let outs = match &node.op {
+                Op::Input { .. } => vec![x.clone()],
+                Op::Const(t) => vec![(**t).clone()],
+                op => {
+                    let ins: Vec<&Tensor> = node.inputs.iter().map(|v| &values[v]).collect();
+                    egret_ir::eval_op(op, &ins).unwrap()
+                }
+            };
+            values.extend(node.outputs.iter().copied().zip(outs));
+        }
+        values.remove(&g.outputs()[0].1).unwrap()
+    }
+
+    #[test]
+    fn gather_nd_with_an_out_of_range_constant_index_names_the_node() {
+        let src = "\
+v0: f32[3,4] = input{name=\"x\"}
+v1: i64[1,2] = const [1, 4]
+v2: f32[1] = gather_nd{batch_dims=0} v0, v1  # mask_gather
+output \"y\" = v2
+";
+        let err = canonicalize(&text::parse(src).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("mask_gather") && err.contains("index 4 is out of range"), "{err}");
     }
 
     #[test]
