@@ -508,6 +508,49 @@ output \"y\" = v12
 }
 
 #[test]
+fn packed_products_gather_rows_a_roll_and_window_partition_permuted() {
+    // A Swin block's input side: an 8 x 8 grid of 4-channel tokens rolled
+    // by 2 along both axes (slices and concats, as exporters write
+    // torch.roll), cut into four 4 x 4 windows, times a weight. The packed
+    // GEMM reads the rows where they lie: one kernel. Without the roll, the
+    // partition alone; with the roll's first concat also read elsewhere,
+    // the chain stops there and that concat is copied.
+    let w: Vec<String> = data(4 * 40, 8).iter().map(|x| format!("{x:?}")).collect();
+    let w = w.join(", ");
+    let partition = |input: &str| {
+        format!(
+            "v10: f32[1,2,4,2,4,4] = reshape{{shape=[1, 2, 4, 2, 4, 4]}} {input}
+v11: f32[1,2,2,4,4,4] = transpose{{perm=[0, 1, 3, 2, 4, 5]}} v10
+v12: f32[4,16,4] = reshape{{shape=[4, 16, 4]}} v11
+v13: f32[4,40] = const [{w}]
+v14: f32[4,16,40] = matmul_tiled{{tiling=packed}} v12, v13
+output \"y\" = v14
+"
+        )
+    };
+    let roll = "v0: f32[1,8,8,4] = input{name=\"x\"}
+v1: f32[1,6,8,4] = slice{starts=[0, 2, 0, 0], ends=[1, 8, 8, 4], steps=[1, 1, 1, 1]} v0
+v2: f32[1,2,8,4] = slice{starts=[0, 0, 0, 0], ends=[1, 2, 8, 4], steps=[1, 1, 1, 1]} v0
+v3: f32[1,8,8,4] = concat{axis=1} v1, v2
+v4: f32[1,8,6,4] = slice{starts=[0, 0, 2, 0], ends=[1, 8, 8, 4], steps=[1, 1, 1, 1]} v3
+v5: f32[1,8,2,4] = slice{starts=[0, 0, 0, 0], ends=[1, 8, 2, 4], steps=[1, 1, 1, 1]} v3
+v6: f32[1,8,8,4] = concat{axis=2} v4, v5
+";
+    let cases = [
+        (format!("{roll}{}", partition("v6")), 1),
+        (format!("v0: f32[1,8,8,4] = input{{name=\"x\"}}\n{}", partition("v0")), 1),
+        (format!("{roll}{}output \"rolled once\" = v3\n", partition("v6")), 3),
+    ];
+    for (text, kernels) in cases {
+        let plan = egret::backends::lower(&parse(&text).unwrap(), Default::default()).unwrap();
+        let described = plan.describe();
+        assert!(described.contains("rows of a gathered"), "{described}");
+        assert_eq!(plan.kernels.len(), kernels, "{described}");
+        same(&text);
+    }
+}
+
+#[test]
 fn outputs_written_in_place_or_copied_out() {
     // The product is an output that a later kernel also reads, and is
     // named twice; an input, a constant and a bool output are copied.

@@ -14,7 +14,7 @@
 use crate::memory::plan_memory;
 use crate::plan::*;
 use egret_ir::op::MatMulTiling;
-use egret_ir::{DType, Graph, IrError, NodeId, Op, Type, ValueId};
+use egret_ir::{DType, Graph, IrError, NodeId, Op, Tensor, Type, ValueId};
 use std::collections::HashMap;
 
 /// How much lowering fuses, and which matmul implementation it may pick.
@@ -84,7 +84,116 @@ struct Lowering<'g> {
     /// repeated (`repeated_heads`), and the nodes that repeat them, which
     /// are not lowered: the attention kernel reads the source in place.
     repeated: HashMap<ValueId, RepeatedHeads>,
+    /// Left operands of packed products that are rows of another value
+    /// permuted by layout ops (`gathered_rows`): the GEMM reads them
+    /// through a row table, and the layout ops are not lowered either.
+    gathered: HashMap<ValueId, GatheredRows>,
     skipped: std::collections::HashSet<NodeId>,
+}
+
+/// A matmul's left operand as rows of `source`: row `i` of the operand is
+/// row `rows[i]` of `source` (rows along its last axis, which the layout
+/// ops in between keep whole).
+#[derive(Clone, Debug)]
+struct GatheredRows {
+    source: ValueId,
+    rows: Vec<usize>,
+}
+
+/// `a` as rows of another value permuted or selected by reshapes,
+/// transposes, slices and concats that keep the last axis whole (a Swin
+/// block's roll and window partition), and the nodes that do it; `None`
+/// when the rows are a strided view anyway (one stride per batch of `m`
+/// rows), or the chain reads more than one value, or a value in between
+/// has a reader outside it.
+fn gathered_rows(g: &Graph, a: ValueId) -> Option<(GatheredRows, Vec<NodeId>)> {
+    let shape = &g.ty(a).shape;
+    let (&width, m) = (shape.last()?, *shape.get(shape.len().checked_sub(2)?)?);
+    // The longest chain whose values in between are read only inside it
+    // (a roll's concat feeds the two slices of the next roll); failing
+    // that, the chain up to the first value read twice.
+    let walk = |stop: &dyn Fn(ValueId) -> bool| {
+        let (mut nodes, mut source) = (Vec::new(), None);
+        let ids = row_ids(g, a, width, stop, &mut nodes, &mut source)?;
+        nodes.sort();
+        nodes.dedup();
+        let inside = nodes.iter().all(|&n| {
+            let v = g.node(n).outputs[0];
+            v == a || (g.consumers(n).iter().all(|c| nodes.contains(c)) && g.outputs().iter().all(|(_, o)| *o != v))
+        });
+        inside.then_some((ids, nodes, source))
+    };
+    let (ids, nodes, source) = walk(&|_| false).or_else(|| walk(&|v| v != a && g.use_count(v) != 1))?;
+    let rows: Vec<usize> = ids.to_i64_vec().into_iter().map(|r| r as usize).collect();
+    // Batches of `m` rows, each one stride apart, are read as strided
+    // batches without any copy.
+    let strided = rows.chunks(m.max(1)).all(|batch| {
+        let step = |w: &[usize]| w[1] as isize - w[0] as isize;
+        batch.windows(2).all(|w| step(w) == step(&batch[..2]))
+    });
+    if nodes.is_empty() || strided {
+        return None;
+    }
+    Some((GatheredRows { source: source?, rows }, nodes))
+}
+
+/// The rows of the chain's source that `v` holds, as an i64 tensor of
+/// `v`'s shape with the last axis 1 wide: the layout ops replayed on row
+/// indices. The walk ends at the first value no such op produces, or
+/// that `stop` picks: that is the source.
+fn row_ids(
+    g: &Graph,
+    v: ValueId,
+    width: usize,
+    stop: &dyn Fn(ValueId) -> bool,
+    nodes: &mut Vec<NodeId>,
+    source: &mut Option<ValueId>,
+) -> Option<Tensor> {
+    let shape = &g.ty(v).shape;
+    let rank = shape.len();
+    let producer = g.producer(v);
+    let node = g.node(producer);
+    let keeps_rows = shape.last() == Some(&width)
+        && node.inputs.iter().all(|&x| g.ty(x).shape.last() == Some(&width))
+        && match &node.op {
+            Op::Reshape { .. } => true,
+            Op::Transpose { perm } => perm.last() == Some(&(rank - 1)),
+            Op::Slice { starts, steps, .. } => starts[rank - 1] == 0 && steps[rank - 1] == 1,
+            Op::Concat { axis } => *axis + 1 < rank,
+            _ => false,
+        };
+    if !keeps_rows || stop(v) {
+        // The source: every path must end at the same value.
+        if source.is_some_and(|s| s != v) || shape.last() != Some(&width) {
+            return None;
+        }
+        *source = Some(v);
+        let rows = shape[..rank - 1].iter().product::<usize>();
+        let mut ids_shape = shape[..rank - 1].to_vec();
+        ids_shape.push(1);
+        return Some(Tensor::from_vec(ids_shape, (0..rows as i64).collect::<Vec<i64>>()));
+    }
+    // A walk, not a search: a value two concats read is visited twice.
+    // Exporters' chains are a few ops long; give up on anything longer.
+    const LONGEST: usize = 64;
+    if nodes.len() >= LONGEST {
+        return None;
+    }
+    nodes.push(producer);
+    let inputs =
+        node.inputs.iter().map(|&x| row_ids(g, x, width, stop, nodes, source)).collect::<Option<Vec<Tensor>>>()?;
+    // The same op over the row indices, whose last axis is 1 wide.
+    let op = match &node.op {
+        Op::Reshape { shape } => Op::Reshape { shape: shape[..shape.len() - 1].iter().copied().chain([1]).collect() },
+        Op::Slice { starts, ends, steps } => {
+            let mut ends = ends.clone();
+            ends[rank - 1] = 1;
+            Op::Slice { starts: starts.clone(), ends, steps: steps.clone() }
+        }
+        op => op.clone(),
+    };
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    egret_ir::eval_op(&op, &refs).ok()?.into_iter().next()
 }
 
 /// Keys or values of grouped-query attention as exporters write
@@ -783,6 +892,7 @@ impl<'g> Lowering<'g> {
             implementation: MatMulImpl::Library,
             b_packed: false,
             epilogue: None,
+            a_rows: None,
         };
         let mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
         self.push(KernelKind::MatMul(mm), label);
@@ -938,10 +1048,14 @@ impl<'g> Lowering<'g> {
         if sa.len() < 2 || sb.len() < 2 {
             return None;
         }
-        let va = self.view(a);
+        let gathered = self.gathered.get(&a).cloned();
+        let va = self.view(gathered.as_ref().map_or(a, |r| r.source));
         let vb = self.generated_ready(b, label);
         let cb = self.define(c);
-        let mut mm = self.matmul_kernel(&va, &sa, &vb, &sb, &sc, cb);
+        let mut mm = match &gathered {
+            Some(rows) => self.gathered_matmul_kernel(rows, &va, &vb, sb[1], cb),
+            None => self.matmul_kernel(&va, &sa, &vb, &sb, &sc, cb),
+        };
         let forced = self.opts.matmul.or(preferred);
         if preferred.is_some() && self.opts.matmul.is_none() {
             mm.implementation = choose_matmul(&mm, forced);
@@ -977,6 +1091,8 @@ impl<'g> Lowering<'g> {
                 return Some(mm);
             }
         }
+        // The pass that chose the gathered rows checked the weight packs.
+        debug_assert!(mm.a_rows.is_none(), "gathered rows need the packed GEMM");
         if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
             if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
                 let packed = pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
@@ -986,6 +1102,43 @@ impl<'g> Lowering<'g> {
             }
         }
         Some(mm)
+    }
+
+    /// One tall product over rows of `va` (the source's view) taken in the
+    /// order `rows` gives, by a table of row offsets: `[rows, k] @ [k, n]`.
+    fn gathered_matmul_kernel(
+        &self,
+        rows: &GatheredRows,
+        va: &View,
+        vb: &View,
+        n: usize,
+        cb: BufferId,
+    ) -> MatMulKernel {
+        let shape = &self.g.ty(rows.source).shape;
+        let (lead, k) = (&shape[..shape.len() - 1], shape[shape.len() - 1]);
+        let offset = |r: usize| {
+            let (mut at, mut rest) = (va.offset, r);
+            for d in (0..lead.len()).rev() {
+                at += (rest % lead[d]) as isize * va.strides[d];
+                rest /= lead[d];
+            }
+            at as i64
+        };
+        MatMulKernel {
+            m: rows.rows.len(),
+            k,
+            n,
+            a: va.buffer,
+            b: vb.buffer,
+            c: cb,
+            a_strides: [0, va.strides[lead.len()]],
+            b_strides: [vb.strides[0], vb.strides[1]],
+            batches: vec![[0, vb.offset, 0]],
+            implementation: MatMulImpl::Packed,
+            b_packed: false,
+            epilogue: None,
+            a_rows: Some(rows.rows.iter().map(|&r| offset(r)).collect()),
+        }
     }
 
     /// The view of a matmul's `b`, made dense when generated matmuls are
@@ -1033,6 +1186,7 @@ impl<'g> Lowering<'g> {
                     implementation: MatMulImpl::Library,
                     b_packed: false,
                     epilogue: None,
+                    a_rows: None,
                 };
                 return MatMulKernel { implementation: choose_matmul(&folded, self.opts.matmul), ..folded };
             }
@@ -1064,6 +1218,7 @@ impl<'g> Lowering<'g> {
             implementation: MatMulImpl::Library,
             b_packed: false,
             epilogue: None,
+            a_rows: None,
         };
         MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
     }
@@ -1296,6 +1451,7 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         kernels: vec![],
         opts,
         repeated: HashMap::new(),
+        gathered: HashMap::new(),
         skipped: Default::default(),
     };
     // Grouped-query keys and values the attention kernel reads in place:
@@ -1315,6 +1471,23 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
                     l.repeated.insert(v, r);
                     l.skipped.extend(nodes);
                 }
+            }
+        }
+    }
+    // Permuted rows the packed GEMM gathers itself: where the optimiser
+    // chose it for a constant 2-d f32 weight, and nothing forces another.
+    if opts.views && matches!(opts.matmul, None | Some(MatMulImpl::Packed)) {
+        for n in g.node_ids() {
+            let node = g.node(n);
+            let Op::MatMulTiled { tiling: MatMulTiling::Packed } = node.op else { continue };
+            let (a, b) = (node.inputs[0], node.inputs[1]);
+            let weight = g.const_value(b).is_some_and(|w| w.rank() == 2 && w.dtype() == DType::F32);
+            if !weight || g.ty(a).dtype != DType::F32 || g.use_count(a) != 1 {
+                continue;
+            }
+            if let Some((rows, nodes)) = gathered_rows(g, a) {
+                l.gathered.insert(a, rows);
+                l.skipped.extend(nodes);
             }
         }
     }

@@ -248,6 +248,11 @@ pub struct MatMulKernel {
     pub b_packed: bool,
     /// Applied to the product in place (single-batch products only).
     pub epilogue: Option<Epilogue>,
+    /// Each row of `a` as an element offset into its buffer, for a layout
+    /// no strides describe (rows an exporter permuted: a Swin window
+    /// partition after a roll). Single-batch `Packed` products only;
+    /// `a_strides[0]` is then unused.
+    pub a_rows: Option<Vec<i64>>,
 }
 
 impl MatMulKernel {
@@ -458,7 +463,8 @@ impl Kernel {
                     }
                 };
                 let epilogue = mm.epilogue.as_ref().map_or(String::new(), |e| format!(", epilogue {}", e.expr));
-                format!("{}x{}x{} x{} batches ({tiling}){epilogue}", mm.m, mm.k, mm.n, mm.batches.len())
+                let gathered = if mm.a_rows.is_some() { ", rows of a gathered" } else { "" };
+                format!("{}x{}x{} x{} batches ({tiling}{gathered}){epilogue}", mm.m, mm.k, mm.n, mm.batches.len())
             }
             KernelKind::Rows(r) => format!(
                 "{:?} {} rows of {}{}",

@@ -254,7 +254,14 @@ fn define_kernels<M: Module>(
                         }
                         None => None,
                     };
-                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, &fns);
+                    let a_rows = match &mm.a_rows {
+                        Some(rows) => {
+                            let bytes = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
+                            Some(data_object(module, &format!("egret_k{i}_a_rows"), bytes, b.func).map_err(err)?)
+                        }
+                        None => None,
+                    };
+                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, a_rows, &fns);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
             }

@@ -31,8 +31,12 @@ const NR: usize = crate::plan::PACKED_PANEL;
 const GROUP: usize = super::epilogue::BLOCK / NR;
 
 /// `c[m, n] = a[m, k] @ b` with `b` packed by `plan::pack_panels`; `a` strided, `c`
-/// row-major. A non-null `epilogue` (a program from `epilogue::encode`, with
-/// the kernel's operand addresses `args`) is applied to `c` in place.
+/// row-major. A non-null `a_rows` gives each row of `a` as an element
+/// offset from `a` instead (`a_rs` is then unused): the rows of a layout an
+/// exporter permuted (a Swin window partition) are gathered here, once per
+/// thread, rather than copied by kernels of their own. A non-null
+/// `epilogue` (a program from `epilogue::encode`, with the kernel's operand
+/// addresses `args`) is applied to `c` in place.
 ///
 /// # Safety
 /// The buffers hold the matrices the arguments describe.
@@ -46,10 +50,11 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     a_cs: i64,
     b: *const f32,
     c: *mut f32,
+    a_rows: *const i64,
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
-    unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, b, c, TileShape::host(), epilogue, args) }
+    unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, a_rows, b, c, TileShape::host(), epilogue, args) }
 }
 
 /// Half a panel's columns: the width of AVX2's tile.
@@ -99,6 +104,7 @@ unsafe fn sgemm_packed(
     a: *const f32,
     a_rs: i64,
     a_cs: i64,
+    a_rows: *const i64,
     b: *const f32,
     c: *mut f32,
     shape: TileShape,
@@ -106,6 +112,21 @@ unsafe fn sgemm_packed(
     args: *const *mut u8,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
+    // Rows given by a table are gathered into this thread's scratch first,
+    // once for all the threads, and read densely from there.
+    let gathered = !a_rows.is_null();
+    let mut scratch = if gathered { GATHERED_A.take() } else { Vec::new() };
+    let (a, a_rs, a_cs) = if gathered {
+        scratch.clear();
+        scratch.reserve(m * k);
+        for i in 0..m {
+            let row = unsafe { a.offset(*a_rows.add(i) as isize) };
+            scratch.extend((0..k).map(|p| unsafe { *row.offset(p as isize * a_cs as isize) }));
+        }
+        (scratch.as_ptr(), k as i64, 1)
+    } else {
+        (a, a_rs, a_cs)
+    };
     let panels = n.div_ceil(NR);
     let threads = super::super::runtime_fns::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
@@ -135,6 +156,9 @@ unsafe fn sgemm_packed(
     } else {
         unsafe { panel_range(m, k, n, a, a_rs, a_cs, b, c, 0, panels, shape, epilogue, args) };
     }
+    if gathered {
+        GATHERED_A.set(scratch);
+    }
 }
 
 multiversion! {
@@ -157,6 +181,9 @@ multiversion! {
     ) = panel_range_impl;
 }
 
+// Keep this body lean: with a row gather (and its scratch `Vec`) inside
+// it, LLVM stored the tile's accumulators to the stack after every
+// multiply-add, and the products ran 3x slower. `sgemm_packed` gathers.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn panel_range_impl<const FMA: bool>(
@@ -226,6 +253,11 @@ unsafe fn panel_range_impl<const FMA: bool>(
         }
         g0 = g1;
     }
+}
+
+thread_local! {
+    /// Rows of `a` gathered through a row table (`egret_sgemm_packed`).
+    static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Asks for `len` floats from `at` to be brought into the cache.
@@ -335,14 +367,20 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.5).collect();
             // b read transposed from storage [n, k], as Gemm with transB does.
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            for ((packed, layout), shape) in
+            // `a` again with its rows stored in reverse, read through a row table.
+            let reversed: Vec<f32> = (0..m).rev().flat_map(|i| a[i * k..(i + 1) * k].to_vec()).collect();
+            let table: Vec<i64> = (0..m).map(|i| ((m - 1 - i) * k) as i64).collect();
+            for ((packed, layout), shape, gathered) in
                 [(pack(&b, 0, [n, 1], k, n), "row-major"), (pack(&bt, 0, [1, k], k, n), "transposed")]
                     .into_iter()
                     .flat_map(|p| {
                         [TileShape::TwoPanels, TileShape::OnePanel, TileShape::HalfPanel].map(|s| (p.clone(), s))
                     })
+                    .flat_map(|(p, s)| [(p.clone(), s, false), (p, s, true)])
             {
-                let label = format!("{layout}, {shape:?}");
+                let label = format!("{layout}, {shape:?}, rows of a gathered: {gathered}");
+                let (a_base, a_rows) =
+                    if gathered { (reversed.as_ptr(), table.as_ptr()) } else { (a.as_ptr(), std::ptr::null()) };
                 // Guard elements after `c` catch a tile that stores past a
                 // partial panel's columns.
                 const GUARD: usize = 64;
@@ -352,9 +390,10 @@ mod tests {
                         m as i64,
                         k as i64,
                         n as i64,
-                        a.as_ptr(),
+                        a_base,
                         k as i64,
                         1,
+                        a_rows,
                         packed.as_ptr(),
                         c.as_mut_ptr(),
                         shape,
