@@ -551,6 +551,59 @@ v6: f32[1,8,8,4] = concat{axis=2} v4, v5
 }
 
 #[test]
+fn packed_products_place_rows_a_window_reverse_and_roll_back_permute() {
+    // A Swin block's output side: the projection of four 4 x 4 windows,
+    // its bias, the windows put back into the 8 x 8 grid, the grid rolled
+    // back by 2 along both axes, and the residual. The GEMM places the rows
+    // where the layout ops would move them, and the bias and the residual
+    // become its epilogue: one kernel. Without a bias, with the roll read
+    // elsewhere too (then it stays and nothing is placed), and with a
+    // non-row bias (a full [4, 16, 8] constant: nothing is placed).
+    let w: Vec<String> = data(6 * 8, 9).iter().map(|x| format!("{x:?}")).collect();
+    let bias: Vec<String> = data(8, 10).iter().map(|x| format!("{x:?}")).collect();
+    let full: Vec<String> = data(4 * 16 * 8, 11).iter().map(|x| format!("{x:?}")).collect();
+    let (w, bias, full) = (w.join(", "), bias.join(", "), full.join(", "));
+    let body = |biased: &str, extra: &str| {
+        let product = if biased.is_empty() { "v2" } else { "v3" };
+        format!(
+            "v0: f32[4,16,6] = input{{name=\"windows\"}}
+v1: f32[6,8] = const [{w}]
+v2: f32[4,16,8] = matmul_tiled{{tiling=packed}} v0, v1
+{biased}v4: f32[1,2,2,4,4,8] = reshape{{shape=[1, 2, 2, 4, 4, 8]}} {product}
+v5: f32[1,2,4,2,4,8] = transpose{{perm=[0, 1, 3, 2, 4, 5]}} v4
+v6: f32[1,8,8,8] = reshape{{shape=[1, 8, 8, 8]}} v5
+v7: f32[1,2,8,8] = slice{{starts=[0, 6, 0, 0], ends=[1, 8, 8, 8], steps=[1, 1, 1, 1]}} v6
+v8: f32[1,6,8,8] = slice{{starts=[0, 0, 0, 0], ends=[1, 6, 8, 8], steps=[1, 1, 1, 1]}} v6
+v9: f32[1,8,8,8] = concat{{axis=1}} v7, v8
+v10: f32[1,8,2,8] = slice{{starts=[0, 0, 6, 0], ends=[1, 8, 8, 8], steps=[1, 1, 1, 1]}} v9
+v11: f32[1,8,6,8] = slice{{starts=[0, 0, 0, 0], ends=[1, 8, 6, 8], steps=[1, 1, 1, 1]}} v9
+v12: f32[1,8,8,8] = concat{{axis=2}} v10, v11
+v13: f32[1,8,8,8] = input{{name=\"shortcut\"}}
+v14: f32[1,8,8,8] = add v13, v12
+output \"y\" = v14
+{extra}"
+        )
+    };
+    let row_bias = format!("v15: f32[8] = const [{bias}]\nv3: f32[4,16,8] = add v2, v15\n");
+    let full_bias = format!("v15: f32[4,16,8] = const [{full}]\nv3: f32[4,16,8] = add v2, v15\n");
+    let cases = [
+        (body(&row_bias, ""), Some(1)),
+        (body("", ""), Some(1)),
+        (body(&row_bias, "output \"rolled once\" = v9\n"), None),
+        (body(&full_bias, ""), None),
+    ];
+    for (text, kernels) in cases {
+        let plan = egret::backends::lower(&parse(&text).unwrap(), Default::default()).unwrap();
+        let described = plan.describe();
+        assert_eq!(described.contains("rows of c placed"), kernels.is_some(), "{described}");
+        if let Some(kernels) = kernels {
+            assert_eq!(plan.kernels.len(), kernels, "{described}");
+        }
+        same(&text);
+    }
+}
+
+#[test]
 fn outputs_written_in_place_or_copied_out() {
     // The product is an output that a later kernel also reads, and is
     // named twice; an input, a constant and a bool output are copied.

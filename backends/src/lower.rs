@@ -88,6 +88,9 @@ struct Lowering<'g> {
     /// permuted by layout ops (`gathered_rows`): the GEMM reads them
     /// through a row table, and the layout ops are not lowered either.
     gathered: HashMap<ValueId, GatheredRows>,
+    /// Packed products whose rows the GEMM places where the layout ops
+    /// after them would move them (`placed_rows`), by product value.
+    placed: HashMap<ValueId, PlacedRows>,
     skipped: std::collections::HashSet<NodeId>,
 }
 
@@ -137,6 +140,107 @@ fn gathered_rows(g: &Graph, a: ValueId) -> Option<(GatheredRows, Vec<NodeId>)> {
     Some((GatheredRows { source: source?, rows }, nodes))
 }
 
+/// A packed product whose rows layout ops permute afterwards (a Swin
+/// block's window reverse and roll back): the GEMM places row `i` of the
+/// product at row `rows[i]` of `result` itself. With `bias`, the product
+/// first had a bias row added, which commutes with moving rows.
+#[derive(Clone, Debug)]
+struct PlacedRows {
+    result: ValueId,
+    rows: Vec<usize>,
+    bias: Option<ValueId>,
+}
+
+/// Whether `node` moves whole rows along a last axis `width` wide (what
+/// `row_ids` can replay).
+fn moves_rows(g: &Graph, node: &egret_ir::Node, width: usize) -> bool {
+    let Some(&out) = node.outputs.first() else { return false };
+    let rank = g.ty(out).shape.len();
+    g.ty(out).shape.last() == Some(&width)
+        && node.inputs.iter().all(|&x| g.ty(x).shape.last() == Some(&width))
+        && match &node.op {
+            Op::Reshape { .. } => true,
+            Op::Transpose { perm } => perm.last() == Some(&(rank - 1)),
+            Op::Slice { starts, steps, .. } => starts[rank - 1] == 0 && steps[rank - 1] == 1,
+            Op::Concat { axis } => *axis + 1 < rank,
+            _ => false,
+        }
+}
+
+/// The packed product `p` placed by the layout ops that alone read it (or
+/// its sum with a constant bias row), and the nodes not to lower: those
+/// ops and the bias add. `None` unless they end in one value, hold every
+/// row exactly once, and nothing outside reads what is in between.
+fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
+    let width = *g.ty(p).shape.last()?;
+    let only_reader = |v: ValueId| {
+        let readers = g.consumers(g.producer(v));
+        (g.use_count(v) == 1 && readers.len() == 1).then(|| readers[0])
+    };
+    // A constant bias row added to the product moves with its rows.
+    let (start, bias, mut skipped) = match only_reader(p).map(|n| (n, g.node(n))) {
+        Some((n, node)) if node.op == Op::Add => {
+            let other = if node.inputs[0] == p { node.inputs[1] } else { node.inputs[0] };
+            let row = g.const_value(other).is_some_and(|t| t.numel() == width && t.dtype() == DType::F32);
+            if !row || g.ty(node.outputs[0]) != g.ty(p) {
+                return None;
+            }
+            (node.outputs[0], Some(other), vec![n])
+        }
+        _ => (p, None, vec![]),
+    };
+    // Forward to the one value the row-moving ops end in.
+    let mut ends = Vec::new();
+    let mut todo = vec![start];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(v) = todo.pop() {
+        if !seen.insert(v) || g.outputs().iter().any(|(_, o)| *o == v) && v != start {
+            continue;
+        }
+        let readers = g.consumers(g.producer(v));
+        if !readers.is_empty() && readers.iter().all(|&r| moves_rows(g, g.node(r), width)) {
+            todo.extend(readers.iter().map(|&r| g.node(r).outputs[0]));
+        } else if v == start {
+            return None;
+        } else {
+            ends.push(v);
+        }
+    }
+    let [result] = ends[..] else { return None };
+    let mut nodes = Vec::new();
+    let mut source = None;
+    let ids = row_ids(g, result, width, &|_| false, &mut nodes, &mut source)?;
+    if source != Some(start) {
+        return None;
+    }
+    nodes.sort();
+    nodes.dedup();
+    let inside = nodes.iter().all(|&n| {
+        let v = g.node(n).outputs[0];
+        v == result || (g.consumers(n).iter().all(|c| nodes.contains(c)) && g.outputs().iter().all(|(_, o)| *o != v))
+    });
+    let start_inside = g.consumers(g.producer(start)).iter().all(|c| nodes.contains(c))
+        && g.outputs().iter().all(|(_, o)| *o != start);
+    if !inside || !start_inside {
+        return None;
+    }
+    // Every row of the product lands on exactly one row of the result.
+    let ids = ids.to_i64_vec();
+    let mut rows = vec![usize::MAX; ids.len()];
+    for (to, &from) in ids.iter().enumerate() {
+        let slot = rows.get_mut(usize::try_from(from).ok()?)?;
+        if *slot != usize::MAX {
+            return None;
+        }
+        *slot = to;
+    }
+    if rows.len() * width != g.ty(start).numel() {
+        return None;
+    }
+    skipped.extend(nodes);
+    Some((PlacedRows { result, rows, bias }, skipped))
+}
+
 /// The rows of the chain's source that `v` holds, as an i64 tensor of
 /// `v`'s shape with the last axis 1 wide: the layout ops replayed on row
 /// indices. The walk ends at the first value no such op produces, or
@@ -153,16 +257,7 @@ fn row_ids(
     let rank = shape.len();
     let producer = g.producer(v);
     let node = g.node(producer);
-    let keeps_rows = shape.last() == Some(&width)
-        && node.inputs.iter().all(|&x| g.ty(x).shape.last() == Some(&width))
-        && match &node.op {
-            Op::Reshape { .. } => true,
-            Op::Transpose { perm } => perm.last() == Some(&(rank - 1)),
-            Op::Slice { starts, steps, .. } => starts[rank - 1] == 0 && steps[rank - 1] == 1,
-            Op::Concat { axis } => *axis + 1 < rank,
-            _ => false,
-        };
-    if !keeps_rows || stop(v) {
+    if !moves_rows(g, node, width) || stop(v) {
         // The source: every path must end at the same value.
         if source.is_some_and(|s| s != v) || shape.last() != Some(&width) {
             return None;
@@ -619,11 +714,7 @@ impl<'g> Lowering<'g> {
         let in_types: Vec<&Type> = node.inputs.iter().map(|&v| g.ty(v)).collect();
         match &node.op {
             Op::Input { .. } => {}
-            Op::Const(t) => {
-                let b = self.new_buffer(&t.ty(), Storage::Constant(t.clone()));
-                self.views
-                    .insert(node.outputs[0], View { buffer: b, offset: 0, strides: contiguous_strides(t.shape()) });
-            }
+            Op::Const(_) => self.constant(node.outputs[0]),
             op => {
                 let out = node.outputs[0];
                 let out_ty = g.ty(out).clone();
@@ -893,6 +984,7 @@ impl<'g> Lowering<'g> {
             b_packed: false,
             epilogue: None,
             a_rows: None,
+            c_rows: None,
         };
         let mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
         self.push(KernelKind::MatMul(mm), label);
@@ -1049,13 +1141,30 @@ impl<'g> Lowering<'g> {
             return None;
         }
         let gathered = self.gathered.get(&a).cloned();
-        let va = self.view(gathered.as_ref().map_or(a, |r| r.source));
+        let placed = self.placed.get(&c).cloned();
+        let mut va = self.view(gathered.as_ref().map_or(a, |r| r.source));
+        // Placed rows need one tall product: its rows must fold.
+        let rows = sa[..sa.len() - 1].iter().product::<usize>();
+        if placed.is_some()
+            && gathered.is_none()
+            && reshape_strides(&sa, &va.strides, &[rows, sa[sa.len() - 1]]).is_none()
+        {
+            self.dense(a, label);
+            va = self.view(a);
+        }
         let vb = self.generated_ready(b, label);
-        let cb = self.define(c);
+        let cb = match &placed {
+            Some(p) => self.placed_result(p, label),
+            None => self.define(c),
+        };
         let mut mm = match &gathered {
             Some(rows) => self.gathered_matmul_kernel(rows, &va, &vb, sb[1], cb),
             None => self.matmul_kernel(&va, &sa, &vb, &sb, &sc, cb),
         };
+        if let Some(p) = &placed {
+            debug_assert_eq!(mm.batches.len(), 1, "placed rows fold into one product");
+            mm.c_rows = Some(p.rows.iter().map(|&r| (r * mm.n) as i64).collect());
+        }
         let forced = self.opts.matmul.or(preferred);
         if preferred.is_some() && self.opts.matmul.is_none() {
             mm.implementation = choose_matmul(&mm, forced);
@@ -1091,8 +1200,8 @@ impl<'g> Lowering<'g> {
                 return Some(mm);
             }
         }
-        // The pass that chose the gathered rows checked the weight packs.
-        debug_assert!(mm.a_rows.is_none(), "gathered rows need the packed GEMM");
+        // The pass that chose the gathered or placed rows checked the weight packs.
+        debug_assert!(mm.a_rows.is_none() && mm.c_rows.is_none(), "row tables need the packed GEMM");
         if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
             if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
                 let packed = pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
@@ -1102,6 +1211,39 @@ impl<'g> Lowering<'g> {
             }
         }
         Some(mm)
+    }
+
+    /// Gives constant `v` its buffer, once: at its node, or earlier where a
+    /// fused kernel reads it before the node's turn comes.
+    fn constant(&mut self, v: ValueId) {
+        if self.views.contains_key(&v) {
+            return;
+        }
+        let t = self.g.const_value(v).expect("a constant").clone();
+        let b = self.new_buffer(&t.ty(), Storage::Constant(t.clone()));
+        self.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(t.shape()) });
+    }
+
+    /// The buffer a product with placed rows writes: the result of the
+    /// layout ops after it, read as it is, or plus the bias row (pending,
+    /// so that the reader's map and then the matmul's epilogue take it).
+    fn placed_result(&mut self, p: &PlacedRows, label: &str) -> BufferId {
+        let shape = self.g.ty(p.result).shape.clone();
+        let b = self.scratch(DType::F32, &shape);
+        let dense = Operand { buffer: b, dtype: DType::F32, offset: 0, strides: contiguous_strides(&shape) };
+        match p.bias {
+            Some(bias) => {
+                self.constant(bias);
+                let bias = self.read(bias, &shape);
+                let expr = Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1));
+                self.pending
+                    .insert(p.result, Pending { shape, inputs: vec![dense, bias], expr, label: label.to_string() });
+            }
+            None => {
+                self.views.insert(p.result, View { buffer: b, offset: 0, strides: dense.strides });
+            }
+        }
+        b
     }
 
     /// One tall product over rows of `va` (the source's view) taken in the
@@ -1138,6 +1280,7 @@ impl<'g> Lowering<'g> {
             b_packed: false,
             epilogue: None,
             a_rows: Some(rows.rows.iter().map(|&r| offset(r)).collect()),
+            c_rows: None,
         }
     }
 
@@ -1187,6 +1330,7 @@ impl<'g> Lowering<'g> {
                     b_packed: false,
                     epilogue: None,
                     a_rows: None,
+                    c_rows: None,
                 };
                 return MatMulKernel { implementation: choose_matmul(&folded, self.opts.matmul), ..folded };
             }
@@ -1219,6 +1363,7 @@ impl<'g> Lowering<'g> {
             b_packed: false,
             epilogue: None,
             a_rows: None,
+            c_rows: None,
         };
         MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
     }
@@ -1452,6 +1597,7 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         opts,
         repeated: HashMap::new(),
         gathered: HashMap::new(),
+        placed: HashMap::new(),
         skipped: Default::default(),
     };
     // Grouped-query keys and values the attention kernel reads in place:
@@ -1487,6 +1633,11 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
             }
             if let Some((rows, nodes)) = gathered_rows(g, a) {
                 l.gathered.insert(a, rows);
+                l.skipped.extend(nodes);
+            }
+            let p = node.outputs[0];
+            if let Some((rows, nodes)) = placed_rows(g, p) {
+                l.placed.insert(p, rows);
                 l.skipped.extend(nodes);
             }
         }

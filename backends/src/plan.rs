@@ -253,6 +253,11 @@ pub struct MatMulKernel {
     /// partition after a roll). Single-batch `Packed` products only;
     /// `a_strides[0]` is then unused.
     pub a_rows: Option<Vec<i64>>,
+    /// Where each row of the product goes, as an element offset into `c`,
+    /// when the rows an exporter permutes after the product (a Swin window
+    /// reverse and roll back) are placed by the GEMM itself. Single-batch
+    /// `Packed` products only; every row of `c` receives one.
+    pub c_rows: Option<Vec<i64>>,
 }
 
 impl MatMulKernel {
@@ -464,7 +469,14 @@ impl Kernel {
                 };
                 let epilogue = mm.epilogue.as_ref().map_or(String::new(), |e| format!(", epilogue {}", e.expr));
                 let gathered = if mm.a_rows.is_some() { ", rows of a gathered" } else { "" };
-                format!("{}x{}x{} x{} batches ({tiling}{gathered}){epilogue}", mm.m, mm.k, mm.n, mm.batches.len())
+                let placed = if mm.c_rows.is_some() { ", rows of c placed" } else { "" };
+                format!(
+                    "{}x{}x{} x{} batches ({tiling}{gathered}{placed}){epilogue}",
+                    mm.m,
+                    mm.k,
+                    mm.n,
+                    mm.batches.len()
+                )
             }
             KernelKind::Rows(r) => format!(
                 "{:?} {} rows of {}{}",

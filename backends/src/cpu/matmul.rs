@@ -64,7 +64,7 @@ pub fn emit(
     mm: &MatMulKernel,
     table: GlobalValue,
     epilogue: Option<GlobalValue>,
-    a_rows: Option<GlobalValue>,
+    row_tables: [Option<GlobalValue>; 2],
     fns: &FuncRefs,
 ) {
     let a = b.ins().load(ptr, flags(), args, 0);
@@ -73,7 +73,6 @@ pub fn emit(
     let c_slot = 2 + mm.epilogue.as_ref().map_or(0, |e| e.inputs.len());
     let c = b.ins().load(ptr, flags(), args, (c_slot * 8) as i32);
     let epilogue = epilogue.map(|program| b.ins().symbol_value(ptr, program));
-    let a_rows = a_rows.map(|rows| b.ins().symbol_value(ptr, rows));
     let table = b.ins().symbol_value(ptr, table);
     counted_dyn(b, range.0, range.1, 1, vec![], &mut |b, i, _| {
         // Row `i` of the table: element offsets of a, b and c.
@@ -106,8 +105,12 @@ pub fn emit(
                 // The packed GEMM runs the epilogue itself, on each
                 // thread's columns while they are still in its cache.
                 let program = epilogue.unwrap_or_else(|| b.ins().iconst(ptr, 0));
-                let a_rows = a_rows.unwrap_or_else(|| b.ins().iconst(ptr, 0));
-                b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc, a_rows, program, args]);
+                // The row tables for `a` and `c`, null where absent.
+                let [a_rows, c_rows] = row_tables.map(|t| match t {
+                    Some(rows) => b.ins().symbol_value(ptr, rows),
+                    None => b.ins().iconst(ptr, 0),
+                });
+                b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc, a_rows, c_rows, program, args]);
                 None
             }
         };

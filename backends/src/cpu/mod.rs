@@ -254,14 +254,16 @@ fn define_kernels<M: Module>(
                         }
                         None => None,
                     };
-                    let a_rows = match &mm.a_rows {
+                    let mut row_table = |rows: &Option<Vec<i64>>, name: &str| match rows {
                         Some(rows) => {
                             let bytes = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
-                            Some(data_object(module, &format!("egret_k{i}_a_rows"), bytes, b.func).map_err(err)?)
+                            data_object(module, &format!("egret_k{i}_{name}"), bytes, b.func).map(Some)
                         }
-                        None => None,
+                        None => Ok(None),
                     };
-                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, a_rows, &fns);
+                    let a_rows = row_table(&mm.a_rows, "a_rows").map_err(err)?;
+                    let c_rows = row_table(&mm.c_rows, "c_rows").map_err(err)?;
+                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, [a_rows, c_rows], &fns);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
             }

@@ -131,8 +131,8 @@ pub struct FuncRefs {
     /// `egret_epilogue(program, args, c)`; absent where `sgemm` is.
     pub epilogue: Option<FuncRef>,
     /// `egret_sgemm_packed(m, k, n, a, a_rs, a_cs, b_packed, c, a_rows,
-    /// epilogue, args)` (`a_rows`, `epilogue` null for none); absent where
-    /// `sgemm` is.
+    /// c_rows, epilogue, args)` (the last four but `args` null for none);
+    /// absent where `sgemm` is.
     pub sgemm_packed: Option<FuncRef>,
     /// `egret_rows(params, args, begin, end)`; absent where `sgemm` is.
     pub rows: Option<FuncRef>,
@@ -156,7 +156,7 @@ pub fn declare<M: Module>(module: &mut M, with_library: bool) -> ModuleResult<Im
     attention.params.extend([ptr, ptr, ptr, types::I64, types::I64].map(AbiParam::new));
     let mut packed = Signature::new(cc);
     packed.params.extend([types::I64; 8].map(AbiParam::new));
-    packed.params.extend([ptr, ptr, ptr].map(AbiParam::new));
+    packed.params.extend([ptr, ptr, ptr, ptr].map(AbiParam::new));
     let mut rows = Signature::new(cc);
     rows.params.extend([ptr, ptr, types::I64, types::I64].map(AbiParam::new));
     let mut epilogue = Signature::new(cc);

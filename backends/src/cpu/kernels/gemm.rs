@@ -34,9 +34,12 @@ const GROUP: usize = super::epilogue::BLOCK / NR;
 /// row-major. A non-null `a_rows` gives each row of `a` as an element
 /// offset from `a` instead (`a_rs` is then unused): the rows of a layout an
 /// exporter permuted (a Swin window partition) are gathered here, once per
-/// thread, rather than copied by kernels of their own. A non-null
-/// `epilogue` (a program from `epilogue::encode`, with the kernel's operand
-/// addresses `args`) is applied to `c` in place.
+/// call, rather than copied by kernels of their own. A non-null `c_rows`
+/// likewise gives where each row of the product goes in `c` (a window
+/// reverse and roll back); every row of `c` must receive one. A non-null
+/// `epilogue` (a program from `epilogue::encode`, with the kernel's
+/// operand addresses `args`) is applied to `c` in place, after the rows
+/// are placed.
 ///
 /// # Safety
 /// The buffers hold the matrices the arguments describe.
@@ -51,10 +54,12 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     b: *const f32,
     c: *mut f32,
     a_rows: *const i64,
+    c_rows: *const i64,
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
-    unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, a_rows, b, c, TileShape::host(), epilogue, args) }
+    let tile = TileShape::host();
+    unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, a_rows, b, c, c_rows, tile, epilogue, args) }
 }
 
 /// Half a panel's columns: the width of AVX2's tile.
@@ -107,11 +112,26 @@ unsafe fn sgemm_packed(
     a_rows: *const i64,
     b: *const f32,
     c: *mut f32,
+    c_rows: *const i64,
     shape: TileShape,
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
+    // Rows placed by a table are computed into this thread's scratch and
+    // copied out after; the epilogue then runs on `c` as placed.
+    let scattered = !c_rows.is_null();
+    let mut product = if scattered { SCATTERED_C.take() } else { Vec::new() };
+    let epilogue_after = if scattered { epilogue } else { std::ptr::null() };
+    let (placed, c, epilogue) = if scattered {
+        product.clear();
+        product.reserve(m * n);
+        // Every element is stored by the tiles before it is read.
+        unsafe { product.set_len(m * n) };
+        (c, product.as_mut_ptr(), std::ptr::null())
+    } else {
+        (c, c, epilogue)
+    };
     // Rows given by a table are gathered into this thread's scratch first,
     // once for all the threads, and read densely from there.
     let gathered = !a_rows.is_null();
@@ -158,6 +178,16 @@ unsafe fn sgemm_packed(
     }
     if gathered {
         GATHERED_A.set(scratch);
+    }
+    if scattered {
+        for (i, row) in product.chunks_exact(n.max(1)).enumerate().take(m) {
+            let to = unsafe { placed.offset(*c_rows.add(i) as isize) };
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), to, n) };
+        }
+        SCATTERED_C.set(product);
+        if !epilogue_after.is_null() {
+            unsafe { super::epilogue::egret_epilogue(epilogue_after, args, placed) };
+        }
     }
 }
 
@@ -258,6 +288,8 @@ unsafe fn panel_range_impl<const FMA: bool>(
 thread_local! {
     /// Rows of `a` gathered through a row table (`egret_sgemm_packed`).
     static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The product of a call whose rows a table places (`egret_sgemm_packed`).
+    static SCATTERED_C: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Asks for `len` floats from `at` to be brought into the cache.
@@ -370,15 +402,19 @@ mod tests {
             // `a` again with its rows stored in reverse, read through a row table.
             let reversed: Vec<f32> = (0..m).rev().flat_map(|i| a[i * k..(i + 1) * k].to_vec()).collect();
             let table: Vec<i64> = (0..m).map(|i| ((m - 1 - i) * k) as i64).collect();
-            for ((packed, layout), shape, gathered) in
+            for ((packed, layout), shape, gathered, placed) in
                 [(pack(&b, 0, [n, 1], k, n), "row-major"), (pack(&bt, 0, [1, k], k, n), "transposed")]
                     .into_iter()
                     .flat_map(|p| {
                         [TileShape::TwoPanels, TileShape::OnePanel, TileShape::HalfPanel].map(|s| (p.clone(), s))
                     })
                     .flat_map(|(p, s)| [(p.clone(), s, false), (p, s, true)])
+                    .flat_map(|(p, s, g)| [(p.clone(), s, g, false), (p, s, g, true)])
             {
-                let label = format!("{layout}, {shape:?}, rows of a gathered: {gathered}");
+                let label = format!("{layout}, {shape:?}, rows of a gathered: {gathered}, of c placed: {placed}");
+                // With `placed`, row `i` of the product goes to row `m - 1 - i`.
+                let c_table: Vec<i64> = (0..m).map(|i| ((m - 1 - i) * n) as i64).collect();
+                let c_rows = if placed { c_table.as_ptr() } else { std::ptr::null() };
                 let (a_base, a_rows) =
                     if gathered { (reversed.as_ptr(), table.as_ptr()) } else { (a.as_ptr(), std::ptr::null()) };
                 // Guard elements after `c` catch a tile that stores past a
@@ -396,16 +432,18 @@ mod tests {
                         a_rows,
                         packed.as_ptr(),
                         c.as_mut_ptr(),
+                        c_rows,
                         shape,
                         std::ptr::null(),
                         std::ptr::null(),
                     )
                 };
                 for i in 0..m {
+                    let at = if placed { m - 1 - i } else { i };
                     for j in 0..n {
                         let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
                         assert!(
-                            (c[i * n + j] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            (c[at * n + j] - want).abs() <= 1e-4 * want.abs().max(1.0),
                             "{label} {m}x{k}x{n} at ({i}, {j})"
                         );
                     }
