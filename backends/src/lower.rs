@@ -1620,20 +1620,23 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
             }
         }
     }
-    // Permuted rows the packed GEMM gathers itself: where the optimiser
-    // chose it for a constant 2-d f32 weight, and nothing forces another.
+    // Permuted rows the packed GEMM gathers or places itself: where the
+    // optimiser chose it for a constant 2-d f32 weight, and nothing forces
+    // another.
     if opts.views && matches!(opts.matmul, None | Some(MatMulImpl::Packed)) {
         for n in g.node_ids() {
             let node = g.node(n);
             let Op::MatMulTiled { tiling: MatMulTiling::Packed } = node.op else { continue };
             let (a, b) = (node.inputs[0], node.inputs[1]);
             let weight = g.const_value(b).is_some_and(|w| w.rank() == 2 && w.dtype() == DType::F32);
-            if !weight || g.ty(a).dtype != DType::F32 || g.use_count(a) != 1 {
+            if !weight || g.ty(a).dtype != DType::F32 {
                 continue;
             }
-            if let Some((rows, nodes)) = gathered_rows(g, a) {
-                l.gathered.insert(a, rows);
-                l.skipped.extend(nodes);
+            if g.use_count(a) == 1 {
+                if let Some((rows, nodes)) = gathered_rows(g, a) {
+                    l.gathered.insert(a, rows);
+                    l.skipped.extend(nodes);
+                }
             }
             let p = node.outputs[0];
             if let Some((rows, nodes)) = placed_rows(g, p) {
