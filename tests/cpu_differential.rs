@@ -559,6 +559,7 @@ fn packed_products_place_rows_a_window_reverse_and_roll_back_permute() {
     // become its epilogue: one kernel. Without a bias, with the roll read
     // elsewhere too (then it stays and nothing is placed), and with a
     // non-row bias (a full [4, 16, 8] constant: nothing is placed).
+    // Nothing is placed either where strides describe the move.
     let w: Vec<String> = data(6 * 8, 9).iter().map(|x| format!("{x:?}")).collect();
     let bias: Vec<String> = data(8, 10).iter().map(|x| format!("{x:?}")).collect();
     let full: Vec<String> = data(4 * 16 * 8, 11).iter().map(|x| format!("{x:?}")).collect();
@@ -586,11 +587,24 @@ output \"y\" = v14
     };
     let row_bias = format!("v15: f32[8] = const [{bias}]\nv3: f32[4,16,8] = add v2, v15\n");
     let full_bias = format!("v15: f32[4,16,8] = const [{full}]\nv3: f32[4,16,8] = add v2, v15\n");
+    // A transpose of whole rows that strides describe (a head split): a
+    // view, nothing to place.
+    let strided = format!(
+        "v0: f32[4,16,6] = input{{name=\"windows\"}}
+v1: f32[6,8] = const [{w}]
+v2: f32[4,16,8] = matmul_tiled{{tiling=packed}} v0, v1
+v3: f32[16,4,8] = transpose{{perm=[1, 0, 2]}} v2
+v4: f32[16,4,8] = input{{name=\"shortcut\"}}
+v5: f32[16,4,8] = add v3, v4
+output \"y\" = v5
+"
+    );
     let cases = [
         (body(&row_bias, ""), Some(1)),
         (body("", ""), Some(1)),
         (body(&row_bias, "output \"rolled once\" = v9\n"), None),
         (body(&full_bias, ""), None),
+        (strided, None),
     ];
     for (text, kernels) in cases {
         let plan = egret::backends::lower(&parse(&text).unwrap(), Default::default()).unwrap();

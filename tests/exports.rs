@@ -13,7 +13,7 @@ use std::process::Command;
 fn every_export_passes_on_both_backends() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
-        assert_eq!(n, 5);
+        assert_eq!(n, 6);
     }
 }
 
@@ -34,6 +34,7 @@ fn every_attention_norm_and_activation_is_fused() {
         ("bert_sdpa_dynamo", 2, 5),
         ("gpt2_legacy_gemm", 2, 5),
         ("llama_gqa_dynamo", 2, 5),
+        ("llama_mqa_sdpa_dynamo", 2, 5),
         ("hf_vit_sdpa_dynamo", 2, 5),
         ("t5_dynamo", 6, 12),
     ] {
@@ -70,12 +71,19 @@ fn gelu_after_a_reshaped_gemm_is_an_epilogue() {
     assert_eq!(gelus, 2, "{}", v["kernels"]);
 }
 
-/// LLaMA's repeat_kv (2 key/value heads for 4 query heads) is read in
-/// place by the attention kernels: no kernel copies the repeated heads.
+/// LLaMA's repeat_kv (2 or 1 key/value heads for 4 query heads) is read
+/// in place by the attention kernels: no kernel copies the repeated heads.
 #[test]
 fn grouped_query_heads_are_not_copied() {
-    let v = explain("llama_gqa_dynamo");
-    let kernels = v["kernels"].as_array().unwrap();
-    assert!(kernels.iter().all(|k| !k["label"].as_str().unwrap().contains("unsafe_view")), "{}", v["kernels"]);
-    assert_eq!(kernels.iter().filter(|k| k["kind"] == "attention").count(), 2);
+    for name in ["llama_gqa_dynamo", "llama_mqa_sdpa_dynamo"] {
+        let v = explain(name);
+        let kernels = v["kernels"].as_array().unwrap();
+        let copies = ["unsafe_view", "expand"];
+        assert!(
+            kernels.iter().all(|k| copies.iter().all(|c| !k["label"].as_str().unwrap().contains(c))),
+            "{name}: {}",
+            v["kernels"]
+        );
+        assert_eq!(kernels.iter().filter(|k| k["kind"] == "attention").count(), 2, "{name}");
+    }
 }

@@ -130,11 +130,7 @@ fn gathered_rows(g: &Graph, a: ValueId) -> Option<(GatheredRows, Vec<NodeId>)> {
     let rows: Vec<usize> = ids.to_i64_vec().into_iter().map(|r| r as usize).collect();
     // Batches of `m` rows, each one stride apart, are read as strided
     // batches without any copy.
-    let strided = rows.chunks(m.max(1)).all(|batch| {
-        let step = |w: &[usize]| w[1] as isize - w[0] as isize;
-        batch.windows(2).all(|w| step(w) == step(&batch[..2]))
-    });
-    if nodes.is_empty() || strided {
+    if nodes.is_empty() || strided_batches(&rows, m) {
         return None;
     }
     Some((GatheredRows { source: source?, rows }, nodes))
@@ -224,8 +220,14 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
     if !inside || !start_inside {
         return None;
     }
-    // Every row of the product lands on exactly one row of the result.
+    // Every row of the product lands on exactly one row of the result,
+    // and not in a way strides describe (a head split is a view).
     let ids = ids.to_i64_vec();
+    let shape = &g.ty(result).shape;
+    let m = shape.len().checked_sub(2).map_or(1, |d| shape[d]);
+    if strided_batches(&ids.iter().map(|&i| i as usize).collect::<Vec<_>>(), m) {
+        return None;
+    }
     let mut rows = vec![usize::MAX; ids.len()];
     for (to, &from) in ids.iter().enumerate() {
         let slot = rows.get_mut(usize::try_from(from).ok()?)?;
@@ -239,6 +241,15 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
     }
     skipped.extend(nodes);
     Some((PlacedRows { result, rows, bias }, skipped))
+}
+
+/// Whether `rows` are batches of `m`, each one stride apart: a layout
+/// strides describe, which needs no table.
+fn strided_batches(rows: &[usize], m: usize) -> bool {
+    rows.chunks(m.max(1)).all(|batch| {
+        let step = |w: &[usize]| w[1] as isize - w[0] as isize;
+        batch.windows(2).all(|w| step(w) == step(&batch[..2]))
+    })
 }
 
 /// The rows of the chain's source that `v` holds, as an i64 tensor of
@@ -1632,14 +1643,17 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
             if !weight || g.ty(a).dtype != DType::F32 {
                 continue;
             }
+            // Chains another rewrite here already took are left to it.
             if g.use_count(a) == 1 {
-                if let Some((rows, nodes)) = gathered_rows(g, a) {
+                if let Some((rows, nodes)) =
+                    gathered_rows(g, a).filter(|(_, n)| n.iter().all(|x| !l.skipped.contains(x)))
+                {
                     l.gathered.insert(a, rows);
                     l.skipped.extend(nodes);
                 }
             }
             let p = node.outputs[0];
-            if let Some((rows, nodes)) = placed_rows(g, p) {
+            if let Some((rows, nodes)) = placed_rows(g, p).filter(|(_, n)| n.iter().all(|x| !l.skipped.contains(x))) {
                 l.placed.insert(p, rows);
                 l.skipped.extend(nodes);
             }
