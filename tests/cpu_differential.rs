@@ -599,11 +599,16 @@ v5: f32[16,4,8] = add v3, v4
 output \"y\" = v5
 "
     );
+    // A column the size of a row, [16, 1], is no row bias: it differs
+    // from row to row.
+    let column: Vec<String> = data(16, 12).iter().map(|x| format!("{x:?}")).collect();
+    let column_bias = format!("v15: f32[16,1] = const [{}]\nv3: f32[4,16,8] = add v2, v15\n", column.join(", "));
     let cases = [
         (body(&row_bias, ""), Some(1)),
         (body("", ""), Some(1)),
         (body(&row_bias, "output \"rolled once\" = v9\n"), None),
         (body(&full_bias, ""), None),
+        (body(&column_bias, ""), None),
         (strided, None),
     ];
     for (text, kernels) in cases {

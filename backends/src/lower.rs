@@ -177,7 +177,12 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
     let (start, bias, mut skipped) = match only_reader(p).map(|n| (n, g.node(n))) {
         Some((n, node)) if node.op == Op::Add => {
             let other = if node.inputs[0] == p { node.inputs[1] } else { node.inputs[0] };
-            let row = g.const_value(other).is_some_and(|t| t.numel() == width && t.dtype() == DType::F32);
+            // One row, the same for every row of the product: `[.., 1, width]`.
+            let shape = &g.ty(other).shape;
+            let row = g.const_value(other).is_some()
+                && g.ty(other).dtype == DType::F32
+                && shape.last() == Some(&width)
+                && shape.iter().rev().skip(1).all(|&d| d == 1);
             if !row || g.ty(node.outputs[0]) != g.ty(p) {
                 return None;
             }
@@ -1702,7 +1707,42 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
 
 #[cfg(test)]
 mod tests {
-    use super::reshape_strides;
+    use super::{placed_rows, reshape_strides};
+
+    /// Rows 4 wide, swapped in pairs within each group of four, after a
+    /// `[2, 4, 4]` product plus `bias` (a constant of `bias_shape`); and
+    /// the product's value.
+    fn swapped_rows_after(bias_shape: &str) -> (egret_ir::Graph, egret_ir::ValueId) {
+        let g = egret_ir::text::parse(&format!(
+            "v0: f32[2,4,3] = input{{name=\"x\"}}
+v1: f32[3,4] = const [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+v2: f32[2,4,4] = matmul_tiled{{tiling=packed}} v0, v1
+v3: f32{bias_shape} = const [0.5, 1.5, 2.5, 3.5]
+v4: f32[2,4,4] = add v2, v3
+v5: f32[2,2,2,4] = reshape{{shape=[2, 2, 2, 4]}} v4
+v6: f32[2,2,2,4] = transpose{{perm=[0, 2, 1, 3]}} v5
+v7: f32[8,4] = reshape{{shape=[8, 4]}} v6
+v8: f32[8,4] = exp v7
+output \"y\" = v8
+"
+        ))
+        .unwrap();
+        let product = g.node_ids().find(|&n| g.node(n).op.name() == "matmul_tiled").map(|n| g.node(n).outputs[0]);
+        let product = product.expect("the product");
+        (g, product)
+    }
+
+    #[test]
+    fn rows_are_placed_with_a_row_bias_and_not_with_a_column() {
+        let (g, p) = swapped_rows_after("[4]");
+        let (placed, skipped) = placed_rows(&g, p).expect("a row bias moves with the rows");
+        assert_eq!(placed.rows, [0, 2, 1, 3, 4, 6, 5, 7]);
+        assert!(placed.bias.is_some());
+        assert_eq!(skipped.len(), 4, "the add and three layout ops");
+        // The same four values as a column differ from row to row.
+        let (g, p) = swapped_rows_after("[4,1]");
+        assert!(placed_rows(&g, p).is_none());
+    }
 
     #[test]
     fn reshape_views_split_and_merge_dense_runs() {
