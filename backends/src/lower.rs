@@ -1384,6 +1384,64 @@ impl<'g> Lowering<'g> {
         MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
     }
 
+    /// Decides, before any node is lowered, which layout chains are not
+    /// lowered at all because the kernel after or before them reads or
+    /// writes through them: grouped-query keys and values for attention,
+    /// gathered and placed rows for packed products.
+    fn plan_reads_in_place(&mut self) {
+        let (g, opts) = (self.g, self.opts);
+        // Grouped-query keys and values the attention kernel reads in place:
+        // only where it is the flash kernel (the JIT) and views are on.
+        if opts.views && opts.matmul != Some(MatMulImpl::Generated) {
+            for n in g.node_ids() {
+                let node = g.node(n);
+                let is_attention = matches!(node.op, Op::Attention { .. } | Op::AttentionTiled { .. });
+                if !is_attention || node.inputs.iter().any(|&v| g.ty(v).dtype != DType::F32) {
+                    continue;
+                }
+                for &v in &node.inputs[1..3] {
+                    if g.use_count(v) != 1 {
+                        continue;
+                    }
+                    if let Some((r, nodes)) = repeated_heads(g, v) {
+                        self.repeated.insert(v, r);
+                        self.skipped.extend(nodes);
+                    }
+                }
+            }
+        }
+        // Permuted rows the packed GEMM gathers or places itself: where the
+        // optimiser chose it for a constant 2-d f32 weight, and nothing forces
+        // another.
+        if opts.views && matches!(opts.matmul, None | Some(MatMulImpl::Packed)) {
+            for n in g.node_ids() {
+                let node = g.node(n);
+                let Op::MatMulTiled { tiling: MatMulTiling::Packed } = node.op else { continue };
+                let (a, b) = (node.inputs[0], node.inputs[1]);
+                let weight = g.const_value(b).is_some_and(|w| w.rank() == 2 && w.dtype() == DType::F32);
+                if !weight || g.ty(a).dtype != DType::F32 {
+                    continue;
+                }
+                // Chains another rewrite here already took are left to it.
+                if g.use_count(a) == 1 {
+                    if let Some((rows, nodes)) =
+                        gathered_rows(g, a).filter(|(_, n)| n.iter().all(|x| !self.skipped.contains(x)))
+                    {
+                        self.gathered.insert(a, rows);
+                        self.skipped.extend(nodes);
+                    }
+                }
+                let p = node.outputs[0];
+                if let Some((rows, nodes)) =
+                    placed_rows(g, p).filter(|(_, n)| n.iter().all(|x| !self.skipped.contains(x)))
+                {
+                    self.placed.insert(p, rows);
+                    self.skipped.extend(nodes);
+                }
+            }
+        }
+    }
+
     /// The view attention reads a key or value operand through, and how
     /// many heads share each of its heads (1 unless `repeated_heads`): the
     /// view then has the source's head strides.
@@ -1616,54 +1674,7 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         placed: HashMap::new(),
         skipped: Default::default(),
     };
-    // Grouped-query keys and values the attention kernel reads in place:
-    // only where it is the flash kernel (the JIT) and views are on.
-    if opts.views && opts.matmul != Some(MatMulImpl::Generated) {
-        for n in g.node_ids() {
-            let node = g.node(n);
-            let is_attention = matches!(node.op, Op::Attention { .. } | Op::AttentionTiled { .. });
-            if !is_attention || node.inputs.iter().any(|&v| g.ty(v).dtype != DType::F32) {
-                continue;
-            }
-            for &v in &node.inputs[1..3] {
-                if g.use_count(v) != 1 {
-                    continue;
-                }
-                if let Some((r, nodes)) = repeated_heads(g, v) {
-                    l.repeated.insert(v, r);
-                    l.skipped.extend(nodes);
-                }
-            }
-        }
-    }
-    // Permuted rows the packed GEMM gathers or places itself: where the
-    // optimiser chose it for a constant 2-d f32 weight, and nothing forces
-    // another.
-    if opts.views && matches!(opts.matmul, None | Some(MatMulImpl::Packed)) {
-        for n in g.node_ids() {
-            let node = g.node(n);
-            let Op::MatMulTiled { tiling: MatMulTiling::Packed } = node.op else { continue };
-            let (a, b) = (node.inputs[0], node.inputs[1]);
-            let weight = g.const_value(b).is_some_and(|w| w.rank() == 2 && w.dtype() == DType::F32);
-            if !weight || g.ty(a).dtype != DType::F32 {
-                continue;
-            }
-            // Chains another rewrite here already took are left to it.
-            if g.use_count(a) == 1 {
-                if let Some((rows, nodes)) =
-                    gathered_rows(g, a).filter(|(_, n)| n.iter().all(|x| !l.skipped.contains(x)))
-                {
-                    l.gathered.insert(a, rows);
-                    l.skipped.extend(nodes);
-                }
-            }
-            let p = node.outputs[0];
-            if let Some((rows, nodes)) = placed_rows(g, p).filter(|(_, n)| n.iter().all(|x| !l.skipped.contains(x))) {
-                l.placed.insert(p, rows);
-                l.skipped.extend(nodes);
-            }
-        }
-    }
+    l.plan_reads_in_place();
     let mut inputs = Vec::new();
     for (i, &v) in g.inputs().iter().enumerate() {
         let ty = g.ty(v).clone();

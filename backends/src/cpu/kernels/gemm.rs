@@ -125,9 +125,7 @@ unsafe fn sgemm_packed(
     let epilogue_after = if scattered { epilogue } else { std::ptr::null() };
     let (placed, c, epilogue) = if scattered {
         product.clear();
-        product.reserve(m * n);
-        // Every element is stored by the tiles before it is read.
-        unsafe { product.set_len(m * n) };
+        product.resize(m * n, 0.0);
         (c, product.as_mut_ptr(), std::ptr::null())
     } else {
         (c, c, epilogue)
