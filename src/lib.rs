@@ -147,6 +147,10 @@ pub struct Canonical {
 /// Import and canonicalisation, shared by every way of compiling.
 pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error> {
     let t = Instant::now();
+    // A model folder in the ONNX test layout (what `check` takes) stands for
+    // its `model.onnx`.
+    let in_folder = path.join("model.onnx");
+    let path = if path.is_dir() && in_folder.is_file() { in_folder.as_path() } else { path };
     let import_opts = ImportOptions {
         dims: opts.dims.clone(),
         input_shapes: opts.input_shapes.clone(),

@@ -35,7 +35,7 @@ impl From<BackendArg> for Backend {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// The ONNX model.
+    /// The ONNX model: a file, or a folder holding `model.onnx`.
     model: PathBuf,
     /// Bind a symbolic dimension: --dim batch=1 (repeatable).
     #[arg(long = "dim", value_name = "NAME=VALUE")]

@@ -130,6 +130,15 @@ fn empty_file() {
 fn missing_file() {
     let err = egret_fails(&["run", "/nonexistent/model.onnx"]);
     assert!(err.contains("cannot read `/nonexistent/model.onnx`"), "{err}");
+    // The I/O error is said once, not once more as the error's cause.
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
+#[test]
+fn folder_without_a_model() {
+    let dir = tempdir("no-model");
+    let err = egret_fails(&["run", dir.to_str().unwrap()]);
+    assert!(err.contains(&format!("cannot read `{}`", dir.display())), "{err}");
 }
 
 #[test]

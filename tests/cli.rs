@@ -69,6 +69,13 @@ fn run_makes_random_inputs_within_index_ranges() {
 }
 
 #[test]
+fn a_model_folder_stands_for_its_model_file() {
+    let (ok, out, err) = egret(&["run", "tests/data/zoo/bert_tiny", "--seed", "7"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("pooler_output: f32[1,64]"), "{out}");
+}
+
+#[test]
 fn ir_prints_the_canonical_graph() {
     let (ok, out, err) = egret(&["ir", "tests/data/zoo/gpt2_tiny/model.onnx"]);
     assert!(ok, "{err}");

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 /// file, the node, the op, the tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("cannot read `{path}`: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // The I/O error is part of the message, not a `source`: callers print
+    // error chains, which would repeat it.
+    #[error("cannot read `{path}`: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("`{path}` is not a valid ONNX model: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("the model has no graph")]
