@@ -466,7 +466,7 @@ output \"z\" = v16
     );
     let plan = egret::backends::lower(&parse(&text).unwrap(), Default::default()).unwrap();
     let described = plan.describe();
-    let gelu = described.lines().find(|l| l.contains("Sigmoid")).unwrap_or_default();
+    let gelu = described.lines().find(|l| l.contains("GeluTanh(")).unwrap_or_default();
     assert!(gelu.contains("matmul") && gelu.contains("epilogue"), "{described}");
     assert_eq!(described.matches("epilogue").count(), 2, "{described}");
     assert!(described.contains("[32] Tanh(in0)"), "{described}");
@@ -671,7 +671,19 @@ fn random_graphs_agree_with_the_reference() {
             let b = values[pick(values.len())];
             let r = g.ty(a).rank();
             let op = match pick(12) {
-                0 => [Op::Neg, Op::Abs, Op::Exp, Op::Tanh, Op::Sigmoid, Op::Relu, Op::Erf][pick(7)].clone(),
+                0 => [
+                    Op::Neg,
+                    Op::Abs,
+                    Op::Exp,
+                    Op::Tanh,
+                    Op::Sigmoid,
+                    Op::Relu,
+                    Op::Erf,
+                    Op::Gelu { approximate_tanh: false },
+                    Op::Gelu { approximate_tanh: true },
+                    Op::Silu,
+                ][pick(10)]
+                .clone(),
                 1..=3 => [Op::Add, Op::Sub, Op::Mul, Op::Max, Op::Min][pick(5)].clone(),
                 4 => {
                     let mut perm: Vec<usize> = (0..r).collect();

@@ -454,27 +454,6 @@ fn pow_by_constant(p: f32) -> Option<Expr> {
     })
 }
 
-/// GELU of `in0` in the expression language: `0.5 x (1 + erf(x / sqrt 2))`,
-/// or with tanh, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`
-/// computed as the equal `x sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3))`.
-fn gelu_expr(approximate_tanh: bool) -> Expr {
-    use Expr::{Input as I, F32};
-    let mul = |a, b| Expr::binary(Binary::Mul, a, b);
-    let add = |a, b| Expr::binary(Binary::Add, a, b);
-    if approximate_tanh {
-        // 0.5 x (1 + tanh(u)) = x sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3):
-        // one exponential and one division, where tanh would take a
-        // second polynomial near 0, and no cancellation in 1 + tanh(u) for
-        // very negative x. 2u = x (c1 + c3 x^2).
-        const C1: f32 = 2.0 * 0.797_884_6;
-        const C3: f32 = 2.0 * 0.797_884_6 * 0.044715;
-        let two_u = mul(add(mul(mul(I(0), I(0)), F32(C3)), F32(C1)), I(0));
-        return mul(Expr::unary(Unary::Sigmoid, two_u), I(0));
-    }
-    let erf = Expr::unary(Unary::Erf, mul(I(0), F32(std::f32::consts::FRAC_1_SQRT_2)));
-    mul(mul(I(0), F32(0.5)), add(erf, F32(1.0)))
-}
-
 /// The expression of an elementwise op over inputs `in0, in1, ...`, if map
 /// kernels support it.
 fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
@@ -517,8 +496,9 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
         Op::And => logic(Logic::And),
         Op::Or => logic(Logic::Or),
         Op::Xor => logic(Logic::Xor),
-        Op::Gelu { approximate_tanh } if all_f32 => Some(gelu_expr(*approximate_tanh)),
-        Op::Silu if all_f32 => Some(Expr::binary(Binary::Mul, I(0), Expr::unary(Unary::Sigmoid, I(0)))),
+        Op::Gelu { approximate_tanh: false } => un(Unary::Gelu),
+        Op::Gelu { approximate_tanh: true } => un(Unary::GeluTanh),
+        Op::Silu => un(Unary::Silu),
         Op::Not if all_bool => Some(Expr::Not(b(I(0)))),
         Op::IsNaN if all_f32 => Some(Expr::IsNaN(b(I(0)))),
         Op::Where if in_types[0].dtype == DType::Bool && in_types[1].dtype == DType::F32 => {

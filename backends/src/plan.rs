@@ -58,6 +58,15 @@ pub enum Unary {
     Sigmoid,
     Sin,
     Cos,
+    /// `0.5 x (1 + erf(x / sqrt 2))`. The activations are one function each
+    /// (not expanded into the others) because they read `x` more than once:
+    /// expanded, an epilogue would evaluate the expression that gives `x`
+    /// (the product plus a bias) once per read, in passes of its own.
+    Gelu,
+    /// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+    /// `x sigmoid(x)`.
+    Silu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -218,6 +218,9 @@ impl Ctx<'_> {
                     Unary::Sigmoid => VMath::new(vector).sigmoid(b, x),
                     Unary::Sin => self.call(b, self.fns.sin, &[x]),
                     Unary::Cos => self.call(b, self.fns.cos, &[x]),
+                    Unary::Gelu => VMath::new(vector).gelu(b, x),
+                    Unary::GeluTanh => VMath::new(vector).gelu_tanh(b, x),
+                    Unary::Silu => VMath::new(vector).silu(b, x),
                 }
             }
             Expr::Binary(op, x, y) => {

@@ -9,6 +9,11 @@
 //! - `tanh`: `1 - 2 / (exp(2x) + 1)`, with a Taylor polynomial near 0 where
 //!   that form loses relative precision.
 //! - `sigmoid`: `1 / (1 + exp(-x))`.
+//! - `gelu`, `gelu_tanh`, `silu`: the activations, from the functions above.
+//!   Tanh GELU is computed as the equal `x sigmoid(2u)`, with
+//!   `u = sqrt(2/pi) (x + 0.044715 x^3)`: one exponential and one division,
+//!   where tanh would take a second polynomial near 0, and no cancellation
+//!   in `1 + tanh(u)` for very negative `x`.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
@@ -150,4 +155,41 @@ impl VMath {
         let d = b.ins().fadd(one, e);
         b.ins().fdiv(one, d)
     }
+
+    /// `0.5 x (1 + erf(x / sqrt 2))`.
+    pub fn gelu(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let k = self.c(b, std::f32::consts::FRAC_1_SQRT_2);
+        let scaled = b.ins().fmul(x, k);
+        let e = self.erf(b, scaled);
+        let one = self.c(b, 1.0);
+        let half = self.c(b, 0.5);
+        let s = b.ins().fadd(e, one);
+        let hx = b.ins().fmul(x, half);
+        b.ins().fmul(hx, s)
+    }
+
+    /// GELU's tanh form as `x sigmoid(2u)` (see the module comment).
+    pub fn gelu_tanh(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let (c1, c3) = gelu_tanh_coefficients();
+        let c3 = self.c(b, c3);
+        let c1 = self.c(b, c1);
+        let x2 = b.ins().fmul(x, x);
+        let inner = b.ins().fma(x2, c3, c1);
+        let two_u = b.ins().fmul(inner, x);
+        let s = self.sigmoid(b, two_u);
+        b.ins().fmul(x, s)
+    }
+
+    /// `x sigmoid(x)`.
+    pub fn silu(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let s = self.sigmoid(b, x);
+        b.ins().fmul(x, s)
+    }
+}
+
+/// `2u = x (c1 + c3 x^2)` in GELU's tanh form: `c1 = 2 sqrt(2 / pi)`,
+/// `c3 = 0.044715 c1`. The kernel library uses the same constants.
+pub fn gelu_tanh_coefficients() -> (f32, f32) {
+    const C1: f32 = 2.0 * 0.797_884_6;
+    (C1, C1 * 0.044715)
 }

@@ -36,7 +36,7 @@ const LEAF_PRODUCT: i64 = 0;
 const LEAF_OPERAND: i64 = 1;
 const LEAF_CONST: i64 = 2;
 
-const UNARIES: [Unary; 15] = [
+const UNARIES: [Unary; 18] = [
     Unary::Neg,
     Unary::Abs,
     Unary::Sqrt,
@@ -52,6 +52,9 @@ const UNARIES: [Unary; 15] = [
     Unary::Sigmoid,
     Unary::Sin,
     Unary::Cos,
+    Unary::Gelu,
+    Unary::GeluTanh,
+    Unary::Silu,
 ];
 const BINARIES: [Binary; 7] =
     [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Max, Binary::Min, Binary::Pow];
@@ -313,10 +316,21 @@ fn unary<const FMA: bool>(u: Unary, x: &mut [f32]) {
         Unary::Log => each(x, f32::ln),
         Unary::Tanh => each(x, tanh::<FMA>),
         Unary::Erf => each(x, erf::<FMA>),
-        Unary::Sigmoid => each(x, |v| 1.0 / (1.0 + exp::<FMA>(-v))),
+        Unary::Sigmoid => each(x, sigmoid::<FMA>),
         Unary::Sin => each(x, f32::sin),
         Unary::Cos => each(x, f32::cos),
+        Unary::Gelu => each(x, |v| v * 0.5 * (erf::<FMA>(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)),
+        Unary::GeluTanh => {
+            let (c1, c3) = crate::cpu::vmath::gelu_tanh_coefficients();
+            each(x, |v| v * sigmoid::<FMA>(super::madd::<FMA>(v * v, c3, c1) * v))
+        }
+        Unary::Silu => each(x, |v| v * sigmoid::<FMA>(v)),
     }
+}
+
+#[inline(always)]
+fn sigmoid<const FMA: bool>(v: f32) -> f32 {
+    1.0 / (1.0 + exp::<FMA>(-v))
 }
 
 /// The binary operator on two floats, as the generated code computes it.
