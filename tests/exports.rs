@@ -13,7 +13,7 @@ use std::process::Command;
 fn every_export_passes_on_both_backends() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
-        assert_eq!(n, 6);
+        assert_eq!(n, 8);
     }
 }
 
@@ -37,6 +37,8 @@ fn every_attention_norm_and_activation_is_fused() {
         ("llama_mqa_sdpa_dynamo", 2, 5),
         ("hf_vit_sdpa_dynamo", 2, 5),
         ("t5_dynamo", 6, 12),
+        ("gpt_neo_dynamo", 2, 5),
+        ("codegen_legacy", 2, 3),
     ] {
         let v = explain(name);
         assert_eq!(v["fusions"]["attention"], softmaxes, "{name}: {}", v["fusions"]);

@@ -60,6 +60,7 @@ fn check(rule: &str, start: &str) {
         "square" => Some("rms_norm"),
         "power-times-base" => Some("gelu"),
         "times-reciprocal" => Some("layer_norm"),
+        "scores-biases-combine" | "scores-biases-combine-unscaled" | "scale-through-scores-bias" => Some("attention"),
         _ if ["attention", "gelu", "layer-norm", "rms-norm", "residual"].iter().any(|p| rule.starts_with(p)) => {
             Some(match rule.split('-').next().unwrap() {
                 "layer" => "layer_norm",
@@ -497,6 +498,57 @@ v6: f32[2,4,5] = where v3, v5, v4
 v7: f32[2,4,5] = softmax{axis=2} v6
 v8: f32[2,4,8] = matmul v7, v2
 output \"y\" = v8
+",
+    ),
+    (
+        // GPT-Neo: unscaled scores, a causal mask as where, then a padding mask added.
+        "scores-biases-combine-unscaled",
+        "v0: f32[2,4,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: bool[4,5] = input{name=\"keep\"}
+v4: f32[2,1,5] = input{name=\"padding\"}
+v5: f32[2,4,5] = matmul v0, v1
+v6: f32[] = const [-3.4028235e38]
+v7: f32[2,4,5] = where v3, v5, v6
+v8: f32[2,4,5] = add v7, v4
+v9: f32[2,4,5] = softmax{axis=2} v8
+v10: f32[2,4,8] = matmul v9, v2
+output \"y\" = v10
+",
+    ),
+    (
+        // MPNet: a relative position bias added to the scaled scores, then a mask.
+        "scores-biases-combine",
+        "v0: f32[2,4,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: f32[4,5] = input{name=\"position_bias\"}
+v4: f32[2,1,5] = input{name=\"mask\"}
+v5: f32[2,4,5] = matmul v0, v1
+v6: f32[] = const [0.35355338]
+v7: f32[2,4,5] = mul v5, v6
+v8: f32[2,4,5] = add v3, v7
+v9: f32[2,4,5] = add v8, v4
+v10: f32[2,4,5] = softmax{axis=2} v9
+v11: f32[2,4,8] = matmul v10, v2
+output \"y\" = v11
+",
+    ),
+    (
+        // CodeGen: the mask is added before the scores are divided by sqrt(d).
+        "scale-through-scores-bias",
+        "v0: f32[2,4,8] = input{name=\"q\"}
+v1: f32[2,8,5] = input{name=\"kt\"}
+v2: f32[2,5,8] = input{name=\"v\"}
+v3: f32[2,1,5] = input{name=\"mask\"}
+v4: f32[2,4,5] = matmul v0, v1
+v5: f32[2,4,5] = add v3, v4
+v6: f32[] = const [2.828427]
+v7: f32[2,4,5] = div v5, v6
+v8: f32[2,4,5] = softmax{axis=2} v7
+v9: f32[2,4,8] = matmul v8, v2
+output \"y\" = v9
 ",
     ),
     (

@@ -36,6 +36,28 @@ pub fn rules() -> Vec<Rule> {
         // (x + a) + b = x + (a + b) for constants a and b: two additive masks
         // (a bias, then a window mask) become one.
         rw!("add-constants"; "(add (add ?x ?a) ?b)" => "(add ?x (add ?a ?b))" if is_constant("?a") if is_constant("?b")),
+        // (s + a) + b = s + (a + b) for attention scores s (a scores matmul,
+        // scaled or not): a position bias and a mask, or a causal and a
+        // padding mask, added one after the other become one additive mask,
+        // which the masked attention rules take. (The two sums differ by
+        // one rounding; masks at -1e30 or below stay there.) Only under a
+        // softmax: anywhere else a residual stream's chain of adds, each
+        // after a matmul, would reassociate without end.
+        rw!("scores-biases-combine";
+            "(softmax ?ax (add (add (mul (matmul ?q ?kt) ?s) ?a) ?b))"
+                => "(softmax ?ax (add (mul (matmul ?q ?kt) ?s) (add ?a ?b)))"
+            if is_float_scalar("?s")),
+        rw!("scores-biases-combine-unscaled";
+            "(softmax ?ax (add (add (matmul ?q ?kt) ?a) ?b))" => "(softmax ?ax (add (matmul ?q ?kt) (add ?a ?b)))"),
+        // (s + m) * c = s * c + m * c for scores s and a float scalar c: a
+        // mask added before the scores are scaled (CodeGen) is scaled with
+        // them. (One rounding apart; a mask at -1e30 or below, times a
+        // scale near 1 / sqrt(d), stays far below any score.) Under a
+        // softmax only, like the rule above.
+        rw!("scale-through-scores-bias";
+            "(softmax ?ax (mul (add (matmul ?q ?kt) ?m) ?c))"
+                => "(softmax ?ax (add (mul (matmul ?q ?kt) ?c) (mul ?m ?c)))"
+            if is_float_scalar("?c")),
         // reshape_S(reshape_T(x) + m) = x + reshape_S(expand_T(m)) when the
         // outer reshape restores x's shape: a mask added in another view of
         // x (Swin's windows) is added in x's own.
