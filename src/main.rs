@@ -515,7 +515,7 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
             "kernels": kernels,
             "arena_bytes": plan.arena_bytes,
             "stage_ms": stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<String, f64>>(),
-            "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes},
+            "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes, "dag_extraction": report.dag_extraction},
         });
         println!("{obj}");
         return Ok(());
@@ -527,6 +527,9 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     }
     if c.optimized.is_some() {
         println!("e-graph: {} nodes in {} classes after saturation", report.egraph_nodes, report.egraph_classes);
+        if !report.dag_extraction {
+            println!("  (too many classes to price shared sub-expressions once: extracted with tree costs)");
+        }
         println!("rules fired:");
         for (r, n) in &report.rules {
             println!("  {n:6} x {r}");

@@ -850,6 +850,22 @@ fn residual_adds_fuse_into_the_norm_once() {
     }
 }
 
+/// An e-graph with more classes than `Limits::dag_classes` (a runaway
+/// saturation) is extracted with tree costs: still fused, still the same
+/// values. Under the limit, extraction is DAG-aware.
+#[test]
+fn extraction_falls_back_to_tree_costs_above_its_class_limit() {
+    for rule in ["residual-layer-norm-affine", "attention-masked", "scores-biases-combine"] {
+        let g = text::parse(CASES.iter().find(|(r, _)| *r == rule).unwrap().1).unwrap();
+        let (_, report) = optimize(&g, Limits::default()).unwrap();
+        assert!(report.dag_extraction, "{rule}");
+        let (out, report) = optimize(&g, Limits { dag_classes: 0, ..Limits::default() }).unwrap();
+        assert!(!report.dag_extraction, "{rule}");
+        assert!(!report.fusions.is_empty(), "{rule}:\n{}", text::print(&out));
+        assert_same_values(rule, &g, &out);
+    }
+}
+
 /// A layer norm whose mean is not over the trailing axes is not a layer
 /// norm: the rule must leave it alone.
 #[test]

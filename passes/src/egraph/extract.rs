@@ -5,13 +5,14 @@
 //! cheap as reusing it. Here a class's cost is the sum of the node costs of
 //! the distinct classes its choice depends on (a greedy fixpoint, in the
 //! style of extraction-gym's "faster greedy DAG"), so sharing is paid once.
+//! The classes a choice depends on are a bit set, merged a word at a time.
 
 use super::rules::tiling::{balanced, ATTENTION_BLOCKS, ATTENTION_KEY_BLOCKS};
 use super::{op_of, TGraph, TNode};
 use egg::Id;
 use egret_ir::op::MatMulTiling;
 use egret_ir::{Graph, IrError, Op, ValueId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// Multiply-adds per unit of cost (a unit is about one pass of one element)
 /// for each way to compute a product, and what each call costs besides.
@@ -221,22 +222,36 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info, mask_spans: &MaskSp
     )
 }
 
+/// Above this many classes (the default `Limits::dag_classes`) the
+/// reachable sets below would take too much memory (a bit per class per
+/// class: 32 MiB here), and extraction falls back to tree costs. Only a runaway saturation gets there: a 48-layer
+/// LLaMA export has about 4,000 classes.
+pub const MAX_DAG_CLASSES: usize = 16_384;
+
 struct Best {
-    /// Node cost of every class the choice depends on, itself included.
-    /// Ordered, so that sums (and so ties) are the same on every run.
-    costs: BTreeMap<Id, f64>,
+    /// The classes the choice depends on, itself included: one bit per
+    /// class, by dense index (empty for tree costs).
+    reach: Vec<u64>,
+    /// How many bits `reach` has set.
+    size: usize,
     total: f64,
     node: TNode,
 }
 
-/// The chosen e-node of every class reachable from `roots`.
-pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
+/// The chosen e-node of every class reachable from `roots`, and whether the
+/// costs were DAG-aware (at most `dag_classes` classes).
+pub fn extract(egraph: &TGraph, roots: &[Id], dag_classes: usize) -> (HashMap<Id, TNode>, bool) {
+    let dag = egraph.number_of_classes() <= dag_classes;
+    let index: HashMap<Id, usize> = egraph.classes().enumerate().map(|(i, c)| (c.id, i)).collect();
+    let words = if dag { index.len().div_ceil(64) } else { 0 };
+    // The node cost of each class's current choice, by dense index.
+    let mut own = vec![0.0f64; index.len()];
     let mut best: HashMap<Id, Best> = HashMap::new();
     let mask_spans = mask_spans(egraph);
     // Attribute leaves are not values but every op needs them as they are.
     for class in egraph.classes() {
         if let Some(n) = class.nodes.iter().find(|n| n.op.as_str().starts_with('{')) {
-            best.insert(class.id, Best { costs: BTreeMap::new(), total: 0.0, node: n.clone() });
+            best.insert(class.id, Best { reach: vec![0; words], size: 0, total: 0.0, node: n.clone() });
         }
     }
     // A worklist over classes: when a class's best improves, its parents
@@ -254,25 +269,19 @@ pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
     while let Some(id) = queue.pop_front() {
         queued.remove(&id);
         let class = &egraph[id];
+        let me = index[&id];
         let mut improved = false;
         for n in &class.nodes {
             let Some(cost) = node_cost(egraph, n, &class.data, &mask_spans) else { continue };
-            if !n.children.iter().all(|c| best.contains_key(&egraph.find(*c))) {
+            let Some(kids) = n.children.iter().map(|c| best.get(&egraph.find(*c))).collect::<Option<Vec<&Best>>>()
+            else {
                 continue;
-            }
-            let mut costs: BTreeMap<Id, f64> = BTreeMap::new();
-            for c in &n.children {
-                for (k, v) in &best[&egraph.find(*c)].costs {
-                    costs.insert(*k, *v);
-                }
-            }
-            if costs.contains_key(&id) {
-                continue; // a cycle back to this class
-            }
-            costs.insert(id, cost);
-            let total: f64 = costs.values().sum();
+            };
+            let candidate = if dag { dag_cost(&kids, &own, me, cost) } else { tree_cost(&kids, cost) };
+            let Some((reach, size, total)) = candidate else { continue }; // a cycle back to this class
             if best.get(&id).is_none_or(|b| total < b.total - 1e-9) {
-                best.insert(id, Best { costs, total, node: n.clone() });
+                best.insert(id, Best { reach, size, total, node: n.clone() });
+                own[me] = cost;
                 improved = true;
             }
         }
@@ -295,7 +304,46 @@ pub fn extract(egraph: &TGraph, roots: &[Id]) -> HashMap<Id, TNode> {
             out.insert(c, b.node.clone());
         }
     }
-    out
+    (out, dag)
+}
+
+/// The classes a node with these children's choices depends on (with
+/// class `me`, whose own cost is `cost`), their count and their summed
+/// costs; `None` if a child depends on `me` (a cycle). Starts from the
+/// child that reaches the most classes and adds the others' bits a word
+/// at a time, so a long chain costs a pass over the bits per node rather
+/// than one per class it reaches.
+fn dag_cost(kids: &[&Best], own: &[f64], me: usize, cost: f64) -> Option<(Vec<u64>, usize, f64)> {
+    let base = kids.iter().enumerate().max_by_key(|(i, b)| (b.size, std::cmp::Reverse(*i))).map(|(i, _)| i);
+    let (mut reach, mut size, mut total) = match base {
+        Some(i) => (kids[i].reach.clone(), kids[i].size, kids[i].total),
+        None => (vec![0; own.len().div_ceil(64)], 0, 0.0),
+    };
+    for (i, kid) in kids.iter().enumerate() {
+        if Some(i) == base {
+            continue;
+        }
+        for (w, (r, &o)) in reach.iter_mut().zip(&kid.reach).enumerate() {
+            let mut new = o & !*r;
+            *r |= o;
+            while new != 0 {
+                size += 1;
+                total += own[w * 64 + new.trailing_zeros() as usize];
+                new &= new - 1;
+            }
+        }
+    }
+    let bit = 1u64 << (me % 64);
+    if reach[me / 64] & bit != 0 {
+        return None;
+    }
+    reach[me / 64] |= bit;
+    Some((reach, size + 1, total + cost))
+}
+
+/// Tree cost: the node's own plus its children's, shared or not.
+fn tree_cost(kids: &[&Best], cost: f64) -> Option<(Vec<u64>, usize, f64)> {
+    Some((Vec::new(), 0, cost + kids.iter().map(|k| k.total).sum::<f64>()))
 }
 
 /// Builds the graph the choices describe. Inputs keep the original order.

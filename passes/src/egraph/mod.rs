@@ -265,11 +265,19 @@ pub struct Limits {
     pub nodes: usize,
     pub iterations: usize,
     pub time: Duration,
+    /// The most classes extraction prices DAG-aware (a bit per class per
+    /// class); above it, tree costs.
+    pub dag_classes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { nodes: 200_000, iterations: 12, time: Duration::from_millis(400) }
+        Limits {
+            nodes: 200_000,
+            iterations: 12,
+            time: Duration::from_millis(400),
+            dag_classes: extract::MAX_DAG_CLASSES,
+        }
     }
 }
 
@@ -284,6 +292,10 @@ pub struct Report {
     pub extract_ms: f64,
     pub egraph_nodes: usize,
     pub egraph_classes: usize,
+    /// Whether extraction priced shared sub-expressions once (false: the
+    /// e-graph had more than `Limits::dag_classes` classes, and tree
+    /// costs were used).
+    pub dag_extraction: bool,
 }
 
 /// Optimises a canonical graph with the e-graph; returns the extracted
@@ -314,7 +326,8 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, Report), IrError> {
     report.egraph_classes = egraph.number_of_classes();
     let t = Instant::now();
     let root_ids: Vec<Id> = roots.iter().map(|(_, id)| *id).collect();
-    let choice = extract::extract(&egraph, &root_ids);
+    let (choice, dag) = extract::extract(&egraph, &root_ids, limits.dag_classes);
+    report.dag_extraction = dag;
     let out = extract::rebuild(&egraph, &choice, g, &roots)?;
     report.extract_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut rules: Vec<(String, usize)> = fired.into_iter().filter(|(_, n)| *n > 0).collect();
