@@ -13,7 +13,7 @@ use std::process::Command;
 fn every_export_passes_on_both_backends() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
-        assert_eq!(n, 8);
+        assert_eq!(n, 9);
     }
 }
 
@@ -27,18 +27,23 @@ fn explain(name: &str) -> serde_json::Value {
 
 /// Every softmax a fused attention, every norm one row kernel, and no
 /// activation left outside a matmul's epilogue. `softmaxes` and `norms`
-/// count the exported graph's (its `meta.json` lists the op counts).
+/// count the exported graph's (its `meta.json` lists the op counts). No
+/// op runs on the reference evaluator but the listed ones: BLOOM's ALiBi
+/// slopes need integer position arithmetic (a cumulative sum of the mask,
+/// a few dozen i64 elements), which native kernels do not cover.
 #[test]
 fn every_attention_norm_and_activation_is_fused() {
-    for (name, softmaxes, norms) in [
-        ("bert_sdpa_dynamo", 2, 5),
-        ("gpt2_legacy_gemm", 2, 5),
-        ("llama_gqa_dynamo", 2, 5),
-        ("llama_mqa_sdpa_dynamo", 2, 5),
-        ("hf_vit_sdpa_dynamo", 2, 5),
-        ("t5_dynamo", 6, 12),
-        ("gpt_neo_dynamo", 2, 5),
-        ("codegen_legacy", 2, 3),
+    let none: &[&str] = &[];
+    for (name, softmaxes, norms, on_reference) in [
+        ("bert_sdpa_dynamo", 2, 5, none),
+        ("gpt2_legacy_gemm", 2, 5, none),
+        ("llama_gqa_dynamo", 2, 5, none),
+        ("llama_mqa_sdpa_dynamo", 2, 5, none),
+        ("hf_vit_sdpa_dynamo", 2, 5, none),
+        ("t5_dynamo", 6, 12, none),
+        ("gpt_neo_dynamo", 2, 5, none),
+        ("codegen_legacy", 2, 3, none),
+        ("bloom_legacy", 2, 6, &["reference:cumsum", "reference:sub", "reference:mul", "reference:reshape"][..]),
     ] {
         let v = explain(name);
         assert_eq!(v["fusions"]["attention"], softmaxes, "{name}: {}", v["fusions"]);
@@ -52,10 +57,13 @@ fn every_attention_norm_and_activation_is_fused() {
                 assert!(!detail.contains(activation), "{name}: {activation} left in a map: {k}");
             }
         }
-        assert!(
-            kernels.iter().all(|k| !k["kind"].as_str().unwrap().starts_with("reference")),
-            "{name}: a kernel left to the reference evaluator"
-        );
+        for k in kernels {
+            let kind = k["kind"].as_str().unwrap();
+            assert!(
+                !kind.starts_with("reference") || on_reference.contains(&kind),
+                "{name}: {kind} left to the reference evaluator"
+            );
+        }
     }
 }
 

@@ -45,7 +45,8 @@ pub fn canonicalize(g: &Graph) -> Result<(Graph, CanonStats), IrError> {
     Ok((g, stats))
 }
 
-/// If node `n` computes exactly its first input, that input.
+/// If node `n` computes exactly one of its inputs (its first, or `x` of
+/// `1 * x`), that input.
 fn no_op_source(g: &Graph, n: NodeId) -> Option<ValueId> {
     let node = g.node(n);
     let x = *node.inputs.first()?;
@@ -57,6 +58,23 @@ fn no_op_source(g: &Graph, n: NodeId) -> Option<ValueId> {
         Op::Slice { .. } | Op::Tile { .. } => same_type && slice_or_tile_is_identity(&node.op),
         Op::Pad { pads, .. } => pads.iter().all(|&p| p == 0),
         Op::Concat { .. } => node.inputs.len() == 1,
+        // x * 1 = x exactly for every float x (NaN, infinities and -0 too),
+        // when the one broadcasts nothing: the legacy exporter's baddbmm
+        // writes `bias * beta` with beta = 1.
+        Op::Mul if node.inputs.len() == 2 => {
+            let one = |v: ValueId| {
+                g.const_value(v).is_some_and(|t| t.dtype().is_float() && t.numel() == 1 && t.to_f64_vec()[0] == 1.0)
+            };
+            let out = g.ty(node.outputs[0]);
+            let (a, b) = (node.inputs[0], node.inputs[1]);
+            return if one(b) && g.ty(a) == out {
+                Some(a)
+            } else if one(a) && g.ty(b) == out {
+                Some(b)
+            } else {
+                None
+            };
+        }
         _ => false,
     };
     no_op.then_some(x)
@@ -205,6 +223,25 @@ output \"y\" = v3
         assert_eq!(stats.bypassed, 2);
         assert!(stats.dead >= 3);
         assert_eq!(text::print(&c), "v0: f32[4] = input{name=\"x\"}\nv1: f32[4] = exp v0\noutput \"y\" = v1\n");
+    }
+
+    #[test]
+    fn a_product_with_a_scalar_one_is_bypassed_unless_the_one_broadcasts() {
+        let src = "\
+v0: f32[2,3] = input{name=\"x\"}
+v1: f32[] = const [1.0]
+v2: f32[2,3] = mul v1, v0
+v3: f32[1,1,1] = const [1.0]
+v4: f32[1,2,3] = mul v2, v3
+v5: f32[] = const [2.0]
+v6: f32[2,3] = mul v0, v5
+output \"y\" = v4
+output \"z\" = v6
+";
+        let out = canon(src);
+        // The first one goes; the second adds a dim and the two stays.
+        assert_eq!(out.matches("= mul").count(), 2, "{out}");
+        assert!(out.contains("mul v0, "), "{out}");
     }
 
     #[test]

@@ -60,7 +60,12 @@ fn check(rule: &str, start: &str) {
         "square" => Some("rms_norm"),
         "power-times-base" => Some("gelu"),
         "times-reciprocal" => Some("layer_norm"),
-        "scores-biases-combine" | "scores-biases-combine-unscaled" | "scale-through-scores-bias" => Some("attention"),
+        "scores-biases-combine"
+        | "scores-biases-combine-unscaled"
+        | "scale-through-scores-bias"
+        | "reshape-split-through-matmul"
+        | "reshape-split-through-scores-add"
+        | "reshape-merge-through-probabilities-matmul" => Some("attention"),
         _ if ["attention", "gelu", "layer-norm", "rms-norm", "residual"].iter().any(|p| rule.starts_with(p)) => {
             Some(match rule.split('-').next().unwrap() {
                 "layer" => "layer_norm",
@@ -549,6 +554,78 @@ v7: f32[2,4,5] = div v5, v6
 v8: f32[2,4,5] = softmax{axis=2} v7
 v9: f32[2,4,8] = matmul v8, v2
 output \"y\" = v9
+",
+    ),
+    (
+        // Scores computed in a batch of B * H matrices, split into [B, H]
+        // for the mask and the softmax; the probabilities meet v as [B, H].
+        "reshape-split-through-matmul",
+        "v0: f32[6,5,8] = input{name=\"q\"}
+v1: f32[6,8,6] = input{name=\"kt\"}
+v2: f32[2,3,6,8] = input{name=\"v\"}
+v3: f32[2,1,5,6] = input{name=\"mask\"}
+v4: f32[6,5,6] = matmul v0, v1
+v5: f32[] = const [0.35355338]
+v6: f32[6,5,6] = mul v4, v5
+v7: f32[2,3,5,6] = reshape{shape=[2, 3, 5, 6]} v6
+v8: f32[2,3,5,6] = add v7, v3
+v9: f32[2,3,5,6] = softmax{axis=3} v8
+v10: f32[2,3,5,8] = matmul v9, v2
+output \"y\" = v10
+",
+    ),
+    (
+        // BLOOM: ALiBi's per-head bias added in the B * H batch (baddbmm),
+        // then the split, a padding mask, the softmax.
+        "reshape-split-through-scores-add",
+        "v0: f32[6,5,8] = input{name=\"q\"}
+v1: f32[6,8,6] = input{name=\"kt\"}
+v2: f32[2,3,6,8] = input{name=\"v\"}
+v3: f32[6,1,6] = input{name=\"alibi\"}
+v4: f32[2,1,5,6] = input{name=\"mask\"}
+v5: f32[6,5,6] = matmul v0, v1
+v6: f32[] = const [0.35355338]
+v7: f32[6,5,6] = mul v6, v5
+v8: f32[6,5,6] = add v3, v7
+v9: f32[2,3,5,6] = reshape{shape=[2, 3, 5, 6]} v8
+v10: f32[2,3,5,6] = add v9, v4
+v11: f32[2,3,5,6] = softmax{axis=3} v10
+v12: f32[2,3,5,8] = matmul v11, v2
+output \"y\" = v12
+",
+    ),
+    (
+        // The legacy exporter's BLOOM: the probabilities merged back into a
+        // batch of B * H before they meet v.
+        "reshape-merge-through-probabilities-matmul",
+        "v0: f32[2,3,5,8] = input{name=\"q\"}
+v1: f32[2,3,8,6] = input{name=\"kt\"}
+v2: f32[6,6,8] = input{name=\"v\"}
+v3: f32[2,3,5,6] = matmul v0, v1
+v4: f32[2,3,5,6] = softmax{axis=3} v3
+v5: f32[6,5,6] = reshape{shape=[6, 5, 6]} v4
+v6: f32[6,5,8] = matmul v5, v2
+output \"y\" = v6
+",
+    ),
+    (
+        // BLOOM's spelling: x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x))).
+        "gelu-tanh-factored",
+        "v0: f32[3,8] = input{name=\"x\"}
+v1: f32[] = const [0.5]
+v2: f32[] = const [0.7978846]
+v3: f32[] = const [0.044715]
+v4: f32[] = const [1.0]
+v5: f32[3,8] = mul v0, v1
+v6: f32[3,8] = mul v0, v2
+v7: f32[3,8] = mul v0, v3
+v8: f32[3,8] = mul v7, v0
+v9: f32[3,8] = add v8, v4
+v10: f32[3,8] = mul v6, v9
+v11: f32[3,8] = tanh v10
+v12: f32[3,8] = add v11, v4
+v13: f32[3,8] = mul v5, v12
+output \"y\" = v13
 ",
     ),
     (

@@ -58,6 +58,26 @@ pub fn rules() -> Vec<Rule> {
             "(softmax ?ax (mul (add (matmul ?q ?kt) ?m) ?c))"
                 => "(softmax ?ax (add (mul (matmul ?q ?kt) ?c) (mul ?m ?c)))"
             if is_float_scalar("?c")),
+        // reshape(a @ b) = reshape(a) @ reshape(b) when the reshape splits the
+        // product's leading batch dim in two ([P, m, n] -> [p, q, m, n],
+        // P = pq) and leaves the matrices alone: each operand's batch dim
+        // splits the same way (a broadcast operand stays as it is). Scores
+        // an exporter computed with a batch of B * H matrices (BLOOM's
+        // baddbmm) meet the [B, H] attention that reads them.
+        rw!("reshape-split-through-matmul"; "(reshape ?s (matmul ?a ?b))" => { SplitBatch }),
+        // reshape(x + y) = reshape(x) + reshape(y) under the same split, for
+        // scores y: a bias added to them in the B * H batch (ALiBi) is
+        // added in the split one. Only on scores, so that adds elsewhere
+        // (a residual stream) are not split for nothing.
+        rw!("reshape-split-through-scores-add"; "(reshape ?s (add ?a ?b))" => { SplitBatch } if is_scores("?b")),
+        // merge(p) @ v = merge(p @ split(v)) when `merge` joins the two
+        // leading dims of softmax probabilities p ([b, h, m, n] -> [bh, m, n])
+        // and `split` is its inverse on v's batch dim: probabilities a
+        // softmax computed as [B, H] and an exporter multiplied with v as a
+        // batch of B * H (the legacy exporter's BLOOM) meet v as [B, H].
+        // Only after a softmax, where the attention rules look.
+        rw!("reshape-merge-through-probabilities-matmul";
+            "(matmul (reshape ?s (softmax ?ax ?x)) ?v)" => { MergeBatch }),
         // reshape_S(reshape_T(x) + m) = x + reshape_S(expand_T(m)) when the
         // outer reshape restores x's shape: a mask added in another view of
         // x (Swin's windows) is added in x's own.
@@ -148,6 +168,124 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for AddThroughReshape {
         let mask = add_op(egraph, &reshape, vec![expanded]);
         let sum = add_op(egraph, &Op::Add, vec![x, mask]);
         union_result(egraph, eclass, sum)
+    }
+}
+
+/// Side condition: `v` holds attention scores, a batched matmul (at least
+/// one batch dim) or one times a scalar.
+fn is_scores(v: &'static str) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
+    move |g, _, s| {
+        let batched_matmul = |c: Id| {
+            g[c].data.ty().is_some_and(|t| t.rank() >= 3)
+                && g[c].nodes.iter().any(|n| matches!(n.op.as_str(), "matmul" | "matmul_tiled"))
+        };
+        let class = s[var(v)];
+        batched_matmul(class)
+            || g[class].nodes.iter().any(|n| n.op.as_str() == "mul" && n.children.iter().any(|&c| batched_matmul(c)))
+    }
+}
+
+/// `[P, rest..] -> [p, q, rest..]` with `P = p q`: the reshape splits the
+/// leading dim of a rank-3-or-more value and nothing else.
+fn splits_leading(from: &[usize], to: &[usize]) -> Option<(usize, usize)> {
+    (from.len() >= 3 && to.len() == from.len() + 1 && to[2..] == from[1..] && to[0] * to[1] == from[0])
+        .then(|| (to[0], to[1]))
+}
+
+/// The applier of `reshape-split-through-matmul` and
+/// `reshape-split-through-scores-add`: the binary op under the reshape,
+/// over its operands split the same way.
+struct SplitBatch;
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for SplitBatch {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        let op = if rule.as_str() == "reshape-split-through-matmul" { Op::MatMul } else { Op::Add };
+        let (a, b) = (subst[var("?a")], subst[var("?b")]);
+        let Some(to) = egraph[eclass].data.ty().map(|t| t.shape.clone()) else { return vec![] };
+        let (Some(at), Some(bt)) = (egraph[a].data.ty().cloned(), egraph[b].data.ty().cloned()) else { return vec![] };
+        // The shape under the reshape.
+        let Ok(from) = egret_ir::ops::infer(&op, &[&at, &bt]).map(|t| t[0].shape.clone()) else { return vec![] };
+        let Some((p, q)) = splits_leading(&from, &to) else { return vec![] };
+        let rank = from.len();
+        // Each operand split like the result: a full batch dim splits, a
+        // dim of 1 or a lower rank broadcasts as before. A matmul's
+        // operands keep their own matrix dims.
+        let split = |egraph: &mut TGraph, x: Id| -> Option<Id> {
+            let xt = egraph[x].data.ty()?.shape.clone();
+            if xt.len() < rank || (xt.len() == rank && xt[0] == 1) {
+                return Some(x);
+            }
+            if xt.len() != rank || xt[0] != from[0] {
+                return None;
+            }
+            let shape: Vec<usize> = [p, q].into_iter().chain(xt[1..].iter().copied()).collect();
+            Some(add_op(egraph, &Op::Reshape { shape }, vec![x]))
+        };
+        let (Some(a2), Some(b2)) = (split(egraph, a), split(egraph, b)) else { return vec![] };
+        let node = add_op(egraph, &op, vec![a2, b2]);
+        // Inference decides whether the split operands fit.
+        if egraph[node].data.ty().map(|t| &t.shape) != Some(&to) {
+            return vec![];
+        }
+        union_result(egraph, eclass, node)
+    }
+}
+
+/// The applier of `reshape-merge-through-probabilities-matmul`.
+struct MergeBatch;
+
+impl Applier<TNode, crate::egraph::TensorAnalysis> for MergeBatch {
+    fn apply_one(
+        &self,
+        egraph: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<TNode>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (x, v) = (subst[var("?x")], subst[var("?v")]);
+        let (Some(xt), Some(vt), Some(out)) =
+            (egraph[x].data.ty().cloned(), egraph[v].data.ty().cloned(), egraph[eclass].data.ty().cloned())
+        else {
+            return vec![];
+        };
+        let Some(softmax_attrs) = egraph[subst[var("?ax")]].data.attrs.clone() else { return vec![] };
+        let Ok(softmax) = egret_ir::text::op_from_parts("softmax", &softmax_attrs) else { return vec![] };
+        // The reshape merges the probabilities' two leading dims: their
+        // split is what the merged shape would be split back into.
+        let merged: Vec<usize> = std::iter::once(xt.shape[0] * xt.shape.get(1).copied().unwrap_or(0))
+            .chain(xt.shape.iter().skip(2).copied())
+            .collect();
+        if splits_leading(&merged, &xt.shape).is_none() {
+            return vec![];
+        }
+        let (p, q) = (xt.shape[0], xt.shape[1]);
+        let rank = merged.len();
+        // v split like the probabilities; a broadcast v stays as it is.
+        let v2 = if vt.rank() < rank || (vt.rank() == rank && vt.shape[0] == 1) {
+            v
+        } else if vt.rank() == rank && vt.shape[0] == merged[0] {
+            let shape: Vec<usize> = [p, q].into_iter().chain(vt.shape[1..].iter().copied()).collect();
+            add_op(egraph, &Op::Reshape { shape }, vec![v])
+        } else {
+            return vec![];
+        };
+        let probabilities = add_op(egraph, &softmax, vec![x]);
+        let product = add_op(egraph, &Op::MatMul, vec![probabilities, v2]);
+        // Inference decides whether v fits; then the product merges back.
+        let Some(pt) = egraph[product].data.ty().cloned() else { return vec![] };
+        if splits_leading(&out.shape, &pt.shape).is_none() {
+            return vec![];
+        }
+        let node = add_op(egraph, &Op::Reshape { shape: out.shape.clone() }, vec![product]);
+        union_result(egraph, eclass, node)
     }
 }
 

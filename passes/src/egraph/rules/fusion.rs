@@ -23,6 +23,13 @@ pub fn rules() -> Vec<Rule> {
                 => "(gelu {approximate_tanh=true} ?x)"
             if is_scalar("?half", 0.5, 0.0) if is_scalar("?three", 3.0, 0.0) if is_scalar("?c", 0.044715, 1e-5)
             if is_scalar("?k", SQRT_2_PI, 1e-5) if is_scalar("?one", 1.0, 0.0)),
+        // GELU, tanh form with x factored out of the tanh's argument (BLOOM):
+        // sqrt(2/pi) x (1 + 0.044715 x^2) = sqrt(2/pi) (x + 0.044715 x^3).
+        rw!("gelu-tanh-factored";
+            "(mul (mul ?x (add (tanh (mul (mul ?x (add (mul (pow ?x ?two) ?c) ?one2)) ?k)) ?one)) ?half)"
+                => "(gelu {approximate_tanh=true} ?x)"
+            if is_scalar("?half", 0.5, 0.0) if is_scalar("?two", 2.0, 0.0) if is_scalar("?c", 0.044715, 1e-5)
+            if is_scalar("?k", SQRT_2_PI, 1e-5) if is_scalar("?one", 1.0, 0.0) if is_scalar("?one2", 1.0, 0.0)),
         // Layer norm with scale and bias: ((x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)) * g + b,
         // the means over the trailing axes.
         rw!("layer-norm-affine";
