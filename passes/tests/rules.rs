@@ -65,7 +65,9 @@ fn check(rule: &str, start: &str) {
         | "scale-through-scores-bias"
         | "reshape-split-through-matmul"
         | "reshape-split-through-scores-add"
-        | "reshape-merge-through-probabilities-matmul" => Some("attention"),
+        | "reshape-merge-through-probabilities-matmul"
+        | "per-head-scale-into-queries"
+        | "per-head-scale-into-queries-unmasked" => Some("attention"),
         _ if ["attention", "gelu", "layer-norm", "rms-norm", "residual"].iter().any(|p| rule.starts_with(p)) => {
             Some(match rule.split('-').next().unwrap() {
                 "layer" => "layer_norm",
@@ -626,6 +628,38 @@ v11: f32[3,8] = tanh v10
 v12: f32[3,8] = add v11, v4
 v13: f32[3,8] = mul v5, v12
 output \"y\" = v13
+",
+    ),
+    (
+        // Swin V2's cosine attention: one learned scale per head, a
+        // position bias, then a shifted-window mask.
+        "per-head-scale-into-queries",
+        "v0: f32[2,2,4,8] = input{name=\"q\"}
+v1: f32[2,2,8,4] = input{name=\"kt\"}
+v2: f32[2,2,4,8] = input{name=\"v\"}
+v3: f32[1,2,4,4] = input{name=\"bias\"}
+v4: f32[2,1,4,4] = input{name=\"mask\"}
+v5: f32[2,1,1] = const [3.0, 7.5]
+v6: f32[2,2,4,4] = matmul v0, v1
+v7: f32[2,2,4,4] = mul v5, v6
+v8: f32[2,2,4,4] = add v7, v3
+v9: f32[2,2,4,4] = add v8, v4
+v10: f32[2,2,4,4] = softmax{axis=3} v9
+v11: f32[2,2,4,8] = matmul v10, v2
+output \"y\" = v11
+",
+    ),
+    (
+        "per-head-scale-into-queries-unmasked",
+        "v0: f32[2,2,4,8] = input{name=\"q\"}
+v1: f32[2,2,8,4] = input{name=\"kt\"}
+v2: f32[2,2,4,8] = input{name=\"v\"}
+v3: f32[2,1,1] = input{name=\"scale\"}
+v4: f32[2,2,4,4] = matmul v0, v1
+v5: f32[2,2,4,4] = mul v4, v3
+v6: f32[2,2,4,4] = softmax{axis=3} v5
+v7: f32[2,2,4,8] = matmul v6, v2
+output \"y\" = v7
 ",
     ),
     (

@@ -45,8 +45,7 @@ pub fn rules() -> Vec<Rule> {
         // after a matmul, would reassociate without end.
         rw!("scores-biases-combine";
             "(softmax ?ax (add (add (mul (matmul ?q ?kt) ?s) ?a) ?b))"
-                => "(softmax ?ax (add (mul (matmul ?q ?kt) ?s) (add ?a ?b)))"
-            if is_float_scalar("?s")),
+                => "(softmax ?ax (add (mul (matmul ?q ?kt) ?s) (add ?a ?b)))"),
         rw!("scores-biases-combine-unscaled";
             "(softmax ?ax (add (add (matmul ?q ?kt) ?a) ?b))" => "(softmax ?ax (add (matmul ?q ?kt) (add ?a ?b)))"),
         // (s + m) * c = s * c + m * c for scores s and a float scalar c: a
@@ -58,6 +57,17 @@ pub fn rules() -> Vec<Rule> {
             "(softmax ?ax (mul (add (matmul ?q ?kt) ?m) ?c))"
                 => "(softmax ?ax (add (mul (matmul ?q ?kt) ?c) (mul ?m ?c)))"
             if is_float_scalar("?c")),
+        // (q @ kt) * s = (q * s) @ kt for a scale s that is constant over each
+        // score matrix (its last two dims are 1: one scale per head, as
+        // Swin V2's cosine attention learns), when q * s keeps q's shape.
+        // The attention rules take a scalar scale only; a per-head one
+        // moves onto the queries.
+        rw!("per-head-scale-into-queries";
+            "(softmax ?ax (add (mul (matmul ?q ?kt) ?s) ?m))" => "(softmax ?ax (add (matmul (mul ?q ?s) ?kt) ?m))"
+            if is_per_matrix_scale("?s", "?q")),
+        rw!("per-head-scale-into-queries-unmasked";
+            "(softmax ?ax (mul (matmul ?q ?kt) ?s))" => "(softmax ?ax (matmul (mul ?q ?s) ?kt))"
+            if is_per_matrix_scale("?s", "?q")),
         // reshape(a @ b) = reshape(a) @ reshape(b) when the reshape splits the
         // product's leading batch dim in two ([P, m, n] -> [p, q, m, n],
         // P = pq) and leaves the matrices alone: each operand's batch dim
@@ -182,6 +192,22 @@ fn is_scores(v: &'static str) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
         let class = s[var(v)];
         batched_matmul(class)
             || g[class].nodes.iter().any(|n| n.op.as_str() == "mul" && n.children.iter().any(|&c| batched_matmul(c)))
+    }
+}
+
+/// Side condition: `s` is a float tensor of more than one element whose
+/// last two dims are 1 (one value per score matrix), and `q * s` has q's
+/// shape.
+fn is_per_matrix_scale(s: &'static str, q: &'static str) -> impl Fn(&mut TGraph, Id, &Subst) -> bool {
+    move |g, _, subst| {
+        let (Some(st), Some(qt)) = (g[subst[var(s)]].data.ty(), g[subst[var(q)]].data.ty()) else { return false };
+        let r = st.rank();
+        st.dtype.is_float()
+            && st.dtype == qt.dtype
+            && st.numel() > 1
+            && r >= 2
+            && st.shape[r - 2..] == [1, 1]
+            && egret_ir::ops::broadcast_shapes(&qt.shape, &st.shape).is_ok_and(|b| b == qt.shape)
     }
 }
 
