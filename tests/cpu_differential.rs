@@ -756,6 +756,23 @@ output \"guarded\" = v5
 }
 
 #[test]
+fn soft_capped_attention() {
+    // Gemma 2's soft cap: scores capped at 2 (most of them saturate), with
+    // a causal mask, over two key blocks; and without a mask.
+    same(
+        "v0: f32[1,2,40,8] = input{name=\"q\"}
+v1: f32[1,2,8,600] = input{name=\"kt\"}
+v2: f32[1,2,600,6] = input{name=\"v\"}
+v3: f32[40,600] = input{name=\"mask\"}
+v4: f32[1,2,40,6] = attention_tiled{scale=0.35355338, nan_to_zero=false, softcap=2.0, block=16, key_block=300} v0, v1, v2, v3
+v5: f32[1,2,40,6] = attention{scale=0.5, nan_to_zero=false, softcap=1.5} v0, v1, v2
+output \"masked\" = v4
+output \"plain\" = v5
+",
+    );
+}
+
+#[test]
 fn attention_over_several_key_blocks_with_sparse_masks() {
     // 600 keys are visited in two blocks by the online softmax. Rows whose
     // threshold is low keep few keys, so for some of them a whole key block

@@ -13,7 +13,7 @@ use std::process::Command;
 fn every_export_passes_on_both_backends() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
-        assert_eq!(n, 10);
+        assert_eq!(n, 11);
     }
 }
 
@@ -44,6 +44,7 @@ fn every_attention_norm_and_activation_is_fused() {
         ("gpt_neo_dynamo", 2, 5, none),
         ("codegen_legacy", 2, 3, none),
         ("swinv2_timm_dynamo", 4, 11, none),
+        ("gemma2_dynamo", 2, 9, none),
         ("bloom_legacy", 2, 6, &["reference:cumsum", "reference:sub", "reference:mul", "reference:reshape"][..]),
     ] {
         let v = explain(name);

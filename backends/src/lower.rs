@@ -741,17 +741,18 @@ impl<'g> Lowering<'g> {
                     }
                 }
                 let attention = match op {
-                    Op::Attention { scale, nan_to_zero } => Some((*scale, *nan_to_zero, None)),
-                    // The e-graph's cost model chose the tiles.
-                    Op::AttentionTiled { scale, nan_to_zero, block, key_block } => {
-                        Some((*scale, *nan_to_zero, Some((*block, *key_block))))
+                    Op::Attention { scale, nan_to_zero, softcap } => {
+                        Some((Scores { scale: *scale, softcap: *softcap, nan_to_zero: *nan_to_zero }, None))
                     }
+                    // The e-graph's cost model chose the tiles.
+                    Op::AttentionTiled { scale, nan_to_zero, softcap, block, key_block } => Some((
+                        Scores { scale: *scale, softcap: *softcap, nan_to_zero: *nan_to_zero },
+                        Some((*block, *key_block)),
+                    )),
                     _ => None,
                 };
-                if let (Some((scale, nan_to_zero, tiles)), true) =
-                    (attention, in_types.iter().all(|t| t.dtype == DType::F32))
-                {
-                    self.attention(&node.inputs, out, scale, nan_to_zero, tiles, label);
+                if let (Some((scores, tiles)), true) = (attention, in_types.iter().all(|t| t.dtype == DType::F32)) {
+                    self.attention(&node.inputs, out, scores, tiles, label);
                     return;
                 }
                 if let Op::Gather { axis } = op {
@@ -1441,14 +1442,14 @@ impl<'g> Lowering<'g> {
         &mut self,
         inputs: &[ValueId],
         out: ValueId,
-        scale: f32,
-        nan_to_zero: bool,
+        attrs: Scores,
         tiles: Option<(usize, usize)>,
         label: &str,
     ) {
         if self.opts.matmul == Some(MatMulImpl::Generated) {
-            return self.attention_composite(inputs, out, scale, nan_to_zero, label);
+            return self.attention_composite(inputs, out, attrs, label);
         }
+        let Scores { scale, softcap, nan_to_zero } = attrs;
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
         let (sq_shape, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
@@ -1498,6 +1499,7 @@ impl<'g> Lowering<'g> {
             d,
             dv,
             scale,
+            softcap,
             nan_to_zero,
             block,
             key_block,
@@ -1587,7 +1589,8 @@ impl<'g> Lowering<'g> {
     /// Attention as kernels: the scores into a scratch buffer, scaled (and
     /// masked) in place, a softmax over its rows in place, and the product
     /// with v.
-    fn attention_composite(&mut self, inputs: &[ValueId], out: ValueId, scale: f32, nan_to_zero: bool, label: &str) {
+    fn attention_composite(&mut self, inputs: &[ValueId], out: ValueId, attrs: Scores, label: &str) {
+        let Scores { scale, softcap, nan_to_zero } = attrs;
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
         let (sq, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
@@ -1600,14 +1603,24 @@ impl<'g> Lowering<'g> {
         let mm = self.matmul_kernel(&vq, &sq, &vkt, &skt, &scores, s);
         self.push(KernelKind::MatMul(mm), label);
         let dense = Operand { buffer: s, dtype: DType::F32, offset: 0, strides: contiguous_strides(&scores) };
-        let scaled = Expr::binary(Binary::Mul, Expr::Input(0), Expr::F32(scale));
+        let scaled = match softcap {
+            // cap * tanh(x * scale / cap)
+            Some(cap) => Expr::binary(
+                Binary::Mul,
+                Expr::unary(Unary::Tanh, Expr::binary(Binary::Mul, Expr::Input(0), Expr::F32(scale / cap))),
+                Expr::F32(cap),
+            ),
+            None => Expr::binary(Binary::Mul, Expr::Input(0), Expr::F32(scale)),
+        };
         match inputs.get(3) {
             Some(&mask) => {
                 let m = self.read(mask, &scores);
                 let expr = Expr::binary(Binary::Add, scaled, Expr::Input(1));
                 self.map(scores.clone(), vec![dense.clone(), m], dense.clone(), expr, label);
             }
-            None if scale != 1.0 => self.map(scores.clone(), vec![dense.clone()], dense.clone(), scaled, label),
+            None if scale != 1.0 || softcap.is_some() => {
+                self.map(scores.clone(), vec![dense.clone()], dense.clone(), scaled, label)
+            }
             None => {}
         }
         let rows = scores[..scores.len() - 1].iter().product();
@@ -1637,6 +1650,15 @@ impl<'g> Lowering<'g> {
         let mm = self.matmul_kernel(&probs, &scores, &vview, &sv, &so, o);
         self.push(KernelKind::MatMul(mm), label);
     }
+}
+
+/// How an attention op turns its scores into probabilities (the op's
+/// attributes).
+#[derive(Clone, Copy)]
+struct Scores {
+    scale: f32,
+    softcap: Option<f32>,
+    nan_to_zero: bool,
 }
 
 /// Lowers a canonical, verified graph to a plan.

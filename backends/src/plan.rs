@@ -352,6 +352,8 @@ pub struct AttentionKernel {
     pub d: usize,
     pub dv: usize,
     pub scale: f32,
+    /// Scaled scores s become `cap * tanh(s / cap)` before the mask.
+    pub softcap: Option<f32>,
     pub nan_to_zero: bool,
     /// Query rows per tile.
     pub block: usize,
@@ -496,7 +498,7 @@ impl Kernel {
             ),
             KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
             KernelKind::Attention(a) => format!(
-                "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}{}{}",
+                "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}{}{}{}",
                 a.batches.len(),
                 a.sq,
                 a.sk,
@@ -504,6 +506,7 @@ impl Kernel {
                 a.dv,
                 a.block,
                 a.key_block,
+                a.softcap.map_or(String::new(), |c| format!(", scores soft-capped at {c}")),
                 if a.mask.is_some() { ", masked" } else { "" },
                 match a.key_spans {
                     Some(_) => format!(

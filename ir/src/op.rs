@@ -28,6 +28,25 @@ pub enum AttrTok {
 pub trait AttrValue: Sized {
     fn write(&self, out: &mut String);
     fn parse(tok: &AttrTok) -> Result<Self, String>;
+    /// The value of an attribute the text leaves out, if it may be left out.
+    fn absent() -> Option<Self> {
+        None
+    }
+}
+
+/// An optional attribute: written only when present, absent when left out.
+impl<T: AttrValue> AttrValue for Option<T> {
+    fn write(&self, out: &mut String) {
+        if let Some(x) = self {
+            x.write(out);
+        }
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        T::parse(tok).map(Some)
+    }
+    fn absent() -> Option<Self> {
+        Some(None)
+    }
 }
 
 impl AttrValue for f32 {
@@ -181,7 +200,9 @@ pub struct AttrMap(pub Vec<(String, AttrTok)>);
 
 impl AttrMap {
     fn take<T: AttrValue>(&mut self, key: &str) -> Result<T, String> {
-        let pos = self.0.iter().position(|(k, _)| k == key).ok_or_else(|| format!("missing attribute `{key}`"))?;
+        let Some(pos) = self.0.iter().position(|(k, _)| k == key) else {
+            return T::absent().ok_or_else(|| format!("missing attribute `{key}`"));
+        };
         let (_, tok) = self.0.remove(pos);
         T::parse(&tok).map_err(|e| format!("attribute `{key}`: {e}"))
     }
@@ -213,7 +234,8 @@ macro_rules! define_ops {
                 match self {
                     Op::Const(_) => {}
                     $( Op::$Var $({ $($field),* })? => {
-                        $($( let mut s = String::new(); $field.write(&mut s); fields.push((stringify!($field), s)); )*)?
+                        // An absent optional attribute writes nothing and is left out.
+                        $($( let mut s = String::new(); $field.write(&mut s); if !s.is_empty() { fields.push((stringify!($field), s)); } )*)?
                     } )*
                 }
                 if !fields.is_empty() {
@@ -292,11 +314,13 @@ define_ops! {
     /// transposed, however the exporter did it), v `[.., Sk, Dv]`, and an
     /// optional additive mask broadcastable to `[.., Sq, Sk]`. With
     /// `nan_to_zero`, NaN probabilities (a fully masked row) become 0, as the
-    /// exporters' `Where(IsNaN(p), 0, p)` guard does.
-    Attention { scale: f32, nan_to_zero: bool } = "attention",
+    /// exporters' `Where(IsNaN(p), 0, p)` guard does. With a `softcap` c,
+    /// the scaled scores s become `c * tanh(s / c)` before the mask is added
+    /// (Gemma 2's soft-capping).
+    Attention { scale: f32, nan_to_zero: bool, softcap: Option<f32> } = "attention",
     /// `attention` with the kernel's tiles chosen: `block` query rows by
     /// `key_block` keys per scores tile (the same values).
-    AttentionTiled { scale: f32, nan_to_zero: bool, block: usize, key_block: usize } = "attention_tiled",
+    AttentionTiled { scale: f32, nan_to_zero: bool, softcap: Option<f32>, block: usize, key_block: usize } = "attention_tiled",
     Einsum { equation: String } = "einsum",
     /// N-d convolution. `pads` holds all begins, then all ends.
     Conv { strides: Vec<usize>, pads: Vec<usize>, dilations: Vec<usize>, group: usize } = "conv",

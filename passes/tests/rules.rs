@@ -663,6 +663,42 @@ output \"y\" = v7
 ",
     ),
     (
+        // Gemma 2: tanh(scores * scale / cap) * cap, then the mask.
+        "attention-softcapped-masked",
+        "v0: f32[2,2,4,8] = input{name=\"q\"}
+v1: f32[2,2,8,5] = input{name=\"kt\"}
+v2: f32[2,2,5,8] = input{name=\"v\"}
+v3: f32[2,1,4,5] = input{name=\"mask\"}
+v4: f32[2,2,4,5] = matmul v0, v1
+v5: f32[] = const [0.35355338]
+v6: f32[2,2,4,5] = mul v4, v5
+v7: f32[] = const [1.5]
+v8: f32[2,2,4,5] = div v6, v7
+v9: f32[2,2,4,5] = tanh v8
+v10: f32[2,2,4,5] = mul v9, v7
+v11: f32[2,2,4,5] = add v10, v3
+v12: f32[2,2,4,5] = softmax{axis=3} v11
+v13: f32[2,2,4,8] = matmul v12, v2
+output \"y\" = v13
+",
+    ),
+    (
+        "attention-softcapped",
+        "v0: f32[2,2,4,8] = input{name=\"q\"}
+v1: f32[2,2,8,5] = input{name=\"kt\"}
+v2: f32[2,2,5,8] = input{name=\"v\"}
+v3: f32[] = const [0.25]
+v4: f32[] = const [2.0]
+v5: f32[2,2,4,5] = matmul v0, v1
+v6: f32[2,2,4,5] = mul v5, v3
+v7: f32[2,2,4,5] = tanh v6
+v8: f32[2,2,4,5] = mul v4, v7
+v9: f32[2,2,4,5] = softmax{axis=3} v8
+v10: f32[2,2,4,8] = matmul v9, v2
+output \"y\" = v10
+",
+    ),
+    (
         // A product with a constant weight.
         "tile-packed",
         "v0: f32[3,4] = input{name=\"x\"}

@@ -132,11 +132,17 @@ pub fn pooled_len(n: usize, k: usize, stride: usize, pb: usize, pe: usize, dil: 
 pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     match op {
         Op::MatMul | Op::MatMulTiled { .. } => Ok(vec![matmul(inputs[0], inputs[1])?]),
-        Op::Attention { scale, nan_to_zero } | Op::AttentionTiled { scale, nan_to_zero, .. } => {
-            // The definition, step by step: scores, scale, mask, softmax, values.
+        Op::Attention { scale, nan_to_zero, softcap } | Op::AttentionTiled { scale, nan_to_zero, softcap, .. } => {
+            // The definition, step by step: scores, scale, soft cap, mask, softmax, values.
             let scores = matmul(inputs[0], inputs[1])?;
             let s = Tensor::scalar(*scale).cast(scores.dtype());
             let mut scores = super::elementwise::eval_binary(&Op::Mul, &scores, &s)?;
+            if let Some(cap) = softcap {
+                let c = Tensor::scalar(*cap).cast(scores.dtype());
+                let scaled = super::elementwise::eval_binary(&Op::Div, &scores, &c)?;
+                let capped = super::elementwise::eval_unary(&Op::Tanh, &scaled)?;
+                scores = super::elementwise::eval_binary(&Op::Mul, &capped, &c)?;
+            }
             if let Some(mask) = inputs.get(3) {
                 scores = super::elementwise::eval_binary(&Op::Add, &scores, mask)?;
             }
@@ -562,7 +568,7 @@ mod tests {
         let mask: Vec<f32> = (0..s * s).map(|i| if i % s > i / s { f32::MIN } else { 0.0 }).collect();
         let spans = live_key_spans(|r, k| mask[r * s + k], s, s).unwrap();
         let (q, kt, v) = (data(&[s, d], 1), data(&[d, s], 2), data(&[s, d], 3));
-        let op = Op::Attention { scale: 0.5, nan_to_zero: false };
+        let op = Op::Attention { scale: 0.5, nan_to_zero: false, softcap: None };
         let m = Tensor::from_vec(vec![s, s], mask);
         let full = eval(&op, &[&q, &kt, &v, &m]).unwrap().remove(0);
         let (qv, ktv, vv) = (q.as_f32().unwrap(), kt.as_f32().unwrap(), v.as_f32().unwrap());

@@ -40,6 +40,8 @@ pub struct AttentionParams {
     pub v_strides: [i64; 2],
     pub mask_strides: [i64; 2],
     pub scale: f64,
+    /// The scores' soft cap, 0 for none.
+    pub softcap: f64,
 }
 
 impl AttentionParams {
@@ -62,6 +64,7 @@ impl AttentionParams {
             v_strides: s(k.v_strides),
             mask_strides: s(k.mask_strides),
             scale: k.scale as f64,
+            softcap: k.softcap.unwrap_or(0.0) as f64,
         }
     }
 
@@ -88,6 +91,7 @@ impl AttentionParams {
             self.mask_strides[0],
             self.mask_strides[1],
             self.scale.to_bits() as i64,
+            self.softcap.to_bits() as i64,
         ];
         debug_assert_eq!(words.len() * 8, std::mem::size_of::<AttentionParams>());
         words.iter().flat_map(|w| w.to_le_bytes()).collect()
@@ -282,6 +286,16 @@ unsafe fn softmax_step_impl<const FMA: bool>(
     let (dv, out_rs) = (p.dv as usize, p.out_rs as usize);
     for r in 0..rows {
         let row = unsafe { std::slice::from_raw_parts_mut(tile.add(r * n), n) };
+        if p.softcap > 0.0 {
+            // cap * tanh(s * scale / cap), then the mask; the loops below
+            // then scale by one.
+            let cap = p.softcap as f32;
+            let inner = scale / cap;
+            for x in row.iter_mut() {
+                *x = cap * super::tanh::<FMA>(*x * inner);
+            }
+        }
+        let scale = if p.softcap > 0.0 { 1.0 } else { scale };
         if mask.is_null() {
             for x in row.iter_mut() {
                 *x *= scale;

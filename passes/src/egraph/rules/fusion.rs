@@ -45,6 +45,13 @@ pub fn rules() -> Vec<Rule> {
             "(matmul (softmax ?ax (add (mul (matmul ?q ?kt) ?s) ?m)) ?v)" => { Attention::new(true, true, false) }),
         rw!("attention-masked-unscaled";
             "(matmul (softmax ?ax (add (matmul ?q ?kt) ?m)) ?v)" => { Attention::new(false, true, false) }),
+        // Soft-capped scores (Gemma 2): cap * tanh(q @ kt * k) with k = s / cap,
+        // as the exporters write `tanh(scores * s / cap) * cap`.
+        rw!("attention-softcapped";
+            "(matmul (softmax ?ax (mul (tanh (mul (matmul ?q ?kt) ?s)) ?cap)) ?v)" => { Attention::softcapped(false) }),
+        rw!("attention-softcapped-masked";
+            "(matmul (softmax ?ax (add (mul (tanh (mul (matmul ?q ?kt) ?s)) ?cap) ?m)) ?v)"
+                => { Attention::softcapped(true) }),
         // The same with the exporters' guard on the probabilities,
         // where(isnan(p), 0, p), which zeroes fully masked rows.
         rw!("attention-guarded";
@@ -262,11 +269,18 @@ struct Attention {
     scaled: bool,
     masked: bool,
     guarded: bool,
+    /// The scores are `tanh(q @ kt * ?s) * ?cap`: the op's scale is
+    /// `?s * ?cap` and its soft cap `?cap`.
+    softcapped: bool,
 }
 
 impl Attention {
     fn new(scaled: bool, masked: bool, guarded: bool) -> Attention {
-        Attention { scaled, masked, guarded }
+        Attention { scaled, masked, guarded, softcapped: false }
+    }
+
+    fn softcapped(masked: bool) -> Attention {
+        Attention { scaled: true, masked, guarded: false, softcapped: true }
     }
 }
 
@@ -292,21 +306,36 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for Attention {
         if axis != scores_rank - 1 {
             return vec![];
         }
+        let float_scalar = |v: &str| match scalar(egraph, subst, v) {
+            Some(x) if egraph[subst[var(v)]].data.ty().is_some_and(|t| t.dtype.is_float()) => Some(x),
+            _ => None,
+        };
         let scale = if self.scaled {
-            match scalar(egraph, subst, "?s") {
-                Some(s) if egraph[subst[var("?s")]].data.ty().is_some_and(|t| t.dtype.is_float()) => s as f32,
-                _ => return vec![],
+            match float_scalar("?s") {
+                Some(s) => s,
+                None => return vec![],
             }
         } else {
             1.0
         };
+        let softcap = if self.softcapped {
+            match float_scalar("?cap") {
+                Some(c) if c > 0.0 && c.is_finite() => Some(c),
+                _ => return vec![],
+            }
+        } else {
+            None
+        };
+        // tanh(x * s) * cap = cap * tanh((x * s * cap) / cap).
+        let scale = (scale * softcap.unwrap_or(1.0)) as f32;
+        let softcap = softcap.map(|c| c as f32);
         let mut children = vec![q, kt, v];
         if self.masked {
             children.push(subst[var("?m")]);
         }
         // Inference decides whether shapes fit; a node it rejects is not added.
         let types: Option<Vec<egret_ir::Type>> = children.iter().map(|&c| egraph[c].data.ty().cloned()).collect();
-        let op = Op::Attention { scale, nan_to_zero: self.guarded };
+        let op = Op::Attention { scale, nan_to_zero: self.guarded, softcap };
         let fits = types.is_some_and(|ts| egret_ir::ops::infer(&op, &ts.iter().collect::<Vec<_>>()).is_ok());
         if !fits {
             return vec![];

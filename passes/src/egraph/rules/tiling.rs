@@ -58,7 +58,8 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for TileAttention {
         _rule: Symbol,
     ) -> Vec<Id> {
         let Some(attrs) = egraph[subst[var("?a")]].data.attrs.clone() else { return vec![] };
-        let Ok(Op::Attention { scale, nan_to_zero }) = egret_ir::text::op_from_parts("attention", &attrs) else {
+        let Ok(Op::Attention { scale, nan_to_zero, softcap }) = egret_ir::text::op_from_parts("attention", &attrs)
+        else {
             return vec![];
         };
         let (q, kt) = (subst[var("?q")], subst[var("?kt")]);
@@ -79,7 +80,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for TileAttention {
         }
         let mut changed = vec![];
         for (block, key_block) in tiles {
-            let op = Op::AttentionTiled { scale, nan_to_zero, block, key_block };
+            let op = Op::AttentionTiled { scale, nan_to_zero, softcap, block, key_block };
             let tiled = add_op(egraph, &op, children.clone());
             changed.extend(union_result(egraph, eclass, tiled));
         }
