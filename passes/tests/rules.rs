@@ -1013,6 +1013,49 @@ fn extraction_falls_back_to_tree_costs_above_its_class_limit() {
     }
 }
 
+/// Reshapes around attention that do not split (or merge) the leading
+/// batch dim alone are not moved through the products: the rules leave
+/// the graphs unfused, and their values as they were.
+#[test]
+fn reshapes_that_regroup_more_than_the_batch_are_left_alone() {
+    for (what, start) in [
+        (
+            "probabilities regrouped as [2, 10, 6]",
+            "v0: f32[2,2,5,8] = input{name=\"q\"}
+v1: f32[2,2,8,6] = input{name=\"kt\"}
+v2: f32[2,6,8] = input{name=\"v\"}
+v3: f32[2,2,5,6] = matmul v0, v1
+v4: f32[2,2,5,6] = softmax{axis=3} v3
+v5: f32[2,10,6] = reshape{shape=[2, 10, 6]} v4
+v6: f32[2,10,8] = matmul v5, v2
+output \"y\" = v6
+",
+        ),
+        (
+            "scores regrouped as [2, 3, 10, 3]",
+            "v0: f32[6,5,8] = input{name=\"q\"}
+v1: f32[6,8,6] = input{name=\"kt\"}
+v2: f32[2,3,3,8] = input{name=\"v\"}
+v3: f32[6,5,6] = matmul v0, v1
+v4: f32[2,3,10,3] = reshape{shape=[2, 3, 10, 3]} v3
+v5: f32[2,3,10,3] = softmax{axis=3} v4
+v6: f32[2,3,10,8] = matmul v5, v2
+output \"y\" = v6
+",
+        ),
+    ] {
+        let g = text::parse(start).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (out, report) = optimize(&g, Limits::default()).unwrap();
+        assert!(!text::print(&out).contains("= attention"), "{what}:\n{}", text::print(&out));
+        assert!(
+            !report.rules.iter().any(|(r, _)| r.starts_with("reshape-split") || r.starts_with("reshape-merge")),
+            "{what}: {:?}",
+            report.rules
+        );
+        assert_same_values(what, &g, &out);
+    }
+}
+
 /// A layer norm whose mean is not over the trailing axes is not a layer
 /// norm: the rule must leave it alone.
 #[test]

@@ -284,11 +284,12 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for MergeBatch {
         };
         let Some(softmax_attrs) = egraph[subst[var("?ax")]].data.attrs.clone() else { return vec![] };
         let Ok(softmax) = egret_ir::text::op_from_parts("softmax", &softmax_attrs) else { return vec![] };
-        // The reshape merges the probabilities' two leading dims: their
-        // split is what the merged shape would be split back into.
-        let merged: Vec<usize> = std::iter::once(xt.shape[0] * xt.shape.get(1).copied().unwrap_or(0))
-            .chain(xt.shape.iter().skip(2).copied())
-            .collect();
+        let Some(view) = egraph[subst[var("?s")]].data.attrs.clone() else { return vec![] };
+        let Ok(Op::Reshape { shape: merged }) = egret_ir::text::op_from_parts("reshape", &view) else {
+            return vec![];
+        };
+        // The reshape must merge the probabilities' two leading dims and
+        // nothing else.
         if splits_leading(&merged, &xt.shape).is_none() {
             return vec![];
         }
