@@ -315,6 +315,24 @@ output \"dilated\" = v6
 output \"one_d\" = v10
 ",
     );
+    // Groups: depthwise (PiT's pooling, ConvNeXt), two groups with a bias
+    // (wav2vec2's positional convolution), strided and padded; all native.
+    let grouped = "v0: f32[2,4,7,7] = input{name=\"x\"}
+v1: f32[4,1,3,3] = input{name=\"depthwise\"}
+v2: f32[2,4,4,4] = conv{strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1], group=4} v0, v1
+v3: f32[6,2,3,2] = input{name=\"grouped\"}
+v4: f32[6] = input{name=\"b\"}
+v5: f32[2,6,5,7] = conv{strides=[1, 1], pads=[0, 0, 0, 1], dilations=[1, 1], group=2} v0, v3, v4
+v6: f32[2,8,10] = input{name=\"s\"}
+v7: f32[8,2,3] = input{name=\"w1d\"}
+v8: f32[2,8,10] = conv{strides=[1], pads=[1, 1], dilations=[1], group=4} v6, v7
+output \"depthwise\" = v2
+output \"two_groups\" = v5
+output \"one_d\" = v8
+";
+    same(grouped);
+    let plan = egret::backends::lower(&parse(grouped).unwrap(), Default::default()).unwrap();
+    assert!(plan.kernels.iter().all(|k| k.kind_name() != "reference"), "{}", plan.describe());
 }
 
 #[test]

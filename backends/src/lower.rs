@@ -734,9 +734,9 @@ impl<'g> Lowering<'g> {
                 if self.layout(op, &node.inputs, &node.outputs, label) {
                     return;
                 }
-                if let Op::Conv { strides, pads, dilations, group: 1 } = op {
+                if let Op::Conv { strides, pads, dilations, group } = op {
                     if in_types.iter().all(|t| t.dtype == DType::F32) {
-                        self.conv(&node.inputs, out, strides, pads, dilations, label);
+                        self.conv(&node.inputs, out, ConvShape { strides, pads, dilations, group: *group }, label);
                         return;
                     }
                 }
@@ -911,17 +911,11 @@ impl<'g> Lowering<'g> {
     /// Convolution as im2col and a matmul: zero-pad if needed (a fill and a
     /// copy into the interior), gather the patches with one strided map
     /// (`cols[n, c, k.., o..]`), multiply by the weights viewed as
-    /// `[M, C * prod(k)]`, and add the bias with a broadcast map.
-    #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &mut self,
-        inputs: &[ValueId],
-        out: ValueId,
-        strides: &[usize],
-        pads: &[usize],
-        dilations: &[usize],
-        label: &str,
-    ) {
+    /// `[M, C * prod(k)]` (with groups, one product per batch and group, of
+    /// `M / group` weight rows and that group's `C / group` channels of
+    /// patches), and add the bias with a broadcast map.
+    fn conv(&mut self, inputs: &[ValueId], out: ValueId, shape: ConvShape, label: &str) {
+        let ConvShape { strides, pads, dilations, group } = shape;
         let g = self.g;
         let (x, w) = (inputs[0], inputs[1]);
         let xs = g.ty(x).shape.clone();
@@ -961,14 +955,24 @@ impl<'g> Lowering<'g> {
         let patch = Operand { buffer: src, dtype: DType::F32, offset: src_off, strides: read };
         let cols_op = Operand { buffer: cols, dtype: DType::F32, offset: 0, strides: contiguous_strides(&iter) };
         self.map(iter, vec![patch], cols_op, Expr::Input(0), label);
-        let k: usize = c * kernel.iter().product::<usize>();
+        // One product per batch and group: group `g`'s output channels
+        // from its weights and its input channels' rows of `cols` (the
+        // weight is [m, c / group, kernel..], so its rows are k long).
+        let (mg, cg) = (m / group, c / group);
+        let k: usize = cg * kernel.iter().product::<usize>();
         let p: usize = out_sp.iter().product();
         let wb = self.dense(w, label);
         let bias = inputs.get(2).copied();
         let product = if bias.is_some() { self.scratch(DType::F32, &os) } else { self.define(out) };
-        let batches = (0..n).map(|b| [0, (b * k * p) as isize, (b * m * p) as isize]).collect();
+        let batches = (0..n)
+            .flat_map(|b| {
+                (0..group).map(move |gi| {
+                    [(gi * mg * k) as isize, ((b * group + gi) * k * p) as isize, ((b * m + gi * mg) * p) as isize]
+                })
+            })
+            .collect();
         let mm = MatMulKernel {
-            m,
+            m: mg,
             k,
             n: p,
             a: wb,
@@ -1650,6 +1654,15 @@ impl<'g> Lowering<'g> {
         let mm = self.matmul_kernel(&probs, &scores, &vview, &sv, &so, o);
         self.push(KernelKind::MatMul(mm), label);
     }
+}
+
+/// A convolution's attributes.
+#[derive(Clone, Copy)]
+struct ConvShape<'a> {
+    strides: &'a [usize],
+    pads: &'a [usize],
+    dilations: &'a [usize],
+    group: usize,
 }
 
 /// How an attention op turns its scores into probabilities (the op's
