@@ -955,7 +955,7 @@ impl<'g> Lowering<'g> {
         let patch = Operand { buffer: src, dtype: DType::F32, offset: src_off, strides: read };
         let cols_op = Operand { buffer: cols, dtype: DType::F32, offset: 0, strides: contiguous_strides(&iter) };
         self.map(iter, vec![patch], cols_op, Expr::Input(0), label);
-        // One product per batch and group: group `g`'s output channels
+        // One product per batch and group: group `gi`'s output channels
         // from its weights and its input channels' rows of `cols` (the
         // weight is [m, c / group, kernel..], so its rows are k long).
         let (mg, cg) = (m / group, c / group);
