@@ -74,12 +74,12 @@ pub fn rules() -> Vec<Rule> {
         // splits the same way (a broadcast operand stays as it is). Scores
         // an exporter computed with a batch of B * H matrices (BLOOM's
         // baddbmm) meet the [B, H] attention that reads them.
-        rw!("reshape-split-through-matmul"; "(reshape ?s (matmul ?a ?b))" => { SplitBatch }),
+        rw!("reshape-split-through-matmul"; "(reshape ?s (matmul ?a ?b))" => { SplitBatch { matmul: true } }),
         // reshape(x + y) = reshape(x) + reshape(y) under the same split, for
         // scores y: a bias added to them in the B * H batch (ALiBi) is
         // added in the split one. Only on scores, so that adds elsewhere
         // (a residual stream) are not split for nothing.
-        rw!("reshape-split-through-scores-add"; "(reshape ?s (add ?a ?b))" => { SplitBatch } if is_scores("?b")),
+        rw!("reshape-split-through-scores-add"; "(reshape ?s (add ?a ?b))" => { SplitBatch { matmul: false } } if is_scores("?b")),
         // merge(p) @ v = merge(p @ split(v)) when `merge` joins the two
         // leading dims of softmax probabilities p ([b, h, m, n] -> [bh, m, n])
         // and `split` is its inverse on v's batch dim: probabilities a
@@ -221,7 +221,10 @@ fn splits_leading(from: &[usize], to: &[usize]) -> Option<(usize, usize)> {
 /// The applier of `reshape-split-through-matmul` and
 /// `reshape-split-through-scores-add`: the binary op under the reshape,
 /// over its operands split the same way.
-struct SplitBatch;
+struct SplitBatch {
+    /// The op under the reshape: a matmul, else an add.
+    matmul: bool,
+}
 
 impl Applier<TNode, crate::egraph::TensorAnalysis> for SplitBatch {
     fn apply_one(
@@ -230,9 +233,9 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for SplitBatch {
         eclass: Id,
         subst: &Subst,
         _ast: Option<&PatternAst<TNode>>,
-        rule: Symbol,
+        _rule: Symbol,
     ) -> Vec<Id> {
-        let op = if rule.as_str() == "reshape-split-through-matmul" { Op::MatMul } else { Op::Add };
+        let op = if self.matmul { Op::MatMul } else { Op::Add };
         let (a, b) = (subst[var("?a")], subst[var("?b")]);
         let Some(to) = egraph[eclass].data.ty().map(|t| t.shape.clone()) else { return vec![] };
         let (Some(at), Some(bt)) = (egraph[a].data.ty().cloned(), egraph[b].data.ty().cloned()) else { return vec![] };
