@@ -224,8 +224,9 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info, mask_spans: &MaskSp
 
 /// Above this many classes (the default `Limits::dag_classes`) the
 /// reachable sets below would take too much memory (a bit per class per
-/// class: 32 MiB here), and extraction falls back to tree costs. Only a runaway saturation gets there: a 48-layer
-/// LLaMA export has about 4,000 classes.
+/// class: 32 MiB here), and extraction falls back to tree costs. Only a
+/// runaway saturation gets there: a 48-layer LLaMA export has about 4,000
+/// classes.
 pub const MAX_DAG_CLASSES: usize = 16_384;
 
 struct Best {
