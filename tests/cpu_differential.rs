@@ -157,6 +157,24 @@ output \"e\" = v6
     );
 }
 
+/// A graph output that is a leading slice of a bigger buffer (found by
+/// mutating a model so that an intermediate slice became an output): the
+/// runtime writes outputs straight into the returned tensors, so the output
+/// needs a buffer of exactly its own size, or the kernel writing the bigger
+/// buffer overruns the tensor.
+#[test]
+fn an_output_that_is_a_leading_slice_of_a_bigger_buffer() {
+    same(
+        "v0: f32[6,4,8] = input{name=\"a\"}
+v1: f32[6,8,4] = transpose{perm=[0, 2, 1]} v0
+v2: f32[2,8,4] = slice{starts=[0, 0, 0], ends=[2, 8, 4], steps=[1, 1, 1]} v1
+v3: f32[6,8,4] = mul v1, v1
+output \"head\" = v2
+output \"squares\" = v3
+",
+    );
+}
+
 #[test]
 fn matmul_tiles_and_their_edges() {
     // Whole 4 x 8 tiles, ragged edges on both sides, and degenerate shapes.

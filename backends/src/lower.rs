@@ -1701,11 +1701,17 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         l.lower_node(n);
     }
     // Outputs are dense buffers of their own: copy views, and give an output
-    // that is an input or constant (or shares a buffer with another output) a copy.
+    // that is an input or constant (or shares a buffer with another output,
+    // or is a leading part of a larger buffer, as a slice is) a copy. The
+    // runtime may hand an output's buffer to its kernels as the returned
+    // tensor's memory, which holds exactly the output's bytes.
     let mut outputs: Vec<(BufferId, Type)> = Vec::new();
     for (name, v) in g.outputs() {
         let mut b = l.dense(*v, name);
-        let shared = !matches!(l.buffers[b].storage, Storage::Arena { .. }) || outputs.iter().any(|(o, _)| *o == b);
+        let ty = g.ty(*v);
+        let shared = !matches!(l.buffers[b].storage, Storage::Arena { .. })
+            || outputs.iter().any(|(o, _)| *o == b)
+            || l.buffers[b].bytes != ty.numel() * ty.dtype.size_bytes();
         if shared {
             let ty = g.ty(*v).clone();
             let input = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
