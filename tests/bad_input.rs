@@ -173,6 +173,53 @@ fn unsupported_attribute() {
     assert!(err.contains("attribute `frobnication` is not supported"), "{err}");
 }
 
+/// An input the op does not take is an error, not dropped (a `Tanh` given
+/// two inputs computed `tanh` of the first).
+#[test]
+fn input_the_op_does_not_take() {
+    let dir = tempdir("extra-input");
+    let mut m = add_model();
+    m.graph.as_mut().unwrap().node[0].op_type = "Tanh".into();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("(Tanh, opset") && err.contains("input 1 (`w`) is not supported"), "{err}");
+}
+
+/// A boolean attribute outside 0 and 1 is an error, not read as true.
+#[test]
+fn boolean_attribute_that_is_neither_zero_nor_one() {
+    let dir = tempdir("flag");
+    let mut m = add_model();
+    let n = &mut m.graph.as_mut().unwrap().node[0];
+    n.op_type = "Mod".into();
+    let mut a = onnx_protobuf::AttributeProto::new();
+    a.name = "fmod".into();
+    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
+    a.i = -100;
+    n.attribute.push(a);
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("(Mod, opset") && err.contains("attribute `fmod` must be 0 or 1, not -100"), "{err}");
+}
+
+/// A transpose's `perm` is a permutation of 0..rank; a negative entry is
+/// not read as counted from the end.
+#[test]
+fn transpose_perm_with_a_negative_entry() {
+    let dir = tempdir("perm");
+    let mut m = add_model();
+    let g = m.graph.as_mut().unwrap();
+    g.output[0] = value_info("y", 1, &[3, 2]);
+    let mut t = node("Transpose", &["x"], &["y"]);
+    let mut a = onnx_protobuf::AttributeProto::new();
+    a.name = "perm".into();
+    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INTS.into();
+    a.ints = vec![1, -2];
+    t.attribute.push(a);
+    g.node[0] = t;
+    g.initializer.clear();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("perm [1, -2] is not a permutation of 0..2"), "{err}");
+}
+
 #[test]
 fn missing_initializer() {
     let dir = tempdir("missing-init");

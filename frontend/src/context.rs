@@ -193,11 +193,25 @@ impl<'a> Importer<'a> {
                 node: label,
             });
         };
-        let mut ctx = NodeCtx { imp: self, node, label: label.clone(), used: RefCell::new(HashSet::new()) };
+        let mut ctx = NodeCtx {
+            imp: self,
+            node,
+            label: label.clone(),
+            used: RefCell::new(HashSet::new()),
+            read_inputs: RefCell::new(HashSet::new()),
+        };
         let outs = builder(&mut ctx)?;
         for a in &node.attribute {
             if !ctx.used.borrow().contains(&a.name) {
                 return Err(ctx.err(format!("attribute `{}` is not supported", a.name)));
+            }
+        }
+        // An input the builder never looked at would be dropped silently,
+        // and the node computed as if it were absent (a `Tanh` given two
+        // inputs, an op's optional input Egret does not implement).
+        for (i, name) in node.input.iter().enumerate() {
+            if !name.is_empty() && !ctx.read_inputs.borrow().contains(&i) {
+                return Err(ctx.err(format!("input {i} (`{name}`) is not supported")));
             }
         }
         for (name, v) in node.output.iter().zip(outs) {
@@ -352,7 +366,10 @@ pub struct NodeCtx<'i, 'a> {
     imp: &'i mut Importer<'a>,
     pub node: &'i NodeProto,
     pub label: String,
+    /// The attributes the builder read.
     used: RefCell<HashSet<String>>,
+    /// The input positions the builder read.
+    read_inputs: RefCell<HashSet<usize>>,
 }
 
 pub type BuildResult = Result<Vec<ValueId>, ImportError>;
@@ -373,7 +390,14 @@ impl NodeCtx<'_, '_> {
 
     /// Input `i`, or `None` if absent or given as the empty name.
     pub fn input(&self, i: usize) -> Option<ValueId> {
+        self.read_inputs.borrow_mut().insert(i);
         self.node.input.get(i).filter(|s| !s.is_empty()).map(|s| self.imp.names[s])
+    }
+
+    /// Marks input `i` as read without using it (for optional inputs whose
+    /// every value means the same thing at inference).
+    pub fn ignore_input(&self, i: usize) {
+        self.read_inputs.borrow_mut().insert(i);
     }
 
     pub fn req(&self, i: usize) -> Result<ValueId, ImportError> {
@@ -487,6 +511,15 @@ impl NodeCtx<'_, '_> {
 
     pub fn i(&self, name: &str, default: i64) -> Result<i64, ImportError> {
         Ok(self.typed(name, AttributeType::INT)?.map_or(default, |a| a.i))
+    }
+
+    /// A boolean attribute, stored as an int that must be 0 or 1.
+    pub fn flag(&self, name: &str, default: bool) -> Result<bool, ImportError> {
+        match self.i(name, default as i64)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.err(format!("attribute `{name}` must be 0 or 1, not {v}"))),
+        }
     }
 
     pub fn f(&self, name: &str, default: f32) -> Result<f32, ImportError> {

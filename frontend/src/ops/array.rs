@@ -32,7 +32,13 @@ pub fn register(r: &mut Registry) {
         let x = c.req(0)?;
         let r = c.rank(x);
         let perm = match c.ints("perm")? {
-            Some(p) => c.axes(&p, r).and_then(|_| p.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())?,
+            Some(p) => {
+                // A permutation of 0..rank: no negative entries, unlike axes.
+                if p.len() != r || p.iter().any(|&a| a < 0 || a >= r as i64) || c.axes(&p, r).is_err() {
+                    return Err(c.err(format!("perm {p:?} is not a permutation of 0..{r}")));
+                }
+                p.iter().map(|&a| a as usize).collect()
+            }
             None => (0..r).rev().collect(),
         };
         c.add_node(Op::Transpose { perm }, &[x])
@@ -125,7 +131,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Range", range);
     r.insert("Trilu", |c| {
         let x = c.req(0)?;
-        let upper = c.i("upper", 1)? != 0;
+        let upper = c.flag("upper", true)?;
         let k = match c.input(1) {
             Some(_) => *c.need_ints(1, "k")?.first().ok_or_else(|| c.err("k is empty"))?,
             None => 0,
@@ -136,8 +142,8 @@ pub fn register(r: &mut Registry) {
         let x = c.req(0)?;
         let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
         let axis = c.axis(axis, c.rank(x))?;
-        let exclusive = c.i("exclusive", 0)? != 0;
-        let reverse = c.i("reverse", 0)? != 0;
+        let exclusive = c.flag("exclusive", false)?;
+        let reverse = c.flag("reverse", false)?;
         c.add_node(Op::CumSum { axis, exclusive, reverse }, &[x])
     });
     r.insert("TopK", |c| {
@@ -151,8 +157,8 @@ pub fn register(r: &mut Registry) {
             return Err(c.err(format!("K = {k} must not be negative")));
         }
         let axis = c.axis(c.i("axis", -1)?, c.rank(x))?;
-        let largest = c.i("largest", 1)? != 0;
-        let sorted = c.i("sorted", 1)? != 0;
+        let largest = c.flag("largest", true)?;
+        let sorted = c.flag("sorted", true)?;
         c.add_node(Op::TopK { axis, k: k as usize, largest, sorted }, &[x])
     });
     r.insert("OneHot", |c| {
@@ -191,7 +197,7 @@ pub fn register(r: &mut Registry) {
 
 fn reshape(c: &mut NodeCtx) -> BuildResult {
     let x = c.req(0)?;
-    let allowzero = c.i("allowzero", 0)? != 0;
+    let allowzero = c.flag("allowzero", false)?;
     let spec = c.need_ints(1, "shape")?;
     let in_shape = c.ty(x).shape.clone();
     let mut out = Vec::with_capacity(spec.len());
@@ -448,7 +454,7 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
     let x = c.req(0)?;
     let in_shape = c.ty(x).shape.clone();
     let r = in_shape.len();
-    if c.i("antialias", 0)? != 0 {
+    if c.flag("antialias", false)? {
         return Err(c.err("antialias=1 is not supported"));
     }
     let mode = match c.s("mode", "nearest")?.as_str() {
@@ -474,7 +480,7 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         other => return Err(c.err(format!("nearest_mode `{other}` is not supported"))),
     };
     let cubic_coeff_a = c.f("cubic_coeff_a", -0.75)?;
-    let exclude_outside = c.i("exclude_outside", 0)? != 0;
+    let exclude_outside = c.flag("exclude_outside", false)?;
     let extrapolation_value = c.f("extrapolation_value", 0.0)?;
     let policy = c.s("keep_aspect_ratio_policy", "stretch")?;
     let axes: Vec<usize> = match c.ints("axes")? {

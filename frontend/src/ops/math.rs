@@ -33,7 +33,7 @@ pub fn register(r: &mut Registry) {
         "PRelu" => Op::PRelu, "BitwiseAnd" => Op::BitwiseAnd, "BitwiseOr" => Op::BitwiseOr, "BitwiseXor" => Op::BitwiseXor,
     }
     r.insert("Mod", |c| {
-        let fmod = c.i("fmod", 0)? != 0;
+        let fmod = c.flag("fmod", false)?;
         let (a, b) = (c.req(0)?, c.req(1)?);
         c.add_node(Op::Mod { fmod }, &[a, b])
     });
@@ -49,8 +49,8 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("IsInf", |c| {
         let op = Op::IsInf {
-            detect_negative: c.i("detect_negative", 1)? != 0,
-            detect_positive: c.i("detect_positive", 1)? != 0,
+            detect_negative: c.flag("detect_negative", true)?,
+            detect_positive: c.flag("detect_positive", true)?,
         };
         let x = c.req(0)?;
         c.add_node(op, &[x])
@@ -124,6 +124,8 @@ pub fn register(r: &mut Registry) {
         if c.opset() < 12 {
             c.ignore_attr("ratio");
         }
+        // The ratio input only matters in training mode, refused below.
+        c.ignore_input(1);
         if let Some(t) = c.known(2) {
             if t.to_f64_vec().first().copied().unwrap_or(0.0) != 0.0 {
                 return Err(c.err("training mode is not supported"));

@@ -42,11 +42,11 @@ pub fn register(r: &mut Registry) {
     r.insert("BatchNormalization", |c| {
         let epsilon = c.f("epsilon", 1e-5)?;
         c.ignore_attr("momentum"); // Only used in training.
-        if c.i("training_mode", 0)? != 0 || c.num_outputs() > 1 {
+        if c.flag("training_mode", false)? || c.num_outputs() > 1 {
             return Err(c.err("training mode is not supported"));
         }
         if c.opset() < 9 {
-            if c.i("spatial", 1)? != 1 {
+            if !c.flag("spatial", true)? {
                 return Err(c.err("spatial=0 is not supported"));
             }
             c.ignore_attr("is_test");
@@ -73,7 +73,7 @@ pub fn register(r: &mut Registry) {
 fn gemm(c: &mut NodeCtx) -> BuildResult {
     let alpha = c.f("alpha", 1.0)?;
     let beta = c.f("beta", 1.0)?;
-    let (ta, tb) = (c.i("transA", 0)? != 0, c.i("transB", 0)? != 0);
+    let (ta, tb) = (c.flag("transA", false)?, c.flag("transB", false)?);
     if c.opset() < 7 {
         c.ignore_attr("broadcast");
     }
@@ -185,15 +185,15 @@ fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
         return Err(c.err("kernel_shape must be positive"));
     }
     let (kernel, strides, pads, dilations) = window(c, &xs[2..], kernel)?;
-    let ceil_mode = c.i("ceil_mode", 0)? != 0;
+    let ceil_mode = c.flag("ceil_mode", false)?;
     if max {
-        if c.i("storage_order", 0)? != 0 {
+        if c.flag("storage_order", false)? {
             return Err(c.err("storage_order=1 (column-major indices) is not supported"));
         }
         let outs = c.add_node(Op::MaxPool { kernel, strides, pads, dilations, ceil_mode }, &[x])?;
         Ok(outs)
     } else {
-        let count_include_pad = c.i("count_include_pad", 0)? != 0;
+        let count_include_pad = c.flag("count_include_pad", false)?;
         c.add_node(Op::AveragePool { kernel, strides, pads, dilations, ceil_mode, count_include_pad }, &[x])
     }
 }
@@ -243,8 +243,8 @@ fn norm(c: &mut NodeCtx, rms: bool) -> BuildResult {
 fn reduce(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
     let x = c.req(0)?;
     let rank = c.rank(x);
-    let keepdims = c.i("keepdims", 1)? != 0;
-    let noop_with_empty_axes = c.i("noop_with_empty_axes", 0)? != 0;
+    let keepdims = c.flag("keepdims", true)?;
+    let noop_with_empty_axes = c.flag("noop_with_empty_axes", false)?;
     // Axes moved from an attribute to an input: at opset 13 for ReduceSum, 18 for the rest.
     let axes_as_input = c.opset() >= if kind == ReduceKind::Sum { 13 } else { 18 };
     let axes: Vec<i64> = if axes_as_input {
@@ -265,8 +265,8 @@ fn reduce(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
 fn arg_reduce(c: &mut NodeCtx, select_max: bool) -> BuildResult {
     let x = c.req(0)?;
     let axis = c.axis(c.i("axis", 0)?, c.rank(x))?;
-    let keepdims = c.i("keepdims", 1)? != 0;
-    let select_last = c.i("select_last_index", 0)? != 0;
+    let keepdims = c.flag("keepdims", true)?;
+    let select_last = c.flag("select_last_index", false)?;
     c.add_node(Op::ArgReduce { select_max, axis, keepdims, select_last }, &[x])
 }
 
@@ -321,7 +321,7 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
     if c.input(6).is_some() {
         return Err(c.err("input `nonpad_kv_seqlen` is not supported"));
     }
-    let is_causal = c.i("is_causal", 0)? != 0;
+    let is_causal = c.flag("is_causal", false)?;
     let softcap = c.f("softcap", 0.0)?;
     let mode = c.i("qk_matmul_output_mode", 0)?;
     c.ignore_attr("softmax_precision"); // Egret's softmax is f32 throughout.
@@ -467,7 +467,7 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
 fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
     let (x, cos, sin) = (c.req(0)?, c.req(1)?, c.req(2)?);
     let position_ids = c.input(3);
-    let interleaved = c.i("interleaved", 0)? != 0;
+    let interleaved = c.flag("interleaved", false)?;
     for (v, name) in [(x, "input"), (cos, "cos_cache"), (sin, "sin_cache")] {
         if c.ty(v).dtype != DType::F32 {
             return Err(c.err(format!("`{name}` is {}; RotaryEmbedding is supported for f32", c.ty(v).dtype)));
