@@ -151,6 +151,9 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
     // its `model.onnx`.
     let in_folder = path.join("model.onnx");
     let path = if path.is_dir() && in_folder.is_file() { in_folder.as_path() } else { path };
+    if path.is_dir() {
+        return Err(Error::Usage(format!("`{}` is a folder without a `model.onnx` in it", path.display())));
+    }
     let import_opts = ImportOptions {
         dims: opts.dims.clone(),
         input_shapes: opts.input_shapes.clone(),

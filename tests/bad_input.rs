@@ -138,7 +138,7 @@ fn missing_file() {
 fn folder_without_a_model() {
     let dir = tempdir("no-model");
     let err = egret_fails(&["run", dir.to_str().unwrap()]);
-    assert!(err.contains(&format!("cannot read `{}`", dir.display())), "{err}");
+    assert!(err.contains(&format!("`{}` is a folder without a `model.onnx` in it", dir.display())), "{err}");
 }
 
 #[test]
