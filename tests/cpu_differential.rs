@@ -791,6 +791,29 @@ output \"guarded\" = v5
     );
 }
 
+/// The NaN guard zeroes NaN *probabilities* (a row whose softmax is NaN),
+/// not NaN outputs: infinite values (`v / 0`) of either sign in one column
+/// of `v` make that column NaN or infinite in the reference, and so in the
+/// kernel (found by fuzzing: the kernel zeroed them). Infinite queries
+/// make a row's scores infinite or NaN, and the guard zeroes that row.
+#[test]
+fn guarded_attention_keeps_nan_values_and_zeroes_nan_rows() {
+    same(
+        "v0: f32[1,2,6,8] = input{name=\"q\"}
+v1: f32[1,2,8,5] = input{name=\"kt\"}
+v2: f32[1,2,5,4] = input{name=\"v\"}
+v3: f32[4] = const [1.0, 0.0, 1.0, 1.0]
+v4: f32[1,2,5,4] = div v2, v3
+v5: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=true} v0, v1, v4
+v6: f32[6,1] = const [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+v7: f32[1,2,6,8] = div v0, v6
+v8: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=true} v7, v1, v2
+output \"infinite_values\" = v5
+output \"infinite_queries\" = v8
+",
+    );
+}
+
 #[test]
 fn soft_capped_attention() {
     // Gemma 2's soft cap: scores capped at 2 (most of them saturate), with

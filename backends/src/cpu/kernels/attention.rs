@@ -338,8 +338,12 @@ unsafe fn softmax_step_impl<const FMA: bool>(
 }
 
 multiversion! {
-    /// Divides each output row by its softmax sum; with the exporters' NaN
-    /// guard, a fully masked row (sum 0, a NaN softmax) becomes zeros.
+    /// Divides each output row by its softmax sum. A row whose sum is 0
+    /// (every key masked out) or NaN (an infinite or NaN score) is a row of
+    /// NaN probabilities in the reference softmax: its output is NaN, or
+    /// zeros under the exporters' NaN guard. Any other row has no NaN
+    /// probability, so the guard leaves it alone, NaN values from `v`
+    /// included.
     unsafe fn finish_rows(rows: usize, dv: usize, out_rs: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) = finish_rows_impl;
 }
 
@@ -355,21 +359,13 @@ unsafe fn finish_rows_impl<const FMA: bool>(
     for r in 0..rows {
         let total = unsafe { *sum.add(r) };
         let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), dv) };
-        if total == 0.0 {
-            // exp(-inf - -inf) is NaN in the reference softmax.
+        if total == 0.0 || total.is_nan() {
             o.fill(if nan_to_zero { 0.0 } else { f32::NAN });
             continue;
         }
         let inv = 1.0 / total;
         for x in o.iter_mut() {
             *x *= inv;
-        }
-        if nan_to_zero {
-            for x in o.iter_mut() {
-                if x.is_nan() {
-                    *x = 0.0;
-                }
-            }
         }
     }
 }
