@@ -808,8 +808,12 @@ v5: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=true} v0, v1, v4
 v6: f32[6,1] = const [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
 v7: f32[1,2,6,8] = div v0, v6
 v8: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=true} v7, v1, v2
+v9: f32[1,2,6,8] = mul v0, v6
+v10: f32[1,2,6,8] = div v9, v6
+v11: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=false} v10, v1, v2
 output \"infinite_values\" = v5
 output \"infinite_queries\" = v8
+output \"nan_queries\" = v11
 ",
     );
 }
