@@ -47,3 +47,26 @@ fn softmax_is_stable_for_large_logits() {
     let y = &eval_op(&Op::Softmax { axis: 0 }, &[&x]).unwrap()[0];
     assert_eq!(y.as_f32().unwrap(), &[0.5, 0.5, 0.0]);
 }
+
+/// The fused norms keep their statistics in f64 but round the variance to
+/// the tensor's type, so a row whose squares overflow f32 normalises as the
+/// exporters' decomposed form (ReduceMean of Pow) and onnxruntime do: the
+/// variance is inf and the row becomes the bias. Found by fuzzing: a 1e30 in
+/// a weight made the fused reference disagree with every other backend.
+#[test]
+fn a_norm_whose_variance_overflows_f32_gives_the_bias() {
+    let x = f32s(&[1, 4], &[1e30, 1., 2., 3.]);
+    let (scale, bias) = (f32s(&[4], &[1., 2., 3., 4.]), f32s(&[4], &[0.5, -0.5, 0.25, 0.]));
+    let norm = Op::LayerNorm { axis: 1, epsilon: 1e-5 };
+    let y = &eval_op(&norm, &[&x, &scale, &bias]).unwrap()[0];
+    assert_eq!(y.as_f32().unwrap(), bias.as_f32().unwrap());
+    let rms = Op::RmsNorm { axis: 1, epsilon: 1e-5 };
+    let y = &eval_op(&rms, &[&x, &scale, &bias]).unwrap()[0];
+    assert_eq!(y.as_f32().unwrap(), bias.as_f32().unwrap());
+    // The decomposed form: x - mean over sqrt(mean((x - mean)^2) + eps).
+    let mean = &eval_op(&Op::Reduce { kind: egret_ir::op::ReduceKind::Mean, axes: vec![1], keepdims: true }, &[&x])
+        .unwrap()[0];
+    let centred = &eval_op(&Op::Sub, &[&x, mean]).unwrap()[0];
+    let square = &eval_op(&Op::Mul, &[centred, centred]).unwrap()[0];
+    assert!(square.as_f32().unwrap()[0].is_infinite());
+}

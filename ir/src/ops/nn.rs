@@ -188,6 +188,9 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 let row = &v[o * inner..(o + 1) * inner];
                 let mean = if rms { 0.0 } else { row.iter().sum::<f64>() / inner as f64 };
                 let var = row.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / inner as f64;
+                // Rounded to the tensor's type: a variance past f32's range is
+                // inf, as in the decomposed form and every f32 kernel.
+                let var = if x.dtype() == DType::F32 { var as f32 as f64 } else { var };
                 let inv = 1.0 / (var + *epsilon as f64).sqrt();
                 means[o] = mean;
                 inv_stds[o] = inv;
