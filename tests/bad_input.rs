@@ -177,7 +177,7 @@ fn unsupported_attribute() {
 /// two inputs computed `tanh` of the first).
 #[test]
 fn input_the_op_does_not_take() {
-    let dir = tempdir("extra-input");
+    let dir = tempdir("unread-input");
     let mut m = add_model();
     m.graph.as_mut().unwrap().node[0].op_type = "Tanh".into();
     let err = run_fails(&write_model(&dir, &m));
@@ -218,6 +218,21 @@ fn transpose_perm_with_a_negative_entry() {
     g.initializer.clear();
     let err = run_fails(&write_model(&dir, &m));
     assert!(err.contains("perm [1, -2] is not a permutation of 0..2"), "{err}");
+}
+
+/// A declared intermediate type that contradicts the graph is an error
+/// naming the tensor (value_info is a hint, but a wrong one means a broken
+/// model or a wrong shape rule).
+#[test]
+fn intermediate_declared_with_another_shape() {
+    let dir = tempdir("value-info");
+    let mut m = add_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node.push(node("Relu", &["y"], &["z"]));
+    g.output[0] = value_info("z", 1, &[2, 3]);
+    g.value_info.push(value_info("y", 1, &[3, 2]));
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("tensor `y`: the model declares dim 0 = 3 but the graph computes f32[2,3]"), "{err}");
 }
 
 #[test]

@@ -68,6 +68,14 @@ impl<'a> Importer<'a> {
             imp.build_node(&g.node[n])?;
         }
 
+        // The declared types of intermediate values are hints; one that
+        // contradicts what the graph computes means a broken model (or a
+        // wrong shape rule in Egret): either way, stop and name it.
+        for info in &g.value_info {
+            if let Some(&v) = imp.names.get(&info.name) {
+                check_declared(&info.name, info, imp.graph.ty(v))?;
+            }
+        }
         for out in &g.output {
             let v = *imp.names.get(&out.name).ok_or_else(|| ImportError::UndefinedOutput { name: out.name.clone() })?;
             check_declared(&out.name, out, imp.graph.ty(v))?;
@@ -260,7 +268,7 @@ impl<'a> Importer<'a> {
     }
 }
 
-/// Checks an output's declared dtype and static dims against what Egret computes.
+/// Checks a value's declared dtype and static dims against what Egret computes.
 fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -> Result<(), ImportError> {
     use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
     let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = info.type_.as_ref().and_then(|t| t.value.as_ref())
