@@ -795,7 +795,9 @@ output \"guarded\" = v5
 /// not NaN outputs: infinite values (`v / 0`) of either sign in one column
 /// of `v` make that column NaN or infinite in the reference, and so in the
 /// kernel (found by fuzzing: the kernel zeroed them). Infinite queries
-/// make a row's scores infinite or NaN, and the guard zeroes that row.
+/// make a row's scores infinite or NaN, and the guard zeroes that row's
+/// probabilities: its output is zero, but NaN where a column of `v` holds
+/// an infinite value (0 * inf).
 #[test]
 fn guarded_attention_keeps_nan_values_and_zeroes_nan_rows() {
     same(
@@ -811,9 +813,11 @@ v8: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=true} v7, v1, v2
 v9: f32[1,2,6,8] = mul v0, v6
 v10: f32[1,2,6,8] = div v9, v6
 v11: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=false} v10, v1, v2
+v12: f32[1,2,6,4] = attention{scale=0.5, nan_to_zero=true} v10, v1, v4
 output \"infinite_values\" = v5
 output \"infinite_queries\" = v8
 output \"nan_queries\" = v11
+output \"guarded_row_times_infinite_values\" = v12
 ",
     );
 }

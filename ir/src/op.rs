@@ -319,10 +319,10 @@ define_ops! {
     /// (Gemma 2's soft-capping).
     ///
     /// One departure from the definition, shared with flash-style kernels
-    /// everywhere: a key given no weight (masked out, or every key of a
-    /// guarded NaN row) is not read, so an infinite or NaN value there does
-    /// not reach the output as the definition's `0 * inf = NaN` would.
-    /// The reference evaluator follows the definition.
+    /// everywhere: the CPU kernel does not read the keys that a constant
+    /// mask removes from a query row (`live_key_spans`), so an infinite or
+    /// NaN value there does not reach the row as the definition's
+    /// `0 * inf = NaN` would. The reference evaluator follows the definition.
     Attention { scale: f32, nan_to_zero: bool, softcap: Option<f32> } = "attention",
     /// `attention` with the kernel's tiles chosen: `block` query rows by
     /// `key_block` keys per scores tile (the same values).

@@ -249,7 +249,25 @@ unsafe fn query_block(
         };
         k0 += n;
     }
-    unsafe { finish_rows(rows, dv, out_rs as usize, p.nan_to_zero != 0, s.sum.as_ptr(), out) };
+    // A guarded NaN row multiplies zero probabilities into every value
+    // row: the reference gives NaN in the columns of `v` that hold an
+    // infinite or NaN value, zero in the others. Rare (a fully masked row,
+    // or NaN scores), so the columns are scanned only when one occurs.
+    let nan_rows = p.nan_to_zero != 0 && s.sum[..rows].iter().any(|&t| t == 0.0 || t.is_nan());
+    let bad_columns: Vec<bool> = if nan_rows {
+        (0..dv)
+            .map(|j| {
+                (first..end).any(|k| {
+                    let at = k as isize * p.v_strides[0] as isize + j as isize * p.v_strides[1] as isize;
+                    !unsafe { *v.offset(at) }.is_finite()
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let bad = if nan_rows { bad_columns.as_ptr() } else { std::ptr::null() };
+    unsafe { finish_rows(rows, dv, out_rs as usize, p.nan_to_zero != 0, bad, s.sum.as_ptr(), out) };
 }
 
 multiversion! {
@@ -341,10 +359,19 @@ multiversion! {
     /// Divides each output row by its softmax sum. A row whose sum is 0
     /// (every key masked out) or NaN (an infinite or NaN score) is a row of
     /// NaN probabilities in the reference softmax: its output is NaN, or
-    /// zeros under the exporters' NaN guard. Any other row has no NaN
-    /// probability, so the guard leaves it alone, NaN values from `v`
-    /// included.
-    unsafe fn finish_rows(rows: usize, dv: usize, out_rs: usize, nan_to_zero: bool, sum: *const f32, out: *mut f32) = finish_rows_impl;
+    /// under the exporters' NaN guard zero probabilities times `v`: zeros,
+    /// but NaN in the columns `bad_columns` marks (non-finite values). Any
+    /// other row has no NaN probability, so the guard leaves it alone, NaN
+    /// values from `v` included.
+    unsafe fn finish_rows(
+        rows: usize,
+        dv: usize,
+        out_rs: usize,
+        nan_to_zero: bool,
+        bad_columns: *const bool,
+        sum: *const f32,
+        out: *mut f32,
+    ) = finish_rows_impl;
 }
 
 #[inline(always)]
@@ -353,6 +380,7 @@ unsafe fn finish_rows_impl<const FMA: bool>(
     dv: usize,
     out_rs: usize,
     nan_to_zero: bool,
+    bad_columns: *const bool,
     sum: *const f32,
     out: *mut f32,
 ) {
@@ -360,7 +388,14 @@ unsafe fn finish_rows_impl<const FMA: bool>(
         let total = unsafe { *sum.add(r) };
         let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), dv) };
         if total == 0.0 || total.is_nan() {
-            o.fill(if nan_to_zero { 0.0 } else { f32::NAN });
+            if !nan_to_zero {
+                o.fill(f32::NAN);
+                continue;
+            }
+            let bad = unsafe { std::slice::from_raw_parts(bad_columns, dv) };
+            for (x, &b) in o.iter_mut().zip(bad) {
+                *x = if b { f32::NAN } else { 0.0 };
+            }
             continue;
         }
         let inv = 1.0 / total;
