@@ -235,6 +235,19 @@ fn intermediate_declared_with_another_shape() {
     assert!(err.contains("tensor `y`: the model declares dim 0 = 3 but the graph computes f32[2,3]"), "{err}");
 }
 
+/// An op newer than the opset the model imports is an error (Mish is in
+/// opset 18; the model imports 17), as in onnxruntime.
+#[test]
+fn op_newer_than_the_models_opset() {
+    let dir = tempdir("op-opset");
+    let mut m = add_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0] = node("Mish", &["x"], &["y"]);
+    g.initializer.clear();
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("(Mish, opset 17): the op is defined from opset 18 on; the model imports opset 17"), "{err}");
+}
+
 #[test]
 fn missing_initializer() {
     let dir = tempdir("missing-init");

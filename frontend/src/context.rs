@@ -201,6 +201,15 @@ impl<'a> Importer<'a> {
                 node: label,
             });
         };
+        let first = registry::first_opset(&node.op_type);
+        if self.opset < first {
+            return Err(ImportError::Node {
+                node: label,
+                op: node.op_type.clone(),
+                opset: self.opset,
+                message: format!("the op is defined from opset {first} on; the model imports opset {}", self.opset),
+            });
+        }
         let mut ctx = NodeCtx {
             imp: self,
             node,

@@ -31,3 +31,65 @@ pub fn supported_ops() -> Vec<&'static str> {
     v.sort();
     v
 }
+
+/// The opset each op first appears in, for the ops that are not in opset 1
+/// (from the ONNX operator schemas). A model stamped with an older opset
+/// cannot use them: onnxruntime refuses such a model, and so does Egret.
+const FIRST_OPSET: &[(&str, i64)] = &[
+    ("Acos", 7),
+    ("Acosh", 9),
+    ("Asin", 7),
+    ("Asinh", 9),
+    ("Atan", 7),
+    ("Atanh", 9),
+    ("Attention", 23),
+    ("BitShift", 11),
+    ("BitwiseAnd", 18),
+    ("BitwiseNot", 18),
+    ("BitwiseOr", 18),
+    ("BitwiseXor", 18),
+    ("CastLike", 15),
+    ("Celu", 12),
+    ("ConstantOfShape", 9),
+    ("Cos", 7),
+    ("Cosh", 9),
+    ("CumSum", 11),
+    ("Einsum", 12),
+    ("Erf", 9),
+    ("Expand", 8),
+    ("GatherElements", 11),
+    ("GatherND", 11),
+    ("Gelu", 20),
+    ("GreaterOrEqual", 12),
+    ("HardSwish", 14),
+    ("IsInf", 10),
+    ("IsNaN", 9),
+    ("LayerNormalization", 17),
+    ("LessOrEqual", 12),
+    ("Mish", 18),
+    ("Mod", 10),
+    ("OneHot", 9),
+    ("RMSNormalization", 23),
+    ("Range", 11),
+    ("Resize", 10),
+    ("RotaryEmbedding", 23),
+    ("Round", 11),
+    ("Scatter", 9),
+    ("ScatterElements", 11),
+    ("ScatterND", 11),
+    ("Shrink", 9),
+    ("Sign", 9),
+    ("Sin", 7),
+    ("Sinh", 9),
+    ("SwiGLU", 28),
+    ("Swish", 24),
+    ("Tan", 7),
+    ("ThresholdedRelu", 10),
+    ("Trilu", 14),
+    ("Where", 9),
+];
+
+/// The first opset of the default domain that defines `op_type`.
+pub fn first_opset(op_type: &str) -> i64 {
+    FIRST_OPSET.iter().find(|(op, _)| *op == op_type).map_or(1, |&(_, v)| v)
+}
