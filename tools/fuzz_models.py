@@ -46,7 +46,12 @@ OP_TYPES = ["Add", "Mul", "Sub", "Div", "MatMul", "Relu", "Softmax", "Transpose"
             "Shape", "ConstantOfShape", "Range", "Equal", "Split"]
 KINDS = ["attr", "attr", "attr", "init_dims", "init_dtype", "init_trunc", "init_values", "init_reshape",
          "rewire", "rewire", "drop_input", "swap_inputs", "remove_node", "optype", "dup_output",
-         "input_shape", "output_intermediate", "output_decl", "value_info", "opset", "const_attr"]
+         "input_shape", "output_intermediate", "output_decl", "value_info", "opset", "const_attr",
+         # Plausible changes, which keep most models valid and so test the
+         # answers rather than the errors: an axis moved by one or two, a
+         # permutation shuffled, a constant (a scale, a mask, an epsilon)
+         # multiplied by a factor near one.
+         "attr_nearby", "attr_nearby", "constant_scaled", "constant_scaled"]
 
 
 def value_names(g):
@@ -223,6 +228,46 @@ def mutate(m, rng):
             return None
         t.CopyFrom(numpy_helper.from_array(set_element(arr, rng), t.name))
         return f"const_attr {n.name}"
+    if kind == "attr_nearby":
+        cands = [(n, a) for n in nodes for a in n.attribute if a.type in (1, 2, 6, 7)]
+        if not cands:
+            return None
+        n, a = rng.choice(cands)
+        if a.type == 2:
+            a.i += rng.choice([-2, -1, 1, 2])
+        elif a.type == 1:
+            a.f *= rng.uniform(0.5, 2.0)
+        elif a.type == 7:
+            ints = list(a.ints)
+            if len(ints) > 1 and rng.random() < 0.7:
+                rng.shuffle(ints)
+            elif ints:
+                ints[rng.randrange(len(ints))] += rng.choice([-1, 1])
+            del a.ints[:]
+            a.ints.extend(ints)
+        else:
+            fl = [f * rng.uniform(0.5, 2.0) for f in a.floats]
+            del a.floats[:]
+            a.floats.extend(fl)
+        return f"attr_nearby {n.op_type} {n.name} {a.name}"
+    if kind == "constant_scaled":
+        tensors = [(t.name, t) for t in g.initializer]
+        tensors += [(n.name, n.attribute[0].t) for n in nodes
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4]
+        tensors = [(name, t) for name, t in tensors if t.data_type == TensorProto.FLOAT]
+        if not tensors:
+            return None
+        name, t = rng.choice(tensors)
+        arr = numpy_helper.to_array(t).copy()
+        if arr.size == 0:
+            return None
+        if rng.random() < 0.5:
+            arr = arr * np.float32(rng.uniform(0.5, 2.0))
+        else:
+            flat = arr.reshape(-1)
+            flat[rng.randrange(flat.size)] *= np.float32(rng.uniform(-2.0, 2.0))
+        t.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), t.name))
+        return f"constant_scaled {name}"
     raise AssertionError(kind)
 
 
