@@ -345,7 +345,9 @@ def main():
             results.append((verdict(rc, out, oracle_ran), lines[-3:]))
         kinds = tuple(v for v, _ in results)
         tally[("onnxruntime ran" if oracle_ran else "onnxruntime refused", kinds)] += 1
-        boring = kinds == ("pass",) * 3 or kinds == ("error",) * 2 or (oracle_ran and kinds == ("error",) * 3)
+        # A mutant onnxruntime runs and Egret refuses is kept too: the error
+        # may be a missing feature or a check stricter than the standard.
+        boring = kinds == ("pass",) * 3 or kinds == ("error",) * 2
         if boring:
             shutil.rmtree(d, ignore_errors=True)
         else:
