@@ -71,16 +71,21 @@ def set_element(arr, rng):
     return flat.reshape(arr.shape)
 
 
+def numeric_attribute(nodes, rng):
+    """A random (node, attribute) whose attribute is a float, int, floats or ints."""
+    cands = [(n, a) for n in nodes for a in n.attribute if a.type in (1, 2, 6, 7)]
+    return rng.choice(cands) if cands else (None, None)
+
+
 def mutate(m, rng):
     """Applies one mutation in place; returns its description, or None."""
     g = m.graph
     nodes = list(g.node)
     kind = rng.choice(KINDS)
     if kind == "attr":
-        cands = [(n, a) for n in nodes for a in n.attribute if a.type in (1, 2, 6, 7)]
-        if not cands:
+        n, a = numeric_attribute(nodes, rng)
+        if a is None:
             return None
-        n, a = rng.choice(cands)
         if a.type == 2:
             a.i = rng.choice(INTS)
         elif a.type == 1:
@@ -229,10 +234,9 @@ def mutate(m, rng):
         t.CopyFrom(numpy_helper.from_array(set_element(arr, rng), t.name))
         return f"const_attr {n.name}"
     if kind == "attr_nearby":
-        cands = [(n, a) for n in nodes for a in n.attribute if a.type in (1, 2, 6, 7)]
-        if not cands:
+        n, a = numeric_attribute(nodes, rng)
+        if a is None:
             return None
-        n, a = rng.choice(cands)
         if a.type == 2:
             a.i += rng.choice([-2, -1, 1, 2])
         elif a.type == 1:
