@@ -40,6 +40,17 @@ fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
     n
 }
 
+/// An integer attribute (`ints` empty) or a list of integers (`i` unused).
+fn int_attr(name: &str, i: i64, ints: &[i64]) -> onnx_protobuf::AttributeProto {
+    use onnx_protobuf::attribute_proto::AttributeType;
+    let mut a = onnx_protobuf::AttributeProto::new();
+    a.name = name.into();
+    a.type_ = if ints.is_empty() { AttributeType::INT } else { AttributeType::INTS }.into();
+    a.i = i;
+    a.ints = ints.to_vec();
+    a
+}
+
 /// `y = x + w` with x: f32[2, 3] and an initializer w: f32[3].
 fn add_model() -> ModelProto {
     let mut g = GraphProto::new();
@@ -164,11 +175,7 @@ fn op_from_another_domain() {
 fn unsupported_attribute() {
     let dir = tempdir("attr");
     let mut m = add_model();
-    let mut a = onnx_protobuf::AttributeProto::new();
-    a.name = "frobnication".into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
-    a.i = 3;
-    m.graph.as_mut().unwrap().node[0].attribute.push(a);
+    m.graph.as_mut().unwrap().node[0].attribute.push(int_attr("frobnication", 3, &[]));
     let err = run_fails(&write_model(&dir, &m));
     assert!(err.contains("attribute `frobnication` is not supported"), "{err}");
 }
@@ -191,11 +198,7 @@ fn boolean_attribute_that_is_neither_zero_nor_one() {
     let mut m = add_model();
     let n = &mut m.graph.as_mut().unwrap().node[0];
     n.op_type = "Mod".into();
-    let mut a = onnx_protobuf::AttributeProto::new();
-    a.name = "fmod".into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
-    a.i = -100;
-    n.attribute.push(a);
+    n.attribute.push(int_attr("fmod", -100, &[]));
     let err = run_fails(&write_model(&dir, &m));
     assert!(err.contains("(Mod, opset") && err.contains("attribute `fmod` must be 0 or 1, not -100"), "{err}");
 }
@@ -209,11 +212,7 @@ fn transpose_perm_with_a_negative_entry() {
     let g = m.graph.as_mut().unwrap();
     g.output[0] = value_info("y", 1, &[3, 2]);
     let mut t = node("Transpose", &["x"], &["y"]);
-    let mut a = onnx_protobuf::AttributeProto::new();
-    a.name = "perm".into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INTS.into();
-    a.ints = vec![1, -2];
-    t.attribute.push(a);
+    t.attribute.push(int_attr("perm", 0, &[1, -2]));
     g.node[0] = t;
     g.initializer.clear();
     let err = run_fails(&write_model(&dir, &m));

@@ -61,14 +61,19 @@ def value_names(g):
     return [x for x in names if x]
 
 
-def set_element(arr, rng):
+def set_element(t, rng):
+    """Sets one element of tensor proto `t` to an odd value; False if `t` is empty."""
+    arr = numpy_helper.to_array(t).copy()
+    if arr.size == 0:
+        return False
     flat = arr.reshape(-1)
     i = rng.randrange(flat.size)
     if arr.dtype.kind == "f":
         flat[i] = rng.choice(FLOATS)
     elif arr.dtype.kind in "iu":
         flat[i] = rng.choice([-2, -1, 0, 1, 2, 3, 100, 1 << 20])
-    return flat.reshape(arr.shape)
+    t.CopyFrom(numpy_helper.from_array(flat.reshape(arr.shape), t.name))
+    return True
 
 
 def numeric_attribute(nodes, rng):
@@ -141,11 +146,8 @@ def mutate(m, rng):
             d = d[::-1] if rng.random() < 0.5 else [int(np.prod(d))]
             del t.dims[:]
             t.dims.extend(d)
-        else:
-            arr = numpy_helper.to_array(t).copy()
-            if arr.size == 0:
-                return None
-            t.CopyFrom(numpy_helper.from_array(set_element(arr, rng), t.name))
+        elif not set_element(t, rng):
+            return None
         return f"{kind} {t.name}"
     if kind == "rewire":
         n = rng.choice(nodes)
@@ -227,11 +229,8 @@ def mutate(m, rng):
         if not cands:
             return None
         n = rng.choice(cands)
-        t = n.attribute[0].t
-        arr = numpy_helper.to_array(t).copy()
-        if arr.size == 0:
+        if not set_element(n.attribute[0].t, rng):
             return None
-        t.CopyFrom(numpy_helper.from_array(set_element(arr, rng), t.name))
         return f"const_attr {n.name}"
     if kind == "attr_nearby":
         n, a = numeric_attribute(nodes, rng)
