@@ -387,3 +387,65 @@ size_t {name}_output_bytes(size_t i) {{ return i < N_OUTPUT ? output_bytes[i] : 
     );
     s
 }
+
+/// `egret compile --emit wgsl`: one `.wgsl` file per distinct kernel and a
+/// `manifest.json` with the steps in order (kernel, dispatch size,
+/// bindings, parameters), the buffer sizes and the host steps. Compiled for
+/// the portable WebGPU limits, so it needs no device.
+pub fn write_wgsl(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec<PathBuf>, Error> {
+    let c = canonical(model, opts)?;
+    let (gpu, shaders) = crate::wgsl_program(&c.graph, opts, Default::default())?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", out.display())))?;
+    let mut written = Vec::new();
+    let write = |path: PathBuf, text: &[u8], written: &mut Vec<PathBuf>| {
+        std::fs::write(&path, text).map_err(|e| Error::Usage(format!("cannot write `{}`: {e}", path.display())))?;
+        written.push(path);
+        Ok::<(), Error>(())
+    };
+    for (i, (k, text)) in gpu.kernels.iter().zip(&shaders).enumerate() {
+        write(out.join(format!("k{i:03}_{}.wgsl", k.name)), text.as_bytes(), &mut written)?;
+    }
+    let manifest = serde_json::to_string_pretty(&gpu_manifest(&gpu)).expect("JSON values print");
+    write(out.join("manifest.json"), manifest.as_bytes(), &mut written)?;
+    Ok(written)
+}
+
+/// What a runner needs besides the shaders, as JSON: see `write_wgsl`.
+pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
+    use egret_backends::gpu::{form::Space, wgsl::binding, Place, Step};
+    let place = |p: &Place, t: &Type| {
+        let space = match p.space {
+            Space::Arena => "arena".to_string(),
+            Space::Weights(c) => format!("weights{c}"),
+            Space::Params => "params".into(),
+            Space::Error => "error".into(),
+        };
+        serde_json::json!({"space": space, "word": p.word, "type": t.to_string()})
+    };
+    let steps: Vec<serde_json::Value> = g
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Dispatch { kernel, params, grid, label, kind, .. } => {
+                let k = &g.kernels[*kernel];
+                let bindings: Vec<u32> = k.spaces().into_iter().map(binding).collect();
+                serde_json::json!({"dispatch": format!("k{kernel:03}_{}", k.name), "kind": kind, "label": label,
+                    "workgroups": grid, "threads": k.threads, "bindings": bindings, "params": params})
+            }
+            Step::Host { op, inputs, outputs, label } => serde_json::json!({
+                "host": op.name(), "label": label,
+                "inputs": inputs.iter().map(|(p, t)| place(p, t)).collect::<Vec<_>>(),
+                "outputs": outputs.iter().map(|(p, t)| place(p, t)).collect::<Vec<_>>(),
+            }),
+        })
+        .collect();
+    serde_json::json!({
+        "word_bytes": 4,
+        "bindings": {"arena": 0, "params": 1, "error": 2, "weights": "3 + chunk"},
+        "arena_words": g.arena_words,
+        "weight_chunk_words": g.weights.iter().map(|c| c.len()).collect::<Vec<_>>(),
+        "inputs": g.inputs.iter().map(|(p, t)| place(p, t)).collect::<Vec<_>>(),
+        "outputs": g.outputs.iter().map(|(p, t)| place(p, t)).collect::<Vec<_>>(),
+        "steps": steps,
+    })
+}

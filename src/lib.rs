@@ -35,6 +35,9 @@ pub enum Error {
     Run(#[from] RunError),
     #[error("code generation failed: {0}")]
     Codegen(String),
+    /// No device for a GPU backend, or the device failed.
+    #[error("{0}")]
+    Device(String),
     /// A problem with files or values the user passed (not with the model).
     #[error("{0}")]
     Usage(String),
@@ -48,6 +51,9 @@ pub enum Backend {
     /// Native code from the Cranelift backend.
     #[default]
     Cpu,
+    /// WGSL compute shaders run through wgpu (any Vulkan, Metal or DX12
+    /// GPU; Mesa's lavapipe on a machine without one).
+    Wgsl,
 }
 
 impl Backend {
@@ -55,6 +61,7 @@ impl Backend {
         match self {
             Backend::Reference => "reference",
             Backend::Cpu => "cpu",
+            Backend::Wgsl => "wgsl",
         }
     }
 }
@@ -188,7 +195,54 @@ pub fn lower_options(opts: &CompileOptions) -> egret_backends::LowerOptions {
         views: opts.opt_level >= 1,
         matmul: opts.matmul,
         epilogues: opts.opt_level >= 2,
+        neutral: false,
     }
+}
+
+/// A graph through the GPU layer, printed as WGSL: the plan compiled for
+/// the GPU and one validated shader per distinct kernel. Needs no device:
+/// the limits are the portable defaults unless `limits` says otherwise.
+pub fn wgsl_program(
+    graph: &Graph,
+    opts: &CompileOptions,
+    limits: egret_backends::gpu::Limits,
+) -> Result<(egret_backends::gpu::GpuPlan, Vec<String>), Error> {
+    let plan = egret_backends::lower(graph, lower_options(opts).gpu())?;
+    let gpu = egret_backends::gpu::compile(&plan, limits).map_err(|e| Error::Codegen(e.to_string()))?;
+    let mut shaders = Vec::with_capacity(gpu.kernels.len());
+    for (i, k) in gpu.kernels.iter().enumerate() {
+        let text = egret_backends::gpu::wgsl::print(k);
+        if let Err(message) = egret_backends::gpu::wgsl::validate(&text) {
+            // A compiler bug: keep the shader for the report.
+            let path = std::env::temp_dir().join(format!("egret-invalid-{}-{i}.wgsl", k.name));
+            let _ = std::fs::write(&path, &text);
+            let label = gpu
+                .steps
+                .iter()
+                .find_map(|s| match s {
+                    egret_backends::gpu::Step::Dispatch { kernel, label, .. } if *kernel == i => Some(label.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let e = egret_backends::gpu::GpuError::Invalid {
+                kernel: k.name.clone(),
+                label,
+                message,
+                path: path.display().to_string(),
+            };
+            return Err(Error::Codegen(e.to_string()));
+        }
+        shaders.push(text);
+    }
+    Ok((gpu, shaders))
+}
+
+/// Compiles for the WGSL backend on the process's WebGPU device.
+pub fn compile_wgsl(graph: &Graph, opts: &CompileOptions) -> Result<(egret_runtime::WgpuExecutable, Vec<String>), Error> {
+    let device = egret_runtime::WgpuDevice::shared().map_err(Error::Device)?;
+    let (gpu, shaders) = wgsl_program(graph, opts, device.limits)?;
+    let exe = egret_runtime::WgpuExecutable::new(device, gpu, &shaders).map_err(Error::Device)?;
+    Ok((exe, shaders))
 }
 
 /// The pipeline: import, canonicalise, hand to the backend.
@@ -205,6 +259,7 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
             egret_backends::cpu::set_threads(threads);
             Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
         }
+        Backend::Wgsl => Box::new(compile_wgsl(&c.graph, opts)?.0),
     };
     let backend_ms = ms(t);
     Ok(Model {

@@ -22,6 +22,8 @@ enum BackendArg {
     Reference,
     /// Native code generated with Cranelift.
     Cpu,
+    /// WGSL compute shaders through wgpu (a GPU, or Mesa's lavapipe).
+    Wgsl,
 }
 
 impl From<BackendArg> for Backend {
@@ -29,6 +31,7 @@ impl From<BackendArg> for Backend {
         match b {
             BackendArg::Reference => Backend::Reference,
             BackendArg::Cpu => Backend::Cpu,
+            BackendArg::Wgsl => Backend::Wgsl,
         }
     }
 }
@@ -91,6 +94,9 @@ enum EmitArg {
     So,
     Obj,
     Clif,
+    /// One WGSL compute shader per kernel and a manifest (kernel order,
+    /// dispatch sizes, bindings, buffer sizes).
+    Wgsl,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -192,6 +198,9 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Whose choices to report: the CPU's kernels, or the GPU's (`wgsl`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
     },
     /// Draw the graph after canonicalisation (and optimisation, at --opt 2).
     Graph {
@@ -261,6 +270,13 @@ fn run_cli() -> Result<()> {
                 }
             };
             let emit = match emit {
+                EmitArg::Wgsl => {
+                    let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+                    for path in egret::aot::write_wgsl(&model.model, &out, &opts)? {
+                        println!("wrote {}", path.display());
+                    }
+                    return Ok(());
+                }
                 EmitArg::So => egret::aot::Emit::SharedLibrary,
                 EmitArg::Obj => egret::aot::Emit::Object,
                 EmitArg::Clif => egret::aot::Emit::Clif,
@@ -271,7 +287,7 @@ fn run_cli() -> Result<()> {
             }
             Ok(())
         }
-        Command::Explain { model, json } => explain(&model, json),
+        Command::Explain { model, json, backend } => explain(&model, json, backend.into()),
         Command::Graph { model, format, out } => draw(&model, format, out),
         Command::Ops => {
             for op in egret::frontend::supported_ops() {
@@ -327,13 +343,17 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         m.run(all.clone())?;
     }
     let mut times = Vec::with_capacity(iters.max(1));
+    let mut device = Vec::new();
     for _ in 0..iters.max(1) {
         let input = all.clone();
         let t = std::time::Instant::now();
         m.run(input)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
+        device.extend(m.program.executable.device_ms());
     }
     times.sort_by(|a, b| a.total_cmp(b));
+    device.sort_by(|a, b| a.total_cmp(b));
+    let device_median = device.get(device.len() / 2).copied();
     let median = times[times.len() / 2];
     let (min, max) = (times[0], times[times.len() - 1]);
     if json {
@@ -350,6 +370,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                 "compile_ms": compile_ms,
                 "arena_bytes": m.program.executable.arena_bytes(),
                 "kernel_isa": egret::backends::cpu::kernels::Isa::host().name(),
+                "device_median_ms": device_median,
             })
         );
     } else {
@@ -361,6 +382,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             egret::backends::cpu::kernels::Isa::host().name()
         );
         println!("  median {median:.3} ms   min {min:.3} ms   max {max:.3} ms   compile {compile_ms:.1} ms");
+        if let Some(d) = device_median {
+            println!("  device time (timestamp queries): median {d:.3} ms");
+        } else if backend == Backend::Wgsl {
+            println!("  device time: the adapter has no timestamp queries (wall time only)");
+        }
         if let Some(arena) = m.program.executable.arena_bytes() {
             println!("  arena {arena} bytes");
         }
@@ -480,7 +506,7 @@ fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Res
     Ok(())
 }
 
-fn explain(model: &ModelArgs, json: bool) -> Result<()> {
+fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     let opts = CompileOptions {
         dims: parse_dims(&model.dims)?,
         opt_level: model.opt,
@@ -489,8 +515,17 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     };
     let c = egret::canonical(&model.model, &opts)?;
     let t = std::time::Instant::now();
-    let plan = egret::backends::lower(&c.graph, egret::lower_options(&opts))?;
+    let gpu = backend == Backend::Wgsl;
+    let lowering = if gpu { egret::lower_options(&opts).gpu() } else { egret::lower_options(&opts) };
+    let plan = egret::backends::lower(&c.graph, lowering)?;
     let lower_ms = t.elapsed().as_secs_f64() * 1e3;
+    // The GPU's own choices: its kernels, grids and host steps (compiled
+    // for the portable limits; no device is needed to explain).
+    let gpu_plan = if gpu {
+        Some(egret::wgsl_program(&c.graph, &opts, Default::default())?.0)
+    } else {
+        None
+    };
     let report = c.optimized.clone().unwrap_or_default();
     let fusions = egret::passes::egraph::count_fused(&c.graph);
     let tilings = egret::passes::egraph::count_tilings(&c.graph);
@@ -516,6 +551,8 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
             "arena_bytes": plan.arena_bytes,
             "stage_ms": stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<String, f64>>(),
             "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes, "dag_extraction": report.dag_extraction},
+            "backend": backend.name(),
+            "gpu": gpu_plan.as_ref().map(gpu_json),
         });
         println!("{obj}");
         return Ok(());
@@ -555,7 +592,39 @@ fn explain(model: &ModelArgs, json: bool) -> Result<()> {
     for (i, k) in plan.kernels.iter().enumerate() {
         println!("  k{i:<4} {:<18} {:>10} flop  {}  # {}", k.detailed_kind(), k.flops(), k.detail(), k.label);
     }
+    if let Some(g) = &gpu_plan {
+        print_gpu_plan(g);
+    }
     Ok(())
+}
+
+/// The WGSL backend's choices: distinct kernels, one dispatch per step,
+/// and the ops that run on the host.
+fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan) {
+    use egret::backends::gpu::Step;
+    println!(
+        "gpu: {} steps, {} distinct kernels, arena {} bytes, weights {} bytes in {} chunk(s)",
+        g.steps.len(),
+        g.kernels.len(),
+        g.arena_words * 4,
+        g.weights.iter().map(|c| c.len() * 4).sum::<usize>(),
+        g.weights.len()
+    );
+    for (i, s) in g.steps.iter().enumerate() {
+        match s {
+            Step::Dispatch { kernel, grid, label, .. } => {
+                let k = &g.kernels[*kernel];
+                println!("  s{i:<4} {:<28} grid {:?} x {} threads  # {label}", k.name, grid, k.threads);
+            }
+            Step::Host { op, label, .. } => println!("  s{i:<4} host:{:<23} (reference, on the CPU)  # {label}", op.name()),
+        }
+    }
+    let host = g.host_steps();
+    println!("ops on the host: {}", if host.is_empty() { "none".to_string() } else { host.len().to_string() });
+}
+
+fn gpu_json(g: &egret::backends::gpu::GpuPlan) -> serde_json::Value {
+    egret::aot::gpu_manifest(g)
 }
 
 /// Timed runs per level in each round of `bench --compare`.

@@ -7,6 +7,7 @@
 //! with Cranelift.
 
 pub mod cpu;
+pub mod gpu;
 mod epilogue;
 mod lower;
 mod memory;

@@ -33,11 +33,22 @@ pub struct LowerOptions {
     /// kernel library, so forcing generated matmuls (as ahead-of-time code
     /// does) turns this off.
     pub epilogues: bool,
+    /// Make none of the CPU's choices: constant weights stay strided views
+    /// (no panels packed for the CPU's GEMM), and no row tables for it. The
+    /// GPU backends lower this way and lay out what they read themselves.
+    pub neutral: bool,
 }
 
 impl Default for LowerOptions {
     fn default() -> Self {
-        LowerOptions { fuse_elementwise: true, views: true, matmul: None, epilogues: true }
+        LowerOptions { fuse_elementwise: true, views: true, matmul: None, epilogues: true, neutral: false }
+    }
+}
+
+impl LowerOptions {
+    /// The options for a GPU backend at these fusion levels: a neutral plan.
+    pub fn gpu(self) -> LowerOptions {
+        LowerOptions { matmul: None, neutral: true, ..self }
     }
 }
 
@@ -575,7 +586,7 @@ fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<O
 
 impl<'g> Lowering<'g> {
     fn new_buffer(&mut self, ty: &Type, storage: Storage) -> BufferId {
-        self.buffers.push(Buffer { bytes: ty.numel() * ty.dtype.size_bytes(), storage });
+        self.buffers.push(Buffer { bytes: ty.numel() * ty.dtype.size_bytes(), dtype: ty.dtype, storage });
         self.buffers.len() - 1
     }
 
@@ -1166,6 +1177,9 @@ impl<'g> Lowering<'g> {
             debug_assert_eq!(mm.batches.len(), 1, "placed rows fold into one product");
             mm.c_rows = Some(p.rows.iter().map(|&r| (r * mm.n) as i64).collect());
         }
+        if self.opts.neutral {
+            return Some(mm);
+        }
         let forced = self.opts.matmul.or(preferred);
         if preferred.is_some() && self.opts.matmul.is_none() {
             mm.implementation = choose_matmul(&mm, forced);
@@ -1398,7 +1412,7 @@ impl<'g> Lowering<'g> {
         // Permuted rows the packed GEMM gathers or places itself: where the
         // optimiser chose it for a constant 2-d f32 weight, and nothing forces
         // another.
-        if opts.views && matches!(opts.matmul, None | Some(MatMulImpl::Packed)) {
+        if opts.views && !opts.neutral && matches!(opts.matmul, None | Some(MatMulImpl::Packed)) {
             for n in g.node_ids() {
                 let node = g.node(n);
                 let Op::MatMulTiled { tiling: MatMulTiling::Packed } = node.op else { continue };

@@ -9,6 +9,19 @@ const ALIGN: usize = 64;
 /// first writes it to the last kernel that reads it (graph outputs to the
 /// end). First fit over the gaps between live buffers, every offset aligned.
 pub fn plan_memory(plan: &mut Plan) {
+    let (offsets, top) = assign_offsets(plan, |b| plan.buffers[b].bytes, ALIGN);
+    for (b, offset) in offsets.into_iter().enumerate() {
+        if let Some(offset) = offset {
+            plan.buffers[b].storage = Storage::Arena { offset };
+        }
+    }
+    plan.arena_bytes = top;
+}
+
+/// The liveness layout of `plan_memory` in units of the caller's choosing
+/// (bytes on the CPU, words on a GPU): per buffer its offset (arena
+/// buffers only), and the arena's size.
+pub fn assign_offsets(plan: &Plan, size_of: impl Fn(BufferId) -> usize, align: usize) -> (Vec<Option<usize>>, usize) {
     let n = plan.kernels.len();
     let mut first = vec![usize::MAX; plan.buffers.len()];
     let mut last = vec![0usize; plan.buffers.len()];
@@ -25,6 +38,7 @@ pub fn plan_memory(plan: &mut Plan) {
     for (b, _) in &plan.outputs {
         last[*b] = n;
     }
+    let mut offsets = vec![None; plan.buffers.len()];
     // Live intervals in the arena: (offset, size, last step).
     let mut live: Vec<(usize, usize, usize)> = Vec::new();
     let mut top = 0usize;
@@ -34,7 +48,7 @@ pub fn plan_memory(plan: &mut Plan) {
             .filter(|&b| first[b] == step && matches!(plan.buffers[b].storage, Storage::Arena { .. }))
             .collect();
         for b in defs {
-            let size = plan.buffers[b].bytes.div_ceil(ALIGN).max(1) * ALIGN;
+            let size = size_of(b).div_ceil(align).max(1) * align;
             live.sort();
             // The lowest gap between live intervals that fits.
             let mut at = 0usize;
@@ -46,8 +60,8 @@ pub fn plan_memory(plan: &mut Plan) {
             }
             live.push((at, size, last[b]));
             top = top.max(at + size);
-            plan.buffers[b].storage = Storage::Arena { offset: at };
+            offsets[b] = Some(at);
         }
     }
-    plan.arena_bytes = top;
+    (offsets, top)
 }

@@ -26,7 +26,9 @@ pub enum Storage {
 
 #[derive(Clone, Debug)]
 pub struct Buffer {
+    /// Bytes on the CPU (`dtype`'s size per element).
     pub bytes: usize,
+    pub dtype: DType,
     pub storage: Storage,
 }
 

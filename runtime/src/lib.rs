@@ -11,9 +11,11 @@
 //! are tested against.
 
 mod cpu;
+pub mod gpu;
 mod reference;
 
 pub use cpu::CpuExecutable;
+pub use gpu::{WgpuDevice, WgpuExecutable};
 pub use reference::ReferenceExecutable;
 
 use egret_ir::{Tensor, Type};
@@ -41,6 +43,12 @@ pub trait Executable: Send + Sync {
 
     /// Bytes of working memory one run uses, where the backend plans it.
     fn arena_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// Device time of the last run in milliseconds, where the backend
+    /// measures it (GPU timestamp queries).
+    fn device_ms(&self) -> Option<f64> {
         None
     }
 

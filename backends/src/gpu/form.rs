@@ -1,0 +1,377 @@
+//! The GPU kernel form: what every GPU kernel algorithm is written in, and
+//! what the WGSL (and PTX) printers render.
+//!
+//! A kernel is a grid of workgroups of `threads` invocations each. Its body
+//! is structured code (no gotos) over four scalar types, with loads and
+//! stores into a few word-addressed *spaces*: the arena (every value a run
+//! computes, plus the inputs), the weights (constants, split into chunks no
+//! larger than one binding), the kernel's parameters (sizes, offsets and
+//! strides, read at run time so that kernels of one shape share their code)
+//! and the error word. Workgroup memory holds f32 arrays; per-thread arrays
+//! hold f32 values the thread indexes at run time.
+//!
+//! Every element in device memory is one 32-bit word: f32 as its bits, bool
+//! as 0 or 1, and i32 and i64 alike as i32 (the compiler proves constants fit,
+//! the runtime checks inputs; see `gpu::GpuError::IntRange`).
+
+use std::fmt;
+
+/// A scalar type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ty {
+    F32,
+    I32,
+    U32,
+    Bool,
+}
+
+/// Word-addressed device memory a kernel reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Space {
+    /// Working memory of a run: intermediates, inputs and outputs (read-write).
+    Arena,
+    /// The i-th chunk of the constants (read-only).
+    Weights(u32),
+    /// The kernel's own parameters (read-only, `u32`).
+    Params,
+    /// The run's error word: a kernel that finds a bad index stores its
+    /// number (plus one) there and skips the access.
+    Error,
+}
+
+/// A variable of the kernel body (a register).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub u32);
+
+/// A workgroup-memory array of f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shared(pub u32);
+
+/// A per-thread array of f32, indexed at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Local(pub u32);
+
+/// Built-in values of the invocation, all `u32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Builtin {
+    /// The invocation's index in its workgroup (`0..threads`).
+    Thread,
+    /// The workgroup's index along an axis of the grid.
+    Group(u8),
+    /// Workgroups in the grid along an axis.
+    Groups(u8),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    Neg,
+    Abs,
+    Sqrt,
+    Floor,
+    Ceil,
+    /// Round half to even.
+    Round,
+    Exp,
+    Log,
+    Sin,
+    Cos,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// Integer remainder (operands non-negative where used).
+    Rem,
+    /// IEEE maximum and minimum of two non-NaN values (NaNs are handled by
+    /// the algorithm where they matter).
+    Max,
+    Min,
+    And,
+    Or,
+    Xor,
+    Shl,
+    Shr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A scalar expression. Types are checked by `Kernel::ty_of`; a mismatch
+/// is a bug in the algorithm that built the kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub enum E {
+    F32(f32),
+    I32(i32),
+    U32(u32),
+    Bool(bool),
+    Var(Var),
+    Builtin(Builtin),
+    /// The i-th parameter word (`u32`).
+    Param(u32),
+    /// A `u32` word of a space at an `i32` or `u32` word index.
+    Load(Space, Box<E>),
+    LoadShared(Shared, Box<E>),
+    LoadLocal(Local, Box<E>),
+    Un(UnOp, Box<E>),
+    Bin(BinOp, Box<E>, Box<E>),
+    /// `a * b + c` on f32, fused where the target has it.
+    Fma(Box<E>, Box<E>, Box<E>),
+    Cmp(CmpOp, Box<E>, Box<E>),
+    /// `cond ? a : b`, both sides evaluated.
+    Select(Box<E>, Box<E>, Box<E>),
+    /// A numeric conversion (f32 <-> i32 <-> u32, bool -> number).
+    Cast(Ty, Box<E>),
+    /// The same 32 bits as another type (f32 <-> u32 <-> i32).
+    Bits(Ty, Box<E>),
+}
+
+/// A statement of a kernel body.
+#[derive(Clone, Debug, PartialEq)]
+pub enum S {
+    /// Declares a variable with its first value.
+    Let(Var, E),
+    /// Assigns a declared variable.
+    Set(Var, E),
+    /// Stores a `u32` word at an index of a space.
+    Store(Space, E, E),
+    StoreShared(Shared, E, E),
+    StoreLocal(Local, E, E),
+    /// `for (var = from; var < to; var += step)` over i32 (or u32) values.
+    For { var: Var, from: E, to: E, step: E, body: Vec<S> },
+    If(E, Vec<S>, Vec<S>),
+    /// Waits for every invocation of the workgroup, and makes workgroup
+    /// memory written before it visible after it. Only in uniform control
+    /// flow: every invocation of a workgroup reaches the same barriers.
+    Barrier,
+}
+
+/// One GPU kernel: a grid of workgroups running `body`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// A name that says what the kernel does (`matmul_64x64`, `map_3d`).
+    pub name: String,
+    /// Invocations per workgroup (one dimension).
+    pub threads: u32,
+    pub vars: Vec<Ty>,
+    /// Element counts of the workgroup-memory arrays.
+    pub shared: Vec<u32>,
+    /// Element counts of the per-thread arrays.
+    pub locals: Vec<u32>,
+    pub body: Vec<S>,
+}
+
+impl Kernel {
+    /// The spaces the body reads or writes, in order: what it binds.
+    pub fn spaces(&self) -> Vec<Space> {
+        fn e(x: &E, out: &mut Vec<Space>) {
+            match x {
+                E::Load(s, i) => {
+                    out.push(*s);
+                    e(i, out)
+                }
+                E::LoadShared(_, i) | E::LoadLocal(_, i) | E::Un(_, i) | E::Cast(_, i) | E::Bits(_, i) => e(i, out),
+                E::Bin(_, a, b) | E::Cmp(_, a, b) => {
+                    e(a, out);
+                    e(b, out)
+                }
+                E::Fma(a, b, c) | E::Select(a, b, c) => {
+                    e(a, out);
+                    e(b, out);
+                    e(c, out)
+                }
+                E::F32(_) | E::I32(_) | E::U32(_) | E::Bool(_) | E::Var(_) | E::Builtin(_) => {}
+                E::Param(_) => out.push(Space::Params),
+            }
+        }
+        fn s(st: &[S], out: &mut Vec<Space>) {
+            for x in st {
+                match x {
+                    S::Let(_, v) | S::Set(_, v) => e(v, out),
+                    S::Store(sp, i, v) => {
+                        out.push(*sp);
+                        e(i, out);
+                        e(v, out)
+                    }
+                    S::StoreShared(_, i, v) | S::StoreLocal(_, i, v) => {
+                        e(i, out);
+                        e(v, out)
+                    }
+                    S::For { from, to, step, body, .. } => {
+                        e(from, out);
+                        e(to, out);
+                        e(step, out);
+                        s(body, out)
+                    }
+                    S::If(c, a, b) => {
+                        e(c, out);
+                        s(a, out);
+                        s(b, out)
+                    }
+                    S::Barrier => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        s(&self.body, &mut out);
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The type of an expression; panics on an ill-typed one, which is a
+    /// bug in the algorithm that built it (the kernel tests build every kind).
+    pub fn ty_of(&self, x: &E) -> Ty {
+        ty_of(&self.vars, x)
+    }
+}
+
+/// The type of `x` given the types of the variables; panics on an ill-typed
+/// expression (see `Kernel::ty_of`).
+pub fn ty_of(vars: &[Ty], x: &E) -> Ty {
+    let ty = |e: &E| ty_of(vars, e);
+    {
+        match x {
+            E::F32(_) => Ty::F32,
+            E::I32(_) => Ty::I32,
+            E::U32(_) | E::Builtin(_) | E::Param(_) | E::Load(..) => Ty::U32,
+            E::Bool(_) | E::Cmp(..) => Ty::Bool,
+            E::Var(v) => vars[v.0 as usize],
+            E::LoadShared(..) | E::LoadLocal(..) | E::Fma(..) => Ty::F32,
+            E::Un(UnOp::Not, a) => {
+                let t = ty(a);
+                assert!(t == Ty::Bool, "not of {t:?}");
+                t
+            }
+            E::Un(_, a) => ty(a),
+            E::Bin(_, a, b) => {
+                let (ta, tb) = (ty(a), ty(b));
+                assert_eq!(ta, tb, "binary operands in {x:?}");
+                ta
+            }
+            E::Select(_, a, b) => {
+                let (ta, tb) = (ty(a), ty(b));
+                assert_eq!(ta, tb, "select operands in {x:?}");
+                ta
+            }
+            E::Cast(t, _) | E::Bits(t, _) => *t,
+        }
+    }
+}
+
+impl fmt::Display for Ty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ty::F32 => "f32",
+            Ty::I32 => "i32",
+            Ty::U32 => "u32",
+            Ty::Bool => "bool",
+        })
+    }
+}
+
+// Building expressions reads better with operators and short constructors.
+
+impl std::ops::Add for E {
+    type Output = E;
+    fn add(self, o: E) -> E {
+        E::Bin(BinOp::Add, Box::new(self), Box::new(o))
+    }
+}
+impl std::ops::Sub for E {
+    type Output = E;
+    fn sub(self, o: E) -> E {
+        E::Bin(BinOp::Sub, Box::new(self), Box::new(o))
+    }
+}
+impl std::ops::Mul for E {
+    type Output = E;
+    fn mul(self, o: E) -> E {
+        E::Bin(BinOp::Mul, Box::new(self), Box::new(o))
+    }
+}
+impl std::ops::Div for E {
+    type Output = E;
+    fn div(self, o: E) -> E {
+        E::Bin(BinOp::Div, Box::new(self), Box::new(o))
+    }
+}
+impl std::ops::Rem for E {
+    type Output = E;
+    fn rem(self, o: E) -> E {
+        E::Bin(BinOp::Rem, Box::new(self), Box::new(o))
+    }
+}
+
+impl E {
+    pub fn un(op: UnOp, a: E) -> E {
+        E::Un(op, Box::new(a))
+    }
+    pub fn bin(op: BinOp, a: E, b: E) -> E {
+        E::Bin(op, Box::new(a), Box::new(b))
+    }
+    pub fn cmp(op: CmpOp, a: E, b: E) -> E {
+        E::Cmp(op, Box::new(a), Box::new(b))
+    }
+    pub fn lt(self, o: E) -> E {
+        E::cmp(CmpOp::Lt, self, o)
+    }
+    pub fn ge(self, o: E) -> E {
+        E::cmp(CmpOp::Ge, self, o)
+    }
+    pub fn eq(self, o: E) -> E {
+        E::cmp(CmpOp::Eq, self, o)
+    }
+    pub fn ne(self, o: E) -> E {
+        E::cmp(CmpOp::Ne, self, o)
+    }
+    pub fn and(self, o: E) -> E {
+        E::bin(BinOp::And, self, o)
+    }
+    pub fn or(self, o: E) -> E {
+        E::bin(BinOp::Or, self, o)
+    }
+    pub fn max(self, o: E) -> E {
+        E::bin(BinOp::Max, self, o)
+    }
+    pub fn min(self, o: E) -> E {
+        E::bin(BinOp::Min, self, o)
+    }
+    pub fn select(cond: E, a: E, b: E) -> E {
+        E::Select(Box::new(cond), Box::new(a), Box::new(b))
+    }
+    pub fn fma(a: E, b: E, c: E) -> E {
+        E::Fma(Box::new(a), Box::new(b), Box::new(c))
+    }
+    pub fn cast(self, t: Ty) -> E {
+        E::Cast(t, Box::new(self))
+    }
+    pub fn bits(self, t: Ty) -> E {
+        E::Bits(t, Box::new(self))
+    }
+    pub fn load(space: Space, index: E) -> E {
+        E::Load(space, Box::new(index))
+    }
+    /// An f32 element of a space.
+    pub fn load_f32(space: Space, index: E) -> E {
+        E::load(space, index).bits(Ty::F32)
+    }
+    /// Parameter `i` as an i32 (sizes, offsets and strides; offsets and
+    /// strides may be negative, stored as their two's complement).
+    pub fn param(i: u32) -> E {
+        E::Param(i).bits(Ty::I32)
+    }
+    pub fn exp(self) -> E {
+        E::un(UnOp::Exp, self)
+    }
+}

@@ -1,0 +1,71 @@
+//! Map kernels: one invocation per element of the iteration space.
+
+use super::builder::Builder;
+use super::form::{Kernel, Space, Ty, E};
+use super::Place;
+use crate::plan::{BufferId, MapKernel, Operand};
+use egret_ir::DType;
+
+pub const THREADS: u32 = 256;
+
+/// Reads operand `o` at element `index` as the type the expression
+/// language gives it: f32, bool, or (integers) i32.
+pub fn read_operand(o: &Operand, space: Space, index: E) -> E {
+    let word = E::load(space, index);
+    match o.dtype {
+        DType::F32 => word.bits(Ty::F32),
+        DType::Bool => word.ne(E::U32(0)),
+        _ => word.bits(Ty::I32),
+    }
+}
+
+/// The flat strided loop: the element's index is split into one index
+/// per dim (sizes are parameters), and each operand's address is its
+/// offset plus those indices times its strides (parameters too).
+pub fn map(k: &MapKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
+    let mut b = Builder::new(THREADS);
+    let total: usize = k.shape.iter().product();
+    let n = b.param(total as i64);
+    let sizes: Vec<E> = k.shape.iter().map(|&s| b.param(s as i64)).collect();
+    let operands: Vec<&Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
+    let layout: Vec<(E, Vec<E>)> = operands
+        .iter()
+        .map(|o| {
+            let base = b.param(at(o.buffer).word as i64 + o.offset as i64);
+            (base, o.strides.iter().map(|&s| b.param(s as i64)).collect())
+        })
+        .collect();
+    let gid = b.global_index();
+    b.if_(gid.clone().lt(n), |b| {
+        // Innermost dim first.
+        let mut rest = gid;
+        let mut index = vec![E::I32(0); k.shape.len()];
+        for d in (0..k.shape.len()).rev() {
+            index[d] = b.let_(rest.clone() % sizes[d].clone());
+            if d > 0 {
+                rest = b.let_(rest / sizes[d].clone());
+            }
+        }
+        let address: Vec<E> = layout
+            .iter()
+            .map(|(base, strides)| {
+                let mut a = base.clone();
+                for (i, s) in index.iter().zip(strides) {
+                    a = a + i.clone() * s.clone();
+                }
+                b.let_(a)
+            })
+            .collect();
+        let inputs: Vec<E> = k
+            .inputs
+            .iter()
+            .zip(&address)
+            .map(|(o, a)| b.let_(read_operand(o, at(o.buffer).space, a.clone())))
+            .collect();
+        let value = b.expr(&k.expr, &|i| inputs[i].clone());
+        b.store(at(k.output.buffer).space, address[k.inputs.len()].clone(), value);
+    });
+    let rank = k.shape.len();
+    let (kernel, params) = b.finish(format!("map_{rank}d"));
+    (kernel, params, (total as u64).div_ceil(THREADS as u64))
+}

@@ -1,0 +1,232 @@
+//! The GPU half of the backends: the plan's kernels written once in a GPU
+//! kernel form (`form`), by one algorithm per kernel kind (`map`, `matmul`,
+//! `rows`, `attention`, `gather`), and rendered by a printer per target
+//! (`wgsl`). Nothing here touches a device: `egret-runtime` uploads the
+//! weights, lays out the arena and dispatches what `compile` returns.
+//!
+//! Memory is word-addressed (see `form`): every plan buffer gets a `Place`,
+//! a space and a word offset. Arena buffers are laid out again by liveness
+//! with one word per element; graph inputs follow the arena; constants are
+//! packed into weight chunks no larger than one binding.
+
+pub mod attention;
+pub mod builder;
+pub mod form;
+pub mod gather;
+pub mod map;
+pub mod matmul;
+pub mod rows;
+pub mod wgsl;
+
+use crate::plan::{BufferId, KernelKind, Plan, Storage};
+use egret_ir::{DType, Op, Tensor, Type};
+use form::{Kernel, Space};
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("{what} is {dtype}, which the GPU backends do not carry (f32, bool and integers that fit i32 only)")]
+    DType { what: String, dtype: DType },
+    #[error("{what} holds {value}, outside the i32 range GPU kernels carry integers in")]
+    IntRange { what: String, value: i64 },
+    #[error("constant of {bytes} bytes is larger than one storage binding ({limit} bytes) on this adapter")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("the arena needs {bytes} bytes, more than one storage binding ({limit} bytes) on this adapter")]
+    ArenaTooLarge { bytes: usize, limit: usize },
+    #[error("kernel `{kernel}` ({label}): its WGSL fails validation ({message}); this is a compiler bug, the shader is saved at {path}")]
+    Invalid { kernel: String, label: String, message: String, path: String },
+}
+
+/// What the device allows, read from the adapter.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes one storage binding may span.
+    pub max_binding_bytes: usize,
+    /// Workgroups along one grid dimension.
+    pub max_groups_per_dim: u32,
+}
+
+impl Default for Limits {
+    /// The portable defaults every WebGPU adapter has.
+    fn default() -> Limits {
+        Limits { max_binding_bytes: 128 << 20, max_groups_per_dim: 65_535 }
+    }
+}
+
+/// Where a buffer lives on the device: a space and a word offset in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub space: Space,
+    pub word: usize,
+}
+
+/// One step of a run.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Dispatches `kernels[kernel]` over `grid` workgroups with `params`.
+    /// A kernel that can fail (a gather) says how in `on_error`: the message
+    /// the run returns when its code is in the error word.
+    Dispatch { kernel: usize, params: Vec<u32>, grid: [u32; 3], label: String, kind: String, on_error: Option<String> },
+    /// An op with no GPU kernel: the runtime copies its inputs to the host,
+    /// evaluates it with the IR's reference semantics and copies the
+    /// results back.
+    Host { op: Op, inputs: Vec<(Place, Type)>, outputs: Vec<(Place, Type)>, label: String },
+}
+
+/// A plan compiled for a GPU: distinct kernels (shared by the steps that
+/// differ only in their parameters), the steps of a run, and the memory.
+#[derive(Clone, Debug)]
+pub struct GpuPlan {
+    pub kernels: Vec<Kernel>,
+    pub steps: Vec<Step>,
+    /// Words of the arena, the graph inputs included.
+    pub arena_words: usize,
+    /// The constants, in chunks of at most one binding.
+    pub weights: Vec<Vec<u32>>,
+    pub inputs: Vec<(Place, Type)>,
+    pub outputs: Vec<(Place, Type)>,
+}
+
+impl GpuPlan {
+    /// Kernels run on the host, by label and op (what `explain` lists).
+    pub fn host_steps(&self) -> Vec<(String, String)> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Host { op, label, .. } => Some((label.clone(), op.name().to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Workgroups laid out as a grid of at most `max` per dimension; kernels
+/// recover the linear index with `Builder::group` and skip the ones past
+/// `groups`.
+pub fn grid_of(groups: u64, max: u32) -> [u32; 3] {
+    let x = groups.min(max as u64).max(1);
+    [x as u32, groups.div_ceil(x).max(1) as u32, 1]
+}
+
+/// A tensor as device words (see `form`); `what` names it in errors.
+pub fn words_of(t: &Tensor, what: &str) -> Result<Vec<u32>, GpuError> {
+    use egret_ir::Data;
+    Ok(match t.data() {
+        Data::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        Data::Bool(v) => v.iter().map(|&b| b as u32).collect(),
+        Data::F64(_) => return Err(GpuError::DType { what: what.into(), dtype: DType::F64 }),
+        _ => {
+            let mut out = Vec::with_capacity(t.numel());
+            for value in t.to_i64_vec() {
+                let w = i32::try_from(value).map_err(|_| GpuError::IntRange { what: what.into(), value })?;
+                out.push(w as u32);
+            }
+            out
+        }
+    })
+}
+
+/// Device words back as a tensor of `ty`.
+pub fn tensor_of_words(ty: &Type, words: &[u32]) -> Tensor {
+    use egret_ir::Data;
+    let data = match ty.dtype {
+        DType::F32 => Data::F32(words.iter().map(|&w| f32::from_bits(w)).collect()),
+        DType::Bool => Data::Bool(words.iter().map(|&w| w != 0).collect()),
+        d => Data::from_i64s(d, &words.iter().map(|&w| w as i32 as i64).collect::<Vec<_>>()),
+    };
+    Tensor::new(ty.shape.clone(), data)
+}
+
+/// Words a buffer of the plan takes on the device: one per element.
+fn buffer_words(plan: &Plan, b: BufferId) -> usize {
+    let buf = &plan.buffers[b];
+    buf.bytes / buf.dtype.size_bytes()
+}
+
+/// Compiles a plan's kernels for a GPU. The plan must be lowered with
+/// `LowerOptions::gpu` (strided weights, no CPU row tables).
+pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
+    let max_words = limits.max_binding_bytes / 4;
+    // The arena, by liveness, one word per element; the inputs after it.
+    let (mut places, arena_words) = crate::memory::assign_offsets(plan, |b| buffer_words(plan, b), 16);
+    let mut places: Vec<Option<Place>> =
+        places.drain(..).map(|o| o.map(|word| Place { space: Space::Arena, word })).collect();
+    let mut top = arena_words;
+    for (b, _) in &plan.inputs {
+        places[*b] = Some(Place { space: Space::Arena, word: top });
+        top = (top + buffer_words(plan, *b)).div_ceil(16) * 16;
+    }
+    if top > max_words {
+        return Err(GpuError::ArenaTooLarge { bytes: top * 4, limit: limits.max_binding_bytes });
+    }
+    // Constants the kernels read, packed into chunks.
+    let used = plan.used_buffers();
+    let mut weights: Vec<Vec<u32>> = vec![];
+    for (b, buf) in plan.buffers.iter().enumerate() {
+        let Storage::Constant(t) = &buf.storage else { continue };
+        if !used[b] {
+            continue;
+        }
+        let words = words_of(t, &format!("constant buffer {b}"))?;
+        if words.len() > max_words {
+            return Err(GpuError::TooLarge { bytes: words.len() * 4, limit: limits.max_binding_bytes });
+        }
+        if weights.last().is_none_or(|c| c.len() + words.len() > max_words) {
+            weights.push(Vec::new());
+        }
+        let chunk = weights.last_mut().unwrap();
+        let word = chunk.len();
+        chunk.extend(words);
+        chunk.resize(chunk.len().div_ceil(16) * 16, 0);
+        places[b] = Some(Place { space: Space::Weights(weights.len() as u32 - 1), word });
+    }
+    let at = |b: BufferId| places[b].unwrap_or_else(|| panic!("buffer {b} has no place"));
+
+    let mut kernels: Vec<Kernel> = vec![];
+    // Kernels that print alike are one pipeline: the layers of a model.
+    let mut by_text: HashMap<String, usize> = HashMap::new();
+    let mut steps = vec![];
+    for (i, k) in plan.kernels.iter().enumerate() {
+        let built = match &k.kind {
+            KernelKind::Map(m) => map::map(m, &at),
+            KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
+            KernelKind::Rows(r) => rows::rows(r, &at),
+            KernelKind::Attention(a) => attention::attention(a, &at),
+            KernelKind::Gather(gk) => gather::gather(gk, &at, i as u32 + 1),
+            KernelKind::Reference { op, inputs, outputs } => {
+                steps.push(Step::Host {
+                    op: op.clone(),
+                    inputs: inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+                    outputs: outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+                    label: k.label.clone(),
+                });
+                continue;
+            }
+        };
+        let (kernel, params, groups) = built;
+        let next = kernels.len();
+        let index = *by_text.entry(wgsl::print(&kernel)).or_insert(next);
+        if index == next {
+            kernels.push(kernel);
+        }
+        steps.push(Step::Dispatch {
+            kernel: index,
+            params,
+            grid: grid_of(groups, limits.max_groups_per_dim),
+            label: k.label.clone(),
+            kind: k.detailed_kind(),
+            on_error: match &k.kind {
+                KernelKind::Gather(g) => Some(format!("gather index out of range for an axis of length {}", g.axis_len)),
+                _ => None,
+            },
+        });
+    }
+    Ok(GpuPlan {
+        kernels,
+        steps,
+        arena_words: top,
+        weights,
+        inputs: plan.inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+        outputs: plan.outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+    })
+}

@@ -1,0 +1,219 @@
+//! The WGSL printer: renders a kernel of the GPU form as one compute
+//! shader, and validates it with naga.
+//!
+//! Bindings are fixed per space, so the runtime binds by the same table:
+//! the arena at 0, the parameters at 1, the error word at 2, weight chunk
+//! `c` at `3 + c`. Only the spaces a kernel uses are declared.
+
+use super::form::*;
+use std::fmt::Write;
+
+/// The binding a space is declared at.
+pub fn binding(space: Space) -> u32 {
+    match space {
+        Space::Arena => 0,
+        Space::Params => 1,
+        Space::Error => 2,
+        Space::Weights(c) => 3 + c,
+    }
+}
+
+fn space_name(space: Space) -> String {
+    match space {
+        Space::Arena => "arena".into(),
+        Space::Params => "params".into(),
+        Space::Error => "err_word".into(),
+        Space::Weights(c) => format!("weights{c}"),
+    }
+}
+
+pub fn print(k: &Kernel) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "// {}: {} invocations per workgroup", k.name, k.threads);
+    for space in k.spaces() {
+        let access = match space {
+            Space::Arena | Space::Error => "read_write",
+            Space::Params | Space::Weights(_) => "read",
+        };
+        let _ = writeln!(
+            out,
+            "@group(0) @binding({}) var<storage, {access}> {}: array<u32>;",
+            binding(space),
+            space_name(space)
+        );
+    }
+    for (i, len) in k.shared.iter().enumerate() {
+        let _ = writeln!(out, "var<workgroup> wg{i}: array<f32, {len}>;");
+    }
+    let _ = writeln!(
+        out,
+        "\n@compute @workgroup_size({})\nfn main(@builtin(local_invocation_index) lid: u32, \
+         @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{",
+        k.threads
+    );
+    for (i, len) in k.locals.iter().enumerate() {
+        let _ = writeln!(out, "    var loc{i}: array<f32, {len}>;");
+    }
+    let p = Printer { k };
+    p.block(&mut out, &k.body, 1);
+    out.push_str("}\n");
+    out
+}
+
+struct Printer<'k> {
+    k: &'k Kernel,
+}
+
+impl Printer<'_> {
+    fn block(&self, out: &mut String, body: &[S], depth: usize) {
+        let pad = "    ".repeat(depth);
+        for s in body {
+            match s {
+                S::Let(v, e) => {
+                    let ty = self.k.vars[v.0 as usize];
+                    let _ = writeln!(out, "{pad}var v{}: {ty} = {};", v.0, self.e(e));
+                }
+                S::Set(v, e) => {
+                    let _ = writeln!(out, "{pad}v{} = {};", v.0, self.e(e));
+                }
+                S::Store(space, i, v) => {
+                    let _ = writeln!(out, "{pad}{}[{}] = {};", space_name(*space), self.e(i), self.e(v));
+                }
+                S::StoreShared(a, i, v) => {
+                    let _ = writeln!(out, "{pad}wg{}[{}] = {};", a.0, self.e(i), self.e(v));
+                }
+                S::StoreLocal(a, i, v) => {
+                    let _ = writeln!(out, "{pad}loc{}[{}] = {};", a.0, self.e(i), self.e(v));
+                }
+                S::For { var, from, to, step, body } => {
+                    let ty = self.k.vars[var.0 as usize];
+                    let v = var.0;
+                    let _ = writeln!(
+                        out,
+                        "{pad}for (var v{v}: {ty} = {}; v{v} < {}; v{v} = v{v} + {}) {{",
+                        self.e(from),
+                        self.e(to),
+                        self.e(step)
+                    );
+                    self.block(out, body, depth + 1);
+                    let _ = writeln!(out, "{pad}}}");
+                }
+                S::If(c, a, b) => {
+                    let _ = writeln!(out, "{pad}if ({}) {{", self.e(c));
+                    self.block(out, a, depth + 1);
+                    if !b.is_empty() {
+                        let _ = writeln!(out, "{pad}}} else {{");
+                        self.block(out, b, depth + 1);
+                    }
+                    let _ = writeln!(out, "{pad}}}");
+                }
+                S::Barrier => {
+                    let _ = writeln!(out, "{pad}workgroupBarrier();");
+                }
+            }
+        }
+    }
+
+    fn e(&self, x: &E) -> String {
+        match x {
+            E::F32(v) => f32_literal(*v),
+            E::I32(v) if *v == i32::MIN => "bitcast<i32>(0x80000000u)".into(),
+            E::I32(v) => format!("{v}i"),
+            E::U32(v) => format!("{v}u"),
+            E::Bool(b) => b.to_string(),
+            E::Var(v) => format!("v{}", v.0),
+            E::Builtin(Builtin::Thread) => "lid".into(),
+            E::Builtin(Builtin::Group(a)) => format!("wid.{}", axis(*a)),
+            E::Builtin(Builtin::Groups(a)) => format!("nwg.{}", axis(*a)),
+            E::Param(i) => format!("params[{i}]"),
+            E::Load(space, i) => format!("{}[{}]", space_name(*space), self.e(i)),
+            E::LoadShared(a, i) => format!("wg{}[{}]", a.0, self.e(i)),
+            E::LoadLocal(a, i) => format!("loc{}[{}]", a.0, self.e(i)),
+            E::Un(op, a) => {
+                let a = self.e(a);
+                match op {
+                    UnOp::Neg => format!("(-{a})"),
+                    UnOp::Not => format!("(!{a})"),
+                    UnOp::Abs => format!("abs({a})"),
+                    UnOp::Sqrt => format!("sqrt({a})"),
+                    UnOp::Floor => format!("floor({a})"),
+                    UnOp::Ceil => format!("ceil({a})"),
+                    UnOp::Round => format!("round({a})"),
+                    UnOp::Exp => format!("exp({a})"),
+                    UnOp::Log => format!("log({a})"),
+                    UnOp::Sin => format!("sin({a})"),
+                    UnOp::Cos => format!("cos({a})"),
+                }
+            }
+            E::Bin(op, a, b) => {
+                let boolean = self.k.ty_of(a) == Ty::Bool;
+                let (a, b) = (self.e(a), self.e(b));
+                let infix = |o: &str| format!("({a} {o} {b})");
+                match op {
+                    BinOp::Add => infix("+"),
+                    BinOp::Sub => infix("-"),
+                    BinOp::Mul => infix("*"),
+                    BinOp::Div => infix("/"),
+                    BinOp::Rem => infix("%"),
+                    BinOp::Max => format!("max({a}, {b})"),
+                    BinOp::Min => format!("min({a}, {b})"),
+                    BinOp::And if boolean => infix("&&"),
+                    BinOp::Or if boolean => infix("||"),
+                    BinOp::And => infix("&"),
+                    BinOp::Or => infix("|"),
+                    BinOp::Xor => infix("^"),
+                    BinOp::Shl => format!("({a} << u32({b}))"),
+                    BinOp::Shr => format!("({a} >> u32({b}))"),
+                }
+            }
+            E::Fma(a, b, c) => format!("fma({}, {}, {})", self.e(a), self.e(b), self.e(c)),
+            E::Cmp(op, a, b) => {
+                let o = match op {
+                    CmpOp::Eq => "==",
+                    CmpOp::Ne => "!=",
+                    CmpOp::Lt => "<",
+                    CmpOp::Le => "<=",
+                    CmpOp::Gt => ">",
+                    CmpOp::Ge => ">=",
+                };
+                format!("({} {o} {})", self.e(a), self.e(b))
+            }
+            E::Select(c, a, b) => format!("select({}, {}, {})", self.e(b), self.e(a), self.e(c)),
+            E::Cast(t, a) if self.k.ty_of(a) == *t => self.e(a),
+            E::Cast(t, a) => format!("{t}({})", self.e(a)),
+            E::Bits(t, a) if self.k.ty_of(a) == *t => self.e(a),
+            E::Bits(t, a) => format!("bitcast<{t}>({})", self.e(a)),
+        }
+    }
+}
+
+fn axis(a: u8) -> char {
+    ['x', 'y', 'z'][a as usize]
+}
+
+/// An f32 constant: decimal where WGSL has a literal for it, its bits
+/// otherwise (infinities, NaN, subnormals).
+fn f32_literal(v: f32) -> String {
+    if v == 0.0 && v.is_sign_positive() {
+        "0.0f".into()
+    } else if v.is_normal() {
+        let s = format!("{v:?}");
+        if s.contains(['.', 'e']) {
+            format!("{s}f")
+        } else {
+            format!("{s}.0f")
+        }
+    } else {
+        format!("bitcast<f32>({:#010x}u)", v.to_bits())
+    }
+}
+
+/// Parses and validates a shader with naga; the message names the
+/// problem as naga reports it.
+pub fn validate(source: &str) -> Result<(), String> {
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| e.emit_to_string(source))?;
+    Ok(())
+}
