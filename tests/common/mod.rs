@@ -65,3 +65,19 @@ pub fn check_all(dir: &std::path::Path, backend: egret::Backend, tol: egret::che
     assert!(failures.is_empty(), "{} of {n} cases failed:\n{}", failures.len(), failures.join("\n"));
     n
 }
+
+/// Whether the WGSL tests can run: a WebGPU adapter exists (lavapipe in
+/// CI). Without one they skip with a note, except under `CI=true`, where
+/// a missing adapter is a failure: `.ci/run` installs lavapipe.
+pub fn wgsl_adapter() -> bool {
+    match egret::runtime::WgpuDevice::shared() {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI runs the WGSL tests on lavapipe, and found no adapter: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping the WGSL part: {e}");
+            false
+        }
+    }
+}

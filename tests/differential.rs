@@ -1,5 +1,8 @@
 //! Differential tests: small graphs of every kernel shape, on random data,
-//! through the Cranelift backend and the reference backend.
+//! through the Cranelift backend, the WGSL backend (where a WebGPU adapter
+//! exists: lavapipe in CI) and the reference backend.
+
+mod common;
 
 use egret::ir::text::parse;
 use egret::ir::{Graph, Tensor};
@@ -58,6 +61,26 @@ fn same(text: &str) {
                     "{name} (fuse {fuse}, {matmul:?}, {threads} threads): {:?}\n{text}",
                     r.failure
                 );
+            }
+        }
+    }
+    same_on_wgsl(&g, &reference, text);
+}
+
+/// The GPU half of `same`: unfused and fully fused, through WGSL.
+fn same_on_wgsl(g: &Graph, reference: &ReferenceExecutable, text: &str) {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    for opt_level in [0, 2] {
+        let opts = egret::CompileOptions { opt_level, ..Default::default() };
+        let (gpu, _) = egret::compile_wgsl(g, &opts).unwrap_or_else(|e| panic!("--opt {opt_level}: {e}\n{text}"));
+        for seed in [1, 2] {
+            let want = reference.run(inputs_for(g, seed)).unwrap();
+            let got = gpu.run(inputs_for(g, seed)).unwrap();
+            for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
+                let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
+                assert!(r.failure.is_none(), "{name} (wgsl, --opt {opt_level}): {:?}\n{text}", r.failure);
             }
         }
     }
@@ -418,6 +441,12 @@ output \"y\" = v2
     let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
     let err = cpu.run(x.clone()).unwrap_err().to_string();
     assert!(err.contains("out of range for an axis of length 5"), "{err}");
+    if common::wgsl_adapter() {
+        let (gpu, _) = egret::compile_wgsl(&g, &Default::default()).unwrap();
+        let err = gpu.run(x.clone()).unwrap_err().to_string();
+        assert!(err.contains("out of range for an axis of length 5"), "{err}");
+        assert!(err.contains("gather"), "{err}");
+    }
     let err = ReferenceExecutable::new(g).unwrap().run(x).unwrap_err().to_string();
     assert!(err.contains("index 5 is out of range for an axis of length 5"), "{err}");
 }

@@ -1,0 +1,136 @@
+//! The WGSL backend on real models, its error word, and `compile --emit
+//! wgsl`. Runs on any WebGPU adapter (lavapipe in CI); without one the
+//! tests skip with a note, except under `CI=true` (see `common::wgsl_adapter`).
+
+mod common;
+
+use egret::check::{check_case_with, discover, Tolerance};
+use egret::{Backend, CompileOptions};
+use std::path::Path;
+
+/// Every case under `dir` on `wgsl` at `opt_level`; returns how many ran.
+fn check_wgsl(dir: &Path, opt_level: u8) -> usize {
+    let opts = CompileOptions { backend: Backend::Wgsl, opt_level, ..Default::default() };
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for case in discover(dir).expect("discover cases") {
+        for r in check_case_with(&case, &opts, Tolerance::default()) {
+            n += 1;
+            if !r.passed() {
+                let outs: Vec<_> = r.outputs.iter().filter_map(|o| o.failure.clone()).collect();
+                failures.push(format!("{} (--opt {opt_level}): {:?} {outs:?}", r.case, r.error));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed on wgsl:\n{}", failures.join("\n"));
+    n
+}
+
+#[test]
+fn zoo_models_pass_on_wgsl_at_both_levels() {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    for opt in [0, 2] {
+        assert_eq!(check_wgsl(&common::zoo_dir(), opt), 7);
+    }
+}
+
+#[test]
+fn synthetic_and_exported_models_pass_on_wgsl_at_both_levels() {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    for opt in [0, 2] {
+        check_wgsl(&common::synthetic_dir(), opt);
+        check_wgsl(&common::exports_dir(), opt);
+    }
+}
+
+/// Lavapipe is a CPU: the perf models run once, at the default level.
+#[test]
+fn perf_models_pass_on_wgsl() {
+    let Some(dir) = common::shared_dir("perf", Some("EGRET_PERF_MODELS")) else {
+        return;
+    };
+    if common::wgsl_adapter() {
+        check_wgsl(&dir, 2);
+    }
+}
+
+/// Every kernel of every model has a GPU kernel (no op runs on the host),
+/// and the shaders pass naga's validation. Needs no device.
+#[test]
+fn model_kernels_all_run_on_the_gpu_and_validate() {
+    let mut dirs = vec![common::zoo_dir(), common::synthetic_dir(), common::exports_dir()];
+    dirs.extend(common::shared_dir("perf", Some("EGRET_PERF_MODELS")));
+    // BLOOM's legacy export computes ALiBi positions with an integer CumSum,
+    // which has no kernel on either backend yet (the CPU runs it on the
+    // reference evaluator too).
+    let known_host = ["bloom_legacy"];
+    for dir in dirs {
+        for case in discover(&dir).unwrap() {
+            for opt_level in [0, 2] {
+                let opts = CompileOptions { opt_level, ..Default::default() };
+                let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
+                let (gpu, shaders) = egret::wgsl_program(&c.graph, &opts, Default::default())
+                    .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+                assert_eq!(shaders.len(), gpu.kernels.len());
+                let name = case.file_name().unwrap().to_string_lossy().to_string();
+                if !known_host.contains(&name.as_str()) {
+                    assert!(gpu.host_steps().is_empty(), "{name} --opt {opt_level}: {:?}", gpu.host_steps());
+                }
+            }
+        }
+    }
+}
+
+/// A gather reading an index input: a bad index is an error naming the
+/// node, and the next run with good indices succeeds (the error word is
+/// cleared per run).
+#[test]
+fn gather_index_errors_name_the_node_and_clear() {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    let g = egret::ir::text::parse(
+        "v0: i64[3] = input{name=\"ids\"}
+v1: f32[5,4] = const [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0]
+v2: f32[3,4] = gather{axis=0} v1, v0
+output \"y\" = v2
+",
+    )
+    .unwrap();
+    let (gpu, _) = egret::compile_wgsl(&g, &Default::default()).unwrap();
+    use egret::runtime::Executable;
+    let ids = |v: Vec<i64>| vec![egret::ir::Tensor::from_vec(vec![3], v)];
+    let err = gpu.run(ids(vec![0, 7, 1])).unwrap_err().to_string();
+    assert!(err.contains("out of range for an axis of length 5"), "{err}");
+    let y = gpu.run(ids(vec![4, -1, 1])).unwrap();
+    let want: Vec<f32> = [16.0, 17.0, 18.0, 19.0, 16.0, 17.0, 18.0, 19.0, 4.0, 5.0, 6.0, 7.0].to_vec();
+    assert_eq!(y[0].as_f32().unwrap(), &want[..]);
+    // An input that does not fit the i32 words GPU kernels carry integers in.
+    let err = gpu.run(ids(vec![0, 1 << 40, 1])).unwrap_err().to_string();
+    assert!(err.contains("outside the i32 range"), "{err}");
+}
+
+/// `egret compile --emit wgsl` writes one shader per distinct kernel and a
+/// manifest; the shaders are what naga validated.
+#[test]
+fn compile_emits_wgsl_and_a_manifest() {
+    let out = std::env::temp_dir().join(format!("egret-wgsl-{}", std::process::id()));
+    let model = common::zoo_dir().join("gpt2_tiny/model.onnx");
+    let written = egret::aot::write_wgsl(&model, &out, &Default::default()).unwrap();
+    let shaders: Vec<_> = written.iter().filter(|p| p.extension().is_some_and(|e| e == "wgsl")).collect();
+    assert!(shaders.len() >= 4, "{written:?}");
+    for s in &shaders {
+        egret::backends::gpu::wgsl::validate(&std::fs::read_to_string(s).unwrap()).unwrap();
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let steps = manifest["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["kind"] == "attention"), "{manifest}");
+    assert!(steps.iter().all(|s| s["workgroups"].as_array().is_some_and(|g| g.len() == 3)));
+    assert!(manifest["arena_words"].as_u64().unwrap() > 0);
+    std::fs::remove_dir_all(&out).unwrap();
+}
