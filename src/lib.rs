@@ -238,7 +238,10 @@ pub fn wgsl_program(
 }
 
 /// Compiles for the WGSL backend on the process's WebGPU device.
-pub fn compile_wgsl(graph: &Graph, opts: &CompileOptions) -> Result<(egret_runtime::WgpuExecutable, Vec<String>), Error> {
+pub fn compile_wgsl(
+    graph: &Graph,
+    opts: &CompileOptions,
+) -> Result<(egret_runtime::WgpuExecutable, Vec<String>), Error> {
     let device = egret_runtime::WgpuDevice::shared().map_err(Error::Device)?;
     let (gpu, shaders) = wgsl_program(graph, opts, device.limits)?;
     let exe = egret_runtime::WgpuExecutable::new(device, gpu, &shaders).map_err(Error::Device)?;

@@ -271,7 +271,8 @@ fn run_cli() -> Result<()> {
             };
             let emit = match emit {
                 EmitArg::Wgsl => {
-                    let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+                    let opts =
+                        CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
                     for path in egret::aot::write_wgsl(&model.model, &out, &opts)? {
                         println!("wrote {}", path.display());
                     }
@@ -521,11 +522,7 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     let lower_ms = t.elapsed().as_secs_f64() * 1e3;
     // The GPU's own choices: its kernels, grids and host steps (compiled
     // for the portable limits; no device is needed to explain).
-    let gpu_plan = if gpu {
-        Some(egret::wgsl_program(&c.graph, &opts, Default::default())?.0)
-    } else {
-        None
-    };
+    let gpu_plan = if gpu { Some(egret::wgsl_program(&c.graph, &opts, Default::default())?.0) } else { None };
     let report = c.optimized.clone().unwrap_or_default();
     let fusions = egret::passes::egraph::count_fused(&c.graph);
     let tilings = egret::passes::egraph::count_tilings(&c.graph);
@@ -616,7 +613,9 @@ fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan) {
                 let k = &g.kernels[*kernel];
                 println!("  s{i:<4} {:<28} grid {:?} x {} threads  # {label}", k.name, grid, k.threads);
             }
-            Step::Host { op, label, .. } => println!("  s{i:<4} host:{:<23} (reference, on the CPU)  # {label}", op.name()),
+            Step::Host { op, label, .. } => {
+                println!("  s{i:<4} host:{:<23} (reference, on the CPU)  # {label}", op.name())
+            }
         }
     }
     let host = g.host_steps();

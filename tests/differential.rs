@@ -42,7 +42,13 @@ fn same(text: &str) {
     for (fuse, matmul, threads) in
         [(false, None, 1), (true, Some(Library), 1), (true, Some(Generated), 1), (true, None, 2)]
     {
-        let opts = egret::backends::LowerOptions { fuse_elementwise: fuse, views: fuse, matmul, epilogues: fuse, neutral: false };
+        let opts = egret::backends::LowerOptions {
+            fuse_elementwise: fuse,
+            views: fuse,
+            matmul,
+            epilogues: fuse,
+            neutral: false,
+        };
         let plan = egret::backends::lower(&g, opts).unwrap();
         let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
         assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());

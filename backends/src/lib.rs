@@ -7,8 +7,8 @@
 //! with Cranelift.
 
 pub mod cpu;
-pub mod gpu;
 mod epilogue;
+pub mod gpu;
 mod lower;
 mod memory;
 pub mod plan;

@@ -247,7 +247,11 @@ impl WgpuExecutable {
 
     /// Copies word ranges of device memory to the host, after everything
     /// submitted so far.
-    fn read(&self, mut encoder: wgpu::CommandEncoder, ranges: &[(Space, usize, usize)]) -> Result<Vec<Vec<u32>>, String> {
+    fn read(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        ranges: &[(Space, usize, usize)],
+    ) -> Result<Vec<Vec<u32>>, String> {
         let total: usize = ranges.iter().map(|r| r.2).sum();
         let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
@@ -258,7 +262,13 @@ impl WgpuExecutable {
         let mut at = 0u64;
         for &(space, word, len) in ranges {
             if len > 0 {
-                encoder.copy_buffer_to_buffer(self.buffer_of(space), (word * 4) as u64, &staging, at, Some((len * 4) as u64));
+                encoder.copy_buffer_to_buffer(
+                    self.buffer_of(space),
+                    (word * 4) as u64,
+                    &staging,
+                    at,
+                    Some((len * 4) as u64),
+                );
             }
             at += (len * 4) as u64;
         }
@@ -317,9 +327,14 @@ impl WgpuExecutable {
 
     /// Runs the steps `range`; each dispatch in its own pass when `each`
     /// is set (profiling), else all of them in one.
-    fn run_steps(&self, inputs: &[Tensor], mut times: Option<&mut Vec<(String, String, f64)>>) -> Result<Vec<Tensor>, RunError> {
+    fn run_steps(
+        &self,
+        inputs: &[Tensor],
+        mut times: Option<&mut Vec<(String, String, f64)>>,
+    ) -> Result<Vec<Tensor>, RunError> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let device_error = |message: String| RunError::Eval { node: "the whole graph".into(), op: "wgsl".into(), message };
+        let device_error =
+            |message: String| RunError::Eval { node: "the whole graph".into(), op: "wgsl".into(), message };
         for ((place, ty), t) in self.plan.inputs.iter().zip(inputs) {
             let words = words_of(t, "an input").map_err(|e| RunError::Eval {
                 node: format!("input of {ty}"),
@@ -412,13 +427,7 @@ impl WgpuExecutable {
                 });
             }
         }
-        Ok(self
-            .plan
-            .outputs
-            .iter()
-            .zip(read.drain(1..))
-            .map(|((p, t), w)| self.words_of_place(*p, t, &w))
-            .collect())
+        Ok(self.plan.outputs.iter().zip(read.drain(1..)).map(|((p, t), w)| self.words_of_place(*p, t, &w)).collect())
     }
 }
 

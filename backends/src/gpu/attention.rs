@@ -53,9 +53,7 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
                 let rows = block * ROWS..((block + 1) * ROWS).min(k.sq);
                 let per = k.blocks_per_batch();
                 let plan_blocks = rows.start / k.block..rows.end.div_ceil(k.block);
-                plan_blocks
-                    .map(|pb| spans[batch * per + pb])
-                    .fold((k.sk, 0), |(f, e), [a, z]| (f.min(a), e.max(z)))
+                plan_blocks.map(|pb| spans[batch * per + pb]).fold((k.sk, 0), |(f, e), [a, z]| (f.min(a), e.max(z)))
             }
         };
         let first = first.min(end);
@@ -74,8 +72,11 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
         let entry = |i: i32| {
             E::Load(Space::Params, Box::new(batch.clone() * E::I32(5) + E::I32(table as i32 + i))).bits(Ty::I32)
         };
-        let (qo, ko, vo, mo, oo) = (b.let_(entry(0)), b.let_(entry(1)), b.let_(entry(2)), b.let_(entry(3)), b.let_(entry(4)));
-        let span = |i: i32| E::Load(Space::Params, Box::new(group.clone() * E::I32(2) + E::I32(spans as i32 + i))).bits(Ty::I32);
+        let (qo, ko, vo, mo, oo) =
+            (b.let_(entry(0)), b.let_(entry(1)), b.let_(entry(2)), b.let_(entry(3)), b.let_(entry(4)));
+        let span = |i: i32| {
+            E::Load(Space::Params, Box::new(group.clone() * E::I32(2) + E::I32(spans as i32 + i))).bits(Ty::I32)
+        };
         let (first, end) = (b.let_(span(0)), b.let_(span(1)));
         let row = b.let_(group.clone() % blocks_p.clone() * E::I32(ROWS as i32) + t.clone());
         // Invocations past the last row compute on the last one and store nothing.
@@ -162,12 +163,14 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
                     // columns holding a value that is not finite.
                     b.for_(E::I32(0), E::I32(dv as i32), E::I32(1), |b, c| {
                         if k.nan_to_zero {
-                            let z = b.var(E::F32(0.0));
+                            // Tested on the bits: 0 * inf is folded to 0 on some drivers.
+                            let bad = b.var(E::Bool(false));
                             b.for_(first.clone(), end.clone(), E::I32(1), |b, j| {
                                 let v = E::load_f32(pv.space, vo.clone() + j * v_rs.clone() + c.clone() * v_cs.clone());
-                                b.set(z, E::fma(E::F32(0.0), v, E::Var(z)));
+                                let non_finite = b.is_non_finite(v);
+                                b.set(bad, E::Var(bad).or(non_finite));
                             });
-                            b.store(po.space, out(&c), E::Var(z));
+                            b.store(po.space, out(&c), E::select(E::Var(bad), E::F32(f32::NAN), E::F32(0.0)));
                         } else {
                             b.store(po.space, out(&c), E::F32(f32::NAN));
                         }

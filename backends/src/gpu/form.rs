@@ -148,7 +148,13 @@ pub enum S {
     StoreShared(Shared, E, E),
     StoreLocal(Local, E, E),
     /// `for (var = from; var < to; var += step)` over i32 (or u32) values.
-    For { var: Var, from: E, to: E, step: E, body: Vec<S> },
+    For {
+        var: Var,
+        from: E,
+        to: E,
+        step: E,
+        body: Vec<S>,
+    },
     If(E, Vec<S>, Vec<S>),
     /// Waits for every invocation of the workgroup, and makes workgroup
     /// memory written before it visible after it. Only in uniform control

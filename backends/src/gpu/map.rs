@@ -26,7 +26,8 @@ pub fn map(k: &MapKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, 
     let mut b = Builder::new(THREADS);
     let total: usize = k.shape.iter().product();
     let n = b.param(total as i64);
-    let sizes: Vec<E> = k.shape.iter().map(|&s| b.param(s as i64)).collect();
+    // The outermost size is implied by the total.
+    let sizes: Vec<E> = k.shape.iter().skip(1).map(|&s| b.param(s as i64)).collect();
     let operands: Vec<&Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
     let layout: Vec<(E, Vec<E>)> = operands
         .iter()
@@ -40,11 +41,14 @@ pub fn map(k: &MapKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, 
         // Innermost dim first.
         let mut rest = gid;
         let mut index = vec![E::I32(0); k.shape.len()];
-        for d in (0..k.shape.len()).rev() {
-            index[d] = b.let_(rest.clone() % sizes[d].clone());
-            if d > 0 {
-                rest = b.let_(rest / sizes[d].clone());
-            }
+        for d in (1..k.shape.len()).rev() {
+            index[d] = b.let_(rest.clone() % sizes[d - 1].clone());
+            rest = b.let_(rest / sizes[d - 1].clone());
+        }
+        // The outermost index is what is left: below its size, since the
+        // element is below the total.
+        if let Some(first) = index.first_mut() {
+            *first = rest;
         }
         let address: Vec<E> = layout
             .iter()

@@ -35,12 +35,19 @@ pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<
         .flat_map(|e| &e.inputs)
         .map(|i| {
             let p = at(i.buffer);
-            (p.space, b.param(p.word as i64 + i.offset as i64), b.param(i.strides[0] as i64), b.param(i.strides[1] as i64))
+            (
+                p.space,
+                b.param(p.word as i64 + i.offset as i64),
+                b.param(i.strides[0] as i64),
+                b.param(i.strides[1] as i64),
+            )
         })
         .collect();
-    let table = b.param_table(k.batches.iter().flat_map(|o| {
-        [pa.word as i64 + o[0] as i64, pb.word as i64 + o[1] as i64, pc.word as i64 + o[2] as i64]
-    }));
+    let table = b.param_table(
+        k.batches
+            .iter()
+            .flat_map(|o| [pa.word as i64 + o[0] as i64, pb.word as i64 + o[1] as i64, pc.word as i64 + o[2] as i64]),
+    );
 
     let sa = b.shared((K_STEP * TILE) as u32);
     let sb = b.shared((K_STEP * TILE) as u32);
@@ -52,7 +59,9 @@ pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<
         let tile = b.let_(group % tiles);
         let row0 = b.let_(tile.clone() / tiles_n_p.clone() * E::I32(TILE as i32));
         let col0 = b.let_(tile % tiles_n_p * E::I32(TILE as i32));
-        let entry = |i: u32| E::Load(Space::Params, Box::new(batch.clone() * E::I32(3) + E::I32((table + i) as i32))).bits(Ty::I32);
+        let entry = |i: u32| {
+            E::Load(Space::Params, Box::new(batch.clone() * E::I32(3) + E::I32((table + i) as i32))).bits(Ty::I32)
+        };
         let (ao, bo, co) = (b.let_(entry(0)), b.let_(entry(1)), b.let_(entry(2)));
         let ty = b.let_(t.clone() / E::I32(SIDE as i32));
         let tx = b.let_(t.clone() % E::I32(SIDE as i32));

@@ -216,7 +216,9 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             label: k.label.clone(),
             kind: k.detailed_kind(),
             on_error: match &k.kind {
-                KernelKind::Gather(g) => Some(format!("gather index out of range for an axis of length {}", g.axis_len)),
+                KernelKind::Gather(g) => {
+                    Some(format!("gather index out of range for an axis of length {}", g.axis_len))
+                }
                 _ => None,
             },
         });

@@ -75,7 +75,8 @@ pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>,
             Some((rs, rbase, ss, sbase)) => {
                 b.for_(t.clone(), len.clone(), threads.clone(), |b, j| {
                     let i = b.let_(start.clone() + j);
-                    let v = E::load_f32(px.space, x_base.clone() + i.clone()) + E::load_f32(*rs, rbase.clone() + i.clone());
+                    let v =
+                        E::load_f32(px.space, x_base.clone() + i.clone()) + E::load_f32(*rs, rbase.clone() + i.clone());
                     b.store(*ss, sbase.clone() + i, v);
                 });
                 (*ss, sbase.clone())
