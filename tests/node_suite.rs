@@ -31,6 +31,28 @@ fn every_listed_case_passes_on_the_cpu_backend() {
     run_listed("passing-cpu.txt", Backend::Cpu);
 }
 
+/// The CPU list less the cases `excluded-wgsl.txt` gives a reason for.
+#[test]
+fn every_listed_case_passes_on_the_wgsl_backend() {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    run_listed("passing-wgsl.txt", Backend::Wgsl);
+}
+
+#[test]
+fn the_wgsl_list_is_the_cpu_list_less_its_exclusions() {
+    let cpu = list("passing-cpu.txt");
+    let wgsl = list("passing-wgsl.txt");
+    let excluded = list("excluded-wgsl.txt");
+    let extra: Vec<_> = wgsl.difference(&cpu).collect();
+    assert!(extra.is_empty(), "on the wgsl list but not the cpu list: {extra:?}");
+    let missing: Vec<_> = cpu.difference(&wgsl).filter(|c| !excluded.contains(*c)).collect();
+    assert!(missing.is_empty(), "on the cpu list, neither on the wgsl list nor excluded with a reason: {missing:?}");
+    let both: Vec<_> = wgsl.intersection(&excluded).collect();
+    assert!(both.is_empty(), "listed as passing on wgsl and excluded: {both:?}");
+}
+
 fn run_listed(file: &str, backend: Backend) {
     let Some(suite) = common::shared_dir("onnx-node-tests", Some("EGRET_ONNX_NODE_TESTS")) else {
         return;

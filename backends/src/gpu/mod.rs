@@ -146,6 +146,17 @@ fn buffer_words(plan: &Plan, b: BufferId) -> usize {
 /// Compiles a plan's kernels for a GPU. The plan must be lowered with
 /// `LowerOptions::gpu` (strided weights, no CPU row tables).
 pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
+    // Every value is one 32-bit word on the device: f64 has no place there.
+    let wide = |b: &BufferId| plan.buffers[*b].dtype == DType::F64;
+    if let Some(i) = plan.inputs.iter().position(|(b, _)| wide(b)) {
+        return Err(GpuError::DType { what: format!("graph input {i} ({})", plan.inputs[i].1), dtype: DType::F64 });
+    }
+    for k in &plan.kernels {
+        let (reads, writes) = k.buffers();
+        if reads.iter().chain(&writes).any(wide) {
+            return Err(GpuError::DType { what: format!("a value of node `{}`", k.label), dtype: DType::F64 });
+        }
+    }
     let max_words = limits.max_binding_bytes / 4;
     // The arena, by liveness, one word per element; the inputs after it.
     let (mut places, arena_words) = crate::memory::assign_offsets(plan, |b| buffer_words(plan, b), 16);
