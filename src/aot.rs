@@ -417,6 +417,7 @@ pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
         let space = match p.space {
             Space::Arena => "arena".to_string(),
             Space::Weights(c) => format!("weights{c}"),
+            Space::WeightsSpan { first, chunks, .. } => format!("weights{first}..{}", first + chunks),
             Space::Params => "params".into(),
             Space::Error => "error".into(),
         };

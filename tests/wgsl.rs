@@ -134,3 +134,44 @@ fn compile_emits_wgsl_and_a_manifest() {
     assert!(manifest["arena_words"].as_u64().unwrap() > 0);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// Constants larger than one binding (GPT-2's 154 MB token embedding is,
+/// at 128 MiB a binding) span several weight chunks: here with bindings of
+/// 4 KiB, a gather table and a matmul weight of about 10 KiB each.
+#[test]
+fn constants_larger_than_a_binding_span_chunks() {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let table: Vec<String> = (0..300 * 8).map(|i| format!("{:.3}", (i % 97) as f32 * 0.01 - 0.4)).collect();
+    let w: Vec<String> = (0..40 * 64).map(|i| format!("{:.3}", (i % 89) as f32 * 0.01 - 0.45)).collect();
+    let text = format!(
+        "v0: i64[6] = input{{name=\"ids\"}}
+v1: f32[300,8] = const [{}]
+v2: f32[6,8] = gather{{axis=0}} v1, v0
+v3: f32[6,40] = input{{name=\"x\"}}
+v4: f32[40,64] = const [{}]
+v5: f32[6,64] = matmul v3, v4
+output \"rows\" = v2
+output \"product\" = v5
+",
+        table.join(", "),
+        w.join(", ")
+    );
+    let g = egret::ir::text::parse(&text).unwrap();
+    let limits = egret::backends::gpu::Limits { max_binding_bytes: 4096, ..Default::default() };
+    let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), limits).unwrap();
+    assert!(gpu.weights.len() >= 6, "{} chunks", gpu.weights.len());
+    assert!(shaders.iter().any(|s| s.contains("let chunk = i /")), "a spanning reader");
+    let device = egret::runtime::WgpuDevice::shared().unwrap();
+    let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
+    let ids = egret::ir::Tensor::from_vec(vec![6], vec![0i64, 299, 128, 127, 255, -1]);
+    let x = egret::ir::Tensor::from_vec(vec![6, 40], (0..240).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect::<Vec<_>>());
+    let got = exe.run(vec![ids.clone(), x.clone()]).unwrap();
+    let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![ids, x]).unwrap();
+    for ((gt, w), name) in got.iter().zip(&want).zip(["rows", "product"]) {
+        let r = egret::check::compare(name, gt, w, Tolerance::default());
+        assert!(r.failure.is_none(), "{name}: {:?}", r.failure);
+    }
+}

@@ -71,6 +71,7 @@ impl WgpuDevice {
                 // Whole words, below the limit.
                 max_binding_bytes: binding / 256 * 256,
                 max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
+                max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
             },
             timestamps,
             params_align: limits.min_storage_buffer_offset_alignment as usize,
@@ -181,6 +182,7 @@ impl WgpuExecutable {
                         Space::Arena => arena.as_entire_binding(),
                         Space::Error => error.as_entire_binding(),
                         Space::Weights(c) => weights[c as usize].as_entire_binding(),
+                        Space::WeightsSpan { .. } => unreachable!("spaces() binds a span's chunks"),
                         Space::Params => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &params_buffer,
                             offset: (param_at[i] * 4) as u64,
@@ -241,6 +243,7 @@ impl WgpuExecutable {
             Space::Arena => &self.arena,
             Space::Error => &self.error,
             Space::Weights(c) => &self.weights[c as usize],
+            Space::WeightsSpan { first, .. } => &self.weights[first as usize],
             Space::Params => unreachable!("parameters are never read back"),
         }
     }
@@ -320,9 +323,40 @@ impl WgpuExecutable {
         self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") })
     }
 
-    fn words_of_place(&self, place: Place, ty: &Type, read: &[u32]) -> Tensor {
-        let _ = place;
-        tensor_of_words(ty, read)
+    /// The words of a constant, from the host's copy (a constant that
+    /// spans chunks is not one device range).
+    fn constant_words(&self, place: Place, len: usize) -> Option<Vec<u32>> {
+        let (first, chunk_words) = match place.space {
+            Space::Weights(c) => (c as usize, usize::MAX),
+            Space::WeightsSpan { first, chunk_words, .. } => (first as usize, chunk_words as usize),
+            _ => return None,
+        };
+        let chunks = &self.plan.weights[first..];
+        Some(
+            (place.word..place.word + len)
+                .map(
+                    |i| if chunk_words == usize::MAX { chunks[0][i] } else { chunks[i / chunk_words][i % chunk_words] },
+                )
+                .collect(),
+        )
+    }
+
+    /// Reads `values` (places and types) after the work in `encoder`.
+    fn read_values(&self, encoder: wgpu::CommandEncoder, values: &[(Place, Type)]) -> Result<Vec<Tensor>, String> {
+        // Constants come from the host's copy; the rest in one readback.
+        let ranges: Vec<_> = values
+            .iter()
+            .map(|(p, t)| match self.constant_words(*p, t.numel()) {
+                Some(_) => (Space::Arena, 0, 0),
+                None => (p.space, p.word, t.numel()),
+            })
+            .collect();
+        let read = self.read(encoder, &ranges)?;
+        Ok(values
+            .iter()
+            .zip(read)
+            .map(|((p, t), w)| tensor_of_words(t, &self.constant_words(*p, t.numel()).unwrap_or(w)))
+            .collect())
     }
 
     /// Runs the steps `range`; each dispatch in its own pass when `each`
@@ -351,11 +385,8 @@ impl WgpuExecutable {
             match &steps[i] {
                 Step::Host { op, inputs, outputs, label } => {
                     let start = std::time::Instant::now();
-                    let ranges: Vec<_> = inputs.iter().map(|(p, t)| (p.space, p.word, t.numel())).collect();
                     let done = std::mem::replace(&mut encoder, self.encoder());
-                    let read = self.read(done, &ranges).map_err(device_error)?;
-                    let ts: Vec<Tensor> =
-                        inputs.iter().zip(&read).map(|((p, t), w)| self.words_of_place(*p, t, w)).collect();
+                    let ts = self.read_values(done, inputs).map_err(device_error)?;
                     let refs: Vec<&Tensor> = ts.iter().collect();
                     let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
                         node: label.clone(),
@@ -413,12 +444,13 @@ impl WgpuExecutable {
                 }
             }
         }
-        let mut ranges = vec![(Space::Error, 0, 1)];
-        ranges.extend(self.plan.outputs.iter().map(|(p, t)| (p.space, p.word, t.numel())));
-        let mut read = self.read(encoder, &ranges).map_err(device_error)?;
-        let code = read[0][0];
+        let error_word = (Place { space: Space::Error, word: 0 }, Type::new(egret_ir::DType::I32, vec![]));
+        let mut values = vec![error_word];
+        values.extend(self.plan.outputs.iter().cloned());
+        let mut read = self.read_values(encoder, &values).map_err(device_error)?;
+        let code = read[0].to_i64_vec()[0] as usize;
         if code != 0 {
-            let step = &steps[code as usize - 1];
+            let step = &steps[code - 1];
             if let Step::Dispatch { label, kind, on_error, .. } = step {
                 return Err(RunError::Eval {
                     node: label.clone(),
@@ -427,7 +459,7 @@ impl WgpuExecutable {
                 });
             }
         }
-        Ok(self.plan.outputs.iter().zip(read.drain(1..)).map(|((p, t), w)| self.words_of_place(*p, t, &w)).collect())
+        Ok(read.drain(1..).collect())
     }
 }
 

@@ -32,6 +32,11 @@ pub enum Space {
     Arena,
     /// The i-th chunk of the constants (read-only).
     Weights(u32),
+    /// A constant larger than one binding, over `chunks` consecutive
+    /// chunks of `chunk_words` words from chunk `first` (GPT-2's token
+    /// embedding is 154 MB; a binding may be 128 MiB). Printers with
+    /// bindings split each index into a chunk and an offset.
+    WeightsSpan { first: u32, chunks: u32, chunk_words: u32 },
     /// The kernel's own parameters (read-only, `u32`).
     Params,
     /// The run's error word: a kernel that finds a bad index stores its
@@ -178,8 +183,24 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// The spaces the body reads or writes, in order: what it binds.
+    /// The spaces the body reads or writes, in order, a span as its
+    /// chunks: what it binds.
     pub fn spaces(&self) -> Vec<Space> {
+        let mut out: Vec<Space> = self
+            .used_spaces()
+            .into_iter()
+            .flat_map(|s| match s {
+                Space::WeightsSpan { first, chunks, .. } => (first..first + chunks).map(Space::Weights).collect(),
+                s => vec![s],
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The spaces the body names, spans as they are.
+    pub fn used_spaces(&self) -> Vec<Space> {
         fn e(x: &E, out: &mut Vec<Space>) {
             match x {
                 E::Load(s, i) => {

@@ -29,8 +29,8 @@ pub enum GpuError {
     DType { what: String, dtype: DType },
     #[error("{what} holds {value}, outside the i32 range GPU kernels carry integers in")]
     IntRange { what: String, value: i64 },
-    #[error("constant of {bytes} bytes is larger than one storage binding ({limit} bytes) on this adapter")]
-    TooLarge { bytes: usize, limit: usize },
+    #[error("kernel `{kernel}` ({label}) binds {bindings} storage buffers, more than the adapter's {limit}")]
+    TooManyBindings { kernel: String, label: String, bindings: usize, limit: u32 },
     #[error("the arena needs {bytes} bytes, more than one storage binding ({limit} bytes) on this adapter")]
     ArenaTooLarge { bytes: usize, limit: usize },
     #[error("kernel `{kernel}` ({label}): its WGSL fails validation ({message}); this is a compiler bug, the shader is saved at {path}")]
@@ -44,12 +44,14 @@ pub struct Limits {
     pub max_binding_bytes: usize,
     /// Workgroups along one grid dimension.
     pub max_groups_per_dim: u32,
+    /// Storage buffers one kernel may bind.
+    pub max_storage_buffers: u32,
 }
 
 impl Default for Limits {
     /// The portable defaults every WebGPU adapter has.
     fn default() -> Limits {
-        Limits { max_binding_bytes: 128 << 20, max_groups_per_dim: 65_535 }
+        Limits { max_binding_bytes: 128 << 20, max_groups_per_dim: 65_535, max_storage_buffers: 8 }
     }
 }
 
@@ -170,8 +172,11 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
     if top > max_words {
         return Err(GpuError::ArenaTooLarge { bytes: top * 4, limit: limits.max_binding_bytes });
     }
-    // Constants the kernels read, packed into chunks.
+    // Constants the kernels read, packed into chunks of at most one
+    // binding; one larger than that starts a chunk of its own and runs on
+    // over as many as it needs.
     let used = plan.used_buffers();
+    let chunk_words = max_words / 16 * 16;
     let mut weights: Vec<Vec<u32>> = vec![];
     for (b, buf) in plan.buffers.iter().enumerate() {
         let Storage::Constant(t) = &buf.storage else { continue };
@@ -179,10 +184,17 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             continue;
         }
         let words = words_of(t, &format!("constant buffer {b}"))?;
-        if words.len() > max_words {
-            return Err(GpuError::TooLarge { bytes: words.len() * 4, limit: limits.max_binding_bytes });
+        if words.len() > chunk_words {
+            let first = weights.len() as u32;
+            let chunks = words.len().div_ceil(chunk_words);
+            weights.extend(words.chunks(chunk_words).map(|c| c.to_vec()));
+            let last = weights.last_mut().unwrap();
+            last.resize(last.len().div_ceil(16) * 16, 0);
+            let space = Space::WeightsSpan { first, chunks: chunks as u32, chunk_words: chunk_words as u32 };
+            places[b] = Some(Place { space, word: 0 });
+            continue;
         }
-        if weights.last().is_none_or(|c| c.len() + words.len() > max_words) {
+        if weights.last().is_none_or(|c| c.len() + words.len() > chunk_words) {
             weights.push(Vec::new());
         }
         let chunk = weights.last_mut().unwrap();
@@ -215,6 +227,16 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             }
         };
         let (kernel, params, groups) = built;
+        // Every space is a storage buffer, the parameters too.
+        let bindings = kernel.spaces().len();
+        if bindings > limits.max_storage_buffers as usize {
+            return Err(GpuError::TooManyBindings {
+                kernel: kernel.name.clone(),
+                label: k.label.clone(),
+                bindings,
+                limit: limits.max_storage_buffers,
+            });
+        }
         let next = kernels.len();
         let index = *by_text.entry(wgsl::print(&kernel)).or_insert(next);
         if index == next {

@@ -15,6 +15,7 @@ pub fn binding(space: Space) -> u32 {
         Space::Params => 1,
         Space::Error => 2,
         Space::Weights(c) => 3 + c,
+        Space::WeightsSpan { first, .. } => 3 + first,
     }
 }
 
@@ -24,7 +25,23 @@ fn space_name(space: Space) -> String {
         Space::Params => "params".into(),
         Space::Error => "err_word".into(),
         Space::Weights(c) => format!("weights{c}"),
+        Space::WeightsSpan { first, chunks, .. } => format!("weights{first}_{chunks}"),
     }
+}
+
+/// A function reading a word of a constant that spans chunks: the index
+/// splits into a chunk and an offset in it.
+fn span_reader(space: Space) -> Option<String> {
+    let Space::WeightsSpan { first, chunks, chunk_words } = space else { return None };
+    let mut f = format!(
+        "fn {}(i: i32) -> u32 {{\n    let chunk = i / {chunk_words}i;\n    let at = i - chunk * {chunk_words}i;\n",
+        space_name(space)
+    );
+    for c in 0..chunks - 1 {
+        let _ = writeln!(f, "    if (chunk == {c}i) {{ return weights{}[at]; }}", first + c);
+    }
+    let _ = writeln!(f, "    return weights{}[at];\n}}", first + chunks - 1);
+    Some(f)
 }
 
 pub fn print(k: &Kernel) -> String {
@@ -33,7 +50,7 @@ pub fn print(k: &Kernel) -> String {
     for space in k.spaces() {
         let access = match space {
             Space::Arena | Space::Error => "read_write",
-            Space::Params | Space::Weights(_) => "read",
+            Space::Params | Space::Weights(_) | Space::WeightsSpan { .. } => "read",
         };
         let _ = writeln!(
             out,
@@ -41,6 +58,9 @@ pub fn print(k: &Kernel) -> String {
             binding(space),
             space_name(space)
         );
+    }
+    for reader in k.used_spaces().into_iter().filter_map(span_reader) {
+        out.push_str(&reader);
     }
     for (i, len) in k.shared.iter().enumerate() {
         let _ = writeln!(out, "var<workgroup> wg{i}: array<f32, {len}>;");
@@ -126,6 +146,13 @@ impl Printer<'_> {
             E::Builtin(Builtin::Group(a)) => format!("wid.{}", axis(*a)),
             E::Builtin(Builtin::Groups(a)) => format!("nwg.{}", axis(*a)),
             E::Param(i) => format!("params[{i}]"),
+            E::Load(space @ Space::WeightsSpan { .. }, i) => {
+                let i = match self.k.ty_of(i) {
+                    Ty::I32 => self.e(i),
+                    _ => format!("i32({})", self.e(i)),
+                };
+                format!("{}({i})", space_name(*space))
+            }
             E::Load(space, i) => format!("{}[{}]", space_name(*space), self.e(i)),
             E::LoadShared(a, i) => format!("wg{}[{}]", a.0, self.e(i)),
             E::LoadLocal(a, i) => format!("loc{}[{}]", a.0, self.e(i)),
