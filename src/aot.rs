@@ -430,7 +430,7 @@ pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
             Step::Dispatch { kernel, params, grid, label, kind, .. } => {
                 let k = &g.kernels[*kernel];
                 let bindings: Vec<u32> = k.spaces().into_iter().map(binding).collect();
-                serde_json::json!({"dispatch": format!("k{kernel:03}_{}", k.name), "kind": kind, "label": label,
+                serde_json::json!({"dispatch": format!("k{kernel:03}_{}", k.name), "kernel": k.name, "kind": kind, "label": label,
                     "workgroups": grid, "threads": k.threads, "bindings": bindings, "params": params})
             }
             Step::Host { op, inputs, outputs, label } => serde_json::json!({

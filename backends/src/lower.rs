@@ -1742,6 +1742,15 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     }
     // Pending values still here are read by nothing: dead code, never emitted.
     let mut kernels = l.kernels;
+    if opts.neutral {
+        // The CPU's heuristics picked implementations on the way; a neutral
+        // plan carries none.
+        for k in &mut kernels {
+            if let KernelKind::MatMul(mm) = &mut k.kind {
+                mm.implementation = MatMulImpl::Unchosen;
+            }
+        }
+    }
     if opts.epilogues && opts.matmul != Some(MatMulImpl::Generated) {
         let outs: Vec<BufferId> = outputs.iter().map(|(b, _)| *b).collect();
         crate::epilogue::fuse_epilogues(&mut kernels, &outs);

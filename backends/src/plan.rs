@@ -214,6 +214,9 @@ pub enum MatMulImpl {
     /// The kernel library's GEMM over a constant `b` that lowering packed
     /// into `PACKED_PANEL`-column panels (`pack_panels`), so no run repacks it.
     Packed,
+    /// None chosen: a neutral plan (`LowerOptions::neutral`), whose backend
+    /// tiles the product itself (the GPU backends).
+    Unchosen,
 }
 
 /// Columns per panel of a `MatMulImpl::Packed` weight.
@@ -446,6 +449,7 @@ impl Kernel {
                     MatMulImpl::Library => "library",
                     MatMulImpl::Generated => "generated",
                     MatMulImpl::Packed => "packed",
+                    MatMulImpl::Unchosen => return "matmul".into(),
                 };
                 format!("matmul:{variant}")
             }
@@ -479,6 +483,7 @@ impl Kernel {
                     MatMulImpl::Generated => {
                         format!("generated, 4x8 register tile{}", if mm.b_packed { ", b packed" } else { "" })
                     }
+                    MatMulImpl::Unchosen => "tiled by the backend".to_string(),
                 };
                 let epilogue = mm.epilogue.as_ref().map_or(String::new(), |e| format!(", epilogue {}", e.expr));
                 let gathered = if mm.a_rows.is_some() { ", rows of a gathered" } else { "" };

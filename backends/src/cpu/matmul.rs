@@ -113,6 +113,7 @@ pub fn emit(
                 b.ins().call(gemm, &[dims[0], dims[1], dims[2], pa, a_rs, a_cs, pb, pc, a_rows, c_rows, program, args]);
                 None
             }
+            MatMulImpl::Unchosen => unreachable!("`compile_with` refuses neutral plans"),
         };
         if let Some(program) = epilogue_after {
             let f = fns.epilogue.expect("epilogues are only compiled where the kernel library links");

@@ -247,7 +247,7 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             params,
             grid: grid_of(groups, limits.max_groups_per_dim),
             label: k.label.clone(),
-            kind: k.detailed_kind(),
+            kind: k.kind_name().to_string(),
             on_error: match &k.kind {
                 KernelKind::Gather(g) => {
                     Some(format!("gather index out of range for an axis of length {}", g.axis_len))
