@@ -66,3 +66,25 @@ fn elementwise_chain() {
 fn attention() {
     insta::assert_snapshot!(wgsl(ATTENTION));
 }
+
+/// A weight read through a transpose (Gemm's `transB`) is laid out
+/// row-major at compile time for the GPU's matmul: its tile loads then
+/// walk consecutive words (the strides are parameters 5 and 6).
+#[test]
+fn transposed_weights_are_laid_out_row_major() {
+    let g = egret_ir::text::parse(
+        "v0: f32[3,4] = input{name=\"x\"}
+v1: f32[2,4] = const [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+v2: f32[4,2] = transpose{perm=[1, 0]} v1
+v3: f32[3,2] = matmul v0, v2
+output \"y\" = v3
+",
+    )
+    .unwrap();
+    let plan = lower(&g, LowerOptions::default().gpu()).unwrap();
+    let compiled = gpu::compile(&plan, gpu::Limits::default()).unwrap();
+    let Step::Dispatch { params, .. } = &compiled.steps[0] else { panic!("a dispatch") };
+    assert_eq!(&params[5..7], &[2, 1], "b row-major: row stride n, column stride 1");
+    let bits: Vec<f32> = compiled.weights[0][..8].iter().map(|&w| f32::from_bits(w)).collect();
+    assert_eq!(bits, [1.0, 5.0, 2.0, 6.0, 3.0, 7.0, 4.0, 8.0]);
+}

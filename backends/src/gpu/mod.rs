@@ -145,9 +145,50 @@ fn buffer_words(plan: &Plan, b: BufferId) -> usize {
     buf.bytes / buf.dtype.size_bytes()
 }
 
+/// The GPU's choice of weight layout: a product's constant `b` that is
+/// not row-major (a transposed view, as Gemm's `transB` and tied
+/// embeddings give) is laid out row-major at compile time, so that the
+/// matmul's tile loads walk consecutive words. The constant stays for any
+/// other reader; the product reads its own copy.
+fn lay_out_weights(plan: &Plan) -> Plan {
+    let mut plan = plan.clone();
+    for i in 0..plan.kernels.len() {
+        let KernelKind::MatMul(mm) = &plan.kernels[i].kind else { continue };
+        let Storage::Constant(t) = &plan.buffers[mm.b].storage else { continue };
+        let Some(w) = t.as_f32() else { continue };
+        let b_offset = mm.batches[0][1];
+        let one_weight = mm.batches.iter().all(|o| o[1] == b_offset);
+        if mm.b_strides[1] == 1 || !one_weight || mm.b_strides.iter().any(|&s| s < 0) {
+            continue;
+        }
+        let (k, n, [rs, cs]) = (mm.k, mm.n, mm.b_strides);
+        let mut dense = Vec::with_capacity(k * n);
+        for p in 0..k as isize {
+            for j in 0..n as isize {
+                dense.push(w[(b_offset + p * rs + j * cs) as usize]);
+            }
+        }
+        let t = Tensor::from_vec(vec![k, n], dense);
+        plan.buffers.push(crate::plan::Buffer {
+            bytes: k * n * 4,
+            dtype: DType::F32,
+            storage: Storage::Constant(std::sync::Arc::new(t)),
+        });
+        let b = plan.buffers.len() - 1;
+        let KernelKind::MatMul(mm) = &mut plan.kernels[i].kind else { unreachable!() };
+        mm.b = b;
+        mm.b_strides = [n as isize, 1];
+        for o in &mut mm.batches {
+            o[1] = 0;
+        }
+    }
+    plan
+}
+
 /// Compiles a plan's kernels for a GPU. The plan must be lowered with
 /// `LowerOptions::gpu` (strided weights, no CPU row tables).
 pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
+    let plan = &lay_out_weights(plan);
     // Every value is one 32-bit word on the device: f64 has no place there.
     let wide = |b: &BufferId| plan.buffers[*b].dtype == DType::F64;
     if let Some(i) = plan.inputs.iter().position(|(b, _)| wide(b)) {
