@@ -15,6 +15,7 @@ pub mod form;
 pub mod gather;
 pub mod map;
 pub mod matmul;
+pub mod ptx;
 pub mod rows;
 pub mod wgsl;
 
