@@ -199,6 +199,17 @@ pub fn lower_options(opts: &CompileOptions) -> egret_backends::LowerOptions {
     }
 }
 
+/// A graph through the GPU layer: lowered to a neutral plan and compiled
+/// into GPU kernels, for any printer.
+pub fn gpu_plan(
+    graph: &Graph,
+    opts: &CompileOptions,
+    limits: egret_backends::gpu::Limits,
+) -> Result<egret_backends::gpu::GpuPlan, Error> {
+    let plan = egret_backends::lower(graph, lower_options(opts).gpu())?;
+    egret_backends::gpu::compile(&plan, limits).map_err(|e| Error::Codegen(e.to_string()))
+}
+
 /// A graph through the GPU layer, printed as WGSL: the plan compiled for
 /// the GPU and one validated shader per distinct kernel. Needs no device:
 /// the limits are the portable defaults unless `limits` says otherwise.
@@ -207,8 +218,7 @@ pub fn wgsl_program(
     opts: &CompileOptions,
     limits: egret_backends::gpu::Limits,
 ) -> Result<(egret_backends::gpu::GpuPlan, Vec<String>), Error> {
-    let plan = egret_backends::lower(graph, lower_options(opts).gpu())?;
-    let gpu = egret_backends::gpu::compile(&plan, limits).map_err(|e| Error::Codegen(e.to_string()))?;
+    let gpu = gpu_plan(graph, opts, limits)?;
     let mut shaders = Vec::with_capacity(gpu.kernels.len());
     for (i, k) in gpu.kernels.iter().enumerate() {
         let text = egret_backends::gpu::wgsl::print(k);

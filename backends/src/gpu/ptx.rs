@@ -424,7 +424,9 @@ impl Printer<'_> {
                 let r = self.temp(*t);
                 let (d, s) = (r.name.clone(), a.name.clone());
                 match (from, *t) {
-                    (Ty::Bool, Ty::F32) => self.line(&format!("selp.f32 {d}, {}, {}, {s};", f32_imm(1.0), f32_imm(0.0))),
+                    (Ty::Bool, Ty::F32) => {
+                        self.line(&format!("selp.f32 {d}, {}, {}, {s};", f32_imm(1.0), f32_imm(0.0)))
+                    }
                     (Ty::Bool, _) => self.line(&format!("selp.b32 {d}, 1, 0, {s};")),
                     (Ty::I32, Ty::F32) => self.line(&format!("cvt.rn.f32.s32 {d}, {s};")),
                     (Ty::U32, Ty::F32) => self.line(&format!("cvt.rn.f32.u32 {d}, {s};")),

@@ -1,0 +1,103 @@
+//! The PTX backend without a GPU: every kernel of every model assembles
+//! with `ptxas` for sm_80 and sm_90, and the matmul and attention kernels
+//! do not spill at sm_80.
+//!
+//! `ptxas` comes from the PyPI wheel `nvidia-cuda-nvcc-cu12` (`.ci/run`
+//! installs it); `EGRET_PTXAS` names another. Without one the test skips
+//! with a note, except under `CI=true`.
+
+mod common;
+
+use egret::check::discover;
+use egret::CompileOptions;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn ptxas() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("EGRET_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    if Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Some(PathBuf::from("ptxas"));
+    }
+    // The wheel puts it under site-packages.
+    let out = Command::new("python3")
+        .args(["-c", "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|d| PathBuf::from(d).join("nvidia/cuda_nvcc/bin/ptxas"))
+        .find(|p| p.is_file())
+}
+
+/// The distinct PTX kernels of every zoo, synthetic, export and perf
+/// model at `--opt 0` and `--opt 2`, by text, with a model that has each.
+fn model_kernels() -> BTreeMap<String, (String, String)> {
+    let mut dirs = vec![common::zoo_dir(), common::synthetic_dir(), common::exports_dir()];
+    dirs.extend(common::shared_dir("perf", Some("EGRET_PERF_MODELS")));
+    let mut kernels = BTreeMap::new();
+    for dir in dirs {
+        for case in discover(&dir).unwrap() {
+            for opt_level in [0, 2] {
+                let opts = CompileOptions { opt_level, ..Default::default() };
+                let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
+                let gpu = egret::gpu_plan(&c.graph, &opts, Default::default()).unwrap();
+                for k in &gpu.kernels {
+                    let text = egret::backends::gpu::ptx::print(k);
+                    let from = format!("{} --opt {opt_level}", case.display());
+                    kernels.entry(text).or_insert((k.name.clone(), from));
+                }
+            }
+        }
+    }
+    kernels
+}
+
+#[test]
+fn every_model_kernel_assembles_for_sm80_and_sm90_without_spills() {
+    let Some(ptxas) = ptxas() else {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI installs ptxas (nvidia-cuda-nvcc-cu12)");
+        eprintln!("skipping: no ptxas (pip install nvidia-cuda-nvcc-cu12, or set EGRET_PTXAS)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("egret-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernels = model_kernels();
+    assert!(kernels.len() > 20, "{} distinct kernels", kernels.len());
+    let mut failures = Vec::new();
+    for (i, (text, (name, from))) in kernels.iter().enumerate() {
+        let path = dir.join(format!("k{i}_{name}.ptx"));
+        std::fs::write(&path, text).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let out = Command::new(&ptxas)
+                .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
+                .arg(&path)
+                .output()
+                .expect("ptxas runs");
+            let log = String::from_utf8_lossy(&out.stderr).to_string();
+            if !out.status.success() {
+                failures.push(format!("{name} ({from}) for {arch}:\n{log}"));
+                continue;
+            }
+            let number = |before: &str| {
+                log.split(before).next().and_then(|s| s.split_whitespace().last()).and_then(|n| n.parse::<u64>().ok())
+            };
+            let registers = log
+                .split("Used ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            let spills = number(" bytes spill stores").unwrap_or(0);
+            println!("{arch} {name}: {registers} registers, {spills} bytes spilled ({from})");
+            let hot = name.starts_with("matmul") || name.starts_with("attention");
+            if arch == "sm_80" && hot && spills > 0 {
+                failures.push(format!("{name} ({from}) spills {spills} bytes at sm_80"));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
