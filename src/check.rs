@@ -63,7 +63,8 @@ pub fn discover(path: &Path) -> Result<Vec<PathBuf>, Error> {
     Ok(out)
 }
 
-fn data_sets(case: &Path) -> Result<Vec<PathBuf>, Error> {
+/// The `test_data_set_N` folders of a case, in order.
+pub fn data_sets(case: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut sets: Vec<PathBuf> = std::fs::read_dir(case)
         .map_err(|e| Error::Usage(format!("cannot read `{}`: {e}", case.display())))?
         .filter_map(|e| e.ok())
@@ -75,7 +76,7 @@ fn data_sets(case: &Path) -> Result<Vec<PathBuf>, Error> {
 }
 
 /// `prefix_0.pb`, `prefix_1.pb`, ... in index order.
-fn numbered(dir: &Path, prefix: &str) -> Result<Vec<(String, Tensor)>, Error> {
+pub fn numbered(dir: &Path, prefix: &str) -> Result<Vec<(String, Tensor)>, Error> {
     let mut out = Vec::new();
     for k in 0.. {
         let p = dir.join(format!("{prefix}_{k}.pb"));

@@ -71,6 +71,34 @@ fn same(text: &str) {
         }
     }
     same_on_wgsl(&g, &reference, text);
+    same_on_interpreted_ptx(&g, &reference, text);
+}
+
+/// Graphs with more arithmetic than this (FLOPs) are too slow to
+/// interpret: only the tests of the CPU's thread splitting reach it.
+const INTERPRETED_MAX_FLOPS: u64 = 1 << 24;
+
+/// The PTX half of `same`: unfused and fully fused, through the PTX
+/// interpreter.
+fn same_on_interpreted_ptx(g: &Graph, reference: &ReferenceExecutable, text: &str) {
+    let plan = egret::backends::lower(g, Default::default()).unwrap();
+    let flops: u64 = plan.kernels.iter().map(|k| k.flops()).sum();
+    if flops > INTERPRETED_MAX_FLOPS {
+        eprintln!("not interpreting the PTX of a graph of {flops} FLOPs");
+        return;
+    }
+    for opt_level in [0, 2] {
+        let opts = egret::CompileOptions { opt_level, ..Default::default() };
+        let ptx = common::interpreted_ptx(g, &opts);
+        for seed in [1, 2] {
+            let want = reference.run(inputs_for(g, seed)).unwrap();
+            let got = ptx.run(inputs_for(g, seed)).unwrap_or_else(|e| panic!("ptx --opt {opt_level}: {e}\n{text}"));
+            for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
+                let r = egret::check::compare(name, gt, w, egret::check::Tolerance { rtol: 1e-4, atol: 1e-5 });
+                assert!(r.failure.is_none(), "{name} (ptx, --opt {opt_level}): {:?}\n{text}", r.failure);
+            }
+        }
+    }
 }
 
 /// The GPU half of `same`: unfused and fully fused, through WGSL.

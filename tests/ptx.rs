@@ -101,3 +101,44 @@ fn every_model_kernel_assembles_for_sm80_and_sm90_without_spills() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Every zoo and synthetic model's stored test data through its PTX,
+/// run by the interpreter, at `--opt 0` and `--opt 2`, within the model
+/// tolerance of onnxruntime's outputs.
+#[test]
+fn zoo_and_synthetic_models_run_through_the_interpreted_ptx() {
+    use egret::runtime::Executable;
+    let tol = egret::check::Tolerance::default();
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for dir in [common::zoo_dir(), common::synthetic_dir()] {
+        for case in discover(&dir).unwrap() {
+            for set in egret::check::data_sets(&case).unwrap() {
+                let inputs = egret::check::numbered(&set, "input").unwrap();
+                let expected = egret::check::numbered(&set, "output").unwrap();
+                for opt_level in [0, 2] {
+                    let opts = CompileOptions {
+                        opt_level,
+                        input_values: inputs.iter().cloned().collect(),
+                        ..Default::default()
+                    };
+                    let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
+                    let signature = egret::runtime::Signature::of(&c.graph, c.specialized.clone());
+                    let ptx = common::interpreted_ptx(&c.graph, &opts);
+                    let outs = ptx.run(signature.bind(inputs.clone()).unwrap()).unwrap();
+                    for (got, (name, want)) in outs.iter().zip(&expected) {
+                        let r = egret::check::compare(name, got, want, tol);
+                        if let Some(f) = r.failure {
+                            failures.push(format!("{} --opt {opt_level} {name}: {f}", set.display()));
+                        }
+                    }
+                    let instructions = ptx.device().executed.load(std::sync::atomic::Ordering::Relaxed);
+                    println!("{} --opt {opt_level}: {instructions} PTX instructions interpreted", case.display());
+                    ran += 1;
+                }
+            }
+        }
+    }
+    assert!(ran >= 18, "{ran} runs");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -12,10 +12,12 @@
 
 mod cpu;
 pub mod gpu;
+pub mod ptx;
 mod reference;
 
 pub use cpu::CpuExecutable;
 pub use gpu::{WgpuDevice, WgpuExecutable};
+pub use ptx::{CudaDevice, PtxDevice, PtxExecutable};
 pub use reference::ReferenceExecutable;
 
 use egret_ir::{Tensor, Type};

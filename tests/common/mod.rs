@@ -81,3 +81,85 @@ pub fn wgsl_adapter() -> bool {
         }
     }
 }
+
+/// The PTX interpreter as a `PtxDevice`: what runs the PTX backend's
+/// kernels in the tests, on machines without an NVIDIA GPU.
+pub struct InterpretedDevice {
+    memory: std::sync::Mutex<egret_ptx_interp::Memory>,
+    /// Instructions run so far, for reports.
+    pub executed: std::sync::atomic::AtomicU64,
+}
+
+impl InterpretedDevice {
+    pub fn new() -> InterpretedDevice {
+        InterpretedDevice {
+            memory: std::sync::Mutex::new(egret_ptx_interp::Memory { buffers: vec![] }),
+            executed: Default::default(),
+        }
+    }
+
+    fn locate(address: u64, len: usize, buffers: &[Vec<u8>]) -> Result<(usize, usize), String> {
+        let b = (address >> 40) as usize;
+        let off = (address & ((1 << 40) - 1)) as usize;
+        match b.checked_sub(1).and_then(|i| buffers.get(i)) {
+            Some(buf) if off + len <= buf.len() => Ok((b - 1, off)),
+            _ => Err(format!("host copy of {len} bytes at {address:#x} is outside every buffer")),
+        }
+    }
+}
+
+impl egret::runtime::PtxDevice for InterpretedDevice {
+    type Function = egret_ptx_interp::Kernel;
+
+    fn name(&self) -> String {
+        "the PTX interpreter".into()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64, String> {
+        let mut m = self.memory.lock().unwrap();
+        m.buffers.push(vec![0; bytes]);
+        Ok(egret_ptx_interp::global_address(m.buffers.len() - 1))
+    }
+
+    fn upload(&self, at: u64, bytes: &[u8]) -> Result<(), String> {
+        let mut m = self.memory.lock().unwrap();
+        let (b, off) = Self::locate(at, bytes.len(), &m.buffers)?;
+        m.buffers[b][off..off + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn download(&self, at: u64, bytes: &mut [u8]) -> Result<(), String> {
+        let m = self.memory.lock().unwrap();
+        let (b, off) = Self::locate(at, bytes.len(), &m.buffers)?;
+        bytes.copy_from_slice(&m.buffers[b][off..off + bytes.len()]);
+        Ok(())
+    }
+
+    fn load(&self, ptx: &str, entry: &str) -> Result<egret_ptx_interp::Kernel, String> {
+        let k = egret_ptx_interp::parse(ptx)?;
+        if k.name != entry {
+            return Err(format!("the module's entry is `{}`, not `{entry}`", k.name));
+        }
+        Ok(k)
+    }
+
+    fn launch(&self, f: &egret_ptx_interp::Kernel, grid: [u32; 3], threads: u32, args: &[u64]) -> Result<(), String> {
+        let mut m = self.memory.lock().unwrap();
+        let n = egret_ptx_interp::launch(f, grid, threads, args, &mut m)?;
+        self.executed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A graph compiled for the PTX backend, run by the interpreter.
+pub fn interpreted_ptx(
+    graph: &egret::ir::Graph,
+    opts: &egret::CompileOptions,
+) -> egret::runtime::PtxExecutable<InterpretedDevice> {
+    let gpu = egret::gpu_plan(graph, opts, Default::default()).unwrap();
+    egret::runtime::PtxExecutable::new(InterpretedDevice::new(), gpu).unwrap()
+}

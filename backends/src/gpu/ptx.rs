@@ -462,6 +462,12 @@ impl Printer<'_> {
         self.line(&format!("neg.f32 {pn}, {n};"));
         self.line(&format!("fma.rn.f32 {f}, {s}, {hi}, {pn};"));
         self.line(&format!("fma.rn.f32 {f}, {s}, {lo}, {f};"));
+        // For infinite `s` the fraction is inf - inf: take 0, so that
+        // exp(-inf) is 0 and exp(inf) is inf (NaN stays NaN through `n`).
+        let (abs, inf) = (self.temp(Ty::F32).name, self.temp(Ty::Bool).name);
+        self.line(&format!("abs.f32 {abs}, {t};"));
+        self.line(&format!("setp.eq.f32 {inf}, {abs}, {};", f32_imm(f32::INFINITY)));
+        self.line(&format!("selp.f32 {f}, {}, {f}, {inf};", f32_imm(0.0)));
         self.line(&format!("ex2.approx.ftz.f32 {f}, {f};"));
         self.line(&format!("ex2.approx.ftz.f32 {n}, {n};"));
         self.line(&format!("mul.f32 {d}, {f}, {n};"));

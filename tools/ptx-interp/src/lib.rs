@@ -1,0 +1,892 @@
+//! A PTX interpreter: the test oracle for Egret's PTX printer on machines
+//! without an NVIDIA GPU (CI). It runs the subset of PTX the printer emits,
+//! a kernel over its whole grid on the CPU, and checks every address
+//! against the buffer, workgroup array or per-thread array it belongs to.
+//!
+//! - Parsing decodes every instruction once; an instruction, type or
+//!   directive outside the subset is a parse error naming it, so the
+//!   printer cannot drift past the interpreter unnoticed.
+//! - The threads of a block run one after another up to each `bar.sync`,
+//!   then on together; a block whose threads do not all reach the same
+//!   barrier is an error. (The printer emits no warp operations; a
+//!   shuffle or vote would be a parse error.)
+//! - Global addresses name their buffer in the high bits (`global_address`),
+//!   workgroup and per-thread arrays their space: an access outside the
+//!   thing it points into is an error, never a read of other memory.
+
+use std::collections::HashMap;
+
+/// Global buffer `b` starts at this address.
+pub fn global_address(buffer: usize) -> u64 {
+    (buffer as u64 + 1) << 40
+}
+
+const OFFSET_MASK: u64 = (1 << 40) - 1;
+const SHARED_TAG: u64 = 1 << 62;
+const LOCAL_TAG: u64 = 1 << 61;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ty {
+    F32,
+    S32,
+    U32,
+    B32,
+    Pred,
+    S64,
+    U64,
+    B64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Special {
+    Tid,
+    Ctaid(u8),
+    Nctaid(u8),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    Reg(u32),
+    Imm(u64),
+    Special(Special),
+    /// The address of a workgroup or per-thread array.
+    Array(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Space {
+    Global,
+    Shared,
+    Local,
+    Param,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op2 {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Max,
+    Min,
+    And,
+    Or,
+    Xor,
+    Shl,
+    Shr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op1 {
+    Neg,
+    Abs,
+    Sqrt,
+    Not,
+    Ex2,
+    Lg2,
+    Sin,
+    Cos,
+    Floor,
+    Ceil,
+    RoundEven,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cmp {
+    Eq,
+    Ne,
+    Neu,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Debug)]
+enum Ins {
+    Mov {
+        d: u32,
+        s: Src,
+    },
+    /// `ld.param`: the i-th kernel parameter.
+    LdParam {
+        d: u32,
+        param: usize,
+    },
+    Ld {
+        space: Space,
+        d: u32,
+        addr: Src,
+        offset: i64,
+    },
+    St {
+        space: Space,
+        addr: Src,
+        offset: i64,
+        s: Src,
+    },
+    Bin {
+        op: Op2,
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
+    MulWide {
+        signed: bool,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
+    Fma {
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Un {
+        op: Op1,
+        ty: Ty,
+        d: u32,
+        a: Src,
+    },
+    /// Conversions between f32 and integers.
+    Cvt {
+        to: Ty,
+        from: Ty,
+        round_zero: bool,
+        d: u32,
+        a: Src,
+    },
+    Setp {
+        cmp: Cmp,
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
+    Selp {
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Bra {
+        target: usize,
+    },
+    Bar,
+    Ret,
+}
+
+#[derive(Clone, Debug)]
+struct Line {
+    guard: Option<(u32, bool)>,
+    ins: Ins,
+}
+
+/// One `.entry` of a module.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    pub name: String,
+    pub params: Vec<String>,
+    /// Bytes of each workgroup array, then of each per-thread array.
+    shared: Vec<usize>,
+    local: Vec<usize>,
+    /// Which arrays are per-thread: array index -> (is local, index in its list).
+    arrays: Vec<(bool, usize)>,
+    registers: usize,
+    code: Vec<Line>,
+    pub max_threads: u32,
+}
+
+fn err<T>(line: &str, what: &str) -> Result<T, String> {
+    Err(format!("{what} in `{}`", line.trim()))
+}
+
+/// Parses the one entry of a module the printer wrote.
+pub fn parse(text: &str) -> Result<Kernel, String> {
+    let mut k = Kernel {
+        name: String::new(),
+        params: vec![],
+        shared: vec![],
+        local: vec![],
+        arrays: vec![],
+        registers: 0,
+        code: vec![],
+        max_threads: 1024,
+    };
+    let mut regs: HashMap<String, u32> = HashMap::new();
+    let mut arrays: HashMap<String, u32> = HashMap::new();
+    let mut labels: HashMap<String, usize> = HashMap::new();
+    let mut pending: Vec<(usize, String)> = vec![];
+    let mut in_params = false;
+    for raw in text.lines() {
+        let line = raw.split("//").next().unwrap().trim();
+        if line.is_empty() || line == "{" || line == "}" {
+            continue;
+        }
+        if in_params {
+            if line.starts_with(')') {
+                in_params = false;
+                continue;
+            }
+            let name = line.trim_end_matches(',').split_whitespace().last().unwrap_or("");
+            if !line.starts_with(".param .u64") {
+                return err(line, "a parameter that is not .u64");
+            }
+            k.params.push(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix(".visible .entry ") {
+            k.name = rest.trim_end_matches('(').to_string();
+            in_params = true;
+            continue;
+        }
+        if line.starts_with(".version") || line.starts_with(".target") || line.starts_with(".address_size") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix(".maxntid ") {
+            k.max_threads = rest.split(',').next().unwrap().trim().parse().map_err(|_| format!("bad `{line}`"))?;
+            continue;
+        }
+        if line.starts_with(".reg ") {
+            // `.reg .f32 %tf<12>;`
+            let decl = line.trim_end_matches(';').split_whitespace().last().unwrap();
+            let (base, count) = decl.split_once('<').ok_or_else(|| format!("bad `{line}`"))?;
+            let count: usize = count.trim_end_matches('>').parse().map_err(|_| format!("bad `{line}`"))?;
+            for i in 0..count {
+                let n = regs.len() as u32;
+                regs.insert(format!("{base}{i}"), n);
+            }
+            continue;
+        }
+        if line.starts_with(".shared ") || line.starts_with(".local ") {
+            // `.shared .align 4 .f32 wg0[1024];`
+            let local = line.starts_with(".local");
+            let decl = line.trim_end_matches(';').split_whitespace().last().unwrap();
+            let (name, len) = decl.split_once('[').ok_or_else(|| format!("bad `{line}`"))?;
+            let len: usize = len.trim_end_matches(']').parse().map_err(|_| format!("bad `{line}`"))?;
+            if !line.contains(".f32") {
+                return err(line, "an array that is not f32");
+            }
+            let list = if local { &mut k.local } else { &mut k.shared };
+            list.push(len * 4);
+            k.arrays.push((local, list.len() - 1));
+            arrays.insert(name.to_string(), k.arrays.len() as u32 - 1);
+            continue;
+        }
+        if let Some(label) = line.strip_suffix(':') {
+            labels.insert(label.to_string(), k.code.len());
+            continue;
+        }
+        if line.starts_with('.') {
+            return err(line, "an unknown directive");
+        }
+        let (guard, body) = match line.strip_prefix('@') {
+            Some(rest) => {
+                let (g, body) = rest.split_once(' ').ok_or_else(|| format!("bad `{line}`"))?;
+                let (neg, g) = match g.strip_prefix('!') {
+                    Some(g) => (true, g),
+                    None => (false, g),
+                };
+                let r = *regs.get(g).ok_or_else(|| format!("unknown register `{g}` in `{line}`"))?;
+                (Some((r, neg)), body.trim())
+            }
+            None => (None, line),
+        };
+        let body = body.trim_end_matches(';');
+        let (opcode, operands) = body.split_once(' ').unwrap_or((body, ""));
+        let ops: Vec<&str> = if operands.is_empty() { vec![] } else { operands.split(',').map(str::trim).collect() };
+        let reg = |s: &str| regs.get(s).copied().ok_or_else(|| format!("unknown register `{s}` in `{line}`"));
+        let src = |s: &str| -> Result<Src, String> {
+            if let Some(r) = regs.get(s) {
+                return Ok(Src::Reg(*r));
+            }
+            if let Some(a) = arrays.get(s) {
+                return Ok(Src::Array(*a));
+            }
+            let special = match s {
+                "%tid.x" => Some(Special::Tid),
+                "%ctaid.x" => Some(Special::Ctaid(0)),
+                "%ctaid.y" => Some(Special::Ctaid(1)),
+                "%ctaid.z" => Some(Special::Ctaid(2)),
+                "%nctaid.x" => Some(Special::Nctaid(0)),
+                "%nctaid.y" => Some(Special::Nctaid(1)),
+                "%nctaid.z" => Some(Special::Nctaid(2)),
+                _ => None,
+            };
+            if let Some(sp) = special {
+                return Ok(Src::Special(sp));
+            }
+            if let Some(hex) = s.strip_prefix("0f") {
+                return u32::from_str_radix(hex, 16).map(|b| Src::Imm(b as u64)).map_err(|_| format!("bad `{s}`"));
+            }
+            s.parse::<i64>().map(|v| Src::Imm(v as u64)).map_err(|_| format!("unknown operand `{s}` in `{line}`"))
+        };
+        // `[%td3]`, `[%base1+8]`, `[arena]`
+        let address = |s: &str| -> Result<(Src, i64), String> {
+            let inner = s
+                .strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .ok_or_else(|| format!("bad address in `{line}`"))?;
+            match inner.split_once('+') {
+                Some((r, off)) => Ok((src(r)?, off.parse().map_err(|_| format!("bad offset in `{line}`"))?)),
+                None => Ok((src(inner)?, 0)),
+            }
+        };
+        let parts: Vec<&str> = opcode.split('.').collect();
+        let ty_of = |t: &str| -> Result<Ty, String> {
+            Ok(match t {
+                "f32" => Ty::F32,
+                "s32" => Ty::S32,
+                "u32" => Ty::U32,
+                "b32" => Ty::B32,
+                "pred" => Ty::Pred,
+                "s64" => Ty::S64,
+                "u64" => Ty::U64,
+                "b64" => Ty::B64,
+                _ => return Err(format!("unknown type `.{t}` in `{line}`")),
+            })
+        };
+        let last_ty = || ty_of(parts.last().unwrap());
+        let want = |n: usize| if ops.len() == n { Ok(()) } else { err(line, "a wrong operand count") };
+        let ins = match parts[0] {
+            "mov" => {
+                want(2)?;
+                Ins::Mov { d: reg(ops[0])?, s: src(ops[1])? }
+            }
+            "cvta" => {
+                // Global addresses are the buffers' own: nothing to convert.
+                want(2)?;
+                Ins::Mov { d: reg(ops[0])?, s: src(ops[1])? }
+            }
+            "ld" | "st" => {
+                let space = match parts.get(1) {
+                    Some(&"global") => Space::Global,
+                    Some(&"shared") => Space::Shared,
+                    Some(&"local") => Space::Local,
+                    Some(&"param") => Space::Param,
+                    _ => return err(line, "an unknown state space"),
+                };
+                let t = last_ty()?;
+                if !matches!(t, Ty::U32 | Ty::F32 | Ty::U64) {
+                    return err(line, "an access of an unknown width");
+                }
+                want(2)?;
+                if parts[0] == "ld" {
+                    if space == Space::Param {
+                        let name = ops[1].trim_start_matches('[').trim_end_matches(']');
+                        let param = k
+                            .params
+                            .iter()
+                            .position(|p| p == name)
+                            .ok_or_else(|| format!("no parameter in `{line}`"))?;
+                        Ins::LdParam { d: reg(ops[0])?, param }
+                    } else {
+                        let (addr, offset) = address(ops[1])?;
+                        Ins::Ld { space, d: reg(ops[0])?, addr, offset }
+                    }
+                } else {
+                    let (addr, offset) = address(ops[0])?;
+                    Ins::St { space, addr, offset, s: src(ops[1])? }
+                }
+            }
+            "add" | "sub" | "div" | "rem" | "max" | "min" | "and" | "or" | "xor" | "shl" | "shr" | "mul" => {
+                want(3)?;
+                if parts[0] == "mul" && parts.get(1) == Some(&"wide") {
+                    let signed = parts[2] == "s32";
+                    Ins::MulWide { signed, d: reg(ops[0])?, a: src(ops[1])?, b: src(ops[2])? }
+                } else {
+                    let op = match parts[0] {
+                        "add" => Op2::Add,
+                        "sub" => Op2::Sub,
+                        "mul" => Op2::Mul,
+                        "div" => Op2::Div,
+                        "rem" => Op2::Rem,
+                        "max" => Op2::Max,
+                        "min" => Op2::Min,
+                        "and" => Op2::And,
+                        "or" => Op2::Or,
+                        "xor" => Op2::Xor,
+                        "shl" => Op2::Shl,
+                        _ => Op2::Shr,
+                    };
+                    Ins::Bin { op, ty: last_ty()?, d: reg(ops[0])?, a: src(ops[1])?, b: src(ops[2])? }
+                }
+            }
+            "fma" => {
+                want(4)?;
+                if last_ty()? != Ty::F32 {
+                    return err(line, "an fma that is not f32");
+                }
+                Ins::Fma { d: reg(ops[0])?, a: src(ops[1])?, b: src(ops[2])?, c: src(ops[3])? }
+            }
+            "neg" | "abs" | "sqrt" | "not" | "ex2" | "lg2" | "sin" | "cos" => {
+                want(2)?;
+                let op = match parts[0] {
+                    "neg" => Op1::Neg,
+                    "abs" => Op1::Abs,
+                    "sqrt" => Op1::Sqrt,
+                    "not" => Op1::Not,
+                    "ex2" => Op1::Ex2,
+                    "lg2" => Op1::Lg2,
+                    "sin" => Op1::Sin,
+                    _ => Op1::Cos,
+                };
+                Ins::Un { op, ty: last_ty()?, d: reg(ops[0])?, a: src(ops[1])? }
+            }
+            "cvt" => {
+                want(2)?;
+                // cvt.rmi.f32.f32, cvt.rn.f32.s32, cvt.rzi.s32.f32
+                let (to, from) = (ty_of(parts[parts.len() - 2])?, last_ty()?);
+                let (d, a) = (reg(ops[0])?, src(ops[1])?);
+                match (parts[1], to, from) {
+                    ("rmi", Ty::F32, Ty::F32) => Ins::Un { op: Op1::Floor, ty: Ty::F32, d, a },
+                    ("rpi", Ty::F32, Ty::F32) => Ins::Un { op: Op1::Ceil, ty: Ty::F32, d, a },
+                    ("rni", Ty::F32, Ty::F32) => Ins::Un { op: Op1::RoundEven, ty: Ty::F32, d, a },
+                    ("rn", Ty::F32, _) => Ins::Cvt { to, from, round_zero: false, d, a },
+                    ("rzi", _, Ty::F32) => Ins::Cvt { to, from, round_zero: true, d, a },
+                    _ => return err(line, "an unknown conversion"),
+                }
+            }
+            "setp" => {
+                want(3)?;
+                let cmp = match parts[1] {
+                    "eq" => Cmp::Eq,
+                    "ne" => Cmp::Ne,
+                    "neu" => Cmp::Neu,
+                    "lt" => Cmp::Lt,
+                    "le" => Cmp::Le,
+                    "gt" => Cmp::Gt,
+                    "ge" => Cmp::Ge,
+                    _ => return err(line, "an unknown comparison"),
+                };
+                Ins::Setp { cmp, ty: last_ty()?, d: reg(ops[0])?, a: src(ops[1])?, b: src(ops[2])? }
+            }
+            "selp" => {
+                want(4)?;
+                Ins::Selp { d: reg(ops[0])?, a: src(ops[1])?, b: src(ops[2])?, c: src(ops[3])? }
+            }
+            "bra" => {
+                want(1)?;
+                pending.push((k.code.len(), ops[0].to_string()));
+                Ins::Bra { target: usize::MAX }
+            }
+            "bar" if parts.get(1) == Some(&"sync") => Ins::Bar,
+            "ret" => Ins::Ret,
+            _ => return err(line, "an instruction the interpreter does not know"),
+        };
+        k.code.push(Line { guard, ins });
+    }
+    for (at, label) in pending {
+        let target = *labels.get(&label).ok_or_else(|| format!("no label `{label}`"))?;
+        k.code[at].ins = Ins::Bra { target };
+    }
+    k.registers = regs.len();
+    if k.name.is_empty() {
+        return Err("no .entry".into());
+    }
+    Ok(k)
+}
+
+/// Global memory: buffers of bytes, addressed through `global_address`.
+pub struct Memory {
+    pub buffers: Vec<Vec<u8>>,
+}
+
+struct Thread {
+    pc: usize,
+    regs: Vec<u64>,
+    local: Vec<Vec<u8>>,
+    done: bool,
+}
+
+fn f(x: u64) -> f32 {
+    f32::from_bits(x as u32)
+}
+fn fb(x: f32) -> u64 {
+    x.to_bits() as u64
+}
+
+fn check(mem: &[u8], off: u64, what: &str) -> Result<usize, String> {
+    let off = off as usize;
+    if off % 4 != 0 || off + 4 > mem.len() {
+        return Err(format!("{what}: access at byte {off} outside its {} bytes", mem.len()));
+    }
+    Ok(off)
+}
+
+/// Runs `k` over a grid of `grid` blocks of `threads` threads, with kernel
+/// parameters `params` (global addresses). Returns how many instructions
+/// ran.
+pub fn launch(k: &Kernel, grid: [u32; 3], threads: u32, params: &[u64], mem: &mut Memory) -> Result<u64, String> {
+    if params.len() != k.params.len() {
+        return Err(format!("{}: {} parameters given, {} declared", k.name, params.len(), k.params.len()));
+    }
+    if threads > k.max_threads {
+        return Err(format!("{}: {threads} threads, more than .maxntid {}", k.name, k.max_threads));
+    }
+    let mut executed = 0u64;
+    for gz in 0..grid[2] {
+        for gy in 0..grid[1] {
+            for gx in 0..grid[0] {
+                executed += run_block(k, grid, [gx, gy, gz], threads, params, mem)?;
+            }
+        }
+    }
+    Ok(executed)
+}
+
+fn run_block(
+    k: &Kernel,
+    grid: [u32; 3],
+    block: [u32; 3],
+    threads: u32,
+    params: &[u64],
+    mem: &mut Memory,
+) -> Result<u64, String> {
+    let mut shared: Vec<Vec<u8>> = k.shared.iter().map(|&b| vec![0; b]).collect();
+    let mut ts: Vec<Thread> = (0..threads)
+        .map(|_| Thread {
+            pc: 0,
+            regs: vec![0; k.registers],
+            local: k.local.iter().map(|&b| vec![0; b]).collect(),
+            done: false,
+        })
+        .collect();
+    let mut executed = 0u64;
+    loop {
+        let mut at_barrier = 0;
+        for (tid, t) in ts.iter_mut().enumerate() {
+            if t.done {
+                continue;
+            }
+            match step_until_barrier(k, t, tid as u32, grid, block, params, mem, &mut shared, &mut executed)? {
+                true => at_barrier += 1,
+                false => t.done = true,
+            }
+        }
+        let done = ts.iter().filter(|t| t.done).count();
+        if done == ts.len() {
+            return Ok(executed);
+        }
+        if at_barrier != ts.len() {
+            return Err(format!(
+                "{}: block {block:?}: {at_barrier} threads wait at a barrier that {done} exited threads never reach",
+                k.name
+            ));
+        }
+    }
+}
+
+/// Runs one thread until `bar.sync` (true) or `ret` (false).
+#[allow(clippy::too_many_arguments)]
+fn step_until_barrier(
+    k: &Kernel,
+    t: &mut Thread,
+    tid: u32,
+    grid: [u32; 3],
+    block: [u32; 3],
+    params: &[u64],
+    mem: &mut Memory,
+    shared: &mut [Vec<u8>],
+    executed: &mut u64,
+) -> Result<bool, String> {
+    loop {
+        let Some(line) = k.code.get(t.pc) else { return Err(format!("{}: ran off the end", k.name)) };
+        t.pc += 1;
+        *executed += 1;
+        if let Some((p, neg)) = line.guard {
+            if (t.regs[p as usize] != 0) == neg {
+                continue;
+            }
+        }
+        let v = |t: &Thread, s: Src| -> u64 {
+            match s {
+                Src::Reg(r) => t.regs[r as usize],
+                Src::Imm(i) => i,
+                Src::Special(Special::Tid) => tid as u64,
+                Src::Special(Special::Ctaid(a)) => block[a as usize] as u64,
+                Src::Special(Special::Nctaid(a)) => grid[a as usize] as u64,
+                Src::Array(a) => {
+                    let (local, _) = k.arrays[a as usize];
+                    (if local { LOCAL_TAG } else { SHARED_TAG }) | ((a as u64) << 32)
+                }
+            }
+        };
+        match line.ins {
+            Ins::Mov { d, s } => t.regs[d as usize] = v(t, s),
+            Ins::LdParam { d, param } => t.regs[d as usize] = params[param],
+            Ins::Ld { space, d, addr, offset } => {
+                let a = v(t, addr).wrapping_add(offset as u64);
+                let word = match space {
+                    Space::Global => {
+                        let b = (a >> 40) as usize;
+                        let buf = b
+                            .checked_sub(1)
+                            .and_then(|b| mem.buffers.get(b))
+                            .ok_or_else(|| format!("{}: load from {a:#x}, which is in no buffer", k.name))?;
+                        let off = check(buf, a & OFFSET_MASK, &format!("{}: global buffer {}", k.name, b - 1))?;
+                        u32::from_le_bytes(buf[off..off + 4].try_into().unwrap())
+                    }
+                    Space::Shared | Space::Local => {
+                        let (arr, off) = array_of(k, a, space)?;
+                        let bytes = if space == Space::Shared { &shared[arr] } else { &t.local[arr] };
+                        let off = check(bytes, off, &format!("{}: {space:?} array {arr}", k.name))?;
+                        u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap())
+                    }
+                    Space::Param => unreachable!("parsed as LdParam"),
+                };
+                t.regs[d as usize] = word as u64;
+            }
+            Ins::St { space, addr, offset, s } => {
+                let a = v(t, addr).wrapping_add(offset as u64);
+                let word = (v(t, s) as u32).to_le_bytes();
+                match space {
+                    Space::Global => {
+                        let b = (a >> 40) as usize;
+                        let name = k.name.clone();
+                        let buf = b
+                            .checked_sub(1)
+                            .and_then(|b| mem.buffers.get_mut(b))
+                            .ok_or_else(|| format!("{name}: store to {a:#x}, which is in no buffer"))?;
+                        let off = check(buf, a & OFFSET_MASK, &format!("{name}: global buffer {}", b - 1))?;
+                        buf[off..off + 4].copy_from_slice(&word);
+                    }
+                    Space::Shared | Space::Local => {
+                        let (arr, off) = array_of(k, a, space)?;
+                        let bytes = if space == Space::Shared { &mut shared[arr] } else { &mut t.local[arr] };
+                        let off = check(bytes, off, &format!("{}: {space:?} array {arr}", k.name))?;
+                        bytes[off..off + 4].copy_from_slice(&word);
+                    }
+                    Space::Param => return Err(format!("{}: a store to a parameter", k.name)),
+                }
+            }
+            Ins::Bin { op, ty, d, a, b } => {
+                let (x, y) = (v(t, a), v(t, b));
+                t.regs[d as usize] = binary(op, ty, x, y).map_err(|e| format!("{}: {e}", k.name))?;
+            }
+            Ins::MulWide { signed, d, a, b } => {
+                let (x, y) = (v(t, a), v(t, b));
+                t.regs[d as usize] = if signed {
+                    ((x as u32 as i32 as i64) * (y as u32 as i32 as i64)) as u64
+                } else {
+                    (x as u32 as u64) * (y as u32 as u64)
+                };
+            }
+            Ins::Fma { d, a, b, c } => t.regs[d as usize] = fb(f(v(t, a)).mul_add(f(v(t, b)), f(v(t, c)))),
+            Ins::Un { op, ty, d, a } => {
+                let x = v(t, a);
+                t.regs[d as usize] = match (op, ty) {
+                    (Op1::Not, _) => (x == 0) as u64,
+                    (Op1::Neg, Ty::F32) => fb(-f(x)),
+                    (Op1::Neg, _) => (x as u32 as i32).wrapping_neg() as u32 as u64,
+                    (Op1::Abs, Ty::F32) => fb(f(x).abs()),
+                    (Op1::Abs, _) => (x as u32 as i32).wrapping_abs() as u32 as u64,
+                    (Op1::Sqrt, _) => fb(f(x).sqrt()),
+                    // The approximate units, as the hardware documents
+                    // them: ftz, and results to within their error bounds.
+                    (Op1::Ex2, _) => fb(ftz(ftz(f(x)).exp2())),
+                    (Op1::Lg2, _) => fb(f(x).log2()),
+                    (Op1::Sin, _) => fb(f(x).sin()),
+                    (Op1::Cos, _) => fb(f(x).cos()),
+                    (Op1::Floor, _) => fb(f(x).floor()),
+                    (Op1::Ceil, _) => fb(f(x).ceil()),
+                    (Op1::RoundEven, _) => fb(f(x).round_ties_even()),
+                };
+            }
+            Ins::Cvt { to, from, round_zero, d, a } => {
+                let x = v(t, a);
+                t.regs[d as usize] = match (to, from) {
+                    (Ty::F32, Ty::S32) => fb(x as u32 as i32 as f32),
+                    (Ty::F32, Ty::U32) => fb(x as u32 as f32),
+                    (Ty::S32, Ty::F32) if round_zero => (f(x) as i32) as u32 as u64,
+                    (Ty::U32, Ty::F32) if round_zero => (f(x) as u32) as u64,
+                    _ => return Err(format!("{}: unknown conversion {to:?} <- {from:?}", k.name)),
+                };
+            }
+            Ins::Setp { cmp, ty, d, a, b } => {
+                let (x, y) = (v(t, a), v(t, b));
+                let r = match ty {
+                    Ty::F32 => {
+                        let (x, y) = (f(x), f(y));
+                        match cmp {
+                            Cmp::Eq => x == y,
+                            Cmp::Ne => x < y || x > y,
+                            Cmp::Neu => x != y,
+                            Cmp::Lt => x < y,
+                            Cmp::Le => x <= y,
+                            Cmp::Gt => x > y,
+                            Cmp::Ge => x >= y,
+                        }
+                    }
+                    Ty::S32 => {
+                        let (x, y) = (x as u32 as i32, y as u32 as i32);
+                        compare(cmp, x, y)
+                    }
+                    _ => compare(cmp, x as u32, y as u32),
+                };
+                t.regs[d as usize] = r as u64;
+            }
+            Ins::Selp { d, a, b, c } => t.regs[d as usize] = if v(t, c) != 0 { v(t, a) } else { v(t, b) },
+            Ins::Bra { target } => t.pc = target,
+            Ins::Bar => return Ok(true),
+            Ins::Ret => return Ok(false),
+        }
+    }
+}
+
+fn ftz(x: f32) -> f32 {
+    if x.is_subnormal() {
+        0.0f32.copysign(x)
+    } else {
+        x
+    }
+}
+
+fn compare<T: PartialOrd>(cmp: Cmp, x: T, y: T) -> bool {
+    match cmp {
+        Cmp::Eq => x == y,
+        Cmp::Ne | Cmp::Neu => x != y,
+        Cmp::Lt => x < y,
+        Cmp::Le => x <= y,
+        Cmp::Gt => x > y,
+        Cmp::Ge => x >= y,
+    }
+}
+
+/// The array and byte offset a tagged workgroup or per-thread address
+/// points at.
+fn array_of(k: &Kernel, a: u64, space: Space) -> Result<(usize, u64), String> {
+    let tag = if space == Space::Shared { SHARED_TAG } else { LOCAL_TAG };
+    if a & (SHARED_TAG | LOCAL_TAG) != tag {
+        return Err(format!("{}: a {space:?} access at {a:#x}, which is not a {space:?} address", k.name));
+    }
+    let index = ((a & !(SHARED_TAG | LOCAL_TAG)) >> 32) as usize;
+    let local = space == Space::Local;
+    // Array ids are assigned in declaration order across both kinds.
+    let (is_local, i) = *k.arrays.get(index).ok_or_else(|| format!("{}: no array {index}", k.name))?;
+    if is_local != local {
+        return Err(format!("{}: a {space:?} access into the wrong kind of array", k.name));
+    }
+    Ok((i, a & 0xffff_ffff))
+}
+
+fn binary(op: Op2, ty: Ty, x: u64, y: u64) -> Result<u64, String> {
+    Ok(match ty {
+        Ty::F32 => {
+            let (a, b) = (f(x), f(y));
+            fb(match op {
+                Op2::Add => a + b,
+                Op2::Sub => a - b,
+                Op2::Mul => a * b,
+                Op2::Div => a / b,
+                // PTX max/min return the other operand for one NaN.
+                Op2::Max => a.max(b),
+                Op2::Min => a.min(b),
+                _ => return Err(format!("{op:?} on f32")),
+            })
+        }
+        Ty::Pred => match op {
+            Op2::And => x & y,
+            Op2::Or => x | y,
+            Op2::Xor => x ^ y,
+            _ => return Err(format!("{op:?} on pred")),
+        },
+        Ty::S64 | Ty::U64 | Ty::B64 => match op {
+            Op2::Add => x.wrapping_add(y),
+            Op2::Sub => x.wrapping_sub(y),
+            _ => return Err(format!("{op:?} on 64 bits")),
+        },
+        Ty::S32 | Ty::U32 | Ty::B32 => {
+            let (a, b) = (x as u32, y as u32);
+            let (sa, sb) = (a as i32, b as i32);
+            let signed = ty == Ty::S32;
+            (match op {
+                Op2::Add => a.wrapping_add(b),
+                Op2::Sub => a.wrapping_sub(b),
+                Op2::Mul => a.wrapping_mul(b),
+                Op2::Div if b == 0 => u32::MAX,
+                Op2::Rem if b == 0 => a,
+                Op2::Div if signed => sa.wrapping_div(sb) as u32,
+                Op2::Div => a / b,
+                Op2::Rem if signed => sa.wrapping_rem(sb) as u32,
+                Op2::Rem => a % b,
+                Op2::Max if signed => sa.max(sb) as u32,
+                Op2::Max => a.max(b),
+                Op2::Min if signed => sa.min(sb) as u32,
+                Op2::Min => a.min(b),
+                Op2::And => a & b,
+                Op2::Or => a | b,
+                Op2::Xor => a ^ b,
+                Op2::Shl => a.checked_shl(b).unwrap_or(0),
+                Op2::Shr if signed => sa.checked_shr(b).unwrap_or(if sa < 0 { -1 } else { 0 }) as u32,
+                Op2::Shr => a.checked_shr(b).unwrap_or(0),
+            }) as u64
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADD_ONE: &str = ".version 7.8
+.target sm_80
+.address_size 64
+.visible .entry add_one(
+    .param .u64 buf
+)
+.maxntid 32, 1, 1
+{
+    .reg .b32 %r<4>;
+    .reg .pred %p<2>;
+    .reg .b64 %d<4>;
+    .reg .f32 %f<3>;
+    ld.param.u64 %d0, [buf];
+    cvta.to.global.u64 %d0, %d0;
+    mov.u32 %r0, %tid.x;
+    setp.lt.s32 %p0, %r0, 5;
+    @!%p0 bra L1;
+    mul.wide.s32 %d1, %r0, 4;
+    add.s64 %d2, %d0, %d1;
+    ld.global.u32 %r1, [%d2];
+    mov.b32 %f0, %r1;
+    add.f32 %f1, %f0, 0f3F800000;
+    st.global.u32 [%d2], %f1;
+L1:
+    ret;
+}
+";
+
+    #[test]
+    fn runs_a_kernel_and_checks_its_bounds() {
+        let k = parse(ADD_ONE).unwrap();
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut mem = Memory { buffers: vec![data] };
+        launch(&k, [1, 1, 1], 32, &[global_address(0)], &mut mem).unwrap();
+        let got: Vec<f32> = mem.buffers[0].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, [2.0, 3.0, 4.0, 5.0, 6.0]);
+        // A buffer one element short: the fifth thread's access is caught.
+        let mut short = Memory { buffers: vec![vec![0; 16]] };
+        let e = launch(&k, [1, 1, 1], 32, &[global_address(0)], &mut short).unwrap_err();
+        assert!(e.contains("outside its 16 bytes"), "{e}");
+    }
+
+    #[test]
+    fn unknown_instructions_are_refused() {
+        let text = ADD_ONE.replace("add.f32 %f1, %f0, 0f3F800000;", "shfl.sync.down.b32 %r2, %r1, 1, 31, -1;");
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains("does not know") && e.contains("shfl.sync"), "{e}");
+    }
+
+    #[test]
+    fn divergent_barriers_are_errors() {
+        let text = ADD_ONE.replace("L1:\n", "    bar.sync 0;\nL1:\n");
+        let k = parse(&text).unwrap();
+        let mut mem = Memory { buffers: vec![vec![0; 20]] };
+        let e = launch(&k, [1, 1, 1], 32, &[global_address(0)], &mut mem).unwrap_err();
+        assert!(e.contains("barrier"), "{e}");
+    }
+}
