@@ -395,6 +395,25 @@ size_t {name}_output_bytes(size_t i) {{ return i < N_OUTPUT ? output_bytes[i] : 
 pub fn write_wgsl(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec<PathBuf>, Error> {
     let c = canonical(model, opts)?;
     let (gpu, shaders) = crate::wgsl_program(&c.graph, opts, Default::default())?;
+    write_kernels(out, &gpu, &shaders, "wgsl")
+}
+
+/// `egret compile --emit ptx`: one `.ptx` module per distinct kernel and
+/// the same `manifest.json` as `write_wgsl` (grid, block, shared memory and
+/// parameters per step). Needs no GPU or CUDA install.
+pub fn write_ptx(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec<PathBuf>, Error> {
+    let c = canonical(model, opts)?;
+    let gpu = crate::gpu_plan(&c.graph, opts, crate::PTX_LIMITS)?;
+    let modules: Vec<String> = gpu.kernels.iter().map(egret_backends::gpu::ptx::print).collect();
+    write_kernels(out, &gpu, &modules, "ptx")
+}
+
+fn write_kernels(
+    out: &Path,
+    gpu: &egret_backends::gpu::GpuPlan,
+    shaders: &[String],
+    extension: &str,
+) -> Result<Vec<PathBuf>, Error> {
     std::fs::create_dir_all(out).map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", out.display())))?;
     let mut written = Vec::new();
     let write = |path: PathBuf, text: &[u8], written: &mut Vec<PathBuf>| {
@@ -402,10 +421,10 @@ pub fn write_wgsl(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec
         written.push(path);
         Ok::<(), Error>(())
     };
-    for (i, (k, text)) in gpu.kernels.iter().zip(&shaders).enumerate() {
-        write(out.join(format!("k{i:03}_{}.wgsl", k.name)), text.as_bytes(), &mut written)?;
+    for (i, (k, text)) in gpu.kernels.iter().zip(shaders).enumerate() {
+        write(out.join(format!("k{i:03}_{}.{extension}", k.name)), text.as_bytes(), &mut written)?;
     }
-    let manifest = serde_json::to_string_pretty(&gpu_manifest(&gpu)).expect("JSON values print");
+    let manifest = serde_json::to_string_pretty(&gpu_manifest(gpu)).expect("JSON values print");
     write(out.join("manifest.json"), manifest.as_bytes(), &mut written)?;
     Ok(written)
 }
@@ -430,8 +449,10 @@ pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
             Step::Dispatch { kernel, params, grid, label, kind, .. } => {
                 let k = &g.kernels[*kernel];
                 let bindings: Vec<u32> = k.spaces().into_iter().map(binding).collect();
+                let shared_bytes: u32 = k.shared.iter().sum::<u32>() * 4;
                 serde_json::json!({"dispatch": format!("k{kernel:03}_{}", k.name), "kernel": k.name, "kind": kind, "label": label,
-                    "workgroups": grid, "threads": k.threads, "bindings": bindings, "params": params})
+                    "workgroups": grid, "threads": k.threads, "shared_bytes": shared_bytes, "bindings": bindings,
+                    "params": params})
             }
             Step::Host { op, inputs, outputs, label } => serde_json::json!({
                 "host": op.name(), "label": label,
@@ -442,6 +463,8 @@ pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "word_bytes": 4,
+        // WGSL binding numbers; PTX takes the same spaces as .u64 kernel
+        // parameters, in binding order.
         "bindings": {"arena": 0, "params": 1, "error": 2, "weights": "3 + chunk"},
         "arena_words": g.arena_words,
         "weight_chunk_words": g.weights.iter().map(|c| c.len()).collect::<Vec<_>>(),

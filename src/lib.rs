@@ -54,6 +54,8 @@ pub enum Backend {
     /// WGSL compute shaders run through wgpu (any Vulkan, Metal or DX12
     /// GPU; Mesa's lavapipe on a machine without one).
     Wgsl,
+    /// PTX kernels run through the CUDA driver (NVIDIA GPUs).
+    Ptx,
 }
 
 impl Backend {
@@ -62,6 +64,7 @@ impl Backend {
             Backend::Reference => "reference",
             Backend::Cpu => "cpu",
             Backend::Wgsl => "wgsl",
+            Backend::Ptx => "ptx",
         }
     }
 }
@@ -258,6 +261,21 @@ pub fn compile_wgsl(
     Ok((exe, shaders))
 }
 
+/// What PTX kernels may address: indices are i32 words, and CUDA has no
+/// binding limit of its own.
+pub const PTX_LIMITS: egret_backends::gpu::Limits =
+    egret_backends::gpu::Limits { max_binding_bytes: 1 << 32, max_groups_per_dim: 65_535, max_storage_buffers: 64 };
+
+/// Compiles for the PTX backend on the CUDA driver's device 0.
+pub fn compile_ptx(
+    graph: &Graph,
+    opts: &CompileOptions,
+) -> Result<egret_runtime::PtxExecutable<egret_runtime::CudaDevice>, Error> {
+    let device = egret_runtime::CudaDevice::open().map_err(Error::Device)?;
+    let gpu = gpu_plan(graph, opts, PTX_LIMITS)?;
+    egret_runtime::PtxExecutable::new(device, gpu).map_err(Error::Device)
+}
+
 /// The pipeline: import, canonicalise, hand to the backend.
 pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let c = canonical(path, opts)?;
@@ -273,6 +291,7 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
             Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
         }
         Backend::Wgsl => Box::new(compile_wgsl(&c.graph, opts)?.0),
+        Backend::Ptx => Box::new(compile_ptx(&c.graph, opts)?),
     };
     let backend_ms = ms(t);
     Ok(Model {

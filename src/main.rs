@@ -24,6 +24,8 @@ enum BackendArg {
     Cpu,
     /// WGSL compute shaders through wgpu (a GPU, or Mesa's lavapipe).
     Wgsl,
+    /// PTX kernels through the CUDA driver (an NVIDIA GPU).
+    Ptx,
 }
 
 impl From<BackendArg> for Backend {
@@ -32,6 +34,7 @@ impl From<BackendArg> for Backend {
             BackendArg::Reference => Backend::Reference,
             BackendArg::Cpu => Backend::Cpu,
             BackendArg::Wgsl => Backend::Wgsl,
+            BackendArg::Ptx => Backend::Ptx,
         }
     }
 }
@@ -97,6 +100,9 @@ enum EmitArg {
     /// One WGSL compute shader per kernel and a manifest (kernel order,
     /// dispatch sizes, bindings, buffer sizes).
     Wgsl,
+    /// One PTX module per kernel and the same manifest (grid, block,
+    /// shared memory, parameters).
+    Ptx,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,7 +204,8 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
-        /// Whose choices to report: the CPU's kernels, or the GPU's (`wgsl`).
+        /// Whose choices to report: the CPU's kernels, or the GPU's (`wgsl`
+        /// and `ptx` share their kernels).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
     },
@@ -270,10 +277,14 @@ fn run_cli() -> Result<()> {
                 }
             };
             let emit = match emit {
-                EmitArg::Wgsl => {
+                EmitArg::Wgsl | EmitArg::Ptx => {
                     let opts =
                         CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
-                    for path in egret::aot::write_wgsl(&model.model, &out, &opts)? {
+                    let written = match emit {
+                        EmitArg::Wgsl => egret::aot::write_wgsl(&model.model, &out, &opts)?,
+                        _ => egret::aot::write_ptx(&model.model, &out, &opts)?,
+                    };
+                    for path in written {
                         println!("wrote {}", path.display());
                     }
                     return Ok(());
@@ -516,13 +527,14 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     };
     let c = egret::canonical(&model.model, &opts)?;
     let t = std::time::Instant::now();
-    let gpu = backend == Backend::Wgsl;
+    let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
     let lowering = if gpu { egret::lower_options(&opts).gpu() } else { egret::lower_options(&opts) };
     let plan = egret::backends::lower(&c.graph, lowering)?;
     let lower_ms = t.elapsed().as_secs_f64() * 1e3;
     // The GPU's own choices: its kernels, grids and host steps (compiled
     // for the portable limits; no device is needed to explain).
-    let gpu_plan = if gpu { Some(egret::wgsl_program(&c.graph, &opts, Default::default())?.0) } else { None };
+    let limits = if backend == Backend::Ptx { egret::PTX_LIMITS } else { Default::default() };
+    let gpu_plan = if gpu { Some(egret::gpu_plan(&c.graph, &opts, limits)?) } else { None };
     let report = c.optimized.clone().unwrap_or_default();
     let fusions = egret::passes::egraph::count_fused(&c.graph);
     let tilings = egret::passes::egraph::count_tilings(&c.graph);

@@ -147,3 +147,45 @@ fn check_passes_with_the_narrower_kernel_builds() {
         assert_eq!(text.lines().last(), Some("7 passed, 0 failed"), "{isa}");
     }
 }
+
+/// Without a CUDA driver, `--backend ptx` is a clean error naming what is
+/// missing, with exit status 1 (where there is a driver, it runs).
+#[test]
+fn the_ptx_backend_without_a_driver_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["run", "tests/data/zoo/bert_tiny", "--backend", "ptx"])
+        .current_dir(common::repo_root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("a CUDA driver is present: the ptx backend ran");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no CUDA driver found") && !err.contains("panicked"), "{err}");
+}
+
+/// `egret compile --emit ptx` writes one module per distinct kernel and
+/// the manifest, with no GPU or CUDA install.
+#[test]
+fn compile_emits_ptx_modules_and_a_manifest() {
+    let dir = std::env::temp_dir().join(format!("egret-cli-ptx-{}", std::process::id()));
+    let (ok, out, err) = egret(&["compile", "tests/data/zoo/gpt2_tiny", "--emit", "ptx", "-o", dir.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let modules: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ptx"))
+        .collect();
+    assert!(modules.len() >= 4, "{modules:?}");
+    for m in &modules {
+        let text = std::fs::read_to_string(m).unwrap();
+        assert!(text.contains(".target sm_80") && text.contains(".visible .entry"), "{}", m.display());
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let steps = manifest["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["kind"] == "attention" && s["shared_bytes"].as_u64().unwrap() > 0), "{manifest}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -142,3 +142,54 @@ fn zoo_and_synthetic_models_run_through_the_interpreted_ptx() {
     assert!(ran >= 18, "{ran} runs");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// exp, erf, tanh and the activations built on them, in the PTX printer's
+/// form (`ex2.approx` after a range reduction, with the interpreter giving
+/// the approximate units no more precision than the hardware documents),
+/// over 24,000 values from -30 to 30 and around zero, within the model
+/// tolerance of the reference.
+#[test]
+fn transcendental_functions_stay_within_the_model_tolerance() {
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let n = 24_000;
+    let g = egret::ir::text::parse(&format!(
+        "v0: f32[{n}] = input{{name=\"x\"}}
+v1: f32[{n}] = exp v0
+v2: f32[{n}] = erf v0
+v3: f32[{n}] = tanh v0
+v4: f32[{n}] = sigmoid v0
+v5: f32[{n}] = gelu{{approximate_tanh=false}} v0
+v6: f32[{n}] = gelu{{approximate_tanh=true}} v0
+v7: f32[{n}] = abs v0
+v8: f32[{n}] = log v7
+output \"exp\" = v1
+output \"erf\" = v2
+output \"tanh\" = v3
+output \"sigmoid\" = v4
+output \"gelu\" = v5
+output \"gelu_tanh\" = v6
+output \"log\" = v8
+"
+    ))
+    .unwrap();
+    // Evenly over [-30, 30), then densely around zero.
+    let xs: Vec<f32> =
+        (0..n)
+            .map(|i| {
+                if i < n / 2 {
+                    -30.0 + 60.0 * i as f32 / (n / 2) as f32
+                } else {
+                    (i as f32 - (3 * n / 4) as f32) * 1e-4
+                }
+            })
+            .collect();
+    let x = egret::ir::Tensor::from_vec(vec![n], xs);
+    let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap();
+    let ptx = common::interpreted_ptx(&g, &Default::default());
+    let got = ptx.run(vec![x]).unwrap();
+    for ((gt, w), (name, _)) in got.iter().zip(&want).zip(g.outputs()) {
+        let r = egret::check::compare(name, gt, w, egret::check::Tolerance::default());
+        println!("{name}: max abs err {:.2e}, max rel err {:.2e}", r.max_abs, r.max_rel);
+        assert!(r.failure.is_none(), "{name}: {:?}", r.failure);
+    }
+}
