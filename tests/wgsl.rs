@@ -64,10 +64,6 @@ fn perf_models_pass_on_wgsl() {
 fn model_kernels_all_run_on_the_gpu_and_validate() {
     let mut dirs = vec![common::zoo_dir(), common::synthetic_dir(), common::exports_dir()];
     dirs.extend(common::shared_dir("perf", Some("EGRET_PERF_MODELS")));
-    // BLOOM's legacy export computes ALiBi positions with an integer CumSum,
-    // which has no kernel on either backend yet (the CPU runs it on the
-    // reference evaluator too).
-    let known_host = ["bloom_legacy"];
     for dir in dirs {
         for case in discover(&dir).unwrap() {
             for opt_level in [0, 2] {
@@ -77,9 +73,7 @@ fn model_kernels_all_run_on_the_gpu_and_validate() {
                     .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
                 assert_eq!(shaders.len(), gpu.kernels.len());
                 let name = case.file_name().unwrap().to_string_lossy().to_string();
-                if !known_host.contains(&name.as_str()) {
-                    assert!(gpu.host_steps().is_empty(), "{name} --opt {opt_level}: {:?}", gpu.host_steps());
-                }
+                assert!(gpu.host_steps().is_empty(), "{name} --opt {opt_level}: {:?}", gpu.host_steps());
             }
         }
     }
@@ -173,5 +167,42 @@ output \"product\" = v5
     for ((gt, w), name) in got.iter().zip(&want).zip(["rows", "product"]) {
         let r = egret::check::compare(name, gt, w, Tolerance::default());
         assert!(r.failure.is_none(), "{name}: {:?}", r.failure);
+    }
+}
+
+/// The integer ops the plan leaves to the reference evaluator (BLOOM's
+/// position ids: a cumulative sum, products and differences with
+/// broadcasting, a reshape) run as GPU kernels, on WGSL and on the
+/// interpreted PTX; a result outside i32 is an error, never a wrapped value.
+#[test]
+fn integer_position_arithmetic_runs_on_the_gpu() {
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let g = egret::ir::text::parse(
+        "v0: i64[2,5] = input{name=\"mask\"}
+v1: i64[2,5] = cumsum{axis=1, exclusive=false, reverse=false} v0
+v2: i64[2,5] = mul v1, v0
+v3: i64[] = const [1]
+v4: i64[2,5] = sub v2, v3
+v5: i64[2,1,5] = reshape{shape=[2, 1, 5]} v4
+v6: i64[2,5] = cumsum{axis=0, exclusive=true, reverse=true} v0
+output \"positions\" = v5
+output \"reversed\" = v6
+",
+    )
+    .unwrap();
+    let opts = CompileOptions::default();
+    assert!(egret::gpu_plan(&g, &opts, Default::default()).unwrap().host_steps().is_empty());
+    let mask = |v: Vec<i64>| vec![egret::ir::Tensor::from_vec(vec![2, 5], v)];
+    let input = mask(vec![1, 1, 0, 1, 1, 0, 1, 1, 1, 0]);
+    let want = ReferenceExecutable::new(g.clone()).unwrap().run(input.clone()).unwrap();
+    let mut runs: Vec<Box<dyn Executable>> = vec![Box::new(common::interpreted_ptx(&g, &opts))];
+    if common::wgsl_adapter() {
+        runs.push(Box::new(egret::compile_wgsl(&g, &opts).unwrap().0));
+    }
+    for exe in &runs {
+        assert_eq!(exe.run(input.clone()).unwrap(), want);
+        // 2^30 + 2^30 is past i32.
+        let err = exe.run(mask(vec![1 << 30, 1 << 30, 0, 0, 0, 0, 0, 0, 0, 0])).unwrap_err().to_string();
+        assert!(err.contains("integer overflow") && err.contains("cumsum"), "{err}");
     }
 }

@@ -105,6 +105,14 @@ impl Builder {
         self.push(S::StoreLocal(a, index, value));
     }
 
+    /// Records a failure: the step's `code` in the error word, unless an
+    /// earlier step already failed (steps run in order, so the word names
+    /// the first failure; within one step every writer writes the same).
+    pub fn fail(&mut self, code: E) {
+        let clear = E::load(Space::Error, E::I32(0)).eq(E::U32(0));
+        self.if_(clear, |b| b.store(Space::Error, E::I32(0), code));
+    }
+
     pub fn barrier(&mut self) {
         self.push(S::Barrier);
     }

@@ -3,7 +3,7 @@
 //! reads nothing; the runtime turns that into an error naming the node.
 
 use super::builder::Builder;
-use super::form::{Kernel, Space, Ty, E};
+use super::form::{Kernel, Ty, E};
 use super::Place;
 use crate::plan::{BufferId, GatherKernel};
 
@@ -38,7 +38,7 @@ pub fn gather(k: &GatherKernel, at: &dyn Fn(BufferId) -> Place, code: u32) -> (K
                 b.store(po.space, out.clone() + gid.clone(), v);
             },
             |b| {
-                b.store(Space::Error, E::I32(0), code.clone());
+                b.fail(code.clone());
                 b.store(po.space, out.clone() + gid.clone(), E::U32(0));
             },
         );

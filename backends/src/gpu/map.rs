@@ -24,24 +24,47 @@ pub fn read_operand(o: &Operand, space: Space, index: E) -> E {
 /// offset plus those indices times its strides (parameters too).
 pub fn map(k: &MapKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
     let mut b = Builder::new(THREADS);
-    let total: usize = k.shape.iter().product();
+    let operands: Vec<(i64, Vec<isize>)> = k
+        .inputs
+        .iter()
+        .chain(std::iter::once(&k.output))
+        .map(|o| (at(o.buffer).word as i64 + o.offset as i64, o.strides.clone()))
+        .collect();
+    let groups = elementwise(&mut b, &k.shape, &operands, |b, address| {
+        let inputs: Vec<E> =
+            k.inputs.iter().zip(address).map(|(o, a)| b.let_(read_operand(o, at(o.buffer).space, a.clone()))).collect();
+        let value = b.expr(&k.expr, &|i| inputs[i].clone());
+        b.store(at(k.output.buffer).space, address[k.inputs.len()].clone(), value);
+    });
+    let rank = k.shape.len();
+    let (kernel, params) = b.finish(format!("map_{rank}d"));
+    (kernel, params, groups)
+}
+
+/// One invocation per element of `shape`: splits the element's flat index
+/// into one index per dim and hands `body` each operand's address (its
+/// base word plus the indices times its strides; all parameters). Returns
+/// the workgroups to dispatch.
+pub fn elementwise(
+    b: &mut Builder,
+    shape: &[usize],
+    operands: &[(i64, Vec<isize>)],
+    body: impl FnOnce(&mut Builder, &[E]),
+) -> u64 {
+    let total: usize = shape.iter().product();
     let n = b.param(total as i64);
     // The outermost size is implied by the total.
-    let sizes: Vec<E> = k.shape.iter().skip(1).map(|&s| b.param(s as i64)).collect();
-    let operands: Vec<&Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
+    let sizes: Vec<E> = shape.iter().skip(1).map(|&s| b.param(s as i64)).collect();
     let layout: Vec<(E, Vec<E>)> = operands
         .iter()
-        .map(|o| {
-            let base = b.param(at(o.buffer).word as i64 + o.offset as i64);
-            (base, o.strides.iter().map(|&s| b.param(s as i64)).collect())
-        })
+        .map(|(base, strides)| (b.param(*base), strides.iter().map(|&s| b.param(s as i64)).collect()))
         .collect();
     let gid = b.global_index();
     b.if_(gid.clone().lt(n), |b| {
         // Innermost dim first.
         let mut rest = gid;
-        let mut index = vec![E::I32(0); k.shape.len()];
-        for d in (1..k.shape.len()).rev() {
+        let mut index = vec![E::I32(0); shape.len()];
+        for d in (1..shape.len()).rev() {
             index[d] = b.let_(rest.clone() % sizes[d - 1].clone());
             rest = b.let_(rest / sizes[d - 1].clone());
         }
@@ -60,16 +83,7 @@ pub fn map(k: &MapKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, 
                 b.let_(a)
             })
             .collect();
-        let inputs: Vec<E> = k
-            .inputs
-            .iter()
-            .zip(&address)
-            .map(|(o, a)| b.let_(read_operand(o, at(o.buffer).space, a.clone())))
-            .collect();
-        let value = b.expr(&k.expr, &|i| inputs[i].clone());
-        b.store(at(k.output.buffer).space, address[k.inputs.len()].clone(), value);
+        body(b, &address);
     });
-    let rank = k.shape.len();
-    let (kernel, params) = b.finish(format!("map_{rank}d"));
-    (kernel, params, (total as u64).div_ceil(THREADS as u64))
+    (total as u64).div_ceil(b.threads() as u64)
 }

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod builder;
 pub mod form;
 pub mod gather;
+pub mod integer;
 pub mod map;
 pub mod matmul;
 pub mod ptx;
@@ -258,6 +259,9 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             KernelKind::Rows(r) => rows::rows(r, &at),
             KernelKind::Attention(a) => attention::attention(a, &at),
             KernelKind::Gather(gk) => gather::gather(gk, &at, i as u32 + 1),
+            KernelKind::Reference { op, inputs, outputs } if integer::kernel(op, inputs, outputs, &at, 0).is_some() => {
+                integer::kernel(op, inputs, outputs, &at, i as u32 + 1).expect("checked")
+            }
             KernelKind::Reference { op, inputs, outputs } => {
                 steps.push(Step::Host {
                     op: op.clone(),
@@ -289,10 +293,17 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             params,
             grid: grid_of(groups, limits.max_groups_per_dim),
             label: k.label.clone(),
-            kind: k.kind_name().to_string(),
+            // An integer op the GPU runs for the reference evaluator is named by its op.
+            kind: match &k.kind {
+                KernelKind::Reference { op, .. } => op.name().to_string(),
+                _ => k.kind_name().to_string(),
+            },
             on_error: match &k.kind {
                 KernelKind::Gather(g) => {
                     Some(format!("gather index out of range for an axis of length {}", g.axis_len))
+                }
+                KernelKind::Reference { .. } => {
+                    Some("integer overflow: a result does not fit the i32 words GPU kernels carry integers in".into())
                 }
                 _ => None,
             },
