@@ -599,7 +599,15 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         plan.arena_bytes
     );
     for (i, k) in plan.kernels.iter().enumerate() {
-        println!("  k{i:<4} {:<18} {:>10} flop  {}  # {}", k.detailed_kind(), k.flops(), k.detail(), k.label);
+        let mut detail = k.detail();
+        if k.detailed_kind() == "matmul:packed" {
+            detail = detail.replacen(
+                "packed GEMM",
+                &format!("packed GEMM, {}", egret::backends::cpu::describe_packed_tile()),
+                1,
+            );
+        }
+        println!("  k{i:<4} {:<18} {:>10} flop  {detail}  # {}", k.detailed_kind(), k.flops(), k.label);
     }
     if let Some(g) = &gpu_plan {
         print_gpu_plan(g);

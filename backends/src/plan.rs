@@ -476,10 +476,8 @@ impl Kernel {
             KernelKind::MatMul(mm) => {
                 let tiling = match mm.implementation {
                     MatMulImpl::Library => "library GEMM".to_string(),
-                    MatMulImpl::Packed => {
-                        let (rows, cols) = crate::cpu::kernels::gemm::register_tile();
-                        format!("packed GEMM, {rows}x{cols} register tile")
-                    }
+                    // The register tile is the CPU's (`cpu::describe_packed_tile`).
+                    MatMulImpl::Packed => "packed GEMM".to_string(),
                     MatMulImpl::Generated => {
                         format!("generated, 4x8 register tile{}", if mm.b_packed { ", b packed" } else { "" })
                     }

@@ -65,6 +65,13 @@ pub enum CodegenError {
     Isa(String),
 }
 
+/// The packed GEMM's register tile on this machine, for reports: the
+/// plan names the implementation, the CPU backend its tile.
+pub fn describe_packed_tile() -> String {
+    let (rows, cols) = kernels::gemm::register_tile();
+    format!("{rows}x{cols} register tile")
+}
+
 /// A plan with machine code for its native kernels.
 pub struct CompiledPlan {
     pub plan: Plan,

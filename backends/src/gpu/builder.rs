@@ -113,6 +113,14 @@ impl Builder {
         self.if_(clear, |b| b.store(Space::Error, E::I32(0), code));
     }
 
+    /// The workgroup's combination of every invocation's `value` (see
+    /// `S::Reduce`); `scratch` holds one f32 per invocation.
+    pub fn reduce(&mut self, how: Reduction, value: E, scratch: Shared) -> E {
+        let into = self.var(E::F32(0.0));
+        self.push(S::Reduce { how, value, into, scratch });
+        E::Var(into)
+    }
+
     pub fn barrier(&mut self) {
         self.push(S::Barrier);
     }

@@ -161,10 +161,30 @@ pub enum S {
         body: Vec<S>,
     },
     If(E, Vec<S>, Vec<S>),
+    /// Every invocation of the workgroup contributes `value` (f32); after
+    /// it, `into` holds their combination in every invocation. `scratch`
+    /// holds one f32 per invocation. A workgroup-wide step like a barrier:
+    /// only in uniform control flow. Printers render it their best way: a
+    /// tree in workgroup memory (WGSL), warp shuffles and then the warps'
+    /// partials (PTX).
+    Reduce {
+        how: Reduction,
+        value: E,
+        into: Var,
+        scratch: Shared,
+    },
     /// Waits for every invocation of the workgroup, and makes workgroup
     /// memory written before it visible after it. Only in uniform control
     /// flow: every invocation of a workgroup reaches the same barriers.
     Barrier,
+}
+
+/// How `S::Reduce` combines values. Maximum and minimum propagate NaN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    Sum,
+    Max,
+    Min,
 }
 
 /// One GPU kernel: a grid of workgroups running `body`.
@@ -245,6 +265,7 @@ impl Kernel {
                         s(a, out);
                         s(b, out)
                     }
+                    S::Reduce { value, .. } => e(value, out),
                     S::Barrier => {}
                 }
             }

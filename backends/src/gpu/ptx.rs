@@ -229,7 +229,54 @@ impl Printer<'_> {
                 self.body.push_str(&format!("{end}:\n"));
             }
             S::Barrier => self.line("bar.sync 0;"),
+            S::Reduce { how, value, into, scratch } => self.reduce(*how, value, *into, *scratch),
         }
+    }
+
+    /// A workgroup reduction: butterfly shuffles combine each warp's 32
+    /// values (every lane ends with the warp's result), lane 0 of each
+    /// warp leaves it in `scratch`, and after a barrier every thread
+    /// combines the warps' partials in order.
+    fn reduce(&mut self, how: Reduction, value: &E, into: Var, scratch: Shared) {
+        assert!(self.k.threads % 32 == 0, "reductions run over whole warps");
+        let op = match how {
+            Reduction::Sum => "add.f32",
+            Reduction::Max => "max.NaN.f32",
+            Reduction::Min => "min.NaN.f32",
+        };
+        let v = self.e(value);
+        let acc = self.temp(Ty::F32).name;
+        self.line(&format!("mov.f32 {acc}, {};", v.name));
+        for lanes in [16, 8, 4, 2, 1] {
+            let (bits, other, theirs) = (self.temp(Ty::U32).name, self.temp(Ty::U32).name, self.temp(Ty::F32).name);
+            self.line(&format!("mov.b32 {bits}, {acc};"));
+            self.line(&format!("shfl.sync.bfly.b32 {other}, {bits}, {lanes}, 31, -1;"));
+            self.line(&format!("mov.b32 {theirs}, {other};"));
+            self.line(&format!("{op} {acc}, {acc}, {theirs};"));
+        }
+        let (tid, lane, warp) = (self.temp(Ty::U32).name, self.temp(Ty::U32).name, self.temp(Ty::U32).name);
+        self.line(&format!("mov.u32 {tid}, %tid.x;"));
+        self.line(&format!("and.b32 {lane}, {tid}, 31;"));
+        self.line(&format!("shr.u32 {warp}, {tid}, 5;"));
+        let base = self.array_base(&format!("wg{}", scratch.0));
+        let (first, skip) = (self.temp(Ty::Bool).name, self.label());
+        self.line(&format!("setp.ne.u32 {first}, {lane}, 0;"));
+        self.line(&format!("@{first} bra {skip};"));
+        let (wide, at) = (self.temp64(), self.temp64());
+        self.line(&format!("mul.wide.u32 {wide}, {warp}, 4;"));
+        self.line(&format!("add.s64 {at}, {base}, {wide};"));
+        self.line(&format!("st.shared.f32 [{at}], {acc};"));
+        self.body.push_str(&format!("{skip}:\n"));
+        self.line("bar.sync 0;");
+        let d = self.var(into);
+        self.line(&format!("ld.shared.f32 {}, [{base}];", d.name));
+        for w in 1..self.k.threads / 32 {
+            let part = self.temp(Ty::F32).name;
+            self.line(&format!("ld.shared.f32 {part}, [{base}+{}];", w * 4));
+            self.line(&format!("{op} {}, {}, {part};", d.name, d.name));
+        }
+        // Nobody overwrites a partial before everyone has read them.
+        self.line("bar.sync 0;");
     }
 
     fn mov(&mut self, d: &Reg, x: &Reg) {

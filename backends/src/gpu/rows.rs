@@ -1,9 +1,10 @@
 //! Row kernels: one workgroup per row; each invocation strides over the
-//! row, and the workgroup combines its partial results with a tree
-//! reduction in workgroup memory.
+//! row, and the workgroup combines its partial results with a workgroup
+//! reduction (`S::Reduce`: a tree in workgroup memory in WGSL, warp
+//! shuffles in PTX).
 
 use super::builder::Builder;
-use super::form::{Kernel, Shared, Ty, UnOp, E};
+use super::form::{Kernel, Reduction, Ty, UnOp, E};
 use super::Place;
 use crate::plan::{BufferId, RowKernel, RowOp};
 
@@ -14,40 +15,6 @@ fn threads_for(len: usize) -> u32 {
         129..=1024 => 128,
         _ => 256,
     }
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Combine {
-    Sum,
-    Max,
-    Min,
-}
-
-/// Combines every invocation's `value` into one, which every invocation
-/// gets back. All invocations of the workgroup must call it.
-fn reduce(b: &mut Builder, scratch: Shared, t: &E, value: E, how: Combine) -> E {
-    let combine = |b: &mut Builder, x: E, y: E| match how {
-        Combine::Sum => x + y,
-        Combine::Max => b.max_nan(x, y, true),
-        Combine::Min => b.max_nan(x, y, false),
-    };
-    b.store_shared(scratch, t.clone(), value);
-    b.barrier();
-    let mut half = b.threads() / 2;
-    while half > 0 {
-        b.if_(t.clone().lt(E::I32(half as i32)), |b| {
-            let x = E::LoadShared(scratch, Box::new(t.clone()));
-            let y = E::LoadShared(scratch, Box::new(t.clone() + E::I32(half as i32)));
-            let v = combine(b, x, y);
-            b.store_shared(scratch, t.clone(), v);
-        });
-        b.barrier();
-        half /= 2;
-    }
-    let r = b.let_(E::LoadShared(scratch, Box::new(E::I32(0))));
-    // Nobody overwrites the result before everyone has read it.
-    b.barrier();
-    r
 }
 
 pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
@@ -99,9 +66,9 @@ pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>,
         match k.op {
             RowOp::Softmax | RowOp::LogSoftmax => {
                 let p = partial(b, f32::NEG_INFINITY, &|b, a, x| b.max_nan(a, x, true));
-                let max = reduce(b, scratch, &t, p, Combine::Max);
+                let max = b.reduce(Reduction::Max, p, scratch);
                 let p = partial(b, 0.0, &|_, a, x| a + (x - max.clone()).exp());
-                let sum = reduce(b, scratch, &t, p, Combine::Sum);
+                let sum = b.reduce(Reduction::Sum, p, scratch);
                 let log = k.op == RowOp::LogSoftmax;
                 let shift = if log { b.let_(max.clone() + E::un(UnOp::Log, sum.clone())) } else { max.clone() };
                 let inv = b.let_(E::F32(1.0) / sum);
@@ -117,14 +84,14 @@ pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>,
                     E::F32(0.0)
                 } else {
                     let p = partial(b, 0.0, &|_, a, x| a + x);
-                    let s = reduce(b, scratch, &t, p, Combine::Sum);
+                    let s = b.reduce(Reduction::Sum, p, scratch);
                     b.let_(s / len_f.clone())
                 };
                 let p = partial(b, 0.0, &|_, a, x| {
                     let d = x - mean.clone();
                     E::fma(d.clone(), d, a)
                 });
-                let var = reduce(b, scratch, &t, p, Combine::Sum);
+                let var = b.reduce(Reduction::Sum, p, scratch);
                 let inv = b.let_(E::F32(1.0) / E::un(UnOp::Sqrt, var / len_f + E::F32(epsilon)));
                 b.for_(t.clone(), len.clone(), threads.clone(), |b, j| {
                     let mut v = (x(&j) - mean.clone()) * inv.clone();
@@ -140,7 +107,7 @@ pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>,
             RowOp::Sum | RowOp::Mean | RowOp::SumSquare | RowOp::L2 => {
                 let square = matches!(k.op, RowOp::SumSquare | RowOp::L2);
                 let p = partial(b, 0.0, &|_, a, x| if square { E::fma(x.clone(), x, a) } else { a + x });
-                let s = reduce(b, scratch, &t, p, Combine::Sum);
+                let s = b.reduce(Reduction::Sum, p, scratch);
                 let v = match k.op {
                     RowOp::Mean => s / len_f,
                     RowOp::L2 => E::un(UnOp::Sqrt, s),
@@ -152,8 +119,8 @@ pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>,
                 let max = k.op == RowOp::Max;
                 let init = if max { f32::NEG_INFINITY } else { f32::INFINITY };
                 let p = partial(b, init, &|b, a, x| b.max_nan(a, x, max));
-                let how = if max { Combine::Max } else { Combine::Min };
-                let v = reduce(b, scratch, &t, p, how);
+                let how = if max { Reduction::Max } else { Reduction::Min };
+                let v = b.reduce(how, p, scratch);
                 b.if_(t.clone().eq(E::I32(0)), |b| b.store(po.space, out_base.clone() + row.clone(), v));
             }
         }

@@ -59,6 +59,9 @@ pub fn print(k: &Kernel) -> String {
             space_name(space)
         );
     }
+    if uses_nan_reduction(&k.body) {
+        out.push_str(NAN_HELPERS);
+    }
     for reader in k.used_spaces().into_iter().filter_map(span_reader) {
         out.push_str(&reader);
     }
@@ -128,6 +131,24 @@ impl Printer<'_> {
                     let _ = writeln!(out, "{pad}}}");
                 }
                 S::Barrier => {
+                    let _ = writeln!(out, "{pad}workgroupBarrier();");
+                }
+                S::Reduce { how, value, into, scratch } => {
+                    // A tree in workgroup memory: halve the live invocations
+                    // each step, then everyone reads the root.
+                    let w = format!("wg{}", scratch.0);
+                    let _ = writeln!(out, "{pad}{w}[lid] = {};", self.e(value));
+                    let _ = writeln!(out, "{pad}workgroupBarrier();");
+                    let mut half = self.k.threads / 2;
+                    while half > 0 {
+                        let (x, y) = (format!("{w}[lid]"), format!("{w}[lid + {half}u]"));
+                        let combined = combine(*how, &x, &y);
+                        let _ = writeln!(out, "{pad}if (lid < {half}u) {{ {w}[lid] = {combined}; }}");
+                        let _ = writeln!(out, "{pad}workgroupBarrier();");
+                        half /= 2;
+                    }
+                    let _ = writeln!(out, "{pad}v{} = {w}[0];", into.0);
+                    // Nobody overwrites the root before everyone has read it.
                     let _ = writeln!(out, "{pad}workgroupBarrier();");
                 }
             }
@@ -212,6 +233,31 @@ impl Printer<'_> {
             E::Bits(t, a) => format!("bitcast<{t}>({})", self.e(a)),
         }
     }
+}
+
+/// `x` combined with `y` (WGSL text); maximum and minimum keep NaN.
+fn combine(how: Reduction, x: &str, y: &str) -> String {
+    match how {
+        Reduction::Sum => format!("{x} + {y}"),
+        Reduction::Max => format!("max_nan({x}, {y})"),
+        Reduction::Min => format!("min_nan({x}, {y})"),
+    }
+}
+
+/// NaN-propagating maximum and minimum, tested on the bits (see
+/// `Builder::is_nan`), for reductions.
+const NAN_HELPERS: &str = "fn is_nan(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
+fn max_nan(x: f32, y: f32) -> f32 { return select(select(max(x, y), y, is_nan(y)), x, is_nan(x)); }
+fn min_nan(x: f32, y: f32) -> f32 { return select(select(min(x, y), y, is_nan(y)), x, is_nan(x)); }
+";
+
+fn uses_nan_reduction(body: &[S]) -> bool {
+    body.iter().any(|s| match s {
+        S::Reduce { how, .. } => *how != Reduction::Sum,
+        S::For { body, .. } => uses_nan_reduction(body),
+        S::If(_, a, b) => uses_nan_reduction(a) || uses_nan_reduction(b),
+        _ => false,
+    })
 }
 
 fn axis(a: u8) -> char {

@@ -8,8 +8,9 @@
 //!   printer cannot drift past the interpreter unnoticed.
 //! - The threads of a block run one after another up to each `bar.sync`,
 //!   then on together; a block whose threads do not all reach the same
-//!   barrier is an error. (The printer emits no warp operations; a
-//!   shuffle or vote would be a parse error.)
+//!   barrier is an error. A warp's lanes meet at each shuffle
+//!   (`shfl.sync.bfly`) and exchange their values together; a shuffle that
+//!   only some lanes of a warp reach is an error.
 //! - Global addresses name their buffer in the high bits (`global_address`),
 //!   workgroup and per-thread arrays their space: an access outside the
 //!   thing it points into is an error, never a read of other memory.
@@ -70,6 +71,9 @@ enum Op2 {
     Rem,
     Max,
     Min,
+    /// `max.NaN` and `min.NaN`: NaN if either operand is.
+    MaxNan,
+    MinNan,
     And,
     Or,
     Xor,
@@ -176,6 +180,12 @@ enum Ins {
         target: usize,
     },
     Bar,
+    /// `shfl.sync.bfly.b32 d, a, lanes, 31, -1`: `a` from lane `lane ^ lanes`.
+    ShflBfly {
+        d: u32,
+        a: Src,
+        lanes: u32,
+    },
     Ret,
 }
 
@@ -404,6 +414,8 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                         "mul" => Op2::Mul,
                         "div" => Op2::Div,
                         "rem" => Op2::Rem,
+                        "max" if parts.get(1) == Some(&"NaN") => Op2::MaxNan,
+                        "min" if parts.get(1) == Some(&"NaN") => Op2::MinNan,
                         "max" => Op2::Max,
                         "min" => Op2::Min,
                         "and" => Op2::And,
@@ -474,6 +486,17 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                 Ins::Bra { target: usize::MAX }
             }
             "bar" if parts.get(1) == Some(&"sync") => Ins::Bar,
+            "shfl" if opcode == "shfl.sync.bfly.b32" => {
+                want(5)?;
+                if ops[3] != "31" || ops[4] != "-1" {
+                    return err(line, "a shuffle over part of a warp");
+                }
+                let lanes = ops[2].parse().map_err(|_| format!("bad lane mask in `{line}`"))?;
+                if lanes >= 32 {
+                    return err(line, "a lane mask past the warp");
+                }
+                Ins::ShflBfly { d: reg(ops[0])?, a: src(ops[1])?, lanes }
+            }
             "ret" => Ins::Ret,
             _ => return err(line, "an instruction the interpreter does not know"),
         };
@@ -499,7 +522,6 @@ struct Thread {
     pc: usize,
     regs: Vec<u64>,
     local: Vec<Vec<u8>>,
-    done: bool,
 }
 
 fn f(x: u64) -> f32 {
@@ -548,41 +570,86 @@ fn run_block(
 ) -> Result<u64, String> {
     let mut shared: Vec<Vec<u8>> = k.shared.iter().map(|&b| vec![0; b]).collect();
     let mut ts: Vec<Thread> = (0..threads)
-        .map(|_| Thread {
-            pc: 0,
-            regs: vec![0; k.registers],
-            local: k.local.iter().map(|&b| vec![0; b]).collect(),
-            done: false,
-        })
+        .map(|_| Thread { pc: 0, regs: vec![0; k.registers], local: k.local.iter().map(|&b| vec![0; b]).collect() })
         .collect();
     let mut executed = 0u64;
+    // Where each thread stopped: None while it can run on.
+    let mut stops: Vec<Option<Stop>> = vec![None; ts.len()];
     loop {
-        let mut at_barrier = 0;
         for (tid, t) in ts.iter_mut().enumerate() {
-            if t.done {
-                continue;
-            }
-            match step_until_barrier(k, t, tid as u32, grid, block, params, mem, &mut shared, &mut executed)? {
-                true => at_barrier += 1,
-                false => t.done = true,
+            if stops[tid].is_none() {
+                let stop = step_until_sync(k, t, tid as u32, grid, block, params, mem, &mut shared, &mut executed)?;
+                stops[tid] = Some(stop);
             }
         }
-        let done = ts.iter().filter(|t| t.done).count();
+        // Warps whose lanes all wait at one shuffle exchange and run on.
+        let mut progressed = false;
+        for warp in 0..ts.len().div_ceil(32) {
+            let lanes = warp * 32..((warp + 1) * 32).min(ts.len());
+            let Some(pc) = lanes.clone().find_map(|l| match stops[l] {
+                Some(Stop::Shuffle { pc, .. }) => Some(pc),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let together = lanes.clone().all(|l| matches!(stops[l], Some(Stop::Shuffle { pc: p, .. }) if p == pc));
+            if !together {
+                return Err(format!(
+                    "{}: block {block:?}: warp {warp} reaches a shuffle with some of its lanes",
+                    k.name
+                ));
+            }
+            let values: Vec<u64> = lanes
+                .clone()
+                .map(|l| match stops[l] {
+                    Some(Stop::Shuffle { value, .. }) => value,
+                    _ => unreachable!("checked above"),
+                })
+                .collect();
+            for l in lanes.clone() {
+                let Some(Stop::Shuffle { d, lanes: x, .. }) = stops[l] else { unreachable!("checked above") };
+                let from = (l - lanes.start) ^ x as usize;
+                let value = values.get(from).ok_or_else(|| format!("{}: a shuffle past the warp", k.name))?;
+                ts[l].regs[d as usize] = *value;
+                stops[l] = None;
+            }
+            progressed = true;
+        }
+        if progressed {
+            continue;
+        }
+        let done = stops.iter().filter(|s| matches!(s, Some(Stop::Exit))).count();
         if done == ts.len() {
             return Ok(executed);
         }
-        if at_barrier != ts.len() {
+        let waiting = stops.iter().filter(|s| matches!(s, Some(Stop::Barrier))).count();
+        if waiting != ts.len() {
             return Err(format!(
-                "{}: block {block:?}: {at_barrier} threads wait at a barrier that {done} exited threads never reach",
+                "{}: block {block:?}: {waiting} threads wait at a barrier that {done} exited threads never reach",
                 k.name
             ));
         }
+        stops.iter_mut().for_each(|s| *s = None);
     }
 }
 
-/// Runs one thread until `bar.sync` (true) or `ret` (false).
+/// Why a thread stopped running on its own.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Barrier,
+    /// At the shuffle at `pc`, offering `value`, wanting lane `lane ^ lanes`'s into `d`.
+    Shuffle {
+        pc: usize,
+        value: u64,
+        d: u32,
+        lanes: u32,
+    },
+    Exit,
+}
+
+/// Runs one thread until `bar.sync`, a shuffle or `ret`.
 #[allow(clippy::too_many_arguments)]
-fn step_until_barrier(
+fn step_until_sync(
     k: &Kernel,
     t: &mut Thread,
     tid: u32,
@@ -592,7 +659,7 @@ fn step_until_barrier(
     mem: &mut Memory,
     shared: &mut [Vec<u8>],
     executed: &mut u64,
-) -> Result<bool, String> {
+) -> Result<Stop, String> {
     loop {
         let Some(line) = k.code.get(t.pc) else { return Err(format!("{}: ran off the end", k.name)) };
         t.pc += 1;
@@ -734,8 +801,9 @@ fn step_until_barrier(
             }
             Ins::Selp { d, a, b, c } => t.regs[d as usize] = if v(t, c) != 0 { v(t, a) } else { v(t, b) },
             Ins::Bra { target } => t.pc = target,
-            Ins::Bar => return Ok(true),
-            Ins::Ret => return Ok(false),
+            Ins::Bar => return Ok(Stop::Barrier),
+            Ins::ShflBfly { d, a, lanes } => return Ok(Stop::Shuffle { pc: t.pc - 1, value: v(t, a), d, lanes }),
+            Ins::Ret => return Ok(Stop::Exit),
         }
     }
 }
@@ -797,6 +865,9 @@ fn binary(op: Op2, ty: Ty, x: u64, y: u64) -> Result<u64, String> {
                 // PTX max/min return the other operand for one NaN.
                 Op2::Max => a.max(b),
                 Op2::Min => a.min(b),
+                Op2::MaxNan | Op2::MinNan if a.is_nan() || b.is_nan() => f32::NAN,
+                Op2::MaxNan => a.max(b),
+                Op2::MinNan => a.min(b),
                 _ => return Err(format!("{op:?} on f32")),
             })
         }
@@ -829,6 +900,7 @@ fn binary(op: Op2, ty: Ty, x: u64, y: u64) -> Result<u64, String> {
                 Op2::Max => a.max(b),
                 Op2::Min if signed => sa.min(sb) as u32,
                 Op2::Min => a.min(b),
+                Op2::MaxNan | Op2::MinNan => return Err(format!("{op:?} on integers")),
                 Op2::And => a & b,
                 Op2::Or => a | b,
                 Op2::Xor => a ^ b,
@@ -888,9 +960,61 @@ L1:
 
     #[test]
     fn unknown_instructions_are_refused() {
-        let text = ADD_ONE.replace("add.f32 %f1, %f0, 0f3F800000;", "shfl.sync.down.b32 %r2, %r1, 1, 31, -1;");
+        let text = ADD_ONE.replace("add.f32 %f1, %f0, 0f3F800000;", "vote.sync.any.pred %p1, %p0, -1;");
         let e = parse(&text).unwrap_err();
-        assert!(e.contains("does not know") && e.contains("shfl.sync"), "{e}");
+        assert!(e.contains("does not know") && e.contains("vote.sync"), "{e}");
+    }
+
+    /// Each lane adds its warp's values with butterfly shuffles.
+    const WARP_SUM: &str = ".version 7.8
+.target sm_80
+.address_size 64
+.visible .entry warp_sum(
+    .param .u64 buf
+)
+.maxntid 64, 1, 1
+{
+    .reg .b32 %r<6>;
+    .reg .b64 %d<4>;
+    .reg .pred %p<2>;
+    ld.param.u64 %d0, [buf];
+    mov.u32 %r0, %tid.x;
+    mul.wide.u32 %d1, %r0, 4;
+    add.s64 %d2, %d0, %d1;
+    ld.global.u32 %r1, [%d2];
+    shfl.sync.bfly.b32 %r2, %r1, 16, 31, -1;
+    add.s32 %r1, %r1, %r2;
+    shfl.sync.bfly.b32 %r2, %r1, 8, 31, -1;
+    add.s32 %r1, %r1, %r2;
+    shfl.sync.bfly.b32 %r2, %r1, 4, 31, -1;
+    add.s32 %r1, %r1, %r2;
+    shfl.sync.bfly.b32 %r2, %r1, 2, 31, -1;
+    add.s32 %r1, %r1, %r2;
+    shfl.sync.bfly.b32 %r2, %r1, 1, 31, -1;
+    add.s32 %r1, %r1, %r2;
+    st.global.u32 [%d2], %r1;
+    ret;
+}
+";
+
+    #[test]
+    fn shuffles_run_a_warps_lanes_together() {
+        let k = parse(WARP_SUM).unwrap();
+        let data: Vec<u8> = (0..64u32).flat_map(|x| x.to_le_bytes()).collect();
+        let mut mem = Memory { buffers: vec![data] };
+        launch(&k, [1, 1, 1], 64, &[global_address(0)], &mut mem).unwrap();
+        let got: Vec<u32> = mem.buffers[0].chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        // Lanes 0..32 hold 0 + ... + 31, lanes 32..64 hold 32 + ... + 63.
+        assert!(got[..32].iter().all(|&v| v == 496) && got[32..].iter().all(|&v| v == 1520), "{got:?}");
+        // Half a warp skipping the shuffles is caught.
+        let text = WARP_SUM.replace(
+            "    ld.global.u32 %r1, [%d2];\n",
+            "    ld.global.u32 %r1, [%d2];\n    setp.lt.u32 %p0, %r0, 16;\n    @%p0 bra L9;\n",
+        );
+        let text = text.replace("    st.global.u32", "L9:\n    st.global.u32");
+        let k = parse(&text).unwrap();
+        let e = launch(&k, [1, 1, 1], 64, &[global_address(0)], &mut mem).unwrap_err();
+        assert!(e.contains("shuffle with some of its lanes"), "{e}");
     }
 
     #[test]
