@@ -189,3 +189,19 @@ fn compile_emits_ptx_modules_and_a_manifest() {
     assert!(steps.iter().any(|s| s["kind"] == "attention" && s["shared_bytes"].as_u64().unwrap() > 0), "{manifest}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Without a WebGPU adapter (no Vulkan driver found), `--backend wgsl` says
+/// what to install, with exit status 1.
+#[test]
+fn the_wgsl_backend_without_an_adapter_says_what_to_install() {
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["run", "tests/data/zoo/bert_tiny", "--backend", "wgsl"])
+        .current_dir(common::repo_root())
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("mesa-vulkan-drivers") && !err.contains("panicked"), "{err}");
+}

@@ -131,22 +131,22 @@ fn compile_emits_wgsl_and_a_manifest() {
 
 /// Constants larger than one binding (GPT-2's 154 MB token embedding is,
 /// at 128 MiB a binding) span several weight chunks: here with bindings of
-/// 4 KiB, a gather table and a matmul weight of about 10 KiB each.
+/// 256 KiB, a gather table and a matmul weight of about 320 KiB each.
 #[test]
 fn constants_larger_than_a_binding_span_chunks() {
     if !common::wgsl_adapter() {
         return;
     }
     use egret::runtime::{Executable, ReferenceExecutable};
-    let table: Vec<String> = (0..300 * 8).map(|i| format!("{:.3}", (i % 97) as f32 * 0.01 - 0.4)).collect();
-    let w: Vec<String> = (0..40 * 64).map(|i| format!("{:.3}", (i % 89) as f32 * 0.01 - 0.45)).collect();
+    let table: Vec<String> = (0..10_000 * 8).map(|i| format!("{:.2}", (i % 97) as f32 * 0.01 - 0.4)).collect();
+    let w: Vec<String> = (0..40 * 2048).map(|i| format!("{:.2}", (i % 89) as f32 * 0.01 - 0.45)).collect();
     let text = format!(
-        "v0: i64[6] = input{{name=\"ids\"}}
-v1: f32[300,8] = const [{}]
-v2: f32[6,8] = gather{{axis=0}} v1, v0
+        "v0: i64[100] = input{{name=\"ids\"}}
+v1: f32[10000,8] = const [{}]
+v2: f32[100,8] = gather{{axis=0}} v1, v0
 v3: f32[6,40] = input{{name=\"x\"}}
-v4: f32[40,64] = const [{}]
-v5: f32[6,64] = matmul v3, v4
+v4: f32[40,2048] = const [{}]
+v5: f32[6,2048] = matmul v3, v4
 output \"rows\" = v2
 output \"product\" = v5
 ",
@@ -154,19 +154,28 @@ output \"product\" = v5
         w.join(", ")
     );
     let g = egret::ir::text::parse(&text).unwrap();
-    let limits = egret::backends::gpu::Limits { max_binding_bytes: 4096, ..Default::default() };
+    // Three workgroups a grid dimension at most: the gather (4 workgroups,
+    // as 3 x 2) and the matmul (32, as 3 x 11) need 2-D grids and skip
+    // the workgroups past their count.
+    let limits =
+        egret::backends::gpu::Limits { max_binding_bytes: 256 << 10, max_groups_per_dim: 3, ..Default::default() };
     let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), limits).unwrap();
-    assert!(gpu.weights.len() >= 6, "{} chunks", gpu.weights.len());
-    assert!(shaders.iter().any(|s| s.contains("let chunk = i /")), "a spanning reader");
     let device = egret::runtime::WgpuDevice::shared().unwrap();
-    let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-    let ids = egret::ir::Tensor::from_vec(vec![6], vec![0i64, 299, 128, 127, 255, -1]);
+    let exe = egret::runtime::WgpuExecutable::new(device, gpu.clone(), &shaders).unwrap();
+    assert!(gpu.weights.len() >= 4, "{} chunks", gpu.weights.len());
+    assert!(shaders.iter().any(|s| s.contains("let chunk = i /")), "a spanning reader");
+    assert!(gpu.steps.iter().any(|s| matches!(s, egret::backends::gpu::Step::Dispatch { grid, .. } if grid[1] > 1)));
+    let ids =
+        egret::ir::Tensor::from_vec(vec![100], (0..100).map(|i| (i * 3701 % 10_000) as i64 - 1).collect::<Vec<_>>());
     let x = egret::ir::Tensor::from_vec(vec![6, 40], (0..240).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect::<Vec<_>>());
-    let got = exe.run(vec![ids.clone(), x.clone()]).unwrap();
-    let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![ids, x]).unwrap();
-    for ((gt, w), name) in got.iter().zip(&want).zip(["rows", "product"]) {
-        let r = egret::check::compare(name, gt, w, Tolerance::default());
-        assert!(r.failure.is_none(), "{name}: {:?}", r.failure);
+    // The interpreted PTX takes the same plan.
+    let ptx = egret::runtime::PtxExecutable::new(common::InterpretedDevice::new(), gpu.clone()).unwrap();
+    let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![ids.clone(), x.clone()]).unwrap();
+    for got in [exe.run(vec![ids.clone(), x.clone()]).unwrap(), ptx.run(vec![ids.clone(), x.clone()]).unwrap()] {
+        for ((gt, w), name) in got.iter().zip(&want).zip(["rows", "product"]) {
+            let r = egret::check::compare(name, gt, w, Tolerance::default());
+            assert!(r.failure.is_none(), "{name}: {:?}", r.failure);
+        }
     }
 }
 
@@ -205,4 +214,45 @@ output \"reversed\" = v6
         let err = exe.run(mask(vec![1 << 30, 1 << 30, 0, 0, 0, 0, 0, 0, 0, 0])).unwrap_err().to_string();
         assert!(err.contains("integer overflow") && err.contains("cumsum"), "{err}");
     }
+}
+
+/// Kernels with empty outputs are not dispatched, and error codes still
+/// name the right step after them.
+#[test]
+fn empty_kernels_are_skipped_and_errors_still_name_their_step() {
+    use egret::runtime::Executable;
+    let g = egret::ir::text::parse(
+        "v0: f32[0,4] = input{name=\"empty\"}
+v1: f32[4,3] = const [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+v2: f32[0,3] = matmul v0, v1
+v3: i64[2] = input{name=\"ids\"}
+v4: f32[2,3] = gather{axis=0} v1, v3
+output \"nothing\" = v2
+output \"rows\" = v4
+",
+    )
+    .unwrap();
+    let gpu = egret::gpu_plan(&g, &Default::default(), Default::default()).unwrap();
+    let ids = |v: Vec<i64>| {
+        vec![egret::ir::Tensor::from_vec(vec![0, 4], Vec::<f32>::new()), egret::ir::Tensor::from_vec(vec![2], v)]
+    };
+    assert!(gpu.steps.len() < 3, "{:?}", gpu.steps);
+    let mut runs: Vec<Box<dyn Executable>> = vec![Box::new(common::interpreted_ptx(&g, &Default::default()))];
+    if common::wgsl_adapter() {
+        runs.push(Box::new(egret::compile_wgsl(&g, &Default::default()).unwrap().0));
+    }
+    for exe in &runs {
+        let out = exe.run(ids(vec![3, 0])).unwrap();
+        assert_eq!(out[0].shape(), &[0, 3]);
+        assert_eq!(out[1].as_f32().unwrap(), &[10.0, 11.0, 12.0, 1.0, 2.0, 3.0]);
+        let err = exe.run(ids(vec![4, 0])).unwrap_err().to_string();
+        assert!(err.contains("out of range for an axis of length 4"), "{err}");
+    }
+}
+
+/// A shader naga refuses is reported with naga's message, not a panic.
+#[test]
+fn invalid_wgsl_is_reported_by_naga() {
+    let err = egret::backends::gpu::wgsl::validate("fn main() { let x: f32 = 1u; }").unwrap_err();
+    assert!(err.contains("error"), "{err}");
 }

@@ -68,8 +68,9 @@ pub struct Place {
 #[derive(Clone, Debug)]
 pub enum Step {
     /// Dispatches `kernels[kernel]` over `grid` workgroups with `params`.
-    /// A kernel that can fail (a gather) says how in `on_error`: the message
-    /// the run returns when its code is in the error word.
+    /// A kernel that can fail (a gather, an integer op) says how in
+    /// `on_error`: the message the run returns when its code (the step's
+    /// index plus one) is in the error word.
     Dispatch { kernel: usize, params: Vec<u32>, grid: [u32; 3], label: String, kind: String, on_error: Option<String> },
     /// An op with no GPU kernel: the runtime copies its inputs to the host,
     /// evaluates it with the IR's reference semantics and copies the
@@ -252,15 +253,15 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
     // Kernels that print alike are one pipeline: the layers of a model.
     let mut by_text: HashMap<String, usize> = HashMap::new();
     let mut steps = vec![];
-    for (i, k) in plan.kernels.iter().enumerate() {
+    for k in &plan.kernels {
         let built = match &k.kind {
             KernelKind::Map(m) => map::map(m, &at),
             KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
             KernelKind::Rows(r) => rows::rows(r, &at),
             KernelKind::Attention(a) => attention::attention(a, &at),
-            KernelKind::Gather(gk) => gather::gather(gk, &at, i as u32 + 1),
+            KernelKind::Gather(gk) => gather::gather(gk, &at, steps.len() as u32 + 1),
             KernelKind::Reference { op, inputs, outputs } if integer::kernel(op, inputs, outputs, &at, 0).is_some() => {
-                integer::kernel(op, inputs, outputs, &at, i as u32 + 1).expect("checked")
+                integer::kernel(op, inputs, outputs, &at, steps.len() as u32 + 1).expect("checked")
             }
             KernelKind::Reference { op, inputs, outputs } => {
                 steps.push(Step::Host {
@@ -273,6 +274,11 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             }
         };
         let (kernel, params, groups) = built;
+        // A kernel with nothing to compute (an empty output) is not
+        // dispatched: its addresses would start outside its operands.
+        if groups == 0 {
+            continue;
+        }
         // Every space is a storage buffer, the parameters too.
         let bindings = kernel.spaces().len();
         if bindings > limits.max_storage_buffers as usize {
