@@ -87,6 +87,9 @@ pub struct CompileOptions {
     pub opt_level: u8,
     /// Force the matmul implementation instead of letting the compiler choose.
     pub matmul: Option<egret_backends::plan::MatMulImpl>,
+    /// The arithmetic of matrix products on the PTX backend: f32 (the
+    /// default), or tensor cores on tf32 or bf16 inputs.
+    pub precision: egret_backends::gpu::form::Precision,
 }
 
 impl Default for CompileOptions {
@@ -99,6 +102,7 @@ impl Default for CompileOptions {
             threads: None,
             opt_level: MAX_OPT_LEVEL,
             matmul: None,
+            precision: Default::default(),
         }
     }
 }
@@ -210,7 +214,7 @@ pub fn gpu_plan(
     limits: egret_backends::gpu::Limits,
 ) -> Result<egret_backends::gpu::GpuPlan, Error> {
     let plan = egret_backends::lower(graph, lower_options(opts).gpu())?;
-    egret_backends::gpu::compile(&plan, limits).map_err(|e| Error::Codegen(e.to_string()))
+    egret_backends::gpu::compile(&plan, limits, opts.precision).map_err(|e| Error::Codegen(e.to_string()))
 }
 
 /// A graph through the GPU layer, printed as WGSL: the plan compiled for
@@ -221,6 +225,12 @@ pub fn wgsl_program(
     opts: &CompileOptions,
     limits: egret_backends::gpu::Limits,
 ) -> Result<(egret_backends::gpu::GpuPlan, Vec<String>), Error> {
+    if opts.precision != egret_backends::gpu::form::Precision::F32 {
+        return Err(Error::Usage(format!(
+            "--precision {} runs products on tensor cores, which only the ptx backend has",
+            opts.precision.name()
+        )));
+    }
     let gpu = gpu_plan(graph, opts, limits)?;
     let mut shaders = Vec::with_capacity(gpu.kernels.len());
     for (i, k) in gpu.kernels.iter().enumerate() {
@@ -281,6 +291,14 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let c = canonical(path, opts)?;
     let t = Instant::now();
     let signature = egret_runtime::Signature::of(&c.graph, c.specialized);
+    if opts.precision != egret_backends::gpu::form::Precision::F32
+        && !matches!(opts.backend, Backend::Ptx | Backend::Wgsl)
+    {
+        return Err(Error::Usage(format!(
+            "--precision {} runs products on tensor cores, which only the ptx backend has",
+            opts.precision.name()
+        )));
+    }
     let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(c.graph.clone())?),
         Backend::Cpu => {

@@ -52,6 +52,28 @@ struct ModelArgs {
     /// Matmul implementation: chosen per kernel by the compiler, or forced.
     #[arg(long, value_enum, default_value = "auto")]
     matmul: MatMulArg,
+    /// Arithmetic of matrix products on the ptx backend: f32, or tensor
+    /// cores on tf32 or bf16 inputs (looser tolerances; see the README).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Tf32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for egret::backends::gpu::form::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        use egret::backends::gpu::form::Precision;
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Tf32 => Precision::Tf32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -171,6 +193,9 @@ enum Command {
         /// Optimisation level: 0 = one kernel per op, 1 = fuse elementwise chains, 2 = also the e-graph.
         #[arg(long = "opt", default_value_t = egret::MAX_OPT_LEVEL, value_parser = clap::value_parser!(u8).range(0..=egret::MAX_OPT_LEVEL as i64))]
         opt: u8,
+        /// Arithmetic of matrix products on the ptx backend (f32, tf32 or bf16).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
     },
     /// Print the graph after canonicalisation, in Egret's IR text format.
     Ir {
@@ -244,8 +269,13 @@ fn run_cli() -> Result<()> {
         Command::Run { model, inputs, save_outputs, backend, print_ir, seed, threads } => {
             run(model, inputs, save_outputs, backend.into(), print_ir, seed, threads)
         }
-        Command::Check { path, backend, rtol, atol, quiet, opt } => {
-            let opts = CompileOptions { backend: backend.into(), opt_level: opt, ..Default::default() };
+        Command::Check { path, backend, rtol, atol, quiet, opt, precision } => {
+            let opts = CompileOptions {
+                backend: backend.into(),
+                opt_level: opt,
+                precision: precision.into(),
+                ..Default::default()
+            };
             check(&path, &opts, Tolerance { rtol, atol }, quiet)
         }
         Command::Ir { model, full } => {
@@ -278,8 +308,12 @@ fn run_cli() -> Result<()> {
             };
             let emit = match emit {
                 EmitArg::Wgsl | EmitArg::Ptx => {
-                    let opts =
-                        CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+                    let opts = CompileOptions {
+                        dims: parse_dims(&model.dims)?,
+                        opt_level: model.opt,
+                        precision: model.precision.into(),
+                        ..Default::default()
+                    };
                     let written = match emit {
                         EmitArg::Wgsl => egret::aot::write_wgsl(&model.model, &out, &opts)?,
                         _ => egret::aot::write_ptx(&model.model, &out, &opts)?,
@@ -331,6 +365,7 @@ fn compile_with_inputs(
         threads,
         opt_level: model.opt,
         matmul: model.matmul.choice(),
+        precision: model.precision.into(),
     };
     let m = compile(&model.model, &opts)?;
     let mut all = given.clone();
@@ -523,6 +558,7 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         dims: parse_dims(&model.dims)?,
         opt_level: model.opt,
         matmul: model.matmul.choice(),
+        precision: model.precision.into(),
         ..Default::default()
     };
     let c = egret::canonical(&model.model, &opts)?;

@@ -1,6 +1,7 @@
 //! The PTX backend without a GPU: every kernel of every model assembles
 //! with `ptxas` for sm_80 and sm_90, and the matmul and attention kernels
-//! do not spill at sm_80.
+//! do not spill at sm_80; the interpreter runs the models' PTX (f32, and
+//! with tensor-core products) against the reference and stored outputs.
 //!
 //! `ptxas` comes from the PyPI wheel `nvidia-cuda-nvcc-cu12` (`.ci/run`
 //! installs it); `EGRET_PTXAS` names another. Without one the test skips
@@ -33,20 +34,23 @@ fn ptxas() -> Option<PathBuf> {
 }
 
 /// The distinct PTX kernels of every zoo, synthetic, export and perf
-/// model at `--opt 0` and `--opt 2`, by text, with a model that has each.
+/// model at `--opt 0` and `--opt 2` (and at `--opt 2` with tensor-core
+/// products in tf32 and bf16), by text, with a model that has each.
 fn model_kernels() -> BTreeMap<String, (String, String)> {
     let mut dirs = vec![common::zoo_dir(), common::synthetic_dir(), common::exports_dir()];
     dirs.extend(common::shared_dir("perf", Some("EGRET_PERF_MODELS")));
     let mut kernels = BTreeMap::new();
     for dir in dirs {
         for case in discover(&dir).unwrap() {
-            for opt_level in [0, 2] {
-                let opts = CompileOptions { opt_level, ..Default::default() };
+            use egret::backends::gpu::form::Precision;
+            let levels = [(0, Precision::F32), (2, Precision::F32), (2, Precision::Tf32), (2, Precision::Bf16)];
+            for (opt_level, precision) in levels {
+                let opts = CompileOptions { opt_level, precision, ..Default::default() };
                 let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
-                let gpu = egret::gpu_plan(&c.graph, &opts, Default::default()).unwrap();
+                let gpu = egret::gpu_plan(&c.graph, &opts, egret::PTX_LIMITS).unwrap();
                 for k in &gpu.kernels {
                     let text = egret::backends::gpu::ptx::print(k);
-                    let from = format!("{} --opt {opt_level}", case.display());
+                    let from = format!("{} --opt {opt_level} --precision {}", case.display(), precision.name());
                     kernels.entry(text).or_insert((k.name.clone(), from));
                 }
             }
@@ -191,5 +195,85 @@ output \"log\" = v8
         let r = egret::check::compare(name, gt, w, egret::check::Tolerance::default());
         println!("{name}: max abs err {:.2e}, max rel err {:.2e}", r.max_abs, r.max_rel);
         assert!(r.failure.is_none(), "{name}: {:?}", r.failure);
+    }
+}
+
+/// Products on tensor cores (`--precision tf32|bf16`), through the
+/// interpreter's `mma.sync` (fragments laid out as the PTX ISA documents
+/// them): odd sizes and tile edges, batches, transposed weights and an
+/// epilogue, against the f32 reference within the documented looser
+/// tolerances.
+#[test]
+fn tensor_core_products_match_within_their_precision() {
+    use egret::backends::gpu::form::Precision;
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let data = |n: usize, seed: u64| {
+        let mut rng = egret::io::SplitMix::new(seed);
+        (0..n).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32).collect::<Vec<_>>()
+    };
+    let w: Vec<String> = data(70 * 37, 7).iter().map(|x| format!("{x}")).collect();
+    let g = egret::ir::text::parse(&format!(
+        "v0: f32[2,67,70] = input{{name=\"a\"}}
+v1: f32[2,70,45] = input{{name=\"b\"}}
+v2: f32[2,67,45] = matmul v0, v1
+v3: f32[37,70] = const [{}]
+v4: f32[70,37] = transpose{{perm=[1, 0]}} v3
+v5: f32[2,67,37] = matmul v0, v4
+v6: f32[2,67,37] = gelu{{approximate_tanh=false}} v5
+output \"batched\" = v2
+output \"gelu\" = v6
+",
+        w.join(", ")
+    ))
+    .unwrap();
+    let inputs = vec![
+        egret::ir::Tensor::from_vec(vec![2, 67, 70], data(2 * 67 * 70, 1)),
+        egret::ir::Tensor::from_vec(vec![2, 70, 45], data(2 * 70 * 45, 2)),
+    ];
+    let want = ReferenceExecutable::new(g.clone()).unwrap().run(inputs.clone()).unwrap();
+    for (precision, tol) in [(Precision::Tf32, TF32_TOLERANCE), (Precision::Bf16, BF16_TOLERANCE)] {
+        let opts = CompileOptions { precision, ..Default::default() };
+        let ptx = common::interpreted_ptx(&g, &opts);
+        assert!(ptx.plan().kernels.iter().any(|k| k.name.starts_with("matmul_mma")), "tensor cores in use");
+        let got = ptx.run(inputs.clone()).unwrap();
+        for ((gt, w), (name, _)) in got.iter().zip(&want).zip(g.outputs()) {
+            let r = egret::check::compare(name, gt, w, tol);
+            println!("{} {name}: max abs err {:.2e}, max rel err {:.2e}", precision.name(), r.max_abs, r.max_rel);
+            assert!(r.failure.is_none(), "{} {name}: {:?}", precision.name(), r.failure);
+            // And the precision is really lower than f32's: not a disguised f32 path.
+            assert!(r.max_abs > 1e-6, "{} {name}: exact to {:.1e}", precision.name(), r.max_abs);
+        }
+    }
+}
+
+/// The tolerances the README states for tensor-core products.
+const TF32_TOLERANCE: egret::check::Tolerance = egret::check::Tolerance { rtol: 1e-2, atol: 1e-2 };
+const BF16_TOLERANCE: egret::check::Tolerance = egret::check::Tolerance { rtol: 5e-2, atol: 5e-2 };
+
+/// Zoo models with their products on tensor cores, through the
+/// interpreter, against onnxruntime's f32 outputs within the documented
+/// tolerances of each precision.
+#[test]
+fn zoo_models_on_tensor_cores_stay_within_their_precision() {
+    use egret::backends::gpu::form::Precision;
+    use egret::runtime::Executable;
+    for name in ["bert_tiny", "vit_tiny", "gpt2_tiny"] {
+        let case = common::zoo_dir().join(name);
+        let set = &egret::check::data_sets(&case).unwrap()[0];
+        let inputs = egret::check::numbered(set, "input").unwrap();
+        let expected = egret::check::numbered(set, "output").unwrap();
+        for (precision, tol) in [(Precision::Tf32, TF32_TOLERANCE), (Precision::Bf16, BF16_TOLERANCE)] {
+            let opts =
+                CompileOptions { precision, input_values: inputs.iter().cloned().collect(), ..Default::default() };
+            let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
+            let signature = egret::runtime::Signature::of(&c.graph, c.specialized.clone());
+            let ptx = common::interpreted_ptx(&c.graph, &opts);
+            let outs = ptx.run(signature.bind(inputs.clone()).unwrap()).unwrap();
+            for (got, (output, want)) in outs.iter().zip(&expected) {
+                let r = egret::check::compare(output, got, want, tol);
+                println!("{name} {} {output}: max abs err {:.2e}", precision.name(), r.max_abs);
+                assert!(r.failure.is_none(), "{name} {} {output}: {:?}", precision.name(), r.failure);
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@ use graphs::*;
 fn ptx(text: &str) -> String {
     let g = egret_ir::text::parse(text).unwrap();
     let plan = lower(&g, LowerOptions::default().gpu()).unwrap();
-    let compiled = gpu::compile(&plan, gpu::Limits::default()).unwrap();
+    let compiled = gpu::compile(&plan, gpu::Limits::default(), Default::default()).unwrap();
     let mut out = String::new();
     for (i, k) in compiled.kernels.iter().enumerate() {
         out.push_str(&format!("\n// k{i}\n{}", ptx::print(k)));

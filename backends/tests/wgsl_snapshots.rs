@@ -13,7 +13,7 @@ use graphs::*;
 fn wgsl(text: &str) -> String {
     let g = egret_ir::text::parse(text).unwrap();
     let plan = lower(&g, LowerOptions::default().gpu()).unwrap();
-    let compiled = gpu::compile(&plan, gpu::Limits::default()).unwrap();
+    let compiled = gpu::compile(&plan, gpu::Limits::default(), Default::default()).unwrap();
     let mut out = String::new();
     for (i, s) in compiled.steps.iter().enumerate() {
         match s {
@@ -82,7 +82,7 @@ output \"y\" = v3
     )
     .unwrap();
     let plan = lower(&g, LowerOptions::default().gpu()).unwrap();
-    let compiled = gpu::compile(&plan, gpu::Limits::default()).unwrap();
+    let compiled = gpu::compile(&plan, gpu::Limits::default(), Default::default()).unwrap();
     let Step::Dispatch { params, .. } = &compiled.steps[0] else { panic!("a dispatch") };
     assert_eq!(&params[5..7], &[2, 1], "b row-major: row stride n, column stride 1");
     let bits: Vec<f32> = compiled.weights[0][..8].iter().map(|&w| f32::from_bits(w)).collect();

@@ -121,6 +121,11 @@ impl Builder {
         E::Var(into)
     }
 
+    /// A warp's m16n8k8 tensor-core product into `acc` (see `S::Mma`).
+    pub fn mma(&mut self, precision: Precision, a: [E; 4], b: [E; 2], acc: [Var; 4]) {
+        self.push(S::Mma { precision, a, b, acc });
+    }
+
     pub fn barrier(&mut self) {
         self.push(S::Barrier);
     }

@@ -173,10 +173,68 @@ pub enum S {
         into: Var,
         scratch: Shared,
     },
+    /// A warp's tensor-core product `D = A B + C` of shape m16n8k8 in f32
+    /// (`mma.sync`): each lane gives its fragment of A (four values at
+    /// `Precision::a_at`) and B (two, `b_at`), rounded to `precision`, and
+    /// `acc` (four values at `c_at`) becomes D. Printers without tensor
+    /// cores have none of these kernels (`--precision` needs PTX).
+    Mma {
+        precision: Precision,
+        a: [E; 4],
+        b: [E; 2],
+        acc: [Var; 4],
+    },
     /// Waits for every invocation of the workgroup, and makes workgroup
     /// memory written before it visible after it. Only in uniform control
     /// flow: every invocation of a workgroup reaches the same barriers.
     Barrier,
+}
+
+/// The arithmetic of matrix products: f32 FMA, or tensor cores on
+/// inputs rounded to tf32 or bf16 (f32 accumulation either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    #[default]
+    F32,
+    Tf32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// (row, column) in the 16 x 8 tile of A of lane fragment element `i`,
+    /// for the lane's `group` (lane / 4) and `member` (lane % 4), as the PTX
+    /// ISA lays out m16n8k8 fragments.
+    pub fn a_at(self, i: usize, group: u32, member: u32) -> (u32, u32) {
+        let half = i as u32 / 2;
+        let low = i as u32 % 2;
+        match self {
+            // tf32: rows g, g + 8, g, g + 8; columns t, t, t + 4, t + 4.
+            Precision::Tf32 | Precision::F32 => (group + 8 * low, member + 4 * half),
+            // bf16: rows g, g, g + 8, g + 8; columns 2t, 2t + 1, 2t, 2t + 1.
+            Precision::Bf16 => (group + 8 * half, 2 * member + low),
+        }
+    }
+
+    /// (row, column) in the 8 x 8 tile of B of fragment element `i`.
+    pub fn b_at(self, i: usize, group: u32, member: u32) -> (u32, u32) {
+        match self {
+            Precision::Tf32 | Precision::F32 => (member + 4 * i as u32, group),
+            Precision::Bf16 => (2 * member + i as u32, group),
+        }
+    }
+
+    /// (row, column) in the 16 x 8 accumulator of element `i`.
+    pub fn c_at(i: usize, group: u32, member: u32) -> (u32, u32) {
+        (group + 8 * (i as u32 / 2), 2 * member + i as u32 % 2)
+    }
 }
 
 /// How `S::Reduce` combines values. Maximum and minimum propagate NaN.
@@ -266,6 +324,7 @@ impl Kernel {
                         s(b, out)
                     }
                     S::Reduce { value, .. } => e(value, out),
+                    S::Mma { a, b, .. } => a.iter().chain(b).for_each(|x| e(x, out)),
                     S::Barrier => {}
                 }
             }

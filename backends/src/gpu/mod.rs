@@ -190,7 +190,10 @@ fn lay_out_weights(plan: &Plan) -> Plan {
 
 /// Compiles a plan's kernels for a GPU. The plan must be lowered with
 /// `LowerOptions::gpu` (strided weights, no CPU row tables).
-pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
+///
+/// With `precision` tf32 or bf16, products run on tensor cores (PTX only);
+/// attention keeps f32.
+pub fn compile(plan: &Plan, limits: Limits, precision: form::Precision) -> Result<GpuPlan, GpuError> {
     let plan = &lay_out_weights(plan);
     // Every value is one 32-bit word on the device: f64 has no place there.
     let wide = |b: &BufferId| plan.buffers[*b].dtype == DType::F64;
@@ -256,6 +259,7 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
     for k in &plan.kernels {
         let built = match &k.kind {
             KernelKind::Map(m) => map::map(m, &at),
+            KernelKind::MatMul(mm) if precision != form::Precision::F32 => matmul::matmul_mma(mm, &at, precision),
             KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
             KernelKind::Rows(r) => rows::rows(r, &at),
             KernelKind::Attention(a) => attention::attention(a, &at),
@@ -290,7 +294,7 @@ pub fn compile(plan: &Plan, limits: Limits) -> Result<GpuPlan, GpuError> {
             });
         }
         let next = kernels.len();
-        let index = *by_text.entry(wgsl::print(&kernel)).or_insert(next);
+        let index = *by_text.entry(format!("{kernel:?}")).or_insert(next);
         if index == next {
             kernels.push(kernel);
         }

@@ -230,7 +230,46 @@ impl Printer<'_> {
             }
             S::Barrier => self.line("bar.sync 0;"),
             S::Reduce { how, value, into, scratch } => self.reduce(*how, value, *into, *scratch),
+            S::Mma { precision, a, b, acc } => self.mma(*precision, a, b, acc),
         }
+    }
+
+    /// `mma.sync` m16n8k8 with f32 accumulators: the fragments rounded to
+    /// tf32 (one value a register) or packed two bf16 a register (the lower
+    /// element in the low half).
+    fn mma(&mut self, precision: Precision, a: &[E; 4], b: &[E; 2], acc: &[Var; 4]) {
+        let a: Vec<String> = a.iter().map(|x| self.e(x).name).collect();
+        let b: Vec<String> = b.iter().map(|x| self.e(x).name).collect();
+        let pack = |p: &mut Self, values: &[String]| -> Vec<String> {
+            match precision {
+                Precision::Tf32 => values
+                    .iter()
+                    .map(|v| {
+                        let r = p.temp(Ty::U32).name;
+                        p.line(&format!("cvt.rna.tf32.f32 {r}, {v};"));
+                        r
+                    })
+                    .collect(),
+                _ => values
+                    .chunks(2)
+                    .map(|pair| {
+                        let r = p.temp(Ty::U32).name;
+                        p.line(&format!("cvt.rn.bf16x2.f32 {r}, {}, {};", pair[1], pair[0]));
+                        r
+                    })
+                    .collect(),
+            }
+        };
+        let (fa, fb) = (pack(self, &a), pack(self, &b));
+        let c: Vec<String> = acc.iter().map(|v| self.var(*v).name).collect();
+        let t = precision.name();
+        self.line(&format!(
+            "mma.sync.aligned.m16n8k8.row.col.f32.{t}.{t}.f32 {{{}}}, {{{}}}, {{{}}}, {{{}}};",
+            c.join(", "),
+            fa.join(", "),
+            fb.join(", "),
+            c.join(", ")
+        ));
     }
 
     /// A workgroup reduction: butterfly shuffles combine each warp's 32

@@ -133,6 +133,7 @@ impl Printer<'_> {
                 S::Barrier => {
                     let _ = writeln!(out, "{pad}workgroupBarrier();");
                 }
+                S::Mma { .. } => unreachable!("tensor-core kernels are built for PTX only"),
                 S::Reduce { how, value, into, scratch } => {
                     // A tree in workgroup memory: halve the live invocations
                     // each step, then everyone reads the root.

@@ -180,6 +180,25 @@ enum Ins {
         target: usize,
     },
     Bar,
+    /// `mma.sync.aligned.m16n8k8.row.col.f32.{tf32,bf16}.*.f32 {d}, {a}, {b}, {c}`.
+    Mma {
+        bf16: bool,
+        d: [u32; 4],
+        a: Vec<Src>,
+        b: Vec<Src>,
+        c: [Src; 4],
+    },
+    /// `cvt.rna.tf32.f32`: to 10 mantissa bits, ties away from zero.
+    ToTf32 {
+        d: u32,
+        a: Src,
+    },
+    /// `cvt.rn.bf16x2.f32 d, hi, lo`: two bf16, ties to even.
+    ToBf16x2 {
+        d: u32,
+        hi: Src,
+        lo: Src,
+    },
     /// `shfl.sync.bfly.b32 d, a, lanes, 31, -1`: `a` from lane `lane ^ lanes`.
     ShflBfly {
         d: u32,
@@ -448,6 +467,43 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                 };
                 Ins::Un { op, ty: last_ty()?, d: reg(ops[0])?, a: src(ops[1])? }
             }
+            "cvt" if opcode == "cvt.rna.tf32.f32" => {
+                want(2)?;
+                Ins::ToTf32 { d: reg(ops[0])?, a: src(ops[1])? }
+            }
+            "cvt" if opcode == "cvt.rn.bf16x2.f32" => {
+                want(3)?;
+                Ins::ToBf16x2 { d: reg(ops[0])?, hi: src(ops[1])?, lo: src(ops[2])? }
+            }
+            "mma" => {
+                let bf16 = match opcode {
+                    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" => false,
+                    "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32" => true,
+                    _ => return err(line, "an mma shape or type the interpreter does not know"),
+                };
+                // Four brace groups: d, a, b, c.
+                let groups: Vec<Vec<&str>> = operands
+                    .split('}')
+                    .map(|g| g.trim_start_matches([',', ' ']).trim_start_matches('{'))
+                    .filter(|g| !g.trim().is_empty())
+                    .map(|g| g.split(',').map(str::trim).collect())
+                    .collect();
+                let (na, nb) = if bf16 { (2, 1) } else { (4, 2) };
+                let shapes = [4, na, nb, 4];
+                if groups.len() != 4 || groups.iter().zip(shapes).any(|(g, n)| g.len() != n) {
+                    return err(line, "mma operands of the wrong shape");
+                }
+                let four = |g: &Vec<&str>| -> Result<[Src; 4], String> {
+                    Ok([src(g[0])?, src(g[1])?, src(g[2])?, src(g[3])?])
+                };
+                Ins::Mma {
+                    bf16,
+                    d: [reg(groups[0][0])?, reg(groups[0][1])?, reg(groups[0][2])?, reg(groups[0][3])?],
+                    a: groups[1].iter().map(|x| src(x)).collect::<Result<_, _>>()?,
+                    b: groups[2].iter().map(|x| src(x)).collect::<Result<_, _>>()?,
+                    c: four(&groups[3])?,
+                }
+            }
             "cvt" => {
                 want(2)?;
                 // cvt.rmi.f32.f32, cvt.rn.f32.s32, cvt.rzi.s32.f32
@@ -582,8 +638,36 @@ fn run_block(
                 stops[tid] = Some(stop);
             }
         }
-        // Warps whose lanes all wait at one shuffle exchange and run on.
         let mut progressed = false;
+        // Warps whose lanes all wait at one mma multiply and run on.
+        for warp in 0..ts.len().div_ceil(32) {
+            let lanes = warp * 32..((warp + 1) * 32).min(ts.len());
+            let Some(pc) = lanes.clone().find_map(|l| match stops[l] {
+                Some(Stop::Mma { pc, .. }) => Some(pc),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let fragments: Vec<Fragments> = lanes
+                .clone()
+                .filter_map(|l| match stops[l] {
+                    Some(Stop::Mma { pc: p, bf16, a, b, c, .. }) if p == pc => Some((bf16, a, b, c)),
+                    _ => None,
+                })
+                .collect();
+            if fragments.len() != 32 {
+                return Err(format!("{}: block {block:?}: warp {warp} reaches an mma without all 32 lanes", k.name));
+            }
+            for (l, result) in lanes.clone().zip(mma_warp(&fragments)) {
+                let Some(Stop::Mma { d, .. }) = stops[l] else { unreachable!("checked above") };
+                for (r, v) in d.iter().zip(result) {
+                    ts[l].regs[*r as usize] = fb(v);
+                }
+                stops[l] = None;
+            }
+            progressed = true;
+        }
+        // Warps whose lanes all wait at one shuffle exchange and run on.
         for warp in 0..ts.len().div_ceil(32) {
             let lanes = warp * 32..((warp + 1) * 32).min(ts.len());
             let Some(pc) = lanes.clone().find_map(|l| match stops[l] {
@@ -644,7 +728,60 @@ enum Stop {
         d: u32,
         lanes: u32,
     },
+    /// At the `mma` at `pc` with this lane's fragments.
+    Mma {
+        pc: usize,
+        bf16: bool,
+        d: [u32; 4],
+        a: [u32; 4],
+        b: [u32; 2],
+        c: [f32; 4],
+    },
     Exit,
+}
+
+/// One lane's fragments at an `mma`: bf16 or not, A, B and C.
+type Fragments = (bool, [u32; 4], [u32; 2], [f32; 4]);
+
+/// A warp's m16n8k8 product from its lanes' fragments, laid out as the PTX
+/// ISA documents them (groupID = lane / 4, threadID_in_group = lane % 4):
+/// returns each lane's four results.
+fn mma_warp(lanes: &[Fragments]) -> Vec<[f32; 4]> {
+    let mut a = [[0f32; 8]; 16];
+    let mut b = [[0f32; 8]; 8];
+    let mut c = [[0f32; 8]; 16];
+    let bf16 = |h: u32| f32::from_bits(h << 16);
+    let tf32 = |w: u32| f32::from_bits(w & 0xffff_e000);
+    for (lane, (is_bf16, fa, fb, fc)) in lanes.iter().enumerate() {
+        let (g, t) = (lane / 4, lane % 4);
+        if *is_bf16 {
+            // Two registers of A: rows g and g + 8, columns 2t and 2t + 1.
+            for (r, reg) in fa[..2].iter().enumerate() {
+                a[g + 8 * r][2 * t] = bf16(reg & 0xffff);
+                a[g + 8 * r][2 * t + 1] = bf16(reg >> 16);
+            }
+            b[2 * t][g] = bf16(fb[0] & 0xffff);
+            b[2 * t + 1][g] = bf16(fb[0] >> 16);
+        } else {
+            a[g][t] = tf32(fa[0]);
+            a[g + 8][t] = tf32(fa[1]);
+            a[g][t + 4] = tf32(fa[2]);
+            a[g + 8][t + 4] = tf32(fa[3]);
+            b[t][g] = tf32(fb[0]);
+            b[t + 4][g] = tf32(fb[1]);
+        }
+        c[g][2 * t] = fc[0];
+        c[g][2 * t + 1] = fc[1];
+        c[g + 8][2 * t] = fc[2];
+        c[g + 8][2 * t + 1] = fc[3];
+    }
+    let d = |r: usize, col: usize| (0..8).fold(c[r][col], |acc, k| a[r][k].mul_add(b[k][col], acc));
+    (0..lanes.len())
+        .map(|lane| {
+            let (g, t) = (lane / 4, lane % 4);
+            [d(g, 2 * t), d(g, 2 * t + 1), d(g + 8, 2 * t), d(g + 8, 2 * t + 1)]
+        })
+        .collect()
 }
 
 /// Runs one thread until `bar.sync`, a shuffle or `ret`.
@@ -803,6 +940,33 @@ fn step_until_sync(
             Ins::Bra { target } => t.pc = target,
             Ins::Bar => return Ok(Stop::Barrier),
             Ins::ShflBfly { d, a, lanes } => return Ok(Stop::Shuffle { pc: t.pc - 1, value: v(t, a), d, lanes }),
+            Ins::Mma { bf16, d, ref a, ref b, c } => {
+                let mut fa = [0u32; 4];
+                for (x, s) in fa.iter_mut().zip(a) {
+                    *x = v(t, *s) as u32;
+                }
+                let mut fbr = [0u32; 2];
+                for (x, s) in fbr.iter_mut().zip(b) {
+                    *x = v(t, *s) as u32;
+                }
+                let fc = c.map(|s| f(v(t, s)));
+                return Ok(Stop::Mma { pc: t.pc - 1, bf16, d, a: fa, b: fbr, c: fc });
+            }
+            Ins::ToTf32 { d, a } => {
+                let x = v(t, a) as u32;
+                let finite = f32::from_bits(x).is_finite();
+                t.regs[d as usize] = if finite { (x.wrapping_add(0x1000) & 0xffff_e000) as u64 } else { x as u64 };
+            }
+            Ins::ToBf16x2 { d, hi, lo } => {
+                let half = |x: u32| -> u32 {
+                    if f32::from_bits(x).is_nan() {
+                        0x7fc0
+                    } else {
+                        (x.wrapping_add(0x7fff + ((x >> 16) & 1))) >> 16
+                    }
+                };
+                t.regs[d as usize] = ((half(v(t, hi) as u32) << 16) | half(v(t, lo) as u32)) as u64;
+            }
             Ins::Ret => return Ok(Stop::Exit),
         }
     }
