@@ -1140,3 +1140,22 @@ output \"strided\" = v5
 ",
     );
 }
+
+#[test]
+fn aligned_products_load_four_words_at_a_time_and_edges_one() {
+    // Rows of 20 and 68 words: the GPU kernels stage them 4 words at a
+    // time, and word by word past the k and n edges of the last tiles; the
+    // product of a slice starting one word in is not aligned and is staged
+    // word by word (the interpreter refuses a misaligned vector load).
+    same(
+        "v0: f32[2,67,20] = input{name=\"a\"}
+v1: f32[20,68] = input{name=\"b\"}
+v2: f32[2,67,68] = matmul v0, v1
+v3: f32[2,67,16] = slice{starts=[0, 0, 1], ends=[2, 67, 17], steps=[1, 1, 1]} v0
+v4: f32[16,68] = slice{starts=[0, 0], ends=[16, 68], steps=[1, 1]} v1
+v5: f32[2,67,68] = matmul v3, v4
+output \"aligned\" = v2
+output \"shifted\" = v5
+",
+    );
+}

@@ -121,6 +121,13 @@ impl Builder {
         E::Var(into)
     }
 
+    /// The 4 words at `index` (a multiple of 4) of `space`, as u32 values.
+    pub fn load4(&mut self, space: Space, index: E) -> [E; 4] {
+        let into = [0; 4].map(|_| self.var(E::U32(0)));
+        self.push(S::Load4 { space, index, into });
+        into.map(E::Var)
+    }
+
     /// A warp's m16n8k8 tensor-core product into `acc` (see `S::Mma`).
     pub fn mma(&mut self, precision: Precision, a: [E; 4], b: [E; 2], acc: [Var; 4]) {
         self.push(S::Mma { precision, a, b, acc });

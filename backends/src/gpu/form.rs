@@ -173,6 +173,13 @@ pub enum S {
         into: Var,
         scratch: Shared,
     },
+    /// Loads the 4 words at `index` (a multiple of 4) of a space into
+    /// `into`: one vector load where the target has them.
+    Load4 {
+        space: Space,
+        index: E,
+        into: [Var; 4],
+    },
     /// A warp's tensor-core product `D = A B + C` of shape m16n8k8 in f32
     /// (`mma.sync`): each lane gives its fragment of A (four values at
     /// `Precision::a_at`) and B (two, `b_at`), rounded to `precision`, and
@@ -325,6 +332,10 @@ impl Kernel {
                     }
                     S::Reduce { value, .. } => e(value, out),
                     S::Mma { a, b, .. } => a.iter().chain(b).for_each(|x| e(x, out)),
+                    S::Load4 { space, index, .. } => {
+                        out.push(*space);
+                        e(index, out)
+                    }
                     S::Barrier => {}
                 }
             }

@@ -231,6 +231,13 @@ impl Printer<'_> {
             S::Barrier => self.line("bar.sync 0;"),
             S::Reduce { how, value, into, scratch } => self.reduce(*how, value, *into, *scratch),
             S::Mma { precision, a, b, acc } => self.mma(*precision, a, b, acc),
+            S::Load4 { space, index, into } => {
+                let base = self.base(*space);
+                let at = self.address(&base, index);
+                let cache = if matches!(space, Space::Weights(_) | Space::WeightsSpan { .. }) { ".nc" } else { "" };
+                let regs: Vec<String> = into.iter().map(|v| self.var(*v).name).collect();
+                self.line(&format!("ld.global{cache}.v4.u32 {{{}}}, [{at}];", regs.join(", ")));
+            }
         }
     }
 

@@ -134,6 +134,13 @@ impl Printer<'_> {
                     let _ = writeln!(out, "{pad}workgroupBarrier();");
                 }
                 S::Mma { .. } => unreachable!("tensor-core kernels are built for PTX only"),
+                S::Load4 { space, index, into } => {
+                    // WGSL reads the words one by one; the driver merges them.
+                    for (j, v) in into.iter().enumerate() {
+                        let at = E::Load(*space, Box::new(index.clone() + E::I32(j as i32)));
+                        let _ = writeln!(out, "{pad}v{} = {};", v.0, self.e(&at));
+                    }
+                }
                 S::Reduce { how, value, into, scratch } => {
                     // A tree in workgroup memory: halve the live invocations
                     // each step, then everyone reads the root.

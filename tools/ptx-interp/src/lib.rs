@@ -188,6 +188,12 @@ enum Ins {
         b: Vec<Src>,
         c: [Src; 4],
     },
+    /// `ld.global{.nc}.v4.u32 {d0, d1, d2, d3}, [addr]`: 16 aligned bytes.
+    Ld4 {
+        d: [u32; 4],
+        addr: Src,
+        offset: i64,
+    },
     /// `cvt.rna.tf32.f32`: to 10 mantissa bits, ties away from zero.
     ToTf32 {
         d: u32,
@@ -389,6 +395,15 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                 // Global addresses are the buffers' own: nothing to convert.
                 want(2)?;
                 Ins::Mov { d: reg(ops[0])?, s: src(ops[1])? }
+            }
+            "ld" if opcode == "ld.global.v4.u32" || opcode == "ld.global.nc.v4.u32" => {
+                let (regs, at) = operands.split_once("},").ok_or_else(|| format!("bad `{line}`"))?;
+                let d: Vec<u32> =
+                    regs.trim_start_matches('{').split(',').map(|r| reg(r.trim())).collect::<Result<_, _>>()?;
+                let d: [u32; 4] =
+                    d.try_into().map_err(|_| format!("a v4 load into other than four registers: `{line}`"))?;
+                let (addr, offset) = address(at.trim())?;
+                Ins::Ld4 { d, addr, offset }
             }
             "ld" | "st" => {
                 let space = match parts.get(1) {
@@ -951,6 +966,30 @@ fn step_until_sync(
                 }
                 let fc = c.map(|s| f(v(t, s)));
                 return Ok(Stop::Mma { pc: t.pc - 1, bf16, d, a: fa, b: fbr, c: fc });
+            }
+            Ins::Ld4 { d, addr, offset } => {
+                let a = v(t, addr).wrapping_add(offset as u64);
+                if a % 16 != 0 {
+                    return Err(format!("{}: a vector load at {a:#x}, which is not 16-byte aligned", k.name));
+                }
+                let b = (a >> 40) as usize;
+                let buf = b
+                    .checked_sub(1)
+                    .and_then(|b| mem.buffers.get(b))
+                    .ok_or_else(|| format!("{}: vector load from {a:#x}, which is in no buffer", k.name))?;
+                let off = a & OFFSET_MASK;
+                if off as usize + 16 > buf.len() {
+                    return Err(format!(
+                        "{}: global buffer {}: a vector load at byte {off} outside its {} bytes",
+                        k.name,
+                        b - 1,
+                        buf.len()
+                    ));
+                }
+                for (j, r) in d.iter().enumerate() {
+                    let at = off as usize + 4 * j;
+                    t.regs[*r as usize] = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as u64;
+                }
             }
             Ins::ToTf32 { d, a } => {
                 let x = v(t, a) as u32;
