@@ -566,6 +566,9 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
     let lowering = if gpu { egret::lower_options(&opts).gpu() } else { egret::lower_options(&opts) };
     let plan = egret::backends::lower(&c.graph, lowering)?;
+    // Each backend's own choices: the CPU's implementations and weight
+    // layouts here, the GPU's kernels below.
+    let plan = if gpu { plan } else { egret::backends::cpu::choose::choose(plan) };
     let lower_ms = t.elapsed().as_secs_f64() * 1e3;
     // The GPU's own choices: its kernels, grids and host steps (compiled
     // for the portable limits; no device is needed to explain).

@@ -523,7 +523,7 @@ fn constant_weights_packed_for_the_generated_matmul() {
             matmul: Some(egret::backends::plan::MatMulImpl::Generated),
             ..Default::default()
         };
-        let plan = egret::backends::lower(&g, opts).unwrap();
+        let plan = egret::backends::cpu::choose::choose(egret::backends::lower(&g, opts).unwrap());
         assert!(plan.describe().contains("b packed"), "{}", plan.describe());
         same(&text);
     }
@@ -1059,7 +1059,7 @@ output \"y\" = v7
             w.join(", ")
         );
         let g = parse(&text).unwrap();
-        let plan = egret::backends::lower(&g, Default::default()).unwrap();
+        let plan = egret::backends::cpu::choose::choose(egret::backends::lower(&g, Default::default()).unwrap());
         assert!(plan.describe().contains("packed GEMM"), "{read}: {}", plan.describe());
         assert_eq!(plan.kernels.len(), 1, "the tail is not one epilogue: {}", plan.describe());
         same(&text);

@@ -52,21 +52,6 @@ impl LowerOptions {
     }
 }
 
-/// Products smaller than this (multiply-adds per batch) run faster as
-/// generated code than through the library, whose packing and dispatch
-/// cost more than the arithmetic.
-const GENERATED_MATMUL_MAX_WORK: usize = 32 * 32 * 32;
-
-/// Picks the implementation of a matmul kernel.
-fn choose_matmul(k: &MatMulKernel, forced: Option<MatMulImpl>) -> MatMulImpl {
-    match forced {
-        Some(MatMulImpl::Generated) if k.can_generate() => MatMulImpl::Generated,
-        Some(_) => MatMulImpl::Library,
-        None if k.can_generate() && k.m * k.n * k.k <= GENERATED_MATMUL_MAX_WORK => MatMulImpl::Generated,
-        None => MatMulImpl::Library,
-    }
-}
-
 /// Where a value's elements are: `buffer[offset + sum(index_d * strides_d)]`.
 #[derive(Clone, Debug, PartialEq)]
 struct View {
@@ -528,23 +513,6 @@ fn elementwise_expr(op: &Op, in_types: &[&Type], out: &Type) -> Option<Expr> {
     .filter(|_| mappable(out.dtype))
 }
 
-/// Lays out a row-major `[k, n]` matrix as the generated matmul reads it:
-/// for each group of 8 columns, its `k` rows of 8 values; then the last
-/// `n % 8` columns, row-major.
-fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let n8 = n / 8 * 8;
-    let mut out = Vec::with_capacity(k * n);
-    for j in (0..n8).step_by(8) {
-        for p in 0..k {
-            out.extend_from_slice(&w[p * n + j..p * n + j + 8]);
-        }
-    }
-    for p in 0..k {
-        out.extend_from_slice(&w[p * n + n8..(p + 1) * n]);
-    }
-    out
-}
-
 /// `x / c` for a constant `c` becomes `x * (1 / c)`: a multiply instead of
 /// a divide, at most one ulp away (exactly equal when `c` is a power of two).
 fn divide_by_constant_as_multiply(e: Expr) -> Expr {
@@ -992,13 +960,13 @@ impl<'g> Lowering<'g> {
             a_strides: [k as isize, 1],
             b_strides: [p as isize, 1],
             batches,
-            implementation: MatMulImpl::Library,
+            implementation: MatMulImpl::Unchosen,
+            hint: self.opts.matmul,
             b_packed: false,
             epilogue: None,
             a_rows: None,
             c_rows: None,
         };
-        let mm = MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm };
         self.push(KernelKind::MatMul(mm), label);
         if let Some(bias) = bias {
             let prod_op = Operand { buffer: product, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
@@ -1177,54 +1145,10 @@ impl<'g> Lowering<'g> {
             debug_assert_eq!(mm.batches.len(), 1, "placed rows fold into one product");
             mm.c_rows = Some(p.rows.iter().map(|&r| (r * mm.n) as i64).collect());
         }
-        if self.opts.neutral {
-            return Some(mm);
-        }
-        let forced = self.opts.matmul.or(preferred);
-        if preferred.is_some() && self.opts.matmul.is_none() {
-            mm.implementation = choose_matmul(&mm, forced);
-        }
-        // A constant weight matrix is laid out once, here, for the kernel
-        // that reads it, instead of being repacked (the GEMM library) or
-        // walked row by row (generated code) on every run.
-        // The weight may be a view (a transpose, as Gemm's transB gives) of
-        // a constant's storage: read it through the view.
-        let stored = match &self.buffers[vb.buffer].storage {
-            Storage::Constant(t) => Some(t.clone()),
-            _ => None,
-        };
-        let packable = |w: &egret_ir::Tensor| {
-            sb.len() == 2 && w.dtype() == DType::F32 && vb.offset >= 0 && vb.strides.iter().all(|&s| s >= 0)
-        };
-        if let Some(w) = stored.filter(|w| packable(w)) {
-            // Chosen whenever nothing else is forced or preferred: without
-            // per-call packing it beats the generated kernel even on small products.
-            if matches!(forced, None | Some(MatMulImpl::Packed)) {
-                let strides = [vb.strides[0] as usize, vb.strides[1] as usize];
-                let w = w.as_f32().expect("checked f32");
-                let packed = pack_panels(w, vb.offset as usize, strides, mm.k, mm.n, PACKED_PANEL);
-                let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
-                mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
-                mm.b_packed = true;
-                mm.implementation = MatMulImpl::Packed;
-                // The view's offset is in the packed layout already; every
-                // batch reads the one packed weight from its start.
-                for batch in &mut mm.batches {
-                    batch[1] = 0;
-                }
-                return Some(mm);
-            }
-        }
-        // The pass that chose the gathered or placed rows checked the weight packs.
-        debug_assert!(mm.a_rows.is_none() && mm.c_rows.is_none(), "row tables need the packed GEMM");
-        if let (MatMulImpl::Generated, Some(w)) = (mm.implementation, g.const_value(b)) {
-            if sb.len() == 2 && w.dtype() == DType::F32 && vb.offset == 0 && is_dense(&sb, &vb.strides) {
-                let packed = pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
-                let t = egret_ir::Tensor::from_vec(vec![packed.len()], packed);
-                mm.b = self.new_buffer(&t.ty(), Storage::Constant(std::sync::Arc::new(t)));
-                mm.b_packed = true;
-            }
-        }
+        // The implementation and the weight's layout are the backend's
+        // choices (`cpu::choose` for the CPU); the kernel carries what was
+        // forced or what the optimiser picked.
+        mm.hint = self.opts.matmul.or(preferred);
         Some(mm)
     }
 
@@ -1291,7 +1215,9 @@ impl<'g> Lowering<'g> {
             a_strides: [0, va.strides[lead.len()]],
             b_strides: [vb.strides[0], vb.strides[1]],
             batches: vec![[0, vb.offset, 0]],
+            // Row tables are read by the packed GEMM only.
             implementation: MatMulImpl::Packed,
+            hint: Some(MatMulImpl::Packed),
             b_packed: false,
             epilogue: None,
             a_rows: Some(rows.rows.iter().map(|&r| offset(r)).collect()),
@@ -1341,13 +1267,14 @@ impl<'g> Lowering<'g> {
                     a_strides: [rows[0], rows[1]],
                     b_strides: [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]],
                     batches: vec![[va.offset, vb.offset, 0]],
-                    implementation: MatMulImpl::Library,
+                    implementation: MatMulImpl::Unchosen,
+                    hint: self.opts.matmul,
                     b_packed: false,
                     epilogue: None,
                     a_rows: None,
                     c_rows: None,
                 };
-                return MatMulKernel { implementation: choose_matmul(&folded, self.opts.matmul), ..folded };
+                return folded;
             }
         }
         let a_b = broadcast_view(&sa[..sa.len() - 2], &va.strides[..sa.len() - 2], batch);
@@ -1374,13 +1301,14 @@ impl<'g> Lowering<'g> {
             a_strides: [va.strides[sa.len() - 2], va.strides[sa.len() - 1]],
             b_strides: [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]],
             batches,
-            implementation: MatMulImpl::Library,
+            implementation: MatMulImpl::Unchosen,
+            hint: self.opts.matmul,
             b_packed: false,
             epilogue: None,
             a_rows: None,
             c_rows: None,
         };
-        MatMulKernel { implementation: choose_matmul(&mm, self.opts.matmul), ..mm }
+        mm
     }
 
     /// Decides, before any node is lowered, which layout chains are not
@@ -1742,15 +1670,6 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     }
     // Pending values still here are read by nothing: dead code, never emitted.
     let mut kernels = l.kernels;
-    if opts.neutral {
-        // The CPU's heuristics picked implementations on the way; a neutral
-        // plan carries none.
-        for k in &mut kernels {
-            if let KernelKind::MatMul(mm) = &mut k.kind {
-                mm.implementation = MatMulImpl::Unchosen;
-            }
-        }
-    }
     if opts.epilogues && opts.matmul != Some(MatMulImpl::Generated) {
         let outs: Vec<BufferId> = outputs.iter().map(|(b, _)| *b).collect();
         crate::epilogue::fuse_epilogues(&mut kernels, &outs);

@@ -17,6 +17,7 @@
 //! flash-style kernel (`kernels`), compiled by rustc for AVX-512 or AVX2.
 
 mod attention;
+pub mod choose;
 pub mod kernels;
 mod loops;
 mod map;
@@ -118,12 +119,7 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
 /// as in an ahead-of-time object (the plan must not ask for the libraries:
 /// lower it with generated matmuls).
 pub fn compile_with(plan: Plan, kernel_library: bool) -> Result<CompiledPlan, CodegenError> {
-    if let Some((kernel, k)) = plan.kernels.iter().enumerate().find(|(_, k)| {
-        matches!(&k.kind, crate::plan::KernelKind::MatMul(mm) if mm.implementation == crate::plan::MatMulImpl::Unchosen)
-    }) {
-        let message = "a neutral plan (lowered for a GPU) has no CPU matmul implementation".to_string();
-        return Err(CodegenError::Kernel { kernel, label: k.label.clone(), message });
-    }
+    let plan = choose::choose(plan);
     let mut jb = JITBuilder::with_isa(host_isa(false)?, cranelift_module::default_libcall_names());
     runtime_fns::register(&mut jb);
     let mut module = JITModule::new(jb);

@@ -32,6 +32,7 @@ pub struct ObjectCode {
 
 /// Compiles `plan` into an object whose driver is `{prefix}_run_plan`.
 pub fn compile_object(plan: &Plan, prefix: &str) -> Result<ObjectCode, CodegenError> {
+    let plan = &super::choose::choose(plan.clone());
     for (i, k) in plan.kernels.iter().enumerate() {
         let problem = match &k.kind {
             KernelKind::Reference { op, .. } => Some(format!(

@@ -1,6 +1,6 @@
 //! A GEMM over a weight matrix packed at compile time: `c = a @ b` where
 //! `b` is a constant that lowering laid out as panels of `NR` columns
-//! (`plan::pack_panels`), so no run ever repacks it (the GEMM library repacks its
+//! (`cpu::choose::pack_panels`), so no run ever repacks it (the GEMM library repacks its
 //! operands on every call).
 //!
 //! The micro-kernel keeps an `MR x cols` tile of `c` in registers: with
@@ -23,14 +23,14 @@ use super::{madd, multiversion};
 /// Rows of `c` per micro-tile.
 pub const MR: usize = 6;
 /// Columns per panel: two AVX-512 vectors.
-const NR: usize = crate::plan::PACKED_PANEL;
+const NR: usize = crate::cpu::choose::PACKED_PANEL;
 
 /// Panels per group: after each group the epilogue runs over its columns,
 /// so it reads a product the same thread has just written (one
 /// interpreted block of columns per group).
 const GROUP: usize = super::epilogue::BLOCK / NR;
 
-/// `c[m, n] = a[m, k] @ b` with `b` packed by `plan::pack_panels`; `a` strided, `c`
+/// `c[m, n] = a[m, k] @ b` with `b` packed by `cpu::choose::pack_panels`; `a` strided, `c`
 /// row-major. A non-null `a_rows` gives each row of `a` as an element
 /// offset from `a` instead (`a_rs` is then unused): the rows of a layout an
 /// exporter permuted (a Swin window partition) are gathered here, once per
@@ -382,7 +382,7 @@ impl Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::pack_panels;
+    use crate::cpu::choose::pack_panels;
 
     fn pack(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<f32> {
         pack_panels(b, offset, strides, k, n, NR)

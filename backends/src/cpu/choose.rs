@@ -1,0 +1,124 @@
+//! The CPU backend's own choices for a plan from lowering: which matmul
+//! implementation runs each product, and the layout of constant weights
+//! for it (panels packed at compile time). `cpu::compile` runs this step
+//! first; lowering makes none of these choices, so the same plan serves the
+//! GPU backends.
+
+use crate::plan::{Buffer, KernelKind, MatMulImpl, MatMulKernel, Plan, Storage};
+use egret_ir::{DType, Tensor};
+use std::sync::Arc;
+
+/// Columns per panel of a `MatMulImpl::Packed` weight.
+pub const PACKED_PANEL: usize = 32;
+
+/// `b` (`[k, n]`, element `(p, j)` at `offset + p * strides[0] + j *
+/// strides[1]`) as panels of `width` columns: for each panel its `k` rows
+/// of `width` values, the last panel padded with zeros.
+pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize, width: usize) -> Vec<f32> {
+    let panels = n.div_ceil(width);
+    let mut out = vec![0f32; panels * k * width];
+    for panel in 0..panels {
+        for p in 0..k {
+            for l in 0..width.min(n - panel * width) {
+                out[(panel * k + p) * width + l] = b[offset + p * strides[0] + (panel * width + l) * strides[1]];
+            }
+        }
+    }
+    out
+}
+
+/// Products smaller than this (multiply-adds per batch) run faster as
+/// generated code than through the library, whose packing and dispatch
+/// cost more than the arithmetic.
+pub const GENERATED_MATMUL_MAX_WORK: usize = 32 * 32 * 32;
+
+/// Picks the implementation of a matmul kernel.
+pub fn choose_matmul(k: &MatMulKernel, forced: Option<MatMulImpl>) -> MatMulImpl {
+    match forced {
+        Some(MatMulImpl::Generated) if k.can_generate() => MatMulImpl::Generated,
+        Some(_) => MatMulImpl::Library,
+        None if k.can_generate() && k.m * k.n * k.k <= GENERATED_MATMUL_MAX_WORK => MatMulImpl::Generated,
+        None => MatMulImpl::Library,
+    }
+}
+
+/// Lays out a row-major `[k, n]` matrix as the generated matmul reads it:
+/// for each group of 8 columns, its `k` rows of 8 values; then the last
+/// `n % 8` columns, row-major.
+pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let n8 = n / 8 * 8;
+    let mut out = Vec::with_capacity(k * n);
+    for j in (0..n8).step_by(8) {
+        for p in 0..k {
+            out.extend_from_slice(&w[p * n + j..p * n + j + 8]);
+        }
+    }
+    for p in 0..k {
+        out.extend_from_slice(&w[p * n + n8..(p + 1) * n]);
+    }
+    out
+}
+
+/// Chooses every product's implementation (`MatMulImpl::Unchosen` ones)
+/// and packs the constant weights the chosen kernels read.
+pub fn choose(mut plan: Plan) -> Plan {
+    for i in 0..plan.kernels.len() {
+        let KernelKind::MatMul(mm) = &plan.kernels[i].kind else { continue };
+        if mm.b_packed || (mm.implementation != MatMulImpl::Unchosen && mm.a_rows.is_none() && mm.c_rows.is_none()) {
+            continue;
+        }
+        let mut mm = mm.clone();
+        let row_tables = mm.a_rows.is_some() || mm.c_rows.is_some();
+        mm.implementation = if row_tables { MatMulImpl::Packed } else { choose_matmul(&mm, mm.hint) };
+        // A constant weight matrix is laid out once, here, for the kernel
+        // that reads it, instead of being repacked (the GEMM library) or
+        // walked row by row (generated code) on every run. The weight may
+        // be a view (a transpose, as Gemm's transB gives) of a constant's
+        // storage: it is read through the view's strides.
+        let weight = match &plan.buffers[mm.b].storage {
+            Storage::Constant(t) if t.dtype() == DType::F32 => Some(t.clone()),
+            _ => None,
+        };
+        let offset = mm.batches[0][1];
+        let one_weight = mm.batches.iter().all(|o| o[1] == offset);
+        let packable = one_weight && offset >= 0 && mm.b_strides.iter().all(|&s| s >= 0);
+        let mut packed = None;
+        if let Some(w) = weight.as_ref().filter(|_| packable) {
+            // Chosen whenever nothing else is forced or preferred: without
+            // per-call packing it beats the generated kernel even on small products.
+            if row_tables || matches!(mm.hint, None | Some(MatMulImpl::Packed)) {
+                let strides = [mm.b_strides[0] as usize, mm.b_strides[1] as usize];
+                let w = w.as_f32().expect("checked f32");
+                packed = Some(pack_panels(w, offset as usize, strides, mm.k, mm.n, PACKED_PANEL));
+                mm.implementation = MatMulImpl::Packed;
+            }
+        }
+        // The pass that chose the gathered or placed rows checked the weight packs.
+        assert!(packed.is_some() || !row_tables, "row tables need the packed GEMM");
+        if packed.is_none() && mm.implementation == MatMulImpl::Generated {
+            if let Some(w) = &weight {
+                let dense = mm.b_strides == [mm.n as isize, 1] && w.numel() == mm.k * mm.n;
+                if dense && mm.batches.iter().all(|o| o[1] == 0) {
+                    packed = Some(pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n));
+                }
+            }
+        }
+        if let Some(words) = packed {
+            let t = Tensor::from_vec(vec![words.len()], words);
+            plan.buffers.push(Buffer {
+                bytes: t.numel() * 4,
+                dtype: DType::F32,
+                storage: Storage::Constant(Arc::new(t)),
+            });
+            mm.b = plan.buffers.len() - 1;
+            mm.b_packed = true;
+            // The view's offset is in the packed layout already; every
+            // batch reads the one packed weight from its start.
+            for batch in &mut mm.batches {
+                batch[1] = 0;
+            }
+        }
+        plan.kernels[i].kind = KernelKind::MatMul(mm);
+    }
+    plan
+}
