@@ -359,8 +359,8 @@ impl WgpuExecutable {
             .collect())
     }
 
-    /// Runs the steps `range`; each dispatch in its own pass when `each`
-    /// is set (profiling), else all of them in one.
+    /// One run: the dispatches between host steps in one compute pass, or,
+    /// when `times` is given (profiling), each in its own and timed.
     fn run_steps(
         &self,
         inputs: &[Tensor],

@@ -160,6 +160,8 @@ impl<D: PtxDevice> PtxExecutable<D> {
         Ok(())
     }
 
+    /// One run: every step in order, or, when `times` is given (profiling),
+    /// each timed after a synchronisation.
     fn run_steps(
         &self,
         inputs: &[Tensor],

@@ -1,8 +1,9 @@
 //! The GPU half of the backends: the plan's kernels written once in a GPU
 //! kernel form (`form`), by one algorithm per kernel kind (`map`, `matmul`,
-//! `rows`, `attention`, `gather`), and rendered by a printer per target
-//! (`wgsl`). Nothing here touches a device: `egret-runtime` uploads the
-//! weights, lays out the arena and dispatches what `compile` returns.
+//! `rows`, `attention`, `gather`, and `integer` for the integer ops the plan
+//! leaves to the reference evaluator), and rendered by a printer per target
+//! (`wgsl`, `ptx`). Nothing here touches a device: `egret-runtime` uploads
+//! the weights, lays out the arena and dispatches what `compile` returns.
 //!
 //! Memory is word-addressed (see `form`): every plan buffer gets a `Place`,
 //! a space and a word offset. Arena buffers are laid out again by liveness
