@@ -10,6 +10,7 @@
 
 pub mod aot;
 pub mod check;
+pub mod explain;
 pub mod io;
 
 pub use egret_backends as backends;

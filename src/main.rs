@@ -561,53 +561,17 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         precision: model.precision.into(),
         ..Default::default()
     };
-    let c = egret::canonical(&model.model, &opts)?;
-    let t = std::time::Instant::now();
-    let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
-    let lowering = if gpu { egret::lower_options(&opts).gpu() } else { egret::lower_options(&opts) };
-    let plan = egret::backends::lower(&c.graph, lowering)?;
-    // Each backend's own choices: the CPU's implementations and weight
-    // layouts here, the GPU's kernels below.
-    let plan = if gpu { plan } else { egret::backends::cpu::choose::choose(plan) };
-    let lower_ms = t.elapsed().as_secs_f64() * 1e3;
-    // The GPU's own choices: its kernels, grids and host steps (compiled
-    // for the portable limits; no device is needed to explain).
-    let limits = if backend == Backend::Ptx { egret::PTX_LIMITS } else { Default::default() };
-    let gpu_plan = if gpu { Some(egret::gpu_plan(&c.graph, &opts, limits)?) } else { None };
-    let report = c.optimized.clone().unwrap_or_default();
-    let fusions = egret::passes::egraph::count_fused(&c.graph);
-    let tilings = egret::passes::egraph::count_tilings(&c.graph);
-    let mut stages = vec![("import", c.import_ms), ("canonicalize", c.canonicalize_ms)];
-    if c.optimized.is_some() {
-        stages.push(("egraph_saturate", report.saturate_ms));
-        stages.push(("egraph_extract", report.extract_ms));
-    }
-    stages.push(("lower", lower_ms));
+    let e = egret::explain::explain(&model.model, &opts, backend)?;
     if json {
-        let kernels: Vec<serde_json::Value> = plan
-            .kernels
-            .iter()
-            .map(|k| serde_json::json!({"kind": k.detailed_kind(), "label": k.label, "detail": k.detail(), "flops": k.flops()}))
-            .collect();
-        let obj = serde_json::json!({
-            "model": model.model.display().to_string(),
-            "opt": model.opt,
-            "fusions": fusions.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
-            "tilings": tilings.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
-            "rules": report.rules.iter().cloned().collect::<std::collections::BTreeMap<String, usize>>(),
-            "kernels": kernels,
-            "arena_bytes": plan.arena_bytes,
-            "stage_ms": stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<String, f64>>(),
-            "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes, "dag_extraction": report.dag_extraction},
-            "backend": backend.name(),
-            "gpu": gpu_plan.as_ref().map(gpu_json),
-        });
-        println!("{obj}");
+        println!("{}", e.to_json(&model.model.display().to_string(), model.opt));
         return Ok(());
     }
+    let (c, plan, gpu_plan, stages, fusions, tilings) =
+        (&e.canonical, &e.plan, &e.gpu, &e.stages, &e.fusions, &e.tilings);
+    let report = e.report();
     println!("{} at --opt {}", model.model.display(), model.opt);
     println!("stages:");
-    for (k, v) in &stages {
+    for (k, v) in stages {
         println!("  {k:<16} {v:8.1} ms");
     }
     if c.optimized.is_some() {
@@ -621,12 +585,12 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         }
     }
     println!("fused ops in the graph:");
-    for (f, n) in &fusions {
+    for (f, n) in fusions {
         println!("  {n:6} x {f}");
     }
     if !tilings.is_empty() {
         println!("tilings the cost model chose:");
-        for (t, n) in &tilings {
+        for (t, n) in tilings {
             println!("  {n:6} x {t}");
         }
     }
@@ -679,10 +643,6 @@ fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan) {
     }
     let host = g.host_steps();
     println!("ops on the host: {}", if host.is_empty() { "none".to_string() } else { host.len().to_string() });
-}
-
-fn gpu_json(g: &egret::backends::gpu::GpuPlan) -> serde_json::Value {
-    egret::aot::gpu_manifest(g)
 }
 
 /// Timed runs per level in each round of `bench --compare`.

@@ -1,0 +1,78 @@
+//! What the compiler did with a model, for `egret explain` and the Python
+//! package's `explain()`: the fusions, rules and tilings of the optimiser,
+//! the kernels with each backend's own choices, and the time per stage.
+
+use crate::{canonical, Backend, Canonical, CompileOptions, Error};
+use egret_backends::gpu::GpuPlan;
+use egret_backends::Plan;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub struct Explanation {
+    pub canonical: Canonical,
+    /// The kernel plan with the CPU's choices (for the CPU and reference
+    /// backends), or the neutral plan the GPU compiled (for wgsl and ptx).
+    pub plan: Plan,
+    /// The GPU's kernels, grids and host steps, for wgsl and ptx.
+    pub gpu: Option<GpuPlan>,
+    pub stages: Vec<(&'static str, f64)>,
+    pub fusions: Vec<(String, usize)>,
+    pub tilings: Vec<(String, usize)>,
+    pub backend: Backend,
+}
+
+/// Compiles `model` far enough to explain it for `backend`: no device is
+/// needed (GPU kernels are compiled for the portable limits).
+pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<Explanation, Error> {
+    let c = canonical(model, opts)?;
+    let t = std::time::Instant::now();
+    let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
+    let lowering = if gpu { crate::lower_options(opts).gpu() } else { crate::lower_options(opts) };
+    let plan = egret_backends::lower(&c.graph, lowering)?;
+    // Each backend's own choices: the CPU's implementations and weight
+    // layouts here, the GPU's kernels below.
+    let plan = if gpu { plan } else { egret_backends::cpu::choose::choose(plan) };
+    let lower_ms = t.elapsed().as_secs_f64() * 1e3;
+    let limits = if backend == Backend::Ptx { crate::PTX_LIMITS } else { Default::default() };
+    let gpu_plan = if gpu { Some(crate::gpu_plan(&c.graph, opts, limits)?) } else { None };
+    let fusions = egret_passes::egraph::count_fused(&c.graph);
+    let tilings = egret_passes::egraph::count_tilings(&c.graph);
+    let mut stages = vec![("import", c.import_ms), ("canonicalize", c.canonicalize_ms)];
+    if let Some(report) = &c.optimized {
+        stages.push(("egraph_saturate", report.saturate_ms));
+        stages.push(("egraph_extract", report.extract_ms));
+    }
+    stages.push(("lower", lower_ms));
+    Ok(Explanation { canonical: c, plan, gpu: gpu_plan, stages, fusions, tilings, backend })
+}
+
+impl Explanation {
+    /// The optimiser's report (empty below `--opt 2`).
+    pub fn report(&self) -> egret_passes::egraph::Report {
+        self.canonical.optimized.clone().unwrap_or_default()
+    }
+
+    /// Everything as one JSON object (`egret explain --json`).
+    pub fn to_json(&self, model: &str, opt: u8) -> serde_json::Value {
+        let report = self.report();
+        let kernels: Vec<serde_json::Value> = self
+            .plan
+            .kernels
+            .iter()
+            .map(|k| serde_json::json!({"kind": k.detailed_kind(), "label": k.label, "detail": k.detail(), "flops": k.flops()}))
+            .collect();
+        serde_json::json!({
+            "model": model,
+            "opt": opt,
+            "fusions": self.fusions.iter().cloned().collect::<BTreeMap<String, usize>>(),
+            "tilings": self.tilings.iter().cloned().collect::<BTreeMap<String, usize>>(),
+            "rules": report.rules.iter().cloned().collect::<BTreeMap<String, usize>>(),
+            "kernels": kernels,
+            "arena_bytes": self.plan.arena_bytes,
+            "stage_ms": self.stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, f64>>(),
+            "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes, "dag_extraction": report.dag_extraction},
+            "backend": self.backend.name(),
+            "gpu": self.gpu.as_ref().map(crate::aot::gpu_manifest),
+        })
+    }
+}
