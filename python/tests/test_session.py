@@ -1,0 +1,133 @@
+"""The Python package against the zoo models' stored onnxruntime outputs,
+its onnxruntime-style API, and bad inputs. Run from a fresh clone with
+`pip install "./python[test]"` and `pytest python/tests` (the `onnx`
+package reads the stored tensors)."""
+
+import glob
+import json
+import os
+import tempfile
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import egret
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ZOO = os.path.join(ROOT, "tests", "data", "zoo")
+
+
+def load_pb(path):
+    """A stored TensorProto as (name, array)."""
+    t = onnx.load_tensor(path)
+    return t.name, numpy_helper.to_array(t)
+
+
+def cases():
+    return sorted(glob.glob(os.path.join(ZOO, "*")))
+
+
+@pytest.mark.parametrize("case", cases(), ids=os.path.basename)
+def test_zoo_models_match_onnxruntime(case):
+    sess = egret.InferenceSession(os.path.join(case, "model.onnx"), threads=1)
+    data = os.path.join(case, "test_data_set_0")
+    feeds = dict(load_pb(p) for p in sorted(glob.glob(os.path.join(data, "input_*.pb"))))
+    want = [load_pb(p)[1] for p in sorted(glob.glob(os.path.join(data, "output_*.pb")))]
+    assert [i.name for i in sess.get_inputs()] == list(feeds)
+    got = sess.run(None, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_and_outputs_are_described_in_onnxruntime_spelling():
+    sess = egret.InferenceSession(os.path.join(ZOO, "bert_tiny"))
+    inputs = sess.get_inputs()
+    assert [(i.name, i.type) for i in inputs] == [
+        ("input_ids", "tensor(int64)"),
+        ("attention_mask", "tensor(int64)"),
+        ("token_type_ids", "tensor(int64)"),
+    ]
+    assert inputs[0].shape == [1, 16]
+    outputs = sess.get_outputs()
+    assert outputs[0].name == "last_hidden_state" and outputs[0].type == "tensor(float)"
+
+
+def test_named_outputs_come_back_in_the_order_asked():
+    case = os.path.join(ZOO, "bert_tiny")
+    sess = egret.InferenceSession(case)
+    feeds = dict(load_pb(p) for p in sorted(glob.glob(os.path.join(case, "test_data_set_0", "input_*.pb"))))
+    both = sess.run(None, feeds)
+    pooled = sess.run(["pooler_output"], feeds)
+    assert len(pooled) == 1
+    np.testing.assert_array_equal(pooled[0], both[1])
+
+
+def test_bad_inputs_raise_egret_errors_naming_them():
+    case = os.path.join(ZOO, "vit_tiny")
+    sess = egret.InferenceSession(case)
+    name = sess.get_inputs()[0].name
+    shape = sess.get_inputs()[0].shape
+    x = np.zeros(shape, dtype=np.float32)
+    with pytest.raises(egret.EgretError, match="no input `nope`"):
+        sess.run(None, {name: x, "nope": x})
+    with pytest.raises(egret.EgretError, match=name):
+        sess.run(None, {name: x.astype(np.float64)})
+    with pytest.raises(egret.EgretError, match=name):
+        sess.run(None, {name: np.zeros([1, 2], dtype=np.float32)})
+    with pytest.raises(egret.EgretError, match="missing input"):
+        sess.run(None, {})
+    with pytest.raises(egret.EgretError, match="numpy array"):
+        sess.run(None, {name: [[1.0]]})
+    with pytest.raises(egret.EgretError, match="no output `nope`"):
+        sess.run(["nope"], {name: x})
+
+
+def test_bad_models_and_options_raise_egret_errors():
+    with tempfile.TemporaryDirectory() as d:
+        bad = os.path.join(d, "model.onnx")
+        with open(bad, "wb") as f:
+            f.write(b"not a model")
+        with pytest.raises(egret.EgretError, match="model.onnx"):
+            egret.InferenceSession(bad)
+    with pytest.raises(egret.EgretError, match="unknown backend"):
+        egret.InferenceSession(os.path.join(ZOO, "vit_tiny"), backend="tpu")
+
+
+def test_runs_from_many_threads_at_once():
+    case = os.path.join(ZOO, "gpt2_tiny")
+    sess = egret.InferenceSession(case, threads=1)
+    feeds = dict(load_pb(p) for p in sorted(glob.glob(os.path.join(case, "test_data_set_0", "input_*.pb"))))
+    want = sess.run(None, feeds)
+    results = []
+
+    def work():
+        for _ in range(5):
+            results.append(sess.run(None, feeds))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20
+    for r in results:
+        np.testing.assert_array_equal(r[0], want[0])
+
+
+def test_explain_is_explain_json():
+    info = egret.InferenceSession(os.path.join(ZOO, "bert_tiny")).explain()
+    assert info["backend"] == "cpu"
+    assert info["fusions"]["attention"] == 2
+    assert json.dumps(info)
+
+
+def test_compile_writes_a_library_and_gpu_kernels():
+    with tempfile.TemporaryDirectory() as d:
+        paths = egret.compile(os.path.join(ZOO, "gpt2_tiny"), d, emit="ptx")
+        assert any(p.endswith(".ptx") for p in paths)
+        assert any(p.endswith("manifest.json") for p in paths)
