@@ -21,6 +21,8 @@ pub trait PtxDevice: Send + Sync {
     type Function: Send + Sync;
     fn name(&self) -> String;
     fn alloc(&self, bytes: usize) -> Result<u64, String>;
+    /// Frees what `alloc` returned.
+    fn free(&self, at: u64);
     fn upload(&self, at: u64, bytes: &[u8]) -> Result<(), String>;
     fn download(&self, at: u64, bytes: &mut [u8]) -> Result<(), String>;
     /// Loads a module's PTX and finds its entry.
@@ -48,7 +50,17 @@ pub struct PtxExecutable<D: PtxDevice> {
     functions: Vec<D::Function>,
     /// Per step, its launch (`None` for host steps).
     launches: Vec<Option<Launch>>,
+    /// Every allocation, freed with the executable.
+    allocations: Vec<u64>,
     running: Mutex<()>,
+}
+
+impl<D: PtxDevice> Drop for PtxExecutable<D> {
+    fn drop(&mut self) {
+        for &at in &self.allocations {
+            self.device.free(at);
+        }
+    }
 }
 
 fn bytes(words: &[u32]) -> Vec<u8> {
@@ -84,6 +96,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
             }
         }
         let params_base = device.alloc(params.len().max(1) * 4)?;
+        let allocations = vec![arena, error, weights, params_base];
         device.upload(params_base, &bytes(&params))?;
         let mut launches = Vec::new();
         for (i, step) in plan.steps.iter().enumerate() {
@@ -118,6 +131,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
             chunk_at,
             functions,
             launches,
+            allocations,
             running: Mutex::new(()),
         })
     }
@@ -290,8 +304,15 @@ impl PtxDevice for CudaDevice {
 
     fn alloc(&self, bytes: usize) -> Result<u64, String> {
         self.current()?;
-        // Freed with the context, at the process's end.
         unsafe { cudarc::driver::result::malloc_sync(bytes.max(4)) }.map_err(driver)
+    }
+
+    fn free(&self, at: u64) {
+        // Nothing to report from a drop: a failure leaves the memory to the
+        // context, which the driver frees at the process's end.
+        if self.current().is_ok() {
+            let _ = unsafe { cudarc::driver::result::free_sync(at) };
+        }
     }
 
     fn upload(&self, at: u64, bytes: &[u8]) -> Result<(), String> {

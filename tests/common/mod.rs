@@ -121,6 +121,14 @@ impl egret::runtime::PtxDevice for InterpretedDevice {
         Ok(egret_ptx_interp::global_address(m.buffers.len() - 1))
     }
 
+    fn free(&self, at: u64) {
+        // Buffers keep their ids (addresses name them): free the bytes only.
+        let mut m = self.memory.lock().unwrap();
+        if let Some(buf) = ((at >> 40) as usize).checked_sub(1).and_then(|b| m.buffers.get_mut(b)) {
+            *buf = Vec::new();
+        }
+    }
+
     fn upload(&self, at: u64, bytes: &[u8]) -> Result<(), String> {
         let mut m = self.memory.lock().unwrap();
         let (b, off) = Self::locate(at, bytes.len(), &m.buffers)?;
