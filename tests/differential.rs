@@ -79,7 +79,7 @@ fn same(text: &str) {
 const INTERPRETED_MAX_FLOPS: u64 = 1 << 24;
 
 /// The PTX half of `same`: unfused and fully fused, through the PTX
-/// interpreter.
+/// interpreter (or on the GPU, with `EGRET_PTX_DEVICE=cuda`).
 fn same_on_interpreted_ptx(g: &Graph, reference: &ReferenceExecutable, text: &str) {
     let plan = egret::backends::lower(g, Default::default()).unwrap();
     let flops: u64 = plan.kernels.iter().map(|k| k.flops()).sum();
@@ -89,7 +89,7 @@ fn same_on_interpreted_ptx(g: &Graph, reference: &ReferenceExecutable, text: &st
     }
     for opt_level in [0, 2] {
         let opts = egret::CompileOptions { opt_level, ..Default::default() };
-        let ptx = common::interpreted_ptx(g, &opts);
+        let ptx = common::ptx_executable(g, &opts);
         for seed in [1, 2] {
             let want = reference.run(inputs_for(g, seed)).unwrap();
             let got = ptx.run(inputs_for(g, seed)).unwrap_or_else(|e| panic!("ptx --opt {opt_level}: {e}\n{text}"));

@@ -17,6 +17,8 @@ cargo build --release 2>&1 | tail -3
 egret=target/release/egret
 step() { echo "== $*"; timeout 240 "$@"; echo "   (exit $?)"; }
 {
+    # The differential tests with their PTX on the device, not the interpreter.
+    step env EGRET_PTX_DEVICE=cuda cargo test --release --test differential
     for dir in tests/data/zoo tests/data/synthetic tests/data/exports ../shared/perf; do
         [ -d "$dir" ] || continue
         step $egret check "$dir" --backend ptx -q

@@ -171,3 +171,15 @@ pub fn interpreted_ptx(
     let gpu = egret::gpu_plan(graph, opts, Default::default()).unwrap();
     egret::runtime::PtxExecutable::new(InterpretedDevice::new(), gpu).unwrap()
 }
+
+/// A graph compiled for the PTX backend: on the CUDA device when
+/// `EGRET_PTX_DEVICE=cuda` (what `tools/gpu_check.sh` sets on a GPU
+/// machine), else run by the interpreter.
+pub fn ptx_executable(graph: &egret::ir::Graph, opts: &egret::CompileOptions) -> Box<dyn egret::runtime::Executable> {
+    if std::env::var("EGRET_PTX_DEVICE").is_ok_and(|v| v == "cuda") {
+        let device = egret::runtime::CudaDevice::open().expect("EGRET_PTX_DEVICE=cuda needs a CUDA driver");
+        let gpu = egret::gpu_plan(graph, opts, egret::PTX_LIMITS).unwrap();
+        return Box::new(egret::runtime::PtxExecutable::new(device, gpu).unwrap());
+    }
+    Box::new(interpreted_ptx(graph, opts))
+}
