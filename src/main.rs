@@ -258,6 +258,12 @@ fn parse_dims(dims: &[String]) -> Result<HashMap<String, usize>> {
 }
 
 fn main() {
+    // Piped into `head` and the like, stop quietly when the reader goes
+    // away (Rust ignores SIGPIPE, and a failed print would panic).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = run_cli() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -418,6 +424,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                 "arena_bytes": m.program.executable.arena_bytes(),
                 "kernel_isa": egret::backends::cpu::kernels::Isa::host().name(),
                 "device_median_ms": device_median,
+                "device": m.program.executable.device_name(),
             })
         );
     } else {
@@ -429,6 +436,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             egret::backends::cpu::kernels::Isa::host().name()
         );
         println!("  median {median:.3} ms   min {min:.3} ms   max {max:.3} ms   compile {compile_ms:.1} ms");
+        if let Some(name) = m.program.executable.device_name() {
+            println!("  device {name}");
+        }
         if let Some(d) = device_median {
             println!("  device time (timestamp queries): median {d:.3} ms");
         } else if backend == Backend::Wgsl {

@@ -234,10 +234,6 @@ impl WgpuExecutable {
         &self.plan
     }
 
-    pub fn device_name(&self) -> &str {
-        &self.gpu.name
-    }
-
     fn buffer_of(&self, space: Space) -> &wgpu::Buffer {
         match space {
             Space::Arena => &self.arena,
@@ -480,5 +476,9 @@ impl Executable for WgpuExecutable {
 
     fn device_ms(&self) -> Option<f64> {
         *self.last_device_ms.lock().unwrap()
+    }
+
+    fn device_name(&self) -> Option<String> {
+        Some(self.gpu.name.clone())
     }
 }

@@ -48,6 +48,11 @@ pub trait Executable: Send + Sync {
         None
     }
 
+    /// The device the executable runs on, for GPU backends (reports name it).
+    fn device_name(&self) -> Option<String> {
+        None
+    }
+
     /// Device time of the last run in milliseconds, where the backend
     /// measures it (GPU timestamp queries).
     fn device_ms(&self) -> Option<f64> {

@@ -241,6 +241,10 @@ impl<D: PtxDevice> Executable for PtxExecutable<D> {
         self.run_steps(&inputs, None)
     }
 
+    fn device_name(&self) -> Option<String> {
+        Some(self.device.name())
+    }
+
     fn arena_bytes(&self) -> Option<usize> {
         Some(self.plan.arena_words * 4)
     }
