@@ -1159,3 +1159,17 @@ output \"shifted\" = v5
 ",
     );
 }
+
+#[test]
+fn attention_with_wide_heads() {
+    // d + dv past what the GPU kernels keep in registers: the query row and
+    // the accumulator live in per-thread arrays instead.
+    same(
+        "v0: f32[2,20,80] = input{name=\"q\"}
+v1: f32[2,80,30] = input{name=\"kt\"}
+v2: f32[2,30,72] = input{name=\"v\"}
+v3: f32[2,20,72] = attention{scale=0.11180339, nan_to_zero=false} v0, v1, v2
+output \"y\" = v3
+",
+    );
+}

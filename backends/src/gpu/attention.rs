@@ -1,15 +1,64 @@
 //! Flash-style attention: a workgroup takes `ROWS` query rows of one batch,
-//! one row per invocation. Keys and values pass through workgroup memory
+//! one row per invocation, its query row and output accumulator in
+//! registers where they fit (`REGISTER_ROWS`). Keys and values pass through workgroup memory
 //! `key_tile` keys at a time; each invocation scores its row against them
 //! and folds them into a running maximum, sum and output row (an online
 //! softmax), so the score matrix never leaves the invocation.
 
 use super::builder::Builder;
-use super::form::{Kernel, Space, Ty, E};
+use super::form::{Kernel, Local, Space, Ty, Var, E};
 use super::Place;
 use crate::plan::{AttentionKernel, BufferId};
 
 pub const ROWS: usize = 64;
+
+/// A query row and an output accumulator of up to this many values in all
+/// live in registers (every loop over them unrolled: d = dv = 64 takes 255
+/// registers at sm_80, no spills); longer ones in per-thread arrays, which
+/// GPUs keep in local memory (d = dv = 128 in registers would spill).
+const REGISTER_ROWS: usize = 128;
+
+/// A per-invocation row of f32: registers (indexed by constants) or a
+/// per-thread array (indexed at run time).
+enum Row {
+    Registers(Vec<Var>),
+    Array(Local),
+}
+
+impl Row {
+    fn new(b: &mut Builder, len: usize, registers: bool) -> Row {
+        if registers {
+            Row::Registers((0..len).map(|_| b.var(E::F32(0.0))).collect())
+        } else {
+            Row::Array(b.local(len as u32))
+        }
+    }
+
+    /// `body(c)` for every column `c`: unrolled, with `c` a constant, for
+    /// registers; a loop for an array.
+    fn each(&self, b: &mut Builder, len: usize, mut body: impl FnMut(&mut Builder, E)) {
+        match self {
+            Row::Registers(_) => (0..len).for_each(|c| body(b, E::I32(c as i32))),
+            Row::Array(_) => b.for_(E::I32(0), E::I32(len as i32), E::I32(1), |b, c| body(b, c)),
+        }
+    }
+
+    fn get(&self, c: &E) -> E {
+        match (self, c) {
+            (Row::Registers(v), E::I32(i)) => E::Var(v[*i as usize]),
+            (Row::Array(a), _) => E::LoadLocal(*a, Box::new(c.clone())),
+            _ => unreachable!("register rows are indexed by constants"),
+        }
+    }
+
+    fn set(&self, b: &mut Builder, c: &E, value: E) {
+        match (self, c) {
+            (Row::Registers(v), E::I32(i)) => b.set(v[*i as usize], value),
+            (Row::Array(a), _) => b.store_local(*a, c.clone(), value),
+            _ => unreachable!("register rows are indexed by constants"),
+        }
+    }
+}
 
 /// Keys per tile: as many as fit 16 KiB of workgroup memory (keys and
 /// values), at most 16.
@@ -62,8 +111,6 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
 
     let sk_tile = b.shared((kt_len * d) as u32);
     let sv_tile = b.shared((kt_len * dv) as u32);
-    let q = b.local(d as u32);
-    let acc = b.local(dv as u32);
     let scores = b.local(kt_len as u32);
     let group = b.group();
     let t = b.thread();
@@ -81,11 +128,14 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
         let row = b.let_(group.clone() % blocks_p.clone() * E::I32(ROWS as i32) + t.clone());
         // Invocations past the last row compute on the last one and store nothing.
         let qrow = b.let_(row.clone().min(sq.clone() - E::I32(1)));
-        b.for_(E::I32(0), E::I32(d as i32), E::I32(1), |b, c| {
+        let registers = d + dv <= REGISTER_ROWS;
+        let q = Row::new(b, d, registers);
+        q.each(b, d, |b, c| {
             let v = E::load_f32(pq.space, qo.clone() + qrow.clone() * q_rs.clone() + c.clone() * q_cs.clone());
-            b.store_local(q, c, v);
+            q.set(b, &c, v);
         });
-        b.for_(E::I32(0), E::I32(dv as i32), E::I32(1), |b, c| b.store_local(acc, c, E::F32(0.0)));
+        let acc = Row::new(b, dv, registers);
+        acc.each(b, dv, |b, c| acc.set(b, &c, E::F32(0.0)));
         let max = b.var(E::F32(f32::NEG_INFINITY));
         let sum = b.var(E::F32(0.0));
         b.for_(first.clone(), end.clone(), E::I32(kt_len as i32), |b, k0| {
@@ -113,9 +163,9 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
             let block_max = b.var(E::F32(f32::NEG_INFINITY));
             b.for_(E::I32(0), n.clone(), E::I32(1), |b, j| {
                 let dot = b.var(E::F32(0.0));
-                b.for_(E::I32(0), E::I32(d as i32), E::I32(1), |b, c| {
+                q.each(b, d, |b, c| {
                     let kv = E::LoadShared(sk_tile, Box::new(j.clone() * E::I32(d as i32) + c.clone()));
-                    b.set(dot, E::fma(E::LoadLocal(q, Box::new(c)), kv, E::Var(dot)));
+                    b.set(dot, E::fma(q.get(&c), kv, E::Var(dot)));
                 });
                 let mut s = b.let_(E::Var(dot) * scale.clone());
                 if let Some(cap) = k.softcap {
@@ -134,15 +184,13 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
             b.if_(new_max.clone().ne(E::F32(f32::NEG_INFINITY)), |b| {
                 let correction = b.let_((E::Var(max) - new_max.clone()).exp());
                 b.set(sum, E::Var(sum) * correction.clone());
-                b.for_(E::I32(0), E::I32(dv as i32), E::I32(1), |b, c| {
-                    b.store_local(acc, c.clone(), E::LoadLocal(acc, Box::new(c)) * correction.clone());
-                });
+                acc.each(b, dv, |b, c| acc.set(b, &c, acc.get(&c) * correction.clone()));
                 b.for_(E::I32(0), n.clone(), E::I32(1), |b, j| {
                     let p = b.let_((E::LoadLocal(scores, Box::new(j.clone())) - new_max.clone()).exp());
                     b.set(sum, E::Var(sum) + p.clone());
-                    b.for_(E::I32(0), E::I32(dv as i32), E::I32(1), |b, c| {
+                    acc.each(b, dv, |b, c| {
                         let v = E::LoadShared(sv_tile, Box::new(j.clone() * E::I32(dv as i32) + c.clone()));
-                        b.store_local(acc, c.clone(), E::fma(p.clone(), v, E::LoadLocal(acc, Box::new(c))));
+                        acc.set(b, &c, E::fma(p.clone(), v, acc.get(&c)));
                     });
                 });
                 b.set(max, new_max);
@@ -178,8 +226,8 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
                 },
                 |b| {
                     let inv = b.let_(E::F32(1.0) / total.clone());
-                    b.for_(E::I32(0), E::I32(dv as i32), E::I32(1), |b, c| {
-                        let v = E::LoadLocal(acc, Box::new(c.clone())) * inv.clone();
+                    acc.each(b, dv, |b, c| {
+                        let v = acc.get(&c) * inv.clone();
                         b.store(po.space, out(&c), v);
                     });
                 },
