@@ -52,8 +52,8 @@ pub enum Backend {
     /// Native code from the Cranelift backend.
     #[default]
     Cpu,
-    /// WGSL compute shaders run through wgpu (any Vulkan, Metal or DX12
-    /// GPU; Mesa's lavapipe on a machine without one).
+    /// WGSL compute shaders run through wgpu on a Vulkan adapter (a GPU's
+    /// driver; Mesa's lavapipe on a machine without one).
     Wgsl,
     /// PTX kernels run through the CUDA driver (NVIDIA GPUs).
     Ptx,

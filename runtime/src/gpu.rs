@@ -1,6 +1,6 @@
 //! The WebGPU executor: runs a plan compiled by `egret_backends::gpu` and
-//! printed as WGSL, through wgpu (Vulkan, Metal, DX12 or GL underneath;
-//! Mesa's lavapipe in CI).
+//! printed as WGSL, through wgpu (its Vulkan backend, the one this build
+//! enables: a GPU's driver, or Mesa's lavapipe in CI).
 //!
 //! Weights are uploaded once, when the executable is created; the arena is
 //! one device buffer. A run writes the inputs into the arena, records every
