@@ -383,12 +383,7 @@ impl WgpuExecutable {
                     let start = std::time::Instant::now();
                     let done = std::mem::replace(&mut encoder, self.encoder());
                     let ts = self.read_values(done, inputs).map_err(device_error)?;
-                    let refs: Vec<&Tensor> = ts.iter().collect();
-                    let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
-                        node: label.clone(),
-                        op: op.name().to_string(),
-                        message,
-                    })?;
+                    let outs = crate::steps::eval_host(op, label, &ts)?;
                     for ((place, _), t) in outputs.iter().zip(outs) {
                         let words = words_of(&t, "a host result").map_err(|e| RunError::Eval {
                             node: label.clone(),
@@ -444,16 +439,8 @@ impl WgpuExecutable {
         let mut values = vec![error_word];
         values.extend(self.plan.outputs.iter().cloned());
         let mut read = self.read_values(encoder, &values).map_err(device_error)?;
-        let code = read[0].to_i64_vec()[0] as usize;
-        if code != 0 {
-            let step = &steps[code - 1];
-            if let Step::Dispatch { label, kind, on_error, .. } = step {
-                return Err(RunError::Eval {
-                    node: label.clone(),
-                    op: kind.clone(),
-                    message: on_error.clone().unwrap_or_else(|| "kernel failed".into()),
-                });
-            }
+        if let Some(e) = crate::steps::failure(&self.plan, read[0].to_i64_vec()[0] as usize) {
+            return Err(e);
         }
         Ok(read.drain(1..).collect())
     }

@@ -14,6 +14,7 @@ mod cpu;
 pub mod gpu;
 pub mod ptx;
 mod reference;
+mod steps;
 
 pub use cpu::CpuExecutable;
 pub use gpu::{WgpuDevice, WgpuExecutable};

@@ -206,8 +206,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
                     self.device.synchronize().map_err(fail)?;
                     let ts: Vec<Tensor> =
                         inputs.iter().map(|(p, t)| self.read(*p, t)).collect::<Result<_, _>>().map_err(fail)?;
-                    let refs: Vec<&Tensor> = ts.iter().collect();
-                    let outs = egret_ir::eval_op(op, &refs).map_err(fail)?;
+                    let outs = crate::steps::eval_host(op, label, &ts)?;
                     for ((p, _), t) in outputs.iter().zip(&outs) {
                         self.write(*p, t, "a host result").map_err(fail)?;
                     }
@@ -222,11 +221,8 @@ impl<D: PtxDevice> PtxExecutable<D> {
             .read(Place { space: Space::Error, word: 0 }, &Type::new(egret_ir::DType::I32, vec![]))
             .map_err(|m| device_error("the error word", "download", m))?
             .to_i64_vec()[0] as usize;
-        if code != 0 {
-            if let Step::Dispatch { label, kind, on_error, .. } = &self.plan.steps[code - 1] {
-                let message = on_error.clone().unwrap_or_else(|| "kernel failed".into());
-                return Err(device_error(label, kind, message));
-            }
+        if let Some(e) = crate::steps::failure(&self.plan, code) {
+            return Err(e);
         }
         self.plan
             .outputs

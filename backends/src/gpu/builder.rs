@@ -194,11 +194,6 @@ impl Builder {
 
     // Math shared by the kernels.
 
-    /// `exp(x)`, `e^x`.
-    pub fn exp(&mut self, x: E) -> E {
-        x.exp()
-    }
-
     /// `tanh(x)`: an odd Taylor polynomial below |x| = 0.25 (relative
     /// error under 1e-8 there, where the closed form cancels), else
     /// `sign(x) (1 - t) / (1 + t)` with `t = exp(-2|x|)`, which cannot

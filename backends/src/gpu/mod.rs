@@ -265,17 +265,19 @@ pub fn compile(plan: &Plan, limits: Limits, precision: form::Precision) -> Resul
             KernelKind::Rows(r) => rows::rows(r, &at),
             KernelKind::Attention(a) => attention::attention(a, &at),
             KernelKind::Gather(gk) => gather::gather(gk, &at, steps.len() as u32 + 1),
-            KernelKind::Reference { op, inputs, outputs } if integer::kernel(op, inputs, outputs, &at, 0).is_some() => {
-                integer::kernel(op, inputs, outputs, &at, steps.len() as u32 + 1).expect("checked")
-            }
             KernelKind::Reference { op, inputs, outputs } => {
-                steps.push(Step::Host {
-                    op: op.clone(),
-                    inputs: inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
-                    outputs: outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
-                    label: k.label.clone(),
-                });
-                continue;
+                let code = steps.len() as u32 + 1;
+                if let Some(built) = integer::kernel(op, inputs, outputs, &at, code) {
+                    built
+                } else {
+                    steps.push(Step::Host {
+                        op: op.clone(),
+                        inputs: inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+                        outputs: outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+                        label: k.label.clone(),
+                    });
+                    continue;
+                }
             }
         };
         let (kernel, params, groups) = built;
