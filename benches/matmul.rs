@@ -38,7 +38,6 @@ fn bench_variant(c: &mut Criterion, name: &str, implementation: MatMulImpl, b_co
     for n in [64usize, 256, 512, 1024] {
         let opts = egret::backends::LowerOptions { matmul: Some(implementation), ..Default::default() };
         let plan = egret::backends::lower(&graph(n, b_constant), opts).unwrap();
-        egret::backends::cpu::set_threads(1);
         let exe = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
         let inputs = if b_constant { vec![matrix(n, 7, 0.25)] } else { vec![matrix(n, 7, 0.25), matrix(n, 5, 0.5)] };
         group.throughput(Throughput::Elements(2 * (n as u64).pow(3)));

@@ -306,7 +306,6 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
             let plan = egret_backends::lower(&c.graph, lower_options(opts))?;
             let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);
-            egret_backends::cpu::set_threads(threads);
             Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
         }
         Backend::Wgsl => Box::new(compile_wgsl(&c.graph, opts)?.0),

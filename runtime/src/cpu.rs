@@ -1,10 +1,10 @@
 //! The CPU executor: runs a Cranelift-compiled plan.
 
 use crate::{Executable, RunError};
-use egret_backends::cpu::{parallel_extent, CompiledPlan, KernelFn};
+use egret_backends::cpu::kernels::pool::{self, Pool, Split};
+use egret_backends::cpu::{parallel_extent, split_of, CompiledPlan};
 use egret_backends::plan::{BufferId, KernelKind, Storage};
 use egret_ir::{Tensor, Type};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A 64-byte-aligned byte buffer, so that every element type (and vector
 /// loads) sees natural alignment.
@@ -38,11 +38,6 @@ impl AlignedBuf {
     }
 }
 
-/// Kernels with less work than this (elements touched, or multiply-adds)
-/// run on one thread: waking workers would cost more than it saves (at
-/// 2^16 the zoo's small models ran slower on two threads than on one).
-const PARALLEL_WORK: usize = 1 << 18;
-
 /// The memory one run uses besides the constants.
 struct Workspace {
     /// Every arena byte a kernel reads was written earlier in the same run,
@@ -54,8 +49,7 @@ struct Workspace {
 
 pub struct CpuExecutable {
     compiled: CompiledPlan,
-    pool: Option<rayon::ThreadPool>,
-    threads: usize,
+    pool: Pool,
     /// Memory of finished runs, reused: no allocation, clearing or copying
     /// through a temporary per run (and a buffer the allocator maps afresh
     /// each time, as glibc does above its mmap threshold, costs a page
@@ -65,6 +59,8 @@ pub struct CpuExecutable {
     constants: Vec<Option<AlignedBuf>>,
     /// Per kernel, the buffers of its operands in ABI order.
     operands: Vec<Vec<BufferId>>,
+    /// Per kernel, how the scheduler may split it.
+    splits: Vec<Split>,
     /// Per graph output, whether the kernels write it straight into the
     /// tensor returned (see `direct_output`).
     direct_outputs: Vec<bool>,
@@ -89,10 +85,9 @@ impl CpuExecutable {
         let plan = &compiled.plan;
         // A plan with no kernel big enough to split runs on the caller's
         // thread: handing the run to a pool costs more than it saves.
-        let splits = plan.kernels.iter().any(|k| worth_splitting(&k.kind));
-        let threads = if splits { threads.max(1) } else { 1 };
-        // A pool that cannot be built (no threads left) means running on one.
-        let pool = if threads > 1 { rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok() } else { None };
+        let splits = plan.kernels.iter().any(|k| split_of(&k.kind) != Split::Never);
+        let pool = Pool::new(if splits { threads.max(1) } else { 1 });
+        let splits = plan.kernels.iter().map(|k| split_of(&k.kind)).collect();
         let used = plan.used_buffers();
         let constants = plan
             .buffers
@@ -115,7 +110,7 @@ impl CpuExecutable {
         CpuExecutable {
             compiled,
             pool,
-            threads,
+            splits,
             workspaces: std::sync::Mutex::new(Vec::new()),
             constants,
             operands,
@@ -174,117 +169,10 @@ impl Executable for CpuExecutable {
     }
 }
 
-/// Operand addresses shared by the threads running one kernel. Each thread
-/// writes a disjoint slice of the output, as the plan's split guarantees.
-struct SharedArgs(*const *mut u8);
-unsafe impl Send for SharedArgs {}
-unsafe impl Sync for SharedArgs {}
-
-/// How long a worker kept awake for a run waits for work before sleeping.
-const STAY_AWAKE: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// Runs the pool's pending jobs as they appear until `done` is set, or until
-/// none has appeared for `STAY_AWAKE`. The worker running the plan
-/// (`runner`) may pick this job up itself when it waits on a split kernel;
-/// it returns at once there, or it would spin inside its own run.
-fn stay_awake(done: &AtomicBool, runner: Option<usize>) {
-    if rayon::current_thread_index() == runner {
-        return;
-    }
-    let mut last_work = std::time::Instant::now();
-    while !done.load(Ordering::Relaxed) {
-        match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => last_work = std::time::Instant::now(),
-            _ if last_work.elapsed() > STAY_AWAKE => return,
-            // Yielding to the OS rather than spinning: a core shared with
-            // other busy threads (tests, other models) gets them scheduled.
-            _ => std::thread::yield_now(),
-        }
-    }
-}
-
-/// Whether a kernel is big enough to run on more than one thread (split by
-/// the runtime, or inside a library GEMM or epilogue).
-fn worth_splitting(kind: &KernelKind) -> bool {
-    match kind {
-        KernelKind::MatMul(_) => work(kind) >= egret_backends::cpu::MATMUL_PARALLEL_MACS,
-        _ => work(kind) >= PARALLEL_WORK,
-    }
-}
-
-fn work(kind: &KernelKind) -> usize {
-    match kind {
-        KernelKind::Map(m) => m.shape.iter().product(),
-        KernelKind::Rows(r) => r.rows * r.len,
-        KernelKind::MatMul(mm) => mm.m * mm.n * mm.k * mm.batches.len(),
-        KernelKind::Gather(k) => k.outer * k.n_indices * k.inner,
-        // Every score, skipped or not: an upper bound that needs no walk over
-        // the key spans on every run.
-        KernelKind::Attention(a) => a.batches.len() * a.sq * a.sk * (a.d + a.dv),
-        KernelKind::Reference { .. } => 0,
-    }
-}
-
 impl CpuExecutable {
-    /// Runs `f` on a worker of the pool, if there is one: the whole plan then
-    /// executes inside the pool, so split kernels and the GEMM's own
-    /// parallelism share its threads instead of oversubscribing the cores.
-    ///
-    /// For the length of the run the pool's other workers stay awake,
-    /// looking for split kernels to help with: a rayon worker that finds
-    /// nothing falls asleep within microseconds, and waking it again costs
-    /// tens of microseconds on every split kernel, since the single-threaded
-    /// kernels in between (norms, small maps) are longer than that.
-    /// Keeping them awake took 4-10% off gpt2_small4 and deit_tiny at two
-    /// threads, at both levels; a worker that has found no work for
-    /// `STAY_AWAKE` goes back to sleep, so a long single-threaded stretch
-    /// does not burn a core.
+    /// Runs `f` (a whole run) inside the pool (`Pool::install`).
     fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let Some(pool) = &self.pool else { return f() };
-        pool.install(|| {
-            let done = AtomicBool::new(false);
-            let runner = rayon::current_thread_index();
-            rayon::scope(|s| {
-                for _ in 1..self.threads {
-                    let done = &done;
-                    s.spawn(move |_| stay_awake(done, runner));
-                }
-                let result = f();
-                done.store(true, Ordering::Relaxed);
-                result
-            })
-        })
-    }
-
-    /// Runs one native kernel, split across the pool when it is big enough.
-    fn launch(&self, f: KernelFn, args: &[*mut u8], kind: &KernelKind) -> i32 {
-        let extent = parallel_extent(kind) as i64;
-        let parts = (self.threads as i64).min(extent);
-        // A matmul with fewer batches than threads parallelises inside the GEMM instead.
-        let split = self.pool.is_some()
-            && parts > 1
-            && worth_splitting(kind)
-            && !(matches!(kind, KernelKind::MatMul(_)) && extent < self.threads as i64);
-        if !split {
-            // The function was generated for exactly these operands.
-            return unsafe { f(args.as_ptr(), 0, extent) };
-        }
-        let shared = SharedArgs(args.as_ptr());
-        let status = std::sync::atomic::AtomicI32::new(0);
-        // `execute` runs inside the pool, so this scope uses its workers.
-        rayon::scope(|s| {
-            for p in 0..parts {
-                let (begin, end) = (extent * p / parts, extent * (p + 1) / parts);
-                let (shared, status) = (&shared, &status);
-                s.spawn(move |_| {
-                    let r = unsafe { f(shared.0, begin, end) };
-                    if r != 0 {
-                        status.store(r, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        status.into_inner()
+        self.pool.install(f)
     }
 
     /// Runs the plan; with `times`, records each kernel's duration.
@@ -355,7 +243,9 @@ impl CpuExecutable {
                 (kind, Some(f)) => {
                     args.clear();
                     args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
-                    let status = self.launch(f, &args, kind);
+                    let extent = parallel_extent(kind) as i64;
+                    // The function was generated for exactly these operands.
+                    let status = unsafe { pool::launch(f, args.as_ptr(), extent, self.splits[i]) };
                     if status != 0 {
                         let message = match (&k.kind, status) {
                             (KernelKind::Gather(g), egret_backends::cpu::STATUS_INDEX_OUT_OF_RANGE) => {

@@ -9,23 +9,9 @@ use egret_ir::{DType, Tensor};
 use std::sync::Arc;
 
 /// Columns per panel of a `MatMulImpl::Packed` weight.
-pub const PACKED_PANEL: usize = 32;
+pub const PACKED_PANEL: usize = egret_kernels::gemm::NR;
 
-/// `b` (`[k, n]`, element `(p, j)` at `offset + p * strides[0] + j *
-/// strides[1]`) as panels of `width` columns: for each panel its `k` rows
-/// of `width` values, the last panel padded with zeros.
-pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize, width: usize) -> Vec<f32> {
-    let panels = n.div_ceil(width);
-    let mut out = vec![0f32; panels * k * width];
-    for panel in 0..panels {
-        for p in 0..k {
-            for l in 0..width.min(n - panel * width) {
-                out[(panel * k + p) * width + l] = b[offset + p * strides[0] + (panel * width + l) * strides[1]];
-            }
-        }
-    }
-    out
-}
+pub use egret_kernels::gemm::pack_panels;
 
 /// Products smaller than this (multiply-adds per batch) run faster as
 /// generated code than through the library, whose packing and dispatch

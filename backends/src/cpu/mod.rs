@@ -14,11 +14,11 @@
 //! Matrix products either call a tuned GEMM (the `gemm` crate) per batch or
 //! run a register-tiled f32x4 product generated here; lowering picks one per
 //! kernel and the plan records which. Attention calls a hand-written
-//! flash-style kernel (`kernels`), compiled by rustc for AVX-512 or AVX2.
+//! flash-style kernel (`egret-kernels`), compiled by rustc for AVX-512 or AVX2.
 
 mod attention;
 pub mod choose;
-pub mod kernels;
+pub mod library;
 mod loops;
 mod map;
 mod matmul;
@@ -34,16 +34,10 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module};
 
-pub use runtime_fns::set_threads;
-
-/// Products with fewer multiply-adds than this run on one thread (about
-/// 20 us of work at full speed): waking a second worker costs microseconds,
-/// and the zoo's small models ran slower on two threads than on one.
-pub const MATMUL_PARALLEL_MACS: usize = 1 << 22;
-
-/// A compiled kernel: operand base addresses, and the range of its parallel
-/// dimension to run (see `parallel_extent`).
-pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, begin: i64, end: i64) -> i32;
+pub use egret_kernels as kernels;
+pub use egret_kernels::pool::KernelFn;
+pub use egret_kernels::MATMUL_PARALLEL_MACS;
+pub use library::split_of;
 
 /// The length of the dimension a kernel's work is split along across
 /// threads: dim 0 of a map, the rows of a row kernel, the batches of a matmul.
@@ -224,7 +218,7 @@ fn define_kernels<M: Module>(
             let fns = imports.in_func(module, b.func);
             match &k.kind {
                 KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
-                KernelKind::Rows(r) => match (kernels::rows::RowParams::of(r), fns.rows) {
+                KernelKind::Rows(r) => match (library::row_params(r), fns.rows) {
                     // Norms and softmax run at full vector width where the kernel library links.
                     (Some(params), Some(f)) => {
                         let params = data_object(module, &format!("egret_k{i}_params"), params.to_bytes(), b.func)
@@ -244,7 +238,7 @@ fn define_kernels<M: Module>(
                         b.func,
                     )
                     .map_err(err)?;
-                    let params = kernels::attention::AttentionParams::of(a).to_bytes();
+                    let params = library::attention_params(a).to_bytes();
                     let params = data_object(module, &format!("egret_k{i}_params"), params, b.func).map_err(err)?;
                     attention::emit(&mut b, ptr, args, range, params, table, &fns);
                 }
@@ -258,7 +252,7 @@ fn define_kernels<M: Module>(
                     .map_err(err)?;
                     let epilogue = match &mm.epilogue {
                         Some(e) => {
-                            let program = kernels::epilogue::encode(e, mm.m, mm.n, 2 + e.inputs.len(), 2);
+                            let program = library::encode_epilogue(e, mm.m, mm.n, 2 + e.inputs.len(), 2);
                             Some(data_object(module, &format!("egret_k{i}_epilogue"), program, b.func).map_err(err)?)
                         }
                         None => None,

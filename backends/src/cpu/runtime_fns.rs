@@ -1,6 +1,8 @@
 //! Functions generated code calls: scalar math Cranelift has no instruction
-//! for (log, sin, cos, pow), the GEMM library, and the hand-written kernels
-//! of `kernels` (JIT only: objects link libm and nothing else).
+//! for (log, sin, cos, pow), and the kernel library's entry points
+//! (`egret-kernels`). The JIT resolves them to this process's functions; an
+//! object file imports them by name, from libm and from the kernel archive
+//! an artifact links.
 
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, Function, Signature};
 use cranelift_jit::JITBuilder;
@@ -21,75 +23,15 @@ extern "C" fn egret_powf(x: f32, y: f32) -> f32 {
     x.powf(y)
 }
 
-static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-/// How many threads a GEMM (or a matmul's epilogue) may use.
-pub fn set_threads(n: usize) {
-    THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
-}
-
-pub(crate) fn threads() -> usize {
-    THREADS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// `c[m, n] = a[m, k] @ b[k, n]`; `a` and `b` with the given row and column
-/// strides (in elements), `c` row-major.
-#[allow(clippy::too_many_arguments)]
-extern "C" fn egret_sgemm(
-    m: i64,
-    k: i64,
-    n: i64,
-    a: *const f32,
-    a_rs: i64,
-    a_cs: i64,
-    b: *const f32,
-    b_rs: i64,
-    b_cs: i64,
-    c: *mut f32,
-) {
-    let (m, k, n) = (m as usize, k as usize, n as usize);
-    let threads = threads();
-    // Splitting small products across threads costs more than it saves.
-    let parallelism = if threads > 1 && m * n * k >= super::MATMUL_PARALLEL_MACS {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // The plan guarantees the three buffers hold these matrices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            n as isize,
-            false,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
-/// The GEMM entry point's symbol (JIT only: objects use generated matmuls).
+/// The GEMM library's entry point.
 pub const SGEMM: &str = "egret_sgemm";
-/// The attention kernel's symbol (JIT only: objects use the composite).
+/// The attention kernel's symbol.
 pub const ATTENTION: &str = "egret_attention";
-/// The matmul epilogue's symbol (JIT only: objects have no epilogues).
+/// The matmul epilogue's symbol.
 pub const EPILOGUE: &str = "egret_epilogue";
-/// The packed-weight GEMM's symbol (JIT only).
+/// The packed-weight GEMM's symbol.
 pub const SGEMM_PACKED: &str = "egret_sgemm_packed";
-/// The norm and softmax row kernel's symbol (JIT only).
+/// The norm and softmax row kernel's symbol.
 pub const ROWS: &str = "egret_rows";
 
 pub fn register(jb: &mut JITBuilder) {
@@ -97,11 +39,11 @@ pub fn register(jb: &mut JITBuilder) {
     jb.symbol("sinf", egret_sinf as *const u8);
     jb.symbol("cosf", egret_cosf as *const u8);
     jb.symbol("powf", egret_powf as *const u8);
-    jb.symbol(SGEMM, egret_sgemm as *const u8);
-    jb.symbol(ATTENTION, super::kernels::attention::egret_attention as *const u8);
-    jb.symbol(EPILOGUE, super::kernels::epilogue::egret_epilogue as *const u8);
-    jb.symbol(SGEMM_PACKED, super::kernels::gemm::egret_sgemm_packed as *const u8);
-    jb.symbol(ROWS, super::kernels::rows::egret_rows as *const u8);
+    jb.symbol(SGEMM, egret_kernels::sgemm::egret_sgemm as *const u8);
+    jb.symbol(ATTENTION, egret_kernels::attention::egret_attention as *const u8);
+    jb.symbol(EPILOGUE, egret_kernels::epilogue::egret_epilogue as *const u8);
+    jb.symbol(SGEMM_PACKED, egret_kernels::gemm::egret_sgemm_packed as *const u8);
+    jb.symbol(ROWS, egret_kernels::rows::egret_rows as *const u8);
 }
 
 /// The imported functions, declared once per module.

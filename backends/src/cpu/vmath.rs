@@ -187,9 +187,4 @@ impl VMath {
     }
 }
 
-/// `2u = x (c1 + c3 x^2)` in GELU's tanh form: `c1 = 2 sqrt(2 / pi)`,
-/// `c3 = 0.044715 c1`. The kernel library uses the same constants.
-pub fn gelu_tanh_coefficients() -> (f32, f32) {
-    const C1: f32 = 2.0 * 0.797_884_6;
-    (C1, C1 * 0.044715)
-}
+pub use egret_kernels::gelu_tanh_coefficients;

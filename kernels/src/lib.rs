@@ -1,5 +1,6 @@
-//! Hand-written kernels that JIT-compiled code calls, compiled by rustc for
-//! the widest vector unit the host has.
+//! Egret's CPU kernel library: the hand-written kernels that generated code
+//! calls, compiled by rustc for the widest vector unit the host has, and the
+//! scheduler that splits kernels across threads.
 //!
 //! Cranelift's x86-64 backend emits 128-bit vectors only. For the work that
 //! is bound by arithmetic rather than memory — the exponentials of
@@ -9,14 +10,47 @@
 //! them, and compiled three times: for AVX-512, for AVX2 + FMA, and for the
 //! baseline ISA. `Isa::host` picks one once per process.
 //!
-//! The GEMM itself comes from the `gemm` crate (see `runtime_fns`). Ahead-of-
-//! time objects do not link these kernels; lowering gives them generated
-//! code instead.
+//! Products without a packed weight use the `gemm` crate (`sgemm`).
+//!
+//! The JIT links this crate as a Rust library and hands its functions'
+//! addresses to Cranelift. The crate depends on nothing of the compiler's:
+//! parameters arrive as plain data blocks whose layouts are defined here and
+//! filled in by `egret-backends` (`cpu::library`), so the same code can be
+//! linked into ahead-of-time artifacts as a static archive (the
+//! `egret-kernels-archive` crate, with the C ABI of `artifact`). That link
+//! is issue 15's next step: `egret compile` does not use the archive yet.
 
+pub mod artifact;
 pub mod attention;
 pub mod epilogue;
 pub mod gemm;
+pub mod pool;
 pub mod rows;
+pub mod sgemm;
+
+/// Products with fewer multiply-adds than this run on one thread (about
+/// 20 us of work at full speed): waking a second worker costs microseconds,
+/// and the zoo's small models ran slower on two threads than on one.
+pub const MATMUL_PARALLEL_MACS: usize = 1 << 22;
+
+/// How many threads a kernel may use from inside: those of the pool running
+/// it (see `pool::Pool`), or one outside any pool. The thread count is the
+/// pool's, not the process's, so two pools of different sizes (two
+/// artifact contexts, say) each get what they were created with.
+pub fn threads() -> usize {
+    if rayon::current_thread_index().is_some() {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// `2u = x (c1 + c3 x^2)` in GELU's tanh form: `c1 = 2 sqrt(2 / pi)`,
+/// `c3 = 0.044715 c1`. The generated code uses the same constants.
+pub fn gelu_tanh_coefficients() -> (f32, f32) {
+    const C1: f32 = 2.0 * 0.797_884_6;
+    (C1, C1 * 0.044715)
+}
 
 /// Lanes per step of the vectorised loops: one AVX-512 register of f32.
 pub const LANES: usize = 16;
@@ -91,10 +125,10 @@ macro_rules! multiversion {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     unsafe { $generic::<true>($($arg),*) }
                 }
-                match $crate::cpu::kernels::Isa::host() {
-                    $crate::cpu::kernels::Isa::Avx512 => return unsafe { avx512($($arg),*) },
-                    $crate::cpu::kernels::Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    $crate::cpu::kernels::Isa::Baseline => {}
+                match $crate::Isa::host() {
+                    $crate::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::Isa::Baseline => {}
                 }
             }
             unsafe { $generic::<false>($($arg),*) }

@@ -4,7 +4,6 @@
 //! full vector width.
 
 use super::{exp_and_sum, multiversion, row_max, LANES};
-use crate::plan::{RowKernel, RowOp};
 
 /// A row kernel as the JIT stub hands it over (a data object of i64 words).
 #[repr(C)]
@@ -24,24 +23,6 @@ pub const OP_RMS_NORM: i64 = 1;
 pub const OP_SOFTMAX: i64 = 2;
 
 impl RowParams {
-    /// The parameters of `k`, if the library has its op.
-    pub fn of(k: &RowKernel) -> Option<RowParams> {
-        let (op, epsilon) = match k.op {
-            RowOp::LayerNorm { epsilon } => (OP_LAYER_NORM, epsilon),
-            RowOp::RmsNorm { epsilon } => (OP_RMS_NORM, epsilon),
-            RowOp::Softmax => (OP_SOFTMAX, 0.0),
-            _ => return None,
-        };
-        Some(RowParams {
-            op,
-            len: k.len as i64,
-            has_scale: k.scale.is_some() as i64,
-            has_bias: k.bias.is_some() as i64,
-            has_residual: k.residual.is_some() as i64,
-            epsilon: epsilon as f64,
-        })
-    }
-
     pub fn to_bytes(&self) -> Vec<u8> {
         [self.op, self.len, self.has_scale, self.has_bias, self.has_residual, self.epsilon.to_bits() as i64]
             .iter()
@@ -55,6 +36,7 @@ impl RowParams {
 /// # Safety
 /// `params` came from `RowParams::to_bytes` for this kernel and the buffers
 /// hold its rows.
+#[no_mangle]
 pub unsafe extern "C" fn egret_rows(params: *const RowParams, args: *const *mut u8, begin: i64, end: i64) {
     let p = unsafe { &*params };
     let mut slot = 0;

@@ -1,6 +1,6 @@
 //! A GEMM over a weight matrix packed at compile time: `c = a @ b` where
 //! `b` is a constant that lowering laid out as panels of `NR` columns
-//! (`cpu::choose::pack_panels`), so no run ever repacks it (the GEMM library repacks its
+//! (`pack_panels`), so no run ever repacks it (the GEMM library repacks its
 //! operands on every call).
 //!
 //! The micro-kernel keeps an `MR x cols` tile of `c` in registers: with
@@ -23,27 +23,28 @@ use super::{madd, multiversion};
 /// Rows of `c` per micro-tile.
 pub const MR: usize = 6;
 /// Columns per panel: two AVX-512 vectors.
-const NR: usize = crate::cpu::choose::PACKED_PANEL;
+pub const NR: usize = 32;
 
 /// Panels per group: after each group the epilogue runs over its columns,
 /// so it reads a product the same thread has just written (one
 /// interpreted block of columns per group).
 const GROUP: usize = super::epilogue::BLOCK / NR;
 
-/// `c[m, n] = a[m, k] @ b` with `b` packed by `cpu::choose::pack_panels`; `a` strided, `c`
+/// `c[m, n] = a[m, k] @ b` with `b` packed by `pack_panels`; `a` strided, `c`
 /// row-major. A non-null `a_rows` gives each row of `a` as an element
 /// offset from `a` instead (`a_rs` is then unused): the rows of a layout an
 /// exporter permuted (a Swin window partition) are gathered here, once per
 /// call, rather than copied by kernels of their own. A non-null `c_rows`
 /// likewise gives where each row of the product goes in `c` (a window
 /// reverse and roll back); every row of `c` must receive one. A non-null
-/// `epilogue` (a program from `epilogue::encode`, with the kernel's
+/// `epilogue` (a program in the `epilogue` layout, with the kernel's
 /// operand addresses `args`) is applied to `c` in place, after the rows
 /// are placed.
 ///
 /// # Safety
 /// The buffers hold the matrices the arguments describe.
 #[allow(clippy::too_many_arguments)]
+#[no_mangle]
 pub unsafe extern "C" fn egret_sgemm_packed(
     m: i64,
     k: i64,
@@ -60,6 +61,22 @@ pub unsafe extern "C" fn egret_sgemm_packed(
 ) {
     let tile = TileShape::host();
     unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, a_rows, b, c, c_rows, tile, epilogue, args) }
+}
+
+/// `b` (`[k, n]`, element `(p, j)` at `offset + p * strides[0] + j *
+/// strides[1]`) as panels of `width` columns (`NR` for this GEMM): for each
+/// panel its `k` rows of `width` values, the last panel padded with zeros.
+pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize, width: usize) -> Vec<f32> {
+    let panels = n.div_ceil(width);
+    let mut out = vec![0f32; panels * k * width];
+    for panel in 0..panels {
+        for p in 0..k {
+            for l in 0..width.min(n - panel * width) {
+                out[(panel * k + p) * width + l] = b[offset + p * strides[0] + (panel * width + l) * strides[1]];
+            }
+        }
+    }
+    out
 }
 
 /// Half a panel's columns: the width of AVX2's tile.
@@ -146,9 +163,9 @@ unsafe fn sgemm_packed(
         (a, a_rs, a_cs)
     };
     let panels = n.div_ceil(NR);
-    let threads = super::super::runtime_fns::threads().min(panels);
+    let threads = super::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
-    if threads > 1 && m * n * k >= crate::cpu::MATMUL_PARALLEL_MACS {
+    if threads > 1 && m * n * k >= super::MATMUL_PARALLEL_MACS {
         let (a, b, c, epilogue, args) = (a as usize, b as usize, c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
@@ -382,7 +399,6 @@ impl Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::choose::pack_panels;
 
     fn pack(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<f32> {
         pack_panels(b, offset, strides, k, n, NR)

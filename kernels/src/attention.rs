@@ -13,7 +13,6 @@
 //! output projection reads.
 
 use super::{exp, exp_and_sum, multiversion, row_max};
-use crate::plan::AttentionKernel;
 use std::cell::RefCell;
 
 /// An attention kernel's shape and strides, as the JIT stub hands it over:
@@ -45,29 +44,6 @@ pub struct AttentionParams {
 }
 
 impl AttentionParams {
-    pub fn of(k: &AttentionKernel) -> AttentionParams {
-        let s = |st: [isize; 2]| st.map(|x| x as i64);
-        AttentionParams {
-            sq: k.sq as i64,
-            sk: k.sk as i64,
-            d: k.d as i64,
-            dv: k.dv as i64,
-            block: k.block as i64,
-            key_block: k.key_block as i64,
-            has_mask: k.mask.is_some() as i64,
-            nan_to_zero: k.nan_to_zero as i64,
-            out_rs: k.out_row_stride as i64,
-            batches: k.batches.len() as i64,
-            has_spans: k.key_spans.is_some() as i64,
-            q_strides: s(k.q_strides),
-            kt_strides: s(k.kt_strides),
-            v_strides: s(k.v_strides),
-            mask_strides: s(k.mask_strides),
-            scale: k.scale as f64,
-            softcap: k.softcap.unwrap_or(0.0) as f64,
-        }
-    }
-
     /// The bytes of the data object (little-endian, this struct's layout).
     pub fn to_bytes(&self) -> Vec<u8> {
         let words = [
@@ -119,6 +95,7 @@ thread_local! {
 /// # Safety
 /// The pointers describe buffers that hold every element the parameters
 /// address, as the plan guarantees.
+#[no_mangle]
 pub unsafe extern "C" fn egret_attention(
     params: *const AttentionParams,
     table: *const i64,

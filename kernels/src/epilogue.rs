@@ -2,39 +2,68 @@
 //! operands (a bias row, a residual), applied to the product's rows right
 //! after the GEMM wrote them, in place.
 //!
-//! The expression arrives as a small postfix program (`encode`), kept in a
+//! The expression arrives as a small postfix program (encoded by
+//! `egret-backends`, `cpu::library::encode_epilogue`), kept in a
 //! data object beside the kernel's code. It is interpreted a block of
 //! `BLOCK` columns at a time: every instruction runs over a whole block of
 //! lanes, so the dispatch costs once per block and the arithmetic is
 //! vectorised like any lane loop here.
 
 use super::{erf, exp, multiversion, tanh};
-use crate::plan::{Binary, Epilogue, Expr, Unary, EPILOGUE_MAX_DEPTH};
 
 /// Columns per interpreted block: wide enough that dispatching an
 /// instruction costs little next to running it over the block.
 pub const BLOCK: usize = 256;
 
-// Program layout (i64 words):
+/// The most values an epilogue program's stack holds (the plan admits
+/// only expressions that fit).
+pub const MAX_DEPTH: usize = 8;
+
+// Program layout (i64 words), as `egret-backends` encodes it:
 //   m, n, slot of c, number of operands,
 //   per operand: slot, offset, row stride, column stride (elements),
 //   number of instructions, then three words per instruction: kind, a, b.
 // Leaves (`b` of a push or of a binary-with-leaf) are the product, an
 // operand (its index) or a constant (its bits).
 /// Push leaf `b` of kind `a`.
-const OP_PUSH: i64 = 0;
+pub const OP_PUSH: i64 = 0;
 /// Replace the top with unary `a` of it.
-const OP_UNARY: i64 = 1;
+pub const OP_UNARY: i64 = 1;
 /// Pop the top, combine it into the new top: `below = a(below, top)`.
-const OP_BINARY: i64 = 2;
+pub const OP_BINARY: i64 = 2;
 /// `top = a(top, leaf)` for the three kinds of leaf: no push, no pop.
-const OP_BINARY_PRODUCT: i64 = 3;
-const OP_BINARY_OPERAND: i64 = 4;
-const OP_BINARY_CONST: i64 = 5;
+pub const OP_BINARY_PRODUCT: i64 = 3;
+pub const OP_BINARY_OPERAND: i64 = 4;
+pub const OP_BINARY_CONST: i64 = 5;
 
-const LEAF_PRODUCT: i64 = 0;
-const LEAF_OPERAND: i64 = 1;
-const LEAF_CONST: i64 = 2;
+pub const LEAF_PRODUCT: i64 = 0;
+pub const LEAF_OPERAND: i64 = 1;
+pub const LEAF_CONST: i64 = 2;
+
+/// The unary operators a program applies, by code (`a` of `OP_UNARY`):
+/// the plan's `Unary` operators, with the same semantics.
+#[repr(i64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unary {
+    Neg,
+    Abs,
+    Sqrt,
+    Recip,
+    Relu,
+    Floor,
+    Ceil,
+    Round,
+    Exp,
+    Log,
+    Tanh,
+    Erf,
+    Sigmoid,
+    Sin,
+    Cos,
+    Gelu,
+    GeluTanh,
+    Silu,
+}
 
 const UNARIES: [Unary; 18] = [
     Unary::Neg,
@@ -56,77 +85,34 @@ const UNARIES: [Unary; 18] = [
     Unary::GeluTanh,
     Unary::Silu,
 ];
+
+/// The binary operators, by code (`a` of the binary instructions).
+#[repr(i64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
 const BINARIES: [Binary; 7] =
     [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Max, Binary::Min, Binary::Pow];
-
-/// The epilogue of an `m x n` product as the program `egret_epilogue` runs;
-/// `c_slot` is the product's operand slot in the kernel's arguments and
-/// `first_slot` that of the epilogue's first operand.
-pub fn encode(e: &Epilogue, m: usize, n: usize, c_slot: usize, first_slot: usize) -> Vec<u8> {
-    let mut w: Vec<i64> = vec![m as i64, n as i64, c_slot as i64, e.inputs.len() as i64];
-    for (i, op) in e.inputs.iter().enumerate() {
-        w.extend([(first_slot + i) as i64, op.offset as i64, op.strides[0] as i64, op.strides[1] as i64]);
-    }
-    let mut code = Vec::new();
-    postfix(&e.expr, &mut code);
-    w.push(code.len() as i64 / 3);
-    w.extend(code);
-    w.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// A leaf as (kind, value), if `e` is one.
-fn leaf(e: &Expr) -> Option<(i64, i64)> {
-    match e {
-        Expr::Input(0) => Some((LEAF_PRODUCT, 0)),
-        Expr::Input(i) => Some((LEAF_OPERAND, *i as i64 - 1)),
-        Expr::F32(x) => Some((LEAF_CONST, x.to_bits() as i64)),
-        _ => None,
-    }
-}
-
-fn postfix(e: &Expr, out: &mut Vec<i64>) {
-    if let Some((kind, value)) = leaf(e) {
-        out.extend([OP_PUSH, kind, value]);
-        return;
-    }
-    match e {
-        Expr::Unary(u, x) => {
-            postfix(x, out);
-            let code = UNARIES.iter().position(|v| v == u).expect("every unary is listed");
-            out.extend([OP_UNARY, code as i64, 0]);
-        }
-        Expr::Binary(b, x, y) => {
-            let code = BINARIES.iter().position(|v| v == b).expect("every binary is listed") as i64;
-            let commutes = matches!(b, Binary::Add | Binary::Mul | Binary::Max | Binary::Min);
-            // A leaf on the right combines straight from memory; on the
-            // left of an operator that commutes, it moves to the right.
-            let (x, y) = if commutes && leaf(x).is_some() && leaf(y).is_none() { (y, x) } else { (x, y) };
-            postfix(x, out);
-            match leaf(y) {
-                Some((LEAF_PRODUCT, _)) => out.extend([OP_BINARY_PRODUCT, code, 0]),
-                Some((LEAF_OPERAND, i)) => out.extend([OP_BINARY_OPERAND, code, i]),
-                Some((_, bits)) => out.extend([OP_BINARY_CONST, code, bits]),
-                None => {
-                    postfix(y, out);
-                    out.extend([OP_BINARY, code, 0]);
-                }
-            }
-        }
-        // `Epilogue::supports` admits nothing else.
-        other => unreachable!("not an epilogue expression: {other}"),
-    }
-}
 
 /// Applies the epilogue program to the product at `c` (`m` rows of `n`,
 /// contiguous), in place.
 ///
 /// # Safety
-/// `program` is what `encode` produced for this kernel, `args` its operand
+/// `program` is what `egret-backends` encoded for this kernel, `args` its operand
 /// addresses, and every operand holds the elements the program addresses.
+#[no_mangle]
 pub unsafe extern "C" fn egret_epilogue(program: *const i64, args: *const *mut u8, c: *mut f32) {
     let m = unsafe { *program } as usize;
     let n = unsafe { *program.add(1) } as usize;
-    let threads = super::super::runtime_fns::threads();
+    let threads = super::threads();
     let work = m * n;
     // Splitting rows across threads pays only for big products.
     if threads > 1 && m > 1 && work >= 1 << 15 {
@@ -200,7 +186,7 @@ unsafe fn rows_impl<const FMA: bool>(
     let code_at = 4 + 4 * n_operands;
     let n_code = word(code_at) as usize;
     let code = unsafe { std::slice::from_raw_parts(program.add(code_at + 1), 3 * n_code) };
-    let mut stack = [[0f32; BLOCK]; EPILOGUE_MAX_DEPTH];
+    let mut stack = [[0f32; BLOCK]; MAX_DEPTH];
     // A strided operand is gathered here before it is combined.
     let mut gathered = [0f32; BLOCK];
     for r in r0..r1 {
@@ -321,7 +307,7 @@ fn unary<const FMA: bool>(u: Unary, x: &mut [f32]) {
         Unary::Cos => each(x, f32::cos),
         Unary::Gelu => each(x, |v| v * 0.5 * (erf::<FMA>(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)),
         Unary::GeluTanh => {
-            let (c1, c3) = crate::cpu::vmath::gelu_tanh_coefficients();
+            let (c1, c3) = super::gelu_tanh_coefficients();
             each(x, |v| v * sigmoid::<FMA>(super::madd::<FMA>(v * v, c3, c1) * v))
         }
         Unary::Silu => each(x, |v| v * sigmoid::<FMA>(v)),
