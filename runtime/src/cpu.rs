@@ -85,9 +85,8 @@ impl CpuExecutable {
         let plan = &compiled.plan;
         // A plan with no kernel big enough to split runs on the caller's
         // thread: handing the run to a pool costs more than it saves.
-        let splits = plan.kernels.iter().any(|k| split_of(&k.kind) != Split::Never);
-        let pool = Pool::new(if splits { threads.max(1) } else { 1 });
-        let splits = plan.kernels.iter().map(|k| split_of(&k.kind)).collect();
+        let splits: Vec<Split> = plan.kernels.iter().map(|k| split_of(&k.kind)).collect();
+        let pool = Pool::new(if splits.iter().any(|&s| s != Split::Never) { threads.max(1) } else { 1 });
         let used = plan.used_buffers();
         let constants = plan
             .buffers
@@ -155,7 +154,7 @@ impl Memory<'_> {
 
 impl Executable for CpuExecutable {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        self.in_pool(|| self.execute(inputs, None))
+        self.pool.install(|| self.execute(inputs, None))
     }
 
     fn arena_bytes(&self) -> Option<usize> {
@@ -164,17 +163,12 @@ impl Executable for CpuExecutable {
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
         let mut times = Vec::with_capacity(self.compiled.plan.kernels.len());
-        self.in_pool(|| self.execute(inputs, Some(&mut times)))?;
+        self.pool.install(|| self.execute(inputs, Some(&mut times)))?;
         Ok(times)
     }
 }
 
 impl CpuExecutable {
-    /// Runs `f` (a whole run) inside the pool (`Pool::install`).
-    fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
-    }
-
     /// Runs the plan; with `times`, records each kernel's duration.
     fn execute(
         &self,
