@@ -1,25 +1,43 @@
 //! Ahead-of-time compilation: `egret compile MODEL -o DIR`.
 //!
-//! The backend writes the plan as an object file whose driver runs every
-//! kernel on caller buffers (see `backends::cpu::object`). This module adds
-//! the C API around it: a header documenting the model's inputs and outputs,
-//! and a small generated C file with create/destroy (which own the working
-//! memory), positional and named runs, metadata queries and status
-//! messages. `cc` links the two into `libNAME.so` with the weights embedded,
-//! so a caller needs a C compiler and nothing from Rust.
+//! The backend writes the plan as an object file whose driver launches
+//! every kernel on caller buffers through the kernel library's scheduler
+//! (see `backends::cpu::object`): the same kernels, choices and packed
+//! weights as the JIT. This module adds the C API around it — a header
+//! documenting the model's inputs and outputs, and a small generated C shim
+//! with models, per-thread contexts (a scratch arena and a thread pool
+//! each), positional and named runs, metadata queries, status messages and
+//! a CPU check — and links the object, the shim and the kernel archive
+//! (`libegret_kernels_archive.a`, built by `build.rs` and carried inside
+//! `egret`) into `libNAME.so`. A caller needs libc, libm and pthreads,
+//! nothing from Rust, and no file of Egret's beside the library.
+//!
+//! The weights, packed for the GEMM at compile time, are read-only data in
+//! the library itself rather than a file beside it: one file to deploy,
+//! mapped lazily by the loader and shared through the page cache by every
+//! process that loads it, with no load step that could fail.
 
 use crate::{canonical, CompileOptions, Error};
-use egret_backends::plan::MatMulImpl;
+use egret_backends::cpu::TargetCpu;
 use egret_ir::Type;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+/// The kernel library every shared library links (see `build.rs`).
+const KERNEL_ARCHIVE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libegret_kernels_archive.a"));
+
+/// The C API's version, `NAME_ABI_VERSION` and `NAME_abi_version()`: raised
+/// whenever a signature or a struct a caller sees changes. 1 was the
+/// one-object API alone; 2 adds contexts.
+pub const ABI_VERSION: u32 = 2;
 
 /// What `egret compile` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Emit {
     /// `libNAME.so` and `NAME.h`.
     SharedLibrary,
-    /// `NAME.o`, `NAME_api.c` and `NAME.h`, to link yourself.
+    /// `NAME.o`, `NAME_api.c`, `NAME.h` and `libegret_kernels_archive.a`,
+    /// to link yourself (see `link_command`).
     Object,
     /// `NAME.clif`: the Cranelift IR of every function.
     Clif,
@@ -39,6 +57,20 @@ fn write(path: &Path, bytes: impl AsRef<[u8]>) -> Result<(), Error> {
     std::fs::write(path, bytes).map_err(|e| Error::Usage(format!("cannot write `{}`: {e}", path.display())))
 }
 
+/// What the C shim and header need to know about the compiled model.
+struct Api<'a> {
+    name: &'a str,
+    inputs: Vec<(String, Type)>,
+    outputs: Vec<(String, Type)>,
+    arena: usize,
+    /// Whether any kernel may be split across threads; if none is, every
+    /// context runs on one thread, as the JIT's executor does.
+    any_split: bool,
+    cpu: TargetCpu,
+    /// Cranelift's names of the ISA extensions the generated code uses.
+    features: Vec<String>,
+}
+
 /// Compiles `model` ahead of time into `out_dir`; returns the files written.
 pub fn compile_library(
     model: &Path,
@@ -56,18 +88,28 @@ pub fn compile_library(
             "input `{input}` sets a shape, so the model was specialised on its value; ahead-of-time libraries need every shape fixed by the model or by --dim"
         )));
     }
-    // Everything in the object must be generated code: no library GEMM.
-    let lower = egret_backends::LowerOptions { matmul: Some(MatMulImpl::Generated), ..crate::lower_options(opts) };
-    let plan = egret_backends::lower(&c.graph, lower)?;
-    let object = egret_backends::cpu::object::compile_object(&plan, name).map_err(|e| Error::Codegen(e.to_string()))?;
+    // Lowered exactly as the JIT lowers it, so the artifact runs the same kernels.
+    let plan = egret_backends::lower(&c.graph, crate::lower_options(opts))?;
+    let cpu = opts.target_cpu;
+    let codegen = |e: egret_backends::cpu::CodegenError| Error::Codegen(e.to_string());
+    let object = egret_backends::cpu::object::compile_object(&plan, name, cpu).map_err(codegen)?;
     std::fs::create_dir_all(out_dir)
         .map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", out_dir.display())))?;
-    let inputs: Vec<(String, Type)> =
-        c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect();
-    let outputs: Vec<(String, Type)> =
-        c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect();
-    let header = header(name, model, &inputs, &outputs, plan.arena_bytes);
-    let api = api_source(name, &inputs, &outputs, plan.arena_bytes);
+    let api = Api {
+        name,
+        inputs: c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect(),
+        outputs: c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect(),
+        arena: object.plan.arena_bytes,
+        any_split: object
+            .plan
+            .kernels
+            .iter()
+            .any(|k| egret_backends::cpu::split_of(&k.kind) != egret_backends::cpu::kernels::pool::Split::Never),
+        cpu,
+        features: egret_backends::cpu::required_features(cpu).map_err(codegen)?,
+    };
+    let header = header(&api, model);
+    let shim = api_source(&api);
     let mut written = Vec::new();
     match emit {
         Emit::Clif => {
@@ -78,8 +120,10 @@ pub fn compile_library(
         Emit::Object => {
             for (file, bytes) in [
                 (format!("{name}.o"), object.bytes.clone()),
-                (format!("{name}_api.c"), api.into_bytes()),
+                (format!("{name}_api.c"), shim.into_bytes()),
                 (format!("{name}.h"), header.into_bytes()),
+                ("libegret_kernels_archive.a".to_string(), KERNEL_ARCHIVE.to_vec()),
+                (format!("{name}.map"), version_script(name).into_bytes()),
             ] {
                 let p = out_dir.join(file);
                 write(&p, bytes)?;
@@ -87,19 +131,19 @@ pub fn compile_library(
             }
         }
         Emit::SharedLibrary => {
-            // The object and the C shim are intermediate: build in a scratch folder.
+            // The object, the C shim and the archive are intermediate: build in a scratch folder.
             let scratch = out_dir.join(format!(".{name}.build"));
             std::fs::create_dir_all(&scratch)
                 .map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", scratch.display())))?;
             let h = out_dir.join(format!("{name}.h"));
             write(&h, &header)?;
             write(&scratch.join(format!("{name}.h")), &header)?;
-            let o = scratch.join(format!("{name}.o"));
-            write(&o, &object.bytes)?;
-            let api_c = scratch.join(format!("{name}_api.c"));
-            write(&api_c, &api)?;
+            write(&scratch.join(format!("{name}.o")), &object.bytes)?;
+            write(&scratch.join(format!("{name}_api.c")), &shim)?;
+            write(&scratch.join("libegret_kernels_archive.a"), KERNEL_ARCHIVE)?;
+            write(&scratch.join(format!("{name}.map")), version_script(name))?;
             let so = out_dir.join(format!("lib{name}.so"));
-            link(&so, &api_c, &o)?;
+            link(&so, &scratch, name)?;
             let _ = std::fs::remove_dir_all(&scratch);
             written.extend([so, h]);
         }
@@ -107,15 +151,52 @@ pub fn compile_library(
     Ok(written)
 }
 
-/// `cc -shared` the object and the C shim into a shared library.
-fn link(so: &Path, api_c: &Path, object: &Path) -> Result<(), Error> {
+/// The linker version script: the library exports its C API (`NAME_*`)
+/// and nothing else — not the kernel library's symbols, nor Rust's.
+fn version_script(name: &str) -> String {
+    format!("{{\n  global: {name}_*;\n  local: *;\n}};\n")
+}
+
+/// The arguments after `cc` that link `NAME_api.c`, `NAME.o` and the kernel
+/// archive (in the current folder) into the shared library `library`;
+/// `--emit obj` users run the same (`egret compile` prints it).
+pub fn link_command(name: &str, library: &str) -> Vec<String> {
+    [
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-o",
+        library,
+        &format!("{name}_api.c"),
+        &format!("{name}.o"),
+        "libegret_kernels_archive.a",
+        &format!("-Wl,--version-script={name}.map"),
+        // Drops the parts of the kernel library (and of Rust's standard
+        // library in it) that nothing calls.
+        "-Wl,--gc-sections",
+        // The archive's unwinder comes from libgcc's static part, so the
+        // library needs no libgcc_s; with --as-needed, no library is
+        // recorded that nothing uses (glibc's libpthread and libdl are
+        // empty stubs now).
+        "-static-libgcc",
+        "-Wl,--as-needed",
+        "-lpthread",
+        "-ldl",
+        "-lm",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `cc` the shim, the object and the kernel archive into a shared library.
+fn link(so: &Path, scratch: &Path, name: &str) -> Result<(), Error> {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    // The linker runs in the scratch folder; the library goes to its final place.
+    let so = std::path::absolute(so).map_err(|e| Error::Usage(format!("bad output path `{}`: {e}", so.display())))?;
+    let args = link_command(name, &so.display().to_string());
     let out = std::process::Command::new(&cc)
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(so)
-        .arg(api_c)
-        .arg(object)
-        .arg("-lm")
+        .current_dir(scratch)
+        .args(&args)
         .output()
         .map_err(|e| Error::Usage(format!("cannot run the C compiler `{cc}` ({e}); install one (for example `apt-get install gcc`) or set CC, or use --emit obj")))?;
     if !out.status.success() {
@@ -132,7 +213,8 @@ fn shape_text(t: &Type) -> String {
     format!("{}{:?}", t.dtype, t.shape)
 }
 
-fn header(name: &str, model: &Path, inputs: &[(String, Type)], outputs: &[(String, Type)], arena: usize) -> String {
+fn header(api: &Api, model: &Path) -> String {
+    let name = api.name;
     let up = name.to_uppercase();
     let mut s = String::new();
     let _ = writeln!(
@@ -143,23 +225,51 @@ fn header(name: &str, model: &Path, inputs: &[(String, Type)], outputs: &[(Strin
     );
     s.push_str(
         " *
- * Usage: create an instance, run it on buffers, destroy it. Buffers are
- * dense row-major arrays of the listed element types and shapes. An
- * instance owns its working memory, so it can run on one thread at a time;
- * make one instance per thread to run in parallel. Every function that can
- * fail returns a status: 0 on success, otherwise one of the codes below
+ * A model is the compiled network: its weights are read-only data inside
+ * the library, shared by every model and context (and, through the page
+ * cache, by every process that loads the library). A context is what one
+ * run needs besides: a scratch arena and the threads the run uses. Make one
+ * context per serving thread and run on it; runs on different contexts of
+ * one model may happen at the same time.
+ *
+ * For a single thread, the one-object calls (NAME_create, NAME_run,
+ * NAME_run_named, NAME_destroy) run on a context that the model makes for
+ * itself, with one thread.
+ *
+ * Buffers are dense row-major arrays of the listed element types and
+ * shapes, aligned at least to their element size (malloc's alignment is
+ * enough), and no output may overlap another buffer. Every function that
+ * can fail returns a status: 0 on success, otherwise one of the codes below
  * (NAME_status_message turns it into text).
  *
- * Inputs:\n",
+ * Thread safety: NAME_create, NAME_context_create, the metadata queries,
+ * NAME_abi_version, NAME_status_message and NAME_missing_cpu_feature may
+ * be called from any thread at any time. NAME_context_run and
+ * NAME_context_run_named may run at the same time on different contexts
+ * (of one model or of several), but not on the same context. NAME_run and
+ * NAME_run_named use the model's own context: one thread at a time per
+ * model. A destroy must not overlap any other call on what it destroys,
+ * and a model must outlive its contexts.
+ *
+"
+        .replace("NAME", name)
+        .as_str(),
     );
-    for (i, (n, t)) in inputs.iter().enumerate() {
+    let _ = writeln!(
+        s,
+        " * Compiled for: {} ({}). Loading it on a CPU without these fails with\n * {up}_ERROR_UNSUPPORTED_CPU, not a crash. The kernel library picks its\n * AVX-512, AVX2 or baseline code when the library is loaded.\n *",
+        api.cpu.name(),
+        if api.features.is_empty() { "no extensions".to_string() } else { cpu_feature_list(&api.features) }
+    );
+    s.push_str(" * Inputs:\n");
+    for (i, (n, t)) in api.inputs.iter().enumerate() {
         let _ = writeln!(s, " *   {i}: \"{n}\" {}", shape_text(t));
     }
     s.push_str(" * Outputs:\n");
-    for (i, (n, t)) in outputs.iter().enumerate() {
+    for (i, (n, t)) in api.outputs.iter().enumerate() {
         let _ = writeln!(s, " *   {i}: \"{n}\" {}", shape_text(t));
     }
-    let _ = writeln!(s, " * Working memory per instance: {arena} bytes.\n */");
+    let _ = writeln!(s, " * Scratch memory per context: {} bytes.\n */", api.arena);
     let _ = write!(
         s,
         "#ifndef {up}_H
@@ -172,28 +282,54 @@ fn header(name: &str, model: &Path, inputs: &[(String, Type)], outputs: &[(Strin
 extern \"C\" {{
 #endif
 
+/* The version of this API. A caller built against this header can refuse a
+ * library whose {name}_abi_version() differs. */
+#define {up}_ABI_VERSION {ABI_VERSION}
+int {name}_abi_version(void);
+
 #define {up}_OK 0
 /* A gather read an index outside its axis. */
 #define {up}_ERROR_INDEX_OUT_OF_RANGE 1
 /* A null pointer, an unknown or missing name, or a count that does not match. */
 #define {up}_ERROR_INVALID_ARGUMENT 2
 #define {up}_ERROR_OUT_OF_MEMORY 3
+/* This CPU lacks an extension the code was compiled for ({name}_missing_cpu_feature names it). */
+#define {up}_ERROR_UNSUPPORTED_CPU 4
 
 typedef struct {name}_model {name}_model;
+typedef struct {name}_context {name}_context;
 
-/* Allocates an instance in *model. */
+/* Makes a model in *model, with its own one-thread context for {name}_run. */
 int {name}_create({name}_model **model);
-/* Frees an instance (a null pointer is ignored). */
+/* Frees a model and its own context (a null pointer is ignored). Free its
+ * other contexts first. */
 void {name}_destroy({name}_model *model);
 
+/* Makes a context for runs of model in *context. threads: how many threads
+ * one run uses; 0 means one per core. 1 suits a server that runs one
+ * instance per core. */
+int {name}_context_create(const {name}_model *model, int threads, {name}_context **context);
+/* Frees a context (a null pointer is ignored); its threads exit. */
+void {name}_context_destroy({name}_context *context);
+/* The threads a run on context uses. */
+int {name}_context_threads(const {name}_context *context);
+
 /* Runs on positional buffers: inputs[i] and outputs[j] in the order above. */
-int {name}_run({name}_model *model, const void *const *inputs, void *const *outputs);
+int {name}_context_run({name}_context *context, const void *const *inputs, void *const *outputs);
 /* Runs on named buffers: every input and output must be named exactly once. */
+int {name}_context_run_named({name}_context *context, size_t n_inputs, const char *const *input_names,
+                             const void *const *inputs, size_t n_outputs, const char *const *output_names,
+                             void *const *outputs);
+
+/* As the context calls, on the model's own context. */
+int {name}_run({name}_model *model, const void *const *inputs, void *const *outputs);
 int {name}_run_named({name}_model *model, size_t n_inputs, const char *const *input_names, const void *const *inputs,
                      size_t n_outputs, const char *const *output_names, void *const *outputs);
 
 /* A description of a status code. */
 const char *{name}_status_message(int status);
+/* The first extension the code needs that this CPU lacks, or NULL if none. */
+const char *{name}_missing_cpu_feature(void);
 
 /* Metadata. Indexes run from 0; *_index returns -1 for an unknown name.
  * dtype is one of f32 f64 i8 i16 i32 i64 u8 u16 u32 u64 bool. */
@@ -220,6 +356,94 @@ size_t {name}_output_bytes(size_t i);
 "
     );
     s
+}
+
+/// Where CPUID reports a Cranelift ISA flag: leaf, subleaf, register
+/// (0 eax .. 3 edx), bit, and the XCR0 state bits the OS must enable for
+/// it (the AVX registers, the AVX-512 ones).
+fn cpuid_bit(flag: &str) -> Option<(&'static str, u32, u32, u32, u32, u32)> {
+    const AVX_STATE: u32 = 0x6;
+    const AVX512_STATE: u32 = 0xe6;
+    Some(match flag {
+        "has_sse3" => ("sse3", 1, 0, 2, 0, 0),
+        "has_ssse3" => ("ssse3", 1, 0, 2, 9, 0),
+        "has_fma" => ("fma", 1, 0, 2, 12, AVX_STATE),
+        "has_cmpxchg16b" => ("cmpxchg16b", 1, 0, 2, 13, 0),
+        "has_sse41" => ("sse4.1", 1, 0, 2, 19, 0),
+        "has_sse42" => ("sse4.2", 1, 0, 2, 20, 0),
+        "has_popcnt" => ("popcnt", 1, 0, 2, 23, 0),
+        "has_avx" => ("avx", 1, 0, 2, 28, AVX_STATE),
+        "has_bmi1" => ("bmi1", 7, 0, 1, 3, 0),
+        "has_avx2" => ("avx2", 7, 0, 1, 5, AVX_STATE),
+        "has_bmi2" => ("bmi2", 7, 0, 1, 8, 0),
+        "has_avx512f" => ("avx512f", 7, 0, 1, 16, AVX512_STATE),
+        "has_avx512dq" => ("avx512dq", 7, 0, 1, 17, AVX512_STATE),
+        "has_avx512vl" => ("avx512vl", 7, 0, 1, 31, AVX512_STATE),
+        "has_avx512vbmi" => ("avx512vbmi", 7, 0, 2, 1, AVX512_STATE),
+        "has_avx512vnni" => ("avx512vnni", 7, 0, 2, 11, AVX512_STATE),
+        "has_avx512bitalg" => ("avx512bitalg", 7, 0, 2, 12, AVX512_STATE),
+        "has_avx_vnni" => ("avxvnni", 7, 1, 0, 4, AVX_STATE),
+        "has_lzcnt" => ("lzcnt", 0x8000_0001, 0, 2, 5, 0),
+        _ => return None,
+    })
+}
+
+fn cpu_feature_list(features: &[String]) -> String {
+    features.iter().map(|f| cpuid_bit(f).map_or(f.as_str(), |b| b.0)).collect::<Vec<_>>().join(" ")
+}
+
+/// C for `missing_cpu_feature()`: the first required extension CPUID (and,
+/// for the vector registers, XCR0) says this CPU lacks, or NULL.
+fn cpu_check(features: &[String]) -> String {
+    let mut rows = String::new();
+    for f in features {
+        // A flag with no CPUID entry here is one Cranelift added after this
+        // table; checking nothing for it would be a crash waiting to happen.
+        let (name, leaf, sub, reg, bit, xcr0) = cpuid_bit(f).unwrap_or_else(|| panic!("no CPUID entry for `{f}`"));
+        let _ = writeln!(rows, "    {{\"{name}\", 0x{leaf:x}u, {sub}u, {reg}, {bit}, 0x{xcr0:x}u}},");
+    }
+    if features.is_empty() {
+        return "static const char *missing_cpu_feature(void) { return 0; }\n".into();
+    }
+    format!(
+        r#"#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+struct cpu_feature {{
+    const char *name;
+    unsigned leaf, subleaf;
+    int reg, bit;
+    unsigned xcr0;
+}};
+
+static const struct cpu_feature required[] = {{
+{rows}}};
+
+static unsigned xcr0(void) {{
+    unsigned r[4] = {{0, 0, 0, 0}}, lo, hi;
+    /* XGETBV is only there where the OS has turned on OSXSAVE. */
+    if (!__get_cpuid(1, &r[0], &r[1], &r[2], &r[3]) || !(r[2] & (1u << 27))) return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return lo;
+}}
+
+static const char *missing_cpu_feature(void) {{
+    size_t i;
+    unsigned state = xcr0();
+    for (i = 0; i < sizeof required / sizeof required[0]; i++) {{
+        unsigned r[4] = {{0, 0, 0, 0}};
+        const struct cpu_feature *f = &required[i];
+        if (!__get_cpuid_count(f->leaf, f->subleaf, &r[0], &r[1], &r[2], &r[3])) return f->name;
+        if (!(r[f->reg] & (1u << f->bit)) || (state & f->xcr0) != f->xcr0) return f->name;
+    }}
+    return 0;
+}}
+#else
+#error "this library's code is for x86-64"
+#endif
+"#
+    )
 }
 
 fn c_string(s: &str) -> String {
@@ -275,7 +499,8 @@ fn tables(side: &str, items: &[(String, Type)]) -> String {
     s
 }
 
-fn api_source(name: &str, inputs: &[(String, Type)], outputs: &[(String, Type)], arena: usize) -> String {
+fn api_source(api: &Api) -> String {
+    let name = api.name;
     let up = name.to_uppercase();
     let mut s = format!(
         "/* Generated by egret: the C API around {name}_run_plan. */
@@ -283,31 +508,84 @@ fn api_source(name: &str, inputs: &[(String, Type)], outputs: &[(String, Type)],
 #include <stdlib.h>
 #include <string.h>
 
-/* Runs every kernel on the caller's buffers; defined in the object file. */
+/* Runs every kernel on the caller's buffers; defined (hidden) in the object file. */
 extern int {name}_run_plan(const void *const *inputs, void *const *outputs, void *arena);
 
+/* The kernel library's scheduler (libegret_kernels_archive.a). */
+typedef struct egret_rt_pool egret_rt_pool;
+extern egret_rt_pool *egret_rt_pool_new(int64_t threads);
+extern int64_t egret_rt_pool_threads(const egret_rt_pool *pool);
+extern void egret_rt_pool_free(egret_rt_pool *pool);
+extern int egret_rt_pool_run(const egret_rt_pool *pool, int (*f)(void *), void *data);
+
 #define ARENA_BYTES ((size_t){arena})
+/* Whether any kernel is big enough to split across threads: if none is, a
+ * run on a pool would cost more than it saves, and contexts use one. */
+#define ANY_SPLIT {any_split}
 
 struct {name}_model {{
-    void *arena;
+    {name}_context *own;
 }};
 
-"
+struct {name}_context {{
+    void *arena;
+    egret_rt_pool *pool;
+}};
+
+",
+        arena = api.arena,
+        any_split = api.any_split as u8,
     );
-    s.push_str(&tables("input", inputs));
-    s.push_str(&tables("output", outputs));
+    s.push_str(&tables("input", &api.inputs));
+    s.push_str(&tables("output", &api.outputs));
+    s.push('\n');
+    s.push_str(&cpu_check(&api.features));
     let _ = write!(
         s,
         "
-int {name}_create({name}_model **model) {{
-    if (!model) return {up}_ERROR_INVALID_ARGUMENT;
-    {name}_model *m = ({name}_model *)malloc(sizeof *m);
-    if (!m) return {up}_ERROR_OUT_OF_MEMORY;
+int {name}_abi_version(void) {{ return {up}_ABI_VERSION; }}
+
+const char *{name}_missing_cpu_feature(void) {{ return missing_cpu_feature(); }}
+
+int {name}_context_create(const {name}_model *model, int threads, {name}_context **context) {{
+    {name}_context *c;
+    if (!model || !context || threads < 0) return {up}_ERROR_INVALID_ARGUMENT;
+    if (missing_cpu_feature()) return {up}_ERROR_UNSUPPORTED_CPU;
+    c = ({name}_context *)calloc(1, sizeof *c);
+    if (!c) return {up}_ERROR_OUT_OF_MEMORY;
     /* 64-byte alignment matches the memory plan; aligned_alloc wants a multiple of it. */
-    m->arena = aligned_alloc(64, ARENA_BYTES == 0 ? 64 : (ARENA_BYTES + 63) / 64 * 64);
-    if (!m->arena) {{
-        free(m);
+    c->arena = aligned_alloc(64, ARENA_BYTES == 0 ? 64 : (ARENA_BYTES + 63) / 64 * 64);
+    c->pool = egret_rt_pool_new(ANY_SPLIT ? threads : 1);
+    if (!c->arena || !c->pool) {{
+        {name}_context_destroy(c);
         return {up}_ERROR_OUT_OF_MEMORY;
+    }}
+    *context = c;
+    return {up}_OK;
+}}
+
+void {name}_context_destroy({name}_context *context) {{
+    if (!context) return;
+    egret_rt_pool_free(context->pool);
+    free(context->arena);
+    free(context);
+}}
+
+int {name}_context_threads(const {name}_context *context) {{
+    return context ? (int)egret_rt_pool_threads(context->pool) : 0;
+}}
+
+int {name}_create({name}_model **model) {{
+    {name}_model *m;
+    int status;
+    if (!model) return {up}_ERROR_INVALID_ARGUMENT;
+    if (missing_cpu_feature()) return {up}_ERROR_UNSUPPORTED_CPU;
+    m = ({name}_model *)calloc(1, sizeof *m);
+    if (!m) return {up}_ERROR_OUT_OF_MEMORY;
+    status = {name}_context_create(m, 1, &m->own);
+    if (status != {up}_OK) {{
+        free(m);
+        return status;
     }}
     *model = m;
     return {up}_OK;
@@ -315,18 +593,34 @@ int {name}_create({name}_model **model) {{
 
 void {name}_destroy({name}_model *model) {{
     if (!model) return;
-    free(model->arena);
+    {name}_context_destroy(model->own);
     free(model);
 }}
 
-int {name}_run({name}_model *model, const void *const *inputs, void *const *outputs) {{
+struct run {{
+    const void *const *inputs;
+    void *const *outputs;
+    void *arena;
+}};
+
+static int run_plan(void *data) {{
+    struct run *r = (struct run *)data;
+    return {name}_run_plan(r->inputs, r->outputs, r->arena);
+}}
+
+int {name}_context_run({name}_context *context, const void *const *inputs, void *const *outputs) {{
+    struct run r;
     size_t i;
-    if (!model || (N_INPUT && !inputs) || !outputs) return {up}_ERROR_INVALID_ARGUMENT;
+    if (!context || (N_INPUT && !inputs) || (N_OUTPUT && !outputs)) return {up}_ERROR_INVALID_ARGUMENT;
     for (i = 0; i < N_INPUT; i++)
         if (!inputs[i]) return {up}_ERROR_INVALID_ARGUMENT;
     for (i = 0; i < N_OUTPUT; i++)
         if (!outputs[i]) return {up}_ERROR_INVALID_ARGUMENT;
-    return {name}_run_plan(inputs, outputs, model->arena);
+    r.inputs = inputs;
+    r.outputs = outputs;
+    r.arena = context->arena;
+    /* The pool runs the plan on one of its threads, where the kernels split. */
+    return egret_rt_pool_run(context->pool, run_plan, &r);
 }}
 
 static int find(const char *const *names, size_t n, const char *name) {{
@@ -337,8 +631,9 @@ static int find(const char *const *names, size_t n, const char *name) {{
     return -1;
 }}
 
-int {name}_run_named({name}_model *model, size_t n_inputs, const char *const *in_names, const void *const *inputs,
-                     size_t n_outputs, const char *const *out_names, void *const *outputs) {{
+int {name}_context_run_named({name}_context *context, size_t n_inputs, const char *const *in_names,
+                             const void *const *inputs, size_t n_outputs, const char *const *out_names,
+                             void *const *outputs) {{
     const void *in[N_INPUT + 1];
     void *out[N_OUTPUT + 1];
     size_t i;
@@ -356,7 +651,18 @@ int {name}_run_named({name}_model *model, size_t n_inputs, const char *const *in
         if (at < 0 || out[at]) return {up}_ERROR_INVALID_ARGUMENT;
         out[at] = outputs[i];
     }}
-    return {name}_run(model, in, out);
+    return {name}_context_run(context, in, out);
+}}
+
+int {name}_run({name}_model *model, const void *const *inputs, void *const *outputs) {{
+    if (!model) return {up}_ERROR_INVALID_ARGUMENT;
+    return {name}_context_run(model->own, inputs, outputs);
+}}
+
+int {name}_run_named({name}_model *model, size_t n_inputs, const char *const *in_names, const void *const *inputs,
+                     size_t n_outputs, const char *const *out_names, void *const *outputs) {{
+    if (!model) return {up}_ERROR_INVALID_ARGUMENT;
+    return {name}_context_run_named(model->own, n_inputs, in_names, inputs, n_outputs, out_names, outputs);
 }}
 
 const char *{name}_status_message(int status) {{
@@ -365,6 +671,7 @@ const char *{name}_status_message(int status) {{
     case {up}_ERROR_INDEX_OUT_OF_RANGE: return \"an index is out of range for the axis it reads\";
     case {up}_ERROR_INVALID_ARGUMENT: return \"invalid argument: a null pointer, an unknown or repeated name, or a wrong count\";
     case {up}_ERROR_OUT_OF_MEMORY: return \"out of memory\";
+    case {up}_ERROR_UNSUPPORTED_CPU: return \"this CPU lacks an instruction set extension the library was compiled for (see {name}_missing_cpu_feature; recompile with a lower --target-cpu)\";
     default: return \"unknown status\";
     }}
 }}

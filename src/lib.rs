@@ -91,6 +91,9 @@ pub struct CompileOptions {
     /// The arithmetic of matrix products on the PTX backend: f32 (the
     /// default), or tensor cores on tf32 or bf16 inputs.
     pub precision: egret_backends::gpu::form::Precision,
+    /// The CPU ahead-of-time code is generated for (`egret compile
+    /// --target-cpu`); the JIT always generates for the host.
+    pub target_cpu: egret_backends::cpu::TargetCpu,
 }
 
 impl Default for CompileOptions {
@@ -104,6 +107,7 @@ impl Default for CompileOptions {
             opt_level: MAX_OPT_LEVEL,
             matmul: None,
             precision: Default::default(),
+            target_cpu: Default::default(),
         }
     }
 }

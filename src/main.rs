@@ -221,6 +221,12 @@ enum Command {
         /// the C API source and header, or Cranelift IR text.
         #[arg(long, value_enum, default_value = "so")]
         emit: EmitArg,
+        /// The CPU the generated code is for: this machine's (`native`), or
+        /// an x86-64 level, for a library that must run on other machines.
+        /// The kernel library picks its AVX-512, AVX2 or baseline code at
+        /// load time either way.
+        #[arg(long, default_value = "native", value_parser = clap::builder::PossibleValuesParser::new(egret::backends::cpu::TargetCpu::NAMES))]
+        target_cpu: String,
     },
     /// Show what the compiler did: fusions, rules fired, kernels, memory, time per stage.
     Explain {
@@ -302,7 +308,7 @@ fn run_cli() -> Result<()> {
                 run_bench(args)
             }
         }
-        Command::Compile { model, out, name, emit } => {
+        Command::Compile { model, out, name, emit, target_cpu } => {
             let name = match name {
                 Some(n) => n,
                 None => {
@@ -333,9 +339,19 @@ fn run_cli() -> Result<()> {
                 EmitArg::Obj => egret::aot::Emit::Object,
                 EmitArg::Clif => egret::aot::Emit::Clif,
             };
-            let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+            let opts = CompileOptions {
+                dims: parse_dims(&model.dims)?,
+                opt_level: model.opt,
+                matmul: model.matmul.choice(),
+                target_cpu: egret::backends::cpu::TargetCpu::parse(&target_cpu).expect("clap checked the name"),
+                ..Default::default()
+            };
             for path in egret::aot::compile_library(&model.model, &out, &name, emit, &opts)? {
                 println!("wrote {}", path.display());
+            }
+            if emit == egret::aot::Emit::Object {
+                let lib = format!("lib{name}.so");
+                println!("link in {}: cc {}", out.display(), egret::aot::link_command(&name, &lib).join(" "));
             }
             Ok(())
         }
@@ -372,6 +388,7 @@ fn compile_with_inputs(
         opt_level: model.opt,
         matmul: model.matmul.choice(),
         precision: model.precision.into(),
+        target_cpu: Default::default(),
     };
     let m = compile(&model.model, &opts)?;
     let mut all = given.clone();

@@ -62,21 +62,8 @@ pub struct CpuExecutable {
     /// Per kernel, how the scheduler may split it.
     splits: Vec<Split>,
     /// Per graph output, whether the kernels write it straight into the
-    /// tensor returned (see `direct_output`).
+    /// tensor returned (see `Plan::direct_output`).
     direct_outputs: Vec<bool>,
-}
-
-/// Whether output `i` can be written straight into the tensor a run
-/// returns, sparing a copy out of the arena (4 MiB per run for
-/// gpt2_small4's logits): an f32 arena buffer that a kernel writes (so
-/// every byte of it is written in the run) and that no earlier output
-/// names.
-fn direct_output(plan: &egret_backends::Plan, i: usize) -> bool {
-    let (b, ty) = &plan.outputs[i];
-    ty.dtype == egret_ir::DType::F32
-        && matches!(plan.buffers[*b].storage, Storage::Arena { .. })
-        && plan.kernels.iter().any(|k| k.buffers().1.contains(b))
-        && !plan.outputs[..i].iter().any(|(other, _)| other == b)
 }
 
 impl CpuExecutable {
@@ -105,7 +92,7 @@ impl CpuExecutable {
                 reads.into_iter().chain(writes).collect()
             })
             .collect();
-        let direct_outputs = (0..plan.outputs.len()).map(|i| direct_output(plan, i)).collect();
+        let direct_outputs = (0..plan.outputs.len()).map(|i| plan.direct_output(i)).collect();
         CpuExecutable {
             compiled,
             pool,
@@ -205,7 +192,7 @@ impl CpuExecutable {
         mut times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
         // The direct outputs' memory: allocated, not initialised, since the
-        // run writes every element (`direct_output`).
+        // run writes every element (`Plan::direct_output`).
         let mut direct: Vec<(usize, Vec<f32>)> = self
             .direct_outputs
             .iter()
@@ -266,7 +253,7 @@ impl CpuExecutable {
         }
         for (i, mut v) in direct {
             let ty = &plan.outputs[i].1;
-            // The run's kernels wrote all `numel` elements (`direct_output`).
+            // The run's kernels wrote all `numel` elements (`Plan::direct_output`).
             unsafe { v.set_len(ty.numel()) };
             results[i] = Some(Tensor::from_vec(ty.shape.clone(), v));
         }

@@ -81,14 +81,83 @@ pub struct CompiledPlan {
 unsafe impl Send for CompiledPlan {}
 unsafe impl Sync for CompiledPlan {}
 
+/// The CPU generated code is compiled for: the compiling machine's, for the
+/// JIT and by default, or one of the x86-64 micro-architecture levels, so
+/// that an artifact built on a developer's machine runs on the servers.
+/// The kernel library is not affected: it picks its variant at load time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TargetCpu {
+    #[default]
+    Native,
+    X86_64V2,
+    X86_64V3,
+    X86_64V4,
+}
+
+impl TargetCpu {
+    pub const NAMES: [&'static str; 4] = ["native", "x86-64-v2", "x86-64-v3", "x86-64-v4"];
+
+    pub fn parse(name: &str) -> Option<TargetCpu> {
+        Some(match name {
+            "native" => TargetCpu::Native,
+            "x86-64-v2" => TargetCpu::X86_64V2,
+            "x86-64-v3" => TargetCpu::X86_64V3,
+            "x86-64-v4" => TargetCpu::X86_64V4,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetCpu::Native => "native",
+            TargetCpu::X86_64V2 => "x86-64-v2",
+            TargetCpu::X86_64V3 => "x86-64-v3",
+            TargetCpu::X86_64V4 => "x86-64-v4",
+        }
+    }
+}
+
+/// The ISA for `cpu`; `pic` for shared libraries.
+fn target_isa(pic: bool, cpu: TargetCpu) -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
+    let isa_err = |e: &dyn std::fmt::Display| CodegenError::Isa(e.to_string());
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").map_err(|e| isa_err(&e))?;
+    flags.set("is_pic", if pic { "true" } else { "false" }).map_err(|e| isa_err(&e))?;
+    let native = cranelift_native::builder().map_err(|e| isa_err(&e))?;
+    let isa = match cpu {
+        TargetCpu::Native => native,
+        level => {
+            let triple = native.triple().clone();
+            if !cfg!(target_arch = "x86_64") {
+                return Err(CodegenError::Isa(format!("--target-cpu {} needs an x86-64 host, not {triple}", level.name())));
+            }
+            let mut isa = cranelift_codegen::isa::lookup(triple).map_err(|e| isa_err(&e))?;
+            isa.enable(level.name()).map_err(|e| isa_err(&e))?;
+            // Cranelift's presets follow LLVM's feature names, which leave
+            // out what the levels imply: AVX under AVX2, AVX-512F under the
+            // other AVX-512 extensions.
+            if level != TargetCpu::X86_64V2 {
+                isa.enable("has_avx").map_err(|e| isa_err(&e))?;
+            }
+            if level == TargetCpu::X86_64V4 {
+                isa.enable("has_avx512f").map_err(|e| isa_err(&e))?;
+            }
+            isa
+        }
+    };
+    isa.finish(settings::Flags::new(flags)).map_err(|e| isa_err(&e))
+}
+
 /// The host's ISA with its detected features; `pic` for shared libraries.
 fn host_isa(pic: bool) -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
-    let mut flags = settings::builder();
-    let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| CodegenError::Isa(e.to_string()));
-    set(&mut flags, "opt_level", "speed")?;
-    set(&mut flags, "is_pic", if pic { "true" } else { "false" })?;
-    let isa = cranelift_native::builder().map_err(|e| CodegenError::Isa(e.to_string()))?;
-    isa.finish(settings::Flags::new(flags)).map_err(|e| CodegenError::Isa(e.to_string()))
+    target_isa(pic, TargetCpu::Native)
+}
+
+/// The ISA extensions code generated for `cpu` uses (Cranelift's names,
+/// such as `has_avx2`): what a CPU must have to run it.
+pub fn required_features(cpu: TargetCpu) -> Result<Vec<String>, CodegenError> {
+    let isa = target_isa(true, cpu)?;
+    Ok(isa.isa_flags().iter().filter(|f| f.as_bool() == Some(true)).map(|f| f.name.to_string()).collect())
 }
 
 /// The description of the host ISA the code is generated for.
@@ -109,9 +178,10 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
     compile_with(plan, true)
 }
 
-/// As `compile`; without `kernel_library`, every kernel is generated code,
-/// as in an ahead-of-time object (the plan must not ask for the libraries:
-/// lower it with generated matmuls).
+/// As `compile`; without `kernel_library`, every kernel is generated code
+/// (the generated matmuls and row kernels, which the tests hold to the
+/// library's results; the plan must not ask for the libraries: lower it
+/// with generated matmuls).
 pub fn compile_with(plan: Plan, kernel_library: bool) -> Result<CompiledPlan, CodegenError> {
     let plan = choose::choose(plan);
     let mut jb = JITBuilder::with_isa(host_isa(false)?, cranelift_module::default_libcall_names());

@@ -33,6 +33,19 @@ pub const EPILOGUE: &str = "egret_epilogue";
 pub const SGEMM_PACKED: &str = "egret_sgemm_packed";
 /// The norm and softmax row kernel's symbol.
 pub const ROWS: &str = "egret_rows";
+/// The scheduler's kernel launch, which an artifact's driver calls per
+/// kernel: `egret_rt_launch(kernel, args, extent, split) -> status`.
+pub const LAUNCH: &str = "egret_rt_launch";
+
+/// Declares `LAUNCH` (object files only: the JIT's executor launches
+/// kernels itself).
+pub fn declare_launch<M: Module>(module: &mut M) -> ModuleResult<FuncId> {
+    let ptr = module.target_config().pointer_type();
+    let mut sig = Signature::new(module.isa().default_call_conv());
+    sig.params.extend([ptr, ptr, types::I64, types::I64].map(AbiParam::new));
+    sig.returns.push(AbiParam::new(types::I32));
+    module.declare_function(LAUNCH, Linkage::Import, &sig)
+}
 
 pub fn register(jb: &mut JITBuilder) {
     jb.symbol("logf", egret_logf as *const u8);
