@@ -6,7 +6,7 @@ mod common;
 
 use egret::check::{compare, Tolerance};
 use egret::ir::Tensor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn have_cc() -> bool {
@@ -27,21 +27,24 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into()
 }
 
-fn check_model(case: &Path, work: &Path) {
+/// A library `egret compile` made, with its stored inputs as raw files.
+struct Artifact {
+    name: String,
+    dir: PathBuf,
+    /// `in_i.bin`, in the library's positional order (the graph's).
+    inputs: Vec<PathBuf>,
+    model: egret::Model,
+}
+
+fn compile_artifact(case: &Path, work: &Path, extra: &[&str]) -> Artifact {
     let name = egret::aot::c_name(case.file_name().unwrap().to_str().unwrap());
-    let dir = work.join(&name);
+    let dir = work.join(format!("{name}{}", extra.join("")));
     let _ = std::fs::remove_dir_all(&dir);
-    run(Command::new(env!("CARGO_BIN_EXE_egret")).args([
-        "compile",
-        case.join("model.onnx").to_str().unwrap(),
-        "-o",
-        dir.to_str().unwrap(),
-        "--name",
-        &name,
-    ]));
+    run(Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["compile", case.join("model.onnx").to_str().unwrap(), "-o", dir.to_str().unwrap(), "--name", &name])
+        .args(extra));
     assert!(dir.join(format!("lib{name}.so")).is_file() && dir.join(format!("{name}.h")).is_file());
 
-    // Inputs in the library's positional order (the graph's), as raw bytes.
     let set = case.join("test_data_set_0");
     let model = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
     let mut stored = Vec::new();
@@ -52,37 +55,66 @@ fn check_model(case: &Path, work: &Path) {
         }
         stored.push(egret::io::read_pb(&p).unwrap());
     }
-    let mut files = Vec::new();
+    let mut inputs = Vec::new();
     for (i, (input, _)) in model.program.signature.inputs.iter().enumerate() {
         let (_, t) = stored.iter().find(|(n, _)| n == input).unwrap_or_else(|| panic!("no stored value for `{input}`"));
         let p = dir.join(format!("in_{i}.bin"));
         std::fs::write(&p, t.to_bytes()).unwrap();
-        files.push(p);
+        inputs.push(p);
     }
+    Artifact { name, dir, inputs, model }
+}
 
-    let driver = dir.join("driver");
+/// Builds the C program `source` (in tests/aot) against the artifact.
+fn link_program(a: &Artifact, source: &str, extra: &[&str]) -> PathBuf {
+    let exe = a.dir.join(source.trim_end_matches(".c"));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     run(Command::new(cc)
         .arg("-O1")
-        .arg(format!("-DMODEL={name}"))
-        .arg(format!("-DMODEL_HEADER=\"{name}.h\""))
+        .arg(format!("-DMODEL={}", a.name))
+        .arg(format!("-DMODEL_HEADER=\"{}.h\"", a.name))
         .arg("-I")
-        .arg(&dir)
-        .arg(common::repo_root().join("tests/aot/driver.c"))
+        .arg(&a.dir)
+        .arg(common::repo_root().join("tests/aot").join(source))
         .arg("-L")
-        .arg(&dir)
-        .arg(format!("-l{name}"))
-        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .arg(&a.dir)
+        .arg(format!("-l{}", a.name))
+        .arg(format!("-Wl,-rpath,{}", a.dir.display()))
+        .args(extra)
         .arg("-o")
-        .arg(&driver));
-    run(Command::new(&driver).args(&files).arg(&dir));
+        .arg(&exe));
+    exe
+}
 
-    for (j, (out_name, ty)) in model.program.signature.outputs.iter().enumerate() {
-        let got = Tensor::from_bytes(ty, &std::fs::read(dir.join(format!("output_{j}.bin"))).unwrap()).unwrap();
+/// Runs tests/aot/driver.c on the artifact (through `wrapper`, if given)
+/// and compares what it wrote with onnxruntime's stored outputs.
+fn run_driver(case: &Path, a: &Artifact, wrapper: &[&str]) {
+    let driver = link_program(a, "driver.c", &[]);
+    let mut cmd = match wrapper.split_first() {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(&driver);
+            c
+        }
+        None => Command::new(&driver),
+    };
+    run(cmd.args(&a.inputs).arg(&a.dir));
+    let set = case.join("test_data_set_0");
+    for (j, (out_name, ty)) in a.model.program.signature.outputs.iter().enumerate() {
+        let got = Tensor::from_bytes(ty, &std::fs::read(a.dir.join(format!("output_{j}.bin"))).unwrap()).unwrap();
         let (_, want) = egret::io::read_pb(&set.join(format!("output_{j}.pb"))).unwrap();
         let r = compare(out_name, &got, &want, Tolerance::default());
         assert!(r.failure.is_none(), "{}: {out_name}: {:?}", case.display(), r.failure);
     }
+}
+
+fn check_model(case: &Path, work: &Path) {
+    let a = compile_artifact(case, work, &[]);
+    run_driver(case, &a, &[]);
+}
+
+fn work_dir(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("egret-aot-{what}-{}", std::process::id()))
 }
 
 #[test]
@@ -91,7 +123,7 @@ fn zoo_and_synthetic_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
         eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
         return;
     }
-    let work = std::env::temp_dir().join(format!("egret-aot-{}", std::process::id()));
+    let work = work_dir("zoo");
     let mut cases = egret::check::discover(&common::zoo_dir()).unwrap();
     cases.extend(egret::check::discover(&common::synthetic_dir()).unwrap());
     for case in cases {
@@ -107,7 +139,7 @@ fn perf_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
         eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
         return;
     }
-    let work = std::env::temp_dir().join(format!("egret-aot-perf-{}", std::process::id()));
+    let work = work_dir("perf");
     for case in egret::check::discover(&perf).unwrap() {
         check_model(&case, &work);
     }
@@ -116,7 +148,7 @@ fn perf_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
 
 #[test]
 fn emit_obj_and_clif() {
-    let dir = std::env::temp_dir().join(format!("egret-aot-emit-{}", std::process::id()));
+    let dir = work_dir("emit");
     let model = common::zoo_dir().join("vit_tiny/model.onnx");
     let out = run(Command::new(env!("CARGO_BIN_EXE_egret")).args([
         "compile",
@@ -147,4 +179,110 @@ fn emit_obj_and_clif() {
     // Kernels, then the driver launching each through the scheduler.
     assert!(clif.matches("\nfunction").count() >= 2 && clif.contains("func_addr"), "CLIF text of kernels and driver");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn four_threads_with_a_context_each_match_the_single_threaded_results() {
+    if !have_cc() {
+        eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+        return;
+    }
+    let work = work_dir("concurrent");
+    // A text model (integer inputs) and an image model (a float input).
+    for model in ["bert_tiny", "vit_tiny"] {
+        let case = common::zoo_dir().join(model);
+        let a = compile_artifact(&case, &work, &[]);
+        let exe = link_program(&a, "concurrent.c", &["-lpthread"]);
+        let out = run(Command::new(&exe).args(&a.inputs));
+        assert!(out.contains("every result equal"), "{model}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn an_artifact_for_x86_64_v2_runs_and_matches() {
+    if !have_cc() || !cfg!(target_arch = "x86_64") {
+        eprintln!("skipping: needs an x86-64 host with a C compiler");
+        return;
+    }
+    let work = work_dir("v2");
+    for model in ["deit_tiny_distilled", "gpt2_tiny"] {
+        let case = common::zoo_dir().join(model);
+        let a = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v2"]);
+        let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
+        assert!(header.contains("Compiled for: x86-64-v2 (") && !header.contains("avx"), "{header}");
+        run_driver(&case, &a, &[]);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// An artifact for x86-64-v4 runs where the host has AVX-512, and where it
+/// has not, refuses with ERROR_UNSUPPORTED_CPU rather than faulting.
+#[test]
+fn an_artifact_for_a_cpu_level_the_host_lacks_is_refused_with_a_status() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !have_cc() {
+            eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+            return;
+        }
+        let host_v4 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        let work = work_dir("v4");
+        let case = common::zoo_dir().join("bert_tiny");
+        let a = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v4"]);
+        let driver = link_program(&a, "driver.c", &[]);
+        let out = Command::new(&driver).args(&a.inputs).arg(&a.dir).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if host_v4 {
+            assert!(out.status.success(), "{stderr}");
+        } else {
+            assert!(!out.status.success() && stderr.contains("lacks an instruction set extension"), "{stderr}");
+        }
+        let _ = std::fs::remove_dir_all(&work);
+    }
+}
+
+#[test]
+fn an_artifact_exports_only_its_api_and_needs_only_libc_and_libm() {
+    if !have_cc() || Command::new("nm").arg("--version").output().is_err() {
+        eprintln!("skipping: needs a C compiler and binutils (nm, readelf)");
+        return;
+    }
+    let work = work_dir("symbols");
+    let a = compile_artifact(&common::zoo_dir().join("gpt2_tiny"), &work, &[]);
+    let so = a.dir.join(format!("lib{}.so", a.name));
+    let symbols = run(Command::new("nm").args(["-D", "--defined-only", "--format=posix"]).arg(&so));
+    let names: Vec<&str> = symbols.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(names.contains(&"gpt2_tiny_context_run") && names.contains(&"gpt2_tiny_abi_version"), "{symbols}");
+    let foreign: Vec<&&str> = names.iter().filter(|n| !n.starts_with("gpt2_tiny_")).collect();
+    assert!(foreign.is_empty(), "symbols besides the API are exported: {foreign:?}");
+    assert!(!names.contains(&"gpt2_tiny_run_plan"), "the driver is internal");
+    let dynamic = run(Command::new("readelf").arg("-d").arg(&so));
+    for line in dynamic.lines().filter(|l| l.contains("(NEEDED)")) {
+        assert!(
+            ["libc.so", "libm.so", "ld-linux", "libpthread.so", "libdl.so"].iter().any(|ok| line.contains(ok)),
+            "the artifact needs more than libc, libm and pthreads: {line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Valgrind (memcheck) runs the C driver on one small model clean. Built
+/// for x86-64-v3: valgrind 3.19 decodes no AVX-512, and under it the
+/// kernel library's CPU detection picks the AVX2 kernels.
+#[test]
+fn valgrind_runs_the_c_driver_clean() {
+    let have_valgrind = Command::new("valgrind").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_cc() || !have_valgrind {
+        assert!(std::env::var("CI").is_err(), "CI installs valgrind (.ci/run)");
+        eprintln!("skipping: needs a C compiler and valgrind");
+        return;
+    }
+    let work = work_dir("valgrind");
+    let case = common::zoo_dir().join("bert_tiny");
+    let a = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v3"]);
+    run_driver(&case, &a, &["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "-q"]);
+    let _ = std::fs::remove_dir_all(&work);
 }
