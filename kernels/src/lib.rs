@@ -17,8 +17,8 @@
 //! parameters arrive as plain data blocks whose layouts are defined here and
 //! filled in by `egret-backends` (`cpu::library`), so the same code can be
 //! linked into ahead-of-time artifacts as a static archive (the
-//! `egret-kernels-archive` crate, with the C ABI of `artifact`). That link
-//! is issue 15's next step: `egret compile` does not use the archive yet.
+//! `egret-kernels-archive` crate, with the C ABI of `artifact`), which
+//! `egret compile` links into every shared library it writes.
 
 pub mod artifact;
 pub mod attention;
