@@ -286,3 +286,27 @@ fn valgrind_runs_the_c_driver_clean() {
     run_driver(&case, &a, &["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "-q"]);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// On an emulated CPU without AVX (qemu's Nehalem): an artifact built for
+/// x86-64-v3 refuses to make a model, naming what is missing, and one built
+/// for x86-64-v2 runs and matches (its kernel library on the baseline code).
+#[test]
+fn on_a_cpu_without_avx_a_v3_artifact_is_refused_and_a_v2_artifact_runs() {
+    let have_qemu = Command::new("qemu-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_cc() || !have_qemu || !cfg!(target_arch = "x86_64") {
+        assert!(std::env::var("CI").is_err(), "CI installs qemu-user (.ci/run)");
+        eprintln!("skipping: needs an x86-64 host with a C compiler and qemu-user (qemu-x86_64)");
+        return;
+    }
+    let work = work_dir("qemu");
+    let case = common::zoo_dir().join("bert_tiny");
+    let nehalem = ["qemu-x86_64", "-cpu", "Nehalem"];
+    let v3 = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v3"]);
+    let driver = link_program(&v3, "driver.c", &[]);
+    let out = Command::new(nehalem[0]).args(&nehalem[1..]).arg(&driver).args(&v3.inputs).arg(&v3.dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("create: this CPU lacks an instruction set extension"), "{stderr}");
+    let v2 = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v2"]);
+    run_driver(&case, &v2, &nehalem);
+    let _ = std::fs::remove_dir_all(&work);
+}
