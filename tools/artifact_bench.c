@@ -63,8 +63,8 @@ static long rss_kib(void) {
 
 int main(int argc, char **argv) {
     size_t ni = FN(_num_inputs)(), no = FN(_num_outputs)(), i;
-    int soak = argc == 5 && strcmp(argv[1], "soak") == 0;
-    if (!(argc == 6 && strcmp(argv[1], "time") == 0) && !soak) {
+    int soak = argc == 4 && strcmp(argv[1], "soak") == 0;
+    if (!(argc == 5 && strcmp(argv[1], "time") == 0) && !soak) {
         fprintf(stderr, "usage: %s time THREADS WARMUP ITERS | soak THREADS RUNS\n", argv[0]);
         return 2;
     }
