@@ -6,17 +6,18 @@
 # Prints a markdown table (the one in BENCHMARKS.md).
 #
 #   tools/bench_artifact.sh [--rounds N] [--iters N] [--target-cpu CPU] MODEL_DIR...
-#   tools/bench_artifact.sh --soak RUNS MODEL_DIR      RSS over RUNS runs
+#   tools/bench_artifact.sh --soak RUNS [--threads N] MODEL_DIR   RSS over RUNS runs
 #
 # Uses target/release/egret (built if missing: cargo build --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=3 iters=30 soak="" target_cpu=native
+rounds=3 iters=30 soak="" target_cpu=native soak_threads=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds=$2; shift 2 ;;
         --iters) iters=$2; shift 2 ;;
         --soak) soak=$2; shift 2 ;;
+        --threads) soak_threads=$2; shift 2 ;;
         --target-cpu) target_cpu=$2; shift 2 ;;
         *) break ;;
     esac
@@ -41,7 +42,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 if [ -n "$soak" ]; then
     name=$(build "$1")
-    "$work/$name/bench" soak 1 "$soak"
+    "$work/$name/bench" soak "$soak_threads" "$soak"
     exit 0
 fi
 
