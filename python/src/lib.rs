@@ -208,11 +208,24 @@ impl InferenceSession {
 
 /// Compiles a model ahead of time into `out_dir`: a shared library and C
 /// header (`emit="so"`), an object file (`"obj"`), Cranelift IR (`"clif"`),
-/// or GPU kernels (`"wgsl"`, `"ptx"`). Returns the paths written.
+/// or GPU kernels (`"wgsl"`, `"ptx"`). `target_cpu` is the CPU the
+/// library's generated code is for: `"native"`, or `"x86-64-v2"`, `-v3`,
+/// `-v4`. Returns the paths written.
 #[pyfunction]
-#[pyo3(signature = (path, out_dir, name = None, emit = "so", opt_level = 2))]
-fn compile(py: Python<'_>, path: PathBuf, out_dir: PathBuf, name: Option<String>, emit: &str, opt_level: u8) -> PyResult<Vec<String>> {
-    let opts = egret::CompileOptions { opt_level, ..Default::default() };
+#[pyo3(signature = (path, out_dir, name = None, emit = "so", opt_level = 2, target_cpu = "native"))]
+fn compile(
+    py: Python<'_>,
+    path: PathBuf,
+    out_dir: PathBuf,
+    name: Option<String>,
+    emit: &str,
+    opt_level: u8,
+    target_cpu: &str,
+) -> PyResult<Vec<String>> {
+    let target_cpu = egret::backends::cpu::TargetCpu::parse(target_cpu).ok_or_else(|| {
+        error(format!("unknown target_cpu `{target_cpu}` ({})", egret::backends::cpu::TargetCpu::NAMES.join(", ")))
+    })?;
+    let opts = egret::CompileOptions { opt_level, target_cpu, ..Default::default() };
     let name = name.unwrap_or_else(|| {
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
         let folder = path.parent().and_then(|p| p.file_name()).and_then(|s| s.to_str());

@@ -131,3 +131,40 @@ def test_compile_writes_a_library_and_gpu_kernels():
         paths = egret.compile(os.path.join(ZOO, "gpt2_tiny"), d, emit="ptx")
         assert any(p.endswith(".ptx") for p in paths)
         assert any(p.endswith("manifest.json") for p in paths)
+
+
+def test_a_compiled_library_runs_through_ctypes_as_the_session_does():
+    """The path a Ray Serve replica would take: `egret.compile` a shared
+    library, load it with ctypes, check its ABI version, run it on a
+    context of its own, and get the session's outputs."""
+    import ctypes
+    import shutil
+
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler to link the library")
+    model = os.path.join(ZOO, "bert_tiny")
+    sets = sorted(glob.glob(os.path.join(model, "test_data_set_0", "input_*.pb")))
+    feeds = dict(load_pb(p) for p in sets)
+    want = egret.InferenceSession(model, threads=1).run(None, feeds)
+    with tempfile.TemporaryDirectory() as d:
+        paths = egret.compile(model, d, target_cpu="x86-64-v2")
+        header = open(os.path.join(d, "bert_tiny.h")).read()
+        assert "#define BERT_TINY_ABI_VERSION 2" in header
+        lib = ctypes.CDLL(next(p for p in paths if p.endswith(".so")))
+        assert lib.bert_tiny_abi_version() == 2
+        lib.bert_tiny_input_name.restype = ctypes.c_char_p
+        lib.bert_tiny_output_bytes.restype = ctypes.c_size_t
+        model_p, ctx = ctypes.c_void_p(), ctypes.c_void_p()
+        assert lib.bert_tiny_create(ctypes.byref(model_p)) == 0
+        assert lib.bert_tiny_context_create(model_p, 2, ctypes.byref(ctx)) == 0
+        names = [lib.bert_tiny_input_name(i).decode() for i in range(lib.bert_tiny_num_inputs())]
+        arrays = [np.ascontiguousarray(feeds[n]) for n in names]
+        inputs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        outs = [np.empty_like(w) for w in want]
+        assert [lib.bert_tiny_output_bytes(j) for j in range(len(outs))] == [o.nbytes for o in outs]
+        outputs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+        assert lib.bert_tiny_context_run(ctx, inputs, outputs) == 0
+        lib.bert_tiny_context_destroy(ctx)
+        lib.bert_tiny_destroy(model_p)
+        for got, w in zip(outs, want):
+            np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
