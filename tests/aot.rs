@@ -118,7 +118,7 @@ fn work_dir(what: &str) -> PathBuf {
 }
 
 #[test]
-fn zoo_and_synthetic_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
+fn zoo_synthetic_and_export_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
     if !have_cc() {
         eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
         return;
@@ -126,6 +126,7 @@ fn zoo_and_synthetic_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
     let work = work_dir("zoo");
     let mut cases = egret::check::discover(&common::zoo_dir()).unwrap();
     cases.extend(egret::check::discover(&common::synthetic_dir()).unwrap());
+    cases.extend(egret::check::discover(&common::repo_root().join("tests/data/exports")).unwrap());
     for case in cases {
         check_model(&case, &work);
     }

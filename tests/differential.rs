@@ -26,6 +26,14 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
                     ty.shape.clone(),
                     data(ty.numel(), seed + i as u64).iter().map(|&x| x > 0.0).collect::<Vec<_>>(),
                 ),
+                egret::ir::DType::I64 => Tensor::from_vec(
+                    ty.shape.clone(),
+                    data(ty.numel(), seed + i as u64).iter().map(|&x| (x * 3.0).round() as i64).collect::<Vec<_>>(),
+                ),
+                egret::ir::DType::I32 => Tensor::from_vec(
+                    ty.shape.clone(),
+                    data(ty.numel(), seed + i as u64).iter().map(|&x| (x * 3.0).round() as i32).collect::<Vec<_>>(),
+                ),
                 d => panic!("no random data for {d}"),
             }
         })
@@ -50,7 +58,8 @@ fn same(text: &str) {
             neutral: false,
         };
         let plan = egret::backends::lower(&g, opts).unwrap();
-        let native = plan.kernels.iter().filter(|k| k.kind_name() != "reference").count();
+        let chosen = egret::backends::cpu::choose::choose(plan.clone());
+        let native = chosen.kernels.iter().filter(|k| k.kind_name() != "reference").count();
         assert!(native > 0, "nothing was compiled natively:\n{}", plan.describe());
         // Forced generated matmuls stand for ahead-of-time code: no kernel
         // library at all, so the generated row kernels run too.
@@ -1172,4 +1181,40 @@ v3: f32[2,20,72] = attention{scale=0.11180339, nan_to_zero=false} v0, v1, v2
 output \"y\" = v3
 ",
     );
+}
+
+/// Position-id arithmetic as exporters write it (BLOOM's `cumsum(mask) *
+/// mask - 1`): integer sums, differences and products with broadcasting,
+/// cumulative sums along every axis and in every direction, reshapes. The
+/// CPU runs them as loop nests (`KernelKind::Loop`), the GPUs as integer
+/// kernels.
+#[test]
+fn integer_position_arithmetic_and_cumulative_sums() {
+    for dtype in ["i64", "i32"] {
+        same(&format!(
+            "v0: {dtype}[2,5] = input{{name=\"mask\"}}
+v1: {dtype}[2,5] = cumsum{{axis=1, exclusive=false, reverse=false}} v0
+v2: {dtype}[2,5] = mul v1, v0
+v3: {dtype}[] = input{{name=\"one\"}}
+v4: {dtype}[2,5] = sub v2, v3
+v5: {dtype}[5] = input{{name=\"row\"}}
+v6: {dtype}[2,5] = add v4, v5
+v7: {dtype}[2,1,5] = reshape{{shape=[2, 1, 5]}} v6
+output \"positions\" = v7
+"
+        ));
+    }
+    for axis in 0..3 {
+        for (exclusive, reverse) in [(false, false), (true, false), (false, true), (true, true)] {
+            same(&format!(
+                "v0: i64[3,4,5] = input{{name=\"x\"}}
+v1: i64[3,4,5] = cumsum{{axis={axis}, exclusive={exclusive}, reverse={reverse}}} v0
+output \"y\" = v1
+v2: f32[3,4,5] = input{{name=\"f\"}}
+v3: f32[3,4,5] = cumsum{{axis={axis}, exclusive={exclusive}, reverse={reverse}}} v2
+output \"z\" = v3
+"
+            ));
+        }
+    }
 }

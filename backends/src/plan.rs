@@ -409,6 +409,17 @@ pub enum KernelKind {
         inputs: Vec<(BufferId, Type)>,
         outputs: Vec<(BufferId, Type)>,
     },
+    /// A reference op the CPU backend compiles as a plain loop nest over
+    /// its reference semantics (`cpu::choose` turns such `Reference`
+    /// kernels into this; lowering never makes one): integer sums,
+    /// differences and products with broadcasting, cumulative sums, and
+    /// reshapes, the position-id arithmetic exporters write. The GPU
+    /// backends compile the same ops from `Reference` (`gpu::integer`).
+    Loop {
+        op: Op,
+        inputs: Vec<(BufferId, Type)>,
+        outputs: Vec<(BufferId, Type)>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -427,6 +438,7 @@ impl Kernel {
             KernelKind::Rows(_) => "rows",
             KernelKind::Gather(_) => "gather",
             KernelKind::Reference { .. } => "reference",
+            KernelKind::Loop { .. } => "loop",
         }
     }
 
@@ -443,6 +455,7 @@ impl Kernel {
                 format!("matmul:{variant}")
             }
             KernelKind::Reference { op, .. } => format!("reference:{}", op.name()),
+            KernelKind::Loop { op, .. } => format!("loop:{}", op.name()),
             _ => self.kind_name().to_string(),
         }
     }
@@ -454,7 +467,7 @@ impl Kernel {
             KernelKind::MatMul(mm) => 2 * (mm.m * mm.k * mm.n * mm.batches.len()) as u64,
             KernelKind::Attention(a) => (a.scores_computed() * (2 * a.d + 2 * a.dv + 5)) as u64,
             KernelKind::Rows(r) => (r.rows * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
-            KernelKind::Gather(_) | KernelKind::Reference { .. } => 0,
+            KernelKind::Gather(_) | KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
         }
     }
 
@@ -512,7 +525,7 @@ impl Kernel {
                 if a.nan_to_zero { ", NaN guard" } else { "" },
                 if a.out_row_stride != a.dv as isize { ", heads written interleaved" } else { "" }
             ),
-            KernelKind::Reference { op, .. } => op.name().to_string(),
+            KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op.name().to_string(),
         }
     }
 
@@ -532,11 +545,18 @@ impl Kernel {
             KernelKind::Attention(a) => {
                 ([Some(a.q), Some(a.kt), Some(a.v), a.mask].into_iter().flatten().collect(), vec![a.out])
             }
-            KernelKind::Reference { inputs, outputs, .. } => {
+            KernelKind::Reference { inputs, outputs, .. } | KernelKind::Loop { inputs, outputs, .. } => {
                 (inputs.iter().map(|i| i.0).collect(), outputs.iter().map(|o| o.0).collect())
             }
         }
     }
+}
+
+/// Row-major strides of `shape` broadcast to `out` (0 along broadcast dims).
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
+    let dense = egret_ir::strides_of(shape);
+    let lead = out.len() - shape.len();
+    (0..out.len()).map(|d| if d < lead || shape[d - lead] == 1 { 0 } else { dense[d - lead] as isize }).collect()
 }
 
 #[derive(Clone, Debug)]

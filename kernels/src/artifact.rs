@@ -7,12 +7,12 @@
 use crate::pool::{launch, KernelFn, Pool, Split};
 use std::ffi::c_void;
 
-/// A pool of `threads` threads (0: one per core), or null if it could not be
-/// allocated.
+/// A pool of `threads` threads (0: one per core). A pool whose threads
+/// cannot be started runs on one (`Pool::new`); the archive is built with
+/// `panic = "abort"`, so there is no panic to catch here.
 #[no_mangle]
 pub extern "C" fn egret_rt_pool_new(threads: i64) -> *mut Pool {
-    let pool = std::panic::catch_unwind(|| Box::new(Pool::new(threads.max(0) as usize)));
-    pool.map_or(std::ptr::null_mut(), Box::into_raw)
+    Box::into_raw(Box::new(Pool::new(threads.max(0) as usize)))
 }
 
 /// The threads a pool runs on.

@@ -46,8 +46,16 @@ pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 }
 
 /// Chooses every product's implementation (`MatMulImpl::Unchosen` ones)
-/// and packs the constant weights the chosen kernels read.
+/// and packs the constant weights the chosen kernels read; reference ops
+/// with a loop nest here (`loop_nest::supports`) become `Loop` kernels.
 pub fn choose(mut plan: Plan) -> Plan {
+    for k in &mut plan.kernels {
+        if let KernelKind::Reference { op, inputs, outputs } = &k.kind {
+            if super::loop_nest::supports(op, inputs, outputs) {
+                k.kind = KernelKind::Loop { op: op.clone(), inputs: inputs.clone(), outputs: outputs.clone() };
+            }
+        }
+    }
     for i in 0..plan.kernels.len() {
         let KernelKind::MatMul(mm) = &plan.kernels[i].kind else { continue };
         if mm.b_packed || (mm.implementation != MatMulImpl::Unchosen && mm.a_rows.is_none() && mm.c_rows.is_none()) {

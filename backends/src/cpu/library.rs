@@ -157,7 +157,7 @@ const PARALLEL_WORK: usize = 1 << 18;
 /// of more than one).
 pub fn split_of(kind: &KernelKind) -> Split {
     match kind {
-        KernelKind::Reference { .. } => Split::Never,
+        KernelKind::Reference { .. } | KernelKind::Loop { .. } => Split::Never,
         // A product with fewer batches than threads parallelises inside
         // the GEMM instead.
         KernelKind::MatMul(_) if work(kind) >= egret_kernels::MATMUL_PARALLEL_MACS => Split::Batches,
@@ -176,6 +176,6 @@ fn work(kind: &KernelKind) -> usize {
         // Every score, skipped or not: an upper bound that needs no walk over
         // the key spans on every run.
         KernelKind::Attention(a) => a.batches.len() * a.sq * a.sk * (a.d + a.dv),
-        KernelKind::Reference { .. } => 0,
+        KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
     }
 }

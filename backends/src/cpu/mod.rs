@@ -19,6 +19,7 @@
 mod attention;
 pub mod choose;
 pub mod library;
+mod loop_nest;
 mod loops;
 mod map;
 mod matmul;
@@ -48,7 +49,7 @@ pub fn parallel_extent(k: &KernelKind) -> usize {
         KernelKind::MatMul(mm) => mm.batches.len(),
         KernelKind::Gather(k) => k.outer,
         KernelKind::Attention(a) => a.batches.len() * a.blocks_per_batch(),
-        KernelKind::Reference { .. } => 1,
+        KernelKind::Reference { .. } | KernelKind::Loop { .. } => 1,
     }
 }
 
@@ -299,6 +300,9 @@ fn define_kernels<M: Module>(
                     _ => rows::emit(&mut b, ptr, args, range, r, &fns),
                 },
                 KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
+                KernelKind::Loop { op, inputs, outputs } => {
+                    loop_nest::emit(&mut b, ptr, args, op, inputs, outputs, frontend_config)
+                }
                 KernelKind::Attention(a) => {
                     let spans = a.key_spans.iter().flatten().flatten().map(|&k| k as isize);
                     let table = batch_table(

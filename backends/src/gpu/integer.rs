@@ -11,20 +11,13 @@ use super::builder::Builder;
 use super::form::{Kernel, Space, Ty, E};
 use super::map::elementwise;
 use super::Place;
-use crate::plan::BufferId;
+use crate::plan::{broadcast_strides, BufferId};
 use egret_ir::{DType, Op, Type};
 
 const THREADS: u32 = 256;
 
 fn integer(t: &Type) -> bool {
     matches!(t.dtype, DType::I32 | DType::I64)
-}
-
-/// Row-major strides of `shape` broadcast to `out` (0 along broadcast dims).
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
-    let dense = egret_ir::strides_of(shape);
-    let lead = out.len() - shape.len();
-    (0..out.len()).map(|d| if d < lead || shape[d - lead] == 1 { 0 } else { dense[d - lead] as isize }).collect()
 }
 
 /// Whether `a op b = r` overflowed i32: for sums and differences a sign

@@ -265,7 +265,8 @@ pub fn compile(plan: &Plan, limits: Limits, precision: form::Precision) -> Resul
             KernelKind::Rows(r) => rows::rows(r, &at),
             KernelKind::Attention(a) => attention::attention(a, &at),
             KernelKind::Gather(gk) => gather::gather(gk, &at, steps.len() as u32 + 1),
-            KernelKind::Reference { op, inputs, outputs } => {
+            // A plan with the CPU's choices may name the same ops `Loop`.
+            KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
                 let code = steps.len() as u32 + 1;
                 if let Some(built) = integer::kernel(op, inputs, outputs, &at, code) {
                     built
@@ -308,14 +309,14 @@ pub fn compile(plan: &Plan, limits: Limits, precision: form::Precision) -> Resul
             label: k.label.clone(),
             // An integer op the GPU runs for the reference evaluator is named by its op.
             kind: match &k.kind {
-                KernelKind::Reference { op, .. } => op.name().to_string(),
+                KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op.name().to_string(),
                 _ => k.kind_name().to_string(),
             },
             on_error: match &k.kind {
                 KernelKind::Gather(g) => {
                     Some(format!("gather index out of range for an axis of length {}", g.axis_len))
                 }
-                KernelKind::Reference { .. } => {
+                KernelKind::Reference { .. } | KernelKind::Loop { .. } => {
                     Some("integer overflow: a result does not fit the i32 words GPU kernels carry integers in".into())
                 }
                 _ => None,

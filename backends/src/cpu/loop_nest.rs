@@ -1,0 +1,161 @@
+//! `KernelKind::Loop`: reference ops compiled as plain loop nests over
+//! their reference semantics. These are the integer position arithmetic
+//! exporters write around attention masks (BLOOM's `cumsum(mask) * mask -
+//! 1`), on tensors of a few hundred elements: what matters is that they
+//! run natively, so an artifact can hold them and a run never stops for
+//! the reference evaluator, not their speed. Integer arithmetic wraps, as
+//! the reference evaluator's (and onnxruntime's) does.
+
+use super::loops::counted;
+use crate::plan::{broadcast_strides, BufferId};
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::FunctionBuilder;
+use egret_ir::{DType, Op, Type};
+
+/// The Cranelift type of a scalar of `dtype`, for the dtypes these
+/// kernels compute in.
+fn scalar(dtype: DType) -> Option<ClifType> {
+    Some(match dtype {
+        DType::I32 => types::I32,
+        DType::I64 => types::I64,
+        DType::F32 => types::F32,
+        DType::F64 => types::F64,
+        _ => return None,
+    })
+}
+
+fn integer(t: &Type) -> bool {
+    matches!(t.dtype, DType::I32 | DType::I64)
+}
+
+/// Whether a `Reference` kernel of `op` over these operands has a loop nest
+/// here (`cpu::choose` makes it a `Loop` kernel then).
+pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type)]) -> bool {
+    let [(_, out)] = outputs else { return false };
+    let inputs: Vec<&Type> = inputs.iter().map(|(_, t)| t).collect();
+    match op {
+        Op::Add | Op::Sub | Op::Mul => {
+            inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype && t.rank() <= out.rank())
+        }
+        Op::CumSum { axis, .. } => {
+            inputs.len() == 1 && scalar(inputs[0].dtype).is_some() && *axis < inputs[0].rank() && inputs[0] == out
+        }
+        // A reshape of a dense value is a copy of its bytes.
+        Op::Reshape { .. } => inputs.len() == 1 && inputs[0].numel() == out.numel() && inputs[0].dtype == out.dtype,
+        _ => false,
+    }
+}
+
+/// Emits the loop nest of a kernel `supports` accepted; `args` holds its
+/// inputs' and outputs' addresses, in that order.
+pub fn emit(
+    b: &mut FunctionBuilder,
+    ptr: ClifType,
+    args: Value,
+    op: &Op,
+    inputs: &[(BufferId, Type)],
+    outputs: &[(BufferId, Type)],
+    config: TargetFrontendConfig,
+) {
+    let flags = MemFlagsData::new().with_notrap();
+    let inputs: Vec<&Type> = inputs.iter().map(|(_, t)| t).collect();
+    let out_ty = &outputs[0].1;
+    let bytes = out_ty.dtype.size_bytes() as i64;
+    let address = |b: &mut FunctionBuilder, n: usize| b.ins().load(ptr, flags, args, (8 * n) as i32);
+    match op {
+        Op::Add | Op::Sub | Op::Mul => {
+            let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
+            let (x, y, out) = (address(b, 0), address(b, 1), address(b, 2));
+            let strides: Vec<[i64; 3]> = {
+                let sx = broadcast_strides(&inputs[0].shape, &out_ty.shape);
+                let sy = broadcast_strides(&inputs[1].shape, &out_ty.shape);
+                let so = broadcast_strides(&out_ty.shape, &out_ty.shape);
+                (0..out_ty.rank()).map(|d| [sx[d] as i64 * bytes, sy[d] as i64 * bytes, so[d] as i64 * bytes]).collect()
+            };
+            nest(b, &out_ty.shape, &strides, [x, y, out], &mut |b, [x, y, out]| {
+                let (xv, yv) = (b.ins().load(ty, flags, x, 0), b.ins().load(ty, flags, y, 0));
+                let r = match op {
+                    Op::Add => b.ins().iadd(xv, yv),
+                    Op::Sub => b.ins().isub(xv, yv),
+                    _ => b.ins().imul(xv, yv),
+                };
+                b.ins().store(flags, r, out, 0);
+            });
+        }
+        Op::CumSum { axis, exclusive, reverse } => {
+            let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
+            let (x, out) = (address(b, 0), address(b, 1));
+            let shape = &out_ty.shape;
+            let (outer, len, inner) = (
+                shape[..*axis].iter().product::<usize>() as i64,
+                shape[*axis] as i64,
+                shape[axis + 1..].iter().product::<usize>() as i64,
+            );
+            let float = ty.is_float();
+            // Each line along the axis, summed in order.
+            counted(b, 0, outer * inner, 1, vec![], &mut |b, line, _| {
+                let o = b.ins().udiv_imm_u(line, inner);
+                let i = b.ins().urem_imm_u(line, inner);
+                let start = b.ins().imul_imm_s(o, len * inner);
+                let start = b.ins().iadd(start, i);
+                let zero = if float {
+                    if ty == types::F32 {
+                        b.ins().f32const(0.0)
+                    } else {
+                        b.ins().f64const(0.0)
+                    }
+                } else {
+                    b.ins().iconst(ty, 0)
+                };
+                counted(b, 0, len, 1, vec![zero], &mut |b, step, acc| {
+                    let j = if *reverse {
+                        let last = b.ins().iconst(types::I64, len - 1);
+                        b.ins().isub(last, step)
+                    } else {
+                        step
+                    };
+                    let at = b.ins().imul_imm_s(j, inner);
+                    let at = b.ins().iadd(start, at);
+                    let at = b.ins().imul_imm_s(at, bytes);
+                    let (src, dst) = (b.ins().iadd(x, at), b.ins().iadd(out, at));
+                    let v = b.ins().load(ty, flags, src, 0);
+                    let sum = if float { b.ins().fadd(acc[0], v) } else { b.ins().iadd(acc[0], v) };
+                    b.ins().store(flags, if *exclusive { acc[0] } else { sum }, dst, 0);
+                    vec![sum]
+                });
+                vec![]
+            });
+        }
+        Op::Reshape { .. } => {
+            let (x, out) = (address(b, 0), address(b, inputs.len()));
+            let size = b.ins().iconst(ptr, (out_ty.numel() * out_ty.dtype.size_bytes()) as i64);
+            b.call_memcpy(config, out, x, size);
+        }
+        other => unreachable!("`supports` refused `{}`", other.name()),
+    }
+}
+
+/// Loops over every index of `shape`, outermost first, calling `body` with
+/// the three operand addresses there (`strides` in bytes, per dim).
+fn nest(
+    b: &mut FunctionBuilder,
+    shape: &[usize],
+    strides: &[[i64; 3]],
+    at: [Value; 3],
+    body: &mut dyn FnMut(&mut FunctionBuilder, [Value; 3]),
+) {
+    let Some((&len, rest)) = shape.split_first() else {
+        body(b, at);
+        return;
+    };
+    let step = strides[0];
+    counted(b, 0, len as i64, 1, vec![], &mut |b, i, _| {
+        let moved = [0, 1, 2].map(|k| {
+            let by = b.ins().imul_imm_s(i, step[k]);
+            b.ins().iadd(at[k], by)
+        });
+        nest(b, rest, &strides[1..], moved, body);
+        vec![]
+    });
+}
