@@ -6,10 +6,9 @@
 //!
 //! It is always an optimised build, whatever profile builds `egret`: the
 //! kernels are the artifact's hot loops. It uses the release profile's
-//! code generation settings, the ones the JIT's kernels are built with, and
-//! only adds `panic = "abort"` (a panic must not unwind into C): with fat
-//! LTO and one codegen unit, LLVM kept the packed GEMM's AVX-512
-//! accumulators on the stack and deit_tiny ran 3x slower. The linker's
+//! code generation settings, the ones the JIT's kernels are built with (so
+//! an artifact and `egret bench` time the same machine code), and only
+//! adds `panic = "abort"` (a panic must not unwind into C). The linker's
 //! `--gc-sections` drops what the kernels do not use. It builds with a nested cargo in a target
 //! folder of its own (beside the outer one, so every profile of `egret`
 //! shares one archive), locked to the workspace's lock file, and offline

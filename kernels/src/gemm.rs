@@ -325,6 +325,27 @@ fn prefetch(at: *const f32, len: usize) {
     let _ = (at, len);
 }
 
+/// Runs `$body` with `$r` bound to each row index below `$R` (at most
+/// `MR`), unrolled by the macro rather than left to LLVM: the accumulators
+/// stay in registers only if every index into them is a constant, and
+/// whether LLVM unrolls a loop over the rows depends on its inlining
+/// budget. With fat LTO it did not, kept the AVX-512 accumulators on the
+/// stack, and the products ran 3x slower.
+macro_rules! for_each_row {
+    ($R:ident, $r:ident, $body:block) => {
+        for_each_row!(@ $R, $r, $body, 0 1 2 3 4 5)
+    };
+    (@ $R:ident, $r:ident, $body:block, $($i:literal)*) => {
+        $(
+            if $i < $R {
+                let $r: usize = $i;
+                $body
+            }
+        )*
+    };
+}
+const _: () = assert!(MR == 6, "for_each_row! unrolls MR rows");
+
 /// One tile of `c`: rows of `a` from `a` (strided), panels of `b` from `b`
 /// (each `k * NR` elements), `cols` columns of `c` stored from `c`.
 #[derive(Clone, Copy)]
@@ -369,14 +390,14 @@ impl Tile {
             for (w, row_w) in row.iter_mut().enumerate() {
                 *row_w = unsafe { *(b_at.add(w * panel_len) as *const [f32; C]) };
             }
-            for (r, acc_r) in acc.iter_mut().enumerate() {
+            for_each_row!(R, r, {
                 let x = unsafe { *a_at.offset(r as isize * self.a_rs) };
-                for (acc_rw, row_w) in acc_r.iter_mut().zip(&row) {
+                for (acc_rw, row_w) in acc[r].iter_mut().zip(&row) {
                     for l in 0..C {
                         acc_rw[l] = madd::<FMA>(x, row_w[l], acc_rw[l]);
                     }
                 }
-            }
+            });
             a_at = unsafe { a_at.offset(self.a_cs) };
             b_at = unsafe { b_at.add(NR) };
         }
