@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use egret::check::{check_case_with, discover, Tolerance};
+use egret::check::{check_case_counting, discover, Tolerance};
 use egret::{compile, Backend, CompileOptions};
 use egret_ir::text::{self, Constants};
 use egret_ir::Tensor;
@@ -548,7 +548,16 @@ fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Res
     }
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
-        for report in check_case_with(case, opts, tol) {
+        let (reports, compiles) = check_case_counting(case, opts, tol);
+        if reports.len() > 1 {
+            println!(
+                "{}: {} data sets, {compiles} compile{}",
+                case.display(),
+                reports.len(),
+                if compiles == 1 { "" } else { "s" }
+            );
+        }
+        for report in reports {
             let ok = report.passed();
             if !quiet || !ok {
                 println!("{} {}", if ok { "PASS" } else { "FAIL" }, report.case);

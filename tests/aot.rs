@@ -40,13 +40,17 @@ fn compile_artifact(case: &Path, work: &Path, extra: &[&str]) -> Artifact {
     let name = egret::aot::c_name(case.file_name().unwrap().to_str().unwrap());
     let dir = work.join(format!("{name}{}", extra.join("")));
     let _ = std::fs::remove_dir_all(&dir);
+    // A model with symbolic dims is compiled for its first data set's sizes.
+    let dims: Vec<String> =
+        common::data_set_dims(case, 0).iter().flat_map(|(n, v)| ["--dim".to_string(), format!("{n}={v}")]).collect();
     run(Command::new(env!("CARGO_BIN_EXE_egret"))
         .args(["compile", case.join("model.onnx").to_str().unwrap(), "-o", dir.to_str().unwrap(), "--name", &name])
+        .args(&dims)
         .args(extra));
     assert!(dir.join(format!("lib{name}.so")).is_file() && dir.join(format!("{name}.h")).is_file());
 
     let set = case.join("test_data_set_0");
-    let model = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
+    let model = egret::compile(&case.join("model.onnx"), &common::options_for(case, Default::default())).unwrap();
     let mut stored = Vec::new();
     for k in 0.. {
         let p = set.join(format!("input_{k}.pb"));
@@ -284,7 +288,11 @@ fn valgrind_runs_the_c_driver_clean() {
     let work = work_dir("valgrind");
     let case = common::zoo_dir().join("bert_tiny");
     let a = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v3"]);
-    run_driver(&case, &a, &["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "-q"]);
+    run_driver(
+        &case,
+        &a,
+        &["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "-q"],
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -306,7 +314,10 @@ fn on_a_cpu_without_avx_a_v3_artifact_is_refused_and_a_v2_artifact_runs() {
     let driver = link_program(&v3, "driver.c", &[]);
     let out = Command::new(nehalem[0]).args(&nehalem[1..]).arg(&driver).args(&v3.inputs).arg(&v3.dir).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("create: this CPU lacks an instruction set extension"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("create: this CPU lacks an instruction set extension"),
+        "{stderr}"
+    );
     let v2 = compile_artifact(&case, &work, &["--target-cpu", "x86-64-v2"]);
     run_driver(&case, &v2, &nehalem);
     let _ = std::fs::remove_dir_all(&work);

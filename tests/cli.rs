@@ -205,3 +205,32 @@ fn the_wgsl_backend_without_an_adapter_says_what_to_install() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("mesa-vulkan-drivers") && !err.contains("panicked"), "{err}");
 }
+
+/// `check` compiles once per distinct binding of the inputs: two data sets
+/// of one shape share a compile, bert_dynamic's two shapes take two (one,
+/// once dims stay symbolic through compilation).
+#[test]
+fn check_says_how_many_compiles_its_data_sets_took() {
+    let (ok, out, err) = egret(&["check", "tests/data/synthetic/bert_dynamic"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("bert_dynamic: 2 data sets, 2 compiles"), "{out}");
+    assert_eq!(out.lines().last(), Some("2 passed, 0 failed"));
+
+    let dir = std::env::temp_dir().join(format!("egret-cli-compiles-{}", std::process::id()));
+    let case = dir.join("bert");
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = common::zoo_dir().join("bert_tiny");
+    std::fs::create_dir_all(&case).unwrap();
+    std::fs::copy(src.join("model.onnx"), case.join("model.onnx")).unwrap();
+    for set in ["test_data_set_0", "test_data_set_1"] {
+        std::fs::create_dir_all(case.join(set)).unwrap();
+        for f in std::fs::read_dir(src.join("test_data_set_0")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), case.join(set).join(f.file_name())).unwrap();
+        }
+    }
+    let (ok, out, err) = egret(&["check", case.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("bert: 2 data sets, 1 compile\n"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -45,7 +45,7 @@ fn model_kernels() -> BTreeMap<String, (String, String)> {
             use egret::backends::gpu::form::Precision;
             let levels = [(0, Precision::F32), (2, Precision::F32), (2, Precision::Tf32), (2, Precision::Bf16)];
             for (opt_level, precision) in levels {
-                let opts = CompileOptions { opt_level, precision, ..Default::default() };
+                let opts = common::options_for(&case, CompileOptions { opt_level, precision, ..Default::default() });
                 let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
                 let gpu = egret::gpu_plan(&c.graph, &opts, egret::PTX_LIMITS).unwrap();
                 for k in &gpu.kernels {

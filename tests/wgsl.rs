@@ -67,7 +67,7 @@ fn model_kernels_all_run_on_the_gpu_and_validate() {
     for dir in dirs {
         for case in discover(&dir).unwrap() {
             for opt_level in [0, 2] {
-                let opts = CompileOptions { opt_level, ..Default::default() };
+                let opts = common::options_for(&case, CompileOptions { opt_level, ..Default::default() });
                 let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
                 let (gpu, shaders) = egret::wgsl_program(&c.graph, &opts, Default::default())
                     .unwrap_or_else(|e| panic!("{}: {e}", case.display()));

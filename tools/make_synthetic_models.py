@@ -24,6 +24,17 @@ them:
   decoder's self-attention), cross-attention with different query and key
   lengths, a gated GELU (tanh form, Pow for the cube) feed-forward, and the
   tied head's d_model^-0.5 scaling.
+- bert_dynamic: a BERT-style encoder exported with dynamic axes, as
+  `torch.onnx.export(dynamic_axes=...)` writes it: `input_ids` and
+  `attention_mask` of shape [batch, sequence] (symbolic dims), positions
+  sliced to the sequence length read with Shape/Gather, every head split
+  and merge a Reshape to a shape built by Shape/Gather/Unsqueeze/Concat,
+  the padding mask as (1 - mask) * -10000, LayerNormalization, an erf
+  GELU. Two data sets of different shapes (batch 1 x 7 tokens; batch 2 x
+  12 with padding), so one model is checked at two bindings of its dims.
+
+  python3 tools/make_synthetic_models.py [OUT_DIR [NAME...]] writes only
+  the named models (each has its own seed, so the others stay as they are).
 """
 
 import os
@@ -246,26 +257,93 @@ def t5_tiny(rng):
     return model, inputs
 
 
+def bert_dynamic(rng):
+    vocab, hidden, heads, head_dim, inter, layers, max_pos = 128, 32, 2, 16, 64, 2, 64
+    b = Builder(rng)
+    ids, mask = "input_ids", "attention_mask"
+
+    def dim(x, axis):
+        # The exporter's spelling of x.shape[axis]: a 1-element i64 tensor.
+        return b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [x]), b.ints(axis, "axis")], axis=0), b.ints([0], "axes")])
+
+    batch, seq = dim(ids, 0), dim(ids, 1)
+    positions = b.op("Slice", [b.ints(np.arange(max_pos)[None, :], "position_ids"), b.ints([0]), seq, b.ints([1])])
+    x = b.op("Add", [b.op("Gather", [b.weight([vocab, hidden], "word_embeddings", 1.0), ids], axis=0),
+                     b.op("Gather", [b.weight([max_pos, hidden], "position_embeddings", 1.0), positions], axis=0)])
+
+    def layer_norm(x):
+        scale = b.const(1.0 + 0.1 * rng.standard_normal(hidden), "ln_weight")
+        bias = b.const(0.1 * rng.standard_normal(hidden), "ln_bias")
+        return b.op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=1e-12)
+
+    x = layer_norm(x)
+    # [batch, sequence] -> [batch, 1, 1, sequence] additive bias.
+    extended = b.op("Unsqueeze", [b.op("Cast", [mask], to=TensorProto.FLOAT), b.ints([1, 2], "axes")])
+    bias = b.op("Mul", [b.op("Sub", [b.const(1.0), extended]), b.const(-10000.0)])
+    split = b.op("Concat", [batch, seq, b.ints([heads, head_dim])], axis=0)
+    merged = b.op("Concat", [batch, seq, b.ints([hidden])], axis=0)
+    for _ in range(layers):
+        def project(hint):
+            p = b.op("Add", [b.op("MatMul", [x, b.weight([hidden, hidden], hint)]), b.const(0.1 * rng.standard_normal(hidden), hint + "_bias")])
+            return b.op("Transpose", [b.op("Reshape", [p, split])], perm=[0, 2, 1, 3])
+
+        q, k, v = project("query"), project("key"), project("value")
+        scores = b.op("Div", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]), b.const(np.sqrt(head_dim))])
+        probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+        context = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merged])
+        out = b.op("Add", [b.op("MatMul", [context, b.weight([hidden, hidden], "attn_out")]), b.const(0.1 * rng.standard_normal(hidden), "attn_out_bias")])
+        x = layer_norm(b.op("Add", [out, x]))
+        h = b.op("Add", [b.op("MatMul", [x, b.weight([hidden, inter], "intermediate")]), b.const(0.1 * rng.standard_normal(inter), "intermediate_bias")])
+        gelu = b.op("Mul", [b.op("Mul", [h, b.op("Add", [b.op("Erf", [b.op("Div", [h, b.const(np.sqrt(2.0))])]), b.const(1.0)])]), b.const(0.5)])
+        out = b.op("Add", [b.op("MatMul", [gelu, b.weight([inter, hidden], "output")]), b.const(0.1 * rng.standard_normal(hidden), "output_bias")])
+        x = layer_norm(b.op("Add", [out, x]))
+    b.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="node_output"))
+    graph = helper.make_graph(
+        b.nodes,
+        "bert_dynamic",
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        b.inits,
+    )
+    padded = np.ones((2, 12), dtype=np.int64)
+    padded[1, 9:] = 0
+    sets = [
+        {ids: rng.integers(0, vocab, size=(1, 7), dtype=np.int64), mask: np.ones((1, 7), dtype=np.int64)},
+        {ids: rng.integers(0, vocab, size=(2, 12), dtype=np.int64), mask: padded},
+    ]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model, sets
+
+
 def write(out_dir, name, model, inputs):
+    """`inputs`: one dict of input arrays, or a list of them (one data set each)."""
     onnx.checker.check_model(model, full_check=True)
     case = os.path.join(out_dir, name)
-    data = os.path.join(case, "test_data_set_0")
-    os.makedirs(data, exist_ok=True)
+    os.makedirs(case, exist_ok=True)
     onnx.save(model, os.path.join(case, "model.onnx"))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, inputs)
-    for i, (k, v) in enumerate(inputs.items()):
-        onnx.save_tensor(numpy_helper.from_array(v, k), os.path.join(data, f"input_{i}.pb"))
-    for i, (o, v) in enumerate(zip(session.get_outputs(), outputs)):
-        onnx.save_tensor(numpy_helper.from_array(v, o.name), os.path.join(data, f"output_{i}.pb"))
-    print(f"{case}: {len(model.graph.node)} nodes, outputs {[v.shape for v in outputs]}")
+    for n, feeds in enumerate(inputs if isinstance(inputs, list) else [inputs]):
+        data = os.path.join(case, f"test_data_set_{n}")
+        os.makedirs(data, exist_ok=True)
+        outputs = session.run(None, feeds)
+        for i, (k, v) in enumerate(feeds.items()):
+            onnx.save_tensor(numpy_helper.from_array(v, k), os.path.join(data, f"input_{i}.pb"))
+        for i, (o, v) in enumerate(zip(session.get_outputs(), outputs)):
+            onnx.save_tensor(numpy_helper.from_array(v, o.name), os.path.join(data, f"output_{i}.pb"))
+        print(f"{data}: {len(model.graph.node)} nodes, outputs {[v.shape for v in outputs]}")
 
 
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "data", "synthetic")
+    names = sys.argv[2:] or ["llama_tiny", "t5_tiny", "bert_dynamic"]
+    # llama_tiny and t5_tiny share one stream, as when they were first written.
     rng = np.random.default_rng(0)
-    write(out_dir, "llama_tiny", *llama_tiny(rng))
-    write(out_dir, "t5_tiny", *t5_tiny(rng))
+    llama, t5 = llama_tiny(rng), t5_tiny(rng)
+    made = {"llama_tiny": lambda: llama, "t5_tiny": lambda: t5, "bert_dynamic": lambda: bert_dynamic(np.random.default_rng(1))}
+    for name in names:
+        write(out_dir, name, *made[name]())
 
 
 if __name__ == "__main__":

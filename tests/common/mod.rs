@@ -183,3 +183,34 @@ pub fn ptx_executable(graph: &egret::ir::Graph, opts: &egret::CompileOptions) ->
     }
     Box::new(interpreted_ptx(graph, opts))
 }
+
+/// The sizes data set `set` of `case` gives the model's symbolic dims: each
+/// graph input dim declared as a `dim_param` takes the size of the stored
+/// input there. A model whose dims are all fixed gets none.
+#[allow(dead_code)]
+pub fn data_set_dims(case: &std::path::Path, set: usize) -> Vec<(String, usize)> {
+    use onnx_protobuf::tensor_shape_proto::dimension;
+    use protobuf::Message;
+    let bytes = std::fs::read(case.join("model.onnx")).unwrap();
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
+    let stored = egret::check::numbered(&case.join(format!("test_data_set_{set}")), "input").unwrap();
+    let mut dims: Vec<(String, usize)> = Vec::new();
+    for input in &model.graph.input {
+        let Some((_, t)) = stored.iter().find(|(n, _)| *n == input.name) else { continue };
+        let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = &input.type_.value else { continue };
+        for (i, d) in tt.shape.dim.iter().enumerate() {
+            if let Some(dimension::Value::DimParam(p)) = &d.value {
+                if !dims.iter().any(|(n, _)| n == p) {
+                    dims.push((p.clone(), t.shape()[i]));
+                }
+            }
+        }
+    }
+    dims
+}
+
+/// `base` with `case`'s symbolic dims bound as its first data set binds them.
+#[allow(dead_code)]
+pub fn options_for(case: &std::path::Path, base: egret::CompileOptions) -> egret::CompileOptions {
+    egret::CompileOptions { dims: data_set_dims(case, 0).into_iter().collect(), ..base }
+}

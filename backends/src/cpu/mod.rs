@@ -130,7 +130,10 @@ fn target_isa(pic: bool, cpu: TargetCpu) -> Result<cranelift_codegen::isa::Owned
         level => {
             let triple = native.triple().clone();
             if !cfg!(target_arch = "x86_64") {
-                return Err(CodegenError::Isa(format!("--target-cpu {} needs an x86-64 host, not {triple}", level.name())));
+                return Err(CodegenError::Isa(format!(
+                    "--target-cpu {} needs an x86-64 host, not {triple}",
+                    level.name()
+                )));
             }
             let mut isa = cranelift_codegen::isa::lookup(triple).map_err(|e| isa_err(&e))?;
             isa.enable(level.name()).map_err(|e| isa_err(&e))?;

@@ -101,10 +101,8 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
         let flags = MemFlagsData::new().with_notrap();
         let const_gvs: HashMap<usize, _> =
             constants.iter().map(|(&buf, &id)| (buf, module.declare_data_in_func(id, b.func))).collect();
-        let direct: HashMap<usize, usize> = (0..plan.outputs.len())
-            .filter(|&j| plan.direct_output(j))
-            .map(|j| (plan.outputs[j].0, j))
-            .collect();
+        let direct: HashMap<usize, usize> =
+            (0..plan.outputs.len()).filter(|&j| plan.direct_output(j)).map(|j| (plan.outputs[j].0, j)).collect();
         let addr = |b: &mut FunctionBuilder, buf: usize| match (&plan.buffers[buf].storage, direct.get(&buf)) {
             (_, Some(&j)) => b.ins().load(ptr, flags, outputs, (j * 8) as i32),
             (Storage::Input(i), _) => b.ins().load(ptr, flags, inputs, (*i * 8) as i32),
