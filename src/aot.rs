@@ -151,10 +151,43 @@ pub fn compile_library(
     Ok(written)
 }
 
-/// The linker version script: the library exports its C API (`NAME_*`)
-/// and nothing else — not the kernel library's symbols, nor Rust's.
+/// The C API's functions, `NAME_` + each: what the library exports.
+const API: [&str; 26] = [
+    "abi_version",
+    "missing_cpu_feature",
+    "status_message",
+    "create",
+    "destroy",
+    "run",
+    "run_named",
+    "context_create",
+    "context_destroy",
+    "context_threads",
+    "context_run",
+    "context_run_named",
+    "num_inputs",
+    "input_name",
+    "input_index",
+    "input_dtype",
+    "input_rank",
+    "input_dims",
+    "input_bytes",
+    "num_outputs",
+    "output_name",
+    "output_index",
+    "output_dtype",
+    "output_rank",
+    "output_dims",
+    "output_bytes",
+];
+
+/// The linker version script: the library exports its C API and nothing
+/// else — not the kernel library's symbols, nor Rust's. The functions are
+/// listed one by one rather than as `NAME_*`, which for a model named
+/// `egret` would export the kernels too.
 fn version_script(name: &str) -> String {
-    format!("{{\n  global: {name}_*;\n  local: *;\n}};\n")
+    let globals: String = API.iter().map(|f| format!("    {name}_{f};\n")).collect();
+    format!("{{\n  global:\n{globals}  local: *;\n}};\n")
 }
 
 /// The arguments after `cc` that link `NAME_api.c`, `NAME.o` and the kernel
@@ -779,4 +812,51 @@ pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
         "outputs": g.outputs.iter().map(|(p, t)| place(p, t)).collect::<Vec<_>>(),
         "steps": steps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The functions the header declares are the ones the version script
+    /// exports: one added to the header and not to `API` would be hidden.
+    #[test]
+    fn the_exported_functions_are_the_headers() {
+        let api = Api {
+            name: "m",
+            inputs: vec![],
+            outputs: vec![],
+            arena: 0,
+            any_split: false,
+            cpu: TargetCpu::Native,
+            features: vec![],
+        };
+        let header = header(&api, Path::new("m.onnx"));
+        let mut declared: Vec<String> = header
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('*') && !l.trim_start().starts_with("/*"))
+            .flat_map(|l| {
+                // Each identifier followed by `(`: a function declared.
+                let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+                let mut called = Vec::new();
+                let mut rest = l;
+                while let Some(start) = rest.find(ident) {
+                    let tail = &rest[start..];
+                    let end = tail.find(|c: char| !ident(c)).unwrap_or(tail.len());
+                    if tail[end..].starts_with('(') {
+                        called.extend(tail[..end].strip_prefix("m_").map(String::from));
+                    }
+                    rest = &tail[end..];
+                }
+                called
+            })
+            .collect();
+        declared.sort();
+        declared.dedup();
+        let mut exported: Vec<String> = API.iter().map(|f| f.to_string()).collect();
+        exported.sort();
+        assert_eq!(declared, exported);
+        let script = version_script("m");
+        assert!(script.contains("    m_context_run;\n") && script.contains("local: *;"), "{script}");
+    }
 }
