@@ -69,6 +69,8 @@ struct Api<'a> {
     cpu: TargetCpu,
     /// Cranelift's names of the ISA extensions the generated code uses.
     features: Vec<String>,
+    /// The model's symbolic dims and the sizes they were compiled for.
+    symbols: Vec<(String, usize)>,
 }
 
 /// Compiles `model` ahead of time into `out_dir`; returns the files written.
@@ -107,6 +109,7 @@ pub fn compile_library(
             .any(|k| egret_backends::cpu::split_of(&k.kind) != egret_backends::cpu::kernels::pool::Split::Never),
         cpu,
         features: egret_backends::cpu::required_features(cpu).map_err(codegen)?,
+        symbols: c.symbols.clone(),
     };
     let header = header(&api, model);
     let shim = api_source(&api);
@@ -301,6 +304,14 @@ fn header(api: &Api, model: &Path) -> String {
     s.push_str(" * Outputs:\n");
     for (i, (n, t)) in api.outputs.iter().enumerate() {
         let _ = writeln!(s, " *   {i}: \"{n}\" {}", shape_text(t));
+    }
+    if !api.symbols.is_empty() {
+        let bound: Vec<String> = api.symbols.iter().map(|(n, v)| format!("{n} = {v}")).collect();
+        let _ = writeln!(
+            s,
+            " * Symbolic dims of the model, fixed for this library: {} (compile again\n * with --dim NAME=N for other sizes).",
+            bound.join(", ")
+        );
     }
     let _ = writeln!(s, " * Scratch memory per context: {} bytes.\n */", api.arena);
     let _ = write!(
@@ -830,6 +841,7 @@ mod tests {
             any_split: false,
             cpu: TargetCpu::Native,
             features: vec![],
+            symbols: vec![],
         };
         let header = header(&api, Path::new("m.onnx"));
         let mut declared: Vec<String> = header

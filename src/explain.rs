@@ -69,6 +69,8 @@ impl Explanation {
             "rules": report.rules.iter().cloned().collect::<BTreeMap<String, usize>>(),
             "kernels": kernels,
             "arena_bytes": self.plan.arena_bytes,
+            // Symbolic dims and the sizes compilation fixed them at.
+            "symbols": self.canonical.symbols.iter().map(|(n, v)| (n.clone(), *v)).collect::<BTreeMap<String, usize>>(),
             "stage_ms": self.stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, f64>>(),
             "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes, "dag_extraction": report.dag_extraction},
             "backend": self.backend.name(),

@@ -157,6 +157,8 @@ pub struct Canonical {
     pub optimized: Option<egret_passes::egraph::Report>,
     /// Graph inputs the graph was specialised on (see `CompileOptions::input_values`).
     pub specialized: Vec<(String, Tensor)>,
+    /// The model's symbolic dims with the sizes they were bound to.
+    pub symbols: Vec<(String, usize)>,
     pub canon: egret_passes::CanonStats,
     pub opset: i64,
     pub import_ms: f64,
@@ -193,6 +195,7 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
         graph,
         optimized,
         specialized: imported.specialized,
+        symbols: imported.symbols,
         canon,
         opset: imported.opset,
         import_ms,

@@ -606,6 +606,10 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         (&e.canonical, &e.plan, &e.gpu, &e.stages, &e.fusions, &e.tilings);
     let report = e.report();
     println!("{} at --opt {}", model.model.display(), model.opt);
+    if !c.symbols.is_empty() {
+        let bound: Vec<String> = c.symbols.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        println!("symbolic dims, fixed at compile time: {}", bound.join(", "));
+    }
     println!("stages:");
     for (k, v) in stages {
         println!("  {k:<16} {v:8.1} ms");

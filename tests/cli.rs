@@ -234,3 +234,25 @@ fn check_says_how_many_compiles_its_data_sets_took() {
     assert!(out.contains("bert: 2 data sets, 1 compile\n"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `explain` names the model's symbolic dims and the sizes compilation
+/// fixed them at; the C header of a library says the same.
+#[test]
+fn explain_and_the_c_header_name_the_symbolic_dims() {
+    let model = "tests/data/synthetic/bert_dynamic";
+    let (ok, out, err) = egret(&["explain", model, "--json", "--dim", "batch=2", "--dim", "sequence=12"]);
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["symbols"], serde_json::json!({"batch": 2, "sequence": 12}));
+    let (ok, out, _) = egret(&["explain", "tests/data/zoo/bert_tiny", "--json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["symbols"], serde_json::json!({}));
+    let dir = std::env::temp_dir().join(format!("egret-cli-symbols-{}", std::process::id()));
+    let (ok, out, err) =
+        egret(&["compile", model, "-o", dir.to_str().unwrap(), "--dim", "batch=1", "--dim", "sequence=7"]);
+    // The header is written before the link, which needs a C compiler.
+    assert!(ok || err.contains("C compiler"), "{out}{err}");
+    let header = std::fs::read_to_string(dir.join("bert_dynamic.h")).unwrap();
+    assert!(header.contains("fixed for this library: batch = 1, sequence = 7"), "{header}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,6 +22,8 @@ pub struct Importer<'a> {
     pub opset: i64,
     base: Option<&'a Path>,
     specialized: Vec<(String, Tensor)>,
+    /// The symbolic dims of the inputs and the sizes they were bound to.
+    symbols: Vec<(String, usize)>,
 }
 
 impl<'a> Importer<'a> {
@@ -51,6 +53,7 @@ impl<'a> Importer<'a> {
             opset,
             base,
             specialized: vec![],
+            symbols: vec![],
         };
 
         for init in &g.initializer {
@@ -90,7 +93,13 @@ impl<'a> Importer<'a> {
             opset,
             message: e.message,
         })?;
-        Ok(Imported { graph: imp.graph, specialized: imp.specialized, opset, producer: model.producer_name.clone() })
+        Ok(Imported {
+            graph: imp.graph,
+            specialized: imp.specialized,
+            symbols: imp.symbols,
+            opset,
+            producer: model.producer_name.clone(),
+        })
     }
 
     fn bind_inputs(
@@ -165,6 +174,11 @@ impl<'a> Importer<'a> {
                             _ => from_given
                                 .ok_or_else(|| err(format!("dim {i} is unknown; pass the input or its shape")))?,
                         };
+                        if let Some(Dim::DimParam(p)) = &d.value {
+                            if !self.symbols.iter().any(|(n, _)| n == p) {
+                                self.symbols.push((p.clone(), v));
+                            }
+                        }
                         shape.push(v);
                     }
                     shape

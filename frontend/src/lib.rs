@@ -52,6 +52,9 @@ pub struct Imported {
     pub graph: Graph,
     /// Graph inputs the graph was specialised on, with the value it assumes.
     pub specialized: Vec<(String, Tensor)>,
+    /// The inputs' symbolic dims (`dim_param`s), in order of first use, with
+    /// the sizes they were bound to: every dim is fixed at compile time.
+    pub symbols: Vec<(String, usize)>,
     pub opset: i64,
     pub producer: String,
 }
