@@ -111,6 +111,13 @@ pub fn compile_library(
         features: egret_backends::cpu::required_features(cpu).map_err(codegen)?,
         symbols: c.symbols.clone(),
     };
+    // A flag this table lacks is one Cranelift added after it was written:
+    // a library that cannot check for it could fault where it loads.
+    if let Some(f) = api.features.iter().find(|f| cpuid_bit(f).is_none()) {
+        return Err(Error::Codegen(format!(
+            "the generated code uses the ISA extension `{f}`, which egret cannot check for at load time; pass a --target-cpu level"
+        )));
+    }
     let header = header(&api, model);
     let shim = api_source(&api);
     let mut written = Vec::new();
@@ -441,9 +448,8 @@ fn cpu_feature_list(features: &[String]) -> String {
 fn cpu_check(features: &[String]) -> String {
     let mut rows = String::new();
     for f in features {
-        // A flag with no CPUID entry here is one Cranelift added after this
-        // table; checking nothing for it would be a crash waiting to happen.
-        let (name, leaf, sub, reg, bit, xcr0) = cpuid_bit(f).unwrap_or_else(|| panic!("no CPUID entry for `{f}`"));
+        // `compile_library` refused flags without an entry.
+        let (name, leaf, sub, reg, bit, xcr0) = cpuid_bit(f).expect("checked by compile_library");
         let _ = writeln!(rows, "    {{\"{name}\", 0x{leaf:x}u, {sub}u, {reg}, {bit}, 0x{xcr0:x}u}},");
     }
     if features.is_empty() {
@@ -828,6 +834,21 @@ pub fn gpu_manifest(g: &egret_backends::gpu::GpuPlan) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every extension Cranelift may enable has a CPUID entry, so that each
+    /// `--target-cpu` (this host's too) can be checked at load time.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_target_cpus_features_have_a_cpuid_entry() {
+        for name in TargetCpu::NAMES {
+            let features = egret_backends::cpu::required_features(TargetCpu::parse(name).unwrap()).unwrap();
+            for f in &features {
+                assert!(cpuid_bit(f).is_some(), "{name}: no CPUID entry for `{f}`");
+            }
+        }
+        let v3 = egret_backends::cpu::required_features(TargetCpu::X86_64V3).unwrap();
+        assert!(v3.contains(&"has_avx2".to_string()) && v3.contains(&"has_avx".to_string()), "{v3:?}");
+    }
 
     /// The functions the header declares are the ones the version script
     /// exports: one added to the header and not to `API` would be hidden.
