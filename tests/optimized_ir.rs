@@ -38,5 +38,6 @@ snapshot!(
     vit_tiny,
     llama_tiny,
     t5_tiny,
-    bert_dynamic
+    bert_dynamic,
+    gpt2_kv
 );

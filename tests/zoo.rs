@@ -91,8 +91,8 @@ fn every_zoo_model_passes_at_every_opt_level() {
 #[test]
 fn synthetic_models_pass_everywhere() {
     let dir = common::synthetic_dir();
-    // bert_dynamic has two data sets of different shapes.
-    assert_eq!(common::check_all(&dir, Backend::Reference, Tolerance::default()), 4);
+    // bert_dynamic and gpt2_kv have two data sets of different shapes each.
+    assert_eq!(common::check_all(&dir, Backend::Reference, Tolerance::default()), 6);
     for opt_level in [0, 1, 2] {
         let opts = egret::CompileOptions { opt_level, ..Default::default() };
         for case in egret::check::discover(&dir).unwrap() {

@@ -33,6 +33,17 @@ them:
   GELU. Two data sets of different shapes (batch 1 x 7 tokens; batch 2 x
   12 with padding), so one model is checked at two bindings of its dims.
 
+- gpt2_kv: a GPT-2-style decoder with a key/value cache in Hugging Face's
+  layout, as the legacy exporter writes it with `use_cache=True`:
+  `past_key_values.N.key` / `.value` inputs [batch, heads, past_sequence,
+  head_dim], `present.N.key` / `.value` outputs that concatenate the new
+  keys and values onto them, positions as a Range from the past length, the
+  causal mask sliced out of a constant lower-triangular table at
+  [past, past + sequence), GPT-2's tanh GELU, a tied head. Two data sets: a
+  prompt of 5 tokens with an empty past (length 0), then one decode step
+  whose past is the first step's presents (from onnxruntime), as a decode
+  loop feeds them (`tools/decode_loop.py` runs that loop).
+
   python3 tools/make_synthetic_models.py [OUT_DIR [NAME...]] writes only
   the named models (each has its own seed, so the others stay as they are).
 """
@@ -317,6 +328,95 @@ def bert_dynamic(rng):
     return model, sets
 
 
+def gpt2_kv(rng):
+    vocab, hidden, heads, head_dim, layers, max_pos = 96, 32, 2, 16, 2, 128
+    b = Builder(rng)
+    ids, mask = "input_ids", "attention_mask"
+    finfo_min = float(np.finfo(np.float32).min)
+
+    def scalar_dim(x, axis):
+        return b.op("Gather", [b.op("Shape", [x]), b.ints(axis, "axis")], axis=0)
+
+    def unsqueeze0(x):
+        return b.op("Unsqueeze", [x, b.ints([0], "axes")])
+
+    past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(layers)]
+    past_len = scalar_dim(past_names[0][0], 2)
+    seq = scalar_dim(ids, 1)
+    total = b.op("Add", [past_len, seq])
+    positions = unsqueeze0(b.op("Range", [past_len, total, b.ints(1, "delta")]))
+    wte = b.weight([vocab, hidden], "wte", 1.0)
+    x = b.op("Add", [b.op("Gather", [wte, ids], axis=0),
+                     b.op("Gather", [b.weight([max_pos, hidden], "wpe", 0.1), positions], axis=0)])
+
+    def layer_norm(x):
+        scale = b.const(1.0 + 0.1 * rng.standard_normal(hidden), "ln_weight")
+        bias = b.const(0.1 * rng.standard_normal(hidden), "ln_bias")
+        return b.op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=1e-5)
+
+    # GPT-2's `bias` buffer: a lower-triangular table, sliced per call.
+    table = b.const(np.tril(np.ones((max_pos, max_pos), dtype=bool))[None, None], "causal_table", bool)
+    rows = b.op("Slice", [table, unsqueeze0(b.op("Sub", [total, seq])), unsqueeze0(total), b.ints([2], "axes")])
+    causal = b.op("Slice", [rows, b.ints([0]), unsqueeze0(total), b.ints([3], "axes")])
+    extended = b.op("Unsqueeze", [b.op("Cast", [mask], to=TensorProto.FLOAT), b.ints([1, 2], "axes")])
+    padding = b.op("Mul", [b.op("Sub", [b.const(1.0), extended]), b.const(finfo_min)])
+    batch = unsqueeze0(scalar_dim(ids, 0))
+    split = b.op("Concat", [batch, unsqueeze0(seq), b.ints([heads, head_dim])], axis=0)
+    merged = b.op("Concat", [batch, unsqueeze0(seq), b.ints([hidden])], axis=0)
+    presents = []
+    for layer in range(layers):
+        h = layer_norm(x)
+        qkv = b.op("Add", [b.op("MatMul", [h, b.weight([hidden, 3 * hidden], "c_attn")]), b.const(0.1 * rng.standard_normal(3 * hidden), "c_attn_bias")])
+        parts = [b.op("Slice", [qkv, b.ints([i * hidden]), b.ints([(i + 1) * hidden]), b.ints([2], "axes")]) for i in range(3)]
+        q, k, v = [b.op("Transpose", [b.op("Reshape", [p, split])], perm=[0, 2, 1, 3]) for p in parts]
+        past_key, past_value = past_names[layer]
+        key = b.op("Concat", [past_key, k], axis=2, hint="present_key")
+        value = b.op("Concat", [past_value, v], axis=2, hint="present_value")
+        presents += [(f"present.{layer}.key", key), (f"present.{layer}.value", value)]
+        scores = b.op("Div", [b.op("MatMul", [q, b.op("Transpose", [key], perm=[0, 1, 3, 2])]), b.const(np.sqrt(head_dim))])
+        scores = b.op("Add", [b.op("Where", [causal, scores, b.const(finfo_min)]), padding])
+        context = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), value])
+        context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), merged])
+        x = b.op("Add", [x, b.op("Add", [b.op("MatMul", [context, b.weight([hidden, hidden], "c_proj")]), b.const(0.1 * rng.standard_normal(hidden), "c_proj_bias")])])
+        h = layer_norm(x)
+        up = b.op("Add", [b.op("MatMul", [h, b.weight([hidden, 4 * hidden], "c_fc")]), b.const(0.1 * rng.standard_normal(4 * hidden), "c_fc_bias")])
+        cube = b.op("Mul", [b.op("Pow", [up, b.const(3.0)]), b.const(0.044715)])
+        inner = b.op("Mul", [b.op("Add", [up, cube]), b.const(np.sqrt(2.0 / np.pi))])
+        gelu = b.op("Mul", [b.op("Mul", [up, b.const(0.5)]), b.op("Add", [b.const(1.0), b.op("Tanh", [inner])])])
+        x = b.op("Add", [x, b.op("Add", [b.op("MatMul", [gelu, b.weight([4 * hidden, hidden], "mlp_proj")]), b.const(0.1 * rng.standard_normal(hidden), "mlp_proj_bias")])])
+    logits = b.op("MatMul", [layer_norm(x), b.op("Transpose", [wte], perm=[1, 0])])
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="node_logits"))
+    for name, value in presents:
+        b.nodes.append(helper.make_node("Identity", [value], [name], name="node_" + name))
+    cache = ["batch", heads, "past_sequence", head_dim]
+    present = ["batch", heads, "past_sequence + sequence", head_dim]
+    graph = helper.make_graph(
+        b.nodes,
+        "gpt2_kv",
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "past_sequence + sequence"])]
+        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache) for pair in past_names for n in pair],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])]
+        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, present) for n, _ in presents],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    # The prompt, with an empty past; then one step fed the prompt's presents.
+    prompt = rng.integers(0, vocab, size=(1, 5), dtype=np.int64)
+    first = {ids: prompt, mask: np.ones((1, 5), dtype=np.int64)}
+    for key, value in past_names:
+        first[key] = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
+        first[value] = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, first)))
+    step = {ids: outs["logits"][:, -1:].argmax(-1).astype(np.int64), mask: np.ones((1, 6), dtype=np.int64)}
+    for layer, (key, value) in enumerate(past_names):
+        step[key] = outs[f"present.{layer}.key"]
+        step[value] = outs[f"present.{layer}.value"]
+    return model, [first, step]
+
+
 def write(out_dir, name, model, inputs):
     """`inputs`: one dict of input arrays, or a list of them (one data set each)."""
     onnx.checker.check_model(model, full_check=True)
@@ -337,11 +437,12 @@ def write(out_dir, name, model, inputs):
 
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "data", "synthetic")
-    names = sys.argv[2:] or ["llama_tiny", "t5_tiny", "bert_dynamic"]
+    names = sys.argv[2:] or ["llama_tiny", "t5_tiny", "bert_dynamic", "gpt2_kv"]
     # llama_tiny and t5_tiny share one stream, as when they were first written.
     rng = np.random.default_rng(0)
     llama, t5 = llama_tiny(rng), t5_tiny(rng)
-    made = {"llama_tiny": lambda: llama, "t5_tiny": lambda: t5, "bert_dynamic": lambda: bert_dynamic(np.random.default_rng(1))}
+    made = {"llama_tiny": lambda: llama, "t5_tiny": lambda: t5, "bert_dynamic": lambda: bert_dynamic(np.random.default_rng(1)),
+            "gpt2_kv": lambda: gpt2_kv(np.random.default_rng(2))}
     for name in names:
         write(out_dir, name, *made[name]())
 
