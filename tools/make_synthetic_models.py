@@ -39,7 +39,7 @@ them:
   head_dim], `present.N.key` / `.value` outputs that concatenate the new
   keys and values onto them, positions as a Range from the past length, the
   causal mask sliced out of a constant lower-triangular table at
-  [past, past + sequence), GPT-2's tanh GELU, a tied head. Two data sets: a
+  [past, past + sequence), GPT-2's tanh GELU, an untied head. Two data sets: a
   prompt of 5 tokens with an empty past (length 0), then one decode step
   whose past is the first step's presents (from onnxruntime), as a decode
   loop feeds them (`tools/decode_loop.py` runs that loop).
@@ -384,7 +384,9 @@ def gpt2_kv(rng):
         inner = b.op("Mul", [b.op("Add", [up, cube]), b.const(np.sqrt(2.0 / np.pi))])
         gelu = b.op("Mul", [b.op("Mul", [up, b.const(0.5)]), b.op("Add", [b.const(1.0), b.op("Tanh", [inner])])])
         x = b.op("Add", [x, b.op("Add", [b.op("MatMul", [gelu, b.weight([4 * hidden, hidden], "mlp_proj")]), b.const(0.1 * rng.standard_normal(hidden), "mlp_proj_bias")])])
-    logits = b.op("MatMul", [layer_norm(x), b.op("Transpose", [wte], perm=[1, 0])])
+    # A head of its own: with random weights, a tied head makes greedy
+    # decoding repeat the last token forever, which would test little.
+    logits = b.op("MatMul", [layer_norm(x), b.weight([hidden, vocab], "lm_head")])
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="node_logits"))
     for name, value in presents:
         b.nodes.append(helper.make_node("Identity", [value], [name], name="node_" + name))

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Greedy decoding with a key/value cache, in onnxruntime and in Egret side
+by side: the prompt runs over an empty past, then each step feeds the
+previous step's presents back as the past and appends the arg-max token.
+
+  python3 tools/decode_loop.py [MODEL_DIR] [--tokens 64] [--threads 1]
+
+MODEL_DIR defaults to tests/data/synthetic/gpt2_kv (Hugging Face's layout:
+`input_ids`, `attention_mask`, `past_key_values.N.key/.value` in,
+`logits`, `present.N.key/.value` out). Prints both token sequences (they
+must be identical) and the time per token of each.
+
+Egret still binds every dim at compile time (issue 16), so each new past
+length is a new compile: the script caches one session per shape and
+reports Egret's time per token with and without those compiles. Needs the
+`egret` Python package (`pip install ./python`), onnxruntime and onnx.
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+import egret
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def prompt_of(model_dir):
+    """The stored first data set's prompt and the cache's shape."""
+    set0 = os.path.join(model_dir, "test_data_set_0")
+    feeds = {}
+    for f in sorted(os.listdir(set0)):
+        if f.startswith("input_"):
+            t = onnx.load_tensor(os.path.join(set0, f))
+            feeds[t.name] = numpy_helper.to_array(t)
+    return feeds
+
+
+def decode(run, feeds, tokens):
+    """Greedy decoding; `run(feeds)` returns the outputs by name."""
+    feeds = dict(feeds)
+    out_ids, times = [], []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        outs = run(feeds)
+        times.append(time.perf_counter() - start)
+        token = int(outs["logits"][0, -1].argmax())
+        out_ids.append(token)
+        past = {k.replace("present.", "past_key_values."): v for k, v in outs.items() if k.startswith("present.")}
+        mask = np.ones((1, feeds["attention_mask"].shape[1] + 1), dtype=np.int64)
+        feeds = {"input_ids": np.array([[token]], dtype=np.int64), "attention_mask": mask, **past}
+    return out_ids, times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "tests", "data", "synthetic", "gpt2_kv"))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    path = os.path.join(args.model, "model.onnx")
+    feeds = prompt_of(args.model)
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    ort_ids, ort_times = decode(lambda f: dict(zip(names, session.run(None, f))), feeds, args.tokens)
+
+    sessions, compile_s = {}, []
+
+    def egret_run(f):
+        seq, total = f["input_ids"].shape[1], f["attention_mask"].shape[1]
+        key = (seq, total)
+        if key not in sessions:
+            dims = {"batch": 1, "sequence": seq, "past_sequence": total - seq, "past_sequence + sequence": total}
+            start = time.perf_counter()
+            sessions[key] = egret.InferenceSession(args.model, threads=args.threads, dims=dims)
+            compile_s.append(time.perf_counter() - start)
+        s = sessions[key]
+        start = time.perf_counter()
+        outs = s.run(None, f)
+        run_s.append(time.perf_counter() - start)
+        return dict(zip([o.name for o in s.get_outputs()], outs))
+
+    run_s = []
+    egret_ids, egret_times = decode(egret_run, feeds, args.tokens)
+    ms = lambda ts: 1e3 * float(np.median(ts))
+    print(f"onnxruntime tokens: {ort_ids}")
+    print(f"egret tokens:       {egret_ids}")
+    print(f"identical: {ort_ids == egret_ids}")
+    print(f"onnxruntime: {ms(ort_times):.3f} ms per token (median of {args.tokens}, {args.threads} thread)")
+    print(f"egret:       {1e3 * sum(egret_times) / args.tokens:.3f} ms per token with its {len(compile_s)} compiles "
+          f"({1e3 * sum(compile_s):.0f} ms compiling); runs alone {ms(run_s):.3f} ms per token (median)")
+    if ort_ids != egret_ids:
+        raise SystemExit("the token sequences differ")
+
+
+if __name__ == "__main__":
+    main()
