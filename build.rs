@@ -9,10 +9,12 @@
 //! code generation settings, the ones the JIT's kernels are built with (so
 //! an artifact and `egret bench` time the same machine code), and only
 //! adds `panic = "abort"` (a panic must not unwind into C). The linker's
-//! `--gc-sections` drops what the kernels do not use. It builds with a nested cargo in a target
-//! folder of its own (beside the outer one, so every profile of `egret`
-//! shares one archive), locked to the workspace's lock file, and offline
-//! first: the outer build has usually fetched every crate it needs already.
+//! `--gc-sections` drops what the kernels do not use.
+//!
+//! It builds with a nested cargo in a target folder of its own (beside the
+//! outer one, so every profile of `egret` shares one archive), locked to
+//! the workspace's lock file, and offline first: the outer build has
+//! usually fetched every crate it needs already.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
