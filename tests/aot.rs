@@ -281,7 +281,7 @@ fn an_artifact_exports_only_its_api_and_needs_only_libc_and_libm() {
 fn valgrind_runs_the_c_driver_clean() {
     let have_valgrind = Command::new("valgrind").arg("--version").output().is_ok_and(|o| o.status.success());
     if !have_cc() || !have_valgrind {
-        assert!(std::env::var("CI").is_err(), "CI installs valgrind (.ci/run)");
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI installs valgrind (.ci/run)");
         eprintln!("skipping: needs a C compiler and valgrind");
         return;
     }
@@ -303,7 +303,7 @@ fn valgrind_runs_the_c_driver_clean() {
 fn on_a_cpu_without_avx_a_v3_artifact_is_refused_and_a_v2_artifact_runs() {
     let have_qemu = Command::new("qemu-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     if !have_cc() || !have_qemu || !cfg!(target_arch = "x86_64") {
-        assert!(std::env::var("CI").is_err(), "CI installs qemu-user (.ci/run)");
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI installs qemu-user (.ci/run)");
         eprintln!("skipping: needs an x86-64 host with a C compiler and qemu-user (qemu-x86_64)");
         return;
     }
