@@ -166,9 +166,11 @@ impl<'a> Importer<'a> {
                                     gv
                                 }
                                 (None, None) => {
-                                    return Err(err(format!(
-                                        "dim {i} is symbolic (`{p}`); bind it with --dim {p}=N or pass the input"
-                                    )))
+                                    return Err(ImportError::UnboundDim {
+                                        input: input.name.clone(),
+                                        axis: i,
+                                        dim: p.clone(),
+                                    })
                                 }
                             },
                             _ => from_given

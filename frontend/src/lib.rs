@@ -22,7 +22,7 @@ pub mod tensor;
 pub use error::ImportError;
 pub use tensor::{dtype_from_onnx, dtype_to_onnx, tensor_from_proto, tensor_to_proto};
 
-use egret_ir::{Graph, Tensor};
+use egret_ir::{DType, Graph, Tensor};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -57,6 +57,70 @@ pub struct Imported {
     pub symbols: Vec<(String, usize)>,
     pub opset: i64,
     pub producer: String,
+}
+
+/// A dim of a graph input or output as the model file declares it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeclaredDim {
+    Fixed(usize),
+    /// A `dim_param`: `batch`, `sequence`, `past_sequence + 1`, ...
+    Symbol(String),
+    Unknown,
+}
+
+/// A graph input or output as the model file declares it, before any dim
+/// is bound: what onnxruntime's `get_inputs` reports.
+#[derive(Clone, Debug)]
+pub struct Declared {
+    pub name: String,
+    pub dtype: DType,
+    /// `None` where the model gives no shape.
+    pub dims: Option<Vec<DeclaredDim>>,
+}
+
+/// The graph inputs (initialisers listed among them left out) and outputs
+/// of the model at `path`, as declared. Reads only the graph's signature.
+pub fn declared_io(path: &Path) -> Result<(Vec<Declared>, Vec<Declared>), ImportError> {
+    use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
+    use protobuf::Message;
+    let bytes = std::fs::read(path).map_err(|error| ImportError::Io { path: path.to_path_buf(), error })?;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| ImportError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    let g = model.graph.as_ref().ok_or(ImportError::NoGraph)?;
+    let initializers: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let declared = |v: &onnx_protobuf::ValueInfoProto, input: bool| -> Result<Declared, ImportError> {
+        let err = |message: String| {
+            if input {
+                ImportError::Input { input: v.name.clone(), message }
+            } else {
+                ImportError::Tensor { tensor: v.name.clone(), message }
+            }
+        };
+        let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = v.type_.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            return Err(err("only tensors are supported (not sequences, maps or optionals)".into()));
+        };
+        let dtype = tensor::dtype_from_onnx(tt.elem_type).map_err(err)?;
+        let dims = tt.shape.as_ref().map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(Dim::DimValue(v)) if *v >= 0 => DeclaredDim::Fixed(*v as usize),
+                    Some(Dim::DimParam(p)) => DeclaredDim::Symbol(p.clone()),
+                    _ => DeclaredDim::Unknown,
+                })
+                .collect()
+        });
+        Ok(Declared { name: v.name.clone(), dtype, dims })
+    };
+    let inputs = g
+        .input
+        .iter()
+        .filter(|v| !initializers.contains(v.name.as_str()))
+        .map(|v| declared(v, true))
+        .collect::<Result<_, _>>()?;
+    let outputs = g.output.iter().map(|v| declared(v, false)).collect::<Result<_, _>>()?;
+    Ok((inputs, outputs))
 }
 
 /// Reads and imports a `.onnx` file. External data resolves inside its folder.

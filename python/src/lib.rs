@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use egret::ir::{DType, Data, Tensor, Type};
 
@@ -35,13 +36,22 @@ fn type_name(d: DType) -> &'static str {
     }
 }
 
+/// A dim of a `NodeArg`'s shape: a size, a symbol's name, or unknown
+/// (`None`), as onnxruntime reports them.
+#[derive(Clone, Debug, IntoPyObject)]
+enum DimArg {
+    Size(usize),
+    Symbol(String),
+    Unknown(Option<usize>),
+}
+
 /// A graph input or output, as onnxruntime describes one.
 #[pyclass(frozen, module = "egret")]
 struct NodeArg {
     #[pyo3(get)]
     name: String,
     #[pyo3(get)]
-    shape: Vec<usize>,
+    shape: Vec<DimArg>,
     #[pyo3(get, name = "type")]
     ty: String,
 }
@@ -49,14 +59,49 @@ struct NodeArg {
 #[pymethods]
 impl NodeArg {
     fn __repr__(&self) -> String {
-        format!("NodeArg(name={:?}, type={:?}, shape={:?})", self.name, self.ty, self.shape)
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| match d {
+                DimArg::Size(n) => n.to_string(),
+                DimArg::Symbol(s) => format!("{s:?}"),
+                DimArg::Unknown(_) => "None".into(),
+            })
+            .collect();
+        format!("NodeArg(name={:?}, type={:?}, shape=[{}])", self.name, self.ty, dims.join(", "))
     }
 }
 
 fn node_args(values: &[(String, Type)]) -> Vec<NodeArg> {
     values
         .iter()
-        .map(|(name, t)| NodeArg { name: name.clone(), shape: t.shape.clone(), ty: type_name(t.dtype).into() })
+        .map(|(name, t)| NodeArg {
+            name: name.clone(),
+            shape: t.shape.iter().map(|&n| DimArg::Size(n)).collect(),
+            ty: type_name(t.dtype).into(),
+        })
+        .collect()
+}
+
+/// As the model file declares them, symbolic dims by name.
+fn declared_args(values: &[egret::frontend::Declared]) -> Vec<NodeArg> {
+    use egret::frontend::DeclaredDim;
+    values
+        .iter()
+        .map(|d| NodeArg {
+            name: d.name.clone(),
+            shape: d
+                .dims
+                .iter()
+                .flatten()
+                .map(|dim| match dim {
+                    DeclaredDim::Fixed(n) => DimArg::Size(*n),
+                    DeclaredDim::Symbol(s) => DimArg::Symbol(s.clone()),
+                    DeclaredDim::Unknown => DimArg::Unknown(None),
+                })
+                .collect(),
+            ty: type_name(d.dtype).into(),
+        })
         .collect()
 }
 
@@ -118,18 +163,38 @@ fn backend_of(name: &str) -> PyResult<egret::Backend> {
 /// A compiled model, run like an `onnxruntime.InferenceSession`.
 #[pyclass(frozen, module = "egret")]
 struct InferenceSession {
-    model: egret::Model,
+    /// The programs compiled so far, newest last. With every dim bound
+    /// when the session was made, exactly one.
+    models: Mutex<Vec<Arc<egret::Model>>>,
+    /// The model's declared inputs and outputs, where some symbolic dim was
+    /// left unbound: each run's shapes bind them, and a binding not seen
+    /// before compiles (until dims stay symbolic through compilation).
+    deferred: Option<(Vec<egret::frontend::Declared>, Vec<egret::frontend::Declared>)>,
+    /// How many of those programs the session keeps (each holds its own
+    /// copy of the packed weights), dropping the oldest.
+    max_compiled_shapes: usize,
     path: PathBuf,
     opts: egret::CompileOptions,
+}
+
+/// Whether `model` was compiled for these inputs' types (and the values it
+/// was specialised on).
+fn accepts(model: &egret::Model, named: &[(String, Tensor)]) -> bool {
+    let sig = &model.program.signature;
+    sig.inputs.iter().all(|(n, ty)| named.iter().any(|(m, t)| m == n && t.ty() == *ty))
+        && sig.specialized.iter().all(|(n, want)| named.iter().any(|(m, t)| m == n && t == want))
 }
 
 #[pymethods]
 impl InferenceSession {
     /// Compiles the model at `path` (a file, or a folder holding
     /// `model.onnx`) for `backend`. `dims` binds symbolic dimensions by
-    /// name; `threads` is the CPU's (default: one per core).
+    /// name; `threads` is the CPU's (default: one per core). A symbolic
+    /// dim left unbound is bound by each run's input shapes, compiling once
+    /// per new binding; the session keeps `max_compiled_shapes` of those
+    /// programs.
     #[new]
-    #[pyo3(signature = (path, backend = "cpu", threads = None, opt_level = 2, dims = None))]
+    #[pyo3(signature = (path, backend = "cpu", threads = None, opt_level = 2, dims = None, max_compiled_shapes = 16))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -137,7 +202,11 @@ impl InferenceSession {
         threads: Option<usize>,
         opt_level: u8,
         dims: Option<HashMap<String, usize>>,
+        max_compiled_shapes: usize,
     ) -> PyResult<InferenceSession> {
+        if max_compiled_shapes == 0 {
+            return Err(error("max_compiled_shapes must be at least 1"));
+        }
         if opt_level > egret::MAX_OPT_LEVEL {
             return Err(error(format!("opt_level {opt_level} is past the highest, {}", egret::MAX_OPT_LEVEL)));
         }
@@ -148,16 +217,30 @@ impl InferenceSession {
             dims: dims.unwrap_or_default(),
             ..Default::default()
         };
-        let model = py.detach(|| egret::compile(&path, &opts)).map_err(error)?;
-        Ok(InferenceSession { model, path, opts })
+        let (models, deferred) = match py.detach(|| egret::compile(&path, &opts)) {
+            Ok(model) => (vec![Arc::new(model)], None),
+            // Symbolic dims left unbound: the runs' shapes bind them.
+            Err(egret::Error::Import(egret::frontend::ImportError::UnboundDim { .. })) => {
+                let file = if path.is_dir() { path.join("model.onnx") } else { path.clone() };
+                (vec![], Some(egret::frontend::declared_io(&file).map_err(error)?))
+            }
+            Err(e) => return Err(error(e)),
+        };
+        Ok(InferenceSession { models: Mutex::new(models), deferred, max_compiled_shapes, path, opts })
     }
 
     fn get_inputs(&self) -> Vec<NodeArg> {
-        node_args(&self.model.program.signature.inputs)
+        match &self.deferred {
+            Some((inputs, _)) => declared_args(inputs),
+            None => node_args(&self.compiled()[0].program.signature.inputs),
+        }
     }
 
     fn get_outputs(&self) -> Vec<NodeArg> {
-        node_args(&self.model.program.signature.outputs)
+        match &self.deferred {
+            Some((_, outputs)) => declared_args(outputs),
+            None => node_args(&self.compiled()[0].program.signature.outputs),
+        }
     }
 
     /// Runs on `input_feed` (name to numpy array) and returns the outputs
@@ -179,7 +262,8 @@ impl InferenceSession {
             let t = tensor_of(&name, &v)?;
             named.push((name, t));
         }
-        let outputs = &self.model.program.signature.outputs;
+        let model = self.model_for(py, &named)?;
+        let outputs = &model.program.signature.outputs;
         let wanted: Vec<usize> = match output_names {
             None => (0..outputs.len()).collect(),
             Some(names) => names
@@ -192,17 +276,59 @@ impl InferenceSession {
                 })
                 .collect::<PyResult<_>>()?,
         };
-        let results = py.detach(|| self.model.run(named)).map_err(error)?;
+        let results = py.detach(|| model.run(named)).map_err(error)?;
         wanted.into_iter().map(|i| array_of(py, &results[i].1)).collect()
+    }
+
+    /// The number of programs compiled so far: one for a model whose dims
+    /// were all bound when the session was made; with unbound symbolic
+    /// dims, one per binding the runs have needed, of which the session
+    /// keeps `max_compiled_shapes`.
+    fn compiled_shapes(&self) -> usize {
+        self.compiled().len()
     }
 
     /// What the compiler did: the same data as `egret explain --json`.
     fn explain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let (path, opts) = (self.path.clone(), self.opts.clone());
         let text = py
-            .detach(|| egret::explain::explain(&path, &opts, opts.backend).map(|e| e.to_json(&path.display().to_string(), opts.opt_level).to_string()))
+            .detach(|| {
+                egret::explain::explain(&path, &opts, opts.backend)
+                    .map(|e| e.to_json(&path.display().to_string(), opts.opt_level).to_string())
+            })
             .map_err(error)?;
         py.import("json")?.call_method1("loads", (text,))
+    }
+}
+
+impl InferenceSession {
+    fn compiled(&self) -> std::sync::MutexGuard<'_, Vec<Arc<egret::Model>>> {
+        // A panic while the lock was held leaves the list as it was.
+        self.models.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The program for these inputs: the session's one, or, with unbound
+    /// symbolic dims, the one compiled for their shapes (compiled now if
+    /// this binding is new).
+    fn model_for(&self, py: Python<'_>, named: &[(String, Tensor)]) -> PyResult<Arc<egret::Model>> {
+        if self.deferred.is_none() {
+            return Ok(self.compiled()[0].clone());
+        }
+        if let Some(m) = self.compiled().iter().find(|m| accepts(m, named)) {
+            return Ok(m.clone());
+        }
+        let opts = egret::CompileOptions {
+            input_shapes: named.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
+            input_values: named.iter().cloned().collect(),
+            ..self.opts.clone()
+        };
+        let model = Arc::new(py.detach(|| egret::compile(&self.path, &opts)).map_err(error)?);
+        let mut models = self.compiled();
+        if models.len() >= self.max_compiled_shapes {
+            models.remove(0);
+        }
+        models.push(model.clone());
+        Ok(model)
     }
 }
 

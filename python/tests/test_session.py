@@ -168,3 +168,53 @@ def test_a_compiled_library_runs_through_ctypes_as_the_session_does():
         lib.bert_tiny_destroy(model_p)
         for got, w in zip(outs, want):
             np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+SYNTHETIC = os.path.join(ROOT, "tests", "data", "synthetic")
+
+
+def stored_sets(model):
+    """Each data set's (feeds, outputs), from its .pb files."""
+    sets = []
+    for d in sorted(glob.glob(os.path.join(model, "test_data_set_*"))):
+        feeds = dict(load_pb(p) for p in sorted(glob.glob(os.path.join(d, "input_*.pb"))))
+        outs = [load_pb(p)[1] for p in sorted(glob.glob(os.path.join(d, "output_*.pb")))]
+        sets.append((feeds, outs))
+    return sets
+
+
+def test_a_session_with_unbound_symbolic_dims_serves_every_shape():
+    """As onnxruntime's: made without `dims`, it reports the dims by name
+    and runs inputs of any shape, compiling once per new binding of them
+    (dims do not yet stay symbolic through compilation)."""
+    model = os.path.join(SYNTHETIC, "bert_dynamic")
+    sess = egret.InferenceSession(model, threads=1)
+    assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"], ["batch", "sequence"]]
+    assert sess.get_outputs()[0].shape == ["batch", "sequence", 32]
+    assert sess.compiled_shapes() == 0
+    sets = stored_sets(model)
+    assert len({feeds["input_ids"].shape for feeds, _ in sets}) == 2
+    for _ in range(2):
+        for feeds, want in sets:
+            got = sess.run(None, feeds)
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    assert sess.compiled_shapes() == 2
+    # A bound session keeps its one program, and a shape it was not
+    # compiled for is still an error naming the input.
+    bound = egret.InferenceSession(model, dims={"batch": 1, "sequence": 7})
+    assert bound.get_inputs()[0].shape == [1, 7] and bound.compiled_shapes() == 1
+    with pytest.raises(egret.EgretError, match="input_ids"):
+        bound.run(None, sets[1][0])
+
+
+def test_a_key_value_cache_decodes_through_one_session():
+    """gpt2_kv: the prompt over an empty past, then a step fed its presents."""
+    model = os.path.join(SYNTHETIC, "gpt2_kv")
+    sess = egret.InferenceSession(model, threads=1)
+    names = [o.name for o in sess.get_outputs()]
+    assert names[1:3] == ["present.0.key", "present.0.value"]
+    assert sess.get_inputs()[2].shape == ["batch", 2, "past_sequence", 16]
+    for feeds, want in stored_sets(model):
+        for g, w in zip(sess.run(None, feeds), want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
