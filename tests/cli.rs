@@ -256,3 +256,15 @@ fn explain_and_the_c_header_name_the_symbolic_dims() {
     assert!(header.contains("fixed for this library: batch = 1, sequence = 7"), "{header}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A symbolic dim nothing binds is a clear error naming the input, the dim
+/// and the flag that binds it.
+#[test]
+fn an_unbound_symbolic_dim_says_how_to_bind_it() {
+    let (ok, out, err) = egret(&["run", "tests/data/synthetic/bert_dynamic"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("input `input_ids`: dim 0 is symbolic (`batch`); bind it with --dim batch=N"), "{err}");
+    let (ok, out, err) =
+        egret(&["run", "tests/data/synthetic/bert_dynamic", "--dim", "batch=1", "--dim", "sequence=9"]);
+    assert!(ok, "{out}{err}");
+}
