@@ -63,8 +63,8 @@ struct Api<'a> {
     inputs: Vec<(String, Type)>,
     outputs: Vec<(String, Type)>,
     arena: usize,
-    /// Whether any kernel may be split across threads; if none is, every
-    /// context runs on one thread, as the JIT's executor does.
+    /// `cpu::any_kernel_splits`: if none may, every context runs on one
+    /// thread, as the JIT's executor does.
     any_split: bool,
     cpu: TargetCpu,
     /// Cranelift's names of the ISA extensions the generated code uses.
@@ -102,11 +102,7 @@ pub fn compile_library(
         inputs: c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect(),
         outputs: c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect(),
         arena: object.plan.arena_bytes,
-        any_split: object
-            .plan
-            .kernels
-            .iter()
-            .any(|k| egret_backends::cpu::split_of(&k.kind) != egret_backends::cpu::kernels::pool::Split::Never),
+        any_split: egret_backends::cpu::any_kernel_splits(&object.plan),
         cpu,
         features: egret_backends::cpu::required_features(cpu).map_err(codegen)?,
         symbols: c.symbols.clone(),

@@ -136,7 +136,7 @@ fn check_set(
         return Err(Error::Usage(format!("`{}`: input files without tensor names are not supported", set.display())));
     }
     let named = inputs;
-    let model = match models.iter().position(|m| m.program.signature.bind(named.clone()).is_ok()) {
+    let model = match models.iter().position(|m| m.program.signature.accepts(&named)) {
         Some(i) => &models[i],
         None => {
             let opts = CompileOptions { input_values: named.iter().cloned().collect(), ..opts.clone() };

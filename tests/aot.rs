@@ -16,6 +16,15 @@ fn have_cc() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether a test must skip for want of a C compiler (it says so).
+fn no_cc() -> bool {
+    let missing = !have_cc();
+    if missing {
+        eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+    }
+    missing
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -123,8 +132,7 @@ fn work_dir(what: &str) -> PathBuf {
 
 #[test]
 fn zoo_synthetic_and_export_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
-    if !have_cc() {
-        eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+    if no_cc() {
         return;
     }
     let work = work_dir("zoo");
@@ -140,8 +148,7 @@ fn zoo_synthetic_and_export_models_compiled_ahead_of_time_match_onnxruntime_from
 #[test]
 fn perf_models_compiled_ahead_of_time_match_onnxruntime_from_c() {
     let Some(perf) = common::shared_dir("perf", Some("EGRET_PERF_MODELS")) else { return };
-    if !have_cc() {
-        eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+    if no_cc() {
         return;
     }
     let work = work_dir("perf");
@@ -188,8 +195,7 @@ fn emit_obj_and_clif() {
 
 #[test]
 fn four_threads_with_a_context_each_match_the_single_threaded_results() {
-    if !have_cc() {
-        eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+    if no_cc() {
         return;
     }
     let work = work_dir("concurrent");
@@ -227,8 +233,7 @@ fn an_artifact_for_x86_64_v2_runs_and_matches() {
 fn an_artifact_for_a_cpu_level_the_host_lacks_is_refused_with_a_status() {
     #[cfg(target_arch = "x86_64")]
     {
-        if !have_cc() {
-            eprintln!("skipping: no C compiler (`cc`, or set CC) to link the test program");
+        if no_cc() {
             return;
         }
         let host_v4 = std::arch::is_x86_feature_detected!("avx512f")

@@ -177,14 +177,6 @@ struct InferenceSession {
     opts: egret::CompileOptions,
 }
 
-/// Whether `model` was compiled for these inputs' types (and the values it
-/// was specialised on).
-fn accepts(model: &egret::Model, named: &[(String, Tensor)]) -> bool {
-    let sig = &model.program.signature;
-    sig.inputs.iter().all(|(n, ty)| named.iter().any(|(m, t)| m == n && t.ty() == *ty))
-        && sig.specialized.iter().all(|(n, want)| named.iter().any(|(m, t)| m == n && t == want))
-}
-
 #[pymethods]
 impl InferenceSession {
     /// Compiles the model at `path` (a file, or a folder holding
@@ -314,7 +306,7 @@ impl InferenceSession {
         if self.deferred.is_none() {
             return Ok(self.compiled()[0].clone());
         }
-        if let Some(m) = self.compiled().iter().find(|m| accepts(m, named)) {
+        if let Some(m) = self.compiled().iter().find(|m| m.program.signature.accepts(named)) {
             return Ok(m.clone());
         }
         let opts = egret::CompileOptions {

@@ -2,7 +2,7 @@
 
 use crate::{Executable, RunError};
 use egret_backends::cpu::kernels::pool::{self, Pool, Split};
-use egret_backends::cpu::{parallel_extent, split_of, CompiledPlan};
+use egret_backends::cpu::{any_kernel_splits, parallel_extent, split_of, CompiledPlan};
 use egret_backends::plan::{BufferId, KernelKind, Storage};
 use egret_ir::{Tensor, Type};
 
@@ -70,10 +70,8 @@ impl CpuExecutable {
     /// Wraps a compiled plan; large kernels split across `threads` threads.
     pub fn new(compiled: CompiledPlan, threads: usize) -> CpuExecutable {
         let plan = &compiled.plan;
-        // A plan with no kernel big enough to split runs on the caller's
-        // thread: handing the run to a pool costs more than it saves.
         let splits: Vec<Split> = plan.kernels.iter().map(|k| split_of(&k.kind)).collect();
-        let pool = Pool::new(if splits.iter().any(|&s| s != Split::Never) { threads.max(1) } else { 1 });
+        let pool = Pool::new(if any_kernel_splits(plan) { threads.max(1) } else { 1 });
         let used = plan.used_buffers();
         let constants = plan
             .buffers

@@ -86,6 +86,14 @@ impl Signature {
         }
     }
 
+    /// Whether `bind` would accept these inputs' types (and the values the
+    /// graph was specialised on), without moving them: the test a cache of
+    /// programs compiled for different shapes picks one by.
+    pub fn accepts(&self, named: &[(String, Tensor)]) -> bool {
+        self.inputs.iter().all(|(n, ty)| named.iter().any(|(m, t)| m == n && t.ty() == *ty))
+            && self.specialized.iter().all(|(n, want)| named.iter().any(|(m, t)| m == n && t == want))
+    }
+
     /// Orders named inputs positionally and checks their types.
     pub fn bind(&self, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, RunError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];

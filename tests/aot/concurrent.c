@@ -11,14 +11,8 @@
  */
 #include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include MODEL_HEADER
 
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define FN(x) CAT(MODEL, x)
+#include "program.h"
 
 #define THREADS 4
 #define RUNS 50
@@ -26,17 +20,6 @@
 static CAT(MODEL, _model) *model;
 static const void **inputs[THREADS];
 static void **expected[THREADS];
-
-static void *read_file(const char *path, size_t bytes) {
-    FILE *f = fopen(path, "rb");
-    void *buf = malloc(bytes ? bytes : 1);
-    if (!f || !buf || fread(buf, 1, bytes, f) != bytes) {
-        fprintf(stderr, "cannot read %zu bytes from %s\n", bytes, path);
-        exit(2);
-    }
-    fclose(f);
-    return buf;
-}
 
 static void *vary(const void *given, size_t i, int t) {
     size_t bytes = FN(_input_bytes)(i), n, k, elem = 1;

@@ -6,25 +6,7 @@
  * point (inputs given in reverse order) and the positional one, checks the
  * two agree byte for byte, and writes OUT_DIR/output_J.bin.
  */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include MODEL_HEADER
-
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define FN(x) CAT(MODEL, x)
-
-static void *read_file(const char *path, size_t bytes) {
-    FILE *f = fopen(path, "rb");
-    void *buf = malloc(bytes ? bytes : 1);
-    if (!f || !buf || fread(buf, 1, bytes, f) != bytes) {
-        fprintf(stderr, "cannot read %zu bytes from %s\n", bytes, path);
-        exit(2);
-    }
-    fclose(f);
-    return buf;
-}
+#include "program.h"
 
 int main(int argc, char **argv) {
     size_t ni = FN(_num_inputs)(), no = FN(_num_outputs)(), i;

@@ -189,17 +189,14 @@ pub fn ptx_executable(graph: &egret::ir::Graph, opts: &egret::CompileOptions) ->
 /// input there. A model whose dims are all fixed gets none.
 #[allow(dead_code)]
 pub fn data_set_dims(case: &std::path::Path, set: usize) -> Vec<(String, usize)> {
-    use onnx_protobuf::tensor_shape_proto::dimension;
-    use protobuf::Message;
-    let bytes = std::fs::read(case.join("model.onnx")).unwrap();
-    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
+    use egret::frontend::DeclaredDim;
+    let (inputs, _) = egret::frontend::declared_io(&case.join("model.onnx")).unwrap();
     let stored = egret::check::numbered(&case.join(format!("test_data_set_{set}")), "input").unwrap();
     let mut dims: Vec<(String, usize)> = Vec::new();
-    for input in &model.graph.input {
+    for input in inputs {
         let Some((_, t)) = stored.iter().find(|(n, _)| *n == input.name) else { continue };
-        let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = &input.type_.value else { continue };
-        for (i, d) in tt.shape.dim.iter().enumerate() {
-            if let Some(dimension::Value::DimParam(p)) = &d.value {
+        for (i, d) in input.dims.iter().flatten().enumerate() {
+            if let DeclaredDim::Symbol(p) = d {
                 if !dims.iter().any(|(n, _)| n == p) {
                     dims.push((p.clone(), t.shape()[i]));
                 }

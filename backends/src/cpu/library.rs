@@ -167,6 +167,14 @@ pub fn split_of(kind: &KernelKind) -> Split {
     }
 }
 
+/// Whether any kernel of `plan` may be split across threads. Where none
+/// may, a run goes on one thread whatever was asked for: handing it to a
+/// pool would cost more than it saves. The JIT's executor and an
+/// artifact's contexts both size their pools by this.
+pub fn any_kernel_splits(plan: &crate::plan::Plan) -> bool {
+    plan.kernels.iter().any(|k| split_of(&k.kind) != Split::Never)
+}
+
 fn work(kind: &KernelKind) -> usize {
     match kind {
         KernelKind::Map(m) => m.shape.iter().product(),

@@ -101,6 +101,7 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
         let flags = MemFlagsData::new().with_notrap();
         let const_gvs: HashMap<usize, _> =
             constants.iter().map(|(&buf, &id)| (buf, module.declare_data_in_func(id, b.func))).collect();
+        // Each direct output's buffer, with the output it lives in.
         let direct: HashMap<usize, usize> =
             (0..plan.outputs.len()).filter(|&j| plan.direct_output(j)).map(|j| (plan.outputs[j].0, j)).collect();
         let addr = |b: &mut FunctionBuilder, buf: usize| match (&plan.buffers[buf].storage, direct.get(&buf)) {
@@ -135,7 +136,7 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
             b.ins().brif(failed, fail, &[status.into()], next, &[]);
             b.switch_to_block(next);
         }
-        for (j, (buf, ty)) in plan.outputs.iter().enumerate().filter(|(j, _)| !plan.direct_output(*j)) {
+        for (j, (buf, ty)) in plan.outputs.iter().enumerate().filter(|(j, (buf, _))| direct.get(buf) != Some(j)) {
             let dst = b.ins().load(ptr, flags, outputs, (j * 8) as i32);
             let src = addr(&mut b, *buf);
             let size = b.ins().iconst(ptr, (ty.numel() * ty.dtype.size_bytes()) as i64);
