@@ -99,23 +99,35 @@ pub fn check_case_with(case: &Path, opts: &CompileOptions, tol: Tolerance) -> Ve
     check_case_counting(case, opts, tol).0
 }
 
-/// `check_case_with`, also returning how many compiles the data sets took:
-/// a set whose inputs an already compiled model accepts (the same shapes,
-/// and the same values for inputs the model was specialised on) runs on
-/// it. Until dims stay symbolic through compilation (issue 16), sets of
-/// different shapes take one compile each.
-pub fn check_case_counting(case: &Path, opts: &CompileOptions, tol: Tolerance) -> (Vec<CaseReport>, usize) {
+/// How many times `check` compiled a case's model: the front of the
+/// pipeline (import, canonicalisation, the e-graph), and the programs the
+/// back (lowering, code generation) made for its bindings of symbolic dims.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Compiles {
+    pub models: usize,
+    /// Programs compiled for bindings of symbolic dims, over all models.
+    pub specializations: usize,
+}
+
+/// `check_case_with`, also returning how many compiles the data sets took.
+/// The model keeps its symbolic dims symbolic, so data sets of different
+/// shapes share one compile of the model; the backend lowers it once per
+/// binding of the dims. A set whose inputs a compiled model does not accept
+/// (a value the model was specialised on differs) compiles it again.
+pub fn check_case_counting(case: &Path, opts: &CompileOptions, tol: Tolerance) -> (Vec<CaseReport>, Compiles) {
     let sets = match data_sets(case) {
         Ok(s) if !s.is_empty() => s,
-        Ok(_) => return (vec![failed(case, "no test_data_set_N folders".into())], 0),
-        Err(e) => return (vec![failed(case, e.to_string())], 0),
+        Ok(_) => return (vec![failed(case, "no test_data_set_N folders".into())], Compiles::default()),
+        Err(e) => return (vec![failed(case, e.to_string())], Compiles::default()),
     };
     let mut models: Vec<Model> = Vec::new();
+    let opts = CompileOptions { keep_symbolic: true, ..opts.clone() };
     let reports = sets
         .iter()
-        .map(|set| check_set(case, set, opts, tol, &mut models).unwrap_or_else(|e| failed(set, e.to_string())))
+        .map(|set| check_set(case, set, &opts, tol, &mut models).unwrap_or_else(|e| failed(set, e.to_string())))
         .collect();
-    (reports, models.len())
+    let specializations = models.iter().filter_map(|m| m.program.executable.specializations()).sum();
+    (reports, Compiles { models: models.len(), specializations })
 }
 
 fn failed(case: &Path, error: String) -> CaseReport {

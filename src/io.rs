@@ -121,12 +121,14 @@ fn index_bound(g: &Graph, input: ValueId) -> Option<usize> {
             };
             match &node.op {
                 Op::Gather { axis } if slot == 1 => {
-                    let len = g.ty(node.inputs[0]).shape[*axis];
-                    bound = Some(bound.map_or(len, |b| b.min(len)));
+                    if let Some(len) = g.ty(node.inputs[0]).shape[*axis].size() {
+                        bound = Some(bound.map_or(len, |b| b.min(len)));
+                    }
                 }
                 Op::GatherElements { axis } if slot == 1 => {
-                    let len = g.ty(node.inputs[0]).shape[*axis];
-                    bound = Some(bound.map_or(len, |b| b.min(len)));
+                    if let Some(len) = g.ty(node.inputs[0]).shape[*axis].size() {
+                        bound = Some(bound.map_or(len, |b| b.min(len)));
+                    }
                 }
                 Op::Cast { .. }
                 | Op::Reshape { .. }
@@ -146,12 +148,25 @@ fn index_bound(g: &Graph, input: ValueId) -> Option<usize> {
 /// shows (and all ones for inputs named like masks). Errors name any
 /// integer input whose valid range the model does not show.
 pub fn random_inputs(g: &Graph, seed: u64) -> Result<Vec<(String, Tensor)>, Error> {
+    random_inputs_except(g, seed, &[])
+}
+
+/// `random_inputs` for the inputs not named in `given`.
+pub fn random_inputs_except(g: &Graph, seed: u64, given: &[String]) -> Result<Vec<(String, Tensor)>, Error> {
     let mut rng = SplitMix::new(seed);
     let mut out = Vec::new();
     for &v in g.inputs() {
         let name = g.input_name(v).to_string();
+        if given.contains(&name) {
+            continue;
+        }
         let ty = g.ty(v).clone();
-        let n = ty.numel();
+        let Some(shape) = ty.known_shape() else {
+            return Err(usage(format!(
+                "input `{name}` has the symbolic shape {ty}: give its dims values with --dim NAME=N, or pass --input {name}=FILE"
+            )));
+        };
+        let n = shape.iter().product();
         let data = match ty.dtype {
             DType::F32 | DType::F64 => {
                 Data::from_f64s(ty.dtype, &(0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect::<Vec<_>>())
@@ -170,7 +185,7 @@ pub fn random_inputs(g: &Graph, seed: u64) -> Result<Vec<(String, Tensor)>, Erro
                 Data::from_i64s(dt, &vals)
             }
         };
-        out.push((name, Tensor::new(ty.shape, data)));
+        out.push((name, Tensor::new(shape, data)));
     }
     Ok(out)
 }

@@ -3,15 +3,20 @@
 //! `compile` is the one pipeline every entry point (the CLI, tests, benches)
 //! goes through, top to bottom:
 //!
-//! 1. `frontend`: ONNX protobuf to IR, symbolic dims bound, verified;
-//! 2. `passes`: canonicalisation (constant folding, no-ops, dead code), verified;
+//! 1. `frontend`: ONNX protobuf to IR, the dims the options give bound (the
+//!    others stay symbolic), verified;
+//! 2. `passes`: canonicalisation (constant folding, no-ops, dead code) and
+//!    the e-graph, verified;
 //! 3. a backend turns the graph into an `Executable`, wrapped with the
-//!    model's signature into a `runtime::Program`.
+//!    model's signature into a `runtime::Program`. A graph with symbolic
+//!    dims gets a `specialize::Specializing` executable, which binds them
+//!    from each call's inputs and lowers once per binding.
 
 pub mod aot;
 pub mod check;
 pub mod explain;
 pub mod io;
+pub mod specialize;
 
 pub use egret_backends as backends;
 pub use egret_frontend as frontend;
@@ -94,6 +99,13 @@ pub struct CompileOptions {
     /// The CPU ahead-of-time code is generated for (`egret compile
     /// --target-cpu`); the JIT always generates for the host.
     pub target_cpu: egret_backends::cpu::TargetCpu,
+    /// Keep the model's symbolic dims symbolic even where `input_shapes`
+    /// or `input_values` give the inputs' shapes: one program for every
+    /// shape (see `frontend::ImportOptions::keep_symbolic`).
+    pub keep_symbolic: bool,
+    /// How many programs a model with symbolic dims keeps compiled, one per
+    /// binding of them (see `specialize::Specializing`).
+    pub max_specializations: usize,
 }
 
 impl Default for CompileOptions {
@@ -108,6 +120,8 @@ impl Default for CompileOptions {
             matmul: None,
             precision: Default::default(),
             target_cpu: Default::default(),
+            keep_symbolic: false,
+            max_specializations: specialize::MAX_SPECIALIZATIONS,
         }
     }
 }
@@ -179,6 +193,7 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
         dims: opts.dims.clone(),
         input_shapes: opts.input_shapes.clone(),
         input_values: opts.input_values.clone(),
+        keep_symbolic: opts.keep_symbolic,
     };
     let imported = egret_frontend::import_file(path, &import_opts)?;
     let import_ms = ms(t);
@@ -294,6 +309,22 @@ pub fn compile_ptx(
     egret_runtime::PtxExecutable::new(device, gpu).map_err(Error::Device)
 }
 
+/// The backend's executable for a graph (bound, except for the reference
+/// backend, which binds symbolic dims on each run).
+pub fn backend_executable(graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn egret_runtime::Executable>, Error> {
+    Ok(match opts.backend {
+        Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
+        Backend::Cpu => {
+            let plan = egret_backends::lower(graph, lower_options(opts))?;
+            let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
+            let threads = opts.threads.unwrap_or_else(default_threads);
+            Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
+        }
+        Backend::Wgsl => Box::new(compile_wgsl(graph, opts)?.0),
+        Backend::Ptx => Box::new(compile_ptx(graph, opts)?),
+    })
+}
+
 /// The pipeline: import, canonicalise, hand to the backend.
 pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let c = canonical(path, opts)?;
@@ -307,16 +338,10 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
             opts.precision.name()
         )));
     }
-    let executable: Box<dyn egret_runtime::Executable> = match opts.backend {
-        Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(c.graph.clone())?),
-        Backend::Cpu => {
-            let plan = egret_backends::lower(&c.graph, lower_options(opts))?;
-            let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
-            let threads = opts.threads.unwrap_or_else(default_threads);
-            Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
-        }
-        Backend::Wgsl => Box::new(compile_wgsl(&c.graph, opts)?.0),
-        Backend::Ptx => Box::new(compile_ptx(&c.graph, opts)?),
+    let executable: Box<dyn egret_runtime::Executable> = if c.graph.is_bound() || opts.backend == Backend::Reference {
+        backend_executable(&c.graph, opts)?
+    } else {
+        Box::new(specialize::Specializing::new(c.graph.clone(), opts.clone()))
     };
     let backend_ms = ms(t);
     Ok(Model {

@@ -389,14 +389,14 @@ fn compile_with_inputs(
         matmul: model.matmul.choice(),
         precision: model.precision.into(),
         target_cpu: Default::default(),
+        ..Default::default()
     };
     let m = compile(&model.model, &opts)?;
     let mut all = given.clone();
-    for (name, t) in egret::io::random_inputs(&m.graph, seed)? {
-        if !given.iter().any(|(n, _)| *n == name) {
-            eprintln!("note: input `{name}` {} is random (seed {seed})", t.ty());
-            all.push((name, t));
-        }
+    let names: Vec<String> = given.iter().map(|(n, _)| n.clone()).collect();
+    for (name, t) in egret::io::random_inputs_except(&m.graph, seed, &names)? {
+        eprintln!("note: input `{name}` {} is random (seed {seed})", t.ty());
+        all.push((name, t));
     }
     Ok((m, all))
 }
@@ -550,11 +550,19 @@ fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Res
     for case in &cases {
         let (reports, compiles) = check_case_counting(case, opts, tol);
         if reports.len() > 1 {
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            let lowered = if compiles.specializations > 0 {
+                let n = compiles.specializations;
+                format!(", lowered for {n} binding{} of its symbolic dims", plural(n))
+            } else {
+                String::new()
+            };
             println!(
-                "{}: {} data sets, {compiles} compile{}",
+                "{}: {} data sets, {} compile{}{lowered}",
                 case.display(),
                 reports.len(),
-                if compiles == 1 { "" } else { "s" }
+                compiles.models,
+                plural(compiles.models)
             );
         }
         for report in reports {

@@ -21,17 +21,17 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<Tensor> {
         .map(|(i, &v)| {
             let ty = g.ty(v);
             match ty.dtype {
-                egret::ir::DType::F32 => Tensor::from_vec(ty.shape.clone(), data(ty.numel(), seed + i as u64)),
+                egret::ir::DType::F32 => Tensor::from_vec(ty.sizes(), data(ty.numel(), seed + i as u64)),
                 egret::ir::DType::Bool => Tensor::from_vec(
-                    ty.shape.clone(),
+                    ty.sizes(),
                     data(ty.numel(), seed + i as u64).iter().map(|&x| x > 0.0).collect::<Vec<_>>(),
                 ),
                 egret::ir::DType::I64 => Tensor::from_vec(
-                    ty.shape.clone(),
+                    ty.sizes(),
                     data(ty.numel(), seed + i as u64).iter().map(|&x| (x * 3.0).round() as i64).collect::<Vec<_>>(),
                 ),
                 egret::ir::DType::I32 => Tensor::from_vec(
-                    ty.shape.clone(),
+                    ty.sizes(),
                     data(ty.numel(), seed + i as u64).iter().map(|&x| (x * 3.0).round() as i32).collect::<Vec<_>>(),
                 ),
                 d => panic!("no random data for {d}"),
@@ -804,11 +804,12 @@ fn random_graphs_agree_with_the_reference() {
                 }
                 7 => Op::MatMul,
                 8 if r > 0 => {
-                    let shape = &g.ty(a).shape;
+                    let shape = g.ty(a).sizes();
                     let starts: Vec<i64> =
                         shape.iter().map(|&d| (pick(d.max(1)) as i64).min(d as i64 - 1).max(0)).collect();
                     let ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    Op::Slice { starts, ends, steps: vec![1; r] }
+                    let dims = |v: &[i64]| egret::ir::dims_of_ints(v).unwrap();
+                    Op::Slice { starts: dims(&starts), ends: dims(&ends), steps: vec![1; r] }
                 }
                 9 => Op::Sqrt,
                 _ => Op::Add,

@@ -14,7 +14,7 @@
 use crate::memory::plan_memory;
 use crate::plan::*;
 use egret_ir::op::MatMulTiling;
-use egret_ir::{DType, Graph, IrError, NodeId, Op, Tensor, Type, ValueId};
+use egret_ir::{DType, Dim, Graph, IrError, NodeId, Op, Tensor, Type, ValueId};
 use std::collections::HashMap;
 
 /// How much lowering fuses, and which matmul implementation it may pick.
@@ -106,7 +106,7 @@ struct GatheredRows {
 /// rows), or the chain reads more than one value, or a value in between
 /// has a reader outside it.
 fn gathered_rows(g: &Graph, a: ValueId) -> Option<(GatheredRows, Vec<NodeId>)> {
-    let shape = &g.ty(a).shape;
+    let shape = &g.ty(a).sizes();
     let (&width, m) = (shape.last()?, *shape.get(shape.len().checked_sub(2)?)?);
     // The longest chain whose values in between are read only inside it
     // (a roll's concat feeds the two slices of the next roll); failing
@@ -147,9 +147,9 @@ struct PlacedRows {
 /// `row_ids` can replay).
 fn moves_rows(g: &Graph, node: &egret_ir::Node, width: usize) -> bool {
     let Some(&out) = node.outputs.first() else { return false };
-    let rank = g.ty(out).shape.len();
-    g.ty(out).shape.last() == Some(&width)
-        && node.inputs.iter().all(|&x| g.ty(x).shape.last() == Some(&width))
+    let rank = g.ty(out).rank();
+    g.ty(out).sizes().last() == Some(&width)
+        && node.inputs.iter().all(|&x| g.ty(x).sizes().last() == Some(&width))
         && match &node.op {
             Op::Reshape { .. } => true,
             Op::Transpose { perm } => perm.last() == Some(&(rank - 1)),
@@ -164,7 +164,7 @@ fn moves_rows(g: &Graph, node: &egret_ir::Node, width: usize) -> bool {
 /// ops and the bias add. `None` unless they end in one value, hold every
 /// row exactly once, and nothing outside reads what is in between.
 fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
-    let width = *g.ty(p).shape.last()?;
+    let width = *g.ty(p).sizes().last()?;
     let only_reader = |v: ValueId| {
         let readers = g.consumers(g.producer(v));
         (g.use_count(v) == 1 && readers.len() == 1).then(|| readers[0])
@@ -174,7 +174,7 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
         Some((n, node)) if node.op == Op::Add => {
             let other = if node.inputs[0] == p { node.inputs[1] } else { node.inputs[0] };
             // One row, the same for every row of the product: `[.., 1, width]`.
-            let shape = &g.ty(other).shape;
+            let shape = &g.ty(other).sizes();
             let row = g.const_value(other).is_some()
                 && g.ty(other).dtype == DType::F32
                 && shape.last() == Some(&width)
@@ -224,7 +224,7 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
     // Every row of the product lands on exactly one row of the result,
     // and not in a way strides describe (a head split is a view).
     let ids = ids.to_i64_vec();
-    let shape = &g.ty(result).shape;
+    let shape = &g.ty(result).sizes();
     let m = shape.len().checked_sub(2).map_or(1, |d| shape[d]);
     if strided_batches(&ids.iter().map(|&i| i as usize).collect::<Vec<_>>(), m) {
         return None;
@@ -265,7 +265,7 @@ fn row_ids(
     nodes: &mut Vec<NodeId>,
     source: &mut Option<ValueId>,
 ) -> Option<Tensor> {
-    let shape = &g.ty(v).shape;
+    let shape = &g.ty(v).sizes();
     let rank = shape.len();
     let producer = g.producer(v);
     let node = g.node(producer);
@@ -291,10 +291,12 @@ fn row_ids(
         node.inputs.iter().map(|&x| row_ids(g, x, width, stop, nodes, source)).collect::<Option<Vec<Tensor>>>()?;
     // The same op over the row indices, whose last axis is 1 wide.
     let op = match &node.op {
-        Op::Reshape { shape } => Op::Reshape { shape: shape[..shape.len() - 1].iter().copied().chain([1]).collect() },
+        Op::Reshape { shape } => {
+            Op::Reshape { shape: shape[..shape.len() - 1].iter().copied().chain([Dim::new(1)]).collect() }
+        }
         Op::Slice { starts, ends, steps } => {
             let mut ends = ends.clone();
-            ends[rank - 1] = 1;
+            ends[rank - 1] = Dim::new(1);
             Op::Slice { starts: starts.clone(), ends, steps: steps.clone() }
         }
         op => op.clone(),
@@ -319,7 +321,7 @@ struct RepeatedHeads {
 /// `v` as a repeat of another value's heads, and the nodes that repeat
 /// them, if every intermediate value is read only by the next node.
 fn repeated_heads(g: &Graph, v: ValueId) -> Option<(RepeatedHeads, Vec<NodeId>)> {
-    let rank = g.ty(v).shape.len();
+    let rank = g.ty(v).rank();
     if rank < 3 {
         return None;
     }
@@ -347,7 +349,7 @@ fn repeated_heads(g: &Graph, v: ValueId) -> Option<(RepeatedHeads, Vec<NodeId>)>
     if [at, e, u].iter().any(|&w| g.use_count(w) != 1) {
         return None;
     }
-    let (z, es, us, xs) = (&g.ty(at).shape, &g.ty(e).shape, &g.ty(u).shape, &g.ty(x).shape);
+    let (z, es, us, xs) = (&g.ty(at).sizes(), &g.ty(e).sizes(), &g.ty(u).sizes(), &g.ty(x).sizes());
     let lead = rank - 3;
     let (groups, repeat) = (*es.get(lead)?, *es.get(lead + 1)?);
     let mut want_u = es.clone();
@@ -566,8 +568,8 @@ impl<'g> Lowering<'g> {
     /// A fresh dense buffer for `v`.
     fn define(&mut self, v: ValueId) -> BufferId {
         let ty = self.g.ty(v).clone();
-        let b = self.scratch(ty.dtype, &ty.shape);
-        self.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.shape) });
+        let b = self.scratch(ty.dtype, &ty.sizes());
+        self.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.sizes()) });
         b
     }
 
@@ -582,7 +584,7 @@ impl<'g> Lowering<'g> {
     /// `v` read broadcast to `out` (or at its own shape).
     fn read(&mut self, v: ValueId, out: &[usize]) -> Operand {
         let vw = self.view(v);
-        let shape = &self.g.ty(v).shape;
+        let shape = &self.g.ty(v).sizes();
         Operand {
             buffer: vw.buffer,
             dtype: self.g.ty(v).dtype,
@@ -595,13 +597,13 @@ impl<'g> Lowering<'g> {
     fn dense(&mut self, v: ValueId, label: &str) -> BufferId {
         let vw = self.view(v);
         let ty = self.g.ty(v).clone();
-        if vw.offset == 0 && is_dense(&ty.shape, &vw.strides) {
+        if vw.offset == 0 && is_dense(&ty.sizes(), &vw.strides) {
             return vw.buffer;
         }
-        let input = self.read(v, &ty.shape);
+        let input = self.read(v, &ty.sizes());
         let b = self.define(v);
-        let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
-        self.map(ty.shape, vec![input], output, Expr::Input(0), label);
+        let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.sizes()) };
+        self.map(ty.sizes(), vec![input], output, Expr::Input(0), label);
         b
     }
 
@@ -647,7 +649,7 @@ impl<'g> Lowering<'g> {
     /// that are pending, read only here, and of the same shape.
     fn elementwise(&mut self, out: ValueId, inputs: &[ValueId], expr: Expr, label: &str) {
         let g = self.g;
-        let shape = g.ty(out).shape.clone();
+        let shape = g.ty(out).sizes();
         let mut reads: Vec<Operand> = Vec::new();
         let mut with = Vec::with_capacity(inputs.len());
         for &v in inputs {
@@ -657,7 +659,7 @@ impl<'g> Lowering<'g> {
                 continue;
             }
             let inline = self.opts.fuse_elementwise
-                && g.ty(v).shape == shape
+                && g.ty(v).sizes() == shape
                 && g.use_count(v) == 1
                 && self.pending.contains_key(&v);
             if inline {
@@ -807,11 +809,12 @@ impl<'g> Lowering<'g> {
         };
         match op {
             Op::Reshape { shape } => {
+                let shape = &egret_ir::bound_sizes(shape);
                 if self.reshape_pending(x, outputs[0], shape) {
                     return true;
                 }
                 let vw = self.view(x);
-                match reshape_strides(&xt.shape, &vw.strides, shape) {
+                match reshape_strides(&xt.sizes(), &vw.strides, shape) {
                     Some(st) => alias(self, outputs[0], vw.offset, st),
                     None => {
                         let b = self.dense(x, label);
@@ -831,6 +834,7 @@ impl<'g> Lowering<'g> {
             }
             Op::Slice { starts, steps, .. } => {
                 let vw = self.view(x);
+                let starts = egret_ir::bound_ints(starts);
                 let offset = vw.offset + starts.iter().zip(&vw.strides).map(|(&s, &st)| s as isize * st).sum::<isize>();
                 alias(
                     self,
@@ -841,7 +845,8 @@ impl<'g> Lowering<'g> {
             }
             Op::Expand { shape } => {
                 let vw = self.view(x);
-                alias(self, outputs[0], vw.offset, broadcast_view(&xt.shape, &vw.strides, shape));
+                let shape = &egret_ir::bound_sizes(shape);
+                alias(self, outputs[0], vw.offset, broadcast_view(&xt.sizes(), &vw.strides, shape));
                 self.copy_unless_views(outputs, label);
             }
             Op::Split { axis, .. } => {
@@ -849,18 +854,18 @@ impl<'g> Lowering<'g> {
                 let mut at = 0isize;
                 for &out in outputs {
                     alias(self, out, vw.offset + at * vw.strides[*axis], vw.strides.clone());
-                    at += g.ty(out).shape[*axis] as isize;
+                    at += g.ty(out).sizes()[*axis] as isize;
                 }
                 self.copy_unless_views(outputs, label);
             }
             Op::Concat { axis } => {
                 let out = outputs[0];
-                let out_shape = g.ty(out).shape.clone();
+                let out_shape = g.ty(out).sizes();
                 let os = contiguous_strides(&out_shape);
                 let b = self.define(out);
                 let mut at = 0isize;
                 for &v in inputs {
-                    let shape = g.ty(v).shape.clone();
+                    let shape = g.ty(v).sizes();
                     let output = Operand { buffer: b, dtype: xt.dtype, offset: at * os[*axis], strides: os.clone() };
                     at += shape[*axis] as isize;
                     // A pending elementwise part read only here is computed
@@ -897,9 +902,9 @@ impl<'g> Lowering<'g> {
         let ConvShape { strides, pads, dilations, group } = shape;
         let g = self.g;
         let (x, w) = (inputs[0], inputs[1]);
-        let xs = g.ty(x).shape.clone();
-        let ws = g.ty(w).shape.clone();
-        let os = g.ty(out).shape.clone();
+        let xs = g.ty(x).sizes();
+        let ws = g.ty(w).sizes();
+        let os = g.ty(out).sizes();
         let sp = xs.len() - 2;
         let (n, c, m) = (xs[0], xs[1], ws[0]);
         let kernel = &ws[2..];
@@ -985,7 +990,7 @@ impl<'g> Lowering<'g> {
     fn rows(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> Option<RowKernel> {
         let g = self.g;
         let x = inputs[0];
-        let shape = &g.ty(x).shape;
+        let shape = &g.ty(x).sizes();
         if g.ty(x).dtype != DType::F32 || shape.is_empty() {
             return None;
         }
@@ -1090,9 +1095,9 @@ impl<'g> Lowering<'g> {
         let i = self.dense(indices, label);
         let o = self.define(out);
         GatherKernel {
-            outer: ty.shape[..axis].iter().product(),
-            axis_len: ty.shape[axis],
-            inner: ty.shape[axis + 1..].iter().product(),
+            outer: ty.sizes()[..axis].iter().product(),
+            axis_len: ty.sizes()[axis],
+            inner: ty.sizes()[axis + 1..].iter().product(),
             n_indices: g.ty(indices).numel(),
             elem_bytes: ty.dtype.size_bytes(),
             wide_indices: g.ty(indices).dtype == DType::I64,
@@ -1115,7 +1120,7 @@ impl<'g> Lowering<'g> {
         label: &str,
     ) -> Option<MatMulKernel> {
         let g = self.g;
-        let (sa, sb, sc) = (g.ty(a).shape.clone(), g.ty(b).shape.clone(), g.ty(c).shape.clone());
+        let (sa, sb, sc) = (g.ty(a).sizes(), g.ty(b).sizes(), g.ty(c).sizes());
         // 1-d operands are rare in transformer graphs; the reference path keeps them.
         if sa.len() < 2 || sb.len() < 2 {
             return None;
@@ -1167,7 +1172,7 @@ impl<'g> Lowering<'g> {
     /// layout ops after it, read as it is, or plus the bias row (pending,
     /// so that the reader's map and then the matmul's epilogue take it).
     fn placed_result(&mut self, p: &PlacedRows, label: &str) -> BufferId {
-        let shape = self.g.ty(p.result).shape.clone();
+        let shape = self.g.ty(p.result).sizes();
         let b = self.scratch(DType::F32, &shape);
         let dense = Operand { buffer: b, dtype: DType::F32, offset: 0, strides: contiguous_strides(&shape) };
         match p.bias {
@@ -1195,7 +1200,7 @@ impl<'g> Lowering<'g> {
         n: usize,
         cb: BufferId,
     ) -> MatMulKernel {
-        let shape = &self.g.ty(rows.source).shape;
+        let shape = &self.g.ty(rows.source).sizes();
         let (lead, k) = (&shape[..shape.len() - 1], shape[shape.len() - 1]);
         let offset = |r: usize| {
             let (mut at, mut rest) = (va.offset, r);
@@ -1398,8 +1403,8 @@ impl<'g> Lowering<'g> {
         let Scores { scale, softcap, nan_to_zero } = attrs;
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
-        let (sq_shape, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
-        let so = g.ty(out).shape.clone();
+        let (sq_shape, skt, sv) = (g.ty(q).sizes(), g.ty(kt).sizes(), g.ty(v).sizes());
+        let so = g.ty(out).sizes();
         let (sq, d, sk, dv) =
             (sq_shape[sq_shape.len() - 2], sq_shape[sq_shape.len() - 1], skt[skt.len() - 1], so[so.len() - 1]);
         let batch = so[..so.len() - 2].to_vec();
@@ -1481,8 +1486,8 @@ impl<'g> Lowering<'g> {
             let node = g.node(*reader);
             if let Op::Transpose { perm } = &node.op {
                 if perm.len() == rank && perm[rank - 1] == rank - 1 {
-                    let transposed = contiguous_strides(&g.ty(node.outputs[0]).shape);
-                    let buffer = self.scratch(ty.dtype, &g.ty(node.outputs[0]).shape);
+                    let transposed = contiguous_strides(&g.ty(node.outputs[0]).sizes());
+                    let buffer = self.scratch(ty.dtype, &g.ty(node.outputs[0]).sizes());
                     // Axis `perm[j]` of the output is axis `j` of the transpose.
                     let mut strides = vec![0; rank];
                     for (j, &axis) in perm.iter().enumerate() {
@@ -1539,7 +1544,7 @@ impl<'g> Lowering<'g> {
         let Scores { scale, softcap, nan_to_zero } = attrs;
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
-        let (sq, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
+        let (sq, skt, sv) = (g.ty(q).sizes(), g.ty(kt).sizes(), g.ty(v).sizes());
         let mut scores =
             egret_ir::ops::broadcast_shapes(&sq[..sq.len() - 2], &skt[..skt.len() - 2]).expect("checked by inference");
         scores.extend([sq[sq.len() - 2], skt[skt.len() - 1]]);
@@ -1591,7 +1596,7 @@ impl<'g> Lowering<'g> {
         }
         let vview = self.generated_ready(v, label);
         let o = self.define(out);
-        let so = g.ty(out).shape.clone();
+        let so = g.ty(out).sizes();
         let probs = View { buffer: s, offset: 0, strides: contiguous_strides(&scores) };
         let mm = self.matmul_kernel(&probs, &scores, &vview, &sv, &so, o);
         self.push(KernelKind::MatMul(mm), label);
@@ -1619,6 +1624,15 @@ struct Scores {
 /// Lowers a canonical, verified graph to a plan.
 pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     egret_ir::verify(g)?;
+    // Plans are sized at compile time: symbols get values first (`Graph::bind`).
+    let symbols = g.symbols();
+    if !symbols.is_empty() {
+        return Err(IrError::new(
+            "graph",
+            "lower",
+            format!("dims {} are symbolic; give them values (--dim) before lowering", symbols.join(", ")),
+        ));
+    }
     let mut l = Lowering {
         g,
         buffers: vec![],
@@ -1636,7 +1650,7 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     for (i, &v) in g.inputs().iter().enumerate() {
         let ty = g.ty(v).clone();
         let b = l.new_buffer(&ty, Storage::Input(i));
-        l.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.shape) });
+        l.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.sizes()) });
         inputs.push((b, ty));
     }
     for n in g.topo_order()? {
@@ -1656,11 +1670,11 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
             || l.buffers[b].bytes != ty.numel() * ty.dtype.size_bytes();
         if shared {
             let ty = g.ty(*v).clone();
-            let input = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
-            b = l.scratch(ty.dtype, &ty.shape);
-            let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.shape) };
+            let input = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.sizes()) };
+            b = l.scratch(ty.dtype, &ty.sizes());
+            let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.sizes()) };
             if mappable(ty.dtype) {
-                l.map(ty.shape.clone(), vec![input], output, Expr::Input(0), name);
+                l.map(ty.sizes(), vec![input], output, Expr::Input(0), name);
             } else {
                 // Non-f32 outputs that alias storage are read from that storage as is.
                 b = input.buffer;

@@ -1,9 +1,10 @@
 //! The import driver and the context a builder sees for one node.
 
 use crate::registry;
+use crate::symbolic::{self, Known, SymInts};
 use crate::tensor::{dtype_from_onnx, tensor_from_proto};
 use crate::{ImportError, ImportOptions, Imported, MAX_OPSET, MIN_OPSET};
-use egret_ir::{Graph, Op, Tensor, Type, ValueId};
+use egret_ir::{Dim, Graph, Op, Tensor, Type, ValueId};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::{AttributeProto, ModelProto, NodeProto};
 use std::cell::RefCell;
@@ -19,6 +20,8 @@ pub struct Importer<'a> {
     pub graph: Graph,
     names: HashMap<String, ValueId>,
     known: HashMap<ValueId, Arc<Tensor>>,
+    /// Known integer values with symbolic elements (shapes of symbolic dims).
+    known_dims: HashMap<ValueId, Arc<SymInts>>,
     pub opset: i64,
     base: Option<&'a Path>,
     specialized: Vec<(String, Tensor)>,
@@ -50,6 +53,7 @@ impl<'a> Importer<'a> {
             graph: Graph::new(),
             names: HashMap::new(),
             known: HashMap::new(),
+            known_dims: HashMap::new(),
             opset,
             base,
             specialized: vec![],
@@ -127,18 +131,25 @@ impl<'a> Importer<'a> {
                 .get(&input.name)
                 .cloned()
                 .or_else(|| opts.input_values.get(&input.name).map(|t| t.shape().to_vec()));
-            let shape: Vec<usize> = match tt.shape.as_ref() {
-                None => {
-                    given.clone().ok_or_else(|| err("the model gives no shape; pass the input or its shape".into()))?
+            // A given shape binds the input's symbols unless they are to stay
+            // symbolic; its rank is checked either way.
+            let (given, given_rank) = match given {
+                Some(g) if opts.keep_symbolic && !specialize.contains(&input.name) => (None, Some(g.len())),
+                g => {
+                    let r = g.as_ref().map(|g| g.len());
+                    (g, r)
                 }
+            };
+            let shape: Vec<egret_ir::Dim> = match tt.shape.as_ref() {
+                None => egret_ir::dims_of(
+                    &given
+                        .clone()
+                        .ok_or_else(|| err("the model gives no shape; pass the input or its shape".into()))?,
+                ),
                 Some(sp) => {
-                    if let Some(gs) = &given {
-                        if gs.len() != sp.dim.len() {
-                            return Err(err(format!(
-                                "has rank {} but the model declares rank {}",
-                                gs.len(),
-                                sp.dim.len()
-                            )));
+                    if let Some(rank) = given_rank {
+                        if rank != sp.dim.len() {
+                            return Err(err(format!("has rank {rank} but the model declares rank {}", sp.dim.len())));
                         }
                     }
                     let mut shape = Vec::new();
@@ -165,30 +176,34 @@ impl<'a> Importer<'a> {
                                     dims.insert(p.clone(), gv);
                                     gv
                                 }
+                                // Nothing gives it a value: it stays symbolic.
                                 (None, None) => {
-                                    return Err(ImportError::UnboundDim {
-                                        input: input.name.clone(),
-                                        axis: i,
-                                        dim: p.clone(),
-                                    })
+                                    shape.push(egret_ir::Dim::from_dim_param(p));
+                                    continue;
                                 }
                             },
-                            _ => from_given
-                                .ok_or_else(|| err(format!("dim {i} is unknown; pass the input or its shape")))?,
+                            // A dim with neither a value nor a name: a symbol of its own.
+                            _ => match from_given {
+                                Some(v) => v,
+                                None => {
+                                    shape.push(egret_ir::Dim::symbol(&format!("{}[{i}]", input.name)));
+                                    continue;
+                                }
+                            },
                         };
                         if let Some(Dim::DimParam(p)) = &d.value {
                             if !self.symbols.iter().any(|(n, _)| n == p) {
                                 self.symbols.push((p.clone(), v));
                             }
                         }
-                        shape.push(v);
+                        shape.push(egret_ir::Dim::new(v));
                     }
                     shape
                 }
             };
             let ty = Type::new(dtype, shape);
-            if ty.checked_numel().is_none() {
-                return Err(err(format!("shape {:?} is too large", ty.shape)));
+            if ty.is_known() && ty.checked_numel().is_none() {
+                return Err(err(format!("shape {ty} is too large")));
             }
             let v = self.graph.add_input(&input.name, ty.clone());
             if specialize.contains(&input.name) {
@@ -271,24 +286,61 @@ impl<'a> Importer<'a> {
         let node = self.graph.node(self.graph.producer(first)).clone();
         let value = match &node.op {
             Op::Shape { start, end } => {
-                let s = &self.graph.ty(node.inputs[0]).shape;
-                vec![Tensor::from_vec(vec![end - start], s[*start..*end].iter().map(|&d| d as i64).collect())]
+                let s = &self.graph.ty(node.inputs[0]).shape[*start..*end];
+                match egret_ir::known_shape(s) {
+                    Some(s) => vec![Known::Tensor(Arc::new(Tensor::from_vec(
+                        vec![s.len()],
+                        s.iter().map(|&d| d as i64).collect(),
+                    )))],
+                    None => vec![Known::Dims(Arc::new(SymInts { shape: vec![s.len()], values: s.to_vec() }))],
+                }
             }
             op => {
-                let small = outs.iter().all(|&v| self.graph.ty(v).numel() <= KNOWN_VALUE_LIMIT);
-                let inputs: Option<Vec<&Tensor>> =
-                    node.inputs.iter().map(|v| self.known.get(v).map(|t| &**t)).collect();
-                match (small, inputs) {
-                    (true, Some(inputs)) => match egret_ir::eval_op(op, &inputs) {
-                        Ok(ts) => ts,
+                let small =
+                    outs.iter().all(|&v| self.graph.ty(v).checked_numel().is_some_and(|n| n <= KNOWN_VALUE_LIMIT));
+                if !small {
+                    return;
+                }
+                let inputs: Option<Vec<Known>> = node
+                    .inputs
+                    .iter()
+                    .map(|v| match (self.known.get(v), self.known_dims.get(v)) {
+                        (Some(t), _) => Some(Known::Tensor(t.clone())),
+                        (None, Some(d)) => Some(Known::Dims(d.clone())),
+                        (None, None) => None,
+                    })
+                    .collect();
+                let Some(inputs) = inputs else { return };
+                if inputs.iter().all(|k| matches!(k, Known::Tensor(_))) {
+                    let tensors: Vec<&Tensor> = inputs
+                        .iter()
+                        .map(|k| match k {
+                            Known::Tensor(t) => &**t,
+                            Known::Dims(_) => unreachable!("all inputs are tensors"),
+                        })
+                        .collect();
+                    match egret_ir::eval_op(op, &tensors) {
+                        Ok(ts) => ts.into_iter().map(|t| Known::Tensor(Arc::new(t))).collect(),
                         Err(_) => return,
-                    },
-                    _ => return,
+                    }
+                } else {
+                    let dtypes: Vec<_> = outs.iter().map(|&v| self.graph.ty(v).dtype).collect();
+                    match symbolic::eval(op, &inputs, &dtypes) {
+                        Some(ks) => ks,
+                        None => return,
+                    }
                 }
             }
         };
-        for (v, t) in outs.iter().zip(value) {
-            self.known.insert(*v, Arc::new(t));
+        for (v, k) in outs.iter().zip(value) {
+            match k {
+                Known::Tensor(t) => {
+                    self.known.insert(*v, t);
+                }
+                Known::Dims(d) => {
+                    self.known_dims.insert(*v, d);
+                }
+            }
         }
     }
 }
@@ -314,7 +366,7 @@ fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -
             }
             for (i, d) in sp.dim.iter().enumerate() {
                 if let Some(Dim::DimValue(v)) = d.value {
-                    if v >= 0 && v as usize != ty.shape[i] {
+                    if v >= 0 && ty.shape[i] != v as usize {
                         return Err(err(format!("the model declares dim {i} = {v} but the graph computes {ty}")));
                     }
                 }
@@ -470,6 +522,14 @@ impl NodeCtx<'_, '_> {
         if let Some(t) = self.imp.known.get(&v) {
             return Ok(t.clone());
         }
+        if let Some(d) = self.imp.known_dims.get(&v) {
+            let values: Vec<String> = d.values.iter().map(|d| d.to_string()).collect();
+            return Err(self.err(format!(
+                "{what} (input {i}) is [{}], which depends on symbolic dims; this op needs it as numbers \
+                 (give the dims values with --dim)",
+                values.join(", ")
+            )));
+        }
         let inputs = self.graph_inputs_behind(v);
         if !inputs.is_empty() {
             return Err(ImportError::NeedsInputValue {
@@ -504,6 +564,31 @@ impl NodeCtx<'_, '_> {
 
     pub fn need_ints(&self, i: usize, what: &str) -> Result<Vec<i64>, ImportError> {
         Ok(self.need_known(i, what)?.to_i64_vec())
+    }
+
+    /// The compile-time value of integer input `i` as dims, which may be
+    /// symbolic (a reshape target computed from the input's shape).
+    pub fn need_dims(&self, i: usize, what: &str) -> Result<Vec<Dim>, ImportError> {
+        let v = self.req(i)?;
+        if let Some(d) = self.imp.known_dims.get(&v) {
+            return Ok(d.values.clone());
+        }
+        Ok(self.need_ints(i, what)?.into_iter().map(Dim::saturating).collect())
+    }
+
+    /// Records that `v` holds `values` (a value a builder computed from dims).
+    pub fn set_known_dims(&mut self, v: ValueId, shape: Vec<usize>, values: Vec<Dim>) {
+        self.imp.known_dims.insert(v, Arc::new(SymInts { shape, values }));
+    }
+
+    /// The known shape of `v`, for an op whose import needs every size.
+    pub fn sizes(&self, v: ValueId) -> Result<Vec<usize>, ImportError> {
+        let ty = self.ty(v);
+        ty.known_shape().ok_or_else(|| {
+            self.err(format!(
+                "the input's shape {ty} is symbolic; this op needs it known (give the dims values with --dim)"
+            ))
+        })
     }
 
     fn attr(&self, name: &str) -> Option<&AttributeProto> {

@@ -20,10 +20,6 @@ pub enum ImportError {
     Tensor { tensor: String, message: String },
     #[error("input `{input}`: {message}")]
     Input { input: String, message: String },
-    /// A graph input's dim is a `dim_param` that neither the options nor a
-    /// given input shape binds.
-    #[error("input `{input}`: dim {axis} is symbolic (`{dim}`); bind it with --dim {dim}=N or pass the input")]
-    UnboundDim { input: String, axis: usize, dim: String },
     #[error("node `{node}` reads `{name}`, which no node, initializer or graph input defines")]
     Undefined { node: String, name: String },
     #[error("the graph has a cycle through node `{node}`")]

@@ -2,20 +2,23 @@
 //!
 //! The importer walks the ONNX nodes in dependency order and hands each to a
 //! builder from the op registry (`registry`), which reads attributes with
-//! their ONNX defaults and emits IR ops in Egret's normalised form. Shapes are
-//! concrete: symbolic dimensions are bound from the options before any node is
-//! built, so builders can resolve axes, auto-padding and shape inputs once.
+//! their ONNX defaults and emits IR ops in Egret's normalised form. A
+//! `dim_param` the options give a value (`dims`, or an input's shape) is
+//! bound before any node is built; the others stay symbolic (`egret_ir::Dim`),
+//! `past_sequence + sequence` read as the expression it spells.
 //!
 //! Values that later ops need at compile time (a `Reshape`'s shape, a
 //! `Slice`'s starts) are tracked as *known* while importing: the output of
 //! `Shape` is known from the static type, and any small op whose inputs are
-//! all known is evaluated with the IR's reference semantics. The graph itself
-//! keeps those nodes; the canonicaliser folds them away.
+//! all known is evaluated with the IR's reference semantics, or, when some
+//! are symbolic, over dim expressions (`symbolic.rs`). The graph itself keeps
+//! those nodes; the canonicaliser folds them away once the dims are known.
 
 mod context;
 mod error;
 mod ops;
 mod registry;
+mod symbolic;
 pub use registry::supported_ops;
 pub mod tensor;
 
@@ -44,6 +47,11 @@ pub struct ImportOptions {
     /// specialises the graph on it; the runtime then checks every call
     /// passes that same value.
     pub input_values: HashMap<String, Tensor>,
+    /// Keep `dim_param`s symbolic even where `input_shapes` or
+    /// `input_values` give the inputs' shapes (they are then only checked
+    /// for rank): one graph for every value of the symbols. `dims` still
+    /// binds the symbols it names.
+    pub keep_symbolic: bool,
 }
 
 /// An imported model.
@@ -52,8 +60,8 @@ pub struct Imported {
     pub graph: Graph,
     /// Graph inputs the graph was specialised on, with the value it assumes.
     pub specialized: Vec<(String, Tensor)>,
-    /// The inputs' symbolic dims (`dim_param`s), in order of first use, with
-    /// the sizes they were bound to: every dim is fixed at compile time.
+    /// The inputs' `dim_param`s that were bound, in order of first use, with
+    /// their sizes. The others stay symbolic (`Graph::symbols`).
     pub symbols: Vec<(String, usize)>,
     pub opset: i64,
     pub producer: String,

@@ -4,6 +4,7 @@
 //! float formats are deliberately absent: an input that uses them is refused at
 //! import with a clear error rather than silently widened.
 
+use crate::dim::{Dim, DimOverflow};
 use std::fmt;
 use std::str::FromStr;
 
@@ -89,32 +90,69 @@ impl FromStr for DType {
     }
 }
 
-/// The type of a value: element type and a fully known shape.
+/// The type of a value: element type and shape.
 ///
-/// Shapes are concrete: symbolic dimensions are bound before a graph is built,
-/// so every pass and backend can size buffers and pick tilings statically.
+/// A dim may be symbolic (`Dim`): a model's `dim_param`s stay symbols through
+/// import, canonicalisation and the e-graph, and `Graph::bind` gives them
+/// values before lowering, where every shape is known.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Type {
     pub dtype: DType,
-    pub shape: Vec<usize>,
+    pub shape: Vec<Dim>,
 }
 
 impl Type {
-    pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
-        Type { dtype, shape: shape.into() }
+    pub fn new<D: Into<Dim>>(dtype: DType, shape: impl IntoIterator<Item = D>) -> Self {
+        Type { dtype, shape: shape.into_iter().map(Into::into).collect() }
     }
 
     pub fn rank(&self) -> usize {
         self.shape.len()
     }
 
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+    /// Whether no dim is symbolic.
+    pub fn is_known(&self) -> bool {
+        self.shape.iter().all(|d| d.is_known())
     }
 
-    /// The element count, or `None` if it overflows or exceeds `MAX_ELEMENTS`.
+    /// The shape's sizes, if every dim is known.
+    pub fn known_shape(&self) -> Option<Vec<usize>> {
+        crate::dim::known_shape(&self.shape)
+    }
+
+    /// The shape of a type in a bound graph. Lowering, the backends and the
+    /// runtime see only graphs `Graph::bind` has bound (`lower` checks), so a
+    /// symbolic dim here is a bug in the pipeline, not in the model.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.known_shape().unwrap_or_else(|| panic!("type {self} is symbolic where a bound graph was expected"))
+    }
+
+    /// The element count of a bound type (see `sizes`).
+    pub fn numel(&self) -> usize {
+        self.sizes().iter().product()
+    }
+
+    /// The shape with each symbol at its nominal value (`Dim::estimate`),
+    /// for cost models.
+    pub fn estimated_shape(&self) -> Vec<usize> {
+        self.shape.iter().map(|d| d.estimate()).collect()
+    }
+
+    /// The element count at the symbols' nominal values (saturating).
+    pub fn estimated_numel(&self) -> usize {
+        self.shape.iter().fold(1usize, |a, d| a.saturating_mul(d.estimate()))
+    }
+
+    /// The element count as a dim (symbolic when the shape is).
+    pub fn numel_dim(&self) -> Result<Dim, DimOverflow> {
+        crate::dim::product(&self.shape)
+    }
+
+    /// The element count, or `None` if the shape is symbolic, or the count
+    /// overflows or exceeds `MAX_ELEMENTS`. (A symbolic shape's sizes are
+    /// checked when the graph is bound.)
     pub fn checked_numel(&self) -> Option<usize> {
-        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= MAX_ELEMENTS)
+        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d.size()?)).filter(|&n| n <= MAX_ELEMENTS)
     }
 }
 

@@ -6,6 +6,7 @@
 //! producer node: graph inputs are `input` nodes and weights are `const` nodes,
 //! which keeps "where does this value come from" a single question.
 
+use crate::dim::Dim;
 use crate::dtype::Type;
 use crate::op::Op;
 use crate::tensor::Tensor;
@@ -309,5 +310,64 @@ impl Graph {
 
     pub fn value_count(&self) -> usize {
         self.values.len()
+    }
+
+    /// The symbols the graph's types and attributes depend on, sorted.
+    pub fn symbols(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.values.iter().flat_map(|v| crate::dim::shape_symbols(&v.ty.shape)).collect();
+        for n in self.node_ids() {
+            out.extend(self.node(n).op.dims().into_iter().flat_map(|d| d.symbols()));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether every type and attribute is known (no symbolic dim).
+    pub fn is_bound(&self) -> bool {
+        self.symbols().is_empty()
+    }
+
+    /// A copy with the symbols `value` gives replaced by their values, every
+    /// node's types inferred again. The importer's assumptions about the
+    /// symbols (that a slice's bounds lie in its axis, that a reshape keeps
+    /// the element count) are checked there by the same rules as for any
+    /// known shape, so a value that breaks them is an error naming the node.
+    pub fn bind(&self, value: &dyn Fn(&str) -> Option<usize>) -> Result<Graph, IrError> {
+        let value = |s: &str| value(s).and_then(|v| i64::try_from(v).ok());
+        let sub = |d: Dim, label: &str, op: &str| {
+            d.substitute(&value).map_err(|e| IrError::new(label, op, format!("{d}: {e}")))
+        };
+        let mut g = Graph::new();
+        let mut map = std::collections::HashMap::new();
+        for &v in &self.inputs {
+            let name = self.input_name(v);
+            let shape = self.ty(v).shape.iter().map(|&d| sub(d, name, "input")).collect::<Result<Vec<_>, _>>()?;
+            let ty = Type { dtype: self.ty(v).dtype, shape };
+            if ty.is_known() && ty.checked_numel().is_none() {
+                return Err(IrError::new(name, "input", format!("shape {ty} is too large")));
+            }
+            map.insert(v, g.add_input(name, ty));
+        }
+        for n in self.topo_order()? {
+            let node = self.node(n);
+            if matches!(node.op, Op::Input { .. }) {
+                continue;
+            }
+            let op = node.op.map_dims(|d| sub(d, &node.label, node.op.name()))?;
+            let inputs: Vec<ValueId> = node.inputs.iter().map(|v| map[v]).collect();
+            let outs = g.add_node(op, &inputs, &node.label)?;
+            for (old, new) in node.outputs.iter().zip(outs) {
+                let ty = g.ty(new);
+                if ty.is_known() && ty.checked_numel().is_none() {
+                    return Err(IrError::new(&node.label, node.op.name(), format!("output shape {ty} is too large")));
+                }
+                map.insert(*old, new);
+            }
+        }
+        for (name, v) in &self.outputs {
+            g.set_output(name, map[v]);
+        }
+        Ok(g)
     }
 }

@@ -7,6 +7,7 @@
 //! **This crate depends on no other workspace crate.** Everything above it
 //! (frontend, passes, backends, runtime) speaks in these types.
 
+mod dim;
 mod dot;
 mod dtype;
 mod error;
@@ -17,6 +18,10 @@ mod tensor;
 pub mod text;
 mod verify;
 
+pub use dim::{
+    bound_ints, bound_sizes, dims_of, dims_of_ints, known_shape, product, shape_symbols, shape_text, solve_bindings,
+    Bindings, Dim, DimOverflow, NOMINAL_SYMBOL_VALUE,
+};
 pub use dot::to_dot;
 pub use dtype::{DType, Type, MAX_ELEMENTS};
 pub use error::IrError;

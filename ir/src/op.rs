@@ -9,6 +9,7 @@
 //! The table below is the single source of truth: it generates the enum, the
 //! text-format name of each op, and the printing and parsing of attributes.
 
+use crate::dim::Dim;
 use crate::dtype::DType;
 use crate::tensor::Tensor;
 use std::fmt::Write as _;
@@ -81,6 +82,28 @@ macro_rules! int_attr {
 }
 int_attr!(i64);
 int_attr!(usize);
+
+/// A size: a number when known, else its expression as a string
+/// (`"batch*sequence"`).
+impl AttrValue for Dim {
+    fn write(&self, out: &mut String) {
+        match self.known() {
+            Some(v) => {
+                let _ = write!(out, "{v}");
+            }
+            None => {
+                let _ = write!(out, "{:?}", self.to_string());
+            }
+        }
+    }
+    fn parse(tok: &AttrTok) -> Result<Self, String> {
+        match tok {
+            AttrTok::Num(s) => s.parse::<i64>().ok().and_then(Dim::int).ok_or_else(|| format!("`{s}` is not a size")),
+            AttrTok::Str(s) => Dim::parse(s).ok_or_else(|| format!("`{s}` is not a size expression")),
+            other => Err(format!("expected a size, found {other:?}")),
+        }
+    }
+}
 
 impl AttrValue for bool {
     fn write(&self, out: &mut String) {
@@ -352,14 +375,16 @@ define_ops! {
     InstanceNorm { epsilon: f32 } = "instance_norm",
 
     // Layout.
-    Reshape { shape: Vec<usize> } = "reshape",
+    Reshape { shape: Vec<Dim> } = "reshape",
     Transpose { perm: Vec<usize> } = "transpose",
-    /// Per-axis start, end and step, already clamped as ONNX `Slice` specifies.
-    Slice { starts: Vec<i64>, ends: Vec<i64>, steps: Vec<i64> } = "slice",
+    /// Per-axis start, end and step, already clamped as ONNX `Slice`
+    /// specifies (for a symbolic dim, as it would be for every value the
+    /// importer assumed; `Graph::bind` checks them again).
+    Slice { starts: Vec<Dim>, ends: Vec<Dim>, steps: Vec<i64> } = "slice",
     Concat { axis: usize } = "concat",
-    Split { axis: usize, sizes: Vec<usize> } = "split",
+    Split { axis: usize, sizes: Vec<Dim> } = "split",
     /// Broadcasts to `shape`, which is the output shape.
-    Expand { shape: Vec<usize> } = "expand",
+    Expand { shape: Vec<Dim> } = "expand",
     Tile { repeats: Vec<usize> } = "tile",
     /// Begins then ends, per axis; negative pads crop. Optional 2nd input: the fill value.
     Pad { pads: Vec<i64>, mode: PadMode } = "pad",
@@ -375,8 +400,11 @@ define_ops! {
     GatherND { batch_dims: usize } = "gather_nd",
     ScatterND { reduction: Reduction } = "scatter_nd",
     ScatterElements { axis: usize, reduction: Reduction } = "scatter_elements",
-    /// The input's shape (dims `start..end`) as i64; always foldable.
+    /// The input's shape (dims `start..end`) as i64; folded once the dims are known.
     Shape { start: usize, end: usize } = "shape",
+    /// `len` values `start + i * delta` (inputs: scalars start and delta), the
+    /// form of ONNX `Range` whose bounds come from symbolic dims.
+    Range { len: Dim } = "range",
     Trilu { upper: bool, k: i64 } = "trilu",
     CumSum { axis: usize, exclusive: bool, reverse: bool } = "cumsum",
     /// Outputs: values, i64 indices.
@@ -393,5 +421,31 @@ impl Op {
 
     pub fn is_binary_elementwise(&self) -> bool {
         crate::ops::elementwise::is_binary(self)
+    }
+
+    /// The dims among the attributes (a reshape's target, a slice's bounds).
+    pub fn dims(&self) -> Vec<Dim> {
+        match self {
+            Op::Reshape { shape } | Op::Expand { shape } => shape.clone(),
+            Op::Slice { starts, ends, .. } => starts.iter().chain(ends).copied().collect(),
+            Op::Split { sizes, .. } => sizes.clone(),
+            Op::Range { len } => vec![*len],
+            _ => vec![],
+        }
+    }
+
+    /// The op with every attribute dim replaced by `f` of it.
+    pub fn map_dims<E>(&self, mut f: impl FnMut(Dim) -> Result<Dim, E>) -> Result<Op, E> {
+        let mut all = |ds: &[Dim]| ds.iter().map(|&d| f(d)).collect::<Result<Vec<_>, E>>();
+        Ok(match self {
+            Op::Reshape { shape } => Op::Reshape { shape: all(shape)? },
+            Op::Expand { shape } => Op::Expand { shape: all(shape)? },
+            Op::Slice { starts, ends, steps } => {
+                Op::Slice { starts: all(starts)?, ends: all(ends)?, steps: steps.clone() }
+            }
+            Op::Split { axis, sizes } => Op::Split { axis: *axis, sizes: all(sizes)? },
+            Op::Range { len } => Op::Range { len: all(&[*len])?[0] },
+            other => other.clone(),
+        })
     }
 }

@@ -482,7 +482,8 @@ impl Tensor {
 
     /// The inverse of `to_bytes`. `bytes` must hold exactly the elements of `ty`.
     pub fn from_bytes(ty: &Type, bytes: &[u8]) -> Result<Tensor, String> {
-        let n = ty.numel();
+        let shape = ty.known_shape().ok_or_else(|| format!("{ty} is symbolic; bytes need a known shape"))?;
+        let n: usize = shape.iter().product();
         if bytes.len() != n * ty.dtype.size_bytes() {
             return Err(format!("{} bytes do not hold a {ty}", bytes.len()));
         }
@@ -509,6 +510,6 @@ impl Tensor {
             DType::U32 => read!(u32, U32),
             DType::U64 => read!(u64, U64),
         };
-        Tensor::try_new(ty.shape.clone(), data)
+        Tensor::try_new(shape, data)
     }
 }

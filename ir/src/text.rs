@@ -11,6 +11,7 @@
 //! be tested text in, text out. Large constants can be elided for reading
 //! (`const <4096 values>`); an elided graph does not parse.
 
+use crate::dim::Dim;
 use crate::dtype::{DType, Type};
 use crate::graph::{Graph, ValueId};
 use crate::op::{AttrMap, AttrTok, Op};
@@ -164,7 +165,8 @@ fn lex(line: &str) -> Result<Vec<Tok>, String> {
                 i += 1;
             }
             toks.push(Tok::Ident(cs[start..i].iter().collect()));
-        } else if ":,={}[]<>".contains(c) {
+        } else if ":,={}[]<>+*()".contains(c) || c == '-' {
+            // `+ * ( ) -` appear in symbolic dims: `f32[batch, past + sequence - 1]`.
             toks.push(Tok::Punct(c));
             i += 1;
         } else {
@@ -214,13 +216,41 @@ impl Cursor {
             other => Err(format!("expected a number, found {other:?}")),
         }
     }
+    /// A dim of a type: a number, or the tokens of a symbolic expression up
+    /// to the next `,` or `]`.
+    fn dim(&mut self) -> Result<Dim, String> {
+        if let Some(Tok::Num(_)) = self.peek() {
+            if matches!(self.toks.get(self.pos + 1), Some(Tok::Punct(',' | ']'))) {
+                return Ok(Dim::new(self.usize()?));
+            }
+        }
+        let mut text = String::new();
+        let mut depth = 0;
+        loop {
+            match self.peek() {
+                Some(Tok::Punct(',' | ']')) if depth == 0 => break,
+                None => return Err("unterminated shape".into()),
+                _ => {}
+            }
+            match self.next()? {
+                Tok::Ident(s) | Tok::Num(s) => text.push_str(&s),
+                Tok::Str(s) => text.push_str(&format!("{s:?}")),
+                Tok::Punct(c) => {
+                    depth += (c == '(') as i32 - (c == ')') as i32;
+                    text.push(c);
+                }
+            }
+            text.push(' ');
+        }
+        Dim::parse(&text).ok_or_else(|| format!("`{}` is not a dimension", text.trim()))
+    }
     fn ty(&mut self) -> Result<Type, String> {
         let dtype: DType = self.ident()?.parse()?;
         self.punct('[')?;
         let mut shape = Vec::new();
         if !self.eat(']') {
             loop {
-                shape.push(self.usize()?);
+                shape.push(self.dim()?);
                 if self.eat(']') {
                     break;
                 }
@@ -337,8 +367,9 @@ fn parse_line(g: &mut Graph, names: &mut HashMap<String, ValueId>, line: &str, l
 }
 
 fn const_from_tokens(ty: &Type, items: &[AttrTok]) -> Result<Tensor, String> {
-    if items.len() != ty.numel() {
-        return Err(format!("constant of type {ty} needs {} values, found {}", ty.numel(), items.len()));
+    let n = ty.checked_numel().ok_or_else(|| format!("a constant of type {ty} needs a known, bounded shape"))?;
+    if items.len() != n {
+        return Err(format!("constant of type {ty} needs {n} values, found {}", items.len()));
     }
     let words: Vec<String> = items
         .iter()
@@ -370,7 +401,7 @@ fn const_from_tokens(ty: &Type, items: &[AttrTok]) -> Result<Tensor, String> {
         DType::U64 => parse_all!(u64, U64),
         DType::Bool => parse_all!(bool, Bool),
     };
-    Tensor::try_new(ty.shape.clone(), data)
+    Tensor::try_new(ty.known_shape().ok_or("a constant's shape must be known")?, data)
 }
 
 /// An op's attributes as compact text (`{axis=2,epsilon=1e-5}`, or empty

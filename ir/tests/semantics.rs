@@ -9,7 +9,11 @@ fn f32s(shape: &[usize], v: &[f32]) -> Tensor {
 #[test]
 fn slice_with_a_negative_step_walks_backwards() {
     let x = f32s(&[2, 4], &[0., 1., 2., 3., 4., 5., 6., 7.]);
-    let op = Op::Slice { starts: vec![1, 3], ends: vec![-1, -1], steps: vec![-1, -2] };
+    let op = Op::Slice {
+        starts: egret_ir::dims_of_ints(&[1, 3]).unwrap(),
+        ends: egret_ir::dims_of_ints(&[-1, -1]).unwrap(),
+        steps: vec![-1, -2],
+    };
     let y = &eval_op(&op, &[&x]).unwrap()[0];
     assert_eq!(y.shape(), &[2, 2]);
     assert_eq!(y.as_f32().unwrap(), &[7., 5., 3., 1.]);

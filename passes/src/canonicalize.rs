@@ -95,13 +95,14 @@ fn fold(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
     if matches!(node.op, Op::Const(_) | Op::Input { .. }) {
         return Ok(false);
     }
-    if node.outputs.iter().any(|&v| g.ty(v).numel() > FOLD_LIMIT) {
+    if node.outputs.iter().any(|&v| g.ty(v).checked_numel().is_none_or(|n| n > FOLD_LIMIT)) {
         return Ok(false);
     }
     let values = match &node.op {
         Op::Shape { start, end } => {
-            let s = &g.ty(node.inputs[0]).shape;
-            vec![egret_ir::Tensor::from_vec(vec![end - start], s[*start..*end].iter().map(|&d| d as i64).collect())]
+            // A symbolic dim folds once the graph is bound.
+            let Some(s) = egret_ir::known_shape(&g.ty(node.inputs[0]).shape[*start..*end]) else { return Ok(false) };
+            vec![egret_ir::Tensor::from_vec(vec![end - start], s.iter().map(|&d| d as i64).collect())]
         }
         op => {
             let Some(inputs) = node.inputs.iter().map(|&v| g.const_value(v).cloned()).collect::<Option<Vec<_>>>()
@@ -129,7 +130,7 @@ fn gather_nd_as_gather(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
     let Op::GatherND { batch_dims: 0 } = node.op else { return Ok(false) };
     let (data, indices) = (node.inputs[0], node.inputs[1]);
     let Some(idx) = g.const_value(indices).cloned() else { return Ok(false) };
-    let shape = g.ty(data).shape.clone();
+    let Some(shape) = g.ty(data).known_shape() else { return Ok(false) };
     let tuples_shape = &idx.shape()[..idx.rank().saturating_sub(1)];
     let q = idx.shape().last().copied().unwrap_or(0);
     if q == 0 || q > shape.len() {
@@ -152,7 +153,7 @@ fn gather_nd_as_gather(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
     }
     let mut flat_shape = vec![shape[..q].iter().product::<usize>()];
     flat_shape.extend(&shape[q..]);
-    let flattened = g.add(Op::Reshape { shape: flat_shape }, &[data], &node.label)?;
+    let flattened = g.add(Op::Reshape { shape: egret_ir::dims_of(&flat_shape) }, &[data], &node.label)?;
     let positions = g.add_const(Tensor::from_vec(tuples_shape.to_vec(), flat), &node.label);
     let gathered = g.add(Op::Gather { axis: 0 }, &[flattened, positions], &node.label)?;
     g.replace_all_uses(node.outputs[0], gathered);

@@ -41,8 +41,8 @@ fn random_inputs(g: &Graph, seed: u64) -> Vec<Tensor> {
                 })
                 .collect::<Vec<f32>>();
             match ty.dtype {
-                DType::F32 => Tensor::from_vec(ty.shape.clone(), data),
-                DType::Bool => Tensor::from_vec(ty.shape.clone(), data.iter().map(|&x| x > 0.0).collect::<Vec<_>>()),
+                DType::F32 => Tensor::from_vec(ty.sizes(), data),
+                DType::Bool => Tensor::from_vec(ty.sizes(), data.iter().map(|&x| x > 0.0).collect::<Vec<_>>()),
                 d => panic!("no random data for {d}"),
             }
         })

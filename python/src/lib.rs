@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use egret::ir::{DType, Data, Tensor, Type};
 
@@ -77,7 +77,11 @@ fn node_args(values: &[(String, Type)]) -> Vec<NodeArg> {
         .iter()
         .map(|(name, t)| NodeArg {
             name: name.clone(),
-            shape: t.shape.iter().map(|&n| DimArg::Size(n)).collect(),
+            shape: t
+                .shape
+                .iter()
+                .map(|d| d.size().map_or_else(|| DimArg::Symbol(d.to_string()), DimArg::Size))
+                .collect(),
             ty: type_name(t.dtype).into(),
         })
         .collect()
@@ -163,16 +167,15 @@ fn backend_of(name: &str) -> PyResult<egret::Backend> {
 /// A compiled model, run like an `onnxruntime.InferenceSession`.
 #[pyclass(frozen, module = "egret")]
 struct InferenceSession {
-    /// The programs compiled so far, newest last. With every dim bound
-    /// when the session was made, exactly one.
-    models: Mutex<Vec<Arc<egret::Model>>>,
-    /// The model's declared inputs and outputs, where some symbolic dim was
-    /// left unbound: each run's shapes bind them, and a binding not seen
-    /// before compiles (until dims stay symbolic through compilation).
-    deferred: Option<(Vec<egret::frontend::Declared>, Vec<egret::frontend::Declared>)>,
-    /// How many of those programs the session keeps (each holds its own
-    /// copy of the packed weights), dropping the oldest.
-    max_compiled_shapes: usize,
+    /// The compiled model. With symbolic dims left unbound it is compiled
+    /// once for all their values; each run's shapes bind them, and the
+    /// backend lowers it once per binding it has not seen (keeping
+    /// `max_compiled_shapes` of those programs).
+    model: Arc<egret::Model>,
+    /// The model's inputs and outputs as the file declares them, for a
+    /// model with unbound symbolic dims: `get_inputs` names them as
+    /// onnxruntime does.
+    declared: Option<(Vec<egret::frontend::Declared>, Vec<egret::frontend::Declared>)>,
     path: PathBuf,
     opts: egret::CompileOptions,
 }
@@ -207,31 +210,30 @@ impl InferenceSession {
             threads,
             opt_level,
             dims: dims.unwrap_or_default(),
+            max_specializations: max_compiled_shapes,
             ..Default::default()
         };
-        let (models, deferred) = match py.detach(|| egret::compile(&path, &opts)) {
-            Ok(model) => (vec![Arc::new(model)], None),
-            // Symbolic dims left unbound: the runs' shapes bind them.
-            Err(egret::Error::Import(egret::frontend::ImportError::UnboundDim { .. })) => {
-                let file = if path.is_dir() { path.join("model.onnx") } else { path.clone() };
-                (vec![], Some(egret::frontend::declared_io(&file).map_err(error)?))
-            }
-            Err(e) => return Err(error(e)),
+        let model = Arc::new(py.detach(|| egret::compile(&path, &opts)).map_err(error)?);
+        let declared = if model.program.signature.is_symbolic() {
+            let file = if path.is_dir() { path.join("model.onnx") } else { path.clone() };
+            Some(egret::frontend::declared_io(&file).map_err(error)?)
+        } else {
+            None
         };
-        Ok(InferenceSession { models: Mutex::new(models), deferred, max_compiled_shapes, path, opts })
+        Ok(InferenceSession { model, declared, path, opts })
     }
 
     fn get_inputs(&self) -> Vec<NodeArg> {
-        match &self.deferred {
+        match &self.declared {
             Some((inputs, _)) => declared_args(inputs),
-            None => node_args(&self.compiled()[0].program.signature.inputs),
+            None => node_args(&self.model.program.signature.inputs),
         }
     }
 
     fn get_outputs(&self) -> Vec<NodeArg> {
-        match &self.deferred {
+        match &self.declared {
             Some((_, outputs)) => declared_args(outputs),
-            None => node_args(&self.compiled()[0].program.signature.outputs),
+            None => node_args(&self.model.program.signature.outputs),
         }
     }
 
@@ -254,7 +256,7 @@ impl InferenceSession {
             let t = tensor_of(&name, &v)?;
             named.push((name, t));
         }
-        let model = self.model_for(py, &named)?;
+        let model = &self.model;
         let outputs = &model.program.signature.outputs;
         let wanted: Vec<usize> = match output_names {
             None => (0..outputs.len()).collect(),
@@ -272,12 +274,12 @@ impl InferenceSession {
         wanted.into_iter().map(|i| array_of(py, &results[i].1)).collect()
     }
 
-    /// The number of programs compiled so far: one for a model whose dims
-    /// were all bound when the session was made; with unbound symbolic
-    /// dims, one per binding the runs have needed, of which the session
-    /// keeps `max_compiled_shapes`.
+    /// The number of programs the backend has compiled: one for a model
+    /// whose dims were all bound when the session was made; with unbound
+    /// symbolic dims, one per binding the runs have needed (the session
+    /// keeps the last `max_compiled_shapes` of them).
     fn compiled_shapes(&self) -> usize {
-        self.compiled().len()
+        self.model.program.executable.specializations().unwrap_or(1)
     }
 
     /// What the compiler did: the same data as `egret explain --json`.
@@ -290,37 +292,6 @@ impl InferenceSession {
             })
             .map_err(error)?;
         py.import("json")?.call_method1("loads", (text,))
-    }
-}
-
-impl InferenceSession {
-    fn compiled(&self) -> std::sync::MutexGuard<'_, Vec<Arc<egret::Model>>> {
-        // A panic while the lock was held leaves the list as it was.
-        self.models.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The program for these inputs: the session's one, or, with unbound
-    /// symbolic dims, the one compiled for their shapes (compiled now if
-    /// this binding is new).
-    fn model_for(&self, py: Python<'_>, named: &[(String, Tensor)]) -> PyResult<Arc<egret::Model>> {
-        if self.deferred.is_none() {
-            return Ok(self.compiled()[0].clone());
-        }
-        if let Some(m) = self.compiled().iter().find(|m| m.program.signature.accepts(named)) {
-            return Ok(m.clone());
-        }
-        let opts = egret::CompileOptions {
-            input_shapes: named.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
-            input_values: named.iter().cloned().collect(),
-            ..self.opts.clone()
-        };
-        let model = Arc::new(py.detach(|| egret::compile(&self.path, &opts)).map_err(error)?);
-        let mut models = self.compiled();
-        if models.len() >= self.max_compiled_shapes {
-            models.remove(0);
-        }
-        models.push(model.clone());
-        Ok(model)
     }
 }
 

@@ -253,7 +253,7 @@ impl CpuExecutable {
             let ty = &plan.outputs[i].1;
             // The run's kernels wrote all `numel` elements (`Plan::direct_output`).
             unsafe { v.set_len(ty.numel()) };
-            results[i] = Some(Tensor::from_vec(ty.shape.clone(), v));
+            results[i] = Some(Tensor::from_vec(ty.sizes(), v));
         }
         Ok(results.into_iter().map(|t| t.expect("every output is read or direct")).collect())
     }

@@ -435,7 +435,7 @@ impl WgpuExecutable {
                 }
             }
         }
-        let error_word = (Place { space: Space::Error, word: 0 }, Type::new(egret_ir::DType::I32, vec![]));
+        let error_word = (Place { space: Space::Error, word: 0 }, Type::new(egret_ir::DType::I32, Vec::<usize>::new()));
         let mut values = vec![error_word];
         values.extend(self.plan.outputs.iter().cloned());
         let mut read = self.read_values(encoder, &values).map_err(device_error)?;

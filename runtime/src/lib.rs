@@ -35,6 +35,12 @@ pub enum RunError {
         "input `{name}` was fixed when the model was compiled (it sets a shape); this call passes a different value"
     )]
     SpecializedMismatch { name: String },
+    /// The inputs' shapes do not agree on the model's symbolic dims.
+    #[error("{0}")]
+    Shape(String),
+    /// A program for a new binding of the symbolic dims failed to compile.
+    #[error("{0}")]
+    Compile(String),
     #[error("node `{node}` ({op}): {message}")]
     Eval { node: String, op: String, message: String },
 }
@@ -57,6 +63,12 @@ pub trait Executable: Send + Sync {
     /// Device time of the last run in milliseconds, where the backend
     /// measures it (GPU timestamp queries).
     fn device_ms(&self) -> Option<f64> {
+        None
+    }
+
+    /// How many programs an executable for symbolic dims compiled, one per
+    /// binding of them it was run with; `None` for one compiled program.
+    fn specializations(&self) -> Option<usize> {
         None
     }
 
@@ -86,41 +98,78 @@ impl Signature {
         }
     }
 
-    /// Whether `bind` would accept these inputs' types (and the values the
-    /// graph was specialised on), without moving them: the test a cache of
-    /// programs compiled for different shapes picks one by.
+    /// Whether `bind` would accept these inputs (their types, the values of
+    /// any symbolic dims, the values the graph was specialised on) without
+    /// moving them: the test a cache of programs picks one by.
     pub fn accepts(&self, named: &[(String, Tensor)]) -> bool {
-        self.inputs.iter().all(|(n, ty)| named.iter().any(|(m, t)| m == n && t.ty() == *ty))
-            && self.specialized.iter().all(|(n, want)| named.iter().any(|(m, t)| m == n && t == want))
+        self.order(named).is_ok()
     }
 
-    /// Orders named inputs positionally and checks their types.
-    pub fn bind(&self, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, RunError> {
-        let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
-        for (name, t) in named {
-            if let Some((_, want)) = self.specialized.iter().find(|(n, _)| *n == name) {
-                if *want != t {
-                    return Err(RunError::SpecializedMismatch { name });
+    /// Whether any input's shape is symbolic.
+    pub fn is_symbolic(&self) -> bool {
+        self.inputs.iter().any(|(_, t)| !t.is_known())
+    }
+
+    /// The values of the symbolic dims for inputs given positionally in the
+    /// signature's order (which `bind` checked).
+    pub fn bindings(&self, inputs: &[Tensor]) -> Result<egret_ir::Bindings, RunError> {
+        let given: Vec<(&str, &[egret_ir::Dim], &[usize])> =
+            self.inputs.iter().zip(inputs).map(|((n, ty), t)| (n.as_str(), ty.shape.as_slice(), t.shape())).collect();
+        egret_ir::solve_bindings(&given).map_err(RunError::Shape)
+    }
+
+    /// For each input slot, the position in `named` of the tensor for it,
+    /// after checking names, types and specialised values.
+    fn order(&self, named: &[(String, Tensor)]) -> Result<Vec<usize>, RunError> {
+        let mut slots: Vec<Option<usize>> = vec![None; self.inputs.len()];
+        for (at, (name, t)) in named.iter().enumerate() {
+            if let Some((_, want)) = self.specialized.iter().find(|(n, _)| n == name) {
+                if want != t {
+                    return Err(RunError::SpecializedMismatch { name: name.clone() });
                 }
-                if !self.inputs.iter().any(|(n, _)| *n == name) {
+                if !self.inputs.iter().any(|(n, _)| n == name) {
                     continue;
                 }
             }
-            let Some(i) = self.inputs.iter().position(|(n, _)| *n == name) else {
+            let Some(i) = self.inputs.iter().position(|(n, _)| n == name) else {
                 let known = self.inputs.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-                return Err(RunError::UnknownInput { name, known });
+                return Err(RunError::UnknownInput { name: name.clone(), known });
             };
             let expected = &self.inputs[i].1;
-            if t.ty() != *expected {
-                return Err(RunError::WrongType { name, expected: expected.clone(), got: t.ty() });
+            // A symbolic shape takes any sizes its symbols can have, checked
+            // across the inputs below; a known one exactly its own.
+            let fits = if expected.is_known() {
+                t.ty() == *expected
+            } else {
+                t.dtype() == expected.dtype && t.shape().len() == expected.rank()
+            };
+            if !fits {
+                return Err(RunError::WrongType { name: name.clone(), expected: expected.clone(), got: t.ty() });
             }
-            slots[i] = Some(t);
+            slots[i] = Some(at);
         }
-        slots
+        let order: Vec<usize> = slots
             .into_iter()
             .enumerate()
             .map(|(i, s)| s.ok_or_else(|| RunError::MissingInput(self.inputs[i].0.clone())))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        if self.is_symbolic() {
+            let given: Vec<(&str, &[egret_ir::Dim], &[usize])> = self
+                .inputs
+                .iter()
+                .zip(&order)
+                .map(|((n, ty), &at)| (n.as_str(), ty.shape.as_slice(), named[at].1.shape()))
+                .collect();
+            egret_ir::solve_bindings(&given).map_err(RunError::Shape)?;
+        }
+        Ok(order)
+    }
+
+    /// Orders named inputs positionally and checks them (see `accepts`).
+    pub fn bind(&self, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, RunError> {
+        let order = self.order(&named)?;
+        let mut named: Vec<Option<Tensor>> = named.into_iter().map(|(_, t)| Some(t)).collect();
+        Ok(order.into_iter().map(|at| named[at].take().expect("each input fills one slot")).collect())
     }
 }
 

@@ -218,7 +218,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
         }
         self.device.synchronize().map_err(|m| device_error("the whole graph", "ptx", m))?;
         let code = self
-            .read(Place { space: Space::Error, word: 0 }, &Type::new(egret_ir::DType::I32, vec![]))
+            .read(Place { space: Space::Error, word: 0 }, &Type::new(egret_ir::DType::I32, Vec::<usize>::new()))
             .map_err(|m| device_error("the error word", "download", m))?
             .to_i64_vec()[0] as usize;
         if let Some(e) = crate::steps::failure(&self.plan, code) {

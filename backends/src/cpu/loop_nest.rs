@@ -68,12 +68,12 @@ pub fn emit(
             let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
             let (x, y, out) = (address(b, 0), address(b, 1), address(b, 2));
             let strides: Vec<[i64; 3]> = {
-                let sx = broadcast_strides(&inputs[0].shape, &out_ty.shape);
-                let sy = broadcast_strides(&inputs[1].shape, &out_ty.shape);
-                let so = broadcast_strides(&out_ty.shape, &out_ty.shape);
+                let sx = broadcast_strides(&inputs[0].sizes(), &out_ty.sizes());
+                let sy = broadcast_strides(&inputs[1].sizes(), &out_ty.sizes());
+                let so = broadcast_strides(&out_ty.sizes(), &out_ty.sizes());
                 (0..out_ty.rank()).map(|d| [sx[d] as i64 * bytes, sy[d] as i64 * bytes, so[d] as i64 * bytes]).collect()
             };
-            nest(b, &out_ty.shape, &strides, [x, y, out], &mut |b, [x, y, out]| {
+            nest(b, &out_ty.sizes(), &strides, [x, y, out], &mut |b, [x, y, out]| {
                 let (xv, yv) = (b.ins().load(ty, flags, x, 0), b.ins().load(ty, flags, y, 0));
                 let r = match op {
                     Op::Add => b.ins().iadd(xv, yv),
@@ -86,7 +86,7 @@ pub fn emit(
         Op::CumSum { axis, exclusive, reverse } => {
             let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
             let (x, out) = (address(b, 0), address(b, 1));
-            let shape = &out_ty.shape;
+            let shape = &out_ty.sizes();
             let (outer, len, inner) = (
                 shape[..*axis].iter().product::<usize>() as i64,
                 shape[*axis] as i64,

@@ -64,12 +64,12 @@ pub fn kernel(
         Op::Add | Op::Sub | Op::Mul if inputs.len() == 2 && inputs.iter().all(|(_, t)| integer(t)) => {
             let operands: Vec<(i64, Vec<isize>)> = inputs
                 .iter()
-                .map(|(buf, t)| (at(*buf).word as i64, broadcast_strides(&t.shape, &out_ty.shape)))
-                .chain(std::iter::once((po.word as i64, broadcast_strides(&out_ty.shape, &out_ty.shape))))
+                .map(|(buf, t)| (at(*buf).word as i64, broadcast_strides(&t.sizes(), &out_ty.sizes())))
+                .chain(std::iter::once((po.word as i64, broadcast_strides(&out_ty.sizes(), &out_ty.sizes()))))
                 .collect();
             let code = b.param(code as i64);
             let spaces: Vec<Space> = inputs.iter().map(|(buf, _)| at(*buf).space).collect();
-            let groups = elementwise(&mut b, &out_ty.shape, &operands, |b, address| {
+            let groups = elementwise(&mut b, &out_ty.sizes(), &operands, |b, address| {
                 let x = b.let_(E::load(spaces[0], address[0].clone()).bits(Ty::I32));
                 let y = b.let_(E::load(spaces[1], address[1].clone()).bits(Ty::I32));
                 let r = b.let_(match op {
@@ -101,9 +101,9 @@ pub fn kernel(
             let (buf, t) = &inputs[0];
             let src = at(*buf);
             let (outer, len, inner) = (
-                t.shape[..*axis].iter().product::<usize>(),
-                t.shape[*axis],
-                t.shape[axis + 1..].iter().product::<usize>(),
+                t.sizes()[..*axis].iter().product::<usize>(),
+                t.sizes()[*axis],
+                t.sizes()[axis + 1..].iter().product::<usize>(),
             );
             let lines = b.param((outer * inner) as i64);
             let len_p = b.param(len as i64);

@@ -140,7 +140,7 @@ pub fn tensor_of_words(ty: &Type, words: &[u32]) -> Tensor {
         DType::Bool => Data::Bool(words.iter().map(|&w| w != 0).collect()),
         d => Data::from_i64s(d, &words.iter().map(|&w| w as i32 as i64).collect::<Vec<_>>()),
     };
-    Tensor::new(ty.shape.clone(), data)
+    Tensor::new(ty.sizes(), data)
 }
 
 /// Words a buffer of the plan takes on the device: one per element.

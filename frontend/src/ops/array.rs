@@ -6,7 +6,7 @@ use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
 use crate::ImportError;
 use egret_ir::op::{CoordMode, NearestMode, PadMode, Reduction, ResizeMode};
-use egret_ir::{DType, Data, Op, Tensor, ValueId};
+use egret_ir::{shape_text, DType, Data, Dim, Op, Tensor, ValueId};
 
 /// Constants are materialised at compile time; past this size that is a
 /// mistake (or an attack), not a model.
@@ -23,7 +23,9 @@ pub fn register(r: &mut Registry) {
             return Err(c.err(format!("axis {a} out of range for rank {r}")));
         }
         let a = if a < 0 { a + r } else { a } as usize;
-        let to = vec![shape[..a].iter().product(), shape[a..].iter().product()];
+        let dim_err = |e: egret_ir::DimOverflow| c.err(e.to_string());
+        let to =
+            vec![egret_ir::product(&shape[..a]).map_err(dim_err)?, egret_ir::product(&shape[a..]).map_err(dim_err)?];
         c.add_node(Op::Reshape { shape: to }, &[x])
     });
     r.insert("Squeeze", squeeze);
@@ -56,12 +58,11 @@ pub fn register(r: &mut Registry) {
     r.insert("Slice", slice);
     r.insert("Expand", |c| {
         let x = c.req(0)?;
-        let shape = c.need_ints(1, "shape")?;
-        if shape.iter().any(|&d| d < 0) {
-            return Err(c.err(format!("shape {shape:?} has a negative dim")));
+        let target = c.need_dims(1, "shape")?;
+        if target.iter().any(|d| d.is_nonneg() == Some(false)) {
+            return Err(c.err(format!("shape {} has a negative dim", shape_text(&target))));
         }
-        let target: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        let out = egret_ir::ops::broadcast_shapes(&c.ty(x).shape, &target).map_err(|m| c.err(m))?;
+        let out = egret_ir::ops::broadcast_dims(&c.ty(x).shape, &target).map_err(|m| c.err(m))?;
         c.add_node(Op::Expand { shape: out }, &[x])
     });
     r.insert("Tile", |c| {
@@ -108,19 +109,33 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("Size", |c| {
         let x = c.req(0)?;
-        let n = c.ty(x).numel() as i64;
-        Ok(vec![c.constant(Tensor::scalar(n))])
+        let ty = c.ty(x).clone();
+        if let Some(n) = ty.known_shape().map(|s| s.iter().product::<usize>()) {
+            return Ok(vec![c.constant(Tensor::scalar(n as i64))]);
+        }
+        // A symbolic size: the product of the shape, computed in the graph
+        // and known to the importer as its expression.
+        let n = ty.numel_dim().map_err(|e| c.err(e.to_string()))?;
+        let shape = c.add(Op::Shape { start: 0, end: ty.rank() }, &[x])?;
+        let kind = egret_ir::op::ReduceKind::Prod;
+        let size = c.add(Op::Reduce { kind, axes: vec![0], keepdims: false }, &[shape])?;
+        c.set_known_dims(size, vec![], vec![n]);
+        Ok(vec![size])
     });
     r.insert("ConstantOfShape", |c| {
-        let shape = c.need_ints(0, "shape")?;
-        if shape.iter().any(|&d| d < 0) {
-            return Err(c.err(format!("shape {shape:?} has a negative dim")));
+        let dims = c.need_dims(0, "shape")?;
+        if dims.iter().any(|d| d.is_nonneg() == Some(false)) {
+            return Err(c.err(format!("shape {} has a negative dim", shape_text(&dims))));
         }
         let value = c.tensor_attr("value")?.unwrap_or_else(|| Tensor::from_vec(vec![1], vec![0f32]));
         if value.numel() != 1 {
             return Err(c.err("value must hold exactly one element"));
         }
-        let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
+        let Some(shape) = egret_ir::known_shape(&dims) else {
+            // A symbolic shape: the value broadcast to it, in the graph.
+            let scalar = c.constant(Tensor::new(vec![], value.data().clone()));
+            return c.add_node(Op::Expand { shape: dims }, &[scalar]);
+        };
         let n = egret_ir::Type::new(value.dtype(), shape.clone())
             .checked_numel()
             .filter(|&n| n <= MAX_CONSTANT_ELEMENTS)
@@ -198,35 +213,34 @@ pub fn register(r: &mut Registry) {
 fn reshape(c: &mut NodeCtx) -> BuildResult {
     let x = c.req(0)?;
     let allowzero = c.flag("allowzero", false)?;
-    let spec = c.need_ints(1, "shape")?;
+    let spec = c.need_dims(1, "shape")?;
     let in_shape = c.ty(x).shape.clone();
+    let bad = |c: &NodeCtx| c.err(format!("cannot reshape {} to {}", shape_text(&in_shape), shape_text(&spec)));
     let mut out = Vec::with_capacity(spec.len());
     let mut infer_at = None;
     for (i, &d) in spec.iter().enumerate() {
-        match d {
-            0 if !allowzero => out.push(
-                *in_shape
-                    .get(i)
-                    .ok_or_else(|| c.err(format!("shape {spec:?} copies dim {i}, which the input lacks")))?,
-            ),
-            -1 if infer_at.is_none() => {
-                infer_at = Some(i);
-                out.push(1);
+        match d.known() {
+            Some(0) if !allowzero => {
+                out.push(*in_shape.get(i).ok_or_else(|| {
+                    c.err(format!("shape {} copies dim {i}, which the input lacks", shape_text(&spec)))
+                })?)
             }
-            d if d >= 0 => out.push(d as usize),
-            _ => return Err(c.err(format!("shape {spec:?} is invalid"))),
+            Some(-1) if infer_at.is_none() => {
+                infer_at = Some(i);
+                out.push(Dim::new(1));
+            }
+            Some(v) if v < 0 => return Err(c.err(format!("shape {} is invalid", shape_text(&spec)))),
+            _ => out.push(d),
         }
     }
-    let n: usize = in_shape.iter().product();
+    let n = egret_ir::product(&in_shape).map_err(|e| c.err(e.to_string()))?;
     if let Some(i) = infer_at {
-        let rest: usize = out.iter().product();
-        if rest == 0 || n % rest != 0 {
-            return Err(c.err(format!("cannot reshape {in_shape:?} to {spec:?}")));
-        }
-        out[i] = n / rest;
+        let rest = egret_ir::product(&out).map_err(|e| c.err(e.to_string()))?;
+        // The inferred dim must be exact for every value of the symbols.
+        out[i] = n.div_exact(rest).ok_or_else(|| bad(c))?;
     }
-    if out.iter().product::<usize>() != n {
-        return Err(c.err(format!("cannot reshape {in_shape:?} ({n} elements) to {spec:?}")));
+    if egret_ir::product(&out).ok() != Some(n) {
+        return Err(bad(c));
     }
     c.add_node(Op::Reshape { shape: out }, &[x])
 }
@@ -248,12 +262,13 @@ fn squeeze(c: &mut NodeCtx) -> BuildResult {
     let shape = c.ty(x).shape.clone();
     let axes = match axes_param(c)? {
         Some(a) => c.axes(&a, shape.len())?,
+        // Without axes, the dims that are 1; a symbolic dim is not assumed to be.
         None => (0..shape.len()).filter(|&i| shape[i] == 1).collect(),
     };
     if let Some(&a) = axes.iter().find(|&&a| shape[a] != 1) {
-        return Err(c.err(format!("cannot squeeze axis {a} of {shape:?}: it is not 1")));
+        return Err(c.err(format!("cannot squeeze axis {a} of {}: it is not 1", shape_text(&shape))));
     }
-    let out: Vec<usize> = shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
+    let out: Vec<Dim> = shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
     c.add_node(Op::Reshape { shape: out }, &[x])
 }
 
@@ -266,7 +281,7 @@ fn unsqueeze(c: &mut NodeCtx) -> BuildResult {
     let mut src = shape.iter();
     for i in 0..shape.len() + axes.len() {
         if axes.contains(&i) {
-            out.push(1);
+            out.push(Dim::new(1));
         } else {
             out.push(*src.next().ok_or_else(|| c.err("axes do not fit the output rank"))?);
         }
@@ -281,56 +296,97 @@ fn split(c: &mut NodeCtx) -> BuildResult {
     let len = shape[axis];
     let explicit = if c.opset() >= 13 {
         match c.input(1) {
-            Some(_) => Some(c.need_ints(1, "split")?),
+            Some(_) => Some(c.need_dims(1, "split")?),
             None => None,
         }
     } else {
         c.ints("split")?
+            .map(|s| egret_ir::dims_of_ints(&s).ok_or_else(|| c.err("split sizes are out of range")))
+            .transpose()?
     };
     let n_out = if c.opset() >= 18 && c.has_attr("num_outputs") {
         c.i("num_outputs", 0)? as usize
     } else {
         c.node.output.len()
     };
-    let sizes: Vec<usize> = match explicit {
+    let sizes: Vec<Dim> = match explicit {
         Some(s) => {
-            if s.iter().any(|&v| v < 0) {
-                return Err(c.err(format!("split {s:?} has a negative size")));
+            if s.iter().any(|d| d.is_nonneg() == Some(false)) {
+                return Err(c.err(format!("split {} has a negative size", shape_text(&s))));
             }
-            s.into_iter().map(|v| v as usize).collect()
+            s
         }
         None => {
             if n_out == 0 {
                 return Err(c.err("no outputs to split into"));
             }
-            // Equal parts; with num_outputs the last part may be smaller.
-            let part = len.div_ceil(n_out);
-            let mut sizes = vec![part; n_out];
-            let last = len
-                .checked_sub(part * (n_out - 1))
-                .ok_or_else(|| c.err(format!("cannot split {len} into {n_out} parts")))?;
-            sizes[n_out - 1] = last;
-            if c.opset() < 18 && len % n_out != 0 {
-                return Err(c.err(format!("cannot split {len} evenly into {n_out} parts")));
+            match len.size() {
+                Some(len) => {
+                    // Equal parts; with num_outputs the last part may be smaller.
+                    let part = len.div_ceil(n_out);
+                    let mut sizes = vec![part; n_out];
+                    let last = len
+                        .checked_sub(part * (n_out - 1))
+                        .ok_or_else(|| c.err(format!("cannot split {len} into {n_out} parts")))?;
+                    sizes[n_out - 1] = last;
+                    if c.opset() < 18 && len % n_out != 0 {
+                        return Err(c.err(format!("cannot split {len} evenly into {n_out} parts")));
+                    }
+                    egret_ir::dims_of(&sizes)
+                }
+                // A symbolic axis splits into equal parts only if they are exact.
+                None => {
+                    let part = len
+                        .div_exact(Dim::new(n_out))
+                        .ok_or_else(|| c.err(format!("cannot split {len} evenly into {n_out} parts")))?;
+                    vec![part; n_out]
+                }
             }
-            sizes
         }
     };
     c.add_node(Op::Split { axis, sizes }, &[x])
+}
+
+/// Bounds past this are "to the end" (exporters write INT_MAX or INT64_MAX,
+/// and their negatives): with a symbolic dim they clamp to it.
+const OPEN_BOUND: i64 = i32::MAX as i64;
+
+/// One normalised slice bound: negative values count from the end, then the
+/// bound is clamped to `lo..=dim + hi_off`. Over a symbolic dim the clamp is
+/// assumed to leave an in-range bound alone; `Graph::bind` checks it.
+fn slice_bound(v: Dim, dim: Dim, lo: i64, hi_off: i64) -> Option<Dim> {
+    let hi = dim.checked_add(Dim::int(hi_off)?).ok()?;
+    let Some(k) = v.known() else { return Some(v) };
+    if let Some(d) = dim.known() {
+        let n = if k < 0 { k.saturating_add(d) } else { k };
+        return Dim::int(n.clamp(lo, (d + hi_off).max(lo)));
+    }
+    if k >= OPEN_BOUND {
+        Some(hi)
+    } else if k <= -OPEN_BOUND {
+        Dim::int(lo)
+    } else if k < 0 {
+        dim.checked_add(Dim::int(k)?).ok()
+    } else {
+        Some(v)
+    }
 }
 
 fn slice(c: &mut NodeCtx) -> BuildResult {
     let x = c.req(0)?;
     let shape = c.ty(x).shape.clone();
     let r = shape.len();
+    let dims = |v: Vec<i64>, _: &NodeCtx| -> Result<Vec<Dim>, ImportError> {
+        Ok(v.into_iter().map(Dim::saturating).collect())
+    };
     let (starts, ends, axes, steps) = if c.opset() < 10 {
-        let starts = c.ints("starts")?.ok_or_else(|| c.err("starts are required"))?;
-        let ends = c.ints("ends")?.ok_or_else(|| c.err("ends are required"))?;
+        let starts = dims(c.ints("starts")?.ok_or_else(|| c.err("starts are required"))?, c)?;
+        let ends = dims(c.ints("ends")?.ok_or_else(|| c.err("ends are required"))?, c)?;
         let axes = c.ints("axes")?;
         (starts, ends, axes, None)
     } else {
-        let starts = c.need_ints(1, "starts")?;
-        let ends = c.need_ints(2, "ends")?;
+        let starts = c.need_dims(1, "starts")?;
+        let ends = c.need_dims(2, "ends")?;
         let axes = if c.input(3).is_some() { Some(c.need_ints(3, "axes")?) } else { None };
         let steps = if c.input(4).is_some() { Some(c.need_ints(4, "steps")?) } else { None };
         (starts, ends, axes, steps)
@@ -341,24 +397,25 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
         return Err(c.err("starts, ends, axes and steps must have one length"));
     }
     let axes = c.axes(&axes, r).map(|_| axes.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())??;
-    let mut st = vec![0i64; r];
-    let mut en: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let mut st = vec![Dim::new(0); r];
+    let mut en: Vec<Dim> = shape.clone();
     let mut sp = vec![1i64; r];
     for (i, &a) in axes.iter().enumerate() {
-        let dim = shape[a] as i64;
+        let dim = shape[a];
         let step = steps[i];
         if step == 0 {
             return Err(c.err("slice step cannot be 0"));
         }
-        let norm = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
-        let (s, e) = (norm(starts[i]), norm(ends[i]));
-        if step > 0 {
-            st[a] = s.clamp(0, dim);
-            en[a] = e.clamp(0, dim);
+        let bounds = if step > 0 {
+            (slice_bound(starts[i], dim, 0, 0), slice_bound(ends[i], dim, 0, 0))
         } else {
-            st[a] = s.clamp(0, (dim - 1).max(0));
-            en[a] = e.clamp(-1, dim - 1);
-        }
+            (slice_bound(starts[i], dim, 0, -1), slice_bound(ends[i], dim, -1, -1))
+        };
+        let (Some(s), Some(e)) = bounds else {
+            return Err(c.err(format!("slice {}..{} of axis {a} ({dim}) is out of range", starts[i], ends[i])));
+        };
+        st[a] = s;
+        en[a] = e;
         sp[a] = step;
     }
     c.add_node(Op::Slice { starts: st, ends: en, steps: sp }, &[x])
@@ -425,9 +482,26 @@ fn scatter_elements(c: &mut NodeCtx) -> BuildResult {
     c.add_node(Op::ScatterElements { axis, reduction }, &[x, i, u])
 }
 
-/// `Range` has a data-dependent length, so its inputs must be known; the
-/// result is a constant.
+/// `Range` has a data-dependent length, so its inputs must be known: then
+/// the result is a constant. With a start or limit from symbolic dims (the
+/// positions of a decoder's new tokens after a past of symbolic length) and a
+/// unit step, it is a `range` op of symbolic length.
 fn range(c: &mut NodeCtx) -> BuildResult {
+    if let Some(s) = c.input(0) {
+        let symbolic = |c: &NodeCtx, i| c.known(i).is_none() && c.need_dims(i, "").is_ok();
+        if symbolic(c, 0) || symbolic(c, 1) {
+            let (start, limit) = (c.need_dims(0, "start")?[0], c.need_dims(1, "limit")?[0]);
+            let delta = c.need_ints(2, "delta")?;
+            let len = match delta.as_slice() {
+                [1] => limit.checked_sub(start),
+                [-1] => start.checked_sub(limit),
+                _ => return Err(c.err(format!("a range over symbolic dims needs a step of 1 or -1, not {delta:?}"))),
+            }
+            .map_err(|e| c.err(e.to_string()))?;
+            let d = c.req(2)?;
+            return c.add_node(Op::Range { len }, &[s, d]);
+        }
+    }
     let start = c.need_known(0, "start")?;
     let limit = c.need_known(1, "limit")?;
     let delta = c.need_known(2, "delta")?;
@@ -452,7 +526,7 @@ fn range(c: &mut NodeCtx) -> BuildResult {
 
 fn resize(c: &mut NodeCtx) -> BuildResult {
     let x = c.req(0)?;
-    let in_shape = c.ty(x).shape.clone();
+    let in_shape = c.sizes(x)?;
     let r = in_shape.len();
     if c.flag("antialias", false)? {
         return Err(c.err("antialias=1 is not supported"));
@@ -490,7 +564,9 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
     // Opset 10 has (X, scales); later (X, roi, scales, sizes).
     let (roi_in, scales_in, sizes_in) =
         if c.opset() < 11 { (None, Some(1), None) } else { (Some(1), Some(2), Some(3)) };
-    let present = |i: Option<usize>, c: &NodeCtx| i.filter(|&i| c.input(i).is_some_and(|v| c.ty(v).numel() > 0));
+    let present = |i: Option<usize>, c: &NodeCtx| {
+        i.filter(|&i| c.input(i).is_some_and(|v| c.ty(v).numel_dim().ok() != Some(Dim::new(0))))
+    };
     let mut scales = vec![1f32; r];
     let mut sizes = in_shape.clone();
     if let Some(i) = present(sizes_in, c) {

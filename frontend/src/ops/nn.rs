@@ -147,8 +147,8 @@ fn window(
 
 fn conv(c: &mut NodeCtx) -> BuildResult {
     let (x, w) = (c.req(0)?, c.req(1)?);
-    let xs = c.ty(x).shape.clone();
-    let ws = c.ty(w).shape.clone();
+    let xs = c.sizes(x)?;
+    let ws = c.sizes(w)?;
     if xs.len() < 3 || ws.len() != xs.len() {
         return Err(c.err(format!("input {xs:?} and weight {ws:?} do not describe a convolution")));
     }
@@ -171,7 +171,7 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
 
 fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
     let x = c.req(0)?;
-    let xs = c.ty(x).shape.clone();
+    let xs = c.sizes(x)?;
     if xs.len() < 3 {
         return Err(c.err(format!("input {xs:?} needs rank >= 3")));
     }
@@ -217,8 +217,9 @@ fn softmax_like(c: &mut NodeCtx, make: fn(usize) -> Op) -> BuildResult {
         return c.add_node(make(axis), &[x]);
     }
     let axis = c.axis(c.i("axis", 1)?, shape.len())?;
-    let rows: usize = shape[..axis].iter().product();
-    let cols: usize = shape[axis..].iter().product();
+    let dim_err = |e: egret_ir::DimOverflow| c.err(e.to_string());
+    let rows = egret_ir::product(&shape[..axis]).map_err(dim_err)?;
+    let cols = egret_ir::product(&shape[axis..]).map_err(dim_err)?;
     let flat = c.add(Op::Reshape { shape: vec![rows, cols] }, &[x])?;
     let y = c.add(make(1), &[flat])?;
     c.add_node(Op::Reshape { shape }, &[y])
@@ -277,7 +278,7 @@ fn arg_reduce(c: &mut NodeCtx, select_max: bool) -> BuildResult {
 fn einsum(c: &mut NodeCtx) -> BuildResult {
     let equation = c.s("equation", "")?;
     let inputs: Vec<ValueId> = (0..c.num_inputs()).map(|i| c.req(i)).collect::<Result<_, _>>()?;
-    let shapes: Vec<Vec<usize>> = inputs.iter().map(|&v| c.ty(v).shape.clone()).collect();
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|&v| c.sizes(v)).collect::<Result<_, _>>()?;
     let Some(plan) = egret_ir::ops::linalg::einsum_as_matmul(&equation, &shapes) else {
         return c.add_node(Op::Einsum { equation }, &inputs);
     };
@@ -287,7 +288,7 @@ fn einsum(c: &mut NodeCtx) -> BuildResult {
         if c.ty(v).shape == shape {
             return Ok(v);
         }
-        c.add(Op::Reshape { shape: shape.to_vec() }, &[v])
+        c.add(Op::Reshape { shape: egret_ir::dims_of(&shape.to_vec()) }, &[v])
     };
     let layout = |c: &mut NodeCtx, v: ValueId, perm: &[usize], shape: &[usize]| -> Result<ValueId, ImportError> {
         let v = if identity(perm) { v } else { c.add(Op::Transpose { perm: perm.to_vec() }, &[v])? };
@@ -354,7 +355,7 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
         c.ignore_attr("kv_num_heads");
         (q, k, v)
     };
-    let (qs, ks, vs) = (c.ty(q).shape.clone(), c.ty(k).shape.clone(), c.ty(v).shape.clone());
+    let (qs, ks, vs) = (c.sizes(q)?, c.sizes(k)?, c.sizes(v)?);
     let (batch, q_heads, q_len, head) = (qs[0], qs[1], qs[2], qs[3]);
     let kv_heads = ks[1];
     if ks[0] != batch || vs[0] != batch || vs[1] != kv_heads || ks[2] != vs[2] || ks[3] != head {
@@ -366,7 +367,7 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
     // The cache: past keys and values before the new ones.
     let cached = |c: &mut NodeCtx, past: Option<ValueId>, new: ValueId, name: &str| -> Result<ValueId, ImportError> {
         let Some(past) = past else { return Ok(new) };
-        let (ps, ns) = (c.ty(past).shape.clone(), c.ty(new).shape.clone());
+        let (ps, ns) = (c.sizes(past)?, c.sizes(new)?);
         if ps.len() != 4 || ps[0] != ns[0] || ps[1] != ns[1] || ps[3] != ns[3] {
             return Err(c.err(format!("{name} {ps:?} does not fit the new {ns:?}")));
         }
@@ -374,9 +375,12 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
     };
     let present_key = cached(c, past_key, k, "past_key")?;
     let present_value = cached(c, past_value, v, "past_value")?;
-    let past_len = past_key.map_or(0, |p| c.ty(p).shape[2]);
-    let total = c.ty(present_key).shape[2];
-    if c.ty(present_value).shape[2] != total {
+    let past_len = match past_key {
+        Some(p) => c.sizes(p)?[2],
+        None => 0,
+    };
+    let total = c.sizes(present_key)?[2];
+    if c.sizes(present_value)?[2] != total {
         return Err(c.err("past_key and past_value hold different lengths"));
     }
     // Grouped-query heads: each K/V head serves q_heads / kv_heads query heads.
@@ -385,10 +389,10 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
     } else {
         let group = q_heads / kv_heads;
         let repeat = |c: &mut NodeCtx, x: ValueId| -> Result<ValueId, ImportError> {
-            let d = c.ty(x).shape[3];
-            let x = c.add(Op::Reshape { shape: vec![batch, kv_heads, 1, total, d] }, &[x])?;
-            let x = c.add(Op::Expand { shape: vec![batch, kv_heads, group, total, d] }, &[x])?;
-            c.add(Op::Reshape { shape: vec![batch, q_heads, total, d] }, &[x])
+            let d = c.sizes(x)?[3];
+            let x = c.add(Op::Reshape { shape: egret_ir::dims_of(&vec![batch, kv_heads, 1, total, d]) }, &[x])?;
+            let x = c.add(Op::Expand { shape: egret_ir::dims_of(&vec![batch, kv_heads, group, total, d]) }, &[x])?;
+            c.add(Op::Reshape { shape: egret_ir::dims_of(&vec![batch, q_heads, total, d]) }, &[x])
         };
         (repeat(c, present_key)?, repeat(c, present_value)?)
     };
@@ -421,7 +425,7 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
         Some(m) => return Err(c.err(format!("attn_mask is {}; it must be bool or f32", c.ty(m).dtype))),
     };
     if let Some(m) = bias {
-        if c.ty(m).shape.last() != Some(&total) {
+        if c.ty(m).shape.last() != Some(&egret_ir::Dim::new(total)) {
             return Err(c.err(format!("attn_mask {:?} does not end in the {total} keys", c.ty(m).shape)));
         }
     }
@@ -448,9 +452,9 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
     }
     let mut y = c.add(Op::MatMul, &[probs, values])?;
     if rank == 3 {
-        let dv = c.ty(values).shape[3];
+        let dv = c.sizes(values)?[3];
         let t = c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[y])?;
-        y = c.add(Op::Reshape { shape: vec![batch, q_len, q_heads * dv] }, &[t])?;
+        y = c.add(Op::Reshape { shape: egret_ir::dims_of(&vec![batch, q_len, q_heads * dv]) }, &[t])?;
     }
     Ok(vec![y, present_key, present_value, qk])
 }
@@ -473,7 +477,7 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
             return Err(c.err(format!("`{name}` is {}; RotaryEmbedding is supported for f32", c.ty(v).dtype)));
         }
     }
-    let shape = c.ty(x).shape.clone();
+    let shape = c.sizes(x)?;
     // The input as [batch, heads, seq, head] or [batch, seq, heads, head],
     // and the axis of the angles' heads (1) in the matching layout.
     let (x4, batch, seq, heads_axis) = match shape.len() {
@@ -487,12 +491,15 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
                 return Err(c.err(format!("3D input {shape:?} needs `num_heads` that divides {}", shape[2])));
             }
             let heads = heads as usize;
-            let x4 = c.add(Op::Reshape { shape: vec![shape[0], shape[1], heads, shape[2] / heads] }, &[x])?;
+            let x4 = c.add(
+                Op::Reshape { shape: egret_ir::dims_of(&vec![shape[0], shape[1], heads, shape[2] / heads]) },
+                &[x],
+            )?;
             (x4, shape[0], shape[1], 2)
         }
         _ => return Err(c.err(format!("input {shape:?} must be 3D or 4D"))),
     };
-    let s4 = c.ty(x4).shape.clone();
+    let s4 = c.sizes(x4)?;
     let head = s4[3];
     let rotary = match c.i("rotary_embedding_dim", 0)? {
         0 => head,
@@ -515,7 +522,7 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
             }
             None => cache,
         };
-        let ts = c.ty(table).shape.clone();
+        let ts = c.sizes(table)?;
         if ts.len() != 3 || ts[0] != batch || ts[1] != seq || ts[2] < half {
             return Err(c.err(format!("{name} gives angles {ts:?}, not [{batch}, {seq}, >= {half}]")));
         }
@@ -523,7 +530,7 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
         // One angle per head: a unit axis where the input has its heads.
         let mut broadcast = vec![batch, seq, half];
         broadcast.insert(heads_axis, 1);
-        c.add(Op::Reshape { shape: broadcast }, &[table])
+        c.add(Op::Reshape { shape: egret_ir::dims_of(&broadcast) }, &[table])
     };
     let (cos, sin) = (angles(c, cos, "cos_cache")?, angles(c, sin, "sin_cache")?);
     let (first, second) = if interleaved {
@@ -539,12 +546,12 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
         // [.., half] pairs side by side as [.., half, 2], read as [.., rotary].
         let mut pair = s4[..3].to_vec();
         pair.extend([half, 1]);
-        let real = c.add(Op::Reshape { shape: pair.clone() }, &[real])?;
-        let imaginary = c.add(Op::Reshape { shape: pair }, &[imaginary])?;
+        let real = c.add(Op::Reshape { shape: egret_ir::dims_of(&pair.clone()) }, &[real])?;
+        let imaginary = c.add(Op::Reshape { shape: egret_ir::dims_of(&pair) }, &[imaginary])?;
         let pairs = c.add(Op::Concat { axis: 4 }, &[real, imaginary])?;
         let mut flat = s4[..3].to_vec();
         flat.push(rotary);
-        c.add(Op::Reshape { shape: flat }, &[pairs])?
+        c.add(Op::Reshape { shape: egret_ir::dims_of(&flat) }, &[pairs])?
     } else {
         c.add(Op::Concat { axis: 3 }, &[real, imaginary])?
     };
@@ -557,26 +564,27 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
     if c.ty(y).shape == shape {
         return Ok(vec![y]);
     }
-    c.add_node(Op::Reshape { shape }, &[y])
+    c.add_node(Op::Reshape { shape: egret_ir::dims_of(&shape) }, &[y])
 }
 
 /// `x[.., start..end:step]` along the last axis, the others whole.
 fn slice_last(c: &mut NodeCtx, x: ValueId, start: i64, end: i64, step: i64) -> Result<ValueId, ImportError> {
-    let shape = c.ty(x).shape.clone();
+    let shape = c.sizes(x)?;
     let mut starts = vec![0; shape.len()];
     let mut ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let mut steps = vec![1; shape.len()];
     let last = shape.len() - 1;
     (starts[last], ends[last], steps[last]) = (start, end, step);
-    c.add(Op::Slice { starts, ends, steps }, &[x])
+    let dims = |v: &[i64]| egret_ir::dims_of_ints(v).ok_or_else(|| c.err("slice bounds are out of range"));
+    c.add(Op::Slice { starts: dims(&starts)?, ends: dims(&ends)?, steps }, &[x])
 }
 
 /// `[batch, seq, heads * head]` as `[batch, heads, seq, head]`.
 fn heads_first(c: &mut NodeCtx, x: ValueId, heads: usize, name: &str) -> Result<ValueId, ImportError> {
-    let s = c.ty(x).shape.clone();
+    let s = c.sizes(x)?;
     if s[2] % heads != 0 {
         return Err(c.err(format!("{name} {s:?}: {} is not a multiple of {heads} heads", s[2])));
     }
-    let x = c.add(Op::Reshape { shape: vec![s[0], s[1], heads, s[2] / heads] }, &[x])?;
+    let x = c.add(Op::Reshape { shape: egret_ir::dims_of(&vec![s[0], s[1], heads, s[2] / heads]) }, &[x])?;
     c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[x])
 }

@@ -307,7 +307,7 @@ fn is_bitwise(op: &Op) -> bool {
 }
 
 pub fn infer_binary(op: &Op, a: &Type, b: &Type) -> OpResult<Type> {
-    let shape = broadcast_shapes(&a.shape, &b.shape)?;
+    let shape = super::broadcast_dims(&a.shape, &b.shape)?;
     // Pow is the one binary op whose exponent may have its own dtype.
     if !matches!(op, Op::Pow) {
         super::same_dtype(a, b, op.name())?;
@@ -524,8 +524,8 @@ pub fn eval_binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
 pub fn infer_where(inputs: &[&Type]) -> OpResult<Vec<Type>> {
     super::expect_dtype(inputs[0], &[DType::Bool], "condition")?;
     super::same_dtype(inputs[1], inputs[2], "where")?;
-    let s = broadcast_shapes(&inputs[0].shape, &inputs[1].shape)?;
-    let s = broadcast_shapes(&s, &inputs[2].shape)?;
+    let s = super::broadcast_dims(&inputs[0].shape, &inputs[1].shape)?;
+    let s = super::broadcast_dims(&s, &inputs[2].shape)?;
     Ok(vec![Type::new(inputs[1].dtype, s)])
 }
 

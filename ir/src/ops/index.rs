@@ -4,6 +4,7 @@
 use super::elementwise::Arith;
 use super::nn::split_at_axis;
 use super::{arity, OpResult};
+use crate::dim::Dim;
 use crate::dtype::{DType, Type};
 use crate::op::{Op, Reduction};
 use crate::tensor::{strides_of, Data, Elem, Tensor};
@@ -49,6 +50,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let idx = inputs[1];
             expect_indices(idx, "indices")?;
             let last = *idx.shape.last().ok_or("indices must have rank >= 1")?;
+            let last = super::sizes(&[last], "the indices' last axis")?[0];
             if *batch_dims + last > x.rank() || *batch_dims >= idx.rank() {
                 return Err("indices do not fit the data's rank".into());
             }
@@ -80,20 +82,20 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         }
         Op::TopK { axis, k, .. } => {
             arity(inputs, 1, 1)?;
-            if *axis >= x.rank() || *k > x.shape[*axis] {
-                return Err(format!("k={k} exceeds axis {axis} of {:?}", x.shape));
+            if *axis >= x.rank() || x.shape[*axis].size().is_some_and(|d| *k > d) {
+                return Err(format!("k={k} exceeds axis {axis} of {}", crate::dim::shape_text(&x.shape)));
             }
             let mut s = x.shape.clone();
-            s[*axis] = *k;
+            s[*axis] = Dim::new(*k);
             Ok(vec![Type::new(x.dtype, s.clone()), Type::new(DType::I64, s)])
         }
         Op::OneHot { axis, depth } => {
             arity(inputs, 2, 2)?;
-            if *axis > x.rank() || inputs[1].numel() != 2 {
+            if *axis > x.rank() || inputs[1].known_shape().map(|s| s.iter().product::<usize>()) != Some(2) {
                 return Err("one_hot needs values [off, on] and an axis <= rank".into());
             }
             let mut s = x.shape.clone();
-            s.insert(*axis, *depth);
+            s.insert(*axis, Dim::new(*depth));
             Ok(vec![Type::new(inputs[1].dtype, s)])
         }
         other => Err(format!("no inference rule for {}", other.name())),

@@ -1,7 +1,8 @@
 //! Layout ops: every one is a gather by computed flat indices, so each is
 //! written once for all dtypes.
 
-use super::{arity, broadcast_index, broadcast_shapes, strided_index, OpResult};
+use super::{arity, broadcast_dims, broadcast_index, ints, sizes, strided_index, OpResult};
+use crate::dim::{product, shape_text, Dim};
 use crate::dispatch;
 use crate::dtype::{DType, Type};
 use crate::op::{Op, PadMode};
@@ -18,8 +19,22 @@ pub fn slice_len(start: i64, end: i64, step: i64) -> usize {
     }
 }
 
+/// Length of a slice along one axis as a dim: known when its bounds are;
+/// `end - start` (or `start - end` stepping backwards) for unit steps over
+/// symbolic bounds, which the importer clamped.
+pub fn slice_len_dim(start: Dim, end: Dim, step: i64) -> OpResult<Dim> {
+    if let (Some(s), Some(e)) = (start.known(), end.known()) {
+        return Ok(Dim::new(slice_len(s, e, step)));
+    }
+    match step {
+        1 => Ok(end.checked_sub(start)?),
+        -1 => Ok(start.checked_sub(end)?),
+        _ => Err(format!("a slice from {start} to {end} by {step} over a symbolic dim needs a unit step")),
+    }
+}
+
 /// Output shape of a transposed-permuted layout: `out[i] = shape[perm[i]]`.
-fn permute(shape: &[usize], perm: &[usize]) -> OpResult<Vec<usize>> {
+fn permute<D: Copy>(shape: &[D], perm: &[usize]) -> OpResult<Vec<D>> {
     let mut seen = vec![false; shape.len()];
     if perm.len() != shape.len() {
         return Err(format!("perm {perm:?} does not match rank {}", shape.len()));
@@ -52,12 +67,12 @@ fn pad_out_shape(shape: &[usize], pads: &[i64]) -> OpResult<Vec<usize>> {
 
 pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
     let x = inputs.first().ok_or("expects at least one input")?;
-    let same = |shape: Vec<usize>| Ok(vec![Type::new(x.dtype, shape)]);
+    let same = |shape: Vec<Dim>| Ok(vec![Type::new(x.dtype, shape)]);
     match op {
         Op::Reshape { shape } => {
             arity(inputs, 1, 1)?;
-            if shape.iter().product::<usize>() != x.numel() {
-                return Err(format!("cannot reshape {} elements of shape {:?} to {shape:?}", x.numel(), x.shape));
+            if product(shape)? != x.numel_dim()? {
+                return Err(format!("cannot reshape {} to {}", shape_text(&x.shape), shape_text(shape)));
             }
             same(shape.clone())
         }
@@ -74,7 +89,15 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if steps.contains(&0) {
                 return Err("slice step cannot be 0".into());
             }
-            same((0..r).map(|i| slice_len(starts[i], ends[i], steps[i])).collect())
+            // Normalised bounds lie in the axis (`end` may be -1 stepping backwards).
+            for i in 0..r {
+                if let (Some(s), Some(e), Some(d)) = (starts[i].known(), ends[i].known(), x.shape[i].known()) {
+                    if s < 0 || s > d || e < -1 || e > d {
+                        return Err(format!("slice {s}..{e} of axis {i} is outside its {d} elements"));
+                    }
+                }
+            }
+            same((0..r).map(|i| slice_len_dim(starts[i], ends[i], steps[i])).collect::<OpResult<_>>()?)
         }
         Op::Concat { axis } => {
             if inputs.is_empty() {
@@ -84,20 +107,25 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
                 return Err(format!("axis {axis} out of range for rank {}", x.rank()));
             }
             let mut shape = x.shape.clone();
-            shape[*axis] = 0;
+            shape[*axis] = Dim::new(0);
             for t in inputs {
                 super::same_dtype(x, t, "concat")?;
                 if t.rank() != x.rank() || (0..x.rank()).any(|i| i != *axis && t.shape[i] != x.shape[i]) {
-                    return Err(format!("concat inputs {:?} and {:?} differ off axis {axis}", x.shape, t.shape));
+                    return Err(format!(
+                        "concat inputs {} and {} differ off axis {axis}",
+                        shape_text(&x.shape),
+                        shape_text(&t.shape)
+                    ));
                 }
-                shape[*axis] += t.shape[*axis];
+                shape[*axis] = shape[*axis].checked_add(t.shape[*axis])?;
             }
             same(shape)
         }
         Op::Split { axis, sizes } => {
             arity(inputs, 1, 1)?;
-            if *axis >= x.rank() || sizes.iter().sum::<usize>() != x.shape[*axis] {
-                return Err(format!("split sizes {sizes:?} do not add up to axis {axis} of {:?}", x.shape));
+            let total = sizes.iter().try_fold(Dim::new(0), |a, &s| a.checked_add(s))?;
+            if *axis >= x.rank() || total != x.shape[*axis] {
+                return Err(format!("split sizes {sizes:?} do not add up to axis {axis} of {}", shape_text(&x.shape)));
             }
             Ok(sizes
                 .iter()
@@ -110,9 +138,9 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         }
         Op::Expand { shape } => {
             arity(inputs, 1, 1)?;
-            let b = broadcast_shapes(&x.shape, shape)?;
+            let b = broadcast_dims(&x.shape, shape)?;
             if &b != shape {
-                return Err(format!("{:?} does not expand to {shape:?}", x.shape));
+                return Err(format!("{} does not expand to {}", shape_text(&x.shape), shape_text(shape)));
             }
             same(b)
         }
@@ -121,39 +149,53 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if repeats.len() != x.rank() {
                 return Err(format!("repeats {repeats:?} must have one entry per axis"));
             }
-            same(x.shape.iter().zip(repeats).map(|(d, r)| d * r).collect())
+            same(x.shape.iter().zip(repeats).map(|(d, &r)| d.checked_mul(Dim::new(r))).collect::<Result<_, _>>()?)
         }
         Op::Pad { pads, mode } => {
             arity(inputs, 1, 2)?;
+            let shape = sizes(&x.shape, "the padded tensor")?;
             if let Some(v) = inputs.get(1) {
                 super::same_dtype(x, v, "pad value")?;
-                if v.numel() != 1 {
+                if v.known_shape().map(|s| s.iter().product::<usize>()) != Some(1) {
                     return Err("pad value must be a scalar".into());
                 }
             }
-            let out = pad_out_shape(&x.shape, pads)?;
-            if *mode != PadMode::Constant && x.shape.iter().zip(&out).any(|(&i, &o)| i == 0 && o > 0) {
+            let out = pad_out_shape(&shape, pads)?;
+            if *mode != PadMode::Constant && shape.iter().zip(&out).any(|(&i, &o)| i == 0 && o > 0) {
                 return Err(format!("{} padding of an empty axis", mode.word()));
             }
-            same(out)
+            same(out.into_iter().map(Dim::new).collect())
         }
         Op::DepthToSpace { blocksize: b, .. } => {
             arity(inputs, 1, 1)?;
-            if x.rank() != 4 || *b == 0 || x.shape[1] % (b * b) != 0 {
+            let s = sizes(&x.shape, "the input")?;
+            if s.len() != 4 || *b == 0 || s[1] % (b * b) != 0 {
                 return Err(format!("needs a 4-d input with channels divisible by {}", b * b));
             }
-            same(vec![x.shape[0], x.shape[1] / (b * b), x.shape[2] * b, x.shape[3] * b])
+            same([s[0], s[1] / (b * b), s[2] * b, s[3] * b].map(Dim::new).to_vec())
         }
         Op::SpaceToDepth { blocksize: b } => {
             arity(inputs, 1, 1)?;
-            if x.rank() != 4 || *b == 0 || x.shape[2] % b != 0 || x.shape[3] % b != 0 {
+            let s = sizes(&x.shape, "the input")?;
+            if s.len() != 4 || *b == 0 || s[2] % b != 0 || s[3] % b != 0 {
                 return Err(format!("needs a 4-d input with spatial dims divisible by {b}"));
             }
-            same(vec![x.shape[0], x.shape[1] * b * b, x.shape[2] / b, x.shape[3] / b])
+            same([s[0], s[1] * b * b, s[2] / b, s[3] / b].map(Dim::new).to_vec())
         }
         Op::Shape { start, end } => {
             arity(inputs, 1, 1)?;
             Ok(vec![Type::new(DType::I64, vec![end.saturating_sub(*start)])])
+        }
+        Op::Range { len } => {
+            arity(inputs, 2, 2)?;
+            super::same_dtype(x, inputs[1], "range delta")?;
+            if x.rank() != 0 || inputs[1].rank() != 0 {
+                return Err("range start and delta must be scalars".into());
+            }
+            if len.is_nonneg() == Some(false) {
+                return Err(format!("range length {len} is negative"));
+            }
+            same(vec![*len])
         }
         Op::Trilu { .. } => {
             arity(inputs, 1, 1)?;
@@ -179,12 +221,13 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let shape = x.shape();
     let one = |s: Vec<usize>, d: Data| Ok(vec![Tensor::new(s, d)]);
     match op {
-        Op::Reshape { shape: to } => one(to.clone(), x.data().clone()),
+        Op::Reshape { shape: to } => one(sizes(to, "the reshape")?, x.data().clone()),
         Op::Transpose { perm } => {
             let out = permute(shape, perm)?;
             one(out, x.data().gather(&transpose_index(shape, perm)))
         }
         Op::Slice { starts, ends, steps } => {
+            let (starts, ends) = (ints(starts)?, ints(ends)?);
             let strides = strides_of(shape);
             let out: Vec<usize> = (0..shape.len()).map(|i| slice_len(starts[i], ends[i], steps[i])).collect();
             if out.contains(&0) {
@@ -221,19 +264,23 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         }
         Op::Split { axis, sizes } => {
             let mut outs = Vec::new();
-            let mut start = 0i64;
-            for &s in sizes {
-                let mut starts = vec![0i64; shape.len()];
-                let mut ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                starts[*axis] = start;
-                ends[*axis] = start + s as i64;
-                start += s as i64;
+            let mut start = 0usize;
+            for s in super::sizes(sizes, "the split")? {
+                let mut starts = vec![Dim::new(0); shape.len()];
+                let mut ends: Vec<Dim> = shape.iter().map(|&d| Dim::new(d)).collect();
+                starts[*axis] = Dim::new(start);
+                ends[*axis] = Dim::new(start + s);
+                start += s;
                 let steps = vec![1; shape.len()];
                 outs.extend(eval(&Op::Slice { starts, ends, steps }, &[x])?);
             }
             Ok(outs)
         }
-        Op::Expand { shape: to } => one(to.clone(), x.data().gather(&broadcast_index(shape, to))),
+        Op::Expand { shape: to } => {
+            let to = sizes(to, "the expansion")?;
+            let idx = broadcast_index(shape, &to);
+            one(to, x.data().gather(&idx))
+        }
         Op::Tile { repeats } => {
             let out: Vec<usize> = shape.iter().zip(repeats).map(|(d, r)| d * r).collect();
             let idx = map_index(&out, shape, |o, i| Some(o % shape[i]));
@@ -260,6 +307,19 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         Op::Shape { start, end } => {
             let dims: Vec<i64> = shape[*start..*end].iter().map(|&d| d as i64).collect();
             one(vec![dims.len()], Data::I64(dims))
+        }
+        Op::Range { len } => {
+            let n = sizes(&[*len], "the range")?[0];
+            let data = dispatch!(x.data(), v: T => {
+                let (start, delta) = (v[0], T::unwrap(inputs[1].data()).ok_or("range inputs differ in dtype")?[0]);
+                // Integers step exactly; floats as ONNX's definition, start + i * delta.
+                T::wrap((0..n).map(|i| if T::DTYPE.is_float() {
+                    T::from_f64(start.to_f64() + i as f64 * delta.to_f64())
+                } else {
+                    T::from_i64(start.to_i64().wrapping_add((i as i64).wrapping_mul(delta.to_i64())))
+                }).collect())
+            });
+            one(vec![n], data)
         }
         Op::Trilu { upper, k } => {
             let r = shape.len();

@@ -1,7 +1,8 @@
 //! Contractions: matmul, einsum, convolution.
 
 use super::elementwise::Arith;
-use super::{arity, broadcast_index, broadcast_shapes, OpResult};
+use super::{arity, broadcast_index, sizes, Extent, OpResult};
+use crate::dim::{shape_text, Dim};
 use crate::dispatch_num;
 use crate::dtype::Type;
 use crate::op::Op;
@@ -9,18 +10,19 @@ use crate::tensor::{Data, Elem, Tensor};
 
 /// Shapes of a matmul after numpy's promotion of 1-d operands:
 /// (batch shape, m, k, n, output shape).
-fn matmul_dims(a: &[usize], b: &[usize]) -> OpResult<(Vec<usize>, usize, usize, usize, Vec<usize>)> {
+#[allow(clippy::type_complexity)]
+fn matmul_dims<D: Extent>(a: &[D], b: &[D]) -> OpResult<(Vec<D>, D, D, D, Vec<D>)> {
     if a.is_empty() || b.is_empty() {
         return Err("matmul operands must have rank >= 1".into());
     }
-    let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-    let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let a2: Vec<D> = if a.len() == 1 { vec![D::ONE, a[0]] } else { a.to_vec() };
+    let b2: Vec<D> = if b.len() == 1 { vec![b[0], D::ONE] } else { b.to_vec() };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
         return Err(format!("matmul inner dims differ: {a:?} x {b:?}"));
     }
-    let batch = broadcast_shapes(&a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
+    let batch = D::broadcast(&a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
     let mut out = batch.clone();
     if a.len() > 1 {
         out.push(m);
@@ -59,16 +61,21 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             }
             let (_, _, _, _, scores) = matmul_dims(&q.shape, &kt.shape)?;
             if let Some(mask) = inputs.get(3) {
-                let s = broadcast_shapes(&mask.shape, &scores)?;
+                let s = Dim::broadcast(&mask.shape, &scores)?;
                 if s != scores {
-                    return Err(format!("mask {:?} does not broadcast to the scores {scores:?}", mask.shape));
+                    return Err(format!(
+                        "mask {} does not broadcast to the scores {}",
+                        shape_text(&mask.shape),
+                        shape_text(&scores)
+                    ));
                 }
             }
             let (_, _, _, _, out) = matmul_dims(&scores, &v.shape)?;
             Ok(vec![Type::new(q.dtype, out)])
         }
         Op::Einsum { equation } => {
-            let spec = EinsumSpec::parse(equation, &inputs.iter().map(|t| t.shape.clone()).collect::<Vec<_>>())?;
+            let shapes = inputs.iter().map(|t| sizes(&t.shape, "an einsum operand")).collect::<OpResult<Vec<_>>>()?;
+            let spec = EinsumSpec::parse(equation, &shapes)?;
             for t in inputs {
                 super::same_dtype(inputs[0], t, "einsum")?;
             }
@@ -83,26 +90,19 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if w.rank() != x.rank() || strides.len() != sp || dilations.len() != sp || pads.len() != 2 * sp {
                 return Err(format!("conv parameters do not match a {sp}-d convolution"));
             }
-            let (c, m) = (x.shape[1], w.shape[0]);
-            if *group == 0 || c % group != 0 || m % group != 0 || w.shape[1] * group != c {
-                return Err(format!("weight {:?} does not fit {c} input channels in {group} groups", w.shape));
+            let (xs, ws) = (sizes(&x.shape, "the convolved input")?, sizes(&w.shape, "the weight")?);
+            let (c, m) = (xs[1], ws[0]);
+            if *group == 0 || c % group != 0 || m % group != 0 || ws[1] * group != c {
+                return Err(format!("weight {ws:?} does not fit {c} input channels in {group} groups"));
             }
             if let Some(b) = inputs.get(2) {
-                if b.shape != [m] {
-                    return Err(format!("bias shape {:?} must be [{m}]", b.shape));
+                if b.shape != [Dim::new(m)] {
+                    return Err(format!("bias shape {} must be [{m}]", shape_text(&b.shape)));
                 }
             }
-            let mut out = vec![x.shape[0], m];
+            let mut out = vec![xs[0], m];
             for i in 0..sp {
-                out.push(pooled_len(
-                    x.shape[2 + i],
-                    w.shape[2 + i],
-                    strides[i],
-                    pads[i],
-                    pads[i + sp],
-                    dilations[i],
-                    false,
-                )?);
+                out.push(pooled_len(xs[2 + i], ws[2 + i], strides[i], pads[i], pads[i + sp], dilations[i], false)?);
             }
             Ok(vec![Type::new(x.dtype, out)])
         }
@@ -491,7 +491,8 @@ fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usiz
     let (n, c) = (x.shape()[0], x.shape()[1]);
     let m = w.shape()[0];
     let in_sp = &x.shape()[2..];
-    let out_sp = &out_ty.shape[2..];
+    let out_shape = out_ty.sizes();
+    let out_sp = &out_shape[2..];
     let kernel = &w.shape()[2..];
     let offs = window_offsets(in_sp, out_sp, kernel, strides, pads, dilations);
     let (cg, mg) = (c / group, m / group);
@@ -535,7 +536,7 @@ fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usiz
         (Data::F64(xv), Data::F64(wv)) => go!(f64, xv, wv, F64),
         _ => return Err("conv needs f32 or f64 input and weight of one dtype".into()),
     };
-    Ok(Tensor::new(out_ty.shape, data))
+    Ok(Tensor::new(out_shape, data))
 }
 
 #[cfg(test)]
@@ -616,12 +617,12 @@ mod tests {
             let plan = einsum_as_matmul(eq, &[sa.to_vec(), sb.to_vec()]).unwrap_or_else(|| panic!("{eq}: no plan"));
             let side = |t: &Tensor, perm: &[usize], shape: &[usize]| {
                 let t = run(Op::Transpose { perm: perm.to_vec() }, &[t]);
-                run(Op::Reshape { shape: shape.to_vec() }, &[&t])
+                run(Op::Reshape { shape: crate::dims_of(shape) }, &[&t])
             };
             let product = run(Op::MatMul, &[&side(&a, &plan.perm_a, &plan.a3), &side(&b, &plan.perm_b, &plan.b3)]);
             let got = run(
                 Op::Transpose { perm: plan.perm_out.clone() },
-                &[&run(Op::Reshape { shape: plan.out_dims.clone() }, &[&product])],
+                &[&run(Op::Reshape { shape: crate::dims_of(&plan.out_dims) }, &[&product])],
             );
             let want = run(Op::Einsum { equation: eq.into() }, &[&a, &b]);
             assert_eq!(got.shape(), want.shape(), "{eq}");

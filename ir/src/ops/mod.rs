@@ -14,6 +14,7 @@ pub mod nn;
 pub mod reduce;
 pub mod resize;
 
+use crate::dim::{shape_text, Dim, DimOverflow};
 use crate::dtype::{DType, Type};
 use crate::op::Op;
 use crate::tensor::Tensor;
@@ -142,6 +143,76 @@ pub fn same_dtype(a: &Type, b: &Type, what: &str) -> OpResult<()> {
         return Err(format!("{what}: dtypes differ ({} vs {})", a.dtype, b.dtype));
     }
     Ok(())
+}
+
+impl From<DimOverflow> for String {
+    fn from(e: DimOverflow) -> String {
+        e.to_string()
+    }
+}
+
+/// The known sizes of `dims`, for an op whose semantics need them (a
+/// convolution's spatial dims, a reshape being evaluated).
+pub fn sizes(dims: &[Dim], what: &str) -> OpResult<Vec<usize>> {
+    crate::dim::known_shape(dims).ok_or_else(|| {
+        format!(
+            "{what} has symbolic dims {}, which this op needs known (give them values with --dim)",
+            shape_text(dims)
+        )
+    })
+}
+
+/// Known integers (a slice's bounds being evaluated).
+pub fn ints(dims: &[Dim]) -> OpResult<Vec<i64>> {
+    dims.iter().map(|d| d.known().ok_or_else(|| format!("{d} is symbolic where a value is needed"))).collect()
+}
+
+/// Numpy broadcasting of two shapes whose dims may be symbolic: a dim
+/// broadcasts against 1 or an equal dim. Two different symbolic dims could
+/// be equal, or one of them 1, only at run time; that is not assumed.
+pub fn broadcast_dims(a: &[Dim], b: &[Dim]) -> OpResult<Vec<Dim>> {
+    let r = a.len().max(b.len());
+    let one = Dim::new(1);
+    let mut out = vec![one; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { one };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { one };
+        out[i] = if da == db || db == one {
+            da
+        } else if da == one {
+            db
+        } else if da.is_known() && db.is_known() {
+            return Err(format!("shapes {} and {} do not broadcast", shape_text(a), shape_text(b)));
+        } else {
+            return Err(format!(
+                "shapes {} and {} broadcast only if {da} and {db} are equal, which is not known before run time",
+                shape_text(a),
+                shape_text(b)
+            ));
+        };
+    }
+    Ok(out)
+}
+
+/// A dim as shape inference (`Dim`, from types) and evaluation (`usize`,
+/// from tensors) see it, so that rules both need are written once.
+pub trait Extent: Copy + PartialEq + std::fmt::Debug {
+    const ONE: Self;
+    fn broadcast(a: &[Self], b: &[Self]) -> OpResult<Vec<Self>>;
+}
+
+impl Extent for usize {
+    const ONE: usize = 1;
+    fn broadcast(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
+        broadcast_shapes(a, b)
+    }
+}
+
+impl Extent for Dim {
+    const ONE: Dim = Dim::new(1);
+    fn broadcast(a: &[Dim], b: &[Dim]) -> OpResult<Vec<Dim>> {
+        broadcast_dims(a, b)
+    }
 }
 
 /// Numpy broadcasting of two shapes.

@@ -2,6 +2,7 @@
 
 use super::linalg::{pooled_len, window_offsets};
 use super::{arity, OpResult};
+use crate::dim::{shape_text, Dim};
 use crate::dispatch_float;
 use crate::dtype::{DType, Type};
 use crate::op::Op;
@@ -19,9 +20,10 @@ fn pool_out_shape(
     if kernel.len() != sp || strides.len() != sp || dil.len() != sp || pads.len() != 2 * sp {
         return Err(format!("pooling parameters do not match a {sp}-d input"));
     }
-    let mut out = x.shape[..2].to_vec();
+    let xs = super::sizes(&x.shape, "the pooled input")?;
+    let mut out = xs[..2].to_vec();
     for i in 0..sp {
-        out.push(pooled_len(x.shape[2 + i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?);
+        out.push(pooled_len(xs[2 + i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?);
     }
     Ok(out)
 }
@@ -79,15 +81,19 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let norm = &x.shape[*axis..];
             for t in &inputs[1..] {
                 super::same_dtype(x, t, "scale/bias")?;
-                if super::broadcast_shapes(&t.shape, norm)? != norm {
-                    return Err(format!("scale/bias {:?} does not broadcast to the normalised dims {norm:?}", t.shape));
+                if super::broadcast_dims(&t.shape, norm)? != norm {
+                    return Err(format!(
+                        "scale/bias {} does not broadcast to the normalised dims {}",
+                        shape_text(&t.shape),
+                        shape_text(norm)
+                    ));
                 }
             }
             if matches!(op, Op::RmsNorm { .. }) {
                 return Ok(vec![(*x).clone()]);
             }
             let mut stat = x.shape[..*axis].to_vec();
-            stat.extend(std::iter::repeat_n(1, x.rank() - axis));
+            stat.extend(std::iter::repeat_n(Dim::new(1), x.rank() - axis));
             Ok(vec![(*x).clone(), Type::new(x.dtype, stat.clone()), Type::new(x.dtype, stat)])
         }
         Op::BatchNorm { .. } => {
@@ -96,7 +102,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let c = *x.shape.get(1).ok_or("batch_norm input needs rank >= 2")?;
             for t in &inputs[1..] {
                 if t.shape != [c] {
-                    return Err(format!("batch_norm parameters must have shape [{c}], found {:?}", t.shape));
+                    return Err(format!("batch_norm parameters must have shape [{c}], found {}", shape_text(&t.shape)));
                 }
             }
             Ok(vec![(*x).clone()])
@@ -107,7 +113,10 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let c = *x.shape.get(1).ok_or("instance_norm input needs rank >= 2")?;
             for t in &inputs[1..] {
                 if t.shape != [c] {
-                    return Err(format!("instance_norm scale/bias must have shape [{c}], found {:?}", t.shape));
+                    return Err(format!(
+                        "instance_norm scale/bias must have shape [{c}], found {}",
+                        shape_text(&t.shape)
+                    ));
                 }
             }
             Ok(vec![(*x).clone()])
@@ -122,10 +131,11 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let out_types = infer(op, &types.iter().collect::<Vec<_>>())?;
     match op {
         Op::MaxPool { kernel, strides, pads, dilations, .. } => {
-            max_pool(x, &out_types[0].shape, kernel, strides, pads, dilations)
+            max_pool(x, &out_types[0].sizes(), kernel, strides, pads, dilations)
         }
         Op::AveragePool { kernel, strides, pads, dilations, count_include_pad, .. } => {
-            average_pool(x, &out_types[0].shape, kernel, strides, pads, dilations, *count_include_pad).map(|t| vec![t])
+            average_pool(x, &out_types[0].sizes(), kernel, strides, pads, dilations, *count_include_pad)
+                .map(|t| vec![t])
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Hardmax { axis } => {
             let (outer, len, inner) = split_at_axis(x.shape(), *axis);
@@ -202,8 +212,8 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             let dt = x.dtype();
             let mut outs = vec![Tensor::new(x.shape().to_vec(), Data::from_f64s(dt, &y))];
             if !rms {
-                outs.push(Tensor::new(out_types[1].shape.clone(), Data::from_f64s(dt, &means)));
-                outs.push(Tensor::new(out_types[2].shape.clone(), Data::from_f64s(dt, &inv_stds)));
+                outs.push(Tensor::new(out_types[1].sizes(), Data::from_f64s(dt, &means)));
+                outs.push(Tensor::new(out_types[2].sizes(), Data::from_f64s(dt, &inv_stds)));
             }
             Ok(outs)
         }

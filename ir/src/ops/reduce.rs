@@ -5,12 +5,12 @@ use crate::dtype::{DType, Type};
 use crate::op::{Op, ReduceKind};
 use crate::tensor::{strides_of, Data, Tensor};
 
-fn reduced_shape(shape: &[usize], axes: &[usize], keepdims: bool) -> Vec<usize> {
+fn reduced_shape<D: super::Extent>(shape: &[D], axes: &[usize], keepdims: bool) -> Vec<D> {
     let mut out = Vec::new();
     for (i, &d) in shape.iter().enumerate() {
         if axes.contains(&i) {
             if keepdims {
-                out.push(1);
+                out.push(D::ONE);
             }
         } else {
             out.push(d);

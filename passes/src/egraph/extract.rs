@@ -52,11 +52,11 @@ fn attention_cost(
     key_block: usize,
     mask_spans: &MaskSpans,
 ) -> Option<f64> {
-    let dims = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
+    let dims = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.estimated_shape());
     let (q, kt) = (dims(0)?, dims(1)?);
     let (sq, d, sk) = (q[q.len() - 2], q[q.len() - 1] as f64, kt[kt.len() - 1]);
-    let numel = data.ty()?.numel() as f64;
-    let dv = data.ty()?.shape.last().copied().unwrap_or(1) as f64;
+    let numel = data.ty()?.estimated_numel() as f64;
+    let dv = data.ty()?.shape.last().map_or(1, |d| d.estimate()) as f64;
     let batch = numel / (sq as f64 * dv).max(1.0);
     let spans = n.children.get(first + 3).and_then(|&m| mask_spans.get(&egraph.find(m))).filter(|s| s.len() == sq);
     // Per query block: its rows and the keys it visits.
@@ -120,7 +120,10 @@ fn mask_spans(egraph: &TGraph) -> MaskSpans {
                 continue;
             }
             let (Some(qt), Some(ktt)) = (egraph[q].data.ty(), egraph[kt].data.ty()) else { continue };
-            let (sq, sk) = (qt.shape[qt.shape.len() - 2], ktt.shape[ktt.shape.len() - 1]);
+            let (Some(sq), Some(sk)) = (qt.shape[qt.shape.len() - 2].size(), ktt.shape[ktt.shape.len() - 1].size())
+            else {
+                continue;
+            };
             if let Some(spans) = egraph[m].data.value.as_deref().and_then(|t| constant_mask_spans(t, sq, sk)) {
                 out.insert(m, spans);
             }
@@ -158,7 +161,7 @@ fn constant_mask_spans(t: &egret_ir::Tensor, sq: usize, sk: usize) -> Option<Vec
 /// tiling's rate, one pass over the output, and for the library one call
 /// per batch plus packing both operands each time.
 fn matmul_cost(egraph: &TGraph, n: &TNode, first: usize, numel: f64, tiling: MatMulTiling) -> Option<f64> {
-    let shape = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.shape.clone());
+    let shape = |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map(|t| t.estimated_shape());
     let (a, b) = (shape(0)?, shape(1)?);
     let k = *a.last()? as f64;
     let n_cols = if b.len() >= 2 { b[b.len() - 1] as f64 } else { 1.0 };
@@ -189,9 +192,10 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info, mask_spans: &MaskSp
     if n.children[first..].iter().any(|&c| egraph[c].data.ty().is_none()) {
         return None;
     }
-    let numel = data.ty()?.numel() as f64;
-    let input_numel =
-        |i: usize| n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map_or(0.0, |t| t.numel() as f64);
+    let numel = data.ty()?.estimated_numel() as f64;
+    let input_numel = |i: usize| {
+        n.children.get(first + i).and_then(|&c| egraph[c].data.ty()).map_or(0.0, |t| t.estimated_numel() as f64)
+    };
     Some(
         match op {
             Op::Reshape { .. } | Op::Identity => 0.0,
@@ -204,7 +208,7 @@ fn node_cost(egraph: &TGraph, n: &TNode, data: &super::Info, mask_spans: &MaskSp
             // Attention as lowering tiles it by default, plus one: where tiled
             // alternatives exist, they win ties.
             Op::Attention { .. } => {
-                let sk = n.children.get(first + 1).and_then(|&c| egraph[c].data.ty())?.shape.last().copied()?;
+                let sk = n.children.get(first + 1).and_then(|&c| egraph[c].data.ty())?.shape.last()?.estimate();
                 attention_cost(egraph, n, first, data, 64, balanced(sk, 512), mask_spans)? + 1.0
             }
             Op::AttentionTiled { block, key_block, .. } => {

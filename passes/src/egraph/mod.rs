@@ -192,7 +192,7 @@ impl Analysis<TNode> for TensorAnalysis {
         let refs: Vec<&Type> = types.iter().collect();
         let Ok(out) = egret_ir::ops::infer(&op, &refs) else { return Info::default() };
         // Fold small constants so rules can read values computed from them.
-        let value = if out.len() == 1 && out[0].numel() <= FOLD_LIMIT {
+        let value = if out.len() == 1 && out[0].checked_numel().is_some_and(|n| n <= FOLD_LIMIT) {
             let values: Option<Vec<Arc<Tensor>>> = inputs.iter().map(|&c| egraph[c].data.value.clone()).collect();
             values.and_then(|vs| {
                 let refs: Vec<&Tensor> = vs.iter().map(|t| &**t).collect();

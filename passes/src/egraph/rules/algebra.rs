@@ -7,7 +7,7 @@ use super::{add_op, is_constant, is_float_scalar, union_result, var, Rule, TGrap
 use crate::egraph::TNode;
 use egg::rewrite as rw;
 use egg::{Applier, Id, PatternAst, Subst, Symbol};
-use egret_ir::Op;
+use egret_ir::{Dim, Op};
 
 pub fn rules() -> Vec<Rule> {
     vec![
@@ -168,7 +168,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for AddThroughReshape {
         let Ok(Op::Reshape { shape: t_shape }) = egret_ir::text::op_from_parts("reshape", &view) else { return vec![] };
         let Some(mt) = egraph[m].data.ty().cloned() else { return vec![] };
         // Only where the outer reshape undoes the inner one and m fits the inner view.
-        let fits = egret_ir::ops::broadcast_shapes(&mt.shape, &t_shape).is_ok_and(|s| s == t_shape);
+        let fits = egret_ir::ops::broadcast_dims(&mt.shape, &t_shape).is_ok_and(|s| s == t_shape);
         if outer != xt || !fits || mt.dtype != xt.dtype {
             return vec![];
         }
@@ -204,17 +204,17 @@ fn is_per_matrix_scale(s: &'static str, q: &'static str) -> impl Fn(&mut TGraph,
         let r = st.rank();
         st.dtype.is_float()
             && st.dtype == qt.dtype
-            && st.numel() > 1
+            && st.checked_numel().is_some_and(|n| n > 1)
             && r >= 2
             && st.shape[r - 2..] == [1, 1]
-            && egret_ir::ops::broadcast_shapes(&qt.shape, &st.shape).is_ok_and(|b| b == qt.shape)
+            && egret_ir::ops::broadcast_dims(&qt.shape, &st.shape).is_ok_and(|b| b == qt.shape)
     }
 }
 
 /// `[P, rest..] -> [p, q, rest..]` with `P = p q`: the reshape splits the
 /// leading dim of a rank-3-or-more value and nothing else.
-fn splits_leading(from: &[usize], to: &[usize]) -> Option<(usize, usize)> {
-    (from.len() >= 3 && to.len() == from.len() + 1 && to[2..] == from[1..] && to[0] * to[1] == from[0])
+fn splits_leading(from: &[Dim], to: &[Dim]) -> Option<(Dim, Dim)> {
+    (from.len() >= 3 && to.len() == from.len() + 1 && to[2..] == from[1..] && to[0].checked_mul(to[1]).ok()? == from[0])
         .then(|| (to[0], to[1]))
 }
 
@@ -254,7 +254,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for SplitBatch {
             if xt.len() != rank || xt[0] != from[0] {
                 return None;
             }
-            let shape: Vec<usize> = [p, q].into_iter().chain(xt[1..].iter().copied()).collect();
+            let shape: Vec<Dim> = [p, q].into_iter().chain(xt[1..].iter().copied()).collect();
             Some(add_op(egraph, &Op::Reshape { shape }, vec![x]))
         };
         let (Some(a2), Some(b2)) = (split(egraph, a), split(egraph, b)) else { return vec![] };
@@ -302,7 +302,7 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for MergeBatch {
         let v2 = if vt.rank() < rank || (vt.rank() == rank && vt.shape[0] == 1) {
             v
         } else if vt.rank() == rank && vt.shape[0] == merged[0] {
-            let shape: Vec<usize> = [p, q].into_iter().chain(vt.shape[1..].iter().copied()).collect();
+            let shape: Vec<Dim> = [p, q].into_iter().chain(vt.shape[1..].iter().copied()).collect();
             add_op(egraph, &Op::Reshape { shape }, vec![v])
         } else {
             return vec![];

@@ -131,7 +131,8 @@ impl NormMatch {
         let attrs = egraph[subst[var("?r")]].data.attrs.clone()?;
         let axis = trailing_mean_axis(&attrs, xt.rank())?;
         let epsilon = scalar(egraph, subst, "?eps")? as f32;
-        let norm = xt.shape[axis..].to_vec();
+        // The normalised dims are the model's width: known.
+        let norm = egret_ir::known_shape(&xt.shape[axis..])?;
         Some(NormMatch { x, xt, axis, epsilon, norm })
     }
 
@@ -140,7 +141,7 @@ impl NormMatch {
     fn fits_param(&self, egraph: &TGraph, id: Id) -> bool {
         egraph[id].data.ty().is_some_and(|t| {
             t.dtype == self.xt.dtype
-                && egret_ir::ops::broadcast_shapes(&t.shape, &self.norm).is_ok_and(|s| s == self.norm)
+                && egret_ir::ops::broadcast_dims(&t.shape, &egret_ir::dims_of(&self.norm)).is_ok_and(|s| s == self.norm)
         })
     }
 

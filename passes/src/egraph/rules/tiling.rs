@@ -64,7 +64,12 @@ impl Applier<TNode, crate::egraph::TensorAnalysis> for TileAttention {
         };
         let (q, kt) = (subst[var("?q")], subst[var("?kt")]);
         let (Some(qt), Some(ktt)) = (egraph[q].data.ty(), egraph[kt].data.ty()) else { return vec![] };
-        let (Some(&sq), Some(&sk)) = (qt.shape.iter().rev().nth(1), ktt.shape.last()) else { return vec![] };
+        // A symbolic length is ranked at its nominal value; the tiles fit any.
+        let (Some(sq), Some(sk)) =
+            (qt.shape.iter().rev().nth(1).map(|d| d.estimate()), ktt.shape.last().map(|d| d.estimate()))
+        else {
+            return vec![];
+        };
         let mut children = vec![q, kt, subst[var("?v")]];
         if let Some(m) = subst.get(var("?m")) {
             children.push(*m);
