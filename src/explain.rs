@@ -12,7 +12,9 @@ pub struct Explanation {
     pub canonical: Canonical,
     /// The kernel plan with the CPU's choices (for the CPU and reference
     /// backends), or the neutral plan the GPU compiled (for wgsl and ptx).
-    pub plan: Plan,
+    /// `None` while some dims are symbolic: the backend plans each binding
+    /// of them when a run first needs it.
+    pub plan: Option<Plan>,
     /// The GPU's kernels, grids and host steps, for wgsl and ptx.
     pub gpu: Option<GpuPlan>,
     pub stages: Vec<(&'static str, f64)>,
@@ -27,14 +29,19 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
     let c = canonical(model, opts)?;
     let t = std::time::Instant::now();
     let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
-    let lowering = if gpu { crate::lower_options(opts).gpu() } else { crate::lower_options(opts) };
-    let plan = egret_backends::lower(&c.graph, lowering)?;
-    // Each backend's own choices: the CPU's implementations and weight
-    // layouts here, the GPU's kernels below.
-    let plan = if gpu { plan } else { egret_backends::cpu::choose::choose(plan) };
+    let (plan, gpu_plan) = if c.graph.is_bound() {
+        let lowering = if gpu { crate::lower_options(opts).gpu() } else { crate::lower_options(opts) };
+        let plan = egret_backends::lower(&c.graph, lowering)?;
+        // Each backend's own choices: the CPU's implementations and weight
+        // layouts here, the GPU's kernels below.
+        let plan = if gpu { plan } else { egret_backends::cpu::choose::choose(plan) };
+        let limits = if backend == Backend::Ptx { crate::PTX_LIMITS } else { Default::default() };
+        let gpu_plan = if gpu { Some(crate::gpu_plan(&c.graph, opts, limits)?) } else { None };
+        (Some(plan), gpu_plan)
+    } else {
+        (None, None)
+    };
     let lower_ms = t.elapsed().as_secs_f64() * 1e3;
-    let limits = if backend == Backend::Ptx { crate::PTX_LIMITS } else { Default::default() };
-    let gpu_plan = if gpu { Some(crate::gpu_plan(&c.graph, opts, limits)?) } else { None };
     let fusions = egret_passes::egraph::count_fused(&c.graph);
     let tilings = egret_passes::egraph::count_tilings(&c.graph);
     let mut stages = vec![("import", c.import_ms), ("canonicalize", c.canonicalize_ms)];
@@ -42,7 +49,9 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
         stages.push(("egraph_saturate", report.saturate_ms));
         stages.push(("egraph_extract", report.extract_ms));
     }
-    stages.push(("lower", lower_ms));
+    if plan.is_some() {
+        stages.push(("lower", lower_ms));
+    }
     Ok(Explanation { canonical: c, plan, gpu: gpu_plan, stages, fusions, tilings, backend })
 }
 
@@ -52,25 +61,48 @@ impl Explanation {
         self.canonical.optimized.clone().unwrap_or_default()
     }
 
+    /// The graph's inputs and outputs with their types, symbolic dims by
+    /// their expressions (`f32[batch,sequence,64]`).
+    pub fn signature(&self) -> (Vec<(String, String)>, Vec<(String, String)>) {
+        let g = &self.canonical.graph;
+        let inputs = g.inputs().iter().map(|&v| (g.input_name(v).to_string(), g.ty(v).to_string())).collect();
+        let outputs = g.outputs().iter().map(|(n, v)| (n.clone(), g.ty(*v).to_string())).collect();
+        (inputs, outputs)
+    }
+
     /// Everything as one JSON object (`egret explain --json`).
     pub fn to_json(&self, model: &str, opt: u8) -> serde_json::Value {
         let report = self.report();
-        let kernels: Vec<serde_json::Value> = self
-            .plan
-            .kernels
-            .iter()
-            .map(|k| serde_json::json!({"kind": k.detailed_kind(), "label": k.label, "detail": k.detail(), "flops": k.flops()}))
-            .collect();
+        let kernels: Option<Vec<serde_json::Value>> = self.plan.as_ref().map(|p| {
+            p.kernels
+                .iter()
+                .map(|k| serde_json::json!({"kind": k.detailed_kind(), "label": k.label, "detail": k.detail(), "flops": k.flops()}))
+                .collect()
+        });
+        let (inputs, outputs) = self.signature();
+        let pairs = |xs: Vec<(String, String)>| {
+            xs.into_iter().map(|(n, t)| serde_json::json!({"name": n, "type": t})).collect::<Vec<_>>()
+        };
         serde_json::json!({
             "model": model,
             "opt": opt,
             "fusions": self.fusions.iter().cloned().collect::<BTreeMap<String, usize>>(),
             "tilings": self.tilings.iter().cloned().collect::<BTreeMap<String, usize>>(),
             "rules": report.rules.iter().cloned().collect::<BTreeMap<String, usize>>(),
+            // Null while dims are symbolic: the backend plans each binding.
             "kernels": kernels,
-            "arena_bytes": self.plan.arena_bytes,
-            // Symbolic dims and the sizes compilation fixed them at.
-            "symbols": self.canonical.symbols.iter().map(|(n, v)| (n.clone(), *v)).collect::<BTreeMap<String, usize>>(),
+            "arena_bytes": self.plan.as_ref().map(|p| p.arena_bytes),
+            // The model's dim_params: the sizes compilation fixed, or null
+            // for those that stay symbolic.
+            "symbols": self
+                .canonical
+                .symbols
+                .iter()
+                .map(|(n, v)| (n.clone(), Some(*v)))
+                .chain(self.canonical.graph.symbols().into_iter().map(|n| (n, None)))
+                .collect::<BTreeMap<String, Option<usize>>>(),
+            "inputs": pairs(inputs),
+            "outputs": pairs(outputs),
             "stage_ms": self.stages.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, f64>>(),
             "egraph": {"nodes": report.egraph_nodes, "classes": report.egraph_classes, "dag_extraction": report.dag_extraction},
             "backend": self.backend.name(),

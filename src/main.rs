@@ -618,6 +618,19 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         let bound: Vec<String> = c.symbols.iter().map(|(n, v)| format!("{n}={v}")).collect();
         println!("symbolic dims, fixed at compile time: {}", bound.join(", "));
     }
+    let free = c.graph.symbols();
+    if !free.is_empty() {
+        println!(
+            "symbolic dims, kept symbolic: {} (each run's shapes bind them; the backend plans a binding when a run first needs it)",
+            free.join(", ")
+        );
+    }
+    let (inputs, outputs) = e.signature();
+    for (kind, values) in [("input", inputs), ("output", outputs)] {
+        for (name, ty) in values {
+            println!("{kind} {name}: {ty}");
+        }
+    }
     println!("stages:");
     for (k, v) in stages {
         println!("  {k:<16} {v:8.1} ms");
@@ -642,6 +655,10 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
             println!("  {n:6} x {t}");
         }
     }
+    let Some(plan) = plan else {
+        println!("kernels: planned per binding of {} (give them values with --dim to see a plan)", free.join(", "));
+        return Ok(());
+    };
     let total: u64 = plan.kernels.iter().map(|k| k.flops()).sum();
     println!(
         "kernels: {} ({:.1} MFLOP per run), arena {} bytes",

@@ -114,6 +114,7 @@ impl<'a> Importer<'a> {
     ) -> Result<(), ImportError> {
         use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
         let mut dims = opts.dims.clone();
+        let mut pending = Vec::new();
         for input in &g.input {
             if self.names.contains_key(&input.name) {
                 // Older exporters list initializers among the inputs.
@@ -201,7 +202,19 @@ impl<'a> Importer<'a> {
                     shape
                 }
             };
-            let ty = Type::new(dtype, shape);
+            pending.push((input, Type::new(dtype, shape)));
+        }
+        // An expression over dims that other inputs bound (`past_sequence +
+        // sequence` beside `past_sequence` and `sequence`) takes their values.
+        let value = |s: &str| dims.get(s).and_then(|&v| i64::try_from(v).ok());
+        for (input, ty) in pending {
+            let err = |m: String| ImportError::Input { input: input.name.clone(), message: m };
+            let shape = ty
+                .shape
+                .iter()
+                .map(|d| d.substitute(&value).map_err(|e| err(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ty = Type::new(ty.dtype, shape);
             if ty.is_known() && ty.checked_numel().is_none() {
                 return Err(err(format!("shape {ty} is too large")));
             }

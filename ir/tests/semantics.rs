@@ -74,3 +74,45 @@ fn a_norm_whose_variance_overflows_f32_gives_the_bias() {
     let square = &eval_op(&Op::Mul, &[centred, centred]).unwrap()[0];
     assert!(square.as_f32().unwrap()[0].is_infinite());
 }
+
+/// A graph over a symbolic dim prints and parses back, and binding the
+/// symbol checks what the slice assumed of it.
+#[test]
+fn symbolic_graphs_print_parse_and_bind() {
+    use egret_ir::{DType, Dim, Graph, Type};
+    let n = Dim::symbol("n");
+    let mut g = Graph::new();
+    let x = g.add_input("x", Type::new(DType::F32, [Dim::symbol("batch"), n]));
+    let two = Dim::new(2);
+    let tail = g
+        .add(
+            Op::Slice { starts: vec![Dim::new(0), two], ends: vec![Dim::symbol("batch"), n], steps: vec![1, 1] },
+            &[x],
+            "tail",
+        )
+        .unwrap();
+    let flat = g
+        .add(
+            Op::Reshape { shape: vec![Dim::symbol("batch").checked_mul(n.checked_sub(two).unwrap()).unwrap()] },
+            &[tail],
+            "flat",
+        )
+        .unwrap();
+    g.set_output("y", flat);
+    assert_eq!(g.ty(flat).to_string(), "f32[batch*n - 2*batch]");
+    let text = egret_ir::text::print(&g);
+    let back = egret_ir::text::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(egret_ir::text::print(&back), text);
+    assert_eq!(g.symbols(), vec!["batch", "n"]);
+
+    let bound = g.bind(&|s| Some(if s == "n" { 5 } else { 2 })).unwrap();
+    assert!(bound.is_bound());
+    let y = bound.outputs()[0].1;
+    assert_eq!(bound.ty(y).sizes(), vec![6]);
+    let x = Tensor::from_vec(vec![2, 5], (0..10).map(|i| i as f32).collect::<Vec<_>>());
+    let sliced = &eval_op(&bound.node(bound.producer(bound.node(bound.producer(y)).inputs[0])).op, &[&x]).unwrap()[0];
+    assert_eq!(sliced.as_f32().unwrap(), &[2., 3., 4., 7., 8., 9.]);
+    // The slice assumed n >= 2.
+    let err = g.bind(&|s| Some(if s == "n" { 1 } else { 2 })).unwrap_err();
+    assert!(err.to_string().contains("tail") && err.to_string().contains("outside"), "{err}");
+}

@@ -185,8 +185,9 @@ def stored_sets(model):
 
 def test_a_session_with_unbound_symbolic_dims_serves_every_shape():
     """As onnxruntime's: made without `dims`, it reports the dims by name
-    and runs inputs of any shape, compiling once per new binding of them
-    (dims do not yet stay symbolic through compilation)."""
+    and runs inputs of any shape. The model is compiled once with its dims
+    symbolic; the backend lowers it once per new binding of them, which
+    `compiled_shapes` counts."""
     model = os.path.join(SYNTHETIC, "bert_dynamic")
     sess = egret.InferenceSession(model, threads=1)
     assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"], ["batch", "sequence"]]

@@ -1,0 +1,99 @@
+//! Models whose dims stay symbolic: one compile of the model for every
+//! shape, checked against the stored onnxruntime outputs, against the same
+//! model imported with its dims bound, and on inputs that disagree.
+
+mod common;
+
+use egret::check::{check_case_counting, compare, Compiles, Tolerance};
+use egret::ir::Tensor;
+use egret::{canonical, compile, Backend, CompileOptions};
+
+/// The synthetic exports with symbolic dims: BERT-style (batch, sequence)
+/// and GPT-2 with a KV cache (batch, sequence, past_sequence, and the
+/// mask's past_sequence + sequence), each with data sets of two shapes.
+fn cases() -> Vec<std::path::PathBuf> {
+    ["bert_dynamic", "gpt2_kv"].iter().map(|c| common::synthetic_dir().join(c)).collect()
+}
+
+#[test]
+fn one_compile_serves_data_sets_of_different_shapes() {
+    for case in cases() {
+        for backend in [Backend::Cpu, Backend::Reference] {
+            let opts = CompileOptions { backend, threads: Some(1), ..Default::default() };
+            let (reports, compiles) = check_case_counting(&case, &opts, Tolerance::default());
+            assert_eq!(reports.len(), 2, "{}", case.display());
+            for r in &reports {
+                assert!(r.passed(), "{} on {}: {r:?}", r.case, backend.name());
+            }
+            // The CPU lowers each binding once; the reference backend binds per run.
+            let lowered = if backend == Backend::Cpu { 2 } else { 0 };
+            assert_eq!(compiles, Compiles { models: 1, specializations: lowered }, "{}", case.display());
+        }
+    }
+}
+
+/// Every symbol at 3: no dim is 1, which would let a bound graph fold
+/// broadcasts the symbolic one cannot assume.
+fn threes(g: &egret::ir::Graph) -> egret::ir::Bindings {
+    g.symbols().into_iter().map(|s| (s, 3)).collect()
+}
+
+#[test]
+fn the_egraph_fuses_symbolic_shapes_as_it_fuses_bound_ones() {
+    for case in cases() {
+        let symbolic = canonical(&case, &CompileOptions::default()).unwrap();
+        assert!(!symbolic.graph.is_bound(), "{}", case.display());
+        let dims = threes(&symbolic.graph);
+        let bound =
+            canonical(&case, &CompileOptions { dims: dims.into_iter().collect(), ..Default::default() }).unwrap();
+        assert!(bound.graph.is_bound());
+        let fused = |g| egret::passes::egraph::count_fused(g);
+        let symbolic_fusions = fused(&symbolic.graph);
+        assert!(symbolic_fusions.iter().any(|(op, _)| op == "attention"), "{symbolic_fusions:?}");
+        assert_eq!(symbolic_fusions, fused(&bound.graph), "{}", case.display());
+    }
+}
+
+/// The symbolic graph given values computes what the model imported with
+/// those values computes, on random inputs, through the reference backend
+/// and the CPU's program for that binding.
+#[test]
+fn a_bound_symbolic_graph_computes_what_the_bound_import_does() {
+    for case in cases() {
+        let symbolic = compile(&case, &CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
+        let reference = compile(&case, &CompileOptions { backend: Backend::Reference, ..Default::default() }).unwrap();
+        for values in [
+            [("batch", 2), ("sequence", 5), ("past_sequence", 4)],
+            [("batch", 1), ("sequence", 3), ("past_sequence", 0)],
+        ] {
+            let dims =
+                values.iter().map(|&(n, v)| (n.to_string(), v)).filter(|(n, _)| symbolic.graph.symbols().contains(n));
+            let opts = CompileOptions { backend: Backend::Reference, dims: dims.collect(), ..Default::default() };
+            let bound = compile(&case, &opts).unwrap();
+            let inputs = egret::io::random_inputs(&bound.graph, 7).unwrap();
+            let want = bound.run(inputs.clone()).unwrap();
+            for (backend, model) in [("cpu", &symbolic), ("reference", &reference)] {
+                let got = model.run(inputs.clone()).unwrap();
+                for ((name, g), (_, w)) in got.iter().zip(&want) {
+                    let r = compare(name, g, w, Tolerance::default());
+                    assert!(r.failure.is_none(), "{} {values:?} on {backend}: {r:?}", case.display());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn inputs_that_disagree_on_a_symbol_are_a_clear_error() {
+    let case = common::synthetic_dir().join("bert_dynamic");
+    let model = compile(&case, &CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
+    let ids = Tensor::from_vec(vec![2, 5], vec![1i64; 10]);
+    let mask = Tensor::from_vec(vec![2, 6], vec![1i64; 12]);
+    let err = model.run(vec![("input_ids".into(), ids.clone()), ("attention_mask".into(), mask)]).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("attention_mask") && text.contains("axis 1"), "{text}");
+    // A rank the model does not declare is a type error naming the input.
+    let flat = Tensor::from_vec(vec![10], vec![1i64; 10]);
+    let err = model.run(vec![("input_ids".into(), flat), ("attention_mask".into(), ids)]).unwrap_err();
+    assert!(err.to_string().contains("input `input_ids` should be i64[batch,sequence]"), "{err}");
+}
