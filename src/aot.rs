@@ -84,7 +84,7 @@ pub fn compile_library(
     if c_name(name) != name {
         return Err(Error::Usage(format!("`{name}` is not a valid C identifier; try `{}`", c_name(name))));
     }
-    let c = canonical(model, opts)?;
+    let c = bound_canonical(model, opts)?;
     if let Some((input, _)) = c.specialized.first() {
         return Err(Error::Usage(format!(
             "input `{input}` sets a shape, so the model was specialised on its value; ahead-of-time libraries need every shape fixed by the model or by --dim"
@@ -746,7 +746,7 @@ size_t {name}_output_bytes(size_t i) {{ return i < N_OUTPUT ? output_bytes[i] : 
 /// bindings, parameters), the buffer sizes and the host steps. Compiled for
 /// the portable WebGPU limits, so it needs no device.
 pub fn write_wgsl(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec<PathBuf>, Error> {
-    let c = canonical(model, opts)?;
+    let c = bound_canonical(model, opts)?;
     let (gpu, shaders) = crate::wgsl_program(&c.graph, opts, Default::default())?;
     write_kernels(out, &gpu, &shaders, "wgsl")
 }
@@ -755,7 +755,7 @@ pub fn write_wgsl(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec
 /// the same `manifest.json` as `write_wgsl` (grid, block, shared memory and
 /// parameters per step). Needs no GPU or CUDA install.
 pub fn write_ptx(model: &Path, out: &Path, opts: &CompileOptions) -> Result<Vec<PathBuf>, Error> {
-    let c = canonical(model, opts)?;
+    let c = bound_canonical(model, opts)?;
     let gpu = crate::gpu_plan(&c.graph, opts, crate::PTX_LIMITS)?;
     let modules: Vec<String> = gpu.kernels.iter().map(egret_backends::gpu::ptx::print).collect();
     write_kernels(out, &gpu, &modules, "ptx")
@@ -888,4 +888,20 @@ mod tests {
         let script = version_script("m");
         assert!(script.contains("    m_context_run;\n") && script.contains("local: *;"), "{script}");
     }
+}
+
+/// The model imported and optimised with every dim known: an artifact's
+/// kernels and memory are planned for fixed sizes.
+fn bound_canonical(model: &Path, opts: &CompileOptions) -> Result<crate::Canonical, Error> {
+    let c = canonical(model, opts)?;
+    let free = c.graph.symbols();
+    if !free.is_empty() {
+        let flags: Vec<String> = free.iter().map(|s| format!("--dim {s}=N")).collect();
+        return Err(Error::Usage(format!(
+            "the model's dims {} are symbolic, and compiled artifacts are planned for known sizes: give them values ({})",
+            free.join(", "),
+            flags.join(" ")
+        )));
+    }
+    Ok(c)
 }

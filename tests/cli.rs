@@ -270,4 +270,13 @@ fn an_unbound_symbolic_dim_says_how_to_bind_it() {
     let (ok, out, err) =
         egret(&["run", "tests/data/synthetic/bert_dynamic", "--dim", "batch=1", "--dim", "sequence=9"]);
     assert!(ok, "{out}{err}");
+    // An artifact is planned for known sizes.
+    let dir = std::env::temp_dir().join(format!("egret-cli-unbound-{}", std::process::id()));
+    let (ok, _, err) = egret(&["compile", "tests/data/synthetic/bert_dynamic", "-o", dir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("dims batch, sequence are symbolic") && err.contains("--dim batch=N --dim sequence=N"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

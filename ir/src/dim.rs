@@ -20,7 +20,9 @@ use std::fmt;
 use std::sync::{Arc, OnceLock, RwLock};
 
 /// A dimension or other size: a known integer or a polynomial over symbols.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Deliberately not ordered: whether `batch < sequence` depends on values
+/// only a run has.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Dim(u64);
 
 /// Set on an interned polynomial's index; clear on a known value.

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use egret::ir::{DType, Data, Tensor, Type};
 
@@ -256,22 +256,44 @@ impl InferenceSession {
             let t = tensor_of(&name, &v)?;
             named.push((name, t));
         }
-        let model = &self.model;
-        let outputs = &model.program.signature.outputs;
-        let wanted: Vec<usize> = match output_names {
-            None => (0..outputs.len()).collect(),
-            Some(names) => names
-                .iter()
-                .map(|n| {
-                    outputs.iter().position(|(o, _)| o == n).ok_or_else(|| {
-                        let known: Vec<&str> = outputs.iter().map(|(o, _)| o.as_str()).collect();
-                        error(format!("the model has no output `{n}` (its outputs: {})", known.join(", ")))
-                    })
-                })
-                .collect::<PyResult<_>>()?,
-        };
-        let results = py.detach(|| model.run(named)).map_err(error)?;
+        let wanted = self.output_positions(output_names.as_deref())?;
+        let results = py.detach(|| self.model.run(named)).map_err(error)?;
         wanted.into_iter().map(|i| array_of(py, &results[i].1)).collect()
+    }
+
+    /// An `IOBinding`, as onnxruntime's: inputs and outputs bound by name,
+    /// outputs kept on Egret's side as `OrtValue`s that can be bound as the
+    /// next run's inputs (a decoder's presents fed back as its past)
+    /// without passing through numpy.
+    fn io_binding(&self) -> IOBinding {
+        IOBinding::default()
+    }
+
+    /// Runs on the inputs bound to `iobinding` and stores the bound outputs
+    /// (all of them if none is bound) in it.
+    #[pyo3(signature = (iobinding, run_options = None))]
+    fn run_with_iobinding(
+        &self,
+        py: Python<'_>,
+        iobinding: &IOBinding,
+        run_options: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        if run_options.is_some_and(|o| !o.is_none()) {
+            return Err(error("run_options are not supported"));
+        }
+        let names = lock(&iobinding.outputs).clone();
+        let wanted = self.output_positions(if names.is_empty() { None } else { Some(&names) })?;
+        let named: Vec<(String, Tensor)> =
+            lock(&iobinding.inputs).iter().map(|(n, t)| (n.clone(), Tensor::clone(t))).collect();
+        let results = py.detach(|| self.model.run(named)).map_err(error)?;
+        let mut results: Vec<Option<Tensor>> = results.into_iter().map(|(_, t)| Some(t)).collect();
+        let outputs = &self.model.program.signature.outputs;
+        *lock(&iobinding.results) = wanted
+            .into_iter()
+            // `bind_output` keeps each name once, so each result is taken once.
+            .map(|i| (outputs[i].0.clone(), Arc::new(results[i].take().expect("each output is bound once"))))
+            .collect();
+        Ok(())
     }
 
     /// The number of programs the backend has compiled: one for a model
@@ -292,6 +314,157 @@ impl InferenceSession {
             })
             .map_err(error)?;
         py.import("json")?.call_method1("loads", (text,))
+    }
+}
+
+impl InferenceSession {
+    /// Positions of the named outputs (all of them for `None`), in order.
+    fn output_positions(&self, names: Option<&[String]>) -> PyResult<Vec<usize>> {
+        let outputs = &self.model.program.signature.outputs;
+        match names {
+            None => Ok((0..outputs.len()).collect()),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    outputs.iter().position(|(o, _)| o == n).ok_or_else(|| {
+                        let known: Vec<&str> = outputs.iter().map(|(o, _)| o.as_str()).collect();
+                        error(format!("the model has no output `{n}` (its outputs: {})", known.join(", ")))
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while the lock was held leaves the value as it was.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A tensor held on Egret's side, as onnxruntime's `OrtValue` (on the CPU).
+#[pyclass(frozen, module = "egret")]
+struct OrtValue {
+    tensor: Arc<Tensor>,
+}
+
+#[pymethods]
+impl OrtValue {
+    /// A copy of `array` held by Egret.
+    #[staticmethod]
+    #[pyo3(signature = (array, device_type = "cpu", device_id = 0))]
+    fn ortvalue_from_numpy(array: &Bound<'_, PyAny>, device_type: &str, device_id: i64) -> PyResult<OrtValue> {
+        cpu_device(device_type, device_id)?;
+        Ok(OrtValue { tensor: Arc::new(tensor_of("array", array)?) })
+    }
+
+    /// The values as a new numpy array.
+    fn numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        array_of(py, &self.tensor)
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        self.tensor.shape().to_vec()
+    }
+
+    /// The element type in onnxruntime's spelling (`tensor(float)`).
+    fn data_type(&self) -> &'static str {
+        type_name(self.tensor.dtype())
+    }
+
+    fn device_name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn is_tensor(&self) -> bool {
+        true
+    }
+
+    fn __repr__(&self) -> String {
+        format!("OrtValue({})", self.tensor.ty())
+    }
+}
+
+/// Where a value lives: Egret's runs take and give tensors in host memory.
+fn cpu_device(device_type: &str, device_id: i64) -> PyResult<()> {
+    if device_type != "cpu" || device_id != 0 {
+        return Err(error(format!(
+            "values live in host memory (device_type \"cpu\", device_id 0), not {device_type}:{device_id}"
+        )));
+    }
+    Ok(())
+}
+
+/// Inputs and outputs bound by name for `run_with_iobinding`, as
+/// onnxruntime's `IOBinding` (on the CPU).
+#[pyclass(frozen, module = "egret")]
+#[derive(Default)]
+struct IOBinding {
+    inputs: Mutex<Vec<(String, Arc<Tensor>)>>,
+    outputs: Mutex<Vec<String>>,
+    /// The last run's bound outputs.
+    results: Mutex<Vec<(String, Arc<Tensor>)>>,
+}
+
+impl IOBinding {
+    fn bind(&self, name: &str, tensor: Arc<Tensor>) {
+        let mut inputs = lock(&self.inputs);
+        inputs.retain(|(n, _)| n != name);
+        inputs.push((name.to_string(), tensor));
+    }
+}
+
+#[pymethods]
+impl IOBinding {
+    /// Binds input `name` to a copy of `array`.
+    fn bind_cpu_input(&self, name: &str, array: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.bind(name, Arc::new(tensor_of(name, array)?));
+        Ok(())
+    }
+
+    /// Binds input `name` to `value` (an output of an earlier run, say).
+    fn bind_ortvalue_input(&self, name: &str, value: &OrtValue) {
+        self.bind(name, value.tensor.clone());
+    }
+
+    /// Asks for output `name`; without any, a run gives every output.
+    #[pyo3(signature = (name, device_type = "cpu", device_id = 0, element_type = None, shape = None, buffer_ptr = None))]
+    fn bind_output(
+        &self,
+        name: &str,
+        device_type: &str,
+        device_id: i64,
+        element_type: Option<&Bound<'_, PyAny>>,
+        shape: Option<Vec<usize>>,
+        buffer_ptr: Option<usize>,
+    ) -> PyResult<()> {
+        cpu_device(device_type, device_id)?;
+        if element_type.is_some() || shape.is_some() || buffer_ptr.is_some() {
+            return Err(error("outputs are allocated by Egret: bind_output takes a name (and the cpu device) only"));
+        }
+        let mut outputs = lock(&self.outputs);
+        if !outputs.iter().any(|n| n == name) {
+            outputs.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// The last run's outputs, in the order they were bound, on Egret's side.
+    fn get_outputs(&self) -> Vec<OrtValue> {
+        lock(&self.results).iter().map(|(_, t)| OrtValue { tensor: t.clone() }).collect()
+    }
+
+    /// The last run's outputs as numpy arrays.
+    fn copy_outputs_to_cpu<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        lock(&self.results).iter().map(|(_, t)| array_of(py, t)).collect()
+    }
+
+    fn clear_binding_inputs(&self) {
+        lock(&self.inputs).clear();
+    }
+
+    fn clear_binding_outputs(&self) {
+        lock(&self.outputs).clear();
+        lock(&self.results).clear();
     }
 }
 
@@ -341,6 +514,8 @@ fn compile(
 fn egret_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<InferenceSession>()?;
     m.add_class::<NodeArg>()?;
+    m.add_class::<OrtValue>()?;
+    m.add_class::<IOBinding>()?;
     m.add_function(wrap_pyfunction!(compile, m)?)?;
     m.add("EgretError", m.py().get_type::<EgretError>())?;
     Ok(())

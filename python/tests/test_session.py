@@ -219,3 +219,56 @@ def test_a_key_value_cache_decodes_through_one_session():
     for feeds, want in stored_sets(model):
         for g, w in zip(sess.run(None, feeds), want):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_an_io_binding_feeds_the_presents_back_without_numpy():
+    """onnxruntime's IOBinding: the presents stay on Egret's side as
+    OrtValues and are bound as the next step's past; the logits match a
+    loop that passes numpy arrays."""
+    model = os.path.join(SYNTHETIC, "gpt2_kv")
+    sess = egret.InferenceSession(model, threads=1)
+    feeds, _ = stored_sets(model)[0]
+    layers = [n for n in feeds if n.startswith("past_key_values.")]
+    presents = [o.name for o in sess.get_outputs()][1:]
+
+    def plain(steps):
+        f, out = dict(feeds), []
+        for _ in range(steps):
+            got = sess.run(None, f)
+            out.append(got[0])
+            nxt = np.array([[int(got[0][0, -1].argmax())]], dtype=np.int64)
+            f = {"input_ids": nxt, "attention_mask": np.ones((1, f["attention_mask"].shape[1] + 1), dtype=np.int64)}
+            f.update(zip(layers, got[1:]))
+        return out
+
+    io = sess.io_binding()
+    for name, value in feeds.items():
+        io.bind_cpu_input(name, value)
+    for name in ["logits"] + presents:
+        io.bind_output(name)
+    bound, mask = [], feeds["attention_mask"].shape[1]
+    for _ in range(4):
+        sess.run_with_iobinding(io)
+        outs = io.get_outputs()
+        assert isinstance(outs[1], egret.OrtValue) and outs[1].data_type() == "tensor(float)"
+        logits = outs[0].numpy()
+        bound.append(logits)
+        mask += 1
+        io.bind_cpu_input("input_ids", np.array([[int(logits[0, -1].argmax())]], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, mask), dtype=np.int64))
+        for past, present in zip(layers, outs[1:]):
+            io.bind_ortvalue_input(past, present)
+    for g, w in zip(bound, plain(4)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # The last run's presents cover the mask it was given.
+    assert outs[1].shape()[2] == mask - 1
+    np.testing.assert_array_equal(io.copy_outputs_to_cpu()[0], bound[-1])
+
+    v = egret.OrtValue.ortvalue_from_numpy(np.zeros((2, 3), dtype=np.float32))
+    assert v.shape() == [2, 3] and v.numpy().dtype == np.float32
+    with pytest.raises(egret.EgretError, match="host memory"):
+        egret.OrtValue.ortvalue_from_numpy(np.zeros(2, dtype=np.float32), "cuda", 0)
+    bad = sess.io_binding()
+    bad.bind_output("no_such_output")
+    with pytest.raises(egret.EgretError, match="no output `no_such_output`"):
+        sess.run_with_iobinding(bad)
