@@ -147,7 +147,8 @@ pub struct Model {
     pub program: Program,
     /// What the e-graph optimiser did, at `--opt 2`.
     pub optimized: Option<egret_passes::egraph::Report>,
-    /// The graph after canonicalisation: what the backend compiled.
+    /// The graph after canonicalisation: what the backend compiled (only
+    /// the inputs, for a model compiled whole per binding of its dims).
     pub graph: Graph,
     pub canon: egret_passes::CanonStats,
     pub times: StageTimes,
@@ -309,6 +310,51 @@ pub fn compile_ptx(
     egret_runtime::PtxExecutable::new(device, gpu).map_err(Error::Device)
 }
 
+/// A model whose symbolic dims the importer could not keep symbolic
+/// (`error` says why): its declared inputs as the signature, and a
+/// `Specializing` executable that compiles the file for each binding.
+fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Result<Model, Error> {
+    let file = if path.is_dir() { path.join("model.onnx") } else { path.to_path_buf() };
+    let (inputs, outputs) = egret_frontend::declared_io(&file)?;
+    let declared = |d: &egret_frontend::Declared| -> Option<egret_ir::Type> {
+        let dims = d.dims.as_ref()?;
+        let shape = dims.iter().enumerate().map(|(i, dim)| match dim {
+            egret_frontend::DeclaredDim::Fixed(n) => egret_ir::Dim::new(*n),
+            egret_frontend::DeclaredDim::Symbol(p) => match opts.dims.get(p) {
+                Some(&v) => egret_ir::Dim::new(v),
+                None => egret_ir::Dim::from_dim_param(p),
+            },
+            egret_frontend::DeclaredDim::Unknown => egret_ir::Dim::symbol(&format!("{}[{i}]", d.name)),
+        });
+        Some(egret_ir::Type::new(d.dtype, shape.collect::<Vec<_>>()))
+    };
+    let typed = |ds: &[egret_frontend::Declared]| -> Option<Vec<(String, egret_ir::Type)>> {
+        ds.iter().map(|d| Some((d.name.clone(), declared(d)?))).collect()
+    };
+    // Without declared shapes there is nothing to bind per call.
+    let (Some(inputs), Some(outputs)) = (typed(&inputs), typed(&outputs)) else { return Err(error) };
+    if inputs.iter().all(|(_, t)| t.is_known()) {
+        return Err(error);
+    }
+    let t = Instant::now();
+    // The graph holds the inputs only: what callers that describe or fill
+    // a model's inputs read (`io::random_inputs`).
+    let mut graph = Graph::new();
+    for (name, ty) in &inputs {
+        graph.add_input(name, ty.clone());
+    }
+    let signature = egret_runtime::Signature { inputs: inputs.clone(), outputs, specialized: vec![] };
+    let executable = Box::new(specialize::Specializing::from_file(file, inputs, opts.clone()));
+    Ok(Model {
+        program: Program { signature, executable },
+        optimized: None,
+        graph,
+        canon: Default::default(),
+        times: StageTimes { backend_ms: ms(t), ..Default::default() },
+        opset: 0,
+    })
+}
+
 /// The backend's executable for a graph (bound, except for the reference
 /// backend, which binds symbolic dims on each run).
 pub fn backend_executable(graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn egret_runtime::Executable>, Error> {
@@ -327,7 +373,15 @@ pub fn backend_executable(graph: &Graph, opts: &CompileOptions) -> Result<Box<dy
 
 /// The pipeline: import, canonicalise, hand to the backend.
 pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
-    let c = canonical(path, opts)?;
+    let c = match canonical(path, opts) {
+        Ok(c) => c,
+        // Something in the model needs a symbolic dim's value at import:
+        // serve it by compiling it whole for each binding instead.
+        Err(e) if egret_ir::needs_bound_dims(&e.to_string()) && opts.backend != Backend::Reference => {
+            return compile_per_binding(path, opts, e)
+        }
+        Err(e) => return Err(e),
+    };
     let t = Instant::now();
     let signature = egret_runtime::Signature::of(&c.graph, c.specialized);
     if opts.precision != egret_backends::gpu::form::Precision::F32

@@ -8,10 +8,16 @@
 //! (`Graph::bind`), canonicalised (the exporters' shape arithmetic and
 //! masks fold to constants) and handed to the backend, which is the
 //! lowering and code generation, not the whole pipeline.
+//!
+//! A model the importer cannot keep symbolic (an op whose import needs a
+//! dim's value, such as a reshape the dim algebra cannot prove) is served
+//! the same way from its file instead: each new binding is the whole
+//! pipeline with the dims given (`Specializing::from_file`).
 
 use crate::{backend_executable, CompileOptions};
-use egret_ir::{Bindings, Graph, Tensor};
+use egret_ir::{Bindings, Dim, Graph, Tensor, Type};
 use egret_runtime::{Executable, RunError};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// How many bindings a program keeps compiled by default
@@ -21,27 +27,73 @@ use std::sync::{Arc, Mutex};
 pub const MAX_SPECIALIZATIONS: usize = 16;
 
 pub struct Specializing {
-    graph: Graph,
+    source: Source,
     opts: CompileOptions,
     /// Most recently used last.
     compiled: Mutex<Vec<(Bindings, Arc<dyn Executable>)>>,
     compiles: std::sync::atomic::AtomicUsize,
 }
 
+/// What a binding is compiled from.
+enum Source {
+    /// The symbolic graph, imported and optimised once.
+    Graph(Graph),
+    /// The model file, with its inputs as declared (dims from `dim_param`s).
+    File { path: PathBuf, inputs: Vec<(String, Type)> },
+}
+
 impl Specializing {
     pub fn new(graph: Graph, opts: CompileOptions) -> Specializing {
-        Specializing { graph, opts, compiled: Mutex::new(Vec::new()), compiles: Default::default() }
+        Specializing {
+            source: Source::Graph(graph),
+            opts,
+            compiled: Mutex::new(Vec::new()),
+            compiles: Default::default(),
+        }
+    }
+
+    /// Serves the model at `path`, whose declared inputs are `inputs`, by
+    /// compiling it whole for each binding of their symbolic dims.
+    pub fn from_file(path: PathBuf, inputs: Vec<(String, Type)>, opts: CompileOptions) -> Specializing {
+        let opts = CompileOptions { keep_symbolic: false, input_shapes: Default::default(), ..opts };
+        Specializing {
+            source: Source::File { path, inputs },
+            opts,
+            compiled: Mutex::new(Vec::new()),
+            compiles: Default::default(),
+        }
     }
 
     fn bindings(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
-        let g = &self.graph;
-        let given: Vec<(&str, &[egret_ir::Dim], &[usize])> = g
-            .inputs()
-            .iter()
-            .zip(inputs)
-            .map(|(&v, t)| (g.input_name(v), g.ty(v).shape.as_slice(), t.shape()))
-            .collect();
+        let given: Vec<(&str, &[Dim], &[usize])> = match &self.source {
+            Source::Graph(g) => g
+                .inputs()
+                .iter()
+                .zip(inputs)
+                .map(|(&v, t)| (g.input_name(v), g.ty(v).shape.as_slice(), t.shape()))
+                .collect(),
+            Source::File { inputs: declared, .. } => {
+                declared.iter().zip(inputs).map(|((n, ty), t)| (n.as_str(), ty.shape.as_slice(), t.shape())).collect()
+            }
+        };
         egret_ir::solve_bindings(&given).map_err(RunError::Shape)
+    }
+
+    /// A program for one binding of the dims.
+    fn compile(&self, values: &Bindings) -> Result<Box<dyn Executable>, crate::Error> {
+        match &self.source {
+            Source::Graph(graph) => {
+                let bound = graph.bind(&|s| values.get(s).copied())?;
+                let (bound, _) = egret_passes::canonicalize(&bound)?;
+                backend_executable(&bound, &self.opts)
+            }
+            Source::File { path, .. } => {
+                let mut dims = self.opts.dims.clone();
+                dims.extend(values.iter().map(|(k, &v)| (k.clone(), v)));
+                let opts = CompileOptions { dims, ..self.opts.clone() };
+                Ok(crate::compile(path, &opts)?.program.executable)
+            }
+        }
     }
 
     /// The program for `values`, compiled now if it is new.
@@ -56,10 +108,8 @@ impl Specializing {
             }
         }
         let shown = || values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
-        let failed = |e: crate::Error| RunError::Compile(format!("compiling for {}: {e}", shown()));
-        let bound = self.graph.bind(&|s| values.get(s).copied()).map_err(|e| failed(e.into()))?;
-        let (bound, _) = egret_passes::canonicalize(&bound).map_err(|e| failed(e.into()))?;
-        let exe: Arc<dyn Executable> = Arc::from(backend_executable(&bound, &self.opts).map_err(failed)?);
+        let exe: Arc<dyn Executable> =
+            Arc::from(self.compile(values).map_err(|e| RunError::Compile(format!("compiling for {}: {e}", shown())))?);
         self.compiles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if compiled.len() >= self.opts.max_specializations.max(1) {

@@ -97,3 +97,71 @@ fn inputs_that_disagree_on_a_symbol_are_a_clear_error() {
     let err = model.run(vec![("input_ids".into(), flat), ("attention_mask".into(), ids)]).unwrap_err();
     assert!(err.to_string().contains("input `input_ids` should be i64[batch,sequence]"), "{err}");
 }
+
+/// A model whose import needs a symbolic dim's value (a `Pad` over an
+/// axis of symbolic length, which Egret pads only for known sizes) is
+/// served by compiling the file for each binding: still one model for
+/// every shape, and the same answers.
+#[test]
+fn a_model_that_cannot_stay_symbolic_compiles_per_binding() {
+    use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
+    use onnx_protobuf::{type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use onnx_protobuf::{TensorShapeProto, TypeProto, ValueInfoProto};
+    use protobuf::Message;
+    let value = |name: &str, dims: &[dimension::Value]| {
+        let mut shape = TensorShapeProto::new();
+        for d in dims {
+            let mut dim = Dimension::new();
+            dim.value = Some(d.clone());
+            shape.dim.push(dim);
+        }
+        let mut tt = type_proto::Tensor::new();
+        tt.elem_type = 1;
+        tt.shape = Some(shape).into();
+        let mut ty = TypeProto::new();
+        ty.value = Some(type_proto::Value::TensorType(tt));
+        let mut v = ValueInfoProto::new();
+        v.name = name.into();
+        v.type_ = Some(ty).into();
+        v
+    };
+    let n = dimension::Value::DimParam("n".into());
+    let mut g = GraphProto::new();
+    g.input.push(value("x", &[n.clone(), dimension::Value::DimValue(3)]));
+    g.output.push(value("y", &[dimension::Value::DimParam("m".into()), dimension::Value::DimValue(5)]));
+    let mut pads = TensorProto::new();
+    pads.name = "pads".into();
+    pads.data_type = 7;
+    pads.dims = vec![4];
+    pads.int64_data = vec![0, 1, 1, 1];
+    g.initializer.push(pads);
+    let mut node = NodeProto::new();
+    node.op_type = "Pad".into();
+    node.input = vec!["x".into(), "pads".into()];
+    node.output = vec!["y".into()];
+    g.node.push(node);
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    let mut opset = OperatorSetIdProto::new();
+    opset.version = 17;
+    m.opset_import.push(opset);
+    m.graph = Some(g).into();
+    let dir = std::env::temp_dir().join(format!("egret-symbolic-pad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.onnx");
+    std::fs::write(&path, m.write_to_bytes().unwrap()).unwrap();
+
+    let model = compile(&path, &CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
+    assert!(model.program.signature.is_symbolic());
+    for rows in [2usize, 4] {
+        let x = Tensor::from_vec(vec![rows, 3], (0..rows * 3).map(|i| i as f32).collect::<Vec<_>>());
+        let y = &model.run(vec![("x".into(), x)]).unwrap()[0].1;
+        assert_eq!(y.shape(), &[rows + 1, 5]);
+        let v = y.as_f32().unwrap();
+        // Each row framed by a zero on both sides, then a row of zeros after.
+        assert_eq!(&v[..5], &[0.0, 0.0, 1.0, 2.0, 0.0]);
+        assert!(v[rows * 5..].iter().all(|&e| e == 0.0));
+    }
+    assert_eq!(model.program.executable.specializations(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -531,6 +531,16 @@ pub fn bound_ints(dims: &[Dim]) -> Vec<i64> {
         .collect()
 }
 
+/// The phrase every error that comes from a dim being symbolic (rather
+/// than from the model) ends with: callers that can give the dims values
+/// and try again (`needs_bound_dims`) look for it.
+pub const BIND_DIMS_HINT: &str = "(give the dims values with --dim)";
+
+/// Whether an error message says a symbolic dim is what stopped the work.
+pub fn needs_bound_dims(message: &str) -> bool {
+    message.contains(BIND_DIMS_HINT)
+}
+
 /// Values of symbols, by name.
 pub type Bindings = std::collections::BTreeMap<String, usize>;
 

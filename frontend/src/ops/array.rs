@@ -215,7 +215,10 @@ fn reshape(c: &mut NodeCtx) -> BuildResult {
     let allowzero = c.flag("allowzero", false)?;
     let spec = c.need_dims(1, "shape")?;
     let in_shape = c.ty(x).shape.clone();
-    let bad = |c: &NodeCtx| c.err(format!("cannot reshape {} to {}", shape_text(&in_shape), shape_text(&spec)));
+    // Over symbolic dims, a reshape the algebra cannot prove may still hold for their values.
+    let symbolic = egret_ir::known_shape(&in_shape).is_none() || spec.iter().any(|d| !d.is_known());
+    let hint = if symbolic { format!(" {}", egret_ir::BIND_DIMS_HINT) } else { String::new() };
+    let bad = |c: &NodeCtx| c.err(format!("cannot reshape {} to {}{hint}", shape_text(&in_shape), shape_text(&spec)));
     let mut out = Vec::with_capacity(spec.len());
     let mut infer_at = None;
     for (i, &d) in spec.iter().enumerate() {

@@ -147,11 +147,13 @@ fn window(
 
 fn conv(c: &mut NodeCtx) -> BuildResult {
     let (x, w) = (c.req(0)?, c.req(1)?);
-    let xs = c.sizes(x)?;
+    let xs = c.ty(x).shape.clone();
     let ws = c.sizes(w)?;
     if xs.len() < 3 || ws.len() != xs.len() {
         return Err(c.err(format!("input {xs:?} and weight {ws:?} do not describe a convolution")));
     }
+    // The batch may be symbolic; the window is placed over known spatial dims.
+    let in_sp = egret_ir::ops::sizes(&xs[2..], "the input's spatial dims").map_err(|m| c.err(m))?;
     let kernel = match c.ints("kernel_shape")? {
         Some(k) => k.into_iter().map(|v| v as usize).collect(),
         None => ws[2..].to_vec(),
@@ -163,7 +165,7 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
     if group < 1 {
         return Err(c.err("group must be positive"));
     }
-    let (_, strides, pads, dilations) = window(c, &xs[2..], kernel)?;
+    let (_, strides, pads, dilations) = window(c, &in_sp, kernel)?;
     let mut inputs = vec![x, w];
     inputs.extend(c.input(2));
     c.add_node(Op::Conv { strides, pads, dilations, group: group as usize }, &inputs)
@@ -171,10 +173,11 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
 
 fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
     let x = c.req(0)?;
-    let xs = c.sizes(x)?;
+    let xs = c.ty(x).shape.clone();
     if xs.len() < 3 {
         return Err(c.err(format!("input {xs:?} needs rank >= 3")));
     }
+    let in_sp = egret_ir::ops::sizes(&xs[2..], "the input's spatial dims").map_err(|m| c.err(m))?;
     let kernel: Vec<usize> = c
         .ints("kernel_shape")?
         .ok_or_else(|| c.err("kernel_shape is required"))?
@@ -184,7 +187,7 @@ fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
     if kernel.contains(&0) {
         return Err(c.err("kernel_shape must be positive"));
     }
-    let (kernel, strides, pads, dilations) = window(c, &xs[2..], kernel)?;
+    let (kernel, strides, pads, dilations) = window(c, &in_sp, kernel)?;
     let ceil_mode = c.flag("ceil_mode", false)?;
     if max {
         if c.flag("storage_order", false)? {

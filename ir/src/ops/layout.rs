@@ -29,7 +29,10 @@ pub fn slice_len_dim(start: Dim, end: Dim, step: i64) -> OpResult<Dim> {
     match step {
         1 => Ok(end.checked_sub(start)?),
         -1 => Ok(start.checked_sub(end)?),
-        _ => Err(format!("a slice from {start} to {end} by {step} over a symbolic dim needs a unit step")),
+        _ => Err(format!(
+            "a slice from {start} to {end} by {step} over a symbolic dim needs a unit step {}",
+            crate::dim::BIND_DIMS_HINT
+        )),
     }
 }
 

@@ -90,8 +90,9 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if w.rank() != x.rank() || strides.len() != sp || dilations.len() != sp || pads.len() != 2 * sp {
                 return Err(format!("conv parameters do not match a {sp}-d convolution"));
             }
-            let (xs, ws) = (sizes(&x.shape, "the convolved input")?, sizes(&w.shape, "the weight")?);
-            let (c, m) = (xs[1], ws[0]);
+            // The batch may be symbolic; channels and the window need known sizes.
+            let (xs, ws) = (sizes(&x.shape[1..], "the convolved input")?, sizes(&w.shape, "the weight")?);
+            let (c, m) = (xs[0], ws[0]);
             if *group == 0 || c % group != 0 || m % group != 0 || ws[1] * group != c {
                 return Err(format!("weight {ws:?} does not fit {c} input channels in {group} groups"));
             }
@@ -100,9 +101,10 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
                     return Err(format!("bias shape {} must be [{m}]", shape_text(&b.shape)));
                 }
             }
-            let mut out = vec![xs[0], m];
+            let mut out = vec![x.shape[0], Dim::new(m)];
             for i in 0..sp {
-                out.push(pooled_len(xs[2 + i], ws[2 + i], strides[i], pads[i], pads[i + sp], dilations[i], false)?);
+                let len = pooled_len(xs[1 + i], ws[2 + i], strides[i], pads[i], pads[i + sp], dilations[i], false)?;
+                out.push(Dim::new(len));
             }
             Ok(vec![Type::new(x.dtype, out)])
         }

@@ -156,8 +156,9 @@ impl From<DimOverflow> for String {
 pub fn sizes(dims: &[Dim], what: &str) -> OpResult<Vec<usize>> {
     crate::dim::known_shape(dims).ok_or_else(|| {
         format!(
-            "{what} has symbolic dims {}, which this op needs known (give them values with --dim)",
-            shape_text(dims)
+            "{what} has symbolic dims {}, which this op needs known {}",
+            shape_text(dims),
+            crate::dim::BIND_DIMS_HINT
         )
     })
 }
@@ -185,9 +186,10 @@ pub fn broadcast_dims(a: &[Dim], b: &[Dim]) -> OpResult<Vec<Dim>> {
             return Err(format!("shapes {} and {} do not broadcast", shape_text(a), shape_text(b)));
         } else {
             return Err(format!(
-                "shapes {} and {} broadcast only if {da} and {db} are equal, which is not known before run time",
+                "shapes {} and {} broadcast only if {da} and {db} are equal, which is not known before run time {}",
                 shape_text(a),
-                shape_text(b)
+                shape_text(b),
+                crate::dim::BIND_DIMS_HINT
             ));
         };
     }

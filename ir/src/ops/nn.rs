@@ -15,15 +15,16 @@ fn pool_out_shape(
     pads: &[usize],
     dil: &[usize],
     ceil: bool,
-) -> OpResult<Vec<usize>> {
+) -> OpResult<Vec<Dim>> {
     let sp = x.rank().checked_sub(2).ok_or("pooling input needs rank >= 3")?;
     if kernel.len() != sp || strides.len() != sp || dil.len() != sp || pads.len() != 2 * sp {
         return Err(format!("pooling parameters do not match a {sp}-d input"));
     }
-    let xs = super::sizes(&x.shape, "the pooled input")?;
-    let mut out = xs[..2].to_vec();
+    // The batch and channels pass through (the batch may be symbolic); windows need known sizes.
+    let xs = super::sizes(&x.shape[2..], "the pooled input's spatial dims")?;
+    let mut out = x.shape[..2].to_vec();
     for i in 0..sp {
-        out.push(pooled_len(xs[2 + i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?);
+        out.push(Dim::new(pooled_len(xs[i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?));
     }
     Ok(out)
 }
