@@ -358,11 +358,21 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
 /// The backend's executable for a graph (bound, except for the reference
 /// backend, which binds symbolic dims on each run).
 pub fn backend_executable(graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn egret_runtime::Executable>, Error> {
+    backend_executable_with(graph, opts, None)
+}
+
+/// `backend_executable`, the CPU's kernels reused from and added to `cache`.
+pub fn backend_executable_with(
+    graph: &Graph,
+    opts: &CompileOptions,
+    cache: Option<&egret_backends::cpu::KernelCache>,
+) -> Result<Box<dyn egret_runtime::Executable>, Error> {
     Ok(match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
             let plan = egret_backends::lower(graph, lower_options(opts))?;
-            let compiled = egret_backends::cpu::compile(plan).map_err(|e| Error::Codegen(e.to_string()))?;
+            let compiled =
+                egret_backends::cpu::compile_cached(plan, true, cache).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);
             Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
         }

@@ -14,7 +14,7 @@
 //! the same way from its file instead: each new binding is the whole
 //! pipeline with the dims given (`Specializing::from_file`).
 
-use crate::{backend_executable, CompileOptions};
+use crate::{backend_executable_with, CompileOptions};
 use egret_ir::{Bindings, Dim, Graph, Tensor, Type};
 use egret_runtime::{Executable, RunError};
 use std::path::PathBuf;
@@ -32,6 +32,10 @@ pub struct Specializing {
     /// Most recently used last.
     compiled: Mutex<Vec<(Bindings, Arc<dyn Executable>)>>,
     compiles: std::sync::atomic::AtomicUsize,
+    /// The CPU's kernels across bindings: most of a model's kernels do not
+    /// depend on a given symbol (a decoder's matmuls on the new token do
+    /// not change with the past length), and their code is reused.
+    kernels: egret_backends::cpu::KernelCache,
 }
 
 /// What a binding is compiled from.
@@ -49,6 +53,7 @@ impl Specializing {
             opts,
             compiled: Mutex::new(Vec::new()),
             compiles: Default::default(),
+            kernels: Default::default(),
         }
     }
 
@@ -61,6 +66,7 @@ impl Specializing {
             opts,
             compiled: Mutex::new(Vec::new()),
             compiles: Default::default(),
+            kernels: Default::default(),
         }
     }
 
@@ -85,7 +91,7 @@ impl Specializing {
             Source::Graph(graph) => {
                 let bound = graph.bind(&|s| values.get(s).copied())?;
                 let (bound, _) = egret_passes::canonicalize(&bound)?;
-                backend_executable(&bound, &self.opts)
+                backend_executable_with(&bound, &self.opts, Some(&self.kernels))
             }
             Source::File { path, .. } => {
                 let mut dims = self.opts.dims.clone();

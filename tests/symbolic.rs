@@ -165,3 +165,49 @@ fn a_model_that_cannot_stay_symbolic_compiles_per_binding() {
     assert_eq!(model.program.executable.specializations(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Decode steps of one token over pasts of different lengths: each is a
+/// new binding, lowered with the kernels that do not depend on the past
+/// length reused from the one before (`cpu::KernelCache`), and each agrees
+/// with the reference backend.
+#[test]
+fn decode_steps_reuse_the_kernels_that_do_not_change() {
+    let case = common::synthetic_dir().join("gpt2_kv");
+    let cpu = compile(&case, &CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
+    let reference = compile(&case, &CompileOptions { backend: Backend::Reference, ..Default::default() }).unwrap();
+    for past in [3usize, 4, 9] {
+        let opts = CompileOptions {
+            backend: Backend::Reference,
+            dims: [("batch", 1), ("sequence", 1), ("past_sequence", past)].map(|(n, v)| (n.to_string(), v)).into(),
+            ..Default::default()
+        };
+        let bound = compile(&case, &opts).unwrap();
+        let inputs = egret::io::random_inputs(&bound.graph, past as u64).unwrap();
+        let want = reference.run(inputs.clone()).unwrap();
+        for ((name, g), (_, w)) in cpu.run(inputs).unwrap().iter().zip(&want) {
+            let r = compare(name, g, w, Tolerance::default());
+            assert!(r.failure.is_none(), "past {past}: {r:?}");
+        }
+    }
+    assert_eq!(cpu.program.executable.specializations(), Some(3));
+
+    // The cache itself: a second plan with the same kernels generates none.
+    let graph = canonical(&case, &CompileOptions::default()).unwrap().graph;
+    let bind = |past: usize| {
+        let g = graph.bind(&|s| Some(if s == "past_sequence" { past } else { 1 })).unwrap();
+        let g = egret::passes::canonicalize(&g).unwrap().0;
+        egret::backends::lower(&g, egret::lower_options(&CompileOptions::default())).unwrap()
+    };
+    let cache = egret::backends::cpu::KernelCache::default();
+    let first = egret::backends::cpu::compile_cached(bind(3), true, Some(&cache)).unwrap();
+    let second = egret::backends::cpu::compile_cached(bind(4), true, Some(&cache)).unwrap();
+    let same = first
+        .entries
+        .iter()
+        .zip(&second.entries)
+        .filter(|(a, b)| a.is_some() && a.map(|f| f as usize) == b.map(|f| f as usize))
+        .count();
+    let native = first.entries.iter().filter(|e| e.is_some()).count();
+    assert!(same * 2 > native, "only {same} of {native} kernels were reused");
+    assert!(same < native, "every kernel was reused, though some depend on the past length");
+}

@@ -197,6 +197,10 @@ impl<'a> Importer<'a> {
                                 self.symbols.push((p.clone(), v));
                             }
                         }
+                        // A size past any tensor Egret takes is refused before it becomes a dim.
+                        if v > egret_ir::MAX_ELEMENTS {
+                            return Err(err(format!("dim {i} = {v} is too large")));
+                        }
                         shape.push(egret_ir::Dim::new(v));
                     }
                     shape

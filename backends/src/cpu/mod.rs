@@ -28,12 +28,14 @@ mod rows;
 mod runtime_fns;
 mod vmath;
 
-use crate::plan::{KernelKind, Plan};
+use crate::plan::{Kernel, KernelKind, Plan};
 use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 pub use egret_kernels as kernels;
 pub use egret_kernels::pool::KernelFn;
@@ -75,12 +77,44 @@ pub struct CompiledPlan {
     pub entries: Vec<Option<KernelFn>>,
     /// Per kernel: the Cranelift IR it was compiled from (empty for reference kernels).
     pub clif: Vec<String>,
-    _module: JITModule,
+    /// The modules holding the code: this plan's, and those of kernels
+    /// reused from a `KernelCache`.
+    _modules: Vec<Arc<CodeModule>>,
 }
 
-// The module's code and data are immutable after compilation.
-unsafe impl Send for CompiledPlan {}
-unsafe impl Sync for CompiledPlan {}
+/// A finalised JIT module, kept alive while any kernel in it may run.
+struct CodeModule(#[allow(dead_code)] JITModule);
+
+// A module's code and data are immutable after finalisation.
+unsafe impl Send for CodeModule {}
+unsafe impl Sync for CodeModule {}
+
+/// Kernels compiled before, by their definition: a plan for a new binding
+/// of a model's symbolic dims (a decoder's next past length) reuses the
+/// machine code of every kernel whose definition did not change, and only
+/// the kernels that depend on the new sizes are generated. A kernel's code
+/// is a function of its kind alone (buffers arrive as base addresses, its
+/// parameter blocks and tables are built from the kind), so the kind's full
+/// `Debug` text is the key.
+#[derive(Default)]
+pub struct KernelCache {
+    entries: std::sync::Mutex<HashMap<String, CachedKernel>>,
+}
+
+struct CachedKernel {
+    entry: KernelFn,
+    clif: String,
+    module: Arc<CodeModule>,
+}
+
+/// Past this many kernels the cache starts over (each holds its module).
+const KERNEL_CACHE_LIMIT: usize = 4096;
+
+impl KernelCache {
+    fn key(kernel: &Kernel, kernel_library: bool) -> String {
+        format!("{kernel_library}:{:?}", kernel.kind)
+    }
+}
 
 /// The CPU generated code is compiled for: the compiling machine's, for the
 /// JIT and by default, or one of the x86-64 micro-architecture levels, so
@@ -187,14 +221,39 @@ pub fn compile(plan: Plan) -> Result<CompiledPlan, CodegenError> {
 /// library's results; the plan must not ask for the libraries: lower it
 /// with generated matmuls).
 pub fn compile_with(plan: Plan, kernel_library: bool) -> Result<CompiledPlan, CodegenError> {
+    compile_cached(plan, kernel_library, None)
+}
+
+/// `compile_with`, reusing the code of kernels `cache` holds and adding
+/// the ones it generates.
+pub fn compile_cached(
+    plan: Plan,
+    kernel_library: bool,
+    cache: Option<&KernelCache>,
+) -> Result<CompiledPlan, CodegenError> {
     let plan = choose::choose(plan);
+    let keys: Vec<String> = plan.kernels.iter().map(|k| KernelCache::key(k, kernel_library)).collect();
+    let mut modules: Vec<Arc<CodeModule>> = Vec::new();
+    let mut reused: Vec<Option<(KernelFn, String)>> = vec![None; plan.kernels.len()];
+    if let Some(cache) = cache {
+        let entries = cache.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(c) = entries.get(key) {
+                reused[i] = Some((c.entry, c.clif.clone()));
+                if !modules.iter().any(|m| Arc::ptr_eq(m, &c.module)) {
+                    modules.push(c.module.clone());
+                }
+            }
+        }
+    }
     let mut jb = JITBuilder::with_isa(host_isa(false)?, cranelift_module::default_libcall_names());
     runtime_fns::register(&mut jb);
     let mut module = JITModule::new(jb);
     let imports = runtime_fns::declare(&mut module, kernel_library).map_err(|m| CodegenError::Isa(m.to_string()))?;
-    let (ids, clif) = define_kernels(&mut module, &plan, &imports)?;
+    let skip: Vec<bool> = reused.iter().map(Option::is_some).collect();
+    let (ids, mut clif) = define_kernels_except(&mut module, &plan, &imports, &skip)?;
     module.finalize_definitions().map_err(|e| CodegenError::Isa(e.to_string()))?;
-    let entries = ids
+    let mut entries: Vec<Option<KernelFn>> = ids
         .iter()
         .map(|id| {
             id.map(|id| {
@@ -204,7 +263,27 @@ pub fn compile_with(plan: Plan, kernel_library: bool) -> Result<CompiledPlan, Co
             })
         })
         .collect();
-    Ok(CompiledPlan { plan, entries, clif, _module: module })
+    let own = Arc::new(CodeModule(module));
+    if let Some(cache) = cache {
+        let mut cached = cache.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.len() > KERNEL_CACHE_LIMIT {
+            cached.clear();
+        }
+        for (i, e) in entries.iter().enumerate() {
+            if let (Some(entry), None) = (e, &reused[i]) {
+                let c = CachedKernel { entry: *entry, clif: clif[i].clone(), module: own.clone() };
+                cached.insert(keys[i].clone(), c);
+            }
+        }
+    }
+    for (i, r) in reused.into_iter().enumerate() {
+        if let Some((entry, text)) = r {
+            entries[i] = Some(entry);
+            clif[i] = text;
+        }
+    }
+    modules.push(own);
+    Ok(CompiledPlan { plan, entries, clif, _modules: modules })
 }
 
 /// The signature every kernel has (see the module docs).
@@ -253,6 +332,17 @@ fn define_kernels<M: Module>(
     plan: &Plan,
     imports: &runtime_fns::Imports,
 ) -> Result<(Vec<Option<FuncId>>, Vec<String>), CodegenError> {
+    define_kernels_except(module, plan, imports, &vec![false; plan.kernels.len()])
+}
+
+/// `define_kernels` for the kernels `skip` leaves (a skipped kernel gets no
+/// id and no CLIF text: its code comes from elsewhere).
+fn define_kernels_except<M: Module>(
+    module: &mut M,
+    plan: &Plan,
+    imports: &runtime_fns::Imports,
+    skip: &[bool],
+) -> Result<(Vec<Option<FuncId>>, Vec<String>), CodegenError> {
     let mut ctx = module.make_context();
     let mut fbc = FunctionBuilderContext::new();
     let mut ids: Vec<Option<FuncId>> = Vec::with_capacity(plan.kernels.len());
@@ -262,6 +352,11 @@ fn define_kernels<M: Module>(
     let sig = kernel_signature(module);
     for (i, k) in plan.kernels.iter().enumerate() {
         let err = |m: String| CodegenError::Kernel { kernel: i, label: k.label.clone(), message: m };
+        if skip[i] {
+            ids.push(None);
+            clif.push(String::new());
+            continue;
+        }
         match &k.kind {
             KernelKind::Reference { .. } => {
                 ids.push(None);
