@@ -15,7 +15,7 @@
 //! pipeline with the dims given (`Specializing::from_file`).
 
 use crate::{backend_executable_with, CompileOptions};
-use egret_ir::{Bindings, Dim, Graph, Tensor, Type};
+use egret_ir::{Bindings, Graph, Tensor, Type};
 use egret_runtime::{Executable, RunError};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,9 @@ pub const MAX_SPECIALIZATIONS: usize = 16;
 
 pub struct Specializing {
     source: Source,
+    /// The inputs' names and types, symbolic dims included: what each
+    /// call's shapes are matched against.
+    inputs: Vec<(String, Type)>,
     opts: CompileOptions,
     /// Most recently used last.
     compiled: Mutex<Vec<(Bindings, Arc<dyn Executable>)>>,
@@ -42,14 +45,16 @@ pub struct Specializing {
 enum Source {
     /// The symbolic graph, imported and optimised once.
     Graph(Graph),
-    /// The model file, with its inputs as declared (dims from `dim_param`s).
-    File { path: PathBuf, inputs: Vec<(String, Type)> },
+    /// The model file.
+    File(PathBuf),
 }
 
 impl Specializing {
     pub fn new(graph: Graph, opts: CompileOptions) -> Specializing {
+        let inputs = egret_runtime::Signature::of(&graph, vec![]).inputs;
         Specializing {
             source: Source::Graph(graph),
+            inputs,
             opts,
             compiled: Mutex::new(Vec::new()),
             compiles: Default::default(),
@@ -62,7 +67,8 @@ impl Specializing {
     pub fn from_file(path: PathBuf, inputs: Vec<(String, Type)>, opts: CompileOptions) -> Specializing {
         let opts = CompileOptions { keep_symbolic: false, input_shapes: Default::default(), ..opts };
         Specializing {
-            source: Source::File { path, inputs },
+            source: Source::File(path),
+            inputs,
             opts,
             compiled: Mutex::new(Vec::new()),
             compiles: Default::default(),
@@ -71,18 +77,8 @@ impl Specializing {
     }
 
     fn bindings(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
-        let given: Vec<(&str, &[Dim], &[usize])> = match &self.source {
-            Source::Graph(g) => g
-                .inputs()
-                .iter()
-                .zip(inputs)
-                .map(|(&v, t)| (g.input_name(v), g.ty(v).shape.as_slice(), t.shape()))
-                .collect(),
-            Source::File { inputs: declared, .. } => {
-                declared.iter().zip(inputs).map(|((n, ty), t)| (n.as_str(), ty.shape.as_slice(), t.shape())).collect()
-            }
-        };
-        egret_ir::solve_bindings(&given).map_err(RunError::Shape)
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+        egret_runtime::solve_dims(&self.inputs, &shapes)
     }
 
     /// A program for one binding of the dims.
@@ -93,7 +89,7 @@ impl Specializing {
                 let (bound, _) = egret_passes::canonicalize(&bound)?;
                 backend_executable_with(&bound, &self.opts, Some(&self.kernels))
             }
-            Source::File { path, .. } => {
+            Source::File(path) => {
                 let mut dims = self.opts.dims.clone();
                 dims.extend(values.iter().map(|(k, &v)| (k.clone(), v)));
                 let opts = CompileOptions { dims, ..self.opts.clone() };

@@ -110,14 +110,6 @@ impl Signature {
         self.inputs.iter().any(|(_, t)| !t.is_known())
     }
 
-    /// The values of the symbolic dims for inputs given positionally in the
-    /// signature's order (which `bind` checked).
-    pub fn bindings(&self, inputs: &[Tensor]) -> Result<egret_ir::Bindings, RunError> {
-        let given: Vec<(&str, &[egret_ir::Dim], &[usize])> =
-            self.inputs.iter().zip(inputs).map(|((n, ty), t)| (n.as_str(), ty.shape.as_slice(), t.shape())).collect();
-        egret_ir::solve_bindings(&given).map_err(RunError::Shape)
-    }
-
     /// For each input slot, the position in `named` of the tensor for it,
     /// after checking names, types and specialised values.
     fn order(&self, named: &[(String, Tensor)]) -> Result<Vec<usize>, RunError> {
@@ -154,13 +146,8 @@ impl Signature {
             .map(|(i, s)| s.ok_or_else(|| RunError::MissingInput(self.inputs[i].0.clone())))
             .collect::<Result<_, _>>()?;
         if self.is_symbolic() {
-            let given: Vec<(&str, &[egret_ir::Dim], &[usize])> = self
-                .inputs
-                .iter()
-                .zip(&order)
-                .map(|((n, ty), &at)| (n.as_str(), ty.shape.as_slice(), named[at].1.shape()))
-                .collect();
-            egret_ir::solve_bindings(&given).map_err(RunError::Shape)?;
+            let shapes: Vec<&[usize]> = order.iter().map(|&at| named[at].1.shape()).collect();
+            solve_dims(&self.inputs, &shapes)?;
         }
         Ok(order)
     }
@@ -171,6 +158,14 @@ impl Signature {
         let mut named: Vec<Option<Tensor>> = named.into_iter().map(|(_, t)| Some(t)).collect();
         Ok(order.into_iter().map(|at| named[at].take().expect("each input fills one slot")).collect())
     }
+}
+
+/// The values of the symbolic dims of inputs declared as `declared` (name
+/// and type, in order) for tensors of these shapes, in the same order.
+pub fn solve_dims(declared: &[(String, Type)], shapes: &[&[usize]]) -> Result<egret_ir::Bindings, RunError> {
+    let given: Vec<(&str, &[egret_ir::Dim], &[usize])> =
+        declared.iter().zip(shapes).map(|((n, ty), &s)| (n.as_str(), ty.shape.as_slice(), s)).collect();
+    egret_ir::solve_bindings(&given).map_err(RunError::Shape)
 }
 
 /// A runnable model: a signature and the backend's executable.

@@ -9,9 +9,9 @@ pub struct ReferenceExecutable {
     order: Vec<NodeId>,
     /// For each step of `order`, the values no later step reads: freed after it.
     frees: Vec<Vec<ValueId>>,
-    /// Whether the graph has symbolic dims: then each run binds them from
-    /// its inputs' shapes and evaluates the bound graph.
-    symbolic: bool,
+    /// For a graph with symbolic dims, its inputs' names and types: each
+    /// run binds the dims from its inputs' shapes and evaluates the bound graph.
+    symbolic: Option<Vec<(String, egret_ir::Type)>>,
 }
 
 impl ReferenceExecutable {
@@ -33,30 +33,28 @@ impl ReferenceExecutable {
                 frees[step].push(ValueId(v as u32));
             }
         }
-        let symbolic = !graph.is_bound();
+        let symbolic = (!graph.is_bound()).then(|| crate::Signature::of(&graph, vec![]).inputs);
         Ok(ReferenceExecutable { graph, order, frees, symbolic })
     }
 
     /// The graph with its symbols given the values these inputs have.
-    fn bound_for(&self, inputs: &[Tensor]) -> Result<ReferenceExecutable, RunError> {
-        let g = &self.graph;
-        let given: Vec<(&str, &[egret_ir::Dim], &[usize])> = g
-            .inputs()
-            .iter()
-            .zip(inputs)
-            .map(|(&v, t)| (g.input_name(v), g.ty(v).shape.as_slice(), t.shape()))
-            .collect();
-        let values = egret_ir::solve_bindings(&given).map_err(RunError::Shape)?;
+    fn bound_for(
+        &self,
+        declared: &[(String, egret_ir::Type)],
+        inputs: &[Tensor],
+    ) -> Result<ReferenceExecutable, RunError> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+        let values = crate::solve_dims(declared, &shapes)?;
         let eval_err = |e: IrError| RunError::Eval { node: e.node, op: e.op, message: e.message };
-        let bound = g.bind(&|s| values.get(s).copied()).map_err(eval_err)?;
+        let bound = self.graph.bind(&|s| values.get(s).copied()).map_err(eval_err)?;
         ReferenceExecutable::new(bound).map_err(eval_err)
     }
 }
 
 impl Executable for ReferenceExecutable {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        if self.symbolic {
-            return self.bound_for(&inputs)?.run(inputs);
+        if let Some(declared) = &self.symbolic {
+            return self.bound_for(declared, &inputs)?.run(inputs);
         }
         let g = &self.graph;
         let mut values: Vec<Option<Arc<Tensor>>> = vec![None; g.value_count()];
