@@ -1,13 +1,16 @@
 //! Programs for graphs whose dims stay symbolic.
 //!
 //! The import, canonicalisation and the e-graph run once, on the symbolic
-//! graph. The backends plan memory and pick tiles for known sizes, so a
-//! `Specializing` executable binds the symbols from each call's input
-//! shapes and keeps the programs it compiled for the bindings it has seen:
-//! a binding it has seen runs at once; a new one is bound
-//! (`Graph::bind`), canonicalised (the exporters' shape arithmetic and
-//! masks fold to constants) and handed to the backend, which is the
-//! lowering and code generation, not the whole pipeline.
+//! graph. The CPU backend's plans keep the symbols that only maps, views
+//! and attention's keys see (`egret_backends::symbols_to_bind` names the
+//! others): those run every value from one compile, as a decoder's past
+//! length does. The symbols a product, a norm or a gather sees are bound:
+//! a `Specializing` executable works them out of each call's input shapes
+//! and keeps the programs it compiled for the values it has seen. A value
+//! it has seen runs at once; a new one is bound (`Graph::bind`),
+//! canonicalised (the exporters' shape arithmetic and masks fold to
+//! constants) and handed to the backend, which is the lowering and code
+//! generation, not the whole pipeline. The GPU backends bind every symbol.
 //!
 //! A model the importer cannot keep symbolic (an op whose import needs a
 //! dim's value, such as a reshape the dim algebra cannot prove) is served
@@ -32,8 +35,12 @@ pub struct Specializing {
     /// call's shapes are matched against.
     inputs: Vec<(String, Type)>,
     opts: CompileOptions,
-    /// Most recently used last.
+    /// Most recently used last, by the values of the symbols bound.
     compiled: Mutex<Vec<(Bindings, Arc<dyn Executable>)>>,
+    /// The symbols a program is compiled for the values of (the others
+    /// stay symbolic in its plan); `None` until the first compile works
+    /// them out.
+    bound: Mutex<Option<std::collections::BTreeSet<String>>>,
     compiles: std::sync::atomic::AtomicUsize,
     /// The CPU's kernels across bindings: most of a model's kernels do not
     /// depend on a given symbol (a decoder's matmuls on the new token do
@@ -57,6 +64,7 @@ impl Specializing {
             inputs,
             opts,
             compiled: Mutex::new(Vec::new()),
+            bound: Mutex::new(None),
             compiles: Default::default(),
             kernels: Default::default(),
         }
@@ -71,6 +79,7 @@ impl Specializing {
             inputs,
             opts,
             compiled: Mutex::new(Vec::new()),
+            bound: Mutex::new(None),
             compiles: Default::default(),
             kernels: Default::default(),
         }
@@ -81,19 +90,48 @@ impl Specializing {
         egret_runtime::solve_dims(&self.inputs, &shapes)
     }
 
-    /// A program for one binding of the dims.
-    fn compile(&self, values: &Bindings) -> Result<Box<dyn Executable>, crate::Error> {
+    /// The symbols of `values` a program is compiled for: all of them,
+    /// until a first compile has found which its plan can keep.
+    fn key(&self, values: &Bindings) -> Bindings {
+        match &*self.bound.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(bound) => values.iter().filter(|(k, _)| bound.contains(*k)).map(|(k, &v)| (k.clone(), v)).collect(),
+            None => values.clone(),
+        }
+    }
+
+    /// A program for these values of the dims: a CPU plan keeps the
+    /// symbols its kernels take, found by binding what the lowering asks
+    /// for until it asks for nothing (binding and canonicalising can fold
+    /// more, so the question is asked again of each bound graph).
+    fn compile(&self, values: &Bindings) -> Result<(Box<dyn Executable>, Bindings), crate::Error> {
         match &self.source {
             Source::Graph(graph) => {
-                let bound = graph.bind(&|s| values.get(s).copied())?;
-                let (bound, _) = egret_passes::canonicalize(&bound)?;
-                backend_executable_with(&bound, &self.opts, Some(&self.kernels))
+                let runtime_symbols = self.opts.backend == crate::Backend::Cpu;
+                let mut bind: std::collections::BTreeSet<String> = match runtime_symbols {
+                    true => self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default(),
+                    false => values.keys().cloned().collect(),
+                };
+                loop {
+                    let given = |s: &str| bind.contains(s).then(|| values.get(s).copied()).flatten();
+                    let bound = graph.bind(&given)?;
+                    let (bound, _) = egret_passes::canonicalize(&bound)?;
+                    let more = egret_backends::symbols_to_bind(&bound, crate::lower_options(&self.opts));
+                    if !more.is_empty() {
+                        bind.extend(more);
+                        continue;
+                    }
+                    let key = values.iter().filter(|(k, _)| bind.contains(*k)).map(|(k, &v)| (k.clone(), v)).collect();
+                    if runtime_symbols {
+                        *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(bind);
+                    }
+                    return Ok((backend_executable_with(&bound, &self.opts, Some(&self.kernels))?, key));
+                }
             }
             Source::File(path) => {
                 let mut dims = self.opts.dims.clone();
                 dims.extend(values.iter().map(|(k, &v)| (k.clone(), v)));
                 let opts = CompileOptions { dims, ..self.opts.clone() };
-                Ok(crate::compile(path, &opts)?.program.executable)
+                Ok((crate::compile(path, &opts)?.program.executable, values.clone()))
             }
         }
     }
@@ -101,8 +139,9 @@ impl Specializing {
     /// The program for `values`, compiled now if it is new.
     fn executable_for(&self, values: &Bindings) -> Result<Arc<dyn Executable>, RunError> {
         {
+            let key = self.key(values);
             let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = compiled.iter().position(|(b, _)| b == values) {
+            if let Some(i) = compiled.iter().position(|(b, _)| *b == key) {
                 let entry = compiled.remove(i);
                 let exe = entry.1.clone();
                 compiled.push(entry);
@@ -110,14 +149,15 @@ impl Specializing {
             }
         }
         let shown = || values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
-        let exe: Arc<dyn Executable> =
-            Arc::from(self.compile(values).map_err(|e| RunError::Compile(format!("compiling for {}: {e}", shown())))?);
+        let (exe, key) =
+            self.compile(values).map_err(|e| RunError::Compile(format!("compiling for {}: {e}", shown())))?;
+        let exe: Arc<dyn Executable> = Arc::from(exe);
         self.compiles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if compiled.len() >= self.opts.max_specializations.max(1) {
             compiled.remove(0);
         }
-        compiled.push((values.clone(), exe.clone()));
+        compiled.push((key, exe.clone()));
         Ok(exe)
     }
 }

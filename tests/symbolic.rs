@@ -166,16 +166,17 @@ fn a_model_that_cannot_stay_symbolic_compiles_per_binding() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Decode steps of one token over pasts of different lengths: each is a
-/// new binding, lowered with the kernels that do not depend on the past
-/// length reused from the one before (`cpu::KernelCache`), and each agrees
-/// with the reference backend.
+/// Decode steps of one token over pasts of different lengths, the empty
+/// past and one past the arena's first capacity (128) included: the CPU
+/// plan keeps the past length symbolic (only maps, views and attention's
+/// keys see it), so one compile runs every step, and each agrees with the
+/// reference backend on random data.
 #[test]
-fn decode_steps_reuse_the_kernels_that_do_not_change() {
+fn decode_steps_run_from_one_compile() {
     let case = common::synthetic_dir().join("gpt2_kv");
     let cpu = compile(&case, &CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
     let reference = compile(&case, &CompileOptions { backend: Backend::Reference, ..Default::default() }).unwrap();
-    for past in [3usize, 4, 9] {
+    for past in [3usize, 0, 4, 9, 127, 3] {
         let opts = CompileOptions {
             backend: Backend::Reference,
             dims: [("batch", 1), ("sequence", 1), ("past_sequence", past)].map(|(n, v)| (n.to_string(), v)).into(),
@@ -185,11 +186,47 @@ fn decode_steps_reuse_the_kernels_that_do_not_change() {
         let inputs = egret::io::random_inputs(&bound.graph, past as u64).unwrap();
         let want = reference.run(inputs.clone()).unwrap();
         for ((name, g), (_, w)) in cpu.run(inputs).unwrap().iter().zip(&want) {
+            assert_eq!(g.shape(), w.shape(), "past {past}: {name}");
             let r = compare(name, g, w, Tolerance::default());
             assert!(r.failure.is_none(), "past {past}: {r:?}");
         }
     }
-    assert_eq!(cpu.program.executable.specializations(), Some(3));
+    assert_eq!(cpu.program.executable.specializations(), Some(1));
+
+    // Its causal table holds 128 positions: a longer past is an error
+    // naming the node that would read past it, not a read outside it.
+    let opts = CompileOptions {
+        backend: Backend::Reference,
+        dims: [("batch", 1), ("sequence", 1), ("past_sequence", 127)].map(|(n, v)| (n.to_string(), v)).into(),
+        ..Default::default()
+    };
+    let mut inputs = egret::io::random_inputs(&compile(&case, &opts).unwrap().graph, 1).unwrap();
+    for (name, t) in &mut inputs {
+        if name.starts_with("past_key_values") {
+            *t = Tensor::zeros(t.dtype(), [1, 2, 128, 16]);
+        } else if name == "attention_mask" {
+            *t = Tensor::from_vec(vec![1, 129], vec![1i64; 129]);
+        }
+    }
+    // (The position embedding's gather, which holds 128 positions too,
+    // is the first kernel to refuse it.)
+    let err = cpu.run(inputs).unwrap_err().to_string();
+    assert!(err.contains("out of range for an axis of length 128"), "{err}");
+
+    // The plan itself keeps the one symbol, in maps and attention only.
+    let graph = canonical(&case, &CompileOptions::default()).unwrap().graph;
+    let lower_opts = egret::lower_options(&CompileOptions::default());
+    let step = graph.bind(&|s| (s != "past_sequence").then_some(1)).unwrap();
+    let step = egret::passes::canonicalize(&step).unwrap().0;
+    assert!(egret::backends::symbols_to_bind(&step, lower_opts).is_empty());
+    let plan = egret::backends::lower(&step, lower_opts).unwrap();
+    assert_eq!(plan.symbols, ["past_sequence"]);
+    for k in plan.kernels.iter().filter(|k| !k.is_known()) {
+        assert!(matches!(k.kind_name(), "map" | "attention" | "reference"), "{} depends on the past", k.kind_name());
+    }
+    // ... and a product needs the batch and the sequence bound.
+    let needs = egret::backends::symbols_to_bind(&graph, lower_opts);
+    assert_eq!(needs.into_iter().collect::<Vec<_>>(), ["batch", "sequence"]);
 
     // The cache itself: a second plan with the same kernels generates none.
     let graph = canonical(&case, &CompileOptions::default()).unwrap().graph;
@@ -210,4 +247,30 @@ fn decode_steps_reuse_the_kernels_that_do_not_change() {
     let native = first.entries.iter().filter(|e| e.is_some()).count();
     assert!(same * 2 > native, "only {same} of {native} kernels were reused");
     assert!(same < native, "every kernel was reused, though some depend on the past length");
+}
+
+/// A row of a table read at a symbolic position: the plan keeps the
+/// position, the copy's offset is computed per call, and a position past
+/// the table is an error naming the node, never a read outside it.
+#[test]
+fn a_symbolic_view_is_checked_against_its_buffer_on_every_call() {
+    let text = "v0: f32[n] = input{name=\"x\"}
+v1: f32[8,4] = input{name=\"table\"}
+v2: f32[1,4] = slice{starts=[\"n\", 0], ends=[\"n + 1\", 4], steps=[1, 1]} v1  # row_n
+output \"y\" = v2
+";
+    let graph = egret::ir::text::parse(text).unwrap();
+    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
+    assert_eq!(plan.symbols, ["n"]);
+    let compiled = egret::backends::cpu::compile(plan).unwrap();
+    let exe = egret::runtime::CpuExecutable::new(compiled, 1);
+    use egret::runtime::Executable;
+    let table = Tensor::from_vec(vec![8, 4], (0..32).map(|i| i as f32).collect::<Vec<_>>());
+    for n in [0usize, 3, 7] {
+        let y = exe.run(vec![Tensor::zeros(egret::ir::DType::F32, [n]), table.clone()]).unwrap();
+        let want: Vec<f32> = (4 * n..4 * n + 4).map(|i| i as f32).collect();
+        assert_eq!(y[0].as_f32().unwrap(), want.as_slice(), "row {n}");
+    }
+    let err = exe.run(vec![Tensor::zeros(egret::ir::DType::F32, [8]), table]).unwrap_err().to_string();
+    assert!(err.contains("`y`") && err.contains("n=8") && err.contains("outside input 1"), "{err}");
 }

@@ -38,7 +38,10 @@ fn row_stride(shape: &[usize], strides: &[isize]) -> Option<isize> {
 /// The map's expression and operands as an epilogue of an `m x n` product
 /// in buffer `c` at `c_offset`, if it is one.
 fn as_epilogue(map: &MapKernel, m: usize, n: usize, c: BufferId, c_offset: isize) -> Option<Epilogue> {
-    let shape = &map.shape;
+    // Products are planned with known sizes, so a map of symbolic ones
+    // is never exactly one.
+    let operands_known = map.inputs.iter().chain([&map.output]).all(Operand::is_known);
+    let shape = &egret_ir::known_shape(&map.shape).filter(|_| operands_known)?;
     if shape.iter().product::<usize>() != m * n || !Epilogue::supports(&map.expr) {
         return None;
     }
@@ -48,16 +51,17 @@ fn as_epilogue(map: &MapKernel, m: usize, n: usize, c: BufferId, c_offset: isize
         }
         // Lowering flattens maps whose operands are all dense or
         // broadcast scalars, so the map's shape need not end in `n`.
-        if is_dense(shape, &o.strides) {
+        if is_dense(&map.shape, &o.strides) {
             return Some([n as isize, 1]);
         }
-        if shape.iter().zip(&o.strides).all(|(&d, &s)| d == 1 || s == 0) {
+        let strides = o.known_strides();
+        if shape.iter().zip(&strides).all(|(&d, &s)| d == 1 || s == 0) {
             return Some([0, 0]);
         }
         if shape.last() != Some(&n) {
             return None;
         }
-        Some([row_stride(shape, &o.strides)?, *o.strides.last()?])
+        Some([row_stride(shape, &strides)?, *strides.last()?])
     };
     // The output is dense, so the product can be written there.
     let out = two_d(&map.output)?;
@@ -71,12 +75,12 @@ fn as_epilogue(map: &MapKernel, m: usize, n: usize, c: BufferId, c_offset: isize
     for o in &map.inputs {
         let strides = two_d(o)?;
         if o.buffer == c {
-            if o.offset != c_offset || (strides != [n as isize, 1] && !(m == 1 && strides[1] == 1)) {
+            if o.known_offset() != c_offset || (strides != [n as isize, 1] && !(m == 1 && strides[1] == 1)) {
                 return None;
             }
             renumber.push(0);
         } else {
-            inputs.push(EpilogueInput { buffer: o.buffer, offset: o.offset, strides });
+            inputs.push(EpilogueInput { buffer: o.buffer, offset: o.known_offset(), strides });
             renumber.push(inputs.len());
         }
     }
@@ -130,7 +134,7 @@ pub fn fuse_epilogues(kernels: &mut Vec<Kernel>, outputs: &[BufferId]) {
         let Some(epilogue) = as_epilogue(map, mm.m, mm.n, mm.c, mm.batches[0][2]) else { continue };
         let mut fused = mm.clone();
         fused.c = map.output.buffer;
-        fused.batches[0][2] = map.output.offset;
+        fused.batches[0][2] = map.output.known_offset();
         fused.epilogue = Some(epilogue);
         kernels[reader] = Kernel { kind: KernelKind::MatMul(fused), label: kernels[mi].label.clone() };
         fused_away[mi] = true;

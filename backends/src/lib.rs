@@ -10,8 +10,8 @@ pub mod cpu;
 mod epilogue;
 pub mod gpu;
 mod lower;
-mod memory;
+pub mod memory;
 pub mod plan;
 
-pub use lower::{lower, LowerOptions};
+pub use lower::{lower, symbols_to_bind, LowerOptions};
 pub use plan::Plan;

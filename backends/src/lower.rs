@@ -56,14 +56,40 @@ impl LowerOptions {
 #[derive(Clone, Debug, PartialEq)]
 struct View {
     buffer: BufferId,
-    offset: isize,
-    strides: Vec<isize>,
+    offset: Dim,
+    strides: Vec<Dim>,
+}
+
+impl View {
+    /// A dense view of `buffer` with `shape`.
+    fn dense(buffer: BufferId, shape: &[Dim]) -> View {
+        View { buffer, offset: Dim::new(0), strides: contiguous_strides(shape) }
+    }
+
+    fn is_known(&self) -> bool {
+        self.offset.is_known() && self.strides.iter().all(|d| d.is_known())
+    }
+
+    /// The offset of a known view (`Lowering::known_view`).
+    fn off(&self) -> isize {
+        known(self.offset)
+    }
+
+    /// The strides of a known view.
+    fn st(&self) -> Vec<isize> {
+        self.strides.iter().map(|&d| known(d)).collect()
+    }
+}
+
+/// A dense operand of `buffer` with `shape`.
+fn dense_operand(buffer: BufferId, dtype: DType, shape: &[Dim]) -> Operand {
+    Operand { buffer, dtype, offset: Dim::new(0), strides: contiguous_strides(shape) }
 }
 
 /// An elementwise result not written anywhere yet: an expression over
 /// operands strided over the value's own shape.
 struct Pending {
-    shape: Vec<usize>,
+    shape: Vec<Dim>,
     inputs: Vec<Operand>,
     expr: Expr,
     label: String,
@@ -106,7 +132,7 @@ struct GatheredRows {
 /// rows), or the chain reads more than one value, or a value in between
 /// has a reader outside it.
 fn gathered_rows(g: &Graph, a: ValueId) -> Option<(GatheredRows, Vec<NodeId>)> {
-    let shape = &g.ty(a).sizes();
+    let shape = &g.ty(a).known_shape()?;
     let (&width, m) = (shape.last()?, *shape.get(shape.len().checked_sub(2)?)?);
     // The longest chain whose values in between are read only inside it
     // (a roll's concat feeds the two slices of the next roll); failing
@@ -148,8 +174,9 @@ struct PlacedRows {
 fn moves_rows(g: &Graph, node: &egret_ir::Node, width: usize) -> bool {
     let Some(&out) = node.outputs.first() else { return false };
     let rank = g.ty(out).rank();
-    g.ty(out).sizes().last() == Some(&width)
-        && node.inputs.iter().all(|&x| g.ty(x).sizes().last() == Some(&width))
+    let width_of = |v: ValueId| g.ty(v).known_shape().and_then(|s| s.last().copied());
+    width_of(out) == Some(width)
+        && node.inputs.iter().all(|&x| width_of(x) == Some(width))
         && match &node.op {
             Op::Reshape { .. } => true,
             Op::Transpose { perm } => perm.last() == Some(&(rank - 1)),
@@ -164,7 +191,7 @@ fn moves_rows(g: &Graph, node: &egret_ir::Node, width: usize) -> bool {
 /// ops and the bias add. `None` unless they end in one value, hold every
 /// row exactly once, and nothing outside reads what is in between.
 fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
-    let width = *g.ty(p).sizes().last()?;
+    let width = *g.ty(p).known_shape()?.last()?;
     let only_reader = |v: ValueId| {
         let readers = g.consumers(g.producer(v));
         (g.use_count(v) == 1 && readers.len() == 1).then(|| readers[0])
@@ -174,7 +201,7 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
         Some((n, node)) if node.op == Op::Add => {
             let other = if node.inputs[0] == p { node.inputs[1] } else { node.inputs[0] };
             // One row, the same for every row of the product: `[.., 1, width]`.
-            let shape = &g.ty(other).sizes();
+            let shape = &g.ty(other).known_shape()?;
             let row = g.const_value(other).is_some()
                 && g.ty(other).dtype == DType::F32
                 && shape.last() == Some(&width)
@@ -224,7 +251,7 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
     // Every row of the product lands on exactly one row of the result,
     // and not in a way strides describe (a head split is a view).
     let ids = ids.to_i64_vec();
-    let shape = &g.ty(result).sizes();
+    let shape = &g.ty(result).known_shape()?;
     let m = shape.len().checked_sub(2).map_or(1, |d| shape[d]);
     if strided_batches(&ids.iter().map(|&i| i as usize).collect::<Vec<_>>(), m) {
         return None;
@@ -237,7 +264,7 @@ fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
         }
         *slot = to;
     }
-    if rows.len() * width != g.ty(start).numel() {
+    if rows.len() * width != g.ty(start).checked_numel()? {
         return None;
     }
     skipped.extend(nodes);
@@ -265,7 +292,7 @@ fn row_ids(
     nodes: &mut Vec<NodeId>,
     source: &mut Option<ValueId>,
 ) -> Option<Tensor> {
-    let shape = &g.ty(v).sizes();
+    let shape = &g.ty(v).known_shape()?;
     let rank = shape.len();
     let producer = g.producer(v);
     let node = g.node(producer);
@@ -349,7 +376,8 @@ fn repeated_heads(g: &Graph, v: ValueId) -> Option<(RepeatedHeads, Vec<NodeId>)>
     if [at, e, u].iter().any(|&w| g.use_count(w) != 1) {
         return None;
     }
-    let (z, es, us, xs) = (&g.ty(at).sizes(), &g.ty(e).sizes(), &g.ty(u).sizes(), &g.ty(x).sizes());
+    let known = |w: ValueId| g.ty(w).known_shape();
+    let (z, es, us, xs) = (&known(at)?, &known(e)?, &known(u)?, &known(x)?);
     let lead = rank - 3;
     let (groups, repeat) = (*es.get(lead)?, *es.get(lead + 1)?);
     let mut want_u = es.clone();
@@ -369,62 +397,109 @@ fn repeated_heads(g: &Graph, v: ValueId) -> Option<(RepeatedHeads, Vec<NodeId>)>
     Some((RepeatedHeads { source: x, repeat, transposed }, nodes))
 }
 
-fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
-    egret_ir::strides_of(shape).into_iter().map(|s| s as isize).collect()
+/// Row-major strides of `shape` (dims may be symbolic).
+fn contiguous_strides(shape: &[Dim]) -> Vec<Dim> {
+    let mut strides = vec![Dim::new(1); shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    strides
 }
 
 /// Whether `strides` walk `shape` densely in row-major order (dims of size 1
 /// may have any stride).
-pub(crate) fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
+pub(crate) fn is_dense(shape: &[Dim], strides: &[Dim]) -> bool {
     let want = contiguous_strides(shape);
     shape.iter().zip(strides.iter().zip(&want)).all(|(&d, (s, w))| d == 1 || s == w)
 }
 
 /// The strides a tensor of `shape` (viewed with `strides`) is read with when
-/// broadcast to `out` (numpy rules: leading and size-1 dims repeat).
-fn broadcast_view(shape: &[usize], strides: &[isize], out: &[usize]) -> Vec<isize> {
+/// broadcast to `out` (numpy rules: leading and size-1 dims repeat; a
+/// symbolic dim is never taken for 1, and a run where it is 1 reads its one
+/// index at any stride).
+fn broadcast_view(shape: &[Dim], strides: &[Dim], out: &[Dim]) -> Vec<Dim> {
     let off = out.len() - shape.len();
-    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { strides[i - off] }).collect()
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { Dim::new(0) } else { strides[i - off] }).collect()
+}
+
+/// Which side of a reshape's dim groups grows next: the one whose product
+/// is smaller (known sizes), or the one that divides the other (symbolic
+/// ones: `past` grows to `16*past`); `None` when neither does.
+fn smaller(po: Dim, pn: Dim) -> Option<bool> {
+    match (po.known(), pn.known()) {
+        (Some(a), Some(b)) => Some(a < b),
+        _ if pn.div_exact(po).is_some() => Some(true),
+        _ if po.div_exact(pn).is_some() => Some(false),
+        _ => None,
+    }
 }
 
 /// Strides that view data laid out as (`old_shape`, `old_strides`) with
 /// `new_shape` without moving it, if any exist (numpy's no-copy reshape).
-fn reshape_strides(old_shape: &[usize], old_strides: &[isize], new_shape: &[usize]) -> Option<Vec<isize>> {
-    if old_shape.contains(&0) {
+fn reshape_strides(old_shape: &[Dim], old_strides: &[Dim], new_shape: &[Dim]) -> Option<Vec<Dim>> {
+    if old_shape.iter().any(|&d| d == 0) {
         return None;
     }
-    let old: Vec<(usize, isize)> =
+    let old: Vec<(Dim, Dim)> =
         old_shape.iter().zip(old_strides).filter(|(&d, _)| d != 1).map(|(&d, &s)| (d, s)).collect();
     let new_nz: Vec<usize> = (0..new_shape.len()).filter(|&i| new_shape[i] != 1).collect();
-    let mut res = vec![0isize; new_shape.len()];
+    let mut res = vec![Dim::new(0); new_shape.len()];
     let (mut i, mut j) = (0, 0);
     while i < old.len() && j < new_nz.len() {
         let (i0, j0) = (i, j);
         let (mut po, mut pn) = (old[i].0, new_shape[new_nz[j]]);
         while po != pn {
-            if po < pn {
+            if smaller(po, pn)? {
                 i += 1;
-                po *= old.get(i)?.0;
+                po = po * old.get(i)?.0;
             } else {
                 j += 1;
-                pn *= new_shape[*new_nz.get(j)?];
+                pn = pn * new_shape[*new_nz.get(j)?];
             }
         }
         // The old dims of the group must be one dense run.
         for k in i0..i {
-            if old[k].1 != old[k + 1].1 * old[k + 1].0 as isize {
+            if old[k].1 != old[k + 1].1 * old[k + 1].0 {
                 return None;
             }
         }
         let mut st = old[i].1;
         for k in (j0..=j).rev() {
             res[new_nz[k]] = st;
-            st *= new_shape[new_nz[k]] as isize;
+            st = st * new_shape[new_nz[k]];
         }
         i += 1;
         j += 1;
     }
     (i == old.len() && j == new_nz.len()).then_some(res)
+}
+
+/// `reshape_strides` for known sizes.
+fn reshape_known(old_shape: &[usize], old_strides: &[isize], new_shape: &[usize]) -> Option<Vec<isize>> {
+    let dims = |v: &[usize]| egret_ir::dims_of(v);
+    let strides: Vec<Dim> = old_strides.iter().map(|&s| Dim::from(s)).collect();
+    let res = reshape_strides(&dims(old_shape), &strides, &dims(new_shape))?;
+    Some(res.into_iter().map(known).collect())
+}
+
+/// Row-major strides of known sizes.
+fn row_major(shape: &[usize]) -> Vec<isize> {
+    egret_ir::strides_of(shape).into_iter().map(|s| s as isize).collect()
+}
+
+/// An operand of known offset and strides.
+fn known_operand(buffer: BufferId, offset: isize, strides: &[isize]) -> Operand {
+    Operand { buffer, dtype: DType::F32, offset: Dim::from(offset), strides: idims(strides) }
+}
+
+/// Known sizes as dims.
+fn dims(sizes: &[usize]) -> Vec<Dim> {
+    egret_ir::dims_of(sizes)
+}
+
+/// Known strides or offsets as dims.
+fn idims(values: &[isize]) -> Vec<Dim> {
+    values.iter().map(|&v| Dim::from(v)).collect()
 }
 
 /// Dtypes map kernels compute with.
@@ -529,15 +604,16 @@ fn divide_by_constant_as_multiply(e: Expr) -> Expr {
 
 /// Merges adjacent dims that every operand walks contiguously, and drops
 /// dims of size 1, so most kernels run one long inner loop.
-fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<Operand>) {
+fn collapse_dims(shape: Vec<Dim>, mut ops: Vec<Operand>) -> (Vec<Dim>, Vec<Operand>) {
     let keep: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != 1).collect();
-    let mut out_shape: Vec<usize> = Vec::new();
-    let mut out_strides: Vec<Vec<isize>> = vec![Vec::new(); ops.len()];
+    let mut out_shape: Vec<Dim> = Vec::new();
+    let mut out_strides: Vec<Vec<Dim>> = vec![Vec::new(); ops.len()];
     for &d in &keep {
         let mergeable = !out_shape.is_empty()
-            && ops.iter().enumerate().all(|(k, o)| *out_strides[k].last().unwrap() == o.strides[d] * shape[d] as isize);
+            && ops.iter().enumerate().all(|(k, o)| *out_strides[k].last().unwrap() == o.strides[d] * shape[d]);
         if mergeable {
-            *out_shape.last_mut().unwrap() *= shape[d];
+            let last = out_shape.last_mut().unwrap();
+            *last = *last * shape[d];
             for (k, o) in ops.iter().enumerate() {
                 *out_strides[k].last_mut().unwrap() = o.strides[d];
             }
@@ -556,21 +632,34 @@ fn collapse_dims(shape: Vec<usize>, mut ops: Vec<Operand>) -> (Vec<usize>, Vec<O
 
 impl<'g> Lowering<'g> {
     fn new_buffer(&mut self, ty: &Type, storage: Storage) -> BufferId {
-        self.buffers.push(Buffer { bytes: ty.numel() * ty.dtype.size_bytes(), dtype: ty.dtype, storage });
+        let bytes = egret_ir::product(&ty.shape).expect("a verified type's size") * Dim::new(ty.dtype.size_bytes());
+        self.buffers.push(Buffer { bytes, dtype: ty.dtype, storage });
         self.buffers.len() - 1
     }
 
     /// An arena buffer (its offset is assigned by the memory plan).
-    fn scratch(&mut self, dtype: DType, shape: &[usize]) -> BufferId {
+    fn scratch(&mut self, dtype: DType, shape: &[Dim]) -> BufferId {
         self.new_buffer(&Type::new(dtype, shape.to_vec()), Storage::Arena { offset: usize::MAX })
     }
 
     /// A fresh dense buffer for `v`.
     fn define(&mut self, v: ValueId) -> BufferId {
         let ty = self.g.ty(v).clone();
-        let b = self.scratch(ty.dtype, &ty.sizes());
-        self.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.sizes()) });
+        let b = self.scratch(ty.dtype, &ty.shape);
+        self.views.insert(v, View::dense(b, &ty.shape));
         b
+    }
+
+    /// `v`'s view for a kernel that takes only known offsets and strides
+    /// (every kind but maps and attention): a view through symbolic ones
+    /// (a slice at a decoder's past length) is copied dense first.
+    fn known_view(&mut self, v: ValueId, label: &str) -> View {
+        let vw = self.view(v);
+        if vw.is_known() {
+            return vw;
+        }
+        self.dense(v, label);
+        self.view(v)
     }
 
     /// Where `v` is, writing it first if it is still pending.
@@ -582,9 +671,9 @@ impl<'g> Lowering<'g> {
     }
 
     /// `v` read broadcast to `out` (or at its own shape).
-    fn read(&mut self, v: ValueId, out: &[usize]) -> Operand {
+    fn read(&mut self, v: ValueId, out: &[Dim]) -> Operand {
         let vw = self.view(v);
-        let shape = &self.g.ty(v).sizes();
+        let shape = &self.g.ty(v).shape;
         Operand {
             buffer: vw.buffer,
             dtype: self.g.ty(v).dtype,
@@ -597,13 +686,13 @@ impl<'g> Lowering<'g> {
     fn dense(&mut self, v: ValueId, label: &str) -> BufferId {
         let vw = self.view(v);
         let ty = self.g.ty(v).clone();
-        if vw.offset == 0 && is_dense(&ty.sizes(), &vw.strides) {
+        if vw.offset == 0 && is_dense(&ty.shape, &vw.strides) {
             return vw.buffer;
         }
-        let input = self.read(v, &ty.sizes());
+        let input = self.read(v, &ty.shape);
         let b = self.define(v);
-        let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.sizes()) };
-        self.map(ty.sizes(), vec![input], output, Expr::Input(0), label);
+        let output = dense_operand(b, ty.dtype, &ty.shape);
+        self.map(ty.shape.clone(), vec![input], output, Expr::Input(0), label);
         b
     }
 
@@ -611,7 +700,7 @@ impl<'g> Lowering<'g> {
         self.kernels.push(Kernel { kind, label: label.to_string() });
     }
 
-    fn map(&mut self, shape: Vec<usize>, inputs: Vec<Operand>, output: Operand, expr: Expr, label: &str) {
+    fn map(&mut self, shape: Vec<Dim>, inputs: Vec<Operand>, output: Operand, expr: Expr, label: &str) {
         let (shape, mut ops) = collapse_dims(shape, inputs.into_iter().chain([output]).collect());
         let output = ops.pop().expect("the output operand");
         self.push(KernelKind::Map(MapKernel { shape, inputs: ops, output, expr }), label);
@@ -622,7 +711,7 @@ impl<'g> Lowering<'g> {
     fn materialize(&mut self, v: ValueId) {
         let b = self.define(v);
         let shape = &self.pending[&v].shape;
-        let output = Operand { buffer: b, dtype: self.g.ty(v).dtype, offset: 0, strides: contiguous_strides(shape) };
+        let output = dense_operand(b, self.g.ty(v).dtype, shape);
         self.materialize_into(v, output);
     }
 
@@ -649,7 +738,7 @@ impl<'g> Lowering<'g> {
     /// that are pending, read only here, and of the same shape.
     fn elementwise(&mut self, out: ValueId, inputs: &[ValueId], expr: Expr, label: &str) {
         let g = self.g;
-        let shape = g.ty(out).sizes();
+        let shape = g.ty(out).shape.clone();
         let mut reads: Vec<Operand> = Vec::new();
         let mut with = Vec::with_capacity(inputs.len());
         for &v in inputs {
@@ -659,7 +748,7 @@ impl<'g> Lowering<'g> {
                 continue;
             }
             let inline = self.opts.fuse_elementwise
-                && g.ty(v).sizes() == shape
+                && g.ty(v).shape == shape
                 && g.use_count(v) == 1
                 && self.pending.contains_key(&v);
             if inline {
@@ -761,7 +850,14 @@ impl<'g> Lowering<'g> {
                         return;
                     }
                 }
-                let inputs = node.inputs.iter().map(|&v| (self.dense(v, label), g.ty(v).clone())).collect();
+                // A shape reads its input's type, not its elements (a
+                // symbolic one's: canonicalisation folds the others), so its
+                // input is not copied dense; the runtime evaluates it from
+                // the call's dims.
+                let inputs = match op {
+                    Op::Shape { .. } => vec![(self.view(node.inputs[0]).buffer, in_types[0].clone())],
+                    _ => node.inputs.iter().map(|&v| (self.dense(v, label), g.ty(v).clone())).collect(),
+                };
                 let outputs = node.outputs.iter().map(|&v| (self.define(v), g.ty(v).clone())).collect();
                 self.push(KernelKind::Reference { op: op.clone(), inputs, outputs }, label);
             }
@@ -774,7 +870,7 @@ impl<'g> Lowering<'g> {
     /// then becomes one map, and a matmul epilogue. Only when `x` is read
     /// only here and every operand the expression reads has a view in the
     /// new shape.
-    fn reshape_pending(&mut self, x: ValueId, out: ValueId, shape: &[usize]) -> bool {
+    fn reshape_pending(&mut self, x: ValueId, out: ValueId, shape: &[Dim]) -> bool {
         if !self.opts.fuse_elementwise || self.g.use_count(x) != 1 {
             return false;
         }
@@ -803,23 +899,21 @@ impl<'g> Lowering<'g> {
         if !mappable(xt.dtype) {
             return false;
         }
-        let alias = |this: &mut Self, v: ValueId, offset: isize, strides: Vec<isize>| {
+        let alias = |this: &mut Self, v: ValueId, offset: Dim, strides: Vec<Dim>| {
             let buffer = this.view(x).buffer;
             this.views.insert(v, View { buffer, offset, strides });
         };
         match op {
             Op::Reshape { shape } => {
-                let shape = &egret_ir::bound_sizes(shape);
                 if self.reshape_pending(x, outputs[0], shape) {
                     return true;
                 }
                 let vw = self.view(x);
-                match reshape_strides(&xt.sizes(), &vw.strides, shape) {
+                match reshape_strides(&xt.shape, &vw.strides, shape) {
                     Some(st) => alias(self, outputs[0], vw.offset, st),
                     None => {
                         let b = self.dense(x, label);
-                        self.views
-                            .insert(outputs[0], View { buffer: b, offset: 0, strides: contiguous_strides(shape) });
+                        self.views.insert(outputs[0], View::dense(b, shape));
                     }
                 }
             }
@@ -834,40 +928,37 @@ impl<'g> Lowering<'g> {
             }
             Op::Slice { starts, steps, .. } => {
                 let vw = self.view(x);
-                let starts = egret_ir::bound_ints(starts);
-                let offset = vw.offset + starts.iter().zip(&vw.strides).map(|(&s, &st)| s as isize * st).sum::<isize>();
+                let offset = vw.offset + starts.iter().zip(&vw.strides).map(|(&s, &st)| s * st).sum::<Dim>();
                 alias(
                     self,
                     outputs[0],
                     offset,
-                    steps.iter().zip(&vw.strides).map(|(&s, &st)| s as isize * st).collect(),
+                    steps.iter().zip(&vw.strides).map(|(&s, &st)| st * s as isize).collect(),
                 );
             }
             Op::Expand { shape } => {
                 let vw = self.view(x);
-                let shape = &egret_ir::bound_sizes(shape);
-                alias(self, outputs[0], vw.offset, broadcast_view(&xt.sizes(), &vw.strides, shape));
+                alias(self, outputs[0], vw.offset, broadcast_view(&xt.shape, &vw.strides, shape));
                 self.copy_unless_views(outputs, label);
             }
             Op::Split { axis, .. } => {
                 let vw = self.view(x);
-                let mut at = 0isize;
+                let mut at = Dim::new(0);
                 for &out in outputs {
                     alias(self, out, vw.offset + at * vw.strides[*axis], vw.strides.clone());
-                    at += g.ty(out).sizes()[*axis] as isize;
+                    at += g.ty(out).shape[*axis];
                 }
                 self.copy_unless_views(outputs, label);
             }
             Op::Concat { axis } => {
                 let out = outputs[0];
-                let out_shape = g.ty(out).sizes();
-                let os = contiguous_strides(&out_shape);
+                let os = contiguous_strides(&g.ty(out).shape);
                 let b = self.define(out);
-                let mut at = 0isize;
+                let mut at = Dim::new(0);
                 for &v in inputs {
-                    let shape = g.ty(v).sizes();
+                    let shape = g.ty(v).shape.clone();
                     let output = Operand { buffer: b, dtype: xt.dtype, offset: at * os[*axis], strides: os.clone() };
-                    at += shape[*axis] as isize;
+                    at += shape[*axis];
                     // A pending elementwise part read only here is computed
                     // straight into its slice (rotary embeddings' `-x2`).
                     if self.opts.fuse_elementwise && g.use_count(v) == 1 && self.pending.contains_key(&v) {
@@ -911,21 +1002,21 @@ impl<'g> Lowering<'g> {
         let out_sp = &os[2..];
         // The (padded) input: a buffer, an offset and strides.
         let (src, src_off, sst) = if pads.iter().all(|&p| p == 0) {
-            let vw = self.view(x);
-            (vw.buffer, vw.offset, vw.strides)
+            let vw = self.known_view(x, label);
+            (vw.buffer, vw.off(), vw.st())
         } else {
             let mut padded = xs.clone();
             for i in 0..sp {
                 padded[2 + i] += pads[i] + pads[sp + i];
             }
-            let pb = self.scratch(DType::F32, &padded);
-            let pst = contiguous_strides(&padded);
-            let fill = Operand { buffer: pb, dtype: DType::F32, offset: 0, strides: pst.clone() };
-            self.map(padded.clone(), vec![], fill, Expr::F32(0.0), label);
+            let pb = self.scratch(DType::F32, &dims(&padded));
+            let pst = row_major(&padded);
+            let fill = known_operand(pb, 0, &pst);
+            self.map(dims(&padded), vec![], fill, Expr::F32(0.0), label);
             let interior: isize = (0..sp).map(|i| pads[i] as isize * pst[2 + i]).sum();
-            let input = self.read(x, &xs);
-            let dst = Operand { buffer: pb, dtype: DType::F32, offset: interior, strides: pst.clone() };
-            self.map(xs.clone(), vec![input], dst, Expr::Input(0), label);
+            let input = self.read(x, &dims(&xs));
+            let dst = known_operand(pb, interior, &pst);
+            self.map(dims(&xs), vec![input], dst, Expr::Input(0), label);
             (pb, 0, pst)
         };
         // cols[n, c, k_1..k_d, o_1..o_d] = src[n, c, o_i * stride_i + k_i * dilation_i].
@@ -935,10 +1026,10 @@ impl<'g> Lowering<'g> {
         let mut read: Vec<isize> = vec![sst[0], sst[1]];
         read.extend((0..sp).map(|i| sst[2 + i] * dilations[i] as isize));
         read.extend((0..sp).map(|i| sst[2 + i] * strides[i] as isize));
-        let cols = self.scratch(DType::F32, &iter);
-        let patch = Operand { buffer: src, dtype: DType::F32, offset: src_off, strides: read };
-        let cols_op = Operand { buffer: cols, dtype: DType::F32, offset: 0, strides: contiguous_strides(&iter) };
-        self.map(iter, vec![patch], cols_op, Expr::Input(0), label);
+        let cols = self.scratch(DType::F32, &dims(&iter));
+        let patch = known_operand(src, src_off, &read);
+        let cols_op = known_operand(cols, 0, &row_major(&iter));
+        self.map(dims(&iter), vec![patch], cols_op, Expr::Input(0), label);
         // One product per batch and group: group `gi`'s output channels
         // from its weights and its input channels' rows of `cols` (the
         // weight is [m, c / group, kernel..], so its rows are k long).
@@ -947,7 +1038,7 @@ impl<'g> Lowering<'g> {
         let p: usize = out_sp.iter().product();
         let wb = self.dense(w, label);
         let bias = inputs.get(2).copied();
-        let product = if bias.is_some() { self.scratch(DType::F32, &os) } else { self.define(out) };
+        let product = if bias.is_some() { self.scratch(DType::F32, &dims(&os)) } else { self.define(out) };
         let batches = (0..n)
             .flat_map(|b| {
                 (0..group).map(move |gi| {
@@ -974,14 +1065,15 @@ impl<'g> Lowering<'g> {
         };
         self.push(KernelKind::MatMul(mm), label);
         if let Some(bias) = bias {
-            let prod_op = Operand { buffer: product, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
-            let bvw = self.view(bias);
+            let prod_op = known_operand(product, 0, &row_major(&os));
+            let bvw = self.known_view(bias, label);
             let mut bias_strides = vec![0isize; os.len()];
-            bias_strides[1] = bvw.strides[0];
-            let bias_op = Operand { buffer: bvw.buffer, dtype: DType::F32, offset: bvw.offset, strides: bias_strides };
+            bias_strides[1] = bvw.st()[0];
+            let bias_op = known_operand(bvw.buffer, bvw.off(), &bias_strides);
             let b = self.define(out);
-            let dst = Operand { buffer: b, dtype: DType::F32, offset: 0, strides: contiguous_strides(&os) };
-            self.map(os, vec![prod_op, bias_op], dst, Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1)), label);
+            let dst = known_operand(b, 0, &row_major(&os));
+            let add = Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1));
+            self.map(dims(&os), vec![prod_op, bias_op], dst, add, label);
         }
     }
 
@@ -990,7 +1082,9 @@ impl<'g> Lowering<'g> {
     fn rows(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> Option<RowKernel> {
         let g = self.g;
         let x = inputs[0];
-        let shape = &g.ty(x).sizes();
+        // Row kernels are planned with known sizes (`symbols_to_bind`); a
+        // symbolic op here is a shape or integer op for the reference path.
+        let shape = &g.ty(x).known_shape()?;
         if g.ty(x).dtype != DType::F32 || shape.is_empty() {
             return None;
         }
@@ -1056,10 +1150,9 @@ impl<'g> Lowering<'g> {
                     offset: vw.offset,
                     strides: perm.iter().map(|&p| vw.strides[p]).collect(),
                 };
-                let copy = self.scratch(DType::F32, &moved);
-                let output =
-                    Operand { buffer: copy, dtype: DType::F32, offset: 0, strides: contiguous_strides(&moved) };
-                self.map(moved.clone(), vec![input], output, Expr::Input(0), label);
+                let copy = self.scratch(DType::F32, &dims(&moved));
+                let output = dense_operand(copy, DType::F32, &dims(&moved));
+                self.map(dims(&moved), vec![input], output, Expr::Input(0), label);
                 let rows = moved[..rank - axes.len()].iter().product::<usize>();
                 let len = moved[rank - axes.len()..].iter().product::<usize>();
                 let out = self.define(outputs[0]);
@@ -1127,13 +1220,10 @@ impl<'g> Lowering<'g> {
         }
         let gathered = self.gathered.get(&a).cloned();
         let placed = self.placed.get(&c).cloned();
-        let mut va = self.view(gathered.as_ref().map_or(a, |r| r.source));
+        let mut va = self.known_view(gathered.as_ref().map_or(a, |r| r.source), label);
         // Placed rows need one tall product: its rows must fold.
         let rows = sa[..sa.len() - 1].iter().product::<usize>();
-        if placed.is_some()
-            && gathered.is_none()
-            && reshape_strides(&sa, &va.strides, &[rows, sa[sa.len() - 1]]).is_none()
-        {
+        if placed.is_some() && gathered.is_none() && reshape_known(&sa, &va.st(), &[rows, sa[sa.len() - 1]]).is_none() {
             self.dense(a, label);
             va = self.view(a);
         }
@@ -1165,16 +1255,16 @@ impl<'g> Lowering<'g> {
         }
         let t = self.g.const_value(v).expect("a constant").clone();
         let b = self.new_buffer(&t.ty(), Storage::Constant(t.clone()));
-        self.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(t.shape()) });
+        self.views.insert(v, View::dense(b, &dims(t.shape())));
     }
 
     /// The buffer a product with placed rows writes: the result of the
     /// layout ops after it, read as it is, or plus the bias row (pending,
     /// so that the reader's map and then the matmul's epilogue take it).
     fn placed_result(&mut self, p: &PlacedRows, label: &str) -> BufferId {
-        let shape = self.g.ty(p.result).sizes();
+        let shape = self.g.ty(p.result).shape.clone();
         let b = self.scratch(DType::F32, &shape);
-        let dense = Operand { buffer: b, dtype: DType::F32, offset: 0, strides: contiguous_strides(&shape) };
+        let dense = dense_operand(b, DType::F32, &shape);
         match p.bias {
             Some(bias) => {
                 self.constant(bias);
@@ -1184,7 +1274,7 @@ impl<'g> Lowering<'g> {
                     .insert(p.result, Pending { shape, inputs: vec![dense, bias], expr, label: label.to_string() });
             }
             None => {
-                self.views.insert(p.result, View { buffer: b, offset: 0, strides: dense.strides });
+                self.views.insert(p.result, View::dense(b, &shape));
             }
         }
         b
@@ -1202,10 +1292,11 @@ impl<'g> Lowering<'g> {
     ) -> MatMulKernel {
         let shape = &self.g.ty(rows.source).sizes();
         let (lead, k) = (&shape[..shape.len() - 1], shape[shape.len() - 1]);
+        let (va_offset, va_strides, vb_strides) = (va.off(), va.st(), vb.st());
         let offset = |r: usize| {
-            let (mut at, mut rest) = (va.offset, r);
+            let (mut at, mut rest) = (va_offset, r);
             for d in (0..lead.len()).rev() {
-                at += (rest % lead[d]) as isize * va.strides[d];
+                at += (rest % lead[d]) as isize * va_strides[d];
                 rest /= lead[d];
             }
             at as i64
@@ -1217,9 +1308,9 @@ impl<'g> Lowering<'g> {
             a: va.buffer,
             b: vb.buffer,
             c: cb,
-            a_strides: [0, va.strides[lead.len()]],
-            b_strides: [vb.strides[0], vb.strides[1]],
-            batches: vec![[0, vb.offset, 0]],
+            a_strides: [0, va_strides[lead.len()]],
+            b_strides: [vb_strides[0], vb_strides[1]],
+            batches: vec![[0, vb.off(), 0]],
             // Row tables are read by the packed GEMM only.
             implementation: MatMulImpl::Packed,
             hint: Some(MatMulImpl::Packed),
@@ -1233,7 +1324,7 @@ impl<'g> Lowering<'g> {
     /// The view of a matmul's `b`, made dense when generated matmuls are
     /// forced (ahead-of-time code): they load rows of `b` as vectors.
     fn generated_ready(&mut self, b: ValueId, label: &str) -> View {
-        let vb = self.view(b);
+        let vb = self.known_view(b, label);
         let rank = self.g.ty(b).rank();
         if self.opts.matmul == Some(MatMulImpl::Generated) && vb.strides[rank - 1] != 1 {
             self.dense(b, label);
@@ -1255,13 +1346,15 @@ impl<'g> Lowering<'g> {
     ) -> MatMulKernel {
         let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
         let batch = &sc[..sc.len() - 2];
+        let (va_offset, va_strides) = (va.off(), va.st());
+        let (vb_offset, vb_strides) = (vb.off(), vb.st());
         let nb: usize = batch.iter().product();
         // A `b` shared by every batch (a weight) and an `a` whose batch dims
         // fold into its rows make one tall product: [nb * m, k] @ [k, n].
         let b_shared = sb[..sb.len() - 2].iter().all(|&d| d == 1);
         let a_unbroadcast = sa[..sa.len() - 2].iter().product::<usize>() == nb;
         if nb > 1 && b_shared && a_unbroadcast {
-            if let Some(rows) = reshape_strides(sa, &va.strides, &[nb * m, k]) {
+            if let Some(rows) = reshape_known(sa, &va_strides, &[nb * m, k]) {
                 let folded = MatMulKernel {
                     m: nb * m,
                     k,
@@ -1270,8 +1363,8 @@ impl<'g> Lowering<'g> {
                     b: vb.buffer,
                     c: cb,
                     a_strides: [rows[0], rows[1]],
-                    b_strides: [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]],
-                    batches: vec![[va.offset, vb.offset, 0]],
+                    b_strides: [vb_strides[sb.len() - 2], vb_strides[sb.len() - 1]],
+                    batches: vec![[va_offset, vb_offset, 0]],
                     implementation: MatMulImpl::Unchosen,
                     hint: self.opts.matmul,
                     b_packed: false,
@@ -1282,12 +1375,18 @@ impl<'g> Lowering<'g> {
                 return folded;
             }
         }
-        let a_b = broadcast_view(&sa[..sa.len() - 2], &va.strides[..sa.len() - 2], batch);
-        let b_b = broadcast_view(&sb[..sb.len() - 2], &vb.strides[..sb.len() - 2], batch);
+        let a_b: Vec<isize> = broadcast_view(&dims(&sa[..sa.len() - 2]), &va.strides[..sa.len() - 2], &dims(batch))
+            .into_iter()
+            .map(known)
+            .collect();
+        let b_b: Vec<isize> = broadcast_view(&dims(&sb[..sb.len() - 2]), &vb.strides[..sb.len() - 2], &dims(batch))
+            .into_iter()
+            .map(known)
+            .collect();
         let bs = egret_ir::strides_of(batch);
         let batches = (0..nb)
             .map(|i| {
-                let (mut oa, mut ob) = (va.offset, vb.offset);
+                let (mut oa, mut ob) = (va_offset, vb_offset);
                 for d in 0..batch.len() {
                     let idx = ((i / bs[d]) % batch[d]) as isize;
                     oa += idx * a_b[d];
@@ -1303,8 +1402,8 @@ impl<'g> Lowering<'g> {
             a: va.buffer,
             b: vb.buffer,
             c: cb,
-            a_strides: [va.strides[sa.len() - 2], va.strides[sa.len() - 1]],
-            b_strides: [vb.strides[sb.len() - 2], vb.strides[sb.len() - 1]],
+            a_strides: [va_strides[sa.len() - 2], va_strides[sa.len() - 1]],
+            b_strides: [vb_strides[sb.len() - 2], vb_strides[sb.len() - 1]],
             batches,
             implementation: MatMulImpl::Unchosen,
             hint: self.opts.matmul,
@@ -1403,47 +1502,61 @@ impl<'g> Lowering<'g> {
         let Scores { scale, softcap, nan_to_zero } = attrs;
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
-        let (sq_shape, skt, sv) = (g.ty(q).sizes(), g.ty(kt).sizes(), g.ty(v).sizes());
+        // The queries and the output are known (`symbols_to_bind`); the
+        // keys' count may be symbolic.
+        let (sq_shape, skt, sv) = (g.ty(q).sizes(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
         let so = g.ty(out).sizes();
         let (sq, d, sk, dv) =
             (sq_shape[sq_shape.len() - 2], sq_shape[sq_shape.len() - 1], skt[skt.len() - 1], so[so.len() - 1]);
         let batch = so[..so.len() - 2].to_vec();
-        let mut scores = batch.clone();
-        scores.extend([sq, sk]);
+        let batch_dims = dims(&batch);
+        let mut scores = batch_dims.clone();
+        scores.extend([Dim::new(sq), sk]);
         let vq = self.view(q);
         let (vkt, kt_repeat) = self.attention_operand(kt);
         let (vv, v_repeat) = self.attention_operand(v);
         let vm = inputs.get(3).map(|&m| self.read(m, &scores));
         let vo = self.attention_output(out);
         let nb = batch.len();
-        let bq = broadcast_view(&sq_shape[..sq_shape.len() - 2], &vq.strides[..sq_shape.len() - 2], &batch);
-        let bkt = broadcast_view(&skt[..skt.len() - 2], &vkt.strides[..skt.len() - 2], &batch);
-        let bv = broadcast_view(&sv[..sv.len() - 2], &vv.strides[..sv.len() - 2], &batch);
+        let bq = broadcast_view(&dims(&sq_shape[..sq_shape.len() - 2]), &vq.strides[..sq_shape.len() - 2], &batch_dims);
+        let bkt = broadcast_view(&skt[..skt.len() - 2], &vkt.strides[..skt.len() - 2], &batch_dims);
+        let bv = broadcast_view(&sv[..sv.len() - 2], &vv.strides[..sv.len() - 2], &batch_dims);
         let bs = egret_ir::strides_of(&batch);
         let batches = (0..batch.iter().product::<usize>())
             .map(|i| {
-                let mut offs = [vq.offset, vkt.offset, vv.offset, vm.as_ref().map_or(0, |m| m.offset), vo.offset];
+                let mask_offset = vm.as_ref().map_or(Dim::new(0), |m| m.offset);
+                let mut offs = [vq.offset, vkt.offset, vv.offset, mask_offset, vo.offset];
                 for dim in 0..nb {
                     let idx = ((i / bs[dim]) % batch[dim]) as isize;
                     // Heads are the last batch axis; repeated ones share.
                     let head = |repeat: usize| if dim + 1 == nb { idx / repeat as isize } else { idx };
-                    offs[0] += idx * bq[dim];
-                    offs[1] += head(kt_repeat) * bkt[dim];
-                    offs[2] += head(v_repeat) * bv[dim];
+                    offs[0] += bq[dim] * idx;
+                    offs[1] += bkt[dim] * head(kt_repeat);
+                    offs[2] += bv[dim] * head(v_repeat);
                     if let Some(m) = &vm {
-                        offs[3] += idx * m.strides[dim];
+                        offs[3] += m.strides[dim] * idx;
                     }
-                    offs[4] += idx * vo.strides[dim];
+                    offs[4] += vo.strides[dim] * idx;
                 }
                 offs
             })
             .collect::<Vec<_>>();
-        let last2 = |st: &[isize]| [st[st.len() - 2], st[st.len() - 1]];
+        let last2 = |st: &[Dim]| [st[st.len() - 2], st[st.len() - 1]];
         // The optimiser's tiles, or at most 64 x 512 scores (128 KiB, in
-        // L2), the keys split into equal blocks so the last is not a sliver.
+        // L2), the keys split into equal blocks so the last is not a sliver
+        // (the kernel takes at most all the keys when a symbolic count
+        // turns out smaller).
         let block = tiles.map_or(64, |t| t.0).clamp(1, sq.max(1));
-        let key_block = tiles.map_or(sk.div_ceil(sk.div_ceil(512).max(1)), |t| t.1).clamp(1, sk.max(1));
-        let key_spans = vm.as_ref().and_then(|m| self.mask_key_spans(m, &batches, sq, sk, block));
+        let key_block = match sk.size() {
+            Some(sk) => tiles.map_or(sk.div_ceil(sk.div_ceil(512).max(1)), |t| t.1).clamp(1, sk.max(1)),
+            None => tiles.map_or(512, |t| t.1).max(1),
+        };
+        let key_spans = match (sk.size(), &vm) {
+            (Some(sk), Some(m)) if m.is_known() && batches.iter().flatten().all(|d| d.is_known()) => {
+                self.mask_key_spans(m, &batches, sq, sk, block)
+            }
+            _ => None,
+        };
         let kernel = AttentionKernel {
             sq,
             sk,
@@ -1462,7 +1575,7 @@ impl<'g> Lowering<'g> {
             q_strides: last2(&vq.strides),
             kt_strides: last2(&vkt.strides),
             v_strides: last2(&vv.strides),
-            mask_strides: vm.as_ref().map_or([0, 0], |m| last2(&m.strides)),
+            mask_strides: vm.as_ref().map_or([Dim::new(0); 2], |m| last2(&m.strides)),
             out_row_stride: vo.strides[vo.strides.len() - 2],
             batches,
             key_spans,
@@ -1486,14 +1599,15 @@ impl<'g> Lowering<'g> {
             let node = g.node(*reader);
             if let Op::Transpose { perm } = &node.op {
                 if perm.len() == rank && perm[rank - 1] == rank - 1 {
-                    let transposed = contiguous_strides(&g.ty(node.outputs[0]).sizes());
-                    let buffer = self.scratch(ty.dtype, &g.ty(node.outputs[0]).sizes());
+                    let transposed_shape = g.ty(node.outputs[0]).shape.clone();
+                    let transposed = contiguous_strides(&transposed_shape);
+                    let buffer = self.scratch(ty.dtype, &transposed_shape);
                     // Axis `perm[j]` of the output is axis `j` of the transpose.
-                    let mut strides = vec![0; rank];
+                    let mut strides = vec![Dim::new(0); rank];
                     for (j, &axis) in perm.iter().enumerate() {
                         strides[axis] = transposed[j];
                     }
-                    let view = View { buffer, offset: 0, strides };
+                    let view = View { buffer, offset: Dim::new(0), strides };
                     self.views.insert(out, view.clone());
                     return view;
                 }
@@ -1509,19 +1623,20 @@ impl<'g> Lowering<'g> {
     fn mask_key_spans(
         &self,
         mask: &Operand,
-        batches: &[[isize; 5]],
+        batches: &[[Dim; 5]],
         sq: usize,
         sk: usize,
         block: usize,
     ) -> Option<Vec<[usize; 2]>> {
         let Storage::Constant(t) = &self.buffers[mask.buffer].storage else { return None };
         let values = t.as_f32()?;
-        let rank = mask.strides.len();
-        let (rs, cs) = (mask.strides[rank - 2], mask.strides[rank - 1]);
+        let strides = mask.known_strides();
+        let rank = strides.len();
+        let (rs, cs) = (strides[rank - 2], strides[rank - 1]);
         let mut by_offset: HashMap<isize, Vec<(usize, usize)>> = HashMap::new();
         let mut tasks = Vec::with_capacity(batches.len() * sq.div_ceil(block));
         for offs in batches {
-            let at = offs[3];
+            let at = known(offs[3]);
             let rows = match by_offset.entry(at) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -1548,12 +1663,12 @@ impl<'g> Lowering<'g> {
         let mut scores =
             egret_ir::ops::broadcast_shapes(&sq[..sq.len() - 2], &skt[..skt.len() - 2]).expect("checked by inference");
         scores.extend([sq[sq.len() - 2], skt[skt.len() - 1]]);
-        let s = self.scratch(DType::F32, &scores);
-        let vq = self.view(q);
+        let s = self.scratch(DType::F32, &dims(&scores));
+        let vq = self.known_view(q, label);
         let vkt = self.generated_ready(kt, label);
         let mm = self.matmul_kernel(&vq, &sq, &vkt, &skt, &scores, s);
         self.push(KernelKind::MatMul(mm), label);
-        let dense = Operand { buffer: s, dtype: DType::F32, offset: 0, strides: contiguous_strides(&scores) };
+        let dense = dense_operand(s, DType::F32, &dims(&scores));
         let scaled = match softcap {
             // cap * tanh(x * scale / cap)
             Some(cap) => Expr::binary(
@@ -1565,12 +1680,12 @@ impl<'g> Lowering<'g> {
         };
         match inputs.get(3) {
             Some(&mask) => {
-                let m = self.read(mask, &scores);
+                let m = self.read(mask, &dims(&scores));
                 let expr = Expr::binary(Binary::Add, scaled, Expr::Input(1));
-                self.map(scores.clone(), vec![dense.clone(), m], dense.clone(), expr, label);
+                self.map(dims(&scores), vec![dense.clone(), m], dense.clone(), expr, label);
             }
             None if scale != 1.0 || softcap.is_some() => {
-                self.map(scores.clone(), vec![dense.clone()], dense.clone(), scaled, label)
+                self.map(dims(&scores), vec![dense.clone()], dense.clone(), scaled, label)
             }
             None => {}
         }
@@ -1592,12 +1707,12 @@ impl<'g> Lowering<'g> {
         if nan_to_zero {
             let isnan = Expr::IsNaN(Box::new(Expr::Input(0)));
             let expr = Expr::Select(Box::new(isnan), Box::new(Expr::F32(0.0)), Box::new(Expr::Input(0)));
-            self.map(scores.clone(), vec![dense.clone()], dense.clone(), expr, label);
+            self.map(dims(&scores), vec![dense.clone()], dense.clone(), expr, label);
         }
         let vview = self.generated_ready(v, label);
         let o = self.define(out);
         let so = g.ty(out).sizes();
-        let probs = View { buffer: s, offset: 0, strides: contiguous_strides(&scores) };
+        let probs = View::dense(s, &dims(&scores));
         let mm = self.matmul_kernel(&probs, &scores, &vview, &sv, &so, o);
         self.push(KernelKind::MatMul(mm), label);
     }
@@ -1624,13 +1739,19 @@ struct Scores {
 /// Lowers a canonical, verified graph to a plan.
 pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     egret_ir::verify(g)?;
-    // Plans are sized at compile time: symbols get values first (`Graph::bind`).
-    let symbols = g.symbols();
-    if !symbols.is_empty() {
+    // Only maps, views and attention take symbolic sizes; the symbols any
+    // other kernel would see get values first (`Graph::bind`).
+    let unbound = symbols_to_bind(g, opts);
+    if !unbound.is_empty() {
+        let names: Vec<&str> = unbound.iter().map(String::as_str).collect();
         return Err(IrError::new(
             "graph",
             "lower",
-            format!("dims {} are symbolic; give them values (--dim) before lowering", symbols.join(", ")),
+            format!(
+                "dims {} are symbolic where kernels need their values {}",
+                names.join(", "),
+                egret_ir::BIND_DIMS_HINT
+            ),
         ));
     }
     let mut l = Lowering {
@@ -1650,7 +1771,7 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     for (i, &v) in g.inputs().iter().enumerate() {
         let ty = g.ty(v).clone();
         let b = l.new_buffer(&ty, Storage::Input(i));
-        l.views.insert(v, View { buffer: b, offset: 0, strides: contiguous_strides(&ty.sizes()) });
+        l.views.insert(v, View::dense(b, &ty.shape));
         inputs.push((b, ty));
     }
     for n in g.topo_order()? {
@@ -1665,16 +1786,17 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     for (name, v) in g.outputs() {
         let mut b = l.dense(*v, name);
         let ty = g.ty(*v);
+        let bytes = egret_ir::product(&ty.shape).expect("a verified type's size") * Dim::new(ty.dtype.size_bytes());
         let shared = !matches!(l.buffers[b].storage, Storage::Arena { .. })
             || outputs.iter().any(|(o, _)| *o == b)
-            || l.buffers[b].bytes != ty.numel() * ty.dtype.size_bytes();
+            || l.buffers[b].bytes != bytes;
         if shared {
             let ty = g.ty(*v).clone();
-            let input = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.sizes()) };
-            b = l.scratch(ty.dtype, &ty.sizes());
-            let output = Operand { buffer: b, dtype: ty.dtype, offset: 0, strides: contiguous_strides(&ty.sizes()) };
+            let input = dense_operand(b, ty.dtype, &ty.shape);
+            b = l.scratch(ty.dtype, &ty.shape);
+            let output = dense_operand(b, ty.dtype, &ty.shape);
             if mappable(ty.dtype) {
-                l.map(ty.sizes(), vec![input], output, Expr::Input(0), name);
+                l.map(ty.shape.clone(), vec![input], output, Expr::Input(0), name);
             } else {
                 // Non-f32 outputs that alias storage are read from that storage as is.
                 b = input.buffer;
@@ -1688,14 +1810,70 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
         let outs: Vec<BufferId> = outputs.iter().map(|(b, _)| *b).collect();
         crate::epilogue::fuse_epilogues(&mut kernels, &outs);
     }
-    let mut plan = Plan { buffers: l.buffers, kernels, arena_bytes: 0, inputs, outputs };
+    let symbols = g.symbols();
+    // Until a caller says otherwise (declared bounds) or a call needs more,
+    // the arena is laid out for each symbol at its nominal value.
+    let capacity = symbols.iter().map(|s| (s.clone(), egret_ir::NOMINAL_SYMBOL_VALUE)).collect();
+    let mut plan = Plan { buffers: l.buffers, kernels, arena_bytes: 0, inputs, outputs, symbols, capacity };
     plan_memory(&mut plan);
     Ok(plan)
 }
 
+/// The symbols of `g` that must have values before `lower` (`Graph::bind`):
+/// those a kernel other than a map, a view or the flash attention kernel
+/// would see, and an attention kernel's own except in the keys' count.
+/// Reference ops take symbolic types (the runtime gives them their values
+/// per call), but only integer and shape ops, where that copy is cheap;
+/// nothing here is symbolic for artifacts or forced generated matmuls,
+/// whose attention is a composite of products.
+pub fn symbols_to_bind(g: &Graph, opts: LowerOptions) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let symbols_of = |v: ValueId| egret_ir::shape_symbols(&g.ty(v).shape);
+    for n in g.node_ids() {
+        let node = g.node(n);
+        let in_types: Vec<&Type> = node.inputs.iter().map(|&v| g.ty(v)).collect();
+        let out_ty = node.outputs.first().map(|&v| g.ty(v));
+        let takes_symbols = match &node.op {
+            Op::Input { .. } | Op::Const(_) | Op::Shape { .. } => true,
+            Op::Reshape { .. }
+            | Op::Identity
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Expand { .. }
+            | Op::Split { .. }
+            | Op::Concat { .. } => true,
+            op => {
+                let elementwise = out_ty.is_some_and(|o| elementwise_expr(op, &in_types, o).is_some());
+                let integer = node.outputs.iter().all(|&v| matches!(g.ty(v).dtype, DType::I64 | DType::I32))
+                    && !matches!(op, Op::MatMul | Op::MatMulTiled { .. } | Op::Gather { .. });
+                elementwise || integer
+            }
+        };
+        if takes_symbols {
+            continue;
+        }
+        let flash = matches!(node.op, Op::Attention { .. } | Op::AttentionTiled { .. })
+            && opts.matmul != Some(MatMulImpl::Generated)
+            && in_types.iter().all(|t| t.dtype == DType::F32);
+        if flash {
+            // Queries and output bound; keys, values and mask may keep the
+            // keys' count.
+            out.extend(symbols_of(node.inputs[0]));
+            out.extend(symbols_of(node.outputs[0]));
+            continue;
+        }
+        for &v in node.inputs.iter().chain(&node.outputs) {
+            out.extend(symbols_of(v));
+        }
+        out.extend(node.op.dims().into_iter().flat_map(|d| d.symbols()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{placed_rows, reshape_strides};
+    use super::{placed_rows, reshape_known, reshape_strides};
+    use egret_ir::Dim;
 
     /// Rows 4 wide, swapped in pairs within each group of four, after a
     /// `[2, 4, 4]` product plus `bias` (a constant of `bias_shape`); and
@@ -1735,13 +1913,33 @@ output \"y\" = v8
     #[test]
     fn reshape_views_split_and_merge_dense_runs() {
         // [2, 3, 4] dense -> [6, 4] and [2, 12]
-        assert_eq!(reshape_strides(&[2, 3, 4], &[12, 4, 1], &[6, 4]), Some(vec![4, 1]));
-        assert_eq!(reshape_strides(&[2, 3, 4], &[12, 4, 1], &[2, 3, 2, 2]), Some(vec![12, 4, 2, 1]));
+        assert_eq!(reshape_known(&[2, 3, 4], &[12, 4, 1], &[6, 4]), Some(vec![4, 1]));
+        assert_eq!(reshape_known(&[2, 3, 4], &[12, 4, 1], &[2, 3, 2, 2]), Some(vec![12, 4, 2, 1]));
         // A transposed view [4, 3] of a [3, 4] buffer cannot merge its dims.
-        assert_eq!(reshape_strides(&[4, 3], &[1, 4], &[12]), None);
+        assert_eq!(reshape_known(&[4, 3], &[1, 4], &[12]), None);
         // ... but it can gain or lose unit dims.
-        assert_eq!(reshape_strides(&[4, 3], &[1, 4], &[4, 1, 3]), Some(vec![1, 0, 4]));
+        assert_eq!(reshape_known(&[4, 3], &[1, 4], &[4, 1, 3]), Some(vec![1, 0, 4]));
         // Head split of a [197, 192] row into [197, 3, 64].
-        assert_eq!(reshape_strides(&[197, 192], &[192, 1], &[197, 3, 64]), Some(vec![192, 64, 1]));
+        assert_eq!(reshape_known(&[197, 192], &[192, 1], &[197, 3, 64]), Some(vec![192, 64, 1]));
+    }
+
+    #[test]
+    fn reshape_views_group_symbolic_dims_by_division() {
+        let past = Dim::symbol("past");
+        let d = |v: usize| Dim::new(v);
+        // [2, past, 16] dense -> [2, 16*past]: the group past x 16 merges.
+        let strides = super::contiguous_strides(&[d(2), past, d(16)]);
+        assert_eq!(strides, vec![past * d(16), d(16), d(1)]);
+        assert_eq!(
+            reshape_strides(&[d(2), past, d(16)], &strides, &[d(2), past * d(16)]),
+            Some(vec![past * d(16), d(1)])
+        );
+        // ... and splits back.
+        let merged = [d(2), past * d(16)];
+        let dense = super::contiguous_strides(&merged);
+        assert_eq!(reshape_strides(&merged, &dense, &[d(2), past, d(16)]), Some(strides.clone()));
+        // Two symbols with no division between them do not group.
+        let seq = Dim::symbol("seq");
+        assert_eq!(reshape_strides(&[past, seq], &[seq, d(1)], &[seq, past]), None);
     }
 }

@@ -1,6 +1,7 @@
 //! The memory plan: arena offsets by liveness.
 
 use crate::plan::{BufferId, Plan, Storage};
+use egret_ir::Bindings;
 
 /// Arena offsets are aligned for vector loads.
 const ALIGN: usize = 64;
@@ -8,14 +9,38 @@ const ALIGN: usize = 64;
 /// Assigns arena offsets by liveness: a buffer is live from the kernel that
 /// first writes it to the last kernel that reads it (graph outputs to the
 /// end). First fit over the gaps between live buffers, every offset aligned.
+///
+/// A plan with symbols is laid out for `plan.capacity`: each buffer gets
+/// the bytes it has there, so every call whose values are at most those
+/// fits (sizes grow with the symbols); a call past them lays the arena out
+/// again, larger (`bytes_at`), without compiling anything.
 pub fn plan_memory(plan: &mut Plan) {
-    let (offsets, top) = assign_offsets(plan, |b| plan.buffers[b].bytes, ALIGN);
+    let capacity = plan.capacity.clone();
+    let (offsets, top) = assign_offsets(plan, |b| bytes_at(plan, b, &capacity), ALIGN);
     for (b, offset) in offsets.into_iter().enumerate() {
         if let Some(offset) = offset {
             plan.buffers[b].storage = Storage::Arena { offset };
         }
     }
     plan.arena_bytes = top;
+}
+
+/// Buffer `b`'s bytes when the plan's symbols have `values` (every buffer
+/// of a bound plan has its one size). A polynomial in sizes grows with
+/// them, so the bytes at a capacity bound those of any call below it.
+pub fn bytes_at(plan: &Plan, b: BufferId, values: &Bindings) -> usize {
+    let bytes = plan.buffers[b].bytes;
+    match bytes.size() {
+        Some(n) => n,
+        None => bytes.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0),
+    }
+}
+
+/// The arena laid out for `values` of the plan's symbols: each arena
+/// buffer's offset (by buffer id) and the arena's size. The runtime calls
+/// this when a call's values pass the capacity the plan was laid out for.
+pub fn layout_at(plan: &Plan, values: &Bindings) -> (Vec<Option<usize>>, usize) {
+    assign_offsets(plan, |b| bytes_at(plan, b, values), ALIGN)
 }
 
 /// The liveness layout of `plan_memory` in units of the caller's choosing

@@ -5,8 +5,16 @@
 //! inputs and constants keep their own storage, every other value lives in one
 //! arena at an offset chosen by liveness, and reshapes are aliases that cost
 //! nothing. Nothing here is specific to one backend.
+//!
+//! A plan may keep some of a model's symbols (`Plan::symbols`): then the
+//! sizes, strides and offsets of its map and attention kernels, and its
+//! buffers' byte counts, are `Dim` expressions of them that the runtime
+//! evaluates on each call, and the arena is laid out for `Plan::capacity`
+//! (laid out again, larger, when a call goes past it). Every other kernel
+//! kind is planned with known sizes only: `lower::symbols_to_bind` says
+//! which symbols a graph must have values for first.
 
-use egret_ir::{DType, Op, Tensor, Type};
+use egret_ir::{Bindings, DType, Dim, Op, Tensor, Type};
 use std::fmt;
 use std::sync::Arc;
 
@@ -27,7 +35,7 @@ pub enum Storage {
 #[derive(Clone, Debug)]
 pub struct Buffer {
     /// Bytes on the CPU (`dtype`'s size per element).
-    pub bytes: usize,
+    pub bytes: Dim,
     pub dtype: DType,
     pub storage: Storage,
 }
@@ -37,9 +45,38 @@ pub struct Buffer {
 pub struct Operand {
     pub buffer: BufferId,
     pub dtype: DType,
-    pub offset: isize,
+    pub offset: Dim,
     /// One stride per dim of the kernel's iteration space (0 broadcasts).
-    pub strides: Vec<isize>,
+    pub strides: Vec<Dim>,
+}
+
+impl Operand {
+    /// Whether no offset or stride depends on a symbol.
+    pub fn is_known(&self) -> bool {
+        self.offset.is_known() && self.strides.iter().all(|d| d.is_known())
+    }
+
+    /// The offset in a bound plan (the GPU backends and artifacts see only
+    /// those: `Plan::is_bound`).
+    pub fn known_offset(&self) -> isize {
+        known(self.offset)
+    }
+
+    /// The strides in a bound plan.
+    pub fn known_strides(&self) -> Vec<isize> {
+        self.strides.iter().map(|&d| known(d)).collect()
+    }
+}
+
+/// The value of a size in a bound plan: the backends that compile only
+/// bound plans check `Plan::is_bound` first, so a symbol here is a bug.
+pub fn known(d: Dim) -> isize {
+    d.known().and_then(|v| isize::try_from(v).ok()).unwrap_or_else(|| panic!("{d} is symbolic in a bound plan"))
+}
+
+/// `known` for a size (not negative).
+pub fn known_size(d: Dim) -> usize {
+    d.size().unwrap_or_else(|| panic!("{d} is symbolic in a bound plan"))
 }
 
 /// Scalar functions of one f32.
@@ -158,13 +195,19 @@ impl fmt::Display for Expr {
 /// pieces of concat and split are all map kernels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MapKernel {
-    pub shape: Vec<usize>,
+    pub shape: Vec<Dim>,
     pub inputs: Vec<Operand>,
     pub output: Operand,
     pub expr: Expr,
 }
 
-/// How a matmul kernel computes.
+impl MapKernel {
+    /// The iteration space of a bound plan's map.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.shape.iter().map(|&d| known_size(d)).collect()
+    }
+}
+
 /// An elementwise tail fused into a matmul: each element of the product
 /// becomes `expr` of it (`in0`) and of `inputs` (`in1`, ...), read at the
 /// same row and column. A bias add, an activation and a residual add all
@@ -338,11 +381,13 @@ pub struct GatherKernel {
 /// scores go to a scratch tile, are scaled, masked and exponentiated against
 /// a running row maximum (an online softmax), and are multiplied by that
 /// block of `v` into the output. The full score matrix is never written to
-/// memory. Operands are strided views; the mask broadcasts.
+/// memory. Operands are strided views; the mask broadcasts. The keys'
+/// count, the strides and the offsets may be symbolic (a decoder's past
+/// length); the queries, heads and head sizes are known.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionKernel {
     pub sq: usize,
-    pub sk: usize,
+    pub sk: Dim,
     pub d: usize,
     pub dv: usize,
     pub scale: f32,
@@ -359,15 +404,15 @@ pub struct AttentionKernel {
     pub mask: Option<BufferId>,
     pub out: BufferId,
     /// Row and column strides (elements) of q, kt, v and the mask.
-    pub q_strides: [isize; 2],
-    pub kt_strides: [isize; 2],
-    pub v_strides: [isize; 2],
-    pub mask_strides: [isize; 2],
+    pub q_strides: [Dim; 2],
+    pub kt_strides: [Dim; 2],
+    pub v_strides: [Dim; 2],
+    pub mask_strides: [Dim; 2],
     /// Elements between consecutive rows of the output (`dv` when dense;
     /// more when the heads write into a `[.., sq, heads, dv]` layout).
-    pub out_row_stride: isize,
+    pub out_row_stride: Dim,
     /// Per batch: element offsets of q, kt, v, the mask and the output.
-    pub batches: Vec<[isize; 5]>,
+    pub batches: Vec<[Dim; 5]>,
     /// With a mask known at compile time, the keys each task (batch-major,
     /// then query block) visits, `first..end`: its rows' live spans
     /// (`egret_ir::ops::linalg::live_key_spans`). `None`: every key.
@@ -379,10 +424,51 @@ impl AttentionKernel {
         self.sq.div_ceil(self.block)
     }
 
-    /// Score elements (query row x key pairs) the kernel computes per run.
+    /// Whether no size, stride or offset depends on a symbol.
+    pub fn is_known(&self) -> bool {
+        self.dims().iter().all(|d| d.is_known())
+    }
+
+    /// Every size, stride and offset that may be symbolic.
+    pub fn dims(&self) -> Vec<Dim> {
+        let mut dims = vec![self.sk, self.out_row_stride];
+        for st in [self.q_strides, self.kt_strides, self.v_strides, self.mask_strides] {
+            dims.extend(st);
+        }
+        dims.extend(self.batches.iter().flatten());
+        dims
+    }
+
+    /// The kernel with every symbol given its value.
+    pub fn at(&self, values: &Bindings) -> Result<AttentionKernel, String> {
+        let v = |d: Dim| d.at(values).and_then(|x| Dim::int(x).ok_or_else(|| format!("{d} is out of range")));
+        let pair = |p: [Dim; 2]| -> Result<[Dim; 2], String> { Ok([v(p[0])?, v(p[1])?]) };
+        let mut batches = Vec::with_capacity(self.batches.len());
+        for b in &self.batches {
+            batches.push([v(b[0])?, v(b[1])?, v(b[2])?, v(b[3])?, v(b[4])?]);
+        }
+        Ok(AttentionKernel {
+            sk: v(self.sk)?,
+            q_strides: pair(self.q_strides)?,
+            kt_strides: pair(self.kt_strides)?,
+            v_strides: pair(self.v_strides)?,
+            mask_strides: pair(self.mask_strides)?,
+            out_row_stride: v(self.out_row_stride)?,
+            batches,
+            ..self.clone()
+        })
+    }
+
+    /// The key count at the symbols' nominal values, for reports.
+    fn estimated_sk(&self) -> usize {
+        self.sk.estimate()
+    }
+
+    /// Score elements (query row x key pairs) the kernel computes per run
+    /// (at the symbols' nominal values, if any).
     pub fn scores_computed(&self) -> usize {
         match &self.key_spans {
-            None => self.batches.len() * self.sq * self.sk,
+            None => self.batches.len() * self.sq * self.estimated_sk(),
             Some(spans) => spans
                 .iter()
                 .enumerate()
@@ -463,11 +549,101 @@ impl Kernel {
     /// Floating-point operations per run (multiply-adds count two).
     pub fn flops(&self) -> u64 {
         match &self.kind {
-            KernelKind::Map(m) => m.shape.iter().product::<usize>() as u64 * m.expr.op_count() as u64,
+            KernelKind::Map(m) => {
+                m.shape.iter().map(|d| d.estimate() as u64).product::<u64>() * m.expr.op_count() as u64
+            }
             KernelKind::MatMul(mm) => 2 * (mm.m * mm.k * mm.n * mm.batches.len()) as u64,
             KernelKind::Attention(a) => (a.scores_computed() * (2 * a.d + 2 * a.dv + 5)) as u64,
             KernelKind::Rows(r) => (r.rows * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
             KernelKind::Gather(_) | KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
+        }
+    }
+
+    /// The symbolic sizes a kernel's generated code reads when it runs, in
+    /// the order of the argument slots after its operands' addresses: a
+    /// map's extents, offsets and strides that depend on a symbol. (An
+    /// attention kernel reads its symbolic parameters through a block the
+    /// runtime fills instead; every other kind is planned bound.)
+    pub fn runtime_dims(&self) -> Vec<Dim> {
+        let KernelKind::Map(m) = &self.kind else { return vec![] };
+        let mut dims: Vec<Dim> = Vec::new();
+        let operands = m.inputs.iter().chain([&m.output]);
+        let all = m.shape.iter().chain(operands.flat_map(|o| std::iter::once(&o.offset).chain(&o.strides)));
+        for &d in all {
+            if !d.is_known() && !dims.contains(&d) {
+                dims.push(d);
+            }
+        }
+        dims
+    }
+
+    /// The bytes each operand's accesses span at `values` of the plan's
+    /// symbols, as `(buffer, first, end)`: what the runtime checks against
+    /// the buffers before a kernel with symbolic sizes runs. A symbolic view
+    /// is inside its buffer only for the values the model allows (a causal
+    /// table read at a decoder's past length holds so many positions), and
+    /// a call past them must be an error, not a read outside the table.
+    /// Known kernels were checked when they were planned: `[]`.
+    pub fn spans_at(&self, values: &Bindings) -> Result<Vec<(BufferId, i64, i64)>, String> {
+        // One strided walk: `count[d]` steps of `step[d]` elements from `at`.
+        fn walk(buffer: BufferId, elem: i64, at: i64, dims: &[(i64, i64)]) -> Option<(BufferId, i64, i64)> {
+            if dims.iter().any(|&(n, _)| n <= 0) {
+                return None;
+            }
+            let (mut lo, mut hi) = (at, at);
+            for &(n, step) in dims {
+                let reach = (n - 1).saturating_mul(step);
+                if reach < 0 {
+                    lo = lo.saturating_add(reach);
+                } else {
+                    hi = hi.saturating_add(reach);
+                }
+            }
+            Some((buffer, lo.saturating_mul(elem), hi.saturating_add(1).saturating_mul(elem)))
+        }
+        let v = |d: Dim| d.at(values);
+        match &self.kind {
+            KernelKind::Map(m) if !self.runtime_dims().is_empty() => {
+                let shape = m.shape.iter().map(|&d| v(d)).collect::<Result<Vec<i64>, String>>()?;
+                let mut spans = Vec::new();
+                for o in m.inputs.iter().chain([&m.output]) {
+                    let steps = o.strides.iter().map(|&d| v(d)).collect::<Result<Vec<i64>, String>>()?;
+                    let dims: Vec<(i64, i64)> = shape.iter().copied().zip(steps).collect();
+                    spans.extend(walk(o.buffer, o.dtype.size_bytes() as i64, v(o.offset)?, &dims));
+                }
+                Ok(spans)
+            }
+            KernelKind::Attention(a) if !a.is_known() => {
+                let a = a.at(values)?;
+                let k = |d: Dim| d.known().unwrap_or(0);
+                let (sq, sk, d, dv) = (a.sq as i64, k(a.sk), a.d as i64, a.dv as i64);
+                let pair = |p: [Dim; 2]| [k(p[0]), k(p[1])];
+                let (q, kt, vs, mask) =
+                    (pair(a.q_strides), pair(a.kt_strides), pair(a.v_strides), pair(a.mask_strides));
+                let mut spans = Vec::new();
+                for offs in &a.batches {
+                    let at = |i: usize| k(offs[i]);
+                    spans.extend(walk(a.q, 4, at(0), &[(sq, q[0]), (d, q[1])]));
+                    spans.extend(walk(a.kt, 4, at(1), &[(d, kt[0]), (sk, kt[1])]));
+                    spans.extend(walk(a.v, 4, at(2), &[(sk, vs[0]), (dv, vs[1])]));
+                    if let Some(m) = a.mask {
+                        spans.extend(walk(m, 4, at(3), &[(sq, mask[0]), (sk, mask[1])]));
+                    }
+                    spans.extend(walk(a.out, 4, at(4), &[(sq, k(a.out_row_stride)), (dv, 1)]));
+                }
+                Ok(spans)
+            }
+            _ => Ok(vec![]),
+        }
+    }
+
+    /// Whether every size of the kernel is known.
+    pub fn is_known(&self) -> bool {
+        match &self.kind {
+            KernelKind::Map(_) => self.runtime_dims().is_empty(),
+            KernelKind::Attention(a) => a.is_known(),
+            KernelKind::Reference { inputs, outputs, .. } => inputs.iter().chain(outputs).all(|(_, t)| t.is_known()),
+            _ => true,
         }
     }
 
@@ -518,12 +694,15 @@ impl Kernel {
                 match a.key_spans {
                     Some(_) => format!(
                         " ({:.0}% of the scores skipped)",
-                        100.0 * (1.0 - a.scores_computed() as f64 / (a.batches.len() * a.sq * a.sk).max(1) as f64)
+                        100.0
+                            * (1.0
+                                - a.scores_computed() as f64
+                                    / (a.batches.len() * a.sq * a.estimated_sk()).max(1) as f64)
                     ),
                     None => String::new(),
                 },
                 if a.nan_to_zero { ", NaN guard" } else { "" },
-                if a.out_row_stride != a.dv as isize { ", heads written interleaved" } else { "" }
+                if a.out_row_stride != a.dv { ", heads written interleaved" } else { "" }
             ),
             KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op.name().to_string(),
         }
@@ -563,9 +742,16 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
 pub struct Plan {
     pub buffers: Vec<Buffer>,
     pub kernels: Vec<Kernel>,
+    /// The arena's size at `capacity`.
     pub arena_bytes: usize,
     pub inputs: Vec<(BufferId, Type)>,
     pub outputs: Vec<(BufferId, Type)>,
+    /// The symbols the plan keeps, whose values each call gives (from its
+    /// inputs' shapes); empty for a bound plan.
+    pub symbols: Vec<String>,
+    /// The symbols' values the arena offsets are planned for
+    /// (`memory::plan_memory`).
+    pub capacity: Bindings,
 }
 
 impl Expr {
@@ -607,6 +793,12 @@ impl Expr {
 }
 
 impl Plan {
+    /// Whether no size in the plan depends on a symbol: what the GPU
+    /// backends and ahead-of-time code compile.
+    pub fn is_bound(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
     /// Per buffer, whether some kernel or graph output reads or writes it
     /// (a constant replaced by a repacked copy is not).
     pub fn used_buffers(&self) -> Vec<bool> {
@@ -643,7 +835,13 @@ impl Plan {
             let detail = k.detail();
             s.push_str(&format!("k{i} {} {detail}  # {}\n", k.kind_name(), k.label));
         }
-        s.push_str(&format!("arena {} bytes\n", self.arena_bytes));
+        match self.symbols.is_empty() {
+            true => s.push_str(&format!("arena {} bytes\n", self.arena_bytes)),
+            false => {
+                let at: Vec<String> = self.capacity.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                s.push_str(&format!("arena {} bytes at {}\n", self.arena_bytes, at.join(", ")));
+            }
+        }
         s
     }
 }

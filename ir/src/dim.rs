@@ -421,6 +421,68 @@ impl ExprParser<'_> {
     }
 }
 
+/// Arithmetic on the sizes of a graph that was checked: lowering computes
+/// strides, offsets and byte counts of types whose element counts are at
+/// most `MAX_ELEMENTS` at every value (and whose polynomials' coefficients
+/// are that small), so an overflow here is a pipeline bug, not bad input.
+macro_rules! size_arithmetic {
+    ($trait:ident, $method:ident, $checked:ident) => {
+        impl std::ops::$trait for Dim {
+            type Output = Dim;
+            fn $method(self, other: Dim) -> Dim {
+                self.$checked(other).unwrap_or_else(|_| panic!("size arithmetic {self} and {other} overflows"))
+            }
+        }
+        impl std::ops::$trait<isize> for Dim {
+            type Output = Dim;
+            fn $method(self, other: isize) -> Dim {
+                std::ops::$trait::$method(self, Dim::from(other))
+            }
+        }
+    };
+}
+size_arithmetic!(Add, add, checked_add);
+size_arithmetic!(Sub, sub, checked_sub);
+size_arithmetic!(Mul, mul, checked_mul);
+
+impl std::ops::AddAssign for Dim {
+    fn add_assign(&mut self, other: Dim) {
+        *self = *self + other;
+    }
+}
+
+impl std::ops::Neg for Dim {
+    type Output = Dim;
+    fn neg(self) -> Dim {
+        self.checked_neg().unwrap_or_else(|_| panic!("size arithmetic -({self}) overflows"))
+    }
+}
+
+impl std::iter::Sum for Dim {
+    fn sum<I: Iterator<Item = Dim>>(iter: I) -> Dim {
+        iter.fold(Dim::new(0), |a, b| a + b)
+    }
+}
+
+impl std::iter::Product for Dim {
+    fn product<I: Iterator<Item = Dim>>(iter: I) -> Dim {
+        iter.fold(Dim::new(1), |a, b| a * b)
+    }
+}
+
+impl From<isize> for Dim {
+    fn from(v: isize) -> Dim {
+        Dim::saturating(v as i64)
+    }
+}
+
+impl Dim {
+    /// The value at `values` (every symbol in it must have one).
+    pub fn at(self, values: &Bindings) -> Result<i64, String> {
+        self.eval(&|s| values.get(s).and_then(|&v| i64::try_from(v).ok()))
+    }
+}
+
 impl From<usize> for Dim {
     fn from(v: usize) -> Dim {
         Dim::new(v)

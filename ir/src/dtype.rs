@@ -132,6 +132,20 @@ impl Type {
         self.sizes().iter().product()
     }
 
+    /// The type with every symbol given its value from `values` (the
+    /// runtime's view of a symbolic program's types on one call).
+    pub fn at(&self, values: &crate::dim::Bindings) -> Result<Type, String> {
+        let shape = self
+            .shape
+            .iter()
+            .map(|d| {
+                let v = d.at(values)?;
+                usize::try_from(v).map(Dim::new).map_err(|_| format!("dim {d} is {v} in {self}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Type { dtype: self.dtype, shape })
+    }
+
     /// The shape with each symbol at its nominal value (`Dim::estimate`),
     /// for cost models.
     pub fn estimated_shape(&self) -> Vec<usize> {

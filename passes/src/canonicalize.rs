@@ -98,6 +98,12 @@ fn fold(g: &mut Graph, n: NodeId) -> Result<bool, IrError> {
     if node.outputs.iter().any(|&v| g.ty(v).checked_numel().is_none_or(|n| n > FOLD_LIMIT)) {
         return Ok(false);
     }
+    // A known result can still depend on a symbol (a slice of a constant
+    // table at a decoder's past length): it is computed when the symbol has
+    // a value, not here.
+    if node.op.dims().iter().any(|d| !d.is_known()) {
+        return Ok(false);
+    }
     let values = match &node.op {
         Op::Shape { start, end } => {
             // A symbolic dim folds once the graph is bound.

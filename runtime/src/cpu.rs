@@ -1,10 +1,19 @@
 //! The CPU executor: runs a Cranelift-compiled plan.
+//!
+//! A plan that keeps symbols (a decoder's past length) runs every value of
+//! them from the one compile: each call works the values out of its
+//! inputs' shapes, writes the symbolic sizes each map kernel reads into the
+//! argument slots after its operands, fills symbolic attention kernels'
+//! parameter blocks, gives reference ops their types, and lays the arena
+//! out again, larger, when the values pass the capacity it was laid out
+//! for. Nothing is compiled per call.
 
 use crate::{Executable, RunError};
 use egret_backends::cpu::kernels::pool::{self, Pool, Split};
+use egret_backends::cpu::library::{attention_params, attention_table};
 use egret_backends::cpu::{any_kernel_splits, parallel_extent, split_of, CompiledPlan};
-use egret_backends::plan::{BufferId, KernelKind, Storage};
-use egret_ir::{Tensor, Type};
+use egret_backends::plan::{BufferId, Kernel, KernelKind, Storage};
+use egret_ir::{Bindings, Dim, Op, Tensor, Type};
 
 /// A 64-byte-aligned byte buffer, so that every element type (and vector
 /// loads) sees natural alignment.
@@ -64,6 +73,26 @@ pub struct CpuExecutable {
     /// Per graph output, whether the kernels write it straight into the
     /// tensor returned (see `Plan::direct_output`).
     direct_outputs: Vec<bool>,
+    /// Per kernel, the symbolic sizes its code reads after its operands
+    /// (`Kernel::runtime_dims`).
+    runtime_dims: Vec<Vec<Dim>>,
+    /// Where the arena buffers are: the plan's layout, or (symbolic plans)
+    /// a larger one made when a call's values passed it.
+    layout: std::sync::RwLock<Layout>,
+}
+
+/// Arena offsets (by buffer) for symbol values up to `capacity`.
+struct Layout {
+    capacity: Bindings,
+    offsets: Vec<Option<usize>>,
+    arena_bytes: usize,
+}
+
+impl Layout {
+    /// Whether every value fits the capacity.
+    fn holds(&self, values: &Bindings) -> bool {
+        values.iter().all(|(k, v)| self.capacity.get(k).is_some_and(|c| v <= c))
+    }
 }
 
 impl CpuExecutable {
@@ -91,7 +120,19 @@ impl CpuExecutable {
             })
             .collect();
         let direct_outputs = (0..plan.outputs.len()).map(|i| plan.direct_output(i)).collect();
+        let runtime_dims = plan.kernels.iter().map(Kernel::runtime_dims).collect();
+        let offsets = plan
+            .buffers
+            .iter()
+            .map(|b| match b.storage {
+                Storage::Arena { offset } => Some(offset),
+                _ => None,
+            })
+            .collect();
+        let layout = Layout { capacity: plan.capacity.clone(), offsets, arena_bytes: plan.arena_bytes };
         CpuExecutable {
+            runtime_dims,
+            layout: std::sync::RwLock::new(layout),
             compiled,
             pool,
             splits,
@@ -112,6 +153,8 @@ struct Memory<'a> {
     inputs: &'a [AlignedBuf],
     constants: &'a [Option<AlignedBuf>],
     arena: *mut u8,
+    /// Arena offsets by buffer (`Layout::offsets`).
+    offsets: &'a [Option<usize>],
     /// Output buffers that live in the returned tensors' memory instead
     /// of the arena.
     outputs: &'a [(BufferId, *mut u8)],
@@ -126,7 +169,7 @@ impl Memory<'_> {
             Storage::Input(i) => self.inputs[*i].ptr(),
             Storage::Constant(_) => self.constants[b].as_ref().expect("constants are converted up front").ptr(),
             // Offsets come from the memory plan, inside the arena.
-            Storage::Arena { offset } => unsafe { self.arena.add(*offset) },
+            Storage::Arena { .. } => unsafe { self.arena.add(self.offsets[b].expect("arena buffers have offsets")) },
         }
     }
 
@@ -143,7 +186,7 @@ impl Executable for CpuExecutable {
     }
 
     fn arena_bytes(&self) -> Option<usize> {
-        Some(self.compiled.plan.arena_bytes)
+        Some(self.layout.read().map_or(self.compiled.plan.arena_bytes, |l| l.arena_bytes))
     }
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
@@ -161,12 +204,17 @@ impl CpuExecutable {
         times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
+        let values = self.values(&inputs)?;
+        let (offsets, arena_bytes) = self.layout_for(&values);
         let mut ws = self
             .workspaces
             .lock()
             .ok()
             .and_then(|mut w| w.pop())
-            .unwrap_or_else(|| Workspace { arena: AlignedBuf::zeroed(plan.arena_bytes), inputs: Vec::new() });
+            .unwrap_or_else(|| Workspace { arena: AlignedBuf::zeroed(arena_bytes), inputs: Vec::new() });
+        if ws.arena.len < arena_bytes {
+            ws.arena = AlignedBuf::zeroed(arena_bytes);
+        }
         ws.inputs.resize_with(inputs.len(), || AlignedBuf::zeroed(0));
         for (buf, t) in ws.inputs.iter_mut().zip(&inputs) {
             let len = t.numel() * t.dtype().size_bytes();
@@ -175,11 +223,83 @@ impl CpuExecutable {
             }
             t.write_bytes(buf.bytes_mut());
         }
-        let result = self.execute_in(plan, &ws.inputs, &ws.arena, times);
+        let run = Run { values: &values, offsets: &offsets };
+        let result = self.execute_in(plan, &ws.inputs, &ws.arena, &run, times);
         if let Ok(mut w) = self.workspaces.lock() {
             w.push(ws);
         }
         result
+    }
+
+    /// The plan's symbols' values for a call (none for a bound plan).
+    fn values(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
+        let plan = &self.compiled.plan;
+        if plan.symbols.is_empty() {
+            return Ok(Bindings::new());
+        }
+        let declared: Vec<(String, Type)> =
+            plan.inputs.iter().enumerate().map(|(i, (_, ty))| (format!("input {i}"), ty.clone())).collect();
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+        crate::solve_dims(&declared, &shapes)
+    }
+
+    /// The arena layout a call with `values` runs in: the current one if
+    /// they fit its capacity, else a new one for at least twice the old
+    /// capacity of each symbol that passed it (so a growing decoder lays
+    /// its arena out a few times, not at every token).
+    fn layout_for(&self, values: &Bindings) -> (Vec<Option<usize>>, usize) {
+        let read = |l: &Layout| (l.offsets.clone(), l.arena_bytes);
+        if let Ok(l) = self.layout.read() {
+            if l.holds(values) {
+                return read(&l);
+            }
+        }
+        let mut l = self.layout.write().unwrap_or_else(|p| p.into_inner());
+        if !l.holds(values) {
+            let mut capacity = l.capacity.clone();
+            for (k, &v) in values {
+                let c = capacity.entry(k.clone()).or_insert(0);
+                if v > *c {
+                    *c = v.max(2 * *c);
+                }
+            }
+            let (offsets, arena_bytes) = egret_backends::memory::layout_at(&self.compiled.plan, &capacity);
+            *l = Layout { capacity, offsets, arena_bytes };
+        }
+        read(&l)
+    }
+
+    /// Refuses a call whose values would take a symbolic kernel outside
+    /// one of its buffers (`Kernel::spans_at`), naming the node, the
+    /// values and the buffer.
+    fn check_spans(
+        &self,
+        plan: &egret_backends::Plan,
+        k: &Kernel,
+        run: &Run,
+        inputs: &[AlignedBuf],
+    ) -> Result<(), RunError> {
+        let shown = || run.values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
+        let spans = k.spans_at(run.values).map_err(RunError::Shape)?;
+        for (b, first, end) in spans {
+            let (what, size) = match &plan.buffers[b].storage {
+                Storage::Input(i) => (format!("input {i}"), inputs[*i].len),
+                Storage::Constant(t) => {
+                    (format!("a constant of {} elements", t.numel()), t.numel() * t.dtype().size_bytes())
+                }
+                Storage::Arena { .. } => {
+                    ("an intermediate value".to_string(), egret_backends::memory::bytes_at(plan, b, run.values))
+                }
+            };
+            if first < 0 || end as u64 > size as u64 {
+                return Err(RunError::Shape(format!(
+                    "node `{}` would read or write outside {what} at {}: the model does not allow these sizes",
+                    k.label,
+                    shown()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn execute_in(
@@ -187,8 +307,17 @@ impl CpuExecutable {
         plan: &egret_backends::Plan,
         inputs: &[AlignedBuf],
         arena: &AlignedBuf,
+        run: &Run,
         mut times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
+        let values = run.values;
+        let bound = |ty: &Type| -> Result<Type, RunError> {
+            if ty.is_known() {
+                return Ok(ty.clone());
+            }
+            ty.at(values).map_err(RunError::Shape)
+        };
+        let output_types = plan.outputs.iter().map(|(_, ty)| bound(ty)).collect::<Result<Vec<Type>, RunError>>()?;
         // The direct outputs' memory: allocated, not initialised, since the
         // run writes every element (`Plan::direct_output`).
         let mut direct: Vec<(usize, Vec<f32>)> = self
@@ -196,23 +325,49 @@ impl CpuExecutable {
             .iter()
             .enumerate()
             .filter(|(_, &d)| d)
-            .map(|(i, _)| (i, Vec::with_capacity(plan.outputs[i].1.numel())))
+            .map(|(i, _)| (i, Vec::with_capacity(output_types[i].numel())))
             .collect();
         let redirected: Vec<(BufferId, *mut u8)> =
             direct.iter_mut().map(|(i, v)| (plan.outputs[*i].0, v.as_mut_ptr() as *mut u8)).collect();
-        let mem = Memory { inputs, constants: &self.constants, arena: arena.ptr(), outputs: &redirected };
+        let mem = Memory {
+            inputs,
+            constants: &self.constants,
+            arena: arena.ptr(),
+            offsets: run.offsets,
+            outputs: &redirected,
+        };
         let mut args: Vec<*mut u8> = Vec::new();
+        let eval_error = |k: &Kernel, op: &Op, message: String| RunError::Eval {
+            node: k.label.clone(),
+            op: op.name().to_string(),
+            message,
+        };
         for (i, k) in plan.kernels.iter().enumerate() {
             let start = times.as_ref().map(|_| std::time::Instant::now());
             match (&k.kind, self.compiled.entries[i]) {
+                // The shape of a symbolic value: its type at this call's values.
+                (KernelKind::Reference { op: Op::Shape { start, end }, inputs, outputs }, _) => {
+                    let dims: Vec<i64> = bound(&inputs[0].1)?.sizes()[*start..*end].iter().map(|&d| d as i64).collect();
+                    let bytes = Tensor::from_vec(vec![dims.len()], dims).to_bytes();
+                    // The arena slot was planned for exactly this type.
+                    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(plan, outputs[0].0), bytes.len()) };
+                }
                 (KernelKind::Reference { op, inputs, outputs }, _) => {
-                    let ts: Vec<Tensor> = inputs.iter().map(|(b, ty)| mem.read(plan, *b, ty)).collect();
+                    let ts = inputs.iter().map(|(b, ty)| Ok(mem.read(plan, *b, &bound(ty)?))).collect::<Result<
+                        Vec<Tensor>,
+                        RunError,
+                    >>(
+                    )?;
                     let refs: Vec<&Tensor> = ts.iter().collect();
-                    let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
-                        node: k.label.clone(),
-                        op: op.name().to_string(),
-                        message,
-                    })?;
+                    let op = match op.dims().iter().all(|d| d.is_known()) {
+                        true => std::borrow::Cow::Borrowed(op),
+                        false => {
+                            let value = |s: &str| values.get(s).and_then(|&v| i64::try_from(v).ok());
+                            let op = op.map_dims(|d| d.substitute(&value).map_err(|e| e.to_string()));
+                            std::borrow::Cow::Owned(op.map_err(|m| eval_error(k, op_name(&k.kind), m))?)
+                        }
+                    };
+                    let outs = egret_ir::eval_op(&op, &refs).map_err(|m| eval_error(k, &op, m))?;
                     for ((b, _), t) in outputs.iter().zip(outs) {
                         let bytes = t.to_bytes();
                         // The arena slot was planned for exactly this type.
@@ -220,9 +375,25 @@ impl CpuExecutable {
                     }
                 }
                 (kind, Some(f)) => {
+                    if !k.is_known() {
+                        self.check_spans(plan, k, run, inputs)?;
+                    }
                     args.clear();
                     args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
-                    let extent = parallel_extent(kind) as i64;
+                    // A symbolic kernel's sizes for this call, after its operands.
+                    for d in &self.runtime_dims[i] {
+                        let v = d.at(values).map_err(RunError::Shape)?;
+                        args.push(v as usize as *mut u8);
+                    }
+                    let blocks;
+                    if let KernelKind::Attention(a) = kind {
+                        if !a.is_known() {
+                            let a = a.at(values).map_err(RunError::Shape)?;
+                            blocks = [attention_params(&a).to_bytes(), attention_table(&a)].map(words);
+                            args.extend(blocks.iter().map(|w| w.as_ptr() as *mut u8));
+                        }
+                    }
+                    let extent = parallel_extent(kind, values) as i64;
                     // The function was generated for exactly these operands.
                     let status = unsafe { pool::launch(f, args.as_ptr(), extent, self.splits[i]) };
                     if status != 0 {
@@ -244,17 +415,35 @@ impl CpuExecutable {
         }
         let mut results: Vec<Option<Tensor>> = plan.outputs.iter().map(|_| None).collect();
         // Later outputs may name a direct output's buffer: read them first.
-        for (i, (b, ty)) in plan.outputs.iter().enumerate() {
+        for (i, (b, _)) in plan.outputs.iter().enumerate() {
             if !self.direct_outputs[i] {
-                results[i] = Some(mem.read(plan, *b, ty));
+                results[i] = Some(mem.read(plan, *b, &output_types[i]));
             }
         }
         for (i, mut v) in direct {
-            let ty = &plan.outputs[i].1;
+            let ty = &output_types[i];
             // The run's kernels wrote all `numel` elements (`Plan::direct_output`).
             unsafe { v.set_len(ty.numel()) };
             results[i] = Some(Tensor::from_vec(ty.sizes(), v));
         }
         Ok(results.into_iter().map(|t| t.expect("every output is read or direct")).collect())
+    }
+}
+
+/// One call's symbol values and arena layout.
+struct Run<'a> {
+    values: &'a Bindings,
+    offsets: &'a [Option<usize>],
+}
+
+/// Bytes as 8-byte words, so the kernel library reads its blocks aligned.
+fn words(bytes: Vec<u8>) -> Vec<u64> {
+    bytes.chunks(8).map(|c| c.iter().rev().fold(0u64, |w, &b| (w << 8) | b as u64)).collect()
+}
+
+fn op_name(kind: &KernelKind) -> &Op {
+    match kind {
+        KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op,
+        _ => unreachable!("only reference kernels have an op"),
     }
 }

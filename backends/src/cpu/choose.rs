@@ -51,7 +51,10 @@ pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 pub fn choose(mut plan: Plan) -> Plan {
     for k in &mut plan.kernels {
         if let KernelKind::Reference { op, inputs, outputs } = &k.kind {
-            if super::loop_nest::supports(op, inputs, outputs) {
+            // Loop nests are generated for known sizes; a symbolic op stays
+            // with the reference evaluator, which the runtime gives the call's.
+            if k.is_known() && op.dims().iter().all(|d| d.is_known()) && super::loop_nest::supports(op, inputs, outputs)
+            {
                 k.kind = KernelKind::Loop { op: op.clone(), inputs: inputs.clone(), outputs: outputs.clone() };
             }
         }
@@ -100,7 +103,7 @@ pub fn choose(mut plan: Plan) -> Plan {
         if let Some(words) = packed {
             let t = Tensor::from_vec(vec![words.len()], words);
             plan.buffers.push(Buffer {
-                bytes: t.numel() * 4,
+                bytes: egret_ir::Dim::new(t.numel() * 4),
                 dtype: DType::F32,
                 storage: Storage::Constant(Arc::new(t)),
             });

@@ -3,25 +3,29 @@
 //! kernels, and how the scheduler may split each kernel. The library
 //! defines the layouts; this module is the only writer of them.
 
-use crate::plan::{AttentionKernel, Binary, Epilogue, Expr, KernelKind, RowKernel, RowOp, Unary};
+use crate::plan::{known, AttentionKernel, Binary, Epilogue, Expr, KernelKind, RowKernel, RowOp, Unary};
+use egret_ir::Dim;
 use egret_kernels::attention::AttentionParams;
 use egret_kernels::epilogue as program;
 use egret_kernels::pool::Split;
 use egret_kernels::rows::{RowParams, OP_LAYER_NORM, OP_RMS_NORM, OP_SOFTMAX};
 
 /// An attention kernel's parameter block.
+///
+/// `k` must be known (`AttentionKernel::at` gives a symbolic kernel's
+/// values for one call; the runtime builds its block per call then).
 pub fn attention_params(k: &AttentionKernel) -> AttentionParams {
-    let s = |st: [isize; 2]| st.map(|x| x as i64);
+    let s = |st: [Dim; 2]| st.map(|x| known(x) as i64);
     AttentionParams {
         sq: k.sq as i64,
-        sk: k.sk as i64,
+        sk: known(k.sk) as i64,
         d: k.d as i64,
         dv: k.dv as i64,
         block: k.block as i64,
         key_block: k.key_block as i64,
         has_mask: k.mask.is_some() as i64,
         nan_to_zero: k.nan_to_zero as i64,
-        out_rs: k.out_row_stride as i64,
+        out_rs: known(k.out_row_stride) as i64,
         batches: k.batches.len() as i64,
         has_spans: k.key_spans.is_some() as i64,
         q_strides: s(k.q_strides),
@@ -31,6 +35,15 @@ pub fn attention_params(k: &AttentionKernel) -> AttentionParams {
         scale: k.scale as f64,
         softcap: k.softcap.unwrap_or(0.0) as f64,
     }
+}
+
+/// An attention kernel's table: its per-batch offsets, then its key spans
+/// if it has them, as the library reads them (i64 each). `k` must be known,
+/// as for `attention_params`.
+pub fn attention_table(k: &AttentionKernel) -> Vec<u8> {
+    let offsets = k.batches.iter().flatten().map(|&d| known(d) as i64);
+    let spans = k.key_spans.iter().flatten().flatten().map(|&x| x as i64);
+    offsets.chain(spans).flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// A row kernel's parameter block, if the library has its op.
@@ -177,13 +190,15 @@ pub fn any_kernel_splits(plan: &crate::plan::Plan) -> bool {
 
 fn work(kind: &KernelKind) -> usize {
     match kind {
-        KernelKind::Map(m) => m.shape.iter().product(),
+        // Symbolic sizes at their nominal values: whether to split is
+        // decided once per compile.
+        KernelKind::Map(m) => m.shape.iter().map(|d| d.estimate()).product(),
         KernelKind::Rows(r) => r.rows * r.len,
         KernelKind::MatMul(mm) => mm.m * mm.n * mm.k * mm.batches.len(),
         KernelKind::Gather(k) => k.outer * k.n_indices * k.inner,
         // Every score, skipped or not: an upper bound that needs no walk over
         // the key spans on every run.
-        KernelKind::Attention(a) => a.batches.len() * a.sq * a.sk * (a.d + a.dv),
+        KernelKind::Attention(a) => a.batches.len() * a.sq * a.sk.estimate() * (a.d + a.dv),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
     }
 }

@@ -5,6 +5,12 @@
 //! The innermost loop runs four lanes at a time (f32x4) when every operand is
 //! f32, unit-stride or broadcast there, and the expression has a vector form;
 //! a scalar loop finishes the remainder.
+//!
+//! Extents, strides and offsets that depend on a symbol (`Kernel::runtime_dims`)
+//! are loaded once on entry from the argument slots after the operands'
+//! addresses, where the runtime writes their values for the call; every
+//! loop already runs to an end held in a register, so only the stride
+//! steps differ (an add of a register instead of an immediate).
 
 use super::loops::{counted_dyn, while_fits};
 use super::runtime_fns::FuncRefs;
@@ -13,7 +19,7 @@ use crate::plan::{Binary, Compare, Expr, Logic, MapKernel, Unary};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
-use egret_ir::DType;
+use egret_ir::{DType, Dim};
 
 const LANES: i64 = 4;
 
@@ -26,32 +32,94 @@ fn elem_type(d: DType) -> Type {
     }
 }
 
+/// A size the code uses: an immediate, or a register holding a symbolic
+/// size's value for this call.
+#[derive(Clone, Copy)]
+enum Size {
+    Imm(i64),
+    Reg(Value),
+}
+
+impl Size {
+    /// `self * by` (bytes from elements, steps of several lanes).
+    fn times(self, b: &mut FunctionBuilder, by: i64) -> Size {
+        match self {
+            Size::Imm(x) => Size::Imm(x * by),
+            Size::Reg(v) if by == 1 => Size::Reg(v),
+            Size::Reg(v) => Size::Reg(b.ins().imul_imm_s(v, by)),
+        }
+    }
+
+    fn value(self, b: &mut FunctionBuilder) -> Value {
+        match self {
+            Size::Imm(x) => b.ins().iconst(types::I64, x),
+            Size::Reg(v) => v,
+        }
+    }
+
+    /// `addr + self`.
+    fn add_to(self, b: &mut FunctionBuilder, addr: Value) -> Value {
+        match self {
+            Size::Imm(0) => addr,
+            Size::Imm(x) => b.ins().iadd_imm_s(addr, x),
+            Size::Reg(v) => b.ins().iadd(addr, v),
+        }
+    }
+}
+
 struct Ctx<'a> {
     m: &'a MapKernel,
     fns: &'a FuncRefs,
-    /// Per operand (inputs, then the output): element size in bytes.
-    sizes: Vec<i64>,
+    /// The iteration space's extents.
+    shape: Vec<Size>,
+    /// Per operand (inputs, then the output), per dim: the stride in bytes.
+    strides: Vec<Vec<Size>>,
+    /// The innermost strides times `LANES`: one vector step (computed on
+    /// entry, not in the loop, when a stride is symbolic).
+    lane_strides: Vec<Size>,
 }
 
 /// Emits the kernel for iterations `begin..end` of dim 0 (the whole kernel
-/// for a rank-0 iteration space, where the range is `0..1`).
-pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Value), m: &MapKernel, fns: &FuncRefs) {
+/// for a rank-0 iteration space, where the range is `0..1`). `runtime_dims`
+/// are the kernel's symbolic sizes in slot order (`Kernel::runtime_dims`).
+pub fn emit(
+    b: &mut FunctionBuilder,
+    ptr: Type,
+    args: Value,
+    range: (Value, Value),
+    m: &MapKernel,
+    fns: &FuncRefs,
+    runtime_dims: &[Dim],
+) {
     let operands: Vec<_> = m.inputs.iter().chain([&m.output]).collect();
-    let sizes: Vec<i64> = operands.iter().map(|o| o.dtype.size_bytes() as i64).collect();
+    let elem: Vec<i64> = operands.iter().map(|o| o.dtype.size_bytes() as i64).collect();
     let flags = MemFlagsData::new().with_notrap();
+    // The symbols' values for this call, loaded once.
+    let loaded: Vec<Value> = (0..runtime_dims.len())
+        .map(|slot| b.ins().load(types::I64, flags, args, (8 * (operands.len() + slot)) as i32))
+        .collect();
+    let size = |d: Dim| match d.known() {
+        Some(v) => Size::Imm(v),
+        None => Size::Reg(loaded[runtime_dims.iter().position(|&r| r == d).expect("a runtime dim of the kernel")]),
+    };
+    let shape: Vec<Size> = m.shape.iter().map(|&d| size(d)).collect();
+    let strides: Vec<Vec<Size>> = operands
+        .iter()
+        .enumerate()
+        .map(|(k, o)| o.strides.iter().map(|&st| size(st).times(b, elem[k])).collect())
+        .collect();
     let bases: Vec<Value> = operands
         .iter()
         .enumerate()
         .map(|(k, o)| {
             let base = b.ins().load(ptr, flags, args, (k * 8) as i32);
-            if o.offset != 0 {
-                b.ins().iadd_imm_s(base, o.offset as i64 * sizes[k])
-            } else {
-                base
-            }
+            size(o.offset).times(b, elem[k]).add_to(b, base)
         })
         .collect();
-    let cx = Ctx { m, fns, sizes };
+    let last = m.shape.len().saturating_sub(1);
+    let lane_strides: Vec<Size> =
+        strides.iter().map(|st| st.get(last).map_or(Size::Imm(0), |&s| s.times(b, LANES))).collect();
+    let cx = Ctx { m, fns, shape, strides, lane_strides };
     if m.shape.is_empty() {
         cx.scalar_step(b, &bases);
         return;
@@ -60,13 +128,16 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
     let bases: Vec<Value> = bases
         .iter()
         .enumerate()
-        .map(|(k, &a)| {
-            let step = cx.stride_bytes(k, 0);
-            if step == 0 {
-                return a;
+        .map(|(k, &a)| match cx.strides[k][0] {
+            Size::Imm(0) => a,
+            Size::Imm(step) => {
+                let off = b.ins().imul_imm_s(range.0, step);
+                b.ins().iadd(a, off)
             }
-            let off = b.ins().imul_imm_s(range.0, step);
-            b.ins().iadd(a, off)
+            Size::Reg(step) => {
+                let off = b.ins().imul(range.0, step);
+                b.ins().iadd(a, off)
+            }
         })
         .collect();
     cx.level(b, 0, bases, Some(range));
@@ -75,11 +146,6 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
 impl Ctx<'_> {
     fn rank(&self) -> usize {
         self.m.shape.len()
-    }
-
-    fn stride_bytes(&self, k: usize, d: usize) -> i64 {
-        let o = if k < self.m.inputs.len() { &self.m.inputs[k] } else { &self.m.output };
-        o.strides[d] as i64 * self.sizes[k]
     }
 
     fn n_operands(&self) -> usize {
@@ -92,7 +158,7 @@ impl Ctx<'_> {
     fn level(&self, b: &mut FunctionBuilder, d: usize, addrs: Vec<Value>, range: Option<(Value, Value)>) {
         let (start, end) = match range {
             Some(r) => r,
-            None => (b.ins().iconst(types::I64, 0), b.ins().iconst(types::I64, self.m.shape[d] as i64)),
+            None => (b.ins().iconst(types::I64, 0), self.shape[d].value(b)),
         };
         if d + 1 == self.rank() {
             let (i, addrs) = if self.vectorizable() {
@@ -121,12 +187,12 @@ impl Ctx<'_> {
             .iter()
             .enumerate()
             .map(|(k, &a)| {
-                let step = self.stride_bytes(k, d) * lanes;
-                if step == 0 {
-                    a
-                } else {
-                    b.ins().iadd_imm_s(a, step)
-                }
+                let step = match lanes {
+                    1 => self.strides[k][d],
+                    LANES if d + 1 == self.rank() => self.lane_strides[k],
+                    _ => self.strides[k][d].times(b, lanes),
+                };
+                step.add_to(b, a)
             })
             .collect()
     }
@@ -134,8 +200,12 @@ impl Ctx<'_> {
     fn vectorizable(&self) -> bool {
         let d = self.rank() - 1;
         // With a parallel split, dim 0 may be cut short: no length check there.
-        (d == 0 || self.m.shape[d] as i64 >= LANES)
-            && self.m.inputs.iter().all(|o| o.dtype == DType::F32 && matches!(o.strides[d], 0 | 1))
+        // A symbolic extent is taken to be long (the scalar loop finishes
+        // whatever the vector steps leave).
+        let long = |s: Size| !matches!(s, Size::Imm(n) if n < LANES);
+        let unit_or_broadcast = |s: Dim| s == 0 || s == 1;
+        (d == 0 || long(self.shape[d]))
+            && self.m.inputs.iter().all(|o| o.dtype == DType::F32 && unit_or_broadcast(o.strides[d]))
             && self.m.output.dtype == DType::F32
             && self.m.output.strides[d] == 1
             && vector_safe(&self.m.expr)

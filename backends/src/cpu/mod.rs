@@ -44,9 +44,12 @@ pub use library::{any_kernel_splits, split_of};
 
 /// The length of the dimension a kernel's work is split along across
 /// threads: dim 0 of a map, the rows of a row kernel, the batches of a matmul.
-pub fn parallel_extent(k: &KernelKind) -> usize {
+/// `values` gives the plan's symbols (a map's dim 0 may be one).
+pub fn parallel_extent(k: &KernelKind, values: &egret_ir::Bindings) -> usize {
     match k {
-        KernelKind::Map(m) => m.shape.first().copied().unwrap_or(1),
+        KernelKind::Map(m) => {
+            m.shape.first().map_or(1, |d| d.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0))
+        }
         KernelKind::Rows(r) => r.rows,
         KernelKind::MatMul(mm) => mm.batches.len(),
         KernelKind::Gather(k) => k.outer,
@@ -386,7 +389,7 @@ fn define_kernels_except<M: Module>(
             let range = (b.block_params(entry)[1], b.block_params(entry)[2]);
             let fns = imports.in_func(module, b.func);
             match &k.kind {
-                KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns),
+                KernelKind::Map(m) => map::emit(&mut b, ptr, args, range, m, &fns, &k.runtime_dims()),
                 KernelKind::Rows(r) => match (library::row_params(r), fns.rows) {
                     // Norms and softmax run at full vector width where the kernel library links.
                     (Some(params), Some(f)) => {
@@ -401,18 +404,22 @@ fn define_kernels_except<M: Module>(
                 KernelKind::Loop { op, inputs, outputs } => {
                     loop_nest::emit(&mut b, ptr, args, op, inputs, outputs, frontend_config)
                 }
-                KernelKind::Attention(a) => {
-                    let spans = a.key_spans.iter().flatten().flatten().map(|&k| k as isize);
-                    let table = batch_table(
-                        module,
-                        &format!("egret_k{i}_batches"),
-                        a.batches.iter().flatten().copied().chain(spans),
-                        b.func,
-                    )
-                    .map_err(err)?;
+                KernelKind::Attention(a) if a.is_known() => {
+                    let table = library::attention_table(a);
+                    let table = data_object(module, &format!("egret_k{i}_batches"), table, b.func).map_err(err)?;
                     let params = library::attention_params(a).to_bytes();
                     let params = data_object(module, &format!("egret_k{i}_params"), params, b.func).map_err(err)?;
-                    attention::emit(&mut b, ptr, args, range, params, table, &fns);
+                    let (params, table) = (b.ins().symbol_value(ptr, params), b.ins().symbol_value(ptr, table));
+                    attention::emit(&mut b, args, range, params, table, &fns);
+                }
+                // Symbolic sizes: the runtime fills the parameter block and
+                // the table for each call and passes them after the operands.
+                KernelKind::Attention(_) => {
+                    let operands = k.buffers().0.len() + 1;
+                    let flags = MemFlagsData::new().with_notrap();
+                    let params = b.ins().load(ptr, flags, args, (8 * operands) as i32);
+                    let table = b.ins().load(ptr, flags, args, (8 * operands + 8) as i32);
+                    attention::emit(&mut b, args, range, params, table, &fns);
                 }
                 KernelKind::MatMul(mm) => {
                     let table = batch_table(

@@ -41,6 +41,13 @@ pub struct ObjectCode {
 
 /// Compiles `plan` for `cpu` into an object whose driver is `{prefix}_run_plan`.
 pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<ObjectCode, CodegenError> {
+    if !plan.is_bound() {
+        return Err(CodegenError::Isa(format!(
+            "the plan keeps symbolic dims ({}); artifacts are compiled for their values {}",
+            plan.symbols.join(", "),
+            egret_ir::BIND_DIMS_HINT
+        )));
+    }
     let plan = super::choose::choose(plan.clone());
     for (i, k) in plan.kernels.iter().enumerate() {
         if let KernelKind::Reference { op, .. } = &k.kind {
@@ -127,7 +134,7 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
             }
             let args = b.ins().stack_addr(ptr, slot, 0);
             let kernel = b.ins().func_addr(ptr, callee);
-            let extent = b.ins().iconst(types::I64, parallel_extent(&k.kind) as i64);
+            let extent = b.ins().iconst(types::I64, parallel_extent(&k.kind, &Default::default()) as i64);
             let split = b.ins().iconst(types::I64, split_of(&k.kind) as i64);
             let call = b.ins().call(launch, &[kernel, args, extent, split]);
             let status = b.inst_results(call)[0];

@@ -8,7 +8,7 @@
 use super::builder::Builder;
 use super::form::{Kernel, Local, Space, Ty, Var, E};
 use super::Place;
-use crate::plan::{AttentionKernel, BufferId};
+use crate::plan::{known, known_size, AttentionKernel, BufferId};
 
 pub const ROWS: usize = 64;
 
@@ -75,20 +75,22 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
     let sq = b.param(k.sq as i64);
     let blocks_p = b.param(blocks as i64);
     let batches = b.param(k.batches.len() as i64);
-    let [q_rs, q_cs] = k.q_strides.map(|s| b.param(s as i64));
-    let [k_rs, k_cs] = k.kt_strides.map(|s| b.param(s as i64));
-    let [v_rs, v_cs] = k.v_strides.map(|s| b.param(s as i64));
-    let [m_rs, m_cs] = k.mask_strides.map(|s| b.param(s as i64));
-    let out_rs = b.param(k.out_row_stride as i64);
+    // GPU plans are bound (`compile` checks): every size is known.
+    let sk = known_size(k.sk);
+    let [q_rs, q_cs] = k.q_strides.map(|s| b.param(known(s) as i64));
+    let [k_rs, k_cs] = k.kt_strides.map(|s| b.param(known(s) as i64));
+    let [v_rs, v_cs] = k.v_strides.map(|s| b.param(known(s) as i64));
+    let [m_rs, m_cs] = k.mask_strides.map(|s| b.param(known(s) as i64));
+    let out_rs = b.param(known(k.out_row_stride) as i64);
     let scale = b.param(k.scale.to_bits() as i32 as i64).bits(Ty::F32);
     let words = |p: Option<Place>| p.map_or(0, |p| p.word as i64);
     let table = b.param_table(k.batches.iter().flat_map(|o| {
         [
-            pq.word as i64 + o[0] as i64,
-            pk.word as i64 + o[1] as i64,
-            pv.word as i64 + o[2] as i64,
-            words(pm) + o[3] as i64,
-            po.word as i64 + o[4] as i64,
+            pq.word as i64 + known(o[0]) as i64,
+            pk.word as i64 + known(o[1]) as i64,
+            pv.word as i64 + known(o[2]) as i64,
+            words(pm) + known(o[3]) as i64,
+            po.word as i64 + known(o[4]) as i64,
         ]
     }));
     // Keys each task visits: with a constant mask, the hull of the spans of
@@ -97,12 +99,12 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
     let spans = b.param_table((0..k.batches.len() * blocks).flat_map(|task| {
         let (batch, block) = (task / blocks, task % blocks);
         let (first, end) = match &k.key_spans {
-            None => (0, k.sk),
+            None => (0, sk),
             Some(spans) => {
                 let rows = block * ROWS..((block + 1) * ROWS).min(k.sq);
                 let per = k.blocks_per_batch();
                 let plan_blocks = rows.start / k.block..rows.end.div_ceil(k.block);
-                plan_blocks.map(|pb| spans[batch * per + pb]).fold((k.sk, 0), |(f, e), [a, z]| (f.min(a), e.max(z)))
+                plan_blocks.map(|pb| spans[batch * per + pb]).fold((sk, 0), |(f, e), [a, z]| (f.min(a), e.max(z)))
             }
         };
         let first = first.min(end);

@@ -28,9 +28,9 @@ pub fn map(k: &MapKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, 
         .inputs
         .iter()
         .chain(std::iter::once(&k.output))
-        .map(|o| (at(o.buffer).word as i64 + o.offset as i64, o.strides.clone()))
+        .map(|o| (at(o.buffer).word as i64 + o.known_offset() as i64, o.known_strides()))
         .collect();
-    let groups = elementwise(&mut b, &k.shape, &operands, |b, address| {
+    let groups = elementwise(&mut b, &k.sizes(), &operands, |b, address| {
         let inputs: Vec<E> =
             k.inputs.iter().zip(address).map(|(o, a)| b.let_(read_operand(o, at(o.buffer).space, a.clone()))).collect();
         let value = b.expr(&k.expr, &|i| inputs[i].clone());

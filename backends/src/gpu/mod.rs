@@ -21,7 +21,7 @@ pub mod ptx;
 pub mod rows;
 pub mod wgsl;
 
-use crate::plan::{BufferId, KernelKind, Plan, Storage};
+use crate::plan::{known_size, BufferId, KernelKind, Plan, Storage};
 use egret_ir::{DType, Op, Tensor, Type};
 use form::{Kernel, Space};
 use std::collections::HashMap;
@@ -34,6 +34,8 @@ pub enum GpuError {
     IntRange { what: String, value: i64 },
     #[error("kernel `{kernel}` ({label}) binds {bindings} storage buffers, more than the adapter's {limit}")]
     TooManyBindings { kernel: String, label: String, bindings: usize, limit: u32 },
+    #[error("the plan keeps symbolic dims ({symbols}); GPU programs are compiled for their values")]
+    Symbolic { symbols: String },
     #[error("the arena needs {bytes} bytes, more than one storage binding ({limit} bytes) on this adapter")]
     ArenaTooLarge { bytes: usize, limit: usize },
     #[error("kernel `{kernel}` ({label}): its WGSL fails validation ({message}); this is a compiler bug, the shader is saved at {path}")]
@@ -146,7 +148,7 @@ pub fn tensor_of_words(ty: &Type, words: &[u32]) -> Tensor {
 /// Words a buffer of the plan takes on the device: one per element.
 fn buffer_words(plan: &Plan, b: BufferId) -> usize {
     let buf = &plan.buffers[b];
-    buf.bytes / buf.dtype.size_bytes()
+    known_size(buf.bytes) / buf.dtype.size_bytes()
 }
 
 /// The GPU's choice of weight layout: a product's constant `b` that is
@@ -174,7 +176,7 @@ fn lay_out_weights(plan: &Plan) -> Plan {
         }
         let t = Tensor::from_vec(vec![k, n], dense);
         plan.buffers.push(crate::plan::Buffer {
-            bytes: k * n * 4,
+            bytes: egret_ir::Dim::new(k * n * 4),
             dtype: DType::F32,
             storage: Storage::Constant(std::sync::Arc::new(t)),
         });
@@ -195,6 +197,12 @@ fn lay_out_weights(plan: &Plan) -> Plan {
 /// With `precision` tf32 or bf16, products run on tensor cores (PTX only);
 /// attention keeps f32.
 pub fn compile(plan: &Plan, limits: Limits, precision: form::Precision) -> Result<GpuPlan, GpuError> {
+    // Symbolic sizes would be parameters like the others, but the GPU's
+    // memory layout and dispatch counts are planned at compile time still:
+    // the runtime binds a model's symbols before compiling for a GPU.
+    if !plan.is_bound() {
+        return Err(GpuError::Symbolic { symbols: plan.symbols.join(", ") });
+    }
     let plan = &lay_out_weights(plan);
     // Every value is one 32-bit word on the device: f64 has no place there.
     let wide = |b: &BufferId| plan.buffers[*b].dtype == DType::F64;
