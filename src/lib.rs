@@ -106,7 +106,15 @@ pub struct CompileOptions {
     /// How many programs a model with symbolic dims keeps compiled, one per
     /// binding of them (see `specialize::Specializing`).
     pub max_specializations: usize,
+    /// Bounds of dims kept symbolic (`--dim name=LO..HI`): a call outside
+    /// them is refused, and the CPU's arena is laid out for the highest
+    /// values at once. A symbol without bounds takes any value; its arena
+    /// is laid out for `egret_ir::NOMINAL_SYMBOL_VALUE` and grows (without
+    /// compiling) when a call needs more.
+    pub dim_bounds: DimBounds,
 }
+
+pub use egret_runtime::DimBounds;
 
 impl Default for CompileOptions {
     fn default() -> Self {
@@ -122,6 +130,7 @@ impl Default for CompileOptions {
             target_cpu: Default::default(),
             keep_symbolic: false,
             max_specializations: specialize::MAX_SPECIALIZATIONS,
+            dim_bounds: DimBounds::new(),
         }
     }
 }
@@ -343,7 +352,9 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
     for (name, ty) in &inputs {
         graph.add_input(name, ty.clone());
     }
-    let signature = egret_runtime::Signature { inputs: inputs.clone(), outputs, specialized: vec![] };
+    let symbols: Vec<String> = inputs.iter().flat_map(|(_, t)| egret_ir::shape_symbols(&t.shape)).collect();
+    check_bounds(opts, &symbols)?;
+    let signature = egret_runtime::Signature { inputs: inputs.clone(), outputs, specialized: vec![], bounds: opts.dim_bounds.clone() };
     let executable = Box::new(specialize::Specializing::from_file(file, inputs, opts.clone()));
     Ok(Model {
         program: Program { signature, executable },
@@ -353,6 +364,22 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
         times: StageTimes { backend_ms: ms(t), ..Default::default() },
         opset: 0,
     })
+}
+
+/// Bounds must name dims the model keeps symbolic.
+fn check_bounds(opts: &CompileOptions, symbols: &[String]) -> Result<(), Error> {
+    for name in opts.dim_bounds.keys() {
+        if opts.dims.contains_key(name) {
+            return Err(Error::Usage(format!("--dim {name} is given both a value and bounds")));
+        }
+        if !symbols.contains(name) {
+            let known = if symbols.is_empty() { "none".to_string() } else { symbols.join(", ") };
+            return Err(Error::Usage(format!(
+                "--dim {name}=LO..HI: the model keeps no symbolic dim `{name}` (its symbolic dims: {known})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The backend's executable for a graph (bound, except for the reference
@@ -370,7 +397,17 @@ pub fn backend_executable_with(
     Ok(match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
-            let plan = egret_backends::lower(graph, lower_options(opts))?;
+            let mut plan = egret_backends::lower(graph, lower_options(opts))?;
+            // Symbols kept with declared bounds: the arena for the highest
+            // values at once, so no call lays it out again.
+            if plan.symbols.iter().any(|s| opts.dim_bounds.contains_key(s)) {
+                for (name, &(_, hi)) in &opts.dim_bounds {
+                    if let Some(c) = plan.capacity.get_mut(name) {
+                        *c = hi;
+                    }
+                }
+                egret_backends::memory::plan_memory(&mut plan);
+            }
             let compiled =
                 egret_backends::cpu::compile_cached(plan, true, cache).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);
@@ -393,7 +430,8 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
         Err(e) => return Err(e),
     };
     let t = Instant::now();
-    let signature = egret_runtime::Signature::of(&c.graph, c.specialized);
+    check_bounds(opts, &c.graph.symbols())?;
+    let signature = egret_runtime::Signature::of(&c.graph, c.specialized).with_bounds(opts.dim_bounds.clone());
     if opts.precision != egret_backends::gpu::form::Precision::F32
         && !matches!(opts.backend, Backend::Ptx | Backend::Wgsl)
     {

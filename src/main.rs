@@ -43,8 +43,9 @@ impl From<BackendArg> for Backend {
 struct ModelArgs {
     /// The ONNX model: a file, or a folder holding `model.onnx`.
     model: PathBuf,
-    /// Bind a symbolic dimension: --dim batch=1 (repeatable).
-    #[arg(long = "dim", value_name = "NAME=VALUE")]
+    /// Bind a symbolic dimension: --dim batch=1; or keep it symbolic within
+    /// bounds: --dim past_sequence=0..1024 (repeatable).
+    #[arg(long = "dim", value_name = "NAME=VALUE|NAME=LO..HI")]
     dims: Vec<String>,
     /// Optimisation level: 0 = one kernel per op, 1 = fuse elementwise chains, 2 = also the e-graph.
     #[arg(long = "opt", default_value_t = egret::MAX_OPT_LEVEL, value_parser = clap::value_parser!(u8).range(0..=egret::MAX_OPT_LEVEL as i64))]
@@ -254,11 +255,28 @@ enum Command {
     Ops,
 }
 
+/// The `--dim NAME=N` values (`NAME=LO..HI` bounds are `parse_bounds`').
 fn parse_dims(dims: &[String]) -> Result<HashMap<String, usize>> {
     dims.iter()
+        .filter(|d| !d.contains(".."))
         .map(|d| {
-            let (k, v) = d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=VALUE"))?;
+            let (k, v) = d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=VALUE or NAME=LO..HI"))?;
             Ok((k.to_string(), v.parse().with_context(|| format!("--dim `{d}`: `{v}` is not a size"))?))
+        })
+        .collect()
+}
+
+/// The `--dim NAME=LO..HI` bounds of symbols kept symbolic.
+fn parse_bounds(dims: &[String]) -> Result<egret::DimBounds> {
+    dims.iter()
+        .filter(|d| d.contains(".."))
+        .map(|d| {
+            let (k, v) = d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=LO..HI"))?;
+            let (lo, hi) = v.split_once("..").expect("filtered on `..`");
+            let size = |x: &str| x.parse::<usize>().with_context(|| format!("--dim `{d}`: `{x}` is not a size"));
+            let (lo, hi) = (size(lo)?, size(hi)?);
+            anyhow::ensure!(lo <= hi, "--dim `{d}`: the lower bound is above the upper");
+            Ok((k.to_string(), (lo, hi)))
         })
         .collect()
 }
@@ -293,6 +311,7 @@ fn run_cli() -> Result<()> {
         Command::Ir { model, full } => {
             let opts = CompileOptions {
                 dims: parse_dims(&model.dims)?,
+                dim_bounds: parse_bounds(&model.dims)?,
                 opt_level: model.opt,
                 matmul: model.matmul.choice(),
                 ..Default::default()
@@ -322,6 +341,7 @@ fn run_cli() -> Result<()> {
                 EmitArg::Wgsl | EmitArg::Ptx => {
                     let opts = CompileOptions {
                         dims: parse_dims(&model.dims)?,
+                        dim_bounds: parse_bounds(&model.dims)?,
                         opt_level: model.opt,
                         precision: model.precision.into(),
                         ..Default::default()
@@ -341,6 +361,7 @@ fn run_cli() -> Result<()> {
             };
             let opts = CompileOptions {
                 dims: parse_dims(&model.dims)?,
+                dim_bounds: parse_bounds(&model.dims)?,
                 opt_level: model.opt,
                 matmul: model.matmul.choice(),
                 target_cpu: egret::backends::cpu::TargetCpu::parse(&target_cpu).expect("clap checked the name"),
@@ -382,6 +403,7 @@ fn compile_with_inputs(
     let opts = CompileOptions {
         backend,
         dims: parse_dims(&model.dims)?,
+        dim_bounds: parse_bounds(&model.dims)?,
         input_shapes: given.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
         input_values: given.iter().cloned().collect(),
         threads,
@@ -600,6 +622,7 @@ fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Res
 fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     let opts = CompileOptions {
         dims: parse_dims(&model.dims)?,
+        dim_bounds: parse_bounds(&model.dims)?,
         opt_level: model.opt,
         matmul: model.matmul.choice(),
         precision: model.precision.into(),
@@ -778,7 +801,12 @@ fn run_compare(args: BenchArgs) -> Result<()> {
 }
 
 fn draw(model: &ModelArgs, format: GraphFormat, out: Option<PathBuf>) -> Result<()> {
-    let opts = CompileOptions { dims: parse_dims(&model.dims)?, opt_level: model.opt, ..Default::default() };
+    let opts = CompileOptions {
+        dims: parse_dims(&model.dims)?,
+        dim_bounds: parse_bounds(&model.dims)?,
+        opt_level: model.opt,
+        ..Default::default()
+    };
     let c = egret::canonical(&model.model, &opts)?;
     let dot = egret::ir::to_dot(&c.graph, &format!("{} (--opt {})", model.model.display(), model.opt));
     let bytes = match format {

@@ -130,7 +130,7 @@ impl Specializing {
             Source::File(path) => {
                 let mut dims = self.opts.dims.clone();
                 dims.extend(values.iter().map(|(k, &v)| (k.clone(), v)));
-                let opts = CompileOptions { dims, ..self.opts.clone() };
+                let opts = CompileOptions { dims, dim_bounds: Default::default(), ..self.opts.clone() };
                 Ok((crate::compile(path, &opts)?.program.executable, values.clone()))
             }
         }

@@ -274,3 +274,29 @@ output \"y\" = v2
     let err = exe.run(vec![Tensor::zeros(egret::ir::DType::F32, [8]), table]).unwrap_err().to_string();
     assert!(err.contains("`y`") && err.contains("n=8") && err.contains("outside input 1"), "{err}");
 }
+
+/// `--dim past_sequence=LO..HI`: calls inside the bounds run from the one
+/// compile; one outside is an
+/// error naming the dim and its bounds; bounds on a dim the model does not
+/// keep symbolic are a usage error.
+#[test]
+fn declared_bounds_refuse_values_outside_them() {
+    let case = common::synthetic_dir().join("gpt2_kv");
+    let bounds: egret::DimBounds = [("past_sequence".to_string(), (0, 8))].into();
+    let cpu = compile(&case, &CompileOptions { threads: Some(1), dim_bounds: bounds.clone(), ..Default::default() })
+        .unwrap();
+    let step = |past: usize| {
+        let dims = [("batch", 1), ("sequence", 1), ("past_sequence", past)].map(|(n, v)| (n.to_string(), v)).into();
+        let opts = CompileOptions { backend: Backend::Reference, dims, ..Default::default() };
+        egret::io::random_inputs(&compile(&case, &opts).unwrap().graph, past as u64).unwrap()
+    };
+    for past in [0, 8] {
+        cpu.run(step(past)).unwrap();
+    }
+    let err = cpu.run(step(9)).unwrap_err().to_string();
+    assert!(err.contains("past_sequence") && err.contains("9") && err.contains("0..8"), "{err}");
+
+    let wrong: egret::DimBounds = [("tokens".to_string(), (1, 4))].into();
+    let err = compile(&case, &CompileOptions { dim_bounds: wrong, ..Default::default() }).err().unwrap().to_string();
+    assert!(err.contains("no symbolic dim `tokens`") && err.contains("past_sequence"), "{err}");
+}

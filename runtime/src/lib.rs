@@ -87,7 +87,13 @@ pub struct Signature {
     pub outputs: Vec<(String, Type)>,
     /// Inputs the graph was specialised on: each call must pass this value.
     pub specialized: Vec<(String, Tensor)>,
+    /// Declared bounds of symbolic dims (`--dim name=LO..HI`): a call whose
+    /// shapes give one a value outside them is refused.
+    pub bounds: DimBounds,
 }
+
+/// Bounds of symbolic dims, by name: `(lowest, highest)`, both allowed.
+pub type DimBounds = std::collections::BTreeMap<String, (usize, usize)>;
 
 impl Signature {
     pub fn of(graph: &egret_ir::Graph, specialized: Vec<(String, Tensor)>) -> Signature {
@@ -95,7 +101,13 @@ impl Signature {
             inputs: graph.inputs().iter().map(|&v| (graph.input_name(v).to_string(), graph.ty(v).clone())).collect(),
             outputs: graph.outputs().iter().map(|(n, v)| (n.clone(), graph.ty(*v).clone())).collect(),
             specialized,
+            bounds: DimBounds::new(),
         }
+    }
+
+    /// The signature with these bounds on its symbolic dims.
+    pub fn with_bounds(self, bounds: DimBounds) -> Signature {
+        Signature { bounds, ..self }
     }
 
     /// Whether `bind` would accept these inputs (their types, the values of
@@ -147,7 +159,14 @@ impl Signature {
             .collect::<Result<_, _>>()?;
         if self.is_symbolic() {
             let shapes: Vec<&[usize]> = order.iter().map(|&at| named[at].1.shape()).collect();
-            solve_dims(&self.inputs, &shapes)?;
+            let values = solve_dims(&self.inputs, &shapes)?;
+            for (name, &(lo, hi)) in &self.bounds {
+                if let Some(&v) = values.get(name).filter(|&&v| v < lo || v > hi) {
+                    return Err(RunError::Shape(format!(
+                        "dim `{name}` is {v} in this call, outside its declared bounds {lo}..{hi}"
+                    )));
+                }
+            }
         }
         Ok(order)
     }
