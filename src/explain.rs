@@ -12,8 +12,9 @@ pub struct Explanation {
     pub canonical: Canonical,
     /// The kernel plan with the CPU's choices (for the CPU and reference
     /// backends), or the neutral plan the GPU compiled (for wgsl and ptx).
-    /// `None` while some dims are symbolic: the backend plans each binding
-    /// of them when a run first needs it.
+    /// `None` while some dims are symbolic that the backend needs values
+    /// of (it plans each binding of them when a run first needs it); a CPU
+    /// plan may keep the others (`Plan::symbols`).
     pub plan: Option<Plan>,
     /// The GPU's kernels, grids and host steps, for wgsl and ptx.
     pub gpu: Option<GpuPlan>,
@@ -29,9 +30,14 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
     let c = canonical(model, opts)?;
     let t = std::time::Instant::now();
     let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
-    let (plan, gpu_plan) = if c.graph.is_bound() {
+    // A CPU plan keeps the symbols only maps, views and attention's keys
+    // see; the GPU's are bound.
+    let plannable = c.graph.is_bound()
+        || (!gpu && egret_backends::symbols_to_bind(&c.graph, crate::lower_options(opts)).is_empty());
+    let (plan, gpu_plan) = if plannable {
         let lowering = if gpu { crate::lower_options(opts).gpu() } else { crate::lower_options(opts) };
-        let plan = egret_backends::lower(&c.graph, lowering)?;
+        let mut plan = egret_backends::lower(&c.graph, lowering)?;
+        crate::lay_out_for_bounds(&mut plan, &opts.dim_bounds);
         // Each backend's own choices: the CPU's implementations and weight
         // layouts here, the GPU's kernels below.
         let plan = if gpu { plan } else { egret_backends::cpu::choose::choose(plan) };

@@ -366,6 +366,19 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
     })
 }
 
+/// A plan's arena laid out for the highest values its symbols' declared
+/// bounds allow, so no call lays it out again.
+pub fn lay_out_for_bounds(plan: &mut egret_backends::Plan, bounds: &DimBounds) {
+    if plan.symbols.iter().any(|s| bounds.contains_key(s)) {
+        for (name, &(_, hi)) in bounds {
+            if let Some(c) = plan.capacity.get_mut(name) {
+                *c = hi;
+            }
+        }
+        egret_backends::memory::plan_memory(plan);
+    }
+}
+
 /// Bounds must name dims the model keeps symbolic.
 fn check_bounds(opts: &CompileOptions, symbols: &[String]) -> Result<(), Error> {
     for name in opts.dim_bounds.keys() {
@@ -398,16 +411,7 @@ pub fn backend_executable_with(
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
         Backend::Cpu => {
             let mut plan = egret_backends::lower(graph, lower_options(opts))?;
-            // Symbols kept with declared bounds: the arena for the highest
-            // values at once, so no call lays it out again.
-            if plan.symbols.iter().any(|s| opts.dim_bounds.contains_key(s)) {
-                for (name, &(_, hi)) in &opts.dim_bounds {
-                    if let Some(c) = plan.capacity.get_mut(name) {
-                        *c = hi;
-                    }
-                }
-                egret_backends::memory::plan_memory(&mut plan);
-            }
+            lay_out_for_bounds(&mut plan, &opts.dim_bounds);
             let compiled =
                 egret_backends::cpu::compile_cached(plan, true, cache).map_err(|e| Error::Codegen(e.to_string()))?;
             let threads = opts.threads.unwrap_or_else(default_threads);

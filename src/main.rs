@@ -644,8 +644,12 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     let free = c.graph.symbols();
     if !free.is_empty() {
         println!(
-            "symbolic dims, kept symbolic: {} (each run's shapes bind them; the backend plans a binding when a run first needs it)",
-            free.join(", ")
+            "symbolic dims, kept symbolic: {} ({})",
+            free.join(", "),
+            match plan.as_ref().is_some_and(|p| !p.symbols.is_empty()) {
+                true => "each run's shapes give their values, which the plan's kernels read",
+                false => "each run's shapes bind them; the backend plans a binding when a run first needs it",
+            }
         );
     }
     let (inputs, outputs) = e.signature();
@@ -683,12 +687,26 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         return Ok(());
     };
     let total: u64 = plan.kernels.iter().map(|k| k.flops()).sum();
+    let at = match plan.capacity.is_empty() {
+        true => String::new(),
+        false => {
+            let values: Vec<String> = plan.capacity.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(" at {}", values.join(", "))
+        }
+    };
     println!(
-        "kernels: {} ({:.1} MFLOP per run), arena {} bytes",
+        "kernels: {} ({:.1} MFLOP per run{at}), arena {} bytes{at}",
         plan.kernels.len(),
         total as f64 / 1e6,
         plan.arena_bytes
     );
+    if !plan.symbols.is_empty() {
+        let symbolic = plan.kernels.iter().filter(|k| !k.is_known()).count();
+        println!(
+            "  {symbolic} kernels read {} at run time (one program for every value; the arena grows when a run needs more)",
+            plan.symbols.join(", ")
+        );
+    }
     for (i, k) in plan.kernels.iter().enumerate() {
         let mut detail = k.detail();
         if k.detailed_kind() == "matmul:packed" {
