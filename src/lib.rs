@@ -354,7 +354,12 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
     }
     let symbols: Vec<String> = inputs.iter().flat_map(|(_, t)| egret_ir::shape_symbols(&t.shape)).collect();
     check_bounds(opts, &symbols)?;
-    let signature = egret_runtime::Signature { inputs: inputs.clone(), outputs, specialized: vec![], bounds: opts.dim_bounds.clone() };
+    let signature = egret_runtime::Signature {
+        inputs: inputs.clone(),
+        outputs,
+        specialized: vec![],
+        bounds: opts.dim_bounds.clone(),
+    };
     let executable = Box::new(specialize::Specializing::from_file(file, inputs, opts.clone()));
     Ok(Model {
         program: Program { signature, executable },

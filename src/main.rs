@@ -260,7 +260,8 @@ fn parse_dims(dims: &[String]) -> Result<HashMap<String, usize>> {
     dims.iter()
         .filter(|d| !d.contains(".."))
         .map(|d| {
-            let (k, v) = d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=VALUE or NAME=LO..HI"))?;
+            let (k, v) =
+                d.split_once('=').with_context(|| format!("--dim `{d}` should be NAME=VALUE or NAME=LO..HI"))?;
             Ok((k.to_string(), v.parse().with_context(|| format!("--dim `{d}`: `{v}` is not a size"))?))
         })
         .collect()

@@ -13,14 +13,16 @@
 
 use crate::lower::is_dense;
 use crate::plan::*;
+use egret_ir::Dim;
 use std::collections::HashMap;
 
 /// A row stride that walks `strides` over `shape` (all dims but the last
 /// flattened into rows), or `None` when the leading dims do not flatten.
-fn row_stride(shape: &[usize], strides: &[isize]) -> Option<isize> {
+/// Dims may be symbolic (a sequence's rows).
+fn row_stride(shape: &[Dim], strides: &[Dim]) -> Option<Dim> {
     let lead = shape.len().checked_sub(1)?;
-    let mut rs: Option<isize> = None;
-    let mut inner = 1isize;
+    let mut rs: Option<Dim> = None;
+    let mut inner = Dim::new(1);
     for d in (0..lead).rev() {
         if shape[d] == 1 {
             continue;
@@ -30,19 +32,20 @@ fn row_stride(shape: &[usize], strides: &[isize]) -> Option<isize> {
             Some(r) if strides[d] == r * inner => {}
             Some(_) => return None,
         }
-        inner *= shape[d] as isize;
+        inner = inner * shape[d];
     }
-    Some(rs.unwrap_or(0))
+    Some(rs.unwrap_or(Dim::new(0)))
 }
 
 /// The map's expression and operands as an epilogue of an `m x n` product
-/// in buffer `c` at `c_offset`, if it is one.
-fn as_epilogue(map: &MapKernel, m: usize, n: usize, c: BufferId, c_offset: isize) -> Option<Epilogue> {
-    // Products are planned with known sizes, so a map of symbolic ones
-    // is never exactly one.
-    let operands_known = map.inputs.iter().chain([&map.output]).all(Operand::is_known);
-    let shape = &egret_ir::known_shape(&map.shape).filter(|_| operands_known)?;
-    if shape.iter().product::<usize>() != m * n || !Epilogue::supports(&map.expr) {
+/// in buffer `c` at `c_offset`, if it is one. The rows may be symbolic;
+/// the epilogue's operands' offsets and strides must be known.
+fn as_epilogue(map: &MapKernel, m: Dim, n: usize, c: BufferId, c_offset: isize) -> Option<Epilogue> {
+    if !map.inputs.iter().chain([&map.output]).all(Operand::is_known) {
+        return None;
+    }
+    let shape = &map.shape;
+    if egret_ir::product(shape).ok()? != m * Dim::new(n) || !Epilogue::supports(&map.expr) {
         return None;
     }
     let two_d = |o: &Operand| -> Option<[isize; 2]> {
@@ -51,17 +54,16 @@ fn as_epilogue(map: &MapKernel, m: usize, n: usize, c: BufferId, c_offset: isize
         }
         // Lowering flattens maps whose operands are all dense or
         // broadcast scalars, so the map's shape need not end in `n`.
-        if is_dense(&map.shape, &o.strides) {
+        if is_dense(shape, &o.strides) {
             return Some([n as isize, 1]);
         }
-        let strides = o.known_strides();
-        if shape.iter().zip(&strides).all(|(&d, &s)| d == 1 || s == 0) {
+        if shape.iter().zip(&o.strides).all(|(&d, &s)| d == 1 || s == 0) {
             return Some([0, 0]);
         }
-        if shape.last() != Some(&n) {
+        if shape.last() != Some(&Dim::new(n)) {
             return None;
         }
-        Some([row_stride(shape, &strides)?, *strides.last()?])
+        Some([row_stride(shape, &o.strides)?.known()? as isize, known(*o.strides.last()?)])
     };
     // The output is dense, so the product can be written there.
     let out = two_d(&map.output)?;
@@ -149,15 +151,24 @@ pub fn fuse_epilogues(kernels: &mut Vec<Kernel>, outputs: &[BufferId]) {
 #[cfg(test)]
 mod tests {
     use super::row_stride;
+    use egret_ir::Dim;
 
     #[test]
     fn leading_dims_flatten_into_one_row_stride() {
-        assert_eq!(row_stride(&[1, 197, 768], &[151296, 768, 1]), Some(768));
-        assert_eq!(row_stride(&[2, 3, 8], &[24, 8, 1]), Some(8));
+        let d = |v: &[usize]| egret_ir::dims_of(v);
+        let st = |v: &[isize]| v.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+        assert_eq!(row_stride(&d(&[1, 197, 768]), &st(&[151296, 768, 1])), Some(Dim::new(768)));
+        assert_eq!(row_stride(&d(&[2, 3, 8]), &st(&[24, 8, 1])), Some(Dim::new(8)));
         // A bias broadcast over every row.
-        assert_eq!(row_stride(&[2, 3, 8], &[0, 0, 1]), Some(0));
+        assert_eq!(row_stride(&d(&[2, 3, 8]), &st(&[0, 0, 1])), Some(Dim::new(0)));
         // Rows of a transposed view do not flatten.
-        assert_eq!(row_stride(&[2, 3, 8], &[8, 16, 1]), None);
-        assert_eq!(row_stride(&[5], &[1]), Some(0));
+        assert_eq!(row_stride(&d(&[2, 3, 8]), &st(&[8, 16, 1])), None);
+        assert_eq!(row_stride(&d(&[5]), &st(&[1])), Some(Dim::new(0)));
+        // A symbolic number of rows, each 8 apart.
+        let seq = Dim::symbol("seq");
+        assert_eq!(
+            row_stride(&[Dim::new(2), seq, Dim::new(8)], &[seq * Dim::new(8), Dim::new(8), Dim::new(1)]),
+            Some(Dim::new(8))
+        );
     }
 }

@@ -1047,7 +1047,7 @@ impl<'g> Lowering<'g> {
             })
             .collect();
         let mm = MatMulKernel {
-            m: mg,
+            m: Dim::new(mg),
             k,
             n: p,
             a: wb,
@@ -1082,9 +1082,8 @@ impl<'g> Lowering<'g> {
     fn rows(&mut self, op: &Op, inputs: &[ValueId], outputs: &[ValueId], label: &str) -> Option<RowKernel> {
         let g = self.g;
         let x = inputs[0];
-        // Row kernels are planned with known sizes (`symbols_to_bind`); a
-        // symbolic op here is a shape or integer op for the reference path.
-        let shape = &g.ty(x).known_shape()?;
+        // The rows may be symbolic; their length is known (`symbols_to_bind`).
+        let shape = &g.ty(x).shape;
         if g.ty(x).dtype != DType::F32 || shape.is_empty() {
             return None;
         }
@@ -1096,9 +1095,9 @@ impl<'g> Lowering<'g> {
         let is_residual = matches!(op, Op::ResidualNorm { .. });
         let first_param = if is_residual { 2 } else { 1 };
         let params_fit = |from: usize| {
-            inputs[first_param..]
-                .iter()
-                .all(|&p| g.ty(p).dtype == DType::F32 && g.ty(p).numel() == shape[from..].iter().product::<usize>())
+            inputs[first_param..].iter().all(|&p| {
+                g.ty(p).dtype == DType::F32 && egret_ir::product(&shape[from..]).ok() == g.ty(p).numel_dim().ok()
+            })
         };
         let (op, axis) = match op {
             Op::Softmax { axis } if *axis == rank - 1 => (RowOp::Softmax, *axis),
@@ -1129,8 +1128,8 @@ impl<'g> Lowering<'g> {
             }
             _ => return None,
         };
-        let rows = shape[..axis].iter().product::<usize>();
-        let len = shape[axis..].iter().product::<usize>();
+        let rows: Dim = shape[..axis].iter().copied().product();
+        let len = egret_ir::known_shape(&shape[axis..])?.iter().product::<usize>();
         if len == 0 {
             return None;
         }
@@ -1142,6 +1141,8 @@ impl<'g> Lowering<'g> {
             if !trailing {
                 let mut perm: Vec<usize> = (0..rank).filter(|a| !axes.contains(a)).collect();
                 perm.extend(&axes);
+                // Moved axes need known sizes (a symbolic one stays with the reference path).
+                let shape = &egret_ir::known_shape(shape)?;
                 let vw = self.view(x);
                 let moved: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
                 let input = Operand {
@@ -1153,7 +1154,7 @@ impl<'g> Lowering<'g> {
                 let copy = self.scratch(DType::F32, &dims(&moved));
                 let output = dense_operand(copy, DType::F32, &dims(&moved));
                 self.map(dims(&moved), vec![input], output, Expr::Input(0), label);
-                let rows = moved[..rank - axes.len()].iter().product::<usize>();
+                let rows = Dim::new(moved[..rank - axes.len()].iter().product::<usize>());
                 let len = moved[rank - axes.len()..].iter().product::<usize>();
                 let out = self.define(outputs[0]);
                 return Some(RowKernel { rows, len, op, x: copy, scale: None, bias: None, out, residual: None });
@@ -1187,11 +1188,12 @@ impl<'g> Lowering<'g> {
         let d = self.dense(data, label);
         let i = self.dense(indices, label);
         let o = self.define(out);
+        // The gathered axis and the rows are known (`symbols_to_bind`).
         GatherKernel {
-            outer: ty.sizes()[..axis].iter().product(),
-            axis_len: ty.sizes()[axis],
-            inner: ty.sizes()[axis + 1..].iter().product(),
-            n_indices: g.ty(indices).numel(),
+            outer: ty.shape[..axis].iter().copied().product(),
+            axis_len: known_size(ty.shape[axis]),
+            inner: ty.shape[axis + 1..].iter().map(|&d| known_size(d)).product(),
+            n_indices: g.ty(indices).numel_dim().expect("a verified type's size"),
             elem_bytes: ty.dtype.size_bytes(),
             wide_indices: g.ty(indices).dtype == DType::I64,
             data: d,
@@ -1213,11 +1215,14 @@ impl<'g> Lowering<'g> {
         label: &str,
     ) -> Option<MatMulKernel> {
         let g = self.g;
-        let (sa, sb, sc) = (g.ty(a).sizes(), g.ty(b).sizes(), g.ty(c).sizes());
         // 1-d operands are rare in transformer graphs; the reference path keeps them.
-        if sa.len() < 2 || sb.len() < 2 {
+        if g.ty(a).rank() < 2 || g.ty(b).rank() < 2 {
             return None;
         }
+        if !(g.ty(a).is_known() && g.ty(c).is_known()) {
+            return Some(self.symbolic_rows_matmul(a, b, c, preferred, label));
+        }
+        let (sa, sb, sc) = (g.ty(a).sizes(), g.ty(b).sizes(), g.ty(c).sizes());
         let gathered = self.gathered.get(&a).cloned();
         let placed = self.placed.get(&c).cloned();
         let mut va = self.known_view(gathered.as_ref().map_or(a, |r| r.source), label);
@@ -1245,6 +1250,58 @@ impl<'g> Lowering<'g> {
         // forced or what the optimiser picked.
         mm.hint = self.opts.matmul.or(preferred);
         Some(mm)
+    }
+
+    /// A product whose rows are symbolic (a sequence's tokens) by a shared
+    /// `b` of known size (a weight: `symbols_to_bind` checks): one tall
+    /// product `[rows, k] @ [k, n]`, its rows read at run time, with `a`
+    /// copied dense first if its view does not fold into rows of known
+    /// strides.
+    fn symbolic_rows_matmul(
+        &mut self,
+        a: ValueId,
+        b: ValueId,
+        c: ValueId,
+        preferred: Option<MatMulImpl>,
+        label: &str,
+    ) -> MatMulKernel {
+        let g = self.g;
+        let (sa, sb) = (g.ty(a).shape.clone(), g.ty(b).sizes());
+        let (k, n) = (sb[sb.len() - 2], sb[sb.len() - 1]);
+        let rows: Dim = sa[..sa.len() - 1].iter().copied().product();
+        let folded = |vw: &View| {
+            let st = reshape_strides(&sa, &vw.strides, &[rows, Dim::new(k)])?;
+            (vw.offset.is_known() && st.iter().all(|d| d.is_known())).then(|| [known(st[0]), known(st[1])])
+        };
+        let mut va = self.view(a);
+        let a_strides = match folded(&va) {
+            Some(st) => st,
+            None => {
+                self.dense(a, label);
+                va = self.view(a);
+                folded(&va).expect("a dense value folds into rows")
+            }
+        };
+        let vb = self.generated_ready(b, label);
+        let b_st = vb.st();
+        let cb = self.define(c);
+        MatMulKernel {
+            m: rows,
+            k,
+            n,
+            a: va.buffer,
+            b: vb.buffer,
+            c: cb,
+            a_strides,
+            b_strides: [b_st[sb.len() - 2], b_st[sb.len() - 1]],
+            batches: vec![[va.off(), vb.off(), 0]],
+            implementation: MatMulImpl::Unchosen,
+            hint: self.opts.matmul.or(preferred),
+            b_packed: false,
+            epilogue: None,
+            a_rows: None,
+            c_rows: None,
+        }
     }
 
     /// Gives constant `v` its buffer, once: at its node, or earlier where a
@@ -1302,7 +1359,7 @@ impl<'g> Lowering<'g> {
             at as i64
         };
         MatMulKernel {
-            m: rows.rows.len(),
+            m: Dim::new(rows.rows.len()),
             k,
             n,
             a: va.buffer,
@@ -1356,7 +1413,7 @@ impl<'g> Lowering<'g> {
         if nb > 1 && b_shared && a_unbroadcast {
             if let Some(rows) = reshape_known(sa, &va_strides, &[nb * m, k]) {
                 let folded = MatMulKernel {
-                    m: nb * m,
+                    m: Dim::new(nb * m),
                     k,
                     n,
                     a: va.buffer,
@@ -1396,7 +1453,7 @@ impl<'g> Lowering<'g> {
             })
             .collect();
         let mm = MatMulKernel {
-            m,
+            m: Dim::new(m),
             k,
             n,
             a: va.buffer,
@@ -1502,23 +1559,27 @@ impl<'g> Lowering<'g> {
         let Scores { scale, softcap, nan_to_zero } = attrs;
         let g = self.g;
         let (q, kt, v) = (inputs[0], inputs[1], inputs[2]);
-        // The queries and the output are known (`symbols_to_bind`); the
-        // keys' count may be symbolic.
-        let (sq_shape, skt, sv) = (g.ty(q).sizes(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
-        let so = g.ty(out).sizes();
-        let (sq, d, sk, dv) =
-            (sq_shape[sq_shape.len() - 2], sq_shape[sq_shape.len() - 1], skt[skt.len() - 1], so[so.len() - 1]);
-        let batch = so[..so.len() - 2].to_vec();
+        // The batches and head sizes are known (`symbols_to_bind`); the
+        // queries' and keys' counts may be symbolic.
+        let (sq_shape, skt, sv) = (g.ty(q).shape.clone(), g.ty(kt).shape.clone(), g.ty(v).shape.clone());
+        let so = g.ty(out).shape.clone();
+        let (sq, d, sk, dv) = (
+            sq_shape[sq_shape.len() - 2],
+            known_size(sq_shape[sq_shape.len() - 1]),
+            skt[skt.len() - 1],
+            known_size(so[so.len() - 1]),
+        );
+        let batch: Vec<usize> = so[..so.len() - 2].iter().map(|&d| known_size(d)).collect();
         let batch_dims = dims(&batch);
         let mut scores = batch_dims.clone();
-        scores.extend([Dim::new(sq), sk]);
+        scores.extend([sq, sk]);
         let vq = self.view(q);
         let (vkt, kt_repeat) = self.attention_operand(kt);
         let (vv, v_repeat) = self.attention_operand(v);
         let vm = inputs.get(3).map(|&m| self.read(m, &scores));
         let vo = self.attention_output(out);
         let nb = batch.len();
-        let bq = broadcast_view(&dims(&sq_shape[..sq_shape.len() - 2]), &vq.strides[..sq_shape.len() - 2], &batch_dims);
+        let bq = broadcast_view(&sq_shape[..sq_shape.len() - 2], &vq.strides[..sq_shape.len() - 2], &batch_dims);
         let bkt = broadcast_view(&skt[..skt.len() - 2], &vkt.strides[..skt.len() - 2], &batch_dims);
         let bv = broadcast_view(&sv[..sv.len() - 2], &vv.strides[..sv.len() - 2], &batch_dims);
         let bs = egret_ir::strides_of(&batch);
@@ -1546,13 +1607,16 @@ impl<'g> Lowering<'g> {
         // L2), the keys split into equal blocks so the last is not a sliver
         // (the kernel takes at most all the keys when a symbolic count
         // turns out smaller).
-        let block = tiles.map_or(64, |t| t.0).clamp(1, sq.max(1));
+        let block = match sq.size() {
+            Some(sq) => tiles.map_or(64, |t| t.0).clamp(1, sq.max(1)),
+            None => tiles.map_or(64, |t| t.0).max(1),
+        };
         let key_block = match sk.size() {
             Some(sk) => tiles.map_or(sk.div_ceil(sk.div_ceil(512).max(1)), |t| t.1).clamp(1, sk.max(1)),
             None => tiles.map_or(512, |t| t.1).max(1),
         };
-        let key_spans = match (sk.size(), &vm) {
-            (Some(sk), Some(m)) if m.is_known() && batches.iter().flatten().all(|d| d.is_known()) => {
+        let key_spans = match (sq.size(), sk.size(), &vm) {
+            (Some(sq), Some(sk), Some(m)) if m.is_known() && batches.iter().flatten().all(|d| d.is_known()) => {
                 self.mask_key_spans(m, &batches, sq, sk, block)
             }
             _ => None,
@@ -1689,7 +1753,7 @@ impl<'g> Lowering<'g> {
             }
             None => {}
         }
-        let rows = scores[..scores.len() - 1].iter().product();
+        let rows = Dim::new(scores[..scores.len() - 1].iter().product());
         let len = scores[scores.len() - 1];
         self.push(
             KernelKind::Rows(RowKernel {
@@ -1820,54 +1884,108 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
 }
 
 /// The symbols of `g` that must have values before `lower` (`Graph::bind`):
-/// those a kernel other than a map, a view or the flash attention kernel
-/// would see, and an attention kernel's own except in the keys' count.
-/// Reference ops take symbolic types (the runtime gives them their values
-/// per call), but only integer and shape ops, where that copy is cheap;
-/// nothing here is symbolic for artifacts or forced generated matmuls,
-/// whose attention is a composite of products.
+/// those in the sizes a kernel needs known. Maps and views take any
+/// symbolic size; row kernels symbolic rows of a known length; gathers
+/// symbolic rows and indices of a known gathered axis; products symbolic
+/// rows by a shared weight of known size; the flash attention kernel
+/// symbolic query and key counts of known batches and heads. Reference ops
+/// take symbolic types (the runtime gives them their values per call), but
+/// only shape and integer ops, where evaluating them per call is cheap.
+/// Ahead-of-time code and forced generated matmuls compute attention as a
+/// composite of products: everything is bound for them.
 pub fn symbols_to_bind(g: &Graph, opts: LowerOptions) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
-    let symbols_of = |v: ValueId| egret_ir::shape_symbols(&g.ty(v).shape);
     for n in g.node_ids() {
-        let node = g.node(n);
-        let in_types: Vec<&Type> = node.inputs.iter().map(|&v| g.ty(v)).collect();
-        let out_ty = node.outputs.first().map(|&v| g.ty(v));
-        let takes_symbols = match &node.op {
-            Op::Input { .. } | Op::Const(_) | Op::Shape { .. } => true,
-            Op::Reshape { .. }
-            | Op::Identity
-            | Op::Transpose { .. }
-            | Op::Slice { .. }
-            | Op::Expand { .. }
-            | Op::Split { .. }
-            | Op::Concat { .. } => true,
-            op => {
-                let elementwise = out_ty.is_some_and(|o| elementwise_expr(op, &in_types, o).is_some());
-                let integer = node.outputs.iter().all(|&v| matches!(g.ty(v).dtype, DType::I64 | DType::I32))
-                    && !matches!(op, Op::MatMul | Op::MatMulTiled { .. } | Op::Gather { .. });
-                elementwise || integer
-            }
-        };
-        if takes_symbols {
-            continue;
+        for d in dims_kernels_need(g, n, opts) {
+            out.extend(d.symbols());
         }
-        let flash = matches!(node.op, Op::Attention { .. } | Op::AttentionTiled { .. })
-            && opts.matmul != Some(MatMulImpl::Generated)
-            && in_types.iter().all(|t| t.dtype == DType::F32);
-        if flash {
-            // Queries and output bound; keys, values and mask may keep the
-            // keys' count.
-            out.extend(symbols_of(node.inputs[0]));
-            out.extend(symbols_of(node.outputs[0]));
-            continue;
-        }
-        for &v in node.inputs.iter().chain(&node.outputs) {
-            out.extend(symbols_of(v));
-        }
-        out.extend(node.op.dims().into_iter().flat_map(|d| d.symbols()));
     }
     out
+}
+
+/// The dims node `n`'s kernels need known (see `symbols_to_bind`).
+fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
+    let node = g.node(n);
+    let ty = |v: ValueId| g.ty(v);
+    let shape = |v: ValueId| ty(v).shape.clone();
+    let all = || -> Vec<Dim> {
+        let mut dims: Vec<Dim> = node.inputs.iter().chain(&node.outputs).flat_map(|&v| shape(v)).collect();
+        dims.extend(node.op.dims());
+        dims
+    };
+    let in_types: Vec<&Type> = node.inputs.iter().map(|&v| ty(v)).collect();
+    let out_ty = node.outputs.first().map(|&v| ty(v));
+    let f32_inputs = in_types.iter().all(|t| t.dtype == DType::F32);
+    match &node.op {
+        Op::Input { .. } | Op::Const(_) | Op::Shape { .. } => vec![],
+        Op::Reshape { .. }
+        | Op::Identity
+        | Op::Transpose { .. }
+        | Op::Slice { .. }
+        | Op::Expand { .. }
+        | Op::Split { .. }
+        | Op::Concat { .. } => vec![],
+        op if out_ty.is_some_and(|o| elementwise_expr(op, &in_types, o).is_some()) => vec![],
+        // Integer and shape arithmetic: the reference evaluator, per call.
+        op if node.outputs.iter().all(|&v| matches!(ty(v).dtype, DType::I64 | DType::I32))
+            && !matches!(op, Op::MatMul | Op::MatMulTiled { .. } | Op::Gather { .. }) =>
+        {
+            vec![]
+        }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::LayerNorm { axis, .. } | Op::RmsNorm { axis, .. }
+            if f32_inputs =>
+        {
+            let x = shape(node.inputs[0]);
+            let mut need: Vec<Dim> = x.get(*axis..).map_or_else(all, <[Dim]>::to_vec);
+            need.extend(node.inputs[1..].iter().flat_map(|&p| shape(p)));
+            need
+        }
+        Op::ResidualNorm { axis, .. } if f32_inputs => {
+            let x = shape(node.inputs[0]);
+            let mut need: Vec<Dim> = x.get(*axis..).map_or_else(all, <[Dim]>::to_vec);
+            need.extend(node.inputs[2..].iter().flat_map(|&p| shape(p)));
+            need
+        }
+        Op::Reduce { axes, .. } if f32_inputs && !axes.is_empty() => {
+            let x = shape(node.inputs[0]);
+            let rank = x.len();
+            let trailing = axes.iter().enumerate().all(|(i, &a)| a + axes.len() == rank + i);
+            if trailing {
+                x[rank - axes.len()..].to_vec()
+            } else {
+                all()
+            }
+        }
+        Op::Gather { axis } => {
+            let data = shape(node.inputs[0]);
+            data.get(*axis..).map_or_else(all, <[Dim]>::to_vec)
+        }
+        Op::MatMul | Op::MatMulTiled { .. } if f32_inputs => {
+            let (a, b) = (shape(node.inputs[0]), shape(node.inputs[1]));
+            let shared = b.len() >= 2 && b[..b.len() - 2].iter().all(|&d| d == 1);
+            match (shared, a.last()) {
+                // Rows of `a` may be symbolic; its row length and `b` not.
+                (true, Some(&k)) if a.len() >= 2 => {
+                    let mut need = b.clone();
+                    need.push(k);
+                    need
+                }
+                _ => all(),
+            }
+        }
+        Op::Attention { .. } | Op::AttentionTiled { .. }
+            if opts.matmul != Some(MatMulImpl::Generated) && f32_inputs =>
+        {
+            // Batches and head sizes; the queries' and keys' counts may be symbolic.
+            let (q, o) = (shape(node.inputs[0]), shape(node.outputs[0]));
+            let mut need: Vec<Dim> = q[..q.len().saturating_sub(2)].to_vec();
+            need.extend(q.last());
+            need.extend(&o[..o.len().saturating_sub(2)]);
+            need.extend(o.last());
+            need
+        }
+        _ => all(),
+    }
 }
 
 #[cfg(test)]

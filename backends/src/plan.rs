@@ -265,10 +265,12 @@ pub enum MatMulImpl {
 
 /// `c[batch] = a[batch] @ b[batch]` in f32. Each operand is a strided view:
 /// per batch an element offset, and a row and a column stride (so
-/// transposed operands cost nothing). `c` is written row-major.
+/// transposed operands cost nothing). `c` is written row-major. The rows
+/// `m` may be symbolic (a sequence's tokens) in a single-batch product of
+/// known strides and offsets; every other size is known.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatMulKernel {
-    pub m: usize,
+    pub m: Dim,
     pub k: usize,
     pub n: usize,
     pub a: BufferId,
@@ -347,7 +349,8 @@ impl RowOp {
 /// reductions over trailing axes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowKernel {
-    pub rows: usize,
+    /// May be symbolic.
+    pub rows: Dim,
     pub len: usize,
     pub op: RowOp,
     pub x: BufferId,
@@ -364,10 +367,11 @@ pub struct RowKernel {
 /// from the end, one out of range makes the kernel fail with status 1.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GatherKernel {
-    pub outer: usize,
+    /// May be symbolic, as may `n_indices`.
+    pub outer: Dim,
     pub axis_len: usize,
     pub inner: usize,
-    pub n_indices: usize,
+    pub n_indices: Dim,
     pub elem_bytes: usize,
     /// Whether indices are i64 (else i32).
     pub wide_indices: bool,
@@ -381,12 +385,12 @@ pub struct GatherKernel {
 /// scores go to a scratch tile, are scaled, masked and exponentiated against
 /// a running row maximum (an online softmax), and are multiplied by that
 /// block of `v` into the output. The full score matrix is never written to
-/// memory. Operands are strided views; the mask broadcasts. The keys'
-/// count, the strides and the offsets may be symbolic (a decoder's past
-/// length); the queries, heads and head sizes are known.
+/// memory. Operands are strided views; the mask broadcasts. The queries'
+/// and keys' counts, the strides and the offsets may be symbolic (a
+/// sequence, a decoder's past length); the heads and head sizes are known.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionKernel {
-    pub sq: usize,
+    pub sq: Dim,
     pub sk: Dim,
     pub d: usize,
     pub dv: usize,
@@ -420,8 +424,15 @@ pub struct AttentionKernel {
 }
 
 impl AttentionKernel {
+    /// Query blocks per batch, at `values` of the plan's symbols.
+    pub fn blocks_per_batch_at(&self, values: &Bindings) -> usize {
+        let sq = self.sq.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0);
+        sq.div_ceil(self.block)
+    }
+
+    /// Query blocks per batch of a kernel whose queries are known.
     pub fn blocks_per_batch(&self) -> usize {
-        self.sq.div_ceil(self.block)
+        known_size(self.sq).div_ceil(self.block)
     }
 
     /// Whether no size, stride or offset depends on a symbol.
@@ -431,7 +442,7 @@ impl AttentionKernel {
 
     /// Every size, stride and offset that may be symbolic.
     pub fn dims(&self) -> Vec<Dim> {
-        let mut dims = vec![self.sk, self.out_row_stride];
+        let mut dims = vec![self.sq, self.sk, self.out_row_stride];
         for st in [self.q_strides, self.kt_strides, self.v_strides, self.mask_strides] {
             dims.extend(st);
         }
@@ -448,6 +459,7 @@ impl AttentionKernel {
             batches.push([v(b[0])?, v(b[1])?, v(b[2])?, v(b[3])?, v(b[4])?]);
         }
         Ok(AttentionKernel {
+            sq: v(self.sq)?,
             sk: v(self.sk)?,
             q_strides: pair(self.q_strides)?,
             kt_strides: pair(self.kt_strides)?,
@@ -468,13 +480,14 @@ impl AttentionKernel {
     /// (at the symbols' nominal values, if any).
     pub fn scores_computed(&self) -> usize {
         match &self.key_spans {
-            None => self.batches.len() * self.sq * self.estimated_sk(),
+            None => self.batches.len() * self.sq.estimate() * self.estimated_sk(),
             Some(spans) => spans
                 .iter()
                 .enumerate()
                 .map(|(task, &[first, end])| {
+                    // Key spans come from a constant mask: the queries are known.
                     let row0 = (task % self.blocks_per_batch()) * self.block;
-                    self.block.min(self.sq - row0) * (end - first)
+                    self.block.min(known_size(self.sq) - row0) * (end - first)
                 })
                 .sum(),
         }
@@ -552,9 +565,9 @@ impl Kernel {
             KernelKind::Map(m) => {
                 m.shape.iter().map(|d| d.estimate() as u64).product::<u64>() * m.expr.op_count() as u64
             }
-            KernelKind::MatMul(mm) => 2 * (mm.m * mm.k * mm.n * mm.batches.len()) as u64,
+            KernelKind::MatMul(mm) => 2 * (mm.m.estimate() * mm.k * mm.n * mm.batches.len()) as u64,
             KernelKind::Attention(a) => (a.scores_computed() * (2 * a.d + 2 * a.dv + 5)) as u64,
-            KernelKind::Rows(r) => (r.rows * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
+            KernelKind::Rows(r) => (r.rows.estimate() * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
             KernelKind::Gather(_) | KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
         }
     }
@@ -565,11 +578,18 @@ impl Kernel {
     /// attention kernel reads its symbolic parameters through a block the
     /// runtime fills instead; every other kind is planned bound.)
     pub fn runtime_dims(&self) -> Vec<Dim> {
-        let KernelKind::Map(m) = &self.kind else { return vec![] };
+        let all: Vec<Dim> = match &self.kind {
+            KernelKind::Map(m) => {
+                let operands = m.inputs.iter().chain([&m.output]);
+                let offsets_and_strides = operands.flat_map(|o| std::iter::once(&o.offset).chain(&o.strides));
+                m.shape.iter().chain(offsets_and_strides).copied().collect()
+            }
+            KernelKind::MatMul(mm) => vec![mm.m],
+            KernelKind::Gather(g) => vec![g.outer, g.n_indices],
+            _ => vec![],
+        };
         let mut dims: Vec<Dim> = Vec::new();
-        let operands = m.inputs.iter().chain([&m.output]);
-        let all = m.shape.iter().chain(operands.flat_map(|o| std::iter::once(&o.offset).chain(&o.strides)));
-        for &d in all {
+        for d in all {
             if !d.is_known() && !dims.contains(&d) {
                 dims.push(d);
             }
@@ -613,10 +633,49 @@ impl Kernel {
                 }
                 Ok(spans)
             }
+            KernelKind::MatMul(mm) if !mm.m.is_known() => {
+                let (m, k, n) = (v(mm.m)?, mm.k as i64, mm.n as i64);
+                let [a_rs, a_cs] = mm.a_strides.map(|s| s as i64);
+                let [b_rs, b_cs] = mm.b_strides.map(|s| s as i64);
+                let mut spans = Vec::new();
+                for offs in &mm.batches {
+                    let [oa, ob, oc] = offs.map(|o| o as i64);
+                    spans.extend(walk(mm.a, 4, oa, &[(m, a_rs), (k, a_cs)]));
+                    if !mm.b_packed {
+                        spans.extend(walk(mm.b, 4, ob, &[(k, b_rs), (n, b_cs)]));
+                    }
+                    spans.extend(walk(mm.c, 4, oc, &[(m, n), (n, 1)]));
+                }
+                for e in mm.epilogue.iter().flat_map(|e| &e.inputs) {
+                    let [rs, cs] = e.strides.map(|s| s as i64);
+                    spans.extend(walk(e.buffer, 4, e.offset as i64, &[(m, rs), (n, cs)]));
+                }
+                Ok(spans)
+            }
+            KernelKind::Rows(r) if !r.rows.is_known() => {
+                let (rows, len) = (v(r.rows)?, r.len as i64);
+                let out_len = if r.op.reduces() { 1 } else { len };
+                let mut spans: Vec<_> = walk(r.x, 4, 0, &[(rows * len, 1)]).into_iter().collect();
+                spans.extend(walk(r.out, 4, 0, &[(rows * out_len, 1)]));
+                if let Some((res, sum)) = r.residual {
+                    spans.extend(walk(res, 4, 0, &[(rows * len, 1)]));
+                    spans.extend(walk(sum, 4, 0, &[(rows * len, 1)]));
+                }
+                Ok(spans)
+            }
+            KernelKind::Gather(g) if !self.is_known() => {
+                let (outer, n) = (v(g.outer)?, v(g.n_indices)?);
+                let index_bytes = if g.wide_indices { 8 } else { 4 };
+                let row = (g.inner * g.elem_bytes) as i64;
+                let mut spans: Vec<_> = walk(g.indices, index_bytes, 0, &[(n, 1)]).into_iter().collect();
+                spans.extend(walk(g.out, row, 0, &[(outer * n, 1)]));
+                spans.extend(walk(g.data, row, 0, &[(outer * g.axis_len as i64, 1)]));
+                Ok(spans)
+            }
             KernelKind::Attention(a) if !a.is_known() => {
                 let a = a.at(values)?;
                 let k = |d: Dim| d.known().unwrap_or(0);
-                let (sq, sk, d, dv) = (a.sq as i64, k(a.sk), a.d as i64, a.dv as i64);
+                let (sq, sk, d, dv) = (k(a.sq), k(a.sk), a.d as i64, a.dv as i64);
                 let pair = |p: [Dim; 2]| [k(p[0]), k(p[1])];
                 let (q, kt, vs, mask) =
                     (pair(a.q_strides), pair(a.kt_strides), pair(a.v_strides), pair(a.mask_strides));
@@ -640,10 +699,11 @@ impl Kernel {
     /// Whether every size of the kernel is known.
     pub fn is_known(&self) -> bool {
         match &self.kind {
-            KernelKind::Map(_) => self.runtime_dims().is_empty(),
+            KernelKind::Map(_) | KernelKind::MatMul(_) | KernelKind::Gather(_) => self.runtime_dims().is_empty(),
             KernelKind::Attention(a) => a.is_known(),
+            KernelKind::Rows(r) => r.rows.is_known(),
             KernelKind::Reference { inputs, outputs, .. } => inputs.iter().chain(outputs).all(|(_, t)| t.is_known()),
-            _ => true,
+            KernelKind::Loop { .. } => true,
         }
     }
 
@@ -697,7 +757,7 @@ impl Kernel {
                         100.0
                             * (1.0
                                 - a.scores_computed() as f64
-                                    / (a.batches.len() * a.sq * a.estimated_sk()).max(1) as f64)
+                                    / (a.batches.len() * a.sq.estimate() * a.estimated_sk()).max(1) as f64)
                     ),
                     None => String::new(),
                 },

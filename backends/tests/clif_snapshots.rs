@@ -90,3 +90,9 @@ fn matmul_with_epilogue() {
 fn attention() {
     insta::assert_snapshot!(clif(ATTENTION));
 }
+
+/// Symbolic sizes loaded from the argument slots after the operands.
+#[test]
+fn symbolic_sizes() {
+    insta::assert_snapshot!(clif(SYMBOLIC));
+}

@@ -3,15 +3,15 @@
 //! A plan that keeps symbols (a decoder's past length) runs every value of
 //! them from the one compile: each call works the values out of its
 //! inputs' shapes, writes the symbolic sizes each map kernel reads into the
-//! argument slots after its operands, fills symbolic attention kernels'
-//! parameter blocks, gives reference ops their types, and lays the arena
+//! argument slots after its operands, then the blocks that hold them
+//! (`cpu::call_blocks`: attention's parameters, a product's epilogue
+//! program), gives reference ops their types, and lays the arena
 //! out again, larger, when the values pass the capacity it was laid out
 //! for. Nothing is compiled per call.
 
 use crate::{Executable, RunError};
 use egret_backends::cpu::kernels::pool::{self, Pool, Split};
-use egret_backends::cpu::library::{attention_params, attention_table};
-use egret_backends::cpu::{any_kernel_splits, parallel_extent, split_of, CompiledPlan};
+use egret_backends::cpu::{any_kernel_splits, call_blocks, parallel_extent, split_of, CompiledPlan};
 use egret_backends::plan::{BufferId, Kernel, KernelKind, Storage};
 use egret_ir::{Bindings, Dim, Op, Tensor, Type};
 
@@ -385,14 +385,13 @@ impl CpuExecutable {
                         let v = d.at(values).map_err(RunError::Shape)?;
                         args.push(v as usize as *mut u8);
                     }
-                    let blocks;
-                    if let KernelKind::Attention(a) = kind {
-                        if !a.is_known() {
-                            let a = a.at(values).map_err(RunError::Shape)?;
-                            blocks = [attention_params(&a).to_bytes(), attention_table(&a)].map(words);
-                            args.extend(blocks.iter().map(|w| w.as_ptr() as *mut u8));
-                        }
-                    }
+                    // Then the blocks that hold its sizes (parameters, tables,
+                    // an epilogue program), built for this call.
+                    let blocks: Vec<Vec<u64>> = match k.is_known() {
+                        true => vec![],
+                        false => call_blocks(k, values).map_err(RunError::Shape)?.into_iter().map(words).collect(),
+                    };
+                    args.extend(blocks.iter().map(|w| w.as_ptr() as *mut u8));
                     let extent = parallel_extent(kind, values) as i64;
                     // The function was generated for exactly these operands.
                     let status = unsafe { pool::launch(f, args.as_ptr(), extent, self.splits[i]) };

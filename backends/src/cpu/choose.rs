@@ -20,10 +20,12 @@ pub const GENERATED_MATMUL_MAX_WORK: usize = 32 * 32 * 32;
 
 /// Picks the implementation of a matmul kernel.
 pub fn choose_matmul(k: &MatMulKernel, forced: Option<MatMulImpl>) -> MatMulImpl {
+    // The generated kernel tiles known rows; symbolic ones go to a library.
+    let generate = k.can_generate() && k.m.is_known();
     match forced {
-        Some(MatMulImpl::Generated) if k.can_generate() => MatMulImpl::Generated,
+        Some(MatMulImpl::Generated) if generate => MatMulImpl::Generated,
         Some(_) => MatMulImpl::Library,
-        None if k.can_generate() && k.m * k.n * k.k <= GENERATED_MATMUL_MAX_WORK => MatMulImpl::Generated,
+        None if generate && k.m.estimate() * k.n * k.k <= GENERATED_MATMUL_MAX_WORK => MatMulImpl::Generated,
         None => MatMulImpl::Library,
     }
 }

@@ -17,7 +17,7 @@ use egret_kernels::rows::{RowParams, OP_LAYER_NORM, OP_RMS_NORM, OP_SOFTMAX};
 pub fn attention_params(k: &AttentionKernel) -> AttentionParams {
     let s = |st: [Dim; 2]| st.map(|x| known(x) as i64);
     AttentionParams {
-        sq: k.sq as i64,
+        sq: known(k.sq) as i64,
         sk: known(k.sk) as i64,
         d: k.d as i64,
         dv: k.dv as i64,
@@ -193,12 +193,12 @@ fn work(kind: &KernelKind) -> usize {
         // Symbolic sizes at their nominal values: whether to split is
         // decided once per compile.
         KernelKind::Map(m) => m.shape.iter().map(|d| d.estimate()).product(),
-        KernelKind::Rows(r) => r.rows * r.len,
-        KernelKind::MatMul(mm) => mm.m * mm.n * mm.k * mm.batches.len(),
-        KernelKind::Gather(k) => k.outer * k.n_indices * k.inner,
+        KernelKind::Rows(r) => r.rows.estimate() * r.len,
+        KernelKind::MatMul(mm) => mm.m.estimate() * mm.n * mm.k * mm.batches.len(),
+        KernelKind::Gather(k) => k.outer.estimate() * k.n_indices.estimate() * k.inner,
         // Every score, skipped or not: an upper bound that needs no walk over
         // the key spans on every run.
-        KernelKind::Attention(a) => a.batches.len() * a.sq * a.sk.estimate() * (a.d + a.dv),
+        KernelKind::Attention(a) => a.batches.len() * a.sq.estimate() * a.sk.estimate() * (a.d + a.dv),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
     }
 }

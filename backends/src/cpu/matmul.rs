@@ -10,7 +10,7 @@
 
 use super::loops::{counted, counted_dyn};
 use super::runtime_fns::FuncRefs;
-use crate::plan::{MatMulImpl, MatMulKernel};
+use crate::plan::{known, known_size, MatMulImpl, MatMulKernel};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, GlobalValue, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
@@ -63,16 +63,21 @@ pub fn emit(
     range: (Value, Value),
     mm: &MatMulKernel,
     table: GlobalValue,
-    epilogue: Option<GlobalValue>,
+    epilogue: Option<Value>,
     row_tables: [Option<GlobalValue>; 2],
     fns: &FuncRefs,
+    rows: Option<Value>,
 ) {
+    // The rows: known, or this call's value of a symbolic count (`rows`).
+    let m = match rows {
+        Some(m) => m,
+        None => b.ins().iconst(types::I64, known(mm.m) as i64),
+    };
     let a = b.ins().load(ptr, flags(), args, 0);
     let bm = b.ins().load(ptr, flags(), args, 8);
     // The epilogue's operands come between `b` and `c`.
     let c_slot = 2 + mm.epilogue.as_ref().map_or(0, |e| e.inputs.len());
     let c = b.ins().load(ptr, flags(), args, (c_slot * 8) as i32);
-    let epilogue = epilogue.map(|program| b.ins().symbol_value(ptr, program));
     let table = b.ins().symbol_value(ptr, table);
     counted_dyn(b, range.0, range.1, 1, vec![], &mut |b, i, _| {
         // Row `i` of the table: element offsets of a, b and c.
@@ -87,7 +92,7 @@ pub fn emit(
         // Whether the epilogue (if any) still has to run after the product.
         let epilogue_after = match mm.implementation {
             MatMulImpl::Library => {
-                let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
+                let dims = [m, b.ins().iconst(types::I64, mm.k as i64), b.ins().iconst(types::I64, mm.n as i64)];
                 let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let [b_rs, b_cs] = mm.b_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let sgemm = fns.sgemm.expect("library matmuls are only compiled where the GEMM library links");
@@ -99,7 +104,7 @@ pub fn emit(
                 epilogue
             }
             MatMulImpl::Packed => {
-                let dims = [mm.m, mm.k, mm.n].map(|d| b.ins().iconst(types::I64, d as i64));
+                let dims = [m, b.ins().iconst(types::I64, mm.k as i64), b.ins().iconst(types::I64, mm.n as i64)];
                 let [a_rs, a_cs] = mm.a_strides.map(|s| b.ins().iconst(types::I64, s as i64));
                 let gemm = fns.sgemm_packed.expect("packed matmuls are only compiled where the kernel library links");
                 // The packed GEMM runs the epilogue itself, on each
@@ -123,8 +128,10 @@ pub fn emit(
     });
 }
 
+/// `cpu::choose` generates only products of known rows.
 fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, pc: Value) {
-    let (m4, n8) = ((mm.m / TILE_M * TILE_M) as i64, (mm.n / TILE_N * TILE_N) as i64);
+    let rows = known_size(mm.m);
+    let (m4, n8) = ((rows / TILE_M * TILE_M) as i64, (mm.n / TILE_N * TILE_N) as i64);
     let [a_rs, a_cs] = mm.a_strides;
     let b_rs = mm.b_strides[0];
     let n = mm.n as isize;
@@ -174,7 +181,7 @@ fn emit_tiled(b: &mut FunctionBuilder, mm: &MatMulKernel, pa: Value, pb: Value, 
     // Everything outside the whole tiles, one element at a time: columns
     // n8.. of the tiled rows, then every column of rows m4...
     let n_end = b.ins().iconst(types::I64, mm.n as i64);
-    counted(b, 0, mm.m as i64, 1, vec![], &mut |b, i, _| {
+    counted(b, 0, rows as i64, 1, vec![], &mut |b, i, _| {
         let tiled_row = b.ins().icmp_imm_s(IntCC::SignedLessThan, i, m4);
         let from_tile = b.ins().iconst(types::I64, n8);
         let from_zero = b.ins().iconst(types::I64, 0);

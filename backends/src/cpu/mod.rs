@@ -28,7 +28,7 @@ mod rows;
 mod runtime_fns;
 mod vmath;
 
-use crate::plan::{Kernel, KernelKind, Plan};
+use crate::plan::{known_size, Kernel, KernelKind, Plan};
 use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -50,12 +50,51 @@ pub fn parallel_extent(k: &KernelKind, values: &egret_ir::Bindings) -> usize {
         KernelKind::Map(m) => {
             m.shape.first().map_or(1, |d| d.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0))
         }
-        KernelKind::Rows(r) => r.rows,
+        KernelKind::Rows(r) => size_at(r.rows, values),
         KernelKind::MatMul(mm) => mm.batches.len(),
-        KernelKind::Gather(k) => k.outer,
-        KernelKind::Attention(a) => a.batches.len() * a.blocks_per_batch(),
+        KernelKind::Gather(k) => size_at(k.outer, values),
+        KernelKind::Attention(a) => a.batches.len() * a.blocks_per_batch_at(values),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 1,
     }
+}
+
+/// A size at `values` (0 if it cannot be evaluated: the runtime checks
+/// every symbolic kernel's spans first).
+fn size_at(d: egret_ir::Dim, values: &egret_ir::Bindings) -> usize {
+    d.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0)
+}
+
+/// The blocks a kernel with symbolic sizes reads through argument slots
+/// after its operands' addresses and its `runtime_dims`' values, built by
+/// the runtime for each call's `values` because they hold sizes: an
+/// attention kernel's parameters and batch table, a symbolic product's
+/// epilogue program (whose first word is the rows). Empty for known kernels.
+pub fn call_blocks(kernel: &Kernel, values: &egret_ir::Bindings) -> Result<Vec<Vec<u8>>, String> {
+    match &kernel.kind {
+        KernelKind::Attention(a) if !a.is_known() => {
+            let a = a.at(values)?;
+            Ok(vec![library::attention_params(&a).to_bytes(), library::attention_table(&a)])
+        }
+        KernelKind::MatMul(mm) if !mm.m.is_known() => Ok(match &mm.epilogue {
+            Some(e) => {
+                let m = usize::try_from(mm.m.at(values)?).map_err(|_| format!("{} is negative", mm.m))?;
+                vec![library::encode_epilogue(e, m, mm.n, 2 + e.inputs.len(), 2)]
+            }
+            None => vec![],
+        }),
+        _ => Ok(vec![]),
+    }
+}
+
+/// The address in argument slot `slot` (after the operands, the sizes,
+/// then the blocks: see `call_blocks`).
+fn slot(
+    b: &mut FunctionBuilder,
+    ty: types::Type,
+    args: cranelift_codegen::ir::Value,
+    slot: usize,
+) -> cranelift_codegen::ir::Value {
+    b.ins().load(ty, MemFlagsData::new().with_notrap(), args, (8 * slot) as i32)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -400,7 +439,14 @@ fn define_kernels_except<M: Module>(
                     }
                     _ => rows::emit(&mut b, ptr, args, range, r, &fns),
                 },
-                KernelKind::Gather(k) => emit_gather(&mut b, ptr, args, range, k, frontend_config),
+                KernelKind::Gather(g) => {
+                    // A symbolic count of indices is read from its slot after the three operands.
+                    let count = match k.runtime_dims().iter().position(|&d| d == g.n_indices) {
+                        Some(at) => slot(&mut b, types::I64, args, 3 + at),
+                        None => b.ins().iconst(types::I64, known_size(g.n_indices) as i64),
+                    };
+                    emit_gather(&mut b, ptr, args, range, g, count, frontend_config)
+                }
                 KernelKind::Loop { op, inputs, outputs } => {
                     loop_nest::emit(&mut b, ptr, args, op, inputs, outputs, frontend_config)
                 }
@@ -413,12 +459,10 @@ fn define_kernels_except<M: Module>(
                     attention::emit(&mut b, args, range, params, table, &fns);
                 }
                 // Symbolic sizes: the runtime fills the parameter block and
-                // the table for each call and passes them after the operands.
+                // the table for each call (`call_blocks`).
                 KernelKind::Attention(_) => {
-                    let operands = k.buffers().0.len() + 1;
-                    let flags = MemFlagsData::new().with_notrap();
-                    let params = b.ins().load(ptr, flags, args, (8 * operands) as i32);
-                    let table = b.ins().load(ptr, flags, args, (8 * operands + 8) as i32);
+                    let blocks = k.buffers().0.len() + 1;
+                    let (params, table) = (slot(&mut b, ptr, args, blocks), slot(&mut b, ptr, args, blocks + 1));
                     attention::emit(&mut b, args, range, params, table, &fns);
                 }
                 KernelKind::MatMul(mm) => {
@@ -429,12 +473,19 @@ fn define_kernels_except<M: Module>(
                         b.func,
                     )
                     .map_err(err)?;
-                    let epilogue = match &mm.epilogue {
-                        Some(e) => {
-                            let program = library::encode_epilogue(e, mm.m, mm.n, 2 + e.inputs.len(), 2);
-                            Some(data_object(module, &format!("egret_k{i}_epilogue"), program, b.func).map_err(err)?)
+                    // Symbolic rows: their value after the operands, then the
+                    // epilogue program the runtime encodes for them (`call_blocks`).
+                    let operands = 3 + mm.epilogue.as_ref().map_or(0, |e| e.inputs.len());
+                    let rows = (!mm.m.is_known()).then(|| slot(&mut b, types::I64, args, operands));
+                    let epilogue = match (&mm.epilogue, rows) {
+                        (Some(_), Some(_)) => Some(slot(&mut b, ptr, args, operands + 1)),
+                        (Some(e), None) => {
+                            let program = library::encode_epilogue(e, known_size(mm.m), mm.n, 2 + e.inputs.len(), 2);
+                            let data =
+                                data_object(module, &format!("egret_k{i}_epilogue"), program, b.func).map_err(err)?;
+                            Some(b.ins().symbol_value(ptr, data))
                         }
-                        None => None,
+                        (None, _) => None,
                     };
                     let mut row_table = |rows: &Option<Vec<i64>>, name: &str| match rows {
                         Some(rows) => {
@@ -445,7 +496,7 @@ fn define_kernels_except<M: Module>(
                     };
                     let a_rows = row_table(&mm.a_rows, "a_rows").map_err(err)?;
                     let c_rows = row_table(&mm.c_rows, "c_rows").map_err(err)?;
-                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, [a_rows, c_rows], &fns);
+                    matmul::emit(&mut b, ptr, args, range, mm, table, epilogue, [a_rows, c_rows], &fns, rows);
                 }
                 KernelKind::Reference { .. } => unreachable!("skipped above"),
             }
@@ -476,6 +527,7 @@ fn emit_gather(
     args: cranelift_codegen::ir::Value,
     range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
     k: &crate::plan::GatherKernel,
+    count: cranelift_codegen::ir::Value,
     config: cranelift_codegen::isa::TargetFrontendConfig,
 ) {
     use cranelift_codegen::ir::condcodes::IntCC;
@@ -505,7 +557,7 @@ fn emit_gather(
     b.ins().jump(j_head, &[zero.into()]);
     b.switch_to_block(j_head);
     let j = b.block_params(j_head)[0];
-    let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, k.n_indices as i64);
+    let more = b.ins().icmp(IntCC::SignedLessThan, j, count);
     b.ins().brif(more, j_body, &[], j_exit, &[]);
     b.switch_to_block(j_body);
     let idx = if k.wide_indices {
@@ -532,7 +584,7 @@ fn emit_gather(
     let src_row = b.ins().iadd(src_row, idx);
     let src_off = b.ins().imul_imm_s(src_row, row_bytes);
     let src = b.ins().iadd(data, src_off);
-    let dst_row = b.ins().imul_imm_s(o, k.n_indices as i64);
+    let dst_row = b.ins().imul(o, count);
     let dst_row = b.ins().iadd(dst_row, j);
     let dst_off = b.ins().imul_imm_s(dst_row, row_bytes);
     let dst = b.ins().iadd(out, dst_off);

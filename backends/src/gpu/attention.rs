@@ -71,8 +71,9 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
     let (d, dv, kt_len) = (k.d, k.dv, key_tile(k.d, k.dv));
     let (pq, pk, pv, po) = (at(k.q), at(k.kt), at(k.v), at(k.out));
     let pm = k.mask.map(at);
-    let blocks = k.sq.div_ceil(ROWS);
-    let sq = b.param(k.sq as i64);
+    let sq_len = known_size(k.sq);
+    let blocks = sq_len.div_ceil(ROWS);
+    let sq = b.param(sq_len as i64);
     let blocks_p = b.param(blocks as i64);
     let batches = b.param(k.batches.len() as i64);
     // GPU plans are bound (`compile` checks): every size is known.
@@ -101,7 +102,7 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
         let (first, end) = match &k.key_spans {
             None => (0, sk),
             Some(spans) => {
-                let rows = block * ROWS..((block + 1) * ROWS).min(k.sq);
+                let rows = block * ROWS..((block + 1) * ROWS).min(sq_len);
                 let per = k.blocks_per_batch();
                 let plan_blocks = rows.start / k.block..rows.end.div_ceil(k.block);
                 plan_blocks.map(|pb| spans[batch * per + pb]).fold((sk, 0), |(f, e), [a, z]| (f.min(a), e.max(z)))

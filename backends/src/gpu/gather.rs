@@ -5,6 +5,7 @@
 use super::builder::Builder;
 use super::form::{Kernel, Ty, E};
 use super::Place;
+use crate::plan::known_size;
 use crate::plan::{BufferId, GatherKernel};
 
 pub const THREADS: u32 = 256;
@@ -13,11 +14,13 @@ pub const THREADS: u32 = 256;
 /// plus one, so that zero means no error).
 pub fn gather(k: &GatherKernel, at: &dyn Fn(BufferId) -> Place, code: u32) -> (Kernel, Vec<u32>, u64) {
     let mut b = Builder::new(THREADS);
-    let total = k.outer * k.n_indices * k.inner;
+    // GPU plans are bound (`gpu::compile` checks).
+    let (outer, n_indices) = (known_size(k.outer), known_size(k.n_indices));
+    let total = outer * n_indices * k.inner;
     let (pd, pi, po) = (at(k.data), at(k.indices), at(k.out));
     let n = b.param(total as i64);
     let inner = b.param(k.inner as i64);
-    let count = b.param(k.n_indices as i64);
+    let count = b.param(n_indices as i64);
     let axis = b.param(k.axis_len as i64);
     let (data, indices, out) = (b.param(pd.word as i64), b.param(pi.word as i64), b.param(po.word as i64));
     let code = b.param(code as i64);

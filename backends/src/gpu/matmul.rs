@@ -11,6 +11,7 @@
 use super::builder::Builder;
 use super::form::{Kernel, Precision, Space, Ty, Var, E};
 use super::Place;
+use crate::plan::known_size;
 use crate::plan::{BufferId, MatMulKernel};
 
 pub const TILE: usize = 64;
@@ -58,13 +59,14 @@ impl Product {
     fn new(b: &mut Builder, k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> Product {
         assert!(!k.b_packed && k.a_rows.is_none() && k.c_rows.is_none(), "GPU products come from a neutral plan");
         let (pa, pb, pc) = (at(k.a), at(k.b), at(k.c));
-        let (tiles_m, tiles_across) = (k.m.div_ceil(TILE), k.n.div_ceil(TILE));
+        // GPU plans are bound (`gpu::compile` checks).
+        let (tiles_m, tiles_across) = (known_size(k.m).div_ceil(TILE), k.n.div_ceil(TILE));
         let aligned = |base: usize, offset: isize| (base as isize + offset) % 4 == 0;
         let vector_a =
             k.a_strides[1] == 1 && k.a_strides[0] % 4 == 0 && k.batches.iter().all(|o| aligned(pa.word, o[0]));
         let vector_b =
             k.b_strides[1] == 1 && k.b_strides[0] % 4 == 0 && k.batches.iter().all(|o| aligned(pb.word, o[1]));
-        let m = b.param(k.m as i64);
+        let m = b.param(known_size(k.m) as i64);
         let n = b.param(k.n as i64);
         let kk = b.param(k.k as i64);
         let a_strides = k.a_strides.map(|s| b.param(s as i64));
@@ -230,7 +232,7 @@ impl Product {
 }
 
 fn groups(k: &MatMulKernel) -> u64 {
-    (k.batches.len() * k.m.div_ceil(TILE) * k.n.div_ceil(TILE)) as u64
+    (k.batches.len() * known_size(k.m).div_ceil(TILE) * k.n.div_ceil(TILE)) as u64
 }
 
 pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {

@@ -6,6 +6,7 @@
 use super::builder::Builder;
 use super::form::{Kernel, Reduction, Ty, UnOp, E};
 use super::Place;
+use crate::plan::known_size;
 use crate::plan::{BufferId, RowKernel, RowOp};
 
 /// Invocations per row: enough to cover short rows in a pass or two.
@@ -20,7 +21,7 @@ fn threads_for(len: usize) -> u32 {
 pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
     let mut b = Builder::new(threads_for(k.len));
     let threads = E::I32(b.threads() as i32);
-    let rows = b.param(k.rows as i64);
+    let rows = b.param(known_size(k.rows) as i64);
     let len = b.param(k.len as i64);
     let (px, po) = (at(k.x), at(k.out));
     let x_base = b.param(px.word as i64);
@@ -127,5 +128,5 @@ pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>,
     });
     let name = format!("rows_{}", format!("{:?}", k.op).split([' ', '{']).next().unwrap_or("op").to_lowercase());
     let (kernel, params) = b.finish(name);
-    (kernel, params, k.rows as u64)
+    (kernel, params, known_size(k.rows) as u64)
 }

@@ -62,3 +62,19 @@ v2: f32[2,12,8] = input{name=\"v\"}
 v3: f32[2,10,8] = attention{scale=0.35355338, nan_to_zero=false} v0, v1, v2
 output \"y\" = v3
 ";
+
+/// Sizes read at run time: a linear layer over a symbolic number of
+/// tokens (the product's rows and its bias epilogue's), and a cache grown
+/// by one position along a symbolic axis (maps with symbolic extents,
+/// strides and offsets).
+pub const SYMBOLIC: &str = "v0: f32[tokens,16] = input{name=\"x\"}
+v1: f32[16,16] = input{name=\"w\"}
+v2: f32[16] = input{name=\"bias\"}
+v3: f32[tokens,16] = matmul v0, v1
+v4: f32[tokens,16] = add v3, v2
+v5: f32[2,past,4] = input{name=\"cache\"}
+v6: f32[2,1,4] = input{name=\"new\"}
+v7: f32[2,past + 1,4] = concat{axis=1} v5, v6
+output \"y\" = v4
+output \"present\" = v7
+";
