@@ -896,7 +896,12 @@ impl<'g> Lowering<'g> {
         let g = self.g;
         let x = inputs[0];
         let xt = g.ty(x).clone();
-        if !mappable(xt.dtype) {
+        // Integers move through views too on the CPU, whose copies load and
+        // store any element (a slice of a position table at a symbolic
+        // offset is then a view, not a reference op per call); the GPU's
+        // maps compute in 32-bit words, so its plans keep them dense.
+        let movable = mappable(xt.dtype) || (!self.opts.neutral && matches!(xt.dtype, DType::I64 | DType::I32));
+        if !movable {
             return false;
         }
         let alias = |this: &mut Self, v: ValueId, offset: Dim, strides: Vec<Dim>| {

@@ -14,7 +14,7 @@
 //! kind is planned with known sizes only: `lower::symbols_to_bind` says
 //! which symbols a graph must have values for first.
 
-use egret_ir::{Bindings, DType, Dim, Op, Tensor, Type};
+use egret_ir::{Bindings, DType, Dim, DimValues, Op, Tensor, Type};
 use std::fmt;
 use std::sync::Arc;
 
@@ -425,9 +425,8 @@ pub struct AttentionKernel {
 
 impl AttentionKernel {
     /// Query blocks per batch, at `values` of the plan's symbols.
-    pub fn blocks_per_batch_at(&self, values: &Bindings) -> usize {
-        let sq = self.sq.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0);
-        sq.div_ceil(self.block)
+    pub fn blocks_per_batch_at(&self, values: &DimValues) -> usize {
+        values.size(self.sq).div_ceil(self.block)
     }
 
     /// Query blocks per batch of a kernel whose queries are known.
@@ -451,8 +450,8 @@ impl AttentionKernel {
     }
 
     /// The kernel with every symbol given its value.
-    pub fn at(&self, values: &Bindings) -> Result<AttentionKernel, String> {
-        let v = |d: Dim| d.at(values).and_then(|x| Dim::int(x).ok_or_else(|| format!("{d} is out of range")));
+    pub fn at(&self, values: &DimValues) -> Result<AttentionKernel, String> {
+        let v = |d: Dim| values.get(d).and_then(|x| Dim::int(x).ok_or_else(|| format!("{d} is out of range")));
         let pair = |p: [Dim; 2]| -> Result<[Dim; 2], String> { Ok([v(p[0])?, v(p[1])?]) };
         let mut batches = Vec::with_capacity(self.batches.len());
         for b in &self.batches {
@@ -604,7 +603,7 @@ impl Kernel {
     /// table read at a decoder's past length holds so many positions), and
     /// a call past them must be an error, not a read outside the table.
     /// Known kernels were checked when they were planned: `[]`.
-    pub fn spans_at(&self, values: &Bindings) -> Result<Vec<(BufferId, i64, i64)>, String> {
+    pub fn spans_at(&self, values: &DimValues) -> Result<Vec<(BufferId, i64, i64)>, String> {
         // One strided walk: `count[d]` steps of `step[d]` elements from `at`.
         fn walk(buffer: BufferId, elem: i64, at: i64, dims: &[(i64, i64)]) -> Option<(BufferId, i64, i64)> {
             if dims.iter().any(|&(n, _)| n <= 0) {
@@ -621,7 +620,7 @@ impl Kernel {
             }
             Some((buffer, lo.saturating_mul(elem), hi.saturating_add(1).saturating_mul(elem)))
         }
-        let v = |d: Dim| d.at(values);
+        let v = |d: Dim| values.get(d);
         match &self.kind {
             KernelKind::Map(m) if !self.runtime_dims().is_empty() => {
                 let shape = m.shape.iter().map(|&d| v(d)).collect::<Result<Vec<i64>, String>>()?;

@@ -483,6 +483,46 @@ impl Dim {
     }
 }
 
+/// One call's values of the symbols, each dim evaluated at most once: the
+/// runtime reads the same few sizes many times per call (a kernel's
+/// extents, the spans it reaches, its parameter block), and evaluating a
+/// polynomial looks it up in the process's table and its symbols by name.
+pub struct DimValues<'a> {
+    values: &'a Bindings,
+    /// The dims evaluated so far: a call has a few dozen distinct ones.
+    memo: std::cell::RefCell<Vec<(Dim, i64)>>,
+}
+
+impl<'a> DimValues<'a> {
+    pub fn new(values: &'a Bindings) -> DimValues<'a> {
+        DimValues { values, memo: Default::default() }
+    }
+
+    /// The symbols' values.
+    pub fn bindings(&self) -> &Bindings {
+        self.values
+    }
+
+    /// `d`'s value.
+    pub fn get(&self, d: Dim) -> Result<i64, String> {
+        if let Some(v) = d.known() {
+            return Ok(v);
+        }
+        if let Some(&(_, v)) = self.memo.borrow().iter().find(|(x, _)| *x == d) {
+            return Ok(v);
+        }
+        let v = d.at(self.values)?;
+        self.memo.borrow_mut().push((d, v));
+        Ok(v)
+    }
+
+    /// `d`'s value as a size (0 if it is negative or has no value: callers
+    /// check a call's sizes before they use them).
+    pub fn size(&self, d: Dim) -> usize {
+        self.get(d).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0)
+    }
+}
+
 impl From<usize> for Dim {
     fn from(v: usize) -> Dim {
         Dim::new(v)

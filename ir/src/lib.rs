@@ -20,7 +20,7 @@ mod verify;
 
 pub use dim::{
     bound_ints, bound_sizes, dims_of, dims_of_ints, known_shape, needs_bound_dims, product, shape_symbols, shape_text,
-    solve_bindings, Bindings, Dim, DimOverflow, BIND_DIMS_HINT, NOMINAL_SYMBOL_VALUE,
+    solve_bindings, Bindings, Dim, DimOverflow, DimValues, BIND_DIMS_HINT, NOMINAL_SYMBOL_VALUE,
 };
 pub use dot::to_dot;
 pub use dtype::{DType, Type, MAX_ELEMENTS};

@@ -13,7 +13,7 @@ use crate::{Executable, RunError};
 use egret_backends::cpu::kernels::pool::{self, Pool, Split};
 use egret_backends::cpu::{any_kernel_splits, call_blocks, parallel_extent, split_of, CompiledPlan};
 use egret_backends::plan::{BufferId, Kernel, KernelKind, Storage};
-use egret_ir::{Bindings, Dim, Op, Tensor, Type};
+use egret_ir::{Bindings, Dim, DimValues, Op, Tensor, Type};
 
 /// A 64-byte-aligned byte buffer, so that every element type (and vector
 /// loads) sees natural alignment.
@@ -223,7 +223,7 @@ impl CpuExecutable {
             }
             t.write_bytes(buf.bytes_mut());
         }
-        let run = Run { values: &values, offsets: &offsets };
+        let run = Run { values: &values, dims: DimValues::new(&values), offsets: &offsets };
         let result = self.execute_in(plan, &ws.inputs, &ws.arena, &run, times);
         if let Ok(mut w) = self.workspaces.lock() {
             w.push(ws);
@@ -280,7 +280,7 @@ impl CpuExecutable {
         inputs: &[AlignedBuf],
     ) -> Result<(), RunError> {
         let shown = || run.values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
-        let spans = k.spans_at(run.values).map_err(RunError::Shape)?;
+        let spans = k.spans_at(&run.dims).map_err(RunError::Shape)?;
         for (b, first, end) in spans {
             let (what, size) = match &plan.buffers[b].storage {
                 Storage::Input(i) => (format!("input {i}"), inputs[*i].len),
@@ -288,7 +288,7 @@ impl CpuExecutable {
                     (format!("a constant of {} elements", t.numel()), t.numel() * t.dtype().size_bytes())
                 }
                 Storage::Arena { .. } => {
-                    ("an intermediate value".to_string(), egret_backends::memory::bytes_at(plan, b, run.values))
+                    ("an intermediate value".to_string(), run.dims.size(plan.buffers[b].bytes))
                 }
             };
             if first < 0 || end as u64 > size as u64 {
@@ -382,17 +382,17 @@ impl CpuExecutable {
                     args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
                     // A symbolic kernel's sizes for this call, after its operands.
                     for d in &self.runtime_dims[i] {
-                        let v = d.at(values).map_err(RunError::Shape)?;
+                        let v = run.dims.get(*d).map_err(RunError::Shape)?;
                         args.push(v as usize as *mut u8);
                     }
                     // Then the blocks that hold its sizes (parameters, tables,
                     // an epilogue program), built for this call.
                     let blocks: Vec<Vec<u64>> = match k.is_known() {
                         true => vec![],
-                        false => call_blocks(k, values).map_err(RunError::Shape)?.into_iter().map(words).collect(),
+                        false => call_blocks(k, &run.dims).map_err(RunError::Shape)?.into_iter().map(words).collect(),
                     };
                     args.extend(blocks.iter().map(|w| w.as_ptr() as *mut u8));
-                    let extent = parallel_extent(kind, values) as i64;
+                    let extent = parallel_extent(kind, &run.dims) as i64;
                     // The function was generated for exactly these operands.
                     let status = unsafe { pool::launch(f, args.as_ptr(), extent, self.splits[i]) };
                     if status != 0 {
@@ -432,6 +432,8 @@ impl CpuExecutable {
 /// One call's symbol values and arena layout.
 struct Run<'a> {
     values: &'a Bindings,
+    /// The sizes evaluated at `values`, each once.
+    dims: DimValues<'a>,
     offsets: &'a [Option<usize>],
 }
 

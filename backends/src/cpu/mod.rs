@@ -45,23 +45,15 @@ pub use library::{any_kernel_splits, split_of};
 /// The length of the dimension a kernel's work is split along across
 /// threads: dim 0 of a map, the rows of a row kernel, the batches of a matmul.
 /// `values` gives the plan's symbols (a map's dim 0 may be one).
-pub fn parallel_extent(k: &KernelKind, values: &egret_ir::Bindings) -> usize {
+pub fn parallel_extent(k: &KernelKind, values: &egret_ir::DimValues) -> usize {
     match k {
-        KernelKind::Map(m) => {
-            m.shape.first().map_or(1, |d| d.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0))
-        }
-        KernelKind::Rows(r) => size_at(r.rows, values),
+        KernelKind::Map(m) => m.shape.first().map_or(1, |&d| values.size(d)),
+        KernelKind::Rows(r) => values.size(r.rows),
         KernelKind::MatMul(mm) => mm.batches.len(),
-        KernelKind::Gather(k) => size_at(k.outer, values),
+        KernelKind::Gather(k) => values.size(k.outer),
         KernelKind::Attention(a) => a.batches.len() * a.blocks_per_batch_at(values),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 1,
     }
-}
-
-/// A size at `values` (0 if it cannot be evaluated: the runtime checks
-/// every symbolic kernel's spans first).
-fn size_at(d: egret_ir::Dim, values: &egret_ir::Bindings) -> usize {
-    d.at(values).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0)
 }
 
 /// The blocks a kernel with symbolic sizes reads through argument slots
@@ -69,7 +61,7 @@ fn size_at(d: egret_ir::Dim, values: &egret_ir::Bindings) -> usize {
 /// the runtime for each call's `values` because they hold sizes: an
 /// attention kernel's parameters and batch table, a symbolic product's
 /// epilogue program (whose first word is the rows). Empty for known kernels.
-pub fn call_blocks(kernel: &Kernel, values: &egret_ir::Bindings) -> Result<Vec<Vec<u8>>, String> {
+pub fn call_blocks(kernel: &Kernel, values: &egret_ir::DimValues) -> Result<Vec<Vec<u8>>, String> {
     match &kernel.kind {
         KernelKind::Attention(a) if !a.is_known() => {
             let a = a.at(values)?;
@@ -77,7 +69,7 @@ pub fn call_blocks(kernel: &Kernel, values: &egret_ir::Bindings) -> Result<Vec<V
         }
         KernelKind::MatMul(mm) if !mm.m.is_known() => Ok(match &mm.epilogue {
             Some(e) => {
-                let m = usize::try_from(mm.m.at(values)?).map_err(|_| format!("{} is negative", mm.m))?;
+                let m = usize::try_from(values.get(mm.m)?).map_err(|_| format!("{} is negative", mm.m))?;
                 vec![library::encode_epilogue(e, m, mm.n, 2 + e.inputs.len(), 2)]
             }
             None => vec![],
