@@ -211,10 +211,9 @@ fn decode_steps_run_from_one_compile() {
             *t = Tensor::from_vec(vec![1, 129], vec![1i64; 129]);
         }
     }
-    // (The position embedding's gather, which holds 128 positions too,
-    // is the first kernel to refuse it.)
+    // Every symbolic kernel's reach is checked before any runs.
     let err = cpu.run(inputs).unwrap_err().to_string();
-    assert!(err.contains("out of range for an axis of length 128"), "{err}");
+    assert!(err.contains("past_sequence=128") && err.contains("outside"), "{err}");
 
     // The plan itself keeps the one symbol, in maps and attention only.
     let graph = canonical(&case, &CompileOptions::default()).unwrap().graph;

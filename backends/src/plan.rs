@@ -424,7 +424,9 @@ pub struct AttentionKernel {
 }
 
 impl AttentionKernel {
-    /// Query blocks per batch, at `values` of the plan's symbols.
+    /// Query blocks per batch, at `values` of the plan's symbols (the
+    /// same as the kernel `at` them has: a block larger than the queries
+    /// is one block either way).
     pub fn blocks_per_batch_at(&self, values: &DimValues) -> usize {
         values.size(self.sq).div_ceil(self.block)
     }
@@ -457,8 +459,12 @@ impl AttentionKernel {
         for b in &self.batches {
             batches.push([v(b[0])?, v(b[1])?, v(b[2])?, v(b[3])?, v(b[4])?]);
         }
+        let sq = v(self.sq)?;
         Ok(AttentionKernel {
-            sq: v(self.sq)?,
+            // Tiles were chosen for nominal sizes: no more query rows per
+            // tile than the call has, as a bound plan clamps them.
+            block: self.block.min(sq.size().unwrap_or(1).max(1)),
+            sq,
             sk: v(self.sk)?,
             q_strides: pair(self.q_strides)?,
             kt_strides: pair(self.kt_strides)?,

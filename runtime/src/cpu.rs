@@ -78,7 +78,28 @@ pub struct CpuExecutable {
     runtime_dims: Vec<Vec<Dim>>,
     /// Where the arena buffers are: the plan's layout, or (symbolic plans)
     /// a larger one made when a call's values passed it.
-    layout: std::sync::RwLock<Layout>,
+    layout: std::sync::RwLock<std::sync::Arc<Layout>>,
+    /// The inputs' declared types, by position (symbolic plans solve their
+    /// values from them per call).
+    declared: Vec<(String, Type)>,
+    /// The setup of the last call's values, reused while calls repeat them.
+    last: std::sync::Mutex<Option<std::sync::Arc<Setup>>>,
+}
+
+/// What a call with these values of the plan's symbols needs, worked out
+/// (and checked) once for them: a server's repeated shape reuses it; a
+/// decoder's next token has new values and a new setup.
+struct Setup {
+    values: Bindings,
+    layout: std::sync::Arc<Layout>,
+    /// Per kernel: its runtime dims' values, the slots after its operands.
+    sizes: Vec<Vec<i64>>,
+    /// Per kernel: the blocks after those (`cpu::call_blocks`), as words.
+    blocks: Vec<Vec<Vec<u64>>>,
+    /// Per kernel: the extent of its parallel dim.
+    extents: Vec<i64>,
+    /// The outputs' types at these values.
+    output_types: Vec<Type>,
 }
 
 /// Arena offsets (by buffer) for symbol values up to `capacity`.
@@ -130,9 +151,12 @@ impl CpuExecutable {
             })
             .collect();
         let layout = Layout { capacity: plan.capacity.clone(), offsets, arena_bytes: plan.arena_bytes };
+        let declared = plan.inputs.iter().enumerate().map(|(i, (_, ty))| (format!("input {i}"), ty.clone())).collect();
         CpuExecutable {
             runtime_dims,
-            layout: std::sync::RwLock::new(layout),
+            layout: std::sync::RwLock::new(std::sync::Arc::new(layout)),
+            declared,
+            last: std::sync::Mutex::new(None),
             compiled,
             pool,
             splits,
@@ -205,7 +229,8 @@ impl CpuExecutable {
     ) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
         let values = self.values(&inputs)?;
-        let (offsets, arena_bytes) = self.layout_for(&values);
+        let setup = self.setup(values, &inputs)?;
+        let arena_bytes = setup.layout.arena_bytes;
         let mut ws = self
             .workspaces
             .lock()
@@ -223,8 +248,7 @@ impl CpuExecutable {
             }
             t.write_bytes(buf.bytes_mut());
         }
-        let run = Run { values: &values, dims: DimValues::new(&values), offsets: &offsets };
-        let result = self.execute_in(plan, &ws.inputs, &ws.arena, &run, times);
+        let result = self.execute_in(plan, &ws.inputs, &ws.arena, &setup, times);
         if let Ok(mut w) = self.workspaces.lock() {
             w.push(ws);
         }
@@ -237,21 +261,51 @@ impl CpuExecutable {
         if plan.symbols.is_empty() {
             return Ok(Bindings::new());
         }
-        let declared: Vec<(String, Type)> =
-            plan.inputs.iter().enumerate().map(|(i, (_, ty))| (format!("input {i}"), ty.clone())).collect();
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
-        crate::solve_dims(&declared, &shapes)
+        crate::solve_dims(&self.declared, &shapes)
+    }
+
+    /// The setup for a call with `values`: the last one if it had the same,
+    /// else a new one, after checking that no symbolic kernel reaches
+    /// outside a buffer at them (so a call the model does not allow fails
+    /// before any kernel runs).
+    fn setup(&self, values: Bindings, inputs: &[Tensor]) -> Result<std::sync::Arc<Setup>, RunError> {
+        if let Some(s) = self.last.lock().ok().and_then(|l| l.clone()).filter(|s| s.values == values) {
+            return Ok(s);
+        }
+        let plan = &self.compiled.plan;
+        let layout = self.layout_for(&values);
+        let dims = DimValues::new(&values);
+        let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
+        let (mut sizes, mut blocks, mut extents) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, k) in plan.kernels.iter().enumerate() {
+            if !k.is_known() {
+                self.check_spans(plan, k, &values, &dims, &input_bytes)?;
+            }
+            let at = |d: &Dim| dims.get(*d).map_err(RunError::Shape);
+            sizes.push(self.runtime_dims[i].iter().map(at).collect::<Result<Vec<i64>, RunError>>()?);
+            blocks.push(match k.is_known() {
+                true => vec![],
+                false => call_blocks(k, &dims).map_err(RunError::Shape)?.into_iter().map(words).collect(),
+            });
+            extents.push(parallel_extent(&k.kind, &dims) as i64);
+        }
+        let output_types = plan.outputs.iter().map(|(_, ty)| bound_type(ty, &values)).collect::<Result<_, _>>()?;
+        let setup = std::sync::Arc::new(Setup { values, layout, sizes, blocks, extents, output_types });
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(setup.clone());
+        }
+        Ok(setup)
     }
 
     /// The arena layout a call with `values` runs in: the current one if
     /// they fit its capacity, else a new one for at least twice the old
     /// capacity of each symbol that passed it (so a growing decoder lays
     /// its arena out a few times, not at every token).
-    fn layout_for(&self, values: &Bindings) -> (Vec<Option<usize>>, usize) {
-        let read = |l: &Layout| (l.offsets.clone(), l.arena_bytes);
+    fn layout_for(&self, values: &Bindings) -> std::sync::Arc<Layout> {
         if let Ok(l) = self.layout.read() {
             if l.holds(values) {
-                return read(&l);
+                return l.clone();
             }
         }
         let mut l = self.layout.write().unwrap_or_else(|p| p.into_inner());
@@ -264,9 +318,9 @@ impl CpuExecutable {
                 }
             }
             let (offsets, arena_bytes) = egret_backends::memory::layout_at(&self.compiled.plan, &capacity);
-            *l = Layout { capacity, offsets, arena_bytes };
+            *l = std::sync::Arc::new(Layout { capacity, offsets, arena_bytes });
         }
-        read(&l)
+        l.clone()
     }
 
     /// Refuses a call whose values would take a symbolic kernel outside
@@ -276,19 +330,20 @@ impl CpuExecutable {
         &self,
         plan: &egret_backends::Plan,
         k: &Kernel,
-        run: &Run,
-        inputs: &[AlignedBuf],
+        values: &Bindings,
+        dims: &DimValues,
+        input_bytes: &[usize],
     ) -> Result<(), RunError> {
-        let shown = || run.values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
-        let spans = k.spans_at(&run.dims).map_err(RunError::Shape)?;
+        let shown = || values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
+        let spans = k.spans_at(dims).map_err(RunError::Shape)?;
         for (b, first, end) in spans {
             let (what, size) = match &plan.buffers[b].storage {
-                Storage::Input(i) => (format!("input {i}"), inputs[*i].len),
+                Storage::Input(i) => (format!("input {i}"), input_bytes[*i]),
                 Storage::Constant(t) => {
                     (format!("a constant of {} elements", t.numel()), t.numel() * t.dtype().size_bytes())
                 }
                 Storage::Arena { .. } => {
-                    ("an intermediate value".to_string(), run.dims.size(plan.buffers[b].bytes))
+                    ("an intermediate value".to_string(), dims.size(plan.buffers[b].bytes))
                 }
             };
             if first < 0 || end as u64 > size as u64 {
@@ -307,17 +362,12 @@ impl CpuExecutable {
         plan: &egret_backends::Plan,
         inputs: &[AlignedBuf],
         arena: &AlignedBuf,
-        run: &Run,
+        setup: &Setup,
         mut times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
-        let values = run.values;
-        let bound = |ty: &Type| -> Result<Type, RunError> {
-            if ty.is_known() {
-                return Ok(ty.clone());
-            }
-            ty.at(values).map_err(RunError::Shape)
-        };
-        let output_types = plan.outputs.iter().map(|(_, ty)| bound(ty)).collect::<Result<Vec<Type>, RunError>>()?;
+        let values = &setup.values;
+        let bound = |ty: &Type| bound_type(ty, values);
+        let output_types = &setup.output_types;
         // The direct outputs' memory: allocated, not initialised, since the
         // run writes every element (`Plan::direct_output`).
         let mut direct: Vec<(usize, Vec<f32>)> = self
@@ -333,7 +383,7 @@ impl CpuExecutable {
             inputs,
             constants: &self.constants,
             arena: arena.ptr(),
-            offsets: run.offsets,
+            offsets: &setup.layout.offsets,
             outputs: &redirected,
         };
         let mut args: Vec<*mut u8> = Vec::new();
@@ -374,25 +424,14 @@ impl CpuExecutable {
                         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(plan, *b), bytes.len()) };
                     }
                 }
-                (kind, Some(f)) => {
-                    if !k.is_known() {
-                        self.check_spans(plan, k, run, inputs)?;
-                    }
+                (_, Some(f)) => {
                     args.clear();
                     args.extend(self.operands[i].iter().map(|&b| mem.ptr(plan, b)));
-                    // A symbolic kernel's sizes for this call, after its operands.
-                    for d in &self.runtime_dims[i] {
-                        let v = run.dims.get(*d).map_err(RunError::Shape)?;
-                        args.push(v as usize as *mut u8);
-                    }
-                    // Then the blocks that hold its sizes (parameters, tables,
-                    // an epilogue program), built for this call.
-                    let blocks: Vec<Vec<u64>> = match k.is_known() {
-                        true => vec![],
-                        false => call_blocks(k, &run.dims).map_err(RunError::Shape)?.into_iter().map(words).collect(),
-                    };
-                    args.extend(blocks.iter().map(|w| w.as_ptr() as *mut u8));
-                    let extent = parallel_extent(kind, &run.dims) as i64;
+                    // A symbolic kernel's sizes for this call after its
+                    // operands, then the blocks that hold its sizes.
+                    args.extend(setup.sizes[i].iter().map(|&v| v as usize as *mut u8));
+                    args.extend(setup.blocks[i].iter().map(|w| w.as_ptr() as *mut u8));
+                    let extent = setup.extents[i];
                     // The function was generated for exactly these operands.
                     let status = unsafe { pool::launch(f, args.as_ptr(), extent, self.splits[i]) };
                     if status != 0 {
@@ -429,12 +468,12 @@ impl CpuExecutable {
     }
 }
 
-/// One call's symbol values and arena layout.
-struct Run<'a> {
-    values: &'a Bindings,
-    /// The sizes evaluated at `values`, each once.
-    dims: DimValues<'a>,
-    offsets: &'a [Option<usize>],
+/// A type at a call's values of the symbols.
+fn bound_type(ty: &Type, values: &Bindings) -> Result<Type, RunError> {
+    match ty.is_known() {
+        true => Ok(ty.clone()),
+        false => ty.at(values).map_err(RunError::Shape),
+    }
 }
 
 /// Bytes as 8-byte words, so the kernel library reads its blocks aligned.
