@@ -4,7 +4,10 @@ form PyTorch's dynamo exporter (opset 18) gives them, with onnxruntime's
 outputs as the reference: `tests/data/synthetic/<name>/model.onnx` and
 `test_data_set_0/{input,output}_N.pb`, the layout of the zoo.
 
-  python3 tools/make_synthetic_models.py [OUT_DIR]
+  python3 tools/make_synthetic_models.py [OUT_DIR [NAME...]]
+
+(`bert_dynamic_wide` and `gpt2_kv_wide`, wider variants for benchmarks at
+128 tokens, are written only when named.)
 
 Needs only `onnx`, `numpy` and `onnxruntime`. The weights are random
 (seeded), so the files are reproducible; the graphs spell the operations
@@ -268,8 +271,8 @@ def t5_tiny(rng):
     return model, inputs
 
 
-def bert_dynamic(rng):
-    vocab, hidden, heads, head_dim, inter, layers, max_pos = 128, 32, 2, 16, 64, 2, 64
+def bert_dynamic(rng, hidden=32, heads=2, inter=64, layers=2, max_pos=64):
+    vocab, head_dim = 128, hidden // heads
     b = Builder(rng)
     ids, mask = "input_ids", "attention_mask"
 
@@ -328,8 +331,8 @@ def bert_dynamic(rng):
     return model, sets
 
 
-def gpt2_kv(rng):
-    vocab, hidden, heads, head_dim, layers, max_pos = 96, 32, 2, 16, 2, 128
+def gpt2_kv(rng, hidden=32, heads=2, layers=2, max_pos=128):
+    vocab, head_dim = 96, hidden // heads
     b = Builder(rng)
     ids, mask = "input_ids", "attention_mask"
     finfo_min = float(np.finfo(np.float32).min)
@@ -443,8 +446,14 @@ def main():
     # llama_tiny and t5_tiny share one stream, as when they were first written.
     rng = np.random.default_rng(0)
     llama, t5 = llama_tiny(rng), t5_tiny(rng)
+    # The `_wide` variants are for benchmarks, not the repository: eight
+    # times the width (head size 64) and 512 positions, so that a run at
+    # 128 tokens measures the kernels rather than the calls.
+    wide = dict(hidden=256, heads=4, layers=4, max_pos=512)
     made = {"llama_tiny": lambda: llama, "t5_tiny": lambda: t5, "bert_dynamic": lambda: bert_dynamic(np.random.default_rng(1)),
-            "gpt2_kv": lambda: gpt2_kv(np.random.default_rng(2))}
+            "gpt2_kv": lambda: gpt2_kv(np.random.default_rng(2)),
+            "bert_dynamic_wide": lambda: bert_dynamic(np.random.default_rng(1), inter=1024, **wide),
+            "gpt2_kv_wide": lambda: gpt2_kv(np.random.default_rng(2), **wide)}
     for name in names:
         write(out_dir, name, *made[name]())
 

@@ -2,16 +2,19 @@
 """A session whose dims stay symbolic against one compiled for the shape,
 side by side at the same shapes:
 
-  python3 tools/symbolic_vs_specialised.py [--tokens 64] [--runs 200]
+  python3 tools/symbolic_vs_specialised.py [--tokens 64] [--runs 200] [--models DIR]
 
 For each model (BERT-style `bert_dynamic`, GPT-2 with a KV cache
-`gpt2_kv` over an empty past) it makes two sessions: one without `dims`
-(compiled once for every shape; the backend lowers each new binding of
-the dims when a run first needs it) and one with the dims given
-(specialised). It reports the time of the first run at the shape (for the
-symbolic session, the lowering of that binding) and the median run time
-after it, each session's best of three alternating rounds. Needs the
-`egret` package (`pip install ./python`) and numpy.
+`gpt2_kv` over an empty past, from `tests/data/synthetic`; with `--models
+DIR`, every such model in DIR, such as the `_wide` variants
+`tools/make_synthetic_models.py DIR bert_dynamic_wide gpt2_kv_wide` writes,
+which embed 512 positions) it makes two sessions: one without `dims`
+(its CPU program keeps the sequence and past lengths symbolic, compiled
+for the batch size at the first run) and one with the dims given
+(specialised). It reports the time of the first run at the shape (the
+symbolic session's compile) and the median run time after it, each
+session's best of three alternating rounds. Needs the `egret` package
+(`pip install ./python`) and numpy.
 """
 
 import argparse
@@ -26,9 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC = os.path.join(ROOT, "tests", "data", "synthetic")
 
 
-def feeds_for(model, tokens):
+def feeds_for(path, tokens):
     """Inputs of batch 1 and `tokens` tokens (and an empty past)."""
-    sess = egret.InferenceSession(os.path.join(SYNTHETIC, model), threads=1)
+    sess = egret.InferenceSession(path, threads=1)
     feeds = {}
     rng = np.random.default_rng(0)
     for i in sess.get_inputs():
@@ -40,7 +43,7 @@ def feeds_for(model, tokens):
             shape = [1 if d == "batch" else 0 if d == "past_sequence" else d for d in i.shape]
             feeds[i.name] = np.zeros(shape, dtype=np.float32)
     dims = {"batch": 1, "sequence": tokens}
-    if model == "gpt2_kv":
+    if any(i.name.startswith("past_key_values") for i in sess.get_inputs()):
         dims["past_sequence"] = 0
     return feeds, dims
 
@@ -59,15 +62,17 @@ def timed(sess, feeds, runs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # The synthetic models embed at most 64 positions.
+    # The synthetic models in the repository embed at most 64 positions.
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--models", default=SYNTHETIC)
     args = ap.parse_args()
+    models = sorted(m for m in os.listdir(args.models) if m.startswith(("bert_dynamic", "gpt2_kv")))
     print(f"| model | tokens | symbolic first run ms | specialised first run ms | symbolic median ms | specialised median ms | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for model in ["bert_dynamic", "gpt2_kv"]:
-        feeds, dims = feeds_for(model, args.tokens)
-        path = os.path.join(SYNTHETIC, model)
+    for model in models:
+        path = os.path.join(args.models, model)
+        feeds, dims = feeds_for(path, args.tokens)
         best = {"symbolic": (float("inf"), float("inf")), "specialised": (float("inf"), float("inf"))}
         for _ in range(3):
             for kind in best:

@@ -453,6 +453,16 @@ impl Tensor {
 
     /// Writes the bytes of `to_bytes` into `dst`, which must be exactly that
     /// long, without allocating (the runtime fills reused input buffers).
+    /// The elements' bytes where they are (a bool is one byte, 0 or 1, as
+    /// `to_bytes` writes it), for readers that take them in place.
+    pub fn bytes(&self) -> &[u8] {
+        fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+            // Plain numeric types (and bool, one byte of 0 or 1) with no padding.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        crate::dispatch!(&self.data, v: T => bytes_of(v))
+    }
+
     pub fn write_bytes(&self, dst: &mut [u8]) {
         fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
             // Plain numeric types with no padding: their bytes are well defined.

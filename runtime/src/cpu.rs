@@ -52,7 +52,8 @@ struct Workspace {
     /// Every arena byte a kernel reads was written earlier in the same run,
     /// so a reused arena needs no clearing.
     arena: AlignedBuf,
-    /// The inputs, copied in aligned.
+    /// The inputs, copied in aligned where a kernel writes one (none does
+    /// as lowering plans them; see `CpuExecutable::inputs_in_place`).
     inputs: Vec<AlignedBuf>,
 }
 
@@ -84,6 +85,11 @@ pub struct CpuExecutable {
     declared: Vec<(String, Type)>,
     /// The setup of the last call's values, reused while calls repeat them.
     last: std::sync::Mutex<Option<std::sync::Arc<Setup>>>,
+    /// Whether kernels read the caller's input tensors where they are (no
+    /// kernel writes an input's buffer, and a tensor's elements are
+    /// naturally aligned, as every kernel needs) instead of copies: a
+    /// decoder's past is then not copied in on every token.
+    inputs_in_place: bool,
 }
 
 /// What a call with these values of the plan's symbols needs, worked out
@@ -142,6 +148,10 @@ impl CpuExecutable {
             .collect();
         let direct_outputs = (0..plan.outputs.len()).map(|i| plan.direct_output(i)).collect();
         let runtime_dims = plan.kernels.iter().map(Kernel::runtime_dims).collect();
+        let inputs_in_place = !plan
+            .kernels
+            .iter()
+            .any(|k| k.buffers().1.iter().any(|&b| matches!(plan.buffers[b].storage, Storage::Input(_))));
         let offsets = plan
             .buffers
             .iter()
@@ -157,6 +167,7 @@ impl CpuExecutable {
             layout: std::sync::RwLock::new(std::sync::Arc::new(layout)),
             declared,
             last: std::sync::Mutex::new(None),
+            inputs_in_place,
             compiled,
             pool,
             splits,
@@ -174,7 +185,7 @@ impl CpuExecutable {
 
 /// Where each buffer's bytes are during one run.
 struct Memory<'a> {
-    inputs: &'a [AlignedBuf],
+    inputs: &'a [*mut u8],
     constants: &'a [Option<AlignedBuf>],
     arena: *mut u8,
     /// Arena offsets by buffer (`Layout::offsets`).
@@ -190,7 +201,7 @@ impl Memory<'_> {
             return at;
         }
         match &plan.buffers[b].storage {
-            Storage::Input(i) => self.inputs[*i].ptr(),
+            Storage::Input(i) => self.inputs[*i],
             Storage::Constant(_) => self.constants[b].as_ref().expect("constants are converted up front").ptr(),
             // Offsets come from the memory plan, inside the arena.
             Storage::Arena { .. } => unsafe { self.arena.add(self.offsets[b].expect("arena buffers have offsets")) },
@@ -240,15 +251,22 @@ impl CpuExecutable {
         if ws.arena.len < arena_bytes {
             ws.arena = AlignedBuf::zeroed(arena_bytes);
         }
-        ws.inputs.resize_with(inputs.len(), || AlignedBuf::zeroed(0));
-        for (buf, t) in ws.inputs.iter_mut().zip(&inputs) {
-            let len = t.numel() * t.dtype().size_bytes();
-            if buf.len != len {
-                *buf = AlignedBuf::zeroed(len);
+        let input_ptrs: Vec<*mut u8> = match self.inputs_in_place {
+            // Read only, so the shared reference's memory is never written.
+            true => inputs.iter().map(|t| t.bytes().as_ptr() as *mut u8).collect(),
+            false => {
+                ws.inputs.resize_with(inputs.len(), || AlignedBuf::zeroed(0));
+                for (buf, t) in ws.inputs.iter_mut().zip(&inputs) {
+                    let len = t.numel() * t.dtype().size_bytes();
+                    if buf.len != len {
+                        *buf = AlignedBuf::zeroed(len);
+                    }
+                    t.write_bytes(buf.bytes_mut());
+                }
+                ws.inputs.iter().map(AlignedBuf::ptr).collect()
             }
-            t.write_bytes(buf.bytes_mut());
-        }
-        let result = self.execute_in(plan, &ws.inputs, &ws.arena, &setup, times);
+        };
+        let result = self.execute_in(plan, &input_ptrs, &ws.arena, &setup, times);
         if let Ok(mut w) = self.workspaces.lock() {
             w.push(ws);
         }
@@ -342,9 +360,7 @@ impl CpuExecutable {
                 Storage::Constant(t) => {
                     (format!("a constant of {} elements", t.numel()), t.numel() * t.dtype().size_bytes())
                 }
-                Storage::Arena { .. } => {
-                    ("an intermediate value".to_string(), dims.size(plan.buffers[b].bytes))
-                }
+                Storage::Arena { .. } => ("an intermediate value".to_string(), dims.size(plan.buffers[b].bytes)),
             };
             if first < 0 || end as u64 > size as u64 {
                 return Err(RunError::Shape(format!(
@@ -360,7 +376,7 @@ impl CpuExecutable {
     fn execute_in(
         &self,
         plan: &egret_backends::Plan,
-        inputs: &[AlignedBuf],
+        inputs: &[*mut u8],
         arena: &AlignedBuf,
         setup: &Setup,
         mut times: Option<&mut Vec<(String, String, f64)>>,

@@ -134,7 +134,9 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
             }
             let args = b.ins().stack_addr(ptr, slot, 0);
             let kernel = b.ins().func_addr(ptr, callee);
-            let extent = b.ins().iconst(types::I64, parallel_extent(&k.kind, &egret_ir::DimValues::new(&Default::default())) as i64);
+            let extent = b
+                .ins()
+                .iconst(types::I64, parallel_extent(&k.kind, &egret_ir::DimValues::new(&Default::default())) as i64);
             let split = b.ins().iconst(types::I64, split_of(&k.kind) as i64);
             let call = b.ins().call(launch, &[kernel, args, extent, split]);
             let status = b.inst_results(call)[0];
