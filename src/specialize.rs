@@ -1,10 +1,10 @@
 //! Programs for graphs whose dims stay symbolic.
 //!
 //! The import, canonicalisation and the e-graph run once, on the symbolic
-//! graph. The CPU backend's plans keep the symbols that only maps, views
-//! and attention's keys see (`egret_backends::symbols_to_bind` names the
-//! others): those run every value from one compile, as a decoder's past
-//! length does. The symbols a product, a norm or a gather sees are bound:
+//! graph. The CPU backend's plans keep the symbols its kernels read at run
+//! time (a sequence's and a past's lengths: `egret_backends::symbols_to_bind`
+//! names the others, such as attention's batch), which run every value from
+//! one compile. The others are bound:
 //! a `Specializing` executable works them out of each call's input shapes
 //! and keeps the programs it compiled for the values it has seen. A value
 //! it has seen runs at once; a new one is bound (`Graph::bind`),
@@ -116,6 +116,15 @@ impl Specializing {
                     let bound = graph.bind(&given)?;
                     let (bound, _) = egret_passes::canonicalize(&bound)?;
                     let more = egret_backends::symbols_to_bind(&bound, crate::lower_options(&self.opts));
+                    if more.iter().any(|s| bind.contains(s)) {
+                        // Only a symbol no input gives a value stays after binding.
+                        let names: Vec<&str> = more.iter().map(String::as_str).collect();
+                        return Err(crate::Error::Usage(format!(
+                            "dims {} need values that the inputs' shapes do not give {}",
+                            names.join(", "),
+                            egret_ir::BIND_DIMS_HINT
+                        )));
+                    }
                     if !more.is_empty() {
                         bind.extend(more);
                         continue;

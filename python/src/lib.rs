@@ -116,7 +116,12 @@ fn tensor_of(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Tensor> {
             $(
                 if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'_, $t>>() {
                     let shape = a.shape().to_vec();
-                    let data: Vec<$t> = a.as_array().iter().copied().collect();
+                    // One copy of a contiguous array's memory; element by
+                    // element only for a strided view.
+                    let data: Vec<$t> = match a.as_slice() {
+                        Ok(contiguous) => contiguous.to_vec(),
+                        Err(_) => a.as_array().iter().copied().collect(),
+                    };
                     return Ok(Tensor::from_vec(shape, data));
                 }
             )*
