@@ -111,8 +111,9 @@ pub struct Compiles {
 
 /// `check_case_with`, also returning how many compiles the data sets took.
 /// The model keeps its symbolic dims symbolic, so data sets of different
-/// shapes share one compile of the model; the backend lowers it once per
-/// binding of the dims. A set whose inputs a compiled model does not accept
+/// shapes share one compile of the model; the backend makes a program per
+/// value of the dims its kernels need known (on the CPU, the batch: the
+/// sequence and past lengths stay symbolic). A set whose inputs a compiled model does not accept
 /// (a value the model was specialised on differs) compiles it again.
 pub fn check_case_counting(case: &Path, opts: &CompileOptions, tol: Tolerance) -> (Vec<CaseReport>, Compiles) {
     let sets = match data_sets(case) {

@@ -13,8 +13,8 @@ pub struct Explanation {
     /// The kernel plan with the CPU's choices (for the CPU and reference
     /// backends), or the neutral plan the GPU compiled (for wgsl and ptx).
     /// `None` while some dims are symbolic that the backend needs values
-    /// of (it plans each binding of them when a run first needs it); a CPU
-    /// plan may keep the others (`Plan::symbols`).
+    /// of (it plans them when a run first needs them); a CPU plan may keep
+    /// the others (`Plan::symbols`).
     pub plan: Option<Plan>,
     /// The GPU's kernels, grids and host steps, for wgsl and ptx.
     pub gpu: Option<GpuPlan>,
@@ -95,7 +95,7 @@ impl Explanation {
             "fusions": self.fusions.iter().cloned().collect::<BTreeMap<String, usize>>(),
             "tilings": self.tilings.iter().cloned().collect::<BTreeMap<String, usize>>(),
             "rules": report.rules.iter().cloned().collect::<BTreeMap<String, usize>>(),
-            // Null while dims are symbolic: the backend plans each binding.
+            // Null while dims the backend needs known are symbolic.
             "kernels": kernels,
             "arena_bytes": self.plan.as_ref().map(|p| p.arena_bytes),
             // The model's dim_params: the sizes compilation fixed, or null

@@ -9,8 +9,9 @@
 //!    the e-graph, verified;
 //! 3. a backend turns the graph into an `Executable`, wrapped with the
 //!    model's signature into a `runtime::Program`. A graph with symbolic
-//!    dims gets a `specialize::Specializing` executable, which binds them
-//!    from each call's inputs and lowers once per binding.
+//!    dims gets a `specialize::Specializing` executable, which works their
+//!    values out of each call's inputs and compiles a program per value of
+//!    the dims its kernels need known (the others stay symbolic in it).
 
 pub mod aot;
 pub mod check;

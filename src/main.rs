@@ -576,7 +576,7 @@ fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Res
             let plural = |n: usize| if n == 1 { "" } else { "s" };
             let lowered = if compiles.specializations > 0 {
                 let n = compiles.specializations;
-                format!(", lowered for {n} binding{} of its symbolic dims", plural(n))
+                format!(", {n} program{} for the values of its symbolic dims", plural(n))
             } else {
                 String::new()
             };

@@ -173,9 +173,9 @@ fn backend_of(name: &str) -> PyResult<egret::Backend> {
 #[pyclass(frozen, module = "egret")]
 struct InferenceSession {
     /// The compiled model. With symbolic dims left unbound it is compiled
-    /// once for all their values; each run's shapes bind them, and the
-    /// backend lowers it once per binding it has not seen (keeping
-    /// `max_compiled_shapes` of those programs).
+    /// once for all their values; each run's shapes give them values, and
+    /// the backend compiles a program per value of the dims its kernels
+    /// need known (on the CPU the batch; keeping `max_compiled_shapes`).
     model: Arc<egret::Model>,
     /// The model's inputs and outputs as the file declares them, for a
     /// model with unbound symbolic dims: `get_inputs` names them as
@@ -190,9 +190,10 @@ impl InferenceSession {
     /// Compiles the model at `path` (a file, or a folder holding
     /// `model.onnx`) for `backend`. `dims` binds symbolic dimensions by
     /// name; `threads` is the CPU's (default: one per core). A symbolic
-    /// dim left unbound is bound by each run's input shapes, compiling once
-    /// per new binding; the session keeps `max_compiled_shapes` of those
-    /// programs.
+    /// dim left unbound takes each run's value from its input shapes; the
+    /// CPU compiles a program per batch size (the sequence and past lengths
+    /// stay symbolic in it), a GPU per binding; the session keeps
+    /// `max_compiled_shapes` of those programs.
     #[new]
     #[pyo3(signature = (path, backend = "cpu", threads = None, opt_level = 2, dims = None, max_compiled_shapes = 16))]
     fn new(
@@ -303,8 +304,9 @@ impl InferenceSession {
 
     /// The number of programs the backend has compiled: one for a model
     /// whose dims were all bound when the session was made; with unbound
-    /// symbolic dims, one per binding the runs have needed (the session
-    /// keeps the last `max_compiled_shapes` of them).
+    /// symbolic dims, one per value of the dims the backend needs known
+    /// that the runs have had (the session keeps the last
+    /// `max_compiled_shapes` of them).
     fn compiled_shapes(&self) -> usize {
         self.model.program.executable.specializations().unwrap_or(1)
     }

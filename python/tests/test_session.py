@@ -186,8 +186,9 @@ def stored_sets(model):
 def test_a_session_with_unbound_symbolic_dims_serves_every_shape():
     """As onnxruntime's: made without `dims`, it reports the dims by name
     and runs inputs of any shape. The model is compiled once with its dims
-    symbolic; the backend lowers it once per new binding of them, which
-    `compiled_shapes` counts."""
+    symbolic; the CPU compiles a program per batch size (the sequence stays
+    symbolic in it), which `compiled_shapes` counts: the two data sets have
+    two batch sizes."""
     model = os.path.join(SYNTHETIC, "bert_dynamic")
     sess = egret.InferenceSession(model, threads=1)
     assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"], ["batch", "sequence"]]
@@ -210,7 +211,8 @@ def test_a_session_with_unbound_symbolic_dims_serves_every_shape():
 
 
 def test_a_key_value_cache_decodes_through_one_session():
-    """gpt2_kv: the prompt over an empty past, then a step fed its presents."""
+    """gpt2_kv: the prompt over an empty past, then a step fed its presents,
+    from one program: the sequence and past lengths stay symbolic in it."""
     model = os.path.join(SYNTHETIC, "gpt2_kv")
     sess = egret.InferenceSession(model, threads=1)
     names = [o.name for o in sess.get_outputs()]
@@ -219,6 +221,7 @@ def test_a_key_value_cache_decodes_through_one_session():
     for feeds, want in stored_sets(model):
         for g, w in zip(sess.run(None, feeds), want):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    assert sess.compiled_shapes() == 1
 
 
 def test_an_io_binding_feeds_the_presents_back_without_numpy():
