@@ -331,3 +331,21 @@ output \"y\" = v2
     }
     assert!(exe.arena_bytes().unwrap() >= 1000 * 4 && exe.arena_bytes().unwrap() > first);
 }
+
+/// Given its batch, a decoder's CPU plan keeps the sequence and past
+/// lengths symbolic and is compiled when the model is: the prompt and the
+/// steps after it run with no compile, and agree with the stored outputs.
+#[test]
+fn a_decoder_given_its_batch_compiles_once_up_front() {
+    let case = common::synthetic_dir().join("gpt2_kv");
+    let dims = [("batch".to_string(), 1)].into();
+    let model = compile(&case, &CompileOptions { threads: Some(1), dims, ..Default::default() }).unwrap();
+    assert_eq!(model.program.executable.specializations(), None, "compiled up front, not per call");
+    let (reports, compiles) = egret::check::check_case_counting(
+        &case,
+        &CompileOptions { threads: Some(1), dims: [("batch".to_string(), 1)].into(), ..Default::default() },
+        Tolerance::default(),
+    );
+    assert!(reports.iter().all(|r| r.passed()), "{reports:?}");
+    assert_eq!(compiles, Compiles { models: 1, specializations: 0 });
+}
