@@ -452,16 +452,14 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     }
     // A CPU plan that can keep every symbol left (a decoder given its batch)
     // is compiled now, as a bound model is: no run compiles anything.
-    let plannable = opts.backend == Backend::Cpu
-        && egret_backends::symbols_to_bind(&c.graph, lower_options(opts)).is_empty();
-    let executable: Box<dyn egret_runtime::Executable> = if c.graph.is_bound()
-        || opts.backend == Backend::Reference
-        || plannable
-    {
-        backend_executable(&c.graph, opts)?
-    } else {
-        Box::new(specialize::Specializing::new(c.graph.clone(), opts.clone()))
-    };
+    let plannable =
+        opts.backend == Backend::Cpu && egret_backends::symbols_to_bind(&c.graph, lower_options(opts)).is_empty();
+    let executable: Box<dyn egret_runtime::Executable> =
+        if c.graph.is_bound() || opts.backend == Backend::Reference || plannable {
+            backend_executable(&c.graph, opts)?
+        } else {
+            Box::new(specialize::Specializing::new(c.graph.clone(), opts.clone()))
+        };
     let backend_ms = ms(t);
     Ok(Model {
         program: Program { signature, executable },

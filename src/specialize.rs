@@ -2,9 +2,11 @@
 //!
 //! The import, canonicalisation and the e-graph run once, on the symbolic
 //! graph. The CPU backend's plans keep the symbols its kernels read at run
-//! time (a sequence's and a past's lengths: `egret_backends::symbols_to_bind`
-//! names the others, such as attention's batch), which run every value from
-//! one compile. The others are bound:
+//! time (a batch, a sequence's and a past's lengths), which run every value
+//! from one compile; a graph whose symbols all stay is compiled with the
+//! model and never reaches this module. `egret_backends::symbols_to_bind`
+//! names the others (the size of a product of two activations, a norm's
+//! length), and those are bound:
 //! a `Specializing` executable works them out of each call's input shapes
 //! and keeps the programs it compiled for the values it has seen. A value
 //! it has seen runs at once; a new one is bound (`Graph::bind`),

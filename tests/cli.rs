@@ -213,7 +213,7 @@ fn the_wgsl_backend_without_an_adapter_says_what_to_install() {
 fn check_says_how_many_compiles_its_data_sets_took() {
     let (ok, out, err) = egret(&["check", "tests/data/synthetic/bert_dynamic"]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("bert_dynamic: 2 data sets, 1 compile, 2 programs for the values of its symbolic dims"), "{out}");
+    assert!(out.contains("bert_dynamic: 2 data sets, 1 compile\n"), "{out}");
     assert_eq!(out.lines().last(), Some("2 passed, 0 failed"));
 
     let dir = std::env::temp_dir().join(format!("egret-cli-compiles-{}", std::process::id()));

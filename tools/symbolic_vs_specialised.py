@@ -9,8 +9,8 @@ For each model (BERT-style `bert_dynamic`, GPT-2 with a KV cache
 DIR`, every such model in DIR, such as the `_wide` variants
 `tools/make_synthetic_models.py DIR bert_dynamic_wide gpt2_kv_wide` writes,
 which embed 512 positions) it makes two sessions: one without `dims`
-(its CPU program keeps the sequence and past lengths symbolic, compiled
-for the batch size at the first run) and one with the dims given
+(its CPU program keeps the batch, sequence and past lengths symbolic,
+compiled when the session is made) and one with the dims given
 (specialised). It reports the time of the first run at the shape (the
 symbolic session's compile) and the median run time after it, each
 session's best of three alternating rounds. Needs the `egret` package

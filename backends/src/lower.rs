@@ -1574,8 +1574,11 @@ impl<'g> Lowering<'g> {
             skt[skt.len() - 1],
             known_size(so[so.len() - 1]),
         );
-        let batch: Vec<usize> = so[..so.len() - 2].iter().map(|&d| known_size(d)).collect();
-        let batch_dims = dims(&batch);
+        // A symbolic leading batch axis (a model's batch) over known heads
+        // is strides, not a list (`OuterBatch`); the other axes are listed.
+        let batch_dims: Vec<Dim> = so[..so.len() - 2].to_vec();
+        let lead = usize::from(batch_dims.len() >= 2 && !batch_dims[0].is_known());
+        let batch: Vec<usize> = batch_dims[lead..].iter().map(|&d| known_size(d)).collect();
         let mut scores = batch_dims.clone();
         scores.extend([sq, sk]);
         let vq = self.view(q);
@@ -1583,7 +1586,7 @@ impl<'g> Lowering<'g> {
         let (vv, v_repeat) = self.attention_operand(v);
         let vm = inputs.get(3).map(|&m| self.read(m, &scores));
         let vo = self.attention_output(out);
-        let nb = batch.len();
+        let nb = batch_dims.len();
         let bq = broadcast_view(&sq_shape[..sq_shape.len() - 2], &vq.strides[..sq_shape.len() - 2], &batch_dims);
         let bkt = broadcast_view(&skt[..skt.len() - 2], &vkt.strides[..skt.len() - 2], &batch_dims);
         let bv = broadcast_view(&sv[..sv.len() - 2], &vv.strides[..sv.len() - 2], &batch_dims);
@@ -1592,8 +1595,8 @@ impl<'g> Lowering<'g> {
             .map(|i| {
                 let mask_offset = vm.as_ref().map_or(Dim::new(0), |m| m.offset);
                 let mut offs = [vq.offset, vkt.offset, vv.offset, mask_offset, vo.offset];
-                for dim in 0..nb {
-                    let idx = ((i / bs[dim]) % batch[dim]) as isize;
+                for (j, dim) in (lead..nb).enumerate() {
+                    let idx = ((i / bs[j]) % batch[j]) as isize;
                     // Heads are the last batch axis; repeated ones share.
                     let head = |repeat: usize| if dim + 1 == nb { idx / repeat as isize } else { idx };
                     offs[0] += bq[dim] * idx;
@@ -1607,6 +1610,10 @@ impl<'g> Lowering<'g> {
                 offs
             })
             .collect::<Vec<_>>();
+        let outer = (lead == 1).then(|| OuterBatch {
+            count: batch_dims[0],
+            strides: [bq[0], bkt[0], bv[0], vm.as_ref().map_or(Dim::new(0), |m| m.strides[0]), vo.strides[0]],
+        });
         let last2 = |st: &[Dim]| [st[st.len() - 2], st[st.len() - 1]];
         // The optimiser's tiles, or at most 64 x 512 scores (128 KiB, in
         // L2), the keys split into equal blocks so the last is not a sliver
@@ -1621,7 +1628,9 @@ impl<'g> Lowering<'g> {
             None => tiles.map_or(512, |t| t.1).max(1),
         };
         let key_spans = match (sq.size(), sk.size(), &vm) {
-            (Some(sq), Some(sk), Some(m)) if m.is_known() && batches.iter().flatten().all(|d| d.is_known()) => {
+            (Some(sq), Some(sk), Some(m))
+                if outer.is_none() && m.is_known() && batches.iter().flatten().all(|d| d.is_known()) =>
+            {
                 self.mask_key_spans(m, &batches, sq, sk, block)
             }
             _ => None,
@@ -1647,6 +1656,7 @@ impl<'g> Lowering<'g> {
             mask_strides: vm.as_ref().map_or([Dim::new(0); 2], |m| last2(&m.strides)),
             out_row_stride: vo.strides[vo.strides.len() - 2],
             batches,
+            outer,
             key_spans,
         };
         self.push(KernelKind::Attention(kernel), label);
@@ -1981,11 +1991,16 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
         Op::Attention { .. } | Op::AttentionTiled { .. }
             if opts.matmul != Some(MatMulImpl::Generated) && f32_inputs =>
         {
-            // Batches and head sizes; the queries' and keys' counts may be symbolic.
+            // The heads and head sizes; the batch (a leading axis before
+            // the heads), the queries' and keys' counts may be symbolic.
             let (q, o) = (shape(node.inputs[0]), shape(node.outputs[0]));
-            let mut need: Vec<Dim> = q[..q.len().saturating_sub(2)].to_vec();
+            let listed = |s: &[Dim]| {
+                let axes = s.len().saturating_sub(2);
+                s[usize::from(axes >= 2)..axes].to_vec()
+            };
+            let mut need = listed(&q);
             need.extend(q.last());
-            need.extend(&o[..o.len().saturating_sub(2)]);
+            need.extend(listed(&o));
             need.extend(o.last());
             need
         }

@@ -417,10 +417,23 @@ pub struct AttentionKernel {
     pub out_row_stride: Dim,
     /// Per batch: element offsets of q, kt, v, the mask and the output.
     pub batches: Vec<[Dim; 5]>,
+    /// A symbolic outermost batch axis (a model's batch): `batches` then
+    /// lists the batches of one of its entries (the heads), and entry `b`
+    /// adds `b` times `strides` to each offset. `None`: `batches` lists
+    /// them all.
+    pub outer: Option<OuterBatch>,
     /// With a mask known at compile time, the keys each task (batch-major,
     /// then query block) visits, `first..end`: its rows' live spans
     /// (`egret_ir::ops::linalg::live_key_spans`). `None`: every key.
     pub key_spans: Option<Vec<[usize; 2]>>,
+}
+
+/// A symbolic batch axis outside an attention kernel's listed batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OuterBatch {
+    pub count: Dim,
+    /// Element strides of q, kt, v, the mask and the output along it.
+    pub strides: [Dim; 5],
 }
 
 impl AttentionKernel {
@@ -448,16 +461,38 @@ impl AttentionKernel {
             dims.extend(st);
         }
         dims.extend(self.batches.iter().flatten());
+        if let Some(o) = &self.outer {
+            dims.push(o.count);
+            dims.extend(o.strides);
+        }
         dims
+    }
+
+    /// How many batches a run computes, at `values` of the plan's symbols.
+    pub fn batch_count_at(&self, values: &DimValues) -> usize {
+        self.batches.len() * self.outer.map_or(1, |o| values.size(o.count))
+    }
+
+    /// How many batches, at the symbols' nominal values.
+    pub fn estimated_batches(&self) -> usize {
+        self.batches.len() * self.outer.map_or(1, |o| o.count.estimate())
     }
 
     /// The kernel with every symbol given its value.
     pub fn at(&self, values: &DimValues) -> Result<AttentionKernel, String> {
         let v = |d: Dim| values.get(d).and_then(|x| Dim::int(x).ok_or_else(|| format!("{d} is out of range")));
         let pair = |p: [Dim; 2]| -> Result<[Dim; 2], String> { Ok([v(p[0])?, v(p[1])?]) };
-        let mut batches = Vec::with_capacity(self.batches.len());
-        for b in &self.batches {
-            batches.push([v(b[0])?, v(b[1])?, v(b[2])?, v(b[3])?, v(b[4])?]);
+        // Every batch listed: the outer axis's entries one after another.
+        let (count, strides) = match &self.outer {
+            Some(o) => (values.size(o.count), o.strides),
+            None => (1, [Dim::new(0); 5]),
+        };
+        let mut batches = Vec::with_capacity(self.batches.len() * count);
+        for entry in 0..count as isize {
+            for b in &self.batches {
+                let at = |i: usize| v(b[i] + strides[i] * entry);
+                batches.push([at(0)?, at(1)?, at(2)?, at(3)?, at(4)?]);
+            }
         }
         let sq = v(self.sq)?;
         Ok(AttentionKernel {
@@ -472,6 +507,7 @@ impl AttentionKernel {
             mask_strides: pair(self.mask_strides)?,
             out_row_stride: v(self.out_row_stride)?,
             batches,
+            outer: None,
             ..self.clone()
         })
     }
@@ -485,7 +521,7 @@ impl AttentionKernel {
     /// (at the symbols' nominal values, if any).
     pub fn scores_computed(&self) -> usize {
         match &self.key_spans {
-            None => self.batches.len() * self.sq.estimate() * self.estimated_sk(),
+            None => self.estimated_batches() * self.sq.estimate() * self.estimated_sk(),
             Some(spans) => spans
                 .iter()
                 .enumerate()
@@ -747,7 +783,10 @@ impl Kernel {
             KernelKind::Gather(k) => format!("{} indices into [{}, {}, {}]", k.n_indices, k.outer, k.axis_len, k.inner),
             KernelKind::Attention(a) => format!(
                 "{} x [{}q x {}k, d {}, dv {}], tiles of {} queries x {} keys{}{}{}{}{}",
-                a.batches.len(),
+                match &a.outer {
+                    Some(o) => format!("{} x {}", o.count, a.batches.len()),
+                    None => a.batches.len().to_string(),
+                },
                 a.sq,
                 a.sk,
                 a.d,
@@ -762,7 +801,7 @@ impl Kernel {
                         100.0
                             * (1.0
                                 - a.scores_computed() as f64
-                                    / (a.batches.len() * a.sq.estimate() * a.estimated_sk()).max(1) as f64)
+                                    / (a.estimated_batches() * a.sq.estimate() * a.estimated_sk()).max(1) as f64)
                     ),
                     None => String::new(),
                 },

@@ -175,7 +175,7 @@ struct InferenceSession {
     /// The compiled model. With symbolic dims left unbound it is compiled
     /// once for all their values; each run's shapes give them values, and
     /// the backend compiles a program per value of the dims its kernels
-    /// need known (on the CPU the batch; keeping `max_compiled_shapes`).
+    /// need known, if any (keeping `max_compiled_shapes`).
     model: Arc<egret::Model>,
     /// The model's inputs and outputs as the file declares them, for a
     /// model with unbound symbolic dims: `get_inputs` names them as
@@ -190,10 +190,10 @@ impl InferenceSession {
     /// Compiles the model at `path` (a file, or a folder holding
     /// `model.onnx`) for `backend`. `dims` binds symbolic dimensions by
     /// name; `threads` is the CPU's (default: one per core). A symbolic
-    /// dim left unbound takes each run's value from its input shapes; the
-    /// CPU compiles a program per batch size (the sequence and past lengths
-    /// stay symbolic in it), a GPU per binding; the session keeps
-    /// `max_compiled_shapes` of those programs.
+    /// dim left unbound takes each run's value from its input shapes: the
+    /// CPU's program keeps it symbolic where its kernels can (compiled now),
+    /// else compiles per value of the dims they need, as a GPU does per
+    /// binding; the session keeps `max_compiled_shapes` of those programs.
     #[new]
     #[pyo3(signature = (path, backend = "cpu", threads = None, opt_level = 2, dims = None, max_compiled_shapes = 16))]
     fn new(

@@ -15,6 +15,8 @@ use egret_kernels::rows::{RowParams, OP_LAYER_NORM, OP_RMS_NORM, OP_SOFTMAX};
 /// `k` must be known (`AttentionKernel::at` gives a symbolic kernel's
 /// values for one call; the runtime builds its block per call then).
 pub fn attention_params(k: &AttentionKernel) -> AttentionParams {
+    // A symbolic batch axis is listed out by `AttentionKernel::at` first.
+    assert!(k.outer.is_none(), "attention parameters of a kernel with a symbolic batch axis");
     let s = |st: [Dim; 2]| st.map(|x| known(x) as i64);
     AttentionParams {
         sq: known(k.sq) as i64,
@@ -198,7 +200,7 @@ fn work(kind: &KernelKind) -> usize {
         KernelKind::Gather(k) => k.outer.estimate() * k.n_indices.estimate() * k.inner,
         // Every score, skipped or not: an upper bound that needs no walk over
         // the key spans on every run.
-        KernelKind::Attention(a) => a.batches.len() * a.sq.estimate() * a.sk.estimate() * (a.d + a.dv),
+        KernelKind::Attention(a) => a.estimated_batches() * a.sq.estimate() * a.sk.estimate() * (a.d + a.dv),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
     }
 }

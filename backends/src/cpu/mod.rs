@@ -51,7 +51,7 @@ pub fn parallel_extent(k: &KernelKind, values: &egret_ir::DimValues) -> usize {
         KernelKind::Rows(r) => values.size(r.rows),
         KernelKind::MatMul(mm) => mm.batches.len(),
         KernelKind::Gather(k) => values.size(k.outer),
-        KernelKind::Attention(a) => a.batches.len() * a.blocks_per_batch_at(values),
+        KernelKind::Attention(a) => a.batch_count_at(values) * a.blocks_per_batch_at(values),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 1,
     }
 }
