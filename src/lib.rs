@@ -379,6 +379,7 @@ pub fn lay_out_for_bounds(plan: &mut egret_backends::Plan, bounds: &DimBounds) {
         for (name, &(_, hi)) in bounds {
             if let Some(c) = plan.capacity.get_mut(name) {
                 *c = hi;
+                plan.bounded.push(name.clone());
             }
         }
         egret_backends::memory::plan_memory(plan);

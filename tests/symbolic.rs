@@ -311,8 +311,8 @@ fn declared_bounds_refuse_values_outside_them() {
 }
 
 /// An intermediate value whose size is symbolic lives in the arena, laid
-/// out for the symbol at 128: a call past that lays the arena out again,
-/// larger, and later smaller calls run in it, all from one compile.
+/// out for the first call's values: a larger call lays it out again (at
+/// least doubling), and later smaller calls run in it, all from one compile.
 #[test]
 fn the_arena_grows_for_a_call_past_its_capacity() {
     let text = "v0: f32[n] = input{name=\"x\"}

@@ -1893,7 +1893,8 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     // Until a caller says otherwise (declared bounds) or a call needs more,
     // the arena is laid out for each symbol at its nominal value.
     let capacity = symbols.iter().map(|s| (s.clone(), egret_ir::NOMINAL_SYMBOL_VALUE)).collect();
-    let mut plan = Plan { buffers: l.buffers, kernels, arena_bytes: 0, inputs, outputs, symbols, capacity };
+    let mut plan =
+        Plan { buffers: l.buffers, kernels, arena_bytes: 0, inputs, outputs, symbols, capacity, bounded: vec![] };
     plan_memory(&mut plan);
     Ok(plan)
 }

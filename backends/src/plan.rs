@@ -9,8 +9,9 @@
 //! A plan may keep some of a model's symbols (`Plan::symbols`): then the
 //! sizes, strides and offsets of its map and attention kernels, and its
 //! buffers' byte counts, are `Dim` expressions of them that the runtime
-//! evaluates on each call, and the arena is laid out for `Plan::capacity`
-//! (laid out again, larger, when a call goes past it). Every other kernel
+//! evaluates on each call, and the arena is laid out for the values a
+//! call has (`Plan::capacity`, `memory::layout_at`; laid out again, larger,
+//! when a call goes past it). Every other kernel
 //! kind is planned with known sizes only: `lower::symbols_to_bind` says
 //! which symbols a graph must have values for first.
 
@@ -854,8 +855,14 @@ pub struct Plan {
     /// inputs' shapes); empty for a bound plan.
     pub symbols: Vec<String>,
     /// The symbols' values the arena offsets are planned for
-    /// (`memory::plan_memory`).
+    /// (`memory::plan_memory`): each at `NOMINAL_SYMBOL_VALUE` from
+    /// lowering, which `explain` shows, or a declared bound's highest value.
     pub capacity: Bindings,
+    /// The symbols whose capacity is a declared bound. The CPU runtime lays
+    /// the arena out for those and, for the others, for the first call's
+    /// values (every symbol at 128 at once could be far more memory than
+    /// any call needs: a batch of 128), growing it as calls need.
+    pub bounded: Vec<String>,
 }
 
 impl Expr {

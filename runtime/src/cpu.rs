@@ -160,7 +160,15 @@ impl CpuExecutable {
                 _ => None,
             })
             .collect();
-        let layout = Layout { capacity: plan.capacity.clone(), offsets, arena_bytes: plan.arena_bytes };
+        // A plan with symbols without declared bounds is laid out at its
+        // first call (`Plan::bounded`).
+        let layout = match plan.symbols.iter().all(|s| plan.bounded.contains(s)) {
+            true => Layout { capacity: plan.capacity.clone(), offsets, arena_bytes: plan.arena_bytes },
+            false => {
+                let capacity = plan.capacity.iter().filter(|(k, _)| plan.bounded.contains(k));
+                Layout { capacity: capacity.map(|(k, &v)| (k.clone(), v)).collect(), offsets, arena_bytes: 0 }
+            }
+        };
         let declared = plan.inputs.iter().enumerate().map(|(i, (_, ty))| (format!("input {i}"), ty.clone())).collect();
         CpuExecutable {
             runtime_dims,
