@@ -8,10 +8,11 @@
 //! 2. `passes`: canonicalisation (constant folding, no-ops, dead code) and
 //!    the e-graph, verified;
 //! 3. a backend turns the graph into an `Executable`, wrapped with the
-//!    model's signature into a `runtime::Program`. A graph with symbolic
-//!    dims gets a `specialize::Specializing` executable, which works their
-//!    values out of each call's inputs and compiles a program per value of
-//!    the dims its kernels need known (the others stay symbolic in it).
+//!    model's signature into a `runtime::Program`. A graph whose symbolic
+//!    dims the CPU's plan keeps is compiled like a bound one (one program
+//!    for every value); otherwise it gets a `specialize::Specializing`
+//!    executable, which works their values out of each call's inputs and
+//!    compiles a program per value of the dims its kernels need known.
 
 pub mod aot;
 pub mod check;
@@ -109,9 +110,9 @@ pub struct CompileOptions {
     pub max_specializations: usize,
     /// Bounds of dims kept symbolic (`--dim name=LO..HI`): a call outside
     /// them is refused, and the CPU's arena is laid out for the highest
-    /// values at once. A symbol without bounds takes any value; its arena
-    /// is laid out for `egret_ir::NOMINAL_SYMBOL_VALUE` and grows (without
-    /// compiling) when a call needs more.
+    /// values at once. A symbol without bounds takes any value the model
+    /// allows; the arena is laid out for the first call's and grows
+    /// (without compiling) when a call needs more.
     pub dim_bounds: DimBounds,
 }
 

@@ -6,14 +6,14 @@
 //! arena at an offset chosen by liveness, and reshapes are aliases that cost
 //! nothing. Nothing here is specific to one backend.
 //!
-//! A plan may keep some of a model's symbols (`Plan::symbols`): then the
-//! sizes, strides and offsets of its map and attention kernels, and its
-//! buffers' byte counts, are `Dim` expressions of them that the runtime
-//! evaluates on each call, and the arena is laid out for the values a
-//! call has (`Plan::capacity`, `memory::layout_at`; laid out again, larger,
-//! when a call goes past it). Every other kernel
-//! kind is planned with known sizes only: `lower::symbols_to_bind` says
-//! which symbols a graph must have values for first.
+//! A plan may keep some of a model's symbols (`Plan::symbols`): then a
+//! map's extents, strides and offsets, a product's or row kernel's rows, a
+//! gather's counts, attention's query and key counts, offsets and batch
+//! axis, and the buffers' byte counts are `Dim` expressions of them that
+//! the runtime evaluates on each call, and the arena is laid out for the
+//! values a call has (`memory::layout_at`; laid out again, larger, when a
+//! call goes past it). Everything else is known: `lower::symbols_to_bind`
+//! says which symbols a graph must have values for first.
 
 use egret_ir::{Bindings, DType, Dim, DimValues, Op, Tensor, Type};
 use std::fmt;
