@@ -61,23 +61,19 @@ enum Source {
 impl Specializing {
     pub fn new(graph: Graph, opts: CompileOptions) -> Specializing {
         let inputs = egret_runtime::Signature::of(&graph, vec![]).inputs;
-        Specializing {
-            source: Source::Graph(graph),
-            inputs,
-            opts,
-            compiled: Mutex::new(Vec::new()),
-            bound: Mutex::new(None),
-            compiles: Default::default(),
-            kernels: Default::default(),
-        }
+        Specializing::serving(Source::Graph(graph), inputs, opts)
     }
 
     /// Serves the model at `path`, whose declared inputs are `inputs`, by
     /// compiling it whole for each binding of their symbolic dims.
     pub fn from_file(path: PathBuf, inputs: Vec<(String, Type)>, opts: CompileOptions) -> Specializing {
         let opts = CompileOptions { keep_symbolic: false, input_shapes: Default::default(), ..opts };
+        Specializing::serving(Source::File(path), inputs, opts)
+    }
+
+    fn serving(source: Source, inputs: Vec<(String, Type)>, opts: CompileOptions) -> Specializing {
         Specializing {
-            source: Source::File(path),
+            source,
             inputs,
             opts,
             compiled: Mutex::new(Vec::new()),

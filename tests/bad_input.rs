@@ -2,43 +2,14 @@
 //! Each test writes a broken model (or input) to a temporary folder and runs
 //! the real `egret` binary on it.
 
+mod common;
+
+use common::onnx::{model, node, value_info};
 use onnx_protobuf::tensor_proto::DataLocation;
-use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
-use onnx_protobuf::type_proto;
-use onnx_protobuf::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto,
-    TypeProto, ValueInfoProto,
-};
+use onnx_protobuf::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use protobuf::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn value_info(name: &str, elem_type: i32, dims: &[i64]) -> ValueInfoProto {
-    let mut shape = TensorShapeProto::new();
-    for &d in dims {
-        let mut dim = Dimension::new();
-        dim.value = Some(dimension::Value::DimValue(d));
-        shape.dim.push(dim);
-    }
-    let mut tt = type_proto::Tensor::new();
-    tt.elem_type = elem_type;
-    tt.shape = Some(shape).into();
-    let mut ty = TypeProto::new();
-    ty.value = Some(type_proto::Value::TensorType(tt));
-    let mut v = ValueInfoProto::new();
-    v.name = name.into();
-    v.type_ = Some(ty).into();
-    v
-}
-
-fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    let mut n = NodeProto::new();
-    n.op_type = op.into();
-    n.name = format!("{op}_0");
-    n.input = inputs.iter().map(|s| s.to_string()).collect();
-    n.output = outputs.iter().map(|s| s.to_string()).collect();
-    n
-}
 
 /// An integer attribute (`ints` empty) or a list of integers (`i` unused).
 fn int_attr(name: &str, i: i64, ints: &[i64]) -> onnx_protobuf::AttributeProto {
@@ -64,13 +35,7 @@ fn add_model() -> ModelProto {
     w.dims = vec![3];
     w.float_data = vec![1.0, 2.0, 3.0];
     g.initializer.push(w);
-    let mut m = ModelProto::new();
-    m.ir_version = 8;
-    let mut opset = OperatorSetIdProto::new();
-    opset.version = 17;
-    m.opset_import.push(opset);
-    m.graph = Some(g).into();
-    m
+    model(g)
 }
 
 fn tempdir(tag: &str) -> PathBuf {

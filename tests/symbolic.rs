@@ -109,48 +109,21 @@ fn inputs_that_disagree_on_a_symbol_are_a_clear_error() {
 /// every shape, and the same answers.
 #[test]
 fn a_model_that_cannot_stay_symbolic_compiles_per_binding() {
-    use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
-    use onnx_protobuf::{type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
-    use onnx_protobuf::{TensorShapeProto, TypeProto, ValueInfoProto};
+    use common::onnx::{model, node, value_info_dims};
+    use onnx_protobuf::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
+    use onnx_protobuf::{GraphProto, TensorProto};
     use protobuf::Message;
-    let value = |name: &str, dims: &[dimension::Value]| {
-        let mut shape = TensorShapeProto::new();
-        for d in dims {
-            let mut dim = Dimension::new();
-            dim.value = Some(d.clone());
-            shape.dim.push(dim);
-        }
-        let mut tt = type_proto::Tensor::new();
-        tt.elem_type = 1;
-        tt.shape = Some(shape).into();
-        let mut ty = TypeProto::new();
-        ty.value = Some(type_proto::Value::TensorType(tt));
-        let mut v = ValueInfoProto::new();
-        v.name = name.into();
-        v.type_ = Some(ty).into();
-        v
-    };
-    let n = dimension::Value::DimParam("n".into());
     let mut g = GraphProto::new();
-    g.input.push(value("x", &[n.clone(), dimension::Value::DimValue(3)]));
-    g.output.push(value("y", &[dimension::Value::DimParam("m".into()), dimension::Value::DimValue(5)]));
+    g.input.push(value_info_dims("x", 1, &[DimParam("n".into()), DimValue(3)]));
+    g.output.push(value_info_dims("y", 1, &[DimParam("m".into()), DimValue(5)]));
     let mut pads = TensorProto::new();
     pads.name = "pads".into();
     pads.data_type = 7;
     pads.dims = vec![4];
     pads.int64_data = vec![0, 1, 1, 1];
     g.initializer.push(pads);
-    let mut node = NodeProto::new();
-    node.op_type = "Pad".into();
-    node.input = vec!["x".into(), "pads".into()];
-    node.output = vec!["y".into()];
-    g.node.push(node);
-    let mut m = ModelProto::new();
-    m.ir_version = 8;
-    let mut opset = OperatorSetIdProto::new();
-    opset.version = 17;
-    m.opset_import.push(opset);
-    m.graph = Some(g).into();
+    g.node.push(node("Pad", &["x", "pads"], &["y"]));
+    let m = model(g);
     let dir = std::env::temp_dir().join(format!("egret-symbolic-pad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.onnx");

@@ -77,6 +77,8 @@ pub struct CpuExecutable {
     /// Per kernel, the symbolic sizes its code reads after its operands
     /// (`Kernel::runtime_dims`).
     runtime_dims: Vec<Vec<Dim>>,
+    /// Per kernel, whether any of its sizes is symbolic (`Kernel::is_known`).
+    symbolic: Vec<bool>,
     /// Where the arena buffers are: the plan's layout, or (symbolic plans)
     /// a larger one made when a call's values passed it.
     layout: std::sync::RwLock<std::sync::Arc<Layout>>,
@@ -148,6 +150,7 @@ impl CpuExecutable {
             .collect();
         let direct_outputs = (0..plan.outputs.len()).map(|i| plan.direct_output(i)).collect();
         let runtime_dims = plan.kernels.iter().map(Kernel::runtime_dims).collect();
+        let symbolic = plan.kernels.iter().map(|k| !k.is_known()).collect();
         let inputs_in_place = !plan
             .kernels
             .iter()
@@ -172,6 +175,7 @@ impl CpuExecutable {
         let declared = plan.inputs.iter().enumerate().map(|(i, (_, ty))| (format!("input {i}"), ty.clone())).collect();
         CpuExecutable {
             runtime_dims,
+            symbolic,
             layout: std::sync::RwLock::new(std::sync::Arc::new(layout)),
             declared,
             last: std::sync::Mutex::new(None),
@@ -305,14 +309,14 @@ impl CpuExecutable {
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
         let (mut sizes, mut blocks, mut extents) = (Vec::new(), Vec::new(), Vec::new());
         for (i, k) in plan.kernels.iter().enumerate() {
-            if !k.is_known() {
+            if self.symbolic[i] {
                 self.check_spans(plan, k, &values, &dims, &input_bytes)?;
             }
             let at = |d: &Dim| dims.get(*d).map_err(RunError::Shape);
             sizes.push(self.runtime_dims[i].iter().map(at).collect::<Result<Vec<i64>, RunError>>()?);
-            blocks.push(match k.is_known() {
-                true => vec![],
-                false => call_blocks(k, &dims).map_err(RunError::Shape)?.into_iter().map(words).collect(),
+            blocks.push(match self.symbolic[i] {
+                false => vec![],
+                true => call_blocks(k, &dims).map_err(RunError::Shape)?.into_iter().map(words).collect(),
             });
             extents.push(parallel_extent(&k.kind, &dims) as i64);
         }
