@@ -388,7 +388,7 @@ pub fn lay_out_for_bounds(plan: &mut egret_backends::Plan, bounds: &DimBounds) {
 }
 
 /// Bounds must name dims the model keeps symbolic.
-fn check_bounds(opts: &CompileOptions, symbols: &[String]) -> Result<(), Error> {
+pub(crate) fn check_bounds(opts: &CompileOptions, symbols: &[String]) -> Result<(), Error> {
     for name in opts.dim_bounds.keys() {
         if opts.dims.contains_key(name) {
             return Err(Error::Usage(format!("--dim {name} is given both a value and bounds")));

@@ -85,6 +85,7 @@ fn link_program(a: &Artifact, source: &str, extra: &[&str]) -> PathBuf {
     run(Command::new(cc)
         .arg("-O1")
         .arg(format!("-DMODEL={}", a.name))
+        .arg(format!("-DMODEL_UP={}", a.name.to_uppercase()))
         .arg(format!("-DMODEL_HEADER=\"{}.h\"", a.name))
         .arg("-I")
         .arg(&a.dir)
@@ -142,6 +143,125 @@ fn zoo_synthetic_and_export_models_compiled_ahead_of_time_match_onnxruntime_from
     for case in cases {
         check_model(&case, &work);
     }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// `case` compiled into one library that keeps its symbolic dims (`extra`:
+/// more `egret compile` flags, bounds among them), with every data set's
+/// inputs as raw files and `sets.txt` listing them for tests/aot/shaped.c.
+fn compile_symbolic(case: &Path, work: &Path, extra: &[&str]) -> Artifact {
+    let name = egret::aot::c_name(case.file_name().unwrap().to_str().unwrap());
+    let dir = work.join(format!("{name}{}", extra.join("").replace(['.', '='], "_")));
+    let _ = std::fs::remove_dir_all(&dir);
+    run(Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["compile", case.join("model.onnx").to_str().unwrap(), "-o", dir.to_str().unwrap(), "--name", &name])
+        .args(extra));
+    let model = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
+    let mut sets = String::new();
+    let mut inputs = Vec::new();
+    for set in 0.. {
+        let folder = case.join(format!("test_data_set_{set}"));
+        if !folder.is_dir() {
+            break;
+        }
+        let stored = egret::check::numbered(&folder, "input").unwrap();
+        sets.push_str("set\n");
+        for (i, (input, _)) in model.program.signature.inputs.iter().enumerate() {
+            let (_, t) = stored.iter().find(|(n, _)| n == input).unwrap_or_else(|| panic!("no stored `{input}`"));
+            let p = dir.join(format!("set_{set}_in_{i}.bin"));
+            std::fs::write(&p, t.to_bytes()).unwrap();
+            let dims: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+            sets.push_str(&format!("{} {} {}\n", p.display(), t.shape().len(), dims.join(" ")));
+            inputs.push(p);
+        }
+    }
+    std::fs::write(dir.join("sets.txt"), sets).unwrap();
+    Artifact { name, dir, inputs, model }
+}
+
+/// Runs tests/aot/shaped.c on every data set the artifact lists, compares
+/// each output it wrote with onnxruntime's, and returns the sets the
+/// library refused, with its messages.
+fn run_shaped(case: &Path, a: &Artifact) -> Vec<(usize, String)> {
+    let program = link_program(a, "shaped.c", &[]);
+    let out = run(Command::new(&program).arg(a.dir.join("sets.txt")).arg(&a.dir));
+    let mut refused = Vec::new();
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let set: usize = words[1].parse().unwrap();
+        if words[2] == "refused:" {
+            refused.push((set, words[3..].join(" ")));
+            continue;
+        }
+        assert_eq!(words[2], "output", "{line}");
+        let j: usize = words[3].parse().unwrap();
+        let dims: Vec<usize> = words[4..].iter().map(|d| d.parse().unwrap()).collect();
+        let (out_name, ty) = &a.model.program.signature.outputs[j];
+        let ty = egret::ir::Type::new(ty.dtype, dims);
+        let bytes = std::fs::read(a.dir.join(format!("set_{set}_output_{j}.bin"))).unwrap();
+        let got = Tensor::from_bytes(&ty, &bytes).unwrap();
+        let (_, want) = egret::io::read_pb(&case.join(format!("test_data_set_{set}/output_{j}.pb"))).unwrap();
+        let r = compare(out_name, &got, &want, Tolerance::default());
+        assert!(r.failure.is_none(), "{} set {set}: {out_name}: {:?}", case.display(), r.failure);
+    }
+    refused
+}
+
+/// One library per model with symbolic dims serves every data set's
+/// shapes (BERT's batch and sequence; GPT-2's past length 0, then 5 with
+/// one new token), matching onnxruntime from C.
+#[test]
+fn one_library_keeps_the_symbolic_dims_and_serves_every_shape() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("symbolic");
+    for model in ["bert_dynamic", "gpt2_kv"] {
+        let case = common::synthetic_dir().join(model);
+        let a = compile_symbolic(&case, &work, &[]);
+        let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
+        assert!(header.contains("Symbolic dims: batch (any size)"), "{header}");
+        if model == "gpt2_kv" {
+            // A past longer than the model's 128 positions: its position
+            // table is too short, and the library must say so before it
+            // reads any input (so these files need not exist).
+            let mut sets = std::fs::read_to_string(a.dir.join("sets.txt")).unwrap();
+            sets.push_str("set\nnone 2 1 1\nnone 2 1 201\n");
+            sets.push_str(&"none 4 1 2 200 16\n".repeat(4));
+            std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
+        }
+        let refused = run_shaped(&case, &a);
+        match model {
+            "gpt2_kv" => {
+                assert_eq!(refused.len(), 1, "{refused:?}");
+                let (set, message) = &refused[0];
+                assert_eq!(*set, 2);
+                assert!(message.contains("would reach outside a constant at these sizes"), "{message}");
+            }
+            _ => assert!(refused.is_empty(), "{model}: {refused:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Bounds declared at compile time are in the header, plan the arena, and
+/// refuse a value past them with a message naming the dim.
+#[test]
+fn a_library_refuses_dims_outside_its_bounds() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("bounds");
+    let case = common::synthetic_dir().join("gpt2_kv");
+    let a = compile_symbolic(&case, &work, &["--dim", "past_sequence=0..4", "--dim", "batch=1..2"]);
+    let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
+    assert!(header.contains("batch (1..2), past_sequence (0..4), sequence (any size)"), "{header}");
+    // Set 0 has no past; set 1 a past of 5.
+    let refused = run_shaped(&case, &a);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (set, message) = &refused[0];
+    assert_eq!(*set, 1);
+    assert!(message.contains("`past_sequence` = 5 is outside the bounds") && message.contains("0..4"), "{message}");
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -253,7 +253,8 @@ fn explain_and_the_c_header_name_the_symbolic_dims() {
     // The header is written before the link, which needs a C compiler.
     assert!(ok || err.contains("C compiler"), "{out}{err}");
     let header = std::fs::read_to_string(dir.join("bert_dynamic.h")).unwrap();
-    assert!(header.contains("fixed for this library: batch = 1, sequence = 7"), "{header}");
+    assert!(header.contains("fixed for this library by --dim: batch = 1, sequence = 7"), "{header}");
+    assert!(!header.contains("Symbolic dims:"), "{header}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -270,12 +271,39 @@ fn an_unbound_symbolic_dim_says_how_to_bind_it() {
     let (ok, out, err) =
         egret(&["run", "tests/data/synthetic/bert_dynamic", "--dim", "batch=1", "--dim", "sequence=9"]);
     assert!(ok, "{out}{err}");
-    // An artifact is planned for known sizes.
+    // An artifact keeps them symbolic, and its header says so.
     let dir = std::env::temp_dir().join(format!("egret-cli-unbound-{}", std::process::id()));
-    let (ok, _, err) = egret(&["compile", "tests/data/synthetic/bert_dynamic", "-o", dir.to_str().unwrap()]);
+    let (ok, out, err) = egret(&["compile", "tests/data/synthetic/bert_dynamic", "-o", dir.to_str().unwrap()]);
+    assert!(ok || err.contains("C compiler"), "{out}{err}");
+    let header = std::fs::read_to_string(dir.join("bert_dynamic.h")).unwrap();
+    assert!(header.contains("Symbolic dims: batch (any size), sequence (any size)"), "{header}");
+    assert!(header.contains("\"input_ids\" i64[batch, sequence]"), "{header}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A library keeps a dim symbolic only where every kernel can: a product
+/// of two activations over a symbolic batch is compiled for known sizes,
+/// and `egret compile` says which dim to give a value; so it does for a
+/// dim no input's shape gives.
+#[test]
+fn a_library_names_the_dims_it_cannot_keep_symbolic() {
+    use common::onnx::{model, node, value_info_dims};
+    use onnx_protobuf::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
+    use onnx_protobuf::GraphProto;
+    use protobuf::Message;
+    let dir = std::env::temp_dir().join(format!("egret-cli-keep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut g = GraphProto::new();
+    g.input.push(value_info_dims("x", 1, &[DimParam("n".into()), DimValue(4), DimValue(8)]));
+    g.input.push(value_info_dims("y", 1, &[DimParam("n".into()), DimValue(8), DimValue(4)]));
+    g.output.push(value_info_dims("z", 1, &[DimParam("n".into()), DimValue(4), DimValue(4)]));
+    g.node.push(node("MatMul", &["x", "y"], &["z"]));
+    let path = dir.join("bmm.onnx");
+    std::fs::write(&path, model(g).write_to_bytes().unwrap()).unwrap();
+    let (ok, _, err) = egret(&["compile", path.to_str().unwrap(), "-o", dir.join("out").to_str().unwrap()]);
     assert!(!ok);
     assert!(
-        err.contains("dims batch, sequence are symbolic") && err.contains("--dim batch=N --dim sequence=N"),
+        err.contains("dims n reach kernels that are only compiled for known sizes") && err.contains("--dim n=N"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -327,3 +327,110 @@ fn a_decoder_given_its_batch_compiles_once_up_front() {
     assert!(reports.iter().all(|r| r.passed()), "{reports:?}");
     assert_eq!(compiles, Compiles { models: 1, specializations: 0 });
 }
+
+/// `memory::layout_rule`, which the C artifact lays its arena out by at
+/// run time: at any values, no two buffers live at the same time overlap,
+/// and at the capacity the arena is no larger than the planner's.
+#[test]
+fn the_arena_rule_never_overlaps_live_buffers() {
+    use egret::backends::plan::Storage;
+    for case in cases() {
+        let c = canonical(&case, &CompileOptions::default()).unwrap();
+        let plan = egret::backends::lower(&c.graph, egret::lower_options(&CompileOptions::default())).unwrap();
+        // Liveness worked out again here, as the oracle.
+        let n = plan.kernels.len();
+        let (mut first, mut last) = (vec![usize::MAX; plan.buffers.len()], vec![0; plan.buffers.len()]);
+        for (step, k) in plan.kernels.iter().enumerate() {
+            let (reads, writes) = k.buffers();
+            for b in writes {
+                first[b] = first[b].min(step);
+                last[b] = last[b].max(step);
+            }
+            for b in reads {
+                last[b] = last[b].max(step);
+            }
+        }
+        for (b, _) in &plan.outputs {
+            last[*b] = n;
+        }
+        let rule = egret::backends::memory::layout_rule(&plan);
+        let arena = plan.buffers.iter().filter(|b| matches!(b.storage, Storage::Arena { .. })).count();
+        assert_eq!(rule.len(), arena);
+        let mut values: Vec<egret::ir::Bindings> = vec![plan.capacity.clone()];
+        for (b, p, s) in [(1, 0, 1), (3, 7, 2), (1, 130, 1), (2, 0, 300), (64, 1, 9)] {
+            values.push([("batch", b), ("past_sequence", p), ("sequence", s)].map(|(k, v)| (k.to_string(), v)).into());
+        }
+        for at in &values {
+            let size = |b: usize| {
+                let bytes = egret::backends::memory::bytes_at(&plan, b, at).max(1);
+                bytes.div_ceil(64) * 64
+            };
+            let mut offset = std::collections::HashMap::new();
+            let mut top = 0;
+            for (b, below) in &rule {
+                let o = below.iter().map(|a| offset[a] + size(*a)).max().unwrap_or(0);
+                offset.insert(*b, o);
+                top = top.max(o + size(*b));
+            }
+            for (a, _) in &rule {
+                for (b, _) in &rule {
+                    let live = first[*a] <= last[*b] && first[*b] <= last[*a] && first[*a] != usize::MAX;
+                    if a < b && live {
+                        let (oa, ob) = (offset[a], offset[b]);
+                        assert!(
+                            oa + size(*a) <= ob || ob + size(*b) <= oa,
+                            "{}: buffers {a} and {b} overlap at {at:?}",
+                            case.display()
+                        );
+                    }
+                }
+            }
+            if *at == plan.capacity {
+                assert!(top <= plan.arena_bytes, "{}: {top} > {}", case.display(), plan.arena_bytes);
+            }
+        }
+    }
+}
+
+/// The run-time words of `cpu::call`, which the JIT evaluates and the C
+/// artifact prints, are the blocks the kernel library's own encoders make
+/// for the kernel at those values: attention's parameters and batch table,
+/// a symbolic product's epilogue program.
+#[test]
+fn the_call_words_are_the_kernel_librarys_blocks() {
+    use egret::backends::cpu::{call, library};
+    use egret::backends::plan::KernelKind;
+    let (mut attention, mut epilogues) = (0, 0);
+    for case in cases() {
+        let c = canonical(&case, &CompileOptions::default()).unwrap();
+        let plan = egret::backends::lower(&c.graph, egret::lower_options(&CompileOptions::default())).unwrap();
+        let plan = egret::backends::cpu::choose::choose(plan);
+        for (b, p, s) in [(1, 0, 1), (2, 5, 3), (3, 1, 17)] {
+            let at: egret::ir::Bindings =
+                [("batch", b), ("past_sequence", p), ("sequence", s)].map(|(k, v)| (k.to_string(), v)).into();
+            let values = egret::ir::DimValues::new(&at);
+            for k in &plan.kernels {
+                let blocks = call::blocks(k);
+                let bytes: Vec<Vec<u8>> = blocks.iter().map(|b| b.bytes_at(&values).unwrap()).collect();
+                match &k.kind {
+                    KernelKind::Attention(a) if !a.is_known() => {
+                        let bound = a.at(&values).unwrap();
+                        assert_eq!(
+                            bytes,
+                            vec![library::attention_params(&bound).to_bytes(), library::attention_table(&bound)]
+                        );
+                        attention += 1;
+                    }
+                    KernelKind::MatMul(mm) if !mm.m.is_known() && mm.epilogue.is_some() => {
+                        let e = mm.epilogue.as_ref().unwrap();
+                        let m = values.get(mm.m).unwrap() as usize;
+                        assert_eq!(bytes, vec![library::encode_epilogue(e, m, mm.n, 2 + e.inputs.len(), 2)]);
+                        epilogues += 1;
+                    }
+                    _ => assert!(k.is_known() || bytes.is_empty() || matches!(k.kind, KernelKind::Attention(_))),
+                }
+            }
+        }
+    }
+    assert!(attention > 0 && epilogues > 0, "{attention} attention kernels, {epilogues} epilogues");
+}

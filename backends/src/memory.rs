@@ -48,21 +48,7 @@ pub fn layout_at(plan: &Plan, values: &Bindings) -> (Vec<Option<usize>>, usize) 
 /// buffers only), and the arena's size.
 pub fn assign_offsets(plan: &Plan, size_of: impl Fn(BufferId) -> usize, align: usize) -> (Vec<Option<usize>>, usize) {
     let n = plan.kernels.len();
-    let mut first = vec![usize::MAX; plan.buffers.len()];
-    let mut last = vec![0usize; plan.buffers.len()];
-    for (step, k) in plan.kernels.iter().enumerate() {
-        let (reads, writes) = k.buffers();
-        for b in writes {
-            first[b] = first[b].min(step);
-            last[b] = last[b].max(step);
-        }
-        for b in reads {
-            last[b] = last[b].max(step);
-        }
-    }
-    for (b, _) in &plan.outputs {
-        last[*b] = n;
-    }
+    let (first, last) = live_steps(plan);
     let mut offsets = vec![None; plan.buffers.len()];
     // Live intervals in the arena: (offset, size, last step).
     let mut live: Vec<(usize, usize, usize)> = Vec::new();
@@ -90,3 +76,56 @@ pub fn assign_offsets(plan: &Plan, size_of: impl Fn(BufferId) -> usize, align: u
     }
     (offsets, top)
 }
+
+/// Each buffer's first and last step: from the kernel that first writes it
+/// to the last that reads it (graph outputs to the end, `kernels.len()`).
+/// A buffer no kernel writes has `usize::MAX` as its first step.
+fn live_steps(plan: &Plan) -> (Vec<usize>, Vec<usize>) {
+    let mut first = vec![usize::MAX; plan.buffers.len()];
+    let mut last = vec![0usize; plan.buffers.len()];
+    for (step, k) in plan.kernels.iter().enumerate() {
+        let (reads, writes) = k.buffers();
+        for b in writes {
+            first[b] = first[b].min(step);
+            last[b] = last[b].max(step);
+        }
+        for b in reads {
+            last[b] = last[b].max(step);
+        }
+    }
+    for (b, _) in &plan.outputs {
+        last[*b] = plan.kernels.len();
+    }
+    (first, last)
+}
+
+/// The arena layout of a plan with symbols as a rule for any values, for
+/// code that lays it out at run time without the planner (the C
+/// artifact): the arena buffers in order, each with the buffers it must
+/// sit above, those live at the same time as it that come before it.
+/// A buffer's offset is the highest end (aligned to `ALIGN`) of those,
+/// or 0, and the arena ends at the highest end of all.
+///
+/// The order is that of the offsets `plan_memory` gave at the capacity,
+/// so at the capacity every buffer is at most where the planner put it,
+/// and at any values no two live buffers overlap: of two that are live at
+/// once, the later one sits above the earlier.
+pub fn layout_rule(plan: &Plan) -> Vec<(BufferId, Vec<BufferId>)> {
+    let (first, last) = live_steps(plan);
+    let mut order: Vec<(usize, BufferId)> = (0..plan.buffers.len())
+        .filter_map(|b| match plan.buffers[b].storage {
+            Storage::Arena { offset } => Some((offset, b)),
+            _ => None,
+        })
+        .collect();
+    order.sort();
+    let live_together = |a: BufferId, b: BufferId| first[a] <= last[b] && first[b] <= last[a];
+    order
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, b))| (b, order[..i].iter().map(|&(_, a)| a).filter(|&a| live_together(a, b)).collect()))
+        .collect()
+}
+
+/// Arena offsets are multiples of this many bytes.
+pub const ARENA_ALIGN: usize = ALIGN;

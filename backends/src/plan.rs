@@ -429,6 +429,38 @@ pub struct AttentionKernel {
     pub key_spans: Option<Vec<[usize; 2]>>,
 }
 
+/// One strided walk over a buffer: from element `at`, `dims[d].0` steps of
+/// `dims[d].1` elements along each dim, `elem` bytes an element.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Walk {
+    pub buffer: BufferId,
+    pub elem: i64,
+    pub at: Dim,
+    pub dims: Vec<(Dim, Dim)>,
+}
+
+impl Walk {
+    /// The bytes `[first, end)` the walk reaches at `values`, or `None` if
+    /// it takes no step (a dim of no elements).
+    pub fn span_at(&self, values: &DimValues) -> Result<Option<(BufferId, i64, i64)>, String> {
+        let at = values.get(self.at)?;
+        let (mut lo, mut hi) = (at, at);
+        for &(n, step) in &self.dims {
+            let (n, step) = (values.get(n)?, values.get(step)?);
+            if n <= 0 {
+                return Ok(None);
+            }
+            let reach = (n - 1).saturating_mul(step);
+            if reach < 0 {
+                lo = lo.saturating_add(reach);
+            } else {
+                hi = hi.saturating_add(reach);
+            }
+        }
+        Ok(Some((self.buffer, lo.saturating_mul(self.elem), hi.saturating_add(1).saturating_mul(self.elem))))
+    }
+}
+
 /// A symbolic batch axis outside an attention kernel's listed batches.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OuterBatch {
@@ -628,6 +660,8 @@ impl Kernel {
             }
             KernelKind::MatMul(mm) => vec![mm.m],
             KernelKind::Gather(g) => vec![g.outer, g.n_indices],
+            KernelKind::Loop { op: Op::Shape { start, end }, inputs, .. } => inputs[0].1.shape[*start..*end].to_vec(),
+            KernelKind::Loop { op: Op::Range { .. }, outputs, .. } => outputs[0].1.shape.clone(),
             _ => vec![],
         };
         let mut dims: Vec<Dim> = Vec::new();
@@ -647,95 +681,89 @@ impl Kernel {
     /// a call past them must be an error, not a read outside the table.
     /// Known kernels were checked when they were planned: `[]`.
     pub fn spans_at(&self, values: &DimValues) -> Result<Vec<(BufferId, i64, i64)>, String> {
-        // One strided walk: `count[d]` steps of `step[d]` elements from `at`.
-        fn walk(buffer: BufferId, elem: i64, at: i64, dims: &[(i64, i64)]) -> Option<(BufferId, i64, i64)> {
-            if dims.iter().any(|&(n, _)| n <= 0) {
-                return None;
-            }
-            let (mut lo, mut hi) = (at, at);
-            for &(n, step) in dims {
-                let reach = (n - 1).saturating_mul(step);
-                if reach < 0 {
-                    lo = lo.saturating_add(reach);
-                } else {
-                    hi = hi.saturating_add(reach);
-                }
-            }
-            Some((buffer, lo.saturating_mul(elem), hi.saturating_add(1).saturating_mul(elem)))
+        let mut spans = Vec::new();
+        for w in self.walks() {
+            spans.extend(w.span_at(values)?);
         }
-        let v = |d: Dim| values.get(d);
+        Ok(spans)
+    }
+
+    /// The strided walks a kernel with symbolic sizes makes over its
+    /// operands, as expressions of the plan's symbols: `spans_at` evaluates
+    /// them for the JIT, and the C artifact prints them as its checks.
+    /// Known kernels: `[]`.
+    pub fn walks(&self) -> Vec<Walk> {
+        let int = |x: i64| Dim::saturating(x);
+        let walk = |buffer: BufferId, elem: usize, at: Dim, dims: &[(Dim, Dim)]| Walk {
+            buffer,
+            elem: elem as i64,
+            at,
+            dims: dims.to_vec(),
+        };
+        let mut walks = Vec::new();
         match &self.kind {
             KernelKind::Map(m) if !self.runtime_dims().is_empty() => {
-                let shape = m.shape.iter().map(|&d| v(d)).collect::<Result<Vec<i64>, String>>()?;
-                let mut spans = Vec::new();
                 for o in m.inputs.iter().chain([&m.output]) {
-                    let steps = o.strides.iter().map(|&d| v(d)).collect::<Result<Vec<i64>, String>>()?;
-                    let dims: Vec<(i64, i64)> = shape.iter().copied().zip(steps).collect();
-                    spans.extend(walk(o.buffer, o.dtype.size_bytes() as i64, v(o.offset)?, &dims));
+                    let dims: Vec<(Dim, Dim)> = m.shape.iter().copied().zip(o.strides.iter().copied()).collect();
+                    walks.push(walk(o.buffer, o.dtype.size_bytes(), o.offset, &dims));
                 }
-                Ok(spans)
             }
             KernelKind::MatMul(mm) if !mm.m.is_known() => {
-                let (m, k, n) = (v(mm.m)?, mm.k as i64, mm.n as i64);
-                let [a_rs, a_cs] = mm.a_strides.map(|s| s as i64);
-                let [b_rs, b_cs] = mm.b_strides.map(|s| s as i64);
-                let mut spans = Vec::new();
+                let (m, k, n) = (mm.m, Dim::new(mm.k), Dim::new(mm.n));
+                let [a_rs, a_cs] = mm.a_strides.map(|s| int(s as i64));
+                let [b_rs, b_cs] = mm.b_strides.map(|s| int(s as i64));
                 for offs in &mm.batches {
-                    let [oa, ob, oc] = offs.map(|o| o as i64);
-                    spans.extend(walk(mm.a, 4, oa, &[(m, a_rs), (k, a_cs)]));
+                    let [oa, ob, oc] = offs.map(|o| int(o as i64));
+                    walks.push(walk(mm.a, 4, oa, &[(m, a_rs), (k, a_cs)]));
                     if !mm.b_packed {
-                        spans.extend(walk(mm.b, 4, ob, &[(k, b_rs), (n, b_cs)]));
+                        walks.push(walk(mm.b, 4, ob, &[(k, b_rs), (n, b_cs)]));
                     }
-                    spans.extend(walk(mm.c, 4, oc, &[(m, n), (n, 1)]));
+                    walks.push(walk(mm.c, 4, oc, &[(m, n), (n, Dim::new(1))]));
                 }
                 for e in mm.epilogue.iter().flat_map(|e| &e.inputs) {
-                    let [rs, cs] = e.strides.map(|s| s as i64);
-                    spans.extend(walk(e.buffer, 4, e.offset as i64, &[(m, rs), (n, cs)]));
+                    let [rs, cs] = e.strides.map(|s| int(s as i64));
+                    walks.push(walk(e.buffer, 4, int(e.offset as i64), &[(m, rs), (n, cs)]));
                 }
-                Ok(spans)
             }
             KernelKind::Rows(r) if !r.rows.is_known() => {
-                let (rows, len) = (v(r.rows)?, r.len as i64);
-                let out_len = if r.op.reduces() { 1 } else { len };
-                let mut spans: Vec<_> = walk(r.x, 4, 0, &[(rows * len, 1)]).into_iter().collect();
-                spans.extend(walk(r.out, 4, 0, &[(rows * out_len, 1)]));
+                let len = Dim::new(r.len);
+                let out_len = if r.op.reduces() { Dim::new(1) } else { len };
+                let whole = |b: BufferId, row: Dim| walk(b, 4, Dim::new(0), &[(r.rows * row, Dim::new(1))]);
+                walks.push(whole(r.x, len));
+                walks.push(whole(r.out, out_len));
                 if let Some((res, sum)) = r.residual {
-                    spans.extend(walk(res, 4, 0, &[(rows * len, 1)]));
-                    spans.extend(walk(sum, 4, 0, &[(rows * len, 1)]));
+                    walks.push(whole(res, len));
+                    walks.push(whole(sum, len));
                 }
-                Ok(spans)
             }
             KernelKind::Gather(g) if !self.is_known() => {
-                let (outer, n) = (v(g.outer)?, v(g.n_indices)?);
                 let index_bytes = if g.wide_indices { 8 } else { 4 };
-                let row = (g.inner * g.elem_bytes) as i64;
-                let mut spans: Vec<_> = walk(g.indices, index_bytes, 0, &[(n, 1)]).into_iter().collect();
-                spans.extend(walk(g.out, row, 0, &[(outer * n, 1)]));
-                spans.extend(walk(g.data, row, 0, &[(outer * g.axis_len as i64, 1)]));
-                Ok(spans)
+                let row = g.inner * g.elem_bytes;
+                let one = Dim::new(1);
+                walks.push(walk(g.indices, index_bytes, Dim::new(0), &[(g.n_indices, one)]));
+                walks.push(walk(g.out, row, Dim::new(0), &[(g.outer * g.n_indices, one)]));
+                walks.push(walk(g.data, row, Dim::new(0), &[(g.outer * Dim::new(g.axis_len), one)]));
             }
             KernelKind::Attention(a) if !a.is_known() => {
-                let a = a.at(values)?;
-                let k = |d: Dim| d.known().unwrap_or(0);
-                let (sq, sk, d, dv) = (k(a.sq), k(a.sk), a.d as i64, a.dv as i64);
-                let pair = |p: [Dim; 2]| [k(p[0]), k(p[1])];
-                let (q, kt, vs, mask) =
-                    (pair(a.q_strides), pair(a.kt_strides), pair(a.v_strides), pair(a.mask_strides));
-                let mut spans = Vec::new();
+                let (d, dv) = (Dim::new(a.d), Dim::new(a.dv));
                 for offs in &a.batches {
-                    let at = |i: usize| k(offs[i]);
-                    spans.extend(walk(a.q, 4, at(0), &[(sq, q[0]), (d, q[1])]));
-                    spans.extend(walk(a.kt, 4, at(1), &[(d, kt[0]), (sk, kt[1])]));
-                    spans.extend(walk(a.v, 4, at(2), &[(sk, vs[0]), (dv, vs[1])]));
+                    // The outer batch axis, if any, is one more dim of every walk.
+                    let along = |i: usize, rest: &[(Dim, Dim)]| -> Vec<(Dim, Dim)> {
+                        a.outer.iter().map(|o| (o.count, o.strides[i])).chain(rest.iter().copied()).collect()
+                    };
+                    walks.push(walk(a.q, 4, offs[0], &along(0, &[(a.sq, a.q_strides[0]), (d, a.q_strides[1])])));
+                    walks.push(walk(a.kt, 4, offs[1], &along(1, &[(d, a.kt_strides[0]), (a.sk, a.kt_strides[1])])));
+                    walks.push(walk(a.v, 4, offs[2], &along(2, &[(a.sk, a.v_strides[0]), (dv, a.v_strides[1])])));
                     if let Some(m) = a.mask {
-                        spans.extend(walk(m, 4, at(3), &[(sq, mask[0]), (sk, mask[1])]));
+                        let dims = along(3, &[(a.sq, a.mask_strides[0]), (a.sk, a.mask_strides[1])]);
+                        walks.push(walk(m, 4, offs[3], &dims));
                     }
-                    spans.extend(walk(a.out, 4, at(4), &[(sq, k(a.out_row_stride)), (dv, 1)]));
+                    walks.push(walk(a.out, 4, offs[4], &along(4, &[(a.sq, a.out_row_stride), (dv, Dim::new(1))])));
                 }
-                Ok(spans)
             }
-            _ => Ok(vec![]),
+            _ => {}
         }
+        walks
     }
 
     /// Whether every size of the kernel is known.
@@ -745,7 +773,7 @@ impl Kernel {
             KernelKind::Attention(a) => a.is_known(),
             KernelKind::Rows(r) => r.rows.is_known(),
             KernelKind::Reference { inputs, outputs, .. } => inputs.iter().chain(outputs).all(|(_, t)| t.is_known()),
-            KernelKind::Loop { .. } => true,
+            KernelKind::Loop { .. } => self.runtime_dims().is_empty(),
         }
     }
 

@@ -172,6 +172,23 @@ impl Dim {
         self.0 & SYMBOLIC == 0
     }
 
+    /// The polynomial's terms, highest degree first: each coefficient with
+    /// the symbols it multiplies (a symbol squared appears twice; the
+    /// constant term has none). What a printer of the expression in another
+    /// language (the C artifact's size code) walks.
+    pub fn terms(self) -> Vec<(i64, Vec<String>)> {
+        self.poly().0.iter().map(|t| (t.coeff, t.syms.iter().map(|s| s.to_string()).collect())).collect()
+    }
+
+    /// The symbol's name if this is a symbol alone (`batch`, not `batch + 1`):
+    /// a dim a caller's shape gives the value of directly.
+    pub fn as_symbol(self) -> Option<String> {
+        match &self.poly().0[..] {
+            [t] if t.coeff == 1 && t.syms.len() == 1 => Some(t.syms[0].to_string()),
+            _ => None,
+        }
+    }
+
     /// The symbols this depends on, sorted, each once.
     pub fn symbols(self) -> Vec<String> {
         let mut out: Vec<String> = self.poly().0.iter().flat_map(|t| t.syms.iter().map(|s| s.to_string())).collect();

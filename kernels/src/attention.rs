@@ -17,59 +17,76 @@ use std::cell::RefCell;
 
 /// An attention kernel's shape and strides, as the JIT stub hands it over:
 /// a read-only data object with this layout (eight-byte fields).
+///
+/// Generic over its integer fields' type so that one definition gives the
+/// layout twice: `AttentionParams<i64>` is the object the kernel reads, and
+/// a compiler may fill the fields with expressions of sizes only known at
+/// run time and list them in this order (`words`) for code that computes
+/// the object per call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttentionParams {
-    pub sq: i64,
-    pub sk: i64,
-    pub d: i64,
-    pub dv: i64,
-    pub block: i64,
-    pub key_block: i64,
-    pub has_mask: i64,
-    pub nan_to_zero: i64,
+pub struct AttentionParams<W = i64> {
+    pub sq: W,
+    pub sk: W,
+    pub d: W,
+    pub dv: W,
+    pub block: W,
+    pub key_block: W,
+    pub has_mask: W,
+    pub nan_to_zero: W,
     /// Elements between consecutive output rows (`dv` when dense).
-    pub out_rs: i64,
+    pub out_rs: W,
     /// The number of batches; with `has_spans`, the offsets table is
     /// followed by each task's key span (two words).
-    pub batches: i64,
-    pub has_spans: i64,
-    pub q_strides: [i64; 2],
-    pub kt_strides: [i64; 2],
-    pub v_strides: [i64; 2],
-    pub mask_strides: [i64; 2],
+    pub batches: W,
+    pub has_spans: W,
+    pub q_strides: [W; 2],
+    pub kt_strides: [W; 2],
+    pub v_strides: [W; 2],
+    pub mask_strides: [W; 2],
     pub scale: f64,
     /// The scores' soft cap, 0 for none.
     pub softcap: f64,
 }
 
+/// Eight-byte fields in an `AttentionParams`.
+pub const ATTENTION_PARAM_WORDS: usize = 21;
+
+impl<W: Clone> AttentionParams<W> {
+    /// The fields in layout order, the two floats through `bits` (which
+    /// gets each one's value; the object holds its IEEE bits).
+    pub fn words(&self, bits: impl Fn(f64) -> W) -> [W; ATTENTION_PARAM_WORDS] {
+        [
+            self.sq.clone(),
+            self.sk.clone(),
+            self.d.clone(),
+            self.dv.clone(),
+            self.block.clone(),
+            self.key_block.clone(),
+            self.has_mask.clone(),
+            self.nan_to_zero.clone(),
+            self.out_rs.clone(),
+            self.batches.clone(),
+            self.has_spans.clone(),
+            self.q_strides[0].clone(),
+            self.q_strides[1].clone(),
+            self.kt_strides[0].clone(),
+            self.kt_strides[1].clone(),
+            self.v_strides[0].clone(),
+            self.v_strides[1].clone(),
+            self.mask_strides[0].clone(),
+            self.mask_strides[1].clone(),
+            bits(self.scale),
+            bits(self.softcap),
+        ]
+    }
+}
+
 impl AttentionParams {
     /// The bytes of the data object (little-endian, this struct's layout).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let words = [
-            self.sq,
-            self.sk,
-            self.d,
-            self.dv,
-            self.block,
-            self.key_block,
-            self.has_mask,
-            self.nan_to_zero,
-            self.out_rs,
-            self.batches,
-            self.has_spans,
-            self.q_strides[0],
-            self.q_strides[1],
-            self.kt_strides[0],
-            self.kt_strides[1],
-            self.v_strides[0],
-            self.v_strides[1],
-            self.mask_strides[0],
-            self.mask_strides[1],
-            self.scale.to_bits() as i64,
-            self.softcap.to_bits() as i64,
-        ];
-        debug_assert_eq!(words.len() * 8, std::mem::size_of::<AttentionParams>());
+        let words = self.words(|f| f.to_bits() as i64);
+        const _: () = assert!(ATTENTION_PARAM_WORDS * 8 == std::mem::size_of::<AttentionParams>());
         words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 }

@@ -149,9 +149,9 @@ def test_a_compiled_library_runs_through_ctypes_as_the_session_does():
     with tempfile.TemporaryDirectory() as d:
         paths = egret.compile(model, d, target_cpu="x86-64-v2")
         header = open(os.path.join(d, "bert_tiny.h")).read()
-        assert "#define BERT_TINY_ABI_VERSION 2" in header
+        assert "#define BERT_TINY_ABI_VERSION 3" in header
         lib = ctypes.CDLL(next(p for p in paths if p.endswith(".so")))
-        assert lib.bert_tiny_abi_version() == 2
+        assert lib.bert_tiny_abi_version() == 3
         lib.bert_tiny_input_name.restype = ctypes.c_char_p
         lib.bert_tiny_output_bytes.restype = ctypes.c_size_t
         model_p, ctx = ctypes.c_void_p(), ctypes.c_void_p()

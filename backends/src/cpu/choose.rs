@@ -5,7 +5,7 @@
 //! GPU backends.
 
 use crate::plan::{Buffer, KernelKind, MatMulImpl, MatMulKernel, Plan, Storage};
-use egret_ir::{DType, Tensor};
+use egret_ir::{DType, Op, Tensor};
 use std::sync::Arc;
 
 /// Columns per panel of a `MatMulImpl::Packed` weight.
@@ -53,10 +53,12 @@ pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 pub fn choose(mut plan: Plan) -> Plan {
     for k in &mut plan.kernels {
         if let KernelKind::Reference { op, inputs, outputs } = &k.kind {
-            // Loop nests are generated for known sizes; a symbolic op stays
+            // Loop nests are generated for known sizes, except the shape
+            // ops, which read theirs from slots; any other symbolic op stays
             // with the reference evaluator, which the runtime gives the call's.
-            if k.is_known() && op.dims().iter().all(|d| d.is_known()) && super::loop_nest::supports(op, inputs, outputs)
-            {
+            let sized = matches!(op, Op::Shape { .. } | Op::Range { .. })
+                || (k.is_known() && op.dims().iter().all(|d| d.is_known()));
+            if sized && super::loop_nest::supports(op, inputs, outputs) {
                 k.kind = KernelKind::Loop { op: op.clone(), inputs: inputs.clone(), outputs: outputs.clone() };
             }
         }

@@ -6,12 +6,12 @@
 //! the reference evaluator, not their speed. Integer arithmetic wraps, as
 //! the reference evaluator's (and onnxruntime's) does.
 
-use super::loops::counted;
+use super::loops::{counted, counted_dyn};
 use crate::plan::{broadcast_strides, BufferId};
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type as ClifType, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::FunctionBuilder;
-use egret_ir::{DType, Op, Type};
+use egret_ir::{DType, Dim, Op, Type};
 
 /// The Cranelift type of a scalar of `dtype`, for the dtypes these
 /// kernels compute in.
@@ -43,12 +43,23 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
         }
         // A reshape of a dense value is a copy of its bytes.
         Op::Reshape { .. } => inputs.len() == 1 && inputs[0].numel() == out.numel() && inputs[0].dtype == out.dtype,
+        // The shape of a symbolic value, and the positions counted from
+        // it: what exporters compute position ids with. Their sizes may be
+        // symbolic (`Kernel::runtime_dims`).
+        Op::Shape { .. } => inputs.len() == 1 && out.dtype == DType::I64 && out.rank() == 1,
+        Op::Range { .. } => {
+            inputs.len() == 2
+                && inputs.iter().all(|t| integer(t) && t.rank() == 0 && t.dtype == out.dtype)
+                && out.rank() == 1
+        }
         _ => false,
     }
 }
 
 /// Emits the loop nest of a kernel `supports` accepted; `args` holds its
-/// inputs' and outputs' addresses, in that order.
+/// inputs' and outputs' addresses, in that order, then the values of
+/// `sizes` (the kernel's `runtime_dims`).
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     b: &mut FunctionBuilder,
     ptr: ClifType,
@@ -56,9 +67,19 @@ pub fn emit(
     op: &Op,
     inputs: &[(BufferId, Type)],
     outputs: &[(BufferId, Type)],
+    sizes: &[Dim],
     config: TargetFrontendConfig,
 ) {
     let flags = MemFlagsData::new().with_notrap();
+    let operands = inputs.len() + outputs.len();
+    // A size: a constant, or the value in its slot after the operands.
+    let size = |b: &mut FunctionBuilder, d: Dim| match d.known() {
+        Some(v) => b.ins().iconst(types::I64, v),
+        None => {
+            let at = sizes.iter().position(|&s| s == d).expect("a symbolic size is one of the kernel's runtime dims");
+            b.ins().load(types::I64, flags, args, (8 * (operands + at)) as i32)
+        }
+    };
     let inputs: Vec<&Type> = inputs.iter().map(|(_, t)| t).collect();
     let out_ty = &outputs[0].1;
     let bytes = out_ty.dtype.size_bytes() as i64;
@@ -131,6 +152,26 @@ pub fn emit(
             let (x, out) = (address(b, 0), address(b, inputs.len()));
             let size = b.ins().iconst(ptr, (out_ty.numel() * out_ty.dtype.size_bytes()) as i64);
             b.call_memcpy(config, out, x, size);
+        }
+        Op::Shape { start, end } => {
+            let out = address(b, 1);
+            for (j, &d) in inputs[0].shape[*start..*end].iter().enumerate() {
+                let v = size(b, d);
+                b.ins().store(flags, v, out, (8 * j) as i32);
+            }
+        }
+        Op::Range { .. } => {
+            let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
+            let (start, delta, out) = (address(b, 0), address(b, 1), address(b, 2));
+            let first = b.ins().load(ty, flags, start, 0);
+            let delta = b.ins().load(ty, flags, delta, 0);
+            let (zero, len) = (b.ins().iconst(types::I64, 0), size(b, out_ty.shape[0]));
+            counted_dyn(b, zero, len, 1, vec![first], &mut |b, i, value| {
+                let at = b.ins().imul_imm_s(i, bytes);
+                let at = b.ins().iadd(out, at);
+                b.ins().store(flags, value[0], at, 0);
+                vec![b.ins().iadd(value[0], delta)]
+            });
         }
         other => unreachable!("`supports` refused `{}`", other.name()),
     }

@@ -17,6 +17,7 @@
 //! flash-style kernel (`egret-kernels`), compiled by rustc for AVX-512 or AVX2.
 
 mod attention;
+pub mod call;
 pub mod choose;
 pub mod library;
 mod loop_nest;
@@ -46,14 +47,7 @@ pub use library::{any_kernel_splits, split_of};
 /// threads: dim 0 of a map, the rows of a row kernel, the batches of a matmul.
 /// `values` gives the plan's symbols (a map's dim 0 may be one).
 pub fn parallel_extent(k: &KernelKind, values: &egret_ir::DimValues) -> usize {
-    match k {
-        KernelKind::Map(m) => m.shape.first().map_or(1, |&d| values.size(d)),
-        KernelKind::Rows(r) => values.size(r.rows),
-        KernelKind::MatMul(mm) => mm.batches.len(),
-        KernelKind::Gather(k) => values.size(k.outer),
-        KernelKind::Attention(a) => a.batch_count_at(values) * a.blocks_per_batch_at(values),
-        KernelKind::Reference { .. } | KernelKind::Loop { .. } => 1,
-    }
+    call::extent(k).at(values).map_or(0, |e| e.max(0) as usize)
 }
 
 /// The blocks a kernel with symbolic sizes reads through argument slots
@@ -62,20 +56,7 @@ pub fn parallel_extent(k: &KernelKind, values: &egret_ir::DimValues) -> usize {
 /// attention kernel's parameters and batch table, a symbolic product's
 /// epilogue program (whose first word is the rows). Empty for known kernels.
 pub fn call_blocks(kernel: &Kernel, values: &egret_ir::DimValues) -> Result<Vec<Vec<u8>>, String> {
-    match &kernel.kind {
-        KernelKind::Attention(a) if !a.is_known() => {
-            let a = a.at(values)?;
-            Ok(vec![library::attention_params(&a).to_bytes(), library::attention_table(&a)])
-        }
-        KernelKind::MatMul(mm) if !mm.m.is_known() => Ok(match &mm.epilogue {
-            Some(e) => {
-                let m = usize::try_from(values.get(mm.m)?).map_err(|_| format!("{} is negative", mm.m))?;
-                vec![library::encode_epilogue(e, m, mm.n, 2 + e.inputs.len(), 2)]
-            }
-            None => vec![],
-        }),
-        _ => Ok(vec![]),
-    }
+    call::blocks(kernel).iter().map(|b| b.bytes_at(values)).collect()
 }
 
 /// The address in argument slot `slot` (after the operands, the sizes,
@@ -440,7 +421,7 @@ fn define_kernels_except<M: Module>(
                     emit_gather(&mut b, ptr, args, range, g, count, frontend_config)
                 }
                 KernelKind::Loop { op, inputs, outputs } => {
-                    loop_nest::emit(&mut b, ptr, args, op, inputs, outputs, frontend_config)
+                    loop_nest::emit(&mut b, ptr, args, op, inputs, outputs, &k.runtime_dims(), frontend_config)
                 }
                 KernelKind::Attention(a) if a.is_known() => {
                     let table = library::attention_table(a);

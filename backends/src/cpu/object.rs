@@ -13,12 +13,21 @@
 //! `Plan::direct_output` allows are written straight into the caller's
 //! buffers, as the JIT writes them into the tensors it returns.
 //!
+//! A plan that keeps symbolic sizes compiles to one object for every value
+//! of them: its driver takes a fourth argument, `words`, that the caller
+//! fills for each set of values (`ObjectCode::words` lists what each word
+//! holds: the arena offsets laid out for those values, each symbolic
+//! kernel's sizes, block addresses and extent, the bytes of each output
+//! copied at the end). The kernels are the JIT's symbolic kernels, which
+//! read the same slots.
+//!
 //! The object imports the kernel library's entry points (`egret_*`,
 //! `egret_rt_launch`) and libm's; the `egret` crate links it with the
 //! kernel archive and a generated C shim into a shared library.
 
-use super::{define_kernels, library::split_of, parallel_extent, runtime_fns, target_isa, CodegenError, TargetCpu};
-use crate::plan::{KernelKind, Plan, Storage};
+use super::call::{self, Word};
+use super::{define_kernels, library::split_of, runtime_fns, target_isa, CodegenError, TargetCpu};
+use crate::plan::{BufferId, KernelKind, Plan, Storage};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{
     types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName,
@@ -26,6 +35,7 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, Linkage, Module};
 use cranelift_object::{ObjectBuilder, ObjectModule};
+use egret_ir::{Dim, DimValues};
 use std::collections::HashMap;
 
 /// A compiled object file.
@@ -37,18 +47,41 @@ pub struct ObjectCode {
     pub entry: String,
     /// The plan compiled, after the CPU backend's own choices.
     pub plan: Plan,
+    /// What each of the driver's run-time words holds, for a plan with
+    /// symbolic sizes (empty for a bound plan, whose driver has them all
+    /// as constants).
+    pub words: Vec<DriverWord>,
+}
+
+/// A word (eight bytes) the driver of a symbolic plan reads from its
+/// `words` argument, filled by the caller for each set of values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DriverWord {
+    /// The arena offset of a buffer, in bytes.
+    Offset(BufferId),
+    /// A kernel's size slot, its parallel extent, or an output's bytes.
+    Value(Word),
+    /// The address of block `block` of kernel `kernel` (`call::blocks`).
+    Block { kernel: usize, block: usize },
+}
+
+/// Where each run-time quantity of a symbolic plan lives in `words`.
+#[derive(Default)]
+struct WordTable {
+    words: Vec<DriverWord>,
+}
+
+impl WordTable {
+    fn push(&mut self, w: DriverWord) -> i32 {
+        self.words.push(w);
+        (8 * (self.words.len() - 1)) as i32
+    }
 }
 
 /// Compiles `plan` for `cpu` into an object whose driver is `{prefix}_run_plan`.
 pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<ObjectCode, CodegenError> {
-    if !plan.is_bound() {
-        return Err(CodegenError::Isa(format!(
-            "the plan keeps symbolic dims ({}); artifacts are compiled for their values {}",
-            plan.symbols.join(", "),
-            egret_ir::BIND_DIMS_HINT
-        )));
-    }
     let plan = super::choose::choose(plan.clone());
+    let symbolic = !plan.is_bound();
     for (i, k) in plan.kernels.iter().enumerate() {
         if let KernelKind::Reference { op, .. } = &k.kind {
             return Err(CodegenError::Kernel {
@@ -89,7 +122,7 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
     let ptr = module.target_config().pointer_type();
     let config = module.target_config();
     let mut sig = Signature::new(module.isa().default_call_conv());
-    for _ in 0..3 {
+    for _ in 0..4 {
         sig.params.push(AbiParam::new(ptr));
     }
     sig.returns.push(AbiParam::new(types::I32));
@@ -97,12 +130,22 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
     let mut ctx = module.make_context();
     ctx.func = Function::with_name_signature(UserFuncName::user(1, 0), sig.clone());
     let mut fbc = FunctionBuilderContext::new();
+    let mut table = WordTable::default();
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
         let start = b.create_block();
         b.append_block_params_for_function_params(start);
         b.switch_to_block(start);
-        let (inputs, outputs, arena) = (b.block_params(start)[0], b.block_params(start)[1], b.block_params(start)[2]);
+        let params = b.block_params(start).to_vec();
+        let (inputs, outputs, arena, words) = (params[0], params[1], params[2], params[3]);
+        // A symbolic plan's arena offsets depend on the values: one word each.
+        let offset_words: HashMap<BufferId, i32> = match symbolic {
+            false => HashMap::new(),
+            true => (0..plan.buffers.len())
+                .filter(|&b| matches!(plan.buffers[b].storage, Storage::Arena { .. }))
+                .map(|b| (b, table.push(DriverWord::Offset(b))))
+                .collect(),
+        };
         let fail = b.create_block();
         b.append_block_param(fail, types::I32);
         let flags = MemFlagsData::new().with_notrap();
@@ -115,7 +158,22 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
             (_, Some(&j)) => b.ins().load(ptr, flags, outputs, (j * 8) as i32),
             (Storage::Input(i), _) => b.ins().load(ptr, flags, inputs, (*i * 8) as i32),
             (Storage::Constant(_), _) => b.ins().symbol_value(ptr, const_gvs[&buf]),
-            (Storage::Arena { offset }, _) => b.ins().iadd_imm_u(arena, *offset as i64),
+            (Storage::Arena { offset }, _) => match offset_words.get(&buf) {
+                Some(&w) => {
+                    let offset = b.ins().load(types::I64, flags, words, w);
+                    b.ins().iadd(arena, offset)
+                }
+                None => b.ins().iadd_imm_u(arena, *offset as i64),
+            },
+        };
+        // A value: a constant when known, else a word of `words`.
+        let no_symbols = egret_ir::Bindings::default();
+        let value = |b: &mut FunctionBuilder, table: &mut WordTable, w: Word| match w.at(&DimValues::new(&no_symbols)) {
+            Ok(c) => b.ins().iconst(types::I64, c),
+            Err(_) => {
+                let at = table.push(DriverWord::Value(w));
+                b.ins().load(types::I64, flags, words, at)
+            }
         };
         let launch = module.declare_func_in_func(launch, b.func);
         for (i, k) in plan.kernels.iter().enumerate() {
@@ -123,20 +181,28 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
             let callee = module.declare_func_in_func(id, b.func);
             let (reads, writes) = k.buffers();
             let operands: Vec<usize> = reads.into_iter().chain(writes).collect();
-            let slot = b.create_sized_stack_slot(StackSlotData::new(
-                StackSlotKind::ExplicitSlot,
-                8 * operands.len() as u32,
-                3,
-            ));
+            // After the operands, as the JIT's runtime passes them: the
+            // kernel's symbolic sizes, then its blocks' addresses.
+            let sizes = k.runtime_dims();
+            let blocks = call::blocks(k).len();
+            let slots = operands.len() + sizes.len() + blocks;
+            let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8 * slots as u32, 3));
             for (n, &buf) in operands.iter().enumerate() {
                 let a = addr(&mut b, buf);
                 b.ins().stack_store(ptr, a, slot, (n * 8) as i32);
             }
+            for (n, &d) in sizes.iter().enumerate() {
+                let v = value(&mut b, &mut table, Word::Dim(d));
+                b.ins().stack_store(ptr, v, slot, (8 * (operands.len() + n)) as i32);
+            }
+            for block in 0..blocks {
+                let at = table.push(DriverWord::Block { kernel: i, block });
+                let a = b.ins().load(ptr, flags, words, at);
+                b.ins().stack_store(ptr, a, slot, (8 * (operands.len() + sizes.len() + block)) as i32);
+            }
             let args = b.ins().stack_addr(ptr, slot, 0);
             let kernel = b.ins().func_addr(ptr, callee);
-            let extent = b
-                .ins()
-                .iconst(types::I64, parallel_extent(&k.kind, &egret_ir::DimValues::new(&Default::default())) as i64);
+            let extent = value(&mut b, &mut table, call::extent(&k.kind));
             let split = b.ins().iconst(types::I64, split_of(&k.kind) as i64);
             let call = b.ins().call(launch, &[kernel, args, extent, split]);
             let status = b.inst_results(call)[0];
@@ -148,7 +214,8 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
         for (j, (buf, ty)) in plan.outputs.iter().enumerate().filter(|(j, (buf, _))| direct.get(buf) != Some(j)) {
             let dst = b.ins().load(ptr, flags, outputs, (j * 8) as i32);
             let src = addr(&mut b, *buf);
-            let size = b.ins().iconst(ptr, (ty.numel() * ty.dtype.size_bytes()) as i64);
+            let bytes = ty.shape.iter().copied().product::<Dim>() * Dim::new(ty.dtype.size_bytes());
+            let size = value(&mut b, &mut table, Word::Dim(bytes));
             b.call_memcpy(config, dst, src, size);
         }
         let ok = b.ins().iconst(types::I32, 0);
@@ -165,5 +232,5 @@ pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<Objec
     let id = module.declare_function(&entry, Linkage::Hidden, &sig).map_err(|e| isa_err(e.to_string()))?;
     module.define_function(id, &mut ctx).map_err(|e| isa_err(format!("{e:?}")))?;
     let bytes = module.finish().emit().map_err(|e| isa_err(e.to_string()))?;
-    Ok(ObjectCode { bytes, clif, entry, plan })
+    Ok(ObjectCode { bytes, clif, entry, plan, words: table.words })
 }

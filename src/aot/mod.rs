@@ -17,6 +17,8 @@
 //! mapped lazily by the loader and shared through the page cache by every
 //! process that loads it, with no load step that could fail.
 
+mod sizes;
+
 use crate::{canonical, CompileOptions, Error};
 use egret_backends::cpu::TargetCpu;
 use egret_ir::Type;
@@ -28,8 +30,9 @@ const KERNEL_ARCHIVE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libegret
 
 /// The C API's version, `NAME_ABI_VERSION` and `NAME_abi_version()`: raised
 /// whenever a signature or a struct a caller sees changes. 1 was the
-/// one-object API alone; 2 adds contexts.
-pub const ABI_VERSION: u32 = 2;
+/// one-object API alone; 2 adds contexts; 3 symbolic dims (a context's
+/// sizes are set from its inputs' dims).
+pub const ABI_VERSION: u32 = 3;
 
 /// What `egret compile` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,8 +72,13 @@ struct Api<'a> {
     cpu: TargetCpu,
     /// Cranelift's names of the ISA extensions the generated code uses.
     features: Vec<String>,
-    /// The model's symbolic dims and the sizes they were compiled for.
+    /// The model's symbolic dims that --dim gave values, with those values.
     symbols: Vec<(String, usize)>,
+    /// The dims the library keeps symbolic, with their bounds.
+    dims: Vec<sizes::DimInfo>,
+    /// `sizes::Sizes::defines` and `source`: the C that solves and lays out sizes.
+    size_defines: String,
+    size_code: String,
 }
 
 /// Compiles `model` ahead of time into `out_dir`; returns the files written.
@@ -84,28 +92,71 @@ pub fn compile_library(
     if c_name(name) != name {
         return Err(Error::Usage(format!("`{name}` is not a valid C identifier; try `{}`", c_name(name))));
     }
-    let c = bound_canonical(model, opts)?;
+    let c = canonical(model, opts)?;
     if let Some((input, _)) = c.specialized.first() {
         return Err(Error::Usage(format!(
-            "input `{input}` sets a shape, so the model was specialised on its value; ahead-of-time libraries need every shape fixed by the model or by --dim"
+            "input `{input}` sets a shape, so the model was specialised on its value; ahead-of-time libraries need every shape given by the model's dims or by --dim"
         )));
     }
+    let symbols = c.graph.symbols();
+    crate::check_bounds(opts, &symbols)?;
+    if !symbols.is_empty() {
+        let need = egret_backends::symbols_to_bind(&c.graph, crate::lower_options(opts));
+        if !need.is_empty() {
+            let need: Vec<String> = need.into_iter().collect();
+            let flags: Vec<String> = need.iter().map(|s| format!("--dim {s}=N")).collect();
+            return Err(Error::Usage(format!(
+                "the model's dims {} reach kernels that are only compiled for known sizes, so a library cannot keep them symbolic: give them values ({})",
+                need.join(", "),
+                flags.join(" ")
+            )));
+        }
+    }
     // Lowered exactly as the JIT lowers it, so the artifact runs the same kernels.
-    let plan = egret_backends::lower(&c.graph, crate::lower_options(opts))?;
+    let mut plan = egret_backends::lower(&c.graph, crate::lower_options(opts))?;
+    crate::lay_out_for_bounds(&mut plan, &opts.dim_bounds);
+    let inputs: Vec<(String, Type)> =
+        c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect();
+    // Each symbol's value comes from a caller's input dims.
+    let solvable: Vec<String> = inputs.iter().flat_map(|(_, t)| t.shape.iter().filter_map(|d| d.as_symbol())).collect();
+    if let Some(s) = plan.symbols.iter().find(|s| !solvable.contains(s)) {
+        return Err(Error::Usage(format!(
+            "the dim `{s}` is not the size of any input's dim, so a library cannot tell it from the inputs it is given: give it a value (--dim {s}=N)"
+        )));
+    }
     let cpu = opts.target_cpu;
     let codegen = |e: egret_backends::cpu::CodegenError| Error::Codegen(e.to_string());
     let object = egret_backends::cpu::object::compile_object(&plan, name, cpu).map_err(codegen)?;
     std::fs::create_dir_all(out_dir)
         .map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", out_dir.display())))?;
+    let outputs: Vec<(String, Type)> =
+        c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect();
+    let dims: Vec<sizes::DimInfo> = object
+        .plan
+        .symbols
+        .iter()
+        .map(|s| {
+            let bounds = opts.dim_bounds.get(s);
+            sizes::DimInfo { name: s.clone(), lo: bounds.map_or(0, |b| b.0 as i64), hi: bounds.map(|b| b.1 as i64) }
+        })
+        .collect();
+    let size_c =
+        sizes::Sizes { plan: &object.plan, words: &object.words, dims: &dims, inputs: &inputs, outputs: &outputs };
+    let (size_defines, size_code) = (size_c.defines(), size_c.source(name));
     let api = Api {
         name,
-        inputs: c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect(),
-        outputs: c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect(),
-        arena: object.plan.arena_bytes,
+        inputs,
+        outputs,
+        // Planned for the bounds when every symbol has them; otherwise
+        // laid out at the first sizes a context is given.
+        arena: if dims.iter().all(|d| d.hi.is_some()) { object.plan.arena_bytes } else { 0 },
         any_split: egret_backends::cpu::any_kernel_splits(&object.plan),
         cpu,
         features: egret_backends::cpu::required_features(cpu).map_err(codegen)?,
         symbols: c.symbols.clone(),
+        dims,
+        size_defines,
+        size_code,
     };
     // A flag this table lacks is one Cranelift added after it was written:
     // a library that cannot check for it could fault where it loads.
@@ -158,7 +209,7 @@ pub fn compile_library(
 }
 
 /// The C API's functions, `NAME_` + each: what the library exports.
-const API: [&str; 26] = [
+const API: [&str; 39] = [
     "abi_version",
     "missing_cpu_feature",
     "status_message",
@@ -185,6 +236,19 @@ const API: [&str; 26] = [
     "output_rank",
     "output_dims",
     "output_bytes",
+    "input_dim_param",
+    "output_dim_param",
+    "num_dims",
+    "dim_name",
+    "dim_min",
+    "dim_max",
+    "model_context",
+    "context_set_input_dims",
+    "context_input_dims",
+    "context_input_bytes",
+    "context_output_dims",
+    "context_output_bytes",
+    "context_error",
 ];
 
 /// The linker version script: the library exports its C API and nothing
@@ -310,13 +374,30 @@ fn header(api: &Api, model: &Path) -> String {
     }
     if !api.symbols.is_empty() {
         let bound: Vec<String> = api.symbols.iter().map(|(n, v)| format!("{n} = {v}")).collect();
+        let _ = writeln!(s, " * Dims of the model fixed for this library by --dim: {}.", bound.join(", "));
+    }
+    if api.dims.is_empty() {
+        let _ = writeln!(s, " * Scratch memory per context: {} bytes.\n */", api.arena);
+    } else {
+        let listed: Vec<String> = api
+            .dims
+            .iter()
+            .map(|d| match d.hi {
+                Some(hi) => format!("{} ({}..{hi})", d.name, d.lo),
+                None => format!("{} (any size)", d.name),
+            })
+            .collect();
         let _ = writeln!(
             s,
-            " * Symbolic dims of the model, fixed for this library: {} (compile again\n * with --dim NAME=N for other sizes).",
-            bound.join(", ")
+            " *\n * Symbolic dims: {}. One library runs every value of them: give a\n * context the inputs' dims with {name}_context_set_input_dims before\n * running on it, and size the outputs by {name}_context_output_dims (the\n * static {name}_input_dims and {name}_output_dims say -1 where a dim is\n * symbolic). Scratch memory per context: {}.\n */",
+            listed.join(", "),
+            if api.arena > 0 {
+                format!("{} bytes, planned for the bounds", api.arena)
+            } else {
+                "laid out for the first sizes a context is\n * given, and grown when later sizes need more".to_string()
+            }
         );
     }
-    let _ = writeln!(s, " * Scratch memory per context: {} bytes.\n */", api.arena);
     let _ = write!(
         s,
         "#ifndef {up}_H
@@ -342,6 +423,12 @@ int {name}_abi_version(void);
 #define {up}_ERROR_OUT_OF_MEMORY 3
 /* This CPU lacks an extension the code was compiled for ({name}_missing_cpu_feature names it). */
 #define {up}_ERROR_UNSUPPORTED_CPU 4
+/* Input dims that do not fit the model: a fixed dim given another size, two
+ * inputs that disagree on a symbolic dim, a value outside a dim's bounds, or
+ * sizes the model cannot serve (a table it indexes by a dim is too short);
+ * or a run on a context whose sizes were never set. {name}_context_error
+ * says which. */
+#define {up}_ERROR_SHAPE 5
 
 typedef struct {name}_model {name}_model;
 typedef struct {name}_context {name}_context;
@@ -368,6 +455,25 @@ int {name}_context_run_named({name}_context *context, size_t n_inputs, const cha
                              const void *const *inputs, size_t n_outputs, const char *const *output_names,
                              void *const *outputs);
 
+/* Sets the sizes of the context's runs from its inputs' dims: input_dims[i]
+ * points to input i's dims (as many as its rank). Solves the symbolic dims,
+ * checks them, and lays the context's scratch memory out for them (growing
+ * it if needed); later runs use these sizes until the next call. Needed
+ * before the first run when the model has symbolic dims; for a model
+ * without, it only checks the dims. On failure the context has no sizes
+ * until a call succeeds. */
+int {name}_context_set_input_dims({name}_context *context, const int64_t *const *input_dims);
+/* The dims and bytes of input i and output j at the context's sizes (NULL
+ * and 0 before any are set). */
+const int64_t *{name}_context_input_dims(const {name}_context *context, size_t i);
+size_t {name}_context_input_bytes(const {name}_context *context, size_t i);
+const int64_t *{name}_context_output_dims(const {name}_context *context, size_t j);
+size_t {name}_context_output_bytes(const {name}_context *context, size_t j);
+/* Why the context's last call failed with {up}_ERROR_SHAPE (empty if none did). */
+const char *{name}_context_error(const {name}_context *context);
+/* The model's own context, the one {name}_run and {name}_run_named use. */
+{name}_context *{name}_model_context({name}_model *model);
+
 /* As the context calls, on the model's own context. */
 int {name}_run({name}_model *model, const void *const *inputs, void *const *outputs);
 int {name}_run_named({name}_model *model, size_t n_inputs, const char *const *input_names, const void *const *inputs,
@@ -379,7 +485,11 @@ const char *{name}_status_message(int status);
 const char *{name}_missing_cpu_feature(void);
 
 /* Metadata. Indexes run from 0; *_index returns -1 for an unknown name.
- * dtype is one of f32 f64 i8 i16 i32 i64 u8 u16 u32 u64 bool. */
+ * dtype is one of f32 f64 i8 i16 i32 i64 u8 u16 u32 u64 bool. A symbolic
+ * dim is -1 in *_dims, and *_bytes is 0 for a tensor that has one; the
+ * context's calls give them at its sizes. *_dim_param is dim k's expression
+ * of the symbolic dims (\"sequence\", \"past_sequence + 1\"), NULL for a fixed
+ * dim. */
 size_t {name}_num_inputs(void);
 const char *{name}_input_name(size_t i);
 int {name}_input_index(const char *name);
@@ -394,6 +504,14 @@ const char *{name}_output_dtype(size_t i);
 size_t {name}_output_rank(size_t i);
 const int64_t *{name}_output_dims(size_t i);
 size_t {name}_output_bytes(size_t i);
+const char *{name}_input_dim_param(size_t i, size_t k);
+const char *{name}_output_dim_param(size_t i, size_t k);
+
+/* The symbolic dims the library keeps, their names and bounds (max -1: none). */
+size_t {name}_num_dims(void);
+const char *{name}_dim_name(size_t i);
+int64_t {name}_dim_min(size_t i);
+int64_t {name}_dim_max(size_t i);
 
 #ifdef __cplusplus
 }}
@@ -520,28 +638,50 @@ fn tables(side: &str, items: &[(String, Type)]) -> String {
         }
     };
     for (i, (_, t)) in items.iter().enumerate() {
-        let dims = if t.shape.is_empty() {
-            "0".to_string()
+        let (dims, params) = if t.shape.is_empty() {
+            ("0".to_string(), "0".to_string())
         } else {
-            t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            let dims = t.shape.iter().map(|d| d.known().unwrap_or(-1).to_string()).collect::<Vec<_>>();
+            let params = t.shape.iter().map(|d| if d.is_known() { "0".into() } else { c_string(&d.to_string()) });
+            (dims.join(", "), params.collect::<Vec<_>>().join(", "))
         };
         let _ = writeln!(s, "static const int64_t {side}_dims_{i}[] = {{{dims}}};");
+        let _ = writeln!(s, "static const char *const {side}_dim_params_{i}[] = {{{params}}};");
     }
     let _ = writeln!(s, "#define N_{} {n}", side.to_uppercase());
     let _ = writeln!(s, "static const char *const {side}_names[] = {{{}}};", list(&|(n, _)| c_string(n)));
     let _ = writeln!(s, "static const char *const {side}_dtypes[] = {{{}}};", list(&|(_, t)| c_string(t.dtype.name())));
     let _ = writeln!(s, "static const size_t {side}_ranks[] = {{{}}};", list(&|(_, t)| t.rank().to_string()));
+    // 0 where a dim is symbolic: the context's call gives the bytes.
     let _ = writeln!(
         s,
         "static const size_t {side}_bytes[] = {{{}}};",
-        list(&|(_, t)| (t.numel() * t.dtype.size_bytes()).to_string())
+        list(&|(_, t)| if t.is_known() { (t.numel() * t.dtype.size_bytes()).to_string() } else { "0".into() })
     );
-    let dims_ptrs = if items.is_empty() {
-        "0".to_string()
-    } else {
-        (0..n).map(|i| format!("{side}_dims_{i}")).collect::<Vec<_>>().join(", ")
+    let ptrs = |what: &str| {
+        if items.is_empty() {
+            "0".to_string()
+        } else {
+            (0..n).map(|i| format!("{side}_{what}_{i}")).collect::<Vec<_>>().join(", ")
+        }
     };
-    let _ = writeln!(s, "static const int64_t *const {side}_dims[] = {{{dims_ptrs}}};");
+    let _ = writeln!(s, "static const int64_t *const {side}_dims[] = {{{}}};", ptrs("dims"));
+    let _ = writeln!(s, "static const char *const *const {side}_dim_params[] = {{{}}};", ptrs("dim_params"));
+    // Where each one's dims start in the context's table of them.
+    let mut at = 0;
+    let starts: Vec<String> = items
+        .iter()
+        .map(|(_, t)| {
+            at += t.rank();
+            (at - t.rank()).to_string()
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "static const size_t {side}_dim_at[] = {{{}}};",
+        if starts.is_empty() { "0".into() } else { starts.join(", ") }
+    );
+    let _ = writeln!(s, "#define {}_RANKS {at}", side.to_uppercase());
     s
 }
 
@@ -551,11 +691,15 @@ fn api_source(api: &Api) -> String {
     let mut s = format!(
         "/* Generated by egret: the C API around {name}_run_plan. */
 #include \"{name}.h\"
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Runs every kernel on the caller's buffers; defined (hidden) in the object file. */
-extern int {name}_run_plan(const void *const *inputs, void *const *outputs, void *arena);
+/* Runs every kernel on the caller's buffers; defined (hidden) in the object
+ * file. words: the sizes, offsets and tables of a plan with symbolic dims,
+ * filled by set_sizes below (unused by a plan without). */
+extern int {name}_run_plan(const void *const *inputs, void *const *outputs, void *arena, const int64_t *words);
 
 /* The kernel library's scheduler (libegret_kernels_archive.a). */
 typedef struct egret_rt_pool egret_rt_pool;
@@ -564,6 +708,7 @@ extern int64_t egret_rt_pool_threads(const egret_rt_pool *pool);
 extern void egret_rt_pool_free(egret_rt_pool *pool);
 extern int egret_rt_pool_run(const egret_rt_pool *pool, int (*f)(void *), void *data);
 
+/* The arena a context starts with (0: laid out at its first sizes). */
 #define ARENA_BYTES ((size_t){arena})
 /* Whether any kernel is big enough to split across threads: if none is, a
  * run on a pool would cost more than it saves, and contexts use one. */
@@ -573,17 +718,78 @@ struct {name}_model {{
     {name}_context *own;
 }};
 
-struct {name}_context {{
-    void *arena;
-    egret_rt_pool *pool;
-}};
-
 ",
         arena = api.arena,
         any_split = api.any_split as u8,
     );
     s.push_str(&tables("input", &api.inputs));
     s.push_str(&tables("output", &api.outputs));
+    s.push_str(&api.size_defines);
+    let _ = write!(
+        s,
+        "
+struct {name}_context {{
+    void *arena;
+    size_t arena_bytes;
+    egret_rt_pool *pool;
+    /* Whether the sizes below are set (always, for a model without symbolic dims). */
+    int have_sizes;
+    int64_t dims[N_DIMS + 1];
+    int64_t words[N_WORDS + 1];
+    /* The kernels' parameter blocks and tables at these sizes. */
+    int64_t *blocks;
+    size_t block_words;
+    int64_t input_dims[INPUT_RANKS + 1];
+    size_t input_bytes[N_INPUT + 1];
+    int64_t output_dims[OUTPUT_RANKS + 1];
+    size_t output_bytes[N_OUTPUT + 1];
+    char error[512];
+}};
+
+/* Records why a call failed; returns {up}_ERROR_SHAPE. */
+static int refuse({name}_context *c, const char *format, ...) {{
+    va_list args;
+    va_start(args, format);
+    vsnprintf(c->error, sizeof c->error, format, args);
+    va_end(args);
+    return {up}_ERROR_SHAPE;
+}}
+
+/* Size arithmetic that notes overflow in *ok instead of wrapping. */
+static int64_t add(int64_t a, int64_t b, int *ok) {{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r)) *ok = 0;
+    return r;
+}}
+static int64_t mul(int64_t a, int64_t b, int *ok) {{
+    int64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) *ok = 0;
+    return r;
+}}
+static int64_t max64(int64_t a, int64_t b) {{ return a > b ? a : b; }}
+static int64_t nonneg(int64_t a) {{ return a > 0 ? a : 0; }}
+static int64_t round_up(int64_t a, int64_t to, int *ok) {{ return mul((add(a, to - 1, ok)) / to, to, ok); }}
+static int64_t ceil_div(int64_t a, int64_t b) {{ return a <= 0 ? 0 : (a - 1) / b + 1; }}
+/* A tile chosen for nominal sizes, at most what a call has (and at least 1). */
+static int64_t clamp_tile(int64_t n, int64_t cap) {{ return n < 1 ? 1 : (n < cap ? n : cap); }}
+
+/* Whether a strided walk of `rank` dims (n[k] steps of step[k] elements
+ * from element `at`, `elem` bytes each) stays inside `bytes` bytes. */
+static int inside(int64_t elem, int64_t at, int rank, const int64_t *n, const int64_t *step, int64_t bytes) {{
+    __int128 lo = at, hi = at;
+    int k;
+    for (k = 0; k < rank; k++) {{
+        __int128 reach;
+        if (n[k] <= 0) return 1;
+        reach = (__int128)(n[k] - 1) * step[k];
+        if (reach < 0) lo += reach;
+        else hi += reach;
+    }}
+    return lo >= 0 && (hi + 1) * elem <= bytes;
+}}
+"
+    );
+    s.push_str(&api.size_code);
     s.push('\n');
     s.push_str(&cpu_check(&api.features));
     let _ = write!(
@@ -599,12 +805,24 @@ int {name}_context_create(const {name}_model *model, int threads, {name}_context
     if (missing_cpu_feature()) return {up}_ERROR_UNSUPPORTED_CPU;
     c = ({name}_context *)calloc(1, sizeof *c);
     if (!c) return {up}_ERROR_OUT_OF_MEMORY;
-    /* 64-byte alignment matches the memory plan; aligned_alloc wants a multiple of it. */
-    c->arena = aligned_alloc(64, ARENA_BYTES == 0 ? 64 : (ARENA_BYTES + 63) / 64 * 64);
     c->pool = egret_rt_pool_new(ANY_SPLIT ? threads : 1);
-    if (!c->arena || !c->pool) {{
+    if (ARENA_BYTES > 0) {{
+        /* 64-byte alignment matches the memory plan; aligned_alloc wants a multiple of it. */
+        c->arena_bytes = (ARENA_BYTES + 63) / 64 * 64;
+        c->arena = aligned_alloc(64, c->arena_bytes);
+    }}
+    if ((ARENA_BYTES > 0 && !c->arena) || !c->pool) {{
         {name}_context_destroy(c);
         return {up}_ERROR_OUT_OF_MEMORY;
+    }}
+    if (N_DIMS == 0) {{
+        int64_t none[1] = {{0}};
+        int status = set_sizes(c, none);
+        if (status != {up}_OK) {{
+            {name}_context_destroy(c);
+            return status;
+        }}
+        c->have_sizes = 1;
     }}
     *context = c;
     return {up}_OK;
@@ -614,6 +832,7 @@ void {name}_context_destroy({name}_context *context) {{
     if (!context) return;
     egret_rt_pool_free(context->pool);
     free(context->arena);
+    free(context->blocks);
     free(context);
 }}
 
@@ -621,7 +840,50 @@ int {name}_context_threads(const {name}_context *context) {{
     return context ? (int)egret_rt_pool_threads(context->pool) : 0;
 }}
 
-int {name}_create({name}_model **model) {{
+int {name}_context_set_input_dims({name}_context *context, const int64_t *const *input_dims) {{
+    int64_t s[N_DIMS + 1] = {{0}};
+    int status;
+    size_t i;
+    if (!context || (N_INPUT && !input_dims)) return {up}_ERROR_INVALID_ARGUMENT;
+    for (i = 0; i < N_INPUT; i++)
+        if (!input_dims[i] && input_ranks[i] > 0) return {up}_ERROR_INVALID_ARGUMENT;
+    context->error[0] = 0;
+    if (N_DIMS == 0) return solve(context, input_dims, s);
+    context->have_sizes = 0;
+    status = solve(context, input_dims, s);
+    if (status == {up}_OK) status = set_sizes(context, s);
+    if (status != {up}_OK) return status;
+    memcpy(context->dims, s, sizeof s);
+    context->have_sizes = 1;
+    return {up}_OK;
+}}
+
+const int64_t *{name}_context_input_dims(const {name}_context *context, size_t i) {{
+    return context && context->have_sizes && i < N_INPUT ? context->input_dims + input_dim_at[i] : 0;
+}}
+size_t {name}_context_input_bytes(const {name}_context *context, size_t i) {{
+    return context && context->have_sizes && i < N_INPUT ? context->input_bytes[i] : 0;
+}}
+const int64_t *{name}_context_output_dims(const {name}_context *context, size_t j) {{
+    return context && context->have_sizes && j < N_OUTPUT ? context->output_dims + output_dim_at[j] : 0;
+}}
+size_t {name}_context_output_bytes(const {name}_context *context, size_t j) {{
+    return context && context->have_sizes && j < N_OUTPUT ? context->output_bytes[j] : 0;
+}}
+const char *{name}_context_error(const {name}_context *context) {{ return context ? context->error : \"\"; }}
+
+{name}_context *{name}_model_context({name}_model *model) {{ return model ? model->own : 0; }}
+
+size_t {name}_num_dims(void) {{ return N_DIMS; }}
+const char *{name}_dim_name(size_t i) {{ return i < N_DIMS ? dim_names[i] : 0; }}
+int64_t {name}_dim_min(size_t i) {{ return i < N_DIMS ? dim_lo[i] : -1; }}
+int64_t {name}_dim_max(size_t i) {{ return i < N_DIMS ? dim_hi[i] : -1; }}
+
+"
+    );
+    let _ = write!(
+        s,
+        "int {name}_create({name}_model **model) {{
     {name}_model *m;
     int status;
     if (!model) return {up}_ERROR_INVALID_ARGUMENT;
@@ -647,11 +909,12 @@ struct run {{
     const void *const *inputs;
     void *const *outputs;
     void *arena;
+    const int64_t *words;
 }};
 
 static int run_plan(void *data) {{
     struct run *r = (struct run *)data;
-    return {name}_run_plan(r->inputs, r->outputs, r->arena);
+    return {name}_run_plan(r->inputs, r->outputs, r->arena, r->words);
 }}
 
 int {name}_context_run({name}_context *context, const void *const *inputs, void *const *outputs) {{
@@ -662,9 +925,12 @@ int {name}_context_run({name}_context *context, const void *const *inputs, void 
         if (!inputs[i]) return {up}_ERROR_INVALID_ARGUMENT;
     for (i = 0; i < N_OUTPUT; i++)
         if (!outputs[i]) return {up}_ERROR_INVALID_ARGUMENT;
+    if (!context->have_sizes)
+        return refuse(context, \"the context has no sizes: give it the inputs' dims first ({name}_context_set_input_dims)\");
     r.inputs = inputs;
     r.outputs = outputs;
     r.arena = context->arena;
+    r.words = context->words;
     /* The pool runs the plan on one of its threads, where the kernels split. */
     return egret_rt_pool_run(context->pool, run_plan, &r);
 }}
@@ -718,6 +984,7 @@ const char *{name}_status_message(int status) {{
     case {up}_ERROR_INVALID_ARGUMENT: return \"invalid argument: a null pointer, an unknown or repeated name, or a wrong count\";
     case {up}_ERROR_OUT_OF_MEMORY: return \"out of memory\";
     case {up}_ERROR_UNSUPPORTED_CPU: return \"this CPU lacks an instruction set extension the library was compiled for (see {name}_missing_cpu_feature; recompile with a lower --target-cpu)\";
+    case {up}_ERROR_SHAPE: return \"the input dims do not fit the model, or the context has no sizes ({name}_context_error says which)\";
     default: return \"unknown status\";
     }}
 }}
@@ -736,6 +1003,12 @@ const char *{name}_output_dtype(size_t i) {{ return i < N_OUTPUT ? output_dtypes
 size_t {name}_output_rank(size_t i) {{ return i < N_OUTPUT ? output_ranks[i] : 0; }}
 const int64_t *{name}_output_dims(size_t i) {{ return i < N_OUTPUT ? output_dims[i] : 0; }}
 size_t {name}_output_bytes(size_t i) {{ return i < N_OUTPUT ? output_bytes[i] : 0; }}
+const char *{name}_input_dim_param(size_t i, size_t k) {{
+    return i < N_INPUT && k < input_ranks[i] ? input_dim_params[i][k] : 0;
+}}
+const char *{name}_output_dim_param(size_t i, size_t k) {{
+    return i < N_OUTPUT && k < output_ranks[i] ? output_dim_params[i][k] : 0;
+}}
 "
     );
     s
@@ -859,6 +1132,9 @@ mod tests {
             cpu: TargetCpu::Native,
             features: vec![],
             symbols: vec![],
+            dims: vec![sizes::DimInfo { name: "batch".into(), lo: 1, hi: None }],
+            size_defines: String::new(),
+            size_code: String::new(),
         };
         let header = header(&api, Path::new("m.onnx"));
         let mut declared: Vec<String> = header
