@@ -425,9 +425,39 @@ pub fn backend_executable_with(
             let threads = opts.threads.unwrap_or_else(default_threads);
             Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
         }
+        // A graph with symbols: one program for every value of them, its
+        // kernels compiled the first time some values need them.
+        Backend::Wgsl if !graph.is_bound() => {
+            if opts.precision != egret_backends::gpu::form::Precision::F32 {
+                return Err(Error::Usage(format!(
+                    "--precision {} runs products on tensor cores, which only the ptx backend has",
+                    opts.precision.name()
+                )));
+            }
+            let device = egret_runtime::WgpuDevice::shared().map_err(Error::Device)?;
+            let program = symbolic_gpu_plan(graph, opts, device.limits)?;
+            Box::new(egret_runtime::WgpuExecutable::symbolic(device, program).map_err(Error::Device)?)
+        }
+        Backend::Ptx if !graph.is_bound() => {
+            let device = egret_runtime::CudaDevice::open().map_err(Error::Device)?;
+            let program = symbolic_gpu_plan(graph, opts, PTX_LIMITS)?;
+            Box::new(egret_runtime::PtxExecutable::symbolic(device, program).map_err(Error::Device)?)
+        }
         Backend::Wgsl => Box::new(compile_wgsl(graph, opts)?.0),
         Backend::Ptx => Box::new(compile_ptx(graph, opts)?),
     })
+}
+
+/// A graph with symbols lowered for a GPU and compiled for every value of
+/// them (`gpu::SymbolicGpuPlan`): the arena planned for declared bounds.
+pub fn symbolic_gpu_plan(
+    graph: &Graph,
+    opts: &CompileOptions,
+    limits: egret_backends::gpu::Limits,
+) -> Result<egret_backends::gpu::SymbolicGpuPlan, Error> {
+    let mut plan = egret_backends::lower(graph, lower_options(opts).gpu())?;
+    lay_out_for_bounds(&mut plan, &opts.dim_bounds);
+    egret_backends::gpu::SymbolicGpuPlan::new(&plan, limits, opts.precision).map_err(|e| Error::Codegen(e.to_string()))
 }
 
 /// The pipeline: import, canonicalise, hand to the backend.
@@ -452,10 +482,15 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
             opts.precision.name()
         )));
     }
-    // A CPU plan that can keep every symbol left (a decoder given its batch)
-    // is compiled now, as a bound model is: no run compiles anything.
-    let plannable =
-        opts.backend == Backend::Cpu && egret_backends::symbols_to_bind(&c.graph, lower_options(opts)).is_empty();
+    // A plan that can keep every symbol left (a decoder given its batch) is
+    // compiled now, as a bound model is: on the CPU no run compiles
+    // anything; on a GPU a run builds its values' parameters and grids,
+    // and compiles only kernels that earlier values did not have.
+    let plannable = match opts.backend {
+        Backend::Cpu => egret_backends::symbols_to_bind(&c.graph, lower_options(opts)).is_empty(),
+        Backend::Wgsl | Backend::Ptx => egret_backends::symbols_to_bind(&c.graph, lower_options(opts).gpu()).is_empty(),
+        Backend::Reference => false,
+    };
     let executable: Box<dyn egret_runtime::Executable> =
         if c.graph.is_bound() || opts.backend == Backend::Reference || plannable {
             backend_executable(&c.graph, opts)?

@@ -234,7 +234,7 @@ output \"gelu\" = v6
     for (precision, tol) in [(Precision::Tf32, TF32_TOLERANCE), (Precision::Bf16, BF16_TOLERANCE)] {
         let opts = CompileOptions { precision, ..Default::default() };
         let ptx = common::interpreted_ptx(&g, &opts);
-        assert!(ptx.plan().kernels.iter().any(|k| k.name.starts_with("matmul_mma")), "tensor cores in use");
+        assert!(ptx.plan().unwrap().kernels.iter().any(|k| k.name.starts_with("matmul_mma")), "tensor cores in use");
         let got = ptx.run(inputs.clone()).unwrap();
         for ((gt, w), (name, _)) in got.iter().zip(&want).zip(g.outputs()) {
             let r = egret::check::compare(name, gt, w, tol);

@@ -256,3 +256,84 @@ fn invalid_wgsl_is_reported_by_naga() {
     let err = egret::backends::gpu::wgsl::validate("fn main() { let x: f32 = 1u; }").unwrap_err();
     assert!(err.contains("error"), "{err}");
 }
+
+/// One GPU executable serves every shape of a model with symbolic dims:
+/// BERT's batch and sequence, and a GPT-2 decode loop whose past grows at
+/// every step. On WGSL and on the interpreted PTX, each run matches the
+/// reference backend (or the stored outputs), and the steps of the decode
+/// loop after the first compile no kernel: only parameters and grids
+/// change with the values.
+#[test]
+fn one_gpu_program_serves_every_value_of_the_symbolic_dims() {
+    use egret::runtime::{Executable, PtxExecutable, ReferenceExecutable, WgpuExecutable};
+    if !common::wgsl_adapter() {
+        return;
+    }
+    for model in ["bert_dynamic", "gpt2_kv"] {
+        let case = common::synthetic_dir().join(model);
+        let opts = CompileOptions { backend: Backend::Wgsl, ..Default::default() };
+        let (reports, compiles) = egret::check::check_case_counting(&case, &opts, Tolerance::default());
+        assert!(reports.iter().all(|r| r.passed()), "{reports:?}");
+        assert_eq!(compiles, egret::check::Compiles { models: 1, specializations: 0 }, "{model}");
+
+        let c = egret::canonical(&case, &opts).unwrap();
+        let device = egret::runtime::WgpuDevice::shared().unwrap();
+        let program = egret::symbolic_gpu_plan(&c.graph, &opts, device.limits).unwrap();
+        let wgsl = WgpuExecutable::symbolic(device, program).unwrap();
+        let ptx = PtxExecutable::symbolic(
+            common::InterpretedDevice::new(),
+            egret::symbolic_gpu_plan(&c.graph, &opts, egret::PTX_LIMITS).unwrap(),
+        )
+        .unwrap();
+        let reference = ReferenceExecutable::new(c.graph.clone()).unwrap();
+        let names: Vec<String> = c.graph.inputs().iter().map(|&v| c.graph.input_name(v).to_string()).collect();
+        // Batch 2; for the decoder, pasts of 0 to 5 with one token each
+        // after a prompt of 3; for BERT, sequences of 1 to 6.
+        let mut kernels_after = Vec::new();
+        for step in 0..6usize {
+            let inputs: Vec<egret::ir::Tensor> = names
+                .iter()
+                .map(|n| {
+                    let (tokens, past) = match model {
+                        "gpt2_kv" if step == 0 => (3, 0),
+                        "gpt2_kv" => (1, step + 2),
+                        _ => (step + 1, 0),
+                    };
+                    let shape: Vec<usize> = match n.as_str() {
+                        "input_ids" => vec![2, tokens],
+                        "attention_mask" if model == "gpt2_kv" => vec![2, past + tokens],
+                        "attention_mask" => vec![2, tokens],
+                        _ => vec![2, 2, past, 16],
+                    };
+                    let len: usize = shape.iter().product();
+                    match n.as_str() {
+                        "input_ids" => egret::ir::Tensor::from_vec(
+                            shape,
+                            (0..len as i64).map(|i| (i * 7 + step as i64) % 90).collect::<Vec<_>>(),
+                        ),
+                        "attention_mask" => egret::ir::Tensor::from_vec(shape, vec![1i64; len]),
+                        _ => egret::ir::Tensor::from_vec(
+                            shape,
+                            (0..len).map(|i| ((i * 13 + step) % 17) as f32 * 0.05 - 0.4).collect::<Vec<_>>(),
+                        ),
+                    }
+                })
+                .collect();
+            let want = reference.run(inputs.clone()).unwrap();
+            for (backend, got) in
+                [("wgsl", wgsl.run(inputs.clone()).unwrap()), ("ptx", ptx.run(inputs.clone()).unwrap())]
+            {
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let r = egret::check::compare(&format!("output {j}"), g, w, Tolerance::default());
+                    assert!(r.failure.is_none(), "{model} step {step} on {backend}: {:?}", r.failure);
+                }
+            }
+            kernels_after.push((wgsl.pipelines_compiled(), ptx.modules_loaded()));
+        }
+        // The decoder's steps after the prompt (the past grows, one token
+        // each) compile nothing new after the first of them.
+        if model == "gpt2_kv" {
+            assert!(kernels_after[2..].iter().all(|k| *k == kernels_after[1]), "{kernels_after:?}");
+        }
+    }
+}

@@ -938,6 +938,67 @@ impl Plan {
         self.symbols.is_empty()
     }
 
+    /// The plan with every symbol given its value in `values`: a bound
+    /// plan with the same buffers and kernels, its memory left as it was
+    /// (the caller lays the arena out for the values it serves). What the
+    /// GPU backends build each set of values' dispatches from: their
+    /// kernels take every size as a parameter, so the same shaders serve
+    /// all of them.
+    pub fn at(&self, values: &Bindings) -> Result<Plan, String> {
+        let dims = DimValues::new(values);
+        let v = |d: Dim| -> Result<Dim, String> {
+            let x = dims.get(d)?;
+            Dim::int(x).ok_or_else(|| format!("{d} is {x}, out of range"))
+        };
+        let operand = |o: &mut Operand| -> Result<(), String> {
+            o.offset = v(o.offset)?;
+            for s in &mut o.strides {
+                *s = v(*s)?;
+            }
+            Ok(())
+        };
+        let types = |ts: &mut [(BufferId, Type)]| -> Result<(), String> {
+            for (_, t) in ts {
+                *t = t.at(values)?;
+            }
+            Ok(())
+        };
+        let mut plan = self.clone();
+        for b in &mut plan.buffers {
+            b.bytes = v(b.bytes)?;
+        }
+        for k in &mut plan.kernels {
+            match &mut k.kind {
+                KernelKind::Map(m) => {
+                    for d in &mut m.shape {
+                        *d = v(*d)?;
+                    }
+                    for o in m.inputs.iter_mut().chain([&mut m.output]) {
+                        operand(o)?;
+                    }
+                }
+                KernelKind::MatMul(mm) => mm.m = v(mm.m)?,
+                KernelKind::Rows(r) => r.rows = v(r.rows)?,
+                KernelKind::Gather(g) => {
+                    g.outer = v(g.outer)?;
+                    g.n_indices = v(g.n_indices)?;
+                }
+                KernelKind::Attention(a) => *a = a.at(&dims)?,
+                KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
+                    *op = op.map_dims(v)?;
+                    types(inputs)?;
+                    types(outputs)?;
+                }
+            }
+        }
+        types(&mut plan.inputs)?;
+        types(&mut plan.outputs)?;
+        plan.symbols.clear();
+        plan.capacity.clear();
+        plan.bounded.clear();
+        Ok(plan)
+    }
+
     /// Per buffer, whether some kernel or graph output reads or writes it
     /// (a constant replaced by a repacked copy is not).
     pub fn used_buffers(&self) -> Vec<bool> {

@@ -310,7 +310,7 @@ impl CpuExecutable {
         let (mut sizes, mut blocks, mut extents) = (Vec::new(), Vec::new(), Vec::new());
         for (i, k) in plan.kernels.iter().enumerate() {
             if self.symbolic[i] {
-                self.check_spans(plan, k, &values, &dims, &input_bytes)?;
+                crate::steps::check_spans(plan, k, &values, &dims, &input_bytes)?;
             }
             let at = |d: &Dim| dims.get(*d).map_err(RunError::Shape);
             sizes.push(self.runtime_dims[i].iter().map(at).collect::<Result<Vec<i64>, RunError>>()?);
@@ -351,38 +351,6 @@ impl CpuExecutable {
             *l = std::sync::Arc::new(Layout { capacity, offsets, arena_bytes });
         }
         l.clone()
-    }
-
-    /// Refuses a call whose values would take a symbolic kernel outside
-    /// one of its buffers (`Kernel::spans_at`), naming the node, the
-    /// values and the buffer.
-    fn check_spans(
-        &self,
-        plan: &egret_backends::Plan,
-        k: &Kernel,
-        values: &Bindings,
-        dims: &DimValues,
-        input_bytes: &[usize],
-    ) -> Result<(), RunError> {
-        let shown = || values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
-        let spans = k.spans_at(dims).map_err(RunError::Shape)?;
-        for (b, first, end) in spans {
-            let (what, size) = match &plan.buffers[b].storage {
-                Storage::Input(i) => (format!("input {i}"), input_bytes[*i]),
-                Storage::Constant(t) => {
-                    (format!("a constant of {} elements", t.numel()), t.numel() * t.dtype().size_bytes())
-                }
-                Storage::Arena { .. } => ("an intermediate value".to_string(), dims.size(plan.buffers[b].bytes)),
-            };
-            if first < 0 || end as u64 > size as u64 {
-                return Err(RunError::Shape(format!(
-                    "node `{}` would read or write outside {what} at {}: the model does not allow these sizes",
-                    k.label,
-                    shown()
-                )));
-            }
-        }
-        Ok(())
     }
 
     fn execute_in(

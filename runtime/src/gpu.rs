@@ -7,10 +7,12 @@
 //! dispatch into one command encoder (split only around host steps), and
 //! reads back the outputs and the error word in one copy.
 
+use crate::steps::Sizing;
 use crate::{Executable, RunError};
 use egret_backends::gpu::form::Space;
-use egret_backends::gpu::{tensor_of_words, words_of, GpuPlan, Place, Step};
-use egret_ir::{Tensor, Type};
+use egret_backends::gpu::{tensor_of_words, words_of, ArenaLayout, GpuPlan, Place, Step, SymbolicGpuPlan};
+use egret_ir::{Bindings, Tensor, Type};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// What to install when there is no adapter.
@@ -85,20 +87,39 @@ struct Dispatch {
     grid: [u32; 3],
 }
 
-pub struct WgpuExecutable {
-    gpu: Arc<WgpuDevice>,
+/// What one set of the symbols' values runs (the one set of a bound plan):
+/// the program at them, the arena it runs in, its pipelines, and each
+/// step's dispatch with its parameters bound.
+struct Setup {
+    values: Bindings,
     plan: GpuPlan,
-    arena: wgpu::Buffer,
-    weights: Vec<wgpu::Buffer>,
-    error: wgpu::Buffer,
-    pipelines: Vec<wgpu::ComputePipeline>,
+    arena: Arc<wgpu::Buffer>,
+    pipelines: Vec<Arc<wgpu::ComputePipeline>>,
     /// Per step, its dispatch (`None` for host steps).
     dispatches: Vec<Option<Dispatch>>,
+}
+
+/// What runs change: the current setup, the arena, and every pipeline
+/// compiled so far by its kernel (a program with symbols builds its
+/// kernels again for new values; they are the same shaders).
+#[derive(Default)]
+struct State {
+    setup: Option<Arc<Setup>>,
+    arena: Option<(ArenaLayout, Arc<wgpu::Buffer>)>,
+    pipelines: HashMap<String, Arc<wgpu::ComputePipeline>>,
+}
+
+pub struct WgpuExecutable {
+    gpu: Arc<WgpuDevice>,
+    weights: Vec<wgpu::Buffer>,
+    error: wgpu::Buffer,
     /// Device time of the last run, where the adapter has timestamps.
     last_device_ms: Mutex<Option<f64>>,
     timer: Option<(wgpu::QuerySet, wgpu::Buffer)>,
     /// One run at a time: runs share the arena.
-    running: Mutex<()>,
+    state: Mutex<State>,
+    /// For a plan that keeps symbols: what builds each values' program.
+    sizing: Option<Sizing>,
 }
 
 /// Bytes of a word slice.
@@ -107,54 +128,123 @@ fn bytes(words: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) }
 }
 
+const STORAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
+
+fn storage_buffer(d: &wgpu::Device, label: &str, words: usize) -> wgpu::Buffer {
+    d.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (words.max(1) * 4) as u64,
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
 impl WgpuExecutable {
     /// Creates the pipelines from `shaders` (one WGSL text per kernel of
     /// the plan), uploads the weights and lays out the arena.
     pub fn new(gpu: Arc<WgpuDevice>, plan: GpuPlan, shaders: &[String]) -> Result<WgpuExecutable, String> {
+        let exe = WgpuExecutable::with_weights(gpu, &plan.weights, None)?;
+        let arena = Arc::new(storage_buffer(&exe.gpu.device, "arena", plan.arena_words));
+        let pipelines: Vec<Arc<wgpu::ComputePipeline>> =
+            plan.kernels.iter().zip(shaders).map(|(k, source)| exe.pipeline(k, source)).collect::<Result<_, _>>()?;
+        let setup = exe.setup(Bindings::new(), plan, arena, pipelines)?;
+        exe.state.lock().unwrap().setup = Some(Arc::new(setup));
+        Ok(exe)
+    }
+
+    /// An executable for every value of `program`'s symbols: the weights
+    /// are uploaded now; each run with new values builds the program at
+    /// them, compiling only kernels no earlier values had, and lays the
+    /// arena out again only when the values pass its capacity.
+    pub fn symbolic(gpu: Arc<WgpuDevice>, program: SymbolicGpuPlan) -> Result<WgpuExecutable, String> {
+        let weights = program.weights().clone();
+        WgpuExecutable::with_weights(gpu, &weights, Some(Sizing::new(program)))
+    }
+
+    fn with_weights(
+        gpu: Arc<WgpuDevice>,
+        chunks: &[Vec<u32>],
+        sizing: Option<Sizing>,
+    ) -> Result<WgpuExecutable, String> {
         let d = &gpu.device;
-        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-        let buffer = |label: &str, words: usize| {
-            d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: (words.max(1) * 4) as u64,
-                usage: storage,
-                mapped_at_creation: false,
-            })
-        };
         let scope = d.push_error_scope(wgpu::ErrorFilter::Validation);
-        let arena = buffer("arena", plan.arena_words);
-        let error = buffer("error word", 1);
-        let weights: Vec<wgpu::Buffer> = plan
-            .weights
+        let error = storage_buffer(d, "error word", 1);
+        let weights: Vec<wgpu::Buffer> = chunks
             .iter()
             .enumerate()
             .map(|(i, chunk)| {
-                let b = buffer(&format!("weights{i}"), chunk.len());
+                let b = storage_buffer(d, &format!("weights{i}"), chunk.len());
                 gpu.queue.write_buffer(&b, 0, bytes(chunk));
                 b
             })
             .collect();
-        let pipelines: Vec<wgpu::ComputePipeline> = plan
-            .kernels
-            .iter()
-            .zip(shaders)
-            .map(|(k, source)| {
-                let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(&k.name),
-                    source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
-                });
-                d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(&k.name),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some("main"),
-                    compilation_options: Default::default(),
-                    cache: None,
-                })
-            })
-            .collect();
-        // Every dispatch's parameters in one buffer, each at an aligned offset.
-        let align = gpu.params_align.max(4) / 4;
+        let timer = gpu.timestamps.then(|| {
+            let set = d.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("run time"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let buf = d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            (set, buf)
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(format!("the device refused the weights: {e}"));
+        }
+        Ok(WgpuExecutable {
+            gpu,
+            weights,
+            error,
+            last_device_ms: Mutex::new(None),
+            timer,
+            state: Mutex::new(State::default()),
+            sizing,
+        })
+    }
+
+    /// The pipeline of `kernel` from its WGSL `source`.
+    fn pipeline(
+        &self,
+        kernel: &egret_backends::gpu::form::Kernel,
+        source: &str,
+    ) -> Result<Arc<wgpu::ComputePipeline>, String> {
+        let d = &self.gpu.device;
+        let scope = d.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&kernel.name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&kernel.name),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(format!("the device refused kernel `{}`: {e}", kernel.name));
+        }
+        Ok(Arc::new(pipeline))
+    }
+
+    /// `plan`'s dispatches: every step's parameters in one buffer, each
+    /// at an aligned offset, and its bind group.
+    fn setup(
+        &self,
+        values: Bindings,
+        plan: GpuPlan,
+        arena: Arc<wgpu::Buffer>,
+        pipelines: Vec<Arc<wgpu::ComputePipeline>>,
+    ) -> Result<Setup, String> {
+        let d = &self.gpu.device;
+        let scope = d.push_error_scope(wgpu::ErrorFilter::Validation);
+        let align = self.gpu.params_align.max(4) / 4;
         let mut params: Vec<u32> = Vec::new();
         let mut param_at = Vec::new();
         for step in &plan.steps {
@@ -166,8 +256,8 @@ impl WgpuExecutable {
                 param_at.push(0);
             }
         }
-        let params_buffer = buffer("params", params.len());
-        gpu.queue.write_buffer(&params_buffer, 0, bytes(&params));
+        let params_buffer = storage_buffer(d, "params", params.len());
+        self.gpu.queue.write_buffer(&params_buffer, 0, bytes(&params));
         let mut dispatches = Vec::new();
         for (i, step) in plan.steps.iter().enumerate() {
             let Step::Dispatch { kernel, params: p, grid, .. } = step else {
@@ -180,8 +270,8 @@ impl WgpuExecutable {
                 .map(|&space| {
                     let resource = match space {
                         Space::Arena => arena.as_entire_binding(),
-                        Space::Error => error.as_entire_binding(),
-                        Space::Weights(c) => weights[c as usize].as_entire_binding(),
+                        Space::Error => self.error.as_entire_binding(),
+                        Space::Weights(c) => self.weights[c as usize].as_entire_binding(),
                         Space::WeightsSpan { .. } => unreachable!("spaces() binds a span's chunks"),
                         Space::Params => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &params_buffer,
@@ -199,44 +289,58 @@ impl WgpuExecutable {
             });
             dispatches.push(Some(Dispatch { pipeline: *kernel, bind_group, grid: *grid }));
         }
-        let timer = gpu.timestamps.then(|| {
-            let set = d.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("run time"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2,
-            });
-            let buf = d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("timestamps"),
-                size: 16,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            (set, buf)
-        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(format!("the device refused the compiled program: {e}"));
         }
-        Ok(WgpuExecutable {
-            gpu,
-            plan,
-            arena,
-            weights,
-            error,
-            pipelines,
-            dispatches,
-            last_device_ms: Mutex::new(None),
-            timer,
-            running: Mutex::new(()),
-        })
+        Ok(Setup { values, plan, arena, pipelines, dispatches })
     }
 
-    pub fn plan(&self) -> &GpuPlan {
-        &self.plan
+    /// The setup a run on `inputs` uses: the current one, or, for a plan
+    /// with symbols and new values, the program built at them.
+    fn setup_for(&self, state: &mut State, inputs: &[Tensor]) -> Result<Arc<Setup>, RunError> {
+        let Some(sizing) = &self.sizing else {
+            return Ok(state.setup.clone().expect("a bound executable has its setup from the start"));
+        };
+        let values = sizing.values(inputs)?;
+        if let Some(s) = state.setup.as_ref().filter(|s| s.values == values) {
+            return Ok(s.clone());
+        }
+        let device = |message: String| RunError::Eval { node: "the whole graph".into(), op: "wgsl".into(), message };
+        if let Some(layout) = sizing.layout_for(state.arena.as_ref().map(|(l, _)| l), &values)? {
+            let buffer = Arc::new(storage_buffer(&self.gpu.device, "arena", layout.words));
+            state.arena = Some((layout, buffer));
+        }
+        let (layout, arena) = state.arena.clone().expect("laid out above");
+        let plan = sizing.at(&values, &layout)?;
+        let mut pipelines = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            let key = format!("{k:?}");
+            if let Some(p) = state.pipelines.get(&key) {
+                pipelines.push(p.clone());
+                continue;
+            }
+            let text = egret_backends::gpu::wgsl::print(k);
+            egret_backends::gpu::wgsl::validate(&text).map_err(|e| {
+                device(format!("kernel `{}` fails WGSL validation ({e}); this is a compiler bug", k.name))
+            })?;
+            let p = self.pipeline(k, &text).map_err(device)?;
+            state.pipelines.insert(key, p.clone());
+            pipelines.push(p);
+        }
+        let setup = Arc::new(self.setup(values, plan, arena, pipelines).map_err(device)?);
+        state.setup = Some(setup.clone());
+        Ok(setup)
     }
 
-    fn buffer_of(&self, space: Space) -> &wgpu::Buffer {
+    /// How many distinct pipelines the executable has compiled.
+    pub fn pipelines_compiled(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.pipelines.len().max(state.setup.as_ref().map_or(0, |s| s.pipelines.len()))
+    }
+
+    fn buffer_of<'a>(&'a self, setup: &'a Setup, space: Space) -> &'a wgpu::Buffer {
         match space {
-            Space::Arena => &self.arena,
+            Space::Arena => &setup.arena,
             Space::Error => &self.error,
             Space::Weights(c) => &self.weights[c as usize],
             Space::WeightsSpan { first, .. } => &self.weights[first as usize],
@@ -248,6 +352,7 @@ impl WgpuExecutable {
     /// submitted so far.
     fn read(
         &self,
+        setup: &Setup,
         mut encoder: wgpu::CommandEncoder,
         ranges: &[(Space, usize, usize)],
     ) -> Result<Vec<Vec<u32>>, String> {
@@ -262,7 +367,7 @@ impl WgpuExecutable {
         for &(space, word, len) in ranges {
             if len > 0 {
                 encoder.copy_buffer_to_buffer(
-                    self.buffer_of(space),
+                    self.buffer_of(setup, space),
                     (word * 4) as u64,
                     &staging,
                     at,
@@ -321,13 +426,13 @@ impl WgpuExecutable {
 
     /// The words of a constant, from the host's copy (a constant that
     /// spans chunks is not one device range).
-    fn constant_words(&self, place: Place, len: usize) -> Option<Vec<u32>> {
+    fn constant_words(setup: &Setup, place: Place, len: usize) -> Option<Vec<u32>> {
         let (first, chunk_words) = match place.space {
             Space::Weights(c) => (c as usize, usize::MAX),
             Space::WeightsSpan { first, chunk_words, .. } => (first as usize, chunk_words as usize),
             _ => return None,
         };
-        let chunks = &self.plan.weights[first..];
+        let chunks = &setup.plan.weights[first..];
         Some(
             (place.word..place.word + len)
                 .map(
@@ -338,20 +443,25 @@ impl WgpuExecutable {
     }
 
     /// Reads `values` (places and types) after the work in `encoder`.
-    fn read_values(&self, encoder: wgpu::CommandEncoder, values: &[(Place, Type)]) -> Result<Vec<Tensor>, String> {
+    fn read_values(
+        &self,
+        setup: &Setup,
+        encoder: wgpu::CommandEncoder,
+        values: &[(Place, Type)],
+    ) -> Result<Vec<Tensor>, String> {
         // Constants come from the host's copy; the rest in one readback.
         let ranges: Vec<_> = values
             .iter()
-            .map(|(p, t)| match self.constant_words(*p, t.numel()) {
+            .map(|(p, t)| match Self::constant_words(setup, *p, t.numel()) {
                 Some(_) => (Space::Arena, 0, 0),
                 None => (p.space, p.word, t.numel()),
             })
             .collect();
-        let read = self.read(encoder, &ranges)?;
+        let read = self.read(setup, encoder, &ranges)?;
         Ok(values
             .iter()
             .zip(read)
-            .map(|((p, t), w)| tensor_of_words(t, &self.constant_words(*p, t.numel()).unwrap_or(w)))
+            .map(|((p, t), w)| tensor_of_words(t, &Self::constant_words(setup, *p, t.numel()).unwrap_or(w)))
             .collect())
     }
 
@@ -362,27 +472,29 @@ impl WgpuExecutable {
         inputs: &[Tensor],
         mut times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
-        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let setup = self.setup_for(&mut state, inputs)?;
+        let setup = &*setup;
         let device_error =
             |message: String| RunError::Eval { node: "the whole graph".into(), op: "wgsl".into(), message };
-        for ((place, ty), t) in self.plan.inputs.iter().zip(inputs) {
+        for ((place, ty), t) in setup.plan.inputs.iter().zip(inputs) {
             let words = words_of(t, "an input").map_err(|e| RunError::Eval {
                 node: format!("input of {ty}"),
                 op: "upload".into(),
                 message: e.to_string(),
             })?;
-            self.gpu.queue.write_buffer(&self.arena, (place.word * 4) as u64, bytes(&words));
+            self.gpu.queue.write_buffer(&setup.arena, (place.word * 4) as u64, bytes(&words));
         }
         self.gpu.queue.write_buffer(&self.error, 0, bytes(&[0]));
         let mut encoder = self.encoder();
         let mut i = 0;
-        let steps = &self.plan.steps;
+        let steps = &setup.plan.steps;
         while i < steps.len() {
             match &steps[i] {
                 Step::Host { op, inputs, outputs, label } => {
                     let start = std::time::Instant::now();
                     let done = std::mem::replace(&mut encoder, self.encoder());
-                    let ts = self.read_values(done, inputs).map_err(device_error)?;
+                    let ts = self.read_values(setup, done, inputs).map_err(device_error)?;
                     let outs = crate::steps::eval_host(op, label, &ts)?;
                     for ((place, _), t) in outputs.iter().zip(outs) {
                         let words = words_of(&t, "a host result").map_err(|e| RunError::Eval {
@@ -390,7 +502,7 @@ impl WgpuExecutable {
                             op: op.name().to_string(),
                             message: e.to_string(),
                         })?;
-                        self.gpu.queue.write_buffer(&self.arena, (place.word * 4) as u64, bytes(&words));
+                        self.gpu.queue.write_buffer(&setup.arena, (place.word * 4) as u64, bytes(&words));
                     }
                     if let Some(times) = times.as_deref_mut() {
                         times.push((format!("host:{}", op.name()), label.clone(), start.elapsed().as_secs_f64() * 1e3));
@@ -420,15 +532,15 @@ impl WgpuExecutable {
                             label: Some("kernels"),
                             timestamp_writes,
                         });
-                        for d in self.dispatches[i..end].iter().flatten() {
-                            pass.set_pipeline(&self.pipelines[d.pipeline]);
+                        for d in setup.dispatches[i..end].iter().flatten() {
+                            pass.set_pipeline(&setup.pipelines[d.pipeline]);
                             pass.set_bind_group(0, &d.bind_group, &[]);
                             pass.dispatch_workgroups(d.grid[0], d.grid[1], d.grid[2]);
                         }
                     }
                     if let (Some(times), Step::Dispatch { kind, label, .. }) = (times.as_deref_mut(), &steps[i]) {
                         let done = std::mem::replace(&mut encoder, self.encoder());
-                        self.read(done, &[]).map_err(device_error)?;
+                        self.read(setup, done, &[]).map_err(device_error)?;
                         times.push((kind.clone(), label.clone(), start.elapsed().as_secs_f64() * 1e3));
                     }
                     i = end;
@@ -437,9 +549,9 @@ impl WgpuExecutable {
         }
         let error_word = (Place { space: Space::Error, word: 0 }, Type::new(egret_ir::DType::I32, Vec::<usize>::new()));
         let mut values = vec![error_word];
-        values.extend(self.plan.outputs.iter().cloned());
-        let mut read = self.read_values(encoder, &values).map_err(device_error)?;
-        if let Some(e) = crate::steps::failure(&self.plan, read[0].to_i64_vec()[0] as usize) {
+        values.extend(setup.plan.outputs.iter().cloned());
+        let mut read = self.read_values(setup, encoder, &values).map_err(device_error)?;
+        if let Some(e) = crate::steps::failure(&setup.plan, read[0].to_i64_vec()[0] as usize) {
             return Err(e);
         }
         Ok(read.drain(1..).collect())
@@ -452,7 +564,8 @@ impl Executable for WgpuExecutable {
     }
 
     fn arena_bytes(&self) -> Option<usize> {
-        Some(self.plan.arena_words * 4)
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.setup.as_ref().map(|s| s.plan.arena_words * 4)
     }
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {

@@ -9,10 +9,12 @@
 //! words sit in one more. A run writes the inputs, launches every step in
 //! order on one stream, and copies back the outputs and the error word.
 
+use crate::steps::Sizing;
 use crate::{Executable, RunError};
 use egret_backends::gpu::form::Space;
-use egret_backends::gpu::{ptx, tensor_of_words, words_of, GpuPlan, Place, Step};
-use egret_ir::{Tensor, Type};
+use egret_backends::gpu::{ptx, tensor_of_words, words_of, ArenaLayout, GpuPlan, Place, Step, SymbolicGpuPlan};
+use egret_ir::{Bindings, Tensor, Type};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// What the PTX executor needs of a device. Addresses are device
@@ -39,27 +41,53 @@ struct Launch {
     args: Vec<u64>,
 }
 
-pub struct PtxExecutable<D: PtxDevice> {
-    device: D,
+/// What one set of the symbols' values runs (the one set of a bound plan):
+/// the program at them, its arena, its functions and each step's launch.
+struct Setup {
+    values: Bindings,
     plan: GpuPlan,
     arena: u64,
+    /// Per step, its launch (`None` for host steps).
+    launches: Vec<Option<Launch>>,
+    /// The parameter words' allocation, freed with the setup.
+    params: u64,
+}
+
+/// What runs change: the current setup, the arena, and every module
+/// loaded so far, by kernel (new values build the same kernels again).
+struct State<F> {
+    setup: Option<Setup>,
+    arena: Option<(ArenaLayout, u64)>,
+    functions: Vec<F>,
+    by_kernel: HashMap<String, usize>,
+}
+
+pub struct PtxExecutable<D: PtxDevice> {
+    device: D,
     error: u64,
     weights: u64,
     /// Word offset of each weight chunk in the weights allocation.
     chunk_at: Vec<usize>,
-    functions: Vec<D::Function>,
-    /// Per step, its launch (`None` for host steps).
-    launches: Vec<Option<Launch>>,
-    /// Every allocation, freed with the executable.
-    allocations: Vec<u64>,
-    running: Mutex<()>,
+    /// One run at a time: runs share the arena.
+    state: Mutex<State<D::Function>>,
+    /// For a plan that keeps symbols: what builds each values' program.
+    sizing: Option<Sizing>,
 }
 
 impl<D: PtxDevice> Drop for PtxExecutable<D> {
     fn drop(&mut self) {
-        for &at in &self.allocations {
-            self.device.free(at);
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = state.setup.take() {
+            self.device.free(s.params);
+            if state.arena.is_none() {
+                self.device.free(s.arena);
+            }
         }
+        if let Some((_, arena)) = state.arena.take() {
+            self.device.free(arena);
+        }
+        self.device.free(self.error);
+        self.device.free(self.weights);
     }
 }
 
@@ -69,22 +97,65 @@ fn bytes(words: &[u32]) -> Vec<u8> {
 
 impl<D: PtxDevice> PtxExecutable<D> {
     pub fn new(device: D, plan: GpuPlan) -> Result<PtxExecutable<D>, String> {
-        let mut functions = Vec::with_capacity(plan.kernels.len());
-        for k in &plan.kernels {
-            let text = ptx::print(k);
-            let f = device.load(&text, &ptx::entry_name(k)).map_err(|e| format!("kernel `{}`: {e}", k.name))?;
-            functions.push(f);
-        }
-        let arena = device.alloc(plan.arena_words.max(1) * 4)?;
+        let exe = PtxExecutable::with_weights(device, &plan.weights, None)?;
+        let arena = exe.device.alloc(plan.arena_words.max(1) * 4)?;
+        let mut state = exe.state.lock().unwrap();
+        let setup = exe.setup(&mut state, Bindings::new(), plan, arena);
+        let setup = setup.inspect_err(|_| exe.device.free(arena))?;
+        state.setup = Some(setup);
+        drop(state);
+        Ok(exe)
+    }
+
+    /// An executable for every value of `program`'s symbols: the weights
+    /// are uploaded now; each run with new values builds the program at
+    /// them, loading only kernels no earlier values had, and allocates the
+    /// arena again only when the values pass its capacity.
+    pub fn symbolic(device: D, program: SymbolicGpuPlan) -> Result<PtxExecutable<D>, String> {
+        let weights = program.weights().clone();
+        PtxExecutable::with_weights(device, &weights, Some(Sizing::new(program)))
+    }
+
+    fn with_weights(device: D, chunks: &[Vec<u32>], sizing: Option<Sizing>) -> Result<PtxExecutable<D>, String> {
         let error = device.alloc(4)?;
         let mut chunk_at = Vec::new();
         let mut all = Vec::new();
-        for c in &plan.weights {
+        for c in chunks {
             chunk_at.push(all.len());
             all.extend_from_slice(c);
         }
         let weights = device.alloc(all.len().max(1) * 4)?;
         device.upload(weights, &bytes(&all))?;
+        let state = State { setup: None, arena: None, functions: Vec::new(), by_kernel: HashMap::new() };
+        Ok(PtxExecutable { device, error, weights, chunk_at, state: Mutex::new(state), sizing })
+    }
+
+    /// `plan`'s launches in `arena`, loading the kernels `state` lacks.
+    fn setup(
+        &self,
+        state: &mut State<D::Function>,
+        values: Bindings,
+        plan: GpuPlan,
+        arena: u64,
+    ) -> Result<Setup, String> {
+        let mut functions = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            let key = format!("{k:?}");
+            let f = match state.by_kernel.get(&key) {
+                Some(&f) => f,
+                None => {
+                    let text = ptx::print(k);
+                    let f = self
+                        .device
+                        .load(&text, &ptx::entry_name(k))
+                        .map_err(|e| format!("kernel `{}`: {e}", k.name))?;
+                    state.functions.push(f);
+                    state.by_kernel.insert(key, state.functions.len() - 1);
+                    state.functions.len() - 1
+                }
+            };
+            functions.push(f);
+        }
         // Every step's parameter words, each block 16-byte aligned.
         let mut params: Vec<u32> = Vec::new();
         let mut param_at = Vec::new();
@@ -95,9 +166,8 @@ impl<D: PtxDevice> PtxExecutable<D> {
                 params.resize(params.len().div_ceil(4) * 4 + 4, 0);
             }
         }
-        let params_base = device.alloc(params.len().max(1) * 4)?;
-        let allocations = vec![arena, error, weights, params_base];
-        device.upload(params_base, &bytes(&params))?;
+        let params_base = self.device.alloc(params.len().max(1) * 4)?;
+        self.device.upload(params_base, &bytes(&params)).inspect_err(|_| self.device.free(params_base))?;
         let mut launches = Vec::new();
         for (i, step) in plan.steps.iter().enumerate() {
             let Step::Dispatch { kernel, grid, .. } = step else {
@@ -109,35 +179,59 @@ impl<D: PtxDevice> PtxExecutable<D> {
                 .into_iter()
                 .map(|space| match space {
                     Space::Arena => arena,
-                    Space::Error => error,
+                    Space::Error => self.error,
                     Space::Params => params_base + (param_at[i] * 4) as u64,
-                    Space::Weights(c) => weights + (chunk_at[c as usize] * 4) as u64,
+                    Space::Weights(c) => self.weights + (self.chunk_at[c as usize] * 4) as u64,
                     Space::WeightsSpan { .. } => unreachable!("spaces() binds a span's chunks"),
                 })
                 .collect();
             launches.push(Some(Launch {
-                function: *kernel,
+                function: functions[*kernel],
                 grid: *grid,
                 threads: plan.kernels[*kernel].threads,
                 args,
             }));
         }
-        Ok(PtxExecutable {
-            device,
-            plan,
-            arena,
-            error,
-            weights,
-            chunk_at,
-            functions,
-            launches,
-            allocations,
-            running: Mutex::new(()),
-        })
+        Ok(Setup { values, plan, arena, launches, params: params_base })
     }
 
-    pub fn plan(&self) -> &GpuPlan {
-        &self.plan
+    /// Makes the setup a run on `inputs` uses current: for a plan with
+    /// symbols and new values, the program built at them.
+    fn set_up_for(&self, state: &mut State<D::Function>, inputs: &[Tensor]) -> Result<(), RunError> {
+        let Some(sizing) = &self.sizing else { return Ok(()) };
+        let values = sizing.values(inputs)?;
+        if state.setup.as_ref().is_some_and(|s| s.values == values) {
+            return Ok(());
+        }
+        let device = |message: String| RunError::Eval { node: "the whole graph".into(), op: "ptx".into(), message };
+        if let Some(layout) = sizing.layout_for(state.arena.as_ref().map(|(l, _)| l), &values)? {
+            let arena = self.device.alloc(layout.words.max(1) * 4).map_err(device)?;
+            // The old arena goes with the setup that used it.
+            if let Some(s) = state.setup.take() {
+                self.device.free(s.params);
+            }
+            if let Some((_, old)) = state.arena.replace((layout, arena)) {
+                self.device.free(old);
+            }
+        }
+        let (layout, arena) = state.arena.clone().expect("allocated above");
+        let plan = sizing.at(&values, &layout)?;
+        let setup = self.setup(state, values, plan, arena).map_err(device)?;
+        if let Some(old) = state.setup.replace(setup) {
+            self.device.free(old.params);
+        }
+        Ok(())
+    }
+
+    /// The program the last run ran (or, for a bound plan, the one it runs).
+    pub fn plan(&self) -> Option<GpuPlan> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.setup.as_ref().map(|s| s.plan.clone())
+    }
+
+    /// How many distinct kernels the executable has loaded.
+    pub fn modules_loaded(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).functions.len()
     }
 
     pub fn device(&self) -> &D {
@@ -145,9 +239,9 @@ impl<D: PtxDevice> PtxExecutable<D> {
     }
 
     /// The device address of a place.
-    fn address(&self, p: Place) -> u64 {
+    fn address(&self, setup: &Setup, p: Place) -> u64 {
         let base = match p.space {
-            Space::Arena => self.arena,
+            Space::Arena => setup.arena,
             Space::Error => self.error,
             Space::Weights(c) | Space::WeightsSpan { first: c, .. } => {
                 self.weights + (self.chunk_at[c as usize] * 4) as u64
@@ -157,19 +251,19 @@ impl<D: PtxDevice> PtxExecutable<D> {
         base + (p.word * 4) as u64
     }
 
-    fn read(&self, p: Place, ty: &Type) -> Result<Tensor, String> {
+    fn read(&self, setup: &Setup, p: Place, ty: &Type) -> Result<Tensor, String> {
         let mut buf = vec![0u8; ty.numel() * 4];
         if !buf.is_empty() {
-            self.device.download(self.address(p), &mut buf)?;
+            self.device.download(self.address(setup, p), &mut buf)?;
         }
         let words: Vec<u32> = buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok(tensor_of_words(ty, &words))
     }
 
-    fn write(&self, p: Place, t: &Tensor, what: &str) -> Result<(), String> {
+    fn write(&self, setup: &Setup, p: Place, t: &Tensor, what: &str) -> Result<(), String> {
         let words = words_of(t, what).map_err(|e| e.to_string())?;
         if !words.is_empty() {
-            self.device.upload(self.address(p), &bytes(&words))?;
+            self.device.upload(self.address(setup, p), &bytes(&words))?;
         }
         Ok(())
     }
@@ -181,20 +275,23 @@ impl<D: PtxDevice> PtxExecutable<D> {
         inputs: &[Tensor],
         mut times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
-        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_up_for(&mut state, inputs)?;
+        let (functions, setup) = (&state.functions, state.setup.as_ref().expect("set up above"));
         let device_error =
             |node: &str, op: &str, message: String| RunError::Eval { node: node.into(), op: op.into(), message };
-        for ((place, ty), t) in self.plan.inputs.iter().zip(inputs) {
-            self.write(*place, t, "an input").map_err(|m| device_error(&format!("input of {ty}"), "upload", m))?;
+        for ((place, ty), t) in setup.plan.inputs.iter().zip(inputs) {
+            self.write(setup, *place, t, "an input")
+                .map_err(|m| device_error(&format!("input of {ty}"), "upload", m))?;
         }
         self.device.upload(self.error, &[0; 4]).map_err(|m| device_error("the error word", "upload", m))?;
-        for (i, step) in self.plan.steps.iter().enumerate() {
+        for (i, step) in setup.plan.steps.iter().enumerate() {
             let start = std::time::Instant::now();
             match step {
                 Step::Dispatch { label, kind, .. } => {
-                    let l = self.launches[i].as_ref().expect("a dispatch has a launch");
+                    let l = setup.launches[i].as_ref().expect("a dispatch has a launch");
                     self.device
-                        .launch(&self.functions[l.function], l.grid, l.threads, &l.args)
+                        .launch(&functions[l.function], l.grid, l.threads, &l.args)
                         .map_err(|m| device_error(label, kind, m))?;
                     if let Some(times) = times.as_deref_mut() {
                         self.device.synchronize().map_err(|m| device_error(label, kind, m))?;
@@ -205,10 +302,10 @@ impl<D: PtxDevice> PtxExecutable<D> {
                     let fail = |m: String| device_error(label, op.name(), m);
                     self.device.synchronize().map_err(fail)?;
                     let ts: Vec<Tensor> =
-                        inputs.iter().map(|(p, t)| self.read(*p, t)).collect::<Result<_, _>>().map_err(fail)?;
+                        inputs.iter().map(|(p, t)| self.read(setup, *p, t)).collect::<Result<_, _>>().map_err(fail)?;
                     let outs = crate::steps::eval_host(op, label, &ts)?;
                     for ((p, _), t) in outputs.iter().zip(&outs) {
-                        self.write(*p, t, "a host result").map_err(fail)?;
+                        self.write(setup, *p, t, "a host result").map_err(fail)?;
                     }
                     if let Some(times) = times.as_deref_mut() {
                         times.push((format!("host:{}", op.name()), label.clone(), start.elapsed().as_secs_f64() * 1e3));
@@ -218,16 +315,17 @@ impl<D: PtxDevice> PtxExecutable<D> {
         }
         self.device.synchronize().map_err(|m| device_error("the whole graph", "ptx", m))?;
         let code = self
-            .read(Place { space: Space::Error, word: 0 }, &Type::new(egret_ir::DType::I32, Vec::<usize>::new()))
+            .read(setup, Place { space: Space::Error, word: 0 }, &Type::new(egret_ir::DType::I32, Vec::<usize>::new()))
             .map_err(|m| device_error("the error word", "download", m))?
             .to_i64_vec()[0] as usize;
-        if let Some(e) = crate::steps::failure(&self.plan, code) {
+        if let Some(e) = crate::steps::failure(&setup.plan, code) {
             return Err(e);
         }
-        self.plan
+        setup
+            .plan
             .outputs
             .iter()
-            .map(|(p, t)| self.read(*p, t).map_err(|m| device_error("an output", "download", m)))
+            .map(|(p, t)| self.read(setup, *p, t).map_err(|m| device_error("an output", "download", m)))
             .collect()
     }
 }
@@ -242,7 +340,8 @@ impl<D: PtxDevice> Executable for PtxExecutable<D> {
     }
 
     fn arena_bytes(&self) -> Option<usize> {
-        Some(self.plan.arena_words * 4)
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.setup.as_ref().map(|s| s.plan.arena_words * 4)
     }
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {

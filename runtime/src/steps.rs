@@ -1,9 +1,67 @@
 //! What the GPU executors (`gpu`, `ptx`) share about a `GpuPlan`'s steps:
-//! evaluating a host step, and reading the error word.
+//! evaluating a host step, reading the error word, and, for a program
+//! whose plan keeps symbols, each run's values and the arena's capacity.
 
 use crate::RunError;
-use egret_backends::gpu::{GpuPlan, Step};
-use egret_ir::{Op, Tensor};
+use egret_backends::gpu::{ArenaLayout, GpuPlan, Step, SymbolicGpuPlan};
+use egret_ir::{Bindings, DimValues, Op, Tensor, Type};
+
+/// A GPU program for every value of its plan's symbols: what both GPU
+/// executors keep to build each new set of values' program.
+pub(crate) struct Sizing {
+    pub program: SymbolicGpuPlan,
+    /// The inputs' declared types, by position.
+    declared: Vec<(String, Type)>,
+}
+
+impl Sizing {
+    pub fn new(program: SymbolicGpuPlan) -> Sizing {
+        let declared =
+            program.plan().inputs.iter().enumerate().map(|(i, (_, t))| (format!("input {i}"), t.clone())).collect();
+        Sizing { program, declared }
+    }
+
+    /// A run's values of the symbols, from its inputs' shapes, refused if
+    /// they would take a kernel outside one of its buffers.
+    pub fn values(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+        let values = crate::solve_dims(&self.declared, &shapes)?;
+        let dims = DimValues::new(&values);
+        let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
+        let plan = self.program.plan();
+        for k in plan.kernels.iter().filter(|k| !k.is_known()) {
+            check_spans(plan, k, &values, &dims, &input_bytes)?;
+        }
+        Ok(values)
+    }
+
+    /// The arena layout a run with `values` uses: `current` if they fit
+    /// it, else one for the declared bounds or the values, at least twice
+    /// the old capacity of a symbol that passed it (so a growing decoder
+    /// lays its arena out a few times, not at every token).
+    pub fn layout_for(
+        &self,
+        current: Option<&ArenaLayout>,
+        values: &Bindings,
+    ) -> Result<Option<ArenaLayout>, RunError> {
+        if current.is_some_and(|l| l.holds(values)) {
+            return Ok(None);
+        }
+        let mut capacity = current.map_or_else(|| self.program.bounded_capacity(), |l| l.capacity.clone());
+        for (k, &v) in values {
+            let c = capacity.entry(k.clone()).or_insert(0);
+            if v > *c {
+                *c = v.max(2 * *c);
+            }
+        }
+        self.program.layout(&capacity).map(Some).map_err(|e| RunError::Shape(e.to_string()))
+    }
+
+    /// The program at `values` in `layout`.
+    pub fn at(&self, values: &Bindings, layout: &ArenaLayout) -> Result<GpuPlan, RunError> {
+        self.program.at(values, layout).map_err(|e| RunError::Shape(e.to_string()))
+    }
+}
 
 /// A host step: `op` on its inputs with the IR's reference semantics, an
 /// error naming the node.
@@ -27,4 +85,36 @@ pub(crate) fn failure(plan: &GpuPlan, code: usize) -> Option<RunError> {
         }),
         Step::Host { .. } => None,
     }
+}
+
+/// Refuses a call whose values would take a symbolic kernel outside one
+/// of its buffers (`Kernel::spans_at`), naming the node, the values and
+/// the buffer. `input_bytes`: each graph input's bytes at this call.
+pub(crate) fn check_spans(
+    plan: &egret_backends::Plan,
+    k: &egret_backends::plan::Kernel,
+    values: &egret_ir::Bindings,
+    dims: &egret_ir::DimValues,
+    input_bytes: &[usize],
+) -> Result<(), RunError> {
+    use egret_backends::plan::Storage;
+    let shown = || values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
+    let spans = k.spans_at(dims).map_err(RunError::Shape)?;
+    for (b, first, end) in spans {
+        let (what, size) = match &plan.buffers[b].storage {
+            Storage::Input(i) => (format!("input {i}"), input_bytes[*i]),
+            Storage::Constant(t) => {
+                (format!("a constant of {} elements", t.numel()), t.numel() * t.dtype().size_bytes())
+            }
+            Storage::Arena { .. } => ("an intermediate value".to_string(), dims.size(plan.buffers[b].bytes)),
+        };
+        if first < 0 || end as u64 > size as u64 {
+            return Err(RunError::Shape(format!(
+                "node `{}` would read or write outside {what} at {}: the model does not allow these sizes",
+                k.label,
+                shown()
+            )));
+        }
+    }
+    Ok(())
 }

@@ -21,10 +21,11 @@ pub mod ptx;
 pub mod rows;
 pub mod wgsl;
 
-use crate::plan::{known_size, BufferId, KernelKind, Plan, Storage};
-use egret_ir::{DType, Op, Tensor, Type};
+use crate::plan::{BufferId, KernelKind, Plan, Storage};
+use egret_ir::{Bindings, DType, Op, Tensor, Type};
 use form::{Kernel, Space};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -34,8 +35,10 @@ pub enum GpuError {
     IntRange { what: String, value: i64 },
     #[error("kernel `{kernel}` ({label}) binds {bindings} storage buffers, more than the adapter's {limit}")]
     TooManyBindings { kernel: String, label: String, bindings: usize, limit: u32 },
-    #[error("the plan keeps symbolic dims ({symbols}); GPU programs are compiled for their values")]
+    #[error("the plan keeps symbolic dims ({symbols}); `gpu::compile` takes a bound plan (`SymbolicGpuPlan` serves every value)")]
     Symbolic { symbols: String },
+    #[error("the sizes of this run: {message}")]
+    Sizes { message: String },
     #[error("the arena needs {bytes} bytes, more than one storage binding ({limit} bytes) on this adapter")]
     ArenaTooLarge { bytes: usize, limit: usize },
     #[error("kernel `{kernel}` ({label}): its WGSL fails validation ({message}); this is a compiler bug, the shader is saved at {path}")]
@@ -89,8 +92,9 @@ pub struct GpuPlan {
     pub steps: Vec<Step>,
     /// Words of the arena, the graph inputs included.
     pub arena_words: usize,
-    /// The constants, in chunks of at most one binding.
-    pub weights: Vec<Vec<u32>>,
+    /// The constants, in chunks of at most one binding (shared by the
+    /// programs of one `SymbolicGpuPlan` at every value).
+    pub weights: Arc<Vec<Vec<u32>>>,
     pub inputs: Vec<(Place, Type)>,
     pub outputs: Vec<(Place, Type)>,
 }
@@ -145,12 +149,6 @@ pub fn tensor_of_words(ty: &Type, words: &[u32]) -> Tensor {
     Tensor::new(ty.sizes(), data)
 }
 
-/// Words a buffer of the plan takes on the device: one per element.
-fn buffer_words(plan: &Plan, b: BufferId) -> usize {
-    let buf = &plan.buffers[b];
-    known_size(buf.bytes) / buf.dtype.size_bytes()
-}
-
 /// The GPU's choice of weight layout: a product's constant `b` that is
 /// not row-major (a transposed view, as Gemm's `transB` and tied
 /// embeddings give) is laid out row-major at compile time, so that the
@@ -191,152 +189,234 @@ fn lay_out_weights(plan: &Plan) -> Plan {
     plan
 }
 
-/// Compiles a plan's kernels for a GPU. The plan must be lowered with
-/// `LowerOptions::gpu` (strided weights, no CPU row tables).
+/// Compiles a bound plan's kernels for a GPU. The plan must be lowered
+/// with `LowerOptions::gpu` (strided weights, no CPU row tables).
 ///
 /// With `precision` tf32 or bf16, products run on tensor cores (PTX only);
 /// attention keeps f32.
 pub fn compile(plan: &Plan, limits: Limits, precision: form::Precision) -> Result<GpuPlan, GpuError> {
-    // Symbolic sizes would be parameters like the others, but the GPU's
-    // memory layout and dispatch counts are planned at compile time still:
-    // the runtime binds a model's symbols before compiling for a GPU.
     if !plan.is_bound() {
         return Err(GpuError::Symbolic { symbols: plan.symbols.join(", ") });
     }
-    let plan = &lay_out_weights(plan);
-    // Every value is one 32-bit word on the device: f64 has no place there.
-    let wide = |b: &BufferId| plan.buffers[*b].dtype == DType::F64;
-    if let Some(i) = plan.inputs.iter().position(|(b, _)| wide(b)) {
-        return Err(GpuError::DType { what: format!("graph input {i} ({})", plan.inputs[i].1), dtype: DType::F64 });
-    }
-    for k in &plan.kernels {
-        let (reads, writes) = k.buffers();
-        if reads.iter().chain(&writes).any(wide) {
-            return Err(GpuError::DType { what: format!("a value of node `{}`", k.label), dtype: DType::F64 });
-        }
-    }
-    let max_words = limits.max_binding_bytes / 4;
-    // The arena, by liveness, one word per element; the inputs after it.
-    let (mut places, arena_words) = crate::memory::assign_offsets(plan, |b| buffer_words(plan, b), 16);
-    let mut places: Vec<Option<Place>> =
-        places.drain(..).map(|o| o.map(|word| Place { space: Space::Arena, word })).collect();
-    let mut top = arena_words;
-    for (b, _) in &plan.inputs {
-        places[*b] = Some(Place { space: Space::Arena, word: top });
-        top = (top + buffer_words(plan, *b)).div_ceil(16) * 16;
-    }
-    if top > max_words {
-        return Err(GpuError::ArenaTooLarge { bytes: top * 4, limit: limits.max_binding_bytes });
-    }
-    // Constants the kernels read, packed into chunks of at most one
-    // binding; one larger than that starts a chunk of its own and runs on
-    // over as many as it needs.
-    let used = plan.used_buffers();
-    let chunk_words = max_words / 16 * 16;
-    let mut weights: Vec<Vec<u32>> = vec![];
-    for (b, buf) in plan.buffers.iter().enumerate() {
-        let Storage::Constant(t) = &buf.storage else { continue };
-        if !used[b] {
-            continue;
-        }
-        let words = words_of(t, &format!("constant buffer {b}"))?;
-        if words.len() > chunk_words {
-            let first = weights.len() as u32;
-            let chunks = words.len().div_ceil(chunk_words);
-            weights.extend(words.chunks(chunk_words).map(|c| c.to_vec()));
-            let last = weights.last_mut().unwrap();
-            last.resize(last.len().div_ceil(16) * 16, 0);
-            let space = Space::WeightsSpan { first, chunks: chunks as u32, chunk_words: chunk_words as u32 };
-            places[b] = Some(Place { space, word: 0 });
-            continue;
-        }
-        if weights.last().is_none_or(|c| c.len() + words.len() > chunk_words) {
-            weights.push(Vec::new());
-        }
-        let chunk = weights.last_mut().unwrap();
-        let word = chunk.len();
-        chunk.extend(words);
-        chunk.resize(chunk.len().div_ceil(16) * 16, 0);
-        places[b] = Some(Place { space: Space::Weights(weights.len() as u32 - 1), word });
-    }
-    let at = |b: BufferId| places[b].unwrap_or_else(|| panic!("buffer {b} has no place"));
+    let program = SymbolicGpuPlan::new(plan, limits, precision)?;
+    let none = Bindings::new();
+    let layout = program.layout(&none)?;
+    program.at(&none, &layout)
+}
 
-    let mut kernels: Vec<Kernel> = vec![];
-    // Kernels that print alike are one pipeline: the layers of a model.
-    let mut by_text: HashMap<String, usize> = HashMap::new();
-    let mut steps = vec![];
-    for k in &plan.kernels {
-        let built = match &k.kind {
-            KernelKind::Map(m) => map::map(m, &at),
-            KernelKind::MatMul(mm) if precision != form::Precision::F32 => matmul::matmul_mma(mm, &at, precision),
-            KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
-            KernelKind::Rows(r) => rows::rows(r, &at),
-            KernelKind::Attention(a) => attention::attention(a, &at),
-            KernelKind::Gather(gk) => gather::gather(gk, &at, steps.len() as u32 + 1),
-            // A plan with the CPU's choices may name the same ops `Loop`.
-            KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
-                let code = steps.len() as u32 + 1;
-                if let Some(built) = integer::kernel(op, inputs, outputs, &at, code) {
-                    built
-                } else {
-                    steps.push(Step::Host {
-                        op: op.clone(),
-                        inputs: inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
-                        outputs: outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
-                        label: k.label.clone(),
-                    });
-                    continue;
-                }
-            }
-        };
-        let (kernel, params, groups) = built;
-        // A kernel with nothing to compute (an empty output) is not
-        // dispatched: its addresses would start outside its operands.
-        if groups == 0 {
-            continue;
+/// A plan compiled for a GPU once for every value of its symbols: its
+/// weights laid out and packed, and the rest built for each set of values
+/// a run has (`at`). Every kernel takes its sizes and offsets as
+/// parameters, so the kernels `at` builds for different values are the
+/// same shaders with different parameter words and grids: a runtime
+/// compiles each distinct kernel once and keeps it. A bound plan is the
+/// case with no symbols (`compile`).
+#[derive(Clone, Debug)]
+pub struct SymbolicGpuPlan {
+    /// The plan, its weights laid out for the GPU.
+    plan: Plan,
+    weights: Arc<Vec<Vec<u32>>>,
+    /// Each constant's place in the weights.
+    constants: Vec<Option<Place>>,
+    limits: Limits,
+    precision: form::Precision,
+}
+
+/// The arena of a `SymbolicGpuPlan` laid out for the values in `capacity`
+/// (each symbol at most its value there): the place of every arena buffer
+/// and graph input, and the words it takes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArenaLayout {
+    pub capacity: Bindings,
+    places: Vec<Option<Place>>,
+    pub words: usize,
+}
+
+impl ArenaLayout {
+    /// Whether every value fits the capacity.
+    pub fn holds(&self, values: &Bindings) -> bool {
+        values.iter().all(|(k, v)| self.capacity.get(k).is_some_and(|c| v <= c))
+    }
+}
+
+impl SymbolicGpuPlan {
+    pub fn new(plan: &Plan, limits: Limits, precision: form::Precision) -> Result<SymbolicGpuPlan, GpuError> {
+        let plan = lay_out_weights(plan);
+        // Every value is one 32-bit word on the device: f64 has no place there.
+        let wide = |b: &BufferId| plan.buffers[*b].dtype == DType::F64;
+        if let Some(i) = plan.inputs.iter().position(|(b, _)| wide(b)) {
+            return Err(GpuError::DType { what: format!("graph input {i} ({})", plan.inputs[i].1), dtype: DType::F64 });
         }
-        // Every space is a storage buffer, the parameters too.
-        let bindings = kernel.spaces().len();
-        if bindings > limits.max_storage_buffers as usize {
-            return Err(GpuError::TooManyBindings {
-                kernel: kernel.name.clone(),
+        for k in &plan.kernels {
+            let (reads, writes) = k.buffers();
+            if reads.iter().chain(&writes).any(wide) {
+                return Err(GpuError::DType { what: format!("a value of node `{}`", k.label), dtype: DType::F64 });
+            }
+        }
+        // Constants the kernels read, packed into chunks of at most one
+        // binding; one larger than that starts a chunk of its own and runs
+        // on over as many as it needs.
+        let max_words = limits.max_binding_bytes / 4;
+        let used = plan.used_buffers();
+        let chunk_words = max_words / 16 * 16;
+        let mut weights: Vec<Vec<u32>> = vec![];
+        let mut constants = vec![None; plan.buffers.len()];
+        for (b, buf) in plan.buffers.iter().enumerate() {
+            let Storage::Constant(t) = &buf.storage else { continue };
+            if !used[b] {
+                continue;
+            }
+            let words = words_of(t, &format!("constant buffer {b}"))?;
+            if words.len() > chunk_words {
+                let first = weights.len() as u32;
+                let chunks = words.len().div_ceil(chunk_words);
+                weights.extend(words.chunks(chunk_words).map(|c| c.to_vec()));
+                let last = weights.last_mut().unwrap();
+                last.resize(last.len().div_ceil(16) * 16, 0);
+                let space = Space::WeightsSpan { first, chunks: chunks as u32, chunk_words: chunk_words as u32 };
+                constants[b] = Some(Place { space, word: 0 });
+                continue;
+            }
+            if weights.last().is_none_or(|c| c.len() + words.len() > chunk_words) {
+                weights.push(Vec::new());
+            }
+            let chunk = weights.last_mut().unwrap();
+            let word = chunk.len();
+            chunk.extend(words);
+            chunk.resize(chunk.len().div_ceil(16) * 16, 0);
+            constants[b] = Some(Place { space: Space::Weights(weights.len() as u32 - 1), word });
+        }
+        Ok(SymbolicGpuPlan { plan, weights: Arc::new(weights), constants, limits, precision })
+    }
+
+    /// The plan, its weights laid out for the GPU.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The weights, packed in chunks (what `at`'s programs share).
+    pub fn weights(&self) -> &Arc<Vec<Vec<u32>>> {
+        &self.weights
+    }
+
+    /// The values the plan's arena was planned for: declared bounds' highest
+    /// values (`Plan::bounded`), for the symbols that have them.
+    pub fn bounded_capacity(&self) -> Bindings {
+        self.plan.bounded.iter().filter_map(|s| Some((s.clone(), *self.plan.capacity.get(s)?))).collect()
+    }
+
+    /// The arena laid out for `capacity`: by liveness, one word per element
+    /// (16-word aligned), the graph inputs after it.
+    pub fn layout(&self, capacity: &Bindings) -> Result<ArenaLayout, GpuError> {
+        let plan = &self.plan;
+        let words = |b: BufferId| crate::memory::bytes_at(plan, b, capacity) / plan.buffers[b].dtype.size_bytes();
+        let (mut offsets, arena_words) = crate::memory::assign_offsets(plan, words, 16);
+        let mut places: Vec<Option<Place>> =
+            offsets.drain(..).map(|o| o.map(|word| Place { space: Space::Arena, word })).collect();
+        let mut top = arena_words;
+        for (b, _) in &plan.inputs {
+            places[*b] = Some(Place { space: Space::Arena, word: top });
+            top = (top + words(*b)).div_ceil(16) * 16;
+        }
+        if top > self.limits.max_binding_bytes / 4 {
+            return Err(GpuError::ArenaTooLarge { bytes: top * 4, limit: self.limits.max_binding_bytes });
+        }
+        Ok(ArenaLayout { capacity: capacity.clone(), places, words: top })
+    }
+
+    /// The program at `values` of the symbols, in an arena laid out for
+    /// values at least these (`layout`): its distinct kernels, the steps
+    /// with their parameter words and grids, and the shared weights.
+    pub fn at(&self, values: &Bindings, layout: &ArenaLayout) -> Result<GpuPlan, GpuError> {
+        let bound;
+        let plan = if self.plan.is_bound() {
+            &self.plan
+        } else {
+            bound = self.plan.at(values).map_err(|message| GpuError::Sizes { message })?;
+            &bound
+        };
+        let (limits, precision) = (self.limits, self.precision);
+        let at =
+            |b: BufferId| layout.places[b].or(self.constants[b]).unwrap_or_else(|| panic!("buffer {b} has no place"));
+        let top = layout.words;
+        let weights = self.weights.clone();
+        let mut kernels: Vec<Kernel> = vec![];
+        // Kernels that print alike are one pipeline: the layers of a model.
+        let mut by_text: HashMap<String, usize> = HashMap::new();
+        let mut steps = vec![];
+        for k in &plan.kernels {
+            let built = match &k.kind {
+                KernelKind::Map(m) => map::map(m, &at),
+                KernelKind::MatMul(mm) if precision != form::Precision::F32 => matmul::matmul_mma(mm, &at, precision),
+                KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
+                KernelKind::Rows(r) => rows::rows(r, &at),
+                KernelKind::Attention(a) => attention::attention(a, &at),
+                KernelKind::Gather(gk) => gather::gather(gk, &at, steps.len() as u32 + 1),
+                // A plan with the CPU's choices may name the same ops `Loop`.
+                KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
+                    let code = steps.len() as u32 + 1;
+                    if let Some(built) = integer::kernel(op, inputs, outputs, &at, code) {
+                        built
+                    } else {
+                        steps.push(Step::Host {
+                            op: op.clone(),
+                            inputs: inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+                            outputs: outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+                            label: k.label.clone(),
+                        });
+                        continue;
+                    }
+                }
+            };
+            let (kernel, params, groups) = built;
+            // A kernel with nothing to compute (an empty output) is not
+            // dispatched: its addresses would start outside its operands.
+            if groups == 0 {
+                continue;
+            }
+            // Every space is a storage buffer, the parameters too.
+            let bindings = kernel.spaces().len();
+            if bindings > limits.max_storage_buffers as usize {
+                return Err(GpuError::TooManyBindings {
+                    kernel: kernel.name.clone(),
+                    label: k.label.clone(),
+                    bindings,
+                    limit: limits.max_storage_buffers,
+                });
+            }
+            let next = kernels.len();
+            let index = *by_text.entry(format!("{kernel:?}")).or_insert(next);
+            if index == next {
+                kernels.push(kernel);
+            }
+            steps.push(Step::Dispatch {
+                kernel: index,
+                params,
+                grid: grid_of(groups, limits.max_groups_per_dim),
                 label: k.label.clone(),
-                bindings,
-                limit: limits.max_storage_buffers,
+                // An integer op the GPU runs for the reference evaluator is named by its op.
+                kind: match &k.kind {
+                    KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op.name().to_string(),
+                    _ => k.kind_name().to_string(),
+                },
+                on_error: match &k.kind {
+                    KernelKind::Gather(g) => {
+                        Some(format!("gather index out of range for an axis of length {}", g.axis_len))
+                    }
+                    KernelKind::Reference { .. } | KernelKind::Loop { .. } => Some(
+                        "integer overflow: a result does not fit the i32 words GPU kernels carry integers in".into(),
+                    ),
+                    _ => None,
+                },
             });
         }
-        let next = kernels.len();
-        let index = *by_text.entry(format!("{kernel:?}")).or_insert(next);
-        if index == next {
-            kernels.push(kernel);
-        }
-        steps.push(Step::Dispatch {
-            kernel: index,
-            params,
-            grid: grid_of(groups, limits.max_groups_per_dim),
-            label: k.label.clone(),
-            // An integer op the GPU runs for the reference evaluator is named by its op.
-            kind: match &k.kind {
-                KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op.name().to_string(),
-                _ => k.kind_name().to_string(),
-            },
-            on_error: match &k.kind {
-                KernelKind::Gather(g) => {
-                    Some(format!("gather index out of range for an axis of length {}", g.axis_len))
-                }
-                KernelKind::Reference { .. } | KernelKind::Loop { .. } => {
-                    Some("integer overflow: a result does not fit the i32 words GPU kernels carry integers in".into())
-                }
-                _ => None,
-            },
-        });
+        Ok(GpuPlan {
+            kernels,
+            steps,
+            arena_words: top,
+            weights,
+            inputs: plan.inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+            outputs: plan.outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
+        })
     }
-    Ok(GpuPlan {
-        kernels,
-        steps,
-        arena_words: top,
-        weights,
-        inputs: plan.inputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
-        outputs: plan.outputs.iter().map(|(b, t)| (at(*b), t.clone())).collect(),
-    })
 }
