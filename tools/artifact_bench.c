@@ -10,6 +10,11 @@
  * id, mask value and type id for every text model in the zoo), so that
  * every run does the same work. Each run goes through one context, as a
  * serving thread would.
+ *
+ * A library that keeps symbolic dims runs at the values EGRET_DIMS gives
+ * (`batch=1 sequence=128 past_sequence=0`): each input dim is its
+ * expression's value, for expressions that are sums of dims and integers
+ * (`past_sequence + sequence`), as exporters write them.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -26,6 +31,40 @@ static double now_ms(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* The value of a dim expression (a sum of names and integers) at the
+ * values in `dims` ("name=value ..."); exits if a name has none. */
+static int64_t dim_value(const char *expr, const char *dims) {
+    int64_t total = 0;
+    char term[256];
+    const char *p = expr;
+    while (*p) {
+        size_t n = 0;
+        while (*p == ' ' || *p == '+') p++;
+        while (*p && *p != ' ' && *p != '+' && n + 1 < sizeof term) term[n++] = *p++;
+        term[n] = 0;
+        if (!n) break;
+        if (term[0] >= '0' && term[0] <= '9') {
+            total += atoll(term);
+            continue;
+        }
+        const char *at = dims;
+        int found = 0;
+        while (at && (at = strstr(at, term))) {
+            if ((at == dims || at[-1] == ' ') && at[n] == '=') {
+                total += atoll(at + n + 1);
+                found = 1;
+                break;
+            }
+            at += n;
+        }
+        if (!found) {
+            fprintf(stderr, "EGRET_DIMS gives no value for `%s` (in `%s`)\n", term, expr);
+            exit(2);
+        }
+    }
+    return total;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -75,12 +114,6 @@ int main(int argc, char **argv) {
     int threads = atoi(argv[2]);
     const void **in = malloc((ni + 1) * sizeof *in);
     void **out = malloc((no + 1) * sizeof *out);
-    for (i = 0; i < ni; i++) {
-        void *b = malloc(FN(_input_bytes)(i) + 1);
-        fill(b, FN(_input_dtype)(i), FN(_input_bytes)(i));
-        in[i] = b;
-    }
-    for (i = 0; i < no; i++) out[i] = malloc(FN(_output_bytes)(i) + 1);
     CAT(MODEL, _model) *model = NULL;
     CAT(MODEL, _context) *ctx = NULL;
     int s = FN(_create)(&model);
@@ -89,6 +122,34 @@ int main(int argc, char **argv) {
         fprintf(stderr, "create: %s\n", FN(_status_message)(s));
         return 1;
     }
+    if (FN(_num_dims)() > 0) {
+        const char *dims = getenv("EGRET_DIMS");
+        const int64_t **shapes = malloc((ni + 1) * sizeof *shapes);
+        if (!dims) {
+            fprintf(stderr, "the library keeps symbolic dims: give their values in EGRET_DIMS\n");
+            return 2;
+        }
+        for (i = 0; i < ni; i++) {
+            size_t k, rank = FN(_input_rank)(i);
+            int64_t *d = malloc((rank + 1) * sizeof *d);
+            for (k = 0; k < rank; k++) {
+                const char *param = FN(_input_dim_param)(i, k);
+                d[k] = param ? dim_value(param, dims) : FN(_input_dims)(i)[k];
+            }
+            shapes[i] = d;
+        }
+        if ((s = FN(_context_set_input_dims)(ctx, shapes)) != 0) {
+            fprintf(stderr, "set_input_dims: %s (%s)\n", FN(_status_message)(s), FN(_context_error)(ctx));
+            return 1;
+        }
+    }
+    for (i = 0; i < ni; i++) {
+        size_t bytes = FN(_context_input_bytes)(ctx, i);
+        void *b = malloc(bytes + 1);
+        fill(b, FN(_input_dtype)(i), bytes);
+        in[i] = b;
+    }
+    for (i = 0; i < no; i++) out[i] = malloc(FN(_context_output_bytes)(ctx, i) + 1);
     if (soak) {
         long runs = atol(argv[3]), warm = runs / 10, base = 0, peak = 0, r;
         for (r = 0; r < runs; r++) {

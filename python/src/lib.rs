@@ -479,9 +479,12 @@ impl IOBinding {
 /// header (`emit="so"`), an object file (`"obj"`), Cranelift IR (`"clif"`),
 /// or GPU kernels (`"wgsl"`, `"ptx"`). `target_cpu` is the CPU the
 /// library's generated code is for: `"native"`, or `"x86-64-v2"`, `-v3`,
-/// `-v4`. Returns the paths written.
+/// `-v4`. `dims` fixes symbolic dims (`{"batch": 1}`); a library keeps
+/// the others symbolic, and its caller gives their values with
+/// `NAME_context_set_input_dims`. Returns the paths written.
 #[pyfunction]
-#[pyo3(signature = (path, out_dir, name = None, emit = "so", opt_level = 2, target_cpu = "native"))]
+#[pyo3(signature = (path, out_dir, name = None, emit = "so", opt_level = 2, target_cpu = "native", dims = None))]
+#[allow(clippy::too_many_arguments)]
 fn compile(
     py: Python<'_>,
     path: PathBuf,
@@ -490,11 +493,17 @@ fn compile(
     emit: &str,
     opt_level: u8,
     target_cpu: &str,
+    dims: Option<HashMap<String, usize>>,
 ) -> PyResult<Vec<String>> {
     let target_cpu = egret::backends::cpu::TargetCpu::parse(target_cpu).ok_or_else(|| {
         error(format!("unknown target_cpu `{target_cpu}` ({})", egret::backends::cpu::TargetCpu::NAMES.join(", ")))
     })?;
-    let opts = egret::CompileOptions { opt_level, target_cpu, ..Default::default() };
+    let opts = egret::CompileOptions {
+        opt_level,
+        target_cpu,
+        dims: dims.unwrap_or_default().into_iter().collect(),
+        ..Default::default()
+    };
     let name = name.unwrap_or_else(|| {
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
         let folder = path.parent().and_then(|p| p.file_name()).and_then(|s| s.to_str());

@@ -209,6 +209,57 @@ def test_a_session_with_unbound_symbolic_dims_serves_every_shape():
         bound.run(None, sets[1][0])
 
 
+def test_a_library_keeps_the_symbolic_dims_and_serves_every_shape_through_ctypes():
+    """`egret.compile` without `dims` keeps bert_dynamic's batch and
+    sequence symbolic: one library, given each data set's input dims on
+    one context, runs both shapes and matches onnxruntime's outputs; dims
+    that disagree are refused with a shape error and a message."""
+    import ctypes
+    import shutil
+
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler to link the library")
+    model = os.path.join(SYNTHETIC, "bert_dynamic")
+    with tempfile.TemporaryDirectory() as d:
+        paths = egret.compile(model, d)
+        header = open(os.path.join(d, "bert_dynamic.h")).read()
+        assert "Symbolic dims: batch (any size), sequence (any size)" in header
+        lib = ctypes.CDLL(next(p for p in paths if p.endswith(".so")))
+        lib.bert_dynamic_input_name.restype = ctypes.c_char_p
+        lib.bert_dynamic_dim_name.restype = ctypes.c_char_p
+        lib.bert_dynamic_context_error.restype = ctypes.c_char_p
+        lib.bert_dynamic_context_output_bytes.restype = ctypes.c_size_t
+        lib.bert_dynamic_context_output_dims.restype = ctypes.POINTER(ctypes.c_int64)
+        assert [lib.bert_dynamic_dim_name(i).decode() for i in range(lib.bert_dynamic_num_dims())] == ["batch", "sequence"]
+        model_p, ctx = ctypes.c_void_p(), ctypes.c_void_p()
+        assert lib.bert_dynamic_create(ctypes.byref(model_p)) == 0
+        assert lib.bert_dynamic_context_create(model_p, 1, ctypes.byref(ctx)) == 0
+        names = [lib.bert_dynamic_input_name(i).decode() for i in range(lib.bert_dynamic_num_inputs())]
+        for feeds, want in stored_sets(model):
+            arrays = [np.ascontiguousarray(feeds[n]) for n in names]
+            shapes = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+            dims = (ctypes.POINTER(ctypes.c_int64) * len(arrays))(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes])
+            assert lib.bert_dynamic_context_set_input_dims(ctx, dims) == 0, lib.bert_dynamic_context_error(ctx)
+            outs = []
+            for j, w in enumerate(want):
+                got_dims = lib.bert_dynamic_context_output_dims(ctx, j)
+                assert [got_dims[k] for k in range(w.ndim)] == list(w.shape)
+                outs.append(np.empty(w.shape, dtype=np.float32))
+                assert lib.bert_dynamic_context_output_bytes(ctx, j) == outs[-1].nbytes
+            inputs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+            outputs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+            assert lib.bert_dynamic_context_run(ctx, inputs, outputs) == 0
+            for got, w in zip(outs, want):
+                np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
+        # The mask one token longer than the ids: refused, and why.
+        bad = [(ctypes.c_int64 * 2)(1, 4), (ctypes.c_int64 * 2)(1, 5)]
+        dims = (ctypes.POINTER(ctypes.c_int64) * 2)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in bad])
+        assert lib.bert_dynamic_context_set_input_dims(ctx, dims) == 5
+        assert b"`sequence` = 5" in lib.bert_dynamic_context_error(ctx)
+        lib.bert_dynamic_context_destroy(ctx)
+        lib.bert_dynamic_destroy(model_p)
+
+
 def test_a_key_value_cache_decodes_through_one_session():
     """gpt2_kv: the prompt over an empty past, then a step fed its presents,
     from one program: the sequence and past lengths stay symbolic in it."""
