@@ -30,10 +30,10 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
     let c = canonical(model, opts)?;
     let t = std::time::Instant::now();
     let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
-    // A CPU plan keeps the symbols only maps, views and attention's keys
-    // see; the GPU's are bound.
-    let plannable = c.graph.is_bound()
-        || (!gpu && egret_backends::symbols_to_bind(&c.graph, crate::lower_options(opts)).is_empty());
+    // A plan keeps the symbols its kernels read at run time; a GPU's
+    // program is shown at their nominal values (`Plan::capacity`).
+    let plannable =
+        c.graph.is_bound() || crate::symbols_to_bind(&c.graph, &CompileOptions { backend, ..opts.clone() }).is_empty();
     let (plan, gpu_plan) = if plannable {
         let lowering = if gpu { crate::lower_options(opts).gpu() } else { crate::lower_options(opts) };
         let mut plan = egret_backends::lower(&c.graph, lowering)?;
@@ -42,7 +42,16 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
         // layouts here, the GPU's kernels below.
         let plan = if gpu { plan } else { egret_backends::cpu::choose::choose(plan) };
         let limits = if backend == Backend::Ptx { crate::PTX_LIMITS } else { Default::default() };
-        let gpu_plan = if gpu { Some(crate::gpu_plan(&c.graph, opts, limits)?) } else { None };
+        let gpu_plan = match (gpu, c.graph.is_bound()) {
+            (false, _) => None,
+            (true, true) => Some(crate::gpu_plan(&c.graph, opts, limits)?),
+            (true, false) => {
+                let program = crate::symbolic_gpu_plan(&c.graph, opts, limits)?;
+                let codegen = |e: egret_backends::gpu::GpuError| Error::Codegen(e.to_string());
+                let layout = program.layout(&plan.capacity).map_err(codegen)?;
+                Some(program.at(&plan.capacity, &layout).map_err(codegen)?)
+            }
+        };
         (Some(plan), gpu_plan)
     } else {
         (None, None)

@@ -373,6 +373,17 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
     })
 }
 
+/// The symbols whose values `opts.backend`'s kernels need known
+/// (`lower::symbols_to_bind`, with that backend's lowering): the others a
+/// plan keeps, on every backend but the reference one.
+pub fn symbols_to_bind(graph: &Graph, opts: &CompileOptions) -> std::collections::BTreeSet<String> {
+    let lowering = match opts.backend {
+        Backend::Wgsl | Backend::Ptx => lower_options(opts).gpu(),
+        Backend::Cpu | Backend::Reference => lower_options(opts),
+    };
+    egret_backends::symbols_to_bind(graph, lowering)
+}
+
 /// A plan's arena laid out for the highest values its symbols' declared
 /// bounds allow, so no call lays it out again.
 pub fn lay_out_for_bounds(plan: &mut egret_backends::Plan, bounds: &DimBounds) {
@@ -486,11 +497,7 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     // compiled now, as a bound model is: on the CPU no run compiles
     // anything; on a GPU a run builds its values' parameters and grids,
     // and compiles only kernels that earlier values did not have.
-    let plannable = match opts.backend {
-        Backend::Cpu => egret_backends::symbols_to_bind(&c.graph, lower_options(opts)).is_empty(),
-        Backend::Wgsl | Backend::Ptx => egret_backends::symbols_to_bind(&c.graph, lower_options(opts).gpu()).is_empty(),
-        Backend::Reference => false,
-    };
+    let plannable = opts.backend != Backend::Reference && symbols_to_bind(&c.graph, opts).is_empty();
     let executable: Box<dyn egret_runtime::Executable> =
         if c.graph.is_bound() || opts.backend == Backend::Reference || plannable {
             backend_executable(&c.graph, opts)?

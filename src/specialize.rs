@@ -1,18 +1,18 @@
 //! Programs for graphs whose dims stay symbolic.
 //!
 //! The import, canonicalisation and the e-graph run once, on the symbolic
-//! graph. The CPU backend's plans keep the symbols its kernels read at run
+//! graph. The backends' plans keep the symbols their kernels read at run
 //! time (a batch, a sequence's and a past's lengths), which run every value
 //! from one compile; a graph whose symbols all stay is compiled with the
-//! model and never reaches this module. `egret_backends::symbols_to_bind`
-//! names the others (the size of a product of two activations, a norm's
+//! model and never reaches this module. `crate::symbols_to_bind` names the
+//! others (the size of a product of two activations, a norm's
 //! length), and those are bound:
 //! a `Specializing` executable works them out of each call's input shapes
 //! and keeps the programs it compiled for the values it has seen. A value
 //! it has seen runs at once; a new one is bound (`Graph::bind`),
 //! canonicalised (the exporters' shape arithmetic and masks fold to
 //! constants) and handed to the backend, which is the lowering and code
-//! generation, not the whole pipeline. The GPU backends bind every symbol.
+//! generation, not the whole pipeline.
 //!
 //! A model the importer cannot keep symbolic (an op whose import needs a
 //! dim's value, such as a reshape the dim algebra cannot prove) is served
@@ -104,7 +104,7 @@ impl Specializing {
     fn compile(&self, values: &Bindings) -> Result<(Box<dyn Executable>, Bindings), crate::Error> {
         match &self.source {
             Source::Graph(graph) => {
-                let runtime_symbols = self.opts.backend == crate::Backend::Cpu;
+                let runtime_symbols = self.opts.backend != crate::Backend::Reference;
                 let mut bind: std::collections::BTreeSet<String> = match runtime_symbols {
                     true => self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default(),
                     false => values.keys().cloned().collect(),
@@ -113,7 +113,7 @@ impl Specializing {
                     let given = |s: &str| bind.contains(s).then(|| values.get(s).copied()).flatten();
                     let bound = graph.bind(&given)?;
                     let (bound, _) = egret_passes::canonicalize(&bound)?;
-                    let more = egret_backends::symbols_to_bind(&bound, crate::lower_options(&self.opts));
+                    let more = crate::symbols_to_bind(&bound, &self.opts);
                     if more.iter().any(|s| bind.contains(s)) {
                         // Only a symbol no input gives a value stays after binding.
                         let names: Vec<&str> = more.iter().map(String::as_str).collect();

@@ -54,6 +54,20 @@ fn model_kernels() -> BTreeMap<String, (String, String)> {
                     kernels.entry(text).or_insert((k.name.clone(), from));
                 }
             }
+            // With its dims kept symbolic, a program at its nominal values
+            // (the shape ops a bound graph folds run as kernels then).
+            let opts = CompileOptions::default();
+            let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
+            if c.graph.is_bound() || !egret::symbols_to_bind(&c.graph, &opts).is_empty() {
+                continue;
+            }
+            let program = egret::symbolic_gpu_plan(&c.graph, &opts, egret::PTX_LIMITS).unwrap();
+            let capacity = program.plan().capacity.clone();
+            let gpu = program.at(&capacity, &program.layout(&capacity).unwrap()).unwrap();
+            for k in &gpu.kernels {
+                let from = format!("{} with its dims symbolic", case.display());
+                kernels.entry(egret::backends::gpu::ptx::print(k)).or_insert((k.name.clone(), from));
+            }
         }
     }
     kernels

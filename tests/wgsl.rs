@@ -330,6 +330,9 @@ fn one_gpu_program_serves_every_value_of_the_symbolic_dims() {
             }
             kernels_after.push((wgsl.pipelines_compiled(), ptx.modules_loaded()));
         }
+        // The shape arithmetic runs on the device too: no host step.
+        let steps = ptx.plan().unwrap().steps;
+        assert!(!steps.iter().any(|s| matches!(s, egret::backends::gpu::Step::Host { .. })), "{model}");
         // The decoder's steps after the prompt (the past grows, one token
         // each) compile nothing new after the first of them.
         if model == "gpt2_kv" {

@@ -1,6 +1,7 @@
 //! GPU kernels for integer ops the plan leaves to the reference evaluator
 //! (its expression language is f32 and bool): additions, subtractions and
-//! products with broadcasting, cumulative sums, and reshapes. Exporters
+//! products with broadcasting, cumulative sums, reshapes, slices, shapes and
+//! ranges. Exporters
 //! write them for position ids (BLOOM's `cumsum(mask) * mask - 1`). With
 //! them no host step interrupts the run.
 //!
@@ -130,6 +131,60 @@ pub fn kernel(
             });
             let (k, p) = b.finish("integer_cumsum");
             Some((k, p, ((outer * inner) as u64).div_ceil(THREADS as u64)))
+        }
+        // A slice a neutral lowering leaves as an op (of an integer table,
+        // by a symbolic length): a strided copy, any one-word element.
+        Op::Slice { starts, steps, .. } if inputs.len() == 1 && starts.iter().all(|d| d.is_known()) => {
+            let (buf, t) = &inputs[0];
+            let src = at(*buf);
+            let strides = egret_ir::strides_of(&t.sizes());
+            let base = src.word as i64
+                + starts.iter().zip(&strides).map(|(s, &st)| s.known().unwrap_or(0) * st as i64).sum::<i64>();
+            let walk: Vec<isize> = steps.iter().zip(&strides).map(|(&step, &st)| step as isize * st as isize).collect();
+            let dense = broadcast_strides(&out_ty.sizes(), &out_ty.sizes());
+            let operands = vec![(base, walk), (po.word as i64, dense)];
+            let groups = elementwise(&mut b, &out_ty.sizes(), &operands, |b, address| {
+                b.store(po.space, address[1].clone(), E::load(src.space, address[0].clone()));
+            });
+            let (k, p) = b.finish("slice");
+            Some((k, p, groups))
+        }
+        // The shape of a value whose dims were symbolic, and the positions
+        // counted from it: what exporters compute position ids with. The
+        // dims are this program's parameters.
+        Op::Shape { start, end } if inputs.len() == 1 => {
+            let dims: Vec<i64> = inputs[0].1.sizes()[*start..*end].iter().map(|&d| d as i64).collect();
+            let n = b.param(dims.len() as i64);
+            let o0 = b.param(po.word as i64);
+            let table = b.param_table(dims.iter().copied());
+            let gid = b.global_index();
+            b.if_(gid.clone().lt(n), |b| {
+                let v = E::Load(Space::Params, Box::new(gid.clone() + E::I32(table as i32)));
+                b.store(po.space, o0.clone() + gid.clone(), v);
+            });
+            let (k, p) = b.finish("shape");
+            Some((k, p, (dims.len() as u64).div_ceil(THREADS as u64)))
+        }
+        Op::Range { .. } if inputs.len() == 2 && inputs.iter().all(|(_, t)| integer(t) && t.rank() == 0) => {
+            let (first, delta) = (at(inputs[0].0), at(inputs[1].0));
+            let len = out_ty.numel();
+            let n = b.param(len as i64);
+            let (f0, d0, o0) = (b.param(first.word as i64), b.param(delta.word as i64), b.param(po.word as i64));
+            let code = b.param(code as i64);
+            let gid = b.global_index();
+            b.if_(gid.clone().lt(n), |b| {
+                let x = b.let_(E::load(first.space, f0).bits(Ty::I32));
+                let d = b.let_(E::load(delta.space, d0).bits(Ty::I32));
+                let step = b.let_(gid.clone() * d.clone());
+                let bad = overflowed(b, &Op::Mul, &gid, &d, &step);
+                b.if_(bad, |b| b.fail(code.clone()));
+                let v = b.let_(x.clone() + step.clone());
+                let bad = overflowed(b, &Op::Add, &x, &step, &v);
+                b.if_(bad, |b| b.fail(code.clone()));
+                b.store(po.space, o0 + gid.clone(), v);
+            });
+            let (k, p) = b.finish("integer_range");
+            Some((k, p, (len as u64).div_ceil(THREADS as u64)))
         }
         _ => None,
     }
