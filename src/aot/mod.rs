@@ -1119,6 +1119,36 @@ mod tests {
         assert!(v3.contains(&"has_avx2".to_string()) && v3.contains(&"has_avx".to_string()), "{v3:?}");
     }
 
+    /// The generated code of a library with symbolic dims, reviewed like
+    /// code: the C that solves and lays out the sizes (`sizes.rs`) and the
+    /// driver that reads them (the object's last function).
+    #[test]
+    fn symbolic_size_code() {
+        let text = "v0: f32[tokens,16] = input{name=\"x\"}
+v1: f32[16,16] = input{name=\"w\"}
+v2: f32[16] = input{name=\"bias\"}
+v3: f32[tokens,16] = matmul v0, v1
+v4: f32[tokens,16] = add v3, v2
+v5: f32[2,past,4] = input{name=\"cache\"}
+v6: f32[2,1,4] = input{name=\"new\"}
+v7: f32[2,past + 1,4] = concat{axis=1} v5, v6
+output \"y\" = v4
+output \"present\" = v7
+";
+        let g = egret_ir::text::parse(text).unwrap();
+        let plan = egret_backends::lower(&g, crate::lower_options(&CompileOptions::default())).unwrap();
+        let object = egret_backends::cpu::object::compile_object(&plan, "m", TargetCpu::X86_64V3).unwrap();
+        let dims: Vec<sizes::DimInfo> =
+            object.plan.symbols.iter().map(|s| sizes::DimInfo { name: s.clone(), lo: 0, hi: None }).collect();
+        let io = |vs: Vec<(String, Type)>| vs;
+        let inputs = io(g.inputs().iter().map(|&v| (g.input_name(v).to_string(), g.ty(v).clone())).collect());
+        let outputs = io(g.outputs().iter().map(|(n, v)| (n.clone(), g.ty(*v).clone())).collect());
+        let code =
+            sizes::Sizes { plan: &object.plan, words: &object.words, dims: &dims, inputs: &inputs, outputs: &outputs };
+        let driver = &object.clif[object.clif.rfind("\nfunction").unwrap() + 1..];
+        insta::assert_snapshot!(format!("{}{}\n{driver}", code.defines(), code.source("m")));
+    }
+
     /// The functions the header declares are the ones the version script
     /// exports: one added to the header and not to `API` would be hidden.
     #[test]

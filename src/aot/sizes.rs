@@ -156,7 +156,11 @@ impl Sizes<'_> {
                     let _ = writeln!(body, "    c->{name}_dims[{}] = {};", at + k, v.of(d));
                 }
                 let bytes = t.shape.iter().copied().product::<Dim>() * Dim::new(t.dtype.size_bytes());
-                let _ = writeln!(body, "    c->{name}_bytes[{i}] = (size_t)nonneg({});", v.of(bytes));
+                let bytes = match bytes.known() {
+                    Some(b) => literal(b),
+                    None => format!("(size_t)nonneg({})", v.of(bytes)),
+                };
+                let _ = writeln!(body, "    c->{name}_bytes[{i}] = {bytes};");
                 at += t.rank();
             }
         };

@@ -72,9 +72,13 @@ struct WordTable {
 }
 
 impl WordTable {
+    /// The byte offset of word `w`, added if no earlier use has it.
     fn push(&mut self, w: DriverWord) -> i32 {
-        self.words.push(w);
-        (8 * (self.words.len() - 1)) as i32
+        let at = self.words.iter().position(|x| *x == w).unwrap_or_else(|| {
+            self.words.push(w);
+            self.words.len() - 1
+        });
+        (8 * at) as i32
     }
 }
 
