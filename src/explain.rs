@@ -48,8 +48,17 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
             (true, false) => {
                 let program = crate::symbolic_gpu_plan(&c.graph, opts, limits)?;
                 let codegen = |e: egret_backends::gpu::GpuError| Error::Codegen(e.to_string());
-                let layout = program.layout(&plan.capacity).map_err(codegen)?;
-                Some(program.at(&plan.capacity, &layout).map_err(codegen)?)
+                // At the nominal values, or at 1 each where those would
+                // not fit the device's binding (a run lays it out for its own).
+                let ones = plan.capacity.keys().map(|k| (k.clone(), 1)).collect();
+                let (values, layout) = match program.layout(&plan.capacity) {
+                    Ok(layout) => (plan.capacity.clone(), layout),
+                    Err(_) => {
+                        let layout = program.layout(&ones).map_err(codegen)?;
+                        (ones, layout)
+                    }
+                };
+                Some(program.at(&values, &layout).map_err(codegen)?)
             }
         };
         (Some(plan), gpu_plan)

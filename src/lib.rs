@@ -252,6 +252,17 @@ pub fn gpu_plan(
     egret_backends::gpu::compile(&plan, limits, opts.precision).map_err(|e| Error::Codegen(e.to_string()))
 }
 
+/// WGSL products are f32: tensor cores are the ptx backend's.
+fn wgsl_precision(opts: &CompileOptions) -> Result<(), Error> {
+    if opts.precision != egret_backends::gpu::form::Precision::F32 {
+        return Err(Error::Usage(format!(
+            "--precision {} runs products on tensor cores, which only the ptx backend has",
+            opts.precision.name()
+        )));
+    }
+    Ok(())
+}
+
 /// A graph through the GPU layer, printed as WGSL: the plan compiled for
 /// the GPU and one validated shader per distinct kernel. Needs no device:
 /// the limits are the portable defaults unless `limits` says otherwise.
@@ -260,12 +271,7 @@ pub fn wgsl_program(
     opts: &CompileOptions,
     limits: egret_backends::gpu::Limits,
 ) -> Result<(egret_backends::gpu::GpuPlan, Vec<String>), Error> {
-    if opts.precision != egret_backends::gpu::form::Precision::F32 {
-        return Err(Error::Usage(format!(
-            "--precision {} runs products on tensor cores, which only the ptx backend has",
-            opts.precision.name()
-        )));
-    }
+    wgsl_precision(opts)?;
     let gpu = gpu_plan(graph, opts, limits)?;
     let mut shaders = Vec::with_capacity(gpu.kernels.len());
     for (i, k) in gpu.kernels.iter().enumerate() {
@@ -439,12 +445,7 @@ pub fn backend_executable_with(
         // A graph with symbols: one program for every value of them, its
         // kernels compiled the first time some values need them.
         Backend::Wgsl if !graph.is_bound() => {
-            if opts.precision != egret_backends::gpu::form::Precision::F32 {
-                return Err(Error::Usage(format!(
-                    "--precision {} runs products on tensor cores, which only the ptx backend has",
-                    opts.precision.name()
-                )));
-            }
+            wgsl_precision(opts)?;
             let device = egret_runtime::WgpuDevice::shared().map_err(Error::Device)?;
             let program = symbolic_gpu_plan(graph, opts, device.limits)?;
             Box::new(egret_runtime::WgpuExecutable::symbolic(device, program).map_err(Error::Device)?)

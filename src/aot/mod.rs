@@ -389,12 +389,12 @@ fn header(api: &Api, model: &Path) -> String {
             .collect();
         let _ = writeln!(
             s,
-            " *\n * Symbolic dims: {}. One library runs every value of them: give a\n * context the inputs' dims with {name}_context_set_input_dims before\n * running on it, and size the outputs by {name}_context_output_dims (the\n * static {name}_input_dims and {name}_output_dims say -1 where a dim is\n * symbolic). Scratch memory per context: {}.\n */",
+            " *\n * Symbolic dims: {}.\n * One library runs every value of them: give a context the inputs' dims\n * with {name}_context_set_input_dims before running on it, and size the\n * outputs by {name}_context_output_dims (the static {name}_input_dims and\n * {name}_output_dims say -1 where a dim is symbolic).\n * Scratch memory per context: {}.\n */",
             listed.join(", "),
             if api.arena > 0 {
                 format!("{} bytes, planned for the bounds", api.arena)
             } else {
-                "laid out for the first sizes a context is\n * given, and grown when later sizes need more".to_string()
+                "laid out for the first sizes a context is given,\n * and grown when later sizes need more".to_string()
             }
         );
     }
@@ -1196,15 +1196,15 @@ output \"present\" = v7
     }
 }
 
-/// The model imported and optimised with every dim known: an artifact's
-/// kernels and memory are planned for fixed sizes.
+/// The model imported and optimised with every dim known: the manifest of
+/// written GPU kernels holds each step's parameter words and grid.
 fn bound_canonical(model: &Path, opts: &CompileOptions) -> Result<crate::Canonical, Error> {
     let c = canonical(model, opts)?;
     let free = c.graph.symbols();
     if !free.is_empty() {
         let flags: Vec<String> = free.iter().map(|s| format!("--dim {s}=N")).collect();
         return Err(Error::Usage(format!(
-            "the model's dims {} are symbolic, and compiled artifacts are planned for known sizes: give them values ({})",
+            "the model's dims {} are symbolic, and the GPU kernels and manifest `--emit wgsl` and `--emit ptx` write are for known sizes: give them values ({})",
             free.join(", "),
             flags.join(" ")
         )));

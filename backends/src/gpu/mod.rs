@@ -328,6 +328,10 @@ impl SymbolicGpuPlan {
     /// values at least these (`layout`): its distinct kernels, the steps
     /// with their parameter words and grids, and the shared weights.
     pub fn at(&self, values: &Bindings, layout: &ArenaLayout) -> Result<GpuPlan, GpuError> {
+        if !layout.holds(values) {
+            let message = format!("the arena was laid out for {:?}, less than {values:?}", layout.capacity);
+            return Err(GpuError::Sizes { message });
+        }
         let bound;
         let plan = if self.plan.is_bound() {
             &self.plan
