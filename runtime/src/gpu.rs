@@ -9,10 +9,9 @@
 
 use crate::steps::Sizing;
 use crate::{Executable, RunError};
-use egret_backends::gpu::form::Space;
+use egret_backends::gpu::form::{Kernel, Space};
 use egret_backends::gpu::{tensor_of_words, words_of, ArenaLayout, GpuPlan, Place, Step, SymbolicGpuPlan};
 use egret_ir::{Bindings, Tensor, Type};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// What to install when there is no adapter.
@@ -106,7 +105,7 @@ struct Setup {
 struct State {
     setup: Option<Arc<Setup>>,
     arena: Option<(ArenaLayout, Arc<wgpu::Buffer>)>,
-    pipelines: HashMap<String, Arc<wgpu::ComputePipeline>>,
+    pipelines: Vec<(Kernel, Arc<wgpu::ComputePipeline>)>,
 }
 
 pub struct WgpuExecutable {
@@ -314,8 +313,7 @@ impl WgpuExecutable {
         let plan = sizing.at(&values, &layout)?;
         let mut pipelines = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
-            let key = format!("{k:?}");
-            if let Some(p) = state.pipelines.get(&key) {
+            if let Some((_, p)) = state.pipelines.iter().find(|(known, _)| known == k) {
                 pipelines.push(p.clone());
                 continue;
             }
@@ -324,7 +322,7 @@ impl WgpuExecutable {
                 device(format!("kernel `{}` fails WGSL validation ({e}); this is a compiler bug", k.name))
             })?;
             let p = self.pipeline(k, &text).map_err(device)?;
-            state.pipelines.insert(key, p.clone());
+            state.pipelines.push((k.clone(), p.clone()));
             pipelines.push(p);
         }
         let setup = Arc::new(self.setup(values, plan, arena, pipelines).map_err(device)?);

@@ -11,10 +11,9 @@
 
 use crate::steps::Sizing;
 use crate::{Executable, RunError};
-use egret_backends::gpu::form::Space;
+use egret_backends::gpu::form::{Kernel, Space};
 use egret_backends::gpu::{ptx, tensor_of_words, words_of, ArenaLayout, GpuPlan, Place, Step, SymbolicGpuPlan};
 use egret_ir::{Bindings, Tensor, Type};
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// What the PTX executor needs of a device. Addresses are device
@@ -58,8 +57,8 @@ struct Setup {
 struct State<F> {
     setup: Option<Setup>,
     arena: Option<(ArenaLayout, u64)>,
-    functions: Vec<F>,
-    by_kernel: HashMap<String, usize>,
+    /// Each kernel loaded so far, with its function.
+    functions: Vec<(Kernel, F)>,
 }
 
 pub struct PtxExecutable<D: PtxDevice> {
@@ -126,7 +125,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
         }
         let weights = device.alloc(all.len().max(1) * 4)?;
         device.upload(weights, &bytes(&all))?;
-        let state = State { setup: None, arena: None, functions: Vec::new(), by_kernel: HashMap::new() };
+        let state = State { setup: None, arena: None, functions: Vec::new() };
         Ok(PtxExecutable { device, error, weights, chunk_at, state: Mutex::new(state), sizing })
     }
 
@@ -140,17 +139,15 @@ impl<D: PtxDevice> PtxExecutable<D> {
     ) -> Result<Setup, String> {
         let mut functions = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
-            let key = format!("{k:?}");
-            let f = match state.by_kernel.get(&key) {
-                Some(&f) => f,
+            let f = match state.functions.iter().position(|(known, _)| known == k) {
+                Some(f) => f,
                 None => {
                     let text = ptx::print(k);
                     let f = self
                         .device
                         .load(&text, &ptx::entry_name(k))
                         .map_err(|e| format!("kernel `{}`: {e}", k.name))?;
-                    state.functions.push(f);
-                    state.by_kernel.insert(key, state.functions.len() - 1);
+                    state.functions.push((k.clone(), f));
                     state.functions.len() - 1
                 }
             };
@@ -291,7 +288,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
                 Step::Dispatch { label, kind, .. } => {
                     let l = setup.launches[i].as_ref().expect("a dispatch has a launch");
                     self.device
-                        .launch(&functions[l.function], l.grid, l.threads, &l.args)
+                        .launch(&functions[l.function].1, l.grid, l.threads, &l.args)
                         .map_err(|m| device_error(label, kind, m))?;
                     if let Some(times) = times.as_deref_mut() {
                         self.device.synchronize().map_err(|m| device_error(label, kind, m))?;

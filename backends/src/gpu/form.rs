@@ -114,7 +114,7 @@ pub enum CmpOp {
 
 /// A scalar expression. Types are checked by `Kernel::ty_of`; a mismatch
 /// is a bug in the algorithm that built the kernel.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum E {
     F32(f32),
     I32(i32),
@@ -139,6 +139,35 @@ pub enum E {
     Cast(Ty, Box<E>),
     /// The same 32 bits as another type (f32 <-> u32 <-> i32).
     Bits(Ty, Box<E>),
+}
+
+/// Expressions are equal when they print alike: float constants compare by
+/// their bits (so `-0.0` is not `0.0`, and a NaN equals itself), which is
+/// what lets two kernels that are the same shader be found equal without
+/// printing them (`gpu::compile` and the runtimes' caches of compiled
+/// kernels compare kernels, once per step and set of values).
+impl PartialEq for E {
+    fn eq(&self, other: &E) -> bool {
+        use E::*;
+        match (self, other) {
+            (F32(a), F32(b)) => a.to_bits() == b.to_bits(),
+            (I32(a), I32(b)) => a == b,
+            (U32(a), U32(b)) => a == b,
+            (Bool(a), Bool(b)) => a == b,
+            (Var(a), Var(b)) => a == b,
+            (Builtin(a), Builtin(b)) => a == b,
+            (Param(a), Param(b)) => a == b,
+            (Load(s, a), Load(t, b)) => s == t && a == b,
+            (LoadShared(s, a), LoadShared(t, b)) => s == t && a == b,
+            (LoadLocal(s, a), LoadLocal(t, b)) => s == t && a == b,
+            (Un(o, a), Un(p, b)) => o == p && a == b,
+            (Bin(o, a, x), Bin(p, b, y)) => o == p && a == b && x == y,
+            (Cmp(o, a, x), Cmp(p, b, y)) => o == p && a == b && x == y,
+            (Fma(a, b, c), Fma(x, y, z)) | (Select(a, b, c), Select(x, y, z)) => a == x && b == y && c == z,
+            (Cast(t, a), Cast(u, b)) | (Bits(t, a), Bits(u, b)) => t == u && a == b,
+            _ => false,
+        }
+    }
 }
 
 /// A statement of a kernel body.

@@ -24,7 +24,6 @@ pub mod wgsl;
 use crate::plan::{BufferId, KernelKind, Plan, Storage};
 use egret_ir::{Bindings, DType, Op, Tensor, Type};
 use form::{Kernel, Space};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -345,8 +344,7 @@ impl SymbolicGpuPlan {
         let top = layout.words;
         let weights = self.weights.clone();
         let mut kernels: Vec<Kernel> = vec![];
-        // Kernels that print alike are one pipeline: the layers of a model.
-        let mut by_text: HashMap<String, usize> = HashMap::new();
+        // Kernels alike are one pipeline: the layers of a model.
         let mut steps = vec![];
         for k in &plan.kernels {
             let built = match &k.kind {
@@ -388,11 +386,10 @@ impl SymbolicGpuPlan {
                     limit: limits.max_storage_buffers,
                 });
             }
-            let next = kernels.len();
-            let index = *by_text.entry(format!("{kernel:?}")).or_insert(next);
-            if index == next {
+            let index = kernels.iter().position(|k| *k == kernel).unwrap_or_else(|| {
                 kernels.push(kernel);
-            }
+                kernels.len() - 1
+            });
             steps.push(Step::Dispatch {
                 kernel: index,
                 params,
