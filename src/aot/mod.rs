@@ -349,7 +349,9 @@ fn header(api: &Api, model: &Path) -> String {
  * NAME_abi_version, NAME_status_message and NAME_missing_cpu_feature may
  * be called from any thread at any time. NAME_context_run and
  * NAME_context_run_named may run at the same time on different contexts
- * (of one model or of several), but not on the same context. NAME_run and
+ * (of one model or of several), but not on the same context; the same holds
+ * for NAME_context_set_input_dims, which no call on its context may overlap
+ * (the context's dims, bytes and error queries included). NAME_run and
  * NAME_run_named use the model's own context: one thread at a time per
  * model. A destroy must not overlap any other call on what it destroys,
  * and a model must outlive its contexts.
