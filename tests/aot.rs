@@ -462,3 +462,74 @@ fn on_a_cpu_without_avx_a_v3_artifact_is_refused_and_a_v2_artifact_runs() {
     run_driver(&case, &v2, &nehalem);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// A library with symbolic dims against the JIT on random inputs of many
+/// shapes, the edges among them (one token, an empty past, a batch of
+/// three, the longest past the positions allow): the same answers.
+#[test]
+fn a_symbolic_library_agrees_with_the_jit_over_many_shapes() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("shapes");
+    for (model, shapes) in [
+        ("bert_dynamic", vec![(1, 1, 0), (3, 5, 0), (2, 33, 0), (1, 64, 0)]),
+        ("gpt2_kv", vec![(1, 1, 0), (3, 2, 7), (2, 17, 30), (1, 1, 63), (2, 5, 0)]),
+    ] {
+        let case = common::synthetic_dir().join(model);
+        let mut a = compile_symbolic(&case, &work, &[]);
+        let jit = egret::compile(&case, &egret::CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
+        let mut sets = String::new();
+        let mut want = Vec::new();
+        for (set, &(batch, tokens, past)) in shapes.iter().enumerate() {
+            sets.push_str("set\n");
+            let mut feeds = Vec::new();
+            for (i, (name, _)) in a.model.program.signature.inputs.iter().enumerate() {
+                let (shape, t): (Vec<usize>, Tensor) = match name.as_str() {
+                    "input_ids" | "token_type_ids" => {
+                        let shape = vec![batch, tokens];
+                        let ids = (0..batch * tokens).map(|j| ((j * 37 + set * 11) % 90) as i64).collect::<Vec<_>>();
+                        (shape.clone(), Tensor::from_vec(shape, ids))
+                    }
+                    "attention_mask" => {
+                        let shape = vec![batch, past + tokens];
+                        (shape.clone(), Tensor::from_vec(shape, vec![1i64; batch * (past + tokens)]))
+                    }
+                    _ => {
+                        let shape = vec![batch, 2, past, 16];
+                        let n = batch * 2 * past * 16;
+                        let v = (0..n).map(|j| ((j * 7919 + set) % 1000) as f32 / 500.0 - 1.0).collect::<Vec<_>>();
+                        (shape.clone(), Tensor::from_vec(shape, v))
+                    }
+                };
+                let p = a.dir.join(format!("set_{set}_in_{i}.bin"));
+                std::fs::write(&p, t.to_bytes()).unwrap();
+                let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+                sets.push_str(&format!("{} {} {}\n", p.display(), shape.len(), dims.join(" ")));
+                feeds.push((name.clone(), t));
+            }
+            want.push(jit.run(feeds).unwrap());
+        }
+        std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
+        a.inputs.clear();
+        let program = link_program(&a, "shaped.c", &[]);
+        let out = run(Command::new(&program).arg(a.dir.join("sets.txt")).arg(&a.dir));
+        let mut checked = 0;
+        for line in out.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(words[2], "output", "{model}: {line}");
+            let (set, j): (usize, usize) = (words[1].parse().unwrap(), words[3].parse().unwrap());
+            let dims: Vec<usize> = words[4..].iter().map(|d| d.parse().unwrap()).collect();
+            let (name, w) = &want[set][j];
+            assert_eq!(w.shape(), &dims[..], "{model} set {set}: {name}");
+            let ty = egret::ir::Type::new(w.dtype(), dims);
+            let got = Tensor::from_bytes(&ty, &std::fs::read(a.dir.join(format!("set_{set}_output_{j}.bin"))).unwrap())
+                .unwrap();
+            let r = compare(name, &got, w, Tolerance::default());
+            assert!(r.failure.is_none(), "{model} set {set} {:?}: {name}: {:?}", shapes[set], r.failure);
+            checked += 1;
+        }
+        assert_eq!(checked, shapes.len() * a.model.program.signature.outputs.len(), "{model}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
