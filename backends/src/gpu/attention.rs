@@ -85,6 +85,9 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
     let out_rs = b.param(known(k.out_row_stride) as i64);
     let scale = b.param(k.scale.to_bits() as i32 as i64).bits(Ty::F32);
     let words = |p: Option<Place>| p.map_or(0, |p| p.word as i64);
+    // The spans table follows the batch table, whose length is the batch
+    // count: its start is a parameter, so one shader serves every count.
+    let (spans_at, spans_start) = b.param_later();
     let table = b.param_table(k.batches.iter().flat_map(|o| {
         [
             pq.word as i64 + known(o[0]) as i64,
@@ -111,6 +114,7 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
         let first = first.min(end);
         [first as i64, end as i64]
     }));
+    b.set_param(spans_at, spans as i64);
 
     let sk_tile = b.shared((kt_len * d) as u32);
     let sv_tile = b.shared((kt_len * dv) as u32);
@@ -125,7 +129,9 @@ pub fn attention(k: &AttentionKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel
         let (qo, ko, vo, mo, oo) =
             (b.let_(entry(0)), b.let_(entry(1)), b.let_(entry(2)), b.let_(entry(3)), b.let_(entry(4)));
         let span = |i: i32| {
-            E::Load(Space::Params, Box::new(group.clone() * E::I32(2) + E::I32(spans as i32 + i))).bits(Ty::I32)
+            let at = group.clone() * E::I32(2) + spans_start.clone();
+            let at = if i == 0 { at } else { at + E::I32(i) };
+            E::Load(Space::Params, Box::new(at)).bits(Ty::I32)
         };
         let (first, end) = (b.let_(span(0)), b.let_(span(1)));
         let row = b.let_(group.clone() % blocks_p.clone() * E::I32(ROWS as i32) + t.clone());

@@ -144,6 +144,18 @@ impl Builder {
         E::param(self.params.len() as u32 - 1)
     }
 
+    /// A parameter word whose value is set later (`set_param`): where a
+    /// table that follows one of varying length starts, so that the
+    /// kernel's text does not depend on that length.
+    pub fn param_later(&mut self) -> (usize, E) {
+        self.params.push(0);
+        (self.params.len() - 1, E::param(self.params.len() as u32 - 1))
+    }
+
+    pub fn set_param(&mut self, index: usize, value: i64) {
+        self.params[index] = value as i32 as u32;
+    }
+
     /// A table of parameters; returns the index of its first word.
     pub fn param_table(&mut self, values: impl IntoIterator<Item = i64>) -> u32 {
         let at = self.params.len() as u32;
