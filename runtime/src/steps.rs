@@ -47,14 +47,24 @@ impl Sizing {
         if current.is_some_and(|l| l.holds(values)) {
             return Ok(None);
         }
-        let mut capacity = current.map_or_else(|| self.program.bounded_capacity(), |l| l.capacity.clone());
-        for (k, &v) in values {
-            let c = capacity.entry(k.clone()).or_insert(0);
-            if v > *c {
-                *c = v.max(2 * *c);
+        let old = current.map_or_else(|| self.program.bounded_capacity(), |l| l.capacity.clone());
+        let grown = |double: bool| {
+            let mut capacity = old.clone();
+            for (k, &v) in values {
+                let c = capacity.entry(k.clone()).or_insert(0);
+                if v > *c {
+                    *c = if double { v.max(2 * *c) } else { v };
+                }
             }
-        }
-        self.program.layout(&capacity).map(Some).map_err(|e| RunError::Shape(e.to_string()))
+            capacity
+        };
+        // Doubled, unless that passes what one binding holds and the values
+        // themselves do not.
+        self.program
+            .layout(&grown(true))
+            .or_else(|_| self.program.layout(&grown(false)))
+            .map(Some)
+            .map_err(|e| RunError::Shape(e.to_string()))
     }
 
     /// The program at `values` in `layout`.
