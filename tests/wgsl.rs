@@ -339,6 +339,23 @@ fn one_gpu_program_serves_every_value_of_the_symbolic_dims() {
             }
             kernels_after.push((wgsl.pipelines_compiled(), ptx.modules_loaded()));
         }
+        // A past longer than the decoder's 128 positions: refused before
+        // any kernel runs, naming the node, on both executors.
+        if model == "gpt2_kv" {
+            let past = 200;
+            let inputs: Vec<egret::ir::Tensor> = names
+                .iter()
+                .map(|n| match n.as_str() {
+                    "input_ids" => egret::ir::Tensor::from_vec(vec![1, 1], vec![1i64]),
+                    "attention_mask" => egret::ir::Tensor::from_vec(vec![1, past + 1], vec![1i64; past + 1]),
+                    _ => egret::ir::Tensor::from_vec(vec![1, 2, past, 16], vec![0.5f32; 2 * past * 16]),
+                })
+                .collect();
+            for (backend, got) in [("wgsl", wgsl.run(inputs.clone())), ("ptx", ptx.run(inputs))] {
+                let e = got.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(e.contains("would read or write outside"), "{backend}: {e}");
+            }
+        }
         // The shape arithmetic runs on the device too: no host step.
         let steps = ptx.plan().unwrap().steps;
         assert!(!steps.iter().any(|s| matches!(s, egret::backends::gpu::Step::Host { .. })), "{model}");

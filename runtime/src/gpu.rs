@@ -304,6 +304,7 @@ impl WgpuExecutable {
         if let Some(s) = state.setup.as_ref().filter(|s| s.values == values) {
             return Ok(s.clone());
         }
+        sizing.check(&values, inputs)?;
         let device = |message: String| RunError::Eval { node: "the whole graph".into(), op: "wgsl".into(), message };
         if let Some(layout) = sizing.layout_for(state.arena.as_ref().map(|(l, _)| l), &values)? {
             let buffer = Arc::new(storage_buffer(&self.gpu.device, "arena", layout.words));

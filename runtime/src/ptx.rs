@@ -200,6 +200,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
         if state.setup.as_ref().is_some_and(|s| s.values == values) {
             return Ok(());
         }
+        sizing.check(&values, inputs)?;
         let device = |message: String| RunError::Eval { node: "the whole graph".into(), op: "ptx".into(), message };
         if let Some(layout) = sizing.layout_for(state.arena.as_ref().map(|(l, _)| l), &values)? {
             let arena = self.device.alloc(layout.words.max(1) * 4).map_err(device)?;

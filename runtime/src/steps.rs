@@ -21,18 +21,23 @@ impl Sizing {
         Sizing { program, declared }
     }
 
-    /// A run's values of the symbols, from its inputs' shapes, refused if
-    /// they would take a kernel outside one of its buffers.
+    /// A run's values of the symbols, from its inputs' shapes.
     pub fn values(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
-        let values = crate::solve_dims(&self.declared, &shapes)?;
-        let dims = DimValues::new(&values);
+        crate::solve_dims(&self.declared, &shapes)
+    }
+
+    /// Refuses new `values` that would take a kernel outside one of its
+    /// buffers (the inputs' sizes follow from the values, so a run that
+    /// repeats them needs no check again).
+    pub fn check(&self, values: &Bindings, inputs: &[Tensor]) -> Result<(), RunError> {
+        let dims = DimValues::new(values);
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
         let plan = self.program.plan();
         for k in plan.kernels.iter().filter(|k| !k.is_known()) {
-            check_spans(plan, k, &values, &dims, &input_bytes)?;
+            check_spans(plan, k, values, &dims, &input_bytes)?;
         }
-        Ok(values)
+        Ok(())
     }
 
     /// The arena layout a run with `values` uses: `current` if they fit
