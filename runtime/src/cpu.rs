@@ -85,8 +85,9 @@ pub struct CpuExecutable {
     /// The inputs' declared types, by position (symbolic plans solve their
     /// values from them per call).
     declared: Vec<(String, Type)>,
-    /// The setup of the last call's values, reused while calls repeat them.
-    last: std::sync::Mutex<Option<std::sync::Arc<Setup>>>,
+    /// The setups of the last few sets of values calls had, most recent
+    /// last: a server alternating between a few shapes reuses them.
+    recent: std::sync::Mutex<Vec<std::sync::Arc<Setup>>>,
     /// Whether kernels read the caller's input tensors where they are (no
     /// kernel writes an input's buffer, and a tensor's elements are
     /// naturally aligned, as every kernel needs) instead of copies: a
@@ -109,6 +110,9 @@ struct Setup {
     /// The outputs' types at these values.
     output_types: Vec<Type>,
 }
+
+/// How many sets of values' setups a symbolic executable keeps.
+const RECENT_SETUPS: usize = 8;
 
 /// Arena offsets (by buffer) for symbol values up to `capacity`.
 struct Layout {
@@ -178,7 +182,7 @@ impl CpuExecutable {
             symbolic,
             layout: std::sync::RwLock::new(std::sync::Arc::new(layout)),
             declared,
-            last: std::sync::Mutex::new(None),
+            recent: std::sync::Mutex::new(Vec::new()),
             inputs_in_place,
             compiled,
             pool,
@@ -295,12 +299,13 @@ impl CpuExecutable {
         crate::solve_dims(&self.declared, &shapes)
     }
 
-    /// The setup for a call with `values`: the last one if it had the same,
-    /// else a new one, after checking that no symbolic kernel reaches
+    /// The setup for a call with `values`: a recent one if it had the
+    /// same (its arena layout holds them, whatever was laid out since), else
+    /// a new one, after checking that no symbolic kernel reaches
     /// outside a buffer at them (so a call the model does not allow fails
     /// before any kernel runs).
     fn setup(&self, values: Bindings, inputs: &[Tensor]) -> Result<std::sync::Arc<Setup>, RunError> {
-        if let Some(s) = self.last.lock().ok().and_then(|l| l.clone()).filter(|s| s.values == values) {
+        if let Some(s) = self.recent.lock().ok().and_then(|r| r.iter().rev().find(|s| s.values == values).cloned()) {
             return Ok(s);
         }
         let plan = &self.compiled.plan;
@@ -322,8 +327,11 @@ impl CpuExecutable {
         }
         let output_types = plan.outputs.iter().map(|(_, ty)| bound_type(ty, &values)).collect::<Result<_, _>>()?;
         let setup = std::sync::Arc::new(Setup { values, layout, sizes, blocks, extents, output_types });
-        if let Ok(mut last) = self.last.lock() {
-            *last = Some(setup.clone());
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == RECENT_SETUPS {
+                recent.remove(0);
+            }
+            recent.push(setup.clone());
         }
         Ok(setup)
     }
