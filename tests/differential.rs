@@ -204,6 +204,27 @@ output \"w\" = v10
     );
 }
 
+/// A bool operand choosing between values, as a causal mask read from its
+/// table is on the CPU: four lanes at a time from its bytes (a length
+/// that is no multiple of four, a row broadcast down and a column across).
+#[test]
+fn selects_over_bool_operands() {
+    same(
+        "v0: bool[3,13] = input{name=\"m\"}
+v1: bool[1,13] = input{name=\"r\"}
+v2: bool[3,1] = input{name=\"c\"}
+v3: f32[3,13] = input{name=\"x\"}
+v4: f32[] = const [-3.5]
+v5: f32[3,13] = where v0, v3, v4
+v6: f32[3,13] = where v1, v4, v3
+v7: f32[3,13] = where v2, v3, v5
+output \"a\" = v5
+output \"b\" = v6
+output \"c\" = v7
+",
+    );
+}
+
 #[test]
 fn layout_kernels() {
     same(

@@ -204,11 +204,16 @@ impl Ctx<'_> {
         // whatever the vector steps leave).
         let long = |s: Size| !matches!(s, Size::Imm(n) if n < LANES);
         let unit_or_broadcast = |s: Dim| s == 0 || s == 1;
+        let bools: Vec<bool> = self.m.inputs.iter().map(|o| o.dtype == DType::Bool).collect();
         (d == 0 || long(self.shape[d]))
-            && self.m.inputs.iter().all(|o| o.dtype == DType::F32 && unit_or_broadcast(o.strides[d]))
+            && self
+                .m
+                .inputs
+                .iter()
+                .all(|o| matches!(o.dtype, DType::F32 | DType::Bool) && unit_or_broadcast(o.strides[d]))
             && self.m.output.dtype == DType::F32
             && self.m.output.strides[d] == 1
-            && vector_safe(&self.m.expr)
+            && vector_safe(&self.m.expr, &bools)
     }
 
     fn scalar_step(&self, b: &mut FunctionBuilder, addrs: &[Value]) {
@@ -232,13 +237,13 @@ impl Ctx<'_> {
             .inputs
             .iter()
             .enumerate()
-            .map(|(k, o)| {
-                if o.strides[d] == 0 {
+            .map(|(k, o)| match (o.dtype, o.strides[d] == 0) {
+                (DType::Bool, broadcast) => bool_lanes(b, addrs[k], broadcast),
+                (_, true) => {
                     let s = b.ins().load(types::F32, flags, addrs[k], 0);
                     b.ins().splat(types::F32X4, s)
-                } else {
-                    b.ins().load(types::F32X4, flags, addrs[k], 0)
                 }
+                (_, false) => b.ins().load(types::F32X4, flags, addrs[k], 0),
             })
             .collect();
         let v = self.eval(b, &self.m.expr, &loaded, true);
@@ -339,7 +344,13 @@ impl Ctx<'_> {
                 let c = self.eval(b, c, inputs, vector);
                 let x = self.eval(b, x, inputs, vector);
                 let y = self.eval(b, y, inputs, vector);
-                b.ins().select(c, x, y)
+                if vector {
+                    // A lane mask (`bool_lanes`), in the operands' type for bitselect.
+                    let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), c);
+                    b.ins().bitselect(mask, x, y)
+                } else {
+                    b.ins().select(c, x, y)
+                }
             }
             Expr::BoolToF32(x) => {
                 let x = self.eval(b, x, inputs, vector);
@@ -363,12 +374,40 @@ impl Ctx<'_> {
     }
 }
 
-/// Whether an expression has an f32x4 form (no libm calls, no bools).
-fn vector_safe(e: &Expr) -> bool {
+/// Whether an expression has an f32x4 form (no libm calls, no bools but
+/// a bool input choosing between two values, as a mask selected from a
+/// causal table does). `bools[i]`: whether input `i` is bool.
+fn vector_safe(e: &Expr, bools: &[bool]) -> bool {
     match e {
-        Expr::Input(_) | Expr::F32(_) => true,
-        Expr::Unary(u, x) => !matches!(u, Unary::Log | Unary::Sin | Unary::Cos) && vector_safe(x),
-        Expr::Binary(op, x, y) => !matches!(op, Binary::Pow) && vector_safe(x) && vector_safe(y),
+        Expr::Input(i) => !bools[*i],
+        Expr::F32(_) => true,
+        Expr::Unary(u, x) => !matches!(u, Unary::Log | Unary::Sin | Unary::Cos) && vector_safe(x, bools),
+        Expr::Binary(op, x, y) => !matches!(op, Binary::Pow) && vector_safe(x, bools) && vector_safe(y, bools),
+        Expr::Select(c, x, y) => {
+            matches!(**c, Expr::Input(i) if bools[i]) && vector_safe(x, bools) && vector_safe(y, bools)
+        }
         _ => false,
     }
+}
+
+/// Four bools (bytes, 0 or 1) from `addr` as an i32x4 lane mask (all ones
+/// where true), or one bool in every lane when `broadcast`. Four bytes are
+/// read as one i32 and each lane keeps its own byte, so nothing past the
+/// four is read.
+fn bool_lanes(b: &mut FunctionBuilder, addr: Value, broadcast: bool) -> Value {
+    let flags = MemFlagsData::new().with_notrap();
+    let zero = b.ins().iconst(types::I32, 0);
+    let zero = b.ins().splat(types::I32X4, zero);
+    let lanes = if broadcast {
+        let byte = b.ins().uload8(types::I32, flags, addr, 0);
+        b.ins().splat(types::I32X4, byte)
+    } else {
+        let word = b.ins().load(types::I32, flags, addr, 0);
+        let word = b.ins().splat(types::I32X4, word);
+        let bytes: Vec<u8> = [0xffu32, 0xff00, 0xff_0000, 0xff00_0000].iter().flat_map(|m| m.to_le_bytes()).collect();
+        let handle = b.func.dfg.constants.insert(bytes.into());
+        let masks = b.ins().vconst(types::I32X4, handle);
+        b.ins().band(word, masks)
+    };
+    b.ins().icmp(IntCC::NotEqual, lanes, zero)
 }
