@@ -65,10 +65,12 @@ impl Values {
 }
 
 fn literal(v: i64) -> String {
-    if i32::try_from(v).is_ok() {
-        v.to_string()
-    } else {
-        format!("INT64_C({v})")
+    match v {
+        // C has no literal for it: `-9223372036854775808` negates a number
+        // no signed type holds (a float's sign bit alone, -0.0, is one).
+        i64::MIN => "(-INT64_C(9223372036854775807) - 1)".to_string(),
+        v if i32::try_from(v).is_ok() => v.to_string(),
+        v => format!("INT64_C({v})"),
     }
 }
 
