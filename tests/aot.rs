@@ -100,19 +100,23 @@ fn link_program(a: &Artifact, source: &str, extra: &[&str]) -> PathBuf {
     exe
 }
 
+/// `program` run through `wrapper` (valgrind), if one is given.
+fn wrapped(program: &Path, wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Runs tests/aot/driver.c on the artifact (through `wrapper`, if given)
 /// and compares what it wrote with onnxruntime's stored outputs.
 fn run_driver(case: &Path, a: &Artifact, wrapper: &[&str]) {
     let driver = link_program(a, "driver.c", &[]);
-    let mut cmd = match wrapper.split_first() {
-        Some((w, rest)) => {
-            let mut c = Command::new(w);
-            c.args(rest).arg(&driver);
-            c
-        }
-        None => Command::new(&driver),
-    };
-    run(cmd.args(&a.inputs).arg(&a.dir));
+    run(wrapped(&driver, wrapper).args(&a.inputs).arg(&a.dir));
     let set = case.join("test_data_set_0");
     for (j, (out_name, ty)) in a.model.program.signature.outputs.iter().enumerate() {
         let got = Tensor::from_bytes(ty, &std::fs::read(a.dir.join(format!("output_{j}.bin"))).unwrap()).unwrap();
@@ -188,17 +192,27 @@ fn run_shaped(case: &Path, a: &Artifact) -> Vec<(usize, String)> {
 
 /// `run_shaped` through `wrapper` (valgrind), if given.
 fn run_shaped_with(case: &Path, a: &Artifact, wrapper: &[&str]) -> Vec<(usize, String)> {
-    let program = link_program(a, "shaped.c", &[]);
-    let mut cmd = match wrapper.split_first() {
-        Some((w, rest)) => {
-            let mut c = Command::new(w);
-            c.args(rest).arg(&program);
-            c
-        }
-        None => Command::new(&program),
+    let stored = |set: usize, j: usize| {
+        let (name, _) = &a.model.program.signature.outputs[j];
+        let (_, t) = egret::io::read_pb(&case.join(format!("test_data_set_{set}/output_{j}.pb"))).unwrap();
+        (name.clone(), t)
     };
-    let out = run(cmd.arg(a.dir.join("sets.txt")).arg(&a.dir));
-    let mut refused = Vec::new();
+    run_shaped_against(a, wrapper, &format!("{}", case.display()), &stored).0
+}
+
+/// Runs tests/aot/shaped.c on the sets the artifact lists and compares each
+/// output it wrote, dims and values, with `want(set, output)`'s (name,
+/// tensor). Returns the sets the library refused, with its messages, and
+/// how many outputs were compared.
+fn run_shaped_against(
+    a: &Artifact,
+    wrapper: &[&str],
+    what: &str,
+    want: &dyn Fn(usize, usize) -> (String, Tensor),
+) -> (Vec<(usize, String)>, usize) {
+    let program = link_program(a, "shaped.c", &[]);
+    let out = run(wrapped(&program, wrapper).arg(a.dir.join("sets.txt")).arg(&a.dir));
+    let (mut refused, mut checked) = (Vec::new(), 0);
     for line in out.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let set: usize = words[1].parse().unwrap();
@@ -209,15 +223,16 @@ fn run_shaped_with(case: &Path, a: &Artifact, wrapper: &[&str]) -> Vec<(usize, S
         assert_eq!(words[2], "output", "{line}");
         let j: usize = words[3].parse().unwrap();
         let dims: Vec<usize> = words[4..].iter().map(|d| d.parse().unwrap()).collect();
-        let (out_name, ty) = &a.model.program.signature.outputs[j];
-        let ty = egret::ir::Type::new(ty.dtype, dims);
+        let (name, w) = want(set, j);
+        assert_eq!(w.shape(), &dims[..], "{what} set {set}: {name}");
+        let ty = egret::ir::Type::new(w.dtype(), dims);
         let bytes = std::fs::read(a.dir.join(format!("set_{set}_output_{j}.bin"))).unwrap();
         let got = Tensor::from_bytes(&ty, &bytes).unwrap();
-        let (_, want) = egret::io::read_pb(&case.join(format!("test_data_set_{set}/output_{j}.pb"))).unwrap();
-        let r = compare(out_name, &got, &want, Tolerance::default());
-        assert!(r.failure.is_none(), "{} set {set}: {out_name}: {:?}", case.display(), r.failure);
+        let r = compare(&name, &got, &w, Tolerance::default());
+        assert!(r.failure.is_none(), "{what} set {set}: {name}: {:?}", r.failure);
+        checked += 1;
     }
-    refused
+    (refused, checked)
 }
 
 /// One library per model with symbolic dims serves every data set's
@@ -512,24 +527,10 @@ fn a_symbolic_library_agrees_with_the_jit_over_many_shapes() {
         }
         std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
         a.inputs.clear();
-        let program = link_program(&a, "shaped.c", &[]);
-        let out = run(Command::new(&program).arg(a.dir.join("sets.txt")).arg(&a.dir));
-        let mut checked = 0;
-        for line in out.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(words[2], "output", "{model}: {line}");
-            let (set, j): (usize, usize) = (words[1].parse().unwrap(), words[3].parse().unwrap());
-            let dims: Vec<usize> = words[4..].iter().map(|d| d.parse().unwrap()).collect();
-            let (name, w) = &want[set][j];
-            assert_eq!(w.shape(), &dims[..], "{model} set {set}: {name}");
-            let ty = egret::ir::Type::new(w.dtype(), dims);
-            let got = Tensor::from_bytes(&ty, &std::fs::read(a.dir.join(format!("set_{set}_output_{j}.bin"))).unwrap())
-                .unwrap();
-            let r = compare(name, &got, w, Tolerance::default());
-            assert!(r.failure.is_none(), "{model} set {set} {:?}: {name}: {:?}", shapes[set], r.failure);
-            checked += 1;
-        }
-        assert_eq!(checked, shapes.len() * a.model.program.signature.outputs.len(), "{model}: {out}");
+        let jit_output = |set: usize, j: usize| want[set][j].clone();
+        let (refused, checked) = run_shaped_against(&a, &[], model, &jit_output);
+        assert!(refused.is_empty(), "{model}: {refused:?}");
+        assert_eq!(checked, shapes.len() * a.model.program.signature.outputs.len(), "{model}");
     }
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -4,7 +4,7 @@ use crate::plan::{BufferId, Plan, Storage};
 use egret_ir::Bindings;
 
 /// Arena offsets are aligned for vector loads.
-const ALIGN: usize = 64;
+pub const ARENA_ALIGN: usize = 64;
 
 /// Assigns arena offsets by liveness: a buffer is live from the kernel that
 /// first writes it to the last kernel that reads it (graph outputs to the
@@ -16,7 +16,7 @@ const ALIGN: usize = 64;
 /// again, larger (`bytes_at`), without compiling anything.
 pub fn plan_memory(plan: &mut Plan) {
     let capacity = plan.capacity.clone();
-    let (offsets, top) = assign_offsets(plan, |b| bytes_at(plan, b, &capacity), ALIGN);
+    let (offsets, top) = assign_offsets(plan, |b| bytes_at(plan, b, &capacity), ARENA_ALIGN);
     for (b, offset) in offsets.into_iter().enumerate() {
         if let Some(offset) = offset {
             plan.buffers[b].storage = Storage::Arena { offset };
@@ -40,7 +40,7 @@ pub fn bytes_at(plan: &Plan, b: BufferId, values: &Bindings) -> usize {
 /// buffer's offset (by buffer id) and the arena's size. The runtime calls
 /// this when a call's values pass the capacity the plan was laid out for.
 pub fn layout_at(plan: &Plan, values: &Bindings) -> (Vec<Option<usize>>, usize) {
-    assign_offsets(plan, |b| bytes_at(plan, b, values), ALIGN)
+    assign_offsets(plan, |b| bytes_at(plan, b, values), ARENA_ALIGN)
 }
 
 /// The liveness layout of `plan_memory` in units of the caller's choosing
@@ -103,7 +103,7 @@ fn live_steps(plan: &Plan) -> (Vec<usize>, Vec<usize>) {
 /// code that lays it out at run time without the planner (the C
 /// artifact): the arena buffers in order, each with the buffers it must
 /// sit above, those live at the same time as it that come before it.
-/// A buffer's offset is the highest end (aligned to `ALIGN`) of those,
+/// A buffer's offset is the highest end (aligned to `ARENA_ALIGN`) of those,
 /// or 0, and the arena ends at the highest end of all.
 ///
 /// The order is that of the offsets `plan_memory` gave at the capacity,
@@ -126,6 +126,3 @@ pub fn layout_rule(plan: &Plan) -> Vec<(BufferId, Vec<BufferId>)> {
         .map(|(i, &(_, b))| (b, order[..i].iter().map(|&(_, a)| a).filter(|&a| live_together(a, b)).collect()))
         .collect()
 }
-
-/// Arena offsets are multiples of this many bytes.
-pub const ARENA_ALIGN: usize = ALIGN;

@@ -470,13 +470,6 @@ pub struct OuterBatch {
 }
 
 impl AttentionKernel {
-    /// Query blocks per batch, at `values` of the plan's symbols (the
-    /// same as the kernel `at` them has: a block larger than the queries
-    /// is one block either way).
-    pub fn blocks_per_batch_at(&self, values: &DimValues) -> usize {
-        values.size(self.sq).div_ceil(self.block)
-    }
-
     /// Query blocks per batch of a kernel whose queries are known.
     pub fn blocks_per_batch(&self) -> usize {
         known_size(self.sq).div_ceil(self.block)
@@ -499,11 +492,6 @@ impl AttentionKernel {
             dims.extend(o.strides);
         }
         dims
-    }
-
-    /// How many batches a run computes, at `values` of the plan's symbols.
-    pub fn batch_count_at(&self, values: &DimValues) -> usize {
-        self.batches.len() * self.outer.map_or(1, |o| values.size(o.count))
     }
 
     /// How many batches, at the symbols' nominal values.

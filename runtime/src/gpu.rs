@@ -147,8 +147,11 @@ impl WgpuExecutable {
         let arena = Arc::new(storage_buffer(&exe.gpu.device, "arena", plan.arena_words));
         let pipelines: Vec<Arc<wgpu::ComputePipeline>> =
             plan.kernels.iter().zip(shaders).map(|(k, source)| exe.pipeline(k, source)).collect::<Result<_, _>>()?;
+        let compiled = plan.kernels.iter().cloned().zip(pipelines.iter().cloned()).collect();
         let setup = exe.setup(Bindings::new(), plan, arena, pipelines)?;
-        exe.state.lock().unwrap().setup = Some(Arc::new(setup));
+        let mut state = exe.state.lock().unwrap();
+        (state.setup, state.pipelines) = (Some(Arc::new(setup)), compiled);
+        drop(state);
         Ok(exe)
     }
 
@@ -333,8 +336,7 @@ impl WgpuExecutable {
 
     /// How many distinct pipelines the executable has compiled.
     pub fn pipelines_compiled(&self) -> usize {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.pipelines.len().max(state.setup.as_ref().map_or(0, |s| s.pipelines.len()))
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).pipelines.len()
     }
 
     fn buffer_of<'a>(&'a self, setup: &'a Setup, space: Space) -> &'a wgpu::Buffer {
