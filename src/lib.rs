@@ -312,10 +312,15 @@ pub fn compile_wgsl(
     Ok((exe, shaders))
 }
 
-/// What PTX kernels may address: indices are i32 words, and CUDA has no
-/// binding limit of its own.
-pub const PTX_LIMITS: egret_backends::gpu::Limits =
-    egret_backends::gpu::Limits { max_binding_bytes: 1 << 32, max_groups_per_dim: 65_535, max_storage_buffers: 64 };
+/// What PTX kernels may address: indices are i32 words, CUDA has no
+/// binding limit of its own, and a kernel's static shared memory is at
+/// most 48 KiB on every GPU.
+pub const PTX_LIMITS: egret_backends::gpu::Limits = egret_backends::gpu::Limits {
+    max_binding_bytes: 1 << 32,
+    max_groups_per_dim: 65_535,
+    max_storage_buffers: 64,
+    max_workgroup_bytes: 48 << 10,
+};
 
 /// Compiles for the PTX backend on the CUDA driver's device 0.
 pub fn compile_ptx(

@@ -1240,3 +1240,67 @@ output \"z\" = v3
         }
     }
 }
+
+/// Fused attention at every head dimension transformers use, over key
+/// counts that are and are not multiples of the GPU's key tile, with query
+/// counts that are not multiples of its row block: plain (a Perceiver's
+/// cross-attention has one head of 512 over 256 inputs), with an additive
+/// mask, and with grouped heads (two K/V heads shared by four query heads,
+/// read in place). On wgsl head dimensions of 128 and more over 256 keys
+/// gave wrong answers once: the tile of keys and values filled all of the
+/// workgroup memory.
+#[test]
+fn attention_at_every_head_dimension() {
+    for d in [32, 64, 80, 96, 128, 256, 512] {
+        let scale = 1.0 / (d as f32).sqrt();
+        for (sq, sk) in [(16, 256), (21, 101)] {
+            same(&format!(
+                "v0: f32[1,{sq},{d}] = input{{name=\"q\"}}
+v1: f32[1,{d},{sk}] = input{{name=\"kt\"}}
+v2: f32[1,{sk},{d}] = input{{name=\"v\"}}
+v3: f32[1,{sq},{d}] = attention{{scale={scale}, nan_to_zero=false}} v0, v1, v2
+output \"y\" = v3
+"
+            ));
+        }
+        // A mask, and values narrower than the keys.
+        let dv = d / 2;
+        same(&format!(
+            "v0: f32[1,2,9,{d}] = input{{name=\"q\"}}
+v1: f32[1,2,{d},67] = input{{name=\"kt\"}}
+v2: f32[1,2,67,{dv}] = input{{name=\"v\"}}
+v3: f32[9,67] = input{{name=\"mask\"}}
+v4: f32[1,2,9,{dv}] = attention{{scale={scale}, nan_to_zero=false}} v0, v1, v2, v3
+output \"y\" = v4
+"
+        ));
+        // Grouped heads as LLaMA's repeat_kv spells them, fused by the e-graph.
+        let (sq, sk) = if d >= 256 { (5, 33) } else { (13, 70) };
+        let start = format!(
+            "v0: f32[1,4,{sq},{d}] = input{{name=\"q\"}}
+v1: f32[1,2,{sk},{d}] = input{{name=\"k\"}}
+v2: f32[1,2,{sk},{d}] = input{{name=\"v\"}}
+v15: f32[1,1,{sq},{sk}] = input{{name=\"mask\"}}
+v3: f32[1,2,1,{sk},{d}] = reshape{{shape=[1, 2, 1, {sk}, {d}]}} v1
+v4: f32[1,2,2,{sk},{d}] = expand{{shape=[1, 2, 2, {sk}, {d}]}} v3
+v5: f32[1,4,{sk},{d}] = reshape{{shape=[1, 4, {sk}, {d}]}} v4
+v6: f32[1,2,1,{sk},{d}] = reshape{{shape=[1, 2, 1, {sk}, {d}]}} v2
+v7: f32[1,2,2,{sk},{d}] = expand{{shape=[1, 2, 2, {sk}, {d}]}} v6
+v8: f32[1,4,{sk},{d}] = reshape{{shape=[1, 4, {sk}, {d}]}} v7
+v9: f32[1,4,{d},{sk}] = transpose{{perm=[0, 1, 3, 2]}} v5
+v10: f32[1,4,{sq},{sk}] = matmul v0, v9
+v11: f32[] = const [{scale}]
+v12: f32[1,4,{sq},{sk}] = mul v10, v11
+v16: f32[1,4,{sq},{sk}] = add v12, v15
+v13: f32[1,4,{sq},{sk}] = softmax{{axis=3}} v16
+v14: f32[1,4,{sq},{d}] = matmul v13, v8
+output \"y\" = v14
+"
+        );
+        let (optimized, _) = egret::passes::egraph::optimize(&parse(&start).unwrap(), Default::default()).unwrap();
+        let plan = egret::backends::lower(&optimized, Default::default()).unwrap();
+        let kinds: Vec<&str> = plan.kernels.iter().map(|k| k.kind_name()).collect();
+        assert_eq!(kinds, ["attention"], "d = {d}: {}", plan.describe());
+        same(&egret::ir::text::print(&optimized));
+    }
+}

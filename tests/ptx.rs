@@ -120,44 +120,60 @@ fn every_model_kernel_assembles_for_sm80_and_sm90_without_spills() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Runs every data set of `cases` through its PTX, interpreted, at `--opt
+/// 0` and `--opt 2`: how many runs, and the outputs beyond the model
+/// tolerance of onnxruntime's.
+fn run_interpreted(cases: &[PathBuf]) -> (usize, Vec<String>) {
+    use egret::runtime::Executable;
+    let tol = egret::check::Tolerance::default();
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for case in cases {
+        for set in egret::check::data_sets(case).unwrap() {
+            let inputs = egret::check::numbered(&set, "input").unwrap();
+            let expected = egret::check::numbered(&set, "output").unwrap();
+            for opt_level in [0, 2] {
+                let opts =
+                    CompileOptions { opt_level, input_values: inputs.iter().cloned().collect(), ..Default::default() };
+                let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
+                let signature = egret::runtime::Signature::of(&c.graph, c.specialized.clone());
+                let ptx = common::interpreted_ptx(&c.graph, &opts);
+                let outs = ptx.run(signature.bind(inputs.clone()).unwrap()).unwrap();
+                for (got, (name, want)) in outs.iter().zip(&expected) {
+                    let r = egret::check::compare(name, got, want, tol);
+                    if let Some(f) = r.failure {
+                        failures.push(format!("{} --opt {opt_level} {name}: {f}", set.display()));
+                    }
+                }
+                let instructions = ptx.device().executed.load(std::sync::atomic::Ordering::Relaxed);
+                println!("{} --opt {opt_level}: {instructions} PTX instructions interpreted", case.display());
+                ran += 1;
+            }
+        }
+    }
+    (ran, failures)
+}
+
 /// Every zoo and synthetic model's stored test data through its PTX,
 /// run by the interpreter, at `--opt 0` and `--opt 2`, within the model
 /// tolerance of onnxruntime's outputs.
 #[test]
 fn zoo_and_synthetic_models_run_through_the_interpreted_ptx() {
-    use egret::runtime::Executable;
-    let tol = egret::check::Tolerance::default();
-    let mut failures = Vec::new();
-    let mut ran = 0;
-    for dir in [common::zoo_dir(), common::synthetic_dir()] {
-        for case in discover(&dir).unwrap() {
-            for set in egret::check::data_sets(&case).unwrap() {
-                let inputs = egret::check::numbered(&set, "input").unwrap();
-                let expected = egret::check::numbered(&set, "output").unwrap();
-                for opt_level in [0, 2] {
-                    let opts = CompileOptions {
-                        opt_level,
-                        input_values: inputs.iter().cloned().collect(),
-                        ..Default::default()
-                    };
-                    let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
-                    let signature = egret::runtime::Signature::of(&c.graph, c.specialized.clone());
-                    let ptx = common::interpreted_ptx(&c.graph, &opts);
-                    let outs = ptx.run(signature.bind(inputs.clone()).unwrap()).unwrap();
-                    for (got, (name, want)) in outs.iter().zip(&expected) {
-                        let r = egret::check::compare(name, got, want, tol);
-                        if let Some(f) = r.failure {
-                            failures.push(format!("{} --opt {opt_level} {name}: {f}", set.display()));
-                        }
-                    }
-                    let instructions = ptx.device().executed.load(std::sync::atomic::Ordering::Relaxed);
-                    println!("{} --opt {opt_level}: {instructions} PTX instructions interpreted", case.display());
-                    ran += 1;
-                }
-            }
-        }
-    }
+    let mut cases = discover(&common::zoo_dir()).unwrap();
+    cases.extend(discover(&common::synthetic_dir()).unwrap());
+    let (ran, failures) = run_interpreted(&cases);
     assert!(ran >= 18, "{ran} runs");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A Perceiver export's cross-attention (one head of 512 over 256 inputs)
+/// through the interpreted PTX: the head the GPU kernel splits over eight
+/// lanes. (The legacy exporter's twin passes on wgsl and the CPU; one is
+/// enough here, at 40 s of interpreting.)
+#[test]
+fn a_perceiver_export_with_wide_heads_runs_through_the_interpreted_ptx() {
+    let (ran, failures) = run_interpreted(&[common::exports_dir().join("perceiver_wide_heads_dynamo")]);
+    assert_eq!(ran, 2);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -289,5 +305,25 @@ fn zoo_models_on_tensor_cores_stay_within_their_precision() {
                 assert!(r.failure.is_none(), "{name} {} {output}: {:?}", precision.name(), r.failure);
             }
         }
+    }
+}
+
+/// A head the GPU attention kernel cannot hold (more than 16 lanes of 128
+/// columns) is refused when the program is built, naming the kernel, on
+/// both GPU backends (they share the plan): never a wrong answer.
+#[test]
+fn a_head_wider_than_the_attention_kernel_is_a_compile_error() {
+    let g = egret::ir::text::parse(
+        "v0: f32[1,3,1100] = input{name=\"q\"}
+v1: f32[1,1100,5] = input{name=\"kt\"}
+v2: f32[1,5,1100] = input{name=\"v\"}
+v3: f32[1,3,1100] = attention{scale=0.03, nan_to_zero=false} v0, v1, v2
+output \"y\" = v3
+",
+    )
+    .unwrap();
+    for limits in [egret::PTX_LIMITS, egret::backends::gpu::Limits::default()] {
+        let e = egret::gpu_plan(&g, &CompileOptions::default(), limits).unwrap_err().to_string();
+        assert!(e.contains("kernel `attention`") && e.contains("wider than the GPU attention kernel takes"), "{e}");
     }
 }

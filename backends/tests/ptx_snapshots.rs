@@ -53,3 +53,8 @@ fn elementwise_chain() {
 fn attention() {
     insta::assert_snapshot!(ptx(ATTENTION));
 }
+
+#[test]
+fn attention_with_a_head_split_over_two_lanes() {
+    insta::assert_snapshot!(ptx(WIDE_ATTENTION));
+}

@@ -67,6 +67,11 @@ fn attention() {
     insta::assert_snapshot!(wgsl(ATTENTION));
 }
 
+#[test]
+fn attention_with_a_head_split_over_two_lanes() {
+    insta::assert_snapshot!(wgsl(WIDE_ATTENTION));
+}
+
 /// A weight read through a transpose (Gemm's `transB`) is laid out
 /// row-major at compile time for the GPU's matmul: its tile loads then
 /// walk consecutive words (the strides are parameters 5 and 6).

@@ -47,11 +47,13 @@ impl WgpuDevice {
         let have = adapter.limits();
         // Request what the kernels need: the portable defaults, with the
         // adapter's own binding and buffer sizes (the arena and the weight
-        // chunks are a few large buffers) and storage-buffer count.
+        // chunks are a few large buffers), storage-buffer count and
+        // workgroup memory (kernels are shaped to it and checked against it).
         let limits = wgpu::Limits {
             max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
             max_buffer_size: have.max_buffer_size,
             max_storage_buffers_per_shader_stage: have.max_storage_buffers_per_shader_stage,
+            max_compute_workgroup_storage_size: have.max_compute_workgroup_storage_size,
             ..wgpu::Limits::downlevel_defaults()
         };
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
@@ -73,6 +75,7 @@ impl WgpuDevice {
                 max_binding_bytes: binding / 256 * 256,
                 max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
                 max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
+                max_workgroup_bytes: limits.max_compute_workgroup_storage_size as usize,
             },
             timestamps,
             params_align: limits.min_storage_buffer_offset_alignment as usize,

@@ -36,6 +36,10 @@ pub enum GpuError {
     TooManyBindings { kernel: String, label: String, bindings: usize, limit: u32 },
     #[error("the plan keeps symbolic dims ({symbols}); `gpu::compile` takes a bound plan (`SymbolicGpuPlan` serves every value)")]
     Symbolic { symbols: String },
+    #[error("kernel `{kind}` ({label}): {message}")]
+    Unsupported { kind: String, label: String, message: String },
+    #[error("kernel `{kernel}` ({label}) needs {bytes} bytes of workgroup memory, more than the adapter's {limit}")]
+    WorkgroupMemory { kernel: String, label: String, bytes: usize, limit: usize },
     #[error("the sizes of this run: {message}")]
     Sizes { message: String },
     #[error("the arena needs {bytes} bytes, more than one storage binding ({limit} bytes) on this adapter")]
@@ -53,12 +57,20 @@ pub struct Limits {
     pub max_groups_per_dim: u32,
     /// Storage buffers one kernel may bind.
     pub max_storage_buffers: u32,
+    /// Bytes of workgroup (shared) memory one workgroup may use.
+    pub max_workgroup_bytes: usize,
 }
 
 impl Default for Limits {
     /// The portable defaults every WebGPU adapter has.
     fn default() -> Limits {
-        Limits { max_binding_bytes: 128 << 20, max_groups_per_dim: 65_535, max_storage_buffers: 8 }
+        Limits {
+            max_binding_bytes: 128 << 20,
+            max_groups_per_dim: 65_535,
+            max_storage_buffers: 8,
+            // WebGPU's downlevel default (16 KiB less 32 bytes).
+            max_workgroup_bytes: 16_352,
+        }
     }
 }
 
@@ -352,7 +364,9 @@ impl SymbolicGpuPlan {
                 KernelKind::MatMul(mm) if precision != form::Precision::F32 => matmul::matmul_mma(mm, &at, precision),
                 KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
                 KernelKind::Rows(r) => rows::rows(r, &at),
-                KernelKind::Attention(a) => attention::attention(a, &at),
+                KernelKind::Attention(a) => attention::attention(a, &at, &limits).map_err(|message| {
+                    GpuError::Unsupported { kind: k.kind_name().into(), label: k.label.clone(), message }
+                })?,
                 KernelKind::Gather(gk) => gather::gather(gk, &at, steps.len() as u32 + 1),
                 // A plan with the CPU's choices may name the same ops `Loop`.
                 KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
@@ -384,6 +398,15 @@ impl SymbolicGpuPlan {
                     label: k.label.clone(),
                     bindings,
                     limit: limits.max_storage_buffers,
+                });
+            }
+            let bytes = kernel.shared.iter().map(|&len| len as usize * 4).sum::<usize>();
+            if bytes > limits.max_workgroup_bytes {
+                return Err(GpuError::WorkgroupMemory {
+                    kernel: kernel.name.clone(),
+                    label: k.label.clone(),
+                    bytes,
+                    limit: limits.max_workgroup_bytes,
                 });
             }
             let index = kernels.iter().position(|k| *k == kernel).unwrap_or_else(|| {

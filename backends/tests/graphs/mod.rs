@@ -63,6 +63,16 @@ v3: f32[2,10,8] = attention{scale=0.35355338, nan_to_zero=false} v0, v1, v2
 output \"y\" = v3
 ";
 
+/// A head wider than one invocation's registers (65 + 64 columns): two
+/// lanes a query row, each holding every other column (the key rows padded
+/// to 66), their partial scores added in workgroup memory.
+pub const WIDE_ATTENTION: &str = "v0: f32[1,5,65] = input{name=\"q\"}
+v1: f32[1,65,9] = input{name=\"kt\"}
+v2: f32[1,9,64] = input{name=\"v\"}
+v3: f32[1,5,64] = attention{scale=0.125, nan_to_zero=false} v0, v1, v2
+output \"y\" = v3
+";
+
 /// Sizes read at run time: a linear layer over a symbolic number of
 /// tokens (the product's rows and its bias epilogue's), and a cache grown
 /// by one position along a symbolic axis (maps with symbolic extents,
