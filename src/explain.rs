@@ -22,6 +22,8 @@ pub struct Explanation {
     pub fusions: Vec<(String, usize)>,
     pub tilings: Vec<(String, usize)>,
     pub backend: Backend,
+    /// Why there is no plan: the nodes whose kernels need symbols known.
+    pub per_binding: Vec<egret_backends::BindingReason>,
 }
 
 /// Compiles `model` far enough to explain it for `backend`: no device is
@@ -32,8 +34,11 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
     let gpu = matches!(backend, Backend::Wgsl | Backend::Ptx);
     // A plan keeps the symbols its kernels read at run time; a GPU's
     // program is shown at their nominal values (`Plan::capacity`).
-    let plannable =
-        c.graph.is_bound() || crate::symbols_to_bind(&c.graph, &CompileOptions { backend, ..opts.clone() }).is_empty();
+    let per_binding = match c.graph.is_bound() {
+        true => vec![],
+        false => crate::binding_reasons(&c.graph, &CompileOptions { backend, ..opts.clone() }),
+    };
+    let plannable = per_binding.is_empty();
     let (plan, gpu_plan) = if plannable {
         let lowering = if gpu { crate::lower_options(opts).gpu() } else { crate::lower_options(opts) };
         let mut plan = egret_backends::lower(&c.graph, lowering)?;
@@ -76,7 +81,7 @@ pub fn explain(model: &Path, opts: &CompileOptions, backend: Backend) -> Result<
     if plan.is_some() {
         stages.push(("lower", lower_ms));
     }
-    Ok(Explanation { canonical: c, plan, gpu: gpu_plan, stages, fusions, tilings, backend })
+    Ok(Explanation { canonical: c, plan, gpu: gpu_plan, stages, fusions, tilings, backend, per_binding })
 }
 
 impl Explanation {
@@ -115,6 +120,12 @@ impl Explanation {
             "rules": report.rules.iter().cloned().collect::<BTreeMap<String, usize>>(),
             // Null while dims the backend needs known are symbolic.
             "kernels": kernels,
+            // The nodes whose kernels need those dims known.
+            "per_binding": self
+                .per_binding
+                .iter()
+                .map(|r| serde_json::json!({"node": r.node, "op": r.op, "symbols": r.symbols}))
+                .collect::<Vec<_>>(),
             "arena_bytes": self.plan.as_ref().map(|p| p.arena_bytes),
             // The model's dim_params: the sizes compilation fixed, or null
             // for those that stay symbolic.

@@ -388,11 +388,17 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
 /// (`lower::symbols_to_bind`, with that backend's lowering): the others a
 /// plan keeps, on every backend but the reference one.
 pub fn symbols_to_bind(graph: &Graph, opts: &CompileOptions) -> std::collections::BTreeSet<String> {
+    binding_reasons(graph, opts).into_iter().flat_map(|r| r.symbols).collect()
+}
+
+/// The nodes whose kernels need symbols known on `opts.backend`, with
+/// those symbols: why a model is planned per binding.
+pub fn binding_reasons(graph: &Graph, opts: &CompileOptions) -> Vec<egret_backends::BindingReason> {
     let lowering = match opts.backend {
         Backend::Wgsl | Backend::Ptx => lower_options(opts).gpu(),
         Backend::Cpu | Backend::Reference => lower_options(opts),
     };
-    egret_backends::symbols_to_bind(graph, lowering)
+    egret_backends::binding_reasons(graph, lowering)
 }
 
 /// A plan's arena laid out for the highest values its symbols' declared

@@ -685,6 +685,14 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     }
     let Some(plan) = plan else {
         println!("kernels: planned per binding of {} (give them values with --dim to see a plan)", free.join(", "));
+        println!("  nodes whose kernels need those values known:");
+        const SHOWN: usize = 20;
+        for r in e.per_binding.iter().take(SHOWN) {
+            println!("    {} ({}): {}", r.node, r.op, r.symbols.join(", "));
+        }
+        if e.per_binding.len() > SHOWN {
+            println!("    ... and {} more", e.per_binding.len() - SHOWN);
+        }
         return Ok(());
     };
     let total: u64 = plan.kernels.iter().map(|k| k.flops()).sum();

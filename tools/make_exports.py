@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
 """Exports small Hugging Face models with PyTorch's ONNX exporters, the way
-users export them, into `tests/data/exports/<name>/` with onnxruntime's
-outputs (all graph optimisations off) as the reference:
+users export them, with onnxruntime's outputs (all graph optimisations off)
+as the reference:
 
   python3 tools/make_exports.py [--out DIR] [NAME...]
 
-Each folder gets `model.onnx`, `test_data_set_0/{input,output}_N.pb` and
-`meta.json` (exporter, opset, op counts, torch-versus-onnxruntime error).
-Weights are random (seeded); nothing is downloaded. Needs torch,
-transformers, onnx, onnxscript (the dynamo exporter) and onnxruntime; CI
-needs none of them, since the outputs are committed.
+Each model goes to `DIR/<name>/` (default: `tests/data/exports`, or
+`tests/data/dynamic_exports` for the ones with symbolic dims) with
+`model.onnx`, `test_data_set_N/{input,output}_N.pb` (one data set per
+shape) and `meta.json` (exporter, opset, op counts, torch-versus-
+onnxruntime error). Weights are random (seeded); nothing is downloaded.
+Needs torch, transformers, onnx, onnxscript (the dynamo exporter) and
+onnxruntime; CI needs none of them, since the outputs are committed.
 
 Models (NAME):
-- perceiver_wide_heads_dynamo / perceiver_wide_heads_legacy: `PerceiverModel`
-  on raw inputs of 256 positions x 512 channels, 16 latents of 64, one
-  cross-attention head of dimension 512 (shaped by the inputs:
+- perceiver_wide_heads_dynamo / _legacy: `PerceiverModel` on raw inputs of
+  256 positions x 512 channels, 16 latents of 64, one cross-attention head
+  of dimension 512 (shaped by the inputs:
   `cross_attention_shape_for_attention="kv"`) and a self-attention of 8
   heads of 8: the shape that once gave wrong answers on wgsl (a key tile
   that filled the workgroup memory).
+- gpt2_past_legacy: `GPT2LMHeadModel` (64 wide, 2 layers, 4 heads) with
+  `past_key_values` through a `DynamicCache`, exported with `dynamic_axes`
+  (batch, sequence, past_sequence, total), opset 17; data sets of a prompt
+  with no past, a decode step and a batch of two with a longer past.
+- bert_mean_pool_legacy / _dynamo: `BertModel` (64 wide, 2 layers, 4 heads)
+  with sentence-transformers' mean pooling over the attention mask,
+  exported with `dynamic_axes` (opset 17) or `dynamic_shapes` (opset 18);
+  data sets of three shapes, one with padding.
 """
 
 import argparse
@@ -27,6 +37,21 @@ import os
 import sys
 
 import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "tests", "data")
+
+
+class Spec:
+    """What to export: the module, the data sets (dicts of input name to
+    tensor; the first is traced), the output names, and the symbolic axes
+    of each input by name (None: every dim fixed)."""
+
+    def __init__(self, module, data_sets, output_names, dynamic=None):
+        self.module = module
+        self.data_sets = data_sets
+        self.output_names = output_names
+        self.dynamic = dynamic
 
 
 def perceiver():
@@ -46,7 +71,6 @@ def perceiver():
         self_attention_widening_factor=1,
     )
     model = PerceiverModel(config)
-    inputs = {"inputs": torch.randn(1, 256, 512)}
 
     class Wrapped(torch.nn.Module):
         def __init__(self, m):
@@ -56,12 +80,95 @@ def perceiver():
         def forward(self, inputs):
             return self.m(inputs=inputs).last_hidden_state
 
-    return Wrapped(model), inputs, ["last_hidden_state"]
+    return Spec(Wrapped(model), [{"inputs": torch.randn(1, 256, 512)}], ["last_hidden_state"])
 
 
+def gpt2_past():
+    import torch
+    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+    layers, heads, width = 2, 4, 64
+    config = GPT2Config(n_embd=width, n_layer=layers, n_head=heads, vocab_size=1000, n_positions=1024)
+    model = GPT2LMHeadModel(config)
+
+    class WithCache(torch.nn.Module):
+        """GPT-2 taking and returning its cache as plain tensors, the way
+        decode loops feed `past_key_values` to an exported model."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache(config=config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+    def data(batch, tokens, past):
+        d = {
+            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "attention_mask": torch.ones(batch, past + tokens, dtype=torch.long),
+        }
+        if batch > 1:
+            d["attention_mask"][1, :2] = 0  # left padding
+        for n in past_names:
+            d[n] = torch.randn(batch, heads, past, width // heads)
+        return d
+
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}}
+    dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return Spec(WithCache(model), [data(1, 3, 5), data(1, 7, 0), data(1, 1, 9), data(2, 4, 11)], outputs, dynamic)
+
+
+def bert_mean_pool():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000
+    )
+    model = BertModel(config)
+
+    class MeanPool(torch.nn.Module):
+        """sentence-transformers' mean pooling over the attention mask."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            h = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).float()
+            return (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def data(batch, tokens):
+        d = {
+            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        }
+        if batch > 1:
+            d["attention_mask"][1, tokens - 3 :] = 0  # right padding
+        return d
+
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    return Spec(MeanPool(model), [data(2, 12), data(1, 5), data(3, 17)], ["sentence_embedding"], dynamic)
+
+
+# name: (spec, exporter, opset, folder under tests/data)
 MODELS = {
-    "perceiver_wide_heads_dynamo": (perceiver, "dynamo", 18),
-    "perceiver_wide_heads_legacy": (perceiver, "legacy", 17),
+    "perceiver_wide_heads_dynamo": (perceiver, "dynamo", 18, "exports"),
+    "perceiver_wide_heads_legacy": (perceiver, "legacy", 17, "exports"),
+    "gpt2_past_legacy": (gpt2_past, "legacy", 17, "dynamic_exports"),
+    "bert_mean_pool_legacy": (bert_mean_pool, "legacy", 17, "dynamic_exports"),
+    "bert_mean_pool_dynamo": (bert_mean_pool, "dynamo", 18, "dynamic_exports"),
 }
 
 
@@ -73,30 +180,53 @@ def write_tensor(path, name, array):
         f.write(t.SerializeToString())
 
 
-def export(name, out_dir):
+def dynamo_shapes(spec):
+    """`dynamic_shapes` for the dynamo exporter from the named axes."""
+    from torch.export import Dim
+
+    dims = {}
+    shapes = {}
+    for name, axes in spec.dynamic.items():
+        shapes[name] = {a: dims.setdefault(n, Dim(n, min=1, max=1024)) for a, n in axes.items()}
+    return shapes
+
+
+def export(name, out_root):
     import onnx
     import onnxruntime as ort
     import torch
 
-    make, exporter, opset = MODELS[name]
+    make, exporter, opset, sub = MODELS[name]
     torch.manual_seed(0)
     np.random.seed(0)
-    model, inputs, output_names = make()
-    model.eval()
-    folder = os.path.join(out_dir, name)
-    os.makedirs(os.path.join(folder, "test_data_set_0"), exist_ok=True)
+    spec = make()
+    model = spec.module.eval()
+    folder = os.path.join(out_root or os.path.join(DATA, sub), name)
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.onnx")
-    args = tuple(inputs.values())
+    traced = spec.data_sets[0]
+    names = list(traced)
+    args = tuple(traced.values())
     with torch.no_grad():
-        expected = model(*args)
         if exporter == "dynamo":
+            kwargs = {}
+            if spec.dynamic:
+                kwargs["dynamic_shapes"] = dynamo_shapes(spec)
             program = torch.onnx.export(
-                model, args, dynamo=True, opset_version=opset, input_names=list(inputs), output_names=output_names
+                model, args, dynamo=True, opset_version=opset, input_names=names, output_names=spec.output_names, **kwargs
             )
             program.save(path)
         else:
+            kwargs = {"dynamic_axes": spec.dynamic} if spec.dynamic else {}
             torch.onnx.export(
-                model, args, path, dynamo=False, opset_version=opset, input_names=list(inputs), output_names=output_names
+                model,
+                args,
+                path,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=spec.output_names,
+                **kwargs,
             )
     m = onnx.load(path)
     # One file: fold any external data the exporter wrote back in.
@@ -107,31 +237,40 @@ def export(name, out_dir):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    got = session.run(None, feeds)
-    for i, (k, v) in enumerate(feeds.items()):
-        write_tensor(os.path.join(folder, "test_data_set_0", f"input_{i}.pb"), k, v)
-    for i, (o, v) in enumerate(zip(session.get_outputs(), got)):
-        write_tensor(os.path.join(folder, "test_data_set_0", f"output_{i}.pb"), o.name, v)
-    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    graph_inputs = [i.name for i in session.get_inputs()]
+    errors = []
+    for k, data in enumerate(spec.data_sets):
+        feeds = {n: data[n].numpy() for n in graph_inputs}
+        got = session.run(None, feeds)
+        with torch.no_grad():
+            expected = model(*data.values())
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        errors.append(max(float(np.abs(e.numpy() - g).max()) if g.size else 0.0 for e, g in zip(expected, got)))
+        sets = os.path.join(folder, f"test_data_set_{k}")
+        os.makedirs(sets, exist_ok=True)
+        for i, n in enumerate(graph_inputs):
+            write_tensor(os.path.join(sets, f"input_{i}.pb"), n, feeds[n])
+        for i, (o, v) in enumerate(zip(session.get_outputs(), got)):
+            write_tensor(os.path.join(sets, f"output_{i}.pb"), o.name, v)
     meta = {
         "name": name,
         "exporter": exporter,
         "opset": opset,
         "nodes": len(m.graph.node),
         "ops": dict(collections.Counter(n.op_type for n in m.graph.node)),
-        "torch_vs_ort": [float(np.abs(e.numpy() - g).max()) for e, g in zip(expected, got)],
-        "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "torch_vs_ort": errors,
+        "inputs": [{n: list(data[n].shape) for n in graph_inputs} for data in spec.data_sets],
+        "symbolic": spec.dynamic,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
     }
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"{name}: {meta['nodes']} nodes, torch vs onnxruntime {meta['torch_vs_ort']}")
+    print(f"{name}: {meta['nodes']} nodes, torch vs onnxruntime {errors}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "exports"))
+    parser.add_argument("--out", help="folder to write the models into (default: their folder in tests/data)")
     parser.add_argument("names", nargs="*", help="models to export (default: all)")
     a = parser.parse_args()
     for name in a.names or MODELS:

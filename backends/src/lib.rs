@@ -13,5 +13,5 @@ mod lower;
 pub mod memory;
 pub mod plan;
 
-pub use lower::{lower, symbols_to_bind, LowerOptions};
+pub use lower::{binding_reasons, lower, symbols_to_bind, BindingReason, LowerOptions};
 pub use plan::Plan;

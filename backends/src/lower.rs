@@ -826,9 +826,11 @@ impl<'g> Lowering<'g> {
                     return;
                 }
                 if let Op::Gather { axis } = op {
-                    let k = self.gather(node.inputs[0], node.inputs[1], out, *axis, label);
-                    self.push(KernelKind::Gather(k), label);
-                    return;
+                    if gather_is_known(&in_types[0].shape, *axis) {
+                        let k = self.gather(node.inputs[0], node.inputs[1], out, *axis, label);
+                        self.push(KernelKind::Gather(k), label);
+                        return;
+                    }
                 }
                 if let Some(k) = self.rows(op, &node.inputs, &node.outputs, label) {
                     self.push(KernelKind::Rows(k), label);
@@ -1910,13 +1912,45 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
 /// Ahead-of-time code and forced generated matmuls compute attention as a
 /// composite of products: everything is bound for them.
 pub fn symbols_to_bind(g: &Graph, opts: LowerOptions) -> std::collections::BTreeSet<String> {
-    let mut out = std::collections::BTreeSet::new();
+    binding_reasons(g, opts).into_iter().flat_map(|r| r.symbols).collect()
+}
+
+/// A node whose kernels need symbols known: why a graph is planned per
+/// binding (`explain` lists them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingReason {
+    /// The node's name in the model (its id in the graph, for an unnamed one).
+    pub node: String,
+    pub op: String,
+    /// The symbols its kernels need known, in order.
+    pub symbols: Vec<String>,
+}
+
+/// Every node whose kernels need some symbol known, with those symbols.
+pub fn binding_reasons(g: &Graph, opts: LowerOptions) -> Vec<BindingReason> {
+    let mut out = vec![];
     for n in g.node_ids() {
+        let mut symbols: Vec<String> = vec![];
         for d in dims_kernels_need(g, n, opts) {
-            out.extend(d.symbols());
+            for s in d.symbols() {
+                if !symbols.contains(&s) {
+                    symbols.push(s);
+                }
+            }
+        }
+        if !symbols.is_empty() {
+            let node = g.node(n);
+            let label = if node.label.is_empty() { n.to_string() } else { node.label.clone() };
+            out.push(BindingReason { node: label, op: node.op.name().to_string(), symbols });
         }
     }
     out
+}
+
+/// Whether a gather's kernel can hold `data`: its dims from `axis` on are
+/// known (the rows before it may be symbolic). Others run per call.
+fn gather_is_known(data: &[Dim], axis: usize) -> bool {
+    data.get(axis..).is_some_and(|d| d.iter().all(|d| d.is_known()))
 }
 
 /// The dims node `n`'s kernels need known (see `symbols_to_bind`).
@@ -1946,6 +1980,21 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
         op if node.outputs.iter().all(|&v| matches!(ty(v).dtype, DType::I64 | DType::I32))
             && !matches!(op, Op::MatMul | Op::MatMulTiled { .. } | Op::Gather { .. }) =>
         {
+            vec![]
+        }
+        // Masks computed from positions (`kv_index <= query_index`, `range
+        // >= 0`): integer comparisons, per call like the integer arithmetic
+        // they read.
+        op if node.outputs.iter().all(|&v| ty(v).dtype == DType::Bool)
+            && in_types.iter().all(|t| matches!(t.dtype, DType::I64 | DType::I32))
+            && !matches!(op, Op::Gather { .. }) =>
+        {
+            vec![]
+        }
+        // A mask gathered by computed indices (transformers' mask functions
+        // read `attention_mask[batch, kv_index]` through a flattened copy):
+        // with a symbolic axis, per call.
+        Op::Gather { axis } if in_types[0].dtype != DType::F32 && !gather_is_known(&shape(node.inputs[0]), *axis) => {
             vec![]
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::LayerNorm { axis, .. } | Op::RmsNorm { axis, .. }

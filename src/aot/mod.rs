@@ -115,6 +115,31 @@ pub fn compile_library(
     // Lowered exactly as the JIT lowers it, so the artifact runs the same kernels.
     let mut plan = egret_backends::lower(&c.graph, crate::lower_options(opts))?;
     crate::lay_out_for_bounds(&mut plan, &opts.dim_bounds);
+    // Ops the JIT runs per call on the reference evaluator at symbolic
+    // sizes (integer mask arithmetic) have no native code yet.
+    let mut per_call: Vec<String> = vec![];
+    let mut need = std::collections::BTreeSet::new();
+    for k in &plan.kernels {
+        let egret_backends::plan::KernelKind::Reference { op, inputs, outputs } = &k.kind else { continue };
+        let symbols: Vec<String> =
+            inputs.iter().chain(outputs).flat_map(|(_, t)| t.shape.iter().flat_map(|d| d.symbols())).collect();
+        if !symbols.is_empty() && !egret_backends::cpu::choose::has_loop_nest(k) {
+            per_call.push(format!("`{}` at {}", op.name(), k.label));
+            need.extend(symbols);
+        }
+    }
+    if !need.is_empty() {
+        let need: Vec<String> = need.into_iter().collect();
+        let flags: Vec<String> = need.iter().map(|s| format!("--dim {s}=N")).collect();
+        let shown = per_call.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        return Err(Error::Usage(format!(
+            "the model's dims {} reach ops that run on the reference evaluator at symbolic sizes ({shown}{}), \
+             which a library cannot hold: give them values ({})",
+            need.join(", "),
+            if per_call.len() > 3 { ", ..." } else { "" },
+            flags.join(" ")
+        )));
+    }
     let inputs: Vec<(String, Type)> =
         c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect();
     // Each symbol's value comes from a caller's input dims.

@@ -47,20 +47,24 @@ pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     out
 }
 
+/// Whether a `Reference` kernel runs as a loop nest on the CPU. Loop nests
+/// are generated for known sizes, except the shape ops, which read theirs
+/// from slots; any other symbolic op stays with the reference evaluator,
+/// which the runtime gives the call's sizes (and an artifact cannot hold).
+pub fn has_loop_nest(k: &crate::plan::Kernel) -> bool {
+    let KernelKind::Reference { op, inputs, outputs } = &k.kind else { return false };
+    let sized =
+        matches!(op, Op::Shape { .. } | Op::Range { .. }) || (k.is_known() && op.dims().iter().all(|d| d.is_known()));
+    sized && super::loop_nest::supports(op, inputs, outputs)
+}
+
 /// Chooses every product's implementation (`MatMulImpl::Unchosen` ones)
 /// and packs the constant weights the chosen kernels read; reference ops
 /// with a loop nest here (`loop_nest::supports`) become `Loop` kernels.
 pub fn choose(mut plan: Plan) -> Plan {
     for k in &mut plan.kernels {
-        if let KernelKind::Reference { op, inputs, outputs } = &k.kind {
-            // Loop nests are generated for known sizes, except the shape
-            // ops, which read theirs from slots; any other symbolic op stays
-            // with the reference evaluator, which the runtime gives the call's.
-            let sized = matches!(op, Op::Shape { .. } | Op::Range { .. })
-                || (k.is_known() && op.dims().iter().all(|d| d.is_known()));
-            if sized && super::loop_nest::supports(op, inputs, outputs) {
-                k.kind = KernelKind::Loop { op: op.clone(), inputs: inputs.clone(), outputs: outputs.clone() };
-            }
+        if let (true, KernelKind::Reference { op, inputs, outputs }) = (has_loop_nest(k), &k.kind) {
+            k.kind = KernelKind::Loop { op: op.clone(), inputs: inputs.clone(), outputs: outputs.clone() };
         }
     }
     for i in 0..plan.kernels.len() {

@@ -1,0 +1,114 @@
+//! Exports with symbolic dims as users make them: Hugging Face models
+//! through `torch.onnx.export` with `dynamic_axes` or `dynamic_shapes`,
+//! with data sets of several shapes and onnxruntime's outputs
+//! (`tools/make_exports.py`, `tests/data/dynamic_exports/README.md`). Each
+//! passes at every shape; those the plan holds at symbolic sizes run every
+//! shape from one program.
+
+mod common;
+
+use egret::check::{check_case_counting, discover, Tolerance};
+use egret::{Backend, CompileOptions};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn dir() -> PathBuf {
+    common::repo_root().join("tests/data/dynamic_exports")
+}
+
+/// `egret explain --json` of one export.
+fn explain(name: &str) -> serde_json::Value {
+    let model = dir().join(name).join("model.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_egret")).arg("explain").arg(&model).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every data set of every export on `backend`: (data sets run, programs
+/// compiled for values of symbolic dims) per export.
+fn check_all(backend: Backend) -> Vec<(String, usize, usize)> {
+    let opts = CompileOptions { backend, ..Default::default() };
+    let mut failures = vec![];
+    let mut out = vec![];
+    for case in discover(&dir()).unwrap() {
+        let (reports, compiles) = check_case_counting(&case, &opts, Tolerance::default());
+        for r in &reports {
+            if !r.passed() {
+                let outs: Vec<_> = r.outputs.iter().filter_map(|o| o.failure.clone()).collect();
+                failures.push(format!("{} ({}): {:?} {outs:?}", r.case, backend.name(), r.error));
+            }
+        }
+        assert_eq!(compiles.models, 1, "{}: one model for every data set", case.display());
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        out.push((name, reports.len(), compiles.specializations));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    out
+}
+
+/// The exports whose every kernel takes symbolic sizes: one program for
+/// every shape (no per-binding plan), on every backend.
+const ONE_PROGRAM: &[&str] = &["gpt2_past_legacy"];
+
+#[test]
+fn every_export_passes_at_every_shape_on_the_cpu_and_reference() {
+    for backend in [Backend::Reference, Backend::Cpu] {
+        let runs = check_all(backend);
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        for (name, sets, programs) in runs {
+            assert!(sets >= 3, "{name}: {sets} data sets");
+            if ONE_PROGRAM.contains(&name.as_str()) {
+                assert_eq!(programs, 0, "{name} compiled a program per shape on {}", backend.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn every_export_passes_at_every_shape_on_wgsl() {
+    if !common::wgsl_adapter() {
+        return;
+    }
+    for (name, _, programs) in check_all(Backend::Wgsl) {
+        if ONE_PROGRAM.contains(&name.as_str()) {
+            assert_eq!(programs, 0, "{name} compiled a program per shape on wgsl");
+        }
+    }
+}
+
+/// `explain` says which nodes make an export planned per binding, and
+/// none for those that run from one program.
+#[test]
+fn explain_names_the_nodes_that_need_a_binding() {
+    for name in ONE_PROGRAM {
+        let v = explain(name);
+        assert_eq!(v["per_binding"], serde_json::json!([]), "{name}");
+        assert!(v["kernels"].is_array(), "{name}: no plan");
+    }
+    // sentence-transformers' mean pooling sums over the symbolic sequence
+    // axis, which row kernels take only at a known length so far.
+    let v = explain("bert_mean_pool_legacy");
+    let reasons = v["per_binding"].as_array().unwrap();
+    assert!(!reasons.is_empty() && v["kernels"].is_null(), "{v}");
+    for r in reasons {
+        assert_eq!(r["op"], "reduce", "{r}");
+        assert!(r["node"].as_str().unwrap().contains("ReduceSum"), "{r}");
+    }
+}
+
+/// A library of an export whose integer mask arithmetic runs per call on
+/// the reference evaluator names the ops and the dims to give.
+#[test]
+fn a_library_refuses_per_call_ops_naming_them_and_the_dims() {
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .arg("compile")
+        .arg(dir().join("gpt2_past_legacy"))
+        .arg("-o")
+        .arg(std::env::temp_dir().join("egret-dynamic-exports-refused"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`less_or_equal` at /m/transformer/LessOrEqual"), "{err}");
+    assert!(err.contains("--dim past_sequence=N"), "{err}");
+}
