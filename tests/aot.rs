@@ -534,3 +534,104 @@ fn a_symbolic_library_agrees_with_the_jit_over_many_shapes() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// An ONNX model of reductions and a softmax over a symbolic length, as
+/// exporters write mean pooling and unfused attention: `x: [batch,
+/// sequence, 8]` summed over the sequence, its transpose's softmax over the
+/// sequence, and its maximum over both.
+fn symbolic_rows_model(dir: &Path) {
+    use common::onnx::{model, node, value_info_dims};
+    use onnx_protobuf::attribute_proto::AttributeType;
+    use onnx_protobuf::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
+    use onnx_protobuf::{AttributeProto, GraphProto, TensorProto};
+    use protobuf::Message;
+    let ints = |name: &str, v: &[i64]| {
+        let mut a = AttributeProto::new();
+        a.name = name.into();
+        a.type_ = AttributeType::INTS.into();
+        a.ints = v.to_vec();
+        a
+    };
+    let int = |name: &str, v: i64| {
+        let mut a = AttributeProto::new();
+        a.name = name.into();
+        a.type_ = AttributeType::INT.into();
+        a.i = v;
+        a
+    };
+    let (b, s) = (|| DimParam("batch".into()), || DimParam("sequence".into()));
+    let mut g = GraphProto::new();
+    g.input.push(value_info_dims("x", 1, &[b(), s(), DimValue(8)]));
+    g.output.push(value_info_dims("sum", 1, &[b(), DimValue(8)]));
+    g.output.push(value_info_dims("softmax", 1, &[b(), DimValue(8), s()]));
+    g.output.push(value_info_dims("max", 1, &[b()]));
+    let mut axes = TensorProto::new();
+    axes.name = "axes".into();
+    axes.data_type = 7;
+    axes.dims = vec![1];
+    axes.int64_data = vec![1];
+    g.initializer.push(axes);
+    let mut sum = node("ReduceSum", &["x", "axes"], &["sum"]);
+    sum.attribute.push(int("keepdims", 0));
+    let mut t = node("Transpose", &["x"], &["t"]);
+    t.attribute.push(ints("perm", &[0, 2, 1]));
+    let softmax = node("Softmax", &["t"], &["softmax"]);
+    let mut max = node("ReduceMax", &["x"], &["max"]);
+    max.attribute.push(ints("axes", &[1, 2]));
+    max.attribute.push(int("keepdims", 0));
+    g.node.extend([sum, t, softmax, max]);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("model.onnx"), model(g).write_to_bytes().unwrap()).unwrap();
+}
+
+/// Row kernels whose length is symbolic (a sum over the sequence, a
+/// softmax over it): one JIT program and one library serve every shape,
+/// and agree with the reference evaluator.
+#[test]
+fn reductions_and_softmax_over_a_symbolic_length_keep_it_symbolic() {
+    let work = work_dir("symbolic-rows");
+    let case = work.join("model").join("symbolic_rows");
+    symbolic_rows_model(&case);
+    let opts = egret::CompileOptions { threads: Some(1), ..Default::default() };
+    let jit = egret::compile(&case, &opts).unwrap();
+    let reference = egret::compile(&case, &egret::CompileOptions { backend: egret::Backend::Reference, ..opts.clone() })
+        .unwrap();
+    let shapes = [(1usize, 1usize), (2, 7), (3, 13), (1, 64), (2, 33)];
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(set, &(b, s))| {
+            let v = (0..b * s * 8).map(|j| ((j * 7919 + set * 31) % 1000) as f32 / 250.0 - 2.0).collect::<Vec<_>>();
+            Tensor::from_vec(vec![b, s, 8], v)
+        })
+        .collect();
+    let mut want = Vec::new();
+    for x in &inputs {
+        let got = jit.run(vec![("x".into(), x.clone())]).unwrap();
+        let expected = reference.run(vec![("x".into(), x.clone())]).unwrap();
+        for ((name, g), (_, e)) in got.iter().zip(&expected) {
+            let r = compare(name, g, e, Tolerance::default());
+            assert!(r.failure.is_none(), "{name} at {:?}: {:?}", x.shape(), r.failure);
+        }
+        want.push(got);
+    }
+    assert_eq!(jit.program.executable.specializations(), None, "one program for every shape");
+    if no_cc() {
+        return;
+    }
+    let mut a = compile_symbolic(&case, &work, &[]);
+    let mut sets = String::new();
+    for (set, x) in inputs.iter().enumerate() {
+        let p = a.dir.join(format!("set_{set}_in_0.bin"));
+        std::fs::write(&p, x.to_bytes()).unwrap();
+        let dims: Vec<String> = x.shape().iter().map(|d| d.to_string()).collect();
+        sets.push_str(&format!("set\n{} 3 {}\n", p.display(), dims.join(" ")));
+    }
+    std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
+    a.inputs.clear();
+    let jit_output = |set: usize, j: usize| want[set][j].clone();
+    let (refused, checked) = run_shaped_against(&a, &[], "symbolic_rows", &jit_output);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(checked, shapes.len() * 3);
+    let _ = std::fs::remove_dir_all(&work);
+}

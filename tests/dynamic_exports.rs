@@ -16,14 +16,6 @@ fn dir() -> PathBuf {
     common::repo_root().join("tests/data/dynamic_exports")
 }
 
-/// `egret explain --json` of one export.
-fn explain(name: &str) -> serde_json::Value {
-    let model = dir().join(name).join("model.onnx");
-    let out = Command::new(env!("CARGO_BIN_EXE_egret")).arg("explain").arg(&model).arg("--json").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// Every data set of every export on `backend`: (data sets run, programs
 /// compiled for values of symbolic dims) per export.
 fn check_all(backend: Backend) -> Vec<(String, usize, usize)> {
@@ -48,7 +40,7 @@ fn check_all(backend: Backend) -> Vec<(String, usize, usize)> {
 
 /// The exports whose every kernel takes symbolic sizes: one program for
 /// every shape (no per-binding plan), on every backend.
-const ONE_PROGRAM: &[&str] = &["gpt2_past_legacy"];
+const ONE_PROGRAM: &[&str] = &["gpt2_past_legacy", "bert_mean_pool_legacy", "bert_mean_pool_dynamo"];
 
 #[test]
 fn every_export_passes_at_every_shape_on_the_cpu_and_reference() {
@@ -76,23 +68,35 @@ fn every_export_passes_at_every_shape_on_wgsl() {
     }
 }
 
+/// `egret explain --json --opt OPT` of one export.
+fn explain_at(name: &str, opt: &str) -> serde_json::Value {
+    let model = dir().join(name).join("model.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["explain", model.to_str().unwrap(), "--json", "--opt", opt])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `explain` says which nodes make an export planned per binding, and
 /// none for those that run from one program.
 #[test]
 fn explain_names_the_nodes_that_need_a_binding() {
     for name in ONE_PROGRAM {
-        let v = explain(name);
+        let v = explain_at(name, "2");
         assert_eq!(v["per_binding"], serde_json::json!([]), "{name}");
         assert!(v["kernels"].is_array(), "{name}: no plan");
     }
-    // sentence-transformers' mean pooling sums over the symbolic sequence
-    // axis, which row kernels take only at a known length so far.
-    let v = explain("bert_mean_pool_legacy");
+    // Unfused (`--opt 0`), attention is a product of two activations, whose
+    // kernels take the batch and sizes known so far: explain names them.
+    let v = explain_at("gpt2_past_legacy", "0");
     let reasons = v["per_binding"].as_array().unwrap();
     assert!(!reasons.is_empty() && v["kernels"].is_null(), "{v}");
     for r in reasons {
-        assert_eq!(r["op"], "reduce", "{r}");
-        assert!(r["node"].as_str().unwrap().contains("ReduceSum"), "{r}");
+        assert_eq!(r["op"], "matmul", "{r}");
+        assert!(r["node"].as_str().unwrap().contains("/attn/MatMul"), "{r}");
+        assert!(r["symbols"].as_array().unwrap().contains(&serde_json::json!("past_sequence")), "{r}");
     }
 }
 

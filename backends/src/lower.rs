@@ -1136,8 +1136,10 @@ impl<'g> Lowering<'g> {
             _ => return None,
         };
         let rows: Dim = shape[..axis].iter().copied().product();
-        let len = egret_ir::known_shape(&shape[axis..])?.iter().product::<usize>();
-        if len == 0 {
+        // The length may be symbolic too (a sum over a sequence, a softmax
+        // over keys): the generated kernel reads it then.
+        let len = egret_ir::product(&shape[axis..]).ok()?;
+        if len.known() == Some(0) {
             return None;
         }
         // A reduction over axes that are not the trailing ones reads a copy
@@ -1148,21 +1150,20 @@ impl<'g> Lowering<'g> {
             if !trailing {
                 let mut perm: Vec<usize> = (0..rank).filter(|a| !axes.contains(a)).collect();
                 perm.extend(&axes);
-                // Moved axes need known sizes (a symbolic one stays with the reference path).
-                let shape = &egret_ir::known_shape(shape)?;
+                // Symbolic sizes move too (mean pooling's sum over the sequence).
                 let vw = self.view(x);
-                let moved: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+                let moved: Vec<Dim> = perm.iter().map(|&p| shape[p]).collect();
                 let input = Operand {
                     buffer: vw.buffer,
                     dtype: DType::F32,
                     offset: vw.offset,
                     strides: perm.iter().map(|&p| vw.strides[p]).collect(),
                 };
-                let copy = self.scratch(DType::F32, &dims(&moved));
-                let output = dense_operand(copy, DType::F32, &dims(&moved));
-                self.map(dims(&moved), vec![input], output, Expr::Input(0), label);
-                let rows = Dim::new(moved[..rank - axes.len()].iter().product::<usize>());
-                let len = moved[rank - axes.len()..].iter().product::<usize>();
+                let copy = self.scratch(DType::F32, &moved);
+                let output = dense_operand(copy, DType::F32, &moved);
+                self.map(moved.clone(), vec![input], output, Expr::Input(0), label);
+                let rows = egret_ir::product(&moved[..rank - axes.len()]).ok()?;
+                let len = egret_ir::product(&moved[rank - axes.len()..]).ok()?;
                 let out = self.define(outputs[0]);
                 return Some(RowKernel { rows, len, op, x: copy, scale: None, bias: None, out, residual: None });
             }
@@ -1771,7 +1772,7 @@ impl<'g> Lowering<'g> {
             None => {}
         }
         let rows = Dim::new(scores[..scores.len() - 1].iter().product());
-        let len = scores[scores.len() - 1];
+        let len = Dim::new(scores[scores.len() - 1]);
         self.push(
             KernelKind::Rows(RowKernel {
                 rows,
@@ -1947,6 +1948,12 @@ pub fn binding_reasons(g: &Graph, opts: LowerOptions) -> Vec<BindingReason> {
     out
 }
 
+/// Whether a row kernel computes a reduction of this kind (`Lowering::rows`).
+fn row_reduction(kind: egret_ir::op::ReduceKind) -> bool {
+    use egret_ir::op::ReduceKind as K;
+    matches!(kind, K::Sum | K::Mean | K::Max | K::Min | K::SumSquare | K::L2)
+}
+
 /// Whether a gather's kernel can hold `data`: its dims from `axis` on are
 /// known (the rows before it may be symbolic). Others run per call.
 fn gather_is_known(data: &[Dim], axis: usize) -> bool {
@@ -1992,9 +1999,14 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
             vec![]
         }
         // A mask gathered by computed indices (transformers' mask functions
-        // read `attention_mask[batch, kv_index]` through a flattened copy):
-        // with a symbolic axis, per call.
+        // read `attention_mask[batch, kv_index]` through a flattened copy, or
+        // a `GatherND`): with a symbolic axis, per call.
         Op::Gather { axis } if in_types[0].dtype != DType::F32 && !gather_is_known(&shape(node.inputs[0]), *axis) => {
+            vec![]
+        }
+        Op::GatherND { .. } if in_types[0].dtype != DType::F32 => vec![],
+        // Rows and their length may both be symbolic (`RowKernel::len`).
+        Op::Softmax { axis } | Op::LogSoftmax { axis } if f32_inputs && *axis + 1 == shape(node.inputs[0]).len() => {
             vec![]
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::LayerNorm { axis, .. } | Op::RmsNorm { axis, .. }
@@ -2011,16 +2023,10 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
             need.extend(node.inputs[2..].iter().flat_map(|&p| shape(p)));
             need
         }
-        Op::Reduce { axes, .. } if f32_inputs && !axes.is_empty() => {
-            let x = shape(node.inputs[0]);
-            let rank = x.len();
-            let trailing = axes.iter().enumerate().all(|(i, &a)| a + axes.len() == rank + i);
-            if trailing {
-                x[rank - axes.len()..].to_vec()
-            } else {
-                all()
-            }
-        }
+        // Reductions the row kernels hold, over any axes (the others moved
+        // first), at symbolic sizes too.
+        Op::Reduce { kind, axes, .. } if f32_inputs && !axes.is_empty() && row_reduction(*kind) => vec![],
+        Op::Reduce { .. } => all(),
         Op::Gather { axis } => {
             let data = shape(node.inputs[0]);
             data.get(*axis..).map_or_else(all, <[Dim]>::to_vec)

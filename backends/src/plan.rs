@@ -352,7 +352,9 @@ impl RowOp {
 pub struct RowKernel {
     /// May be symbolic.
     pub rows: Dim,
-    pub len: usize,
+    /// May be symbolic (a sum over a sequence): the generated kernel reads
+    /// it from its size slot then; the kernel library's rows take it known.
+    pub len: Dim,
     pub op: RowOp,
     pub x: BufferId,
     pub scale: Option<BufferId>,
@@ -629,7 +631,7 @@ impl Kernel {
             }
             KernelKind::MatMul(mm) => 2 * (mm.m.estimate() * mm.k * mm.n * mm.batches.len()) as u64,
             KernelKind::Attention(a) => (a.scores_computed() * (2 * a.d + 2 * a.dv + 5)) as u64,
-            KernelKind::Rows(r) => (r.rows.estimate() * r.len) as u64 * if r.op.reduces() { 1 } else { 5 },
+            KernelKind::Rows(r) => (r.rows.estimate() * r.len.estimate()) as u64 * if r.op.reduces() { 1 } else { 5 },
             KernelKind::Gather(_) | KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
         }
     }
@@ -647,6 +649,8 @@ impl Kernel {
                 m.shape.iter().chain(offsets_and_strides).copied().collect()
             }
             KernelKind::MatMul(mm) => vec![mm.m],
+            // The rows are the kernel's extent; their length a slot.
+            KernelKind::Rows(r) => vec![r.len],
             KernelKind::Gather(g) => vec![g.outer, g.n_indices],
             KernelKind::Loop { op: Op::Shape { start, end }, inputs, .. } => inputs[0].1.shape[*start..*end].to_vec(),
             KernelKind::Loop { op: Op::Range { .. }, outputs, .. } => outputs[0].1.shape.clone(),
@@ -713,8 +717,8 @@ impl Kernel {
                     walks.push(walk(e.buffer, 4, int(e.offset as i64), &[(m, rs), (n, cs)]));
                 }
             }
-            KernelKind::Rows(r) if !r.rows.is_known() => {
-                let len = Dim::new(r.len);
+            KernelKind::Rows(r) if !r.rows.is_known() || !r.len.is_known() => {
+                let len = r.len;
                 let out_len = if r.op.reduces() { Dim::new(1) } else { len };
                 let whole = |b: BufferId, row: Dim| walk(b, 4, Dim::new(0), &[(r.rows * row, Dim::new(1))]);
                 walks.push(whole(r.x, len));
@@ -759,7 +763,7 @@ impl Kernel {
         match &self.kind {
             KernelKind::Map(_) | KernelKind::MatMul(_) | KernelKind::Gather(_) => self.runtime_dims().is_empty(),
             KernelKind::Attention(a) => a.is_known(),
-            KernelKind::Rows(r) => r.rows.is_known(),
+            KernelKind::Rows(r) => r.rows.is_known() && r.len.is_known(),
             KernelKind::Reference { inputs, outputs, .. } => inputs.iter().chain(outputs).all(|(_, t)| t.is_known()),
             KernelKind::Loop { .. } => self.runtime_dims().is_empty(),
         }
@@ -966,7 +970,10 @@ impl Plan {
                     }
                 }
                 KernelKind::MatMul(mm) => mm.m = v(mm.m)?,
-                KernelKind::Rows(r) => r.rows = v(r.rows)?,
+                KernelKind::Rows(r) => {
+                    r.rows = v(r.rows)?;
+                    r.len = v(r.len)?;
+                }
                 KernelKind::Gather(g) => {
                     g.outer = v(g.outer)?;
                     g.n_indices = v(g.n_indices)?;

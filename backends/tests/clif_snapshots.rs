@@ -93,6 +93,11 @@ fn attention() {
 
 /// Symbolic sizes loaded from the argument slots after the operands.
 #[test]
+fn symbolic_row_lengths() {
+    insta::assert_snapshot!(clif(SYMBOLIC_ROWS));
+}
+
+#[test]
 fn symbolic_sizes() {
     insta::assert_snapshot!(clif(SYMBOLIC));
 }

@@ -58,7 +58,8 @@ pub fn row_params(k: &RowKernel) -> Option<RowParams> {
     };
     Some(RowParams {
         op,
-        len: k.len as i64,
+        // A symbolic length: the generated kernel (`rows::emit`) reads its slot.
+        len: k.len.known()?,
         has_scale: k.scale.is_some() as i64,
         has_bias: k.bias.is_some() as i64,
         has_residual: k.residual.is_some() as i64,
@@ -195,7 +196,7 @@ fn work(kind: &KernelKind) -> usize {
         // Symbolic sizes at their nominal values: whether to split is
         // decided once per compile.
         KernelKind::Map(m) => m.shape.iter().map(|d| d.estimate()).product(),
-        KernelKind::Rows(r) => r.rows.estimate() * r.len,
+        KernelKind::Rows(r) => r.rows.estimate() * r.len.estimate(),
         KernelKind::MatMul(mm) => mm.m.estimate() * mm.n * mm.k * mm.batches.len(),
         KernelKind::Gather(k) => k.outer.estimate() * k.n_indices.estimate() * k.inner,
         // Every score, skipped or not: an upper bound that needs no walk over

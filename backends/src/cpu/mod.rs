@@ -410,7 +410,7 @@ fn define_kernels_except<M: Module>(
                         let params = b.ins().symbol_value(ptr, params);
                         b.ins().call(f, &[params, args, range.0, range.1]);
                     }
-                    _ => rows::emit(&mut b, ptr, args, range, r, &fns),
+                    _ => rows::emit(&mut b, ptr, args, range, r, &fns, &k.runtime_dims()),
                 },
                 KernelKind::Gather(g) => {
                     // A symbolic count of indices is read from its slot after the three operands.

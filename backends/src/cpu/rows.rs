@@ -7,6 +7,7 @@ use super::loops::{counted, counted_dyn};
 use super::runtime_fns::FuncRefs;
 use super::vmath::VMath;
 use crate::plan::{RowKernel, RowOp};
+use egret_ir::Dim;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 
@@ -22,14 +23,82 @@ fn at(b: &mut FunctionBuilder, base: Value, i: Value) -> Value {
     b.ins().iadd(base, off)
 }
 
+/// A count: known when the kernel is generated, or read at run time.
+#[derive(Clone, Copy)]
+enum Count {
+    Known(i64),
+    Read(Value),
+}
+
+impl Count {
+    fn value(self, b: &mut FunctionBuilder) -> Value {
+        match self {
+            Count::Known(n) => b.ins().iconst(types::I64, n),
+            Count::Read(v) => v,
+        }
+    }
+
+    /// `self * k`.
+    fn times(self, b: &mut FunctionBuilder, k: i64) -> Count {
+        match self {
+            Count::Known(n) => Count::Known(n * k),
+            Count::Read(v) => Count::Read(b.ins().imul_imm_s(v, k)),
+        }
+    }
+
+    /// `x + self`.
+    fn add_to(self, b: &mut FunctionBuilder, x: Value) -> Value {
+        match self {
+            Count::Known(n) => b.ins().iadd_imm_s(x, n),
+            Count::Read(v) => b.ins().iadd(x, v),
+        }
+    }
+
+    /// `x * self`.
+    fn scale(self, b: &mut FunctionBuilder, x: Value) -> Value {
+        match self {
+            Count::Known(n) => b.ins().imul_imm_s(x, n),
+            Count::Read(v) => b.ins().imul(x, v),
+        }
+    }
+}
+
+/// `for i in (start..end).step_by(step)`, with constant bounds where both are known.
+fn counted_n(
+    b: &mut FunctionBuilder,
+    start: Count,
+    end: Count,
+    step: i64,
+    carried: Vec<Value>,
+    body: &mut dyn FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
+) -> Vec<Value> {
+    match (start, end) {
+        (Count::Known(s), Count::Known(e)) => counted(b, s, e, step, carried, body),
+        _ => {
+            let (s, e) = (start.value(b), end.value(b));
+            counted_dyn(b, s, e, step, carried, body)
+        }
+    }
+}
+
 struct Row<'a> {
-    len: i64,
+    len: Count,
+    /// The end of the whole vectors: `len` rounded down to the lanes.
+    vector_end: Count,
     fns: &'a FuncRefs,
 }
 
 impl Row<'_> {
-    fn vector_end(&self) -> i64 {
-        self.len / LANES * LANES
+    fn vector_end(&self) -> Count {
+        self.vector_end
+    }
+
+    /// The row length as an f32 (a mean's divisor).
+    fn len_f32(&self, b: &mut FunctionBuilder) -> Value {
+        match self.len {
+            Count::Known(n) => b.ins().f32const(n as f32),
+            Count::Read(v) => b.ins().fcvt_from_sint(types::F32, v),
+        }
     }
 
     /// Folds `f` over the row: vector lanes first, then the scalar tail,
@@ -43,12 +112,12 @@ impl Row<'_> {
         f: &dyn Fn(&mut FunctionBuilder, Value, Value) -> Value,
     ) -> Value {
         let vinit = VMath::new(true).c(b, init);
-        let v = counted(b, 0, self.vector_end(), LANES, vec![vinit], &mut |b, i, acc| {
+        let v = counted_n(b, Count::Known(0), self.vector_end(), LANES, vec![vinit], &mut |b, i, acc| {
             let x = load(b, i, true);
             vec![f(b, acc[0], x)]
         })[0];
         let sinit = b.ins().f32const(init);
-        let s = counted(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
+        let s = counted_n(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
             let x = load(b, i, false);
             vec![f(b, acc[0], x)]
         })[0];
@@ -62,13 +131,13 @@ impl Row<'_> {
 
     /// Writes `value(i)` to every element: vector lanes, then the tail.
     fn each(&self, b: &mut FunctionBuilder, out: Value, value: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value) {
-        counted(b, 0, self.vector_end(), LANES, vec![], &mut |b, i, _| {
+        counted_n(b, Count::Known(0), self.vector_end(), LANES, vec![], &mut |b, i, _| {
             let v = value(b, i, true);
             let p = at(b, out, i);
             b.ins().store(flags(), v, p, 0);
             vec![]
         });
-        counted(b, self.vector_end(), self.len, 1, vec![], &mut |b, i, _| {
+        counted_n(b, self.vector_end(), self.len, 1, vec![], &mut |b, i, _| {
             let v = value(b, i, false);
             let p = at(b, out, i);
             b.ins().store(flags(), v, p, 0);
@@ -91,8 +160,17 @@ fn splat_if(b: &mut FunctionBuilder, x: Value, vector: bool) -> Value {
     }
 }
 
-/// Emits rows `begin..end` of the kernel.
-pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Value), k: &RowKernel, fns: &FuncRefs) {
+/// Emits rows `begin..end` of the kernel. `sizes` are its runtime dims,
+/// whose values follow the operands in `args`.
+pub fn emit(
+    b: &mut FunctionBuilder,
+    ptr: Type,
+    args: Value,
+    range: (Value, Value),
+    k: &RowKernel,
+    fns: &FuncRefs,
+    sizes: &[Dim],
+) {
     let mut slot = 0;
     let mut next_arg = |b: &mut FunctionBuilder| {
         let v = b.ins().load(ptr, flags(), args, slot * 8);
@@ -106,11 +184,22 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
     let bias = k.bias.map(|_| next_arg(b));
     let out = next_arg(b);
     let sum = k.residual.map(|_| next_arg(b));
-    let row_bytes = k.len as i64 * 4;
-    let out_step = if k.op.reduces() { 4 } else { row_bytes };
-    let row = Row { len: k.len as i64, fns };
-    let x_off = b.ins().imul_imm_s(range.0, row_bytes);
-    let out_off = b.ins().imul_imm_s(range.0, out_step);
+    let operands = slot as usize;
+    let (len, vector_end) = match k.len.known() {
+        Some(n) => (Count::Known(n), Count::Known(n / LANES * LANES)),
+        None => {
+            // The length's slot follows the operands.
+            let at = sizes.iter().position(|&d| d == k.len).expect("a symbolic length is a runtime dim");
+            let n = b.ins().load(types::I64, flags(), args, (8 * (operands + at)) as i32);
+            let end = b.ins().band_imm_s(n, !(LANES - 1));
+            (Count::Read(n), Count::Read(end))
+        }
+    };
+    let row_bytes = len.times(b, 4);
+    let out_step = if k.op.reduces() { Count::Known(4) } else { row_bytes };
+    let row = Row { len, vector_end, fns };
+    let x_off = row_bytes.scale(b, range.0);
+    let out_off = out_step.scale(b, range.0);
     // Row pointers carried by the loop: x, out, then residual and sum.
     let mut start = vec![b.ins().iadd(x, x_off), b.ins().iadd(out, out_off)];
     if let (Some(r), Some(s)) = (residual, sum) {
@@ -130,9 +219,9 @@ pub fn emit(b: &mut FunctionBuilder, ptr: Type, args: Value, range: (Value, Valu
             p[0]
         };
         emit_row(b, &row, k.op, x, p[1], scale, bias);
-        let mut next: Vec<Value> = vec![b.ins().iadd_imm_s(p[0], row_bytes), b.ins().iadd_imm_s(p[1], out_step)];
+        let mut next: Vec<Value> = vec![row_bytes.add_to(b, p[0]), out_step.add_to(b, p[1])];
         for &q in &p[2..] {
-            next.push(b.ins().iadd_imm_s(q, row_bytes));
+            next.push(row_bytes.add_to(b, q));
         }
         next
     });
@@ -147,7 +236,6 @@ fn emit_row(
     scale: Option<Value>,
     bias: Option<Value>,
 ) {
-    let len_f = row.len as f32;
     let fadd = |b: &mut FunctionBuilder, a, c| b.ins().fadd(a, c);
     let ld = move |b: &mut FunctionBuilder, i, v| load(b, x, i, v);
     match op {
@@ -157,7 +245,7 @@ fn emit_row(
             let vmax = b.ins().splat(types::F32X4, max);
             let sum = {
                 let sum_v = VMath::new(true).c(b, 0.0);
-                let v = counted(b, 0, row.vector_end(), LANES, vec![sum_v], &mut |b, i, acc| {
+                let v = counted_n(b, Count::Known(0), row.vector_end(), LANES, vec![sum_v], &mut |b, i, acc| {
                     let xi = load(b, x, i, true);
                     let d = b.ins().fsub(xi, vmax);
                     let e = VMath::new(true).exp(b, d);
@@ -166,7 +254,7 @@ fn emit_row(
                     vec![b.ins().fadd(acc[0], e)]
                 })[0];
                 let zero = b.ins().f32const(0.0);
-                let mut s = counted(b, row.vector_end(), row.len, 1, vec![zero], &mut |b, i, acc| {
+                let mut s = counted_n(b, row.vector_end(), row.len, 1, vec![zero], &mut |b, i, acc| {
                     let xi = load(b, x, i, false);
                     let d = b.ins().fsub(xi, max);
                     let e = VMath::new(false).exp(b, d);
@@ -201,7 +289,7 @@ fn emit_row(
         }
         RowOp::LayerNorm { epsilon } | RowOp::RmsNorm { epsilon } => {
             let rms = matches!(op, RowOp::RmsNorm { .. });
-            let n = b.ins().f32const(len_f);
+            let n = row.len_f32(b);
             let mean = if rms {
                 b.ins().f32const(0.0)
             } else {
@@ -259,7 +347,7 @@ fn emit_row(
             };
             let v = match op {
                 RowOp::Mean => {
-                    let n = b.ins().f32const(len_f);
+                    let n = row.len_f32(b);
                     b.ins().fdiv(v, n)
                 }
                 RowOp::L2 => b.ins().sqrt(v),

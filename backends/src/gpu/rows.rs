@@ -19,10 +19,11 @@ fn threads_for(len: usize) -> u32 {
 }
 
 pub fn rows(k: &RowKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
-    let mut b = Builder::new(threads_for(k.len));
+    // GPU plans are bound (`compile` checks): every size is known.
+    let mut b = Builder::new(threads_for(known_size(k.len)));
     let threads = E::I32(b.threads() as i32);
     let rows = b.param(known_size(k.rows) as i64);
-    let len = b.param(k.len as i64);
+    let len = b.param(known_size(k.len) as i64);
     let (px, po) = (at(k.x), at(k.out));
     let x_base = b.param(px.word as i64);
     let out_base = b.param(po.word as i64);

@@ -88,3 +88,12 @@ v7: f32[2,past + 1,4] = concat{axis=1} v5, v6
 output \"y\" = v4
 output \"present\" = v7
 ";
+
+/// Rows of a symbolic length: a softmax over `keys` and a mean over it
+/// (the generated kernel reads the length from its size slot).
+pub const SYMBOLIC_ROWS: &str = "v0: f32[2,keys] = input{name=\"x\"}
+v1: f32[2,keys] = softmax{axis=1} v0
+v2: f32[2] = reduce{kind=mean, axes=[1], keepdims=false} v0
+output \"p\" = v1
+output \"m\" = v2
+";
