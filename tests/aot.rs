@@ -594,8 +594,8 @@ fn reductions_and_softmax_over_a_symbolic_length_keep_it_symbolic() {
     symbolic_rows_model(&case);
     let opts = egret::CompileOptions { threads: Some(1), ..Default::default() };
     let jit = egret::compile(&case, &opts).unwrap();
-    let reference = egret::compile(&case, &egret::CompileOptions { backend: egret::Backend::Reference, ..opts.clone() })
-        .unwrap();
+    let reference =
+        egret::compile(&case, &egret::CompileOptions { backend: egret::Backend::Reference, ..opts.clone() }).unwrap();
     let shapes = [(1usize, 1usize), (2, 7), (3, 13), (1, 64), (2, 33)];
     let inputs: Vec<Tensor> = shapes
         .iter()

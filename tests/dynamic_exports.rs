@@ -40,13 +40,20 @@ fn check_all(backend: Backend) -> Vec<(String, usize, usize)> {
 
 /// The exports whose every kernel takes symbolic sizes: one program for
 /// every shape (no per-binding plan), on every backend.
-const ONE_PROGRAM: &[&str] = &["gpt2_past_legacy", "bert_mean_pool_legacy", "bert_mean_pool_dynamo"];
+const ONE_PROGRAM: &[&str] = &[
+    "gpt2_past_legacy",
+    "gpt2_past_dynamo",
+    "llama_gqa_past_legacy",
+    "llama_gqa_past_dynamo",
+    "bert_mean_pool_legacy",
+    "bert_mean_pool_dynamo",
+];
 
 #[test]
 fn every_export_passes_at_every_shape_on_the_cpu_and_reference() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let runs = check_all(backend);
-        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_eq!(runs.len(), ONE_PROGRAM.len(), "{runs:?}");
         for (name, sets, programs) in runs {
             assert!(sets >= 3, "{name}: {sets} data sets");
             if ONE_PROGRAM.contains(&name.as_str()) {
@@ -115,4 +122,33 @@ fn a_library_refuses_per_call_ops_naming_them_and_the_dims() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`less_or_equal` at /m/transformer/LessOrEqual"), "{err}");
     assert!(err.contains("--dim past_sequence=N"), "{err}");
+}
+
+/// Every data set of every export through one symbolic PTX program per
+/// model, interpreted: the same kernels at every shape, matching
+/// onnxruntime's outputs.
+#[test]
+fn one_ptx_program_per_export_serves_every_data_set() {
+    use egret::runtime::{Executable, PtxExecutable};
+    for name in ONE_PROGRAM {
+        let case = dir().join(name);
+        let opts = CompileOptions { backend: Backend::Ptx, ..Default::default() };
+        let c = egret::canonical(&case, &opts).unwrap();
+        let program = egret::symbolic_gpu_plan(&c.graph, &opts, egret::PTX_LIMITS).unwrap();
+        let ptx = PtxExecutable::symbolic(common::InterpretedDevice::new(), program).unwrap();
+        let names: Vec<String> = c.graph.inputs().iter().map(|&v| c.graph.input_name(v).to_string()).collect();
+        for set in egret::check::data_sets(&case).unwrap() {
+            let stored = egret::check::numbered(&set, "input").unwrap();
+            let inputs = names
+                .iter()
+                .map(|n| stored.iter().find(|(s, _)| s == n).unwrap_or_else(|| panic!("{name}: no `{n}`")).1.clone())
+                .collect();
+            let got = ptx.run(inputs).unwrap_or_else(|e| panic!("{}: {e}", set.display()));
+            let expected = egret::check::numbered(&set, "output").unwrap();
+            for (g, (o, w)) in got.iter().zip(&expected) {
+                let r = egret::check::compare(o, g, w, Tolerance::default());
+                assert!(r.failure.is_none(), "{} {o}: {:?}", set.display(), r.failure);
+            }
+        }
+    }
 }

@@ -24,6 +24,11 @@ Models (NAME):
   `past_key_values` through a `DynamicCache`, exported with `dynamic_axes`
   (batch, sequence, past_sequence, total), opset 17; data sets of a prompt
   with no past, a decode step and a batch of two with a longer past.
+- gpt2_past_dynamo: the same, through the dynamo exporter (opset 18,
+  `dynamic_shapes`).
+- llama_gqa_past_legacy / _dynamo: `LlamaForCausalLM` (64 wide, 2 layers, 4
+  query heads over 2 key/value heads) with `position_ids` and
+  `past_key_values`, both exporters.
 - bert_mean_pool_legacy / _dynamo: `BertModel` (64 wide, 2 layers, 4 heads)
   with sentence-transformers' mean pooling over the attention mask,
   exported with `dynamic_axes` (opset 17) or `dynamic_shapes` (opset 18);
@@ -128,6 +133,65 @@ def gpt2_past():
     return Spec(WithCache(model), [data(1, 3, 5), data(1, 7, 0), data(1, 1, 9), data(2, 4, 11)], outputs, dynamic)
 
 
+def llama_past():
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    layers, heads, kv_heads, width = 2, 4, 2, 64
+    config = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=1000,
+        max_position_embeddings=1024,
+    )
+    model = LlamaForCausalLM(config)
+
+    class WithCache(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+    def data(batch, tokens, past):
+        d = {
+            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "attention_mask": torch.ones(batch, past + tokens, dtype=torch.long),
+            "position_ids": torch.arange(past, past + tokens).unsqueeze(0).expand(batch, tokens).contiguous(),
+        }
+        for n in past_names:
+            d[n] = torch.randn(batch, kv_heads, past, width // heads)
+        return d
+
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "sequence"},
+    }
+    dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return Spec(WithCache(model), [data(1, 3, 5), data(1, 7, 1), data(1, 1, 9), data(2, 4, 11)], outputs, dynamic)
+
+
 def bert_mean_pool():
     import torch
     from transformers import BertConfig, BertModel
@@ -167,6 +231,9 @@ MODELS = {
     "perceiver_wide_heads_dynamo": (perceiver, "dynamo", 18, "exports"),
     "perceiver_wide_heads_legacy": (perceiver, "legacy", 17, "exports"),
     "gpt2_past_legacy": (gpt2_past, "legacy", 17, "dynamic_exports"),
+    "gpt2_past_dynamo": (gpt2_past, "dynamo", 18, "dynamic_exports"),
+    "llama_gqa_past_legacy": (llama_past, "legacy", 17, "dynamic_exports"),
+    "llama_gqa_past_dynamo": (llama_past, "dynamo", 18, "dynamic_exports"),
     "bert_mean_pool_legacy": (bert_mean_pool, "legacy", 17, "dynamic_exports"),
     "bert_mean_pool_dynamo": (bert_mean_pool, "dynamo", 18, "dynamic_exports"),
 }
@@ -180,14 +247,28 @@ def write_tensor(path, name, array):
         f.write(t.SerializeToString())
 
 
-def dynamo_shapes(spec):
-    """`dynamic_shapes` for the dynamo exporter from the named axes."""
+def dynamo_shapes(spec, names):
+    """`dynamic_shapes` for the dynamo exporter from the named axes, keyed
+    by `forward`'s parameters (a `*past` parameter takes a list, one entry
+    per tensor it collects, as a tuple)."""
+    import inspect
+
     from torch.export import Dim
 
     dims = {}
+
+    def shape(name):
+        axes = spec.dynamic.get(name, {})
+        return {a: dims.setdefault(n, Dim(n, min=1, max=1024)) for a, n in axes.items()} or None
+
     shapes = {}
-    for name, axes in spec.dynamic.items():
-        shapes[name] = {a: dims.setdefault(n, Dim(n, min=1, max=1024)) for a, n in axes.items()}
+    rest = list(names)
+    for p in inspect.signature(spec.module.forward).parameters.values():
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            shapes[p.name] = tuple(shape(n) for n in rest)
+            rest = []
+        else:
+            shapes[p.name] = shape(rest.pop(0))
     return shapes
 
 
@@ -211,7 +292,7 @@ def export(name, out_root):
         if exporter == "dynamo":
             kwargs = {}
             if spec.dynamic:
-                kwargs["dynamic_shapes"] = dynamo_shapes(spec)
+                kwargs["dynamic_shapes"] = dynamo_shapes(spec, names)
             program = torch.onnx.export(
                 model, args, dynamo=True, opset_version=opset, input_names=names, output_names=spec.output_names, **kwargs
             )

@@ -232,9 +232,11 @@ impl Dim {
     }
 
     /// `self / d` when it divides exactly for every value of the symbols:
-    /// by a known integer that divides every coefficient, or by a single term
+    /// by a known integer that divides every coefficient, by a single term
     /// (`batch*sequence*64 / 64`, `/ sequence`, `/ 2*batch`) that divides every
-    /// term, or by itself. `None` otherwise, including division by zero.
+    /// term, by itself, or by a sum that long division leaves no remainder
+    /// of (`(64*batch*past + 64*batch*sequence) / (16*past + 16*sequence)`).
+    /// `None` otherwise, including division by zero.
     pub fn div_exact(self, d: Dim) -> Option<Dim> {
         if let (Some(a), Some(b)) = (self.known(), d.known()) {
             return (b != 0 && a % b == 0).then(|| Dim::int(a / b)).flatten();
@@ -243,20 +245,43 @@ impl Dim {
             return Some(Dim::new(1));
         }
         let dp = d.poly();
-        let [div] = dp.0.as_slice() else { return None };
-        let mut terms = Vec::new();
-        for t in &self.poly().0 {
-            if t.coeff % div.coeff != 0 {
+        let Some(lead) = dp.0.first() else { return None };
+        // `t / lead` as a term, when `lead` divides it.
+        let divide = |t: &Term| -> Option<Term> {
+            if t.coeff % lead.coeff != 0 {
                 return None;
             }
             let mut syms = t.syms.clone();
-            for s in &div.syms {
+            for s in &lead.syms {
                 let at = syms.iter().position(|x| x == s)?;
                 syms.remove(at);
             }
-            terms.push(Term { syms, coeff: t.coeff / div.coeff });
+            Some(Term { syms, coeff: t.coeff / lead.coeff })
+        };
+        if dp.0.len() == 1 {
+            let terms = self.poly().0.iter().map(divide).collect::<Option<Vec<_>>>()?;
+            return Poly::normalise(terms).and_then(|p| Dim::from_poly(p).ok());
         }
-        Poly::normalise(terms).and_then(|p| Dim::from_poly(p).ok())
+        // By a sum (`[batch, 4, past + sequence, 16]` to `[-1, past +
+        // sequence, 16]`): long division by the leading terms; exact when
+        // nothing remains, and the quotient then times `d` is `self`.
+        let mut rest = self.poly().0.clone();
+        let mut quotient = Vec::new();
+        for _ in 0..64 {
+            let Some(first) = rest.first() else {
+                return Poly::normalise(quotient).and_then(|p| Dim::from_poly(p).ok());
+            };
+            let q = divide(first)?;
+            for t in &dp.0 {
+                let mut syms = q.syms.clone();
+                syms.extend(t.syms.iter().cloned());
+                syms.sort();
+                rest.push(Term { syms, coeff: q.coeff.checked_mul(t.coeff)?.checked_neg()? });
+            }
+            quotient.push(q);
+            rest = Poly::normalise(rest)?.0;
+        }
+        None
     }
 
     /// Whether `self >= 0` for every value of the symbols (they are never
@@ -779,6 +804,16 @@ mod tests {
         assert_eq!(d("batch + sequence").div_exact(d("batch + sequence")), Some(Dim::new(1)));
         assert_eq!(d("batch*sequence").div_exact(d("past")), None);
         assert_eq!(Dim::new(12).div_exact(Dim::new(0)), None);
+        // By a sum: a head merge over `past + sequence` keys, and inexact ones.
+        let keys = d("16*past + 16*sequence");
+        assert_eq!(d("64*batch*past + 64*batch*sequence").div_exact(keys), Some(d("4*batch")));
+        assert_eq!(
+            d("past*past + 2*past*sequence + sequence*sequence").div_exact(d("past + sequence")),
+            Some(d("past + sequence"))
+        );
+        assert_eq!(d("batch*past + batch*sequence + 1").div_exact(d("past + sequence")), None);
+        assert_eq!(d("batch*past + sequence").div_exact(d("past + sequence")), None);
+        assert_eq!(d("past + sequence").div_exact(d("2*past + 2*sequence")), None);
     }
 
     #[test]

@@ -7,9 +7,9 @@ use super::loops::{counted, counted_dyn};
 use super::runtime_fns::FuncRefs;
 use super::vmath::VMath;
 use crate::plan::{RowKernel, RowOp};
-use egret_ir::Dim;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
+use egret_ir::Dim;
 
 const LANES: i64 = 4;
 
