@@ -6,8 +6,11 @@ previous step's presents back as the past and appends the arg-max token.
   python3 tools/decode_loop.py [MODEL_DIR] [--tokens 64] [--threads 1]
 
 MODEL_DIR defaults to tests/data/synthetic/gpt2_kv (Hugging Face's layout:
-`input_ids`, `attention_mask`, `past_key_values.N.key/.value` in,
-`logits`, `present.N.key/.value` out). Prints both token sequences (they
+`input_ids`, `attention_mask`, `past_key_values.N.key/.value` in, and
+`position_ids` for LLaMA-style models; `logits`, `present.N.key/.value`
+out). `tools/make_exports.py gpt2_small_past_legacy llama_150m_past_legacy`
+writes GPT-2 small (124M) and a LLaMA of about 150M at
+`target/bench-exports/`. Prints both token sequences (they
 must be identical) and the time per token of each.
 
 The session imports and optimises the model once with its dims symbolic.
@@ -57,7 +60,11 @@ def decode(run, feeds, tokens):
         out_ids.append(token)
         past = {k.replace("present.", "past_key_values."): v for k, v in outs.items() if k.startswith("present.")}
         mask = np.ones((1, feeds["attention_mask"].shape[1] + 1), dtype=np.int64)
+        positions = "position_ids" in feeds
         feeds = {"input_ids": np.array([[token]], dtype=np.int64), "attention_mask": mask, **past}
+        if positions:
+            # LLaMA-style models take the new token's position.
+            feeds["position_ids"] = np.array([[mask.shape[1] - 1]], dtype=np.int64)
     return out_ids, times
 
 
@@ -80,6 +87,8 @@ def decode_bound(sess, feeds, tokens):
         mask += 1
         io.bind_cpu_input("input_ids", np.array([[token]], dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, mask), dtype=np.int64))
+        if "position_ids" in feeds:
+            io.bind_cpu_input("position_ids", np.array([[mask - 1]], dtype=np.int64))
         for k, v in outs.items():
             if k.startswith("present."):
                 io.bind_ortvalue_input(k.replace("present.", "past_key_values."), v)

@@ -13,7 +13,7 @@ onnxruntime error). Weights are random (seeded); nothing is downloaded.
 Needs torch, transformers, onnx, onnxscript (the dynamo exporter) and
 onnxruntime; CI needs none of them, since the outputs are committed.
 
-Models (NAME):
+Models (NAME; the last two only when named):
 - perceiver_wide_heads_dynamo / _legacy: `PerceiverModel` on raw inputs of
   256 positions x 512 channels, 16 latents of 64, one cross-attention head
   of dimension 512 (shaped by the inputs:
@@ -33,6 +33,11 @@ Models (NAME):
   with sentence-transformers' mean pooling over the attention mask,
   exported with `dynamic_axes` (opset 17) or `dynamic_shapes` (opset 18);
   data sets of three shapes, one with padding.
+- gpt2_small_past_legacy, llama_150m_past_legacy: the GPT-2 and LLaMA
+  exports at base size (GPT-2 small's 124M parameters; a LLaMA of about
+  150M: 12 layers of 768, 12 query heads over 4 key/value heads, a 32k
+  vocabulary), written to `target/bench-exports/` for
+  `tools/decode_loop.py`: an 8-token prompt, then one decode step.
 """
 
 import argparse
@@ -45,6 +50,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "tests", "data")
+# Where the base-size models go (relative to tests/data).
+BENCH = os.path.join("..", "..", "target", "bench-exports")
 
 
 class Spec:
@@ -52,11 +59,14 @@ class Spec:
     tensor; the first is traced), the output names, and the symbolic axes
     of each input by name (None: every dim fixed)."""
 
-    def __init__(self, module, data_sets, output_names, dynamic=None):
+    def __init__(self, module, data_sets, output_names, dynamic=None, trace=None):
         self.module = module
         self.data_sets = data_sets
         self.output_names = output_names
         self.dynamic = dynamic
+        # What the exporter traces (default: the first data set). The legacy
+        # exporter bakes in branches an empty past takes: trace with one.
+        self.trace = trace or data_sets[0]
 
 
 def perceiver():
@@ -88,12 +98,13 @@ def perceiver():
     return Spec(Wrapped(model), [{"inputs": torch.randn(1, 256, 512)}], ["last_hidden_state"])
 
 
-def gpt2_past():
+def gpt2_past(base=False):
     import torch
     from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-    layers, heads, width = 2, 4, 64
-    config = GPT2Config(n_embd=width, n_layer=layers, n_head=heads, vocab_size=1000, n_positions=1024)
+    # GPT-2 small (124M parameters) at base size, else a tiny one.
+    layers, heads, width, vocab = (12, 12, 768, 50257) if base else (2, 4, 64, 1000)
+    config = GPT2Config(n_embd=width, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=1024)
     model = GPT2LMHeadModel(config)
 
     class WithCache(torch.nn.Module):
@@ -118,7 +129,7 @@ def gpt2_past():
 
     def data(batch, tokens, past):
         d = {
-            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "input_ids": torch.randint(0, vocab, (batch, tokens)),
             "attention_mask": torch.ones(batch, past + tokens, dtype=torch.long),
         }
         if batch > 1:
@@ -130,21 +141,25 @@ def gpt2_past():
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}}
     dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
     outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return Spec(WithCache(model), [data(1, 3, 5), data(1, 7, 0), data(1, 1, 9), data(2, 4, 11)], outputs, dynamic)
+    # A base-size model's first data set is the decode tool's prompt: 8 tokens, no past.
+    sets = [data(1, 8, 0), data(1, 1, 8)] if base else [data(1, 3, 5), data(1, 7, 0), data(1, 1, 9), data(2, 4, 11)]
+    return Spec(WithCache(model), sets, outputs, dynamic, trace=data(1, 3, 5))
 
 
-def llama_past():
+def llama_past(base=False):
     import torch
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    layers, heads, kv_heads, width = 2, 4, 2, 64
+    # About 150M parameters at base size (a 32k vocabulary, 12 layers of
+    # 768 with 12 query heads over 4 key/value heads), else a tiny one.
+    layers, heads, kv_heads, width, ffn, vocab = (12, 12, 4, 768, 2048, 32000) if base else (2, 4, 2, 64, 128, 1000)
     config = LlamaConfig(
         hidden_size=width,
-        intermediate_size=128,
+        intermediate_size=ffn,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        vocab_size=1000,
+        vocab_size=vocab,
         max_position_embeddings=1024,
     )
     model = LlamaForCausalLM(config)
@@ -174,7 +189,7 @@ def llama_past():
 
     def data(batch, tokens, past):
         d = {
-            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "input_ids": torch.randint(0, vocab, (batch, tokens)),
             "attention_mask": torch.ones(batch, past + tokens, dtype=torch.long),
             "position_ids": torch.arange(past, past + tokens).unsqueeze(0).expand(batch, tokens).contiguous(),
         }
@@ -189,7 +204,8 @@ def llama_past():
     }
     dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
     outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return Spec(WithCache(model), [data(1, 3, 5), data(1, 7, 1), data(1, 1, 9), data(2, 4, 11)], outputs, dynamic)
+    sets = [data(1, 8, 0), data(1, 1, 8)] if base else [data(1, 3, 5), data(1, 7, 1), data(1, 1, 9), data(2, 4, 11)]
+    return Spec(WithCache(model), sets, outputs, dynamic, trace=data(1, 3, 5))
 
 
 def bert_mean_pool():
@@ -236,6 +252,9 @@ MODELS = {
     "llama_gqa_past_dynamo": (llama_past, "dynamo", 18, "dynamic_exports"),
     "bert_mean_pool_legacy": (bert_mean_pool, "legacy", 17, "dynamic_exports"),
     "bert_mean_pool_dynamo": (bert_mean_pool, "dynamo", 18, "dynamic_exports"),
+    # Base sizes for benchmarks (hundreds of MB: written under target/, never committed).
+    "gpt2_small_past_legacy": (lambda: gpt2_past(base=True), "legacy", 17, BENCH),
+    "llama_150m_past_legacy": (lambda: llama_past(base=True), "legacy", 17, BENCH),
 }
 
 
@@ -285,7 +304,7 @@ def export(name, out_root):
     folder = os.path.join(out_root or os.path.join(DATA, sub), name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.onnx")
-    traced = spec.data_sets[0]
+    traced = spec.trace
     names = list(traced)
     args = tuple(traced.values())
     with torch.no_grad():
@@ -354,7 +373,7 @@ def main():
     parser.add_argument("--out", help="folder to write the models into (default: their folder in tests/data)")
     parser.add_argument("names", nargs="*", help="models to export (default: all)")
     a = parser.parse_args()
-    for name in a.names or MODELS:
+    for name in a.names or [n for n, m in MODELS.items() if m[3] != BENCH]:
         if name not in MODELS:
             sys.exit(f"unknown model {name}; known: {', '.join(MODELS)}")
         export(name, a.out)
