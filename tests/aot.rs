@@ -635,3 +635,23 @@ fn reductions_and_softmax_over_a_symbolic_length_keep_it_symbolic() {
     assert_eq!(checked, shapes.len() * 3);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// ViT exports with a symbolic batch (both exporters): the patch
+/// embedding's convolution is rows of one product, so one library serves
+/// batches of 2, 1 and 5 images, matching onnxruntime from C.
+#[test]
+fn a_vit_export_with_a_symbolic_batch_is_one_library() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("vit-batch");
+    for model in ["vit_batch_legacy", "vit_batch_dynamo"] {
+        let case = common::repo_root().join("tests/data/dynamic_exports").join(model);
+        let a = compile_symbolic(&case, &work, &[]);
+        let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
+        assert!(header.contains("Symbolic dims: batch (any size)"), "{header}");
+        let refused = run_shaped(&case, &a);
+        assert!(refused.is_empty(), "{model}: {refused:?}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}

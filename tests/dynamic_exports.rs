@@ -45,6 +45,8 @@ const ONE_PROGRAM: &[&str] = &[
     "gpt2_past_dynamo",
     "llama_gqa_past_legacy",
     "llama_gqa_past_dynamo",
+    "vit_batch_legacy",
+    "vit_batch_dynamo",
     "bert_mean_pool_legacy",
     "bert_mean_pool_dynamo",
 ];

@@ -29,6 +29,9 @@ Models (NAME; the last two only when named):
 - llama_gqa_past_legacy / _dynamo: `LlamaForCausalLM` (64 wide, 2 layers, 4
   query heads over 2 key/value heads) with `position_ids` and
   `past_key_values`, both exporters.
+- vit_batch_legacy / _dynamo: `ViTModel` (32x32 images, patches of 8, 64
+  wide, 2 layers, 4 heads) with a symbolic batch; data sets of 2, 1 and 5
+  images.
 - bert_mean_pool_legacy / _dynamo: `BertModel` (64 wide, 2 layers, 4 heads)
   with sentence-transformers' mean pooling over the attention mask,
   exported with `dynamic_axes` (opset 17) or `dynamic_shapes` (opset 18);
@@ -208,6 +211,27 @@ def llama_past(base=False):
     return Spec(WithCache(model), sets, outputs, dynamic, trace=data(1, 3, 5))
 
 
+def vit_batch():
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8
+    )
+    model = ViTModel(config, add_pooling_layer=False)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).last_hidden_state
+
+    sets = [{"pixel_values": torch.randn(b, 3, 32, 32)} for b in (2, 1, 5)]
+    return Spec(Hidden(model), sets, ["last_hidden_state"], {"pixel_values": {0: "batch"}})
+
+
 def bert_mean_pool():
     import torch
     from transformers import BertConfig, BertModel
@@ -250,6 +274,8 @@ MODELS = {
     "gpt2_past_dynamo": (gpt2_past, "dynamo", 18, "dynamic_exports"),
     "llama_gqa_past_legacy": (llama_past, "legacy", 17, "dynamic_exports"),
     "llama_gqa_past_dynamo": (llama_past, "dynamo", 18, "dynamic_exports"),
+    "vit_batch_legacy": (vit_batch, "legacy", 17, "dynamic_exports"),
+    "vit_batch_dynamo": (vit_batch, "dynamo", 18, "dynamic_exports"),
     "bert_mean_pool_legacy": (bert_mean_pool, "legacy", 17, "dynamic_exports"),
     "bert_mean_pool_dynamo": (bert_mean_pool, "dynamo", 18, "dynamic_exports"),
     # Base sizes for benchmarks (hundreds of MB: written under target/, never committed).

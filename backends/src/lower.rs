@@ -997,6 +997,9 @@ impl<'g> Lowering<'g> {
     /// `M / group` weight rows and that group's `C / group` channels of
     /// patches), and add the bias with a broadcast map.
     fn conv(&mut self, inputs: &[ValueId], out: ValueId, shape: ConvShape, label: &str) {
+        if !self.g.ty(inputs[0]).shape[0].is_known() {
+            return self.conv_symbolic_batch(inputs, out, shape, label);
+        }
         let ConvShape { strides, pads, dilations, group } = shape;
         let g = self.g;
         let (x, w) = (inputs[0], inputs[1]);
@@ -1082,6 +1085,108 @@ impl<'g> Lowering<'g> {
             let add = Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1));
             self.map(dims(&os), vec![prod_op, bias_op], dst, add, label);
         }
+    }
+
+    /// A convolution over a symbolic batch (a ViT's patch embedding served
+    /// at any batch), one group: every output position of every image is a
+    /// row of one product with the weight, `[batch * positions, c * kernel]`
+    /// by the weight's transpose, whose rows may be symbolic; a map then
+    /// writes the channels first, adding the bias. (`conv` lists one
+    /// product per image, so it needs the batch known.)
+    fn conv_symbolic_batch(&mut self, inputs: &[ValueId], out: ValueId, shape: ConvShape, label: &str) {
+        let ConvShape { strides, pads, dilations, group } = shape;
+        debug_assert_eq!(group, 1, "`dims_kernels_need` binds the batch of grouped convolutions");
+        let g = self.g;
+        let (x, w) = (inputs[0], inputs[1]);
+        let n = g.ty(x).shape[0];
+        let known_after = |v: ValueId| -> Vec<usize> {
+            egret_ir::known_shape(&g.ty(v).shape[1..]).expect("`dims_kernels_need` keeps only the batch symbolic")
+        };
+        let (xs, os) = (known_after(x), known_after(out));
+        let ws = g.ty(w).sizes();
+        let sp = xs.len() - 1;
+        let (c, m) = (xs[0], ws[0]);
+        let kernel = &ws[2..];
+        let out_sp = &os[1..];
+        let with_batch = |rest: &[usize]| -> Vec<Dim> { std::iter::once(n).chain(dims(rest)).collect() };
+        // Row-major strides of `[batch, rest..]` (all known: the batch is outermost).
+        let strides_of = |rest: &[usize]| -> Vec<isize> {
+            let inner = row_major(rest);
+            std::iter::once(rest.iter().product::<usize>() as isize).chain(inner).collect()
+        };
+        let xb = self.dense(x, label);
+        let (src, sst) = if pads.iter().all(|&p| p == 0) {
+            (xb, strides_of(&xs))
+        } else {
+            let mut padded = xs.clone();
+            for i in 0..sp {
+                padded[1 + i] += pads[i] + pads[sp + i];
+            }
+            let pb = self.scratch(DType::F32, &with_batch(&padded));
+            let pst = strides_of(&padded);
+            self.map(with_batch(&padded), vec![], known_operand(pb, 0, &pst), Expr::F32(0.0), label);
+            let interior: isize = (0..sp).map(|i| pads[i] as isize * pst[2 + i]).sum();
+            let input = known_operand(xb, 0, &strides_of(&xs));
+            self.map(with_batch(&xs), vec![input], known_operand(pb, interior, &pst), Expr::Input(0), label);
+            (pb, pst)
+        };
+        // cols[b, o_1..o_d, c, k_1..k_d] = src[b, c, o_i * stride_i + k_i * dilation_i],
+        // walked in the order [b, c, k.., o..].
+        let kprod: usize = kernel.iter().product();
+        let ck = c * kprod;
+        let p: usize = out_sp.iter().product();
+        let mut iter: Vec<usize> = vec![c];
+        iter.extend(kernel);
+        iter.extend(out_sp);
+        let mut read: Vec<isize> = vec![sst[0], sst[1]];
+        read.extend((0..sp).map(|i| sst[2 + i] * dilations[i] as isize));
+        read.extend((0..sp).map(|i| sst[2 + i] * strides[i] as isize));
+        let mut write: Vec<isize> = vec![(p * ck) as isize, kprod as isize];
+        write.extend(row_major(kernel));
+        write.extend(row_major(out_sp).iter().map(|s| s * ck as isize));
+        let cols = self.scratch(DType::F32, &[n * Dim::new(p), Dim::new(ck)]);
+        self.map(
+            with_batch(&iter),
+            vec![known_operand(src, 0, &read)],
+            known_operand(cols, 0, &write),
+            Expr::Input(0),
+            label,
+        );
+        // [batch * p, ck] by the weight's transpose ([m, ck] read as [ck, m]).
+        let wb = self.dense(w, label);
+        let product = self.scratch(DType::F32, &[n * Dim::new(p), Dim::new(m)]);
+        let mm = MatMulKernel {
+            m: n * Dim::new(p),
+            k: ck,
+            n: m,
+            a: cols,
+            b: wb,
+            c: product,
+            a_strides: [ck as isize, 1],
+            b_strides: [1, ck as isize],
+            batches: vec![[0, 0, 0]],
+            implementation: MatMulImpl::Unchosen,
+            hint: self.opts.matmul,
+            b_packed: false,
+            epilogue: None,
+            a_rows: None,
+            c_rows: None,
+        };
+        self.push(KernelKind::MatMul(mm), label);
+        // out[b, j, o..] = product[b * p + o, j] (+ bias[j]).
+        let mut prod_strides: Vec<isize> = vec![(p * m) as isize, 1];
+        prod_strides.extend(row_major(out_sp).iter().map(|s| s * m as isize));
+        let mut operands = vec![known_operand(product, 0, &prod_strides)];
+        let mut expr = Expr::Input(0);
+        if let Some(&bias) = inputs.get(2) {
+            let bvw = self.known_view(bias, label);
+            let mut bias_strides = vec![0isize; os.len() + 1];
+            bias_strides[1] = bvw.st()[0];
+            operands.push(known_operand(bvw.buffer, bvw.off(), &bias_strides));
+            expr = Expr::binary(Binary::Add, Expr::Input(0), Expr::Input(1));
+        }
+        let o = self.define(out);
+        self.map(with_batch(&os), operands, known_operand(o, 0, &strides_of(&os)), expr, label);
     }
 
     /// Softmax over the last axis, norms whose statistics nobody reads, and
@@ -2027,6 +2132,13 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
         // first), at symbolic sizes too.
         Op::Reduce { kind, axes, .. } if f32_inputs && !axes.is_empty() && row_reduction(*kind) => vec![],
         Op::Reduce { .. } => all(),
+        // One group over a symbolic batch: rows of one product (`conv_symbolic_batch`).
+        Op::Conv { group: 1, .. } if f32_inputs => {
+            let mut need = shape(node.inputs[0])[1..].to_vec();
+            need.extend(node.inputs[1..].iter().flat_map(|&v| shape(v)));
+            need.extend(shape(node.outputs[0]).into_iter().skip(1));
+            need
+        }
         Op::Gather { axis } => {
             let data = shape(node.inputs[0]);
             data.get(*axis..).map_or_else(all, <[Dim]>::to_vec)
