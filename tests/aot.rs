@@ -636,20 +636,23 @@ fn reductions_and_softmax_over_a_symbolic_length_keep_it_symbolic() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// ViT exports with a symbolic batch (both exporters): the patch
-/// embedding's convolution is rows of one product, so one library serves
-/// batches of 2, 1 and 5 images, matching onnxruntime from C.
+/// Real exports with symbolic dims as one library each, serving every data
+/// set's shapes and matching onnxruntime from C: ViT with a symbolic batch
+/// (both exporters; the patch embedding's convolution is rows of one
+/// product), and GPT-2 and LLaMA with `past_key_values` (the legacy
+/// exporter; their masks' integer arithmetic and gathers are loop nests
+/// and gather kernels reading their sizes).
 #[test]
-fn a_vit_export_with_a_symbolic_batch_is_one_library() {
+fn symbolic_exports_are_one_library_each() {
     if no_cc() {
         return;
     }
-    let work = work_dir("vit-batch");
-    for model in ["vit_batch_legacy", "vit_batch_dynamo"] {
+    let work = work_dir("symbolic-exports");
+    for model in ["vit_batch_legacy", "vit_batch_dynamo", "gpt2_past_legacy", "llama_gqa_past_legacy"] {
         let case = common::repo_root().join("tests/data/dynamic_exports").join(model);
         let a = compile_symbolic(&case, &work, &[]);
         let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
-        assert!(header.contains("Symbolic dims: batch (any size)"), "{header}");
+        assert!(header.contains("Symbolic dims: batch (any size)"), "{model}: {header}");
         let refused = run_shaped(&case, &a);
         assert!(refused.is_empty(), "{model}: {refused:?}");
     }

@@ -485,3 +485,68 @@ output \"one_d\" = v10
         }
     }
 }
+
+/// Mask arithmetic as transformers' mask functions write it, at symbolic
+/// sizes: integer sums and products broadcast over positions, comparisons
+/// of key and query positions, and a mask gathered from its flattened copy
+/// at computed indices (a gather whose axis is `batch * total`). The CPU
+/// runs them as loop nests and a gather kernel reading their sizes: one
+/// program, the reference's answers at every shape, and a bad index an
+/// error naming the axis length at this call.
+#[test]
+fn mask_arithmetic_at_symbolic_sizes_is_native() {
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let text = "v0: i64[total] = input{name=\"kv\"}
+v1: i64[sequence,1] = input{name=\"q\"}
+v2: bool[sequence,total] = less_or_equal v0, v1
+v3: bool[sequence,total] = greater v1, v0
+v4: i64[batch,1] = input{name=\"rows\"}
+v5: i64[] = const [3]
+v6: i64[batch,1] = mul v4, v5
+v7: i64[batch,total] = add v6, v0
+v8: i32[total] = input{name=\"narrow\"}
+v9: bool[total] = equal v8, v8
+v10: bool[batch*total,1] = input{name=\"mask\"}
+v11: bool[batch,total,1] = gather{axis=0} v10, v7
+output \"causal\" = v2
+output \"strict\" = v3
+output \"index\" = v7
+output \"same\" = v9
+output \"gathered\" = v11
+";
+    let graph = egret::ir::text::parse(text).unwrap();
+    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
+    let plan = egret::backends::cpu::choose::choose(plan);
+    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
+    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
+    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+    let reference = ReferenceExecutable::new(graph.clone()).unwrap();
+    for (batch, sequence, total) in [(1usize, 1usize, 1usize), (2, 3, 5), (3, 1, 9), (1, 7, 7)] {
+        let ints = |n: usize, f: &dyn Fn(usize) -> i64| (0..n).map(f).collect::<Vec<i64>>();
+        let inputs = vec![
+            Tensor::from_vec(vec![total], ints(total, &|i| i as i64)),
+            Tensor::from_vec(vec![sequence, 1], ints(sequence, &|i| (total - sequence + i) as i64)),
+            // Rows of 3 only where the gather stays inside `batch * total`.
+            Tensor::from_vec(vec![batch, 1], ints(batch, &|b| (b * total / 3) as i64)),
+            Tensor::from_vec(vec![total], (0..total).map(|i| i as i32 - 2).collect::<Vec<i32>>()),
+            Tensor::from_vec(vec![batch * total, 1], (0..batch * total).map(|i| i % 3 != 0).collect::<Vec<bool>>()),
+        ];
+        let want = reference.run(inputs.clone()).unwrap();
+        let got = exe.run(inputs).unwrap();
+        for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
+            assert_eq!(g, w, "{name} at batch {batch}, sequence {sequence}, total {total}");
+        }
+    }
+    // An index past `batch * total` (rows of 3 over a total of 2).
+    let err = exe
+        .run(vec![
+            Tensor::from_vec(vec![2], vec![0i64, 1]),
+            Tensor::from_vec(vec![1, 1], vec![1i64]),
+            Tensor::from_vec(vec![1, 1], vec![1i64]),
+            Tensor::from_vec(vec![2], vec![0i32, 1]),
+            Tensor::from_vec(vec![2, 1], vec![true, false]),
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of range for an axis of length batch*total = 2"), "{err}");
+}

@@ -1301,10 +1301,10 @@ impl<'g> Lowering<'g> {
         let d = self.dense(data, label);
         let i = self.dense(indices, label);
         let o = self.define(out);
-        // The gathered axis and the rows are known (`symbols_to_bind`).
+        // The rows are known (`symbols_to_bind`); the rest may be symbolic.
         GatherKernel {
             outer: ty.shape[..axis].iter().copied().product(),
-            axis_len: known_size(ty.shape[axis]),
+            axis_len: ty.shape[axis],
             inner: ty.shape[axis + 1..].iter().map(|&d| known_size(d)).product(),
             n_indices: g.ty(indices).numel_dim().expect("a verified type's size"),
             elem_bytes: ty.dtype.size_bytes(),
@@ -2059,10 +2059,10 @@ fn row_reduction(kind: egret_ir::op::ReduceKind) -> bool {
     matches!(kind, K::Sum | K::Mean | K::Max | K::Min | K::SumSquare | K::L2)
 }
 
-/// Whether a gather's kernel can hold `data`: its dims from `axis` on are
-/// known (the rows before it may be symbolic). Others run per call.
+/// Whether a gather's kernel can hold `data`: the rows it copies (its dims
+/// after `axis`) are known; the axis and the dims before it may be symbolic.
 fn gather_is_known(data: &[Dim], axis: usize) -> bool {
-    data.get(axis..).is_some_and(|d| d.iter().all(|d| d.is_known()))
+    data.get(axis + 1..).is_some_and(|d| d.iter().all(|d| d.is_known()))
 }
 
 /// The dims node `n`'s kernels need known (see `symbols_to_bind`).
@@ -2103,12 +2103,8 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
         {
             vec![]
         }
-        // A mask gathered by computed indices (transformers' mask functions
-        // read `attention_mask[batch, kv_index]` through a flattened copy, or
-        // a `GatherND`): with a symbolic axis, per call.
-        Op::Gather { axis } if in_types[0].dtype != DType::F32 && !gather_is_known(&shape(node.inputs[0]), *axis) => {
-            vec![]
-        }
+        // The dynamo exporter's padding mask (transformers' mask functions
+        // read `attention_mask[batch, kv_index]`): per call.
         Op::GatherND { .. } if in_types[0].dtype != DType::F32 => vec![],
         // Rows and their length may both be symbolic (`RowKernel::len`).
         Op::Softmax { axis } | Op::LogSoftmax { axis } if f32_inputs && *axis + 1 == shape(node.inputs[0]).len() => {
@@ -2139,9 +2135,11 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
             need.extend(shape(node.outputs[0]).into_iter().skip(1));
             need
         }
+        // The rows a gather copies; the gathered axis (a mask flattened
+        // over `batch * total`) and the rows before it may be symbolic.
         Op::Gather { axis } => {
             let data = shape(node.inputs[0]);
-            data.get(*axis..).map_or_else(all, <[Dim]>::to_vec)
+            data.get(axis + 1..).map_or_else(all, <[Dim]>::to_vec)
         }
         Op::MatMul | Op::MatMulTiled { .. } if f32_inputs => {
             let (a, b) = (shape(node.inputs[0]), shape(node.inputs[1]));

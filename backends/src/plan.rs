@@ -372,7 +372,9 @@ pub struct RowKernel {
 pub struct GatherKernel {
     /// May be symbolic, as may `n_indices`.
     pub outer: Dim,
-    pub axis_len: usize,
+    /// May be symbolic (a mask flattened over `batch * total`): the kernel
+    /// reads it from its size slot then.
+    pub axis_len: Dim,
     pub inner: usize,
     pub n_indices: Dim,
     pub elem_bytes: usize,
@@ -651,9 +653,18 @@ impl Kernel {
             KernelKind::MatMul(mm) => vec![mm.m],
             // The rows are the kernel's extent; their length a slot.
             KernelKind::Rows(r) => vec![r.len],
-            KernelKind::Gather(g) => vec![g.outer, g.n_indices],
+            KernelKind::Gather(g) => vec![g.outer, g.n_indices, g.axis_len],
             KernelKind::Loop { op: Op::Shape { start, end }, inputs, .. } => inputs[0].1.shape[*start..*end].to_vec(),
             KernelKind::Loop { op: Op::Range { .. }, outputs, .. } => outputs[0].1.shape.clone(),
+            // Elementwise integer ops: the output's extents and each operand's strides.
+            KernelKind::Loop { inputs, outputs, .. } if !outputs[0].1.is_known() => {
+                let out = &outputs[0].1.shape;
+                let mut dims = out.clone();
+                for (_, t) in inputs.iter().chain(outputs) {
+                    dims.extend(broadcast_dims(&t.shape, out).unwrap_or_default());
+                }
+                dims
+            }
             _ => vec![],
         };
         let mut dims: Vec<Dim> = Vec::new();
@@ -734,7 +745,7 @@ impl Kernel {
                 let one = Dim::new(1);
                 walks.push(walk(g.indices, index_bytes, Dim::new(0), &[(g.n_indices, one)]));
                 walks.push(walk(g.out, row, Dim::new(0), &[(g.outer * g.n_indices, one)]));
-                walks.push(walk(g.data, row, Dim::new(0), &[(g.outer * Dim::new(g.axis_len), one)]));
+                walks.push(walk(g.data, row, Dim::new(0), &[(g.outer * g.axis_len, one)]));
             }
             KernelKind::Attention(a) if !a.is_known() => {
                 let (d, dv) = (Dim::new(a.d), Dim::new(a.dv));
@@ -857,6 +868,28 @@ impl Kernel {
 }
 
 /// Row-major strides of `shape` broadcast to `out` (0 along broadcast dims).
+/// Element strides of `shape` broadcast to `out`, where either may be
+/// symbolic: 0 along a dim of size 1 (or one `shape` lacks), else its
+/// row-major stride. `None` where a dim neither is 1 nor equals `out`'s
+/// (a symbolic dim broadcast against another symbol).
+pub fn broadcast_dims(shape: &[Dim], out: &[Dim]) -> Option<Vec<Dim>> {
+    let lead = out.len().checked_sub(shape.len())?;
+    let mut strides = vec![Dim::new(0); out.len()];
+    let mut step = Dim::new(1);
+    for d in (0..shape.len()).rev() {
+        let (s, o) = (shape[d], out[lead + d]);
+        if s.known() == Some(1) {
+            continue;
+        }
+        if s != o {
+            return None;
+        }
+        strides[lead + d] = step;
+        step = step.checked_mul(s).ok()?;
+    }
+    Some(strides)
+}
+
 pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
     let dense = egret_ir::strides_of(shape);
     let lead = out.len() - shape.len();
@@ -977,6 +1010,7 @@ impl Plan {
                 KernelKind::Gather(g) => {
                     g.outer = v(g.outer)?;
                     g.n_indices = v(g.n_indices)?;
+                    g.axis_len = v(g.axis_len)?;
                 }
                 KernelKind::Attention(a) => *a = a.at(&dims)?,
                 KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {

@@ -441,7 +441,13 @@ impl CpuExecutable {
                     if status != 0 {
                         let message = match (&k.kind, status) {
                             (KernelKind::Gather(g), egret_backends::cpu::STATUS_INDEX_OUT_OF_RANGE) => {
-                                format!("gather index out of range for an axis of length {}", g.axis_len)
+                                let value = |s: &str| values.get(s).and_then(|&v| i64::try_from(v).ok());
+                                let len = match (g.axis_len.known(), g.axis_len.eval(&value)) {
+                                    (Some(n), _) => n.to_string(),
+                                    (None, Ok(n)) => format!("{} = {n}", g.axis_len),
+                                    (None, Err(_)) => g.axis_len.to_string(),
+                                };
+                                format!("gather index out of range for an axis of length {len}")
                             }
                             _ => format!("kernel failed with status {status}"),
                         };

@@ -5,7 +5,7 @@
 //! GPU backends.
 
 use crate::plan::{Buffer, KernelKind, MatMulImpl, MatMulKernel, Plan, Storage};
-use egret_ir::{DType, Op, Tensor};
+use egret_ir::{DType, Tensor};
 use std::sync::Arc;
 
 /// Columns per panel of a `MatMulImpl::Packed` weight.
@@ -53,8 +53,7 @@ pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 /// which the runtime gives the call's sizes (and an artifact cannot hold).
 pub fn has_loop_nest(k: &crate::plan::Kernel) -> bool {
     let KernelKind::Reference { op, inputs, outputs } = &k.kind else { return false };
-    let sized =
-        matches!(op, Op::Shape { .. } | Op::Range { .. }) || (k.is_known() && op.dims().iter().all(|d| d.is_known()));
+    let sized = super::loop_nest::takes_symbolic_sizes(op) || (k.is_known() && op.dims().iter().all(|d| d.is_known()));
     sized && super::loop_nest::supports(op, inputs, outputs)
 }
 

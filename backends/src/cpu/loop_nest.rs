@@ -7,7 +7,8 @@
 //! the reference evaluator's (and onnxruntime's) does.
 
 use super::loops::{counted, counted_dyn};
-use crate::plan::{broadcast_strides, BufferId};
+use crate::plan::{broadcast_dims, BufferId};
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type as ClifType, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::FunctionBuilder;
@@ -34,9 +35,17 @@ fn integer(t: &Type) -> bool {
 pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type)]) -> bool {
     let [(_, out)] = outputs else { return false };
     let inputs: Vec<&Type> = inputs.iter().map(|(_, t)| t).collect();
+    let broadcast = || inputs.iter().all(|t| broadcast_dims(&t.shape, &out.shape).is_some());
     match op {
         Op::Add | Op::Sub | Op::Mul => {
-            inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype && t.rank() <= out.rank())
+            inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype) && broadcast()
+        }
+        // Masks from positions (`kv_index <= query_index`).
+        op if compare(op).is_some() => {
+            inputs.len() == 2
+                && inputs.iter().all(|t| integer(t) && t.dtype == inputs[0].dtype)
+                && out.dtype == DType::Bool
+                && broadcast()
         }
         Op::CumSum { axis, .. } => {
             inputs.len() == 1 && scalar(inputs[0].dtype).is_some() && *axis < inputs[0].rank() && inputs[0] == out
@@ -54,6 +63,24 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
         }
         _ => false,
     }
+}
+
+/// The integer comparison of a comparison op.
+fn compare(op: &Op) -> Option<IntCC> {
+    Some(match op {
+        Op::Equal => IntCC::Equal,
+        Op::Less => IntCC::SignedLessThan,
+        Op::LessOrEqual => IntCC::SignedLessThanOrEqual,
+        Op::Greater => IntCC::SignedGreaterThan,
+        Op::GreaterOrEqual => IntCC::SignedGreaterThanOrEqual,
+        _ => return None,
+    })
+}
+
+/// Whether a kernel of `op` has a loop nest at symbolic sizes (reading
+/// them from its slots); the others are generated for known sizes.
+pub fn takes_symbolic_sizes(op: &Op) -> bool {
+    matches!(op, Op::Shape { .. } | Op::Range { .. } | Op::Add | Op::Sub | Op::Mul) || compare(op).is_some()
 }
 
 /// Emits the loop nest of a kernel `supports` accepted; `args` holds its
@@ -85,20 +112,31 @@ pub fn emit(
     let bytes = out_ty.dtype.size_bytes() as i64;
     let address = |b: &mut FunctionBuilder, n: usize| b.ins().load(ptr, flags, args, (8 * n) as i32);
     match op {
-        Op::Add | Op::Sub | Op::Mul => {
-            let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
+        Op::Add | Op::Sub | Op::Mul | Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual => {
+            let ty = scalar(inputs[0].dtype).expect("`supports` checked the dtype");
+            let in_bytes = inputs[0].dtype.size_bytes() as i64;
             let (x, y, out) = (address(b, 0), address(b, 1), address(b, 2));
-            let strides: Vec<[i64; 3]> = {
-                let sx = broadcast_strides(&inputs[0].sizes(), &out_ty.sizes());
-                let sy = broadcast_strides(&inputs[1].sizes(), &out_ty.sizes());
-                let so = broadcast_strides(&out_ty.sizes(), &out_ty.sizes());
-                (0..out_ty.rank()).map(|d| [sx[d] as i64 * bytes, sy[d] as i64 * bytes, so[d] as i64 * bytes]).collect()
-            };
-            nest(b, &out_ty.sizes(), &strides, [x, y, out], &mut |b, [x, y, out]| {
+            // Byte strides per dim: the operands' element strides, symbolic
+            // ones read from their slots.
+            let elements = |t: &Type| broadcast_dims(&t.shape, &out_ty.shape).expect("`supports` checked the shapes");
+            let (sx, sy, so) = (elements(inputs[0]), elements(inputs[1]), elements(out_ty));
+            let mut strides = Vec::with_capacity(out_ty.rank());
+            for d in 0..out_ty.rank() {
+                let [a, c, o] = [(sx[d], in_bytes), (sy[d], in_bytes), (so[d], bytes)].map(|(s, n)| {
+                    let v = size(b, s);
+                    b.ins().imul_imm_s(v, n)
+                });
+                strides.push([a, c, o]);
+            }
+            let extents: Vec<Value> = out_ty.shape.iter().map(|&d| size(b, d)).collect();
+            let cc = compare(op);
+            nest(b, &extents, &strides, [x, y, out], &mut |b, [x, y, out]| {
                 let (xv, yv) = (b.ins().load(ty, flags, x, 0), b.ins().load(ty, flags, y, 0));
-                let r = match op {
-                    Op::Add => b.ins().iadd(xv, yv),
-                    Op::Sub => b.ins().isub(xv, yv),
+                let r = match (op, cc) {
+                    // A bool is a byte, 0 or 1.
+                    (_, Some(cc)) => b.ins().icmp(cc, xv, yv),
+                    (Op::Add, _) => b.ins().iadd(xv, yv),
+                    (Op::Sub, _) => b.ins().isub(xv, yv),
                     _ => b.ins().imul(xv, yv),
                 };
                 b.ins().store(flags, r, out, 0);
@@ -177,12 +215,13 @@ pub fn emit(
     }
 }
 
-/// Loops over every index of `shape`, outermost first, calling `body` with
-/// the three operand addresses there (`strides` in bytes, per dim).
+/// Loops over every index of `shape` (i64 values), outermost first,
+/// calling `body` with the three operand addresses there (`strides` in
+/// bytes, per dim).
 fn nest(
     b: &mut FunctionBuilder,
-    shape: &[usize],
-    strides: &[[i64; 3]],
+    shape: &[Value],
+    strides: &[[Value; 3]],
     at: [Value; 3],
     body: &mut dyn FnMut(&mut FunctionBuilder, [Value; 3]),
 ) {
@@ -191,9 +230,10 @@ fn nest(
         return;
     };
     let step = strides[0];
-    counted(b, 0, len as i64, 1, vec![], &mut |b, i, _| {
+    let zero = b.ins().iconst(types::I64, 0);
+    counted_dyn(b, zero, len, 1, vec![], &mut |b, i, _| {
         let moved = [0, 1, 2].map(|k| {
-            let by = b.ins().imul_imm_s(i, step[k]);
+            let by = b.ins().imul(i, step[k]);
             b.ins().iadd(at[k], by)
         });
         nest(b, rest, &strides[1..], moved, body);

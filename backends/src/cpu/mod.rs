@@ -418,7 +418,12 @@ fn define_kernels_except<M: Module>(
                         Some(at) => slot(&mut b, types::I64, args, 3 + at),
                         None => b.ins().iconst(types::I64, known_size(g.n_indices) as i64),
                     };
-                    emit_gather(&mut b, ptr, args, range, g, count, frontend_config)
+                    // A symbolic axis length likewise; a known one stays an immediate.
+                    let axis_len = match (g.axis_len.known(), k.runtime_dims().iter().position(|&d| d == g.axis_len)) {
+                        (None, Some(at)) => Err(slot(&mut b, types::I64, args, 3 + at)),
+                        (known, _) => Ok(known.expect("a symbolic axis length is a runtime dim")),
+                    };
+                    emit_gather(&mut b, ptr, args, range, g, count, axis_len, frontend_config)
                 }
                 KernelKind::Loop { op, inputs, outputs } => {
                     loop_nest::emit(&mut b, ptr, args, op, inputs, outputs, &k.runtime_dims(), frontend_config)
@@ -494,6 +499,7 @@ pub const STATUS_INDEX_OUT_OF_RANGE: i32 = 1;
 /// For each outer slice in the range and each index: check it, then copy
 /// one `inner`-element row. A bad index returns `STATUS_INDEX_OUT_OF_RANGE`
 /// before anything is read from it.
+#[allow(clippy::too_many_arguments)]
 fn emit_gather(
     b: &mut FunctionBuilder,
     ptr: types::Type,
@@ -501,6 +507,7 @@ fn emit_gather(
     range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
     k: &crate::plan::GatherKernel,
     count: cranelift_codegen::ir::Value,
+    axis_len: Result<i64, cranelift_codegen::ir::Value>,
     config: cranelift_codegen::isa::TargetFrontendConfig,
 ) {
     use cranelift_codegen::ir::condcodes::IntCC;
@@ -544,16 +551,25 @@ fn emit_gather(
         b.ins().sextend(types::I64, v)
     };
     // Negative indices count from the end.
-    let wrapped = b.ins().iadd_imm_s(idx, k.axis_len as i64);
+    let wrapped = match axis_len {
+        Ok(n) => b.ins().iadd_imm_s(idx, n),
+        Err(n) => b.ins().iadd(idx, n),
+    };
     let neg = b.ins().icmp_imm_s(IntCC::SignedLessThan, idx, 0);
     let idx = b.ins().select(neg, wrapped, idx);
     let ok_low = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, idx, 0);
-    let ok_high = b.ins().icmp_imm_s(IntCC::SignedLessThan, idx, k.axis_len as i64);
+    let ok_high = match axis_len {
+        Ok(n) => b.ins().icmp_imm_s(IntCC::SignedLessThan, idx, n),
+        Err(n) => b.ins().icmp(IntCC::SignedLessThan, idx, n),
+    };
     let ok = b.ins().band(ok_low, ok_high);
     let copy = b.create_block();
     b.ins().brif(ok, copy, &[], bad, &[]);
     b.switch_to_block(copy);
-    let src_row = b.ins().imul_imm_s(o, k.axis_len as i64);
+    let src_row = match axis_len {
+        Ok(n) => b.ins().imul_imm_s(o, n),
+        Err(n) => b.ins().imul(o, n),
+    };
     let src_row = b.ins().iadd(src_row, idx);
     let src_off = b.ins().imul_imm_s(src_row, row_bytes);
     let src = b.ins().iadd(data, src_off);

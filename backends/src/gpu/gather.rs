@@ -21,7 +21,8 @@ pub fn gather(k: &GatherKernel, at: &dyn Fn(BufferId) -> Place, code: u32) -> (K
     let n = b.param(total as i64);
     let inner = b.param(k.inner as i64);
     let count = b.param(n_indices as i64);
-    let axis = b.param(k.axis_len as i64);
+    // GPU plans are bound: the axis length is known.
+    let axis = b.param(crate::plan::known_size(k.axis_len) as i64);
     let (data, indices, out) = (b.param(pd.word as i64), b.param(pi.word as i64), b.param(po.word as i64));
     let code = b.param(code as i64);
     let gid = b.global_index();
