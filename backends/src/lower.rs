@@ -2095,8 +2095,8 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
             vec![]
         }
         // Masks computed from positions (`kv_index <= query_index`, `range
-        // >= 0`): integer comparisons, per call like the integer arithmetic
-        // they read.
+        // >= 0`): integer comparisons, loop nests reading their sizes on the
+        // CPU (`cpu::loop_nest`) like the integer arithmetic they read.
         op if node.outputs.iter().all(|&v| ty(v).dtype == DType::Bool)
             && in_types.iter().all(|t| matches!(t.dtype, DType::I64 | DType::I32))
             && !matches!(op, Op::Gather { .. }) =>

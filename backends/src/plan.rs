@@ -867,7 +867,6 @@ impl Kernel {
     }
 }
 
-/// Row-major strides of `shape` broadcast to `out` (0 along broadcast dims).
 /// Element strides of `shape` broadcast to `out`, where either may be
 /// symbolic: 0 along a dim of size 1 (or one `shape` lacks), else its
 /// row-major stride. `None` where a dim neither is 1 nor equals `out`'s
@@ -890,6 +889,7 @@ pub fn broadcast_dims(shape: &[Dim], out: &[Dim]) -> Option<Vec<Dim>> {
     Some(strides)
 }
 
+/// Row-major strides of `shape` broadcast to `out` (0 along broadcast dims).
 pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
     let dense = egret_ir::strides_of(shape);
     let lead = out.len() - shape.len();

@@ -116,7 +116,7 @@ pub fn compile_library(
     let mut plan = egret_backends::lower(&c.graph, crate::lower_options(opts))?;
     crate::lay_out_for_bounds(&mut plan, &opts.dim_bounds);
     // Ops the JIT runs per call on the reference evaluator at symbolic
-    // sizes (integer mask arithmetic) have no native code yet.
+    // sizes (a mask's `GatherND` or `GatherElements`) have no native code yet.
     let mut per_call: Vec<String> = vec![];
     let mut need = std::collections::BTreeSet::new();
     for k in &plan.kernels {

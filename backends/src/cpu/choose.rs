@@ -48,9 +48,10 @@ pub fn pack_generated_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 }
 
 /// Whether a `Reference` kernel runs as a loop nest on the CPU. Loop nests
-/// are generated for known sizes, except the shape ops, which read theirs
-/// from slots; any other symbolic op stays with the reference evaluator,
-/// which the runtime gives the call's sizes (and an artifact cannot hold).
+/// are generated for known sizes, except the shape ops and the elementwise
+/// integer ops (`loop_nest::takes_symbolic_sizes`), which read theirs from
+/// slots; any other symbolic op stays with the reference evaluator, which
+/// the runtime gives the call's sizes (and an artifact cannot hold).
 pub fn has_loop_nest(k: &crate::plan::Kernel) -> bool {
     let KernelKind::Reference { op, inputs, outputs } = &k.kind else { return false };
     let sized = super::loop_nest::takes_symbolic_sizes(op) || (k.is_known() && op.dims().iter().all(|d| d.is_known()));
