@@ -33,11 +33,12 @@ fn ptxas() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The distinct PTX kernels of every zoo, synthetic, export and perf
-/// model at `--opt 0` and `--opt 2` (and at `--opt 2` with tensor-core
+/// The distinct PTX kernels of every zoo, synthetic, export (bound and
+/// symbolic) and perf model at `--opt 0` and `--opt 2` (and at `--opt 2` with tensor-core
 /// products in tf32 and bf16), by text, with a model that has each.
 fn model_kernels() -> BTreeMap<String, (String, String)> {
-    let mut dirs = vec![common::zoo_dir(), common::synthetic_dir(), common::exports_dir()];
+    let dynamic = common::repo_root().join("tests/data/dynamic_exports");
+    let mut dirs = vec![common::zoo_dir(), common::synthetic_dir(), common::exports_dir(), dynamic];
     dirs.extend(common::shared_dir("perf", Some("EGRET_PERF_MODELS")));
     let mut kernels = BTreeMap::new();
     for dir in dirs {

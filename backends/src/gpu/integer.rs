@@ -9,7 +9,7 @@
 //! not fit stores the step's code in the error word instead of wrapping.
 
 use super::builder::Builder;
-use super::form::{Kernel, Space, Ty, E};
+use super::form::{CmpOp, Kernel, Space, Ty, E};
 use super::map::elementwise;
 use super::Place;
 use crate::plan::{broadcast_strides, BufferId};
@@ -81,6 +81,31 @@ pub fn kernel(
                 let bad = overflowed(b, op, &x, &y, &r);
                 b.if_(bad, |b| b.fail(code.clone()));
                 b.store(po.space, address[2].clone(), r);
+            });
+            let (k, p) = b.finish(format!("integer_{}", op.name()));
+            Some((k, p, groups))
+        }
+        // Masks from positions (`kv_index <= query_index`): a bool word each.
+        Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual
+            if inputs.len() == 2 && inputs.iter().all(|(_, t)| integer(t)) && out_ty.dtype == DType::Bool =>
+        {
+            let cmp = match op {
+                Op::Equal => CmpOp::Eq,
+                Op::Less => CmpOp::Lt,
+                Op::LessOrEqual => CmpOp::Le,
+                Op::Greater => CmpOp::Gt,
+                _ => CmpOp::Ge,
+            };
+            let operands: Vec<(i64, Vec<isize>)> = inputs
+                .iter()
+                .map(|(buf, t)| (at(*buf).word as i64, broadcast_strides(&t.sizes(), &out_ty.sizes())))
+                .chain(std::iter::once((po.word as i64, broadcast_strides(&out_ty.sizes(), &out_ty.sizes()))))
+                .collect();
+            let spaces: Vec<Space> = inputs.iter().map(|(buf, _)| at(*buf).space).collect();
+            let groups = elementwise(&mut b, &out_ty.sizes(), &operands, |b, address| {
+                let x = E::load(spaces[0], address[0].clone()).bits(Ty::I32);
+                let y = E::load(spaces[1], address[1].clone()).bits(Ty::I32);
+                b.store(po.space, address[2].clone(), E::cmp(cmp, x, y));
             });
             let (k, p) = b.finish(format!("integer_{}", op.name()));
             Some((k, p, groups))
