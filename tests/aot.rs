@@ -478,6 +478,38 @@ fn on_a_cpu_without_avx_a_v3_artifact_is_refused_and_a_v2_artifact_runs() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// A library of a model whose op runs per call on the reference evaluator
+/// at symbolic sizes (a cumulative sum over a symbolic axis) is refused
+/// naming the op, its node and the `--dim`s to give.
+#[test]
+fn a_library_refuses_per_call_ops_naming_them_and_the_dims() {
+    use common::onnx::{model, node, value_info_dims};
+    use onnx_protobuf::tensor_shape_proto::dimension::Value::DimParam;
+    use onnx_protobuf::{GraphProto, TensorProto};
+    use protobuf::Message;
+    let mut g = GraphProto::new();
+    g.input.push(value_info_dims("x", 7, &[DimParam("n".into())]));
+    g.output.push(value_info_dims("y", 7, &[DimParam("n".into())]));
+    let mut axis = TensorProto::new();
+    axis.name = "axis".into();
+    axis.data_type = 7;
+    axis.int64_data = vec![0];
+    g.initializer.push(axis);
+    g.node.push(node("CumSum", &["x", "axis"], &["y"]));
+    let work = work_dir("per-call");
+    std::fs::create_dir_all(&work).unwrap();
+    let path = work.join("model.onnx");
+    std::fs::write(&path, model(g).write_to_bytes().unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["compile", path.to_str().unwrap(), "-o", work.join("lib").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`cumsum` at CumSum_0") && err.contains("--dim n=N"), "{err}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// A library with symbolic dims against the JIT on random inputs of many
 /// shapes, the edges among them (one token, an empty past, a batch of
 /// three, the longest past the positions allow): the same answers.
@@ -636,20 +668,23 @@ fn reductions_and_softmax_over_a_symbolic_length_keep_it_symbolic() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// Real exports with symbolic dims as one library each, serving every data
-/// set's shapes and matching onnxruntime from C: ViT with a symbolic batch
-/// (both exporters; the patch embedding's convolution is rows of one
-/// product), and GPT-2 and LLaMA with `past_key_values` (the legacy
-/// exporter; their masks' integer arithmetic and gathers are loop nests
-/// and gather kernels reading their sizes).
+/// Every real export with symbolic dims (`tests/data/dynamic_exports`) as
+/// one library, serving every data set's shapes and matching onnxruntime
+/// from C: ViT's patch embedding as rows of one product; GPT-2's, LLaMA's
+/// and BERT's masks (integer arithmetic, comparisons, gathers at computed
+/// indices) as loop nests and gather kernels reading their sizes; BERT's
+/// mean pooling as row kernels of symbolic length.
 #[test]
 fn symbolic_exports_are_one_library_each() {
     if no_cc() {
         return;
     }
     let work = work_dir("symbolic-exports");
-    for model in ["vit_batch_legacy", "vit_batch_dynamo", "gpt2_past_legacy", "llama_gqa_past_legacy"] {
-        let case = common::repo_root().join("tests/data/dynamic_exports").join(model);
+    let dir = common::repo_root().join("tests/data/dynamic_exports");
+    let cases = egret::check::discover(&dir).unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let model = case.file_name().unwrap().to_string_lossy().to_string();
         let a = compile_symbolic(&case, &work, &[]);
         let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
         assert!(header.contains("Symbolic dims: batch (any size)"), "{model}: {header}");

@@ -109,23 +109,6 @@ fn explain_names_the_nodes_that_need_a_binding() {
     }
 }
 
-/// A library of an export whose padding mask is a `GatherND`, which runs
-/// per call on the reference evaluator, names the op and the dims to give.
-#[test]
-fn a_library_refuses_per_call_ops_naming_them_and_the_dims() {
-    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
-        .arg("compile")
-        .arg(dir().join("gpt2_past_dynamo"))
-        .arg("-o")
-        .arg(std::env::temp_dir().join("egret-dynamic-exports-refused"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`gather_nd` at node_GatherND"), "{err}");
-    assert!(err.contains("--dim past_sequence=N"), "{err}");
-}
-
 /// Every data set of every export through one symbolic PTX program per
 /// model, interpreted: the same kernels at every shape, matching
 /// onnxruntime's outputs.

@@ -550,3 +550,65 @@ output \"gathered\" = v11
         .to_string();
     assert!(err.contains("out of range for an axis of length batch*total = 2"), "{err}");
 }
+
+/// Gathers at computed indices at symbolic sizes, as the exporters write
+/// a mask's (`GatherND` of `[batch, kv]` index pairs) and BERT's token
+/// types (`GatherElements` of a constant table): CPU loop nests reading
+/// their sizes, the reference's answers at every shape, negative indices
+/// counted from the end, and an index out of range an error naming the op.
+#[test]
+fn gathers_at_computed_indices_at_symbolic_sizes_are_native() {
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let text = "v0: bool[batch,total] = input{name=\"mask\"}
+v1: i64[batch,1,total,2] = input{name=\"pairs\"}
+v2: bool[batch,1,total] = gather_nd{batch_dims=0} v0, v1
+v3: f32[batch,total,3] = input{name=\"rows\"}
+v4: i32[batch,2] = input{name=\"which\"}
+v5: f32[batch,3] = gather_nd{batch_dims=0} v3, v4
+v6: i64[4,total] = input{name=\"table\"}
+v7: i64[2,total] = input{name=\"at\"}
+v8: i64[2,total] = gather_elements{axis=0} v6, v7
+output \"nd\" = v2
+output \"nd_rows\" = v5
+output \"elements\" = v8
+";
+    let graph = egret::ir::text::parse(text).unwrap();
+    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
+    let plan = egret::backends::cpu::choose::choose(plan);
+    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
+    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
+    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+    let reference = ReferenceExecutable::new(graph.clone()).unwrap();
+    let inputs = |batch: usize, total: usize, bad: bool| {
+        let pairs: Vec<i64> = (0..batch * total)
+            .flat_map(|i| {
+                [(i / total) as i64, if i % 2 == 0 { (i % total) as i64 } else { (i % total) as i64 - total as i64 }]
+            })
+            .collect();
+        // (image, position) pairs, every other image counted from the end.
+        let which: Vec<i32> = (0..batch)
+            .flat_map(|b| [if b % 2 == 1 { b as i32 - batch as i32 } else { b as i32 }, ((b * 2) % total) as i32])
+            .collect();
+        let mut at: Vec<i64> = (0..2 * total).map(|i| (i % 4) as i64 - 2).collect();
+        if bad {
+            at[total] = 4;
+        }
+        vec![
+            Tensor::from_vec(vec![batch, total], (0..batch * total).map(|i| i % 3 != 1).collect::<Vec<bool>>()),
+            Tensor::from_vec(vec![batch, 1, total, 2], pairs),
+            Tensor::from_vec(vec![batch, total, 3], (0..batch * total * 3).map(|i| i as f32 * 0.5).collect::<Vec<_>>()),
+            Tensor::from_vec(vec![batch, 2], which),
+            Tensor::from_vec(vec![4, total], (0..4 * total).map(|i| i as i64 * 10).collect::<Vec<_>>()),
+            Tensor::from_vec(vec![2, total], at),
+        ]
+    };
+    for (batch, total) in [(1usize, 1usize), (2, 5), (3, 2), (1, 9)] {
+        let want = reference.run(inputs(batch, total, false)).unwrap();
+        let got = exe.run(inputs(batch, total, false)).unwrap();
+        for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
+            assert_eq!(g, w, "{name} at batch {batch}, total {total}");
+        }
+    }
+    let err = exe.run(inputs(2, 3, true)).unwrap_err().to_string();
+    assert!(err.contains("gather_elements index out of range"), "{err}");
+}

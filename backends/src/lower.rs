@@ -2103,9 +2103,10 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
         {
             vec![]
         }
-        // The dynamo exporter's padding mask (transformers' mask functions
-        // read `attention_mask[batch, kv_index]`): per call.
-        Op::GatherND { .. } if in_types[0].dtype != DType::F32 => vec![],
+        // Gathers at computed indices (the dynamo exporter's padding mask,
+        // BERT's token types): loop nests reading their sizes on the CPU
+        // (`cpu::loop_nest`), per call elsewhere.
+        Op::GatherND { batch_dims: 0 } | Op::GatherElements { .. } => vec![],
         // Rows and their length may both be symbolic (`RowKernel::len`).
         Op::Softmax { axis } | Op::LogSoftmax { axis } if f32_inputs && *axis + 1 == shape(node.inputs[0]).len() => {
             vec![]

@@ -656,6 +656,21 @@ impl Kernel {
             KernelKind::Gather(g) => vec![g.outer, g.n_indices, g.axis_len],
             KernelKind::Loop { op: Op::Shape { start, end }, inputs, .. } => inputs[0].1.shape[*start..*end].to_vec(),
             KernelKind::Loop { op: Op::Range { .. }, outputs, .. } => outputs[0].1.shape.clone(),
+            // Gathers: every operand's extents and row-major strides, the
+            // tuples' count and the copied rows' length.
+            KernelKind::Loop { op: Op::GatherElements { .. } | Op::GatherND { .. }, inputs, outputs } => {
+                let mut dims = vec![];
+                for (_, t) in inputs.iter().chain(outputs) {
+                    dims.extend(&t.shape);
+                    dims.extend(dense_strides(&t.shape));
+                }
+                let (data, indices) = (&inputs[0].1.shape, &inputs[1].1.shape);
+                if let Some(r) = indices.last().and_then(|d| d.size()) {
+                    dims.push(indices[..indices.len() - 1].iter().fold(Dim::new(1), |a, &d| a * d));
+                    dims.push(data.get(r..).unwrap_or_default().iter().fold(Dim::new(1), |a, &d| a * d));
+                }
+                dims
+            }
             // Elementwise integer ops: the output's extents and each operand's strides.
             KernelKind::Loop { inputs, outputs, .. } if !outputs[0].1.is_known() => {
                 let out = &outputs[0].1.shape;
@@ -865,6 +880,15 @@ impl Kernel {
             }
         }
     }
+}
+
+/// Row-major element strides of `shape`, symbolic where it is.
+pub fn dense_strides(shape: &[Dim]) -> Vec<Dim> {
+    let mut strides = vec![Dim::new(1); shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    strides
 }
 
 /// Element strides of `shape` broadcast to `out`, where either may be

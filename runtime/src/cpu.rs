@@ -449,6 +449,9 @@ impl CpuExecutable {
                                 };
                                 format!("gather index out of range for an axis of length {len}")
                             }
+                            (KernelKind::Loop { op, .. }, egret_backends::cpu::STATUS_INDEX_OUT_OF_RANGE) => {
+                                format!("{} index out of range", op.name())
+                            }
                             _ => format!("kernel failed with status {status}"),
                         };
                         return Err(RunError::Eval { node: k.label.clone(), op: k.kind_name().to_string(), message });

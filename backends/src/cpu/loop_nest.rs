@@ -7,7 +7,7 @@
 //! the reference evaluator's (and onnxruntime's) does.
 
 use super::loops::{counted, counted_dyn};
-use crate::plan::{broadcast_dims, BufferId};
+use crate::plan::{broadcast_dims, dense_strides, BufferId};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type as ClifType, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
@@ -39,6 +39,24 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
     match op {
         Op::Add | Op::Sub | Op::Mul => {
             inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype) && broadcast()
+        }
+        // A mask or a table read at computed indices (transformers' mask
+        // functions, BERT's token types): any element type, checked indices.
+        Op::GatherElements { axis } => {
+            inputs.len() == 2
+                && integer(inputs[1])
+                && element(inputs[0].dtype).is_some()
+                && inputs[0].dtype == out.dtype
+                && inputs[0].rank() == inputs[1].rank()
+                && *axis < inputs[0].rank()
+        }
+        Op::GatherND { batch_dims: 0 } => {
+            let r = inputs.get(1).and_then(|t| t.shape.last()).and_then(|d| d.size());
+            inputs.len() == 2
+                && integer(inputs[1])
+                && element(inputs[0].dtype).is_some()
+                && inputs[0].dtype == out.dtype
+                && r.is_some_and(|r| r >= 1 && r <= inputs[0].rank())
         }
         // Masks from positions (`kv_index <= query_index`).
         op if compare(op).is_some() => {
@@ -80,8 +98,32 @@ fn compare(op: &Op) -> Option<IntCC> {
 /// Whether a kernel of `op` has a loop nest at symbolic sizes (reading
 /// them from its slots); the others are generated for known sizes.
 pub fn takes_symbolic_sizes(op: &Op) -> bool {
-    matches!(op, Op::Shape { .. } | Op::Range { .. } | Op::Add | Op::Sub | Op::Mul) || compare(op).is_some()
+    matches!(
+        op,
+        Op::Shape { .. }
+            | Op::Range { .. }
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::GatherElements { .. }
+            | Op::GatherND { batch_dims: 0 }
+    ) || compare(op).is_some()
 }
+
+/// The integer type an element of `dtype` is copied as (its bytes).
+fn element(dtype: DType) -> Option<ClifType> {
+    Some(match dtype.size_bytes() {
+        1 => types::I8,
+        2 => types::I16,
+        4 => types::I32,
+        8 => types::I64,
+        _ => return None,
+    })
+}
+
+/// Status a loop nest returns when an index is out of range (the gather
+/// kernels' status).
+pub const STATUS_INDEX_OUT_OF_RANGE: i32 = 1;
 
 /// Emits the loop nest of a kernel `supports` accepted; `args` holds its
 /// inputs' and outputs' addresses, in that order, then the values of
@@ -186,6 +228,68 @@ pub fn emit(
                 vec![]
             });
         }
+        Op::GatherElements { axis } => {
+            // out[p] = data[p with p[axis] replaced by indices[p]].
+            let (data, indices, out) = (address(b, 0), address(b, 1), address(b, 2));
+            let (elem, eb) = (element(out_ty.dtype).expect("`supports` checked"), out_ty.dtype.size_bytes() as i64);
+            let (index_ty, ib) = (inputs[1].dtype, inputs[1].dtype.size_bytes() as i64);
+            let (ds, os) = (dense_strides(&inputs[0].shape), dense_strides(&out_ty.shape));
+            let mut strides = Vec::with_capacity(out_ty.rank());
+            for d in 0..out_ty.rank() {
+                let s = if d == *axis { Dim::new(0) } else { ds[d] };
+                let (dv, ov) = (size(b, s), size(b, os[d]));
+                strides.push([b.ins().imul_imm_s(dv, eb), b.ins().imul_imm_s(ov, ib), b.ins().imul_imm_s(ov, eb)]);
+            }
+            let extents: Vec<Value> = out_ty.shape.iter().map(|&d| size(b, d)).collect();
+            let (len, step) = (size(b, inputs[0].shape[*axis]), size(b, ds[*axis]));
+            let bad = b.create_block();
+            nest(b, &extents, &strides, [data, indices, out], &mut |b, [src, at, dst]| {
+                let i = load_index(b, index_ty, at, flags);
+                let i = checked(b, i, len, bad);
+                let by = b.ins().imul(i, step);
+                let by = b.ins().imul_imm_s(by, eb);
+                let src = b.ins().iadd(src, by);
+                let v = b.ins().load(elem, flags, src, 0);
+                b.ins().store(flags, v, dst, 0);
+            });
+            fail_in(b, bad);
+        }
+        Op::GatherND { .. } => {
+            // out[t, :] = data[indices[t, 0], .., indices[t, r - 1], :].
+            let (data, indices, out) = (address(b, 0), address(b, 1), address(b, 2));
+            let eb = out_ty.dtype.size_bytes() as i64;
+            let (index_ty, ib) = (inputs[1].dtype, inputs[1].dtype.size_bytes() as i64);
+            let ishape = &inputs[1].shape;
+            let r = ishape[ishape.len() - 1].size().expect("`supports` checked");
+            let tuples = ishape[..ishape.len() - 1].iter().fold(Dim::new(1), |a, &d| a * d);
+            let dshape = &inputs[0].shape;
+            let inner = dshape[r..].iter().fold(Dim::new(1), |a, &d| a * d);
+            let ds = dense_strides(dshape);
+            let (count, inner_v) = (size(b, tuples), size(b, inner));
+            let row_bytes = b.ins().imul_imm_s(inner_v, eb);
+            let lens: Vec<(Value, Value)> = (0..r).map(|i| (size(b, dshape[i]), size(b, ds[i]))).collect();
+            let bad = b.create_block();
+            let zero = b.ins().iconst(types::I64, 0);
+            counted_dyn(b, zero, count, 1, vec![], &mut |b, t, _| {
+                let tuple = b.ins().imul_imm_s(t, r as i64 * ib);
+                let tuple = b.ins().iadd(indices, tuple);
+                let mut offset = b.ins().iconst(types::I64, 0);
+                for (k, &(len, stride)) in lens.iter().enumerate() {
+                    let at = b.ins().iadd_imm_s(tuple, k as i64 * ib);
+                    let i = load_index(b, index_ty, at, flags);
+                    let i = checked(b, i, len, bad);
+                    let by = b.ins().imul(i, stride);
+                    offset = b.ins().iadd(offset, by);
+                }
+                let src = b.ins().imul_imm_s(offset, eb);
+                let src = b.ins().iadd(data, src);
+                let dst = b.ins().imul(t, row_bytes);
+                let dst = b.ins().iadd(out, dst);
+                b.call_memcpy(config, dst, src, row_bytes);
+                vec![]
+            });
+            fail_in(b, bad);
+        }
         Op::Reshape { .. } => {
             let (x, out) = (address(b, 0), address(b, inputs.len()));
             let size = b.ins().iconst(ptr, (out_ty.numel() * out_ty.dtype.size_bytes()) as i64);
@@ -213,6 +317,42 @@ pub fn emit(
         }
         other => unreachable!("`supports` refused `{}`", other.name()),
     }
+}
+
+/// An index loaded as an i64 from `at` (an i32 one sign-extended).
+fn load_index(b: &mut FunctionBuilder, dtype: DType, at: Value, flags: MemFlagsData) -> Value {
+    if dtype == DType::I64 {
+        b.ins().load(types::I64, flags, at, 0)
+    } else {
+        let v = b.ins().load(types::I32, flags, at, 0);
+        b.ins().sextend(types::I64, v)
+    }
+}
+
+/// `i` counted from the end when negative, checked against `len`: out of
+/// range goes to `bad` before anything is read.
+fn checked(b: &mut FunctionBuilder, i: Value, len: Value, bad: cranelift_codegen::ir::Block) -> Value {
+    let wrapped = b.ins().iadd(i, len);
+    let negative = b.ins().icmp_imm_s(IntCC::SignedLessThan, i, 0);
+    let i = b.ins().select(negative, wrapped, i);
+    let low = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, i, 0);
+    let high = b.ins().icmp(IntCC::SignedLessThan, i, len);
+    let ok = b.ins().band(low, high);
+    let good = b.create_block();
+    b.ins().brif(ok, good, &[], bad, &[]);
+    b.switch_to_block(good);
+    i
+}
+
+/// Fills `bad` with the out-of-range return; the code after it goes on
+/// in a block of its own.
+fn fail_in(b: &mut FunctionBuilder, bad: cranelift_codegen::ir::Block) {
+    let after = b.create_block();
+    b.ins().jump(after, &[]);
+    b.switch_to_block(bad);
+    let status = b.ins().iconst(types::I32, STATUS_INDEX_OUT_OF_RANGE as i64);
+    b.ins().return_(&[status]);
+    b.switch_to_block(after);
 }
 
 /// Loops over every index of `shape` (i64 values), outermost first,
