@@ -165,7 +165,7 @@ unsafe fn sgemm_packed(
     let panels = n.div_ceil(NR);
     let threads = super::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
-    if threads > 1 && m * n * k >= super::MATMUL_PARALLEL_MACS {
+    if threads > 1 && super::matmul_splits(m, k, n) {
         let (a, b, c, epilogue, args) = (a as usize, b as usize, c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {

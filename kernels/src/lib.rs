@@ -33,6 +33,17 @@ pub mod sgemm;
 /// and the zoo's small models ran slower on two threads than on one.
 pub const MATMUL_PARALLEL_MACS: usize = 1 << 22;
 
+/// A product of a few rows (a decode step's matrix-vector products) is
+/// bound by reading its weight, not by arithmetic: one of at least this
+/// many weight elements (1 MiB of f32, about 30 us of reading) splits its
+/// columns across threads whatever its multiply-adds.
+pub const MATVEC_PARALLEL_WEIGHTS: usize = 1 << 18;
+
+/// Whether an `m x k` by `k x n` product splits across threads.
+pub fn matmul_splits(m: usize, k: usize, n: usize) -> bool {
+    m * n * k >= MATMUL_PARALLEL_MACS || k * n >= MATVEC_PARALLEL_WEIGHTS
+}
+
 /// How many threads a kernel may use from inside: those of the pool running
 /// it (see `pool::Pool`), or one outside any pool. The thread count is the
 /// pool's, not the process's, so two pools of different sizes (two

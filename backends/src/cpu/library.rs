@@ -176,7 +176,13 @@ pub fn split_of(kind: &KernelKind) -> Split {
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => Split::Never,
         // A product with fewer batches than threads parallelises inside
         // the GEMM instead.
-        KernelKind::MatMul(_) if work(kind) >= egret_kernels::MATMUL_PARALLEL_MACS => Split::Batches,
+        // So does one that streams a large weight (a decode step's rows).
+        KernelKind::MatMul(mm)
+            if work(kind) >= egret_kernels::MATMUL_PARALLEL_MACS
+                || mm.k * mm.n >= egret_kernels::MATVEC_PARALLEL_WEIGHTS =>
+        {
+            Split::Batches
+        }
         KernelKind::MatMul(_) => Split::Never,
         _ if work(kind) >= PARALLEL_WORK => Split::Always,
         _ => Split::Never,
