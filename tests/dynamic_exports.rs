@@ -47,6 +47,7 @@ const ONE_PROGRAM: &[&str] = &[
     "llama_gqa_past_dynamo",
     "vit_batch_legacy",
     "vit_batch_dynamo",
+    "t5_legacy",
     "bert_mean_pool_legacy",
     "bert_mean_pool_dynamo",
 ];

@@ -29,6 +29,9 @@ Models (NAME; the last two only when named):
 - llama_gqa_past_legacy / _dynamo: `LlamaForCausalLM` (64 wide, 2 layers, 4
   query heads over 2 key/value heads) with `position_ids` and
   `past_key_values`, both exporters.
+- t5_legacy: `T5Model` (64 wide, 2+2 layers, 4 heads) with symbolic batch,
+  sequence and decoder_sequence (`dynamic_axes`); relative position buckets
+  computed in the graph at symbolic lengths.
 - vit_batch_legacy / _dynamo: `ViTModel` (32x32 images, patches of 8, 64
   wide, 2 layers, 4 heads) with a symbolic batch; data sets of 2, 1 and 5
   images.
@@ -232,6 +235,43 @@ def vit_batch():
     return Spec(Hidden(model), sets, ["last_hidden_state"], {"pixel_values": {0: "batch"}})
 
 
+def t5():
+    import torch
+    from transformers import T5Config, T5Model
+
+    config = T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=1000
+    )
+    model = T5Model(config)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, decoder_input_ids):
+            return self.m(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids
+            ).last_hidden_state
+
+    def data(batch, tokens, decoded):
+        d = {
+            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+            "decoder_input_ids": torch.randint(0, 1000, (batch, decoded)),
+        }
+        if batch > 1:
+            d["attention_mask"][1, tokens - 2 :] = 0
+        return d
+
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "decoder_input_ids": {0: "batch", 1: "decoder_sequence"},
+    }
+    return Spec(Hidden(model), [data(2, 12, 5), data(1, 4, 1), data(3, 9, 7)], ["last_hidden_state"], dynamic)
+
+
 def bert_mean_pool():
     import torch
     from transformers import BertConfig, BertModel
@@ -274,6 +314,7 @@ MODELS = {
     "gpt2_past_dynamo": (gpt2_past, "dynamo", 18, "dynamic_exports"),
     "llama_gqa_past_legacy": (llama_past, "legacy", 17, "dynamic_exports"),
     "llama_gqa_past_dynamo": (llama_past, "dynamo", 18, "dynamic_exports"),
+    "t5_legacy": (t5, "legacy", 17, "dynamic_exports"),
     "vit_batch_legacy": (vit_batch, "legacy", 17, "dynamic_exports"),
     "vit_batch_dynamo": (vit_batch, "dynamo", 18, "dynamic_exports"),
     "bert_mean_pool_legacy": (bert_mean_pool, "legacy", 17, "dynamic_exports"),

@@ -4,7 +4,7 @@
 
 use crate::RunError;
 use egret_backends::gpu::{ArenaLayout, GpuPlan, Step, SymbolicGpuPlan};
-use egret_ir::{Bindings, DimValues, Op, Tensor, Type};
+use egret_ir::{Bindings, DType, DimValues, Op, Tensor, Type};
 
 /// A GPU program for every value of its plan's symbols: what both GPU
 /// executors keep to build each new set of values' program.
@@ -78,15 +78,35 @@ impl Sizing {
     }
 }
 
-/// A host step: `op` on its inputs with the IR's reference semantics, an
-/// error naming the node.
+/// A host step of a GPU program: `op` on its inputs with the IR's
+/// reference semantics, an error naming the node. GPU programs carry
+/// integers as i32, so a float cast to an integer saturates at i32's range
+/// (as the devices' own conversions do) rather than holding a value no
+/// word can: T5's position buckets cast `log(0)`, which the next ops
+/// discard.
 pub(crate) fn eval_host(op: &Op, label: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
     let refs: Vec<&Tensor> = inputs.iter().collect();
-    egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
+    let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
         node: label.to_string(),
         op: op.name().to_string(),
         message,
-    })
+    })?;
+    let float_to_int =
+        matches!(op, Op::Cast { .. }) && inputs.first().is_some_and(|t| matches!(t.dtype(), DType::F32 | DType::F64));
+    if !float_to_int {
+        return Ok(outs);
+    }
+    Ok(outs
+        .into_iter()
+        .map(|t| match t.dtype() {
+            DType::I64 | DType::I32 => {
+                let v: Vec<i64> =
+                    t.to_i64_vec().into_iter().map(|x| x.clamp(i32::MIN as i64, i32::MAX as i64)).collect();
+                Tensor::new(t.shape().to_vec(), egret_ir::Data::from_i64s(t.dtype(), &v))
+            }
+            _ => t,
+        })
+        .collect())
 }
 
 /// The failure the error word reports, if any: `code` is the failing
