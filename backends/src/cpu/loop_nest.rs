@@ -49,6 +49,12 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
                 && inputs[0].dtype == out.dtype
                 && inputs[0].rank() == inputs[1].rank()
                 && *axis < inputs[0].rank()
+                // Off the axis, the indices' extent fits the data's (equal,
+                // or known and no larger), so every read stays inside.
+                && (0..inputs[0].rank()).all(|d| {
+                    let (i, x) = (inputs[1].shape[d], inputs[0].shape[d]);
+                    d == *axis || i == x || i.size().zip(x.size()).is_some_and(|(i, x)| i <= x)
+                })
         }
         Op::GatherND { batch_dims: 0 } => {
             let r = inputs.get(1).and_then(|t| t.shape.last()).and_then(|d| d.size());
