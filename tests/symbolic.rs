@@ -612,3 +612,51 @@ output \"elements\" = v8
     let err = exe.run(inputs(2, 3, true)).unwrap_err().to_string();
     assert!(err.contains("gather_elements index out of range"), "{err}");
 }
+
+/// T5's relative position buckets at symbolic sizes: integer minima and
+/// maxima, magnitudes, negations and selections, and the casts around a
+/// `log` (an integer to f32, an f32 back, saturating: `log(0)` is -inf,
+/// which casts to the lowest integer; NaN to 0), as CPU loop nests that
+/// agree with the reference at every shape.
+#[test]
+fn position_bucket_arithmetic_at_symbolic_sizes_is_native() {
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let text = "v0: i64[q,1] = input{name=\"queries\"}
+v1: i64[k] = input{name=\"keys\"}
+v2: i64[q,k] = sub v1, v0
+v3: i64[q,k] = abs v2
+v4: i64[q,k] = neg v2
+v5: i64[] = const [3]
+v6: i64[q,k] = min v3, v5
+v7: i64[q,k] = max v4, v5
+v8: bool[q,k] = less v2, v5
+v9: i64[q,k] = where v8, v6, v7
+v10: f32[q,k] = cast{to=f32} v3
+v11: f32[q,k] = log v10
+v12: i64[q,k] = cast{to=i64} v11
+v13: i32[q,k] = cast{to=i32} v9
+v14: i64[q,k] = cast{to=i64} v8
+output \"bucket\" = v9
+output \"log_cast\" = v12
+output \"narrow\" = v13
+output \"from_bool\" = v14
+";
+    let graph = egret::ir::text::parse(text).unwrap();
+    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
+    let plan = egret::backends::cpu::choose::choose(plan);
+    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
+    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
+    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+    let reference = ReferenceExecutable::new(graph.clone()).unwrap();
+    for (q, k) in [(1usize, 1usize), (3, 5), (6, 2), (4, 9)] {
+        let inputs = vec![
+            Tensor::from_vec(vec![q, 1], (0..q).map(|i| i as i64 * 2 - 3).collect::<Vec<_>>()),
+            Tensor::from_vec(vec![k], (0..k).map(|j| j as i64 - 4).collect::<Vec<_>>()),
+        ];
+        let want = reference.run(inputs.clone()).unwrap();
+        let got = exe.run(inputs).unwrap();
+        for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
+            assert_eq!(g, w, "{name} at q {q}, k {k}");
+        }
+    }
+}

@@ -64,6 +64,27 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
                 && inputs[0].dtype == out.dtype
                 && r.is_some_and(|r| r >= 1 && r <= inputs[0].rank())
         }
+        // T5's position buckets: integer minima, magnitudes, selections
+        // and the casts between integers and floats around a `log`.
+        Op::Min | Op::Max => {
+            inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype) && broadcast()
+        }
+        Op::Neg | Op::Abs => inputs.len() == 1 && integer(inputs[0]) && inputs[0].dtype == out.dtype && broadcast(),
+        Op::Where => {
+            inputs.len() == 3
+                && inputs[0].dtype == DType::Bool
+                && inputs[1..].iter().all(|t| t.dtype == out.dtype)
+                && element(out.dtype).is_some()
+                && broadcast()
+        }
+        Op::Cast { .. } => {
+            let from = inputs.first().map(|t| t.dtype);
+            let number = |d: DType| matches!(d, DType::I32 | DType::I64 | DType::F32);
+            let to_integer = matches!(out.dtype, DType::I32 | DType::I64);
+            inputs.len() == 1
+                && from.is_some_and(|f| (number(f) && number(out.dtype)) || (f == DType::Bool && to_integer))
+                && broadcast()
+        }
         // Masks from positions (`kv_index <= query_index`).
         op if compare(op).is_some() => {
             inputs.len() == 2
@@ -113,6 +134,12 @@ pub fn takes_symbolic_sizes(op: &Op) -> bool {
             | Op::Mul
             | Op::GatherElements { .. }
             | Op::GatherND { batch_dims: 0 }
+            | Op::Min
+            | Op::Max
+            | Op::Neg
+            | Op::Abs
+            | Op::Where
+            | Op::Cast { .. }
     ) || compare(op).is_some()
 }
 
@@ -188,6 +215,46 @@ pub fn emit(
                     _ => b.ins().imul(xv, yv),
                 };
                 b.ins().store(flags, r, out, 0);
+            });
+        }
+        Op::Min | Op::Max | Op::Neg | Op::Abs | Op::Where | Op::Cast { .. } => {
+            // One element of each operand (a bool is a byte) and the result.
+            let n = inputs.len();
+            let operands: Vec<&Type> = inputs.iter().copied().chain([out_ty]).collect();
+            let mut strides = vec![Vec::with_capacity(n + 1); out_ty.rank()];
+            for t in &operands {
+                let s = broadcast_dims(&t.shape, &out_ty.shape).expect("`supports` checked the shapes");
+                for (d, &e) in s.iter().enumerate() {
+                    let v = size(b, e);
+                    strides[d].push(b.ins().imul_imm_s(v, t.dtype.size_bytes() as i64));
+                }
+            }
+            let at: Vec<Value> = (0..=n).map(|i| address(b, i)).collect();
+            let extents: Vec<Value> = out_ty.shape.iter().map(|&d| size(b, d)).collect();
+            let load = |b: &mut FunctionBuilder, t: &Type, p: Value| {
+                let ty = if t.dtype == DType::F32 { types::F32 } else { element(t.dtype).expect("`supports` checked") };
+                b.ins().load(ty, flags, p, 0)
+            };
+            nest_n(b, &extents, &strides, at, &mut |b, p| {
+                let x = load(b, operands[0], p[0]);
+                let r = match op {
+                    Op::Min | Op::Max => {
+                        let y = load(b, operands[1], p[1]);
+                        if matches!(op, Op::Min) {
+                            b.ins().smin(x, y)
+                        } else {
+                            b.ins().smax(x, y)
+                        }
+                    }
+                    Op::Neg => b.ins().ineg(x),
+                    Op::Abs => b.ins().iabs(x),
+                    Op::Where => {
+                        let (y, z) = (load(b, operands[1], p[1]), load(b, operands[2], p[2]));
+                        b.ins().select(x, y, z)
+                    }
+                    _ => cast(b, x, operands[0].dtype, out_ty.dtype),
+                };
+                b.ins().store(flags, r, p[n], 0);
             });
         }
         Op::CumSum { axis, exclusive, reverse } => {
@@ -323,6 +390,51 @@ pub fn emit(
         }
         other => unreachable!("`supports` refused `{}`", other.name()),
     }
+}
+
+/// `x` of `from` as `to` (integers and f32; a bool is a byte of 0 or 1):
+/// integers widen by sign and narrow by wrapping, floats convert to
+/// integers saturating (NaN to 0), as the reference evaluator's casts do.
+fn cast(b: &mut FunctionBuilder, x: Value, from: DType, to: DType) -> Value {
+    let ty = |d: DType| if d == DType::F32 { types::F32 } else { element(d).expect("`supports` checked") };
+    let (f, t) = (ty(from), ty(to));
+    match (from, to) {
+        _ if f == t && from != DType::Bool => x,
+        (DType::F32, _) => b.ins().fcvt_to_sint_sat(t, x),
+        (_, DType::F32) => b.ins().fcvt_from_sint(t, x),
+        (DType::Bool, _) => b.ins().uextend(t, x),
+        _ if f.bits() < t.bits() => b.ins().sextend(t, x),
+        _ => b.ins().ireduce(t, x),
+    }
+}
+
+/// `nest` over any number of operands: `strides[d]` holds each operand's
+/// byte stride along dim `d`, `at` their addresses.
+fn nest_n(
+    b: &mut FunctionBuilder,
+    shape: &[Value],
+    strides: &[Vec<Value>],
+    at: Vec<Value>,
+    body: &mut dyn FnMut(&mut FunctionBuilder, &[Value]),
+) {
+    let Some((&len, rest)) = shape.split_first() else {
+        body(b, &at);
+        return;
+    };
+    let step = strides[0].clone();
+    let zero = b.ins().iconst(types::I64, 0);
+    counted_dyn(b, zero, len, 1, vec![], &mut |b, i, _| {
+        let moved: Vec<Value> = at
+            .iter()
+            .zip(&step)
+            .map(|(&a, &s)| {
+                let by = b.ins().imul(i, s);
+                b.ins().iadd(a, by)
+            })
+            .collect();
+        nest_n(b, rest, &strides[1..], moved, body);
+        vec![]
+    });
 }
 
 /// An index loaded as an i64 from `at` (an i32 one sign-extended).
