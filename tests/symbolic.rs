@@ -435,6 +435,38 @@ fn the_call_words_are_the_kernel_librarys_blocks() {
     assert!(attention > 0 && epilogues > 0, "{attention} attention kernels, {epilogues} epilogues");
 }
 
+/// `text` lowered with its symbols kept and compiled for the CPU, every
+/// kernel native (none left to the reference evaluator), with the
+/// reference executable to check it against.
+fn native_cpu_program(
+    text: &str,
+) -> (egret::ir::Graph, egret::runtime::CpuExecutable, egret::runtime::ReferenceExecutable) {
+    let graph = egret::ir::text::parse(text).unwrap();
+    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
+    let plan = egret::backends::cpu::choose::choose(plan);
+    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
+    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
+    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+    let reference = egret::runtime::ReferenceExecutable::new(graph.clone()).unwrap();
+    (graph, exe, reference)
+}
+
+/// `exe` and `reference` give equal outputs (these graphs compute exactly).
+fn agree(
+    graph: &egret::ir::Graph,
+    exe: &egret::runtime::CpuExecutable,
+    reference: &egret::runtime::ReferenceExecutable,
+    inputs: Vec<Tensor>,
+    what: &str,
+) {
+    use egret::runtime::Executable;
+    let want = reference.run(inputs.clone()).unwrap();
+    let got = exe.run(inputs).unwrap();
+    for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
+        assert_eq!(g, w, "{name} at {what}");
+    }
+}
+
 /// Convolutions over a symbolic batch (patch embeddings, padded, strided
 /// and dilated, 1-d and 2-d, with and without a bias) are one CPU program
 /// for every batch, agreeing with the reference at each.
@@ -495,7 +527,7 @@ output \"one_d\" = v10
 /// error naming the axis length at this call.
 #[test]
 fn mask_arithmetic_at_symbolic_sizes_is_native() {
-    use egret::runtime::{Executable, ReferenceExecutable};
+    use egret::runtime::Executable;
     let text = "v0: i64[total] = input{name=\"kv\"}
 v1: i64[sequence,1] = input{name=\"q\"}
 v2: bool[sequence,total] = less_or_equal v0, v1
@@ -514,13 +546,7 @@ output \"index\" = v7
 output \"same\" = v9
 output \"gathered\" = v11
 ";
-    let graph = egret::ir::text::parse(text).unwrap();
-    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
-    let plan = egret::backends::cpu::choose::choose(plan);
-    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
-    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
-    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-    let reference = ReferenceExecutable::new(graph.clone()).unwrap();
+    let (graph, exe, reference) = native_cpu_program(text);
     for (batch, sequence, total) in [(1usize, 1usize, 1usize), (2, 3, 5), (3, 1, 9), (1, 7, 7)] {
         let ints = |n: usize, f: &dyn Fn(usize) -> i64| (0..n).map(f).collect::<Vec<i64>>();
         let inputs = vec![
@@ -531,11 +557,7 @@ output \"gathered\" = v11
             Tensor::from_vec(vec![total], (0..total).map(|i| i as i32 - 2).collect::<Vec<i32>>()),
             Tensor::from_vec(vec![batch * total, 1], (0..batch * total).map(|i| i % 3 != 0).collect::<Vec<bool>>()),
         ];
-        let want = reference.run(inputs.clone()).unwrap();
-        let got = exe.run(inputs).unwrap();
-        for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
-            assert_eq!(g, w, "{name} at batch {batch}, sequence {sequence}, total {total}");
-        }
+        agree(&graph, &exe, &reference, inputs, &format!("batch {batch}, sequence {sequence}, total {total}"));
     }
     // An index past `batch * total` (rows of 3 over a total of 2).
     let err = exe
@@ -558,7 +580,7 @@ output \"gathered\" = v11
 /// counted from the end, and an index out of range an error naming the op.
 #[test]
 fn gathers_at_computed_indices_at_symbolic_sizes_are_native() {
-    use egret::runtime::{Executable, ReferenceExecutable};
+    use egret::runtime::Executable;
     let text = "v0: bool[batch,total] = input{name=\"mask\"}
 v1: i64[batch,1,total,2] = input{name=\"pairs\"}
 v2: bool[batch,1,total] = gather_nd{batch_dims=0} v0, v1
@@ -572,13 +594,7 @@ output \"nd\" = v2
 output \"nd_rows\" = v5
 output \"elements\" = v8
 ";
-    let graph = egret::ir::text::parse(text).unwrap();
-    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
-    let plan = egret::backends::cpu::choose::choose(plan);
-    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
-    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
-    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-    let reference = ReferenceExecutable::new(graph.clone()).unwrap();
+    let (graph, exe, reference) = native_cpu_program(text);
     let inputs = |batch: usize, total: usize, bad: bool| {
         let pairs: Vec<i64> = (0..batch * total)
             .flat_map(|i| {
@@ -603,11 +619,7 @@ output \"elements\" = v8
         ]
     };
     for (batch, total) in [(1usize, 1usize), (2, 5), (3, 2), (1, 9)] {
-        let want = reference.run(inputs(batch, total, false)).unwrap();
-        let got = exe.run(inputs(batch, total, false)).unwrap();
-        for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
-            assert_eq!(g, w, "{name} at batch {batch}, total {total}");
-        }
+        agree(&graph, &exe, &reference, inputs(batch, total, false), &format!("batch {batch}, total {total}"));
     }
     let err = exe.run(inputs(2, 3, true)).unwrap_err().to_string();
     assert!(err.contains("gather_elements index out of range"), "{err}");
@@ -620,7 +632,6 @@ output \"elements\" = v8
 /// agree with the reference at every shape.
 #[test]
 fn position_bucket_arithmetic_at_symbolic_sizes_is_native() {
-    use egret::runtime::{Executable, ReferenceExecutable};
     let text = "v0: i64[q,1] = input{name=\"queries\"}
 v1: i64[k] = input{name=\"keys\"}
 v2: i64[q,k] = sub v1, v0
@@ -641,22 +652,12 @@ output \"log_cast\" = v12
 output \"narrow\" = v13
 output \"from_bool\" = v14
 ";
-    let graph = egret::ir::text::parse(text).unwrap();
-    let plan = egret::backends::lower(&graph, egret::lower_options(&CompileOptions::default())).unwrap();
-    let plan = egret::backends::cpu::choose::choose(plan);
-    let kinds: Vec<String> = plan.kernels.iter().map(|k| k.detailed_kind()).collect();
-    assert!(kinds.iter().all(|k| !k.starts_with("reference")), "{kinds:?}");
-    let exe = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-    let reference = ReferenceExecutable::new(graph.clone()).unwrap();
+    let (graph, exe, reference) = native_cpu_program(text);
     for (q, k) in [(1usize, 1usize), (3, 5), (6, 2), (4, 9)] {
         let inputs = vec![
             Tensor::from_vec(vec![q, 1], (0..q).map(|i| i as i64 * 2 - 3).collect::<Vec<_>>()),
             Tensor::from_vec(vec![k], (0..k).map(|j| j as i64 - 4).collect::<Vec<_>>()),
         ];
-        let want = reference.run(inputs.clone()).unwrap();
-        let got = exe.run(inputs).unwrap();
-        for ((g, w), (name, _)) in got.iter().zip(&want).zip(graph.outputs()) {
-            assert_eq!(g, w, "{name} at q {q}, k {k}");
-        }
+        agree(&graph, &exe, &reference, inputs, &format!("q {q}, k {k}"));
     }
 }

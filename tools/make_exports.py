@@ -104,9 +104,30 @@ def perceiver():
     return Spec(Wrapped(model), [{"inputs": torch.randn(1, 256, 512)}], ["last_hidden_state"])
 
 
+def cache_names(prefix, layers):
+    """Hugging Face's names of a cache's tensors: `PREFIX.L.key/value`."""
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def cached_call(model, config, past, **inputs):
+    """A causal LM over `past` (each layer's key, then value, as plain
+    tensors, the way decode loops feed an exported model) through a
+    `DynamicCache`: its logits, then each layer's present key and value."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i in range(len(past) // 2):
+        cache.update(past[2 * i], past[2 * i + 1], i)
+    out = model(**inputs, past_key_values=cache, use_cache=True)
+    present = []
+    for layer in out.past_key_values.layers:
+        present += [layer.keys, layer.values]
+    return (out.logits, *present)
+
+
 def gpt2_past(base=False):
     import torch
-    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     # GPT-2 small (124M parameters) at base size, else a tiny one.
     layers, heads, width, vocab = (12, 12, 768, 50257) if base else (2, 4, 64, 1000)
@@ -122,16 +143,9 @@ def gpt2_past(base=False):
             self.m = m
 
         def forward(self, input_ids, attention_mask, *past):
-            cache = DynamicCache(config=config)
-            for i in range(layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-            present = []
-            for layer in out.past_key_values.layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            return cached_call(self.m, config, past, input_ids=input_ids, attention_mask=attention_mask)
 
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    past_names = cache_names("past_key_values", layers)
 
     def data(batch, tokens, past):
         d = {
@@ -146,7 +160,7 @@ def gpt2_past(base=False):
 
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}}
     dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    outputs = ["logits"] + cache_names("present", layers)
     # A base-size model's first data set is the decode tool's prompt: 8 tokens, no past.
     sets = [data(1, 8, 0), data(1, 1, 8)] if base else [data(1, 3, 5), data(1, 7, 0), data(1, 1, 9), data(2, 4, 11)]
     return Spec(WithCache(model), sets, outputs, dynamic, trace=data(1, 3, 5))
@@ -154,7 +168,7 @@ def gpt2_past(base=False):
 
 def llama_past(base=False):
     import torch
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     # About 150M parameters at base size (a 32k vocabulary, 12 layers of
     # 768 with 12 query heads over 4 key/value heads), else a tiny one.
@@ -171,27 +185,17 @@ def llama_past(base=False):
     model = LlamaForCausalLM(config)
 
     class WithCache(torch.nn.Module):
+        """LLaMA taking and returning its cache as plain tensors."""
+
         def __init__(self, m):
             super().__init__()
             self.m = m
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=config)
-            for i in range(layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.m(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            present = []
-            for layer in out.past_key_values.layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return cached_call(self.m, config, past, **inputs)
 
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    past_names = cache_names("past_key_values", layers)
 
     def data(batch, tokens, past):
         d = {
@@ -209,7 +213,7 @@ def llama_past(base=False):
         "position_ids": {0: "batch", 1: "sequence"},
     }
     dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    outputs = ["logits"] + cache_names("present", layers)
     sets = [data(1, 8, 0), data(1, 1, 8)] if base else [data(1, 3, 5), data(1, 7, 1), data(1, 1, 9), data(2, 4, 11)]
     return Spec(WithCache(model), sets, outputs, dynamic, trace=data(1, 3, 5))
 

@@ -37,7 +37,8 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
     let inputs: Vec<&Type> = inputs.iter().map(|(_, t)| t).collect();
     let broadcast = || inputs.iter().all(|t| broadcast_dims(&t.shape, &out.shape).is_some());
     match op {
-        Op::Add | Op::Sub | Op::Mul => {
+        // Integer sums, products, and T5's position buckets' minima.
+        Op::Add | Op::Sub | Op::Mul | Op::Min | Op::Max => {
             inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype) && broadcast()
         }
         // A mask or a table read at computed indices (transformers' mask
@@ -64,11 +65,8 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
                 && inputs[0].dtype == out.dtype
                 && r.is_some_and(|r| r >= 1 && r <= inputs[0].rank())
         }
-        // T5's position buckets: integer minima, magnitudes, selections
-        // and the casts between integers and floats around a `log`.
-        Op::Min | Op::Max => {
-            inputs.len() == 2 && inputs.iter().all(|t| integer(t) && t.dtype == out.dtype) && broadcast()
-        }
+        // T5's position buckets: magnitudes, selections and the casts
+        // between integers and floats around a `log`.
         Op::Neg | Op::Abs => inputs.len() == 1 && integer(inputs[0]) && inputs[0].dtype == out.dtype && broadcast(),
         Op::Where => {
             inputs.len() == 3
@@ -187,38 +185,22 @@ pub fn emit(
     let bytes = out_ty.dtype.size_bytes() as i64;
     let address = |b: &mut FunctionBuilder, n: usize| b.ins().load(ptr, flags, args, (8 * n) as i32);
     match op {
-        Op::Add | Op::Sub | Op::Mul | Op::Equal | Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual => {
-            let ty = scalar(inputs[0].dtype).expect("`supports` checked the dtype");
-            let in_bytes = inputs[0].dtype.size_bytes() as i64;
-            let (x, y, out) = (address(b, 0), address(b, 1), address(b, 2));
-            // Byte strides per dim: the operands' element strides, symbolic
-            // ones read from their slots.
-            let elements = |t: &Type| broadcast_dims(&t.shape, &out_ty.shape).expect("`supports` checked the shapes");
-            let (sx, sy, so) = (elements(inputs[0]), elements(inputs[1]), elements(out_ty));
-            let mut strides = Vec::with_capacity(out_ty.rank());
-            for d in 0..out_ty.rank() {
-                let [a, c, o] = [(sx[d], in_bytes), (sy[d], in_bytes), (so[d], bytes)].map(|(s, n)| {
-                    let v = size(b, s);
-                    b.ins().imul_imm_s(v, n)
-                });
-                strides.push([a, c, o]);
-            }
-            let extents: Vec<Value> = out_ty.shape.iter().map(|&d| size(b, d)).collect();
-            let cc = compare(op);
-            nest(b, &extents, &strides, [x, y, out], &mut |b, [x, y, out]| {
-                let (xv, yv) = (b.ins().load(ty, flags, x, 0), b.ins().load(ty, flags, y, 0));
-                let r = match (op, cc) {
-                    // A bool is a byte, 0 or 1.
-                    (_, Some(cc)) => b.ins().icmp(cc, xv, yv),
-                    (Op::Add, _) => b.ins().iadd(xv, yv),
-                    (Op::Sub, _) => b.ins().isub(xv, yv),
-                    _ => b.ins().imul(xv, yv),
-                };
-                b.ins().store(flags, r, out, 0);
-            });
-        }
-        Op::Min | Op::Max | Op::Neg | Op::Abs | Op::Where | Op::Cast { .. } => {
-            // One element of each operand (a bool is a byte) and the result.
+        Op::Add
+        | Op::Sub
+        | Op::Mul
+        | Op::Equal
+        | Op::Less
+        | Op::LessOrEqual
+        | Op::Greater
+        | Op::GreaterOrEqual
+        | Op::Min
+        | Op::Max
+        | Op::Neg
+        | Op::Abs
+        | Op::Where
+        | Op::Cast { .. } => {
+            // One element of each operand (a bool is a byte) and the
+            // result; byte strides per dim, symbolic ones read from slots.
             let n = inputs.len();
             let operands: Vec<&Type> = inputs.iter().copied().chain([out_ty]).collect();
             let mut strides = vec![Vec::with_capacity(n + 1); out_ty.rank()];
@@ -235,16 +217,24 @@ pub fn emit(
                 let ty = if t.dtype == DType::F32 { types::F32 } else { element(t.dtype).expect("`supports` checked") };
                 b.ins().load(ty, flags, p, 0)
             };
-            nest_n(b, &extents, &strides, at, &mut |b, p| {
+            let cc = compare(op);
+            nest(b, &extents, &strides, at, &mut |b, p| {
                 let x = load(b, operands[0], p[0]);
                 let r = match op {
-                    Op::Min | Op::Max => {
+                    Op::Add | Op::Sub | Op::Mul | Op::Min | Op::Max => {
                         let y = load(b, operands[1], p[1]);
-                        if matches!(op, Op::Min) {
-                            b.ins().smin(x, y)
-                        } else {
-                            b.ins().smax(x, y)
+                        match op {
+                            Op::Add => b.ins().iadd(x, y),
+                            Op::Sub => b.ins().isub(x, y),
+                            Op::Mul => b.ins().imul(x, y),
+                            Op::Min => b.ins().smin(x, y),
+                            _ => b.ins().smax(x, y),
                         }
+                    }
+                    // A bool is a byte, 0 or 1.
+                    _ if cc.is_some() => {
+                        let y = load(b, operands[1], p[1]);
+                        b.ins().icmp(cc.expect("a comparison"), x, y)
                     }
                     Op::Neg => b.ins().ineg(x),
                     Op::Abs => b.ins().iabs(x),
@@ -311,13 +301,14 @@ pub fn emit(
             for d in 0..out_ty.rank() {
                 let s = if d == *axis { Dim::new(0) } else { ds[d] };
                 let (dv, ov) = (size(b, s), size(b, os[d]));
-                strides.push([b.ins().imul_imm_s(dv, eb), b.ins().imul_imm_s(ov, ib), b.ins().imul_imm_s(ov, eb)]);
+                strides.push(vec![b.ins().imul_imm_s(dv, eb), b.ins().imul_imm_s(ov, ib), b.ins().imul_imm_s(ov, eb)]);
             }
             let extents: Vec<Value> = out_ty.shape.iter().map(|&d| size(b, d)).collect();
             let (len, step) = (size(b, inputs[0].shape[*axis]), size(b, ds[*axis]));
             let bad = b.create_block();
-            nest(b, &extents, &strides, [data, indices, out], &mut |b, [src, at, dst]| {
-                let i = load_index(b, index_ty, at, flags);
+            nest(b, &extents, &strides, vec![data, indices, out], &mut |b, p| {
+                let (src, dst) = (p[0], p[2]);
+                let i = load_index(b, index_ty, p[1], flags);
                 let i = checked(b, i, len, bad);
                 let by = b.ins().imul(i, step);
                 let by = b.ins().imul_imm_s(by, eb);
@@ -408,9 +399,10 @@ fn cast(b: &mut FunctionBuilder, x: Value, from: DType, to: DType) -> Value {
     }
 }
 
-/// `nest` over any number of operands: `strides[d]` holds each operand's
-/// byte stride along dim `d`, `at` their addresses.
-fn nest_n(
+/// Loops over every index of `shape` (i64 values), outermost first,
+/// calling `body` with the operands' addresses there: `strides[d]` holds
+/// each operand's byte stride along dim `d`, `at` their first addresses.
+fn nest(
     b: &mut FunctionBuilder,
     shape: &[Value],
     strides: &[Vec<Value>],
@@ -432,7 +424,7 @@ fn nest_n(
                 b.ins().iadd(a, by)
             })
             .collect();
-        nest_n(b, rest, &strides[1..], moved, body);
+        nest(b, rest, &strides[1..], moved, body);
         vec![]
     });
 }
@@ -471,30 +463,4 @@ fn fail_in(b: &mut FunctionBuilder, bad: cranelift_codegen::ir::Block) {
     let status = b.ins().iconst(types::I32, STATUS_INDEX_OUT_OF_RANGE as i64);
     b.ins().return_(&[status]);
     b.switch_to_block(after);
-}
-
-/// Loops over every index of `shape` (i64 values), outermost first,
-/// calling `body` with the three operand addresses there (`strides` in
-/// bytes, per dim).
-fn nest(
-    b: &mut FunctionBuilder,
-    shape: &[Value],
-    strides: &[[Value; 3]],
-    at: [Value; 3],
-    body: &mut dyn FnMut(&mut FunctionBuilder, [Value; 3]),
-) {
-    let Some((&len, rest)) = shape.split_first() else {
-        body(b, at);
-        return;
-    };
-    let step = strides[0];
-    let zero = b.ins().iconst(types::I64, 0);
-    counted_dyn(b, zero, len, 1, vec![], &mut |b, i, _| {
-        let moved = [0, 1, 2].map(|k| {
-            let by = b.ins().imul(i, step[k]);
-            b.ins().iadd(at[k], by)
-        });
-        nest(b, rest, &strides[1..], moved, body);
-        vec![]
-    });
 }

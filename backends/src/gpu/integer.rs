@@ -61,13 +61,18 @@ pub fn kernel(
     let [(out, out_ty)] = outputs else { return None };
     let mut b = Builder::new(THREADS);
     let po = at(*out);
+    // Each input's and the output's first word and element strides, the
+    // inputs broadcast to the output.
+    let broadcast_operands = || -> Vec<(i64, Vec<isize>)> {
+        inputs
+            .iter()
+            .map(|(buf, t)| (at(*buf).word as i64, broadcast_strides(&t.sizes(), &out_ty.sizes())))
+            .chain(std::iter::once((po.word as i64, broadcast_strides(&out_ty.sizes(), &out_ty.sizes()))))
+            .collect()
+    };
     match op {
         Op::Add | Op::Sub | Op::Mul if inputs.len() == 2 && inputs.iter().all(|(_, t)| integer(t)) => {
-            let operands: Vec<(i64, Vec<isize>)> = inputs
-                .iter()
-                .map(|(buf, t)| (at(*buf).word as i64, broadcast_strides(&t.sizes(), &out_ty.sizes())))
-                .chain(std::iter::once((po.word as i64, broadcast_strides(&out_ty.sizes(), &out_ty.sizes()))))
-                .collect();
+            let operands = broadcast_operands();
             let code = b.param(code as i64);
             let spaces: Vec<Space> = inputs.iter().map(|(buf, _)| at(*buf).space).collect();
             let groups = elementwise(&mut b, &out_ty.sizes(), &operands, |b, address| {
@@ -96,11 +101,7 @@ pub fn kernel(
                 Op::Greater => CmpOp::Gt,
                 _ => CmpOp::Ge,
             };
-            let operands: Vec<(i64, Vec<isize>)> = inputs
-                .iter()
-                .map(|(buf, t)| (at(*buf).word as i64, broadcast_strides(&t.sizes(), &out_ty.sizes())))
-                .chain(std::iter::once((po.word as i64, broadcast_strides(&out_ty.sizes(), &out_ty.sizes()))))
-                .collect();
+            let operands = broadcast_operands();
             let spaces: Vec<Space> = inputs.iter().map(|(buf, _)| at(*buf).space).collect();
             let groups = elementwise(&mut b, &out_ty.sizes(), &operands, |b, address| {
                 let x = E::load(spaces[0], address[0].clone()).bits(Ty::I32);
