@@ -52,6 +52,7 @@ pub fn read_npy(path: &Path) -> Result<Tensor, Error> {
     let data = match ts.as_str() {
         "<f4" => Data::F32(npy.into_vec().map_err(io)?),
         "<f8" => Data::F64(npy.into_vec().map_err(io)?),
+        "<f2" => Data::F16(npy.into_vec().map_err(io)?),
         "|i1" | "<i1" => Data::I8(npy.into_vec().map_err(io)?),
         "<i2" => Data::I16(npy.into_vec().map_err(io)?),
         "<i4" => Data::I32(npy.into_vec().map_err(io)?),
@@ -83,7 +84,22 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<(), Error> {
             w.finish().map_err(|e| err(e.to_string()))
         }};
     }
-    egret_ir::dispatch!(t.data(), v: _T => write!(v))
+    match t.data() {
+        // numpy has no bfloat16: its values are written as f32, exactly.
+        Data::BF16(v) => write!(v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()),
+        Data::F32(v) => write!(v),
+        Data::F64(v) => write!(v),
+        Data::F16(v) => write!(v),
+        Data::I8(v) => write!(v),
+        Data::I16(v) => write!(v),
+        Data::I32(v) => write!(v),
+        Data::I64(v) => write!(v),
+        Data::U8(v) => write!(v),
+        Data::U16(v) => write!(v),
+        Data::U32(v) => write!(v),
+        Data::U64(v) => write!(v),
+        Data::Bool(v) => write!(v),
+    }
 }
 
 /// A small deterministic generator (SplitMix64): random inputs must be the

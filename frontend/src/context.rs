@@ -27,6 +27,23 @@ pub struct Importer<'a> {
     specialized: Vec<(String, Tensor)>,
     /// The symbolic dims of the inputs and the sizes they were bound to.
     symbols: Vec<(String, usize)>,
+    /// Integer values whose exact value the graph also holds in f32: the
+    /// quantized ops compute their integers in f32 (exactly, below 2^24), and
+    /// a consumer that wants floats reads this instead of a cast back.
+    exact_f32: HashMap<ValueId, ValueId>,
+    /// Constants the file stores as int4 or uint4 (kept as 8-bit integers).
+    four_bit: HashSet<ValueId>,
+}
+
+/// Half-precision values are computed in f32: a half constant is widened
+/// where it enters the graph, and so is a half input (by a cast), while a
+/// half output is narrowed back (`Importer::run`).
+fn widen(t: Tensor) -> Tensor {
+    if t.dtype().is_half() {
+        t.cast(egret_ir::DType::F32)
+    } else {
+        t
+    }
 }
 
 impl<'a> Importer<'a> {
@@ -58,11 +75,16 @@ impl<'a> Importer<'a> {
             base,
             specialized: vec![],
             symbols: vec![],
+            exact_f32: HashMap::new(),
+            four_bit: HashSet::new(),
         };
 
         for init in &g.initializer {
-            let t = tensor_from_proto(init, base)?;
+            let t = widen(tensor_from_proto(init, base)?);
             let v = imp.graph.add_const(t.clone(), &init.name);
+            if crate::tensor::is_four_bit(init) {
+                imp.four_bit.insert(v);
+            }
             imp.known.insert(v, Arc::new(t));
             imp.names.insert(init.name.clone(), v);
         }
@@ -84,8 +106,20 @@ impl<'a> Importer<'a> {
             }
         }
         for out in &g.output {
-            let v = *imp.names.get(&out.name).ok_or_else(|| ImportError::UndefinedOutput { name: out.name.clone() })?;
+            let mut v =
+                *imp.names.get(&out.name).ok_or_else(|| ImportError::UndefinedOutput { name: out.name.clone() })?;
             check_declared(&out.name, out, imp.graph.ty(v))?;
+            // A half output, computed in f32, is narrowed to its declared type.
+            if let Some(half) = declared_dtype(out).filter(|d| d.is_half()) {
+                if imp.graph.ty(v).dtype == egret_ir::DType::F32 {
+                    v = imp.graph.add_node(Op::Cast { to: half }, &[v], &out.name).map_err(|e| ImportError::Node {
+                        node: e.node,
+                        op: "Cast".into(),
+                        opset,
+                        message: e.message,
+                    })?[0];
+                }
+            }
             imp.graph.set_output(&out.name, v);
         }
         if g.output.is_empty() {
@@ -222,7 +256,7 @@ impl<'a> Importer<'a> {
             if ty.is_known() && ty.checked_numel().is_none() {
                 return Err(err(format!("shape {ty} is too large")));
             }
-            let v = self.graph.add_input(&input.name, ty.clone());
+            let mut v = self.graph.add_input(&input.name, ty.clone());
             if specialize.contains(&input.name) {
                 let t = opts.input_values[&input.name].clone();
                 if t.ty() != ty {
@@ -230,6 +264,11 @@ impl<'a> Importer<'a> {
                 }
                 self.known.insert(v, Arc::new(t.clone()));
                 self.specialized.push((input.name.clone(), t));
+            }
+            if ty.dtype.is_half() {
+                v = self.graph.add_node(Op::Cast { to: egret_ir::DType::F32 }, &[v], &input.name).map_err(|e| {
+                    ImportError::Input { input: input.name.clone(), message: e.message }
+                })?[0];
             }
             self.names.insert(input.name.clone(), v);
         }
@@ -240,7 +279,7 @@ impl<'a> Importer<'a> {
         let label =
             if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
         let domain = if node.domain == "ai.onnx" { "" } else { node.domain.as_str() };
-        let builder = if domain.is_empty() { registry::get(&node.op_type) } else { None };
+        let builder = registry::get(domain, &node.op_type);
         let Some(builder) = builder else {
             return Err(ImportError::UnsupportedOp {
                 op: node.op_type.clone(),
@@ -249,7 +288,7 @@ impl<'a> Importer<'a> {
                 node: label,
             });
         };
-        let first = registry::first_opset(&node.op_type);
+        let first = if domain.is_empty() { registry::first_opset(&node.op_type) } else { 1 };
         if self.opset < first {
             return Err(ImportError::Node {
                 node: label,
@@ -362,6 +401,14 @@ impl<'a> Importer<'a> {
     }
 }
 
+/// The element type a value's declaration gives, if any.
+fn declared_dtype(info: &onnx_protobuf::ValueInfoProto) -> Option<egret_ir::DType> {
+    match info.type_.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(onnx_protobuf::type_proto::Value::TensorType(tt)) => dtype_from_onnx(tt.elem_type).ok(),
+        _ => None,
+    }
+}
+
 /// Checks a value's declared dtype and static dims against what Egret computes.
 fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -> Result<(), ImportError> {
     use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
@@ -370,9 +417,11 @@ fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -
         return Ok(());
     };
     let err = |m: String| ImportError::Tensor { tensor: name.to_string(), message: m };
-    if tt.elem_type != 0 {
+    // Halves are computed in f32, 4-bit integers kept as 8-bit.
+    let four_bit = matches!(tt.elem_type, crate::tensor::UINT4 | crate::tensor::INT4);
+    if tt.elem_type != 0 && !four_bit {
         let declared = dtype_from_onnx(tt.elem_type).map_err(err)?;
-        if declared != ty.dtype {
+        if declared != ty.dtype && !(declared.is_half() && ty.dtype == egret_ir::DType::F32) {
             return Err(err(format!("the model declares {declared} but the graph computes {}", ty.dtype)));
         }
     }
@@ -534,6 +583,11 @@ impl NodeCtx<'_, '_> {
         self.input(i).and_then(|v| self.imp.known.get(&v).cloned())
     }
 
+    /// The compile-time value of `v`, if known.
+    pub fn known_value(&self, v: ValueId) -> Option<Arc<Tensor>> {
+        self.imp.known.get(&v).cloned()
+    }
+
     /// The compile-time value of input `i`, which this op requires.
     pub fn need_known(&self, i: usize, what: &str) -> Result<Arc<Tensor>, ImportError> {
         let v = self.req(i)?;
@@ -681,7 +735,7 @@ impl NodeCtx<'_, '_> {
         match self.typed(name, AttributeType::TENSOR)? {
             None => Ok(None),
             Some(a) => match a.t.as_ref() {
-                Some(t) => Ok(Some(tensor_from_proto(t, self.imp.base)?)),
+                Some(t) => Ok(Some(widen(tensor_from_proto(t, self.imp.base)?))),
                 None => Err(self.err(format!("attribute `{name}` holds no tensor"))),
             },
         }
@@ -704,7 +758,45 @@ impl NodeCtx<'_, '_> {
         Ok(self.add_node(op, inputs)?[0])
     }
 
+    /// `v` as f32: itself, the f32 twin a quantized op recorded for it
+    /// (`set_exact_f32`), or a cast.
+    pub fn as_f32(&mut self, v: ValueId) -> Result<ValueId, ImportError> {
+        if self.ty(v).dtype == egret_ir::DType::F32 {
+            return Ok(v);
+        }
+        if let Some(&f) = self.imp.exact_f32.get(&v) {
+            return Ok(f);
+        }
+        self.add(Op::Cast { to: egret_ir::DType::F32 }, &[v])
+    }
+
+    /// Records that the f32 value `exact` holds exactly the integers of `v`.
+    pub fn set_exact_f32(&mut self, v: ValueId, exact: ValueId) {
+        self.imp.exact_f32.insert(v, exact);
+    }
+
+    /// An f32 scalar constant.
+    pub fn f32_const(&mut self, x: f32) -> ValueId {
+        self.constant(Tensor::scalar(x))
+    }
+
+    /// Whether tensor attribute `name` is stored as int4 or uint4.
+    pub fn attr_is_four_bit(&self, name: &str) -> bool {
+        self.attr(name).and_then(|a| a.t.as_ref()).is_some_and(crate::tensor::is_four_bit)
+    }
+
+    /// Marks `v` as holding 4-bit integers (in an 8-bit type).
+    pub fn mark_four_bit(&mut self, v: ValueId) {
+        self.imp.four_bit.insert(v);
+    }
+
+    /// Whether `v` is a constant the file stores in 4 bits.
+    pub fn is_four_bit(&self, v: ValueId) -> bool {
+        self.imp.four_bit.contains(&v)
+    }
+
     pub fn constant(&mut self, t: Tensor) -> ValueId {
+        let t = widen(t);
         let v = self.imp.graph.add_const(t.clone(), &self.label);
         self.imp.known.insert(v, Arc::new(t));
         v

@@ -7,28 +7,46 @@ use std::sync::OnceLock;
 pub type Builder = fn(&mut NodeCtx) -> BuildResult;
 pub type Registry = HashMap<&'static str, Builder>;
 
-pub fn get(op_type: &str) -> Option<Builder> {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY
-        .get_or_init(|| {
-            let mut r = Registry::new();
-            crate::ops::math::register(&mut r);
-            crate::ops::nn::register(&mut r);
-            crate::ops::array::register(&mut r);
-            r
-        })
-        .get(op_type)
-        .copied()
-}
+/// The domain of onnxruntime's contrib ops (optimum's O1-O4 exports, its
+/// quantizers, onnxruntime-genai's LLMs).
+pub const MICROSOFT: &str = "com.microsoft";
 
-/// Every op type the registry knows, sorted (for `egret ops` and docs).
-pub fn supported_ops() -> Vec<&'static str> {
+fn default_domain() -> Registry {
     let mut r = Registry::new();
     crate::ops::math::register(&mut r);
     crate::ops::nn::register(&mut r);
     crate::ops::array::register(&mut r);
-    let mut v: Vec<_> = r.keys().copied().collect();
+    crate::ops::quant::register(&mut r);
+    r
+}
+
+fn microsoft_domain() -> Registry {
+    let mut r = Registry::new();
+    crate::ops::contrib::register(&mut r);
+    r
+}
+
+/// The builder of `op_type` in `domain` ("" for the default domain).
+pub fn get(domain: &str, op_type: &str) -> Option<Builder> {
+    static DEFAULT: OnceLock<Registry> = OnceLock::new();
+    static MS: OnceLock<Registry> = OnceLock::new();
+    let r = match domain {
+        "" | "ai.onnx" => DEFAULT.get_or_init(default_domain),
+        MICROSOFT => MS.get_or_init(microsoft_domain),
+        _ => return None,
+    };
+    r.get(op_type).copied()
+}
+
+/// Every op type the registry knows, sorted (for `egret ops` and docs):
+/// the default domain's by name, then the contrib ops as
+/// `com.microsoft.Name`.
+pub fn supported_ops() -> Vec<String> {
+    let mut v: Vec<String> = default_domain().keys().map(|s| s.to_string()).collect();
     v.sort();
+    let mut ms: Vec<String> = microsoft_domain().keys().map(|s| format!("{MICROSOFT}.{s}")).collect();
+    ms.sort();
+    v.extend(ms);
     v
 }
 

@@ -21,18 +21,27 @@ pub fn dtype_from_onnx(code: i32) -> Result<DType, String> {
         12 => DType::U32,
         13 => DType::U64,
         8 => return Err("string tensors are not supported".into()),
-        10 => return Err("float16 tensors are not supported".into()),
-        16 => return Err("bfloat16 tensors are not supported".into()),
+        10 => DType::F16,
+        16 => DType::BF16,
         14 | 15 => return Err("complex tensors are not supported".into()),
-        17..=26 => return Err(format!("8-bit/4-bit float or int4 tensors (type {code}) are not supported")),
+        UINT4 | INT4 => {
+            return Err("int4 and uint4 are supported in initializers and constants only (Egret keeps them as 8-bit)".into())
+        }
+        17..=26 => return Err(format!("8-bit/4-bit float tensors (type {code}) are not supported")),
         0 => return Err("the element type is undefined".into()),
         other => return Err(format!("unknown element type {other}")),
     })
 }
 
+/// ONNX's codes of the 4-bit integer types (opset 21).
+pub const UINT4: i32 = 21;
+pub const INT4: i32 = 22;
+
 pub fn dtype_to_onnx(d: DType) -> i32 {
     match d {
         DType::F32 => 1,
+        DType::F16 => 10,
+        DType::BF16 => 16,
         DType::U8 => 2,
         DType::I8 => 3,
         DType::U16 => 4,
@@ -119,6 +128,8 @@ fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
     Ok(match dtype {
         DType::F32 => le!(f32, F32),
         DType::F64 => le!(f64, F64),
+        DType::F16 => le!(half::f16, F16),
+        DType::BF16 => le!(half::bf16, BF16),
         DType::I8 => le!(i8, I8),
         DType::I16 => le!(i16, I16),
         DType::I32 => le!(i32, I32),
@@ -135,6 +146,9 @@ fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
 pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
     let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
+    if matches!(t.data_type, UINT4 | INT4) {
+        return four_bit_from_proto(t, base);
+    }
     let dtype = dtype_from_onnx(t.data_type).map_err(err)?;
     let mut shape = Vec::with_capacity(t.dims.len());
     for &d in &t.dims {
@@ -159,6 +173,9 @@ pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor,
             DType::F32 => Data::F32(t.float_data.clone()),
             DType::F64 => Data::F64(t.double_data.clone()),
             DType::I64 => Data::I64(t.int64_data.clone()),
+            // Half types keep their bits in the low 16 of each int32_data entry.
+            DType::F16 => Data::F16(t.int32_data.iter().map(|&x| half::f16::from_bits(x as u16)).collect()),
+            DType::BF16 => Data::BF16(t.int32_data.iter().map(|&x| half::bf16::from_bits(x as u16)).collect()),
             DType::U32 | DType::U64 => {
                 Data::from_i64s(dtype, &t.uint64_data.iter().map(|&x| x as i64).collect::<Vec<_>>())
             }
@@ -169,6 +186,43 @@ pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor,
             return Err(err(format!("holds {} values but its shape {shape:?} needs {n}", data.len())));
         }
         data
+    };
+    Tensor::try_new(shape, data).map_err(err)
+}
+
+/// Whether a `TensorProto` holds 4-bit integers (which import as 8-bit).
+pub fn is_four_bit(t: &TensorProto) -> bool {
+    matches!(t.data_type, UINT4 | INT4)
+}
+
+/// An int4 or uint4 tensor (two values a byte, the first in the low bits),
+/// unpacked into int8 or uint8: Egret keeps 4-bit integers one a byte, and
+/// the quantizers read their range from `is_four_bit`.
+fn four_bit_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
+    let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
+    let err = |m: String| ImportError::tensor(name, m);
+    let signed = t.data_type == INT4;
+    let shape: Vec<usize> = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dimension {d}"))))
+        .collect::<Result<_, _>>()?;
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| err("shape overflows".into()))?;
+    let packed: Vec<u8> = if t.data_location.enum_value() == Ok(DataLocation::EXTERNAL) {
+        read_external(t, base).map_err(err)?
+    } else if !t.raw_data.is_empty() {
+        t.raw_data.clone()
+    } else {
+        t.int32_data.iter().map(|&x| x as u8).collect()
+    };
+    if packed.len() != n.div_ceil(2) {
+        return Err(err(format!("holds {} bytes but {n} 4-bit values need {}", packed.len(), n.div_ceil(2))));
+    }
+    let nibble = |i: usize| (packed[i / 2] >> (4 * (i % 2))) & 0xf;
+    let data = if signed {
+        Data::I8((0..n).map(|i| ((nibble(i) << 4) as i8) >> 4).collect())
+    } else {
+        Data::U8((0..n).map(nibble).collect())
     };
     Tensor::try_new(shape, data).map_err(err)
 }
@@ -193,6 +247,8 @@ fn le_bytes_of<T: egret_ir::Elem>(x: T) -> Vec<u8> {
     match T::DTYPE {
         DType::F32 => (x.to_f64() as f32).to_le_bytes().to_vec(),
         DType::F64 => x.to_f64().to_le_bytes().to_vec(),
+        DType::F16 => half::f16::from_f64(x.to_f64()).to_le_bytes().to_vec(),
+        DType::BF16 => half::bf16::from_f64(x.to_f64()).to_le_bytes().to_vec(),
         DType::Bool => vec![x.to_i64() as u8],
         DType::I8 | DType::U8 => vec![x.to_i64() as u8],
         DType::I16 | DType::U16 => (x.to_i64() as u16).to_le_bytes().to_vec(),

@@ -12,6 +12,11 @@ use std::str::FromStr;
 pub enum DType {
     F32,
     F64,
+    /// IEEE half precision. Egret stores it at its width at a program's
+    /// edges and computes in f32 (the importer widens every half value).
+    F16,
+    /// bfloat16: stored like `F16`, computed in f32.
+    BF16,
     I8,
     I16,
     I32,
@@ -24,9 +29,11 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 11] = [
+    pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F64,
+        DType::F16,
+        DType::BF16,
         DType::I8,
         DType::I16,
         DType::I32,
@@ -42,6 +49,8 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::F64 => "f64",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
             DType::I8 => "i8",
             DType::I16 => "i16",
             DType::I32 => "i32",
@@ -55,7 +64,12 @@ impl DType {
     }
 
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F64)
+        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+    }
+
+    /// Whether this is a half-precision type (`F16`, `BF16`).
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16)
     }
 
     pub fn is_int(self) -> bool {
@@ -63,14 +77,14 @@ impl DType {
     }
 
     pub fn is_signed(self) -> bool {
-        matches!(self, DType::F32 | DType::F64 | DType::I8 | DType::I16 | DType::I32 | DType::I64)
+        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::I8 | DType::I16 | DType::I32 | DType::I64)
     }
 
     /// Size of one element in bytes, as stored in ONNX `raw_data` and `.npy` files.
     pub fn size_bytes(self) -> usize {
         match self {
             DType::Bool | DType::I8 | DType::U8 => 1,
-            DType::I16 | DType::U16 => 2,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F64 | DType::I64 | DType::U64 => 8,
         }

@@ -11,6 +11,8 @@ use std::fmt;
 pub enum Data {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
     I8(Vec<i8>),
     I16(Vec<i16>),
     I32(Vec<i32>),
@@ -36,6 +38,16 @@ macro_rules! dispatch {
             $crate::Data::F64($v) => {
                 #[allow(dead_code)]
                 type $T = f64;
+                $body
+            }
+            $crate::Data::F16($v) => {
+                #[allow(dead_code)]
+                type $T = $crate::half::f16;
+                $body
+            }
+            $crate::Data::BF16($v) => {
+                #[allow(dead_code)]
+                type $T = $crate::half::bf16;
                 $body
             }
             $crate::Data::I8($v) => {
@@ -144,6 +156,9 @@ macro_rules! dispatch_num {
                 $body
             }
             $crate::Data::Bool(_) => return Err(format!("{} is not defined on bool tensors", $what)),
+            $crate::Data::F16(_) | $crate::Data::BF16(_) => {
+                return Err(format!("{} computes half-precision values in f32; cast them first", $what))
+            }
         }
     };
 }
@@ -221,6 +236,38 @@ impl_elem_num!(u16, U16);
 impl_elem_num!(u32, U32);
 impl_elem_num!(u64, U64);
 
+macro_rules! impl_elem_half {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            const DTYPE: DType = DType::$variant;
+            fn wrap(v: Vec<Self>) -> Data {
+                Data::$variant(v)
+            }
+            fn to_f64(self) -> f64 {
+                self.to_f64()
+            }
+            /// Rounds to nearest, ties to even (NaN stays NaN).
+            fn from_f64(x: f64) -> Self {
+                <$t>::from_f64(x)
+            }
+            fn to_i64(self) -> i64 {
+                self.to_f64() as i64
+            }
+            fn from_i64(x: i64) -> Self {
+                <$t>::from_f64(x as f64)
+            }
+            fn unwrap(d: &Data) -> Option<&[Self]> {
+                match d {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+impl_elem_half!(half::f16, F16);
+impl_elem_half!(half::bf16, BF16);
+
 impl Elem for bool {
     const DTYPE: DType = DType::Bool;
     fn wrap(v: Vec<Self>) -> Data {
@@ -264,6 +311,8 @@ impl Data {
         match dtype {
             DType::F32 => Data::F32(vec![0.0; len]),
             DType::F64 => Data::F64(vec![0.0; len]),
+            DType::F16 => Data::F16(vec![half::f16::ZERO; len]),
+            DType::BF16 => Data::BF16(vec![half::bf16::ZERO; len]),
             DType::I8 => Data::I8(vec![0; len]),
             DType::I16 => Data::I16(vec![0; len]),
             DType::I32 => Data::I32(vec![0; len]),
@@ -317,6 +366,8 @@ impl Data {
         match to {
             DType::F32 => conv!(f32),
             DType::F64 => conv!(f64),
+            DType::F16 => conv!(half::f16),
+            DType::BF16 => conv!(half::bf16),
             DType::I8 => conv!(i8),
             DType::I16 => conv!(i16),
             DType::I32 => conv!(i32),
@@ -478,6 +529,8 @@ impl Tensor {
             }
             Data::F32(v) => bytes_of(v),
             Data::F64(v) => bytes_of(v),
+            Data::F16(v) => bytes_of(v),
+            Data::BF16(v) => bytes_of(v),
             Data::I8(v) => bytes_of(v),
             Data::I16(v) => bytes_of(v),
             Data::I32(v) => bytes_of(v),
@@ -511,6 +564,8 @@ impl Tensor {
             DType::Bool => Data::Bool(bytes.iter().map(|&b| b != 0).collect()),
             DType::F32 => read!(f32, F32),
             DType::F64 => read!(f64, F64),
+            DType::F16 => read!(half::f16, F16),
+            DType::BF16 => read!(half::bf16, BF16),
             DType::I8 => read!(i8, I8),
             DType::I16 => read!(i16, I16),
             DType::I32 => read!(i32, I32),

@@ -391,6 +391,8 @@ fn const_from_tokens(ty: &Type, items: &[AttrTok]) -> Result<Tensor, String> {
     let data = match ty.dtype {
         DType::F32 => parse_all!(f32, F32),
         DType::F64 => parse_all!(f64, F64),
+        DType::F16 => parse_all!(half::f16, F16),
+        DType::BF16 => parse_all!(half::bf16, BF16),
         DType::I8 => parse_all!(i8, I8),
         DType::I16 => parse_all!(i16, I16),
         DType::I32 => parse_all!(i32, I32),

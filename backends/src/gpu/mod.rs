@@ -137,6 +137,9 @@ pub fn words_of(t: &Tensor, what: &str) -> Result<Vec<u32>, GpuError> {
     Ok(match t.data() {
         Data::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
         Data::Bool(v) => v.iter().map(|&b| b as u32).collect(),
+        // Half values travel as f32 words (their values exactly).
+        Data::F16(v) => v.iter().map(|x| x.to_f32().to_bits()).collect(),
+        Data::BF16(v) => v.iter().map(|x| x.to_f32().to_bits()).collect(),
         Data::F64(_) => return Err(GpuError::DType { what: what.into(), dtype: DType::F64 }),
         _ => {
             let mut out = Vec::with_capacity(t.numel());
@@ -155,6 +158,7 @@ pub fn tensor_of_words(ty: &Type, words: &[u32]) -> Tensor {
     let data = match ty.dtype {
         DType::F32 => Data::F32(words.iter().map(|&w| f32::from_bits(w)).collect()),
         DType::Bool => Data::Bool(words.iter().map(|&w| w != 0).collect()),
+        d if d.is_half() => Data::F32(words.iter().map(|&w| f32::from_bits(w)).collect()).cast(d),
         d => Data::from_i64s(d, &words.iter().map(|&w| w as i32 as i64).collect::<Vec<_>>()),
     };
     Tensor::new(ty.sizes(), data)

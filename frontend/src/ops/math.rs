@@ -105,6 +105,18 @@ pub fn register(r: &mut Registry) {
         c.ignore_attr("round_mode");
         let to = dtype_from_onnx(c.i("to", 0)? as i32).map_err(|m| c.err(m))?;
         let x = c.req(0)?;
+        // Half values are computed in f32 (see `context::widen`): a cast to
+        // a half type rounds to it and widens back, keeping its precision
+        // and range (overflow to infinity included).
+        if to.is_half() {
+            let wide = c.as_f32(x)?;
+            let narrow = c.add(Op::Cast { to }, &[wide])?;
+            return c.add_node(Op::Cast { to: egret_ir::DType::F32 }, &[narrow]);
+        }
+        if to == egret_ir::DType::F32 && c.ty(x).dtype != to {
+            // The f32 twin of a quantized integer, if it has one.
+            return Ok(vec![c.as_f32(x)?]);
+        }
         c.add_node(Op::Cast { to }, &[x])
     });
     r.insert("CastLike", |c| {
@@ -227,5 +239,9 @@ fn constant(c: &mut NodeCtx) -> BuildResult {
     } else {
         return Err(c.err("has no value attribute"));
     };
-    Ok(vec![c.constant(t)])
+    let v = c.constant(t);
+    if c.attr_is_four_bit("value") {
+        c.mark_four_bit(v);
+    }
+    Ok(vec![v])
 }

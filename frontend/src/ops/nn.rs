@@ -5,7 +5,7 @@ use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
 use crate::ImportError;
 use egret_ir::op::ReduceKind;
-use egret_ir::{DType, Op, Tensor, ValueId};
+use egret_ir::{DType, Dim, Op, Tensor, ValueId};
 
 const REDUCTIONS: [(&str, ReduceKind); 10] = [
     ("ReduceSum", ReduceKind::Sum),
@@ -474,13 +474,28 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
 fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
     let (x, cos, sin) = (c.req(0)?, c.req(1)?, c.req(2)?);
     let position_ids = c.input(3);
+    rotate(c, x, cos, sin, position_ids)
+}
+
+/// The rotation of `RotaryEmbedding` (opset 23, and onnxruntime's contrib
+/// op, which orders its inputs differently), reading the attributes both
+/// share: `interleaved`, `num_heads`, `rotary_embedding_dim`.
+pub(crate) fn rotate(
+    c: &mut NodeCtx,
+    x: ValueId,
+    cos: ValueId,
+    sin: ValueId,
+    position_ids: Option<ValueId>,
+) -> BuildResult {
     let interleaved = c.flag("interleaved", false)?;
     for (v, name) in [(x, "input"), (cos, "cos_cache"), (sin, "sin_cache")] {
         if c.ty(v).dtype != DType::F32 {
             return Err(c.err(format!("`{name}` is {}; RotaryEmbedding is supported for f32", c.ty(v).dtype)));
         }
     }
-    let shape = c.sizes(x)?;
+    // Batch and sequence may be symbolic; the head sizes must be known.
+    let shape = c.ty(x).shape.clone();
+    let known = |c: &NodeCtx, d: Dim, what: &str| d.size().ok_or_else(|| c.err(format!("the {what} ({d}) must be known")));
     // The input as [batch, heads, seq, head] or [batch, seq, heads, head],
     // and the axis of the angles' heads (1) in the matching layout.
     let (x4, batch, seq, heads_axis) = match shape.len() {
@@ -490,20 +505,18 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
         }
         3 => {
             let heads = c.i("num_heads", 0)?;
-            if heads <= 0 || shape[2] % heads as usize != 0 {
-                return Err(c.err(format!("3D input {shape:?} needs `num_heads` that divides {}", shape[2])));
+            let hidden = known(c, shape[2], "hidden size")?;
+            if heads <= 0 || hidden % heads as usize != 0 {
+                return Err(c.err(format!("3D input {} needs `num_heads` that divides {hidden}", c.ty(x))));
             }
             let heads = heads as usize;
-            let x4 = c.add(
-                Op::Reshape { shape: egret_ir::dims_of(&vec![shape[0], shape[1], heads, shape[2] / heads]) },
-                &[x],
-            )?;
-            (x4, shape[0], shape[1], 2)
+            let split = vec![shape[0], shape[1], Dim::new(heads), Dim::new(hidden / heads)];
+            (c.add(Op::Reshape { shape: split }, &[x])?, shape[0], shape[1], 2)
         }
-        _ => return Err(c.err(format!("input {shape:?} must be 3D or 4D"))),
+        _ => return Err(c.err(format!("input {} must be 3D or 4D", c.ty(x)))),
     };
-    let s4 = c.sizes(x4)?;
-    let head = s4[3];
+    let s4 = c.ty(x4).shape.clone();
+    let head = known(c, s4[3], "head size")?;
     let rotary = match c.i("rotary_embedding_dim", 0)? {
         0 => head,
         d if d > 0 && d as usize <= head && d % 2 == 0 => d as usize,
@@ -516,30 +529,31 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
             Some(ids) => {
                 if c.rank(cache) != 2 || c.ty(ids).shape != [batch, seq] {
                     return Err(c.err(format!(
-                        "{name} {:?} must be [positions, features] and position_ids {:?} [{batch}, {seq}]",
-                        c.ty(cache).shape,
-                        c.ty(ids).shape
+                        "{name} {} must be [positions, features] and position_ids {} [{batch}, {seq}]",
+                        c.ty(cache),
+                        c.ty(ids)
                     )));
                 }
                 c.add(Op::Gather { axis: 0 }, &[cache, ids])?
             }
             None => cache,
         };
-        let ts = c.sizes(table)?;
-        if ts.len() != 3 || ts[0] != batch || ts[1] != seq || ts[2] < half {
-            return Err(c.err(format!("{name} gives angles {ts:?}, not [{batch}, {seq}, >= {half}]")));
+        let ts = c.ty(table).shape.clone();
+        let width = ts.get(2).and_then(|d| d.size());
+        if ts.len() != 3 || ts[0] != batch || ts[1] != seq || width.is_none_or(|w| w < half) {
+            return Err(c.err(format!("{name} gives angles {}, not [{batch}, {seq}, >= {half}]", c.ty(table))));
         }
-        let table = if ts[2] == half { table } else { slice_last(c, table, 0, half as i64, 1)? };
+        let table = if width == Some(half) { table } else { slice_last(c, table, 0, half, 1)? };
         // One angle per head: a unit axis where the input has its heads.
-        let mut broadcast = vec![batch, seq, half];
-        broadcast.insert(heads_axis, 1);
-        c.add(Op::Reshape { shape: egret_ir::dims_of(&broadcast) }, &[table])
+        let mut broadcast = vec![batch, seq, Dim::new(half)];
+        broadcast.insert(heads_axis, Dim::new(1));
+        c.add(Op::Reshape { shape: broadcast }, &[table])
     };
     let (cos, sin) = (angles(c, cos, "cos_cache")?, angles(c, sin, "sin_cache")?);
     let (first, second) = if interleaved {
-        (slice_last(c, x4, 0, rotary as i64, 2)?, slice_last(c, x4, 1, rotary as i64, 2)?)
+        (slice_last(c, x4, 0, rotary, 2)?, slice_last(c, x4, 1, rotary, 2)?)
     } else {
-        (slice_last(c, x4, 0, half as i64, 1)?, slice_last(c, x4, half as i64, rotary as i64, 1)?)
+        (slice_last(c, x4, 0, half, 1)?, slice_last(c, x4, half, rotary, 1)?)
     };
     let (cos_first, sin_second) = (c.add(Op::Mul, &[cos, first])?, c.add(Op::Mul, &[sin, second])?);
     let real = c.add(Op::Sub, &[cos_first, sin_second])?;
@@ -548,38 +562,38 @@ fn rotary_embedding(c: &mut NodeCtx) -> BuildResult {
     let rotated = if interleaved {
         // [.., half] pairs side by side as [.., half, 2], read as [.., rotary].
         let mut pair = s4[..3].to_vec();
-        pair.extend([half, 1]);
-        let real = c.add(Op::Reshape { shape: egret_ir::dims_of(&pair.clone()) }, &[real])?;
-        let imaginary = c.add(Op::Reshape { shape: egret_ir::dims_of(&pair) }, &[imaginary])?;
+        pair.extend([Dim::new(half), Dim::new(1)]);
+        let real = c.add(Op::Reshape { shape: pair.clone() }, &[real])?;
+        let imaginary = c.add(Op::Reshape { shape: pair }, &[imaginary])?;
         let pairs = c.add(Op::Concat { axis: 4 }, &[real, imaginary])?;
         let mut flat = s4[..3].to_vec();
-        flat.push(rotary);
-        c.add(Op::Reshape { shape: egret_ir::dims_of(&flat) }, &[pairs])?
+        flat.push(Dim::new(rotary));
+        c.add(Op::Reshape { shape: flat }, &[pairs])?
     } else {
         c.add(Op::Concat { axis: 3 }, &[real, imaginary])?
     };
     let y = if rotary == head {
         rotated
     } else {
-        let rest = slice_last(c, x4, rotary as i64, head as i64, 1)?;
+        let rest = slice_last(c, x4, rotary, head, 1)?;
         c.add(Op::Concat { axis: 3 }, &[rotated, rest])?
     };
     if c.ty(y).shape == shape {
         return Ok(vec![y]);
     }
-    c.add_node(Op::Reshape { shape: egret_ir::dims_of(&shape) }, &[y])
+    c.add_node(Op::Reshape { shape }, &[y])
 }
 
-/// `x[.., start..end:step]` along the last axis, the others whole.
-fn slice_last(c: &mut NodeCtx, x: ValueId, start: i64, end: i64, step: i64) -> Result<ValueId, ImportError> {
-    let shape = c.sizes(x)?;
-    let mut starts = vec![0; shape.len()];
-    let mut ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    let mut steps = vec![1; shape.len()];
+/// `x[.., start..end:step]` along the last axis, the others whole (they
+/// may be symbolic).
+fn slice_last(c: &mut NodeCtx, x: ValueId, start: usize, end: usize, step: i64) -> Result<ValueId, ImportError> {
+    let shape = c.ty(x).shape.clone();
     let last = shape.len() - 1;
-    (starts[last], ends[last], steps[last]) = (start, end, step);
-    let dims = |v: &[i64]| egret_ir::dims_of_ints(v).ok_or_else(|| c.err("slice bounds are out of range"));
-    c.add(Op::Slice { starts: dims(&starts)?, ends: dims(&ends)?, steps }, &[x])
+    let mut starts = vec![Dim::new(0); shape.len()];
+    let mut ends = shape.clone();
+    let mut steps = vec![1; shape.len()];
+    (starts[last], ends[last], steps[last]) = (Dim::new(start), Dim::new(end), step);
+    c.add(Op::Slice { starts, ends, steps }, &[x])
 }
 
 /// `[batch, seq, heads * head]` as `[batch, heads, seq, head]`.

@@ -1,0 +1,1 @@
+ByJsyŠ…~{ƒyk††dkŠau—ƒ~iv~ˆ~mv|‡‚zw|r„‘ƒ{}zs”^rx€w|‡€ppu‰utz‚|i~z…yŒ‰uŠ„s…ulŠqp‚u„“~„y~|~€‡zy‡vl}tzx€mm‚•s…‚u

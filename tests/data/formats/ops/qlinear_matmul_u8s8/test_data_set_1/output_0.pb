@@ -1,0 +1,1 @@
+ByJı‹{i~~}suy€vy„€Œg{€m{„”oq~tyo}|}„ƒk‚}rŒˆsu‚pˆ„~xx{ƒ}ry„}sz|ymvom…v|p{‡zcƒn„||}gŠ|myŠmg~~ussrsrx~zwn„„xt…~ˆzcƒ…{…Š‹vv‡†u{‘vx|…‚hz}z€ˆŠujsƒ€‚||s‚qtpn†„‹w}„…z~…“xyŠŒ„ty‹}rˆvzr…ˆŒ„‚l|y~{x{qt~ƒru`ƒ…vp„‚ˆtƒxyg–to‚unf{}u“’q}’t‡v„

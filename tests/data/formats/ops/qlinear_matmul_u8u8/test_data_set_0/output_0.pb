@@ -1,0 +1,1 @@
+ByJsŠˆ|y~yy|s…{{wuy„v‰~}‹wyr€q‡{i€ƒuw~{|€†ƒwwqƒn…†{zzro~j|†‚ƒw„y€}„€„wx…}v}snz–yvjxŠ‚pqtŠuŽk|†r–gtšsxb~y

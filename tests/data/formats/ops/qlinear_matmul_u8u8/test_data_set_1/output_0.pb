@@ -1,0 +1,1 @@
+ByJý}j‚€t†‹zx‰h‹‚‚€x‰{{}…tlz€unrv‡qux~ˆ€{msvvuy‰ƒˆomxxttˆo€v~‡vuvft{h~†s…‰„ƒuŽ~ƒl‹}…„vw‰ƒzww€‹n…vƒˆq†„kr€xupsww€Š}zs{„“rvuvrpnxsr‡„‘yyurrxx}y€l|‚{x}x€zzxrwƒzxy‰|vlv|pq€{m€}‘~†€‡{{‚ˆ…sƒ‚€‡x‡v{††rc}qŽtq…‹~zu”wl{v†pz{ƒ}€u†o†‚r~Žy„ƒ{~tnr…v~
