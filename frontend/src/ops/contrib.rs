@@ -11,7 +11,7 @@
 //! `MatMulNBits`' `g_idx` and float zero points.
 
 use crate::context::{BuildResult, NodeCtx};
-use crate::ops::nn::rotate;
+use crate::ops::nn::{rotate, rotate_by};
 use crate::ops::quant::integer_product;
 use crate::registry::Registry;
 use crate::ImportError;
@@ -50,6 +50,7 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("EmbedLayerNormalization", embed_layer_norm);
     r.insert("Attention", attention);
+    r.insert("GroupQueryAttention", group_query_attention);
     r.insert("RotaryEmbedding", |c| {
         let (x, positions, cos, sin) = (c.req(0)?, c.req(1)?, c.req(2)?, c.req(3)?);
         if c.f("scale", 1.0)? != 1.0 {
@@ -332,6 +333,238 @@ fn attention(c: &mut NodeCtx) -> BuildResult {
         return Err(c.err("output `present` is not supported"));
     }
     Ok(vec![y, y])
+}
+
+/// An i64 scalar constant.
+fn int(c: &mut NodeCtx, x: i64) -> ValueId {
+    c.constant(Tensor::scalar(x))
+}
+
+/// The length of axis `axis` of `v` at run time, as an i64 scalar.
+fn length_of(c: &mut NodeCtx, v: ValueId, axis: usize) -> Result<ValueId, ImportError> {
+    let d = c.ty(v).shape[axis];
+    if let Some(n) = d.known() {
+        return Ok(int(c, n));
+    }
+    let shape = c.add(Op::Shape { start: axis, end: axis + 1 }, &[v])?;
+    c.add(Op::Reshape { shape: vec![] }, &[shape])
+}
+
+/// onnxruntime's `GroupQueryAttention` (as onnxruntime-genai and optimum
+/// write it for LLaMA-family decoders): query heads over fewer key/value
+/// heads, the new keys and values appended to `past_key`/`past_value`
+/// (`present_key`/`present_value`), a causal mask at the past's offset
+/// limited to each batch's `seqlens_k + 1` keys, optionally rotary
+/// embeddings (`do_rotary`, at positions past + i), a soft cap and a local
+/// window.
+///
+/// The cache is the past followed by the new tokens, which is where
+/// onnxruntime writes them when every batch's past fills the buffer. A
+/// batch whose `seqlens_k` says otherwise after a past (a padded batch
+/// decoding), or a `total_sequence_length` other than past + sequence, is
+/// an error when the program runs, not a wrong answer. Not supported:
+/// `smooth_softmax`, `head_sink`, `qk_output`.
+fn group_query_attention(c: &mut NodeCtx) -> BuildResult {
+    let query = c.req(0)?;
+    let (key, value) = (c.input(1), c.input(2));
+    let (past_key, past_value) = (c.input(3), c.input(4));
+    let (seqlens, total) = (c.req(5)?, c.req(6)?);
+    let (cos, sin) = (c.input(7), c.input(8));
+    let position_ids = c.input(9);
+    let bias = c.input(10);
+    if c.input(11).is_some() {
+        return Err(c.err("head_sink is not supported"));
+    }
+    let heads = c.i("num_heads", 0)?;
+    let kv_heads = c.i("kv_num_heads", 0)?;
+    let softcap = c.f("softcap", 0.0)?;
+    let window = c.i("local_window_size", -1)?;
+    let rotary = c.flag("do_rotary", false)?;
+    let interleaved = c.flag("rotary_interleaved", false)?;
+    if c.flag("smooth_softmax", false)? || c.i("qk_output", 0)? != 0 {
+        return Err(c.err("smooth_softmax and qk_output are not supported"));
+    }
+    if heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
+        return Err(c.err(format!("num_heads {heads} must be a positive multiple of kv_num_heads {kv_heads}")));
+    }
+    let (heads, kv_heads) = (heads as usize, kv_heads as usize);
+    let shape = c.ty(query).shape.clone();
+    let [batch, seq, width] = shape[..] else {
+        return Err(c.err(format!("query must be [batch, sequence, hidden], not {}", c.ty(query))));
+    };
+    let width = width.size().ok_or_else(|| c.err("the query's hidden size must be known"))?;
+    // q, k and v as [batch, sequence, heads * head], unpacked if packed.
+    let (q, k, v, head) = match (key, value) {
+        (Some(k), Some(v)) => {
+            if width % heads != 0 {
+                return Err(c.err(format!("hidden size {width} is not a multiple of {heads} heads")));
+            }
+            (query, k, v, width / heads)
+        }
+        (None, None) => {
+            let parts = heads + 2 * kv_heads;
+            if width % parts != 0 {
+                return Err(c.err(format!("packed width {width} is not {parts} heads of one size")));
+            }
+            let head = width / parts;
+            let sizes = egret_ir::dims_of(&[heads * head, kv_heads * head, kv_heads * head]);
+            let qkv = c.add_node(Op::Split { axis: 2, sizes }, &[query])?;
+            (qkv[0], qkv[1], qkv[2], head)
+        }
+        _ => return Err(c.err("key and value come together (or neither, for packed QKV)")),
+    };
+    for (x, n, name) in [(k, kv_heads, "key"), (v, kv_heads, "value")] {
+        if c.ty(x).shape != [batch, seq, Dim::new(n * head)] {
+            return Err(c.err(format!("{name} is {}, not [{batch}, {seq}, {}]", c.ty(x), n * head)));
+        }
+    }
+    let heads_first = |c: &mut NodeCtx, x: ValueId, n: usize| -> Result<ValueId, ImportError> {
+        let x = c.add(Op::Reshape { shape: vec![batch, seq, Dim::new(n), Dim::new(head)] }, &[x])?;
+        c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[x])
+    };
+    let (mut q, mut k) = (heads_first(c, q, heads)?, heads_first(c, k, kv_heads)?);
+    let v = heads_first(c, v, kv_heads)?;
+    // The past's length (the cache buffer's), and each token's position.
+    let past_len = match past_key {
+        Some(p) => c.ty(p).shape.get(2).copied().ok_or_else(|| c.err("past_key must be 4-D"))?,
+        None => Dim::new(0),
+    };
+    let past = match past_key {
+        Some(p) => length_of(c, p, 2)?,
+        None => int(c, 0),
+    };
+    let zero = int(c, 0);
+    let one = int(c, 1);
+    let steps = c.add(Op::Range { len: seq }, &[zero, one])?;
+    let at = c.add(Op::Add, &[steps, past])?; // [seq]: past + i
+    if rotary {
+        let (Some(cos), Some(sin)) = (cos, sin) else {
+            return Err(c.err("do_rotary needs cos_cache and sin_cache"));
+        };
+        let positions = match position_ids {
+            Some(p) => p,
+            None => {
+                let row = c.add(Op::Reshape { shape: vec![Dim::new(1), seq] }, &[at])?;
+                c.add(Op::Expand { shape: vec![batch, seq] }, &[row])?
+            }
+        };
+        let half = c.ty(cos).shape.get(1).and_then(|d| d.size()).ok_or_else(|| c.err("cos_cache must be 2-D"))?;
+        let dim = 2 * half as i64;
+        q = rotate_by(c, q, cos, sin, Some(positions), interleaved, None, dim)?[0];
+        k = rotate_by(c, k, cos, sin, Some(positions), interleaved, None, dim)?[0];
+    } else if cos.is_some() || sin.is_some() || position_ids.is_some() {
+        return Err(c.err("cos_cache, sin_cache and position_ids need do_rotary = 1"));
+    }
+    let cache = |c: &mut NodeCtx, past: Option<ValueId>, new: ValueId, name: &str| -> Result<ValueId, ImportError> {
+        let Some(p) = past else { return Ok(new) };
+        let ps = c.ty(p).shape.clone();
+        if ps.len() != 4 || ps[0] != batch || ps[1] != Dim::new(kv_heads) || ps[3] != Dim::new(head) {
+            return Err(c.err(format!("{name} is {}, not [{batch}, {kv_heads}, past, {head}]", c.ty(p))));
+        }
+        c.add(Op::Concat { axis: 2 }, &[p, new])
+    };
+    let present_key = cache(c, past_key, k, "past_key")?;
+    let present_value = cache(c, past_value, v, "past_value")?;
+    let keys_len = past_len.checked_add(seq).map_err(|e| c.err(e.to_string()))?;
+    // Grouped heads: each key/value head serves heads / kv_heads queries.
+    let repeat = |c: &mut NodeCtx, x: ValueId| -> Result<ValueId, ImportError> {
+        if heads == kv_heads {
+            return Ok(x);
+        }
+        let group = Dim::new(heads / kv_heads);
+        let (kv, h) = (Dim::new(kv_heads), Dim::new(head));
+        let x = c.add(Op::Reshape { shape: vec![batch, kv, Dim::new(1), keys_len, h] }, &[x])?;
+        let x = c.add(Op::Expand { shape: vec![batch, kv, group, keys_len, h] }, &[x])?;
+        c.add(Op::Reshape { shape: vec![batch, Dim::new(heads), keys_len, h] }, &[x])
+    };
+    let (keys, values) = (repeat(c, present_key)?, repeat(c, present_value)?);
+    let scale = match c.f("scale", 0.0)? {
+        0.0 => 1.0 / (head as f32).sqrt(),
+        s => s,
+    };
+    let kt = c.add(Op::Transpose { perm: vec![0, 1, 3, 2] }, &[keys])?;
+    let qk = c.add(Op::MatMul, &[q, kt])?;
+    let alpha = c.f32_const(scale);
+    let mut scores = c.add(Op::Mul, &[qk, alpha])?;
+    if softcap > 0.0 {
+        let cap = c.f32_const(softcap);
+        let x = c.add(Op::Div, &[scores, cap])?;
+        let x = c.add(Op::Tanh, &[x])?;
+        scores = c.add(Op::Mul, &[x, cap])?;
+    }
+    if let Some(b) = bias {
+        scores = c.add(Op::Add, &[scores, b])?;
+    }
+    // Key j is seen by query i of batch b when j <= past + i, j <= seqlens_k[b]
+    // and, with a window w, j >= past + i - w.
+    let key_index = c.add(Op::Range { len: keys_len }, &[zero, one])?; // [keys]
+    let query_at = c.add(Op::Reshape { shape: vec![seq, Dim::new(1)] }, &[at])?; // [seq, 1]
+    let mut allowed = c.add(Op::LessOrEqual, &[key_index, query_at])?; // [seq, keys]
+    if window >= 0 {
+        let w = int(c, window);
+        let first = c.add(Op::Sub, &[query_at, w])?;
+        let inside = c.add(Op::GreaterOrEqual, &[key_index, first])?;
+        allowed = c.add(Op::And, &[allowed, inside])?;
+    }
+    if c.ty(seqlens).shape != [batch] || !matches!(c.ty(seqlens).dtype, DType::I32 | DType::I64) {
+        return Err(c.err(format!("seqlens_k is {}, not i32[{batch}]", c.ty(seqlens))));
+    }
+    let last = c.add(Op::Cast { to: DType::I64 }, &[seqlens])?;
+    let last = c.add(Op::Reshape { shape: vec![batch, Dim::new(1), Dim::new(1), Dim::new(1)] }, &[last])?;
+    let within = c.add(Op::LessOrEqual, &[key_index, last])?; // [batch, 1, 1, keys]
+    let allowed = c.add(Op::And, &[allowed, within])?; // [batch, 1, seq, keys]
+    let minus_inf = c.f32_const(f32::NEG_INFINITY);
+    let scores = c.add(Op::Where, &[allowed, scores, minus_inf])?;
+    let probs = c.add(Op::Softmax { axis: 3 }, &[scores])?;
+    let y = c.add(Op::MatMul, &[probs, values])?;
+    let y = c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[y])?;
+    let y = c.add(Op::Reshape { shape: vec![batch, seq, Dim::new(heads * head)] }, &[y])?;
+    let y = cache_layout_check(c, y, seqlens, total, past, seq)?;
+    Ok(vec![y, present_key, present_value])
+}
+
+/// `y`, unchanged, after a check at run time that the cache is laid out as
+/// `group_query_attention` builds it: `total_sequence_length` is past +
+/// sequence, and after a past every batch's `seqlens_k + 1` is that total
+/// (in a first prompt, with no past, a batch may be shorter: padded). The
+/// check is a gather from a one-element table at 0 (kept) or 1 (an error
+/// at run time naming the condition).
+fn cache_layout_check(
+    c: &mut NodeCtx,
+    y: ValueId,
+    seqlens: ValueId,
+    total: ValueId,
+    past: ValueId,
+    seq: Dim,
+) -> Result<ValueId, ImportError> {
+    let label = c.label.clone();
+    c.label = format!("{label}: seqlens_k + 1 and total_sequence_length must be past + sequence after a past");
+    let batch = c.ty(seqlens).shape[0];
+    let seq_len = match seq.known() {
+        Some(n) => int(c, n),
+        None => length_of(c, y, 1)?,
+    };
+    let expected = c.add(Op::Add, &[past, seq_len])?;
+    let total = c.add(Op::Cast { to: DType::I64 }, &[total])?;
+    let total = c.add(Op::Reshape { shape: vec![] }, &[total])?;
+    let lengths = c.add(Op::Cast { to: DType::I64 }, &[seqlens])?;
+    let one = int(c, 1);
+    let lengths = c.add(Op::Add, &[lengths, one])?;
+    let full = c.add(Op::Equal, &[lengths, expected])?;
+    let fits = c.add(Op::LessOrEqual, &[lengths, expected])?;
+    let zero = int(c, 0);
+    let prompt = c.add(Op::Equal, &[past, zero])?;
+    let padded = c.add(Op::And, &[prompt, fits])?;
+    let each = c.add(Op::Or, &[full, padded])?; // [batch]
+    let total_ok = c.add(Op::Equal, &[total, expected])?;
+    let ok = c.add(Op::And, &[each, total_ok])?;
+    let bad = c.add(Op::Not, &[ok])?;
+    let index = c.add(Op::Cast { to: DType::I64 }, &[bad])?;
+    let table = c.constant(Tensor::from_vec(vec![1], vec![1f32]));
+    let keep = c.add(Op::Gather { axis: 0 }, &[table, index])?; // [batch] of 1
+    let keep = c.add(Op::Reshape { shape: vec![batch, Dim::new(1), Dim::new(1)] }, &[keep])?;
+    c.label = label;
+    c.add(Op::Mul, &[y, keep])
 }
 
 /// Unpacks `count` integers of `bits` bits from `bytes`, least significant

@@ -488,6 +488,26 @@ pub(crate) fn rotate(
     position_ids: Option<ValueId>,
 ) -> BuildResult {
     let interleaved = c.flag("interleaved", false)?;
+    // A 4D input's shape has the head count; the attribute may repeat it.
+    c.ignore_attr("num_heads");
+    let heads = if c.rank(x) == 3 { Some(c.i("num_heads", 0)?) } else { None };
+    let rotary = c.i("rotary_embedding_dim", 0)?;
+    rotate_by(c, x, cos, sin, position_ids, interleaved, heads, rotary)
+}
+
+/// `rotate` with its attributes given: `heads` for a 3D input, `rotary`
+/// the rotated features of each head (0: all).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rotate_by(
+    c: &mut NodeCtx,
+    x: ValueId,
+    cos: ValueId,
+    sin: ValueId,
+    position_ids: Option<ValueId>,
+    interleaved: bool,
+    heads: Option<i64>,
+    rotary: i64,
+) -> BuildResult {
     for (v, name) in [(x, "input"), (cos, "cos_cache"), (sin, "sin_cache")] {
         if c.ty(v).dtype != DType::F32 {
             return Err(c.err(format!("`{name}` is {}; RotaryEmbedding is supported for f32", c.ty(v).dtype)));
@@ -499,12 +519,9 @@ pub(crate) fn rotate(
     // The input as [batch, heads, seq, head] or [batch, seq, heads, head],
     // and the axis of the angles' heads (1) in the matching layout.
     let (x4, batch, seq, heads_axis) = match shape.len() {
-        4 => {
-            c.ignore_attr("num_heads"); // The shape has the head count.
-            (x, shape[0], shape[2], 1)
-        }
+        4 => (x, shape[0], shape[2], 1),
         3 => {
-            let heads = c.i("num_heads", 0)?;
+            let heads = heads.unwrap_or(0);
             let hidden = known(c, shape[2], "hidden size")?;
             if heads <= 0 || hidden % heads as usize != 0 {
                 return Err(c.err(format!("3D input {} needs `num_heads` that divides {hidden}", c.ty(x))));
@@ -517,7 +534,7 @@ pub(crate) fn rotate(
     };
     let s4 = c.ty(x4).shape.clone();
     let head = known(c, s4[3], "head size")?;
-    let rotary = match c.i("rotary_embedding_dim", 0)? {
+    let rotary = match rotary {
         0 => head,
         d if d > 0 && d as usize <= head && d % 2 == 0 => d as usize,
         d => return Err(c.err(format!("rotary_embedding_dim {d} must be even and at most the head size {head}"))),
