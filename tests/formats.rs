@@ -102,3 +102,96 @@ fn every_format_passes_on_interpreted_ptx() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The CPU's loop nests convert f32 to and from f16, bf16, uint8 and int8
+/// exactly as the reference evaluator does (the `half` crate's rounding to
+/// nearest even, Rust's saturating casts): bit for bit over the values
+/// where conversions go wrong (ties, subnormals, the largest half and just
+/// past it, infinities, NaN, the 8-bit ranges' ends) and a sweep over
+/// every binade.
+#[test]
+fn half_and_narrow_casts_match_the_reference_bit_for_bit() {
+    use egret::ir::Tensor;
+    use egret::runtime::{CpuExecutable, Executable, ReferenceExecutable};
+    let p = |e: i32| 2f32.powi(e);
+    let mut x = vec![
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        1e10,
+        -1e10,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        p(-14),
+        p(-24),
+        p(-25),
+        3.0 * p(-25),
+        1.5 * p(-24),
+        -2.5 * p(-24),
+        p(-14) - p(-24),
+        1.0 + p(-11),
+        1.0 + 3.0 * p(-11),
+        1.0 + p(-8),
+        1.0 + p(-8) + p(-16),
+        255.5,
+        256.0,
+        -129.0,
+        127.5,
+        -128.5,
+        300.7,
+        -0.4,
+        0.5,
+        1.5,
+        2.5,
+    ];
+    let mut rng = egret::io::SplitMix::new(7);
+    for e in -30..20 {
+        for _ in 0..8 {
+            let m = 1.0 + rng.next_f64() as f32;
+            x.push(if rng.next_u64() % 2 == 0 { m * p(e) } else { -m * p(e) });
+        }
+    }
+    let n = x.len();
+    let g = egret::ir::text::parse(&format!(
+        "v0: f32[{n}] = input{{name=\"x\"}}
+v1: f16[{n}] = cast{{to=f16}} v0
+v2: f32[{n}] = cast{{to=f32}} v1
+v3: bf16[{n}] = cast{{to=bf16}} v0
+v4: f32[{n}] = cast{{to=f32}} v3
+v5: u8[{n}] = cast{{to=u8}} v0
+v6: i8[{n}] = cast{{to=i8}} v0
+v7: f32[{n}] = cast{{to=f32}} v5
+v8: f32[{n}] = cast{{to=f32}} v6
+output \"f16\" = v1
+output \"f16_f32\" = v2
+output \"bf16\" = v3
+output \"bf16_f32\" = v4
+output \"u8\" = v5
+output \"i8\" = v6
+output \"u8_f32\" = v7
+output \"i8_f32\" = v8
+"
+    ))
+    .unwrap();
+    let plan = egret::backends::lower(&g, Default::default()).unwrap();
+    let chosen = egret::backends::cpu::choose::choose(plan.clone());
+    assert!(chosen.kernels.iter().all(|k| k.kind_name() != "reference"), "{}", plan.describe());
+    let cpu = CpuExecutable::new(egret::backends::cpu::compile_with(plan, true).unwrap(), 1);
+    let reference = ReferenceExecutable::new(g.clone()).unwrap();
+    let input = || vec![Tensor::from_vec(vec![n], x.clone())];
+    let (want, got) = (reference.run(input()).unwrap(), cpu.run(input()).unwrap());
+    for ((w, gt), (name, _)) in want.iter().zip(&got).zip(g.outputs()) {
+        assert_eq!(w.dtype(), gt.dtype(), "{name}");
+        let (wb, gb) = (w.bytes(), gt.bytes());
+        let size = w.dtype().size_bytes();
+        for i in 0..n {
+            let (a, b) = (&wb[i * size..(i + 1) * size], &gb[i * size..(i + 1) * size]);
+            let nan = w.data().get_f64(i).is_nan() && gt.data().get_f64(i).is_nan();
+            assert!(a == b || nan, "{name} of {:e} (#{i}): reference {a:?}, cpu {b:?}", x[i]);
+        }
+    }
+}

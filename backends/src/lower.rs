@@ -2053,6 +2053,15 @@ pub fn binding_reasons(g: &Graph, opts: LowerOptions) -> Vec<BindingReason> {
     out
 }
 
+/// Whether a cast is between f32 and a storage type of the formats: the
+/// 8- and 16-bit integers (and u32) of quantized models, and the half
+/// types. The CPU's loop nests take these at symbolic sizes.
+pub(crate) fn narrow_cast(from: DType, to: DType) -> bool {
+    let narrow = |d: DType| matches!(d, DType::I8 | DType::U8 | DType::I16 | DType::U16 | DType::U32) || d.is_half();
+    (narrow(from) && matches!(to, DType::F32 | DType::I32 | DType::I64) && !(from.is_half() && to != DType::F32))
+        || (from == DType::F32 && narrow(to))
+}
+
 /// Whether a row kernel computes a reduction of this kind (`Lowering::rows`).
 fn row_reduction(kind: egret_ir::op::ReduceKind) -> bool {
     use egret_ir::op::ReduceKind as K;
@@ -2103,6 +2112,9 @@ fn dims_kernels_need(g: &Graph, n: NodeId, opts: LowerOptions) -> Vec<Dim> {
         {
             vec![]
         }
+        // The quantized formats' 8-bit integers and half values at a
+        // program's edges, to and from f32: loop nests on the CPU.
+        Op::Cast { to } if narrow_cast(in_types[0].dtype, *to) => vec![],
         // Gathers at computed indices (the dynamo exporter's padding mask,
         // BERT's token types): loop nests reading their sizes on the CPU
         // (`cpu::loop_nest`), per call elsewhere.

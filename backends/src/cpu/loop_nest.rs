@@ -75,12 +75,17 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
                 && element(out.dtype).is_some()
                 && broadcast()
         }
+        // Also the quantized formats' 8-bit integers and the half types at
+        // a program's edges, to and from f32.
         Op::Cast { .. } => {
             let from = inputs.first().map(|t| t.dtype);
             let number = |d: DType| matches!(d, DType::I32 | DType::I64 | DType::F32);
             let to_integer = matches!(out.dtype, DType::I32 | DType::I64);
+            let to = out.dtype;
             inputs.len() == 1
-                && from.is_some_and(|f| (number(f) && number(out.dtype)) || (f == DType::Bool && to_integer))
+                && from.is_some_and(|f| {
+                    (number(f) && number(to)) || (f == DType::Bool && to_integer) || crate::lower::narrow_cast(f, to)
+                })
                 && broadcast()
         }
         // Masks from positions (`kv_index <= query_index`).
@@ -383,20 +388,127 @@ pub fn emit(
     }
 }
 
-/// `x` of `from` as `to` (integers and f32; a bool is a byte of 0 or 1):
-/// integers widen by sign and narrow by wrapping, floats convert to
-/// integers saturating (NaN to 0), as the reference evaluator's casts do.
+/// `x` of `from` as `to` (integers, f32 and the half types, which load as
+/// their 16 bits; a bool is a byte of 0 or 1): integers widen by their
+/// sign and narrow by wrapping, floats convert to integers saturating at
+/// the target's range (NaN to 0), halves round to nearest even, as the
+/// reference evaluator's casts do.
 fn cast(b: &mut FunctionBuilder, x: Value, from: DType, to: DType) -> Value {
     let ty = |d: DType| if d == DType::F32 { types::F32 } else { element(d).expect("`supports` checked") };
     let (f, t) = (ty(from), ty(to));
     match (from, to) {
+        (DType::F16, DType::F32) => f16_to_f32(b, x),
+        (DType::BF16, DType::F32) => {
+            let wide = b.ins().uextend(types::I32, x);
+            let bits = b.ins().ishl_imm_u(wide, 16);
+            b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+        }
+        (DType::F32, DType::F16) => f32_to_f16(b, x),
+        (DType::F32, DType::BF16) => f32_to_bf16(b, x),
         _ if f == t && from != DType::Bool => x,
-        (DType::F32, _) => b.ins().fcvt_to_sint_sat(t, x),
+        (DType::F32, DType::I32 | DType::I64) => b.ins().fcvt_to_sint_sat(t, x),
+        // Saturate in i32 at the narrow type's range, then narrow.
+        (DType::F32, _) => {
+            let (lo, hi) = match to {
+                DType::I8 => (i8::MIN as i64, i8::MAX as i64),
+                DType::U8 => (0, u8::MAX as i64),
+                DType::I16 => (i16::MIN as i64, i16::MAX as i64),
+                DType::U16 => (0, u16::MAX as i64),
+                _ => (0, u32::MAX as i64),
+            };
+            let wide = b.ins().fcvt_to_sint_sat(types::I64, x);
+            let (lo, hi) = (b.ins().iconst(types::I64, lo), b.ins().iconst(types::I64, hi));
+            let clamped = b.ins().smax(wide, lo);
+            let clamped = b.ins().smin(clamped, hi);
+            b.ins().ireduce(t, clamped)
+        }
+        (_, DType::F32) if !from.is_signed() && from != DType::Bool => {
+            let wide = if f == types::I64 { x } else { b.ins().uextend(types::I64, x) };
+            b.ins().fcvt_from_uint(types::F32, wide)
+        }
         (_, DType::F32) => b.ins().fcvt_from_sint(t, x),
         (DType::Bool, _) => b.ins().uextend(t, x),
-        _ if f.bits() < t.bits() => b.ins().sextend(t, x),
+        _ if f.bits() < t.bits() && from.is_signed() => b.ins().sextend(t, x),
+        _ if f.bits() < t.bits() => b.ins().uextend(t, x),
         _ => b.ins().ireduce(t, x),
     }
+}
+
+/// IEEE half bits (an i16) to the f32 of the same value: exponent and
+/// mantissa moved into place and rebiased; subnormals renormalised by a
+/// float subtraction; infinities and NaNs keep an all-ones exponent.
+fn f16_to_f32(b: &mut FunctionBuilder, h: Value) -> Value {
+    let bits = b.ins().uextend(types::I32, h);
+    let magnitude = b.ins().band_imm_u(bits, 0x7fff);
+    let shifted = b.ins().ishl_imm_u(magnitude, 13);
+    let exponent = b.ins().band_imm_u(shifted, 0x0f80_0000);
+    let rebiased = b.ins().iadd_imm_s(shifted, (127 - 15) << 23);
+    // Infinity or NaN: the exponent all ones.
+    let special = b.ins().iadd_imm_s(rebiased, (128 - 16) << 23);
+    let is_special = b.ins().icmp_imm_u(IntCC::Equal, exponent, 0x0f80_0000);
+    // Zero or subnormal: one more exponent step, minus the implicit one.
+    let bumped = b.ins().iadd_imm_s(rebiased, 1 << 23);
+    let bumped = b.ins().bitcast(types::F32, MemFlagsData::new(), bumped);
+    let magic = b.ins().f32const(f32::from_bits(113 << 23));
+    let renormalised = b.ins().fsub(bumped, magic);
+    let renormalised = b.ins().bitcast(types::I32, MemFlagsData::new(), renormalised);
+    let is_small = b.ins().icmp_imm_u(IntCC::Equal, exponent, 0);
+    let value = b.ins().select(is_special, special, rebiased);
+    let value = b.ins().select(is_small, renormalised, value);
+    let sign = b.ins().band_imm_u(bits, 0x8000);
+    let sign = b.ins().ishl_imm_u(sign, 16);
+    let value = b.ins().bor(value, sign);
+    b.ins().bitcast(types::F32, MemFlagsData::new(), value)
+}
+
+/// An f32 to IEEE half bits (an i16), rounding to nearest even: too large
+/// becomes infinity, NaN a quiet NaN, and values below half's normal range
+/// round to its subnormals by a float addition.
+fn f32_to_f16(b: &mut FunctionBuilder, x: Value) -> Value {
+    let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), x);
+    let sign = b.ins().band_imm_u(bits, 0x8000_0000u32 as i64);
+    let f = b.ins().bxor(bits, sign);
+    // Past half's range: infinity, or a quiet NaN.
+    let is_nan = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, f, 255 << 23);
+    let qnan = b.ins().iconst(types::I32, 0x7e00);
+    let inf = b.ins().iconst(types::I32, 0x7c00);
+    let overflow = b.ins().select(is_nan, qnan, inf);
+    let is_over = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, f, (127 + 16) << 23);
+    // Below 2^-14: the float sum with a magic number rounds to a subnormal.
+    const DENORM_MAGIC: i64 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let fv = b.ins().bitcast(types::F32, MemFlagsData::new(), f);
+    let magic = b.ins().f32const(f32::from_bits(DENORM_MAGIC as u32));
+    let sum = b.ins().fadd(fv, magic);
+    let sum = b.ins().bitcast(types::I32, MemFlagsData::new(), sum);
+    let small = b.ins().iadd_imm_s(sum, -DENORM_MAGIC);
+    let is_small = b.ins().icmp_imm_u(IntCC::UnsignedLessThan, f, 113 << 23);
+    // Normal: rebias, round the 13 dropped bits to nearest even, shift.
+    let odd = b.ins().ushr_imm_u(f, 13);
+    let odd = b.ins().band_imm_u(odd, 1);
+    let rounded = b.ins().iadd_imm_s(f, ((15 - 127) << 23) + 0xfff);
+    let rounded = b.ins().iadd(rounded, odd);
+    let normal = b.ins().ushr_imm_u(rounded, 13);
+    let value = b.ins().select(is_small, small, normal);
+    let value = b.ins().select(is_over, overflow, value);
+    let sign = b.ins().ushr_imm_u(sign, 16);
+    let value = b.ins().bor(value, sign);
+    b.ins().ireduce(types::I16, value)
+}
+
+/// An f32 to bfloat16 bits (an i16): the upper half rounded to nearest
+/// even; a NaN keeps its upper bits with the quiet bit set.
+fn f32_to_bf16(b: &mut FunctionBuilder, x: Value) -> Value {
+    let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), x);
+    let odd = b.ins().ushr_imm_u(bits, 16);
+    let odd = b.ins().band_imm_u(odd, 1);
+    let rounded = b.ins().iadd_imm_s(bits, 0x7fff);
+    let rounded = b.ins().iadd(rounded, odd);
+    let rounded = b.ins().ushr_imm_u(rounded, 16);
+    let quiet = b.ins().ushr_imm_u(bits, 16);
+    let quiet = b.ins().bor_imm_u(quiet, 0x40);
+    let is_nan = b.ins().fcmp(cranelift_codegen::ir::condcodes::FloatCC::Unordered, x, x);
+    let value = b.ins().select(is_nan, quiet, rounded);
+    b.ins().ireduce(types::I16, value)
 }
 
 /// Loops over every index of `shape` (i64 values), outermost first,
