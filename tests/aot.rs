@@ -695,3 +695,32 @@ fn symbolic_exports_are_one_library_each() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// The quantized, 4-bit, half-precision-edged and onnxruntime-fused models
+/// (`tests/data/formats`) are one C library each too: the 8-bit and half
+/// casts are loop nests reading their sizes, the rest f32 kernels.
+#[test]
+fn format_models_are_one_library_each() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("formats");
+    let dir = common::repo_root().join("tests/data/formats");
+    for model in [
+        "bert_dynamic_int8",
+        "bert_dynamic_uint8_per_channel",
+        "llama_int4_gather",
+        "llama_O2_int4_asym",
+        "vit_bf16_weights",
+        "bert_O2",
+        "ops/group_query_attention_rotary",
+        "ops/cast_float16",
+        "ops/quantize_linear_int8",
+    ] {
+        let case = dir.join(model);
+        let a = compile_symbolic(&case, &work, &[]);
+        let refused = run_shaped(&case, &a);
+        assert!(refused.is_empty(), "{model}: {refused:?}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -397,3 +397,122 @@ fn input_of_absurd_declared_size() {
     let err = run_fails(&write_model(&dir, &m));
     assert!(err.contains("too large"), "{err}");
 }
+
+/// A copy of `tests/data/formats/ops/<case>` (model and data sets) in a
+/// temporary folder, its model changed by `edit`.
+fn format_case(case: &str, edit: &dyn Fn(&mut ModelProto)) -> PathBuf {
+    let src = common::repo_root().join("tests/data/formats/ops").join(case);
+    let dir = tempdir(case);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            let to = dir.join(p.file_name().unwrap());
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let mut m = ModelProto::parse_from_bytes(&std::fs::read(src.join("model.onnx")).unwrap()).unwrap();
+    edit(&mut m);
+    write_model(&dir, &m);
+    dir
+}
+
+/// `egret check --backend BACKEND DIR`, which must fail (exit status 1,
+/// no panic): what it printed, stdout and stderr.
+fn check_fails(dir: &Path, backend: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["check", "--backend", backend, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "check should fail, not crash: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    text
+}
+
+fn initializer<'m>(m: &'m mut ModelProto, name: &str) -> &'m mut TensorProto {
+    m.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name == name).unwrap()
+}
+
+/// Quantized models' parameters that contradict each other or their
+/// definitions are refused at compile time, naming the node and the
+/// parameter: a zero scale, a 4-bit weight whose bytes disagree with its
+/// K, N, bits and block size, an unsupported bit width, a blocked scale of
+/// the wrong shape.
+#[test]
+fn quantization_parameters_that_contradict_themselves() {
+    let dir = format_case("dequantize_linear_int8", &|m| {
+        let s = initializer(m, "scale");
+        s.float_data = vec![0.0];
+        s.raw_data.clear();
+    });
+    let err = check_fails(&dir, "cpu");
+    assert!(err.contains("DequantizeLinear") && err.contains("x_scale") && err.contains("positive"), "{err}");
+
+    let set_attr = |name: &'static str, v: i64| {
+        move |m: &mut ModelProto| {
+            let n = &mut m.graph.as_mut().unwrap().node[0];
+            n.attribute.iter_mut().find(|a| a.name == name).unwrap().i = v;
+        }
+    };
+    let dir = format_case("matmul_nbits_b32_acc0", &set_attr("N", 24));
+    let err = check_fails(&dir, "cpu");
+    assert!(err.contains("MatMulNBits") && err.contains("B holds 736 bytes"), "{err}");
+    let dir = format_case("matmul_nbits_b32_acc0", &set_attr("bits", 3));
+    let err = check_fails(&dir, "cpu");
+    assert!(err.contains("bits 3 is not supported"), "{err}");
+    let dir = format_case("gather_block_quantized_int4", &set_attr("block_size", 64));
+    let err = check_fails(&dir, "cpu");
+    assert!(err.contains("GatherBlockQuantized") && err.contains("scales are [53, 3]"), "{err}");
+}
+
+/// A 4-bit table read at an index past its rows is the gather's clear
+/// error, not a read outside the table.
+#[test]
+fn a_quantized_gather_out_of_range() {
+    let dir = format_case("gather_block_quantized_int4", &|_| {});
+    let input = dir.join("test_data_set_0/input_0.pb");
+    let (name, t) = egret::io::read_pb(&input).unwrap();
+    let big = egret::ir::Tensor::new(t.shape().to_vec(), egret::ir::Data::from_i64s(t.dtype(), &vec![53; t.numel()]));
+    egret::io::write_pb(&input, &name, &big).unwrap();
+    let err = check_fails(&dir, "cpu");
+    assert!(err.contains("out of range") || err.contains("outside"), "{err}");
+}
+
+/// `GroupQueryAttention` keeps its cache as the past followed by the new
+/// tokens; a batch whose `seqlens_k` says its past is shorter (a padded
+/// batch decoding) would be attended at the wrong positions, so it is an
+/// error naming the condition, on every backend.
+#[test]
+fn group_query_attention_with_a_shorter_past_is_an_error() {
+    let dir = format_case("group_query_attention", &|_| {});
+    let input = dir.join("test_data_set_1/input_5.pb");
+    let (name, t) = egret::io::read_pb(&input).unwrap();
+    assert_eq!(name, "seqlens_k");
+    let mut lengths = t.to_i64_vec();
+    lengths[1] -= 2;
+    egret::io::write_pb(
+        &input,
+        &name,
+        &egret::ir::Tensor::from_vec(t.shape().to_vec(), lengths.iter().map(|&x| x as i32).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    for backend in ["reference", "cpu"] {
+        let err = check_fails(&dir, backend);
+        assert!(err.contains("seqlens_k + 1 and total_sequence_length must be past + sequence"), "{backend}: {err}");
+    }
+}
+
+/// An op of a domain Egret does not import (onnxruntime's NCHWc layouts)
+/// is refused naming the op, its domain and the node.
+#[test]
+fn an_op_of_an_unknown_domain() {
+    let dir = format_case("gelu", &|m| {
+        m.graph.as_mut().unwrap().node[0].domain = "com.microsoft.nchwc".into();
+    });
+    let err = check_fails(&dir, "cpu");
+    assert!(err.contains("unsupported op `Gelu` (domain `com.microsoft.nchwc`"), "{err}");
+}

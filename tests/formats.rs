@@ -81,8 +81,11 @@ fn every_format_passes_on_interpreted_ptx() {
         for set in egret::check::data_sets(&case).unwrap() {
             let inputs = egret::check::numbered(&set, "input").unwrap();
             let expected = egret::check::numbered(&set, "output").unwrap();
-            let opts =
-                CompileOptions { backend: Backend::Ptx, input_values: inputs.iter().cloned().collect(), ..Default::default() };
+            let opts = CompileOptions {
+                backend: Backend::Ptx,
+                input_values: inputs.iter().cloned().collect(),
+                ..Default::default()
+            };
             let c = egret::canonical(&case.join("model.onnx"), &opts).unwrap();
             let signature = egret::runtime::Signature::of(&c.graph, c.specialized.clone());
             let ptx = common::interpreted_ptx(&c.graph, &opts);

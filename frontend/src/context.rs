@@ -266,9 +266,10 @@ impl<'a> Importer<'a> {
                 self.specialized.push((input.name.clone(), t));
             }
             if ty.dtype.is_half() {
-                v = self.graph.add_node(Op::Cast { to: egret_ir::DType::F32 }, &[v], &input.name).map_err(|e| {
-                    ImportError::Input { input: input.name.clone(), message: e.message }
-                })?[0];
+                v = self
+                    .graph
+                    .add_node(Op::Cast { to: egret_ir::DType::F32 }, &[v], &input.name)
+                    .map_err(|e| ImportError::Input { input: input.name.clone(), message: e.message })?[0];
             }
             self.names.insert(input.name.clone(), v);
         }

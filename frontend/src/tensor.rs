@@ -25,7 +25,9 @@ pub fn dtype_from_onnx(code: i32) -> Result<DType, String> {
         16 => DType::BF16,
         14 | 15 => return Err("complex tensors are not supported".into()),
         UINT4 | INT4 => {
-            return Err("int4 and uint4 are supported in initializers and constants only (Egret keeps them as 8-bit)".into())
+            return Err(
+                "int4 and uint4 are supported in initializers and constants only (Egret keeps them as 8-bit)".into()
+            )
         }
         17..=26 => return Err(format!("8-bit/4-bit float tensors (type {code}) are not supported")),
         0 => return Err("the element type is undefined".into()),

@@ -77,7 +77,10 @@ impl DType {
     }
 
     pub fn is_signed(self) -> bool {
-        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::I8 | DType::I16 | DType::I32 | DType::I64)
+        matches!(
+            self,
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::I8 | DType::I16 | DType::I32 | DType::I64
+        )
     }
 
     /// Size of one element in bytes, as stored in ONNX `raw_data` and `.npy` files.

@@ -23,10 +23,10 @@ pub use dim::{
     solve_bindings, Bindings, Dim, DimOverflow, DimValues, BIND_DIMS_HINT, NOMINAL_SYMBOL_VALUE,
 };
 pub use dot::to_dot;
-pub use half;
 pub use dtype::{DType, Type, MAX_ELEMENTS};
 pub use error::IrError;
 pub use graph::{Graph, Node, NodeId, ValueData, ValueId};
+pub use half;
 pub use op::Op;
 pub use tensor::{strides_of, Data, Elem, Tensor};
 pub use verify::verify;

@@ -719,7 +719,9 @@ fn gather_block_quantized(c: &mut NodeCtx) -> BuildResult {
     let gather_axis = c.axis(c.i("gather_axis", 0)?, rank)?;
     let axis = c.axis(c.i("quantize_axis", rank as i64 - 1)?, rank)?;
     if !matches!(bits, 4 | 8) || block < 16 || !(block as u64).is_power_of_two() {
-        return Err(c.err(format!("bits {bits} and block_size {block} are not supported (4 or 8; a power of two >= 16)")));
+        return Err(
+            c.err(format!("bits {bits} and block_size {block} are not supported (4 or 8; a power of two >= 16)"))
+        );
     }
     let (bits, block) = (bits as usize, block as usize);
     // int4 and uint4 tables arrive one value a byte; uint8 ones packed
@@ -738,7 +740,10 @@ fn gather_block_quantized(c: &mut NodeCtx) -> BuildResult {
     let mut scale_shape = shape.clone();
     scale_shape[axis] = shape[axis].div_ceil(block);
     if scales.shape() != scale_shape.as_slice() {
-        return Err(c.err(format!("scales are {:?}; blocks of {block} along axis {axis} of {shape:?} need {scale_shape:?}", scales.shape())));
+        return Err(c.err(format!(
+            "scales are {:?}; blocks of {block} along axis {axis} of {shape:?} need {scale_shape:?}",
+            scales.shape()
+        )));
     }
     let Some(s) = scales.as_f32() else {
         return Err(c.err(format!("scales are {}; they must be f32", scales.dtype())));

@@ -515,7 +515,8 @@ pub(crate) fn rotate_by(
     }
     // Batch and sequence may be symbolic; the head sizes must be known.
     let shape = c.ty(x).shape.clone();
-    let known = |c: &NodeCtx, d: Dim, what: &str| d.size().ok_or_else(|| c.err(format!("the {what} ({d}) must be known")));
+    let known =
+        |c: &NodeCtx, d: Dim, what: &str| d.size().ok_or_else(|| c.err(format!("the {what} ({d}) must be known")));
     // The input as [batch, heads, seq, head] or [batch, seq, heads, head],
     // and the axis of the angles' heads (1) in the matching layout.
     let (x4, batch, seq, heads_axis) = match shape.len() {
