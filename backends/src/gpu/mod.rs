@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
-    #[error("{what} is {dtype}, which the GPU backends do not carry (f32, bool and integers that fit i32 only)")]
+    #[error("{what} is {dtype}, which the GPU backends do not carry (f32, f16 and bf16 as f32, bool, and integers that fit i32 only)")]
     DType { what: String, dtype: DType },
     #[error("{what} holds {value}, outside the i32 range GPU kernels carry integers in")]
     IntRange { what: String, value: i64 },
