@@ -13,7 +13,7 @@ onnxruntime error). Weights are random (seeded); nothing is downloaded.
 Needs torch, transformers, onnx, onnxscript (the dynamo exporter) and
 onnxruntime; CI needs none of them, since the outputs are committed.
 
-Models (NAME; the last two only when named):
+Models (NAME; the last three only when named):
 - perceiver_wide_heads_dynamo / _legacy: `PerceiverModel` on raw inputs of
   256 positions x 512 channels, 16 latents of 64, one cross-attention head
   of dimension 512 (shaped by the inputs:
@@ -44,6 +44,9 @@ Models (NAME; the last two only when named):
   150M: 12 layers of 768, 12 query heads over 4 key/value heads, a 32k
   vocabulary), written to `target/bench-exports/` for
   `tools/decode_loop.py`: an 8-token prompt, then one decode step.
+- bert_base_mean_pool_legacy: BERT-base (110M parameters) with the mean
+  pooling, to `target/bench-exports/`: data sets of 128 and 32 tokens, the
+  format benchmarks' source (`tools/make_formats.py bert_base_*`).
 """
 
 import argparse
@@ -260,7 +263,7 @@ def t5():
 
     def data(batch, tokens, decoded):
         d = {
-            "input_ids": torch.randint(0, 1000, (batch, tokens)),
+            "input_ids": torch.randint(0, vocab, (batch, tokens)),
             "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
             "decoder_input_ids": torch.randint(0, 1000, (batch, decoded)),
         }
@@ -276,12 +279,14 @@ def t5():
     return Spec(Hidden(model), [data(2, 12, 5), data(1, 4, 1), data(3, 9, 7)], ["last_hidden_state"], dynamic)
 
 
-def bert_mean_pool():
+def bert_mean_pool(base=False):
     import torch
     from transformers import BertConfig, BertModel
 
+    # BERT-base (110M parameters: 12 layers of 768, 12 heads) at base size.
+    width, layers, heads, ffn, vocab = (768, 12, 12, 3072, 30522) if base else (64, 2, 4, 128, 1000)
     config = BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000
+        hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, vocab_size=vocab
     )
     model = BertModel(config)
 
@@ -307,7 +312,9 @@ def bert_mean_pool():
         return d
 
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    return Spec(MeanPool(model), [data(2, 12), data(1, 5), data(3, 17)], ["sentence_embedding"], dynamic)
+    # At base size, the benchmark's shapes: 128 tokens, then 32.
+    sets = [data(1, 128), data(1, 32)] if base else [data(2, 12), data(1, 5), data(3, 17)]
+    return Spec(MeanPool(model), sets, ["sentence_embedding"], dynamic)
 
 
 # name: (spec, exporter, opset, folder under tests/data)
@@ -326,6 +333,7 @@ MODELS = {
     # Base sizes for benchmarks (hundreds of MB: written under target/, never committed).
     "gpt2_small_past_legacy": (lambda: gpt2_past(base=True), "legacy", 17, BENCH),
     "llama_150m_past_legacy": (lambda: llama_past(base=True), "legacy", 17, BENCH),
+    "bert_base_mean_pool_legacy": (lambda: bert_mean_pool(base=True), "legacy", 17, BENCH),
 }
 
 

@@ -72,6 +72,11 @@ Models not committed (made only when named, into target/formats-extra unless
 - llama_int4 / llama_int4_asym: LLaMA through `MatMulNBitsQuantizer` (4
   bits, block 32, symmetric / with zero points): MatMulNBits only.
 - llama_O2: LLaMA through `optimize_model(model_type="gpt2", opt_level=2)`.
+- bert_base_dynamic_int8, bert_base_fp16, llama_150m_int4: BERT-base through
+  `quantize_dynamic` (QInt8) and `convert_float_to_float16(keep_io_types=True)`,
+  and the 150M LLaMA through `MatMulNBitsQuantizer` (4 bits, block 32), from
+  `tools/make_exports.py bert_base_mean_pool_legacy llama_150m_past_legacy`
+  (in target/bench-exports), for the benchmarks in BENCHMARKS.md.
 
 Op cases (NAME, written to `ops/NAME`; see `_ops` for the list), opset 21
 and com.microsoft 1: QuantizeLinear / DequantizeLinear (per tensor uint8 and
@@ -101,11 +106,15 @@ SOURCES = os.path.join(DATA, "dynamic_exports")
 FORMATS = os.path.join(DATA, "formats")
 # Where the models not committed go when named.
 EXTRA = os.path.join(HERE, "..", "target", "formats-extra")
+# Base-size sources (tools/make_exports.py writes them there), relative to SOURCES.
+BENCH = os.path.join("..", "..", "..", "target", "bench-exports")
 
 BERT = "bert_mean_pool_legacy"
 GPT2 = "gpt2_past_legacy"
 LLAMA = "llama_gqa_past_legacy"
 VIT = "vit_batch_legacy"
+BERT_BASE = os.path.join(BENCH, "bert_base_mean_pool_legacy")
+LLAMA_150M = os.path.join(BENCH, "llama_150m_past_legacy")
 
 MS = "com.microsoft"
 
@@ -481,6 +490,11 @@ MODELS = {
     "llama_O2_int4_asym": (LLAMA, lambda: nbits(LLAMA, model_type="gpt2", is_symmetric=False, **INT4), True),
     "vit_fp16": (VIT, lambda: fp16(VIT, False), True),
     "vit_bf16_weights": (VIT, lambda: bf16_weights(VIT), True),
+    # Base sizes, for benchmarks: from tools/make_exports.py's base-size
+    # exports in target/bench-exports.
+    "bert_base_dynamic_int8": (BERT_BASE, lambda: dynamic(BERT_BASE, weight_type="QInt8"), False),
+    "bert_base_fp16": (BERT_BASE, lambda: fp16(BERT_BASE, True), False),
+    "llama_150m_int4": (LLAMA_150M, lambda: nbits(LLAMA_150M, is_symmetric=True, **INT4), False),
 }
 
 
