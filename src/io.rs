@@ -184,7 +184,7 @@ pub fn random_inputs_except(g: &Graph, seed: u64, given: &[String]) -> Result<Ve
         };
         let n = shape.iter().product();
         let data = match ty.dtype {
-            DType::F32 | DType::F64 => {
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16 => {
                 Data::from_f64s(ty.dtype, &(0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect::<Vec<_>>())
             }
             DType::Bool => Data::Bool((0..n).map(|_| rng.next_u64() & 1 == 1).collect()),

@@ -24,6 +24,8 @@ fn type_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "tensor(float)",
         DType::F64 => "tensor(double)",
+        DType::F16 => "tensor(float16)",
+        DType::BF16 => "tensor(bfloat16)",
         DType::I8 => "tensor(int8)",
         DType::I16 => "tensor(int16)",
         DType::I32 => "tensor(int32)",
@@ -127,7 +129,7 @@ fn tensor_of(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Tensor> {
             )*
         };
     }
-    try_as!(f32, f64, i64, i32, i16, i8, u8, u16, u32, u64, bool);
+    try_as!(f32, f64, egret::ir::half::f16, i64, i32, i16, i8, u8, u16, u32, u64, bool);
     match value.cast::<numpy::PyUntypedArray>() {
         Ok(a) => {
             let dtype = a.dtype().str().map(|s| s.to_string()).unwrap_or_else(|_| "?".into());
@@ -147,6 +149,9 @@ fn array_of<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
     Ok(match t.data() {
         Data::F32(v) => arr!(v),
         Data::F64(v) => arr!(v),
+        Data::F16(v) => arr!(v),
+        // numpy has no bfloat16 of its own: the values as float32, exactly.
+        Data::BF16(v) => arr!(v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()),
         Data::I8(v) => arr!(v),
         Data::I16(v) => arr!(v),
         Data::I32(v) => arr!(v),

@@ -44,6 +44,27 @@ def test_zoo_models_match_onnxruntime(case):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+FORMATS = os.path.join(ROOT, "tests", "data", "formats")
+
+
+@pytest.mark.parametrize(
+    "name, rtol, atol",
+    [("vit_fp16", 1e-2, 4e-3), ("bert_dynamic_int8", 1e-4, 1e-5), ("llama_int4_gather", 1e-4, 1e-5)],
+)
+def test_quantized_and_half_precision_models_take_and_give_their_types(name, rtol, atol):
+    """A float16 model takes and returns numpy float16 arrays; int8 and 4-bit
+    models run as onnxruntime runs them (tests/data/formats)."""
+    case = os.path.join(FORMATS, name)
+    sess = egret.InferenceSession(os.path.join(case, "model.onnx"), threads=1)
+    for data in sorted(glob.glob(os.path.join(case, "test_data_set_*"))):
+        feeds = dict(load_pb(p) for p in sorted(glob.glob(os.path.join(data, "input_*.pb"))))
+        want = [load_pb(p)[1] for p in sorted(glob.glob(os.path.join(data, "output_*.pb")))]
+        got = sess.run(None, feeds)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=rtol, atol=atol)
+
+
 def test_inputs_and_outputs_are_described_in_onnxruntime_spelling():
     sess = egret.InferenceSession(os.path.join(ZOO, "bert_tiny"))
     inputs = sess.get_inputs()
