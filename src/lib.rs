@@ -18,6 +18,7 @@ pub mod aot;
 pub mod check;
 pub mod explain;
 pub mod io;
+pub mod progress;
 pub mod specialize;
 
 pub use egret_backends as backends;
@@ -207,12 +208,15 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
         input_values: opts.input_values.clone(),
         keep_symbolic: opts.keep_symbolic,
     };
+    let stage = progress::stage(format!("importing {}", path.display()));
     let imported = egret_frontend::import_file(path, &import_opts)?;
     let import_ms = ms(t);
     let t = Instant::now();
+    stage.say("canonicalising");
     let (mut graph, canon) = egret_passes::canonicalize(&imported.graph)?;
     let mut optimized = None;
     if opts.opt_level >= 2 {
+        stage.say("optimising (e-graph)");
         let (g, report) = egret_passes::egraph::optimize(&graph, Default::default())?;
         // Extraction leaves constants to fold and nodes nothing reads.
         graph = egret_passes::canonicalize(&g)?.0;
@@ -510,6 +514,7 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     // anything; on a GPU a run builds its values' parameters and grids,
     // and compiles only kernels that earlier values did not have.
     let plannable = opts.backend != Backend::Reference && symbols_to_bind(&c.graph, opts).is_empty();
+    let _stage = progress::stage(format!("compiling for {}", opts.backend.name()));
     let executable: Box<dyn egret_runtime::Executable> =
         if c.graph.is_bound() || opts.backend == Backend::Reference || plannable {
             backend_executable(&c.graph, opts)?

@@ -296,6 +296,8 @@ fn main() {
 }
 
 fn run_cli() -> Result<()> {
+    // Progress bars on stderr for long stages, when it is a terminal.
+    egret::progress::enable();
     match Cli::parse().command {
         Command::Run { model, inputs, save_outputs, backend, print_ir, seed, threads } => {
             run(model, inputs, save_outputs, backend.into(), print_ir, seed, threads)
@@ -432,8 +434,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let t = std::time::Instant::now();
     let (m, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let progress = egret::progress::counted("running", (warmup + iters.max(1)) as u64);
     for _ in 0..warmup {
         m.run(all.clone())?;
+        progress.step();
     }
     let mut times = Vec::with_capacity(iters.max(1));
     let mut device = Vec::new();
@@ -443,7 +447,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         m.run(input)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         device.extend(m.program.executable.device_ms());
+        progress.step();
     }
+    drop(progress);
     times.sort_by(|a, b| a.total_cmp(b));
     device.sort_by(|a, b| a.total_cmp(b));
     let device_median = device.get(device.len() / 2).copied();
@@ -570,8 +576,10 @@ fn check(path: &Path, opts: &CompileOptions, tol: Tolerance, quiet: bool) -> Res
         bail!("no model.onnx under `{}`", path.display());
     }
     let (mut passed, mut failed) = (0, 0);
+    let progress = egret::progress::counted("checking", cases.len() as u64);
     for case in &cases {
         let (reports, compiles) = check_case_counting(case, opts, tol);
+        progress.step();
         if reports.len() > 1 {
             let plural = |n: usize| if n == 1 { "" } else { "s" };
             let lowered = if compiles.specializations > 0 {

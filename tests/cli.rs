@@ -17,6 +17,19 @@ fn check_reports_every_output_and_ends_with_the_tally() {
     assert!(out.contains("PASS last_hidden_state: max abs err"), "{out}");
 }
 
+/// Progress bars draw only on a terminal: piped, stderr stays empty (the
+/// zoo's check takes a few seconds, past the bars' one-second delay).
+#[test]
+fn progress_stays_off_a_pipe() {
+    let (ok, out, err) = egret(&["check", "tests/data/zoo"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(err, "", "stderr of a piped check");
+    let (ok, out, err) = egret(&["bench", "tests/data/zoo/bert_tiny", "--iters", "3", "--warmup", "1"]);
+    assert!(ok, "{out}{err}");
+    // Its notes on random inputs, nothing else.
+    assert!(err.lines().all(|l| l.starts_with("note: input")), "stderr of a piped bench: {err}");
+}
+
 #[test]
 fn check_fails_with_a_non_zero_status_when_an_output_differs() {
     let dir = std::env::temp_dir().join(format!("egret-cli-check-{}", std::process::id()));
