@@ -46,9 +46,38 @@ fn widen(t: Tensor) -> Tensor {
     }
 }
 
+/// An initializer decoded: its name, its value (half types widened) and
+/// whether the file stores it in 4 bits.
+pub struct Weight {
+    pub name: String,
+    pub value: Arc<Tensor>,
+    pub four_bit: bool,
+}
+
+/// Decodes every initializer of `model`, releasing each one's bytes in the
+/// model as soon as it is decoded, so the model and its weights are never
+/// both whole in memory.
+pub fn decode_initializers(model: &mut ModelProto, base: Option<&Path>) -> Result<Vec<Weight>, ImportError> {
+    let Some(g) = model.graph.as_mut() else { return Ok(vec![]) };
+    let mut out = Vec::with_capacity(g.initializer.len());
+    for init in g.initializer.iter_mut() {
+        let value = Arc::new(widen(tensor_from_proto(init, base)?));
+        out.push(Weight { name: init.name.clone(), value, four_bit: crate::tensor::is_four_bit(init) });
+        // Only the name is read again.
+        init.raw_data = Vec::new();
+        init.float_data = Vec::new();
+        init.int32_data = Vec::new();
+        init.int64_data = Vec::new();
+        init.double_data = Vec::new();
+        init.uint64_data = Vec::new();
+    }
+    Ok(out)
+}
+
 impl<'a> Importer<'a> {
     pub fn run(
         model: &ModelProto,
+        weights: &[Weight],
         base: Option<&'a Path>,
         opts: &ImportOptions,
         specialize: &HashSet<String>,
@@ -79,14 +108,13 @@ impl<'a> Importer<'a> {
             four_bit: HashSet::new(),
         };
 
-        for init in &g.initializer {
-            let t = widen(tensor_from_proto(init, base)?);
-            let v = imp.graph.add_const(t.clone(), &init.name);
-            if crate::tensor::is_four_bit(init) {
+        for w in weights {
+            let v = imp.graph.add_const_shared(w.value.clone(), &w.name);
+            if w.four_bit {
                 imp.four_bit.insert(v);
             }
-            imp.known.insert(v, Arc::new(t));
-            imp.names.insert(init.name.clone(), v);
+            imp.known.insert(v, w.value.clone());
+            imp.names.insert(w.name.clone(), v);
         }
         if !g.sparse_initializer.is_empty() {
             return Err(ImportError::tensor("<sparse initializer>", "sparse initializers are not supported"));
@@ -797,9 +825,9 @@ impl NodeCtx<'_, '_> {
     }
 
     pub fn constant(&mut self, t: Tensor) -> ValueId {
-        let t = widen(t);
-        let v = self.imp.graph.add_const(t.clone(), &self.label);
-        self.imp.known.insert(v, Arc::new(t));
+        let t = Arc::new(widen(t));
+        let v = self.imp.graph.add_const_shared(t.clone(), &self.label);
+        self.imp.known.insert(v, t);
         v
     }
 

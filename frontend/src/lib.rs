@@ -135,17 +135,14 @@ pub fn declared_io(path: &Path) -> Result<(Vec<Declared>, Vec<Declared>), Import
 pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
     let bytes = std::fs::read(path).map_err(|error| ImportError::Io { path: path.to_path_buf(), error })?;
     let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
-    import_bytes(&bytes, base, path, opts)
+    let model = parse(&bytes, path)?;
+    // The file's bytes go before the weights are decoded: at most one copy
+    // of a weight in flight beside the decoded ones.
+    drop(bytes);
+    import_model(model, base, opts)
 }
 
-/// Imports a serialised `ModelProto`. `base` is the folder external data
-/// lives in; `path` only names the model in errors.
-pub fn import_bytes(
-    bytes: &[u8],
-    base: Option<&Path>,
-    path: &Path,
-    opts: &ImportOptions,
-) -> Result<Imported, ImportError> {
+fn parse(bytes: &[u8], path: &Path) -> Result<onnx_protobuf::ModelProto, ImportError> {
     use protobuf::Message;
     let model = onnx_protobuf::ModelProto::parse_from_bytes(bytes)
         .map_err(|e| ImportError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
@@ -156,10 +153,32 @@ pub fn import_bytes(
             ImportError::NoGraph
         });
     }
+    Ok(model)
+}
+
+/// Imports a serialised `ModelProto`. `base` is the folder external data
+/// lives in; `path` only names the model in errors.
+pub fn import_bytes(
+    bytes: &[u8],
+    base: Option<&Path>,
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<Imported, ImportError> {
+    import_model(parse(bytes, path)?, base, opts)
+}
+
+/// Imports a parsed model. Its initializers are decoded once, each one's
+/// bytes released as it is (a retry for input values reuses them).
+fn import_model(
+    mut model: onnx_protobuf::ModelProto,
+    base: Option<&Path>,
+    opts: &ImportOptions,
+) -> Result<Imported, ImportError> {
+    let weights = context::decode_initializers(&mut model, base)?;
     // Specialise on input values only when some op asks for them, one retry per request.
     let mut specialize: HashSet<String> = HashSet::new();
     loop {
-        match context::Importer::run(&model, base, opts, &specialize) {
+        match context::Importer::run(&model, &weights, base, opts, &specialize) {
             Err(ImportError::NeedsInputValue { inputs, .. })
                 if inputs.iter().all(|i| opts.input_values.contains_key(i) && !specialize.contains(i)) =>
             {

@@ -76,8 +76,14 @@ impl Graph {
     }
 
     pub fn add_const(&mut self, t: Tensor, label: &str) -> ValueId {
+        self.add_const_shared(Arc::new(t), label)
+    }
+
+    /// `add_const` of a tensor others hold too (an importer's table of known
+    /// values), without a copy.
+    pub fn add_const_shared(&mut self, t: Arc<Tensor>, label: &str) -> ValueId {
         let ty = t.ty();
-        let node = self.insert(Op::Const(Arc::new(t)), vec![], vec![ty], label.to_string());
+        let node = self.insert(Op::Const(t), vec![], vec![ty], label.to_string());
         self.node(node).outputs[0]
     }
 

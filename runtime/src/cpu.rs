@@ -31,12 +31,6 @@ impl AlignedBuf {
         AlignedBuf { lines: vec![Line([0; 64]); len.div_ceil(64).max(1)], len }
     }
 
-    fn from_bytes(bytes: &[u8]) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(bytes.len());
-        b.bytes_mut().copy_from_slice(bytes);
-        b
-    }
-
     fn bytes_mut(&mut self) -> &mut [u8] {
         // `lines` holds at least `len` bytes of plain data.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u8, self.len) }
@@ -65,8 +59,10 @@ pub struct CpuExecutable {
     /// each time, as glibc does above its mmap threshold, costs a page
     /// fault per 4 KiB on first touch).
     workspaces: std::sync::Mutex<Vec<Workspace>>,
-    /// Constant buffers, converted to bytes once at compile time.
-    constants: Vec<Option<AlignedBuf>>,
+    /// Constant buffers: the plan's tensors themselves, read in place (the
+    /// kernels need their elements' natural alignment only, which every
+    /// tensor's storage has; artifacts hold them at that alignment too).
+    constants: Vec<Option<std::sync::Arc<Tensor>>>,
     /// Per kernel, the buffers of its operands in ABI order.
     operands: Vec<Vec<BufferId>>,
     /// Per kernel, how the scheduler may split it.
@@ -140,7 +136,7 @@ impl CpuExecutable {
             .iter()
             .zip(used)
             .map(|(b, used)| match (&b.storage, used) {
-                (Storage::Constant(t), true) => Some(AlignedBuf::from_bytes(&t.to_bytes())),
+                (Storage::Constant(t), true) => Some(t.clone()),
                 _ => None,
             })
             .collect();
@@ -202,7 +198,7 @@ impl CpuExecutable {
 /// Where each buffer's bytes are during one run.
 struct Memory<'a> {
     inputs: &'a [*mut u8],
-    constants: &'a [Option<AlignedBuf>],
+    constants: &'a [Option<std::sync::Arc<Tensor>>],
     arena: *mut u8,
     /// Arena offsets by buffer (`Layout::offsets`).
     offsets: &'a [Option<usize>],
@@ -218,7 +214,10 @@ impl Memory<'_> {
         }
         match &plan.buffers[b].storage {
             Storage::Input(i) => self.inputs[*i],
-            Storage::Constant(_) => self.constants[b].as_ref().expect("constants are converted up front").ptr(),
+            // Kernels never write a constant.
+            Storage::Constant(_) => {
+                self.constants[b].as_ref().expect("constants are kept up front").bytes().as_ptr() as *mut u8
+            }
             // Offsets come from the memory plan, inside the arena.
             Storage::Arena { .. } => unsafe { self.arena.add(self.offsets[b].expect("arena buffers have offsets")) },
         }

@@ -416,7 +416,7 @@ fn build(
             .ok()
             .and_then(|k| egraph.analysis.constants.get(k))
             .ok_or_else(|| err(format!("bad constant `{name}`")))?;
-        vec![g.add_const((**t).clone(), egraph[class].data.label.as_deref().unwrap_or(""))]
+        vec![g.add_const_shared(t.clone(), egraph[class].data.label.as_deref().unwrap_or(""))]
     } else if name == "out" {
         let index: usize = egraph[n.children[0]]
             .data

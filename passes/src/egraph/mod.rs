@@ -110,9 +110,10 @@ pub struct TensorAnalysis {
 }
 
 impl TensorAnalysis {
-    /// The leaf of a new constant (the graph's own constants).
-    pub fn constant_leaf(&mut self, t: Tensor) -> TNode {
-        self.constants.push(Arc::new(t));
+    /// The leaf of a new constant (the graph's own constants, shared with
+    /// the graph: a model's weights are never copied into the e-graph).
+    pub fn constant_leaf(&mut self, t: Arc<Tensor>) -> TNode {
+        self.constants.push(t);
         TNode::leaf(&format!("const:{}", self.constants.len() - 1))
     }
 
@@ -239,7 +240,7 @@ pub fn to_egraph(g: &Graph) -> Result<(TGraph, Vec<(String, Id)>), IrError> {
         let id = match &node.op {
             Op::Input { name } => eg.add(TNode::leaf(&format!("input:{name}"))),
             Op::Const(t) => {
-                let leaf = eg.analysis.constant_leaf((**t).clone());
+                let leaf = eg.analysis.constant_leaf(t.clone());
                 eg.add(leaf)
             }
             op => rules::add_op(&mut eg, op, node.inputs.iter().map(|v| class[v]).collect()),
