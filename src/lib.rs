@@ -489,6 +489,11 @@ pub fn symbolic_gpu_plan(
 
 /// The pipeline: import, canonicalise, hand to the backend.
 pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
+    if opts.backend == Backend::Cpu {
+        // A kernel path the CPU lacks, or a misspelt one, is refused here
+        // rather than ignored.
+        egret_backends::cpu::kernels::Isa::requested().map_err(Error::Usage)?;
+    }
     let c = match canonical(path, opts) {
         Ok(c) => c,
         // Something in the model needs a symbolic dim's value at import:

@@ -161,6 +161,32 @@ fn check_passes_with_the_narrower_kernel_builds() {
     }
 }
 
+/// `EGRET_KERNEL_ISA` naming no kernel path, or one this CPU lacks, is an
+/// error naming the variable, never ignored (nor a SIGILL).
+#[test]
+fn an_unusable_kernel_path_is_refused() {
+    let run = |isa: &str| {
+        Command::new(env!("CARGO_BIN_EXE_egret"))
+            .args(["run", "tests/data/zoo/bert_tiny"])
+            .env("EGRET_KERNEL_ISA", isa)
+            .current_dir(common::repo_root())
+            .output()
+            .unwrap()
+    };
+    let out = run("avx1024");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("EGRET_KERNEL_ISA=avx1024 names no kernel path"), "{err}");
+    // A path wider than this CPU's, where there is one.
+    let best = egret::backends::cpu::kernels::Isa::host();
+    if best != egret::backends::cpu::kernels::Isa::Avx512 {
+        let out = run("avx512");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("but this CPU's best path is"), "{err}");
+    }
+}
+
 /// Without a CUDA driver, `--backend ptx` is a clean error naming what is
 /// missing, with exit status 1 (where there is a driver, it runs).
 #[test]

@@ -83,14 +83,29 @@ impl Isa {
     /// is a load.
     pub fn host() -> Isa {
         static HOST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *HOST.get_or_init(|| {
-            let cap = match std::env::var(ISA_ENV).as_deref() {
-                Ok("baseline") => Isa::Baseline,
-                Ok("avx2") => Isa::Avx2,
-                _ => Isa::Avx512,
-            };
-            Isa::detect().min(cap)
-        })
+        // An unusable request (`requested` says why; compiling refuses it)
+        // caps nothing here: the kernels never run a path the CPU lacks.
+        *HOST.get_or_init(|| Isa::detect().min(Isa::requested().ok().flatten().unwrap_or(Isa::Avx512)))
+    }
+
+    /// The path `EGRET_KERNEL_ISA` asks for, if set: an error for a name
+    /// that is none of `avx512`, `avx2` and `baseline`, or for a path this
+    /// CPU lacks.
+    pub fn requested() -> Result<Option<Isa>, String> {
+        let Ok(value) = std::env::var(ISA_ENV) else { return Ok(None) };
+        let isa = match value.as_str() {
+            "avx512" => Isa::Avx512,
+            "avx2" => Isa::Avx2,
+            "baseline" => Isa::Baseline,
+            other => return Err(format!("{ISA_ENV}={other} names no kernel path (avx512, avx2 or baseline)")),
+        };
+        if isa > Isa::detect() {
+            return Err(format!(
+                "{ISA_ENV}={value}, but this CPU's best path is {}: it lacks the instructions {value} needs",
+                Isa::detect().name()
+            ));
+        }
+        Ok(Some(isa))
     }
 
     fn detect() -> Isa {
