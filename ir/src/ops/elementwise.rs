@@ -153,7 +153,15 @@ fn unary_f64(op: &Op, x: f64) -> f64 {
                 e / (1.0 + e)
             }
         }
-        Op::Relu => x.max(0.0),
+        // max(0, NaN) is NaN, as numpy's clip (ONNX's reference) and every
+        // backend's kernels give (`f64::max` would return the 0).
+        Op::Relu => {
+            if x.is_nan() {
+                x
+            } else {
+                x.max(0.0)
+            }
+        }
         Op::Floor => x.floor(),
         Op::Ceil => x.ceil(),
         // ONNX rounds half to even.
