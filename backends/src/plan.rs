@@ -855,7 +855,11 @@ impl Kernel {
                 if a.nan_to_zero { ", NaN guard" } else { "" },
                 if a.out_row_stride != a.dv { ", heads written interleaved" } else { "" }
             ),
-            KernelKind::Reference { op, .. } | KernelKind::Loop { op, .. } => op.name().to_string(),
+            // With the element types (a cast's are what it does).
+            KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
+                let types = |ts: &[(BufferId, Type)]| ts.iter().map(|(_, t)| t.to_string()).collect::<Vec<_>>().join(", ");
+                format!("{} {} -> {}", op.name(), types(inputs), types(outputs))
+            }
         }
     }
 
