@@ -395,3 +395,36 @@ output \"y\" = v6
     let failures = check_graph(&g, 1, common::wgsl_adapter());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The third long run's findings (seeds 1528, 2258 and 2589): tanh-GELU of
+/// a score masked to -inf was -inf on the CPU, where the reference and the
+/// GPU backends give NaN (ONNX's formula, `0.5 x (1 + tanh(..))`, is
+/// `-inf * 0` there): the kernel library's `exp` saturated at 2^127
+/// instead of overflowing to infinity, so the sigmoid it builds on never
+/// reached 0. Both the generated maps and the library's epilogues and rows.
+#[test]
+fn gelu_of_infinities_matches_the_reference_everywhere() {
+    let g = egret::ir::text::parse(
+        "v0: f32[5,4] = input{name=\"x\"}
+v1: f32[4] = const [-inf, inf, 0.0, 100.0]
+v2: f32[5,4] = add v0, v1
+v3: f32[5,4] = gelu{approximate_tanh=true} v2
+v4: f32[5,4] = gelu{approximate_tanh=false} v2
+v5: f32[1,4] = const [1.0, 0.5, 2.0, 3.0]
+v11: f32[5,1] = slice{starts=[0, 0], ends=[5, 1], steps=[1, 1]} v2
+v6: f32[5,4] = matmul v11, v5
+v7: f32[5,4] = gelu{approximate_tanh=true} v6
+v8: f32[5,1] = reduce{kind=mean, axes=[1], keepdims=true} v3
+v9: f32[5,4] = mul v2, v2
+v10: f32[5,4] = exp v9
+output \"tanh_gelu\" = v3
+output \"erf_gelu\" = v4
+output \"product_gelu\" = v7
+output \"mean\" = v8
+output \"exp\" = v10
+",
+    )
+    .unwrap();
+    let failures = check_graph(&g, 1, common::wgsl_adapter());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

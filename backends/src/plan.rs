@@ -857,7 +857,8 @@ impl Kernel {
             ),
             // With the element types (a cast's are what it does).
             KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
-                let types = |ts: &[(BufferId, Type)]| ts.iter().map(|(_, t)| t.to_string()).collect::<Vec<_>>().join(", ");
+                let types =
+                    |ts: &[(BufferId, Type)]| ts.iter().map(|(_, t)| t.to_string()).collect::<Vec<_>>().join(", ");
                 format!("{} {} -> {}", op.name(), types(inputs), types(outputs))
             }
         }

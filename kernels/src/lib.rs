@@ -187,6 +187,8 @@ fn poly<const FMA: bool>(x: f32, coeffs: &[f32]) -> f32 {
 /// for a masked score of -inf.
 const EXP_LOW: f32 = -87.336_55;
 const EXP_HIGH: f32 = 88.3;
+/// Above this, `e^x` overflows f32: the result is infinity.
+pub const EXP_OVERFLOW: f32 = 88.722_84;
 
 /// `e^x`, branch-free so it vectorises: Cephes `expf` (range reduction by
 /// ln 2 in two parts, a degree-5 polynomial, 2^n from the exponent bits),
@@ -216,6 +218,8 @@ pub fn exp<const FMA: bool>(x: f32) -> f32 {
         x
     } else if x < EXP_LOW {
         0.0
+    } else if x > EXP_OVERFLOW {
+        f32::INFINITY
     } else {
         y
     }

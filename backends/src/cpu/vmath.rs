@@ -77,6 +77,7 @@ impl VMath {
     pub fn exp(&self, b: &mut FunctionBuilder, x: Value) -> Value {
         let hi = self.c(b, 88.376_26);
         let lo = self.c(b, -88.376_26);
+        let unclamped = x;
         let x = b.ins().fmin(x, hi);
         let x = b.ins().fmax(x, lo);
         // n = round(x / ln 2); r = x - n ln 2, with ln 2 split for precision.
@@ -99,7 +100,18 @@ impl VMath {
         let e = b.ins().iadd(ni, bias);
         let e = b.ins().ishl_imm_u(e, 23);
         let scale = b.ins().bitcast(self.float_ty(), MemFlagsData::new(), e);
-        b.ins().fmul(p, scale)
+        let y = b.ins().fmul(p, scale);
+        // Past f32's range, infinity (the clamp above keeps the polynomial
+        // finite): sigmoid(-inf) is then exactly 0, as libm's gives it.
+        let overflow = self.c(b, EXP_OVERFLOW);
+        let inf = self.c(b, f32::INFINITY);
+        let over = b.ins().fcmp(FloatCC::GreaterThan, unclamped, overflow);
+        if self.vector {
+            let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), over);
+            b.ins().bitselect(mask, inf, y)
+        } else {
+            b.ins().select(over, inf, y)
+        }
     }
 
     pub fn erf(&self, b: &mut FunctionBuilder, x: Value) -> Value {
@@ -187,4 +199,4 @@ impl VMath {
     }
 }
 
-pub use egret_kernels::gelu_tanh_coefficients;
+pub use egret_kernels::{gelu_tanh_coefficients, EXP_OVERFLOW};
