@@ -106,11 +106,17 @@ impl VMath {
         let overflow = self.c(b, EXP_OVERFLOW);
         let inf = self.c(b, f32::INFINITY);
         let over = b.ins().fcmp(FloatCC::GreaterThan, unclamped, overflow);
+        self.select(b, over, inf, y)
+    }
+
+    /// `cond ? yes : no` lane by lane, `cond` an `fcmp` of this width.
+    fn select(&self, b: &mut FunctionBuilder, cond: Value, yes: Value, no: Value) -> Value {
         if self.vector {
-            let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), over);
-            b.ins().bitselect(mask, inf, y)
+            // The lane mask is I32X4; bitselect wants it in the operands' type.
+            let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), cond);
+            b.ins().bitselect(mask, yes, no)
         } else {
-            b.ins().select(over, inf, y)
+            b.ins().select(cond, yes, no)
         }
     }
 
@@ -151,13 +157,7 @@ impl VMath {
         let ax = b.ins().fabs(x);
         let small = self.c(b, 0.125);
         let is_near = b.ins().fcmp(FloatCC::LessThan, ax, small);
-        if self.vector {
-            // The lane mask is I32X4; bitselect wants it in the operands' type.
-            let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), is_near);
-            b.ins().bitselect(mask, near, far)
-        } else {
-            b.ins().select(is_near, near, far)
-        }
+        self.select(b, is_near, near, far)
     }
 
     pub fn sigmoid(&self, b: &mut FunctionBuilder, x: Value) -> Value {

@@ -89,7 +89,9 @@ pub fn register(r: &mut Registry) {
     r.insert("DynamicQuantizeMatMul", |c| {
         let (a, b, b_scale) = (c.req(0)?, c.req(1)?, c.req(2)?);
         let (b_zero, bias) = (c.input(3), c.input(4));
-        let (q, a_scale, a_zero) = dynamic_quantize(c, a)?;
+        let [q, a_scale, a_zero] = crate::ops::quant::dynamic_quantize_of(c, a)?[..] else {
+            unreachable!("DynamicQuantizeLinear has three outputs")
+        };
         let product = integer_product(c, q, b, Some(a_zero), b_zero)?;
         let scales = c.add(Op::Mul, &[a_scale, b_scale])?;
         let y = c.add(Op::Mul, &[product, scales])?;
@@ -100,12 +102,6 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("MatMulNBits", matmul_nbits);
     r.insert("GatherBlockQuantized", gather_block_quantized);
-}
-
-/// `DynamicQuantizeLinear` of `x`, as the default domain's builder makes it.
-fn dynamic_quantize(c: &mut NodeCtx, x: ValueId) -> Result<(ValueId, ValueId, ValueId), ImportError> {
-    let outs = crate::ops::quant::dynamic_quantize_of(c, x)?;
-    Ok((outs[0], outs[1], outs[2]))
 }
 
 /// Input `x` plus the optional input `bias`.

@@ -91,9 +91,9 @@ fn broadcast_param(c: &mut NodeCtx, p: ValueId, x: ValueId, axis: usize, block: 
     if block == 0 {
         if ps.len() != 1 || ps[0] != xs[axis] {
             return Err(c.err(format!(
-                "a per-axis parameter must be 1-D as long as axis {axis} of the input ({}), not [{}]",
+                "a per-axis parameter must be 1-D as long as axis {axis} of the input ({}), not {}",
                 xs[axis],
-                join(&ps)
+                egret_ir::shape_text(&ps)
             )));
         }
         let mut shape = vec![Dim::new(1); xs.len()];
@@ -102,16 +102,18 @@ fn broadcast_param(c: &mut NodeCtx, p: ValueId, x: ValueId, axis: usize, block: 
     }
     // Blocked: each parameter covers `block` elements along the axis (whose
     // length must be known; the other axes may be symbolic).
-    let len = xs[axis].size().ok_or_else(|| c.err(format!("blocked axis {axis} of [{}] must be known", join(&xs))))?;
+    let len = xs[axis]
+        .size()
+        .ok_or_else(|| c.err(format!("blocked axis {axis} of {} must be known", egret_ir::shape_text(&xs))))?;
     let blocks = len.div_ceil(block);
     let mut want = xs.clone();
     want[axis] = Dim::new(blocks);
     if ps != want {
         return Err(c.err(format!(
-            "a parameter for blocks of {block} along axis {axis} of [{}] must be [{}], not [{}]",
-            join(&xs),
-            join(&want),
-            join(&ps)
+            "a parameter for blocks of {block} along axis {axis} of {} must be {}, not {}",
+            egret_ir::shape_text(&xs),
+            egret_ir::shape_text(&want),
+            egret_ir::shape_text(&ps)
         )));
     }
     let mut unit = ps.clone();
@@ -128,10 +130,6 @@ fn broadcast_param(c: &mut NodeCtx, p: ValueId, x: ValueId, axis: usize, block: 
     }
     let starts = vec![Dim::new(0); xs.len()];
     c.add(Op::Slice { starts, ends: xs.clone(), steps: vec![1; xs.len()] }, &[m])
-}
-
-fn join(dims: &[Dim]) -> String {
-    dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// The axis and block size attributes of the (de)quantizers. The axis
@@ -294,7 +292,7 @@ fn per_row(c: &mut NodeCtx, p: ValueId, a: ValueId) -> Result<ValueId, ImportErr
     if ps.len() == 1 && shape.len() >= 2 && ps[0] == shape[shape.len() - 2] {
         return c.add(Op::Reshape { shape: vec![ps[0], Dim::new(1)] }, &[p]);
     }
-    Err(c.err(format!("a parameter of A must be a scalar or one per row, not [{}]", join(&ps))))
+    Err(c.err(format!("a parameter of A must be a scalar or one per row, not {}", egret_ir::shape_text(&ps))))
 }
 
 /// `(a - a_zero) @ (b - b_zero)` in f32, the integers exact (see the module
@@ -331,7 +329,10 @@ pub(crate) fn integer_product(
         let n = c.ty(b).shape.last().copied();
         let ok = zs.iter().all(|d| d.known() == Some(1)) || (zs.len() == 1 && Some(zs[0]) == n);
         if !ok {
-            return Err(c.err(format!("b_zero_point must be a scalar or one per column of B, not [{}]", join(&zs))));
+            return Err(c.err(format!(
+                "b_zero_point must be a scalar or one per column of B, not {}",
+                egret_ir::shape_text(&zs)
+            )));
         }
         let z = c.as_f32(z)?;
         bf = c.add(Op::Sub, &[bf, z])?;
