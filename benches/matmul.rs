@@ -8,6 +8,13 @@
 //! packs into panels at compile time; and the kernel library's GEMM over
 //! such a packed weight (what the JIT uses for every constant weight).
 //!
+//! Then a decode step's product (one row times a 4096 x 4096 weight, 64 MiB
+//! in f32, larger than the last-level cache) with the weight packed in each
+//! coding the CPU keeps (`cpu::choose::pack_weight`): f32, f16, bf16, 8-bit
+//! and 4-bit codes with a scale and zero point per block of 32 rows.
+//! Throughput is the weight's bytes as f32 per second, so codings compare
+//! as speed-ups of the same product.
+//!
 //! `cargo bench --bench matmul`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -24,7 +31,8 @@ fn graph(n: usize, b_constant: bool) -> Graph {
     let mut g = Graph::new();
     let a = g.add_input("a", Type::new(DType::F32, vec![n, n]));
     let b = if b_constant {
-        g.add_const(matrix(n, 5, 0.5), "w")
+        // Not halves (0.3 is no f16 or bf16), so the weight packs as f32.
+        g.add_const(matrix(n, 5, 0.3), "w")
     } else {
         g.add_input("b", Type::new(DType::F32, vec![n, n]))
     };
@@ -39,7 +47,7 @@ fn bench_variant(c: &mut Criterion, name: &str, implementation: MatMulImpl, b_co
         let opts = egret::backends::LowerOptions { matmul: Some(implementation), ..Default::default() };
         let plan = egret::backends::lower(&graph(n, b_constant), opts).unwrap();
         let exe = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-        let inputs = if b_constant { vec![matrix(n, 7, 0.25)] } else { vec![matrix(n, 7, 0.25), matrix(n, 5, 0.5)] };
+        let inputs = if b_constant { vec![matrix(n, 7, 0.25)] } else { vec![matrix(n, 7, 0.25), matrix(n, 5, 0.3)] };
         group.throughput(Throughput::Elements(2 * (n as u64).pow(3)));
         group.sample_size(if n >= 512 { 20 } else { 50 });
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |bench, _| {
@@ -56,5 +64,58 @@ fn matmul(c: &mut Criterion) {
     bench_variant(c, "kernel_library_packed_weights", MatMulImpl::Packed, true);
 }
 
-criterion_group!(benches, matmul);
+/// A `[k, n]` weight of 4-bit (or 8-bit) codes in blocks of 32 rows, with
+/// the importer's claim, or its values rounded to a half type.
+fn decode_weight(k: usize, n: usize, coding: &str) -> Tensor {
+    let bits = if coding == "codes8" { 8 } else { 4 };
+    let blocks = k / 32;
+    let claim = egret::ir::BlockCodes {
+        bits,
+        block: 32,
+        k,
+        n,
+        codes: (0..k * n).map(|i| ((i * 7 + i / n) % (1 << bits)) as u8).collect(),
+        scales: (0..blocks * n).map(|i| 0.01 + (i % 17) as f32 * 1e-3).collect(),
+        zeros: vec![(1 << (bits - 1)) as f32; blocks * n],
+    };
+    let values: Vec<f32> = (0..k * n).map(|i| claim.value(i / n, i % n) * 1.0001).collect();
+    match coding {
+        "f32" => Tensor::from_vec(vec![k, n], values),
+        "f16" => Tensor::from_vec(
+            vec![k, n],
+            values.iter().map(|&x| egret::ir::half::f16::from_f32(x).to_f32()).collect::<Vec<_>>(),
+        ),
+        "bf16" => Tensor::from_vec(
+            vec![k, n],
+            values.iter().map(|&x| egret::ir::half::bf16::from_f32(x).to_f32()).collect::<Vec<_>>(),
+        ),
+        _ => {
+            let values: Vec<f32> = (0..k * n).map(|i| claim.value(i / n, i % n)).collect();
+            Tensor::from_vec(vec![k, n], values).with_codes(claim)
+        }
+    }
+}
+
+fn decode_step(c: &mut Criterion) {
+    let (k, n) = (4096, 4096);
+    let mut group = c.benchmark_group("decode_step_1x4096x4096_1_thread");
+    group.throughput(Throughput::Bytes((k * n * 4) as u64));
+    group.sample_size(20);
+    for coding in ["f32", "f16", "bf16", "codes8", "codes4"] {
+        let mut g = Graph::new();
+        let a = g.add_input("a", Type::new(DType::F32, vec![1, k]));
+        let w = g.add_const(decode_weight(k, n, coding), "w");
+        let y = g.add(Op::MatMul, &[a, w], "matmul").unwrap();
+        g.set_output("y", y);
+        let plan = egret::backends::lower(&g, Default::default()).unwrap();
+        let exe = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+        let input = vec![Tensor::from_vec(vec![1, k], (0..k).map(|i| (i % 9) as f32 * 0.1).collect::<Vec<f32>>())];
+        group.bench_with_input(BenchmarkId::from_parameter(coding), &coding, |bench, _| {
+            bench.iter(|| exe.run(input.clone()).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matmul, decode_step);
 criterion_main!(benches);

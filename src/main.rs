@@ -726,12 +726,10 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
     }
     for (i, k) in plan.kernels.iter().enumerate() {
         let mut detail = k.detail();
-        if k.detailed_kind() == "matmul:packed" {
-            detail = detail.replacen(
-                "packed GEMM",
-                &format!("packed GEMM, {}", egret::backends::cpu::describe_packed_tile()),
-                1,
-            );
+        if let (egret::backends::plan::KernelKind::MatMul(mm), "matmul:packed") = (&k.kind, k.detailed_kind().as_str())
+        {
+            let packed = egret::backends::cpu::describe_packed(plan, mm);
+            detail = detail.replacen("packed GEMM", &format!("packed GEMM, {packed}"), 1);
         }
         println!("  k{i:<4} {:<18} {:>10} flop  {detail}  # {}", k.detailed_kind(), k.flops(), k.label);
     }

@@ -198,3 +198,40 @@ output \"i8_f32\" = v8
         }
     }
 }
+
+/// The CPU keeps each format's weights at their width in its packed GEMM:
+/// integer codes for 4- and 8-bit weights (the importer's claim, checked
+/// when packed), halves for half-precision ones. A change that lost the
+/// claim (a fold that copies the weight, say) would still pass every
+/// accuracy test and read 2-8x the bytes per product: this catches it.
+#[test]
+fn quantized_and_half_weights_stay_narrow_on_the_cpu() {
+    use egret::backends::cpu::choose::packed_coding;
+    use egret::backends::plan::{KernelKind, MatMulImpl, Storage};
+    let dims = |pairs: &[(&str, usize)]| pairs.iter().map(|&(n, v)| (n.to_string(), v)).collect();
+    for (model, bound, want, count) in [
+        ("bert_dynamic_int8", dims(&[]), "8-bit codes", 12),
+        ("bert_dynamic_uint8_per_channel", dims(&[]), "8-bit codes", 12),
+        ("bert_qdq_static", dims(&[("batch", 1), ("sequence", 8)]), "8-bit codes", 12),
+        ("vit_qdq_static_per_channel", dims(&[("batch", 1)]), "8-bit codes", 12),
+        ("llama_int4_gather", dims(&[]), "4-bit codes", 15),
+        ("llama_O2_int4_asym", dims(&[]), "4-bit codes", 15),
+        ("vit_fp16", dims(&[]), "f16", 13),
+    ] {
+        let opts = CompileOptions { dims: bound, ..Default::default() };
+        let e = egret::explain::explain(&dir().join(model), &opts, Backend::Cpu).unwrap();
+        let plan = e.plan.unwrap_or_else(|| panic!("{model}: no plan"));
+        let codings: Vec<&str> = plan
+            .kernels
+            .iter()
+            .filter_map(|k| match &k.kind {
+                KernelKind::MatMul(mm) if mm.implementation == MatMulImpl::Packed => {
+                    let Storage::Constant(t) = &plan.buffers[mm.b].storage else { return None };
+                    packed_coding(t).map(|c| c.name())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codings.iter().filter(|&&c| c == want).count(), count, "{model}: {codings:?}");
+    }
+}

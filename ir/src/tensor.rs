@@ -392,10 +392,65 @@ impl Data {
 }
 
 /// A dense, row-major tensor.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Tensor {
     shape: Vec<usize>,
     data: Data,
+    /// Where a weight came from integers: its values are these codes'
+    /// (`BlockCodes`), so a backend may keep them at their width.
+    codes: Option<std::sync::Arc<BlockCodes>>,
+}
+
+/// Two tensors are equal when their shapes and elements are: where the
+/// values came from does not matter.
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        self.shape == other.shape && self.data == other.data
+    }
+}
+
+/// A claim, made by the importer, that an f32 matrix `[k, n]` is the
+/// dequantization of small unsigned integer codes in blocks along `k`:
+/// element `(p, j)` is `(codes[p * n + j] as f32 - zeros[b * n + j]) *
+/// scales[b * n + j]` with `b = p / block`, computed in that order in f32.
+/// A backend that stores the weight as codes checks the claim before it
+/// trusts it (`BlockCodes::matches`), so a wrong claim costs speed, never
+/// an answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockCodes {
+    /// Bits per code (at most 8): codes are below `1 << bits`.
+    pub bits: u32,
+    /// Rows of `k` per block of scales and zero points.
+    pub block: usize,
+    pub k: usize,
+    pub n: usize,
+    /// `[k, n]`, one code per byte.
+    pub codes: Vec<u8>,
+    /// `[k.div_ceil(block), n]`.
+    pub scales: Vec<f32>,
+    /// `[k.div_ceil(block), n]`, whole numbers.
+    pub zeros: Vec<f32>,
+}
+
+impl BlockCodes {
+    /// Element `(p, j)` as the claim computes it.
+    pub fn value(&self, p: usize, j: usize) -> f32 {
+        let b = (p / self.block) * self.n + j;
+        (self.codes[p * self.n + j] as f32 - self.zeros[b]) * self.scales[b]
+    }
+
+    /// Whether the claim is well formed and gives exactly `w`'s bits.
+    pub fn matches(&self, w: &[f32]) -> bool {
+        let blocks = self.k.div_ceil(self.block.max(1));
+        self.block > 0
+            && self.bits <= 8
+            && w.len() == self.k * self.n
+            && self.codes.len() == w.len()
+            && self.scales.len() == blocks * self.n
+            && self.zeros.len() == blocks * self.n
+            && self.codes.iter().all(|&c| (c as u32) < (1 << self.bits))
+            && (0..self.k).all(|p| (0..self.n).all(|j| self.value(p, j).to_bits() == w[p * self.n + j].to_bits()))
+    }
 }
 
 impl Tensor {
@@ -405,7 +460,7 @@ impl Tensor {
     pub fn new(shape: impl Into<Vec<usize>>, data: Data) -> Tensor {
         let shape = shape.into();
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape {shape:?} does not match its data");
-        Tensor { shape, data }
+        Tensor { shape, data, codes: None }
     }
 
     pub fn try_new(shape: impl Into<Vec<usize>>, data: Data) -> Result<Tensor, String> {
@@ -414,7 +469,7 @@ impl Tensor {
         if want != data.len() {
             return Err(format!("shape {shape:?} needs {want} elements but {} were given", data.len()));
         }
-        Ok(Tensor { shape, data })
+        Ok(Tensor { shape, data, codes: None })
     }
 
     pub fn from_vec<T: Elem>(shape: impl Into<Vec<usize>>, v: Vec<T>) -> Tensor {
@@ -428,7 +483,7 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Tensor {
         let shape = shape.into();
         let n = shape.iter().product();
-        Tensor { shape, data: Data::zeros(dtype, n) }
+        Tensor { shape, data: Data::zeros(dtype, n), codes: None }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -463,6 +518,18 @@ impl Tensor {
         Tensor::new(shape, self.data)
     }
 
+    /// This `[k, n]` f32 matrix with the claim that `codes` dequantize to it.
+    pub fn with_codes(mut self, codes: BlockCodes) -> Tensor {
+        debug_assert!(self.shape == [codes.k, codes.n] && self.dtype() == DType::F32);
+        self.codes = Some(std::sync::Arc::new(codes));
+        self
+    }
+
+    /// The importer's claim about this weight's codes, if it made one.
+    pub fn codes(&self) -> Option<&BlockCodes> {
+        self.codes.as_deref()
+    }
+
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             Data::F32(v) => Some(v),
@@ -480,7 +547,7 @@ impl Tensor {
     }
 
     pub fn cast(&self, to: DType) -> Tensor {
-        Tensor { shape: self.shape.clone(), data: self.data.cast(to) }
+        Tensor { shape: self.shape.clone(), data: self.data.cast(to), codes: None }
     }
 }
 

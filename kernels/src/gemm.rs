@@ -17,11 +17,41 @@
 //!
 //! Panels are split across threads for big products; a fused epilogue runs
 //! on the thread that computed its columns, a group of panels at a time.
+//!
+//! A packed weight starts with a header (`HEADER_WORDS` words) saying how
+//! its panels store their values (`Coding`): as f32, or narrower — halves,
+//! or the integer codes of a quantized weight with their scales and zero
+//! points per block of rows. Narrow panels are decoded to f32 into the
+//! thread's scratch a panel or two at a time, just before the tiles read
+//! them, so a product reads 2-8x fewer bytes of weight from memory (what a
+//! decode step's matrix-vector products are bound by) and the tiles stay
+//! the f32 ones.
 
 use super::{madd, multiversion};
 
 /// Rows of `c` per micro-tile.
 pub const MR: usize = 6;
+
+/// Runs `$body` with `$r` bound to each row index below `$R` (at most
+/// `MR`), unrolled by the macro rather than left to LLVM: the accumulators
+/// stay in registers only if every index into them is a constant, and
+/// whether LLVM unrolls a loop over the rows depends on its inlining
+/// budget. With fat LTO it did not, kept the AVX-512 accumulators on the
+/// stack, and the products ran 3x slower.
+macro_rules! for_each_row {
+    ($R:ident, $r:ident, $body:block) => {
+        for_each_row!(@ $R, $r, $body, 0 1 2 3 4 5)
+    };
+    (@ $R:ident, $r:ident, $body:block, $($i:literal)*) => {
+        $(
+            if $i < $R {
+                let $r: usize = $i;
+                $body
+            }
+        )*
+    };
+}
+const _: () = assert!(MR == 6, "for_each_row! unrolls MR rows");
 /// Columns per panel: two AVX-512 vectors.
 pub const NR: usize = 32;
 
@@ -52,7 +82,7 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     a: *const f32,
     a_rs: i64,
     a_cs: i64,
-    b: *const f32,
+    b: *const u32,
     c: *mut f32,
     a_rows: *const i64,
     c_rows: *const i64,
@@ -60,20 +90,189 @@ pub unsafe extern "C" fn egret_sgemm_packed(
     args: *const *mut u8,
 ) {
     let tile = TileShape::host();
+    let b = unsafe { Weight::read(b) };
     unsafe { sgemm_packed(m, k, n, a, a_rs, a_cs, a_rows, b, c, c_rows, tile, epilogue, args) }
 }
 
+/// Words before a packed weight's panels: `MAGIC`, the `Coding`, `k`, `n`,
+/// the block of rows per scale (codes only), then zeros.
+pub const HEADER_WORDS: usize = 16;
+
+/// The first word of every packed weight.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"EgPW");
+
+/// How a packed weight's panels hold its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Coding {
+    /// `k` rows of `NR` f32 per panel.
+    F32 = 1,
+    /// `k` rows of `NR` IEEE halves per panel.
+    F16 = 2,
+    /// `k` rows of `NR` bfloat16 per panel.
+    Bf16 = 3,
+    /// Per block of `block` rows: `NR` f32 scales, `NR` f32 zero points,
+    /// then the block's rows of `NR` one-byte codes (the last block padded
+    /// with zero codes). Element `(p, l)` is `(code - zero) * scale`.
+    Codes8 = 4,
+    /// As `Codes8` with two codes per byte: byte `l` of a row holds column
+    /// `l` in its low four bits and column `l + NR / 2` in its high four.
+    Codes4 = 5,
+}
+
+impl Coding {
+    pub fn from_word(w: u32) -> Option<Coding> {
+        Some(match w {
+            1 => Coding::F32,
+            2 => Coding::F16,
+            3 => Coding::Bf16,
+            4 => Coding::Codes8,
+            5 => Coding::Codes4,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of weight per element, as stored (scales and zero points aside).
+    pub fn bytes_per_element(self) -> f32 {
+        match self {
+            Coding::F32 => 4.0,
+            Coding::F16 | Coding::Bf16 => 2.0,
+            Coding::Codes8 => 1.0,
+            Coding::Codes4 => 0.5,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Coding::F32 => "f32",
+            Coding::F16 => "f16",
+            Coding::Bf16 => "bf16",
+            Coding::Codes8 => "8-bit codes",
+            Coding::Codes4 => "4-bit codes",
+        }
+    }
+}
+
+/// A packed weight as the kernel reads it: its coding, the rows per block
+/// of scales (codes only) and where its panels start.
+#[derive(Clone, Copy)]
+struct Weight {
+    coding: Coding,
+    block: usize,
+    panels: *const u32,
+}
+
+impl Weight {
+    /// Reads the header `pack_*` wrote.
+    ///
+    /// # Safety
+    /// `b` is a packed weight.
+    unsafe fn read(b: *const u32) -> Weight {
+        let word = |i: usize| unsafe { *b.add(i) };
+        assert_eq!(word(0), MAGIC, "a packed GEMM weight without its header");
+        let coding = Coding::from_word(word(1)).expect("a packed GEMM weight of an unknown coding");
+        Weight { coding, block: word(4) as usize, panels: unsafe { b.add(HEADER_WORDS) } }
+    }
+
+    /// Words per panel of `k` rows.
+    fn panel_words(self, k: usize) -> usize {
+        match self.coding {
+            Coding::F32 => k * NR,
+            Coding::F16 | Coding::Bf16 => k * NR / 2,
+            Coding::Codes8 | Coding::Codes4 => k.div_ceil(self.block) * self.block_words(),
+        }
+    }
+
+    /// Words per block of a coded panel: scales, zero points and codes.
+    fn block_words(self) -> usize {
+        2 * NR + self.block * self.row_bytes() / 4
+    }
+
+    fn row_bytes(self) -> usize {
+        if self.coding == Coding::Codes4 {
+            NR / 2
+        } else {
+            NR
+        }
+    }
+}
+
+fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
+    let mut words = vec![0u32; HEADER_WORDS];
+    words[..5].copy_from_slice(&[MAGIC, coding as u32, k as u32, n as u32, block as u32]);
+    words
+}
+
 /// `b` (`[k, n]`, element `(p, j)` at `offset + p * strides[0] + j *
-/// strides[1]`) as panels of `width` columns (`NR` for this GEMM): for each
-/// panel its `k` rows of `width` values, the last panel padded with zeros.
-pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize, width: usize) -> Vec<f32> {
-    let panels = n.div_ceil(width);
-    let mut out = vec![0f32; panels * k * width];
-    for panel in 0..panels {
+/// strides[1]`) packed in f32: for each panel of `NR` columns its `k` rows
+/// of `NR` values, the last panel padded with zeros.
+pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<u32> {
+    let mut out = header(Coding::F32, k, n, 0);
+    for panel in 0..n.div_ceil(NR) {
         for p in 0..k {
-            for l in 0..width.min(n - panel * width) {
-                out[(panel * k + p) * width + l] = b[offset + p * strides[0] + (panel * width + l) * strides[1]];
+            for l in 0..NR {
+                let j = panel * NR + l;
+                out.push(if j < n { b[offset + p * strides[0] + j * strides[1]].to_bits() } else { 0 });
             }
+        }
+    }
+    out
+}
+
+/// A `[k, n]` matrix of halves (`bits[p * n + j]`, IEEE f16 or bfloat16)
+/// packed as panels of halves.
+pub fn pack_half_panels(bits: impl Fn(usize, usize) -> u16, k: usize, n: usize, bf16: bool) -> Vec<u32> {
+    let mut out = header(if bf16 { Coding::Bf16 } else { Coding::F16 }, k, n, 0);
+    for panel in 0..n.div_ceil(NR) {
+        for p in 0..k {
+            for l in (0..NR).step_by(2) {
+                let at = |l: usize| {
+                    let j = panel * NR + l;
+                    if j < n {
+                        bits(p, j) as u32
+                    } else {
+                        0
+                    }
+                };
+                out.push(at(l) | (at(l + 1) << 16));
+            }
+        }
+    }
+    out
+}
+
+/// A `[k, n]` matrix of unsigned codes below `1 << bits` (`bits` at most 8;
+/// 4 or fewer are stored two to a byte), with scales and zero points per
+/// block of `block` rows and column (`[k.div_ceil(block), n]`), packed as
+/// `Coding::Codes4` or `Codes8` panels. `block` must be a multiple of 4.
+pub fn pack_code_panels(
+    codes: &[u8],
+    scales: &[f32],
+    zeros: &[f32],
+    k: usize,
+    n: usize,
+    block: usize,
+    bits: u32,
+) -> Vec<u32> {
+    assert!(block % 4 == 0 && block > 0 && bits <= 8, "packed codes need blocks of a multiple of 4 rows");
+    let coding = if bits <= 4 { Coding::Codes4 } else { Coding::Codes8 };
+    let mut out = header(coding, k, n, block);
+    let blocks = k.div_ceil(block);
+    for panel in 0..n.div_ceil(NR) {
+        let col = |l: usize| panel * NR + l;
+        for b in 0..blocks {
+            for table in [scales, zeros] {
+                out.extend((0..NR).map(|l| if col(l) < n { table[b * n + col(l)].to_bits() } else { 0 }));
+            }
+            let mut bytes = Vec::new();
+            for p in b * block..(b + 1) * block {
+                let code = |l: usize| if p < k && col(l) < n { codes[p * n + col(l)] } else { 0 };
+                match coding {
+                    Coding::Codes4 => bytes.extend((0..NR / 2).map(|l| code(l) | (code(l + NR / 2) << 4))),
+                    _ => bytes.extend((0..NR).map(code)),
+                }
+            }
+            out.extend(bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("four bytes"))));
         }
     }
     out
@@ -127,7 +326,7 @@ unsafe fn sgemm_packed(
     a_rs: i64,
     a_cs: i64,
     a_rows: *const i64,
-    b: *const f32,
+    b: Weight,
     c: *mut f32,
     c_rows: *const i64,
     shape: TileShape,
@@ -166,30 +365,19 @@ unsafe fn sgemm_packed(
     let threads = super::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
     if threads > 1 && super::matmul_splits(m, k, n) {
-        let (a, b, c, epilogue, args) = (a as usize, b as usize, c as usize, epilogue as usize, args as usize);
+        let (a, b, c, epilogue, args) = (a as usize, SendWeight(b), c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
                 s.spawn(move |_| unsafe {
-                    panel_range(
-                        m,
-                        k,
-                        n,
-                        a as *const f32,
-                        a_rs,
-                        a_cs,
-                        b as *const f32,
-                        c as *mut f32,
-                        panels * t / threads,
-                        panels * (t + 1) / threads,
-                        shape,
-                        epilogue as *const i64,
-                        args as *const *mut u8,
-                    )
+                    let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
+                    let (a, c) = (a as *const f32, c as *mut f32);
+                    let (epilogue, args) = (epilogue as *const i64, args as *const *mut u8);
+                    panels_of(m, k, n, a, a_rs, a_cs, { b }.0, c, p0, p1, shape, epilogue, args)
                 });
             }
         });
     } else {
-        unsafe { panel_range(m, k, n, a, a_rs, a_cs, b, c, 0, panels, shape, epilogue, args) };
+        unsafe { panels_of(m, k, n, a, a_rs, a_cs, b, c, 0, panels, shape, epilogue, args) };
     }
     if gathered {
         GATHERED_A.set(scratch);
@@ -206,13 +394,302 @@ unsafe fn sgemm_packed(
     }
 }
 
+/// A packed weight handed to the threads of one product.
+#[derive(Clone, Copy)]
+struct SendWeight(Weight);
+// The weight is read-only while the product runs.
+unsafe impl Send for SendWeight {}
+unsafe impl Sync for SendWeight {}
+
+/// Panels `p0..p1` of the product and the epilogue over their columns,
+/// whatever the weight's coding.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_of(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: Weight,
+    c: *mut f32,
+    p0: usize,
+    p1: usize,
+    shape: TileShape,
+    epilogue: *const i64,
+    args: *const *mut u8,
+) {
+    if b.coding == Coding::F32 {
+        let panels = b.panels as *const f32;
+        return unsafe { panel_range(m, k, n, n, a, a_rs, a_cs, panels, c, p0, p1, shape, epilogue, args) };
+    }
+    // Narrow panels: decoded into f32 a panel or two at a time (as many as
+    // the tile spans), then multiplied as f32 panels are; the epilogue runs
+    // after each group of panels, as `panel_range` runs it.
+    if m <= FUSED_ROWS {
+        let mut g0 = p0;
+        while g0 < p1 {
+            let g1 = p1.min(g0 + GROUP);
+            for panel in g0..g1 {
+                let (c_at, cols) = (unsafe { c.add(panel * NR) }, (n - panel * NR).min(NR));
+                unsafe { fused_panel(m, k, a, a_rs, a_cs, b, panel, c_at, n, cols) };
+            }
+            if !epilogue.is_null() {
+                unsafe { super::epilogue::rows(epilogue, args, c, 0, m, g0 * NR, n.min(g1 * NR)) };
+            }
+            g0 = g1;
+        }
+        return;
+    }
+    let width = if shape == TileShape::TwoPanels { 2 } else { 1 };
+    let mut decoded = DECODED.take();
+    decoded.clear();
+    decoded.resize(width * k * NR, 0.0);
+    let mut g0 = p0;
+    while g0 < p1 {
+        let g1 = p1.min(g0 + GROUP);
+        let mut panel = g0;
+        while panel < g1 {
+            let count = width.min(g1 - panel);
+            for i in 0..count {
+                unsafe { decode_panel(b, k, panel + i, decoded.as_mut_ptr().add(i * k * NR)) };
+            }
+            // `c` from this panel's first column: `n` columns on from there
+            // are this call's, rows `n` apart.
+            let (c_at, cols) = (unsafe { c.add(panel * NR) }, n - panel * NR);
+            let none = std::ptr::null();
+            unsafe { panel_range(m, k, cols, n, a, a_rs, a_cs, decoded.as_ptr(), c_at, 0, count, shape, none, args) };
+            panel += count;
+        }
+        if !epilogue.is_null() {
+            unsafe { super::epilogue::rows(epilogue, args, c, 0, m, g0 * NR, n.min(g1 * NR)) };
+        }
+        g0 = g1;
+    }
+    DECODED.set(decoded);
+}
+
+/// Products of at most this many rows (a decode step's) decode each row of
+/// a narrow panel into registers and multiply it at once, rather than
+/// through the scratch: with so few rows the scratch's stores and loads
+/// cost more than the arithmetic.
+const FUSED_ROWS: usize = 3;
+
+multiversion! {
+    /// `m` (at most `FUSED_ROWS`) rows of the product with narrow panel
+    /// `panel`: `cols` columns of `c` from `c`, rows `ldc` apart.
+    unsafe fn fused_panel(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        a_rs: isize,
+        a_cs: isize,
+        b: Weight,
+        panel: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) = fused_panel_impl;
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn fused_panel_impl<const FMA: bool>(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: Weight,
+    panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    unsafe {
+        match m {
+            1 => fused_rows::<1, FMA>(k, a, a_rs, a_cs, b, panel, c, ldc, cols),
+            2 => fused_rows::<2, FMA>(k, a, a_rs, a_cs, b, panel, c, ldc, cols),
+            _ => fused_rows::<3, FMA>(k, a, a_rs, a_cs, b, panel, c, ldc, cols),
+        }
+    }
+}
+
+/// `fused_panel` for `R` rows: the accumulators (`R` rows of `NR`) stay in
+/// registers while each of the panel's rows is decoded and multiplied.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn fused_rows<const R: usize, const FMA: bool>(
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: Weight,
+    panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    let at = unsafe { b.panels.add(panel * b.panel_words(k)) };
+    let mut acc = [[0f32; NR]; R];
+    // A function, not a closure: a closure is not compiled for the
+    // caller's target features, so LLVM called it per row.
+    #[inline(always)]
+    fn step<const R: usize, const FMA: bool>(
+        acc: &mut [[f32; NR]; R],
+        a: *const f32,
+        at: isize,
+        a_rs: isize,
+        w: &[f32; NR],
+    ) {
+        for_each_row!(R, r, {
+            let x = unsafe { *a.offset(r as isize * a_rs + at) };
+            for l in 0..NR {
+                acc[r][l] = madd::<FMA>(x, w[l], acc[r][l]);
+            }
+        });
+    }
+    match b.coding {
+        Coding::F32 => unreachable!("f32 panels are read in place"),
+        Coding::F16 | Coding::Bf16 => {
+            let bf16 = b.coding == Coding::Bf16;
+            for p in 0..k {
+                let halves = unsafe { &*((at as *const u16).add(p * NR) as *const [u16; NR]) };
+                step::<R, FMA>(&mut acc, a, p as isize * a_cs, a_rs, &decode_halves(halves, bf16));
+            }
+        }
+        // One loop per coding, each row decoded into a fresh value: with
+        // one array filled by either decoder, LLVM kept it on the stack and
+        // reloaded it in pieces.
+        Coding::Codes8 | Coding::Codes4 => {
+            let words = b.block_words();
+            let four = b.coding == Coding::Codes4;
+            for blk in 0..k.div_ceil(b.block) {
+                let block = unsafe { at.add(blk * words) };
+                let scales = unsafe { &*(block as *const [f32; NR]) };
+                let zeros = unsafe { &*(block.add(NR) as *const [f32; NR]) };
+                let codes = unsafe { block.add(2 * NR) as *const u8 };
+                let rows = b.block.min(k - blk * b.block);
+                let at_row = |p: usize| (blk * b.block + p) as isize * a_cs;
+                if four {
+                    for p in 0..rows {
+                        let bytes = unsafe { &*(codes.add(p * NR / 2) as *const [u8; NR / 2]) };
+                        step::<R, FMA>(&mut acc, a, at_row(p), a_rs, &decode_nibbles(bytes, zeros, scales));
+                    }
+                } else {
+                    for p in 0..rows {
+                        let bytes = unsafe { &*(codes.add(p * NR) as *const [u8; NR]) };
+                        step::<R, FMA>(&mut acc, a, at_row(p), a_rs, &decode_bytes(bytes, zeros, scales));
+                    }
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (l, &v) in row[..cols].iter().enumerate() {
+            unsafe { *c.add(r * ldc + l) = v };
+        }
+    }
+}
+
+/// A row of halves (IEEE or bfloat16) as values.
+#[inline(always)]
+fn decode_halves(halves: &[u16; NR], bf16: bool) -> [f32; NR] {
+    let mut row = [0f32; NR];
+    for l in 0..NR {
+        row[l] = if bf16 { f32::from_bits((halves[l] as u32) << 16) } else { f16_to_f32(halves[l]) };
+    }
+    row
+}
+
+multiversion! {
+    /// Panel `panel` of the narrow weight `b` (`k` rows) as f32 into `out`
+    /// (`k * NR` floats).
+    unsafe fn decode_panel(b: Weight, k: usize, panel: usize, out: *mut f32) = decode_panel_impl;
+}
+
+#[inline(always)]
+unsafe fn decode_panel_impl<const FMA: bool>(b: Weight, k: usize, panel: usize, out: *mut f32) {
+    let at = unsafe { b.panels.add(panel * b.panel_words(k)) };
+    let out = unsafe { std::slice::from_raw_parts_mut(out, k * NR) };
+    match b.coding {
+        Coding::F32 => unreachable!("f32 panels are read in place"),
+        Coding::F16 | Coding::Bf16 => {
+            let bf16 = b.coding == Coding::Bf16;
+            for p in 0..k {
+                let halves = unsafe { &*((at as *const u16).add(p * NR) as *const [u16; NR]) };
+                let row = unsafe { &mut *(out.as_mut_ptr().add(p * NR) as *mut [f32; NR]) };
+                *row = decode_halves(halves, bf16);
+            }
+        }
+        Coding::Codes8 | Coding::Codes4 => {
+            let words = b.block_words();
+            let blocks = k.div_ceil(b.block);
+            for blk in 0..blocks {
+                let block = unsafe { at.add(blk * words) };
+                let scales = unsafe { &*(block as *const [f32; NR]) };
+                let zeros = unsafe { &*(block.add(NR) as *const [f32; NR]) };
+                let codes = unsafe { block.add(2 * NR) as *const u8 };
+                for p in 0..b.block.min(k - blk * b.block) {
+                    let row = unsafe { &mut *(out.as_mut_ptr().add((blk * b.block + p) * NR) as *mut [f32; NR]) };
+                    *row = if b.coding == Coding::Codes4 {
+                        decode_nibbles(unsafe { &*(codes.add(p * NR / 2) as *const [u8; NR / 2]) }, zeros, scales)
+                    } else {
+                        decode_bytes(unsafe { &*(codes.add(p * NR) as *const [u8; NR]) }, zeros, scales)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// A row of 4-bit codes (column `l` low, `l + NR / 2` high) as values.
+#[inline(always)]
+fn decode_nibbles(bytes: &[u8; NR / 2], zeros: &[f32; NR], scales: &[f32; NR]) -> [f32; NR] {
+    let mut row = [0f32; NR];
+    for l in 0..NR / 2 {
+        let (lo, hi) = ((bytes[l] & 15) as i32, (bytes[l] >> 4) as i32);
+        row[l] = (lo as f32 - zeros[l]) * scales[l];
+        row[l + NR / 2] = (hi as f32 - zeros[l + NR / 2]) * scales[l + NR / 2];
+    }
+    row
+}
+
+/// A row of 8-bit codes as values.
+#[inline(always)]
+fn decode_bytes(bytes: &[u8; NR], zeros: &[f32; NR], scales: &[f32; NR]) -> [f32; NR] {
+    let mut row = [0f32; NR];
+    // In two halves, as `decode_nibbles` does: written as one loop of 32,
+    // LLVM converted the bytes one at a time.
+    for l in 0..NR / 2 {
+        let (lo, hi) = (bytes[l] as i32, bytes[l + NR / 2] as i32);
+        row[l] = (lo as f32 - zeros[l]) * scales[l];
+        row[l + NR / 2] = (hi as f32 - zeros[l + NR / 2]) * scales[l + NR / 2];
+    }
+    row
+}
+
+/// An IEEE half's value, without branches (so the decode loop vectorises):
+/// its exponent and mantissa moved to a float's places and scaled by
+/// `2^112`, which also makes subnormals right; infinities and NaNs get the
+/// float's all-ones exponent.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let magnitude = h & 0x7fff;
+    let scaled = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
+    let bits = if magnitude >= 0x7c00 { (magnitude << 13) | 0x7f80_0000 } else { scaled.to_bits() };
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
 multiversion! {
     /// Panels `p0..p1` of the product in tiles of `shape`, and the
-    /// epilogue over their columns.
+    /// epilogue over their columns: `n` columns of `c`, rows `ldc` apart.
     unsafe fn panel_range(
         m: usize,
         k: usize,
         n: usize,
+        ldc: usize,
         a: *const f32,
         a_rs: isize,
         a_cs: isize,
@@ -235,6 +712,7 @@ unsafe fn panel_range_impl<const FMA: bool>(
     m: usize,
     k: usize,
     n: usize,
+    ldc: usize,
     a: *const f32,
     a_rs: isize,
     a_cs: isize,
@@ -266,16 +744,16 @@ unsafe fn panel_range_impl<const FMA: bool>(
                     unsafe { next_bp.add(next_len * t / row_tiles) },
                     next_len * (t + 1) / row_tiles - next_len * t / row_tiles,
                 );
-                let (ai, ci) = unsafe { (a.offset(i as isize * a_rs), c.add(i * n + panel * NR)) };
+                let (ai, ci) = unsafe { (a.offset(i as isize * a_rs), c.add(i * ldc + panel * NR)) };
                 let rows = MR.min(m - i);
                 // The rows of `c` the next tile stores: a store that misses
                 // the cache stalls the tile after it.
                 if i + rows < m {
                     for r in i + rows..m.min(i + rows + MR) {
-                        prefetch(unsafe { c.add(r * n + panel * NR) }, cols);
+                        prefetch(unsafe { c.add(r * ldc + panel * NR) }, cols);
                     }
                 }
-                let tile = Tile { k, a: ai, a_rs, a_cs, b: bp, c: ci, ldc: n, cols };
+                let tile = Tile { k, a: ai, a_rs, a_cs, b: bp, c: ci, ldc, cols };
                 unsafe {
                     match (shape, width) {
                         (TileShape::TwoPanels, 2) => tile.rows::<2, NR, FMA>(rows),
@@ -303,6 +781,8 @@ unsafe fn panel_range_impl<const FMA: bool>(
 thread_local! {
     /// Rows of `a` gathered through a row table (`egret_sgemm_packed`).
     static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Narrow panels decoded to f32 (`panels_of`).
+    static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The product of a call whose rows a table places (`egret_sgemm_packed`).
     static SCATTERED_C: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -324,27 +804,6 @@ fn prefetch(at: *const f32, len: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (at, len);
 }
-
-/// Runs `$body` with `$r` bound to each row index below `$R` (at most
-/// `MR`), unrolled by the macro rather than left to LLVM: the accumulators
-/// stay in registers only if every index into them is a constant, and
-/// whether LLVM unrolls a loop over the rows depends on its inlining
-/// budget. With fat LTO it did not, kept the AVX-512 accumulators on the
-/// stack, and the products ran 3x slower.
-macro_rules! for_each_row {
-    ($R:ident, $r:ident, $body:block) => {
-        for_each_row!(@ $R, $r, $body, 0 1 2 3 4 5)
-    };
-    (@ $R:ident, $r:ident, $body:block, $($i:literal)*) => {
-        $(
-            if $i < $R {
-                let $r: usize = $i;
-                $body
-            }
-        )*
-    };
-}
-const _: () = assert!(MR == 6, "for_each_row! unrolls MR rows");
 
 /// One tile of `c`: rows of `a` from `a` (strided), panels of `b` from `b`
 /// (each `k * NR` elements), `cols` columns of `c` stored from `c`.
@@ -421,8 +880,85 @@ impl Tile {
 mod tests {
     use super::*;
 
-    fn pack(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<f32> {
-        pack_panels(b, offset, strides, k, n, NR)
+    fn pack(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<u32> {
+        pack_panels(b, offset, strides, k, n)
+    }
+
+    /// `c = a @ b` through the packed GEMM with every tile shape, against a
+    /// product in f64 of `b`'s values (`value(p, j)`).
+    fn check_product(label: &str, m: usize, k: usize, n: usize, packed: &[u32], value: impl Fn(usize, usize) -> f32) {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25).collect();
+        for shape in [TileShape::TwoPanels, TileShape::OnePanel, TileShape::HalfPanel] {
+            let mut c = vec![f32::NAN; m * n + 64];
+            let none = std::ptr::null();
+            unsafe {
+                let b = Weight::read(packed.as_ptr());
+                let (m, k, n) = (m as i64, k as i64, n as i64);
+                sgemm_packed(m, k, n, a.as_ptr(), k, 1, none, b, c.as_mut_ptr(), none, shape, none, std::ptr::null())
+            };
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|p| a[i * k + p] as f64 * value(p, j) as f64).sum();
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{label} {shape:?} {m}x{k}x{n} at ({i}, {j}): {got} against {want}"
+                    );
+                }
+            }
+            assert!(c[m * n..].iter().all(|v| v.is_nan()), "{label} {shape:?} stored past the end of c");
+        }
+    }
+
+    #[test]
+    fn narrow_panels_decode_to_their_values() {
+        // Whole and partial panels and blocks; a code's every value, at 2,
+        // 4 and 8 bits, with zero points and scales per block and column.
+        for (m, k, n, block) in
+            [(1usize, 32usize, 32usize, 32usize), (3, 40, 33, 16), (7, 64, 70, 32), (13, 100, 96, 64), (1, 8, 5, 4)]
+        {
+            for bits in [2u32, 4, 8] {
+                let codes: Vec<u8> = (0..k * n).map(|i| ((i * 37 + i / 7) % (1 << bits)) as u8).collect();
+                let blocks = k.div_ceil(block);
+                let scales: Vec<f32> = (0..blocks * n).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect();
+                let zeros: Vec<f32> = (0..blocks * n).map(|i| (i % (1 << bits)) as f32).collect();
+                let packed = pack_code_panels(&codes, &scales, &zeros, k, n, block, bits);
+                let value = |p: usize, j: usize| {
+                    let b = (p / block) * n + j;
+                    (codes[p * n + j] as f32 - zeros[b]) * scales[b]
+                };
+                check_product(&format!("{bits}-bit codes, blocks of {block}"), m, k, n, &packed, value);
+            }
+            // Halves: normal, subnormal, zero of both signs, the largest.
+            let specials = [0x0000u16, 0x8000, 0x0001, 0x03ff, 0x0400, 0x3c00, 0xbc00, 0x7bff, 0xfbff, 0x3555];
+            let half = |p: usize, j: usize| specials[(p * 3 + j * 5) % specials.len()];
+            let f16 = pack_half_panels(half, k, n, false);
+            check_product("f16", m, k, n, &f16, |p, j| f16_to_f32(half(p, j)));
+            let bf16 = |p: usize, j: usize| (((p * 31 + j * 17) % 200) as u16).wrapping_add(0x3f00);
+            let packed = pack_half_panels(bf16, k, n, true);
+            check_product("bf16", m, k, n, &packed, |p, j| f32::from_bits((bf16(p, j) as u32) << 16));
+        }
+    }
+
+    #[test]
+    fn halves_decode_exactly() {
+        // Every half against the widening the standard library's f64 path
+        // gives: sign, exponent and mantissa rebuilt by hand.
+        for h in 0..=u16::MAX {
+            let (sign, exp, man) = ((h >> 15) as i32, ((h >> 10) & 31) as i32, (h & 1023) as f64);
+            let want = match exp {
+                0 => man * 2f64.powi(-24),
+                31 if man == 0.0 => f64::INFINITY,
+                31 => f64::NAN,
+                e => (1.0 + man / 1024.0) * 2f64.powi(e - 15),
+            } * if sign == 1 { -1.0 } else { 1.0 };
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), (want as f32).to_bits(), "{h:#06x}");
+            }
+        }
     }
 
     #[test]
@@ -465,7 +1001,7 @@ mod tests {
                         k as i64,
                         1,
                         a_rows,
-                        packed.as_ptr(),
+                        Weight::read(packed.as_ptr()),
                         c.as_mut_ptr(),
                         c_rows,
                         shape,

@@ -5,13 +5,42 @@
 //! GPU backends.
 
 use crate::plan::{Buffer, KernelKind, MatMulImpl, MatMulKernel, Plan, Storage};
-use egret_ir::{DType, Tensor};
+use egret_ir::{DType, Data, Tensor};
 use std::sync::Arc;
 
 /// Columns per panel of a `MatMulImpl::Packed` weight.
 pub const PACKED_PANEL: usize = egret_kernels::gemm::NR;
 
-pub use egret_kernels::gemm::pack_panels;
+use egret_kernels::gemm::{pack_code_panels, pack_half_panels, pack_panels, Coding, HEADER_WORDS, MAGIC};
+
+/// The packed weight for a product whose `b` is the constant `t`, read as
+/// `[k, n]` from `offset` with `strides`, in the narrowest coding that
+/// holds its values exactly: the integer codes the importer said it came
+/// from (checked here: `BlockCodes::matches`), or halves where every value
+/// is one, else f32. A decode step's product is bound by reading its
+/// weight, so a narrower coding is a faster product.
+pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<u32> {
+    let w = t.as_f32().expect("packed weights are f32");
+    let whole = offset == 0 && t.shape() == [k, n];
+    if let Some(codes) = t.codes().filter(|c| whole && strides == [n, 1] && c.block % 4 == 0 && c.matches(w)) {
+        return pack_code_panels(&codes.codes, &codes.scales, &codes.zeros, k, n, codes.block, codes.bits);
+    }
+    let at = |p: usize, j: usize| w[offset + p * strides[0] + j * strides[1]];
+    let every = |f: &dyn Fn(f32) -> bool| (0..k).all(|p| (0..n).all(|j| f(at(p, j))));
+    if every(&|x| egret_ir::half::f16::from_f32(x).to_f32().to_bits() == x.to_bits()) {
+        return pack_half_panels(|p, j| egret_ir::half::f16::from_f32(at(p, j)).to_bits(), k, n, false);
+    }
+    if every(&|x| x.to_bits() & 0xffff == 0) {
+        return pack_half_panels(|p, j| (at(p, j).to_bits() >> 16) as u16, k, n, true);
+    }
+    pack_panels(w, offset, strides, k, n)
+}
+
+/// How a packed weight (`pack_weight`) stores its values.
+pub fn packed_coding(t: &Tensor) -> Option<Coding> {
+    let Data::U32(words) = t.data() else { return None };
+    (words.len() >= HEADER_WORDS && words[0] == MAGIC).then(|| Coding::from_word(words[1])).flatten()
+}
 
 /// Products smaller than this (multiply-adds per batch) run faster as
 /// generated code than through the library, whose packing and dispatch
@@ -93,8 +122,8 @@ pub fn choose(mut plan: Plan) -> Plan {
             // per-call packing it beats the generated kernel even on small products.
             if row_tables || matches!(mm.hint, None | Some(MatMulImpl::Packed)) {
                 let strides = [mm.b_strides[0] as usize, mm.b_strides[1] as usize];
-                let w = w.as_f32().expect("checked f32");
-                packed = Some(pack_panels(w, offset as usize, strides, mm.k, mm.n, PACKED_PANEL));
+                let words = pack_weight(w, offset as usize, strides, mm.k, mm.n);
+                packed = Some(Tensor::from_vec(vec![words.len()], words));
                 mm.implementation = MatMulImpl::Packed;
             }
         }
@@ -104,15 +133,15 @@ pub fn choose(mut plan: Plan) -> Plan {
             if let Some(w) = &weight {
                 let dense = mm.b_strides == [mm.n as isize, 1] && w.numel() == mm.k * mm.n;
                 if dense && mm.batches.iter().all(|o| o[1] == 0) {
-                    packed = Some(pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n));
+                    let words = pack_generated_panels(w.as_f32().expect("checked f32"), mm.k, mm.n);
+                    packed = Some(Tensor::from_vec(vec![words.len()], words));
                 }
             }
         }
-        if let Some(words) = packed {
-            let t = Tensor::from_vec(vec![words.len()], words);
+        if let Some(t) = packed {
             plan.buffers.push(Buffer {
-                bytes: egret_ir::Dim::new(t.numel() * 4),
-                dtype: DType::F32,
+                bytes: egret_ir::Dim::new(t.numel() * t.dtype().size_bytes()),
+                dtype: t.dtype(),
                 storage: Storage::Constant(Arc::new(t)),
             });
             mm.b = plan.buffers.len() - 1;
@@ -126,4 +155,44 @@ pub fn choose(mut plan: Plan) -> Plan {
         plan.kernels[i].kind = KernelKind::MatMul(mm);
     }
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egret_ir::BlockCodes;
+
+    fn coding(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: usize) -> Coding {
+        let words = pack_weight(t, offset, strides, k, n);
+        packed_coding(&Tensor::from_vec(vec![words.len()], words)).unwrap()
+    }
+
+    #[test]
+    fn weights_pack_in_the_narrowest_coding_that_holds_them() {
+        let (k, n) = (8, 3);
+        let claim = |scale: f32| BlockCodes {
+            bits: 4,
+            block: 4,
+            k,
+            n,
+            codes: (0..k * n).map(|i| (i % 16) as u8).collect(),
+            scales: vec![scale; 2 * n],
+            zeros: vec![8.0; 2 * n],
+        };
+        let values: Vec<f32> = (0..k * n).map(|i| claim(0.1).value(i / n, i % n)).collect();
+        let coded = Tensor::from_vec(vec![k, n], values.clone()).with_codes(claim(0.1));
+        assert_eq!(coding(&coded, 0, [n, 1], k, n), Coding::Codes4);
+        // Read through a transposed view, or claimed wrongly: not as codes.
+        let square = Tensor::from_vec(vec![k, n], values.clone()).with_codes(claim(0.1));
+        assert_eq!(coding(&square, 0, [1, n], n, k), Coding::F32);
+        let wrong = Tensor::from_vec(vec![k, n], values.clone()).with_codes(claim(0.2));
+        assert_eq!(coding(&wrong, 0, [n, 1], k, n), Coding::F32);
+        // Halves where every value is one; f16 before bf16.
+        let halves: Vec<f32> = (0..k * n).map(|i| i as f32 * 0.25 - 2.0).collect();
+        assert_eq!(coding(&Tensor::from_vec(vec![k, n], halves), 0, [n, 1], k, n), Coding::F16);
+        // Past f16's range, with bf16's 8 bits of mantissa.
+        let bf16: Vec<f32> =
+            (0..k * n).map(|i| f32::from_bits((1e10 * (i + 1) as f32).to_bits() & 0xffff_0000)).collect();
+        assert_eq!(coding(&Tensor::from_vec(vec![k, n], bf16), 0, [n, 1], k, n), Coding::Bf16);
+    }
 }

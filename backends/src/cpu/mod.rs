@@ -78,11 +78,16 @@ pub enum CodegenError {
     Isa(String),
 }
 
-/// The packed GEMM's register tile on this machine, for reports: the
-/// plan names the implementation, the CPU backend its tile.
-pub fn describe_packed_tile() -> String {
+/// The packed GEMM's register tile on this machine and how its weight is
+/// stored, for reports: the plan names the implementation, the CPU backend
+/// its tile and the weight's coding (`choose::pack_weight`).
+pub fn describe_packed(plan: &Plan, mm: &crate::plan::MatMulKernel) -> String {
     let (rows, cols) = kernels::gemm::register_tile();
-    format!("{rows}x{cols} register tile")
+    let coding = match &plan.buffers[mm.b].storage {
+        crate::plan::Storage::Constant(t) => choose::packed_coding(t).map_or("", |c| c.name()),
+        _ => "",
+    };
+    format!("{rows}x{cols} register tile, weight in {coding}")
 }
 
 /// A plan with machine code for its native kernels.

@@ -168,6 +168,9 @@ fn dequantize_linear(c: &mut NodeCtx) -> BuildResult {
             return Err(c.err(format!("x_zero_point is {} but x is {dt}", c.ty(z).dtype)));
         }
     }
+    if let Some(w) = coded_weight(c, x, zero, Some(scale), axis, block) {
+        return Ok(vec![c.constant(w)]);
+    }
     let xf = c.as_f32(x)?;
     let centred = match zero {
         Some(z) => {
@@ -320,6 +323,10 @@ pub(crate) fn integer_product(
         let z = per_row(c, z, a)?;
         af = c.add(Op::Sub, &[af, z])?;
     }
+    if let Some(w) = coded_weight(c, b, b_zero, None, 1, 0) {
+        let w = c.constant(w);
+        return c.add(Op::MatMul, &[af, w]);
+    }
     let mut bf = c.as_f32(b)?;
     if let Some(z) = b_zero {
         if c.ty(z).dtype != c.ty(b).dtype {
@@ -338,4 +345,59 @@ pub(crate) fn integer_product(
         bf = c.add(Op::Sub, &[bf, z])?;
     }
     c.add(Op::MatMul, &[af, bf])
+}
+
+/// A constant 8- or 4-bit matrix `x` (`[k, n]`) dequantized at import, with
+/// the claim that it came from codes (`BlockCodes`), so the CPU keeps it as
+/// codes: `(x - zero) * scale` with the zero point and scale per tensor, per
+/// column (`axis` 1) or per block of rows (`axis` 0, `block` rows), and
+/// `scale` 1 where there is none (`MatMulInteger`'s weight). `None` for any
+/// other weight, which is then imported op by op.
+fn coded_weight(
+    c: &NodeCtx,
+    x: ValueId,
+    zero: Option<ValueId>,
+    scale: Option<ValueId>,
+    axis: usize,
+    block: usize,
+) -> Option<egret_ir::Tensor> {
+    let t = c.known_value(x)?;
+    let &[k, n] = t.shape() else { return None };
+    let (four_bit, signed) = (c.is_four_bit(x), t.dtype() == DType::I8);
+    if !matches!(t.dtype(), DType::I8 | DType::U8) || k == 0 || n == 0 {
+        return None;
+    }
+    // Signed codes are stored shifted up, zero points alike: the difference
+    // is the same whole number.
+    let offset = match (signed, four_bit) {
+        (true, true) => 8.0,
+        (true, false) => 128.0,
+        (false, _) => 0.0,
+    };
+    let rows = match (block, axis) {
+        (0, _) => k,
+        (b, 0) => b,
+        _ => return None,
+    };
+    let blocks = k.div_ceil(rows);
+    // A parameter as `[blocks, n]`: per tensor, per column or per block.
+    let table = |p: Option<ValueId>, default: f64| -> Option<Vec<f32>> {
+        let Some(p) = p else { return Some(vec![default as f32; blocks * n]) };
+        let v = c.known_value(p)?.to_f64_vec();
+        let at = |b: usize, j: usize| match (v.len(), block) {
+            (1, _) => v[0],
+            (len, 0) if axis == 1 && len == n => v[j],
+            (len, _) if block > 0 && len == blocks * n => v[b * n + j],
+            _ => f64::NAN,
+        };
+        let out: Vec<f32> = (0..blocks * n).map(|i| at(i / n, i % n) as f32).collect();
+        out.iter().all(|x| x.is_finite()).then_some(out)
+    };
+    let scales = table(scale, 1.0)?;
+    let zeros: Vec<f32> = table(zero, 0.0)?.into_iter().map(|z| z + offset as f32).collect();
+    let codes: Vec<u8> = t.to_f64_vec().iter().map(|&v| (v + offset) as u8).collect();
+    let bits = if four_bit { 4 } else { 8 };
+    let claim = egret_ir::BlockCodes { bits, block: rows, k, n, codes, scales, zeros };
+    let values: Vec<f32> = (0..k * n).map(|i| claim.value(i / n, i % n)).collect();
+    Some(egret_ir::Tensor::from_vec(vec![k, n], values).with_codes(claim))
 }
