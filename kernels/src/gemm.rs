@@ -118,6 +118,11 @@ pub enum Coding {
     /// As `Codes8` with two codes per byte: byte `l` of a row holds column
     /// `l` in its low four bits and column `l + NR / 2` in its high four.
     Codes4 = 5,
+    /// Signed bytes (whole-number weights in -128..=127, scale 1): `NR`
+    /// i32 column sums, then per group of four rows, for each of the `NR`
+    /// columns its four rows' bytes (the last group padded with zeros), the
+    /// layout `vpdpbusd` multiplies (`int8`).
+    Int8 = 6,
 }
 
 impl Coding {
@@ -128,6 +133,7 @@ impl Coding {
             3 => Coding::Bf16,
             4 => Coding::Codes8,
             5 => Coding::Codes4,
+            6 => Coding::Int8,
             _ => return None,
         })
     }
@@ -137,7 +143,7 @@ impl Coding {
         match self {
             Coding::F32 => 4.0,
             Coding::F16 | Coding::Bf16 => 2.0,
-            Coding::Codes8 => 1.0,
+            Coding::Codes8 | Coding::Int8 => 1.0,
             Coding::Codes4 => 0.5,
         }
     }
@@ -149,6 +155,7 @@ impl Coding {
             Coding::Bf16 => "bf16",
             Coding::Codes8 => "8-bit codes",
             Coding::Codes4 => "4-bit codes",
+            Coding::Int8 => "int8",
         }
     }
 }
@@ -180,6 +187,7 @@ impl Weight {
             Coding::F32 => k * NR,
             Coding::F16 | Coding::Bf16 => k * NR / 2,
             Coding::Codes8 | Coding::Codes4 => k.div_ceil(self.block) * self.block_words(),
+            Coding::Int8 => NR + k.div_ceil(4) * NR,
         }
     }
 
@@ -201,6 +209,36 @@ fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
     let mut words = vec![0u32; HEADER_WORDS];
     words[..5].copy_from_slice(&[MAGIC, coding as u32, k as u32, n as u32, block as u32]);
     words
+}
+
+/// A `[k, n]` matrix of whole numbers in -128..=127 (`value(p, j)`)
+/// packed as `Coding::Int8` panels.
+pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) -> Vec<u32> {
+    let mut out = header(Coding::Int8, k, n, 0);
+    for panel in 0..n.div_ceil(NR) {
+        let col = |l: usize| panel * NR + l;
+        out.extend((0..NR).map(|l| {
+            if col(l) < n {
+                (0..k).map(|p| value(p, col(l)) as i32).sum::<i32>() as u32
+            } else {
+                0
+            }
+        }));
+        for g in 0..k.div_ceil(4) {
+            for l in 0..NR {
+                let byte = |r: usize| {
+                    let p = 4 * g + r;
+                    if p < k && col(l) < n {
+                        value(p, col(l)) as u8
+                    } else {
+                        0
+                    }
+                };
+                out.push(u32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)]));
+            }
+        }
+    }
+    out
 }
 
 /// `b` (`[k, n]`, element `(p, j)` at `offset + p * strides[0] + j *
@@ -244,7 +282,7 @@ pub fn pack_half_panels(bits: impl Fn(usize, usize) -> u16, k: usize, n: usize, 
 /// A `[k, n]` matrix of unsigned codes below `1 << bits` (`bits` at most 8;
 /// 4 or fewer are stored two to a byte), with scales and zero points per
 /// block of `block` rows and column (`[k.div_ceil(block), n]`), packed as
-/// `Coding::Codes4` or `Codes8` panels. `block` must be a multiple of 4.
+/// `Coding::Codes4` or `Codes8` panels.
 pub fn pack_code_panels(
     codes: &[u8],
     scales: &[f32],
@@ -254,7 +292,7 @@ pub fn pack_code_panels(
     block: usize,
     bits: u32,
 ) -> Vec<u32> {
-    assert!(block % 4 == 0 && block > 0 && bits <= 8, "packed codes need blocks of a multiple of 4 rows");
+    assert!(block > 0 && bits <= 8, "packed codes need blocks of rows and at most 8 bits");
     let coding = if bits <= 4 { Coding::Codes4 } else { Coding::Codes8 };
     let mut out = header(coding, k, n, block);
     let blocks = k.div_ceil(block);
@@ -364,7 +402,36 @@ unsafe fn sgemm_packed(
     let panels = n.div_ceil(NR);
     let threads = super::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
-    if threads > 1 && super::matmul_splits(m, k, n) {
+    // Whole-number activations by an int8 weight: VNNI's integer products,
+    // where the host has them and the activations allow (`int8`).
+    let mut quantized = Vec::new();
+    let int8 = b.coding == Coding::Int8 && m > FUSED_ROWS && super::int8::available();
+    if int8 {
+        quantized = QUANTIZED_A.take();
+    }
+    let lo = if int8 { unsafe { super::int8::quantize_rows(m, k, a, a_rs, a_cs, &mut quantized) } } else { None };
+    if let Some(lo) = lo {
+        let (words, a_q) = (b.panel_words(k), quantized.as_ptr());
+        let run = |p0: usize, p1: usize| unsafe {
+            super::int8::panel_range(m, k, n, a_q, lo, b.panels, words, c, p0, p1, GROUP, epilogue, args)
+        };
+        if threads > 1 && super::matmul_splits(m, k, n) {
+            let (a_q, b, c, epilogue, args) =
+                (a_q as usize, SendWeight(b), c as usize, epilogue as usize, args as usize);
+            rayon::scope(|s| {
+                for t in 0..threads {
+                    s.spawn(move |_| unsafe {
+                        let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
+                        let (a_q, c, panels) = (a_q as *const u8, c as *mut f32, { b }.0.panels);
+                        let (epilogue, args) = (epilogue as *const i64, args as *const *mut u8);
+                        super::int8::panel_range(m, k, n, a_q, lo, panels, words, c, p0, p1, GROUP, epilogue, args)
+                    });
+                }
+            });
+        } else {
+            run(0, panels);
+        }
+    } else if threads > 1 && super::matmul_splits(m, k, n) {
         let (a, b, c, epilogue, args) = (a as usize, SendWeight(b), c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
@@ -378,6 +445,9 @@ unsafe fn sgemm_packed(
         });
     } else {
         unsafe { panels_of(m, k, n, a, a_rs, a_cs, b, c, 0, panels, shape, epilogue, args) };
+    }
+    if int8 {
+        QUANTIZED_A.set(quantized);
     }
     if gathered {
         GATHERED_A.set(scratch);
@@ -584,12 +654,32 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
                 }
             }
         }
+        Coding::Int8 => {
+            for g in 0..k.div_ceil(4) {
+                let rows = decode_int8_group(unsafe { &*((at.add(NR + g * NR)) as *const [u8; 4 * NR]) });
+                for (r, row) in rows.iter().enumerate().take(k - 4 * g) {
+                    step::<R, FMA>(&mut acc, a, (4 * g + r) as isize * a_cs, a_rs, row);
+                }
+            }
+        }
     }
     for (r, row) in acc.iter().enumerate() {
         for (l, &v) in row[..cols].iter().enumerate() {
             unsafe { *c.add(r * ldc + l) = v };
         }
     }
+}
+
+/// Four rows of an int8 panel's group (`Coding::Int8`) as values.
+#[inline(always)]
+fn decode_int8_group(bytes: &[u8; 4 * NR]) -> [[f32; NR]; 4] {
+    let mut rows = [[0f32; NR]; 4];
+    for l in 0..NR {
+        for (r, row) in rows.iter_mut().enumerate() {
+            row[l] = bytes[4 * l + r] as i8 as f32;
+        }
+    }
+    rows
 }
 
 /// A row of halves (IEEE or bfloat16) as values.
@@ -637,6 +727,14 @@ unsafe fn decode_panel_impl<const FMA: bool>(b: Weight, k: usize, panel: usize, 
                     } else {
                         decode_bytes(unsafe { &*(codes.add(p * NR) as *const [u8; NR]) }, zeros, scales)
                     };
+                }
+            }
+        }
+        Coding::Int8 => {
+            for g in 0..k.div_ceil(4) {
+                let rows = decode_int8_group(unsafe { &*((at.add(NR + g * NR)) as *const [u8; 4 * NR]) });
+                for (r, row) in rows.iter().enumerate().take(k - 4 * g) {
+                    out[(4 * g + r) * NR..(4 * g + r + 1) * NR].copy_from_slice(row);
                 }
             }
         }
@@ -781,6 +879,8 @@ unsafe fn panel_range_impl<const FMA: bool>(
 thread_local! {
     /// Rows of `a` gathered through a row table (`egret_sgemm_packed`).
     static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Rows of `a` as unsigned bytes for the int8 products (`int8`).
+    static QUANTIZED_A: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Narrow panels decoded to f32 (`panels_of`).
     static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The product of a call whose rows a table places (`egret_sgemm_packed`).
@@ -888,6 +988,18 @@ mod tests {
     /// product in f64 of `b`'s values (`value(p, j)`).
     fn check_product(label: &str, m: usize, k: usize, n: usize, packed: &[u32], value: impl Fn(usize, usize) -> f32) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25).collect();
+        check_product_with(label, m, k, n, &a, packed, value)
+    }
+
+    fn check_product_with(
+        label: &str,
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        packed: &[u32],
+        value: impl Fn(usize, usize) -> f32,
+    ) {
         for shape in [TileShape::TwoPanels, TileShape::OnePanel, TileShape::HalfPanel] {
             let mut c = vec![f32::NAN; m * n + 64];
             let none = std::ptr::null();
@@ -937,6 +1049,28 @@ mod tests {
             let bf16 = |p: usize, j: usize| (((p * 31 + j * 17) % 200) as u16).wrapping_add(0x3f00);
             let packed = pack_half_panels(bf16, k, n, true);
             check_product("bf16", m, k, n, &packed, |p, j| f32::from_bits((bf16(p, j) as u32) << 16));
+        }
+    }
+
+    #[test]
+    fn int8_weights_multiply_whole_and_fractional_activations() {
+        // Whole-number activations spanning 256 values (the VNNI products
+        // where the host has them), spanning more, and fractional ones (both
+        // decoded to f32); row counts on both sides of the fused rows.
+        for (m, k, n) in [(1usize, 4usize, 1usize), (2, 7, 33), (4, 64, 70), (7, 130, 96), (13, 33, 64), (20, 768, 40)]
+        {
+            let w = |p: usize, j: usize| ((p * 31 + j * 17 + p / 3) % 256) as i32 as u8 as i8;
+            let packed = pack_int8_panels(w, k, n);
+            let value = |p: usize, j: usize| w(p, j) as f32;
+            for (what, a) in [
+                ("whole, 0..=255", (0..m * k).map(|i| ((i * 37 + i / 5) % 256) as f32).collect::<Vec<f32>>()),
+                ("whole, -128..=127", (0..m * k).map(|i| ((i * 37) % 256) as f32 - 128.0).collect()),
+                ("whole, -255..=0", (0..m * k).map(|i| -(((i * 13) % 256) as f32)).collect()),
+                ("whole, 0..=300", (0..m * k).map(|i| ((i * 37) % 301) as f32).collect()),
+                ("fractional", (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25).collect()),
+            ] {
+                check_product_with(&format!("int8 by {what}"), m, k, n, &a, &packed, value);
+            }
         }
     }
 
@@ -1022,5 +1156,50 @@ mod tests {
                 assert!(c[m * n..].iter().all(|v| v.is_nan()), "{label} {m}x{k}x{n} stored past the end of c");
             }
         }
+    }
+}
+#[cfg(test)]
+mod timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn int8_speed() {
+        let (m, k, n) = (128usize, 3072usize, 768usize);
+        let packed = pack_int8_panels(|p, j| ((p * 7 + j) % 200) as i32 as u8 as i8, k, n);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 256) as f32 - 100.0).collect();
+        let mut c = vec![0f32; m * n];
+        let none = std::ptr::null();
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            unsafe {
+                egret_sgemm_packed(
+                    m as i64,
+                    k as i64,
+                    n as i64,
+                    a.as_ptr(),
+                    k as i64,
+                    1,
+                    packed.as_ptr(),
+                    c.as_mut_ptr(),
+                    none,
+                    none,
+                    none,
+                    std::ptr::null(),
+                )
+            };
+        }
+        let total = t.elapsed().as_secs_f64() / 20.0;
+        let mut q = Vec::new();
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            unsafe { crate::int8::quantize_rows(m, k, a.as_ptr(), k as isize, 1, &mut q) };
+        }
+        let quant = t.elapsed().as_secs_f64() / 20.0;
+        eprintln!(
+            "total {:.3} ms ({:.1} GMAC/s), quantize {:.3} ms",
+            total * 1e3,
+            (m * n * k) as f64 / total / 1e9,
+            quant * 1e3
+        );
     }
 }

@@ -24,6 +24,7 @@ pub mod artifact;
 pub mod attention;
 pub mod epilogue;
 pub mod gemm;
+pub mod int8;
 pub mod pool;
 pub mod rows;
 pub mod sgemm;

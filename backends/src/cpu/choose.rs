@@ -11,7 +11,9 @@ use std::sync::Arc;
 /// Columns per panel of a `MatMulImpl::Packed` weight.
 pub const PACKED_PANEL: usize = egret_kernels::gemm::NR;
 
-use egret_kernels::gemm::{pack_code_panels, pack_half_panels, pack_panels, Coding, HEADER_WORDS, MAGIC};
+use egret_kernels::gemm::{
+    pack_code_panels, pack_half_panels, pack_int8_panels, pack_panels, Coding, HEADER_WORDS, MAGIC,
+};
 
 /// The packed weight for a product whose `b` is the constant `t`, read as
 /// `[k, n]` from `offset` with `strides`, in the narrowest coding that
@@ -22,7 +24,14 @@ use egret_kernels::gemm::{pack_code_panels, pack_half_panels, pack_panels, Codin
 pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<u32> {
     let w = t.as_f32().expect("packed weights are f32");
     let whole = offset == 0 && t.shape() == [k, n];
-    if let Some(codes) = t.codes().filter(|c| whole && strides == [n, 1] && c.block % 4 == 0 && c.matches(w)) {
+    if let Some(codes) = t.codes().filter(|c| whole && strides == [n, 1] && c.matches(w)) {
+        // Whole numbers of a signed byte (an integer product's weight, its
+        // zero point taken off): int8 panels, which VNNI multiplies as
+        // integers when the activations are whole numbers too.
+        let unscaled = codes.scales.iter().all(|&s| s == 1.0);
+        if codes.bits == 8 && unscaled && w.iter().all(|&x| x.fract() == 0.0 && (-128.0..=127.0).contains(&x)) {
+            return pack_int8_panels(|p, j| w[p * n + j] as i8, k, n);
+        }
         return pack_code_panels(&codes.codes, &codes.scales, &codes.zeros, k, n, codes.block, codes.bits);
     }
     let at = |p: usize, j: usize| w[offset + p * strides[0] + j * strides[1]];
