@@ -61,6 +61,10 @@ pub unsafe fn quantize_rows(
 const MAX_K: usize = 32768;
 
 crate::multiversion! {
+    /// `quantize_rows` for rows of at most `MAX_K`.
+    ///
+    /// # Safety
+    /// As `quantize_rows`.
     unsafe fn quantize(m: usize, k: usize, a: *const f32, a_rs: isize, a_cs: isize, out: &mut Vec<u8>) -> Option<i32> = quantize_impl;
 }
 
@@ -110,7 +114,8 @@ unsafe fn quantize_impl<const FMA: bool>(
     let lo = los.iter().fold(f32::INFINITY, |a, &b| a.min(b));
     let hi = his.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let fraction: f32 = fractions.iter().sum();
-    if fraction != 0.0 || !(hi - lo <= 255.0) || !(-255.0..=255.0).contains(&lo) {
+    // (A NaN or an infinity made `fraction` NaN, so `hi - lo` is a number.)
+    if fraction != 0.0 || hi - lo > 255.0 || !(-255.0..=255.0).contains(&lo) {
         return None;
     }
     let lda = k.div_ceil(4) * 4;
@@ -244,6 +249,7 @@ mod avx512 {
     /// four rows of `b`, its `W * NR` columns (two vectors a panel) and,
     /// per row of `a`, its four bytes broadcast to every lane.
     #[inline]
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile<const R: usize, const W: usize>(
         groups: usize,
