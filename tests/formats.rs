@@ -201,7 +201,8 @@ output \"i8_f32\" = v8
 
 /// The CPU keeps each format's weights at their width in its packed GEMM:
 /// integer codes for 4- and 8-bit weights (the importer's claim, checked
-/// when packed), halves for half-precision ones. A change that lost the
+/// when packed; int8 panels for an integer product's weight, which VNNI
+/// multiplies as integers), halves for half-precision ones. A change that lost the
 /// claim (a fold that copies the weight, say) would still pass every
 /// accuracy test and read 2-8x the bytes per product: this catches it.
 #[test]
@@ -210,7 +211,7 @@ fn quantized_and_half_weights_stay_narrow_on_the_cpu() {
     use egret::backends::plan::{KernelKind, MatMulImpl, Storage};
     let dims = |pairs: &[(&str, usize)]| pairs.iter().map(|&(n, v)| (n.to_string(), v)).collect();
     for (model, bound, want, count) in [
-        ("bert_dynamic_int8", dims(&[]), "8-bit codes", 12),
+        ("bert_dynamic_int8", dims(&[]), "int8", 12),
         ("bert_dynamic_uint8_per_channel", dims(&[]), "8-bit codes", 12),
         ("bert_qdq_static", dims(&[("batch", 1), ("sequence", 8)]), "8-bit codes", 12),
         ("vit_qdq_static_per_channel", dims(&[("batch", 1)]), "8-bit codes", 12),
