@@ -11,6 +11,9 @@
 //! adds `panic = "abort"` (a panic must not unwind into C). The linker's
 //! `--gc-sections` drops what the kernels do not use.
 //!
+//! Only a build with the `aot` feature builds it: the CPU path alone does
+//! not wait for it.
+//!
 //! It builds with a nested cargo in a target folder of its own (beside the
 //! outer one, so every profile of `egret` shares one archive), locked to
 //! the workspace's lock file, and offline first: the outer build has
@@ -26,6 +29,10 @@ fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     for path in ["kernels/src", "kernels/Cargo.toml", "kernels/archive", "Cargo.lock", "build.rs"] {
         println!("cargo:rerun-if-changed={}", manifest.join(path).display());
+    }
+    // Only builds that make libraries (the `aot` feature) need the archive.
+    if std::env::var_os("CARGO_FEATURE_AOT").is_none() {
+        return;
     }
     let target_dir = archive_target_dir(&out);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -11,7 +11,7 @@
 #       a library that keeps the model's symbolic dims against one compiled
 #       with --dim for those values, both run at them (one thread)
 #
-# Uses target/release/egret (built if missing: cargo build --release).
+# Uses target/release/egret (built if missing: cargo build --release --features aot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=3 iters=30 soak="" target_cpu=native soak_threads=1 symbolic=""
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
 egret=target/release/egret
-[ -x "$egret" ] || cargo build --release --locked --bin egret
+[ -x "$egret" ] || cargo build --release --locked --features aot --bin egret
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

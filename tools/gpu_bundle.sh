@@ -26,10 +26,10 @@ out=gpu-bundle
 limit=$((60 << 20))
 rm -rf "$out"
 mkdir -p "$out/bin"
-cargo build --profile "$profile" --locked --bin egret
+cargo build --profile "$profile" --locked --all-features --bin egret
 cp "target/$dir/egret" "$out/bin/egret"
 # The test binary cargo builds, found from its own report.
-exe=$(cargo test --profile "$profile" --locked --test differential --no-run --message-format=json 2>/dev/null \
+exe=$(cargo test --profile "$profile" --locked --all-features --test differential --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -5,20 +5,36 @@
 //! from some backend. The signature checks every call's inputs once, for all
 //! backends, so an executable may assume its inputs have the compiled types.
 //!
+//! The GPU devices are features: `gpu` (wgsl through wgpu) and `cuda` (the
+//! CUDA driver for ptx); a build without one has a stand-in whose
+//! constructor says how to build with it (`absent`). The PTX executable is
+//! always here, for any `PtxDevice` (the tests' interpreter among them).
+//!
 //! `CpuExecutable` runs a plan compiled by the Cranelift backend. The
 //! `reference` backend lives here too: it walks the graph in topological
 //! order with the IR's reference semantics. It is the oracle other backends
 //! are tested against.
 
+mod absent;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod ptx;
 mod reference;
 mod steps;
 
+#[cfg(not(feature = "cuda"))]
+pub use absent::CudaDevice;
+#[cfg(not(feature = "gpu"))]
+pub use absent::{WgpuDevice, WgpuExecutable};
 pub use cpu::CpuExecutable;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaDevice, NO_DRIVER_HINT};
+#[cfg(feature = "gpu")]
 pub use gpu::{WgpuDevice, WgpuExecutable};
-pub use ptx::{CudaDevice, PtxDevice, PtxExecutable};
+pub use ptx::{PtxDevice, PtxExecutable};
 pub use reference::ReferenceExecutable;
 
 use egret_ir::{Tensor, Type};

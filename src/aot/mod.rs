@@ -25,8 +25,21 @@ use egret_ir::Type;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// The kernel library every shared library links (see `build.rs`).
-const KERNEL_ARCHIVE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libegret_kernels_archive.a"));
+/// The kernel library every shared library links (see `build.rs`), in a
+/// build with the `aot` feature.
+#[cfg(feature = "aot")]
+fn kernel_archive() -> Result<&'static [u8], Error> {
+    Ok(include_bytes!(concat!(env!("OUT_DIR"), "/libegret_kernels_archive.a")))
+}
+
+#[cfg(not(feature = "aot"))]
+fn kernel_archive() -> Result<&'static [u8], Error> {
+    Err(Error::Usage(
+        "this build of Egret cannot write libraries or objects (it has no kernel archive to link): build it \
+         with `--features aot` (`cargo build --release --features aot`, or `--all-features`)"
+            .into(),
+    ))
+}
 
 /// The C API's version, `NAME_ABI_VERSION` and `NAME_abi_version()`: raised
 /// whenever a signature or a struct a caller sees changes. 1 was the
@@ -91,6 +104,10 @@ pub fn compile_library(
 ) -> Result<Vec<PathBuf>, Error> {
     if c_name(name) != name {
         return Err(Error::Usage(format!("`{name}` is not a valid C identifier; try `{}`", c_name(name))));
+    }
+    // Before any work: a build without the archive cannot link.
+    if emit != Emit::Clif {
+        kernel_archive()?;
     }
     let c = canonical(model, opts)?;
     if let Some((input, _)) = c.specialized.first() {
@@ -204,7 +221,7 @@ pub fn compile_library(
                 (format!("{name}.o"), object.bytes.clone()),
                 (format!("{name}_api.c"), shim.into_bytes()),
                 (format!("{name}.h"), header.into_bytes()),
-                ("libegret_kernels_archive.a".to_string(), KERNEL_ARCHIVE.to_vec()),
+                ("libegret_kernels_archive.a".to_string(), kernel_archive()?.to_vec()),
                 (format!("{name}.map"), version_script(name).into_bytes()),
             ] {
                 let p = out_dir.join(file);
@@ -222,7 +239,7 @@ pub fn compile_library(
             write(&scratch.join(format!("{name}.h")), &header)?;
             write(&scratch.join(format!("{name}.o")), &object.bytes)?;
             write(&scratch.join(format!("{name}_api.c")), &shim)?;
-            write(&scratch.join("libegret_kernels_archive.a"), KERNEL_ARCHIVE)?;
+            write(&scratch.join("libegret_kernels_archive.a"), kernel_archive()?)?;
             write(&scratch.join(format!("{name}.map")), version_script(name))?;
             let so = out_dir.join(format!("lib{name}.so"));
             link(&so, &scratch, name)?;

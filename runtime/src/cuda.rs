@@ -1,0 +1,110 @@
+//! The CUDA driver's device for the PTX backend (feature `cuda`): kernels
+//! loaded and launched through `cudarc`'s dynamically loaded driver API.
+
+use crate::ptx::PtxDevice;
+
+/// What to do when there is no CUDA driver.
+pub const NO_DRIVER_HINT: &str =
+    "no CUDA driver found (libcuda): the ptx backend needs an NVIDIA GPU and its driver; `egret compile --emit ptx` needs neither";
+
+/// The CUDA driver's device 0, through its primary context.
+pub struct CudaDevice {
+    context: cudarc::driver::sys::CUcontext,
+    name: String,
+}
+
+// The context is the driver's, shared by every thread that makes it current.
+unsafe impl Send for CudaDevice {}
+unsafe impl Sync for CudaDevice {}
+
+/// A loaded kernel.
+pub struct CudaFunction(cudarc::driver::sys::CUfunction);
+unsafe impl Send for CudaFunction {}
+unsafe impl Sync for CudaFunction {}
+
+fn driver(e: cudarc::driver::DriverError) -> String {
+    let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("CUDA driver error {:?} {text}", e.0)
+}
+
+impl CudaDevice {
+    pub fn open() -> Result<CudaDevice, String> {
+        use cudarc::driver::result;
+        // Without libcuda the first driver call would panic: look first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(NO_DRIVER_HINT.into());
+        }
+        result::init().map_err(driver)?;
+        let dev = result::device::get(0).map_err(driver)?;
+        let name = result::device::get_name(dev).map_err(driver)?;
+        let context = unsafe { result::primary_ctx::retain(dev) }.map_err(driver)?;
+        Ok(CudaDevice { context, name })
+    }
+
+    fn current(&self) -> Result<(), String> {
+        unsafe { cudarc::driver::result::ctx::set_current(self.context) }.map_err(driver)
+    }
+}
+
+impl PtxDevice for CudaDevice {
+    type Function = CudaFunction;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64, String> {
+        self.current()?;
+        unsafe { cudarc::driver::result::malloc_sync(bytes.max(4)) }.map_err(driver)
+    }
+
+    fn free(&self, at: u64) {
+        // Nothing to report from a drop: a failure leaves the memory to the
+        // context, which the driver frees at the process's end.
+        if self.current().is_ok() {
+            let _ = unsafe { cudarc::driver::result::free_sync(at) };
+        }
+    }
+
+    fn upload(&self, at: u64, bytes: &[u8]) -> Result<(), String> {
+        self.current()?;
+        unsafe { cudarc::driver::result::memcpy_htod_sync(at, bytes) }.map_err(driver)
+    }
+
+    fn download(&self, at: u64, bytes: &mut [u8]) -> Result<(), String> {
+        self.current()?;
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(bytes, at) }.map_err(driver)
+    }
+
+    fn load(&self, ptx: &str, entry: &str) -> Result<CudaFunction, String> {
+        self.current()?;
+        let image = std::ffi::CString::new(ptx).map_err(|e| e.to_string())?;
+        let module =
+            unsafe { cudarc::driver::result::module::load_data(image.as_ptr() as *const _) }.map_err(driver)?;
+        let name = std::ffi::CString::new(entry).map_err(|e| e.to_string())?;
+        let f = unsafe { cudarc::driver::result::module::get_function(module, name) }.map_err(driver)?;
+        Ok(CudaFunction(f))
+    }
+
+    fn launch(&self, f: &CudaFunction, grid: [u32; 3], threads: u32, args: &[u64]) -> Result<(), String> {
+        self.current()?;
+        let mut values: Vec<u64> = args.to_vec();
+        let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut _).collect();
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.0,
+                (grid[0], grid[1], grid[2]),
+                (threads, 1, 1),
+                0,
+                std::ptr::null_mut(),
+                &mut params,
+            )
+        }
+        .map_err(driver)
+    }
+
+    fn synchronize(&self) -> Result<(), String> {
+        self.current()?;
+        cudarc::driver::result::ctx::synchronize().map_err(driver)
+    }
+}
