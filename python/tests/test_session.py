@@ -346,3 +346,35 @@ def test_an_io_binding_feeds_the_presents_back_without_numpy():
     bad.bind_output("no_such_output")
     with pytest.raises(egret.EgretError, match="no output `no_such_output`"):
         sess.run_with_iobinding(bad)
+
+
+def test_eight_threads_with_their_own_shapes_get_what_one_thread_gets():
+    # One session with symbolic dims shared by eight threads, each running
+    # its own inputs (batch and sequence lengths of its own) many times:
+    # every result bit for bit the single-threaded one. EGRET_CONCURRENCY_RUNS
+    # sets the runs per thread (20 here; the recorded run used 200).
+    runs = int(os.environ.get("EGRET_CONCURRENCY_RUNS", "20"))
+    sess = egret.InferenceSession(os.path.join(SYNTHETIC, "bert_dynamic"), threads=1)
+    rng = np.random.default_rng(7)
+    feeds = []
+    for t in range(8):
+        batch, sequence = 1 + t % 3, 2 + 3 * t
+        feeds.append({
+            "input_ids": rng.integers(0, 64, size=(batch, sequence), dtype=np.int64),
+            "attention_mask": np.ones((batch, sequence), dtype=np.int64),
+        })
+    want = [sess.run(None, f) for f in feeds]
+    failures = []
+
+    def work(t):
+        for run in range(runs):
+            got = sess.run(None, feeds[t])
+            if not all(np.array_equal(g, w) for g, w in zip(got, want[t])):
+                failures.append((t, run))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures, failures[:5]
