@@ -3,7 +3,7 @@
 by side: the prompt runs over an empty past, then each step feeds the
 previous step's presents back as the past and appends the arg-max token.
 
-  python3 tools/decode_loop.py [MODEL_DIR] [--tokens 64] [--threads 1]
+  python3 tools/decode_loop.py [MODEL_DIR] [--tokens 64] [--threads 1] [--past N]
 
 MODEL_DIR defaults to tests/data/synthetic/gpt2_kv (Hugging Face's layout:
 `input_ids`, `attention_mask`, `past_key_values.N.key/.value` in, and
@@ -12,6 +12,11 @@ out). `tools/make_exports.py gpt2_small_past_legacy llama_150m_past_legacy`
 writes GPT-2 small (124M) and a LLaMA of about 150M at
 `target/bench-exports/`. Prints both token sequences (they
 must be identical) and the time per token of each.
+
+With `--past N` the loop starts from a cache of N positions (seeded random
+keys and values, standard normal, the same for both runtimes) and the
+prompt's first token at position N: the long-context case (`--past 960
+--tokens 32` stays inside GPT-2's 1,024 positions).
 
 The session imports and optimises the model once with its dims symbolic.
 Its CPU plan keeps the batch, sequence and past lengths symbolic (its
@@ -46,6 +51,23 @@ def prompt_of(model_dir):
             t = onnx.load_tensor(os.path.join(set0, f))
             feeds[t.name] = numpy_helper.to_array(t)
     return feeds
+
+
+def with_past(feeds, past, seed=0):
+    """`feeds` started from a random cache of `past` positions: the
+    prompt's first token at position `past`."""
+    rng = np.random.default_rng(seed)
+    out = {"input_ids": feeds["input_ids"][:, :1]}
+    batch = out["input_ids"].shape[0]
+    out["attention_mask"] = np.ones((batch, past + 1), dtype=np.int64)
+    for name, value in feeds.items():
+        if name.startswith("past_key_values."):
+            shape = list(value.shape)
+            shape[2] = past
+            out[name] = rng.standard_normal(shape).astype(value.dtype)
+    if "position_ids" in feeds:
+        out["position_ids"] = np.full((batch, 1), past, dtype=np.int64)
+    return out
 
 
 def decode(run, feeds, tokens):
@@ -102,9 +124,12 @@ def main():
     ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "tests", "data", "synthetic", "gpt2_kv"))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--past", type=int, default=0, help="start from a random cache of this many positions")
     args = ap.parse_args()
     path = os.path.join(args.model, "model.onnx")
     feeds = prompt_of(args.model)
+    if args.past:
+        feeds = with_past(feeds, args.past)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
