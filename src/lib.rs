@@ -14,6 +14,7 @@
 //!    executable, which works their values out of each call's inputs and
 //!    compiles a program per value of the dims its kernels need known.
 
+pub mod alloc;
 pub mod aot;
 pub mod check;
 pub mod explain;

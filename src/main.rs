@@ -1,6 +1,11 @@
 //! The `egret` command line.
 
 use anyhow::{bail, Context, Result};
+
+/// Large blocks (a run's outputs and inputs) reused rather than mapped
+/// afresh each run (`egret::alloc`).
+#[global_allocator]
+static ALLOC: egret::alloc::Recycling = egret::alloc::Recycling;
 use clap::{Parser, Subcommand, ValueEnum};
 use egret::check::{check_case_counting, discover, Tolerance};
 use egret::{compile, Backend, CompileOptions};

@@ -4,6 +4,11 @@
 //! errors (a bad model, a wrong input name, dtype or shape) raise
 //! `egret.EgretError` with Egret's message.
 
+/// Large blocks (a run's inputs and outputs, numpy arrays made from them)
+/// reused rather than mapped afresh each run (`egret::alloc`).
+#[global_allocator]
+static ALLOC: egret::alloc::Recycling = egret::alloc::Recycling;
+
 use numpy::{PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -139,14 +144,23 @@ fn tensor_of(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     }
 }
 
+/// A tensor's values as a new numpy array (a copy: the tensor stays).
 fn array_of<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
+    array_from(py, t.clone())
+}
+
+/// A tensor as a numpy array that takes over its memory: no copy. A run's
+/// outputs are fresh memory the size of the model's outputs (a decoder's
+/// presents: 70 MB a step for GPT-2 small at 960 past positions); a copy
+/// would be a second such allocation, every page of it faulted in.
+fn array_from<'py>(py: Python<'py>, t: Tensor) -> PyResult<Bound<'py, PyAny>> {
     let shape = t.shape().to_vec();
     macro_rules! arr {
         ($v:expr) => {
-            numpy::PyArray1::from_vec(py, $v.clone()).reshape(shape)?.into_any()
+            numpy::PyArray1::from_vec(py, $v).reshape(shape)?.into_any()
         };
     }
-    Ok(match t.data() {
+    Ok(match t.into_data() {
         Data::F32(v) => arr!(v),
         Data::F64(v) => arr!(v),
         Data::F16(v) => arr!(v),
@@ -269,7 +283,19 @@ impl InferenceSession {
         }
         let wanted = self.output_positions(output_names.as_deref())?;
         let results = py.detach(|| self.model.run(named)).map_err(error)?;
-        wanted.into_iter().map(|i| array_of(py, &results[i].1)).collect()
+        // Each output handed over whole at its last mention (a name asked
+        // for twice is copied for the earlier one).
+        let mut results: Vec<Option<Tensor>> = results.into_iter().map(|(_, t)| Some(t)).collect();
+        let last = |at: usize| !wanted[at + 1..].contains(&wanted[at]);
+        (0..wanted.len())
+            .map(|at| {
+                let i = wanted[at];
+                match last(at) {
+                    true => array_from(py, results[i].take().expect("an output taken at its last mention")),
+                    false => array_of(py, results[i].as_ref().expect("an output not yet taken")),
+                }
+            })
+            .collect()
     }
 
     /// An `IOBinding`, as onnxruntime's: inputs and outputs bound by name,

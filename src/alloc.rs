@@ -1,0 +1,175 @@
+//! A global allocator that keeps large freed blocks for reuse.
+//!
+//! Every run hands its outputs to the caller in fresh memory, and a
+//! decoder's outputs are large: GPT-2 small's presents at 960 past
+//! positions are 70 MB a step, and its inputs as many again. glibc's malloc
+//! serves blocks that large with `mmap` and returns them with `munmap`, so
+//! each step faulted in (and the kernel zeroed) every page of 140 MB: twice
+//! the time of the step's kernels (`BENCHMARKS.md`). `Recycling` keeps
+//! freed blocks of 1 MiB or more (up to 64 of them, 2 GiB in all, the
+//! oldest given back first when it must make room) and hands them out
+//! again for requests of the same size class, as onnxruntime's arena does
+//! for its own tensors. Smaller blocks go straight to the system allocator.
+//!
+//! The `egret` binary and the Python package install it (`#[global_allocator]`);
+//! a Rust program that links Egret may too:
+//!
+//! ```
+//! #[global_allocator]
+//! static ALLOC: egret::alloc::Recycling = egret::alloc::Recycling;
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
+
+/// Blocks this large or larger are recycled.
+const MIN: usize = 1 << 20;
+/// Recycled blocks are page-aligned, which serves any alignment up to it.
+const ALIGN: usize = 4096;
+/// Blocks kept at most, and their bytes in all.
+const SLOTS: usize = 64;
+const MAX_KEPT: usize = 2 << 30;
+
+/// The allocator: the system's, with large freed blocks kept for reuse.
+pub struct Recycling;
+
+/// Freed blocks: `(class, address, when kept)`, class 0 for an empty slot.
+struct Kept {
+    slots: [(usize, usize, u64); SLOTS],
+    bytes: usize,
+    clock: u64,
+}
+
+static KEPT: Mutex<Kept> = Mutex::new(Kept { slots: [(0, 0, 0); SLOTS], bytes: 0, clock: 0 });
+
+/// The size actually allocated for a request of `size` (at least `MIN`):
+/// rounded up to a sixteenth of the power of two at or above it, so
+/// requests that grow a little at a time (a cache one position longer each
+/// step) share a class, and at most 1/16 is wasted.
+fn class_of(size: usize) -> usize {
+    let step = (size.next_power_of_two() / 16).max(1 << 16);
+    size.div_ceil(step) * step
+}
+
+fn recycled(layout: Layout) -> bool {
+    layout.size() >= MIN && layout.align() <= ALIGN
+}
+
+unsafe impl GlobalAlloc for Recycling {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !recycled(layout) {
+            return unsafe { System.alloc(layout) };
+        }
+        let class = class_of(layout.size());
+        {
+            let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = kept.slots.iter_mut().find(|s| s.0 == class) {
+                let at = slot.1;
+                *slot = (0, 0, 0);
+                kept.bytes -= class;
+                return at as *mut u8;
+            }
+        }
+        unsafe { System.alloc(Layout::from_size_align_unchecked(class, ALIGN)) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if !recycled(layout) {
+            return unsafe { System.dealloc(ptr, layout) };
+        }
+        let class = class_of(layout.size());
+        if class > MAX_KEPT {
+            return unsafe { System.dealloc(ptr, Layout::from_size_align_unchecked(class, ALIGN)) };
+        }
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        // Room made by giving back the oldest blocks (a compile's, say),
+        // so the blocks a run frees now are the ones kept.
+        loop {
+            let full = kept.slots.iter().all(|s| s.0 != 0);
+            if !full && kept.bytes + class <= MAX_KEPT {
+                break;
+            }
+            let oldest = (0..SLOTS).filter(|&i| kept.slots[i].0 != 0).min_by_key(|&i| kept.slots[i].2);
+            let Some(i) = oldest else { break };
+            let (old_class, at, _) = kept.slots[i];
+            kept.slots[i] = (0, 0, 0);
+            kept.bytes -= old_class;
+            unsafe { System.dealloc(at as *mut u8, Layout::from_size_align_unchecked(old_class, ALIGN)) };
+        }
+        kept.clock += 1;
+        let now = kept.clock;
+        let slot = kept.slots.iter_mut().find(|s| s.0 == 0).expect("a slot was made free");
+        *slot = (class, ptr as usize, now);
+        kept.bytes += class;
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !recycled(layout) {
+            return unsafe { System.alloc_zeroed(layout) };
+        }
+        let at = unsafe { self.alloc(layout) };
+        if !at.is_null() {
+            unsafe { std::ptr::write_bytes(at, 0, layout.size()) };
+        }
+        at
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (recycled(layout), recycled(new)) {
+            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            // Growing within its class: the block already has the room.
+            (true, true) if class_of(new_size) == class_of(layout.size()) => ptr,
+            _ => {
+                let to = unsafe { self.alloc(new) };
+                if !to.is_null() {
+                    unsafe { std::ptr::copy_nonoverlapping(ptr, to, layout.size().min(new_size)) };
+                    unsafe { self.dealloc(ptr, layout) };
+                }
+                to
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_their_requests_and_group_growing_ones() {
+        for size in [MIN, MIN + 1, 3 << 20, (70 << 20) + 12345, 1 << 30] {
+            let c = class_of(size);
+            assert!(c >= size && c - size <= size / 16 + (1 << 16), "{size} -> {c}");
+        }
+        // A cache that grows by 3 KiB a step stays in one class for many steps.
+        let base = 2_949_120;
+        assert_eq!(class_of(base), class_of(base + 3 * 1024 * 10));
+    }
+
+    #[test]
+    fn blocks_come_back_with_their_contents_room_and_alignment() {
+        let a = Recycling;
+        unsafe {
+            for size in [MIN, 5 << 20, (5 << 20) + 100] {
+                let layout = Layout::from_size_align(size, 64).unwrap();
+                let p = a.alloc(layout);
+                assert!(!p.is_null() && p as usize % 64 == 0);
+                std::ptr::write_bytes(p, 7, size);
+                // Grown past its class: moved, contents kept.
+                let q = a.realloc(p, layout, size * 2);
+                assert!(*q.add(size - 1) == 7);
+                a.dealloc(q, Layout::from_size_align(size * 2, 64).unwrap());
+                // Zeroed, even when recycled.
+                let z = a.alloc_zeroed(Layout::from_size_align(size * 2, 64).unwrap());
+                assert!(*z == 0 && *z.add(size * 2 - 1) == 0);
+                a.dealloc(z, Layout::from_size_align(size * 2, 64).unwrap());
+            }
+            // Small blocks are the system's.
+            let small = Layout::from_size_align(100, 8).unwrap();
+            let s = a.alloc(small);
+            let s = a.realloc(s, small, 200);
+            a.dealloc(s, Layout::from_size_align(200, 8).unwrap());
+        }
+    }
+}
