@@ -72,3 +72,51 @@ fn threads_sharing_a_program_get_what_one_thread_gets() {
         });
     }
 }
+
+/// A symbolic kernel splits across threads or not by its work at each
+/// call's values (`cpu::split_at`): a concatenation and an exponential over
+/// `n` rows stay on one thread at small `n` and split at large, with the
+/// same bits as one thread and as the reference.
+#[test]
+fn symbolic_kernels_split_by_their_size_at_each_call() {
+    let g = egret::ir::text::parse(
+        "v0: f32[n,1024] = input{name=\"past\"}
+v1: f32[1,1024] = input{name=\"new\"}
+v2: f32[n + 1,1024] = concat{axis=0} v0, v1
+v3: f32[n + 1,1024] = exp v2
+output \"present\" = v2
+output \"exp\" = v3
+",
+    )
+    .unwrap();
+    let run = |threads: usize, backend: egret::Backend, rows: usize| {
+        let opts = CompileOptions { threads: Some(threads), backend, ..Default::default() };
+        let exe = egret::backend_executable(&g, &opts).unwrap();
+        let past: Vec<f32> = (0..rows * 1024).map(|i| (i % 97) as f32 * 0.01 - 0.5).collect();
+        let inputs =
+            vec![Tensor::from_vec(vec![rows, 1024], past), Tensor::from_vec(vec![1, 1024], vec![0.25f32; 1024])];
+        exe.run(inputs).unwrap()
+    };
+    // 2 rows are below the work that splits; 700 rows above it.
+    for rows in [2, 700] {
+        let want = run(1, egret::Backend::Reference, rows);
+        for threads in [1, 2] {
+            let got = run(threads, egret::Backend::Cpu, rows);
+            for (w, g) in want.iter().zip(&got) {
+                assert_eq!(w.shape(), g.shape(), "{rows} rows, {threads} threads");
+                let close = w
+                    .as_f32()
+                    .unwrap()
+                    .iter()
+                    .zip(g.as_f32().unwrap())
+                    .all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1.0));
+                assert!(close, "{rows} rows, {threads} threads");
+            }
+        }
+        assert_eq!(
+            run(1, egret::Backend::Cpu, rows),
+            run(2, egret::Backend::Cpu, rows),
+            "{rows} rows: threads changed bits"
+        );
+    }
+}

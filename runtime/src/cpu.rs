@@ -11,7 +11,7 @@
 
 use crate::{Executable, RunError};
 use egret_backends::cpu::kernels::pool::{self, Pool, Split};
-use egret_backends::cpu::{any_kernel_splits, call_blocks, parallel_extent, split_of, CompiledPlan};
+use egret_backends::cpu::{any_kernel_may_split, call_blocks, parallel_extent, split_at, split_of, CompiledPlan};
 use egret_backends::plan::{BufferId, Kernel, KernelKind, Storage};
 use egret_ir::{Bindings, Dim, DimValues, Op, Tensor, Type};
 
@@ -103,6 +103,9 @@ struct Setup {
     blocks: Vec<Vec<Vec<u64>>>,
     /// Per kernel: the extent of its parallel dim.
     extents: Vec<i64>,
+    /// Per kernel: whether it splits across threads, a symbolic one's
+    /// decided at these values (`split_at`).
+    splits: Vec<Split>,
     /// The outputs' types at these values.
     output_types: Vec<Type>,
 }
@@ -129,7 +132,7 @@ impl CpuExecutable {
     pub fn new(compiled: CompiledPlan, threads: usize) -> CpuExecutable {
         let plan = &compiled.plan;
         let splits: Vec<Split> = plan.kernels.iter().map(|k| split_of(&k.kind)).collect();
-        let pool = Pool::new(if any_kernel_splits(plan) { threads.max(1) } else { 1 });
+        let pool = Pool::new(if any_kernel_may_split(plan) { threads.max(1) } else { 1 });
         let used = plan.used_buffers();
         let constants = plan
             .buffers
@@ -311,7 +314,7 @@ impl CpuExecutable {
         let layout = self.layout_for(&values);
         let dims = DimValues::new(&values);
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
-        let (mut sizes, mut blocks, mut extents) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sizes, mut blocks, mut extents, mut splits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, k) in plan.kernels.iter().enumerate() {
             if self.symbolic[i] {
                 crate::steps::check_spans(plan, k, &values, &dims, &input_bytes)?;
@@ -323,9 +326,10 @@ impl CpuExecutable {
                 true => call_blocks(k, &dims).map_err(RunError::Shape)?.into_iter().map(words).collect(),
             });
             extents.push(parallel_extent(&k.kind, &dims) as i64);
+            splits.push(if self.symbolic[i] { split_at(&k.kind, &dims) } else { self.splits[i] });
         }
         let output_types = plan.outputs.iter().map(|(_, ty)| bound_type(ty, &values)).collect::<Result<_, _>>()?;
-        let setup = std::sync::Arc::new(Setup { values, layout, sizes, blocks, extents, output_types });
+        let setup = std::sync::Arc::new(Setup { values, layout, sizes, blocks, extents, splits, output_types });
         if let Ok(mut recent) = self.recent.lock() {
             if recent.len() == RECENT_SETUPS {
                 recent.remove(0);
@@ -436,7 +440,7 @@ impl CpuExecutable {
                     args.extend(setup.blocks[i].iter().map(|w| w.as_ptr() as *mut u8));
                     let extent = setup.extents[i];
                     // The function was generated for exactly these operands.
-                    let status = unsafe { pool::launch(f, args.as_ptr(), extent, self.splits[i]) };
+                    let status = unsafe { pool::launch(f, args.as_ptr(), extent, setup.splits[i]) };
                     if status != 0 {
                         let message = match (&k.kind, status) {
                             (KernelKind::Gather(g), egret_backends::cpu::STATUS_INDEX_OUT_OF_RANGE) => {

@@ -170,8 +170,20 @@ const PARALLEL_WORK: usize = 1 << 18;
 
 /// How the scheduler may split a kernel across threads (at run time, the
 /// split also needs a pool of more than one thread and a parallel extent
-/// of more than one).
+/// of more than one), its symbolic sizes at their nominal values.
 pub fn split_of(kind: &KernelKind) -> Split {
+    split_with(kind, &|d| d.estimate())
+}
+
+/// `split_of` at a call's values of the symbols: the JIT's runtime decides
+/// per set of values (a decoder's concatenations and attention over a long
+/// past split; over a short one they stay on one thread).
+pub fn split_at(kind: &KernelKind, values: &egret_ir::DimValues) -> Split {
+    split_with(kind, &|d| values.get(d).map_or(d.estimate(), |v| v.max(0) as usize))
+}
+
+fn split_with(kind: &KernelKind, size: &dyn Fn(Dim) -> usize) -> Split {
+    let work = |kind| work(kind, size);
     match kind {
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => Split::Never,
         // A product with fewer batches than threads parallelises inside
@@ -197,17 +209,26 @@ pub fn any_kernel_splits(plan: &crate::plan::Plan) -> bool {
     plan.kernels.iter().any(|k| split_of(&k.kind) != Split::Never)
 }
 
-fn work(kind: &KernelKind) -> usize {
+/// `any_kernel_splits` for the JIT's executor, which decides a symbolic
+/// kernel's split per call (`split_at`): a kernel with symbolic sizes may
+/// split at some values.
+pub fn any_kernel_may_split(plan: &crate::plan::Plan) -> bool {
+    let symbolic = |k: &crate::plan::Kernel| {
+        !k.is_known() && !matches!(k.kind, KernelKind::Reference { .. } | KernelKind::Loop { .. })
+    };
+    plan.kernels.iter().any(|k| split_of(&k.kind) != Split::Never || symbolic(k))
+}
+
+/// Elements touched or multiply-adds, symbolic sizes given by `size`.
+fn work(kind: &KernelKind, size: &dyn Fn(Dim) -> usize) -> usize {
     match kind {
-        // Symbolic sizes at their nominal values: whether to split is
-        // decided once per compile.
-        KernelKind::Map(m) => m.shape.iter().map(|d| d.estimate()).product(),
-        KernelKind::Rows(r) => r.rows.estimate() * r.len.estimate(),
-        KernelKind::MatMul(mm) => mm.m.estimate() * mm.n * mm.k * mm.batches.len(),
-        KernelKind::Gather(k) => k.outer.estimate() * k.n_indices.estimate() * k.inner,
+        KernelKind::Map(m) => m.shape.iter().map(|&d| size(d)).product(),
+        KernelKind::Rows(r) => size(r.rows) * size(r.len),
+        KernelKind::MatMul(mm) => size(mm.m) * mm.n * mm.k * mm.batches.len(),
+        KernelKind::Gather(k) => size(k.outer) * size(k.n_indices) * k.inner,
         // Every score, skipped or not: an upper bound that needs no walk over
         // the key spans on every run.
-        KernelKind::Attention(a) => a.estimated_batches() * a.sq.estimate() * a.sk.estimate() * (a.d + a.dv),
+        KernelKind::Attention(a) => a.estimated_batches() * size(a.sq) * size(a.sk) * (a.d + a.dv),
         KernelKind::Reference { .. } | KernelKind::Loop { .. } => 0,
     }
 }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 pub use egret_kernels as kernels;
 pub use egret_kernels::pool::KernelFn;
 pub use egret_kernels::MATMUL_PARALLEL_MACS;
-pub use library::{any_kernel_splits, split_of};
+pub use library::{any_kernel_may_split, any_kernel_splits, split_at, split_of};
 
 /// The length of the dimension a kernel's work is split along across
 /// threads: dim 0 of a map, the rows of a row kernel, the batches of a matmul.
