@@ -6,8 +6,9 @@
 //! serves blocks that large with `mmap` and returns them with `munmap`, so
 //! each step faulted in (and the kernel zeroed) every page of 140 MB: twice
 //! the time of the step's kernels (`BENCHMARKS.md`). `Recycling` keeps
-//! freed blocks of 1 MiB or more (up to 64 of them, 2 GiB in all, the
-//! oldest given back first when it must make room) and hands them out
+//! freed blocks of 1 MiB or more (up to 64 of them, 256 MiB in all, the
+//! oldest given back first when it must make room; a compile gives back
+//! all it freed, `release_kept`) and hands them out
 //! again for requests of the same size class, as onnxruntime's arena does
 //! for its own tensors. Smaller blocks go straight to the system allocator.
 //!
@@ -28,10 +29,30 @@ const MIN: usize = 1 << 20;
 const ALIGN: usize = 4096;
 /// Blocks kept at most, and their bytes in all.
 const SLOTS: usize = 64;
-const MAX_KEPT: usize = 2 << 30;
+const MAX_KEPT: usize = 256 << 20;
 
 /// The allocator: the system's, with large freed blocks kept for reuse.
 pub struct Recycling;
+
+/// Gives every kept block back to the system, and asks glibc's malloc to
+/// return the free memory of its heaps (`malloc_trim`: a compile's worker
+/// threads free in heaps of their own, which it never shrinks otherwise).
+/// `egret::compile` calls it when it is done, so what the compile freed
+/// (the graph's weights once packed) leaves the process.
+pub fn release_kept() {
+    {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in kept.slots.iter_mut().filter(|s| s.0 != 0) {
+            unsafe { System.dealloc(slot.1 as *mut u8, Layout::from_size_align_unchecked(slot.0, ALIGN)) };
+            *slot = (0, 0, 0);
+        }
+        kept.bytes = 0;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Freed blocks: `(class, address, when kept)`, class 0 for an empty slot.
 struct Kept {

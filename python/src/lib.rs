@@ -238,13 +238,19 @@ impl InferenceSession {
             max_specializations: max_compiled_shapes,
             ..Default::default()
         };
-        let model = Arc::new(py.detach(|| egret::compile(&path, &opts)).map_err(error)?);
+        let mut model = py.detach(|| egret::compile(&path, &opts)).map_err(error)?;
+        // The session runs the program; the compiled graph (every weight in
+        // f32, besides the program's packed copies) is not needed again.
+        model.graph = egret::ir::Graph::new();
+        let model = Arc::new(model);
         let declared = if model.program.signature.is_symbolic() {
             let file = if path.is_dir() { path.join("model.onnx") } else { path.clone() };
             Some(egret::frontend::declared_io(&file).map_err(error)?)
         } else {
             None
         };
+        // What the compile and the graph freed leaves the process (`egret::alloc`).
+        egret::alloc::release_kept();
         Ok(InferenceSession { model, declared, path, opts })
     }
 

@@ -163,7 +163,22 @@ pub fn choose(mut plan: Plan) -> Plan {
         }
         plan.kernels[i].kind = KernelKind::MatMul(mm);
     }
+    release_unread_constants(&mut plan);
     plan
+}
+
+/// Drops the constants no kernel reads any more (weights whose packed
+/// copies replaced them), so a compiled plan does not keep a quantized
+/// model's weights in f32 besides its packed codes: each becomes an empty
+/// buffer that nothing addresses.
+fn release_unread_constants(plan: &mut Plan) {
+    let used = plan.used_buffers();
+    for (buffer, used) in plan.buffers.iter_mut().zip(used) {
+        if let (Storage::Constant(t), false) = (&buffer.storage, used) {
+            buffer.storage = Storage::Constant(Arc::new(Tensor::zeros(t.dtype(), [0])));
+            buffer.bytes = egret_ir::Dim::new(0);
+        }
+    }
 }
 
 #[cfg(test)]
