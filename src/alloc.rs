@@ -7,8 +7,10 @@
 //! each step faulted in (and the kernel zeroed) every page of 140 MB: twice
 //! the time of the step's kernels (`BENCHMARKS.md`). `Recycling` keeps
 //! freed blocks of 1 MiB or more (up to 64 of them, 256 MiB in all, the
-//! oldest given back first when it must make room; a compile gives back
-//! all it freed, `release_kept`) and hands them out
+//! oldest given back first when it must make room) while models run, not
+//! while they compile (`Model::run` turns keeping on, `compile` off, and
+//! gives back what was kept, `release_kept`: a compile's freed blocks would
+//! only raise its peak) and hands them out
 //! again for requests of the same size class, as onnxruntime's arena does
 //! for its own tensors. Smaller blocks go straight to the system allocator.
 //!
@@ -21,18 +23,30 @@
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Blocks this large or larger are recycled.
 const MIN: usize = 1 << 20;
-/// Recycled blocks are page-aligned, which serves any alignment up to it.
-const ALIGN: usize = 4096;
+/// Recycled blocks have malloc's own alignment: what vectors of numbers
+/// ask for. A request for more goes to the system allocator.
+const ALIGN: usize = 16;
 /// Blocks kept at most, and their bytes in all.
 const SLOTS: usize = 64;
 const MAX_KEPT: usize = 256 << 20;
 
 /// The allocator: the system's, with large freed blocks kept for reuse.
 pub struct Recycling;
+
+/// Whether freed blocks are kept (`keep`).
+static KEEPING: AtomicBool = AtomicBool::new(false);
+
+/// Turns keeping freed blocks on (runs) or off (compiles).
+pub fn keep(on: bool) {
+    if KEEPING.load(Ordering::Relaxed) != on {
+        KEEPING.store(on, Ordering::Relaxed);
+    }
+}
 
 /// Gives every kept block back to the system, and asks glibc's malloc to
 /// return the free memory of its heaps (`malloc_trim`: a compile's worker
@@ -72,6 +86,16 @@ fn class_of(size: usize) -> usize {
     size.div_ceil(step) * step
 }
 
+/// A kept block of `class`, if there is one.
+fn take(class: usize) -> Option<*mut u8> {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = kept.slots.iter_mut().find(|s| s.0 == class)?;
+    let at = slot.1;
+    *slot = (0, 0, 0);
+    kept.bytes -= class;
+    Some(at as *mut u8)
+}
+
 fn recycled(layout: Layout) -> bool {
     layout.size() >= MIN && layout.align() <= ALIGN
 }
@@ -82,14 +106,8 @@ unsafe impl GlobalAlloc for Recycling {
             return unsafe { System.alloc(layout) };
         }
         let class = class_of(layout.size());
-        {
-            let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = kept.slots.iter_mut().find(|s| s.0 == class) {
-                let at = slot.1;
-                *slot = (0, 0, 0);
-                kept.bytes -= class;
-                return at as *mut u8;
-            }
+        if let Some(at) = take(class) {
+            return at;
         }
         unsafe { System.alloc(Layout::from_size_align_unchecked(class, ALIGN)) }
     }
@@ -99,7 +117,7 @@ unsafe impl GlobalAlloc for Recycling {
             return unsafe { System.dealloc(ptr, layout) };
         }
         let class = class_of(layout.size());
-        if class > MAX_KEPT {
+        if class > MAX_KEPT || !KEEPING.load(Ordering::Relaxed) {
             return unsafe { System.dealloc(ptr, Layout::from_size_align_unchecked(class, ALIGN)) };
         }
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,11 +146,13 @@ unsafe impl GlobalAlloc for Recycling {
         if !recycled(layout) {
             return unsafe { System.alloc_zeroed(layout) };
         }
-        let at = unsafe { self.alloc(layout) };
-        if !at.is_null() {
+        let class = class_of(layout.size());
+        if let Some(at) = take(class) {
             unsafe { std::ptr::write_bytes(at, 0, layout.size()) };
+            return at;
         }
-        at
+        // Fresh memory from the system is zero already (calloc).
+        unsafe { System.alloc_zeroed(Layout::from_size_align_unchecked(class, ALIGN)) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -141,6 +161,13 @@ unsafe impl GlobalAlloc for Recycling {
             (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
             // Growing within its class: the block already has the room.
             (true, true) if class_of(new_size) == class_of(layout.size()) => ptr,
+            // Across classes, as the system does it (glibc remaps a large
+            // block rather than copying it, so a growing vector never needs
+            // its old and new sizes at once).
+            (true, true) => unsafe {
+                let old = Layout::from_size_align_unchecked(class_of(layout.size()), ALIGN);
+                System.realloc(ptr, old, class_of(new_size))
+            },
             _ => {
                 let to = unsafe { self.alloc(new) };
                 if !to.is_null() {
@@ -170,21 +197,27 @@ mod tests {
 
     #[test]
     fn blocks_come_back_with_their_contents_room_and_alignment() {
+        keep(true);
         let a = Recycling;
         unsafe {
             for size in [MIN, 5 << 20, (5 << 20) + 100] {
-                let layout = Layout::from_size_align(size, 64).unwrap();
+                let layout = Layout::from_size_align(size, 16).unwrap();
                 let p = a.alloc(layout);
-                assert!(!p.is_null() && p as usize % 64 == 0);
+                assert!(!p.is_null() && p as usize % 16 == 0);
                 std::ptr::write_bytes(p, 7, size);
                 // Grown past its class: moved, contents kept.
                 let q = a.realloc(p, layout, size * 2);
                 assert!(*q.add(size - 1) == 7);
-                a.dealloc(q, Layout::from_size_align(size * 2, 64).unwrap());
+                a.dealloc(q, Layout::from_size_align(size * 2, 16).unwrap());
                 // Zeroed, even when recycled.
-                let z = a.alloc_zeroed(Layout::from_size_align(size * 2, 64).unwrap());
+                let z = a.alloc_zeroed(Layout::from_size_align(size * 2, 16).unwrap());
                 assert!(*z == 0 && *z.add(size * 2 - 1) == 0);
-                a.dealloc(z, Layout::from_size_align(size * 2, 64).unwrap());
+                a.dealloc(z, Layout::from_size_align(size * 2, 16).unwrap());
+                // More alignment than malloc's: the system's.
+                let big = Layout::from_size_align(size, 4096).unwrap();
+                let b = a.alloc(big);
+                assert!(b as usize % 4096 == 0);
+                a.dealloc(b, big);
             }
             // Small blocks are the system's.
             let small = Layout::from_size_align(100, 8).unwrap();

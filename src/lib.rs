@@ -170,6 +170,8 @@ pub struct Model {
 
 impl Model {
     pub fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error> {
+        // A run's large blocks are reused by the next (`alloc`).
+        alloc::keep(true);
         Ok(self.program.run(inputs)?)
     }
 }
@@ -490,6 +492,8 @@ pub fn symbolic_gpu_plan(
 
 /// The pipeline: import, canonicalise, hand to the backend.
 pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
+    // Blocks a compile frees are given back, not kept (`alloc`).
+    alloc::keep(false);
     if opts.backend == Backend::Cpu {
         // A kernel path the CPU lacks, or a misspelt one, is refused here
         // rather than ignored.
