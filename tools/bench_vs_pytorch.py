@@ -6,6 +6,8 @@ is written as a small ONNX model (with the `onnx` package), timed with
 `egret bench --backend ptx --json`, and timed in PyTorch with CUDA events.
 
 Usage: python3 tools/bench_vs_pytorch.py [--egret target/release/egret] [--out DIR]
+(the binary built with the ptx backend: `cargo build --release --features cuda`, or
+`--all-features`, as `tools/gpu_bundle.sh` builds it)
 Prints one markdown table of milliseconds and TFLOP/s. Untested on a GPU at
 the time of writing (no GPU was lent to the session that wrote it).
 """
