@@ -493,9 +493,11 @@ unsafe fn panels_of(
         let panels = b.panels as *const f32;
         return unsafe { panel_range(m, k, n, n, a, a_rs, a_cs, panels, c, p0, p1, shape, epilogue, args) };
     }
-    // Narrow panels: decoded into f32 a panel or two at a time (as many as
-    // the tile spans), then multiplied as f32 panels are; the epilogue runs
-    // after each group of panels, as `panel_range` runs it.
+    // Narrow panels. A few rows: each panel row decoded into registers and
+    // multiplied at once (`fused_panel`). More: decoded into f32 a panel or
+    // two at a time (as many as the tile spans), then multiplied as f32
+    // panels are. Either way the epilogue runs after each group of panels,
+    // as `panel_range` runs it.
     if m <= FUSED_ROWS {
         let mut g0 = p0;
         while g0 < p1 {
