@@ -292,8 +292,8 @@ pub struct MatMulKernel {
     /// `b` is a constant laid out at compile time by the CPU's choice step
     /// (`b_strides` then describe nothing): for the generated kernel
     /// `[n / 8][k][8]` panels, then the last `n % 8` columns row-major; for
-    /// `Packed`, always set, `cpu::choose::pack_panels` with `PACKED_PANEL`
-    /// columns.
+    /// `Packed`, always set, the kernel library's packed weight
+    /// (`cpu::choose::pack_weight`).
     pub b_packed: bool,
     /// Applied to the product in place (single-batch products only).
     pub epilogue: Option<Epilogue>,

@@ -138,16 +138,6 @@ impl Coding {
         })
     }
 
-    /// Bytes of weight per element, as stored (scales and zero points aside).
-    pub fn bytes_per_element(self) -> f32 {
-        match self {
-            Coding::F32 => 4.0,
-            Coding::F16 | Coding::Bf16 => 2.0,
-            Coding::Codes8 | Coding::Int8 => 1.0,
-            Coding::Codes4 => 0.5,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Coding::F32 => "f32",
@@ -409,29 +399,10 @@ unsafe fn sgemm_packed(
     if int8 {
         quantized = QUANTIZED_A.take();
     }
-    let lo = if int8 { unsafe { super::int8::quantize_rows(m, k, a, a_rs, a_cs, &mut quantized) } } else { None };
-    if let Some(lo) = lo {
-        let (words, a_q) = (b.panel_words(k), quantized.as_ptr());
-        let run = |p0: usize, p1: usize| unsafe {
-            super::int8::panel_range(m, k, n, a_q, lo, b.panels, words, c, p0, p1, GROUP, epilogue, args)
-        };
-        if threads > 1 && super::matmul_splits(m, k, n) {
-            let (a_q, b, c, epilogue, args) =
-                (a_q as usize, SendWeight(b), c as usize, epilogue as usize, args as usize);
-            rayon::scope(|s| {
-                for t in 0..threads {
-                    s.spawn(move |_| unsafe {
-                        let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
-                        let (a_q, c, panels) = (a_q as *const u8, c as *mut f32, { b }.0.panels);
-                        let (epilogue, args) = (epilogue as *const i64, args as *const *mut u8);
-                        super::int8::panel_range(m, k, n, a_q, lo, panels, words, c, p0, p1, GROUP, epilogue, args)
-                    });
-                }
-            });
-        } else {
-            run(0, panels);
-        }
-    } else if threads > 1 && super::matmul_splits(m, k, n) {
+    // The rows as unsigned bytes and their shift (`int8::quantize_rows`).
+    let q = if int8 { unsafe { super::int8::quantize_rows(m, k, a, a_rs, a_cs, &mut quantized) } } else { None };
+    let q = q.map(|lo| (quantized.as_ptr() as usize, lo));
+    if threads > 1 && super::matmul_splits(m, k, n) {
         let (a, b, c, epilogue, args) = (a as usize, SendWeight(b), c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
@@ -439,12 +410,12 @@ unsafe fn sgemm_packed(
                     let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
                     let (a, c) = (a as *const f32, c as *mut f32);
                     let (epilogue, args) = (epilogue as *const i64, args as *const *mut u8);
-                    panels_of(m, k, n, a, a_rs, a_cs, { b }.0, c, p0, p1, shape, epilogue, args)
+                    panels_of(m, k, n, a, a_rs, a_cs, q, { b }.0, c, p0, p1, shape, epilogue, args)
                 });
             }
         });
     } else {
-        unsafe { panels_of(m, k, n, a, a_rs, a_cs, b, c, 0, panels, shape, epilogue, args) };
+        unsafe { panels_of(m, k, n, a, a_rs, a_cs, q, b, c, 0, panels, shape, epilogue, args) };
     }
     if int8 {
         QUANTIZED_A.set(quantized);
@@ -472,7 +443,9 @@ unsafe impl Send for SendWeight {}
 unsafe impl Sync for SendWeight {}
 
 /// Panels `p0..p1` of the product and the epilogue over their columns,
-/// whatever the weight's coding.
+/// whatever the weight's coding; `quantized` holds `a`'s rows as unsigned
+/// bytes (their address) and their shift, for an int8 weight's integer
+/// products (`int8`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn panels_of(
     m: usize,
@@ -481,6 +454,7 @@ unsafe fn panels_of(
     a: *const f32,
     a_rs: isize,
     a_cs: isize,
+    quantized: Option<(usize, i32)>,
     b: Weight,
     c: *mut f32,
     p0: usize,
@@ -489,6 +463,12 @@ unsafe fn panels_of(
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
+    if let Some((a_q, lo)) = quantized {
+        let (a_q, words) = (a_q as *const u8, b.panel_words(k));
+        return unsafe {
+            super::int8::panel_range(m, k, n, a_q, lo, b.panels, words, c, p0, p1, GROUP, epilogue, args)
+        };
+    }
     if b.coding == Coding::F32 {
         let panels = b.panels as *const f32;
         return unsafe { panel_range(m, k, n, n, a, a_rs, a_cs, panels, c, p0, p1, shape, epilogue, args) };

@@ -40,10 +40,6 @@ mod wgsl {
         pub fn symbolic(gpu: Arc<WgpuDevice>, _: SymbolicGpuPlan) -> Result<WgpuExecutable, String> {
             match gpu.never {}
         }
-
-        pub fn pipelines_compiled(&self) -> usize {
-            match self.never {}
-        }
     }
 
     impl crate::Executable for WgpuExecutable {

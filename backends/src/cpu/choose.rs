@@ -8,9 +8,6 @@ use crate::plan::{Buffer, KernelKind, MatMulImpl, MatMulKernel, Plan, Storage};
 use egret_ir::{DType, Data, Tensor};
 use std::sync::Arc;
 
-/// Columns per panel of a `MatMulImpl::Packed` weight.
-pub const PACKED_PANEL: usize = egret_kernels::gemm::NR;
-
 use egret_kernels::gemm::{
     pack_code_panels, pack_half_panels, pack_int8_panels, pack_panels, Coding, HEADER_WORDS, MAGIC,
 };

@@ -395,7 +395,11 @@ fn coded_weight(
     };
     let scales = table(scale, 1.0)?;
     let zeros: Vec<f32> = table(zero, 0.0)?.into_iter().map(|z| z + offset as f32).collect();
-    let codes: Vec<u8> = t.to_f64_vec().iter().map(|&v| (v + offset) as u8).collect();
+    let codes: Vec<u8> = match t.data() {
+        egret_ir::Data::I8(v) => v.iter().map(|&x| (x as i16 + offset as i16) as u8).collect(),
+        egret_ir::Data::U8(v) => v.clone(),
+        _ => return None,
+    };
     let bits = if four_bit { 4 } else { 8 };
     let claim = egret_ir::BlockCodes { bits, block: rows, k, n, codes, scales, zeros };
     let values: Vec<f32> = (0..k * n).map(|i| claim.value(i / n, i % n)).collect();
