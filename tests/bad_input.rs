@@ -281,6 +281,23 @@ fn external_data_range_past_the_end() {
     assert!(err.contains("raw data has 4 bytes"), "{err}");
 }
 
+/// An offset and length beyond the file (one cut short after export) are
+/// checked against its size before anything is read.
+#[test]
+fn external_data_offset_and_length_past_the_end() {
+    let dir = tempdir("external-offset");
+    std::fs::write(dir.join("weights.bin"), [0u8; 16]).unwrap();
+    let mut m = external_model("weights.bin");
+    for (key, value) in [("offset", "8"), ("length", "12")] {
+        let mut kv = StringStringEntryProto::new();
+        kv.key = key.into();
+        kv.value = value.into();
+        m.graph.as_mut().unwrap().initializer[0].external_data.push(kv);
+    }
+    let err = run_fails(&write_model(&dir, &m));
+    assert!(err.contains("tensor `w`") && err.contains("range 8..20 is past the end of `weights.bin` (16 bytes)"), "{err}");
+}
+
 #[test]
 fn initializer_with_too_few_values() {
     let dir = tempdir("short-init");

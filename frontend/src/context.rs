@@ -2,7 +2,7 @@
 
 use crate::registry;
 use crate::symbolic::{self, Known, SymInts};
-use crate::tensor::{dtype_from_onnx, tensor_from_proto};
+use crate::tensor::{dtype_from_onnx, tensor_from_proto, tensor_from_proto_in};
 use crate::{ImportError, ImportOptions, Imported, MAX_OPSET, MIN_OPSET};
 use egret_ir::{Dim, Graph, Op, Tensor, Type, ValueId};
 use onnx_protobuf::attribute_proto::AttributeType;
@@ -57,11 +57,18 @@ pub struct Weight {
 /// Decodes every initializer of `model`, releasing each one's bytes in the
 /// model as soon as it is decoded, so the model and its weights are never
 /// both whole in memory.
-pub fn decode_initializers(model: &mut ModelProto, base: Option<&Path>) -> Result<Vec<Weight>, ImportError> {
+/// Initializers whose `raw_data` the parse left in the model file are read
+/// from `in_file` (the file, and each one's range in it).
+pub fn decode_initializers(
+    model: &mut ModelProto,
+    base: Option<&Path>,
+    in_file: Option<(&std::fs::File, &[Option<std::ops::Range<u64>>])>,
+) -> Result<Vec<Weight>, ImportError> {
     let Some(g) = model.graph.as_mut() else { return Ok(vec![]) };
     let mut out = Vec::with_capacity(g.initializer.len());
-    for init in g.initializer.iter_mut() {
-        let value = Arc::new(widen(tensor_from_proto(init, base)?));
+    for (i, init) in g.initializer.iter_mut().enumerate() {
+        let raw = in_file.and_then(|(file, ranges)| Some((file, ranges.get(i)?.clone()?)));
+        let value = Arc::new(widen(tensor_from_proto_in(init, base, raw)?));
         out.push(Weight { name: init.name.clone(), value, four_bit: crate::tensor::is_four_bit(init) });
         // Only the name is read again.
         init.raw_data = Vec::new();

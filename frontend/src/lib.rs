@@ -19,6 +19,7 @@ mod error;
 mod ops;
 mod registry;
 mod symbolic;
+mod wire;
 pub use registry::supported_ops;
 pub mod tensor;
 
@@ -90,10 +91,7 @@ pub struct Declared {
 /// of the model at `path`, as declared. Reads only the graph's signature.
 pub fn declared_io(path: &Path) -> Result<(Vec<Declared>, Vec<Declared>), ImportError> {
     use onnx_protobuf::tensor_shape_proto::dimension::Value as Dim;
-    use protobuf::Message;
-    let bytes = std::fs::read(path).map_err(|error| ImportError::Io { path: path.to_path_buf(), error })?;
-    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes)
-        .map_err(|e| ImportError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    let (model, _) = read_structure(path)?;
     let g = model.graph.as_ref().ok_or(ImportError::NoGraph)?;
     let initializers: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
     let declared = |v: &onnx_protobuf::ValueInfoProto, input: bool| -> Result<Declared, ImportError> {
@@ -133,14 +131,38 @@ pub fn declared_io(path: &Path) -> Result<(Vec<Declared>, Vec<Declared>), Import
 
 /// Reads and imports a `.onnx` file. External data resolves inside its folder.
 pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
-    let bytes = std::fs::read(path).map_err(|error| ImportError::Io { path: path.to_path_buf(), error })?;
     let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    match read_structure(path)? {
+        (model, Some((file, raw))) => import_model(model, base, opts, Some((&file, &raw))),
+        (model, None) => import_model(model, base, opts, None),
+    }
+}
+
+/// Parses the model at `path` with its inline weights left in the file
+/// (`wire`): the structure, and the open file with each initializer's
+/// `raw_data` range. A file the walk does not understand is read and
+/// parsed whole, weights and all, which reports what is wrong with it.
+fn read_structure(path: &Path) -> Result<(onnx_protobuf::ModelProto, Option<WeightsInFile>), ImportError> {
+    let io = |error| ImportError::Io { path: path.to_path_buf(), error };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if let Ok(set) = wire::set_aside_raw_data(&file, len) {
+        let model = parse(&set.structure, path)?;
+        let initializers = model.graph.as_ref().map_or(0, |g| g.initializer.len());
+        if initializers == set.raw.len() {
+            return Ok((model, Some((file, set.raw))));
+        }
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
     let model = parse(&bytes, path)?;
     // The file's bytes go before the weights are decoded: at most one copy
     // of a weight in flight beside the decoded ones.
     drop(bytes);
-    import_model(model, base, opts)
+    Ok((model, None))
 }
+
+/// A model file and where each initializer's `raw_data` lies in it.
+type WeightsInFile = (std::fs::File, Vec<Option<std::ops::Range<u64>>>);
 
 fn parse(bytes: &[u8], path: &Path) -> Result<onnx_protobuf::ModelProto, ImportError> {
     use protobuf::Message;
@@ -164,17 +186,19 @@ pub fn import_bytes(
     path: &Path,
     opts: &ImportOptions,
 ) -> Result<Imported, ImportError> {
-    import_model(parse(bytes, path)?, base, opts)
+    import_model(parse(bytes, path)?, base, opts, None)
 }
 
 /// Imports a parsed model. Its initializers are decoded once, each one's
-/// bytes released as it is (a retry for input values reuses them).
+/// bytes released as it is (a retry for input values reuses them); those
+/// the parse left in the file (`in_file`) are read from it.
 fn import_model(
     mut model: onnx_protobuf::ModelProto,
     base: Option<&Path>,
     opts: &ImportOptions,
+    in_file: Option<(&std::fs::File, &[Option<std::ops::Range<u64>>])>,
 ) -> Result<Imported, ImportError> {
-    let weights = context::decode_initializers(&mut model, base)?;
+    let weights = context::decode_initializers(&mut model, base, in_file)?;
     // Specialise on input values only when some op asks for them, one retry per request.
     let mut specialize: HashSet<String> = HashSet::new();
     loop {
@@ -193,4 +217,82 @@ fn import_model(
 /// or write `.pb` tensors without depending on protobuf themselves.
 pub mod proto {
     pub use onnx_protobuf::{Message, TensorProto};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onnx_protobuf::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use protobuf::Message;
+
+    /// A model that adds an initializer of each stored kind to a graph input
+    /// (cast to f32 where it needs to be).
+    fn model() -> ModelProto {
+        let mut g = GraphProto::new();
+        g.name = "g".into();
+        let mut add = |name: &str, data_type: i32, dims: Vec<i64>, raw: Vec<u8>| {
+            let mut t = TensorProto::new();
+            t.name = name.into();
+            t.data_type = data_type;
+            t.dims = dims;
+            t.raw_data = raw;
+            g.initializer.push(t);
+        };
+        add("w32", 1, vec![2, 3], [1.5f32, -2.0, 3.25, 0.0, 7.0, -1.0].iter().flat_map(|f| f.to_le_bytes()).collect());
+        add("w16", 10, vec![3], [0x3c00u16, 0xc000, 0x3800].iter().flat_map(|f| f.to_le_bytes()).collect());
+        add("wb", 9, vec![3], vec![1, 0, 1]);
+        add("w4", tensor::INT4, vec![3], vec![0x7f, 0x08]);
+        let node = |op: &str, i: &[&str], o: &str| {
+            let mut n = NodeProto::new();
+            n.op_type = op.into();
+            n.input = i.iter().map(|s| s.to_string()).collect();
+            n.output = vec![o.into()];
+            n
+        };
+        g.node.push(node("Add", &["w32", "w16"], "a"));
+        g.node.push(node("Cast", &["wb"], "b"));
+        g.node.push(node("Cast", &["w4"], "c"));
+        g.node[1].attribute.push({
+            let mut a = onnx_protobuf::AttributeProto::new();
+            a.name = "to".into();
+            a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
+            a.i = 1;
+            a
+        });
+        let to = g.node[1].attribute[0].clone();
+        g.node[2].attribute.push(to);
+        g.node.push(node("Add", &["a", "b"], "d"));
+        g.node.push(node("Add", &["d", "c"], "y"));
+        let mut y = onnx_protobuf::ValueInfoProto::new();
+        y.name = "y".into();
+        g.output.push(y);
+        let mut m = ModelProto::new();
+        m.ir_version = 9;
+        let mut opset = OperatorSetIdProto::new();
+        opset.version = 21;
+        m.opset_import.push(opset);
+        m.graph = Some(g).into();
+        m
+    }
+
+    #[test]
+    fn weights_read_from_the_file_are_the_weights_parsed_from_its_bytes() {
+        let bytes = model().write_to_bytes().unwrap();
+        let dir = std::env::temp_dir().join(format!("egret-frontend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.onnx");
+        std::fs::write(&path, &bytes).unwrap();
+        let opts = ImportOptions::default();
+        let from_file = import_file(&path, &opts).unwrap();
+        let from_bytes = import_bytes(&bytes, Some(&dir), &path, &opts).unwrap();
+        assert_eq!(egret_ir::text::print(&from_file.graph), egret_ir::text::print(&from_bytes.graph));
+        let text = egret_ir::text::print(&from_file.graph);
+        for values in ["[1.5, -2.0, 3.25, 0.0, 7.0, -1.0]", "[1.0, -2.0, 0.5]", "[true, false, true]", "[-1, 7, -8]"] {
+            assert!(text.contains(values), "{values} in {text}");
+        }
+        // A file cut short reads as the parse reports it, not as a fault.
+        std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
+        assert!(matches!(import_file(&path, &opts), Err(ImportError::Parse { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -4,6 +4,9 @@ use crate::ImportError;
 use egret_ir::{DType, Data, Tensor};
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::TensorProto;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
 /// Maps an ONNX `TensorProto.DataType` code to a dtype, or says which type it is.
@@ -85,7 +88,10 @@ pub fn resolve_external_path(base: &Path, location: &str) -> Result<PathBuf, Str
     Ok(joined)
 }
 
-fn read_external(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>, String> {
+/// Opens the file an external tensor's data lies in and finds its bytes,
+/// checked against the file's size (the weights are read from there into
+/// the tensor, never the whole file into memory).
+fn external_range(t: &TensorProto, base: Option<&Path>) -> Result<(File, Range<u64>), String> {
     let mut location = None;
     let mut offset = 0u64;
     let mut length = None;
@@ -102,19 +108,71 @@ fn read_external(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>, String
     let location = location.ok_or("external data has no location")?;
     let base = base.ok_or("external data needs the model's folder; load the model from a file")?;
     let path = resolve_external_path(base, &location)?;
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read external data `{}`: {e}", path.display()))?;
-    let start = offset as usize;
+    let file = File::open(&path).map_err(|e| format!("cannot read external data `{}`: {e}", path.display()))?;
+    let size = file.metadata().map_err(|e| format!("cannot read external data `{}`: {e}", path.display()))?.len();
     let end = match length {
-        Some(l) => start.checked_add(l as usize).ok_or("external data range overflows")?,
-        None => bytes.len(),
+        Some(l) => offset.checked_add(l).ok_or("external data range overflows")?,
+        None => size,
     };
-    if start > bytes.len() || end > bytes.len() {
-        return Err(format!(
-            "external data range {start}..{end} is past the end of `{location}` ({} bytes)",
-            bytes.len()
-        ));
+    if offset > size || end > size {
+        return Err(format!("external data range {offset}..{end} is past the end of `{location}` ({size} bytes)"));
     }
-    Ok(bytes[start..end].to_vec())
+    Ok((file, offset..end))
+}
+
+/// Reads `range` of `file` (a weight's little-endian bytes) straight into
+/// the tensor data of `n` elements of `dtype` that it holds.
+pub(crate) fn data_from_file(file: &File, range: Range<u64>, dtype: DType, n: usize) -> Result<Data, String> {
+    let size = dtype.size_bytes() as u64;
+    let len = range.end - range.start;
+    if Some(len) != (n as u64).checked_mul(size) {
+        return Err(format!("raw data has {len} bytes but {n} elements of {dtype} need {}", n as u128 * size as u128));
+    }
+    let read = |bytes: &mut [u8]| read_at(file, range.start, bytes);
+    macro_rules! direct {
+        ($T:ty, $V:ident) => {{
+            // Zeroed memory is mapped lazily; the read writes each page once.
+            let mut v: Vec<$T> = vec![<$T as bytemuck::Zeroable>::zeroed(); n];
+            read(bytemuck::cast_slice_mut(&mut v))?;
+            Data::$V(v)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => direct!(f32, F32),
+        DType::F64 => direct!(f64, F64),
+        DType::F16 => direct!(half::f16, F16),
+        DType::BF16 => direct!(half::bf16, BF16),
+        DType::I8 => direct!(i8, I8),
+        DType::I16 => direct!(i16, I16),
+        DType::I32 => direct!(i32, I32),
+        DType::I64 => direct!(i64, I64),
+        DType::U8 => direct!(u8, U8),
+        DType::U16 => direct!(u16, U16),
+        DType::U32 => direct!(u32, U32),
+        DType::U64 => direct!(u64, U64),
+        DType::Bool => {
+            let mut v = vec![0u8; n];
+            read(&mut v)?;
+            Data::Bool(v.into_iter().map(|b| b != 0).collect())
+        }
+    })
+}
+
+/// The bytes of `range` of `file`.
+fn bytes_from_file(file: &File, range: Range<u64>) -> Result<Vec<u8>, String> {
+    let n = usize::try_from(range.end - range.start).map_err(|_| "the data is too large".to_string())?;
+    let mut v = vec![0u8; n];
+    read_at(file, range.start, &mut v)?;
+    Ok(v)
+}
+
+/// Fills `bytes` from `file` at `offset`; a file shorter than that (cut
+/// since it was measured) is an error, not a fault.
+fn read_at(file: &File, offset: u64, bytes: &mut [u8]) -> Result<(), String> {
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(bytes))
+        .map_err(|e| format!("cannot read its {} bytes at offset {offset}: {e}", bytes.len()))
 }
 
 fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
@@ -146,10 +204,24 @@ fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
 
 /// Decodes a `TensorProto`. `base` is the model's folder, for external data.
 pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
+    tensor_from_proto_in(t, base, None)
+}
+
+/// Where a tensor's `raw_data` lies in the model file when the parse set it
+/// aside (`wire`).
+pub(crate) type RawInFile<'a> = (&'a File, Range<u64>);
+
+/// Decodes a `TensorProto` whose `raw_data`, if `raw` says so, is still in
+/// the model file.
+pub(crate) fn tensor_from_proto_in(
+    t: &TensorProto,
+    base: Option<&Path>,
+    raw: Option<RawInFile>,
+) -> Result<Tensor, ImportError> {
     let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
     if matches!(t.data_type, UINT4 | INT4) {
-        return four_bit_from_proto(t, base);
+        return four_bit_from_proto(t, base, raw);
     }
     let dtype = dtype_from_onnx(t.data_type).map_err(err)?;
     let mut shape = Vec::with_capacity(t.dims.len());
@@ -165,8 +237,10 @@ pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor,
     }
     let external = t.data_location.enum_value() == Ok(DataLocation::EXTERNAL);
     let data = if external {
-        let raw = read_external(t, base).map_err(err)?;
-        from_le_bytes(dtype, &raw, n).map_err(err)?
+        let (file, range) = external_range(t, base).map_err(err)?;
+        data_from_file(&file, range, dtype, n).map_err(err)?
+    } else if let Some((file, range)) = raw {
+        data_from_file(file, range, dtype, n).map_err(err)?
     } else if !t.raw_data.is_empty() {
         from_le_bytes(dtype, &t.raw_data, n).map_err(err)?
     } else {
@@ -200,7 +274,7 @@ pub fn is_four_bit(t: &TensorProto) -> bool {
 /// An int4 or uint4 tensor (two values a byte, the first in the low bits),
 /// unpacked into int8 or uint8: Egret keeps 4-bit integers one a byte, and
 /// the quantizers read their range from `is_four_bit`.
-fn four_bit_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
+fn four_bit_from_proto(t: &TensorProto, base: Option<&Path>, raw: Option<RawInFile>) -> Result<Tensor, ImportError> {
     let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
     let signed = t.data_type == INT4;
@@ -211,7 +285,10 @@ fn four_bit_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, I
         .collect::<Result<_, _>>()?;
     let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| err("shape overflows".into()))?;
     let packed: Vec<u8> = if t.data_location.enum_value() == Ok(DataLocation::EXTERNAL) {
-        read_external(t, base).map_err(err)?
+        let (file, range) = external_range(t, base).map_err(err)?;
+        bytes_from_file(&file, range).map_err(err)?
+    } else if let Some((file, range)) = raw {
+        bytes_from_file(file, range).map_err(err)?
     } else if !t.raw_data.is_empty() {
         t.raw_data.clone()
     } else {
