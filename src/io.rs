@@ -4,7 +4,7 @@ use crate::Error;
 // The protobuf types come through the frontend, so the facade needs no
 // protobuf dependency of its own.
 use egret_frontend::proto::{Message, TensorProto};
-use egret_ir::{DType, Data, Graph, Op, Tensor, ValueId};
+use egret_ir::{DType, Data, Graph, Op, Tensor, Type, ValueId};
 use std::path::Path;
 
 fn usage(m: impl Into<String>) -> Error {
@@ -159,6 +159,16 @@ fn index_bound(g: &Graph, input: ValueId) -> Option<usize> {
     bound
 }
 
+/// The index range of each integer input of `g` that the graph shows
+/// (`index_bound`), by name: what random values for it are drawn below.
+pub fn index_bounds(g: &Graph) -> Vec<(String, usize)> {
+    g.inputs()
+        .iter()
+        .filter(|&&v| !g.ty(v).dtype.is_float() && g.ty(v).dtype != DType::Bool)
+        .filter_map(|&v| Some((g.input_name(v).to_string(), index_bound(g, v)?)))
+        .collect()
+}
+
 /// Deterministic random inputs for every graph input: floats uniform in
 /// [-1, 1), bools fair coins, integers inside the index range the model
 /// shows (and all ones for inputs named like masks). Errors name any
@@ -169,14 +179,24 @@ pub fn random_inputs(g: &Graph, seed: u64) -> Result<Vec<(String, Tensor)>, Erro
 
 /// `random_inputs` for the inputs not named in `given`.
 pub fn random_inputs_except(g: &Graph, seed: u64, given: &[String]) -> Result<Vec<(String, Tensor)>, Error> {
+    let inputs: Vec<(String, Type)> = g.inputs().iter().map(|&v| (g.input_name(v).to_string(), g.ty(v).clone())).collect();
+    random_inputs_of(&inputs, &index_bounds(g), seed, given)
+}
+
+/// `random_inputs_except` for inputs of these types, integer ones drawn
+/// within `bounds` (`index_bounds`).
+pub fn random_inputs_of(
+    inputs: &[(String, Type)],
+    bounds: &[(String, usize)],
+    seed: u64,
+    given: &[String],
+) -> Result<Vec<(String, Tensor)>, Error> {
     let mut rng = SplitMix::new(seed);
     let mut out = Vec::new();
-    for &v in g.inputs() {
-        let name = g.input_name(v).to_string();
-        if given.contains(&name) {
+    for (name, ty) in inputs {
+        if given.contains(name) {
             continue;
         }
-        let ty = g.ty(v).clone();
         let Some(shape) = ty.known_shape() else {
             return Err(usage(format!(
                 "input `{name}` has the symbolic shape {ty}: give its dims values with --dim NAME=N, or pass --input {name}=FILE"
@@ -189,7 +209,8 @@ pub fn random_inputs_except(g: &Graph, seed: u64, given: &[String]) -> Result<Ve
             }
             DType::Bool => Data::Bool((0..n).map(|_| rng.next_u64() & 1 == 1).collect()),
             dt => {
-                let vals: Vec<i64> = if let Some(b) = index_bound(g, v) {
+                let bound = bounds.iter().find(|(b, _)| b == name).map(|&(_, b)| b);
+                let vals: Vec<i64> = if let Some(b) = bound {
                     (0..n).map(|_| (rng.next_u64() % b.max(1) as u64) as i64).collect()
                 } else if name.to_lowercase().contains("mask") {
                     vec![1; n]
@@ -201,7 +222,7 @@ pub fn random_inputs_except(g: &Graph, seed: u64, given: &[String]) -> Result<Ve
                 Data::from_i64s(dt, &vals)
             }
         };
-        out.push((name, Tensor::new(shape, data)));
+        out.push((name.clone(), Tensor::new(shape, data)));
     }
     Ok(out)
 }

@@ -116,6 +116,13 @@ pub struct CompileOptions {
     /// allows; the arena is laid out for the first call's and grows
     /// (without compiling) when a call needs more.
     pub dim_bounds: DimBounds,
+    /// Whether `Model::graph` keeps the compiled graph, weights and all.
+    /// Without it the model keeps the graph's inputs only (as a model
+    /// compiled per binding does), and on the CPU each weight is freed as
+    /// soon as the backend has packed its own copy, so a compile peaks near
+    /// the model's size rather than twice it. The CLI's `run`, `check` and
+    /// `bench` and the Python package compile this way.
+    pub keep_graph: bool,
 }
 
 pub use egret_runtime::DimBounds;
@@ -135,6 +142,7 @@ impl Default for CompileOptions {
             keep_symbolic: false,
             max_specializations: specialize::MAX_SPECIALIZATIONS,
             dim_bounds: DimBounds::new(),
+            keep_graph: true,
         }
     }
 }
@@ -163,6 +171,9 @@ pub struct Model {
     /// The graph after canonicalisation: what the backend compiled (only
     /// the inputs, for a model compiled whole per binding of its dims).
     pub graph: Graph,
+    /// The index range of each integer input the graph shows (a `Gather`'s
+    /// table; `io::index_bounds`), kept where the graph is not.
+    pub index_bounds: Vec<(String, usize)>,
     pub canon: egret_passes::CanonStats,
     pub times: StageTimes,
     pub opset: i64,
@@ -173,6 +184,12 @@ impl Model {
         // A run's large blocks are reused by the next (`alloc`).
         alloc::keep(true);
         Ok(self.program.run(inputs)?)
+    }
+
+    /// Deterministic random values for the inputs not named in `given`
+    /// (`io::random_inputs`), integers drawn within `index_bounds`.
+    pub fn random_inputs_except(&self, seed: u64, given: &[String]) -> Result<Vec<(String, Tensor)>, Error> {
+        io::random_inputs_of(&self.program.signature.inputs, &self.index_bounds, seed, given)
     }
 }
 
@@ -366,8 +383,7 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
         return Err(error);
     }
     let t = Instant::now();
-    // The graph holds the inputs only: what callers that describe or fill
-    // a model's inputs read (`io::random_inputs`).
+    // The graph holds the inputs only, as `inputs_only` makes it.
     let mut graph = Graph::new();
     for (name, ty) in &inputs {
         graph.add_input(name, ty.clone());
@@ -385,6 +401,7 @@ fn compile_per_binding(path: &Path, opts: &CompileOptions, error: Error) -> Resu
         program: Program { signature, executable },
         optimized: None,
         graph,
+        index_bounds: vec![],
         canon: Default::default(),
         times: StageTimes { backend_ms: ms(t), ..Default::default() },
         opset: 0,
@@ -452,14 +469,7 @@ pub fn backend_executable_with(
 ) -> Result<Box<dyn egret_runtime::Executable>, Error> {
     Ok(match opts.backend {
         Backend::Reference => Box::new(egret_runtime::ReferenceExecutable::new(graph.clone())?),
-        Backend::Cpu => {
-            let mut plan = egret_backends::lower(graph, lower_options(opts))?;
-            lay_out_for_bounds(&mut plan, &opts.dim_bounds);
-            let compiled =
-                egret_backends::cpu::compile_cached(plan, true, cache).map_err(|e| Error::Codegen(e.to_string()))?;
-            let threads = opts.threads.unwrap_or_else(default_threads);
-            Box::new(egret_runtime::CpuExecutable::new(compiled, threads))
-        }
+        Backend::Cpu => cpu_executable(cpu_plan(graph, opts)?, opts, cache)?,
         // A graph with symbols: one program for every value of them, its
         // kernels compiled the first time some values need them.
         Backend::Wgsl if !graph.is_bound() => {
@@ -476,6 +486,34 @@ pub fn backend_executable_with(
         Backend::Wgsl => Box::new(compile_wgsl(graph, opts)?.0),
         Backend::Ptx => Box::new(compile_ptx(graph, opts)?),
     })
+}
+
+/// The CPU's plan of `graph`, its arena laid out for the options' bounds.
+fn cpu_plan(graph: &Graph, opts: &CompileOptions) -> Result<egret_backends::Plan, Error> {
+    let mut plan = egret_backends::lower(graph, lower_options(opts))?;
+    lay_out_for_bounds(&mut plan, &opts.dim_bounds);
+    Ok(plan)
+}
+
+/// Chooses, packs and generates code for a CPU plan.
+fn cpu_executable(
+    plan: egret_backends::Plan,
+    opts: &CompileOptions,
+    cache: Option<&egret_backends::cpu::KernelCache>,
+) -> Result<Box<dyn egret_runtime::Executable>, Error> {
+    let compiled = egret_backends::cpu::compile_cached(plan, true, cache).map_err(|e| Error::Codegen(e.to_string()))?;
+    let threads = opts.threads.unwrap_or_else(default_threads);
+    Ok(Box::new(egret_runtime::CpuExecutable::new(compiled, threads)))
+}
+
+/// A graph holding `graph`'s inputs only: what callers that describe or
+/// fill a model's inputs read (`io::random_inputs`).
+fn inputs_only(graph: &Graph) -> Graph {
+    let mut only = Graph::new();
+    for &v in graph.inputs() {
+        only.add_input(graph.input_name(v), graph.ty(v).clone());
+    }
+    only
 }
 
 /// A graph with symbols lowered for a GPU and compiled for every value of
@@ -525,19 +563,33 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     // and compiles only kernels that earlier values did not have.
     let plannable = opts.backend != Backend::Reference && symbols_to_bind(&c.graph, opts).is_empty();
     let _stage = progress::stage(format!("compiling for {}", opts.backend.name()));
-    let executable: Box<dyn egret_runtime::Executable> =
-        if c.graph.is_bound() || opts.backend == Backend::Reference || plannable {
-            backend_executable(&c.graph, opts)?
-        } else {
-            Box::new(specialize::Specializing::new(c.graph.clone(), opts.clone()))
-        };
+    let mut graph = c.graph;
+    let index_bounds = io::index_bounds(&graph);
+    let executable: Box<dyn egret_runtime::Executable> = if !(graph.is_bound()
+        || opts.backend == Backend::Reference
+        || plannable)
+    {
+        Box::new(specialize::Specializing::new(graph.clone(), opts.clone()))
+    } else if opts.backend == Backend::Cpu && !opts.keep_graph {
+        // Lowered, the plan holds the only reference to each weight, and
+        // packing frees each as it goes (`cpu::choose`).
+        let plan = cpu_plan(&graph, opts)?;
+        graph = inputs_only(&graph);
+        cpu_executable(plan, opts, None)?
+    } else {
+        backend_executable(&graph, opts)?
+    };
+    if !opts.keep_graph {
+        graph = inputs_only(&graph);
+    }
     let backend_ms = ms(t);
     // What the compile freed is not what runs will ask for (`alloc`).
     alloc::release_kept();
     Ok(Model {
         program: Program { signature, executable },
         optimized: c.optimized,
-        graph: c.graph,
+        graph,
+        index_bounds,
         canon: c.canon,
         times: StageTimes { import_ms: c.import_ms, canonicalize_ms: c.canonicalize_ms, backend_ms },
         opset: c.opset,

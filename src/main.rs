@@ -312,6 +312,7 @@ fn run_cli() -> Result<()> {
                 backend: backend.into(),
                 opt_level: opt,
                 precision: precision.into(),
+                keep_graph: false,
                 ..Default::default()
             };
             check(&path, &opts, Tolerance { rtol, atol }, quiet)
@@ -395,13 +396,16 @@ fn run_cli() -> Result<()> {
     }
 }
 
-/// Reads `--input` files, compiles, and completes the inputs with random ones.
+/// Reads `--input` files, compiles, and completes the inputs with random
+/// ones. The model keeps its graph (`CompileOptions::keep_graph`) only
+/// where `keep_graph` says it will be printed.
 fn compile_with_inputs(
     model: &ModelArgs,
     inputs: &[String],
     backend: Backend,
     seed: u64,
     threads: Option<usize>,
+    keep_graph: bool,
 ) -> Result<(egret::Model, Vec<(String, Tensor)>)> {
     let mut given: Vec<(String, Tensor)> = Vec::new();
     for spec in inputs {
@@ -419,12 +423,13 @@ fn compile_with_inputs(
         matmul: model.matmul.choice(),
         precision: model.precision.into(),
         target_cpu: Default::default(),
+        keep_graph,
         ..Default::default()
     };
     let m = compile(&model.model, &opts)?;
     let mut all = given.clone();
     let names: Vec<String> = given.iter().map(|(n, _)| n.clone()).collect();
-    for (name, t) in egret::io::random_inputs_except(&m.graph, seed, &names)? {
+    for (name, t) in m.random_inputs_except(seed, &names)? {
         eprintln!("note: input `{name}` {} is random (seed {seed})", t.ty());
         all.push((name, t));
     }
@@ -437,7 +442,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let backend: Backend = backend.into();
     let threads = threads.unwrap_or_else(egret::default_threads);
     let t = std::time::Instant::now();
-    let (m, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
+    let (m, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads), false)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let progress = egret::progress::counted("running", (warmup + iters.max(1)) as u64);
     for _ in 0..warmup {
@@ -537,7 +542,7 @@ fn run(
     seed: u64,
     threads: Option<usize>,
 ) -> Result<()> {
-    let (m, all) = compile_with_inputs(&model, &inputs, backend, seed, threads)?;
+    let (m, all) = compile_with_inputs(&model, &inputs, backend, seed, threads, print_ir)?;
     if print_ir {
         print!("{}", text::print_with(&m.graph, Constants::ElideOver(16)));
     }
@@ -786,9 +791,9 @@ fn run_compare(args: BenchArgs) -> Result<()> {
     let threads = threads.unwrap_or_else(egret::default_threads);
     let fast = if model.opt == 0 { egret::MAX_OPT_LEVEL } else { model.opt };
     model.opt = 0;
-    let (slow_model, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
+    let (slow_model, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads), false)?;
     model.opt = fast;
-    let (fast_model, _) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads))?;
+    let (fast_model, _) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads), false)?;
     for _ in 0..warmup {
         slow_model.run(all.clone())?;
         fast_model.run(all.clone())?;

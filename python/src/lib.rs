@@ -236,13 +236,12 @@ impl InferenceSession {
             opt_level,
             dims: dims.unwrap_or_default(),
             max_specializations: max_compiled_shapes,
+            // The session runs the program: the compiled graph (every weight
+            // in f32, besides the program's packed copies) is not needed.
+            keep_graph: false,
             ..Default::default()
         };
-        let mut model = py.detach(|| egret::compile(&path, &opts)).map_err(error)?;
-        // The session runs the program; the compiled graph (every weight in
-        // f32, besides the program's packed copies) is not needed again.
-        model.graph = egret::ir::Graph::new();
-        let model = Arc::new(model);
+        let model = Arc::new(py.detach(|| egret::compile(&path, &opts)).map_err(error)?);
         let declared = if model.program.signature.is_symbolic() {
             let file = if path.is_dir() { path.join("model.onnx") } else { path.clone() };
             Some(egret::frontend::declared_io(&file).map_err(error)?)

@@ -109,7 +109,7 @@ pub fn compile_library(
     if emit != Emit::Clif {
         kernel_archive()?;
     }
-    let c = canonical(model, opts)?;
+    let mut c = canonical(model, opts)?;
     if let Some((input, _)) = c.specialized.first() {
         return Err(Error::Usage(format!(
             "input `{input}` sets a shape, so the model was specialised on its value; ahead-of-time libraries need every shape given by the model's dims or by --dim"
@@ -132,6 +132,13 @@ pub fn compile_library(
     // Lowered exactly as the JIT lowers it, so the artifact runs the same kernels.
     let mut plan = egret_backends::lower(&c.graph, crate::lower_options(opts))?;
     crate::lay_out_for_bounds(&mut plan, &opts.dim_bounds);
+    let inputs: Vec<(String, Type)> =
+        c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect();
+    let outputs: Vec<(String, Type)> =
+        c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect();
+    // The plan holds the only reference to each weight now, so packing
+    // frees each as it goes (`cpu::choose`).
+    c.graph = egret_ir::Graph::new();
     // Ops the JIT runs per call on the reference evaluator at symbolic
     // sizes (a mask's `GatherND` or `GatherElements`) have no native code yet.
     let mut per_call: Vec<String> = vec![];
@@ -157,8 +164,6 @@ pub fn compile_library(
             flags.join(" ")
         )));
     }
-    let inputs: Vec<(String, Type)> =
-        c.graph.inputs().iter().map(|&v| (c.graph.input_name(v).to_string(), c.graph.ty(v).clone())).collect();
     // Each symbol's value comes from a caller's input dims.
     let solvable: Vec<String> = inputs.iter().flat_map(|(_, t)| t.shape.iter().filter_map(|d| d.as_symbol())).collect();
     if let Some(s) = plan.symbols.iter().find(|s| !solvable.contains(s)) {
@@ -168,11 +173,9 @@ pub fn compile_library(
     }
     let cpu = opts.target_cpu;
     let codegen = |e: egret_backends::cpu::CodegenError| Error::Codegen(e.to_string());
-    let object = egret_backends::cpu::object::compile_object(&plan, name, cpu).map_err(codegen)?;
+    let object = egret_backends::cpu::object::compile_object(plan, name, cpu).map_err(codegen)?;
     std::fs::create_dir_all(out_dir)
         .map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", out_dir.display())))?;
-    let outputs: Vec<(String, Type)> =
-        c.graph.outputs().iter().map(|(n, v)| (n.clone(), c.graph.ty(*v).clone())).collect();
     let dims: Vec<sizes::DimInfo> = object
         .plan
         .symbols
@@ -1181,7 +1184,7 @@ output \"present\" = v7
 ";
         let g = egret_ir::text::parse(text).unwrap();
         let plan = egret_backends::lower(&g, crate::lower_options(&CompileOptions::default())).unwrap();
-        let object = egret_backends::cpu::object::compile_object(&plan, "m", TargetCpu::X86_64V3).unwrap();
+        let object = egret_backends::cpu::object::compile_object(plan, "m", TargetCpu::X86_64V3).unwrap();
         let dims: Vec<sizes::DimInfo> =
             object.plan.symbols.iter().map(|s| sizes::DimInfo { name: s.clone(), lo: 0, hi: None }).collect();
         let io = |vs: Vec<(String, Type)>| vs;

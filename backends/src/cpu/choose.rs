@@ -102,6 +102,18 @@ pub fn choose(mut plan: Plan) -> Plan {
             k.kind = KernelKind::Loop { op: op.clone(), inputs: inputs.clone(), outputs: outputs.clone() };
         }
     }
+    // Kernels that read each buffer, so that a weight nothing else reads is
+    // freed as soon as its packed copy replaces it: packing a model's
+    // weights then holds one of them twice at a time, not all of them.
+    let mut readers = vec![0usize; plan.buffers.len()];
+    for k in &plan.kernels {
+        for b in k.buffers().0 {
+            readers[b] += 1;
+        }
+    }
+    for (b, _) in plan.outputs.iter().chain(&plan.inputs) {
+        readers[*b] += 1;
+    }
     for i in 0..plan.kernels.len() {
         let KernelKind::MatMul(mm) = &plan.kernels[i].kind else { continue };
         if mm.b_packed || (mm.implementation != MatMulImpl::Unchosen && mm.a_rows.is_none() && mm.c_rows.is_none()) {
@@ -119,7 +131,8 @@ pub fn choose(mut plan: Plan) -> Plan {
             Storage::Constant(t) if t.dtype() == DType::F32 => Some(t.clone()),
             _ => None,
         };
-        let offset = mm.batches[0][1];
+        // A product over an empty batch has no weight offset to pack from.
+        let offset = mm.batches.first().map_or(-1, |o| o[1]);
         let one_weight = mm.batches.iter().all(|o| o[1] == offset);
         let packable = one_weight && offset >= 0 && mm.b_strides.iter().all(|&s| s >= 0);
         let mut packed = None;
@@ -145,6 +158,7 @@ pub fn choose(mut plan: Plan) -> Plan {
             }
         }
         if let Some(t) = packed {
+            let unpacked = mm.b;
             plan.buffers.push(Buffer {
                 bytes: egret_ir::Dim::new(t.numel() * t.dtype().size_bytes()),
                 dtype: t.dtype(),
@@ -156,6 +170,10 @@ pub fn choose(mut plan: Plan) -> Plan {
             // batch reads the one packed weight from its start.
             for batch in &mut mm.batches {
                 batch[1] = 0;
+            }
+            readers[unpacked] -= 1;
+            if readers[unpacked] == 0 {
+                release(&mut plan.buffers[unpacked]);
             }
         }
         plan.kernels[i].kind = KernelKind::MatMul(mm);
@@ -171,10 +189,18 @@ pub fn choose(mut plan: Plan) -> Plan {
 fn release_unread_constants(plan: &mut Plan) {
     let used = plan.used_buffers();
     for (buffer, used) in plan.buffers.iter_mut().zip(used) {
-        if let (Storage::Constant(t), false) = (&buffer.storage, used) {
-            buffer.storage = Storage::Constant(Arc::new(Tensor::zeros(t.dtype(), [0])));
-            buffer.bytes = egret_ir::Dim::new(0);
+        if !used {
+            release(buffer);
         }
+    }
+}
+
+/// Empties a constant buffer that no kernel reads (its tensor is freed
+/// here unless something outside the plan still holds it).
+fn release(buffer: &mut Buffer) {
+    if let Storage::Constant(t) = &buffer.storage {
+        buffer.storage = Storage::Constant(Arc::new(Tensor::zeros(t.dtype(), [0])));
+        buffer.bytes = egret_ir::Dim::new(0);
     }
 }
 

@@ -83,8 +83,8 @@ impl WordTable {
 }
 
 /// Compiles `plan` for `cpu` into an object whose driver is `{prefix}_run_plan`.
-pub fn compile_object(plan: &Plan, prefix: &str, cpu: TargetCpu) -> Result<ObjectCode, CodegenError> {
-    let plan = super::choose::choose(plan.clone());
+pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu) -> Result<ObjectCode, CodegenError> {
+    let plan = super::choose::choose(plan);
     let symbolic = !plan.is_bound();
     for (i, k) in plan.kernels.iter().enumerate() {
         if let KernelKind::Reference { op, .. } = &k.kind {
