@@ -47,6 +47,10 @@ Models (NAME; the last three only when named):
 - bert_base_mean_pool_legacy: BERT-base (110M parameters) with the mean
   pooling, to `target/bench-exports/`: data sets of 128 and 32 tokens, the
   format benchmarks' source (`tools/make_formats.py bert_base_*`).
+- llama_1b_past_legacy: a LLaMA of TinyLlama-1.1B's shape (1.1B parameters,
+  4.4 GB in f32) to `target/bench-exports/`, its weights in one
+  external-data file `model.onnx.data`: the compile-memory benchmark. The
+  export takes about 15 GB of memory and several minutes.
 """
 
 import argparse
@@ -169,13 +173,24 @@ def gpt2_past(base=False):
     return Spec(WithCache(model), sets, outputs, dynamic, trace=data(1, 3, 5))
 
 
-def llama_past(base=False):
+# LLaMA shapes: layers, query heads, key/value heads, width, ffn, vocabulary.
+LLAMA_SIZES = {
+    "tiny": (2, 4, 2, 64, 128, 1000),
+    # About 150M parameters: 12 layers of 768, 12 query heads over 4.
+    "150m": (12, 12, 4, 768, 2048, 32000),
+    # TinyLlama-1.1B's shape: 22 layers of 2048, 32 query heads over 4
+    # key/value heads, 5632 wide feed-forward; 4.4 GB in f32.
+    "1b": (22, 32, 4, 2048, 5632, 32000),
+}
+
+
+def llama_past(base=False, size=None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    # About 150M parameters at base size (a 32k vocabulary, 12 layers of
-    # 768 with 12 query heads over 4 key/value heads), else a tiny one.
-    layers, heads, kv_heads, width, ffn, vocab = (12, 12, 4, 768, 2048, 32000) if base else (2, 4, 2, 64, 128, 1000)
+    size = size or ("150m" if base else "tiny")
+    layers, heads, kv_heads, width, ffn, vocab = LLAMA_SIZES[size]
+    base = size != "tiny"
     config = LlamaConfig(
         hidden_size=width,
         intermediate_size=ffn,
@@ -334,7 +349,12 @@ MODELS = {
     "gpt2_small_past_legacy": (lambda: gpt2_past(base=True), "legacy", 17, BENCH),
     "llama_150m_past_legacy": (lambda: llama_past(base=True), "legacy", 17, BENCH),
     "bert_base_mean_pool_legacy": (lambda: bert_mean_pool(base=True), "legacy", 17, BENCH),
+    # Past protobuf's 2 GB: its weights in `model.onnx.data` beside it.
+    "llama_1b_past_legacy": (lambda: llama_past(size="1b"), "legacy", 17, BENCH),
 }
+
+# Models whose weights go in one external-data file beside `model.onnx`.
+EXTERNAL = {"llama_1b_past_legacy"}
 
 
 def write_tensor(path, name, array):
@@ -407,12 +427,23 @@ def export(name, out_root):
                 output_names=spec.output_names,
                 **kwargs,
             )
+    exported = set(os.listdir(folder))
     m = onnx.load(path)
-    # One file: fold any external data the exporter wrote back in.
-    onnx.save(m, path, save_as_external_data=False)
-    for f in os.listdir(folder):
-        if f.endswith(".data"):
-            os.remove(os.path.join(folder, f))
+    if name in EXTERNAL:
+        # Every weight in one file (the exporter writes one per tensor).
+        onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+        written = {"model.onnx", "model.onnx.data"}
+        for f in exported - written:
+            if os.path.isfile(os.path.join(folder, f)) and not f.startswith("test_data_set") and f != "meta.json":
+                os.remove(os.path.join(folder, f))
+        del m
+        m = onnx.load(path, load_external_data=False)
+    else:
+        # One file: fold any external data the exporter wrote back in.
+        onnx.save(m, path, save_as_external_data=False)
+        for f in os.listdir(folder):
+            if f.endswith(".data"):
+                os.remove(os.path.join(folder, f))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
