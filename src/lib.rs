@@ -123,6 +123,34 @@ pub struct CompileOptions {
     /// the model's size rather than twice it. The CLI's `run`, `check` and
     /// `bench` and the Python package compile this way.
     pub keep_graph: bool,
+    /// Where `egret compile` puts a library's weights (`aot`).
+    pub weights_file: WeightsFile,
+}
+
+/// Where an ahead-of-time library's weights go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightsFile {
+    /// In the library up to 1 GiB (`aot::EMBED_WEIGHTS_UP_TO`), else beside it.
+    #[default]
+    Auto,
+    /// In the library's read-only data.
+    Embedded,
+    /// In `NAME.weights` beside the library, mapped when the first model is
+    /// created and checked (size and checksum) before it runs.
+    Beside,
+}
+
+impl WeightsFile {
+    pub const NAMES: [&'static str; 3] = ["auto", "embedded", "beside"];
+
+    pub fn parse(name: &str) -> Option<WeightsFile> {
+        match name {
+            "auto" => Some(WeightsFile::Auto),
+            "embedded" => Some(WeightsFile::Embedded),
+            "beside" => Some(WeightsFile::Beside),
+            _ => None,
+        }
+    }
 }
 
 pub use egret_runtime::DimBounds;
@@ -143,6 +171,7 @@ impl Default for CompileOptions {
             max_specializations: specialize::MAX_SPECIALIZATIONS,
             dim_bounds: DimBounds::new(),
             keep_graph: true,
+            weights_file: WeightsFile::Auto,
         }
     }
 }

@@ -233,6 +233,12 @@ enum Command {
         /// load time either way.
         #[arg(long, default_value = "native", value_parser = clap::builder::PossibleValuesParser::new(egret::backends::cpu::TargetCpu::NAMES))]
         target_cpu: String,
+        /// Where the weights go: in the library, or in NAME.weights beside
+        /// it (mapped and checked when the first model is created); `auto`
+        /// puts weights over 1 GiB beside it (an object's data must stay
+        /// within 2 GB).
+        #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(egret::WeightsFile::NAMES))]
+        weights: String,
     },
     /// Show what the compiler did: fusions, rules fired, kernels, memory, time per stage.
     Explain {
@@ -336,7 +342,7 @@ fn run_cli() -> Result<()> {
                 run_bench(args)
             }
         }
-        Command::Compile { model, out, name, emit, target_cpu } => {
+        Command::Compile { model, out, name, emit, target_cpu, weights } => {
             let name = match name {
                 Some(n) => n,
                 None => {
@@ -374,6 +380,7 @@ fn run_cli() -> Result<()> {
                 opt_level: model.opt,
                 matmul: model.matmul.choice(),
                 target_cpu: egret::backends::cpu::TargetCpu::parse(&target_cpu).expect("clap checked the name"),
+                weights_file: egret::WeightsFile::parse(&weights).expect("clap checked the name"),
                 ..Default::default()
             };
             for path in egret::aot::compile_library(&model.model, &out, &name, emit, &opts)? {

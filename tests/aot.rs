@@ -402,6 +402,58 @@ fn an_artifact_for_a_cpu_level_the_host_lacks_is_refused_with_a_status() {
     }
 }
 
+/// Weights in a file beside the library (`--weights beside`, what models
+/// over 1 GiB get): the same answers; a file that is missing, cut short,
+/// changed or another model's is refused at create with a status naming
+/// it, never read past its end.
+#[test]
+fn weights_beside_the_library_run_and_a_damaged_file_is_refused() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("beside");
+    let case = common::zoo_dir().join("bert_tiny");
+    let a = compile_artifact(&case, &work, &["--weights", "beside"]);
+    let weights = a.dir.join(format!("{}.weights", a.name));
+    let size = std::fs::metadata(&weights).unwrap().len();
+    let header = std::fs::read_to_string(a.dir.join(format!("{}.h", a.name))).unwrap();
+    assert!(size > 64 && header.contains(&format!("Weights: in {}.weights", a.name)), "{header}");
+    run_driver(&case, &a, &[]);
+    let driver = a.dir.join("driver");
+    let refused = |expect: &str, env: Option<&Path>| {
+        let mut cmd = Command::new(&driver);
+        cmd.args(&a.inputs).arg(&a.dir);
+        if let Some(p) = env {
+            cmd.env(format!("{}_WEIGHTS", a.name.to_uppercase()), p);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("create: the weights file") && stderr.contains(expect), "{stderr}");
+    };
+    let good = std::fs::read(&weights).unwrap();
+    // Cut short.
+    std::fs::write(&weights, &good[..good.len() - 64]).unwrap();
+    refused(&format!("has {} bytes; this library's weights are {size}", size - 64), None);
+    // One bit changed.
+    let mut changed = good.clone();
+    let middle = changed.len() / 2;
+    changed[middle] ^= 4;
+    std::fs::write(&weights, &changed).unwrap();
+    refused("has changed since it was written", None);
+    // Missing; then given elsewhere through the environment.
+    let elsewhere = work.join("moved.weights");
+    std::fs::write(&elsewhere, &good).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    refused("No such file", None);
+    run(Command::new(&driver).args(&a.inputs).arg(&a.dir).env(format!("{}_WEIGHTS", a.name.to_uppercase()), &elsewhere));
+    // Another model's file of the same size.
+    let mut other = good.clone();
+    other[24] ^= 1;
+    std::fs::write(&elsewhere, &other).unwrap();
+    refused("is not the weights this library was compiled with", Some(&elsewhere));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 #[test]
 fn an_artifact_exports_only_its_api_and_needs_only_libc_and_libm() {
     if !have_cc() || Command::new("nm").arg("--version").output().is_err() {

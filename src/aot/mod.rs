@@ -18,6 +18,7 @@
 //! process that loads it, with no load step that could fail.
 
 mod sizes;
+mod weights;
 
 use crate::{canonical, CompileOptions, Error};
 use egret_backends::cpu::TargetCpu;
@@ -92,7 +93,17 @@ struct Api<'a> {
     /// `sizes::Sizes::defines` and `source`: the C that solves and lays out sizes.
     size_defines: String,
     size_code: String,
+    /// `weights::c_source`: the weights file's loader (a stub when the
+    /// weights are in the object).
+    weights_code: String,
+    /// Whether the weights are in a file beside the library.
+    weights_beside: bool,
 }
+
+/// Weights over this many bytes go in a file beside the library when
+/// `CompileOptions::weights_file` is `Auto`: an object's data is addressed
+/// within 2 GB, and linking a large one is slow.
+pub const EMBED_WEIGHTS_UP_TO: u64 = 1 << 30;
 
 /// Compiles `model` ahead of time into `out_dir`; returns the files written.
 pub fn compile_library(
@@ -173,9 +184,22 @@ pub fn compile_library(
     }
     let cpu = opts.target_cpu;
     let codegen = |e: egret_backends::cpu::CodegenError| Error::Codegen(e.to_string());
-    let object = egret_backends::cpu::object::compile_object(plan, name, cpu).map_err(codegen)?;
+    let weights_at = weights_placement(&plan, opts.weights_file);
+    let object = egret_backends::cpu::object::compile_object(plan, name, cpu, weights_at).map_err(codegen)?;
     std::fs::create_dir_all(out_dir)
         .map_err(|e| Error::Usage(format!("cannot create `{}`: {e}", out_dir.display())))?;
+    let mut written = Vec::new();
+    // Written first: the object's constants are dropped before linking.
+    let checksum = match (&object.weights, emit) {
+        (Some(layout), Emit::SharedLibrary | Emit::Object) => {
+            let path = out_dir.join(format!("{name}.weights"));
+            let sum = weights::write(&path, &object.plan, layout)?;
+            written.push(path);
+            sum
+        }
+        _ => 0,
+    };
+    let weights_code = weights::c_source(name, object.weights.as_ref().map(|l| (l, checksum)));
     let dims: Vec<sizes::DimInfo> = object
         .plan
         .symbols
@@ -202,6 +226,8 @@ pub fn compile_library(
         dims,
         size_defines,
         size_code,
+        weights_code,
+        weights_beside: object.weights.is_some(),
     };
     // A flag this table lacks is one Cranelift added after it was written:
     // a library that cannot check for it could fault where it loads.
@@ -212,16 +238,17 @@ pub fn compile_library(
     }
     let header = header(&api, model);
     let shim = api_source(&api);
-    let mut written = Vec::new();
+    // The compiled plan (its packed weights) is not needed to link.
+    let egret_backends::cpu::object::ObjectCode { bytes: object_bytes, clif, .. } = object;
     match emit {
         Emit::Clif => {
             let p = out_dir.join(format!("{name}.clif"));
-            write(&p, &object.clif)?;
+            write(&p, &clif)?;
             written.push(p);
         }
         Emit::Object => {
             for (file, bytes) in [
-                (format!("{name}.o"), object.bytes.clone()),
+                (format!("{name}.o"), object_bytes),
                 (format!("{name}_api.c"), shim.into_bytes()),
                 (format!("{name}.h"), header.into_bytes()),
                 ("libegret_kernels_archive.a".to_string(), kernel_archive()?.to_vec()),
@@ -240,7 +267,7 @@ pub fn compile_library(
             let h = out_dir.join(format!("{name}.h"));
             write(&h, &header)?;
             write(&scratch.join(format!("{name}.h")), &header)?;
-            write(&scratch.join(format!("{name}.o")), &object.bytes)?;
+            write(&scratch.join(format!("{name}.o")), &object_bytes)?;
             write(&scratch.join(format!("{name}_api.c")), &shim)?;
             write(&scratch.join("libegret_kernels_archive.a"), kernel_archive()?)?;
             write(&scratch.join(format!("{name}.map")), version_script(name))?;
@@ -251,6 +278,34 @@ pub fn compile_library(
         }
     }
     Ok(written)
+}
+
+/// Where the weights of `plan` go: `Auto` puts them beside the library
+/// past `EMBED_WEIGHTS_UP_TO` bytes (as the plan holds them before packing,
+/// about what the packed copies take).
+fn weights_placement(plan: &egret_backends::Plan, choice: crate::WeightsFile) -> egret_backends::cpu::object::WeightsAt {
+    use egret_backends::cpu::object::WeightsAt;
+    match choice {
+        crate::WeightsFile::Embedded => WeightsAt::Embedded,
+        crate::WeightsFile::Beside => WeightsAt::Beside,
+        crate::WeightsFile::Auto => {
+            let used = plan.used_buffers();
+            let bytes: u64 = plan
+                .buffers
+                .iter()
+                .zip(used)
+                .filter_map(|(b, used)| match (&b.storage, used) {
+                    (egret_backends::plan::Storage::Constant(t), true) => Some((t.numel() * t.dtype().size_bytes()) as u64),
+                    _ => None,
+                })
+                .sum();
+            if bytes > EMBED_WEIGHTS_UP_TO {
+                WeightsAt::Beside
+            } else {
+                WeightsAt::Embedded
+            }
+        }
+    }
 }
 
 /// The C API's functions, `NAME_` + each: what the library exports.
@@ -411,6 +466,17 @@ fn header(api: &Api, model: &Path) -> String {
         api.cpu.name(),
         if api.features.is_empty() { "no extensions".to_string() } else { cpu_feature_list(&api.features) }
     );
+    if api.weights_beside {
+        let _ = writeln!(
+            s,
+            " * Weights: in {name}.weights, which must stay beside the library (or be
+ * named by the environment variable {up}_WEIGHTS). The first create maps
+ * it read-only and checks its size and checksum; a missing, short or
+ * changed file fails with {up}_ERROR_WEIGHTS. Replacing or truncating it
+ * while the library is loaded is not supported.
+ *"
+        );
+    }
     s.push_str(" * Inputs:\n");
     for (i, (n, t)) in api.inputs.iter().enumerate() {
         let _ = writeln!(s, " *   {i}: \"{n}\" {}", shape_text(t));
@@ -476,6 +542,11 @@ int {name}_abi_version(void);
  * or a run on a context whose sizes were never set. {name}_context_error
  * says which. */
 #define {up}_ERROR_SHAPE 5
+/* The weights file beside the library ({name}.weights, or where the
+ * environment variable {up}_WEIGHTS points) is missing, of another size,
+ * another model's, or changed since it was written
+ * ({name}_status_message says which and where). */
+#define {up}_ERROR_WEIGHTS 6
 
 typedef struct {name}_model {name}_model;
 typedef struct {name}_context {name}_context;
@@ -737,11 +808,19 @@ fn api_source(api: &Api) -> String {
     let up = name.to_uppercase();
     let mut s = format!(
         "/* Generated by egret: the C API around {name}_run_plan. */
+#define _GNU_SOURCE /* dladdr */
 #include \"{name}.h\"
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* Runs every kernel on the caller's buffers; defined (hidden) in the object
  * file. words: the sizes, offsets and tables of a plan with symbolic dims,
@@ -839,6 +918,7 @@ static int inside(int64_t elem, int64_t at, int rank, const int64_t *n, const in
     s.push_str(&api.size_code);
     s.push('\n');
     s.push_str(&cpu_check(&api.features));
+    s.push_str(&api.weights_code);
     let _ = write!(
         s,
         "
@@ -850,6 +930,7 @@ int {name}_context_create(const {name}_model *model, int threads, {name}_context
     {name}_context *c;
     if (!model || !context || threads < 0) return {up}_ERROR_INVALID_ARGUMENT;
     if (missing_cpu_feature()) return {up}_ERROR_UNSUPPORTED_CPU;
+    if (weights_ready() != {up}_OK) return {up}_ERROR_WEIGHTS;
     c = ({name}_context *)calloc(1, sizeof *c);
     if (!c) return {up}_ERROR_OUT_OF_MEMORY;
     c->pool = egret_rt_pool_new(ANY_SPLIT ? threads : 1);
@@ -935,6 +1016,7 @@ int64_t {name}_dim_max(size_t i) {{ return i < N_DIMS ? dim_hi[i] : -1; }}
     int status;
     if (!model) return {up}_ERROR_INVALID_ARGUMENT;
     if (missing_cpu_feature()) return {up}_ERROR_UNSUPPORTED_CPU;
+    if (weights_ready() != {up}_OK) return {up}_ERROR_WEIGHTS;
     m = ({name}_model *)calloc(1, sizeof *m);
     if (!m) return {up}_ERROR_OUT_OF_MEMORY;
     status = {name}_context_create(m, 1, &m->own);
@@ -1032,6 +1114,7 @@ const char *{name}_status_message(int status) {{
     case {up}_ERROR_OUT_OF_MEMORY: return \"out of memory\";
     case {up}_ERROR_UNSUPPORTED_CPU: return \"this CPU lacks an instruction set extension the library was compiled for (see {name}_missing_cpu_feature; recompile with a lower --target-cpu)\";
     case {up}_ERROR_SHAPE: return \"the input dims do not fit the model, or the context has no sizes ({name}_context_error says which)\";
+    case {up}_ERROR_WEIGHTS: return *weights_error() ? weights_error() : \"the weights file is missing or damaged\";
     default: return \"unknown status\";
     }}
 }}

@@ -21,6 +21,12 @@
 //! copied at the end). The kernels are the JIT's symbolic kernels, which
 //! read the same slots.
 //!
+//! The constants are in the object's data, or, for weights too large for
+//! it (`WeightsAt::Beside`: an object's data is addressed within 2 GB),
+//! in a file beside the library: the object then reads them at offsets
+//! from a pointer, `{prefix}_weights`, that the C shim sets where it maps
+//! that file (`ObjectCode::weights` lays the file out).
+//!
 //! The object imports the kernel library's entry points (`egret_*`,
 //! `egret_rt_launch`) and libm's; the `egret` crate links it with the
 //! kernel archive and a generated C shim into a shared library.
@@ -51,7 +57,30 @@ pub struct ObjectCode {
     /// symbolic sizes (empty for a bound plan, whose driver has them all
     /// as constants).
     pub words: Vec<DriverWord>,
+    /// Where each constant lies in the weights file, for an object whose
+    /// weights are beside it (`WeightsAt::Beside`).
+    pub weights: Option<WeightsLayout>,
 }
+
+/// Where an object's constants live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsAt {
+    /// In the object's read-only data.
+    Embedded,
+    /// In a file the library maps at load, read through `{prefix}_weights`.
+    Beside,
+}
+
+/// The constants of an object whose weights are beside it: each buffer's
+/// offset in the file's payload (64-byte aligned), and the payload's size.
+#[derive(Clone, Debug, Default)]
+pub struct WeightsLayout {
+    pub offsets: Vec<(BufferId, u64)>,
+    pub bytes: u64,
+}
+
+/// Alignment of each constant in a weights file, as in the object's data.
+pub const WEIGHTS_ALIGN: u64 = 64;
 
 /// A word (eight bytes) the driver of a symbolic plan reads from its
 /// `words` argument, filled by the caller for each set of values.
@@ -82,8 +111,9 @@ impl WordTable {
     }
 }
 
-/// Compiles `plan` for `cpu` into an object whose driver is `{prefix}_run_plan`.
-pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu) -> Result<ObjectCode, CodegenError> {
+/// Compiles `plan` for `cpu` into an object whose driver is
+/// `{prefix}_run_plan`, its constants where `weights` says.
+pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu, weights: WeightsAt) -> Result<ObjectCode, CodegenError> {
     let plan = super::choose::choose(plan);
     let symbolic = !plan.is_bound();
     for (i, k) in plan.kernels.iter().enumerate() {
@@ -108,8 +138,23 @@ pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu) -> Result<Object
 
     let mut constants = HashMap::new();
     let used = plan.used_buffers();
+    let mut layout = WeightsLayout::default();
+    let weights_symbol = match weights {
+        WeightsAt::Embedded => None,
+        WeightsAt::Beside => Some(
+            module
+                .declare_data(&format!("{prefix}_weights"), Linkage::Import, false, false)
+                .map_err(|e| isa_err(e.to_string()))?,
+        ),
+    };
     for (b, buf) in plan.buffers.iter().enumerate() {
         if let (Storage::Constant(t), true) = (&buf.storage, used[b]) {
+            if weights_symbol.is_some() {
+                layout.offsets.push((b, layout.bytes));
+                let bytes = (t.numel() * t.dtype().size_bytes()) as u64;
+                layout.bytes += bytes.div_ceil(WEIGHTS_ALIGN).max(1) * WEIGHTS_ALIGN;
+                continue;
+            }
             let id = module
                 .declare_data(&format!("egret_c{b}"), Linkage::Local, false, false)
                 .map_err(|e| isa_err(e.to_string()))?;
@@ -155,13 +200,23 @@ pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu) -> Result<Object
         let flags = MemFlagsData::new().with_notrap();
         let const_gvs: HashMap<usize, _> =
             constants.iter().map(|(&buf, &id)| (buf, module.declare_data_in_func(id, b.func))).collect();
+        // Weights beside the library: the mapped file's payload, once.
+        let weights_base = weights_symbol.map(|id| {
+            let gv = module.declare_data_in_func(id, b.func);
+            let at = b.ins().symbol_value(ptr, gv);
+            b.ins().load(ptr, flags, at, 0)
+        });
+        let weight_offsets: HashMap<usize, u64> = layout.offsets.iter().copied().collect();
         // Each direct output's buffer, with the output it lives in.
         let direct: HashMap<usize, usize> =
             (0..plan.outputs.len()).filter(|&j| plan.direct_output(j)).map(|j| (plan.outputs[j].0, j)).collect();
         let addr = |b: &mut FunctionBuilder, buf: usize| match (&plan.buffers[buf].storage, direct.get(&buf)) {
             (_, Some(&j)) => b.ins().load(ptr, flags, outputs, (j * 8) as i32),
             (Storage::Input(i), _) => b.ins().load(ptr, flags, inputs, (*i * 8) as i32),
-            (Storage::Constant(_), _) => b.ins().symbol_value(ptr, const_gvs[&buf]),
+            (Storage::Constant(_), _) => match (weights_base, weight_offsets.get(&buf)) {
+                (Some(base), Some(&offset)) => b.ins().iadd_imm_u(base, offset as i64),
+                _ => b.ins().symbol_value(ptr, const_gvs[&buf]),
+            },
             (Storage::Arena { offset }, _) => match offset_words.get(&buf) {
                 Some(&w) => {
                     let offset = b.ins().load(types::I64, flags, words, w);
@@ -236,5 +291,6 @@ pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu) -> Result<Object
     let id = module.declare_function(&entry, Linkage::Hidden, &sig).map_err(|e| isa_err(e.to_string()))?;
     module.define_function(id, &mut ctx).map_err(|e| isa_err(format!("{e:?}")))?;
     let bytes = module.finish().emit().map_err(|e| isa_err(e.to_string()))?;
-    Ok(ObjectCode { bytes, clif, entry, plan, words: table.words })
+    let weights = weights_symbol.map(|_| layout);
+    Ok(ObjectCode { bytes, clif, entry, plan, words: table.words, weights })
 }
