@@ -180,10 +180,14 @@ impl Type {
     }
 
     /// The element count, or `None` if the shape is symbolic, or the count
-    /// overflows or exceeds `MAX_ELEMENTS`. (A symbolic shape's sizes are
-    /// checked when the graph is bound.)
+    /// overflows or exceeds `MAX_ELEMENTS`, or one dim does (an empty
+    /// `[0, 2^60]` too: its strides would overflow). (A symbolic shape's
+    /// sizes are checked when the graph is bound.)
     pub fn checked_numel(&self) -> Option<usize> {
-        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d.size()?)).filter(|&n| n <= MAX_ELEMENTS)
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d.size().filter(|&s| s <= MAX_ELEMENTS)?))
+            .filter(|&n| n <= MAX_ELEMENTS)
     }
 }
 

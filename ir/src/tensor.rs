@@ -465,7 +465,12 @@ impl Tensor {
 
     pub fn try_new(shape: impl Into<Vec<usize>>, data: Data) -> Result<Tensor, String> {
         let shape = shape.into();
-        let want: usize = shape.iter().product();
+        // A dim past `MAX_ELEMENTS` is refused even where another is 0 (no
+        // element to hold): its type's strides would overflow.
+        if let Some(d) = shape.iter().find(|&&d| d > crate::MAX_ELEMENTS) {
+            return Err(format!("shape {shape:?} has a dim of {d}, past the largest tensor Egret takes"));
+        }
+        let want = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or("the shape overflows")?;
         if want != data.len() {
             return Err(format!("shape {shape:?} needs {want} elements but {} were given", data.len()));
         }

@@ -362,6 +362,12 @@ unsafe fn sgemm_packed(
     args: *const *mut u8,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
+    // An empty product writes nothing (the epilogue has no element to
+    // visit): the few-rows path below would read and write `FUSED_ROWS`
+    // rows of buffers that hold none.
+    if m == 0 || n == 0 {
+        return;
+    }
     // Rows placed by a table are computed into this thread's scratch and
     // copied out after; the epilogue then runs on `c` as placed.
     let scattered = !c_rows.is_null();
@@ -560,6 +566,7 @@ unsafe fn fused_panel_impl<const FMA: bool>(
 ) {
     unsafe {
         match m {
+            0 => {}
             1 => fused_rows::<1, FMA>(k, a, a_rs, a_cs, b, panel, c, ldc, cols),
             2 => fused_rows::<2, FMA>(k, a, a_rs, a_cs, b, panel, c, ldc, cols),
             _ => fused_rows::<3, FMA>(k, a, a_rs, a_cs, b, panel, c, ldc, cols),
@@ -1031,6 +1038,22 @@ mod tests {
             let bf16 = |p: usize, j: usize| (((p * 31 + j * 17) % 200) as u16).wrapping_add(0x3f00);
             let packed = pack_half_panels(bf16, k, n, true);
             check_product("bf16", m, k, n, &packed, |p, j| f32::from_bits((bf16(p, j) as u32) << 16));
+        }
+    }
+
+    #[test]
+    fn empty_products_store_nothing() {
+        // No rows (a slice that came out empty; found by the compile_run
+        // fuzz target: the few-rows path read and wrote three rows of
+        // buffers holding none), no columns, and no depth (all zeros).
+        for (m, k, n) in [(0usize, 8usize, 5usize), (0, 3, 16), (0, 40, 70), (2, 8, 0), (2, 0, 16), (1, 0, 3)] {
+            let f32s: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.5).collect();
+            check_product("f32", m, k, n, &pack(&f32s, 0, [n, 1], k, n), |p, j| f32s[p * n + j]);
+            let half = |p: usize, j: usize| (0x3c00 + p * 3 + j) as u16;
+            let packed = pack_half_panels(half, k, n, false);
+            check_product("f16", m, k, n, &packed, |p, j| f16_to_f32(half(p, j)));
+            let w = |p: usize, j: usize| ((p * 31 + j * 17) % 256) as i32 as u8 as i8;
+            check_product("int8", m, k, n, &pack_int8_panels(w, k, n), |p, j| w(p, j) as f32);
         }
     }
 

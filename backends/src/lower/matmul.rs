@@ -298,7 +298,9 @@ impl Lowering<'_> {
             None => {
                 self.dense(a, label);
                 va = self.view(a);
-                folded(&va).expect("a dense value folds into rows")
+                // Dense rows of `k` are `k` apart, whatever `reshape_strides`
+                // makes of an empty `a` (a dim of 0 leaves its strides open).
+                folded(&va).unwrap_or([k as isize, 1])
             }
         };
         let vb = self.generated_ready(b, label);

@@ -399,6 +399,9 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return Err(c.err("starts, ends, axes and steps must have one length"));
     }
+    if r == 0 && !axes.is_empty() {
+        return Err(c.err("a scalar has no axis to slice"));
+    }
     let axes = c.axes(&axes, r).map(|_| axes.iter().map(|&a| c.axis(a, r)).collect::<Result<Vec<_>, _>>())??;
     let mut st = vec![Dim::new(0); r];
     let mut en: Vec<Dim> = shape.clone();
@@ -419,7 +422,11 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
         };
         st[a] = s;
         en[a] = e;
-        sp[a] = step;
+        // A step past the axis takes its first element only, as the axis's
+        // length does: kept at most that (or at most `MAX_ELEMENTS` over a
+        // symbolic axis), the view's stride times it cannot overflow.
+        let most = dim.known().map_or(egret_ir::MAX_ELEMENTS as i64, |d| d.max(1));
+        sp[a] = step.clamp(-most, most);
     }
     c.add_node(Op::Slice { starts: st, ends: en, steps: sp }, &[x])
 }

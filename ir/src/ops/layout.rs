@@ -10,13 +10,16 @@ use crate::tensor::{strides_of, Data, Elem, Tensor};
 
 /// Length of a slice along one axis, given normalised start/end/step.
 pub fn slice_len(start: i64, end: i64, step: i64) -> usize {
-    if step > 0 && end > start {
-        ((end - start + step - 1) / step) as usize
+    // In i128: unclamped bounds (a symbolic axis's) may be near i64's ends.
+    let (start, end, step) = (start as i128, end as i128, step as i128);
+    let len = if step > 0 && end > start {
+        (end - start + step - 1) / step
     } else if step < 0 && start > end {
-        ((start - end + (-step) - 1) / (-step)) as usize
+        (start - end + (-step) - 1) / (-step)
     } else {
         0
-    }
+    };
+    usize::try_from(len).unwrap_or(usize::MAX)
 }
 
 /// Length of a slice along one axis as a dim: known when its bounds are;
@@ -26,9 +29,12 @@ pub fn slice_len_dim(start: Dim, end: Dim, step: i64) -> OpResult<Dim> {
     if let (Some(s), Some(e)) = (start.known(), end.known()) {
         return Ok(Dim::new(slice_len(s, e, step)));
     }
+    // A difference that comes out a known negative number (`s - 2` after
+    // `s - 1`) is an empty slice, not a negative length.
+    let len = |d: Dim| if d.known().is_some_and(|n| n < 0) { Dim::new(0) } else { d };
     match step {
-        1 => Ok(end.checked_sub(start)?),
-        -1 => Ok(start.checked_sub(end)?),
+        1 => Ok(len(end.checked_sub(start)?)),
+        -1 => Ok(len(start.checked_sub(end)?)),
         _ => Err(format!(
             "a slice from {start} to {end} by {step} over a symbolic dim needs a unit step {}",
             crate::dim::BIND_DIMS_HINT
@@ -231,6 +237,19 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         }
         Op::Slice { starts, ends, steps } => {
             let (starts, ends) = (ints(starts)?, ints(ends)?);
+            // Bounds the importer left symbolic were not checked against
+            // their axis: the first and last element taken must lie in it.
+            for i in 0..shape.len() {
+                let len = slice_len(starts[i], ends[i], steps[i]) as i128;
+                let (first, d) = (starts[i] as i128, shape[i] as i128);
+                let last = first + (len - 1) * steps[i] as i128;
+                if len > 0 && !(0..d).contains(&first) || len > 0 && !(0..d).contains(&last) {
+                    return Err(format!(
+                        "slice {}..{} by {} of axis {i} is outside its {d} elements",
+                        starts[i], ends[i], steps[i]
+                    ));
+                }
+            }
             let strides = strides_of(shape);
             let out: Vec<usize> = (0..shape.len()).map(|i| slice_len(starts[i], ends[i], steps[i])).collect();
             if out.contains(&0) {
