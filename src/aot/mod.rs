@@ -367,7 +367,11 @@ pub fn link_command(name: &str, library: &str) -> Vec<String> {
     [
         "-shared",
         "-fPIC",
-        "-O2",
+        // The shim is API calls and size arithmetic, not kernels: a
+        // symbolic decoder's size solver is one function of tens of
+        // thousands of lines, which -O2 takes minutes over (a 1.1B LLaMA's:
+        // 21 s at -O1, about 4 minutes at -O2).
+        "-O1",
         "-o",
         library,
         &format!("{name}_api.c"),
