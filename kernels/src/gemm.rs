@@ -235,13 +235,21 @@ pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) 
 /// strides[1]`) packed in f32: for each panel of `NR` columns its `k` rows
 /// of `NR` values, the last panel padded with zeros.
 pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<u32> {
+    let panels = n.div_ceil(NR);
     let mut out = header(Coding::F32, k, n, 0);
-    for panel in 0..n.div_ceil(NR) {
+    // Sized once: a base-size model packs gigabytes here.
+    out.reserve_exact(panels * k * NR);
+    for panel in 0..panels {
+        let j0 = panel * NR;
+        let width = NR.min(n - j0);
         for p in 0..k {
-            for l in 0..NR {
-                let j = panel * NR + l;
-                out.push(if j < n { b[offset + p * strides[0] + j * strides[1]].to_bits() } else { 0 });
+            let row = offset + p * strides[0] + j0 * strides[1];
+            if strides[1] == 1 {
+                out.extend(b[row..row + width].iter().map(|x| x.to_bits()));
+            } else {
+                out.extend((0..width).map(|l| b[row + l * strides[1]].to_bits()));
             }
+            out.extend(std::iter::repeat_n(0, NR - width));
         }
     }
     out
