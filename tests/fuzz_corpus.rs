@@ -104,3 +104,33 @@ fn raw_data_length_check_overflows() {
     let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/open/raw_data_length_check_overflows.onnx");
     targets::import_bytes_target(&std::fs::read(f).unwrap());
 }
+
+/// The compile_run target on random bytes, without libFuzzer and without
+/// its instrumentation (about 50 times faster than under it): a sweep of
+/// `EGRET_FUZZ_SWEEP` inputs (default 10,000) of 32 to 431 bytes from a
+/// SplitMix seed (`EGRET_FUZZ_SEED`, default 1000), for the long runs in
+/// BENCHMARKS.md:
+/// `EGRET_FUZZ_SWEEP=1000000 cargo test --test fuzz_corpus -- --ignored --nocapture random_compile_run_sweep`
+#[test]
+#[ignore = "a long run; see its comment"]
+fn random_compile_run_sweep() {
+    let var = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let (n, seed) = (var("EGRET_FUZZ_SWEEP", 10_000), var("EGRET_FUZZ_SEED", 1000));
+    let mut rng = egret::io::SplitMix::new(seed);
+    let t = std::time::Instant::now();
+    let mut slowest = std::time::Duration::ZERO;
+    let mut panics = vec![];
+    for i in 0..n {
+        let len = 32 + (rng.next_u64() as usize % 400);
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let t0 = std::time::Instant::now();
+        if std::panic::catch_unwind(|| targets::compile_run_target(&data)).is_err() {
+            let p = std::env::temp_dir().join(format!("egret-sweep-crash-{seed}-{i}"));
+            std::fs::write(&p, &data).unwrap();
+            panics.push(p);
+        }
+        slowest = slowest.max(t0.elapsed());
+    }
+    eprintln!("{} in {:.1?}; slowest input {slowest:.1?}", targets::COUNTERS.summary(), t.elapsed());
+    assert!(panics.is_empty(), "{} inputs panicked, saved to {:?}", panics.len(), panics);
+}

@@ -99,6 +99,11 @@ impl Graph {
         }
         let in_types: Vec<&Type> = inputs.iter().map(|&v| &self.values[v.0 as usize].ty).collect();
         let out_types = crate::ops::infer(&op, &in_types).map_err(|msg| IrError::new(label, op.name(), msg))?;
+        // A known shape past `MAX_ELEMENTS` (an `Expand` to `[2^40, 3]`) is
+        // refused where it is made, before anything allocates it.
+        if let Some(ty) = out_types.iter().find(|t| t.is_known() && t.checked_numel().is_none()) {
+            return Err(IrError::new(label, op.name(), format!("output shape {ty} is too large")));
+        }
         let node = self.insert(op, inputs.to_vec(), out_types, label.to_string());
         Ok(self.node(node).outputs.clone())
     }

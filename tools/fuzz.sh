@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs Egret's cargo-fuzz targets (fuzz/): libFuzzer with AddressSanitizer,
+# each from its committed corpus (fuzz/corpus/TARGET, read only) into a work
+# corpus (fuzz/work/TARGET, git-ignored), with the ONNX or IR dictionary.
+# A crash, a leak, an input running past a second (-timeout=1) or past
+# 2 GB of memory stops the target with its input under fuzz/artifacts/TARGET/
+# and this script exits non-zero.
+#
+#   tools/fuzz.sh                      # every target for 20 s (about a minute)
+#   tools/fuzz.sh --time 600 compile_run
+#   tools/fuzz.sh --runs 1000000 import_bytes ir_text
+#
+# Needs a nightly toolchain (`rustup toolchain list`), or stable with
+# RUSTC_BOOTSTRAP=1; installs cargo-fuzz if it is missing. Minimise a crash
+# with `cargo +nightly fuzz tmin TARGET fuzz/artifacts/TARGET/crash-...`
+# (from fuzz/'s parent), and the committed corpus with
+# `cargo +nightly fuzz cmin TARGET fuzz/corpus/TARGET`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+time_s=20
+runs=""
+targets=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --time) time_s="$2"; shift 2 ;;
+        --runs) runs="$2"; time_s=""; shift 2 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) targets+=("$1"); shift ;;
+    esac
+done
+[ ${#targets[@]} -gt 0 ] || targets=(import_bytes ir_text compile_run)
+
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    cargo=(cargo +nightly)
+else
+    export RUSTC_BOOTSTRAP=1
+    cargo=(cargo)
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz
+fi
+
+status=0
+for t in "${targets[@]}"; do
+    case "$t" in
+        ir_text) dict=fuzz/ir.dict; max_len=65536 ;;
+        compile_run) dict=fuzz/onnx.dict; max_len=4096 ;;
+        import_bytes) dict=fuzz/onnx.dict; max_len=1048576 ;;
+        *) echo "unknown target $t (import_bytes, ir_text, compile_run)" >&2; exit 2 ;;
+    esac
+    mkdir -p "fuzz/work/$t"
+    limit=()
+    if [ -n "$time_s" ]; then limit=(-max_total_time="$time_s"); else limit=(-runs="$runs"); fi
+    echo "== $t ${limit[*]}"
+    if ! "${cargo[@]}" fuzz run "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
+        -dict="$dict" -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 \
+        -print_final_stats=1 "${limit[@]}"; then
+        echo "tools/fuzz.sh: $t failed; its input is under fuzz/artifacts/$t/" >&2
+        status=1
+    fi
+done
+exit $status
