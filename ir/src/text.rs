@@ -221,7 +221,9 @@ impl Cursor {
     fn dim(&mut self) -> Result<Dim, String> {
         if let Some(Tok::Num(_)) = self.peek() {
             if matches!(self.toks.get(self.pos + 1), Some(Tok::Punct(',' | ']'))) {
-                return Ok(Dim::new(self.usize()?));
+                let v = self.usize()?;
+                // A known dim holds values below 2^62 (`Dim::new` asserts it).
+                return i64::try_from(v).ok().and_then(Dim::int).ok_or_else(|| format!("dim {v} is too large"));
             }
         }
         let mut text = String::new();
