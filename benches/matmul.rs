@@ -20,6 +20,16 @@
 //! whole-number activations and an int8 weight (VNNI's integer products
 //! where the host has them), against the same values as f32.
 //!
+//! Then the packed GEMM at transformer shapes (`packed_shapes`: M of 64,
+//! 128 and 512 token rows by the K x N weights of DeiT-tiny, BERT-base and
+//! a 1.1B LLaMA) in GFLOP/s, and at decode rows (`packed_decode_rows`: M of
+//! 1, 4 and 16, bound by memory) in bytes of f32 weight streamed per
+//! second, beside the two references measured in the same run: the `gemm`
+//! crate's single-threaded SGEMM at 1024^3 (`sgemm_peak`) and the read
+//! bandwidth of one core summing 256 MiB (`read_bandwidth`).
+//! `tools/gemm_vs_peak.py` runs these on both kernel paths with OpenBLAS's
+//! SGEMM beside them and prints the shares.
+//!
 //! `cargo bench --bench matmul`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -159,5 +169,112 @@ fn int8_prefill(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, decode_step, int8_prefill);
+/// A CPU program of `y = a @ w` for a constant `[k, n]` weight (values no
+/// half holds exactly, so it packs as f32) and its input `[m, k]`.
+fn packed_product(m: usize, k: usize, n: usize) -> (CpuExecutable, Vec<Tensor>) {
+    let mut g = Graph::new();
+    let a = g.add_input("a", Type::new(DType::F32, vec![m, k]));
+    let w = (0..k * n).map(|i| ((i * 7 + i / n) % 23) as f32 * 0.013 - 0.1).collect::<Vec<f32>>();
+    let w = g.add_const(Tensor::from_vec(vec![k, n], w), "w");
+    let y = g.add(Op::MatMul, &[a, w], "matmul").unwrap();
+    g.set_output("y", y);
+    let plan = egret::backends::lower(&g, Default::default()).unwrap();
+    let exe = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+    let input = vec![Tensor::from_vec(vec![m, k], (0..m * k).map(|i| (i % 9) as f32 * 0.1).collect::<Vec<f32>>())];
+    (exe, input)
+}
+
+/// K x N of the products transformers run: DeiT-tiny's (192 wide),
+/// BERT-base's (768, 3072 in the feed-forward) and a 1.1B LLaMA's (2048,
+/// 5632).
+const WEIGHTS: [(usize, usize); 7] =
+    [(192, 768), (768, 192), (768, 768), (768, 3072), (3072, 768), (2048, 2048), (2048, 5632)];
+
+fn packed_shapes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("packed_shapes_1_thread");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_millis(500));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for m in [64usize, 128, 512] {
+        for (k, n) in WEIGHTS {
+            let (exe, input) = packed_product(m, k, n);
+            group.throughput(Throughput::Elements(2 * (m * k * n) as u64));
+            group.bench_function(format!("{m}x{k}x{n}"), |bench| bench.iter(|| exe.run(input.clone()).unwrap()));
+        }
+    }
+    group.finish();
+}
+
+fn packed_decode_rows(c: &mut Criterion) {
+    let mut group = c.benchmark_group("packed_decode_rows_1_thread");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_millis(500));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for m in [1usize, 4, 16] {
+        for (k, n) in [(768, 3072), (2048, 5632)] {
+            let (exe, input) = packed_product(m, k, n);
+            group.throughput(Throughput::Bytes((k * n * 4) as u64));
+            group.bench_function(format!("{m}x{k}x{n}"), |bench| bench.iter(|| exe.run(input.clone()).unwrap()));
+        }
+    }
+    group.finish();
+}
+
+/// The references: the `gemm` crate's SGEMM on one thread at 1024^3 (its
+/// widest kernels, whatever `EGRET_KERNEL_ISA` says), and one core's read
+/// bandwidth (a sum over 256 MiB, far past the caches).
+fn references(c: &mut Criterion) {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.25).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.3).collect();
+    let mut out = vec![0f32; n * n];
+    let mut group = c.benchmark_group("sgemm_peak_1_thread");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(2 * (n as u64).pow(3)));
+    group.bench_function("gemm_crate_1024", |bench| {
+        bench.iter(|| unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        })
+    });
+    group.finish();
+    let big: Vec<f32> = (0..64 << 20).map(|i| (i % 3) as f32).collect();
+    let mut group = c.benchmark_group("read_bandwidth_1_thread");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((big.len() * 4) as u64));
+    group.bench_function("sum_256mib", |bench| {
+        bench.iter(|| {
+            // Eight partial sums, so the adds vectorise and the loads bound it.
+            let mut sums = [0f32; 8];
+            for chunk in big.chunks_exact(8) {
+                for l in 0..8 {
+                    sums[l] += chunk[l];
+                }
+            }
+            criterion::black_box(sums)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, matmul, decode_step, int8_prefill, packed_shapes, packed_decode_rows, references);
 criterion_main!(benches);
