@@ -179,7 +179,8 @@ pub fn random_inputs(g: &Graph, seed: u64) -> Result<Vec<(String, Tensor)>, Erro
 
 /// `random_inputs` for the inputs not named in `given`.
 pub fn random_inputs_except(g: &Graph, seed: u64, given: &[String]) -> Result<Vec<(String, Tensor)>, Error> {
-    let inputs: Vec<(String, Type)> = g.inputs().iter().map(|&v| (g.input_name(v).to_string(), g.ty(v).clone())).collect();
+    let inputs: Vec<(String, Type)> =
+        g.inputs().iter().map(|&v| (g.input_name(v).to_string(), g.ty(v).clone())).collect();
     random_inputs_of(&inputs, &index_bounds(g), seed, given)
 }
 

@@ -594,20 +594,18 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Model, Error> {
     let _stage = progress::stage(format!("compiling for {}", opts.backend.name()));
     let mut graph = c.graph;
     let index_bounds = io::index_bounds(&graph);
-    let executable: Box<dyn egret_runtime::Executable> = if !(graph.is_bound()
-        || opts.backend == Backend::Reference
-        || plannable)
-    {
-        Box::new(specialize::Specializing::new(graph.clone(), opts.clone()))
-    } else if opts.backend == Backend::Cpu && !opts.keep_graph {
-        // Lowered, the plan holds the only reference to each weight, and
-        // packing frees each as it goes (`cpu::choose`).
-        let plan = cpu_plan(&graph, opts)?;
-        graph = inputs_only(&graph);
-        cpu_executable(plan, opts, None)?
-    } else {
-        backend_executable(&graph, opts)?
-    };
+    let executable: Box<dyn egret_runtime::Executable> =
+        if !(graph.is_bound() || opts.backend == Backend::Reference || plannable) {
+            Box::new(specialize::Specializing::new(graph.clone(), opts.clone()))
+        } else if opts.backend == Backend::Cpu && !opts.keep_graph {
+            // Lowered, the plan holds the only reference to each weight, and
+            // packing frees each as it goes (`cpu::choose`).
+            let plan = cpu_plan(&graph, opts)?;
+            graph = inputs_only(&graph);
+            cpu_executable(plan, opts, None)?
+        } else {
+            backend_executable(&graph, opts)?
+        };
     if !opts.keep_graph {
         graph = inputs_only(&graph);
     }

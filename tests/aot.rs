@@ -428,7 +428,10 @@ fn weights_beside_the_library_run_and_a_damaged_file_is_refused() {
         }
         let out = cmd.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains("create: the weights file") && stderr.contains(expect), "{stderr}");
+        assert!(
+            !out.status.success() && stderr.contains("create: the weights file") && stderr.contains(expect),
+            "{stderr}"
+        );
     };
     let good = std::fs::read(&weights).unwrap();
     // Cut short.
@@ -445,7 +448,10 @@ fn weights_beside_the_library_run_and_a_damaged_file_is_refused() {
     std::fs::write(&elsewhere, &good).unwrap();
     std::fs::remove_file(&weights).unwrap();
     refused("No such file", None);
-    run(Command::new(&driver).args(&a.inputs).arg(&a.dir).env(format!("{}_WEIGHTS", a.name.to_uppercase()), &elsewhere));
+    run(Command::new(&driver)
+        .args(&a.inputs)
+        .arg(&a.dir)
+        .env(format!("{}_WEIGHTS", a.name.to_uppercase()), &elsewhere));
     // Another model's file of the same size.
     let mut other = good.clone();
     other[24] ^= 1;

@@ -295,7 +295,10 @@ fn external_data_offset_and_length_past_the_end() {
         m.graph.as_mut().unwrap().initializer[0].external_data.push(kv);
     }
     let err = run_fails(&write_model(&dir, &m));
-    assert!(err.contains("tensor `w`") && err.contains("range 8..20 is past the end of `weights.bin` (16 bytes)"), "{err}");
+    assert!(
+        err.contains("tensor `w`") && err.contains("range 8..20 is past the end of `weights.bin` (16 bytes)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -196,7 +196,8 @@ mod tests {
     }
 
     fn tempfile() -> File {
-        let path = std::env::temp_dir().join(format!("egret-wire-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("egret-wire-{}-{:?}", std::process::id(), std::thread::current().id()));
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         f

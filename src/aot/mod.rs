@@ -283,7 +283,10 @@ pub fn compile_library(
 /// Where the weights of `plan` go: `Auto` puts them beside the library
 /// past `EMBED_WEIGHTS_UP_TO` bytes (as the plan holds them before packing,
 /// about what the packed copies take).
-fn weights_placement(plan: &egret_backends::Plan, choice: crate::WeightsFile) -> egret_backends::cpu::object::WeightsAt {
+fn weights_placement(
+    plan: &egret_backends::Plan,
+    choice: crate::WeightsFile,
+) -> egret_backends::cpu::object::WeightsAt {
     use egret_backends::cpu::object::WeightsAt;
     match choice {
         crate::WeightsFile::Embedded => WeightsAt::Embedded,
@@ -295,7 +298,9 @@ fn weights_placement(plan: &egret_backends::Plan, choice: crate::WeightsFile) ->
                 .iter()
                 .zip(used)
                 .filter_map(|(b, used)| match (&b.storage, used) {
-                    (egret_backends::plan::Storage::Constant(t), true) => Some((t.numel() * t.dtype().size_bytes()) as u64),
+                    (egret_backends::plan::Storage::Constant(t), true) => {
+                        Some((t.numel() * t.dtype().size_bytes()) as u64)
+                    }
                     _ => None,
                 })
                 .sum();

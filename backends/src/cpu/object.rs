@@ -113,7 +113,12 @@ impl WordTable {
 
 /// Compiles `plan` for `cpu` into an object whose driver is
 /// `{prefix}_run_plan`, its constants where `weights` says.
-pub fn compile_object(plan: Plan, prefix: &str, cpu: TargetCpu, weights: WeightsAt) -> Result<ObjectCode, CodegenError> {
+pub fn compile_object(
+    plan: Plan,
+    prefix: &str,
+    cpu: TargetCpu,
+    weights: WeightsAt,
+) -> Result<ObjectCode, CodegenError> {
     let plan = super::choose::choose(plan);
     let symbolic = !plan.is_bound();
     for (i, k) in plan.kernels.iter().enumerate() {
