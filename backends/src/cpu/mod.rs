@@ -102,8 +102,22 @@ pub struct CompiledPlan {
     _modules: Vec<Arc<CodeModule>>,
 }
 
-/// A finalised JIT module, kept alive while any kernel in it may run.
-struct CodeModule(#[allow(dead_code)] JITModule);
+/// A finalised JIT module, kept alive while any kernel in it may run, and
+/// its memory given back when the last plan or cache holding it goes.
+/// (Dropping a `JITModule` keeps its code's mappings: a process that
+/// compiled about 32,000 programs ran out of them, `vm.max_map_count`, and
+/// every later compile failed; found by the compile_run fuzz target.)
+struct CodeModule(Option<JITModule>);
+
+impl Drop for CodeModule {
+    fn drop(&mut self) {
+        if let Some(module) = self.0.take() {
+            // Safety: the module's functions are reachable only through the
+            // plans and caches that hold this `Arc`; the last of them is gone.
+            unsafe { module.free_memory() };
+        }
+    }
+}
 
 // A module's code and data are immutable after finalisation.
 unsafe impl Send for CodeModule {}
@@ -283,7 +297,7 @@ pub fn compile_cached(
             })
         })
         .collect();
-    let own = Arc::new(CodeModule(module));
+    let own = Arc::new(CodeModule(Some(module)));
     if let Some(cache) = cache {
         let mut cached = cache.entries.lock().unwrap_or_else(|p| p.into_inner());
         if cached.len() > KERNEL_CACHE_LIMIT {
