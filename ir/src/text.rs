@@ -244,7 +244,12 @@ impl Cursor {
             }
             text.push(' ');
         }
-        Dim::parse(&text).ok_or_else(|| format!("`{}` is not a dimension", text.trim()))
+        let d = Dim::parse(&text).ok_or_else(|| format!("`{}` is not a dimension", text.trim()))?;
+        // `1 - 2` is an expression the algebra reads, but no size.
+        match d.known() {
+            Some(n) if n < 0 => Err(format!("`{}` is a negative dimension", text.trim())),
+            _ => Ok(d),
+        }
     }
     fn ty(&mut self) -> Result<Type, String> {
         let dtype: DType = self.ident()?.parse()?;
