@@ -58,9 +58,8 @@ pub fn scratch_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("egret-fuzz-{}", std::process::id()));
         let _ = std::fs::create_dir_all(dir.join("sub"));
-        let bytes: Vec<u8> = (0..DATA_FLOATS)
-            .flat_map(|i| ((((i * 37) % 101) as f32 - 50.0) / 50.0).to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> =
+            (0..DATA_FLOATS).flat_map(|i| ((((i * 37) % 101) as f32 - 50.0) / 50.0).to_le_bytes()).collect();
         let _ = std::fs::write(dir.join("data.bin"), &bytes);
         let _ = std::fs::write(dir.join("sub").join("data.bin"), &bytes);
         #[cfg(unix)]
@@ -433,9 +432,8 @@ impl<'a, 'b> Gen<'a, 'b> {
                         .to_string()
                 }
                 2 => {
-                    length = Some(
-                        self.pick(&["18446744073709551615", "0", "-4", "99999999999", "16388", "x"]).to_string(),
-                    )
+                    length =
+                        Some(self.pick(&["18446744073709551615", "0", "-4", "99999999999", "16388", "x"]).to_string())
                 }
                 _ => length = None,
             }
@@ -631,7 +629,8 @@ impl<'a, 'b> Gen<'a, 'b> {
 
     fn unary(&mut self) -> Option<()> {
         let a = self.float_operand()?;
-        let op = self.pick(&["Relu", "Neg", "Abs", "Tanh", "Sigmoid", "Exp", "Sqrt", "Erf", "Reciprocal", "Floor", "Log"]);
+        let op =
+            self.pick(&["Relu", "Neg", "Abs", "Tanh", "Sigmoid", "Exp", "Sqrt", "Erf", "Reciprocal", "Floor", "Log"]);
         if op == "Floor" {
             // A step: rounding on either side of an integer moves it by 1.
             self.fragile = true;
@@ -998,7 +997,11 @@ impl<'a, 'b> Gen<'a, 'b> {
 
     fn cast(&mut self) -> Option<()> {
         let a = self.operand(|_| true)?;
-        let to = if self.hostile() { self.pick(&[0, 8, 14, 99, -3]) } else { self.pick(&[F32, I64, I32, BOOL, F16, F64, I8, U8]) };
+        let to = if self.hostile() {
+            self.pick(&[0, 8, 14, 99, -3])
+        } else {
+            self.pick(&[F32, I64, I32, BOOL, F16, F64, I8, U8])
+        };
         if a.elem == F32 && to != F32 && to != F16 && to != F64 {
             self.fragile = true;
         }
@@ -1073,7 +1076,7 @@ impl<'a, 'b> Gen<'a, 'b> {
         out.insert(ax, 1);
         let r = out.len() as i64;
         let spelled = if self.flag() { ax as i64 - r } else { ax as i64 };
-                let spelled = self.maybe_hostile_list(vec![spelled]);
+        let spelled = self.maybe_hostile_list(vec![spelled]);
         let axes = self.i64s(&spelled);
         self.emit("Unsqueeze", vec![a.name, axes], vec![], a.elem, out);
         Some(())
