@@ -1276,7 +1276,13 @@ output \"present\" = v7
 ";
         let g = egret_ir::text::parse(text).unwrap();
         let plan = egret_backends::lower(&g, crate::lower_options(&CompileOptions::default())).unwrap();
-        let object = egret_backends::cpu::object::compile_object(plan, "m", TargetCpu::X86_64V3).unwrap();
+        let object = egret_backends::cpu::object::compile_object(
+            plan,
+            "m",
+            TargetCpu::X86_64V3,
+            egret_backends::cpu::object::WeightsAt::Embedded,
+        )
+        .unwrap();
         let dims: Vec<sizes::DimInfo> =
             object.plan.symbols.iter().map(|s| sizes::DimInfo { name: s.clone(), lo: 0, hi: None }).collect();
         let io = |vs: Vec<(String, Type)>| vs;
@@ -1304,6 +1310,8 @@ output \"present\" = v7
             dims: vec![sizes::DimInfo { name: "batch".into(), lo: 1, hi: None }],
             size_defines: String::new(),
             size_code: String::new(),
+            weights_code: String::new(),
+            weights_beside: true,
         };
         let header = header(&api, Path::new("m.onnx"));
         let mut declared: Vec<String> = header
