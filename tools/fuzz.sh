@@ -9,6 +9,8 @@
 #   tools/fuzz.sh                      # every target for 20 s (about a minute)
 #   tools/fuzz.sh --time 600 compile_run
 #   tools/fuzz.sh --runs 1000000 import_bytes ir_text
+#   tools/fuzz.sh --time 600 compile_run -- -fork=1 -ignore_crashes=1
+#                                      # (after --: more libFuzzer flags)
 #
 # Needs a nightly toolchain (`rustup toolchain list`), or stable with
 # RUSTC_BOOTSTRAP=1; installs cargo-fuzz if it is missing. Minimise a crash
@@ -21,11 +23,13 @@ cd "$(dirname "$0")/.."
 time_s=20
 runs=""
 targets=()
+extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
+        --) shift; extra=("$@"); break ;;
         --time) time_s="$2"; shift 2 ;;
         --runs) runs="$2"; time_s=""; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -55,7 +59,7 @@ for t in "${targets[@]}"; do
     echo "== $t ${limit[*]}"
     if ! "${cargo[@]}" fuzz run "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
         -dict="$dict" -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 \
-        -print_final_stats=1 "${limit[@]}"; then
+        -print_final_stats=1 "${limit[@]}" "${extra[@]}"; then
         echo "tools/fuzz.sh: $t failed; its input is under fuzz/artifacts/$t/" >&2
         status=1
     fi

@@ -24,7 +24,12 @@ fn pool_out_shape(
     let xs = super::sizes(&x.shape[2..], "the pooled input's spatial dims")?;
     let mut out = x.shape[..2].to_vec();
     for i in 0..sp {
-        out.push(Dim::new(pooled_len(xs[i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?));
+        let len = pooled_len(xs[i], kernel[i], strides[i], pads[i], pads[i + sp], dil[i], ceil)?;
+        // Pads near 2^63 give lengths no dim holds (`Dim::new` asserts it).
+        if len > crate::MAX_ELEMENTS {
+            return Err(format!("pooled length {len} of spatial dim {i} is too large"));
+        }
+        out.push(Dim::new(len));
     }
     Ok(out)
 }
