@@ -3,7 +3,10 @@
 //! tile's function once made it store every accumulator to the stack after
 //! each multiply-add (3x slower), and nothing but the speed showed it.
 //!
-//! Reads the compiled kernels in the `egret` binary (`objdump`): in each
+//! Reads the compiled kernels (`objdump`) in the kernel archive that
+//! `egret compile --emit obj` writes beside a library's object: the
+//! kernels built in release, as every product runs them (the test binaries'
+//! own copies carry debug assertions, whose checks change the code). In each
 //! path's `panel_range`, the loop of the path's full tile (six rows, one
 //! broadcast of `a` each, and as many multiply-adds as it has accumulators:
 //! AVX2's half a panel, 12 of its 16 registers; AVX-512's two panels, 24 of
@@ -11,6 +14,8 @@
 //! path's code also holds the other tile shapes, which it never runs.)
 
 use std::process::Command;
+
+mod common;
 
 /// One instruction: its address and its text (`vfmadd231ps %ymm13,%ymm14,%ymm0`).
 type Instruction = (u64, String);
@@ -47,11 +52,20 @@ fn loops(body: &[Instruction]) -> Vec<&[Instruction]> {
 
 #[test]
 fn the_gemm_tiles_keep_their_accumulators_in_registers() {
-    let exe = env!("CARGO_BIN_EXE_egret");
+    let dir = std::env::temp_dir().join(format!("egret-kernel-asm-{}", std::process::id()));
+    let model = common::zoo_dir().join("bert_tiny").join("model.onnx");
+    let compiled = Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(["compile", model.to_str().unwrap(), "--emit", "obj", "-o", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let archive = dir.join("libegret_kernels_archive.a");
+    let exe = archive.to_str().unwrap();
     let Ok(out) = Command::new("objdump").args(["-d", "-C", "--no-show-raw-insn", exe]).output() else {
         eprintln!("skipping: needs objdump (binutils)");
         return;
     };
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "objdump failed: {}", String::from_utf8_lossy(&out.stderr));
     let asm = String::from_utf8_lossy(&out.stdout);
     for (path, register, accumulators) in [("avx2", "%ymm", 12), ("avx512", "%zmm", 24)] {
