@@ -4,7 +4,6 @@
 use super::elementwise::Arith;
 use super::nn::split_at_axis;
 use super::{arity, OpResult};
-use crate::dim::Dim;
 use crate::dtype::{DType, Type};
 use crate::op::{Op, Reduction};
 use crate::tensor::{strides_of, Data, Elem, Tensor};
@@ -86,7 +85,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
                 return Err(format!("k={k} exceeds axis {axis} of {}", crate::dim::shape_text(&x.shape)));
             }
             let mut s = x.shape.clone();
-            s[*axis] = Dim::new(*k);
+            s[*axis] = super::size_dim(*k)?;
             Ok(vec![Type::new(x.dtype, s.clone()), Type::new(DType::I64, s)])
         }
         Op::OneHot { axis, depth } => {
@@ -95,7 +94,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
                 return Err("one_hot needs values [off, on] and an axis <= rank".into());
             }
             let mut s = x.shape.clone();
-            s.insert(*axis, Dim::new(*depth));
+            s.insert(*axis, super::size_dim(*depth)?);
             Ok(vec![Type::new(inputs[1].dtype, s)])
         }
         other => Err(format!("no inference rule for {}", other.name())),

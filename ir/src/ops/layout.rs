@@ -27,7 +27,7 @@ pub fn slice_len(start: i64, end: i64, step: i64) -> usize {
 /// symbolic bounds, which the importer clamped.
 pub fn slice_len_dim(start: Dim, end: Dim, step: i64) -> OpResult<Dim> {
     if let (Some(s), Some(e)) = (start.known(), end.known()) {
-        return Ok(Dim::new(slice_len(s, e, step)));
+        return super::size_dim(slice_len(s, e, step));
     }
     // A difference that comes out a known negative number (`s - 2` after
     // `s - 1`) is an empty slice, not a negative length.
@@ -158,7 +158,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if repeats.len() != x.rank() {
                 return Err(format!("repeats {repeats:?} must have one entry per axis"));
             }
-            same(x.shape.iter().zip(repeats).map(|(d, &r)| d.checked_mul(Dim::new(r))).collect::<Result<_, _>>()?)
+            same(x.shape.iter().zip(repeats).map(|(d, &r)| Ok(d.checked_mul(super::size_dim(r)?)?)).collect::<OpResult<_>>()?)
         }
         Op::Pad { pads, mode } => {
             arity(inputs, 1, 2)?;

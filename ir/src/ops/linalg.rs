@@ -104,7 +104,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             let mut out = vec![x.shape[0], Dim::new(m)];
             for i in 0..sp {
                 let len = pooled_len(xs[1 + i], ws[2 + i], strides[i], pads[i], pads[i + sp], dilations[i], false)?;
-                out.push(Dim::new(len));
+                out.push(super::size_dim(len)?);
             }
             Ok(vec![Type::new(x.dtype, out)])
         }

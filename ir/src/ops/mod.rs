@@ -293,6 +293,15 @@ pub fn strided_index(shape: &[usize], strides: &[usize], base: usize) -> Vec<usi
 }
 
 /// Normalises a possibly negative axis against `rank`.
+/// A computed size as a dim, refused past `MAX_ELEMENTS` (attributes from
+/// the text format or huge pads reach numbers no dim holds).
+pub fn size_dim(v: usize) -> OpResult<Dim> {
+    if v > crate::MAX_ELEMENTS {
+        return Err(format!("size {v} is too large"));
+    }
+    Ok(Dim::new(v))
+}
+
 pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
     let r = rank as i64;
     if axis < -r || axis >= r.max(1) {
