@@ -38,6 +38,10 @@ struct Term {
     coeff: i64,
 }
 
+/// The most terms a product of dims may have before normalising (see
+/// `checked_mul`).
+const MAX_TERMS: usize = 256;
+
 /// A canonical polynomial: terms ordered by `term_order`, no zero
 /// coefficients, no two terms with the same symbols.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -219,6 +223,13 @@ impl Dim {
             return a.checked_mul(b).and_then(Dim::int).ok_or(DimOverflow);
         }
         let (a, b) = (self.poly(), other.poly());
+        // A product of sums multiplies their terms: `(a0 - b0) * ... *
+        // (a13 - b13)`, a `dim_param` or a type in IR text, has 2^14 terms and
+        // took minutes to expand (found by the ir_text fuzz target). No
+        // shape has use for more than a few; past `MAX_TERMS` it is refused.
+        if a.0.len().saturating_mul(b.0.len()) > MAX_TERMS {
+            return Err(DimOverflow);
+        }
         let mut terms = Vec::with_capacity(a.0.len() * b.0.len());
         for x in &a.0 {
             for y in &b.0 {
