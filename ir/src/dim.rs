@@ -40,7 +40,7 @@ struct Term {
 
 /// The most terms a product of dims may have before normalising (see
 /// `checked_mul`).
-const MAX_TERMS: usize = 256;
+const MAX_TERMS: usize = 64;
 
 /// A canonical polynomial: terms ordered by `term_order`, no zero
 /// coefficients, no two terms with the same symbols.
