@@ -92,14 +92,12 @@ fn fixed_crashes_stay_fixed() {
 
 /// `fuzz/regressions/open/raw_data_length_check_overflows.onnx`: an
 /// initializer of dims `[2^62]` (f32) with 4 bytes of `raw_data`. The
-/// importer's length check, `raw.len() != n * size` in `from_le_bytes`
-/// (`frontend/src/tensor.rs`), multiplies without a check: a panic where
-/// overflow checks are on (tests, fuzzing), and in a release build the
-/// product wraps (`(2^62 + 1) * 4` is 4), so the check passes and only
-/// `Tensor::try_new` refuses the tensor. Fix: compare with
-/// `n.checked_mul(size) != Some(raw.len())`, as `data_from_file` does.
+/// importer's length check in `from_le_bytes` (`frontend/src/tensor.rs`)
+/// multiplied without a check: a panic where overflow checks are on
+/// (tests, fuzzing), and in a release build the product wrapped
+/// (`(2^62 + 1) * 4` is 4), so the check passed and only
+/// `Tensor::try_new` refused the tensor. Now the product is checked.
 #[test]
-#[ignore = "open: frontend/src/tensor.rs from_le_bytes multiplies the element count unchecked"]
 fn raw_data_length_check_overflows() {
     let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/open/raw_data_length_check_overflows.onnx");
     targets::import_bytes_target(&std::fs::read(f).unwrap());

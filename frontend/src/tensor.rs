@@ -177,8 +177,14 @@ fn read_at(file: &File, offset: u64, bytes: &mut [u8]) -> Result<(), String> {
 
 fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
     let size = dtype.size_bytes();
-    if raw.len() != n * size {
-        return Err(format!("raw data has {} bytes but {n} elements of {dtype} need {}", raw.len(), n * size));
+    // Checked: a shape of 2^62 elements with a few bytes of data would
+    // wrap the product (found by the import_bytes fuzz target).
+    if n.checked_mul(size) != Some(raw.len()) {
+        return Err(format!(
+            "raw data has {} bytes but {n} elements of {dtype} need {}",
+            raw.len(),
+            n as u128 * size as u128
+        ));
     }
     macro_rules! le {
         ($T:ty, $V:ident) => {
