@@ -123,17 +123,29 @@ fn external_range(t: &TensorProto, base: Option<&Path>) -> Result<(File, Range<u
 /// Reads `range` of `file` (a weight's little-endian bytes) straight into
 /// the tensor data of `n` elements of `dtype` that it holds.
 pub(crate) fn data_from_file(file: &File, range: Range<u64>, dtype: DType, n: usize) -> Result<Data, String> {
+    decode(dtype, n, range.end - range.start, |bytes| read_at(file, range.start, bytes))
+}
+
+/// The `n` elements of `dtype` whose `len` little-endian bytes `fill`
+/// writes into the tensor's own memory (this host is little-endian, as
+/// every target Egret generates code for is).
+fn decode(
+    dtype: DType,
+    n: usize,
+    len: u64,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+) -> Result<Data, String> {
     let size = dtype.size_bytes() as u64;
-    let len = range.end - range.start;
+    // Checked: a shape of 2^62 elements with a few bytes of data would
+    // wrap the product (found by the import_bytes fuzz target).
     if Some(len) != (n as u64).checked_mul(size) {
         return Err(format!("raw data has {len} bytes but {n} elements of {dtype} need {}", n as u128 * size as u128));
     }
-    let read = |bytes: &mut [u8]| read_at(file, range.start, bytes);
     macro_rules! direct {
         ($T:ty, $V:ident) => {{
-            // Zeroed memory is mapped lazily; the read writes each page once.
+            // Zeroed memory is mapped lazily; `fill` writes each page once.
             let mut v: Vec<$T> = vec![<$T as bytemuck::Zeroable>::zeroed(); n];
-            read(bytemuck::cast_slice_mut(&mut v))?;
+            fill(bytemuck::cast_slice_mut(&mut v))?;
             Data::$V(v)
         }};
     }
@@ -152,7 +164,7 @@ pub(crate) fn data_from_file(file: &File, range: Range<u64>, dtype: DType, n: us
         DType::U64 => direct!(u64, U64),
         DType::Bool => {
             let mut v = vec![0u8; n];
-            read(&mut v)?;
+            fill(&mut v)?;
             Data::Bool(v.into_iter().map(|b| b != 0).collect())
         }
     })
@@ -176,35 +188,9 @@ fn read_at(file: &File, offset: u64, bytes: &mut [u8]) -> Result<(), String> {
 }
 
 fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
-    let size = dtype.size_bytes();
-    // Checked: a shape of 2^62 elements with a few bytes of data would
-    // wrap the product (found by the import_bytes fuzz target).
-    if n.checked_mul(size) != Some(raw.len()) {
-        return Err(format!(
-            "raw data has {} bytes but {n} elements of {dtype} need {}",
-            raw.len(),
-            n as u128 * size as u128
-        ));
-    }
-    macro_rules! le {
-        ($T:ty, $V:ident) => {
-            Data::$V(raw.chunks_exact(size).map(|c| <$T>::from_le_bytes(c.try_into().unwrap())).collect())
-        };
-    }
-    Ok(match dtype {
-        DType::F32 => le!(f32, F32),
-        DType::F64 => le!(f64, F64),
-        DType::F16 => le!(half::f16, F16),
-        DType::BF16 => le!(half::bf16, BF16),
-        DType::I8 => le!(i8, I8),
-        DType::I16 => le!(i16, I16),
-        DType::I32 => le!(i32, I32),
-        DType::I64 => le!(i64, I64),
-        DType::U8 => le!(u8, U8),
-        DType::U16 => le!(u16, U16),
-        DType::U32 => le!(u32, U32),
-        DType::U64 => le!(u64, U64),
-        DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
+    decode(dtype, n, raw.len() as u64, |bytes| {
+        bytes.copy_from_slice(raw);
+        Ok(())
     })
 }
 

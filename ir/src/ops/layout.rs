@@ -158,7 +158,13 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if repeats.len() != x.rank() {
                 return Err(format!("repeats {repeats:?} must have one entry per axis"));
             }
-            same(x.shape.iter().zip(repeats).map(|(d, &r)| Ok(d.checked_mul(super::size_dim(r)?)?)).collect::<OpResult<_>>()?)
+            same(
+                x.shape
+                    .iter()
+                    .zip(repeats)
+                    .map(|(d, &r)| Ok(d.checked_mul(super::size_dim(r)?)?))
+                    .collect::<OpResult<_>>()?,
+            )
         }
         Op::Pad { pads, mode } => {
             arity(inputs, 1, 2)?;
