@@ -29,7 +29,7 @@ pub use egret_passes as passes;
 pub use egret_runtime as runtime;
 
 use egret_frontend::{ImportError, ImportOptions};
-use egret_ir::{Graph, IrError, Tensor};
+use egret_ir::{Graph, IrError, Tensor, TensorRef};
 use egret_runtime::{Program, RunError};
 use std::collections::HashMap;
 use std::path::Path;
@@ -213,6 +213,13 @@ impl Model {
         // A run's large blocks are reused by the next (`alloc`).
         alloc::keep(true);
         Ok(self.program.run(inputs)?)
+    }
+
+    /// `run` on inputs borrowed where they lie: the CPU JIT reads them in
+    /// place, copying nothing in (a decoder's past, fed back each step).
+    pub fn run_refs(&self, inputs: &[(&str, TensorRef<'_>)]) -> Result<Vec<(String, Tensor)>, Error> {
+        alloc::keep(true);
+        Ok(self.program.run_refs(inputs)?)
     }
 
     /// Deterministic random values for the inputs not named in `given`

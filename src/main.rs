@@ -443,6 +443,11 @@ fn compile_with_inputs(
     Ok((m, all))
 }
 
+/// Named inputs, borrowed.
+fn borrowed(all: &[(String, Tensor)]) -> Vec<(&str, egret::ir::TensorRef<'_>)> {
+    all.iter().map(|(n, t)| (n.as_str(), t.view())).collect()
+}
+
 fn run_bench(args: BenchArgs) -> Result<()> {
     let BenchArgs { model, inputs, backend, iters, warmup, threads, json, profile, .. } = args;
     let iters = iters.unwrap_or(BENCH_ITERS);
@@ -452,16 +457,18 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let (m, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads), false)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let progress = egret::progress::counted("running", (warmup + iters.max(1)) as u64);
+    // The inputs borrowed, as the Python package and the C API pass them:
+    // the JIT reads them in place.
+    let refs = borrowed(&all);
     for _ in 0..warmup {
-        m.run(all.clone())?;
+        m.run_refs(&refs)?;
         progress.step();
     }
     let mut times = Vec::with_capacity(iters.max(1));
     let mut device = Vec::new();
     for _ in 0..iters.max(1) {
-        let input = all.clone();
         let t = std::time::Instant::now();
-        m.run(input)?;
+        m.run_refs(&refs)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         device.extend(m.program.executable.device_ms());
         progress.step();
@@ -801,9 +808,10 @@ fn run_compare(args: BenchArgs) -> Result<()> {
     let (slow_model, all) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads), false)?;
     model.opt = fast;
     let (fast_model, _) = compile_with_inputs(&model, &inputs, backend, 0, Some(threads), false)?;
+    let refs = borrowed(&all);
     for _ in 0..warmup {
-        slow_model.run(all.clone())?;
-        fast_model.run(all.clone())?;
+        slow_model.run_refs(&refs)?;
+        fast_model.run_refs(&refs)?;
     }
     // Rounds of COMPARE_ROUND timed runs per level, alternating, each
     // after one untimed run: both levels see the same machine noise, and
@@ -816,11 +824,10 @@ fn run_compare(args: BenchArgs) -> Result<()> {
     for round in 0..iters.div_ceil(COMPARE_ROUND) {
         let runs = COMPARE_ROUND.min(iters - round * COMPARE_ROUND);
         for (m, times) in [(&slow_model, &mut slow), (&fast_model, &mut quick)] {
-            m.run(all.clone())?;
+            m.run_refs(&refs)?;
             for _ in 0..runs {
-                let input = all.clone();
                 let t = std::time::Instant::now();
-                m.run(input)?;
+                m.run_refs(&refs)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }

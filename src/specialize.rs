@@ -20,7 +20,7 @@
 //! pipeline with the dims given (`Specializing::from_file`).
 
 use crate::{backend_executable_with, CompileOptions};
-use egret_ir::{Bindings, Graph, Tensor, Type};
+use egret_ir::{Bindings, Graph, Tensor, TensorRef, Type};
 use egret_runtime::{Executable, RunError};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -83,9 +83,8 @@ impl Specializing {
         }
     }
 
-    fn bindings(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
-        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
-        egret_runtime::solve_dims(&self.inputs, &shapes)
+    fn bindings(&self, shapes: &[&[usize]]) -> Result<Bindings, RunError> {
+        egret_runtime::solve_dims(&self.inputs, shapes)
     }
 
     /// The symbols of `values` a program is compiled for: all of them,
@@ -171,12 +170,17 @@ impl Specializing {
 
 impl Executable for Specializing {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        let values = self.bindings(&inputs)?;
+        let values = self.bindings(&inputs.iter().map(|t| t.shape()).collect::<Vec<_>>())?;
         self.executable_for(&values)?.run(inputs)
     }
 
+    fn run_refs(&self, inputs: &[TensorRef<'_>]) -> Result<Vec<Tensor>, RunError> {
+        let values = self.bindings(&inputs.iter().map(|t| t.shape()).collect::<Vec<_>>())?;
+        self.executable_for(&values)?.run_refs(inputs)
+    }
+
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
-        let values = self.bindings(&inputs)?;
+        let values = self.bindings(&inputs.iter().map(|t| t.shape()).collect::<Vec<_>>())?;
         self.executable_for(&values)?.profile(inputs)
     }
 

@@ -37,6 +37,55 @@ fn one_compile_serves_data_sets_of_different_shapes() {
     }
 }
 
+/// Inputs borrowed where they lie (`Model::run_refs`: the Python package's
+/// numpy arrays, an IO binding's last outputs) give what owned ones give,
+/// bit for bit, on the JIT (which reads them in place) and the reference
+/// backend (which copies them), a decoder's presents fed straight back as
+/// its past included. Borrowed
+/// inputs are checked as owned ones are.
+#[test]
+fn borrowed_inputs_give_what_owned_ones_give() {
+    use egret::ir::TensorRef;
+    let case = common::synthetic_dir().join("gpt2_kv");
+    let opts = |backend| CompileOptions { backend, threads: Some(2), ..Default::default() };
+    let reference = compile(&case, &opts(Backend::Reference)).unwrap();
+    let bound = compile(
+        &case,
+        &CompileOptions {
+            backend: Backend::Reference,
+            dims: [("batch", 1), ("sequence", 1), ("past_sequence", 5)].map(|(n, v)| (n.to_string(), v)).into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let first = egret::io::random_inputs(&bound.graph, 11).unwrap();
+    for model in [compile(&case, &opts(Backend::Cpu)).unwrap(), reference] {
+        let mut inputs = first.clone();
+        for step in 0..3 {
+            let refs: Vec<(&str, TensorRef)> = inputs.iter().map(|(n, t)| (n.as_str(), t.view())).collect();
+            let borrowed = model.run_refs(&refs).unwrap();
+            let owned = model.run(inputs.clone()).unwrap();
+            assert_eq!(borrowed, owned, "step {step}");
+            // The next step: the presents as the past, one more position.
+            let mask = inputs.iter().find(|(n, _)| n == "attention_mask").unwrap().1.shape()[1] + 1;
+            for (name, t) in &mut inputs {
+                if let Some(layer) = name.strip_prefix("past_key_values.") {
+                    let present = format!("present.{layer}");
+                    *t = borrowed.iter().find(|(n, _)| *n == present).unwrap().1.clone();
+                } else if name == "attention_mask" {
+                    *t = Tensor::from_vec(vec![1, mask], vec![1i64; mask]);
+                }
+            }
+        }
+        // A borrowed input of the wrong type is refused by name.
+        let wrong = Tensor::zeros(egret::ir::DType::F64, [1, 1]);
+        let refs: Vec<(&str, TensorRef)> =
+            first.iter().map(|(n, t)| (n.as_str(), if n == "input_ids" { wrong.view() } else { t.view() })).collect();
+        let err = model.run_refs(&refs).unwrap_err().to_string();
+        assert!(err.contains("input_ids"), "{err}");
+    }
+}
+
 /// Every symbol at 3: no dim is 1, which would let a bound graph fold
 /// broadcasts the symbolic one cannot assume.
 fn threes(g: &egret::ir::Graph) -> egret::ir::Bindings {

@@ -125,6 +125,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--past", type=int, default=0, help="start from a random cache of this many positions")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="after the checks, this many alternating timed rounds (onnxruntime, Egret, Egret through "
+                         "an IOBinding), each side's figure the median of its rounds' medians")
+    ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
     path = os.path.join(args.model, "model.onnx")
     feeds = prompt_of(args.model)
@@ -169,6 +173,32 @@ def main():
           f"{mean(ready_pass):.3f} mean")
     if ort_ids != egret_ids:
         raise SystemExit("the token sequences differ")
+    if args.rounds > 1:
+        rounds = {"onnxruntime": [], "egret": [], "egret_iobinding": []}
+        for _ in range(args.rounds):
+            ids, ts = decode(lambda f: dict(zip(names, session.run(None, f))), feeds, args.tokens)
+            assert ids == ort_ids
+            rounds["onnxruntime"].append(ms(ts))
+            ids, ts = egret_decode()
+            assert ids == egret_ids
+            rounds["egret"].append(ms(ts))
+            ids, ts = decode_bound(sess, feeds, args.tokens)
+            assert ids == egret_ids
+            rounds["egret_iobinding"].append(ms(ts))
+        medians = {k: float(np.median(v)) for k, v in rounds.items()}
+        print(f"{args.rounds} alternating rounds, ms per token (each round's median of {args.tokens} steps):")
+        for k, v in rounds.items():
+            print(f"  {k:16} median {medians[k]:7.3f}   rounds " + ", ".join(f"{x:.2f}" for x in v))
+        print(f"  egret / onnxruntime: {medians['egret'] / medians['onnxruntime']:.3f} "
+              f"(IOBinding {medians['egret_iobinding'] / medians['onnxruntime']:.3f})")
+        if args.json:
+            import json
+            with open(args.json, "a") as out:
+                out.write(json.dumps({
+                    "model": os.path.basename(os.path.normpath(args.model)), "threads": args.threads,
+                    "past": args.past, "tokens": args.tokens, "identical": ort_ids == egret_ids,
+                    "rounds": rounds, "medians": medians,
+                }) + "\n")
 
 
 if __name__ == "__main__":

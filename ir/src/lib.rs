@@ -28,7 +28,7 @@ pub use error::IrError;
 pub use graph::{Graph, Node, NodeId, ValueData, ValueId};
 pub use half;
 pub use op::Op;
-pub use tensor::{strides_of, BlockCodes, Data, Elem, Tensor};
+pub use tensor::{strides_of, BlockCodes, Data, Elem, Tensor, TensorRef};
 pub use verify::verify;
 
 /// Evaluates one op with the reference semantics. Errors name the op.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use egret::ir::{DType, Data, Tensor, Type};
+use egret::ir::{DType, Data, Tensor, TensorRef, Type};
 
 pyo3::create_exception!(egret, EgretError, pyo3::exceptions::PyException);
 
@@ -123,11 +123,13 @@ fn tensor_of(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Tensor> {
             $(
                 if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'_, $t>>() {
                     let shape = a.shape().to_vec();
-                    // One copy of a contiguous array's memory; element by
-                    // element only for a strided view.
+                    // One copy of a C-ordered array's memory; element by
+                    // element, in logical order, for any other layout
+                    // (`as_slice` would give a Fortran-ordered one's
+                    // elements in memory order).
                     let data: Vec<$t> = match a.as_slice() {
-                        Ok(contiguous) => contiguous.to_vec(),
-                        Err(_) => a.as_array().iter().copied().collect(),
+                        Ok(contiguous) if a.is_c_contiguous() => contiguous.to_vec(),
+                        _ => a.as_array().iter().copied().collect(),
                     };
                     return Ok(Tensor::from_vec(shape, data));
                 }
@@ -141,6 +143,79 @@ fn tensor_of(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Tensor> {
             Err(error(format!("input `{name}` has numpy dtype {dtype}, which Egret does not take")))
         }
         Err(_) => Err(error(format!("input `{name}` must be a numpy array, not {}", value.get_type().name()?))),
+    }
+}
+
+/// A contiguous, aligned numpy array of a type Egret takes, as Egret reads
+/// it in place: its element type, shape and bytes (`None` for an array
+/// that needs `tensor_of`'s copy: strided, unaligned, another type). The
+/// bytes are the array's own memory, valid while the array lives; the
+/// caller keeps a reference to it for as long as it reads them.
+fn borrowed_parts(value: &Bound<'_, PyAny>) -> Option<(DType, Vec<usize>, *const u8, usize)> {
+    macro_rules! try_as {
+        ($($t:ty => $d:ident),*) => {
+            $(
+                if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'_, $t>>() {
+                    // `as_slice` takes Fortran order too, in memory order.
+                    if !a.is_c_contiguous() {
+                        return None;
+                    }
+                    let slice = a.as_slice().ok()?;
+                    let ptr = slice.as_ptr() as *const u8;
+                    return (ptr as usize % std::mem::align_of::<$t>() == 0)
+                        .then(|| (DType::$d, a.shape().to_vec(), ptr, std::mem::size_of_val(slice)));
+                }
+            )*
+        };
+    }
+    try_as!(f32 => F32, f64 => F64, egret::ir::half::f16 => F16, i64 => I64, i32 => I32, i16 => I16, i8 => I8,
+        u8 => U8, u16 => U16, u32 => U32, u64 => U64, bool => Bool);
+    None
+}
+
+/// A run's inputs: each numpy array borrowed where it lies when it can be
+/// (no copy: a decoder's past is most of a step's inputs), else copied.
+struct Feed<'py> {
+    held: Vec<(String, Fed, Bound<'py, PyAny>)>,
+}
+
+enum Fed {
+    Borrowed { dtype: DType, shape: Vec<usize>, ptr: *const u8, len: usize },
+    Copied(Tensor),
+}
+
+impl<'py> Feed<'py> {
+    fn of(input_feed: &Bound<'py, PyDict>) -> PyResult<Feed<'py>> {
+        let mut held = Vec::with_capacity(input_feed.len());
+        for (k, v) in input_feed.iter() {
+            let name: String = k.extract().map_err(|_| error("input names must be strings"))?;
+            let fed = match borrowed_parts(&v) {
+                Some((dtype, shape, ptr, len)) => Fed::Borrowed { dtype, shape, ptr, len },
+                None => Fed::Copied(tensor_of(&name, &v)?),
+            };
+            // The reference keeps the array (and so its memory) alive for
+            // the run, whatever else happens to the dict meanwhile.
+            held.push((name, fed, v));
+        }
+        Ok(Feed { held })
+    }
+
+    fn refs(&self) -> PyResult<Vec<(&str, TensorRef<'_>)>> {
+        self.held
+            .iter()
+            .map(|(name, fed, _)| {
+                let t = match fed {
+                    // The array is held by `self.held` and was checked
+                    // contiguous and aligned with exactly `len` bytes.
+                    Fed::Borrowed { dtype, shape, ptr, len } => {
+                        TensorRef::new(*dtype, shape, unsafe { std::slice::from_raw_parts(*ptr, *len) })
+                            .map_err(|m| error(format!("input `{name}`: {m}")))?
+                    }
+                    Fed::Copied(t) => t.view(),
+                };
+                Ok((name.as_str(), t))
+            })
+            .collect()
     }
 }
 
@@ -280,14 +355,14 @@ impl InferenceSession {
         if run_options.is_some_and(|o| !o.is_none()) {
             return Err(error("run_options are not supported"));
         }
-        let mut named = Vec::with_capacity(input_feed.len());
-        for (k, v) in input_feed.iter() {
-            let name: String = k.extract().map_err(|_| error("input names must be strings"))?;
-            let t = tensor_of(&name, &v)?;
-            named.push((name, t));
-        }
+        let feed = Feed::of(input_feed)?;
+        let named = feed.refs()?;
         let wanted = self.output_positions(output_names.as_deref())?;
-        let results = py.detach(|| self.model.run(named)).map_err(error)?;
+        // Another Python thread writing an input array during the run races
+        // with it, as it does with onnxruntime, which also reads in place.
+        let results = py.detach(|| self.model.run_refs(&named)).map_err(error)?;
+        drop(named);
+        drop(feed);
         // Each output handed over whole at its last mention (a name asked
         // for twice is copied for the earlier one).
         let mut results: Vec<Option<Tensor>> = results.into_iter().map(|(_, t)| Some(t)).collect();
@@ -325,9 +400,10 @@ impl InferenceSession {
         }
         let names = lock(&iobinding.outputs).clone();
         let wanted = self.output_positions(if names.is_empty() { None } else { Some(&names) })?;
-        let named: Vec<(String, Tensor)> =
-            lock(&iobinding.inputs).iter().map(|(n, t)| (n.clone(), Tensor::clone(t))).collect();
-        let results = py.detach(|| self.model.run(named)).map_err(error)?;
+        // The bound tensors shared, not copied: the run reads them in place.
+        let bound: Vec<(String, Arc<Tensor>)> = lock(&iobinding.inputs).clone();
+        let named: Vec<(&str, TensorRef)> = bound.iter().map(|(n, t)| (n.as_str(), t.view())).collect();
+        let results = py.detach(|| self.model.run_refs(&named)).map_err(error)?;
         let mut results: Vec<Option<Tensor>> = results.into_iter().map(|(_, t)| Some(t)).collect();
         let outputs = &self.model.program.signature.outputs;
         *lock(&iobinding.results) = wanted

@@ -88,6 +88,37 @@ def test_named_outputs_come_back_in_the_order_asked():
     np.testing.assert_array_equal(pooled[0], both[1])
 
 
+def test_inputs_in_any_layout_give_what_contiguous_ones_give():
+    """Contiguous aligned arrays are read where they lie; strided, Fortran-
+    ordered, unaligned and read-only ones are taken too (the first three
+    copied), every one with the contiguous array's result, and the arrays
+    are never written."""
+    case = os.path.join(ZOO, "vit_tiny")
+    sess = egret.InferenceSession(case, threads=1)
+    name = sess.get_inputs()[0].name
+    shape = sess.get_inputs()[0].shape
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    kept = x.copy()
+    want = sess.run(None, {name: x})
+    # Every other element of a wider array: a strided view.
+    wide = np.zeros(shape[:-1] + [2 * shape[-1]], dtype=np.float32)
+    wide[..., ::2] = x
+    # The same values at an address one byte past a float's alignment.
+    raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float32).reshape(shape)
+    unaligned[...] = x
+    assert unaligned.ctypes.data % 4 != 0 or not unaligned.flags.aligned
+    readonly = x.copy()
+    readonly.setflags(write=False)
+    for variant in [wide[..., ::2], np.asfortranarray(x), unaligned, readonly]:
+        got = sess.run(None, {name: variant})
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w, g)
+    np.testing.assert_array_equal(x, kept)
+    with pytest.raises(egret.EgretError, match=name):
+        sess.run(None, {name: x.astype(">f4")})
+
+
 def test_bad_inputs_raise_egret_errors_naming_them():
     case = os.path.join(ZOO, "vit_tiny")
     sess = egret.InferenceSession(case)

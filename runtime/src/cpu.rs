@@ -13,7 +13,7 @@ use crate::{Executable, RunError};
 use egret_backends::cpu::kernels::pool::{self, Pool, Split};
 use egret_backends::cpu::{any_kernel_may_split, call_blocks, parallel_extent, split_at, split_of, CompiledPlan};
 use egret_backends::plan::{BufferId, Kernel, KernelKind, Storage};
-use egret_ir::{Bindings, Dim, DimValues, Op, Tensor, Type};
+use egret_ir::{Bindings, Dim, DimValues, Op, Tensor, TensorRef, Type};
 
 /// A 64-byte-aligned byte buffer, so that every element type (and vector
 /// loads) sees natural alignment.
@@ -235,6 +235,11 @@ impl Memory<'_> {
 
 impl Executable for CpuExecutable {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let refs: Vec<TensorRef> = inputs.iter().map(Tensor::view).collect();
+        self.run_refs(&refs)
+    }
+
+    fn run_refs(&self, inputs: &[TensorRef<'_>]) -> Result<Vec<Tensor>, RunError> {
         self.pool.install(|| self.execute(inputs, None))
     }
 
@@ -244,7 +249,8 @@ impl Executable for CpuExecutable {
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
         let mut times = Vec::with_capacity(self.compiled.plan.kernels.len());
-        self.pool.install(|| self.execute(inputs, Some(&mut times)))?;
+        let refs: Vec<TensorRef> = inputs.iter().map(Tensor::view).collect();
+        self.pool.install(|| self.execute(&refs, Some(&mut times)))?;
         Ok(times)
     }
 }
@@ -253,12 +259,12 @@ impl CpuExecutable {
     /// Runs the plan; with `times`, records each kernel's duration.
     fn execute(
         &self,
-        inputs: Vec<Tensor>,
+        inputs: &[TensorRef<'_>],
         times: Option<&mut Vec<(String, String, f64)>>,
     ) -> Result<Vec<Tensor>, RunError> {
         let plan = &self.compiled.plan;
-        let values = self.values(&inputs)?;
-        let setup = self.setup(values, &inputs)?;
+        let values = self.values(inputs)?;
+        let setup = self.setup(values, inputs)?;
         let arena_bytes = setup.layout.arena_bytes;
         let mut ws = self
             .workspaces
@@ -274,12 +280,12 @@ impl CpuExecutable {
             true => inputs.iter().map(|t| t.bytes().as_ptr() as *mut u8).collect(),
             false => {
                 ws.inputs.resize_with(inputs.len(), || AlignedBuf::zeroed(0));
-                for (buf, t) in ws.inputs.iter_mut().zip(&inputs) {
-                    let len = t.numel() * t.dtype().size_bytes();
+                for (buf, t) in ws.inputs.iter_mut().zip(inputs) {
+                    let len = t.bytes().len();
                     if buf.len != len {
                         *buf = AlignedBuf::zeroed(len);
                     }
-                    t.write_bytes(buf.bytes_mut());
+                    buf.bytes_mut().copy_from_slice(t.bytes());
                 }
                 ws.inputs.iter().map(AlignedBuf::ptr).collect()
             }
@@ -292,7 +298,7 @@ impl CpuExecutable {
     }
 
     /// The plan's symbols' values for a call (none for a bound plan).
-    fn values(&self, inputs: &[Tensor]) -> Result<Bindings, RunError> {
+    fn values(&self, inputs: &[TensorRef]) -> Result<Bindings, RunError> {
         let plan = &self.compiled.plan;
         if plan.symbols.is_empty() {
             return Ok(Bindings::new());
@@ -306,14 +312,14 @@ impl CpuExecutable {
     /// a new one, after checking that no symbolic kernel reaches
     /// outside a buffer at them (so a call the model does not allow fails
     /// before any kernel runs).
-    fn setup(&self, values: Bindings, inputs: &[Tensor]) -> Result<std::sync::Arc<Setup>, RunError> {
+    fn setup(&self, values: Bindings, inputs: &[TensorRef]) -> Result<std::sync::Arc<Setup>, RunError> {
         if let Some(s) = self.recent.lock().ok().and_then(|r| r.iter().rev().find(|s| s.values == values).cloned()) {
             return Ok(s);
         }
         let plan = &self.compiled.plan;
         let layout = self.layout_for(&values);
         let dims = DimValues::new(&values);
-        let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
+        let input_bytes: Vec<usize> = inputs.iter().map(|t| t.bytes().len()).collect();
         let (mut sizes, mut blocks, mut extents, mut splits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, k) in plan.kernels.iter().enumerate() {
             if self.symbolic[i] {

@@ -37,7 +37,7 @@ pub use gpu::{WgpuDevice, WgpuExecutable};
 pub use ptx::{PtxDevice, PtxExecutable};
 pub use reference::ReferenceExecutable;
 
-use egret_ir::{Tensor, Type};
+use egret_ir::{Tensor, TensorRef, Type};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -65,6 +65,13 @@ pub enum RunError {
 /// given positionally in the signature's input order.
 pub trait Executable: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
+
+    /// Runs on inputs borrowed where they lie (a caller's arrays, the last
+    /// run's outputs). Backends that read their inputs in place (the JIT)
+    /// copy nothing; the default copies them for `run`.
+    fn run_refs(&self, inputs: &[TensorRef<'_>]) -> Result<Vec<Tensor>, RunError> {
+        self.run(inputs.iter().map(TensorRef::to_tensor).collect())
+    }
 
     /// Bytes of working memory one run uses, where the backend plans it.
     fn arena_bytes(&self) -> Option<usize> {
@@ -130,7 +137,8 @@ impl Signature {
     /// any symbolic dims, the values the graph was specialised on) without
     /// moving them: the test a cache of programs picks one by.
     pub fn accepts(&self, named: &[(String, Tensor)]) -> bool {
-        self.order(named).is_ok()
+        let refs: Vec<(&str, TensorRef)> = named.iter().map(|(n, t)| (n.as_str(), t.view())).collect();
+        self.order(&refs).is_ok()
     }
 
     /// Whether any input's shape is symbolic.
@@ -140,12 +148,12 @@ impl Signature {
 
     /// For each input slot, the position in `named` of the tensor for it,
     /// after checking names, types and specialised values.
-    fn order(&self, named: &[(String, Tensor)]) -> Result<Vec<usize>, RunError> {
+    fn order(&self, named: &[(&str, TensorRef)]) -> Result<Vec<usize>, RunError> {
         let mut slots: Vec<Option<usize>> = vec![None; self.inputs.len()];
-        for (at, (name, t)) in named.iter().enumerate() {
+        for (at, &(name, t)) in named.iter().enumerate() {
             if let Some((_, want)) = self.specialized.iter().find(|(n, _)| n == name) {
-                if want != t {
-                    return Err(RunError::SpecializedMismatch { name: name.clone() });
+                if !t.same_as(want) {
+                    return Err(RunError::SpecializedMismatch { name: name.to_string() });
                 }
                 if !self.inputs.iter().any(|(n, _)| n == name) {
                     continue;
@@ -153,7 +161,7 @@ impl Signature {
             }
             let Some(i) = self.inputs.iter().position(|(n, _)| n == name) else {
                 let known = self.inputs.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-                return Err(RunError::UnknownInput { name: name.clone(), known });
+                return Err(RunError::UnknownInput { name: name.to_string(), known });
             };
             let expected = &self.inputs[i].1;
             // A symbolic shape takes any sizes its symbols can have, checked
@@ -164,7 +172,7 @@ impl Signature {
                 t.dtype() == expected.dtype && t.shape().len() == expected.rank()
             };
             if !fits {
-                return Err(RunError::WrongType { name: name.clone(), expected: expected.clone(), got: t.ty() });
+                return Err(RunError::WrongType { name: name.to_string(), expected: expected.clone(), got: t.ty() });
             }
             slots[i] = Some(at);
         }
@@ -189,9 +197,16 @@ impl Signature {
 
     /// Orders named inputs positionally and checks them (see `accepts`).
     pub fn bind(&self, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, RunError> {
-        let order = self.order(&named)?;
+        let refs: Vec<(&str, TensorRef)> = named.iter().map(|(n, t)| (n.as_str(), t.view())).collect();
+        let order = self.order(&refs)?;
+        drop(refs);
         let mut named: Vec<Option<Tensor>> = named.into_iter().map(|(_, t)| Some(t)).collect();
         Ok(order.into_iter().map(|at| named[at].take().expect("each input fills one slot")).collect())
+    }
+
+    /// `bind` for borrowed inputs.
+    pub fn bind_refs<'a>(&self, named: &[(&str, TensorRef<'a>)]) -> Result<Vec<TensorRef<'a>>, RunError> {
+        Ok(self.order(named)?.into_iter().map(|at| named[at].1).collect())
     }
 }
 
@@ -220,6 +235,14 @@ impl Program {
     pub fn run(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, RunError> {
         let inputs = self.signature.bind(named)?;
         let outs = self.executable.run(inputs)?;
+        Ok(self.signature.outputs.iter().map(|(n, _)| n.clone()).zip(outs).collect())
+    }
+
+    /// `run` on inputs borrowed where they lie: nothing is copied in where
+    /// the backend reads inputs in place (the CPU JIT).
+    pub fn run_refs(&self, named: &[(&str, TensorRef<'_>)]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let inputs = self.signature.bind_refs(named)?;
+        let outs = self.executable.run_refs(&inputs)?;
         Ok(self.signature.outputs.iter().map(|(n, _)| n.clone()).zip(outs).collect())
     }
 }
