@@ -86,6 +86,34 @@ fn borrowed_inputs_give_what_owned_ones_give() {
     }
 }
 
+/// A slice over a symbolic axis from `s0 - 3` to 0 has no element for s0
+/// of 3 or more (ONNX clamps its length at 0); the importer's type says
+/// `-s0 + 3`. Concatenated after 64 rows, the CPU gave 63 rows at s0 = 4
+/// where the reference gives 64 (a fuzzing finding): a call whose values
+/// make any of the plan's sizes negative is now refused, naming the node.
+#[test]
+fn a_size_negative_at_run_time_is_refused_naming_the_node() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/symbolic_slice_length_negative_at_run_time.onnx");
+    let cpu = compile(&model, &CompileOptions { threads: Some(1), ..Default::default() }).unwrap();
+    let reference = compile(&model, &CompileOptions { backend: Backend::Reference, ..Default::default() }).unwrap();
+    let inputs = |rows: usize| {
+        vec![
+            ("x1".to_string(), Tensor::from_vec(vec![rows, 7], vec![1.5f32; rows * 7])),
+            ("x3".to_string(), Tensor::from_vec(vec![], vec![0i64])),
+        ]
+    };
+    // (Below 3 the start, `s0 - 3`, is negative: both refuse that call.)
+    let (got, want) = (cpu.run(inputs(3)).unwrap(), reference.run(inputs(3)).unwrap());
+    assert_eq!(got[0].1.shape(), [64, 0]);
+    assert_eq!(got, want);
+    for (rows, size) in [(4, "-1"), (9, "-6")] {
+        let err = cpu.run(inputs(rows)).unwrap_err().to_string();
+        assert!(err.contains("Slice_4") && err.contains("-s0 + 3") && err.contains(size), "{err}");
+        assert_eq!(reference.run(inputs(rows)).unwrap()[0].1.shape(), [64, 0]);
+    }
+}
+
 /// Every symbol at 3: no dim is 1, which would let a bound graph fold
 /// broadcasts the symbolic one cannot assume.
 fn threes(g: &egret::ir::Graph) -> egret::ir::Bindings {

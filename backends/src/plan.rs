@@ -945,6 +945,13 @@ pub struct Plan {
     /// values (every symbol at 128 at once could be far more memory than
     /// any call needs: a batch of 128), growing it as calls need.
     pub bounded: Vec<String>,
+    /// The graph's symbolic sizes that are more than one symbol (`s0 - 1`),
+    /// each with the node whose output has it: a call whose values make one
+    /// negative is refused (`Plan::check_sizes`). Such a size is where the
+    /// importer's arithmetic assumed the ONNX op's clamping at zero would
+    /// not happen (a slice of `s0 - 3 .. 0`); an empty value need not have
+    /// a kernel that would notice.
+    pub sizes: Vec<(Dim, String)>,
 }
 
 impl Expr {
@@ -986,6 +993,22 @@ impl Expr {
 }
 
 impl Plan {
+    /// An error naming the node and the size when `values` make one of the
+    /// graph's symbolic sizes negative (`Plan::sizes`).
+    pub fn check_sizes(&self, values: &egret_ir::DimValues) -> Result<(), String> {
+        for (d, label) in &self.sizes {
+            if let Ok(v) = values.get(*d) {
+                if v < 0 {
+                    return Err(format!(
+                        "{label}: a size of its output, {d}, is {v} at these inputs' dims: \
+                         the model's shapes do not hold for them"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether no size in the plan depends on a symbol: what the GPU
     /// backends and ahead-of-time code compile.
     pub fn is_bound(&self) -> bool {

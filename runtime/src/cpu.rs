@@ -319,6 +319,7 @@ impl CpuExecutable {
         let plan = &self.compiled.plan;
         let layout = self.layout_for(&values);
         let dims = DimValues::new(&values);
+        plan.check_sizes(&dims).map_err(RunError::Shape)?;
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.bytes().len()).collect();
         let (mut sizes, mut blocks, mut extents, mut splits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, k) in plan.kernels.iter().enumerate() {

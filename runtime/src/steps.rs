@@ -34,6 +34,7 @@ impl Sizing {
         let dims = DimValues::new(values);
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
         let plan = self.program.plan();
+        plan.check_sizes(&dims).map_err(RunError::Shape)?;
         for k in plan.kernels.iter().filter(|k| !k.is_known()) {
             check_spans(plan, k, values, &dims, &input_bytes)?;
         }

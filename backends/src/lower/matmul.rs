@@ -22,6 +22,11 @@ pub(super) struct GatheredRows {
 pub(super) fn gathered_rows(g: &Graph, a: ValueId) -> Option<(GatheredRows, Vec<NodeId>)> {
     let shape = &g.ty(a).known_shape()?;
     let (&width, m) = (shape.last()?, *shape.get(shape.len().checked_sub(2)?)?);
+    // Rows of no elements are not rows the layout ops' replay can follow
+    // (a reshape of an empty tensor need not keep the row count).
+    if width == 0 {
+        return None;
+    }
     // The longest chain whose values in between are read only inside it
     // (a roll's concat feeds the two slices of the next roll); failing
     // that, the chain up to the first value read twice.
@@ -80,6 +85,9 @@ pub(super) fn moves_rows(g: &Graph, node: &egret_ir::Node, width: usize) -> bool
 /// row exactly once, and nothing outside reads what is in between.
 pub(super) fn placed_rows(g: &Graph, p: ValueId) -> Option<(PlacedRows, Vec<NodeId>)> {
     let width = *g.ty(p).known_shape()?.last()?;
+    if width == 0 {
+        return None;
+    }
     let only_reader = |v: ValueId| {
         let readers = g.consumers(g.producer(v));
         (g.use_count(v) == 1 && readers.len() == 1).then(|| readers[0])

@@ -167,7 +167,15 @@ impl Lowering<'_> {
             return vw;
         }
         self.dense(v, label);
-        self.view(v)
+        let vw = self.view(v);
+        // `dense` keeps a view whose symbolic strides are on dims of one
+        // element, or that holds no element: strides that address nothing
+        // else, so any known value serves (a slice of one row of a
+        // symbolic-width buffer, say).
+        let Some(shape) = self.g.ty(v).known_shape() else { return vw };
+        let empty = shape.contains(&0);
+        let strides = vw.strides.iter().zip(&shape).map(|(&s, &n)| if n <= 1 || empty { Dim::new(0) } else { s });
+        View { offset: if empty { Dim::new(0) } else { vw.offset }, strides: strides.collect(), ..vw }
     }
 
     /// Where `v` is, writing it first if it is still pending.
@@ -464,8 +472,28 @@ pub fn lower(g: &Graph, opts: LowerOptions) -> Result<Plan, IrError> {
     // Until a caller says otherwise (declared bounds) or a call needs more,
     // the arena is laid out for each symbol at its nominal value.
     let capacity = symbols.iter().map(|s| (s.clone(), egret_ir::NOMINAL_SYMBOL_VALUE)).collect();
-    let mut plan =
-        Plan { buffers: l.buffers, kernels, arena_bytes: 0, inputs, outputs, symbols, capacity, bounded: vec![] };
+    let mut sizes: Vec<(Dim, String)> = Vec::new();
+    for n in g.node_ids() {
+        let node = g.node(n);
+        for &v in &node.outputs {
+            for &d in &g.ty(v).shape {
+                if !d.is_known() && d.as_symbol().is_none() && !sizes.iter().any(|(s, _)| *s == d) {
+                    sizes.push((d, node.label.clone()));
+                }
+            }
+        }
+    }
+    let mut plan = Plan {
+        buffers: l.buffers,
+        kernels,
+        arena_bytes: 0,
+        inputs,
+        outputs,
+        symbols,
+        capacity,
+        bounded: vec![],
+        sizes,
+    };
     plan_memory(&mut plan);
     Ok(plan)
 }

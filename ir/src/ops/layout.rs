@@ -236,7 +236,15 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
     let shape = x.shape();
     let one = |s: Vec<usize>, d: Data| Ok(vec![Tensor::new(s, d)]);
     match op {
-        Op::Reshape { shape: to } => one(sizes(to, "the reshape")?, x.data().clone()),
+        Op::Reshape { shape: to } => {
+            let to = sizes(to, "the reshape")?;
+            // A type the verifier passed holds this; a caller replaying the
+            // op on other values (lowering's row indices) may not.
+            if to.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(x.numel()) {
+                return Err(format!("reshape of {:?} ({} elements) to {to:?}", shape, x.numel()));
+            }
+            one(to, x.data().clone())
+        }
         Op::Transpose { perm } => {
             let out = permute(shape, perm)?;
             one(out, x.data().gather(&transpose_index(shape, perm)))
