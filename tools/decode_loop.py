@@ -3,7 +3,7 @@
 by side: the prompt runs over an empty past, then each step feeds the
 previous step's presents back as the past and appends the arg-max token.
 
-  python3 tools/decode_loop.py [MODEL_DIR] [--tokens 64] [--threads 1] [--past N]
+  python3 tools/decode_loop.py [MODEL_DIR] [--tokens 64] [--threads 1] [--past N] [--rounds 5] [--json F]
 
 MODEL_DIR defaults to tests/data/synthetic/gpt2_kv (Hugging Face's layout:
 `input_ids`, `attention_mask`, `past_key_values.N.key/.value` in, and
@@ -24,7 +24,10 @@ kernels read them at run time): the prompt and every step after it run from
 one program, compiled when the session is made (the script also runs a
 session given the batch, the same program with one symbol fewer). It reports each side's median time per
 token and its mean over the loop (a compile at a run would be in Egret's
-mean), and Egret's again through an IOBinding. Needs the `egret`
+mean), and Egret's again through an IOBinding. With `--rounds R` it then
+times R alternating rounds (onnxruntime, Egret, Egret through an IOBinding)
+and reports each side's median of its rounds' medians (`--json` appends
+every round's figures as one JSON line). Needs the `egret`
 Python package (`pip install ./python`), onnxruntime and onnx.
 """
 
