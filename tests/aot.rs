@@ -568,6 +568,44 @@ fn a_library_refuses_per_call_ops_naming_them_and_the_dims() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// A library refuses values that make one of the model's sizes negative,
+/// naming the node, as the JIT does (`Plan::sizes`): a slice from
+/// `s0 - 3` to 0 is typed `-s0 + 3` long, which ONNX clamps at 0 for s0
+/// past 3 (a fuzzing finding); at s0 = 3 it runs and matches the JIT.
+#[test]
+fn a_library_refuses_a_size_negative_at_these_dims() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("negative-size");
+    // (Not straight under `work`: the library goes to `work/<name>`.)
+    let case = work.join("models").join("case");
+    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/symbolic_slice_length_negative_at_run_time.onnx");
+    std::fs::copy(&model, case.join("model.onnx")).unwrap();
+    let inputs = [
+        ("x1", Tensor::from_vec(vec![3, 7], (0..21).map(|i| i as f32 - 4.5).collect::<Vec<f32>>())),
+        ("x3", Tensor::from_vec(vec![], vec![1i64])),
+    ];
+    for (i, (name, t)) in inputs.iter().enumerate() {
+        egret::io::write_pb(&case.join(format!("test_data_set_0/input_{i}.pb")), name, t).unwrap();
+    }
+    let jit = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
+    let want = jit.run(inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect()).unwrap();
+    let a = compile_symbolic(&case, &work, &[]);
+    let mut sets = std::fs::read_to_string(a.dir.join("sets.txt")).unwrap();
+    sets.push_str("set\nnone 2 4 7\nnone 0\n");
+    std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
+    let (refused, checked) = run_shaped_against(&a, &[], "negative size", &|_, j| want[j].clone());
+    assert_eq!(checked, want.len());
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (set, message) = &refused[0];
+    assert_eq!(*set, 1);
+    assert!(message.contains("Slice_4") && message.contains("-s0 + 3") && message.contains("negative"), "{message}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// A library with symbolic dims against the JIT on random inputs of many
 /// shapes, the edges among them (one token, an empty past, a batch of
 /// three, the longest past the positions allow): the same answers.

@@ -6,7 +6,9 @@
 //! - solves the symbols from the inputs' dims, and refuses dims that
 //!   contradict the model (a fixed dim given another size, two inputs that
 //!   disagree on `sequence`) or a value outside its declared bounds;
-//! - evaluates every size the plan keeps symbolic, with overflow checks;
+//! - evaluates every size the plan keeps symbolic, with overflow checks,
+//!   and refuses values that make one of the graph's sizes negative
+//!   (`Plan::sizes`);
 //! - checks each symbolic kernel's strided walks (`Kernel::walks`) against
 //!   the buffers they touch at those sizes, as the JIT's runtime does, so
 //!   that a value the model cannot serve (a position table too short for
@@ -169,8 +171,20 @@ impl Sizes<'_> {
         side(self.inputs, "input", &mut v, &mut body);
         side(self.outputs, "output", &mut v, &mut body);
 
-        // The walks of every symbolic kernel, inside their buffers.
+        // No compound size negative (`Plan::sizes`: a slice's `-s0 + 3`
+        // once ONNX would have clamped it), as the JIT's runtime checks.
         let mut checks = String::new();
+        for (d, label) in &plan.sizes {
+            let _ = writeln!(
+                checks,
+                "    if ({} < 0)\n        return refuse(c, \"node `%s`: a size of its output, %s, is negative at these dims: the model's shapes do not hold for them\", {}, {});",
+                v.of(*d),
+                super::c_string(label),
+                super::c_string(&d.to_string()),
+            );
+        }
+
+        // The walks of every symbolic kernel, inside their buffers.
         for (i, k) in plan.kernels.iter().enumerate() {
             for w in k.walks() {
                 // (C has no empty initialiser: a rank-0 walk lists a 0 it never reads.)
