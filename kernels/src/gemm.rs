@@ -857,11 +857,11 @@ unsafe fn panel_range_impl<const FMA: bool>(
                         (TileShape::TwoPanels, 2) => tile.rows::<2, NR, FMA>(rows),
                         // A few rows (a decode step's): the whole panel in
                         // one pass, two accumulators a row (eight for four
-                        // rows, with the panel's row in two more registers). Half a panel at
-                        // a time would stream the weight twice, its second
-                        // pass from the cache, each multiply-add waiting on
-                        // the one before: 30% slower on a matrix-vector
-                        // product bound by memory.
+                        // rows, the panel's row in two more registers).
+                        // Half a panel at a time would stream the weight
+                        // twice, its second pass from the cache, each
+                        // multiply-add waiting on the one before: 25-30%
+                        // slower on a matrix-vector product bound by memory.
                         (TileShape::HalfPanel, _) if rows <= WHOLE_PANEL_ROWS => tile.rows::<1, NR, FMA>(rows),
                         (TileShape::HalfPanel, _) => {
                             tile.rows::<1, HALF, FMA>(rows);
