@@ -83,8 +83,8 @@ impl Specializing {
         }
     }
 
-    fn bindings(&self, shapes: &[&[usize]]) -> Result<Bindings, RunError> {
-        egret_runtime::solve_dims(&self.inputs, shapes)
+    fn bindings<'a>(&self, shapes: impl Iterator<Item = &'a [usize]>) -> Result<Bindings, RunError> {
+        egret_runtime::solve_dims(&self.inputs, &shapes.collect::<Vec<_>>())
     }
 
     /// The symbols of `values` a program is compiled for: all of them,
@@ -170,17 +170,17 @@ impl Specializing {
 
 impl Executable for Specializing {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        let values = self.bindings(&inputs.iter().map(|t| t.shape()).collect::<Vec<_>>())?;
+        let values = self.bindings(inputs.iter().map(|t| t.shape()))?;
         self.executable_for(&values)?.run(inputs)
     }
 
     fn run_refs(&self, inputs: &[TensorRef<'_>]) -> Result<Vec<Tensor>, RunError> {
-        let values = self.bindings(&inputs.iter().map(|t| t.shape()).collect::<Vec<_>>())?;
+        let values = self.bindings(inputs.iter().map(|t| t.shape()))?;
         self.executable_for(&values)?.run_refs(inputs)
     }
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, String, f64)>, RunError> {
-        let values = self.bindings(&inputs.iter().map(|t| t.shape()).collect::<Vec<_>>())?;
+        let values = self.bindings(inputs.iter().map(|t| t.shape()))?;
         self.executable_for(&values)?.profile(inputs)
     }
 

@@ -68,6 +68,17 @@ def bench(isa):
     return shapes, rows, gemm_crate, bandwidth
 
 
+def table(results, isas, column, reference, head, unit, share):
+    """One markdown table: per shape, each ISA's figure (`results[isa][column]`)
+    and its share of `results[isa][reference]`."""
+    print()
+    print(f"| {head} | " + " | ".join(f"{i} {unit} | {i} {share}" for i in isas) + " |")
+    print("| --- | " + " | ".join("--- | ---" for _ in isas) + " |")
+    for key in sorted(results[isas[0]][column]):
+        cells = [f"{results[i][column][key]:.1f} | {results[i][column][key] / results[i][reference]:.0%}" for i in isas]
+        print(f"| {'x'.join(map(str, key))} | " + " | ".join(cells) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--isa", nargs="+", default=["avx512", "avx2"], choices=["avx512", "avx2"])
@@ -81,15 +92,8 @@ def main():
         print(f"{isa}: OpenBLAS ({CORETYPE[isa]}) {blas:.1f} GFLOP/s, gemm crate {gemm_crate:.1f} GFLOP/s "
               f"(peak {peak:.1f}); read bandwidth {bandwidth:.1f} GB/s", flush=True)
     isas = list(results)
-    print()
-    print("| M x K x N | " + " | ".join(f"{i} GFLOP/s | {i} share of peak" for i in isas) + " |")
-    print("| --- | " + " | ".join("--- | ---" for _ in isas) + " |")
-    for key in sorted(results[isas[0]][0]):
-        cells = []
-        for i in isas:
-            g = results[i][0][key]
-            cells.append(f"{g:.1f} | {g / results[i][2]:.0%}")
-        print(f"| {'x'.join(map(str, key))} | " + " | ".join(cells) + " |")
+    table(results, isas, 0, 2, "M x K x N", "GFLOP/s", "share of peak")
+    table(results, isas, 1, 3, "M x K x N (decode rows)", "GB/s", "share of read bandwidth")
     print()
     print("| M x K x N (decode rows) | " + " | ".join(f"{i} GB/s | {i} share of read bandwidth" for i in isas) + " |")
     print("| --- | " + " | ".join("--- | ---" for _ in isas) + " |")
