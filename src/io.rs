@@ -50,18 +50,18 @@ pub fn read_npy(path: &Path) -> Result<Tensor, Error> {
     let ts = ts.to_string();
     let io = |e: std::io::Error| err(format!("bad data: {e}"));
     let data = match ts.as_str() {
-        "<f4" => Data::F32(npy.into_vec().map_err(io)?),
-        "<f8" => Data::F64(npy.into_vec().map_err(io)?),
-        "<f2" => Data::F16(npy.into_vec().map_err(io)?),
-        "|i1" | "<i1" => Data::I8(npy.into_vec().map_err(io)?),
-        "<i2" => Data::I16(npy.into_vec().map_err(io)?),
-        "<i4" => Data::I32(npy.into_vec().map_err(io)?),
-        "<i8" => Data::I64(npy.into_vec().map_err(io)?),
-        "|u1" | "<u1" => Data::U8(npy.into_vec().map_err(io)?),
-        "<u2" => Data::U16(npy.into_vec().map_err(io)?),
-        "<u4" => Data::U32(npy.into_vec().map_err(io)?),
-        "<u8" => Data::U64(npy.into_vec().map_err(io)?),
-        "|b1" => Data::Bool(npy.into_vec().map_err(io)?),
+        "<f4" => Data::F32(npy.into_vec().map_err(io)?.into()),
+        "<f8" => Data::F64(npy.into_vec().map_err(io)?.into()),
+        "<f2" => Data::F16(npy.into_vec().map_err(io)?.into()),
+        "|i1" | "<i1" => Data::I8(npy.into_vec().map_err(io)?.into()),
+        "<i2" => Data::I16(npy.into_vec().map_err(io)?.into()),
+        "<i4" => Data::I32(npy.into_vec().map_err(io)?.into()),
+        "<i8" => Data::I64(npy.into_vec().map_err(io)?.into()),
+        "|u1" | "<u1" => Data::U8(npy.into_vec().map_err(io)?.into()),
+        "<u2" => Data::U16(npy.into_vec().map_err(io)?.into()),
+        "<u4" => Data::U32(npy.into_vec().map_err(io)?.into()),
+        "<u8" => Data::U64(npy.into_vec().map_err(io)?.into()),
+        "|b1" => Data::Bool(npy.into_vec().map_err(io)?.into()),
         other => return Err(err(format!("dtype `{other}` is not supported"))),
     };
     Tensor::try_new(shape, data).map_err(err)

@@ -146,7 +146,7 @@ fn decode(
             // Zeroed memory is mapped lazily; `fill` writes each page once.
             let mut v: Vec<$T> = vec![<$T as bytemuck::Zeroable>::zeroed(); n];
             fill(bytemuck::cast_slice_mut(&mut v))?;
-            Data::$V(v)
+            Data::$V(v.into())
         }};
     }
     Ok(match dtype {
@@ -238,9 +238,9 @@ pub(crate) fn tensor_from_proto_in(
     } else {
         // Typed fields: which one holds the values depends on the dtype.
         let data = match dtype {
-            DType::F32 => Data::F32(t.float_data.clone()),
-            DType::F64 => Data::F64(t.double_data.clone()),
-            DType::I64 => Data::I64(t.int64_data.clone()),
+            DType::F32 => Data::F32(t.float_data.clone().into()),
+            DType::F64 => Data::F64(t.double_data.clone().into()),
+            DType::I64 => Data::I64(t.int64_data.clone().into()),
             // Half types keep their bits in the low 16 of each int32_data entry.
             DType::F16 => Data::F16(t.int32_data.iter().map(|&x| half::f16::from_bits(x as u16)).collect()),
             DType::BF16 => Data::BF16(t.int32_data.iter().map(|&x| half::bf16::from_bits(x as u16)).collect()),

@@ -3,25 +3,27 @@
 //! Storage is one `Vec` per element type behind an enum, so generic kernels are
 //! written once over the `Elem` trait and dispatched with `dispatch!`.
 
+use crate::buf::Buf;
 use crate::dtype::{DType, Type};
 use std::fmt;
 
-/// Storage of a tensor, row-major.
+/// Storage of a tensor, row-major: owned, or read in place from a mapped
+/// file (`Buf`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-    F16(Vec<half::f16>),
-    BF16(Vec<half::bf16>),
-    I8(Vec<i8>),
-    I16(Vec<i16>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
-    U8(Vec<u8>),
-    U16(Vec<u16>),
-    U32(Vec<u32>),
-    U64(Vec<u64>),
-    Bool(Vec<bool>),
+    F32(Buf<f32>),
+    F64(Buf<f64>),
+    F16(Buf<half::f16>),
+    BF16(Buf<half::bf16>),
+    I8(Buf<i8>),
+    I16(Buf<i16>),
+    I32(Buf<i32>),
+    I64(Buf<i64>),
+    U8(Buf<u8>),
+    U16(Buf<u16>),
+    U32(Buf<u32>),
+    U64(Buf<u64>),
+    Bool(Buf<bool>),
 }
 
 /// Runs `$body` with `$v` bound to the typed vector inside a `Data`, for every
@@ -202,7 +204,7 @@ macro_rules! impl_elem_num {
         impl Elem for $t {
             const DTYPE: DType = DType::$variant;
             fn wrap(v: Vec<Self>) -> Data {
-                Data::$variant(v)
+                Data::$variant(v.into())
             }
             fn to_f64(self) -> f64 {
                 self as f64
@@ -241,7 +243,7 @@ macro_rules! impl_elem_half {
         impl Elem for $t {
             const DTYPE: DType = DType::$variant;
             fn wrap(v: Vec<Self>) -> Data {
-                Data::$variant(v)
+                Data::$variant(v.into())
             }
             fn to_f64(self) -> f64 {
                 self.to_f64()
@@ -271,7 +273,7 @@ impl_elem_half!(half::bf16, BF16);
 impl Elem for bool {
     const DTYPE: DType = DType::Bool;
     fn wrap(v: Vec<Self>) -> Data {
-        Data::Bool(v)
+        Data::Bool(v.into())
     }
     fn to_f64(self) -> f64 {
         self as u8 as f64
@@ -309,19 +311,19 @@ impl Data {
     /// A zero-filled (or `false`-filled) buffer.
     pub fn zeros(dtype: DType, len: usize) -> Data {
         match dtype {
-            DType::F32 => Data::F32(vec![0.0; len]),
-            DType::F64 => Data::F64(vec![0.0; len]),
-            DType::F16 => Data::F16(vec![half::f16::ZERO; len]),
-            DType::BF16 => Data::BF16(vec![half::bf16::ZERO; len]),
-            DType::I8 => Data::I8(vec![0; len]),
-            DType::I16 => Data::I16(vec![0; len]),
-            DType::I32 => Data::I32(vec![0; len]),
-            DType::I64 => Data::I64(vec![0; len]),
-            DType::U8 => Data::U8(vec![0; len]),
-            DType::U16 => Data::U16(vec![0; len]),
-            DType::U32 => Data::U32(vec![0; len]),
-            DType::U64 => Data::U64(vec![0; len]),
-            DType::Bool => Data::Bool(vec![false; len]),
+            DType::F32 => Data::F32(vec![0.0; len].into()),
+            DType::F64 => Data::F64(vec![0.0; len].into()),
+            DType::F16 => Data::F16(vec![half::f16::ZERO; len].into()),
+            DType::BF16 => Data::BF16(vec![half::bf16::ZERO; len].into()),
+            DType::I8 => Data::I8(vec![0; len].into()),
+            DType::I16 => Data::I16(vec![0; len].into()),
+            DType::I32 => Data::I32(vec![0; len].into()),
+            DType::I64 => Data::I64(vec![0; len].into()),
+            DType::U8 => Data::U8(vec![0; len].into()),
+            DType::U16 => Data::U16(vec![0; len].into()),
+            DType::U32 => Data::U32(vec![0; len].into()),
+            DType::U64 => Data::U64(vec![0; len].into()),
+            DType::Bool => Data::Bool(vec![false; len].into()),
         }
     }
 
@@ -383,11 +385,11 @@ impl Data {
     /// Builds storage of `dtype` from f64 values (used for constants and
     /// random inputs).
     pub fn from_f64s(dtype: DType, xs: &[f64]) -> Data {
-        Data::F64(xs.to_vec()).cast(dtype)
+        Data::F64(xs.to_vec().into()).cast(dtype)
     }
 
     pub fn from_i64s(dtype: DType, xs: &[i64]) -> Data {
-        Data::I64(xs.to_vec()).cast(dtype)
+        Data::I64(xs.to_vec().into()).cast(dtype)
     }
 }
 

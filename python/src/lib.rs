@@ -232,7 +232,7 @@ fn array_from<'py>(py: Python<'py>, t: Tensor) -> PyResult<Bound<'py, PyAny>> {
     let shape = t.shape().to_vec();
     macro_rules! arr {
         ($v:expr) => {
-            numpy::PyArray1::from_vec(py, $v).reshape(shape)?.into_any()
+            numpy::PyArray1::from_vec(py, Vec::from($v)).reshape(shape)?.into_any()
         };
     }
     Ok(match t.into_data() {

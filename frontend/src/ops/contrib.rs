@@ -575,7 +575,7 @@ fn unpack(bytes: &[u8], bits: usize, count: usize) -> Vec<u8> {
 fn packed_bytes(c: &NodeCtx, i: usize, what: &str) -> Result<Vec<u8>, ImportError> {
     let t = c.need_known(i, what)?;
     match t.data() {
-        egret_ir::Data::U8(v) => Ok(v.clone()),
+        egret_ir::Data::U8(v) => Ok(v.clone().into_vec()),
         _ => Err(c.err(format!("{what} is {}; it must be uint8", t.dtype()))),
     }
 }

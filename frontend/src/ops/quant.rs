@@ -397,7 +397,7 @@ fn coded_weight(
     let zeros: Vec<f32> = table(zero, 0.0)?.into_iter().map(|z| z + offset as f32).collect();
     let codes: Vec<u8> = match t.data() {
         egret_ir::Data::I8(v) => v.iter().map(|&x| (x as i16 + offset as i16) as u8).collect(),
-        egret_ir::Data::U8(v) => v.clone(),
+        egret_ir::Data::U8(v) => v.clone().into_vec(),
         _ => return None,
     };
     let bits = if four_bit { 4 } else { 8 };

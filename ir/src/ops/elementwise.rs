@@ -480,7 +480,7 @@ fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]
                     }
                 }
             };
-            Data::$V(zip_broadcast($x, sa, $y, sb, so, f))
+            Data::$V(zip_broadcast($x, sa, $y, sb, so, f).into())
         }};
     }
     Ok(match (a, b) {
@@ -511,14 +511,17 @@ pub fn eval_binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
         return Err(format!("{}: dtypes differ ({} vs {})", op.name(), a.dtype(), b.dtype()));
     }
     let data = if is_comparison(op) {
-        dispatch!(a.data(), x: T => Data::Bool(compare(op, x, sa, T::unwrap(b.data()).unwrap(), sb, so)))
+        dispatch!(a.data(), x: T => Data::Bool(compare(op, x, sa, T::unwrap(b.data()).unwrap(), sb, so).into()))
     } else if is_logical(op) {
         match (a.data(), b.data()) {
-            (Data::Bool(x), Data::Bool(y)) => Data::Bool(match op {
-                Op::And => zip_broadcast(x, sa, y, sb, so, |p, q| p && q),
-                Op::Or => zip_broadcast(x, sa, y, sb, so, |p, q| p || q),
-                _ => zip_broadcast(x, sa, y, sb, so, |p, q| p ^ q),
-            }),
+            (Data::Bool(x), Data::Bool(y)) => Data::Bool(
+                match op {
+                    Op::And => zip_broadcast(x, sa, y, sb, so, |p, q| p && q),
+                    Op::Or => zip_broadcast(x, sa, y, sb, so, |p, q| p || q),
+                    _ => zip_broadcast(x, sa, y, sb, so, |p, q| p ^ q),
+                }
+                .into(),
+            ),
             _ => return Err(format!("{} needs bool tensors", op.name())),
         }
     } else if is_bitwise(op) {

@@ -205,7 +205,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                         out[off + j] = combine(*reduction, out[off + j], u[t * slice + j]);
                     }
                 }
-                T::wrap(out)
+                T::wrap(out.into_vec())
             });
             Ok(vec![Tensor::new(shape.to_vec(), data)])
         }
@@ -234,7 +234,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 for (t, &off) in offs.iter().enumerate() {
                     out[off] = combine(*reduction, out[off], u[t]);
                 }
-                T::wrap(out)
+                T::wrap(out.into_vec())
             });
             Ok(vec![Tensor::new(shape.to_vec(), data)])
         }
@@ -296,7 +296,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             }
             let mut s = shape.to_vec();
             s[*axis] = *k;
-            Ok(vec![Tensor::new(s.clone(), x.data().gather(&flat)), Tensor::new(s, Data::I64(ids))])
+            Ok(vec![Tensor::new(s.clone(), x.data().gather(&flat)), Tensor::new(s, Data::I64(ids.into()))])
         }
         Op::OneHot { axis, depth } => {
             let vals = inputs[1];

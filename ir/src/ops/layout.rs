@@ -342,7 +342,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         }
         Op::Shape { start, end } => {
             let dims: Vec<i64> = shape[*start..*end].iter().map(|&d| d as i64).collect();
-            one(vec![dims.len()], Data::I64(dims))
+            one(vec![dims.len()], Data::I64(dims.into()))
         }
         Op::Range { len } => {
             let n = sizes(&[*len], "the range")?[0];
@@ -370,7 +370,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                         *e = T::default();
                     }
                 }
-                T::wrap(out)
+                T::wrap(out.into_vec())
             });
             one(shape.to_vec(), data)
         }

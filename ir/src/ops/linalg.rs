@@ -530,7 +530,7 @@ fn conv(inputs: &[&Tensor], strides: &[usize], pads: &[usize], dilations: &[usiz
                     }
                 }
             }
-            Data::$V(out)
+            Data::$V(out.into())
         }};
     }
     let data = match (x.data(), w.data()) {

@@ -171,7 +171,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                         }
                     }
                 }
-                T::wrap(out)
+                T::wrap(out.into_vec())
             });
             Ok(vec![Tensor::new(x.shape().to_vec(), data)])
         }
@@ -287,7 +287,7 @@ fn max_pool(
         }
         T::wrap(out)
     });
-    Ok(vec![Tensor::new(out_shape.to_vec(), data), Tensor::new(out_shape.to_vec(), Data::I64(idx_out))])
+    Ok(vec![Tensor::new(out_shape.to_vec(), data), Tensor::new(out_shape.to_vec(), Data::I64(idx_out.into()))])
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -147,7 +147,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                     out.push(best as i64);
                 }
             }
-            Ok(vec![Tensor::new(reduced_shape(x.shape(), &[*axis], *keepdims), Data::I64(out))])
+            Ok(vec![Tensor::new(reduced_shape(x.shape(), &[*axis], *keepdims), Data::I64(out.into()))])
         }
         other => Err(format!("no evaluation rule for {}", other.name())),
     }
