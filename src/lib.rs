@@ -125,6 +125,10 @@ pub struct CompileOptions {
     pub keep_graph: bool,
     /// Where `egret compile` puts a library's weights (`aot`).
     pub weights_file: WeightsFile,
+    /// Read every weight into memory rather than mapping the large ones
+    /// where they lie in the model file or its external data (see
+    /// `frontend::ImportOptions::read_weights`).
+    pub read_weights: bool,
 }
 
 /// Where an ahead-of-time library's weights go.
@@ -172,6 +176,7 @@ impl Default for CompileOptions {
             dim_bounds: DimBounds::new(),
             keep_graph: true,
             weights_file: WeightsFile::Auto,
+            read_weights: false,
         }
     }
 }
@@ -263,6 +268,7 @@ pub fn canonical(path: &Path, opts: &CompileOptions) -> Result<Canonical, Error>
         input_shapes: opts.input_shapes.clone(),
         input_values: opts.input_values.clone(),
         keep_symbolic: opts.keep_symbolic,
+        read_weights: opts.read_weights,
     };
     let stage = progress::stage(format!("importing {}", path.display()));
     let imported = egret_frontend::import_file(path, &import_opts)?;

@@ -58,17 +58,19 @@ pub struct Weight {
 /// model as soon as it is decoded, so the model and its weights are never
 /// both whole in memory.
 /// Initializers whose `raw_data` the parse left in the model file are read
-/// from `in_file` (the file, and each one's range in it).
+/// from `in_file` (the file, and each one's range in it); with `map`, those
+/// and external data are mapped where they can be (`data_from_file`).
 pub fn decode_initializers(
     model: &mut ModelProto,
     base: Option<&Path>,
     in_file: Option<(&std::fs::File, &[Option<std::ops::Range<u64>>])>,
+    map: bool,
 ) -> Result<Vec<Weight>, ImportError> {
     let Some(g) = model.graph.as_mut() else { return Ok(vec![]) };
     let mut out = Vec::with_capacity(g.initializer.len());
     for (i, init) in g.initializer.iter_mut().enumerate() {
         let raw = in_file.and_then(|(file, ranges)| Some((file, ranges.get(i)?.clone()?)));
-        let value = Arc::new(widen(tensor_from_proto_in(init, base, raw)?));
+        let value = Arc::new(widen(tensor_from_proto_in(init, base, raw, map)?));
         out.push(Weight { name: init.name.clone(), value, four_bit: crate::tensor::is_four_bit(init) });
         // Only the name is read again.
         init.raw_data = Vec::new();

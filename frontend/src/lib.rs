@@ -53,6 +53,11 @@ pub struct ImportOptions {
     /// for rank): one graph for every value of the symbols. `dims` still
     /// binds the symbols it names.
     pub keep_symbolic: bool,
+    /// Read every weight into memory. By default a weight of 64 KiB or more
+    /// that lies aligned in the model file or its external data is mapped
+    /// and read in place (`egret_ir::Buf`): a backend that packs it copies
+    /// it once, and one that does not never copies it.
+    pub read_weights: bool,
 }
 
 /// An imported model.
@@ -198,7 +203,7 @@ fn import_model(
     opts: &ImportOptions,
     in_file: Option<(&std::fs::File, &[Option<std::ops::Range<u64>>])>,
 ) -> Result<Imported, ImportError> {
-    let weights = context::decode_initializers(&mut model, base, in_file)?;
+    let weights = context::decode_initializers(&mut model, base, in_file, !opts.read_weights)?;
     // Specialise on input values only when some op asks for them, one retry per request.
     let mut specialize: HashSet<String> = HashSet::new();
     loop {
@@ -293,6 +298,120 @@ mod tests {
         // A file cut short reads as the parse reports it, not as a fault.
         std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
         assert!(matches!(import_file(&path, &opts), Err(ImportError::Parse { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `y = x + a + b + c` over three f32 weights of 20,480 elements (80
+    /// KiB, over `MAP_AT_LEAST`): `a` inline in the model file, `b` and `c`
+    /// in external data at an aligned offset and at an odd one.
+    fn model_with_large_weights(dir: &Path) -> (std::path::PathBuf, Vec<Vec<f32>>) {
+        use onnx_protobuf::tensor_proto::DataLocation;
+        let n = 20_480usize;
+        let values: Vec<Vec<f32>> = (0..3).map(|w| (0..n).map(|i| (i * 7 + w) as f32 * 0.25 - 9.0).collect()).collect();
+        let le = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let mut data = le(&values[1]);
+        data.push(0xAB); // `c` starts one byte later: not aligned for f32.
+        data.extend(le(&values[2]));
+        std::fs::write(dir.join("weights.bin"), &data).unwrap();
+        let mut g = GraphProto::new();
+        g.name = "g".into();
+        let mut add = |name: &str, v: &[f32], external: Option<(usize, usize)>| {
+            let mut t = TensorProto::new();
+            t.name = name.into();
+            t.data_type = 1;
+            t.dims = vec![v.len() as i64];
+            match external {
+                None => t.raw_data = le(v),
+                Some((offset, length)) => {
+                    t.data_location = DataLocation::EXTERNAL.into();
+                    for (key, value) in [
+                        ("location", "weights.bin".to_string()),
+                        ("offset", offset.to_string()),
+                        ("length", length.to_string()),
+                    ] {
+                        let mut kv = onnx_protobuf::StringStringEntryProto::new();
+                        kv.key = key.into();
+                        kv.value = value;
+                        t.external_data.push(kv);
+                    }
+                }
+            }
+            g.initializer.push(t);
+        };
+        add("a", &values[0], None);
+        add("b", &values[1], Some((0, 4 * n)));
+        add("c", &values[2], Some((4 * n + 1, 4 * n)));
+        let mut x = onnx_protobuf::ValueInfoProto::new();
+        x.name = "x".into();
+        let mut tt = onnx_protobuf::type_proto::Tensor::new();
+        tt.elem_type = 1;
+        let mut shape = onnx_protobuf::TensorShapeProto::new();
+        let mut dim = onnx_protobuf::tensor_shape_proto::Dimension::new();
+        dim.set_dim_value(n as i64);
+        shape.dim.push(dim);
+        tt.shape = Some(shape).into();
+        let mut ty = onnx_protobuf::TypeProto::new();
+        ty.set_tensor_type(tt);
+        x.type_ = Some(ty).into();
+        g.input.push(x.clone());
+        let node = |i: &[&str], o: &str| {
+            let mut nd = NodeProto::new();
+            nd.op_type = "Add".into();
+            nd.input = i.iter().map(|s| s.to_string()).collect();
+            nd.output = vec![o.into()];
+            nd
+        };
+        g.node.push(node(&["x", "a"], "p"));
+        g.node.push(node(&["p", "b"], "q"));
+        g.node.push(node(&["q", "c"], "y"));
+        x.name = "y".into();
+        g.output.push(x);
+        let mut m = ModelProto::new();
+        m.ir_version = 8;
+        let mut opset = OperatorSetIdProto::new();
+        opset.version = 17;
+        m.opset_import.push(opset);
+        m.graph = Some(g).into();
+        let path = dir.join("model.onnx");
+        std::fs::write(&path, m.write_to_bytes().unwrap()).unwrap();
+        (path, values)
+    }
+
+    /// The graph's constants, by label, with whether each is mapped.
+    fn constants(g: &egret_ir::Graph) -> Vec<(Vec<f32>, bool)> {
+        (0..g.value_count() as u32)
+            .filter_map(|v| g.const_value(egret_ir::ValueId(v)))
+            .map(|t| match t.data() {
+                egret_ir::Data::F32(b) => (b.to_vec(), b.is_mapped()),
+                other => panic!("an f32 weight, not {:?}", other.dtype()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_aligned_weights_are_read_in_place_and_the_rest_read_into_memory() {
+        let dir = std::env::temp_dir().join(format!("egret-frontend-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, values) = model_with_large_weights(&dir);
+        let mapped = constants(&import_file(&path, &ImportOptions::default()).unwrap().graph);
+        let read =
+            constants(&import_file(&path, &ImportOptions { read_weights: true, ..Default::default() }).unwrap().graph);
+        for (w, want) in values.iter().enumerate() {
+            let got = mapped.iter().find(|(v, _)| v == want).unwrap_or_else(|| panic!("weight {w} imported"));
+            assert!(read.iter().any(|(v, m)| v == want && !m), "weight {w} read into memory when asked");
+            // `b` lies aligned in the external data; `c` does not. Whether
+            // `a` is aligned depends on where protobuf put it.
+            match w {
+                1 => assert!(got.1, "an aligned external weight is mapped"),
+                2 => assert!(!got.1, "a misaligned one is read"),
+                _ => {}
+            }
+        }
+        // A data file cut below a weight's range is refused at import, mapped or not.
+        let data = std::fs::read(dir.join("weights.bin")).unwrap();
+        std::fs::write(dir.join("weights.bin"), &data[..data.len() - 4]).unwrap();
+        let err = import_file(&path, &ImportOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("past the end of `weights.bin`"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -120,10 +120,60 @@ fn external_range(t: &TensorProto, base: Option<&Path>) -> Result<(File, Range<u
     Ok((file, offset..end))
 }
 
-/// Reads `range` of `file` (a weight's little-endian bytes) straight into
-/// the tensor data of `n` elements of `dtype` that it holds.
-pub(crate) fn data_from_file(file: &File, range: Range<u64>, dtype: DType, n: usize) -> Result<Data, String> {
-    decode(dtype, n, range.end - range.start, |bytes| read_at(file, range.start, bytes))
+/// Weights smaller than this are read, not mapped: a mapping costs a
+/// system call and an entry in the process's table of mappings, which a
+/// quantized model's thousands of scales would fill.
+pub const MAP_AT_LEAST: u64 = 64 << 10;
+
+/// The `n` elements of `dtype` that `range` of `file` holds (a weight's
+/// little-endian bytes): with `map`, read in place where they lie (a
+/// private read-only mapping of that range, `Buf::mapped`) when they are
+/// at least `MAP_AT_LEAST` bytes and start aligned for their type; else,
+/// or where the mapping fails, read straight into the tensor's memory.
+pub(crate) fn data_from_file(
+    file: &File,
+    range: Range<u64>,
+    dtype: DType,
+    n: usize,
+    map: bool,
+) -> Result<Data, String> {
+    let len = range.end - range.start;
+    if map && len >= MAP_AT_LEAST && dtype != DType::Bool && range.start % dtype.size_bytes() as u64 == 0 {
+        if let Some(data) = mapped_data(file, range.clone(), dtype, n) {
+            return Ok(data);
+        }
+    }
+    decode(dtype, n, len, |bytes| read_at(file, range.start, bytes))
+}
+
+/// `range` of `file` mapped as `n` elements of `dtype`, or `None` (the
+/// caller reads it instead, which also reports a length that is wrong).
+fn mapped_data(file: &File, range: Range<u64>, dtype: DType, n: usize) -> Option<Data> {
+    let len = usize::try_from(range.end - range.start).ok()?;
+    if Some(len) != n.checked_mul(dtype.size_bytes()) {
+        return None;
+    }
+    let map = egret_ir::map_range(file, range.start, len)?;
+    macro_rules! mapped {
+        ($T:ty, $V:ident) => {
+            Data::$V(egret_ir::Buf::<$T>::mapped(&map, 0, n)?)
+        };
+    }
+    Some(match dtype {
+        DType::F32 => mapped!(f32, F32),
+        DType::F64 => mapped!(f64, F64),
+        DType::F16 => mapped!(half::f16, F16),
+        DType::BF16 => mapped!(half::bf16, BF16),
+        DType::I8 => mapped!(i8, I8),
+        DType::I16 => mapped!(i16, I16),
+        DType::I32 => mapped!(i32, I32),
+        DType::I64 => mapped!(i64, I64),
+        DType::U8 => mapped!(u8, U8),
+        DType::U16 => mapped!(u16, U16),
+        DType::U32 => mapped!(u32, U32),
+        DType::U64 => mapped!(u64, U64),
+        DType::Bool => return None,
+    })
 }
 
 /// The `n` elements of `dtype` whose `len` little-endian bytes `fill`
@@ -196,7 +246,7 @@ fn from_le_bytes(dtype: DType, raw: &[u8], n: usize) -> Result<Data, String> {
 
 /// Decodes a `TensorProto`. `base` is the model's folder, for external data.
 pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor, ImportError> {
-    tensor_from_proto_in(t, base, None)
+    tensor_from_proto_in(t, base, None, false)
 }
 
 /// Where a tensor's `raw_data` lies in the model file when the parse set it
@@ -204,11 +254,13 @@ pub fn tensor_from_proto(t: &TensorProto, base: Option<&Path>) -> Result<Tensor,
 pub(crate) type RawInFile<'a> = (&'a File, Range<u64>);
 
 /// Decodes a `TensorProto` whose `raw_data`, if `raw` says so, is still in
-/// the model file.
+/// the model file. With `map`, data in a file (the model's or external)
+/// may be read in place (`data_from_file`).
 pub(crate) fn tensor_from_proto_in(
     t: &TensorProto,
     base: Option<&Path>,
     raw: Option<RawInFile>,
+    map: bool,
 ) -> Result<Tensor, ImportError> {
     let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
@@ -230,9 +282,9 @@ pub(crate) fn tensor_from_proto_in(
     let external = t.data_location.enum_value() == Ok(DataLocation::EXTERNAL);
     let data = if external {
         let (file, range) = external_range(t, base).map_err(err)?;
-        data_from_file(&file, range, dtype, n).map_err(err)?
+        data_from_file(&file, range, dtype, n, map).map_err(err)?
     } else if let Some((file, range)) = raw {
-        data_from_file(file, range, dtype, n).map_err(err)?
+        data_from_file(file, range, dtype, n, map).map_err(err)?
     } else if !t.raw_data.is_empty() {
         from_le_bytes(dtype, &t.raw_data, n).map_err(err)?
     } else {

@@ -3,72 +3,38 @@
 //!
 //! A mapped `Buf` reads like a slice and copies nothing until someone
 //! writes to it (`DerefMut` makes it owned first) or asks for a vector.
-//! Clones share the range. When the last clone of a range goes, its whole
-//! pages are handed back to the kernel (`madvise(MADV_DONTNEED)`), so a
-//! weight that a backend packed and then dropped leaves the resident set
-//! as a freed vector would: mapped pages otherwise stay resident for as
-//! long as anything else in the same file is still mapped.
+//! Clones share the mapping, which is unmapped when the last one goes: map
+//! each weight's own range (`map_range`), so a weight that a backend packed
+//! and dropped leaves the resident set as a freed vector would.
 //!
 //! The mapping is private and read-only. The file must not shrink while
-//! tensors read from it are alive: the importer checks every range
-//! against the file's size when it maps it, as onnxruntime does, but a
-//! file cut afterwards faults like any mapped file.
+//! tensors read from it are alive: the importer checks every range against
+//! the file's size when it maps it, but a file cut afterwards faults like
+//! any mapped file.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-/// A file mapped read-only, shared by the ranges read from it.
+/// A range of a file mapped read-only, shared by the tensors read from it.
 pub type Mapping = memmap2::Mmap;
 
-/// Maps `file` read-only and privately, `None` where it cannot be mapped
-/// (an empty file, a file system without mappings); callers read instead.
-pub fn map_file(file: &std::fs::File) -> Option<Arc<Mapping>> {
-    if file.metadata().ok()?.len() == 0 {
+/// Maps `len` bytes of `file` from `offset`, read-only and private; `None`
+/// where that cannot be done (an empty range, a range past the file's
+/// end, a file system without mappings): callers read instead.
+pub fn map_range(file: &std::fs::File, offset: u64, len: usize) -> Option<Arc<Mapping>> {
+    if len == 0 || offset.checked_add(len as u64)? > file.metadata().ok()?.len() {
         return None;
     }
     // Safety: a private, read-only mapping. Egret never writes through it;
     // a file changed on disk while mapped is the documented limit above.
-    unsafe { memmap2::Mmap::map(file) }.ok().map(Arc::new)
-}
-
-/// A byte range of a mapping that one or more `Buf`s read.
-struct Region {
-    map: Arc<Mapping>,
-    offset: usize,
-    bytes: usize,
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // Only pages wholly inside the range: a neighbour may still read
-        // the ones at its ends. A page dropped from a private mapping that
-        // was never written reads back from the file if touched again, so
-        // this changes residency, never contents.
-        let page = page_size();
-        let base = self.map.as_ptr() as usize;
-        let start = (base + self.offset).next_multiple_of(page) - base;
-        let end = (base + self.offset + self.bytes) / page * page - base;
-        if end > start {
-            // Safety: see above; the advice is only about residency here.
-            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
-        }
-    }
-}
-
-fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // Safety: sysconf has no preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(p).ok().filter(|&p| p.is_power_of_two()).unwrap_or(4096)
-    })
+    unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(file) }.ok().map(Arc::new)
 }
 
 enum Repr<T> {
     Owned(Vec<T>),
-    Mapped { region: Arc<Region>, len: usize, elem: PhantomData<T> },
+    Mapped { map: Arc<Mapping>, offset: usize, len: usize, elem: PhantomData<T> },
 }
 
 /// A tensor's elements, owned or read in place from a mapped file.
@@ -92,8 +58,7 @@ impl<T: bytemuck::Pod> Buf<T> {
         if offset.checked_add(bytes)? > map.len() || (map.as_ptr() as usize + offset) % std::mem::align_of::<T>() != 0 {
             return None;
         }
-        let region = Arc::new(Region { map: map.clone(), offset, bytes });
-        Some(Buf { repr: Repr::Mapped { region, len, elem: PhantomData } })
+        Some(Buf { repr: Repr::Mapped { map: map.clone(), offset, len, elem: PhantomData } })
     }
 }
 
@@ -114,9 +79,9 @@ impl<T> Deref for Buf<T> {
             Repr::Owned(v) => v,
             // Safety: `mapped` checked the range lies in the mapping and
             // starts aligned for `T`, a plain-old-data type; the mapping
-            // lives as long as the region, which `self` holds.
-            Repr::Mapped { region, len, .. } => unsafe {
-                std::slice::from_raw_parts(region.map.as_ptr().add(region.offset) as *const T, *len)
+            // lives as long as `self`, which holds it.
+            Repr::Mapped { map, offset, len, .. } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len)
             },
         }
     }
@@ -141,8 +106,8 @@ impl<T: Clone> Clone for Buf<T> {
         Buf {
             repr: match &self.repr {
                 Repr::Owned(v) => Repr::Owned(v.clone()),
-                Repr::Mapped { region, len, .. } => {
-                    Repr::Mapped { region: region.clone(), len: *len, elem: PhantomData }
+                Repr::Mapped { map, offset, len, .. } => {
+                    Repr::Mapped { map: map.clone(), offset: *offset, len: *len, elem: PhantomData }
                 }
             },
         }
@@ -209,7 +174,7 @@ mod tests {
     fn mapped_file(bytes: &[u8]) -> Arc<Mapping> {
         let mut f = tempfile();
         f.write_all(bytes).unwrap();
-        map_file(&f).expect("a file on this machine maps")
+        map_range(&f, 0, bytes.len()).expect("a file on this machine maps")
     }
 
     fn tempfile() -> std::fs::File {
@@ -236,11 +201,18 @@ mod tests {
         assert!(!c.is_mapped() && b.is_mapped());
         assert_eq!((c[1], b[1]), (42.0, xs[1]));
         assert_eq!(b.clone().into_vec(), xs);
-        // Once every holder is gone the pages go back; what remains reads
-        // the same (from the file again).
-        let d = Buf::<f32>::mapped(&map, 8, xs.len()).unwrap();
-        drop(b);
-        assert_eq!(&d[..], &xs[..]);
+    }
+
+    #[test]
+    fn a_range_maps_from_any_offset_and_never_past_the_file() {
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let mut f = tempfile();
+        f.write_all(&bytes).unwrap();
+        // Not on a page boundary: the mapping starts at the byte asked for.
+        let map = map_range(&f, 4100, 5000).unwrap();
+        assert_eq!(&map[..], &bytes[4100..9100]);
+        assert!(map_range(&f, 9000, 1001).is_none() && map_range(&f, 0, 0).is_none());
+        assert!(map_range(&f, u64::MAX, 1).is_none());
     }
 
     #[test]

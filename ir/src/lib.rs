@@ -19,7 +19,7 @@ mod tensor;
 pub mod text;
 mod verify;
 
-pub use buf::{map_file, Buf, Mapping};
+pub use buf::{map_range, Buf, Mapping};
 pub use dim::{
     bound_ints, bound_sizes, dims_of, dims_of_ints, known_shape, needs_bound_dims, product, shape_symbols, shape_text,
     solve_bindings, Bindings, Dim, DimOverflow, DimValues, BIND_DIMS_HINT, NOMINAL_SYMBOL_VALUE,
