@@ -36,14 +36,12 @@ pub struct Importer<'a> {
 }
 
 /// Half-precision values are computed in f32: a half constant is widened
-/// where it enters the graph, and so is a half input (by a cast), while a
-/// half output is narrowed back (`Importer::run`).
+/// where it enters the graph (lazily, `Tensor::widened`: a backend that
+/// keeps the half elements never computes the f32 ones), and so is a half
+/// input (by a cast), while a half output is narrowed back
+/// (`Importer::run`).
 fn widen(t: Tensor) -> Tensor {
-    if t.dtype().is_half() {
-        t.cast(egret_ir::DType::F32)
-    } else {
-        t
-    }
+    Tensor::widened(t)
 }
 
 /// An initializer decoded: its name, its value (half types widened) and

@@ -1,5 +1,8 @@
-//! A tensor's elements: a vector it owns, or a range of a file mapped into
-//! memory (a weight read where it lies in the model or its external data).
+//! A tensor's elements: a vector it owns, a range of a file mapped into
+//! memory (a weight read where it lies in the model or its external data),
+//! or elements computed when first read (a weight dequantized from codes or
+//! widened from half precision, which a backend that keeps the narrow form
+//! never reads: `Buf::lazy`).
 //!
 //! A mapped `Buf` reads like a slice and copies nothing until someone
 //! writes to it (`DerefMut` makes it owned first) or asks for a vector.
@@ -35,6 +38,14 @@ pub fn map_range(file: &std::fs::File, offset: u64, len: usize) -> Option<Arc<Ma
 enum Repr<T> {
     Owned(Vec<T>),
     Mapped { map: Arc<Mapping>, offset: usize, len: usize, elem: PhantomData<T> },
+    Lazy(Arc<Lazy<T>>),
+}
+
+/// Elements computed once, by `init`, the first time anything reads them.
+struct Lazy<T> {
+    len: usize,
+    cell: std::sync::OnceLock<Vec<T>>,
+    init: Box<dyn Fn() -> Vec<T> + Send + Sync>,
 }
 
 /// A tensor's elements, owned or read in place from a mapped file.
@@ -43,9 +54,37 @@ pub struct Buf<T> {
 }
 
 impl<T> Buf<T> {
+    /// `len` elements that `init` computes the first time they are read
+    /// (once, shared by every clone). `init` must return `len` elements.
+    pub fn lazy(len: usize, init: impl Fn() -> Vec<T> + Send + Sync + 'static) -> Buf<T> {
+        Buf { repr: Repr::Lazy(Arc::new(Lazy { len, cell: std::sync::OnceLock::new(), init: Box::new(init) })) }
+    }
+
     /// Whether the elements are read in place from a mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.repr, Repr::Mapped { .. })
+    }
+
+    /// Whether the elements are in memory: false only for lazy elements
+    /// nothing has read yet.
+    pub fn is_computed(&self) -> bool {
+        match &self.repr {
+            Repr::Lazy(l) => l.cell.get().is_some(),
+            _ => true,
+        }
+    }
+
+    /// The number of elements, without computing lazy ones.
+    pub fn len(&self) -> usize {
+        match &self.repr {
+            Repr::Owned(v) => v.len(),
+            Repr::Mapped { len, .. } => *len,
+            Repr::Lazy(l) => l.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -67,7 +106,7 @@ impl<T: Clone> Buf<T> {
     pub fn into_vec(self) -> Vec<T> {
         match self.repr {
             Repr::Owned(v) => v,
-            Repr::Mapped { .. } => self.to_vec(),
+            Repr::Mapped { .. } | Repr::Lazy(_) => self.to_vec(),
         }
     }
 }
@@ -83,25 +122,30 @@ impl<T> Deref for Buf<T> {
             Repr::Mapped { map, offset, len, .. } => unsafe {
                 std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len)
             },
+            Repr::Lazy(l) => l.cell.get_or_init(|| {
+                let v = (l.init)();
+                assert_eq!(v.len(), l.len, "a lazy tensor's elements are as many as it said");
+                v
+            }),
         }
     }
 }
 
 impl<T: Clone> DerefMut for Buf<T> {
-    /// Writing to mapped elements copies them first.
+    /// Writing to mapped or lazy elements copies them first.
     fn deref_mut(&mut self) -> &mut [T] {
-        if self.is_mapped() {
+        if !matches!(self.repr, Repr::Owned(_)) {
             self.repr = Repr::Owned(self.to_vec());
         }
         match &mut self.repr {
             Repr::Owned(v) => v,
-            Repr::Mapped { .. } => unreachable!("made owned above"),
+            _ => unreachable!("made owned above"),
         }
     }
 }
 
 impl<T: Clone> Clone for Buf<T> {
-    /// Mapped elements are shared, not copied.
+    /// Mapped and lazy elements are shared, not copied.
     fn clone(&self) -> Buf<T> {
         Buf {
             repr: match &self.repr {
@@ -109,6 +153,7 @@ impl<T: Clone> Clone for Buf<T> {
                 Repr::Mapped { map, offset, len, .. } => {
                     Repr::Mapped { map: map.clone(), offset: *offset, len: *len, elem: PhantomData }
                 }
+                Repr::Lazy(l) => Repr::Lazy(l.clone()),
             },
         }
     }
@@ -213,6 +258,25 @@ mod tests {
         assert_eq!(&map[..], &bytes[4100..9100]);
         assert!(map_range(&f, 9000, 1001).is_none() && map_range(&f, 0, 0).is_none());
         assert!(map_range(&f, u64::MAX, 1).is_none());
+    }
+
+    #[test]
+    fn lazy_elements_are_computed_once_when_first_read_and_shared_by_clones() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let b = Buf::lazy(4, move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            vec![1.0f32, 2.0, 3.0, 4.0]
+        });
+        let c = b.clone();
+        assert_eq!((b.len(), b.is_computed()), (4, false), "the length needs no computing");
+        assert_eq!(&c[..], &[1.0, 2.0, 3.0, 4.0]);
+        assert!(b.is_computed() && c.is_computed());
+        assert_eq!(b[2], 3.0);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let mut d = b.clone();
+        d[0] = 9.0;
+        assert_eq!((d[0], b[0]), (9.0, 1.0), "written, a copy");
     }
 
     #[test]

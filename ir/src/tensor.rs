@@ -6,6 +6,7 @@
 use crate::buf::Buf;
 use crate::dtype::{DType, Type};
 use std::fmt;
+use std::sync::Arc;
 
 /// Storage of a tensor, row-major: owned, or read in place from a mapped
 /// file (`Buf`).
@@ -400,7 +401,14 @@ pub struct Tensor {
     data: Data,
     /// Where a weight came from integers: its values are these codes'
     /// (`BlockCodes`), so a backend may keep them at their width.
-    codes: Option<std::sync::Arc<BlockCodes>>,
+    codes: Option<Arc<BlockCodes>>,
+    /// Where an f32 weight is a half-precision one widened: its elements
+    /// (f16 or bf16), which a backend may keep instead.
+    half: Option<Arc<Data>>,
+    /// Whether the elements are computed from `codes` or `half` (lazily,
+    /// `Tensor::from_codes` and `Tensor::widened`): true by construction,
+    /// so a backend trusts them without reading the f32 elements.
+    derived: bool,
 }
 
 /// Two tensors are equal when their shapes and elements are: where the
@@ -443,15 +451,21 @@ impl BlockCodes {
 
     /// Whether the claim is well formed and gives exactly `w`'s bits.
     pub fn matches(&self, w: &[f32]) -> bool {
+        self.is_well_formed()
+            && w.len() == self.k * self.n
+            && (0..self.k).all(|p| (0..self.n).all(|j| self.value(p, j).to_bits() == w[p * self.n + j].to_bits()))
+    }
+
+    /// Whether the sizes agree (codes `[k, n]`, scales and zero points one
+    /// per block and column) and every code fits in `bits`.
+    pub fn is_well_formed(&self) -> bool {
         let blocks = self.k.div_ceil(self.block.max(1));
         self.block > 0
             && self.bits <= 8
-            && w.len() == self.k * self.n
-            && self.codes.len() == w.len()
+            && self.k.checked_mul(self.n) == Some(self.codes.len())
             && self.scales.len() == blocks * self.n
             && self.zeros.len() == blocks * self.n
             && self.codes.iter().all(|&c| (c as u32) < (1 << self.bits))
-            && (0..self.k).all(|p| (0..self.n).all(|j| self.value(p, j).to_bits() == w[p * self.n + j].to_bits()))
     }
 }
 
@@ -462,7 +476,7 @@ impl Tensor {
     pub fn new(shape: impl Into<Vec<usize>>, data: Data) -> Tensor {
         let shape = shape.into();
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape {shape:?} does not match its data");
-        Tensor { shape, data, codes: None }
+        Tensor { shape, data, codes: None, half: None, derived: false }
     }
 
     pub fn try_new(shape: impl Into<Vec<usize>>, data: Data) -> Result<Tensor, String> {
@@ -476,7 +490,7 @@ impl Tensor {
         if want != data.len() {
             return Err(format!("shape {shape:?} needs {want} elements but {} were given", data.len()));
         }
-        Ok(Tensor { shape, data, codes: None })
+        Ok(Tensor { shape, data, codes: None, half: None, derived: false })
     }
 
     pub fn from_vec<T: Elem>(shape: impl Into<Vec<usize>>, v: Vec<T>) -> Tensor {
@@ -490,7 +504,7 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Tensor {
         let shape = shape.into();
         let n = shape.iter().product();
-        Tensor { shape, data: Data::zeros(dtype, n), codes: None }
+        Tensor { shape, data: Data::zeros(dtype, n), codes: None, half: None, derived: false }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -521,14 +535,59 @@ impl Tensor {
         self.data
     }
 
+    /// The same elements in another shape. A half-precision origin stays
+    /// (it is flat); a claim about codes, which are a matrix, does not.
     pub fn reshaped(self, shape: impl Into<Vec<usize>>) -> Tensor {
-        Tensor::new(shape, self.data)
+        let derived = self.derived && self.half.is_some();
+        Tensor { half: self.half, derived, ..Tensor::new(shape, self.data) }
+    }
+
+    /// The `[k, n]` f32 matrix that `codes` dequantize to, computed only
+    /// if something reads it: a backend that keeps the codes never does.
+    /// `None` for a malformed claim (`BlockCodes::is_well_formed`).
+    pub fn from_codes(codes: BlockCodes) -> Option<Tensor> {
+        if !codes.is_well_formed() {
+            return None;
+        }
+        let codes = Arc::new(codes);
+        let (c, len) = (codes.clone(), codes.k * codes.n);
+        let data = Data::F32(Buf::lazy(len, move || (0..len).map(|i| c.value(i / c.n, i % c.n)).collect()));
+        Some(Tensor { shape: vec![codes.k, codes.n], data, codes: Some(codes), half: None, derived: true })
+    }
+
+    /// A half-precision tensor (f16 or bf16) widened to f32, exactly,
+    /// computed only if something reads it: a backend that keeps the
+    /// half elements (`half`) never does. Any other tensor is returned as
+    /// it is.
+    pub fn widened(t: Tensor) -> Tensor {
+        if !t.dtype().is_half() {
+            return t;
+        }
+        let half = Arc::new(t.data);
+        let (h, len) = (half.clone(), half.len());
+        let data = Data::F32(Buf::lazy(len, move || match &*h {
+            Data::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Data::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            _ => unreachable!("a half type"),
+        }));
+        Tensor { shape: t.shape, data, codes: None, half: Some(half), derived: true }
+    }
+
+    /// The half-precision elements this f32 tensor is widened from, if it is.
+    pub fn half(&self) -> Option<&Data> {
+        self.half.as_deref()
+    }
+
+    /// Whether the f32 elements are computed from `codes` or `half`, so that
+    /// those give them exactly, with no check against the elements.
+    pub fn is_derived(&self) -> bool {
+        self.derived
     }
 
     /// This `[k, n]` f32 matrix with the claim that `codes` dequantize to it.
     pub fn with_codes(mut self, codes: BlockCodes) -> Tensor {
         debug_assert!(self.shape == [codes.k, codes.n] && self.dtype() == DType::F32);
-        self.codes = Some(std::sync::Arc::new(codes));
+        self.codes = Some(Arc::new(codes));
         self
     }
 
@@ -554,7 +613,7 @@ impl Tensor {
     }
 
     pub fn cast(&self, to: DType) -> Tensor {
-        Tensor { shape: self.shape.clone(), data: self.data.cast(to), codes: None }
+        Tensor { shape: self.shape.clone(), data: self.data.cast(to), codes: None, half: None, derived: false }
     }
 }
 

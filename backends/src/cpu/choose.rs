@@ -5,7 +5,7 @@
 //! GPU backends.
 
 use crate::plan::{Buffer, KernelKind, MatMulImpl, MatMulKernel, Plan, Storage};
-use egret_ir::{DType, Data, Tensor};
+use egret_ir::{BlockCodes, DType, Data, Tensor};
 use std::sync::Arc;
 
 use egret_kernels::gemm::{
@@ -19,19 +19,31 @@ use egret_kernels::gemm::{
 /// is one, else f32. A decode step's product is bound by reading its
 /// weight, so a narrower coding is a faster product.
 pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: usize) -> Vec<u32> {
-    let w = t.as_f32().expect("packed weights are f32");
     let whole = offset == 0 && t.shape() == [k, n];
-    if let Some(codes) = t.codes().filter(|c| whole && strides == [n, 1] && c.matches(w)) {
+    // A weight computed from its codes or its half-precision elements
+    // (`Tensor::is_derived`) is packed from them without reading its f32
+    // elements, which are then never computed.
+    let trusted = |c: &BlockCodes| t.is_derived() || t.as_f32().is_some_and(|w| c.matches(w));
+    if let Some(codes) = t.codes().filter(|c| whole && strides == [n, 1] && trusted(c)) {
         // Whole numbers of a signed byte (an integer product's weight, its
         // zero point taken off): int8 panels, which VNNI multiplies as
         // integers when the activations are whole numbers too.
         let unscaled = codes.scales.iter().all(|&s| s == 1.0);
-        if codes.bits == 8 && unscaled && w.iter().all(|&x| x.fract() == 0.0 && (-128.0..=127.0).contains(&x)) {
-            return pack_int8_panels(|p, j| w[p * n + j] as i8, k, n);
+        let value = |p: usize, j: usize| codes.value(p, j);
+        let signed_byte = |x: f32| x.fract() == 0.0 && (-128.0..=127.0).contains(&x);
+        if codes.bits == 8 && unscaled && (0..k).all(|p| (0..n).all(|j| signed_byte(value(p, j)))) {
+            return pack_int8_panels(|p, j| value(p, j) as i8, k, n);
         }
         return pack_code_panels(&codes.codes, &codes.scales, &codes.zeros, k, n, codes.block, codes.bits);
     }
-    let at = |p: usize, j: usize| w[offset + p * strides[0] + j * strides[1]];
+    let index = |p: usize, j: usize| offset + p * strides[0] + j * strides[1];
+    match t.half().filter(|_| t.is_derived()) {
+        Some(Data::F16(h)) => return pack_half_panels(|p, j| h[index(p, j)].to_bits(), k, n, false),
+        Some(Data::BF16(h)) => return pack_half_panels(|p, j| h[index(p, j)].to_bits(), k, n, true),
+        _ => {}
+    }
+    let w = t.as_f32().expect("packed weights are f32");
+    let at = |p: usize, j: usize| w[index(p, j)];
     let every = |f: &dyn Fn(f32) -> bool| (0..k).all(|p| (0..n).all(|j| f(at(p, j))));
     if every(&|x| egret_ir::half::f16::from_f32(x).to_f32().to_bits() == x.to_bits()) {
         return pack_half_panels(|p, j| egret_ir::half::f16::from_f32(at(p, j)).to_bits(), k, n, false);
@@ -241,5 +253,54 @@ mod tests {
         let bf16: Vec<f32> =
             (0..k * n).map(|i| f32::from_bits((1e10 * (i + 1) as f32).to_bits() & 0xffff_0000)).collect();
         assert_eq!(coding(&Tensor::from_vec(vec![k, n], bf16), 0, [n, 1], k, n), Coding::Bf16);
+    }
+
+    /// Whether a tensor's f32 elements were ever computed.
+    fn computed(t: &Tensor) -> bool {
+        matches!(t.data(), Data::F32(b) if b.is_computed())
+    }
+
+    #[test]
+    fn weights_made_from_codes_or_halves_pack_from_them_as_their_values_would() {
+        let (k, n) = (40, 24);
+        let claim = |bits: u32, scale: f32| BlockCodes {
+            bits,
+            block: 16,
+            k,
+            n,
+            codes: (0..k * n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect(),
+            // Scale 1: an integer product's weight, signed bytes shifted up.
+            scales: (0..3 * n).map(|i| if scale == 1.0 { 1.0 } else { scale * (1.0 + i as f32 / 8.0) }).collect(),
+            zeros: (0..3 * n).map(|i| if scale == 1.0 { 128.0 } else { (i % 5) as f32 }).collect(),
+        };
+        for (bits, scale, want) in [(4, 0.1, Coding::Codes4), (8, 0.05, Coding::Codes8), (8, 1.0, Coding::Int8)] {
+            let derived = Tensor::from_codes(claim(bits, scale)).unwrap();
+            let values: Vec<f32> = (0..k * n).map(|i| claim(bits, scale).value(i / n, i % n)).collect();
+            let eager = Tensor::from_vec(vec![k, n], values).with_codes(claim(bits, scale));
+            let words = pack_weight(&derived, 0, [n, 1], k, n);
+            assert!(!computed(&derived), "{bits} bits: packed from the codes alone");
+            assert_eq!(words, pack_weight(&eager, 0, [n, 1], k, n), "{bits} bits: the same panels");
+            assert_eq!(packed_coding(&Tensor::from_vec(vec![words.len()], words)), Some(want));
+            // Its values, when something does read them, are the codes'.
+            assert_eq!(derived, eager);
+        }
+        // Halves, whole or through a transposed view of a slice.
+        let f16: Vec<egret_ir::half::f16> =
+            (0..k * n).map(|i| egret_ir::half::f16::from_f32(i as f32 * 0.37 - 50.0)).collect();
+        let bf16: Vec<egret_ir::half::bf16> =
+            (0..k * n).map(|i| egret_ir::half::bf16::from_f32(i as f32 * 1e7 - 3e9)).collect();
+        for (half, want) in
+            [(Tensor::from_vec(vec![k, n], f16), Coding::F16), (Tensor::from_vec(vec![k, n], bf16), Coding::Bf16)]
+        {
+            let derived = Tensor::widened(half.clone());
+            let eager = half.cast(DType::F32);
+            for (offset, strides, kk, nn) in [(0, [n, 1], k, n), (n + 2, [1, n], 20, 30)] {
+                let words = pack_weight(&derived, offset, strides, kk, nn);
+                assert!(!computed(&derived), "{want:?}: packed from the halves alone");
+                assert_eq!(words, pack_weight(&eager, offset, strides, kk, nn), "{want:?} at {offset}, {strides:?}");
+                assert_eq!(packed_coding(&Tensor::from_vec(vec![words.len()], words)), Some(want));
+            }
+            assert_eq!(derived, eager);
+        }
     }
 }

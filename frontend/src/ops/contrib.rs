@@ -642,25 +642,24 @@ fn matmul_nbits(c: &mut NodeCtx) -> BuildResult {
         }
         Some(z) => return Err(c.err(format!("zero_points of {} are not supported (uint8)", c.ty(z).dtype))),
     };
-    // The weight in f32, and the codes it came from (`[k, n]`, with scales
-    // and zero points `[blocks, n]`), which a CPU kernel can keep instead.
-    let mut w = vec![0f32; k * n];
+    // The codes (`[k, n]`, with scales and zero points `[blocks, n]`): the
+    // weight in f32 is computed from them only if something reads it.
     let mut codes = vec![0u8; k * n];
     let (mut block_scales, mut block_zeros) = (vec![0f32; blocks * n], vec![0f32; blocks * n]);
     for col in 0..n {
         for b in 0..blocks {
             let at = (col * blocks + b) * blob;
             let values = unpack(&q[at..at + blob], bits, block);
-            let (s, z) = (scales[col * blocks + b], zeros[col * blocks + b] as f32);
-            (block_scales[b * n + col], block_zeros[b * n + col]) = (s, z);
+            (block_scales[b * n + col], block_zeros[b * n + col]) =
+                (scales[col * blocks + b], zeros[col * blocks + b] as f32);
             for (i, &v) in values.iter().enumerate().take(k - b * block) {
-                w[(b * block + i) * n + col] = (v as f32 - z) * s;
                 codes[(b * block + i) * n + col] = v;
             }
         }
     }
     let claim = BlockCodes { bits: bits as u32, block, k, n, codes, scales: block_scales, zeros: block_zeros };
-    let w = c.constant(Tensor::from_vec(vec![k, n], w).with_codes(claim));
+    let w = Tensor::from_codes(claim).ok_or_else(|| c.err("B's codes do not fit their bits"))?;
+    let w = c.constant(w);
     let a = if int8_activations { int8_blocks(c, a, k, block)? } else { a };
     let y = c.add(Op::MatMul, &[a, w])?;
     match c.input(5) {

@@ -347,9 +347,9 @@ pub(crate) fn integer_product(
     c.add(Op::MatMul, &[af, bf])
 }
 
-/// A constant 8- or 4-bit matrix `x` (`[k, n]`) dequantized at import, with
-/// the claim that it came from codes (`BlockCodes`), so the CPU keeps it as
-/// codes: `(x - zero) * scale` with the zero point and scale per tensor, per
+/// A constant 8- or 4-bit matrix `x` (`[k, n]`) dequantized, as the codes
+/// it came from (`Tensor::from_codes`: the f32 values are computed only if
+/// read), so the CPU keeps it as codes: `(x - zero) * scale` with the zero point and scale per tensor, per
 /// column (`axis` 1) or per block of rows (`axis` 0, `block` rows), and
 /// `scale` 1 where there is none (`MatMulInteger`'s weight). `None` for any
 /// other weight, which is then imported op by op.
@@ -401,7 +401,5 @@ fn coded_weight(
         _ => return None,
     };
     let bits = if four_bit { 4 } else { 8 };
-    let claim = egret_ir::BlockCodes { bits, block: rows, k, n, codes, scales, zeros };
-    let values: Vec<f32> = (0..k * n).map(|i| claim.value(i / n, i % n)).collect();
-    Some(egret_ir::Tensor::from_vec(vec![k, n], values).with_codes(claim))
+    egret_ir::Tensor::from_codes(egret_ir::BlockCodes { bits, block: rows, k, n, codes, scales, zeros })
 }
