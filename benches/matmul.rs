@@ -90,6 +90,7 @@ fn decode_weight(k: usize, n: usize, coding: &str) -> Tensor {
         k,
         n,
         codes: (0..k * n).map(|i| ((i * 7 + i / n) % (1 << bits)) as u8).collect(),
+        offset: 0,
         scales: (0..blocks * n).map(|i| 0.01 + (i % 17) as f32 * 1e-3).collect(),
         zeros: vec![(1 << (bits - 1)) as f32; blocks * n],
     };
@@ -149,6 +150,7 @@ fn int8_prefill(c: &mut Criterion) {
                 k,
                 n,
                 codes: (0..k * n).map(|i| codes(i / n, i % n)).collect(),
+                offset: 0,
                 scales: vec![1.0; n],
                 zeros: vec![128.0; n],
             }),

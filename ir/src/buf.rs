@@ -101,6 +101,23 @@ impl<T: bytemuck::Pod> Buf<T> {
     }
 }
 
+impl<T: bytemuck::Pod> Buf<T> {
+    /// The same bytes as elements of `U`, a type of the same size and
+    /// alignment (`i8` as `u8`), without copying; `None` for lazy elements.
+    pub fn reinterpret<U: bytemuck::Pod>(self) -> Option<Buf<U>> {
+        if std::mem::size_of::<T>() != std::mem::size_of::<U>() || std::mem::align_of::<T>() != std::mem::align_of::<U>() {
+            return None;
+        }
+        Some(Buf {
+            repr: match self.repr {
+                Repr::Owned(v) => Repr::Owned(bytemuck::allocation::try_cast_vec(v).ok()?),
+                Repr::Mapped { map, offset, len, .. } => Repr::Mapped { map, offset, len, elem: PhantomData },
+                Repr::Lazy(_) => return None,
+            },
+        })
+    }
+}
+
 impl<T: Clone> Buf<T> {
     /// The elements as a vector: the owned one, or a copy of the mapped ones.
     pub fn into_vec(self) -> Vec<T> {

@@ -434,8 +434,12 @@ pub struct BlockCodes {
     pub block: usize,
     pub k: usize,
     pub n: usize,
-    /// `[k, n]`, one code per byte.
-    pub codes: Vec<u8>,
+    /// `[k, n]`, one code per byte, stored plus `offset` (`code`): a signed
+    /// byte weight is its own codes read as unsigned with 128 added, so it
+    /// is shared (mapped, even) rather than copied.
+    pub codes: Buf<u8>,
+    /// Added to each stored byte, wrapping, to give its code.
+    pub offset: u8,
     /// `[k.div_ceil(block), n]`.
     pub scales: Vec<f32>,
     /// `[k.div_ceil(block), n]`, whole numbers.
@@ -443,10 +447,15 @@ pub struct BlockCodes {
 }
 
 impl BlockCodes {
+    /// Code `i` (row-major over `[k, n]`).
+    pub fn code(&self, i: usize) -> u8 {
+        self.codes[i].wrapping_add(self.offset)
+    }
+
     /// Element `(p, j)` as the claim computes it.
     pub fn value(&self, p: usize, j: usize) -> f32 {
         let b = (p / self.block) * self.n + j;
-        (self.codes[p * self.n + j] as f32 - self.zeros[b]) * self.scales[b]
+        (self.code(p * self.n + j) as f32 - self.zeros[b]) * self.scales[b]
     }
 
     /// Whether the claim is well formed and gives exactly `w`'s bits.
@@ -465,7 +474,7 @@ impl BlockCodes {
             && self.k.checked_mul(self.n) == Some(self.codes.len())
             && self.scales.len() == blocks * self.n
             && self.zeros.len() == blocks * self.n
-            && self.codes.iter().all(|&c| (c as u32) < (1 << self.bits))
+            && (self.bits == 8 || (0..self.codes.len()).all(|i| (self.code(i) as u32) < (1 << self.bits)))
     }
 }
 

@@ -278,11 +278,13 @@ pub fn pack_half_panels(bits: impl Fn(usize, usize) -> u16, k: usize, n: usize, 
 }
 
 /// A `[k, n]` matrix of unsigned codes below `1 << bits` (`bits` at most 8;
-/// 4 or fewer are stored two to a byte), with scales and zero points per
+/// 4 or fewer are stored two to a byte), each `codes` byte plus `offset`
+/// (wrapping: 128 reads signed bytes as codes), with scales and zero points per
 /// block of `block` rows and column (`[k.div_ceil(block), n]`), packed as
 /// `Coding::Codes4` or `Codes8` panels.
 pub fn pack_code_panels(
     codes: &[u8],
+    offset: u8,
     scales: &[f32],
     zeros: &[f32],
     k: usize,
@@ -302,7 +304,7 @@ pub fn pack_code_panels(
             }
             let mut bytes = Vec::new();
             for p in b * block..(b + 1) * block {
-                let code = |l: usize| if p < k && col(l) < n { codes[p * n + col(l)] } else { 0 };
+                let code = |l: usize| if p < k && col(l) < n { codes[p * n + col(l)].wrapping_add(offset) } else { 0 };
                 match coding {
                     Coding::Codes4 => bytes.extend((0..NR / 2).map(|l| code(l) | (code(l + NR / 2) << 4))),
                     _ => bytes.extend((0..NR).map(code)),
@@ -1080,7 +1082,7 @@ mod tests {
                 let blocks = k.div_ceil(block);
                 let scales: Vec<f32> = (0..blocks * n).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect();
                 let zeros: Vec<f32> = (0..blocks * n).map(|i| (i % (1 << bits)) as f32).collect();
-                let packed = pack_code_panels(&codes, &scales, &zeros, k, n, block, bits);
+                let packed = pack_code_panels(&codes, 0, &scales, &zeros, k, n, block, bits);
                 let value = |p: usize, j: usize| {
                     let b = (p / block) * n + j;
                     (codes[p * n + j] as f32 - zeros[b]) * scales[b]

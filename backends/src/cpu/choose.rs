@@ -34,7 +34,7 @@ pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: 
         if codes.bits == 8 && unscaled && (0..k).all(|p| (0..n).all(|j| signed_byte(value(p, j)))) {
             return pack_int8_panels(|p, j| value(p, j) as i8, k, n);
         }
-        return pack_code_panels(&codes.codes, &codes.scales, &codes.zeros, k, n, codes.block, codes.bits);
+        return pack_code_panels(&codes.codes, codes.offset, &codes.scales, &codes.zeros, k, n, codes.block, codes.bits);
     }
     let index = |p: usize, j: usize| offset + p * strides[0] + j * strides[1];
     match t.half().filter(|_| t.is_derived()) {
@@ -235,6 +235,7 @@ mod tests {
             k,
             n,
             codes: (0..k * n).map(|i| (i % 16) as u8).collect(),
+            offset: 0,
             scales: vec![scale; 2 * n],
             zeros: vec![8.0; 2 * n],
         };
@@ -269,6 +270,7 @@ mod tests {
             k,
             n,
             codes: (0..k * n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect(),
+            offset: 0,
             // Scale 1: an integer product's weight, signed bytes shifted up.
             scales: (0..3 * n).map(|i| if scale == 1.0 { 1.0 } else { scale * (1.0 + i as f32 / 8.0) }).collect(),
             zeros: (0..3 * n).map(|i| if scale == 1.0 { 128.0 } else { (i % 5) as f32 }).collect(),
@@ -283,6 +285,12 @@ mod tests {
             assert_eq!(packed_coding(&Tensor::from_vec(vec![words.len()], words)), Some(want));
             // Its values, when something does read them, are the codes'.
             assert_eq!(derived, eager);
+            // The same codes stored as signed bytes (each 128 below its
+            // code) and read with an offset: the same panels.
+            let signed: Vec<i8> = (0..k * n).map(|i| (claim(bits, scale).code(i) as i16 - 128) as i8).collect();
+            let codes = egret_ir::Buf::from(signed).reinterpret::<u8>().unwrap();
+            let shifted = Tensor::from_codes(BlockCodes { codes, offset: 128, ..claim(bits, scale) }).unwrap();
+            assert_eq!(pack_weight(&shifted, 0, [n, 1], k, n), pack_weight(&eager, 0, [n, 1], k, n), "{bits} bits, offset");
         }
         // Halves, whole or through a transposed view of a slice.
         let f16: Vec<egret_ir::half::f16> =

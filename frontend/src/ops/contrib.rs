@@ -657,7 +657,8 @@ fn matmul_nbits(c: &mut NodeCtx) -> BuildResult {
             }
         }
     }
-    let claim = BlockCodes { bits: bits as u32, block, k, n, codes, scales: block_scales, zeros: block_zeros };
+    let claim =
+        BlockCodes { bits: bits as u32, block, k, n, codes: codes.into(), offset: 0, scales: block_scales, zeros: block_zeros };
     let w = Tensor::from_codes(claim).ok_or_else(|| c.err("B's codes do not fit their bits"))?;
     let w = c.constant(w);
     let a = if int8_activations { int8_blocks(c, a, k, block)? } else { a };

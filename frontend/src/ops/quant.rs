@@ -395,11 +395,23 @@ fn coded_weight(
     };
     let scales = table(scale, 1.0)?;
     let zeros: Vec<f32> = table(zero, 0.0)?.into_iter().map(|z| z + offset as f32).collect();
-    let codes: Vec<u8> = match t.data() {
-        egret_ir::Data::I8(v) => v.iter().map(|&x| (x as i16 + offset as i16) as u8).collect(),
-        egret_ir::Data::U8(v) => v.clone().into_vec(),
+    // Signed bytes are their own codes read unsigned, 128 added: shared with
+    // the weight (read in place where it was mapped), not copied.
+    let (codes, code_offset) = match t.data() {
+        egret_ir::Data::I8(v) if !four_bit => (v.clone().reinterpret::<u8>()?, 128),
+        egret_ir::Data::I8(v) => (v.iter().map(|&x| (x as i16 + offset as i16) as u8).collect(), 0),
+        egret_ir::Data::U8(v) => (v.clone(), 0),
         _ => return None,
     };
     let bits = if four_bit { 4 } else { 8 };
-    egret_ir::Tensor::from_codes(egret_ir::BlockCodes { bits, block: rows, k, n, codes, scales, zeros })
+    egret_ir::Tensor::from_codes(egret_ir::BlockCodes {
+        bits,
+        block: rows,
+        k,
+        n,
+        codes,
+        offset: code_offset,
+        scales,
+        zeros,
+    })
 }
