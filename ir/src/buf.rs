@@ -105,7 +105,9 @@ impl<T: bytemuck::Pod> Buf<T> {
     /// The same bytes as elements of `U`, a type of the same size and
     /// alignment (`i8` as `u8`), without copying; `None` for lazy elements.
     pub fn reinterpret<U: bytemuck::Pod>(self) -> Option<Buf<U>> {
-        if std::mem::size_of::<T>() != std::mem::size_of::<U>() || std::mem::align_of::<T>() != std::mem::align_of::<U>() {
+        if std::mem::size_of::<T>() != std::mem::size_of::<U>()
+            || std::mem::align_of::<T>() != std::mem::align_of::<U>()
+        {
             return None;
         }
         Some(Buf {

@@ -461,12 +461,13 @@ impl BlockCodes {
     /// Whether the claim is well formed and gives exactly `w`'s bits.
     pub fn matches(&self, w: &[f32]) -> bool {
         self.is_well_formed()
+            && self.codes_fit()
             && w.len() == self.k * self.n
             && (0..self.k).all(|p| (0..self.n).all(|j| self.value(p, j).to_bits() == w[p * self.n + j].to_bits()))
     }
 
-    /// Whether the sizes agree (codes `[k, n]`, scales and zero points one
-    /// per block and column) and every code fits in `bits`.
+    /// Whether the sizes agree: codes `[k, n]`, scales and zero points one
+    /// per block and column. It reads no code (they may be lazy).
     pub fn is_well_formed(&self) -> bool {
         let blocks = self.k.div_ceil(self.block.max(1));
         self.block > 0
@@ -474,7 +475,12 @@ impl BlockCodes {
             && self.k.checked_mul(self.n) == Some(self.codes.len())
             && self.scales.len() == blocks * self.n
             && self.zeros.len() == blocks * self.n
-            && (self.bits == 8 || (0..self.codes.len()).all(|i| (self.code(i) as u32) < (1 << self.bits)))
+    }
+
+    /// Whether every code fits in `bits`, as a backend that stores them
+    /// in `bits` needs (the values are defined either way).
+    pub fn codes_fit(&self) -> bool {
+        self.bits >= 8 || (0..self.codes.len()).all(|i| (self.code(i) as u32) < (1 << self.bits))
     }
 }
 

@@ -205,6 +205,9 @@ fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
 /// packed as `Coding::Int8` panels.
 pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) -> Vec<u32> {
     let mut out = header(Coding::Int8, k, n, 0);
+    // Sized once, as every packer here: growing by doubling would copy the
+    // panels and hold up to twice them at once.
+    out.reserve_exact(n.div_ceil(NR) * (NR + k.div_ceil(4) * NR));
     for panel in 0..n.div_ceil(NR) {
         let col = |l: usize| panel * NR + l;
         out.extend((0..NR).map(|l| {
@@ -259,6 +262,7 @@ pub fn pack_panels(b: &[f32], offset: usize, strides: [usize; 2], k: usize, n: u
 /// packed as panels of halves.
 pub fn pack_half_panels(bits: impl Fn(usize, usize) -> u16, k: usize, n: usize, bf16: bool) -> Vec<u32> {
     let mut out = header(if bf16 { Coding::Bf16 } else { Coding::F16 }, k, n, 0);
+    out.reserve_exact(n.div_ceil(NR) * k * NR / 2);
     for panel in 0..n.div_ceil(NR) {
         for p in 0..k {
             for l in (0..NR).step_by(2) {
@@ -296,6 +300,8 @@ pub fn pack_code_panels(
     let coding = if bits <= 4 { Coding::Codes4 } else { Coding::Codes8 };
     let mut out = header(coding, k, n, block);
     let blocks = k.div_ceil(block);
+    let row_bytes = if coding == Coding::Codes4 { NR / 2 } else { NR };
+    out.reserve_exact(n.div_ceil(NR) * blocks * (2 * NR + (block * row_bytes).div_ceil(4)));
     for panel in 0..n.div_ceil(NR) {
         let col = |l: usize| panel * NR + l;
         for b in 0..blocks {

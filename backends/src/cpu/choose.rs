@@ -34,7 +34,18 @@ pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: 
         if codes.bits == 8 && unscaled && (0..k).all(|p| (0..n).all(|j| signed_byte(value(p, j)))) {
             return pack_int8_panels(|p, j| value(p, j) as i8, k, n);
         }
-        return pack_code_panels(&codes.codes, codes.offset, &codes.scales, &codes.zeros, k, n, codes.block, codes.bits);
+        if codes.codes_fit() {
+            return pack_code_panels(
+                &codes.codes,
+                codes.offset,
+                &codes.scales,
+                &codes.zeros,
+                k,
+                n,
+                codes.block,
+                codes.bits,
+            );
+        }
     }
     let index = |p: usize, j: usize| offset + p * strides[0] + j * strides[1];
     match t.half().filter(|_| t.is_derived()) {
@@ -290,7 +301,11 @@ mod tests {
             let signed: Vec<i8> = (0..k * n).map(|i| (claim(bits, scale).code(i) as i16 - 128) as i8).collect();
             let codes = egret_ir::Buf::from(signed).reinterpret::<u8>().unwrap();
             let shifted = Tensor::from_codes(BlockCodes { codes, offset: 128, ..claim(bits, scale) }).unwrap();
-            assert_eq!(pack_weight(&shifted, 0, [n, 1], k, n), pack_weight(&eager, 0, [n, 1], k, n), "{bits} bits, offset");
+            assert_eq!(
+                pack_weight(&shifted, 0, [n, 1], k, n),
+                pack_weight(&eager, 0, [n, 1], k, n),
+                "{bits} bits, offset"
+            );
         }
         // Halves, whole or through a transposed view of a slice.
         let f16: Vec<egret_ir::half::f16> =

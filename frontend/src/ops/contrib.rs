@@ -572,10 +572,11 @@ fn unpack(bytes: &[u8], bits: usize, count: usize) -> Vec<u8> {
 }
 
 /// A weight that must be an initializer, as u8 bytes.
-fn packed_bytes(c: &NodeCtx, i: usize, what: &str) -> Result<Vec<u8>, ImportError> {
+fn packed_bytes(c: &NodeCtx, i: usize, what: &str) -> Result<egret_ir::Buf<u8>, ImportError> {
     let t = c.need_known(i, what)?;
     match t.data() {
-        egret_ir::Data::U8(v) => Ok(v.clone().into_vec()),
+        // Shared with the weight (mapped, where it was), not copied.
+        egret_ir::Data::U8(v) => Ok(v.clone()),
         _ => Err(c.err(format!("{what} is {}; it must be uint8", t.dtype()))),
     }
 }
@@ -642,24 +643,31 @@ fn matmul_nbits(c: &mut NodeCtx) -> BuildResult {
         }
         Some(z) => return Err(c.err(format!("zero_points of {} are not supported (uint8)", c.ty(z).dtype))),
     };
-    // The codes (`[k, n]`, with scales and zero points `[blocks, n]`): the
-    // weight in f32 is computed from them only if something reads it.
-    let mut codes = vec![0u8; k * n];
+    // The codes (`[k, n]`, with scales and zero points `[blocks, n]`),
+    // unpacked from B only when read (a backend packing them), and the
+    // weight in f32 computed from them only if something reads that.
     let (mut block_scales, mut block_zeros) = (vec![0f32; blocks * n], vec![0f32; blocks * n]);
     for col in 0..n {
         for b in 0..blocks {
-            let at = (col * blocks + b) * blob;
-            let values = unpack(&q[at..at + blob], bits, block);
             (block_scales[b * n + col], block_zeros[b * n + col]) =
                 (scales[col * blocks + b], zeros[col * blocks + b] as f32);
-            for (i, &v) in values.iter().enumerate().take(k - b * block) {
-                codes[(b * block + i) * n + col] = v;
-            }
         }
     }
+    let codes = egret_ir::Buf::lazy(k * n, move || {
+        let mut codes = vec![0u8; k * n];
+        for col in 0..n {
+            for b in 0..blocks {
+                let at = (col * blocks + b) * blob;
+                for (i, v) in unpack(&q[at..at + blob], bits, block).into_iter().enumerate().take(k - b * block) {
+                    codes[(b * block + i) * n + col] = v;
+                }
+            }
+        }
+        codes
+    });
     let claim =
-        BlockCodes { bits: bits as u32, block, k, n, codes: codes.into(), offset: 0, scales: block_scales, zeros: block_zeros };
-    let w = Tensor::from_codes(claim).ok_or_else(|| c.err("B's codes do not fit their bits"))?;
+        BlockCodes { bits: bits as u32, block, k, n, codes, offset: 0, scales: block_scales, zeros: block_zeros };
+    let w = Tensor::from_codes(claim).ok_or_else(|| c.err("B's codes, scales and zero points disagree in size"))?;
     let w = c.constant(w);
     let a = if int8_activations { int8_blocks(c, a, k, block)? } else { a };
     let y = c.add(Op::MatMul, &[a, w])?;
