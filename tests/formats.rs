@@ -236,3 +236,24 @@ fn quantized_and_half_weights_stay_narrow_on_the_cpu() {
         assert_eq!(codings.iter().filter(|&&c| c == want).count(), count, "{model}: {codings:?}");
     }
 }
+
+/// An fp16 model's embedding table is gathered at its width: the CPU's
+/// plan holds it as f16 and never as f32 (widened whole, a base model's
+/// table is 94 MB where the half one is 47).
+#[test]
+fn a_half_table_is_gathered_at_its_width() {
+    use egret::backends::plan::Storage;
+    use egret::ir::DType;
+    let case = dir().join("ops/gather_float16_table");
+    let e = egret::explain::explain(&case, &CompileOptions::default(), Backend::Cpu).unwrap();
+    let plan = e.plan.expect("a plan");
+    let tables: Vec<DType> = plan
+        .buffers
+        .iter()
+        .filter_map(|b| match &b.storage {
+            Storage::Constant(t) if t.numel() == 50 * 37 => Some(t.dtype()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tables, [DType::F16], "{}", plan.describe());
+}

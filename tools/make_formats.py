@@ -81,7 +81,8 @@ Models not committed (made only when named, into target/formats-extra unless
 Op cases (NAME, written to `ops/NAME`; see `_ops` for the list), opset 21
 and com.microsoft 1: QuantizeLinear / DequantizeLinear (per tensor uint8 and
 int8, per axis, blocked, int4 and uint4), DynamicQuantizeLinear,
-MatMulInteger, QLinearMatMul, Cast through float16 and bfloat16; the
+MatMulInteger, QLinearMatMul, Cast through float16 and bfloat16, Gather
+from a float16 table; the
 com.microsoft SkipLayerNormalization, SkipSimplifiedLayerNormalization,
 BiasGelu, FastGelu, Gelu, QuickGelu, EmbedLayerNormalization, Attention,
 MatMulIntegerToFloat, DynamicQuantizeMatMul, MatMulNBits,
@@ -824,6 +825,36 @@ def qlinear_matmul(btype):
     return case
 
 
+def gather_half_table(name):
+    """An fp16 model's embedding lookup: Gather from a float16 initializer
+    table, a float16 bias added, the result cast to float (as
+    `convert_float_to_float16(keep_io_types=True)` writes it), and the
+    gathered rows themselves as a float16 output."""
+    from onnx import helper
+
+    t = T()
+    rng = rng_for(name)
+    table = (rng.standard_normal((50, COLS)) * 2.0).astype(np.float16)
+    table[0, :4] = [65504.0, -65504.0, 6e-8, -0.0]
+    bias = (rng.standard_normal(COLS) * 0.5).astype(np.float16)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        helper.make_node("Add", ["rows", "bias"], ["sum"]),
+        helper.make_node("Cast", ["sum"], ["y"], to=t.FLOAT),
+    ]
+    outs = [vi("rows", t.FLOAT16, ["n", 3, COLS]), vi("y", t.FLOAT, ["n", 3, COLS])]
+    m = graph_model(nodes, [vi("ids", t.INT64, ["n", 3])], outs, [init("table", table), init("bias", bias)])
+    sets = [{"ids": rng.integers(-50, 50, size=(n, 3)).astype(np.int64)} for n in (1, 4)]
+    for s in sets:
+        s["ids"][0, 0] = 0
+
+    def ref(data):
+        rows = table[np.where(data["ids"] < 0, data["ids"] + 50, data["ids"])]
+        return [rows, (rows + bias).astype(np.float32)]
+
+    return Op(m, sets, "Gather from a float16 table (negative indices too), a float16 add, a cast to float", ref)
+
+
 def cast_roundtrip(mid):
     def case(name):
         import ml_dtypes
@@ -1426,6 +1457,7 @@ def _ops():
         "qlinear_matmul_u8u8": qlinear_matmul(t.UINT8),
         "qlinear_matmul_u8s8": qlinear_matmul(t.INT8),
         "cast_float16": cast_roundtrip(t.FLOAT16),
+        "gather_float16_table": gather_half_table,
         "cast_bfloat16": cast_roundtrip(t.BFLOAT16),
         "skip_layer_norm": skip_layer_norm(beta=True, bias=True),
         "skip_layer_norm_no_beta": skip_layer_norm(beta=False, bias=True),

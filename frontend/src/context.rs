@@ -832,7 +832,14 @@ impl NodeCtx<'_, '_> {
     }
 
     pub fn constant(&mut self, t: Tensor) -> ValueId {
-        let t = Arc::new(widen(t));
+        self.constant_at_width(widen(t))
+    }
+
+    /// A constant kept at its element type, a half one included, for an op
+    /// that reads it at its width (`Gather` of a half table) and widens
+    /// what it reads by a cast of its own.
+    pub fn constant_at_width(&mut self, t: Tensor) -> ValueId {
+        let t = Arc::new(t);
         let v = self.imp.graph.add_const_shared(t.clone(), &self.label);
         self.imp.known.insert(v, t);
         v

@@ -60,6 +60,14 @@ impl<T> Buf<T> {
         Buf { repr: Repr::Lazy(Arc::new(Lazy { len, cell: std::sync::OnceLock::new(), init: Box::new(init) })) }
     }
 
+    /// `v`, shared by clones rather than copied (elements that are only
+    /// read, held in two places: a half weight and its widening).
+    pub fn shared(v: Vec<T>) -> Buf<T> {
+        let len = v.len();
+        let cell = std::sync::OnceLock::from(v);
+        Buf { repr: Repr::Lazy(Arc::new(Lazy { len, cell, init: Box::new(|| unreachable!("computed already")) })) }
+    }
+
     /// Whether the elements are read in place from a mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.repr, Repr::Mapped { .. })

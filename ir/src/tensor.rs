@@ -578,7 +578,13 @@ impl Tensor {
         if !t.dtype().is_half() {
             return t;
         }
-        let half = Arc::new(t.data);
+        // Shared, so the halves can be read as a tensor of their own
+        // (`half`) without a copy.
+        let half = Arc::new(match t.data {
+            Data::F16(v) if !v.is_mapped() => Data::F16(Buf::shared(v.into_vec())),
+            Data::BF16(v) if !v.is_mapped() => Data::BF16(Buf::shared(v.into_vec())),
+            other => other,
+        });
         let (h, len) = (half.clone(), half.len());
         let data = Data::F32(Buf::lazy(len, move || match &*h {
             Data::F16(v) => v.iter().map(|x| x.to_f32()).collect(),

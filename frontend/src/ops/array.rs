@@ -77,6 +77,16 @@ pub fn register(r: &mut Registry) {
     r.insert("Gather", |c| {
         let (x, i) = (c.req(0)?, c.req(1)?);
         let axis = c.axis(c.i("axis", 0)?, c.rank(x))?;
+        // A half-precision table (an fp16 model's embeddings) is gathered
+        // at its width and only the rows read are widened: the whole table
+        // is never held in f32.
+        if let Some(t) = c.known_value(x).filter(|t| t.is_derived()) {
+            if let Some(half) = t.half() {
+                let table = c.constant_at_width(Tensor::new(t.shape().to_vec(), half.clone()));
+                let rows = c.add(Op::Gather { axis }, &[table, i])?;
+                return c.add_node(Op::Cast { to: DType::F32 }, &[rows]);
+            }
+        }
         c.add_node(Op::Gather { axis }, &[x, i])
     });
     r.insert("GatherElements", |c| {
