@@ -37,6 +37,21 @@ pub fn register(r: &mut Registry) {
     r.insert("Softmax", |c| softmax_like(c, |axis| Op::Softmax { axis }));
     r.insert("LogSoftmax", |c| softmax_like(c, |axis| Op::LogSoftmax { axis }));
     r.insert("Hardmax", |c| softmax_like(c, |axis| Op::Hardmax { axis }));
+    r.insert("NegativeLogLikelihoodLoss", |c| {
+        let (input, target) = (c.req(0)?, c.req(1)?);
+        let weight = c.input(2);
+        Ok(vec![nll_loss(c, input, target, weight)?])
+    });
+    r.insert("SoftmaxCrossEntropyLoss", |c| {
+        let (scores, labels) = (c.req(0)?, c.req(1)?);
+        if c.rank(scores) < 2 {
+            return Err(c.err(format!("scores are {}; they need a class axis (N, C, ...)", c.ty(scores))));
+        }
+        let log_prob = c.add(Op::LogSoftmax { axis: 1 }, &[scores])?;
+        let weight = c.input(2);
+        let loss = nll_loss(c, log_prob, labels, weight)?;
+        Ok(if c.num_outputs() > 1 { vec![loss, log_prob] } else { vec![loss] })
+    });
     r.insert("LayerNormalization", |c| norm(c, false));
     r.insert("RMSNormalization", |c| norm(c, true));
     r.insert("BatchNormalization", |c| {
@@ -622,4 +637,74 @@ fn heads_first(c: &mut NodeCtx, x: ValueId, heads: usize, name: &str) -> Result<
     }
     let x = c.add(Op::Reshape { shape: egret_ir::dims_of(&vec![s[0], s[1], heads, s[2] / heads]) }, &[x])?;
     c.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[x])
+}
+
+/// `NegativeLogLikelihoodLoss` (and `SoftmaxCrossEntropyLoss` after its log
+/// softmax) as primitives: each element's loss is minus the input at its
+/// target class along axis 1, times the class's weight; a target equal to
+/// `ignore_index` contributes nothing, to the sum or to the mean's total
+/// weight. `reduction` is `none`, `sum` or `mean` (the sum over the total
+/// weight of the targets counted).
+fn nll_loss(c: &mut NodeCtx, input: ValueId, target: ValueId, weight: Option<ValueId>) -> Result<ValueId, ImportError> {
+    let (x, t) = (c.ty(input).clone(), c.ty(target).clone());
+    if x.rank() < 2 || t.rank() + 1 != x.rank() || !t.dtype.is_int() {
+        return Err(c.err(format!(
+            "input {x} and target {t}: the target needs an integer class per element of the input less its class axis"
+        )));
+    }
+    let reduction = c.s("reduction", "mean")?;
+    if !matches!(reduction.as_str(), "none" | "sum" | "mean") {
+        return Err(c.err(format!("reduction `{reduction}` is not one of none, sum, mean")));
+    }
+    let target = if t.dtype == DType::I64 { target } else { c.add(Op::Cast { to: DType::I64 }, &[target])? };
+    // Ignored targets read class 0 (any class would do) and are masked out.
+    let kept = match c.has_attr("ignore_index") {
+        true => {
+            let ignore = c.constant(Tensor::scalar(c.i("ignore_index", 0)?));
+            let ignored = c.add(Op::Equal, &[target, ignore])?;
+            Some(c.add(Op::Not, &[ignored])?)
+        }
+        false => None,
+    };
+    let target = match kept {
+        Some(kept) => {
+            let zero = c.constant(Tensor::scalar(0i64));
+            c.add(Op::Where, &[kept, target, zero])?
+        }
+        None => target,
+    };
+    let mut column = t.shape.clone();
+    column.insert(1, Dim::new(1));
+    let index = c.add(Op::Reshape { shape: column }, &[target])?;
+    let picked = c.add(Op::GatherElements { axis: 1 }, &[input, index])?;
+    let picked = c.add(Op::Reshape { shape: t.shape.clone() }, &[picked])?;
+    let mut loss = c.add(Op::Neg, &[picked])?;
+    // Each element's weight: its class's, masked; `None` for all ones.
+    let mut weights = match weight {
+        Some(w) => Some(c.add(Op::Gather { axis: 0 }, &[w, target])?),
+        None => None,
+    };
+    if let Some(kept) = kept {
+        let kept = c.add(Op::Cast { to: x.dtype }, &[kept])?;
+        weights = Some(match weights {
+            Some(w) => c.add(Op::Mul, &[w, kept])?,
+            None => kept,
+        });
+    }
+    if let Some(w) = weights {
+        loss = c.add(Op::Mul, &[loss, w])?;
+    }
+    let all: Vec<usize> = (0..t.rank()).collect();
+    let sum = |c: &mut NodeCtx, v: ValueId| {
+        c.add(Op::Reduce { kind: ReduceKind::Sum, axes: all.clone(), keepdims: false }, &[v])
+    };
+    match (reduction.as_str(), weights) {
+        ("none", _) => Ok(loss),
+        ("sum", _) => sum(c, loss),
+        (_, Some(w)) => {
+            let (total, weight) = (sum(c, loss)?, sum(c, w)?);
+            c.add(Op::Div, &[total, weight])
+        }
+        (_, None) => c.add(Op::Reduce { kind: ReduceKind::Mean, axes: all.clone(), keepdims: false }, &[loss]),
+    }
 }
