@@ -75,6 +75,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("Einsum", 12),
     ("Erf", 9),
     ("Expand", 8),
+    ("EyeLike", 9),
     ("GatherElements", 11),
     ("GatherND", 11),
     ("Gelu", 20),

@@ -132,6 +132,23 @@ pub fn register(r: &mut Registry) {
         c.set_known_dims(size, vec![], vec![n]);
         Ok(vec![size])
     });
+    r.insert("EyeLike", |c| {
+        // A constant: ones on the diagonal `k` above the main one (below,
+        // for a negative `k`), in the input's shape and `dtype` (the
+        // input's by default); the input's values are not read.
+        let x = c.req(0)?;
+        let &[rows, cols] = c.sizes(x)?.as_slice() else {
+            return Err(c.err(format!("input is {}; EyeLike takes a 2-d input", c.ty(x))));
+        };
+        let dtype = match c.has_attr("dtype") {
+            true => crate::tensor::dtype_from_onnx(c.i("dtype", 1)? as i32).map_err(|m| c.err(m))?,
+            false => c.ty(x).dtype,
+        };
+        let k = c.i("k", 0)?;
+        let on = |i: usize, j: usize| j as i64 - i as i64 == k;
+        let values: Vec<f64> = (0..rows * cols).map(|e| if on(e / cols, e % cols) { 1.0 } else { 0.0 }).collect();
+        Ok(vec![c.constant(Tensor::new(vec![rows, cols], Data::from_f64s(dtype, &values)))])
+    });
     r.insert("ConstantOfShape", |c| {
         let dims = c.need_dims(0, "shape")?;
         if dims.iter().any(|d| d.is_nonneg() == Some(false)) {

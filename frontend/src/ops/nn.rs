@@ -32,6 +32,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Conv", conv);
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
+    r.insert("LpPool", lp_pool);
     r.insert("GlobalAveragePool", |c| global_pool(c, ReduceKind::Mean));
     r.insert("GlobalMaxPool", |c| global_pool(c, ReduceKind::Max));
     r.insert("Softmax", |c| softmax_like(c, |axis| Op::Softmax { axis }));
@@ -214,6 +215,49 @@ fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
         let count_include_pad = c.flag("count_include_pad", false)?;
         c.add_node(Op::AveragePool { kernel, strides, pads, dilations, ceil_mode, count_include_pad }, &[x])
     }
+}
+
+/// `LpPool`: each window's `(sum |x|^p)^(1/p)`, as an average pool that
+/// counts the pads (zeros, which add nothing to the sum) times the
+/// window's size.
+fn lp_pool(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let p = c.i("p", 2)?;
+    if p <= 0 {
+        return Err(c.err(format!("p = {p}; it must be positive")));
+    }
+    let xs = c.ty(x).shape.clone();
+    if xs.len() < 3 {
+        return Err(c.err(format!("input {} needs rank >= 3", c.ty(x))));
+    }
+    let in_sp = egret_ir::ops::sizes(&xs[2..], "the input's spatial dims").map_err(|m| c.err(m))?;
+    let kernel: Vec<usize> = c
+        .ints("kernel_shape")?
+        .ok_or_else(|| c.err("kernel_shape is required"))?
+        .into_iter()
+        .map(|v| usize::try_from(v).unwrap_or(0))
+        .collect();
+    if kernel.contains(&0) {
+        return Err(c.err("kernel_shape must be positive"));
+    }
+    let (kernel, strides, pads, dilations) = window(c, &in_sp, kernel)?;
+    if c.flag("ceil_mode", false)? {
+        // A window past the padded input would be averaged over fewer
+        // elements, so the average times the window's size is no sum.
+        return Err(c.err("ceil_mode=1 is not supported"));
+    }
+    let dtype = c.ty(x).dtype;
+    let scalar = |c: &mut NodeCtx, v: f64| c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[v])));
+    let size = kernel.iter().product::<usize>() as f64;
+    let magnitude = c.add(Op::Abs, &[x])?;
+    let exponent = scalar(c, p as f64);
+    let powered = c.add(Op::Pow, &[magnitude, exponent])?;
+    let pool = Op::AveragePool { kernel, strides, pads, dilations, ceil_mode: false, count_include_pad: true };
+    let mean = c.add(pool, &[powered])?;
+    let count = scalar(c, size);
+    let sum = c.add(Op::Mul, &[mean, count])?;
+    let root = scalar(c, 1.0 / p as f64);
+    c.add_node(Op::Pow, &[sum, root])
 }
 
 fn global_pool(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
