@@ -56,6 +56,7 @@ pub fn supported_ops() -> Vec<String> {
 const FIRST_OPSET: &[(&str, i64)] = &[
     ("Acos", 7),
     ("Acosh", 9),
+    ("AffineGrid", 20),
     ("Asin", 7),
     ("Asinh", 9),
     ("Atan", 7),
@@ -68,6 +69,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("BitwiseXor", 18),
     ("CastLike", 15),
     ("Celu", 12),
+    ("CenterCropPad", 18),
     ("ConstantOfShape", 9),
     ("Cos", 7),
     ("Cosh", 9),

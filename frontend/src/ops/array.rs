@@ -132,6 +132,7 @@ pub fn register(r: &mut Registry) {
         c.set_known_dims(size, vec![], vec![n]);
         Ok(vec![size])
     });
+    r.insert("CenterCropPad", center_crop_pad);
     r.insert("EyeLike", |c| {
         // A constant: ones on the diagonal `k` above the main one (below,
         // for a negative `k`), in the input's shape and `dtype` (the
@@ -663,4 +664,35 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         Op::Resize { sizes, scales, mode, coord, nearest, cubic_coeff_a, exclude_outside, extrapolation_value, roi },
         &[x],
     )
+}
+
+/// `CenterCropPad`: each listed axis cropped to the target length about its
+/// centre (the extra element, if odd, taken from the end), or padded with
+/// zeros about it (the extra one at the end), as a slice then a pad.
+fn center_crop_pad(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let sizes = c.sizes(x)?;
+    let r = sizes.len();
+    let target = c.need_ints(1, "shape")?;
+    let axes: Vec<usize> = match c.ints("axes")? {
+        Some(a) => c.axes(&a, r)?.into_iter().zip(&a).map(|(_, &v)| c.axis(v, r)).collect::<Result<_, _>>()?,
+        None => (0..r).collect(),
+    };
+    if target.len() != axes.len() || target.iter().any(|&t| t < 0) {
+        return Err(c.err(format!("shape {target:?} needs one length of at least 0 per axis ({})", axes.len())));
+    }
+    let (mut starts, mut ends) = (vec![Dim::new(0); r], sizes.iter().map(|&d| Dim::new(d)).collect::<Vec<_>>());
+    let mut pads = vec![0i64; 2 * r];
+    for (&a, &t) in axes.iter().zip(&target) {
+        let (have, want) = (sizes[a], t as usize);
+        if want < have {
+            let start = (have - want) / 2;
+            (starts[a], ends[a]) = (Dim::new(start), Dim::new(start + want));
+        } else {
+            let extra = (want - have) as i64;
+            (pads[a], pads[a + r]) = (extra / 2, extra - extra / 2);
+        }
+    }
+    let cropped = c.add(Op::Slice { starts, ends, steps: vec![1; r] }, &[x])?;
+    c.add_node(Op::Pad { pads, mode: PadMode::Constant }, &[cropped])
 }

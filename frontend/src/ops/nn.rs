@@ -33,6 +33,7 @@ pub fn register(r: &mut Registry) {
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
     r.insert("LpPool", lp_pool);
+    r.insert("AffineGrid", affine_grid);
     r.insert("GlobalAveragePool", |c| global_pool(c, ReduceKind::Mean));
     r.insert("GlobalMaxPool", |c| global_pool(c, ReduceKind::Max));
     r.insert("Softmax", |c| softmax_like(c, |axis| Op::Softmax { axis }));
@@ -258,6 +259,63 @@ fn lp_pool(c: &mut NodeCtx) -> BuildResult {
     let sum = c.add(Op::Mul, &[mean, count])?;
     let root = scalar(c, 1.0 / p as f64);
     c.add_node(Op::Pow, &[sum, root])
+}
+
+/// `AffineGrid`: each output position's normalised coordinates (x, y[, z],
+/// 1), a constant for the known `size`, times each batch's `theta`
+/// transposed: one batched product.
+fn affine_grid(c: &mut NodeCtx) -> BuildResult {
+    let theta = c.req(0)?;
+    let size = c.need_ints(1, "size")?;
+    let align = c.flag("align_corners", false)?;
+    let spatial = match size.len() {
+        4 | 5 => &size[2..],
+        _ => return Err(c.err(format!("size {size:?} must be N, C, H, W or N, C, D, H, W"))),
+    };
+    let d = spatial.len();
+    let t = c.ty(theta).clone();
+    if t.rank() != 3
+        || t.shape[1] != Dim::new(d)
+        || t.shape[2] != Dim::new(d + 1)
+        || t.shape[0] != Dim::new(size[0].max(0) as usize)
+    {
+        return Err(c.err(format!("theta is {t}; size {size:?} needs [{}, {d}, {}]", size[0], d + 1)));
+    }
+    if spatial.iter().any(|&s| s <= 0) {
+        return Err(c.err(format!("size {size:?} has an empty spatial dim")));
+    }
+    let lens: Vec<usize> = spatial.iter().map(|&s| s as usize).collect();
+    // Position i of n along an axis, in -1..1.
+    let coord = |i: usize, n: usize| -> f64 {
+        match (align, n) {
+            (true, 1) => 0.0,
+            (true, _) => -1.0 + 2.0 * i as f64 / (n - 1) as f64,
+            (false, _) => (2.0 * i as f64 + 1.0) / n as f64 - 1.0,
+        }
+    };
+    let points: usize = lens.iter().product();
+    let mut base = Vec::with_capacity(points * (d + 1));
+    for at in 0..points {
+        // Spatial index (depth, height, width) of `at`; coordinates are
+        // listed width first (x, y, z).
+        let mut rest = at;
+        let mut index = vec![0; d];
+        for axis in (0..d).rev() {
+            index[axis] = rest % lens[axis];
+            rest /= lens[axis];
+        }
+        for axis in (0..d).rev() {
+            base.push(coord(index[axis], lens[axis]));
+        }
+        base.push(1.0);
+    }
+    let base = c.constant(Tensor::new(vec![points, d + 1], egret_ir::Data::from_f64s(t.dtype, &base)));
+    let theta_t = c.add(Op::Transpose { perm: vec![0, 2, 1] }, &[theta])?;
+    let grid = c.add(Op::MatMul, &[base, theta_t])?;
+    let mut shape = vec![t.shape[0]];
+    shape.extend(lens.iter().map(|&n| Dim::new(n)));
+    shape.push(Dim::new(d));
+    c.add_node(Op::Reshape { shape }, &[grid])
 }
 
 fn global_pool(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
