@@ -536,3 +536,87 @@ fn an_op_of_an_unknown_domain() {
     let err = check_fails(&dir, "cpu");
     assert!(err.contains("unsupported op `Gelu` (domain `com.microsoft.nchwc`"), "{err}");
 }
+
+/// The ops imported as compositions (the losses, the pools and grids the
+/// node suite has) refuse what they cannot mean with the node and the
+/// reason, at import.
+#[test]
+fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
+    use onnx_protobuf::AttributeProto;
+    let string_attr = |name: &str, s: &str| {
+        let mut a = AttributeProto::new();
+        a.name = name.into();
+        a.type_ = onnx_protobuf::attribute_proto::AttributeType::STRING.into();
+        a.s = s.as_bytes().to_vec();
+        a
+    };
+    let ints = |name: &str, values: Vec<i64>| {
+        let mut t = TensorProto::new();
+        t.name = name.into();
+        t.data_type = 7;
+        t.dims = vec![values.len() as i64];
+        t.int64_data = values;
+        t
+    };
+    // (opset, node, initializers, the input `x`'s shape, what the error says)
+    let cases: Vec<(i64, onnx_protobuf::NodeProto, Vec<TensorProto>, Vec<i64>, &str)> = vec![
+        (
+            13,
+            node("NegativeLogLikelihoodLoss", &["x", "t"], &["y"]),
+            vec![ints("t", vec![0, 1, 2, 0])],
+            vec![2, 3],
+            "the target needs an integer class per element",
+        ),
+        (
+            13,
+            {
+                let mut n = node("NegativeLogLikelihoodLoss", &["x", "t"], &["y"]);
+                n.attribute.push(string_attr("reduction", "average"));
+                n
+            },
+            vec![ints("t", vec![0, 1])],
+            vec![2, 3],
+            "reduction `average` is not one of none, sum, mean",
+        ),
+        (
+            17,
+            {
+                let mut n = node("LpPool", &["x"], &["y"]);
+                n.attribute.push(int_attr("kernel_shape", 0, &[2]));
+                n.attribute.push(int_attr("p", 0, &[]));
+                n
+            },
+            vec![],
+            vec![1, 2, 6],
+            "p = 0; it must be positive",
+        ),
+        (
+            18,
+            node("CenterCropPad", &["x", "s"], &["y"]),
+            vec![ints("s", vec![-1, 2])],
+            vec![2, 3],
+            "needs one length of at least 0 per axis",
+        ),
+        (
+            20,
+            node("AffineGrid", &["x", "s"], &["y"]),
+            vec![ints("s", vec![2, 1, 4, 4])],
+            vec![2, 3, 3],
+            "theta is f32[2,3,3]",
+        ),
+    ];
+    for (i, (opset, n, inits, shape, want)) in cases.into_iter().enumerate() {
+        let dir = tempdir(&format!("composite-{i}"));
+        let mut g = GraphProto::new();
+        g.name = "g".into();
+        g.input.push(value_info("x", 1, &shape));
+        g.output.push(value_info("y", 1, &[]));
+        let op = n.op_type.clone();
+        g.node.push(n);
+        g.initializer.extend(inits);
+        let mut m = model(g);
+        m.opset_import[0].version = opset;
+        let err = run_fails(&write_model(&dir, &m));
+        assert!(err.contains(&format!("{op}_0")) && err.contains(want), "{op}: {err}");
+    }
+}

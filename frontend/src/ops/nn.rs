@@ -749,7 +749,11 @@ fn heads_first(c: &mut NodeCtx, x: ValueId, heads: usize, name: &str) -> Result<
 /// weight of the targets counted).
 fn nll_loss(c: &mut NodeCtx, input: ValueId, target: ValueId, weight: Option<ValueId>) -> Result<ValueId, ImportError> {
     let (x, t) = (c.ty(input).clone(), c.ty(target).clone());
-    if x.rank() < 2 || t.rank() + 1 != x.rank() || !t.dtype.is_int() {
+    let mut classless = x.shape.clone();
+    if x.rank() >= 2 {
+        classless.remove(1);
+    }
+    if x.rank() < 2 || t.shape != classless || !t.dtype.is_int() {
         return Err(c.err(format!(
             "input {x} and target {t}: the target needs an integer class per element of the input less its class axis"
         )));
