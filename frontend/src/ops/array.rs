@@ -233,8 +233,29 @@ pub fn register(r: &mut Registry) {
         if blocksize < 1 {
             return Err(c.err("blocksize must be positive"));
         }
-        c.add_node(Op::SpaceToDepth { blocksize: blocksize as usize }, &[x])
+        let b = blocksize as usize;
+        match c.s("mode", "DCR")?.as_str() {
+            "DCR" => c.add_node(Op::SpaceToDepth { blocksize: b }, &[x]),
+            // Channels outermost, then the block's rows and columns:
+            // [n, c, h/b, b, w/b, b] -> [n, c, b, b, h/b, w/b].
+            "CRD" => {
+                let &[n, ch, h, w] = c.sizes(x)?.as_slice() else {
+                    return Err(c.err(format!("input is {}; SpaceToDepth takes N, C, H, W", c.ty(x))));
+                };
+                if h % b != 0 || w % b != 0 {
+                    return Err(c.err(format!("H {h} and W {w} must be multiples of blocksize {b}")));
+                }
+                let d = |v: usize| Dim::new(v);
+                let split = c.add(Op::Reshape { shape: vec![d(n), d(ch), d(h / b), d(b), d(w / b), d(b)] }, &[x])?;
+                let moved = c.add(Op::Transpose { perm: vec![0, 1, 3, 5, 2, 4] }, &[split])?;
+                c.add_node(Op::Reshape { shape: vec![d(n), d(ch * b * b), d(h / b), d(w / b)] }, &[moved])
+            }
+            other => Err(c.err(format!("mode `{other}` is not DCR or CRD"))),
+        }
     });
+    r.insert("HannWindow", |c| window_function(c, [0.5, 0.5, 0.0]));
+    r.insert("HammingWindow", |c| window_function(c, [25.0 / 46.0, 21.0 / 46.0, 0.0]));
+    r.insert("BlackmanWindow", |c| window_function(c, [0.42, 0.5, 0.08]));
     r.insert("Resize", resize);
 }
 
@@ -695,4 +716,28 @@ fn center_crop_pad(c: &mut NodeCtx) -> BuildResult {
     }
     let cropped = c.add(Op::Slice { starts, ends, steps: vec![1; r] }, &[x])?;
     c.add_node(Op::Pad { pads, mode: PadMode::Constant }, &[cropped])
+}
+
+/// A window of the known `size` (`HannWindow`, `HammingWindow`,
+/// `BlackmanWindow`): `a0 - a1 cos(2 pi n / N) + a2 cos(4 pi n / N)`, with
+/// `N` the size (`periodic`, the default) or one less, as a constant of
+/// `output_datatype`.
+fn window_function(c: &mut NodeCtx, [a0, a1, a2]: [f64; 3]) -> BuildResult {
+    let size = c.need_ints(0, "size")?;
+    let &[size] = size.as_slice() else { return Err(c.err("size must be one integer")) };
+    let n = usize::try_from(size).map_err(|_| c.err(format!("size {size} is negative")))?;
+    if n > egret_ir::MAX_ELEMENTS {
+        return Err(c.err(format!("size {size} is past the largest tensor Egret takes")));
+    }
+    let dtype = crate::tensor::dtype_from_onnx(c.i("output_datatype", 1)? as i32).map_err(|m| c.err(m))?;
+    let periodic = c.flag("periodic", true)?;
+    let span = if periodic { n as f64 } else { n.saturating_sub(1) as f64 };
+    let tau = 2.0 * std::f64::consts::PI;
+    let values: Vec<f64> = (0..n)
+        .map(|i| {
+            let x = if span > 0.0 { tau * i as f64 / span } else { 0.0 };
+            a0 - a1 * x.cos() + a2 * (2.0 * x).cos()
+        })
+        .collect();
+    Ok(vec![c.constant(Tensor::new(vec![n], Data::from_f64s(dtype, &values)))])
 }

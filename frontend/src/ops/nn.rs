@@ -33,6 +33,45 @@ pub fn register(r: &mut Registry) {
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
     r.insert("LpPool", lp_pool);
+    r.insert("LpNormalization", |c| {
+        // x over its L1 or L2 norm along `axis`; a zero norm (every x
+        // zero) divides by one, giving zeros, as ONNX's reference does.
+        let x = c.req(0)?;
+        let axis = c.axis(c.i("axis", -1)?, c.rank(x))?;
+        let kind = match c.i("p", 2)? {
+            1 => ReduceKind::L1,
+            2 => ReduceKind::L2,
+            p => return Err(c.err(format!("p = {p}; it must be 1 or 2"))),
+        };
+        let norm = c.add(Op::Reduce { kind, axes: vec![axis], keepdims: true }, &[x])?;
+        let dtype = c.ty(x).dtype;
+        let zero = c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[0.0])));
+        let one = c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[1.0])));
+        let empty = c.add(Op::Equal, &[norm, zero])?;
+        let norm = c.add(Op::Where, &[empty, one, norm])?;
+        c.add_node(Op::Div, &[x, norm])
+    });
+    r.insert("MeanVarianceNormalization", |c| {
+        // ONNX's function body: (x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9).
+        let x = c.req(0)?;
+        let r = c.rank(x);
+        let axes = c.axes(&c.ints("axes")?.unwrap_or_else(|| vec![0, 2, 3]), r)?;
+        let dtype = c.ty(x).dtype;
+        let scalar = |c: &mut NodeCtx, v: f64| c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[v])));
+        let mean = |c: &mut NodeCtx, v: ValueId| {
+            c.add(Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone(), keepdims: true }, &[v])
+        };
+        let m = mean(c, x)?;
+        let square = c.add(Op::Mul, &[x, x])?;
+        let mean_square = mean(c, square)?;
+        let square_mean = c.add(Op::Mul, &[m, m])?;
+        let variance = c.add(Op::Sub, &[mean_square, square_mean])?;
+        let std = c.add(Op::Sqrt, &[variance])?;
+        let epsilon = scalar(c, 1e-9);
+        let std = c.add(Op::Add, &[std, epsilon])?;
+        let centred = c.add(Op::Sub, &[x, m])?;
+        c.add_node(Op::Div, &[centred, std])
+    });
     r.insert("AffineGrid", affine_grid);
     r.insert("GlobalAveragePool", |c| global_pool(c, ReduceKind::Mean));
     r.insert("GlobalMaxPool", |c| global_pool(c, ReduceKind::Max));
