@@ -558,6 +558,14 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
         t.int64_data = values;
         t
     };
+    let f32s = |name: &str, dims: Vec<i64>| {
+        let mut t = TensorProto::new();
+        t.name = name.into();
+        t.data_type = 1;
+        t.float_data = vec![0.5; dims.iter().product::<i64>() as usize];
+        t.dims = dims;
+        t
+    };
     // (opset, node, initializers, the input `x`'s shape, what the error says)
     let cases: Vec<(i64, onnx_protobuf::NodeProto, Vec<TensorProto>, Vec<i64>, &str)> = vec![
         (
@@ -596,6 +604,28 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
             vec![ints("s", vec![-1, 2])],
             vec![2, 3],
             "needs one length of at least 0 per axis",
+        ),
+        (
+            21,
+            {
+                let mut n = node("GroupNormalization", &["x", "s", "s"], &["y"]);
+                n.attribute.push(int_attr("num_groups", 4, &[]));
+                n
+            },
+            vec![f32s("s", vec![6])],
+            vec![1, 6, 2],
+            "num_groups 4 must be positive and divide C 6",
+        ),
+        (
+            13,
+            {
+                let mut n = node("LRN", &["x"], &["y"]);
+                n.attribute.push(int_attr("size", 0, &[]));
+                n
+            },
+            vec![],
+            vec![1, 6, 2],
+            "size 0 must be positive",
         ),
         (
             20,

@@ -83,6 +83,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("GatherND", 11),
     ("Gelu", 20),
     ("GreaterOrEqual", 12),
+    ("GroupNormalization", 18),
     ("HammingWindow", 17),
     ("HannWindow", 17),
     ("HardSwish", 14),

@@ -33,6 +33,8 @@ pub fn register(r: &mut Registry) {
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
     r.insert("LpPool", lp_pool);
+    r.insert("GroupNormalization", group_norm);
+    r.insert("LRN", lrn);
     r.insert("LpNormalization", |c| {
         // x over its L1 or L2 norm along `axis`; a zero norm (every x
         // zero) divides by one, giving zeros, as ONNX's reference does.
@@ -355,6 +357,106 @@ fn affine_grid(c: &mut NodeCtx) -> BuildResult {
     shape.extend(lens.iter().map(|&n| Dim::new(n)));
     shape.push(Dim::new(d));
     c.add_node(Op::Reshape { shape }, &[grid])
+}
+
+/// `GroupNormalization`: each group of channels normalised over its
+/// channels and positions together, then scaled and shifted per channel
+/// (opset 21) or per group (opset 18, each group's value repeated over
+/// its channels).
+fn group_norm(c: &mut NodeCtx) -> BuildResult {
+    let (x, scale, bias) = (c.req(0)?, c.req(1)?, c.req(2)?);
+    let sizes = c.sizes(x)?;
+    let groups = c.i("num_groups", 0)?;
+    let epsilon = c.f("epsilon", 1e-5)?;
+    c.ignore_attr("stash_type");
+    let (n, ch) = match sizes[..] {
+        [n, ch, ..] => (n, ch),
+        _ => return Err(c.err(format!("input is {}; it needs N, C, ...", c.ty(x)))),
+    };
+    let g = usize::try_from(groups).ok().filter(|&g| g > 0 && ch % g == 0);
+    let Some(g) = g else { return Err(c.err(format!("num_groups {groups} must be positive and divide C {ch}"))) };
+    let per_channel = c.opset() >= 21;
+    let want = if per_channel { ch } else { g };
+    for (v, what) in [(scale, "scale"), (bias, "bias")] {
+        if c.sizes(v)? != [want] {
+            return Err(c.err(format!(
+                "{what} is {}; it needs one value per {} ({want})",
+                c.ty(v),
+                if per_channel { "channel" } else { "group" }
+            )));
+        }
+    }
+    let dtype = c.ty(x).dtype;
+    let d = |v: usize| Dim::new(v);
+    let rest: usize = sizes[1..].iter().product::<usize>() / g;
+    let grouped = c.add(Op::Reshape { shape: vec![d(n), d(g), d(rest)] }, &[x])?;
+    let mean = c.add(Op::Reduce { kind: ReduceKind::Mean, axes: vec![2], keepdims: true }, &[grouped])?;
+    let centred = c.add(Op::Sub, &[grouped, mean])?;
+    let square = c.add(Op::Mul, &[centred, centred])?;
+    let variance = c.add(Op::Reduce { kind: ReduceKind::Mean, axes: vec![2], keepdims: true }, &[square])?;
+    let epsilon = c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[epsilon as f64])));
+    let variance = c.add(Op::Add, &[variance, epsilon])?;
+    let std = c.add(Op::Sqrt, &[variance])?;
+    let normed = c.add(Op::Div, &[centred, std])?;
+    let normed = c.add(Op::Reshape { shape: sizes.iter().map(|&v| d(v)).collect() }, &[normed])?;
+    // Scale and bias as [C, 1, ...] against [N, C, ...].
+    let mut column = vec![d(ch)];
+    column.extend(std::iter::repeat_n(d(1), sizes.len() - 2));
+    let per_channel_of = |c: &mut NodeCtx, v: ValueId| -> Result<ValueId, ImportError> {
+        let v = if per_channel {
+            v
+        } else {
+            let groups_of: Vec<i64> = (0..ch).map(|i| (i / (ch / g)) as i64).collect();
+            let index = c.constant(Tensor::from_vec(vec![ch], groups_of));
+            c.add(Op::Gather { axis: 0 }, &[v, index])?
+        };
+        c.add(Op::Reshape { shape: column.clone() }, &[v])
+    };
+    let (scale, bias) = (per_channel_of(c, scale)?, per_channel_of(c, bias)?);
+    let scaled = c.add(Op::Mul, &[normed, scale])?;
+    c.add_node(Op::Add, &[scaled, bias])
+}
+
+/// `LRN`: `x / (bias + alpha / size * s)^beta`, `s` the sum of squares over
+/// the `size` channels about each one (clipped at the ends), as an average
+/// pool over the channel axis that counts its pads, times `size`.
+fn lrn(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let sizes = c.sizes(x)?;
+    let size = c.i("size", 0)?;
+    let (alpha, beta, bias) = (c.f("alpha", 1e-4)?, c.f("beta", 0.75)?, c.f("bias", 1.0)?);
+    let (n, ch) = match sizes[..] {
+        [n, ch, ..] => (n, ch),
+        _ => return Err(c.err(format!("input is {}; it needs N, C, ...", c.ty(x)))),
+    };
+    let Some(size) = usize::try_from(size).ok().filter(|&s| s > 0) else {
+        return Err(c.err(format!("size {size} must be positive")));
+    };
+    let dtype = c.ty(x).dtype;
+    let scalar = |c: &mut NodeCtx, v: f64| c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[v])));
+    let d = |v: usize| Dim::new(v);
+    let positions: usize = sizes[2..].iter().product();
+    let square = c.add(Op::Mul, &[x, x])?;
+    let planes = c.add(Op::Reshape { shape: vec![d(n), d(1), d(ch), d(positions)] }, &[square])?;
+    let (before, after) = ((size - 1) / 2, size - 1 - (size - 1) / 2);
+    let pool = Op::AveragePool {
+        kernel: vec![size, 1],
+        strides: vec![1, 1],
+        pads: vec![before, 0, after, 0],
+        dilations: vec![1, 1],
+        ceil_mode: false,
+        count_include_pad: true,
+    };
+    let mean = c.add(pool, &[planes])?;
+    let mean = c.add(Op::Reshape { shape: sizes.iter().map(|&v| d(v)).collect() }, &[mean])?;
+    // alpha / size * (mean * size) = alpha * mean.
+    let alpha = scalar(c, alpha as f64);
+    let scaled = c.add(Op::Mul, &[mean, alpha])?;
+    let bias = scalar(c, bias as f64);
+    let base = c.add(Op::Add, &[scaled, bias])?;
+    let beta = scalar(c, beta as f64);
+    let denominator = c.add(Op::Pow, &[base, beta])?;
+    c.add_node(Op::Div, &[x, denominator])
 }
 
 fn global_pool(c: &mut NodeCtx, kind: ReduceKind) -> BuildResult {
