@@ -1,7 +1,8 @@
 //! Dense host tensors: the values the reference semantics compute with.
 //!
-//! Storage is one `Vec` per element type behind an enum, so generic kernels are
-//! written once over the `Elem` trait and dispatched with `dispatch!`.
+//! Storage is one `Buf` (a vector, a mapped range or lazily computed
+//! elements) per element type behind an enum, so generic kernels are written
+//! once over the `Elem` trait and dispatched with `dispatch!`.
 
 use crate::buf::Buf;
 use crate::dtype::{DType, Type};

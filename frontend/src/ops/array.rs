@@ -696,7 +696,10 @@ fn center_crop_pad(c: &mut NodeCtx) -> BuildResult {
     let r = sizes.len();
     let target = c.need_ints(1, "shape")?;
     let axes: Vec<usize> = match c.ints("axes")? {
-        Some(a) => c.axes(&a, r)?.into_iter().zip(&a).map(|(_, &v)| c.axis(v, r)).collect::<Result<_, _>>()?,
+        Some(a) => {
+            c.axes(&a, r)?; // In range, none repeated.
+            a.iter().map(|&v| c.axis(v, r)).collect::<Result<_, _>>()?
+        }
         None => (0..r).collect(),
     };
     if target.len() != axes.len() || target.iter().any(|&t| t < 0) {
