@@ -99,6 +99,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("RMSNormalization", 23),
     ("Range", 11),
     ("Resize", 10),
+    ("ReverseSequence", 10),
     ("RotaryEmbedding", 23),
     ("Round", 11),
     ("Scatter", 9),

@@ -133,6 +133,7 @@ pub fn register(r: &mut Registry) {
         Ok(vec![size])
     });
     r.insert("CenterCropPad", center_crop_pad);
+    r.insert("ReverseSequence", reverse_sequence);
     r.insert("EyeLike", |c| {
         // A constant: ones on the diagonal `k` above the main one (below,
         // for a negative `k`), in the input's shape and `dtype` (the
@@ -743,4 +744,46 @@ fn window_function(c: &mut NodeCtx, [a0, a1, a2]: [f64; 3]) -> BuildResult {
         })
         .collect();
     Ok(vec![c.constant(Tensor::new(vec![n], Data::from_f64s(dtype, &values)))])
+}
+
+/// `ReverseSequence`: along `time_axis`, each batch's first
+/// `sequence_lens[b]` elements reversed and the rest kept, as a gather
+/// along the time axis from positions `t < len ? len - 1 - t : t`.
+fn reverse_sequence(c: &mut NodeCtx) -> BuildResult {
+    let (x, lens) = (c.req(0)?, c.req(1)?);
+    let sizes = c.sizes(x)?;
+    let r = sizes.len();
+    if r < 2 {
+        return Err(c.err(format!("input is {}; it needs a time and a batch axis", c.ty(x))));
+    }
+    let time = c.axis(c.i("time_axis", 0)?, r)?;
+    let batch = c.axis(c.i("batch_axis", 1)?, r)?;
+    if !matches!((time, batch), (0, 1) | (1, 0)) {
+        return Err(c.err(format!("time_axis {time} and batch_axis {batch} must be 0 and 1, one each")));
+    }
+    let (steps, batches) = (sizes[time], sizes[batch]);
+    if c.sizes(lens)? != [batches] || !c.ty(lens).dtype.is_int() {
+        return Err(c.err(format!("sequence_lens is {}; it needs one integer per batch ({batches})", c.ty(lens))));
+    }
+    let lens = if c.ty(lens).dtype == DType::I64 { lens } else { c.add(Op::Cast { to: DType::I64 }, &[lens])? };
+    let d = |v: usize| Dim::new(v);
+    // Positions and lengths laid out as the input's first two axes.
+    let (t_shape, len_shape) = if time == 0 {
+        (vec![d(steps), d(1)], vec![d(1), d(batches)])
+    } else {
+        (vec![d(1), d(steps)], vec![d(batches), d(1)])
+    };
+    let positions = c.constant(Tensor::from_vec(vec![steps], (0..steps as i64).collect::<Vec<i64>>()));
+    let t = c.add(Op::Reshape { shape: t_shape }, &[positions])?;
+    let len = c.add(Op::Reshape { shape: len_shape }, &[lens])?;
+    let inside = c.add(Op::Less, &[t, len])?;
+    let one = c.constant(Tensor::scalar(1i64));
+    let last = c.add(Op::Sub, &[len, one])?;
+    let mirrored = c.add(Op::Sub, &[last, t])?;
+    let from = c.add(Op::Where, &[inside, mirrored, t])?;
+    let mut lifted: Vec<Dim> = sizes[..2].iter().map(|&v| d(v)).collect();
+    lifted.extend(std::iter::repeat_n(d(1), r - 2));
+    let from = c.add(Op::Reshape { shape: lifted }, &[from])?;
+    let from = c.add(Op::Expand { shape: sizes.iter().map(|&v| d(v)).collect() }, &[from])?;
+    c.add_node(Op::GatherElements { axis: time }, &[x, from])
 }
