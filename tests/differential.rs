@@ -1304,3 +1304,23 @@ output \"y\" = v14
         same(&egret::ir::text::print(&optimized));
     }
 }
+
+/// Running sums and products along either axis, forwards and reversed,
+/// inclusive and exclusive, over integers (which every backend keeps
+/// exactly): the CPU's loop nests and the GPU's integer kernels against the
+/// reference.
+#[test]
+fn running_sums_and_products() {
+    same(
+        "v0: i32[5,3] = input{name=\"a\"}
+v1: i32[5,3] = cumprod{axis=0, exclusive=false, reverse=false} v0
+v2: i32[5,3] = cumprod{axis=1, exclusive=true, reverse=false} v0
+v3: i32[5,3] = cumprod{axis=0, exclusive=true, reverse=true} v0
+v4: i32[5,3] = cumsum{axis=1, exclusive=false, reverse=true} v0
+output \"p0\" = v1
+output \"p1\" = v2
+output \"p2\" = v3
+output \"s\" = v4
+",
+    );
+}

@@ -74,6 +74,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("ConstantOfShape", 9),
     ("Cos", 7),
     ("Cosh", 9),
+    ("CumProd", 26),
     ("CumSum", 11),
     ("Einsum", 12),
     ("Erf", 9),

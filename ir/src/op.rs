@@ -407,6 +407,7 @@ define_ops! {
     Range { len: Dim } = "range",
     Trilu { upper: bool, k: i64 } = "trilu",
     CumSum { axis: usize, exclusive: bool, reverse: bool } = "cumsum",
+    CumProd { axis: usize, exclusive: bool, reverse: bool } = "cumprod",
     /// Outputs: values, i64 indices.
     TopK { axis: usize, k: usize, largest: bool, sorted: bool } = "top_k",
     /// One-hot along `axis`: inputs indices, values [off, on]; `depth` classes.

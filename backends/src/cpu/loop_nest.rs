@@ -95,7 +95,7 @@ pub fn supports(op: &Op, inputs: &[(BufferId, Type)], outputs: &[(BufferId, Type
                 && out.dtype == DType::Bool
                 && broadcast()
         }
-        Op::CumSum { axis, .. } => {
+        Op::CumSum { axis, .. } | Op::CumProd { axis, .. } => {
             inputs.len() == 1 && scalar(inputs[0].dtype).is_some() && *axis < inputs[0].rank() && inputs[0] == out
         }
         // A reshape of a dense value is a copy of its bytes.
@@ -252,7 +252,8 @@ pub fn emit(
                 b.ins().store(flags, r, p[n], 0);
             });
         }
-        Op::CumSum { axis, exclusive, reverse } => {
+        Op::CumSum { axis, exclusive, reverse } | Op::CumProd { axis, exclusive, reverse } => {
+            let product = matches!(op, Op::CumProd { .. });
             let ty = scalar(out_ty.dtype).expect("`supports` checked the dtype");
             let (x, out) = (address(b, 0), address(b, 1));
             let shape = &out_ty.sizes();
@@ -262,22 +263,23 @@ pub fn emit(
                 shape[axis + 1..].iter().product::<usize>() as i64,
             );
             let float = ty.is_float();
-            // Each line along the axis, summed in order.
+            // Each line along the axis, summed (multiplied) in order.
             counted(b, 0, outer * inner, 1, vec![], &mut |b, line, _| {
                 let o = b.ins().udiv_imm_u(line, inner);
                 let i = b.ins().urem_imm_u(line, inner);
                 let start = b.ins().imul_imm_s(o, len * inner);
                 let start = b.ins().iadd(start, i);
-                let zero = if float {
+                let first = if product { 1.0 } else { 0.0 };
+                let initial = if float {
                     if ty == types::F32 {
-                        b.ins().f32const(0.0)
+                        b.ins().f32const(first as f32)
                     } else {
-                        b.ins().f64const(0.0)
+                        b.ins().f64const(first)
                     }
                 } else {
-                    b.ins().iconst(ty, 0)
+                    b.ins().iconst(ty, first as i64)
                 };
-                counted(b, 0, len, 1, vec![zero], &mut |b, step, acc| {
+                counted(b, 0, len, 1, vec![initial], &mut |b, step, acc| {
                     let j = if *reverse {
                         let last = b.ins().iconst(types::I64, len - 1);
                         b.ins().isub(last, step)
@@ -289,7 +291,12 @@ pub fn emit(
                     let at = b.ins().imul_imm_s(at, bytes);
                     let (src, dst) = (b.ins().iadd(x, at), b.ins().iadd(out, at));
                     let v = b.ins().load(ty, flags, src, 0);
-                    let sum = if float { b.ins().fadd(acc[0], v) } else { b.ins().iadd(acc[0], v) };
+                    let sum = match (product, float) {
+                        (false, true) => b.ins().fadd(acc[0], v),
+                        (false, false) => b.ins().iadd(acc[0], v),
+                        (true, true) => b.ins().fmul(acc[0], v),
+                        (true, false) => b.ins().imul(acc[0], v),
+                    };
                     b.ins().store(flags, if *exclusive { acc[0] } else { sum }, dst, 0);
                     vec![sum]
                 });

@@ -123,8 +123,10 @@ pub fn kernel(
             let (k, p) = b.finish("copy");
             Some((k, p, groups))
         }
-        Op::CumSum { axis, exclusive, reverse } if integer(&inputs[0].1) => {
-            // One invocation per line along the axis, summing in order.
+        Op::CumSum { axis, exclusive, reverse } | Op::CumProd { axis, exclusive, reverse } if integer(&inputs[0].1) => {
+            // One invocation per line along the axis, summing (multiplying)
+            // in order.
+            let product = matches!(op, Op::CumProd { .. });
             let (buf, t) = &inputs[0];
             let src = at(*buf);
             let (outer, len, inner) = (
@@ -142,20 +144,23 @@ pub fn kernel(
                 let o = b.let_(gid.clone() / inner_p.clone());
                 let i = b.let_(gid.clone() % inner_p.clone());
                 let start = b.let_(o * len_p.clone() * inner_p.clone() + i);
-                let acc = b.var(E::I32(0));
+                let acc = b.var(E::I32(i32::from(product)));
                 b.for_(E::I32(0), len_p.clone(), E::I32(1), |b, step| {
                     let j = if *reverse { len_p.clone() - E::I32(1) - step } else { step };
                     let at_ = b.let_(start.clone() + j * inner_p.clone());
                     let v = b.let_(E::load(src.space, x0.clone() + at_.clone()).bits(Ty::I32));
-                    let sum = b.let_(E::Var(acc) + v.clone());
-                    let bad = overflowed(b, &Op::Add, &E::Var(acc), &v, &sum);
+                    let (sum, step_op) = match product {
+                        true => (b.let_(E::Var(acc) * v.clone()), Op::Mul),
+                        false => (b.let_(E::Var(acc) + v.clone()), Op::Add),
+                    };
+                    let bad = overflowed(b, &step_op, &E::Var(acc), &v, &sum);
                     b.if_(bad, |b| b.fail(code.clone()));
                     let value = if *exclusive { E::Var(acc) } else { sum.clone() };
                     b.store(po.space, o0.clone() + at_, value);
                     b.set(acc, sum);
                 });
             });
-            let (k, p) = b.finish("integer_cumsum");
+            let (k, p) = b.finish(if product { "integer_cumprod" } else { "integer_cumsum" });
             Some((k, p, ((outer * inner) as u64).div_ceil(THREADS as u64)))
         }
         // A slice a neutral lowering leaves as an op (of an integer table,

@@ -190,6 +190,14 @@ pub fn register(r: &mut Registry) {
         let reverse = c.flag("reverse", false)?;
         c.add_node(Op::CumSum { axis, exclusive, reverse }, &[x])
     });
+    r.insert("CumProd", |c| {
+        let x = c.req(0)?;
+        let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
+        let axis = c.axis(axis, c.rank(x))?;
+        let exclusive = c.flag("exclusive", false)?;
+        let reverse = c.flag("reverse", false)?;
+        c.add_node(Op::CumProd { axis, exclusive, reverse }, &[x])
+    });
     r.insert("TopK", |c| {
         let x = c.req(0)?;
         let k = if c.opset() < 10 {

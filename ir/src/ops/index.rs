@@ -72,7 +72,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             }
             Ok(vec![(*x).clone()])
         }
-        Op::CumSum { axis, .. } => {
+        Op::CumSum { axis, .. } | Op::CumProd { axis, .. } => {
             arity(inputs, 1, 1)?;
             if *axis >= x.rank() {
                 return Err(format!("axis {axis} out of range for rank {}", x.rank()));
@@ -238,21 +238,25 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
             });
             Ok(vec![Tensor::new(shape.to_vec(), data)])
         }
-        Op::CumSum { axis, exclusive, reverse } => {
+        Op::CumSum { axis, exclusive, reverse } | Op::CumProd { axis, exclusive, reverse } => {
+            let product = matches!(op, Op::CumProd { .. });
             let (outer, len, inner) = split_at_axis(shape, *axis);
-            let data = dispatch_num!(x.data(), "cumsum", v: T => {
+            let data = dispatch_num!(x.data(), op.name(), v: T => {
                 let mut out = vec![T::default(); v.len()];
+                // The running sum starts at 0, the running product at 1.
+                let start = if product { T::from_i64(1) } else { T::default() };
+                let step_by = |acc: T, x: T| if product { T::mul(acc, x) } else { T::add(acc, x) };
                 for o in 0..outer {
                     for i in 0..inner {
-                        let mut acc = T::default();
+                        let mut acc = start;
                         for step in 0..len {
                             let j = if *reverse { len - 1 - step } else { step };
                             let at = (o * len + j) * inner + i;
                             if *exclusive {
                                 out[at] = acc;
-                                acc = T::add(acc, v[at]);
+                                acc = step_by(acc, v[at]);
                             } else {
-                                acc = T::add(acc, v[at]);
+                                acc = step_by(acc, v[at]);
                                 out[at] = acc;
                             }
                         }

@@ -66,6 +66,7 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
         | Op::ScatterND { .. }
         | Op::ScatterElements { .. }
         | Op::CumSum { .. }
+        | Op::CumProd { .. }
         | Op::TopK { .. }
         | Op::OneHot { .. } => index::infer(op, inputs),
         _ => layout::infer(op, inputs),
@@ -108,6 +109,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
         | Op::ScatterND { .. }
         | Op::ScatterElements { .. }
         | Op::CumSum { .. }
+        | Op::CumProd { .. }
         | Op::TopK { .. }
         | Op::OneHot { .. } => index::eval(op, inputs),
         _ => layout::eval(op, inputs),
