@@ -458,9 +458,13 @@ fn compare<T: Elem>(op: &Op, a: &[T], sa: &[usize], b: &[T], sb: &[usize], so: &
     }
 }
 
+/// Bitwise ops and shifts. A shift by the width or more (a negative
+/// amount, read unsigned, is one) shifts every bit out: 0, or for a right
+/// shift of a negative signed value, -1 (the sign fills it, as opset 28's
+/// arithmetic right shift of signed types does).
 fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]) -> OpResult<Data> {
     macro_rules! go {
-        ($x:expr, $y:expr, $V:ident, $bits:expr) => {{
+        ($x:expr, $y:expr, $V:ident, $bits:expr, $signed:expr) => {{
             let f = |x, y| match op {
                 Op::BitwiseAnd => x & y,
                 Op::BitwiseOr => x | y,
@@ -475,6 +479,9 @@ fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]
                 _ => {
                     if (y as u64) < $bits {
                         x >> y
+                    } else if $signed {
+                        // All sign: -1 or 0.
+                        x >> ($bits - 1)
                     } else {
                         0
                     }
@@ -484,14 +491,14 @@ fn bitwise(op: &Op, a: &Data, sa: &[usize], b: &Data, sb: &[usize], so: &[usize]
         }};
     }
     Ok(match (a, b) {
-        (Data::U8(x), Data::U8(y)) => go!(x, y, U8, 8),
-        (Data::U16(x), Data::U16(y)) => go!(x, y, U16, 16),
-        (Data::U32(x), Data::U32(y)) => go!(x, y, U32, 32),
-        (Data::U64(x), Data::U64(y)) => go!(x, y, U64, 64),
-        (Data::I8(x), Data::I8(y)) => go!(x, y, I8, 8),
-        (Data::I16(x), Data::I16(y)) => go!(x, y, I16, 16),
-        (Data::I32(x), Data::I32(y)) => go!(x, y, I32, 32),
-        (Data::I64(x), Data::I64(y)) => go!(x, y, I64, 64),
+        (Data::U8(x), Data::U8(y)) => go!(x, y, U8, 8, false),
+        (Data::U16(x), Data::U16(y)) => go!(x, y, U16, 16, false),
+        (Data::U32(x), Data::U32(y)) => go!(x, y, U32, 32, false),
+        (Data::U64(x), Data::U64(y)) => go!(x, y, U64, 64, false),
+        (Data::I8(x), Data::I8(y)) => go!(x, y, I8, 8, true),
+        (Data::I16(x), Data::I16(y)) => go!(x, y, I16, 16, true),
+        (Data::I32(x), Data::I32(y)) => go!(x, y, I32, 32, true),
+        (Data::I64(x), Data::I64(y)) => go!(x, y, I64, 64, true),
         _ => return Err(format!("{} needs two tensors of one integer type", op.name())),
     })
 }
