@@ -92,6 +92,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("IsNaN", 9),
     ("LayerNormalization", 17),
     ("LessOrEqual", 12),
+    ("MaxUnpool", 9),
     ("MeanVarianceNormalization", 9),
     ("Mish", 18),
     ("Mod", 10),

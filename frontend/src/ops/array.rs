@@ -134,6 +134,7 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("CenterCropPad", center_crop_pad);
     r.insert("ReverseSequence", reverse_sequence);
+    r.insert("MaxUnpool", max_unpool);
     r.insert("EyeLike", |c| {
         // A constant: ones on the diagonal `k` above the main one (below,
         // for a negative `k`), in the input's shape and `dtype` (the
@@ -794,4 +795,72 @@ fn reverse_sequence(c: &mut NodeCtx) -> BuildResult {
     let from = c.add(Op::Reshape { shape: lifted }, &[from])?;
     let from = c.add(Op::Expand { shape: sizes.iter().map(|&v| d(v)).collect() }, &[from])?;
     c.add_node(Op::GatherElements { axis: time }, &[x, from])
+}
+
+/// `MaxUnpool`: zeros of the pooled input's shape (what the kernel,
+/// strides and pads give back) with each value of `x` written at its index
+/// (a `MaxPool`'s indices, flat over that shape), as a scatter into a flat
+/// zero tensor; a larger `output_shape` pads the end of each axis with
+/// zeros, as ONNX's reference does.
+fn max_unpool(c: &mut NodeCtx) -> BuildResult {
+    let (x, indices) = (c.req(0)?, c.req(1)?);
+    let sizes = c.sizes(x)?;
+    if sizes.len() < 3 || c.sizes(indices)? != sizes || !c.ty(indices).dtype.is_int() {
+        return Err(c.err(format!(
+            "x is {} and I {}: they need one shape, N, C and spatial dims",
+            c.ty(x),
+            c.ty(indices)
+        )));
+    }
+    let spatial = sizes.len() - 2;
+    let kernel = c.ints("kernel_shape")?.ok_or_else(|| c.err("kernel_shape is required"))?;
+    let strides = c.ints("strides")?.unwrap_or_else(|| vec![1; spatial]);
+    let pads = c.ints("pads")?.unwrap_or_else(|| vec![0; 2 * spatial]);
+    if kernel.len() != spatial || strides.len() != spatial || pads.len() != 2 * spatial {
+        return Err(c.err(format!("kernel_shape, strides and pads need {spatial} spatial dims")));
+    }
+    let mut unpooled = sizes[..2].to_vec();
+    for a in 0..spatial {
+        let size = (sizes[a + 2] as i64 - 1) * strides[a] - pads[a] - pads[a + spatial] + kernel[a];
+        unpooled
+            .push(usize::try_from(size).map_err(|_| c.err(format!("the output's spatial dim {a} would be {size}")))?);
+    }
+    let out: Vec<usize> = match c.input(2) {
+        Some(_) => {
+            let given = c.need_ints(2, "output_shape")?;
+            let out: Option<Vec<usize>> = given.iter().map(|&d| usize::try_from(d).ok()).collect();
+            match out {
+                Some(out)
+                    if out.len() == unpooled.len()
+                        && out[..2] == unpooled[..2]
+                        && out.iter().zip(&unpooled).all(|(o, u)| o >= u) =>
+                {
+                    out
+                }
+                _ => {
+                    return Err(c.err(format!("output_shape {given:?} must keep N and C and be at least {unpooled:?}")))
+                }
+            }
+        }
+        None => unpooled.clone(),
+    };
+    let total = unpooled.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&t| t <= egret_ir::MAX_ELEMENTS);
+    let Some(total) = total else { return Err(c.err(format!("output shape {unpooled:?} is too large"))) };
+    let d = |v: usize| Dim::new(v);
+    let numel: usize = sizes.iter().product();
+    let zeros = c.constant(Tensor::zeros(c.ty(x).dtype, vec![total]));
+    let flat_x = c.add(Op::Reshape { shape: vec![d(numel)] }, &[x])?;
+    let flat_i = c.add(Op::Reshape { shape: vec![d(numel)] }, &[indices])?;
+    let flat_i = if c.ty(flat_i).dtype == DType::I64 { flat_i } else { c.add(Op::Cast { to: DType::I64 }, &[flat_i])? };
+    let scattered = c.add(Op::ScatterElements { axis: 0, reduction: Reduction::None }, &[zeros, flat_i, flat_x])?;
+    let y = c.add(Op::Reshape { shape: unpooled.iter().map(|&v| d(v)).collect() }, &[scattered])?;
+    if out == unpooled {
+        return Ok(vec![y]);
+    }
+    let r = out.len();
+    let mut pad = vec![0i64; 2 * r];
+    for a in 0..r {
+        pad[a + r] = (out[a] - unpooled[a]) as i64;
+    }
+    c.add_node(Op::Pad { pads: pad, mode: PadMode::Constant }, &[y])
 }
