@@ -550,6 +550,10 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
         a.s = s.as_bytes().to_vec();
         a
     };
+    let with = |mut n: onnx_protobuf::NodeProto, attributes: Vec<AttributeProto>| {
+        n.attribute.extend(attributes);
+        n
+    };
     let ints = |name: &str, values: Vec<i64>| {
         let mut t = TensorProto::new();
         t.name = name.into();
@@ -577,23 +581,14 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
         ),
         (
             13,
-            {
-                let mut n = node("NegativeLogLikelihoodLoss", &["x", "t"], &["y"]);
-                n.attribute.push(string_attr("reduction", "average"));
-                n
-            },
+            with(node("NegativeLogLikelihoodLoss", &["x", "t"], &["y"]), vec![string_attr("reduction", "average")]),
             vec![ints("t", vec![0, 1])],
             vec![2, 3],
             "reduction `average` is not one of none, sum, mean",
         ),
         (
             17,
-            {
-                let mut n = node("LpPool", &["x"], &["y"]);
-                n.attribute.push(int_attr("kernel_shape", 0, &[2]));
-                n.attribute.push(int_attr("p", 0, &[]));
-                n
-            },
+            with(node("LpPool", &["x"], &["y"]), vec![int_attr("kernel_shape", 0, &[2]), int_attr("p", 0, &[])]),
             vec![],
             vec![1, 2, 6],
             "p = 0; it must be positive",
@@ -607,22 +602,14 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
         ),
         (
             21,
-            {
-                let mut n = node("GroupNormalization", &["x", "s", "s"], &["y"]);
-                n.attribute.push(int_attr("num_groups", 4, &[]));
-                n
-            },
+            with(node("GroupNormalization", &["x", "s", "s"], &["y"]), vec![int_attr("num_groups", 4, &[])]),
             vec![f32s("s", vec![6])],
             vec![1, 6, 2],
             "num_groups 4 must be positive and divide C 6",
         ),
         (
             13,
-            {
-                let mut n = node("LRN", &["x"], &["y"]);
-                n.attribute.push(int_attr("size", 0, &[]));
-                n
-            },
+            with(node("LRN", &["x"], &["y"]), vec![int_attr("size", 0, &[])]),
             vec![],
             vec![1, 6, 2],
             "size 0 must be positive",

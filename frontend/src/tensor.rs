@@ -120,6 +120,29 @@ fn external_range(t: &TensorProto, base: Option<&Path>) -> Result<(File, Range<u
     Ok((file, offset..end))
 }
 
+/// `$each!(T, Variant)` for the numeric element type `dtype` names (its
+/// Rust type and its `Data` variant); `$bool` for bool, whose bytes are
+/// not all valid.
+macro_rules! each_numeric {
+    ($dtype:expr, $each:ident, $bool:expr) => {
+        match $dtype {
+            DType::F32 => $each!(f32, F32),
+            DType::F64 => $each!(f64, F64),
+            DType::F16 => $each!(half::f16, F16),
+            DType::BF16 => $each!(half::bf16, BF16),
+            DType::I8 => $each!(i8, I8),
+            DType::I16 => $each!(i16, I16),
+            DType::I32 => $each!(i32, I32),
+            DType::I64 => $each!(i64, I64),
+            DType::U8 => $each!(u8, U8),
+            DType::U16 => $each!(u16, U16),
+            DType::U32 => $each!(u32, U32),
+            DType::U64 => $each!(u64, U64),
+            DType::Bool => $bool,
+        }
+    };
+}
+
 /// Weights smaller than this are read, not mapped: a mapping costs a
 /// system call and an entry in the process's table of mappings, which a
 /// quantized model's thousands of scales would fill.
@@ -159,21 +182,7 @@ fn mapped_data(file: &File, range: Range<u64>, dtype: DType, n: usize) -> Option
             Data::$V(egret_ir::Buf::<$T>::mapped(&map, 0, n)?)
         };
     }
-    Some(match dtype {
-        DType::F32 => mapped!(f32, F32),
-        DType::F64 => mapped!(f64, F64),
-        DType::F16 => mapped!(half::f16, F16),
-        DType::BF16 => mapped!(half::bf16, BF16),
-        DType::I8 => mapped!(i8, I8),
-        DType::I16 => mapped!(i16, I16),
-        DType::I32 => mapped!(i32, I32),
-        DType::I64 => mapped!(i64, I64),
-        DType::U8 => mapped!(u8, U8),
-        DType::U16 => mapped!(u16, U16),
-        DType::U32 => mapped!(u32, U32),
-        DType::U64 => mapped!(u64, U64),
-        DType::Bool => return None,
-    })
+    Some(each_numeric!(dtype, mapped, return None))
 }
 
 /// The `n` elements of `dtype` whose `len` little-endian bytes `fill`
@@ -199,25 +208,11 @@ fn decode(
             Data::$V(v.into())
         }};
     }
-    Ok(match dtype {
-        DType::F32 => direct!(f32, F32),
-        DType::F64 => direct!(f64, F64),
-        DType::F16 => direct!(half::f16, F16),
-        DType::BF16 => direct!(half::bf16, BF16),
-        DType::I8 => direct!(i8, I8),
-        DType::I16 => direct!(i16, I16),
-        DType::I32 => direct!(i32, I32),
-        DType::I64 => direct!(i64, I64),
-        DType::U8 => direct!(u8, U8),
-        DType::U16 => direct!(u16, U16),
-        DType::U32 => direct!(u32, U32),
-        DType::U64 => direct!(u64, U64),
-        DType::Bool => {
-            let mut v = vec![0u8; n];
-            fill(&mut v)?;
-            Data::Bool(v.into_iter().map(|b| b != 0).collect())
-        }
-    })
+    Ok(each_numeric!(dtype, direct, {
+        let mut v = vec![0u8; n];
+        fill(&mut v)?;
+        Data::Bool(v.into_iter().map(|b| b != 0).collect())
+    }))
 }
 
 /// The bytes of `range` of `file`.

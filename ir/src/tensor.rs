@@ -404,7 +404,8 @@ pub struct Tensor {
     /// (`BlockCodes`), so a backend may keep them at their width.
     codes: Option<Arc<BlockCodes>>,
     /// Where an f32 weight is a half-precision one widened: its elements
-    /// (f16 or bf16), which a backend may keep instead.
+    /// (f16 or bf16), which a backend may keep instead. Set only by
+    /// `Tensor::widened`, whose f32 elements are computed from these.
     half: Option<Arc<Data>>,
     /// Whether the elements are computed from `codes` or `half` (lazily,
     /// `Tensor::from_codes` and `Tensor::widened`): true by construction,

@@ -48,7 +48,7 @@ pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: 
         }
     }
     let index = |p: usize, j: usize| offset + p * strides[0] + j * strides[1];
-    match t.half().filter(|_| t.is_derived()) {
+    match t.half() {
         Some(Data::F16(h)) => return pack_half_panels(|p, j| h[index(p, j)].to_bits(), k, n, false),
         Some(Data::BF16(h)) => return pack_half_panels(|p, j| h[index(p, j)].to_bits(), k, n, true),
         _ => {}

@@ -183,22 +183,8 @@ pub fn register(r: &mut Registry) {
         };
         c.add_node(Op::Trilu { upper, k }, &[x])
     });
-    r.insert("CumSum", |c| {
-        let x = c.req(0)?;
-        let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
-        let axis = c.axis(axis, c.rank(x))?;
-        let exclusive = c.flag("exclusive", false)?;
-        let reverse = c.flag("reverse", false)?;
-        c.add_node(Op::CumSum { axis, exclusive, reverse }, &[x])
-    });
-    r.insert("CumProd", |c| {
-        let x = c.req(0)?;
-        let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
-        let axis = c.axis(axis, c.rank(x))?;
-        let exclusive = c.flag("exclusive", false)?;
-        let reverse = c.flag("reverse", false)?;
-        c.add_node(Op::CumProd { axis, exclusive, reverse }, &[x])
-    });
+    r.insert("CumSum", |c| cumulative(c, false));
+    r.insert("CumProd", |c| cumulative(c, true));
     r.insert("TopK", |c| {
         let x = c.req(0)?;
         let k = if c.opset() < 10 {
@@ -863,4 +849,18 @@ fn max_unpool(c: &mut NodeCtx) -> BuildResult {
         pad[a + r] = (out[a] - unpooled[a]) as i64;
     }
     c.add_node(Op::Pad { pads: pad, mode: PadMode::Constant }, &[y])
+}
+
+/// `CumSum` and `CumProd`: a running sum or product along the axis given
+/// as input 1.
+fn cumulative(c: &mut NodeCtx, product: bool) -> BuildResult {
+    let x = c.req(0)?;
+    let axis = *c.need_ints(1, "axis")?.first().ok_or_else(|| c.err("axis is empty"))?;
+    let axis = c.axis(axis, c.rank(x))?;
+    let (exclusive, reverse) = (c.flag("exclusive", false)?, c.flag("reverse", false)?);
+    let op = match product {
+        true => Op::CumProd { axis, exclusive, reverse },
+        false => Op::CumSum { axis, exclusive, reverse },
+    };
+    c.add_node(op, &[x])
 }

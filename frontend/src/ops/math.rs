@@ -178,7 +178,11 @@ fn variadic(c: &mut NodeCtx, op: Op) -> BuildResult {
 }
 
 /// A scalar constant with the dtype of `like`.
-fn scalar_like(c: &mut NodeCtx, like: egret_ir::ValueId, x: f64) -> Result<egret_ir::ValueId, crate::ImportError> {
+pub(crate) fn scalar_like(
+    c: &mut NodeCtx,
+    like: egret_ir::ValueId,
+    x: f64,
+) -> Result<egret_ir::ValueId, crate::ImportError> {
     let dt = c.ty(like).dtype;
     Ok(c.constant(Tensor::scalar(x).cast(dt)))
 }

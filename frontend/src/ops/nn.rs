@@ -1,6 +1,7 @@
 //! Neural-network ops: contractions, convolution, pooling, normalisation,
 //! softmax, reductions.
 
+use super::math::scalar_like;
 use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
 use crate::ImportError;
@@ -46,9 +47,7 @@ pub fn register(r: &mut Registry) {
             p => return Err(c.err(format!("p = {p}; it must be 1 or 2"))),
         };
         let norm = c.add(Op::Reduce { kind, axes: vec![axis], keepdims: true }, &[x])?;
-        let dtype = c.ty(x).dtype;
-        let zero = c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[0.0])));
-        let one = c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[1.0])));
+        let (zero, one) = (scalar_like(c, x, 0.0)?, scalar_like(c, x, 1.0)?);
         let empty = c.add(Op::Equal, &[norm, zero])?;
         let norm = c.add(Op::Where, &[empty, one, norm])?;
         c.add_node(Op::Div, &[x, norm])
@@ -58,8 +57,6 @@ pub fn register(r: &mut Registry) {
         let x = c.req(0)?;
         let r = c.rank(x);
         let axes = c.axes(&c.ints("axes")?.unwrap_or_else(|| vec![0, 2, 3]), r)?;
-        let dtype = c.ty(x).dtype;
-        let scalar = |c: &mut NodeCtx, v: f64| c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[v])));
         let mean = |c: &mut NodeCtx, v: ValueId| {
             c.add(Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone(), keepdims: true }, &[v])
         };
@@ -69,7 +66,7 @@ pub fn register(r: &mut Registry) {
         let square_mean = c.add(Op::Mul, &[m, m])?;
         let variance = c.add(Op::Sub, &[mean_square, square_mean])?;
         let std = c.add(Op::Sqrt, &[variance])?;
-        let epsilon = scalar(c, 1e-9);
+        let epsilon = scalar_like(c, x, 1e-9)?;
         let std = c.add(Op::Add, &[std, epsilon])?;
         let centred = c.add(Op::Sub, &[x, m])?;
         c.add_node(Op::Div, &[centred, std])
@@ -162,11 +159,7 @@ fn gemm(c: &mut NodeCtx) -> BuildResult {
 }
 
 /// Window geometry shared by conv and pooling: (kernel, strides, pads, dilations).
-fn window(
-    c: &NodeCtx,
-    in_sp: &[usize],
-    kernel: Vec<usize>,
-) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>), ImportError> {
+fn window(c: &NodeCtx, in_sp: &[usize], kernel: Vec<usize>) -> Result<PoolWindow, ImportError> {
     let sp = in_sp.len();
     let to_usize = |v: Vec<i64>, what: &str| -> Result<Vec<usize>, ImportError> {
         if v.iter().any(|&x| x < 0) {
@@ -231,21 +224,7 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
 
 fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
     let x = c.req(0)?;
-    let xs = c.ty(x).shape.clone();
-    if xs.len() < 3 {
-        return Err(c.err(format!("input {xs:?} needs rank >= 3")));
-    }
-    let in_sp = egret_ir::ops::sizes(&xs[2..], "the input's spatial dims").map_err(|m| c.err(m))?;
-    let kernel: Vec<usize> = c
-        .ints("kernel_shape")?
-        .ok_or_else(|| c.err("kernel_shape is required"))?
-        .into_iter()
-        .map(|v| v as usize)
-        .collect();
-    if kernel.contains(&0) {
-        return Err(c.err("kernel_shape must be positive"));
-    }
-    let (kernel, strides, pads, dilations) = window(c, &in_sp, kernel)?;
+    let (kernel, strides, pads, dilations) = pool_window(c, x)?;
     let ceil_mode = c.flag("ceil_mode", false)?;
     if max {
         if c.flag("storage_order", false)? {
@@ -259,15 +238,10 @@ fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
     }
 }
 
-/// `LpPool`: each window's `(sum |x|^p)^(1/p)`, as an average pool that
-/// counts the pads (zeros, which add nothing to the sum) times the
-/// window's size.
-fn lp_pool(c: &mut NodeCtx) -> BuildResult {
-    let x = c.req(0)?;
-    let p = c.i("p", 2)?;
-    if p <= 0 {
-        return Err(c.err(format!("p = {p}; it must be positive")));
-    }
+/// A pool's window over `x`'s spatial dims (rank 3 or more): kernel,
+/// strides, pads and dilations (`window`), with `kernel_shape` required
+/// and positive.
+fn pool_window(c: &NodeCtx, x: ValueId) -> Result<PoolWindow, ImportError> {
     let xs = c.ty(x).shape.clone();
     if xs.len() < 3 {
         return Err(c.err(format!("input {} needs rank >= 3", c.ty(x))));
@@ -282,23 +256,36 @@ fn lp_pool(c: &mut NodeCtx) -> BuildResult {
     if kernel.contains(&0) {
         return Err(c.err("kernel_shape must be positive"));
     }
-    let (kernel, strides, pads, dilations) = window(c, &in_sp, kernel)?;
+    window(c, &in_sp, kernel)
+}
+
+/// Kernel, strides, pads and dilations.
+type PoolWindow = (Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>);
+
+/// `LpPool`: each window's `(sum |x|^p)^(1/p)`, as an average pool that
+/// counts the pads (zeros, which add nothing to the sum) times the
+/// window's size.
+fn lp_pool(c: &mut NodeCtx) -> BuildResult {
+    let x = c.req(0)?;
+    let p = c.i("p", 2)?;
+    if p <= 0 {
+        return Err(c.err(format!("p = {p}; it must be positive")));
+    }
+    let (kernel, strides, pads, dilations) = pool_window(c, x)?;
     if c.flag("ceil_mode", false)? {
         // A window past the padded input would be averaged over fewer
         // elements, so the average times the window's size is no sum.
         return Err(c.err("ceil_mode=1 is not supported"));
     }
-    let dtype = c.ty(x).dtype;
-    let scalar = |c: &mut NodeCtx, v: f64| c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[v])));
     let size = kernel.iter().product::<usize>() as f64;
     let magnitude = c.add(Op::Abs, &[x])?;
-    let exponent = scalar(c, p as f64);
+    let exponent = scalar_like(c, x, p as f64)?;
     let powered = c.add(Op::Pow, &[magnitude, exponent])?;
     let pool = Op::AveragePool { kernel, strides, pads, dilations, ceil_mode: false, count_include_pad: true };
     let mean = c.add(pool, &[powered])?;
-    let count = scalar(c, size);
+    let count = scalar_like(c, x, size)?;
     let sum = c.add(Op::Mul, &[mean, count])?;
-    let root = scalar(c, 1.0 / p as f64);
+    let root = scalar_like(c, x, 1.0 / p as f64)?;
     c.add_node(Op::Pow, &[sum, root])
 }
 
@@ -386,7 +373,6 @@ fn group_norm(c: &mut NodeCtx) -> BuildResult {
             )));
         }
     }
-    let dtype = c.ty(x).dtype;
     let d = |v: usize| Dim::new(v);
     let rest: usize = sizes[1..].iter().product::<usize>() / g;
     let grouped = c.add(Op::Reshape { shape: vec![d(n), d(g), d(rest)] }, &[x])?;
@@ -394,7 +380,7 @@ fn group_norm(c: &mut NodeCtx) -> BuildResult {
     let centred = c.add(Op::Sub, &[grouped, mean])?;
     let square = c.add(Op::Mul, &[centred, centred])?;
     let variance = c.add(Op::Reduce { kind: ReduceKind::Mean, axes: vec![2], keepdims: true }, &[square])?;
-    let epsilon = c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[epsilon as f64])));
+    let epsilon = scalar_like(c, x, epsilon as f64)?;
     let variance = c.add(Op::Add, &[variance, epsilon])?;
     let std = c.add(Op::Sqrt, &[variance])?;
     let normed = c.add(Op::Div, &[centred, std])?;
@@ -432,8 +418,6 @@ fn lrn(c: &mut NodeCtx) -> BuildResult {
     let Some(size) = usize::try_from(size).ok().filter(|&s| s > 0) else {
         return Err(c.err(format!("size {size} must be positive")));
     };
-    let dtype = c.ty(x).dtype;
-    let scalar = |c: &mut NodeCtx, v: f64| c.constant(Tensor::new(vec![], egret_ir::Data::from_f64s(dtype, &[v])));
     let d = |v: usize| Dim::new(v);
     let positions: usize = sizes[2..].iter().product();
     let square = c.add(Op::Mul, &[x, x])?;
@@ -450,11 +434,11 @@ fn lrn(c: &mut NodeCtx) -> BuildResult {
     let mean = c.add(pool, &[planes])?;
     let mean = c.add(Op::Reshape { shape: sizes.iter().map(|&v| d(v)).collect() }, &[mean])?;
     // alpha / size * (mean * size) = alpha * mean.
-    let alpha = scalar(c, alpha as f64);
+    let alpha = scalar_like(c, x, alpha as f64)?;
     let scaled = c.add(Op::Mul, &[mean, alpha])?;
-    let bias = scalar(c, bias as f64);
+    let bias = scalar_like(c, x, bias as f64)?;
     let base = c.add(Op::Add, &[scaled, bias])?;
-    let beta = scalar(c, beta as f64);
+    let beta = scalar_like(c, x, beta as f64)?;
     let denominator = c.add(Op::Pow, &[base, beta])?;
     c.add_node(Op::Div, &[x, denominator])
 }
