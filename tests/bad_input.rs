@@ -621,6 +621,27 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
             vec![2, 3, 3],
             "theta is f32[2,3,3]",
         ),
+        (
+            25,
+            with(node("Cast", &["x"], &["y"]), vec![int_attr("to", 24, &[]), string_attr("round_mode", "sideways")]),
+            vec![],
+            vec![2, 3],
+            "round_mode `sideways` is not up, down or nearest",
+        ),
+        (
+            26,
+            with(node("BitCast", &["x"], &["y"]), vec![int_attr("to", 7, &[])]),
+            vec![],
+            vec![2, 3],
+            "bit_cast needs types of one width: f32 is 32 bits, i64 is 64",
+        ),
+        (
+            26,
+            with(node("BitCast", &["x"], &["y"]), vec![int_attr("to", 17, &[])]),
+            vec![],
+            vec![2, 3],
+            "bit casts of f8e4m3fn are not supported (it is carried in f32)",
+        ),
     ];
     for (i, (opset, n, inits, shape, want)) in cases.into_iter().enumerate() {
         let dir = tempdir(&format!("composite-{i}"));

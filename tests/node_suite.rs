@@ -107,6 +107,29 @@ fn the_attention_op_imports_and_fuses() {
     }
 }
 
+/// ONNX's narrow types, carried in f32 and 8-bit integers
+/// (`egret_ir::narrow`), and `BitCast` (opset 26), from node-suite cases
+/// checked into the repository: casts to and from every 8- and 4-bit float
+/// (saturating and not, `float8e8m0`'s rounding), int4, int2 and uint2
+/// inputs and outputs, quantizing to and from them, so the types are
+/// tested without `../shared`. Each passes on the reference and the cpu at
+/// `--opt 0` and `--opt 2`, and on wgsl.
+#[test]
+fn narrow_types_and_bit_casts_import() {
+    let dir = common::repo_root().join("tests/data/onnx-narrow");
+    let cases = egret::check::discover(&dir).unwrap();
+    assert_eq!(cases.len(), 21);
+    let tol = Tolerance { rtol: 1e-3, atol: 1e-7 };
+    for case in &cases {
+        passes_everywhere(case, tol);
+        if common::wgsl_adapter() {
+            for r in check_case(case, Backend::Wgsl, tol) {
+                assert!(r.passed(), "wgsl: {}: {:?} {:?}", r.case, r.error, r.outputs);
+            }
+        }
+    }
+}
+
 /// The case passes on the reference backend and on the cpu backend at
 /// `--opt 0` and `--opt 2`.
 fn passes_everywhere(case: &std::path::Path, tol: Tolerance) {

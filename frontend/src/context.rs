@@ -2,9 +2,9 @@
 
 use crate::registry;
 use crate::symbolic::{self, Known, SymInts};
-use crate::tensor::{dtype_from_onnx, tensor_from_proto, tensor_from_proto_in};
+use crate::tensor::{carrier_from_onnx, dtype_from_onnx, tensor_from_proto, tensor_from_proto_in};
 use crate::{ImportError, ImportOptions, Imported, MAX_OPSET, MIN_OPSET};
-use egret_ir::{Dim, Graph, Op, Tensor, Type, ValueId};
+use egret_ir::{Dim, Graph, NarrowType, Op, Tensor, Type, ValueId};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::{AttributeProto, ModelProto, NodeProto};
 use std::cell::RefCell;
@@ -31,8 +31,9 @@ pub struct Importer<'a> {
     /// quantized ops compute their integers in f32 (exactly, below 2^24), and
     /// a consumer that wants floats reads this instead of a cast back.
     exact_f32: HashMap<ValueId, ValueId>,
-    /// Constants the file stores as int4 or uint4 (kept as 8-bit integers).
-    four_bit: HashSet<ValueId>,
+    /// Values of a narrow type, held in its carrier (`egret_ir::narrow`):
+    /// the quantizers read their range from it, `CastLike` its target.
+    narrow: HashMap<ValueId, NarrowType>,
 }
 
 /// Half-precision values are computed in f32: a half constant is widened
@@ -44,12 +45,12 @@ fn widen(t: Tensor) -> Tensor {
     Tensor::widened(t)
 }
 
-/// An initializer decoded: its name, its value (half types widened) and
-/// whether the file stores it in 4 bits.
+/// An initializer decoded: its name, its value (half types widened, narrow
+/// ones in their carrier) and the narrow type the file stores it in.
 pub struct Weight {
     pub name: String,
     pub value: Arc<Tensor>,
-    pub four_bit: bool,
+    pub narrow: Option<NarrowType>,
 }
 
 /// Decodes every initializer of `model`, releasing each one's bytes in the
@@ -69,7 +70,7 @@ pub fn decode_initializers(
     for (i, init) in g.initializer.iter_mut().enumerate() {
         let raw = in_file.and_then(|(file, ranges)| Some((file, ranges.get(i)?.clone()?)));
         let value = Arc::new(widen(tensor_from_proto_in(init, base, raw, map)?));
-        out.push(Weight { name: init.name.clone(), value, four_bit: crate::tensor::is_four_bit(init) });
+        out.push(Weight { name: init.name.clone(), value, narrow: crate::tensor::narrow_of(init) });
         // Only the name is read again.
         init.raw_data = Vec::new();
         init.float_data = Vec::new();
@@ -112,13 +113,13 @@ impl<'a> Importer<'a> {
             specialized: vec![],
             symbols: vec![],
             exact_f32: HashMap::new(),
-            four_bit: HashSet::new(),
+            narrow: HashMap::new(),
         };
 
         for w in weights {
             let v = imp.graph.add_const_shared(w.value.clone(), &w.name);
-            if w.four_bit {
-                imp.four_bit.insert(v);
+            if let Some(t) = w.narrow {
+                imp.narrow.insert(v, t);
             }
             imp.known.insert(v, w.value.clone());
             imp.names.insert(w.name.clone(), v);
@@ -195,7 +196,7 @@ impl<'a> Importer<'a> {
             else {
                 return Err(err("only tensor inputs are supported (not sequences, maps or optionals)".into()));
             };
-            let dtype = dtype_from_onnx(tt.elem_type).map_err(err)?;
+            let (dtype, narrow) = carrier_from_onnx(tt.elem_type).map_err(err)?;
             let given: Option<Vec<usize>> = opts
                 .input_shapes
                 .get(&input.name)
@@ -275,12 +276,12 @@ impl<'a> Importer<'a> {
                     shape
                 }
             };
-            pending.push((input, Type::new(dtype, shape)));
+            pending.push((input, Type::new(dtype, shape), narrow));
         }
         // An expression over dims that other inputs bound (`past_sequence +
         // sequence` beside `past_sequence` and `sequence`) takes their values.
         let value = |s: &str| dims.get(s).and_then(|&v| i64::try_from(v).ok());
-        for (input, ty) in pending {
+        for (input, ty, narrow) in pending {
             let err = |m: String| ImportError::Input { input: input.name.clone(), message: m };
             let shape = ty
                 .shape
@@ -305,6 +306,17 @@ impl<'a> Importer<'a> {
                     .graph
                     .add_node(Op::Cast { to: egret_ir::DType::F32 }, &[v], &input.name)
                     .map_err(|e| ImportError::Input { input: input.name.clone(), message: e.message })?[0];
+            }
+            // A narrow input arrives in its carrier: cast onto the type's
+            // values (saturating), so that what the graph computes with is
+            // the type's whatever the caller passed.
+            if let Some(to) = narrow {
+                let op = Op::CastNarrow { to, saturate: true, round_mode: egret_ir::RoundMode::Nearest };
+                v = self
+                    .graph
+                    .add_node(op, &[v], &input.name)
+                    .map_err(|e| ImportError::Input { input: input.name.clone(), message: e.message })?[0];
+                self.narrow.insert(v, to);
             }
             self.names.insert(input.name.clone(), v);
         }
@@ -453,10 +465,9 @@ fn check_declared(name: &str, info: &onnx_protobuf::ValueInfoProto, ty: &Type) -
         return Ok(());
     };
     let err = |m: String| ImportError::Tensor { tensor: name.to_string(), message: m };
-    // Halves are computed in f32, 4-bit integers kept as 8-bit.
-    let four_bit = matches!(tt.elem_type, crate::tensor::UINT4 | crate::tensor::INT4);
-    if tt.elem_type != 0 && !four_bit {
-        let declared = dtype_from_onnx(tt.elem_type).map_err(err)?;
+    // Halves are computed in f32, narrow types in their carrier.
+    if tt.elem_type != 0 {
+        let declared = carrier_from_onnx(tt.elem_type).map_err(err)?.0;
         if declared != ty.dtype && !(declared.is_half() && ty.dtype == egret_ir::DType::F32) {
             return Err(err(format!("the model declares {declared} but the graph computes {}", ty.dtype)));
         }
@@ -816,19 +827,24 @@ impl NodeCtx<'_, '_> {
         self.constant(Tensor::scalar(x))
     }
 
-    /// Whether tensor attribute `name` is stored as int4 or uint4.
-    pub fn attr_is_four_bit(&self, name: &str) -> bool {
-        self.attr(name).and_then(|a| a.t.as_ref()).is_some_and(crate::tensor::is_four_bit)
+    /// The narrow type tensor attribute `name` is stored in, if any.
+    pub fn attr_narrow(&self, name: &str) -> Option<NarrowType> {
+        self.attr(name).and_then(|a| a.t.as_ref()).and_then(crate::tensor::narrow_of)
     }
 
-    /// Marks `v` as holding 4-bit integers (in an 8-bit type).
-    pub fn mark_four_bit(&mut self, v: ValueId) {
-        self.imp.four_bit.insert(v);
+    /// Marks `v` as holding values of a narrow type (in its carrier).
+    pub fn mark_narrow(&mut self, v: ValueId, t: NarrowType) {
+        self.imp.narrow.insert(v, t);
     }
 
-    /// Whether `v` is a constant the file stores in 4 bits.
+    /// The narrow type `v` holds, if any.
+    pub fn narrow(&self, v: ValueId) -> Option<NarrowType> {
+        self.imp.narrow.get(&v).copied()
+    }
+
+    /// Whether `v` holds int4 or uint4 values (in an 8-bit type).
     pub fn is_four_bit(&self, v: ValueId) -> bool {
-        self.imp.four_bit.contains(&v)
+        matches!(self.narrow(v), Some(NarrowType::I4 | NarrowType::U4))
     }
 
     pub fn constant(&mut self, t: Tensor) -> ValueId {

@@ -24,7 +24,7 @@ pub use registry::supported_ops;
 pub mod tensor;
 
 pub use error::ImportError;
-pub use tensor::{dtype_from_onnx, dtype_to_onnx, tensor_from_proto, tensor_to_proto};
+pub use tensor::{carrier_from_onnx, dtype_from_onnx, dtype_to_onnx, tensor_from_proto, tensor_to_proto};
 
 use egret_ir::{DType, Graph, Tensor};
 use std::collections::{HashMap, HashSet};
@@ -111,7 +111,7 @@ pub fn declared_io(path: &Path) -> Result<(Vec<Declared>, Vec<Declared>), Import
         else {
             return Err(err("only tensors are supported (not sequences, maps or optionals)".into()));
         };
-        let dtype = tensor::dtype_from_onnx(tt.elem_type).map_err(err)?;
+        let dtype = tensor::carrier_from_onnx(tt.elem_type).map_err(err)?.0;
         let dims = tt.shape.as_ref().map(|s| {
             s.dim
                 .iter()
@@ -246,7 +246,7 @@ mod tests {
         add("w32", 1, vec![2, 3], [1.5f32, -2.0, 3.25, 0.0, 7.0, -1.0].iter().flat_map(|f| f.to_le_bytes()).collect());
         add("w16", 10, vec![3], [0x3c00u16, 0xc000, 0x3800].iter().flat_map(|f| f.to_le_bytes()).collect());
         add("wb", 9, vec![3], vec![1, 0, 1]);
-        add("w4", tensor::INT4, vec![3], vec![0x7f, 0x08]);
+        add("w4", egret_ir::NarrowType::I4.onnx_code(), vec![3], vec![0x7f, 0x08]);
         let node = |op: &str, i: &[&str], o: &str| {
             let mut n = NodeProto::new();
             n.op_type = op.into();

@@ -62,6 +62,7 @@ const FIRST_OPSET: &[(&str, i64)] = &[
     ("Atan", 7),
     ("Atanh", 9),
     ("Attention", 23),
+    ("BitCast", 26),
     ("BitShift", 11),
     ("BitwiseAnd", 18),
     ("BitwiseNot", 18),

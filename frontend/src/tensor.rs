@@ -1,7 +1,7 @@
 //! `TensorProto` to `Tensor`: typed fields, `raw_data`, and external data.
 
 use crate::ImportError;
-use egret_ir::{DType, Data, Tensor};
+use egret_ir::{DType, Data, NarrowType, Tensor};
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::TensorProto;
 use std::fs::File;
@@ -27,20 +27,29 @@ pub fn dtype_from_onnx(code: i32) -> Result<DType, String> {
         10 => DType::F16,
         16 => DType::BF16,
         14 | 15 => return Err("complex tensors are not supported".into()),
-        UINT4 | INT4 => {
-            return Err(
-                "int4 and uint4 are supported in initializers and constants only (Egret keeps them as 8-bit)".into()
-            )
+        17..=26 => {
+            let t = NarrowType::from_onnx(code).expect("codes 17 to 26 are narrow");
+            return Err(format!(
+                "{} is taken as inputs, outputs and constants and by Cast, CastLike, QuantizeLinear and \
+                 DequantizeLinear (carried in {}), not here",
+                t.word(),
+                t.carrier()
+            ));
         }
-        17..=26 => return Err(format!("8-bit/4-bit float tensors (type {code}) are not supported")),
         0 => return Err("the element type is undefined".into()),
         other => return Err(format!("unknown element type {other}")),
     })
 }
 
-/// ONNX's codes of the 4-bit integer types (opset 21).
-pub const UINT4: i32 = 21;
-pub const INT4: i32 = 22;
+/// The dtype Egret stores an ONNX element type in, and the narrow type it
+/// carries if it is one (`egret_ir::narrow`): 8- and 4-bit floats in f32,
+/// 4- and 2-bit integers in 8-bit ones.
+pub fn carrier_from_onnx(code: i32) -> Result<(DType, Option<NarrowType>), String> {
+    match NarrowType::from_onnx(code) {
+        Some(t) => Ok((t.carrier(), Some(t))),
+        None => Ok((dtype_from_onnx(code)?, None)),
+    }
+}
 
 pub fn dtype_to_onnx(d: DType) -> i32 {
     match d {
@@ -259,8 +268,8 @@ pub(crate) fn tensor_from_proto_in(
 ) -> Result<Tensor, ImportError> {
     let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
-    if matches!(t.data_type, UINT4 | INT4) {
-        return four_bit_from_proto(t, base, raw);
+    if let Some(narrow) = NarrowType::from_onnx(t.data_type) {
+        return narrow_from_proto(t, narrow, base, raw);
     }
     let dtype = dtype_from_onnx(t.data_type).map_err(err)?;
     let mut shape = Vec::with_capacity(t.dims.len());
@@ -305,18 +314,22 @@ pub(crate) fn tensor_from_proto_in(
     Tensor::try_new(shape, data).map_err(err)
 }
 
-/// Whether a `TensorProto` holds 4-bit integers (which import as 8-bit).
-pub fn is_four_bit(t: &TensorProto) -> bool {
-    matches!(t.data_type, UINT4 | INT4)
+/// The narrow type a `TensorProto` holds, if it holds one.
+pub fn narrow_of(t: &TensorProto) -> Option<NarrowType> {
+    NarrowType::from_onnx(t.data_type)
 }
 
-/// An int4 or uint4 tensor (two values a byte, the first in the low bits),
-/// unpacked into int8 or uint8: Egret keeps 4-bit integers one a byte, and
-/// the quantizers read their range from `is_four_bit`.
-fn four_bit_from_proto(t: &TensorProto, base: Option<&Path>, raw: Option<RawInFile>) -> Result<Tensor, ImportError> {
+/// A tensor of a narrow type (8, 4 or 2 bits a value, packed from the low
+/// bits of each byte up), decoded into its carrier: f32 values for the
+/// floats, 8-bit integers for the integers.
+fn narrow_from_proto(
+    t: &TensorProto,
+    narrow: NarrowType,
+    base: Option<&Path>,
+    raw: Option<RawInFile>,
+) -> Result<Tensor, ImportError> {
     let name = if t.name.is_empty() { "<unnamed>" } else { &t.name };
     let err = |m: String| ImportError::tensor(name, m);
-    let signed = t.data_type == INT4;
     let shape: Vec<usize> = t
         .dims
         .iter()
@@ -331,16 +344,19 @@ fn four_bit_from_proto(t: &TensorProto, base: Option<&Path>, raw: Option<RawInFi
     } else if !t.raw_data.is_empty() {
         t.raw_data.clone()
     } else {
+        // int32_data holds one byte of the packed data per entry.
         t.int32_data.iter().map(|&x| x as u8).collect()
     };
-    if packed.len() != n.div_ceil(2) {
-        return Err(err(format!("holds {} bytes but {n} 4-bit values need {}", packed.len(), n.div_ceil(2))));
+    let bits = narrow.bits() as usize;
+    let per = 8 / bits;
+    if packed.len() != n.div_ceil(per) {
+        return Err(err(format!("holds {} bytes but {n} {}-bit values need {}", packed.len(), bits, n.div_ceil(per))));
     }
-    let nibble = |i: usize| (packed[i / 2] >> (4 * (i % 2))) & 0xf;
-    let data = if signed {
-        Data::I8((0..n).map(|i| ((nibble(i) << 4) as i8) >> 4).collect())
-    } else {
-        Data::U8((0..n).map(nibble).collect())
+    let code = |i: usize| packed[i / per] >> (bits * (i % per));
+    let data = match narrow.carrier() {
+        DType::F32 => Data::F32((0..n).map(|i| egret_ir::narrow::decode(narrow, code(i)) as f32).collect()),
+        DType::I8 => Data::I8((0..n).map(|i| egret_ir::narrow::decode(narrow, code(i)) as i8).collect()),
+        _ => Data::U8((0..n).map(|i| egret_ir::narrow::decode(narrow, code(i)) as u8).collect()),
     };
     Tensor::try_new(shape, data).map_err(err)
 }

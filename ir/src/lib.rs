@@ -13,6 +13,7 @@ mod dot;
 mod dtype;
 mod error;
 mod graph;
+pub mod narrow;
 pub mod op;
 pub mod ops;
 mod tensor;
@@ -29,7 +30,7 @@ pub use dtype::{DType, Type, MAX_ELEMENTS};
 pub use error::IrError;
 pub use graph::{Graph, Node, NodeId, ValueData, ValueId};
 pub use half;
-pub use op::Op;
+pub use op::{NarrowType, Op, RoundMode};
 pub use tensor::{strides_of, BlockCodes, Data, Elem, Tensor, TensorRef};
 pub use verify::verify;
 

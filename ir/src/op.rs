@@ -218,6 +218,18 @@ word_enum!(
     NearestMode { RoundPreferFloor = "round_prefer_floor", RoundPreferCeil = "round_prefer_ceil", Floor = "floor", Ceil = "ceil" }
 );
 
+word_enum!(
+    /// A type Egret carries in a wider one (`narrow.rs`): ONNX's 8- and
+    /// 4-bit floats are computed and stored as f32 values on their grid, its
+    /// 4- and 2-bit integers as 8-bit integers in their range.
+    NarrowType { F8E4M3FN = "f8e4m3fn", F8E4M3FNUZ = "f8e4m3fnuz", F8E5M2 = "f8e5m2", F8E5M2FNUZ = "f8e5m2fnuz",
+                 F8E8M0 = "f8e8m0", F4E2M1 = "f4e2m1", I4 = "i4", U4 = "u4", I2 = "i2", U2 = "u2" }
+);
+word_enum!(
+    /// How a cast to `f8e8m0` (powers of two) rounds a value between two.
+    RoundMode { Up = "up", Down = "down", Nearest = "nearest" }
+);
+
 /// Attributes parsed from text, consumed field by field.
 pub struct AttrMap(pub Vec<(String, AttrTok)>);
 
@@ -292,6 +304,12 @@ define_ops! {
     Input { name: String } = "input",
     Identity = "identity",
     Cast { to: DType } = "cast",
+    /// A cast to a narrow type, kept in its carrier (`NarrowType::carrier`):
+    /// floats rounded onto its grid (`saturate`: out of range to its
+    /// largest value rather than to infinity or NaN), integers wrapped.
+    CastNarrow { to: NarrowType, saturate: bool, round_mode: RoundMode } = "cast_narrow",
+    /// The same bits read as another type of the same width.
+    BitCast { to: DType } = "bit_cast",
 
     // Elementwise, one input.
     Abs = "abs", Neg = "neg", Exp = "exp", Log = "log", Sqrt = "sqrt", Reciprocal = "reciprocal",

@@ -2,8 +2,8 @@
 
 use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
-use crate::tensor::dtype_from_onnx;
-use egret_ir::{Op, Tensor};
+use crate::tensor::{carrier_from_onnx, dtype_to_onnx};
+use egret_ir::{Op, RoundMode, Tensor};
 
 pub fn register(r: &mut Registry) {
     macro_rules! unary {
@@ -101,30 +101,33 @@ pub fn register(r: &mut Registry) {
     });
     r.insert("Clip", clip);
     r.insert("Cast", |c| {
-        c.ignore_attr("saturate"); // Only affects 8-bit float targets, which are refused.
-        c.ignore_attr("round_mode");
-        let to = dtype_from_onnx(c.i("to", 0)? as i32).map_err(|m| c.err(m))?;
         let x = c.req(0)?;
-        // Half values are computed in f32 (see `context::widen`): a cast to
-        // a half type rounds to it and widens back, keeping its precision
-        // and range (overflow to infinity included).
-        if to.is_half() {
-            let wide = c.as_f32(x)?;
-            let narrow = c.add(Op::Cast { to }, &[wide])?;
-            return c.add_node(Op::Cast { to: egret_ir::DType::F32 }, &[narrow]);
-        }
-        if to == egret_ir::DType::F32 && c.ty(x).dtype != to {
-            // The f32 twin of a quantized integer, if it has one.
-            return Ok(vec![c.as_f32(x)?]);
-        }
-        c.add_node(Op::Cast { to }, &[x])
+        cast(c, x, c.i("to", 0)? as i32)
     });
     r.insert("CastLike", |c| {
-        c.ignore_attr("saturate");
-        c.ignore_attr("round_mode");
         let (x, like) = (c.req(0)?, c.req(1)?);
-        let to = c.ty(like).dtype;
-        c.add_node(Op::Cast { to }, &[x])
+        let to = match c.narrow(like) {
+            Some(t) => t.onnx_code(),
+            None => dtype_to_onnx(c.ty(like).dtype),
+        };
+        cast(c, x, to)
+    });
+    r.insert("BitCast", |c| {
+        let x = c.req(0)?;
+        let (to, narrow) = carrier_from_onnx(c.i("to", 0)? as i32).map_err(|m| c.err(m))?;
+        if let Some(t) = narrow.or(c.narrow(x)) {
+            return Err(c.err(format!(
+                "bit casts of {} are not supported (it is carried in {})",
+                t.word(),
+                t.carrier()
+            )));
+        }
+        // A half target is computed in f32 like every half value.
+        if to.is_half() {
+            let bits = c.add(Op::BitCast { to }, &[x])?;
+            return c.add_node(Op::Cast { to: egret_ir::DType::F32 }, &[bits]);
+        }
+        c.add_node(Op::BitCast { to }, &[x])
     });
     r.insert("Identity", |c| {
         let x = c.req(0)?;
@@ -156,6 +159,41 @@ pub fn register(r: &mut Registry) {
         Ok(outs)
     });
     r.insert("Constant", constant);
+}
+
+/// `Cast` of `x` to ONNX element type `code`. Half values are computed in
+/// f32 (see `context::widen`): a cast to a half type rounds to it and
+/// widens back, keeping its precision and range (overflow to infinity
+/// included). A narrow type is carried in a wider one
+/// (`egret_ir::narrow`): a cast to it rounds onto its values there.
+fn cast(c: &mut NodeCtx, x: egret_ir::ValueId, code: i32) -> BuildResult {
+    let (to, narrow) = carrier_from_onnx(code).map_err(|m| c.err(m))?;
+    if let Some(t) = narrow {
+        let saturate = c.flag("saturate", true)?;
+        let round_mode = match c.s("round_mode", "up")?.as_str() {
+            "up" => RoundMode::Up,
+            "down" => RoundMode::Down,
+            "nearest" => RoundMode::Nearest,
+            other => return Err(c.err(format!("round_mode `{other}` is not up, down or nearest"))),
+        };
+        let x = if t.is_float() { c.as_f32(x)? } else { x };
+        let y = c.add(Op::CastNarrow { to: t, saturate, round_mode }, &[x])?;
+        c.mark_narrow(y, t);
+        return Ok(vec![y]);
+    }
+    // Both only affect casts to narrow types.
+    c.ignore_attr("saturate");
+    c.ignore_attr("round_mode");
+    if to.is_half() {
+        let wide = c.as_f32(x)?;
+        let narrow = c.add(Op::Cast { to }, &[wide])?;
+        return c.add_node(Op::Cast { to: egret_ir::DType::F32 }, &[narrow]);
+    }
+    if to == egret_ir::DType::F32 && c.ty(x).dtype != to {
+        // The f32 twin of a quantized integer, if it has one.
+        return Ok(vec![c.as_f32(x)?]);
+    }
+    c.add_node(Op::Cast { to }, &[x])
 }
 
 fn unary_with(c: &mut NodeCtx, make: impl Fn(&NodeCtx) -> Result<Op, crate::ImportError>) -> BuildResult {
@@ -244,8 +282,8 @@ fn constant(c: &mut NodeCtx) -> BuildResult {
         return Err(c.err("has no value attribute"));
     };
     let v = c.constant(t);
-    if c.attr_is_four_bit("value") {
-        c.mark_four_bit(v);
+    if let Some(t) = c.attr_narrow("value") {
+        c.mark_narrow(v, t);
     }
     Ok(vec![v])
 }

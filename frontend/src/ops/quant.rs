@@ -12,10 +12,10 @@
 
 use crate::context::{BuildResult, NodeCtx};
 use crate::registry::Registry;
-use crate::tensor::dtype_from_onnx;
+use crate::tensor::carrier_from_onnx;
 use crate::ImportError;
 use egret_ir::op::ReduceKind;
-use egret_ir::{DType, Dim, Op, ValueId};
+use egret_ir::{DType, Dim, NarrowType, Op, RoundMode, ValueId};
 
 pub fn register(r: &mut Registry) {
     r.insert("DequantizeLinear", dequantize_linear);
@@ -45,24 +45,41 @@ pub fn register(r: &mut Registry) {
         let scales = c.add(Op::Mul, &[a_scale, b_scale])?;
         let multiplier = c.add(Op::Div, &[scales, y_scale])?;
         let scaled = c.add(Op::Mul, &[product, multiplier])?;
-        let (to, four_bit) = (c.ty(y_zero).dtype, c.is_four_bit(y_zero));
-        quantize_rounded(c, scaled, Some(y_zero), to, four_bit)
+        let (to, narrow) = (c.ty(y_zero).dtype, c.narrow(y_zero));
+        quantize_rounded(c, scaled, Some(y_zero), to, narrow, true)
     });
 }
 
-/// The range of a quantized type (int4 and uint4 are kept in int8 and
-/// uint8: `four_bit` says which range applies).
-fn range_of(c: &NodeCtx, dtype: DType, four_bit: bool) -> Result<(f32, f32), ImportError> {
-    Ok(match dtype {
-        DType::U8 if four_bit => (0.0, 15.0),
-        DType::I8 if four_bit => (-8.0, 7.0),
+/// What a quantized type holds: whole numbers in a range, or a narrow
+/// float's values (carried in f32).
+enum Quantized {
+    Range(f32, f32),
+    Float(NarrowType),
+}
+
+/// The values of a quantized type, stored as `dtype` (a narrow type in its
+/// carrier: `narrow` says which).
+fn quantized(c: &NodeCtx, dtype: DType, narrow: Option<NarrowType>) -> Result<Quantized, ImportError> {
+    if let Some(t) = narrow {
+        return Ok(match t.int_range() {
+            Some((lo, hi)) => Quantized::Range(lo as f32, hi as f32),
+            None => Quantized::Float(t),
+        });
+    }
+    let (lo, hi) = match dtype {
         DType::U8 => (0.0, 255.0),
         DType::I8 => (-128.0, 127.0),
         DType::U16 => (0.0, 65535.0),
         DType::I16 => (-32768.0, 32767.0),
         DType::I32 => (i32::MIN as f32, i32::MAX as f32),
-        other => return Err(c.err(format!("quantized type {other} is not supported (int8, uint8, int16, uint16)"))),
-    })
+        other => {
+            return Err(c.err(format!(
+                "quantized type {other} is not supported (8-, 16- and 32-bit integers, int4, uint4, int2, uint2 \
+                 and the 8- and 4-bit floats)"
+            )))
+        }
+    };
+    Ok(Quantized::Range(lo, hi))
 }
 
 /// A scale known at compile time must be positive and finite; onnxruntime
@@ -160,12 +177,11 @@ fn dequantize_linear(c: &mut NodeCtx) -> BuildResult {
         return Err(c.err("output_dtype other than float is not supported"));
     }
     let dt = c.ty(x).dtype;
-    if dt != DType::I32 {
-        range_of(c, dt, false)?;
-    }
+    quantized(c, dt, c.narrow(x))?;
     if let Some(z) = zero {
-        if c.ty(z).dtype != dt {
-            return Err(c.err(format!("x_zero_point is {} but x is {dt}", c.ty(z).dtype)));
+        if (c.ty(z).dtype, c.narrow(z)) != (dt, c.narrow(x)) {
+            let name = |v| c.narrow(v).map_or(c.ty(v).dtype.name(), |t| t.word());
+            return Err(c.err(format!("x_zero_point is {} but x is {}", name(z), name(x))));
         }
     }
     if let Some(w) = coded_weight(c, x, zero, Some(scale), axis, block) {
@@ -192,25 +208,24 @@ fn quantize_linear(c: &mut NodeCtx) -> BuildResult {
         return Err(c.err(format!("x is {}; QuantizeLinear is supported for f32", c.ty(x).dtype)));
     }
     let (axis, block) = axis_and_block(c, x, scale)?;
-    c.ignore_attr("saturate"); // Only affects 8-bit float targets, which are refused.
+    // Only narrow float targets saturate (the others clamp).
+    let saturate = c.flag("saturate", true)?;
     c.ignore_attr("precision");
     // The output type: the zero point's, else `output_dtype`'s, else uint8.
     let named = match c.i("output_dtype", 0)? as i32 {
         0 => None,
-        crate::tensor::UINT4 => Some((DType::U8, true)),
-        crate::tensor::INT4 => Some((DType::I8, true)),
-        t => Some((dtype_from_onnx(t).map_err(|m| c.err(m))?, false)),
+        t => Some(carrier_from_onnx(t).map_err(|m| c.err(m))?),
     };
-    let (to, four_bit) = match (zero, named) {
-        (Some(z), None) => (c.ty(z).dtype, c.is_four_bit(z)),
+    let (to, narrow) = match (zero, named) {
+        (Some(z), None) => (c.ty(z).dtype, c.narrow(z)),
         (Some(z), Some(t)) => {
-            if t != (c.ty(z).dtype, c.is_four_bit(z)) {
+            if t != (c.ty(z).dtype, c.narrow(z)) {
                 return Err(c.err(format!("output_dtype disagrees with y_zero_point's {}", c.ty(z).dtype)));
             }
             t
         }
         (None, Some(t)) => t,
-        (None, None) => (DType::U8, false),
+        (None, None) => (DType::U8, None),
     };
     let scale = broadcast_param(c, scale, x, axis, block)?;
     let divided = c.add(Op::Div, &[x, scale])?;
@@ -221,13 +236,32 @@ fn quantize_linear(c: &mut NodeCtx) -> BuildResult {
         }
         None => None,
     };
-    quantize_rounded(c, divided, zero, to, four_bit)
+    quantize_rounded(c, divided, zero, to, narrow, saturate)
 }
 
 /// `saturate(round(x) + zero)` in the range of `to`, rounding halves to
-/// even as ONNX does: the integer output and its f32 twin.
-fn quantize_rounded(c: &mut NodeCtx, x: ValueId, zero: Option<ValueId>, to: DType, four_bit: bool) -> BuildResult {
-    let (lo, hi) = range_of(c, to, four_bit)?;
+/// even as ONNX does: the integer output and its f32 twin. To a narrow
+/// float, `x + zero` cast to it (`saturate` as `Cast` takes it).
+fn quantize_rounded(
+    c: &mut NodeCtx,
+    x: ValueId,
+    zero: Option<ValueId>,
+    to: DType,
+    narrow: Option<NarrowType>,
+    saturate: bool,
+) -> BuildResult {
+    let (lo, hi) = match quantized(c, to, narrow)? {
+        Quantized::Range(lo, hi) => (lo, hi),
+        Quantized::Float(t) => {
+            let y = match zero {
+                Some(z) => c.add(Op::Add, &[x, z])?,
+                None => x,
+            };
+            let q = c.add(Op::CastNarrow { to: t, saturate, round_mode: RoundMode::Nearest }, &[y])?;
+            c.mark_narrow(q, t);
+            return Ok(vec![q]);
+        }
+    };
     let mut y = c.add(Op::Round, &[x])?;
     if let Some(z) = zero {
         let z = c.as_f32(z)?;
@@ -238,8 +272,8 @@ fn quantize_rounded(c: &mut NodeCtx, x: ValueId, zero: Option<ValueId>, to: DTyp
     let y = c.add(Op::Min, &[y, hi])?;
     let q = c.add(Op::Cast { to }, &[y])?;
     c.set_exact_f32(q, y);
-    if four_bit {
-        c.mark_four_bit(q);
+    if let Some(t) = narrow {
+        c.mark_narrow(q, t);
     }
     Ok(vec![q])
 }
@@ -278,7 +312,7 @@ pub(crate) fn dynamic_quantize_of(c: &mut NodeCtx, x: ValueId) -> BuildResult {
     let shift = c.add(Op::Min, &[shift, levels])?;
     let zero_point = c.add(Op::Round, &[shift])?;
     let divided = c.add(Op::Div, &[x, scale])?;
-    let y = quantize_rounded(c, divided, Some(zero_point), DType::U8, false)?[0];
+    let y = quantize_rounded(c, divided, Some(zero_point), DType::U8, None, true)?[0];
     let zp = c.add(Op::Cast { to: DType::U8 }, &[zero_point])?;
     c.set_exact_f32(zp, zero_point);
     Ok(vec![y, scale, zp])

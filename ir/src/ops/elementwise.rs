@@ -42,6 +42,8 @@ pub fn is_unary(op: &Op) -> bool {
             | Mish
             | Silu
             | BitwiseNot
+            | CastNarrow { .. }
+            | BitCast { .. }
             | IsInf { .. }
             | Elu { .. }
             | Selu { .. }
@@ -97,6 +99,25 @@ pub fn infer_unary(op: &Op, x: &Type) -> OpResult<Type> {
         Op::Not => {
             super::expect_dtype(x, &[DType::Bool], "input")?;
             DType::Bool
+        }
+        Op::CastNarrow { to, .. } => {
+            if to.is_float() {
+                super::expect_dtype(x, &[DType::F32], "input")?;
+            } else if !(x.dtype.is_int() || x.dtype.is_float() || x.dtype == DType::Bool) {
+                return Err(format!("input must be numeric, not {}", x.dtype));
+            }
+            to.carrier()
+        }
+        Op::BitCast { to } => {
+            if x.dtype.size_bytes() != to.size_bytes() {
+                return Err(format!(
+                    "bit_cast needs types of one width: {} is {} bits, {to} is {}",
+                    x.dtype,
+                    8 * x.dtype.size_bytes(),
+                    8 * to.size_bytes()
+                ));
+            }
+            *to
         }
         Op::BitwiseNot => {
             if !x.dtype.is_int() {
@@ -262,6 +283,30 @@ pub fn eval_unary(op: &Op, x: &Tensor) -> OpResult<Tensor> {
             _ => return Err("not needs a bool tensor".into()),
         },
         Op::BitwiseNot => bitwise_not(x.data())?,
+        Op::CastNarrow { to, saturate, round_mode } => match x.data() {
+            Data::F32(v) if to.is_float() => {
+                Data::F32(v.iter().map(|&a| to.cast_f32(a, *saturate, *round_mode)).collect())
+            }
+            d if !to.is_float() => {
+                let float = d.dtype().is_float();
+                let wrapped: Vec<i64> = dispatch!(d, v: T => v.iter().map(|a| {
+                    let i = if !float {
+                        a.to_i64()
+                    } else if a.to_f64().is_nan() {
+                        0
+                    } else {
+                        a.to_f64().trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64
+                    };
+                    to.wrap(i)
+                }).collect());
+                Data::from_i64s(to.carrier(), &wrapped)
+            }
+            other => return Err(format!("cast_narrow to {} needs f32, not {}", to.word(), other.dtype())),
+        },
+        Op::BitCast { to } => {
+            let ty = Type::new(*to, crate::dim::dims_of(&shape));
+            return Tensor::from_bytes(&ty, &x.to_bytes());
+        }
         op if int_friendly_unary(op) && !x.dtype().is_float() => int_unary(op, x.data())?,
         _ => match x.data() {
             Data::F32(v) => Data::F32(v.iter().map(|&a| unary_f64(op, a as f64) as f32).collect()),
