@@ -80,14 +80,25 @@ impl Poly {
     }
 }
 
-struct Table {
+/// The interned polynomials, in shards by hash: a process that makes
+/// millions of them (a fuzzer, a long-lived server importing many models)
+/// grows 64 small tables rather than one whose rehash stalls every thread
+/// for over a second. A handle is `local index * SHARDS + shard`.
+struct Shard {
     polys: Vec<Arc<Poly>>,
     index: HashMap<Arc<Poly>, u64>,
 }
 
-fn table() -> &'static RwLock<Table> {
-    static TABLE: OnceLock<RwLock<Table>> = OnceLock::new();
-    TABLE.get_or_init(|| RwLock::new(Table { polys: vec![], index: HashMap::new() }))
+const SHARDS: usize = 64;
+
+fn shards() -> &'static [RwLock<Shard>; SHARDS] {
+    static TABLE: OnceLock<[RwLock<Shard>; SHARDS]> = OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|_| RwLock::new(Shard { polys: vec![], index: HashMap::new() })))
+}
+
+fn shard_of(p: &Poly) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    (BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(p) % SHARDS as u64) as usize
 }
 
 /// An arithmetic result that leaves the range a `Dim` holds.
@@ -136,7 +147,8 @@ impl Dim {
 
     /// The handle of a polynomial that is not a constant.
     fn intern(p: Poly) -> Dim {
-        let t = table();
+        let shard = shard_of(&p);
+        let t = &shards()[shard];
         if let Some(&i) = t.read().unwrap_or_else(|e| e.into_inner()).index.get(&p) {
             return Dim(i | SYMBOLIC);
         }
@@ -144,7 +156,7 @@ impl Dim {
         if let Some(&i) = w.index.get(&p) {
             return Dim(i | SYMBOLIC);
         }
-        let i = w.polys.len() as u64;
+        let i = (w.polys.len() * SHARDS + shard) as u64;
         let p = Arc::new(p);
         w.polys.push(p.clone());
         w.index.insert(p, i);
@@ -154,7 +166,10 @@ impl Dim {
     fn poly(self) -> Arc<Poly> {
         match self.known() {
             Some(c) => Arc::new(Poly::constant(c)),
-            None => table().read().unwrap_or_else(|e| e.into_inner()).polys[(self.0 & !SYMBOLIC) as usize].clone(),
+            None => {
+                let i = (self.0 & !SYMBOLIC) as usize;
+                shards()[i % SHARDS].read().unwrap_or_else(|e| e.into_inner()).polys[i / SHARDS].clone()
+            }
         }
     }
 
