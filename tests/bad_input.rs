@@ -658,3 +658,103 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
         assert!(err.contains(&format!("{op}_0")) && err.contains(want), "{op}: {err}");
     }
 }
+
+/// Scatters and `TopK` given indices or a `k` they cannot take: an index
+/// past its axis (given at run time) is an error naming the node on every
+/// backend, never a write outside the output; duplicate indices under a
+/// reduction combine as ONNX defines (here, a sum); a `k` larger than its
+/// axis is refused when the model is compiled.
+#[test]
+fn scatter_indices_and_top_k_out_of_range() {
+    use egret::ir::Tensor;
+    let ints = |name: &str, dims: Vec<i64>, values: Vec<i64>| {
+        let mut t = TensorProto::new();
+        t.name = name.into();
+        t.data_type = 7;
+        t.dims = dims;
+        t.int64_data = values;
+        t
+    };
+    let mut backends = vec![egret::Backend::Reference, egret::Backend::Cpu];
+    if common::wgsl_adapter() {
+        backends.push(egret::Backend::Wgsl);
+    }
+    // (node, its initializers, the index input's shape, indices, what happens)
+    let x = Tensor::from_vec(vec![4, 3], (0..12).map(|v| v as f32).collect());
+    let scatter_nd = |reduction: &str| {
+        let mut n = node("ScatterND", &["x", "i", "u"], &["y"]);
+        if !reduction.is_empty() {
+            let mut a = onnx_protobuf::AttributeProto::new();
+            a.name = "reduction".into();
+            a.type_ = onnx_protobuf::attribute_proto::AttributeType::STRING.into();
+            a.s = reduction.as_bytes().to_vec();
+            n.attribute.push(a);
+        }
+        n
+    };
+    let mut elements = node("ScatterElements", &["x", "i", "u"], &["y"]);
+    elements.attribute.push(int_attr("axis", 1, &[]));
+    let ones = |dims: Vec<i64>| {
+        let mut t = TensorProto::new();
+        t.name = "u".into();
+        t.data_type = 1;
+        t.float_data = vec![1.0; dims.iter().product::<i64>() as usize];
+        t.dims = dims;
+        t
+    };
+    let cases: Vec<(onnx_protobuf::NodeProto, TensorProto, Vec<i64>, Vec<i64>, Result<Vec<f32>, &str>)> = vec![
+        (scatter_nd(""), ones(vec![2, 3]), vec![2, 1], vec![1, 4], Err("ScatterND_0")),
+        (scatter_nd(""), ones(vec![2, 3]), vec![2, 1], vec![1, -5], Err("ScatterND_0")),
+        (elements.clone(), ones(vec![1, 2]), vec![1, 2], vec![0, 3], Err("ScatterElements_0")),
+        (
+            scatter_nd("add"),
+            ones(vec![2, 3]),
+            vec![2, 1],
+            vec![1, 1],
+            Ok(vec![0., 1., 2., 5., 6., 7., 6., 7., 8., 9., 10., 11.]),
+        ),
+        (
+            elements,
+            ones(vec![1, 2]),
+            vec![1, 2],
+            vec![2, -1],
+            Ok(vec![0., 1., 1., 3., 4., 5., 6., 7., 8., 9., 10., 11.]),
+        ),
+    ];
+    for (i, (n, updates, index_shape, indices, want)) in cases.into_iter().enumerate() {
+        let dir = tempdir(&format!("scatter-{i}"));
+        let mut g = GraphProto::new();
+        g.name = "g".into();
+        g.input.push(value_info("x", 1, &[4, 3]));
+        g.input.push(value_info("i", 7, &index_shape));
+        g.output.push(value_info("y", 1, &[4, 3]));
+        g.node.push(n);
+        g.initializer.push(updates);
+        let path = write_model(&dir, &model(g));
+        let index = Tensor::from_vec(index_shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), indices.clone());
+        for backend in &backends {
+            let opts = egret::CompileOptions { backend: *backend, ..Default::default() };
+            let m = egret::compile(&path, &opts).unwrap_or_else(|e| panic!("{i} {backend:?}: {e}"));
+            let got = m.run(vec![("x".into(), x.clone()), ("i".into(), index.clone())]);
+            match (&want, got) {
+                (Ok(v), Ok(outs)) => assert_eq!(outs[0].1.as_f32().unwrap(), v.as_slice(), "{i} {backend:?}"),
+                (Err(name), Err(e)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(name) && e.contains("out of range"), "{i} {backend:?}: {e}");
+                }
+                (w, g) => panic!("{i} {backend:?} {indices:?}: expected {w:?}, got {:?}", g.map(|o| o[0].1.clone())),
+            }
+        }
+    }
+    // TopK's k past its axis, refused at compile time with the node named.
+    let dir = tempdir("top-k");
+    let mut g = GraphProto::new();
+    g.name = "g".into();
+    g.input.push(value_info("x", 1, &[4, 3]));
+    g.output.push(value_info("v", 1, &[]));
+    g.output.push(value_info("k_i", 7, &[]));
+    g.node.push(node("TopK", &["x", "k"], &["v", "k_i"]));
+    g.initializer.push(ints("k", vec![1], vec![5]));
+    let err = run_fails(&write_model(&dir, &model(g)));
+    assert!(err.contains("TopK_0") && err.contains("5"), "{err}");
+}

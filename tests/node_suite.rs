@@ -40,6 +40,72 @@ fn every_listed_case_passes_on_the_wgsl_backend() {
     run_listed("passing-wgsl.txt", Backend::Wgsl);
 }
 
+/// The CPU list less the cases `excluded-ptx.txt` gives a reason for, on
+/// the PTX backend's kernels run by the PTX interpreter (no GPU needed).
+#[test]
+fn every_listed_case_passes_on_interpreted_ptx() {
+    let Some(suite) = common::shared_dir("onnx-node-tests", Some("EGRET_ONNX_NODE_TESTS")) else {
+        return;
+    };
+    let tol = Tolerance { rtol: 1e-3, atol: 1e-7 };
+    let passing = list("passing-ptx.txt");
+    let failures: Vec<String> = passing
+        .iter()
+        .filter_map(|case| interpreted_ptx(&suite.join(case), tol).err().map(|e| format!("{case}: {e}")))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} listed cases failed:\n{}",
+        failures.len(),
+        passing.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every data set of a node-suite case through the PTX backend, its
+/// kernels run by the interpreter: the first failure.
+fn interpreted_ptx(case: &std::path::Path, tol: Tolerance) -> Result<(), String> {
+    use egret::runtime::Executable;
+    let e = |e: egret::Error| e.to_string();
+    for set in egret::check::data_sets(case).map_err(e)? {
+        let inputs = egret::check::numbered(&set, "input").map_err(e)?;
+        let expected = egret::check::numbered(&set, "output").map_err(e)?;
+        let opts = egret::CompileOptions {
+            backend: Backend::Ptx,
+            input_values: inputs.iter().cloned().collect(),
+            ..Default::default()
+        };
+        let c = egret::canonical(&case.join("model.onnx"), &opts).map_err(e)?;
+        let signature = egret::runtime::Signature::of(&c.graph, c.specialized.clone());
+        let gpu = egret::gpu_plan(&c.graph, &opts, egret::PTX_LIMITS).map_err(|e| e.to_string())?;
+        let ptx =
+            egret::runtime::PtxExecutable::new(common::InterpretedDevice::new(), gpu).map_err(|e| e.to_string())?;
+        let outs = ptx.run(signature.bind(inputs).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        if outs.len() != expected.len() {
+            return Err(format!("{} outputs, {} expected", outs.len(), expected.len()));
+        }
+        for (got, (name, want)) in outs.iter().zip(&expected) {
+            if let Some(f) = egret::check::compare(name, got, want, tol).failure {
+                return Err(format!("{}: {name}: {f}", set.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_ptx_list_is_the_cpu_list_less_its_exclusions() {
+    let cpu = list("passing-cpu.txt");
+    let ptx = list("passing-ptx.txt");
+    let excluded = list("excluded-ptx.txt");
+    let extra: Vec<_> = ptx.difference(&cpu).collect();
+    assert!(extra.is_empty(), "on the ptx list but not the cpu list: {extra:?}");
+    let missing: Vec<_> = cpu.difference(&ptx).filter(|c| !excluded.contains(*c)).collect();
+    assert!(missing.is_empty(), "on the cpu list, neither on the ptx list nor excluded with a reason: {missing:?}");
+    let both: Vec<_> = ptx.intersection(&excluded).collect();
+    assert!(both.is_empty(), "listed as passing on ptx and excluded: {both:?}");
+}
+
 #[test]
 fn the_wgsl_list_is_the_cpu_list_less_its_exclusions() {
     let cpu = list("passing-cpu.txt");
