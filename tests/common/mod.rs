@@ -95,9 +95,24 @@ pub struct InterpretedDevice {
 impl InterpretedDevice {
     pub fn new() -> InterpretedDevice {
         InterpretedDevice {
-            memory: std::sync::Mutex::new(egret_ptx_interp::Memory { buffers: vec![] }),
+            memory: std::sync::Mutex::new(egret_ptx_interp::Memory { buffers: vec![], banks: None }),
             executed: Default::default(),
         }
+    }
+
+    /// An interpreter that counts the shared-memory bank conflicts of the
+    /// kernels it runs (`banks`).
+    #[allow(dead_code)]
+    pub fn counting_banks() -> InterpretedDevice {
+        let d = InterpretedDevice::new();
+        d.memory.lock().unwrap().banks = Some(Default::default());
+        d
+    }
+
+    /// The bank statistics so far, if counted.
+    #[allow(dead_code)]
+    pub fn banks(&self) -> Option<egret_ptx_interp::BankStats> {
+        self.memory.lock().unwrap().banks
     }
 
     fn locate(address: u64, len: usize, buffers: &[Vec<u8>]) -> Result<(usize, usize), String> {

@@ -127,9 +127,9 @@ impl Product {
 
     /// Stages the tile's `TILE x K_STEP` of `a` (k-major in `sa`) and
     /// `K_STEP x TILE` of `b` (row-major in `sb`) from row `k0`, zeros past
-    /// the edges; each invocation moves its share, 4 words at a time where
-    /// the operand allows.
-    fn stage(&self, b: &mut Builder, tile: &Tile, k0: &E, t: &E, [sa, sb]: [super::form::Shared; 2]) {
+    /// the edges, where `layout` puts them; each invocation moves its share,
+    /// 4 words at a time where the operand allows.
+    fn stage(&self, b: &mut Builder, tile: &Tile, k0: &E, t: &E, [sa, sb]: [super::form::Shared; 2], layout: Layout) {
         let threads = b.threads() as usize;
         let width = |vector: bool| if vector { 4 } else { 1 };
         let [a_rs, a_cs] = self.a_strides.clone();
@@ -141,7 +141,7 @@ impl Product {
             let (r, c) = (b.let_(e.clone() / E::I32(K_STEP as i32)), b.let_(e % E::I32(K_STEP as i32)));
             let (gr, gc) = (b.let_(tile.row0.clone() + r.clone()), b.let_(k0.clone() + c.clone()));
             let addr = b.let_(tile.a.clone() + gr.clone() * a_rs.clone() + gc.clone() * a_cs.clone());
-            let slot = |j: i32| (c.clone() + E::I32(j)) * E::I32(TILE as i32) + r.clone();
+            let slot = |j: i32| layout.a(c.clone() + E::I32(j), r.clone());
             let limits = (gr.clone().lt(self.m.clone()), gc.clone(), self.kk.clone());
             self.stage_run(b, self.pa.space, &addr, &a_cs, wa, limits, sa, &slot);
         }
@@ -152,7 +152,7 @@ impl Product {
             let (r, c) = (b.let_(e.clone() / E::I32(TILE as i32)), b.let_(e % E::I32(TILE as i32)));
             let (gr, gc) = (b.let_(k0.clone() + r.clone()), b.let_(tile.col0.clone() + c.clone()));
             let addr = b.let_(tile.b.clone() + gr.clone() * b_rs.clone() + gc.clone() * b_cs.clone());
-            let slot = |j: i32| r.clone() * E::I32(TILE as i32) + c.clone() + E::I32(j);
+            let slot = |j: i32| layout.b_staged(r.clone(), c.clone(), j);
             let limits = (gr.clone().lt(self.kk.clone()), gc.clone(), self.n.clone());
             self.stage_run(b, self.pb.space, &addr, &b_cs, wb, limits, sb, &slot);
         }
@@ -231,6 +231,61 @@ impl Product {
     }
 }
 
+/// Where the staged tiles lie in workgroup memory: `a` k-major, `b`
+/// row-major (k by n), in rows of `row` words, with a word skipped after
+/// each 32 columns of `b` if `skip`. Bank conflicts on 32 banks of 4 bytes
+/// are counted by the PTX interpreter
+/// (`shared_memory_tiles_are_free_of_bank_conflicts`).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    row: usize,
+    skip: bool,
+}
+
+impl Layout {
+    /// The FMA kernel's, free of conflicts: rows of `TILE + 2` words, so
+    /// that the invocations staging `a` (consecutive ones walk k, each a
+    /// k-major row) and the two rows of `b` a warp stages fall in distinct
+    /// banks, and a word skipped after 32 columns of `b`, so that the four
+    /// words an invocation stores from one vector load (4 apart across the
+    /// warp) do too.
+    const FMA: Layout = Layout { row: TILE + 2, skip: true };
+    /// The tensor-core kernel's: rows of `TILE + 4` words, which spread the
+    /// m16n8k8 fragments' reads (lanes `4g + t` read row `t`, column `g`)
+    /// over more banks than `TILE` does; the staging's stores and the tf32
+    /// fragments still conflict (ldmatrix from a swizzled tile is the fix).
+    const MMA: Layout = Layout { row: TILE + 4, skip: false };
+
+    fn words(self) -> u32 {
+        (K_STEP * self.row) as u32
+    }
+
+    /// The word of `a`'s element (`k`, `m`).
+    fn a(self, k: E, m: E) -> E {
+        k * E::I32(self.row as i32) + m
+    }
+
+    /// The word of `b`'s element (`k`, `n + j`) as staging stores it: `n`
+    /// a multiple of 4 and `j` below 4, in the same 32 columns.
+    fn b_staged(self, k: E, n: E, j: i32) -> E {
+        let at = k * E::I32(self.row as i32) + n.clone() + E::I32(j);
+        if self.skip {
+            // `n` is not negative: a shift, not a signed division.
+            at + E::Bin(super::form::BinOp::Shr, Box::new(n), Box::new(E::I32(5)))
+        } else {
+            at
+        }
+    }
+
+    /// The word of `b`'s element (`k`, `lane + j`) as the kernels read it:
+    /// with skipped words, `lane` below 16 and `j` a multiple of 16, so the
+    /// skip is `j`'s alone (no division in the k-loop).
+    fn b_read(self, k: E, lane: E, j: i32) -> E {
+        let skip = if self.skip { j / 32 } else { 0 };
+        k * E::I32(self.row as i32) + lane + E::I32(j + skip)
+    }
+}
+
 fn groups(k: &MatMulKernel) -> u64 {
     (k.batches.len() * known_size(k.m).div_ceil(TILE) * k.n.div_ceil(TILE)) as u64
 }
@@ -238,22 +293,31 @@ fn groups(k: &MatMulKernel) -> u64 {
 pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
     let mut b = Builder::new(THREADS);
     let p = Product::new(&mut b, k, at);
-    let shared = [b.shared((K_STEP * TILE) as u32), b.shared((K_STEP * TILE) as u32)];
+    let layout = Layout::FMA;
+    let shared = [b.shared(layout.words()), b.shared(layout.words())];
     let t = b.thread();
     p.tiles(&mut b, |b, tile| {
+        // An invocation's outputs are rows `ty + SIDE i` and columns
+        // `tx + SIDE j`: a warp's reads of `b` are 16 consecutive words.
         let ty = b.let_(t.clone() / E::I32(SIDE as i32));
         let tx = b.let_(t.clone() % E::I32(SIDE as i32));
         let acc: Vec<Var> = (0..REG * REG).map(|_| b.var(E::F32(0.0))).collect();
         b.for_(E::I32(0), p.kk.clone(), E::I32(K_STEP as i32), |b, k0| {
-            p.stage(b, tile, &k0, &t, shared);
+            p.stage(b, tile, &k0, &t, shared, layout);
             b.barrier();
             b.for_(E::I32(0), E::I32(K_STEP as i32), E::I32(1), |b, kk| {
-                let at = |b: &mut Builder, s, lane: &E, i: usize| {
-                    let idx = kk.clone() * E::I32(TILE as i32) + lane.clone() * E::I32(REG as i32) + E::I32(i as i32);
-                    b.let_(E::LoadShared(s, Box::new(idx)))
-                };
-                let av: Vec<E> = (0..REG).map(|i| at(b, shared[0], &ty, i)).collect();
-                let bv: Vec<E> = (0..REG).map(|j| at(b, shared[1], &tx, j)).collect();
+                let along = |lane: &E, i: usize| lane.clone() + E::I32((SIDE * i) as i32);
+                let av: Vec<E> = (0..REG)
+                    .map(|i| b.let_(E::LoadShared(shared[0], Box::new(layout.a(kk.clone(), along(&ty, i))))))
+                    .collect();
+                let bv: Vec<E> = (0..REG)
+                    .map(|j| {
+                        b.let_(E::LoadShared(
+                            shared[1],
+                            Box::new(layout.b_read(kk.clone(), tx.clone(), (SIDE * j) as i32)),
+                        ))
+                    })
+                    .collect();
                 for i in 0..REG {
                     for j in 0..REG {
                         let a = acc[i * REG + j];
@@ -264,9 +328,9 @@ pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<
             b.barrier();
         });
         for i in 0..REG {
-            let r = b.let_(tile.row0.clone() + ty.clone() * E::I32(REG as i32) + E::I32(i as i32));
+            let r = b.let_(tile.row0.clone() + ty.clone() + E::I32((SIDE * i) as i32));
             for j in 0..REG {
-                let c = b.let_(tile.col0.clone() + tx.clone() * E::I32(REG as i32) + E::I32(j as i32));
+                let c = b.let_(tile.col0.clone() + tx.clone() + E::I32((SIDE * j) as i32));
                 p.store(b, k, tile, r.clone(), c, E::Var(acc[i * REG + j]));
             }
         }
@@ -283,7 +347,8 @@ pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: P
     assert!(precision != Precision::F32, "f32 products use `matmul`");
     let mut b = Builder::new(MMA_THREADS);
     let p = Product::new(&mut b, k, at);
-    let shared = [b.shared((K_STEP * TILE) as u32), b.shared((K_STEP * TILE) as u32)];
+    let layout = Layout::MMA;
+    let shared = [b.shared(layout.words()), b.shared(layout.words())];
     let t = b.thread();
     p.tiles(&mut b, |b, tile| {
         // The warp's quarter of the tile, and the lane's place in the warp.
@@ -309,22 +374,20 @@ pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: P
         // 2 x 4 products of m16n8 per warp, four accumulators each.
         let acc: Vec<[Var; 4]> = (0..8).map(|_| [0; 4].map(|_| b.var(E::F32(0.0)))).collect();
         b.for_(E::I32(0), p.kk.clone(), E::I32(K_STEP as i32), |b, k0| {
-            p.stage(b, tile, &k0, &t, shared);
+            p.stage(b, tile, &k0, &t, shared, layout);
             b.barrier();
             for ks in [0, 8] {
                 let a_frags = [0, 1].map(|mt| {
                     [0, 1, 2, 3].map(|i| {
                         let (r, c) = &a_at[i];
-                        let idx =
-                            (c.clone() + E::I32(ks)) * E::I32(TILE as i32) + wrow.clone() + E::I32(16 * mt) + r.clone();
+                        let idx = layout.a(c.clone() + E::I32(ks), wrow.clone() + E::I32(16 * mt) + r.clone());
                         b.let_(E::LoadShared(shared[0], Box::new(idx)))
                     })
                 });
                 for nt in 0..4 {
                     let b_frag = [0, 1].map(|i| {
                         let (r, c) = &b_at[i];
-                        let idx =
-                            (r.clone() + E::I32(ks)) * E::I32(TILE as i32) + wcol.clone() + E::I32(8 * nt) + c.clone();
+                        let idx = layout.b_read(r.clone() + E::I32(ks), wcol.clone() + c.clone(), 8 * nt);
                         b.let_(E::LoadShared(shared[1], Box::new(idx)))
                     });
                     for (mt, a_frag) in a_frags.iter().enumerate() {

@@ -584,15 +584,64 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
     Ok(k)
 }
 
-/// Global memory: buffers of bytes, addressed through `global_address`.
+/// Global memory: buffers of bytes, addressed through `global_address`;
+/// with `banks`, the shared-memory bank conflicts of the kernels launched
+/// are counted there.
 pub struct Memory {
     pub buffers: Vec<Vec<u8>>,
+    pub banks: Option<BankStats>,
+}
+
+/// Shared-memory requests of whole warps and the wavefronts they take on
+/// 32 banks of 4 bytes: a request takes as many wavefronts as the largest
+/// number of distinct words its lanes touch in one bank (lanes reading one
+/// word share it). `wavefronts - requests` is the number of conflicts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BankStats {
+    pub requests: u64,
+    pub wavefronts: u64,
+}
+
+impl BankStats {
+    pub fn conflicts(&self) -> u64 {
+        self.wavefronts - self.requests
+    }
 }
 
 struct Thread {
     pc: usize,
     regs: Vec<u64>,
     local: Vec<Vec<u8>>,
+    /// Shared accesses since the last barrier, when banks are counted: the
+    /// instruction, the array and the word.
+    shared_log: Vec<(u32, u32, u32)>,
+}
+
+/// The lanes of each warp meet at the same shared access in the same order
+/// (their `n`-th run of the instruction at `pc` is one request): each
+/// request's wavefronts go to `stats`, and the logs are emptied.
+fn count_banks(ts: &mut [Thread], stats: &mut BankStats) {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    for warp in ts.chunks_mut(32) {
+        let mut requests: BTreeMap<(u32, u32), Vec<(u32, u32)>> = BTreeMap::new();
+        for t in warp.iter_mut() {
+            let mut runs: HashMap<u32, u32> = HashMap::new();
+            for &(pc, arr, word) in &t.shared_log {
+                let n = runs.entry(pc).or_default();
+                requests.entry((pc, *n)).or_default().push((arr, word));
+                *n += 1;
+            }
+            t.shared_log.clear();
+        }
+        for words in requests.values() {
+            let mut banks: HashMap<u32, HashSet<(u32, u32)>> = HashMap::new();
+            for &(arr, word) in words {
+                banks.entry(word % 32).or_default().insert((arr, word));
+            }
+            stats.requests += 1;
+            stats.wavefronts += banks.values().map(|w| w.len() as u64).max().unwrap_or(1);
+        }
+    }
 }
 
 fn f(x: u64) -> f32 {
@@ -641,7 +690,12 @@ fn run_block(
 ) -> Result<u64, String> {
     let mut shared: Vec<Vec<u8>> = k.shared.iter().map(|&b| vec![0; b]).collect();
     let mut ts: Vec<Thread> = (0..threads)
-        .map(|_| Thread { pc: 0, regs: vec![0; k.registers], local: k.local.iter().map(|&b| vec![0; b]).collect() })
+        .map(|_| Thread {
+            pc: 0,
+            regs: vec![0; k.registers],
+            local: k.local.iter().map(|&b| vec![0; b]).collect(),
+            shared_log: vec![],
+        })
         .collect();
     let mut executed = 0u64;
     // Where each thread stopped: None while it can run on.
@@ -716,6 +770,10 @@ fn run_block(
         }
         if progressed {
             continue;
+        }
+        // Every thread is at a barrier or done: the requests since the last.
+        if let Some(stats) = mem.banks.as_mut() {
+            count_banks(&mut ts, stats);
         }
         let done = stops.iter().filter(|s| matches!(s, Some(Stop::Exit))).count();
         if done == ts.len() {
@@ -853,6 +911,9 @@ fn step_until_sync(
                         let (arr, off) = array_of(k, a, space)?;
                         let bytes = if space == Space::Shared { &shared[arr] } else { &t.local[arr] };
                         let off = check(bytes, off, &format!("{}: {space:?} array {arr}", k.name))?;
+                        if space == Space::Shared && mem.banks.is_some() {
+                            t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32));
+                        }
                         u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap())
                     }
                     Space::Param => unreachable!("parsed as LdParam"),
@@ -878,6 +939,9 @@ fn step_until_sync(
                         let bytes = if space == Space::Shared { &mut shared[arr] } else { &mut t.local[arr] };
                         let off = check(bytes, off, &format!("{}: {space:?} array {arr}", k.name))?;
                         bytes[off..off + 4].copy_from_slice(&word);
+                        if space == Space::Shared && mem.banks.is_some() {
+                            t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32));
+                        }
                     }
                     Space::Param => return Err(format!("{}: a store to a parameter", k.name)),
                 }
@@ -1151,12 +1215,12 @@ L1:
     fn runs_a_kernel_and_checks_its_bounds() {
         let k = parse(ADD_ONE).unwrap();
         let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let mut mem = Memory { buffers: vec![data] };
+        let mut mem = Memory { buffers: vec![data], banks: None };
         launch(&k, [1, 1, 1], 32, &[global_address(0)], &mut mem).unwrap();
         let got: Vec<f32> = mem.buffers[0].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(got, [2.0, 3.0, 4.0, 5.0, 6.0]);
         // A buffer one element short: the fifth thread's access is caught.
-        let mut short = Memory { buffers: vec![vec![0; 16]] };
+        let mut short = Memory { buffers: vec![vec![0; 16]], banks: None };
         let e = launch(&k, [1, 1, 1], 32, &[global_address(0)], &mut short).unwrap_err();
         assert!(e.contains("outside its 16 bytes"), "{e}");
     }
@@ -1204,7 +1268,7 @@ L1:
     fn shuffles_run_a_warps_lanes_together() {
         let k = parse(WARP_SUM).unwrap();
         let data: Vec<u8> = (0..64u32).flat_map(|x| x.to_le_bytes()).collect();
-        let mut mem = Memory { buffers: vec![data] };
+        let mut mem = Memory { buffers: vec![data], banks: None };
         launch(&k, [1, 1, 1], 64, &[global_address(0)], &mut mem).unwrap();
         let got: Vec<u32> = mem.buffers[0].chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         // Lanes 0..32 hold 0 + ... + 31, lanes 32..64 hold 32 + ... + 63.
@@ -1224,8 +1288,56 @@ L1:
     fn divergent_barriers_are_errors() {
         let text = ADD_ONE.replace("L1:\n", "    bar.sync 0;\nL1:\n");
         let k = parse(&text).unwrap();
-        let mut mem = Memory { buffers: vec![vec![0; 20]] };
+        let mut mem = Memory { buffers: vec![vec![0; 20]], banks: None };
         let e = launch(&k, [1, 1, 1], 32, &[global_address(0)], &mut mem).unwrap_err();
         assert!(e.contains("barrier"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod bank_tests {
+    use super::*;
+
+    /// Four shared requests per warp: a word per lane (one wavefront),
+    /// every second word (two lanes a bank: two), every 32nd word (all 32
+    /// lanes in one bank: 32) and one word for every lane (a broadcast: one).
+    const BANKS: &str = ".version 7.8
+.target sm_80
+.address_size 64
+.visible .entry banks(
+    .param .u64 buf
+)
+.maxntid 64, 1, 1
+{
+    .reg .b32 %r<4>;
+    .reg .b64 %d<4>;
+    .shared .align 4 .f32 wg0[2048];
+    mov.u64 %d0, wg0;
+    mov.u32 %r0, %tid.x;
+    and.b32 %r0, %r0, 31;
+    mul.wide.u32 %d1, %r0, 4;
+    add.s64 %d2, %d0, %d1;
+    st.shared.u32 [%d2], %r0;
+    mul.wide.u32 %d1, %r0, 8;
+    add.s64 %d2, %d0, %d1;
+    st.shared.u32 [%d2], %r0;
+    bar.sync 0;
+    mul.wide.u32 %d1, %r0, 128;
+    add.s64 %d2, %d0, %d1;
+    ld.shared.u32 %r1, [%d2];
+    ld.shared.u32 %r2, [%d0];
+    ret;
+}
+";
+
+    #[test]
+    fn bank_conflicts_are_counted_per_warp_request() {
+        let k = parse(BANKS).unwrap();
+        let mut mem = Memory { buffers: vec![vec![0; 4]], banks: Some(BankStats::default()) };
+        launch(&k, [1, 1, 1], 64, &[global_address(0)], &mut mem).unwrap();
+        let stats = mem.banks.unwrap();
+        // Two warps, four requests each: 1 + 2 + 32 + 1 wavefronts a warp.
+        assert_eq!(stats, BankStats { requests: 8, wavefronts: 2 * 36 });
+        assert_eq!(stats.conflicts(), 2 * 32);
     }
 }
