@@ -145,3 +145,52 @@ impl Explanation {
         })
     }
 }
+
+/// `ptxas`, where this machine has one: `EGRET_PTXAS`, the one on the
+/// `PATH`, or the PyPI wheel `nvidia-cuda-nvcc-cu12`'s.
+pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    use std::process::Command;
+    if let Ok(p) = std::env::var("EGRET_PTXAS") {
+        return Some(p.into());
+    }
+    if Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Some("ptxas".into());
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|d| std::path::PathBuf::from(d).join("nvidia/cuda_nvcc/bin/ptxas"))
+        .find(|p| p.is_file())
+}
+
+/// The registers per thread `ptxas` gives each distinct kernel of `g` for
+/// sm_90 (`None` for all where there is no `ptxas`, or for a kernel it
+/// refuses).
+pub fn ptx_registers(g: &GpuPlan) -> Vec<Option<u32>> {
+    let Some(ptxas) = find_ptxas() else { return vec![None; g.kernels.len()] };
+    let dir = std::env::temp_dir().join(format!("egret-explain-{}", std::process::id()));
+    if std::fs::create_dir_all(&dir).is_err() {
+        return vec![None; g.kernels.len()];
+    }
+    let registers = g
+        .kernels
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let path = dir.join(format!("k{i}.ptx"));
+            std::fs::write(&path, egret_backends::gpu::ptx::print(k)).ok()?;
+            let out = std::process::Command::new(&ptxas)
+                .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
+                .arg(&path)
+                .output()
+                .ok()?;
+            let log = String::from_utf8_lossy(&out.stderr);
+            log.split("Used ").nth(1)?.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    std::fs::remove_dir_all(&dir).ok();
+    registers
+}

@@ -758,15 +758,19 @@ fn explain(model: &ModelArgs, json: bool, backend: Backend) -> Result<()> {
         println!("  k{i:<4} {:<18} {:>10} flop  {detail}  # {}", k.detailed_kind(), k.flops(), k.label);
     }
     if let Some(g) = &gpu_plan {
-        print_gpu_plan(g);
+        print_gpu_plan(g, backend == Backend::Ptx);
     }
     Ok(())
 }
 
-/// The WGSL backend's choices: distinct kernels, one dispatch per step,
-/// and the ops that run on the host.
-fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan) {
-    use egret::backends::gpu::Step;
+/// The GPU backends' choices: distinct kernels, one dispatch per step,
+/// and the ops that run on the host; for ptx, each dispatch's occupancy
+/// and roofline estimate on an H100 (`gpu::roofline`), with its registers
+/// where `ptxas` is at hand.
+fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan, estimate: bool) {
+    use egret::backends::gpu::{roofline, Step};
+    let device = roofline::H100_SXM;
+    let registers = if estimate { egret::explain::ptx_registers(g) } else { vec![] };
     println!(
         "gpu: {} steps, {} distinct kernels, arena {} bytes, weights {} bytes in {} chunk(s)",
         g.steps.len(),
@@ -775,11 +779,30 @@ fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan) {
         g.weights.iter().map(|c| c.len() * 4).sum::<usize>(),
         g.weights.len()
     );
+    let (mut seconds, mut launches) = (0.0, 0);
     for (i, s) in g.steps.iter().enumerate() {
         match s {
-            Step::Dispatch { kernel, grid, label, .. } => {
+            Step::Dispatch { kernel, grid, label, groups, cost, .. } => {
                 let k = &g.kernels[*kernel];
                 println!("  s{i:<4} {:<28} grid {:?} x {} threads  # {label}", k.name, grid, k.threads);
+                if estimate {
+                    let r = registers[*kernel];
+                    let e = roofline::estimate(k, *groups, *cost, r, &device);
+                    let shared = k.shared.iter().sum::<u32>() as f64 * 4.0 / 1024.0;
+                    println!(
+                        "          {} regs, {shared:.1} KiB shared, {} blocks/SM ({}), {:.2} waves, {:.3} MFLOP, {:.3} MB, {} bound {:.2} us",
+                        r.map_or("?".to_string(), |r| r.to_string()),
+                        e.blocks_per_sm,
+                        e.limited_by,
+                        e.waves,
+                        cost.flops as f64 / 1e6,
+                        cost.bytes as f64 / 1e6,
+                        e.bound,
+                        e.seconds * 1e6
+                    );
+                    seconds += e.seconds;
+                    launches += 1;
+                }
             }
             Step::Host { op, label, .. } => {
                 println!("  s{i:<4} host:{:<23} (reference, on the CPU)  # {label}", op.name())
@@ -788,6 +811,14 @@ fn print_gpu_plan(g: &egret::backends::gpu::GpuPlan) {
     }
     let host = g.host_steps();
     println!("ops on the host: {}", if host.is_empty() { "none".to_string() } else { host.len().to_string() });
+    if estimate {
+        println!(
+            "estimate on an {}: {:.1} us of kernels at the roofline, {launches} launches{}",
+            device.name,
+            seconds * 1e6,
+            if registers.iter().all(Option::is_none) { " (no ptxas: registers not counted)" } else { "" }
+        );
+    }
 }
 
 /// Timed runs per level in each round of `bench --compare`.

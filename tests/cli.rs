@@ -122,6 +122,19 @@ fn explain_at_opt_0_runs_no_e_graph() {
     assert!(v["stage_ms"].get("egraph_saturate").is_none(), "{v}");
 }
 
+/// `explain --backend ptx` gives each dispatch's occupancy and roofline
+/// estimate on an H100, and their sum (the registers where `ptxas` is).
+#[test]
+fn explain_estimates_each_ptx_kernel_on_an_h100() {
+    let (ok, out, err) = egret(&["explain", "tests/data/zoo/bert_tiny", "--backend", "ptx"]);
+    if !ok && err.contains("no ptx backend") {
+        return;
+    }
+    assert!(ok, "{err}");
+    assert!(out.contains("blocks/SM (") && out.contains(" waves, ") && out.contains(" bound "), "{out}");
+    assert!(out.contains("estimate on an H100 SXM: "), "{out}");
+}
+
 #[test]
 fn graph_draws_dot_with_fused_ops_highlighted() {
     let (ok, out, err) = egret(&["graph", "tests/data/zoo/vit_tiny/model.onnx", "--format", "dot"]);

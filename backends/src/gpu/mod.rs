@@ -18,6 +18,7 @@ pub mod integer;
 pub mod map;
 pub mod matmul;
 pub mod ptx;
+pub mod roofline;
 pub mod rows;
 pub mod wgsl;
 
@@ -88,7 +89,18 @@ pub enum Step {
     /// A kernel that can fail (a gather, an integer op) says how in
     /// `on_error`: the message the run returns when its code (the step's
     /// index plus one) is in the error word.
-    Dispatch { kernel: usize, params: Vec<u32>, grid: [u32; 3], label: String, kind: String, on_error: Option<String> },
+    Dispatch {
+        kernel: usize,
+        params: Vec<u32>,
+        grid: [u32; 3],
+        /// Workgroups that have work (the grid may round up past them).
+        groups: u64,
+        label: String,
+        kind: String,
+        on_error: Option<String>,
+        /// Its flops and operand bytes, for `roofline::estimate`.
+        cost: roofline::Cost,
+    },
     /// An op with no GPU kernel: the runtime copies its inputs to the host,
     /// evaluates it with the IR's reference semantics and copies the
     /// results back.
@@ -417,10 +429,22 @@ impl SymbolicGpuPlan {
                 kernels.push(kernel);
                 kernels.len() - 1
             });
+            // Each operand read or written once; a gather reads only the
+            // rows it writes.
+            let size = |b: BufferId| plan.buffers[b].bytes.size().unwrap_or(0) as u64;
+            let bytes = match &k.kind {
+                KernelKind::Gather(g) => 2 * size(g.out) + size(g.indices),
+                _ => {
+                    let (reads, writes) = k.buffers();
+                    reads.iter().chain(&writes).map(|&b| size(b)).sum()
+                }
+            };
             steps.push(Step::Dispatch {
                 kernel: index,
                 params,
                 grid: grid_of(groups, limits.max_groups_per_dim),
+                groups,
+                cost: roofline::Cost { flops: k.flops(), bytes },
                 label: k.label.clone(),
                 // An integer op the GPU runs for the reference evaluator is named by its op.
                 kind: match &k.kind {
