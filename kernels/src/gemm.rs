@@ -639,6 +639,12 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
         // One loop per coding, each row decoded into a fresh value: with
         // one array filled by either decoder, LLVM kept it on the stack and
         // reloaded it in pieces.
+        // One row (a decode step): the zero point and scale fold out of
+        // the block's sum (`folded_codes`).
+        Coding::Codes8 | Coding::Codes4 if R == 1 => unsafe {
+            let row = folded_codes::<FMA>(k, a, a_cs, b, at);
+            acc[0] = row;
+        },
         Coding::Codes8 | Coding::Codes4 => {
             let words = b.block_words();
             let four = b.coding == Coding::Codes4;
@@ -676,6 +682,66 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
             unsafe { *c.add(r * ldc + l) = v };
         }
     }
+}
+
+/// One row of `a` by a panel of codes (at `at`), folding each block's zero
+/// point and scale out of its sum: `s * (sum a c - z * sum a)`, so a code
+/// costs a conversion and a multiply-add rather than a conversion, a
+/// subtraction, a multiply and a multiply-add (a decode step is these
+/// products). Rows of several do `(c - z) * s` per code, as the wider
+/// paths do: the two orders round differently, by parts in 2^24 of the
+/// block's sums.
+#[inline(always)]
+unsafe fn folded_codes<const FMA: bool>(k: usize, a: *const f32, a_cs: isize, b: Weight, at: *const u32) -> [f32; NR] {
+    let words = b.block_words();
+    let four = b.coding == Coding::Codes4;
+    let mut acc = [0f32; NR];
+    for blk in 0..k.div_ceil(b.block) {
+        let block = unsafe { at.add(blk * words) };
+        let scales = unsafe { &*(block as *const [f32; NR]) };
+        let zeros = unsafe { &*(block.add(NR) as *const [f32; NR]) };
+        let codes = unsafe { block.add(2 * NR) as *const u8 };
+        let rows = b.block.min(k - blk * b.block);
+        let (mut part, mut sum) = ([0f32; NR], 0f32);
+        for p in 0..rows {
+            let x = unsafe { *a.offset((blk * b.block + p) as isize * a_cs) };
+            sum += x;
+            let w = if four {
+                code_nibbles(unsafe { &*(codes.add(p * NR / 2) as *const [u8; NR / 2]) })
+            } else {
+                code_bytes(unsafe { &*(codes.add(p * NR) as *const [u8; NR]) })
+            };
+            for l in 0..NR {
+                part[l] = madd::<FMA>(x, w[l], part[l]);
+            }
+        }
+        for l in 0..NR {
+            acc[l] = madd::<FMA>(scales[l], part[l] - zeros[l] * sum, acc[l]);
+        }
+    }
+    acc
+}
+
+/// A row of 4-bit codes as their whole numbers.
+#[inline(always)]
+fn code_nibbles(bytes: &[u8; NR / 2]) -> [f32; NR] {
+    let mut row = [0f32; NR];
+    for l in 0..NR / 2 {
+        row[l] = (bytes[l] & 15) as i32 as f32;
+        row[l + NR / 2] = (bytes[l] >> 4) as i32 as f32;
+    }
+    row
+}
+
+/// A row of 8-bit codes as their whole numbers.
+#[inline(always)]
+fn code_bytes(bytes: &[u8; NR]) -> [f32; NR] {
+    let mut row = [0f32; NR];
+    for l in 0..NR / 2 {
+        row[l] = bytes[l] as i32 as f32;
+        row[l + NR / 2] = bytes[l + NR / 2] as i32 as f32;
+    }
+    row
 }
 
 /// Four rows of an int8 panel's group (`Coding::Int8`) as values.
