@@ -122,13 +122,18 @@ impl NarrowType {
         }
     }
 
+    /// A float cast to an integer type: truncated toward zero and wrapped
+    /// (NaN to 0), as ONNX's reference casts.
+    pub fn wrap_float(self, x: f64) -> i64 {
+        let whole = if x.is_nan() { 0 } else { x.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64 };
+        self.wrap(whole)
+    }
+
     /// A float cast to the type, as its carrier's value: rounded onto a
-    /// float type's grid, truncated toward zero and wrapped into an integer
-    /// type (NaN to 0).
+    /// float type's grid, or `wrap_float` into an integer type.
     pub fn cast_f32(self, x: f32, saturate: bool, round_mode: RoundMode) -> f32 {
         if self.int_range().is_some() {
-            let t = if x.is_nan() { 0 } else { x.trunc().clamp(i64::MIN as f32, i64::MAX as f32) as i64 };
-            return self.wrap(t) as f32;
+            return self.wrap_float(x as f64) as f32;
         }
         if self == NarrowType::F8E8M0 {
             return e8m0(x, saturate, round_mode);

@@ -290,14 +290,7 @@ pub fn eval_unary(op: &Op, x: &Tensor) -> OpResult<Tensor> {
             d if !to.is_float() => {
                 let float = d.dtype().is_float();
                 let wrapped: Vec<i64> = dispatch!(d, v: T => v.iter().map(|a| {
-                    let i = if !float {
-                        a.to_i64()
-                    } else if a.to_f64().is_nan() {
-                        0
-                    } else {
-                        a.to_f64().trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64
-                    };
-                    to.wrap(i)
+                    if float { to.wrap_float(a.to_f64()) } else { to.wrap(a.to_i64()) }
                 }).collect());
                 Data::from_i64s(to.carrier(), &wrapped)
             }
