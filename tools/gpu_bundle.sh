@@ -10,7 +10,8 @@
 #   device tool: run(command="bash tools/gpu_check.sh", carry=["gpu-bundle"])
 #
 # The test data travels with the working tree (tests/data is tracked); the
-# base-size models are made on the device with torch (tools/make_exports.py).
+# base-size models are made on the device with torch (tools/make_exports.py, or
+# tools/torch_models.py in plain torch where transformers is absent).
 # EGRET_BUNDLE_PROFILE=dev builds the optimised test profile instead of
 # release (quicker where that profile is already built; for rehearsals).
 set -euo pipefail

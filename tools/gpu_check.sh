@@ -51,6 +51,8 @@ why_no_vulkan="no Vulkan adapter (egret's wgsl backend found none)"
 torch=""
 python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1 && torch=yes
 why_no_torch="no PyTorch with CUDA in python3"
+torch_cpu=""
+python3 -c 'import torch' >/dev/null 2>&1 && torch_cpu=yes
 transformers=""
 python3 -c 'import transformers, onnx, onnxruntime' >/dev/null 2>&1 && transformers=yes
 why_no_transformers="python3 lacks transformers, onnx or onnxruntime (needed to export the base-size models)"
@@ -78,6 +80,7 @@ step() {
             cuda) [ -n "$cuda" ] || reason=$why_no_cuda ;;
             vulkan) [ -n "$vulkan" ] || reason=$why_no_vulkan ;;
             torch) [ -n "$torch" ] || reason=$why_no_torch ;;
+            torch_cpu) [ -n "$torch_cpu" ] || reason="no PyTorch in python3" ;;
             transformers) [ -n "$transformers" ] || reason=$why_no_transformers ;;
             sanitizer) [ -n "$sanitizer" ] || reason="no compute-sanitizer on PATH" ;;
             dir:*) [ -e "${1#dir:}" ] || reason="${1#dir:} is not here" ;;
@@ -161,6 +164,18 @@ done
 
 # PyTorch on the same shapes (eager, CUDA events).
 step "pytorch side by side" text 180 cuda torch -- python3 tools/bench_vs_pytorch.py --egret "$egret" --out "$out"
+
+# BERT-base and GPT-2 small (a 128-token prompt and a decode step) in plain
+# torch, which needs no transformers: exported, checked against torch, and
+# timed beside PyTorch eager (f32, bf16) and torch.compile. Rehearsed
+# without a GPU at a small size on the CPU backend.
+if [ -n "$cuda" ]; then
+    step "plain-torch models, ptx against pytorch" text 300 torch -- \
+        python3 tools/torch_models.py --egret "$egret" --out "$out/torch-models"
+else
+    step "plain-torch models, small, cpu (no device)" text 300 torch_cpu -- \
+        python3 tools/torch_models.py --egret "$egret" --out "$out/torch-models" --device cpu --small --iters 5
+fi
 
 # Memory errors in one model's kernels.
 step "compute-sanitizer memcheck bert_tiny" text 120 cuda sanitizer -- \
