@@ -602,6 +602,39 @@ output \"z\" = v16
     same(&text);
 }
 
+/// GELU written out after a bias, as onnxruntime's fp16 converter leaves
+/// it (its `1 / sqrt 2` rounded, so no rule names it GELU): the biased sum
+/// is read twice, so the bias and the activation are two maps, and both
+/// become one epilogue of the product, the second composed after the
+/// first, with the residual add that follows.
+#[test]
+fn a_second_map_after_a_products_epilogue_composes_with_it() {
+    let w: Vec<String> = data(8 * 24, 7).iter().map(|x| format!("{x:?}")).collect();
+    let text = format!(
+        "v0: f32[5,8] = input{{name=\"x\"}}
+v1: f32[8,24] = const [{}]
+v2: f32[24] = input{{name=\"bias\"}}
+v3: f32[5,24] = matmul v0, v1
+v4: f32[5,24] = add v3, v2
+v5: f32[] = const [0.70718235]
+v6: f32[5,24] = mul v4, v5
+v7: f32[5,24] = erf v6
+v8: f32[] = const [1.0]
+v9: f32[5,24] = add v7, v8
+v10: f32[5,24] = mul v4, v9
+v11: f32[5,24] = input{{name=\"residual\"}}
+v12: f32[5,24] = add v10, v11
+output \"y\" = v12
+",
+        w.join(", ")
+    );
+    let plan = egret::backends::lower(&parse(&text).unwrap(), Default::default()).unwrap();
+    let described = plan.describe();
+    assert_eq!(described.lines().filter(|l| l.starts_with('k')).count(), 1, "one kernel:\n{described}");
+    assert!(described.contains("Erf(") && described.contains("epilogue"), "{described}");
+    same(&text);
+}
+
 #[test]
 fn rotary_embedding_parts_are_computed_into_the_concat() {
     // rotate_half as exporters write it: concat(-x2, x1), then

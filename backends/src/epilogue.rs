@@ -7,6 +7,9 @@
 //! product goes straight to the map's output buffer and the map's
 //! expression runs on it in place as the matmul's `Epilogue`.
 //!
+//! A product with an epilogue already takes a second map the same way, the
+//! map's expression composed after the first (`composed`).
+//!
 //! The fused kernel takes the map's place in the order. That is always
 //! sound: the matmul's operands were written before the matmul, so before
 //! the map, and the check below makes sure nothing in between rewrites them.
@@ -92,6 +95,32 @@ fn as_epilogue(map: &MapKernel, m: Dim, n: usize, c: BufferId, c_offset: isize) 
     Some(Epilogue { expr: renumbered(&map.expr, &renumber), inputs })
 }
 
+/// `second` run on what `first` makes: an epilogue whose `in0` is the raw
+/// product, `first`'s operands then `second`'s, with `first`'s expression
+/// where `second` read the product (copied where it reads it twice: a bias
+/// add before an activation written out, `x * (1 + erf(x / c))`, costs an
+/// add more, not a pass over memory). `None` past the limits of inputs,
+/// depth or size.
+fn composed(first: &Epilogue, second: &Epilogue) -> Option<Epilogue> {
+    fn substitute(e: &Expr, first: &Expr, shift: usize) -> Expr {
+        match e {
+            Expr::Input(0) => first.clone(),
+            Expr::Input(i) => Expr::Input(i + shift),
+            Expr::Unary(u, x) => Expr::unary(*u, substitute(x, first, shift)),
+            Expr::Binary(b, x, y) => Expr::binary(*b, substitute(x, first, shift), substitute(y, first, shift)),
+            other => other.clone(),
+        }
+    }
+    let inputs: Vec<EpilogueInput> = first.inputs.iter().chain(&second.inputs).cloned().collect();
+    let expr = substitute(&second.expr, &first.expr, first.inputs.len());
+    let small = expr.op_count() <= EPILOGUE_MAX_OPS;
+    (inputs.len() <= EPILOGUE_MAX_INPUTS && small && Epilogue::supports(&expr)).then_some(Epilogue { expr, inputs })
+}
+
+/// The most operations a composed epilogue may hold (GELU written out
+/// after a bias is about a dozen).
+const EPILOGUE_MAX_OPS: usize = 32;
+
 fn renumbered(e: &Expr, to: &[usize]) -> Expr {
     match e {
         Expr::Input(i) => Expr::Input(to[*i]),
@@ -120,7 +149,7 @@ pub fn fuse_epilogues(kernels: &mut Vec<Kernel>, outputs: &[BufferId]) {
     let mut fused_away = vec![false; kernels.len()];
     for mi in 0..kernels.len() {
         let KernelKind::MatMul(mm) = &kernels[mi].kind else { continue };
-        if mm.batches.len() != 1 || mm.epilogue.is_some() || outputs.contains(&mm.c) {
+        if mm.batches.len() != 1 || outputs.contains(&mm.c) {
             continue;
         }
         let (Some([reader]), Some([_])) =
@@ -133,7 +162,17 @@ pub fn fuse_epilogues(kernels: &mut Vec<Kernel>, outputs: &[BufferId]) {
         if written_between(mm.a, mi, reader) || written_between(mm.b, mi, reader) {
             continue;
         }
-        let Some(epilogue) = as_epilogue(map, mm.m, mm.n, mm.c, mm.batches[0][2]) else { continue };
+        let Some(mut epilogue) = as_epilogue(map, mm.m, mm.n, mm.c, mm.batches[0][2]) else { continue };
+        // A product that already has an epilogue (a bias whose sum the map
+        // reads twice, so the two did not fuse as one map) takes the map's
+        // after it, if its own operands stay unwritten until the map's turn.
+        if let Some(first) = &mm.epilogue {
+            if first.inputs.iter().any(|i| written_between(i.buffer, mi, reader)) {
+                continue;
+            }
+            let Some(both) = composed(first, &epilogue) else { continue };
+            epilogue = both;
+        }
         let mut fused = mm.clone();
         fused.c = map.output.buffer;
         fused.batches[0][2] = map.output.known_offset();

@@ -633,7 +633,7 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
             let bf16 = b.coding == Coding::Bf16;
             for p in 0..k {
                 let halves = unsafe { &*((at as *const u16).add(p * NR) as *const [u16; NR]) };
-                step::<R, FMA>(&mut acc, a, p as isize * a_cs, a_rs, &decode_halves(halves, bf16));
+                step::<R, FMA>(&mut acc, a, p as isize * a_cs, a_rs, &decode_halves::<FMA>(halves, bf16));
             }
         }
         // One loop per coding, each row decoded into a fresh value: with
@@ -756,9 +756,17 @@ fn decode_int8_group(bytes: &[u8; 4 * NR]) -> [[f32; NR]; 4] {
     rows
 }
 
-/// A row of halves (IEEE or bfloat16) as values.
+/// A row of halves (IEEE or bfloat16) as values. On the AVX2 and AVX-512
+/// paths (`FMA`), IEEE halves convert with F16C's `vcvtph2ps`, eight at
+/// once, where the portable conversion took seven operations a vector.
 #[inline(always)]
-fn decode_halves(halves: &[u16; NR], bf16: bool) -> [f32; NR] {
+fn decode_halves<const FMA: bool>(halves: &[u16; NR], bf16: bool) -> [f32; NR] {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && !bf16 {
+        // The multiversioned paths that pass `FMA` enable F16C (`Isa::host`
+        // checks it).
+        return unsafe { halves_f16c(halves) };
+    }
     let mut row = [0f32; NR];
     for l in 0..NR {
         row[l] = if bf16 { f32::from_bits((halves[l] as u32) << 16) } else { f16_to_f32(halves[l]) };
@@ -783,7 +791,7 @@ unsafe fn decode_panel_impl<const FMA: bool>(b: Weight, k: usize, panel: usize, 
             for p in 0..k {
                 let halves = unsafe { &*((at as *const u16).add(p * NR) as *const [u16; NR]) };
                 let row = unsafe { &mut *(out.as_mut_ptr().add(p * NR) as *mut [f32; NR]) };
-                *row = decode_halves(halves, bf16);
+                *row = decode_halves::<FMA>(halves, bf16);
             }
         }
         Coding::Codes8 | Coding::Codes4 => {
@@ -837,6 +845,22 @@ fn decode_bytes(bytes: &[u8; NR], zeros: &[f32; NR], scales: &[f32; NR]) -> [f32
         let (lo, hi) = (bytes[l] as i32, bytes[l + NR / 2] as i32);
         row[l] = (lo as f32 - zeros[l]) * scales[l];
         row[l + NR / 2] = (hi as f32 - zeros[l + NR / 2]) * scales[l + NR / 2];
+    }
+    row
+}
+
+/// A row of IEEE halves as values, with F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn halves_f16c(halves: &[u16; NR]) -> [f32; NR] {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let mut row = [0f32; NR];
+    for i in 0..NR / 8 {
+        unsafe {
+            let h = _mm_loadu_si128(halves.as_ptr().add(8 * i) as *const __m128i);
+            _mm256_storeu_ps(row.as_mut_ptr().add(8 * i), _mm256_cvtph_ps(h));
+        }
     }
     row
 }

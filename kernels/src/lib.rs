@@ -112,10 +112,17 @@ impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            // Every AVX2 machine has F16C (Haswell, Zen), which both paths
+            // use for half-precision weights; checked all the same.
+            let (avx2, fma, f16c) = (
+                std::is_x86_feature_detected!("avx2"),
+                std::is_x86_feature_detected!("fma"),
+                std::is_x86_feature_detected!("f16c"),
+            );
+            if std::is_x86_feature_detected!("avx512f") && avx2 && fma && f16c {
                 return Isa::Avx512;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if avx2 && fma && f16c {
                 return Isa::Avx2;
             }
         }
@@ -142,12 +149,12 @@ macro_rules! multiversion {
         $vis unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[target_feature(enable = "avx512f,avx2,fma,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     unsafe { $generic::<true>($($arg),*) }
                 }
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     unsafe { $generic::<true>($($arg),*) }
