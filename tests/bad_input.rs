@@ -622,6 +622,20 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
             "theta is f32[2,3,3]",
         ),
         (
+            17,
+            node("ConvTranspose", &["x", "w"], &["y"]),
+            vec![f32s("w", vec![2, 1, 3])],
+            vec![1, 3, 4],
+            "weight [2, 1, 3] takes 2 channels in 1 group(s); the input has 3",
+        ),
+        (
+            17,
+            with(node("ConvTranspose", &["x", "w"], &["y"]), vec![int_attr("pads", 0, &[9, 9])]),
+            vec![f32s("w", vec![3, 1, 3])],
+            vec![1, 3, 4],
+            "crop the input to nothing",
+        ),
+        (
             25,
             with(node("Cast", &["x"], &["y"]), vec![int_attr("to", 24, &[]), string_attr("round_mode", "sideways")]),
             vec![],

@@ -13,7 +13,7 @@ use std::process::Command;
 fn every_export_passes_on_both_backends() {
     for backend in [Backend::Reference, Backend::Cpu] {
         let n = common::check_all(&common::exports_dir(), backend, Tolerance::default());
-        assert_eq!(n, 13);
+        assert_eq!(n, 17);
     }
 }
 

@@ -111,6 +111,30 @@ def perceiver():
     return Spec(Wrapped(model), [{"inputs": torch.randn(1, 256, 512)}], ["last_hidden_state"])
 
 
+def conv_transpose_decoder():
+    """A VAE/U-Net-style upsampling decoder in plain torch: transposed
+    convolutions with stride 2 (with and without output_padding), one
+    grouped and dilated, a 1-d one, ReLU and SiLU between."""
+    import torch
+    from torch import nn
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up1 = nn.ConvTranspose2d(8, 12, 4, stride=2, padding=1)
+            self.up2 = nn.ConvTranspose2d(12, 6, 3, stride=2, padding=1, output_padding=1, groups=3, dilation=2)
+            self.up3 = nn.ConvTranspose2d(6, 3, 3, stride=1, padding=0, bias=False)
+            self.line = nn.ConvTranspose1d(3, 2, 5, stride=3, padding=2)
+
+        def forward(self, z):
+            y = torch.relu(self.up1(z))
+            y = nn.functional.silu(self.up2(y))
+            y = self.up3(y)
+            return y, self.line(y.mean(dim=3))
+
+    return Spec(Decoder(), [{"z": torch.randn(1, 8, 5, 7)}, {"z": torch.randn(1, 8, 5, 7)}], ["image", "line"])
+
+
 def cache_names(prefix, layers):
     """Hugging Face's names of a cache's tensors: `PREFIX.L.key/value`."""
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -336,6 +360,8 @@ def bert_mean_pool(base=False):
 MODELS = {
     "perceiver_wide_heads_dynamo": (perceiver, "dynamo", 18, "exports"),
     "perceiver_wide_heads_legacy": (perceiver, "legacy", 17, "exports"),
+    "conv_transpose_decoder_legacy": (conv_transpose_decoder, "legacy", 17, "exports"),
+    "conv_transpose_decoder_dynamo": (conv_transpose_decoder, "dynamo", 18, "exports"),
     "gpt2_past_legacy": (gpt2_past, "legacy", 17, "dynamic_exports"),
     "gpt2_past_dynamo": (gpt2_past, "dynamo", 18, "dynamic_exports"),
     "llama_gqa_past_legacy": (llama_past, "legacy", 17, "dynamic_exports"),

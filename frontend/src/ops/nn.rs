@@ -31,6 +31,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Attention", attention);
     r.insert("RotaryEmbedding", rotary_embedding);
     r.insert("Conv", conv);
+    r.insert("ConvTranspose", conv_transpose);
     r.insert("MaxPool", |c| pool(c, true));
     r.insert("AveragePool", |c| pool(c, false));
     r.insert("LpPool", lp_pool);
@@ -220,6 +221,167 @@ fn conv(c: &mut NodeCtx) -> BuildResult {
     let mut inputs = vec![x, w];
     inputs.extend(c.input(2));
     c.add_node(Op::Conv { strides, pads, dilations, group: group as usize }, &inputs)
+}
+
+/// `ConvTranspose` as the convolution it equals: the input spread out by
+/// the strides (`s - 1` zeros between neighbours), padded by `d (k - 1)`
+/// less the pads on each side (cropped where that is negative, extended at
+/// the end by `output_padding` or to `output_shape`), convolved at stride
+/// 1 with the kernel flipped and its channels swapped within each group.
+/// The input's sizes must be known (the zeros that spread it are a
+/// constant).
+fn conv_transpose(c: &mut NodeCtx) -> BuildResult {
+    let (x, w) = (c.req(0)?, c.req(1)?);
+    let xs = c.sizes(x)?;
+    let ws = c.sizes(w)?;
+    let rank = xs.len();
+    if rank < 3 || ws.len() != rank {
+        return Err(c.err(format!("input {xs:?} and weight {ws:?} do not describe a transposed convolution")));
+    }
+    let sp = rank - 2;
+    let group =
+        usize::try_from(c.i("group", 1)?).ok().filter(|&g| g > 0).ok_or_else(|| c.err("group must be positive"))?;
+    if ws[0] != xs[1] || xs[1] % group != 0 {
+        return Err(
+            c.err(format!("weight {ws:?} takes {} channels in {group} group(s); the input has {}", ws[0], xs[1]))
+        );
+    }
+    let kernel = &ws[2..];
+    if let Some(k) = c.ints("kernel_shape")? {
+        if k.iter().map(|&v| v as usize).ne(kernel.iter().copied()) {
+            return Err(c.err(format!("kernel_shape {k:?} disagrees with weight {ws:?}")));
+        }
+    }
+    let list = |c: &NodeCtx, name: &str, len: usize, default: i64| -> Result<Vec<i64>, ImportError> {
+        let v = c.ints(name)?.unwrap_or(vec![default; len]);
+        if v.len() != len {
+            return Err(c.err(format!("{name} {v:?} needs {len} entries")));
+        }
+        Ok(v)
+    };
+    let strides = list(c, "strides", sp, 1)?;
+    let dilations = list(c, "dilations", sp, 1)?;
+    let output_padding = list(c, "output_padding", sp, 0)?;
+    if strides.iter().chain(&dilations).any(|&v| v < 1) || output_padding.iter().any(|&v| v < 0) {
+        return Err(c.err("strides and dilations must be positive, output_padding not negative"));
+    }
+    let output_shape = c.ints("output_shape")?;
+    if output_shape.as_ref().is_some_and(|o| o.len() != sp || o.iter().any(|&v| v < 0)) {
+        return Err(c.err(format!("output_shape {output_shape:?} needs {sp} sizes")));
+    }
+    let auto_pad = c.s("auto_pad", "NOTSET")?;
+    let given_pads = c.ints("pads")?;
+    // Each spatial axis: the size of the spread input, its pads before
+    // and after, and the output's size.
+    let mut pads = vec![0i64; 2 * sp];
+    for i in 0..sp {
+        let (l, k, s, d) = (xs[2 + i] as i64, kernel[i] as i64, strides[i], dilations[i]);
+        let natural = s * (l - 1) + output_padding[i] + (k - 1) * d + 1;
+        let (begin, end) = match (&given_pads, auto_pad.as_str()) {
+            (None, "SAME_UPPER" | "SAME_LOWER") => {
+                let out = output_shape.as_ref().map_or(l * s, |o| o[i]);
+                let total = natural - out;
+                let half = total.div_euclid(2);
+                if auto_pad == "SAME_UPPER" {
+                    (half, total - half)
+                } else {
+                    (total - half, half)
+                }
+            }
+            (Some(p), "NOTSET" | "VALID") if p.len() == 2 * sp => (p[i], p[i + sp]),
+            (Some(p), "NOTSET" | "VALID") => return Err(c.err(format!("pads {p:?} need {} entries", 2 * sp))),
+            (None, "NOTSET" | "VALID") => (0, 0),
+            (_, other) => return Err(c.err(format!("auto_pad `{other}` is not supported with these pads"))),
+        };
+        // `output_shape` beyond what the pads give extends the end.
+        let extra = match (&output_shape, auto_pad.as_str()) {
+            (Some(o), "NOTSET" | "VALID") => o[i] - (natural - begin - end),
+            _ => 0,
+        };
+        let reach = d * (k - 1);
+        pads[i] = reach - begin;
+        pads[i + sp] = reach - end + output_padding[i] + extra;
+    }
+    // Spread the input: each strided axis gets `s - 1` zeros after each
+    // element (a new axis of one, zeros of `s - 1` joined to it, the two
+    // merged), the last ones cut. Layout ops and a concatenation, which
+    // every backend runs natively (a `Pad` would not be, on the CPU).
+    let dtype = c.ty(x).dtype;
+    let mut spread = x;
+    let mut shape: Vec<usize> = xs.clone();
+    for i in 0..sp {
+        let s = strides[i] as usize;
+        if s == 1 || shape[2 + i] == 0 {
+            continue;
+        }
+        let a = 2 + i;
+        let mut unit = shape.clone();
+        unit.insert(a + 1, 1);
+        let u = c.add(Op::Reshape { shape: egret_ir::dims_of(&unit) }, &[spread])?;
+        let mut gap = unit.clone();
+        gap[a + 1] = s - 1;
+        let zeros = c.constant(Tensor::zeros(dtype, gap));
+        let joined = c.add(Op::Concat { axis: a + 1 }, &[u, zeros])?;
+        let mut merged = shape.clone();
+        merged[a] *= s;
+        let m = c.add(Op::Reshape { shape: egret_ir::dims_of(&merged) }, &[joined])?;
+        shape[a] = (shape[a] - 1) * s + 1;
+        spread = slice_to(c, m, &merged, &vec![0; rank], &shape)?;
+    }
+    // Negative pads crop the spread input; the rest pad in the convolution.
+    let starts: Vec<usize> = (0..rank).map(|a| if a < 2 { 0 } else { (-pads[a - 2]).max(0) as usize }).collect();
+    let ends: Vec<usize> = (0..rank)
+        .map(|a| if a < 2 { shape[a] } else { (shape[a] as i64 + pads[a - 2 + sp].min(0)).max(0) as usize })
+        .collect();
+    if starts.iter().zip(&ends).any(|(s, e)| s > e) {
+        return Err(c.err(format!("pads {given_pads:?} crop the input to nothing")));
+    }
+    let cropped = if starts.iter().any(|&v| v > 0) || ends != shape {
+        slice_to(c, spread, &shape, &starts, &ends)?
+    } else {
+        spread
+    };
+    let conv_pads: Vec<usize> = pads.iter().map(|&p| p.max(0) as usize).collect();
+    // The kernel: [c_in, c_out / g, k...] to [c_out, c_in / g, k...],
+    // channels swapped within each group, every spatial axis reversed.
+    let (c_in, c_out_g) = (ws[0], ws[1]);
+    let mut grouped = vec![group, c_in / group, c_out_g];
+    grouped.extend_from_slice(kernel);
+    let wg = c.add(Op::Reshape { shape: egret_ir::dims_of(&grouped) }, &[w])?;
+    let mut perm = vec![0, 2, 1];
+    perm.extend(3..grouped.len());
+    let wt = c.add(Op::Transpose { perm }, &[wg])?;
+    let mut flat = vec![group * c_out_g, c_in / group];
+    flat.extend_from_slice(kernel);
+    let mut kernel_w = c.add(Op::Reshape { shape: egret_ir::dims_of(&flat) }, &[wt])?;
+    for (i, &k) in kernel.iter().enumerate() {
+        if k > 1 {
+            let reversed = c.constant(Tensor::from_vec(vec![k], (0..k as i64).rev().collect::<Vec<i64>>()));
+            kernel_w = c.add(Op::Gather { axis: 2 + i }, &[kernel_w, reversed])?;
+        }
+    }
+    let mut inputs = vec![cropped, kernel_w];
+    inputs.extend(c.input(2));
+    let op = Op::Conv {
+        strides: vec![1; sp],
+        pads: conv_pads,
+        dilations: dilations.iter().map(|&d| d as usize).collect(),
+        group,
+    };
+    c.add_node(op, &inputs)
+}
+
+/// `x` (of `shape`) sliced to `starts..ends` on every axis.
+fn slice_to(
+    c: &mut NodeCtx,
+    x: ValueId,
+    shape: &[usize],
+    starts: &[usize],
+    ends: &[usize],
+) -> Result<ValueId, ImportError> {
+    let op =
+        Op::Slice { starts: egret_ir::dims_of(starts), ends: egret_ir::dims_of(ends), steps: vec![1; shape.len()] };
+    c.add(op, &[x])
 }
 
 fn pool(c: &mut NodeCtx, max: bool) -> BuildResult {
