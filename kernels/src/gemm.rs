@@ -636,15 +636,12 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
                 step::<R, FMA>(&mut acc, a, p as isize * a_cs, a_rs, &decode_halves::<FMA>(halves, bf16));
             }
         }
+        // One row (a decode step): the zero point and scale fold out of
+        // the block's sum (`folded_codes`).
+        Coding::Codes8 | Coding::Codes4 if R == 1 => acc[0] = unsafe { folded_codes::<FMA>(k, a, a_cs, b, at) },
         // One loop per coding, each row decoded into a fresh value: with
         // one array filled by either decoder, LLVM kept it on the stack and
         // reloaded it in pieces.
-        // One row (a decode step): the zero point and scale fold out of
-        // the block's sum (`folded_codes`).
-        Coding::Codes8 | Coding::Codes4 if R == 1 => unsafe {
-            let row = folded_codes::<FMA>(k, a, a_cs, b, at);
-            acc[0] = row;
-        },
         Coding::Codes8 | Coding::Codes4 => {
             let words = b.block_words();
             let four = b.coding == Coding::Codes4;
