@@ -570,6 +570,29 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
         t.dims = dims;
         t
     };
+    // An `If` whose condition is a constant: its body's outputs must be
+    // the node's.
+    let if_node = |outputs: &[&str]| {
+        let mut body = GraphProto::new();
+        body.name = "then".into();
+        body.node.push(node("Identity", &["x"], &["a"]));
+        for o in outputs {
+            body.output.push(value_info(o, 1, &[]));
+        }
+        let mut a = AttributeProto::new();
+        a.name = "then_branch".into();
+        a.type_ = onnx_protobuf::attribute_proto::AttributeType::GRAPH.into();
+        a.g = protobuf::MessageField::some(body);
+        with(node("If", &["cond"], &["y"]), vec![a])
+    };
+    let cond = {
+        let mut t = TensorProto::new();
+        t.name = "cond".into();
+        t.data_type = 9;
+        t.dims = vec![];
+        t.int32_data = vec![1];
+        t
+    };
     // (opset, node, initializers, the input `x`'s shape, what the error says)
     let cases: Vec<(i64, onnx_protobuf::NodeProto, Vec<TensorProto>, Vec<i64>, &str)> = vec![
         (
@@ -621,6 +644,8 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
             vec![2, 3, 3],
             "theta is f32[2,3,3]",
         ),
+        (17, if_node(&["a", "a"]), vec![cond.clone()], vec![2, 3], "then_branch has 2 outputs; the node has 1"),
+        (17, if_node(&["b"]), vec![cond], vec![2, 3], "then_branch never computes its output `b`"),
         (
             17,
             node("ConvTranspose", &["x", "w"], &["y"]),

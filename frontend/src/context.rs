@@ -827,6 +827,44 @@ impl NodeCtx<'_, '_> {
         self.constant(Tensor::scalar(x))
     }
 
+    /// Graph attribute `name` (a control-flow op's body), if given.
+    pub fn graph_attr(&self, name: &str) -> Result<Option<onnx_protobuf::GraphProto>, ImportError> {
+        Ok(self.typed(name, AttributeType::GRAPH)?.and_then(|a| a.g.as_ref().cloned()))
+    }
+
+    /// The nodes of `g`, a body whose condition is known at compile time,
+    /// built in this graph: it reads the outer graph's values by name, as
+    /// ONNX's scoping says, and its outputs are this node's. Its own
+    /// initializers become constants. A body whose outputs disagree with
+    /// the node in number is refused.
+    pub fn inline_body(&mut self, g: &onnx_protobuf::GraphProto, what: &str) -> BuildResult {
+        if g.output.len() != self.node.output.len() {
+            return Err(self.err(format!(
+                "{what} has {} outputs; the node has {}",
+                g.output.len(),
+                self.node.output.len()
+            )));
+        }
+        for init in &g.initializer {
+            let t = tensor_from_proto(init, self.imp.base)?;
+            let v = self.constant(t);
+            self.imp.names.insert(init.name.clone(), v);
+        }
+        for n in &g.node {
+            self.imp.build_node(n)?;
+        }
+        g.output
+            .iter()
+            .map(|o| {
+                self.imp
+                    .names
+                    .get(&o.name)
+                    .copied()
+                    .ok_or_else(|| self.err(format!("{what} never computes its output `{}`", o.name)))
+            })
+            .collect()
+    }
+
     /// The narrow type tensor attribute `name` is stored in, if any.
     pub fn attr_narrow(&self, name: &str) -> Option<NarrowType> {
         self.attr(name).and_then(|a| a.t.as_ref()).and_then(crate::tensor::narrow_of)

@@ -129,6 +129,25 @@ pub fn register(r: &mut Registry) {
         }
         c.add_node(Op::BitCast { to }, &[x])
     });
+    r.insert("If", |c| {
+        // A condition known at compile time (a shape test, most often, as
+        // the exporters write them) picks its branch, whose nodes join this
+        // graph; one known only at run time is refused.
+        let Some(cond) = c.known(0) else {
+            c.req(0)?;
+            return Err(
+                c.err("the condition is known only at run time; only a condition known when compiling is supported")
+            );
+        };
+        if cond.numel() != 1 {
+            return Err(c.err(format!("the condition is {}; it must be one value", cond.ty())));
+        }
+        let take = cond.to_f64_vec()[0] != 0.0;
+        let (name, other) = if take { ("then_branch", "else_branch") } else { ("else_branch", "then_branch") };
+        c.graph_attr(other)?;
+        let body = c.graph_attr(name)?.ok_or_else(|| c.err(format!("{name} is missing")))?;
+        c.inline_body(&body, name)
+    });
     r.insert("Identity", |c| {
         let x = c.req(0)?;
         c.add_node(Op::Identity, &[x])
