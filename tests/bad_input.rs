@@ -645,7 +645,18 @@ fn composite_ops_refuse_bad_attributes_and_shapes_by_node() {
             "theta is f32[2,3,3]",
         ),
         (17, if_node(&["a", "a"]), vec![cond.clone()], vec![2, 3], "then_branch has 2 outputs; the node has 1"),
-        (17, if_node(&["b"]), vec![cond], vec![2, 3], "then_branch never computes its output `b`"),
+        (17, if_node(&["b"]), vec![cond.clone()], vec![2, 3], "then_branch never computes its output `b`"),
+        (
+            17,
+            {
+                let mut n = if_node(&["a"]);
+                n.attribute[0].g.as_mut().unwrap().node.push(node("Identity", &["x"], &["x"]));
+                n
+            },
+            vec![cond],
+            vec![2, 3],
+            "then_branch defines `x` again, a name the graph already has",
+        ),
         (
             17,
             node("ConvTranspose", &["x", "w"], &["y"]),

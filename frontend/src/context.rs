@@ -845,6 +845,12 @@ impl NodeCtx<'_, '_> {
                 self.node.output.len()
             )));
         }
+        // A name the outer graph has would shadow it for the rest of the
+        // outer graph once inlined; ONNX forbids it, so refuse it.
+        let defined = g.initializer.iter().map(|t| &t.name).chain(g.node.iter().flat_map(|n| &n.output));
+        if let Some(name) = defined.filter(|n| !n.is_empty()).find(|n| self.imp.names.contains_key(*n)) {
+            return Err(self.err(format!("{what} defines `{name}` again, a name the graph already has")));
+        }
         for init in &g.initializer {
             let t = tensor_from_proto(init, self.imp.base)?;
             let v = self.constant(t);
