@@ -252,7 +252,10 @@ pub fn register(r: &mut Registry) {
     r.insert("HannWindow", |c| window_function(c, [0.5, 0.5, 0.0]));
     r.insert("HammingWindow", |c| window_function(c, [25.0 / 46.0, 21.0 / 46.0, 0.0]));
     r.insert("BlackmanWindow", |c| window_function(c, [0.42, 0.5, 0.08]));
-    r.insert("Resize", resize);
+    r.insert("Resize", |c| resize(c, "half_pixel", "round_prefer_floor"));
+    // Deprecated at opset 10 for Resize, which it is with opset 10's
+    // defaults: asymmetric coordinates, nearest rounding down.
+    r.insert("Upsample", |c| resize(c, "asymmetric", "floor"));
 }
 
 fn reshape(c: &mut NodeCtx) -> BuildResult {
@@ -579,7 +582,9 @@ fn range(c: &mut NodeCtx) -> BuildResult {
     Ok(vec![c.constant(Tensor::new(vec![n], data))])
 }
 
-fn resize(c: &mut NodeCtx) -> BuildResult {
+/// `Resize` (and `Upsample`), with the coordinate and nearest-rounding
+/// modes a node that names none takes.
+fn resize(c: &mut NodeCtx, default_coord: &str, default_nearest: &str) -> BuildResult {
     let x = c.req(0)?;
     let in_shape = c.sizes(x)?;
     let r = in_shape.len();
@@ -592,7 +597,7 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         "cubic" => ResizeMode::Cubic,
         other => return Err(c.err(format!("mode `{other}` is not supported"))),
     };
-    let coord = match c.s("coordinate_transformation_mode", "half_pixel")?.as_str() {
+    let coord = match c.s("coordinate_transformation_mode", default_coord)?.as_str() {
         "half_pixel" => CoordMode::HalfPixel,
         "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
         "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
@@ -601,7 +606,7 @@ fn resize(c: &mut NodeCtx) -> BuildResult {
         "tf_crop_and_resize" => CoordMode::TfCropAndResize,
         other => return Err(c.err(format!("coordinate_transformation_mode `{other}` is not supported"))),
     };
-    let nearest = match c.s("nearest_mode", "round_prefer_floor")?.as_str() {
+    let nearest = match c.s("nearest_mode", default_nearest)?.as_str() {
         "round_prefer_floor" => NearestMode::RoundPreferFloor,
         "round_prefer_ceil" => NearestMode::RoundPreferCeil,
         "floor" => NearestMode::Floor,
