@@ -95,28 +95,29 @@ fn interpreted_ptx(case: &std::path::Path, tol: Tolerance) -> Result<(), String>
 
 #[test]
 fn the_ptx_list_is_the_cpu_list_less_its_exclusions() {
-    let cpu = list("passing-cpu.txt");
-    let ptx = list("passing-ptx.txt");
-    let excluded = list("excluded-ptx.txt");
-    let extra: Vec<_> = ptx.difference(&cpu).collect();
-    assert!(extra.is_empty(), "on the ptx list but not the cpu list: {extra:?}");
-    let missing: Vec<_> = cpu.difference(&ptx).filter(|c| !excluded.contains(*c)).collect();
-    assert!(missing.is_empty(), "on the cpu list, neither on the ptx list nor excluded with a reason: {missing:?}");
-    let both: Vec<_> = ptx.intersection(&excluded).collect();
-    assert!(both.is_empty(), "listed as passing on ptx and excluded: {both:?}");
+    cpu_list_less_exclusions("ptx");
 }
 
 #[test]
 fn the_wgsl_list_is_the_cpu_list_less_its_exclusions() {
+    cpu_list_less_exclusions("wgsl");
+}
+
+/// `passing-<backend>.txt` is `passing-cpu.txt` less the cases
+/// `excluded-<backend>.txt` gives a reason for.
+fn cpu_list_less_exclusions(backend: &str) {
     let cpu = list("passing-cpu.txt");
-    let wgsl = list("passing-wgsl.txt");
-    let excluded = list("excluded-wgsl.txt");
-    let extra: Vec<_> = wgsl.difference(&cpu).collect();
-    assert!(extra.is_empty(), "on the wgsl list but not the cpu list: {extra:?}");
-    let missing: Vec<_> = cpu.difference(&wgsl).filter(|c| !excluded.contains(*c)).collect();
-    assert!(missing.is_empty(), "on the cpu list, neither on the wgsl list nor excluded with a reason: {missing:?}");
-    let both: Vec<_> = wgsl.intersection(&excluded).collect();
-    assert!(both.is_empty(), "listed as passing on wgsl and excluded: {both:?}");
+    let listed = list(&format!("passing-{backend}.txt"));
+    let excluded = list(&format!("excluded-{backend}.txt"));
+    let extra: Vec<_> = listed.difference(&cpu).collect();
+    assert!(extra.is_empty(), "on the {backend} list but not the cpu list: {extra:?}");
+    let missing: Vec<_> = cpu.difference(&listed).filter(|c| !excluded.contains(*c)).collect();
+    assert!(
+        missing.is_empty(),
+        "on the cpu list, neither on the {backend} list nor excluded with a reason: {missing:?}"
+    );
+    let both: Vec<_> = listed.intersection(&excluded).collect();
+    assert!(both.is_empty(), "listed as passing on {backend} and excluded: {both:?}");
 }
 
 fn run_listed(file: &str, backend: Backend) {

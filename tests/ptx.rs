@@ -15,24 +15,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn ptxas() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("EGRET_PTXAS") {
-        return Some(PathBuf::from(p));
-    }
-    if Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return Some(PathBuf::from("ptxas"));
-    }
-    // The wheel puts it under site-packages.
-    let out = Command::new("python3")
-        .args(["-c", "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|d| PathBuf::from(d).join("nvidia/cuda_nvcc/bin/ptxas"))
-        .find(|p| p.is_file())
-}
-
 /// The distinct PTX kernels of every zoo, synthetic, export (bound and
 /// symbolic) and perf model at `--opt 0` and `--opt 2` (and at `--opt 2` with tensor-core
 /// products in tf32 and bf16), by text, with a model that has each.
@@ -76,7 +58,7 @@ fn model_kernels() -> BTreeMap<String, (String, String)> {
 
 #[test]
 fn every_model_kernel_assembles_for_sm80_and_sm90_without_spills() {
-    let Some(ptxas) = ptxas() else {
+    let Some(ptxas) = egret::explain::find_ptxas() else {
         assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI installs ptxas (nvidia-cuda-nvcc-cu12)");
         eprintln!("skipping: no ptxas (pip install nvidia-cuda-nvcc-cu12, or set EGRET_PTXAS)");
         return;

@@ -15,6 +15,7 @@ import argparse, json, os, subprocess, tempfile
 
 import numpy as np
 import onnx
+from torch_models import torch_ms  # tools/, beside this script
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -52,20 +53,6 @@ def egret_ms(egret, model, precision="f32"):
     return json.loads(r.stdout)["median_ms"], ""
 
 
-def torch_ms(fn, iters=50):
-    import torch
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--egret", default="target/release/egret")
@@ -83,14 +70,14 @@ def main():
     flops = 2 * n**3
     for precision, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
         xs, ws = x.to(dtype), w.to(dtype)
-        t_ms = torch_ms(lambda: xs @ ws)
+        t_ms = torch_ms(lambda: xs @ ws, "cuda", 50)
         e_ms, err = egret_ms(a.egret, mm, precision)
         rows.append((f"matmul {n}^3 {precision}", t_ms, e_ms, flops, err))
     b, h, s, d = 8, 12, 1024, 64
     at = os.path.join(tmp, "attention.onnx")
     attention_model(at, b, h, s, d)
     q, k, v = (torch.rand(b, h, s, d, device="cuda") for _ in range(3))
-    t_ms = torch_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    t_ms = torch_ms(lambda: F.scaled_dot_product_attention(q, k, v), "cuda", 50)
     e_ms, err = egret_ms(a.egret, at)
     rows.append((f"attention {b}x{h}x{s} d{d} f32", t_ms, e_ms, 4 * b * h * s * s * d, err))
     # Egret's wall time includes copying inputs in and outputs back per run.

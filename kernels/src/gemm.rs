@@ -646,10 +646,7 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
             let words = b.block_words();
             let four = b.coding == Coding::Codes4;
             for blk in 0..k.div_ceil(b.block) {
-                let block = unsafe { at.add(blk * words) };
-                let scales = unsafe { &*(block as *const [f32; NR]) };
-                let zeros = unsafe { &*(block.add(NR) as *const [f32; NR]) };
-                let codes = unsafe { block.add(2 * NR) as *const u8 };
+                let (scales, zeros, codes) = unsafe { code_block(at, words, blk) };
                 let rows = b.block.min(k - blk * b.block);
                 let at_row = |p: usize| (blk * b.block + p) as isize * a_cs;
                 if four {
@@ -694,10 +691,7 @@ unsafe fn folded_codes<const FMA: bool>(k: usize, a: *const f32, a_cs: isize, b:
     let four = b.coding == Coding::Codes4;
     let mut acc = [0f32; NR];
     for blk in 0..k.div_ceil(b.block) {
-        let block = unsafe { at.add(blk * words) };
-        let scales = unsafe { &*(block as *const [f32; NR]) };
-        let zeros = unsafe { &*(block.add(NR) as *const [f32; NR]) };
-        let codes = unsafe { block.add(2 * NR) as *const u8 };
+        let (scales, zeros, codes) = unsafe { code_block(at, words, blk) };
         let rows = b.block.min(k - blk * b.block);
         let (mut part, mut sum) = ([0f32; NR], 0f32);
         for p in 0..rows {
@@ -717,6 +711,14 @@ unsafe fn folded_codes<const FMA: bool>(k: usize, a: *const f32, a_cs: isize, b:
         }
     }
     acc
+}
+
+/// Block `blk` of a panel of codes at `at` (`words` a block): its scales and
+/// zero points per column, and its codes.
+#[inline(always)]
+unsafe fn code_block<'a>(at: *const u32, words: usize, blk: usize) -> (&'a [f32; NR], &'a [f32; NR], *const u8) {
+    let block = unsafe { at.add(blk * words) };
+    unsafe { (&*(block as *const [f32; NR]), &*(block.add(NR) as *const [f32; NR]), block.add(2 * NR) as *const u8) }
 }
 
 /// A row of 4-bit codes as their whole numbers.
@@ -795,10 +797,7 @@ unsafe fn decode_panel_impl<const FMA: bool>(b: Weight, k: usize, panel: usize, 
             let words = b.block_words();
             let blocks = k.div_ceil(b.block);
             for blk in 0..blocks {
-                let block = unsafe { at.add(blk * words) };
-                let scales = unsafe { &*(block as *const [f32; NR]) };
-                let zeros = unsafe { &*(block.add(NR) as *const [f32; NR]) };
-                let codes = unsafe { block.add(2 * NR) as *const u8 };
+                let (scales, zeros, codes) = unsafe { code_block(at, words, blk) };
                 for p in 0..b.block.min(k - blk * b.block) {
                     let row = unsafe { &mut *(out.as_mut_ptr().add((blk * b.block + p) * NR) as *mut [f32; NR]) };
                     *row = if b.coding == Coding::Codes4 {
