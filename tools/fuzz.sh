@@ -11,6 +11,16 @@
 #   tools/fuzz.sh --runs 1000000 import_bytes ir_text
 #   tools/fuzz.sh --time 600 compile_run -- -fork=1 -ignore_crashes=1
 #                                      # (after --: more libFuzzer flags)
+#   tools/fuzz.sh --lean --runs 1000000 compile_run -- -fork=2
+#                                      # the long runs' setting, below
+#
+# --lean trades a little of the search for speed, for runs of millions of
+# inputs where most of the time is libFuzzer's and the sanitizer's own
+# bookkeeping: no comparison tracing (`cargo fuzz --no-trace-compares`, its
+# own build under fuzz/target-lean), no allocation stacks in ASan's reports
+# (`malloc_context_size=0`; every error is still caught) and libFuzzer's
+# plain schedule (`-entropic=0`). compile_run: 40 -> about 60 inputs a
+# second from the last two alone (BENCHMARKS.md, coverage-guided fuzzing).
 #
 # Needs a nightly toolchain (`rustup toolchain list`), or stable with
 # RUSTC_BOOTSTRAP=1; installs cargo-fuzz if it is missing. Minimise a crash
@@ -22,6 +32,7 @@ cd "$(dirname "$0")/.."
 
 time_s=20
 runs=""
+lean=""
 targets=()
 extra=()
 while [ $# -gt 0 ]; do
@@ -29,7 +40,8 @@ while [ $# -gt 0 ]; do
         --) shift; extra=("$@"); break ;;
         --time) time_s="$2"; shift 2 ;;
         --runs) runs="$2"; time_s=""; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --lean) lean=1; shift ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -45,6 +57,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz
 fi
 
+build=()
+schedule=()
+if [ -n "$lean" ]; then
+    build=(--no-trace-compares --target-dir fuzz/target-lean)
+    schedule=(-entropic=0)
+    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}malloc_context_size=0"
+fi
+
 status=0
 for t in "${targets[@]}"; do
     case "$t" in
@@ -57,9 +77,9 @@ for t in "${targets[@]}"; do
     limit=()
     if [ -n "$time_s" ]; then limit=(-max_total_time="$time_s"); else limit=(-runs="$runs"); fi
     echo "== $t ${limit[*]}"
-    if ! "${cargo[@]}" fuzz run "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
+    if ! "${cargo[@]}" fuzz run "${build[@]}" "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
         -dict="$dict" -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 \
-        -print_final_stats=1 "${limit[@]}" "${extra[@]}"; then
+        -print_final_stats=1 "${schedule[@]}" "${limit[@]}" "${extra[@]}"; then
         echo "tools/fuzz.sh: $t failed; its input is under fuzz/artifacts/$t/" >&2
         status=1
     fi
