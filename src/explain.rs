@@ -149,20 +149,34 @@ impl Explanation {
 /// `ptxas`, where this machine has one: `EGRET_PTXAS`, the one on the
 /// `PATH`, or the PyPI wheel `nvidia-cuda-nvcc-cu12`'s.
 pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    find_cuda_tool("ptxas", "EGRET_PTXAS", &["nvidia/cuda_nvcc/bin/ptxas"])
+}
+
+/// `nvdisasm` (a cubin's SASS), where this machine has one:
+/// `EGRET_NVDISASM`, the one on the `PATH`, or the PyPI wheel
+/// `nvidia-cuda-nvdisasm`'s.
+pub fn find_nvdisasm() -> Option<std::path::PathBuf> {
+    find_cuda_tool("nvdisasm", "EGRET_NVDISASM", &["nvidia/cu13/bin/nvdisasm", "nvidia/cuda_nvdisasm/bin/nvdisasm"])
+}
+
+/// A CUDA tool: the file `env` names, `tool` on the `PATH`, or the first of
+/// `wheel_paths` under one of Python's package folders.
+fn find_cuda_tool(tool: &str, env: &str, wheel_paths: &[&str]) -> Option<std::path::PathBuf> {
     use std::process::Command;
-    if let Ok(p) = std::env::var("EGRET_PTXAS") {
+    if let Ok(p) = std::env::var(env) {
         return Some(p.into());
     }
-    if Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return Some("ptxas".into());
+    if Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Some(tool.into());
     }
     let out = Command::new("python3")
         .args(["-c", "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"])
         .output()
         .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|d| std::path::PathBuf::from(d).join("nvidia/cuda_nvcc/bin/ptxas"))
+    let dirs = String::from_utf8_lossy(&out.stdout).to_string();
+    wheel_paths
+        .iter()
+        .flat_map(|w| dirs.lines().map(move |d| std::path::PathBuf::from(d).join(w)))
         .find(|p| p.is_file())
 }
 

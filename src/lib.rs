@@ -386,6 +386,8 @@ pub const PTX_LIMITS: egret_backends::gpu::Limits = egret_backends::gpu::Limits 
     max_groups_per_dim: 65_535,
     max_storage_buffers: 64,
     max_workgroup_bytes: 48 << 10,
+    // An H100 SXM's (H100 PCIe: 114; A100: 108).
+    multiprocessors: 132,
 };
 
 /// Compiles for the PTX backend on the CUDA driver's device 0.

@@ -366,3 +366,67 @@ fn one_gpu_program_serves_every_value_of_the_symbolic_dims() {
         assert!(kernels_after[first..].iter().all(|k| *k == kernels_after[first]), "{model}: {kernels_after:?}");
     }
 }
+
+/// The wide product tiles (128 x 128 and 128 x 64, 8 x 8 outputs an
+/// invocation, double-buffered) against the reference on WGSL and the
+/// interpreted PTX, where the tile choice is forced by a device of one
+/// multiprocessor: sizes off the tiles and the depth, a depth below one
+/// step, batches, operands read 4 words at a time and one at a time
+/// (strides not a multiple of 4, a transposed operand), an epilogue; the
+/// PTX with its shared-memory bank conflicts counted (none).
+#[test]
+fn wide_product_tiles_match_the_reference() {
+    use egret::runtime::{Executable, ReferenceExecutable};
+    let cases = [
+        "v0: f32[200,72] = input{name=\"a\"}\nv1: f32[72,150] = input{name=\"b\"}\nv2: f32[200,150] = matmul v0, v1\noutput \"y\" = v2\n",
+        "v0: f32[130,70] = input{name=\"a\"}\nv1: f32[70,260] = input{name=\"b\"}\nv2: f32[130,260] = matmul v0, v1\noutput \"y\" = v2\n",
+        "v0: f32[2,3,129,64] = input{name=\"a\"}\nv1: f32[2,3,64,136] = input{name=\"b\"}\nv2: f32[2,3,129,136] = matmul v0, v1\noutput \"y\" = v2\n",
+        "v0: f32[140,5] = input{name=\"a\"}\nv1: f32[5,68] = input{name=\"b\"}\nv2: f32[140,68] = matmul v0, v1\noutput \"y\" = v2\n",
+        "v0: f32[131,40] = input{name=\"a\"}\nv1: f32[72,40] = input{name=\"b\"}\nv2: f32[40,72] = transpose{perm=[1, 0]} v1\nv3: f32[131,72] = matmul v0, v2\nv4: f32[72] = input{name=\"bias\"}\nv5: f32[131,72] = add v3, v4\nv6: f32[131,72] = relu v5\noutput \"y\" = v6\n",
+    ];
+    let wgsl = common::wgsl_adapter();
+    let mut tiles_seen = std::collections::BTreeSet::new();
+    for text in cases {
+        let g = egret::ir::text::parse(text).unwrap();
+        let (g, _) = egret::passes::egraph::optimize(&g, Default::default()).unwrap();
+        let inputs: Vec<_> = g
+            .inputs()
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let shape = g.ty(v).known_shape().unwrap().clone();
+                let mut rng = egret::io::SplitMix::new(7 + i as u64);
+                let n = shape.iter().product();
+                egret::ir::Tensor::from_vec(
+                    shape,
+                    (0..n).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32).collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let want = ReferenceExecutable::new(g.clone()).unwrap().run(inputs.clone()).unwrap();
+        // 16,352 bytes of workgroup memory take 128 x 64; 48 KiB 128 x 128.
+        for bytes in [16_352, 48 << 10] {
+            let limits =
+                egret::backends::gpu::Limits { multiprocessors: 1, max_workgroup_bytes: bytes, ..Default::default() };
+            let gpu = egret::gpu_plan(&g, &Default::default(), limits).unwrap();
+            let names: Vec<String> = gpu.kernels.iter().map(|k| k.name.clone()).collect();
+            let wide = names.iter().find(|n| n.starts_with("matmul_128x")).unwrap_or_else(|| panic!("{names:?}"));
+            tiles_seen.insert(wide.split('_').nth(1).unwrap().to_string());
+            let ptx = egret::runtime::PtxExecutable::new(common::InterpretedDevice::counting_banks(), gpu).unwrap();
+            let mut runs = vec![("ptx", ptx.run(inputs.clone()).unwrap())];
+            let banks = ptx.device().banks().unwrap();
+            assert_eq!(banks.conflicts(), 0, "{names:?}: {banks:?}\n{text}");
+            if wgsl && bytes <= egret::runtime::WgpuDevice::shared().unwrap().limits.max_workgroup_bytes {
+                let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), limits).unwrap();
+                let device = egret::runtime::WgpuDevice::shared().unwrap();
+                let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
+                runs.push(("wgsl", exe.run(inputs.clone()).unwrap()));
+            }
+            for (backend, got) in runs {
+                let r = egret::check::compare("y", &got[0], &want[0], egret::check::Tolerance::default());
+                assert!(r.failure.is_none(), "{backend} {names:?}: {:?}\n{text}", r.failure);
+            }
+        }
+    }
+    assert_eq!(tiles_seen.into_iter().collect::<Vec<_>>(), ["128x128", "128x64"]);
+}

@@ -86,6 +86,13 @@ mod cuda {
         fn load(&self, _: &str, _: &str) -> Result<Infallible, String> {
             match self.never {}
         }
+        type Recording = Infallible;
+        fn record(&self, _: &[(&Infallible, [u32; 3], u32, &[u64])]) -> Result<Option<Infallible>, String> {
+            match self.never {}
+        }
+        fn replay(&self, _: &Infallible) -> Result<(), String> {
+            match self.never {}
+        }
         fn launch(&self, _: &Infallible, _: [u32; 3], _: u32, _: &[u64]) -> Result<(), String> {
             match self.never {}
         }

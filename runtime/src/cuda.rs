@@ -7,9 +7,13 @@ use crate::ptx::PtxDevice;
 pub const NO_DRIVER_HINT: &str =
     "no CUDA driver found (libcuda): the ptx backend needs an NVIDIA GPU and its driver; `egret compile --emit ptx` needs neither";
 
-/// The CUDA driver's device 0, through its primary context.
+/// The CUDA driver's device 0, through its primary context. Kernels run
+/// on a stream of its own, which stream capture records (CUDA graphs)
+/// and which, being a blocking stream, the synchronous copies on the
+/// legacy default stream wait for and are waited for by.
 pub struct CudaDevice {
     context: cudarc::driver::sys::CUcontext,
+    stream: cudarc::driver::sys::CUstream,
     name: String,
 }
 
@@ -21,6 +25,17 @@ unsafe impl Sync for CudaDevice {}
 pub struct CudaFunction(cudarc::driver::sys::CUfunction);
 unsafe impl Send for CudaFunction {}
 unsafe impl Sync for CudaFunction {}
+
+/// An instantiated CUDA graph of launches.
+pub struct CudaGraph(cudarc::driver::sys::CUgraphExec);
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        let _ = unsafe { cudarc::driver::result::graph::exec_destroy(self.0) };
+    }
+}
 
 fn driver(e: cudarc::driver::DriverError) -> String {
     let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -38,7 +53,9 @@ impl CudaDevice {
         let dev = result::device::get(0).map_err(driver)?;
         let name = result::device::get_name(dev).map_err(driver)?;
         let context = unsafe { result::primary_ctx::retain(dev) }.map_err(driver)?;
-        Ok(CudaDevice { context, name })
+        unsafe { result::ctx::set_current(context) }.map_err(driver)?;
+        let stream = result::stream::create(result::stream::StreamKind::Default).map_err(driver)?;
+        Ok(CudaDevice { context, stream, name })
     }
 
     fn current(&self) -> Result<(), String> {
@@ -88,6 +105,42 @@ impl PtxDevice for CudaDevice {
 
     fn launch(&self, f: &CudaFunction, grid: [u32; 3], threads: u32, args: &[u64]) -> Result<(), String> {
         self.current()?;
+        self.launch_on_stream(f, grid, threads, args)
+    }
+
+    fn synchronize(&self) -> Result<(), String> {
+        self.current()?;
+        cudarc::driver::result::ctx::synchronize().map_err(driver)
+    }
+
+    type Recording = CudaGraph;
+
+    /// Stream capture: the launches are recorded on the device's stream,
+    /// not run, and instantiated as one graph.
+    fn record(&self, launches: &[(&CudaFunction, [u32; 3], u32, &[u64])]) -> Result<Option<CudaGraph>, String> {
+        use cudarc::driver::{result, sys};
+        self.current()?;
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        unsafe { result::stream::begin_capture(self.stream, mode) }.map_err(driver)?;
+        let launched =
+            launches.iter().try_for_each(|(f, grid, threads, args)| self.launch_on_stream(f, *grid, *threads, args));
+        // The capture ends whether or not every launch was recorded.
+        let graph = unsafe { result::stream::end_capture(self.stream) }.map_err(driver);
+        launched?;
+        let graph = graph?;
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.map_err(driver);
+        let _ = unsafe { result::graph::destroy(graph) };
+        Ok(Some(CudaGraph(exec?)))
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<(), String> {
+        self.current()?;
+        unsafe { cudarc::driver::result::graph::launch(graph.0, self.stream) }.map_err(driver)
+    }
+}
+
+impl CudaDevice {
+    fn launch_on_stream(&self, f: &CudaFunction, grid: [u32; 3], threads: u32, args: &[u64]) -> Result<(), String> {
         let mut values: Vec<u64> = args.to_vec();
         let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut _).collect();
         unsafe {
@@ -96,15 +149,10 @@ impl PtxDevice for CudaDevice {
                 (grid[0], grid[1], grid[2]),
                 (threads, 1, 1),
                 0,
-                std::ptr::null_mut(),
+                self.stream,
                 &mut params,
             )
         }
         .map_err(driver)
-    }
-
-    fn synchronize(&self) -> Result<(), String> {
-        self.current()?;
-        cudarc::driver::result::ctx::synchronize().map_err(driver)
     }
 }

@@ -76,6 +76,7 @@ impl WgpuDevice {
                 max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
                 max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
                 max_workgroup_bytes: limits.max_compute_workgroup_storage_size as usize,
+                ..Default::default()
             },
             timestamps,
             params_align: limits.min_storage_buffer_offset_alignment as usize,

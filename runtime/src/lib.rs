@@ -34,7 +34,7 @@ pub use cpu::CpuExecutable;
 pub use cuda::{CudaDevice, NO_DRIVER_HINT};
 #[cfg(feature = "gpu")]
 pub use gpu::{WgpuDevice, WgpuExecutable};
-pub use ptx::{PtxDevice, PtxExecutable};
+pub use ptx::{LaunchOf, PtxDevice, PtxExecutable};
 pub use reference::ReferenceExecutable;
 
 use egret_ir::{Tensor, TensorRef, Type};

@@ -31,7 +31,19 @@ pub trait PtxDevice: Send + Sync {
     fn launch(&self, f: &Self::Function, grid: [u32; 3], threads: u32, args: &[u64]) -> Result<(), String>;
     /// Waits for every launch so far.
     fn synchronize(&self) -> Result<(), String>;
+    /// Launches recorded once and replayed as one: a CUDA graph.
+    type Recording: Send + Sync;
+    /// Records `launches` (function, grid, threads, arguments), in order,
+    /// without running them; `None` where the device has no recordings
+    /// (each run then launches them one by one).
+    fn record(&self, launches: &[LaunchOf<'_, Self::Function>]) -> Result<Option<Self::Recording>, String>;
+    /// Runs a recording's launches, in order, after every launch so far.
+    fn replay(&self, recording: &Self::Recording) -> Result<(), String>;
 }
+
+/// One launch as `PtxDevice::record` takes it: the function, its grid,
+/// threads per block and arguments.
+pub type LaunchOf<'a, F> = (&'a F, [u32; 3], u32, &'a [u64]);
 
 struct Launch {
     function: usize,
@@ -54,11 +66,15 @@ struct Setup {
 
 /// What runs change: the current setup, the arena, and every module
 /// loaded so far, by kernel (new values build the same kernels again).
-struct State<F> {
+struct State<F, R> {
     setup: Option<Setup>,
     arena: Option<(ArenaLayout, u64)>,
     /// Each kernel loaded so far, with its function.
     functions: Vec<(Kernel, F)>,
+    /// The setup's runs of dispatches between host steps, each recorded
+    /// at its first run and replayed after (by the index of its first
+    /// step); emptied with the setup.
+    recordings: Vec<(usize, R)>,
 }
 
 pub struct PtxExecutable<D: PtxDevice> {
@@ -68,7 +84,7 @@ pub struct PtxExecutable<D: PtxDevice> {
     /// Word offset of each weight chunk in the weights allocation.
     chunk_at: Vec<usize>,
     /// One run at a time: runs share the arena.
-    state: Mutex<State<D::Function>>,
+    state: Mutex<State<D::Function, D::Recording>>,
     /// For a plan that keeps symbols: what builds each values' program.
     sizing: Option<Sizing>,
 }
@@ -125,14 +141,14 @@ impl<D: PtxDevice> PtxExecutable<D> {
         }
         let weights = device.alloc(all.len().max(1) * 4)?;
         device.upload(weights, &bytes(&all))?;
-        let state = State { setup: None, arena: None, functions: Vec::new() };
+        let state = State { setup: None, arena: None, functions: Vec::new(), recordings: Vec::new() };
         Ok(PtxExecutable { device, error, weights, chunk_at, state: Mutex::new(state), sizing })
     }
 
     /// `plan`'s launches in `arena`, loading the kernels `state` lacks.
     fn setup(
         &self,
-        state: &mut State<D::Function>,
+        state: &mut State<D::Function, D::Recording>,
         values: Bindings,
         plan: GpuPlan,
         arena: u64,
@@ -194,7 +210,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
 
     /// Makes the setup a run on `inputs` uses current: for a plan with
     /// symbols and new values, the program built at them.
-    fn set_up_for(&self, state: &mut State<D::Function>, inputs: &[Tensor]) -> Result<(), RunError> {
+    fn set_up_for(&self, state: &mut State<D::Function, D::Recording>, inputs: &[Tensor]) -> Result<(), RunError> {
         let Some(sizing) = &self.sizing else { return Ok(()) };
         let values = sizing.values(inputs)?;
         if state.setup.as_ref().is_some_and(|s| s.values == values) {
@@ -206,6 +222,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
             let arena = self.device.alloc(layout.words.max(1) * 4).map_err(device)?;
             // The old arena goes with the setup that used it.
             if let Some(s) = state.setup.take() {
+                state.recordings.clear();
                 self.device.free(s.params);
             }
             if let Some((_, old)) = state.arena.replace((layout, arena)) {
@@ -215,6 +232,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
         let (layout, arena) = state.arena.clone().expect("allocated above");
         let plan = sizing.at(&values, &layout)?;
         let setup = self.setup(state, values, plan, arena).map_err(device)?;
+        state.recordings.clear();
         if let Some(old) = state.setup.replace(setup) {
             self.device.free(old.params);
         }
@@ -275,7 +293,8 @@ impl<D: PtxDevice> PtxExecutable<D> {
     ) -> Result<Vec<Tensor>, RunError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.set_up_for(&mut state, inputs)?;
-        let (functions, setup) = (&state.functions, state.setup.as_ref().expect("set up above"));
+        let State { functions, setup, recordings, .. } = &mut *state;
+        let setup = setup.as_ref().expect("set up above");
         let device_error =
             |node: &str, op: &str, message: String| RunError::Eval { node: node.into(), op: op.into(), message };
         for ((place, ty), t) in setup.plan.inputs.iter().zip(inputs) {
@@ -283,18 +302,47 @@ impl<D: PtxDevice> PtxExecutable<D> {
                 .map_err(|m| device_error(&format!("input of {ty}"), "upload", m))?;
         }
         self.device.upload(self.error, &[0; 4]).map_err(|m| device_error("the error word", "upload", m))?;
-        for (i, step) in setup.plan.steps.iter().enumerate() {
+        let steps = &setup.plan.steps;
+        let mut i = 0;
+        while i < steps.len() {
             let start = std::time::Instant::now();
-            match step {
-                Step::Dispatch { label, kind, .. } => {
+            match &steps[i] {
+                Step::Dispatch { label, kind, .. } if times.is_some() => {
+                    let times = times.as_deref_mut().expect("profiling");
                     let l = setup.launches[i].as_ref().expect("a dispatch has a launch");
                     self.device
                         .launch(&functions[l.function].1, l.grid, l.threads, &l.args)
+                        .and_then(|()| self.device.synchronize())
                         .map_err(|m| device_error(label, kind, m))?;
-                    if let Some(times) = times.as_deref_mut() {
-                        self.device.synchronize().map_err(|m| device_error(label, kind, m))?;
-                        times.push((kind.clone(), label.clone(), start.elapsed().as_secs_f64() * 1e3));
+                    times.push((kind.clone(), label.clone(), start.elapsed().as_secs_f64() * 1e3));
+                    i += 1;
+                }
+                Step::Dispatch { label, kind, .. } => {
+                    // The dispatches up to the next host step, replayed as
+                    // one after the first run (a CUDA graph: one launch, not
+                    // hundreds, for a model at batch 1).
+                    let end = (i..steps.len()).find(|&j| matches!(steps[j], Step::Host { .. })).unwrap_or(steps.len());
+                    let fail = |m: String| device_error(label, kind, m);
+                    if !recordings.iter().any(|(first, _)| *first == i) {
+                        let launches: Vec<_> = setup.launches[i..end]
+                            .iter()
+                            .flatten()
+                            .map(|l| (&functions[l.function].1, l.grid, l.threads, l.args.as_slice()))
+                            .collect();
+                        match self.device.record(&launches).map_err(fail)? {
+                            Some(r) => recordings.push((i, r)),
+                            None => {
+                                for (f, grid, threads, args) in launches {
+                                    self.device.launch(f, grid, threads, args).map_err(fail)?;
+                                }
+                                i = end;
+                                continue;
+                            }
+                        }
                     }
+                    let (_, r) = recordings.iter().find(|(first, _)| *first == i).expect("recorded above");
+                    self.device.replay(r).map_err(fail)?;
+                    i = end;
                 }
                 Step::Host { op, inputs, outputs, label } => {
                     let fail = |m: String| device_error(label, op.name(), m);
@@ -308,6 +356,7 @@ impl<D: PtxDevice> PtxExecutable<D> {
                     if let Some(times) = times.as_deref_mut() {
                         times.push((format!("host:{}", op.name()), label.clone(), start.elapsed().as_secs_f64() * 1e3));
                     }
+                    i += 1;
                 }
             }
         }

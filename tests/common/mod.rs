@@ -90,6 +90,9 @@ pub struct InterpretedDevice {
     memory: std::sync::Mutex<egret_ptx_interp::Memory>,
     /// Instructions run so far, for reports.
     pub executed: std::sync::atomic::AtomicU64,
+    /// Recordings made and replayed so far.
+    pub records: std::sync::atomic::AtomicU64,
+    pub replays: std::sync::atomic::AtomicU64,
 }
 
 impl InterpretedDevice {
@@ -97,6 +100,8 @@ impl InterpretedDevice {
         InterpretedDevice {
             memory: std::sync::Mutex::new(egret_ptx_interp::Memory { buffers: vec![], banks: None }),
             executed: Default::default(),
+            records: Default::default(),
+            replays: Default::default(),
         }
     }
 
@@ -177,6 +182,25 @@ impl egret::runtime::PtxDevice for InterpretedDevice {
 
     fn synchronize(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    type Recording = Vec<(egret_ptx_interp::Kernel, [u32; 3], u32, Vec<u64>)>;
+
+    /// Records the launches as a list, which `replay` launches: what a
+    /// CUDA graph does, so that the executor's recording is tested here.
+    fn record(
+        &self,
+        launches: &[(&egret_ptx_interp::Kernel, [u32; 3], u32, &[u64])],
+    ) -> Result<Option<Self::Recording>, String> {
+        self.records.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(
+            launches.iter().map(|(f, grid, threads, args)| ((*f).clone(), *grid, *threads, args.to_vec())).collect(),
+        ))
+    }
+
+    fn replay(&self, recording: &Self::Recording) -> Result<(), String> {
+        self.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        recording.iter().try_for_each(|(f, grid, threads, args)| self.launch(f, *grid, *threads, args))
     }
 }
 

@@ -56,9 +56,9 @@ impl Shape {
                 )
             })?;
         let (d_padded, dv_padded) = (d.div_ceil(split) * split, dv.div_ceil(split) * split);
-        // Per key: its key and value rows, and each invocation's partial
-        // score when lanes share a row.
-        let per_key = d_padded + dv_padded + if split > 1 { THREADS } else { 0 };
+        // Per key: its key and value rows, each invocation's score, and
+        // each invocation's partial score when lanes share a row.
+        let per_key = d_padded + dv_padded + THREADS + if split > 1 { THREADS } else { 0 };
         let key_tile = (workgroup_bytes / 4 / per_key).min(16);
         if key_tile == 0 {
             return Err(format!(
@@ -133,7 +133,10 @@ pub fn attention(
     let sv_tile = b.shared((kt_len * dvp) as u32);
     // Each invocation's partial score of each staged key, when lanes share a row.
     let partials = (split > 1).then(|| b.shared((THREADS * kt_len) as u32));
-    let scores = b.local(kt_len as u32);
+    // Each invocation's score of each staged key, key-major (consecutive
+    // invocations, consecutive banks). In workgroup memory: a per-thread
+    // array indexed at run time would live in local memory.
+    let scores = b.shared((THREADS * kt_len) as u32);
     let group = b.group();
     let t = b.thread();
     // With one lane a row, columns are constants and rows are invocations.
@@ -241,7 +244,7 @@ pub fn attention(
                     let addr = mo.clone() + qrow.clone() * m_rs.clone() + (k0.clone() + j.clone()) * m_cs.clone();
                     s = b.let_(s + E::load_f32(pm.space, addr));
                 }
-                b.store_local(scores, j, s.clone());
+                b.store_shared(scores, j * E::I32(THREADS as i32) + t.clone(), s.clone());
                 b.set(block_max, E::Var(block_max).max(s));
             });
             let new_max = b.let_(E::Var(max).max(E::Var(block_max)));
@@ -253,7 +256,8 @@ pub fn attention(
                     b.set(*a, E::Var(*a) * correction.clone());
                 }
                 b.for_(E::I32(0), n.clone(), E::I32(1), |b, j| {
-                    let p = b.let_((E::LoadLocal(scores, Box::new(j.clone())) - new_max.clone()).exp());
+                    let score = E::LoadShared(scores, Box::new(j.clone() * E::I32(THREADS as i32) + t.clone()));
+                    let p = b.let_((score - new_max.clone()).exp());
                     b.set(sum, E::Var(sum) + p.clone());
                     for (i, a) in acc.iter().enumerate() {
                         let v = E::LoadShared(sv_tile, Box::new(j.clone() * E::I32(dvp as i32) + column(i)));
@@ -338,7 +342,7 @@ mod tests {
             assert_eq!(s.rows * s.split, THREADS);
             assert!(s.d_padded / s.split + s.dv_padded / s.split <= REGISTER_COLUMNS);
             let partials = if s.split > 1 { THREADS } else { 0 };
-            assert!(s.key_tile >= 1 && s.key_tile * (s.d_padded + s.dv_padded + partials) * 4 <= bytes);
+            assert!(s.key_tile >= 1 && s.key_tile * (s.d_padded + s.dv_padded + THREADS + partials) * 4 <= bytes);
         }
     }
 
@@ -347,7 +351,7 @@ mod tests {
         let e = Shape::new(1100, 1100, 16_352).unwrap_err();
         assert!(e.contains("1100 key and 1100 value columns is wider"), "{e}");
         let e = Shape::new(128, 128, 1024).unwrap_err();
-        assert!(e.contains("needs 1280 bytes of workgroup memory for one key"), "{e}");
+        assert!(e.contains("needs 1536 bytes of workgroup memory for one key"), "{e}");
         assert!(e.ends_with("the device has 1024"), "{e}");
     }
 }

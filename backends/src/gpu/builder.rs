@@ -128,6 +128,18 @@ impl Builder {
         into.map(E::Var)
     }
 
+    /// The 4 f32 at `index` (a multiple of 4) of a workgroup array.
+    pub fn load_shared4(&mut self, shared: Shared, index: E) -> [E; 4] {
+        let into = [0; 4].map(|_| self.var(E::F32(0.0)));
+        self.push(S::LoadShared4 { shared, index, into });
+        into.map(E::Var)
+    }
+
+    /// Stores 4 f32 at `index` (a multiple of 4) of a workgroup array.
+    pub fn store_shared4(&mut self, shared: Shared, index: E, values: [E; 4]) {
+        self.push(S::StoreShared4 { shared, index, values });
+    }
+
     /// A warp's m16n8k8 tensor-core product into `acc` (see `S::Mma`).
     pub fn mma(&mut self, precision: Precision, a: [E; 4], b: [E; 2], acc: [Var; 4]) {
         self.push(S::Mma { precision, a, b, acc });

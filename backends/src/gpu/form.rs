@@ -209,6 +209,20 @@ pub enum S {
         index: E,
         into: [Var; 4],
     },
+    /// Loads the 4 f32 at `index` (a multiple of 4) of a workgroup array
+    /// into `into`: one 16-byte load where the target has them.
+    LoadShared4 {
+        shared: Shared,
+        index: E,
+        into: [Var; 4],
+    },
+    /// Stores 4 f32 at `index` (a multiple of 4) of a workgroup array: one
+    /// 16-byte store where the target has them.
+    StoreShared4 {
+        shared: Shared,
+        index: E,
+        values: [E; 4],
+    },
     /// A warp's tensor-core product `D = A B + C` of shape m16n8k8 in f32
     /// (`mma.sync`): each lane gives its fragment of A (four values at
     /// `Precision::a_at`) and B (two, `b_at`), rounded to `precision`, and
@@ -364,6 +378,11 @@ impl Kernel {
                     S::Load4 { space, index, .. } => {
                         out.push(*space);
                         e(index, out)
+                    }
+                    S::LoadShared4 { index, .. } => e(index, out),
+                    S::StoreShared4 { index, values, .. } => {
+                        e(index, out);
+                        values.iter().for_each(|x| e(x, out))
                     }
                     S::Barrier => {}
                 }

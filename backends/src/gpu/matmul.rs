@@ -9,7 +9,8 @@
 //! the same epilogue (and alignment) shares one kernel.
 
 use super::builder::Builder;
-use super::form::{Kernel, Precision, Space, Ty, Var, E};
+use super::form::{Kernel, Precision, Shared, Space, Ty, Var, E};
+use super::Limits;
 use super::Place;
 use crate::plan::known_size;
 use crate::plan::{BufferId, MatMulKernel};
@@ -24,8 +25,12 @@ pub const THREADS: u32 = (SIDE * SIDE) as u32;
 /// 32 x 32 quarter of the tile as 2 x 4 m16n8k8 products.
 pub const MMA_THREADS: u32 = 128;
 
-/// The parameters and layout facts both kernels read.
+/// The parameters and layout facts every product kernel reads.
+#[derive(Clone)]
 struct Product {
+    /// The rows and columns of `c` one workgroup computes.
+    rows: usize,
+    cols: usize,
     pa: Place,
     pb: Place,
     pc: Place,
@@ -56,11 +61,11 @@ struct Tile {
 }
 
 impl Product {
-    fn new(b: &mut Builder, k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> Product {
+    fn new(b: &mut Builder, k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, [rows, cols]: [usize; 2]) -> Product {
         assert!(!k.b_packed && k.a_rows.is_none() && k.c_rows.is_none(), "GPU products come from a neutral plan");
         let (pa, pb, pc) = (at(k.a), at(k.b), at(k.c));
         // GPU plans are bound (`gpu::compile` checks).
-        let (tiles_m, tiles_across) = (known_size(k.m).div_ceil(TILE), k.n.div_ceil(TILE));
+        let (tiles_m, tiles_across) = (known_size(k.m).div_ceil(rows), k.n.div_ceil(cols));
         let aligned = |base: usize, offset: isize| (base as isize + offset) % 4 == 0;
         let vector_a =
             k.a_strides[1] == 1 && k.a_strides[0] % 4 == 0 && k.batches.iter().all(|o| aligned(pa.word, o[0]));
@@ -89,6 +94,8 @@ impl Product {
                 [pa.word as i64 + o[0] as i64, pb.word as i64 + o[1] as i64, pc.word as i64 + o[2] as i64]
             }));
         Product {
+            rows,
+            cols,
             pa,
             pb,
             pc,
@@ -107,6 +114,21 @@ impl Product {
         }
     }
 
+    /// The same product with the sizes and strides read from the
+    /// parameters once, into registers, where `b` is (a loop that reads
+    /// them each step would load them each step: `ptxas` does not move a
+    /// load across a barrier).
+    fn hoisted(&self, b: &mut Builder) -> Product {
+        let mut p = self.clone();
+        for e in [&mut p.m, &mut p.n, &mut p.kk] {
+            *e = b.let_(e.clone());
+        }
+        for e in p.a_strides.iter_mut().chain(p.b_strides.iter_mut()) {
+            *e = b.let_(e.clone());
+        }
+        p
+    }
+
     /// Runs `body` in the workgroups that have a tile (the whole workgroup
     /// takes the same branch, so barriers inside stay uniform).
     fn tiles(&self, b: &mut Builder, body: impl FnOnce(&mut Builder, &Tile)) {
@@ -114,8 +136,8 @@ impl Product {
         let batch = b.let_(group.clone() / self.tiles.clone());
         b.if_(batch.clone().lt(self.batches.clone()), |b| {
             let tile = b.let_(group % self.tiles.clone());
-            let row0 = b.let_(tile.clone() / self.tiles_n.clone() * E::I32(TILE as i32));
-            let col0 = b.let_(tile % self.tiles_n.clone() * E::I32(TILE as i32));
+            let row0 = b.let_(tile.clone() / self.tiles_n.clone() * E::I32(self.rows as i32));
+            let col0 = b.let_(tile % self.tiles_n.clone() * E::I32(self.cols as i32));
             let table = self.table;
             let entry = |i: u32| {
                 E::Load(Space::Params, Box::new(batch.clone() * E::I32(3) + E::I32((table + i) as i32))).bits(Ty::I32)
@@ -197,6 +219,126 @@ impl Product {
             },
             |b| (0..width as i32).for_each(|j| one(b, j)),
         );
+    }
+
+    /// The runs of `a` and `b` this invocation moves each depth, `a`'s
+    /// first, with what does not change from depth to depth computed
+    /// once: where each starts in device memory at depth 0, whether its row
+    /// of `a` (columns of `b`) lie inside, and where it goes in workgroup
+    /// memory. Runs are 4 words wide where the operand allows (consecutive
+    /// invocations walk a row of the staged operand), else one.
+    fn wide_runs(&self, b: &mut Builder, tile: &Tile, t: &E, layout: WideLayout, threads: usize) -> Vec<WideRun> {
+        let mut runs = vec![];
+        for of_a in [true, false] {
+            let width = if (of_a && self.vector_a) || (!of_a && self.vector_b) { 4 } else { 1 };
+            let words = if of_a { layout.rows * WIDE_K } else { WIDE_K * layout.cols };
+            // Runs across a row of the staged operand: k for `a`, n for `b`.
+            let across = (if of_a { WIDE_K } else { layout.cols }) / width;
+            for i in 0..words / threads / width {
+                let e = b.let_(t.clone() + E::I32((i * threads) as i32));
+                let outer = b.let_(e.clone() / E::I32(across as i32));
+                let inner = b.let_(e % E::I32(across as i32) * E::I32(width as i32));
+                let vars = (0..width).map(|_| b.var(E::F32(0.0))).collect();
+                let run = if of_a {
+                    // Row `outer` of the tile, k from `inner`.
+                    let row = b.let_(tile.row0.clone() + outer.clone());
+                    let [rs, cs] = self.a_strides.clone();
+                    WideRun {
+                        of_a,
+                        vars,
+                        start: b.let_(tile.a.clone() + row.clone() * rs + inner.clone() * cs),
+                        along: inner.clone(),
+                        inside: b.let_(row.lt(self.m.clone())),
+                        shared: b.let_(inner * E::I32(layout.a_row() as i32) + outer),
+                    }
+                } else {
+                    // Row k `outer`, columns from `inner` of the tile.
+                    let col = b.let_(tile.col0.clone() + inner.clone());
+                    let [rs, cs] = self.b_strides.clone();
+                    WideRun {
+                        of_a,
+                        vars,
+                        start: b.let_(tile.b.clone() + outer.clone() * rs + col.clone() * cs),
+                        along: outer.clone(),
+                        inside: col,
+                        shared: b.let_(outer * E::I32(layout.cols as i32) + inner),
+                    }
+                };
+                runs.push(run);
+            }
+        }
+        runs
+    }
+
+    /// Loads the runs at depth `k0` into their registers (zeros past the
+    /// edges), under `when` if given.
+    fn fetch_wide(&self, b: &mut Builder, runs: &[WideRun], k0: &E, when: Option<&E>) {
+        let load = |b: &mut Builder| {
+            for run in runs {
+                if run.of_a {
+                    let [_, cs] = self.a_strides.clone();
+                    let addr = b.let_(run.start.clone() + k0.clone() * cs.clone());
+                    let first = b.let_(k0.clone() + run.along.clone());
+                    let limits = (run.inside.clone(), first, self.kk.clone());
+                    self.fetch_run(b, self.pa.space, &addr, &cs, limits, &run.vars);
+                } else {
+                    let [rs, cs] = self.b_strides.clone();
+                    let addr = b.let_(run.start.clone() + k0.clone() * rs);
+                    let row_inside = (k0.clone() + run.along.clone()).lt(self.kk.clone());
+                    let limits = (row_inside, run.inside.clone(), self.n.clone());
+                    self.fetch_run(b, self.pb.space, &addr, &cs, limits, &run.vars);
+                }
+            }
+        };
+        match when {
+            Some(cond) => b.if_(cond.clone(), load),
+            None => load(b),
+        }
+    }
+
+    /// Sets `vars` to as many consecutive elements of an operand row
+    /// (`limits` as `stage_run`'s), zeros past its edges.
+    fn fetch_run(&self, b: &mut Builder, space: Space, addr: &E, stride: &E, limits: (E, E, E), vars: &[Var]) {
+        let (row_inside, first, len) = limits;
+        let width = vars.len();
+        let one = |b: &mut Builder, j: usize| {
+            let inside = row_inside.clone().and((first.clone() + E::I32(j as i32)).lt(len.clone()));
+            let at = addr.clone() + E::I32(j as i32) * stride.clone();
+            b.if_else(inside, |b| b.set(vars[j], E::load_f32(space, at)), |b| b.set(vars[j], E::F32(0.0)));
+        };
+        if width == 1 {
+            return one(b, 0);
+        }
+        let whole = row_inside.clone().and((first.clone() + E::I32(width as i32 - 1)).lt(len.clone()));
+        b.if_else(
+            whole,
+            |b| {
+                let words = b.load4(space, addr.clone());
+                for (v, w) in vars.iter().zip(words) {
+                    b.set(*v, w.bits(Ty::F32));
+                }
+            },
+            |b| (0..width).for_each(|j| one(b, j)),
+        );
+    }
+
+    /// Stores the runs' registers into the buffers at word offsets
+    /// `write` (`a`'s, `b`'s): `a` transposed a word at a time, `b` as it
+    /// lies, 4 words at a time where it was loaded so.
+    fn put_wide(&self, b: &mut Builder, runs: &[WideRun], layout: WideLayout, [sa, sb]: [Shared; 2], write: [E; 2]) {
+        for run in runs {
+            if run.of_a {
+                for (j, v) in run.vars.iter().enumerate() {
+                    let at = write[0].clone() + run.shared.clone() + E::I32((j * layout.a_row()) as i32);
+                    b.store_shared(sa, at, E::Var(*v));
+                }
+            } else if run.vars.len() == 4 {
+                let at = write[1].clone() + run.shared.clone();
+                b.store_shared4(sb, at, [0, 1, 2, 3].map(|j| E::Var(run.vars[j])));
+            } else {
+                b.store_shared(sb, write[1].clone() + run.shared.clone(), E::Var(run.vars[0]));
+            }
+        }
     }
 
     /// Stores `value` at (`row`, `col`) of the product, through the
@@ -286,13 +428,165 @@ impl Layout {
     }
 }
 
-fn groups(k: &MatMulKernel) -> u64 {
-    (k.batches.len() * known_size(k.m).div_ceil(TILE) * k.n.div_ceil(TILE)) as u64
+/// The workgroups of a product in tiles of `rows x cols`.
+fn groups(k: &MatMulKernel, [rows, cols]: [usize; 2]) -> u64 {
+    (k.batches.len() * known_size(k.m).div_ceil(rows) * k.n.div_ceil(cols)) as u64
 }
 
-pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
+/// The f32 product of `k` in the largest tile that still gives the device
+/// a full wave (`Limits::multiprocessors` workgroups) and fits its
+/// workgroup memory: `WIDE` tiles (`matmul_wide`), else 64 x 64.
+pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, limits: &Limits) -> (Kernel, Vec<u32>, u64) {
+    match wide_tile(k, limits) {
+        Some(tile) => matmul_wide(k, at, tile),
+        None => matmul_64(k, at),
+    }
+}
+
+/// The block tiles of `matmul_wide`, largest first.
+pub const WIDE: [[usize; 2]; 2] = [[128, 128], [128, 64]];
+/// Outputs per invocation along each axis of the wide tiles, and the
+/// depth of `a` and `b` staged at a time.
+const WIDE_REG: usize = 8;
+const WIDE_K: usize = 8;
+
+/// The tile `matmul` gives `k` from `WIDE`, if any.
+pub fn wide_tile(k: &MatMulKernel, limits: &Limits) -> Option<[usize; 2]> {
+    WIDE.into_iter().find(|&tile| {
+        groups(k, tile) >= limits.multiprocessors as u64 && WideLayout::new(tile).bytes() <= limits.max_workgroup_bytes
+    })
+}
+
+/// Where `matmul_wide` stages its operands: two buffers each (one read
+/// while the next is stored), `a` k-major in rows of `rows + 4` words, `b`
+/// row-major in rows of `cols` words. Reads are 4 words an invocation, a
+/// quarter warp's to one row of `a` (one address) and 32 consecutive words
+/// of `b`; stores of `a` (transposed, one word at a time) meet 32 banks as
+/// 16 rows by 2 groups of k 16 banks apart (4 (rows + 4) = 16 mod 32), `b`'s
+/// are 4 words an invocation, consecutive: none conflicts
+/// (`shared_memory_tiles_are_free_of_bank_conflicts`).
+#[derive(Clone, Copy, Debug)]
+struct WideLayout {
+    rows: usize,
+    cols: usize,
+}
+
+impl WideLayout {
+    fn new([rows, cols]: [usize; 2]) -> WideLayout {
+        WideLayout { rows, cols }
+    }
+    fn a_row(self) -> usize {
+        self.rows + 4
+    }
+    fn a_words(self) -> usize {
+        WIDE_K * self.a_row()
+    }
+    fn b_words(self) -> usize {
+        WIDE_K * self.cols
+    }
+    fn bytes(self) -> usize {
+        2 * 4 * (self.a_words() + self.b_words())
+    }
+}
+
+/// One run of an operand an invocation of `matmul_wide` moves each
+/// depth (`Product::wide_runs`).
+struct WideRun {
+    of_a: bool,
+    /// Its registers: 4, or 1.
+    vars: Vec<Var>,
+    /// Its first element's word at depth 0.
+    start: E,
+    /// Its offset along the depth from the depth's start: k for `a`, the
+    /// row for `b`.
+    along: E,
+    /// For `a`, whether its row is inside; for `b`, its first column.
+    inside: E,
+    /// Its first word in a buffer of workgroup memory.
+    shared: E,
+}
+
+/// The product on `rows x cols` tiles (`WIDE`), each invocation computing
+/// 8 x 8 outputs: rows `4 ty + i` and `rows / 2 + 4 ty + i`, columns
+/// `4 tx + j` and `cols / 2 + 4 tx + j`, so that its operands are four
+/// 16-byte reads of workgroup memory a step of k. `a` and `b` pass through
+/// workgroup memory `WIDE_K` deep, double-buffered: the next depth's loads
+/// from device memory are issued into registers before the current one's
+/// arithmetic, and stored into the other buffer after it, one barrier a
+/// step. The k-steps within a depth are unrolled.
+fn matmul_wide(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, tile: [usize; 2]) -> (Kernel, Vec<u32>, u64) {
+    let [rows, cols] = tile;
+    let (across, down) = (cols / WIDE_REG, rows / WIDE_REG);
+    let threads = across * down;
+    let mut b = Builder::new(threads as u32);
+    let p = Product::new(&mut b, k, at, tile);
+    let layout = WideLayout::new(tile);
+    let (sa, sb) = (b.shared(2 * layout.a_words() as u32), b.shared(2 * layout.b_words() as u32));
+    let t = b.thread();
+    p.tiles(&mut b, |b, tile| {
+        let p = p.hoisted(b);
+        let ty = b.let_(t.clone() / E::I32(across as i32));
+        let tx = b.let_(t.clone() % E::I32(across as i32));
+        let acc: Vec<Var> = (0..WIDE_REG * WIDE_REG).map(|_| b.var(E::F32(0.0))).collect();
+        let runs = p.wide_runs(b, tile, &t, layout, threads);
+        p.fetch_wide(b, &runs, &E::I32(0), None);
+        p.put_wide(b, &runs, layout, [sa, sb], [E::I32(0), E::I32(0)]);
+        b.barrier();
+        // The word offsets of the buffer read and of the one written.
+        let read_a = b.var(E::I32(0));
+        let read_b = b.var(E::I32(0));
+        let step = WIDE_K as i32;
+        b.for_(E::I32(0), p.kk.clone(), E::I32(step), |b, k0| {
+            let next = b.let_(k0.clone() + E::I32(step));
+            let more = b.let_(next.clone().lt(p.kk.clone()));
+            p.fetch_wide(b, &runs, &next, Some(&more));
+            for kk in 0..WIDE_K as i32 {
+                let a_at = |half: usize| {
+                    E::Var(read_a)
+                        + E::I32(kk * layout.a_row() as i32 + (half * rows / 2) as i32)
+                        + ty.clone() * E::I32(4)
+                };
+                let b_at = |half: usize| {
+                    E::Var(read_b) + E::I32(kk * cols as i32 + (half * cols / 2) as i32) + tx.clone() * E::I32(4)
+                };
+                let av: Vec<E> = (0..2).flat_map(|h| b.load_shared4(sa, a_at(h))).collect();
+                let bv: Vec<E> = (0..2).flat_map(|h| b.load_shared4(sb, b_at(h))).collect();
+                for (i, a) in av.iter().enumerate() {
+                    for (j, bw) in bv.iter().enumerate() {
+                        let c = acc[i * WIDE_REG + j];
+                        b.set(c, E::fma(a.clone(), bw.clone(), E::Var(c)));
+                    }
+                }
+            }
+            b.if_(more, |b| {
+                let write = [
+                    E::I32(layout.a_words() as i32) - E::Var(read_a),
+                    E::I32(layout.b_words() as i32) - E::Var(read_b),
+                ];
+                p.put_wide(b, &runs, layout, [sa, sb], write);
+            });
+            b.barrier();
+            b.set(read_a, E::I32(layout.a_words() as i32) - E::Var(read_a));
+            b.set(read_b, E::I32(layout.b_words() as i32) - E::Var(read_b));
+        });
+        for i in 0..WIDE_REG {
+            let r = (i / 4) * rows / 2 + i % 4;
+            let r = b.let_(tile.row0.clone() + ty.clone() * E::I32(4) + E::I32(r as i32));
+            for j in 0..WIDE_REG {
+                let c = (j / 4) * cols / 2 + j % 4;
+                let c = b.let_(tile.col0.clone() + tx.clone() * E::I32(4) + E::I32(c as i32));
+                p.store(b, k, tile, r.clone(), c, E::Var(acc[i * WIDE_REG + j]));
+            }
+        }
+    });
+    let name = p.name(&format!("matmul_{rows}x{cols}"), k);
+    let (kernel, params) = b.finish(name);
+    (kernel, params, groups(k, tile))
+}
+
+fn matmul_64(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
     let mut b = Builder::new(THREADS);
-    let p = Product::new(&mut b, k, at);
+    let p = Product::new(&mut b, k, at, [TILE, TILE]);
     let layout = Layout::FMA;
     let shared = [b.shared(layout.words()), b.shared(layout.words())];
     let t = b.thread();
@@ -337,7 +631,7 @@ pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<
     });
     let name = p.name("matmul_64x64", k);
     let (kernel, params) = b.finish(name);
-    (kernel, params, groups(k))
+    (kernel, params, groups(k, [TILE, TILE]))
 }
 
 /// The same product on tensor cores (`--precision tf32|bf16`): each warp
@@ -346,7 +640,7 @@ pub fn matmul(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<
 pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precision) -> (Kernel, Vec<u32>, u64) {
     assert!(precision != Precision::F32, "f32 products use `matmul`");
     let mut b = Builder::new(MMA_THREADS);
-    let p = Product::new(&mut b, k, at);
+    let p = Product::new(&mut b, k, at, [TILE, TILE]);
     let layout = Layout::MMA;
     let shared = [b.shared(layout.words()), b.shared(layout.words())];
     let t = b.thread();
@@ -409,5 +703,5 @@ pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: P
     });
     let name = p.name(&format!("matmul_mma_{}", precision.name()), k);
     let (kernel, params) = b.finish(name);
-    (kernel, params, groups(k))
+    (kernel, params, groups(k, [TILE, TILE]))
 }

@@ -60,6 +60,11 @@ pub struct Limits {
     pub max_storage_buffers: u32,
     /// Bytes of workgroup (shared) memory one workgroup may use.
     pub max_workgroup_bytes: usize,
+    /// The multiprocessors (SMs, compute units) workgroups run on at once:
+    /// a product takes the largest tile that still makes this many
+    /// workgroups, one full wave (`matmul::matmul`). WebGPU does not say;
+    /// the default is a mid-sized discrete GPU's.
+    pub multiprocessors: u32,
 }
 
 impl Default for Limits {
@@ -71,6 +76,7 @@ impl Default for Limits {
             max_storage_buffers: 8,
             // WebGPU's downlevel default (16 KiB less 32 bytes).
             max_workgroup_bytes: 16_352,
+            multiprocessors: 32,
         }
     }
 }
@@ -378,7 +384,7 @@ impl SymbolicGpuPlan {
             let built = match &k.kind {
                 KernelKind::Map(m) => map::map(m, &at),
                 KernelKind::MatMul(mm) if precision != form::Precision::F32 => matmul::matmul_mma(mm, &at, precision),
-                KernelKind::MatMul(mm) => matmul::matmul(mm, &at),
+                KernelKind::MatMul(mm) => matmul::matmul(mm, &at, &limits),
                 KernelKind::Rows(r) => rows::rows(r, &at),
                 KernelKind::Attention(a) => attention::attention(a, &at, &limits).map_err(|message| {
                     GpuError::Unsupported { kind: k.kind_name().into(), label: k.label.clone(), message }

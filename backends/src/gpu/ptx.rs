@@ -68,7 +68,8 @@ pub fn print(k: &Kernel) -> String {
     let _ = writeln!(out, ".visible .entry {}(\n{}\n)", entry_name(k), params.join(",\n"));
     let _ = writeln!(out, ".maxntid {}, 1, 1\n{{", k.threads);
     for (i, len) in k.shared.iter().enumerate() {
-        let _ = writeln!(out, "    .shared .align 4 .f32 wg{i}[{len}];");
+        // 16-byte aligned for `ld.shared.v4` and `st.shared.v4`.
+        let _ = writeln!(out, "    .shared .align 16 .f32 wg{i}[{len}];");
     }
     for (i, len) in k.locals.iter().enumerate() {
         let _ = writeln!(out, "    .local .align 4 .f32 loc{i}[{len}];");
@@ -170,6 +171,20 @@ impl Printer<'_> {
         at
     }
 
+    /// The 32-bit shared-window address of element `index` of a workgroup
+    /// array. In 32 bits, unlike a generic address widened from a signed
+    /// index, `ptxas` may fold an index's constant part into the access's
+    /// immediate offset (`[R+0x210]`): the unrolled loops read at constant
+    /// offsets from one register.
+    fn shared_address(&mut self, a: Shared, index: &E) -> String {
+        let i = self.e(index);
+        let (base, offset, at) = (self.temp(Ty::U32).name, self.temp(Ty::U32).name, self.temp(Ty::U32).name);
+        self.line(&format!("mov.u32 {base}, wg{};", a.0));
+        self.line(&format!("shl.b32 {offset}, {}, 2;", i.name));
+        self.line(&format!("add.u32 {at}, {base}, {offset};"));
+        at
+    }
+
     fn array_base(&mut self, name: &str) -> String {
         let r = self.temp64();
         self.line(&format!("mov.u64 {r}, {name};"));
@@ -190,8 +205,7 @@ impl Printer<'_> {
                 self.line(&format!("st.global.u32 [{at}], {};", x.name));
             }
             S::StoreShared(a, i, v) => {
-                let base = self.array_base(&format!("wg{}", a.0));
-                let at = self.address(&base, i);
+                let at = self.shared_address(*a, i);
                 let x = self.e(v);
                 self.line(&format!("st.shared.f32 [{at}], {};", x.name));
             }
@@ -231,6 +245,16 @@ impl Printer<'_> {
             S::Barrier => self.line("bar.sync 0;"),
             S::Reduce { how, value, into, scratch } => self.reduce(*how, value, *into, *scratch),
             S::Mma { precision, a, b, acc } => self.mma(*precision, a, b, acc),
+            S::LoadShared4 { shared, index, into } => {
+                let at = self.shared_address(*shared, index);
+                let regs: Vec<String> = into.iter().map(|v| self.var(*v).name).collect();
+                self.line(&format!("ld.shared.v4.f32 {{{}}}, [{at}];", regs.join(", ")));
+            }
+            S::StoreShared4 { shared, index, values } => {
+                let at = self.shared_address(*shared, index);
+                let regs: Vec<String> = values.iter().map(|v| self.e(v).name).collect();
+                self.line(&format!("st.shared.v4.f32 [{at}], {{{}}};", regs.join(", ")));
+            }
             S::Load4 { space, index, into } => {
                 let base = self.base(*space);
                 let at = self.address(&base, index);
@@ -304,13 +328,14 @@ impl Printer<'_> {
         self.line(&format!("mov.u32 {tid}, %tid.x;"));
         self.line(&format!("and.b32 {lane}, {tid}, 31;"));
         self.line(&format!("shr.u32 {warp}, {tid}, 5;"));
-        let base = self.array_base(&format!("wg{}", scratch.0));
+        let base = self.temp(Ty::U32).name;
+        self.line(&format!("mov.u32 {base}, wg{};", scratch.0));
         let (first, skip) = (self.temp(Ty::Bool).name, self.label());
         self.line(&format!("setp.ne.u32 {first}, {lane}, 0;"));
         self.line(&format!("@{first} bra {skip};"));
-        let (wide, at) = (self.temp64(), self.temp64());
-        self.line(&format!("mul.wide.u32 {wide}, {warp}, 4;"));
-        self.line(&format!("add.s64 {at}, {base}, {wide};"));
+        let (offset, at) = (self.temp(Ty::U32).name, self.temp(Ty::U32).name);
+        self.line(&format!("shl.b32 {offset}, {warp}, 2;"));
+        self.line(&format!("add.u32 {at}, {base}, {offset};"));
         self.line(&format!("st.shared.f32 [{at}], {acc};"));
         self.body.push_str(&format!("{skip}:\n"));
         self.line("bar.sync 0;");
@@ -390,8 +415,7 @@ impl Printer<'_> {
                 r
             }
             E::LoadShared(a, i) => {
-                let base = self.array_base(&format!("wg{}", a.0));
-                let at = self.address(&base, i);
+                let at = self.shared_address(*a, i);
                 let r = self.temp(Ty::F32);
                 self.line(&format!("ld.shared.f32 {}, [{at}];", r.name));
                 r
@@ -428,9 +452,21 @@ impl Printer<'_> {
                 r
             }
             E::Bin(op, a, b) => {
-                let (a, b) = (self.e(a), self.e(b));
+                // An integer constant on the right is an immediate, which
+                // `ptxas` strength-reduces (a division by 2 is a shift; by a
+                // register holding 2 it is the general division).
+                let immediate = match **b {
+                    E::I32(c) if ty == Ty::I32 => Some(c.to_string()),
+                    E::U32(c) if ty == Ty::U32 => Some(c.to_string()),
+                    _ => None,
+                };
+                let a = self.e(a);
+                let y = match immediate {
+                    Some(c) => c,
+                    None => self.e(b).name,
+                };
                 let r = self.temp(ty);
-                let (d, x, y) = (r.name.clone(), a.name.clone(), b.name.clone());
+                let (d, x) = (r.name.clone(), a.name.clone());
                 let t = match ty {
                     Ty::F32 => "f32",
                     Ty::I32 => "s32",

@@ -141,6 +141,18 @@ impl Printer<'_> {
                         let _ = writeln!(out, "{pad}v{} = {};", v.0, self.e(&at));
                     }
                 }
+                S::LoadShared4 { shared, index, into } => {
+                    for (j, v) in into.iter().enumerate() {
+                        let at = E::LoadShared(*shared, Box::new(index.clone() + E::I32(j as i32)));
+                        let _ = writeln!(out, "{pad}v{} = {};", v.0, self.e(&at));
+                    }
+                }
+                S::StoreShared4 { shared, index, values } => {
+                    for (j, v) in values.iter().enumerate() {
+                        let at = index.clone() + E::I32(j as i32);
+                        let _ = writeln!(out, "{pad}wg{}[{}] = {};", shared.0, self.e(&at), self.e(v));
+                    }
+                }
                 S::Reduce { how, value, into, scratch } => {
                     // A tree in workgroup memory: halve the live invocations
                     // each step, then everyone reads the root.

@@ -194,6 +194,19 @@ enum Ins {
         addr: Src,
         offset: i64,
     },
+    /// `ld.shared.v4.{f32,u32} {d0, d1, d2, d3}, [addr]`: 16 aligned bytes
+    /// of a workgroup array.
+    LdShared4 {
+        d: [u32; 4],
+        addr: Src,
+        offset: i64,
+    },
+    /// `st.shared.v4.{f32,u32} [addr], {s0, s1, s2, s3}`.
+    StShared4 {
+        addr: Src,
+        offset: i64,
+        s: [Src; 4],
+    },
     /// `cvt.rna.tf32.f32`: to 10 mantissa bits, ties away from zero.
     ToTf32 {
         d: u32,
@@ -230,6 +243,11 @@ pub struct Kernel {
     local: Vec<usize>,
     /// Which arrays are per-thread: array index -> (is local, index in its list).
     arrays: Vec<(bool, usize)>,
+    /// Where each workgroup array starts in the shared window (its 32-bit
+    /// address, what `mov.u32 %r, wg0` gives): 16 MiB apart, so that an
+    /// access past an array's end is in no array (an error) and a word's
+    /// bank is its index's.
+    window: Vec<u64>,
     registers: usize,
     code: Vec<Line>,
     pub max_threads: u32,
@@ -247,6 +265,7 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
         shared: vec![],
         local: vec![],
         arrays: vec![],
+        window: vec![],
         registers: 0,
         code: vec![],
         max_threads: 1024,
@@ -304,6 +323,9 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
             let len: usize = len.trim_end_matches(']').parse().map_err(|_| format!("bad `{line}`"))?;
             if !line.contains(".f32") {
                 return err(line, "an array that is not f32");
+            }
+            if !local {
+                k.window.push((k.window.len() as u64 + 1) << 24);
             }
             let list = if local { &mut k.local } else { &mut k.shared };
             list.push(len * 4);
@@ -404,6 +426,31 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                     d.try_into().map_err(|_| format!("a v4 load into other than four registers: `{line}`"))?;
                 let (addr, offset) = address(at.trim())?;
                 Ins::Ld4 { d, addr, offset }
+            }
+            "ld" | "st" if parts.get(1) == Some(&"shared") && parts.get(2) == Some(&"v4") => {
+                if !matches!(last_ty()?, Ty::F32 | Ty::U32) {
+                    return err(line, "a vector access of an unknown width");
+                }
+                let four = |list: &str| -> Result<[Src; 4], String> {
+                    let list = list.trim().strip_prefix('{').and_then(|l| l.strip_suffix('}'));
+                    let list = list.ok_or_else(|| format!("bad register list in `{line}`"))?;
+                    let v: Vec<Src> = list.split(',').map(|r| src(r.trim())).collect::<Result<_, _>>()?;
+                    v.try_into().map_err(|_| format!("a v4 access of other than four registers: `{line}`"))
+                };
+                if parts[0] == "ld" {
+                    let (list, at) = operands.split_once("},").ok_or_else(|| format!("bad `{line}`"))?;
+                    let d = four(&format!("{list}}}"))?.map(|s| match s {
+                        Src::Reg(r) => Ok(r),
+                        _ => Err(format!("a v4 load into other than registers: `{line}`")),
+                    });
+                    let [a, b, c, e] = d;
+                    let (addr, offset) = address(at.trim())?;
+                    Ins::LdShared4 { d: [a?, b?, c?, e?], addr, offset }
+                } else {
+                    let (at, list) = operands.split_once("],").ok_or_else(|| format!("bad `{line}`"))?;
+                    let (addr, offset) = address(&format!("{at}]"))?;
+                    Ins::StShared4 { addr, offset, s: four(list)? }
+                }
             }
             "ld" | "st" => {
                 let space = match parts.get(1) {
@@ -593,18 +640,23 @@ pub struct Memory {
 }
 
 /// Shared-memory requests of whole warps and the wavefronts they take on
-/// 32 banks of 4 bytes: a request takes as many wavefronts as the largest
-/// number of distinct words its lanes touch in one bank (lanes reading one
-/// word share it). `wavefronts - requests` is the number of conflicts.
+/// 32 banks of 4 bytes. A request of one word a lane takes as many
+/// wavefronts as the largest number of distinct words its lanes touch in
+/// one bank (lanes reading one word share it), one at best; a request of
+/// four words a lane (`.v4`) is served a quarter warp at a time, each
+/// quarter as many wavefronts as its largest such number, one a quarter at
+/// best. `wavefronts - ideal` is the number of conflicts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BankStats {
     pub requests: u64,
     pub wavefronts: u64,
+    /// The wavefronts the requests would take without conflicts.
+    pub ideal: u64,
 }
 
 impl BankStats {
     pub fn conflicts(&self) -> u64 {
-        self.wavefronts - self.requests
+        self.wavefronts - self.ideal
     }
 }
 
@@ -613,8 +665,9 @@ struct Thread {
     regs: Vec<u64>,
     local: Vec<Vec<u8>>,
     /// Shared accesses since the last barrier, when banks are counted: the
-    /// instruction, the array and the word.
-    shared_log: Vec<(u32, u32, u32)>,
+    /// instruction, the array, the first word and how many words (1, or 4
+    /// for a vector access).
+    shared_log: Vec<(u32, u32, u32, u32)>,
 }
 
 /// The lanes of each warp meet at the same shared access in the same order
@@ -622,24 +675,45 @@ struct Thread {
 /// request's wavefronts go to `stats`, and the logs are emptied.
 fn count_banks(ts: &mut [Thread], stats: &mut BankStats) {
     use std::collections::{BTreeMap, HashMap, HashSet};
+    // The wavefronts one group of lanes' words take.
+    let wavefronts = |words: &mut dyn Iterator<Item = (u32, u32)>| -> u64 {
+        let mut banks: HashMap<u32, HashSet<(u32, u32)>> = HashMap::new();
+        for (arr, word) in words {
+            banks.entry(word % 32).or_default().insert((arr, word));
+        }
+        banks.values().map(|w| w.len() as u64).max().unwrap_or(0)
+    };
     for warp in ts.chunks_mut(32) {
-        let mut requests: BTreeMap<(u32, u32), Vec<(u32, u32)>> = BTreeMap::new();
-        for t in warp.iter_mut() {
+        // (pc, run) -> each lane's (lane, array, first word, words)
+        type Access = (u32, u32, u32, u32);
+        let mut requests: BTreeMap<(u32, u32), Vec<Access>> = BTreeMap::new();
+        for (lane, t) in warp.iter_mut().enumerate() {
             let mut runs: HashMap<u32, u32> = HashMap::new();
-            for &(pc, arr, word) in &t.shared_log {
+            for &(pc, arr, word, width) in &t.shared_log {
                 let n = runs.entry(pc).or_default();
-                requests.entry((pc, *n)).or_default().push((arr, word));
+                requests.entry((pc, *n)).or_default().push((lane as u32, arr, word, width));
                 *n += 1;
             }
             t.shared_log.clear();
         }
-        for words in requests.values() {
-            let mut banks: HashMap<u32, HashSet<(u32, u32)>> = HashMap::new();
-            for &(arr, word) in words {
-                banks.entry(word % 32).or_default().insert((arr, word));
-            }
+        for access in requests.values() {
             stats.requests += 1;
-            stats.wavefronts += banks.values().map(|w| w.len() as u64).max().unwrap_or(1);
+            if access.iter().all(|a| a.3 == 1) {
+                stats.wavefronts += wavefronts(&mut access.iter().map(|&(_, arr, word, _)| (arr, word))).max(1);
+                stats.ideal += 1;
+                continue;
+            }
+            for quarter in 0..4 {
+                let mut words = access
+                    .iter()
+                    .filter(|a| a.0 / 8 == quarter)
+                    .flat_map(|&(_, arr, first, width)| (first..first + width).map(move |w| (arr, w)));
+                let w = wavefronts(&mut words);
+                if w > 0 {
+                    stats.wavefronts += w;
+                    stats.ideal += 1;
+                }
+            }
         }
     }
 }
@@ -888,7 +962,11 @@ fn step_until_sync(
                 Src::Special(Special::Nctaid(a)) => grid[a as usize] as u64,
                 Src::Array(a) => {
                     let (local, _) = k.arrays[a as usize];
-                    (if local { LOCAL_TAG } else { SHARED_TAG }) | ((a as u64) << 32)
+                    if local {
+                        LOCAL_TAG | ((a as u64) << 32)
+                    } else {
+                        k.window[k.arrays[a as usize].1]
+                    }
                 }
             }
         };
@@ -912,7 +990,7 @@ fn step_until_sync(
                         let bytes = if space == Space::Shared { &shared[arr] } else { &t.local[arr] };
                         let off = check(bytes, off, &format!("{}: {space:?} array {arr}", k.name))?;
                         if space == Space::Shared && mem.banks.is_some() {
-                            t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32));
+                            t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32, 1));
                         }
                         u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap())
                     }
@@ -940,7 +1018,7 @@ fn step_until_sync(
                         let off = check(bytes, off, &format!("{}: {space:?} array {arr}", k.name))?;
                         bytes[off..off + 4].copy_from_slice(&word);
                         if space == Space::Shared && mem.banks.is_some() {
-                            t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32));
+                            t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32, 1));
                         }
                     }
                     Space::Param => return Err(format!("{}: a store to a parameter", k.name)),
@@ -1031,6 +1109,26 @@ fn step_until_sync(
                 let fc = c.map(|s| f(v(t, s)));
                 return Ok(Stop::Mma { pc: t.pc - 1, bf16, d, a: fa, b: fbr, c: fc });
             }
+            Ins::LdShared4 { d, addr, offset } => {
+                let (arr, off) = shared4(k, v(t, addr).wrapping_add(offset as u64), shared)?;
+                for (j, r) in d.iter().enumerate() {
+                    let at = off + 4 * j;
+                    t.regs[*r as usize] = u32::from_le_bytes(shared[arr][at..at + 4].try_into().unwrap()) as u64;
+                }
+                if mem.banks.is_some() {
+                    t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32, 4));
+                }
+            }
+            Ins::StShared4 { addr, offset, s } => {
+                let (arr, off) = shared4(k, v(t, addr).wrapping_add(offset as u64), shared)?;
+                for (j, x) in s.iter().enumerate() {
+                    let at = off + 4 * j;
+                    shared[arr][at..at + 4].copy_from_slice(&(v(t, *x) as u32).to_le_bytes());
+                }
+                if mem.banks.is_some() {
+                    t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32, 4));
+                }
+            }
             Ins::Ld4 { d, addr, offset } => {
                 let a = v(t, addr).wrapping_add(offset as u64);
                 if a % 16 != 0 {
@@ -1105,16 +1203,32 @@ fn compare<T: PartialOrd>(cmp: Cmp, x: T, y: T) -> bool {
 
 /// The array and byte offset a tagged workgroup or per-thread address
 /// points at.
+/// The workgroup array and byte offset of a 16-byte access at `a`:
+/// aligned (arrays start 16-byte aligned) and inside the array.
+fn shared4(k: &Kernel, a: u64, shared: &[Vec<u8>]) -> Result<(usize, usize), String> {
+    let (arr, off) = array_of(k, a, Space::Shared)?;
+    if off % 16 != 0 {
+        return Err(format!("{}: a vector access at byte {off} of shared array {arr}, not 16-byte aligned", k.name));
+    }
+    let off = check(&shared[arr], off, &format!("{}: Shared array {arr}", k.name))?;
+    check(&shared[arr], off as u64 + 12, &format!("{}: Shared array {arr}", k.name))?;
+    Ok((arr, off))
+}
+
 fn array_of(k: &Kernel, a: u64, space: Space) -> Result<(usize, u64), String> {
-    let tag = if space == Space::Shared { SHARED_TAG } else { LOCAL_TAG };
-    if a & (SHARED_TAG | LOCAL_TAG) != tag {
+    if space == Space::Shared {
+        // A shared-window address, 32 bits (or the same widened).
+        let i = k.window.iter().rposition(|&start| start <= a).filter(|&i| a - k.window[i] < k.shared[i] as u64);
+        let i = i.ok_or_else(|| format!("{}: a shared access at {a:#x}, which is in no workgroup array", k.name))?;
+        return Ok((i, a - k.window[i]));
+    }
+    if a & (SHARED_TAG | LOCAL_TAG) != LOCAL_TAG {
         return Err(format!("{}: a {space:?} access at {a:#x}, which is not a {space:?} address", k.name));
     }
     let index = ((a & !(SHARED_TAG | LOCAL_TAG)) >> 32) as usize;
-    let local = space == Space::Local;
     // Array ids are assigned in declaration order across both kinds.
     let (is_local, i) = *k.arrays.get(index).ok_or_else(|| format!("{}: no array {index}", k.name))?;
-    if is_local != local {
+    if !is_local {
         return Err(format!("{}: a {space:?} access into the wrong kind of array", k.name));
     }
     Ok((i, a & 0xffff_ffff))
@@ -1337,7 +1451,7 @@ mod bank_tests {
         launch(&k, [1, 1, 1], 64, &[global_address(0)], &mut mem).unwrap();
         let stats = mem.banks.unwrap();
         // Two warps, four requests each: 1 + 2 + 32 + 1 wavefronts a warp.
-        assert_eq!(stats, BankStats { requests: 8, wavefronts: 2 * 36 });
+        assert_eq!(stats, BankStats { requests: 8, wavefronts: 2 * 36, ideal: 8 });
         assert_eq!(stats.conflicts(), 2 * 32);
     }
 }
