@@ -204,12 +204,13 @@ impl egret::runtime::PtxDevice for InterpretedDevice {
     }
 }
 
-/// A graph compiled for the PTX backend, run by the interpreter.
+/// A graph compiled for the PTX backend (at its limits), run by the
+/// interpreter.
 pub fn interpreted_ptx(
     graph: &egret::ir::Graph,
     opts: &egret::CompileOptions,
 ) -> egret::runtime::PtxExecutable<InterpretedDevice> {
-    let gpu = egret::gpu_plan(graph, opts, Default::default()).unwrap();
+    let gpu = egret::gpu_plan(graph, opts, egret::PTX_LIMITS).unwrap();
     egret::runtime::PtxExecutable::new(InterpretedDevice::new(), gpu).unwrap()
 }
 

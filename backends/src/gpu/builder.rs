@@ -140,6 +140,25 @@ impl Builder {
         self.push(S::StoreShared4 { shared, index, values });
     }
 
+    /// `lo` and `hi` rounded to bf16 and packed (see `S::PackBf16`).
+    pub fn pack_bf16(&mut self, lo: E, hi: E) -> E {
+        let into = self.var(E::U32(0));
+        self.push(S::PackBf16 { lo, hi, into });
+        E::Var(into)
+    }
+
+    /// A warp's `ldmatrix.x4` (see `S::LoadMatrix`): four u32 values.
+    pub fn load_matrix(&mut self, shared: Shared, index: E, trans: bool) -> [E; 4] {
+        let into = [0; 4].map(|_| self.var(E::U32(0)));
+        self.push(S::LoadMatrix { shared, index, trans, into });
+        into.map(E::Var)
+    }
+
+    /// A warp's m16n8k16 bf16 product into `acc` (see `S::MmaBf16`).
+    pub fn mma_bf16(&mut self, a: [E; 4], b: [E; 2], acc: [Var; 4]) {
+        self.push(S::MmaBf16 { a, b, acc });
+    }
+
     /// A warp's m16n8k8 tensor-core product into `acc` (see `S::Mma`).
     pub fn mma(&mut self, precision: Precision, a: [E; 4], b: [E; 2], acc: [Var; 4]) {
         self.push(S::Mma { precision, a, b, acc });

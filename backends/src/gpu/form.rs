@@ -234,6 +234,35 @@ pub enum S {
         b: [E; 2],
         acc: [Var; 4],
     },
+    /// Two f32 rounded to bf16 (to nearest, ties to even) and packed in one
+    /// u32, `lo` in the low half: a tensor-core operand pair.
+    PackBf16 {
+        lo: E,
+        hi: E,
+        into: Var,
+    },
+    /// A warp's `ldmatrix.x4` (tensor-core kernels, PTX only): four 8 x 8
+    /// matrices of 16-bit values from a workgroup array, lane `8i + j`
+    /// giving the word of row `j` of matrix `i` (4 words, 16-byte aligned)
+    /// in `index`; `into[i]` gets the lane's pair of matrix `i`: row
+    /// `lane / 4`, columns `2 (lane % 4)` and one more, or with `trans` rows
+    /// `2 (lane % 4)` and one more of column `lane / 4`, the first in the
+    /// low half.
+    LoadMatrix {
+        shared: Shared,
+        index: E,
+        trans: bool,
+        into: [Var; 4],
+    },
+    /// A warp's m16n8k16 tensor-core product on bf16 pairs (PTX only):
+    /// `a` four u32 registers (rows `g` and `g + 8`, columns `2t` and `2t +
+    /// 8` of the 16 x 16 tile, two values each), `b` two (rows `2t` and
+    /// `2t + 8` of column `g`), `acc` four f32 as `Precision::c_at` says.
+    MmaBf16 {
+        a: [E; 4],
+        b: [E; 2],
+        acc: [Var; 4],
+    },
     /// Waits for every invocation of the workgroup, and makes workgroup
     /// memory written before it visible after it. Only in uniform control
     /// flow: every invocation of a workgroup reaches the same barriers.
@@ -379,7 +408,12 @@ impl Kernel {
                         out.push(*space);
                         e(index, out)
                     }
-                    S::LoadShared4 { index, .. } => e(index, out),
+                    S::LoadShared4 { index, .. } | S::LoadMatrix { index, .. } => e(index, out),
+                    S::PackBf16 { lo, hi, .. } => {
+                        e(lo, out);
+                        e(hi, out)
+                    }
+                    S::MmaBf16 { a, b, .. } => a.iter().chain(b).for_each(|x| e(x, out)),
                     S::StoreShared4 { index, values, .. } => {
                         e(index, out);
                         values.iter().for_each(|x| e(x, out))

@@ -1,12 +1,17 @@
-//! Matrix products. A workgroup computes a `TILE x TILE` block of `c`; `a`
-//! and `b` pass through workgroup memory `K_STEP` columns (rows) at a time,
-//! with vector loads where the operands are unit-stride and aligned.
-//! `matmul` multiplies with f32 FMA, 16 x 16 invocations each holding a
-//! `4 x 4` register tile; `matmul_mma` on tensor cores, four warps each
-//! computing a 32 x 32 quarter with m16n8k8 products. Both share the
-//! parameters, the staging and the store with its epilogue. Sizes, strides
-//! and per-batch offsets are parameters, so every product of a model with
-//! the same epilogue (and alignment) shares one kernel.
+//! Matrix products. A workgroup computes a tile of `c`; `a` and `b` pass
+//! through workgroup memory a depth of k at a time, with vector loads
+//! where the operands are unit-stride and aligned. In f32: `matmul_wide`
+//! (128 x 128 or 128 x 64 tiles, 8 x 8 outputs an invocation, 16-byte
+//! reads of workgroup memory, double-buffered) where the product makes a
+//! full wave of such tiles, else `matmul_64` (64 x 64, 16 x 16 invocations
+//! each holding a `4 x 4` register tile). On tensor cores, 64 x 64 tiles
+//! of four warps each computing a 32 x 32 quarter: `matmul_bf16` with
+//! m16n8k16 products on operands staged as bf16 pairs and read by
+//! `ldmatrix`, `matmul_mma` (tf32) with m16n8k8 ones on f32 staging. All
+//! share the parameters, the staging's edge handling and the store with
+//! its epilogue. Sizes, strides and per-batch offsets are parameters, so
+//! every product of a model with the same epilogue (and alignment) shares
+//! one kernel.
 
 use super::builder::Builder;
 use super::form::{Kernel, Precision, Shared, Space, Ty, Var, E};
@@ -322,6 +327,28 @@ impl Product {
         );
     }
 
+    /// Sets `vars` (8) to consecutive elements of an operand row from
+    /// `addr` (`limits` as `stage_run`'s), zeros past its edges: two
+    /// 4-word loads where the operand allows.
+    fn fetch8(
+        &self,
+        b: &mut Builder,
+        space: Space,
+        addr: &E,
+        stride: &E,
+        vector: bool,
+        limits: (E, E, E),
+        vars: &[Var],
+    ) {
+        let (inside, first, len) = limits;
+        let width = if vector { 4 } else { 1 };
+        for (j, part) in vars.chunks(width).enumerate() {
+            let at = b.let_(addr.clone() + E::I32((j * width) as i32) * stride.clone());
+            let from = first.clone() + E::I32((j * width) as i32);
+            self.fetch_run(b, space, &at, stride, (inside.clone(), from, len.clone()), part);
+        }
+    }
+
     /// Stores the runs' registers into the buffers at word offsets
     /// `write` (`a`'s, `b`'s): `a` transposed a word at a time, `b` as it
     /// lies, 4 words at a time where it was loaded so.
@@ -634,11 +661,14 @@ fn matmul_64(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u
     (kernel, params, groups(k, [TILE, TILE]))
 }
 
-/// The same product on tensor cores (`--precision tf32|bf16`): each warp
-/// multiplies fragments of the staged tiles with `S::Mma`, accumulating
-/// in f32.
+/// The same product on tensor cores (`--precision tf32|bf16`; bf16 goes
+/// to `matmul_bf16`): each warp multiplies fragments of the staged tiles
+/// with `S::Mma`, accumulating in f32.
 pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precision) -> (Kernel, Vec<u32>, u64) {
     assert!(precision != Precision::F32, "f32 products use `matmul`");
+    if precision == Precision::Bf16 {
+        return matmul_bf16(k, at);
+    }
     let mut b = Builder::new(MMA_THREADS);
     let p = Product::new(&mut b, k, at, [TILE, TILE]);
     let layout = Layout::MMA;
@@ -702,6 +732,187 @@ pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: P
         }
     });
     let name = p.name(&format!("matmul_mma_{}", precision.name()), k);
+    let (kernel, params) = b.finish(name);
+    (kernel, params, groups(k, [TILE, TILE]))
+}
+
+/// The depth of `a` and `b` `matmul_bf16` stages at a time: two m16n8k16
+/// steps.
+const BF16_K: usize = 32;
+
+/// Where `matmul_bf16` keeps its staged operands, as bf16 pairs (a word
+/// holds two): `a` row-major, 64 rows of `BF16_K / 2` words, `b` row-major,
+/// `BF16_K` rows of 32 words; both in 16-byte chunks (8 values) swizzled by
+/// their row, so that the eight rows an `ldmatrix` phase reads, and the
+/// chunks a quarter warp stores, fall in distinct banks: `a`'s chunk `c`
+/// of row `r` at `c ^ (r / 2 % 4)` (rows of 16 words: two rows a bank
+/// sweep), `b`'s at `c ^ (r % 8)` (rows of 32 words).
+struct Bf16Layout;
+
+impl Bf16Layout {
+    const A_ROW: usize = BF16_K / 2;
+    const B_ROW: usize = TILE / 2;
+    const A_WORDS: usize = TILE * Self::A_ROW;
+    const B_WORDS: usize = BF16_K * Self::B_ROW;
+
+    /// The word of chunk `chunk` (16 bytes) of row `row` of `a`.
+    fn a(row: E, chunk: E) -> E {
+        let swizzle =
+            E::bin(super::form::BinOp::And, E::bin(super::form::BinOp::Shr, row.clone(), E::I32(1)), E::I32(3));
+        row * E::I32(Self::A_ROW as i32) + E::bin(super::form::BinOp::Xor, chunk, swizzle) * E::I32(4)
+    }
+
+    /// The word of chunk `chunk` of row `row` of `b`.
+    fn b(row: E, chunk: E) -> E {
+        let swizzle = E::bin(super::form::BinOp::And, row.clone(), E::I32(7));
+        row * E::I32(Self::B_ROW as i32) + E::bin(super::form::BinOp::Xor, chunk, swizzle) * E::I32(4)
+    }
+}
+
+/// The product on tensor cores in bf16 (`--precision bf16`): 64 x 64
+/// tiles, four warps each computing a 32 x 32 quarter as 2 x 4 m16n8k16
+/// products. `a` and `b` are rounded to bf16 pairs as they are staged
+/// (each invocation moves chunks of 8 values: two 16-byte loads, one
+/// 16-byte store), `BF16_K` deep, double-buffered like `matmul_wide`'s
+/// (the next depth's device loads issued before the current one's
+/// products); the fragments come out of workgroup memory by `ldmatrix`,
+/// `b`'s transposed. Staging from bf16 weights with `cp.async` needs the
+/// weights stored at their width on the device, which they are not yet.
+fn matmul_bf16(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
+    let mut b = Builder::new(MMA_THREADS);
+    let p = Product::new(&mut b, k, at, [TILE, TILE]);
+    let (sa, sb) = (b.shared(2 * Bf16Layout::A_WORDS as u32), b.shared(2 * Bf16Layout::B_WORDS as u32));
+    let t = b.thread();
+    p.tiles(&mut b, |b, tile| {
+        let p = p.hoisted(b);
+        let warp = b.let_(t.clone() / E::I32(32));
+        let lane = b.let_(t.clone() % E::I32(32));
+        let wrow = b.let_(warp.clone() / E::I32(2) * E::I32(32));
+        let wcol = b.let_(warp % E::I32(2) * E::I32(32));
+        let c_at: Vec<(E, E)> = (0..4)
+            .map(|i| {
+                let (g, m) = (lane.clone() / E::I32(4), lane.clone() % E::I32(4));
+                let (r, c) = Precision::c_at(i, 0, 0);
+                let (rg, cg) = Precision::c_at(i, 1, 0);
+                let (rt, ct) = Precision::c_at(i, 0, 1);
+                let row = E::I32(r as i32)
+                    + g.clone() * E::I32(rg as i32 - r as i32)
+                    + m.clone() * E::I32(rt as i32 - r as i32);
+                let col = E::I32(c as i32) + g * E::I32(cg as i32 - c as i32) + m * E::I32(ct as i32 - c as i32);
+                (b.let_(row), b.let_(col))
+            })
+            .collect();
+        // Each invocation's chunks of `a` (row, chunk of k) and `b` (row of
+        // k, chunk of n): 256 of each, two an invocation.
+        let threads = MMA_THREADS as usize;
+        let chunks = |b: &mut Builder, per_row: usize| -> Vec<(E, E)> {
+            (0..2)
+                .map(|i| {
+                    let e = t.clone() + E::I32((i * threads) as i32);
+                    (b.let_(e.clone() / E::I32(per_row as i32)), b.let_(e % E::I32(per_row as i32)))
+                })
+                .collect()
+        };
+        let a_chunks = chunks(b, BF16_K / 8);
+        let b_chunks = chunks(b, TILE / 8);
+        let a_vars: Vec<Vec<Var>> = (0..2).map(|_| (0..8).map(|_| b.var(E::F32(0.0))).collect()).collect();
+        let b_vars: Vec<Vec<Var>> = (0..2).map(|_| (0..8).map(|_| b.var(E::F32(0.0))).collect()).collect();
+        let fetch = |b: &mut Builder, k0: &E| {
+            for ((row, chunk), vars) in a_chunks.iter().zip(&a_vars) {
+                let gr = tile.row0.clone() + row.clone();
+                let first = b.let_(k0.clone() + chunk.clone() * E::I32(8));
+                let [rs, cs] = p.a_strides.clone();
+                let addr = b.let_(tile.a.clone() + gr.clone() * rs + first.clone() * cs.clone());
+                let inside = b.let_(gr.lt(p.m.clone()));
+                p.fetch8(b, p.pa.space, &addr, &cs, p.vector_a, (inside, first, p.kk.clone()), vars);
+            }
+            for ((row, chunk), vars) in b_chunks.iter().zip(&b_vars) {
+                let gr = k0.clone() + row.clone();
+                let first = b.let_(tile.col0.clone() + chunk.clone() * E::I32(8));
+                let [rs, cs] = p.b_strides.clone();
+                let addr = b.let_(tile.b.clone() + gr.clone() * rs + first.clone() * cs.clone());
+                let inside = b.let_(gr.lt(p.kk.clone()));
+                p.fetch8(b, p.pb.space, &addr, &cs, p.vector_b, (inside, first, p.n.clone()), vars);
+            }
+        };
+        let put = |b: &mut Builder, write: [E; 2]| {
+            for (((row, chunk), vars), (shared, to, word)) in a_chunks
+                .iter()
+                .zip(&a_vars)
+                .map(|(c, v)| (c, v, (sa, write[0].clone(), Bf16Layout::a as fn(E, E) -> E)))
+                .chain(
+                    b_chunks
+                        .iter()
+                        .zip(&b_vars)
+                        .map(|(c, v)| (c, v, (sb, write[1].clone(), Bf16Layout::b as fn(E, E) -> E))),
+                )
+                .map(|(c, v, s)| ((c, v), s))
+            {
+                let packed = [0, 1, 2, 3].map(|j| b.pack_bf16(E::Var(vars[2 * j]), E::Var(vars[2 * j + 1])));
+                b.store_shared4(shared, to + word(row.clone(), chunk.clone()), packed);
+            }
+        };
+        let acc: Vec<[Var; 4]> = (0..8).map(|_| [0; 4].map(|_| b.var(E::F32(0.0)))).collect();
+        fetch(b, &E::I32(0));
+        put(b, [E::I32(0), E::I32(0)]);
+        b.barrier();
+        let read_a = b.var(E::I32(0));
+        let read_b = b.var(E::I32(0));
+        // The lane's row in its `ldmatrix` matrices: lane 8i + j gives row j
+        // of matrix i.
+        let (matrix, row_in) = (b.let_(lane.clone() / E::I32(8)), b.let_(lane.clone() % E::I32(8)));
+        let step = BF16_K as i32;
+        b.for_(E::I32(0), p.kk.clone(), E::I32(step), |b, k0| {
+            let next = b.let_(k0.clone() + E::I32(step));
+            let more = b.let_(next.clone().lt(p.kk.clone()));
+            b.if_(more.clone(), |b| fetch(b, &next));
+            for ks in 0..(BF16_K / 16) as i32 {
+                // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7),
+                // (rows 0-7, k 8-15), (rows 8-15, k 8-15): a0..a3.
+                let a_frags = [0, 1].map(|mt| {
+                    let row = wrow.clone() + E::I32(16 * mt) + matrix.clone() % E::I32(2) * E::I32(8) + row_in.clone();
+                    let chunk = E::I32(2 * ks) + matrix.clone() / E::I32(2);
+                    b.load_matrix(sa, E::Var(read_a) + Bf16Layout::a(row, chunk), false)
+                });
+                // B, transposed: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7,
+                // n 8-15), (k 8-15, n 8-15): b0, b1 of two n8 tiles.
+                for np in 0..2usize {
+                    let row = E::I32(16 * ks) + matrix.clone() % E::I32(2) * E::I32(8) + row_in.clone();
+                    let chunk = (wcol.clone() + E::I32(16 * np as i32)) / E::I32(8) + matrix.clone() / E::I32(2);
+                    let bf = b.load_matrix(sb, E::Var(read_b) + Bf16Layout::b(row, chunk), true);
+                    for (half, pair) in [[0, 1], [2, 3]].into_iter().enumerate() {
+                        let nt = 2 * np + half;
+                        for (mt, af) in a_frags.iter().enumerate() {
+                            let bfrag = [bf[pair[0]].clone(), bf[pair[1]].clone()];
+                            b.mma_bf16(af.clone(), bfrag, acc[mt * 4 + nt]);
+                        }
+                    }
+                }
+            }
+            b.if_(more, |b| {
+                put(
+                    b,
+                    [
+                        E::I32(Bf16Layout::A_WORDS as i32) - E::Var(read_a),
+                        E::I32(Bf16Layout::B_WORDS as i32) - E::Var(read_b),
+                    ],
+                )
+            });
+            b.barrier();
+            b.set(read_a, E::I32(Bf16Layout::A_WORDS as i32) - E::Var(read_a));
+            b.set(read_b, E::I32(Bf16Layout::B_WORDS as i32) - E::Var(read_b));
+        });
+        for mt in 0..2 {
+            for nt in 0..4 {
+                for (i, (r, c)) in c_at.iter().enumerate() {
+                    let row = b.let_(tile.row0.clone() + wrow.clone() + E::I32(16 * mt) + r.clone());
+                    let col = b.let_(tile.col0.clone() + wcol.clone() + E::I32(8 * nt) + c.clone());
+                    p.store(b, k, tile, row, col, E::Var(acc[mt as usize * 4 + nt as usize][i]));
+                }
+            }
+        }
+    });
+    let name = p.name("matmul_mma_bf16_k16", k);
     let (kernel, params) = b.finish(name);
     (kernel, params, groups(k, [TILE, TILE]))
 }

@@ -245,6 +245,29 @@ impl Printer<'_> {
             S::Barrier => self.line("bar.sync 0;"),
             S::Reduce { how, value, into, scratch } => self.reduce(*how, value, *into, *scratch),
             S::Mma { precision, a, b, acc } => self.mma(*precision, a, b, acc),
+            S::PackBf16 { lo, hi, into } => {
+                let (lo, hi) = (self.e(lo).name, self.e(hi).name);
+                let d = self.var(*into).name;
+                self.line(&format!("cvt.rn.bf16x2.f32 {d}, {hi}, {lo};"));
+            }
+            S::LoadMatrix { shared, index, trans, into } => {
+                let at = self.shared_address(*shared, index);
+                let regs: Vec<String> = into.iter().map(|v| self.var(*v).name).collect();
+                let t = if *trans { ".trans" } else { "" };
+                self.line(&format!("ldmatrix.sync.aligned.m8n8.x4{t}.shared.b16 {{{}}}, [{at}];", regs.join(", ")));
+            }
+            S::MmaBf16 { a, b, acc } => {
+                let a: Vec<String> = a.iter().map(|x| self.e(x).name).collect();
+                let b: Vec<String> = b.iter().map(|x| self.e(x).name).collect();
+                let c: Vec<String> = acc.iter().map(|v| self.var(*v).name).collect();
+                self.line(&format!(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}}}, {{{}}}, {{{}}}, {{{}}};",
+                    c.join(", "),
+                    a.join(", "),
+                    b.join(", "),
+                    c.join(", ")
+                ));
+            }
             S::LoadShared4 { shared, index, into } => {
                 let at = self.shared_address(*shared, index);
                 let regs: Vec<String> = into.iter().map(|v| self.var(*v).name).collect();

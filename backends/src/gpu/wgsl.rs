@@ -133,7 +133,9 @@ impl Printer<'_> {
                 S::Barrier => {
                     let _ = writeln!(out, "{pad}workgroupBarrier();");
                 }
-                S::Mma { .. } => unreachable!("tensor-core kernels are built for PTX only"),
+                S::Mma { .. } | S::MmaBf16 { .. } | S::LoadMatrix { .. } | S::PackBf16 { .. } => {
+                    unreachable!("tensor-core kernels are built for PTX only")
+                }
                 S::Load4 { space, index, into } => {
                     // WGSL reads the words one by one; the driver merges them.
                     for (j, v) in into.iter().enumerate() {

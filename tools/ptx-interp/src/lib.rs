@@ -180,9 +180,9 @@ enum Ins {
         target: usize,
     },
     Bar,
-    /// `mma.sync.aligned.m16n8k8.row.col.f32.{tf32,bf16}.*.f32 {d}, {a}, {b}, {c}`.
+    /// `mma.sync.aligned.{m16n8k8,m16n8k16}.row.col.f32.{tf32,bf16}.*.f32 {d}, {a}, {b}, {c}`.
     Mma {
-        bf16: bool,
+        kind: MmaKind,
         d: [u32; 4],
         a: Vec<Src>,
         b: Vec<Src>,
@@ -200,6 +200,15 @@ enum Ins {
         d: [u32; 4],
         addr: Src,
         offset: i64,
+    },
+    /// `ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {d0, d1, d2, d3},
+    /// [addr]`: a warp's four 8 x 8 matrices of 16-bit values, lane `8i + j`
+    /// giving the address of row `j` of matrix `i` (16 bytes).
+    LdMatrix {
+        d: [u32; 4],
+        addr: Src,
+        offset: i64,
+        trans: bool,
     },
     /// `st.shared.v4.{f32,u32} [addr], {s0, s1, s2, s3}`.
     StShared4 {
@@ -427,6 +436,20 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                 let (addr, offset) = address(at.trim())?;
                 Ins::Ld4 { d, addr, offset }
             }
+            "ldmatrix" => {
+                let trans = match opcode {
+                    "ldmatrix.sync.aligned.m8n8.x4.shared.b16" => false,
+                    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" => true,
+                    _ => return err(line, "an ldmatrix shape the interpreter does not know"),
+                };
+                let (list, at) = operands.split_once("},").ok_or_else(|| format!("bad `{line}`"))?;
+                let d: Vec<u32> =
+                    list.trim_start_matches('{').split(',').map(|r| reg(r.trim())).collect::<Result<_, _>>()?;
+                let d: [u32; 4] =
+                    d.try_into().map_err(|_| format!("an ldmatrix into other than four registers: `{line}`"))?;
+                let (addr, offset) = address(at.trim())?;
+                Ins::LdMatrix { d, addr, offset, trans }
+            }
             "ld" | "st" if parts.get(1) == Some(&"shared") && parts.get(2) == Some(&"v4") => {
                 if !matches!(last_ty()?, Ty::F32 | Ty::U32) {
                     return err(line, "a vector access of an unknown width");
@@ -538,9 +561,10 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                 Ins::ToBf16x2 { d: reg(ops[0])?, hi: src(ops[1])?, lo: src(ops[2])? }
             }
             "mma" => {
-                let bf16 = match opcode {
-                    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" => false,
-                    "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32" => true,
+                let kind = match opcode {
+                    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" => MmaKind::Tf32,
+                    "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32" => MmaKind::Bf16,
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" => MmaKind::Bf16K16,
                     _ => return err(line, "an mma shape or type the interpreter does not know"),
                 };
                 // Four brace groups: d, a, b, c.
@@ -550,7 +574,7 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                     .filter(|g| !g.trim().is_empty())
                     .map(|g| g.split(',').map(str::trim).collect())
                     .collect();
-                let (na, nb) = if bf16 { (2, 1) } else { (4, 2) };
+                let (na, nb) = if kind == MmaKind::Bf16 { (2, 1) } else { (4, 2) };
                 let shapes = [4, na, nb, 4];
                 if groups.len() != 4 || groups.iter().zip(shapes).any(|(g, n)| g.len() != n) {
                     return err(line, "mma operands of the wrong shape");
@@ -559,7 +583,7 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                     Ok([src(g[0])?, src(g[1])?, src(g[2])?, src(g[3])?])
                 };
                 Ins::Mma {
-                    bf16,
+                    kind,
                     d: [reg(groups[0][0])?, reg(groups[0][1])?, reg(groups[0][2])?, reg(groups[0][3])?],
                     a: groups[1].iter().map(|x| src(x)).collect::<Result<_, _>>()?,
                     b: groups[2].iter().map(|x| src(x)).collect::<Result<_, _>>()?,
@@ -794,7 +818,7 @@ fn run_block(
             let fragments: Vec<Fragments> = lanes
                 .clone()
                 .filter_map(|l| match stops[l] {
-                    Some(Stop::Mma { pc: p, bf16, a, b, c, .. }) if p == pc => Some((bf16, a, b, c)),
+                    Some(Stop::Mma { pc: p, kind, a, b, c, .. }) if p == pc => Some((kind, a, b, c)),
                     _ => None,
                 })
                 .collect();
@@ -805,6 +829,51 @@ fn run_block(
                 let Some(Stop::Mma { d, .. }) = stops[l] else { unreachable!("checked above") };
                 for (r, v) in d.iter().zip(result) {
                     ts[l].regs[*r as usize] = fb(v);
+                }
+                stops[l] = None;
+            }
+            progressed = true;
+        }
+        // Warps whose lanes all wait at one ldmatrix load and run on.
+        for warp in 0..ts.len().div_ceil(32) {
+            let lanes = warp * 32..((warp + 1) * 32).min(ts.len());
+            let Some(pc) = lanes.clone().find_map(|l| match stops[l] {
+                Some(Stop::LdMatrix { pc, .. }) => Some(pc),
+                _ => None,
+            }) else {
+                continue;
+            };
+            // Each lane's row: four words.
+            let rows: Vec<[u32; 4]> = lanes
+                .clone()
+                .filter_map(|l| match stops[l] {
+                    Some(Stop::LdMatrix { pc: p, arr, off, .. }) if p == pc => Some([0, 1, 2, 3].map(|w| {
+                        let at = off + 4 * w;
+                        u32::from_le_bytes(shared[arr][at..at + 4].try_into().unwrap())
+                    })),
+                    _ => None,
+                })
+                .collect();
+            if rows.len() != 32 {
+                return Err(format!(
+                    "{}: block {block:?}: warp {warp} reaches an ldmatrix without all 32 lanes",
+                    k.name
+                ));
+            }
+            // The 16-bit value at column `c` of row `r` of matrix `m`.
+            let half = |m: usize, r: usize, c: usize| (rows[8 * m + r][c / 2] >> (16 * (c % 2))) & 0xffff;
+            for (i, l) in lanes.clone().enumerate() {
+                let Some(Stop::LdMatrix { d, trans, .. }) = stops[l] else { unreachable!("checked above") };
+                let (g, t) = (i / 4, i % 4);
+                for (m, r) in d.iter().enumerate() {
+                    // Row g, columns 2t and 2t + 1; transposed, rows 2t
+                    // and 2t + 1 of column g. The first in the low half.
+                    let (lo, hi) = if trans {
+                        (half(m, 2 * t, g), half(m, 2 * t + 1, g))
+                    } else {
+                        (half(m, g, 2 * t), half(m, g, 2 * t + 1))
+                    };
+                    ts[l].regs[*r as usize] = (lo | hi << 16) as u64;
                 }
                 stops[l] = None;
             }
@@ -875,10 +944,19 @@ enum Stop {
         d: u32,
         lanes: u32,
     },
+    /// At the `ldmatrix` at `pc`, giving the row at byte `off` of shared
+    /// array `arr`.
+    LdMatrix {
+        pc: usize,
+        d: [u32; 4],
+        trans: bool,
+        arr: usize,
+        off: usize,
+    },
     /// At the `mma` at `pc` with this lane's fragments.
     Mma {
         pc: usize,
-        bf16: bool,
+        kind: MmaKind,
         d: [u32; 4],
         a: [u32; 4],
         b: [u32; 2],
@@ -887,42 +965,63 @@ enum Stop {
     Exit,
 }
 
-/// One lane's fragments at an `mma`: bf16 or not, A, B and C.
-type Fragments = (bool, [u32; 4], [u32; 2], [f32; 4]);
+/// The `mma` shapes and types the interpreter knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MmaKind {
+    /// m16n8k8 on tf32: A four registers, B two, one value each.
+    Tf32,
+    /// m16n8k8 on bf16: A two registers, B one, two values each.
+    Bf16,
+    /// m16n8k16 on bf16: A four registers, B two, two values each.
+    Bf16K16,
+}
 
-/// A warp's m16n8k8 product from its lanes' fragments, laid out as the PTX
-/// ISA documents them (groupID = lane / 4, threadID_in_group = lane % 4):
-/// returns each lane's four results.
+/// One lane's fragments at an `mma`: its kind, A, B and C.
+type Fragments = (MmaKind, [u32; 4], [u32; 2], [f32; 4]);
+
+/// A warp's m16n8k8 or m16n8k16 product from its lanes' fragments, laid
+/// out as the PTX ISA documents them (groupID = lane / 4,
+/// threadID_in_group = lane % 4): returns each lane's four results.
 fn mma_warp(lanes: &[Fragments]) -> Vec<[f32; 4]> {
-    let mut a = [[0f32; 8]; 16];
-    let mut b = [[0f32; 8]; 8];
+    let mut a = [[0f32; 16]; 16];
+    let mut b = [[0f32; 8]; 16];
     let mut c = [[0f32; 8]; 16];
     let bf16 = |h: u32| f32::from_bits(h << 16);
     let tf32 = |w: u32| f32::from_bits(w & 0xffff_e000);
-    for (lane, (is_bf16, fa, fb, fc)) in lanes.iter().enumerate() {
+    for (lane, (kind, fa, fb, fc)) in lanes.iter().enumerate() {
         let (g, t) = (lane / 4, lane % 4);
-        if *is_bf16 {
-            // Two registers of A: rows g and g + 8, columns 2t and 2t + 1.
-            for (r, reg) in fa[..2].iter().enumerate() {
-                a[g + 8 * r][2 * t] = bf16(reg & 0xffff);
-                a[g + 8 * r][2 * t + 1] = bf16(reg >> 16);
+        match kind {
+            MmaKind::Bf16 | MmaKind::Bf16K16 => {
+                // A: rows g and g + 8, columns 2t and 2t + 1 (and 8 more
+                // for k16, in registers 2 and 3); B: rows 2t and 2t + 1
+                // (and 8 more), column g. The lower element in the low half.
+                let (na, nb) = if *kind == MmaKind::Bf16 { (2, 1) } else { (4, 2) };
+                for (r, reg) in fa[..na].iter().enumerate() {
+                    let (row, col) = (g + 8 * (r % 2), 2 * t + 8 * (r / 2));
+                    a[row][col] = bf16(reg & 0xffff);
+                    a[row][col + 1] = bf16(reg >> 16);
+                }
+                for (r, reg) in fb[..nb].iter().enumerate() {
+                    b[2 * t + 8 * r][g] = bf16(reg & 0xffff);
+                    b[2 * t + 8 * r + 1][g] = bf16(reg >> 16);
+                }
             }
-            b[2 * t][g] = bf16(fb[0] & 0xffff);
-            b[2 * t + 1][g] = bf16(fb[0] >> 16);
-        } else {
-            a[g][t] = tf32(fa[0]);
-            a[g + 8][t] = tf32(fa[1]);
-            a[g][t + 4] = tf32(fa[2]);
-            a[g + 8][t + 4] = tf32(fa[3]);
-            b[t][g] = tf32(fb[0]);
-            b[t + 4][g] = tf32(fb[1]);
+            MmaKind::Tf32 => {
+                a[g][t] = tf32(fa[0]);
+                a[g + 8][t] = tf32(fa[1]);
+                a[g][t + 4] = tf32(fa[2]);
+                a[g + 8][t + 4] = tf32(fa[3]);
+                b[t][g] = tf32(fb[0]);
+                b[t + 4][g] = tf32(fb[1]);
+            }
         }
         c[g][2 * t] = fc[0];
         c[g][2 * t + 1] = fc[1];
         c[g + 8][2 * t] = fc[2];
         c[g + 8][2 * t + 1] = fc[3];
     }
-    let d = |r: usize, col: usize| (0..8).fold(c[r][col], |acc, k| a[r][k].mul_add(b[k][col], acc));
+    let depth = if lanes.first().is_some_and(|l| l.0 == MmaKind::Bf16K16) { 16 } else { 8 };
+    let d = |r: usize, col: usize| (0..depth).fold(c[r][col], |acc, k| a[r][k].mul_add(b[k][col], acc));
     (0..lanes.len())
         .map(|lane| {
             let (g, t) = (lane / 4, lane % 4);
@@ -1097,7 +1196,7 @@ fn step_until_sync(
             Ins::Bra { target } => t.pc = target,
             Ins::Bar => return Ok(Stop::Barrier),
             Ins::ShflBfly { d, a, lanes } => return Ok(Stop::Shuffle { pc: t.pc - 1, value: v(t, a), d, lanes }),
-            Ins::Mma { bf16, d, ref a, ref b, c } => {
+            Ins::Mma { kind, d, ref a, ref b, c } => {
                 let mut fa = [0u32; 4];
                 for (x, s) in fa.iter_mut().zip(a) {
                     *x = v(t, *s) as u32;
@@ -1107,7 +1206,14 @@ fn step_until_sync(
                     *x = v(t, *s) as u32;
                 }
                 let fc = c.map(|s| f(v(t, s)));
-                return Ok(Stop::Mma { pc: t.pc - 1, bf16, d, a: fa, b: fbr, c: fc });
+                return Ok(Stop::Mma { pc: t.pc - 1, kind, d, a: fa, b: fbr, c: fc });
+            }
+            Ins::LdMatrix { d, addr, offset, trans } => {
+                let (arr, off) = shared4(k, v(t, addr).wrapping_add(offset as u64), shared)?;
+                if mem.banks.is_some() {
+                    t.shared_log.push(((t.pc - 1) as u32, arr as u32, (off / 4) as u32, 4));
+                }
+                return Ok(Stop::LdMatrix { pc: t.pc - 1, d, trans, arr, off });
             }
             Ins::LdShared4 { d, addr, offset } => {
                 let (arr, off) = shared4(k, v(t, addr).wrapping_add(offset as u64), shared)?;
