@@ -100,7 +100,7 @@ impl VMath {
         // top of the range, one past the largest exponent. NaN inputs
         // saturate to 0 here and stay NaN in `p`.
         let ni = b.ins().fcvt_to_sint_sat(self.int_ty(), n);
-        let n1 = b.ins().sshr_imm(ni, 1);
+        let n1 = b.ins().sshr_imm_u(ni, 1);
         let n2 = b.ins().isub(ni, n1);
         let mut y = p;
         for half in [n1, n2] {

@@ -224,9 +224,11 @@ pub enum S {
         values: [E; 4],
     },
     /// A warp's tensor-core product `D = A B + C` of shape m16n8k8 in f32
-    /// (`mma.sync`): each lane gives its fragment of A (four values at
-    /// `Precision::a_at`) and B (two, `b_at`), rounded to `precision`, and
-    /// `acc` (four values at `c_at`) becomes D. Printers without tensor
+    /// (`mma.sync`, tf32): each lane (group `g = lane / 4`, member `t =
+    /// lane % 4`) gives its fragment of A (rows `g`, `g + 8`, `g`, `g + 8`
+    /// of columns `t`, `t`, `t + 4`, `t + 4`) and B (rows `t` and `t + 4` of
+    /// column `g`), rounded to `precision`, and `acc` (four values at
+    /// `Precision::c_at`) becomes D. Printers without tensor
     /// cores have none of these kernels (`--precision` needs PTX).
     Mma {
         precision: Precision,
@@ -285,28 +287,6 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
-        }
-    }
-
-    /// (row, column) in the 16 x 8 tile of A of lane fragment element `i`,
-    /// for the lane's `group` (lane / 4) and `member` (lane % 4), as the PTX
-    /// ISA lays out m16n8k8 fragments.
-    pub fn a_at(self, i: usize, group: u32, member: u32) -> (u32, u32) {
-        let half = i as u32 / 2;
-        let low = i as u32 % 2;
-        match self {
-            // tf32: rows g, g + 8, g, g + 8; columns t, t, t + 4, t + 4.
-            Precision::Tf32 | Precision::F32 => (group + 8 * low, member + 4 * half),
-            // bf16: rows g, g, g + 8, g + 8; columns 2t, 2t + 1, 2t, 2t + 1.
-            Precision::Bf16 => (group + 8 * half, 2 * member + low),
-        }
-    }
-
-    /// (row, column) in the 8 x 8 tile of B of fragment element `i`.
-    pub fn b_at(self, i: usize, group: u32, member: u32) -> (u32, u32) {
-        match self {
-            Precision::Tf32 | Precision::F32 => (member + 4 * i as u32, group),
-            Precision::Bf16 => (2 * member + i as u32, group),
         }
     }
 

@@ -27,7 +27,7 @@ const REG: usize = 4;
 const SIDE: usize = TILE / REG;
 pub const THREADS: u32 = (SIDE * SIDE) as u32;
 /// Invocations of the tensor-core kernel: four warps, each computing a
-/// 32 x 32 quarter of the tile as 2 x 4 m16n8k8 products.
+/// 32 x 32 quarter of the tile as 2 x 4 products.
 pub const MMA_THREADS: u32 = 128;
 
 /// The parameters and layout facts every product kernel reads.
@@ -327,10 +327,10 @@ impl Product {
         );
     }
 
-    /// Sets `vars` (8) to consecutive elements of an operand row from
-    /// `addr` (`limits` as `stage_run`'s), zeros past its edges: two
+    /// Sets `vars` (4 or 8) to consecutive elements of an operand row
+    /// from `addr` (`limits` as `stage_run`'s), zeros past its edges:
     /// 4-word loads where the operand allows.
-    fn fetch8(
+    fn fetch_along(
         &self,
         b: &mut Builder,
         space: Space,
@@ -419,11 +419,6 @@ impl Layout {
     /// words an invocation stores from one vector load (4 apart across the
     /// warp) do too.
     const FMA: Layout = Layout { row: TILE + 2, skip: true };
-    /// The tensor-core kernel's: rows of `TILE + 4` words, which spread the
-    /// m16n8k8 fragments' reads (lanes `4g + t` read row `t`, column `g`)
-    /// over more banks than `TILE` does; the staging's stores and the tf32
-    /// fragments still conflict (ldmatrix from a swizzled tile is the fix).
-    const MMA: Layout = Layout { row: TILE + 4, skip: false };
 
     fn words(self) -> u32 {
         (K_STEP * self.row) as u32
@@ -661,127 +656,90 @@ fn matmul_64(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u
     (kernel, params, groups(k, [TILE, TILE]))
 }
 
-/// The same product on tensor cores (`--precision tf32|bf16`; bf16 goes
-/// to `matmul_bf16`): each warp multiplies fragments of the staged tiles
-/// with `S::Mma`, accumulating in f32.
+/// The same product on tensor cores (`--precision tf32|bf16`): `matmul_tc`.
 pub fn matmul_mma(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precision) -> (Kernel, Vec<u32>, u64) {
     assert!(precision != Precision::F32, "f32 products use `matmul`");
-    if precision == Precision::Bf16 {
-        return matmul_bf16(k, at);
-    }
-    let mut b = Builder::new(MMA_THREADS);
-    let p = Product::new(&mut b, k, at, [TILE, TILE]);
-    let layout = Layout::MMA;
-    let shared = [b.shared(layout.words()), b.shared(layout.words())];
-    let t = b.thread();
-    p.tiles(&mut b, |b, tile| {
-        // The warp's quarter of the tile, and the lane's place in the warp.
-        let warp = b.let_(t.clone() / E::I32(32));
-        let lane = b.let_(t.clone() % E::I32(32));
-        let wrow = b.let_(warp.clone() / E::I32(2) * E::I32(32));
-        let wcol = b.let_(warp % E::I32(2) * E::I32(32));
-        let lane_group = b.let_(lane.clone() / E::I32(4));
-        let member = b.let_(lane % E::I32(4));
-        // Fragment coordinates are affine in the lane's group and member.
-        let coord = |b: &mut Builder, f: &dyn Fn(u32, u32) -> (u32, u32)| {
-            let ((r0, c0), (rg, cg), (rt, ct)) = (f(0, 0), f(1, 0), f(0, 1));
-            let affine = |base: u32, g: u32, m: u32| {
-                E::I32(base as i32)
-                    + lane_group.clone() * E::I32(g as i32 - base as i32)
-                    + member.clone() * E::I32(m as i32 - base as i32)
-            };
-            (b.let_(affine(r0, rg, rt)), b.let_(affine(c0, cg, ct)))
-        };
-        let a_at: Vec<(E, E)> = (0..4).map(|i| coord(b, &|g, m| precision.a_at(i, g, m))).collect();
-        let b_at: Vec<(E, E)> = (0..2).map(|i| coord(b, &|g, m| precision.b_at(i, g, m))).collect();
-        let c_at: Vec<(E, E)> = (0..4).map(|i| coord(b, &|g, m| Precision::c_at(i, g, m))).collect();
-        // 2 x 4 products of m16n8 per warp, four accumulators each.
-        let acc: Vec<[Var; 4]> = (0..8).map(|_| [0; 4].map(|_| b.var(E::F32(0.0)))).collect();
-        b.for_(E::I32(0), p.kk.clone(), E::I32(K_STEP as i32), |b, k0| {
-            p.stage(b, tile, &k0, &t, shared, layout);
-            b.barrier();
-            for ks in [0, 8] {
-                let a_frags = [0, 1].map(|mt| {
-                    [0, 1, 2, 3].map(|i| {
-                        let (r, c) = &a_at[i];
-                        let idx = layout.a(c.clone() + E::I32(ks), wrow.clone() + E::I32(16 * mt) + r.clone());
-                        b.let_(E::LoadShared(shared[0], Box::new(idx)))
-                    })
-                });
-                for nt in 0..4 {
-                    let b_frag = [0, 1].map(|i| {
-                        let (r, c) = &b_at[i];
-                        let idx = layout.b_read(r.clone() + E::I32(ks), wcol.clone() + c.clone(), 8 * nt);
-                        b.let_(E::LoadShared(shared[1], Box::new(idx)))
-                    });
-                    for (mt, a_frag) in a_frags.iter().enumerate() {
-                        b.mma(precision, a_frag.clone(), b_frag.clone(), acc[mt * 4 + nt as usize]);
-                    }
-                }
-            }
-            b.barrier();
-        });
-        for mt in 0..2 {
-            for nt in 0..4 {
-                for (i, (r, c)) in c_at.iter().enumerate() {
-                    let row = b.let_(tile.row0.clone() + wrow.clone() + E::I32(16 * mt) + r.clone());
-                    let col = b.let_(tile.col0.clone() + wcol.clone() + E::I32(8 * nt) + c.clone());
-                    p.store(b, k, tile, row, col, E::Var(acc[mt as usize * 4 + nt as usize][i]));
-                }
-            }
-        }
-    });
-    let name = p.name(&format!("matmul_mma_{}", precision.name()), k);
-    let (kernel, params) = b.finish(name);
-    (kernel, params, groups(k, [TILE, TILE]))
+    matmul_tc(k, at, precision)
 }
 
-/// The depth of `a` and `b` `matmul_bf16` stages at a time: two m16n8k16
-/// steps.
-const BF16_K: usize = 32;
+/// The depth of `a` and `b` `matmul_tc` stages at a time: two m16n8k16
+/// steps in bf16, four m16n8k8 ones in tf32.
+const TC_K: usize = 32;
 
-/// Where `matmul_bf16` keeps its staged operands, as bf16 pairs (a word
-/// holds two): `a` row-major, 64 rows of `BF16_K / 2` words, `b` row-major,
-/// `BF16_K` rows of 32 words; both in 16-byte chunks (8 values) swizzled by
-/// their row, so that the eight rows an `ldmatrix` phase reads, and the
-/// chunks a quarter warp stores, fall in distinct banks: `a`'s chunk `c`
-/// of row `r` at `c ^ (r / 2 % 4)` (rows of 16 words: two rows a bank
-/// sweep), `b`'s at `c ^ (r % 8)` (rows of 32 words).
-struct Bf16Layout;
+/// Where `matmul_tc` keeps its staged operands: rows of 16-byte chunks
+/// (8 bf16 as pairs, or 4 f32), each chunk's place in its row swizzled by
+/// the row (`c ^ (r % 8)` in rows of 32 words, `c ^ (r / 2 % 4)` in rows of
+/// 16), so that the eight rows an `ldmatrix` phase reads, and the chunks a
+/// quarter warp stores, fall in distinct banks. `a` is row-major (rows of
+/// the tile, along k); `b` row-major along n (rows of k) in bf16, which
+/// `ldmatrix` transposes, and along k (rows of n) in tf32, whose 32-bit
+/// values it cannot.
+#[derive(Clone, Copy)]
+struct TcLayout {
+    bf16: bool,
+}
 
-impl Bf16Layout {
-    const A_ROW: usize = BF16_K / 2;
-    const B_ROW: usize = TILE / 2;
-    const A_WORDS: usize = TILE * Self::A_ROW;
-    const B_WORDS: usize = BF16_K * Self::B_ROW;
+impl TcLayout {
+    /// Values in a chunk.
+    fn per_chunk(self) -> usize {
+        if self.bf16 {
+            8
+        } else {
+            4
+        }
+    }
+    /// Words in a row of `a` (of `b`: 32 either way).
+    fn a_row(self) -> usize {
+        TC_K * 4 / self.per_chunk()
+    }
+    fn a_words(self) -> usize {
+        TILE * self.a_row()
+    }
+    fn b_words(self) -> usize {
+        if self.bf16 {
+            TC_K * 32
+        } else {
+            TILE * 32
+        }
+    }
 
-    /// The word of chunk `chunk` (16 bytes) of row `row` of `a`.
-    fn a(row: E, chunk: E) -> E {
-        let swizzle =
-            E::bin(super::form::BinOp::And, E::bin(super::form::BinOp::Shr, row.clone(), E::I32(1)), E::I32(3));
-        row * E::I32(Self::A_ROW as i32) + E::bin(super::form::BinOp::Xor, chunk, swizzle) * E::I32(4)
+    fn swizzled(row: E, chunk: E, row_words: usize) -> E {
+        use super::form::BinOp::{And, Shr, Xor};
+        let swizzle = if row_words == 32 {
+            E::bin(And, row.clone(), E::I32(7))
+        } else {
+            E::bin(And, E::bin(Shr, row.clone(), E::I32(1)), E::I32(3))
+        };
+        row * E::I32(row_words as i32) + E::bin(Xor, chunk, swizzle) * E::I32(4)
+    }
+
+    /// The word of chunk `chunk` of row `row` of `a`.
+    fn a(self, row: E, chunk: E) -> E {
+        Self::swizzled(row, chunk, self.a_row())
     }
 
     /// The word of chunk `chunk` of row `row` of `b`.
-    fn b(row: E, chunk: E) -> E {
-        let swizzle = E::bin(super::form::BinOp::And, row.clone(), E::I32(7));
-        row * E::I32(Self::B_ROW as i32) + E::bin(super::form::BinOp::Xor, chunk, swizzle) * E::I32(4)
+    fn b(self, row: E, chunk: E) -> E {
+        Self::swizzled(row, chunk, 32)
     }
 }
 
-/// The product on tensor cores in bf16 (`--precision bf16`): 64 x 64
-/// tiles, four warps each computing a 32 x 32 quarter as 2 x 4 m16n8k16
-/// products. `a` and `b` are rounded to bf16 pairs as they are staged
-/// (each invocation moves chunks of 8 values: two 16-byte loads, one
-/// 16-byte store), `BF16_K` deep, double-buffered like `matmul_wide`'s
-/// (the next depth's device loads issued before the current one's
-/// products); the fragments come out of workgroup memory by `ldmatrix`,
-/// `b`'s transposed. Staging from bf16 weights with `cp.async` needs the
-/// weights stored at their width on the device, which they are not yet.
-fn matmul_bf16(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec<u32>, u64) {
+/// The product on tensor cores (`--precision bf16|tf32`): 64 x 64 tiles,
+/// four warps each computing a 32 x 32 quarter as 2 x 4 products of
+/// m16n8k16 (bf16) or m16n8k8 (tf32). `a` and `b` are staged `TC_K` deep in
+/// chunks of 16 bytes (bf16: 8 values rounded to pairs, from two 16-byte
+/// loads; tf32: 4 values, `b`'s gathered down a column), double-buffered
+/// like `matmul_wide`'s (the next depth's device loads issued before the
+/// current one's products); the fragments come out of workgroup memory by
+/// `ldmatrix` (bf16 `b` transposed by it). Staging from bf16 weights with
+/// `cp.async` needs the weights at their width on the device, which they
+/// are not yet.
+fn matmul_tc(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precision) -> (Kernel, Vec<u32>, u64) {
+    let layout = TcLayout { bf16: precision == Precision::Bf16 };
+    let per = layout.per_chunk();
     let mut b = Builder::new(MMA_THREADS);
     let p = Product::new(&mut b, k, at, [TILE, TILE]);
-    let (sa, sb) = (b.shared(2 * Bf16Layout::A_WORDS as u32), b.shared(2 * Bf16Layout::B_WORDS as u32));
+    let (sa, sb) = (b.shared(2 * layout.a_words() as u32), b.shared(2 * layout.b_words() as u32));
     let t = b.thread();
     p.tiles(&mut b, |b, tile| {
         let p = p.hoisted(b);
@@ -802,54 +760,79 @@ fn matmul_bf16(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec
                 (b.let_(row), b.let_(col))
             })
             .collect();
-        // Each invocation's chunks of `a` (row, chunk of k) and `b` (row of
-        // k, chunk of n): 256 of each, two an invocation.
+        // Each invocation's chunks: of `a` (row, chunk along k), of `b`
+        // (bf16: row of k, chunk along n; tf32: column n, chunk along k).
         let threads = MMA_THREADS as usize;
-        let chunks = |b: &mut Builder, per_row: usize| -> Vec<(E, E)> {
-            (0..2)
+        let units = |b: &mut Builder, count: usize, outer_first: bool, across: usize| -> Vec<(E, E)> {
+            (0..count / threads)
                 .map(|i| {
                     let e = t.clone() + E::I32((i * threads) as i32);
-                    (b.let_(e.clone() / E::I32(per_row as i32)), b.let_(e % E::I32(per_row as i32)))
+                    let (q, r) = (e.clone() / E::I32(across as i32), e % E::I32(across as i32));
+                    let (q, r) = (b.let_(q), b.let_(r));
+                    if outer_first {
+                        (q, r)
+                    } else {
+                        (r, q)
+                    }
                 })
                 .collect()
         };
-        let a_chunks = chunks(b, BF16_K / 8);
-        let b_chunks = chunks(b, TILE / 8);
-        let a_vars: Vec<Vec<Var>> = (0..2).map(|_| (0..8).map(|_| b.var(E::F32(0.0))).collect()).collect();
-        let b_vars: Vec<Vec<Var>> = (0..2).map(|_| (0..8).map(|_| b.var(E::F32(0.0))).collect()).collect();
+        let a_units = units(b, TILE * TC_K / per, true, TC_K / per);
+        let b_units = if layout.bf16 {
+            units(b, TC_K * TILE / per, true, TILE / per)
+        } else {
+            units(b, TC_K * TILE / per, false, TILE)
+        };
+        let vars = |b: &mut Builder, n: usize| -> Vec<Vec<Var>> {
+            (0..n).map(|_| (0..per).map(|_| b.var(E::F32(0.0))).collect()).collect()
+        };
+        let (a_vars, b_vars) = (vars(b, a_units.len()), vars(b, b_units.len()));
         let fetch = |b: &mut Builder, k0: &E| {
-            for ((row, chunk), vars) in a_chunks.iter().zip(&a_vars) {
+            for ((row, chunk), vars) in a_units.iter().zip(&a_vars) {
                 let gr = tile.row0.clone() + row.clone();
-                let first = b.let_(k0.clone() + chunk.clone() * E::I32(8));
+                let first = b.let_(k0.clone() + chunk.clone() * E::I32(per as i32));
                 let [rs, cs] = p.a_strides.clone();
                 let addr = b.let_(tile.a.clone() + gr.clone() * rs + first.clone() * cs.clone());
                 let inside = b.let_(gr.lt(p.m.clone()));
-                p.fetch8(b, p.pa.space, &addr, &cs, p.vector_a, (inside, first, p.kk.clone()), vars);
+                p.fetch_along(b, p.pa.space, &addr, &cs, p.vector_a, (inside, first, p.kk.clone()), vars);
             }
-            for ((row, chunk), vars) in b_chunks.iter().zip(&b_vars) {
-                let gr = k0.clone() + row.clone();
-                let first = b.let_(tile.col0.clone() + chunk.clone() * E::I32(8));
+            for ((row, chunk), vars) in b_units.iter().zip(&b_vars) {
                 let [rs, cs] = p.b_strides.clone();
-                let addr = b.let_(tile.b.clone() + gr.clone() * rs + first.clone() * cs.clone());
-                let inside = b.let_(gr.lt(p.kk.clone()));
-                p.fetch8(b, p.pb.space, &addr, &cs, p.vector_b, (inside, first, p.n.clone()), vars);
+                if layout.bf16 {
+                    // Row k, 8 columns n from the chunk's.
+                    let gr = k0.clone() + row.clone();
+                    let first = b.let_(tile.col0.clone() + chunk.clone() * E::I32(per as i32));
+                    let addr = b.let_(tile.b.clone() + gr.clone() * rs + first.clone() * cs.clone());
+                    let inside = b.let_(gr.lt(p.kk.clone()));
+                    p.fetch_along(b, p.pb.space, &addr, &cs, p.vector_b, (inside, first, p.n.clone()), vars);
+                } else {
+                    // Column n, 4 rows k from the chunk's: one word each.
+                    let gc = tile.col0.clone() + row.clone();
+                    let first = b.let_(k0.clone() + chunk.clone() * E::I32(per as i32));
+                    let addr = b.let_(tile.b.clone() + first.clone() * rs.clone() + gc.clone() * cs);
+                    let inside = b.let_(gc.lt(p.n.clone()));
+                    p.fetch_along(b, p.pb.space, &addr, &rs, false, (inside, first, p.kk.clone()), vars);
+                }
             }
         };
         let put = |b: &mut Builder, write: [E; 2]| {
-            for (((row, chunk), vars), (shared, to, word)) in a_chunks
-                .iter()
-                .zip(&a_vars)
-                .map(|(c, v)| (c, v, (sa, write[0].clone(), Bf16Layout::a as fn(E, E) -> E)))
-                .chain(
-                    b_chunks
-                        .iter()
-                        .zip(&b_vars)
-                        .map(|(c, v)| (c, v, (sb, write[1].clone(), Bf16Layout::b as fn(E, E) -> E))),
-                )
-                .map(|(c, v, s)| ((c, v), s))
-            {
-                let packed = [0, 1, 2, 3].map(|j| b.pack_bf16(E::Var(vars[2 * j]), E::Var(vars[2 * j + 1])));
-                b.store_shared4(shared, to + word(row.clone(), chunk.clone()), packed);
+            let sides = [(&a_units, &a_vars, sa, &write[0], true), (&b_units, &b_vars, sb, &write[1], false)];
+            for (units, vars, shared, to, of_a) in sides {
+                for ((row, chunk), vars) in units.iter().zip(vars) {
+                    let words: [E; 4] = if layout.bf16 {
+                        [0, 1, 2, 3].map(|j| b.pack_bf16(E::Var(vars[2 * j]), E::Var(vars[2 * j + 1])))
+                    } else {
+                        [0, 1, 2, 3].map(|j| E::Var(vars[j]))
+                    };
+                    let at =
+                        if of_a { layout.a(row.clone(), chunk.clone()) } else { layout.b(row.clone(), chunk.clone()) };
+                    if layout.bf16 {
+                        let bits = words.map(|w| w.bits(Ty::F32));
+                        b.store_shared4(shared, to.clone() + at, bits);
+                    } else {
+                        b.store_shared4(shared, to.clone() + at, words);
+                    }
+                }
             }
         };
         let acc: Vec<[Var; 4]> = (0..8).map(|_| [0; 4].map(|_| b.var(E::F32(0.0)))).collect();
@@ -861,30 +844,45 @@ fn matmul_bf16(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec
         // The lane's row in its `ldmatrix` matrices: lane 8i + j gives row j
         // of matrix i.
         let (matrix, row_in) = (b.let_(lane.clone() / E::I32(8)), b.let_(lane.clone() % E::I32(8)));
-        let step = BF16_K as i32;
+        let step = TC_K as i32;
+        let depth = if layout.bf16 { 16 } else { 8 };
         b.for_(E::I32(0), p.kk.clone(), E::I32(step), |b, k0| {
             let next = b.let_(k0.clone() + E::I32(step));
             let more = b.let_(next.clone().lt(p.kk.clone()));
             b.if_(more.clone(), |b| fetch(b, &next));
-            for ks in 0..(BF16_K / 16) as i32 {
-                // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7),
-                // (rows 0-7, k 8-15), (rows 8-15, k 8-15): a0..a3.
+            for ks in 0..(TC_K / depth) as i32 {
+                // A: matrices (rows 0-7, k lo), (rows 8-15, k lo), (rows
+                // 0-7, k hi), (rows 8-15, k hi): the four registers of A.
                 let a_frags = [0, 1].map(|mt| {
                     let row = wrow.clone() + E::I32(16 * mt) + matrix.clone() % E::I32(2) * E::I32(8) + row_in.clone();
                     let chunk = E::I32(2 * ks) + matrix.clone() / E::I32(2);
-                    b.load_matrix(sa, E::Var(read_a) + Bf16Layout::a(row, chunk), false)
+                    b.load_matrix(sa, E::Var(read_a) + layout.a(row, chunk), false)
                 });
-                // B, transposed: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7,
-                // n 8-15), (k 8-15, n 8-15): b0, b1 of two n8 tiles.
                 for np in 0..2usize {
-                    let row = E::I32(16 * ks) + matrix.clone() % E::I32(2) * E::I32(8) + row_in.clone();
-                    let chunk = (wcol.clone() + E::I32(16 * np as i32)) / E::I32(8) + matrix.clone() / E::I32(2);
-                    let bf = b.load_matrix(sb, E::Var(read_b) + Bf16Layout::b(row, chunk), true);
+                    // B of two n8 tiles: (k lo, n), (k hi, n), (k lo, n +
+                    // 8), (k hi, n + 8): b0, b1 of each.
+                    let bf = if layout.bf16 {
+                        let row = E::I32(16 * ks) + matrix.clone() % E::I32(2) * E::I32(8) + row_in.clone();
+                        let chunk = (wcol.clone() + E::I32(16 * np as i32)) / E::I32(8) + matrix.clone() / E::I32(2);
+                        b.load_matrix(sb, E::Var(read_b) + layout.b(row, chunk), true)
+                    } else {
+                        let row = wcol.clone()
+                            + E::I32(16 * np as i32)
+                            + matrix.clone() / E::I32(2) * E::I32(8)
+                            + row_in.clone();
+                        let chunk = E::I32(2 * ks) + matrix.clone() % E::I32(2);
+                        b.load_matrix(sb, E::Var(read_b) + layout.b(row, chunk), false)
+                    };
                     for (half, pair) in [[0, 1], [2, 3]].into_iter().enumerate() {
                         let nt = 2 * np + half;
                         for (mt, af) in a_frags.iter().enumerate() {
                             let bfrag = [bf[pair[0]].clone(), bf[pair[1]].clone()];
-                            b.mma_bf16(af.clone(), bfrag, acc[mt * 4 + nt]);
+                            if layout.bf16 {
+                                b.mma_bf16(af.clone(), bfrag, acc[mt * 4 + nt]);
+                            } else {
+                                let f = |x: &E| x.clone().bits(Ty::F32);
+                                b.mma(Precision::Tf32, af.each_ref().map(f), bfrag.each_ref().map(f), acc[mt * 4 + nt]);
+                            }
                         }
                     }
                 }
@@ -893,14 +891,14 @@ fn matmul_bf16(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec
                 put(
                     b,
                     [
-                        E::I32(Bf16Layout::A_WORDS as i32) - E::Var(read_a),
-                        E::I32(Bf16Layout::B_WORDS as i32) - E::Var(read_b),
+                        E::I32(layout.a_words() as i32) - E::Var(read_a),
+                        E::I32(layout.b_words() as i32) - E::Var(read_b),
                     ],
                 )
             });
             b.barrier();
-            b.set(read_a, E::I32(Bf16Layout::A_WORDS as i32) - E::Var(read_a));
-            b.set(read_b, E::I32(Bf16Layout::B_WORDS as i32) - E::Var(read_b));
+            b.set(read_a, E::I32(layout.a_words() as i32) - E::Var(read_a));
+            b.set(read_b, E::I32(layout.b_words() as i32) - E::Var(read_b));
         });
         for mt in 0..2 {
             for nt in 0..4 {
@@ -912,7 +910,7 @@ fn matmul_bf16(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place) -> (Kernel, Vec
             }
         }
     });
-    let name = p.name("matmul_mma_bf16_k16", k);
+    let name = p.name(&format!("matmul_mma_{}_ldsm", precision.name()), k);
     let (kernel, params) = b.finish(name);
     (kernel, params, groups(k, [TILE, TILE]))
 }
