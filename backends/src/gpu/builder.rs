@@ -140,6 +140,16 @@ impl Builder {
         self.push(S::StoreShared4 { shared, index, values });
     }
 
+    /// Starts an asynchronous copy of 4 words (see `S::CopyAsync`).
+    pub fn copy_async(&mut self, shared: Shared, index: E, space: Space, src: E, words: E) {
+        self.push(S::CopyAsync { shared, index, space, src, words });
+    }
+
+    /// Waits for this invocation's asynchronous copies (see `S::CopyWait`).
+    pub fn copy_wait(&mut self) {
+        self.push(S::CopyWait);
+    }
+
     /// `lo` and `hi` rounded to bf16 and packed (see `S::PackBf16`).
     pub fn pack_bf16(&mut self, lo: E, hi: E) -> E {
         let into = self.var(E::U32(0));

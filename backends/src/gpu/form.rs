@@ -236,6 +236,20 @@ pub enum S {
         b: [E; 2],
         acc: [Var; 4],
     },
+    /// Starts copying the 4 words at `src` (a multiple of 4) of a space to
+    /// `index` (a multiple of 4) of a workgroup array, without registers
+    /// (`cp.async`, PTX only): the first `words` of them (0 to 4), zeros
+    /// after. The copy lands by the next `S::CopyWait`.
+    CopyAsync {
+        shared: Shared,
+        index: E,
+        space: Space,
+        src: E,
+        words: E,
+    },
+    /// Waits for this invocation's `S::CopyAsync`s (a barrier after it
+    /// makes them visible to the workgroup).
+    CopyWait,
     /// Two f32 rounded to bf16 (to nearest, ties to even) and packed in one
     /// u32, `lo` in the low half: a tensor-core operand pair.
     PackBf16 {
@@ -389,6 +403,13 @@ impl Kernel {
                         e(index, out)
                     }
                     S::LoadShared4 { index, .. } | S::LoadMatrix { index, .. } => e(index, out),
+                    S::CopyAsync { index, space, src, words, .. } => {
+                        out.push(*space);
+                        e(index, out);
+                        e(src, out);
+                        e(words, out)
+                    }
+                    S::CopyWait => {}
                     S::PackBf16 { lo, hi, .. } => {
                         e(lo, out);
                         e(hi, out)

@@ -730,10 +730,11 @@ impl TcLayout {
 /// chunks of 16 bytes (bf16: 8 values rounded to pairs, from two 16-byte
 /// loads; tf32: 4 values, `b`'s gathered down a column), double-buffered
 /// like `matmul_wide`'s (the next depth's device loads issued before the
-/// current one's products); the fragments come out of workgroup memory by
-/// `ldmatrix` (bf16 `b` transposed by it). Staging from bf16 weights with
-/// `cp.async` needs the weights at their width on the device, which they
-/// are not yet.
+/// current one's products; tf32's `a`, where its rows are 16-byte
+/// aligned, copied by `cp.async` with no registers between); the fragments
+/// come out of workgroup memory by `ldmatrix` (bf16 `b` transposed by it).
+/// Copying bf16 weights the same way needs them at their width on the
+/// device, which they are not yet.
 fn matmul_tc(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precision) -> (Kernel, Vec<u32>, u64) {
     let layout = TcLayout { bf16: precision == Precision::Bf16 };
     let per = layout.per_chunk();
@@ -787,14 +788,26 @@ fn matmul_tc(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precis
             (0..n).map(|_| (0..per).map(|_| b.var(E::F32(0.0))).collect()).collect()
         };
         let (a_vars, b_vars) = (vars(b, a_units.len()), vars(b, b_units.len()));
-        let fetch = |b: &mut Builder, k0: &E| {
+        // tf32 stages `a` as it lies: 16-byte copies straight into the
+        // buffer being filled (`cp.async`), where its rows allow them.
+        let copy_a = !layout.bf16 && p.vector_a;
+        let fetch = |b: &mut Builder, k0: &E, write_a: &E| {
             for ((row, chunk), vars) in a_units.iter().zip(&a_vars) {
                 let gr = tile.row0.clone() + row.clone();
                 let first = b.let_(k0.clone() + chunk.clone() * E::I32(per as i32));
                 let [rs, cs] = p.a_strides.clone();
                 let addr = b.let_(tile.a.clone() + gr.clone() * rs + first.clone() * cs.clone());
                 let inside = b.let_(gr.lt(p.m.clone()));
-                p.fetch_along(b, p.pa.space, &addr, &cs, p.vector_a, (inside, first, p.kk.clone()), vars);
+                if copy_a {
+                    // The words inside (zeros after), from a row inside.
+                    let left = (p.kk.clone() - first.clone()).max(E::I32(0)).min(E::I32(per as i32));
+                    let words = E::select(inside.clone(), left, E::I32(0));
+                    let from = E::select(inside, addr, tile.a.clone());
+                    let to = write_a.clone() + layout.a(row.clone(), chunk.clone());
+                    b.copy_async(sa, to, p.pa.space, from, words);
+                } else {
+                    p.fetch_along(b, p.pa.space, &addr, &cs, p.vector_a, (inside, first, p.kk.clone()), vars);
+                }
             }
             for ((row, chunk), vars) in b_units.iter().zip(&b_vars) {
                 let [rs, cs] = p.b_strides.clone();
@@ -818,6 +831,11 @@ fn matmul_tc(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precis
         let put = |b: &mut Builder, write: [E; 2]| {
             let sides = [(&a_units, &a_vars, sa, &write[0], true), (&b_units, &b_vars, sb, &write[1], false)];
             for (units, vars, shared, to, of_a) in sides {
+                if of_a && copy_a {
+                    // Copied as it was fetched; here it lands.
+                    b.copy_wait();
+                    continue;
+                }
                 for ((row, chunk), vars) in units.iter().zip(vars) {
                     let words: [E; 4] = if layout.bf16 {
                         [0, 1, 2, 3].map(|j| b.pack_bf16(E::Var(vars[2 * j]), E::Var(vars[2 * j + 1])))
@@ -836,7 +854,7 @@ fn matmul_tc(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precis
             }
         };
         let acc: Vec<[Var; 4]> = (0..8).map(|_| [0; 4].map(|_| b.var(E::F32(0.0)))).collect();
-        fetch(b, &E::I32(0));
+        fetch(b, &E::I32(0), &E::I32(0));
         put(b, [E::I32(0), E::I32(0)]);
         b.barrier();
         let read_a = b.var(E::I32(0));
@@ -849,7 +867,8 @@ fn matmul_tc(k: &MatMulKernel, at: &dyn Fn(BufferId) -> Place, precision: Precis
         b.for_(E::I32(0), p.kk.clone(), E::I32(step), |b, k0| {
             let next = b.let_(k0.clone() + E::I32(step));
             let more = b.let_(next.clone().lt(p.kk.clone()));
-            b.if_(more.clone(), |b| fetch(b, &next));
+            let write_a = b.let_(E::I32(layout.a_words() as i32) - E::Var(read_a));
+            b.if_(more.clone(), |b| fetch(b, &next, &write_a));
             for ks in 0..(TC_K / depth) as i32 {
                 // A: matrices (rows 0-7, k lo), (rows 8-15, k lo), (rows
                 // 0-7, k hi), (rows 8-15, k hi): the four registers of A.

@@ -245,6 +245,19 @@ impl Printer<'_> {
             S::Barrier => self.line("bar.sync 0;"),
             S::Reduce { how, value, into, scratch } => self.reduce(*how, value, *into, *scratch),
             S::Mma { precision, a, b, acc } => self.mma(*precision, a, b, acc),
+            S::CopyAsync { shared, index, space, src, words } => {
+                let at = self.shared_address(*shared, index);
+                let base = self.base(*space);
+                let from = self.address(&base, src);
+                let w = self.e(words).name;
+                let bytes = self.temp(Ty::U32).name;
+                self.line(&format!("shl.b32 {bytes}, {w}, 2;"));
+                self.line(&format!("cp.async.cg.shared.global [{at}], [{from}], 16, {bytes};"));
+            }
+            S::CopyWait => {
+                self.line("cp.async.commit_group;");
+                self.line("cp.async.wait_group 0;");
+            }
             S::PackBf16 { lo, hi, into } => {
                 let (lo, hi) = (self.e(lo).name, self.e(hi).name);
                 let d = self.var(*into).name;

@@ -133,7 +133,12 @@ impl Printer<'_> {
                 S::Barrier => {
                     let _ = writeln!(out, "{pad}workgroupBarrier();");
                 }
-                S::Mma { .. } | S::MmaBf16 { .. } | S::LoadMatrix { .. } | S::PackBf16 { .. } => {
+                S::Mma { .. }
+                | S::MmaBf16 { .. }
+                | S::LoadMatrix { .. }
+                | S::PackBf16 { .. }
+                | S::CopyAsync { .. }
+                | S::CopyWait => {
                     unreachable!("tensor-core kernels are built for PTX only")
                 }
                 S::Load4 { space, index, into } => {

@@ -210,6 +210,20 @@ enum Ins {
         offset: i64,
         trans: bool,
     },
+    /// `cp.async.cg.shared.global [dst], [src], 16, bytes`: the first
+    /// `bytes` of 16 from global memory to a workgroup array, zeros after,
+    /// landing at the next `cp.async.wait_group 0`.
+    CpAsync {
+        dst: Src,
+        dst_offset: i64,
+        src: Src,
+        src_offset: i64,
+        bytes: Src,
+    },
+    /// `cp.async.wait_group 0` (after `cp.async.commit_group`, a no-op here).
+    CpAsyncWait,
+    /// Nothing to do: `cp.async.commit_group`.
+    Nop,
     /// `st.shared.v4.{f32,u32} [addr], {s0, s1, s2, s3}`.
     StShared4 {
         addr: Src,
@@ -628,6 +642,16 @@ pub fn parse(text: &str) -> Result<Kernel, String> {
                 Ins::Bra { target: usize::MAX }
             }
             "bar" if parts.get(1) == Some(&"sync") => Ins::Bar,
+            "cp" if opcode == "cp.async.cg.shared.global" => {
+                want(4)?;
+                if ops[2] != "16" {
+                    return err(line, "a cp.async of other than 16 bytes");
+                }
+                let ((dst, dst_offset), (from, src_offset)) = (address(ops[0])?, address(ops[1])?);
+                Ins::CpAsync { dst, dst_offset, src: from, src_offset, bytes: src(ops[3])? }
+            }
+            "cp" if opcode == "cp.async.commit_group" => Ins::Nop,
+            "cp" if opcode == "cp.async.wait_group" && ops == ["0"] => Ins::CpAsyncWait,
             "shfl" if opcode == "shfl.sync.bfly.b32" => {
                 want(5)?;
                 if ops[3] != "31" || ops[4] != "-1" {
@@ -692,6 +716,8 @@ struct Thread {
     /// instruction, the array, the first word and how many words (1, or 4
     /// for a vector access).
     shared_log: Vec<(u32, u32, u32, u32)>,
+    /// `cp.async` copies not yet waited for: array, byte offset, bytes.
+    pending: Vec<(usize, usize, [u8; 16])>,
 }
 
 /// The lanes of each warp meet at the same shared access in the same order
@@ -793,6 +819,7 @@ fn run_block(
             regs: vec![0; k.registers],
             local: k.local.iter().map(|&b| vec![0; b]).collect(),
             shared_log: vec![],
+            pending: vec![],
         })
         .collect();
     let mut executed = 0u64;
@@ -1195,6 +1222,42 @@ fn step_until_sync(
             Ins::Selp { d, a, b, c } => t.regs[d as usize] = if v(t, c) != 0 { v(t, a) } else { v(t, b) },
             Ins::Bra { target } => t.pc = target,
             Ins::Bar => return Ok(Stop::Barrier),
+            Ins::Nop => {}
+            Ins::CpAsync { dst, dst_offset, src, src_offset, bytes } => {
+                let (arr, off) = shared4(k, v(t, dst).wrapping_add(dst_offset as u64), shared)?;
+                let n = v(t, bytes) as usize;
+                if n > 16 || n % 4 != 0 {
+                    return Err(format!("{}: a cp.async of {n} bytes", k.name));
+                }
+                let mut data = [0u8; 16];
+                if n > 0 {
+                    let a = v(t, src).wrapping_add(src_offset as u64);
+                    if a % 16 != 0 {
+                        return Err(format!("{}: a cp.async from {a:#x}, which is not 16-byte aligned", k.name));
+                    }
+                    let b = (a >> 40) as usize;
+                    let buf = b
+                        .checked_sub(1)
+                        .and_then(|b| mem.buffers.get(b))
+                        .ok_or_else(|| format!("{}: cp.async from {a:#x}, which is in no buffer", k.name))?;
+                    let from = (a & OFFSET_MASK) as usize;
+                    if from + n > buf.len() {
+                        return Err(format!(
+                            "{}: global buffer {}: a cp.async of {n} bytes at byte {from} outside its {} bytes",
+                            k.name,
+                            b - 1,
+                            buf.len()
+                        ));
+                    }
+                    data[..n].copy_from_slice(&buf[from..from + n]);
+                }
+                t.pending.push((arr, off, data));
+            }
+            Ins::CpAsyncWait => {
+                for (arr, off, data) in t.pending.drain(..) {
+                    shared[arr][off..off + 16].copy_from_slice(&data);
+                }
+            }
             Ins::ShflBfly { d, a, lanes } => return Ok(Stop::Shuffle { pc: t.pc - 1, value: v(t, a), d, lanes }),
             Ins::Mma { kind, d, ref a, ref b, c } => {
                 let mut fa = [0u32; 4];
