@@ -74,8 +74,8 @@ impl VMath {
         acc
     }
 
-    /// `e^x`: the kernel library's `exp` (about 1 ulp wherever `e^x` is a
-    /// normal f32, 0 below, infinity above), written in CLIF.
+    /// `e^x`: the kernel library's `exp` (about 1 ulp from `EXP_LOW`, 0
+    /// below, infinity above the overflow), written in CLIF.
     pub fn exp(&self, b: &mut FunctionBuilder, x: Value) -> Value {
         let hi = self.c(b, EXP_OVERFLOW);
         let lo = self.c(b, EXP_LOW);
@@ -96,23 +96,20 @@ impl VMath {
         let p = b.ins().fma(p, z, r);
         let one = self.c(b, 1.0);
         let p = b.ins().fadd(p, one);
-        // 2^n from the exponent bits, in two halves: n reaches 128 at the
-        // top of the range, one past the largest exponent. NaN inputs
-        // saturate to 0 here and stay NaN in `p`.
+        // 2^n from the exponent bits, as 2^(n - 1) doubled: n reaches 128
+        // at the top of the range, one past the largest exponent. NaN
+        // inputs saturate to 0 here and stay NaN in `p`.
         let ni = b.ins().fcvt_to_sint_sat(self.int_ty(), n);
-        let n1 = b.ins().sshr_imm_u(ni, 1);
-        let n2 = b.ins().isub(ni, n1);
-        let mut y = p;
-        for half in [n1, n2] {
-            let bias = self.ci(b, 127);
-            let e = b.ins().iadd(half, bias);
-            let e = b.ins().ishl_imm_u(e, 23);
-            let scale = b.ins().bitcast(self.float_ty(), MemFlagsData::new(), e);
-            y = b.ins().fmul(y, scale);
-        }
+        let bias = self.ci(b, 126);
+        let e = b.ins().iadd(ni, bias);
+        let e = b.ins().ishl_imm_u(e, 23);
+        let scale = b.ins().bitcast(self.float_ty(), MemFlagsData::new(), e);
+        let y = b.ins().fmul(p, scale);
+        let two = self.c(b, 2.0);
+        let y = b.ins().fmul(y, two);
         // Past f32's range, infinity (the clamp above keeps the polynomial
         // finite): sigmoid(-inf) is then exactly 0, as libm's gives it.
-        // Below its normal numbers, 0 (flushed, as the kernel library).
+        // Below `EXP_LOW`, 0 (flushed, as the kernel library).
         let inf = self.c(b, f32::INFINITY);
         let over = b.ins().fcmp(FloatCC::GreaterThan, unclamped, hi);
         let y = self.select(b, over, inf, y);
