@@ -189,21 +189,28 @@ output \"log\" = v8
 "
     ))
     .unwrap();
-    // Evenly over [-30, 30), then densely around zero.
+    // Evenly over [-87, 88.7) (exp's whole range: e^88.4 came out infinite
+    // when 2^128 was one factor), then densely around zero.
     let xs: Vec<f32> =
         (0..n)
             .map(|i| {
                 if i < n / 2 {
-                    -30.0 + 60.0 * i as f32 / (n / 2) as f32
+                    -87.0 + 175.7 * i as f32 / (n / 2) as f32
                 } else {
                     (i as f32 - (3 * n / 4) as f32) * 1e-4
                 }
             })
             .collect();
+    let mut xs = xs;
+    // And the ends: infinities, past the overflow, NaN.
+    xs[..5].copy_from_slice(&[f32::NEG_INFINITY, f32::INFINITY, -200.0, 89.0, f32::NAN]);
     let x = egret::ir::Tensor::from_vec(vec![n], xs);
     let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap();
     let ptx = common::interpreted_ptx(&g, &Default::default());
     let got = ptx.run(vec![x]).unwrap();
+    let ends = &got[0].as_f32().unwrap()[..5];
+    assert_eq!(&ends[..4], &[0.0, f32::INFINITY, 0.0, f32::INFINITY], "exp at the ends");
+    assert!(ends[4].is_nan());
     for ((gt, w), (name, _)) in got.iter().zip(&want).zip(g.outputs()) {
         let r = egret::check::compare(name, gt, w, egret::check::Tolerance::default());
         println!("{name}: max abs err {:.2e}, max rel err {:.2e}", r.max_abs, r.max_rel);

@@ -633,8 +633,18 @@ impl Printer<'_> {
         self.line(&format!("abs.f32 {abs}, {t};"));
         self.line(&format!("setp.eq.f32 {inf}, {abs}, {};", f32_imm(f32::INFINITY)));
         self.line(&format!("selp.f32 {f}, {}, {f}, {inf};", f32_imm(0.0)));
+        // 2^n as 2^min(n, 127) times 2^(n - that): n reaches 128 below
+        // the overflow (e^88.4 is finite, 2^128 is not). The difference is
+        // NaN for an infinite n: `max` takes 0 then (the infinity stays in
+        // the first factor).
+        let top = self.temp(Ty::F32).name;
+        self.line(&format!("min.f32 {top}, {n}, {};", f32_imm(127.0)));
+        self.line(&format!("sub.f32 {n}, {n}, {top};"));
+        self.line(&format!("max.f32 {n}, {n}, {};", f32_imm(0.0)));
         self.line(&format!("ex2.approx.ftz.f32 {f}, {f};"));
+        self.line(&format!("ex2.approx.ftz.f32 {top}, {top};"));
         self.line(&format!("ex2.approx.ftz.f32 {n}, {n};"));
+        self.line(&format!("mul.f32 {f}, {f}, {top};"));
         self.line(&format!("mul.f32 {d}, {f}, {n};"));
     }
 }
