@@ -152,6 +152,10 @@ for m in ../shared/perf/deit_tiny ../shared/perf/gpt2_small4 tests/data/zoo/bert
     done
     step "bench $m wgsl" json 60 vulkan "dir:$m" -- "$egret" bench "$m" --backend wgsl --iters 50 --json
 done
+# What recording a run's launches as a CUDA graph saves: the same model
+# with each kernel launched one by one.
+step "bench gpt2_small4 ptx f32 without CUDA graphs" json 60 cuda "dir:../shared/perf/gpt2_small4" -- \
+    env EGRET_CUDA_GRAPHS=0 "$egret" bench ../shared/perf/gpt2_small4 --backend ptx --iters 50 --json
 
 # Base-size models, exported here with torch (no download): GPT-2 small.
 models="$out/models"

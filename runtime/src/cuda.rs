@@ -1,7 +1,7 @@
 //! The CUDA driver's device for the PTX backend (feature `cuda`): kernels
 //! loaded and launched through `cudarc`'s dynamically loaded driver API.
 
-use crate::ptx::PtxDevice;
+use crate::ptx::{LaunchOf, PtxDevice};
 
 /// What to do when there is no CUDA driver.
 pub const NO_DRIVER_HINT: &str =
@@ -116,9 +116,14 @@ impl PtxDevice for CudaDevice {
     type Recording = CudaGraph;
 
     /// Stream capture: the launches are recorded on the device's stream,
-    /// not run, and instantiated as one graph.
-    fn record(&self, launches: &[(&CudaFunction, [u32; 3], u32, &[u64])]) -> Result<Option<CudaGraph>, String> {
+    /// not run, and instantiated as one graph. `EGRET_CUDA_GRAPHS=0` turns
+    /// it off (each run launches its kernels one by one), to measure what
+    /// the graphs save.
+    fn record(&self, launches: &[LaunchOf<'_, CudaFunction>]) -> Result<Option<CudaGraph>, String> {
         use cudarc::driver::{result, sys};
+        if std::env::var("EGRET_CUDA_GRAPHS").is_ok_and(|v| v == "0") {
+            return Ok(None);
+        }
         self.current()?;
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         unsafe { result::stream::begin_capture(self.stream, mode) }.map_err(driver)?;
