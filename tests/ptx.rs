@@ -419,14 +419,18 @@ fn shared_memory_tiles_are_free_of_bank_conflicts() {
 struct Sass {
     ops: Vec<String>,
     loops: Vec<std::ops::Range<usize>>,
+    /// `ptxas -v`'s registers a thread.
+    registers: u64,
 }
 
 impl Sass {
     fn of(ptxas: &std::path::Path, nvdisasm: &std::path::Path, dir: &std::path::Path, name: &str, ptx: &str) -> Sass {
         let (source, cubin) = (dir.join(format!("{name}.ptx")), dir.join(format!("{name}.cubin")));
         std::fs::write(&source, ptx).unwrap();
-        let out = Command::new(ptxas).args(["-arch=sm_90", "-o"]).arg(&cubin).arg(&source).output().unwrap();
+        let out = Command::new(ptxas).args(["-arch=sm_90", "-v", "-o"]).arg(&cubin).arg(&source).output().unwrap();
         assert!(out.status.success(), "ptxas: {}", String::from_utf8_lossy(&out.stderr));
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        let registers = log.split("Used ").nth(1).and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0);
         let out = Command::new(nvdisasm).arg("-c").arg(&cubin).output().unwrap();
         assert!(out.status.success(), "nvdisasm: {}", String::from_utf8_lossy(&out.stderr));
         let (mut ops, mut labels, mut branches) = (vec![], BTreeMap::new(), vec![]);
@@ -454,7 +458,7 @@ impl Sass {
             .into_iter()
             .filter_map(|(at, target)| labels.get(&target).filter(|&&to| to <= at).map(|&to| to..at + 1))
             .collect();
-        Sass { ops, loops }
+        Sass { ops, loops, registers }
     }
 
     fn count(&self, range: std::ops::Range<usize>, op: &str) -> usize {
@@ -538,10 +542,13 @@ fn hot_kernels_sass_has_the_designed_instruction_mix() {
             }
             let wide_loads = sass.count(main.clone(), "LDS.128");
             report.push(format!(
-                "{}: main loop {} instructions, {:.0}% {work}, {wide_loads} LDS.128",
+                "{}: {} registers; main loop {} instructions, {:.0}% {work}, {wide_loads} LDS.128, {} LDSM, {} LDGSTS",
                 k.name,
+                sass.registers,
                 main.len(),
-                100.0 * share
+                100.0 * share,
+                sass.count(main.clone(), "LDSM"),
+                sass.count(main.clone(), "LDGSTS"),
             ));
             // What each design promises of its main loop (sm_90, ptxas 12.9):
             // the wide tiles 8 x 8 FFMA to 4 LDS.128 a step of k, the depth
