@@ -618,29 +618,27 @@ impl Printer<'_> {
     /// `n` and a fraction `f` in [-0.5, 0.5] (log2 e in two parts, so `f`
     /// keeps its precision for large |s|), `ex2.approx` of each.
     fn exp(&mut self, d: &str, s: &str) {
-        let (t, n, f, pn) = (self.temp(Ty::F32), self.temp(Ty::F32), self.temp(Ty::F32), self.temp(Ty::F32));
-        let (t, n, f, pn) = (t.name, n.name, f.name, pn.name);
+        let (c, t, n, f, pn) =
+            (self.temp(Ty::F32), self.temp(Ty::F32), self.temp(Ty::F32), self.temp(Ty::F32), self.temp(Ty::F32));
+        let (c, t, n, f, pn) = (c.name, t.name, n.name, f.name, pn.name);
+        // Clamped to [-105, 89], NaN kept: past them e^s is 0 or infinite
+        // in f32 all the same, and a larger |s| leaves the fraction below
+        // meaningless (e^1e10 was NaN, and tanh, erf and sigmoid of large
+        // inputs with it).
+        self.line(&format!("max.NaN.f32 {c}, {s}, {};", f32_imm(-105.0)));
+        self.line(&format!("min.NaN.f32 {c}, {c}, {};", f32_imm(89.0)));
         let hi = f32_imm(std::f32::consts::LOG2_E);
         let lo = f32_imm(1.925_963e-8);
-        self.line(&format!("mul.f32 {t}, {s}, {hi};"));
+        self.line(&format!("mul.f32 {t}, {c}, {hi};"));
         self.line(&format!("cvt.rni.f32.f32 {n}, {t};"));
         self.line(&format!("neg.f32 {pn}, {n};"));
-        self.line(&format!("fma.rn.f32 {f}, {s}, {hi}, {pn};"));
-        self.line(&format!("fma.rn.f32 {f}, {s}, {lo}, {f};"));
-        // For infinite `s` the fraction is inf - inf: take 0, so that
-        // exp(-inf) is 0 and exp(inf) is inf (NaN stays NaN through `n`).
-        let (abs, inf) = (self.temp(Ty::F32).name, self.temp(Ty::Bool).name);
-        self.line(&format!("abs.f32 {abs}, {t};"));
-        self.line(&format!("setp.eq.f32 {inf}, {abs}, {};", f32_imm(f32::INFINITY)));
-        self.line(&format!("selp.f32 {f}, {}, {f}, {inf};", f32_imm(0.0)));
+        self.line(&format!("fma.rn.f32 {f}, {c}, {hi}, {pn};"));
+        self.line(&format!("fma.rn.f32 {f}, {c}, {lo}, {f};"));
         // 2^n as 2^min(n, 127) times 2^(n - that): n reaches 128 below
-        // the overflow (e^88.4 is finite, 2^128 is not). The difference is
-        // NaN for an infinite n: `max` takes 0 then (the infinity stays in
-        // the first factor).
+        // the overflow (e^88.4 is finite, 2^128 is not).
         let top = self.temp(Ty::F32).name;
         self.line(&format!("min.f32 {top}, {n}, {};", f32_imm(127.0)));
         self.line(&format!("sub.f32 {n}, {n}, {top};"));
-        self.line(&format!("max.f32 {n}, {n}, {};", f32_imm(0.0)));
         self.line(&format!("ex2.approx.ftz.f32 {f}, {f};"));
         self.line(&format!("ex2.approx.ftz.f32 {top}, {top};"));
         self.line(&format!("ex2.approx.ftz.f32 {n}, {n};"));
