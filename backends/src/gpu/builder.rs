@@ -301,9 +301,16 @@ impl Builder {
         let integer = self.let_(E::un(UnOp::Floor, y.clone()).eq(y.clone()));
         let half = y.clone() * E::F32(0.5);
         let odd = E::un(UnOp::Floor, half.clone()).ne(half);
-        let negative = E::select(integer, E::select(odd, E::un(UnOp::Neg, mag.clone()), mag.clone()), E::F32(f32::NAN));
-        let r = E::select(x.lt(E::F32(0.0)), negative, mag);
-        E::select(y.eq(E::F32(0.0)), E::F32(1.0), r)
+        // A negative base takes an integer exponent, except -inf, whose
+        // power is +inf's (IEEE `pow`, as the reference's `powf`).
+        let not_integer = E::select(x.clone().eq(E::F32(f32::NEG_INFINITY)), mag.clone(), E::F32(f32::NAN));
+        let negative = E::select(integer, E::select(odd, E::un(UnOp::Neg, mag.clone()), mag.clone()), not_integer);
+        let r = E::select(x.clone().lt(E::F32(0.0)), negative, mag);
+        // 1 to any power, and -1 to an infinite one, is 1 (0 * inf and a
+        // NaN exponent would be NaN above); so is anything to the 0th.
+        let infinite = E::un(UnOp::Abs, y.clone()).eq(E::F32(f32::INFINITY));
+        let one = x.clone().eq(E::F32(1.0)).or(x.eq(E::F32(-1.0)).and(infinite)).or(y.eq(E::F32(0.0)));
+        E::select(one, E::F32(1.0), r)
     }
 
     /// NaN test without relying on `x != x` surviving a fast-math compiler:
