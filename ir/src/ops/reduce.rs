@@ -90,28 +90,11 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 let c = &mut acc[o];
                 *c = match kind {
                     ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => *c + a,
-                    ReduceKind::Max => {
-                        if a.is_nan() || *c >= a {
-                            if a.is_nan() {
-                                a
-                            } else {
-                                *c
-                            }
-                        } else {
-                            a
-                        }
-                    }
-                    ReduceKind::Min => {
-                        if a.is_nan() || *c <= a {
-                            if a.is_nan() {
-                                a
-                            } else {
-                                *c
-                            }
-                        } else {
-                            a
-                        }
-                    }
+                    // NaN wins, and stays (as numpy's and ONNX's reference
+                    // reductions): it was lost at the next number.
+                    ReduceKind::Max | ReduceKind::Min if c.is_nan() || a.is_nan() => f64::NAN,
+                    ReduceKind::Max => c.max(a),
+                    ReduceKind::Min => c.min(a),
                     ReduceKind::Prod => *c * a,
                     ReduceKind::L1 => *c + a.abs(),
                     ReduceKind::L2 | ReduceKind::SumSquare => *c + a * a,
