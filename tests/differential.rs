@@ -1613,3 +1613,85 @@ fn row_ops_hold_on_hostile_rows() {
         }
     }
 }
+
+/// Casts from f32 of the values that break them (halves, the integer
+/// types' edges, past i32, infinities, NaN, a subnormal) to every type a
+/// backend carries, on the CPU, the interpreted PTX and WGSL, against the
+/// reference. It found WGSL casting NaN to false (the driver's `NaN != 0`
+/// is false; NaN is non-zero, so true). GPU programs carry integers as i32
+/// and saturate a float cast to i64 there, by design (T5's position
+/// buckets cast `log(0)`): the i64 results are compared so clamped.
+#[test]
+fn casts_hold_on_edge_values() {
+    let xs: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        0.4,
+        0.5,
+        0.6,
+        1.5,
+        2.5,
+        -0.5,
+        -1.5,
+        -2.7,
+        127.9,
+        128.0,
+        255.0,
+        256.0,
+        -129.0,
+        300.5,
+        65535.0,
+        65536.5,
+        2147483520.0,
+        2147483648.0,
+        -2147483648.0,
+        -3e9,
+        3e9,
+        1e19,
+        -1e19,
+        1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-45,
+    ];
+    let n = xs.len();
+    let x = Tensor::from_vec(vec![n], xs.clone());
+    let wgsl = common::wgsl_adapter();
+    for to in ["bool", "i32", "i64", "u8", "i8", "u16", "i16", "f16", "bf16"] {
+        let g = parse(&format!(
+            "v0: f32[{n}] = input{{name=\"x\"}}\nv1: {to}[{n}] = cast{{to={to}}} v0\noutput \"y\" = v1\n"
+        ))
+        .unwrap();
+        let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
+        let mut runs: Vec<(String, Vec<f64>)> = vec![];
+        for opt_level in [0, 2] {
+            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
+            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
+            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+            runs.push((format!("cpu --opt {opt_level}"), cpu.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
+            let ptx = common::ptx_executable(&g, &opts);
+            runs.push((format!("ptx --opt {opt_level}"), ptx.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
+        }
+        if wgsl {
+            let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), Default::default()).unwrap();
+            let device = egret::runtime::WgpuDevice::shared().unwrap();
+            let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
+            runs.push(("wgsl".into(), exe.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
+        }
+        for (backend, got) in runs {
+            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                let b = if to == "i64" && !backend.starts_with("cpu") {
+                    b.clamp(i32::MIN as f64, i32::MAX as f64)
+                } else {
+                    b
+                };
+                assert!(
+                    a == b || (a.is_nan() && b.is_nan()),
+                    "cast to {to} on {backend}: {} gives {a}, the reference {b}",
+                    xs[i]
+                );
+            }
+        }
+    }
+}

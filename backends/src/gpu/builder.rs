@@ -420,7 +420,14 @@ impl Builder {
                 E::select(c, a, b)
             }
             Expr::BoolToF32(x) => E::select(self.expr(x, input), f(1.0), f(0.0)),
-            Expr::F32ToBool(x) => self.expr(x, input).ne(f(0.0)),
+            // NaN is non-zero: tested on the bits, as drivers need not
+            // keep NaN's IEEE comparisons (lavapipe's `NaN != 0` is false).
+            Expr::F32ToBool(x) => {
+                let x = self.expr(x, input);
+                let x = self.let_(x);
+                let nan = self.is_nan(x.clone());
+                x.ne(f(0.0)).or(nan)
+            }
             // Integer operands are i32 words (see the module docs of `form`).
             Expr::IntToF32(x) => self.expr(x, input).cast(Ty::F32),
             Expr::IntToBool(x) => self.expr(x, input).ne(E::I32(0)),
