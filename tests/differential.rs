@@ -1618,9 +1618,10 @@ fn row_ops_hold_on_hostile_rows() {
 /// types' edges, past i32, infinities, NaN, a subnormal) to every type a
 /// backend carries, on the CPU, the interpreted PTX and WGSL, against the
 /// reference. It found WGSL casting NaN to false (the driver's `NaN != 0`
-/// is false; NaN is non-zero, so true). GPU programs carry integers as i32
-/// and saturate a float cast to i64 there, by design (T5's position
-/// buckets cast `log(0)`): the i64 results are compared so clamped.
+/// is false; NaN is non-zero, so true). GPU programs carry integers as
+/// i32: a float cast to i64 saturates there where the float is infinite or
+/// NaN (T5's position buckets cast `log(0)`), and a finite one past i32 is
+/// an error naming the node (it saturated silently before).
 #[test]
 fn casts_hold_on_edge_values() {
     let xs: Vec<f32> = vec![
@@ -1655,29 +1656,44 @@ fn casts_hold_on_edge_values() {
         f32::NAN,
         1e-45,
     ];
-    let n = xs.len();
-    let x = Tensor::from_vec(vec![n], xs.clone());
     let wgsl = common::wgsl_adapter();
-    for to in ["bool", "i32", "i64", "u8", "i8", "u16", "i16", "f16", "bf16"] {
+    for to in ["bool", "i32", "i64", "u8", "i8", "u16", "i16", "f16", "bf16", "i64 past i32"] {
+        // The GPUs refuse a finite float past i32 cast to i64: first that,
+        // then the rest.
+        let past = to == "i64 past i32";
+        let to = if past { "i64" } else { to };
+        let beyond = |v: &f32| v.is_finite() && ((*v as f64) > i32::MAX as f64 || (*v as f64) < i32::MIN as f64);
+        let xs: Vec<f32> = xs.iter().copied().filter(|v| past == beyond(v) || (to != "i64")).collect();
+        let n = xs.len();
+        let x = Tensor::from_vec(vec![n], xs.clone());
         let g = parse(&format!(
             "v0: f32[{n}] = input{{name=\"x\"}}\nv1: {to}[{n}] = cast{{to={to}}} v0\noutput \"y\" = v1\n"
         ))
         .unwrap();
         let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
         let mut runs: Vec<(String, Vec<f64>)> = vec![];
+        let mut gpu_runs = vec![];
         for opt_level in [0, 2] {
             let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
             let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
             let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
             runs.push((format!("cpu --opt {opt_level}"), cpu.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
             let ptx = common::ptx_executable(&g, &opts);
-            runs.push((format!("ptx --opt {opt_level}"), ptx.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
+            gpu_runs.push((format!("ptx --opt {opt_level}"), ptx.run(vec![x.clone()])));
         }
         if wgsl {
             let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), Default::default()).unwrap();
             let device = egret::runtime::WgpuDevice::shared().unwrap();
             let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-            runs.push(("wgsl".into(), exe.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
+            gpu_runs.push(("wgsl".to_string(), exe.run(vec![x.clone()])));
+        }
+        for (backend, got) in gpu_runs {
+            if past {
+                let e = got.expect_err(&format!("{backend}: {xs:?} cast to i64")).to_string();
+                assert!(e.contains("outside the i32 range"), "{backend}: {e}");
+                continue;
+            }
+            runs.push((backend, got.unwrap()[0].to_f64_vec()));
         }
         for (backend, got) in runs {
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {

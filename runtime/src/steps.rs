@@ -82,32 +82,40 @@ impl Sizing {
 /// A host step of a GPU program: `op` on its inputs with the IR's
 /// reference semantics, an error naming the node. GPU programs carry
 /// integers as i32, so a float cast to an integer saturates at i32's range
-/// (as the devices' own conversions do) rather than holding a value no
-/// word can: T5's position buckets cast `log(0)`, which the next ops
-/// discard.
+/// where the float is infinite or NaN (as the devices' own conversions do:
+/// T5's position buckets cast `log(0)`, which the next ops discard), and a
+/// finite float past that range is an error naming the node (it was
+/// saturated too: a wrong answer, silently).
 pub(crate) fn eval_host(op: &Op, label: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
     let refs: Vec<&Tensor> = inputs.iter().collect();
-    let outs = egret_ir::eval_op(op, &refs).map_err(|message| RunError::Eval {
-        node: label.to_string(),
-        op: op.name().to_string(),
-        message,
-    })?;
+    let fail = |message: String| RunError::Eval { node: label.to_string(), op: op.name().to_string(), message };
+    let outs = egret_ir::eval_op(op, &refs).map_err(fail)?;
     let float_to_int =
         matches!(op, Op::Cast { .. }) && inputs.first().is_some_and(|t| matches!(t.dtype(), DType::F32 | DType::F64));
     if !float_to_int {
         return Ok(outs);
     }
-    Ok(outs
-        .into_iter()
+    let floats = inputs[0].to_f64_vec();
+    outs.into_iter()
         .map(|t| match t.dtype() {
             DType::I64 | DType::I32 => {
-                let v: Vec<i64> =
-                    t.to_i64_vec().into_iter().map(|x| x.clamp(i32::MIN as i64, i32::MAX as i64)).collect();
-                Tensor::new(t.shape().to_vec(), egret_ir::Data::from_i64s(t.dtype(), &v))
+                let ints = t.to_i64_vec();
+                let mut v = Vec::with_capacity(ints.len());
+                for (x, f) in ints.into_iter().zip(&floats) {
+                    let fits = (i32::MIN as i64..=i32::MAX as i64).contains(&x);
+                    if !fits && f.is_finite() {
+                        return Err(fail(format!(
+                            "{f} cast to {} is {x}, outside the i32 range GPU kernels carry integers in",
+                            t.dtype()
+                        )));
+                    }
+                    v.push(x.clamp(i32::MIN as i64, i32::MAX as i64));
+                }
+                Ok(Tensor::new(t.shape().to_vec(), egret_ir::Data::from_i64s(t.dtype(), &v)))
             }
-            _ => t,
+            _ => Ok(t),
         })
-        .collect())
+        .collect()
 }
 
 /// The failure the error word reports, if any: `code` is the failing
