@@ -186,9 +186,9 @@ impl Product {
     }
 
     /// Moves `width` consecutive elements of one operand row into
-    /// workgroup memory: `limits` is (the row is inside, the first
-    /// element's index along the row, the row's length). A whole group
-    /// inside is one vector load; otherwise each element is checked.
+    /// workgroup memory at `slot(j)`: `limits` is (the row is inside, the
+    /// first element's index along the row, the row's length); loaded as
+    /// `fetch_run` loads them.
     #[allow(clippy::too_many_arguments)]
     fn stage_run(
         &self,
@@ -197,33 +197,15 @@ impl Product {
         addr: &E,
         stride: &E,
         width: usize,
-        (row_inside, first, len): (E, E, E),
+        limits: (E, E, E),
         shared: super::form::Shared,
         slot: &dyn Fn(i32) -> E,
     ) {
-        let one = |b: &mut Builder, j: i32| {
-            let inside = row_inside.clone().and((first.clone() + E::I32(j)).lt(len.clone()));
-            let at = addr.clone() + E::I32(j) * stride.clone();
-            b.if_else(
-                inside,
-                |b| b.store_shared(shared, slot(j), E::load_f32(space, at)),
-                |b| b.store_shared(shared, slot(j), E::F32(0.0)),
-            );
-        };
-        if width == 1 {
-            return one(b, 0);
+        let vars: Vec<Var> = (0..width).map(|_| b.var(E::F32(0.0))).collect();
+        self.fetch_run(b, space, addr, stride, limits, &vars);
+        for (j, v) in vars.iter().enumerate() {
+            b.store_shared(shared, slot(j as i32), E::Var(*v));
         }
-        let whole = row_inside.clone().and((first.clone() + E::I32(width as i32 - 1)).lt(len.clone()));
-        b.if_else(
-            whole,
-            |b| {
-                let words = b.load4(space, addr.clone());
-                for (j, w) in words.into_iter().enumerate() {
-                    b.store_shared(shared, slot(j as i32), w.bits(Ty::F32));
-                }
-            },
-            |b| (0..width as i32).for_each(|j| one(b, j)),
-        );
     }
 
     /// The runs of `a` and `b` this invocation moves each depth, `a`'s
@@ -302,7 +284,8 @@ impl Product {
     }
 
     /// Sets `vars` to as many consecutive elements of an operand row
-    /// (`limits` as `stage_run`'s), zeros past its edges.
+    /// (`limits` as `stage_run`'s), zeros past its edges: a whole group
+    /// inside is one vector load, otherwise each element is checked.
     fn fetch_run(&self, b: &mut Builder, space: Space, addr: &E, stride: &E, limits: (E, E, E), vars: &[Var]) {
         let (row_inside, first, len) = limits;
         let width = vars.len();
