@@ -1711,3 +1711,72 @@ fn casts_hold_on_edge_values() {
         }
     }
 }
+
+/// Attention as the exporters write it (products, scale, softmax) on
+/// hostile inputs: scores of 1e6 and past f32's range, an infinite key, a
+/// NaN value, a -inf query, values near f32's maximum; fused and unfused,
+/// on the CPU, the interpreted PTX and WGSL, against the reference.
+#[test]
+fn attention_holds_on_hostile_inputs() {
+    let (h, sq, sk, d) = (2usize, 5usize, 7usize, 8usize);
+    let g = parse(&format!(
+        "v0: f32[1,{h},{sq},{d}] = input{{name=\"q\"}}
+v1: f32[1,{h},{sk},{d}] = input{{name=\"k\"}}
+v2: f32[1,{h},{sk},{d}] = input{{name=\"v\"}}
+v3: f32[1,{h},{d},{sk}] = transpose{{perm=[0, 1, 3, 2]}} v1
+v4: f32[1,{h},{sq},{sk}] = matmul v0, v3
+v5: f32[] = const [0.35]
+v6: f32[1,{h},{sq},{sk}] = mul v4, v5
+v7: f32[1,{h},{sq},{sk}] = softmax{{axis=3}} v6
+v8: f32[1,{h},{sq},{d}] = matmul v7, v2
+output \"y\" = v8
+"
+    ))
+    .unwrap();
+    let mut rng = egret::io::SplitMix::new(5);
+    let mut rand = |n: usize, s: f32| (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * s).collect::<Vec<f32>>();
+    let (nq, nk) = (h * sq * d, h * sk * d);
+    let with = |mut x: Vec<f32>, i: usize, v: f32| {
+        x[i] = v;
+        x
+    };
+    let cases = vec![
+        ("plain", rand(nq, 1.0), rand(nk, 1.0), rand(nk, 1.0)),
+        ("scores of 1e6", rand(nq, 1e3), rand(nk, 1e3), rand(nk, 1.0)),
+        ("scores past f32", rand(nq, 1e20), rand(nk, 1e20), rand(nk, 1.0)),
+        ("an infinite key", rand(nq, 1.0), with(rand(nk, 1.0), 3, f32::INFINITY), rand(nk, 1.0)),
+        ("a NaN value", rand(nq, 1.0), rand(nk, 1.0), with(rand(nk, 1.0), 9, f32::NAN)),
+        ("a -inf query", with(rand(nq, 1.0), 0, f32::NEG_INFINITY), rand(nk, 1.0), rand(nk, 1.0)),
+        ("values near f32's maximum", rand(nq, 1.0), rand(nk, 1.0), rand(nk, 1e37)),
+    ];
+    let wgsl = common::wgsl_adapter();
+    for (case, q, k, v) in cases {
+        let inputs = vec![
+            Tensor::from_vec(vec![1, h, sq, d], q),
+            Tensor::from_vec(vec![1, h, sk, d], k),
+            Tensor::from_vec(vec![1, h, sk, d], v),
+        ];
+        let want = ReferenceExecutable::new(g.clone()).unwrap().run(inputs.clone()).unwrap()[0].to_f64_vec();
+        let mut runs: Vec<(String, Vec<f64>)> = vec![];
+        for opt_level in [0, 2] {
+            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
+            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
+            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+            runs.push((format!("cpu --opt {opt_level}"), cpu.run(inputs.clone()).unwrap()[0].to_f64_vec()));
+            let ptx = common::ptx_executable(&g, &opts);
+            runs.push((format!("ptx --opt {opt_level}"), ptx.run(inputs.clone()).unwrap()[0].to_f64_vec()));
+            if wgsl {
+                let (gpu, shaders) = egret::wgsl_program(&g, &opts, Default::default()).unwrap();
+                let device = egret::runtime::WgpuDevice::shared().unwrap();
+                let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
+                runs.push((format!("wgsl --opt {opt_level}"), exe.run(inputs.clone()).unwrap()[0].to_f64_vec()));
+            }
+        }
+        for (backend, got) in runs {
+            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                let close = a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-4 + 1e-3 * b.abs();
+                assert!(close, "{case} on {backend}: element {i} is {a}, the reference gives {b}");
+            }
+        }
+    }
+}
