@@ -1394,6 +1394,41 @@ fn exp_holds_its_accuracy_to_the_ends_of_the_range() {
     }
 }
 
+/// `g`'s first output on every backend the sweeps below hold to the
+/// reference: the CPU and the interpreted PTX at `--opt` 0 and 2, and WGSL
+/// at both where there is an adapter; each run named, its values as f64.
+fn on_every_backend(g: &Graph, inputs: &[Tensor], wgsl: bool) -> Vec<(String, Result<Vec<f64>, String>)> {
+    let first =
+        |r: Result<Vec<Tensor>, egret::runtime::RunError>| r.map(|o| o[0].to_f64_vec()).map_err(|e| e.to_string());
+    let mut runs = vec![];
+    for opt_level in [0, 2] {
+        let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
+        let plan = egret::backends::lower(g, egret::lower_options(&opts)).unwrap();
+        let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+        runs.push((format!("cpu --opt {opt_level}"), first(cpu.run(inputs.to_vec()))));
+        let ptx = common::ptx_executable(g, &opts);
+        runs.push((format!("ptx --opt {opt_level}"), first(ptx.run(inputs.to_vec()))));
+        if wgsl {
+            let (gpu, shaders) = egret::wgsl_program(g, &opts, Default::default()).unwrap();
+            let device = egret::runtime::WgpuDevice::shared().unwrap();
+            let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
+            runs.push((format!("wgsl --opt {opt_level}"), first(exe.run(inputs.to_vec()))));
+        }
+    }
+    runs
+}
+
+/// `on_every_backend`, every run expected to succeed.
+fn every_backend_ok(g: &Graph, inputs: &[Tensor], wgsl: bool) -> Vec<(String, Vec<f64>)> {
+    on_every_backend(g, inputs, wgsl)
+        .into_iter()
+        .map(|(b, r)| {
+            let values = r.unwrap_or_else(|e| panic!("{b}: {e}"));
+            (b, values)
+        })
+        .collect()
+}
+
 /// Every unary op over the whole f32 range (every decade from 1e-40 to
 /// 1e38 of both signs, a dense sweep of [-100, 100), the specials) on the
 /// CPU at both levels, the interpreted PTX and WGSL, against the
@@ -1457,25 +1492,11 @@ fn unary_ops_hold_across_the_f32_range() {
         let g =
             parse(&format!("v0: f32[{n}] = input{{name=\"x\"}}\nv1: f32[{n}] = {op} v0\noutput \"y\" = v1\n")).unwrap();
         let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
-        let mut runs: Vec<(String, Vec<f64>)> = vec![];
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
-            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
-            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-            runs.push((format!("cpu --opt {opt_level}"), cpu.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-            let ptx = common::ptx_executable(&g, &opts);
-            runs.push((format!("ptx --opt {opt_level}"), ptx.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-        }
-        if wgsl {
-            let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), Default::default()).unwrap();
-            let device = egret::runtime::WgpuDevice::shared().unwrap();
-            let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-            runs.push(("wgsl".into(), exe.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-        }
+        let runs = every_backend_ok(&g, &[x.clone()], wgsl);
         for (backend, got) in runs {
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
                 let x = xs[i];
-                let driver_limit = backend == "wgsl"
+                let driver_limit = backend.starts_with("wgsl")
                     && (((op == "sin" || op == "cos") && x.abs() >= 1e6)
                         || (op == "log" && x.abs() < f32::MIN_POSITIVE));
                 if driver_limit || a == b || (a.is_nan() && b.is_nan()) {
@@ -1514,25 +1535,12 @@ fn binary_ops_hold_on_edge_values() {
         );
         let g = parse(&text).unwrap();
         let want = ReferenceExecutable::new(g.clone()).unwrap().run(inputs.clone()).unwrap()[0].to_f64_vec();
-        let mut runs: Vec<(String, Vec<f64>)> = vec![];
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
-            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
-            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-            runs.push((format!("cpu --opt {opt_level}"), cpu.run(inputs.clone()).unwrap()[0].to_f64_vec()));
-            let ptx = common::ptx_executable(&g, &opts);
-            runs.push((format!("ptx --opt {opt_level}"), ptx.run(inputs.clone()).unwrap()[0].to_f64_vec()));
-        }
-        if wgsl {
-            let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), Default::default()).unwrap();
-            let device = egret::runtime::WgpuDevice::shared().unwrap();
-            let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-            runs.push(("wgsl".into(), exe.run(inputs.clone()).unwrap()[0].to_f64_vec()));
-        }
+        let runs = every_backend_ok(&g, &inputs, wgsl);
         for (backend, got) in runs {
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
                 let (x, y) = (xs[i], ys[i]);
-                let driver_limit = backend == "wgsl" && op == "pow" && x != 0.0 && x.abs() < f32::MIN_POSITIVE;
+                let driver_limit =
+                    backend.starts_with("wgsl") && op == "pow" && x != 0.0 && x.abs() < f32::MIN_POSITIVE;
                 if driver_limit || a == b || (a.is_nan() && b.is_nan()) {
                     continue;
                 }
@@ -1585,21 +1593,7 @@ fn row_ops_hold_on_hostile_rows() {
         let g = parse(&text).unwrap();
         let op = text.lines().nth(1).unwrap().split(" = ").nth(1).unwrap().to_string();
         let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
-        let mut runs: Vec<(String, Vec<f64>)> = vec![];
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
-            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
-            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-            runs.push((format!("cpu --opt {opt_level}"), cpu.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-            let ptx = common::ptx_executable(&g, &opts);
-            runs.push((format!("ptx --opt {opt_level}"), ptx.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-        }
-        if wgsl {
-            let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), Default::default()).unwrap();
-            let device = egret::runtime::WgpuDevice::shared().unwrap();
-            let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-            runs.push(("wgsl".into(), exe.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-        }
+        let runs = every_backend_ok(&g, &[x.clone()], wgsl);
         let per = want.len() / r;
         for (backend, got) in runs {
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
@@ -1672,28 +1666,17 @@ fn casts_hold_on_edge_values() {
         .unwrap();
         let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
         let mut runs: Vec<(String, Vec<f64>)> = vec![];
-        let mut gpu_runs = vec![];
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
-            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
-            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-            runs.push((format!("cpu --opt {opt_level}"), cpu.run(vec![x.clone()]).unwrap()[0].to_f64_vec()));
-            let ptx = common::ptx_executable(&g, &opts);
-            gpu_runs.push((format!("ptx --opt {opt_level}"), ptx.run(vec![x.clone()])));
-        }
-        if wgsl {
-            let (gpu, shaders) = egret::wgsl_program(&g, &Default::default(), Default::default()).unwrap();
-            let device = egret::runtime::WgpuDevice::shared().unwrap();
-            let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-            gpu_runs.push(("wgsl".to_string(), exe.run(vec![x.clone()])));
-        }
-        for (backend, got) in gpu_runs {
+        for (backend, got) in on_every_backend(&g, &[x.clone()], wgsl) {
+            if backend.starts_with("cpu") {
+                runs.push((backend, got.unwrap()));
+                continue;
+            }
             if past {
                 let e = got.expect_err(&format!("{backend}: {xs:?} cast to i64")).to_string();
                 assert!(e.contains("outside the i32 range"), "{backend}: {e}");
                 continue;
             }
-            runs.push((backend, got.unwrap()[0].to_f64_vec()));
+            runs.push((backend, got.unwrap()));
         }
         for (backend, got) in runs {
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
@@ -1757,21 +1740,7 @@ output \"y\" = v8
             Tensor::from_vec(vec![1, h, sk, d], v),
         ];
         let want = ReferenceExecutable::new(g.clone()).unwrap().run(inputs.clone()).unwrap()[0].to_f64_vec();
-        let mut runs: Vec<(String, Vec<f64>)> = vec![];
-        for opt_level in [0, 2] {
-            let opts = egret::CompileOptions { opt_level, threads: Some(1), ..Default::default() };
-            let plan = egret::backends::lower(&g, egret::lower_options(&opts)).unwrap();
-            let cpu = CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-            runs.push((format!("cpu --opt {opt_level}"), cpu.run(inputs.clone()).unwrap()[0].to_f64_vec()));
-            let ptx = common::ptx_executable(&g, &opts);
-            runs.push((format!("ptx --opt {opt_level}"), ptx.run(inputs.clone()).unwrap()[0].to_f64_vec()));
-            if wgsl {
-                let (gpu, shaders) = egret::wgsl_program(&g, &opts, Default::default()).unwrap();
-                let device = egret::runtime::WgpuDevice::shared().unwrap();
-                let exe = egret::runtime::WgpuExecutable::new(device, gpu, &shaders).unwrap();
-                runs.push((format!("wgsl --opt {opt_level}"), exe.run(inputs.clone()).unwrap()[0].to_f64_vec()));
-            }
-        }
+        let runs = every_backend_ok(&g, &inputs, wgsl);
         for (backend, got) in runs {
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
                 let close = a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-4 + 1e-3 * b.abs();
