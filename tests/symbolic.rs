@@ -334,6 +334,66 @@ output \"y\" = v2
     assert!(err.contains("`y`") && err.contains("n=8") && err.contains("outside input 1"), "{err}");
 }
 
+/// A slice `0..2` of an axis `n` is two elements only when `n` is 2 or
+/// more: ONNX clamps it to `n` below that, and the plan copies a known two
+/// (a fuzzing finding: at `n = 1` the CPU's code read past the input).
+/// Every backend now checks a known kernel's walks over a symbolic value
+/// at each call's values: the call is refused, naming the node.
+#[test]
+fn a_known_slice_of_a_shorter_symbolic_axis_is_refused_naming_the_node() {
+    let text = "v0: f32[n] = input{name=\"x\"}
+v1: f32[2] = slice{starts=[0], ends=[2], steps=[1]} v0  # head
+v2: f32[2] = exp v1  # exp_of_head
+output \"y\" = v2
+";
+    let graph = egret::ir::text::parse(text).unwrap();
+    let x = |n: usize| vec![Tensor::from_vec(vec![n], (0..n).map(|i| i as f32 / 4.0).collect::<Vec<_>>())];
+    use egret::runtime::Executable;
+    let mut runs: Vec<(String, Box<dyn Executable>)> = vec![];
+    for opt_level in [0, 2] {
+        let opts = CompileOptions { opt_level, threads: Some(1), ..Default::default() };
+        let plan = egret::backends::lower(&graph, egret::lower_options(&opts)).unwrap();
+        let cpu = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+        runs.push((format!("cpu --opt {opt_level}"), Box::new(cpu)));
+        let program = egret::symbolic_gpu_plan(&graph, &opts, egret::PTX_LIMITS).unwrap();
+        let ptx = egret::runtime::PtxExecutable::symbolic(common::InterpretedDevice::new(), program).unwrap();
+        runs.push((format!("ptx --opt {opt_level}"), Box::new(ptx)));
+        if common::wgsl_adapter() {
+            let device = egret::runtime::WgpuDevice::shared().unwrap();
+            let program = egret::symbolic_gpu_plan(&graph, &opts, device.limits).unwrap();
+            let exe = egret::runtime::WgpuExecutable::symbolic(device, program).unwrap();
+            runs.push((format!("wgsl --opt {opt_level}"), Box::new(exe)));
+        }
+    }
+    for (backend, exe) in &runs {
+        for n in [2usize, 5] {
+            let y = exe.run(x(n)).unwrap_or_else(|e| panic!("{backend} at n={n}: {e}"));
+            let want: Vec<f32> = [0.0f32, 0.25].iter().map(|v| v.exp()).collect();
+            let got = y[0].as_f32().unwrap();
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6), "{backend} at n={n}: {got:?}");
+        }
+        for n in [1usize, 0] {
+            let err = exe.run(x(n)).expect_err(&format!("{backend} ran n={n}")).to_string();
+            assert!(err.contains("head") && err.contains(&format!("n={n}")), "{backend} at n={n}: {err}");
+        }
+    }
+    // The fuzzer's model (`compile_run` run 8) through the facade.
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/slice_past_a_symbolic_axis.onnx");
+    for opt_level in [0, 2] {
+        let cpu = compile(&model, &CompileOptions { opt_level, threads: Some(1), ..Default::default() }).unwrap();
+        let inputs = |n: usize| {
+            vec![
+                ("x1".to_string(), Tensor::from_vec(vec![n], vec![1.5f32; n])),
+                ("x2".to_string(), Tensor::from_vec(vec![1], vec![0.5f32])),
+            ]
+        };
+        cpu.run(inputs(2)).unwrap();
+        let err = cpu.run(inputs(1)).unwrap_err().to_string();
+        assert!(err.contains("outside input 0"), "--opt {opt_level}: {err}");
+    }
+}
+
 /// `--dim past_sequence=LO..HI`: calls inside the bounds run from the one
 /// compile; one outside is an
 /// error naming the dim and its bounds; bounds on a dim the model does not

@@ -691,25 +691,10 @@ impl Kernel {
         dims
     }
 
-    /// The bytes each operand's accesses span at `values` of the plan's
-    /// symbols, as `(buffer, first, end)`: what the runtime checks against
-    /// the buffers before a kernel with symbolic sizes runs. A symbolic view
-    /// is inside its buffer only for the values the model allows (a causal
-    /// table read at a decoder's past length holds so many positions), and
-    /// a call past them must be an error, not a read outside the table.
-    /// Known kernels were checked when they were planned: `[]`.
-    pub fn spans_at(&self, values: &DimValues) -> Result<Vec<(BufferId, i64, i64)>, String> {
-        let mut spans = Vec::new();
-        for w in self.walks() {
-            spans.extend(w.span_at(values)?);
-        }
-        Ok(spans)
-    }
-
-    /// The strided walks a kernel with symbolic sizes makes over its
-    /// operands, as expressions of the plan's symbols: `spans_at` evaluates
-    /// them for the JIT, and the C artifact prints them as its checks.
-    /// Known kernels: `[]`.
+    /// The strided walks the kernel makes over its operands, as
+    /// expressions of the plan's symbols: `Plan::spans_at` evaluates those
+    /// a call must check for the JIT's runtimes, and the C artifact prints
+    /// them as its checks (`Plan::walks_to_check`).
     pub fn walks(&self) -> Vec<Walk> {
         let int = |x: i64| Dim::saturating(x);
         let walk = |buffer: BufferId, elem: usize, at: Dim, dims: &[(Dim, Dim)]| Walk {
@@ -720,13 +705,13 @@ impl Kernel {
         };
         let mut walks = Vec::new();
         match &self.kind {
-            KernelKind::Map(m) if !self.runtime_dims().is_empty() => {
+            KernelKind::Map(m) => {
                 for o in m.inputs.iter().chain([&m.output]) {
                     let dims: Vec<(Dim, Dim)> = m.shape.iter().copied().zip(o.strides.iter().copied()).collect();
                     walks.push(walk(o.buffer, o.dtype.size_bytes(), o.offset, &dims));
                 }
             }
-            KernelKind::MatMul(mm) if !mm.m.is_known() => {
+            KernelKind::MatMul(mm) => {
                 let (m, k, n) = (mm.m, Dim::new(mm.k), Dim::new(mm.n));
                 let [a_rs, a_cs] = mm.a_strides.map(|s| int(s as i64));
                 let [b_rs, b_cs] = mm.b_strides.map(|s| int(s as i64));
@@ -743,7 +728,7 @@ impl Kernel {
                     walks.push(walk(e.buffer, 4, int(e.offset as i64), &[(m, rs), (n, cs)]));
                 }
             }
-            KernelKind::Rows(r) if !r.rows.is_known() || !r.len.is_known() => {
+            KernelKind::Rows(r) => {
                 let len = r.len;
                 let out_len = if r.op.reduces() { Dim::new(1) } else { len };
                 let whole = |b: BufferId, row: Dim| walk(b, 4, Dim::new(0), &[(r.rows * row, Dim::new(1))]);
@@ -754,7 +739,7 @@ impl Kernel {
                     walks.push(whole(sum, len));
                 }
             }
-            KernelKind::Gather(g) if !self.is_known() => {
+            KernelKind::Gather(g) => {
                 let index_bytes = if g.wide_indices { 8 } else { 4 };
                 let row = g.inner * g.elem_bytes;
                 let one = Dim::new(1);
@@ -762,7 +747,7 @@ impl Kernel {
                 walks.push(walk(g.out, row, Dim::new(0), &[(g.outer * g.n_indices, one)]));
                 walks.push(walk(g.data, row, Dim::new(0), &[(g.outer * g.axis_len, one)]));
             }
-            KernelKind::Attention(a) if !a.is_known() => {
+            KernelKind::Attention(a) => {
                 let (d, dv) = (Dim::new(a.d), Dim::new(a.dv));
                 for offs in &a.batches {
                     // The outer batch axis, if any, is one more dim of every walk.
@@ -779,7 +764,14 @@ impl Kernel {
                     walks.push(walk(a.out, 4, offs[4], &along(4, &[(a.sq, a.out_row_stride), (dv, Dim::new(1))])));
                 }
             }
-            _ => {}
+            // Ops the reference evaluator (or the integer loops) run read
+            // and write their operands whole, at their types.
+            KernelKind::Reference { inputs, outputs, .. } | KernelKind::Loop { inputs, outputs, .. } => {
+                for (b, t) in inputs.iter().chain(outputs) {
+                    let n = t.shape.iter().fold(Dim::new(1), |a, &d| a * d);
+                    walks.push(walk(*b, t.dtype.size_bytes(), Dim::new(0), &[(n, Dim::new(1))]));
+                }
+            }
         }
         walks
     }
@@ -1007,6 +999,33 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// The walks of `k` a call checks at its values (`spans_at`): every
+    /// walk of a kernel with symbolic sizes, and a known kernel's walks
+    /// over buffers of symbolic size. A known view of a symbolic value is
+    /// inside it only when the value is large enough (a slice `0..2` of an
+    /// axis `s0`, which ONNX would clamp at `s0 = 1`, is planned as two
+    /// elements); a known kernel over known buffers was checked when it
+    /// was planned.
+    pub fn walks_to_check(&self, k: &Kernel) -> Vec<Walk> {
+        let known = k.is_known();
+        k.walks().into_iter().filter(|w| !known || !self.buffers[w.buffer].bytes.is_known()).collect()
+    }
+
+    /// The bytes each of `k`'s checked walks (`walks_to_check`) spans at
+    /// `values` of the plan's symbols, as `(buffer, first, end)`: what the
+    /// runtime checks against the buffers before the kernel runs. A
+    /// symbolic view is inside its buffer only for the values the model
+    /// allows (a causal table read at a decoder's past length holds so
+    /// many positions), and a call past them must be an error, not a read
+    /// outside the table.
+    pub fn spans_at(&self, k: &Kernel, values: &DimValues) -> Result<Vec<(BufferId, i64, i64)>, String> {
+        let mut spans = Vec::new();
+        for w in self.walks_to_check(k) {
+            spans.extend(w.span_at(values)?);
+        }
+        Ok(spans)
     }
 
     /// Whether no size in the plan depends on a symbol: what the GPU

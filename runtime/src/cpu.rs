@@ -75,6 +75,8 @@ pub struct CpuExecutable {
     runtime_dims: Vec<Vec<Dim>>,
     /// Per kernel, whether any of its sizes is symbolic (`Kernel::is_known`).
     symbolic: Vec<bool>,
+    /// Per kernel, whether a call checks its walks (`Plan::walks_to_check`).
+    checked: Vec<bool>,
     /// Where the arena buffers are: the plan's layout, or (symbolic plans)
     /// a larger one made when a call's values passed it.
     layout: std::sync::RwLock<std::sync::Arc<Layout>>,
@@ -154,6 +156,7 @@ impl CpuExecutable {
         let direct_outputs = (0..plan.outputs.len()).map(|i| plan.direct_output(i)).collect();
         let runtime_dims = plan.kernels.iter().map(Kernel::runtime_dims).collect();
         let symbolic = plan.kernels.iter().map(|k| !k.is_known()).collect();
+        let checked = plan.kernels.iter().map(|k| !plan.walks_to_check(k).is_empty()).collect();
         let inputs_in_place = !plan
             .kernels
             .iter()
@@ -179,6 +182,7 @@ impl CpuExecutable {
         CpuExecutable {
             runtime_dims,
             symbolic,
+            checked,
             layout: std::sync::RwLock::new(std::sync::Arc::new(layout)),
             declared,
             recent: std::sync::Mutex::new(Vec::new()),
@@ -309,8 +313,8 @@ impl CpuExecutable {
 
     /// The setup for a call with `values`: a recent one if it had the
     /// same (its arena layout holds them, whatever was laid out since), else
-    /// a new one, after checking that no symbolic kernel reaches
-    /// outside a buffer at them (so a call the model does not allow fails
+    /// a new one, after checking that no kernel reaches outside a
+    /// buffer at them (`Plan::walks_to_check`) (so a call the model does not allow fails
     /// before any kernel runs).
     fn setup(&self, values: Bindings, inputs: &[TensorRef]) -> Result<std::sync::Arc<Setup>, RunError> {
         if let Some(s) = self.recent.lock().ok().and_then(|r| r.iter().rev().find(|s| s.values == values).cloned()) {
@@ -323,7 +327,7 @@ impl CpuExecutable {
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.bytes().len()).collect();
         let (mut sizes, mut blocks, mut extents, mut splits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, k) in plan.kernels.iter().enumerate() {
-            if self.symbolic[i] {
+            if self.checked[i] {
                 crate::steps::check_spans(plan, k, &values, &dims, &input_bytes)?;
             }
             let at = |d: &Dim| dims.get(*d).map_err(RunError::Shape);
@@ -432,9 +436,24 @@ impl CpuExecutable {
                         }
                     };
                     let outs = egret_ir::eval_op(&op, &refs).map_err(|m| eval_error(k, &op, m))?;
-                    for ((b, _), t) in outputs.iter().zip(outs) {
+                    for ((b, ty), t) in outputs.iter().zip(outs) {
+                        // The arena slot was planned for the output's type:
+                        // a value of another shape (the evaluator clamps a
+                        // slice the plan typed unclamped) is an error.
+                        let ty = bound(ty)?;
+                        if t.shape() != ty.sizes().as_slice() || t.dtype() != ty.dtype {
+                            return Err(eval_error(
+                                k,
+                                &op,
+                                format!(
+                                    "the value is {:?} {:?} where the model's shapes make it {ty}: \
+                                     they do not hold at these inputs' dims",
+                                    t.dtype(),
+                                    t.shape()
+                                ),
+                            ));
+                        }
                         let bytes = t.to_bytes();
-                        // The arena slot was planned for exactly this type.
                         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(plan, *b), bytes.len()) };
                     }
                 }

@@ -35,7 +35,7 @@ impl Sizing {
         let input_bytes: Vec<usize> = inputs.iter().map(|t| t.numel() * t.dtype().size_bytes()).collect();
         let plan = self.program.plan();
         plan.check_sizes(&dims).map_err(RunError::Shape)?;
-        for k in plan.kernels.iter().filter(|k| !k.is_known()) {
+        for k in &plan.kernels {
             check_spans(plan, k, values, &dims, &input_bytes)?;
         }
         Ok(())
@@ -131,8 +131,8 @@ pub(crate) fn failure(plan: &GpuPlan, code: usize) -> Option<RunError> {
     }
 }
 
-/// Refuses a call whose values would take a symbolic kernel outside one
-/// of its buffers (`Kernel::spans_at`), naming the node, the values and
+/// Refuses a call whose values would take a kernel outside one of its
+/// buffers (`Plan::spans_at`), naming the node, the values and
 /// the buffer. `input_bytes`: each graph input's bytes at this call.
 pub(crate) fn check_spans(
     plan: &egret_backends::Plan,
@@ -143,7 +143,7 @@ pub(crate) fn check_spans(
 ) -> Result<(), RunError> {
     use egret_backends::plan::Storage;
     let shown = || values.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(", ");
-    let spans = k.spans_at(dims).map_err(RunError::Shape)?;
+    let spans = plan.spans_at(k, dims).map_err(RunError::Shape)?;
     for (b, first, end) in spans {
         let (what, size) = match &plan.buffers[b].storage {
             Storage::Input(i) => (format!("input {i}"), input_bytes[*i]),

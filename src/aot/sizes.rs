@@ -9,10 +9,12 @@
 //! - evaluates every size the plan keeps symbolic, with overflow checks,
 //!   and refuses values that make one of the graph's sizes negative
 //!   (`Plan::sizes`);
-//! - checks each symbolic kernel's strided walks (`Kernel::walks`) against
-//!   the buffers they touch at those sizes, as the JIT's runtime does, so
-//!   that a value the model cannot serve (a position table too short for
-//!   the sequence) is an error, never a read outside a buffer;
+//! - checks the strided walks a call must check (`Plan::walks_to_check`:
+//!   every symbolic kernel's, and a known kernel's over a symbolic value)
+//!   against the buffers they touch at those sizes, as the JIT's runtime
+//!   does, so that a value the model cannot serve (a position table too
+//!   short for the sequence, an axis shorter than a known slice of it) is
+//!   an error, never a read outside a buffer;
 //! - lays the arena out by `memory::layout_rule` and grows it if needed;
 //! - fills the driver's words (`object::DriverWord`): arena offsets, each
 //!   symbolic kernel's sizes, extents and blocks (`cpu::call`), the bytes
@@ -184,9 +186,10 @@ impl Sizes<'_> {
             );
         }
 
-        // The walks of every symbolic kernel, inside their buffers.
+        // The walks a call checks (every symbolic kernel's, and a known
+        // kernel's over symbolic buffers), inside their buffers.
         for (i, k) in plan.kernels.iter().enumerate() {
-            for w in k.walks() {
+            for w in plan.walks_to_check(k) {
                 // (C has no empty initialiser: a rank-0 walk lists a 0 it never reads.)
                 let n: Vec<String> =
                     w.dims.iter().map(|&(n, _)| v.of(n)).chain(w.dims.is_empty().then(|| "0".into())).collect();
