@@ -427,20 +427,40 @@ unsafe fn sgemm_packed(
     // The rows as unsigned bytes and their shift (`int8::quantize_rows`).
     let q = if int8 { unsafe { super::int8::quantize_rows(m, k, a, a_rs, a_cs, &mut quantized) } } else { None };
     let q = q.map(|lo| (quantized.as_ptr() as usize, lo));
+    // Rows a multiple of 4 KiB apart (K of 1024, 2048, 3072, 4096) fall on
+    // one set of the first-level cache, six of its eight ways for one
+    // tile's broadcasts. AVX2's tiles read each tile of rows twice per
+    // panel (once per half), and there a copy of the rows packed tile by
+    // tile (one stream) ran these products 5-20% faster; at other strides
+    // the copy cost 2-10%, and AVX-512's tiles (one pass per two panels)
+    // gained nothing (`cargo run --release -p egret-kernels --example
+    // gemm_shapes`, BENCHMARKS.md).
+    let pack = shape == TileShape::HalfPanel && m > WHOLE_PANEL_ROWS && !int8 && a_cs == 1 && a_rs % 1024 == 0;
+    let mut packed = if pack { PACKED_A.take() } else { Vec::new() };
+    let rows = if pack {
+        unsafe { pack_rows(m, k, a, a_rs, a_cs, &mut packed) };
+        Rows { at: packed.as_ptr(), rs: 1, cs: MR as isize, tile_rs: k as isize }
+    } else {
+        Rows { at: a, rs: a_rs, cs: a_cs, tile_rs: a_rs }
+    };
     if threads > 1 && super::matmul_splits(m, k, n) {
-        let (a, b, c, epilogue, args) = (a as usize, SendWeight(b), c as usize, epilogue as usize, args as usize);
+        let (rows, b, c, epilogue, args) =
+            (SendRows(rows), SendWeight(b), c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
                 s.spawn(move |_| unsafe {
                     let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
-                    let (a, c) = (a as *const f32, c as *mut f32);
+                    let c = c as *mut f32;
                     let (epilogue, args) = (epilogue as *const i64, args as *const *mut u8);
-                    panels_of(m, k, n, a, a_rs, a_cs, q, { b }.0, c, p0, p1, shape, epilogue, args)
+                    panels_of(m, k, n, { rows }.0, q, { b }.0, c, p0, p1, shape, epilogue, args)
                 });
             }
         });
     } else {
-        unsafe { panels_of(m, k, n, a, a_rs, a_cs, q, b, c, 0, panels, shape, epilogue, args) };
+        unsafe { panels_of(m, k, n, rows, q, b, c, 0, panels, shape, epilogue, args) };
+    }
+    if pack {
+        PACKED_A.set(packed);
     }
     if int8 {
         QUANTIZED_A.set(quantized);
@@ -460,6 +480,38 @@ unsafe fn sgemm_packed(
     }
 }
 
+/// Where the rows of `a` are: element `(i, p)` of a tile of rows from row
+/// `i0` (a multiple of `MR`) at `at + i0 * tile_rs + (i - i0) * rs + p *
+/// cs`. Rows as given have `tile_rs == rs`; rows packed by `pack_rows`
+/// are `MR` to a tile, tile by tile.
+#[derive(Clone, Copy)]
+struct Rows {
+    at: *const f32,
+    rs: isize,
+    cs: isize,
+    tile_rs: isize,
+}
+
+/// `m` rows of `a` packed for the tiles: tile `t`'s `k` columns of `MR`
+/// values each (rows past `m` zero), `MR * k` elements a tile.
+unsafe fn pack_rows(m: usize, k: usize, a: *const f32, a_rs: isize, a_cs: isize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(m.div_ceil(MR) * MR * k, 0.0);
+    for i in 0..m {
+        let (row, tile) = (unsafe { a.offset(i as isize * a_rs) }, &mut out[(i / MR) * MR * k..]);
+        for p in 0..k {
+            tile[p * MR + i % MR] = unsafe { *row.offset(p as isize * a_cs) };
+        }
+    }
+}
+
+/// The rows handed to the threads of one product.
+#[derive(Clone, Copy)]
+struct SendRows(Rows);
+// The rows are read-only while the product runs.
+unsafe impl Send for SendRows {}
+unsafe impl Sync for SendRows {}
+
 /// A packed weight handed to the threads of one product.
 #[derive(Clone, Copy)]
 struct SendWeight(Weight);
@@ -476,9 +528,7 @@ unsafe fn panels_of(
     m: usize,
     k: usize,
     n: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
+    a: Rows,
     quantized: Option<(usize, i32)>,
     b: Weight,
     c: *mut f32,
@@ -496,7 +546,9 @@ unsafe fn panels_of(
     }
     if b.coding == Coding::F32 {
         let panels = b.panels as *const f32;
-        return unsafe { panel_range(m, k, n, n, a, a_rs, a_cs, panels, c, p0, p1, shape, epilogue, args) };
+        return unsafe {
+            panel_range(m, k, n, n, a.at, a.rs, a.cs, a.tile_rs, panels, c, p0, p1, shape, epilogue, args)
+        };
     }
     // Narrow panels. A few rows: each panel row decoded into registers and
     // multiplied at once (`fused_panel`). More: decoded into f32 a panel or
@@ -504,6 +556,8 @@ unsafe fn panels_of(
     // panels are. Either way the epilogue runs after each group of panels,
     // as `panel_range` runs it.
     if m <= FUSED_ROWS {
+        debug_assert!(a.tile_rs == a.rs, "a few rows are never packed");
+        let Rows { at: a, rs: a_rs, cs: a_cs, .. } = a;
         let mut g0 = p0;
         while g0 < p1 {
             let g1 = p1.min(g0 + GROUP);
@@ -535,7 +589,10 @@ unsafe fn panels_of(
             // are this call's, rows `n` apart.
             let (c_at, cols) = (unsafe { c.add(panel * NR) }, n - panel * NR);
             let none = std::ptr::null();
-            unsafe { panel_range(m, k, cols, n, a, a_rs, a_cs, decoded.as_ptr(), c_at, 0, count, shape, none, args) };
+            let decoded = decoded.as_ptr();
+            unsafe {
+                panel_range(m, k, cols, n, a.at, a.rs, a.cs, a.tile_rs, decoded, c_at, 0, count, shape, none, args)
+            };
             panel += count;
         }
         if !epilogue.is_null() {
@@ -885,6 +942,7 @@ multiversion! {
         a: *const f32,
         a_rs: isize,
         a_cs: isize,
+        a_tile_rs: isize,
         b: *const f32,
         c: *mut f32,
         p0: usize,
@@ -908,6 +966,7 @@ unsafe fn panel_range_impl<const FMA: bool>(
     a: *const f32,
     a_rs: isize,
     a_cs: isize,
+    a_tile_rs: isize,
     b: *const f32,
     c: *mut f32,
     p0: usize,
@@ -936,7 +995,7 @@ unsafe fn panel_range_impl<const FMA: bool>(
                     unsafe { next_bp.add(next_len * t / row_tiles) },
                     next_len * (t + 1) / row_tiles - next_len * t / row_tiles,
                 );
-                let (ai, ci) = unsafe { (a.offset(i as isize * a_rs), c.add(i * ldc + panel * NR)) };
+                let (ai, ci) = unsafe { (a.offset(i as isize * a_tile_rs), c.add(i * ldc + panel * NR)) };
                 let rows = MR.min(m - i);
                 // The rows of `c` the next tile stores: a store that misses
                 // the cache stalls the tile after it.
@@ -981,6 +1040,8 @@ unsafe fn panel_range_impl<const FMA: bool>(
 thread_local! {
     /// Rows of `a` gathered through a row table (`egret_sgemm_packed`).
     static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Rows of `a` packed for AVX2's tiles (`pack_rows`).
+    static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Rows of `a` as unsigned bytes for the int8 products (`int8`).
     static QUANTIZED_A: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Narrow panels decoded to f32 (`panels_of`).
@@ -1137,13 +1198,27 @@ mod tests {
         // Each element's sum runs over `k` in order whatever the tile, so
         // every shape gives the same bits: row counts that end in every
         // tile height (AVX2 takes a whole panel for up to four rows).
+        // A depth of 1024 puts the rows 4 KiB apart, which AVX2's tiles
+        // read from a packed copy (`pack_rows`).
         for m in [11, 10, 4, 3, 1] {
-            every_tile_shape_sums_in_the_same_order_at(m);
+            every_tile_shape_sums_in_the_same_order_at(m, 700);
+        }
+        for m in [13, 6, 5] {
+            every_tile_shape_sums_in_the_same_order_at(m, 1024);
         }
     }
 
-    fn every_tile_shape_sums_in_the_same_order_at(m: usize) {
-        let (k, n) = (700, 70);
+    #[test]
+    fn rows_4_kib_apart_multiply_from_their_packed_copy() {
+        for m in [13, 6, 5] {
+            let k = 1024;
+            let b: Vec<f32> = (0..k * 45).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.29).collect();
+            check_product("rows 4 KiB apart", m, k, 45, &pack(&b, 0, [45, 1], k, 45), |p, j| b[p * 45 + j]);
+        }
+    }
+
+    fn every_tile_shape_sums_in_the_same_order_at(m: usize, k: usize) {
+        let n = 70;
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.37).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.29).collect();
         let packed = pack(&b, 0, [n, 1], k, n);
