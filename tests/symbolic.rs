@@ -341,40 +341,51 @@ output \"y\" = v2
 /// at each call's values: the call is refused, naming the node.
 #[test]
 fn a_known_slice_of_a_shorter_symbolic_axis_is_refused_naming_the_node() {
-    let text = "v0: f32[n] = input{name=\"x\"}
+    // Floats (a view the CPU copies in generated code) and integers (the
+    // GPU's host steps and the CPU's integer loops).
+    let floats = "v0: f32[n] = input{name=\"x\"}
 v1: f32[2] = slice{starts=[0], ends=[2], steps=[1]} v0  # head
 v2: f32[2] = exp v1  # exp_of_head
 output \"y\" = v2
 ";
-    let graph = egret::ir::text::parse(text).unwrap();
-    let x = |n: usize| vec![Tensor::from_vec(vec![n], (0..n).map(|i| i as f32 / 4.0).collect::<Vec<_>>())];
+    let ints = "v0: i64[n] = input{name=\"x\"}
+v1: i64[2] = slice{starts=[0], ends=[2], steps=[1]} v0  # head
+v2: f32[2] = cast{to=f32} v1  # head_as_float
+output \"y\" = v2
+";
     use egret::runtime::Executable;
-    let mut runs: Vec<(String, Box<dyn Executable>)> = vec![];
-    for opt_level in [0, 2] {
-        let opts = CompileOptions { opt_level, threads: Some(1), ..Default::default() };
-        let plan = egret::backends::lower(&graph, egret::lower_options(&opts)).unwrap();
-        let cpu = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
-        runs.push((format!("cpu --opt {opt_level}"), Box::new(cpu)));
-        let program = egret::symbolic_gpu_plan(&graph, &opts, egret::PTX_LIMITS).unwrap();
-        let ptx = egret::runtime::PtxExecutable::symbolic(common::InterpretedDevice::new(), program).unwrap();
-        runs.push((format!("ptx --opt {opt_level}"), Box::new(ptx)));
-        if common::wgsl_adapter() {
-            let device = egret::runtime::WgpuDevice::shared().unwrap();
-            let program = egret::symbolic_gpu_plan(&graph, &opts, device.limits).unwrap();
-            let exe = egret::runtime::WgpuExecutable::symbolic(device, program).unwrap();
-            runs.push((format!("wgsl --opt {opt_level}"), Box::new(exe)));
+    for (text, want) in [(floats, [0.0f32.exp(), 0.25f32.exp()]), (ints, [0.0, 1.0])] {
+        let graph = egret::ir::text::parse(text).unwrap();
+        let x = |n: usize| match text == ints {
+            true => vec![Tensor::from_vec(vec![n], (0..n as i64).collect::<Vec<_>>())],
+            false => vec![Tensor::from_vec(vec![n], (0..n).map(|i| i as f32 / 4.0).collect::<Vec<_>>())],
+        };
+        let mut runs: Vec<(String, Box<dyn Executable>)> = vec![];
+        for opt_level in [0, 2] {
+            let opts = CompileOptions { opt_level, threads: Some(1), ..Default::default() };
+            let plan = egret::backends::lower(&graph, egret::lower_options(&opts)).unwrap();
+            let cpu = egret::runtime::CpuExecutable::new(egret::backends::cpu::compile(plan).unwrap(), 1);
+            runs.push((format!("cpu --opt {opt_level}"), Box::new(cpu)));
+            let program = egret::symbolic_gpu_plan(&graph, &opts, egret::PTX_LIMITS).unwrap();
+            let ptx = egret::runtime::PtxExecutable::symbolic(common::InterpretedDevice::new(), program).unwrap();
+            runs.push((format!("ptx --opt {opt_level}"), Box::new(ptx)));
+            if common::wgsl_adapter() {
+                let device = egret::runtime::WgpuDevice::shared().unwrap();
+                let program = egret::symbolic_gpu_plan(&graph, &opts, device.limits).unwrap();
+                let exe = egret::runtime::WgpuExecutable::symbolic(device, program).unwrap();
+                runs.push((format!("wgsl --opt {opt_level}"), Box::new(exe)));
+            }
         }
-    }
-    for (backend, exe) in &runs {
-        for n in [2usize, 5] {
-            let y = exe.run(x(n)).unwrap_or_else(|e| panic!("{backend} at n={n}: {e}"));
-            let want: Vec<f32> = [0.0f32, 0.25].iter().map(|v| v.exp()).collect();
-            let got = y[0].as_f32().unwrap();
-            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6), "{backend} at n={n}: {got:?}");
-        }
-        for n in [1usize, 0] {
-            let err = exe.run(x(n)).expect_err(&format!("{backend} ran n={n}")).to_string();
-            assert!(err.contains("head") && err.contains(&format!("n={n}")), "{backend} at n={n}: {err}");
+        for (backend, exe) in &runs {
+            for n in [2usize, 5] {
+                let y = exe.run(x(n)).unwrap_or_else(|e| panic!("{backend} at n={n}: {e}"));
+                let got = y[0].as_f32().unwrap();
+                assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6), "{backend} at n={n}: {got:?}");
+            }
+            for n in [1usize, 0] {
+                let err = exe.run(x(n)).expect_err(&format!("{backend} ran n={n}")).to_string();
+                assert!(err.contains("head"), "{backend} at n={n}: {err}");
+            }
         }
     }
     // The fuzzer's model (`compile_run` run 8) through the facade.

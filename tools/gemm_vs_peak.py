@@ -94,15 +94,6 @@ def main():
     isas = list(results)
     table(results, isas, 0, 2, "M x K x N", "GFLOP/s", "share of peak")
     table(results, isas, 1, 3, "M x K x N (decode rows)", "GB/s", "share of read bandwidth")
-    print()
-    print("| M x K x N (decode rows) | " + " | ".join(f"{i} GB/s | {i} share of read bandwidth" for i in isas) + " |")
-    print("| --- | " + " | ".join("--- | ---" for _ in isas) + " |")
-    for key in sorted(results[isas[0]][1]):
-        cells = []
-        for i in isas:
-            b = results[i][1][key]
-            cells.append(f"{b:.1f} | {b / results[i][3]:.0%}")
-        print(f"| {'x'.join(map(str, key))} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -764,9 +764,23 @@ impl Kernel {
                     walks.push(walk(a.out, 4, offs[4], &along(4, &[(a.sq, a.out_row_stride), (dv, Dim::new(1))])));
                 }
             }
-            // Ops the reference evaluator (or the integer loops) run read
-            // and write their operands whole, at their types.
-            KernelKind::Reference { inputs, outputs, .. } | KernelKind::Loop { inputs, outputs, .. } => {
+            // Ops the reference evaluator (or the integer loops, or a GPU's
+            // integer kernels) run read and write their operands whole, at
+            // their types; a slice reads the elements its output's type
+            // says, from its start, which ONNX's clamping would have kept
+            // inside the input (the evaluator clamps; a kernel does not).
+            KernelKind::Reference { op, inputs, outputs } | KernelKind::Loop { op, inputs, outputs } => {
+                if let (Op::Slice { starts, steps, .. }, [(b, t)], [(_, out)]) = (op, &inputs[..], &outputs[..]) {
+                    let strides = dense_strides(&t.shape);
+                    let at = starts.iter().zip(&strides).fold(Dim::new(0), |a, (&s, &st)| a + s * st);
+                    let dims: Vec<(Dim, Dim)> = out
+                        .shape
+                        .iter()
+                        .zip(steps.iter().zip(&strides))
+                        .map(|(&n, (&s, &st))| (n, int(s) * st))
+                        .collect();
+                    walks.push(walk(*b, t.dtype.size_bytes(), at, &dims));
+                }
                 for (b, t) in inputs.iter().chain(outputs) {
                     let n = t.shape.iter().fold(Dim::new(1), |a, &d| a * d);
                     walks.push(walk(*b, t.dtype.size_bytes(), Dim::new(0), &[(n, Dim::new(1))]));

@@ -313,9 +313,9 @@ impl CpuExecutable {
 
     /// The setup for a call with `values`: a recent one if it had the
     /// same (its arena layout holds them, whatever was laid out since), else
-    /// a new one, after checking that no kernel reaches outside a
-    /// buffer at them (`Plan::walks_to_check`) (so a call the model does not allow fails
-    /// before any kernel runs).
+    /// a new one, after checking that no kernel reaches outside a buffer
+    /// at them (`Plan::walks_to_check`), so that a call the model does not
+    /// allow fails before any kernel runs.
     fn setup(&self, values: Bindings, inputs: &[TensorRef]) -> Result<std::sync::Arc<Setup>, RunError> {
         if let Some(s) = self.recent.lock().ok().and_then(|r| r.iter().rev().find(|s| s.values == values).cloned()) {
             return Ok(s);
@@ -436,24 +436,12 @@ impl CpuExecutable {
                         }
                     };
                     let outs = egret_ir::eval_op(&op, &refs).map_err(|m| eval_error(k, &op, m))?;
-                    for ((b, ty), t) in outputs.iter().zip(outs) {
-                        // The arena slot was planned for the output's type:
-                        // a value of another shape (the evaluator clamps a
-                        // slice the plan typed unclamped) is an error.
-                        let ty = bound(ty)?;
-                        if t.shape() != ty.sizes().as_slice() || t.dtype() != ty.dtype {
-                            return Err(eval_error(
-                                k,
-                                &op,
-                                format!(
-                                    "the value is {:?} {:?} where the model's shapes make it {ty}: \
-                                     they do not hold at these inputs' dims",
-                                    t.dtype(),
-                                    t.shape()
-                                ),
-                            ));
-                        }
+                    let types = outputs.iter().map(|(_, ty)| bound(ty)).collect::<Result<Vec<Type>, RunError>>()?;
+                    crate::steps::check_output_types(&outs, &types.iter().collect::<Vec<_>>())
+                        .map_err(|m| eval_error(k, &op, m))?;
+                    for ((b, _), t) in outputs.iter().zip(outs) {
                         let bytes = t.to_bytes();
+                        // The arena slot was planned for this type (checked above).
                         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(plan, *b), bytes.len()) };
                     }
                 }

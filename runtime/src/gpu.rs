@@ -500,7 +500,8 @@ impl WgpuExecutable {
                     let start = std::time::Instant::now();
                     let done = std::mem::replace(&mut encoder, self.encoder());
                     let ts = self.read_values(setup, done, inputs).map_err(device_error)?;
-                    let outs = crate::steps::eval_host(op, label, &ts)?;
+                    let types: Vec<&Type> = outputs.iter().map(|(_, t)| t).collect();
+                    let outs = crate::steps::eval_host(op, label, &ts, &types)?;
                     for ((place, _), t) in outputs.iter().zip(outs) {
                         let words = words_of(&t, "a host result").map_err(|e| RunError::Eval {
                             node: label.clone(),

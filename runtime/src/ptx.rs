@@ -349,7 +349,8 @@ impl<D: PtxDevice> PtxExecutable<D> {
                     self.device.synchronize().map_err(fail)?;
                     let ts: Vec<Tensor> =
                         inputs.iter().map(|(p, t)| self.read(setup, *p, t)).collect::<Result<_, _>>().map_err(fail)?;
-                    let outs = crate::steps::eval_host(op, label, &ts)?;
+                    let types: Vec<&Type> = outputs.iter().map(|(_, t)| t).collect();
+                    let outs = crate::steps::eval_host(op, label, &ts, &types)?;
                     for ((p, _), t) in outputs.iter().zip(&outs) {
                         self.write(setup, *p, t, "a host result").map_err(fail)?;
                     }

@@ -86,10 +86,11 @@ impl Sizing {
 /// T5's position buckets cast `log(0)`, which the next ops discard), and a
 /// finite float past that range is an error naming the node (it was
 /// saturated too: a wrong answer, silently).
-pub(crate) fn eval_host(op: &Op, label: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+pub(crate) fn eval_host(op: &Op, label: &str, inputs: &[Tensor], types: &[&Type]) -> Result<Vec<Tensor>, RunError> {
     let refs: Vec<&Tensor> = inputs.iter().collect();
     let fail = |message: String| RunError::Eval { node: label.to_string(), op: op.name().to_string(), message };
     let outs = egret_ir::eval_op(op, &refs).map_err(fail)?;
+    check_output_types(&outs, types).map_err(fail)?;
     let float_to_int =
         matches!(op, Op::Cast { .. }) && inputs.first().is_some_and(|t| matches!(t.dtype(), DType::F32 | DType::F64));
     if !float_to_int {
@@ -116,6 +117,24 @@ pub(crate) fn eval_host(op: &Op, label: &str, inputs: &[Tensor]) -> Result<Vec<T
             _ => Ok(t),
         })
         .collect()
+}
+
+/// Refuses values the evaluator made of another type than the plan gave
+/// their buffers: the evaluator clamps what ONNX clamps (a slice past a
+/// shorter axis), where the plan's types took the model's shapes as
+/// holding, and a value copied over its slot would overwrite its
+/// neighbours or run past the arena.
+pub(crate) fn check_output_types(outs: &[Tensor], types: &[&Type]) -> Result<(), String> {
+    for (t, ty) in outs.iter().zip(types) {
+        if t.shape() != ty.sizes().as_slice() || t.dtype() != ty.dtype {
+            return Err(format!(
+                "the value is {}{:?} where the model's shapes make it {ty}: they do not hold at these inputs' dims",
+                t.dtype(),
+                t.shape()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The failure the error word reports, if any: `code` is the failing
