@@ -606,6 +606,41 @@ fn a_library_refuses_a_size_negative_at_these_dims() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// A library refuses dims at which a kernel of known sizes would read
+/// past a value of symbolic size, naming the kernel, as the JIT does
+/// (`Plan::walks_to_check`): a slice `0..2` of `x1: f32[s0]` is two
+/// elements only for s0 of 2 or more (a fuzzing finding, where the JIT read
+/// past the input at s0 = 1); at s0 = 2 it runs and matches the JIT.
+#[test]
+fn a_library_refuses_a_known_slice_past_a_shorter_axis() {
+    if no_cc() {
+        return;
+    }
+    let work = work_dir("short-axis");
+    let case = work.join("models").join("case");
+    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/slice_past_a_symbolic_axis.onnx");
+    std::fs::copy(&model, case.join("model.onnx")).unwrap();
+    let inputs =
+        [("x1", Tensor::from_vec(vec![2], vec![1.5f32, 2.5])), ("x2", Tensor::from_vec(vec![1], vec![0.5f32]))];
+    for (i, (name, t)) in inputs.iter().enumerate() {
+        egret::io::write_pb(&case.join(format!("test_data_set_0/input_{i}.pb")), name, t).unwrap();
+    }
+    let jit = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
+    let want = jit.run(inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect()).unwrap();
+    let a = compile_symbolic(&case, &work, &[]);
+    let mut sets = std::fs::read_to_string(a.dir.join("sets.txt")).unwrap();
+    sets.push_str("set\nnone 1 1\nnone 1 1\n");
+    std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
+    let (refused, checked) = run_shaped_against(&a, &[], "short axis", &|_, j| want[j].clone());
+    assert_eq!(checked, want.len());
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (set, message) = &refused[0];
+    assert_eq!(*set, 1);
+    assert!(message.contains("outside input 0"), "{message}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// A library with symbolic dims against the JIT on random inputs of many
 /// shapes, the edges among them (one token, an empty past, a batch of
 /// three, the longest past the positions allow): the same answers.

@@ -773,12 +773,8 @@ impl Kernel {
                 if let (Op::Slice { starts, steps, .. }, [(b, t)], [(_, out)]) = (op, &inputs[..], &outputs[..]) {
                     let strides = dense_strides(&t.shape);
                     let at = starts.iter().zip(&strides).fold(Dim::new(0), |a, (&s, &st)| a + s * st);
-                    let dims: Vec<(Dim, Dim)> = out
-                        .shape
-                        .iter()
-                        .zip(steps.iter().zip(&strides))
-                        .map(|(&n, (&s, &st))| (n, int(s) * st))
-                        .collect();
+                    let steps = steps.iter().zip(&strides).map(|(&s, &st)| int(s) * st);
+                    let dims: Vec<(Dim, Dim)> = out.shape.iter().copied().zip(steps).collect();
                     walks.push(walk(*b, t.dtype.size_bytes(), at, &dims));
                 }
                 for (b, t) in inputs.iter().chain(outputs) {
