@@ -183,3 +183,30 @@ fn fixed_sweep_findings_stay_fixed() {
     }
     assert!(failed.is_empty(), "{failed:?}");
 }
+
+/// compile_run run 9 (twenty-second session): a backward slice of an empty
+/// axis (`Slice` of a `Softmax` over 0 elements, starts 0, ends -1, step
+/// -1) was typed one element long, and the CPU's code read it from the
+/// empty buffer's null address (ASan: SEGV at address 4). The importer now
+/// keeps an empty axis empty, and the IR refuses a slice whose first or
+/// last element lies outside its axis, as the evaluator does.
+#[test]
+fn a_backward_slice_of_an_empty_axis_is_empty() {
+    use egret::ir::Tensor;
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/backward_slice_of_an_empty_axis.onnx");
+    let inputs = vec![
+        ("x1".to_string(), Tensor::from_vec(vec![2, 7], vec![0.5f32; 14])),
+        ("x2".to_string(), Tensor::from_vec(vec![64], vec![0.25f32; 64])),
+    ];
+    for backend in [egret::Backend::Cpu, egret::Backend::Reference] {
+        let opts = egret::CompileOptions { backend, threads: Some(1), ..Default::default() };
+        let out = egret::compile(&model, &opts).unwrap().run(inputs.clone()).unwrap();
+        assert!(out.iter().all(|(_, t)| t.shape() == [0]), "{backend:?}: {out:?}");
+    }
+    let text = "v0: f32[0] = input{name=\"x\"}
+v1: f32[1] = slice{starts=[0], ends=[-1], steps=[-1]} v0  # backwards
+output \"y\" = v1
+";
+    let err = egret::ir::text::parse(text).unwrap_err();
+    assert!(err.contains("backwards") && err.contains("outside its 0 elements"), "{err}");
+}

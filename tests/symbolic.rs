@@ -336,9 +336,11 @@ output \"y\" = v2
 
 /// A slice `0..2` of an axis `n` is two elements only when `n` is 2 or
 /// more: ONNX clamps it to `n` below that, and the plan copies a known two
-/// (a fuzzing finding: at `n = 1` the CPU's code read past the input).
-/// Every backend now checks a known kernel's walks over a symbolic value
-/// at each call's values: the call is refused, naming the node.
+/// (a fuzzing finding: at `n = 1` the CPU's code read past the input; of
+/// integers, a reference kernel the GPUs run as an integer kernel, the
+/// interpreted PTX did too). Every backend now checks a known kernel's
+/// walks over a symbolic value at each call's values, and a reference
+/// slice's walk is what it addresses: the call is refused, naming the node.
 #[test]
 fn a_known_slice_of_a_shorter_symbolic_axis_is_refused_naming_the_node() {
     // Floats (a view the CPU copies in generated code) and integers (the

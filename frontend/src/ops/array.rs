@@ -460,7 +460,11 @@ fn slice(c: &mut NodeCtx) -> BuildResult {
         if step == 0 {
             return Err(c.err("slice step cannot be 0"));
         }
-        let bounds = if step > 0 {
+        let bounds = if dim.known() == Some(0) {
+            // An empty axis stays empty whatever the bounds (clamped
+            // backwards, `0..=-1`, the start would be 0 and take one).
+            (Some(Dim::new(0)), Some(Dim::new(0)))
+        } else if step > 0 {
             (slice_bound(starts[i], dim, 0, 0), slice_bound(ends[i], dim, 0, 0))
         } else {
             (slice_bound(starts[i], dim, 0, -1), slice_bound(ends[i], dim, -1, -1))

@@ -98,11 +98,16 @@ pub fn infer(op: &Op, inputs: &[&Type]) -> OpResult<Vec<Type>> {
             if steps.contains(&0) {
                 return Err("slice step cannot be 0".into());
             }
-            // Normalised bounds lie in the axis (`end` may be -1 stepping backwards).
+            // Normalised bounds lie in the axis (`end` may be -1 stepping
+            // backwards), and so do the first and last elements taken (a
+            // backward slice from 0 of an empty axis would take one).
             for i in 0..r {
                 if let (Some(s), Some(e), Some(d)) = (starts[i].known(), ends[i].known(), x.shape[i].known()) {
-                    if s < 0 || s > d || e < -1 || e > d {
-                        return Err(format!("slice {s}..{e} of axis {i} is outside its {d} elements"));
+                    let len = slice_len(s, e, steps[i]) as i128;
+                    let last = s as i128 + (len - 1) * steps[i] as i128;
+                    let taken = len == 0 || (0..d as i128).contains(&(s as i128)) && (0..d as i128).contains(&last);
+                    if s < 0 || s > d || e < -1 || e > d || !taken {
+                        return Err(format!("slice {s}..{e} by {} of axis {i} is outside its {d} elements", steps[i]));
                     }
                 }
             }
