@@ -1502,7 +1502,11 @@ fn unary_ops_hold_across_the_f32_range() {
                 if driver_limit || a == b || (a.is_nan() && b.is_nan()) {
                     continue;
                 }
-                let close = (a - b).abs() <= 1e-6 || (a - b).abs() <= 1e-4 * b.abs();
+                // erf is held relatively down to the normal range: its
+                // first form was 1.5e-7 off absolutely, 22% at 6e-7 (a
+                // fuzzing finding, through a `log` of it).
+                let floor = if op == "erf" { 1e-37 } else { 1e-6 };
+                let close = (a - b).abs() <= floor || (a - b).abs() <= 1e-4 * b.abs();
                 assert!(close, "{op} on {backend}: f({x}) = {a}, the reference gives {b}");
             }
         }
@@ -1544,7 +1548,11 @@ fn binary_ops_hold_on_edge_values() {
                 if driver_limit || a == b || (a.is_nan() && b.is_nan()) {
                     continue;
                 }
-                let close = (a - b).abs() <= 1e-6 || (a - b).abs() <= 1e-4 * b.abs();
+                // erf is held relatively down to the normal range: its
+                // first form was 1.5e-7 off absolutely, 22% at 6e-7 (a
+                // fuzzing finding, through a `log` of it).
+                let floor = if op == "erf" { 1e-37 } else { 1e-6 };
+                let close = (a - b).abs() <= floor || (a - b).abs() <= 1e-4 * b.abs();
                 assert!(close, "{op} on {backend}: f({x}, {y}) = {a}, the reference gives {b}");
             }
         }
