@@ -568,6 +568,35 @@ fn a_library_refuses_per_call_ops_naming_them_and_the_dims() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// A fuzzing regression model (`fuzz/regressions/NAME.onnx`) compiled as a
+/// library with symbolic dims, run on `inputs` (matched against the JIT)
+/// and on one more set of dims, `dims` (a line per input, `none RANK
+/// DIMS...`), which it must refuse: the library's message for it.
+fn refusal(work: &str, name: &str, inputs: &[(&str, Tensor)], dims: &str) -> String {
+    let work = work_dir(work);
+    // (Not straight under `work`: the library goes to `work/<name>`.)
+    let case = work.join("models").join("case");
+    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fuzz/regressions/{name}.onnx"));
+    std::fs::copy(&model, case.join("model.onnx")).unwrap();
+    for (i, (name, t)) in inputs.iter().enumerate() {
+        egret::io::write_pb(&case.join(format!("test_data_set_0/input_{i}.pb")), name, t).unwrap();
+    }
+    let jit = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
+    let want = jit.run(inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect()).unwrap();
+    let a = compile_symbolic(&case, &work, &[]);
+    let mut sets = std::fs::read_to_string(a.dir.join("sets.txt")).unwrap();
+    sets.push_str(&format!("set\n{dims}"));
+    std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
+    let (refused, checked) = run_shaped_against(&a, &[], name, &|_, j| want[j].clone());
+    assert_eq!(checked, want.len());
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (set, message) = refused.into_iter().next().unwrap();
+    assert_eq!(set, 1);
+    let _ = std::fs::remove_dir_all(&work);
+    message
+}
+
 /// A library refuses values that make one of the model's sizes negative,
 /// naming the node, as the JIT does (`Plan::sizes`): a slice from
 /// `s0 - 3` to 0 is typed `-s0 + 3` long, which ONNX clamps at 0 for s0
@@ -577,33 +606,13 @@ fn a_library_refuses_a_size_negative_at_these_dims() {
     if no_cc() {
         return;
     }
-    let work = work_dir("negative-size");
-    // (Not straight under `work`: the library goes to `work/<name>`.)
-    let case = work.join("models").join("case");
-    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
-    let model =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/symbolic_slice_length_negative_at_run_time.onnx");
-    std::fs::copy(&model, case.join("model.onnx")).unwrap();
     let inputs = [
         ("x1", Tensor::from_vec(vec![3, 7], (0..21).map(|i| i as f32 - 4.5).collect::<Vec<f32>>())),
         ("x3", Tensor::from_vec(vec![], vec![1i64])),
     ];
-    for (i, (name, t)) in inputs.iter().enumerate() {
-        egret::io::write_pb(&case.join(format!("test_data_set_0/input_{i}.pb")), name, t).unwrap();
-    }
-    let jit = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
-    let want = jit.run(inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect()).unwrap();
-    let a = compile_symbolic(&case, &work, &[]);
-    let mut sets = std::fs::read_to_string(a.dir.join("sets.txt")).unwrap();
-    sets.push_str("set\nnone 2 4 7\nnone 0\n");
-    std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
-    let (refused, checked) = run_shaped_against(&a, &[], "negative size", &|_, j| want[j].clone());
-    assert_eq!(checked, want.len());
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    let (set, message) = &refused[0];
-    assert_eq!(*set, 1);
+    let message =
+        refusal("negative-size", "symbolic_slice_length_negative_at_run_time", &inputs, "none 2 4 7\nnone 0\n");
     assert!(message.contains("Slice_4") && message.contains("-s0 + 3") && message.contains("negative"), "{message}");
-    let _ = std::fs::remove_dir_all(&work);
 }
 
 /// A library refuses dims at which a kernel of known sizes would read
@@ -616,29 +625,10 @@ fn a_library_refuses_a_known_slice_past_a_shorter_axis() {
     if no_cc() {
         return;
     }
-    let work = work_dir("short-axis");
-    let case = work.join("models").join("case");
-    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/slice_past_a_symbolic_axis.onnx");
-    std::fs::copy(&model, case.join("model.onnx")).unwrap();
     let inputs =
         [("x1", Tensor::from_vec(vec![2], vec![1.5f32, 2.5])), ("x2", Tensor::from_vec(vec![1], vec![0.5f32]))];
-    for (i, (name, t)) in inputs.iter().enumerate() {
-        egret::io::write_pb(&case.join(format!("test_data_set_0/input_{i}.pb")), name, t).unwrap();
-    }
-    let jit = egret::compile(&case.join("model.onnx"), &Default::default()).unwrap();
-    let want = jit.run(inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect()).unwrap();
-    let a = compile_symbolic(&case, &work, &[]);
-    let mut sets = std::fs::read_to_string(a.dir.join("sets.txt")).unwrap();
-    sets.push_str("set\nnone 1 1\nnone 1 1\n");
-    std::fs::write(a.dir.join("sets.txt"), sets).unwrap();
-    let (refused, checked) = run_shaped_against(&a, &[], "short axis", &|_, j| want[j].clone());
-    assert_eq!(checked, want.len());
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    let (set, message) = &refused[0];
-    assert_eq!(*set, 1);
+    let message = refusal("short-axis", "slice_past_a_symbolic_axis", &inputs, "none 1 1\nnone 1 1\n");
     assert!(message.contains("outside input 0"), "{message}");
-    let _ = std::fs::remove_dir_all(&work);
 }
 
 /// A library with symbolic dims against the JIT on random inputs of many

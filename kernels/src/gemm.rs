@@ -444,8 +444,7 @@ unsafe fn sgemm_packed(
         Rows { at: a, rs: a_rs, cs: a_cs, tile_rs: a_rs }
     };
     if threads > 1 && super::matmul_splits(m, k, n) {
-        let (rows, b, c, epilogue, args) =
-            (SendRows(rows), SendWeight(b), c as usize, epilogue as usize, args as usize);
+        let (rows, b, c, epilogue, args) = (ReadOnly(rows), ReadOnly(b), c as usize, epilogue as usize, args as usize);
         rayon::scope(|s| {
             for t in 0..threads {
                 s.spawn(move |_| unsafe {
@@ -505,19 +504,12 @@ unsafe fn pack_rows(m: usize, k: usize, a: *const f32, a_rs: isize, a_cs: isize,
     }
 }
 
-/// The rows handed to the threads of one product.
+/// Rows of `a` or a packed weight handed to the threads of one product.
 #[derive(Clone, Copy)]
-struct SendRows(Rows);
-// The rows are read-only while the product runs.
-unsafe impl Send for SendRows {}
-unsafe impl Sync for SendRows {}
-
-/// A packed weight handed to the threads of one product.
-#[derive(Clone, Copy)]
-struct SendWeight(Weight);
-// The weight is read-only while the product runs.
-unsafe impl Send for SendWeight {}
-unsafe impl Sync for SendWeight {}
+struct ReadOnly<T>(T);
+// Both are read-only while the product runs.
+unsafe impl<T> Send for ReadOnly<T> {}
+unsafe impl<T> Sync for ReadOnly<T> {}
 
 /// Panels `p0..p1` of the product and the epilogue over their columns,
 /// whatever the weight's coding; `quantized` holds `a`'s rows as unsigned
