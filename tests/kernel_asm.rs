@@ -7,9 +7,9 @@
 //! `egret compile --emit obj` writes beside a library's object: the
 //! kernels built in release, as every product runs them (the test binaries'
 //! own copies carry debug assertions, whose checks change the code). In each
-//! path's `panel_range`, the loop of the path's full tile (six rows, one
-//! broadcast of `a` each, and as many multiply-adds as it has accumulators:
-//! AVX2's half a panel, 12 of its 16 registers; AVX-512's two panels, 24 of
+//! path's `panel_range`, f32 and integer (`int8`), the loop of the path's
+//! full tile (six rows, one broadcast of `a` each, and as many multiplies
+//! as it has accumulators: AVX2's 12 of its 16 registers, AVX-512's 24 of
 //! 32) must neither store nor load a vector register on the stack. (Each
 //! path's code also holds the other tile shapes, which it never runs.)
 
@@ -68,19 +68,26 @@ fn the_gemm_tiles_keep_their_accumulators_in_registers() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "objdump failed: {}", String::from_utf8_lossy(&out.stderr));
     let asm = String::from_utf8_lossy(&out.stdout);
-    for (path, register, accumulators) in [("avx2", "%ymm", 12), ("avx512", "%zmm", 24)] {
-        let name = format!("egret_kernels::gemm::panel_range::{path}");
-        let body = function(&asm, &name);
+    // Each path's f32 tile (a fused multiply-add per accumulator) and
+    // integer tile (AVX2's `vpmaddwd` into a product then added, VNNI's
+    // `vpdpbusd`), with one broadcast of `a` per row.
+    for (name, register, multiply, accumulators, broadcast) in [
+        ("egret_kernels::gemm::panel_range::avx2", "%ymm", "vfmadd231ps", 12, "vbroadcastss"),
+        ("egret_kernels::gemm::panel_range::avx512", "%zmm", "vfmadd231ps", 24, "vbroadcastss"),
+        ("egret_kernels::int8::avx2::panel_range", "%ymm", "vpmaddwd", 12, "vpbroadcastq"),
+        ("egret_kernels::int8::avx512::panel_range", "%zmm", "vpdpbusd", 24, "vpbroadcastd"),
+    ] {
+        let body = function(&asm, name);
         assert!(!body.is_empty(), "no `{name}` in {exe}");
         let count =
             |l: &[Instruction], op: &str| l.iter().filter(|(_, t)| t.starts_with(op) && t.contains(register)).count();
         let tiles: Vec<&[Instruction]> = loops(&body)
             .into_iter()
-            .filter(|l| count(l, "vfmadd231ps") == accumulators && count(l, "vbroadcastss") == 6)
+            .filter(|l| count(l, multiply) == accumulators && count(l, broadcast) == 6)
             .collect();
         assert!(
             !tiles.is_empty(),
-            "`{name}` has no loop of six broadcasts and {accumulators} multiply-adds on {register} registers"
+            "`{name}` has no loop of six broadcasts and {accumulators} {multiply} on {register} registers"
         );
         for tile in tiles {
             let on_stack: Vec<&String> = tile

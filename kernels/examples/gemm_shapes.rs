@@ -1,16 +1,22 @@
 //! The packed GEMM at transformer shapes, one thread, straight through the
 //! kernel library (no compiler in the loop, so it builds in a minute):
 //! GFLOP/s per shape, the median of repeated calls, on the path
-//! `EGRET_KERNEL_ISA` leaves. A quick look while working on the kernel;
-//! the numbers BENCHMARKS.md records come from `cargo bench --bench
-//! matmul` (`tools/gemm_vs_peak.py`).
+//! `EGRET_KERNEL_ISA` leaves. With `--int8`, each shape also through an
+//! int8 weight and whole-number activations (the integer products of a
+//! dynamically quantized model), in G multiply-adds x 2 per second and as
+//! a speed-up over the same shape in f32. A quick look while working on
+//! the kernel; the numbers BENCHMARKS.md records come from `cargo bench
+//! --bench matmul` (`tools/gemm_vs_peak.py`).
 //!
-//!   cargo run --release -p egret-kernels --example gemm_shapes [MxKxN ...]
+//!   cargo run --release -p egret-kernels --example gemm_shapes [--int8] [MxKxN ...]
 
 use std::time::Instant;
 
 fn main() {
-    let shapes: Vec<(usize, usize, usize)> = match std::env::args().skip(1).collect::<Vec<_>>() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let int8 = args.iter().any(|a| a == "--int8");
+    args.retain(|a| a != "--int8");
+    let shapes: Vec<(usize, usize, usize)> = match args {
         args if !args.is_empty() => args
             .iter()
             .map(|s| {
@@ -29,41 +35,52 @@ fn main() {
             (512, 2048, 5632),
         ],
     };
-    println!("path {:?}", egret_kernels::Isa::host());
+    println!("path {:?}, integer path {:?}", egret_kernels::Isa::host(), egret_kernels::int8::Path::host());
     for (m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.1).collect();
-        let packed = egret_kernels::gemm::pack_panels(&b, 0, [n, 1], k, n);
-        let mut c = vec![0f32; m * n];
-        let none = std::ptr::null();
-        let call = |c: &mut [f32]| unsafe {
-            egret_kernels::gemm::egret_sgemm_packed(
-                m as i64,
-                k as i64,
-                n as i64,
-                a.as_ptr(),
-                k as i64,
-                1,
-                packed.as_ptr(),
-                c.as_mut_ptr(),
-                none,
-                none,
-                none,
-                std::ptr::null(),
-            )
-        };
-        call(&mut c);
+        let f32s = median(m, k, &a, &egret_kernels::gemm::pack_panels(&b, 0, [n, 1], k, n), n);
         let flops = 2.0 * (m * k * n) as f64;
-        let reps = ((2e9 / flops) as usize).clamp(5, 200);
-        let mut times: Vec<f64> = (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                call(&mut c);
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let median = times[reps / 2];
-        println!("{m}x{k}x{n}: {:.1} GFLOP/s ({:.3} ms, {reps} calls)", flops / median / 1e9, median * 1e3);
+        print!("{m}x{k}x{n}: {:.1} GFLOP/s ({:.3} ms)", flops / f32s / 1e9, f32s * 1e3);
+        if int8 {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 + i / 5) % 256) as f32).collect();
+            let w = |p: usize, j: usize| ((p * 31 + j * 17 + p / 3) % 256) as u8 as i8;
+            let ints = median(m, k, &a, &egret_kernels::gemm::pack_int8_panels(w, k, n), n);
+            print!("; int8 {:.1} G/s ({:.3} ms, {:.2}x f32)", flops / ints / 1e9, ints * 1e3, f32s / ints);
+        }
+        println!();
     }
+}
+
+/// Seconds per call of `c = a @ packed`, the median of repeated calls.
+fn median(m: usize, k: usize, a: &[f32], packed: &[u32], n: usize) -> f64 {
+    let mut c = vec![0f32; m * n];
+    let none = std::ptr::null();
+    let mut call = || unsafe {
+        egret_kernels::gemm::egret_sgemm_packed(
+            m as i64,
+            k as i64,
+            n as i64,
+            a.as_ptr(),
+            k as i64,
+            1,
+            packed.as_ptr(),
+            c.as_mut_ptr(),
+            none,
+            none,
+            none,
+            std::ptr::null(),
+        )
+    };
+    call();
+    let reps = ((2e9 / (2.0 * (m * k * n) as f64)) as usize).clamp(5, 200);
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            call();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[reps / 2]
 }

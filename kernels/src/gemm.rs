@@ -417,16 +417,19 @@ unsafe fn sgemm_packed(
     let panels = n.div_ceil(NR);
     let threads = super::threads().min(panels);
     let (a_rs, a_cs) = (a_rs as isize, a_cs as isize);
-    // Whole-number activations by an int8 weight: VNNI's integer products,
-    // where the host has them and the activations allow (`int8`).
+    // Whole-number activations by an int8 weight: integer products (VNNI's
+    // or AVX2's), where the host has them and the activations allow (`int8`).
     let mut quantized = Vec::new();
-    let int8 = b.coding == Coding::Int8 && m > FUSED_ROWS && super::int8::available();
+    let path = if b.coding == Coding::Int8 && m > FUSED_ROWS { super::int8::Path::host() } else { None };
+    let int8 = path.is_some();
     if int8 {
         quantized = QUANTIZED_A.take();
     }
-    // The rows as unsigned bytes and their shift (`int8::quantize_rows`).
-    let q = if int8 { unsafe { super::int8::quantize_rows(m, k, a, a_rs, a_cs, &mut quantized) } } else { None };
-    let q = q.map(|lo| (quantized.as_ptr() as usize, lo));
+    // The rows as whole numbers and their shift (`int8::quantize_rows`).
+    let q = path.and_then(|path| {
+        let lo = unsafe { super::int8::quantize_rows(path, m, k, a, a_rs, a_cs, &mut quantized) }?;
+        Some(Quantized { path, at: quantized.as_ptr() as usize, lo })
+    });
     // Rows a multiple of 4 KiB apart (K of 1024, 2048, 3072, 4096) fall on
     // one set of the first-level cache, six of its eight ways for one
     // tile's broadcasts. AVX2's tiles read each tile of rows twice per
@@ -511,17 +514,26 @@ struct ReadOnly<T>(T);
 unsafe impl<T> Send for ReadOnly<T> {}
 unsafe impl<T> Sync for ReadOnly<T> {}
 
+/// `a`'s rows as whole numbers for an int8 weight's integer products
+/// (`int8::quantize_rows`): the path that reads them, their address and
+/// their shift.
+#[derive(Clone, Copy)]
+struct Quantized {
+    path: super::int8::Path,
+    at: usize,
+    lo: i32,
+}
+
 /// Panels `p0..p1` of the product and the epilogue over their columns,
-/// whatever the weight's coding; `quantized` holds `a`'s rows as unsigned
-/// bytes (their address) and their shift, for an int8 weight's integer
-/// products (`int8`).
+/// whatever the weight's coding; `quantized`, when given, holds `a`'s rows
+/// for an int8 weight's integer products (`int8`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn panels_of(
     m: usize,
     k: usize,
     n: usize,
     a: Rows,
-    quantized: Option<(usize, i32)>,
+    quantized: Option<Quantized>,
     b: Weight,
     c: *mut f32,
     p0: usize,
@@ -530,10 +542,10 @@ unsafe fn panels_of(
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
-    if let Some((a_q, lo)) = quantized {
-        let (a_q, words) = (a_q as *const u8, b.panel_words(k));
+    if let Some(Quantized { path, at, lo }) = quantized {
+        let (a_q, words) = (at as *const u32, b.panel_words(k));
         return unsafe {
-            super::int8::panel_range(m, k, n, a_q, lo, b.panels, words, c, p0, p1, GROUP, epilogue, args)
+            super::int8::panel_range(path, m, k, n, a_q, lo, b.panels, words, c, p0, p1, GROUP, epilogue, args)
         };
     }
     if b.coding == Coding::F32 {
@@ -1034,8 +1046,8 @@ thread_local! {
     static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Rows of `a` packed for AVX2's tiles (`pack_rows`).
     static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Rows of `a` as unsigned bytes for the int8 products (`int8`).
-    static QUANTIZED_A: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Rows of `a` as whole numbers for the int8 products (`int8`).
+    static QUANTIZED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Narrow panels decoded to f32 (`panels_of`).
     static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The product of a call whose rows a table places (`egret_sgemm_packed`).
@@ -1277,8 +1289,8 @@ mod tests {
 
     #[test]
     fn int8_weights_multiply_whole_and_fractional_activations() {
-        // Whole-number activations spanning 256 values (the VNNI products
-        // where the host has them), spanning more, and fractional ones (both
+        // Whole-number activations spanning 256 values (the integer
+        // products where the host has them), spanning more, and fractional ones (both
         // decoded to f32); row counts on both sides of the fused rows.
         for (m, k, n) in [(1usize, 4usize, 1usize), (2, 7, 33), (4, 64, 70), (7, 130, 96), (13, 33, 64), (20, 768, 40)]
         {

@@ -26,8 +26,8 @@ pub fn pack_weight(t: &Tensor, offset: usize, strides: [usize; 2], k: usize, n: 
     let trusted = |c: &BlockCodes| t.is_derived() || t.as_f32().is_some_and(|w| c.matches(w));
     if let Some(codes) = t.codes().filter(|c| whole && strides == [n, 1] && trusted(c)) {
         // Whole numbers of a signed byte (an integer product's weight, its
-        // zero point taken off): int8 panels, which VNNI multiplies as
-        // integers when the activations are whole numbers too.
+        // zero point taken off): int8 panels, which VNNI or AVX2 multiplies
+        // as integers when the activations are whole numbers too (`int8`).
         let unscaled = codes.scales.iter().all(|&s| s == 1.0);
         let value = |p: usize, j: usize| codes.value(p, j);
         let signed_byte = |x: f32| x.fract() == 0.0 && (-128.0..=127.0).contains(&x);
