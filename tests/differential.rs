@@ -1612,6 +1612,45 @@ fn row_ops_hold_on_hostile_rows() {
     }
 }
 
+/// A maximum and a minimum over rows of lengths on both sides of the CPU's
+/// four accumulators of four lanes (`cpu::rows`, `WAYS`), a NaN or the
+/// extreme at every position: the reference's value on every backend (a
+/// NaN wherever the row holds one). The sign of a zero among zeros of
+/// both signs is not pinned: onnxruntime returns the first, numpy
+/// neither the first nor the last, the CPU backend IEEE's `maximum`
+/// (+0; `minimum` -0).
+#[test]
+fn max_and_min_hold_a_nan_or_the_extreme_anywhere_in_the_row() {
+    let wgsl = common::wgsl_adapter();
+    for w in [1usize, 3, 4, 15, 16, 17, 20, 33, 35] {
+        let mut rows = Vec::new();
+        for p in 0..w {
+            rows.push((0..w).map(|i| if i == p { f32::NAN } else { i as f32 - 2.5 }).collect::<Vec<f32>>());
+            rows.push((0..w).map(|i| if i == p { 7.0 } else { -(i as f32) - 1.0 }).collect());
+            rows.push((0..w).map(|i| if i == p { -7.0 } else { i as f32 + 1.0 }).collect());
+        }
+        let r = rows.len();
+        let x = Tensor::from_vec(vec![r, w], rows.concat());
+        for k in ["max", "min"] {
+            let text = format!(
+                "v0: f32[{r},{w}] = input{{name=\"x\"}}\nv1: f32[{r}] = reduce{{kind={k}, axes=[1], keepdims=false}} v0\noutput \"y\" = v1\n"
+            );
+            let g = parse(&text).unwrap();
+            let want = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
+            for (backend, got) in every_backend_ok(&g, &[x.clone()], wgsl) {
+                for (row, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                    let same = a == b || (a.is_nan() && b.is_nan());
+                    assert!(
+                        same,
+                        "{k} of {w} on {backend}, row {row} ({:?}): {a:?}, the reference gives {b:?}",
+                        rows[row]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Casts from f32 of the values that break them (halves, the integer
 /// types' edges, past i32, infinities, NaN, a subnormal) to every type a
 /// backend carries, on the CPU, the interpreted PTX and WGSL, against the
