@@ -1555,6 +1555,59 @@ fn binary_ops_hold_on_edge_values() {
     }
 }
 
+/// A maximum or a minimum by a constant (a clamp, Relu, quantization's
+/// saturation), either side, on the CPU at both levels: the CPU lowers it
+/// to one `maxps`/`minps` where a maximum of two variables is `fmax`'s
+/// sequence of nine, and must give the same bits as that: NaN where `x` is
+/// NaN, and IEEE's signed zeros (`max(-0, +0) = +0`, `min = -0`).
+#[test]
+fn max_and_min_by_a_constant_keep_nans_and_signed_zeros() {
+    let xs: Vec<f32> = vec![f32::NAN, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1.5, -3.0, 1e-45, -1e-45, 1e38, 2.0];
+    let n = xs.len();
+    let x = Tensor::from_vec(vec![n], xs.clone());
+    let ieee = |max: bool, a: f32, c: f32| -> f32 {
+        if a.is_nan() || c.is_nan() {
+            f32::NAN
+        } else if a == 0.0 && c == 0.0 {
+            // Zeros of either sign: max takes +0 if either is, min -0.
+            let (any_pos, any_neg) =
+                (a.is_sign_positive() || c.is_sign_positive(), a.is_sign_negative() || c.is_sign_negative());
+            match (max, any_pos, any_neg) {
+                (true, true, _) | (false, _, false) => 0.0,
+                _ => -0.0,
+            }
+        } else if max {
+            a.max(c)
+        } else {
+            a.min(c)
+        }
+    };
+    for c in [0.0f32, -0.0, 1.5, -3.0, f32::INFINITY, f32::NEG_INFINITY] {
+        for op in ["max", "min"] {
+            for swapped in [false, true] {
+                let (l, r) = if swapped { ("v1", "v0") } else { ("v0", "v1") };
+                let text = format!(
+                    "v0: f32[{n}] = input{{name=\"x\"}}\nv1: f32[] = const [{c:?}]\nv2: f32[{n}] = {op} {l}, {r}\nv3: f32[{n}] = add v2, v2\noutput \"y\" = v3\n"
+                );
+                let g = parse(&text).unwrap();
+                for (backend, got) in every_backend_ok(&g, &[x.clone()], false) {
+                    if !backend.starts_with("cpu") {
+                        continue;
+                    }
+                    for (&a, &got) in xs.iter().zip(&got) {
+                        let want = 2.0 * ieee(op == "max", a, c);
+                        let same = (want.is_nan() && got.is_nan()) || (want as f64).to_bits() == got.to_bits();
+                        assert!(
+                            same,
+                            "{op}({a:?}, {c:?}) (swapped: {swapped}) doubled on {backend}: {got:?}, want {want:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Softmax, log-softmax and every reduction over rows holding the values
 /// that break them (all -inf, one inf, a NaN, values near f32's maximum,
 /// all equal, tiny, half -inf) on the CPU, the interpreted PTX and WGSL,

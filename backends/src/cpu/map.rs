@@ -278,11 +278,8 @@ impl Ctx<'_> {
                         let one = self.f32_const(b, 1.0, vector);
                         b.ins().fdiv(one, x)
                     }
-                    Unary::Relu => {
-                        // max(x, 0) that keeps NaN, as ONNX Relu does.
-                        let zero = self.f32_const(b, 0.0, vector);
-                        b.ins().fmax(x, zero)
-                    }
+                    // max(x, 0) that keeps NaN, as ONNX Relu does.
+                    Unary::Relu => VMath::new(vector).max_const(b, x, 0.0),
                     Unary::Floor => b.ins().floor(x),
                     Unary::Ceil => b.ins().ceil(x),
                     Unary::Round => b.ins().nearest(x),
@@ -299,6 +296,13 @@ impl Ctx<'_> {
                 }
             }
             Expr::Binary(op, x, y) => {
+                // A maximum or minimum by a constant (a clamp, quantization's
+                // saturation) in one instruction rather than `fmax`'s nine.
+                if let (Binary::Max | Binary::Min, Some((x, c))) = (op, by_constant(x, y)) {
+                    let x = self.eval(b, x, inputs, vector);
+                    let math = VMath::new(vector);
+                    return if *op == Binary::Max { math.max_const(b, x, c) } else { math.min_const(b, x, c) };
+                }
                 let x = self.eval(b, x, inputs, vector);
                 let y = self.eval(b, y, inputs, vector);
                 match op {
@@ -410,4 +414,14 @@ fn bool_lanes(b: &mut FunctionBuilder, addr: Value, broadcast: bool) -> Value {
         b.ins().band(word, masks)
     };
     b.ins().icmp(IntCC::NotEqual, lanes, zero)
+}
+
+/// The other operand and the constant of a commutative op by a constant
+/// that is not NaN, either side.
+fn by_constant<'e>(x: &'e Expr, y: &'e Expr) -> Option<(&'e Expr, f32)> {
+    match (x, y) {
+        (_, &Expr::F32(c)) if !c.is_nan() => Some((x, c)),
+        (&Expr::F32(c), _) if !c.is_nan() => Some((y, c)),
+        _ => None,
+    }
 }

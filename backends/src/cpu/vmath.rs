@@ -77,11 +77,9 @@ impl VMath {
     /// `e^x`: the kernel library's `exp` (about 1 ulp from `EXP_LOW`, 0
     /// below, infinity above the overflow), written in CLIF.
     pub fn exp(&self, b: &mut FunctionBuilder, x: Value) -> Value {
-        let hi = self.c(b, EXP_OVERFLOW);
-        let lo = self.c(b, EXP_LOW);
         let unclamped = x;
-        let x = b.ins().fmin(x, hi);
-        let x = b.ins().fmax(x, lo);
+        let x = self.min_const(b, x, EXP_OVERFLOW);
+        let x = self.max_const(b, x, EXP_LOW);
         // n = round(x / ln 2); r = x - n ln 2, with ln 2 split for precision.
         let log2e = self.c(b, std::f32::consts::LOG2_E);
         let half = self.c(b, 0.5);
@@ -110,12 +108,44 @@ impl VMath {
         // Past f32's range, infinity (the clamp above keeps the polynomial
         // finite): sigmoid(-inf) is then exactly 0, as libm's gives it.
         // Below `EXP_LOW`, 0 (flushed, as the kernel library).
+        let (hi, lo) = (self.c(b, EXP_OVERFLOW), self.c(b, EXP_LOW));
         let inf = self.c(b, f32::INFINITY);
         let over = b.ins().fcmp(FloatCC::GreaterThan, unclamped, hi);
         let y = self.select(b, over, inf, y);
         let zero = self.c(b, 0.0);
         let under = b.ins().fcmp(FloatCC::LessThan, unclamped, lo);
         self.select(b, under, zero, y)
+    }
+
+    /// `max(x, c)` as CLIF's `fmax` gives it (NaN where `x` is NaN, and
+    /// `max(-0, +0) = +0`), for a constant `c` that is not NaN: `x < c ? c
+    /// : x`, which x64 lowers to one `maxps c, x` where `fmax` is a
+    /// sequence of nine (it handles NaN and zeros on both sides), and an
+    /// added +0 where `c` is +0 (`maxps` gives `x` on a tie, so -0).
+    pub fn max_const(&self, b: &mut FunctionBuilder, x: Value, c: f32) -> Value {
+        debug_assert!(!c.is_nan(), "max_const by NaN");
+        let k = self.c(b, c);
+        let less = b.ins().fcmp(FloatCC::LessThan, x, k);
+        let max = self.select(b, less, k, x);
+        if c.to_bits() == 0 {
+            let zero = self.c(b, 0.0);
+            b.ins().fadd(max, zero)
+        } else {
+            max
+        }
+    }
+
+    /// `min(x, c)` as CLIF's `fmin` gives it, for a constant `c` that is not
+    /// NaN: `c < x ? c : x`, one `minps c, x`. Where `c` is -0 (`minps`
+    /// would give +0 for `min(+0, -0)`), `fmin` itself.
+    pub fn min_const(&self, b: &mut FunctionBuilder, x: Value, c: f32) -> Value {
+        debug_assert!(!c.is_nan(), "min_const by NaN");
+        let k = self.c(b, c);
+        if c.to_bits() == (-0f32).to_bits() {
+            return b.ins().fmin(x, k);
+        }
+        let less = b.ins().fcmp(FloatCC::LessThan, k, x);
+        self.select(b, less, k, x)
     }
 
     /// `cond ? yes : no` lane by lane, `cond` an `fcmp` of this width.
