@@ -177,28 +177,30 @@ unsafe fn quantize_impl<T: Code>(
     // time, unless the lanes are written out): the least and greatest
     // elements, and sums of absolute fractions, which any fraction makes
     // positive and a NaN or an infinity makes NaN.
+    // The lanes are indexed by constants only (the tail has scalars of its
+    // own), so they stay in registers: indexed by the tail's position, they
+    // were kept on the stack and each step waited on the last one's store.
     const L: usize = super::LANES;
     let (mut los, mut his, mut fractions) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
+    let (mut lo, mut hi, mut fraction) = (f32::INFINITY, f32::NEG_INFINITY, 0f32);
     for i in 0..m {
         let r = unsafe { std::slice::from_raw_parts(row(i, &mut copy), k) };
         let mut chunks = r.chunks_exact(L);
         for chunk in &mut chunks {
-            for l in 0..L {
-                let x = chunk[l];
-                los[l] = if x < los[l] { x } else { los[l] };
-                his[l] = if x > his[l] { x } else { his[l] };
-                fractions[l] += (x - x.trunc()).abs();
-            }
+            let x: &[f32; L] = chunk.try_into().expect("chunks of L");
+            los = std::array::from_fn(|l| if x[l] < los[l] { x[l] } else { los[l] });
+            his = std::array::from_fn(|l| if x[l] > his[l] { x[l] } else { his[l] });
+            fractions = std::array::from_fn(|l| fractions[l] + (x[l] - x[l].trunc()).abs());
         }
-        for (l, &x) in chunks.remainder().iter().enumerate() {
-            los[l] = los[l].min(x);
-            his[l] = his[l].max(x);
-            fractions[l] += (x - x.trunc()).abs();
+        for &x in chunks.remainder() {
+            lo = lo.min(x);
+            hi = hi.max(x);
+            fraction += (x - x.trunc()).abs();
         }
     }
-    let lo = los.iter().fold(f32::INFINITY, |a, &b| a.min(b));
-    let hi = his.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let fraction: f32 = fractions.iter().sum();
+    let lo = los.iter().fold(lo, |a, &b| a.min(b));
+    let hi = his.iter().fold(hi, |a, &b| a.max(b));
+    let fraction: f32 = fraction + fractions.iter().sum::<f32>();
     // (A NaN or an infinity made `fraction` NaN, so `hi - lo` is a number.)
     if fraction != 0.0 || hi - lo > 255.0 || !(-255.0..=255.0).contains(&lo) {
         return None;
