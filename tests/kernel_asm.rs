@@ -8,9 +8,10 @@
 //! kernels built in release, as every product runs them (the test binaries'
 //! own copies carry debug assertions, whose checks change the code). In each
 //! path's `panel_range`, f32 and integer (`int8`), the loop of the path's
-//! full tile (six rows, one broadcast of `a` each, and as many multiplies
-//! as it has accumulators: AVX2's 12 of its 16 registers, AVX-512's 24 of
-//! 32) must neither store nor load a vector register on the stack. (Each
+//! full tile (six rows, or AVX2's integer tile's five, one broadcast of `a`
+//! each, and as many multiplies as it has accumulators: AVX2's 10 or 12 of
+//! its 16 registers, AVX-512's 24 of 32) must neither store nor load a
+//! vector register on the stack. (Each
 //! path's code also holds the other tile shapes, which it never runs.)
 
 use std::process::Command;
@@ -69,13 +70,13 @@ fn the_gemm_tiles_keep_their_accumulators_in_registers() {
     assert!(out.status.success(), "objdump failed: {}", String::from_utf8_lossy(&out.stderr));
     let asm = String::from_utf8_lossy(&out.stdout);
     // Each path's f32 tile (a fused multiply-add per accumulator) and
-    // integer tile (AVX2's `vpmaddwd` into a product then added, VNNI's
-    // `vpdpbusd`), with one broadcast of `a` per row.
-    for (name, register, multiply, accumulators, broadcast) in [
-        ("egret_kernels::gemm::panel_range::avx2", "%ymm", "vfmadd231ps", 12, "vbroadcastss"),
-        ("egret_kernels::gemm::panel_range::avx512", "%zmm", "vfmadd231ps", 24, "vbroadcastss"),
-        ("egret_kernels::int8::avx2::panel_range", "%ymm", "vpmaddwd", 12, "vpbroadcastq"),
-        ("egret_kernels::int8::avx512::panel_range", "%zmm", "vpdpbusd", 24, "vpbroadcastd"),
+    // integer tile (AVX2's `vpmaddubsw`, whose pairs `vpmaddwd` then adds,
+    // five rows; VNNI's `vpdpbusd`), with one broadcast of `a` per row.
+    for (name, register, multiply, accumulators, broadcast, rows) in [
+        ("egret_kernels::gemm::panel_range::avx2", "%ymm", "vfmadd231ps", 12, "vbroadcastss", 6),
+        ("egret_kernels::gemm::panel_range::avx512", "%zmm", "vfmadd231ps", 24, "vbroadcastss", 6),
+        ("egret_kernels::int8::avx2::panel_range", "%ymm", "vpmaddubsw", 10, "vpbroadcastd", 5),
+        ("egret_kernels::int8::avx512::panel_range", "%zmm", "vpdpbusd", 24, "vpbroadcastd", 6),
     ] {
         let body = function(&asm, name);
         assert!(!body.is_empty(), "no `{name}` in {exe}");
@@ -83,11 +84,11 @@ fn the_gemm_tiles_keep_their_accumulators_in_registers() {
             |l: &[Instruction], op: &str| l.iter().filter(|(_, t)| t.starts_with(op) && t.contains(register)).count();
         let tiles: Vec<&[Instruction]> = loops(&body)
             .into_iter()
-            .filter(|l| count(l, multiply) == accumulators && count(l, broadcast) == 6)
+            .filter(|l| count(l, multiply) == accumulators && count(l, broadcast) == rows)
             .collect();
         assert!(
             !tiles.is_empty(),
-            "`{name}` has no loop of six broadcasts and {accumulators} {multiply} on {register} registers"
+            "`{name}` has no loop of {rows} broadcasts and {accumulators} {multiply} on {register} registers"
         );
         for tile in tiles {
             let on_stack: Vec<&String> = tile

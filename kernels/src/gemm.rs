@@ -157,6 +157,11 @@ struct Weight {
     coding: Coding,
     block: usize,
     panels: *const u32,
+    /// An int8 weight's remainder (`pack_int8_panels`).
+    remainder: Remainder,
+    /// Whether no pair of an int8 weight's panels can saturate AVX2's
+    /// `vpmaddubsw` (`pack_int8_panels`).
+    pairs_safe: bool,
 }
 
 impl Weight {
@@ -168,7 +173,16 @@ impl Weight {
         let word = |i: usize| unsafe { *b.add(i) };
         assert_eq!(word(0), MAGIC, "a packed GEMM weight without its header");
         let coding = Coding::from_word(word(1)).expect("a packed GEMM weight of an unknown coding");
-        Weight { coding, block: word(4) as usize, panels: unsafe { b.add(HEADER_WORDS) } }
+        let panels = unsafe { b.add(HEADER_WORDS) };
+        let (remainder, pairs_safe) = (Remainder::NONE, word(SAFE_WORD) == 1);
+        let mut weight = Weight { coding, block: word(4) as usize, panels, remainder, pairs_safe };
+        if coding == Coding::Int8 && word(REMAINDER_WORD) > 0 {
+            let (k, n) = (word(2) as usize, word(3) as usize);
+            let count = n.div_ceil(NR);
+            let table = unsafe { panels.add(count * weight.panel_words(k)) };
+            weight.remainder = Remainder { table, panels: count };
+        }
+        weight
     }
 
     /// Words per panel of `k` rows.
@@ -202,13 +216,37 @@ fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
 }
 
 /// A `[k, n]` matrix of whole numbers in -128..=127 (`value(p, j)`)
-/// packed as `Coding::Int8` panels.
+/// packed as `Coding::Int8` panels, and its remainder.
+///
+/// AVX2's `vpmaddubsw` adds each two neighbouring products of bytes into
+/// 16 bits, saturating: 255 * (w0 + w1) overflows where two weights of one
+/// sign sum past 128 in magnitude. The panels hold the weight with every
+/// such pair moved toward zero until it cannot (`pair_safe`), and a
+/// remainder after them holds what was taken off, a few entries (a BERT-
+/// base's 72 weights: 16,935 of 42 million pairs, at most 905 in one): the
+/// products add it back exactly (`Remainder`). The column sums are the
+/// whole weight's.
 pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) -> Vec<u32> {
+    // A weight of many such pairs (uniformly random bytes: half of them)
+    // would spend longer on its remainder than on its panels: it keeps its
+    // values, and AVX2 decodes it for the f32 tiles (`pairs_safe`).
+    let unsafe_pairs = (0..n)
+        .flat_map(|j| (0..k.div_ceil(2)).map(move |q| (j, 2 * q)))
+        .filter(|&(j, p)| {
+            let w1 = if p + 1 < k { value(p + 1, j) } else { 0 };
+            pair_safe(value(p, j), w1) != (value(p, j), w1)
+        })
+        .count();
+    let safe = unsafe_pairs <= k * n / MAX_REMAINDER_SHARE;
     let mut out = header(Coding::Int8, k, n, 0);
+    out[SAFE_WORD] = safe as u32;
+    let panels = n.div_ceil(NR);
     // Sized once, as every packer here: growing by doubling would copy the
     // panels and hold up to twice them at once.
-    out.reserve_exact(n.div_ceil(NR) * (NR + k.div_ceil(4) * NR));
-    for panel in 0..n.div_ceil(NR) {
+    out.reserve_exact(panels * (NR + k.div_ceil(4) * NR) + panels + 1);
+    // Per panel, its remainder's entries: (row, column in the panel, value).
+    let mut remainder: Vec<Vec<(usize, usize, i32)>> = vec![Vec::new(); panels];
+    for (panel, taken) in remainder.iter_mut().enumerate() {
         let col = |l: usize| panel * NR + l;
         out.extend((0..NR).map(|l| {
             if col(l) < n {
@@ -219,19 +257,114 @@ pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) 
         }));
         for g in 0..k.div_ceil(4) {
             for l in 0..NR {
-                let byte = |r: usize| {
-                    let p = 4 * g + r;
-                    if p < k && col(l) < n {
-                        value(p, col(l)) as u8
-                    } else {
-                        0
+                let w = |p: usize| if p < k && col(l) < n { value(p, col(l)) } else { 0 };
+                let mut bytes = [0u8; 4];
+                for pair in 0..2 {
+                    let p = 4 * g + 2 * pair;
+                    let (w0, w1) = (w(p), w(p + 1));
+                    let (s0, s1) = if safe { pair_safe(w0, w1) } else { (w0, w1) };
+                    for (r, (w, s)) in [(w0, s0), (w1, s1)].into_iter().enumerate() {
+                        bytes[2 * pair + r] = s as u8;
+                        if w != s {
+                            taken.push((p + r, l, w as i32 - s as i32));
+                        }
                     }
-                };
-                out.push(u32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)]));
+                }
+                out.push(u32::from_le_bytes(bytes));
             }
         }
     }
+    // The remainder: where each panel's entries start (and the last ends),
+    // then the entries, two words each (row times NR plus column; value).
+    let entries: usize = remainder.iter().map(Vec::len).sum();
+    out[REMAINDER_WORD] = entries as u32;
+    out.reserve_exact(2 * entries);
+    let mut start = 0;
+    for taken in &remainder {
+        out.push(start as u32);
+        start += taken.len();
+    }
+    out.push(start as u32);
+    for &(p, l, v) in remainder.iter().flatten() {
+        out.extend([(p * NR + l) as u32, v as u32]);
+    }
     out
+}
+
+/// An int8 weight's pairs are made safe (`pack_int8_panels`) where at most
+/// one in this many of its values would go to the remainder: each entry
+/// costs a scalar multiply-add per row, about as much as 30 values in the
+/// tiles, so the remainder then costs at most about 12% more.
+const MAX_REMAINDER_SHARE: usize = 256;
+
+/// The remainder of the int8 weight `b` packed by `pack_int8_panels`, and
+/// whether its pairs were made safe for AVX2.
+///
+/// # Safety
+/// `b` is such a weight.
+#[cfg(test)]
+pub(crate) unsafe fn layout_of(b: *const u32) -> (Remainder, bool) {
+    let w = unsafe { Weight::read(b) };
+    (w.remainder, w.pairs_safe)
+}
+
+/// The header word of an int8 weight that counts its remainder's entries.
+const REMAINDER_WORD: usize = 5;
+
+/// The header word of an int8 weight that says (1) that no pair of its
+/// panels can saturate `vpmaddubsw`.
+const SAFE_WORD: usize = 6;
+
+/// `(w0, w1)` moved toward zero, the larger in magnitude giving way, until
+/// no two bytes (0..=255) times them sum past 16 bits: two weights of one
+/// sign at most 128 in magnitude together (255 * 128 = 32,640).
+pub fn pair_safe(w0: i8, w1: i8) -> (i8, i8) {
+    let (a, b) = (w0 as i32, w1 as i32);
+    let (high, low) = (a.max(0) + b.max(0), a.min(0) + b.min(0));
+    let (a, b) = if high > 128 {
+        // Both positive: the larger becomes 128 - the other (at least 1).
+        if a >= b {
+            (128 - b, b)
+        } else {
+            (a, 128 - a)
+        }
+    } else if low < -128 {
+        // Both negative: the larger in magnitude becomes -128 - the other.
+        if a <= b {
+            (-128 - b, b)
+        } else {
+            (a, -128 - a)
+        }
+    } else {
+        (a, b)
+    };
+    (a as i8, b as i8)
+}
+
+/// What an int8 weight's panels leave out (`pack_int8_panels`): per panel,
+/// entries of a row, a column in the panel and the value to add.
+#[derive(Clone, Copy)]
+pub struct Remainder {
+    /// Where each panel's entries start, then the entries; null for none.
+    table: *const u32,
+    panels: usize,
+}
+
+impl Remainder {
+    pub const NONE: Remainder = Remainder { table: std::ptr::null(), panels: 0 };
+
+    /// Panel `panel`'s entries: (row, column in the panel, value).
+    pub fn of(self, panel: usize) -> impl Iterator<Item = (usize, usize, i32)> {
+        let entries: &[u32] = if self.table.is_null() {
+            &[]
+        } else {
+            // (Safety: `Weight::read` found the table after the panels.)
+            let at = |i: usize| unsafe { *self.table.add(i) } as usize;
+            let (start, end) = (at(panel), at(panel + 1));
+            unsafe { std::slice::from_raw_parts(self.table.add(self.panels + 1 + 2 * start), 2 * (end - start)) }
+        };
+        entries.chunks_exact(2).map(|e| (e[0] as usize / NR, e[0] as usize % NR, e[1] as i32))
+    }
 }
 
 /// `b` (`[k, n]`, element `(p, j)` at `offset + p * strides[0] + j *
@@ -420,14 +553,19 @@ unsafe fn sgemm_packed(
     // Whole-number activations by an int8 weight: integer products (VNNI's
     // or AVX2's), where the host has them and the activations allow (`int8`).
     let mut quantized = Vec::new();
-    let path = if b.coding == Coding::Int8 && m > FUSED_ROWS { super::int8::Path::host() } else { None };
+    // (AVX2's products need panels whose pairs cannot saturate.)
+    let path = match super::int8::Path::host() {
+        Some(super::int8::Path::Avx2) if !b.pairs_safe => None,
+        path if b.coding == Coding::Int8 && m > FUSED_ROWS => path,
+        _ => None,
+    };
     let int8 = path.is_some();
     if int8 {
         quantized = QUANTIZED_A.take();
     }
     // The rows as whole numbers and their shift (`int8::quantize_rows`).
     let q = path.and_then(|path| {
-        let lo = unsafe { super::int8::quantize_rows(path, m, k, a, a_rs, a_cs, &mut quantized) }?;
+        let lo = unsafe { super::int8::quantize_rows(m, k, a, a_rs, a_cs, &mut quantized) }?;
         Some(Quantized { path, at: quantized.as_ptr() as usize, lo })
     });
     // Rows a multiple of 4 KiB apart (K of 1024, 2048, 3072, 4096) fall on
@@ -543,9 +681,9 @@ unsafe fn panels_of(
     args: *const *mut u8,
 ) {
     if let Some(Quantized { path, at, lo }) = quantized {
-        let (a_q, words) = (at as *const u32, b.panel_words(k));
+        let (a_q, words, rest) = (at as *const u8, b.panel_words(k), b.remainder);
         return unsafe {
-            super::int8::panel_range(path, m, k, n, a_q, lo, b.panels, words, c, p0, p1, GROUP, epilogue, args)
+            super::int8::panel_range(path, m, k, n, a_q, lo, b.panels, words, rest, c, p0, p1, GROUP, epilogue, args)
         };
     }
     if b.coding == Coding::F32 {
@@ -724,8 +862,9 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
             }
         }
         Coding::Int8 => {
+            let mut remainder = b.remainder.of(panel).peekable();
             for g in 0..k.div_ceil(4) {
-                let rows = decode_int8_group(unsafe { &*((at.add(NR + g * NR)) as *const [u8; 4 * NR]) });
+                let rows = decode_int8_group(at, g, &mut remainder);
                 for (r, row) in rows.iter().enumerate().take(k - 4 * g) {
                     step::<R, FMA>(&mut acc, a, (4 * g + r) as isize * a_cs, a_rs, row);
                 }
@@ -804,14 +943,24 @@ fn code_bytes(bytes: &[u8; NR]) -> [f32; NR] {
     row
 }
 
-/// Four rows of an int8 panel's group (`Coding::Int8`) as values.
+/// Group `g` (four rows) of the int8 panel at `at` (`Coding::Int8`) as
+/// values, with the remainder's entries in it added back (`remainder`: the
+/// panel's entries, in order of group, from this group's first).
 #[inline(always)]
-fn decode_int8_group(bytes: &[u8; 4 * NR]) -> [[f32; NR]; 4] {
+fn decode_int8_group(
+    at: *const u32,
+    g: usize,
+    remainder: &mut std::iter::Peekable<impl Iterator<Item = (usize, usize, i32)>>,
+) -> [[f32; NR]; 4] {
+    let bytes = unsafe { &*(at.add(NR + g * NR) as *const [u8; 4 * NR]) };
     let mut rows = [[0f32; NR]; 4];
     for l in 0..NR {
         for (r, row) in rows.iter_mut().enumerate() {
             row[l] = bytes[4 * l + r] as i8 as f32;
         }
+    }
+    while let Some((p, l, v)) = remainder.next_if(|&(p, _, _)| p / 4 == g) {
+        rows[p % 4][l] += v as f32;
     }
     rows
 }
@@ -870,8 +1019,9 @@ unsafe fn decode_panel_impl<const FMA: bool>(b: Weight, k: usize, panel: usize, 
             }
         }
         Coding::Int8 => {
+            let mut remainder = b.remainder.of(panel).peekable();
             for g in 0..k.div_ceil(4) {
-                let rows = decode_int8_group(unsafe { &*((at.add(NR + g * NR)) as *const [u8; 4 * NR]) });
+                let rows = decode_int8_group(at, g, &mut remainder);
                 for (r, row) in rows.iter().enumerate().take(k - 4 * g) {
                     out[(4 * g + r) * NR..(4 * g + r + 1) * NR].copy_from_slice(row);
                 }
@@ -1047,7 +1197,7 @@ thread_local! {
     /// Rows of `a` packed for AVX2's tiles (`pack_rows`).
     static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Rows of `a` as whole numbers for the int8 products (`int8`).
-    static QUANTIZED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static QUANTIZED_A: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Narrow panels decoded to f32 (`panels_of`).
     static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The product of a call whose rows a table places (`egret_sgemm_packed`).
@@ -1305,6 +1455,30 @@ mod tests {
                 ("fractional", (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25).collect()),
             ] {
                 check_product_with(&format!("int8 by {what}"), m, k, n, &a, &packed, value);
+            }
+        }
+    }
+
+    #[test]
+    fn every_pair_of_int8_weights_is_made_safe_for_vpmaddubsw() {
+        // Every pair: what the panels keep never saturates 16 bits by any
+        // two bytes, each weight moves toward zero (never past it), and a
+        // pair that is safe already is kept as it is.
+        for w0 in -128..=127i32 {
+            for w1 in -128..=127i32 {
+                let (s0, s1) = pair_safe(w0 as i8, w1 as i8);
+                let (s0, s1) = (s0 as i32, s1 as i32);
+                let bound = |a: i32, b: i32| {
+                    let (high, low) = (255 * (a.max(0) + b.max(0)), 255 * (a.min(0) + b.min(0)));
+                    high <= i16::MAX as i32 && low >= i16::MIN as i32
+                };
+                assert!(bound(s0, s1), "({w0}, {w1}) -> ({s0}, {s1}) can saturate");
+                if bound(w0, w1) {
+                    assert_eq!((s0, s1), (w0, w1));
+                }
+                for (w, s) in [(w0, s0), (w1, s1)] {
+                    assert!(s * w >= 0 && s.abs() <= w.abs(), "({w0}, {w1}) -> ({s0}, {s1})");
+                }
             }
         }
     }

@@ -1,4 +1,4 @@
-//! Products of whole-number activations with int8 weights on AVX-512 VNNI.
+//! Products of whole-number activations with int8 weights, as integers.
 //!
 //! A dynamically quantized model (onnxruntime's `quantize_dynamic`)
 //! multiplies activations rounded to 8-bit integers (`a_q - a_zero`, whole
@@ -6,25 +6,30 @@
 //! then scales the product. Egret imports both as f32 (exact), and the
 //! packed GEMM gets the weight as `Coding::Int8` panels. Here, per call,
 //! the activations are checked to be whole numbers within a range of 256
-//! and shifted into unsigned bytes (`a - lo`); `vpdpbusd` then multiplies
-//! four unsigned bytes by four signed ones and adds them to each 32-bit
-//! lane: four multiply-adds per lane where an f32 FMA does one. The shift
-//! comes back out exactly: `sum (a - lo) w + lo * sum w`, the weight's
-//! column sums stored in its panels. Sums are exact in i32 (at most
-//! `k * 255 * 128`, under 2^31 for `k` below 65,000), so the product is
-//! rounded once, to f32, where the f32 GEMM rounds at every step.
+//! and shifted into unsigned bytes (`a - lo`). The shift comes back out
+//! exactly: `sum (a - lo) w + lo * sum w`, the weight's column sums stored
+//! in its panels. Sums are exact in i32 (at most `k * 255 * 128`, under
+//! 2^31 for `k` below 65,000), so the product is rounded once, to f32,
+//! where the f32 GEMM rounds at every step.
+//!
+//! Two paths (`Path`), over the same panels, with the same sums:
+//! - AVX-512 VNNI's `vpdpbusd` multiplies four unsigned bytes by four
+//!   signed ones and adds them to each 32-bit lane.
+//! - AVX2 (AMD's Zen 3, Intel before Ice Lake, or `EGRET_KERNEL_ISA=avx2`):
+//!   `vpmaddubsw` multiplies bytes and adds each two neighbouring products
+//!   into 16 bits, then `vpmaddwd` by ones adds those pairs into 32. Its
+//!   16-bit sums saturate where two weights of one sign sum past 128 in
+//!   magnitude (255 * 129 > 32,767), the wrong answers onnxruntime's AVX2
+//!   kernels are known for: the panels hold every such pair moved toward
+//!   zero until it cannot, and each tile adds what was taken off (the
+//!   weight's `Remainder`, a few entries) back in i32. Widening to 16 bits
+//!   first (`vpmaddwd` alone, which cannot saturate) ran 1.4x slower.
 //!
 //! Activations that are not whole numbers in such a range (a static
-//! model's dequantized ones, say) take the f32 path over decoded panels.
-//!
-//! Hosts without VNNI (AVX2 only, as AMD's Zen 3, or `EGRET_KERNEL_ISA=avx2`)
-//! take `vpmaddwd` over the same panels widened to 16 bits in registers
-//! (`Path::Avx2`): `vpmaddubsw`, AVX2's byte product, adds its pairs into
-//! saturating 16-bit sums, which 255 * 127 * 2 overflows (a known source
-//! of wrong answers elsewhere), where a pair of 16-bit products summed into
-//! 32 bits cannot. Both paths give the same exact sums.
+//! model's dequantized ones, say), and hosts without AVX2, take the f32
+//! path over decoded panels.
 
-use super::gemm::NR;
+use super::gemm::{Remainder, NR};
 
 /// How the integer products run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,31 +68,25 @@ impl Path {
     }
 }
 
-/// Rows of `a` (`m x k`, strided) as whole numbers `a - lo` in 0..=255,
-/// each row padded to a multiple of 4 with zeros, into `out` as the path's
-/// tiles read them (bytes for VNNI, 16-bit integers for AVX2); `lo`, or
-/// `None` when some element is not a whole number or the elements span
-/// more than 255 (or `lo` lies outside -255..=255, which keeps the sums in
-/// i32).
+/// Rows of `a` (`m x k`, strided) as unsigned bytes `a - lo`, each row
+/// padded to a multiple of 4 with zeros, into `out`; `lo`, or `None` when
+/// some element is not a whole number or the elements span more than 255
+/// (or `lo` lies outside -255..=255, which keeps the sums in i32).
 ///
 /// # Safety
 /// `a` holds the matrix its strides describe.
 pub unsafe fn quantize_rows(
-    path: Path,
     m: usize,
     k: usize,
     a: *const f32,
     a_rs: isize,
     a_cs: isize,
-    out: &mut Vec<u32>,
+    out: &mut Vec<u8>,
 ) -> Option<i32> {
     if k > MAX_K {
         return None;
     }
-    match path {
-        Path::Vnni => unsafe { quantize_bytes(m, k, a, a_rs, a_cs, out) },
-        Path::Avx2 => unsafe { quantize_wide(m, k, a, a_rs, a_cs, out) },
-    }
+    unsafe { quantize(m, k, a, a_rs, a_cs, out) }
 }
 
 /// The longest rows whose sums stay in i32: `k * 255 * 128` twice over
@@ -95,72 +94,21 @@ pub unsafe fn quantize_rows(
 const MAX_K: usize = 32768;
 
 crate::multiversion! {
-    /// `quantize_rows` into bytes, for rows of at most `MAX_K`.
+    /// `quantize_rows` for rows of at most `MAX_K`.
     ///
     /// # Safety
     /// As `quantize_rows`.
-    unsafe fn quantize_bytes(m: usize, k: usize, a: *const f32, a_rs: isize, a_cs: isize, out: &mut Vec<u32>) -> Option<i32> = quantize_bytes_impl;
-}
-
-crate::multiversion! {
-    /// `quantize_rows` into 16-bit integers, for rows of at most `MAX_K`.
-    ///
-    /// # Safety
-    /// As `quantize_rows`.
-    unsafe fn quantize_wide(m: usize, k: usize, a: *const f32, a_rs: isize, a_cs: isize, out: &mut Vec<u32>) -> Option<i32> = quantize_wide_impl;
+    unsafe fn quantize(m: usize, k: usize, a: *const f32, a_rs: isize, a_cs: isize, out: &mut Vec<u8>) -> Option<i32> = quantize_impl;
 }
 
 #[inline(always)]
-unsafe fn quantize_bytes_impl<const FMA: bool>(
+unsafe fn quantize_impl<const FMA: bool>(
     m: usize,
     k: usize,
     a: *const f32,
     a_rs: isize,
     a_cs: isize,
-    out: &mut Vec<u32>,
-) -> Option<i32> {
-    unsafe { quantize_impl::<u8>(m, k, a, a_rs, a_cs, out) }
-}
-
-#[inline(always)]
-unsafe fn quantize_wide_impl<const FMA: bool>(
-    m: usize,
-    k: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    out: &mut Vec<u32>,
-) -> Option<i32> {
-    unsafe { quantize_impl::<i16>(m, k, a, a_rs, a_cs, out) }
-}
-
-/// An element type the tiles read activations in.
-trait Code: Copy {
-    fn of(byte: u8) -> Self;
-}
-
-impl Code for u8 {
-    #[inline(always)]
-    fn of(byte: u8) -> u8 {
-        byte
-    }
-}
-
-impl Code for i16 {
-    #[inline(always)]
-    fn of(byte: u8) -> i16 {
-        byte as i16
-    }
-}
-
-#[inline(always)]
-unsafe fn quantize_impl<T: Code>(
-    m: usize,
-    k: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    out: &mut Vec<u32>,
+    out: &mut Vec<u8>,
 ) -> Option<i32> {
     // Rows gathered contiguously first where `a` is strided along k.
     let mut copy = Vec::new();
@@ -206,25 +154,22 @@ unsafe fn quantize_impl<T: Code>(
         return None;
     }
     let lda = k.div_ceil(4) * 4;
-    // Words, so the elements are aligned for either type.
-    let bytes = m * lda * std::mem::size_of::<T>();
     out.clear();
-    out.resize(bytes.div_ceil(4), 0);
-    let codes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut T, m * lda) };
+    out.resize(m * lda, 0);
     for i in 0..m {
         let r = unsafe { std::slice::from_raw_parts(row(i, &mut copy), k) };
-        for (o, &x) in codes[i * lda..i * lda + k].iter_mut().zip(r) {
+        for (o, &x) in out[i * lda..i * lda + k].iter_mut().zip(r) {
             // A whole number in 0..=255 (checked above), so the
             // conversion without saturation (which vectorises) is exact.
-            *o = T::of(unsafe { (x - lo).to_int_unchecked::<i32>() } as u8);
+            *o = unsafe { (x - lo).to_int_unchecked::<i32>() } as u8;
         }
     }
     Some(lo as i32)
 }
 
-/// Panels `p0..p1` of `c = a @ b` from activations `a_q` (`quantize_rows`
-/// for `path`, shifted by `lo`) and int8 panels (`panels`, each
-/// `panel_words` words: column sums, then groups of four rows), and the
+/// Panels `p0..p1` of `c = a @ b` from activations `a_q` (`quantize_rows`,
+/// shifted by `lo`) and int8 panels (`panels`, each `panel_words` words:
+/// column sums, then groups of four rows) with their `remainder`, and the
 /// epilogue over each group of `group` panels' columns.
 ///
 /// # Safety
@@ -236,10 +181,11 @@ pub unsafe fn panel_range(
     m: usize,
     k: usize,
     n: usize,
-    a_q: *const u32,
+    a_q: *const u8,
     lo: i32,
     panels: *const u32,
     panel_words: usize,
+    remainder: Remainder,
     c: *mut f32,
     p0: usize,
     p1: usize,
@@ -247,22 +193,66 @@ pub unsafe fn panel_range(
     epilogue: *const i64,
     args: *const *mut u8,
 ) {
+    let b = Panels { at: panels, words: panel_words, remainder };
     #[cfg(target_arch = "x86_64")]
     match path {
-        Path::Vnni => unsafe {
-            avx512::panel_range(m, k, n, a_q as *const u8, lo, panels, panel_words, c, p0, p1, group, epilogue, args)
-        },
-        Path::Avx2 => unsafe {
-            avx2::panel_range(m, k, n, a_q as *const i16, lo, panels, panel_words, c, p0, p1, group, epilogue, args)
-        },
+        Path::Vnni => unsafe { avx512::panel_range(m, k, n, a_q, lo, b, c, p0, p1, group, epilogue, args) },
+        Path::Avx2 => unsafe { avx2::panel_range(m, k, n, a_q, lo, b, c, p0, p1, group, epilogue, args) },
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (path, m, k, n, a_q, lo, panels, panel_words, c, p0, p1, group, epilogue, args);
+    let _ = (path, m, k, n, a_q, lo, b, c, p0, p1, group, epilogue, args);
+}
+
+/// An int8 weight as the tiles read it.
+#[derive(Clone, Copy)]
+struct Panels {
+    at: *const u32,
+    /// Words per panel.
+    words: usize,
+    remainder: Remainder,
+}
+
+/// Rows `i..i + rows` of a tile's 32-bit sums (`out`, each row `L` columns
+/// from column `col0` of panel `panel`): the remainder's entries in those
+/// columns added back, the shift undone with the column sums, rounded once
+/// to f32 into `c`. Exact in i32: `quantize_rows` bounds `k` and `lo`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn finish<const L: usize>(
+    out: &mut [[i32; L]],
+    rows: usize,
+    a: *const u8,
+    lda: usize,
+    lo: i32,
+    b: Panels,
+    panel: usize,
+    col0: usize,
+    c: *mut f32,
+    i: usize,
+    n: usize,
+) {
+    for (p, l, v) in b.remainder.of(panel) {
+        if (col0..col0 + L).contains(&l) {
+            for (r, row) in out.iter_mut().enumerate().take(rows) {
+                row[l - col0] += unsafe { *a.add(r * lda + p) } as i32 * v;
+            }
+        }
+    }
+    let sums = unsafe { &*(b.at.add(panel * b.words + col0) as *const [i32; L]) };
+    let cols = L.min(n.saturating_sub(panel * NR + col0));
+    for (r, row) in out.iter().enumerate().take(rows) {
+        let mut values = [0f32; L];
+        for l in 0..L {
+            values[l] = (row[l] + lo * sums[l]) as f32;
+        }
+        let dst = unsafe { std::slice::from_raw_parts_mut(c.add((i + r) * n + panel * NR + col0), cols) };
+        dst.copy_from_slice(&values[..cols]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::NR;
+    use super::{finish, Panels, NR};
     use std::arch::x86_64::*;
 
     /// Rows per tile: 6 rows of two panels (4 vectors each) are 24 of the
@@ -277,8 +267,7 @@ mod avx512 {
         n: usize,
         a_q: *const u8,
         lo: i32,
-        panels: *const u32,
-        panel_words: usize,
+        b: Panels,
         c: *mut f32,
         p0: usize,
         p1: usize,
@@ -294,7 +283,7 @@ mod avx512 {
             let mut panel = g0;
             while panel < g1 {
                 let width = if panel + 1 < g1 { 2 } else { 1 };
-                let b = unsafe { panels.add(panel * panel_words) };
+                let at = unsafe { b.at.add(panel * b.words) };
                 let mut i = 0;
                 while i < m {
                     let rows = MR.min(m - i);
@@ -302,34 +291,25 @@ mod avx512 {
                     let mut out = [[0i32; 2 * NR]; MR];
                     unsafe {
                         match (rows, width) {
-                            (6, 2) => tile::<6, 2>(groups, a, lda, b, panel_words, &mut out),
-                            (5, 2) => tile::<5, 2>(groups, a, lda, b, panel_words, &mut out),
-                            (4, 2) => tile::<4, 2>(groups, a, lda, b, panel_words, &mut out),
-                            (3, 2) => tile::<3, 2>(groups, a, lda, b, panel_words, &mut out),
-                            (2, 2) => tile::<2, 2>(groups, a, lda, b, panel_words, &mut out),
-                            (_, 2) => tile::<1, 2>(groups, a, lda, b, panel_words, &mut out),
-                            (6, _) => tile::<6, 1>(groups, a, lda, b, panel_words, &mut out),
-                            (5, _) => tile::<5, 1>(groups, a, lda, b, panel_words, &mut out),
-                            (4, _) => tile::<4, 1>(groups, a, lda, b, panel_words, &mut out),
-                            (3, _) => tile::<3, 1>(groups, a, lda, b, panel_words, &mut out),
-                            (2, _) => tile::<2, 1>(groups, a, lda, b, panel_words, &mut out),
-                            _ => tile::<1, 1>(groups, a, lda, b, panel_words, &mut out),
+                            (6, 2) => tile::<6, 2>(groups, a, lda, at, b.words, &mut out),
+                            (5, 2) => tile::<5, 2>(groups, a, lda, at, b.words, &mut out),
+                            (4, 2) => tile::<4, 2>(groups, a, lda, at, b.words, &mut out),
+                            (3, 2) => tile::<3, 2>(groups, a, lda, at, b.words, &mut out),
+                            (2, 2) => tile::<2, 2>(groups, a, lda, at, b.words, &mut out),
+                            (_, 2) => tile::<1, 2>(groups, a, lda, at, b.words, &mut out),
+                            (6, _) => tile::<6, 1>(groups, a, lda, at, b.words, &mut out),
+                            (5, _) => tile::<5, 1>(groups, a, lda, at, b.words, &mut out),
+                            (4, _) => tile::<4, 1>(groups, a, lda, at, b.words, &mut out),
+                            (3, _) => tile::<3, 1>(groups, a, lda, at, b.words, &mut out),
+                            (2, _) => tile::<2, 1>(groups, a, lda, at, b.words, &mut out),
+                            _ => tile::<1, 1>(groups, a, lda, at, b.words, &mut out),
                         }
                     }
-                    // Undo the shift with the column sums (exact in i32:
-                    // `quantize_rows` bounds `k` and `lo`), round once to f32.
                     for w in 0..width {
-                        let sums = unsafe { &*(b.add(w * panel_words) as *const [i32; NR]) };
-                        let col0 = (panel + w) * NR;
-                        let cols = NR.min(n.saturating_sub(col0));
-                        for (r, row) in out.iter().enumerate().take(rows) {
-                            let mut values = [0f32; NR];
-                            for l in 0..NR {
-                                values[l] = (row[w * NR + l] + lo * sums[l]) as f32;
-                            }
-                            let dst = unsafe { std::slice::from_raw_parts_mut(c.add((i + r) * n + col0), cols) };
-                            dst.copy_from_slice(&values[..cols]);
-                        }
+                        // This panel's columns of the tile's sums.
+                        let mut sums: [[i32; NR]; MR] =
+                            std::array::from_fn(|r| std::array::from_fn(|l| out[r][w * NR + l]));
+                        unsafe { finish::<NR>(&mut sums, rows, a, lda, lo, b, panel + w, 0, c, i, n) };
                     }
                     i += rows;
                 }
@@ -383,16 +363,16 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::NR;
+    use super::{finish, Panels, NR};
     use std::arch::x86_64::*;
 
-    /// Rows per tile: 6 rows of 8 columns, each row two vectors of four
-    /// columns' pairs of sums, are 12 of the 16 registers; the two widened
-    /// weight vectors, a broadcast row and a product the other four.
-    const MR: usize = 6;
+    /// Rows per tile: 5 rows of half a panel (two vectors each) are 10 of
+    /// the 16 registers; the two weight vectors, a broadcast row, the ones
+    /// and a product the rest. Six rows spilled an accumulator.
+    const MR: usize = 5;
 
-    /// Columns per tile: a quarter of a panel.
-    const COLS: usize = 8;
+    /// Columns per tile: half a panel, two vectors of eight.
+    const COLS: usize = NR / 2;
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
@@ -400,10 +380,9 @@ mod avx2 {
         m: usize,
         k: usize,
         n: usize,
-        a_q: *const i16,
+        a_q: *const u8,
         lo: i32,
-        panels: *const u32,
-        panel_words: usize,
+        b: Panels,
         c: *mut f32,
         p0: usize,
         p1: usize,
@@ -417,14 +396,11 @@ mod avx2 {
         while g0 < p1 {
             let g1 = p1.min(g0 + group);
             for panel in g0..g1 {
-                let b = unsafe { panels.add(panel * panel_words) };
-                for quarter in 0..NR / COLS {
-                    let col0 = panel * NR + quarter * COLS;
-                    if col0 >= n {
+                let at = unsafe { b.at.add(panel * b.words) };
+                for half in 0..2 {
+                    if panel * NR + half * COLS >= n {
                         break;
                     }
-                    let cols = COLS.min(n - col0);
-                    let sums = unsafe { &*(b.add(quarter * COLS) as *const [i32; COLS]) };
                     let mut i = 0;
                     while i < m {
                         let rows = MR.min(m - i);
@@ -432,24 +408,14 @@ mod avx2 {
                         let mut out = [[0i32; COLS]; MR];
                         unsafe {
                             match rows {
-                                6 => tile::<6>(groups, a, lda, b, quarter, &mut out),
-                                5 => tile::<5>(groups, a, lda, b, quarter, &mut out),
-                                4 => tile::<4>(groups, a, lda, b, quarter, &mut out),
-                                3 => tile::<3>(groups, a, lda, b, quarter, &mut out),
-                                2 => tile::<2>(groups, a, lda, b, quarter, &mut out),
-                                _ => tile::<1>(groups, a, lda, b, quarter, &mut out),
+                                5 => tile::<5>(groups, a, lda, at, half, &mut out),
+                                4 => tile::<4>(groups, a, lda, at, half, &mut out),
+                                3 => tile::<3>(groups, a, lda, at, half, &mut out),
+                                2 => tile::<2>(groups, a, lda, at, half, &mut out),
+                                _ => tile::<1>(groups, a, lda, at, half, &mut out),
                             }
                         }
-                        // Undo the shift with the column sums (exact in i32:
-                        // `quantize_rows` bounds `k` and `lo`), round once to f32.
-                        for (r, row) in out.iter().enumerate().take(rows) {
-                            let mut values = [0f32; COLS];
-                            for l in 0..COLS {
-                                values[l] = (row[l] + lo * sums[l]) as f32;
-                            }
-                            let dst = unsafe { std::slice::from_raw_parts_mut(c.add((i + r) * n + col0), cols) };
-                            dst.copy_from_slice(&values[..cols]);
-                        }
+                        unsafe { finish::<COLS>(&mut out, rows, a, lda, lo, b, panel, half * COLS, c, i, n) };
                         i += rows;
                     }
                 }
@@ -461,44 +427,43 @@ mod avx2 {
         }
     }
 
-    /// `R` rows by a quarter of a panel (8 columns) of the product, in
-    /// 32-bit sums. Per group of four rows of `b`, its quarter's 32 bytes
-    /// (each column's four rows) widen to two vectors of 16-bit integers;
-    /// each row of `a` broadcasts its four 16-bit values, and `vpmaddwd`
-    /// adds the products of each column's two pairs into two 32-bit lanes,
-    /// which are summed once at the end.
+    /// `R` rows by half a panel (16 columns) of the product, in 32-bit
+    /// sums. Per group of four rows of `b`, its half's 64 bytes (each
+    /// column's four rows) in two vectors; each row of `a` broadcasts its
+    /// four bytes, `vpmaddubsw` adds each column's two pairs of products
+    /// into 16 bits (which the panels' pairs cannot saturate), and
+    /// `vpmaddwd` by ones adds the pairs into the column's 32-bit lane.
     #[inline]
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2")]
     unsafe fn tile<const R: usize>(
         groups: usize,
-        a: *const i16,
+        a: *const u8,
         lda: usize,
         b: *const u32,
-        quarter: usize,
+        half: usize,
         out: &mut [[i32; COLS]; MR],
     ) {
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let ones = _mm256_set1_epi16(1);
         // Past the column sums: groups of NR columns by 4 rows (NR words).
-        let b = unsafe { (b.add(NR) as *const u8).add(quarter * COLS * 4) };
+        let b = unsafe { (b.add(NR) as *const u8).add(half * COLS * 4) };
         for g in 0..groups {
             let at = unsafe { b.add(g * NR * 4) };
-            let w0 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(at as *const __m128i) });
-            let w1 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(at.add(16) as *const __m128i) });
+            let w0 = unsafe { _mm256_loadu_si256(at as *const __m256i) };
+            let w1 = unsafe { _mm256_loadu_si256(at.add(32) as *const __m256i) };
             for r in 0..R {
-                let x = unsafe { std::ptr::read_unaligned(a.add(r * lda + g * 4) as *const i64) };
-                let x = _mm256_set1_epi64x(x);
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, w0));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, w1));
+                let x = unsafe { std::ptr::read_unaligned(a.add(r * lda + g * 4) as *const i32) };
+                let x = _mm256_set1_epi32(x);
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones);
+                acc[r][0] = _mm256_add_epi32(acc[r][0], p0);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones);
+                acc[r][1] = _mm256_add_epi32(acc[r][1], p1);
             }
         }
         for r in 0..R {
-            // Lanes hold each column's two pair sums: [c0 c0 c1 c1 c2 c2 c3
-            // c3] and [c4 c4 ...]. Adding neighbours gives [c0 c1 c4 c5 | c2
-            // c3 c6 c7]; the 64-bit swap puts the columns in order.
-            let sums = _mm256_hadd_epi32(acc[r][0], acc[r][1]);
-            let sums = _mm256_permute4x64_epi64::<0b11_01_10_00>(sums);
-            unsafe { _mm256_storeu_si256(out[r].as_mut_ptr() as *mut __m256i, sums) };
+            unsafe { _mm256_storeu_si256(out[r].as_mut_ptr() as *mut __m256i, acc[r][0]) };
+            unsafe { _mm256_storeu_si256(out[r].as_mut_ptr().add(8) as *mut __m256i, acc[r][1]) };
         }
     }
 }
@@ -506,22 +471,22 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::{pack_int8_panels, HEADER_WORDS};
+    use crate::gemm::{layout_of, pack_int8_panels, HEADER_WORDS};
 
     /// `c = a @ w` on `path`, straight through `quantize_rows` and
     /// `panel_range` (every panel, no epilogue), or `None` where the
     /// activations are refused.
     fn product(path: Path, m: usize, k: usize, n: usize, a: &[f32], w: &[u32]) -> Option<Vec<f32>> {
         let mut q = Vec::new();
-        let lo = unsafe { quantize_rows(path, m, k, a.as_ptr(), k as isize, 1, &mut q) }?;
+        let lo = unsafe { quantize_rows(m, k, a.as_ptr(), k as isize, 1, &mut q) }?;
         let words = NR + k.div_ceil(4) * NR;
         let panels = n.div_ceil(NR);
         // Guard elements after `c` catch a tile storing past the last column.
         let mut c = vec![f32::NAN; m * n + 64];
         let none = std::ptr::null();
         unsafe {
-            let at = w.as_ptr().add(HEADER_WORDS);
-            panel_range(path, m, k, n, q.as_ptr(), lo, at, words, c.as_mut_ptr(), 0, panels, 2, none, none as _)
+            let (at, (rest, _)) = (w.as_ptr().add(HEADER_WORDS), layout_of(w.as_ptr()));
+            panel_range(path, m, k, n, q.as_ptr(), lo, at, words, rest, c.as_mut_ptr(), 0, panels, 2, none, none as _)
         };
         assert!(c[m * n..].iter().all(|v| v.is_nan()), "{path:?} {m}x{k}x{n} stored past the end of c");
         c.truncate(m * n);
@@ -531,21 +496,37 @@ mod tests {
     #[test]
     fn every_path_sums_exactly() {
         // The extremes of both operands side by side: 255 by -128 and 127
-        // in every pair (what `vpmaddubsw`'s 16-bit sums would saturate
-        // on), and patterns across partial groups, quarters and panels.
+        // (what `vpmaddubsw`'s 16-bit sums would saturate on), in every
+        // pair (left as they are: AVX2 decodes them, the VNNI path runs
+        // them), uniformly random bytes (the same), and small weights with
+        // an extreme here and there (made safe, with a remainder, for both
+        // paths); patterns across partial groups, halves and panels.
         let paths = Path::all();
         if paths.is_empty() {
             eprintln!("skipping: this host runs no integer path (no AVX2)");
             return;
         }
+        let mut with_remainder = 0;
         for (m, k, n) in [(1, 4, 1), (6, 8, 8), (7, 130, 96), (13, 33, 70), (5, 768, 40), (12, 3, 33), (20, 64, 9)] {
-            let weights: [(&str, Box<dyn Fn(usize, usize) -> i8>); 3] = [
+            let weights: [(&str, Box<dyn Fn(usize, usize) -> i8>); 4] = [
                 ("-128", Box::new(|_, _| -128)),
                 ("127", Box::new(|_, _| 127)),
-                ("mixed", Box::new(|p, j| ((p * 31 + j * 17 + p / 3) % 256) as u8 as i8)),
+                ("uniform", Box::new(|p, j| ((p * 31 + j * 17 + p / 3) % 256) as u8 as i8)),
+                (
+                    "sparse extremes",
+                    Box::new(|p, j| match (p * 7 + j * 13) % 331 {
+                        0 => 127,
+                        1 => -128,
+                        _ => ((p * 31 + j * 17) % 41) as i8 - 20,
+                    }),
+                ),
             ];
             for (wname, w) in &weights {
                 let packed = pack_int8_panels(w, k, n);
+                let (remainder, safe) = unsafe { layout_of(packed.as_ptr()) };
+                if safe && (0..n.div_ceil(NR)).any(|panel| remainder.of(panel).next().is_some()) {
+                    with_remainder += 1;
+                }
                 for (aname, a) in [
                     ("255 and 0", (0..m * k).map(|i| if (i / 3) % 2 == 0 { 255.0 } else { 0.0 }).collect::<Vec<f32>>()),
                     ("0..=255", (0..m * k).map(|i| ((i * 37 + i / 5) % 256) as f32).collect()),
@@ -555,13 +536,14 @@ mod tests {
                     let want: Vec<f32> = (0..m * n)
                         .map(|e| (0..k).map(|p| a[(e / n) * k + p] as i64 * w(p, e % n) as i64).sum::<i64>() as f32)
                         .collect();
-                    for &path in &paths {
+                    for &path in paths.iter().filter(|&&path| safe || path == Path::Vnni) {
                         let got = product(path, m, k, n, &a, &packed).expect("whole numbers within 255");
                         assert_eq!(got, want, "{path:?} {m}x{k}x{n}, weights {wname}, activations {aname}");
                     }
                 }
             }
         }
+        assert!(with_remainder >= 2, "only {with_remainder} weights made safe with a remainder");
     }
 
     #[test]
