@@ -227,14 +227,18 @@ fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
 /// products add it back exactly (`Remainder`). The column sums are the
 /// whole weight's.
 pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) -> Vec<u32> {
+    // The values once, column by column (`value` may decode each).
+    let columns: Vec<i8> = (0..n).flat_map(|j| (0..k).map(move |p| (p, j))).map(|(p, j)| value(p, j)).collect();
+    let value = |p: usize, j: usize| columns[j * k + p];
     // A weight of many such pairs (uniformly random bytes: half of them)
     // would spend longer on its remainder than on its panels: it keeps its
     // values, and AVX2 decodes it for the f32 tiles (`pairs_safe`).
-    let unsafe_pairs = (0..n)
-        .flat_map(|j| (0..k.div_ceil(2)).map(move |q| (j, 2 * q)))
-        .filter(|&(j, p)| {
-            let w1 = if p + 1 < k { value(p + 1, j) } else { 0 };
-            pair_safe(value(p, j), w1) != (value(p, j), w1)
+    let unsafe_pairs = columns
+        .chunks(k.max(1))
+        .flat_map(|column| column.chunks(2))
+        .filter(|pair| {
+            let (w0, w1) = (pair[0], pair.get(1).copied().unwrap_or(0));
+            pair_safe(w0, w1) != (w0, w1)
         })
         .count();
     let safe = unsafe_pairs <= k * n / MAX_REMAINDER_SHARE;
@@ -250,7 +254,7 @@ pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) 
         let col = |l: usize| panel * NR + l;
         out.extend((0..NR).map(|l| {
             if col(l) < n {
-                (0..k).map(|p| value(p, col(l)) as i32).sum::<i32>() as u32
+                columns[col(l) * k..(col(l) + 1) * k].iter().map(|&w| w as i32).sum::<i32>() as u32
             } else {
                 0
             }
