@@ -124,6 +124,19 @@ impl Row<'_> {
             let x = load(b, i, true);
             vec![f(b, acc[0], x)]
         })[0];
+        self.tail_and_lanes(b, v, init, load, f)
+    }
+
+    /// The end of a fold: `f` over the scalar tail, then over the lanes of
+    /// the vector accumulator `v`.
+    fn tail_and_lanes(
+        &self,
+        b: &mut FunctionBuilder,
+        v: Value,
+        init: f32,
+        load: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value,
+        f: &dyn Fn(&mut FunctionBuilder, Value, Value) -> Value,
+    ) -> Value {
         let sinit = b.ins().f32const(init);
         let s = counted_n(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
             let x = load(b, i, false);
@@ -165,17 +178,7 @@ impl Row<'_> {
             let x = load(b, i, true);
             vec![f(b, acc[0], x)]
         })[0];
-        let sinit = b.ins().f32const(init);
-        let s = counted_n(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
-            let x = load(b, i, false);
-            vec![f(b, acc[0], x)]
-        })[0];
-        let mut acc = s;
-        for lane in 0..4 {
-            let l = b.ins().extractlane(v, lane);
-            acc = f(b, acc, l);
-        }
-        acc
+        self.tail_and_lanes(b, v, init, load, f)
     }
 
     /// Writes `value(i)` to every element: vector lanes, then the tail.
