@@ -868,7 +868,7 @@ unsafe fn fused_rows<const R: usize, const FMA: bool>(
         Coding::Int8 => {
             let mut remainder = b.remainder.of(panel).peekable();
             for g in 0..k.div_ceil(4) {
-                let rows = decode_int8_group(at, g, &mut remainder);
+                let rows = unsafe { decode_int8_group(at, g, &mut remainder) };
                 for (r, row) in rows.iter().enumerate().take(k - 4 * g) {
                     step::<R, FMA>(&mut acc, a, (4 * g + r) as isize * a_cs, a_rs, row);
                 }
@@ -950,8 +950,11 @@ fn code_bytes(bytes: &[u8; NR]) -> [f32; NR] {
 /// Group `g` (four rows) of the int8 panel at `at` (`Coding::Int8`) as
 /// values, with the remainder's entries in it added back (`remainder`: the
 /// panel's entries, in order of group, from this group's first).
+///
+/// # Safety
+/// `at` is an int8 panel of more than `4 * g` rows.
 #[inline(always)]
-fn decode_int8_group(
+unsafe fn decode_int8_group(
     at: *const u32,
     g: usize,
     remainder: &mut std::iter::Peekable<impl Iterator<Item = (usize, usize, i32)>>,
@@ -1025,7 +1028,7 @@ unsafe fn decode_panel_impl<const FMA: bool>(b: Weight, k: usize, panel: usize, 
         Coding::Int8 => {
             let mut remainder = b.remainder.of(panel).peekable();
             for g in 0..k.div_ceil(4) {
-                let rows = decode_int8_group(at, g, &mut remainder);
+                let rows = unsafe { decode_int8_group(at, g, &mut remainder) };
                 for (r, row) in rows.iter().enumerate().take(k - 4 * g) {
                     out[(4 * g + r) * NR..(4 * g + r + 1) * NR].copy_from_slice(row);
                 }
@@ -1200,7 +1203,7 @@ thread_local! {
     static GATHERED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Rows of `a` packed for AVX2's tiles (`pack_rows`).
     static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Rows of `a` as whole numbers for the int8 products (`int8`).
+    /// Rows of `a` as unsigned bytes for the int8 products (`int8`).
     static QUANTIZED_A: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Narrow panels decoded to f32 (`panels_of`).
     static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1443,8 +1446,8 @@ mod tests {
 
     #[test]
     fn int8_weights_multiply_whole_and_fractional_activations() {
-        // Whole-number activations spanning 256 values (the integer
-        // products where the host has them), spanning more, and fractional ones (both
+        // Whole-number activations spanning 256 values (the integer products
+        // where the host has them), spanning more, and fractional ones (both
         // decoded to f32); row counts on both sides of the fused rows.
         for (m, k, n) in [(1usize, 4usize, 1usize), (2, 7, 33), (4, 64, 70), (7, 130, 96), (13, 33, 64), (20, 768, 40)]
         {

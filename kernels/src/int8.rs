@@ -508,7 +508,8 @@ mod tests {
         }
         let mut with_remainder = 0;
         for (m, k, n) in [(1, 4, 1), (6, 8, 8), (7, 130, 96), (13, 33, 70), (5, 768, 40), (12, 3, 33), (20, 64, 9)] {
-            let weights: [(&str, Box<dyn Fn(usize, usize) -> i8>); 4] = [
+            type Weight = Box<dyn Fn(usize, usize) -> i8>;
+            let weights: [(&str, Weight); 4] = [
                 ("-128", Box::new(|_, _| -128)),
                 ("127", Box::new(|_, _| 127)),
                 ("uniform", Box::new(|p, j| ((p * 31 + j * 17 + p / 3) % 256) as u8 as i8)),

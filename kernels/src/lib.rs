@@ -241,7 +241,7 @@ pub fn exp<const FMA: bool>(x: f32) -> f32 {
 /// first): `2 / sqrt(pi)` times the Taylor series' `1 - x^2/3 + x^4/10 -
 /// x^6/42 + x^8/216 - x^10/1320`, whose next term is below 1e-8 there.
 pub const ERF_NEAR_ZERO: [f32; 6] =
-    [-0.000_854_832_7, 0.005_223_978, -0.026_866_171, 0.112_837_92, -0.376_126_39, 1.128_379_2];
+    [-0.000_854_832_7, 0.005_223_978, -0.026_866_171, 0.112_837_92, -0.376_126_39, std::f32::consts::FRAC_2_SQRT_PI];
 
 /// `erf(x)`: Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7),
 /// and below `|x| = 0.5`, where that is poor relative to `erf(x)` itself
