@@ -366,3 +366,20 @@ fn a_library_names_the_dims_it_cannot_keep_symbolic() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every kernel of every zoo model names the node it came from (in
+/// `explain`, in profiles and in a refusal's message), the ones a rule
+/// built too: a residual sum fused into its layer norm had no label, so its
+/// errors named "node ``".
+#[test]
+fn every_kernel_names_its_node() {
+    for model in ["bert_tiny", "gpt2_tiny", "swin_micro", "transformer_encdec", "perceiver", "vit_tiny"] {
+        let (ok, out, err) = egret(&["explain", &format!("tests/data/zoo/{model}")]);
+        assert!(ok, "{model}: {err}");
+        let kernels: Vec<&str> =
+            out.lines().filter(|l| l.trim_start().starts_with('k') && l.contains(" flop ")).collect();
+        assert!(!kernels.is_empty(), "{model}: no kernels in {out}");
+        let unnamed: Vec<&&str> = kernels.iter().filter(|l| l.trim_end().ends_with('#')).collect();
+        assert!(unnamed.is_empty(), "{model}: kernels without a node's name:\n{unnamed:#?}");
+    }
+}

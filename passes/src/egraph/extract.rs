@@ -425,7 +425,17 @@ fn build(
             .and_then(|a| a.trim_start_matches("{index=").trim_end_matches('}').parse().ok())
             .ok_or_else(|| err("bad output index".into()))?;
         let all = build(egraph, choice, g, inputs, memo, egraph.find(n.children[1]))?;
-        vec![*all.get(index).ok_or_else(|| err(format!("output {index} does not exist")))?]
+        let value = *all.get(index).ok_or_else(|| err(format!("output {index} does not exist")))?;
+        // A node of several outputs that a rule made (a residual sum and
+        // its norm) has no label of its own: it takes the first of its
+        // outputs' that has one, so a kernel's errors and profile name it.
+        let node = g.producer(value);
+        if g.node(node).label.is_empty() {
+            if let Some(label) = egraph[class].data.label.as_deref() {
+                g.node_mut(node).label = label.to_string();
+            }
+        }
+        vec![value]
     } else {
         let (op, first) = op_of(egraph, &n).ok_or_else(|| err(format!("`{name}` is not an op")))?;
         let mut args = Vec::new();

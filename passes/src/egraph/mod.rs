@@ -252,7 +252,13 @@ pub fn to_egraph(g: &Graph) -> Result<(TGraph, Vec<(String, Id)>), IrError> {
             class.insert(node.outputs[0], id);
         } else {
             for (k, &v) in node.outputs.iter().enumerate() {
-                class.insert(v, rules::add_output(&mut eg, id, k));
+                let out = rules::add_output(&mut eg, id, k);
+                // Each output carries the node's label too: a rule may
+                // rebuild an output from a new node (a residual norm).
+                if eg[out].data.label.is_none() && !node.label.is_empty() {
+                    eg[out].data.label = Some(node.label.clone());
+                }
+                class.insert(v, out);
             }
         }
     }
