@@ -160,7 +160,7 @@ fn bench_compare_reports_both_levels() {
 /// The kernel library's AVX2 and baseline builds (the host runs the widest
 /// by default) give the same answers on every zoo model, and on the
 /// dynamically quantized BERT, whose integer products each path runs its
-/// own way (AVX-512 VNNI, AVX2's 16-bit products, f32 over decoded panels).
+/// own way (AVX-512 VNNI, AVX2's `vpmaddubsw`, f32 over decoded panels).
 #[test]
 fn check_passes_with_the_narrower_kernel_builds() {
     for isa in ["avx2", "baseline"] {
