@@ -120,23 +120,25 @@ impl Row<'_> {
         f: &dyn Fn(&mut FunctionBuilder, Value, Value) -> Value,
     ) -> Value {
         let vinit = VMath::new(true).c(b, init);
-        let v = counted_n(b, Count::Known(0), self.vector_end(), LANES, vec![vinit], &mut |b, i, acc| {
-            let x = load(b, i, true);
-            vec![f(b, acc[0], x)]
-        })[0];
-        self.tail_and_lanes(b, v, init, load, f)
+        self.fold_from(b, Count::Known(0), vinit, init, load, f)
     }
 
-    /// The end of a fold: `f` over the scalar tail, then over the lanes of
-    /// the vector accumulator `v`.
-    fn tail_and_lanes(
+    /// A fold from element `start` (a whole number of vectors in) with the
+    /// vector accumulator `acc`: the remaining whole vectors, the scalar
+    /// tail from `init`, then the lanes.
+    fn fold_from(
         &self,
         b: &mut FunctionBuilder,
-        v: Value,
+        start: Count,
+        acc: Value,
         init: f32,
         load: &dyn Fn(&mut FunctionBuilder, Value, bool) -> Value,
         f: &dyn Fn(&mut FunctionBuilder, Value, Value) -> Value,
     ) -> Value {
+        let v = counted_n(b, start, self.vector_end(), LANES, vec![acc], &mut |b, i, acc| {
+            let x = load(b, i, true);
+            vec![f(b, acc[0], x)]
+        })[0];
         let sinit = b.ins().f32const(init);
         let s = counted_n(b, self.vector_end(), self.len, 1, vec![sinit], &mut |b, i, acc| {
             let x = load(b, i, false);
@@ -174,11 +176,7 @@ impl Row<'_> {
                 .collect()
         });
         let acc = accs[1..].iter().fold(accs[0], |acc, &x| f(b, acc, x));
-        let v = counted_dyn(b, i, end, LANES, vec![acc], &mut |b, i, acc| {
-            let x = load(b, i, true);
-            vec![f(b, acc[0], x)]
-        })[0];
-        self.tail_and_lanes(b, v, init, load, f)
+        self.fold_from(b, Count::Read(i), acc, init, load, f)
     }
 
     /// Writes `value(i)` to every element: vector lanes, then the tail.
