@@ -21,6 +21,12 @@
 # (`malloc_context_size=0`; every error is still caught) and libFuzzer's
 # plain schedule (`-entropic=0`). compile_run: 40 -> about 60 inputs a
 # second from the last two alone (BENCHMARKS.md, coverage-guided fuzzing).
+# It also leaves out ASan's fake stacks, which catch a use of a stack slot
+# after its function returned (`detect_stack_use_after_return=0`: safe Rust
+# can't make one, and the JIT's code is not instrumented either way), and
+# its filling of new allocations (`max_malloc_fill_size=0`; reads of memory
+# never written are MemorySanitizer's job, not ASan's): the corpus of
+# compile_run replays in 26% less time.
 #
 # Needs a nightly toolchain (`rustup toolchain list`), or stable with
 # RUSTC_BOOTSTRAP=1; installs cargo-fuzz if it is missing. Minimise a crash
@@ -41,7 +47,7 @@ while [ $# -gt 0 ]; do
         --time) time_s="$2"; shift 2 ;;
         --runs) runs="$2"; time_s=""; shift 2 ;;
         --lean) lean=1; shift ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -62,7 +68,7 @@ schedule=()
 if [ -n "$lean" ]; then
     build=(--no-trace-compares --target-dir fuzz/target-lean)
     schedule=(-entropic=0)
-    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}malloc_context_size=0"
+    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}malloc_context_size=0:detect_stack_use_after_return=0:max_malloc_fill_size=0"
 fi
 
 status=0

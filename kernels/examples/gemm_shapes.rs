@@ -6,16 +6,20 @@
 //! dynamically quantized model), in G multiply-adds x 2 per second and as
 //! a speed-up over the same shape in f32. A quick look while working on
 //! the kernel; the numbers BENCHMARKS.md records come from `cargo bench
-//! --bench matmul` (`tools/gemm_vs_peak.py`).
+//! --bench matmul` (`tools/gemm_vs_peak.py`). With `--cold`, each call
+//! reads another copy of the weight, the copies together past the
+//! last-level cache, as a model's products stream their weights from
+//! memory.
 //!
-//!   cargo run --release -p egret-kernels --example gemm_shapes [--int8] [MxKxN ...]
+//!   cargo run --release -p egret-kernels --example gemm_shapes [--int8] [--cold] [MxKxN ...]
 
 use std::time::Instant;
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let int8 = args.iter().any(|a| a == "--int8");
-    args.retain(|a| a != "--int8");
+    let cold = args.iter().any(|a| a == "--cold");
+    args.retain(|a| a != "--int8" && a != "--cold");
     let shapes: Vec<(usize, usize, usize)> = match args {
         args if !args.is_empty() => args
             .iter()
@@ -39,7 +43,7 @@ fn main() {
     for (m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.1).collect();
-        let f32s = median(m, k, &a, &egret_kernels::gemm::pack_panels(&b, 0, [n, 1], k, n), n);
+        let f32s = median(m, k, &a, &copies(egret_kernels::gemm::pack_panels(&b, 0, [n, 1], k, n), cold), n);
         let flops = 2.0 * (m * k * n) as f64;
         print!("{m}x{k}x{n}: {:.1} GFLOP/s ({:.3} ms)", flops / f32s / 1e9, f32s * 1e3);
         if int8 {
@@ -50,18 +54,28 @@ fn main() {
             let w = |p: usize, j: usize| {
                 ((p * 31 + j * 17) % 61 + (p * 7 + j * 29) % 53 + (p * 13 + j * 5) % 47) as i8 - 79
             };
-            let ints = median(m, k, &a, &egret_kernels::gemm::pack_int8_panels(w, k, n), n);
+            let ints = median(m, k, &a, &copies(egret_kernels::gemm::pack_int8_panels(w, k, n), cold), n);
             print!("; int8 {:.1} G/s ({:.3} ms, {:.2}x f32)", flops / ints / 1e9, ints * 1e3, f32s / ints);
         }
         println!();
     }
 }
 
+/// The packed weight, or with `cold` enough copies of it to fill 256 MiB
+/// (past any last-level cache), which the calls take in turn.
+fn copies(packed: Vec<u32>, cold: bool) -> Vec<Vec<u32>> {
+    let n = if cold { (256 << 20) / (4 * packed.len()) + 1 } else { 1 };
+    vec![packed; n]
+}
+
 /// Seconds per call of `c = a @ packed`, the median of repeated calls.
-fn median(m: usize, k: usize, a: &[f32], packed: &[u32], n: usize) -> f64 {
+fn median(m: usize, k: usize, a: &[f32], copies: &[Vec<u32>], n: usize) -> f64 {
     let mut c = vec![0f32; m * n];
     let none = std::ptr::null();
+    let mut next = 0;
     let mut call = || unsafe {
+        let packed = &copies[next % copies.len()];
+        next += 1;
         egret_kernels::gemm::egret_sgemm_packed(
             m as i64,
             k as i64,

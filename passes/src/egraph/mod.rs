@@ -319,7 +319,7 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, Report), IrError> {
             .with_node_limit(limits.nodes)
             .with_iter_limit(limits.iterations)
             .with_time_limit(limits.time)
-            .run(&stage);
+            .run(stage);
         for it in &runner.iterations {
             for (rule, n) in &it.applied {
                 *fired.entry(rule.to_string()).or_default() += n;
