@@ -228,7 +228,12 @@ fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
 /// whole weight's.
 pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) -> Vec<u32> {
     // The values once, column by column (`value` may decode each).
-    let columns: Vec<i8> = (0..n).flat_map(|j| (0..k).map(move |p| (p, j))).map(|(p, j)| value(p, j)).collect();
+    let mut columns = vec![0i8; k * n];
+    for p in 0..k {
+        for j in 0..n {
+            columns[j * k + p] = value(p, j);
+        }
+    }
     let value = |p: usize, j: usize| columns[j * k + p];
     // A weight of many such pairs (uniformly random bytes: half of them)
     // would spend longer on its remainder than on its panels: it keeps its
@@ -322,6 +327,7 @@ const SAFE_WORD: usize = 6;
 /// `(w0, w1)` moved toward zero, the larger in magnitude giving way, until
 /// no two bytes (0..=255) times them sum past 16 bits: two weights of one
 /// sign at most 128 in magnitude together (255 * 128 = 32,640).
+#[inline]
 pub fn pair_safe(w0: i8, w1: i8) -> (i8, i8) {
     let (a, b) = (w0 as i32, w1 as i32);
     let (high, low) = (a.max(0) + b.max(0), a.min(0) + b.min(0));
