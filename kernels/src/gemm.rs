@@ -227,25 +227,22 @@ fn header(coding: Coding, k: usize, n: usize, block: usize) -> Vec<u32> {
 /// products add it back exactly (`Remainder`). The column sums are the
 /// whole weight's.
 pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) -> Vec<u32> {
-    // The values once, column by column (`value` may decode each).
-    let mut columns = vec![0i8; k * n];
-    for p in 0..k {
-        for j in 0..n {
-            columns[j * k + p] = value(p, j);
+    // Column sums and the pairs `vpmaddubsw` could saturate, in one pass in
+    // row order (a copy of the values column by column first, or reading
+    // them down the columns, cost more than the packing: `value` is read
+    // twice per element, so pass a cheap one).
+    let mut sums = vec![0i32; n];
+    let mut unsafe_pairs = 0;
+    for p in (0..k).step_by(2) {
+        for (j, sum) in sums.iter_mut().enumerate() {
+            let (w0, w1) = (value(p, j), if p + 1 < k { value(p + 1, j) } else { 0 });
+            *sum += w0 as i32 + w1 as i32;
+            unsafe_pairs += (pair_safe(w0, w1) != (w0, w1)) as usize;
         }
     }
-    let value = |p: usize, j: usize| columns[j * k + p];
     // A weight of many such pairs (uniformly random bytes: half of them)
     // would spend longer on its remainder than on its panels: it keeps its
     // values, and AVX2 decodes it for the f32 tiles (`pairs_safe`).
-    let unsafe_pairs = columns
-        .chunks(k.max(1))
-        .flat_map(|column| column.chunks(2))
-        .filter(|pair| {
-            let (w0, w1) = (pair[0], pair.get(1).copied().unwrap_or(0));
-            pair_safe(w0, w1) != (w0, w1)
-        })
-        .count();
     let safe = unsafe_pairs <= k * n / MAX_REMAINDER_SHARE;
     let mut out = header(Coding::Int8, k, n, 0);
     out[SAFE_WORD] = safe as u32;
@@ -257,13 +254,7 @@ pub fn pack_int8_panels(value: impl Fn(usize, usize) -> i8, k: usize, n: usize) 
     let mut remainder: Vec<Vec<(usize, usize, i32)>> = vec![Vec::new(); panels];
     for (panel, taken) in remainder.iter_mut().enumerate() {
         let col = |l: usize| panel * NR + l;
-        out.extend((0..NR).map(|l| {
-            if col(l) < n {
-                columns[col(l) * k..(col(l) + 1) * k].iter().map(|&w| w as i32).sum::<i32>() as u32
-            } else {
-                0
-            }
-        }));
+        out.extend((0..NR).map(|l| sums.get(col(l)).map_or(0, |&s| s as u32)));
         for g in 0..k.div_ceil(4) {
             for l in 0..NR {
                 let w = |p: usize| if p < k && col(l) < n { value(p, col(l)) } else { 0 };
