@@ -1845,3 +1845,33 @@ output \"y\" = v8
         }
     }
 }
+
+/// A layer norm over rows whose values are all equal normalizes them to
+/// zeros, signed as `scale`: `0 * scale` is -0 where the scale is negative,
+/// and stays so without a bias (ONNX's reference and onnxruntime add none);
+/// a bias of zeros makes every one +0. The reciprocal shows the sign (-inf
+/// or +inf), on every backend and the reference. The fuzzer found the
+/// reference adding a bias of +0 where the node had none, so that a
+/// division by the norm's output came out with the other sign.
+#[test]
+fn a_layer_norm_of_equal_values_keeps_the_sign_of_its_scale() {
+    let x = Tensor::from_vec(vec![3, 4], [vec![2.0f32; 4], vec![-7.0; 4], vec![0.25; 4]].concat());
+    let scale = [-0.5f32, 0.5, -2.0, 2.0];
+    for bias in [false, true] {
+        let (bias_line, bias_arg) = if bias { ("v7: f32[4] = const [0.0, 0.0, 0.0, 0.0]\n", ", v7") } else { ("", "") };
+        let text = format!(
+            "v0: f32[3,4] = input{{name=\"x\"}}\nv1: f32[4] = const {scale:?}\n{bias_line}\
+             v2: f32[3,4], v3: f32[3,1], v4: f32[3,1] = layer_norm{{axis=1, epsilon=1e-5}} v0, v1{bias_arg}\n\
+             v5: f32[] = const [1.0]\nv6: f32[3,4] = div v5, v2\noutput \"y\" = v6\n"
+        );
+        let g = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let want: Vec<f64> =
+            (0..12).map(|i| if !bias && scale[i % 4] < 0.0 { f64::NEG_INFINITY } else { f64::INFINITY }).collect();
+        let reference = ReferenceExecutable::new(g.clone()).unwrap().run(vec![x.clone()]).unwrap()[0].to_f64_vec();
+        let mut runs = vec![("reference".to_string(), reference)];
+        runs.extend(every_backend_ok(&g, &[x.clone()], common::wgsl_adapter()));
+        for (backend, got) in runs {
+            assert_eq!(got, want, "{backend}, bias {bias}");
+        }
+    }
+}

@@ -211,8 +211,10 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> OpResult<Vec<Tensor>> {
                 means[o] = mean;
                 inv_stds[o] = inv;
                 for j in 0..inner {
-                    let b = bias.as_ref().map_or(0.0, |b| b[j]);
-                    y[o * inner + j] = (row[j] - mean) * inv * scale[j] + b;
+                    // No bias is no addition: a normalized zero times a
+                    // negative scale stays -0 (+0 added would flip it).
+                    let scaled = (row[j] - mean) * inv * scale[j];
+                    y[o * inner + j] = bias.as_ref().map_or(scaled, |b| scaled + b[j]);
                 }
             }
             let dt = x.dtype();
