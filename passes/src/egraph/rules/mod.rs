@@ -14,8 +14,8 @@ pub type Rule = Rewrite<TNode, TensorAnalysis>;
 /// one form, then fusion with algebra still on, then tiling of the products
 /// that are left. Built once a process: parsing every rule's patterns anew
 /// for each compile took a sixth of the fuzzer's time per model under
-/// AddressSanitizer (`fuzz/`), if well under a millisecond of a release
-/// build's.
+/// AddressSanitizer (`fuzz/`; in a release build, well under a
+/// millisecond).
 pub fn stages() -> &'static [Vec<Rule>] {
     static STAGES: std::sync::OnceLock<Vec<Vec<Rule>>> = std::sync::OnceLock::new();
     STAGES.get_or_init(|| {
