@@ -47,7 +47,7 @@ while [ $# -gt 0 ]; do
         --time) time_s="$2"; shift 2 ;;
         --runs) runs="$2"; time_s=""; shift 2 ;;
         --lean) lean=1; shift ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
