@@ -9,9 +9,10 @@
 //! --bench matmul` (`tools/gemm_vs_peak.py`). With `--cold`, each call
 //! reads another copy of the weight, the copies together past the
 //! last-level cache, as a model's products stream their weights from
-//! memory.
+//! memory. With `--threads N`, the calls run in a pool of N threads, as a
+//! model's run does (`pool::Pool`), the product split as the model splits it.
 //!
-//!   cargo run --release -p egret-kernels --example gemm_shapes [--int8] [--cold] [MxKxN ...]
+//!   cargo run --release -p egret-kernels --example gemm_shapes [--int8] [--cold] [--threads N] [MxKxN ...]
 
 use std::time::Instant;
 
@@ -20,6 +21,19 @@ fn main() {
     let int8 = args.iter().any(|a| a == "--int8");
     let cold = args.iter().any(|a| a == "--cold");
     args.retain(|a| a != "--int8" && a != "--cold");
+    let threads = match args.iter().position(|a| a == "--threads") {
+        Some(i) => {
+            let n = args.get(i + 1).and_then(|n| n.parse().ok()).expect("--threads N");
+            args.drain(i..i + 2);
+            n
+        }
+        None => 1,
+    };
+    let pool = egret_kernels::pool::Pool::new(threads);
+    pool.install(|| run(args, int8, cold));
+}
+
+fn run(args: Vec<String>, int8: bool, cold: bool) {
     let shapes: Vec<(usize, usize, usize)> = match args {
         args if !args.is_empty() => args
             .iter()
@@ -39,7 +53,12 @@ fn main() {
             (512, 2048, 5632),
         ],
     };
-    println!("path {:?}, integer path {:?}", egret_kernels::Isa::host(), egret_kernels::int8::Path::host());
+    println!(
+        "path {:?}, integer path {:?}, {} threads",
+        egret_kernels::Isa::host(),
+        egret_kernels::int8::Path::host(),
+        egret_kernels::threads()
+    );
     for (m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.1).collect();
