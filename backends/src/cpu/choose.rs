@@ -313,11 +313,11 @@ mod tests {
         for (zero, want) in
             [(128.0, Coding::Int8), (127.0, Coding::Codes8), (128.5, Coding::Codes8), (1e9, Coding::Codes8)]
         {
-            let words = pack_weight(&Tensor::from_codes(claim(zero)).unwrap(), 0, [n, 1], k, n);
-            assert_eq!(packed_coding(&Tensor::from_vec(vec![words.len()], words.clone())), Some(want), "zero {zero}");
+            let t = Tensor::from_codes(claim(zero)).unwrap();
+            assert_eq!(coding(&t, 0, [n, 1], k, n), want, "zero {zero}");
             if want == Coding::Int8 {
                 let by_element = pack_int8_panels(|p, j| claim(zero).value(p, j) as i8, k, n);
-                assert_eq!(words, by_element, "the panels of the values read one by one");
+                assert_eq!(pack_weight(&t, 0, [n, 1], k, n), by_element, "the panels of the values read one by one");
             }
         }
     }
